@@ -1,0 +1,41 @@
+"""Per-image diagonals q(l, p) = Sigma_l^{xx}(p, p) of every layer (see ``arch``).
+
+The diagonal recursion is closed: on the diagonal the ReLU kernel is K(p, p) = q(l, p) / 2
+(theta = 0), so
+
+  q(1, p)     = w_first * box(sum_c x_c^2)(p) + b2
+  q(l + 1, p) = w * box(q(l, .) / 2)(p) + b2
+
+with box the zero-padded k x k box sum on the (H, W) grid.  Computed once per image in
+float64 (cheap: L small box filters per image) and shared by every tile that uses the image.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import Architecture, LayerParams
+
+
+def box2d(a: np.ndarray, k: int) -> np.ndarray:
+    """Zero-padded k x k box sum over the last two axes of ``a``."""
+    r = k // 2
+    if r == 0:
+        return a.copy()
+    h, w = a.shape[-2:]
+    pad = np.zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
+    pad[..., r:r + h, r:r + w] = a
+    rows = sum(pad[..., :, s:s + w] for s in range(k))        # sum along columns
+    return sum(rows[..., s:s + h, :] for s in range(k))       # then along rows
+
+
+def diag_norms(x: np.ndarray, arch: Architecture, params: LayerParams) -> np.ndarray:
+    """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L."""
+    x = np.asarray(x, dtype=np.float64)
+    n, _, h, w = x.shape
+    q = np.empty((n, arch.n_layers, h, w), dtype=np.float64)
+    cur = params.w_first * box2d(np.einsum("nchw,nchw->nhw", x, x), arch.filter_size) + params.b2
+    for l in range(arch.n_layers):
+        q[:, l] = cur
+        if l + 1 < arch.n_layers:
+            cur = params.w * box2d(cur * 0.5, arch.filter_size) + params.b2
+    return q
