@@ -42,6 +42,11 @@ Sigma = Theta = 0 at every such entry (Cauchy-Schwarz, then induction), so K = G
 whatever value Kdot takes; we set c := 0 (theta = pi/2, Kdot = 1/4, as neural-tangents'
 ``fill_zero=pi/2`` does), which yields exactly that limit instead of 0 * inf = NaN.
 
+Self pairs.  When x and z are the same image, the offset-(0, 0) entries are diagonal
+entries: Sigma_l(p, p) = q(l, p) and c = 1 exactly.  theta(c) has an infinite slope at c = 1
+(theta ~ sqrt(2 (1 - c))), so a rounding error of eps in c would become an error of sqrt(eps)
+in Kdot (3e-4 in float32): every backend sets c := 1 exactly on those entries.
+
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.
 

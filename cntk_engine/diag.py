@@ -16,24 +16,37 @@ import numpy as np
 from .arch import Architecture, LayerParams
 
 
-def box2d(a: np.ndarray, k: int) -> np.ndarray:
-    """Zero-padded k x k box sum over the last two axes of ``a``."""
+def array_module(a):
+    """NumPy, or CuPy for a CuPy array (the same code serves both)."""
+    mod = type(a).__module__
+    if mod.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def box2d(a, k: int):
+    """Zero-padded k x k box sum over the last two axes of ``a`` (NumPy or CuPy)."""
     r = k // 2
     if r == 0:
         return a.copy()
     h, w = a.shape[-2:]
-    pad = np.zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
+    pad = array_module(a).zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
     pad[..., r:r + h, r:r + w] = a
     rows = sum(pad[..., :, s:s + w] for s in range(k))        # sum along columns
     return sum(rows[..., s:s + h, :] for s in range(k))       # then along rows
 
 
-def diag_norms(x: np.ndarray, arch: Architecture, params: LayerParams) -> np.ndarray:
-    """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L."""
-    x = np.asarray(x, dtype=np.float64)
+def diag_norms(x, arch: Architecture, params: LayerParams):
+    """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L.
+
+    NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).
+    """
+    xp = array_module(x)
+    x = xp.asarray(x, dtype=xp.float64)
     n, _, h, w = x.shape
-    q = np.empty((n, arch.n_layers, h, w), dtype=np.float64)
-    cur = params.w_first * box2d(np.einsum("nchw,nchw->nhw", x, x), arch.filter_size) + params.b2
+    q = xp.empty((n, arch.n_layers, h, w), dtype=xp.float64)
+    cur = params.w_first * box2d(xp.einsum("nchw,nchw->nhw", x, x), arch.filter_size) + params.b2
     for l in range(arch.n_layers):
         q[:, l] = cur
         if l + 1 < arch.n_layers:

@@ -36,7 +36,8 @@ class Prepared:
         return int(self.images.shape[0])
 
     def __getitem__(self, sl: slice) -> "Prepared":
-        return Prepared(self.images[sl], self.sqrt_q[sl], self.inv_sqrt_q[sl])
+        inv = None if self.inv_sqrt_q is None else self.inv_sqrt_q[sl]
+        return Prepared(self.images[sl], self.sqrt_q[sl], inv)
 
 
 def sqrt_and_inverse(q: np.ndarray):

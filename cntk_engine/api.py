@@ -1,0 +1,85 @@
+"""The public entry point: ``gram``."""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import backends as _backends
+from .arch import KERNELS, finalize, make_architecture
+from .inputs import as_images, check_dtype, check_pair
+from .scheduler import compute_sums
+
+log = logging.getLogger("cntk_engine")
+
+DEFAULT_TILE = {"reference": 8, "numba": 64, "cuda": 512}
+
+
+def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kernel="ntk",
+         convention="arora", W_std=None, b_std=None, filter_size=3, backend="auto",
+         dtype="float32", data_format="NCHW", tile=None, return_info=False):
+    """Exact CNTK / NNGP kernel matrix between two batches of images.
+
+    Parameters
+    ----------
+    x1, x2 : arrays (N1, C, H, W) and (N2, C, H, W) (or NHWC with ``data_format="NHWC"``), any
+        real dtype (uint8 images are used as they are, as float).  ``x2=None`` computes the
+        symmetric Gram of ``x1``, each unordered pair once.  CuPy arrays in give CuPy arrays out.
+    depth : int >= 2, conv layers + 1 (the paper's depth).  Or ``depths=[...]``: every depth
+        is read out of ONE pass over the deepest network and a dict {depth: result} returned.
+    pooling : "gap" (global average pooling, CNTK-GAP) or "flatten" (the paper's CNTK-V).
+    fix : the first and last layers are not trained (paper Section 4.2).
+    kernel : "ntk", "nngp" or "both" (a tuple (ntk, nngp)).
+    convention : "arora" (the paper's reference code values) or "neural_tangents" (the values
+        of neural-tangents' stax with ``W_std`` (default sqrt 2) and ``b_std`` (default no bias)).
+    filter_size : odd conv filter size k (k x k, SAME zero padding).
+    backend : "numba" (CPU), "cuda" (GPU), "reference" (float64 NumPy, slow) or "auto" (cuda if
+        usable, else numba).
+    dtype : "float32" (default) or "float64" compute precision; results are always float64.
+    tile : rows/columns per tile (one backend call each); default depends on the backend.
+    return_info : also return a dict saying what ran (backend, tiles, seconds, pairs).
+
+    Returns
+    -------
+    (N1, N2) float64 array, a tuple (ntk, nngp) for ``kernel="both"``, or a dict over depths;
+    followed by the info dict when ``return_info=True``.
+    """
+    t0 = time.perf_counter()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    cdtype = check_dtype(dtype)
+    arch = make_architecture(depth=depth, depths=depths, pooling=pooling, fix=fix,
+                             convention=convention, W_std=W_std, b_std=b_std,
+                             filter_size=filter_size)
+    if backend not in _backends.BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {backend!r}")
+    a = as_images(x1, data_format, "x1")
+    symmetric = x2 is None
+    b = a if symmetric else as_images(x2, data_format, "x2")
+    if not symmetric:
+        check_pair(a, b)
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"tile must be a positive integer (rows/columns per tile); got {tile!r}")
+
+    cls = _backends.resolve(backend)
+    _, c, h, w = a.shape
+    params = arch.layer_params(c, h, w)
+    be = cls(arch, params, cdtype)
+    tile = tile or DEFAULT_TILE.get(be.name, 64)
+    log.info("gram: backend=%s dtype=%s arch=%s images=%s x %s tile=%d", be.name, cdtype.name,
+             arch.to_dict(), a.shape[0], b.shape[0], tile)
+    pa = be.prepare(a)
+    pb = pa if symmetric else be.prepare(b)
+    sums = compute_sums(be, pa, pb, symmetric, tile)
+    kernels = finalize(sums, arch, params, kernel)
+
+    def pick(res):
+        return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
+
+    result = pick(kernels[depth]) if depth is not None else {d: pick(r) for d, r in kernels.items()}
+    if not return_info:
+        return result
+    n1, n2 = a.shape[0], b.shape[0]
+    info = {"backend": be.name, "dtype": cdtype.name, "tile": tile,
+            "unique_pairs": n1 * (n1 + 1) // 2 if symmetric else n1 * n2,
+            "seconds": time.perf_counter() - t0, "arch": arch.to_dict()}
+    return result, info

@@ -1,0 +1,200 @@
+"""Numba CPU backend: per-offset slices fused across all layers, parallel over pairs.
+
+For each pair (x, z) and each offset (dy, dx) the slice of the 4-D covariance with that
+offset runs through every layer in two small padded buffers (K and G) that stay in cache, so
+no 4-D tensor is ever formed (see ``cntk_engine.arch`` for the slice indexing).  Work is
+H^2 W^2 entries x L layers per pair for gap, H W x L for flatten.
+
+float32 mode: float32 arithmetic, arccos through the Abramowitz-Stegun 4.4.46 polynomial
+(|error| <= 2e-8, below float32 rounding, and it vectorises where libm's acosf does not),
+readout sums accumulated in float64.  float64 mode: float64 throughout with libm's acos.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..diag import diag_norms
+from .base import Backend, Prepared, sqrt_and_inverse
+
+try:
+    import numba
+    from numba import njit, prange
+    _NUMBA_ERROR = None
+except ImportError as e:  # pragma: no cover - numba is a hard dependency
+    numba = None
+    _NUMBA_ERROR = str(e)
+
+# fastmath without 'nnan'/'ninf': reassociation lets the float64 readout sums vectorise,
+# while NaN and infinity keep their meaning.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+_AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
+       0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
+
+
+def _make_kernel(dtype):
+    """Compile-time specialisation of the pair kernel for float32 or float64."""
+    f = np.float32 if dtype == np.float32 else np.float64
+    PI, INV2PI, ZERO, ONE = f(math.pi), f(1.0 / (2.0 * math.pi)), f(0.0), f(1.0)
+    a0, a1, a2, a3, a4, a5, a6, a7 = (f(v) for v in _AS)
+    exact_acos = dtype == np.float64
+
+    @njit(inline="always", fastmath=_FASTMATH)
+    def pi_minus_acos(c):
+        if exact_acos:
+            return PI - math.acos(c)
+        a = abs(c)
+        t = np.sqrt(ONE - a) * (a0 + a * (a1 + a * (a2 + a * (a3 + a * (a4 + a * (a5 + a * (a6 + a * a7)))))))
+        # t = acos(|c|);  pi - acos(c) = pi - t for c >= 0 and t for c < 0
+        return PI - t if c >= ZERO else t
+
+    @njit(inline="always", fastmath=_FASTMATH)
+    def box(src, dst, rows, h, w, k, scale, shift):
+        """dst[i, j] = scale * (k x k box sum of src)[i, j] + shift.
+
+        src is padded by r = k // 2 on every side (the ring holds zeros); dst is not.
+        """
+        for i in range(h + k - 1):
+            for j in range(w):
+                rows[i, j] = src[i, j]
+            for t in range(1, k):
+                for j in range(w):
+                    rows[i, j] += src[i, j + t]
+        for i in range(h):
+            for j in range(w):
+                dst[i, j] = rows[i, j]
+            for t in range(1, k):
+                for j in range(w):
+                    dst[i, j] += rows[i + t, j]
+            for j in range(w):
+                dst[i, j] = dst[i, j] * scale + shift
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=False)
+    def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
+                    gap, same_set, slot, n_out, out):
+        C, H, W = X1.shape[1], X1.shape[2], X1.shape[3]
+        L = S1.shape[1]
+        r = k // 2
+        dmax_y = H - 1 if gap else 0
+        dmax_x = W - 1 if gap else 0
+        for p in prange(pi_idx.shape[0]):
+            ia = pi_idx[p]
+            ib = pj_idx[p]
+            kbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded K (and layer-0 x.z)
+            gbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded G
+            sig = np.empty((H, W), dtype=X1.dtype)
+            th = np.empty((H, W), dtype=X1.dtype)
+            rows = np.empty((H + 2 * r, W), dtype=X1.dtype)
+            acc = np.zeros((n_out, 2), dtype=np.float64)
+            for dy in range(-dmax_y, dmax_y + 1):
+                h = H - abs(dy)
+                ix0 = max(0, -dy)
+                iz0 = ix0 + dy
+                for dx in range(-dmax_x, dmax_x + 1):
+                    wd = W - abs(dx)
+                    self_diag = same_set and ia == ib and dy == 0 and dx == 0  # c = 1 exactly
+                    jx0 = max(0, -dx)
+                    jz0 = jx0 + dx
+                    # zero ring around the h x wd interior (buffers are reused across slices)
+                    for i in range(h + 2 * r):
+                        for j in range(wd + 2 * r):
+                            if i < r or i >= r + h or j < r or j >= r + wd:
+                                kbuf[i, j] = ZERO
+                                gbuf[i, j] = ZERO
+                    # layer 1 input: channel sum of x(p) z(p + offset)
+                    for i in range(h):
+                        for j in range(wd):
+                            kbuf[r + i, r + j] = ZERO
+                        for c in range(C):
+                            for j in range(wd):
+                                kbuf[r + i, r + j] += X1[ia, c, ix0 + i, jx0 + j] * X2[ib, c, iz0 + i, jz0 + j]
+                    box(kbuf, sig, rows, h, wd, k, w_first, b2)
+                    for i in range(h):
+                        for j in range(wd):
+                            th[i, j] = ZERO if fix else sig[i, j]
+                    for l in range(L):
+                        t_out = slot[l]
+                        sk = 0.0
+                        sg = 0.0
+                        for i in range(h):
+                            for j in range(wd):
+                                sx = S1[ia, l, ix0 + i, jx0 + j]
+                                sz = S2[ib, l, iz0 + i, jz0 + j]
+                                s = sig[i, j]
+                                c = s * I1[ia, l, ix0 + i, jx0 + j] * I2[ib, l, iz0 + i, jz0 + j]
+                                c = ONE if self_diag else min(max(c, -ONE), ONE)
+                                pma = pi_minus_acos(c)
+                                kk = (sx * sz * np.sqrt(ONE - c * c) + pma * s) * INV2PI
+                                g = th[i, j] * (pma * INV2PI)
+                                kbuf[r + i, r + j] = kk
+                                gbuf[r + i, r + j] = g
+                                sk += kk
+                                sg += g
+                        if t_out >= 0:
+                            acc[t_out, 0] += sk
+                            acc[t_out, 1] += sg
+                        if l + 1 < L:
+                            box(kbuf, sig, rows, h, wd, k, w, b2)
+                            box(gbuf, th, rows, h, wd, k, w, ZERO)
+                            for i in range(h):
+                                for j in range(wd):
+                                    th[i, j] += sig[i, j]
+            for t in range(n_out):
+                out[p, t, 0] = acc[t, 0]
+                out[p, t, 1] = acc[t, 1]
+
+    return pair_kernel
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(dtype):
+    key = np.dtype(dtype).type
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_kernel(key)
+    return _KERNELS[key]
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return None if _NUMBA_ERROR is None else f"numba cannot be imported ({_NUMBA_ERROR})"
+
+    def prepare(self, x: np.ndarray) -> Prepared:
+        x = np.asarray(x)
+        s, inv = sqrt_and_inverse(diag_norms(x, self.arch, self.params))
+        cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
+        return Prepared(cast(x), cast(s), cast(inv))
+
+    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
+        n1, n2 = len(a), len(b)
+        if symmetric:
+            pi_idx, pj_idx = np.triu_indices(n1)
+        else:
+            pi_idx, pj_idx = (g.ravel() for g in np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij"))
+        slot = np.full(self.arch.n_layers, -1, dtype=np.int64)
+        for t, layer in enumerate(self.arch.readout_layers):
+            slot[layer] = t
+        n_out = len(self.arch.depths)
+        flat = np.zeros((len(pi_idx), n_out, 2), dtype=np.float64)
+        f = self.dtype.type
+        p = self.params
+        _kernel(self.dtype)(a.images, a.sqrt_q, a.inv_sqrt_q, b.images, b.sqrt_q, b.inv_sqrt_q,
+                            pi_idx.astype(np.int64), pj_idx.astype(np.int64),
+                            f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix),
+                            int(self.arch.filter_size), self.arch.pooling == "gap", bool(symmetric),
+                            slot, n_out, flat)
+        out = np.zeros((n1, n2, n_out, 2), dtype=np.float64)
+        out[pi_idx, pj_idx] = flat
+        if symmetric:
+            out[pj_idx, pi_idx] = flat
+        return out
+
+
+def num_threads() -> int:
+    return numba.get_num_threads() if numba is not None else os.cpu_count() or 1

@@ -1,0 +1,94 @@
+"""Float64 NumPy reference: the paper's 4-D recursion written out directly.
+
+Slow (it holds the whole (H, W, H, W) covariance of every pair, as the paper's reference code
+does) and deliberately independent of the fast backends: no offset slices, no shared layer
+loop, and its own per-image diagonals taken from the 4-D recursion of (x, x).  The oracle of
+the test suite.  See ``cntk_engine.arch`` for the formulas.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import Backend, Prepared
+
+
+def box4(a: np.ndarray, k: int) -> np.ndarray:
+    """box(A)(p, p') = sum_{a, b} A(p + (a, b), p' + (a, b)), zero outside the image."""
+    r = k // 2
+    h, w = a.shape[:2]
+    pad = np.zeros((h + 2 * r, w + 2 * r, h + 2 * r, w + 2 * r))
+    pad[r:r + h, r:r + w, r:r + h, r:r + w] = a
+    out = np.zeros_like(a)
+    for da in range(-r, r + 1):
+        for db in range(-r, r + 1):
+            out += pad[r + da:r + da + h, r + db:r + db + w, r + da:r + da + h, r + db:r + db + w]
+    return out
+
+
+def relu_step(sigma, q_x, q_z):
+    """K = E[relu(u) relu(v)], Kdot = E[relu'(u) relu'(v)] for (u, v) ~ N(0, [[q_x, s], [s, q_z]]).
+
+    norm = sqrt(q_x q_z) as one square root: for a diagonal entry of a self pair
+    sqrt(fl(q * q)) == q exactly, so c = 1 there with no rounding (see ``arch``, self pairs).
+    """
+    norm = np.sqrt(q_x[:, :, None, None] * q_z[None, None, :, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(norm > 0, sigma / norm, 0.0)   # zero-variance windows: c := 0
+    theta = np.arccos(np.clip(c, -1.0, 1.0))
+    k = (norm * np.sin(theta) + (math.pi - theta) * sigma) / (2 * math.pi)
+    kdot = (math.pi - theta) / (2 * math.pi)
+    return k, kdot
+
+
+def layers_4d(x: np.ndarray, z: np.ndarray, arch, params, q_x=None, q_z=None):
+    """Run the recursion for one pair; yields (layer, K, G, Sigma) after each ReLU layer.
+
+    q_x, q_z: (L, H, W) per-image diagonals.  With q_x = q_z = None the pair must be (x, x): the diagonals are read off the 4-D
+    covariance itself (this is how the reference gets its own diagonals).
+    """
+    k = arch.filter_size
+    h, w = x.shape[1:]
+    sigma = params.w_first * box4(np.einsum("cij,ckl->ijkl", x, z), k) + params.b2
+    theta_ntk = np.zeros_like(sigma) if arch.fix else sigma.copy()
+    for layer in range(arch.n_layers):
+        if q_x is None:
+            qx_l = qz_l = np.einsum("ijij->ij", sigma).copy()
+        else:
+            qx_l, qz_l = q_x[layer], q_z[layer]
+        kk, kdot = relu_step(sigma, qx_l, qz_l)
+        g = theta_ntk * kdot
+        yield layer, kk, g, sigma
+        if layer + 1 < arch.n_layers:
+            sigma = params.w * box4(kk, k) + params.b2
+            theta_ntk = sigma + params.w * box4(g, k)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def prepare(self, x: np.ndarray) -> Prepared:
+        x = np.asarray(x, dtype=np.float64)
+        h, w = x.shape[2:]
+        q = np.empty((x.shape[0], self.arch.n_layers, h, w))
+        for n in range(x.shape[0]):
+            for layer, _, _, sigma in layers_4d(x[n], x[n], self.arch, self.params):
+                q[n, layer] = np.einsum("ijij->ij", sigma)
+        # The reference keeps q itself (not its square root) in Prepared.sqrt_q's place.
+        return Prepared(x, q, None)
+
+    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
+        slot = {l: t for t, l in enumerate(self.arch.readout_layers)}
+        out = np.zeros((len(a), len(b), len(slot), 2))
+        gap = self.arch.pooling == "gap"
+        for i in range(len(a)):
+            for j in range(i if symmetric else 0, len(b)):
+                for layer, kk, g, _ in layers_4d(a.images[i], b.images[j], self.arch, self.params,
+                                                 a.sqrt_q[i], b.sqrt_q[j]):
+                    if layer in slot:
+                        reduce = np.sum if gap else (lambda t: np.einsum("ijij->", t))
+                        out[i, j, slot[layer]] = reduce(kk), reduce(g)
+                if symmetric:
+                    out[j, i] = out[i, j]
+        return out
