@@ -51,29 +51,40 @@ def _make_kernel(dtype):
         return PI - t if c >= ZERO else t
 
     @njit(inline="always", fastmath=_FASTMATH)
-    def box(src, dst, rows, h, w, k, scale, shift):
-        """dst[i, j] = scale * (k x k box sum of src)[i, j] + shift.
+    def box(src, dst, rows, mask, h, W, k, scale, shift):
+        """dst[i, j] = scale * (k x k box sum of src)[i, j] + shift on a packed row grid.
 
-        src is padded by r = k // 2 on every side (the ring holds zeros); dst is not.
+        src is padded by r = k // 2 rows and columns (padding holds zeros); mask[t, j] is 0 where
+        column j + t - r lies across the seam between the two packed slices (or outside).
         """
-        for i in range(h + k - 1):
-            for j in range(w):
-                rows[i, j] = src[i, j]
-            for t in range(1, k):
-                for j in range(w):
-                    rows[i, j] += src[i, j + t]
+        r = k // 2
+        for i in range(h + 2 * r):
+            for j in range(W):
+                rows[i, j] = src[i, r + j]
+            for t in range(k):
+                if t != r:
+                    for j in range(W):
+                        rows[i, j] += src[i, j + t] * mask[t, j]
         for i in range(h):
-            for j in range(w):
+            for j in range(W):
                 dst[i, j] = rows[i, j]
             for t in range(1, k):
-                for j in range(w):
+                for j in range(W):
                     dst[i, j] += rows[i + t, j]
-            for j in range(w):
+            for j in range(W):
                 dst[i, j] = dst[i, j] * scale + shift
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=False)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
                     gap, same_set, slot, n_out, out):
+        """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
+
+        Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
+        W - dx and dx and share their rows, so they fill one W-wide row grid exactly: packed
+        column j pairs x column j with z column (j + dx) mod W, and the seam between the two
+        slices sits at column W - dx (the box sum must not cross it: ``mask``).  Full-width
+        rows vectorise without remainders.  Offset dx = 0 is a slice of its own (no seam).
+        """
         C, H, W = X1.shape[1], X1.shape[2], X1.shape[3]
         L = S1.shape[1]
         r = k // 2
@@ -82,64 +93,96 @@ def _make_kernel(dtype):
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
+            # z's rows written twice side by side, so a rotation by dx is a contiguous view
+            zimg = np.empty((C, H, 2 * W), dtype=X1.dtype)
+            zs = np.empty((L, H, 2 * W), dtype=X1.dtype)
+            zi = np.empty((L, H, 2 * W), dtype=X1.dtype)
+            for i in range(H):
+                for j in range(W):
+                    for c in range(C):
+                        zimg[c, i, j] = X2[ib, c, i, j]
+                        zimg[c, i, j + W] = X2[ib, c, i, j]
+                    for l in range(L):
+                        zs[l, i, j] = S2[ib, l, i, j]
+                        zs[l, i, j + W] = S2[ib, l, i, j]
+                        zi[l, i, j] = I2[ib, l, i, j]
+                        zi[l, i, j + W] = I2[ib, l, i, j]
             kbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded K (and layer-0 x.z)
             gbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded G
             sig = np.empty((H, W), dtype=X1.dtype)
             th = np.empty((H, W), dtype=X1.dtype)
             rows = np.empty((H + 2 * r, W), dtype=X1.dtype)
+            mask = np.empty((k, W), dtype=X1.dtype)
             acc = np.zeros((n_out, 2), dtype=np.float64)
-            for dy in range(-dmax_y, dmax_y + 1):
-                h = H - abs(dy)
-                ix0 = max(0, -dy)
-                iz0 = ix0 + dy
-                for dx in range(-dmax_x, dmax_x + 1):
-                    wd = W - abs(dx)
+            for dx in range(0, dmax_x + 1):
+                seam = W - dx
+                for t in range(k):
+                    for j in range(W):
+                        jo = j + t - r
+                        ok = jo >= 0 and jo < W and ((j < seam) == (jo < seam))
+                        mask[t, j] = ONE if ok else ZERO
+                for dy in range(-dmax_y, dmax_y + 1):
+                    h = H - abs(dy)
+                    ix0 = max(0, -dy)
+                    iz0 = ix0 + dy
                     self_diag = same_set and ia == ib and dy == 0 and dx == 0  # c = 1 exactly
-                    jx0 = max(0, -dx)
-                    jz0 = jx0 + dx
-                    # zero ring around the h x wd interior (buffers are reused across slices)
-                    for i in range(h + 2 * r):
-                        for j in range(wd + 2 * r):
-                            if i < r or i >= r + h or j < r or j >= r + wd:
-                                kbuf[i, j] = ZERO
-                                gbuf[i, j] = ZERO
+                    for i in range(r):   # zero rows above and below the h rows in use
+                        for j in range(W + 2 * r):
+                            kbuf[i, j] = ZERO
+                            gbuf[i, j] = ZERO
+                            kbuf[r + h + i, j] = ZERO
+                            gbuf[r + h + i, j] = ZERO
                     # layer 1 input: channel sum of x(p) z(p + offset)
                     for i in range(h):
-                        for j in range(wd):
-                            kbuf[r + i, r + j] = ZERO
+                        kr = kbuf[r + i, r:r + W]
+                        for j in range(W):
+                            kr[j] = ZERO
                         for c in range(C):
-                            for j in range(wd):
-                                kbuf[r + i, r + j] += X1[ia, c, ix0 + i, jx0 + j] * X2[ib, c, iz0 + i, jz0 + j]
-                    box(kbuf, sig, rows, h, wd, k, w_first, b2)
+                            xr = X1[ia, c, ix0 + i, :]
+                            zr = zimg[c, iz0 + i, dx:dx + W]
+                            for j in range(W):
+                                kr[j] += xr[j] * zr[j]
+                    box(kbuf, sig, rows, mask, h, W, k, w_first, b2)
                     for i in range(h):
-                        for j in range(wd):
+                        for j in range(W):
                             th[i, j] = ZERO if fix else sig[i, j]
                     for l in range(L):
                         t_out = slot[l]
                         sk = 0.0
                         sg = 0.0
                         for i in range(h):
-                            for j in range(wd):
-                                sx = S1[ia, l, ix0 + i, jx0 + j]
-                                sz = S2[ib, l, iz0 + i, jz0 + j]
-                                s = sig[i, j]
-                                c = s * I1[ia, l, ix0 + i, jx0 + j] * I2[ib, l, iz0 + i, jz0 + j]
+                            rk = ZERO   # row partial sums (<= W terms) in the compute dtype,
+                            rg = ZERO   # added to the float64 readout sums once per row
+                            # 1-D row views: unit stride and no aliasing, so LLVM vectorises
+                            sxr = S1[ia, l, ix0 + i, :]
+                            ixr = I1[ia, l, ix0 + i, :]
+                            szr = zs[l, iz0 + i, dx:dx + W]
+                            izr = zi[l, iz0 + i, dx:dx + W]
+                            sr = sig[i, :]
+                            tr = th[i, :]
+                            kr = kbuf[r + i, r:r + W]
+                            gr = gbuf[r + i, r:r + W]
+                            for j in range(W):
+                                s = sr[j]
+                                c = s * ixr[j] * izr[j]
                                 c = ONE if self_diag else min(max(c, -ONE), ONE)
                                 pma = pi_minus_acos(c)
-                                kk = (sx * sz * np.sqrt(ONE - c * c) + pma * s) * INV2PI
-                                g = th[i, j] * (pma * INV2PI)
-                                kbuf[r + i, r + j] = kk
-                                gbuf[r + i, r + j] = g
-                                sk += kk
-                                sg += g
+                                kk = (sxr[j] * szr[j] * np.sqrt(ONE - c * c) + pma * s) * INV2PI
+                                g = tr[j] * (pma * INV2PI)
+                                kr[j] = kk
+                                gr[j] = g
+                                rk += kk
+                                rg += g
+                            sk += rk
+                            sg += rg
                         if t_out >= 0:
                             acc[t_out, 0] += sk
                             acc[t_out, 1] += sg
                         if l + 1 < L:
-                            box(kbuf, sig, rows, h, wd, k, w, b2)
-                            box(gbuf, th, rows, h, wd, k, w, ZERO)
+                            box(kbuf, sig, rows, mask, h, W, k, w, b2)
+                            box(gbuf, th, rows, mask, h, W, k, w, ZERO)
                             for i in range(h):
-                                for j in range(wd):
+                                for j in range(W):
                                     th[i, j] += sig[i, j]
             for t in range(n_out):
                 out[p, t, 0] = acc[t, 0]
