@@ -37,11 +37,12 @@ def resolve(name: str) -> type[Backend]:
     """The backend class for ``name``; ``auto`` means cuda if usable, else numba."""
     if name == "auto":
         return backend_class("cuda") if unavailable_reason("cuda") is None else backend_class("numba")
-    cls = backend_class(name)
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     why = unavailable_reason(name)
     if why is not None:
         raise RuntimeError(f"backend {name!r} is unavailable: {why}")
-    return cls
+    return backend_class(name)
 
 
 def available_backends() -> dict[str, str | None]:
