@@ -1,0 +1,111 @@
+"""CPU throughput: cntk_engine's Numba backend vs neural-tangents, side by side in one run.
+
+    python bench/bench_cpu.py [--n 16] [--depth 6] [--nt-python /path/to/python]
+
+The workload is the symmetric Gram of N random 32x32x3 images, GAP, NTK + NNGP, float32.
+neural-tangents (optional) is measured in a subprocess (``--nt-python``, default: this Python
+if it can import neural_tangents), because it pins old JAX / NumPy versions; without it the
+bench says so and reports the engine alone.  Reports entries/s (N*N matrix entries per second)
+and unique pairs/s (N(N+1)/2 per second); writes bench/results/cpu_<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median_time, write_result  # noqa: E402
+
+NT_SNIPPET = r"""
+import json, sys, time
+import numpy as np
+import jax
+from neural_tangents import stax
+n, depth, size, reps = (int(a) for a in sys.argv[1:5])
+layers = []
+for _ in range(depth - 1):
+    layers += [stax.Conv(1, (3, 3), padding="SAME"), stax.Relu()]
+_, _, kernel_fn = stax.serial(*layers, stax.GlobalAvgPool(), stax.Dense(1))
+kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+x = np.random.default_rng(0).standard_normal((n, size, size, 3)).astype(np.float32)
+kernel_fn(x, None, get=("ntk", "nngp")).ntk.block_until_ready()   # compile + warm-up
+times = []
+for _ in range(reps):
+    t = time.perf_counter()
+    kernel_fn(x, None, get=("ntk", "nngp")).ntk.block_until_ready()
+    times.append(time.perf_counter() - t)
+import neural_tangents
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "times": times,
+                  "version": neural_tangents.__version__, "jax": jax.__version__,
+                  "jax_device": str(jax.devices()[0])}))
+"""
+
+
+def bench_engine(n, depth, size, repeats):
+    import cntk_engine as ce
+    x = np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)
+    ce.gram(x[:2], depth=depth, kernel="both")          # JIT compile outside the timing
+    sec, times = median_time(lambda: ce.gram(x, depth=depth, kernel="both", backend="numba"),
+                             repeats=repeats, warmup=0)
+    from cntk_engine.backends.numba_cpu import num_threads
+    return {"seconds": sec, "times": times, "threads": num_threads()}
+
+
+def bench_nt(python, n, depth, size, repeats):
+    try:
+        out = subprocess.run([python, "-c", NT_SNIPPET, str(n), str(depth), str(size), str(repeats)],
+                             capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"unavailable": str(e)}
+    if out.returncode != 0:
+        return {"unavailable": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16, help="images (engine)")
+    ap.add_argument("--nt-n", type=int, default=4, help="images (neural-tangents; its memory grows as N^2 (HW)^2)")
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--nt-python", default=sys.executable)
+    args = ap.parse_args()
+
+    eng = bench_engine(args.n, args.depth, args.size, args.repeats)
+    nt = bench_nt(args.nt_python, args.nt_n, args.depth, args.size, args.repeats)
+    rows = []
+    for name, n, res in (("cntk_engine numba float32", args.n, eng), ("neural-tangents", args.nt_n, nt)):
+        if "seconds" not in res:
+            rows.append({"method": name, "unavailable": res["unavailable"]})
+            continue
+        rows.append({"method": name, "n": n, "seconds": res["seconds"],
+                     "entries_per_s": n * n / res["seconds"],
+                     "unique_pairs_per_s": n * (n + 1) / 2 / res["seconds"],
+                     **{k: v for k, v in res.items() if k not in ("seconds",)}})
+    payload = {"workload": f"{args.size}x{args.size}x3 GAP depth {args.depth}, NTK+NNGP, float32, symmetric Gram",
+               "machine": machine(), "results": rows}
+    if all("entries_per_s" in r for r in rows):
+        payload["speedup_entries_per_s"] = rows[0]["entries_per_s"] / rows[1]["entries_per_s"]
+    path = write_result("cpu", payload)
+    print(f"machine: {payload['machine']['cpu']} ({payload['machine']['cores']} cores)")
+    print(f"workload: {payload['workload']}")
+    for r in rows:
+        if "unavailable" in r:
+            print(f"  {r['method']:28s} not measured: {r['unavailable']}")
+        else:
+            print(f"  {r['method']:28s} N={r['n']:4d}  {r['entries_per_s']:10.2f} entries/s  "
+                  f"{r['unique_pairs_per_s']:10.2f} unique pairs/s")
+    if "speedup_entries_per_s" in payload:
+        print(f"  speed-up (entries/s): {payload['speedup_entries_per_s']:.1f}x")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
