@@ -34,21 +34,26 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
        0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
-def _make_kernel(dtype):
-    """Compile-time specialisation of the pair kernel for float32 or float64."""
-    f = np.float32 if dtype == np.float32 else np.float64
-    PI, INV2PI, ZERO, ONE = f(math.pi), f(1.0 / (2.0 * math.pi)), f(0.0), f(1.0)
-    a0, a1, a2, a3, a4, a5, a6, a7 = (f(v) for v in _AS)
-    exact_acos = dtype == np.float64
+def constants(dtype) -> np.ndarray:
+    """[pi, 1/(2 pi), 0, 1, A&S coefficients a0..a7] in the compute dtype.
 
+    Passed to the kernel as an array so that one cached kernel, compiled once per dtype,
+    reads its constants in that dtype (a float64 literal would promote float32 arithmetic).
+    """
+    return np.array([math.pi, 1.0 / (2.0 * math.pi), 0.0, 1.0, *_AS], dtype=dtype)
+
+
+if numba is not None:
     @njit(inline="always", fastmath=_FASTMATH)
-    def pi_minus_acos(c):
-        if exact_acos:
-            return PI - math.acos(c)
+    def pi_minus_acos(c, exact, K):
+        """pi - arccos(c) for c in [-1, 1]: libm (exact) or Abramowitz-Stegun 4.4.46."""
+        if exact:
+            return K[0] - np.arccos(c)
         a = abs(c)
-        t = np.sqrt(ONE - a) * (a0 + a * (a1 + a * (a2 + a * (a3 + a * (a4 + a * (a5 + a * (a6 + a * a7)))))))
+        t = np.sqrt(K[3] - a) * (K[4] + a * (K[5] + a * (K[6] + a * (K[7] + a * (K[8] + a * (
+            K[9] + a * (K[10] + a * K[11])))))))
         # t = acos(|c|);  pi - acos(c) = pi - t for c >= 0 and t for c < 0
-        return PI - t if c >= ZERO else t
+        return K[0] - t if c >= K[2] else t
 
     @njit(inline="always", fastmath=_FASTMATH)
     def box(src, dst, rows, mask, h, W, k, scale, shift):
@@ -74,9 +79,9 @@ def _make_kernel(dtype):
             for j in range(W):
                 dst[i, j] = dst[i, j] * scale + shift
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=False)
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
-                    gap, same_set, slot, n_out, out):
+                    gap, same_set, slot, n_out, out, KC, exact):
         """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
 
         Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
@@ -88,6 +93,7 @@ def _make_kernel(dtype):
         C, H, W = X1.shape[1], X1.shape[2], X1.shape[3]
         L = S1.shape[1]
         r = k // 2
+        INV2PI, ZERO, ONE = KC[1], KC[2], KC[3]
         dmax_y = H - 1 if gap else 0
         dmax_x = W - 1 if gap else 0
         for p in prange(pi_idx.shape[0]):
@@ -166,7 +172,7 @@ def _make_kernel(dtype):
                                 s = sr[j]
                                 c = s * ixr[j] * izr[j]
                                 c = ONE if self_diag else min(max(c, -ONE), ONE)
-                                pma = pi_minus_acos(c)
+                                pma = pi_minus_acos(c, exact, KC)
                                 kk = (sxr[j] * szr[j] * np.sqrt(ONE - c * c) + pma * s) * INV2PI
                                 g = tr[j] * (pma * INV2PI)
                                 kr[j] = kk
@@ -188,17 +194,6 @@ def _make_kernel(dtype):
                 out[p, t, 0] = acc[t, 0]
                 out[p, t, 1] = acc[t, 1]
 
-    return pair_kernel
-
-
-_KERNELS: dict = {}
-
-
-def _kernel(dtype):
-    key = np.dtype(dtype).type
-    if key not in _KERNELS:
-        _KERNELS[key] = _make_kernel(key)
-    return _KERNELS[key]
 
 
 class NumbaBackend(Backend):
@@ -227,11 +222,11 @@ class NumbaBackend(Backend):
         flat = np.zeros((len(pi_idx), n_out, 2), dtype=np.float64)
         f = self.dtype.type
         p = self.params
-        _kernel(self.dtype)(a.images, a.sqrt_q, a.inv_sqrt_q, b.images, b.sqrt_q, b.inv_sqrt_q,
+        pair_kernel(a.images, a.sqrt_q, a.inv_sqrt_q, b.images, b.sqrt_q, b.inv_sqrt_q,
                             pi_idx.astype(np.int64), pj_idx.astype(np.int64),
                             f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix),
                             int(self.arch.filter_size), self.arch.pooling == "gap", bool(symmetric),
-                            slot, n_out, flat)
+                            slot, n_out, flat, constants(self.dtype), self.dtype == np.float64)
         out = np.zeros((n1, n2, n_out, 2), dtype=np.float64)
         out[pi_idx, pj_idx] = flat
         if symmetric:
