@@ -4,8 +4,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from . import backends as _backends
 from .arch import KERNELS, finalize, make_architecture
+from .diag import array_module
 from .inputs import as_images, check_dtype, check_pair
 from .scheduler import compute_sums
 
@@ -61,6 +64,10 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         raise ValueError(f"tile must be a positive integer (rows/columns per tile); got {tile!r}")
 
     cls = _backends.resolve(backend)
+    on_device = array_module(a) is not np          # CuPy in -> CuPy out
+    if on_device and cls.name != "cuda":            # CPU backends compute from host copies
+        a = a.get()
+        b = a if symmetric else b.get()
     _, c, h, w = a.shape
     params = arch.layer_params(c, h, w)
     be = cls(arch, params, cdtype)
@@ -72,7 +79,14 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     sums = compute_sums(be, pa, pb, symmetric, tile)
     kernels = finalize(sums, arch, params, kernel)
 
+    def follow_input(arr):
+        if on_device:
+            import cupy
+            return cupy.asarray(arr)
+        return arr.get() if array_module(arr) is not np else arr
+
     def pick(res):
+        res = {k: follow_input(v) for k, v in res.items()}
         return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
 
     result = pick(kernels[depth]) if depth is not None else {d: pick(r) for d, r in kernels.items()}
