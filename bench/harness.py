@@ -1,0 +1,333 @@
+"""Benchmark harness: a matrix of configurations, timed, written to JSON, plotted.
+
+    python -m bench --methods numba,per_layer_cpu,reference --depths 3,6,11,21 --sizes 32 \\
+        --dtypes float32 --n 16 --n-for per_layer_cpu=2,reference=1
+
+Configurations are the product  method x depth x image size x dtype x tile x N.  Methods:
+
+  numba, cuda, reference     the project's backends, through ``cntk_engine.gram``
+  per_layer_cpu              the paper's per-layer 4-D algorithm in NumPy (bench/per_layer_cpu.py)
+  per_layer_cuda             the CUDA engineer's CuPy per-layer baseline (bench/per_layer_baseline*.py)
+  neural_tangents            neural-tangents' stax kernel_fn, in a subprocess (--nt-python)
+
+Every configuration computes the symmetric Gram of N random (C, size, size) images (NTK and
+NNGP, ``kernel="both"``), after ``--warmup`` untimed calls, ``--repeats`` timed calls, median
+reported; GPU work is synchronised (``cupy.cuda.Device().synchronize()``) before each clock
+read.  Each configuration records ``unique_pairs_per_s`` = N(N+1)/2 / median seconds, the
+arithmetic per pair (bench/ceiling.py) and the fraction of the device's measured FMA rate.
+The JSON is rewritten after every configuration (progress is printed), so a long run that is
+interrupted keeps what it measured; ``--resume`` skips configurations already in the file.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import inspect
+import itertools
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import ceiling as ceil_mod
+from .common import gpu_info, machine, median_time, result_header, versions, write_json
+
+HERE = Path(__file__).resolve().parent
+PROJECT_BACKENDS = ("numba", "cuda", "reference")
+METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents")
+GPU_METHODS = ("cuda", "per_layer_cuda")
+
+
+# ------------------------------------------------------------------------------ helpers
+def _ints(s):
+    return [int(v) for v in str(s).split(",") if v.strip()]
+
+
+def _strs(s):
+    return [v.strip() for v in str(s).split(",") if v.strip()]
+
+
+def _overrides(s):
+    """'reference=2,per_layer_cpu=4' -> {'reference': 2, 'per_layer_cpu': 4}."""
+    out = {}
+    for item in _strs(s or ""):
+        k, _, v = item.partition("=")
+        if k not in METHODS:
+            raise SystemExit(f"--n-for: unknown method {k!r}; methods are {', '.join(METHODS)}")
+        out[k] = int(v)
+    return out
+
+
+def gpu_sync():
+    try:
+        import cupy
+        cupy.cuda.Device().synchronize()
+    except Exception:
+        pass
+
+
+def images(n, size, channels, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, channels, size, size)).astype(np.float32)
+
+
+def config_key(c: dict) -> str:
+    return "|".join(str(c[k]) for k in ("method", "depth", "size", "channels", "pooling", "dtype", "tile", "n"))
+
+
+def find_per_layer_cuda():
+    """The CUDA engineer's CuPy per-layer baseline module, or (None, why)."""
+    paths = sorted(glob.glob(str(HERE / "per_layer_baseline*.py")))
+    if not paths:
+        return None, "bench/per_layer_baseline*.py does not exist in this checkout"
+    errors = []
+    for p in paths:
+        name = "bench_" + Path(p).stem
+        try:
+            spec = importlib.util.spec_from_file_location(name, p)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        except Exception as e:
+            errors.append(f"{Path(p).name}: import failed ({type(e).__name__}: {e})")
+            continue
+        if hasattr(mod, "gram"):
+            return mod, None
+        errors.append(f"{Path(p).name} has no gram() (public names: "
+                      f"{[n for n in dir(mod) if not n.startswith('_')]})")
+    return None, "; ".join(errors)
+
+
+# ------------------------------------------------------------------------------ runners
+class Runner:
+    """Builds, per configuration, a zero-argument callable returning {depth: (ntk, nngp)}."""
+
+    def __init__(self, args):
+        self.args = args
+        self.gram_kwargs = {}
+        self._client = None
+        self._plc = None
+        import cntk_engine as ce
+        self.ce = ce
+        sig = inspect.signature(ce.gram).parameters
+        if args.devices:
+            if "devices" not in sig:
+                raise SystemExit("--devices: this cntk_engine.gram has no devices= parameter yet "
+                                 "(scheduler issue); run without it")
+            self.gram_kwargs["devices"] = (args.devices if args.devices == "all" else _ints(args.devices))
+        if args.dask_scheduler:
+            if "client" not in sig:
+                raise SystemExit("--dask-scheduler: this cntk_engine.gram has no client= parameter yet")
+            from dask.distributed import Client
+            self._client = Client(args.dask_scheduler)
+            self.gram_kwargs["client"] = self._client
+
+    def available(self, method) -> str | None:
+        if method in PROJECT_BACKENDS:
+            return self.ce.available_backends().get(method)
+        if method == "per_layer_cpu":
+            return None
+        if method == "per_layer_cuda":
+            if self._plc is None:
+                self._plc = find_per_layer_cuda()
+            return self._plc[1]
+        return None  # neural_tangents: known only after its subprocess ran
+
+    def make(self, c, x):
+        depth, pooling, dt = c["depth"], c["pooling"], c["dtype"]
+        m = c["method"]
+        if m in PROJECT_BACKENDS:
+            kw = dict(depths=[depth], pooling=pooling, fix=False, kernel="both", backend=m, dtype=dt,
+                      tile=c["tile"], **self.gram_kwargs)
+            return lambda: self.ce.gram(x, **kw)
+        if m == "per_layer_cpu":
+            from .per_layer_cpu import gram as plc
+            return lambda: plc(x, depths=[depth], pooling=pooling, fix=False, kernel="both", dtype=dt)
+        if m == "per_layer_cuda":
+            mod = self._plc[0]
+            return lambda: mod.gram(x, depths=[depth], pooling=pooling, fix=False, kernel="both", dtype=dt)
+        raise ValueError(m)
+
+
+def run_nt(args, c):
+    """neural-tangents in a subprocess (GAP, float32, 3x3 only: bench_cpu.NT_SNIPPET)."""
+    if c["pooling"] != "gap" or c["dtype"] != "float32" or c["channels"] != 3:
+        return {"status": "skipped", "reason": "the neural-tangents snippet measures GAP, float32, 3 channels only"}
+    sys.path.insert(0, str(HERE))
+    from bench_cpu import bench_nt
+    res = bench_nt(args.nt_python, c["n"], c["depth"], c["size"], args.repeats)
+    if "seconds" not in res:
+        return {"status": "unavailable", "reason": res.get("unavailable", "failed")}
+    extra = {k: v for k, v in res.items() if k not in ("seconds", "times")}
+    dev = "gpu" if "cuda" in str(res.get("jax_device", "")).lower() or "gpu" in str(res.get("jax_device", "")).lower() else "cpu"
+    return {"status": "ok", "seconds": res["seconds"], "times": res["times"], "device": dev, "info": extra}
+
+
+def _max_rel_diff(res, ref, m):
+    """Largest |a - b| / max|b| over NTK and NNGP on the first m x m block."""
+    worst = 0.0
+    for a, b in zip(res, ref):
+        a = np.asarray(a.get() if hasattr(a, "get") else a)[:m, :m]
+        b = np.asarray(b.get() if hasattr(b, "get") else b)[:m, :m]
+        scale = np.abs(b).max()
+        worst = max(worst, float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max()))
+    return worst
+
+
+# ------------------------------------------------------------------------------ the run
+def build_matrix(args):
+    tiles = [None if t == "default" else int(t) for t in _strs(args.tiles)]
+    nfor = _overrides(args.n_for)
+    out = []
+    for m, d, s, dt, p in itertools.product(_strs(args.methods), _ints(args.depths), _ints(args.sizes),
+                                           _strs(args.dtypes), _strs(args.pooling)):
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; methods are {', '.join(METHODS)}")
+        ns = [nfor[m]] if m in nfor else _ints(args.n)
+        ts = tiles if m in PROJECT_BACKENDS else [None]
+        # the reference is float64 whatever dtype= says; the NT snippet is float32
+        dts = {"neural_tangents": ["float32"], "reference": ["float64"]}.get(m, [dt])
+        for t, n, dt2 in itertools.product(ts, ns, dts):
+            c = {"method": m, "depth": d, "size": s, "channels": args.channels, "pooling": p,
+                 "dtype": dt2, "tile": t, "n": n}
+            if config_key(c) not in {config_key(o) for o in out}:
+                out.append(c)
+    return out
+
+
+def run(args) -> dict:
+    out_path = Path(args.output) if args.output else (
+        Path(args.out_dir) / f"{args.name}_{datetime.now(timezone.utc).strftime('%Y%m%d')}.json")
+    matrix = build_matrix(args)
+    done = {}
+    if args.resume and out_path.exists():
+        import json
+        old = json.loads(out_path.read_text())
+        done = {config_key(r["config"]): r for r in old.get("results", [])}
+    runner = Runner(args)
+    methods = {c["method"] for c in matrix}
+    payload = {**result_header(), "kind": "harness", "machine": machine(), "gpu": gpu_info(),
+               "versions": versions(), "cntk_engine_path": str(Path(runner.ce.__file__).parent),
+               "available_backends": runner.ce.available_backends(),
+               "workload": "symmetric Gram of N random standard-normal images, NTK + NNGP (kernel='both'), "
+                           "fix=False, arora convention, 3x3 filters",
+               "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
+                          "gpu_sync": "cupy.cuda.Device().synchronize() before each clock read"},
+               "scheduler": {k: str(v) for k, v in runner.gram_kwargs.items()},
+               "results": []}
+    # --- the ceiling: measured once per device used
+    rates = {}
+    if not args.no_ceiling:
+        if methods - set(GPU_METHODS):
+            rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(set(_strs(args.dtypes)) | {"float32"})))
+        if methods & set(GPU_METHODS) and payload["gpu"]:
+            rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(set(_strs(args.dtypes)) | {"float32"})))
+    payload["ceiling"] = {"rates": rates, "count": "bench/CEILING.md (counted from cntk_engine/backends/numba_cpu.py)"}
+
+    refs = {}   # (depth, size, pooling) -> (result, n, method) of the first project backend run
+    total = len(matrix)
+    t_start = time.perf_counter()
+    for i, c in enumerate(matrix, 1):
+        key = config_key(c)
+        if key in done:
+            payload["results"].append(done[key])
+            print(f"[{i}/{total}] {key}: kept from {out_path.name} (--resume)", flush=True)
+            continue
+        rec = {"config": c}
+        why = runner.available(c["method"])
+        if why is not None:
+            rec.update(status="unavailable", reason=why)
+        elif c["method"] == "neural_tangents":
+            rec.update(run_nt(args, c))
+        else:
+            x = images(c["n"], c["size"], c["channels"], args.seed)
+            try:
+                fn = runner.make(c, x)
+                box = {}
+
+                def call():
+                    box["r"] = fn()
+                    gpu_sync()
+
+                sec, times = median_time(call, repeats=args.repeats, warmup=args.warmup)
+                rec.update(status="ok", seconds=sec, times=times,
+                           device="gpu" if c["method"] in GPU_METHODS else "cpu")
+                res = box["r"][c["depth"]]
+                rk = (c["depth"], c["size"], c["pooling"])
+                if rk in refs:
+                    ref, rn, rm = refs[rk]
+                    m = min(rn, c["n"])
+                    rec["check"] = {"vs": rm, "block": m, "max_rel_diff": _max_rel_diff(res, ref, m)}
+                elif c["method"] in PROJECT_BACKENDS + ("per_layer_cpu",):
+                    refs[rk] = (res, c["n"], f"{c['method']} {c['dtype']}")
+            except Exception as e:
+                rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        if rec.get("status") == "ok":
+            n = c["n"]
+            pairs = n * (n + 1) // 2
+            rec["unique_pairs"] = pairs
+            rec["unique_pairs_per_s"] = pairs / rec["seconds"]
+            rec["entries_per_s"] = n * n / rec["seconds"]
+            w = ceil_mod.work_per_pair(c["depth"], c["size"], c["size"], c["channels"], c["pooling"])
+            rec["work_per_pair"] = {"fp_instructions": w.fp_instructions, "flops": w.flops}
+            rate = rates.get(rec["device"], {}).get(c["dtype"])
+            rec.update(ceil_mod.ceiling_figures(rec["unique_pairs_per_s"], w, rate))
+        payload["results"].append(rec)
+        payload["elapsed_s"] = time.perf_counter() - t_start
+        write_json(out_path, payload)
+        print(f"[{i}/{total}] {key}: {_summary(rec)}", flush=True)
+    if not args.no_plots:
+        from .plots import harness_plots
+        payload["plots"] = [str(p) for p in harness_plots(payload, out_path.with_suffix(""))]
+        write_json(out_path, payload)
+    print(f"wrote {out_path}")
+    for p in payload.get("plots", []):
+        print(f"wrote {p}")
+    return payload
+
+
+def _summary(rec):
+    if rec.get("status") != "ok":
+        return f"{rec.get('status')}: {rec.get('reason')}"
+    s = f"{rec['unique_pairs_per_s']:.4g} unique pairs/s ({rec['seconds']:.3g} s median)"
+    if "fraction_of_ceiling" in rec:
+        s += f", {100 * rec['fraction_of_ceiling']:.1f}% of ceiling"
+    if "check" in rec:
+        s += f", max rel diff vs {rec['check']['vs']}: {rec['check']['max_rel_diff']:.1e}"
+    return s
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="numba,per_layer_cpu",
+                    help=f"comma list from {', '.join(METHODS)} (default: numba,per_layer_cpu)")
+    ap.add_argument("--depths", default="3,6,11,21")
+    ap.add_argument("--sizes", default="32", help="image sizes (H = W), comma list")
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--pooling", default="gap", help="gap, flatten or both: gap,flatten")
+    ap.add_argument("--dtypes", default="float32", help="float32,float64")
+    ap.add_argument("--tiles", default="default", help="tile sizes for the project's backends: default or ints")
+    ap.add_argument("--n", default="16", help="images per configuration (comma list: scaling with N)")
+    ap.add_argument("--n-for", default="", help="per-method N, e.g. reference=2,per_layer_cpu=4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nt-python", default=os.environ.get("CNTK_ENGINE_NT_PYTHON", sys.executable),
+                    help="python with neural_tangents (subprocess); default: this one")
+    ap.add_argument("--devices", default=None, help="passed to gram(devices=...): 'all' or 0,1,2,3")
+    ap.add_argument("--dask-scheduler", default=None, help="address of a Dask scheduler: gram(client=Client(addr))")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--name", default="harness", help="result file stem: <out-dir>/<name>_<date>.json")
+    ap.add_argument("--output", default=None, help="explicit JSON path (overrides --out-dir/--name)")
+    ap.add_argument("--resume", action="store_true", help="keep configurations already in the output file")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the FMA-rate measurement")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap
+
+
+def main(argv=None):
+    return run(parser().parse_args(argv))
