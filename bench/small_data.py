@@ -84,11 +84,17 @@ def run(args):
               flush=True)
         shape = list(xtr.shape[1:])
     sizes = [s for s in sizes if s <= len(ytr)]
+    sizes_all = list(sizes)
     rng = np.random.default_rng(args.seed)
     acc = {}
     table = []
-    for n in sizes:
-        draws = [balanced_draw(ytr, n, rng) for _ in range(args.draws)]
+    for n in sizes_all:
+        try:
+            draws = [balanced_draw(ytr, n, rng) for _ in range(args.draws)]
+        except ValueError as e:
+            print(f"  n={n:5d}: skipped ({e})", flush=True)
+            sizes = [s for s in sizes if s != n]
+            continue
         for d in depths:
             for ki, kname in ((0, "ntk"), (1, "nngp")):
                 ktr_full, kte_full = ks[d][ki], ks[d][ki + 2]
