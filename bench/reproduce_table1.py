@@ -220,6 +220,47 @@ def per_depth_throughput(x, depths, pooling, fix, args, m, extra=None):
     return out
 
 
+def probe_rate(xtr, xte, depths, pooling, fix, args, extra=None, min_seconds=1.5, max_m=512):
+    """Test x train pairs/s at the deepest depth: m x 2m blocks, m doubling from 8 until one
+    call takes ``min_seconds`` (so a GPU is measured on blocks big enough to fill it)."""
+    import cntk_engine as ce
+    kw = dict(depths=[max(depths)], pooling=pooling, fix=fix, kernel="both", backend=args.backend,
+              dtype=args.dtype, tile=args.tile, **(extra or {}))
+    ce.gram(xte[:2], xtr[:2], **kw)
+    sync()
+    m = 8
+    while True:
+        a, b = xte[:m], xtr[:2 * m]
+        t = time.perf_counter()
+        ce.gram(a, b, **kw)
+        sync()
+        sec = time.perf_counter() - t
+        if sec >= min_seconds or m >= max_m or 2 * m > min(len(xtr), len(xte) * 2):
+            return {"m": m, "pairs": len(a) * len(b), "seconds": sec, "unique_pairs_per_s": len(a) * len(b) / sec}
+        m *= 2
+
+
+def fit_sizes(rate, budget_s, n_train_max, n_test_max):
+    """Largest n_train (n_test = n_train * n_test_max / n_train_max, capped) whose
+    n(n+1)/2 + n * n_test pairs fit ``budget_s`` at ``rate`` pairs/s."""
+    ratio = n_test_max / n_train_max
+
+    def pairs(n):
+        nt = min(n_test_max, max(1, int(round(n * ratio))))
+        return n * (n + 1) // 2 + n * nt, nt
+
+    lo, hi = 10, n_train_max
+    if pairs(hi)[0] / rate <= budget_s:
+        return hi, pairs(hi)[1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if pairs(mid)[0] / rate <= budget_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, pairs(lo)[1]
+
+
 # ---------------------------------------------------------------------------- main
 def run(args):
     import cntk_engine as ce
@@ -228,7 +269,7 @@ def run(args):
     n_tr = min(args.n_train, len(x_tr))
     n_te = min(args.n_test, len(x_te))
     xtr, xte = preprocess(x_tr, x_te, args.downsample)
-    xtr, ytr, xte, yte = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
+    xtr_all, ytr_all, xte_all, yte_all = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
     extra = scheduler_kwargs(args, ce.gram)
     poolings = [p.strip() for p in args.pooling.split(",")]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
@@ -248,7 +289,15 @@ def run(args):
                "columns": {}}
     for pooling in poolings:
         fix = PAPER_FIX[pooling] if args.fix == "paper" else args.fix == "true"
-        print(f"{COLUMN[pooling]}: {pooling}, fix={fix}, {n_tr} train x {n_te} test, "
+        probe = None
+        c_tr, c_te = n_tr, n_te
+        if args.time_budget:
+            probe = probe_rate(xtr_all, xte_all, depths, pooling, fix, args, extra)
+            c_tr, c_te = fit_sizes(probe["unique_pairs_per_s"], args.time_budget, n_tr, n_te)
+            print(f"{COLUMN[pooling]}: probe {probe['unique_pairs_per_s']:.4g} pairs/s at depth {max(depths)}; "
+                  f"--time-budget {args.time_budget:g} s -> {c_tr} train x {c_te} test", flush=True)
+        xtr, ytr, xte, yte = xtr_all[:c_tr], ytr_all[:c_tr], xte_all[:c_te], yte_all[:c_te]
+        print(f"{COLUMN[pooling]}: {pooling}, fix={fix}, {c_tr} train x {c_te} test, "
               f"{xtr.shape[1:]} images, depths {list(depths)}, backend {args.backend}", flush=True)
         ks, timing = kernels(xtr, xte, depths, pooling, fix, args, extra)
         print(f"  kernel pass: {timing['seconds']:.1f} s, {timing['unique_pairs_per_s']:.4g} unique pairs/s "
@@ -270,10 +319,13 @@ def run(args):
                   + (f" (LOO ridge {100 * row['ntk_acc_loo_ridge']:.2f}%)" if not args.no_loo else "")
                   + f", NNGP {100 * row['nngp_acc_paper_solve']:.2f}%"
                   + (f", paper {row['published_ntk_acc']}%" if row["published_ntk_acc"] else ""), flush=True)
-        col = {"pooling": pooling, "fix": fix, "timing": timing, "rows": rows}
+        col = {"pooling": pooling, "fix": fix, "n_train": c_tr, "n_test": c_te, "timing": timing,
+               "rows": rows}
+        if probe:
+            col["probe"] = probe
         if args.per_depth_timing > 0:
             col["per_depth_throughput"] = per_depth_throughput(xtr, depths, pooling, fix, args,
-                                                               min(args.per_depth_timing, n_tr), extra)
+                                                               min(args.per_depth_timing, c_tr), extra)
         payload["columns"][COLUMN[pooling]] = col
         write_json(stem.with_suffix(".json"), payload)
         if args.save_kernels:
@@ -293,14 +345,15 @@ def markdown(p) -> str:
     g = p.get("gpu") or {}
     dev = g.get("name") or f"{p['machine']['cpu']} ({p['machine']['cores']} cores)"
     shape = "x".join(str(v) for v in p["image_shape"])
-    lines = [f"Table 1 protocol, CIFAR-10 {p['n_train']} train / {p['n_test']} test "
+    lines = [f"Table 1 protocol, CIFAR-10 (at most {p['n_train']} train / {p['n_test']} test) "
              f"({shape} images{', downsampled x' + str(p['downsample']) if p['downsample'] > 1 else ''}), "
              f"backend {p['backend']} {p['dtype']} on {dev}, commit {p['commit']}.", "",
              f"Command: `{p['command']}`", ""]
     for colname, col in p["columns"].items():
         t = col["timing"]
         loo = "ntk_acc_loo_ridge" in col["rows"][0]
-        lines.append(f"**{colname}** ({col['pooling']}, fix={col['fix']}): one pass for all depths, "
+        lines.append(f"**{colname}** ({col['pooling']}, fix={col['fix']}, {col.get('n_train', p['n_train'])} train / "
+                     f"{col.get('n_test', p['n_test'])} test): one pass for all depths, "
                      f"{t['seconds']:.1f} s, {t['unique_pairs']} unique pairs, "
                      f"{t['unique_pairs_per_s']:.4g} pairs/s")
         lines.append("")
@@ -340,6 +393,9 @@ def parser():
     ap.add_argument("--tile", type=int, default=None)
     ap.add_argument("--downsample", type=int, default=1, help="average-pool images by this factor (CPU option)")
     ap.add_argument("--no-loo", action="store_true", help="skip the LOO ridge selection")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds per kernel pass: measure pairs/s first, then shrink --n-train/--n-test "
+                         "(same ratio) to fit")
     ap.add_argument("--per-depth-timing", type=int, default=16,
                     help="also time each depth alone on this many images (0: off)")
     ap.add_argument("--save-kernels", default=None, help="save the kernels (npz per pooling) for small_data.py")
