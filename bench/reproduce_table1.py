@@ -403,11 +403,40 @@ def parser():
     ap.add_argument("--dask-scheduler", default=None, help="gram(client=Client(address))")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--tag", default="cpu", help="file tag: table1_<tag>_<date>.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge these result files (one column each) into table1_<tag>_<date>.json/.md")
     return ap
 
 
+def merge(files, out_dir, tag):
+    """Merge result files of separate runs (e.g. one per pooling) into one JSON + markdown."""
+    import json
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    if not parts:
+        raise SystemExit("--merge: no files")
+    out = dict(parts[0])
+    out["columns"] = {}
+    out["merged_from"] = [{"file": Path(f).name, "command": q["command"]} for f, q in zip(files, parts)]
+    for q in parts:
+        out["columns"].update(q["columns"])
+    out["n_train"] = max(q["n_train"] for q in parts)
+    out["n_test"] = max(q["n_test"] for q in parts)
+    out["command"] = " ; ".join(q["command"] for q in parts)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
+    stem = Path(out_dir) / f"table1_{tag}_{stamp}"
+    write_json(stem.with_suffix(".json"), out)
+    md = markdown(out)
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return out
+
+
 def main(argv=None):
-    return run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out_dir, args.tag)
+    return run(args)
 
 
 if __name__ == "__main__":
