@@ -125,7 +125,11 @@ def ridge_free_predict(k_train, k_test_train, y_train, n_classes=10):
     try:
         alpha = scipy.linalg.solve(k_train, Y, assume_a="pos")
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        alpha = scipy.linalg.solve(k_train, Y)
+        try:
+            alpha = scipy.linalg.solve(k_train, Y)
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+            # singular (e.g. fix=True at depth 2: the NTK is identically 0): min-norm solution
+            alpha = scipy.linalg.lstsq(k_train, Y)[0]
     return k_test_train @ alpha
 
 
@@ -136,6 +140,7 @@ def loo_ridge_predict(k_train, k_test_train, y_train, n_classes=10, grid=None):
     Used until/unless cntk_engine.solver provides the same selection (it is then preferred)."""
     Y = one_hot(y_train, n_classes)
     scale = float(np.mean(np.diag(k_train)))
+    scale = scale if scale > 0 else 1.0
     s, U = np.linalg.eigh(k_train / scale)
     UtY = U.T @ Y
     grid = grid if grid is not None else [0.0] + list(10.0 ** np.arange(-7, 1))

@@ -1,0 +1,122 @@
+"""The benchmark harness and reproduction scripts on tiny sizes (no timings are asserted)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import cntk_engine as ce  # noqa: E402
+from bench import ceiling, per_layer_cpu  # noqa: E402
+
+
+@pytest.mark.parametrize("pooling,fix,convention", [("gap", False, "arora"), ("flatten", True, "arora"),
+                                                    ("gap", True, "neural_tangents")])
+def test_per_layer_cpu_equals_reference(pooling, fix, convention):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 5, 4))
+    z = rng.standard_normal((2, 2, 5, 4))
+    x[0, :, :2] = 0.0                                  # zero-variance windows
+    for x2 in (None, z):
+        ref = ce.gram(x, x2, depths=[3, 5], pooling=pooling, fix=fix, kernel="both",
+                      backend="reference", convention=convention)
+        got = per_layer_cpu.gram(x, x2, depths=[3, 5], pooling=pooling, fix=fix, kernel="both",
+                                 dtype="float64", convention=convention)
+        for d in (3, 5):
+            for a, b in zip(got[d], ref[d]):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+
+
+def test_work_count_matches_the_documented_formula():
+    for pooling, e in (("gap", (6 * 5) ** 2), ("flatten", 6 * 5)):
+        for d in (2, 3, 21):
+            L = d - 1
+            w = ceiling.work_per_pair(d, 6, 5, channels=3, pooling=pooling)
+            assert w.fp_instructions == e * (L * 23 + (L - 1) * 11 + (3 + 3) + 2)
+            assert w.flops == e * (L * 32 + (L - 1) * 17 + (2 * (3 + 3) + 2))
+    w = ceiling.work_per_pair(21, 32, 32)
+    f = ceiling.ceiling_figures(10.0, w, {"fma_per_s": 1e11})
+    assert f["ceiling_pairs_per_s"] == pytest.approx(1e11 / w.fp_instructions)
+    assert f["fraction_of_ceiling"] == pytest.approx(10.0 * w.fp_instructions / 1e11)
+    assert f["fraction_of_peak_flops"] == pytest.approx(10.0 * w.flops / 2e11)
+    assert ceiling.ceiling_figures(10.0, w, None) == {}
+
+
+def test_harness_end_to_end(tmp_path):
+    from bench import harness
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "numba,per_layer_cpu,reference,per_layer_cuda", "--depths", "2,3",
+                  "--sizes", "5", "--n", "2,3", "--n-for", "per_layer_cpu=2,reference=2",
+                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--output", str(out)])
+    p = json.loads(out.read_text())
+    for key in ("date", "commit", "command", "machine", "versions", "timing", "results", "plots"):
+        assert key in p
+    ok = [r for r in p["results"] if r["status"] == "ok"]
+    assert {r["config"]["method"] for r in ok} == {"numba", "per_layer_cpu", "reference"}
+    assert len(ok) == 2 * 2 + 2 + 2                    # numba: 2 depths x 2 N
+    for r in ok:
+        c = r["config"]
+        assert set(c) == {"method", "depth", "size", "channels", "pooling", "dtype", "tile", "n"}
+        assert r["unique_pairs"] == c["n"] * (c["n"] + 1) // 2
+        assert r["unique_pairs_per_s"] == pytest.approx(r["unique_pairs"] / r["seconds"])
+        assert r["work_per_pair"]["fp_instructions"] > 0
+        if "check" in r:                               # every method agrees with the first
+            assert r["check"]["max_rel_diff"] < 1e-5, r
+    assert sum("check" in r for r in ok) >= 5
+    plc = [r for r in p["results"] if r["config"]["method"] == "per_layer_cuda"]
+    assert plc and all(r["status"] in ("unavailable", "failed", "ok") for r in plc)
+    assert all(Path(f).exists() for f in p["plots"])
+    # --resume keeps what is there
+    harness.main(["--methods", "numba", "--depths", "2", "--sizes", "5", "--n", "2", "--repeats", "1",
+                  "--warmup", "0", "--no-ceiling", "--no-plots", "--output", str(out), "--resume"])
+    again = json.loads(out.read_text())["results"]
+    first = next(r for r in p["results"] if r["config"]["method"] == "numba" and r["config"]["n"] == 2
+                 and r["config"]["depth"] == 2)
+    assert again[0]["seconds"] == first["seconds"]
+
+
+def test_paper_targets_and_loo_solver():
+    from bench.reproduce_table1 import loo_ridge_predict, one_hot, ridge_free_predict
+    Y = one_hot(np.array([2, 0]), 3)
+    np.testing.assert_array_equal(Y, [[-0.1, -0.1, 0.9], [0.9, -0.1, -0.1]])
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((10, 20)) * 3
+    y = np.arange(200) % 10
+    f = centers[y] + rng.standard_normal((200, 20))
+    k = f @ f.T + 1e-3 * np.eye(200)
+    ytr, yte = y[:150], y[150:]
+    pred = ridge_free_predict(k[:150, :150], k[150:, :150], ytr)
+    assert np.mean(pred.argmax(1) == yte) > 0.9
+    pred, lam, loo = loo_ridge_predict(k[:150, :150], k[150:, :150], ytr)
+    assert np.mean(pred.argmax(1) == yte) > 0.9 and loo > 0.9
+
+
+def test_table1_and_small_data_tiny(tmp_path):
+    from bench import reproduce_table1, small_data
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8), y_train=np.arange(40) % 10,
+             x_test=rng.integers(0, 256, (12, 6, 6, 3), dtype=np.uint8), y_test=np.arange(12) % 10)
+    p = reproduce_table1.main(["--data", str(data), "--n-train", "30", "--n-test", "12", "--pooling", "gap,flatten",
+                               "--depths", "2,3", "--backend", "numba", "--per-depth-timing", "3",
+                               "--out-dir", str(tmp_path), "--tag", "t", "--save-kernels", str(tmp_path / "k")])
+    assert set(p["columns"]) == {"CNTK-GAP", "CNTK-V"}
+    assert p["columns"]["CNTK-GAP"]["fix"] is True and p["columns"]["CNTK-V"]["fix"] is False
+    for col in p["columns"].values():
+        assert col["timing"]["unique_pairs"] == 30 * 31 // 2 + 30 * 12
+        assert [r["depth"] for r in col["rows"]] == [2, 3]
+        for r in col["rows"]:
+            assert 0.0 <= r["ntk_acc_paper_solve"] <= 1.0 and 0.0 <= r["nngp_acc_loo_ridge"] <= 1.0
+    md = next(tmp_path.glob("table1_t_*.md")).read_text()
+    assert "CNTK-GAP" in md and "CNTK-V" in md
+    s = small_data.main(["--kernels", str(tmp_path / "k_gap.npz"), "--sizes", "10,20", "--draws", "2",
+                         "--depths", "3", "--out-dir", str(tmp_path), "--tag", "t"])
+    rows = s["accuracy"]["CNTK d3 paper solve"]
+    assert [r["n_train"] for r in rows] == [10, 20] and all(r["draws"] == 2 for r in rows)
+    assert next(tmp_path.glob("small_data_t_*.png")).stat().st_size > 0
