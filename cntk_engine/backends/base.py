@@ -24,20 +24,20 @@ from ..arch import Architecture, LayerParams
 class Prepared:
     """Images of one set in the backend's compute dtype, with their per-layer diagonals.
 
-    images: (N, C, H, W); sqrt_q and inv_sqrt_q: (N, L, H, W) with sqrt(q) and 1 / sqrt(q)
-    (0 where q == 0).  Arrays live where the backend computes (NumPy or CuPy).
+    images: (N, C, H, W); diag: a tuple of arrays with N first, holding whatever per-image
+    diagonal data the backend's kernel reads (e.g. sqrt(q) and 1/sqrt(q), each (N, L, H, W)).
+    Arrays live where the backend computes (NumPy or CuPy).  Slicing takes images and
+    diagonals of the same rows.
     """
 
     images: Any
-    sqrt_q: Any
-    inv_sqrt_q: Any
+    diag: tuple = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, sl: slice) -> "Prepared":
-        inv = None if self.inv_sqrt_q is None else self.inv_sqrt_q[sl]
-        return Prepared(self.images[sl], self.sqrt_q[sl], inv)
+        return Prepared(self.images[sl], tuple(d[sl] for d in self.diag))
 
 
 def sqrt_and_inverse(q: np.ndarray):

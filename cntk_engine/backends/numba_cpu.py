@@ -207,7 +207,7 @@ class NumbaBackend(Backend):
         x = np.asarray(x)
         s, inv = sqrt_and_inverse(diag_norms(x, self.arch, self.params))
         cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
-        return Prepared(cast(x), cast(s), cast(inv))
+        return Prepared(cast(x), (cast(s), cast(inv)))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
         n1, n2 = len(a), len(b)
@@ -222,7 +222,7 @@ class NumbaBackend(Backend):
         flat = np.zeros((len(pi_idx), n_out, 2), dtype=np.float64)
         f = self.dtype.type
         p = self.params
-        pair_kernel(a.images, a.sqrt_q, a.inv_sqrt_q, b.images, b.sqrt_q, b.inv_sqrt_q,
+        pair_kernel(a.images, *a.diag, b.images, *b.diag,
                             pi_idx.astype(np.int64), pj_idx.astype(np.int64),
                             f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix),
                             int(self.arch.filter_size), self.arch.pooling == "gap", bool(symmetric),

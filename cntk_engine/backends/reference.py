@@ -75,8 +75,7 @@ class ReferenceBackend(Backend):
         for n in range(x.shape[0]):
             for layer, _, _, sigma in layers_4d(x[n], x[n], self.arch, self.params):
                 q[n, layer] = np.einsum("ijij->ij", sigma)
-        # The reference keeps q itself (not its square root) in Prepared.sqrt_q's place.
-        return Prepared(x, q, None)
+        return Prepared(x, (q,))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
         slot = {l: t for t, l in enumerate(self.arch.readout_layers)}
@@ -85,7 +84,7 @@ class ReferenceBackend(Backend):
         for i in range(len(a)):
             for j in range(i if symmetric else 0, len(b)):
                 for layer, kk, g, _ in layers_4d(a.images[i], b.images[j], self.arch, self.params,
-                                                 a.sqrt_q[i], b.sqrt_q[j]):
+                                                 a.diag[0][i], b.diag[0][j]):
                     if layer in slot:
                         reduce = np.sum if gap else (lambda t: np.einsum("ijij->", t))
                         out[i, j, slot[layer]] = reduce(kk), reduce(g)
