@@ -7,19 +7,18 @@ import time
 import numpy as np
 
 from . import backends as _backends
-from .arch import KERNELS, finalize, make_architecture
+from .arch import KERNELS, make_architecture
 from .diag import array_module
 from .inputs import as_images, check_dtype, check_pair
-from .scheduler import compute_sums
+from .scheduler import DEFAULT_TILE, execute  # noqa: F401 (DEFAULT_TILE: old import path)
 
 log = logging.getLogger("cntk_engine")
-
-DEFAULT_TILE = {"reference": 8, "numba": 64, "cuda": 512}
 
 
 def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kernel="ntk",
          convention="arora", W_std=None, b_std=None, filter_size=3, backend="auto",
-         dtype="float32", data_format="NCHW", tile=None, return_info=False):
+         dtype="float32", data_format="NCHW", tile=None, return_info=False, devices=None,
+         out=None, client=None, progress=False):
     """Exact CNTK / NNGP kernel matrix between two batches of images.
 
     Parameters
@@ -40,11 +39,22 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     dtype : "float32" (default) or "float64" compute precision; results are always float64.
     tile : rows/columns per tile (one backend call each); default depends on the backend.
     return_info : also return a dict saying what ran (backend, tiles, seconds, pairs).
+    devices : GPUs for backend "cuda": None or "all" (every visible GPU, one worker thread each)
+        or a list of ids; CPU backends always use every core.
+    out : path of a Zarr store (a directory, e.g. "gram.zarr") to write the matrix to instead of
+        RAM, tile by tile; running the same job again resumes it (only missing tiles are
+        computed), another job's store is refused.  Layout: ``cntk_engine.store``.
+    client : a ``dask.distributed.Client``: tiles run as Dask tasks on its workers (needs the
+        "dask" extra; GPU workers must declare ``resources={"GPU": 1}``).  Without ``out`` the
+        tiles are gathered into memory; with ``out`` (a path every worker can reach) workers
+        write them into the store.
+    progress : show a progress bar (tqdm: pairs/s, ETA).
 
     Returns
     -------
     (N1, N2) float64 array, a tuple (ntk, nngp) for ``kernel="both"``, or a dict over depths;
-    followed by the info dict when ``return_info=True``.
+    with ``out`` the (read-only) ``zarr.Group`` of the store instead; followed by the info dict
+    when ``return_info=True``.
     """
     t0 = time.perf_counter()
     if kernel not in KERNELS:
@@ -62,22 +72,23 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         check_pair(a, b)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
         raise ValueError(f"tile must be a positive integer (rows/columns per tile); got {tile!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True or False; got {progress!r}")
 
     cls = _backends.resolve(backend)
+    if backend == "auto" and cls.shape_unsupported(arch, a.shape[2], a.shape[3]) is not None:
+        cls = _backends.backend_class("numba")      # e.g. images larger than the GPU kernels take
     on_device = array_module(a) is not np          # CuPy in -> CuPy out
-    if on_device and cls.name != "cuda":            # CPU backends compute from host copies
+    if on_device:              # the scheduler takes host copies; GPU workers copy to their device
         a = a.get()
         b = a if symmetric else b.get()
     _, c, h, w = a.shape
     params = arch.layer_params(c, h, w)
-    be = cls(arch, params, cdtype)
-    tile = tile or DEFAULT_TILE.get(be.name, 64)
-    log.info("gram: backend=%s dtype=%s arch=%s images=%s x %s tile=%d", be.name, cdtype.name,
-             arch.to_dict(), a.shape[0], b.shape[0], tile)
-    pa = be.prepare(a)
-    pb = pa if symmetric else be.prepare(b)
-    sums = compute_sums(be, pa, pb, symmetric, tile)
-    kernels = finalize(sums, arch, params, kernel)
+    result, sched = execute(cls, arch, params, cdtype, a, None if symmetric else b, kernel=kernel,
+                            tile=tile, devices=devices, out=out, client=client, progress=progress)
+    if out is not None:
+        return (result, dict(sched, seconds=time.perf_counter() - t0)) if return_info else result
+    kernels = result
 
     def follow_input(arr):
         if on_device:
@@ -93,7 +104,6 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     if not return_info:
         return result
     n1, n2 = a.shape[0], b.shape[0]
-    info = {"backend": be.name, "dtype": cdtype.name, "tile": tile,
-            "unique_pairs": n1 * (n1 + 1) // 2 if symmetric else n1 * n2,
-            "seconds": time.perf_counter() - t0, "arch": arch.to_dict()}
+    info = dict(sched, unique_pairs=n1 * (n1 + 1) // 2 if symmetric else n1 * n2,
+                seconds=time.perf_counter() - t0)
     return result, info

@@ -63,6 +63,11 @@ class Backend:
         """None when the backend can run here, else a sentence saying why it cannot."""
         return None
 
+    @classmethod
+    def shape_unsupported(cls, arch: Architecture, height: int, width: int) -> str | None:
+        """None when this backend takes images of this size for ``arch``, else why not."""
+        return None
+
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
         raise NotImplementedError
 

@@ -1,0 +1,89 @@
+"""CUDA backend: the fused per-offset kernels of ``csrc/cntk_kernels.cu`` behind the backend
+contract.  A thin layer: device arrays are CuPy arrays, passed to the extension as raw
+pointers together with CuPy's current device and stream; nothing goes through the host when the
+images are already on the device.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..diag import diag_norms
+from .base import Backend, Prepared
+
+
+def _extension():
+    from .. import _cuda  # built by CMake when a CUDA compiler was found at install time
+    return _cuda
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    @classmethod
+    def unavailable_reason(cls):
+        try:
+            ext = _extension()
+        except ImportError as e:
+            return ("the CUDA extension cntk_engine._cuda is not installed (it is built only when "
+                    f"a CUDA compiler is found at install time; reinstall with nvcc on PATH): {e}")
+        try:
+            import cupy
+        except ImportError as e:
+            return f"CuPy is needed to hold device arrays and cannot be imported: {e}"
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # cupy raises CUDARuntimeError with the CUDA error text
+            return f"no usable CUDA device: {e}"
+        if n == 0:
+            return "no CUDA device is visible"
+        del ext
+        return None
+
+    @classmethod
+    def shape_unsupported(cls, arch, height, width):
+        return _extension().unsupported_shape(height, width, arch.filter_size, len(arch.depths))
+
+    def check_shape(self, h: int, w: int) -> None:
+        why = self.shape_unsupported(self.arch, h, w)
+        if why is not None:
+            raise ValueError(f"backend 'cuda' cannot take this input: {why}; got H x W = {h} x {w}, "
+                             f"filter_size = {self.arch.filter_size}. Use backend='numba'.")
+
+    def prepare(self, x) -> Prepared:
+        import cupy
+        self.check_shape(*x.shape[2:])
+        xd = cupy.asarray(x, dtype=cupy.float64)          # no copy when already on the device
+        q = diag_norms(xd, self.arch, self.params)        # computed on the device, in float64
+        cast = lambda a: cupy.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
+        return Prepared(cast(xd), (cast(q),))
+
+    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
+        import cupy
+        n1, n2 = len(a), len(b)
+        if symmetric:
+            ia, ib = cupy.triu_indices(n1)
+        else:
+            ia, ib = (g.ravel() for g in cupy.meshgrid(cupy.arange(n1), cupy.arange(n2), indexing="ij"))
+        ia = ia.astype(cupy.int32)
+        ib = ib.astype(cupy.int32)
+        slot = np.full(self.arch.n_layers, -1, dtype=np.int32)
+        for t, layer in enumerate(self.arch.readout_layers):
+            slot[layer] = t
+        slot_d = cupy.asarray(slot)
+        n_out = len(self.arch.depths)
+        flat = cupy.empty((int(ia.size), n_out, 2), dtype=cupy.float64)
+        xa, qa = cupy.ascontiguousarray(a.images), cupy.ascontiguousarray(a.diag[0])
+        xb, qb = cupy.ascontiguousarray(b.images), cupy.ascontiguousarray(b.diag[0])
+        _, c, h, w = xa.shape
+        p = self.params
+        _extension().pair_sums(
+            cupy.cuda.Device().id, xa.data.ptr, qa.data.ptr, xb.data.ptr, qb.data.ptr,
+            ia.data.ptr, ib.data.ptr, int(ia.size), c, h, w, self.arch.n_layers,
+            self.arch.filter_size, p.w_first, p.w, p.b2, slot_d.data.ptr, n_out,
+            self.arch.pooling == "gap", bool(self.arch.fix), bool(symmetric),
+            self.dtype == np.float64, flat.data.ptr, cupy.cuda.get_current_stream().ptr)
+        out = cupy.zeros((n1, n2, n_out, 2), dtype=cupy.float64)
+        out[ia, ib] = flat
+        if symmetric:
+            out[ib, ia] = flat
+        return out

@@ -1,0 +1,287 @@
+// Fused per-offset CNTK kernels.  The math is in cntk_engine/arch.py; this file implements it.
+//
+// Algorithm (one warp = one packed offset grid of one pair, all layers in registers)
+// -------------------------------------------------------------------------------
+// The 4-D covariance of a pair splits into (2H-1)(2W-1) offset slices that never mix.  The four
+// slices of offsets (dy, dx), (dy, dx - W), (dy - H, dx), (dy - H, dx - W), 0 <= dy < H,
+// 0 <= dx < W, have sizes (H-dy)(W-dx), (H-dy)dx, dy(W-dx) and dy*dx: together exactly one
+// H x W grid, in which entry (i, j) pairs x at (i, j) with z at ((i + dy) mod H,
+// (j + dx) mod W).  The box sum of each slice must not cross the seams at row H - dy and
+// column W - dx (nor the outer border): neighbour taps across them are masked.  So each pair
+// has H*W packed grids of H*W entries (H^2 W^2 in all, no waste); flatten needs grid (0, 0).
+//
+// A warp owns one packed grid: lane j holds column j, rows 0..HMAX-1 in registers (HMAX a
+// compile-time bound >= H, unrolled so the register arrays stay in registers), for W <= 32.
+// Per layer and row: the ReLU step (arccos kernel) per entry, then the k x k box sum: the
+// horizontal taps come from warp shuffles, the vertical taps from the neighbouring registers.
+// Per-image diagonals q are read from global memory (L1-resident: 2 loads per entry-layer);
+// nothing 4-D is ever stored.  Readout sums: per lane over rows in T, then in float64 through
+// a fixed shuffle tree, per warp into shared memory, and over the block's warps in a fixed
+// order: deterministic, no atomics.  One block per pair, its warps stride over the grids.
+//
+// float: arccos via Abramowitz-Stegun 4.4.46 (|err| <= 2e-8), rsqrtf; double: acos, 1/sqrt.
+#include <cuda_runtime.h>
+
+#include "cntk_kernels.cuh"
+
+namespace cntk {
+namespace {
+
+constexpr int kMaxWarps = 8;
+
+template <typename T> struct Math;
+template <> struct Math<float> {
+  __device__ static float rsqrt_(float p) { return rsqrtf(p); }
+  __device__ static float sqrt_(float v) { return sqrtf(v); }
+  // pi - arccos(c), c in [-1, 1]
+  __device__ static float pi_minus_acos(float c) {
+    float a = fabsf(c);
+    float poly = -0.0012624911f;
+    poly = fmaf(poly, a, 0.0066700901f);
+    poly = fmaf(poly, a, -0.0170881256f);
+    poly = fmaf(poly, a, 0.0308918810f);
+    poly = fmaf(poly, a, -0.0501743046f);
+    poly = fmaf(poly, a, 0.0889789874f);
+    poly = fmaf(poly, a, -0.2145988016f);
+    poly = fmaf(poly, a, 1.5707963050f);
+    float t = sqrtf(1.0f - a) * poly;  // arccos(|c|)
+    return c >= 0.0f ? 3.14159265358979f - t : t;
+  }
+};
+template <> struct Math<double> {
+  __device__ static double rsqrt_(double p) { return 1.0 / sqrt(p); }
+  __device__ static double sqrt_(double v) { return sqrt(v); }
+  __device__ static double pi_minus_acos(double c) { return 3.141592653589793238 - acos(c); }
+};
+
+// Is the tap at offset o from position pos (along one axis of length n, seam at `seam`) part of
+// the same slice?  Slices: [0, seam) and [seam, n).
+__device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
+  int q = pos + o;
+  return q >= 0 && q < n && ((pos < seam) == (q < seam));
+}
+
+// In-place k x k box sum (radius R) of one packed grid held as v[0..HMAX) per lane.
+template <typename T, int HMAX, int R>
+__device__ __forceinline__ void box(T (&v)[HMAX], int lane, int H, int W, int seam_r, int seam_c) {
+  // horizontal taps (across lanes)
+  if (R > 0) {
+    T mask[2 * R + 1];
+#pragma unroll
+    for (int o = -R; o <= R; ++o) mask[o + R] = same_side(lane, o, W, seam_c) ? T(1) : T(0);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      T acc = v[i];
+#pragma unroll
+      for (int o = 1; o <= R; ++o) {
+        T left = __shfl_up_sync(0xffffffffu, v[i], o);
+        T right = __shfl_down_sync(0xffffffffu, v[i], o);
+        acc = fma(mask[R - o], left, acc);
+        acc = fma(mask[R + o], right, acc);
+      }
+      v[i] = acc;
+    }
+    // vertical taps (registers), rolling window of the R rows above
+    T above[R > 0 ? R : 1];
+#pragma unroll
+    for (int o = 0; o < R; ++o) above[o] = T(0);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      T cur = v[i];
+      T acc = cur;
+#pragma unroll
+      for (int o = 1; o <= R; ++o) {
+        if (same_side(i, -o, H, seam_r)) acc += above[o - 1];
+        if (i + o < HMAX && same_side(i, o, H, seam_r)) acc += v[i + o];
+      }
+#pragma unroll
+      for (int o = R - 1; o > 0; --o) above[o] = above[o - 1];
+      above[0] = cur;
+      v[i] = acc;
+    }
+  }
+}
+
+template <typename T, int HMAX, int R>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __restrict__ xb,
+                 const T* __restrict__ qb, const int32_t* __restrict__ pair_a,
+                 const int32_t* __restrict__ pair_b, int C, int H, int W, int L, T w_first, T w,
+                 T b2, const int32_t* __restrict__ slot, int n_out, bool gap, bool fix,
+                 bool same_set, double* __restrict__ out) {
+  extern __shared__ double part[];  // [warps][n_out][2]
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int64_t p = blockIdx.x;
+  const int ia = pair_a[p], ib = pair_b[p];
+  const int HW = H * W;
+  const T* xA = xa + (int64_t)ia * C * HW;
+  const T* xB = xb + (int64_t)ib * C * HW;
+  const T* qA = qa + (int64_t)ia * L * HW;
+  const T* qB = qb + (int64_t)ib * L * HW;
+  const bool lane_ok = lane < W;
+  const T inv2pi = T(0.15915494309189535);
+
+  for (int t = threadIdx.x; t < nwarps * n_out * 2; t += blockDim.x) part[t] = 0.0;
+  __syncthreads();
+  double* mypart = part + warp * n_out * 2;
+
+  const int n_grids = gap ? HW : 1;
+  for (int g = warp; g < n_grids; g += nwarps) {
+    const int dy = g / W, dx = g - (g / W) * W;
+    const int seam_r = H - dy, seam_c = W - dx;
+    const bool self_diag = same_set && ia == ib && dy == 0 && dx == 0;
+    int zc = lane + dx;
+    if (zc >= W) zc -= W;
+
+    T sig[HMAX], th[HMAX];
+    // layer 1 input: channel sum of x(i, j) z((i + dy) mod H, (j + dx) mod W)
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      T s = T(0);
+      if (i < H && lane_ok) {
+        int zr = i + dy;
+        if (zr >= H) zr -= H;
+        for (int c = 0; c < C; ++c) s = fma(xA[c * HW + i * W + lane], xB[c * HW + zr * W + zc], s);
+      }
+      sig[i] = s;
+    }
+    box<T, HMAX, R>(sig, lane, H, W, seam_r, seam_c);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      const bool ok = i < H && lane_ok;
+      sig[i] = ok ? fma(w_first, sig[i], b2) : T(0);
+      th[i] = fix ? T(0) : sig[i];
+    }
+
+    for (int l = 0; l < L; ++l) {
+      const T* qx = qA + l * HW;
+      const T* qz = qB + l * HW;
+      T rk = T(0), rg = T(0);
+#pragma unroll
+      for (int i = 0; i < HMAX; ++i) {
+        T kk = T(0), gg = T(0);
+        if (i < H && lane_ok) {
+          int zr = i + dy;
+          if (zr >= H) zr -= H;
+          const T prod = qx[i * W + lane] * qz[zr * W + zc];
+          const T s = sig[i];
+          const T rs = prod > T(0) ? Math<T>::rsqrt_(prod) : T(0);  // zero variance: c := 0
+          T c = s * rs;
+          c = fmin(fmax(c, T(-1)), T(1));
+          if (self_diag) c = T(1);
+          const T pma = Math<T>::pi_minus_acos(c);
+          const T norm = prod * rs;  // sqrt(q_x q_z)
+          kk = (norm * Math<T>::sqrt_(T(1) - c * c) + pma * s) * inv2pi;
+          gg = th[i] * (pma * inv2pi);
+        }
+        sig[i] = kk;
+        th[i] = gg;
+        rk += kk;
+        rg += gg;
+      }
+      const int t_out = slot[l];
+      if (t_out >= 0) {  // warp-uniform: fixed shuffle tree in float64
+        double dk = (double)rk, dg = (double)rg;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          dk += __shfl_xor_sync(0xffffffffu, dk, o);
+          dg += __shfl_xor_sync(0xffffffffu, dg, o);
+        }
+        if (lane == 0) {
+          mypart[2 * t_out] += dk;
+          mypart[2 * t_out + 1] += dg;
+        }
+      }
+      if (l + 1 < L) {
+        box<T, HMAX, R>(sig, lane, H, W, seam_r, seam_c);
+        box<T, HMAX, R>(th, lane, H, W, seam_r, seam_c);
+#pragma unroll
+        for (int i = 0; i < HMAX; ++i) {
+          const bool ok = i < H && lane_ok;
+          sig[i] = ok ? fma(w, sig[i], b2) : T(0);
+          th[i] = ok ? fma(w, th[i], sig[i]) : T(0);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < n_out * 2; t += blockDim.x) {
+    double acc = 0.0;
+    for (int k = 0; k < nwarps; ++k) acc += part[k * n_out * 2 + t];
+    out[p * n_out * 2 + t] = acc;
+  }
+}
+
+template <typename T, int HMAX, int R>
+cudaError_t launch_t(const void* xa, const void* qa, const void* xb, const void* qb,
+                     const int32_t* pa, const int32_t* pb, int64_t n_pairs, int C, int H, int W,
+                     int L, LayerScalars s, const int32_t* slot, int n_out, bool gap, bool fix,
+                     bool same_set, double* out, cudaStream_t stream) {
+  const int n_grids = gap ? H * W : 1;
+  const int warps = n_grids < kMaxWarps ? n_grids : kMaxWarps;
+  const size_t smem = sizeof(double) * warps * n_out * 2;
+  // grid.x holds up to 2^31 - 1 blocks: one per pair
+  pair_sums_kernel<T, HMAX, R><<<(unsigned)n_pairs, 32 * warps, smem, stream>>>(
+      static_cast<const T*>(xa), static_cast<const T*>(qa), static_cast<const T*>(xb),
+      static_cast<const T*>(qb), pa, pb, C, H, W, L, T(s.w_first), T(s.w), T(s.b2), slot, n_out,
+      gap, fix, same_set, out);
+  return cudaGetLastError();
+}
+
+template <typename T, int HMAX>
+cudaError_t dispatch_r(int R, const void* xa, const void* qa, const void* xb, const void* qb,
+                       const int32_t* pa, const int32_t* pb, int64_t n, int C, int H, int W, int L,
+                       LayerScalars s, const int32_t* slot, int n_out, bool gap, bool fix,
+                       bool same, double* out, cudaStream_t st) {
+  switch (R) {
+    case 0: return launch_t<T, HMAX, 0>(xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+    case 1: return launch_t<T, HMAX, 1>(xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+    case 2: return launch_t<T, HMAX, 2>(xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+    default: return launch_t<T, HMAX, 3>(xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+  }
+}
+
+template <typename T>
+cudaError_t dispatch_h(const void* xa, const void* qa, const void* xb, const void* qb,
+                       const int32_t* pa, const int32_t* pb, int64_t n, int C, int H, int W, int L,
+                       int R, LayerScalars s, const int32_t* slot, int n_out, bool gap, bool fix,
+                       bool same, double* out, cudaStream_t st) {
+  if (H <= 8) return dispatch_r<T, 8>(R, xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+  if (H <= 16) return dispatch_r<T, 16>(R, xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+  return dispatch_r<T, 32>(R, xa, qa, xb, qb, pa, pb, n, C, H, W, L, s, slot, n_out, gap, fix, same, out, st);
+}
+
+}  // namespace
+
+const char* unsupported_shape(int H, int W, int filter_size, int n_out) {
+  if (H < 1 || W < 1) return "image height and width must be >= 1";
+  if (H > 32 || W > 32) return "the CUDA kernels take images of at most 32 x 32 pixels (one warp lane per column, one register per row)";
+  if (filter_size < 1 || filter_size % 2 == 0 || filter_size > 7) return "the CUDA kernels take odd filter sizes 1, 3, 5 or 7";
+  if (n_out < 1 || n_out > 64) return "the CUDA kernels read out 1 to 64 depths per pass";
+  return nullptr;
+}
+
+int launch_pair_sums(const void* xa, const void* qa, const void* xb, const void* qb,
+                     const int32_t* pair_a, const int32_t* pair_b, int64_t n_pairs, int C, int H,
+                     int W, int L, int filter_size, LayerScalars s, const int32_t* slot, int n_out,
+                     bool gap, bool fix, bool same_set, bool is_double, double* out,
+                     std::uintptr_t stream) {
+  if (n_pairs <= 0) return (int)cudaSuccess;
+  if (unsupported_shape(H, W, filter_size, n_out) != nullptr) return (int)cudaErrorInvalidValue;
+  if (n_pairs > 2147483647LL) return (int)cudaErrorInvalidConfiguration;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int R = filter_size / 2;
+  cudaError_t e = is_double
+      ? dispatch_h<double>(xa, qa, xb, qb, pair_a, pair_b, n_pairs, C, H, W, L, R, s, slot, n_out, gap, fix, same_set, out, st)
+      : dispatch_h<float>(xa, qa, xb, qb, pair_a, pair_b, n_pairs, C, H, W, L, R, s, slot, n_out, gap, fix, same_set, out, st);
+  return (int)e;
+}
+
+const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+int set_device(int device) { return (int)cudaSetDevice(device); }
+int device_count(int* n) { return (int)cudaGetDeviceCount(n); }
+int synchronize() { return (int)cudaDeviceSynchronize(); }
+
+}  // namespace cntk
