@@ -276,9 +276,9 @@ class Progress:
     def __init__(self, total_pairs: int, enabled: bool, desc: str = "gram"):
         self.bar = None
         self.lock = threading.Lock()
-        if enabled:
+        if enabled and total_pairs > 0:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_pairs, unit="pair", unit_scale=True, desc=desc,
+            self.bar = tqdm(total=total_pairs, unit="pair", unit_scale=total_pairs >= 10000, desc=desc,
                             dynamic_ncols=True, smoothing=0.05)
 
     def update(self, pairs: int) -> None:
