@@ -1,0 +1,217 @@
+"""Tile scheduler: layout, tile-size independence, mirroring, workers, auto tile size, devices."""
+import logging
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cntk_engine as ce
+from cntk_engine.arch import make_architecture
+from cntk_engine.backends.base import Backend
+from cntk_engine.backends.numba_cpu import NumbaBackend
+from cntk_engine.scheduler import (MemorySink, Tile, TileLayout, Worker, auto_tile, largest_first,
+                                   resolve_devices, run_tiles)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imgs(rng, n, c=2, h=6, w=6):
+    return rng.standard_normal((n, c, h, w))
+
+
+# ------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("n1,n2,t,sym", [(10, 10, 3, True), (10, 10, 10, True), (10, 10, 1, True),
+                                          (7, 5, 3, False), (5, 13, 4, False), (1, 1, 8, True)])
+def test_layout_covers_each_pair_once(n1, n2, t, sym):
+    lay = TileLayout(n1, n2, t, sym)
+    count = np.zeros((n1, n2), int)
+    for tl in lay.tiles():
+        assert tl.r1 - tl.r0 <= t and tl.c1 - tl.c0 <= t
+        if tl.diag:
+            assert tl.rows == tl.cols
+            block = np.triu(np.ones((tl.r1 - tl.r0,) * 2, int))
+        else:
+            block = 1
+        count[tl.rows, tl.cols] += block
+    if sym:
+        assert (count[np.triu_indices(n1)] == 1).all() and (count[np.tril_indices(n1, -1)] == 0).all()
+    else:
+        assert (count == 1).all()
+    assert sum(tl.pairs for tl in lay.tiles()) == lay.unique_pairs
+    assert lay.grid == (-(-n1 // t), -(-n2 // t))
+
+
+def test_largest_first_orders_by_pairs():
+    order = largest_first(TileLayout(10, 10, 4, True).tiles())
+    pairs = [t.pairs for t in order]
+    assert pairs == sorted(pairs, reverse=True)
+    assert order[-1].pairs < order[0].pairs        # the small edge/diagonal tiles come last
+
+
+# ------------------------------------------------------------------------------ results
+def test_tile_size_independence_bit_identical(rng):
+    x = imgs(rng, 11)
+    y = imgs(rng, 6)
+    ref = ce.gram(x, depths=[2, 3], kernel="both", backend="numba", tile=11)
+    for t in (1, 2, 4, 5, 7):
+        r = ce.gram(x, depths=[2, 3], kernel="both", backend="numba", tile=t)
+        for d in (2, 3):
+            for a, b in zip(r[d], ref[d]):
+                assert a.tobytes() == b.tobytes(), (t, d)
+    rref = ce.gram(x, y, depth=3, backend="numba", tile=11)
+    for t in (1, 3, 4):
+        assert ce.gram(x, y, depth=3, backend="numba", tile=t).tobytes() == rref.tobytes()
+
+
+def test_symmetric_is_mirrored_and_matches_direct_backend_calls(rng):
+    x = imgs(rng, 9)
+    k = ce.gram(x, depth=3, backend="numba", tile=4)
+    assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()     # exactly symmetric
+    # every upper entry equals the backend's own answer for that pair (tile 1 x 1 calls)
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(2, 6, 6)
+    be = NumbaBackend(arch, params, np.float32)
+    p = be.prepare(x)
+    from cntk_engine.arch import finalize
+    for i, j in [(0, 0), (0, 8), (3, 5), (7, 8)]:
+        s = be.pair_sums(p[i:i + 1], p[j:j + 1], symmetric=(i == j))
+        v = finalize(s, arch, params, "ntk")[3]["ntk"][0, 0]
+        assert k[i, j] == v and k[j, i] == v
+
+
+class CountingBackend(Backend):
+    """Cheap deterministic 'kernel' (a function of the two image means) that counts calls."""
+
+    name = "counting"
+    calls = []
+    fail_at = None
+    lock = threading.Lock()
+
+    def prepare(self, x):
+        from cntk_engine.backends.base import Prepared
+        return Prepared(np.asarray(x), ())
+
+    def pair_sums(self, a, b, symmetric=False):
+        ma = a.images.reshape(len(a), -1).mean(1)
+        mb = b.images.reshape(len(b), -1).mean(1)
+        with self.lock:
+            self.calls.append((len(a), len(b), symmetric, threading.current_thread().name))
+            if self.fail_at is not None and len(self.calls) == self.fail_at:
+                raise RuntimeError("backend failed on purpose")
+        time.sleep(0.002)                     # like a GPU call: releases the GIL
+        v = np.add.outer(ma, mb) + np.multiply.outer(ma, mb)
+        return np.repeat(v[..., None, None], 2, axis=3).repeat(len(self.arch.depths), axis=2)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_workers_compute_each_tile_once_and_agree(rng, n_workers):
+    x = imgs(rng, 23, c=1, h=2, w=2)
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(1, 2, 2)
+    CountingBackend.calls = []
+    CountingBackend.fail_at = None
+    workers = [Worker(f"w{i}", nullcontext, lambda: CountingBackend(arch, params, np.float64))
+               for i in range(n_workers)]
+    lay = TileLayout(23, 23, 4, True)
+    sink = MemorySink(lay, arch, params, "ntk")
+    seen = []
+    done = run_tiles(workers, x, None, lay.tiles(), lambda t, s: (seen.append((t.i, t.j)), sink(t, s)))
+    assert sorted(seen) == sorted((t.i, t.j) for t in lay.tiles())      # each tile exactly once
+    assert sum(done.values()) == len(lay.tiles())
+    m = x.reshape(23, -1).mean(1)
+    v = np.add.outer(m, m) + np.multiply.outer(m, m)
+    c = params.out_scale / params.norm
+    expect = v * c + (v * c + params.out_b2)         # finalize: ntk = G part + nngp
+    k = sink.result[3]["ntk"]
+    assert k.tobytes() == expect.tobytes()
+    assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()
+    if n_workers > 1:
+        assert len({c[3] for c in CountingBackend.calls}) > 1            # really several threads
+
+
+def test_worker_error_stops_the_job_and_is_raised(rng):
+    x = imgs(rng, 30, c=1, h=2, w=2)
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(1, 2, 2)
+    CountingBackend.calls = []
+    CountingBackend.fail_at = 3
+    workers = [Worker(f"w{i}", nullcontext, lambda: CountingBackend(arch, params, np.float64))
+               for i in range(2)]
+    lay = TileLayout(30, 30, 2, True)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_tiles(workers, x, None, lay.tiles(), lambda t, s: None)
+    assert len(CountingBackend.calls) < len(lay.tiles())                   # stopped early
+    CountingBackend.fail_at = None
+
+
+# ------------------------------------------------------------------------------ decisions
+def test_auto_tile_rules():
+    arch = make_architecture(depth=3)
+    be = NumbaBackend(arch, arch.layer_params(3, 32, 32), np.float32)
+
+    class Gpu(Backend):
+        name = "cuda"
+
+    g = Gpu(arch, arch.layer_params(3, 32, 32), np.float32)
+    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32))
+    assert t == 512 and "default" in why
+    t, why = auto_tile(g, 1000, 1000, True, 4, (3, 32, 32))           # 4 GPUs: >= 16 tiles
+    assert len(TileLayout(1000, 1000, t, True).tiles()) >= 16 and t >= 64 and "workers" in why
+    g.bytes_per_pair = lambda: 4 * 2**20                                 # 4 MiB per pair
+    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32), free_bytes=16 * 2**30)
+    assert t == 64 and "memory" in why            # sqrt(0.25 * 16 GiB / 4 MiB) = 32 -> floor 64
+    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32), free_bytes=64 * 2**30)
+    assert t == 64 and "memory" in why            # sqrt(0.25 * 64 GiB / 4 MiB) = 64
+    t, _ = auto_tile(be, 10, 10, True, 1, (3, 32, 32))
+    assert t == 10                                                       # capped at N
+    t, why = auto_tile(be, 5000, 5000, True, 1, (3, 32, 32), for_store=True)
+    assert t >= 256 and "store" in why
+
+
+def test_resolve_devices_errors():
+    assert resolve_devices("numba", None) is None
+    assert resolve_devices("numba", "all") is None
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_devices("numba", [0])
+    for bad in ("0,1", [], [-1], [0, 0], [1.5], True):
+        with pytest.raises(ValueError, match="devices"):
+            resolve_devices("numba", bad)
+
+
+def test_gram_devices_with_cpu_backend_is_refused(rng):
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        ce.gram(imgs(rng, 3), depth=3, backend="numba", devices=[0, 1])
+
+
+def test_progress_bar_and_logging(rng, caplog, capsys):
+    x = imgs(rng, 10)
+    with caplog.at_level(logging.INFO, logger="cntk_engine"):
+        k, info = ce.gram(x, depth=3, backend="numba", tile=3, progress=True, return_info=True)
+    err = capsys.readouterr().err
+    assert "pair/s" in err and "55/55" in err                            # tqdm: pairs, rate
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "backend=numba" in msg and "tile 3 (given)" in msg and "10 tiles" in msg
+    assert info["tiles_total"] == 10 and info["pairs_computed"] == 55
+    assert k.tobytes() == ce.gram(x, depth=3, backend="numba", tile=3).tobytes()
+    with pytest.raises(ValueError, match="progress"):
+        ce.gram(x, depth=3, backend="numba", progress="yes")
+
+
+def test_import_does_not_pull_dask_or_zarr():
+    code = ("import sys, numpy as np, cntk_engine as ce; "
+            "ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend='reference'); "
+            "bad = [m for m in ('dask', 'distributed', 'zarr') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_tile_dataclass():
+    t = Tile(0, 1, 0, 4, 4, 7, False)
+    assert t.rows == slice(0, 4) and t.cols == slice(4, 7) and t.pairs == 12
+    assert Tile(0, 0, 0, 4, 0, 4, True).pairs == 10

@@ -1,0 +1,226 @@
+"""Zarr store: layout, resume, refusal of other jobs, nothing half-written, kill -9, memory."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+if int(zarr.__version__.split(".")[0]) < 3:
+    pytest.skip("the store needs zarr >= 3", allow_module_level=True)
+
+import cntk_engine as ce  # noqa: E402
+from cntk_engine.store import StoreError, StoreMismatch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imgs(rng, n, c=2, h=6, w=6):
+    return rng.standard_normal((n, c, h, w))
+
+
+def snapshot(path: Path) -> dict:
+    """{relative file: bytes} of a directory tree (to prove nothing was touched)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def done_map(path) -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")["tiles_done"][...]
+
+
+# ------------------------------------------------------------------------------ layout
+def test_single_depth_layout_values_and_spec(tmp_path, rng):
+    x = imgs(rng, 11)
+    out = tmp_path / "g.zarr"
+    g, info = ce.gram(x, depth=3, kernel="both", backend="numba", tile=4, out=str(out), return_info=True)
+    ntk, nngp = ce.gram(x, depth=3, kernel="both", backend="numba", tile=4)
+    assert sorted(k for k, _ in g.arrays()) == ["nngp", "ntk", "tiles_done"]
+    assert g["ntk"][...].tobytes() == ntk.tobytes() and g["nngp"][...].tobytes() == nngp.tobytes()
+    assert g["ntk"].chunks == (4, 4) and g["ntk"].dtype == np.float64
+    k = g["ntk"][...]
+    assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()        # lower triangle mirrored
+    spec = g.attrs["cntk_engine"]
+    assert spec["architecture"]["depths"] == [3] and spec["architecture"]["convention"] == "arora"
+    assert spec["dtype"] == "float32" and spec["kernels"] == ["ntk", "nngp"] and spec["tile"] == 4
+    assert spec["symmetric"] and spec["n1"] == 11 and len(spec["fingerprint"]["x1"]) == 64
+    assert spec["backend"] == "numba" and spec["version"] == ce.__version__
+    d = done_map(out)
+    assert d.shape == (3, 3) and (d[np.triu_indices(3)] == 1).all() and (np.tril(d, -1) == 0).all()
+    assert info["tiles_computed"] == 6 and g.attrs["runs"][0]["tiles_to_compute"] == 6
+    with pytest.raises(Exception):
+        g["ntk"][0, 0] = 1.0                                           # returned read-only
+
+
+def test_several_depths_rectangular_layout(tmp_path, rng):
+    x, y = imgs(rng, 7), imgs(rng, 5)
+    out = tmp_path / "r.zarr"
+    g = ce.gram(x, y, depths=[2, 4], kernel="nngp", backend="numba", tile=3, out=out)
+    ref = ce.gram(x, y, depths=[2, 4], kernel="nngp", backend="numba", tile=3)
+    assert sorted(g.group_keys()) == ["depth_2", "depth_4"]
+    for d in (2, 4):
+        assert list(g[f"depth_{d}"].array_keys()) == ["nngp"]
+        assert g[f"depth_{d}/nngp"].shape == (7, 5)
+        assert g[f"depth_{d}/nngp"][...].tobytes() == ref[d].tobytes()
+    assert (done_map(out) == 1).all() and done_map(out).shape == (3, 2)
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_computes_only_missing_tiles(tmp_path, rng):
+    x = imgs(rng, 10)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=3, out=out)
+    full = zarr.open_group(str(out))["ntk"][...]
+    # forget three tiles (their markers), as if the job had stopped before them
+    g = zarr.open_group(str(out), mode="r+")
+    for i, j in [(0, 1), (2, 3), (3, 3)]:
+        g["tiles_done"][i, j] = 0
+    g2, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)   # tile from the store
+    assert info["tiles_computed"] == 3 and info["tile"] == 3
+    d = done_map(out)
+    assert d[0, 1] == d[2, 3] == d[3, 3] == 2 and (d[np.triu_indices(4)] > 0).all()
+    assert g2["ntk"][...].tobytes() == full.tobytes()
+    _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0 and len(zarr.open_group(str(out)).attrs["runs"]) == 3
+
+
+# ------------------------------------------------------------------------------ refusal
+def test_other_job_is_refused_and_nothing_touched(tmp_path, rng):
+    x = imgs(rng, 8)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=4, out=out)
+    before = snapshot(out)
+    x2 = x.copy()
+    x2[3, 0, 2, 2] += 1e-3
+    cases = [
+        (dict(x1=x2, depth=3), "images x1"),
+        (dict(x1=x, depth=4), "depths"),
+        (dict(x1=x, depth=3, dtype="float64"), "dtype"),
+        (dict(x1=x, depth=3, kernel="both"), "kernel"),
+        (dict(x1=x, depth=3, pooling="flatten"), "pooling"),
+        (dict(x1=x, depth=3, tile=2), "tile"),
+        (dict(x1=x[:5], depth=3), "n1"),
+        (dict(x1=x, x2=x[:3], depth=3), "symmetric"),
+        (dict(x1=x, depth=3, backend="reference"), "backend"),
+    ]
+    for kw, word in cases:
+        kw = dict(kw)
+        kw.setdefault("backend", "numba")
+        x1 = kw.pop("x1")
+        with pytest.raises(StoreMismatch, match=word) as e:
+            ce.gram(x1, out=out, **kw)
+        assert "holds another job" in str(e.value)
+    assert snapshot(out) == before
+    # the same images as uint8-free float32 NHWC copy are the same job (fingerprint of values)
+    _, info = ce.gram(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float64), depth=3,
+                      data_format="NHWC", backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0
+
+
+def test_foreign_paths_are_refused(tmp_path, rng):
+    x = imgs(rng, 4)
+    f = tmp_path / "file.zarr"
+    f.write_text("not a store")
+    with pytest.raises(StoreError, match="not a Zarr"):
+        ce.gram(x, depth=3, backend="numba", out=f)
+    assert f.read_text() == "not a store"
+    other = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    other.attrs["hello"] = 1
+    before = snapshot(tmp_path / "other.zarr")
+    with pytest.raises(StoreError, match="not a cntk_engine Gram store"):
+        ce.gram(x, depth=3, backend="numba", out=tmp_path / "other.zarr")
+    assert snapshot(tmp_path / "other.zarr") == before
+    with pytest.raises(StoreError, match="does not exist"):
+        ce.gram(x, depth=3, backend="numba", out=tmp_path / "no" / "g.zarr")
+
+
+def test_bad_input_creates_no_store(tmp_path, rng):
+    x = imgs(rng, 4)
+    out = tmp_path / "g.zarr"
+    nan = x.copy()
+    nan[1, 0, 0, 0] = np.nan
+    for kw in (dict(x1=x, depth=1), dict(x1=nan, depth=3), dict(x1=x[:, :, :, :, None], depth=3),
+               dict(x1=x, depth=3, kernel="ntks"), dict(x1=x, depth=3, devices=[0]),
+               dict(x1=x, depth=3, tile=0), dict(x1=x, depth=3, dtype="float16")):
+        x1 = kw.pop("x1")
+        with pytest.raises(ValueError):
+            ce.gram(x1, backend="numba", out=out, **kw)
+        assert os.listdir(tmp_path) == []                             # no store, no leftovers
+
+
+# ------------------------------------------------------------------------------ kill -9
+JOB = textwrap.dedent("""
+    import sys, numpy as np, cntk_engine as ce
+    x = np.load(sys.argv[1])
+    ce.gram(x, depth=3, backend="numba", tile=8, out=sys.argv[2])
+""")
+
+
+def test_kill_9_then_resume_is_bit_identical_and_keeps_finished_tiles(tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 1, 16, 16))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "killed.zarr"
+    n_tiles = 36                                            # 8 x 8 grid, upper triangle
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "x.npy"), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= 6:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    before = done_map(out)
+    k = int(np.count_nonzero(before))
+    assert 0 < k < n_tiles and set(np.unique(before)) <= {0, 1}
+    g, info = ce.gram(x, depth=3, backend="numba", tile=8, out=out, return_info=True)
+    assert info["tiles_computed"] == n_tiles - k                         # only the missing ones
+    after = done_map(out)
+    assert ((after == 1) == (before == 1)).all()                         # finished tiles not redone
+    assert np.count_nonzero(after == 2) == n_tiles - k
+    clean = ce.gram(x, depth=3, backend="numba", tile=8, out=tmp_path / "clean.zarr")
+    assert g["ntk"][...].tobytes() == clean["ntk"][...].tobytes()        # bit for bit
+    assert not np.isnan(g["ntk"][...]).any()
+
+
+# ------------------------------------------------------------------------------ memory
+MEM = textwrap.dedent("""
+    import resource, shutil, sys, numpy as np, cntk_engine as ce
+    rng = np.random.default_rng(0)
+    kw = dict(depths=[2, 3], kernel="both", backend="numba")
+    ce.gram(rng.standard_normal((8, 1, 1, 1)), tile=4, out=sys.argv[1] + ".warm", **kw)  # JIT, zarr
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    g = ce.gram(rng.standard_normal((int(sys.argv[2]), 1, 1, 1)), tile=200, out=sys.argv[1], **kw)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(base * 1024, peak * 1024, sum(a.nbytes for _, a in g.arrays()) +
+          sum(a.nbytes for _, sub in g.groups() for _, a in sub.arrays()))
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's convention")
+def test_store_larger_than_memory_budget(tmp_path):
+    """The stored matrices (4 x 2400^2 float64 = 184 MB) are far larger than what the job's
+    peak resident memory grows by: the matrix never sits in RAM."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", MEM, str(tmp_path / "big.zarr"), "2400"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, peak, logical = map(int, r.stdout.split())
+    assert logical >= 4 * 2400 * 2400 * 8
+    budget = logical // 4
+    assert peak - base < budget, (peak - base, budget)
+    g = zarr.open_group(str(tmp_path / "big.zarr"), mode="r")
+    assert (g["tiles_done"][...][np.triu_indices(12)] == 1).all()
+    k = g["depth_3/ntk"][2000:2400, 0:400]
+    assert not np.isnan(k).any()
