@@ -1,0 +1,143 @@
+"""Command line: gram into a store, resume, one-line errors without half-written stores, info,
+demo, evaluate registration, python -m."""
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+import cntk_engine as ce  # noqa: E402
+from cntk_engine import cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    rc = cli.main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def data(tmp_path, rng):
+    x = rng.standard_normal((9, 2, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "d.npz", x_train=x, x_test=x[:4], other=np.zeros(3))
+    return x
+
+
+def test_gram_store_resume_and_mismatch(tmp_path, data, capsys):
+    out = tmp_path / "g.zarr"
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--tile", "4",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    assert "computed 6 of 6 tiles" in o and "numba" in o and "pairs/s" in o
+    ref = ce.gram(data, depth=3, backend="numba", tile=4)
+    assert zarr.open_group(str(out))["ntk"][...].tobytes() == ref.tobytes()
+    snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # exists without --resume: refused, untouched
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--backend", "numba")
+    assert rc == 2 and "exists; pass --resume" in e and e.count("\n") == 1 and "Traceback" not in e
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+    # --resume: nothing left to do
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--resume",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0 and "computed 0 of 6 tiles" in o
+    # --resume with another job: refused naming the difference, untouched
+    snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depths", "3,4", "--out", out, "--resume",
+                   "--backend", "numba")
+    assert rc == 2 and "holds another job" in e and "depths" in e and e.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+
+
+def test_npz_keys_x2_3d_and_nhwc(tmp_path, data, capsys):
+    out = tmp_path / "r.zarr"
+    rc, o, e = run(capsys, "gram", tmp_path / "d.npz", "--x2", tmp_path / "d.npz", "--depths", "2,3",
+                   "--kernel", "both", "--out", out, "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    ref = ce.gram(data, data[:4], depths=[2, 3], kernel="both", backend="numba")   # x_train vs x_test
+    g = zarr.open_group(str(out))
+    assert g["depth_3/nngp"][...].tobytes() == ref[3][1].tobytes()
+    # (N, H, W) gets a channel axis; NHWC is transposed
+    gray = data[:, 0]
+    np.save(tmp_path / "gray.npy", gray)
+    rc, o, e = run(capsys, "gram", tmp_path / "gray.npy", "--depth", "2", "--out", tmp_path / "gray.zarr",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    assert zarr.open_group(str(tmp_path / "gray.zarr"))["ntk"][...].tobytes() == \
+        ce.gram(gray[:, None], depth=2, backend="numba").tobytes()
+    np.save(tmp_path / "nhwc.npy", data.transpose(0, 2, 3, 1))
+    rc, o, e = run(capsys, "gram", f"{tmp_path / 'd.npz'}:x_test", "--depth", "2", "--out",
+                   tmp_path / "k.zarr", "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    rc, o, e = run(capsys, "gram", tmp_path / "nhwc.npy", "--data-format", "NHWC", "--depth", "2",
+                   "--out", tmp_path / "n.zarr", "--backend", "numba", "--no-progress", "--dtype", "float64")
+    assert rc == 0, e
+    assert zarr.open_group(str(tmp_path / "n.zarr"))["ntk"][...].tobytes() == \
+        ce.gram(data, depth=2, backend="numba", dtype="float64").tobytes()
+
+
+def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
+    np.save(tmp_path / "flat.npy", np.zeros((3, 4)))
+    (tmp_path / "junk.npy").write_text("hello")
+    np.save(tmp_path / "nan.npy", np.full((2, 1, 3, 3), np.nan))
+    out = tmp_path / "o.zarr"
+    cases = [
+        (["gram", tmp_path / "missing.npy", "--depth", "3"], "does not exist"),
+        (["gram", tmp_path / "flat.npy", "--depth", "3"], "shape (3, 4)"),
+        (["gram", tmp_path / "junk.npy", "--depth", "3"], "cannot be read"),
+        (["gram", tmp_path / "nan.npy", "--depth", "3"], "NaN"),
+        (["gram", tmp_path / "d.npz:nokey", "--depth", "3"], "no array 'nokey'"),
+        (["gram", tmp_path / "x.npy", "--depth", "1"], "depth"),
+        (["gram", tmp_path / "x.npy", "--depths", "3,a"], "--depths"),
+        (["gram", tmp_path / "x.npy", "--depth", "3", "--devices", "0", "--backend", "numba"], "CPU"),
+        (["gram", tmp_path / "x.npy", "--depth", "3", "--tile", "0"], "--tile"),
+        (["gram", tmp_path / "x.npy", "--x2", tmp_path / "flat.npy", "--depth", "3"], "--x2"),
+    ]
+    for argv, word in cases:
+        rc, o, e = run(capsys, *argv, "--out", out)
+        assert rc == 2 and word in e, (argv, e)
+        assert e.startswith("cntk-engine: error:") and e.count("\n") == 1 and "Traceback" not in e
+        assert not out.exists()
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", tmp_path / "no" / "o.zarr")
+    assert rc == 2 and "does not exist" in e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "flat.npy", "junk.npy", "nan.npy", "x.npy"]
+
+
+def test_info_and_demo(capsys):
+    rc, o, e = run(capsys, "info")
+    assert rc == 0 and "numba" in o and "backends:" in o and "GPUs visible" in o
+    rc, o, e = run(capsys, "demo", "--n", "12", "--depth", "2", "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    assert "12 x 12" in o and "on backend numba" in o and "pairs/s" in o and "accuracy" in o
+    x, y = cli.demo_data()
+    assert x.shape == (200, 28, 28) and x.dtype == np.uint8 and sorted(set(y.tolist())) == list(range(10))
+
+
+def test_evaluate_subcommand_registered_when_present(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("cntk_engine.evaluate")
+
+    def add_parser(sub):
+        p = sub.add_parser("evaluate")
+        p.add_argument("--k", type=int)
+
+    fake.add_parser = add_parser
+    fake.run = lambda args: calls.append(args.k) or 0
+    monkeypatch.setitem(sys.modules, "cntk_engine.evaluate", fake)
+    monkeypatch.setattr(ce, "evaluate", fake, raising=False)
+    assert cli.main(["evaluate", "--k", "5"]) == 0 and calls == [5]
+
+
+def test_python_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "info"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "backends:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "gram", "nothing.npy", "--depth", "3",
+                        "--out", "x.zarr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().endswith("does not exist") and "Traceback" not in r.stderr
