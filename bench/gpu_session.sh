@@ -18,6 +18,19 @@ import numpy as np, cntk_engine as ce
 x = np.random.default_rng(0).standard_normal((3, 2, 9, 7))
 k = ce.gram(x, depths=[2, 4], backend='cuda', kernel='both'); k2 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', dtype='float64')
 print('sanitizer run ok', k[4][0][0, :2], k2[0, :2])" 2>&1 | tail -5; echo "sanitizer rc=$?"; cd - >/dev/null
+  echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix)"
+  so=$(python3 -P -c "import cntk_engine._cuda as m; print(m.__file__)")
+  cuobjdump -sass "$so" > /tmp/k.sass 2>/dev/null && python3 - <<'PY'
+import re, collections
+s = open("/tmp/k.sass").read()
+for f in re.split(r"\n\s+Function : ", s)[1:]:
+    name = f.split("\n")[0]
+    if "IfLi32ELi1ELb1" not in name:
+        continue
+    ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]+);", f)
+    ops = collections.Counter((i.split()[1] if i.startswith("@") else i.split()[0]).split(".")[0] for i in ins)
+    print(len(ins), "instructions;", ops.most_common(25))
+PY
   echo "== GPU tests"
   python3 -P -m pytest -q -x tests/test_cuda.py tests/test_core.py -p no:cacheprovider 2>&1 | tail -15
   if [ "${1:-}" != "--no-bench" ]; then

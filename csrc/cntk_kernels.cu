@@ -30,9 +30,17 @@ namespace {
 constexpr int kMaxWarps = 8;
 
 template <typename T> struct Math;
+// sqrt.approx.f32: one MUFU instruction (relative error ~2^-23) instead of the IEEE sqrtf
+// sequence; its inputs here are in [0, 2], where it is as accurate as float32 arithmetic needs.
+__device__ __forceinline__ float sqrt_approx(float v) {
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+
 template <> struct Math<float> {
   __device__ static float rsqrt_(float p) { return rsqrtf(p); }
-  __device__ static float sqrt_(float v) { return sqrtf(v); }
+  __device__ static float sqrt_(float v) { return sqrt_approx(v); }
   // pi - arccos(c), c in [-1, 1]
   __device__ static float pi_minus_acos(float c) {
     float a = fabsf(c);
@@ -44,7 +52,7 @@ template <> struct Math<float> {
     poly = fmaf(poly, a, 0.0889789874f);
     poly = fmaf(poly, a, -0.2145988016f);
     poly = fmaf(poly, a, 1.5707963050f);
-    float t = sqrtf(1.0f - a) * poly;  // arccos(|c|)
+    float t = sqrt_approx(1.0f - a) * poly;  // arccos(|c|)
     return c >= 0.0f ? 3.14159265358979f - t : t;
   }
 };
@@ -61,54 +69,71 @@ __device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
   return q >= 0 && q < n && ((pos < seam) == (q < seam));
 }
 
-// In-place k x k box sum (radius R) of one packed grid held as v[0..HMAX) per lane.
-template <typename T, int HMAX, int R>
-__device__ __forceinline__ void box(T (&v)[HMAX], int lane, int H, int W, int seam_r, int seam_c) {
-  // horizontal taps (across lanes)
-  if (R > 0) {
-    T mask[2 * R + 1];
+// In-place k x k box sums (radius R) of the two packed grids a and b (Sigma's and Theta's
+// inputs), held as [0..HMAX) per lane.  Lane taps come from shuffles, row taps from registers;
+// a tap is dropped where it crosses the seam (row seam_r, column seam_c) or the border.
+template <typename T, int HMAX, int R, bool FULL>
+__device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H, int W,
+                                     int seam_r, int seam_c) {
+  if constexpr (R == 0) return;
+  T mask[2 * R + 1];
 #pragma unroll
-    for (int o = -R; o <= R; ++o) mask[o + R] = same_side(lane, o, W, seam_c) ? T(1) : T(0);
+  for (int o = -R; o <= R; ++o) mask[o + R] = same_side(lane, o, W, seam_c) ? T(1) : T(0);
 #pragma unroll
-    for (int i = 0; i < HMAX; ++i) {
-      T acc = v[i];
+  for (int i = 0; i < HMAX; ++i) {
+    T sa = a[i], sb = b[i];
 #pragma unroll
-      for (int o = 1; o <= R; ++o) {
-        T left = __shfl_up_sync(0xffffffffu, v[i], o);
-        T right = __shfl_down_sync(0xffffffffu, v[i], o);
-        acc = fma(mask[R - o], left, acc);
-        acc = fma(mask[R + o], right, acc);
-      }
-      v[i] = acc;
+    for (int o = 1; o <= R; ++o) {
+      sa = fma(mask[R - o], __shfl_up_sync(0xffffffffu, a[i], o), sa);
+      sa = fma(mask[R + o], __shfl_down_sync(0xffffffffu, a[i], o), sa);
+      sb = fma(mask[R - o], __shfl_up_sync(0xffffffffu, b[i], o), sb);
+      sb = fma(mask[R + o], __shfl_down_sync(0xffffffffu, b[i], o), sb);
     }
-    // vertical taps (registers), rolling window of the R rows above
-    T above[R > 0 ? R : 1];
+    a[i] = sa;
+    b[i] = sb;
+  }
+  T above_a[R > 0 ? R : 1], above_b[R > 0 ? R : 1];
 #pragma unroll
-    for (int o = 0; o < R; ++o) above[o] = T(0);
+  for (int o = 0; o < R; ++o) above_a[o] = above_b[o] = T(0);
 #pragma unroll
-    for (int i = 0; i < HMAX; ++i) {
-      T cur = v[i];
-      T acc = cur;
+  for (int i = 0; i < HMAX; ++i) {
+    const T ca = a[i], cb = b[i];
+    T sa = ca, sb = cb;
 #pragma unroll
-      for (int o = 1; o <= R; ++o) {
-        if (same_side(i, -o, H, seam_r)) acc += above[o - 1];
-        if (i + o < HMAX && same_side(i, o, H, seam_r)) acc += v[i + o];
+    for (int o = 1; o <= R; ++o) {
+      // row i - o: in the image, and no seam in (i - o, i]
+      if (i - o >= 0 && (FULL || i - o < H) && (unsigned)(i - seam_r) >= (unsigned)o) {
+        sa += above_a[o - 1];
+        sb += above_b[o - 1];
       }
-#pragma unroll
-      for (int o = R - 1; o > 0; --o) above[o] = above[o - 1];
-      above[0] = cur;
-      v[i] = acc;
+      // row i + o: in the image, and no seam in (i, i + o]
+      if (i + o < HMAX && (FULL || i + o < H) && (unsigned)(seam_r - 1 - i) >= (unsigned)o) {
+        sa += a[i + o];
+        sb += b[i + o];
+      }
     }
+#pragma unroll
+    for (int o = R - 1; o > 0; --o) {
+      above_a[o] = above_a[o - 1];
+      above_b[o] = above_b[o - 1];
+    }
+    above_a[0] = ca;
+    above_b[0] = cb;
+    a[i] = sa;
+    b[i] = sb;
   }
 }
 
-template <typename T, int HMAX, int R>
+template <typename T, int HMAX, int R, bool FULL>
 __global__ void __launch_bounds__(32 * kMaxWarps)
 pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __restrict__ xb,
                  const T* __restrict__ qb, const int32_t* __restrict__ pair_a,
-                 const int32_t* __restrict__ pair_b, int C, int H, int W, int L, T w_first, T w,
+                 const int32_t* __restrict__ pair_b, int C, int H_, int W_, int L, T w_first, T w,
                  T b2, const int32_t* __restrict__ slot, int n_out, bool gap, bool fix,
                  bool same_set, double* __restrict__ out) {
+  // FULL: H == HMAX and W == 32 at compile time, so no row or lane guards remain.
+  const int H = FULL ? HMAX : H_;
+  const int W = FULL ? 32 : W_;
   extern __shared__ double part[];  // [warps][n_out][2]
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -120,7 +145,7 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
   const T* xB = xb + (int64_t)ib * C * HW;
   const T* qA = qa + (int64_t)ia * L * HW;
   const T* qB = qb + (int64_t)ib * L * HW;
-  const bool lane_ok = lane < W;
+  const bool lane_ok = FULL || lane < W;
   const T inv2pi = T(0.15915494309189535);
 
   for (int t = threadIdx.x; t < nwarps * n_out * 2; t += blockDim.x) part[t] = 0.0;
@@ -140,17 +165,18 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
 #pragma unroll
     for (int i = 0; i < HMAX; ++i) {
       T s = T(0);
-      if (i < H && lane_ok) {
+      if ((FULL || i < H) && lane_ok) {
         int zr = i + dy;
         if (zr >= H) zr -= H;
         for (int c = 0; c < C; ++c) s = fma(xA[c * HW + i * W + lane], xB[c * HW + zr * W + zc], s);
       }
       sig[i] = s;
+      th[i] = T(0);
     }
-    box<T, HMAX, R>(sig, lane, H, W, seam_r, seam_c);
+    box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
 #pragma unroll
     for (int i = 0; i < HMAX; ++i) {
-      const bool ok = i < H && lane_ok;
+      const bool ok = (FULL || i < H) && lane_ok;
       sig[i] = ok ? fma(w_first, sig[i], b2) : T(0);
       th[i] = fix ? T(0) : sig[i];
     }
@@ -158,11 +184,10 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
     for (int l = 0; l < L; ++l) {
       const T* qx = qA + l * HW;
       const T* qz = qB + l * HW;
-      T rk = T(0), rg = T(0);
 #pragma unroll
       for (int i = 0; i < HMAX; ++i) {
         T kk = T(0), gg = T(0);
-        if (i < H && lane_ok) {
+        if ((FULL || i < H) && lane_ok) {
           int zr = i + dy;
           if (zr >= H) zr -= H;
           const T prod = qx[i * W + lane] * qz[zr * W + zc];
@@ -171,18 +196,22 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
           T c = s * rs;
           c = fmin(fmax(c, T(-1)), T(1));
           if (self_diag) c = T(1);
-          const T pma = Math<T>::pi_minus_acos(c);
+          const T kdot = Math<T>::pi_minus_acos(c) * inv2pi;
           const T norm = prod * rs;  // sqrt(q_x q_z)
-          kk = (norm * Math<T>::sqrt_(T(1) - c * c) + pma * s) * inv2pi;
-          gg = th[i] * (pma * inv2pi);
+          kk = fma(norm * inv2pi, Math<T>::sqrt_(fma(-c, c, T(1))), kdot * s);
+          gg = th[i] * kdot;
         }
         sig[i] = kk;
         th[i] = gg;
-        rk += kk;
-        rg += gg;
       }
       const int t_out = slot[l];
-      if (t_out >= 0) {  // warp-uniform: fixed shuffle tree in float64
+      if (t_out >= 0) {  // warp-uniform: row sums, then a fixed shuffle tree in float64
+        T rk = T(0), rg = T(0);
+#pragma unroll
+        for (int i = 0; i < HMAX; ++i) {
+          rk += sig[i];
+          rg += th[i];
+        }
         double dk = (double)rk, dg = (double)rg;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -195,11 +224,10 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
         }
       }
       if (l + 1 < L) {
-        box<T, HMAX, R>(sig, lane, H, W, seam_r, seam_c);
-        box<T, HMAX, R>(th, lane, H, W, seam_r, seam_c);
+        box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
 #pragma unroll
         for (int i = 0; i < HMAX; ++i) {
-          const bool ok = i < H && lane_ok;
+          const bool ok = (FULL || i < H) && lane_ok;
           sig[i] = ok ? fma(w, sig[i], b2) : T(0);
           th[i] = ok ? fma(w, th[i], sig[i]) : T(0);
         }
@@ -223,10 +251,19 @@ cudaError_t launch_t(const void* xa, const void* qa, const void* xb, const void*
   const int warps = n_grids < kMaxWarps ? n_grids : kMaxWarps;
   const size_t smem = sizeof(double) * warps * n_out * 2;
   // grid.x holds up to 2^31 - 1 blocks: one per pair
-  pair_sums_kernel<T, HMAX, R><<<(unsigned)n_pairs, 32 * warps, smem, stream>>>(
-      static_cast<const T*>(xa), static_cast<const T*>(qa), static_cast<const T*>(xb),
-      static_cast<const T*>(qb), pa, pb, C, H, W, L, T(s.w_first), T(s.w), T(s.b2), slot, n_out,
-      gap, fix, same_set, out);
+  if constexpr (HMAX == 32) {
+    if (H == 32 && W == 32) {  // the CIFAR-sized fast path: no guards at all
+      pair_sums_kernel<T, 32, R, true><<<(unsigned)n_pairs, 32 * warps, smem, stream>>>(
+          static_cast<const T*>(xa), static_cast<const T*>(qa), static_cast<const T*>(xb),
+          static_cast<const T*>(qb), pa, pb, C, H, W, L, T(s.w_first), T(s.w), T(s.b2), slot,
+          n_out, gap, fix, same_set, out);
+      return cudaGetLastError();
+    }
+  }
+    pair_sums_kernel<T, HMAX, R, false><<<(unsigned)n_pairs, 32 * warps, smem, stream>>>(
+        static_cast<const T*>(xa), static_cast<const T*>(qa), static_cast<const T*>(xb),
+        static_cast<const T*>(qb), pa, pb, C, H, W, L, T(s.w_first), T(s.w), T(s.b2), slot, n_out,
+        gap, fix, same_set, out);
   return cudaGetLastError();
 }
 
