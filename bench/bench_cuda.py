@@ -5,7 +5,7 @@
 Workload: symmetric Gram of N random 32x32x3 images, GAP, arora convention.  For each depth,
 unique pairs/s of ``gram(backend="cuda")`` in float32 and float64 (timed after a warm-up,
 synchronised, median of repeats), the multi-depth pass, and the per-layer baseline
-(bench/per_layer_gpu.py) on a few pairs.  Also an estimate of achieved FP32 instruction
+(bench/per_layer_baseline.py) on a few pairs.  Also an estimate of achieved FP32 instruction
 throughput (see bench/NOTES.md for the count).  Writes JSON (+ PNG) into bench/results or --out.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def timed(fn, repeats):
 
 def main():
     import cntk_engine as ce
-    from per_layer_gpu import PerLayerGPU
+    from per_layer_baseline import PerLayerGPU
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--n64", type=int, default=96, help="images for float64")

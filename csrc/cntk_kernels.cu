@@ -41,25 +41,26 @@ __device__ __forceinline__ float sqrt_approx(float v) {
 template <> struct Math<float> {
   __device__ static float rsqrt_(float p) { return rsqrtf(p); }
   __device__ static float sqrt_(float v) { return sqrt_approx(v); }
-  // pi - arccos(c), c in [-1, 1]
-  __device__ static float pi_minus_acos(float c) {
+  // Kdot = (pi - arccos(c)) / (2 pi), c in [-1, 1]: Abramowitz-Stegun 4.4.46 with 1/(2 pi)
+  // folded into its coefficients: t = arccos(|c|) / (2 pi); Kdot = 1/2 - t (c >= 0) or t.
+  __device__ static float kdot(float c) {
     float a = fabsf(c);
-    float poly = -0.0012624911f;
-    poly = fmaf(poly, a, 0.0066700901f);
-    poly = fmaf(poly, a, -0.0170881256f);
-    poly = fmaf(poly, a, 0.0308918810f);
-    poly = fmaf(poly, a, -0.0501743046f);
-    poly = fmaf(poly, a, 0.0889789874f);
-    poly = fmaf(poly, a, -0.2145988016f);
-    poly = fmaf(poly, a, 1.5707963050f);
-    float t = sqrt_approx(1.0f - a) * poly;  // arccos(|c|)
-    return c >= 0.0f ? 3.14159265358979f - t : t;
+    float poly = -2.0093169917e-04f;
+    poly = fmaf(poly, a, 1.0615778103e-03f);
+    poly = fmaf(poly, a, -2.7196596574e-03f);
+    poly = fmaf(poly, a, 4.9165955626e-03f);
+    poly = fmaf(poly, a, -7.9854885933e-03f);
+    poly = fmaf(poly, a, 1.4161445676e-02f);
+    poly = fmaf(poly, a, -3.4154460056e-02f);
+    poly = fmaf(poly, a, 2.4999999653e-01f);
+    float t = sqrt_approx(1.0f - a) * poly;
+    return c >= 0.0f ? 0.5f - t : t;
   }
 };
 template <> struct Math<double> {
   __device__ static double rsqrt_(double p) { return 1.0 / sqrt(p); }
   __device__ static double sqrt_(double v) { return sqrt(v); }
-  __device__ static double pi_minus_acos(double c) { return 3.141592653589793238 - acos(c); }
+  __device__ static double kdot(double c) { return (3.141592653589793238 - acos(c)) * 0.15915494309189535; }
 };
 
 // Is the tap at offset o from position pos (along one axis of length n, seam at `seam`) part of
@@ -143,8 +144,9 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
   const int HW = H * W;
   const T* xA = xa + (int64_t)ia * C * HW;
   const T* xB = xb + (int64_t)ib * C * HW;
-  const T* qA = qa + (int64_t)ia * L * HW;
-  const T* qB = qb + (int64_t)ib * L * HW;
+  // q is stored with its rows twice, (N, L, 2H, W), so z's rotated row i + dy needs no wrap
+  const T* qA = qa + (int64_t)ia * L * 2 * HW;
+  const T* qB = qb + (int64_t)ib * L * 2 * HW;
   const bool lane_ok = FULL || lane < W;
   const T inv2pi = T(0.15915494309189535);
 
@@ -182,21 +184,19 @@ pair_sums_kernel(const T* __restrict__ xa, const T* __restrict__ qa, const T* __
     }
 
     for (int l = 0; l < L; ++l) {
-      const T* qx = qA + l * HW;
-      const T* qz = qB + l * HW;
+      const T* qx = qA + l * 2 * HW + lane;
+      const T* qz = qB + l * 2 * HW + dy * W + zc;
 #pragma unroll
       for (int i = 0; i < HMAX; ++i) {
         T kk = T(0), gg = T(0);
         if ((FULL || i < H) && lane_ok) {
-          int zr = i + dy;
-          if (zr >= H) zr -= H;
-          const T prod = qx[i * W + lane] * qz[zr * W + zc];
+          const T prod = qx[i * W] * qz[i * W];
           const T s = sig[i];
           const T rs = prod > T(0) ? Math<T>::rsqrt_(prod) : T(0);  // zero variance: c := 0
           T c = s * rs;
           c = fmin(fmax(c, T(-1)), T(1));
           if (self_diag) c = T(1);
-          const T kdot = Math<T>::pi_minus_acos(c) * inv2pi;
+          const T kdot = Math<T>::kdot(c);
           const T norm = prod * rs;  // sqrt(q_x q_z)
           kk = fma(norm * inv2pi, Math<T>::sqrt_(fma(-c, c, T(1))), kdot * s);
           gg = th[i] * kdot;

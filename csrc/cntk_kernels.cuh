@@ -15,7 +15,8 @@ struct LayerScalars {
 // Readout sums of n_pairs image pairs (see cntk_engine/arch.py and backends/base.py):
 //   out[p, t, 0] = sum of K, out[p, t, 1] = sum of G = Theta * Kdot at the ReLU layer l with
 //   slot[l] == t, over all entries (gap) or the offset-0 slice (flatten).
-// Device pointers: xa (Na, C, H, W) and qa (Na, L, H, W) images and diagonals of set A, the
+// Device pointers: xa (Na, C, H, W) images and qa (Na, L, 2H, W) diagonals of set A with
+// every image's rows stored twice (q[..., H + i, :] = q[..., i, :]), the
 // same for B; pair_a / pair_b (n_pairs) int32 row indices into A and B; slot (L) int32;
 // out (n_pairs, n_out, 2) float64.  is_double selects the float64 kernels (all T pointers are
 // then double*, else float*).  same_set: A and B are the same images (self pairs get c = 1 on

@@ -55,7 +55,8 @@ class CudaBackend(Backend):
         xd = cupy.asarray(x, dtype=cupy.float64)          # no copy when already on the device
         q = diag_norms(xd, self.arch, self.params)        # computed on the device, in float64
         cast = lambda a: cupy.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
-        return Prepared(cast(xd), (cast(q),))
+        # rows stored twice, (N, L, 2H, W): the kernel reads z's rotated rows without a wrap
+        return Prepared(cast(xd), (cast(cupy.concatenate([q, q], axis=2)),))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
         import cupy

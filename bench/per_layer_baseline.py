@@ -84,7 +84,7 @@ class PerLayerGPU:
         return roots
 
     def pair(self, x, z, rx, rz):
-        """x, z: (C, H*W) float32 device arrays; rx, rz from _diag_roots.  Returns the NTK."""
+        """x, z: (C, H*W) float32 device arrays; rx, rz from _diag_roots.  Returns (NTK, NNGP)."""
         cp = self.cp
         hw = self.h * self.w
         self.S[...] = (x.T @ z).ravel()
@@ -95,18 +95,32 @@ class PerLayerGPU:
             if layer + 1 < self.depth - 1:
                 self._conv(self.S)
                 self._conv(self.T)
-        return float(cp.mean(self.T))
+        return float(cp.mean(self.T)), float(cp.mean(self.S))
 
-    def gram(self, x):
-        """Full N x N NTK of images x (N, C, H, W), one pair at a time (no symmetry)."""
+    def gram(self, x, both=False):
+        """Full N x N NTK (and NNGP) of images x (N, C, H, W), one pair at a time (no symmetry)."""
         cp = self.cp
         xs = [cp.asarray(xi.reshape(xi.shape[0], -1), dtype=cp.float32) for xi in x]
         roots = [self._diag_roots(xi) for xi in xs]
-        out = np.empty((len(xs), len(xs)))
+        out = np.empty((2, len(xs), len(xs)))
         for i in range(len(xs)):
             for j in range(len(xs)):
-                out[i, j] = self.pair(xs[i], xs[j], roots[i], roots[j])
-        return out
+                out[:, i, j] = self.pair(xs[i], xs[j], roots[i], roots[j])
+        return (out[0], out[1]) if both else out[0]
+
+
+def gram(x, depths, pooling="gap", fix=False, kernel="both", dtype="float32"):
+    """The harness's interface: {depth: (ntk, nngp)} (kernel="both") or {depth: ntk}, arora
+    convention.  Only what the paper's code does: GAP, fix=False, float32, 3x3 filters."""
+    if pooling != "gap" or fix or dtype != "float32":
+        raise ValueError("the per-layer baseline computes the paper's CNTK-GAP in float32 only "
+                         f"(pooling='gap', fix=False); got pooling={pooling!r}, fix={fix}, dtype={dtype!r}")
+    x = np.asarray(x)
+    res = {}
+    for d in depths:
+        k = PerLayerGPU(d, x.shape[2], x.shape[3]).gram(x, both=True)
+        res[d] = k if kernel == "both" else k[0 if kernel == "ntk" else 1]
+    return res
 
 
 def ops_note() -> str:
