@@ -1,0 +1,388 @@
+"""Solver: ridge vs numpy/scipy, LOO vs refits, k-fold, gradient flow, GP posterior, jitter,
+bad input, Zarr loading, CuPy."""
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from cntk_engine import solver as S
+
+
+def psd(rng, n, p=None, scale=1.0):
+    """A PD Gram from a random feature map Phi (n x p), p >= n by default."""
+    phi = rng.normal(size=(n, p or n + 5))
+    return scale * phi @ phi.T, phi
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+# ----------------------------------------------------------------------------- ridge
+@pytest.mark.parametrize("ridge", [0.0, 1e-3, 2.5])
+def test_ridge_matches_numpy_solve(rng, ridge):
+    K, phi = psd(rng, 30)
+    Kt = rng.normal(size=(7, phi.shape[1])) @ phi.T
+    Y = rng.normal(size=(30, 4))
+    sol = S.fit_ridge(K, Y, ridge)
+    alpha = np.linalg.solve(K + ridge * np.eye(30), Y)
+    np.testing.assert_allclose(sol.alpha, alpha, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sol.predict(Kt), Kt @ alpha, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(S.kernel_ridge(K, Y, Kt, ridge), Kt @ alpha, rtol=1e-8, atol=1e-10)
+    assert sol.jitter == 0.0 and sol.ridge == ridge
+    # 1-D targets in, 1-D predictions out; same as column 0 of the multi-output solve
+    p1 = S.kernel_ridge(K, Y[:, 0], Kt, ridge)
+    assert p1.shape == (7,)
+    np.testing.assert_allclose(p1, Kt @ alpha[:, 0], rtol=1e-8, atol=1e-10)
+
+
+def test_float32_gram_solved_in_float64(rng):
+    K, _ = psd(rng, 20)
+    K32 = K.astype(np.float32)
+    Y = rng.normal(size=(20, 2))
+    sol = S.fit_ridge(K32, Y, 0.0)
+    assert sol.alpha.dtype == np.float64
+    np.testing.assert_allclose(sol.alpha, np.linalg.solve(K32.astype(np.float64), Y), rtol=1e-8)
+    # asymmetry at float32 rounding level is accepted (and symmetrised)
+    Kp = K32.copy()
+    Kp[0, 1] *= 1 + 1e-7
+    S.fit_ridge(Kp, Y, 0.0)
+
+
+def test_known_feature_map_interpolant(rng):
+    """K = Phi Phi^T (PD, p > n) and y = Phi w with w in the row space of Phi: the interpolant
+    (minimum-norm solution in feature space) is exactly f(x) = phi(x) . w."""
+    n, p = 25, 40
+    phi = rng.normal(size=(n, p))
+    w = phi.T @ rng.normal(size=n)
+    phi_test = rng.normal(size=(9, p))
+    pred = S.kernel_ridge(phi @ phi.T, phi @ w, phi_test @ phi.T, 0.0)
+    np.testing.assert_allclose(pred, phi_test @ w, rtol=1e-7, atol=1e-8)
+    # and with a polynomial feature map of scalars: phi(x) = (1, x, x^2, x^3), n = 4 points,
+    # any cubic is interpolated exactly and reproduced everywhere
+    x = np.array([-1.0, -0.3, 0.4, 1.2])
+    feats = lambda v: np.stack([np.ones_like(v), v, v ** 2, v ** 3], axis=1)  # noqa: E731
+    cubic = lambda v: 2 - v + 0.5 * v ** 2 - 3 * v ** 3  # noqa: E731
+    xt = np.linspace(-2, 2, 11)
+    F = feats(x)
+    pred = S.kernel_ridge(F @ F.T, cubic(x), feats(xt) @ F.T, 0.0)
+    np.testing.assert_allclose(pred, cubic(xt), rtol=1e-7, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- jitter
+def test_jitter_path_rank_deficient(rng, caplog):
+    K, _ = psd(rng, 20, p=5)             # rank 5 < 20: singular
+    Y = rng.normal(size=(20, 3))
+    with caplog.at_level(logging.WARNING, logger="cntk_engine"):
+        sol = S.fit_ridge(K, Y, 0.0)
+    assert sol.jitter > 0
+    assert "added jitter" in caplog.text
+    # the reported jitter is what was solved with: small backward error for K + jitter I
+    A = K + sol.jitter * np.eye(20)
+    resid = np.linalg.norm(A @ sol.alpha - Y)
+    assert resid <= 1e-10 * np.linalg.norm(A, 2) * np.linalg.norm(sol.alpha)
+    assert np.linalg.norm((K + 1.1 * sol.jitter * np.eye(20)) @ sol.alpha - Y) > 100 * resid
+    rel = sol.jitter / S.ridge_scale(K)
+    assert 1e-10 * 0.99 <= rel <= 1e-3 * 1.01
+    with pytest.raises(S.NotPositiveDefinite, match="jitter=False"):
+        S.fit_ridge(K, Y, 0.0, jitter=False)
+
+
+def test_jitter_fails_on_indefinite_matrix():
+    K = np.diag([1.0, 2.0, -1.0])
+    with pytest.raises(S.NotPositiveDefinite, match="not positive definite even with jitter.*smallest eigenvalue is -1"):
+        S.fit_ridge(K, np.ones(3), 0.0)
+    # a ridge large enough makes it PD
+    sol = S.fit_ridge(K, np.ones(3), 2.0)
+    np.testing.assert_allclose(sol.alpha[:, 0], 1 / np.array([3.0, 4.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs(rng):
+    K, _ = psd(rng, 6)
+    Y = rng.normal(size=(6, 2))
+    with pytest.raises(ValueError, match=r"square \(n, n\).*\(6, 5\)"):
+        S.fit_ridge(K[:, :5], Y)
+    with pytest.raises(ValueError, match="5 rows but K is 6 x 6"):
+        S.fit_ridge(K, Y[:5])
+    with pytest.raises(ValueError, match="Y must be"):
+        S.fit_ridge(K, np.zeros((6, 2, 2)))
+    Kn = K.copy()
+    Kn[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"K has 1 NaN or Inf entry \(first at index \(2, 3\)\)"):
+        S.fit_ridge(Kn, Y)
+    Yn = Y.copy()
+    Yn[4, 1] = np.inf
+    with pytest.raises(ValueError, match="Y has 1 NaN or Inf"):
+        S.fit_ridge(K, Yn)
+    Ka = K.copy()
+    Ka[0, 1] += 0.1 * np.abs(K).max()
+    with pytest.raises(ValueError, match="not symmetric"):
+        S.fit_ridge(Ka, Y)
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+        S.fit_ridge(K, Y, -1e-3)
+    with pytest.raises(ValueError, match="ridge must be a number"):
+        S.fit_ridge(K, Y, "big")
+    sol = S.fit_ridge(K, Y, 0.1)
+    with pytest.raises(ValueError, match="n = 6 columns"):
+        sol.predict(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="every ridge must be"):
+        S.loo(K, Y, [0.1, -1.0])
+    with pytest.raises(ValueError, match="t must be a time >= 0"):
+        S.gradient_flow(K, Y, -1.0)
+    with pytest.raises(ValueError, match="eta"):
+        S.gradient_flow(K, Y, 1.0, eta=0)
+    with pytest.raises(ValueError, match="not a positive semi-definite kernel"):
+        S.gradient_flow(np.diag([1.0, -0.5]), np.ones(2), 1.0)
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        S.gp_posterior(K, Y, K[:2], noise=-1)
+    with pytest.raises(ValueError, match=r"\(2, 2\) test-test kernel"):
+        S.gp_posterior(K, Y, K[:2], np.eye(3))
+    with pytest.raises(ValueError, match="device must be one of"):
+        S.fit_ridge(K, Y, device="tpu")
+    with pytest.raises(ValueError, match="n_folds"):
+        S.kfold(K, Y, [0.1], n_folds=1)
+    with pytest.raises(ValueError, match="needs labels"):
+        S.select_ridge(K, Y, score="accuracy")
+
+
+# ----------------------------------------------------------------------------- classification helpers
+def test_targets_and_accuracy():
+    y = np.array([3, 1, 3, 7])
+    Y, classes = S.paper_targets(y)
+    assert classes.tolist() == [1, 3, 7]
+    np.testing.assert_allclose(Y, [[-0.1, 0.9, -0.1], [0.9, -0.1, -0.1], [-0.1, 0.9, -0.1], [-0.1, -0.1, 0.9]])
+    Y1, _ = S.one_hot(y)
+    np.testing.assert_array_equal(Y1, Y + 0.1 > 0.5)
+    assert S.predict_classes(Y, classes).tolist() == y.tolist()
+    assert S.accuracy(Y, np.array([1, 0, 1, 0])) == 0.75   # argmax columns [1, 0, 1, 2]
+    assert S.accuracy(np.array([3, 1, 0, 7]), y) == 0.75
+    with pytest.raises(ValueError, match=r"labels \[5\] are not among the classes \[1, 3, 7\]"):
+        S.one_hot(np.array([1, 5]), classes)
+    strings, cl = S.one_hot(np.array(["b", "a", "b"]))
+    assert cl.tolist() == ["a", "b"] and strings.argmax(1).tolist() == [1, 0, 1]
+
+
+# ----------------------------------------------------------------------------- LOO / k-fold
+def brute_loo(K, Y, lam):
+    n = len(K)
+    res = np.zeros_like(Y)
+    for i in range(n):
+        m = np.arange(n) != i
+        a = np.linalg.solve(K[np.ix_(m, m)] + lam * np.eye(n - 1), Y[m])
+        res[i] = Y[i] - K[i, m] @ a
+    return res
+
+
+def test_loo_equals_brute_force_refits(rng):
+    n = 24
+    K, _ = psd(rng, n)
+    labels = rng.integers(0, 3, size=n)
+    Y, _ = S.paper_targets(labels)
+    ridges = [0.0, 1e-2, 0.5, 10.0]
+    res = S.loo(K, Y, ridges, labels=labels, return_predictions=True)
+    for i, lam in enumerate(ridges):
+        r = brute_loo(K, Y, lam)
+        np.testing.assert_allclose(Y - res.predictions[i], r, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(res.mse[i], np.mean(np.sum(r ** 2, axis=1)), rtol=1e-6)
+        assert res.accuracy[i] == np.mean((Y - r).argmax(1) == labels)
+    # the eigendecomposition can be reused: same numbers
+    E = S.eigh(K)
+    np.testing.assert_allclose(S.loo(E, Y, ridges).mse, res.mse, rtol=1e-12)
+
+
+def test_loo_skips_singular_ridge(rng):
+    K, _ = psd(rng, 12, p=4)
+    res = S.loo(K, rng.normal(size=12), [0.0, 1.0])
+    assert np.isnan(res.mse[0]) and np.isfinite(res.mse[1])
+
+
+def test_kfold_equals_brute_force(rng):
+    n = 20
+    K, _ = psd(rng, n)
+    labels = rng.integers(0, 2, size=n)
+    Y, _ = S.one_hot(labels)
+    ridges = [0.0, 0.3]
+    res = S.kfold(K, Y, ridges, n_folds=4, labels=labels, seed=3)
+    perm = np.random.default_rng(3).permutation(n)
+    for i, lam in enumerate(ridges):
+        sq, hits = 0.0, 0
+        for f in range(4):
+            val = np.sort(perm[f::4])
+            tr = np.setdiff1d(np.arange(n), val)
+            a = np.linalg.solve(K[np.ix_(tr, tr)] + lam * np.eye(len(tr)), Y[tr])
+            pred = K[np.ix_(val, tr)] @ a
+            sq += np.sum((pred - Y[val]) ** 2)
+            hits += np.sum(pred.argmax(1) == labels[val])
+        np.testing.assert_allclose(res.mse[i], sq / n, rtol=1e-8)
+        np.testing.assert_allclose(res.accuracy[i], hits / n)
+
+
+def test_select_ridge(rng):
+    n = 40
+    x = rng.uniform(-2, 2, size=(n, 1))
+    K = np.exp(-(x - x.T) ** 2)                 # smooth kernel, noisy targets: a ridge helps
+    y = np.sin(2 * x[:, 0]) + 0.3 * rng.normal(size=n)
+    sel = S.select_ridge(K, y)
+    grid = np.asarray(S.RELATIVE_RIDGE_GRID) * np.mean(np.diag(K))
+    mse = [np.mean(brute_loo(K, y[:, None], lam) ** 2) if lam > 0 else np.inf for lam in grid]
+    assert sel.ridge == pytest.approx(grid[int(np.argmin(mse))])
+    assert sel.ridge > 0 and sel.score == "mse" and sel.relative == pytest.approx(sel.ridge)
+    assert sel.eigh is not None
+    kf = S.select_ridge(K, y, method="kfold", n_folds=5)
+    assert kf.scores.method == "5-fold" and kf.ridge > 0
+    labels = (y > 0).astype(int)
+    acc = S.select_ridge(K, S.one_hot(labels)[0], labels=labels)
+    assert acc.score == "accuracy" and np.nanmax(acc.scores.accuracy) == acc.scores.accuracy[
+        list(acc.scores.ridges).index(acc.ridge)]
+
+
+# ----------------------------------------------------------------------------- gradient flow
+def test_gradient_flow(rng):
+    n = 15
+    K, phi = psd(rng, n)
+    Kt = rng.normal(size=(6, phi.shape[1])) @ phi.T
+    Y = rng.normal(size=(n, 2))
+    ridge0 = np.linalg.solve(K, Y)
+    smin = np.linalg.eigvalsh(K)[0]
+    # t = inf and large t: the ridge-0 (interpolating) solution
+    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt), Kt @ ridge0, rtol=1e-7, atol=1e-9)
+    big = 60.0 / smin
+    np.testing.assert_allclose(S.gradient_flow(K, Y, big, K_test=Kt), Kt @ ridge0, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(S.gradient_flow(K, Y, big), Y, rtol=1e-7, atol=1e-9)
+    # finite t against the matrix exponential
+    eta, t = 0.3, 2.0 / np.linalg.eigvalsh(K)[-1] * 5
+    expm = scipy.linalg.expm(-eta * t * K)
+    want_test = Kt @ np.linalg.solve(K, (np.eye(n) - expm) @ Y)
+    want_train = (np.eye(n) - expm) @ Y
+    np.testing.assert_allclose(S.gradient_flow(K, Y, t, K_test=Kt, eta=eta), want_test, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(S.gradient_flow(K, Y, t, eta=eta), want_train, rtol=1e-7, atol=1e-9)
+    # t = 0: nothing learned; several times from one decomposition; 1-D targets
+    E = S.eigh(K)
+    out = S.gradient_flow(E, Y[:, 0], [0.0, t, np.inf], K_test=Kt, eta=eta)
+    assert out.shape == (3, 6)
+    np.testing.assert_allclose(out[0], 0.0, atol=1e-12)
+    np.testing.assert_allclose(out[1], want_test[:, 0], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(out[2], Kt @ ridge0[:, 0], rtol=1e-7, atol=1e-9)
+
+
+def test_gradient_flow_singular_gram_min_norm(rng):
+    """A rank-deficient K (p < n): the null directions are never trained; t = inf gives the
+    minimum-norm least-squares fit in feature space, i.e. K_test K^+ Y."""
+    K, phi = psd(rng, 12, p=4)
+    Kt = rng.normal(size=(3, 4)) @ phi.T
+    Y = rng.normal(size=12)
+    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt), Kt @ np.linalg.pinv(K) @ Y,
+                               rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- GP
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_gp_posterior(rng, noise):
+    n, m = 18, 5
+    feats = rng.normal(size=(n + m, n + m + 3))
+    Kall = feats @ feats.T
+    K, Kt, Ktt = Kall[:n, :n], Kall[n:, :n], Kall[n:, n:]
+    Y = rng.normal(size=(n, 3))
+    post = S.gp_posterior(K, Y, Kt, Ktt, noise=noise)
+    A = K + noise * np.eye(n)
+    np.testing.assert_allclose(post.mean, Kt @ np.linalg.solve(A, Y), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(post.mean, S.kernel_ridge(K, Y, Kt, noise), rtol=1e-10)   # = ridge with lambda = sigma^2
+    cov = Ktt - Kt @ np.linalg.inv(A) @ Kt.T
+    np.testing.assert_allclose(post.cov, cov, rtol=1e-6, atol=1e-7 * np.abs(Ktt).max())
+    assert np.all(np.linalg.eigvalsh(post.cov) > -1e-6 * np.abs(Ktt).max())
+    diag = S.gp_posterior(K, Y[:, 0], Kt, np.diag(Ktt), noise=noise)
+    assert diag.mean.shape == (m,) and diag.cov is None
+    np.testing.assert_allclose(diag.var, np.maximum(np.diag(cov), 0), rtol=1e-6, atol=1e-7 * np.abs(Ktt).max())
+    assert S.gp_posterior(K, Y, Kt, noise=noise).cov is None
+
+
+def test_gp_posterior_at_training_points_noise_free(rng):
+    K, _ = psd(rng, 10)
+    post = S.gp_posterior(K, np.arange(10.0), K, K)
+    np.testing.assert_allclose(post.mean, np.arange(10.0), atol=1e-6)
+    np.testing.assert_allclose(post.cov, 0, atol=1e-6 * np.abs(K).max())
+
+
+# ----------------------------------------------------------------------------- Zarr
+def test_load_gram_from_zarr(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    K, _ = psd(rng, 16)
+    Y = rng.normal(size=16)
+    g = zarr.open_group(str(tmp_path / "k.zarr"), mode="w")
+    a = g.create_array("ntk", shape=K.shape, dtype="float32", chunks=(8, 8))
+    a[...] = K.astype(np.float32)
+    K32 = K.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(S.load_gram(a), K32)
+    np.testing.assert_array_equal(S.load_gram(str(tmp_path / "k.zarr")), K32)      # only array
+    np.testing.assert_array_equal(S.load_gram(tmp_path / "k.zarr", "ntk"), K32)
+    # a zarr.Array goes straight into the solver
+    np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K32 + 0.1 * np.eye(16), Y))
+    with pytest.raises(S.GramTooLarge, match=r"16 x 16 .*2\.0 KiB as float64, 4\.0 KiB with the solve.*limit 1\.0 KiB: does not fit"):
+        S.load_gram(a, max_memory=1024)
+    with pytest.raises(ValueError, match="has no array 'nngp'; it holds \\['ntk'\\]"):
+        S.load_gram(g, "nngp")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        S.load_gram(tmp_path / "missing.zarr")
+    assert S.available_memory() > 1 << 20
+
+
+def test_load_gram_from_engine_store(tmp_path, rng):
+    pytest.importorskip("zarr")
+    gram = pytest.importorskip("cntk_engine.api").gram
+    import zarr
+    x = rng.normal(size=(9, 2, 1, 1))
+    out = str(tmp_path / "g.zarr")
+    gram(x, depths=[2, 3], kernel="both", backend="numba", tile=4, out=out)
+    K = gram(x, depth=3, kernel="ntk", backend="numba")
+    np.testing.assert_allclose(S.load_gram(out, "depth_3/ntk"), K, rtol=1e-6)
+    with pytest.raises(ValueError, match="name one as key="):
+        S.load_gram(out)
+    g = zarr.open_group(out, mode="r+")          # pretend a tile was never computed
+    g["tiles_done"][0, 1] = 0
+    with pytest.raises(ValueError, match="unfinished: 1 of 6 tiles"):
+        S.load_gram(out, "depth_3/ntk")
+
+
+# ----------------------------------------------------------------------------- CuPy
+def _cupy_or_skip():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA GPU visible to CuPy")
+    except ImportError:
+        pytest.skip("CuPy is not installed (the cuSOLVER path needs it)")
+    except Exception as e:  # noqa: BLE001 - CUDA driver / runtime errors
+        pytest.skip(f"CuPy cannot use a GPU here: {e}")
+    return cupy
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy(rng):
+    cp = _cupy_or_skip()
+    n = 40
+    K, phi = psd(rng, n)
+    Kt = rng.normal(size=(5, phi.shape[1])) @ phi.T
+    labels = rng.integers(0, 3, size=n)
+    Y, _ = S.paper_targets(labels)
+    Kg, Yg, Ktg = cp.asarray(K), cp.asarray(Y), cp.asarray(Kt)
+    sol = S.fit_ridge(Kg, Yg, 0.01)
+    assert isinstance(sol.alpha, cp.ndarray) and sol.device == "cuda"
+    np.testing.assert_allclose(sol.predict(Ktg).get(), S.kernel_ridge(K, Y, Kt, 0.01), rtol=1e-8)
+    # device="cuda" with NumPy input
+    np.testing.assert_allclose(S.fit_ridge(K, Y, 0.01, device="cuda").alpha.get(), sol.alpha.get(), rtol=1e-10)
+    r_gpu, r_cpu = S.loo(Kg, Yg, [0.0, 0.1], labels=labels), S.loo(K, Y, [0.0, 0.1], labels=labels)
+    np.testing.assert_allclose(r_gpu.mse, r_cpu.mse, rtol=1e-6)
+    np.testing.assert_array_equal(r_gpu.accuracy, r_cpu.accuracy)
+    np.testing.assert_allclose(S.gradient_flow(Kg, Yg, 3.0, K_test=Ktg, eta=1e-3).get(),
+                               S.gradient_flow(K, Y, 3.0, K_test=Kt, eta=1e-3), rtol=1e-6, atol=1e-9)
+    pg = S.gp_posterior(Kg, Yg, Ktg, cp.asarray(Kt @ np.linalg.pinv(K) @ Kt.T + np.eye(5)), noise=0.1)
+    pc = S.gp_posterior(K, Y, Kt, Kt @ np.linalg.pinv(K) @ Kt.T + np.eye(5), noise=0.1)
+    np.testing.assert_allclose(pg.mean.get(), pc.mean, rtol=1e-7)
+    np.testing.assert_allclose(pg.cov.get(), pc.cov, rtol=1e-6, atol=1e-8)
+    # jitter on the GPU path
+    Ks, _ = psd(rng, 20, p=5)
+    assert S.fit_ridge(cp.asarray(Ks), cp.ones(20), 0.0).jitter > 0
+    assert S.select_ridge(Kg, Yg, labels=labels).eigh.device == "cuda"
