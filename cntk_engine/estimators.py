@@ -1,0 +1,270 @@
+"""scikit-learn estimators: CNTK kernel regression on images (``CNTKClassifier``, ``CNTKRegressor``).
+
+``fit(X, y)`` computes the CNTK (or NNGP) Gram matrix of the training images with
+:func:`cntk_engine.gram` and solves kernel ridge regression (:mod:`cntk_engine.solver`);
+``predict(X)`` computes the test-vs-train kernel and applies the dual coefficients.  This is the
+infinitely wide CNN trained to convergence on squared loss (ridge 0), or its regularised form.
+
+Input X
+-------
+* 4-D ``(N, C, H, W)`` images (``(N, H, W, C)`` with ``data_format="NHWC"``), or 3-D
+  ``(N, H, W)`` single-channel images.
+* 2-D ``(N, C*H*W)`` flattened images with ``image_shape=(C, H, W)`` (``(H, W, C)`` for
+  ``data_format="NHWC"``): each row is reshaped to an image (row-major, as ``x.reshape(N, -1)``
+  flattens it).
+* 2-D ``(N, F)`` without ``image_shape`` (tabular data, as in scikit-learn's own checks): each
+  row is a 1 x 1 image with F channels.  The convolutions then see only their centre tap and
+  the CNTK becomes the NTK of a fully connected ReLU network of the same depth.
+
+``n_features_in_`` counts C*H*W (images are flattened before scikit-learn's validation), so a
+model fitted on 4-D images accepts the same images flattened (with ``image_shape``) and the
+reverse.  scikit-learn is an optional dependency: ``pip install 'cntk-engine[sklearn]'``.
+
+The ridge is relative: ``ridge * mean(diag K_train)`` is added to the diagonal (CNTK values
+scale with the depth and the pixel scale); 0 is the paper's interpolating solution, "auto"
+chooses it by exact leave-one-out over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`
+(accuracy for the classifier, mean squared error for the regressor).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
+    raise ImportError("CNTKClassifier / CNTKRegressor need scikit-learn "
+                      f"(pip install 'cntk-engine[sklearn]'): {e}") from None
+try:
+    from sklearn.utils.validation import validate_data as _validate_data   # scikit-learn >= 1.6
+except ImportError:  # pragma: no cover - older scikit-learn
+    def _validate_data(est, X="no_validation", y="no_validation", **kw):
+        return est._validate_data(X, y, **kw)
+
+from . import solver
+
+KERNELS = ("ntk", "nngp")
+
+
+class _CNTKBase(BaseEstimator):
+    """Shared parameters and machinery (see the module docstring)."""
+
+    _estimator_type_name = "CNTK estimator"
+
+    def __init__(self, depth=11, pooling="gap", fix=False, kernel="ntk", convention="arora",
+                 W_std=None, b_std=None, filter_size=3, ridge="auto", image_shape=None,
+                 backend="auto", dtype="float32", data_format="NCHW"):
+        self.depth = depth
+        self.pooling = pooling
+        self.fix = fix
+        self.kernel = kernel
+        self.convention = convention
+        self.W_std = W_std
+        self.b_std = b_std
+        self.filter_size = filter_size
+        self.ridge = ridge
+        self.image_shape = image_shape
+        self.backend = backend
+        self.dtype = dtype
+        self.data_format = data_format
+
+    # ------------------------------------------------------------------ parameters
+    def _check_params(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
+        r = self.ridge
+        if not (isinstance(r, str) and r == "auto"):
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not np.isfinite(r) or r < 0:
+                raise ValueError(f"ridge must be 'auto' (leave-one-out selection) or a number >= 0 "
+                                 f"(relative to the mean diagonal of the Gram); got {r!r}")
+        if self.data_format not in ("NCHW", "NHWC"):
+            raise ValueError(f"data_format must be 'NCHW' or 'NHWC'; got {self.data_format!r}")
+        if self.image_shape is not None:
+            s = self.image_shape
+            if (not isinstance(s, (tuple, list)) or len(s) != 3
+                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in s)):
+                raise ValueError("image_shape must be None or three positive integers (C, H, W) "
+                                 f"((H, W, C) for data_format='NHWC'); got {s!r}")
+
+    def _gram(self, a, b=None):
+        from .api import gram
+        return gram(a, b, depth=self.depth, pooling=self.pooling, fix=self.fix, kernel=self.kernel,
+                    convention=self.convention, W_std=self.W_std, b_std=self.b_std,
+                    filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
+                    data_format="NCHW")
+
+    # ------------------------------------------------------------------ input
+    def _images(self, X, y=None, *, reset: bool, y_kw=None):
+        """Validate X (and y) and return NCHW float64 images (and y)."""
+        nd = getattr(X, "ndim", None)
+        if nd is None and not hasattr(X, "toarray"):
+            try:
+                nd = np.asarray(X).ndim
+            except ValueError:          # ragged: let scikit-learn word the error
+                nd = 2
+        with_y = y is not None or reset
+        kw = dict(dtype=[np.float64, np.float32], **(y_kw or {}))
+        if nd in (3, 4):
+            arr = np.asarray(X)
+            if nd == 3:
+                arr = arr[:, None]
+            elif self.data_format == "NHWC":
+                arr = arr.transpose(0, 3, 1, 2)
+            shape = tuple(int(v) for v in arr.shape[1:])
+            if self.image_shape is not None and shape != self._param_shape():
+                raise ValueError(f"X holds images of shape (C, H, W) = {shape} but image_shape "
+                                 f"says {self._param_shape()}")
+            flat = arr.reshape(arr.shape[0], -1)
+            out = _validate_data(self, flat, y, reset=reset, **kw) if with_y else \
+                _validate_data(self, flat, reset=reset, **kw)
+        else:
+            out = _validate_data(self, X, y, reset=reset, **kw) if with_y else \
+                _validate_data(self, X, reset=reset, **kw)
+            Xv = out[0] if with_y else out
+            if self.image_shape is not None:
+                shape = self._param_shape()
+                if int(np.prod(shape)) != Xv.shape[1]:
+                    raise ValueError(f"X has {Xv.shape[1]} features per row but image_shape "
+                                     f"{tuple(self.image_shape)} has {int(np.prod(shape))} pixels")
+            else:
+                shape = (Xv.shape[1], 1, 1)
+        Xv, yv = (out if with_y else (out, None))
+        if reset:
+            self.image_shape_ = shape
+        elif shape != self.image_shape_:
+            raise ValueError(f"X holds images of shape (C, H, W) = {shape}; this estimator was "
+                             f"fitted on {self.image_shape_}")
+        if self.image_shape is not None and nd not in (3, 4) and self.data_format == "NHWC":
+            h, w, c = self.image_shape
+            imgs = Xv.reshape(len(Xv), h, w, c).transpose(0, 3, 1, 2)
+        else:
+            imgs = Xv.reshape((len(Xv),) + shape)
+        return np.ascontiguousarray(imgs, dtype=np.float64), yv
+
+    def _param_shape(self):
+        s = tuple(int(v) for v in self.image_shape)
+        return (s[2], s[0], s[1]) if self.data_format == "NHWC" else s
+
+    # ------------------------------------------------------------------ solve
+    def _solve(self, K, Y, labels):
+        scale = solver.ridge_scale(K)
+        if isinstance(self.ridge, str):
+            sel = solver.select_ridge(K, Y, labels=labels, method="loo")
+            self.ridge_ = sel.relative
+            self.loo_ = sel.scores
+            lam = sel.ridge
+        else:
+            self.ridge_ = float(self.ridge)
+            lam = self.ridge_ * scale
+        sol = solver.fit_ridge(K, Y, lam)
+        self.ridge_absolute_ = lam
+        self.jitter_ = sol.jitter
+        self.dual_coef_ = sol.alpha
+
+    def _scores(self, X):
+        check_is_fitted(self, "dual_coef_")
+        imgs, _ = self._images(X, reset=False)
+        return self._gram(imgs, self.X_fit_) @ self.dual_coef_
+
+
+class CNTKClassifier(ClassifierMixin, _CNTKBase):
+    """Classification by CNTK kernel regression on one-hot targets, argmax prediction.
+
+    Parameters
+    ----------
+    depth, pooling, fix, kernel ("ntk" or "nngp"), convention, W_std, b_std, filter_size,
+    backend, dtype : passed to :func:`cntk_engine.gram` (``kernel="nngp"`` gives the NNGP
+        posterior mean).
+    ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
+        diagonal of the training Gram; 0 = the paper's interpolating solution.
+    targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
+    image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); None: 2-D X is (N, F)
+        tabular data, 1 x 1 images with F channels.  4-D / 3-D X needs no image_shape.
+    data_format : "NCHW" or "NHWC", the layout of 4-D X (and of image_shape).
+
+    Attributes
+    ----------
+    classes_, n_features_in_, image_shape_ (C, H, W), X_fit_ (training images, NCHW float64),
+    dual_coef_ (n, n_classes), ridge_ (relative ridge used), ridge_absolute_, jitter_ (diagonal
+    added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult`, ridge="auto").
+    """
+
+    def __init__(self, depth=11, pooling="gap", fix=False, kernel="ntk", convention="arora",
+                 W_std=None, b_std=None, filter_size=3, ridge="auto", targets="paper",
+                 image_shape=None, backend="auto", dtype="float32", data_format="NCHW"):
+        super().__init__(depth=depth, pooling=pooling, fix=fix, kernel=kernel,
+                         convention=convention, W_std=W_std, b_std=b_std,
+                         filter_size=filter_size, ridge=ridge, image_shape=image_shape,
+                         backend=backend, dtype=dtype, data_format=data_format)
+        self.targets = targets
+
+    def fit(self, X, y):
+        """Compute the training Gram and solve for the dual coefficients.  Returns self."""
+        self._check_params()
+        if self.targets not in ("paper", "onehot"):
+            raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {self.targets!r}")
+        imgs, y = self._images(X, y, reset=True)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 "
+                             f"class ({self.classes_[0]!r})")
+        enc = solver.paper_targets if self.targets == "paper" else solver.one_hot
+        Y, _ = enc(y, self.classes_)
+        labels = np.searchsorted(self.classes_, y)
+        K = self._gram(imgs)
+        self._solve(K, Y, labels)
+        self.X_fit_ = imgs
+        return self
+
+    def decision_function(self, X):
+        """Kernel regression outputs (m, n_classes); for two classes the (m,) difference
+        ``f_1 - f_0`` (positive: ``classes_[1]``)."""
+        F = self._scores(X)
+        return F[:, 1] - F[:, 0] if F.shape[1] == 2 else F
+
+    def predict(self, X):
+        """The class with the largest kernel regression output."""
+        F = self._scores(X)
+        return self.classes_[np.argmax(F, axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = False
+        return tags
+
+
+class CNTKRegressor(RegressorMixin, _CNTKBase):
+    """Regression by CNTK kernel ridge regression (single or multiple outputs).
+
+    Parameters as :class:`CNTKClassifier` (without ``targets``); ``ridge="auto"`` minimises the
+    leave-one-out mean squared error.  ``predict`` returns (m,) for 1-D y, (m, k) for 2-D y.
+    """
+
+    def fit(self, X, y):
+        """Compute the training Gram and solve for the dual coefficients.  Returns self."""
+        self._check_params()
+        imgs, y = self._images(X, y, reset=True, y_kw=dict(multi_output=True, y_numeric=True))
+        y = np.asarray(y, dtype=np.float64)
+        self._y_1d = y.ndim == 1
+        K = self._gram(imgs)
+        self._solve(K, y, None)
+        self.X_fit_ = imgs
+        return self
+
+    def predict(self, X):
+        """Kernel regression predictions."""
+        F = self._scores(X)
+        return F[:, 0] if self._y_1d else F
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
+
+__all__ = ["CNTKClassifier", "CNTKRegressor"]

@@ -1,0 +1,195 @@
+"""scikit-learn estimators: scikit-learn's estimator checks, tiny real MNIST images, input
+layouts, agreement with the solver and with KernelRidge / SVC on precomputed Grams."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn is an optional dependency (extra 'sklearn')")
+from sklearn.base import clone  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from cntk_engine import solver  # noqa: E402
+from cntk_engine.estimators import CNTKClassifier, CNTKRegressor  # noqa: E402
+
+gram = pytest.importorskip("cntk_engine.api", reason="cntk_engine.gram is not there yet").gram
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CNTK_ENGINE_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_blas():
+    """The matrices here are tiny: one BLAS thread is faster, and on a loaded 2-core machine
+    OpenBLAS threads fighting numba's make a 300 x 300 eigh take a second instead of 10 ms."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# ----------------------------------------------------------------------------- scikit-learn checks
+# scikit-learn's checks pass 2-D tabular X: without image_shape each row is a 1 x 1 image with one
+# channel per feature (the CNTK is then the fully connected NTK), so every check applies.  None is
+# expected to fail; the pandas checks skip when pandas is absent and the array-API check without
+# SCIPY_ARRAY_API (scikit-learn's own skips).
+EXPECTED_FAILED_CHECKS: dict = {}
+
+
+def _expected_failed(est):
+    return EXPECTED_FAILED_CHECKS.get(type(est).__name__, {})
+
+
+@parametrize_with_checks([CNTKClassifier(depth=3, backend="numba"), CNTKRegressor(depth=3, backend="numba")],
+                         expected_failed_checks=_expected_failed)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# ----------------------------------------------------------------------------- tiny real images
+@pytest.fixture(scope="module")
+def mnist10():
+    """100 MNIST test digits (10 per class), centre 20 x 20 crop average-pooled to 10 x 10,
+    scaled to [0, 1]: 60 for training, 40 for testing."""
+    path = DATA / "mnist_test.npz"
+    if not path.exists():
+        pytest.skip(f"real data {path} not found (set CNTK_ENGINE_DATA to the folder holding it)")
+    with np.load(path) as z:
+        x, y = z["x"], z["y"].astype(np.int64)
+    idx = np.concatenate([np.nonzero(y == c)[0][:10] for c in range(10)])
+    idx = np.random.default_rng(0).permutation(idx)
+    xs = x[idx, 4:24, 4:24].astype(np.float64).reshape(-1, 10, 2, 10, 2).mean(axis=(2, 4)) / 255.0
+    xs = xs[:, None]                                   # (100, 1, 10, 10)
+    return xs[:60], y[idx][:60], xs[60:], y[idx][60:]
+
+
+ARCH = dict(depth=3, pooling="gap", backend="numba")
+
+
+def test_classifier_on_mnist_matches_solver(mnist10):
+    xtr, ytr, xte, yte = mnist10
+    clf = CNTKClassifier(**ARCH, ridge=1e-4).fit(xtr, ytr)
+    pred = clf.predict(xte)
+    acc = float(np.mean(pred == yte))
+    assert acc >= 0.5, acc                           # 10 classes: chance is 0.1
+    assert clf.score(xte, yte) == pytest.approx(acc)
+    # the same by hand: gram + solver
+    K = gram(xtr, depth=3, backend="numba")
+    Kt = gram(xte, xtr, depth=3, backend="numba")
+    Y, classes = solver.paper_targets(ytr)
+    F = solver.kernel_ridge(K, Y, Kt, 1e-4 * np.mean(np.diag(K)))
+    np.testing.assert_array_equal(pred, classes[F.argmax(1)])
+    np.testing.assert_allclose(clf.decision_function(xte), F, rtol=1e-6, atol=1e-9)
+    assert clf.ridge_ == 1e-4 and clf.ridge_absolute_ == pytest.approx(1e-4 * np.mean(np.diag(K)))
+    assert clf.image_shape_ == (1, 10, 10) and clf.n_features_in_ == 100
+
+
+def test_classifier_auto_ridge_and_layouts(mnist10):
+    xtr, ytr, xte, yte = mnist10
+    clf = CNTKClassifier(**ARCH).fit(xtr, ytr)              # ridge="auto": LOO accuracy
+    assert clf.ridge_ in np.asarray(solver.RELATIVE_RIDGE_GRID)
+    assert clf.loo_.accuracy is not None and clf.loo_.method == "loo"
+    best = np.nanmax(clf.loo_.accuracy)
+    assert clf.loo_.accuracy[list(clf.loo_.ridges / clf.ridge_absolute_ * clf.ridge_).index(clf.ridge_)] == best
+    pred = clf.predict(xte)
+    assert np.mean(pred == yte) >= 0.5
+    # flattened rows + image_shape, 3-D (N, H, W) and NHWC give the same model
+    flat = CNTKClassifier(**ARCH, image_shape=(1, 10, 10)).fit(xtr.reshape(60, -1), ytr)
+    np.testing.assert_array_equal(flat.predict(xte.reshape(40, -1)), pred)
+    np.testing.assert_array_equal(flat.predict(xte), pred)         # 4-D into a flat-fitted model
+    np.testing.assert_array_equal(CNTKClassifier(**ARCH).fit(xtr[:, 0], ytr).predict(xte[:, 0]), pred)
+    nhwc = CNTKClassifier(**ARCH, data_format="NHWC").fit(xtr.transpose(0, 2, 3, 1), ytr)
+    np.testing.assert_array_equal(nhwc.predict(xte.transpose(0, 2, 3, 1)), pred)
+    # string labels, one-hot targets
+    names = np.array(list("abcdefghij"))
+    s = CNTKClassifier(**ARCH, targets="onehot", ridge=1e-4).fit(xtr, names[ytr])
+    assert set(s.predict(xte)) <= set(names) and np.mean(s.predict(xte) == names[yte]) >= 0.5
+
+
+def test_regressor_multi_output_matches_solver(mnist10):
+    xtr, ytr, xte, _ = mnist10
+    Y = np.stack([ytr.astype(float), xtr.mean(axis=(1, 2, 3))], axis=1)
+    reg = CNTKRegressor(**ARCH, ridge=1e-3).fit(xtr, Y)
+    K = gram(xtr, depth=3, backend="numba")
+    Kt = gram(xte, xtr, depth=3, backend="numba")
+    want = solver.kernel_ridge(K, Y, Kt, 1e-3 * np.mean(np.diag(K)))
+    np.testing.assert_allclose(reg.predict(xte), want, rtol=1e-6, atol=1e-9)
+    one = CNTKRegressor(**ARCH, ridge=1e-3).fit(xtr, Y[:, 1])
+    assert one.predict(xte).shape == (40,)
+    np.testing.assert_allclose(one.predict(xte), want[:, 1], rtol=1e-6, atol=1e-9)
+    # the mean pixel is a smooth function of the image: well predicted
+    auto = CNTKRegressor(**ARCH).fit(xtr, Y[:, 1])
+    assert auto.score(xte, xte.mean(axis=(1, 2, 3))) > 0.8
+    nngp = CNTKRegressor(**ARCH, kernel="nngp", ridge=1e-3).fit(xtr, Y[:, 1])
+    Kn = gram(xtr, depth=3, kernel="nngp", backend="numba")
+    Ktn = gram(xte, xtr, depth=3, kernel="nngp", backend="numba")
+    np.testing.assert_allclose(nngp.predict(xte), solver.gp_posterior(Kn, Y[:, 1], Ktn, noise=1e-3 * np.mean(np.diag(Kn))).mean,
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_precomputed_kernel_ridge_and_svc(mnist10):
+    """The engine's Gram matrices plug into scikit-learn's precomputed-kernel estimators."""
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.svm import SVC
+    xtr, ytr, xte, yte = mnist10
+    K = gram(xtr, depth=3, backend="numba")
+    Kt = gram(xte, xtr, depth=3, backend="numba")
+    Y, classes = solver.paper_targets(ytr)
+    lam = 1e-3 * np.mean(np.diag(K))
+    kr = KernelRidge(kernel="precomputed", alpha=lam).fit(K, Y)
+    np.testing.assert_allclose(kr.predict(Kt), solver.kernel_ridge(K, Y, Kt, lam), rtol=1e-6, atol=1e-8)
+    scale = np.mean(np.diag(K))              # SVC's C is not scale-free: use K / mean(diag K)
+    svc = SVC(kernel="precomputed", C=1e3).fit(K / scale, ytr)   # entries ~1: a hard margin
+    acc = svc.score(Kt / scale, yte)
+    assert acc >= 0.5, acc
+    # and the classifier estimator with the same ridge gives the KernelRidge argmax
+    clf = CNTKClassifier(**ARCH, ridge=1e-3).fit(xtr, ytr)
+    np.testing.assert_array_equal(clf.predict(xte), classes[kr.predict(Kt).argmax(1)])
+
+
+# ----------------------------------------------------------------------------- params and errors
+def test_params_clone_and_errors(mnist10):
+    xtr, ytr, xte, _ = mnist10
+    clf = CNTKClassifier(depth=4, pooling="flatten", ridge=0.5, backend="numba")
+    p = clf.get_params()
+    assert p["depth"] == 4 and p["pooling"] == "flatten" and p["ridge"] == 0.5 and p["targets"] == "paper"
+    assert clone(clf).set_params(depth=5).get_params()["depth"] == 5
+    assert set(CNTKRegressor().get_params()) == set(p) - {"targets"}
+    with pytest.raises(ValueError, match="ridge must be 'auto'"):
+        CNTKClassifier(ridge=-1, **{k: v for k, v in ARCH.items()}).fit(xtr, ytr)
+    with pytest.raises(ValueError, match="ridge must be 'auto'"):
+        CNTKRegressor(ridge="loo", **ARCH).fit(xtr, ytr)
+    with pytest.raises(ValueError, match="targets must be"):
+        CNTKClassifier(targets="pm1", **ARCH).fit(xtr, ytr)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        CNTKClassifier(kernel="both", **ARCH).fit(xtr, ytr)
+    with pytest.raises(ValueError, match="image_shape must be None or three positive integers"):
+        CNTKClassifier(image_shape=(10, 10), **ARCH).fit(xtr.reshape(60, -1), ytr)
+    with pytest.raises(ValueError, match="100 features per row but image_shape"):
+        CNTKClassifier(image_shape=(1, 9, 9), **ARCH).fit(xtr.reshape(60, -1), ytr)
+    with pytest.raises(ValueError, match=r"images of shape \(C, H, W\) = \(1, 10, 10\) but image_shape"):
+        CNTKClassifier(image_shape=(2, 5, 10), **ARCH).fit(xtr, ytr)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        CNTKClassifier(**ARCH).fit(xtr, np.zeros(60, dtype=int))
+    with pytest.raises(ValueError, match="depth"):
+        CNTKClassifier(depth=0, pooling="gap", backend="numba").fit(xtr, ytr)
+    fitted = CNTKClassifier(**ARCH, ridge=1e-3).fit(xtr[:12], ytr[:12])
+    with pytest.raises(ValueError, match=r"fitted on \(1, 10, 10\)"):
+        # same number of pixels, another image shape
+        fitted.predict(xte[:, :, :, :].reshape(40, 1, 10, 10).reshape(40, 2, 5, 10))
+
+
+def test_import_without_sklearn():
+    """Importing cntk_engine does not import scikit-learn; the estimators say what is missing."""
+    code = ("import sys; import cntk_engine; assert 'sklearn' not in sys.modules, 'sklearn imported'; "
+            "sys.modules['sklearn'] = None\n"
+            "try:\n    import cntk_engine.estimators\nexcept ImportError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'cntk-engine[sklearn]'" in r.stdout
