@@ -1,0 +1,182 @@
+"""``cntk-engine evaluate``: data layouts, agreement with gram + solver, JSON, one-line errors,
+python -m, real MNIST / CIFAR subsets."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gram = pytest.importorskip("cntk_engine.api", reason="cntk_engine.gram is not there yet").gram
+from cntk_engine import cli, solver  # noqa: E402
+from cntk_engine import evaluate as ev  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CNTK_ENGINE_DATA", ROOT.parent / "shared" / "data"))
+
+
+def stripes(n, rng, size=8):
+    """Two classes: horizontal (0) or vertical (1) stripes at a random phase, plus noise."""
+    y = rng.integers(0, 2, size=n)
+    x = np.zeros((n, size, size))
+    for i in range(n):
+        line = (np.arange(size) + rng.integers(0, 2)) % 2
+        x[i] = line[:, None] if y[i] == 0 else line[None, :]
+    x += 0.3 * rng.normal(size=x.shape)
+    return (x * 100 + 100).clip(0, 255).astype(np.uint8), y
+
+
+@pytest.fixture
+def xy_npz(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = stripes(40, rng)
+    p = tmp_path / "xy.npz"
+    np.savez(p, x=x, y=y)                     # 3-D (N, H, W) uint8
+    return p, x, y
+
+
+def main(capsys, *args):
+    rc = cli.main(["evaluate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+BASE = ("--backend", "numba", "--no-progress")
+
+
+def test_evaluate_matches_gram_and_solver(xy_npz, capsys, tmp_path):
+    p, x, y = xy_npz
+    js = tmp_path / "r.json"
+    rc, out, err = main(capsys, p, "--depths", "2,3", "--n-train", 24, "--n-test", 12, "--seed", 5,
+                        "--kernel", "both", "--json", js, *BASE)
+    assert rc == 0, err
+    assert "24 train / 12 test images, (C, H, W) = (1, 8, 8), 2 classes" in out
+    assert out.count("test accuracy") == 4 and "LOO-selected" in out and "ridge 0 (paper solve)" in out
+    rec = json.loads(js.read_text())
+    assert rec["n_train"] == 24 and rec["depths"] == [2, 3] and rec["machine"]["cores"] >= 1
+    # the same split and preprocessing by hand, then gram + solver
+    perm = np.random.default_rng(5).permutation(40)
+    i, j = np.sort(perm[:24]), np.sort(perm[24:36])
+    a, b = x[i][:, None].astype(float), x[j][:, None].astype(float)
+    m, s = a.mean(), a.std()
+    a, b = (a - m) / s, (b - m) / s
+    for r in rec["results"]:
+        K = gram(a, depth=r["depth"], kernel=r["kernel"], backend="numba")
+        Kt = gram(b, a, depth=r["depth"], kernel=r["kernel"], backend="numba")
+        Y, classes = solver.paper_targets(y[i])
+        sel = solver.select_ridge(K, Y, labels=np.searchsorted(classes, y[i]))
+        assert r["ridge_relative"] == pytest.approx(sel.relative)
+        pred = classes[solver.kernel_ridge(K, Y, Kt, sel.ridge).argmax(1)]
+        assert r["accuracy"] == pytest.approx(np.mean(pred == y[j]))
+        pred0 = classes[solver.kernel_ridge(K, Y, Kt, 0.0).argmax(1)]
+        assert r["accuracy_ridge0"] == pytest.approx(np.mean(pred0 == y[j]))
+    assert max(r["accuracy"] for r in rec["results"]) >= 0.75      # stripes are easy
+
+
+def test_train_test_keys_nhwc_and_fixed_ridge(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    xa, ya = stripes(30, rng)
+    xb, yb = stripes(20, rng)
+    rgb = lambda v: np.repeat(v[..., None], 3, axis=3)            # noqa: E731  (N, H, W, 3)
+    p = tmp_path / "tt.npz"
+    np.savez(p, x_train=rgb(xa), y_train=ya, x_test=rgb(xb), y_test=yb[:, None])
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--ridge", "1e-3",
+                        "--pooling", "flatten", *BASE)
+    assert rc == 0, err
+    assert "(x_train/x_test)" in out and "(C, H, W) = (3, 8, 8)" in out
+    assert "ridge 1e-03 x mean diag" in out and "LOO" not in out and out.count("test accuracy") == 1
+    # the explicit layout gives the same figures; the wrong one is refused as a shape error
+    rc2, out2, _ = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--ridge", "1e-3",
+                        "--pooling", "flatten", "--data-format", "NHWC", *BASE)
+    assert rc2 == 0 and out2.splitlines()[2] == out.splitlines()[2]
+    rc3, _, err3 = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--ridge", "0",
+                        "--downsample", 2, *BASE)
+    assert rc3 == 0, err3
+
+
+@pytest.mark.parametrize("make, args, msg", [
+    (None, ("--depth", 3), "does not exist"),
+    (lambda p: np.savez(p, images=np.zeros((4, 8, 8))), ("--depth", 3), "holds arrays ['images']; evaluate needs the keys"),
+    (lambda p: np.savez(p, x=np.zeros((4, 8)), y=np.zeros(4)), ("--depth", 3), "x must be images"),
+    (lambda p: np.savez(p, x=np.zeros((4, 8, 8)), y=np.zeros(3)), ("--depth", 3), "y must be one label per image (4,)"),
+    (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 8, "--n-test", 5),
+     "--n-train 8 + --n-test 5 is more than the 10 images"),
+    (lambda p: np.savez(p, x=np.zeros((10, 3, 8, 3)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5),
+     "cannot tell the layout of images of shape (5, 3, 8, 3); pass --data-format"),
+    (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5, "--ridge", "-1"),
+     "--ridge must be 'auto' or a number >= 0; got '-1'"),
+    (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.zeros(10)), ("--depth", 3, "--n-train", 5, "--n-test", 5),
+     "hold one class only"),
+    (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), ("--depth", 1, "--n-train", 5, "--n-test", 5), "depth"),
+    (lambda p: np.save(p, np.zeros((4, 8, 8))), ("--depth", 3), "is a .npy array; evaluate needs a .npz archive"),
+    (lambda p: p.write_text("not numpy"), ("--depth", 3), "cannot be read as a NumPy .npz archive"),
+])
+def test_errors_are_one_line(tmp_path, capsys, make, args, msg):
+    p = tmp_path / "d.npz"
+    if make is not None:
+        make(p)
+        if not p.exists() and Path(str(p) + ".npy").exists():
+            Path(str(p) + ".npy").rename(p)
+    rc, out, err = main(capsys, p, *args, "--n-test" if "--n-test" not in args else "--seed",
+                        1 if "--n-test" not in args else 0, *BASE)
+    assert rc == 2
+    assert msg in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("cntk-engine: error:")
+
+
+def test_python_m_and_parser(xy_npz):
+    p, _, _ = xy_npz
+    r = subprocess.run([sys.executable, "-m", "cntk_engine.evaluate", str(p), "--depth", "2", "--n-train", "10",
+                        "--n-test", "5", *BASE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "depth  2 ntk : test accuracy" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "cntk_engine.evaluate", "/nonexistent.npz", "--depth", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "cntk-engine: error: DATA '/nonexistent.npz' does not exist"
+    assert "evaluate" in cli.build_parser().format_help()
+
+
+def test_to_nchw_and_preprocess():
+    x = np.arange(2 * 4 * 5 * 3).reshape(2, 4, 5, 3)
+    assert ev.to_nchw(x).shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(ev.to_nchw(x)[1, 2], x[1, :, :, 2])
+    assert ev.to_nchw(x.transpose(0, 3, 1, 2)).shape == (2, 3, 4, 5)
+    assert ev.to_nchw(np.zeros((2, 6, 7))).shape == (2, 1, 6, 7)
+    a, b = ev.preprocess(np.full((3, 1, 4, 4), 255, np.uint8), np.zeros((1, 1, 4, 4), np.uint8), "scale")
+    assert a.max() == 1.0 and b.max() == 0.0
+    a, b = ev.preprocess(np.arange(2 * 2 * 4 * 4.0).reshape(2, 2, 4, 4), np.ones((1, 2, 4, 4)), "standardize", 2)
+    assert a.shape == (2, 2, 2, 2)
+    np.testing.assert_allclose(a.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(a.std(axis=(0, 2, 3)), 1)
+
+
+# ----------------------------------------------------------------------------- real data
+def _real(name):
+    p = DATA / name
+    if not p.exists():
+        pytest.skip(f"real data {p} not found (set CNTK_ENGINE_DATA to the folder holding it)")
+    return p
+
+
+def test_real_mnist_small(capsys, tmp_path):
+    p = _real("mnist_test.npz")
+    js = tmp_path / "m.json"
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 100, "--n-test", 50, "--downsample", 4,
+                        "--json", js, *BASE)
+    assert rc == 0, err
+    acc = json.loads(js.read_text())["results"][0]["accuracy"]
+    assert acc >= 0.6, out                     # 7 x 7 digits, 100 training images; chance is 0.1
+
+
+def test_real_cifar_small_flatten(capsys, tmp_path):
+    p = _real("cifar10_jpeg_small.npz")
+    js = tmp_path / "c.json"
+    rc, out, err = main(capsys, p, "--depths", "3,6", "--pooling", "flatten", "--n-train", 100,
+                        "--n-test", 50, "--downsample", 4, "--json", js, *BASE)
+    assert rc == 0, err
+    rec = json.loads(js.read_text())
+    assert rec["image_shape"] == [3, 8, 8] and rec["raw_image_shape"] == [3, 32, 32]
+    assert [r["depth"] for r in rec["results"]] == [3, 6]
+    assert all(0 <= r["accuracy"] <= 1 for r in rec["results"])
