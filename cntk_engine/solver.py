@@ -128,13 +128,17 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL):
     if K.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 x 0); at least one training sample is needed")
     _check_finite(xp, K, name)
-    scale = _scalar(xp.max(xp.abs(K)))
-    asym = _scalar(xp.max(xp.abs(K - K.T)))
+    # blockwise: no n x n temporaries for the check (the Gram may be tens of GB)
+    n, step = K.shape[0], 2048
+    scale = max(_scalar(xp.max(xp.abs(K[i:i + step]))) for i in range(0, n, step))
+    asym = max(_scalar(xp.max(xp.abs(K[i:i + step] - K[:, i:i + step].T))) for i in range(0, n, step))
     if asym > sym_rtol * scale:
         raise ValueError(f"{name} is not symmetric: max |K - K^T| = {asym:.3g} is more than "
                          f"{sym_rtol:g} x max |K| = {scale:.3g}; pass the train-vs-train Gram "
                          "(the test-vs-train kernel goes to K_test)")
-    return (K + K.T) * 0.5
+    S = K + K.T       # one new array: the caller's K is never modified
+    S *= 0.5
+    return S
 
 
 def _check_finite(xp, a, name):
@@ -241,11 +245,20 @@ def accuracy(pred, y) -> float:
 
 
 # ----------------------------------------------------------------------------- Cholesky
+def _plus_diag(xp, K, v):
+    """A new array K + v I (no n x n identity)."""
+    A = K.copy()
+    idx = xp.arange(K.shape[0])
+    A[idx, idx] += v
+    return A
+
+
 def _cholesky_once(xp, A):
+    """Lower Cholesky factor of A (overwritten), or None if A is not positive definite."""
     if xp is np:
         import scipy.linalg
         try:
-            return scipy.linalg.cholesky(A, lower=True, check_finite=False)
+            return scipy.linalg.cholesky(A, lower=True, check_finite=False, overwrite_a=True)
         except np.linalg.LinAlgError:
             return None
     try:
@@ -264,8 +277,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     jitter used is logged (warning).  Raises :class:`NotPositiveDefinite` if none works."""
     xp = _xp(device, K)
     n = K.shape[0]
-    eye = xp.eye(n)
-    L = _cholesky_once(xp, K + ridge * eye if ridge else K)
+    L = _cholesky_once(xp, _plus_diag(xp, K, ridge))
     if L is not None:
         return L, 0.0
     if not jitter:
@@ -276,7 +288,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     rel = 1e-10
     while rel <= max_jitter * (1 + 1e-9):
         j = rel * scale
-        L = _cholesky_once(xp, K + (ridge + j) * eye)
+        L = _cholesky_once(xp, _plus_diag(xp, K, ridge + j))
         if L is not None:
             log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
                         "%.3g (= %g x mean diagonal) to factorise it", ridge, n, n, j, rel)
@@ -367,10 +379,11 @@ class KernelEigh:
         return _cupy() if self.device == "cuda" else np
 
 
-def eigh(K, *, device=None) -> KernelEigh:
-    """Symmetric eigendecomposition of the checked float64 ``K`` (LAPACK syevd / cuSOLVER)."""
+def eigh(K, *, device=None, _checked: bool = False) -> KernelEigh:
+    """Symmetric eigendecomposition ``K = U diag(s) U^T`` in float64 (LAPACK syevd / cuSOLVER)."""
     xp = _xp(device, K)
-    K = check_gram(K, device="cuda" if xp is not np else "cpu")
+    if not _checked:
+        K = check_gram(K, device="cuda" if xp is not np else "cpu")
     if xp is np:
         import scipy.linalg
         s, U = scipy.linalg.eigh(K, check_finite=False, overwrite_a=True, driver="evd")
@@ -474,7 +487,7 @@ def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, seed=0, device=None) -
         val = np.sort(perm[f::n_folds])
         tr = np.setdiff1d(np.arange(n), val)
         vi, ti = xp.asarray(val), xp.asarray(tr)
-        E = eigh(K[ti][:, ti], device=dev)
+        E = eigh(K[ti][:, ti], device=dev, _checked=True)
         P = K[vi][:, ti] @ E.U
         UtY = E.U.T @ Y[ti]
         smax = max(abs(_scalar(E.s[-1])), abs(_scalar(E.s[0])), 1e-300)
@@ -530,7 +543,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     if ridges is None:
         ridges = np.asarray(RELATIVE_RIDGE_GRID) * scale
     if method == "loo":
-        E = E or eigh(K, device=dev)
+        E = E or eigh(K, device=dev, _checked=True)
         res = loo(E, Y, ridges, labels=labels)
     else:
         if E is not None:
