@@ -5,9 +5,6 @@ images are already on the device.
 """
 from __future__ import annotations
 
-import math
-import os
-
 import numpy as np
 
 from ..diag import diag_norms
@@ -19,27 +16,8 @@ def _extension():
     return _cuda
 
 
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name, "")
-    try:
-        return int(v) if v else default
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer; got {v!r}") from None
-
-
 class CudaBackend(Backend):
-    """Fused per-offset kernels.  Launch tuning (no effect on results): warps per block (one
-    block per pair) and the register budget of the 32x32 float kernels (min_blocks=2: at most
-    128 registers per thread), overridable with CNTK_ENGINE_CUDA_WARPS / _MIN_BLOCKS."""
-
     name = "cuda"
-    warps_per_block = 4
-    min_blocks = 1
-
-    def __init__(self, arch, params, dtype):
-        super().__init__(arch, params, dtype)
-        self.warps_per_block = _env_int("CNTK_ENGINE_CUDA_WARPS", self.warps_per_block)
-        self.min_blocks = _env_int("CNTK_ENGINE_CUDA_MIN_BLOCKS", self.min_blocks)
 
     @classmethod
     def unavailable_reason(cls):
@@ -72,21 +50,13 @@ class CudaBackend(Backend):
                              f"filter_size = {self.arch.filter_size}. Use backend='numba'.")
 
     def prepare(self, x) -> Prepared:
-        """Images and per-layer diagonals on CuPy's current device, in the compute dtype.
-
-        The diagonals q (computed on the device in float64, see ``diag.diag_norms``) are stored
-        as interleaved pairs (sqrt(q / (2 pi)), 1 / sqrt(q)) of shape (N, L, H, W, 2), with
-        1 / sqrt(q) := 0 where q == 0 (zero-variance windows): the kernel reads one pair per
-        image side and entry-layer and needs no square root or division for them.
-        """
         import cupy
         self.check_shape(*x.shape[2:])
         xd = cupy.asarray(x, dtype=cupy.float64)          # no copy when already on the device
-        q = diag_norms(xd, self.arch, self.params)        # (N, L, H, W), float64, on the device
-        d = cupy.empty(q.shape + (2,), dtype=self.dtype)
-        d[..., 0] = cupy.sqrt(cupy.maximum(q, 0.0) * (1.0 / (2.0 * math.pi)))
-        d[..., 1] = cupy.where(q > 0, 1.0 / cupy.sqrt(cupy.where(q > 0, q, 1.0)), 0.0)
-        return Prepared(cupy.ascontiguousarray(xd, dtype=self.dtype), (d,))
+        q = diag_norms(xd, self.arch, self.params)        # computed on the device, in float64
+        cast = lambda a: cupy.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
+        # rows stored twice, (N, L, 2H, W): the kernel reads z's rotated rows without a wrap
+        return Prepared(cast(xd), (cast(cupy.concatenate([q, q], axis=2)),))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
         import cupy
@@ -103,17 +73,16 @@ class CudaBackend(Backend):
         slot_d = cupy.asarray(slot)
         n_out = len(self.arch.depths)
         flat = cupy.empty((int(ia.size), n_out, 2), dtype=cupy.float64)
-        xa, da = cupy.ascontiguousarray(a.images), cupy.ascontiguousarray(a.diag[0])
-        xb, db = cupy.ascontiguousarray(b.images), cupy.ascontiguousarray(b.diag[0])
+        xa, qa = cupy.ascontiguousarray(a.images), cupy.ascontiguousarray(a.diag[0])
+        xb, qb = cupy.ascontiguousarray(b.images), cupy.ascontiguousarray(b.diag[0])
         _, c, h, w = xa.shape
         p = self.params
         _extension().pair_sums(
-            cupy.cuda.Device().id, xa.data.ptr, da.data.ptr, xb.data.ptr, db.data.ptr,
+            cupy.cuda.Device().id, xa.data.ptr, qa.data.ptr, xb.data.ptr, qb.data.ptr,
             ia.data.ptr, ib.data.ptr, int(ia.size), c, h, w, self.arch.n_layers,
             self.arch.filter_size, p.w_first, p.w, p.b2, slot_d.data.ptr, n_out,
             self.arch.pooling == "gap", bool(self.arch.fix), bool(symmetric),
-            self.dtype == np.float64, flat.data.ptr, cupy.cuda.get_current_stream().ptr,
-            self.warps_per_block, self.min_blocks)
+            self.dtype == np.float64, flat.data.ptr, cupy.cuda.get_current_stream().ptr)
         out = cupy.zeros((n1, n2, n_out, 2), dtype=cupy.float64)
         out[ia, ib] = flat
         if symmetric:
