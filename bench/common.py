@@ -127,3 +127,12 @@ def gpu_info() -> dict | None:
     except Exception:
         pass
     return info
+
+
+def gpu_sync() -> None:
+    """Wait for the current CUDA device (no-op without CuPy or a GPU): call before reading a clock."""
+    try:
+        import cupy
+        cupy.cuda.Device().synchronize()
+    except Exception:
+        pass

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ceiling as ceil_mod
-from .common import gpu_info, machine, median_time, result_header, versions, write_json
+from .common import gpu_info, gpu_sync, machine, median_time, result_header, versions, write_json
 
 HERE = Path(__file__).resolve().parent
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
@@ -60,14 +60,6 @@ def _overrides(s):
             raise SystemExit(f"--n-for: unknown method {k!r}; methods are {', '.join(METHODS)}")
         out[k] = int(v)
     return out
-
-
-def gpu_sync():
-    try:
-        import cupy
-        cupy.cuda.Device().synchronize()
-    except Exception:
-        pass
 
 
 def images(n, size, channels, seed=0):

@@ -40,7 +40,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import gpu_info, machine, result_header, versions, write_json  # noqa: E402
+from bench.common import gpu_info, gpu_sync, machine, result_header, versions, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEPTHS = (3, 4, 6, 11, 21)
@@ -196,27 +196,19 @@ def scheduler_kwargs(args, gram):
     return kw
 
 
-def sync():
-    try:
-        import cupy
-        cupy.cuda.Device().synchronize()
-    except Exception:
-        pass
-
-
 def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
     """{depth: (ntk_tr, nngp_tr, ntk_te, nngp_te)} from one pass, plus timing info."""
     import cntk_engine as ce
     kw = dict(depths=list(depths), pooling=pooling, fix=fix, kernel="both", backend=args.backend,
               dtype=args.dtype, tile=args.tile, **(extra or {}))
     ce.gram(xtr[:2], **{**kw, **{k: v for k, v in kw.items() if k in ("devices", "client")}})  # warm-up / JIT
-    sync()
+    gpu_sync()
     t0 = time.perf_counter()
     ktr, info = ce.gram(xtr, return_info=True, **kw)
-    sync()
+    gpu_sync()
     t1 = time.perf_counter()
     kte = ce.gram(xte, xtr, **kw)
-    sync()
+    gpu_sync()
     t2 = time.perf_counter()
     out = {d: tuple(np.asarray(a.get() if hasattr(a, "get") else a) for a in (*ktr[d], *kte[d])) for d in depths}
     n1, n2 = len(xtr), len(xte)
@@ -233,10 +225,10 @@ def per_depth_throughput(x, depths, pooling, fix, args, m, extra=None):
         kw = dict(depth=d, pooling=pooling, fix=fix, kernel="both", backend=args.backend,
                   dtype=args.dtype, tile=args.tile, **(extra or {}))
         ce.gram(x[:2], **kw)
-        sync()
+        gpu_sync()
         t = time.perf_counter()
         ce.gram(x[:m], **kw)
-        sync()
+        gpu_sync()
         sec = time.perf_counter() - t
         out[d] = {"n": m, "seconds": sec, "unique_pairs_per_s": m * (m + 1) / 2 / sec}
     return out
@@ -249,13 +241,13 @@ def probe_rate(xtr, xte, depths, pooling, fix, args, extra=None, min_seconds=1.5
     kw = dict(depths=[max(depths)], pooling=pooling, fix=fix, kernel="both", backend=args.backend,
               dtype=args.dtype, tile=args.tile, **(extra or {}))
     ce.gram(xte[:2], xtr[:2], **kw)
-    sync()
+    gpu_sync()
     m = 8
     while True:
         a, b = xte[:m], xtr[:2 * m]
         t = time.perf_counter()
         ce.gram(a, b, **kw)
-        sync()
+        gpu_sync()
         sec = time.perf_counter() - t
         if sec >= min_seconds or m >= max_m or 2 * m > min(len(xtr), len(xte) * 2):
             return {"m": m, "pairs": len(a) * len(b), "seconds": sec, "unique_pairs_per_s": len(a) * len(b) / sec}
