@@ -194,6 +194,16 @@ def parse_ridge(text) -> str | float:
     return r
 
 
+def _command_line() -> str | None:
+    """The command as typed (None when called from Python, e.g. ``cli.main([...])``)."""
+    argv = sys.argv
+    if "evaluate" in argv[1:]:
+        return "cntk-engine " + " ".join(argv[argv.index("evaluate", 1):])
+    if argv and argv[0].endswith(os.path.join("cntk_engine", "evaluate.py")):
+        return "python -m cntk_engine.evaluate " + " ".join(argv[1:])
+    return None
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -300,7 +310,7 @@ def run(args) -> int:
             print(_fmt_line(d, name, r))
     print(f"solve: {time.perf_counter() - t2:.1f} s")
     if args.json:
-        rec = dict(command="cntk-engine evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
+        rec = dict(command=_command_line(),
                    data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
                    raw_image_shape=raw_shape, downsample=args.downsample, preprocess=args.preprocess,
                    seed=args.seed, depths=depths, pooling=args.pooling, fix=args.fix,
