@@ -46,7 +46,13 @@ def diag_norms(x, arch: Architecture, params: LayerParams):
     x = xp.asarray(x, dtype=xp.float64)
     n, _, h, w = x.shape
     q = xp.empty((n, arch.n_layers, h, w), dtype=xp.float64)
-    cur = params.w_first * box2d(xp.einsum("nchw,nchw->nhw", x, x), arch.filter_size) + params.b2
+    # sum over channels in a fixed order, element by element: a reduction (einsum, sum) may
+    # vectorise differently with the arrays' alignment, and the diagonals must be bit-identical
+    # in every process (resumed and distributed jobs are compared bit for bit)
+    sq = x[:, 0] * x[:, 0]
+    for c in range(1, x.shape[1]):
+        sq = sq + x[:, c] * x[:, c]
+    cur = params.w_first * box2d(sq, arch.filter_size) + params.b2
     for l in range(arch.n_layers):
         q[:, l] = cur
         if l + 1 < arch.n_layers:
