@@ -116,8 +116,8 @@ def test_regressor_multi_output_matches_solver(mnist10):
     xtr, ytr, xte, _ = mnist10
     Y = np.stack([ytr.astype(float), xtr.mean(axis=(1, 2, 3))], axis=1)
     reg = CNTKRegressor(**ARCH, ridge=1e-3).fit(xtr, Y)
-    K = gram(xtr, depth=3, backend="numba")
-    Kt = gram(xte, xtr, depth=3, backend="numba")
+    K, Kn = gram(xtr, depth=3, kernel="both", backend="numba")
+    Kt, Ktn = gram(xte, xtr, depth=3, kernel="both", backend="numba")
     want = solver.kernel_ridge(K, Y, Kt, 1e-3 * np.mean(np.diag(K)))
     np.testing.assert_allclose(reg.predict(xte), want, rtol=1e-6, atol=1e-9)
     one = CNTKRegressor(**ARCH, ridge=1e-3).fit(xtr, Y[:, 1])
@@ -127,8 +127,6 @@ def test_regressor_multi_output_matches_solver(mnist10):
     auto = CNTKRegressor(**ARCH).fit(xtr, Y[:, 1])
     assert auto.score(xte, xte.mean(axis=(1, 2, 3))) > 0.8
     nngp = CNTKRegressor(**ARCH, kernel="nngp", ridge=1e-3).fit(xtr, Y[:, 1])
-    Kn = gram(xtr, depth=3, kernel="nngp", backend="numba")
-    Ktn = gram(xte, xtr, depth=3, kernel="nngp", backend="numba")
     np.testing.assert_allclose(nngp.predict(xte), solver.gp_posterior(Kn, Y[:, 1], Ktn, noise=1e-3 * np.mean(np.diag(Kn))).mean,
                                rtol=1e-6, atol=1e-9)
 
