@@ -1,11 +1,22 @@
 """cntk_engine: exact Convolutional Neural Tangent Kernels (CNTK) and NNGP kernels.
 
 ``gram`` computes kernel matrices between batches of images (Arora et al. 2019,
-arXiv 1904.11955); see ``cntk_engine.arch`` for the math.
+arXiv 1904.11955); see ``cntk_engine.arch`` for the math.  ``solver`` solves kernel
+regression on them; ``CNTKClassifier`` / ``CNTKRegressor`` are scikit-learn estimators
+(imported on first use: scikit-learn is an optional dependency, ``cntk-engine[sklearn]``).
 """
+from . import solver
 from .api import gram
 from .arch import Architecture
 from .backends import available_backends
 
 __version__ = "0.1.0"
-__all__ = ["gram", "Architecture", "available_backends", "__version__"]
+__all__ = ["gram", "Architecture", "available_backends", "solver", "CNTKClassifier",
+           "CNTKRegressor", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("CNTKClassifier", "CNTKRegressor"):
+        from . import estimators
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'cntk_engine' has no attribute {name!r}")
