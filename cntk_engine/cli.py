@@ -252,8 +252,9 @@ def run_demo(args) -> int:
     print(f"computed the {n} x {n} NTK and NNGP Gram matrices ({pairs} unique pairs, "
           f"{info['tiles_total']} tiles of {info['tile']}) on backend {info['backend']} "
           f"({info['where']}, {info['dtype']}) in {dt:.2f} s: {pairs / comp:.4g} pairs/s "
-          f"(tile computation {comp:.2f} s; the first run after an install also compiles the numba "
-          "kernels)")
+          f"(tile computation {comp:.2f} s"
+          + ("; it includes the numba kernels' JIT compilation, once per process)"
+             if info["backend"] == "numba" else ")"))
     # a small check that the kernel means something: kernel regression, 2/3 train, 1/3 test
     tr = np.arange(n) % 3 != 2
     te = ~tr
