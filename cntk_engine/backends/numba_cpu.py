@@ -80,9 +80,11 @@ if numba is not None:
                 dst[i, j] = dst[i, j] * scale + shift
 
     # cache=False: a process that compiled the kernel and wrote numba's on-disk cache computed
-    # results differing in the last bits (~1e-9) from processes that loaded that cache, and a
-    # resumed or distributed Gram must be bit-identical to an uninterrupted local run; every
-    # process compiles afresh instead (~15 s once per process and dtype).
+    # results differing in the last bits (~1e-9) from processes that loaded that cache (the
+    # in-process JIT code and the cached object code make different FMA-contraction and
+    # reassociation choices: without the 'contract' and 'reassoc' flags they agree, but run
+    # 2.2x slower), and a resumed or distributed Gram must be bit-identical to an uninterrupted
+    # local run; every process compiles afresh instead (~15 s once per process and dtype).
     @njit(parallel=True, fastmath=_FASTMATH, cache=False)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
                     gap, same_set, slot, n_out, out, KC, exact):
