@@ -79,7 +79,10 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     if backend == "auto" and cls.shape_unsupported(arch, a.shape[2], a.shape[3]) is not None:
         cls = _backends.backend_class("numba")      # e.g. images larger than the GPU kernels take
     on_device = array_module(a) is not np          # CuPy in -> CuPy out
-    if on_device:              # the scheduler takes host copies; GPU workers copy to their device
+    # Device images stay on the device for the local CUDA path (each GPU worker takes them as they
+    # are on its own device).  CPU backends, a Zarr store (whose job record hashes the images)
+    # and Dask (which scatters them) take one host copy.
+    if on_device and (cls.name != "cuda" or out is not None or client is not None):
         a = a.get()
         b = a if symmetric else b.get()
     _, c, h, w = a.shape

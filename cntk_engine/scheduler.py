@@ -252,7 +252,11 @@ def _cuda_context(device: int):
 
 
 def _cupy_asarray(x):
+    """Images onto the current worker's device: no copy when they already live there; from
+    another GPU through the host (the kernels read only the current device's memory)."""
     import cupy
+    if isinstance(x, cupy.ndarray) and x.device.id != cupy.cuda.Device().id:
+        return cupy.asarray(cupy.asnumpy(x))
     return cupy.asarray(x)
 
 
@@ -382,7 +386,8 @@ def execute(backend_cls: type[Backend], arch: Architecture, params: LayerParams,
             resume: bool = True) -> tuple[object, dict]:
     """Run one Gram job; the engine behind ``gram``.
 
-    ``x1``, ``x2``: validated float64 NCHW host arrays (``x2=None``: symmetric).  Returns
+    ``x1``, ``x2``: validated float64 NCHW arrays (``x2=None``: symmetric), on the host, or CuPy
+    arrays for the local CUDA path (no store, no Dask).  Returns
     (result, info): result is {depth: {kernel: (n1, n2) ndarray}}, or the Zarr group when ``out``
     is given.  Everything is checked before a store is created or opened for writing.
     """
