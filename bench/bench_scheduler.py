@@ -14,7 +14,7 @@ What is measured (one process, this machine's CPU; no GPU needed):
    costs measured separately (sha256 fingerprint of the images; store creation; in memory, the
    first touch of the N x N result pages, paid once per job whatever the tiling).
 2. The overhead as a share of a realistic GPU tile: ``--pair-cost`` seconds per pair (default
-   1/20000 s: depth 21 GAP on an H100, to be replaced by the CUDA backend's measured figure)
+   1/20000 s: the depth-21 GAP target on an H100; measured: 1/18968 s, bench/NOTES.md)
    x 262,144 pairs per 512 x 512 tile.
 3. Multi-GPU efficiency that tiles allow: the largest-first queue is replayed exactly (a
    discrete-event simulation over the real tile list with tile time = pairs x pair cost) for
