@@ -10,7 +10,7 @@ from . import backends as _backends
 from .arch import KERNELS, make_architecture
 from .diag import array_module
 from .inputs import as_images, check_dtype, check_pair
-from .scheduler import DEFAULT_TILE, execute  # noqa: F401 (DEFAULT_TILE: old import path)
+from .scheduler import execute
 
 log = logging.getLogger("cntk_engine")
 

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .arch import Architecture, LayerParams, finalize
-from .backends.base import Backend, Prepared
+from .backends.base import Backend
 from .diag import array_module
 
 log = logging.getLogger("cntk_engine")
@@ -116,13 +116,6 @@ class TileLayout:
     def to_dict(self) -> dict:
         return {"n1": self.n1, "n2": self.n2, "tile": self.tile, "symmetric": self.symmetric,
                 "grid": list(self.grid), "tiles": len(self.tiles())}
-
-
-def tiles(n1: int, n2: int, tile: int, symmetric: bool):
-    """(row slice, col slice, on_diagonal) for every tile to compute (kept for callers of the
-    first version; new code uses :class:`TileLayout`)."""
-    for t in TileLayout(n1, n2, tile, symmetric).tiles():
-        yield t.rows, t.cols, t.diag
 
 
 def largest_first(todo: Iterable[Tile]) -> list[Tile]:
@@ -475,21 +468,5 @@ def execute(backend_cls: type[Backend], arch: Architecture, params: LayerParams,
     return (store.read_only_group if store is not None else sink.result), info
 
 
-def compute_sums(backend: Backend, a: Prepared, b: Prepared, symmetric: bool, tile: int):
-    """Readout sums (N1, N2, n_depths, 2) of every pair of already prepared images, tile by tile
-    (one worker, in memory; the first version's entry point, kept for direct callers)."""
-    xp = array_module(a.images)
-    n1, n2 = len(a), len(b)
-    out = None
-    for t in TileLayout(n1, n2, tile, symmetric).tiles():
-        s = backend.pair_sums(a[t.rows], b[t.cols], symmetric=t.diag)
-        if out is None:
-            out = xp.zeros((n1, n2) + tuple(s.shape[2:]), dtype=np.float64)
-        out[t.rows, t.cols] = s
-        if symmetric and not t.diag:
-            out[t.cols, t.rows] = s.transpose(1, 0, 2, 3)
-    return out
-
-
 __all__ = ["Tile", "TileLayout", "auto_tile", "resolve_devices", "run_tiles", "execute",
-           "compute_sums", "MemorySink", "Worker", "DEFAULT_TILE"]
+           "MemorySink", "Worker", "DEFAULT_TILE"]
