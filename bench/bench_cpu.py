@@ -4,8 +4,9 @@
 
 The workload is the symmetric Gram of N random 32x32x3 images, GAP, NTK + NNGP, float32.
 neural-tangents (optional) is measured in a subprocess (``--nt-python``, default: this Python
-if it can import neural_tangents), because it pins old JAX / NumPy versions; without it the
-bench says so and reports the engine alone.  Reports entries/s (N*N matrix entries per second)
+if it can import neural_tangents), so that it can live in its own environment (JAX 0.4.x, or a
+current JAX through ``nt_compat.py``, as on the GPU machines); without it the bench says so and
+reports the engine alone.  Reports entries/s (N*N matrix entries per second)
 and unique pairs/s (N(N+1)/2 per second); writes bench/results/cpu_<date>.json.
 """
 from __future__ import annotations
@@ -22,9 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_time, write_result  # noqa: E402
 
 NT_SNIPPET = r"""
-import json, sys, time
+import json, os, sys, time
 import numpy as np
 import jax
+# exact float32 convolutions on GPUs too (JAX's default there may use TF32 tensor cores)
+precision = os.environ.get("CNTK_BENCH_NT_PRECISION", "highest")
+jax.config.update("jax_default_matmul_precision", precision)
+sys.path.insert(0, sys.argv[5])
+import nt_compat                      # neural-tangents 0.6.5 under JAX >= 0.7: see nt_compat.py
+nt_compat.install()
 from neural_tangents import stax
 n, depth, size, reps = (int(a) for a in sys.argv[1:5])
 layers = []
@@ -37,12 +44,16 @@ kernel_fn(x, None, get=("ntk", "nngp")).ntk.block_until_ready()   # compile + wa
 times = []
 for _ in range(reps):
     t = time.perf_counter()
-    kernel_fn(x, None, get=("ntk", "nngp")).ntk.block_until_ready()
+    k = kernel_fn(x, None, get=("ntk", "nngp"))
+    k.ntk.block_until_ready()
     times.append(time.perf_counter() - t)
+if len(sys.argv) > 6:                 # keep the images and kernels for an exactness check
+    np.savez(sys.argv[6], x=x, ntk=np.asarray(k.ntk), nngp=np.asarray(k.nngp))
 import neural_tangents
 print(json.dumps({"seconds": sorted(times)[len(times) // 2], "times": times,
                   "version": neural_tangents.__version__, "jax": jax.__version__,
-                  "jax_device": str(jax.devices()[0])}))
+                  "jax_device": str(jax.devices()[0]), "nt_compat": nt_compat.PATCHED,
+                  "jax_default_matmul_precision": precision}))
 """
 
 
@@ -56,9 +67,11 @@ def bench_engine(n, depth, size, repeats):
     return {"seconds": sec, "times": times, "threads": num_threads()}
 
 
-def bench_nt(python, n, depth, size, repeats):
+def bench_nt(python, n, depth, size, repeats, save=None):
+    """Time neural-tangents in ``python``; ``save``: an .npz path for its images and kernels."""
     try:
-        out = subprocess.run([python, "-c", NT_SNIPPET, str(n), str(depth), str(size), str(repeats)],
+        out = subprocess.run([python, "-c", NT_SNIPPET, str(n), str(depth), str(size), str(repeats),
+                              str(Path(__file__).resolve().parent)] + ([str(save)] if save else []),
                              capture_output=True, text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"unavailable": str(e)}

@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import itertools
 import os
+import tempfile
 import sys
 import time
 from datetime import datetime, timezone
@@ -145,17 +146,32 @@ class Runner:
 
 
 def run_nt(args, c):
-    """neural-tangents in a subprocess (GAP, float32, 3x3 only: bench_cpu.NT_SNIPPET)."""
+    """neural-tangents in a subprocess (GAP, float32, 3x3 only: bench_cpu.NT_SNIPPET).
+
+    Its last kernels are checked against this package's float64 kernels of the same images
+    (``convention="neural_tangents"`` with stax's default ``W_std=1``, no bias), so a comparison
+    with a neural-tangents that computes something else (a broken install, ``nt_compat``) shows.
+    """
     if c["pooling"] != "gap" or c["dtype"] != "float32" or c["channels"] != 3:
         return {"status": "skipped", "reason": "the neural-tangents snippet measures GAP, float32, 3 channels only"}
     sys.path.insert(0, str(HERE))
     from bench_cpu import bench_nt
-    res = bench_nt(args.nt_python, c["n"], c["depth"], c["size"], args.repeats)
-    if "seconds" not in res:
-        return {"status": "unavailable", "reason": res.get("unavailable", "failed")}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "nt_kernels.npz"
+        res = bench_nt(args.nt_python, c["n"], c["depth"], c["size"], args.repeats, save=saved)
+        if "seconds" not in res:
+            return {"status": "unavailable", "reason": res.get("unavailable", "failed")}
+        with np.load(saved) as f:
+            x, nt_kernels = f["x"], (f["ntk"], f["nngp"])
     extra = {k: v for k, v in res.items() if k not in ("seconds", "times")}
     dev = "gpu" if "cuda" in str(res.get("jax_device", "")).lower() or "gpu" in str(res.get("jax_device", "")).lower() else "cpu"
-    return {"status": "ok", "seconds": res["seconds"], "times": res["times"], "device": dev, "info": extra}
+    import cntk_engine as ce
+    ours = ce.gram(x.astype(np.float64), depth=c["depth"], pooling="gap", kernel="both", fix=False,
+                   convention="neural_tangents", W_std=1.0, data_format="NHWC", dtype="float64")
+    check = {"vs": "cntk_engine float64, convention='neural_tangents', W_std=1, same images",
+             "block": c["n"], "max_rel_diff": _max_rel_diff(nt_kernels, ours, c["n"])}
+    return {"status": "ok", "seconds": res["seconds"], "times": res["times"], "device": dev,
+            "info": extra, "check": check}
 
 
 def _max_rel_diff(res, ref, m):

@@ -81,6 +81,60 @@ def test_harness_end_to_end(tmp_path):
     assert again[0]["seconds"] == first["seconds"]
 
 
+FAKE_NT = """#!{python}
+# Stands in for a Python with neural-tangents: called as the harness calls it
+# (python -c SNIPPET n depth size reps bench_dir [save.npz]); its kernels are this package's
+# float64 values of the same network, times {scale}.
+import json, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import cntk_engine as ce
+n, depth, size = (int(a) for a in sys.argv[3:6])
+x = np.random.default_rng(0).standard_normal((n, size, size, 3)).astype(np.float32)
+ntk, nngp = ce.gram(x.astype(np.float64), depth=depth, kernel="both", convention="neural_tangents",
+                    W_std=1.0, data_format="NHWC", dtype="float64")
+np.savez(sys.argv[8], x=x, ntk=ntk * {scale}, nngp=nngp)
+print(json.dumps({{"seconds": 0.5, "times": [0.5], "version": "fake", "jax_device": "cpu:0"}}))
+"""
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_harness_checks_neural_tangents_values(tmp_path, scale):
+    """The NT comparison carries an exactness check that a wrong kernel fails."""
+    from bench import harness
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_NT.format(python=sys.executable, root=str(ROOT), scale=scale))
+    fake.chmod(0o755)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "neural_tangents", "--depths", "3", "--sizes", "5", "--n", "3",
+                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
+                  "--nt-python", str(fake), "--output", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["status"] == "ok" and r["unique_pairs_per_s"] == pytest.approx(6 / 0.5)
+    if scale == 1.0:
+        assert r["check"]["max_rel_diff"] < 1e-6   # the fake's images are float32-rounded
+    else:
+        assert r["check"]["max_rel_diff"] > 0.2
+
+
+def test_nt_fixture_check_detects_a_changed_value(tmp_path, monkeypatch):
+    """``make_nt_fixtures.py --check`` fails on a fixture whose values were altered."""
+    import importlib.util
+    import runpy
+    if importlib.util.find_spec("neural_tangents") is None:
+        pytest.skip("neural-tangents is not installed (tests/fixtures/make_nt_fixtures.py says how)")
+    f = np.load(ROOT / "tests" / "fixtures" / "nt_values.npz")
+    arrays = {k: f[k] for k in f.files}
+    bad = tmp_path / "bad.npz"
+    arrays["c0_d2_ntk"] = arrays["c0_d2_ntk"] * (1 + 1e-6)
+    np.savez(bad, **arrays)
+    for path, code in ((ROOT / "tests" / "fixtures" / "nt_values.npz", 0), (bad, 1)):
+        monkeypatch.setattr(sys, "argv", ["make_nt_fixtures.py", "--check", "--out", str(path)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "tests" / "fixtures" / "make_nt_fixtures.py"), run_name="__main__")
+        assert e.value.code == code
+
+
 def test_paper_targets_and_loo_solver():
     from bench.reproduce_table1 import loo_ridge_predict, one_hot, ridge_free_predict
     Y = one_hot(np.array([2, 0]), 3)
