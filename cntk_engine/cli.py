@@ -204,6 +204,8 @@ def run_info(args) -> int:
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             print(f"  {i}: {name}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
                   f"compute capability {props['major']}.{props['minor']}")
+    from .backends.numba_cpu import cache_status
+    print(f"numba kernel cache: {cache_status()}")
     print("backends:")
     for name, why in available_backends().items():
         print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
@@ -253,7 +255,8 @@ def run_demo(args) -> int:
           f"{info['tiles_total']} tiles of {info['tile']}) on backend {info['backend']} "
           f"({info['where']}, {info['dtype']}) in {dt:.2f} s: {pairs / comp:.4g} pairs/s "
           f"(tile computation {comp:.2f} s"
-          + ("; it includes the numba kernels' JIT compilation, once per process)"
+          + ("; it includes loading the numba kernel from numba's cache, or compiling it into "
+             "the cache the first time on this machine)"
              if info["backend"] == "numba" else ")"))
     # a small check that the kernel means something: kernel regression, 2/3 train, 1/3 test
     tr = np.arange(n) % 3 != 2

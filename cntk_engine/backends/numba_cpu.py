@@ -11,8 +11,13 @@ readout sums accumulated in float64.  float64 mode: float64 throughout with libm
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +31,8 @@ try:
 except ImportError as e:  # pragma: no cover - numba is a hard dependency
     numba = None
     _NUMBA_ERROR = str(e)
+
+_CACHING = False    # set where pair_kernel is defined: True when numba's on-disk cache is on
 
 # fastmath without 'nnan'/'ninf': reassociation lets the float64 readout sums vectorise,
 # while NaN and infinity keep their meaning.
@@ -79,13 +86,26 @@ if numba is not None:
             for j in range(W):
                 dst[i, j] = dst[i, j] * scale + shift
 
-    # cache=False: a process that compiled the kernel and wrote numba's on-disk cache computed
-    # results differing in the last bits (~1e-9) from processes that loaded that cache (the
-    # in-process JIT code and the cached object code make different FMA-contraction and
-    # reassociation choices: without the 'contract' and 'reassoc' flags they agree, but run
-    # 2.2x slower), and a resumed or distributed Gram must be bit-identical to an uninterrupted
-    # local run; every process compiles afresh instead (~15 s once per process and dtype).
-    @njit(parallel=True, fastmath=_FASTMATH, cache=False)
+    def _njit_cached(**options):
+        """``njit(cache=True)``, or without the on-disk cache where numba finds no writable place
+        for it (it raises at decoration time then)."""
+        def decorate(fn):
+            global _CACHING
+            try:
+                _CACHING = True
+                return njit(cache=True, **options)(fn)
+            except RuntimeError:
+                _CACHING = False
+                return njit(cache=False, **options)(fn)
+        return decorate
+
+    # The on-disk cache is used, and only its code is run (``_load_from_cache``): a process that
+    # compiles the kernel itself computes results differing in the last bits (~1e-9) from a
+    # process that loads the same kernel from numba's cache (the in-memory JIT code and the
+    # cached object code make different FMA-contraction and reassociation choices; without the
+    # 'contract' and 'reassoc' flags they agree, but run 2.2x slower), and a resumed or
+    # distributed Gram must be bit-identical to an uninterrupted local run.
+    @_njit_cached(parallel=True, fastmath=_FASTMATH)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
                     gap, same_set, slot, n_out, out, KC, exact):
         """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
@@ -202,6 +222,86 @@ if numba is not None:
 
 
 
+log = logging.getLogger("cntk_engine")
+_CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
+_loaded: set[str] = set()        # dtypes whose kernel this process has
+_load_lock = threading.Lock()
+
+
+def _in_cache(args) -> bool:
+    """Whether numba's cache holds the kernel for these arguments' types (numba internals, so
+    any failure answers False and the caller takes the slower, always-correct way)."""
+    try:
+        cache = pair_kernel._cache
+        key = cache._index_key(tuple(numba.typeof(a) for a in args), pair_kernel.targetctx.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _load_from_cache(dtype: np.dtype, args) -> None:
+    """Make this process run the kernel for ``dtype`` from numba's on-disk cache.
+
+    When the cache does not hold it yet, a child process compiles it into the cache (the ~20 s
+    of JIT then happen once per machine and dtype instead of once per process); this process
+    then loads that object code at its first call. So every process computes with identical
+    code, whichever process compiled it. Where the cache cannot be written (or the child
+    fails), this process compiles for itself, as every process then does, and says so in the
+    log.
+    """
+    name = np.dtype(dtype).name
+    if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
+        return
+    with _load_lock:
+        if name in _loaded or _in_cache(args):
+            _loaded.add(name)
+            return
+        root = str(Path(__file__).resolve().parents[2])      # import the same cntk_engine
+        env = dict(os.environ, **{_CHILD: "1"})
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = ("import numpy as np, cntk_engine as ce; "
+                f"ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype='{name}')")
+        try:
+            child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                   text=True, timeout=1800)
+            if child.returncode != 0:
+                log.warning("numba: the child compiling the %s kernel into the cache failed "
+                            "(%s); compiling in this process", name, child.stderr.strip()[-500:])
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("numba: could not run a child to compile the %s kernel (%s); compiling "
+                        "in this process", name, e)
+        _loaded.add(name)
+
+
+def _check_cache_hit(dtype: np.dtype) -> None:
+    """Log (once per dtype) when this process ran a kernel it compiled itself."""
+    misses = getattr(getattr(pair_kernel, "stats", None), "cache_misses", {})
+    name = np.dtype(dtype).name
+    if (_CACHING and not os.environ.get(_CHILD) and name not in _miss_logged
+            and any(str(sig[0].dtype) == name for sig in misses)):
+        _miss_logged.add(name)
+        log.warning("numba: the %s kernel was compiled in this process, not loaded from numba's "
+                    "cache: its results can differ in the last bits (~1e-9) from those of "
+                    "processes that loaded the cache", name)
+
+
+_miss_logged: set[str] = set()
+
+
+def cache_status() -> str:
+    """Where numba's cache of the kernel lives and which dtypes it holds (for ``cntk-engine info``)."""
+    if numba is None:
+        return "numba not importable"
+    if not _CACHING:
+        return "off (numba found no writable place for it): every process compiles the kernel"
+    try:
+        cache = pair_kernel._cache
+        held = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
+        return f"{cache._cache_path} (holds: {', '.join(held) if held else 'nothing yet'})"
+    except Exception as e:  # noqa: BLE001 - numba internals
+        return f"on (details unavailable: {e})"
+
+
 class NumbaBackend(Backend):
     name = "numba"
 
@@ -228,11 +328,17 @@ class NumbaBackend(Backend):
         flat = np.zeros((len(pi_idx), n_out, 2), dtype=np.float64)
         f = self.dtype.type
         p = self.params
-        pair_kernel(a.images, *a.diag, b.images, *b.diag,
-                            pi_idx.astype(np.int64), pj_idx.astype(np.int64),
-                            f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix),
-                            int(self.arch.filter_size), self.arch.pooling == "gap", bool(symmetric),
-                            slot, n_out, flat, constants(self.dtype), self.dtype == np.float64)
+        # writable arrays: a read-only one (a Dask worker's deserialised images, a memory map)
+        # would be another numba signature, compiled in this process instead of loaded (above)
+        w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
+        args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
+                pi_idx.astype(np.int64), pj_idx.astype(np.int64),
+                f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
+                self.arch.pooling == "gap", bool(symmetric), slot, n_out, flat,
+                constants(self.dtype), self.dtype == np.float64)
+        _load_from_cache(self.dtype, args)
+        pair_kernel(*args)
+        _check_cache_hit(self.dtype)
         out = np.zeros((n1, n2, n_out, 2), dtype=np.float64)
         out[pi_idx, pj_idx] = flat
         if symmetric:
