@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
-import inspect
 import itertools
 import os
 import tempfile
@@ -105,18 +104,16 @@ class Runner:
         self._plc = None
         import cntk_engine as ce
         self.ce = ce
-        sig = inspect.signature(ce.gram).parameters
         if args.devices:
-            if "devices" not in sig:
-                raise SystemExit("--devices: this cntk_engine.gram has no devices= parameter yet "
-                                 "(scheduler issue); run without it")
             self.gram_kwargs["devices"] = (args.devices if args.devices == "all" else _ints(args.devices))
         if args.dask_scheduler:
-            if "client" not in sig:
-                raise SystemExit("--dask-scheduler: this cntk_engine.gram has no client= parameter yet")
             from dask.distributed import Client
             self._client = Client(args.dask_scheduler)
             self.gram_kwargs["client"] = self._client
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
 
     def available(self, method) -> str | None:
         if method in PROJECT_BACKENDS:
@@ -287,6 +284,7 @@ def run(args) -> dict:
         payload["elapsed_s"] = time.perf_counter() - t_start
         write_json(out_path, payload)
         print(f"[{i}/{total}] {key}: {_summary(rec)}", flush=True)
+    runner.close()
     if not args.no_plots:
         from .plots import harness_plots
         payload["plots"] = [str(p) for p in harness_plots(payload, out_path.with_suffix(""))]

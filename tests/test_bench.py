@@ -138,6 +138,24 @@ def test_nt_fixture_check_detects_a_changed_value(tmp_path, monkeypatch):
         assert e.value.code == code
 
 
+def test_harness_through_dask(tmp_path):
+    """--dask-scheduler: the project's backend runs as Dask tile tasks, checked against per-layer."""
+    distributed = pytest.importorskip("distributed")
+    from bench import harness
+    out = tmp_path / "h.json"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        harness.main(["--methods", "numba,per_layer_cpu", "--depths", "3", "--sizes", "5",
+                      "--n", "6", "--n-for", "per_layer_cpu=3", "--tiles", "2", "--repeats", "1",
+                      "--warmup", "0", "--no-ceiling", "--no-plots", "--dask-scheduler",
+                      cluster.scheduler_address, "--output", str(out)])
+    p = json.loads(out.read_text())
+    assert "Client" in p["scheduler"]["client"]
+    numba_run, plc = p["results"]
+    assert numba_run["status"] == "ok" and numba_run["config"]["tile"] == 2
+    assert plc["check"]["vs"].startswith("numba") and plc["check"]["max_rel_diff"] < 1e-5
+
+
 def test_paper_targets_and_loo_solver():
     from bench.reproduce_table1 import loo_ridge_predict, one_hot, ridge_free_predict
     Y = one_hot(np.array([2, 0]), 3)
