@@ -197,24 +197,51 @@ def scheduler_kwargs(args, gram):
 
 
 def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
-    """{depth: (ntk_tr, nngp_tr, ntk_te, nngp_te)} from one pass, plus timing info."""
+    """One pass for all depths: (get, timing), ``get(d)`` -> (ntk_tr, nngp_tr, ntk_te, nngp_te).
+
+    In memory, or with ``--store DIR`` into two resumable Zarr stores per pooling
+    (``DIR/<pooling>_train.zarr``, ``DIR/<pooling>_test.zarr``): an interrupted run started
+    again computes only the missing tiles, and ``get(d)`` reads one depth at a time, so the
+    full 50k CIFAR-10 needs the memory of one depth's matrices, not of all five.
+    """
     import cntk_engine as ce
     kw = dict(depths=list(depths), pooling=pooling, fix=fix, kernel="both", backend=args.backend,
               dtype=args.dtype, tile=args.tile, **(extra or {}))
     ce.gram(xtr[:2], **{**kw, **{k: v for k, v in kw.items() if k in ("devices", "client")}})  # warm-up / JIT
     gpu_sync()
+    store = getattr(args, "store", None)
+    paths = {}
+    if store:
+        Path(store).mkdir(parents=True, exist_ok=True)
+        paths = {part: str(Path(store) / f"{pooling}_{part}.zarr") for part in ("train", "test")}
     t0 = time.perf_counter()
-    ktr, info = ce.gram(xtr, return_info=True, **kw)
+    ktr, info = ce.gram(xtr, return_info=True, **kw, **({"out": paths["train"], "progress": True} if store else {}))
     gpu_sync()
     t1 = time.perf_counter()
-    kte = ce.gram(xte, xtr, **kw)
+    kte, info_te = ce.gram(xte, xtr, return_info=True, **kw, **({"out": paths["test"], "progress": True} if store else {}))
     gpu_sync()
     t2 = time.perf_counter()
-    out = {d: tuple(np.asarray(a.get() if hasattr(a, "get") else a) for a in (*ktr[d], *kte[d])) for d in depths}
     n1, n2 = len(xtr), len(xte)
     pairs = n1 * (n1 + 1) // 2 + n1 * n2
-    return out, {"backend": info["backend"], "seconds_train_train": t1 - t0, "seconds_test_train": t2 - t1,
-                 "seconds": t2 - t0, "unique_pairs": pairs, "unique_pairs_per_s": pairs / (t2 - t0)}
+    timing = {"backend": info["backend"], "seconds_train_train": t1 - t0, "seconds_test_train": t2 - t1,
+              "seconds": t2 - t0, "unique_pairs": pairs, "unique_pairs_per_s": pairs / (t2 - t0)}
+    if store:
+        from cntk_engine import solver
+        timing["store"] = paths
+        done = info["tiles_computed"] + info_te["tiles_computed"]
+        total = info["tiles_total"] + info_te["tiles_total"]
+        timing["tiles_computed"], timing["tiles_total"] = done, total
+        if done < total:   # a resumed pass: this run's seconds cover only part of the pairs
+            timing["unique_pairs_per_s"] = None
+            timing["note"] = (f"resumed: {total - done} of {total} tiles were already in the store, "
+                              "so this run's time is not the pass's; see an uninterrupted run for pairs/s")
+
+        def get(d):
+            return tuple(solver.load_gram(paths[part], f"depth_{d}/{name}")
+                         for part in ("train", "test") for name in ("ntk", "nngp"))
+        return get, timing
+    ks = {d: tuple(np.asarray(a.get() if hasattr(a, "get") else a) for a in (*ktr[d], *kte[d])) for d in depths}
+    return ks.__getitem__, timing
 
 
 def per_depth_throughput(x, depths, pooling, fix, args, m, extra=None):
@@ -313,12 +340,13 @@ def run(args):
         xtr, ytr, xte, yte = xtr_all[:c_tr], ytr_all[:c_tr], xte_all[:c_te], yte_all[:c_te]
         print(f"{COLUMN[pooling]}: {pooling}, fix={fix}, {c_tr} train x {c_te} test, "
               f"{xtr.shape[1:]} images, depths {list(depths)}, backend {args.backend}", flush=True)
-        ks, timing = kernels(xtr, xte, depths, pooling, fix, args, extra)
-        print(f"  kernel pass: {timing['seconds']:.1f} s, {timing['unique_pairs_per_s']:.4g} unique pairs/s "
-              f"({timing['backend']})", flush=True)
+        get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, extra)
+        rate = timing["unique_pairs_per_s"]
+        print(f"  kernel pass: {timing['seconds']:.1f} s, "
+              + (f"{rate:.4g} unique pairs/s" if rate else timing["note"]) + f" ({timing['backend']})", flush=True)
         rows = []
         for d in depths:
-            ntk_tr, nngp_tr, ntk_te, nngp_te = ks[d]
+            ntk_tr, nngp_tr, ntk_te, nngp_te = get_kernels(d)
             row = {"depth": d}
             for name, ktr, kte in (("ntk", ntk_tr, ntk_te), ("nngp", nngp_tr, nngp_te)):
                 row[f"{name}_acc_paper_solve"] = accuracy(ridge_free_predict(ktr, kte, ytr), yte)
@@ -347,7 +375,7 @@ def run(args):
                                 y_train=ytr, y_test=yte, depths=np.array(depths),
                                 pooling=pooling, fix=fix, image_shape=np.array(xtr.shape[1:]),
                                 **{f"{k}_{d}": v for d in depths for k, v in
-                                   zip(("ntk_train", "nngp_train", "ntk_test", "nngp_test"), ks[d])})
+                                   zip(("ntk_train", "nngp_train", "ntk_test", "nngp_test"), get_kernels(d))})
     md = markdown(payload)
     stem.with_suffix(".md").write_text(md)
     print(md)
@@ -369,7 +397,7 @@ def markdown(p) -> str:
         lines.append(f"**{colname}** ({col['pooling']}, fix={col['fix']}, {col.get('n_train', p['n_train'])} train / "
                      f"{col.get('n_test', p['n_test'])} test): one pass for all depths, "
                      f"{t['seconds']:.1f} s, {t['unique_pairs']} unique pairs, "
-                     f"{t['unique_pairs_per_s']:.4g} pairs/s")
+                     + (f"{t['unique_pairs_per_s']:.4g} pairs/s" if t.get("unique_pairs_per_s") else t.get("note", "")))
         lines.append("")
         hdr = "| depth | CNTK acc (paper solve) |" + (" CNTK acc (LOO ridge) |" if loo else "") + \
               " NNGP acc (paper solve) | paper, full CIFAR-10 |"
@@ -412,6 +440,9 @@ def parser():
                          "(same ratio) to fit")
     ap.add_argument("--per-depth-timing", type=int, default=16,
                     help="also time each depth alone on this many images (0: off)")
+    ap.add_argument("--store", default=None, metavar="DIR",
+                    help="compute the kernels into resumable Zarr stores in DIR (needs the zarr extra); "
+                         "run the same command again to resume; solves read one depth at a time")
     ap.add_argument("--save-kernels", default=None, help="save the kernels (npz per pooling) for small_data.py")
     ap.add_argument("--devices", default=None, help="gram(devices=...) (scheduler), e.g. all or 0,1")
     ap.add_argument("--dask-scheduler", default=None, help="gram(client=Client(address))")

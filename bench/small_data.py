@@ -79,7 +79,8 @@ def run(args):
         fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
         print(f"kernel: {len(xtr)} pool x {len(xte)} test, {xtr.shape[1:]} images, {pooling}, fix={fix}, "
               f"depths {depths}, backend {args.backend}", flush=True)
-        ks, timing = kernels(xtr, xte, depths, pooling, fix, args, scheduler_kwargs(args, ce.gram))
+        get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, scheduler_kwargs(args, ce.gram))
+        ks = {d: get_kernels(d) for d in depths}
         print(f"  kernel pass: {timing['seconds']:.1f} s, {timing['unique_pairs_per_s']:.4g} unique pairs/s",
               flush=True)
         shape = list(xtr.shape[1:])

@@ -195,3 +195,30 @@ def test_table1_and_small_data_tiny(tmp_path):
     rows = s["accuracy"]["CNTK d3 paper solve"]
     assert [r["n_train"] for r in rows] == [10, 20] and all(r["draws"] == 2 for r in rows)
     assert next(tmp_path.glob("small_data_t_*.png")).stat().st_size > 0
+
+
+def test_table1_store_matches_memory_and_resumes(tmp_path):
+    """--store: kernels go to resumable Zarr stores; the table equals the in-memory one, and a
+    second run of the same command computes no tile again."""
+    pytest.importorskip("zarr")
+    from bench import reproduce_table1
+    rng = np.random.default_rng(1)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (24, 5, 5, 3), dtype=np.uint8), y_train=np.arange(24) % 10,
+             x_test=rng.integers(0, 256, (9, 5, 5, 3), dtype=np.uint8), y_test=np.arange(9) % 10)
+    common = ["--data", str(data), "--n-train", "24", "--n-test", "9", "--pooling", "gap", "--depths", "2,3",
+              "--backend", "numba", "--tile", "8", "--per-depth-timing", "0", "--out-dir", str(tmp_path)]
+    mem = reproduce_table1.main(common + ["--tag", "mem", "--save-kernels", str(tmp_path / "mem")])
+    st = reproduce_table1.main(common + ["--tag", "st", "--store", str(tmp_path / "s"),
+                                         "--save-kernels", str(tmp_path / "st")])
+    again = reproduce_table1.main(common + ["--tag", "again", "--store", str(tmp_path / "s")])
+    a, b = np.load(tmp_path / "mem_gap.npz"), np.load(tmp_path / "st_gap.npz")
+    for key in ("ntk_train_2", "nngp_train_3", "ntk_test_3", "nngp_test_2"):
+        assert a[key].tobytes() == b[key].tobytes(), key
+    rows = [p["columns"]["CNTK-GAP"]["rows"] for p in (mem, st, again)]
+    assert rows[0] == rows[1] == rows[2]
+    t = st["columns"]["CNTK-GAP"]["timing"]
+    assert t["tiles_computed"] == t["tiles_total"] > 2 and t["unique_pairs_per_s"] > 0
+    t2 = again["columns"]["CNTK-GAP"]["timing"]
+    assert t2["tiles_computed"] == 0 and t2["unique_pairs_per_s"] is None and "resumed" in t2["note"]
+    assert (tmp_path / "s" / "gap_train.zarr").is_dir() and (tmp_path / "s" / "gap_test.zarr").is_dir()
