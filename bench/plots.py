@@ -23,18 +23,61 @@ def _ok(payload):
     return [r for r in payload["results"] if r.get("status") == "ok"]
 
 
+PROJECT = ("cuda", "numba")   # the project's backends, fastest first
+
+
+def _speedups(best: dict) -> dict:
+    """(fast label, slow label, size, pooling) -> {depth: ratio of unique pairs/s}.
+
+    For each project backend, its first dtype in the run (its "primary" configuration) is
+    compared with every configuration of the alternatives (per-layer baselines, reference,
+    neural-tangents) that ran on the same kind of device, and with the primary of each slower
+    project backend (cuda over numba); never the other way round, so every bar reads "how many
+    times faster is ours"."""
+    primary = {}
+    for (lab, size, pool, depth), r in best.items():
+        m = r["config"]["method"]
+        if m in PROJECT:
+            primary.setdefault(m, lab)
+    bars = defaultdict(dict)
+    for m, lab in primary.items():
+        slower = {primary[s] for s in PROJECT[PROJECT.index(m) + 1:] if s in primary}
+        for (lab1, size, pool, depth), r in best.items():
+            if lab1 != lab:
+                continue
+            for (lab2, size2, pool2, depth2), r2 in best.items():
+                m2 = r2["config"]["method"]
+                if (size2, pool2, depth2) != (size, pool, depth):
+                    continue
+                if m2 in PROJECT and lab2 not in slower:
+                    continue
+                if m2 not in PROJECT and r.get("device") and r2.get("device") \
+                        and r["device"] != r2["device"]:
+                    continue   # a CPU backend over a GPU baseline says nothing about either
+                bars[(lab, lab2, size, pool)][depth] = (
+                    r["unique_pairs_per_s"] / r2["unique_pairs_per_s"])
+    return bars
+
+
 def harness_plots(payload: dict, stem) -> list[Path]:
-    """One PNG, three panels: throughput vs depth per method, speed-up of the project's
-    backends over each alternative, throughput vs N.  Returns the paths written."""
+    """One PNG: throughput vs depth per method, speed-up of the project's backends over each
+    alternative, and (when the run has several N) throughput vs N.  Returns the paths written."""
     rows = _ok(payload)
     if not rows:
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.5))
+    scal = defaultdict(list)
+    for r in rows:
+        c = r["config"]
+        scal[(_label(c), c["size"], c["pooling"], c["depth"])].append((c["n"], r["unique_pairs_per_s"]))
+    scal = {k: sorted(v) for k, v in scal.items() if len(v) >= 2}
+    npanels = 3 if scal else 2
+    fig, axes = plt.subplots(1, npanels, figsize=(6.2 * npanels, 6.5))
     dev = payload.get("gpu", {}) or {}
     title = f"{payload['machine']['cpu']} ({payload['machine']['cores']} cores)"
     if dev.get("name"):
         title += f" + {dev['name']}"
-    fig.suptitle(f"cntk_engine harness, {title}, commit {payload.get('commit')}", fontsize=11)
+    commit = str(payload.get("commit") or "unknown").split()[0]
+    fig.suptitle(f"cntk_engine harness, {title}, commit {commit}", fontsize=11)
 
     # (a) throughput vs depth, at each method's largest N, per (size, pooling)
     ax = axes[0]
@@ -46,10 +89,12 @@ def harness_plots(payload: dict, stem) -> list[Path]:
             best[k] = r
     series = defaultdict(list)
     for (lab, size, pool, depth), r in best.items():
-        series[(lab, size, pool)].append((depth, r["unique_pairs_per_s"]))
+        series[(lab, size, pool)].append((depth, r["unique_pairs_per_s"], r["config"]["n"]))
     for (lab, size, pool), pts in sorted(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{lab}, {size}x{size} {pool}")
+        ns = sorted({p[2] for p in pts})
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                label=f"{lab}, {size}x{size} {pool}, N={'/'.join(map(str, ns))}")
     ax.set_yscale("log")
     ax.set_xlabel("depth (conv layers + 1)")
     ax.set_ylabel("unique pairs / s")
@@ -57,23 +102,9 @@ def harness_plots(payload: dict, stem) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
-    # (b) speed-up of each project backend (its first dtype in the run) over every other method
+    # (b) how many times faster the project's backends are than each alternative
     ax = axes[1]
-    project = {"numba", "cuda"}
-    primary = {}
-    for r in rows:
-        c = r["config"]
-        if c["method"] in project:
-            primary.setdefault(c["method"], _label(c))
-    bars = defaultdict(dict)   # (fast label, alt label, size, pool) -> {depth: ratio}
-    for (lab, size, pool, depth), r in best.items():
-        if lab not in primary.values():
-            continue
-        for (lab2, size2, pool2, depth2), r2 in best.items():
-            if (size2, pool2, depth2) != (size, pool, depth) or \
-                    r2["config"]["method"] == r["config"]["method"]:
-                continue
-            bars[(lab, lab2, size, pool)][depth] = r["unique_pairs_per_s"] / r2["unique_pairs_per_s"]
+    bars = _speedups(best)
     depths = sorted({d for v in bars.values() for d in v})
     width = 0.8 / max(1, len(bars))
     for i, ((lab, lab2, size, pool), v) in enumerate(sorted(bars.items())):
@@ -82,35 +113,29 @@ def harness_plots(payload: dict, stem) -> list[Path]:
         ax.bar(xs, ys, width, label=f"{lab} / {lab2} ({size}x{size} {pool})")
         for xx, yy in zip(xs, ys):
             ax.text(xx, yy, f"{yy:.3g}", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(depths))])
-    ax.set_xticklabels([str(d) for d in depths])
-    ax.set_yscale("log")
+    if bars:
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(depths))])
+        ax.set_xticklabels([str(d) for d in depths])
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.13), ncol=2)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xlabel("depth")
-    ax.set_ylabel("speed-up (unique pairs/s ratio)")
-    ax.set_title("speed-up over each alternative (same depth, size)")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.13), ncol=2)
+    ax.set_ylabel("speed-up (ratio of unique pairs/s, same run)")
+    ax.set_title("speed-up over each alternative (same depth, size)"
+                 + ("" if bars else ": no alternative in this run"))
 
     # (c) scaling with N
-    ax = axes[2]
-    scal = defaultdict(list)
-    for r in rows:
-        c = r["config"]
-        scal[(_label(c), c["size"], c["pooling"], c["depth"])].append((c["n"], r["unique_pairs_per_s"]))
-    drawn = 0
-    for k, pts in sorted(scal.items()):
-        if len(pts) < 2:
-            continue
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{k[0]}, {k[1]}x{k[1]} {k[2]} d{k[3]}")
-        drawn += 1
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("N images (symmetric Gram, N(N+1)/2 pairs)")
-    ax.set_ylabel("unique pairs / s")
-    ax.set_title("scaling with N" + ("" if drawn else " (run with --n a,b,c)"))
-    ax.grid(True, which="both", alpha=0.3)
-    if drawn:
+    if scal:
+        ax = axes[2]
+        for k, pts in sorted(scal.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                    label=f"{k[0]}, {k[1]}x{k[1]} {k[2]} d{k[3]}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N images (symmetric Gram, N(N+1)/2 pairs)")
+        ax.set_ylabel("unique pairs / s")
+        ax.set_title("scaling with N")
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(str(stem) + ".png")
@@ -119,18 +144,43 @@ def harness_plots(payload: dict, stem) -> list[Path]:
     return [path]
 
 
+def _small_data_key(name: str):
+    """'CNTK d11 loo ridge' -> ('CNTK', 11, 'loo ridge')."""
+    kernel, depth, solve = name.split(" ", 2)
+    return kernel, int(depth.lstrip("d")), solve
+
+
 def small_data_plot(payload: dict, path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for kname, rows in payload["accuracy"].items():
-        ns = [r["n_train"] for r in rows]
-        ax.errorbar(ns, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows],
-                    marker="o", capsize=3, label=kname)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training images")
-    ax.set_ylabel(f"test accuracy (%), mean +- std over draws (n_test={payload['n_test']})")
-    ax.set_title(payload.get("title", "small-data CIFAR-10"), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    """One panel per solve (paper solve, LOO ridge): colour = depth, solid = CNTK (NTK),
+    dashed = CNN-GP (NNGP); mean +- std over draws against the training-set size."""
+    acc = payload["accuracy"]
+    keys = {name: _small_data_key(name) for name in acc}
+    solves = sorted({k[2] for k in keys.values()}, key=lambda s: (s != "paper solve", s))
+    depths = sorted({k[1] for k in keys.values()})
+    colours = plt.get_cmap("viridis")([i / max(1, len(depths) - 1) * 0.85 for i in range(len(depths))])
+    fig, axes = plt.subplots(1, len(solves), figsize=(6 * len(solves), 4.8), sharey=True, squeeze=False)
+    ns_all = sorted({r["n_train"] for rows in acc.values() for r in rows})
+    for ax, solve in zip(axes[0], solves):
+        for name, (kernel, depth, s) in sorted(keys.items(), key=lambda kv: (kv[1][0], kv[1][1])):
+            if s != solve:
+                continue
+            rows = acc[name]
+            # CNTK and CNN-GP of one depth share an x: nudge them apart to keep both error bars visible
+            nudge = 1.03 if kernel == "CNTK" else 1 / 1.03
+            ax.errorbar([r["n_train"] * nudge for r in rows], [100 * r["mean"] for r in rows],
+                        yerr=[100 * r["std"] for r in rows], marker="o", ms=4, capsize=2,
+                        color=colours[depths.index(depth)], ls="-" if kernel == "CNTK" else "--",
+                        label=f"{kernel} depth {depth}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns_all)
+        ax.set_xticklabels([str(n) for n in ns_all])
+        ax.minorticks_off()
+        ax.set_xlabel("training images (class-balanced draws)")
+        ax.set_title(solve)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"test accuracy (%), mean +- std over draws (n_test={payload['n_test']})")
+    fig.suptitle(payload.get("title", "small-data CIFAR-10"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -222,3 +222,37 @@ def test_table1_store_matches_memory_and_resumes(tmp_path):
     t2 = again["columns"]["CNTK-GAP"]["timing"]
     assert t2["tiles_computed"] == 0 and t2["unique_pairs_per_s"] is None and "resumed" in t2["note"]
     assert (tmp_path / "s" / "gap_train.zarr").is_dir() and (tmp_path / "s" / "gap_test.zarr").is_dir()
+
+
+def _harness_row(method, dtype, depth, pairs_per_s, device, n=8):
+    return {"status": "ok", "device": device, "unique_pairs_per_s": pairs_per_s,
+            "config": {"method": method, "dtype": dtype, "depth": depth, "n": n, "size": 32,
+                       "pooling": "gap", "tile": None}}
+
+
+def test_speedup_bars_read_ours_over_same_device_alternatives(tmp_path):
+    from bench import plots
+    rows = [_harness_row("cuda", "float32", 3, 1000.0, "gpu"),
+            _harness_row("cuda", "float64", 3, 100.0, "gpu"),
+            _harness_row("numba", "float32", 3, 10.0, "cpu"),
+            _harness_row("per_layer_cuda", "float32", 3, 20.0, "gpu"),
+            _harness_row("per_layer_cpu", "float32", 3, 2.0, "cpu"),
+            _harness_row("neural_tangents", "float32", 3, 0.5, "cpu", n=2)]
+    best = {(plots._label(r["config"]), 32, "gap", 3): r for r in rows}
+    bars = {(a, b): v[3] for (a, b, _, _), v in plots._speedups(best).items()}
+    assert bars == {("cuda float32", "numba float32"): 100.0,
+                    ("cuda float32", "per_layer_cuda float32"): 50.0,
+                    ("numba float32", "per_layer_cpu float32"): 5.0,
+                    ("numba float32", "neural_tangents float32"): 20.0}
+    payload = {"machine": {"cpu": "test", "cores": 2}, "commit": "abc1234 (note)", "results": rows}
+    (png,) = plots.harness_plots(payload, tmp_path / "h")
+    assert png.stat().st_size > 0
+
+
+def test_small_data_plot_one_panel_per_solve(tmp_path):
+    from bench import plots
+    acc = {f"{k} d{d} {s}": [{"n_train": n, "mean": 0.1 + n / 1000, "std": 0.01} for n in (10, 20)]
+           for k in ("CNTK", "CNN-GP") for d in (3, 11) for s in ("paper solve", "loo ridge")}
+    assert plots._small_data_key("CNN-GP d11 loo ridge") == ("CNN-GP", 11, "loo ridge")
+    out = plots.small_data_plot({"accuracy": acc, "n_test": 5, "title": "t"}, tmp_path / "s.png")
+    assert out.stat().st_size > 0
