@@ -61,19 +61,8 @@ k3 = ce.gram(y, depth=3, backend='cuda'); k4 = ce.gram(y[:1], y, depth=3, backen
 print('sanitizer run ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])" 2>&1 | tail -6; echo "sanitizer rc=${PIPESTATUS[0]}")
   fi
   if has sass; then
-    echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix)"
-    so=$(python3 -P -c "import cntk_engine._cuda as m; print(m.__file__)")
-    cuobjdump -sass "$so" > /tmp/k.sass 2>/dev/null && python3 - <<'PY'
-import re, collections
-s = open("/tmp/k.sass").read()
-for f in re.split(r"\n\s+Function : ", s)[1:]:
-    name = f.split("\n")[0]
-    if "IfLi32ELi1ELb1" not in name:
-        continue
-    ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]+);", f)
-    ops = collections.Counter((i.split()[1] if i.startswith("@") else i.split()[0]).split(".")[0] for i in ins)
-    print(len(ins), "instructions;", ops.most_common(25))
-PY
+    echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix, bench/sass_mix.py)"
+    python3 -P bench/sass_mix.py --name "${TAG:-main}_sm90" --out-dir "$OUT" 2>&1 | tail -40
   fi
   if has tests; then
     echo "== GPU tests"

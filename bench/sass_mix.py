@@ -1,0 +1,246 @@
+"""Static instruction mix of the CUDA pair kernel's layer loop, read off the compiled SASS.
+
+    python bench/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3
+    python bench/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
+
+Why: on the GPU the fused kernel is issue-bound (bench/NOTES.md), so the number of instructions
+its layer loop issues per entry and layer predicts its speed, and that number can be read on
+any machine that compiles the kernel, with no GPU.  One iteration of the innermost loop that
+holds the arccos (the MUFU instructions) is one layer of one packed offset grid: every lane (a
+column) runs it once for HMAX rows, so
+
+    slots per entry-layer  s = instructions in the loop body / HMAX
+
+(warp instructions per 32 entries).  The loop body also holds the readout block, which runs only
+at readout layers, so s slightly overstates the per-layer cost.  On a GPU that issues one warp
+instruction per clock per scheduler, the FP32 FMA rate F measured by bench/ceiling.py (FMA
+lane-operations/s = SMs x 4 schedulers x 32 lanes x clock) gives the issue ceiling
+
+    pairs/s <= F / (E * L * s),   E = H^2 W^2 entries per layer (gap), L = depth - 1 layers,
+
+which a kernel that issues every cycle reaches.  Measured pairs/s divided by this bound is the
+issue efficiency: near 1 means only fewer instructions help; well below 1 means latency, occupancy
+or a unit (MUFU, shuffles, memory) is the limit.
+
+Needs cuobjdump and nvdisasm (a CUDA toolkit, or ``pip install ".[sass]"`` on Linux x86-64).
+Writes <out-dir>/sass_<name>.json with the counts by instruction and by unit, the registers and
+local memory of the kernel, and the predicted ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Which unit executes an opcode (Hopper/Ampere): enough to see where the slots go.
+UNITS = {
+    "fp32": {"FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK", "HFMA2"},
+    "fp64": {"DFMA", "DMUL", "DADD", "DSETP", "DMNMX"},
+    "mufu": {"MUFU"},
+    "shuffle": {"SHFL"},
+    "memory": {"LDG", "STG", "LDS", "STS", "LDL", "STL", "LDC", "ULDC", "LD", "ST", "ATOMS", "RED"},
+    "integer": {"IMAD", "IADD3", "ISETP", "LOP3", "LEA", "SHF", "SEL", "VIADD", "IABS", "IMNMX",
+                "PLOP3", "P2R", "R2P", "MOV", "UMOV", "ULEA", "UIADD3", "S2R", "S2UR", "CS2R",
+                "F2F", "I2F", "F2I", "PRMT", "IMAD.WIDE"},
+    "control": {"BRA", "BSSY", "BSYNC", "WARPSYNC", "BAR", "EXIT", "NOP", "CALL", "RET"},
+}
+TOOLS_HELP = ("cuobjdump and nvdisasm are needed: put a CUDA toolkit's bin/ on PATH (or set "
+              "CUDA_HOME), or install them with pip install \".[sass]\" (Linux x86-64)")
+
+
+def find_tool(name: str) -> str | None:
+    """A CUDA binary tool: PATH, $CUDA_HOME/bin, then the nvidia-cuda-<tool> wheels."""
+    hit = shutil.which(name)
+    if hit:
+        return hit
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / name).is_file():
+            return str(Path(home) / "bin" / name)
+    try:
+        import nvidia  # the namespace package of NVIDIA's pip wheels
+    except ImportError:
+        return None
+    for base in getattr(nvidia, "__path__", []):
+        for cand in sorted(Path(base).glob(f"*/bin/{name}")):
+            if os.access(cand, os.X_OK):
+                return str(cand)
+    return None
+
+
+def find_extension() -> Path | None:
+    """The installed cntk_engine._cuda shared object, also when a source checkout (which has no
+    compiled extension) shadows the installed package on sys.path."""
+    try:
+        import cntk_engine._cuda as ext
+        return Path(ext.__file__)
+    except ImportError:
+        pass
+    try:
+        from importlib import metadata
+        files = metadata.distribution("cntk-engine").files or []
+    except Exception:
+        return None
+    for f in files:
+        if re.fullmatch(r"cntk_engine/_cuda[^/]*\.(so|pyd)", str(f).replace("\\", "/")):
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    return None
+
+
+def sass_text(so: Path, arch: str) -> str:
+    """cuobjdump -sass of one architecture's cubin inside a binary."""
+    cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        raise RuntimeError(f"{TOOLS_HELP} (cuobjdump: {cuobjdump}, nvdisasm: {nvdisasm})")
+    env = dict(os.environ, PATH=str(Path(nvdisasm).parent) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(so)], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0 or "Function :" not in r.stdout:
+        raise RuntimeError(f"cuobjdump -sass -arch {arch} {so} gave no SASS (exit {r.returncode}): "
+                           f"{(r.stderr or r.stdout)[-400:].strip()}")
+    return r.stdout
+
+
+def resource_usage(so: Path, arch: str) -> dict:
+    """Function name -> {"REG": registers per thread, "LOCAL": local memory bytes, ...}."""
+    cuobjdump = find_tool("cuobjdump")
+    r = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, str(so)], capture_output=True, text=True)
+    out, name = {}, None
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        elif name and "REG:" in line:
+            out[name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            name = None
+    return out
+
+
+def kernel_tag(dtype: str, hmax: int, radius: int, full: bool) -> str:
+    """Itanium-mangled template arguments of pair_sums_kernel<T, HMAX, R, FULL>."""
+    t = {"float32": "f", "float64": "d"}[dtype]
+    return f"I{t}Li{hmax}ELi{radius}ELb{int(full)}E"
+
+
+def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
+    """Function name -> [(address, instruction text without predicate-free padding)]."""
+    out = {}
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, _, body = block.partition("\n")
+        out[name.strip()] = [(int(a, 16), text.strip())
+                             for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", body)]
+    return out
+
+
+def opcode(text: str) -> str:
+    """'@!P0 FFMA.FTZ R1, ...' -> 'FFMA'."""
+    words = text.split()
+    op = words[1] if words[0].startswith("@") else words[0]
+    return op.split(".")[0]
+
+
+def innermost_loop(ins: list[tuple[int, str]], must_hold: str = "MUFU") -> tuple[int, int]:
+    """(first, last) index of the shortest backward-branch loop whose body holds `must_hold`."""
+    index = {a: k for k, (a, _) in enumerate(ins)}
+    best = None
+    for k, (_, text) in enumerate(ins):
+        m = re.search(r"\bBRA\s+(?:\S+\s+)?(0x[0-9a-f]+)", text)
+        if not m:
+            continue
+        t = index.get(int(m.group(1), 16))
+        if t is None or t >= k:
+            continue
+        if any(opcode(x) == must_hold for _, x in ins[t:k]) and (best is None or k - t < best[1] - best[0]):
+            best = (t, k)
+    if best is None:
+        raise ValueError(f"no loop holding {must_hold} found")
+    return best
+
+
+def loop_mix(ins: list[tuple[int, str]], rows: int) -> dict:
+    t, k = innermost_loop(ins)
+    ops = collections.Counter(opcode(text) for _, text in ins[t:k + 1])
+    n = k - t + 1
+    units = {u: sum(c for o, c in ops.items() if o in members) / rows for u, members in UNITS.items()}
+    units["other"] = sum(c for o, c in ops.items() if not any(o in m for m in UNITS.values())) / rows
+    return {"loop_instructions": n, "rows_per_iteration": rows,
+            "slots_per_entry_layer": n / rows,
+            "by_unit_per_entry_layer": {u: round(v, 3) for u, v in units.items() if v},
+            "by_opcode_per_entry_layer": {o: round(c / rows, 3) for o, c in ops.most_common()},
+            "local_memory_in_loop": bool(ops.get("LDL") or ops.get("STL"))}
+
+
+def issue_ceiling(slots: float, fma_rate: float, height=32, width=32, depth=21) -> float:
+    """pairs/s at which a kernel issuing `slots` per entry-layer fills every issue cycle."""
+    return fma_rate / ((height * width) ** 2 * (depth - 1) * slots)
+
+
+def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=True) -> dict:
+    sass = sass_text(so, arch)
+    tag = kernel_tag(dtype, hmax, radius, full)
+    hits = {n: ins for n, ins in functions(sass).items() if tag in n}
+    if not hits:
+        raise ValueError(f"pair_sums_kernel<{dtype}, {hmax}, {radius}, {full}> ({tag}) is not in the "
+                         f"{arch} SASS of {so}")
+    (name, ins), = hits.items()
+    res = resource_usage(so, arch).get(name, {})
+    return {"kernel": name, "arch": arch, "dtype": dtype, "hmax": hmax, "radius": radius,
+            "full": full, "registers": res.get("REG"), "local_bytes": res.get("LOCAL"),
+            "instructions_in_kernel": len(ins), **loop_mix(ins, hmax)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--so", type=Path, default=None, help="the compiled extension [the installed one]")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--hmax", type=int, default=32)
+    ap.add_argument("--radius", type=int, default=1, help="filter_size // 2 [1]")
+    ap.add_argument("--generic", action="store_true", help="the guarded kernel, not the 32x32 one")
+    ap.add_argument("--fma-rate", type=float, default=None,
+                    help="FP32 FMA lane-ops/s of the GPU for the ceiling [the H100's, measured by "
+                         "bench/ceiling.py in bench/results/harness_gpu_h100_20261123.json]")
+    ap.add_argument("--measured", type=float, default=None,
+                    help="measured depth-21 pairs/s of this kernel, to report the issue efficiency")
+    ap.add_argument("--name", default=None, help="write <out-dir>/sass_<name>.json")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    so = args.so or find_extension()
+    if so is None:
+        sys.exit("cntk_engine._cuda is not installed (it is built by pip install . when nvcc is "
+                 "found); pass --so PATH")
+    out = analyse(so, args.arch, args.dtype, args.hmax, args.radius, not args.generic)
+    rate, src = args.fma_rate, "--fma-rate"
+    if rate is None:
+        ref = ROOT / "bench" / "results" / "harness_gpu_h100_20261123.json"
+        if ref.exists():
+            rate = json.loads(ref.read_text())["ceiling"]["rates"]["gpu"]["float32"]["fma_per_s"]
+            src = f"{ref.relative_to(ROOT)} (NVIDIA H100 80GB HBM3)"
+    if rate and args.dtype == "float32" and args.hmax == 32:
+        ceiling = issue_ceiling(out["slots_per_entry_layer"], rate)
+        out["issue_ceiling_depth21_pairs_per_s"] = round(ceiling, 1)
+        out["fma_rate"] = {"fma_per_s": rate, "from": src}
+        if args.measured:
+            out["measured_depth21_pairs_per_s"] = args.measured
+            out["issue_efficiency"] = round(args.measured / ceiling, 4)
+    out["so"] = str(so)
+    print(json.dumps({k: v for k, v in out.items() if k != "by_opcode_per_entry_layer"}, indent=1))
+    if args.name:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path = args.out_dir / f"sass_{args.name}.json"
+        path.write_text(json.dumps(out, indent=1))
+        print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
