@@ -66,7 +66,7 @@ print('sanitizer run ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])" 2>&1 | tail 
   fi
   if has tests; then
     echo "== GPU tests"
-    python3 -P -m pytest -q tests/test_cuda.py tests/test_core.py -p no:cacheprovider 2>&1 | tail -15
+    python3 -P -m pytest -q tests/test_cuda.py tests/test_core.py tests/test_sass.py -p no:cacheprovider 2>&1 | tail -15
     [ "${PIPESTATUS[0]}" = 0 ] || FAILED="$FAILED tests"
   fi
   if has bench; then
