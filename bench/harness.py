@@ -231,6 +231,12 @@ def run(args) -> dict:
         if methods & set(GPU_METHODS) and payload["gpu"]:
             rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(set(_strs(args.dtypes)) | {"float32"})))
     payload["ceiling"] = {"rates": rates, "count": "bench/CEILING.md (counted from cntk_engine/backends/numba_cpu.py)"}
+    # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
+    mixes = {}
+    if "cuda" in methods and payload["gpu"]:
+        from . import sass_mix
+        mixes = sass_mix.harness_mixes(matrix)
+        payload["sass"] = mixes
 
     refs = {}   # (depth, size, pooling) -> (result, n, method) of the first project backend run
     total = len(matrix)
@@ -280,6 +286,10 @@ def run(args) -> dict:
             rec["work_per_pair"] = {"fp_instructions": w.fp_instructions, "flops": w.flops}
             rate = rates.get(rec["device"], {}).get(c["dtype"])
             rec.update(ceil_mod.ceiling_figures(rec["unique_pairs_per_s"], w, rate))
+            if mixes:
+                from .sass_mix import issue_figures
+                f32 = rates.get("gpu", {}).get("float32", {}).get("fma_per_s")
+                rec.update(issue_figures(c, rec["unique_pairs_per_s"], mixes, f32))
         payload["results"].append(rec)
         payload["elapsed_s"] = time.perf_counter() - t_start
         write_json(out_path, payload)
@@ -301,6 +311,8 @@ def _summary(rec):
     s = f"{rec['unique_pairs_per_s']:.4g} unique pairs/s ({rec['seconds']:.3g} s median)"
     if "fraction_of_ceiling" in rec:
         s += f", {100 * rec['fraction_of_ceiling']:.1f}% of ceiling"
+    if "issue_efficiency" in rec:
+        s += f", issues {100 * rec['issue_efficiency']:.1f}% of cycles (SASS count)"
     if "check" in rec:
         s += f", max rel diff vs {rec['check']['vs']}: {rec['check']['max_rel_diff']:.1e}"
     return s

@@ -179,9 +179,47 @@ def loop_mix(ins: list[tuple[int, str]], rows: int) -> dict:
             "local_memory_in_loop": bool(ops.get("LDL") or ops.get("STL"))}
 
 
-def issue_ceiling(slots: float, fma_rate: float, height=32, width=32, depth=21) -> float:
-    """pairs/s at which a kernel issuing `slots` per entry-layer fills every issue cycle."""
-    return fma_rate / ((height * width) ** 2 * (depth - 1) * slots)
+def issue_ceiling(slots: float, fma_rate: float, height=32, width=32, depth=21, pooling="gap") -> float:
+    """pairs/s at which a kernel issuing `slots` per entry-layer fills every issue cycle.
+
+    fma_rate: the device's FP32 FMA lane-operations/s (one warp instruction per scheduler and
+    clock = 32 lanes), the issue rate whatever the dtype of the kernel."""
+    entries = (height * width) ** 2 if pooling == "gap" else height * width
+    return fma_rate / (entries * (depth - 1) * slots)
+
+
+def harness_mixes(configs, so=None, arch="sm_90") -> dict:
+    """The layer-loop mix of the 32x32 kernels that the harness's cuda configurations ran
+    ("float32 k3" -> mix, or {"error": why}); {} when no cuda configuration is 32x32."""
+    wanted = sorted({(c["dtype"], c.get("filter_size", 3)) for c in configs
+                     if c["method"] == "cuda" and c["size"] == 32})
+    if not wanted:
+        return {}
+    so = so or find_extension()
+    out = {}
+    for dtype, k in wanted:
+        key = f"{dtype} k{k}"
+        try:
+            if so is None:
+                raise RuntimeError("cntk_engine._cuda is not installed")
+            mix = analyse(so, arch, dtype, 32, k // 2, True)
+            out[key] = {f: mix[f] for f in ("kernel", "arch", "registers", "local_bytes",
+                                            "slots_per_entry_layer", "by_unit_per_entry_layer",
+                                            "local_memory_in_loop")}
+        except Exception as e:   # no tools, no sm_90 code: recorded, the run goes on
+            out[key] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def issue_figures(config: dict, pairs_per_s: float, mixes: dict, fp32_fma_rate: float | None) -> dict:
+    """A cuda run's issue ceiling and efficiency from its kernel's static mix (harness field)."""
+    mix = mixes.get(f"{config['dtype']} k{config.get('filter_size', 3)}")
+    if config["method"] != "cuda" or config["size"] != 32 or not mix or "error" in mix \
+            or not fp32_fma_rate:
+        return {}
+    ceiling = issue_ceiling(mix["slots_per_entry_layer"], fp32_fma_rate, 32, 32, config["depth"],
+                            config["pooling"])
+    return {"issue_ceiling_pairs_per_s": ceiling, "issue_efficiency": pairs_per_s / ceiling}
 
 
 def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=True) -> dict:

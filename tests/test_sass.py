@@ -78,3 +78,28 @@ def test_installed_kernel_stays_within_its_instruction_budget():
     assert mix["local_bytes"] == 0 and not mix["local_memory_in_loop"], why
     # the H100 issue ceiling is F / (E L s): 72 slots = 18,650 pairs/s at depth 21
     assert mix["slots_per_entry_layer"] <= 72.0, why
+
+
+def test_harness_issue_figures_from_a_kernel_mix():
+    mix = {"float32 k3": {"slots_per_entry_layer": 70.4375}}
+    cfg = {"method": "cuda", "dtype": "float32", "size": 32, "depth": 21, "pooling": "gap"}
+    f = sass_mix.issue_figures(cfg, 18968.0, mix, 2.8158e13)
+    assert f["issue_ceiling_pairs_per_s"] == pytest.approx(19062, rel=1e-3)
+    assert f["issue_efficiency"] == pytest.approx(0.995, abs=1e-3)
+    flat = sass_mix.issue_figures(dict(cfg, pooling="flatten", depth=3), 1e6, mix, 2.8158e13)
+    assert flat["issue_ceiling_pairs_per_s"] == pytest.approx(2.8158e13 / (1024 * 2 * 70.4375))
+    # nothing for other methods, sizes the mix does not describe, failed analyses, no rate
+    assert sass_mix.issue_figures(dict(cfg, method="numba"), 1.0, mix, 2.8e13) == {}
+    assert sass_mix.issue_figures(dict(cfg, size=16), 1.0, mix, 2.8e13) == {}
+    assert sass_mix.issue_figures(cfg, 1.0, {"float32 k3": {"error": "no tools"}}, 2.8e13) == {}
+    assert sass_mix.issue_figures(cfg, 1.0, mix, None) == {}
+
+
+def test_harness_mixes_records_why_it_could_not_read_the_kernel(tmp_path):
+    cfgs = [{"method": "cuda", "dtype": "float32", "size": 32}, {"method": "numba", "dtype": "float64", "size": 32},
+            {"method": "cuda", "dtype": "float64", "size": 16}]
+    assert sass_mix.harness_mixes(cfgs[1:]) == {}
+    fake = tmp_path / "_cuda.so"
+    fake.write_bytes(b"not a CUDA binary")
+    out = sass_mix.harness_mixes(cfgs, so=fake)
+    assert list(out) == ["float32 k3"] and "error" in out["float32 k3"]
