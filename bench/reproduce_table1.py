@@ -17,7 +17,8 @@ the training set, and the NNGP (CNN-GP) kernel of the same pass, which costs not
 
 Input (``--data``): a directory with the official CIFAR-10 python files ``data_batch_1`` ..
 ``data_batch_5`` and ``test_batch`` (pickles of dicts with ``b"data"``: uint8 (10000, 3072),
-each row the 32x32 R, G, B planes; ``b"labels"``: 10000 ints), or an ``.npz`` with
+each row the 32x32 R, G, B planes; ``b"labels"``: 10000 ints), the official archive
+``cifar-10-python.tar.gz`` itself (read in place, nothing extracted), or an ``.npz`` with
 ``x_train`` (N, 32, 32, 3) uint8, ``y_train``, ``x_test``, ``y_test`` (channels-last).  Default:
 ``cifar10_jpeg_small.npz`` (5000 train / 2000 test) in $CNTK_ENGINE_DATA or ../shared/data.
 The first ``--n-train`` / ``--n-test`` images are used (deterministic).
@@ -58,27 +59,76 @@ def default_data_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------- data
+OFFICIAL_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+ACCEPTED = ("a directory holding the official CIFAR-10 python files data_batch_1 .. data_batch_5 "
+            "and test_batch (or their folder cifar-10-batches-py), the official archive "
+            "cifar-10-python.tar.gz, or an .npz with x_train (N, 32, 32, 3) uint8, y_train, x_test, "
+            "y_test")
+
+
+def _official_batch(raw: bytes | object, name: str, src: str):
+    """(images uint8 (n, 3, 32, 32), labels int64 (n,)) of one official pickle, checked."""
+    d = pickle.loads(raw, encoding="bytes") if isinstance(raw, bytes) else raw
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"{src}: {name} is not a CIFAR-10 python batch (a pickled dict with "
+                         f"b'data' and b'labels'); accepted: {ACCEPTED}")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise ValueError(f"{src}: {name} has data of shape {data.shape} and {len(labels)} labels; "
+                         "a CIFAR-10 batch has (n, 3072) uint8 rows (the R, G, B 32x32 planes) "
+                         "and n labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{src}: {name} has labels outside 0..9 ({labels.min()}..{labels.max()})")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
+
+
+def _official(read, src: str):
+    parts = [_official_batch(read(name), name, src) for name in OFFICIAL_BATCHES]
+    x_tr = np.concatenate([x for x, _ in parts[:5]])
+    y_tr = np.concatenate([y for _, y in parts[:5]])
+    return x_tr, y_tr, parts[5][0], parts[5][1], src
+
+
 def load_cifar(path=None):
-    """(x_train, y_train, x_test, y_test), images uint8 NCHW."""
+    """(x_train, y_train, x_test, y_test, source), images uint8 NCHW, labels int.
+
+    ``path``: see ``ACCEPTED``; None = the shipped subset ``cifar10_jpeg_small.npz`` in
+    $CNTK_ENGINE_DATA or ../shared/data.  Raises ValueError naming what is missing or malformed."""
     p = Path(path) if path else default_data_dir() / "cifar10_jpeg_small.npz"
-    if p.is_dir() and (p / "cifar10_jpeg_small.npz").exists() and not (p / "test_batch").exists():
-        p = p / "cifar10_jpeg_small.npz"
+    if not p.exists():
+        raise ValueError(f"CIFAR-10 data {p} does not exist; accepted: {ACCEPTED}")
     if p.is_dir():
         if not (p / "test_batch").exists() and (p / "cifar-10-batches-py").is_dir():
             p = p / "cifar-10-batches-py"
-        xs, ys = [], []
-        for i in range(1, 6):
-            with open(p / f"data_batch_{i}", "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.extend(d[b"labels"])
-        with open(p / "test_batch", "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        return (np.concatenate(xs), np.asarray(ys), np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
-                np.asarray(d[b"labels"]), str(p))
+        missing = [n for n in OFFICIAL_BATCHES if not (p / n).is_file()]
+        if missing and (p / "cifar10_jpeg_small.npz").is_file():
+            p = p / "cifar10_jpeg_small.npz"
+        elif missing:
+            raise ValueError(f"{p} lacks the CIFAR-10 file(s) {', '.join(missing)}; accepted: {ACCEPTED}")
+        else:
+            return _official(lambda name: (p / name).read_bytes(), str(p))
+    if p.name.endswith((".tar.gz", ".tgz", ".tar")):
+        import tarfile
+        with tarfile.open(p) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in OFFICIAL_BATCHES if n not in members]
+            if missing:
+                raise ValueError(f"{p} holds no {', '.join(missing)}; accepted: {ACCEPTED}")
+            return _official(lambda name: tar.extractfile(members[name]).read(), str(p))
+    if p.suffix != ".npz":
+        raise ValueError(f"{p} is neither a directory, a .tar.gz nor an .npz; accepted: {ACCEPTED}")
     with np.load(p) as d:
-        tr = np.ascontiguousarray(d["x_train"].transpose(0, 3, 1, 2))
-        te = np.ascontiguousarray(d["x_test"].transpose(0, 3, 1, 2))
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+        if missing:
+            raise ValueError(f"{p} has no {', '.join(missing)} (it holds {', '.join(d.files)}); "
+                             f"accepted: {ACCEPTED}")
+        xs = [d["x_train"], d["x_test"]]
+        for k, x in zip(("x_train", "x_test"), xs):
+            if x.ndim != 4 or x.shape[-1] != 3:
+                raise ValueError(f"{p}: {k} has shape {x.shape}; expected (N, H, W, 3) channels-last images")
+        tr = np.ascontiguousarray(xs[0].transpose(0, 3, 1, 2))
+        te = np.ascontiguousarray(xs[1].transpose(0, 3, 1, 2))
         return tr, np.asarray(d["y_train"]).ravel(), te, np.asarray(d["y_test"]).ravel(), str(p)
 
 

@@ -256,3 +256,56 @@ def test_small_data_plot_one_panel_per_solve(tmp_path):
     assert plots._small_data_key("CNN-GP d11 loo ridge") == ("CNN-GP", 11, "loo ridge")
     out = plots.small_data_plot({"accuracy": acc, "n_test": 5, "title": "t"}, tmp_path / "s.png")
     assert out.stat().st_size > 0
+
+
+def _official_cifar(tmp_path, per_batch=3):
+    """A miniature of the official CIFAR-10 python files: (folder, archive, expected arrays)."""
+    import pickle
+    import tarfile
+    rng = np.random.default_rng(5)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        (root / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels, b"batch_label": b"x"}))
+        xs.append(data)
+        ys.append(labels)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    return root, archive, xs, ys
+
+
+def test_load_cifar_official_files_folder_and_archive(tmp_path):
+    from bench.reproduce_table1 import load_cifar
+    root, archive, xs, ys = _official_cifar(tmp_path)
+    for src in (root, tmp_path, archive):
+        x_tr, y_tr, x_te, y_te, _ = load_cifar(src)
+        assert x_tr.shape == (15, 3, 32, 32) and x_te.shape == (3, 3, 32, 32) and x_tr.dtype == np.uint8
+        # row layout: the red 32x32 plane, then green, then blue, each row-major
+        assert x_tr[4, 1, 2, 7] == xs[1][1, 1024 + 2 * 32 + 7]
+        assert x_te[2, 2, 31, 0] == xs[5][2, 2048 + 31 * 32]
+        np.testing.assert_array_equal(y_tr, np.concatenate(ys[:5]))
+        np.testing.assert_array_equal(y_te, ys[5])
+
+
+def test_load_cifar_refuses_what_it_cannot_read(tmp_path):
+    import pickle
+    from bench.reproduce_table1 import load_cifar
+    root, _, _, _ = _official_cifar(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_cifar(tmp_path / "nowhere")
+    (root / "test_batch").unlink()
+    with pytest.raises(ValueError, match="lacks the CIFAR-10 file.*test_batch"):
+        load_cifar(root)
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"test_batch has data of shape \(2, 100\)"):
+        load_cifar(root)
+    np.savez(tmp_path / "x.npz", x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=[0, 1])
+    with pytest.raises(ValueError, match="has no x_test, y_test"):
+        load_cifar(tmp_path / "x.npz")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(ValueError, match="neither a directory"):
+        load_cifar(tmp_path / "x.txt")
