@@ -132,6 +132,14 @@ def load_cifar(path=None):
         return tr, np.asarray(d["y_train"]).ravel(), te, np.asarray(d["y_test"]).ravel(), str(p)
 
 
+def load_cifar_for_cli(path):
+    """load_cifar for the command lines: bad data ends the program with the reason, no traceback."""
+    try:
+        return load_cifar(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def preprocess(x_train, x_test, downsample=1):
     """The paper's preprocessing: /255, per-channel standardisation with training statistics;
     optionally average-pool by ``downsample`` (a CPU-feasibility option, not the paper's)."""
@@ -356,7 +364,7 @@ def fit_sizes(rate, budget_s, n_train_max, n_test_max):
 def run(args):
     import cntk_engine as ce
     depths = tuple(int(d) for d in args.depths.split(","))
-    x_tr, y_tr, x_te, y_te, src = load_cifar(args.data)
+    x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
     n_tr = min(args.n_train, len(x_tr))
     n_te = min(args.n_test, len(x_te))
     xtr, xte = preprocess(x_tr, x_te, args.downsample)

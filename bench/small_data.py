@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import gpu_info, machine, result_header, versions, write_json  # noqa: E402
-from bench.reproduce_table1 import (accuracy, kernels, load_cifar, loo_ridge_predict,  # noqa: E402
+from bench.reproduce_table1 import (accuracy, kernels, load_cifar_for_cli, loo_ridge_predict,  # noqa: E402
                                     preprocess, ridge_free_predict, scheduler_kwargs)
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ def run(args):
     else:
         import cntk_engine as ce
         depths = [int(d) for d in args.depths.split(",")]
-        x_tr, y_tr, x_te, y_te, src = load_cifar(args.data)
+        x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
         xtr, xte = preprocess(x_tr, x_te, args.downsample)
         xtr, ytr = xtr[:args.pool], y_tr[:args.pool]
         xte, yte = xte[:args.n_test], y_te[:args.n_test]
