@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ceiling as ceil_mod
+from . import sass_mix
 from .common import gpu_info, gpu_sync, machine, median_time, result_header, versions, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -234,7 +235,6 @@ def run(args) -> dict:
     # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
     mixes = {}
     if "cuda" in methods and payload["gpu"]:
-        from . import sass_mix
         mixes = sass_mix.harness_mixes(matrix)
         payload["sass"] = mixes
 
@@ -287,9 +287,8 @@ def run(args) -> dict:
             rate = rates.get(rec["device"], {}).get(c["dtype"])
             rec.update(ceil_mod.ceiling_figures(rec["unique_pairs_per_s"], w, rate))
             if mixes:
-                from .sass_mix import issue_figures
                 f32 = rates.get("gpu", {}).get("float32", {}).get("fma_per_s")
-                rec.update(issue_figures(c, rec["unique_pairs_per_s"], mixes, f32))
+                rec.update(sass_mix.issue_figures(c, rec["unique_pairs_per_s"], mixes, f32))
         payload["results"].append(rec)
         payload["elapsed_s"] = time.perf_counter() - t_start
         write_json(out_path, payload)

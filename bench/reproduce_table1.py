@@ -66,9 +66,9 @@ ACCEPTED = ("a directory holding the official CIFAR-10 python files data_batch_1
             "y_test")
 
 
-def _official_batch(raw: bytes | object, name: str, src: str):
+def _official_batch(raw: bytes, name: str, src: str):
     """(images uint8 (n, 3, 32, 32), labels int64 (n,)) of one official pickle, checked."""
-    d = pickle.loads(raw, encoding="bytes") if isinstance(raw, bytes) else raw
+    d = pickle.loads(raw, encoding="bytes")
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{src}: {name} is not a CIFAR-10 python batch (a pickled dict with "
                          f"b'data' and b'labels'); accepted: {ACCEPTED}")

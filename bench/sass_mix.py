@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ UNITS = {
     "memory": {"LDG", "STG", "LDS", "STS", "LDL", "STL", "LDC", "ULDC", "LD", "ST", "ATOMS", "RED"},
     "integer": {"IMAD", "IADD3", "ISETP", "LOP3", "LEA", "SHF", "SEL", "VIADD", "IABS", "IMNMX",
                 "PLOP3", "P2R", "R2P", "MOV", "UMOV", "ULEA", "UIADD3", "S2R", "S2UR", "CS2R",
-                "F2F", "I2F", "F2I", "PRMT", "IMAD.WIDE"},
+                "F2F", "I2F", "F2I", "PRMT"},
     "control": {"BRA", "BSSY", "BSYNC", "WARPSYNC", "BAR", "EXIT", "NOP", "CALL", "RET"},
 }
 TOOLS_HELP = ("cuobjdump and nvdisasm are needed: put a CUDA toolkit's bin/ on PATH (or set "
@@ -96,8 +97,9 @@ def find_extension() -> Path | None:
     return None
 
 
+@lru_cache(maxsize=8)
 def sass_text(so: Path, arch: str) -> str:
-    """cuobjdump -sass of one architecture's cubin inside a binary."""
+    """cuobjdump -sass of one architecture's cubin inside a binary (read once per binary)."""
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
         raise RuntimeError(f"{TOOLS_HELP} (cuobjdump: {cuobjdump}, nvdisasm: {nvdisasm})")
@@ -110,6 +112,7 @@ def sass_text(so: Path, arch: str) -> str:
     return r.stdout
 
 
+@lru_cache(maxsize=8)
 def resource_usage(so: Path, arch: str) -> dict:
     """Function name -> {"REG": registers per thread, "LOCAL": local memory bytes, ...}."""
     cuobjdump = find_tool("cuobjdump")
@@ -132,7 +135,7 @@ def kernel_tag(dtype: str, hmax: int, radius: int, full: bool) -> str:
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """Function name -> [(address, instruction text without predicate-free padding)]."""
+    """Function name -> [(address, instruction text)]."""
     out = {}
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name, _, body = block.partition("\n")

@@ -225,6 +225,7 @@ if numba is not None:
 log = logging.getLogger("cntk_engine")
 _CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
 _loaded: set[str] = set()        # dtypes whose kernel this process has
+_miss_logged: set[str] = set()   # dtypes whose in-process compilation was logged
 _load_lock = threading.Lock()
 
 
@@ -284,8 +285,6 @@ def _check_cache_hit(dtype: np.dtype) -> None:
                     "cache: its results can differ in the last bits (~1e-9) from those of "
                     "processes that loaded the cache", name)
 
-
-_miss_logged: set[str] = set()
 
 
 def cache_status() -> str:
