@@ -24,8 +24,10 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     Parameters
     ----------
     x1, x2 : arrays (N1, C, H, W) and (N2, C, H, W) (or NHWC with ``data_format="NHWC"``), any
-        real dtype (uint8 images are used as they are, as float).  ``x2=None`` computes the
-        symmetric Gram of ``x1``, each unordered pair once.  CuPy arrays in give CuPy arrays out.
+        real dtype (uint8 images are used as they are, as float).  ``x2=None`` (or ``x2`` the
+        same array object as ``x1``) computes the symmetric Gram of ``x1``, each unordered pair
+        once.  Identical images anywhere in ``x1`` and ``x2`` get exactly equal kernel values
+        (``cntk_engine.arch``, self pairs).  CuPy arrays in give CuPy arrays out.
     depth : int >= 2, conv layers + 1 (the paper's depth).  Or ``depths=[...]``: every depth
         is read out of ONE pass over the deepest network and a dict {depth: result} returned.
     pooling : "gap" (global average pooling, CNTK-GAP) or "flatten" (the paper's CNTK-V).
@@ -66,7 +68,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     if backend not in _backends.BACKENDS:
         raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {backend!r}")
     a = as_images(x1, data_format, "x1")
-    symmetric = x2 is None
+    symmetric = x2 is None or x2 is x1      # gram(x, x): each unordered pair once
     b = a if symmetric else as_images(x2, data_format, "x2")
     if not symmetric:
         check_pair(a, b)

@@ -45,7 +45,11 @@ whatever value Kdot takes; we set c := 0 (theta = pi/2, Kdot = 1/4, as neural-ta
 Self pairs.  When x and z are the same image, the offset-(0, 0) entries are diagonal
 entries: Sigma_l(p, p) = q(l, p) and c = 1 exactly.  theta(c) has an infinite slope at c = 1
 (theta ~ sqrt(2 (1 - c))), so a rounding error of eps in c would become an error of sqrt(eps)
-in Kdot (3e-4 in float32): every backend sets c := 1 exactly on those entries.
+in Kdot (3e-4 in float32): every backend sets c := 1 exactly on those entries, for every pair
+of identical images, wherever they sit: the self pairs of a symmetric Gram, and images that
+occur twice (``gram(x, x)``, a training image in the test set, a duplicate in a data set; the
+fast backends find them by exact comparison, ``backends.base.identical_pairs``, and give them
+their image's self-pair value, so K(x, x') == K(x, x) bit for bit when x' == x).
 
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.

@@ -9,6 +9,10 @@ float64 where ``[..., t, 0]`` is the sum of K and ``[..., t, 1]`` the sum of G =
 at the readout of ``arch.depths[t]`` (sum over all entries for gap, over the offset-0 slice for
 flatten; see ``cntk_engine.arch``).  With ``symmetric=True`` ``a`` and ``b`` are the same
 images: each unordered pair is computed once and the result mirrored.
+
+Backends with pair-list kernels (numba, cuda) implement only ``pairs(a, b, ia, ib, same_set)``:
+the readout sums of the listed pairs; :meth:`Backend.pair_sums` lists the pairs of a tile,
+scatters the sums and handles identical images (:func:`identical_pairs`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..arch import Architecture, LayerParams
+from ..diag import array_module
 
 
 @dataclass
@@ -48,8 +53,55 @@ def sqrt_and_inverse(q: np.ndarray):
     return s, inv
 
 
+def _fingerprints(x):
+    """Two 64-bit fingerprints per image of its bits: sum_k bits_k m_k (mod 2^64) for two fixed
+    random multiplier sequences m.  Integer arithmetic is exact, so equal images get equal
+    fingerprints whatever order the sum is taken in (a floating-point projection would not)."""
+    xp = array_module(x)
+    n = x.shape[0]
+    bits = xp.ascontiguousarray(x).reshape(n, -1).view(f"u{x.dtype.itemsize}").astype(xp.uint64)
+    m = np.random.default_rng(20261123).integers(1, 2**63, size=(2, bits.shape[1]), dtype=np.uint64)
+    m = xp.asarray(m | np.uint64(1))
+    keys = xp.stack([(bits * m[0]).sum(axis=1), (bits * m[1]).sum(axis=1)], axis=1)
+    return keys.get() if xp is not np else keys
+
+
+def identical_pairs(xa, xb, symmetric: bool):
+    """Index arrays (i, j) of the pairs whose images ``xa[i]`` and ``xb[j]`` are identical, as
+    NumPy int64 arrays; with ``symmetric`` (``xb`` is ``xa``) only i < j (the kernels handle
+    i == j themselves).
+
+    Why: the offset-(0, 0) entries of a pair of identical images have c = 1 exactly, and the
+    kernels set it so for their self pairs (``cntk_engine.arch``, self pairs); a twin at another
+    index (a training image in the test set, ``gram(x, x_copy)``, a duplicate in a data set)
+    would otherwise get c = 1 - O(eps) and an error of sqrt(eps) in Kdot.  Candidates come from
+    :func:`_fingerprints`, and each is confirmed by comparing the images' values."""
+    ka = _fingerprints(xa)
+    kb = ka if symmetric else _fingerprints(xb)
+    rows: dict[tuple[int, int], list[int]] = {}
+    for i, k in enumerate(map(tuple, ka.tolist())):
+        rows.setdefault(k, []).append(i)
+    ci, cj = [], []
+    for j, k in enumerate(map(tuple, kb.tolist())):
+        for i in rows.get(k, ()):
+            if not symmetric or i < j:
+                ci.append(i)
+                cj.append(j)
+    ci, cj = np.asarray(ci, dtype=np.int64), np.asarray(cj, dtype=np.int64)
+    if ci.size:
+        xp = array_module(xa)
+        n = xa.shape[0]
+        fa = xa.reshape(n, -1)
+        fb = xb.reshape(xb.shape[0], -1)
+        same = (fa[xp.asarray(ci)] == fb[xp.asarray(cj)]).all(axis=1)
+        same = same.get() if xp is not np else same
+        ci, cj = ci[same], cj[same]
+    return ci, cj
+
+
 class Backend:
-    """Base class: subclasses set ``name`` and implement ``prepare`` and ``pair_sums``."""
+    """Base class: subclasses set ``name`` and implement ``prepare`` and either ``pairs`` (a
+    pair-list kernel) or ``pair_sums`` (the reference)."""
 
     name = "base"
 
@@ -71,5 +123,31 @@ class Backend:
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
         raise NotImplementedError
 
-    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
+    def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool):
+        """Readout sums (P, n_depths, 2), float64, of the pairs (a[ia[p]], b[ib[p]]); ``ia``,
+        ``ib`` int arrays where the images live.  ``same_set``: a and b are the same images, and
+        a pair with ia[p] == ib[p] is a self pair (c := 1 on its offset-(0, 0) entries)."""
         raise NotImplementedError
+
+    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
+        xp = array_module(a.images)
+        n1, n2 = len(a), len(b)
+        if symmetric:
+            ia, ib = xp.triu_indices(n1)
+        else:
+            ia, ib = (g.ravel() for g in xp.meshgrid(xp.arange(n1), xp.arange(n2), indexing="ij"))
+        flat = self.pairs(a, b, ia, ib, symmetric)
+        out = xp.zeros((n1, n2) + flat.shape[1:], dtype=xp.float64)
+        out[ia, ib] = flat
+        if symmetric:
+            out[ib, ia] = flat
+        # identical images at different indices: their self-pair sums (computed once per image)
+        ti, tj = identical_pairs(a.images, b.images, symmetric)
+        if ti.size:
+            uniq, inv = np.unique(ti, return_inverse=True)
+            u = xp.asarray(uniq)
+            own = self.pairs(a, a, u, u, True)[xp.asarray(inv)]
+            out[xp.asarray(ti), xp.asarray(tj)] = own
+            if symmetric:
+                out[xp.asarray(tj), xp.asarray(ti)] = own
+        return out

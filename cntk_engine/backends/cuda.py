@@ -58,15 +58,10 @@ class CudaBackend(Backend):
         # rows stored twice, (N, L, 2H, W): the kernel reads z's rotated rows without a wrap
         return Prepared(cast(xd), (cast(cupy.concatenate([q, q], axis=2)),))
 
-    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
+    def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool):
         import cupy
-        n1, n2 = len(a), len(b)
-        if symmetric:
-            ia, ib = cupy.triu_indices(n1)
-        else:
-            ia, ib = (g.ravel() for g in cupy.meshgrid(cupy.arange(n1), cupy.arange(n2), indexing="ij"))
-        ia = ia.astype(cupy.int32)
-        ib = ib.astype(cupy.int32)
+        ia = cupy.ascontiguousarray(ia, dtype=cupy.int32)
+        ib = cupy.ascontiguousarray(ib, dtype=cupy.int32)
         slot = np.full(self.arch.n_layers, -1, dtype=np.int32)
         for t, layer in enumerate(self.arch.readout_layers):
             slot[layer] = t
@@ -81,10 +76,6 @@ class CudaBackend(Backend):
             cupy.cuda.Device().id, xa.data.ptr, qa.data.ptr, xb.data.ptr, qb.data.ptr,
             ia.data.ptr, ib.data.ptr, int(ia.size), c, h, w, self.arch.n_layers,
             self.arch.filter_size, p.w_first, p.w, p.b2, slot_d.data.ptr, n_out,
-            self.arch.pooling == "gap", bool(self.arch.fix), bool(symmetric),
+            self.arch.pooling == "gap", bool(self.arch.fix), bool(same_set),
             self.dtype == np.float64, flat.data.ptr, cupy.cuda.get_current_stream().ptr)
-        out = cupy.zeros((n1, n2, n_out, 2), dtype=cupy.float64)
-        out[ia, ib] = flat
-        if symmetric:
-            out[ib, ia] = flat
-        return out
+        return flat

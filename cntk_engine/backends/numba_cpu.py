@@ -314,35 +314,26 @@ class NumbaBackend(Backend):
         cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         return Prepared(cast(x), (cast(s), cast(inv)))
 
-    def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
-        n1, n2 = len(a), len(b)
-        if symmetric:
-            pi_idx, pj_idx = np.triu_indices(n1)
-        else:
-            pi_idx, pj_idx = (g.ravel() for g in np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij"))
+    def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool) -> np.ndarray:
         slot = np.full(self.arch.n_layers, -1, dtype=np.int64)
         for t, layer in enumerate(self.arch.readout_layers):
             slot[layer] = t
         n_out = len(self.arch.depths)
-        flat = np.zeros((len(pi_idx), n_out, 2), dtype=np.float64)
+        flat = np.zeros((len(ia), n_out, 2), dtype=np.float64)
         f = self.dtype.type
         p = self.params
         # writable arrays: a read-only one (a Dask worker's deserialised images, a memory map)
         # would be another numba signature, compiled in this process instead of loaded (above)
         w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
         args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
-                pi_idx.astype(np.int64), pj_idx.astype(np.int64),
+                w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
                 f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
-                self.arch.pooling == "gap", bool(symmetric), slot, n_out, flat,
+                self.arch.pooling == "gap", bool(same_set), slot, n_out, flat,
                 constants(self.dtype), self.dtype == np.float64)
         _load_from_cache(self.dtype, args)
         pair_kernel(*args)
         _check_cache_hit(self.dtype)
-        out = np.zeros((n1, n2, n_out, 2), dtype=np.float64)
-        out[pi_idx, pj_idx] = flat
-        if symmetric:
-            out[pj_idx, pi_idx] = flat
-        return out
+        return flat
 
 
 def num_threads() -> int:
