@@ -7,6 +7,12 @@ unique pairs/s of ``gram(backend="cuda")`` in float32 and float64 (timed after a
 synchronised, median of repeats), the multi-depth pass, and the per-layer baseline
 (bench/per_layer_baseline.py) on a few pairs.  Also an estimate of achieved FP32 instruction
 throughput (see bench/NOTES.md for the count).  Writes JSON (+ PNG) into bench/results or --out.
+
+Every row's ``unique_pairs_per_s`` is N(N+1)/2 / seconds and ``pairs_evaluated_per_s`` the pairs
+the method computed per second (the same, since every method here uses the Gram's symmetry).
+Before 2026-11-23 the baseline computed all N^2 ordered pairs and its ``unique_pairs_per_s``
+was N^2 / seconds, i.e. pairs evaluated per second (the ``correction`` in
+bench/results/cuda_NVIDIA_H100_80GB_HBM3_20261123.json).
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ def main():
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--n64", type=int, default=96, help="images for float64")
     ap.add_argument("--depths", default="3,6,11,21")
-    ap.add_argument("--baseline-pairs", type=int, default=4, help="images for the per-layer baseline (N^2 pairs)")
+    ap.add_argument("--baseline-pairs", type=int, default=4,
+                    help="images for the per-layer baseline (N(N+1)/2 pairs: it uses the symmetry)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -69,13 +76,13 @@ def main():
             entry_layers = pairs * (args.size ** 4) * (d - 1)
             rows.append({"method": "cntk_engine cuda", "dtype": dtype, "depth": d, "n": n,
                          "seconds": sec, "times": ts, "unique_pairs_per_s": pairs / sec,
-                         "entry_layers_per_s": entry_layers / sec})
+                         "pairs_evaluated_per_s": pairs / sec, "entry_layers_per_s": entry_layers / sec})
             print(f"cuda {dtype} depth {d:2d} N={n}: {pairs / sec:12.1f} unique pairs/s", flush=True)
         sec, ts = timed(lambda: ce.gram(xd[:n], depths=depths, backend="cuda", dtype=dtype, kernel="both"),
                         args.repeats)
         rows.append({"method": "cntk_engine cuda, all depths one pass", "dtype": dtype,
                      "depth": max(depths), "depths": depths, "n": n, "seconds": sec, "times": ts,
-                     "unique_pairs_per_s": pairs / sec})
+                     "unique_pairs_per_s": pairs / sec, "pairs_evaluated_per_s": pairs / sec})
         print(f"cuda {dtype} depths {depths} one pass: {pairs / sec:12.1f} unique pairs/s", flush=True)
     base = PerLayerGPU(2, args.size, args.size)
     xb = x[:args.baseline_pairs]
@@ -87,14 +94,17 @@ def main():
         kb = base.gram(xb)
         cupy.cuda.Device().synchronize()
         sec = time.perf_counter() - t
-        npairs = len(xb) ** 2
+        npairs = len(xb) * (len(xb) + 1) // 2       # PerLayerGPU.gram: each unordered pair once
         ours = ce.gram(xb, depth=d, backend="cuda", dtype="float64")
         err = float(np.abs(kb - ours).max() / np.abs(ours).max())
         rows.append({"method": "per-layer baseline (paper's method)", "dtype": "float32", "depth": d,
                      "n": len(xb), "seconds": sec, "unique_pairs_per_s": npairs / sec,
-                     "note": "one pair at a time, N^2 ordered pairs incl. diagonal diag recursion cost",
+                     "pairs_evaluated_per_s": npairs / sec,
+                     "note": "one pair at a time, each unordered pair once (j >= i, mirrored), "
+                             "the per-image diagonal recursions included",
                      "max_rel_diff_vs_cuda_float64": err})
-        print(f"per-layer depth {d:2d}: {npairs / sec:10.1f} pairs/s  (rel diff vs ours {err:.1e})", flush=True)
+        print(f"per-layer depth {d:2d}: {npairs / sec:10.1f} unique pairs/s  (rel diff vs ours {err:.1e})",
+              flush=True)
     for d in depths:
         ours = next(r for r in rows if r["method"] == "cntk_engine cuda" and r["dtype"] == "float32" and r["depth"] == d)
         base = next(r for r in rows if r["method"].startswith("per-layer") and r["depth"] == d)

@@ -1,9 +1,11 @@
 """Shared helpers for the benchmarks: machine description, timing, JSON results."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +39,10 @@ def commit() -> str:
 
 
 def median_time(fn, repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of fn() over ``repeats`` runs after ``warmup`` untimed runs."""
+    """Median wall time of fn() over ``repeats`` runs after ``warmup`` untimed runs (the true
+    median: the mean of the two middle times when ``repeats`` is even)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
         fn()
     times = []
@@ -45,7 +50,7 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> tuple[float, list[floa
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2], times
+    return statistics.median(times), times
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -136,3 +141,56 @@ def gpu_sync() -> None:
         cupy.cuda.Device().synchronize()
     except Exception:
         pass
+
+
+# --------------------------------------------------------------------------- command-line
+# argument types: a bad value ends the program with argparse's one-line error, no traceback
+def int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text):
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} is below the minimum {minimum}")
+        return v
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_list(minimum: int = 1):
+    """argparse type: a comma list of integers >= ``minimum`` ('3,6,11' -> [3, 6, 11])."""
+    one = int_at_least(minimum)
+
+    def parse(text):
+        vals = [one(v) for v in str(text).split(",") if v.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers, e.g. 3,6,11")
+        return vals
+    parse.__name__ = "comma list of integers"
+    return parse
+
+
+def choice_list(choices):
+    """argparse type: a comma list of values from ``choices`` ('gap,flatten' -> ['gap', 'flatten'])."""
+    choices = tuple(choices)
+
+    def parse(text):
+        vals = [v.strip() for v in str(text).split(",") if v.strip()]
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(map(repr, bad)) if bad else repr(text)}: expected a comma list from "
+                f"{', '.join(choices)}")
+        return list(dict.fromkeys(vals))
+    parse.__name__ = "comma list"
+    return parse
+
+
+def existing_file(text):
+    """argparse type: the path of an existing file."""
+    p = Path(text)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a directory, not a file' if p.is_dir() else 'no such file'}")
+    return str(p)

@@ -13,10 +13,18 @@ Configurations are the product  method x depth x image size x dtype x tile x N. 
 Every configuration computes the symmetric Gram of N random (C, size, size) images (NTK and
 NNGP, ``kernel="both"``), after ``--warmup`` untimed calls, ``--repeats`` timed calls, median
 reported; GPU work is synchronised (``cupy.cuda.Device().synchronize()``) before each clock
-read.  Each configuration records ``unique_pairs_per_s`` = N(N+1)/2 / median seconds, the
-arithmetic per pair (bench/ceiling.py) and the fraction of the device's measured FMA rate.
+read.  Each configuration records ``unique_pairs_per_s`` = N(N+1)/2 / median seconds,
+``pairs_evaluated_per_s`` (the pairs the method actually computed per second: N(N+1)/2 for a
+method that uses the Gram's symmetry, N^2 for one that computes every ordered pair, as
+neural-tangents' ``kernel_fn(x, None)`` does), the arithmetic per pair (bench/ceiling.py) and
+the fraction of the device's measured FMA rate.
 The JSON is rewritten after every configuration (progress is printed), so a long run that is
-interrupted keeps what it measured; ``--resume`` skips configurations already in the file.
+interrupted keeps what it measured; ``--resume`` keeps the configurations measured OK in the
+file (failed or unavailable ones are run again, configurations outside this run's matrix are
+kept), and refuses a file measured with other --seed/--warmup/--repeats/--devices/
+--dask-scheduler.  Without --output, --resume continues the newest <out-dir>/<name>_<date>.json,
+so a run resumed after midnight (UTC) continues yesterday's file; give long runs an explicit
+``--output PATH`` all the same.
 """
 from __future__ import annotations
 
@@ -24,7 +32,10 @@ import argparse
 import glob
 import importlib.util
 import itertools
+import json
 import os
+import re
+import statistics
 import tempfile
 import sys
 import time
@@ -35,32 +46,87 @@ import numpy as np
 
 from . import ceiling as ceil_mod
 from . import sass_mix
-from .common import gpu_info, gpu_sync, machine, median_time, result_header, versions, write_json
+from .common import (choice_list, gpu_info, gpu_sync, int_at_least, int_list, machine, median_time,
+                     result_header, versions, write_json)
 
 HERE = Path(__file__).resolve().parent
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents")
 GPU_METHODS = ("cuda", "per_layer_cuda")
+DTYPES = ("float32", "float64")
+POOLINGS = ("gap", "flatten")
+# the run settings a --resume must share with the file it continues
+RESUME_SETTINGS = ("seed", "warmup", "repeats", "devices", "dask_scheduler")
 
 
 # ------------------------------------------------------------------------------ helpers
 def _ints(s):
-    return [int(v) for v in str(s).split(",") if v.strip()]
+    if isinstance(s, (list, tuple)):
+        return [int(v) for v in s]
+    return int_list(minimum=-2 ** 62)(s)
 
 
 def _strs(s):
+    if isinstance(s, (list, tuple)):
+        return list(s)
     return [v.strip() for v in str(s).split(",") if v.strip()]
 
 
 def _overrides(s):
-    """'reference=2,per_layer_cpu=4' -> {'reference': 2, 'per_layer_cpu': 4}."""
+    """'reference=2,per_layer_cpu=4' -> {'reference': 2, 'per_layer_cpu': 4} (argparse type)."""
+    if isinstance(s, dict):
+        return s
     out = {}
     for item in _strs(s or ""):
-        k, _, v = item.partition("=")
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD=N, e.g. reference=2,per_layer_cpu=4")
         if k not in METHODS:
-            raise SystemExit(f"--n-for: unknown method {k!r}; methods are {', '.join(METHODS)}")
-        out[k] = int(v)
+            raise argparse.ArgumentTypeError(f"unknown method {k!r}; methods are {', '.join(METHODS)}")
+        out[k] = int_at_least(1)(v)
     return out
+
+
+def _tiles(s):
+    """argparse type: 'default' or tile sizes, comma list: 'default,64' -> [None, 64]."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    out = []
+    for t in _strs(s):
+        if t == "default":
+            out.append(None)
+            continue
+        try:
+            out.append(int_at_least(1)(t))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{t!r}: a tile is 'default' or a positive integer") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected 'default' or positive integers")
+    return out
+
+
+def _devices(s):
+    """argparse type: 'all' or GPU ids, comma list."""
+    if s is None or s == "all" or isinstance(s, (list, tuple)):
+        return s
+    return int_list(minimum=0)(s)
+
+
+def pairs_evaluated(method: str, n: int, plc_module=None) -> int:
+    """The pairs a method computes for the symmetric Gram of n images.
+
+    n(n+1)/2 for those that compute each unordered pair once and mirror it (this package's
+    backends, per_layer_cpu, and bench/per_layer_baseline.py since 2026-11-23, which says so
+    with ``PAIRS_EVALUATED = "unique"``); n^2 for neural-tangents (``kernel_fn(x, None)``
+    builds the full n x n batch of covariances, each ordered pair computed) and for a CuPy
+    per-layer module that does not declare it (counted as computing every ordered pair)."""
+    unique = n * (n + 1) // 2
+    if method == "neural_tangents":
+        return n * n
+    if method == "per_layer_cuda":
+        return unique if getattr(plc_module, "PAIRS_EVALUATED", "ordered") == "unique" else n * n
+    return unique
 
 
 def images(n, size, channels, seed=0):
@@ -162,13 +228,14 @@ def run_nt(args, c):
         with np.load(saved) as f:
             x, nt_kernels = f["x"], (f["ntk"], f["nngp"])
     extra = {k: v for k, v in res.items() if k not in ("seconds", "times")}
+    seconds = statistics.median(res["times"]) if res.get("times") else res["seconds"]
     dev = "gpu" if "cuda" in str(res.get("jax_device", "")).lower() or "gpu" in str(res.get("jax_device", "")).lower() else "cpu"
     import cntk_engine as ce
     ours = ce.gram(x.astype(np.float64), depth=c["depth"], pooling="gap", kernel="both", fix=False,
                    convention="neural_tangents", W_std=1.0, data_format="NHWC", dtype="float64")
     check = {"vs": "cntk_engine float64, convention='neural_tangents', W_std=1, same images",
              "block": c["n"], "max_rel_diff": _max_rel_diff(nt_kernels, ours, c["n"])}
-    return {"status": "ok", "seconds": res["seconds"], "times": res["times"], "device": dev,
+    return {"status": "ok", "seconds": seconds, "times": res["times"], "device": dev,
             "info": extra, "check": check}
 
 
@@ -185,7 +252,7 @@ def _max_rel_diff(res, ref, m):
 
 # ------------------------------------------------------------------------------ the run
 def build_matrix(args):
-    tiles = [None if t == "default" else int(t) for t in _strs(args.tiles)]
+    tiles = _tiles(args.tiles)
     nfor = _overrides(args.n_for)
     out = []
     for m, d, s, dt, p in itertools.product(_strs(args.methods), _ints(args.depths), _ints(args.sizes),
@@ -204,15 +271,62 @@ def build_matrix(args):
     return out
 
 
-def run(args) -> dict:
-    out_path = Path(args.output) if args.output else (
-        Path(args.out_dir) / f"{args.name}_{datetime.now(timezone.utc).strftime('%Y%m%d')}.json")
-    matrix = build_matrix(args)
-    done = {}
-    if args.resume and out_path.exists():
-        import json
+def run_settings(args) -> dict:
+    """The settings every measurement of a file shares (compared by --resume)."""
+    return json.loads(json.dumps({"seed": args.seed, "warmup": args.warmup, "repeats": args.repeats,
+                                  "devices": _devices(args.devices), "dask_scheduler": args.dask_scheduler}))
+
+
+def output_path(args) -> Path:
+    """--output; else <out-dir>/<name>_<UTC date>.json, or with --resume the newest existing
+    <out-dir>/<name>_<8 digits>.json (a run resumed after midnight continues its file)."""
+    if args.output:
+        return Path(args.output)
+    today = Path(args.out_dir) / f"{args.name}_{datetime.now(timezone.utc).strftime('%Y%m%d')}.json"
+    if args.resume and not today.exists():
+        pat = re.compile(re.escape(args.name) + r"_(\d{8})\.json")
+        found = sorted((p for p in Path(args.out_dir).glob(f"{glob.escape(args.name)}_*.json")
+                        if pat.fullmatch(p.name)), key=lambda p: p.name)
+        if found:
+            return found[-1]
+    return today
+
+
+def resume_records(out_path: Path, args) -> list:
+    """The records of the file a --resume continues; refuses one measured with other settings."""
+    if not (args.resume and out_path.exists()):
+        return []
+    try:
         old = json.loads(out_path.read_text())
-        done = {config_key(r["config"]): r for r in old.get("results", [])}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume: cannot read {out_path} ({type(e).__name__}: {e})") from None
+    if old.get("kind") != "harness":
+        raise SystemExit(f"--resume: {out_path} is not a harness result file")
+    mine = run_settings(args)
+    theirs = old.get("settings")
+    if theirs is None:
+        raise SystemExit(f"--resume: {out_path} does not record its settings ({', '.join(RESUME_SETTINGS)}; "
+                         "written by an older harness), so its results cannot be known to match this run's; "
+                         "start a new file (--output NEW.json)")
+    differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} in the file, {mine[k]!r} now"
+              for k in RESUME_SETTINGS if theirs.get(k) != mine[k]]
+    if differ:
+        raise SystemExit(f"--resume: {out_path} was measured with other settings: {'; '.join(differ)}. "
+                         "Run with the file's settings, or start a new file (--output NEW.json)")
+    return old.get("results", [])
+
+
+def run(args) -> dict:
+    out_path = output_path(args)
+    matrix = build_matrix(args)
+    old_records = resume_records(out_path, args)
+    keys = {config_key(c) for c in matrix}
+    done = {config_key(r["config"]): r for r in old_records if r.get("status") == "ok"}
+    # configurations of the file that this run's matrix does not have: kept as they are
+    outside = [r for r in old_records if config_key(r["config"]) not in keys]
+    if args.resume and old_records:
+        print(f"--resume: continuing {out_path} ({len(done)} OK configurations kept; failed or unavailable "
+              f"ones run again; {len(outside)} outside this matrix kept)", flush=True)
     runner = Runner(args)
     methods = {c["method"] for c in matrix}
     payload = {**result_header(), "kind": "harness", "machine": machine(), "gpu": gpu_info(),
@@ -220,17 +334,22 @@ def run(args) -> dict:
                "available_backends": runner.ce.available_backends(),
                "workload": "symmetric Gram of N random standard-normal images, NTK + NNGP (kernel='both'), "
                            "fix=False, arora convention, 3x3 filters",
+               "settings": run_settings(args),
                "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
                           "gpu_sync": "cupy.cuda.Device().synchronize() before each clock read"},
                "scheduler": {k: str(v) for k, v in runner.gram_kwargs.items()},
                "results": []}
-    # --- the ceiling: measured once per device used
+    # --- the ceiling: measured once per device used, for the dtypes its configurations use
     rates = {}
     if not args.no_ceiling:
-        if methods - set(GPU_METHODS):
-            rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(set(_strs(args.dtypes)) | {"float32"})))
-        if methods & set(GPU_METHODS) and payload["gpu"]:
-            rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(set(_strs(args.dtypes)) | {"float32"})))
+        cpu_dts = {c["dtype"] for c in matrix if c["method"] not in GPU_METHODS}
+        gpu_dts = {c["dtype"] for c in matrix if c["method"] in GPU_METHODS}
+        if gpu_dts or "neural_tangents" in methods:   # JAX may run on the GPU; issue figures use float32
+            gpu_dts |= {"float32"}
+        if cpu_dts:
+            rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(cpu_dts)))
+        if gpu_dts and payload["gpu"]:
+            rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(gpu_dts)))
     payload["ceiling"] = {"rates": rates, "count": "bench/CEILING.md (counted from cntk_engine/backends/numba_cpu.py)"}
     # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
     mixes = {}
@@ -238,13 +357,23 @@ def run(args) -> dict:
         mixes = sass_mix.harness_mixes(matrix)
         payload["sass"] = mixes
 
-    refs = {}   # (depth, size, pooling) -> (result, n, method) of the first project backend run
+    def save():
+        write_json(out_path, {**payload, "results": payload["results"] + outside})
+
+    # (depth, size, pooling) -> the first project backend / per_layer_cpu configuration: the
+    # reference the others are checked against ({"res": its kernels, computed when first needed
+    # for a configuration kept by --resume, "n", "vs"})
+    refs = {}
     total = len(matrix)
     t_start = time.perf_counter()
     for i, c in enumerate(matrix, 1):
         key = config_key(c)
+        rk = (c["depth"], c["size"], c["pooling"])
+        can_ref = c["method"] in PROJECT_BACKENDS + ("per_layer_cpu",)
         if key in done:
             payload["results"].append(done[key])
+            if rk not in refs and can_ref:
+                refs[rk] = {"res": None, "n": c["n"], "vs": f"{c['method']} {c['dtype']}", "config": c}
             print(f"[{i}/{total}] {key}: kept from {out_path.name} (--resume)", flush=True)
             continue
         rec = {"config": c}
@@ -267,13 +396,10 @@ def run(args) -> dict:
                 rec.update(status="ok", seconds=sec, times=times,
                            device="gpu" if c["method"] in GPU_METHODS else "cpu")
                 res = box["r"][c["depth"]]
-                rk = (c["depth"], c["size"], c["pooling"])
                 if rk in refs:
-                    ref, rn, rm = refs[rk]
-                    m = min(rn, c["n"])
-                    rec["check"] = {"vs": rm, "block": m, "max_rel_diff": _max_rel_diff(res, ref, m)}
-                elif c["method"] in PROJECT_BACKENDS + ("per_layer_cpu",):
-                    refs[rk] = (res, c["n"], f"{c['method']} {c['dtype']}")
+                    rec["check"] = _check(res, c["n"], refs[rk], runner, args)
+                elif can_ref:
+                    refs[rk] = {"res": res, "n": c["n"], "vs": f"{c['method']} {c['dtype']}"}
             except Exception as e:
                 rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
         if rec.get("status") == "ok":
@@ -282,6 +408,8 @@ def run(args) -> dict:
             rec["unique_pairs"] = pairs
             rec["unique_pairs_per_s"] = pairs / rec["seconds"]
             rec["entries_per_s"] = n * n / rec["seconds"]
+            rec["pairs_evaluated"] = pairs_evaluated(c["method"], n, (runner._plc or (None,))[0])
+            rec["pairs_evaluated_per_s"] = rec["pairs_evaluated"] / rec["seconds"]
             w = ceil_mod.work_per_pair(c["depth"], c["size"], c["size"], c["channels"], c["pooling"])
             rec["work_per_pair"] = {"fp_instructions": w.fp_instructions, "flops": w.flops}
             rate = rates.get(rec["device"], {}).get(c["dtype"])
@@ -291,9 +419,12 @@ def run(args) -> dict:
                 rec.update(sass_mix.issue_figures(c, rec["unique_pairs_per_s"], mixes, f32))
         payload["results"].append(rec)
         payload["elapsed_s"] = time.perf_counter() - t_start
-        write_json(out_path, payload)
+        save()
         print(f"[{i}/{total}] {key}: {_summary(rec)}", flush=True)
     runner.close()
+    payload["results"] += outside
+    outside = []
+    write_json(out_path, payload)
     if not args.no_plots:
         from .plots import harness_plots
         payload["plots"] = [str(p) for p in harness_plots(payload, out_path.with_suffix(""))]
@@ -304,6 +435,19 @@ def run(args) -> dict:
     return payload
 
 
+def _check(res, n, ref, runner, args):
+    """The check of a result against its reference (computing the reference's kernels, untimed,
+    when it is a configuration kept by --resume)."""
+    if ref["res"] is None:
+        c = ref["config"]
+        try:
+            ref["res"] = runner.make(c, images(c["n"], c["size"], c["channels"], args.seed))()[c["depth"]]
+        except Exception as e:
+            return {"vs": ref["vs"], "unavailable": f"recomputing the reference failed ({type(e).__name__}: {e})"}
+    m = min(ref["n"], n)
+    return {"vs": ref["vs"], "block": m, "max_rel_diff": _max_rel_diff(res, ref["res"], m)}
+
+
 def _summary(rec):
     if rec.get("status") != "ok":
         return f"{rec.get('status')}: {rec.get('reason')}"
@@ -312,35 +456,44 @@ def _summary(rec):
         s += f", {100 * rec['fraction_of_ceiling']:.1f}% of ceiling"
     if "issue_efficiency" in rec:
         s += f", issues {100 * rec['issue_efficiency']:.1f}% of cycles (SASS count)"
-    if "check" in rec:
+    if "max_rel_diff" in rec.get("check", {}):
         s += f", max rel diff vs {rec['check']['vs']}: {rec['check']['max_rel_diff']:.1e}"
+    elif "check" in rec:
+        s += f", no check: {rec['check'].get('unavailable')}"
     return s
 
 
 def parser():
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="numba,per_layer_cpu",
+    ap.add_argument("--methods", type=choice_list(METHODS), default="numba,per_layer_cpu",
                     help=f"comma list from {', '.join(METHODS)} (default: numba,per_layer_cpu)")
-    ap.add_argument("--depths", default="3,6,11,21")
-    ap.add_argument("--sizes", default="32", help="image sizes (H = W), comma list")
-    ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--pooling", default="gap", help="gap, flatten or both: gap,flatten")
-    ap.add_argument("--dtypes", default="float32", help="float32,float64")
-    ap.add_argument("--tiles", default="default", help="tile sizes for the project's backends: default or ints")
-    ap.add_argument("--n", default="16", help="images per configuration (comma list: scaling with N)")
-    ap.add_argument("--n-for", default="", help="per-method N, e.g. reference=2,per_layer_cpu=4")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--depths", type=int_list(2), default="3,6,11,21", help="comma list (conv layers + 1, >= 2)")
+    ap.add_argument("--sizes", type=int_list(1), default="32", help="image sizes (H = W), comma list")
+    ap.add_argument("--channels", type=int_at_least(1), default=3)
+    ap.add_argument("--pooling", type=choice_list(POOLINGS), default="gap", help="gap, flatten or both: gap,flatten")
+    ap.add_argument("--dtypes", type=choice_list(DTYPES), default="float32", help="float32,float64")
+    ap.add_argument("--tiles", type=_tiles, default="default",
+                    help="tile sizes for the project's backends: default or positive ints, comma list")
+    ap.add_argument("--n", type=int_list(1), default="16", help="images per configuration (comma list: scaling with N)")
+    ap.add_argument("--n-for", type=_overrides, default="", help="per-method N, e.g. reference=2,per_layer_cpu=4")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls per configuration (>= 1)")
+    ap.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before them (>= 0)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random images (recorded in the JSON)")
     ap.add_argument("--nt-python", default=os.environ.get("CNTK_ENGINE_NT_PYTHON", sys.executable),
                     help="python with neural_tangents (subprocess); default: this one")
-    ap.add_argument("--devices", default=None, help="passed to gram(devices=...): 'all' or 0,1,2,3")
+    ap.add_argument("--devices", type=_devices, default=None, help="passed to gram(devices=...): 'all' or 0,1,2,3")
     ap.add_argument("--dask-scheduler", default=None, help="address of a Dask scheduler: gram(client=Client(addr))")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
-    ap.add_argument("--name", default="harness", help="result file stem: <out-dir>/<name>_<date>.json")
-    ap.add_argument("--output", default=None, help="explicit JSON path (overrides --out-dir/--name)")
-    ap.add_argument("--resume", action="store_true", help="keep configurations already in the output file")
+    ap.add_argument("--name", default="harness", help="result file stem: <out-dir>/<name>_<UTC date>.json")
+    ap.add_argument("--output", default=None,
+                    help="explicit JSON path (overrides --out-dir/--name); use it for long runs that may be "
+                         "resumed")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the output file: keep its OK configurations, run the failed, unavailable and "
+                         "missing ones, keep configurations outside this matrix; refused when the file was "
+                         "measured with another --seed/--warmup/--repeats/--devices/--dask-scheduler.  Without "
+                         "--output: the newest <out-dir>/<name>_<date>.json")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the FMA-rate measurement")
     ap.add_argument("--no-plots", action="store_true")
     return ap

@@ -3,13 +3,22 @@
 For ONE pair at a time it materialises the full (H, W, H, W) covariance tensors Sigma and Theta
 in device memory and, per layer, launches one ReLU-kernel ("trans") kernel and two 3x3
 convolution kernels over the whole 4-D tensors, as the paper's reference code does (arora
-convention, GAP readout, no symmetry).  Written here with CuPy RawKernels.
+convention, GAP readout).  Written here with CuPy RawKernels.
+
+A symmetric Gram computes each unordered pair once (j >= i) and mirrors it, as every method
+the harness compares does when it can (``per_layer_cpu``, this package's backends), so that
+its unique pairs/s is a per-pair rate.  Until 2026-11-23 it computed all N^2 ordered pairs
+while the harness credited it with N(N+1)/2: see the ``correction`` of
+bench/results/harness_gpu_h100_20261123.json.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+# read by bench/harness.py (pairs_evaluated): a symmetric Gram of N images computes N(N+1)/2 pairs
+PAIRS_EVALUATED = "unique"
 
 _SRC = r"""
 extern "C" __global__
@@ -98,14 +107,15 @@ class PerLayerGPU:
         return float(cp.mean(self.T)), float(cp.mean(self.S))
 
     def gram(self, x, both=False):
-        """Full N x N NTK (and NNGP) of images x (N, C, H, W), one pair at a time (no symmetry)."""
+        """Full N x N NTK (and NNGP) of images x (N, C, H, W), one pair at a time: each
+        unordered pair once (j >= i), mirrored into both triangles."""
         cp = self.cp
         xs = [cp.asarray(xi.reshape(xi.shape[0], -1), dtype=cp.float32) for xi in x]
         roots = [self._diag_roots(xi) for xi in xs]
         out = np.empty((2, len(xs), len(xs)))
         for i in range(len(xs)):
-            for j in range(len(xs)):
-                out[:, i, j] = self.pair(xs[i], xs[j], roots[i], roots[j])
+            for j in range(i, len(xs)):
+                out[:, i, j] = out[:, j, i] = self.pair(xs[i], xs[j], roots[i], roots[j])
         return (out[0], out[1]) if both else out[0]
 
 

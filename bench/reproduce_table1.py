@@ -41,7 +41,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import gpu_info, gpu_sync, machine, result_header, versions, write_json  # noqa: E402
+from bench.common import (choice_list, existing_file, gpu_info, gpu_sync, int_at_least, int_list,  # noqa: E402
+                          machine, result_header, versions, write_json)
 
 HERE = Path(__file__).resolve().parent
 DEPTHS = (3, 4, 6, 11, 21)
@@ -348,7 +349,7 @@ def fit_sizes(rate, budget_s, n_train_max, n_test_max):
         nt = min(n_test_max, max(1, int(round(n * ratio))))
         return n * (n + 1) // 2 + n * nt, nt
 
-    lo, hi = 10, n_train_max
+    lo, hi = min(10, n_train_max), n_train_max
     if pairs(hi)[0] / rate <= budget_s:
         return hi, pairs(hi)[1]
     while lo < hi:
@@ -361,16 +362,51 @@ def fit_sizes(rate, budget_s, n_train_max, n_test_max):
 
 
 # ---------------------------------------------------------------------------- main
+def save_kernels_path(base, pooling) -> Path:
+    """Where --save-kernels BASE puts the kernels of one pooling: BASE_<pooling>.npz."""
+    return Path(Path(base).with_suffix("").as_posix() + f"_{pooling}.npz")
+
+
+def check_writable_dir(folder, what) -> None:
+    """Create ``folder`` and check a file can be written there, or end with the reason: done
+    before any kernel is computed, so a bad path does not cost the whole pass."""
+    import tempfile
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {what}: cannot write into {folder} ({e.strerror or e})") from None
+
+
+def check_architecture(depths, poolings, fix_arg) -> None:
+    """The engine's own checks of each column's architecture, before any data is loaded: an
+    impossible combination (e.g. a depth the engine refuses with fix=True) ends with the reason."""
+    from cntk_engine.arch import make_architecture
+    for pooling in poolings:
+        fix = PAPER_FIX[pooling] if fix_arg == "paper" else fix_arg == "true"
+        try:
+            make_architecture(depths=list(depths), pooling=pooling, fix=fix)
+        except ValueError as e:
+            raise SystemExit(f"error: {COLUMN.get(pooling, pooling)} ({pooling}, fix={fix}), "
+                             f"--depths {','.join(map(str, depths))}: {e}") from None
+
+
 def run(args):
     import cntk_engine as ce
-    depths = tuple(int(d) for d in args.depths.split(","))
+    depths = tuple(_as_ints(args.depths))
+    poolings = _as_strs(args.pooling)
+    check_architecture(depths, poolings, args.fix)
+    if args.save_kernels:
+        check_writable_dir(save_kernels_path(args.save_kernels, poolings[0]).parent, "--save-kernels")
+    check_writable_dir(args.out_dir, "--out-dir")
     x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
     n_tr = min(args.n_train, len(x_tr))
     n_te = min(args.n_test, len(x_te))
     xtr, xte = preprocess(x_tr, x_te, args.downsample)
     xtr_all, ytr_all, xte_all, yte_all = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
     extra = scheduler_kwargs(args, ce.gram)
-    poolings = [p.strip() for p in args.pooling.split(",")]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
     stem = Path(args.out_dir) / f"table1_{args.tag}_{stamp}"
     solver = _solver_module()
@@ -396,6 +432,7 @@ def run(args):
             print(f"{COLUMN[pooling]}: probe {probe['unique_pairs_per_s']:.4g} pairs/s at depth {max(depths)}; "
                   f"--time-budget {args.time_budget:g} s -> {c_tr} train x {c_te} test", flush=True)
         xtr, ytr, xte, yte = xtr_all[:c_tr], ytr_all[:c_tr], xte_all[:c_te], yte_all[:c_te]
+        c_tr, c_te = len(xtr), len(xte)            # the numbers of images actually used
         print(f"{COLUMN[pooling]}: {pooling}, fix={fix}, {c_tr} train x {c_te} test, "
               f"{xtr.shape[1:]} images, depths {list(depths)}, backend {args.backend}", flush=True)
         get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, extra)
@@ -429,7 +466,7 @@ def run(args):
         payload["columns"][COLUMN[pooling]] = col
         write_json(stem.with_suffix(".json"), payload)
         if args.save_kernels:
-            np.savez_compressed(Path(args.save_kernels).with_suffix("").as_posix() + f"_{pooling}.npz",
+            np.savez_compressed(save_kernels_path(args.save_kernels, pooling),
                                 y_train=ytr, y_test=yte, depths=np.array(depths),
                                 pooling=pooling, fix=fix, image_shape=np.array(xtr.shape[1:]),
                                 **{f"{k}_{d}": v for d in depths for k, v in
@@ -479,24 +516,45 @@ def markdown(p) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return v
+
+
+def _as_ints(v):
+    return list(v) if isinstance(v, (list, tuple)) else int_list(2)(v)
+
+
+def _as_strs(v):
+    return list(v) if isinstance(v, (list, tuple)) else choice_list(COLUMN)(v)
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="CIFAR-10 python directory or .npz (default: the subset)")
-    ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--pooling", default="flatten", help="flatten (CNTK-V), gap (CNTK-GAP) or gap,flatten")
-    ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    ap.add_argument("--n-train", type=int_at_least(1), default=2000)
+    ap.add_argument("--n-test", type=int_at_least(1), default=1000)
+    ap.add_argument("--pooling", type=choice_list(COLUMN), default="flatten",
+                    help="flatten (CNTK-V), gap (CNTK-GAP) or gap,flatten")
+    ap.add_argument("--depths", type=int_list(2), default=",".join(map(str, DEPTHS)),
+                    help="comma list of depths (conv layers + 1, >= 2)")
     ap.add_argument("--fix", default="paper", choices=["paper", "true", "false"],
                     help="paper: fix=False for CNTK-V, True for CNTK-GAP (their README)")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tile", type=int, default=None)
-    ap.add_argument("--downsample", type=int, default=1, help="average-pool images by this factor (CPU option)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--tile", type=int_at_least(1), default=None)
+    ap.add_argument("--downsample", type=int_at_least(1), default=1,
+                    help="average-pool images by this factor (CPU option)")
     ap.add_argument("--no-loo", action="store_true", help="skip the LOO ridge selection")
-    ap.add_argument("--time-budget", type=float, default=None,
+    ap.add_argument("--time-budget", type=_positive_float, default=None,
                     help="seconds per kernel pass: measure pairs/s first, then shrink --n-train/--n-test "
                          "(same ratio) to fit")
-    ap.add_argument("--per-depth-timing", type=int, default=16,
+    ap.add_argument("--per-depth-timing", type=int_at_least(0), default=16,
                     help="also time each depth alone on this many images (0: off)")
     ap.add_argument("--store", default=None, metavar="DIR",
                     help="compute the kernels into resumable Zarr stores in DIR (needs the zarr extra); "
@@ -506,7 +564,7 @@ def parser():
     ap.add_argument("--dask-scheduler", default=None, help="gram(client=Client(address))")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--tag", default="cpu", help="file tag: table1_<tag>_<date>.json")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+    ap.add_argument("--merge", nargs="+", type=existing_file, default=None, metavar="JSON",
                     help="merge these result files (one column each) into table1_<tag>_<date>.json/.md")
     return ap
 
@@ -514,7 +572,15 @@ def parser():
 def merge(files, out_dir, tag):
     """Merge result files of separate runs (e.g. one per pooling) into one JSON + markdown."""
     import json
-    parts = [json.loads(Path(f).read_text()) for f in files]
+    parts = []
+    for f in files:
+        try:
+            q = json.loads(Path(f).read_text())
+            q["columns"], q["command"], q["n_train"], q["n_test"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --merge: {f} is not a reproduce_table1 result file "
+                             f"({type(e).__name__}: {e})") from None
+        parts.append(q)
     if not parts:
         raise SystemExit("--merge: no files")
     out = dict(parts[0])

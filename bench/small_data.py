@@ -30,7 +30,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import gpu_info, machine, result_header, versions, write_json  # noqa: E402
+from bench.common import (existing_file, gpu_info, int_at_least, int_list,  # noqa: E402
+                          machine, result_header, versions, write_json)
 from bench.reproduce_table1 import (accuracy, kernels, load_cifar_for_cli, loo_ridge_predict,  # noqa: E402
                                     preprocess, ridge_free_predict, scheduler_kwargs)
 
@@ -52,14 +53,28 @@ def balanced_draw(y, n, rng, n_classes=10):
     return np.array(idx)
 
 
+def _ints(v, minimum=1):
+    return list(v) if isinstance(v, (list, tuple)) else int_list(minimum)(v)
+
+
 def run(args):
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = _ints(args.sizes)
+    want = _ints(args.depths, 2)
     t0 = time.perf_counter()
     if args.kernels:
-        z = np.load(args.kernels)
-        depths = [int(d) for d in z["depths"]]
-        want = [int(d) for d in args.depths.split(",")]
-        depths = [d for d in depths if d in want] or depths
+        try:
+            z = np.load(args.kernels)
+            saved = [int(d) for d in z["depths"]]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --kernels {args.kernels}: not a kernel file saved by reproduce_table1.py "
+                             f"--save-kernels ({type(e).__name__}: {e})") from None
+        depths = [d for d in saved if d in want]
+        if not depths:
+            raise SystemExit(f"error: --depths {','.join(map(str, want))}: {args.kernels} holds the kernels of "
+                             f"depths {','.join(map(str, saved))} only")
+        if len(depths) < len(want):
+            print(f"note: --depths {','.join(str(d) for d in want if d not in saved)} not in {args.kernels} "
+                  f"(it holds {','.join(map(str, saved))}); using {','.join(map(str, depths))}", flush=True)
         ytr, yte = z["y_train"], z["y_test"]
         ks = {d: (z[f"ntk_train_{d}"], z[f"nngp_train_{d}"], z[f"ntk_test_{d}"], z[f"nngp_test_{d}"])
               for d in depths}
@@ -70,13 +85,21 @@ def run(args):
         shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
     else:
         import cntk_engine as ce
-        depths = [int(d) for d in args.depths.split(",")]
+        depths = want
+        pooling = args.pooling
+        fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
+        from cntk_engine.arch import make_architecture
+        try:
+            make_architecture(depths=list(depths), pooling=pooling, fix=fix)
+        except ValueError as e:
+            raise SystemExit(f"error: {pooling}, fix={fix}, --depths {','.join(map(str, depths))}: {e}") from None
         x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
         xtr, xte = preprocess(x_tr, x_te, args.downsample)
         xtr, ytr = xtr[:args.pool], y_tr[:args.pool]
         xte, yte = xte[:args.n_test], y_te[:args.n_test]
-        pooling = args.pooling
-        fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
+        if not any(n <= len(ytr) for n in sizes):
+            raise SystemExit(f"error: every --sizes value ({','.join(map(str, sizes))}) is larger than the pool "
+                             f"of {len(ytr)} images; nothing computed")
         print(f"kernel: {len(xtr)} pool x {len(xte)} test, {xtr.shape[1:]} images, {pooling}, fix={fix}, "
               f"depths {depths}, backend {args.backend}", flush=True)
         get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, scheduler_kwargs(args, ce.gram))
@@ -84,6 +107,10 @@ def run(args):
         print(f"  kernel pass: {timing['seconds']:.1f} s, {timing['unique_pairs_per_s']:.4g} unique pairs/s",
               flush=True)
         shape = list(xtr.shape[1:])
+    too_big = [s for s in sizes if s > len(ytr)]
+    if too_big:
+        print(f"note: training size(s) {','.join(map(str, too_big))} dropped: larger than the pool of "
+              f"{len(ytr)} images", flush=True)
     sizes = [s for s in sizes if s <= len(ytr)]
     sizes_all = list(sizes)
     rng = np.random.default_rng(args.seed)
@@ -118,6 +145,10 @@ def run(args):
                     table.append({"label": label, **row})
         best = max((r for r in table if r["n_train"] == n), key=lambda r: r["mean"])
         print(f"  n={n:5d}: best {best['label']}: {100 * best['mean']:.2f} +- {100 * best['std']:.2f}%", flush=True)
+    if not sizes:
+        raise SystemExit(f"error: no training size could be drawn from the pool of {len(ytr)} images "
+                         f"(--sizes {','.join(map(str, sizes_all or _ints(args.sizes)))}: each is larger than "
+                         "the pool or needs more images of a class than it has); nothing written")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
     stem = Path(args.out_dir) / f"small_data_{args.tag}_{stamp}"
     payload = {**result_header(), "kind": "small_data", "machine": machine(), "gpu": gpu_info(),
@@ -143,19 +174,21 @@ def run(args):
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="CIFAR-10 python directory or .npz (default: the subset)")
-    ap.add_argument("--kernels", default=None, help="npz saved by reproduce_table1.py --save-kernels")
-    ap.add_argument("--pool", type=int, default=1280, help="training images the draws come from")
-    ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    ap.add_argument("--draws", type=int, default=10)
+    ap.add_argument("--kernels", type=existing_file, default=None,
+                    help="npz saved by reproduce_table1.py --save-kernels")
+    ap.add_argument("--pool", type=int_at_least(1), default=1280, help="training images the draws come from")
+    ap.add_argument("--n-test", type=int_at_least(1), default=1000)
+    ap.add_argument("--sizes", type=int_list(1), default=",".join(map(str, SIZES)),
+                    help="training-set sizes, comma list")
+    ap.add_argument("--draws", type=int_at_least(1), default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pooling", default="gap")
+    ap.add_argument("--pooling", default="gap", choices=["gap", "flatten"])
     ap.add_argument("--fix", default="paper", choices=["paper", "true", "false"])
-    ap.add_argument("--depths", default="11")
+    ap.add_argument("--depths", type=int_list(2), default="11", help="comma list (with --kernels: those to use)")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tile", type=int, default=None)
-    ap.add_argument("--downsample", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--tile", type=int_at_least(1), default=None)
+    ap.add_argument("--downsample", type=int_at_least(1), default=1)
     ap.add_argument("--no-loo", action="store_true")
     ap.add_argument("--devices", default=None)
     ap.add_argument("--dask-scheduler", default=None)

@@ -179,13 +179,13 @@ def test_table1_and_small_data_tiny(tmp_path):
     np.savez(data, x_train=rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8), y_train=np.arange(40) % 10,
              x_test=rng.integers(0, 256, (12, 6, 6, 3), dtype=np.uint8), y_test=np.arange(12) % 10)
     p = reproduce_table1.main(["--data", str(data), "--n-train", "30", "--n-test", "12", "--pooling", "gap,flatten",
-                               "--depths", "2,3", "--backend", "numba", "--per-depth-timing", "3",
+                               "--depths", "3,4", "--backend", "numba", "--per-depth-timing", "3",
                                "--out-dir", str(tmp_path), "--tag", "t", "--save-kernels", str(tmp_path / "k")])
     assert set(p["columns"]) == {"CNTK-GAP", "CNTK-V"}
     assert p["columns"]["CNTK-GAP"]["fix"] is True and p["columns"]["CNTK-V"]["fix"] is False
     for col in p["columns"].values():
         assert col["timing"]["unique_pairs"] == 30 * 31 // 2 + 30 * 12
-        assert [r["depth"] for r in col["rows"]] == [2, 3]
+        assert [r["depth"] for r in col["rows"]] == [3, 4]
         for r in col["rows"]:
             assert 0.0 <= r["ntk_acc_paper_solve"] <= 1.0 and 0.0 <= r["nngp_acc_loo_ridge"] <= 1.0
     md = next(tmp_path.glob("table1_t_*.md")).read_text()
@@ -206,14 +206,14 @@ def test_table1_store_matches_memory_and_resumes(tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, x_train=rng.integers(0, 256, (24, 5, 5, 3), dtype=np.uint8), y_train=np.arange(24) % 10,
              x_test=rng.integers(0, 256, (9, 5, 5, 3), dtype=np.uint8), y_test=np.arange(9) % 10)
-    common = ["--data", str(data), "--n-train", "24", "--n-test", "9", "--pooling", "gap", "--depths", "2,3",
+    common = ["--data", str(data), "--n-train", "24", "--n-test", "9", "--pooling", "gap", "--depths", "3,4",
               "--backend", "numba", "--tile", "8", "--per-depth-timing", "0", "--out-dir", str(tmp_path)]
     mem = reproduce_table1.main(common + ["--tag", "mem", "--save-kernels", str(tmp_path / "mem")])
     st = reproduce_table1.main(common + ["--tag", "st", "--store", str(tmp_path / "s"),
                                          "--save-kernels", str(tmp_path / "st")])
     again = reproduce_table1.main(common + ["--tag", "again", "--store", str(tmp_path / "s")])
     a, b = np.load(tmp_path / "mem_gap.npz"), np.load(tmp_path / "st_gap.npz")
-    for key in ("ntk_train_2", "nngp_train_3", "ntk_test_3", "nngp_test_2"):
+    for key in ("ntk_train_3", "nngp_train_4", "ntk_test_4", "nngp_test_3"):
         assert a[key].tobytes() == b[key].tobytes(), key
     rows = [p["columns"]["CNTK-GAP"]["rows"] for p in (mem, st, again)]
     assert rows[0] == rows[1] == rows[2]
@@ -309,3 +309,284 @@ def test_load_cifar_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a directory"):
         load_cifar(tmp_path / "x.txt")
+
+
+# ---------------------------------------------------------------------------- review fixes
+def _tiny_cifar(path, n_train=12, n_test=4, size=4, seed=0):
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+             y_train=np.arange(n_train) % 10, x_test=rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+             y_test=np.arange(n_test) % 10)
+    return path
+
+
+def test_per_layer_baseline_computes_each_unordered_pair_once():
+    """The CuPy per-layer baseline uses the symmetry (N(N+1)/2 pair calls, mirrored), as the
+    harness's unique pairs/s assumes; checked with NumPy standing in for CuPy."""
+    from bench import harness, per_layer_baseline
+    from bench.per_layer_baseline import PerLayerGPU
+    g = PerLayerGPU.__new__(PerLayerGPU)
+    g.cp = np
+    g._diag_roots = lambda x: float(x.sum())
+    calls = []
+
+    def pair(x, z, rx, rz):
+        calls.append((rx, rz))
+        return rx + 2 * rz, rx * rz
+
+    g.pair = pair
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3))
+    ntk, nngp = g.gram(x, both=True)
+    assert len(calls) == 4 * 5 // 2
+    r = np.array([np.float32(xi).sum() for xi in x], dtype=np.float64)
+    for i in range(4):
+        for j in range(4):
+            a, b = min(i, j), max(i, j)                 # computed once, as (a, b), and mirrored
+            assert ntk[i, j] == pytest.approx(r[a] + 2 * r[b]) and nngp[i, j] == pytest.approx(r[a] * r[b])
+    assert per_layer_baseline.PAIRS_EVALUATED == "unique"
+    assert harness.pairs_evaluated("per_layer_cuda", 16, per_layer_baseline) == 136
+    assert harness.pairs_evaluated("per_layer_cuda", 16, object()) == 256   # undeclared: all ordered pairs
+    assert harness.pairs_evaluated("neural_tangents", 4) == 16
+    assert harness.pairs_evaluated("numba", 4) == harness.pairs_evaluated("per_layer_cpu", 4) == 10
+
+
+def test_bench_cuda_counts_unique_pairs_for_every_method(tmp_path, monkeypatch):
+    """bench_cuda.py: unique_pairs_per_s is N(N+1)/2 / s for the baseline too (a fake CuPy and
+    fake kernels stand in for the GPU)."""
+    import types
+    fake_cp = types.ModuleType("cupy")
+    dev = types.SimpleNamespace(synchronize=lambda: None, id=0)
+    fake_cp.cuda = types.SimpleNamespace(Device=lambda *a: dev, runtime=types.SimpleNamespace(
+        getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 1, "clockRate": 1},
+        driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0))
+    fake_cp.asarray = np.asarray
+    fake_cp.__version__ = "fake"
+    monkeypatch.setitem(sys.modules, "cupy", fake_cp)
+    plb = types.ModuleType("per_layer_baseline")
+
+    class FakePerLayer:
+        def __init__(self, depth, h, w):
+            pass
+
+        def gram(self, x, both=False):
+            return np.ones((len(x), len(x)))
+
+    plb.PerLayerGPU = FakePerLayer
+    monkeypatch.setitem(sys.modules, "per_layer_baseline", plb)
+
+    def fake_gram(x, depth=None, depths=None, kernel="ntk", **kw):
+        k = np.ones((len(x), len(x)))
+        return {d: (k, k) for d in depths} if depths else k
+
+    monkeypatch.setattr(ce, "gram", fake_gram)
+    from bench import bench_cuda
+    monkeypatch.setattr(sys, "argv", ["bench_cuda.py", "--n", "5", "--n64", "3", "--depths", "3", "--repeats", "1",
+                                      "--baseline-pairs", "4", "--out", str(tmp_path)])
+    bench_cuda.main()
+    (f,) = tmp_path.glob("cuda_*.json")
+    rows = json.loads(f.read_text())["results"]
+    assert any(r["method"].startswith("per-layer") for r in rows)
+    for r in rows:
+        n = r["n"]
+        assert r["unique_pairs_per_s"] * r["seconds"] == pytest.approx(n * (n + 1) / 2), r["method"]
+        assert r["pairs_evaluated_per_s"] == r["unique_pairs_per_s"]
+
+
+def test_speedup_bars_divide_by_the_pairs_the_alternative_evaluated():
+    """An alternative that computes every ordered pair is compared per pair it computed."""
+    from bench import plots
+    rows = [_harness_row("cuda", "float32", 3, 1000.0, "gpu"),
+            dict(_harness_row("per_layer_cuda", "float32", 3, 20.0, "gpu"), pairs_evaluated_per_s=40.0)]
+    best = {(plots._label(r["config"]), 32, "gap", 3): r for r in rows}
+    bars = {(a, b): v[3] for (a, b, _, _), v in plots._speedups(best).items()}
+    assert bars == {("cuda float32", "per_layer_cuda float32"): 25.0}
+
+
+def test_harness_records_pairs_evaluated(tmp_path):
+    """neural-tangents evaluates all N^2 ordered pairs: pairs_evaluated_per_s says so."""
+    from bench import harness
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_NT.format(python=sys.executable, root=str(ROOT), scale=1.0))
+    fake.chmod(0o755)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "per_layer_cpu,neural_tangents", "--depths", "3", "--sizes", "4", "--n", "3",
+                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
+                  "--nt-python", str(fake), "--output", str(out)])
+    plc, nt = json.loads(out.read_text())["results"]
+    assert plc["pairs_evaluated"] == 6 and plc["pairs_evaluated_per_s"] == pytest.approx(plc["unique_pairs_per_s"])
+    assert nt["pairs_evaluated"] == 9 and nt["pairs_evaluated_per_s"] == pytest.approx(9 / 0.5)
+
+
+def test_harness_resume(tmp_path, capsys):
+    """--resume: refuses other settings; keeps OK results (also as the check's reference), runs
+    failed ones again, keeps configurations outside the matrix; without --output it continues
+    the newest <name>_<date>.json."""
+    from bench import harness
+    base = ["--sizes", "4", "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots"]
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "numba", "--depths", "2,3", "--n", "2", "--output", str(out)] + base)
+    p = json.loads(out.read_text())
+    assert p["settings"] == {"seed": 0, "warmup": 0, "repeats": 1, "devices": None, "dask_scheduler": None}
+    numba2 = p["results"][0]
+    for extra, name in ((["--seed", "1"], "--seed"), (["--repeats", "2"], "--repeats"),
+                        (["--warmup", "1"], "--warmup"), (["--devices", "0"], "--devices")):
+        with pytest.raises(SystemExit, match=f"other settings: {name} "):
+            harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(out), "--resume"]
+                         + base + extra)
+    p["results"][1].update(status="failed", reason="interrupted")     # numba depth 3
+    out.write_text(json.dumps(p))
+    harness.main(["--methods", "numba,per_layer_cpu", "--depths", "2,3", "--n", "2", "--output", str(out),
+                  "--resume"] + base)
+    res = {(r["config"]["method"], r["config"]["depth"]): r for r in json.loads(out.read_text())["results"]}
+    assert res[("numba", 2)] == numba2                               # kept
+    assert res[("numba", 3)]["status"] == "ok"                       # failed: run again
+    for d in (2, 3):                                                 # checked against numba, kept or not
+        chk = res[("per_layer_cpu", d)]["check"]
+        assert chk["vs"] == "numba float32" and chk["max_rel_diff"] < 1e-5
+    harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(out), "--resume"] + base)
+    again = json.loads(out.read_text())["results"]
+    assert len(again) == 4 and again[0] == numba2                    # the rest kept, not dropped
+    # a file written before the settings were recorded is not continued
+    p = json.loads(out.read_text())
+    del p["settings"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(p))
+    with pytest.raises(SystemExit, match="does not record its settings"):
+        harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(old), "--resume"] + base)
+    # no --output: the newest <name>_<8 digits>.json (here yesterday's), not another name's
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "h_20000101.json").write_text(out.read_text())
+    (runs / "h_x_20000102.json").write_text("not json")
+    capsys.readouterr()
+    harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--out-dir", str(runs), "--name", "h",
+                  "--resume"] + base)
+    assert "kept from h_20000101.json" in capsys.readouterr().out
+    assert sorted(f.name for f in runs.iterdir()) == ["h_20000101.json", "h_x_20000102.json"]
+
+
+def test_harness_measures_the_ceiling_for_the_dtypes_it_runs(tmp_path, monkeypatch):
+    """The reference runs in float64 whatever --dtypes says: its FMA rate is measured too."""
+    from bench import harness
+    calls = []
+
+    def fake_measure(device, dtypes):
+        calls.append((device, tuple(dtypes)))
+        return {dt: {"fma_per_s": 1e12} for dt in dtypes}
+
+    monkeypatch.setattr(harness.ceil_mod, "measure", fake_measure)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "per_layer_cpu,reference", "--dtypes", "float32", "--depths", "2", "--sizes", "4",
+                  "--n", "2", "--repeats", "1", "--warmup", "0", "--no-plots", "--output", str(out)])
+    assert calls == [("cpu", ("float32", "float64"))]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["config"]["dtype"] for r in rows} == {"float32", "float64"}
+    assert all(r["status"] == "ok" and r["fraction_of_ceiling"] > 0 for r in rows)
+
+
+def test_median_time_is_the_true_median(monkeypatch):
+    from bench import common
+    clock = iter([0.0, 1.0, 10.0, 12.0, 20.0, 23.0, 30.0, 34.0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    sec, times = common.median_time(lambda: None, repeats=4, warmup=0)
+    assert times == [1.0, 2.0, 3.0, 4.0] and sec == 2.5
+
+
+def test_fit_sizes_records_the_images_there_are():
+    from bench.reproduce_table1 import fit_sizes
+    assert fit_sizes(1e-9, 1.0, 8, 4)[0] == 8          # fewer than 10 images: all of them, not 10
+    n, nt = fit_sizes(1e-9, 1.0, 100, 50)
+    assert n == 10 and nt == 5                         # the smallest set still 10 when there are more
+
+
+def test_table1_save_kernels_folder_checked_before_the_pass(tmp_path, monkeypatch):
+    from bench import reproduce_table1
+    data = _tiny_cifar(tmp_path / "d.npz")
+    args = ["--data", str(data), "--n-train", "12", "--n-test", "4", "--pooling", "gap", "--depths", "3",
+            "--backend", "numba", "--per-depth-timing", "0", "--no-loo", "--out-dir", str(tmp_path), "--tag", "t"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+
+    def no_kernels(*a, **k):
+        raise AssertionError("the kernels were computed before the --save-kernels path was checked")
+
+    monkeypatch.setattr(reproduce_table1, "kernels", no_kernels)
+    with pytest.raises(SystemExit, match="--save-kernels: cannot write into"):
+        reproduce_table1.main(args + ["--save-kernels", str(blocker / "k")])
+    monkeypatch.undo()
+    reproduce_table1.main(args + ["--save-kernels", str(tmp_path / "new" / "sub" / "k")])
+    with np.load(tmp_path / "new" / "sub" / "k_gap.npz") as z:
+        assert z["ntk_train_3"].shape == (12, 12)
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    ("harness", ["--depths", "3,x"], "--depths"),
+    ("harness", ["--n-for", "numba"], "--n-for"),
+    ("harness", ["--tiles", "auto"], "--tiles"),
+    ("harness", ["--repeats", "0"], "--repeats"),
+    ("table1", ["--pooling", "GAP"], "--pooling"),
+    ("table1", ["--depths", "3,x"], "--depths"),
+    ("table1", ["--merge", "/nonexistent/t.json"], "--merge"),
+    ("small", ["--kernels", "/nonexistent/k.npz"], "--kernels"),
+])
+def test_bad_arguments_end_with_a_one_line_error(tmp_path, capsys, script, argv, flag):
+    from bench import harness, reproduce_table1, small_data
+    if script == "harness":
+        main, rest = harness.main, ["--methods", "per_layer_cpu", "--depths", "2", "--sizes", "3", "--n", "1",
+                                    "--no-ceiling", "--no-plots", "--output", str(tmp_path / "h.json")]
+    elif script == "table1":
+        main, rest = reproduce_table1.main, ["--data", str(_tiny_cifar(tmp_path / "d.npz")), "--n-train", "10",
+                                             "--depths", "3", "--per-depth-timing", "0", "--no-loo"]
+    else:
+        main, rest = small_data.main, []
+    with pytest.raises(SystemExit) as e:
+        main(rest + argv + ["--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + flag in last and "Traceback" not in last
+
+
+def _kernel_npz(path, y_train, depths=(3,), n_test=4):
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((len(y_train), 6))
+    t = rng.standard_normal((n_test, 6))
+    k, kt = f @ f.T + 1e-3 * np.eye(len(f)), t @ f.T
+    arrays = {f"{name}_{d}": a for d in depths for name, a in
+              (("ntk_train", k), ("nngp_train", k), ("ntk_test", kt), ("nngp_test", kt))}
+    np.savez(path, y_train=np.asarray(y_train), y_test=np.arange(n_test) % 10, depths=np.array(depths),
+             pooling="gap", fix=True, image_shape=np.array([3, 4, 4]), **arrays)
+    return str(path)
+
+
+def test_small_data_says_what_it_drops(tmp_path, capsys):
+    from bench import small_data
+    common = ["--draws", "1", "--no-loo", "--out-dir", str(tmp_path), "--tag", "t"]
+    k = _kernel_npz(tmp_path / "k.npz", np.arange(20) % 10)
+    s = small_data.main(["--kernels", k, "--sizes", "10,40", "--depths", "3,5"] + common)
+    out = capsys.readouterr().out
+    assert "size(s) 40 dropped: larger than the pool of 20" in out
+    assert "--depths 5 not in" in out
+    assert [r["n_train"] for r in s["accuracy"]["CNTK d3 paper solve"]] == [10]
+    with pytest.raises(SystemExit, match="holds the kernels of depths 3 only"):
+        small_data.main(["--kernels", k, "--sizes", "10", "--depths", "7"] + common)
+    k5 = _kernel_npz(tmp_path / "k5.npz", np.arange(20) % 5)      # classes 5-9 absent: no balanced draw
+    with pytest.raises(SystemExit, match="no training size could be drawn"):
+        small_data.main(["--kernels", k5, "--sizes", "10,20", "--depths", "3", "--tag", "u"] + common[:-2])
+    assert not list(tmp_path.glob("small_data_u_*"))
+
+
+def test_table1_refuses_an_impossible_column_before_loading_data(tmp_path, monkeypatch):
+    from bench import reproduce_table1
+
+    def no_data(path):
+        raise AssertionError("data loaded before the architecture was checked")
+
+    monkeypatch.setattr(reproduce_table1, "load_cifar_for_cli", no_data)
+    from cntk_engine.arch import make_architecture
+    try:
+        make_architecture(depths=[2], pooling="gap", fix=True)
+    except ValueError:
+        with pytest.raises(SystemExit, match="CNTK-GAP"):
+            reproduce_table1.main(["--pooling", "gap", "--depths", "2", "--out-dir", str(tmp_path)])
+    else:
+        pytest.skip("this cntk_engine accepts depth 2 with fix=True")
