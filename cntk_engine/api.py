@@ -9,7 +9,7 @@ import numpy as np
 from . import backends as _backends
 from .arch import KERNELS, make_architecture
 from .diag import array_module
-from .inputs import as_images, check_dtype, check_pair
+from .inputs import as_images, check_dtype, check_magnitude, check_pair, check_tile
 from .scheduler import execute
 
 log = logging.getLogger("cntk_engine")
@@ -72,14 +72,17 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     b = a if symmetric else as_images(x2, data_format, "x2")
     if not symmetric:
         check_pair(a, b)
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
-        raise ValueError(f"tile must be a positive integer (rows/columns per tile); got {tile!r}")
+    tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False; got {progress!r}")
 
-    cls = _backends.resolve(backend)
-    if backend == "auto" and cls.shape_unsupported(arch, a.shape[2], a.shape[3]) is not None:
-        cls = _backends.backend_class("numba")      # e.g. images larger than the GPU kernels take
+    if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's
+        from .distributed import resolve_backend
+        cls = resolve_backend(client, backend, arch, a.shape[2], a.shape[3])
+    else:
+        cls = _backends.resolve(backend)
+        if backend == "auto" and cls.shape_unsupported(arch, a.shape[2], a.shape[3]) is not None:
+            cls = _backends.backend_class("numba")  # e.g. images larger than the GPU kernels take
     on_device = array_module(a) is not np          # CuPy in -> CuPy out
     # Device images stay on the device for the local CUDA path (each GPU worker takes them as they
     # are on its own device).  CPU backends, a Zarr store (whose job record hashes the images)
@@ -89,6 +92,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         b = a if symmetric else b.get()
     _, c, h, w = a.shape
     params = arch.layer_params(c, h, w)
+    check_magnitude(a, None if symmetric else b, arch, params, cdtype)   # no silent inf/NaN
     result, sched = execute(cls, arch, params, cdtype, a, None if symmetric else b, kernel=kernel,
                             tile=tile, devices=devices, out=out, client=client, progress=progress)
     if out is not None:
@@ -105,7 +109,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         res = {k: follow_input(v) for k, v in res.items()}
         return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
 
-    result = pick(kernels[depth]) if depth is not None else {d: pick(r) for d, r in kernels.items()}
+    result = pick(kernels[arch.depths[0]]) if depth is not None else {d: pick(r) for d, r in kernels.items()}
     if not return_info:
         return result
     n1, n2 = a.shape[0], b.shape[0]

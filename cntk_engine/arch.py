@@ -8,8 +8,9 @@ readout (global average pooling, or flatten) and a dense output layer (Arora et 
 arXiv 1904.11955, Section 4; "depth" counts the conv layers + 1, as in the paper's Table 1).
 
 For two images x, z of shape (C, H, W) write p = (i, j), p' = (i', j') for pixel positions.
-Every backend computes the same layer recursion, parametrised by four numbers
-(``w_first``, ``w``, ``b2``; see :class:`LayerParams`):
+Every backend computes the same layer recursion, parametrised by the six numbers of
+:class:`LayerParams`: ``w_first``, ``w``, ``b2`` in the layers, ``out_scale``, ``out_b2``,
+``norm`` at the readout:
 
   Sigma_1(p, p') = w_first * box( sum_c x_c(.) z_c(.) )(p, p') + b2
   Theta_1(p, p') = 0 if fix else Sigma_1(p, p')
@@ -79,8 +80,12 @@ Without biases and with W_std^2 = 2, neural_tangents = (2 / C) * arora for gap a
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 POOLINGS = ("gap", "flatten")
 CONVENTIONS = ("arora", "neural_tangents")
@@ -116,23 +121,35 @@ class Architecture:
     filter_size: int = 3
 
     def __post_init__(self):
+        # NumPy scalars (np.int64(3), np.bool_(True), np.float32(1.5), e.g. from np.arange grids
+        # in a GridSearchCV) are accepted like the Python numbers and stored as those
         if not isinstance(self.depths, tuple) or not self.depths:
             raise ValueError("depths must be a non-empty tuple of integers >= 2")
-        for d in self.depths:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 2:
+        depths = tuple(_integer(d) for d in self.depths)
+        for d in depths:
+            if not _is_int(d) or d < 2:
                 raise ValueError(
                     f"depth must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
+        object.__setattr__(self, "depths", depths)
         if len(set(self.depths)) != len(self.depths):
             raise ValueError(f"depths must not repeat; got {list(self.depths)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}; got {self.convention!r}")
-        fs = self.filter_size
-        if isinstance(fs, bool) or not isinstance(fs, int) or fs < 1 or fs % 2 == 0:
+        fs = _integer(self.filter_size)
+        if not _is_int(fs) or fs < 1 or fs % 2 == 0:
             raise ValueError(f"filter_size must be a positive odd integer (1, 3, 5, ...); got {fs!r}")
-        if not isinstance(self.fix, bool):
+        object.__setattr__(self, "filter_size", fs)
+        if not isinstance(self.fix, (bool, np.bool_)):
             raise ValueError(f"fix must be True or False; got {self.fix!r}")
+        object.__setattr__(self, "fix", bool(self.fix))
+        if self.fix and min(self.depths) < 3:
+            raise ValueError(
+                f"fix=True needs depth >= 3; got depths {list(self.depths)}: at depth 2 the only "
+                "conv layer is the first layer, so with the first and the last layer fixed nothing "
+                "is trained and the NTK would be identically 0; kernel='nngp' does not depend on "
+                "fix, so fix=False gives the same NNGP")
         if self.convention == "arora":
             if self.W_std is not None or self.b_std is not None:
                 raise ValueError(
@@ -141,8 +158,13 @@ class Architecture:
         else:
             for name in ("W_std", "b_std"):
                 v = getattr(self, name)
-                if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                if v is None:
+                    continue
+                if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
+                        or not math.isfinite(v) or v < 0):
                     raise ValueError(f"{name} must be a finite number >= 0 or None; got {v!r}")
+                if type(v) not in (int, float):
+                    object.__setattr__(self, name, float(v))
 
     # ----------------------------------------------------------------- derived numbers
     @property
@@ -188,8 +210,22 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, **kw) -> 
         if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
             raise ValueError(f"depths must be a list of integers >= 2; got {depths!r}")
         ds = tuple(depths)
-    ds = tuple(int(d) if hasattr(d, "__index__") and not isinstance(d, bool) else d for d in ds)
     return Architecture(depths=ds, **kw)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _integer(v):
+    """``v`` as a Python int if it is integer-like (int, NumPy integer, 0-d integer array) and
+    not a bool; otherwise ``v`` unchanged (for the caller's error message)."""
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == bool):
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
 
 
 def finalize(sums, arch: Architecture, params: LayerParams, kernel: str):

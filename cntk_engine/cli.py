@@ -235,10 +235,12 @@ def run_demo(args) -> int:
     from .backends import resolve
     x, y = demo_data()
     be = resolve(args.backend).name
-    n = args.n or (200 if be == "cuda" else 60)
-    depth = args.depth or (6 if be == "cuda" else 3)
+    n = args.n if args.n is not None else (200 if be == "cuda" else 60)
+    depth = args.depth if args.depth is not None else (6 if be == "cuda" else 3)
     if not 3 <= n <= len(x):
         raise CliError(f"--n must be between 3 and {len(x)}; got {n}")
+    if depth < 2:
+        raise CliError(f"--depth must be an integer >= 2 (conv layers + 1); got {depth}")
     idx = np.concatenate([np.nonzero(y == c)[0][: -(-n // 10)] for c in range(10)])[:n]
     idx.sort()
     xs, ys = x[idx][:, None], y[idx]
@@ -307,11 +309,15 @@ def main(argv=None) -> int:
     if func is None:  # evaluate's parser may set its own default under another name
         from . import evaluate as _evaluate
         func = _evaluate.run
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for records
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished tiles are kept, rerun with --resume to continue",
-              file=sys.stderr)
+        if args.command == "gram":      # the only command with a store to resume
+            print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
+                  "continue", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (CliError, ValueError, RuntimeError, OSError, ImportError) as e:
         if args.debug:

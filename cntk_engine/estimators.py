@@ -73,8 +73,15 @@ class _CNTKBase(BaseEstimator):
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self):
+        from .arch import make_architecture
+        from .inputs import check_dtype
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
+        # the architecture's errors (e.g. fix=True at depth 2) before any kernel is computed
+        make_architecture(depth=self.depth, pooling=self.pooling, fix=self.fix,
+                          convention=self.convention, W_std=self.W_std, b_std=self.b_std,
+                          filter_size=self.filter_size)
+        check_dtype(self.dtype)
         r = self.ridge
         if not (isinstance(r, str) and r == "auto"):
             if isinstance(r, bool) or not isinstance(r, numbers.Real) or not np.isfinite(r) or r < 0:

@@ -27,7 +27,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,13 +128,31 @@ def load_data(path: str, n_train: int, n_test: int, seed: int):
                        "y_train, x_test, y_test or x, y")
 
 
+def _read(z, key, path):
+    """``z[key]``, every reading failure (a bad CRC, a truncated archive, an object array that
+    needs pickle) as a one-line error naming the file and the key."""
+    try:
+        return z[key]
+    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, OSError, ...
+        raise CliError(f"DATA {path!r}: array {key!r} cannot be read ({type(e).__name__}: {e}); "
+                       "it must be a plain numeric array saved by np.savez") from None
+
+
 def _pair(z, kx, ky, path):
-    x, y = z[kx], z[ky]
+    x, y = _read(z, kx, path), _read(z, ky, path)
     if x.ndim not in (3, 4):
         raise CliError(f"DATA {path!r}: {kx} must be images (N, H, W), (N, C, H, W) or (N, H, W, C); "
                        f"got shape {x.shape}")
     if x.dtype.kind not in "biuf":
         raise CliError(f"DATA {path!r}: {kx} must hold numbers; got dtype {x.dtype}")
+    if x.dtype.kind == "f":      # here, on the raw array: standardisation would spread a NaN
+        bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+        if bad.any():
+            idx = np.nonzero(bad)[0]
+            more = len(idx) - 10
+            raise CliError(f"DATA {path!r}: {kx} has NaN or Inf pixels in image(s) at index "
+                           f"{idx[:10].tolist()}" + (f" and {more} more" if more > 0 else "")
+                           + f" (positions in {kx}); all pixels must be finite")
     y = np.asarray(y)
     if y.ndim == 2 and 1 in y.shape:
         y = y.ravel()
@@ -194,14 +214,58 @@ def parse_ridge(text) -> str | float:
     return r
 
 
-def _command_line() -> str | None:
-    """The command as typed (None when called from Python, e.g. ``cli.main([...])``)."""
-    argv = sys.argv
-    if "evaluate" in argv[1:]:
-        return "cntk-engine " + " ".join(argv[argv.index("evaluate", 1):])
-    if argv and argv[0].endswith(os.path.join("cntk_engine", "evaluate.py")):
-        return "python -m cntk_engine.evaluate " + " ".join(argv[1:])
-    return None
+def _command_line(args) -> str:
+    """The command that ran: as given to ``cli.main`` (the shell's words, or ``cli.main([...])``'s
+    list), or, for ``run(args)`` called from Python, the equivalent command with every option."""
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = ["evaluate", str(args.data)]
+        parser = add_parser(argparse.ArgumentParser().add_subparsers())
+        for a in parser._actions:
+            v = getattr(args, a.dest, None)
+            if not a.option_strings or a.dest == "help" or v is None or v is False:
+                continue
+            argv += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], str(v)]
+    return "cntk-engine " + shlex.join(str(v) for v in argv)
+
+
+def check_json_path(path) -> Path:
+    """``--json OUT``: refuse before any work an OUT whose folder is missing or not writable."""
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise CliError(f"--json {str(path)!r} is a folder; give a file path, e.g. "
+                       f"{str(p / 'results.json')!r}")
+    if not folder.is_dir():
+        raise CliError(f"--json {str(path)!r}: the folder {str(folder)!r} does not exist; create it "
+                       "first or give a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--json {str(path)!r}: the folder {str(folder)!r} is not writable")
+    return p
+
+
+def write_json(path, rec: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    p = Path(path)
+    text = json.dumps(rec, indent=1, default=str)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as e:
+        raise CliError(f"--json {str(path)!r} cannot be written: {e}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def machine() -> dict:
@@ -265,10 +329,18 @@ def _fmt_line(depth, name, r) -> str:
 # ----------------------------------------------------------------------------- run
 def run(args) -> int:
     from .api import gram
+    from .arch import make_architecture
+    from .inputs import check_dtype
     depths = [args.depth] if args.depth is not None else _ints(args.depths, "--depths")
     ridge = parse_ridge(args.ridge)
     if args.tile is not None and args.tile < 1:
         raise CliError(f"--tile must be a positive integer; got {args.tile}")
+    # every option error before the data is read and the kernels computed
+    make_architecture(depths=depths, pooling=args.pooling, fix=args.fix, convention=args.convention,
+                      W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size)
+    check_dtype(args.dtype)
+    if args.json:
+        check_json_path(args.json)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
     xtr, xte = to_nchw(xtr, args.data_format), to_nchw(xte, args.data_format)
     if xtr.shape[1:] != xte.shape[1:]:
@@ -310,18 +382,18 @@ def run(args) -> int:
             print(_fmt_line(d, name, r))
     print(f"solve: {time.perf_counter() - t2:.1f} s")
     if args.json:
-        rec = dict(command=_command_line(),
+        rec = dict(command=_command_line(args),
                    data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
-                   raw_image_shape=raw_shape, downsample=args.downsample, preprocess=args.preprocess,
-                   seed=args.seed, depths=depths, pooling=args.pooling, fix=args.fix,
-                   convention=args.convention, targets=args.targets, ridge=ridge,
-                   backend=info_tr["backend"], dtype=args.dtype,
+                   raw_image_shape=raw_shape, data_format=args.data_format,
+                   downsample=args.downsample, preprocess=args.preprocess,
+                   seed=args.seed, depths=depths, kernel=kernel, pooling=args.pooling, fix=args.fix,
+                   convention=args.convention, W_std=args.W_std, b_std=args.b_std,
+                   filter_size=args.filter_size, targets=args.targets, ridge=ridge,
+                   backend=info_tr["backend"], dtype=args.dtype, tile=args.tile,
+                   tile_used=info_tr.get("tile"),
                    seconds=dict(train_gram=t1 - t0, test_kernel=t2 - t1, solve=time.perf_counter() - t2),
                    pairs=pairs, machine=machine(), results=results)
-        try:
-            Path(args.json).write_text(json.dumps(rec, indent=1, default=str))
-        except OSError as e:
-            raise CliError(f"--json {args.json!r} cannot be written: {e}") from None
+        write_json(args.json, rec)
         print(f"results written to {args.json}")
     return 0
 

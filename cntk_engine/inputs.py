@@ -2,6 +2,8 @@
 is wrong and what is accepted, before any work starts."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from .diag import array_module
@@ -11,10 +13,73 @@ DTYPES = ("float32", "float64")
 
 
 def check_dtype(dtype) -> np.dtype:
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    """The compute dtype: "float32" / "float64" (or np.float32 / np.float64 / their np.dtype)."""
+    name = None
+    if isinstance(dtype, str):
+        name = dtype
+    elif dtype is not None:          # np.dtype(None) would silently be float64
+        try:
+            name = np.dtype(dtype).name
+        except (TypeError, ValueError):
+            pass
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} (the compute precision); got {dtype!r}")
     return np.dtype(name)
+
+
+def check_tile(tile):
+    """``tile``: None (automatic), or a positive integer (NumPy integers too) as a Python int."""
+    if tile is None:
+        return None
+    if not isinstance(tile, (bool, np.bool_)):
+        try:
+            t = operator.index(tile)
+        except TypeError:
+            t = None
+        if t is not None and t >= 1:
+            return t
+    raise ValueError(f"tile must be a positive integer (rows/columns per tile) or None (automatic); "
+                     f"got {tile!r}")
+
+
+def check_magnitude(x1, x2, arch, params, dtype) -> None:
+    """Refuse images whose kernel values would overflow the compute dtype (to inf, then NaN).
+
+    A bound on the intermediates a backend holds in ``dtype``, from m = max |pixel| of both
+    sets: the first layer's unscaled box sum of x . z is at most C k^2 m^2; with |K_l| <= q / 2
+    and 0 <= Kdot <= 1/2, each later layer's unscaled box sums are at most k^2 / 2 times the
+    previous Sigma and Theta.  The backends also form products q_x q_z of two diagonals (CUDA)
+    and row sums of up to max(H, W) entries, so B * max(B, H, W), for the bound B of all of
+    these, must stay 100 times below the largest finite value of ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    xp = array_module(x1)
+    m = float(xp.abs(x1).max())
+    if x2 is not None and x2 is not x1:
+        m = max(m, float(xp.abs(x2).max()))
+    _, c, h, w = x1.shape
+    k2 = float(arch.filter_size) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        unscaled = c * k2 * m * m
+        sig = params.w_first * unscaled + params.b2
+        th = 0.0 if arch.fix else sig
+        bound = max(unscaled, sig)
+        for _ in range(arch.n_layers - 1):
+            box_k, box_g = k2 * sig / 2, k2 * th / 2
+            sig = params.w * box_k + params.b2
+            th = sig + params.w * box_g
+            bound = max(bound, box_k, box_g, sig, th)
+        worst = bound * max(bound, h, w)
+    limit = float(np.finfo(dtype).max) / 100
+    if not worst <= limit:           # also catches inf / NaN
+        safe = m * (limit / worst) ** 0.25 if 0 < worst < float("inf") else None   # bound ~ m^2
+        rescale = ("rescale the images" + (f" to max |pixel| <= about {safe:.2g}" if safe else "")
+                   + " (without biases, scaling all images by s scales the kernel by s^2)")
+        raise ValueError(
+            f"the images are too large for dtype={dtype.name!r}: max |pixel| {m:.3g} gives kernel "
+            f"intermediates up to about {bound:.3g} in this architecture, whose products overflow "
+            f"{dtype.name} (the output could be inf or NaN); "
+            + (f"use dtype='float64', or {rescale}" if dtype == np.float32 else rescale))
 
 
 def as_images(x, data_format: str = "NCHW", name: str = "x1"):
@@ -31,8 +96,8 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     if arr.ndim != 4:
         hint = ""
         if arr.ndim == 3:
-            hint = (" (for single-channel images of shape (N, H, W) add a channel axis, "
-                    "e.g. x[:, None] for NCHW)")
+            hint = (" (for single-channel images of shape (N, H, W) add a channel axis: "
+                    + ("x[:, None] for NCHW)" if data_format == "NCHW" else "x[..., None] for NHWC)"))
         raise ValueError(f"{name} must be 4-D, (N, C, H, W) for data_format='NCHW' or (N, H, W, C) "
                          f"for 'NHWC'; got shape {tuple(arr.shape)}{hint}")
     if data_format == "NHWC":

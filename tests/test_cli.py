@@ -141,3 +141,42 @@ def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "gram", "nothing.npy", "--depth", "3",
                         "--out", "x.zarr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("does not exist") and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("argv, msg", [
+    (["--n", "0"], "--n must be between 3 and 200; got 0"),
+    (["--depth", "0"], "--depth must be an integer >= 2 (conv layers + 1); got 0"),
+    (["--depth", "1"], "--depth must be an integer >= 2"),
+])
+def test_demo_zero_is_refused_not_a_default(capsys, argv, msg):
+    """``--n 0`` / ``--depth 0`` used to run the demo silently with the defaults."""
+    rc, o, e = run(capsys, "demo", *argv, "--backend", "reference", "--no-progress")
+    assert rc == 2 and msg in e, e
+    assert e.startswith("cntk-engine: error:") and e.count("\n") == 1 and o == ""
+
+
+def test_gram_fix_at_depth_2_is_a_one_line_error(tmp_path, data, capsys):
+    out = tmp_path / "f.zarr"
+    for d in (["--depth", "2"], ["--depths", "2,3"]):
+        rc, o, e = run(capsys, "gram", tmp_path / "x.npy", *d, "--fix", "--out", out,
+                       "--backend", "reference", "--no-progress")
+        assert rc == 2 and e.startswith("cntk-engine: error: fix=True needs depth >= 3") and \
+            e.count("\n") == 1 and "identically 0" in e, e
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("command, resume", [("gram", True), ("demo", False), ("evaluate", False)])
+def test_interrupt_message_mentions_resume_only_for_gram(monkeypatch, capsys, tmp_path, command, resume):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    from cntk_engine import evaluate as ev
+    monkeypatch.setattr(cli, "run_gram", interrupted)
+    monkeypatch.setattr(cli, "run_demo", interrupted)
+    monkeypatch.setattr(ev, "run", interrupted)
+    argv = {"gram": ["gram", "x.npy", "--depth", "3", "--out", str(tmp_path / "o.zarr")],
+            "demo": ["demo"], "evaluate": ["evaluate", "d.npz", "--depth", "3"]}[command]
+    rc, o, e = run(capsys, *argv)
+    assert rc == 130 and e.startswith("cntk-engine: interrupted") and e.count("\n") == 1
+    assert ("--resume" in e) == resume, e

@@ -183,6 +183,35 @@ def test_params_clone_and_errors(mnist10):
         fitted.predict(xte[:, :, :, :].reshape(40, 1, 10, 10).reshape(40, 2, 5, 10))
 
 
+def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
+    """fix=True at depth 2 trains nothing (an all-zero NTK): the estimators refuse it in fit,
+    before the Gram, with gram's message."""
+    import cntk_engine.api
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    X, y = np.random.default_rng(0).standard_normal((6, 1, 4, 4)), np.arange(6) % 2
+    for est in (CNTKClassifier(depth=2, fix=True), CNTKRegressor(depth=2, fix=True, kernel="nngp")):
+        with pytest.raises(ValueError, match=r"fix=True needs depth >= 3.*identically 0"):
+            est.fit(X, y)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CNTKRegressor(depth=3, dtype=None).fit(X, y)
+
+
+def test_numpy_scalar_grids():
+    """GridSearchCV over np.arange / np.array grids hands NumPy scalars to the parameters."""
+    from sklearn.model_selection import GridSearchCV
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 2)), rng.standard_normal(8)   # 1 x 1 images, 2 channels
+    grid = {"filter_size": np.arange(1, 4, 2), "depth": np.array([3]), "fix": np.array([False, True]),
+            "W_std": np.array([1.0, 2.0], dtype=np.float32)}
+    gs = GridSearchCV(CNTKRegressor(ridge=0.1, convention="neural_tangents", backend="reference"),
+                      grid, cv=2, error_score="raise").fit(X, y)
+    assert len(gs.cv_results_["params"]) == 8 and np.isfinite(gs.cv_results_["mean_test_score"]).all()
+    best = gs.best_estimator_
+    ref = CNTKRegressor(ridge=0.1, convention="neural_tangents", backend="reference",
+                        **{k: v.item() for k, v in gs.best_params_.items()}).fit(X, y)
+    np.testing.assert_array_equal(best.predict(X), ref.predict(X))
+
+
 def test_import_without_sklearn():
     """Importing cntk_engine does not import scikit-learn; the estimators say what is missing."""
     code = ("import sys; import cntk_engine; assert 'sklearn' not in sys.modules, 'sklearn imported'; "

@@ -180,3 +180,87 @@ def test_real_cifar_small_flatten(capsys, tmp_path):
     assert rec["image_shape"] == [3, 8, 8] and rec["raw_image_shape"] == [3, 32, 32]
     assert [r["depth"] for r in rec["results"]] == [3, 6]
     assert all(0 <= r["accuracy"] <= 1 for r in rec["results"])
+
+
+# ----------------------------------------------------------------------------- review fixes
+REF = ("--backend", "reference", "--no-progress")
+
+
+def test_one_nan_pixel_names_that_image_only(tmp_path, capsys):
+    """Standardisation used to spread one NaN over every image, and all were reported."""
+    x = np.random.default_rng(0).standard_normal((12, 8, 8))
+    x[7, 3, 3] = np.nan
+    x[9, 0, 0] = np.inf
+    p = tmp_path / "nan.npz"
+    np.savez(p, x=x, y=np.arange(12) % 2)
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 4, "--n-test", 2, *REF)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("cntk-engine: error:")
+    assert f"DATA {str(p)!r}: x has NaN or Inf pixels in image(s) at index [7, 9] (positions in x)" in err, err
+
+
+def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
+    x, y = np.zeros((12, 8, 8)), np.arange(12) % 2
+    p = tmp_path / "crc.npz"
+    np.savez(p, x=x, y=y)                     # stored uncompressed: flip one data byte -> bad CRC
+    raw = bytearray(p.read_bytes())
+    i = raw.index(b"\x00" * 64, 200)
+    raw[i + 10] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 4, "--n-test", 2, *REF)
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"DATA {str(p)!r}: array 'x' cannot be read (BadZipFile" in err, err
+    q = tmp_path / "obj.npz"
+    np.savez(q, x=x, y=np.array([None] * 12, dtype=object))
+    rc, out, err = main(capsys, q, "--depth", 3, "--n-train", 4, "--n-test", 2, *REF)
+    assert rc == 2 and f"DATA {str(q)!r}: array 'y' cannot be read" in err and "allow_pickle" in err, err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("--depth", 2, "--fix"), "fix=True needs depth >= 3"),
+    (("--depths", "3,2", "--fix", "--kernel", "nngp"), "fix=True needs depth >= 3"),
+    (("--depth", 3, "--json", "missing/r.json"), "the folder 'missing' does not exist"),
+    (("--depth", 3, "--json", "."), "is a folder"),
+])
+def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, args, msg):
+    """Checked first: a --json path in a missing folder used to fail after all the kernels."""
+    import cntk_engine.api
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    monkeypatch.setattr(ev, "load_data", lambda *a, **k: pytest.fail("data was loaded"))
+    monkeypatch.chdir(tmp_path)
+    p, _, _ = xy_npz
+    rc, out, err = main(capsys, p, *args, "--n-train", 4, "--n-test", 2, *REF)
+    assert rc == 2 and msg in err and err.count("\n") == 1 and err.startswith("cntk-engine: error:"), err
+
+
+def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz, monkeypatch):
+    p, _, _ = xy_npz
+    js = tmp_path / "r.json"
+    js.write_text("old")
+    argv = [str(p), "--depth", "3", "--n-train", "6", "--n-test", "4", "--kernel", "nngp",
+            "--filter-size", "1", "--convention", "neural_tangents", "--W-std", "1.5", "--b-std",
+            "0.1", "--tile", "4", "--data-format", "NCHW", "--json", str(js), *REF]
+    rc, out, err = main(capsys, *argv)
+    assert rc == 0, err
+    rec = json.loads(js.read_text())
+    assert {k: rec[k] for k in ("kernel", "filter_size", "W_std", "b_std", "data_format", "tile",
+                                "convention", "fix", "depths")} == \
+        dict(kernel="nngp", filter_size=1, W_std=1.5, b_std=0.1, data_format="NCHW", tile=4,
+             convention="neural_tangents", fix=False, depths=[3])
+    assert rec["command"] == "cntk-engine evaluate " + " ".join(argv)     # called from Python
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]    # no temp file left
+    # a failing write leaves the previous file whole and no temporary file behind
+    monkeypatch.setattr(ev.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(cli.CliError, match="cannot be written: disk full"):
+        ev.write_json(js, {"a": 1})
+    assert json.loads(js.read_text()) == rec
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]
+
+
+def test_command_of_a_direct_run_call_is_equivalent():
+    """``run(args)`` with a parsed Namespace (no argv): the equivalent command with every option."""
+    argv = ["evaluate", "d.npz", "--depths", "3,4", "--fix", "--W-std", "2.0", "--json", "o.json"]
+    args = cli.build_parser().parse_args(argv)
+    cmd = ev._command_line(args)
+    assert cmd.startswith("cntk-engine evaluate d.npz ") and "--fix" in cmd and "--depths 3,4" in cmd
+    again = cli.build_parser().parse_args(cmd.split()[1:])
+    assert vars(again) == vars(args)

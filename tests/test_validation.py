@@ -1,0 +1,148 @@
+"""Argument validation of ``gram`` and the architecture: fix=True at depth 2, NumPy scalars as
+arguments, dtype, the NHWC hint, images too large for float32.  Tiny inputs, reference backend."""
+import json
+
+import numpy as np
+import pytest
+
+import cntk_engine as ce
+from cntk_engine.arch import make_architecture
+from cntk_engine.inputs import as_images, check_dtype, check_magnitude, check_tile
+
+REF = dict(backend="reference")
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(0).standard_normal((3, 1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- fix=True, depth 2
+@pytest.mark.parametrize("kw", [dict(depth=2), dict(depths=[2, 3]), dict(depths=[4, 2]),
+                                dict(depth=2, kernel="nngp"), dict(depth=2, kernel="both")])
+def test_fix_needs_depth_3(x, kw):
+    """At depth 2 the only conv layer is the first: fix=True trained nothing (an all-zero NTK)."""
+    with pytest.raises(ValueError, match=r"fix=True needs depth >= 3.*NTK would be identically 0.*"
+                                         r"kernel='nngp' does not depend on fix"):
+        ce.gram(x, fix=True, **REF, **kw)
+
+
+def test_fix_at_depth_3_and_nngp_independent_of_fix(x):
+    ntk = ce.gram(x, depth=3, fix=True, **REF)
+    assert np.abs(ntk).max() > 0
+    a = ce.gram(x, depth=3, fix=True, kernel="nngp", **REF)
+    np.testing.assert_array_equal(a, ce.gram(x, depth=3, fix=False, kernel="nngp", **REF))
+    assert make_architecture(depths=[3, 5], fix=True).fix is True
+
+
+# ----------------------------------------------------------------------------- NumPy scalars
+def test_depth_as_numpy_array(x):
+    """Used to compute everything, then fail with TypeError: unhashable type at kernels[depth]."""
+    ref = ce.gram(x, depth=3, **REF)
+    np.testing.assert_array_equal(ce.gram(x, depth=np.array(3), **REF), ref)
+    np.testing.assert_array_equal(ce.gram(x, depth=np.int64(3), **REF), ref)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers(x):
+    """np.arange / np.array grids (GridSearchCV) give NumPy scalars: same results, same record."""
+    kw = dict(depth=3, convention="neural_tangents", W_std=1.5, b_std=0.25, filter_size=3,
+              fix=False, tile=2)
+    nkw = dict(depth=np.int32(3), convention="neural_tangents", W_std=np.float32(1.5),
+               b_std=np.float64(0.25), filter_size=np.int64(3), fix=np.bool_(False),
+               tile=np.int64(2))
+    ref, info = ce.gram(x, return_info=True, **kw, **REF)
+    got, ninfo = ce.gram(x, return_info=True, **nkw, **REF)
+    np.testing.assert_array_equal(got, ref)
+    assert ninfo["tile"] == info["tile"] == 2
+    arch = make_architecture(depth=nkw["depth"], fix=np.bool_(True),
+                             **{k: nkw[k] for k in ("convention", "W_std", "b_std", "filter_size")})
+    d = arch.to_dict()
+    assert d == {"depths": [3], "pooling": "gap", "fix": True, "convention": "neural_tangents",
+                 "W_std": 1.5, "b_std": 0.25, "filter_size": 3}
+    assert [type(v) for v in (arch.depths[0], arch.filter_size, arch.fix, arch.W_std, arch.b_std)] == \
+        [int, int, bool, float, float]
+    json.dumps(d)                                   # plain Python types, as a job record needs
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(filter_size=True), "filter_size must be a positive odd integer"),
+    (dict(filter_size=np.float64(3.0)), "filter_size must be a positive odd integer"),
+    (dict(filter_size=np.int64(4)), "filter_size must be a positive odd integer"),
+    (dict(fix=1), "fix must be True or False"),
+    (dict(depth=np.True_), "depth must be an integer >= 2"),
+    (dict(depth=np.float64(3)), "depth must be an integer >= 2"),
+    (dict(convention="neural_tangents", W_std=True), "W_std must be a finite number >= 0"),
+    (dict(convention="neural_tangents", b_std=np.float32("nan")), "b_std must be a finite number >= 0"),
+    (dict(tile=True), "tile must be a positive integer"),
+    (dict(tile=np.True_), "tile must be a positive integer"),
+    (dict(tile=np.int64(0)), "tile must be a positive integer"),
+    (dict(tile=2.0), "tile must be a positive integer"),
+])
+def test_bad_scalars_are_still_refused(x, kw, msg):
+    kw = {"depth": 3, **kw}
+    with pytest.raises(ValueError, match=msg):
+        ce.gram(x, **REF, **kw)
+
+
+def test_check_tile():
+    assert check_tile(None) is None
+    assert check_tile(np.uint8(5)) == 5 and type(check_tile(np.uint8(5))) is int
+
+
+# ----------------------------------------------------------------------------- dtype, NHWC hint
+@pytest.mark.parametrize("bad", [None, [1], "float16", np.int32, "f4", 32, True])
+def test_check_dtype_refuses_clearly(bad):
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float64'\)"):
+        check_dtype(bad)
+
+
+def test_check_dtype_accepts():
+    for ok, want in (("float32", np.float32), ("float64", np.float64), (np.float32, np.float32),
+                     (np.dtype("float64"), np.float64), (float, np.float64)):
+        assert check_dtype(ok) == np.dtype(want)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ce.gram(np.ones((1, 1, 3, 3)), depth=2, dtype=None, **REF)
+
+
+def test_three_d_hint_follows_data_format():
+    with pytest.raises(ValueError, match=r"x\[:, None\] for NCHW"):
+        as_images(np.ones((2, 4, 4)), "NCHW")
+    with pytest.raises(ValueError, match=r"x\[\.\.\., None\] for NHWC") as e:
+        as_images(np.ones((2, 4, 4)), "NHWC")
+    assert "x[:, None]" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- float32 overflow
+def _arch(**kw):
+    arch = make_architecture(**{"depth": 3, **kw})
+    return arch, arch.layer_params(3, 8, 8)
+
+
+def test_check_magnitude():
+    """|pixel| ~ 4e18 gave NaN on numba float32 (the first layer's C k^2 x^2 overflows)."""
+    big = np.full((2, 3, 8, 8), 4e18)
+    arch, params = _arch()
+    with pytest.raises(ValueError, match=r"too large for dtype='float32'.*max \|pixel\| 4e\+18"
+                                         r".*use dtype='float64', or rescale the images"):
+        check_magnitude(big, None, arch, params, np.float32)
+    check_magnitude(big, None, arch, params, np.float64)
+    small = np.full((2, 3, 8, 8), 255.0)
+    check_magnitude(small, None, arch, params, np.float32)
+    check_magnitude(small, small * 1e5, arch, params, np.float32)         # 2.55e7: still fine
+    with pytest.raises(ValueError, match="too large"):
+        check_magnitude(small, small * 1e8, arch, params, np.float32)     # x2 counts too
+    with pytest.raises(ValueError, match=r"too large for dtype='float64'.*rescale the images"):
+        check_magnitude(np.full((1, 3, 8, 8), 1e160), None, arch, params, np.float64)
+    # the weights count: a large W_std overflows at pixels that are fine by default
+    arch, params = _arch(depth=21, convention="neural_tangents", W_std=100.0)
+    with pytest.raises(ValueError, match="too large"):
+        check_magnitude(small, None, arch, params, np.float32)
+
+
+def test_gram_refuses_images_too_large_for_float32():
+    """Needs ``check_magnitude(a, b, arch, params, cdtype)`` called in ``api.gram``."""
+    x = np.full((2, 1, 4, 4), 4e18)
+    x[1, 0, 0, 0] = -1e18
+    with pytest.raises(ValueError, match="too large for dtype='float32'"):
+        ce.gram(x, depth=2, dtype="float32", **REF)
+    assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **REF)).all()
