@@ -3,12 +3,19 @@
 Imported only when a client is given: ``import cntk_engine`` and the local scheduler never import
 Dask (the "dask" extra is optional).
 
+* The backend is chosen on the WORKERS' terms (:func:`resolve_backend`, one ``client.run``):
+  "cuda" must be usable (CuPy, a GPU, the compiled extension, and the image shape accepted by the
+  extension) on every worker that declares a GPU resource, else the error names each worker and
+  its reason; "auto" becomes cuda when it is, numba otherwise (logged with the reason).  The
+  client itself needs no GPU and no CUDA extension (a login node can start the job).
 * Images reach the workers ONCE: ``client.scatter(..., broadcast=True)`` puts one copy on every
   worker, and every tile task takes that future as an argument (no per-tile transfer).  CPU
   backends: the client prepares the images (per-image diagonals computed once) and scatters the
   prepared arrays; tasks call ``pair_sums`` only.  cuda: the client may have no GPU, so it
   scatters the float64 images and each worker process prepares them once on its GPU (cached per
-  job and device) before its first tile.
+  job and device) before its first tile.  The cache holds a few jobs at most (least recently used
+  first out), so concurrent jobs do not evict each other, and each job's entries are dropped
+  from every worker when it ends (GPU memory returned to CuPy's pool and freed).
 * One task per tile, largest tiles first (Dask priorities).  GPU tasks ask for
   ``resources={"GPU": 1}``: start each GPU worker with ``--resources GPU=1`` (dask-cuda:
   ``LocalCUDACluster(resources={"GPU": 1})`` or ``dask cuda worker --resources GPU=1``) so a
@@ -20,12 +27,15 @@ Dask (the "dask" extra is optional).
   "done" marker last.  So when a worker dies, Dask re-runs its tiles elsewhere and the result is
   identical to a local run.  Scattered images are replicated on every worker; if every worker
   holding them dies at once the job stops with an error and a rerun (same ``out=``) resumes.
+  With ``out=`` the client re-reads the done markers at the end: a tile a worker reported but
+  that is not marked in the client's store (a path not shared with that worker) is an error.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,8 +43,10 @@ import numpy as np
 
 log = logging.getLogger("cntk_engine")
 
-_CACHE: dict = {}              # per worker process: (job token, device) -> (backend, pa, pb)
+# per worker process: (job token, device) -> (backend, pa, pb), least recently used first
+_CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+CACHE_JOBS = 4                 # jobs whose prepared images a worker keeps at most
 
 
 def _client_workers(client) -> dict:
@@ -50,10 +62,122 @@ def _accepts_n_workers(client) -> bool:
         return False
 
 
+def _check_is_client(client) -> None:
+    if not (hasattr(client, "submit") and hasattr(client, "scatter") and hasattr(client, "run")):
+        raise ValueError(f"client must be a dask.distributed.Client; got {type(client).__name__}")
+
+
+def _gpu_slots(info: dict) -> int:
+    return int((info or {}).get("resources", {}).get("GPU", 0))
+
+
+_GPU_RESOURCE_HELP = ("start them with --resources GPU=1 (dask-cuda: LocalCUDACluster(resources="
+                      "{'GPU': 1}) or `dask cuda worker --resources GPU=1`)")
+
+
+# ------------------------------------------------------------------ backend, on the workers' terms
+def worker_backends(arch, height: int, width: int) -> dict:
+    """Runs on each worker (``client.run``): which backends can run THERE, and whether cuda's
+    compiled extension takes images of this size for ``arch``.
+
+    {"backends": {name: None or why not}, "cuda_shape": None or why not}."""
+    from cntk_engine.backends import available_backends, backend_class
+    avail = available_backends()
+    shape = None
+    if avail.get("cuda") is None:
+        try:
+            shape = backend_class("cuda").shape_unsupported(arch, int(height), int(width))
+        except Exception as e:  # noqa: BLE001 - reported to the client, with the worker's name
+            shape = f"the shape check failed: {type(e).__name__}: {e}"
+    return {"backends": avail, "cuda_shape": shape}
+
+
+def _why_not(report, name: str) -> str | None:
+    """Why backend ``name`` cannot run on a worker, from its :func:`worker_backends` report (or
+    the exception its check raised); None if it can."""
+    if isinstance(report, BaseException):
+        return (f"checking its backends failed ({type(report).__name__}: {report}; is cntk_engine "
+                "installed on the worker?)")
+    why = report["backends"].get(name, f"unknown backend {name!r}")
+    if why is None and name == "cuda" and report.get("cuda_shape"):
+        why = f"images of this size are not supported: {report['cuda_shape']}"
+    return why
+
+
+def _name_workers(bad: dict) -> str:
+    return "; ".join(f"{w}: {why}" for w, why in sorted(bad.items()))
+
+
+def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
+    """(backend name, why) for ``backend=name`` on a cluster.
+
+    ``reports``: {worker address: :func:`worker_backends` result, or the exception it raised};
+    ``workers``: {address: scheduler info (its "resources")}.  cuda tasks run on the workers that
+    declare a GPU resource, CPU tasks on any worker, so those are the workers that must be able
+    to run the backend.  Raises when they cannot, naming each worker and its reason."""
+    gpu_workers = sorted(a for a in reports if _gpu_slots(workers.get(a, {})) > 0)
+    if name in ("cuda", "auto"):
+        bad = {a: w for a in gpu_workers if (w := _why_not(reports[a], "cuda")) is not None}
+        if name == "cuda":
+            if not gpu_workers:
+                able = [a for a in reports if _why_not(reports[a], "cuda") is None]
+                raise RuntimeError("backend 'cuda' on Dask needs workers with a GPU resource: "
+                                   + _GPU_RESOURCE_HELP
+                                   + (f"; workers that could run cuda: {', '.join(sorted(able))}"
+                                      if able else ""))
+            if bad:
+                shape_only = all(isinstance(reports[a], dict) and reports[a]["backends"].get("cuda") is None
+                                 for a in bad)
+                msg = (f"backend 'cuda' cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
+                       f"workers with a GPU resource: {_name_workers(bad)}")
+                if shape_only:
+                    raise ValueError(msg + ". Use backend='numba'.")
+                raise RuntimeError(msg + ". Fix those workers (or stop them), or use backend='numba'")
+            return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
+        if not gpu_workers:
+            why = ("no worker declares a GPU resource (GPU workers need --resources GPU=1 for "
+                   "cuda)")
+        elif bad:
+            why = (f"cuda is not usable on {len(bad)} of the {len(gpu_workers)} workers with a "
+                   f"GPU resource ({_name_workers(bad)})")
+        else:
+            return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
+        name, auto_why = "numba", why
+    else:
+        auto_why = None
+    bad = {a: w for a in reports if (w := _why_not(reports[a], name)) is not None}
+    if bad:
+        raise RuntimeError(f"backend {name!r} cannot run on {len(bad)} of the {len(reports)} Dask "
+                           f"workers: {_name_workers(bad)}")
+    return name, auto_why or f"usable on all {len(reports)} workers"
+
+
+def resolve_backend(client, name: str, arch, height: int, width: int) -> type:
+    """The backend class for ``gram(..., backend=name, client=client)``, chosen on the workers'
+    terms (one ``client.run`` of :func:`worker_backends`), not by this process's GPU or
+    extension: see :func:`choose_backend`.  The choice and why are logged."""
+    from . import backends as _backends
+    if name not in _backends.BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {name!r}")
+    _check_is_client(client)
+    workers = _client_workers(client)
+    if not workers:
+        raise RuntimeError("the Dask cluster has no workers (start some, or wait for them with "
+                           "client.wait_for_workers(n))")
+    reports = client.run(worker_backends, arch, int(height), int(width), on_error="return")
+    chosen, why = choose_backend(name, dict(reports), workers)
+    if name == "auto":
+        log.info("dask: backend 'auto' resolved on the workers to %r: %s", chosen, why)
+    else:
+        log.info("dask: backend %r checked on the workers: %s", chosen, why)
+    if chosen == "cuda":
+        return _backends.backend_class("cuda")   # the client needs neither a GPU nor the extension
+    return _backends.resolve(chosen)           # CPU backends: the client prepares the images too
+
+
 def check_client(client, *, gpu: bool, devices=None) -> int:
     """Check the client before anything is created; return its worker slots (threads, or GPUs)."""
-    if not (hasattr(client, "submit") and hasattr(client, "scatter")):
-        raise ValueError(f"client must be a dask.distributed.Client; got {type(client).__name__}")
+    _check_is_client(client)
     if devices not in (None, "all"):
         raise ValueError("devices= selects local GPUs; with client= the Dask workers decide (one "
                          "GPU per worker with resources={'GPU': 1}); leave devices unset")
@@ -62,11 +186,10 @@ def check_client(client, *, gpu: bool, devices=None) -> int:
         raise RuntimeError("the Dask cluster has no workers (start some, or wait for them with "
                            "client.wait_for_workers(n))")
     if gpu:
-        slots = sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers.values())
+        slots = sum(_gpu_slots(w) for w in workers.values())
         if slots == 0:
-            raise RuntimeError("backend 'cuda' on Dask needs workers with a GPU resource: start them "
-                               "with --resources GPU=1 (dask-cuda: LocalCUDACluster(resources="
-                               "{'GPU': 1}) or `dask cuda worker --resources GPU=1`)")
+            raise RuntimeError("backend 'cuda' on Dask needs workers with a GPU resource: "
+                               + _GPU_RESOURCE_HELP)
         return slots
     return int(sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
@@ -84,7 +207,10 @@ class _Job:
 
 
 def _state(job: _Job, xa, xb):
-    """(backend, prepared a, prepared b) in this worker process, built once per job (and GPU)."""
+    """(backend, prepared a, prepared b) in this worker process, built once per job (and GPU).
+
+    A small cache: the entries of at most ``CACHE_JOBS`` jobs, the least recently used job's
+    dropped first (two concurrent jobs keep theirs); :func:`evict` drops a finished job's."""
     dev = None
     if not job.prepared:
         import cupy
@@ -92,17 +218,44 @@ def _state(job: _Job, xa, xb):
     key = (job.token, dev)
     with _CACHE_LOCK:
         st = _CACHE.get(key)
-        if st is None:
-            for k in [k for k in _CACHE if k[0] != job.token]:   # drop earlier jobs' images
+        if st is not None:
+            _CACHE.move_to_end(key)
+            return st
+        be = job.backend_cls(job.arch, job.params, np.dtype(job.dtype))
+        if job.prepared:
+            pa, pb = xa, (xa if job.symmetric else xb)
+        else:
+            pa = be.prepare(xa)
+            pb = pa if job.symmetric else be.prepare(xb)
+        st = _CACHE[key] = (be, pa, pb)
+        tokens = list(dict.fromkeys(k[0] for k in _CACHE))     # least recently used first
+        for old in tokens[:max(0, len(tokens) - CACHE_JOBS)]:
+            for k in [k for k in _CACHE if k[0] == old]:
                 del _CACHE[k]
-            be = job.backend_cls(job.arch, job.params, np.dtype(job.dtype))
-            if job.prepared:
-                pa, pb = xa, (xa if job.symmetric else xb)
-            else:
-                pa = be.prepare(xa)
-                pb = pa if job.symmetric else be.prepare(xb)
-            st = _CACHE[key] = (be, pa, pb)
     return st
+
+
+def evict(token: str) -> int:
+    """Drop job ``token``'s prepared images from this worker process (run on every worker by
+    ``client.run`` when the job ends); on a GPU worker CuPy's pool then frees the memory.
+    Returns how many entries were dropped."""
+    with _CACHE_LOCK:
+        keys = [k for k in _CACHE if k[0] == token]
+        for k in keys:
+            del _CACHE[k]
+    if keys and any(k[1] is not None for k in keys):
+        try:
+            import cupy
+            cupy.get_default_memory_pool().free_all_blocks()
+        except Exception:  # pragma: no cover - no CuPy: nothing to free
+            pass
+    return len(keys)
+
+
+def cached_jobs() -> list:
+    """Job tokens whose prepared images this worker process holds (for tests and debugging)."""
+    with _CACHE_LOCK:
+        return list(dict.fromkeys(k[0] for k in _CACHE))
 
 
 def _to_host(s):
@@ -169,4 +322,24 @@ def run_dask(client, backend_cls, arch, params, dtype, x1, x2, todo, *, kernel, 
         raise
     finally:
         client.cancel([fa] if fb is fa else [fa, fb])
+        try:                                  # this job's prepared images (GPU memory) go now
+            client.run(evict, token, on_error="ignore")
+        except Exception as e:  # noqa: BLE001 - cleanup must not hide the job's own outcome
+            log.warning("dask: could not drop job %s's cached images on the workers: %s", token, e)
+    if store is not None:
+        check_all_marked(store, order, per_worker)
     return per_worker
+
+
+def check_all_marked(store, tiles, per_worker: dict) -> None:
+    """After a Dask run with ``out=``: every tile the workers reported must be marked done in
+    the store as the CLIENT sees it; else a worker wrote somewhere else (an ``out=`` path that is
+    not on a file system shared by the client and every worker)."""
+    left = store.not_done(tiles)
+    if left:
+        shown = ", ".join(f"({t.i}, {t.j})" for t in left[:8]) + (" ..." if len(left) > 8 else "")
+        raise RuntimeError(
+            f"Dask workers {sorted(per_worker)} reported {len(tiles)} tiles written, but "
+            f"{len(left)} of them are not marked done in the store {store.path} as this client "
+            f"sees it: {shown}. out= must be a path on a file system shared by the client and "
+            "every worker (the workers wrote elsewhere); rerun the same call to compute them")

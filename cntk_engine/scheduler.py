@@ -176,6 +176,16 @@ def free_device_memory(device: int | None) -> int | None:
         return None
 
 
+def smallest_free_memory(devices: list[int] | None) -> int | None:
+    """The least free memory over the GPUs that report a figure (the tile must fit on each);
+    None for the CPU or when no GPU reports one.  A GPU that does not report is skipped, not
+    read as "no limit" for the others."""
+    if devices is None:
+        return None
+    known = [f for f in (free_device_memory(d) for d in devices) if f is not None]
+    return min(known) if known else None
+
+
 def bytes_per_pair(backend: Backend, image_shape: Sequence[int]) -> int:
     """Device bytes one pair of a ``pair_sums`` call needs: the backend's own figure when it has
     a ``bytes_per_pair()`` method, else the output it returns (sums + pair indices + the mirrored
@@ -383,15 +393,19 @@ def execute(backend_cls: type[Backend], arch: Architecture, params: LayerParams,
     arrays for the local CUDA path (no store, no Dask).  Returns
     (result, info): result is {depth: {kernel: (n1, n2) ndarray}}, or the Zarr group when ``out``
     is given.  Everything is checked before a store is created or opened for writing.
+    With ``client`` the caller resolves ``backend_cls`` on the workers
+    (``distributed.resolve_backend``, which also checks cuda's image shape there).
     """
     t_start = time.perf_counter()
     symmetric = x2 is None
     n1 = len(x1)
     n2 = n1 if symmetric else len(x2)
     image_shape = tuple(x1.shape[1:])
-    probe = backend_cls(arch, params, dtype)
+    probe = backend_cls(arch, params, dtype)   # no device work: only its name, tile rules
     check = getattr(probe, "check_shape", None)
-    if callable(check):
+    if callable(check) and not (client is not None and probe.name == "cuda"):
+        # with a client, cuda's shape rules (its compiled extension's) are checked on the
+        # workers by distributed.resolve_backend: the client may have neither GPU nor extension
         check(*image_shape[1:])
 
     # ---- where tiles run
@@ -406,7 +420,7 @@ def execute(backend_cls: type[Backend], arch: Architecture, params: LayerParams,
         dev_ids = resolve_devices(probe.name, devices)
         n_workers = 1 if dev_ids is None else len(dev_ids)
         where = "cpu" if dev_ids is None else "gpus " + ",".join(map(str, dev_ids))
-        free = None if dev_ids is None else min(free_device_memory(d) or 0 for d in dev_ids) or None
+        free = smallest_free_memory(dev_ids)
 
     if tile is not None:
         why = "given"

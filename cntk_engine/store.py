@@ -1,6 +1,6 @@
 """Resumable, out-of-core Gram matrices in a Zarr group (``gram(..., out="path.zarr")``).
 
-Layout of the group (zarr >= 3, a directory on a local or shared POSIX file system)
+Layout of the group (zarr >= 3.1.3, a directory on a local or shared POSIX file system)
 ----------------------------------------------------------------------------------
 * One depth: ``group["ntk"]`` and/or ``group["nngp"]``, each an (N1, N2) float64 array.
 * Several depths (``depths=[...]``): ``group["depth_<d>/ntk"]``, ``group["depth_<d>/nngp"]``.
@@ -20,26 +20,39 @@ Layout of the group (zarr >= 3, a directory on a local or shared POSIX file syst
 Crash safety
 ------------
 A tile is written completely or not at all: its data chunks are written first, then its entry
-of ``tiles_done``.  Zarr's local store writes every chunk to a temporary file and renames it into
-place, so a killed process leaves each chunk old or new, never half written, and a tile whose
-marker is missing is simply computed again (same values, same bytes: writing a tile twice is
-idempotent, which is also what makes retried Dask tasks safe).  The store itself is created in a
-temporary directory next to ``out`` and renamed into place once complete, so a store that exists
-always carries its job record.
+of ``tiles_done``.  Zarr's local store (zarr >= 3.1.3, zarr-python PR #3412; older versions are
+refused) writes every chunk to a temporary file and renames it into place, so a killed process
+leaves each chunk old or new, never half written, and a tile whose marker is missing is simply
+computed again (same values, same bytes: writing a tile twice is idempotent, which is also what
+makes retried Dask tasks safe).  The store itself is created in a temporary directory next to
+``out`` and renamed into place once complete, so a store that exists always carries its job
+record; when two processes create the same store at once, the one that loses the rename opens
+the winner's store like any existing one (same job: resume; another job: StoreMismatch).
+
+Damage done from outside (a file system that lost or truncated files) is handled when a job is
+resumed: a ``tiles_done`` chunk that cannot be decoded counts as "not done" (a warning names the
+store and the tile), and a finished tile whose data chunk file is missing or empty is computed
+again (a warning names the store, the array and the chunk); both cost one ``stat`` per chunk
+file, no data is read.  A data chunk damaged in a way ``stat`` cannot see (garbage bytes of
+the right length) surfaces only when it is read.
 
 Resuming
 --------
 Opening an existing store compares its job record with the job asked for; any difference
 (images, architecture, dtype, backend, kernels, sizes, tile size when given explicitly, package
-version) raises :class:`StoreMismatch` naming the differences, before anything is written.  When
-the records agree only the tiles whose marker is 0 are computed.
+version) raises :class:`StoreMismatch` naming the differences, before anything is written.  The
+depths are compared as a set (``depths=[4, 3]`` resumes a store made with ``[3, 4]``; new
+records list them sorted).  When the records agree only the tiles whose marker is 0 are
+computed.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -55,6 +68,7 @@ log = logging.getLogger("cntk_engine")
 FORMAT = "cntk_engine.gram_store"
 FORMAT_VERSION = 1
 DONE = "tiles_done"
+ZARR_MIN = (3, 1, 3)   # atomic chunk writes (temporary file + rename): zarr-python PR #3412
 
 
 class StoreError(ValueError):
@@ -65,14 +79,25 @@ class StoreMismatch(StoreError):
     """The store at ``out=`` belongs to another job."""
 
 
+class _LostRace(Exception):
+    """Another process renamed its new store into place first (see ``GramStore._create``)."""
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", v)
+    return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
+
+
 def _zarr():
+    need = ".".join(map(str, ZARR_MIN))
     try:
         import zarr
     except ImportError as e:
-        raise ImportError("out= needs zarr >= 3 (pip install 'cntk-engine[zarr]'): " + str(e)) from None
-    if int(zarr.__version__.split(".")[0]) < 3:
-        raise ImportError(f"out= needs zarr >= 3; zarr {zarr.__version__} is installed "
-                          "(pip install -U 'zarr>=3')")
+        raise ImportError(f"out= needs zarr >= {need} (pip install 'cntk-engine[zarr]'): {e}") from None
+    if _version_tuple(zarr.__version__) < ZARR_MIN:
+        raise ImportError(f"out= needs zarr >= {need} (its local store writes each chunk to a "
+                          f"temporary file and renames it, which the store's crash safety relies "
+                          f"on); zarr {zarr.__version__} is installed (pip install -U 'zarr>={need}')")
     return zarr
 
 
@@ -98,10 +123,12 @@ def job_spec(arch: Architecture, backend: str, dtype, kernel: str, x1: np.ndarra
              x2: np.ndarray | None, image_shape) -> dict:
     """The job record (JSON) without the tile layout (added when the store is created)."""
     from . import __version__
+    arch_d = arch.to_dict()
+    arch_d["depths"] = sorted(arch_d["depths"])   # the order of depths=[...] is not part of the job
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__,
         "backend": backend, "dtype": np.dtype(dtype).name,
-        "architecture": arch.to_dict(), "kernel": kernel,
+        "architecture": arch_d, "kernel": kernel,
         "kernels": ["ntk", "nngp"] if kernel == "both" else [kernel],
         "n1": int(len(x1)), "n2": int(len(x1) if x2 is None else len(x2)),
         "image_shape": [int(v) for v in image_shape], "symmetric": x2 is None,
@@ -130,6 +157,11 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
     diffs = []
     for k in b:
         if k in ("tile", "grid"):
+            continue
+        if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b[k], list):
+            # a set of readouts: stores written before records were sorted may list them unsorted
+            if sorted(a[k]) != sorted(b[k]):
+                diffs.append(f"architecture.depths: store has {sorted(a[k])}, this job {sorted(b[k])}")
             continue
         if a.get(k, "<missing>") != b[k]:
             name = {"fingerprint.x1": "images x1 (sha256)", "fingerprint.x2": "images x2 (sha256)"}.get(k, k)
@@ -179,6 +211,28 @@ class TileWriter:
         self._done[t.i, t.j] = self.run_id   # only after every chunk of the tile is in place
 
 
+def read_done(path, arr, *, warn: bool = True) -> np.ndarray:
+    """The ``tiles_done`` map of the store at ``path``.  A marker chunk that cannot be read or
+    decoded (a truncated or emptied file) counts as 0, "not done", so its tile is computed again;
+    with ``warn`` a warning names the store and each such tile."""
+    try:
+        return np.asarray(arr[...])
+    except Exception:  # noqa: BLE001 - one damaged chunk: find it, chunk by chunk (a rare path)
+        pass
+    done = np.zeros(arr.shape, dtype=np.int32)
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            try:
+                done[i, j] = int(arr[i, j])
+            except Exception as e:  # noqa: BLE001
+                if warn:
+                    log.warning("store %s: the done marker of tile (%d, %d) (%s/%s) cannot be read "
+                                "(%s: %s); the tile counts as not done and will be computed again",
+                                path, i, j, DONE, arr.metadata.encode_chunk_key((i, j)),
+                                type(e).__name__, e)
+    return done
+
+
 class GramStore:
     """An open store of one job (see the module docstring)."""
 
@@ -193,53 +247,61 @@ class GramStore:
 
         ``resume=False``: an existing ``out`` is an error (the CLI without --resume).
         """
-        zarr = _zarr()
+        _zarr()
         try:
             path = Path(os.fspath(out)).expanduser().absolute()
         except TypeError:
             raise StoreError(f"out must be a path (str or os.PathLike) to a Zarr directory; got {out!r}") from None
         if path.exists() or path.is_symlink():
-            if not path.is_dir() or not (path / "zarr.json").is_file():
-                raise StoreError(f"out={str(path)!r} exists and is not a Zarr (v3) store; refusing to touch it")
-            try:
-                g = zarr.open_group(str(path), mode="r")
-                stored = dict(g.attrs.get("cntk_engine") or {})
-            except Exception as e:
-                raise StoreError(f"out={str(path)!r} cannot be read as a Zarr group: {e}") from None
-            if stored.get("format") != FORMAT:
-                raise StoreError(f"out={str(path)!r} is a Zarr group but not a cntk_engine Gram store "
-                                 "(no job record); refusing to touch it")
-            diffs = spec_differences(stored, spec)
-            if tile_given and int(stored.get("tile", -1)) != tile:
-                diffs.append(f"tile: store has {stored.get('tile')}, this job {tile}")
-            if diffs:
-                raise StoreMismatch(f"out={str(path)!r} holds another job: " + "; ".join(diffs)
-                                    + ". Nothing was written; use another out= path for this job")
-            if not resume:
-                raise StoreError(f"out={str(path)!r} exists (this same job, "
-                                 f"{cls._done_count(g)} of {len(cls._expected_tiles(stored))} tiles done); "
-                                 "pass --resume to continue it")
-            missing = [n for n in list(array_names(tuple(spec["architecture"]["depths"]), spec["kernel"]).values())
-                       + [DONE] if n not in g]
-            if missing:
-                raise StoreError(f"out={str(path)!r} is damaged: arrays {missing} are missing")
-            log.info("resuming store %s (%d of %d tiles done)", path, cls._done_count(g),
-                     len(cls._expected_tiles(stored)))
-            return cls(path, zarr.open_group(str(path), mode="r+"), stored)
+            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume)
         if not path.parent.is_dir():
             raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} does not exist")
         if not os.access(path.parent, os.W_OK):
             raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} is not writable")
-        return cls._create(path, dict(spec, tile=int(tile)))
+        try:
+            return cls._create(path, dict(spec, tile=int(tile)))
+        except _LostRace:
+            log.info("store %s was created by another process at the same time; opening it as an "
+                     "existing store", path)
+            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume)
+
+    @classmethod
+    def _open_existing(cls, path: Path, spec: dict, *, tile: int, tile_given: bool,
+                       resume: bool) -> "GramStore":
+        zarr = _zarr()
+        if not path.is_dir() or not (path / "zarr.json").is_file():
+            raise StoreError(f"out={str(path)!r} exists and is not a Zarr (v3) store; refusing to touch it")
+        try:
+            g = zarr.open_group(str(path), mode="r")
+            stored = dict(g.attrs.get("cntk_engine") or {})
+        except Exception as e:
+            raise StoreError(f"out={str(path)!r} cannot be read as a Zarr group: {e}") from None
+        if stored.get("format") != FORMAT:
+            raise StoreError(f"out={str(path)!r} is a Zarr group but not a cntk_engine Gram store "
+                             "(no job record); refusing to touch it")
+        diffs = spec_differences(stored, spec)
+        if tile_given and int(stored.get("tile", -1)) != tile:
+            diffs.append(f"tile: store has {stored.get('tile')}, this job {tile}")
+        if diffs:
+            raise StoreMismatch(f"out={str(path)!r} holds another job: " + "; ".join(diffs)
+                                + ". Nothing was written; use another out= path for this job")
+        missing = [n for n in list(array_names(tuple(spec["architecture"]["depths"]), spec["kernel"]).values())
+                   + [DONE] if n not in g]
+        if missing:
+            raise StoreError(f"out={str(path)!r} is damaged: arrays {missing} are missing")
+        n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
+        if not resume:
+            raise StoreError(f"out={str(path)!r} exists (this same job, "
+                             f"{n_done} of {len(cls._expected_tiles(stored))} tiles done); "
+                             "pass --resume to continue it")
+        log.info("resuming store %s (%d of %d tiles done)", path, n_done,
+                 len(cls._expected_tiles(stored)))
+        return cls(path, zarr.open_group(str(path), mode="r+"), stored)
 
     @staticmethod
     def _expected_tiles(spec: dict):
         from .scheduler import TileLayout
         return TileLayout(spec["n1"], spec["n2"], int(spec["tile"]), spec["symmetric"]).tiles()
-
-    @staticmethod
-    def _done_count(g) -> int:
-        return int(np.count_nonzero(g[DONE][...]))
 
     @classmethod
     def _create(cls, path: Path, spec: dict) -> "GramStore":
@@ -263,7 +325,14 @@ class GramStore:
                                     attributes={"kernel": k, "depth": d})
             g.create_array(DONE, shape=layout.grid, chunks=(1, 1), dtype="int32", fill_value=0)
             g.attrs.update({"cntk_engine": spec, "runs": []})
-            os.rename(tmp, path)   # atomic: a store that exists always has its job record
+            try:
+                os.rename(tmp, path)   # atomic: a store that exists always has its job record
+            except OSError as e:
+                # another process created the store since the existence check (rename(2) onto a
+                # non-empty directory: ENOTEMPTY, or EEXIST on some systems)
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
+                    raise _LostRace() from e
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -271,11 +340,51 @@ class GramStore:
         return cls(path, zarr.open_group(str(path), mode="r+"), spec)
 
     # ------------------------------------------------------------------ tiles and runs
-    def done_map(self) -> np.ndarray:
-        return np.asarray(self.group[DONE][...])
+    def done_map(self, warn: bool = True) -> np.ndarray:
+        """``tiles_done`` (an undecodable marker reads as 0: see :func:`read_done`)."""
+        return read_done(self.path, self.group[DONE], warn=warn)
+
+    def _chunk_files(self, i: int, j: int):
+        """(array name, chunk key, file) of every data chunk tile (i, j) writes."""
+        names = array_names(tuple(self.spec["architecture"]["depths"]), self.spec["kernel"]).values()
+        keys = [(i, j)] + ([(j, i)] if self.spec["symmetric"] and i != j else [])
+        for name in names:
+            meta = self.group[name].metadata
+            for ij in keys:
+                key = meta.encode_chunk_key(ij)
+                yield name, key, self.path / name / key
+
+    def _damaged_data(self, t) -> str | None:
+        """Why a finished tile's data cannot be trusted (a chunk file missing or empty), or None.
+        One ``stat`` per chunk file; no data is read."""
+        for name, key, f in self._chunk_files(t.i, t.j):
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                return f"{name}/{key} is missing"
+            if size == 0:
+                return f"{name}/{key} is empty"
+        return None
 
     def missing(self, tiles) -> list:
+        """The tiles to compute: marker 0 (or unreadable), or marked done but with a data chunk
+        file missing or empty (a warning names the store, array and chunk)."""
         done = self.done_map()
+        todo = []
+        for t in tiles:
+            if done[t.i, t.j] == 0:
+                todo.append(t)
+                continue
+            why = self._damaged_data(t)
+            if why is not None:
+                log.warning("store %s: tile (%d, %d) is marked done but its chunk %s; computing "
+                            "it again", self.path, t.i, t.j, why)
+                todo.append(t)
+        return todo
+
+    def not_done(self, tiles) -> list:
+        """The tiles whose marker is 0 (or unreadable) now: re-read from the store."""
+        done = self.done_map(warn=False)
         return [t for t in tiles if done[t.i, t.j] == 0]
 
     def begin_run(self, n_todo: int, where: str) -> int:

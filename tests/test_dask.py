@@ -21,7 +21,7 @@ def client():
     env = {"NUMBA_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, env=env) as cluster:
+                                  dashboard_address=":0", env=env) as cluster:
         with distributed.Client(cluster) as c:
             yield c
 
@@ -103,3 +103,150 @@ def test_client_argument_errors(client, rng):
         ce.gram(x, depth=3, backend="numba", client=client, devices=[0])
     with pytest.raises(ValueError, match="dask.distributed.Client"):
         ce.gram(x, depth=3, backend="numba", client=object())
+
+
+# ------------------------------------------------------------------ backend on the workers' terms
+@pytest.fixture
+def inproc_gpu_client():
+    """One in-process worker that declares a GPU resource (but, here, cannot run cuda)."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0", resources={"GPU": 1}) as cluster:
+        with distributed.Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture
+def client_without_gpu(monkeypatch):
+    """This process's own availability check says "no GPU" (as on a login node); the workers'
+    check (``available_backends`` run on them) is left alone."""
+    from cntk_engine import backends
+    real = backends.resolve
+
+    def local_resolve(name):
+        if name == "cuda":
+            raise RuntimeError("backend 'cuda' is unavailable: CLIENT-SIDE CHECK: no GPU here")
+        return real("numba" if name == "auto" else name)
+
+    monkeypatch.setattr(backends, "resolve", local_resolve)
+
+
+def test_auto_resolves_on_the_workers_and_logs_it(inproc_gpu_client, client_without_gpu, rng,
+                                                  caplog):
+    x = rng.standard_normal((6, 1, 8, 8))
+    worker = next(iter(inproc_gpu_client.scheduler_info()["workers"]))
+    with caplog.at_level("INFO", logger="cntk_engine"):
+        k, info = ce.gram(x, depth=3, backend="auto", tile=4, client=inproc_gpu_client,
+                          return_info=True)
+    assert info["backend"] == "numba"
+    assert k.tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "resolved on the workers to 'numba'" in msg
+    assert worker in msg and "cntk_engine._cuda is not installed" in msg      # the workers' reason
+
+
+def test_cuda_error_names_the_workers_and_their_reason(inproc_gpu_client, client_without_gpu, rng):
+    x = rng.standard_normal((6, 1, 8, 8))
+    worker = next(iter(inproc_gpu_client.scheduler_info()["workers"]))
+    with pytest.raises(RuntimeError) as e:
+        ce.gram(x, depth=3, backend="cuda", client=inproc_gpu_client)
+    msg = str(e.value)
+    assert "CLIENT-SIDE" not in msg                                           # not the client's
+    assert worker in msg and ce.available_backends()["cuda"] in msg
+
+
+def _report(cuda=None, shape=None):
+    return {"backends": {"reference": None, "numba": None, "cuda": cuda}, "cuda_shape": shape}
+
+
+def test_choose_backend_rules():
+    from cntk_engine.distributed import choose_backend
+    gpu = {"resources": {"GPU": 1}}
+    ws = {"tcp://a:1": gpu, "tcp://b:2": gpu, "tcp://cpu:3": {}}
+    ok = {"tcp://a:1": _report(), "tcp://b:2": _report(), "tcp://cpu:3": _report("no CUDA device")}
+    # only the workers with a GPU resource run cuda tasks: the CPU-only worker does not matter
+    assert choose_backend("auto", ok, ws)[0] == "cuda"
+    assert choose_backend("cuda", ok, ws)[0] == "cuda"
+    assert choose_backend("numba", ok, ws)[0] == "numba"
+    one_bad = dict(ok, **{"tcp://b:2": _report("no usable CUDA device: driver too old")})
+    name, why = choose_backend("auto", one_bad, ws)
+    assert name == "numba" and "tcp://b:2" in why and "driver too old" in why
+    with pytest.raises(RuntimeError, match=r"1 of the 2 .*tcp://b:2: no usable CUDA device: driver too old"):
+        choose_backend("cuda", one_bad, ws)
+    shape = {a: _report(shape="H x W too large for the fused kernels") for a in ok}
+    assert choose_backend("auto", shape, ws)[0] == "numba"
+    with pytest.raises(ValueError, match="too large.*Use backend='numba'"):
+        choose_backend("cuda", shape, ws)
+    failed = dict(ok, **{"tcp://a:1": ImportError("No module named 'cntk_engine'")})
+    with pytest.raises(RuntimeError, match=r"tcp://a:1: checking its backends failed.*cntk_engine"):
+        choose_backend("cuda", failed, ws)
+    no_gpu = {a: {} for a in ws}
+    name, why = choose_backend("auto", ok, no_gpu)
+    assert name == "numba" and "GPU resource" in why
+    with pytest.raises(RuntimeError, match="GPU resource"):
+        choose_backend("cuda", ok, no_gpu)
+    with pytest.raises(RuntimeError, match="tcp://cpu:3: numba broken"):
+        choose_backend("numba", dict(ok, **{"tcp://cpu:3": {"backends": {"numba": "numba broken"},
+                                                           "cuda_shape": None}}), ws)
+
+
+# ------------------------------------------------------------------ worker cache
+def _cache_size():
+    from cntk_engine import distributed as dist
+    return len(dist._CACHE)
+
+
+def test_workers_drop_the_jobs_images_when_it_ends(client, rng):
+    x = imgs(rng, 9)
+    ce.gram(x, depth=3, backend="numba", tile=4, client=client)
+    assert set(client.run(_cache_size).values()) == {0}
+
+
+def test_worker_cache_is_bounded_and_keeps_concurrent_jobs():
+    from cntk_engine import distributed as dist
+    made = []
+
+    class Counting:
+        def __init__(self, *a):
+            made.append(1)
+
+    def job(token):
+        return dist._Job(token, Counting, None, None, "float32", True, True, None)
+
+    with dist._CACHE_LOCK:
+        dist._CACHE.clear()
+    try:
+        a, b = job("job-a"), job("job-b")
+        for _ in range(3):                                   # two jobs interleaved on one worker
+            dist._state(a, "xa", None)
+            dist._state(b, "xb", None)
+        assert len(made) == 2                                # each built once, no mutual eviction
+        for k in range(dist.CACHE_JOBS + 2):
+            dist._state(job(f"more-{k}"), "x", None)
+        assert len(dist.cached_jobs()) == dist.CACHE_JOBS    # bounded, oldest jobs gone first
+        assert "job-a" not in dist.cached_jobs()
+        newest = f"more-{dist.CACHE_JOBS + 1}"
+        assert dist.evict(newest) == 1 and newest not in dist.cached_jobs()
+    finally:
+        with dist._CACHE_LOCK:
+            dist._CACHE.clear()
+
+
+# ------------------------------------------------------------------ store not shared
+def test_tiles_written_elsewhere_are_an_error(inproc_gpu_client, rng, tmp_path, monkeypatch):
+    """A worker that sees another file at the out= path (not a shared file system)."""
+    import shutil
+    from cntk_engine import store as store_mod
+    real_sink = store_mod.GramStore.sink
+
+    def sink_elsewhere(self, *a, **kw):
+        w = real_sink(self, *a, **kw)
+        elsewhere = tmp_path / "worker-local.zarr"
+        shutil.copytree(self.path, elsewhere)
+        w.path = str(elsewhere)
+        return w
+
+    monkeypatch.setattr(store_mod.GramStore, "sink", sink_elsewhere)
+    x = rng.standard_normal((6, 1, 8, 8))
+    out = tmp_path / "g.zarr"
+    with pytest.raises(RuntimeError, match=r"not marked done in the store .*g\.zarr.*shared"):
+        ce.gram(x, depth=3, backend="numba", tile=4, client=inproc_gpu_client, out=out)

@@ -173,6 +173,34 @@ def test_auto_tile_rules():
     assert t >= 256 and "store" in why
 
 
+def test_free_memory_of_gpus_that_report_it_limits_the_tile(monkeypatch, rng):
+    """One GPU that does not report its free memory must not lift the limit of the others."""
+    from cntk_engine import scheduler as sched
+    free = {0: None, 1: 16 * 2**30, 2: 8 * 2**30}
+    monkeypatch.setattr(sched, "free_device_memory", lambda d: free[d])
+    monkeypatch.setattr(sched, "gpu_count", lambda: 3)
+    assert sched.smallest_free_memory([0, 1, 2]) == 8 * 2**30
+    assert sched.smallest_free_memory([0]) is None and sched.smallest_free_memory(None) is None
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(backend, n1, n2, symmetric, n_workers, image_shape, free_bytes=None, for_store=False):
+        seen["free"] = free_bytes
+        raise Stop
+
+    class Gpu(Backend):
+        name = "cuda"
+
+    monkeypatch.setattr(sched, "auto_tile", spy)
+    arch = make_architecture(depth=3)
+    x = imgs(rng, 4)
+    with pytest.raises(Stop):
+        sched.execute(Gpu, arch, arch.layer_params(2, 6, 6), np.float32, x, None, kernel="ntk")
+    assert seen["free"] == 8 * 2**30                  # the least over GPUs 1 and 2, not "no limit"
+
+
 def test_resolve_devices_errors():
     assert resolve_devices("numba", None) is None
     assert resolve_devices("numba", "all") is None

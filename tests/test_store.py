@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 zarr = pytest.importorskip("zarr")
-if int(zarr.__version__.split(".")[0]) < 3:
-    pytest.skip("the store needs zarr >= 3", allow_module_level=True)
 
 import cntk_engine as ce  # noqa: E402
+from cntk_engine import store as store_mod  # noqa: E402
 from cntk_engine.store import StoreError, StoreMismatch  # noqa: E402
+
+if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
+    pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +88,98 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
     assert g2["ntk"][...].tobytes() == full.tobytes()
     _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
     assert info["tiles_computed"] == 0 and len(zarr.open_group(str(out)).attrs["runs"]) == 3
+
+
+def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):
+    x = imgs(rng, 8, h=8, w=8)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=4, out=out)
+    full = zarr.open_group(str(out))["ntk"][...]
+    (out / "tiles_done" / "c" / "0" / "1").write_bytes(b"")            # an emptied marker chunk
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        g, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 1                                 # that tile only, no crash
+    assert done_map(out)[0, 1] == 2 and g["ntk"][...].tobytes() == full.tobytes()
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert str(out) in msg and "(0, 1)" in msg and "tiles_done/c/0/1" in msg
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing", "empty mirror"])
+def test_damaged_data_chunk_of_finished_tile_is_recomputed(tmp_path, rng, caplog, damage):
+    x = imgs(rng, 8, h=8, w=8)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, kernel="both", backend="numba", tile=4, out=out)
+    ref = {k: zarr.open_group(str(out))[k][...] for k in ("ntk", "nngp")}
+    f = out / "nngp" / "c" / ("1/0" if damage == "empty mirror" else "0/1")
+    f.unlink() if damage == "missing" else f.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        g, info = ce.gram(x, depth=3, kernel="both", backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 1 and done_map(out)[0, 1] == 2
+    for k in ("ntk", "nngp"):
+        assert g[k][...].tobytes() == ref[k].tobytes()                 # readable and identical
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert str(out) in msg and "(0, 1)" in msg and ("nngp/c/1/0" if "mirror" in damage else "nngp/c/0/1") in msg
+
+
+def test_depth_order_is_not_part_of_the_job(tmp_path, rng):
+    x = imgs(rng, 8, h=8, w=8)
+    out = tmp_path / "d.zarr"
+    ce.gram(x, depths=[3, 2], backend="numba", tile=4, out=out)
+    assert zarr.open_group(str(out)).attrs["cntk_engine"]["architecture"]["depths"] == [2, 3]
+    g = zarr.open_group(str(out), mode="r+")
+    g["tiles_done"][0, 1] = 0
+    g2, info = ce.gram(x, depths=[2, 3], backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 1
+    ref = ce.gram(x, depths=[2, 3], backend="numba", tile=4)
+    for d in (2, 3):
+        assert g2[f"depth_{d}/ntk"][...].tobytes() == ref[d].tobytes()
+    # a store written before records were sorted (depths listed as given) still resumes
+    spec = dict(g.attrs["cntk_engine"])
+    spec["architecture"] = dict(spec["architecture"], depths=[3, 2])
+    g.attrs["cntk_engine"] = spec
+    _, info = ce.gram(x, depths=[2, 3], backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0
+    with pytest.raises(StoreMismatch, match="depths"):
+        ce.gram(x, depths=[2, 4], backend="numba", out=out)
+
+
+@pytest.mark.parametrize("case", ["same job", "other job", "same job, resume=False"])
+def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatch, case):
+    """Both pass the existence check; the other one renames its store into place first."""
+    x = imgs(rng, 8, h=8, w=8)
+    winner = tmp_path / "w" / "g.zarr"
+    winner.parent.mkdir()
+    ce.gram(x, depth=4 if case == "other job" else 3, backend="numba", tile=4, out=winner)
+    out = tmp_path / "g.zarr"
+    real_rename = os.rename
+
+    def racing_rename(src, dst):
+        if Path(dst) == out and not out.exists():
+            real_rename(winner, out)                                   # the other process wins
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "rename", racing_rename)
+    if case == "same job":
+        _, info = ce.gram(x, depth=3, backend="numba", tile=4, out=out, return_info=True)
+        assert info["tiles_computed"] == 0                             # resumed the winner's store
+    elif case == "other job":
+        with pytest.raises(StoreMismatch, match="depths"):
+            ce.gram(x, depth=3, backend="numba", tile=4, out=out)
+    else:
+        from cntk_engine.arch import make_architecture
+        spec = store_mod.job_spec(make_architecture(depth=3), "numba", np.float32, "ntk", x, None,
+                                  x.shape[1:])
+        with pytest.raises(StoreError, match="pass --resume"):
+            store_mod.GramStore.open_for_job(out, spec, tile=4, tile_given=False, resume=False)
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []   # temp dir removed
+
+
+def test_zarr_older_than_atomic_chunk_writes_is_refused(monkeypatch):
+    monkeypatch.setattr(zarr, "__version__", "3.1.2")
+    with pytest.raises(ImportError, match=r"zarr >= 3\.1\.3"):
+        store_mod._zarr()
+    monkeypatch.setattr(zarr, "__version__", "3.1.3.dev4")
+    assert store_mod._zarr() is zarr
 
 
 # ------------------------------------------------------------------------------ refusal
