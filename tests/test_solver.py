@@ -386,3 +386,266 @@ def test_cupy_matches_numpy(rng):
     Ks, _ = psd(rng, 20, p=5)
     assert S.fit_ridge(cp.asarray(Ks), cp.ones(20), 0.0).jitter > 0
     assert S.select_ridge(Kg, Yg, labels=labels).eigh.device == "cuda"
+
+
+# ----------------------------------------------------------------------------- labels = class columns
+HINT = r"np\.searchsorted\(classes, y\)"
+
+
+def test_labels_must_be_class_column_indices(rng, monkeypatch):
+    """Raw labels ({1, 3, 7}, strings, bools) used to score every ridge silently wrong; now
+    they are refused, before any O(n^3) work, with the np.searchsorted hint."""
+    n = 24
+    K, _ = psd(rng, n)
+    y = rng.choice([1, 3, 7], size=n)
+    Y, classes = S.paper_targets(y)
+    good = np.searchsorted(classes, y)
+    for bad in (y, y.astype(str), good.astype(float), good == 1, good - 1):
+        for call in (lambda lab: S.loo(K, Y, [0.1], labels=lab),
+                     lambda lab: S.kfold(K, Y, [0.1], labels=lab),
+                     lambda lab: S.select_ridge(K, Y, labels=lab),
+                     lambda lab: S.select_ridge(K, Y, labels=lab, method="kfold")):
+            with pytest.raises(ValueError, match=HINT):
+                call(bad)
+    # checked before the eigendecomposition
+    monkeypatch.setattr(S, "eigh", lambda *a, **k: pytest.fail("eigh ran before the labels check"))
+    with pytest.raises(ValueError, match=HINT):
+        S.select_ridge(K, Y, labels=y)
+    with pytest.raises(ValueError, match=HINT):
+        S.loo(K, Y, [0.1], labels=y)
+    monkeypatch.undo()
+    # accuracy needs one-hot Y with k >= 2 columns
+    with pytest.raises(ValueError, match="1-D Y"):
+        S.loo(K, Y[:, 0], [0.1], labels=good)
+    with pytest.raises(ValueError, match="k = 1 column"):
+        S.loo(K, Y[:, :1], [0.1], labels=np.zeros(n, dtype=int))
+    # the right labels work and match the raw-label accuracy computed by hand
+    sel = S.select_ridge(K, Y, labels=good)
+    res = S.loo(K, Y, sel.scores.ridges, labels=good, return_predictions=True)
+    for i, p in enumerate(res.predictions):
+        if p is not None:
+            assert res.accuracy[i] == np.mean(classes[p.argmax(1)] == y)
+    assert np.nanmax(res.accuracy) > 0
+
+
+def test_accuracy_scores_need_column_indices():
+    scores = np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]])
+    assert S.accuracy(scores, np.array([0, 2])) == 1.0
+    for bad in (np.array([1, 7]), np.array(["a", "b"]), np.array([0.0, 2.0]), np.array([True, False]),
+                np.array([-1, 0]), np.array([0, 3])):
+        with pytest.raises(ValueError, match=HINT):
+            S.accuracy(scores, bad)
+    # 1-D predicted labels against labels of any type stay allowed
+    assert S.accuracy(np.array(["cat", "dog"]), np.array(["cat", "cat"])) == 0.5
+    assert S.accuracy(np.array([7, 3]), np.array([7, 1])) == 0.5
+
+
+def test_readme_solver_snippet_on_synthetic_gram(rng):
+    """The README's solver snippet, with raw non-contiguous labels, on a synthetic Gram."""
+    n, m = 30, 10
+    phi = rng.normal(size=(n + m, 8))
+    y_all = np.where(phi[:, 0] > 0, 7, 3)
+    phi[:, 0] *= 3
+    Kall = phi @ phi.T
+    K, K_test, y_train, y_test = Kall[:n, :n], Kall[n:, :n], y_all[:n], y_all[n:]
+    Y, classes = S.paper_targets(y_train)
+    labels = np.searchsorted(classes, y_train)
+    sel = S.select_ridge(K, Y, labels=labels)
+    pred = S.predict_classes(S.kernel_ridge(K, Y, K_test, ridge=sel.ridge), classes)
+    assert sel.score == "accuracy" and np.nanmax(sel.scores.accuracy) >= 0.8
+    assert S.accuracy(pred, y_test) >= 0.8
+
+
+# ----------------------------------------------------------------------------- memory
+def _peak(f):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        out = f()
+        return tracemalloc.get_traced_memory()[1], out
+    finally:
+        tracemalloc.stop()
+
+
+def test_solver_memory_in_place(rng, caplog):
+    """Peak extra memory, in copies of K: Cholesky ~1 (the private symmetrised copy, factored
+    in place; was 3), eigh / LOO ~3 (that copy + syevd's 2 n^2 workspace; was 4), k-fold
+    selection ~3.1 (was 4.7)."""
+    n = 600
+    K, _ = psd(rng, n)
+    labels = rng.integers(0, 3, size=n)
+    Y, _ = S.paper_targets(labels)
+    S.fit_ridge(K[:50, :50], Y[:50])       # warm imports
+    S.eigh(K[:50, :50])
+    nb = K.nbytes
+    K0 = K.copy()
+    peak, sol = _peak(lambda: S.fit_ridge(K, Y, 1e-3))
+    assert peak < 1.3 * nb
+    np.testing.assert_allclose(sol.alpha, np.linalg.solve(K + 1e-3 * np.eye(n), Y), rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(K, K0)                 # the caller's K is never modified
+    assert _peak(lambda: S.gp_posterior(K, Y, K[:5], K[:5, :5], noise=0.1))[0] < 1.3 * nb
+    assert _peak(lambda: S.eigh(K))[0] < 3.2 * nb
+    assert _peak(lambda: S.loo(K, Y, [0.0, 1.0], labels=labels))[0] < 3.2 * nb
+    assert _peak(lambda: S.select_ridge(K, Y, labels=labels))[0] < 3.2 * nb
+    assert _peak(lambda: S.select_ridge(K, Y, labels=labels, method="kfold"))[0] < 3.3 * nb
+    np.testing.assert_array_equal(K, K0)
+    # the jitter retries (the factorisation fails in place, K is restored from its upper
+    # triangle) stay within one copy too, and give the factor of K + j I
+    Ks, _ = psd(rng, n, p=20)
+    with caplog.at_level(logging.WARNING, logger="cntk_engine"):
+        peak, sol = _peak(lambda: S.fit_ridge(Ks, Y, 0.0))
+    assert sol.jitter > 0 and peak < 1.3 * nb
+    resid = (Ks + sol.jitter * np.eye(n)) @ sol.alpha - Y           # ill-conditioned: residual
+    assert np.linalg.norm(resid) < 1e-3 * np.linalg.norm(Y)   # ~5e-5 (cond ~1e10); garbage: ~1
+
+
+def test_cholesky_and_eigh_in_place(rng):
+    K, _ = psd(rng, 40)
+    A = np.ascontiguousarray(S.check_gram(K))
+    L = S._cholesky_inplace(np, A)
+    assert np.shares_memory(L, A)
+    np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-8, atol=1e-10)
+    assert np.all(np.triu(L, 1) == 0)
+    # overwrite_k: the factor is K's own memory; without it K is left as it is
+    A = S.check_gram(K)
+    L, j = S.cholesky(A, 0.5, overwrite_k=True)
+    assert j == 0 and np.shares_memory(L, A)
+    np.testing.assert_allclose(L @ L.T, K + 0.5 * np.eye(40), rtol=1e-10, atol=1e-10)
+    K0 = K.copy()
+    L, _ = S.cholesky(K, 0.5)
+    np.testing.assert_array_equal(K, K0)
+    # a failed in-place attempt is undone exactly: jitter on an indefinite-then-fixed matrix
+    Ks, _ = psd(rng, 30, p=3)
+    A = S.check_gram(Ks)
+    L, j = S.cholesky(A, 0.0, overwrite_k=True)
+    assert j > 0
+    np.testing.assert_allclose(L @ L.T, Ks + j * np.eye(30), rtol=1e-9, atol=1e-9 * np.abs(Ks).max())
+    with pytest.raises(S.NotPositiveDefinite, match="smallest eigenvalue is -1 "):
+        S.cholesky(np.diag([1.0, -1.0, 2.0]), overwrite_k=True)
+    # eigh decomposes the private copy in place
+    A = S.check_gram(K)
+    E = S.eigh(A, _overwrite=True)
+    assert np.shares_memory(E.U, A)
+    np.testing.assert_allclose(E.U @ np.diag(E.s) @ E.U.T, K, rtol=1e-9, atol=1e-9 * np.abs(K).max())
+
+
+def test_check_gram_private_copy(rng):
+    K, _ = psd(rng, 70)
+    Ka = K.copy()
+    Ka[3, 50] *= 1 + 1e-9
+    S0 = S.check_gram(Ka)
+    assert not np.shares_memory(S0, Ka) and S0.flags.c_contiguous
+    np.testing.assert_array_equal(S0, (Ka + Ka.T) / 2)
+    S32 = S.check_gram(Ka.astype(np.float32))                 # symmetrised in its own copy
+    np.testing.assert_array_equal(S32, S32.T)
+    F = np.asfortranarray(Ka)
+    np.testing.assert_array_equal(S.check_gram(F), S0)
+    assert S.check_gram(F.astype(np.float32)).flags.c_contiguous
+
+
+# ----------------------------------------------------------------------------- classes, eta, scores
+def test_one_hot_unsorted_empty_duplicate_classes():
+    y = np.array(["cat", "dog", "dog"])
+    Y, cl = S.one_hot(y, classes=["dog", "cat"])
+    assert cl.tolist() == ["dog", "cat"]
+    np.testing.assert_array_equal(Y, [[0, 1], [1, 0], [1, 0]])
+    Yp, _ = S.paper_targets(np.array([7, 1, 3]), classes=[3, 7, 1])
+    np.testing.assert_allclose(Yp, [[-0.1, 0.9, -0.1], [-0.1, -0.1, 0.9], [0.9, -0.1, -0.1]])
+    with pytest.raises(ValueError, match=r"labels \['bird'\] are not among the classes \['dog', 'cat'\]"):
+        S.one_hot(np.array(["cat", "bird"]), classes=["dog", "cat"])
+    with pytest.raises(ValueError, match="non-empty"):
+        S.one_hot(np.array([1]), classes=[])
+    with pytest.raises(ValueError, match=r"distinct; \[3\] repeated"):
+        S.one_hot(np.array([1, 3]), classes=[3, 1, 3])
+    with pytest.raises(ValueError, match="not among the classes"):
+        S.one_hot(np.array([1, 2]), classes=["a", "b"])
+
+
+def test_gradient_flow_eta_numpy_scalar_and_docstring(rng):
+    K, phi = psd(rng, 12)
+    Y = rng.normal(size=(12, 2))
+    want = S.gradient_flow(K, Y, 2.0, eta=0.5)
+    for eta in (np.float32(0.5), np.float64(0.5), 0.5):
+        np.testing.assert_allclose(S.gradient_flow(K, Y, 2.0, eta=eta), want, rtol=1e-7)
+    np.testing.assert_allclose(S.gradient_flow(K, Y, 2.0, eta=np.int64(1)), S.gradient_flow(K, Y, 2.0),
+                               rtol=1e-12)
+    for bad in (True, np.bool_(True), np.float32(-1), np.inf, "1", 1j):
+        with pytest.raises(ValueError, match="eta"):
+            S.gradient_flow(K, Y, 1.0, eta=bad)
+    # t = inf is the pseudo-inverse truncated at rcond, as documented, not K^-1
+    doc = S.gradient_flow.__doc__
+    assert "pseudo-inverse truncated at ``rcond``" in doc and "kernel_ridge" in doc
+    U, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    s = np.array([1e-13, 1e-3, 0.5, 1.0, 2.0, 3.0])
+    Kn = (U * s) @ U.T
+    Kt = rng.normal(size=(2, 6))
+    y = rng.normal(size=6)
+    got = S.gradient_flow(Kn, y, np.inf, K_test=Kt)
+    keep = s > 1e-10 * 3.0
+    np.testing.assert_allclose(got, Kt @ (U[:, keep] / s[keep]) @ U[:, keep].T @ y, rtol=1e-6)
+    assert not np.allclose(got, Kt @ np.linalg.solve(Kn, y))
+
+
+def test_predict_classes_needs_2d_scores():
+    with pytest.raises(ValueError, match=r"scores must be \(m, c\).*sign"):
+        S.predict_classes(np.array([0.3, -0.2]))
+    assert S.predict_classes([[0.1, 0.9]], ["a", "b"]).tolist() == ["b"]
+
+
+# ----------------------------------------------------------------------------- complex input
+def test_complex_input_refused(rng):
+    K, _ = psd(rng, 6)
+    Y = rng.normal(size=(6, 2))
+    with pytest.raises(ValueError, match="K is complex"):
+        S.fit_ridge(K.astype(complex), Y)
+    with pytest.raises(ValueError, match="K is complex"):
+        S.eigh(K + 0j)
+    with pytest.raises(ValueError, match="Y is complex"):
+        S.fit_ridge(K, Y + 1j)
+    with pytest.raises(ValueError, match="Y is complex"):
+        S.loo(K, [1j] * 6, [0.1])
+    with pytest.raises(ValueError, match="K_test is complex"):
+        S.kernel_ridge(K, Y, K[:2] + 0j, 0.1)
+    with pytest.raises(ValueError, match="K_test is complex"):
+        S.gradient_flow(K, Y, 1.0, K_test=K[:2].astype(np.complex64))
+    with pytest.raises(ValueError, match="K_test_test is complex"):
+        S.gp_posterior(K, Y, K[:2], np.eye(2) + 0j)
+
+
+# ----------------------------------------------------------------------------- load_gram memory
+def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    K, _ = psd(rng, 16)
+    g = zarr.open_group(str(tmp_path / "k.zarr"), mode="w")
+    a = g.create_array("ntk", shape=K.shape, dtype="float64", chunks=(8, 8))
+    a[...] = K
+    nb = K.nbytes                                    # 2 KiB
+    # device="cuda": the GPU's free memory decides (the solve runs there), the host must hold
+    # the float64 matrix while reading
+    monkeypatch.setattr(S, "available_memory", lambda: 100 * nb)
+    monkeypatch.setattr(S, "available_gpu_memory", lambda: nb)
+    with pytest.raises(S.GramTooLarge, match=r"4\.0 KiB with the solve.*free GPU memory 2\.0 KiB"):
+        S.load_gram(a, device="cuda")
+    monkeypatch.setattr(S, "available_gpu_memory", lambda: 100 * nb)
+    monkeypatch.setattr(S, "available_memory", lambda: nb // 2)
+    with pytest.raises(S.GramTooLarge, match=r"2\.0 KiB on the host to read it for the GPU; available RAM"):
+        S.load_gram(a, device="cuda")
+    # the CPU path ignores the GPU figure
+    monkeypatch.setattr(S, "available_gpu_memory", lambda: pytest.fail("GPU memory asked for a CPU load"))
+    monkeypatch.setattr(S, "available_memory", lambda: 2 * nb)
+    np.testing.assert_array_equal(S.load_gram(a), K)
+    with pytest.raises(S.GramTooLarge, match=r"available RAM"):
+        S.load_gram(a, workspace=3)
+    with pytest.raises(ValueError, match="device must be one of"):
+        S.load_gram(a, device="tpu")
+    # a zarr.Array given to the solver is loaded with the workspace of that solver: a Cholesky
+    # needs ~1.1 K, an eigendecomposition (LOO) ~3.1 K
+    monkeypatch.setattr(S, "available_memory", lambda: int(2.5 * nb))
+    Y = rng.normal(size=16)
+    np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K + 0.1 * np.eye(16), Y),
+                               rtol=1e-8)
+    with pytest.raises(S.GramTooLarge, match=r"2\.1 copies"):
+        S.loo(a, Y, [0.1])
+    c = g.create_array("cplx", shape=K.shape, dtype="complex128", chunks=(8, 8))
+    with pytest.raises(ValueError, match="complex"):
+        S.load_gram(c)
