@@ -2,10 +2,9 @@
 is wrong and what is accepted, before any work starts."""
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
+from .arch import _integer, _is_int
 from .diag import array_module
 
 DATA_FORMATS = ("NCHW", "NHWC")
@@ -31,13 +30,9 @@ def check_tile(tile):
     """``tile``: None (automatic), or a positive integer (NumPy integers too) as a Python int."""
     if tile is None:
         return None
-    if not isinstance(tile, (bool, np.bool_)):
-        try:
-            t = operator.index(tile)
-        except TypeError:
-            t = None
-        if t is not None and t >= 1:
-            return t
+    t = _integer(tile)          # integer-like (not bool) -> int, as depth and filter_size
+    if _is_int(t) and t >= 1:
+        return t
     raise ValueError(f"tile must be a positive integer (rows/columns per tile) or None (automatic); "
                      f"got {tile!r}")
 

@@ -68,3 +68,22 @@ def test_same_object_is_the_symmetric_gram():
     K, info = ce.gram(x, x, depth=3, backend="numba", return_info=True)
     assert info["unique_pairs"] == 6
     assert np.array_equal(K, ce.gram(x, depth=3, backend="numba"))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float64", 1e-10)])
+def test_twins_on_real_images_with_zero_windows(dtype, tol):
+    # MNIST crops near a corner (many all-black, zero-variance windows) and a CIFAR crop; the
+    # test set holds the training images in reverse order plus an all-zero image
+    from conftest import load_real
+    mnist = load_real("mnist_test.npz")["x"][:3, 2:12, 2:12].astype(np.float64)[:, None] / 255.0
+    cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:1, :10, :10].astype(np.float64) / 255.0
+    x = np.concatenate([mnist.repeat(3, axis=1), cifar.transpose(0, 3, 1, 2)])
+    test = np.concatenate([x[::-1], np.zeros((1,) + x.shape[1:])])
+    kw = dict(depth=11, pooling="flatten", kernel="both")
+    got = ce.gram(test, x, backend="numba", dtype=dtype, **kw)
+    sym = ce.gram(x, backend="numba", dtype=dtype, **kw)
+    ref = ce.gram(test, x, backend="reference", **kw)
+    for g, s, r in zip(got, sym, ref):
+        assert np.isfinite(g).all() and np.all(g[-1] == 0)           # the all-zero image
+        np.testing.assert_array_equal(np.diag(g[:-1][::-1]), np.diag(s))   # twins: self pairs
+        assert np.abs(g - r).max() / np.abs(r).max() < tol
