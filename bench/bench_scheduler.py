@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import dataclasses
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,14 +49,21 @@ sys.path.insert(0, str(ROOT))
 
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
-from cntk_engine.scheduler import (DEFAULT_TILE, MemorySink, Progress, TileLayout, Worker,  # noqa: E402
-                                   largest_first, run_tiles)
+from cntk_engine.backends.cuda import CudaBackend  # noqa: E402
+from cntk_engine.jobs import GramJob  # noqa: E402
+from cntk_engine.jobs.local import Progress, Worker, run_tiles  # noqa: E402
+from cntk_engine.jobs.sinks import MemorySink  # noqa: E402
+from cntk_engine.jobs.tiles import TileLayout, largest_first  # noqa: E402
 
 
 class TrivialBackend(Backend):
     """Returns zero sums at once: every second measured is scheduler machinery."""
 
     name = "trivial"
+
+    @classmethod
+    def traits(cls):
+        return CudaBackend.traits()
 
     def prepare(self, x):
         return Prepared(x, ())
@@ -93,9 +101,11 @@ def measure_overhead(n: int, tile: int, n_tiles: int, store_dir: Path | None, wo
     x = np.zeros((n, 3, 32, 32))
     layout = TileLayout(n, n, tile, True)
     todo = [t for t in layout.tiles() if not t.diag][:n_tiles]
+    job = GramJob(x1=x, x2=None, arch=arch, params=params, kernel="both",
+                  dtype=np.dtype(np.float32), backend=TrivialBackend, tile=tile)
     extra = {}
     if store_dir is None:
-        sink = MemorySink(layout, arch, params, "both")
+        sink = MemorySink(job, layout)
         # The result arrays' pages are touched for the first time by the tiles: a one-off cost of
         # the whole job (every page once; 2 x N^2 x 8 bytes), not a per-tile one.  A subset of
         # tiles would charge it to too few tiles (each first tile of a row band faults that band
@@ -107,20 +117,19 @@ def measure_overhead(n: int, tile: int, n_tiles: int, store_dir: Path | None, wo
         extra["result_first_touch_seconds"] = time.perf_counter() - t0
         extra["result_bytes"] = sum(a.nbytes for r in sink.result.values() for a in r.values())
     else:
-        from cntk_engine import store as st
+        from cntk_engine.jobs import store as st
         out = store_dir / "bench.zarr"
         shutil.rmtree(out, ignore_errors=True)
+        job = dataclasses.replace(job, out=str(out))
         t0 = time.perf_counter()
-        fp_x = x[: min(n, 20000)]
-        spec = st.job_spec(arch, "trivial", np.float32, "both", fp_x, None, (3, 32, 32))
+        st.job_spec(job)
         extra["fingerprint_seconds"] = time.perf_counter() - t0
-        extra["fingerprint_bytes"] = fp_x.nbytes
-        spec.update(n1=n, n2=n)
+        extra["fingerprint_bytes"] = x.nbytes
         t0 = time.perf_counter()
-        gs = st.GramStore.open_for_job(out, spec, tile=tile, tile_given=True)
-        extra["store_create_seconds"] = time.perf_counter() - t0
+        gs = st.GramStore.open_for_job(job, tile=tile, tile_given=True)
+        extra["store_create_seconds"] = time.perf_counter() - t0 - extra["fingerprint_seconds"]
         run_id = gs.begin_run(len(todo), "bench")
-        sink = gs.sink(arch, params, "both", run_id)
+        sink = gs.sink(job, run_id)
     ws = [Worker(f"w{i}", nullcontext, lambda: TrivialBackend(arch, params, np.float32))
           for i in range(workers)]
     bar = Progress(sum(t.pairs for t in todo), False)
@@ -158,7 +167,8 @@ def threaded(n: int, tile: int, gpus: int, seconds_per_pair: float) -> dict:
     layout = TileLayout(n, n, tile, True)
     ws = [Worker(f"g{i}", nullcontext, lambda: SleepingBackend(arch, params, np.float32))
           for i in range(gpus)]
-    sink = MemorySink(layout, arch, params, "ntk")
+    sink = MemorySink(GramJob(x1=x, x2=None, arch=arch, params=params, kernel="ntk",
+                              dtype=np.dtype(np.float32), backend=SleepingBackend), layout)
     t0 = time.perf_counter()
     run_tiles(ws, x, None, layout.tiles(), sink, None)
     wall = time.perf_counter() - t0
@@ -171,7 +181,7 @@ def threaded(n: int, tile: int, gpus: int, seconds_per_pair: float) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--tile", type=int, default=DEFAULT_TILE["cuda"])
+    ap.add_argument("--tile", type=int, default=CudaBackend.traits().default_tile)
     ap.add_argument("--tiles", type=int, default=24, help="off-diagonal tiles measured")
     ap.add_argument("--pair-cost", type=float, default=1 / 20000,
                     help="GPU seconds per pair (default 1/20000: depth 21 GAP, H100 estimate)")

@@ -9,8 +9,7 @@ from . import solver
 from .api import gram
 from .arch import Architecture
 from .backends import available_backends
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["gram", "Architecture", "available_backends", "solver", "CNTKClassifier",
            "CNTKRegressor", "__version__"]
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
-from . import backends as _backends
+from . import backends
 from .arch import KERNELS, make_architecture
-from .diag import array_module
+from .arrays import current_device, is_cupy, to_host
 from .inputs import as_images, check_dtype, check_magnitude, check_pair, check_tile
-from .scheduler import execute
+from .jobs import GramJob, run_job
+from .jobs.local import resolve_devices
 
 log = logging.getLogger("cntk_engine")
 
@@ -65,8 +64,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     arch = make_architecture(depth=depth, depths=depths, pooling=pooling, fix=fix,
                              convention=convention, W_std=W_std, b_std=b_std,
                              filter_size=filter_size)
-    if backend not in _backends.BACKENDS:
-        raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {backend!r}")
+    backends.check_name(backend)
     a = as_images(x1, data_format, "x1")
     symmetric = x2 is None or x2 is x1      # gram(x, x): each unordered pair once
     b = a if symmetric else as_images(x2, data_format, "x2")
@@ -75,44 +73,37 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False; got {progress!r}")
+    image_shape = tuple(int(v) for v in a.shape[1:])
 
     if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's
-        from .distributed import resolve_backend
-        cls = resolve_backend(client, backend, arch, a.shape[2], a.shape[3])
+        if devices not in (None, "all"):
+            raise ValueError("devices= selects local GPUs; with client= the Dask workers decide "
+                             "(one GPU per worker with resources={'GPU': 1}); leave devices unset")
+        from .jobs.dask import resolve_backend
+        cls = resolve_backend(client, backend, arch, image_shape, cdtype)
+        device_ids = None
     else:
-        cls = _backends.resolve(backend)
-        if backend == "auto" and cls.shape_unsupported(arch, a.shape[2], a.shape[3]) is not None:
-            cls = _backends.backend_class("numba")  # e.g. images larger than the GPU kernels take
-    on_device = array_module(a) is not np          # CuPy in -> CuPy out
-    # Device images stay on the device for the local CUDA path (each GPU worker takes them as they
+        cls = backends.resolve(backend, arch, image_shape, cdtype)
+        device_ids = resolve_devices(cls.traits().device, devices)
+    result_device = current_device() if is_cupy(a) else None      # CuPy in -> CuPy out
+    # Device images stay on the device for a local GPU job (each GPU worker takes them as they
     # are on its own device).  CPU backends, a Zarr store (whose job record hashes the images)
     # and Dask (which scatters them) take one host copy.
-    if on_device and (cls.name != "cuda" or out is not None or client is not None):
-        a = a.get()
-        b = a if symmetric else b.get()
-    _, c, h, w = a.shape
-    params = arch.layer_params(c, h, w)
+    if result_device is not None and (device_ids is None or out is not None):
+        a = to_host(a)
+        b = a if symmetric else to_host(b)
+    params = arch.layer_params(*image_shape)
     check_magnitude(a, None if symmetric else b, arch, params, cdtype)   # no silent inf/NaN
-    result, sched = execute(cls, arch, params, cdtype, a, None if symmetric else b, kernel=kernel,
-                            tile=tile, devices=devices, out=out, client=client, progress=progress)
-    if out is not None:
-        return (result, dict(sched, seconds=time.perf_counter() - t0)) if return_info else result
-    kernels = result
+    job = GramJob(x1=a, x2=None if symmetric else b, arch=arch, params=params, kernel=kernel,
+                  dtype=cdtype, backend=cls, tile=tile, devices=device_ids,
+                  result_device=None if out is not None else result_device, out=out,
+                  client=client, progress=progress)
+    result, info = run_job(job)
+    if out is None:
+        def pick(res):
+            return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
 
-    def follow_input(arr):
-        if on_device:
-            import cupy
-            return cupy.asarray(arr)
-        return arr.get() if array_module(arr) is not np else arr
-
-    def pick(res):
-        res = {k: follow_input(v) for k, v in res.items()}
-        return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
-
-    result = pick(kernels[arch.depths[0]]) if depth is not None else {d: pick(r) for d, r in kernels.items()}
+        result = pick(result[arch.depths[0]]) if depth is not None else {d: pick(r) for d, r in result.items()}
     if not return_info:
         return result
-    n1, n2 = a.shape[0], b.shape[0]
-    info = dict(sched, unique_pairs=n1 * (n1 + 1) // 2 if symmetric else n1 * n2,
-                seconds=time.perf_counter() - t0)
-    return result, info
+    return result, dict(info, seconds=time.perf_counter() - t0)

@@ -125,9 +125,9 @@ class Architecture:
         # in a GridSearchCV) are accepted like the Python numbers and stored as those
         if not isinstance(self.depths, tuple) or not self.depths:
             raise ValueError("depths must be a non-empty tuple of integers >= 2")
-        depths = tuple(_integer(d) for d in self.depths)
+        depths = tuple(as_integer(d) for d in self.depths)
         for d in depths:
-            if not _is_int(d) or d < 2:
+            if not is_int(d) or d < 2:
                 raise ValueError(
                     f"depth must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
         object.__setattr__(self, "depths", depths)
@@ -137,8 +137,8 @@ class Architecture:
             raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}; got {self.convention!r}")
-        fs = _integer(self.filter_size)
-        if not _is_int(fs) or fs < 1 or fs % 2 == 0:
+        fs = as_integer(self.filter_size)
+        if not is_int(fs) or fs < 1 or fs % 2 == 0:
             raise ValueError(f"filter_size must be a positive odd integer (1, 3, 5, ...); got {fs!r}")
         object.__setattr__(self, "filter_size", fs)
         if not isinstance(self.fix, (bool, np.bool_)):
@@ -213,11 +213,11 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, **kw) -> 
     return Architecture(depths=ds, **kw)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _integer(v):
+def as_integer(v):
     """``v`` as a Python int if it is integer-like (int, NumPy integer, 0-d integer array) and
     not a bool; otherwise ``v`` unchanged (for the caller's error message)."""
     if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == bool):

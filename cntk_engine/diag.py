@@ -11,18 +11,9 @@ float64 (cheap: L small box filters per image) and shared by every tile that use
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .arch import Architecture, LayerParams
-
-
-def array_module(a):
-    """NumPy, or CuPy for a CuPy array (the same code serves both)."""
-    mod = type(a).__module__
-    if mod.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
+from .arrays import get_array_module
 
 
 def box2d(a, k: int):
@@ -31,7 +22,7 @@ def box2d(a, k: int):
     if r == 0:
         return a.copy()
     h, w = a.shape[-2:]
-    pad = array_module(a).zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
+    pad = get_array_module(a).zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
     pad[..., r:r + h, r:r + w] = a
     rows = sum(pad[..., :, s:s + w] for s in range(k))        # sum along columns
     return sum(rows[..., s:s + h, :] for s in range(k))       # then along rows
@@ -42,7 +33,7 @@ def diag_norms(x, arch: Architecture, params: LayerParams):
 
     NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).
     """
-    xp = array_module(x)
+    xp = get_array_module(x)
     x = xp.asarray(x, dtype=xp.float64)
     n, _, h, w = x.shape
     q = xp.empty((n, arch.n_layers, h, w), dtype=xp.float64)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arch import _integer, _is_int
-from .diag import array_module
+from .arch import as_integer, is_int
+from .arrays import get_array_module
 
 DATA_FORMATS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float64")
@@ -30,8 +30,8 @@ def check_tile(tile):
     """``tile``: None (automatic), or a positive integer (NumPy integers too) as a Python int."""
     if tile is None:
         return None
-    t = _integer(tile)          # integer-like (not bool) -> int, as depth and filter_size
-    if _is_int(t) and t >= 1:
+    t = as_integer(tile)          # integer-like (not bool) -> int, as depth and filter_size
+    if is_int(t) and t >= 1:
         return t
     raise ValueError(f"tile must be a positive integer (rows/columns per tile) or None (automatic); "
                      f"got {tile!r}")
@@ -48,7 +48,7 @@ def check_magnitude(x1, x2, arch, params, dtype) -> None:
     these, must stay 100 times below the largest finite value of ``dtype``.
     """
     dtype = np.dtype(dtype)
-    xp = array_module(x1)
+    xp = get_array_module(x1)
     m = float(xp.abs(x1).max())
     if x2 is not None and x2 is not x1:
         m = max(m, float(xp.abs(x2).max()))
@@ -81,7 +81,7 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     """Return ``x`` as an (N, C, H, W) float64 array (NumPy, or CuPy for CuPy input)."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}; got {data_format!r}")
-    xp = array_module(x)
+    xp = get_array_module(x)
     try:
         arr = xp.asarray(x)
     except Exception as e:  # ragged lists, objects, ...
@@ -114,5 +114,5 @@ def check_pair(x1, x2) -> None:
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError("x1 and x2 must have the same (C, H, W); got "
                          f"{tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}")
-    if array_module(x1) is not array_module(x2):
+    if get_array_module(x1) is not get_array_module(x2):
         raise ValueError("x1 and x2 must both be NumPy or both be CuPy arrays")

@@ -2,7 +2,6 @@
 demo, evaluate registration, python -m."""
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -115,23 +114,21 @@ def test_info_and_demo(capsys):
     rc, o, e = run(capsys, "demo", "--n", "12", "--depth", "2", "--backend", "numba", "--no-progress")
     assert rc == 0, e
     assert "12 x 12" in o and "on backend numba" in o and "pairs/s" in o and "accuracy" in o
-    x, y = cli.demo_data()
+    x, y = cli.demo.demo_data()
     assert x.shape == (200, 28, 28) and x.dtype == np.uint8 and sorted(set(y.tolist())) == list(range(10))
 
 
-def test_evaluate_subcommand_registered_when_present(monkeypatch, capsys):
-    calls = []
-    fake = types.ModuleType("cntk_engine.evaluate")
-
-    def add_parser(sub):
-        p = sub.add_parser("evaluate")
-        p.add_argument("--k", type=int)
-
-    fake.add_parser = add_parser
-    fake.run = lambda args: calls.append(args.k) or 0
-    monkeypatch.setitem(sys.modules, "cntk_engine.evaluate", fake)
-    monkeypatch.setattr(ce, "evaluate", fake, raising=False)
-    assert cli.main(["evaluate", "--k", "5"]) == 0 and calls == [5]
+def test_every_command_is_registered_and_gram_evaluate_share_their_options(capsys):
+    helps = {}
+    for command in ("gram", "evaluate", "info", "demo"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, "--help"])
+        assert e.value.code == 0
+        helps[command] = capsys.readouterr().out
+    for opt in ("--depth", "--depths", "--pooling", "--fix", "--kernel", "--convention", "--W-std",
+                "--b-std", "--filter-size", "--backend", "--dtype", "--tile", "--data-format",
+                "--no-progress"):
+        assert opt in helps["gram"] and opt in helps["evaluate"], opt
 
 
 def test_python_m_entry_point():
@@ -171,10 +168,9 @@ def test_interrupt_message_mentions_resume_only_for_gram(monkeypatch, capsys, tm
     def interrupted(args):
         raise KeyboardInterrupt
 
-    from cntk_engine import evaluate as ev
-    monkeypatch.setattr(cli, "run_gram", interrupted)
-    monkeypatch.setattr(cli, "run_demo", interrupted)
-    monkeypatch.setattr(ev, "run", interrupted)
+    monkeypatch.setattr(cli.gram, "run", interrupted)
+    monkeypatch.setattr(cli.demo, "run", interrupted)
+    monkeypatch.setattr(cli.evaluate, "run", interrupted)
     argv = {"gram": ["gram", "x.npy", "--depth", "3", "--out", str(tmp_path / "o.zarr")],
             "demo": ["demo"], "evaluate": ["evaluate", "d.npz", "--depth", "3"]}[command]
     rc, o, e = run(capsys, *argv)

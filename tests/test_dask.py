@@ -122,10 +122,10 @@ def client_without_gpu(monkeypatch):
     from cntk_engine import backends
     real = backends.resolve
 
-    def local_resolve(name):
+    def local_resolve(name, *job):
         if name == "cuda":
             raise RuntimeError("backend 'cuda' is unavailable: CLIENT-SIDE CHECK: no GPU here")
-        return real("numba" if name == "auto" else name)
+        return real("numba" if name == "auto" else name, *job)
 
     monkeypatch.setattr(backends, "resolve", local_resolve)
 
@@ -154,12 +154,14 @@ def test_cuda_error_names_the_workers_and_their_reason(inproc_gpu_client, client
     assert worker in msg and ce.available_backends()["cuda"] in msg
 
 
-def _report(cuda=None, shape=None):
-    return {"backends": {"reference": None, "numba": None, "cuda": cuda}, "cuda_shape": shape}
+def _report(cuda=None, shape=None, numba=None):
+    def cap(unavailable, unsupported=None):
+        return {"unavailable": unavailable, "unsupported": unsupported}
+    return {"reference": cap(None), "numba": cap(numba), "cuda": cap(cuda, shape)}
 
 
 def test_choose_backend_rules():
-    from cntk_engine.distributed import choose_backend
+    from cntk_engine.jobs.dask import choose_backend
     gpu = {"resources": {"GPU": 1}}
     ws = {"tcp://a:1": gpu, "tcp://b:2": gpu, "tcp://cpu:3": {}}
     ok = {"tcp://a:1": _report(), "tcp://b:2": _report(), "tcp://cpu:3": _report("no CUDA device")}
@@ -185,13 +187,12 @@ def test_choose_backend_rules():
     with pytest.raises(RuntimeError, match="GPU resource"):
         choose_backend("cuda", ok, no_gpu)
     with pytest.raises(RuntimeError, match="tcp://cpu:3: numba broken"):
-        choose_backend("numba", dict(ok, **{"tcp://cpu:3": {"backends": {"numba": "numba broken"},
-                                                           "cuda_shape": None}}), ws)
+        choose_backend("numba", dict(ok, **{"tcp://cpu:3": _report(numba="numba broken")}), ws)
 
 
 # ------------------------------------------------------------------ worker cache
 def _cache_size():
-    from cntk_engine import distributed as dist
+    from cntk_engine.jobs import dask as dist
     return len(dist._CACHE)
 
 
@@ -202,7 +203,7 @@ def test_workers_drop_the_jobs_images_when_it_ends(client, rng):
 
 
 def test_worker_cache_is_bounded_and_keeps_concurrent_jobs():
-    from cntk_engine import distributed as dist
+    from cntk_engine.jobs import dask as dist
     made = []
 
     class Counting:
@@ -210,7 +211,7 @@ def test_worker_cache_is_bounded_and_keeps_concurrent_jobs():
             made.append(1)
 
     def job(token):
-        return dist._Job(token, Counting, None, None, "float32", True, True, None)
+        return dist.TaskSpec(token, Counting, None, None, "float32", True, True, None)
 
     with dist._CACHE_LOCK:
         dist._CACHE.clear()
@@ -235,7 +236,7 @@ def test_worker_cache_is_bounded_and_keeps_concurrent_jobs():
 def test_tiles_written_elsewhere_are_an_error(inproc_gpu_client, rng, tmp_path, monkeypatch):
     """A worker that sees another file at the out= path (not a shared file system)."""
     import shutil
-    from cntk_engine import store as store_mod
+    from cntk_engine.jobs import store as store_mod
     real_sink = store_mod.GramStore.sink
 
     def sink_elsewhere(self, *a, **kw):

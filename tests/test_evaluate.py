@@ -11,7 +11,9 @@ import pytest
 
 gram = pytest.importorskip("cntk_engine.api", reason="cntk_engine.gram is not there yet").gram
 from cntk_engine import cli, solver  # noqa: E402
-from cntk_engine import evaluate as ev  # noqa: E402
+from cntk_engine import preprocess as pre  # noqa: E402
+from cntk_engine.cli import common  # noqa: E402
+from cntk_engine.cli import evaluate as ev  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CNTK_ENGINE_DATA", ROOT.parent / "shared" / "data"))
@@ -127,12 +129,12 @@ def test_errors_are_one_line(tmp_path, capsys, make, args, msg):
 
 
 def test_python_m_and_parser():
-    """``python -m cntk_engine.evaluate`` is the CLI's evaluate (a full run through cli.main is
+    """``python -m cntk_engine evaluate`` is the CLI's evaluate (a full run through cli.main is
     tested above; here no kernel is computed, so the child process compiles nothing)."""
-    r = subprocess.run([sys.executable, "-m", "cntk_engine.evaluate", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "evaluate", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("usage: cntk-engine evaluate") and "--depths" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "cntk_engine.evaluate", "/nonexistent.npz", "--depth", "2"],
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "evaluate", "/nonexistent.npz", "--depth", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "cntk-engine: error: DATA '/nonexistent.npz' does not exist"
     assert "evaluate" in cli.build_parser().format_help()
@@ -140,13 +142,13 @@ def test_python_m_and_parser():
 
 def test_to_nchw_and_preprocess():
     x = np.arange(2 * 4 * 5 * 3).reshape(2, 4, 5, 3)
-    assert ev.to_nchw(x).shape == (2, 3, 4, 5)
-    np.testing.assert_array_equal(ev.to_nchw(x)[1, 2], x[1, :, :, 2])
-    assert ev.to_nchw(x.transpose(0, 3, 1, 2)).shape == (2, 3, 4, 5)
-    assert ev.to_nchw(np.zeros((2, 6, 7))).shape == (2, 1, 6, 7)
-    a, b = ev.preprocess(np.full((3, 1, 4, 4), 255, np.uint8), np.zeros((1, 1, 4, 4), np.uint8), "scale")
+    assert common.to_nchw(x).shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(common.to_nchw(x)[1, 2], x[1, :, :, 2])
+    assert common.to_nchw(x.transpose(0, 3, 1, 2)).shape == (2, 3, 4, 5)
+    assert common.to_nchw(np.zeros((2, 6, 7))).shape == (2, 1, 6, 7)
+    a, b = pre.preprocess(np.full((3, 1, 4, 4), 255, np.uint8), np.zeros((1, 1, 4, 4), np.uint8), "scale")
     assert a.max() == 1.0 and b.max() == 0.0
-    a, b = ev.preprocess(np.arange(2 * 2 * 4 * 4.0).reshape(2, 2, 4, 4), np.ones((1, 2, 4, 4)), "standardize", 2)
+    a, b = pre.preprocess(np.arange(2 * 2 * 4 * 4.0).reshape(2, 2, 4, 4), np.ones((1, 2, 4, 4)), "standardize", 2)
     assert a.shape == (2, 2, 2, 2)
     np.testing.assert_allclose(a.mean(axis=(0, 2, 3)), 0, atol=1e-12)
     np.testing.assert_allclose(a.std(axis=(0, 2, 3)), 1)
@@ -249,9 +251,9 @@ def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz
     assert rec["command"] == "cntk-engine evaluate " + " ".join(argv)     # called from Python
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]    # no temp file left
     # a failing write leaves the previous file whole and no temporary file behind
-    monkeypatch.setattr(ev.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(common.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(cli.CliError, match="cannot be written: disk full"):
-        ev.write_json(js, {"a": 1})
+        common.write_json(js, {"a": 1})
     assert json.loads(js.read_text()) == rec
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]
 

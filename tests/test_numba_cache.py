@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cntk_engine as ce
 from cntk_engine.backends import numba_cpu
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Tile scheduler: layout, tile-size independence, mirroring, workers, auto tile size, devices."""
+"""Gram jobs (cntk_engine.jobs): layout, tile-size independence, mirroring, workers, auto tile
+size, devices."""
 import logging
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 
 import cntk_engine as ce
 from cntk_engine.arch import make_architecture
-from cntk_engine.backends.base import Backend
+from cntk_engine.backends.base import Backend, Traits
 from cntk_engine.backends.numba_cpu import NumbaBackend
-from cntk_engine.scheduler import (MemorySink, Tile, TileLayout, Worker, auto_tile, largest_first,
-                                   resolve_devices, run_tiles)
+from cntk_engine.jobs import GramJob
+from cntk_engine.jobs.local import Worker, resolve_devices, run_tiles
+from cntk_engine.jobs.sinks import MemorySink
+from cntk_engine.jobs.tiles import Tile, TileLayout, auto_tile, bytes_per_pair, largest_first
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +121,9 @@ def test_workers_compute_each_tile_once_and_agree(rng, n_workers):
     workers = [Worker(f"w{i}", nullcontext, lambda: CountingBackend(arch, params, np.float64))
                for i in range(n_workers)]
     lay = TileLayout(23, 23, 4, True)
-    sink = MemorySink(lay, arch, params, "ntk")
+    job = GramJob(x1=x, x2=None, arch=arch, params=params, kernel="ntk", dtype=np.dtype(np.float64),
+                  backend=CountingBackend)
+    sink = MemorySink(job, lay)
     seen = []
     done = run_tiles(workers, x, None, lay.tiles(), lambda t, s: (seen.append((t.i, t.j)), sink(t, s)))
     assert sorted(seen) == sorted((t.i, t.j) for t in lay.tiles())      # each tile exactly once
@@ -151,64 +156,66 @@ def test_worker_error_stops_the_job_and_is_raised(rng):
 
 # ------------------------------------------------------------------------------ decisions
 def test_auto_tile_rules():
-    arch = make_architecture(depth=3)
-    be = NumbaBackend(arch, arch.layer_params(3, 32, 32), np.float32)
-
-    class Gpu(Backend):
-        name = "cuda"
-
-    g = Gpu(arch, arch.layer_params(3, 32, 32), np.float32)
-    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32))
+    numba = NumbaBackend.traits()
+    gpu = Traits(device="gpu", default_tile=512, min_tile=64)
+    t, why = auto_tile(gpu, 20000, 20000, True, 1, 1)
     assert t == 512 and "default" in why
-    t, why = auto_tile(g, 1000, 1000, True, 4, (3, 32, 32))           # 4 GPUs: >= 16 tiles
+    t, why = auto_tile(gpu, 1000, 1000, True, 4, 1)               # 4 GPUs: >= 16 tiles
     assert len(TileLayout(1000, 1000, t, True).tiles()) >= 16 and t >= 64 and "workers" in why
-    g.bytes_per_pair = lambda: 4 * 2**20                                 # 4 MiB per pair
-    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32), free_bytes=16 * 2**30)
-    assert t == 64 and "memory" in why            # sqrt(0.25 * 16 GiB / 4 MiB) = 32 -> floor 64
-    t, why = auto_tile(g, 20000, 20000, True, 1, (3, 32, 32), free_bytes=64 * 2**30)
-    assert t == 64 and "memory" in why            # sqrt(0.25 * 64 GiB / 4 MiB) = 64
-    t, _ = auto_tile(be, 10, 10, True, 1, (3, 32, 32))
+    per = bytes_per_pair(64)                                       # 2064 B per pair at 64 depths
+    t, why = auto_tile(gpu, 20000, 20000, True, 1, 64, free_bytes=8 * 2**20)
+    assert t == 64 and "memory" in why            # sqrt(0.25 * 8 MiB / 2064 B) = 31 -> floor 64
+    t, why = auto_tile(gpu, 20000, 20000, True, 1, 64, free_bytes=4 * 200**2 * per)
+    assert t == 200 and "memory" in why           # sqrt(0.25 * free / per) = 200
+    t, _ = auto_tile(numba, 10, 10, True, 1, 1)
     assert t == 10                                                       # capped at N
-    t, why = auto_tile(be, 5000, 5000, True, 1, (3, 32, 32), for_store=True)
+    t, why = auto_tile(numba, 5000, 5000, True, 1, 1, for_store=True)
     assert t >= 256 and "store" in why
+
+
+class GpuTraitsBackend(Backend):
+    name = "gpu-like"
+
+    @classmethod
+    def traits(cls):
+        return Traits(device="gpu", default_tile=512, min_tile=64)
 
 
 def test_free_memory_of_gpus_that_report_it_limits_the_tile(monkeypatch, rng):
     """One GPU that does not report its free memory must not lift the limit of the others."""
-    from cntk_engine import scheduler as sched
+    from cntk_engine.jobs import job as job_mod
+    from cntk_engine.jobs import local
     free = {0: None, 1: 16 * 2**30, 2: 8 * 2**30}
-    monkeypatch.setattr(sched, "free_device_memory", lambda d: free[d])
-    monkeypatch.setattr(sched, "gpu_count", lambda: 3)
-    assert sched.smallest_free_memory([0, 1, 2]) == 8 * 2**30
-    assert sched.smallest_free_memory([0]) is None and sched.smallest_free_memory(None) is None
+    monkeypatch.setattr(local, "free_device_memory", lambda d: free[d])
+    assert local.smallest_free_memory([0, 1, 2]) == 8 * 2**30
+    assert local.smallest_free_memory([0]) is None and local.smallest_free_memory(None) is None
     seen = {}
 
     class Stop(Exception):
         pass
 
-    def spy(backend, n1, n2, symmetric, n_workers, image_shape, free_bytes=None, for_store=False):
+    def spy(traits, n1, n2, symmetric, n_workers, n_depths, free_bytes=None, for_store=False):
         seen["free"] = free_bytes
         raise Stop
 
-    class Gpu(Backend):
-        name = "cuda"
-
-    monkeypatch.setattr(sched, "auto_tile", spy)
+    monkeypatch.setattr(job_mod, "auto_tile", spy)
     arch = make_architecture(depth=3)
     x = imgs(rng, 4)
+    job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(2, 6, 6), kernel="ntk",
+                  dtype=np.dtype(np.float32), backend=GpuTraitsBackend, devices=[0, 1, 2])
     with pytest.raises(Stop):
-        sched.execute(Gpu, arch, arch.layer_params(2, 6, 6), np.float32, x, None, kernel="ntk")
+        job_mod.run_job(job)
     assert seen["free"] == 8 * 2**30                  # the least over GPUs 1 and 2, not "no limit"
 
 
 def test_resolve_devices_errors():
-    assert resolve_devices("numba", None) is None
-    assert resolve_devices("numba", "all") is None
+    assert resolve_devices("cpu", None) is None
+    assert resolve_devices("cpu", "all") is None
     with pytest.raises(ValueError, match="runs on the CPU"):
-        resolve_devices("numba", [0])
+        resolve_devices("cpu", [0])
     for bad in ("0,1", [], [-1], [0, 0], [1.5], True):
         with pytest.raises(ValueError, match="devices"):
-            resolve_devices("numba", bad)
+            resolve_devices("cpu", bad)
 
 
 def test_gram_devices_with_cpu_backend_is_refused(rng):

@@ -502,7 +502,8 @@ def test_solver_memory_in_place(rng, caplog):
 def test_cholesky_and_eigh_in_place(rng):
     K, _ = psd(rng, 40)
     A = np.ascontiguousarray(S.check_gram(K))
-    L = S._cholesky_inplace(np, A)
+    from cntk_engine.solver import linalg
+    L = linalg._cholesky_inplace(np, A)
     assert np.shares_memory(L, A)
     np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-8, atol=1e-10)
     assert np.all(np.triu(L, 1) == 0)
@@ -615,6 +616,7 @@ def test_complex_input_refused(rng):
 # ----------------------------------------------------------------------------- load_gram memory
 def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
     zarr = pytest.importorskip("zarr")
+    from cntk_engine.jobs import store
     K, _ = psd(rng, 16)
     g = zarr.open_group(str(tmp_path / "k.zarr"), mode="w")
     a = g.create_array("ntk", shape=K.shape, dtype="float64", chunks=(8, 8))
@@ -622,17 +624,17 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
     nb = K.nbytes                                    # 2 KiB
     # device="cuda": the GPU's free memory decides (the solve runs there), the host must hold
     # the float64 matrix while reading
-    monkeypatch.setattr(S, "available_memory", lambda: 100 * nb)
-    monkeypatch.setattr(S, "available_gpu_memory", lambda: nb)
+    monkeypatch.setattr(store, "available_memory", lambda: 100 * nb)
+    monkeypatch.setattr(store, "available_gpu_memory", lambda: nb)
     with pytest.raises(S.GramTooLarge, match=r"4\.0 KiB with the solve.*free GPU memory 2\.0 KiB"):
         S.load_gram(a, device="cuda")
-    monkeypatch.setattr(S, "available_gpu_memory", lambda: 100 * nb)
-    monkeypatch.setattr(S, "available_memory", lambda: nb // 2)
+    monkeypatch.setattr(store, "available_gpu_memory", lambda: 100 * nb)
+    monkeypatch.setattr(store, "available_memory", lambda: nb // 2)
     with pytest.raises(S.GramTooLarge, match=r"2\.0 KiB on the host to read it for the GPU; available RAM"):
         S.load_gram(a, device="cuda")
     # the CPU path ignores the GPU figure
-    monkeypatch.setattr(S, "available_gpu_memory", lambda: pytest.fail("GPU memory asked for a CPU load"))
-    monkeypatch.setattr(S, "available_memory", lambda: 2 * nb)
+    monkeypatch.setattr(store, "available_gpu_memory", lambda: pytest.fail("GPU memory asked for a CPU load"))
+    monkeypatch.setattr(store, "available_memory", lambda: 2 * nb)
     np.testing.assert_array_equal(S.load_gram(a), K)
     with pytest.raises(S.GramTooLarge, match=r"available RAM"):
         S.load_gram(a, workspace=3)
@@ -640,7 +642,7 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
         S.load_gram(a, device="tpu")
     # a zarr.Array given to the solver is loaded with the workspace of that solver: a Cholesky
     # needs ~1.1 K, an eigendecomposition (LOO) ~3.1 K
-    monkeypatch.setattr(S, "available_memory", lambda: int(2.5 * nb))
+    monkeypatch.setattr(store, "available_memory", lambda: int(2.5 * nb))
     Y = rng.normal(size=16)
     np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K + 0.1 * np.eye(16), Y),
                                rtol=1e-8)

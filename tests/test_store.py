@@ -13,8 +13,8 @@ import pytest
 zarr = pytest.importorskip("zarr")
 
 import cntk_engine as ce  # noqa: E402
-from cntk_engine import store as store_mod  # noqa: E402
-from cntk_engine.store import StoreError, StoreMismatch  # noqa: E402
+from cntk_engine.jobs import store as store_mod  # noqa: E402
+from cntk_engine.jobs.store import StoreError, StoreMismatch  # noqa: E402
 
 if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
     pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
@@ -167,19 +167,22 @@ def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatc
             ce.gram(x, depth=3, backend="numba", tile=4, out=out)
     else:
         from cntk_engine.arch import make_architecture
-        spec = store_mod.job_spec(make_architecture(depth=3), "numba", np.float32, "ntk", x, None,
-                                  x.shape[1:])
+        from cntk_engine.backends.numba_cpu import NumbaBackend
+        from cntk_engine.jobs import GramJob
+        arch = make_architecture(depth=3)
+        job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(*x.shape[1:]), kernel="ntk",
+                      dtype=np.dtype(np.float32), backend=NumbaBackend, out=str(out), resume=False)
         with pytest.raises(StoreError, match="pass --resume"):
-            store_mod.GramStore.open_for_job(out, spec, tile=4, tile_given=False, resume=False)
+            store_mod.GramStore.open_for_job(job, tile=4, tile_given=False)
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []   # temp dir removed
 
 
 def test_zarr_older_than_atomic_chunk_writes_is_refused(monkeypatch):
     monkeypatch.setattr(zarr, "__version__", "3.1.2")
     with pytest.raises(ImportError, match=r"zarr >= 3\.1\.3"):
-        store_mod._zarr()
+        store_mod.require_zarr()
     monkeypatch.setattr(zarr, "__version__", "3.1.3.dev4")
-    assert store_mod._zarr() is zarr
+    assert store_mod.require_zarr() is zarr
 
 
 # ------------------------------------------------------------------------------ refusal

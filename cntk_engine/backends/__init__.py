@@ -1,13 +1,15 @@
 """Backends: ``reference`` (float64 NumPy, slow, the oracle), ``numba`` (CPU), ``cuda`` (GPU).
 
-Each backend implements :class:`cntk_engine.backends.base.Backend`; this module names them and
-picks one for ``backend="auto"``.
+Each backend implements :class:`cntk_engine.backends.base.Backend`; this module names them,
+says which can run here (:func:`available_backends`) and picks the one a job runs on
+(:func:`choose`, the single place where ``backend="auto"`` is decided and a backend's limits are
+checked against a job).
 """
 from __future__ import annotations
 
 import importlib
 
-from .base import Backend, Prepared  # noqa: F401
+from .base import Backend, Prepared, Traits  # noqa: F401
 
 _MODULES = {
     "reference": ("cntk_engine.backends.reference", "ReferenceBackend"),
@@ -15,11 +17,18 @@ _MODULES = {
     "cuda": ("cntk_engine.backends.cuda", "CudaBackend"),
 }
 BACKENDS = tuple(_MODULES) + ("auto",)
+AUTO_ORDER = ("cuda", "numba")      # backend="auto": the first that can run the job
+
+
+def check_name(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return name
 
 
 def backend_class(name: str) -> type[Backend]:
     if name not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+        raise ValueError(f"backend must be one of {tuple(_MODULES)}; got {name!r}")
     mod, cls = _MODULES[name]
     return getattr(importlib.import_module(mod), cls)
 
@@ -33,18 +42,58 @@ def unavailable_reason(name: str) -> str | None:
     return cls.unavailable_reason()
 
 
-def resolve(name: str) -> type[Backend]:
-    """The backend class for ``name``; ``auto`` means cuda if usable, else numba."""
-    if name == "auto":
-        return backend_class("cuda") if unavailable_reason("cuda") is None else backend_class("numba")
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
-    why = unavailable_reason(name)
-    if why is not None:
-        raise RuntimeError(f"backend {name!r} is unavailable: {why}")
-    return backend_class(name)
-
-
 def available_backends() -> dict[str, str | None]:
     """{name: None if usable else the reason it is not}."""
     return {name: unavailable_reason(name) for name in _MODULES}
+
+
+def capabilities(arch, image_shape, dtype) -> dict[str, dict]:
+    """For every backend: {"unavailable": why it cannot run here or None, "unsupported": why it
+    cannot compute this job (architecture, image size, dtype) or None}.  Asked in this process
+    for a local job, and on every Dask worker for a distributed one."""
+    out = {}
+    for name in _MODULES:
+        why = unavailable_reason(name)
+        unsupported = None
+        if why is None:
+            try:
+                unsupported = backend_class(name).unsupported(arch, tuple(image_shape), dtype)
+            except Exception as e:  # noqa: BLE001 - reported with the backend's name
+                unsupported = f"its check of this job failed: {type(e).__name__}: {e}"
+        out[name] = {"unavailable": why, "unsupported": unsupported}
+    return out
+
+
+def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
+    """(backend name, why) for ``backend=name`` given :func:`capabilities` ``caps``.
+
+    ``auto``: the first of :data:`AUTO_ORDER` that is available and supports the job.  A named
+    backend that is unavailable raises RuntimeError; one that cannot compute the job raises
+    ValueError naming the limit and the backend that can."""
+    check_name(name)
+    if name == "auto":
+        skipped = []
+        for cand in AUTO_ORDER:
+            c = caps[cand]
+            why = c["unavailable"] or c["unsupported"]
+            if why is None:
+                return cand, ("; ".join(skipped) + "; " if skipped else "") + f"{cand} can run it"
+            skipped.append(f"{cand}: {why}")
+        raise RuntimeError("no backend can run this job: " + "; ".join(skipped))
+    c = caps[name]
+    if c["unavailable"] is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {c['unavailable']}")
+    if c["unsupported"] is not None:
+        raise ValueError(f"backend {name!r} cannot take this input: {c['unsupported']}. "
+                         "Use backend='numba'.")
+    return name, "asked for"
+
+
+def resolve(name: str, arch=None, image_shape=None, dtype=None) -> type[Backend]:
+    """The backend class that runs a job here (see :func:`choose`).  Without a job
+    (``arch=None``), the backend ``auto`` would pick for a job every backend supports."""
+    if arch is None:
+        caps = {n: {"unavailable": unavailable_reason(n), "unsupported": None} for n in _MODULES}
+    else:
+        caps = capabilities(arch, image_shape, dtype)
+    return backend_class(choose(name, caps)[0])

@@ -1,8 +1,10 @@
-"""The contract between the scheduler and a backend.
+"""The contract between the job engine and a backend.
 
 A backend turns images into *readout sums*; ``arch.finalize`` turns sums into kernels.  The
-scheduler knows tiles, not kernels: it calls ``prepare`` once per image set (per-image
-diagonals computed once) and ``pair_sums`` once per tile.
+job engine (``cntk_engine.jobs``) knows tiles, not kernels: it calls ``prepare`` once per image
+set (per-image diagonals computed once) and ``pair_sums`` once per tile.  What a backend can
+run is declared, not tested by name: :meth:`Backend.traits` (where it computes, its tile sizes)
+and :meth:`Backend.unsupported` (the architectures, image sizes and dtypes it cannot take).
 
 ``pair_sums(a, b, symmetric)`` returns an array of shape (len(a), len(b), n_depths, 2) in
 float64 where ``[..., t, 0]`` is the sum of K and ``[..., t, 1]`` the sum of G = Theta * Kdot
@@ -22,7 +24,20 @@ from typing import Any
 import numpy as np
 
 from ..arch import Architecture, LayerParams
-from ..diag import array_module
+from ..arrays import get_array_module, to_host
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the job engine needs to know of a backend to plan tiles and workers.
+
+    device: "cpu" (one worker; the backend uses every core inside a call) or "gpu" (one worker
+    thread per GPU, each with its own stream and prepared images).  default_tile / min_tile:
+    rows per tile to start from and the floor when tiles are made smaller."""
+
+    device: str
+    default_tile: int
+    min_tile: int
 
 
 @dataclass
@@ -57,13 +72,13 @@ def _fingerprints(x):
     """Two 64-bit fingerprints per image of its bits: sum_k bits_k m_k (mod 2^64) for two fixed
     random multiplier sequences m.  Integer arithmetic is exact, so equal images get equal
     fingerprints whatever order the sum is taken in (a floating-point projection would not)."""
-    xp = array_module(x)
+    xp = get_array_module(x)
     n = x.shape[0]
     bits = xp.ascontiguousarray(x).reshape(n, -1).view(f"u{x.dtype.itemsize}").astype(xp.uint64)
     m = np.random.default_rng(20261123).integers(1, 2**63, size=(2, bits.shape[1]), dtype=np.uint64)
     m = xp.asarray(m | np.uint64(1))
     keys = xp.stack([(bits * m[0]).sum(axis=1), (bits * m[1]).sum(axis=1)], axis=1)
-    return keys.get() if xp is not np else keys
+    return to_host(keys)
 
 
 def identical_pairs(xa, xb, symmetric: bool):
@@ -89,12 +104,11 @@ def identical_pairs(xa, xb, symmetric: bool):
                 cj.append(j)
     ci, cj = np.asarray(ci, dtype=np.int64), np.asarray(cj, dtype=np.int64)
     if ci.size:
-        xp = array_module(xa)
+        xp = get_array_module(xa)
         n = xa.shape[0]
         fa = xa.reshape(n, -1)
         fb = xb.reshape(xb.shape[0], -1)
-        same = (fa[xp.asarray(ci)] == fb[xp.asarray(cj)]).all(axis=1)
-        same = same.get() if xp is not np else same
+        same = to_host((fa[xp.asarray(ci)] == fb[xp.asarray(cj)]).all(axis=1))
         ci, cj = ci[same], cj[same]
     return ci, cj
 
@@ -111,13 +125,19 @@ class Backend:
         self.dtype = np.dtype(dtype)
 
     @classmethod
+    def traits(cls) -> Traits:
+        raise NotImplementedError
+
+    @classmethod
     def unavailable_reason(cls) -> str | None:
         """None when the backend can run here, else a sentence saying why it cannot."""
         return None
 
     @classmethod
-    def shape_unsupported(cls, arch: Architecture, height: int, width: int) -> str | None:
-        """None when this backend takes images of this size for ``arch``, else why not."""
+    def unsupported(cls, arch: Architecture, image_shape, dtype) -> str | None:
+        """None when this backend computes ``arch`` on images of ``image_shape`` (C, H, W) in
+        ``dtype``, else why not (a sentence naming the limit).  Asked once per job, before any
+        work; only for a backend that is available here (:meth:`unavailable_reason`)."""
         return None
 
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
@@ -130,7 +150,7 @@ class Backend:
         raise NotImplementedError
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
-        xp = array_module(a.images)
+        xp = get_array_module(a.images)
         n1, n2 = len(a), len(b)
         if symmetric:
             ia, ib = xp.triu_indices(n1)

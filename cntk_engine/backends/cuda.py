@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..diag import diag_norms
-from .base import Backend, Prepared
+from .base import Backend, Prepared, Traits
 
 
 def _extension():
@@ -18,6 +18,10 @@ def _extension():
 
 class CudaBackend(Backend):
     name = "cuda"
+
+    @classmethod
+    def traits(cls) -> Traits:
+        return Traits(device="gpu", default_tile=512, min_tile=64)
 
     @classmethod
     def unavailable_reason(cls):
@@ -40,18 +44,13 @@ class CudaBackend(Backend):
         return None
 
     @classmethod
-    def shape_unsupported(cls, arch, height, width):
-        return _extension().unsupported_shape(height, width, arch.filter_size, len(arch.depths))
-
-    def check_shape(self, h: int, w: int) -> None:
-        why = self.shape_unsupported(self.arch, h, w)
-        if why is not None:
-            raise ValueError(f"backend 'cuda' cannot take this input: {why}; got H x W = {h} x {w}, "
-                             f"filter_size = {self.arch.filter_size}. Use backend='numba'.")
+    def unsupported(cls, arch, image_shape, dtype):
+        _, h, w = image_shape
+        why = _extension().unsupported_shape(h, w, arch.filter_size, len(arch.depths))
+        return None if why is None else f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"
 
     def prepare(self, x) -> Prepared:
         import cupy
-        self.check_shape(*x.shape[2:])
         xd = cupy.asarray(x, dtype=cupy.float64)          # no copy when already on the device
         q = diag_norms(xd, self.arch, self.params)        # computed on the device, in float64
         cast = lambda a: cupy.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731

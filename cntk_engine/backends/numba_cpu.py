@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..diag import diag_norms
-from .base import Backend, Prepared, sqrt_and_inverse
+from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
 try:
     import numba
@@ -303,6 +303,12 @@ def cache_status() -> str:
 
 class NumbaBackend(Backend):
     name = "numba"
+
+    @classmethod
+    def traits(cls) -> Traits:
+        # >= 256 pairs per thread per call keeps every core busy on the diagonal tiles too
+        tile = max(64, 16 * math.ceil(math.sqrt(512 * num_threads()) / 16))
+        return Traits(device="cpu", default_tile=tile, min_tile=16)
 
     @classmethod
     def unavailable_reason(cls):

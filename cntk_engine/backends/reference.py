@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .base import Backend, Prepared
+from .base import Backend, Prepared, Traits
 
 
 def box4(a: np.ndarray, k: int) -> np.ndarray:
@@ -67,6 +67,10 @@ def layers_4d(x: np.ndarray, z: np.ndarray, arch, params, q_x=None, q_z=None):
 
 class ReferenceBackend(Backend):
     name = "reference"
+
+    @classmethod
+    def traits(cls) -> Traits:
+        return Traits(device="cpu", default_tile=8, min_tile=2)
 
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x, dtype=np.float64)

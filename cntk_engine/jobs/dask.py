@@ -1,11 +1,11 @@
 """Gram tiles as Dask tasks (``gram(..., client=dask.distributed.Client(...))``).
 
-Imported only when a client is given: ``import cntk_engine`` and the local scheduler never import
-Dask (the "dask" extra is optional).
+Imported only when a client is given: ``import cntk_engine`` and local jobs never import Dask
+(the "dask" extra is optional).
 
-* The backend is chosen on the WORKERS' terms (:func:`resolve_backend`, one ``client.run``):
-  "cuda" must be usable (CuPy, a GPU, the compiled extension, and the image shape accepted by the
-  extension) on every worker that declares a GPU resource, else the error names each worker and
+* The backend is chosen on the WORKERS' terms (:func:`resolve_backend`, one ``client.run`` of
+  ``backends.capabilities``): "cuda" must be usable (CuPy, a GPU, the compiled extension) and
+  support the job (architecture, image size) on every worker that declares a GPU resource, else the error names each worker and
   its reason; "auto" becomes cuda when it is, numba otherwise (logged with the reason).  The
   client itself needs no GPU and no CUDA extension (a login node can start the job).
 * Images reach the workers ONCE: ``client.scatter(..., broadcast=True)`` puts one copy on every
@@ -40,6 +40,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from ..arrays import current_device, to_host
+from ..backends import backend_class, capabilities, unavailable_reason
+from .tiles import largest_first
 
 log = logging.getLogger("cntk_engine")
 
@@ -76,32 +80,27 @@ _GPU_RESOURCE_HELP = ("start them with --resources GPU=1 (dask-cuda: LocalCUDACl
 
 
 # ------------------------------------------------------------------ backend, on the workers' terms
-def worker_backends(arch, height: int, width: int) -> dict:
-    """Runs on each worker (``client.run``): which backends can run THERE, and whether cuda's
-    compiled extension takes images of this size for ``arch``.
-
-    {"backends": {name: None or why not}, "cuda_shape": None or why not}."""
-    from cntk_engine.backends import available_backends, backend_class
-    avail = available_backends()
-    shape = None
-    if avail.get("cuda") is None:
-        try:
-            shape = backend_class("cuda").shape_unsupported(arch, int(height), int(width))
-        except Exception as e:  # noqa: BLE001 - reported to the client, with the worker's name
-            shape = f"the shape check failed: {type(e).__name__}: {e}"
-    return {"backends": avail, "cuda_shape": shape}
+def worker_backends(arch, image_shape, dtype) -> dict:
+    """Runs on each worker (``client.run``): ``backends.capabilities`` there, i.e. for every
+    backend whether it can run on that worker and whether it supports this job."""
+    return capabilities(arch, image_shape, dtype)
 
 
 def _why_not(report, name: str) -> str | None:
-    """Why backend ``name`` cannot run on a worker, from its :func:`worker_backends` report (or
-    the exception its check raised); None if it can."""
+    """Why backend ``name`` cannot run this job on a worker, from its :func:`worker_backends`
+    report (or the exception its check raised); None if it can."""
     if isinstance(report, BaseException):
         return (f"checking its backends failed ({type(report).__name__}: {report}; is cntk_engine "
                 "installed on the worker?)")
-    why = report["backends"].get(name, f"unknown backend {name!r}")
-    if why is None and name == "cuda" and report.get("cuda_shape"):
-        why = f"images of this size are not supported: {report['cuda_shape']}"
-    return why
+    c = report.get(name, {"unavailable": f"unknown backend {name!r}", "unsupported": None})
+    if c["unavailable"] is not None:
+        return c["unavailable"]
+    return None if c["unsupported"] is None else f"this input is not supported: {c['unsupported']}"
+
+
+def _input_only(report, name: str) -> bool:
+    """Whether the backend is available on the worker and only this job's input is refused."""
+    return isinstance(report, dict) and report[name]["unavailable"] is None
 
 
 def _name_workers(bad: dict) -> str:
@@ -126,8 +125,7 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
                                    + (f"; workers that could run cuda: {', '.join(sorted(able))}"
                                       if able else ""))
             if bad:
-                shape_only = all(isinstance(reports[a], dict) and reports[a]["backends"].get("cuda") is None
-                                 for a in bad)
+                shape_only = all(_input_only(reports[a], "cuda") for a in bad)
                 msg = (f"backend 'cuda' cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
                        f"workers with a GPU resource: {_name_workers(bad)}")
                 if shape_only:
@@ -152,35 +150,33 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
     return name, auto_why or f"usable on all {len(reports)} workers"
 
 
-def resolve_backend(client, name: str, arch, height: int, width: int) -> type:
+def resolve_backend(client, name: str, arch, image_shape, dtype) -> type:
     """The backend class for ``gram(..., backend=name, client=client)``, chosen on the workers'
     terms (one ``client.run`` of :func:`worker_backends`), not by this process's GPU or
     extension: see :func:`choose_backend`.  The choice and why are logged."""
-    from . import backends as _backends
-    if name not in _backends.BACKENDS:
-        raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {name!r}")
     _check_is_client(client)
     workers = _client_workers(client)
     if not workers:
         raise RuntimeError("the Dask cluster has no workers (start some, or wait for them with "
                            "client.wait_for_workers(n))")
-    reports = client.run(worker_backends, arch, int(height), int(width), on_error="return")
+    reports = client.run(worker_backends, arch, tuple(image_shape), np.dtype(dtype).name,
+                         on_error="return")
     chosen, why = choose_backend(name, dict(reports), workers)
     if name == "auto":
         log.info("dask: backend 'auto' resolved on the workers to %r: %s", chosen, why)
     else:
         log.info("dask: backend %r checked on the workers: %s", chosen, why)
-    if chosen == "cuda":
-        return _backends.backend_class("cuda")   # the client needs neither a GPU nor the extension
-    return _backends.resolve(chosen)           # CPU backends: the client prepares the images too
+    cls = backend_class(chosen)
+    if cls.traits().device != "gpu":      # CPU backends: the client prepares the images too
+        why = unavailable_reason(chosen)
+        if why is not None:
+            raise RuntimeError(f"backend {chosen!r} is unavailable on this client: {why}")
+    return cls                            # a GPU backend needs neither a GPU nor its extension here
 
 
-def check_client(client, *, gpu: bool, devices=None) -> int:
+def check_client(client, *, gpu: bool) -> int:
     """Check the client before anything is created; return its worker slots (threads, or GPUs)."""
     _check_is_client(client)
-    if devices not in (None, "all"):
-        raise ValueError("devices= selects local GPUs; with client= the Dask workers decide (one "
-                         "GPU per worker with resources={'GPU': 1}); leave devices unset")
     workers = _client_workers(client)
     if not workers:
         raise RuntimeError("the Dask cluster has no workers (start some, or wait for them with "
@@ -195,26 +191,26 @@ def check_client(client, *, gpu: bool, devices=None) -> int:
 
 
 @dataclass
-class _Job:
+class TaskSpec:
+    """What every tile task of a job needs on a worker (the part of a GramJob sent with each
+    task: no images, no client)."""
+
     token: str
     backend_cls: type
     arch: Any
     params: Any
     dtype: str
-    prepared: bool          # the scattered objects are Prepared (CPU) or raw images (cuda)
+    prepared: bool          # the scattered objects are Prepared (CPU) or raw images (GPU)
     symmetric: bool         # x1 against itself (xb is xa)
-    writer: Callable | None  # a store.TileWriter, or None: return the sums
+    writer: Callable | None  # a store.StoreSink, or None: return the sums
 
 
-def _state(job: _Job, xa, xb):
+def _state(job: TaskSpec, xa, xb):
     """(backend, prepared a, prepared b) in this worker process, built once per job (and GPU).
 
     A small cache: the entries of at most ``CACHE_JOBS`` jobs, the least recently used job's
     dropped first (two concurrent jobs keep theirs); :func:`evict` drops a finished job's."""
-    dev = None
-    if not job.prepared:
-        import cupy
-        dev = cupy.cuda.Device().id
+    dev = None if job.prepared else current_device()
     key = (job.token, dev)
     with _CACHE_LOCK:
         st = _CACHE.get(key)
@@ -258,16 +254,10 @@ def cached_jobs() -> list:
         return list(dict.fromkeys(k[0] for k in _CACHE))
 
 
-def _to_host(s):
-    if type(s).__module__.startswith("cupy"):
-        return s.get()
-    return np.asarray(s)
-
-
-def tile_task(job: _Job, tile, xa, xb):
+def tile_task(job: TaskSpec, tile, xa, xb):
     """One tile on a worker: pair sums, then (with a store) finalize + write + mark done."""
     be, pa, pb = _state(job, xa, xb)
-    s = _to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))
+    s = to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))
     try:
         from distributed import get_worker
         who = get_worker().address
@@ -279,28 +269,29 @@ def tile_task(job: _Job, tile, xa, xb):
     return tile.i, tile.j, who, s
 
 
-def run_dask(client, backend_cls, arch, params, dtype, x1, x2, todo, *, kernel, store, sink,
-             run_id, progress, gpu: bool) -> dict:
-    """Run the ``todo`` tiles on the cluster; returns {worker address: tiles done}."""
+def run_dask(job, todo, sink, progress, *, writes_store: bool) -> dict:
+    """Run the ``todo`` tiles of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) on its client's
+    cluster into ``sink`` (with ``writes_store`` the workers call the store sink themselves);
+    returns {worker address: tiles done}."""
     from distributed import as_completed
-
-    from .scheduler import largest_first
     if not todo:
         return {}
+    client = job.client
+    gpu = job.traits.device == "gpu"
     token = uuid.uuid4().hex
     order = largest_first(todo)
     if gpu:
-        xa, xb = x1, x2                      # each GPU worker prepares once on its own device
+        xa, xb = job.x1, job.x2              # each GPU worker prepares once on its own device
     else:
-        be = backend_cls(arch, params, np.dtype(dtype))
-        xa = be.prepare(x1)                  # diagonals once, on the client
-        xb = None if x2 is None else be.prepare(x2)
+        be = job.make_backend()
+        xa = be.prepare(job.x1)              # diagonals once, on the client
+        xb = None if job.symmetric else be.prepare(job.x2)
     fa = client.scatter(xa, broadcast=True, hash=False)
     fb = fa if xb is None else client.scatter(xb, broadcast=True, hash=False)
-    job = _Job(token, backend_cls, arch, params, np.dtype(dtype).name, not gpu, x2 is None,
-               sink if store is not None else None)
+    spec = TaskSpec(token, job.backend, job.arch, job.params, job.dtype.name, not gpu,
+                    job.symmetric, sink if writes_store else None)
     by_ij = {(t.i, t.j): t for t in order}
-    futures = [client.submit(tile_task, job, t, fa, fb, key=f"cntk-tile-{token}-{t.i}-{t.j}",
+    futures = [client.submit(tile_task, spec, t, fa, fb, key=f"cntk-tile-{token}-{t.i}-{t.j}",
                              resources={"GPU": 1} if gpu else None, priority=len(order) - k,
                              pure=False)
                for k, t in enumerate(order)]
@@ -326,8 +317,6 @@ def run_dask(client, backend_cls, arch, params, dtype, x1, x2, todo, *, kernel, 
             client.run(evict, token, on_error="ignore")
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the job's own outcome
             log.warning("dask: could not drop job %s's cached images on the workers: %s", token, e)
-    if store is not None:
-        check_all_marked(store, order, per_worker)
     return per_worker
 
 

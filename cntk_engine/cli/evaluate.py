@@ -2,7 +2,7 @@
 
     cntk-engine evaluate DATA --depth 11 --pooling gap --n-train 1000 --n-test 1000 [--ridge auto]
     cntk-engine evaluate DATA --depths 3,4,6,11 ...      # every depth from ONE kernel pass
-    python -m cntk_engine.evaluate DATA ...              # the same without the CLI entry point
+    python -m cntk_engine evaluate DATA ...              # the same without the CLI entry point
 
 DATA is a ``.npz`` archive holding either ``x_train, y_train, x_test, y_test`` (a random subset
 of ``--n-train`` / ``--n-test`` of each is used, drawn with ``--seed``) or ``x, y`` (shuffled
@@ -12,31 +12,29 @@ dtype; ``--data-format auto`` (default) reads a 4-D array as NHWC when its last 
 and its second is not, as NCHW in the opposite case, and asks for ``--data-format`` otherwise.
 Labels: integers (or any values; classes are the sorted labels of the training subset).
 
-Steps: preprocessing (``--preprocess standardize``, the paper's: per-channel mean / std of the
-training images; ``--downsample F`` average-pools F x F first, a CPU-feasibility option), the
-train Gram and the test-vs-train kernel with ONE ``gram`` call each (``depths=[...]``), then
-for every depth kernel regression on the paper's targets (0.9 / -0.1) with ``--ridge`` (a
-number relative to the mean diagonal of the train Gram, or ``auto``: exact leave-one-out
-accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`; the ridge-0 "paper solve" is
-reported next to it).  ``--json OUT`` writes every figure, the command and the machine.
+Steps: preprocessing (:mod:`cntk_engine.preprocess`: ``--preprocess standardize``, the
+paper's per-channel mean / std of the training images; ``--downsample F`` average-pools F x F
+first, a CPU-feasibility option), the train Gram and the test-vs-train kernel with ONE ``gram``
+call each (``depths=[...]``), then for every depth and kernel
+:func:`cntk_engine.solver.evaluate_classifier`: kernel regression on the paper's targets
+(0.9 / -0.1) with ``--ridge`` (a number relative to the mean diagonal of the train Gram, or
+``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`; the
+ridge-0 "paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and the machine.
 Errors are one line on stderr with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import solver
-from .cli import CliError, _ints
+from .. import solver
+from ..preprocess import PREPROCESSING, preprocess
+from .common import (CliError, add_architecture_options, add_run_options, check_json_path,
+                     depths_of, gram_options, machine, to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -51,17 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="DATA keys: x_train, y_train, x_test, y_test (random subsets of --n-train / "
         "--n-test), or x, y (shuffled and split).")
     p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y")
-    d = p.add_mutually_exclusive_group(required=True)
-    d.add_argument("--depth", type=int, help="depth (conv layers + 1)")
-    d.add_argument("--depths", help="several depths from one kernel pass, e.g. 3,4,6,11")
-    p.add_argument("--pooling", choices=("gap", "flatten"), default="gap")
-    p.add_argument("--fix", action="store_true", help="first and last layers not trained")
-    p.add_argument("--kernel", choices=("ntk", "nngp", "both"), default="ntk",
-                   help="kernel(s) to evaluate (both: NTK and NNGP from the same pass)")
-    p.add_argument("--convention", choices=("arora", "neural_tangents"), default="arora")
-    p.add_argument("--W-std", type=float, default=None, dest="W_std")
-    p.add_argument("--b-std", type=float, default=None, dest="b_std")
-    p.add_argument("--filter-size", type=int, default=3)
+    add_architecture_options(p)
     p.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
     p.add_argument("--ridge", default="auto",
@@ -69,18 +57,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "the mean diagonal of the train Gram (0 = the paper's interpolating solve)")
     p.add_argument("--targets", choices=("paper", "onehot"), default="paper",
                    help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
-    p.add_argument("--preprocess", choices=("standardize", "scale", "none"), default="standardize",
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="standardize",
                    help="standardize: per-channel mean/std of the training images (the paper's; "
                    "default); scale: integer images / 255; none: as stored")
     p.add_argument("--downsample", type=int, default=1,
                    help="average-pool F x F before the kernel (a CPU-feasibility option)")
     p.add_argument("--seed", type=int, default=0, help="subset / split seed (default 0)")
-    p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto")
-    p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--tile", type=int, default=None, help="rows/columns per tile (default: automatic)")
+    add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
@@ -161,47 +145,6 @@ def _pair(z, kx, ky, path):
     return x, y
 
 
-def to_nchw(x: np.ndarray, data_format: str = "auto") -> np.ndarray:
-    """3-D (N, H, W) -> (N, 1, H, W); 4-D per ``data_format`` (auto: see the module doc)."""
-    if x.ndim == 3:
-        return x[:, None]
-    if data_format == "auto":
-        last, second = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
-        if last and not second:
-            data_format = "NHWC"
-        elif second and not last:
-            data_format = "NCHW"
-        else:
-            raise CliError(f"cannot tell the layout of images of shape {x.shape}; pass "
-                           "--data-format NCHW or NHWC")
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
-
-
-def preprocess(xtr, xte, how: str, downsample: int = 1):
-    """float64 images; optional F x F average pooling; 'standardize' / 'scale' / 'none'."""
-    integer = xtr.dtype.kind in "biu"
-    a, b = xtr.astype(np.float64), xte.astype(np.float64)
-    if downsample < 1:
-        raise CliError(f"--downsample must be >= 1; got {downsample}")
-    if downsample > 1:
-        f = downsample
-        if a.shape[2] < f or a.shape[3] < f:
-            raise CliError(f"--downsample {f} is larger than the images ({a.shape[2]} x {a.shape[3]})")
-
-        def pool(x):
-            n, c, h, w = x.shape
-            return x[:, :, :h - h % f, :w - w % f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))
-        a, b = pool(a), pool(b)
-    if how == "scale" and integer:
-        a, b = a / 255.0, b / 255.0
-    elif how == "standardize":
-        mean = a.mean(axis=(0, 2, 3), keepdims=True)
-        std = a.std(axis=(0, 2, 3), keepdims=True)
-        std = np.where(std > 0, std, 1.0)
-        a, b = (a - mean) / std, (b - mean) / std
-    return a, b
-
-
 def parse_ridge(text) -> str | float:
     if str(text).strip().lower() == "auto":
         return "auto"
@@ -229,86 +172,7 @@ def _command_line(args) -> str:
     return "cntk-engine " + shlex.join(str(v) for v in argv)
 
 
-def check_json_path(path) -> Path:
-    """``--json OUT``: refuse before any work an OUT whose folder is missing or not writable."""
-    p = Path(path)
-    folder = p.parent
-    if p.is_dir():
-        raise CliError(f"--json {str(path)!r} is a folder; give a file path, e.g. "
-                       f"{str(p / 'results.json')!r}")
-    if not folder.is_dir():
-        raise CliError(f"--json {str(path)!r}: the folder {str(folder)!r} does not exist; create it "
-                       "first or give a path in an existing folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"--json {str(path)!r}: the folder {str(folder)!r} is not writable")
-    return p
-
-
-def write_json(path, rec: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    p = Path(path)
-    text = json.dumps(rec, indent=1, default=str)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as e:
-        raise CliError(f"--json {str(path)!r} cannot be written: {e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-                platform=platform.platform())
-
-
-# ----------------------------------------------------------------------------- solve
-def evaluate_kernel(K, Kt, ytr, yte, ridge, targets="paper") -> dict:
-    """Test accuracy of kernel regression with train Gram ``K`` and test kernel ``Kt``."""
-    enc = solver.paper_targets if targets == "paper" else solver.one_hot
-    Y, classes = enc(ytr)
-    labels = np.searchsorted(classes, ytr)
-    scale = solver.ridge_scale(K)
-    out = {}
-    if ridge == "auto":
-        sel = solver.select_ridge(K, Y, labels=labels, method="loo")
-        i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
-        out.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
-                   loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo")
-        lam = sel.ridge
-    else:
-        lam = ridge * scale
-        out.update(ridge_relative=ridge)
-    sol = solver.fit_ridge(K, Y, lam)
-    pred = classes[np.argmax(sol.predict(Kt), axis=1)]
-    out.update(accuracy=float(np.mean(pred == yte)), ridge_absolute=lam, jitter=sol.jitter)
-    if ridge == "auto" or ridge != 0:
-        sol0 = solver.fit_ridge(K, Y, 0.0)
-        out.update(accuracy_ridge0=float(np.mean(classes[np.argmax(sol0.predict(Kt), axis=1)] == yte)),
-                   jitter_ridge0=sol0.jitter)
-    return out
-
-
+# ----------------------------------------------------------------------------- report
 def _rel(v) -> str:
     return "0" if v == 0 else f"{v:.0e}"
 
@@ -328,21 +192,17 @@ def _fmt_line(depth, name, r) -> str:
 
 # ----------------------------------------------------------------------------- run
 def run(args) -> int:
-    from .api import gram
-    from .arch import make_architecture
-    from .inputs import check_dtype
-    depths = [args.depth] if args.depth is not None else _ints(args.depths, "--depths")
+    from ..api import gram
+    depths = depths_of(args)
     ridge = parse_ridge(args.ridge)
-    if args.tile is not None and args.tile < 1:
-        raise CliError(f"--tile must be a positive integer; got {args.tile}")
     # every option error before the data is read and the kernels computed
-    make_architecture(depths=depths, pooling=args.pooling, fix=args.fix, convention=args.convention,
-                      W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size)
-    check_dtype(args.dtype)
+    opts = gram_options(args)
+    opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
     if args.json:
         check_json_path(args.json)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
-    xtr, xte = to_nchw(xtr, args.data_format), to_nchw(xte, args.data_format)
+    xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
+    xte = to_nchw(xte, args.data_format, f"DATA {args.data!r}")
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
@@ -357,14 +217,10 @@ def run(args) -> int:
                                      if args.downsample > 1 else "")
           + f", {len(classes)} classes, preprocess {args.preprocess}, seed {args.seed}")
     kernel = args.kernel
-    kw = dict(depths=depths, pooling=args.pooling, fix=args.fix, kernel=kernel,
-              convention=args.convention, W_std=args.W_std, b_std=args.b_std,
-              filter_size=args.filter_size, backend=args.backend, dtype=args.dtype, tile=args.tile,
-              return_info=True, progress=not args.no_progress)
     t0 = time.perf_counter()
-    ktr, info_tr = gram(xtr, **kw)
+    ktr, info_tr = gram(xtr, **opts, return_info=True)
     t1 = time.perf_counter()
-    kte, info_te = gram(xte, xtr, **kw)
+    kte, info_te = gram(xte, xtr, **opts, return_info=True)
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
     print(f"kernels: depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
@@ -376,7 +232,7 @@ def run(args) -> int:
         a, b = ktr[d], kte[d]
         a, b = (a, b) if kernel == "both" else ((a,), (b,))
         for name, K, Kt in zip(names, a, b):
-            r = evaluate_kernel(K, Kt, ytr, yte, ridge, args.targets)
+            r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets)
             r.update(depth=d, kernel=name)
             results.append(r)
             print(_fmt_line(d, name, r))
@@ -396,13 +252,3 @@ def run(args) -> int:
         write_json(args.json, rec)
         print(f"results written to {args.json}")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m cntk_engine.evaluate ARGS`` = ``cntk-engine evaluate ARGS``."""
-    from .cli import main as cli_main
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,9 @@
 """Resumable, out-of-core Gram matrices in a Zarr group (``gram(..., out="path.zarr")``).
 
+This module alone knows the store's format: the layout below, the job record, the done
+markers, the zarr version it needs; :func:`load_gram` and :func:`kernel_arrays` read stored
+Grams for the solver and the command line.
+
 Layout of the group (zarr >= 3.1.3, a directory on a local or shared POSIX file system)
 ----------------------------------------------------------------------------------
 * One depth: ``group["ntk"]`` and/or ``group["nngp"]``, each an (N1, N2) float64 array.
@@ -61,7 +65,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import Architecture, LayerParams, finalize
+from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
+                      to_host)
+from ..version import __version__
+from .sinks import Sink
+from .tiles import TileLayout
 
 log = logging.getLogger("cntk_engine")
 
@@ -79,6 +87,10 @@ class StoreMismatch(StoreError):
     """The store at ``out=`` belongs to another job."""
 
 
+class GramTooLarge(MemoryError, ValueError):
+    """A stored Gram would not fit in the memory allowed (``max_memory``)."""
+
+
 class _LostRace(Exception):
     """Another process renamed its new store into place first (see ``GramStore._create``)."""
 
@@ -88,7 +100,8 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
-def _zarr():
+def require_zarr():
+    """The zarr module, or an ImportError naming the version the store needs."""
     need = ".".join(map(str, ZARR_MIN))
     try:
         import zarr
@@ -119,20 +132,19 @@ def array_names(depths, kernel: str) -> dict[tuple[int, str], str]:
     return {(d, k): (k if single else f"depth_{d}/{k}") for d in depths for k in kernels}
 
 
-def job_spec(arch: Architecture, backend: str, dtype, kernel: str, x1: np.ndarray,
-             x2: np.ndarray | None, image_shape) -> dict:
-    """The job record (JSON) without the tile layout (added when the store is created)."""
-    from . import __version__
-    arch_d = arch.to_dict()
+def job_spec(job) -> dict:
+    """The job record (JSON) of a :class:`~cntk_engine.jobs.GramJob`, without the tile layout
+    (added when the store is created)."""
+    arch_d = job.arch.to_dict()
     arch_d["depths"] = sorted(arch_d["depths"])   # the order of depths=[...] is not part of the job
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__,
-        "backend": backend, "dtype": np.dtype(dtype).name,
-        "architecture": arch_d, "kernel": kernel,
-        "kernels": ["ntk", "nngp"] if kernel == "both" else [kernel],
-        "n1": int(len(x1)), "n2": int(len(x1) if x2 is None else len(x2)),
-        "image_shape": [int(v) for v in image_shape], "symmetric": x2 is None,
-        "fingerprint": {"x1": fingerprint(x1), "x2": None if x2 is None else fingerprint(x2)},
+        "backend": job.backend.name, "dtype": job.dtype.name,
+        "architecture": arch_d, "kernel": job.kernel, "kernels": list(job.kernel_names),
+        "n1": job.n1, "n2": job.n2, "image_shape": list(job.image_shape),
+        "symmetric": job.symmetric,
+        "fingerprint": {"x1": fingerprint(job.x1),
+                        "x2": None if job.symmetric else fingerprint(job.x2)},
     }
 
 
@@ -169,12 +181,11 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
     return diffs
 
 
-class TileWriter:
+class StoreSink(Sink):
     """Writes finalized tiles into a store and marks them done; picklable (path + numbers), so
     Dask workers open the same store themselves.  Each process opens the arrays once."""
 
-    def __init__(self, path: str, arch: Architecture, params: LayerParams, kernel: str,
-                 symmetric: bool, run_id: int):
+    def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int):
         self.path, self.arch, self.params = str(path), arch, params
         self.kernel, self.symmetric, self.run_id = kernel, symmetric, run_id
         self._arrays = None
@@ -193,16 +204,16 @@ class TileWriter:
     def _open(self):
         with self._lock:
             if self._arrays is None:
-                zarr = _zarr()
+                zarr = require_zarr()
                 g = zarr.open_group(self.path, mode="r+")
                 arrays = {key: g[name] for key, name in array_names(self.arch.depths, self.kernel).items()}
                 self._done = g[DONE]
                 self._arrays = arrays
         return self._arrays
 
-    def __call__(self, t, sums: np.ndarray) -> None:
+    def __call__(self, t, sums) -> None:
         arrays = self._open()
-        for d, res in finalize(np.asarray(sums), self.arch, self.params, self.kernel).items():
+        for d, res in self.kernels(to_host(sums)).items():
             for k, v in res.items():
                 a = arrays[(d, k)]
                 a[t.rows, t.cols] = v
@@ -242,12 +253,12 @@ class GramStore:
 
     # ------------------------------------------------------------------ open / create
     @classmethod
-    def open_for_job(cls, out, spec: dict, *, tile: int, tile_given: bool, resume: bool = True) -> "GramStore":
-        """Create the store for ``spec`` or, if ``out`` holds this very job, reopen it.
-
-        ``resume=False``: an existing ``out`` is an error (the CLI without --resume).
-        """
-        _zarr()
+    def open_for_job(cls, job, *, tile: int, tile_given: bool) -> "GramStore":
+        """Create the store of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) at ``job.out`` or,
+        if it holds this very job, reopen it.  ``job.resume=False``: an existing store is an
+        error (the CLI without --resume)."""
+        require_zarr()
+        out, spec, resume = job.out, job_spec(job), job.resume
         try:
             path = Path(os.fspath(out)).expanduser().absolute()
         except TypeError:
@@ -268,7 +279,7 @@ class GramStore:
     @classmethod
     def _open_existing(cls, path: Path, spec: dict, *, tile: int, tile_given: bool,
                        resume: bool) -> "GramStore":
-        zarr = _zarr()
+        zarr = require_zarr()
         if not path.is_dir() or not (path / "zarr.json").is_file():
             raise StoreError(f"out={str(path)!r} exists and is not a Zarr (v3) store; refusing to touch it")
         try:
@@ -300,13 +311,11 @@ class GramStore:
 
     @staticmethod
     def _expected_tiles(spec: dict):
-        from .scheduler import TileLayout
         return TileLayout(spec["n1"], spec["n2"], int(spec["tile"]), spec["symmetric"]).tiles()
 
     @classmethod
     def _create(cls, path: Path, spec: dict) -> "GramStore":
-        from .scheduler import TileLayout
-        zarr = _zarr()
+        zarr = require_zarr()
         t = spec["tile"]
         layout = TileLayout(spec["n1"], spec["n2"], t, spec["symmetric"])
         spec["grid"] = list(layout.grid)
@@ -404,9 +413,112 @@ class GramStore:
                 r["seconds"] = round(seconds, 3)
         self.group.attrs["runs"] = runs
 
-    def sink(self, arch: Architecture, params: LayerParams, kernel: str, run_id: int) -> TileWriter:
-        return TileWriter(str(self.path), arch, params, kernel, bool(self.spec["symmetric"]), run_id)
+    def sink(self, job, run_id: int) -> StoreSink:
+        return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id)
 
     @property
     def read_only_group(self):
-        return _zarr().open_group(str(self.path), mode="r")
+        return require_zarr().open_group(str(self.path), mode="r")
+
+
+# ----------------------------------------------------------------------------- reading Grams
+def kernel_arrays(group) -> list[str]:
+    """The kernel arrays of a store's group ("ntk", "nngp", "depth_11/ntk", ...), sorted; the
+    done markers are not among them."""
+    return sorted(k for k, _ in group.arrays() if k != DONE) + sorted(
+        f"{g}/{k}" for g, sub in group.groups() for k, _ in sub.arrays())
+
+
+def unfinished_tiles(group) -> tuple[int, int]:
+    """(tiles not computed yet, tiles in all) of a store's group; (0, 0) for a group without a
+    job record."""
+    spec = group.attrs.get("cntk_engine")
+    if spec is None or DONE not in [k for k, _ in group.arrays()]:
+        return 0, 0
+    done = read_done("<group>", group[DONE], warn=False)
+    todo = done == 0
+    total = done.size
+    if spec.get("symmetric"):
+        todo = np.triu(todo)
+        total = int(np.triu(np.ones_like(done)).sum())
+    return int(todo.sum()), total
+
+
+def _memory_limits(device, max_memory):
+    """``[(where, bytes)]`` the load must fit in: host RAM, plus the GPU for device="cuda"."""
+    if max_memory is not None:
+        return [("the limit", int(max_memory))]
+    if device == "cuda":
+        return [("free GPU memory", available_gpu_memory()),
+                ("available RAM", available_memory())]
+    return [("available RAM", available_memory())]
+
+
+def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
+              workspace: float = 1.0, device=None):
+    """Load a Gram matrix from Zarr into memory as float64 (NumPy, or CuPy with device="cuda").
+
+    ``source``: a ``zarr.Array``, a ``zarr.Group`` or the path of a store written by
+    ``gram(..., out=path)``, with ``key`` naming the array (``"ntk"``, ``"nngp"``,
+    ``"depth_11/ntk"``; default: the only kernel array).  The memory needed is the float64
+    matrix plus ``workspace`` copies of it for the solve; it is logged, and if it exceeds
+    ``max_memory`` (bytes; default: the available RAM, or with ``device="cuda"`` the free GPU
+    memory, where the matrix and the solve go, while the host still holds the float64 matrix as
+    it is read) :class:`~cntk_engine.solver.GramTooLarge` is raised before anything is read.
+    ``workspace``: copies of K the solver needs beyond it: 1 for ``fit_ridge``,
+    ``kernel_ridge``, ``gp_posterior`` (the default); 3 for ``eigh``, ``loo``, ``select_ridge``,
+    ``kfold`` and ``gradient_flow`` (the figures behind them: ``docs/solver.md``).  Reading a
+    non-float64 array also holds the raw array while converting it.  A store whose job is
+    unfinished is refused (its missing tiles read as NaN)."""
+    zarr = require_zarr()
+    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            raise FileNotFoundError(f"Zarr store {str(source)!r} does not exist")
+        try:
+            source = zarr.open(str(source), mode="r")
+        except Exception as e:  # noqa: BLE001 - not a store
+            raise ValueError(f"{where} is not a readable Zarr store: {e}") from None
+    if isinstance(source, zarr.Group):
+        names = kernel_arrays(source)
+        if key is None:
+            if len(names) != 1:
+                raise ValueError(f"the store at {where} holds arrays {names}: name one as key=")
+            key = names[0]
+        if key not in names:
+            raise ValueError(f"the store at {where} has no array {key!r}; it holds {names}")
+        left, total = unfinished_tiles(source)
+        if left:
+            raise ValueError(f"the Gram store at {where} is unfinished: {left} of {total} tiles are "
+                             "not computed yet; rerun the gram job with --resume / the same out=")
+        arr = source[key]
+    elif isinstance(source, zarr.Array):
+        arr = source
+        if key is not None:
+            raise ValueError("key= applies to a Zarr group or store path, not to a zarr.Array")
+    else:
+        raise ValueError(f"source must be a zarr.Array, a zarr.Group or a store path; got {type(source).__name__}")
+    shape = tuple(arr.shape)
+    if len(shape) != 2:
+        raise ValueError(f"the Zarr array {key or ''} has shape {shape}; a kernel matrix is 2-D")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if np.dtype(arr.dtype).kind == "c":
+        raise ValueError(f"the Zarr array {key or ''} is complex ({arr.dtype}); a Gram matrix is real")
+    nbytes = shape[0] * shape[1] * 8
+    raw = 0 if np.dtype(arr.dtype) == np.float64 else shape[0] * shape[1] * np.dtype(arr.dtype).itemsize
+    need = nbytes + max(workspace * nbytes, raw)     # the solve, or the read + conversion
+    for place, limit in _memory_limits(device, max_memory):
+        # the host holds the float64 matrix (and the raw array) while reading for the GPU
+        staging = place == "available RAM" and device == "cuda"
+        want = nbytes + raw if staging else need
+        what = (f"{format_bytes(want)} on the host to read it for the GPU" if staging else
+                f"{format_bytes(need)} with the solve's workspace ({workspace:g} copies)")
+        msg = (f"Gram {key or ''} {shape[0]} x {shape[1]} from {where}: {format_bytes(nbytes)} as "
+               f"float64, {what}; {place} {format_bytes(limit)}")
+        if want > limit:
+            raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
+                               "larger machine, or use fewer training samples")
+    log.info("loading " + msg)
+    K = np.asarray(arr[...], dtype=np.float64)
+    return cupy_module().asarray(K) if device == "cuda" else K

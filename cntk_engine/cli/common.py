@@ -1,0 +1,197 @@
+"""What the commands share: one-line errors, reading image files, the architecture and run
+options of ``gram`` and ``evaluate`` (declared once), atomic JSON records."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PROG = "cntk-engine"
+
+
+class CliError(Exception):
+    """An error reported as one line (no traceback)."""
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """'3,4,6' -> [3, 4, 6]; a CliError naming the option ``what`` otherwise."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise CliError(f"{what} must be comma-separated integers; got {text!r}") from None
+    if not vals:
+        raise CliError(f"{what} must name at least one integer; got {text!r}")
+    return vals
+
+
+# ------------------------------------------------------------------------------ images
+def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
+    """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
+    first of ``keys`` it holds), as stored."""
+    path, key = spec, None
+    if ":" in spec and not os.path.exists(spec):
+        head, tail = spec.rsplit(":", 1)
+        if head.endswith(".npz"):
+            path, key = head, tail
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{what} {path!r} does not exist")
+    if not p.is_file():
+        raise CliError(f"{what} {path!r} is not a file")
+    try:
+        if p.suffix == ".npz" or key is not None:
+            with np.load(p, allow_pickle=False) as z:
+                names = list(z.keys())
+                if key is None:
+                    key = next((k for k in keys if k in names), None)
+                    if key is None:
+                        raise CliError(f"{what} {path!r} holds arrays {names} but none of the keys "
+                                       f"{list(keys)}; name one as {path}:KEY")
+                elif key not in names:
+                    raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
+                x = z[key]
+        else:
+            x = np.load(p, allow_pickle=False)
+    except CliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reading failure is the user's file
+        raise CliError(f"{what} {path!r} cannot be read as a NumPy .npy/.npz file: {e}") from None
+    if not isinstance(x, np.ndarray):
+        raise CliError(f"{what} {path!r} does not hold one array")
+    return x
+
+
+def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.ndarray:
+    """Images as (N, C, H, W): a 3-D (N, H, W) array gets a channel axis; a 4-D one is read per
+    ``data_format``; "auto" takes it as NHWC when its last axis is 1 or 3 and its second is not,
+    as NCHW in the opposite case, and asks for ``--data-format`` otherwise."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise CliError(f"{what}: expected images (N, C, H, W), (N, H, W, C) or (N, H, W); got an "
+                       f"array of shape {x.shape}")
+    if data_format == "auto":
+        last, second = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
+        if last and not second:
+            data_format = "NHWC"
+        elif second and not last:
+            data_format = "NCHW"
+        else:
+            raise CliError(f"{what}: cannot tell the layout of images of shape {x.shape}; pass "
+                           "--data-format NCHW or NHWC")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
+
+
+# ------------------------------------------------------------------------------ options
+def add_architecture_options(p) -> None:
+    """The network and kernels: --depth/--depths, --pooling, --fix, --kernel, --convention,
+    --W-std, --b-std, --filter-size."""
+    d = p.add_mutually_exclusive_group(required=True)
+    d.add_argument("--depth", type=int, help="depth (conv layers + 1)")
+    d.add_argument("--depths", help="several depths from one kernel pass, e.g. 3,4,6,11")
+    p.add_argument("--pooling", choices=("gap", "flatten"), default="gap")
+    p.add_argument("--fix", action="store_true", help="first and last layers not trained")
+    p.add_argument("--kernel", choices=("ntk", "nngp", "both"), default="ntk",
+                   help="kernel(s): ntk, nngp, or both from the same pass")
+    p.add_argument("--convention", choices=("arora", "neural_tangents"), default="arora")
+    p.add_argument("--W-std", type=float, default=None, dest="W_std", help="neural_tangents convention only")
+    p.add_argument("--b-std", type=float, default=None, dest="b_std", help="neural_tangents convention only")
+    p.add_argument("--filter-size", type=int, default=3)
+
+
+def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> None:
+    """How the kernels are computed: --backend, --dtype, --tile, --data-format, --no-progress."""
+    p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--tile", type=int, default=None, help="rows/columns per tile (default: automatic)")
+    p.add_argument("--data-format", choices=data_formats, default=default_format)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def depths_of(args) -> list[int]:
+    return [args.depth] if args.depth is not None else int_list(args.depths, "--depths")
+
+
+def gram_options(args) -> dict:
+    """The ``gram`` keyword arguments of the architecture and run options, checked before any
+    data is read (the architecture's own errors included)."""
+    from ..arch import make_architecture
+    from ..inputs import check_dtype
+    if args.tile is not None and args.tile < 1:
+        raise CliError(f"--tile must be a positive integer; got {args.tile}")
+    depths = depths_of(args)
+    make_architecture(depths=depths, pooling=args.pooling, fix=args.fix, convention=args.convention,
+                      W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size)
+    check_dtype(args.dtype)
+    return dict(depth=args.depth, depths=None if args.depth is not None else depths,
+                pooling=args.pooling, fix=args.fix, kernel=args.kernel, convention=args.convention,
+                W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size,
+                backend=args.backend, dtype=args.dtype, tile=args.tile,
+                progress=not args.no_progress)
+
+
+# ------------------------------------------------------------------------------ records
+def check_json_path(path, option: str = "--json") -> Path:
+    """Refuse, before any work, an output path whose folder is missing or not writable."""
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise CliError(f"{option} {str(path)!r} is a folder; give a file path, e.g. "
+                       f"{str(p / 'results.json')!r}")
+    if not folder.is_dir():
+        raise CliError(f"{option} {str(path)!r}: the folder {str(folder)!r} does not exist; create it "
+                       "first or give a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {str(path)!r}: the folder {str(folder)!r} is not writable")
+    return p
+
+
+def write_json(path, rec: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    p = Path(path)
+    text = json.dumps(rec, indent=1, default=_json_default)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as e:
+        raise CliError(f"{str(path)!r} cannot be written: {e}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def machine() -> dict:
+    """The CPU model, cores, Python and platform of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                platform=platform.platform())

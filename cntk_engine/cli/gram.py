@@ -1,0 +1,89 @@
+"""``cntk-engine gram``: the Gram matrix of an image file into a Zarr store.
+
+``cntk-engine gram DATA --depth 11 --pooling gap --out gram.zarr`` computes the Gram matrix of the
+images in DATA into a Zarr store (layout: ``cntk_engine.jobs.store``; ``docs/scheduler.md``).
+
+DATA is
+  * a ``.npy`` file holding an (N, C, H, W) array ((N, H, W, C) with ``--data-format NHWC``;
+    a 3-D (N, H, W) array is taken as single-channel images), any integer or float dtype;
+  * or a ``.npz`` archive: the array under the first of the keys ``x``, ``x_train``,
+    ``images``, ``X`` that it holds (for ``--x2``: ``x``, ``x_test``, ``images``, ``X``), or any
+    key named explicitly as ``PATH.npz:KEY``.
+
+Store semantics: a new ``--out`` path is created; an existing one is an error unless
+``--resume`` is given, in which case the job stored there is continued (only missing tiles are
+computed) provided it is this very job (same images, architecture, dtype, backend, kernels);
+otherwise the run is refused with the differences, and nothing is written.  ``--resume`` on a
+path that does not exist yet simply starts the job (so a job script can always pass it).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .common import (CliError, add_architecture_options, add_run_options, gram_options, int_list,
+                     load_images, to_nchw)
+
+X1_KEYS = ("x", "x_train", "images", "X")
+X2_KEYS = ("x", "x_test", "images", "X")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("gram", help="compute a CNTK / NNGP Gram matrix into a Zarr store",
+                       description="Compute the kernel matrix of the images in DATA (against "
+                       "themselves, or against --x2) into the Zarr store --out, tile by tile; "
+                       "resumable with --resume.")
+    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or .npz (keys x, x_train, images, X; "
+                   "or PATH.npz:KEY)")
+    p.add_argument("--x2", metavar="DATA2", help="second image set: the N1 x N2 matrix against DATA "
+                   "(.npz keys x, x_test, images, X)")
+    add_architecture_options(p)
+    p.add_argument("--out", required=True, help="Zarr store to write (a directory, e.g. gram.zarr)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the job stored at --out (refused if it holds another job)")
+    p.add_argument("--devices", help="GPUs: 'all' (default) or ids, e.g. 0,1 (cuda backend)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler address (tcp://host:8786): run tiles on that cluster")
+    add_run_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..api import gram
+    from ..jobs.store import kernel_arrays
+    x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
+    x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
+                                               args.data_format, "--x2")
+    opts = gram_options(args)
+    devices = None
+    if args.devices is not None:
+        devices = "all" if args.devices == "all" else int_list(args.devices, "--devices")
+    out = Path(args.out)
+    if (out.exists() or out.is_symlink()) and not args.resume:
+        raise CliError(f"--out {args.out!r} exists; pass --resume to continue the job stored there "
+                       "(refused if it holds another job), or choose another path")
+    client = None
+    if args.scheduler:
+        try:
+            from distributed import Client
+        except ImportError as e:
+            raise CliError(f"--scheduler needs Dask (pip install 'cntk-engine[dask]'): {e}") from None
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except Exception as e:  # noqa: BLE001 - unreachable address, wrong protocol, timeout
+            raise CliError(f"cannot connect to the Dask scheduler at {args.scheduler!r}: {e}") from None
+    t0 = time.perf_counter()
+    try:
+        group, info = gram(x1, x2, **opts, return_info=True, devices=devices, out=str(out),
+                           client=client)
+    finally:
+        if client is not None:
+            client.close()
+    names = kernel_arrays(group)
+    rate = info["pairs_per_second"]
+    print(f"{out}: {info['unique_pairs']} unique pairs; computed {info['tiles_computed']} of "
+          f"{info['tiles_total']} tiles ({info['pairs_computed']} pairs) in "
+          f"{time.perf_counter() - t0:.1f} s on {info['backend']} ({info['where']}, tile {info['tile']})"
+          + (f", {rate:.4g} pairs/s" if rate else ""))
+    print(f"arrays: {', '.join(names)}   read: zarr.open_group({str(out)!r})[{names[0]!r}][...]")
+    return 0

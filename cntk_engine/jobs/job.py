@@ -1,0 +1,161 @@
+"""A Gram job: the record built once at the boundary (``gram``), and how it runs.
+
+:class:`GramJob` holds everything a job is: the validated images, the architecture and its
+layer numbers, the kernels asked for, the compute dtype, the backend that computes it, and how
+it is run (tile, GPUs, store, Dask client, progress).  It is passed whole from ``gram`` to the
+tiles, workers, sinks, the store and Dask; nothing downstream re-validates what it holds.
+
+:func:`run_job` plans the tiles (size from the backend's traits, the devices' free memory and
+the number of workers), opens the store when there is one (only missing tiles are computed),
+and runs the tiles locally (:mod:`.local`) or on a Dask cluster (:mod:`.dask`) into a sink
+(:mod:`.sinks`, :mod:`.store`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..arch import Architecture, LayerParams
+from .local import Progress, local_workers, run_tiles, smallest_free_memory
+from .sinks import MemorySink
+from .tiles import TileLayout, auto_tile
+
+log = logging.getLogger("cntk_engine")
+
+
+@dataclass(frozen=True)
+class GramJob:
+    """One Gram job, validated.
+
+    x1, x2: float64 (N, C, H, W) images, NumPy (or CuPy for the local GPU path); ``x2=None``:
+    the symmetric Gram of x1.  backend: the class that computes it (already chosen and checked
+    against this job).  devices: the GPU ids of a local GPU job (None on the CPU and with a
+    client).  result_device: the GPU the result matrices go to (the images came as CuPy
+    arrays), or None for NumPy results.  tile: rows per tile, None for automatic.
+    """
+
+    x1: Any
+    x2: Any
+    arch: Architecture
+    params: LayerParams
+    kernel: str
+    dtype: np.dtype
+    backend: type
+    tile: int | None = None
+    devices: list[int] | None = None
+    result_device: int | None = None
+    out: str | None = None
+    client: Any = None
+    resume: bool = True
+    progress: bool = False
+
+    @property
+    def symmetric(self) -> bool:
+        return self.x2 is None
+
+    @property
+    def n1(self) -> int:
+        return int(self.x1.shape[0])
+
+    @property
+    def n2(self) -> int:
+        return self.n1 if self.x2 is None else int(self.x2.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.x1.shape[1:])
+
+    @property
+    def kernel_names(self) -> tuple[str, ...]:
+        return ("ntk", "nngp") if self.kernel == "both" else (self.kernel,)
+
+    @property
+    def traits(self):
+        return self.backend.traits()
+
+    def make_backend(self):
+        return self.backend(self.arch, self.params, self.dtype)
+
+
+def run_job(job: GramJob) -> tuple[object, dict]:
+    """Run ``job``.  Returns (result, info): result is {depth: {kernel: (n1, n2) array}}, or the
+    read-only Zarr group when the job has a store.  Everything is checked before a store is
+    created or opened for writing."""
+    t_start = time.perf_counter()
+    traits = job.traits
+    gpu = traits.device == "gpu"
+
+    # ---- where tiles run
+    if job.client is not None:
+        from . import dask as jdask
+        n_workers = jdask.check_client(job.client, gpu=gpu)
+        where = f"dask ({n_workers} worker slots{', GPU resource' if gpu else ''})"
+        free = None
+    else:
+        n_workers = 1 if job.devices is None else len(job.devices)
+        where = "cpu" if job.devices is None else "gpus " + ",".join(map(str, job.devices))
+        free = smallest_free_memory(job.devices)
+
+    if job.tile is not None:
+        tile, why = job.tile, "given"
+    else:
+        tile, why = auto_tile(traits, job.n1, job.n2, job.symmetric, n_workers, len(job.arch.depths),
+                              free, for_store=job.out is not None)
+
+    # ---- where results go
+    store = None
+    if job.out is not None:
+        from .store import GramStore
+        store = GramStore.open_for_job(job, tile=tile, tile_given=(why == "given"))
+        if store.tile != tile:
+            why = f"kept from the store ({store.tile})"
+            tile = store.tile
+    layout = TileLayout(job.n1, job.n2, tile, job.symmetric)
+    all_tiles = layout.tiles()
+    todo = all_tiles if store is None else store.missing(all_tiles)
+    todo_pairs = sum(t.pairs for t in todo)
+    log.info("gram job: backend=%s dtype=%s on %s; %d x %d images %s, %s; tile %d (%s): "
+             "%d tiles (%d to compute, %d pairs)", job.backend.name, job.dtype.name, where, job.n1,
+             job.n2, job.image_shape, "symmetric" if job.symmetric else "rectangular", tile, why,
+             len(all_tiles), len(todo), todo_pairs)
+
+    if store is not None:
+        run_id = store.begin_run(len(todo), where)
+        sink = store.sink(job, run_id)
+    else:
+        run_id = None
+        sink = MemorySink(job, layout, job.result_device)
+
+    bar = Progress(todo_pairs, job.progress)
+    t0 = time.perf_counter()
+    try:
+        if job.client is not None:
+            per_worker = jdask.run_dask(job, todo, sink, bar, writes_store=store is not None)
+            if store is not None:
+                jdask.check_all_marked(store, todo, per_worker)
+        else:
+            workers = local_workers(job.make_backend, job.devices)
+            per_worker = run_tiles(workers, job.x1, job.x2, todo, sink, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if store is not None:
+        store.end_run(run_id, seconds)
+    info = {"backend": job.backend.name, "dtype": job.dtype.name, "tile": tile, "tile_reason": why,
+            "where": where, "tiles_total": len(all_tiles), "tiles_computed": len(todo),
+            "pairs_computed": todo_pairs, "unique_pairs": layout.unique_pairs,
+            "per_worker": per_worker, "compute_seconds": seconds,
+            "pairs_per_second": todo_pairs / seconds if seconds > 0 and todo_pairs else None,
+            "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict()}
+    if store is not None:
+        info.update(store=str(store.path), run=run_id)
+    log.info("gram job done: %d tiles, %d pairs in %.2f s (%s pairs/s)", len(todo), todo_pairs,
+             seconds, f"{todo_pairs / seconds:.4g}" if seconds > 0 else "-")
+    return (store.read_only_group if store is not None else sink.result), info
+
+
+__all__ = ["GramJob", "run_job"]

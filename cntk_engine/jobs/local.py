@@ -1,0 +1,187 @@
+"""Tiles on this machine: worker threads, devices, progress.
+
+* CPU backends (numba, reference): one worker, in the calling thread; the backend itself uses
+  every core inside one ``pair_sums`` call (numba: parallel over the pairs of the tile).
+* GPU backends: one worker thread per GPU (all visible GPUs, or ``devices=[...]``), each inside
+  ``cupy.cuda.Device(i)`` with its own non-blocking stream, its own backend instance and its own
+  prepared copy of the images.  Tiles are pulled from one shared queue, largest first (the
+  smaller diagonal and edge tiles last), which keeps the tail short.
+
+Each worker prepares the images once (per-image diagonals computed once, shared by every
+tile), then hands each tile's readout sums, where the backend produced them, to the sink.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..arrays import cupy_module, free_device_memory, gpu_count, to_device
+from .tiles import Tile, largest_first
+
+log = logging.getLogger("cntk_engine")
+
+
+def resolve_devices(device_kind: str, devices) -> list[int] | None:
+    """GPU ids to use (a GPU backend), or None for a CPU backend.  ``devices``: None or "all"
+    (every visible GPU; every core for a CPU backend), or a list of GPU ids.  ``device_kind``:
+    the backend's ``traits().device``, "cpu" or "gpu"."""
+    if devices is not None and devices != "all":
+        if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+            devices = [int(devices)]
+        if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
+            raise ValueError(f"devices must be None, 'all' or a list of GPU ids; got {devices!r}")
+        devices = list(devices)
+        if not devices or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0
+                              for d in devices):
+            raise ValueError(f"devices must be a non-empty list of GPU ids (integers >= 0); got {devices!r}")
+        devices = [int(d) for d in devices]
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"devices must not repeat; got {devices}")
+    if device_kind != "gpu":
+        if devices not in (None, "all"):
+            raise ValueError(f"devices={devices} selects GPUs, but this backend runs on the CPU "
+                             "(with every core); use backend='cuda' or leave devices unset")
+        return None
+    n = gpu_count()
+    if devices in (None, "all"):
+        if n == 0:
+            raise RuntimeError("the GPU backend found no visible GPU")
+        return list(range(n))
+    bad = [d for d in devices if d >= n]
+    if bad:
+        raise ValueError(f"devices {bad} do not exist: {n} GPU(s) visible (ids 0..{n - 1})")
+    return devices
+
+
+def smallest_free_memory(devices: list[int] | None) -> int | None:
+    """The least free memory over the GPUs that report a figure (the tile must fit on each);
+    None for the CPU or when no GPU reports one.  A GPU that does not report is skipped, not
+    read as "no limit" for the others."""
+    if devices is None:
+        return None
+    known = [f for f in (free_device_memory(d) for d in devices) if f is not None]
+    return min(known) if known else None
+
+
+@dataclass
+class Worker:
+    """Where tiles run: a context to enter (device, stream), the backend to build inside it, and
+    how the images reach it (onto its device for a GPU worker)."""
+
+    name: str
+    context: Callable[[], object]
+    make_backend: Callable[[], object]
+    to_device: Callable = staticmethod(lambda x: x)
+
+
+@contextmanager
+def _gpu_context(device: int):
+    cupy = cupy_module()
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            yield
+        stream.synchronize()      # every tile's result is complete when the worker ends
+
+
+def local_workers(make_backend: Callable[[], object], devices: list[int] | None) -> list[Worker]:
+    if devices is None:
+        return [Worker("cpu", nullcontext, make_backend)]
+    return [Worker(f"gpu{d}", (lambda d=d: _gpu_context(d)), make_backend, to_device)
+            for d in devices]
+
+
+class Progress:
+    """tqdm bar over pairs (pairs/s, ETA), or nothing; updated from any thread."""
+
+    def __init__(self, total_pairs: int, enabled: bool, desc: str = "gram"):
+        self.bar = None
+        self.lock = threading.Lock()
+        if enabled and total_pairs > 0:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_pairs, unit="pair", unit_scale=total_pairs >= 10000, desc=desc,
+                            dynamic_ncols=True, smoothing=0.05)
+
+    def update(self, pairs: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(pairs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
+              sink: Callable[[Tile, object], None], progress: Progress | None = None) -> dict:
+    """Compute every tile of ``todo`` and hand (tile, float64 sums) to ``sink``, the sums where
+    the backend produced them (NumPy, or CuPy on the worker's GPU).
+
+    ``x2=None``: symmetric (x1 against itself).  Each worker prepares the images once, then pulls
+    tiles from a shared queue (largest first).  One worker runs in the calling thread; several
+    run one thread each.  The first error stops every worker and is raised here.  Returns
+    {worker name: tiles done}.
+    """
+    queue = largest_first(todo)
+    lock = threading.Lock()
+    done = {w.name: 0 for w in workers}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def next_tile():
+        with lock:
+            return queue.pop(0) if queue and not stop.is_set() else None
+
+    def work(w: Worker):
+        try:
+            with w.context():
+                be = w.make_backend()
+                t0 = time.perf_counter()
+                pa = be.prepare(w.to_device(x1))
+                pb = pa if x2 is None else be.prepare(w.to_device(x2))
+                log.debug("%s: prepared %d + %d images in %.3f s", w.name, len(pa),
+                          0 if x2 is None else len(pb), time.perf_counter() - t0)
+                while True:
+                    t = next_tile()
+                    if t is None:
+                        return
+                    sink(t, be.pair_sums(pa[t.rows], pb[t.cols], symmetric=t.diag))
+                    done[w.name] += 1
+                    if progress is not None:
+                        progress.update(t.pairs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            with lock:
+                errors.append(e)
+            stop.set()
+
+    if not queue:
+        return done
+    if len(workers) == 1:
+        work(workers[0])
+    else:
+        threads = [threading.Thread(target=work, args=(w,), name=f"cntk-{w.name}", daemon=True)
+                   for w in workers]
+        for th in threads:
+            th.start()
+        try:
+            for th in threads:
+                while th.is_alive():
+                    th.join(0.2)
+        except BaseException:  # Ctrl-C: let running tiles finish, start no new ones
+            stop.set()
+            for th in threads:
+                th.join()
+            raise
+    if errors:
+        raise errors[0]
+    return done
+
+
+__all__ = ["Worker", "local_workers", "run_tiles", "Progress", "resolve_devices",
+           "smallest_free_memory"]

@@ -1,0 +1,63 @@
+"""Where finished tiles go: one interface for memory and the Zarr store.
+
+A sink is called once per tile with the tile's readout sums (``Backend.pair_sums``: float64,
+(rows, cols, n_depths, 2), NumPy or CuPy), from any worker thread.  It finalizes them into
+kernels (``arch.finalize`` is elementwise, so a tile gives bit for bit the values the whole
+matrix would) and stores them, mirroring off-diagonal tiles of a symmetric Gram.
+:class:`MemorySink` keeps the matrices in memory on the host, or on the caller's GPU when the
+images came as CuPy arrays (the matrix never round-trips through the host);
+``jobs.store.StoreSink`` writes them into a Zarr store.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+
+from ..arch import finalize
+from ..arrays import cupy_module, to_device, to_host
+from .tiles import Tile, TileLayout
+
+
+class Sink:
+    """Receives each finished tile: ``sink(tile, sums)``."""
+
+    def __call__(self, tile: Tile, sums) -> None:
+        raise NotImplementedError
+
+    arch = params = kernel = None      # set by each sink: what finalizing a tile needs
+
+    def kernels(self, sums) -> dict:
+        """The tile's finalized kernels {depth: {kernel: (rows, cols) array}}, where ``sums``
+        lives."""
+        return finalize(sums, self.arch, self.params, self.kernel)
+
+
+class MemorySink(Sink):
+    """Finalized kernels of every tile into (n1, n2) float64 arrays {depth: {kernel: array}}:
+    NumPy, or CuPy on GPU ``device`` (the caller's current device when the job's images are
+    CuPy arrays)."""
+
+    def __init__(self, job, layout: TileLayout, device: int | None = None):
+        self.arch, self.params, self.kernel = job.arch, job.params, job.kernel
+        self.layout, self.device = layout, device
+        xp = np if device is None else cupy_module()
+        with self._on_device():
+            self.result = {d: {k: xp.empty((layout.n1, layout.n2)) for k in job.kernel_names}
+                           for d in job.arch.depths}
+
+    def _on_device(self):
+        return nullcontext() if self.device is None else cupy_module().cuda.Device(self.device)
+
+    def __call__(self, t: Tile, sums) -> None:
+        with self._on_device():
+            sums = to_host(sums) if self.device is None else to_device(sums, self.device)
+            for d, res in self.kernels(sums).items():
+                for k, v in res.items():
+                    a = self.result[d][k]
+                    a[t.rows, t.cols] = v
+                    if self.layout.symmetric and not t.diag:
+                        a[t.cols, t.rows] = v.T
+
+
+__all__ = ["Sink", "MemorySink"]

@@ -1,0 +1,336 @@
+"""The solver's linear algebra: device choice, input checks, Cholesky with jitter, eigh.
+
+Every function computes in float64 (the Gram may be float32) with NumPy/SciPy on the CPU, or
+with CuPy (cuSOLVER) when an input is a CuPy array or ``device="cuda"``; results follow the
+device.  ``K`` may also be a ``zarr.Array`` (loaded by ``jobs.store.load_gram``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..arrays import DEVICES, cupy_module, is_cupy, to_host
+from ..jobs.store import load_gram
+
+log = logging.getLogger("cntk_engine")
+
+#: symmetry tolerance: max |K - K^T| <= SYM_RTOL * max |K| (float32 rounding is ~1e-7)
+SYM_RTOL = 1e-5
+
+
+class NotPositiveDefinite(np.linalg.LinAlgError):
+    """K + lambda I stayed non positive definite after the largest jitter allowed."""
+
+
+def is_zarr(a) -> bool:
+    return type(a).__module__.split(".")[0] == "zarr"
+
+
+def xp_for(device, *arrays):
+    """NumPy or CuPy: CuPy when ``device == "cuda"`` or (device None) any input is CuPy."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if device == "cuda" or (device is None and any(is_cupy(a) for a in arrays)):
+        return cupy_module()
+    return np
+
+
+def as_float64(xp, a, dtype=np.float64, name: str = "input"):
+    """``a`` as an ``xp`` float64 array (``a`` itself when it already is one)."""
+    return as_float64_private(xp, a, dtype, name)[0]
+
+
+def as_float64_private(xp, a, dtype=np.float64, name: str = "input", workspace: float = 1.0):
+    """``(array, private)``: ``private`` is True only when the array is certainly a new buffer
+    (a dtype conversion of an array, a host <-> GPU transfer, a Zarr load), which the solver
+    may then overwrite; False when it may be (a view of) the caller's data.  Complex input is
+    refused (casting it would silently drop the imaginary part)."""
+    dt = getattr(a, "dtype", None)
+    if dt is None and not is_cupy(a):
+        a = np.asarray(a)
+        dt = a.dtype
+    if dt is not None and np.dtype(dt).kind == "c":
+        raise ValueError(f"{name} is complex ({np.dtype(dt)}); a kernel matrix and its targets must "
+                         "be real (pass the real part explicitly if that is what is meant)")
+    private = False
+    if is_zarr(a):
+        a = load_gram(a, workspace=workspace, device="cuda" if xp is not np else None)
+        private = True
+    elif xp is np and is_cupy(a):
+        a = to_host(a)
+        private = True
+    elif xp is not np and not is_cupy(a):
+        private = True                       # host -> GPU copy
+    if not private and isinstance(a, (np.ndarray,) + ((xp.ndarray,) if xp is not np else ())):
+        private = np.dtype(a.dtype) != np.dtype(dtype)     # conversion: a new array
+    return xp.asarray(a, dtype=dtype), private
+
+
+def block_rows(n: int) -> int:
+    """Rows per block for the blockwise passes over an n x n matrix: temporaries stay ~2%."""
+    return int(min(1024, max(32, n // 64)))
+
+
+def scalar(v) -> float:
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
+               _workspace: float = 1.0):
+    """``K`` as a float64 square symmetric finite matrix (symmetrised: (K + K^T) / 2).
+
+    The result is always a new C-contiguous array that the solver owns (and may overwrite):
+    the caller's ``K`` is never modified.  It costs one float64 copy of K and no other n x n
+    temporary (the check and the symmetrisation go by blocks of rows; a float32, CuPy<->NumPy
+    or Zarr input, converted anyway, is symmetrised in that converted copy).
+    Raises ValueError for a non-square or non-2-D ``K``, NaN/Inf or complex entries, or an
+    asymmetry beyond ``sym_rtol * max|K|`` (rounding of a float32 Gram is ~1e-7 relative)."""
+    xp = xp_for(device, K)
+    K, private = as_float64_private(xp, K, name=name, workspace=_workspace)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"{name} must be a square (n, n) Gram matrix; got shape {tuple(K.shape)}")
+    if K.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 x 0); at least one training sample is needed")
+    check_finite(xp, K, name)
+    n, step = K.shape[0], block_rows(K.shape[0])
+    scale = max(scalar(xp.max(xp.abs(K[i:i + step]))) for i in range(0, n, step))
+    S = K if private and K.flags.c_contiguous else xp.empty((n, n), dtype=np.float64)
+    asym = 0.0
+    for i in range(0, n, step):       # the diagonal block and the blocks right of / below it
+        j = min(i + step, n)
+        D = K[i:j, i:j]
+        asym = max(asym, scalar(xp.max(xp.abs(D - D.T))))
+        S[i:j, i:j] = (D + D.T) * 0.5
+        if j < n:
+            up, low = K[i:j, j:], K[j:, i:j].T
+            diff = up - low
+            asym = max(asym, scalar(xp.max(xp.abs(diff, out=diff))))
+            del diff
+            avg = up + low
+            avg *= 0.5
+            S[i:j, j:] = avg
+            S[j:, i:j] = avg.T
+    if asym > sym_rtol * scale:
+        raise ValueError(f"{name} is not symmetric: max |K - K^T| = {asym:.3g} is more than "
+                         f"{sym_rtol:g} x max |K| = {scale:.3g}; pass the train-vs-train Gram "
+                         "(the test-vs-train kernel goes to K_test)")
+    return S
+
+
+def check_finite(xp, a, name):
+    if math.isfinite(scalar(xp.sum(a))):   # NaN / Inf propagate into the sum: no bool n x n
+        return
+    ok = xp.isfinite(a)
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
+        first = [int(i) for i in xp.argwhere(~ok)[0].tolist()]
+        raise ValueError(f"{name} has {bad} NaN or Inf entr{'y' if bad == 1 else 'ies'} "
+                         f"(first at index {tuple(first)}); every entry must be finite"
+                         + (" (a Zarr store with unfinished tiles reads as NaN there)"
+                            if "K" in name else ""))
+
+
+def check_targets(Y, n: int, name: str = "Y", *, device=None, xp=None):
+    """``Y`` as float64 (n, k), plus whether it was 1-D.  ValueError on a wrong length or NaN."""
+    xp = xp or xp_for(device, Y)
+    if (getattr(Y, "dtype", None) is not None and np.dtype(Y.dtype).kind == "c") or (
+            getattr(Y, "dtype", None) is None and np.iscomplexobj(Y)):
+        raise ValueError(f"{name} is complex; targets must be real")
+    try:
+        Y = as_float64(xp, Y, name=name)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric targets, (n,) or (n, k); converting failed: {e}") from None
+    if Y.ndim not in (1, 2):
+        raise ValueError(f"{name} must be (n,) or (n, k) targets; got shape {tuple(Y.shape)}")
+    if Y.shape[0] != n:
+        raise ValueError(f"{name} has {Y.shape[0]} rows but K is {n} x {n}: one target row per "
+                         "training sample is needed")
+    check_finite(xp, Y, name)
+    one_d = Y.ndim == 1
+    return (Y[:, None] if one_d else Y), one_d
+
+
+def check_test_kernel(K_test, n: int, name: str = "K_test", *, xp=np):
+    """``K_test`` as float64 (m, n): one row per test point, one column per training sample."""
+    K_test = as_float64(xp, K_test, name=name)
+    if K_test.ndim == 1:
+        K_test = K_test[None, :]
+    if K_test.ndim != 2 or K_test.shape[1] != n:
+        raise ValueError(f"{name} must be the (m, n) test-vs-train kernel with n = {n} columns "
+                         f"(one per training sample); got shape {tuple(K_test.shape)}")
+    check_finite(xp, K_test, name)
+    return K_test
+
+
+def check_ridge(ridge, name: str = "ridge") -> float:
+    try:
+        r = float(ridge)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0; got {ridge!r}") from None
+    if not math.isfinite(r) or r < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = interpolation); got {ridge!r}")
+    return r
+
+
+def ridge_scale(K) -> float:
+    """mean(diag K): the unit of relative ridges (CNTK values scale with depth and pixel size).
+    1.0 when the diagonal is not positive."""
+    xp = xp_for(None, K)
+    s = scalar(xp.mean(xp.diagonal(K)))
+    return s if s > 0 and math.isfinite(s) else 1.0
+
+
+def _cholesky_inplace(xp, A):
+    """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
+    definite.  NumPy: factorised in place (LAPACK potrf on ``A.T``, the same symmetric matrix
+    in Fortran order, so no copy); the factor L is a view of A's memory.  Only A's lower
+    triangle and diagonal are written, even when the factorisation fails: the strict upper
+    triangle keeps the matrix (see :func:`_restore_from_upper`).  CuPy: cuSOLVER on a copy
+    (A is left as it is)."""
+    if xp is np:
+        from scipy.linalg import lapack
+        potrf, = lapack.get_lapack_funcs(("potrf",), (A,))
+        U, info = potrf(A.T, lower=0, clean=0, overwrite_a=1)
+        if info > 0:
+            return None
+        if info < 0:
+            raise ValueError(f"LAPACK potrf: illegal argument {-info}")
+        L = U.T                    # C-contiguous; above its diagonal: the matrix, not zeros
+        n, step = L.shape[0], block_rows(L.shape[0])
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            L[i:j, j:] = 0.0
+            L[i:j, i:j] = np.tril(L[i:j, i:j])
+        return L
+    try:
+        L = xp.linalg.cholesky(A)
+    except Exception:  # noqa: BLE001 - cupy raises LinAlgError (or returns NaN) when not PD
+        return None
+    return L if bool(xp.isfinite(L).all()) else None
+
+
+def _restore_from_upper(xp, A, diag):
+    """Rewrite A's lower triangle from its strict upper triangle and its diagonal from
+    ``diag``: the symmetric matrix again after a failed in-place factorisation (by blocks)."""
+    n, step = A.shape[0], block_rows(A.shape[0])
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        if i:
+            A[i:j, :i] = A[:i, i:j].T
+        D = A[i:j, i:j]
+        A[i:j, i:j] = xp.triu(D, 1) + xp.triu(D, 1).T
+    idx = xp.arange(n)
+    A[idx, idx] = diag
+
+
+def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
+             device=None, overwrite_k: bool = False):
+    """Lower Cholesky factor of ``K + (ridge + j) I`` and the jitter ``j`` that was needed.
+
+    ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  With ``jitter``
+    and a failing factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
+    mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
+    if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
+    in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
+    is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
+    of K is made and K is left as it is."""
+    xp = xp_for(device, K)
+    n = K.shape[0]
+    private = overwrite_k and getattr(K, "flags", None) is not None and K.flags.c_contiguous \
+        and K.dtype == np.float64
+    A = K if private else xp.array(K, dtype=np.float64, order="C", copy=True)
+    diag = xp.diagonal(A).copy()
+    idx = xp.arange(n)
+
+    def attempt(v):
+        A[idx, idx] = diag + v
+        L = _cholesky_inplace(xp, A)
+        if L is None:
+            _restore_from_upper(xp, A, diag)   # A = K again
+        return L
+
+    L = attempt(ridge)
+    if L is not None:
+        return L, 0.0
+    if not jitter:
+        raise NotPositiveDefinite(
+            f"K + {ridge:g} I ({n} x {n}) is not positive definite and jitter=False; use a "
+            "ridge > 0 or allow jitter")
+    scale = ridge_scale(A)
+    rel = 1e-10
+    while rel <= max_jitter * (1 + 1e-9):
+        j = rel * scale
+        L = attempt(ridge + j)
+        if L is not None:
+            log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
+                        "%.3g (= %g x mean diagonal) to factorise it", ridge, n, n, j, rel)
+            return L, j
+        rel *= 10
+    smin = ""
+    if n <= 5000:
+        s = xp.linalg.eigvalsh(A)
+        smin = f"; its smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g})"
+    raise NotPositiveDefinite(
+        f"K + {ridge:g} I ({n} x {n}) is not positive definite even with jitter up to "
+        f"{max_jitter:g} x mean diagonal = {max_jitter * scale:.3g}{smin}; check that K is a "
+        "Gram matrix (symmetric PSD) or use a larger ridge")
+
+
+def cho_solve(xp, L, B):
+    if xp is np:
+        import scipy.linalg   # L.T: the upper factor in Fortran order, passed without a copy
+        return scipy.linalg.cho_solve((L.T, False), B, check_finite=False)
+    from cupyx.scipy.linalg import solve_triangular
+    Z = solve_triangular(L, B, lower=True)
+    return solve_triangular(L, Z, lower=True, trans="T")
+
+
+def tri_solve(xp, L, B):
+    if xp is np:
+        import scipy.linalg   # L x = B as (L^T)^T x = B: L^T is Fortran-ordered, no copy
+        return scipy.linalg.solve_triangular(L.T, B, lower=False, trans="T", check_finite=False)
+    from cupyx.scipy.linalg import solve_triangular
+    return solve_triangular(L, B, lower=True)
+
+
+@dataclass
+class KernelEigh:
+    """``K = U diag(s) U^T`` (s ascending), reused by :func:`loo`, :func:`gradient_flow`."""
+    s: Any
+    U: Any
+    device: str = "cpu"
+
+    @property
+    def n(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def xp(self):
+        return cupy_module() if self.device == "cuda" else np
+
+
+def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
+    """Symmetric eigendecomposition ``K = U diag(s) U^T`` in float64 (LAPACK syevd / cuSOLVER).
+
+    Memory (NumPy): the checked private copy of K (:func:`check_gram`) is decomposed in place
+    (U is written over it), plus syevd's workspace of 2 n^2 floats: 3 x K in all beyond K.
+    ``_overwrite`` (internal): K is already such a private, checked, C-contiguous float64
+    copy and may be destroyed."""
+    xp = xp_for(device, K)
+    if not _overwrite:
+        K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=2.1)
+    if xp is np:
+        import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
+        s, U = scipy.linalg.eigh(K.T, check_finite=False, overwrite_a=True, driver="evd")
+    else:
+        s, U = xp.linalg.eigh(K)
+    return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda")
+
+
+def as_eigh(K, device) -> KernelEigh:
+    return K if isinstance(K, KernelEigh) else eigh(K, device=device)
+

@@ -1,0 +1,101 @@
+"""Kernel ridge regression and the NNGP posterior (one Cholesky factorisation each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..arrays import cupy_module
+from .linalg import (as_float64, check_finite, check_gram, check_ridge, check_targets,
+                     check_test_kernel, cho_solve, cholesky, tri_solve, xp_for)
+
+@dataclass
+class RidgeSolution:
+    """``alpha = (K + (ridge + jitter) I)^-1 Y``; predict with ``K_test @ alpha``."""
+    alpha: Any                 # (n, k) dual coefficients (NumPy or CuPy)
+    ridge: float               # lambda asked for
+    jitter: float = 0.0        # extra diagonal that was needed to factorise (0 = none)
+    one_d: bool = False        # Y was 1-D: predictions are returned 1-D
+    device: str = "cpu"
+
+    def predict(self, K_test):
+        """Predictions ``K_test @ alpha``: (m,) or (m, k)."""
+        xp = cupy_module() if self.device == "cuda" else np
+        K_test = check_test_kernel(K_test, self.alpha.shape[0], xp=xp)
+        F = K_test @ self.alpha
+        return F[:, 0] if self.one_d else F
+
+
+def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
+              device=None) -> RidgeSolution:
+    """Kernel ridge regression: ``alpha = (K + ridge I)^-1 Y`` by Cholesky in float64.
+
+    All columns of ``Y`` (n, k) share one factorisation.  ``ridge`` is absolute (multiply by
+    :func:`ridge_scale` for a relative one); 0 is the interpolating solution.  See
+    :func:`cholesky` for the jitter."""
+    ridge = check_ridge(ridge)
+    xp = xp_for(device, K, Y)
+    K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=0.1)
+    Y, one_d = check_targets(Y, K.shape[0], xp=xp)
+    L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True,
+                    device="cuda" if xp is not np else "cpu")
+    alpha = cho_solve(xp, L, Y)
+    return RidgeSolution(alpha=alpha, ridge=ridge, jitter=j, one_d=one_d,
+                         device="cpu" if xp is np else "cuda")
+
+
+def kernel_ridge(K, Y, K_test, ridge: float = 0.0, **kw):
+    """Predictions ``K_test (K + ridge I)^-1 Y``: (m,) or (m, k).  ``kw``: :func:`fit_ridge`."""
+    return fit_ridge(K, Y, ridge, **kw).predict(K_test)
+
+
+@dataclass
+class GPPosterior:
+    """Posterior of the test outputs: ``mean`` (m,) or (m, k); ``cov`` (m, m) when the full
+    test-test kernel was given, ``var`` (m,) when only its diagonal (shared by every output)."""
+    mean: Any
+    cov: Any = None
+    var: Any = None
+    jitter: float = 0.0
+
+
+def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: bool = True,
+                 device=None) -> GPPosterior:
+    """NNGP posterior: ``mean = K_test (K + noise I)^-1 Y``,
+    ``cov = K_test_test - K_test (K + noise I)^-1 K_test^T``.
+
+    ``noise``: the observation noise variance sigma^2 >= 0.  ``K_test_test``: the (m, m) NNGP
+    kernel of the test points (full covariance), its (m,) diagonal (variances; clipped at 0
+    against rounding), or None (mean only).  Computed as ``L = chol(K + noise I)``,
+    ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``."""
+    noise = check_ridge(noise, "noise")
+    xp = xp_for(device, K, Y, K_test)
+    dev = "cpu" if xp is np else "cuda"
+    K = check_gram(K, device=dev, _workspace=0.1)
+    n = K.shape[0]
+    Y, one_d = check_targets(Y, n, xp=xp)
+    Kt = check_test_kernel(K_test, n, xp=xp)
+    m = Kt.shape[0]
+    L, j = cholesky(K, noise, jitter=jitter, device=dev, overwrite_k=True)
+    alpha = cho_solve(xp, L, Y)
+    mean = Kt @ alpha
+    mean = mean[:, 0] if one_d else mean
+    if K_test_test is None:
+        return GPPosterior(mean=mean, jitter=j)
+    Ktt = as_float64(xp, K_test_test, name="K_test_test")
+    V = tri_solve(xp, L, Kt.T)
+    if Ktt.ndim == 1:
+        if Ktt.shape != (m,):
+            raise ValueError(f"K_test_test as a diagonal must have shape ({m},); got {tuple(Ktt.shape)}")
+        check_finite(xp, Ktt, "K_test_test")
+        var = xp.maximum(Ktt - xp.sum(V * V, axis=0), 0.0)
+        return GPPosterior(mean=mean, var=var, jitter=j)
+    if Ktt.shape != (m, m):
+        raise ValueError(f"K_test_test must be the ({m}, {m}) test-test kernel or its ({m},) "
+                         f"diagonal; got shape {tuple(Ktt.shape)}")
+    check_finite(xp, Ktt, "K_test_test")
+    cov = Ktt - V.T @ V
+    cov = (cov + cov.T) * 0.5
+    return GPPosterior(mean=mean, cov=cov, var=xp.maximum(xp.diagonal(cov), 0.0), jitter=j)
+

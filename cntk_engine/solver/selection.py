@@ -1,0 +1,272 @@
+"""Choosing the ridge: exact leave-one-out from one eigendecomposition, k-fold; a classifier's
+test accuracy with the ridge it chose (:func:`evaluate_classifier`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..arrays import to_host
+from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets, eigh,
+                     ridge_scale, scalar, xp_for)
+from .ridge import fit_ridge
+from .targets import accuracy, class_indices, one_hot, paper_targets, predict_classes
+
+log = logging.getLogger("cntk_engine")
+
+#: default ridge grid for :func:`select_ridge`, as multiples of the mean diagonal of K
+RELATIVE_RIDGE_GRID = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class CVResult:
+    """Scores of a ridge grid: ``mse[i]``, ``accuracy[i]`` (or None) for ``ridges[i]``; NaN where
+    ``K + ridge I`` is singular."""
+    ridges: np.ndarray
+    mse: np.ndarray
+    accuracy: np.ndarray | None
+    method: str
+    predictions: list | None = None   # LOO predictions per ridge when asked (return_predictions)
+
+
+def _labels_vector(labels, n: int, k: int, one_d: bool = False):
+    """``labels`` as an (n,) integer array of class columns of Y (0 <= label < k), or None."""
+    if labels is None:
+        return None
+    if one_d or k < 2:
+        got = "1-D Y" if one_d else f"Y with k = {k} column"
+        raise ValueError(f"labels (for accuracy) need one-hot targets Y of shape (n, k >= 2), one "
+                         f"column per class; got {got}. Encode the classes with paper_targets(y) "
+                         "/ one_hot(y)")
+    lab = to_host(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"labels must be (n,) = ({n},) column indices of Y; got shape {lab.shape}")
+    return class_indices(lab, k, "labels")
+
+
+def _ridges(ridges) -> np.ndarray:
+    r = np.atleast_1d(np.asarray(ridges, dtype=np.float64))
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"ridges must be a non-empty 1-D list of numbers >= 0; got {ridges!r}")
+    for v in r:
+        check_ridge(v, "every ridge")
+    return r
+
+
+def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = False) -> CVResult:
+    """Exact leave-one-out errors for every ridge of ``ridges`` from ONE eigendecomposition.
+
+    ``K``: the Gram or its :class:`KernelEigh`.  For ``A = K + lambda I``:
+    ``y_i - f_{-i}(x_i) = alpha_i / (A^-1)_ii`` (the model refitted without sample i).
+    ``mse``: mean over samples of the squared LOO residual summed over outputs.  ``accuracy``
+    (with ``labels``, the column index of each sample's class): argmax of the LOO predictions.
+    A ridge with ``s_min + lambda <= n eps s_max`` (singular A) scores NaN.
+    ``labels`` must be integers 0 <= label < k = Y.shape[1] (``np.searchsorted(classes, y)``
+    with the ``classes`` of :func:`paper_targets`); raw class labels are refused."""
+    if isinstance(K, KernelEigh):
+        E, n, xp = K, K.n, K.xp
+    else:
+        xp = xp_for(device, K)
+        K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+        E, n = None, K.shape[0]
+    Y, one_d = check_targets(Y, n, xp=xp)
+    lab = _labels_vector(labels, n, Y.shape[1], one_d)
+    r = _ridges(ridges)
+    if E is None:      # inputs checked before the O(n^3) step
+        E = eigh(K, device="cpu" if xp is np else "cuda", _overwrite=True)
+        del K
+    s, U = E.s, E.U
+    UtY = U.T @ Y
+    U2 = U * U
+    smax = max(abs(scalar(s[-1])), abs(scalar(s[0])), 1e-300)
+    tol = E.n * np.finfo(np.float64).eps * smax
+    mse = np.full(len(r), np.nan)
+    acc = None if lab is None else np.full(len(r), np.nan)
+    preds = [] if return_predictions else None
+    for i, lam in enumerate(r):
+        d = s + lam
+        if scalar(xp.min(d)) <= tol:
+            log.info("LOO: K + %g I is singular (smallest eigenvalue %.3g): skipped", lam,
+                     scalar(xp.min(d)))
+            if preds is not None:
+                preds.append(None)
+            continue
+        alpha = U @ (UtY / d[:, None])
+        ainv_diag = U2 @ (1.0 / d)
+        resid = alpha / ainv_diag[:, None]
+        mse[i] = scalar(xp.mean(xp.sum(resid * resid, axis=1)))
+        pred = Y - resid
+        if lab is not None:
+            acc[i] = accuracy(pred, lab)
+        if preds is not None:
+            preds.append(pred)
+    return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds)
+
+
+def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, seed=0, device=None) -> CVResult:
+    """k-fold cross-validation of ridge regression for every ridge (one eigendecomposition of
+    the training block per fold).  Folds: a seeded permutation split into ``n_folds`` parts.
+    ``mse`` and ``accuracy`` are averaged over all held-out samples.  ``labels``: as for
+    :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``)."""
+    xp = xp_for(device, K, Y)
+    K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+    n = K.shape[0]
+    Y, one_d = check_targets(Y, n, xp=xp)
+    lab = _labels_vector(labels, n, Y.shape[1], one_d)
+    r = _ridges(ridges)
+    _check_folds(n_folds, n)
+    return _kfold(xp, K, Y, lab, r, n_folds, seed)
+
+
+def _check_folds(n_folds, n):
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or not 2 <= n_folds <= n:
+        raise ValueError(f"n_folds must be an integer between 2 and n = {n}; got {n_folds!r}")
+
+
+def _kfold(xp, K, Y, lab, r, n_folds, seed) -> CVResult:
+    """k-fold on checked inputs (``K``: the checked symmetrised Gram, only read)."""
+    n = K.shape[0]
+    dev = "cpu" if xp is np else "cuda"
+    perm = np.random.default_rng(seed).permutation(n)
+    sq = np.zeros(len(r))
+    hits = np.zeros(len(r))
+    singular = np.zeros(len(r), dtype=bool)
+    for f in range(n_folds):
+        val = np.sort(perm[f::n_folds])
+        tr = np.setdiff1d(np.arange(n), val)
+        vi, ti = xp.asarray(val), xp.asarray(tr)
+        # K[ix_(ti, ti)] is a new C-contiguous block (no K[ti] intermediate): decomposed in place
+        E = eigh(K[xp.ix_(ti, ti)], device=dev, _overwrite=True)
+        P = K[xp.ix_(vi, ti)] @ E.U
+        UtY = E.U.T @ Y[ti]
+        s = E.s
+        del E      # U freed before the next fold's block is decomposed
+        smax = max(abs(scalar(s[-1])), abs(scalar(s[0])), 1e-300)
+        tol = len(tr) * np.finfo(np.float64).eps * smax
+        for i, lam in enumerate(r):
+            d = s + lam
+            if scalar(xp.min(d)) <= tol:
+                singular[i] = True
+                continue
+            pred = P @ (UtY / d[:, None])
+            sq[i] += scalar(xp.sum((pred - Y[vi]) ** 2))
+            if lab is not None:
+                hits[i] += accuracy(pred, lab[val]) * len(val)
+    mse = np.where(singular, np.nan, sq / n)
+    acc = None if lab is None else np.where(singular, np.nan, hits / n)
+    return CVResult(ridges=r, mse=mse, accuracy=acc, method=f"{n_folds}-fold")
+
+
+@dataclass
+class RidgeSelection:
+    """The ridge chosen on a grid, with the scores of the whole grid."""
+    ridge: float               # absolute lambda chosen
+    relative: float            # ridge / mean(diag K)
+    scores: CVResult
+    score: str                 # "accuracy" or "mse"
+    eigh: KernelEigh | None = field(default=None, repr=False)   # reusable (method "loo")
+
+
+def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
+                 n_folds: int = 5, seed=0, device=None) -> RidgeSelection:
+    """Choose lambda on a grid by LOO (default; one eigendecomposition) or k-fold.
+
+    ``ridges``: absolute values; default ``RELATIVE_RIDGE_GRID x mean(diag K)``.  ``score``:
+    "accuracy" (needs ``labels``; ties broken by lower MSE, then by the larger ridge),
+    "mse" (ties: larger ridge), or "auto" (accuracy when labels are given).  ``labels``: the
+    column of Y of each sample's class, integers 0 <= label < k, i.e.
+    ``np.searchsorted(classes, y)`` with ``Y, classes = paper_targets(y)`` (raw labels such
+    as {1, 3, 7} or strings are refused: they would score every ridge wrongly)."""
+    if method not in ("loo", "kfold"):
+        raise ValueError(f"method must be 'loo' or 'kfold'; got {method!r}")
+    if score == "auto":
+        score = "accuracy" if labels is not None else "mse"
+    if score not in ("accuracy", "mse"):
+        raise ValueError(f"score must be 'auto', 'accuracy' or 'mse'; got {score!r}")
+    if score == "accuracy" and labels is None:
+        raise ValueError("score='accuracy' needs labels (the class column of each sample: "
+                         "np.searchsorted(classes, y))")
+    E = K if isinstance(K, KernelEigh) else None
+    if E is not None and method == "kfold":
+        raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
+    if E is None:
+        xp = xp_for(device, K, Y)
+        K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+        n = K.shape[0]
+        scale = ridge_scale(K)
+    else:   # mean(diag K) = trace(K) / n = sum(s) / n
+        xp, n = E.xp, E.n
+        scale = scalar(E.xp.sum(E.s)) / E.n
+        scale = scale if scale > 0 else 1.0
+    dev = "cpu" if xp is np else "cuda"
+    # every input is checked before the O(n^3) step
+    Y, one_d = check_targets(Y, n, xp=xp)
+    lab = _labels_vector(labels, n, Y.shape[1], one_d)
+    r = _ridges(np.asarray(RELATIVE_RIDGE_GRID) * scale if ridges is None else ridges)
+    if method == "loo":
+        if E is None:
+            E = eigh(K, device=dev, _overwrite=True)     # K's private copy becomes U
+            del K
+        res = loo(E, Y, r, labels=lab)
+    else:
+        _check_folds(n_folds, n)
+        res = _kfold(xp, K, Y, lab, r, n_folds, seed)
+    mse = np.where(np.isnan(res.mse), np.inf, res.mse)
+    if not np.isfinite(mse).any():
+        raise NotPositiveDefinite(f"every ridge of the grid {res.ridges.tolist()} leaves K + "
+                                  "ridge I singular; use larger ridges")
+    r = res.ridges
+    if score == "accuracy":
+        acc = np.where(np.isnan(res.accuracy), -np.inf, res.accuracy)
+        key = [(-acc[i], mse[i], -r[i]) for i in range(len(r))]
+    else:
+        key = [(mse[i], -r[i]) for i in range(len(r))]
+    best = min(range(len(r)), key=lambda i: key[i])
+    lam = float(r[best])
+    log.info("%s ridge selection: ridge %.3g (%.3g x mean diagonal), %s", res.method, lam,
+             lam / scale,
+             f"accuracy {res.accuracy[best]:.4f}" if score == "accuracy" else f"MSE {res.mse[best]:.4g}")
+    return RidgeSelection(ridge=lam, relative=lam / scale, scores=res, score=score,
+                          eigh=E if method == "loo" else None)
+
+
+
+def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper") -> dict:
+    """Test accuracy of kernel regression as a classifier, with its ridge.
+
+    ``K``: the train Gram, ``K_test``: test-vs-train, ``y_train`` / ``y_test``: labels of any
+    type.  Targets: "paper" (0.9 / -0.1, :func:`~.targets.paper_targets`) or "onehot".
+    ``ridge``: "auto" (chosen by exact leave-one-out accuracy over
+    :data:`RELATIVE_RIDGE_GRID`) or a number >= 0 relative to mean(diag K).  Returns a dict:
+    accuracy, ridge_relative, ridge_absolute, jitter; with "auto" also loo_accuracy, loo_mse;
+    unless the ridge is 0, accuracy_ridge0 and jitter_ridge0 of the paper's interpolating solve
+    beside it."""
+    if targets not in ("paper", "onehot"):
+        raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {targets!r}")
+    if not (isinstance(ridge, str) and ridge == "auto"):
+        ridge = check_ridge(ridge)
+    enc = paper_targets if targets == "paper" else one_hot
+    Y, classes = enc(y_train)
+    labels = np.searchsorted(classes, y_train)
+    y_test = to_host(y_test)
+    out = {}
+    if ridge == "auto":
+        sel = select_ridge(K, Y, labels=labels, method="loo")
+        i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
+        out.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
+                   loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo")
+        lam = sel.ridge
+    else:
+        lam = ridge * ridge_scale(K)
+        out.update(ridge_relative=ridge)
+
+    def test_accuracy(sol) -> float:
+        return float(np.mean(predict_classes(sol.predict(K_test), classes) == y_test))
+
+    sol = fit_ridge(K, Y, lam)
+    out.update(accuracy=test_accuracy(sol), ridge_absolute=lam, jitter=sol.jitter)
+    if ridge == "auto" or ridge != 0:
+        sol0 = fit_ridge(K, Y, 0.0)
+        out.update(accuracy_ridge0=test_accuracy(sol0), jitter_ridge0=sol0.jitter)
+    return out

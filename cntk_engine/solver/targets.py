@@ -1,0 +1,89 @@
+"""Classification targets and scores: one-hot encodings (the paper's 0.9 / -0.1), argmax
+predictions, accuracy."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import get_array_module, is_cupy, to_host
+
+def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
+    """Targets (n, c) with ``on`` in the column of each label and ``off`` elsewhere.
+
+    ``classes``: the label of each column, in any order, each once (default: the sorted
+    unique labels of ``y``).  Returns ``(Y, classes)``; the column index of each sample's class
+    (the ``labels`` of :func:`loo` / :func:`select_ridge`) is ``np.searchsorted(classes, y)``
+    for sorted ``classes`` (the default).  ValueError for empty or repeated ``classes`` or a
+    label that is not among them."""
+    y = to_host(y)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D; got shape {y.shape}")
+    classes = np.unique(y) if classes is None else np.asarray(classes)
+    if classes.ndim != 1 or classes.size == 0:
+        raise ValueError(f"classes must be a non-empty 1-D list of the labels (one per column); "
+                         f"got {classes.tolist()!r}")
+    order = np.argsort(classes, kind="stable")
+    ordered = classes[order]
+    dup = ordered[1:] == ordered[:-1]
+    if bool(np.any(dup)):
+        raise ValueError(f"classes must be distinct; {np.unique(ordered[1:][dup])[:10].tolist()} "
+                         "repeated")
+    try:
+        pos = np.clip(np.searchsorted(ordered, y), 0, len(classes) - 1)
+        bad = np.asarray(ordered[pos] != y, dtype=bool)
+    except TypeError:          # labels not comparable with the classes (e.g. str vs int)
+        pos, bad = None, np.ones(len(y), dtype=bool)
+    if bool(np.any(bad)):
+        raise ValueError(f"labels {np.unique(y[bad])[:10].tolist()} are not among the classes "
+                         f"{classes[:20].tolist()}")
+    idx = order[pos]
+    Y = np.full((len(y), len(classes)), float(off))
+    Y[np.arange(len(y)), idx] = on
+    return Y, classes
+
+
+def paper_targets(y, classes=None):
+    """The CNTK paper's encoding: 0.9 for the class, -0.1 elsewhere.  Returns ``(Y, classes)``."""
+    return one_hot(y, classes, on=0.9, off=-0.1)
+
+
+def predict_classes(F, classes=None):
+    """Argmax over the columns of scores ``F`` (m, c); mapped through ``classes`` if given."""
+    xp = get_array_module(F)
+    F = F if is_cupy(F) else np.asarray(F)
+    if F.ndim != 2:
+        raise ValueError(f"scores must be (m, c), one column per class; got shape {tuple(F.shape)}"
+                         ". For 1-D +-1 targets the predicted class is the sign: np.sign(scores)")
+    idx = xp.argmax(F, axis=1)
+    idx = to_host(idx)
+    return idx if classes is None else np.asarray(classes)[idx]
+
+
+def accuracy(pred, y) -> float:
+    """Fraction of correct labels.  ``pred``: predicted labels (m,), compared with labels ``y``
+    of any type; or scores (m, c), whose argmax column is compared with ``y``, which must then
+    be column indices 0 <= y < c (``np.searchsorted(classes, y)``), not the labels."""
+    pred = to_host(pred)
+    y = to_host(y)
+    if pred.ndim == 2:
+        class_indices(y, pred.shape[1], "y (with scores (m, c))")
+        pred = pred.argmax(axis=1)
+    if pred.shape != y.shape:
+        raise ValueError(f"predictions {pred.shape} and labels {y.shape} differ in shape")
+    return float(np.mean(pred == y))
+
+
+LABELS_HINT = ("pass labels=np.searchsorted(classes, y), with the classes returned by "
+                "paper_targets(y) / one_hot(y)")
+
+
+def class_indices(lab, k: int, what: str):
+    """Check that ``lab`` holds integer column indices 0 <= label < k (ValueError if not)."""
+    if lab.dtype == np.bool_ or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"{what} must be integer column indices of the class of each sample "
+                         f"(0 .. {k - 1}), not the labels themselves; got dtype {lab.dtype}; "
+                         + LABELS_HINT)
+    if lab.size and (int(lab.min()) < 0 or int(lab.max()) >= k):
+        raise ValueError(f"{what} must be column indices 0 <= label < {k} (one column per class); "
+                         f"got values {int(lab.min())} .. {int(lab.max())}; " + LABELS_HINT)
+    return lab
+
