@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# after site-packages: bench/ is found in the repository, cntk_engine where it is installed
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))
 
 import cntk_engine as ce  # noqa: E402
 from bench import ceiling, per_layer_cpu  # noqa: E402
@@ -87,7 +88,7 @@ FAKE_NT = """#!{python}
 # float64 values of the same network, times {scale}.
 import json, sys
 import numpy as np
-sys.path.insert(0, {root!r})
+sys.path.append({root!r})
 import cntk_engine as ce
 n, depth, size = (int(a) for a in sys.argv[3:6])
 x = np.random.default_rng(0).standard_normal((n, size, size, 3)).astype(np.float32)
