@@ -158,19 +158,19 @@ def test_harness_through_dask(tmp_path):
 
 
 def test_paper_targets_and_loo_solver():
-    from bench.reproduce_table1 import loo_ridge_predict, one_hot, ridge_free_predict
-    Y = one_hot(np.array([2, 0]), 3)
-    np.testing.assert_array_equal(Y, [[-0.1, -0.1, 0.9], [0.9, -0.1, -0.1]])
+    from bench.reproduce_table1 import LOO_GRID, regression_accuracy
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((10, 20)) * 3
     y = np.arange(200) % 10
     f = centers[y] + rng.standard_normal((200, 20))
     k = f @ f.T + 1e-3 * np.eye(200)
-    ytr, yte = y[:150], y[150:]
-    pred = ridge_free_predict(k[:150, :150], k[150:, :150], ytr)
-    assert np.mean(pred.argmax(1) == yte) > 0.9
-    pred, lam, loo = loo_ridge_predict(k[:150, :150], k[150:, :150], ytr)
-    assert np.mean(pred.argmax(1) == yte) > 0.9 and loo > 0.9
+    ktr, kte, ytr, yte = k[:150, :150], k[150:, :150], y[:150], y[150:]
+    acc, ridge, loo = regression_accuracy(ktr, kte, ytr, yte)
+    Y = np.where(ytr[:, None] == np.arange(10), 0.9, -0.1)             # the paper's targets
+    assert acc == np.mean((kte @ np.linalg.solve(ktr, Y)).argmax(1) == yte) > 0.9
+    assert ridge is None and loo is None
+    acc, ridge, loo = regression_accuracy(ktr, kte, ytr, yte, loo=True)
+    assert acc > 0.9 and loo > 0.9 and ridge in LOO_GRID
 
 
 def test_table1_and_small_data_tiny(tmp_path):
@@ -363,7 +363,7 @@ def test_bench_cuda_counts_unique_pairs_for_every_method(tmp_path, monkeypatch):
     fake_cp.asarray = np.asarray
     fake_cp.__version__ = "fake"
     monkeypatch.setitem(sys.modules, "cupy", fake_cp)
-    plb = types.ModuleType("per_layer_baseline")
+    from bench import per_layer_baseline
 
     class FakePerLayer:
         def __init__(self, depth, h, w):
@@ -372,8 +372,7 @@ def test_bench_cuda_counts_unique_pairs_for_every_method(tmp_path, monkeypatch):
         def gram(self, x, both=False):
             return np.ones((len(x), len(x)))
 
-    plb.PerLayerGPU = FakePerLayer
-    monkeypatch.setitem(sys.modules, "per_layer_baseline", plb)
+    monkeypatch.setattr(per_layer_baseline, "PerLayerGPU", FakePerLayer)
 
     def fake_gram(x, depth=None, depths=None, kernel="ntk", **kw):
         k = np.ones((len(x), len(x)))
