@@ -294,7 +294,7 @@ def run(args) -> dict:
             rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(cpu_dts)))
         if gpu_dts and payload["gpu"]:
             rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(gpu_dts)))
-    payload["ceiling"] = {"rates": rates, "count": "bench/CEILING.md (counted from cntk_engine/backends/numba_cpu.py)"}
+    payload["ceiling"] = {"rates": rates, "count": "docs/gpu_performance.md (counted from cntk_engine/backends/numba_cpu.py)"}
     # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
     mixes = {}
     if "cuda" in methods and payload["gpu"]:
