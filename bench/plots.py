@@ -1,6 +1,6 @@
 """Matplotlib figures of the harness and reproduction results (PNG, no display needed).
 
-    python -m bench.plots bench/results/harness_cpu_20261123.json   # re-plot a result file
+    python -m bench.plots results/harness_cpu_20261123.json   # re-plot a result file
 """
 from __future__ import annotations
 
