@@ -7,7 +7,8 @@ step per layer, every layer reading and writing the whole tensor in memory.  Thi
 that algorithm in NumPy, in the compute dtype asked for (float32 like the paper, or float64),
 one pair at a time, with preallocated buffers.  It is NOT the project's reference backend
 (``cntk_engine.backends.reference`` is the float64 test oracle); it is the "what you would
-write from the paper" alternative the benchmark harness measures the engine against.
+write from the paper" alternative the benchmark harness measures the engine against, so it
+stays an implementation of its own rather than a call into the engine.
 
 The per-image diagonals are the engine's (``cntk_engine.diag.diag_norms``, a few box filters
 per image), so the timing is the pair work, as for the engine.  Self pairs get c = 1 exactly

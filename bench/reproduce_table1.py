@@ -51,9 +51,8 @@ from cntk_engine.evaluate import preprocess as engine_preprocess  # noqa: E402
 DEPTHS = (3, 4, 6, 11, 21)
 CLASSES = np.arange(10)             # CIFAR-10 labels, also the column of each class in the targets
 LOO_GRID = (0.0,) + tuple(10.0 ** np.arange(-7, 1))   # ridges for the LOO choice, x mean(diag K)
-# Published Table 1 accuracies (%, full CIFAR-10, 50k train / 10k test) that we could verify.
-# Only CNTK-GAP depth 11 is recorded: the other cells were not retrievable from the sources
-# available when this was written, and we do not fill them from memory.
+# Published Table 1 accuracies (%, full CIFAR-10, 50k train / 10k test) checked against a source:
+# only CNTK-GAP depth 11; the other cells are shown as "not recorded", not filled from memory.
 PUBLISHED = {("gap", 11): 77.43}
 COLUMN = {"flatten": "CNTK-V", "gap": "CNTK-GAP"}
 PAPER_FIX = {"flatten": False, "gap": True}
