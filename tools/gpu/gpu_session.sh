@@ -10,7 +10,7 @@
 # --tag      names the ncu report and the bench JSON (e.g. v3, v4) [v3]
 # --wheels   a folder of wheels to install with --no-deps into /tmp/site (PYTHONPATH) first:
 #            neural-tangents and frozendict for the `nt` phase (the GPU machines cannot
-#            download; how to make the folder: bench/README.md, "neural-tangents on a GPU")
+#            download; how to make the folder: tools/gpu/README.md, "neural-tangents on a GPU")
 # Anything else is passed to bench/bench_cuda.py.
 # The build uses -lineinfo (no effect on the generated code) so ncu maps stalls to source lines.
 set -uo pipefail
