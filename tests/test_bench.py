@@ -528,6 +528,8 @@ def test_table1_save_kernels_folder_checked_before_the_pass(tmp_path, monkeypatc
     ("table1", ["--depths", "3,x"], "--depths"),
     ("table1", ["--merge", "/nonexistent/t.json"], "--merge"),
     ("small", ["--kernels", "/nonexistent/k.npz"], "--kernels"),
+    ("table1", ["--devices", "0,x"], "--devices"),
+    ("small", ["--devices", "gpu0"], "--devices"),
 ])
 def test_bad_arguments_end_with_a_one_line_error(tmp_path, capsys, script, argv, flag):
     from bench import harness, reproduce_table1, small_data
