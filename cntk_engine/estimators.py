@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 from . import solver
 
 KERNELS = ("ntk", "nngp")
+DEFAULT_DEPTH = 11      # of the cnn, when depth is None
 
 
 class _CNTKBase(BaseEstimator):
@@ -54,10 +55,11 @@ class _CNTKBase(BaseEstimator):
 
     _estimator_type_name = "CNTK estimator"
 
-    def __init__(self, depth=11, pooling="gap", fix=False, kernel="ntk", convention="arora",
-                 W_std=None, b_std=None, filter_size=3, ridge="auto", image_shape=None,
-                 backend="auto", dtype="float32", data_format="NCHW"):
+    def __init__(self, depth=None, architecture="cnn", pooling="gap", fix=False, kernel="ntk",
+                 convention="arora", W_std=None, b_std=None, filter_size=3, ridge="auto",
+                 image_shape=None, backend="auto", dtype="float32", data_format="NCHW"):
         self.depth = depth
+        self.architecture = architecture
         self.pooling = pooling
         self.fix = fix
         self.kernel = kernel
@@ -78,9 +80,9 @@ class _CNTKBase(BaseEstimator):
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
         # the architecture's errors (e.g. fix=True at depth 2) before any kernel is computed
-        make_architecture(depth=self.depth, pooling=self.pooling, fix=self.fix,
-                          convention=self.convention, W_std=self.W_std, b_std=self.b_std,
-                          filter_size=self.filter_size)
+        make_architecture(depth=self._depth(), architecture=self.architecture,
+                          pooling=self.pooling, fix=self.fix, convention=self.convention,
+                          W_std=self.W_std, b_std=self.b_std, filter_size=self.filter_size)
         check_dtype(self.dtype)
         r = self.ridge
         if not (isinstance(r, str) and r == "auto"):
@@ -96,9 +98,17 @@ class _CNTKBase(BaseEstimator):
                 raise ValueError("image_shape must be None or three positive integers (C, H, W) "
                                  f"((H, W, C) for data_format='NHWC'); got {s!r}")
 
+    def _depth(self):
+        """The depth passed to ``gram``: 11 for the cnn when none is given (a preset or stack
+        fixes its own depth, and a depth given with one is refused by ``gram``)."""
+        if self.depth is None and isinstance(self.architecture, str) and self.architecture == "cnn":
+            return DEFAULT_DEPTH
+        return self.depth
+
     def _gram(self, a, b=None):
         from .api import gram
-        return gram(a, b, depth=self.depth, pooling=self.pooling, fix=self.fix, kernel=self.kernel,
+        return gram(a, b, depth=self._depth(), architecture=self.architecture,
+                    pooling=self.pooling, fix=self.fix, kernel=self.kernel,
                     convention=self.convention, W_std=self.W_std, b_std=self.b_std,
                     filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
                     data_format="NCHW")
@@ -182,9 +192,10 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
 
     Parameters
     ----------
-    depth, pooling, fix, kernel ("ntk" or "nngp"), convention, W_std, b_std, filter_size,
-    backend, dtype : passed to :func:`cntk_engine.gram` (``kernel="nngp"`` gives the NNGP
-        posterior mean).
+    depth, architecture, pooling, fix, kernel ("ntk" or "nngp"), convention, W_std, b_std,
+    filter_size, backend, dtype : passed to :func:`cntk_engine.gram` (``kernel="nngp"`` gives
+        the NNGP posterior mean).  ``depth=None``: 11 for ``architecture="cnn"``; a Myrtle
+        preset ("myrtle5", "myrtle7", "myrtle10") or a stack fixes its own depth.
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
         diagonal of the training Gram; 0 = the paper's interpolating solution.
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
@@ -199,11 +210,12 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
     added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult`, ridge="auto").
     """
 
-    def __init__(self, depth=11, pooling="gap", fix=False, kernel="ntk", convention="arora",
-                 W_std=None, b_std=None, filter_size=3, ridge="auto", targets="paper",
-                 image_shape=None, backend="auto", dtype="float32", data_format="NCHW"):
-        super().__init__(depth=depth, pooling=pooling, fix=fix, kernel=kernel,
-                         convention=convention, W_std=W_std, b_std=b_std,
+    def __init__(self, depth=None, architecture="cnn", pooling="gap", fix=False, kernel="ntk",
+                 convention="arora", W_std=None, b_std=None, filter_size=3, ridge="auto",
+                 targets="paper", image_shape=None, backend="auto", dtype="float32",
+                 data_format="NCHW"):
+        super().__init__(depth=depth, architecture=architecture, pooling=pooling, fix=fix,
+                         kernel=kernel, convention=convention, W_std=W_std, b_std=b_std,
                          filter_size=filter_size, ridge=ridge, image_shape=image_shape,
                          backend=backend, dtype=dtype, data_format=data_format)
         self.targets = targets

@@ -34,7 +34,7 @@ import numpy as np
 from .. import solver
 from ..preprocess import PREPROCESSING, preprocess
 from .common import (CliError, add_architecture_options, add_run_options, check_json_path,
-                     depths_of, gram_options, machine, to_nchw, write_json)
+                     gram_options, machine, to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -193,11 +193,12 @@ def _fmt_line(depth, name, r) -> str:
 # ----------------------------------------------------------------------------- run
 def run(args) -> int:
     from ..api import gram
-    depths = depths_of(args)
     ridge = parse_ridge(args.ridge)
     # every option error before the data is read and the kernels computed
-    opts = gram_options(args)
-    opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
+    opts, arch = gram_options(args)
+    depths = list(arch.depths)
+    if arch.layers is None:
+        opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
     if args.json:
         check_json_path(args.json)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
@@ -221,9 +222,11 @@ def run(args) -> int:
     ktr, info_tr = gram(xtr, **opts, return_info=True)
     t1 = time.perf_counter()
     kte, info_te = gram(xte, xtr, **opts, return_info=True)
+    if arch.layers is not None:                     # a stack: one depth, its result as is
+        ktr, kte = {depths[0]: ktr}, {depths[0]: kte}
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
-    print(f"kernels: depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
+    print(f"kernels: {args.architecture}, depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
           f"{info_tr['backend']} ({info_tr.get('where', '')}, {args.dtype}): train Gram "
           f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs, {pairs / (t2 - t0):.4g} pairs/s")
     names = ("ntk", "nngp") if kernel == "both" else (kernel,)
@@ -242,7 +245,8 @@ def run(args) -> int:
                    data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
                    raw_image_shape=raw_shape, data_format=args.data_format,
                    downsample=args.downsample, preprocess=args.preprocess,
-                   seed=args.seed, depths=depths, kernel=kernel, pooling=args.pooling, fix=args.fix,
+                   seed=args.seed, architecture=args.architecture, depths=depths, kernel=kernel,
+                   pooling=args.pooling, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
                    backend=info_tr["backend"], dtype=args.dtype, tile=args.tile,
