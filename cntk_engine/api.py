@@ -14,8 +14,8 @@ from .jobs.local import resolve_devices
 log = logging.getLogger("cntk_engine")
 
 
-def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="gap", fix=False,
-         kernel="ntk",
+def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="gap",
+         lap_window=None, flip=False, fix=False, kernel="ntk",
          convention="arora", W_std=None, b_std=None, filter_size=3, backend="auto",
          dtype="float32", data_format="NCHW", tile=None, return_info=False, devices=None,
          out=None, client=None, progress=False):
@@ -35,8 +35,13 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         32 x 32 images), or a stack of ``cntk_engine.ConvRelu()`` and ``cntk_engine.AvgPool(w,
         s)`` layers from ``cntk_engine.serial(...)``.  A preset or stack fixes its depth (conv
         layers + 1): leave depth and depths out.
-    pooling : the readout: "gap" (global average pooling, CNTK-GAP) or "flatten" (the paper's
-        CNTK-V); in a stack, after its last (pooling) layer.
+    pooling : the readout: "gap" (global average pooling, CNTK-GAP), "flatten" (the paper's
+        CNTK-V) or "lap" (local average pooling of Li et al. 2019: a ``lap_window`` x
+        ``lap_window`` circular average pool, then flatten); in a stack, after its last layer.
+    lap_window : c of the LAP readout (1 = flatten; c = H on H x H images = gap up to a
+        constant), with ``pooling="lap"`` only.
+    flip : the flip-symmetrised kernel (K(x, z) + K(x, hflip z)) / 2: the network made
+        invariant to horizontal flips; twice the cost per pair.
     fix : the first and last layers are not trained (paper Section 4.2).
     kernel : "ntk", "nngp" or "both" (a tuple (ntk, nngp)).
     convention : "arora" (the paper's reference code values) or "neural_tangents" (the values
@@ -69,8 +74,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
     cdtype = check_dtype(dtype)
     arch = make_architecture(depth=depth, depths=depths, architecture=architecture,
-                             pooling=pooling, fix=fix, convention=convention, W_std=W_std,
-                             b_std=b_std, filter_size=filter_size)
+                             pooling=pooling, lap_window=lap_window, flip=flip, fix=fix,
+                             convention=convention, W_std=W_std, b_std=b_std,
+                             filter_size=filter_size)
     backends.check_name(backend)
     a = as_images(x1, data_format, "x1")
     symmetric = x2 is None or x2 is x1      # gram(x, x): each unordered pair once

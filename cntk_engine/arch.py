@@ -34,9 +34,26 @@ l = d - 1, through the pooling P:
 
   gap:     P(A) = sum over all p, p' of A(p, p')  / norm,   norm = (H W)^2 (arora, nt)
   flatten: P(A) = sum over p of A(p, p)           / norm,   norm = 1 (arora), H W (nt)
+  lap:     P(A) = sum over p, p' of n_H(dy) n_W(dx) A(p, p') / c^4 / norm,   norm as flatten
 
   nngp_d = out_scale * P(K_l) + out_b2
   ntk_d  = out_scale * P(G_l) + (0 if fix else nngp_d)
+
+LAP (local average pooling, Li et al. 2019) is AvgPool((c, c), stride 1, CIRCULAR padding) then
+Flatten: (pool A)(P, P') = c^-4 sum_{u, v in window} A(P + u, P' + v) (indices mod H, W), whose
+trace is the sum above with (dy, dx) = p' - p taken mod (H, W) and n_H(d) = #{(u, v) in
+[0, c)^2 : v - u = d mod H}, the number of window pairs at that circular offset (where the
+window sits does not matter).  So LAP is a weight per offset at the readout, and the two
+slices of a packed grid (offsets dx and dx - W) share it.  c = 1 is flatten; c = H on H x H
+images makes n constant (n = H per axis), i.e. the gap readout times H^2 (arora) or exactly
+gap (neural_tangents, whose flatten normaliser is H W).
+
+Flip symmetrisation (``flip=True``): K_flip(x, z) = (K(x, z) + K(x, F z)) / 2 with F the
+horizontal flip (the width axis reversed): the kernel of the network made invariant to
+horizontal flips.  Every network here is flip-equivariant (symmetric filters' box sums, pools
+whose windows tile the map, LAP's symmetric n), so K(x, F z) = K(F x, z) = K(z, F x): the
+flip-symmetrised Gram is symmetric, and a symmetric job still computes each unordered pair
+once (both terms), at twice the per-pair cost.
 
 Zero-variance windows (q = 0, e.g. all-black MNIST patches, or an all-zero image) have
 Sigma = Theta = 0 at every such entry (Cauchy-Schwarz, then induction), so K = G = 0 there
@@ -133,7 +150,7 @@ from typing import Sequence
 
 import numpy as np
 
-POOLINGS = ("gap", "flatten")
+POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
 
@@ -263,6 +280,8 @@ class Architecture:
     filter_size: int = 3
     layers: tuple | None = None
     name: str | None = None
+    lap_window: int | None = None
+    flip: bool = False
 
     def __post_init__(self):
         # NumPy scalars (np.int64(3), np.bool_(True), np.float32(1.5), e.g. from np.arange grids
@@ -279,6 +298,18 @@ class Architecture:
             raise ValueError(f"depths must not repeat; got {list(self.depths)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
+        if self.pooling == "lap":
+            c = as_integer(self.lap_window)
+            if not is_int(c) or c < 1:
+                raise ValueError("pooling='lap' needs lap_window = c, a positive integer (the c x c "
+                                 f"circular average pool before the readout); got {self.lap_window!r}")
+            object.__setattr__(self, "lap_window", c)
+        elif self.lap_window is not None:
+            raise ValueError(f"lap_window={self.lap_window!r} belongs to pooling='lap'; got "
+                             f"pooling={self.pooling!r}")
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise ValueError(f"flip must be True or False; got {self.flip!r}")
+        object.__setattr__(self, "flip", bool(self.flip))
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}; got {self.convention!r}")
         fs = as_integer(self.filter_size)
@@ -379,7 +410,13 @@ class Architecture:
             raise ValueError(f"architecture {self.name!r} is defined for {PRESET_IMAGE_SIZE[0]} x "
                              f"{PRESET_IMAGE_SIZE[1]} images (five 2 x 2 pools to 1 x 1); got "
                              f"{height} x {width}")
-        self.plan(height, width)
+        hr, wr = self.plan(height, width)[2]
+        if self.pooling == "lap" and self.lap_window > min(hr, wr):
+            where = "the images" if self.layers is None else "the readout (after the last pool)"
+            raise ValueError(f"lap_window={self.lap_window} is larger than {where}: {hr} x {wr}; "
+                             f"accepted: 1 .. {min(hr, wr)}" + (
+                                 " (a Myrtle network reads out at 1 x 1: describe the stack without "
+                                 "its final pools with serial(...) for LAP there)" if self.name else ""))
 
     def layer_params(self, channels: int, height: int, width: int) -> LayerParams:
         k2 = float(self.filter_size ** 2)
@@ -395,10 +432,15 @@ class Architecture:
                            out_scale=W2, out_b2=b2, norm=norm)
 
     def to_dict(self) -> dict:
-        """The architecture as JSON (a store's job record): a stack adds its name and layers."""
+        """The architecture as JSON (a store's job record): LAP adds its window, flip=True its
+        flag, a stack its name and layers (the CNN's record is as it has always been)."""
         d = {"depths": list(self.depths), "pooling": self.pooling, "fix": self.fix,
              "convention": self.convention, "W_std": self.W_std, "b_std": self.b_std,
              "filter_size": self.filter_size}
+        if self.pooling == "lap":
+            d["lap_window"] = self.lap_window
+        if self.flip:
+            d["flip"] = True
         if self.layers is not None:
             d.update(name=self.name, layers=[la.to_list() for la in self.layers])
         return d
@@ -485,14 +527,51 @@ def readout_weights(arch: Architecture, height: int, width: int) -> np.ndarray:
     the readout sum of a stack is sum R(p, p') A(p, p') (before ``finalize``'s scale and
     normaliser).  (h, w, h, w) float64."""
     stages, trailing, (hr, wr) = arch.plan(height, width)
-    r = np.ones((hr, wr, hr, wr)) if arch.pooling == "gap" else \
-        np.eye(hr * wr).reshape(hr, wr, hr, wr)
+    if arch.pooling == "gap":
+        r = np.ones((hr, wr, hr, wr))
+    elif arch.pooling == "flatten":
+        r = np.eye(hr * wr).reshape(hr, wr, hr, wr)
+    else:       # lap: n_H((P'y - Py) mod H) n_W((P'x - Px) mod W) / c^4
+        ny, nx = lap_counts(arch.lap_window, hr), lap_counts(arch.lap_window, wr)
+        iy, ix = np.arange(hr), np.arange(wr)
+        wy = ny[(iy[None, :] - iy[:, None]) % hr]                  # (P_y, P'_y)
+        wx = nx[(ix[None, :] - ix[:, None]) % wr]
+        r = np.einsum("ac,bd->abcd", wy, wx) / float(arch.lap_window) ** 4
     sizes = [(stages[-1].height, stages[-1].width)]
     for pool in trailing[:-1]:
         sizes.append((pool.out_size(sizes[-1][0]), pool.out_size(sizes[-1][1])))
     for pool, (h, w) in zip(reversed(trailing), reversed(sizes)):
         r = _pool_adjoint(r, pool, h, w)
     return r
+
+
+def lap_counts(c: int, n: int) -> np.ndarray:
+    """n(d) for d = 0 .. n - 1: the pairs (u, v) in [0, c)^2 with v - u = d mod n."""
+    counts = np.zeros(n)
+    for k in range(-(c - 1), c):
+        counts[k % n] += c - abs(k)
+    return counts
+
+
+def grid_weights(arch: Architecture, height: int, width: int) -> np.ndarray:
+    """The readout weight of every packed offset grid (dy, dx) of the CNN, (2H - 1, W) float64,
+    index [dy + H - 1, dx]: gap 1 everywhere, flatten 1 at the offset-(0, 0) grid only, LAP
+    n_H(dy mod H) n_W(dx) / c^4 (both slices of a grid share it; module docstring)."""
+    w = np.zeros((2 * height - 1, width))
+    if arch.pooling == "gap":
+        w[:] = 1.0
+    elif arch.pooling == "flatten":
+        w[height - 1, 0] = 1.0
+    else:
+        ny, nx = lap_counts(arch.lap_window, height), lap_counts(arch.lap_window, width)
+        dys = np.arange(-(height - 1), height)
+        w[:] = np.outer(ny[dys % height], nx) / float(arch.lap_window) ** 4
+    return w
+
+
+def hflip(x):
+    """The images x (..., H, W) with their width axis reversed (NumPy or CuPy), C-contiguous."""
+    return x[..., ::-1].copy()
 
 
 def _pool_adjoint(r: np.ndarray, pool: AvgPool, h: int, w: int) -> np.ndarray:
@@ -510,5 +589,6 @@ def _pool_adjoint(r: np.ndarray, pool: AvgPool, h: int, w: int) -> np.ndarray:
 
 
 __all__ = ["Architecture", "LayerParams", "ConvRelu", "AvgPool", "Stage", "serial", "myrtle",
-           "make_architecture", "readout_weights", "finalize", "POOLINGS", "CONVENTIONS",
+           "make_architecture", "readout_weights", "grid_weights", "lap_counts", "hflip",
+           "finalize", "POOLINGS", "CONVENTIONS",
            "KERNELS", "PRESETS"]

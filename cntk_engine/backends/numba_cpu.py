@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import readout_weights
+from ..arch import grid_weights, readout_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
@@ -159,8 +159,12 @@ if numba is not None:
     # distributed Gram must be bit-identical to an uninterrupted local run.
     @_njit_cached(parallel=True, fastmath=_FASTMATH)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
-                    gap, same_set, slot, n_out, out, KC, exact):
+                    grid_w, dmax_y, dmax_x, same_set, slot, n_out, out, KC, exact):
         """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
+
+        Readout: each packed grid's sum weighted by grid_w[dy + H - 1, dx] (``arch.grid_weights``:
+        gap, flatten, LAP); only the grids with |dy| <= dmax_y, dx <= dmax_x or dx >= W - dmax_x
+        and a nonzero weight are run.
 
         Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
         W - dx and dx and share their rows, so they fill one W-wide row grid exactly: packed
@@ -172,8 +176,6 @@ if numba is not None:
         L = S1.shape[1]
         r = k // 2
         ZERO = KC[2]
-        dmax_y = H - 1 if gap else 0
-        dmax_x = W - 1 if gap else 0
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
@@ -198,9 +200,14 @@ if numba is not None:
             rows = np.empty((H + 2 * r, W), dtype=X1.dtype)
             mask = np.empty((k, W), dtype=X1.dtype)
             acc = np.zeros((n_out, 2), dtype=np.float64)
-            for dx in range(0, dmax_x + 1):
+            for dx in range(W):
+                if dx > dmax_x and dx < W - dmax_x:
+                    continue
                 seam_mask(mask, k, W, dx, KC)
                 for dy in range(-dmax_y, dmax_y + 1):
+                    wgt = grid_w[dy + H - 1, dx]
+                    if wgt == 0.0:
+                        continue
                     h = H - abs(dy)
                     ix0 = max(0, -dy)
                     iz0 = ix0 + dy
@@ -234,8 +241,8 @@ if numba is not None:
                             sk += rk
                             sg += rg
                         if t_out >= 0:
-                            acc[t_out, 0] += sk
-                            acc[t_out, 1] += sg
+                            acc[t_out, 0] += wgt * sk
+                            acc[t_out, 1] += wgt * sg
                         if l + 1 < L:
                             box(kbuf, sig, rows, mask, h, W, k, w, b2)
                             box(gbuf, th, rows, mask, h, W, k, w, ZERO)
@@ -544,6 +551,18 @@ class NumbaBackend(Backend):
         cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         return Prepared(cast(x), (cast(s), cast(inv)))
 
+    def _grid_args(self, height: int, width: int):
+        """(grid weights, dmax_y, dmax_x) of the CNN readout for h x w images (cached): the
+        packed grids the readout needs are |dy| <= dmax_y and dx <= dmax_x or dx >= W - dmax_x."""
+        if getattr(self, "_grid_key", None) != (height, width):
+            gw = grid_weights(self.arch, height, width)
+            dys, dxs = np.nonzero(gw)
+            dmax_y = int(np.abs(dys - (height - 1)).max())
+            dmax_x = int(np.minimum(dxs, (width - dxs) % width).max())
+            self._grid_key = (height, width)
+            self._grid_cached = (np.ascontiguousarray(gw), dmax_y, dmax_x)
+        return self._grid_cached
+
     def _stack_args(self, height: int, width: int):
         """(stages, R, uniform, needed) of the stack kernel for h x w images (cached)."""
         key = (height, width)
@@ -582,10 +601,11 @@ class NumbaBackend(Backend):
         # writable arrays: a read-only one (a Dask worker's deserialised images, a memory map)
         # would be another numba signature, compiled in this process instead of loaded (above)
         w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
+        grid_w, dmax_y, dmax_x = self._grid_args(*a.images.shape[2:])
         args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
                 w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
                 f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
-                self.arch.pooling == "gap", bool(same_set), slot, n_out, flat,
+                grid_w, dmax_y, dmax_x, bool(same_set), slot, n_out, flat,
                 constants(self.dtype), self.dtype == np.float64)
         _load_from_cache("pair", self.dtype, args)
         pair_kernel(*args)

@@ -57,6 +57,16 @@ def pool4(a: np.ndarray, pool) -> np.ndarray:
     return out / k ** 4
 
 
+def lap4(a: np.ndarray, c: int) -> np.ndarray:
+    """AvgPool((c, c), stride 1, CIRCULAR) of a 4-D kernel on both of its positions:
+    (pool A)(P, P') = c^-4 sum_{u, v in window} A(P + u, P' + v), indices mod (H, W), the window
+    u in [-(c - 1) // 2, c // 2] per axis (SAME placement); one axis at a time."""
+    out = a
+    for axis in range(4):
+        out = sum(np.roll(out, -u, axis=axis) for u in range(-((c - 1) // 2), c // 2 + 1)) / c
+    return out
+
+
 def _layers(arch):
     """The network as ("conv", None) / ("pool", AvgPool) steps (the CNN: conv layers only)."""
     if arch.layers is None:
@@ -116,11 +126,22 @@ class ReferenceBackend(Backend):
         return Prepared(x, (q,))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
+        out = self._sums(a, b, symmetric)
+        if self.arch.flip:      # (K(x, z) + K(x, F z)) / 2, every pair of the flipped set computed
+            out = (out + self._sums(a, b.flipped, False)) * 0.5
+        return out
+
+    def _sums(self, a: Prepared, b: Prepared, symmetric: bool) -> np.ndarray:
         # the CNN reads out after the ReLU of each depth's last layer; a stack once, at the end
         # (after its trailing pooling layers)
         slot = {l: t for t, l in enumerate(self.arch.readout_layers)}
         out = np.zeros((len(a), len(b), len(slot), 2))
-        reduce = np.sum if self.arch.pooling == "gap" else (lambda t: np.einsum("ijij->", t))
+        if self.arch.pooling == "gap":
+            reduce = np.sum
+        elif self.arch.pooling == "flatten":
+            reduce = lambda t: np.einsum("ijij->", t)  # noqa: E731
+        else:
+            reduce = lambda t: np.einsum("ijij->", lap4(t, self.arch.lap_window))  # noqa: E731
         for i in range(len(a)):
             for j in range(i if symmetric else 0, len(b)):
                 last = None

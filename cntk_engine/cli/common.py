@@ -97,7 +97,12 @@ def add_architecture_options(p) -> None:
     d = p.add_mutually_exclusive_group()
     d.add_argument("--depth", type=int, help="depth (conv layers + 1) of the cnn")
     d.add_argument("--depths", help="several depths of the cnn from one kernel pass, e.g. 3,4,6,11")
-    p.add_argument("--pooling", choices=("gap", "flatten"), default="gap")
+    p.add_argument("--pooling", choices=("gap", "flatten", "lap"), default="gap",
+                   help="the readout: gap, flatten, or lap (local average pooling, --lap-window)")
+    p.add_argument("--lap-window", type=int, default=None, metavar="C",
+                   help="c of the LAP readout (--pooling lap): a c x c circular average pool")
+    p.add_argument("--flip", action="store_true",
+                   help="flip-symmetrised kernel (K(x, z) + K(x, hflip z)) / 2")
     p.add_argument("--fix", action="store_true", help="first and last layers not trained")
     p.add_argument("--kernel", choices=("ntk", "nngp", "both"), default="ntk",
                    help="kernel(s): ntk, nngp, or both from the same pass")
@@ -134,13 +139,14 @@ def gram_options(args) -> dict:
     if args.architecture == "cnn" and depths is None:
         raise CliError("--architecture cnn needs --depth D or --depths D1,D2,... (conv layers + 1)")
     arch = make_architecture(depth=args.depth, depths=None if args.depth is not None else depths,
-                             architecture=args.architecture, pooling=args.pooling, fix=args.fix,
+                             architecture=args.architecture, pooling=args.pooling,
+                             lap_window=args.lap_window, flip=args.flip, fix=args.fix,
                              convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                              filter_size=args.filter_size)
     check_dtype(args.dtype)
     return dict(depth=args.depth, depths=None if args.depth is not None else depths,
-                architecture=args.architecture, pooling=args.pooling, fix=args.fix,
-                kernel=args.kernel, convention=args.convention, W_std=args.W_std,
+                architecture=args.architecture, pooling=args.pooling, lap_window=args.lap_window,
+                flip=args.flip, fix=args.fix, kernel=args.kernel, convention=args.convention, W_std=args.W_std,
                 b_std=args.b_std, filter_size=args.filter_size, backend=args.backend,
                 dtype=args.dtype, tile=args.tile, progress=not args.no_progress), arch
 
