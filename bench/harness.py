@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ceiling as ceil_mod
-from . import sass_mix
+from tools import sass_mix
 from .common import (choice_list, gpu_info, gpu_sync, int_at_least, int_list, machine, median_time,
                      result_header, versions, write_json)
 

@@ -1,4 +1,4 @@
-"""The static SASS reader of bench/sass_mix.py, and the compiled kernel's instruction budget.
+"""The static SASS reader of tools/sass_mix.py, and the compiled kernel's instruction budget.
 
 The budget test reads the installed extension's sm_90 code (built by ``pip install .`` when nvcc
 is found): it runs without a GPU and fails when a change makes the 32x32 float32 layer loop
@@ -6,16 +6,24 @@ issue more instructions, use more registers than 16 warps per SM allow, or spill
 """
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench import sass_mix  # noqa: E402
+
+def _load_sass_mix():
+    # loaded from its file: putting the checkout ahead of site-packages on sys.path would make
+    # cntk_engine import from the source tree (which has no compiled extension)
+    spec = importlib.util.spec_from_file_location("sass_mix", ROOT / "tools" / "sass_mix.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sass_mix = _load_sass_mix()
 
 # A two-row kernel: setup, a loop of 5 instructions with one MUFU (two rows -> 2.5 slots per
 # entry-layer), an outer loop around it, exit.

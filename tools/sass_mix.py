@@ -1,7 +1,7 @@
 """Static instruction mix of the CUDA pair kernel's layer loop, read off the compiled SASS.
 
-    python bench/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3
-    python bench/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
+    python tools/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3
+    python tools/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
 
 Why: on the GPU the fused kernel is issue-bound (bench/NOTES.md), so the number of instructions
 its layer loop issues per entry and layer predicts its speed, and that number can be read on
