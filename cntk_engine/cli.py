@@ -209,6 +209,9 @@ def run_info(args) -> int:
     print("backends:")
     for name, why in available_backends().items():
         print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    # the CUDA kernel variants compiled into the extension (docs/cuda_kernels.md)
+    from .backends.cuda import describe_kernel_variants
+    print(describe_kernel_variants())
     from .backends import resolve
     print(f"backend='auto' picks: {resolve('auto').name}")
     return 0
