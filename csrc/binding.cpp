@@ -156,7 +156,7 @@ PYBIND11_MODULE(_cuda, m) {
           return out;
         },
         "The compiled kernel variants, the default first: dicts with name, description, diag "
-        "(the per-image diagonal layout it reads, e.g. 'q'), gpu_measured, default.");
+        "(the per-image diagonal layout it reads: 'q' or 'factors'), gpu_measured, default.");
   m.attr("default_kernel") = cntk::kernel_variant(0).name;
   m.def("device_count", []() {
     int n = 0;

@@ -13,6 +13,7 @@ namespace cntk {
 namespace detail {
 template <int V> int launch_variant(const PairSumsParams& p);
 extern template int launch_variant<3>(const PairSumsParams& p);
+extern template int launch_variant<5>(const PairSumsParams& p);
 }  // namespace detail
 
 namespace {
@@ -28,6 +29,11 @@ const VariantEntry kVariants[] = {
       "reads the diagonals q; per entry rsqrtf(q_x q_z) and sqrt.approx (3 MUFU per entry-layer)",
       "q", 1, true},
      &detail::launch_variant<3>},
+    {{"v5",
+      "reads per-image factors (sqrt(q/2pi), 1/sqrt(q)); per entry two products and "
+      "sqrt.approx.ftz (2 MUFU per entry-layer)",
+      "factors", 2, false},
+     &detail::launch_variant<5>},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 static_assert(kNumVariants > 0, "at least one kernel variant");

@@ -17,6 +17,7 @@ import pytest
 import cntk_engine as ce
 from cntk_engine.arch import Architecture
 from cntk_engine.backends import unavailable_reason
+from cntk_engine.backends.base import sqrt_and_inverse
 from cntk_engine.diag import diag_norms
 from conftest import load_real
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHY = unavailable_reason("cuda")
 # the kernel variants compiled into the extension (csrc/cntk_kernels.cu): a new variant must be
 # added here, and to test_sass.py's budgets (test_the_compiled_variants_are_the_tested_ones)
-VARIANTS = ("v3",)
+VARIANTS = ("v3", "v5")
 
 
 def gpu(f):
@@ -53,11 +54,11 @@ def test_the_compiled_variants_are_the_tested_ones():
     ext = extension()
     variants = ext.kernel_variants()
     assert tuple(v["name"] for v in variants) == VARIANTS
-    assert ext.default_kernel == "v3" and [v["default"] for v in variants] == [True]
+    assert ext.default_kernel == "v3" and [v["default"] for v in variants] == [True, False]
     # only a variant measured on a GPU may be the default
     assert all(v["gpu_measured"] for v in variants if v["default"])
-    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True}
-    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q"}
+    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": False}
+    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors"}
     assert all(len(v["description"]) > 20 for v in variants)
 
 
@@ -68,17 +69,17 @@ def test_kernel_selection_by_argument_and_environment(monkeypatch):
     params = arch.layer_params(1, 8, 8)
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert resolve_kernel() == "v3" and CudaBackend(arch, params, "float32").kernel == "v3"
-    monkeypatch.setenv(KERNEL_ENV, "v3")
-    assert resolve_kernel() == "v3" and CudaBackend(arch, params, "float32").kernel == "v3"
-    assert CudaBackend(arch, params, "float32", kernel="v3").kernel == "v3"
+    monkeypatch.setenv(KERNEL_ENV, "v5")
+    assert resolve_kernel() == "v5" and CudaBackend(arch, params, "float32").kernel == "v5"
+    assert CudaBackend(arch, params, "float32", kernel="v3").kernel == "v3"   # the argument wins
     monkeypatch.setenv(KERNEL_ENV, " ")
     assert resolve_kernel() == "v3"
     monkeypatch.setenv(KERNEL_ENV, "v4")
     with pytest.raises(ValueError, match=r"environment variable CNTK_ENGINE_CUDA_KERNEL='v4' is not "
-                                         r"a CUDA kernel variant.*accepted: v3 \(default\)"):
+                                         r"a CUDA kernel variant.*accepted: v3 \(default\), v5"):
         CudaBackend(arch, params, "float32").kernel
-    with pytest.raises(ValueError, match=r"kernel='V3' is not a CUDA kernel variant.*accepted: v3"):
-        resolve_kernel("V3")
+    with pytest.raises(ValueError, match=r"kernel='V5' is not a CUDA kernel variant.*accepted: v3"):
+        resolve_kernel("V5")
 
 
 def test_constructing_the_backend_needs_no_extension(monkeypatch):
@@ -90,7 +91,7 @@ def test_constructing_the_backend_needs_no_extension(monkeypatch):
         raise ImportError("no _cuda here")
     monkeypatch.setattr(cuda, "_extension", missing)
     arch = Architecture(depths=(3,))
-    be = cuda.CudaBackend(arch, arch.layer_params(1, 8, 8), "float32", kernel="v3")
+    be = cuda.CudaBackend(arch, arch.layer_params(1, 8, 8), "float32", kernel="v5")
     assert be.name == "cuda"
     with pytest.raises(ImportError, match="no _cuda here"):
         be.kernel
@@ -100,11 +101,12 @@ def test_constructing_the_backend_needs_no_extension(monkeypatch):
 def test_info_lists_the_kernel_variants(monkeypatch, capsys):
     extension()
     from cntk_engine import cli
-    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v3")
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v5")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "CUDA kernel variants (select with CNTK_ENGINE_CUDA_KERNEL; selected: v3)" in out
+    assert "CUDA kernel variants (select with CNTK_ENGINE_CUDA_KERNEL; selected: v5)" in out
     assert "  v3   [default, measured on a GPU] reads the diagonals q" in out
+    assert "  v5   [not measured on a GPU] reads per-image factors" in out
 
 
 # ------------------------------------------------------------- host build of the ReLU step
@@ -129,6 +131,7 @@ def relu_oracle(s, th, qx, qz, c):
 
 
 def test_relu_step_host_build_matches_numpy(relu_step_exe):
+    from cntk_engine.backends.cuda import DIAG_LAYOUTS
     rng = np.random.default_rng(0)
     n = 4000
     qx, qz = rng.uniform(0.1, 5, n), rng.uniform(0.1, 5, n)
@@ -143,10 +146,12 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     s[:50] = qx[:50]
     qx[50:100] = 0.0                                 # zero-variance windows: c := 0, K = 0
     s[50:100] = 0.0
-    rows = np.column_stack([s, th, qx, qz, self_])
+    factors = DIAG_LAYOUTS["factors"][0]
+    fx, fz = factors(qx, np), factors(qz, np)        # what v5 reads
+    rows = np.column_stack([s, th, qx, qz, fx, fz, self_])
     text = "\n".join(" ".join(repr(float(v)) for v in row[:-1]) + f" {int(row[-1])}" for row in rows)
     r = subprocess.run([str(relu_step_exe)], input=text, capture_output=True, text=True, check=True)
-    got = np.loadtxt(r.stdout.splitlines()).reshape(n, 4)
+    got = np.loadtxt(r.stdout.splitlines()).reshape(n, 8)
     scale_k, scale_g = np.sqrt(qx * qz), np.maximum(np.abs(th), 1e-30)
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     zero = (qx * qz) == 0
@@ -163,6 +168,8 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     cases = {
         "v3 float32": (0, c_of(rs3_32, f32(s)), 1e-6, f32),
         "v3 float64": (2, c_of(rs3_64, s), 1e-14, np.float64),
+        "v5 float32": (4, c_of(f32(fx[:, 1]) * f32(fz[:, 1]), f32(s)), 1e-6, f32),
+        "v5 float64": (6, c_of(fx[:, 1] * fz[:, 1], s), 1e-14, np.float64),
     }
     for what, (col, ck, tol, cast) in cases.items():
         r64 = lambda a: np.asarray(cast(a), dtype=np.float64)  # noqa: E731
@@ -196,9 +203,16 @@ def test_prepare_builds_the_layout_the_variant_reads(variant, dtype):
     np.testing.assert_array_equal(p.images, x.astype(dtype))
     assert d.flags.c_contiguous
     np.testing.assert_array_equal(d[:, :, 6:], d[:, :, :6])     # rows stored twice
-    assert d.shape == (3, 4, 12, 5)
-    np.testing.assert_array_equal(d[:, :, :6], q.astype(dtype))
-    assert np.all(d[2] == 0)                         # zero variance
+    if variant == "v3":
+        assert d.shape == (3, 4, 12, 5)
+        np.testing.assert_array_equal(d[:, :, :6], q.astype(dtype))
+    else:
+        assert d.shape == (3, 4, 12, 5, 2)
+        _, inv = sqrt_and_inverse(q)                 # the numba backend's factors
+        np.testing.assert_array_equal(d[:, :, :6, :, 1], inv.astype(dtype))
+        tol = 1e-6 if dtype == "float32" else 1e-15
+        np.testing.assert_allclose(d[:, :, :6, :, 0].astype(np.float64) ** 2 * 2 * np.pi, q, rtol=tol)
+    assert np.all(d[2] == 0)                         # zero variance: q = 0, or both factors 0
 
 
 class FakeDeviceArray:
@@ -238,15 +252,21 @@ def test_pairs_launch_parameters_are_built_once_and_checked(variant):
     assert (p.gap, p.fix, p.same_set, p.device) == (False, False, True, 0)
     assert (p.w_first, p.w, p.b2) == (params.w_first, params.w, params.b2)
     assert repr(p).startswith(f"PairSumsParams(kernel='{variant}', dtype='float32', n_pairs=10")
+    # the diagonals another variant prepared: refused, naming the layout
+    other = CudaBackend(arch, params, "float32", kernel=next(v for v in VARIANTS if v != variant))
+    with pytest.raises(ValueError, match=rf"CUDA kernel {variant}: da must be float32 of shape"):
+        fake_launch(be, other.prepare_arrays(x, np), pa, 10)
     with pytest.raises(ValueError, match=r"xb must be float32 of shape \(4, 3, 32, 32\).*got float64"):
         fake_launch(be, pa, CudaBackend(arch, params, "float64", kernel=variant).prepare_arrays(x, np), 10)
-    # pointers are the extension's to check
-    with pytest.raises(ValueError, match=r"da = 0x200002 is not aligned to the 4 bytes of its "
-                                         r"elements \(kernel v3, float32\)"):
-        fake_launch(be, pa, pa, 10, misalign=("da", 2))
-    with pytest.raises(ValueError, match=r"da must be float32 of shape \(4, 20, 64, 32\) \(diagonal "
-                                         r"layout 'q'\); got float32 \(4, 20, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"da must be float32 of shape \(4, 20, 64, 32.*\) \(diagonal "
+                                         r"layout '(q|factors)'\); got float32 \(4, 20, 32, 32"):
         fake_launch(be, type(pa)(pa.images, (pa.diag[0][:, :, :32],)), pa, 10)
+    # pointers are the extension's to check: a diagonal value off its alignment (v5 reads
+    # 2-vectors: 8 bytes in float32)
+    align, off = {"v3": (4, 2), "v5": (8, 4)}[variant]
+    with pytest.raises(ValueError, match=rf"da = {hex(0x200000 + off)} is not aligned to the {align} "
+                                         rf"bytes of its elements \(kernel {variant}, float32\)"):
+        fake_launch(be, pa, pa, 10, misalign=("da", off))
 
 
 GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb=768, db=1024,
@@ -256,7 +276,7 @@ GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3$"),
+    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5"),
     (dict(dtype="float16"), r"dtype must be 'float32' or 'float64'; got 'float16'"),
     (dict(H=33), r"at most 32 x 32 pixels.*got H x W = 33 x 32"),
     (dict(W=0), r"height and width must be >= 1"),
@@ -272,6 +292,7 @@ GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb
     (dict(out=0), r"out is a null pointer"),
     (dict(xa=258), r"xa = 0x102 is not aligned to the 4 bytes of its elements \(kernel v3, float32\)"),
     (dict(dtype="float64", xb=772), r"xb = 0x304 is not aligned to the 8 bytes .*float64"),
+    (dict(kernel="v5", dtype="float64", db=1032), r"db = 0x408 is not aligned to the 16 bytes .*v5, float64"),
     (dict(slot=1794), r"slot = 0x702 is not aligned to the 4 bytes"),
 ], ids=lambda v: str(v)[:40])
 def test_the_extension_checks_launch_parameters_once_before_any_cuda_call(change, message):
@@ -391,6 +412,22 @@ def test_cuda_identical_images_are_self_pairs(variant, dtype, tol):
     np.testing.assert_array_equal(np.diag(rect[:, ::-1]), np.diag(sym))
     ref = ce.gram(x, depth=11, pooling="flatten", backend="reference")
     assert rel(rect[:, ::-1], ref) < tol
+
+
+@gpu
+def test_cuda_variants_agree_on_the_device():
+    import cupy
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32))
+    arch = Architecture(depths=(3, 11))
+    params = arch.layer_params(3, 32, 32)
+    sums = {}
+    for v in VARIANTS:
+        be = CudaBackend(arch, params, "float64", kernel=v)
+        p = be.prepare(cupy.asarray(x))
+        sums[v] = be.pair_sums(p, p, symmetric=True).get()
+    for v in VARIANTS[1:]:
+        assert rel(sums[v], sums[VARIANTS[0]]) < 1e-10, v
 
 
 @gpu

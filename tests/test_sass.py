@@ -9,6 +9,7 @@ variant's kernels are missing for sm_80 or sm_90.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,14 @@ BUDGETS = {
     # one rsqrt and two sqrt.approx; 70.4 slots measured at 18,968 pairs/s on an H100 (99.5 % of
     # its issue ceiling); 72 slots = 18,650 pairs/s
     "v3": {"mufu": 3.0, "slots": 72.0},
+    # two sqrt.approx.ftz; 54.0 slots (not run on a GPU); 55 slots = 24,410 pairs/s
+    "v5": {"mufu": 2.0, "slots": 55.0},
 }
 # The radii (filter_size // 2) whose 32x32 float32 kernels are spill-free on sm_80 and sm_90.
-# Registers are budgeted on sm_90 (above).
-SPILL_FREE_RADII = {"v3": (0, 1, 2, 3)}
+# v5's k=1 kernels (and its k=5 one on sm_90) keep 128 registers with 16-24 bytes of spills
+# (ptxas's choice, for 16 warps per SM; docs/cuda_kernels.md).  Registers are budgeted on sm_90
+# only (above): on sm_80 v5's k=3 kernel takes 144 (docs/cuda_kernels.md).
+SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3)}
 
 
 def installed():
@@ -176,3 +181,13 @@ def test_harness_mixes_records_why_it_could_not_read_the_kernel(tmp_path):
     out = sass_mix.harness_mixes(cfgs, so=fake)
     assert list(out) == ["float32 k3"] and "error" in out["float32 k3"]
 
+
+def test_harness_mixes_read_the_variant_the_runs_use(monkeypatch):
+    so, ext = installed()
+    sass_or_skip(so, ext, "sm_90")
+    cfgs = [{"method": "cuda", "dtype": "float32", "size": 32}]
+    monkeypatch.setenv(sass_mix.KERNEL_ENV, "v5")
+    out = sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]
+    assert out["variant"] == "v5" and re.search(r"pair_sums_kernelILi5Ef", out["kernel"])
+    monkeypatch.delenv(sass_mix.KERNEL_ENV)
+    assert sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]["variant"] == ext.default_kernel

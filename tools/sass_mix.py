@@ -1,10 +1,10 @@
 """Static instruction mix of the CUDA pair kernel's layer loop, read off the compiled SASS.
 
     python tools/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3, v3
-    python tools/sass_mix.py --kernel v3          # a kernel variant (cntk-engine info lists them)
+    python tools/sass_mix.py --kernel v5          # another kernel variant (docs/cuda_kernels.md)
     python tools/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
 
-Why: on the GPU the fused kernel is issue-bound (bench/NOTES.md), so the number of instructions
+Why: on the GPU the fused kernel is issue-bound (bench/NOTES.md, docs/cuda_kernels.md), so the number of instructions
 its layer loop issues per entry and layer predicts its speed, and that number can be read on
 any machine that compiles the kernel, with no GPU.  One iteration of the innermost loop that
 holds the arccos (the MUFU instructions) is one layer of one packed offset grid: every lane (a
@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--radius", type=int, default=1, help="filter_size // 2 [1]")
     ap.add_argument("--generic", action="store_true", help="the guarded kernel, not the 32x32 one")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL,
-                    help=f"kernel variant (cntk-engine info lists them) [{DEFAULT_KERNEL}]")
+                    help=f"kernel variant (v3, v5, ...; cntk-engine info lists them) [{DEFAULT_KERNEL}]")
     ap.add_argument("--fma-rate", type=float, default=None,
                     help="FP32 FMA lane-ops/s of the GPU for the ceiling [the H100's, measured by "
                          "bench/ceiling.py in bench/results/harness_gpu_h100_20261123.json]")

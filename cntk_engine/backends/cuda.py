@@ -4,13 +4,15 @@ CuPy's current device and stream; nothing goes through the host when the images 
 the device.
 
 Kernel variants.  The extension holds every kernel variant kept in the tree
-(``kernel_variants()``): ``v3``, the default and the one measured on a GPU.  A backend runs one:
-``CudaBackend(..., kernel="v3")``, else the environment variable ``CNTK_ENGINE_CUDA_KERNEL``,
-else the default.  Variants give the same kernels to within float rounding; they differ in
-speed and in the per-image diagonal data ``prepare`` stores for them.
+(``kernel_variants()``; docs/cuda_kernels.md): ``v3``, the default and the one measured on a
+GPU, and candidates such as ``v5``.  A backend runs one: ``CudaBackend(..., kernel="v5")``, else
+the environment variable ``CNTK_ENGINE_CUDA_KERNEL``, else the default.  Variants give the same
+kernels to within float rounding; they differ in speed and in the per-image diagonal data
+``prepare`` stores for them.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -74,12 +76,21 @@ def describe_kernel_variants() -> str:
 # The per-image diagonal layouts the variants read (csrc/relu_step.cuh, Entry<V, T>::Diag), made
 # from the float64 diagonals q (N, L, H, W) with xp = NumPy or CuPy:
 #   "q":       q itself, (N, L, H, W)
+#   "factors": (sqrt(q / 2 pi), 1 / sqrt(q)) with 1 / sqrt(q) := 0 where q <= 0 (zero-variance
+#              windows, where c := 0), (N, L, H, W, 2); the ReLU step of a pair needs
+#              sqrt(q_x q_z) / (2 pi) and 1 / sqrt(q_x q_z), which factor over the two images
 def _diag_q(q, xp):
     return q
 
 
+def _diag_factors(q, xp):
+    s = xp.sqrt(xp.maximum(q, 0.0))
+    inv = xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0)
+    return xp.stack([s * math.sqrt(1.0 / (2.0 * math.pi)), inv], axis=-1)
+
+
 # layout -> (its builder, the trailing shape it adds to (N, L, H, W))
-DIAG_LAYOUTS = {"q": (_diag_q, ())}
+DIAG_LAYOUTS = {"q": (_diag_q, ()), "factors": (_diag_factors, (2,))}
 
 
 class CudaBackend(Backend):
