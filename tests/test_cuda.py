@@ -6,6 +6,7 @@ variants' per-entry ReLU step compiled as host code against NumPy, the diagonal 
 ``prepare`` builds for each variant, the launch parameters ``pairs`` builds and the extension's
 checks of them (no CUDA call is made), and the variant selection.
 """
+import importlib.util
 import shutil
 import subprocess
 import types
@@ -16,13 +17,43 @@ import pytest
 
 import cntk_engine as ce
 from cntk_engine.arch import Architecture
+from cntk_engine.backends import cuda as cuda_backend
 from cntk_engine.backends import unavailable_reason
 from cntk_engine.backends.base import sqrt_and_inverse
 from cntk_engine.diag import diag_norms
 from conftest import load_real
 
 ROOT = Path(__file__).resolve().parents[1]
-WHY = unavailable_reason("cuda")
+
+
+def _load_sass_mix():
+    # loaded from its file: putting the checkout ahead of site-packages on sys.path would make
+    # cntk_engine import from the source tree (which has no compiled extension)
+    spec = importlib.util.spec_from_file_location("sass_mix", ROOT / "tools" / "sass_mix.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The installed extension, also when another test module made cntk_engine import from the
+# checkout (tools/sass_mix.py, load_extension); the backend uses it in these tests.
+EXT = _load_sass_mix().load_extension()
+
+
+def _use_installed_extension(mp):
+    if EXT is not None:
+        mp.setattr(cuda_backend, "_extension", lambda: EXT)
+
+
+@pytest.fixture(autouse=True)
+def installed_extension(monkeypatch):
+    _use_installed_extension(monkeypatch)
+
+
+with pytest.MonkeyPatch.context() as _mp:
+    _use_installed_extension(_mp)
+    WHY = unavailable_reason("cuda")
+
 # the kernel variants compiled into the extension (csrc/cntk_kernels.cu): a new variant must be
 # added here, and to test_sass.py's budgets (test_the_compiled_variants_are_the_tested_ones)
 VARIANTS = ("v3", "v5")
@@ -33,11 +64,10 @@ def gpu(f):
 
 
 def extension():
-    try:
-        from cntk_engine import _cuda
-    except ImportError as e:
-        pytest.skip(f"the CUDA extension is not installed (built only when nvcc is found): {e}")
-    return _cuda
+    if EXT is None:
+        pytest.skip("the CUDA extension cntk_engine._cuda is not installed (built only when nvcc is "
+                    "found at install time)")
+    return EXT
 
 
 def rel(a, b):

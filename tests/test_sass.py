@@ -101,8 +101,7 @@ def installed():
         pytest.skip("cntk_engine._cuda is not installed (built only when nvcc is found at install)")
     if sass_mix.find_tool("cuobjdump") is None or sass_mix.find_tool("nvdisasm") is None:
         pytest.skip(sass_mix.TOOLS_HELP)
-    import cntk_engine._cuda as ext
-    return so, ext
+    return so, sass_mix.load_extension()
 
 
 def sass_or_skip(so, ext, arch):

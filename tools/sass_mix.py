@@ -98,6 +98,30 @@ def find_extension() -> Path | None:
     return None
 
 
+def load_extension():
+    """The installed cntk_engine._cuda module, or None when it is not installed.  When a source
+    checkout shadows the installed package (its cntk_engine has no compiled extension; a test
+    module that puts the checkout first on sys.path does that for the whole pytest session), the
+    installed file is loaded under a private module name: cntk_engine itself still has no _cuda,
+    as the rest of such a session expects."""
+    try:
+        import cntk_engine._cuda as ext
+        return ext
+    except ImportError:
+        pass
+    key = "_cntk_engine_installed_cuda"
+    if key not in sys.modules:
+        so = find_extension()
+        if so is None:
+            return None
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("cntk_engine._cuda", so)
+        ext = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ext)
+        sys.modules[key] = ext
+    return sys.modules[key]
+
+
 @lru_cache(maxsize=8)
 def sass_text(so: Path, arch: str) -> str:
     """cuobjdump -sass of one architecture's cubin inside a binary (read once per binary)."""
