@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ceiling as ceil_mod
+from tools import sass_mix
 from . import per_layer_baseline
-from . import sass_mix
 from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list, machine,
                      median_time, result_header, utc_date, versions, write_json)
 
@@ -295,7 +295,7 @@ def run(args) -> dict:
         if gpu_dts and payload["gpu"]:
             rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(gpu_dts)))
     payload["ceiling"] = {"rates": rates, "count": "docs/gpu_performance.md (counted from cntk_engine/backends/numba_cpu.py)"}
-    # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
+    # the cuda kernel's own instruction count (tools/sass_mix.py): issue ceiling and efficiency
     mixes = {}
     if "cuda" in methods and payload["gpu"]:
         mixes = sass_mix.harness_mixes(matrix)

@@ -1,8 +1,11 @@
 // pybind11 binding of the CUDA kernels, compiled by the host C++ compiler (never by nvcc).
+// One launch = one cntk::PairSumsParams, built and checked here once (PairSumsParams(...), a
+// std::invalid_argument -> ValueError naming what is wrong), then launched by pair_sums(params).
 // Pointers arrive as integers (CuPy's .data.ptr, a stream's .ptr): the Python side owns memory.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -12,44 +15,149 @@ namespace py = pybind11;
 
 namespace {
 
-void pair_sums(int device, std::uintptr_t xa, std::uintptr_t qa, std::uintptr_t xb,
-               std::uintptr_t qb, std::uintptr_t pair_a, std::uintptr_t pair_b, int64_t n_pairs,
-               int C, int H, int W, int L, int filter_size, double w_first, double w, double b2,
-               std::uintptr_t slot, int n_out, bool gap, bool fix, bool same_set, bool is_double,
-               std::uintptr_t out, std::uintptr_t stream) {
-  if (const char* why = cntk::unsupported_shape(H, W, filter_size, n_out)) throw std::invalid_argument(why);
-  int err = cntk::set_device(device);
+std::string variant_names() {
+  std::string s;
+  for (int i = 0; i < cntk::kernel_variant_count(); ++i) {
+    if (i) s += ", ";
+    s += cntk::kernel_variant(i).name;
+  }
+  return s;
+}
+
+template <typename P>
+P pointer(std::uintptr_t v) {
+  return reinterpret_cast<P>(v);
+}
+
+cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::string& kernel,
+                                 const std::string& dtype, std::uintptr_t xa, std::uintptr_t da,
+                                 std::uintptr_t xb, std::uintptr_t db, std::uintptr_t pair_a,
+                                 std::uintptr_t pair_b, std::uintptr_t slot, std::uintptr_t out,
+                                 int64_t n_pairs, int C, int H, int W, int L, int filter_size,
+                                 int n_out, double w_first, double w, double b2, bool gap,
+                                 bool fix, bool same_set) {
+  cntk::PairSumsParams p;
+  p.variant = cntk::find_kernel_variant(kernel);
+  if (p.variant < 0)
+    throw std::invalid_argument("unknown CUDA kernel variant '" + kernel +
+                                "'; compiled variants: " + variant_names());
+  if (dtype == "float32") {
+    p.dtype = cntk::Dtype::float32;
+  } else if (dtype == "float64") {
+    p.dtype = cntk::Dtype::float64;
+  } else {
+    throw std::invalid_argument("dtype must be 'float32' or 'float64'; got '" + dtype + "'");
+  }
+  p.device = device;
+  p.stream = stream;
+  p.xa = pointer<const void*>(xa);
+  p.da = pointer<const void*>(da);
+  p.xb = pointer<const void*>(xb);
+  p.db = pointer<const void*>(db);
+  p.pair_a = pointer<const int32_t*>(pair_a);
+  p.pair_b = pointer<const int32_t*>(pair_b);
+  p.slot = pointer<const int32_t*>(slot);
+  p.out = pointer<double*>(out);
+  p.n_pairs = n_pairs;
+  p.C = C;
+  p.H = H;
+  p.W = W;
+  p.L = L;
+  p.filter_size = filter_size;
+  p.n_out = n_out;
+  p.w_first = w_first;
+  p.w = w;
+  p.b2 = b2;
+  p.gap = gap;
+  p.fix = fix;
+  p.same_set = same_set;
+  const std::string why = cntk::check_pair_sums(p);
+  if (!why.empty()) throw std::invalid_argument("cntk_engine pair_sums: " + why);
+  return p;
+}
+
+void pair_sums(const cntk::PairSumsParams& p) {
+  int err = cntk::set_device(p.device);
   if (err == 0) {
     py::gil_scoped_release release;
-    err = cntk::launch_pair_sums(
-        reinterpret_cast<const void*>(xa), reinterpret_cast<const void*>(qa),
-        reinterpret_cast<const void*>(xb), reinterpret_cast<const void*>(qb),
-        reinterpret_cast<const int32_t*>(pair_a), reinterpret_cast<const int32_t*>(pair_b),
-        n_pairs, C, H, W, L, filter_size, cntk::LayerScalars{w_first, w, b2},
-        reinterpret_cast<const int32_t*>(slot), n_out, gap, fix, same_set, is_double,
-        reinterpret_cast<double*>(out), stream);
+    err = cntk::launch_pair_sums(p);
   }
   if (err != 0)
     throw std::runtime_error(std::string("CUDA error in cntk_engine pair_sums kernel launch: ") +
                              cntk::error_string(err));
 }
 
+std::string repr(const cntk::PairSumsParams& p) {
+  std::ostringstream s;
+  s << "PairSumsParams(kernel='" << cntk::kernel_variant(p.variant).name << "', dtype='"
+    << (p.dtype == cntk::Dtype::float64 ? "float64" : "float32") << "', n_pairs=" << p.n_pairs
+    << ", C=" << p.C << ", H=" << p.H << ", W=" << p.W << ", L=" << p.L
+    << ", filter_size=" << p.filter_size << ", n_out=" << p.n_out << ", gap=" << p.gap
+    << ", fix=" << p.fix << ", same_set=" << p.same_set << ", device=" << p.device << ")";
+  return s.str();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "cntk_engine CUDA kernels: fused per-offset CNTK readout sums (see csrc/cntk_kernels.cu)";
-  m.def("pair_sums", &pair_sums, "Launch the fused kernel on raw device pointers (asynchronous).",
-        py::arg("device"), py::arg("xa"), py::arg("qa"), py::arg("xb"), py::arg("qb"),
-        py::arg("pair_a"), py::arg("pair_b"), py::arg("n_pairs"), py::arg("C"), py::arg("H"),
-        py::arg("W"), py::arg("L"), py::arg("filter_size"), py::arg("w_first"), py::arg("w"),
-        py::arg("b2"), py::arg("slot"), py::arg("n_out"), py::arg("gap"), py::arg("fix"),
-        py::arg("same_set"), py::arg("is_double"), py::arg("out"), py::arg("stream"));
+  m.doc() = "cntk_engine CUDA kernels: fused per-offset CNTK readout sums (see csrc/pair_sums_kernel.cuh)";
+  py::class_<cntk::PairSumsParams>(
+      m, "PairSumsParams",
+      "The parameters of one pair-kernel launch (csrc/cntk_kernels.cuh), checked when built: "
+      "a ValueError names what the kernels cannot take.  Pointers are device addresses as ints.")
+      .def(py::init(&make_params), py::kw_only(), py::arg("device"), py::arg("stream"),
+           py::arg("kernel"), py::arg("dtype"), py::arg("xa"), py::arg("da"), py::arg("xb"),
+           py::arg("db"), py::arg("pair_a"), py::arg("pair_b"), py::arg("slot"), py::arg("out"),
+           py::arg("n_pairs"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("L"),
+           py::arg("filter_size"), py::arg("n_out"), py::arg("w_first"), py::arg("w"),
+           py::arg("b2"), py::arg("gap"), py::arg("fix"), py::arg("same_set"))
+      .def_property_readonly("kernel",
+                             [](const cntk::PairSumsParams& p) { return cntk::kernel_variant(p.variant).name; })
+      .def_property_readonly("dtype",
+                             [](const cntk::PairSumsParams& p) {
+                               return p.dtype == cntk::Dtype::float64 ? "float64" : "float32";
+                             })
+      .def_readonly("n_pairs", &cntk::PairSumsParams::n_pairs)
+      .def_readonly("C", &cntk::PairSumsParams::C)
+      .def_readonly("H", &cntk::PairSumsParams::H)
+      .def_readonly("W", &cntk::PairSumsParams::W)
+      .def_readonly("L", &cntk::PairSumsParams::L)
+      .def_readonly("filter_size", &cntk::PairSumsParams::filter_size)
+      .def_readonly("n_out", &cntk::PairSumsParams::n_out)
+      .def_readonly("w_first", &cntk::PairSumsParams::w_first)
+      .def_readonly("w", &cntk::PairSumsParams::w)
+      .def_readonly("b2", &cntk::PairSumsParams::b2)
+      .def_readonly("gap", &cntk::PairSumsParams::gap)
+      .def_readonly("fix", &cntk::PairSumsParams::fix)
+      .def_readonly("same_set", &cntk::PairSumsParams::same_set)
+      .def_readonly("device", &cntk::PairSumsParams::device)
+      .def("__repr__", &repr);
+  m.def("pair_sums", &pair_sums, "Launch the pair kernel for checked parameters (asynchronous, on their stream).",
+        py::arg("params"));
   m.def("unsupported_shape",
         [](int H, int W, int filter_size, int n_out) -> py::object {
           const char* why = cntk::unsupported_shape(H, W, filter_size, n_out);
           return why ? py::object(py::str(why)) : py::object(py::none());
         },
         "None if the fused kernels take this shape, else why not.");
+  m.def("kernel_variants",
+        []() {
+          py::list out;
+          for (int i = 0; i < cntk::kernel_variant_count(); ++i) {
+            const cntk::KernelVariant& v = cntk::kernel_variant(i);
+            py::dict d;
+            d["name"] = v.name;
+            d["description"] = v.description;
+            d["diag"] = v.diag;
+            d["gpu_measured"] = v.gpu_measured;
+            d["default"] = i == 0;
+            out.append(d);
+          }
+          return out;
+        },
+        "The compiled kernel variants, the default first: dicts with name, description, diag "
+        "(the per-image diagonal layout it reads: 'q' or 'factors'), gpu_measured, default.");
+  m.attr("default_kernel") = cntk::kernel_variant(0).name;
   m.def("device_count", []() {
     int n = 0;
     int err = cntk::device_count(&n);

@@ -3,32 +3,72 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace cntk {
 
-struct LayerScalars {
-  double w_first;  // multiplies box(x . z) in the first layer
-  double w;        // multiplies box(.) in layers 2..L
-  double b2;       // bias variance added to every Sigma
+enum class Dtype : int { float32 = 0, float64 = 1 };
+
+// A kernel variant compiled into the extension (the table is in cntk_kernels.cu; what each
+// computes differently is in relu_step.cuh, Entry<V, T>).
+struct KernelVariant {
+  const char* name;         // "v3", "v5": the value of CNTK_ENGINE_CUDA_KERNEL
+  const char* description;  // one line
+  const char* diag;         // layout of the per-image diagonals it reads: "q" or "factors"
+  int diag_width;           // values per image, layer and position in that layout (1 or 2)
+  bool gpu_measured;        // run and timed on a GPU (bench/NOTES.md)
 };
 
-// Readout sums of n_pairs image pairs (see cntk_engine/arch.py and backends/base.py):
-//   out[p, t, 0] = sum of K, out[p, t, 1] = sum of G = Theta * Kdot at the ReLU layer l with
-//   slot[l] == t, over all entries (gap) or the offset-0 slice (flatten).
-// Device pointers: xa (Na, C, H, W) images and qa (Na, L, 2H, W) diagonals of set A with
-// every image's rows stored twice (q[..., H + i, :] = q[..., i, :]), the
-// same for B; pair_a / pair_b (n_pairs) int32 row indices into A and B; slot (L) int32;
-// out (n_pairs, n_out, 2) float64.  is_double selects the float64 kernels (all T pointers are
-// then double*, else float*).  same_set: A and B are the same images (self pairs get c = 1 on
-// their diagonal).  Returns the CUDA error of the launch (cudaSuccess = 0).
-int launch_pair_sums(const void* xa, const void* qa, const void* xb, const void* qb,
-                     const int32_t* pair_a, const int32_t* pair_b, int64_t n_pairs,
-                     int C, int H, int W, int L, int filter_size, LayerScalars s,
-                     const int32_t* slot, int n_out, bool gap, bool fix, bool same_set,
-                     bool is_double, double* out, std::uintptr_t stream);
+// The compiled variants; index 0 is the default.
+int kernel_variant_count();
+const KernelVariant& kernel_variant(int index);
+// The index of the variant called `name`, or -1.
+int find_kernel_variant(const std::string& name);
 
-// Why the fused kernels cannot take this shape, or nullptr if they can.
+// Everything one launch of the pair kernel needs (see cntk_engine/arch.py and
+// backends/base.py).  It computes, for p < n_pairs,
+//   out[p, t, 0] = sum of K, out[p, t, 1] = sum of G = Theta * Kdot at the ReLU layer l with
+//   slot[l] == t, over all entries (gap) or the offset-0 slice (flatten),
+// of the image pair (A[pair_a[p]], B[pair_b[p]]).
+struct PairSumsParams {
+  // Device pointers; T = float (dtype float32) or double (float64), contiguous.
+  const void* xa = nullptr;        // (Na, C, H, W) T: images of set A
+  const void* da = nullptr;        // (Na, L, 2H, W, diag_width) T: A's diagonals in the
+                                   // variant's layout, every image's rows stored twice
+                                   // (da[n, l, H + i] = da[n, l, i])
+  const void* xb = nullptr;        // the same for set B
+  const void* db = nullptr;
+  const int32_t* pair_a = nullptr;  // (n_pairs) row indices into A
+  const int32_t* pair_b = nullptr;  // (n_pairs) row indices into B
+  const int32_t* slot = nullptr;    // (L) readout index of each layer, -1 for none
+  double* out = nullptr;            // (n_pairs, n_out, 2) float64
+  int64_t n_pairs = 0;
+  int C = 0, H = 0, W = 0;
+  int L = 0;            // ReLU layers (max depth - 1)
+  int filter_size = 0;  // odd, 1..7
+  int n_out = 0;        // readouts (depths), 1..64
+  double w_first = 0, w = 0, b2 = 0;  // arch.LayerParams
+  bool gap = true;       // readout over all entries (gap) or the offset-0 slice (flatten)
+  bool fix = false;      // first layer fixed: Theta_1 = 0
+  bool same_set = false;  // A and B are the same images: ia == ib is a self pair (c := 1 on
+                          // its offset-(0, 0) entries)
+  Dtype dtype = Dtype::float32;
+  int variant = 0;        // index into kernel_variant()
+  int device = 0;         // CUDA device ordinal
+  std::uintptr_t stream = 0;  // cudaStream_t (0: the legacy default stream)
+};
+
+// Why the fused kernels cannot take images of H x W with this filter and number of readouts,
+// or nullptr if they can.
 const char* unsupported_shape(int H, int W, int filter_size, int n_out);
+
+// Why `p` cannot be launched (unsupported shape, bad sizes, a null or misaligned pointer, an
+// unknown variant), or "" if it can.  The values behind the pointers are not checked.
+std::string check_pair_sums(const PairSumsParams& p);
+
+// Launch (asynchronously, on p.stream of the current device) the variant's kernel for `p`, which
+// must have passed check_pair_sums.  Returns the CUDA error of the launch (cudaSuccess = 0).
+int launch_pair_sums(const PairSumsParams& p);
 
 const char* error_string(int err);
 int set_device(int device);

@@ -1,17 +1,73 @@
-"""CUDA backend: exactness against the float64 reference and the Numba backend.
+"""CUDA backend: every kernel variant against the float64 reference and the Numba backend.
 
-GPU tests are marked ``gpu`` and skip, with the reason, where the backend cannot run.
+GPU tests are marked ``gpu`` and skip, with the reason, where the backend cannot run.  Without a
+GPU (but with the extension, which any machine with nvcc builds) the host side runs: the
+variants' per-entry ReLU step compiled as host code against NumPy, the diagonal layouts
+``prepare`` builds for each variant, the launch parameters ``pairs`` builds and the extension's
+checks of them (no CUDA call is made), and the variant selection.
 """
+import importlib.util
+import shutil
+import subprocess
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import cntk_engine as ce
+from cntk_engine.arch import Architecture
+from cntk_engine.backends import cuda as cuda_backend
 from cntk_engine.backends import unavailable_reason
+from cntk_engine.backends.base import sqrt_and_inverse
+from cntk_engine.diag import diag_norms
 from conftest import load_real
 
-WHY = unavailable_reason("cuda")
-gpu = pytest.mark.skipif(WHY is not None, reason=f"CUDA backend unavailable: {WHY}")
-pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sass_mix():
+    # loaded from its file: putting the checkout ahead of site-packages on sys.path would make
+    # cntk_engine import from the source tree (which has no compiled extension)
+    spec = importlib.util.spec_from_file_location("sass_mix", ROOT / "tools" / "sass_mix.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The installed extension, also when another test module made cntk_engine import from the
+# checkout (tools/sass_mix.py, load_extension); the backend uses it in these tests.
+EXT = _load_sass_mix().load_extension()
+
+
+def _use_installed_extension(mp):
+    if EXT is not None:
+        mp.setattr(cuda_backend, "_extension", lambda: EXT)
+
+
+@pytest.fixture(autouse=True)
+def installed_extension(monkeypatch):
+    _use_installed_extension(monkeypatch)
+
+
+with pytest.MonkeyPatch.context() as _mp:
+    _use_installed_extension(_mp)
+    WHY = unavailable_reason("cuda")
+
+# the kernel variants compiled into the extension (csrc/cntk_kernels.cu): a new variant must be
+# added here, and to test_sass.py's budgets (test_the_compiled_variants_are_the_tested_ones)
+VARIANTS = ("v3", "v5")
+
+
+def gpu(f):
+    return pytest.mark.gpu(pytest.mark.skipif(WHY is not None, reason=f"CUDA backend unavailable: {WHY}")(f))
+
+
+def extension():
+    if EXT is None:
+        pytest.skip("the CUDA extension cntk_engine._cuda is not installed (built only when nvcc is "
+                    "found at install time)")
+    return EXT
 
 
 def rel(a, b):
@@ -23,6 +79,282 @@ def test_unavailable_reason_is_a_sentence_or_none():
     assert WHY is None or (isinstance(WHY, str) and len(WHY) > 10)
 
 
+# ------------------------------------------------------------------ variants and their selection
+def test_the_compiled_variants_are_the_tested_ones():
+    ext = extension()
+    variants = ext.kernel_variants()
+    assert tuple(v["name"] for v in variants) == VARIANTS
+    assert ext.default_kernel == "v3" and [v["default"] for v in variants] == [True, False]
+    # only a variant measured on a GPU may be the default
+    assert all(v["gpu_measured"] for v in variants if v["default"])
+    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": False}
+    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors"}
+    assert all(len(v["description"]) > 20 for v in variants)
+
+
+def test_kernel_selection_by_argument_and_environment(monkeypatch):
+    extension()
+    from cntk_engine.backends.cuda import KERNEL_ENV, CudaBackend, resolve_kernel
+    arch = Architecture(depths=(3,))
+    params = arch.layer_params(1, 8, 8)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert resolve_kernel() == "v3" and CudaBackend(arch, params, "float32").kernel == "v3"
+    monkeypatch.setenv(KERNEL_ENV, "v5")
+    assert resolve_kernel() == "v5" and CudaBackend(arch, params, "float32").kernel == "v5"
+    assert CudaBackend(arch, params, "float32", kernel="v3").kernel == "v3"   # the argument wins
+    monkeypatch.setenv(KERNEL_ENV, " ")
+    assert resolve_kernel() == "v3"
+    monkeypatch.setenv(KERNEL_ENV, "v4")
+    with pytest.raises(ValueError, match=r"environment variable CNTK_ENGINE_CUDA_KERNEL='v4' is not "
+                                         r"a CUDA kernel variant.*accepted: v3 \(default\), v5"):
+        CudaBackend(arch, params, "float32").kernel
+    with pytest.raises(ValueError, match=r"kernel='V5' is not a CUDA kernel variant.*accepted: v3"):
+        resolve_kernel("V5")
+
+
+def test_constructing_the_backend_needs_no_extension(monkeypatch):
+    # a Dask client without GPU or extension constructs the backend (scheduler.run's probe);
+    # the variant is resolved where the kernel runs
+    from cntk_engine.backends import cuda
+
+    def missing():
+        raise ImportError("no _cuda here")
+    monkeypatch.setattr(cuda, "_extension", missing)
+    arch = Architecture(depths=(3,))
+    be = cuda.CudaBackend(arch, arch.layer_params(1, 8, 8), "float32", kernel="v5")
+    assert be.name == "cuda"
+    with pytest.raises(ImportError, match="no _cuda here"):
+        be.kernel
+    assert "none (the CUDA extension is not installed)" in cuda.describe_kernel_variants()
+
+
+def test_info_lists_the_kernel_variants(monkeypatch, capsys):
+    extension()
+    from cntk_engine import cli
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v5")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA kernel variants (select with CNTK_ENGINE_CUDA_KERNEL; selected: v5)" in out
+    assert "  v3   [default, measured on a GPU] reads the diagonals q" in out
+    assert "  v5   [not measured on a GPU] reads per-image factors" in out
+
+
+# ------------------------------------------------------------- host build of the ReLU step
+@pytest.fixture(scope="module")
+def relu_step_exe(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build csrc/relu_step_check.cpp")
+    exe = tmp_path_factory.mktemp("relu") / "relu_step_check"
+    r = subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-I", str(ROOT / "csrc"),
+                        str(ROOT / "csrc" / "relu_step_check.cpp"), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    return exe
+
+
+def relu_oracle(s, th, qx, qz, c):
+    """arch.py's ReLU step in float64 at correlation c (clipped): K and G."""
+    theta = np.arccos(np.clip(c, -1.0, 1.0))
+    k = (np.sqrt(qx * qz) * np.sin(theta) + (np.pi - theta) * s) / (2 * np.pi)
+    return k, th * (np.pi - theta) / (2 * np.pi)
+
+
+def test_relu_step_host_build_matches_numpy(relu_step_exe):
+    from cntk_engine.backends.cuda import DIAG_LAYOUTS
+    rng = np.random.default_rng(0)
+    n = 4000
+    qx, qz = rng.uniform(0.1, 5, n), rng.uniform(0.1, 5, n)
+    c = np.concatenate([rng.uniform(-1, 1, n - 1000), 1 - 10.0 ** rng.uniform(-8, -1, 250),
+                        -1 + 10.0 ** rng.uniform(-8, -1, 250), rng.choice([-1.0, 1.0, 0.0], 250),
+                        rng.uniform(1, 1.001, 125), rng.uniform(-1.001, -1, 125)])  # clamped
+    s = c * np.sqrt(qx * qz)
+    th = rng.uniform(-1, 3, n)
+    self_ = np.zeros(n, dtype=int)
+    self_[:50] = 1                                   # a self pair's offset-0 entries: c := 1,
+    qz[:50] = qx[:50]                                # where Sigma = q_x = q_z
+    s[:50] = qx[:50]
+    qx[50:100] = 0.0                                 # zero-variance windows: c := 0, K = 0
+    s[50:100] = 0.0
+    factors = DIAG_LAYOUTS["factors"][0]
+    fx, fz = factors(qx, np), factors(qz, np)        # what v5 reads
+    rows = np.column_stack([s, th, qx, qz, fx, fz, self_])
+    text = "\n".join(" ".join(repr(float(v)) for v in row[:-1]) + f" {int(row[-1])}" for row in rows)
+    r = subprocess.run([str(relu_step_exe)], input=text, capture_output=True, text=True, check=True)
+    got = np.loadtxt(r.stdout.splitlines()).reshape(n, 8)
+    scale_k, scale_g = np.sqrt(qx * qz), np.maximum(np.abs(th), 1e-30)
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    zero = (qx * qz) == 0
+
+    def c_of(rs, s_):       # the kernel's c: s * rs, then the self-pair rule
+        return np.where(self_ == 1, 1.0, np.asarray(s_ * rs, dtype=np.float64))
+
+    with np.errstate(divide="ignore"):
+        rs3_32 = np.where(f32(qx) * f32(qz) > 0, f32(1) / np.sqrt(f32(qx) * f32(qz)), f32(0))
+        rs3_64 = np.where(zero, 0.0, 1.0 / np.sqrt(qx * qz))
+    # float: the oracle takes the float32-rounded inputs and the kernel's float32 c (theta(c) has
+    # an infinite slope at |c| = 1, so the rounding of c itself is not what is checked here: the
+    # arccos polynomial, the square roots and the formula are)
+    cases = {
+        "v3 float32": (0, c_of(rs3_32, f32(s)), 1e-6, f32),
+        "v3 float64": (2, c_of(rs3_64, s), 1e-14, np.float64),
+        "v5 float32": (4, c_of(f32(fx[:, 1]) * f32(fz[:, 1]), f32(s)), 1e-6, f32),
+        "v5 float64": (6, c_of(fx[:, 1] * fz[:, 1], s), 1e-14, np.float64),
+    }
+    for what, (col, ck, tol, cast) in cases.items():
+        r64 = lambda a: np.asarray(cast(a), dtype=np.float64)  # noqa: E731
+        k, g = relu_oracle(r64(s), r64(th), r64(qx), r64(qz), ck)
+        for name, err, sc in (("K", got[:, col] - k, scale_k), ("G", got[:, col + 1] - g, scale_g)):
+            e = np.abs(err) / np.where(sc > 0, sc, 1.0)
+            i = int(np.argmax(e))
+            assert e[i] < tol, f"{what} {name}: error {e[i]:.2e} of its scale at c={c[i]!r}, row {i}"
+        # exact where the rules say so
+        np.testing.assert_array_equal(got[50:100, col], 0.0, err_msg=f"{what}: zero variance, K = 0")
+        np.testing.assert_array_equal(got[:50, col], r64(s[:50]) / 2, err_msg=f"{what}: self pair")
+        np.testing.assert_array_equal(got[:50, col + 1], r64(th[:50]) / 2, err_msg=f"{what}: self pair")
+
+
+# ----------------------------------------------------- prepare's layouts, pairs' launch parameters
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_prepare_builds_the_layout_the_variant_reads(variant, dtype):
+    extension()
+    from cntk_engine.backends.cuda import CudaBackend
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 6, 5))
+    x[2] = 0.0                                       # an all-zero image: q = 0 everywhere
+    arch = Architecture(depths=(3, 5), filter_size=3)
+    params = arch.layer_params(2, 6, 5)
+    be = CudaBackend(arch, params, dtype, kernel=variant)
+    p = be.prepare_arrays(x, np)
+    q = diag_norms(x, arch, params)                  # (3, 4, 6, 5)
+    (d,) = p.diag
+    assert p.images.dtype == d.dtype == np.dtype(dtype) and p.images.flags.c_contiguous
+    np.testing.assert_array_equal(p.images, x.astype(dtype))
+    assert d.flags.c_contiguous
+    np.testing.assert_array_equal(d[:, :, 6:], d[:, :, :6])     # rows stored twice
+    if variant == "v3":
+        assert d.shape == (3, 4, 12, 5)
+        np.testing.assert_array_equal(d[:, :, :6], q.astype(dtype))
+    else:
+        assert d.shape == (3, 4, 12, 5, 2)
+        _, inv = sqrt_and_inverse(q)                 # the numba backend's factors
+        np.testing.assert_array_equal(d[:, :, :6, :, 1], inv.astype(dtype))
+        tol = 1e-6 if dtype == "float32" else 1e-15
+        np.testing.assert_allclose(d[:, :, :6, :, 0].astype(np.float64) ** 2 * 2 * np.pi, q, rtol=tol)
+    assert np.all(d[2] == 0)                         # zero variance: q = 0, or both factors 0
+
+
+class FakeDeviceArray:
+    """A stand-in for a CuPy array: shape, dtype and a device address (never dereferenced)."""
+
+    def __init__(self, shape, dtype, ptr):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.data = types.SimpleNamespace(ptr=ptr)
+
+
+def fake_launch(be, pa, pb, n_pairs, base=1 << 20, misalign=None):
+    """launch_params of a backend for prepared NumPy sets, on fake device addresses (misalign:
+    (array name, bytes added to its address))."""
+    arrays = {"xa": pa.images, "da": pa.diag[0], "xb": pb.images, "db": pb.diag[0],
+              "ia": np.zeros(n_pairs, np.int32), "ib": np.zeros(n_pairs, np.int32),
+              "slot": be.readout_slots(),
+              "out": np.zeros((n_pairs, len(be.arch.depths), 2))}
+    off = dict([misalign]) if misalign else {}
+    fakes = {k: FakeDeviceArray(a.shape, a.dtype, base * (i + 1) + off.get(k, 0))
+             for i, (k, a) in enumerate(arrays.items())}
+    return be.launch_params(*fakes.values(), same_set=True, device=0, stream=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pairs_launch_parameters_are_built_once_and_checked(variant):
+    extension()
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32))
+    arch = Architecture(depths=(3, 21), pooling="flatten", convention="neural_tangents", b_std=0.5)
+    params = arch.layer_params(3, 32, 32)
+    be = CudaBackend(arch, params, "float32", kernel=variant)
+    pa = be.prepare_arrays(x, np)
+    np.testing.assert_array_equal(be.readout_slots(), [-1, 0] + [-1] * 17 + [1])
+    p = fake_launch(be, pa, pa, 10)
+    assert (p.kernel, p.dtype, p.n_pairs, p.C, p.H, p.W, p.L, p.filter_size, p.n_out) == \
+        (variant, "float32", 10, 3, 32, 32, 20, 3, 2)
+    assert (p.gap, p.fix, p.same_set, p.device) == (False, False, True, 0)
+    assert (p.w_first, p.w, p.b2) == (params.w_first, params.w, params.b2)
+    assert repr(p).startswith(f"PairSumsParams(kernel='{variant}', dtype='float32', n_pairs=10")
+    # the diagonals another variant prepared: refused, naming the layout
+    other = CudaBackend(arch, params, "float32", kernel=next(v for v in VARIANTS if v != variant))
+    with pytest.raises(ValueError, match=rf"CUDA kernel {variant}: da must be float32 of shape"):
+        fake_launch(be, other.prepare_arrays(x, np), pa, 10)
+    with pytest.raises(ValueError, match=r"xb must be float32 of shape \(4, 3, 32, 32\).*got float64"):
+        fake_launch(be, pa, CudaBackend(arch, params, "float64", kernel=variant).prepare_arrays(x, np), 10)
+    with pytest.raises(ValueError, match=r"da must be float32 of shape \(4, 20, 64, 32.*\) \(diagonal "
+                                         r"layout '(q|factors)'\); got float32 \(4, 20, 32, 32"):
+        fake_launch(be, type(pa)(pa.images, (pa.diag[0][:, :, :32],)), pa, 10)
+    # pointers are the extension's to check: a diagonal value off its alignment (v5 reads
+    # 2-vectors: 8 bytes in float32)
+    align, off = {"v3": (4, 2), "v5": (8, 4)}[variant]
+    with pytest.raises(ValueError, match=rf"da = {hex(0x200000 + off)} is not aligned to the {align} "
+                                         rf"bytes of its elements \(kernel {variant}, float32\)"):
+        fake_launch(be, pa, pa, 10, misalign=("da", off))
+
+
+GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb=768, db=1024,
+            pair_a=1280, pair_b=1536, slot=1792, out=2048, n_pairs=10, C=3, H=32, W=32, L=20,
+            filter_size=3, n_out=2, w_first=1.0, w=2 / 9, b2=0.0, gap=True, fix=False,
+            same_set=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5"),
+    (dict(dtype="float16"), r"dtype must be 'float32' or 'float64'; got 'float16'"),
+    (dict(H=33), r"at most 32 x 32 pixels.*got H x W = 33 x 32"),
+    (dict(W=0), r"height and width must be >= 1"),
+    (dict(filter_size=9), r"odd filter sizes 1, 3, 5 or 7.*filter_size = 9"),
+    (dict(filter_size=4), r"odd filter sizes 1, 3, 5 or 7"),
+    (dict(n_out=65, L=80), r"1 to 64 depths per pass.*n_out = 65"),
+    (dict(C=0), r"C \(channels\) must be >= 1; got 0"),
+    (dict(L=1), r"L \(ReLU layers\) must be >= 1 and >= n_out.*L = 1, n_out = 2"),
+    (dict(n_pairs=-1), r"n_pairs must be in \[0, 2\^31 - 1\].*got -1"),
+    (dict(n_pairs=2 ** 31), r"n_pairs must be in \[0, 2\^31 - 1\].*got 2147483648"),
+    (dict(device=-1), r"device must be a CUDA device ordinal >= 0; got -1"),
+    (dict(pair_b=0), r"pair_b is a null pointer \(a device pointer is needed for 10 pairs\)"),
+    (dict(out=0), r"out is a null pointer"),
+    (dict(xa=258), r"xa = 0x102 is not aligned to the 4 bytes of its elements \(kernel v3, float32\)"),
+    (dict(dtype="float64", xb=772), r"xb = 0x304 is not aligned to the 8 bytes .*float64"),
+    (dict(kernel="v5", dtype="float64", db=1032), r"db = 0x408 is not aligned to the 16 bytes .*v5, float64"),
+    (dict(slot=1794), r"slot = 0x702 is not aligned to the 4 bytes"),
+], ids=lambda v: str(v)[:40])
+def test_the_extension_checks_launch_parameters_once_before_any_cuda_call(change, message):
+    ext = extension()
+    with pytest.raises(ValueError, match=message):
+        ext.PairSumsParams(**dict(GOOD, **change))
+
+
+def test_valid_launch_parameters_and_the_shape_rule():
+    ext = extension()
+    for kernel in VARIANTS:
+        for dtype in ("float32", "float64"):
+            p = ext.PairSumsParams(**dict(GOOD, kernel=kernel, dtype=dtype))
+            assert (p.kernel, p.dtype) == (kernel, dtype)
+    # no pairs: nothing is read, so no pointer is needed
+    ext.PairSumsParams(**dict(GOOD, n_pairs=0, xa=0, da=0, xb=0, db=0, pair_a=0, pair_b=0, slot=0, out=0))
+    # the shape rule, written once in csrc/cntk_kernels.cu, as the backend sees it
+    from cntk_engine.backends.cuda import CudaBackend
+    arch = Architecture(depths=(3,), filter_size=5)
+    assert CudaBackend.unsupported(arch, (1, 32, 32), "float32") is None
+    assert "at most 32 x 32" in CudaBackend.unsupported(arch, (1, 32, 33), "float32")
+    assert "odd filter sizes" in CudaBackend.unsupported(Architecture(depths=(3,), filter_size=9), (1, 8, 8),
+                                                         "float32")
+    # checked once, where the job's backend is chosen (backends.choose), with the limit named
+    from cntk_engine.backends import choose
+    caps = {"cuda": {"unavailable": None,
+                     "unsupported": CudaBackend.unsupported(arch, (1, 33, 8), "float32")}}
+    with pytest.raises(ValueError, match="backend 'cuda' cannot take this input: .*33 x 8"):
+        choose("cuda", caps)
+
+
+# ----------------------------------------------------------------------------- GPU: exactness
 CASES = [
     ((3, 2, 6, 5), dict(convention="arora", pooling="gap")),
     ((2, 1, 7, 4), dict(convention="arora", pooling="gap", fix=True, filter_size=5)),
@@ -33,9 +365,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Runs the test once per kernel variant, selected as a user would (the environment)."""
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", request.param)
+    return request.param
+
+
 @gpu
 @pytest.mark.parametrize("shape,case", CASES, ids=[str(c[0]) for c in CASES])
-def test_cuda_matches_reference(shape, case):
+def test_cuda_matches_reference(variant, shape, case):
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape)
     depths = [3, 4, 7] if case.get("fix") else [2, 3, 7]   # fix=True needs depth >= 3
@@ -47,18 +386,18 @@ def test_cuda_matches_reference(shape, case):
                 if np.abs(ref[d][i]).max() == 0:
                     assert np.abs(got[d][i]).max() == 0
                 else:
-                    assert rel(got[d][i], ref[d][i]) < tol, (dtype, d, i)
+                    assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i)
 
 
 @gpu
-def test_cuda_real_cifar_depth21_against_reference_and_numba():
+def test_cuda_real_cifar_depth21_against_reference_and_numba(variant):
     x = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
     ref = ce.gram(x[:2], depths=[3, 21], kernel="both", backend="reference")
     for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
         got = ce.gram(x[:2], depths=[3, 21], kernel="both", backend="cuda", dtype=dtype)
         for d in ref:
             for i in range(2):
-                assert rel(got[d][i], ref[d][i]) < tol, (dtype, d, i)
+                assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i)
     a = ce.gram(x, depths=[6, 11, 21], backend="cuda", dtype="float64")
     b = ce.gram(x, depths=[6, 11, 21], backend="numba", dtype="float64")
     for d in a:
@@ -66,7 +405,7 @@ def test_cuda_real_cifar_depth21_against_reference_and_numba():
 
 
 @gpu
-def test_cuda_real_mnist_zero_windows_and_zero_image():
+def test_cuda_real_mnist_zero_windows_and_zero_image(variant):
     x = load_real("mnist_test.npz")["x"][:6].astype(np.float64)[:, None] / 255
     x = np.concatenate([x, np.zeros((1, 1, 28, 28))])
     for pooling in ("gap", "flatten"):
@@ -76,12 +415,12 @@ def test_cuda_real_mnist_zero_windows_and_zero_image():
             for d in a:
                 for i in range(2):
                     assert np.isfinite(a[d][i]).all()
-                    assert rel(a[d][i], b[d][i]) < tol
+                    assert rel(a[d][i], b[d][i]) < tol, (variant, pooling, dtype, d, i)
                     assert np.all(a[d][i][-1] == 0) and np.all(a[d][i][:, -1] == 0)
 
 
 @gpu
-def test_cuda_symmetric_equals_blocks_and_tiles():
+def test_cuda_symmetric_equals_blocks_and_tiles(variant):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((9, 3, 12, 10))
     full = ce.gram(x, depth=5, backend="cuda", dtype="float64")
@@ -94,7 +433,7 @@ def test_cuda_symmetric_equals_blocks_and_tiles():
 
 @gpu
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float64", 1e-10)])
-def test_cuda_identical_images_are_self_pairs(dtype, tol):
+def test_cuda_identical_images_are_self_pairs(variant, dtype, tol):
     # twins at other indices get their image's self-pair value (base.identical_pairs), on the
     # device too (CuPy fingerprints); without it float32 flatten depth 11 was off by ~3e-4
     import cupy
@@ -108,6 +447,22 @@ def test_cuda_identical_images_are_self_pairs(dtype, tol):
     np.testing.assert_array_equal(np.diag(rect[:, ::-1]), np.diag(sym))
     ref = ce.gram(x, depth=11, pooling="flatten", backend="reference")
     assert rel(rect[:, ::-1], ref) < tol
+
+
+@gpu
+def test_cuda_variants_agree_on_the_device():
+    import cupy
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32))
+    arch = Architecture(depths=(3, 11))
+    params = arch.layer_params(3, 32, 32)
+    sums = {}
+    for v in VARIANTS:
+        be = CudaBackend(arch, params, "float64", kernel=v)
+        p = be.prepare(cupy.asarray(x))
+        sums[v] = be.pair_sums(p, p, symmetric=True).get()
+    for v in VARIANTS[1:]:
+        assert rel(sums[v], sums[VARIANTS[0]]) < 1e-10, v
 
 
 @gpu
@@ -129,3 +484,4 @@ def test_cuda_rejects_shapes_it_cannot_take():
         ce.gram(np.ones((2, 1, 33, 8)), depth=3, backend="cuda")
     with pytest.raises(ValueError, match="odd filter sizes 1, 3, 5 or 7"):
         ce.gram(np.ones((2, 1, 8, 8)), depth=3, backend="cuda", filter_size=9)
+

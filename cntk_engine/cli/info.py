@@ -46,6 +46,8 @@ def run(args) -> int:
     for name, why in available_backends().items():
         print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
     print(f"backend='auto' picks: {resolve('auto').name}")
+    from ..backends.cuda import describe_kernel_variants
+    print(describe_kernel_variants())
     print("architectures (gram(..., architecture=...), --architecture):")
     print("  cnn        the CNN of Arora et al. 2019: depth - 1 conv + ReLU layers, gap or flatten "
           "readout (every backend)")

@@ -61,8 +61,8 @@ k3 = ce.gram(y, depth=3, backend='cuda'); k4 = ce.gram(y[:1], y, depth=3, backen
 print('sanitizer run ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])" 2>&1 | tail -6; echo "sanitizer rc=${PIPESTATUS[0]}")
   fi
   if has sass; then
-    echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix, bench/sass_mix.py)"
-    python3 -P bench/sass_mix.py --name "${TAG:-main}_sm90" --out-dir "$OUT" 2>&1 | tail -40
+    echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix, tools/sass_mix.py)"
+    python3 -P tools/sass_mix.py --name "${TAG:-main}_sm90" --out-dir "$OUT" 2>&1 | tail -40
   fi
   if has tests; then
     echo "== GPU tests"

@@ -1,9 +1,10 @@
 """Static instruction mix of the CUDA pair kernel's layer loop, read off the compiled SASS.
 
-    python bench/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3
-    python bench/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
+    python tools/sass_mix.py                      # the installed extension, sm_90, float32 32x32 k=3, v3
+    python tools/sass_mix.py --kernel v5          # another kernel variant (docs/cuda_kernels.md)
+    python tools/sass_mix.py --so path/_cuda.so --arch sm_80 --dtype float64 --out-dir bench/results
 
-Why: on the GPU the fused kernel is issue-bound (bench/NOTES.md), so the number of instructions
+Why: on the GPU the fused kernel is issue-bound (docs/gpu_performance.md, docs/cuda_kernels.md), so the number of instructions
 its layer loop issues per entry and layer predicts its speed, and that number can be read on
 any machine that compiles the kernel, with no GPU.  One iteration of the innermost loop that
 holds the arccos (the MUFU instructions) is one layer of one packed offset grid: every lane (a
@@ -97,6 +98,30 @@ def find_extension() -> Path | None:
     return None
 
 
+def load_extension():
+    """The installed cntk_engine._cuda module, or None when it is not installed.  When a source
+    checkout shadows the installed package (its cntk_engine has no compiled extension; a test
+    module that puts the checkout first on sys.path does that for the whole pytest session), the
+    installed file is loaded under a private module name: cntk_engine itself still has no _cuda,
+    as the rest of such a session expects."""
+    try:
+        import cntk_engine._cuda as ext
+        return ext
+    except ImportError:
+        pass
+    key = "_cntk_engine_installed_cuda"
+    if key not in sys.modules:
+        so = find_extension()
+        if so is None:
+            return None
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("cntk_engine._cuda", so)
+        ext = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ext)
+        sys.modules[key] = ext
+    return sys.modules[key]
+
+
 @lru_cache(maxsize=8)
 def sass_text(so: Path, arch: str) -> str:
     """cuobjdump -sass of one architecture's cubin inside a binary (read once per binary)."""
@@ -128,10 +153,20 @@ def resource_usage(so: Path, arch: str) -> dict:
     return out
 
 
-def kernel_tag(dtype: str, hmax: int, radius: int, full: bool) -> str:
-    """Itanium-mangled template arguments of pair_sums_kernel<T, HMAX, R, FULL>."""
+# the variant the backend runs by default (cntk_engine._cuda.default_kernel); the harness's
+# runs use CNTK_ENGINE_CUDA_KERNEL when it is set, as the backend does
+DEFAULT_KERNEL = "v3"
+KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
+
+
+def kernel_tag(dtype: str, hmax: int, radius: int, full: bool, kernel: str = DEFAULT_KERNEL) -> str:
+    """Itanium-mangled template arguments of pair_sums_kernel<V, T, HMAX, R, FULL> (csrc/
+    pair_sums_kernel.cuh) for kernel variant "v<V>"."""
+    m = re.fullmatch(r"v(\d+)", kernel)
+    if m is None:
+        raise ValueError(f"kernel variant names are v<number> (v3, v5, ...); got {kernel!r}")
     t = {"float32": "f", "float64": "d"}[dtype]
-    return f"I{t}Li{hmax}ELi{radius}ELb{int(full)}E"
+    return f"ILi{m.group(1)}E{t}Li{hmax}ELi{radius}ELb{int(full)}EE"
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
@@ -191,22 +226,24 @@ def issue_ceiling(slots: float, fma_rate: float, height=32, width=32, depth=21, 
     return fma_rate / (entries * (depth - 1) * slots)
 
 
-def harness_mixes(configs, so=None, arch="sm_90") -> dict:
+def harness_mixes(configs, so=None, arch="sm_90", kernel=None) -> dict:
     """The layer-loop mix of the 32x32 kernels that the harness's cuda configurations ran
-    ("float32 k3" -> mix, or {"error": why}); {} when no cuda configuration is 32x32."""
+    ("float32 k3" -> mix, or {"error": why}); {} when no cuda configuration is 32x32.  kernel:
+    the variant [$CNTK_ENGINE_CUDA_KERNEL, else the default]."""
     wanted = sorted({(c["dtype"], c.get("filter_size", 3)) for c in configs
                      if c["method"] == "cuda" and c["size"] == 32})
     if not wanted:
         return {}
     so = so or find_extension()
+    kernel = kernel or os.environ.get(KERNEL_ENV, "").strip() or DEFAULT_KERNEL
     out = {}
     for dtype, k in wanted:
         key = f"{dtype} k{k}"
         try:
             if so is None:
                 raise RuntimeError("cntk_engine._cuda is not installed")
-            mix = analyse(so, arch, dtype, 32, k // 2, True)
-            out[key] = {f: mix[f] for f in ("kernel", "arch", "registers", "local_bytes",
+            mix = analyse(so, arch, dtype, 32, k // 2, True, kernel)
+            out[key] = {f: mix[f] for f in ("kernel", "variant", "arch", "registers", "local_bytes",
                                             "slots_per_entry_layer", "by_unit_per_entry_layer",
                                             "local_memory_in_loop")}
         except Exception as e:   # no tools, no sm_90 code: recorded, the run goes on
@@ -225,17 +262,19 @@ def issue_figures(config: dict, pairs_per_s: float, mixes: dict, fp32_fma_rate: 
     return {"issue_ceiling_pairs_per_s": ceiling, "issue_efficiency": pairs_per_s / ceiling}
 
 
-def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=True) -> dict:
+def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=True,
+            kernel=DEFAULT_KERNEL) -> dict:
     sass = sass_text(so, arch)
-    tag = kernel_tag(dtype, hmax, radius, full)
-    hits = {n: ins for n, ins in functions(sass).items() if tag in n}
+    tag = kernel_tag(dtype, hmax, radius, full, kernel)
+    hits = {n: ins for n, ins in functions(sass).items() if "pair_sums_kernel" + tag in n}
     if not hits:
-        raise ValueError(f"pair_sums_kernel<{dtype}, {hmax}, {radius}, {full}> ({tag}) is not in the "
-                         f"{arch} SASS of {so}")
+        raise ValueError(f"pair_sums_kernel of variant {kernel} <{dtype}, {hmax}, {radius}, {full}> "
+                         f"({tag}) is not in the {arch} SASS of {so}")
     (name, ins), = hits.items()
     res = resource_usage(so, arch).get(name, {})
-    return {"kernel": name, "arch": arch, "dtype": dtype, "hmax": hmax, "radius": radius,
-            "full": full, "registers": res.get("REG"), "local_bytes": res.get("LOCAL"),
+    return {"kernel": name, "variant": kernel, "arch": arch, "dtype": dtype, "hmax": hmax,
+            "radius": radius, "full": full, "registers": res.get("REG"),
+            "local_bytes": res.get("LOCAL"), "stack_bytes": res.get("STACK"),
             "instructions_in_kernel": len(ins), **loop_mix(ins, hmax)}
 
 
@@ -247,6 +286,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hmax", type=int, default=32)
     ap.add_argument("--radius", type=int, default=1, help="filter_size // 2 [1]")
     ap.add_argument("--generic", action="store_true", help="the guarded kernel, not the 32x32 one")
+    ap.add_argument("--kernel", default=DEFAULT_KERNEL,
+                    help=f"kernel variant (v3, v5, ...; cntk-engine info lists them) [{DEFAULT_KERNEL}]")
     ap.add_argument("--fma-rate", type=float, default=None,
                     help="FP32 FMA lane-ops/s of the GPU for the ceiling [the H100's, measured by "
                          "bench/ceiling.py in bench/results/harness_gpu_h100_20261123.json]")
@@ -259,7 +300,7 @@ def main(argv=None) -> dict:
     if so is None:
         sys.exit("cntk_engine._cuda is not installed (it is built by pip install . when nvcc is "
                  "found); pass --so PATH")
-    out = analyse(so, args.arch, args.dtype, args.hmax, args.radius, not args.generic)
+    out = analyse(so, args.arch, args.dtype, args.hmax, args.radius, not args.generic, args.kernel)
     rate, src = args.fma_rate, "--fma-rate"
     if rate is None:
         ref = ROOT / "bench" / "results" / "harness_gpu_h100_20261123.json"

@@ -1,0 +1,264 @@
+// Fused per-offset CNTK pair kernel (template over the kernel variant V), its launch, and the
+// one dispatch over (dtype, row bound HMAX, filter radius R, 32 x 32 fast path).  Included by
+// one translation unit per variant (pair_sums_v3.cu, pair_sums_v5.cu), so the variants compile
+// in parallel.  The math is in cntk_engine/arch.py; the per-entry ReLU step and what differs
+// between the variants in relu_step.cuh (Entry<V, T>).
+//
+// Algorithm (one warp = one packed offset grid of one pair, all layers in registers)
+// -------------------------------------------------------------------------------
+// The 4-D covariance of a pair splits into (2H-1)(2W-1) offset slices that never mix.  The four
+// slices of offsets (dy, dx), (dy, dx - W), (dy - H, dx), (dy - H, dx - W), 0 <= dy < H,
+// 0 <= dx < W, have sizes (H-dy)(W-dx), (H-dy)dx, dy(W-dx) and dy*dx: together exactly one
+// H x W grid, in which entry (i, j) pairs x at (i, j) with z at ((i + dy) mod H,
+// (j + dx) mod W).  The box sum of each slice must not cross the seams at row H - dy and
+// column W - dx (nor the outer border): neighbour taps across them are masked.  So each pair
+// has H*W packed grids of H*W entries (H^2 W^2 in all, no waste); flatten needs grid (0, 0).
+//
+// A warp owns one packed grid: lane j holds column j, rows 0..HMAX-1 in registers (HMAX a
+// compile-time bound >= H, unrolled so the register arrays stay in registers), for W <= 32.
+// Per layer and row: the ReLU step (relu_step.cuh) per entry, then the k x k box sum: the
+// horizontal taps come from warp shuffles, the vertical taps from the neighbouring registers.
+// The per-image diagonal values the variant reads (Entry<V, T>::Diag: q for v3, the factors
+// (sqrt(q / 2 pi), 1 / sqrt(q)) for v5) come from global memory, stored with every image's rows
+// twice (N, L, 2H, W) so that z's rotated row i + dy needs no wrap (L1-resident: 2 loads per
+// entry-layer); nothing 4-D is ever stored.  Readout sums: per lane over rows in T, then in
+// float64 through a fixed shuffle tree, per warp into shared memory, and over the block's warps
+// in a fixed order: deterministic, no atomics.  One block per pair, its warps stride over the
+// grids.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cntk_kernels.cuh"
+#include "relu_step.cuh"
+
+namespace cntk {
+namespace detail {
+
+constexpr int kMaxWarps = 8;
+
+// Is the tap at offset o from position pos (along one axis of length n, seam at `seam`) part of
+// the same slice?  Slices: [0, seam) and [seam, n).
+__device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
+  int q = pos + o;
+  return q >= 0 && q < n && ((pos < seam) == (q < seam));
+}
+
+// In-place k x k box sums (radius R) of the two packed grids a and b (Sigma's and Theta's
+// inputs), held as [0..HMAX) per lane.  Lane taps come from shuffles, row taps from registers;
+// a tap is dropped where it crosses the seam (row seam_r, column seam_c) or the border.
+template <typename T, int HMAX, int R, bool FULL>
+__device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H, int W,
+                                     int seam_r, int seam_c) {
+  if constexpr (R > 0) {  // R = 0 (filter_size 1): nothing to add
+    T mask[2 * R + 1];
+#pragma unroll
+    for (int o = -R; o <= R; ++o) mask[o + R] = same_side(lane, o, W, seam_c) ? T(1) : T(0);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      T sa = a[i], sb = b[i];
+#pragma unroll
+      for (int o = 1; o <= R; ++o) {
+        sa = fma(mask[R - o], __shfl_up_sync(0xffffffffu, a[i], o), sa);
+        sa = fma(mask[R + o], __shfl_down_sync(0xffffffffu, a[i], o), sa);
+        sb = fma(mask[R - o], __shfl_up_sync(0xffffffffu, b[i], o), sb);
+        sb = fma(mask[R + o], __shfl_down_sync(0xffffffffu, b[i], o), sb);
+      }
+      a[i] = sa;
+      b[i] = sb;
+    }
+    T above_a[R], above_b[R];
+#pragma unroll
+    for (int o = 0; o < R; ++o) above_a[o] = above_b[o] = T(0);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      const T ca = a[i], cb = b[i];
+      T sa = ca, sb = cb;
+#pragma unroll
+      for (int o = 1; o <= R; ++o) {
+        // row i - o: in the image, and no seam in (i - o, i]
+        if (i - o >= 0 && (FULL || i - o < H) && (unsigned)(i - seam_r) >= (unsigned)o) {
+          sa += above_a[o - 1];
+          sb += above_b[o - 1];
+        }
+        // row i + o: in the image, and no seam in (i, i + o]
+        if (i + o < HMAX && (FULL || i + o < H) && (unsigned)(seam_r - 1 - i) >= (unsigned)o) {
+          sa += a[i + o];
+          sb += b[i + o];
+        }
+      }
+#pragma unroll
+      for (int o = R - 1; o > 0; --o) {
+        above_a[o] = above_a[o - 1];
+        above_b[o] = above_b[o - 1];
+      }
+      above_a[0] = ca;
+      above_b[0] = cb;
+      a[i] = sa;
+      b[i] = sb;
+    }
+  }
+}
+
+// V: the kernel variant (relu_step.cuh, Entry<V, T>); D its per-image diagonal element.
+template <int V, typename T, int HMAX, int R, bool FULL>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __restrict__ da,
+                 const T* __restrict__ xb, const typename Entry<V, T>::Diag* __restrict__ db,
+                 const int32_t* __restrict__ pair_a, const int32_t* __restrict__ pair_b, int C,
+                 int H_, int W_, int L, T w_first, T w, T b2, const int32_t* __restrict__ slot,
+                 int n_out, bool gap, bool fix, bool same_set, double* __restrict__ out) {
+  using D = typename Entry<V, T>::Diag;
+  // FULL: H == HMAX and W == 32 at compile time, so no row or lane guards remain.
+  const int H = FULL ? HMAX : H_;
+  const int W = FULL ? 32 : W_;
+  extern __shared__ double part[];  // [warps][n_out][2]
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int64_t p = blockIdx.x;
+  const int ia = pair_a[p], ib = pair_b[p];
+  const int HW = H * W;
+  const T* xA = xa + (int64_t)ia * C * HW;
+  const T* xB = xb + (int64_t)ib * C * HW;
+  // diagonals stored with their rows twice, (N, L, 2H, W), so z's rotated row i + dy needs no wrap
+  const D* dA = da + (int64_t)ia * L * 2 * HW;
+  const D* dB = db + (int64_t)ib * L * 2 * HW;
+  const bool lane_ok = FULL || lane < W;
+
+  for (int t = threadIdx.x; t < nwarps * n_out * 2; t += blockDim.x) part[t] = 0.0;
+  __syncthreads();
+  double* mypart = part + warp * n_out * 2;
+
+  const int n_grids = gap ? HW : 1;
+  for (int g = warp; g < n_grids; g += nwarps) {
+    const int dy = g / W, dx = g - (g / W) * W;
+    const int seam_r = H - dy, seam_c = W - dx;
+    const bool self_diag = same_set && ia == ib && dy == 0 && dx == 0;
+    int zc = lane + dx;
+    if (zc >= W) zc -= W;
+
+    T sig[HMAX], th[HMAX];
+    // layer 1 input: channel sum of x(i, j) z((i + dy) mod H, (j + dx) mod W)
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      T s = T(0);
+      if ((FULL || i < H) && lane_ok) {
+        int zr = i + dy;
+        if (zr >= H) zr -= H;
+        for (int c = 0; c < C; ++c) s = fma(xA[c * HW + i * W + lane], xB[c * HW + zr * W + zc], s);
+      }
+      sig[i] = s;
+      th[i] = T(0);
+    }
+    box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+#pragma unroll
+    for (int i = 0; i < HMAX; ++i) {
+      const bool ok = (FULL || i < H) && lane_ok;
+      sig[i] = ok ? fma(w_first, sig[i], b2) : T(0);
+      th[i] = fix ? T(0) : sig[i];
+    }
+
+    for (int l = 0; l < L; ++l) {
+      const D* fx = dA + l * 2 * HW + lane;
+      const D* fz = dB + l * 2 * HW + dy * W + zc;
+#pragma unroll
+      for (int i = 0; i < HMAX; ++i) {
+        T kk = T(0), gg = T(0);
+        if ((FULL || i < H) && lane_ok) {
+          Entry<V, T>::step(fx[i * W], fz[i * W], sig[i], th[i], self_diag, kk, gg);
+        }
+        sig[i] = kk;
+        th[i] = gg;
+      }
+      const int t_out = slot[l];
+      if (t_out >= 0) {  // warp-uniform: row sums, then a fixed shuffle tree in float64
+        T rk = T(0), rg = T(0);
+#pragma unroll
+        for (int i = 0; i < HMAX; ++i) {
+          rk += sig[i];
+          rg += th[i];
+        }
+        double dk = (double)rk, dg = (double)rg;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          dk += __shfl_xor_sync(0xffffffffu, dk, o);
+          dg += __shfl_xor_sync(0xffffffffu, dg, o);
+        }
+        if (lane == 0) {
+          mypart[2 * t_out] += dk;
+          mypart[2 * t_out + 1] += dg;
+        }
+      }
+      if (l + 1 < L) {
+        box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+#pragma unroll
+        for (int i = 0; i < HMAX; ++i) {
+          const bool ok = (FULL || i < H) && lane_ok;
+          sig[i] = ok ? fma(w, sig[i], b2) : T(0);
+          th[i] = ok ? fma(w, th[i], sig[i]) : T(0);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < n_out * 2; t += blockDim.x) {
+    double acc = 0.0;
+    for (int k = 0; k < nwarps; ++k) acc += part[k * n_out * 2 + t];
+    out[p * n_out * 2 + t] = acc;
+  }
+}
+
+// The one launch: one block per pair (grid.x holds up to 2^31 - 1 blocks; check_pair_sums
+// refuses more), up to kMaxWarps warps striding over the pair's grids.
+template <int V, typename T, int HMAX, int R, bool FULL>
+int launch(const PairSumsParams& p) {
+  using D = typename Entry<V, T>::Diag;
+  const int n_grids = p.gap ? p.H * p.W : 1;
+  const int warps = n_grids < kMaxWarps ? n_grids : kMaxWarps;
+  const size_t smem = sizeof(double) * warps * p.n_out * 2;
+  pair_sums_kernel<V, T, HMAX, R, FULL>
+      <<<(unsigned)p.n_pairs, 32 * warps, smem, reinterpret_cast<cudaStream_t>(p.stream)>>>(
+          static_cast<const T*>(p.xa), static_cast<const D*>(p.da), static_cast<const T*>(p.xb),
+          static_cast<const D*>(p.db), p.pair_a, p.pair_b, p.C, p.H, p.W, p.L, T(p.w_first),
+          T(p.w), T(p.b2), p.slot, p.n_out, p.gap, p.fix, p.same_set, p.out);
+  return (int)cudaGetLastError();
+}
+
+template <typename T> struct Type { using type = T; };
+template <int N> using Int = std::integral_constant<int, N>;
+
+// The dispatch over (dtype, HMAX in {8, 16, 32}, R in {0..3}, the guard-free 32 x 32 kernel) of
+// one variant, for parameters that passed check_pair_sums.
+template <int V>
+int launch_variant(const PairSumsParams& p) {
+  auto with_radius = [&](auto t, auto hmax) -> int {
+    using T = typename decltype(t)::type;
+    constexpr int HMAX = decltype(hmax)::value;
+    auto go = [&](auto r) -> int {
+      constexpr int R = decltype(r)::value;
+      if constexpr (HMAX == 32) {
+        if (p.H == 32 && p.W == 32) return launch<V, T, 32, R, true>(p);  // no guards at all
+      }
+      return launch<V, T, HMAX, R, false>(p);
+    };
+    switch (p.filter_size / 2) {
+      case 0: return go(Int<0>{});
+      case 1: return go(Int<1>{});
+      case 2: return go(Int<2>{});
+      default: return go(Int<3>{});
+    }
+  };
+  auto with_rows = [&](auto t) -> int {
+    if (p.H <= 8) return with_radius(t, Int<8>{});
+    if (p.H <= 16) return with_radius(t, Int<16>{});
+    return with_radius(t, Int<32>{});
+  };
+  return p.dtype == Dtype::float64 ? with_rows(Type<double>{}) : with_rows(Type<float>{});
+}
+
+}  // namespace detail
+}  // namespace cntk
