@@ -105,7 +105,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -745,9 +744,11 @@ def _scan(path: Path, g, spec: dict, done: np.ndarray, *, names=None, into=None,
     n1, n2, symmetric = int(spec["n1"]), int(spec["n2"]), bool(spec["symmetric"])
     order = _spec_arrays(spec)
     names = order if names is None else list(names)
+    res = _Scan()
+    if not done.any():
+        return res                     # nothing finished: nothing to read (a new store)
     sums, sums_ok = _read_checksums(g[CHECKSUMS])
     gr, gc = done.shape
-    res = _Scan()
     lock = threading.Lock()
     arrays = {name: g[name] for name in names}
 
