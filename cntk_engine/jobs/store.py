@@ -728,6 +728,14 @@ def _owner(ci: int, cj: int, symmetric: bool) -> tuple[int, int, int]:
     return ci, cj, 0
 
 
+def _decode_failure(e: Exception) -> str:
+    """What a chunk that does not decode has, in words (zarr's crc32c error named as such)."""
+    if "checksum do not match" in str(e):
+        return ("cannot be decoded: its crc32c does not match its bytes (the file was cut short "
+                "or changed)")
+    return f"cannot be decoded ({type(e).__name__}: {e})"
+
+
 @dataclass
 class _Scan:
     damage: list = field(default_factory=list)
@@ -776,8 +784,7 @@ def _scan(path: Path, g, spec: dict, done: np.ndarray, *, names=None, into=None,
                 try:
                     vals = arr[r0:r1, c0:c1]
                 except Exception as e:  # noqa: BLE001
-                    damage.append(Damage((ti, tj), name, key,
-                                         f"cannot be decoded ({type(e).__name__}: {e})"))
+                    damage.append(Damage((ti, tj), name, key, _decode_failure(e)))
                     continue
                 if into is not None:
                     into[r0:r1, c0:c1] = vals
@@ -1216,7 +1223,7 @@ def add_checksums(path, *, workers: int | None = None) -> dict:
                 v = np.asarray(a[tile.rows, tile.cols])
                 m = None if not symmetric or tile.diag else np.asarray(a[tile.cols, tile.rows])
             except Exception as e:  # noqa: BLE001
-                return tile, None, f"array {name!r}: cannot be decoded ({type(e).__name__}: {e})"
+                return tile, None, f"array {name!r}: {_decode_failure(e)}"
             if not np.isfinite(v).all() or (m is not None and not np.isfinite(m).all()):
                 return tile, None, f"array {name!r}: holds NaN or Inf (a chunk is missing or damaged)"
             if m is not None and m.tobytes() != np.ascontiguousarray(v.T).tobytes():
