@@ -135,7 +135,9 @@ def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> 
     p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tile", type=int, default=None, help="rows/columns per tile (default: automatic)")
-    p.add_argument("--data-format", choices=data_formats, default=default_format)
+    p.add_argument("--data-format", choices=data_formats, default=default_format,
+                   help="layout of 4-D images" + (": auto (default) decides from the shape, "
+                                                   "and asks when it cannot" if "auto" in data_formats else ""))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
                        description="Compute the kernel matrix of the images in DATA (against "
                        "themselves, or against --x2) into the Zarr store --out, tile by tile; "
                        "resumable with --resume.")
-    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or .npz (keys x, x_train, images, X; "
-                   "or PATH.npz:KEY)")
+    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or (N,H,W,C), or .npz (keys x, "
+                   "x_train, images, X; or PATH.npz:KEY)")
     p.add_argument("--x2", metavar="DATA2", help="second image set: the N1 x N2 matrix against DATA "
                    "(.npz keys x, x_test, images, X)")
     add_architecture_options(p)
