@@ -152,12 +152,14 @@ def test_writer_killed_with_a_claim_held_is_taken_over(tmp_path, caplog):
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.wait(30)
-        if claim_files(out):
+        before = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+        # a claim of a tile being computed (one whose marker was written just before the kill
+        # is a claim of a finished tile: removed, not taken over; see below)
+        held = [c for c in claim_files(out) if before[tuple(map(int, c.split(".")))] == 0]
+        if held:
             break
-    held = claim_files(out)
-    assert held, "no claim was held when the writer was killed"
+    assert held, "no claim of an unfinished tile was held when the writer was killed"
     i, j = map(int, held[0].split("."))
-    before = zarr.open_group(str(out), mode="r")["tiles_done"][...]
     with caplog.at_level("WARNING", logger="cntk_engine"):
         g, info = ce.gram(x, depth=3, backend="numba", tile=4, out=out, return_info=True)
     assert f"took over tile ({i}, {j})" in caplog.text and f"{proc.pid} is gone" in caplog.text
@@ -166,6 +168,19 @@ def test_writer_killed_with_a_claim_held_is_taken_over(tmp_path, caplog):
     assert claim_files(out) == []
     runs = store_mod.list_runs(g)
     assert "outcome" not in runs[-2] and runs[-1]["outcome"] == "finished"   # the killed run
+
+
+def test_stale_claim_of_a_finished_tile_is_removed(tmp_path, caplog):
+    """A writer killed after a tile's marker and before releasing its claim: nobody needs to
+    take the claim over, so the next opener removes it."""
+    x, out = unfinished_store(tmp_path, [(1, 2)])
+    f = plant_claim(out, (0, 1), age=100)                        # tile (0, 1) is finished
+    live = plant_claim(out, (0, 0))                              # another host's fresh claim
+    with caplog.at_level("INFO", logger="cntk_engine"):
+        _, info = ce.gram(x, depth=3, backend="numba", out=StorePath(out, claim_timeout=5),
+                          return_info=True)
+    assert info["tiles_computed"] == 1 and not f.exists() and live.exists()
+    assert "removed 1 stale claims of finished tiles" in caplog.text
 
 
 def plant_claim(out: Path, tile, host="node-b", pid=4242, age=0.0) -> Path:

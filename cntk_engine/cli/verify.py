@@ -72,8 +72,8 @@ def run(args) -> int:
     if r.claims:
         print(f"claims: {len(live)} tiles being computed now"
               + (f" ({', '.join(sorted({c.who() for c in live})[:4])})" if live else "")
-              + (f"; {len(stale)} stale ({stale[0].stale}), taken over by the next writer"
-                 if stale else ""))
+              + (f"; {len(stale)} stale ({stale[0].stale}): the next writer takes them over "
+                 "(or removes them, for tiles already done)" if stale else ""))
     if args.json:
         write_json(args.json, {
             "store": r.path, "format_version": r.format_version, "tiles_total": r.tiles_total,

@@ -551,6 +551,18 @@ class Claims:
         for i, j in tiles:
             self.release(i, j)
 
+    def remove_stale(self, i: int, j: int) -> bool:
+        """Remove the claim of tile (i, j) if it is stale now (judged again right before);
+        True if removed."""
+        f = self._file(i, j)
+        try:
+            if self.staleness(*self._read(f)) is None:
+                return False
+            f.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
     def scan(self) -> dict[tuple[int, int], Claim]:
         """Every claim file now in the store, by tile."""
         out = {}
@@ -959,6 +971,7 @@ class GramStore:
         (every chunk of every finished tile is read back and checked; a warning names the store,
         the array, the tile and the chunk).  The failing tiles are kept in :attr:`repair`."""
         done = self.done_map()
+        self.clear_stale_claims(done)
         n_done = int(sum(1 for t in tiles if done[t.i, t.j] != 0))
         t0 = time.perf_counter()
         scan = _scan(self.path, self.group, self.spec, done)
@@ -1003,6 +1016,20 @@ class GramStore:
     def claims(self) -> Claims:
         """The claims of this store, as an observer (this process holds none through it)."""
         return Claims(self.path, self.claim_timeout, {})
+
+    def clear_stale_claims(self, done: np.ndarray) -> int:
+        """Remove the stale claims of finished tiles: left by a writer that died after writing
+        a tile's marker and before releasing its claim (a stale claim of an unfinished tile is
+        taken over when the tile is claimed).  Returns how many were removed."""
+        claims = self.claims()
+        n = 0
+        for (i, j), c in claims.scan().items():
+            if (c.stale and i < done.shape[0] and j < done.shape[1] and done[i, j] != 0
+                    and claims.remove_stale(i, j)):
+                n += 1
+        if n:
+            log.info("store %s: removed %d stale claims of finished tiles", self.path, n)
+        return n
 
     @property
     def poll_seconds(self) -> float:
