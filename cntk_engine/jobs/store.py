@@ -73,7 +73,9 @@ is gone (on the owner's host and pid namespace, where a running owner's claim is
 or, seen from another host, it was not touched for ``claim_timeout`` seconds (the hosts' clocks
 and the file system's must agree to well within that); a stale claim is
 taken over atomically (one winner per stale claim, via a takeover file named after the stale
-claim's id) with a warning.  A writer that runs out of tiles to claim waits, polling, until
+claim's id) with a warning; a stale claim of a finished tile (its writer died between the
+marker and the release) is removed by the next writer that opens the store.  A writer that
+runs out of tiles to claim waits, polling, until
 the tiles claimed by others are done (or their claims go stale and it takes them over), so
 every writer returns a complete store.
 
