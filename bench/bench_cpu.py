@@ -1,13 +1,14 @@
-"""CPU throughput: cntk_engine's Numba backend vs neural-tangents, side by side in one run.
+"""CPU throughput: cntk_engine's Numba backend vs neural-tangents, side by side in one run;
+and the neural-tangents runner the harness uses (``bench_nt``).
 
     python bench/bench_cpu.py [--n 16] [--depth 6] [--nt-python /path/to/python]
 
 The workload is the symmetric Gram of N random 32x32x3 images, GAP, NTK + NNGP, float32.
 neural-tangents (optional) is measured in a subprocess (``--nt-python``, default: this Python
 if it can import neural_tangents), so that it can live in its own environment (JAX 0.4.x, or a
-current JAX through ``nt_compat.py``, as on the GPU machines); without it the bench says so and
-reports the engine alone.  Reports entries/s (N*N matrix entries per second)
-and unique pairs/s (N(N+1)/2 per second); writes bench/results/cpu_<date>.json.
+current JAX through ``nt_compat.py``); without it the bench says so and reports the engine
+alone.  Reports entries/s (N*N matrix entries per second) and unique pairs/s (N(N+1)/2 per
+second); writes <out-dir>/cpu_<date>.json.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median_time, write_result  # noqa: E402
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.common import (RESULTS, int_at_least, machine, median_time, result_header,  # noqa: E402
+                          utc_date, write_json)
 
 NT_SNIPPET = r"""
 import json, os, sys, time
@@ -80,15 +83,17 @@ def bench_nt(python, n, depth, size, repeats, save=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16, help="images (engine)")
-    ap.add_argument("--nt-n", type=int, default=4, help="images (neural-tangents; its memory grows as N^2 (HW)^2)")
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int_at_least(1), default=16, help="images (engine)")
+    ap.add_argument("--nt-n", type=int_at_least(1), default=4,
+                    help="images (neural-tangents; its memory grows as N^2 (HW)^2)")
+    ap.add_argument("--depth", type=int_at_least(2), default=6)
+    ap.add_argument("--size", type=int_at_least(1), default=32)
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--nt-python", default=sys.executable)
-    args = ap.parse_args()
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
 
     eng = bench_engine(args.n, args.depth, args.size, args.repeats)
     nt = bench_nt(args.nt_python, args.nt_n, args.depth, args.size, args.repeats)
@@ -105,7 +110,7 @@ def main():
                "machine": machine(), "results": rows}
     if all("entries_per_s" in r for r in rows):
         payload["speedup_entries_per_s"] = rows[0]["entries_per_s"] / rows[1]["entries_per_s"]
-    path = write_result("cpu", payload)
+    path = write_json(Path(args.out_dir) / f"cpu_{utc_date()}.json", {**result_header(), **payload})
     print(f"machine: {payload['machine']['cpu']} ({payload['machine']['cores']} cores)")
     print(f"workload: {payload['workload']}")
     for r in rows:

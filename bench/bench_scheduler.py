@@ -1,6 +1,6 @@
 """Cost of the tile machinery itself, against the cost of a realistic GPU tile.
 
-    python bench/bench_scheduler.py [--n 20000] [--tiles 24] [--pair-cost 5e-5] [--out-dir bench/results]
+    python bench/bench_scheduler.py [--n 20000] [--tiles 24] [--pair-cost 5e-5] [--out-dir DIR]
 
 What is measured (one process, this machine's CPU; no GPU needed):
 
@@ -14,7 +14,7 @@ What is measured (one process, this machine's CPU; no GPU needed):
    costs measured separately (sha256 fingerprint of the images; store creation; in memory, the
    first touch of the N x N result pages, paid once per job whatever the tiling).
 2. The overhead as a share of a realistic GPU tile: ``--pair-cost`` seconds per pair (default
-   1/20000 s: the depth-21 GAP target on an H100; measured: 1/18968 s, bench/NOTES.md)
+   1/20000 s: about the depth-21 GAP rate of the CUDA backend on an H100)
    x 262,144 pairs per 512 x 512 tile.
 3. Multi-GPU efficiency that tiles allow: the largest-first queue is replayed exactly (a
    discrete-event simulation over the real tile list with tile time = pairs x pair cost) for
@@ -23,30 +23,26 @@ What is measured (one process, this machine's CPU; no GPU needed):
    that the thread machinery reaches that bound.
 4. The host I/O the store needs per GPU at that tile time, against the write rate measured in 1.
 
-Writes bench/results/scheduler_<machine>.json.
+Writes <out-dir>/scheduler_<cpu model>_<cores>cpu.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
-import json
-import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import dataclasses
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, int_at_least, machine, positive_float, write_json  # noqa: E402
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
 from cntk_engine.backends.cuda import CudaBackend  # noqa: E402
@@ -82,16 +78,6 @@ class SleepingBackend(TrivialBackend):
         pairs = n * (n + 1) // 2 if symmetric else n * len(b)
         time.sleep(pairs * self.cost)
         return super().pair_sums(a, b, symmetric)
-
-
-def machine() -> tuple[str, str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:  # noqa: BLE001
-        model = platform.processor() or platform.machine()
-    tag = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_") + f"_{os.cpu_count()}cpu"
-    return model, tag
 
 
 def measure_overhead(n: int, tile: int, n_tiles: int, store_dir: Path | None, workers: int = 1):
@@ -180,18 +166,19 @@ def threaded(n: int, tile: int, gpus: int, seconds_per_pair: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--tile", type=int, default=CudaBackend.traits().default_tile)
-    ap.add_argument("--tiles", type=int, default=24, help="off-diagonal tiles measured")
-    ap.add_argument("--pair-cost", type=float, default=1 / 20000,
-                    help="GPU seconds per pair (default 1/20000: depth 21 GAP, H100 estimate)")
-    ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--n", type=int_at_least(2), default=20000)
+    ap.add_argument("--tile", type=int_at_least(1), default=CudaBackend.traits().default_tile)
+    ap.add_argument("--tiles", type=int_at_least(2), default=24, help="off-diagonal tiles measured")
+    ap.add_argument("--pair-cost", type=positive_float, default=1 / 20000,
+                    help="GPU seconds per pair (default 1/20000: depth 21 GAP on an H100)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tmp", default=None, help="folder for the temporary store")
     args = ap.parse_args(argv)
-    model, tag = machine()
+    m = machine()
+    tag = re.sub(r"[^a-z0-9]+", "_", m["cpu"].lower()).strip("_") + f"_{m['cores']}cpu"
     tile_pairs = args.tile * args.tile
     gpu_tile_s = tile_pairs * args.pair_cost
-    res = {"machine": model, "cpus": os.cpu_count(), "python": platform.python_version(),
+    res = {"machine": m["cpu"], "cpus": m["cores"], "python": m["python"],
            "n": args.n, "tile": args.tile, "pair_cost_seconds": args.pair_cost,
            "gpu_seconds_per_offdiag_tile": gpu_tile_s, "modes": {}}
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
@@ -230,9 +217,7 @@ def main(argv=None):
                   f"(queue bound {100 * s['simulated_efficiency']:.1f}%)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out_dir) / f"scheduler_{tag}.json"
-    path.write_text(json.dumps(res, indent=1))
+    path = write_json(Path(args.out_dir) / f"scheduler_{tag}.json", res)
     print(f"wrote {path}")
 
 

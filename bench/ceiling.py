@@ -1,5 +1,5 @@
 """The arithmetic ceiling: operations per pair (counted from the kernel code) and the device's
-measured FP32 / FP64 rate (an FMA loop).  See bench/CEILING.md for the count and its sources.
+measured FP32 / FP64 rate (an FMA loop).  The count, line by line: docs/gpu_performance.md.
 
     python -m bench.ceiling              # measure this machine's CPU FMA rate (numba)
     python -m bench.ceiling --gpu        # and the GPU's (CuPy RawKernel), if CuPy works
@@ -27,7 +27,7 @@ import numpy as np
 
 # ---------------------------------------------------------------------------- the count
 # Per entry and layer, float32 path of cntk_engine/backends/numba_cpu.py (pair_kernel's layer
-# loop + box()), k = filter size.  See bench/CEILING.md for the line-by-line derivation.
+# loop + box()), k = filter size; derived line by line in docs/gpu_performance.md.
 RELU_STEP = {"fma": 9, "mul": 8, "add": 4, "sqrt": 2, "other": 5}
 
 

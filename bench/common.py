@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: machine description, timing, JSON results."""
+"""Shared helpers of the benchmark scripts: machine description, timing, result files and
+command-line argument types (a bad value ends the program with argparse's one-line error)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def cpu_model() -> str:
@@ -26,13 +28,14 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
+    """CPU model, core count, OS and Python version of this machine (every result records it)."""
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0]}
 
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
@@ -53,23 +56,13 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> tuple[float, list[floa
     return statistics.median(times), times
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
-    payload = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv),
-               **payload}
-    path = RESULTS / f"{name}_{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-    return path
+def utc_date() -> str:
+    """Today's UTC date as YYYYMMDD: the date suffix of result file names."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d")
 
 
-# --------------------------------------------------------------------------- added for the
-# harness and the reproduction scripts (bench/harness.py, reproduce_table1.py, small_data.py)
 def result_header() -> dict:
-    """The fields every result file starts with (date, commit, command), as write_result."""
+    """The fields every result file starts with: date, commit, command."""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
@@ -143,8 +136,7 @@ def gpu_sync() -> None:
         pass
 
 
-# --------------------------------------------------------------------------- command-line
-# argument types: a bad value ends the program with argparse's one-line error, no traceback
+# --------------------------------------------------------------------------- argparse types
 def int_at_least(minimum: int):
     """argparse type: an integer >= ``minimum``."""
     def parse(text):
@@ -194,3 +186,19 @@ def existing_file(text):
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{text}: {'is a directory, not a file' if p.is_dir() else 'no such file'}")
     return str(p)
+
+
+def positive_float(text):
+    """argparse type: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return v
+
+
+def devices(text):
+    """argparse type of --devices: 'all' or a comma list of GPU ids ('0,1' -> [0, 1])."""
+    return "all" if str(text).strip() == "all" else int_list(minimum=0)(text)

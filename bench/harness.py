@@ -7,7 +7,7 @@ Configurations are the product  method x depth x image size x dtype x tile x N. 
 
   numba, cuda, reference     the project's backends, through ``cntk_engine.gram``
   per_layer_cpu              the paper's per-layer 4-D algorithm in NumPy (bench/per_layer_cpu.py)
-  per_layer_cuda             the CUDA engineer's CuPy per-layer baseline (bench/per_layer_baseline*.py)
+  per_layer_cuda             the same algorithm in CuPy (bench/per_layer_baseline.py)
   neural_tangents            neural-tangents' stax kernel_fn, in a subprocess (--nt-python)
 
 Every configuration computes the symmetric Gram of N random (C, size, size) images (NTK and
@@ -30,26 +30,24 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import itertools
 import json
 import os
 import re
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import ceiling as ceil_mod
+from . import per_layer_baseline
 from . import sass_mix
-from .common import (choice_list, gpu_info, gpu_sync, int_at_least, int_list, machine, median_time,
-                     result_header, versions, write_json)
+from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list, machine,
+                     median_time, result_header, utc_date, versions, write_json)
 
-HERE = Path(__file__).resolve().parent
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents")
 GPU_METHODS = ("cuda", "per_layer_cuda")
@@ -60,24 +58,10 @@ RESUME_SETTINGS = ("seed", "warmup", "repeats", "devices", "dask_scheduler")
 
 
 # ------------------------------------------------------------------------------ helpers
-def _ints(s):
-    if isinstance(s, (list, tuple)):
-        return [int(v) for v in s]
-    return int_list(minimum=-2 ** 62)(s)
-
-
-def _strs(s):
-    if isinstance(s, (list, tuple)):
-        return list(s)
-    return [v.strip() for v in str(s).split(",") if v.strip()]
-
-
 def _overrides(s):
-    """'reference=2,per_layer_cpu=4' -> {'reference': 2, 'per_layer_cpu': 4} (argparse type)."""
-    if isinstance(s, dict):
-        return s
+    """argparse type: 'reference=2,per_layer_cpu=4' -> {'reference': 2, 'per_layer_cpu': 4}."""
     out = {}
-    for item in _strs(s or ""):
+    for item in (v.strip() for v in s.split(",") if v.strip()):
         k, eq, v = item.partition("=")
         k = k.strip()
         if not eq:
@@ -90,10 +74,8 @@ def _overrides(s):
 
 def _tiles(s):
     """argparse type: 'default' or tile sizes, comma list: 'default,64' -> [None, 64]."""
-    if isinstance(s, (list, tuple)):
-        return list(s)
     out = []
-    for t in _strs(s):
+    for t in (v.strip() for v in s.split(",") if v.strip()):
         if t == "default":
             out.append(None)
             continue
@@ -106,21 +88,14 @@ def _tiles(s):
     return out
 
 
-def _devices(s):
-    """argparse type: 'all' or GPU ids, comma list."""
-    if s is None or s == "all" or isinstance(s, (list, tuple)):
-        return s
-    return int_list(minimum=0)(s)
-
-
 def pairs_evaluated(method: str, n: int, plc_module=None) -> int:
     """The pairs a method computes for the symmetric Gram of n images.
 
     n(n+1)/2 for those that compute each unordered pair once and mirror it (this package's
-    backends, per_layer_cpu, and bench/per_layer_baseline.py since 2026-11-23, which says so
-    with ``PAIRS_EVALUATED = "unique"``); n^2 for neural-tangents (``kernel_fn(x, None)``
-    builds the full n x n batch of covariances, each ordered pair computed) and for a CuPy
-    per-layer module that does not declare it (counted as computing every ordered pair)."""
+    backends, per_layer_cpu, and a CuPy per-layer module that says so with
+    ``PAIRS_EVALUATED = "unique"``, as bench/per_layer_baseline.py does); n^2 for
+    neural-tangents (``kernel_fn(x, None)`` builds the full n x n batch of covariances, each
+    ordered pair computed) and for a CuPy per-layer module that does not declare it."""
     unique = n * (n + 1) // 2
     if method == "neural_tangents":
         return n * n
@@ -137,29 +112,6 @@ def config_key(c: dict) -> str:
     return "|".join(str(c[k]) for k in ("method", "depth", "size", "channels", "pooling", "dtype", "tile", "n"))
 
 
-def find_per_layer_cuda():
-    """The CUDA engineer's CuPy per-layer baseline module, or (None, why)."""
-    paths = sorted(glob.glob(str(HERE / "per_layer_baseline*.py")))
-    if not paths:
-        return None, "bench/per_layer_baseline*.py does not exist in this checkout"
-    errors = []
-    for p in paths:
-        name = "bench_" + Path(p).stem
-        try:
-            spec = importlib.util.spec_from_file_location(name, p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        except Exception as e:
-            errors.append(f"{Path(p).name}: import failed ({type(e).__name__}: {e})")
-            continue
-        if hasattr(mod, "gram"):
-            return mod, None
-        errors.append(f"{Path(p).name} has no gram() (public names: "
-                      f"{[n for n in dir(mod) if not n.startswith('_')]})")
-    return None, "; ".join(errors)
-
-
 # ------------------------------------------------------------------------------ runners
 class Runner:
     """Builds, per configuration, a zero-argument callable returning {depth: (ntk, nngp)}."""
@@ -168,11 +120,10 @@ class Runner:
         self.args = args
         self.gram_kwargs = {}
         self._client = None
-        self._plc = None
         import cntk_engine as ce
         self.ce = ce
         if args.devices:
-            self.gram_kwargs["devices"] = (args.devices if args.devices == "all" else _ints(args.devices))
+            self.gram_kwargs["devices"] = args.devices
         if args.dask_scheduler:
             from dask.distributed import Client
             self._client = Client(args.dask_scheduler)
@@ -188,9 +139,7 @@ class Runner:
         if method == "per_layer_cpu":
             return None
         if method == "per_layer_cuda":
-            if self._plc is None:
-                self._plc = find_per_layer_cuda()
-            return self._plc[1]
+            return None if gpu_info() else "bench/per_layer_baseline.py needs CuPy and a CUDA GPU"
         return None  # neural_tangents: known only after its subprocess ran
 
     def make(self, c, x):
@@ -204,8 +153,8 @@ class Runner:
             from .per_layer_cpu import gram as plc
             return lambda: plc(x, depths=[depth], pooling=pooling, fix=False, kernel="both", dtype=dt)
         if m == "per_layer_cuda":
-            mod = self._plc[0]
-            return lambda: mod.gram(x, depths=[depth], pooling=pooling, fix=False, kernel="both", dtype=dt)
+            from .per_layer_baseline import gram as plg
+            return lambda: plg(x, depths=[depth], pooling=pooling, fix=False, kernel="both", dtype=dt)
         raise ValueError(m)
 
 
@@ -218,8 +167,7 @@ def run_nt(args, c):
     """
     if c["pooling"] != "gap" or c["dtype"] != "float32" or c["channels"] != 3:
         return {"status": "skipped", "reason": "the neural-tangents snippet measures GAP, float32, 3 channels only"}
-    sys.path.insert(0, str(HERE))
-    from bench_cpu import bench_nt
+    from .bench_cpu import bench_nt
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "nt_kernels.npz"
         res = bench_nt(args.nt_python, c["n"], c["depth"], c["size"], args.repeats, save=saved)
@@ -252,14 +200,10 @@ def _max_rel_diff(res, ref, m):
 
 # ------------------------------------------------------------------------------ the run
 def build_matrix(args):
-    tiles = _tiles(args.tiles)
-    nfor = _overrides(args.n_for)
+    tiles, nfor = args.tiles, args.n_for
     out = []
-    for m, d, s, dt, p in itertools.product(_strs(args.methods), _ints(args.depths), _ints(args.sizes),
-                                           _strs(args.dtypes), _strs(args.pooling)):
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; methods are {', '.join(METHODS)}")
-        ns = [nfor[m]] if m in nfor else _ints(args.n)
+    for m, d, s, dt, p in itertools.product(args.methods, args.depths, args.sizes, args.dtypes, args.pooling):
+        ns = [nfor[m]] if m in nfor else args.n
         ts = tiles if m in PROJECT_BACKENDS else [None]
         # the reference is float64 whatever dtype= says; the NT snippet is float32
         dts = {"neural_tangents": ["float32"], "reference": ["float64"]}.get(m, [dt])
@@ -274,7 +218,7 @@ def build_matrix(args):
 def run_settings(args) -> dict:
     """The settings every measurement of a file shares (compared by --resume)."""
     return json.loads(json.dumps({"seed": args.seed, "warmup": args.warmup, "repeats": args.repeats,
-                                  "devices": _devices(args.devices), "dask_scheduler": args.dask_scheduler}))
+                                  "devices": args.devices, "dask_scheduler": args.dask_scheduler}))
 
 
 def output_path(args) -> Path:
@@ -282,7 +226,7 @@ def output_path(args) -> Path:
     <out-dir>/<name>_<8 digits>.json (a run resumed after midnight continues its file)."""
     if args.output:
         return Path(args.output)
-    today = Path(args.out_dir) / f"{args.name}_{datetime.now(timezone.utc).strftime('%Y%m%d')}.json"
+    today = Path(args.out_dir) / f"{args.name}_{utc_date()}.json"
     if args.resume and not today.exists():
         pat = re.compile(re.escape(args.name) + r"_(\d{8})\.json")
         found = sorted((p for p in Path(args.out_dir).glob(f"{glob.escape(args.name)}_*.json")
@@ -350,7 +294,7 @@ def run(args) -> dict:
             rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(cpu_dts)))
         if gpu_dts and payload["gpu"]:
             rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(gpu_dts)))
-    payload["ceiling"] = {"rates": rates, "count": "bench/CEILING.md (counted from cntk_engine/backends/numba_cpu.py)"}
+    payload["ceiling"] = {"rates": rates, "count": "docs/gpu_performance.md (counted from cntk_engine/backends/numba_cpu.py)"}
     # the cuda kernel's own instruction count (bench/sass_mix.py): issue ceiling and efficiency
     mixes = {}
     if "cuda" in methods and payload["gpu"]:
@@ -408,7 +352,7 @@ def run(args) -> dict:
             rec["unique_pairs"] = pairs
             rec["unique_pairs_per_s"] = pairs / rec["seconds"]
             rec["entries_per_s"] = n * n / rec["seconds"]
-            rec["pairs_evaluated"] = pairs_evaluated(c["method"], n, (runner._plc or (None,))[0])
+            rec["pairs_evaluated"] = pairs_evaluated(c["method"], n, per_layer_baseline)
             rec["pairs_evaluated_per_s"] = rec["pairs_evaluated"] / rec["seconds"]
             w = ceil_mod.work_per_pair(c["depth"], c["size"], c["size"], c["channels"], c["pooling"])
             rec["work_per_pair"] = {"fp_instructions": w.fp_instructions, "flops": w.flops}
@@ -482,9 +426,9 @@ def parser():
     ap.add_argument("--seed", type=int, default=0, help="seed of the random images (recorded in the JSON)")
     ap.add_argument("--nt-python", default=os.environ.get("CNTK_ENGINE_NT_PYTHON", sys.executable),
                     help="python with neural_tangents (subprocess); default: this one")
-    ap.add_argument("--devices", type=_devices, default=None, help="passed to gram(devices=...): 'all' or 0,1,2,3")
+    ap.add_argument("--devices", type=devices, default=None, help="passed to gram(devices=...): 'all' or 0,1,2,3")
     ap.add_argument("--dask-scheduler", default=None, help="address of a Dask scheduler: gram(client=Client(addr))")
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="harness", help="result file stem: <out-dir>/<name>_<UTC date>.json")
     ap.add_argument("--output", default=None,
                     help="explicit JSON path (overrides --out-dir/--name); use it for long runs that may be "

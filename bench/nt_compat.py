@@ -46,7 +46,7 @@ def install() -> list[str]:
         return PATCHED
     if importlib.util.find_spec("neural_tangents") is None:
         raise ImportError("neural_tangents is not installed (pip install neural-tangents==0.6.5 "
-                          "frozendict, or carry their wheels: bench/README.md)")
+                          "frozendict, or carry their wheels: tools/gpu/README.md)")
     import jax
     import jax.core
     import jax.interpreters.ad as ad

@@ -3,17 +3,15 @@
 For ONE pair at a time it materialises the full (H, W, H, W) covariance tensors Sigma and Theta
 in device memory and, per layer, launches one ReLU-kernel ("trans") kernel and two 3x3
 convolution kernels over the whole 4-D tensors, as the paper's reference code does (arora
-convention, GAP readout).  Written here with CuPy RawKernels.
+convention, GAP readout).  Written here with CuPy RawKernels.  The per-image diagonals come
+from the same 4-D recursion of each image with itself, as in the paper's code, so the baseline
+times the paper's method whole.
 
 A symmetric Gram computes each unordered pair once (j >= i) and mirrors it, as every method
 the harness compares does when it can (``per_layer_cpu``, this package's backends), so that
-its unique pairs/s is a per-pair rate.  Until 2026-11-23 it computed all N^2 ordered pairs
-while the harness credited it with N(N+1)/2: see the ``correction`` of
-bench/results/harness_gpu_h100_20261123.json.
+its unique pairs/s is a per-pair rate.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -132,6 +130,3 @@ def gram(x, depths, pooling="gap", fix=False, kernel="both", dtype="float32"):
         res[d] = k if kernel == "both" else k[0 if kernel == "ntk" else 1]
     return res
 
-
-def ops_note() -> str:
-    return f"conv3 reads 9 entries per output; per layer 2 conv3 + 1 trans over (HW)^2 entries ({math.pi:.2f})"

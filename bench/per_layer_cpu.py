@@ -7,11 +7,12 @@ step per layer, every layer reading and writing the whole tensor in memory.  Thi
 that algorithm in NumPy, in the compute dtype asked for (float32 like the paper, or float64),
 one pair at a time, with preallocated buffers.  It is NOT the project's reference backend
 (``cntk_engine.backends.reference`` is the float64 test oracle); it is the "what you would
-write from the paper" alternative the benchmark harness measures the engine against.
+write from the paper" alternative the benchmark harness measures the engine against, so it
+stays an implementation of its own rather than a call into the engine.
 
-Per-image diagonals use the closed recursion q(l+1) = w box(q(l) / 2) + b2 (cheap), so the
-timing is the pair work, as for the engine.  Self pairs get c = 1 exactly on their diagonal
-(as every backend of the project does; it costs nothing).
+The per-image diagonals are the engine's (``cntk_engine.diag.diag_norms``, a few box filters
+per image), so the timing is the pair work, as for the engine.  Self pairs get c = 1 exactly
+on their diagonal (as every backend of the project does; it costs nothing).
 
     from bench.per_layer_cpu import gram
     res = gram(x, depths=[3, 6], pooling="gap", fix=False, dtype="float32")  # {depth: (ntk, nngp)}
@@ -23,28 +24,7 @@ import math
 import numpy as np
 
 from cntk_engine.arch import finalize, make_architecture
-
-
-def _box2(a, k):
-    """Zero-padded k x k box sum over the last two axes."""
-    r = k // 2
-    h, w = a.shape[-2:]
-    pad = np.zeros(a.shape[:-2] + (h + 2 * r, w + 2 * r), dtype=a.dtype)
-    pad[..., r:r + h, r:r + w] = a
-    rows = sum(pad[..., :, s:s + w] for s in range(k))
-    return sum(rows[..., s:s + h, :] for s in range(k))
-
-
-def diagonals(x, arch, params):
-    """q(l, p) for images x (N, C, H, W): (N, L, H, W) float64."""
-    x = np.asarray(x, dtype=np.float64)
-    n, _, h, w = x.shape
-    q = np.empty((n, arch.n_layers, h, w))
-    cur = params.w_first * _box2(np.einsum("nchw,nchw->nhw", x, x), arch.filter_size) + params.b2
-    for l in range(arch.n_layers):
-        q[:, l] = cur
-        cur = params.w * _box2(cur * 0.5, arch.filter_size) + params.b2
-    return q
+from cntk_engine.diag import diag_norms
 
 
 class _Conv4:
@@ -133,8 +113,8 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     b = a if symmetric else np.asarray(x2, dtype=np.float64)
     _, c, h, w = a.shape
     params = arch.layer_params(c, h, w)
-    qa = diagonals(a, arch, params)
-    qb = qa if symmetric else diagonals(b, arch, params)
+    qa = diag_norms(a, arch, params)
+    qb = qa if symmetric else diag_norms(b, arch, params)
 
     def split(q):
         s = np.sqrt(np.maximum(q, 0.0))

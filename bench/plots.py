@@ -29,7 +29,7 @@ PROJECT = ("cuda", "numba")   # the project's backends, fastest first
 def _per_pair_rate(r) -> float:
     """An alternative's rate per pair it computed: ``pairs_evaluated_per_s`` when the record has
     it (a method that computes all N^2 ordered pairs is not charged for the duplicates), else
-    unique pairs/s (records written before the harness recorded it)."""
+    unique pairs/s (result files without that field)."""
     return r.get("pairs_evaluated_per_s") or r["unique_pairs_per_s"]
 
 

@@ -29,26 +29,29 @@ the paper's published figure where we have it).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import pickle
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (choice_list, existing_file, gpu_info, gpu_sync, int_at_least, int_list,  # noqa: E402
-                          machine, result_header, versions, write_json)
+from bench.common import (RESULTS, choice_list, devices, existing_file, gpu_info, gpu_sync,  # noqa: E402
+                          int_at_least, int_list, machine, positive_float, result_header, utc_date,
+                          versions, write_json)
+import cntk_engine as ce  # noqa: E402
+from cntk_engine import solver  # noqa: E402
+from cntk_engine.arch import make_architecture  # noqa: E402
+from cntk_engine.preprocess import preprocess as engine_preprocess  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 DEPTHS = (3, 4, 6, 11, 21)
-# Published Table 1 accuracies (%, full CIFAR-10, 50k train / 10k test) that we could verify.
-# Only CNTK-GAP depth 11 is recorded: the other cells were not retrievable from the sources
-# available when this was written, and we do not fill them from memory.
+CLASSES = np.arange(10)             # CIFAR-10 labels, also the column of each class in the targets
+LOO_GRID = (0.0,) + tuple(10.0 ** np.arange(-7, 1))   # ridges for the LOO choice, x mean(diag K)
+# Published Table 1 accuracies (%, full CIFAR-10, 50k train / 10k test) checked against a source:
+# only CNTK-GAP depth 11; the other cells are shown as "not recorded", not filled from memory.
 PUBLISHED = {("gap", 11): 77.43}
 COLUMN = {"flatten": "CNTK-V", "gap": "CNTK-GAP"}
 PAPER_FIX = {"flatten": False, "gap": True}
@@ -142,114 +145,51 @@ def load_cifar_for_cli(path):
 
 
 def preprocess(x_train, x_test, downsample=1):
-    """The paper's preprocessing: /255, per-channel standardisation with training statistics;
-    optionally average-pool by ``downsample`` (a CPU-feasibility option, not the paper's)."""
-    a = x_train.astype(np.float64) / 255.0
-    b = x_test.astype(np.float64) / 255.0
-    mean = a.mean(axis=(0, 2, 3))
-    std = a.std(axis=(0, 2, 3))
-    a = (a - mean[:, None, None]) / std[:, None, None]
-    b = (b - mean[:, None, None]) / std[:, None, None]
-    if downsample > 1:
-        f = downsample
-
-        def pool(x):
-            n, c, h, w = x.shape
-            return x[:, :, :h - h % f, :w - w % f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))
-
-        a, b = pool(a), pool(b)
+    """The paper's preprocessing, per-channel standardisation with the training statistics
+    (``cntk_engine``'s), then optionally F x F average pooling (a CPU option, not the paper's);
+    float32."""
+    try:
+        a, b = engine_preprocess(x_train, x_test, "standardize")
+        if downsample > 1:
+            a, b = engine_preprocess(a, b, "none", downsample)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return a.astype(np.float32), b.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- regression
-def one_hot(y, n_classes=10):
-    """The paper's targets: 0.9 for the class, -0.1 elsewhere."""
-    Y = np.full((len(y), n_classes), -0.1)
-    Y[np.arange(len(y)), y] = 0.9
-    return Y
+def solve_device(n: int):
+    """"cuda" for the solves of an n x n Gram when n >= 1500 and a GPU is usable (a 5000^2
+    eigendecomposition takes seconds there, minutes on the CPU), else None (NumPy)."""
+    return "cuda" if n >= 1500 and gpu_info() else None
 
 
-def _solver_module():
-    try:
-        from cntk_engine import solver
-        return solver
-    except Exception:
-        return None
+def regression_accuracy(k_train, k_test, y_train, y_test, loo=False):
+    """Test accuracy of kernel regression on the paper's targets (0.9 / -0.1), CIFAR-10 labels.
 
-
-def ridge_free_predict(k_train, k_test_train, y_train, n_classes=10):
-    """The paper's solve: u = K_test,train K_train^-1 Y (no regularisation)."""
-    import scipy.linalg
-    Y = one_hot(y_train, n_classes)
-    try:
-        alpha = scipy.linalg.solve(k_train, Y, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        try:
-            alpha = scipy.linalg.solve(k_train, Y)
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-            # singular (e.g. fix=True at depth 2: the NTK is identically 0): min-norm solution
-            alpha = scipy.linalg.lstsq(k_train, Y)[0]
-    return k_test_train @ alpha
-
-
-def loo_ridge_predict(k_train, k_test_train, y_train, n_classes=10, grid=None):
-    """Ridge chosen by leave-one-out accuracy on the training set (closed form through one
-    eigendecomposition; ridge relative to mean(diag K)).  Returns (predictions, ridge, loo_acc).
-
-    Used until/unless cntk_engine.solver provides the same selection (it is then preferred)."""
-    Y = one_hot(y_train, n_classes)
-    scale = float(np.mean(np.diag(k_train)))
-    scale = scale if scale > 0 else 1.0
-    xp = _array_module_for_solves(len(k_train))
-    s, U = xp.linalg.eigh(xp.asarray(k_train / scale))
-    UtY = U.T @ xp.asarray(Y)
-    smax = float(s.max())
-    grid = grid if grid is not None else [0.0] + list(10.0 ** np.arange(-7, 1))
-    best = None
-    for lam in grid:
-        d = s + lam
-        if bool(xp.any(d <= 1e-12 * smax)):
-            continue
-        alpha = U @ (UtY / d[:, None])
-        ainv_diag = ((U * (1.0 / d)[None, :]) * U).sum(axis=1)
-        loo = xp.asarray(Y) - alpha / ainv_diag[:, None]
-        acc = float(xp.mean(loo.argmax(1) == xp.asarray(y_train)))
-        if best is None or acc > best[1] + 1e-12:
-            best = (lam, acc, alpha)
-    lam, acc, alpha = best
-    alpha = alpha.get() if hasattr(alpha, "get") else alpha
-    return (k_test_train / scale) @ alpha, lam, acc
-
-
-def _array_module_for_solves(n):
-    """CuPy for big eigendecompositions when a GPU is usable (5000^2 eigh: seconds, not
-    minutes), else NumPy."""
-    if n < 1500:
-        return np
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:
-        pass
-    return np
-
-
-def accuracy(pred, y):
-    return float(np.mean(np.asarray(pred).argmax(1) == np.asarray(y)))
+    ``loo=False``: the paper's solve, no ridge.  ``loo=True``: the ridge of ``LOO_GRID`` (x mean
+    diagonal) with the best leave-one-out training accuracy, the smallest of equally good ones.
+    Returns (test accuracy, relative ridge, LOO training accuracy); the last two None without
+    ``loo``."""
+    Y, _ = solver.paper_targets(y_train, CLASSES)
+    device = solve_device(len(k_train))
+    ridge, rel, loo_acc = 0.0, None, None
+    if loo:
+        scale = solver.ridge_scale(k_train)
+        acc = solver.loo(k_train, Y, np.asarray(LOO_GRID) * scale, labels=y_train, device=device).accuracy
+        i = int(np.nanargmax(acc))                  # the first, i.e. smallest, of the best ridges
+        ridge, rel, loo_acc = float(LOO_GRID[i] * scale), LOO_GRID[i], float(acc[i])
+    pred = solver.kernel_ridge(k_train, Y, k_test, ridge, device=device)
+    return solver.accuracy(pred, y_test), rel, loo_acc
 
 
 # ---------------------------------------------------------------------------- kernels
-def scheduler_kwargs(args, gram):
+def scheduler_kwargs(args):
+    """gram()'s devices= and client= from --devices and --dask-scheduler."""
     kw = {}
-    sig = inspect.signature(gram).parameters
-    if getattr(args, "devices", None):
-        if "devices" not in sig:
-            raise SystemExit("--devices: this cntk_engine.gram has no devices= parameter yet")
-        kw["devices"] = args.devices if args.devices == "all" else [int(v) for v in args.devices.split(",")]
-    if getattr(args, "dask_scheduler", None):
-        if "client" not in sig:
-            raise SystemExit("--dask-scheduler: this cntk_engine.gram has no client= parameter yet")
+    if args.devices:
+        kw["devices"] = args.devices
+    if args.dask_scheduler:
         from dask.distributed import Client
         kw["client"] = Client(args.dask_scheduler)
     return kw
@@ -263,10 +203,9 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
     again computes only the missing tiles, and ``get(d)`` reads one depth at a time, so the
     full 50k CIFAR-10 needs the memory of one depth's matrices, not of all five.
     """
-    import cntk_engine as ce
     kw = dict(depths=list(depths), pooling=pooling, fix=fix, kernel="both", backend=args.backend,
               dtype=args.dtype, tile=args.tile, **(extra or {}))
-    ce.gram(xtr[:2], **{**kw, **{k: v for k, v in kw.items() if k in ("devices", "client")}})  # warm-up / JIT
+    ce.gram(xtr[:2], **kw)                         # warm-up: JIT compilation, CUDA module load
     gpu_sync()
     store = getattr(args, "store", None)
     paths = {}
@@ -285,7 +224,6 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
     timing = {"backend": info["backend"], "seconds_train_train": t1 - t0, "seconds_test_train": t2 - t1,
               "seconds": t2 - t0, "unique_pairs": pairs, "unique_pairs_per_s": pairs / (t2 - t0)}
     if store:
-        from cntk_engine import solver
         timing["store"] = paths
         done = info["tiles_computed"] + info_te["tiles_computed"]
         total = info["tiles_total"] + info_te["tiles_total"]
@@ -305,7 +243,6 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
 
 def per_depth_throughput(x, depths, pooling, fix, args, m, extra=None):
     """Each depth on its own (one depth per pass) on the first m images: pairs/s per depth."""
-    import cntk_engine as ce
     out = {}
     for d in depths:
         kw = dict(depth=d, pooling=pooling, fix=fix, kernel="both", backend=args.backend,
@@ -323,7 +260,6 @@ def per_depth_throughput(x, depths, pooling, fix, args, m, extra=None):
 def probe_rate(xtr, xte, depths, pooling, fix, args, extra=None, min_seconds=1.5, max_m=512):
     """Test x train pairs/s at the deepest depth: m x 2m blocks, m doubling from 8 until one
     call takes ``min_seconds`` (so a GPU is measured on blocks big enough to fill it)."""
-    import cntk_engine as ce
     kw = dict(depths=[max(depths)], pooling=pooling, fix=fix, kernel="both", backend=args.backend,
               dtype=args.dtype, tile=args.tile, **(extra or {}))
     ce.gram(xte[:2], xtr[:2], **kw)
@@ -383,7 +319,6 @@ def check_writable_dir(folder, what) -> None:
 def check_architecture(depths, poolings, fix_arg) -> None:
     """The engine's own checks of each column's architecture, before any data is loaded: an
     impossible combination (e.g. a depth the engine refuses with fix=True) ends with the reason."""
-    from cntk_engine.arch import make_architecture
     for pooling in poolings:
         fix = PAPER_FIX[pooling] if fix_arg == "paper" else fix_arg == "true"
         try:
@@ -394,9 +329,7 @@ def check_architecture(depths, poolings, fix_arg) -> None:
 
 
 def run(args):
-    import cntk_engine as ce
-    depths = tuple(_as_ints(args.depths))
-    poolings = _as_strs(args.pooling)
+    depths, poolings = tuple(args.depths), args.pooling
     check_architecture(depths, poolings, args.fix)
     if args.save_kernels:
         check_writable_dir(save_kernels_path(args.save_kernels, poolings[0]).parent, "--save-kernels")
@@ -406,10 +339,8 @@ def run(args):
     n_te = min(args.n_test, len(x_te))
     xtr, xte = preprocess(x_tr, x_te, args.downsample)
     xtr_all, ytr_all, xte_all, yte_all = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
-    extra = scheduler_kwargs(args, ce.gram)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
-    stem = Path(args.out_dir) / f"table1_{args.tag}_{stamp}"
-    solver = _solver_module()
+    extra = scheduler_kwargs(args)
+    stem = Path(args.out_dir) / f"table1_{args.tag}_{utc_date()}"
     payload = {**result_header(), "kind": "table1", "machine": machine(), "gpu": gpu_info(),
                "versions": versions(), "data": src, "n_train": n_tr, "n_test": n_te,
                "image_shape": list(xtr.shape[1:]), "downsample": args.downsample,
@@ -417,8 +348,7 @@ def run(args):
                "protocol": "Arora et al. 2019 Table 1: CNTK-V = flatten, fix=False; CNTK-GAP = gap, "
                            "fix=True; arora convention; targets 0.9/-0.1; ridge-free solve (paper) and "
                            "LOO-selected ridge (ours)",
-               "solver": "bench.reproduce_table1 (scipy solve / eigh LOO)" if solver is None else
-                         "cntk_engine.solver present; bench's closed-form solve used for the paper protocol",
+               "solver": "cntk_engine.solver: kernel_ridge (Cholesky, float64), LOO ridge by solver.loo",
                "published": {f"{COLUMN[p]} depth {d}": v for (p, d), v in PUBLISHED.items()},
                "published_note": "full CIFAR-10 (50k train / 10k test); a subset scores lower",
                "columns": {}}
@@ -444,12 +374,10 @@ def run(args):
             ntk_tr, nngp_tr, ntk_te, nngp_te = get_kernels(d)
             row = {"depth": d}
             for name, ktr, kte in (("ntk", ntk_tr, ntk_te), ("nngp", nngp_tr, nngp_te)):
-                row[f"{name}_acc_paper_solve"] = accuracy(ridge_free_predict(ktr, kte, ytr), yte)
+                row[f"{name}_acc_paper_solve"] = regression_accuracy(ktr, kte, ytr, yte)[0]
                 if not args.no_loo:
-                    pred, lam, loo = loo_ridge_predict(ktr, kte, ytr)
-                    row[f"{name}_acc_loo_ridge"] = accuracy(pred, yte)
-                    row[f"{name}_ridge"] = lam
-                    row[f"{name}_loo_train_acc"] = loo
+                    (row[f"{name}_acc_loo_ridge"], row[f"{name}_ridge"],
+                     row[f"{name}_loo_train_acc"]) = regression_accuracy(ktr, kte, ytr, yte, loo=True)
             row["published_ntk_acc"] = PUBLISHED.get((pooling, d))
             rows.append(row)
             print(f"  depth {d:2d}: NTK {100 * row['ntk_acc_paper_solve']:.2f}%"
@@ -516,24 +444,6 @@ def markdown(p) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
-    return v
-
-
-def _as_ints(v):
-    return list(v) if isinstance(v, (list, tuple)) else int_list(2)(v)
-
-
-def _as_strs(v):
-    return list(v) if isinstance(v, (list, tuple)) else choice_list(COLUMN)(v)
-
-
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="CIFAR-10 python directory or .npz (default: the subset)")
@@ -551,7 +461,7 @@ def parser():
     ap.add_argument("--downsample", type=int_at_least(1), default=1,
                     help="average-pool images by this factor (CPU option)")
     ap.add_argument("--no-loo", action="store_true", help="skip the LOO ridge selection")
-    ap.add_argument("--time-budget", type=_positive_float, default=None,
+    ap.add_argument("--time-budget", type=positive_float, default=None,
                     help="seconds per kernel pass: measure pairs/s first, then shrink --n-train/--n-test "
                          "(same ratio) to fit")
     ap.add_argument("--per-depth-timing", type=int_at_least(0), default=16,
@@ -560,9 +470,9 @@ def parser():
                     help="compute the kernels into resumable Zarr stores in DIR (needs the zarr extra); "
                          "run the same command again to resume; solves read one depth at a time")
     ap.add_argument("--save-kernels", default=None, help="save the kernels (npz per pooling) for small_data.py")
-    ap.add_argument("--devices", default=None, help="gram(devices=...) (scheduler), e.g. all or 0,1")
+    ap.add_argument("--devices", type=devices, default=None, help="gram(devices=...) (scheduler), e.g. all or 0,1")
     ap.add_argument("--dask-scheduler", default=None, help="gram(client=Client(address))")
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default="cpu", help="file tag: table1_<tag>_<date>.json")
     ap.add_argument("--merge", nargs="+", type=existing_file, default=None, metavar="JSON",
                     help="merge these result files (one column each) into table1_<tag>_<date>.json/.md")
@@ -591,8 +501,7 @@ def merge(files, out_dir, tag):
     out["n_train"] = max(q["n_train"] for q in parts)
     out["n_test"] = max(q["n_test"] for q in parts)
     out["command"] = " ; ".join(q["command"] for q in parts)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
-    stem = Path(out_dir) / f"table1_{tag}_{stamp}"
+    stem = Path(out_dir) / f"table1_{tag}_{utc_date()}"
     write_json(stem.with_suffix(".json"), out)
     md = markdown(out)
     stem.with_suffix(".md").write_text(md)

@@ -2,7 +2,7 @@
 Nets on Small-data Tasks", arXiv 1910.01663) on CIFAR-10, from ONE kernel.
 
     python bench/small_data.py --pool 1280 --n-test 1000 --pooling flatten --depths 11
-    python bench/small_data.py --kernels bench/results/k_flatten.npz     # reuse a saved kernel
+    python bench/small_data.py --kernels /tmp/k_flatten.npz      # reuse a kernel of reproduce_table1.py
 
 Training sets of 10, 20, 40, ..., 1280 images are drawn (class-balanced: n/10 per class) from
 a pool of the first ``--pool`` training images, ``--draws`` times each; each draw is fitted by
@@ -23,19 +23,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (existing_file, gpu_info, int_at_least, int_list,  # noqa: E402
-                          machine, result_header, versions, write_json)
-from bench.reproduce_table1 import (accuracy, kernels, load_cifar_for_cli, loo_ridge_predict,  # noqa: E402
-                                    preprocess, ridge_free_predict, scheduler_kwargs)
+from bench.common import (RESULTS, devices, existing_file, gpu_info, int_at_least, int_list,  # noqa: E402
+                          machine, result_header, utc_date, versions, write_json)
+from bench.reproduce_table1 import (check_architecture, kernels, load_cifar_for_cli,  # noqa: E402
+                                    preprocess, regression_accuracy, scheduler_kwargs)
 
-HERE = Path(__file__).resolve().parent
 SIZES = (10, 20, 40, 80, 160, 320, 640, 1280)
 
 
@@ -53,13 +51,8 @@ def balanced_draw(y, n, rng, n_classes=10):
     return np.array(idx)
 
 
-def _ints(v, minimum=1):
-    return list(v) if isinstance(v, (list, tuple)) else int_list(minimum)(v)
-
-
 def run(args):
-    sizes = _ints(args.sizes)
-    want = _ints(args.depths, 2)
+    sizes, want = args.sizes, args.depths
     t0 = time.perf_counter()
     if args.kernels:
         try:
@@ -84,15 +77,10 @@ def run(args):
         fix = bool(z["fix"]) if "fix" in z else None
         shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
     else:
-        import cntk_engine as ce
         depths = want
         pooling = args.pooling
         fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
-        from cntk_engine.arch import make_architecture
-        try:
-            make_architecture(depths=list(depths), pooling=pooling, fix=fix)
-        except ValueError as e:
-            raise SystemExit(f"error: {pooling}, fix={fix}, --depths {','.join(map(str, depths))}: {e}") from None
+        check_architecture(depths, [pooling], args.fix)
         x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
         xtr, xte = preprocess(x_tr, x_te, args.downsample)
         xtr, ytr = xtr[:args.pool], y_tr[:args.pool]
@@ -102,7 +90,7 @@ def run(args):
                              f"of {len(ytr)} images; nothing computed")
         print(f"kernel: {len(xtr)} pool x {len(xte)} test, {xtr.shape[1:]} images, {pooling}, fix={fix}, "
               f"depths {depths}, backend {args.backend}", flush=True)
-        get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, scheduler_kwargs(args, ce.gram))
+        get_kernels, timing = kernels(xtr, xte, depths, pooling, fix, args, scheduler_kwargs(args))
         ks = {d: get_kernels(d) for d in depths}
         print(f"  kernel pass: {timing['seconds']:.1f} s, {timing['unique_pairs_per_s']:.4g} unique pairs/s",
               flush=True)
@@ -129,15 +117,8 @@ def run(args):
                 for solve in ("paper_solve", "loo_ridge"):
                     if solve == "loo_ridge" and args.no_loo:
                         continue
-                    accs = []
-                    for idx in draws:
-                        ktr = ktr_full[np.ix_(idx, idx)]
-                        kte = kte_full[:, idx]
-                        if solve == "paper_solve":
-                            pred = ridge_free_predict(ktr, kte, ytr[idx])
-                        else:
-                            pred = loo_ridge_predict(ktr, kte, ytr[idx])[0]
-                        accs.append(accuracy(pred, yte))
+                    accs = [regression_accuracy(ktr_full[np.ix_(idx, idx)], kte_full[:, idx], ytr[idx], yte,
+                                                loo=solve == "loo_ridge")[0] for idx in draws]
                     label = f"{'CNTK' if kname == 'ntk' else 'CNN-GP'} d{d} {solve.replace('_', ' ')}"
                     row = {"n_train": n, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
                            "draws": len(accs), "accs": accs}
@@ -147,10 +128,9 @@ def run(args):
         print(f"  n={n:5d}: best {best['label']}: {100 * best['mean']:.2f} +- {100 * best['std']:.2f}%", flush=True)
     if not sizes:
         raise SystemExit(f"error: no training size could be drawn from the pool of {len(ytr)} images "
-                         f"(--sizes {','.join(map(str, sizes_all or _ints(args.sizes)))}: each is larger than "
+                         f"(--sizes {','.join(map(str, args.sizes))}: each is larger than "
                          "the pool or needs more images of a class than it has); nothing written")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
-    stem = Path(args.out_dir) / f"small_data_{args.tag}_{stamp}"
+    stem = Path(args.out_dir) / f"small_data_{args.tag}_{utc_date()}"
     payload = {**result_header(), "kind": "small_data", "machine": machine(), "gpu": gpu_info(),
                "versions": versions(), "data": src, "pool": int(len(ytr)), "n_test": int(len(yte)),
                "image_shape": shape, "pooling": pooling, "fix": fix, "depths": depths,
@@ -190,9 +170,9 @@ def parser():
     ap.add_argument("--tile", type=int_at_least(1), default=None)
     ap.add_argument("--downsample", type=int_at_least(1), default=1)
     ap.add_argument("--no-loo", action="store_true")
-    ap.add_argument("--devices", default=None)
+    ap.add_argument("--devices", type=devices, default=None)
     ap.add_argument("--dask-scheduler", default=None)
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default="cpu")
     return ap
 

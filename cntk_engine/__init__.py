@@ -7,10 +7,10 @@ regression on them; ``CNTKClassifier`` / ``CNTKRegressor`` are scikit-learn esti
 """
 from . import solver
 from .api import gram
-from .arch import Architecture
+from .arch import Architecture, AvgPool, ConvRelu, serial
 from .backends import available_backends
 from .version import __version__
-__all__ = ["gram", "Architecture", "available_backends", "solver", "CNTKClassifier",
+__all__ = ["gram", "Architecture", "ConvRelu", "AvgPool", "serial", "available_backends", "solver", "CNTKClassifier",
            "CNTKRegressor", "__version__"]
 
 

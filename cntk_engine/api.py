@@ -14,7 +14,8 @@ from .jobs.local import resolve_devices
 log = logging.getLogger("cntk_engine")
 
 
-def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kernel="ntk",
+def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="gap",
+         lap_window=None, flip=False, fix=False, kernel="ntk",
          convention="arora", W_std=None, b_std=None, filter_size=3, backend="auto",
          dtype="float32", data_format=None, tile=None, return_info=False, devices=None,
          out=None, client=None, progress=False):
@@ -32,7 +33,18 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         (``cntk_engine.arch``, self pairs).  CuPy arrays in give CuPy arrays out.
     depth : int >= 2, conv layers + 1 (the paper's depth).  Or ``depths=[...]``: every depth
         is read out of ONE pass over the deepest network and a dict {depth: result} returned.
-    pooling : "gap" (global average pooling, CNTK-GAP) or "flatten" (the paper's CNTK-V).
+    architecture : "cnn" (the CNN of Arora et al.: depth - 1 conv + ReLU layers, the default),
+        "myrtle5" / "myrtle7" / "myrtle10" (the Myrtle pooling networks of Shankar et al. 2020,
+        32 x 32 images), or a stack of ``cntk_engine.ConvRelu()`` and ``cntk_engine.AvgPool(w,
+        s)`` layers from ``cntk_engine.serial(...)``.  A preset or stack fixes its depth (conv
+        layers + 1): leave depth and depths out.
+    pooling : the readout: "gap" (global average pooling, CNTK-GAP), "flatten" (the paper's
+        CNTK-V) or "lap" (local average pooling of Li et al. 2019: a ``lap_window`` x
+        ``lap_window`` circular average pool, then flatten); in a stack, after its last layer.
+    lap_window : c of the LAP readout (1 = flatten; c = H on H x H images = gap up to a
+        constant), with ``pooling="lap"`` only.
+    flip : the flip-symmetrised kernel (K(x, z) + K(x, hflip z)) / 2: the network made
+        invariant to horizontal flips; twice the cost per pair.
     fix : the first and last layers are not trained (paper Section 4.2).
     kernel : "ntk", "nngp" or "both" (a tuple (ntk, nngp)).
     convention : "arora" (the paper's reference code values) or "neural_tangents" (the values
@@ -64,7 +76,8 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
     cdtype = check_dtype(dtype)
-    arch = make_architecture(depth=depth, depths=depths, pooling=pooling, fix=fix,
+    arch = make_architecture(depth=depth, depths=depths, architecture=architecture,
+                             pooling=pooling, lap_window=lap_window, flip=flip, fix=fix,
                              convention=convention, W_std=W_std, b_std=b_std,
                              filter_size=filter_size)
     backends.check_name(backend)
@@ -81,6 +94,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False; got {progress!r}")
     image_shape = tuple(int(v) for v in a.shape[1:])
+    arch.check_image_shape(*image_shape)
 
     if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's
         if devices not in (None, "all"):
@@ -110,7 +124,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, pooling="gap", fix=False, kern
         def pick(res):
             return (res["ntk"], res["nngp"]) if kernel == "both" else res[kernel]
 
-        result = pick(result[arch.depths[0]]) if depth is not None else {d: pick(r) for d, r in result.items()}
+        result = pick(result[arch.depths[0]]) if depths is None else {d: pick(r) for d, r in result.items()}
     if not return_info:
         return result
     return result, dict(info, seconds=time.perf_counter() - t0)

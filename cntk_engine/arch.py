@@ -34,9 +34,26 @@ l = d - 1, through the pooling P:
 
   gap:     P(A) = sum over all p, p' of A(p, p')  / norm,   norm = (H W)^2 (arora, nt)
   flatten: P(A) = sum over p of A(p, p)           / norm,   norm = 1 (arora), H W (nt)
+  lap:     P(A) = sum over p, p' of n_H(dy) n_W(dx) A(p, p') / c^4 / norm,   norm as flatten
 
   nngp_d = out_scale * P(K_l) + out_b2
   ntk_d  = out_scale * P(G_l) + (0 if fix else nngp_d)
+
+LAP (local average pooling, Li et al. 2019) is AvgPool((c, c), stride 1, CIRCULAR padding) then
+Flatten: (pool A)(P, P') = c^-4 sum_{u, v in window} A(P + u, P' + v) (indices mod H, W), whose
+trace is the sum above with (dy, dx) = p' - p taken mod (H, W) and n_H(d) = #{(u, v) in
+[0, c)^2 : v - u = d mod H}, the number of window pairs at that circular offset (where the
+window sits does not matter).  So LAP is a weight per offset at the readout, and the two
+slices of a packed grid (offsets dx and dx - W) share it.  c = 1 is flatten; c = H on H x H
+images makes n constant (n = H per axis), i.e. the gap readout times H^2 (arora) or exactly
+gap (neural_tangents, whose flatten normaliser is H W).
+
+Flip symmetrisation (``flip=True``): K_flip(x, z) = (K(x, z) + K(x, F z)) / 2 with F the
+horizontal flip (the width axis reversed): the kernel of the network made invariant to
+horizontal flips.  Every network here is flip-equivariant (symmetric filters' box sums, pools
+whose windows tile the map, LAP's symmetric n), so K(x, F z) = K(F x, z) = K(z, F x): the
+flip-symmetrised Gram is symmetric, and a symmetric job still computes each unordered pair
+once (both terms), at twice the per-pair cost.
 
 Zero-variance windows (q = 0, e.g. all-black MNIST patches, or an all-zero image) have
 Sigma = Theta = 0 at every such entry (Cauchy-Schwarz, then induction), so K = G = 0 there
@@ -51,6 +68,13 @@ of identical images, wherever they sit: the self pairs of a symmetric Gram, and 
 occur twice (``gram(x, x)``, a training image in the test set, a duplicate in a data set; the
 fast backends find them by exact comparison, ``backends.base.identical_pairs``, and give them
 their image's self-pair value, so K(x, x') == K(x, x) bit for bit when x' == x).
+The same infinite slope bites wherever Sigma = +-sqrt(q_x q_z) holds exactly for other
+reasons: entries whose receptive fields match in both images (with biases, two all-zero
+windows give Sigma = q_x = q_z = b2 at the first layer, and so on up), which real images have
+in their blank margins.  The fast backends form c = Sigma (1/sqrt(q_x)) (1/sqrt(q_z)), a few
+ulps from +-1 there, so they take c within 8 ulps of +-1 as +-1 (the numba backend: at most
+the error the rounding of c already carries anywhere else, and exact where c = +-1 is exact);
+the reference's c = Sigma / sqrt(q_x q_z) is exact there by itself.
 
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.
@@ -62,6 +86,39 @@ on its own: for offset (dy, dx), slice entry (i, j) is (p, p') = ((i0 + i, j0 + 
 (i0 + dy + i, j0 + dx + j)) with i0 = max(0, -dy), j0 = max(0, -dx), on a
 (H - |dy|) x (W - |dx|) grid, and ``box`` is a plain zero-padded k x k box sum on that grid.
 The flatten readout needs only the offset-(0, 0) slice.
+
+Pooling stacks
+--------------
+A stack (:func:`serial`, the Myrtle presets) interleaves the conv + ReLU layers with average
+pooling layers ``AvgPool(w, stride s)`` (VALID: windows inside the image, which must tile it:
+(H - w) % s == 0).  Pooling is linear and has no parameters, so it maps both kernels alike:
+
+  (pool A)(P, P') = w^-4 sum_{u, v in [0, w)^2} A(s P + u, s P' + v)      for A = K_l and G_l,
+
+and the next conv reads them as it reads a ReLU's output (Sigma = w box(pool K) + b2,
+Theta = Sigma + w box(pool G)).  In offset slices, with A_d(p) = A(p, p + d):
+
+  (pool A)_D(P) = w^-4 sum_{u, v} A_{s D + v - u}(s P + u),
+
+so output slice D reads the (2w - 1)^2 input slices s D + e, |e| <= w - 1 (per axis): offsets
+mix at a pooling layer and only there; between pools every slice still runs through its conv
+layers on its own.  The fast path therefore keeps the per-offset fused loop within each stage
+(the conv layers between two pools) and forms the pooled (H' W')^2 covariance of the next stage
+entry by entry from the finer one: each fine entry (p, p') adds A(p, p') / w^4 to every coarse
+entry (P, P') whose windows hold p and p'.  Nothing larger than the pooled covariance of the
+next stage (16^4 entries for Myrtle's 32 -> 16) is held per pair.
+
+Per-image diagonals in a stack are no longer closed: q after a pool is the pooled self kernel
+at offset 0, which reads the self kernel's slices |e| <= w - 1 of the finer stage, and those
+need slices |e| <= s (w - 1) + (w - 1) one stage further up.  So the diagonals come from the
+self kernel restricted to offsets |d| <= m_t per stage t (m_last = 0, m_t = s_t m_{t+1} +
+w_t - 1; Myrtle: 3, 1, 0): :func:`cntk_engine.diag.diag_norms`.
+
+Readout of a stack: the pooling layers after the last conv layer and the gap / flatten readout
+are one linear map of the last stage's K and G, sum_{p, p'} R(p, p') A(p, p') with
+R = (the adjoint of those pools applied to) 1 (gap) or the identity (flatten) at the readout
+resolution: :func:`readout_weights`.  Myrtle's three final 2x2 pools to 1 x 1 then Flatten give
+R = 1 / 64^2: the mean over the 8 x 8 stage, i.e. its GAP.
 
 Conventions
 -----------
@@ -76,6 +133,12 @@ W_std^2, out_b2 = b_std^2.
 
 Without biases and with W_std^2 = 2, neural_tangents = (2 / C) * arora for gap and
 (2 / (C H W)) * arora for flatten (both kernels, any depth).
+
+Stacks take the same constants per conv layer (``arora``: w_first = 1, w = out_scale = 2 / k^2;
+``neural_tangents``: the stax values above), their pooling layers average (as stax.AvgPool),
+and the readout normaliser is that of the readout resolution H_r x W_r (1 x 1 for Myrtle):
+(H_r W_r)^2 for gap, and 1 (arora) or H_r W_r (neural_tangents) for flatten.  So without biases
+neural_tangents = (2 / C) * arora for gap and (2 / (C H_r W_r)) * arora for flatten here too.
 """
 from __future__ import annotations
 
@@ -87,12 +150,104 @@ from typing import Sequence
 
 import numpy as np
 
-POOLINGS = ("gap", "flatten")
+POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
 #: largest depth accepted: the cost is linear in depth and accuracy saturates by ~20 (the
 #: paper's depths are 3 to 21); 1000 leaves room for studies of very deep kernels
 MAX_DEPTH = 1000
+
+
+@dataclass(frozen=True)
+class ConvRelu:
+    """A k x k convolution (SAME zero padding, stride 1, k = the architecture's filter_size)
+    followed by a ReLU."""
+
+    def to_list(self) -> list:
+        return ["conv"]
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """Average pooling over w x w windows with stride s (default s = w), VALID padding: the
+    windows must tile the feature map exactly ((H - w) % s == 0)."""
+
+    window: int = 2
+    stride: int | None = None
+
+    def __post_init__(self):
+        w = as_integer(self.window)
+        st = w if self.stride is None else as_integer(self.stride)
+        for name, v in (("window", w), ("stride", st)):
+            if not is_int(v) or v < 1:
+                raise ValueError(f"AvgPool {name} must be a positive integer; got {v!r}")
+        if st > w:
+            raise ValueError(f"AvgPool stride {st} is larger than its window {w}: pixels between "
+                             "the windows would be dropped; use stride <= window")
+        object.__setattr__(self, "window", w)
+        object.__setattr__(self, "stride", st)
+
+    def out_size(self, n: int) -> int | None:
+        """The pooled size of an axis of n pixels, or None when the windows do not tile it."""
+        if n < self.window or (n - self.window) % self.stride:
+            return None
+        return (n - self.window) // self.stride + 1
+
+    def to_list(self) -> list:
+        return ["avgpool", self.window, self.stride]
+
+
+def serial(*layers) -> tuple:
+    """A stack of layers, in the spirit of ``stax.serial``: ``ConvRelu()`` and ``AvgPool(w, s)``
+    records (lists of them are flattened: ``[ConvRelu()] * 3``), for ``gram(x, architecture=...)``.
+
+    Rules: it starts with a conv layer (pool the images instead of a first pooling layer); two
+    pooling layers follow each other only after the last conv layer (before the readout)."""
+    flat = []
+    for item in layers:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    for i, layer in enumerate(flat):
+        if not isinstance(layer, (ConvRelu, AvgPool)):
+            raise ValueError(f"layer {i} of the stack is {layer!r}; a stack holds ConvRelu() and "
+                             "AvgPool(window, stride) layers")
+    if not flat or not isinstance(flat[0], ConvRelu):
+        raise ValueError("a stack must start with a ConvRelu() layer (pool the images themselves "
+                         "for a pooling first layer)")
+    last_conv = max(i for i, layer in enumerate(flat) if isinstance(layer, ConvRelu))
+    for i in range(1, last_conv):
+        if isinstance(flat[i], AvgPool) and isinstance(flat[i + 1], AvgPool):
+            raise ValueError(f"layers {i} and {i + 1} of the stack are both pooling layers between "
+                             "conv layers; use one AvgPool there (repeated pools are accepted "
+                             "only after the last conv layer, before the readout)")
+    return tuple(flat)
+
+
+def myrtle(depth: int) -> tuple:
+    """The Myrtle network of Shankar et al. 2020 as neural-tangents' notebook builds it:
+    [conv, relu] x f0, pool, [conv, relu] x f1, pool, [conv, relu] x f2, pool x 3 (then the
+    Flatten + Dense readout), f = (2, 1, 1), (2, 2, 2), (3, 3, 3) for depth 5, 7, 10; 2 x 2
+    pools of stride 2, so 32 x 32 images end at 1 x 1."""
+    f0, f1, f2 = MYRTLE_FACTORS[depth]
+    conv, pool = ConvRelu(), AvgPool(2, 2)
+    return serial([conv] * f0, pool, [conv] * f1, pool, [conv] * f2, [pool] * 3)
+
+
+MYRTLE_FACTORS = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
+PRESETS = {f"myrtle{d}": d for d in MYRTLE_FACTORS}
+PRESET_IMAGE_SIZE = (32, 32)     # the presets are defined for CIFAR-sized images
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Conv layers that run at one resolution: layers first_layer .. first_layer + n_layers - 1
+    (0-based over the conv layers) on height x width maps, then ``pool`` (None after the last
+    stage) to the next stage's resolution."""
+
+    height: int
+    width: int
+    first_layer: int
+    n_layers: int
+    pool: AvgPool | None
 
 
 @dataclass(frozen=True)
@@ -109,10 +264,14 @@ class LayerParams:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A CNN architecture and the kernels asked of it.
+    """A CNN architecture and the kernels asked of it: the one description every backend reads.
 
-    ``depths`` holds every depth whose readout is wanted; one pass over ``max(depths)``
-    layers produces all of them.
+    The CNN of Arora et al. (``layers=None``): ``max(depths) - 1`` conv + ReLU layers; ``depths``
+    holds every depth whose readout is wanted, and one pass over the deepest network produces
+    all of them.  A stack (``layers``: :func:`serial` or a preset's): its conv and pooling layers
+    in order; its depth is fixed (conv layers + 1, as Myrtle-5 has 4 conv layers) and
+    ``depths`` holds only that.  ``pooling`` is the readout (gap or flatten) at the end, after
+    any trailing pooling layers.  ``name``: the preset ("myrtle5", ...) or None.
     """
 
     depths: tuple[int, ...]
@@ -122,6 +281,10 @@ class Architecture:
     W_std: float | None = None
     b_std: float | None = None
     filter_size: int = 3
+    layers: tuple | None = None
+    name: str | None = None
+    lap_window: int | None = None
+    flip: bool = False
 
     def __post_init__(self):
         # NumPy scalars (np.int64(3), np.bool_(True), np.float32(1.5), e.g. from np.arange grids
@@ -144,6 +307,18 @@ class Architecture:
             raise ValueError(f"depths must not repeat; got {list(self.depths)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
+        if self.pooling == "lap":
+            c = as_integer(self.lap_window)
+            if not is_int(c) or c < 1:
+                raise ValueError("pooling='lap' needs lap_window = c, a positive integer (the c x c "
+                                 f"circular average pool before the readout); got {self.lap_window!r}")
+            object.__setattr__(self, "lap_window", c)
+        elif self.lap_window is not None:
+            raise ValueError(f"lap_window={self.lap_window!r} belongs to pooling='lap'; got "
+                             f"pooling={self.pooling!r}")
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise ValueError(f"flip must be True or False; got {self.flip!r}")
+        object.__setattr__(self, "flip", bool(self.flip))
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}; got {self.convention!r}")
         fs = as_integer(self.filter_size)
@@ -153,6 +328,13 @@ class Architecture:
         if not isinstance(self.fix, (bool, np.bool_)):
             raise ValueError(f"fix must be True or False; got {self.fix!r}")
         object.__setattr__(self, "fix", bool(self.fix))
+        if self.layers is not None:
+            layers = serial(*self.layers)
+            object.__setattr__(self, "layers", layers)
+            d = sum(isinstance(layer, ConvRelu) for layer in layers) + 1
+            if self.depths != (d,):
+                raise ValueError(f"a stack's depth is fixed by its layers ({d} = {d - 1} conv layers "
+                                 f"+ the dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
             raise ValueError(
                 f"fix=True needs depth >= 3; got depths {list(self.depths)}: at depth 2 the only "
@@ -190,9 +372,64 @@ class Architecture:
         """0-based ReLU layer index at which each depth in ``depths`` is read out."""
         return tuple(d - 2 for d in self.depths)
 
+    @property
+    def has_pooling(self) -> bool:
+        """Whether pooling layers sit between or after the conv layers (a pooled stack)."""
+        return self.layers is not None and any(isinstance(la, AvgPool) for la in self.layers)
+
+    def plan(self, height: int, width: int) -> tuple[list[Stage], list[AvgPool], tuple[int, int]]:
+        """(stages, trailing pools, readout resolution) on height x width images; a ValueError
+        naming the layer when a pooling layer's windows do not tile its input."""
+        if self.layers is None:
+            return [Stage(height, width, 0, self.n_layers, None)], [], (height, width)
+        stages, trailing = [], []
+        h, w, first, n = height, width, 0, 0
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ConvRelu):
+                n += 1
+                continue
+            oh, ow = layer.out_size(h), layer.out_size(w)
+            if oh is None or ow is None:
+                raise ValueError(
+                    f"layer {i} (AvgPool window {layer.window}, stride {layer.stride}) does not tile "
+                    f"its {h} x {w} input: an axis of n pixels needs n >= window and (n - window) "
+                    f"divisible by the stride" + self._size_hint(height, width))
+            if n or not stages:
+                stages.append(Stage(h, w, first, n, layer))
+                first, n = first + n, 0
+            else:
+                trailing.append(layer)
+            h, w = oh, ow
+        if n:
+            stages.append(Stage(h, w, first, n, None))
+        else:       # the stack ends with pooling layers: the last conv stage's pool is trailing
+            last = stages.pop()
+            trailing.insert(0, last.pool)
+            stages.append(Stage(last.height, last.width, last.first_layer, last.n_layers, None))
+        return stages, trailing, (h, w)
+
+    def _size_hint(self, height, width) -> str:
+        if self.name is not None:
+            return f"; {self.name} takes {PRESET_IMAGE_SIZE[0]} x {PRESET_IMAGE_SIZE[1]} images, got {height} x {width}"
+        return f" (images {height} x {width})"
+
+    def check_image_shape(self, channels: int, height: int, width: int) -> None:
+        """A ValueError when this architecture cannot take (C, H, W) images."""
+        if self.name is not None and (height, width) != PRESET_IMAGE_SIZE:
+            raise ValueError(f"architecture {self.name!r} is defined for {PRESET_IMAGE_SIZE[0]} x "
+                             f"{PRESET_IMAGE_SIZE[1]} images (five 2 x 2 pools to 1 x 1); got "
+                             f"{height} x {width}")
+        hr, wr = self.plan(height, width)[2]
+        if self.pooling == "lap" and self.lap_window > min(hr, wr):
+            where = "the images" if self.layers is None else "the readout (after the last pool)"
+            raise ValueError(f"lap_window={self.lap_window} is larger than {where}: {hr} x {wr}; "
+                             f"accepted: 1 .. {min(hr, wr)}" + (
+                                 " (a Myrtle network reads out at 1 x 1: describe the stack without "
+                                 "its final pools with serial(...) for LAP there)" if self.name else ""))
+
     def layer_params(self, channels: int, height: int, width: int) -> LayerParams:
         k2 = float(self.filter_size ** 2)
-        hw = float(height * width)
+        hw = float(np.prod(self.plan(height, width)[2]))     # the readout resolution
         if self.convention == "arora":
             w = 2.0 / k2
             norm = hw * hw if self.pooling == "gap" else 1.0
@@ -204,13 +441,49 @@ class Architecture:
                            out_scale=W2, out_b2=b2, norm=norm)
 
     def to_dict(self) -> dict:
-        return {"depths": list(self.depths), "pooling": self.pooling, "fix": self.fix,
-                "convention": self.convention, "W_std": self.W_std, "b_std": self.b_std,
-                "filter_size": self.filter_size}
+        """The architecture as JSON (a store's job record): LAP adds its window, flip=True its
+        flag, a stack its name and layers (the CNN's record is as it has always been)."""
+        d = {"depths": list(self.depths), "pooling": self.pooling, "fix": self.fix,
+             "convention": self.convention, "W_std": self.W_std, "b_std": self.b_std,
+             "filter_size": self.filter_size}
+        if self.pooling == "lap":
+            d["lap_window"] = self.lap_window
+        if self.flip:
+            d["flip"] = True
+        if self.layers is not None:
+            d.update(name=self.name, layers=[la.to_list() for la in self.layers])
+        return d
 
 
-def make_architecture(depth=None, depths: Sequence[int] | None = None, **kw) -> Architecture:
-    """Build an :class:`Architecture` from the ``depth=`` / ``depths=`` of the public API."""
+def make_architecture(depth=None, depths: Sequence[int] | None = None, architecture="cnn",
+                      **kw) -> Architecture:
+    """Build an :class:`Architecture` from the ``depth=`` / ``depths=`` / ``architecture=`` of the
+    public API.  ``architecture``: "cnn" (the CNN of Arora et al., with depth or depths), a
+    preset ("myrtle5", "myrtle7", "myrtle10") or a stack from :func:`serial` (their depth is
+    fixed: depth/depths must be left out)."""
+    if isinstance(architecture, str):
+        if architecture == "cnn":
+            layers = name = None
+        elif architecture in PRESETS:
+            name, layers = architecture, myrtle(PRESETS[architecture])
+        else:
+            raise ValueError(f"architecture must be 'cnn', one of {sorted(PRESETS)} or a stack "
+                             f"from cntk_engine.serial(...); got {architecture!r}")
+    elif isinstance(architecture, (tuple, list)):
+        name, layers = None, serial(*architecture)
+    else:
+        raise ValueError(f"architecture must be 'cnn', one of {sorted(PRESETS)} or a stack from "
+                         f"cntk_engine.serial(...); got {architecture!r}")
+    if layers is not None:
+        what = repr(name) if name else "a stack"
+        n_conv = sum(isinstance(la, ConvRelu) for la in layers)
+        if depth is not None or depths is not None:
+            raise ValueError(f"architecture {what} fixes its depth ({n_conv + 1} = {n_conv} conv "
+                             "layers + the dense readout): leave depth and depths out")
+        if name is not None and kw.get("filter_size", 3) != 3:
+            raise ValueError(f"architecture {name!r} uses 3 x 3 convolutions; got filter_size="
+                             f"{kw['filter_size']!r} (describe another stack with serial(...))")
+        return Architecture(depths=(n_conv + 1,), layers=layers, name=name, **kw)
     if (depth is None) == (depths is None):
         raise ValueError("give exactly one of depth= (an int >= 2) or depths= (a list of ints >= 2)")
     if depth is not None:
@@ -258,5 +531,73 @@ def finalize(sums, arch: Architecture, params: LayerParams, kernel: str):
     return out
 
 
-__all__ = ["Architecture", "LayerParams", "make_architecture", "finalize",
-           "POOLINGS", "CONVENTIONS", "KERNELS"]
+def readout_weights(arch: Architecture, height: int, width: int) -> np.ndarray:
+    """R(p, p') at the last conv stage's resolution (see the module docstring, Pooling stacks):
+    the readout sum of a stack is sum R(p, p') A(p, p') (before ``finalize``'s scale and
+    normaliser).  (h, w, h, w) float64."""
+    stages, trailing, (hr, wr) = arch.plan(height, width)
+    if arch.pooling == "gap":
+        r = np.ones((hr, wr, hr, wr))
+    elif arch.pooling == "flatten":
+        r = np.eye(hr * wr).reshape(hr, wr, hr, wr)
+    else:       # lap: n_H((P'y - Py) mod H) n_W((P'x - Px) mod W) / c^4
+        ny, nx = lap_counts(arch.lap_window, hr), lap_counts(arch.lap_window, wr)
+        iy, ix = np.arange(hr), np.arange(wr)
+        wy = ny[(iy[None, :] - iy[:, None]) % hr]                  # (P_y, P'_y)
+        wx = nx[(ix[None, :] - ix[:, None]) % wr]
+        r = np.einsum("ac,bd->abcd", wy, wx) / float(arch.lap_window) ** 4
+    sizes = [(stages[-1].height, stages[-1].width)]
+    for pool in trailing[:-1]:
+        sizes.append((pool.out_size(sizes[-1][0]), pool.out_size(sizes[-1][1])))
+    for pool, (h, w) in zip(reversed(trailing), reversed(sizes)):
+        r = _pool_adjoint(r, pool, h, w)
+    return r
+
+
+def lap_counts(c: int, n: int) -> np.ndarray:
+    """n(d) for d = 0 .. n - 1: the pairs (u, v) in [0, c)^2 with v - u = d mod n."""
+    counts = np.zeros(n)
+    for k in range(-(c - 1), c):
+        counts[k % n] += c - abs(k)
+    return counts
+
+
+def grid_weights(arch: Architecture, height: int, width: int) -> np.ndarray:
+    """The readout weight of every packed offset grid (dy, dx) of the CNN, (2H - 1, W) float64,
+    index [dy + H - 1, dx]: gap 1 everywhere, flatten 1 at the offset-(0, 0) grid only, LAP
+    n_H(dy mod H) n_W(dx) / c^4 (both slices of a grid share it; module docstring)."""
+    w = np.zeros((2 * height - 1, width))
+    if arch.pooling == "gap":
+        w[:] = 1.0
+    elif arch.pooling == "flatten":
+        w[height - 1, 0] = 1.0
+    else:
+        ny, nx = lap_counts(arch.lap_window, height), lap_counts(arch.lap_window, width)
+        dys = np.arange(-(height - 1), height)
+        w[:] = np.outer(ny[dys % height], nx) / float(arch.lap_window) ** 4
+    return w
+
+
+def hflip(x):
+    """The images x (..., H, W) with their width axis reversed (NumPy or CuPy), C-contiguous."""
+    return x[..., ::-1].copy()
+
+
+def _pool_adjoint(r: np.ndarray, pool: AvgPool, h: int, w: int) -> np.ndarray:
+    """The adjoint of ``pool`` on (h, w, h, w) kernels, applied to the coarse weights ``r``."""
+    out = np.zeros((h, w, h, w))
+    s, k = pool.stride, pool.window
+    ho, wo = r.shape[:2]
+    scale = 1.0 / k ** 4
+    for a in range(k):
+        for b in range(k):
+            for c in range(k):
+                for d in range(k):
+                    out[a:a + s * ho:s, b:b + s * wo:s, c:c + s * ho:s, d:d + s * wo:s] += r * scale
+    return out
+
+
+__all__ = ["Architecture", "LayerParams", "ConvRelu", "AvgPool", "Stage", "serial", "myrtle",
+           "make_architecture", "readout_weights", "grid_weights", "lap_counts", "hflip",
+           "finalize", "POOLINGS", "CONVENTIONS",
+           "KERNELS", "PRESETS"]

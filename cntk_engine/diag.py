@@ -8,8 +8,14 @@ The diagonal recursion is closed: on the diagonal the ReLU kernel is K(p, p) = q
 
 with box the zero-padded k x k box sum on the (H, W) grid.  Computed once per image in
 float64 (cheap: L small box filters per image) and shared by every tile that uses the image.
+
+In a pooled stack the recursion is not closed (``arch``, Pooling stacks): the diagonals come
+from the image's self kernel on the offset slices |d| <= m_t of each stage (:func:`_stack_diag`),
+still once per image, vectorised over the images.
 """
 from __future__ import annotations
+
+import math
 
 
 from .arch import Architecture, LayerParams
@@ -29,12 +35,15 @@ def box2d(a, k: int):
 
 
 def diag_norms(x, arch: Architecture, params: LayerParams):
-    """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L.
+    """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L; in a
+    pooled stack layer l's q fills [:h_l, :w_l] at its stage's resolution (zeros beyond).
 
     NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).
     """
     xp = get_array_module(x)
     x = xp.asarray(x, dtype=xp.float64)
+    if arch.has_pooling:
+        return _stack_diag(x, arch, params)
     n, _, h, w = x.shape
     q = xp.empty((n, arch.n_layers, h, w), dtype=xp.float64)
     # sum over channels in a fixed order, element by element: a reduction (einsum, sum) may
@@ -48,4 +57,84 @@ def diag_norms(x, arch: Architecture, params: LayerParams):
         q[:, l] = cur
         if l + 1 < arch.n_layers:
             cur = params.w * box2d(cur * 0.5, arch.filter_size) + params.b2
+    return q
+
+
+def _offset_masks(xp, h: int, w: int, m: int) -> dict:
+    """{(dy, dx): (h, w) 0/1 mask of the positions p with p + d inside}, |dy|, |dx| <= m."""
+    iy, ix = xp.arange(h)[:, None], xp.arange(w)[None, :]
+    return {(dy, dx): ((iy + dy >= 0) & (iy + dy < h) & (ix + dx >= 0) & (ix + dx < w)).astype(xp.float64)
+            for dy in range(-m, m + 1) for dx in range(-m, m + 1)}
+
+
+def _shift(a, dy: int, dx: int):
+    """b[..., i, j] = a[..., i + dy, j + dx], zero where that lies outside."""
+    xp = get_array_module(a)
+    h, w = a.shape[-2:]
+    out = xp.zeros_like(a)
+    out[..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+        a[..., max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return out
+
+
+def _relu_nngp(sigma, q, d):
+    """K = E[relu(u) relu(v)] of the self kernel's offset-d slice: q(p) and q(p + d) the
+    variances (the arch.py ReLU step; c := 1 on the offset-0 slice, c := 0 where q q == 0)."""
+    xp = get_array_module(sigma)
+    if d == (0, 0):
+        return sigma * 0.5
+    norm = xp.sqrt(q * _shift(q, *d))
+    c = xp.where(norm > 0, sigma / xp.where(norm > 0, norm, 1.0), 0.0)
+    theta = xp.arccos(xp.clip(c, -1.0, 1.0))
+    return (norm * xp.sin(theta) + (math.pi - theta) * sigma) / (2 * math.pi)
+
+
+def _stack_diag(x, arch: Architecture, params: LayerParams):
+    """Diagonals of a pooled stack from the self kernel on the offsets each stage needs."""
+    xp = get_array_module(x)
+    n, _, h0, w0 = x.shape
+    stages, _, _ = arch.plan(h0, w0)
+    need = [0] * len(stages)                        # m_t: the largest |offset| stage t needs
+    for t in range(len(stages) - 2, -1, -1):
+        pool = stages[t].pool
+        need[t] = pool.stride * need[t + 1] + pool.window - 1
+    k = arch.filter_size
+    q = xp.zeros((n, arch.n_layers, h0, w0), dtype=xp.float64)
+    kernel = None                                    # {offset: (n, h, w)} pooled K of the stage
+    for t, st in enumerate(stages):
+        m, h, w = need[t], st.height, st.width
+        masks = _offset_masks(xp, h, w, m)
+        if t == 0:      # first layer: box of the channel products x(p) . x(p + d)
+            sig = {}
+            for d, mask in masks.items():
+                prod = x[:, 0] * _shift(x[:, 0], *d)
+                for c in range(1, x.shape[1]):
+                    prod = prod + x[:, c] * _shift(x[:, c], *d)
+                sig[d] = (params.w_first * box2d(prod, k) + params.b2) * mask
+        else:
+            # the pooled entries whose p + d lies outside hold sums of valid fine entries: zeroed
+            sig = {d: (params.w * box2d(kernel[d] * mask, k) + params.b2) * mask
+                   for d, mask in masks.items()}
+        for i in range(st.n_layers):
+            layer = st.first_layer + i
+            qd = sig[(0, 0)]
+            q[:, layer, :h, :w] = qd
+            kk = {d: _relu_nngp(s, qd, d) * masks[d] for d, s in sig.items()}
+            if i + 1 < st.n_layers:
+                sig = {d: (params.w * box2d(kk[d], k) + params.b2) * masks[d] for d in masks}
+        if st.pool is not None:        # pool into the next stage's offsets |D| <= m_{t+1}
+            pool, nxt = st.pool, need[t + 1]
+            ho, wo = stages[t + 1].height, stages[t + 1].width
+            s_, wn = pool.stride, pool.window
+            kernel = {}
+            for dy in range(-nxt, nxt + 1):
+                for dx in range(-nxt, nxt + 1):
+                    acc = xp.zeros((n, ho, wo), dtype=xp.float64)
+                    for uy in range(wn):
+                        for ux in range(wn):
+                            for vy in range(wn):
+                                for vx in range(wn):
+                                    src = kk[(s_ * dy + vy - uy, s_ * dx + vx - ux)]
+                                    acc = acc + src[:, uy:uy + s_ * ho:s_, ux:ux + s_ * wo:s_]
+                    kernel[(dy, dx)] = acc / wn ** 4
     return q

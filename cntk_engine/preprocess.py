@@ -3,15 +3,19 @@
 * :func:`standardize`: per-channel mean / std of the training images (Arora et al. 2019).
 * :func:`scale`: integer images (uint8 pixels) divided by 255.
 * :func:`downsample`: F x F average pooling (a CPU-feasibility option for large images).
-* :func:`preprocess`: the three above as ``cntk-engine evaluate --preprocess`` applies them.
+* :func:`zca_whiten`: regularised ZCA whitening (Lee et al. 2020; Shankar et al. 2020).
+* :func:`preprocess`: the above as ``cntk-engine evaluate --preprocess`` applies them.
 
-Images are (N, C, H, W); results are float64.
+Images are (N, C, H, W) (``zca_whiten`` takes ``data_format="NHWC"`` too); results are float64.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-PREPROCESSING = ("standardize", "scale", "none")
+PREPROCESSING = ("standardize", "scale", "zca", "none")
+ZCA_REG = 0.1       # relative to the mean eigenvalue: the value of Lee et al. 2020's code
 
 
 def _images(x, name: str) -> np.ndarray:
@@ -53,9 +57,118 @@ def downsample(x, factor: int):
     return x[:, :, :h - h % f, :w - w % f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))
 
 
-def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1):
+@dataclass(frozen=True)
+class ZCAWhitening:
+    """A ZCA whitening fitted on training images (:func:`fit_zca`): ``transform`` applies it to
+    any images of the same shape (the training images, test images, new images)."""
+
+    mean: np.ndarray          # (1, C, 1, 1) per-channel mean of the training images
+    std: np.ndarray           # (1, C, 1, 1) their per-channel std (1 where it is 0)
+    matrix: np.ndarray        # (d, d) U diag(f) U^T
+    layer_norm: bool
+    data_format: str
+    reg_amount: float         # lambda added to the eigenvalues
+    image_shape: tuple        # (C, H, W) of the training images
+
+    def transform(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        x = _images(x if self.data_format == "NCHW" else np.moveaxis(x, -1, 1), "x")
+        if x.shape[1:] != self.image_shape:
+            raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
+                             f"on {self.image_shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("images with NaN or Inf pixels cannot be whitened; all pixels must be finite")
+        f = ((x.astype(np.float64) - self.mean) / self.std).reshape(len(x), -1)
+        if self.layer_norm:
+            f = _unit_rows(f, "x")
+        out = (f @ self.matrix).reshape(x.shape)
+        return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
+
+
+def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_norm: bool = True,
+            data_format: str = "NCHW") -> "ZCAWhitening":
+    """Fit the regularised ZCA whitening of :func:`zca_whiten` on ``x_train``."""
+    if data_format not in ("NCHW", "NHWC"):
+        raise ValueError(f"data_format must be 'NCHW' or 'NHWC'; got {data_format!r}")
+    try:
+        reg = float(reg)
+    except (TypeError, ValueError):
+        raise ValueError(f"reg must be a number >= 0; got {reg!r}") from None
+    if not np.isfinite(reg) or reg < 0:
+        raise ValueError(f"reg must be a finite number >= 0; got {reg!r}")
+    x = np.asarray(x_train)
+    a = _images(x if data_format == "NCHW" else np.moveaxis(x, -1, 1), "x_train")
+    if a.shape[0] == 0 or a[0].size == 0:
+        raise ValueError(f"x_train must hold at least one image with C, H, W >= 1; got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("x_train has NaN or Inf pixels; all pixels must be finite")
+    a = a.astype(np.float64)
+    mean = a.mean(axis=(0, 2, 3), keepdims=True)
+    std = a.std(axis=(0, 2, 3), keepdims=True)
+    std = np.where(std > 0, std, 1.0)
+    n, d = a.shape[0], a[0].size
+    f = ((a - mean) / std).reshape(n, d)
+    if layer_norm:
+        f = _unit_rows(f, "x_train")
+    moment = f.T @ f / n
+    s, u = np.linalg.eigh(moment)
+    if not s.max() > 0:
+        raise ValueError("the training images are constant (every one, after per-channel "
+                         "standardisation, has the same value everywhere): there is nothing to whiten")
+    lam = reg if reg_absolute else reg * float(np.trace(moment)) / d
+    spanned = s > d * np.finfo(np.float64).eps * s.max()
+    if lam == 0 and np.any(spanned & (s <= 0)):
+        raise ValueError("reg = 0 with eigenvalues 0 in the training span; use reg > 0")
+    scale = np.ones_like(s)
+    np.divide(1.0, np.sqrt(np.maximum(s, 0.0) + lam), out=scale, where=spanned)
+    return ZCAWhitening(mean=mean, std=std, matrix=(u * scale) @ u.T, layer_norm=layer_norm,
+                        data_format=data_format, reg_amount=lam, image_shape=tuple(a.shape[1:]))
+
+
+def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool = False,
+               layer_norm: bool = True, data_format: str = "NCHW"):
+    """Regularised ZCA whitening, fitted on the training images only.  Returns the whitened
+    ``(x_train, x_test)`` (``x_test`` None if not given), float64, in ``data_format``.
+
+    The recipe (Lee et al. 2020, "Finite versus infinite neural networks", the preprocessing of
+    their code; Shankar et al. 2020 use the same steps with an absolute regulariser):
+
+    1. per-channel standardisation with the training images' mean and std (:func:`standardize`);
+    2. with ``layer_norm`` each image, as a vector of its d = C H W values, loses its mean and is
+       scaled to unit L2 norm (an all-constant image is an error: it has no direction);
+    3. S = X^T X / n, the d x d second moment of the n training vectors, and its float64 eigh
+       S = U diag(s) U^T;
+    4. lambda = reg * trace(S) / d (``reg`` relative to the mean eigenvalue; Lee et al. use
+       0.1, the default) or lambda = reg (``reg_absolute=True``, Shankar et al.'s form);
+    5. every image x -> U diag(f) U^T x with f = 1 / sqrt(s + lambda) on the directions the
+       training images span (s > d eps s_max, at most n of them) and f = 1 on the others, so
+       that a test image's part outside the training span is left as it is rather than blown
+       up by 1 / sqrt(lambda).
+
+    With reg -> 0 the training images' second moment becomes the identity on their span.
+    :func:`fit_zca` returns the fitted transform for images that come later.
+    """
+    z = fit_zca(x_train, reg=reg, reg_absolute=reg_absolute, layer_norm=layer_norm,
+                data_format=data_format)
+    return z.transform(x_train), (None if x_test is None else z.transform(x_test))
+
+
+def _unit_rows(f: np.ndarray, name: str) -> np.ndarray:
+    """Each row minus its mean, scaled to unit L2 norm; a constant row is an error."""
+    centred = f - f.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    bad = np.nonzero(norms <= 1e-12 * np.linalg.norm(f, axis=1))[0]     # rounding of a constant
+    if bad.size:
+        raise ValueError(f"{name} image(s) at index {bad[:10].tolist()} are constant (every value the "
+                         "same after per-channel standardisation): layer_norm cannot scale them to unit "
+                         "norm; drop them, or use layer_norm=False")
+    return centred / norms[:, None]
+
+
+def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zca_reg: float = ZCA_REG):
     """Downsample by ``factor`` (1: none), then ``how``: "standardize" (:func:`standardize`),
-    "scale" (integer images / 255) or "none".  Returns float64 ``(x_train, x_test)``."""
+    "scale" (integer images / 255), "zca" (:func:`zca_whiten` with ``zca_reg``) or "none".
+    Returns float64 ``(x_train, x_test)``."""
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     integer = np.asarray(x_train).dtype.kind in "biu"
@@ -64,7 +177,10 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1):
         return a / 255.0, b / 255.0
     if how == "standardize":
         return standardize(a, b)
+    if how == "zca":
+        return zca_whiten(a, b, reg=zca_reg)
     return a, b
 
 
-__all__ = ["PREPROCESSING", "standardize", "scale", "downsample", "preprocess"]
+__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "standardize", "scale", "downsample",
+           "fit_zca", "zca_whiten", "preprocess"]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# after site-packages: bench/ is found in the repository, cntk_engine where it is installed
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))
 
 import cntk_engine as ce  # noqa: E402
 from bench import ceiling, per_layer_cpu  # noqa: E402
@@ -87,7 +88,7 @@ FAKE_NT = """#!{python}
 # float64 values of the same network, times {scale}.
 import json, sys
 import numpy as np
-sys.path.insert(0, {root!r})
+sys.path.append({root!r})
 import cntk_engine as ce
 n, depth, size = (int(a) for a in sys.argv[3:6])
 x = np.random.default_rng(0).standard_normal((n, size, size, 3)).astype(np.float32)
@@ -157,19 +158,19 @@ def test_harness_through_dask(tmp_path):
 
 
 def test_paper_targets_and_loo_solver():
-    from bench.reproduce_table1 import loo_ridge_predict, one_hot, ridge_free_predict
-    Y = one_hot(np.array([2, 0]), 3)
-    np.testing.assert_array_equal(Y, [[-0.1, -0.1, 0.9], [0.9, -0.1, -0.1]])
+    from bench.reproduce_table1 import LOO_GRID, regression_accuracy
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((10, 20)) * 3
     y = np.arange(200) % 10
     f = centers[y] + rng.standard_normal((200, 20))
     k = f @ f.T + 1e-3 * np.eye(200)
-    ytr, yte = y[:150], y[150:]
-    pred = ridge_free_predict(k[:150, :150], k[150:, :150], ytr)
-    assert np.mean(pred.argmax(1) == yte) > 0.9
-    pred, lam, loo = loo_ridge_predict(k[:150, :150], k[150:, :150], ytr)
-    assert np.mean(pred.argmax(1) == yte) > 0.9 and loo > 0.9
+    ktr, kte, ytr, yte = k[:150, :150], k[150:, :150], y[:150], y[150:]
+    acc, ridge, loo = regression_accuracy(ktr, kte, ytr, yte)
+    Y = np.where(ytr[:, None] == np.arange(10), 0.9, -0.1)             # the paper's targets
+    assert acc == np.mean((kte @ np.linalg.solve(ktr, Y)).argmax(1) == yte) > 0.9
+    assert ridge is None and loo is None
+    acc, ridge, loo = regression_accuracy(ktr, kte, ytr, yte, loo=True)
+    assert acc > 0.9 and loo > 0.9 and ridge in LOO_GRID
 
 
 def test_table1_and_small_data_tiny(tmp_path):
@@ -362,7 +363,7 @@ def test_bench_cuda_counts_unique_pairs_for_every_method(tmp_path, monkeypatch):
     fake_cp.asarray = np.asarray
     fake_cp.__version__ = "fake"
     monkeypatch.setitem(sys.modules, "cupy", fake_cp)
-    plb = types.ModuleType("per_layer_baseline")
+    from bench import per_layer_baseline
 
     class FakePerLayer:
         def __init__(self, depth, h, w):
@@ -371,8 +372,7 @@ def test_bench_cuda_counts_unique_pairs_for_every_method(tmp_path, monkeypatch):
         def gram(self, x, both=False):
             return np.ones((len(x), len(x)))
 
-    plb.PerLayerGPU = FakePerLayer
-    monkeypatch.setitem(sys.modules, "per_layer_baseline", plb)
+    monkeypatch.setattr(per_layer_baseline, "PerLayerGPU", FakePerLayer)
 
     def fake_gram(x, depth=None, depths=None, kernel="ntk", **kw):
         k = np.ones((len(x), len(x)))
@@ -528,6 +528,8 @@ def test_table1_save_kernels_folder_checked_before_the_pass(tmp_path, monkeypatc
     ("table1", ["--depths", "3,x"], "--depths"),
     ("table1", ["--merge", "/nonexistent/t.json"], "--merge"),
     ("small", ["--kernels", "/nonexistent/k.npz"], "--kernels"),
+    ("table1", ["--devices", "0,x"], "--devices"),
+    ("small", ["--devices", "gpu0"], "--devices"),
 ])
 def test_bad_arguments_end_with_a_one_line_error(tmp_path, capsys, script, argv, flag):
     from bench import harness, reproduce_table1, small_data

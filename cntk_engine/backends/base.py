@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arch import Architecture, LayerParams
+from ..arch import Architecture, LayerParams, hflip
 from ..arrays import get_array_module, to_host
 
 
@@ -46,18 +46,21 @@ class Prepared:
 
     images: (N, C, H, W); diag: a tuple of arrays with N first, holding whatever per-image
     diagonal data the backend's kernel reads (e.g. sqrt(q) and 1/sqrt(q), each (N, L, H, W)).
-    Arrays live where the backend computes (NumPy or CuPy).  Slicing takes images and
-    diagonals of the same rows.
+    flipped: the same set with every image flipped horizontally, prepared alike (for
+    ``arch.flip``), or None.  Arrays live where the backend computes (NumPy or CuPy).  Slicing
+    takes images, diagonals and flipped images of the same rows.
     """
 
     images: Any
     diag: tuple = ()
+    flipped: "Prepared | None" = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, sl: slice) -> "Prepared":
-        return Prepared(self.images[sl], tuple(d[sl] for d in self.diag))
+        return Prepared(self.images[sl], tuple(d[sl] for d in self.diag),
+                        None if self.flipped is None else self.flipped[sl])
 
 
 def sqrt_and_inverse(q: np.ndarray):
@@ -143,6 +146,14 @@ class Backend:
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
         raise NotImplementedError
 
+    def prepare_set(self, x) -> Prepared:
+        """``prepare(x)``, with the horizontally flipped images prepared too for ``arch.flip``:
+        what the job engine calls once per image set."""
+        p = self.prepare(x)
+        if self.arch.flip:
+            p.flipped = self.prepare(hflip(x))
+        return p
+
     def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool):
         """Readout sums (P, n_depths, 2), float64, of the pairs (a[ia[p]], b[ib[p]]); ``ia``,
         ``ib`` int arrays where the images live.  ``same_set``: a and b are the same images, and
@@ -150,24 +161,39 @@ class Backend:
         raise NotImplementedError
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False):
+        """The tile's readout sums (see the module docstring); with ``arch.flip`` the mean of
+        the pairs (a_i, b_j) and (a_i, F b_j) (``arch``, flip symmetrisation), each unordered
+        pair of a symmetric tile once for both terms (K(x, F z) = K(z, F x))."""
+        out = self._listed_sums(a, b, symmetric, same_set=symmetric)
+        if self.arch.flip:
+            out = (out + self._listed_sums(a, b.flipped, symmetric, same_set=False)) * 0.5
+        return out
+
+    def _listed_sums(self, a: Prepared, b: Prepared, triangle: bool, same_set: bool):
+        """Sums of every pair (the upper triangle, mirrored, with ``triangle``) through the
+        backend's pair-list kernel; identical images get their image's self-pair sums."""
         xp = get_array_module(a.images)
         n1, n2 = len(a), len(b)
-        if symmetric:
+        if triangle:
             ia, ib = xp.triu_indices(n1)
         else:
             ia, ib = (g.ravel() for g in xp.meshgrid(xp.arange(n1), xp.arange(n2), indexing="ij"))
-        flat = self.pairs(a, b, ia, ib, symmetric)
+        flat = self.pairs(a, b, ia, ib, same_set)
         out = xp.zeros((n1, n2) + flat.shape[1:], dtype=xp.float64)
         out[ia, ib] = flat
-        if symmetric:
+        if triangle:
             out[ib, ia] = flat
-        # identical images at different indices: their self-pair sums (computed once per image)
-        ti, tj = identical_pairs(a.images, b.images, symmetric)
+        # identical images at different indices (or an image and a flipped one equal to it):
+        # their self-pair sums (computed once per image)
+        ti, tj = identical_pairs(a.images, b.images, same_set)
+        if triangle and not same_set:
+            keep = ti <= tj
+            ti, tj = ti[keep], tj[keep]
         if ti.size:
             uniq, inv = np.unique(ti, return_inverse=True)
             u = xp.asarray(uniq)
             own = self.pairs(a, a, u, u, True)[xp.asarray(inv)]
             out[xp.asarray(ti), xp.asarray(tj)] = own
-            if symmetric:
+            if triangle:
                 out[xp.asarray(tj), xp.asarray(ti)] = own
         return out

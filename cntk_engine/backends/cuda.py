@@ -45,6 +45,12 @@ class CudaBackend(Backend):
 
     @classmethod
     def unsupported(cls, arch, image_shape, dtype):
+        if arch.has_pooling:
+            return ("the CUDA kernels do not compute pooled stacks (Myrtle, AvgPool layers) yet; "
+                    "the numba backend does")
+        if arch.pooling == "lap" or arch.flip:
+            return ("the CUDA kernels do not compute the LAP readout or flip-symmetrised kernels "
+                    "yet; the numba backend does")
         _, h, w = image_shape
         why = _extension().unsupported_shape(h, w, arch.filter_size, len(arch.depths))
         return None if why is None else f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import grid_weights, readout_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
@@ -32,7 +33,7 @@ except ImportError as e:  # pragma: no cover - numba is a hard dependency
     numba = None
     _NUMBA_ERROR = str(e)
 
-_CACHING = False    # set where pair_kernel is defined: True when numba's on-disk cache is on
+_CACHING = False    # set where the kernels are defined: True when numba's on-disk cache is on
 
 # fastmath without 'nnan'/'ninf': reassociation lets the float64 readout sums vectorise,
 # while NaN and infinity keep their meaning.
@@ -41,13 +42,17 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
        0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
+SNAP_ULPS = 8   # c within this many units of the dtype's epsilon of +-1 is taken as +-1
+
+
 def constants(dtype) -> np.ndarray:
-    """[pi, 1/(2 pi), 0, 1, A&S coefficients a0..a7] in the compute dtype.
+    """[pi, 1/(2 pi), 0, 1, A&S coefficients a0..a7, 1 - SNAP_ULPS eps] in the compute dtype.
 
     Passed to the kernel as an array so that one cached kernel, compiled once per dtype,
     reads its constants in that dtype (a float64 literal would promote float32 arithmetic).
     """
-    return np.array([math.pi, 1.0 / (2.0 * math.pi), 0.0, 1.0, *_AS], dtype=dtype)
+    snap = 1.0 - SNAP_ULPS * float(np.finfo(dtype).eps)
+    return np.array([math.pi, 1.0 / (2.0 * math.pi), 0.0, 1.0, *_AS, snap], dtype=dtype)
 
 
 if numba is not None:
@@ -86,6 +91,53 @@ if numba is not None:
             for j in range(W):
                 dst[i, j] = dst[i, j] * scale + shift
 
+    @njit(inline="always", fastmath=_FASTMATH)
+    def relu_row(sr, tr, sxr, ixr, szr, izr, kr, gr, W, self_diag, exact, KC):
+        """The ReLU step (``arch``) on one row of an offset grid: from Sigma (sr) and Theta
+        (tr), with the rows' sqrt(q) and 1/sqrt(q) of x (sxr, ixr) and z (szr, izr), write K
+        (kr) and G = Theta Kdot (gr); returns the row's sums of K and G in the compute dtype.
+        1-D row views with unit stride and no aliasing, so LLVM vectorises the loop."""
+        INV2PI, ZERO, ONE, SNAP = KC[1], KC[2], KC[3], KC[12]
+        rk = ZERO
+        rg = ZERO
+        for j in range(W):
+            s = sr[j]
+            c = s * ixr[j] * izr[j]
+            # c = +-1 exactly where Sigma = +-sqrt(q_x q_z) (self pairs' diagonal, receptive fields
+            # that match, e.g. both all-zero with biases): theta(c) has an infinite slope there,
+            # and the few ulps of rounding in c would cost sqrt(eps) in Kdot (``arch``, self pairs)
+            c = ONE if self_diag or c >= SNAP else (-ONE if c <= -SNAP else c)
+            pma = pi_minus_acos(c, exact, KC)
+            kk = (sxr[j] * szr[j] * np.sqrt(ONE - c * c) + pma * s) * INV2PI
+            g = tr[j] * (pma * INV2PI)
+            kr[j] = kk
+            gr[j] = g
+            rk += kk
+            rg += g
+        return rk, rg
+
+    @njit(inline="always", fastmath=_FASTMATH)
+    def seam_mask(mask, k, W, dx, KC):
+        """mask[t, j] = 1 where the box tap t of packed column j stays on j's side of the seam
+        at column W - dx and inside the W columns, else 0."""
+        r = k // 2
+        seam = W - dx
+        for t in range(k):
+            for j in range(W):
+                jo = j + t - r
+                ok = jo >= 0 and jo < W and ((j < seam) == (jo < seam))
+                mask[t, j] = KC[3] if ok else KC[2]
+
+    @njit(inline="always", fastmath=_FASTMATH)
+    def clear_pad_rows(kbuf, gbuf, r, h, KC):
+        """Zero the r padding rows above and below the h rows of an offset grid in use."""
+        for i in range(r):
+            for j in range(kbuf.shape[1]):
+                kbuf[i, j] = KC[2]
+                gbuf[i, j] = KC[2]
+                kbuf[r + h + i, j] = KC[2]
+                gbuf[r + h + i, j] = KC[2]
+
     def _njit_cached(**options):
         """``njit(cache=True)``, or without the on-disk cache where numba finds no writable place
         for it (it raises at decoration time then)."""
@@ -107,8 +159,12 @@ if numba is not None:
     # distributed Gram must be bit-identical to an uninterrupted local run.
     @_njit_cached(parallel=True, fastmath=_FASTMATH)
     def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
-                    gap, same_set, slot, n_out, out, KC, exact):
+                    grid_w, dmax_y, dmax_x, same_set, slot, n_out, out, KC, exact):
         """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
+
+        Readout: each packed grid's sum weighted by grid_w[dy + H - 1, dx] (``arch.grid_weights``:
+        gap, flatten, LAP); only the grids with |dy| <= dmax_y, dx <= dmax_x or dx >= W - dmax_x
+        and a nonzero weight are run.
 
         Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
         W - dx and dx and share their rows, so they fill one W-wide row grid exactly: packed
@@ -119,9 +175,7 @@ if numba is not None:
         C, H, W = X1.shape[1], X1.shape[2], X1.shape[3]
         L = S1.shape[1]
         r = k // 2
-        INV2PI, ZERO, ONE = KC[1], KC[2], KC[3]
-        dmax_y = H - 1 if gap else 0
-        dmax_x = W - 1 if gap else 0
+        ZERO = KC[2]
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
@@ -146,24 +200,19 @@ if numba is not None:
             rows = np.empty((H + 2 * r, W), dtype=X1.dtype)
             mask = np.empty((k, W), dtype=X1.dtype)
             acc = np.zeros((n_out, 2), dtype=np.float64)
-            for dx in range(0, dmax_x + 1):
-                seam = W - dx
-                for t in range(k):
-                    for j in range(W):
-                        jo = j + t - r
-                        ok = jo >= 0 and jo < W and ((j < seam) == (jo < seam))
-                        mask[t, j] = ONE if ok else ZERO
+            for dx in range(W):
+                if dx > dmax_x and dx < W - dmax_x:
+                    continue
+                seam_mask(mask, k, W, dx, KC)
                 for dy in range(-dmax_y, dmax_y + 1):
+                    wgt = grid_w[dy + H - 1, dx]
+                    if wgt == 0.0:
+                        continue
                     h = H - abs(dy)
                     ix0 = max(0, -dy)
                     iz0 = ix0 + dy
                     self_diag = same_set and ia == ib and dy == 0 and dx == 0  # c = 1 exactly
-                    for i in range(r):   # zero rows above and below the h rows in use
-                        for j in range(W + 2 * r):
-                            kbuf[i, j] = ZERO
-                            gbuf[i, j] = ZERO
-                            kbuf[r + h + i, j] = ZERO
-                            gbuf[r + h + i, j] = ZERO
+                    clear_pad_rows(kbuf, gbuf, r, h, KC)
                     # layer 1 input: channel sum of x(p) z(p + offset)
                     for i in range(h):
                         kr = kbuf[r + i, r:r + W]
@@ -183,33 +232,17 @@ if numba is not None:
                         sk = 0.0
                         sg = 0.0
                         for i in range(h):
-                            rk = ZERO   # row partial sums (<= W terms) in the compute dtype,
-                            rg = ZERO   # added to the float64 readout sums once per row
-                            # 1-D row views: unit stride and no aliasing, so LLVM vectorises
-                            sxr = S1[ia, l, ix0 + i, :]
-                            ixr = I1[ia, l, ix0 + i, :]
-                            szr = zs[l, iz0 + i, dx:dx + W]
-                            izr = zi[l, iz0 + i, dx:dx + W]
-                            sr = sig[i, :]
-                            tr = th[i, :]
-                            kr = kbuf[r + i, r:r + W]
-                            gr = gbuf[r + i, r:r + W]
-                            for j in range(W):
-                                s = sr[j]
-                                c = s * ixr[j] * izr[j]
-                                c = ONE if self_diag else min(max(c, -ONE), ONE)
-                                pma = pi_minus_acos(c, exact, KC)
-                                kk = (sxr[j] * szr[j] * np.sqrt(ONE - c * c) + pma * s) * INV2PI
-                                g = tr[j] * (pma * INV2PI)
-                                kr[j] = kk
-                                gr[j] = g
-                                rk += kk
-                                rg += g
+                            # row partial sums (<= W terms) in the compute dtype, added to the
+                            # float64 readout sums once per row
+                            rk, rg = relu_row(sig[i, :], th[i, :], S1[ia, l, ix0 + i, :],
+                                              I1[ia, l, ix0 + i, :], zs[l, iz0 + i, dx:dx + W],
+                                              zi[l, iz0 + i, dx:dx + W], kbuf[r + i, r:r + W],
+                                              gbuf[r + i, r:r + W], W, self_diag, exact, KC)
                             sk += rk
                             sg += rg
                         if t_out >= 0:
-                            acc[t_out, 0] += sk
-                            acc[t_out, 1] += sg
+                            acc[t_out, 0] += wgt * sk
+                            acc[t_out, 1] += wgt * sg
                         if l + 1 < L:
                             box(kbuf, sig, rows, mask, h, W, k, w, b2)
                             box(gbuf, th, rows, mask, h, W, k, w, ZERO)
@@ -220,28 +253,223 @@ if numba is not None:
                 out[p, t, 0] = acc[t, 0]
                 out[p, t, 1] = acc[t, 1]
 
+    @_njit_cached(parallel=True, fastmath=_FASTMATH)
+    def stack_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k, same_set,
+                     stages, inv_pool, R, uniform, needed, out, KC, exact):
+        """Readout sums of the pairs of a pooled stack (``arch``, Pooling stacks) into out[p, 0].
+
+        stages[s] = (H, W, first layer, layers, pool window, pool stride) per stage (pool 0 0
+        after the last).  Each stage runs its packed offset grids (as ``pair_kernel``) through
+        its conv layers; the first stage starts from x . z, a later one from the pooled K and G
+        of the stage before (kin, gin: its (H W)^2 entries, flat, ordered (py, p'y, px, p'x) so
+        that a grid row's entries share one contiguous W x W block).  A stage followed by a pool
+        adds each entry (p, p') of its last layer, / w^4, to every entry (P, P') of the next
+        stage (kout, gout) whose windows hold p and p', in a fixed order.
+        The last stage reads out sum R(p, p') K(p, p') (and G): with ``uniform`` R is R[0, 0, 0,
+        0] everywhere and the row sums are scaled once; ``needed[dy + H - 1, dx]`` marks the
+        last stage's packed grids that hold an offset with R != 0.  inv_pool[s] = 1 / w^4 of
+        stage s's pool, in the compute dtype.
+        """
+        C, H0, W0 = X1.shape[1], X1.shape[2], X1.shape[3]
+        L = S1.shape[1]
+        r = k // 2
+        ZERO = KC[2]
+        n_st = stages.shape[0]
+        acc_size = 1
+        for st in range(1, n_st):
+            acc_size = max(acc_size, (stages[st, 0] * stages[st, 1]) ** 2)
+        for p in prange(pi_idx.shape[0]):
+            ia = pi_idx[p]
+            ib = pj_idx[p]
+            # z's image and diagonals with each row written twice (at the stage's width)
+            zimg = np.empty((C, H0, 2 * W0), dtype=X1.dtype)
+            zs = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
+            zi = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
+            for i in range(H0):
+                for j in range(W0):
+                    for c in range(C):
+                        zimg[c, i, j] = X2[ib, c, i, j]
+                        zimg[c, i, j + W0] = X2[ib, c, i, j]
+            for st in range(n_st):
+                Hs, Ws = stages[st, 0], stages[st, 1]
+                for l in range(stages[st, 2], stages[st, 2] + stages[st, 3]):
+                    for i in range(Hs):
+                        for j in range(Ws):
+                            zs[l, i, j] = S2[ib, l, i, j]
+                            zs[l, i, j + Ws] = S2[ib, l, i, j]
+                            zi[l, i, j] = I2[ib, l, i, j]
+                            zi[l, i, j + Ws] = I2[ib, l, i, j]
+            kbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
+            gbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
+            sig = np.empty((H0, W0), dtype=X1.dtype)
+            th = np.empty((H0, W0), dtype=X1.dtype)
+            rows = np.empty((H0 + 2 * r, W0), dtype=X1.dtype)
+            mask = np.empty((k, W0), dtype=X1.dtype)
+            kin = np.zeros(acc_size, dtype=X1.dtype)
+            gin = np.zeros(acc_size, dtype=X1.dtype)
+            kout = np.zeros(acc_size, dtype=X1.dtype)
+            gout = np.zeros(acc_size, dtype=X1.dtype)
+            sk = 0.0
+            sg = 0.0
+            for st in range(n_st):
+                Hs, Ws, l0, nl = stages[st, 0], stages[st, 1], stages[st, 2], stages[st, 3]
+                pw, ps = stages[st, 4], stages[st, 5]
+                last = st == n_st - 1
+                Ho = 0
+                Wo = 0
+                if not last:
+                    Ho = (Hs - pw) // ps + 1
+                    Wo = (Ws - pw) // ps + 1
+                    for e in range(Ho * Wo * Ho * Wo):
+                        kout[e] = ZERO
+                        gout[e] = ZERO
+                inv_w4 = inv_pool[st]
+                # the pooled rows (columns) whose windows hold row (column) n: lo[n] .. hi[n]
+                lo_y = np.zeros(Hs, dtype=np.int64)
+                hi_y = np.zeros(Hs, dtype=np.int64)
+                lo_x = np.zeros(Ws, dtype=np.int64)
+                hi_x = np.zeros(Ws, dtype=np.int64)
+                if not last:
+                    for n in range(Hs):
+                        lo_y[n] = max(0, (n - pw + ps) // ps)
+                        hi_y[n] = min(Ho - 1, n // ps)
+                    for n in range(Ws):
+                        lo_x[n] = max(0, (n - pw + ps) // ps)
+                        hi_x[n] = min(Wo - 1, n // ps)
+                for dx in range(Ws):
+                    seam_mask(mask, k, Ws, dx, KC)
+                    for dy in range(-(Hs - 1), Hs):
+                        if last and needed[dy + Hs - 1, dx] == 0:
+                            continue
+                        h = Hs - abs(dy)
+                        ix0 = max(0, -dy)
+                        iz0 = ix0 + dy
+                        self_diag = same_set and ia == ib and dy == 0 and dx == 0
+                        clear_pad_rows(kbuf, gbuf, r, h, KC)
+                        if st == 0:      # layer 1 input: channel sum of x(p) z(p + offset)
+                            for i in range(h):
+                                kr = kbuf[r + i, r:r + Ws]
+                                for j in range(Ws):
+                                    kr[j] = ZERO
+                                for c in range(C):
+                                    xr = X1[ia, c, ix0 + i, :]
+                                    zr = zimg[c, iz0 + i, dx:dx + Ws]
+                                    for j in range(Ws):
+                                        kr[j] += xr[j] * zr[j]
+                            box(kbuf, sig, rows, mask, h, Ws, k, w_first, b2)
+                            for i in range(h):
+                                for j in range(Ws):
+                                    th[i, j] = ZERO if fix else sig[i, j]
+                        else:            # the pooled K and G of the stage before
+                            for i in range(h):
+                                base = ((ix0 + i) * Hs + iz0 + i) * Ws * Ws
+                                for j in range(Ws):
+                                    jz = j + dx if j + dx < Ws else j + dx - Ws
+                                    e = base + j * Ws + jz
+                                    kbuf[r + i, r + j] = kin[e]
+                                    gbuf[r + i, r + j] = gin[e]
+                            box(kbuf, sig, rows, mask, h, Ws, k, w, b2)
+                            box(gbuf, th, rows, mask, h, Ws, k, w, ZERO)
+                            for i in range(h):
+                                for j in range(Ws):
+                                    th[i, j] += sig[i, j]
+                        rsk = 0.0
+                        rsg = 0.0
+                        for li in range(nl):
+                            l = l0 + li
+                            for i in range(h):
+                                rk, rg = relu_row(sig[i, :], th[i, :], S1[ia, l, ix0 + i, :],
+                                                  I1[ia, l, ix0 + i, :], zs[l, iz0 + i, dx:dx + Ws],
+                                                  zi[l, iz0 + i, dx:dx + Ws], kbuf[r + i, r:r + Ws],
+                                                  gbuf[r + i, r:r + Ws], Ws, self_diag, exact, KC)
+                                rsk += rk
+                                rsg += rg
+                            if li + 1 < nl:
+                                rsk = 0.0
+                                rsg = 0.0
+                                box(kbuf, sig, rows, mask, h, Ws, k, w, b2)
+                                box(gbuf, th, rows, mask, h, Ws, k, w, ZERO)
+                                for i in range(h):
+                                    for j in range(Ws):
+                                        th[i, j] += sig[i, j]
+                        if last and uniform:
+                            sk += rsk
+                            sg += rsg
+                        elif last:
+                            for i in range(h):
+                                py = ix0 + i
+                                qy = iz0 + i
+                                for j in range(Ws):
+                                    qx = j + dx if j + dx < Ws else j + dx - Ws
+                                    wt = R[py, j, qy, qx]
+                                    sk += wt * kbuf[r + i, r + j]
+                                    sg += wt * gbuf[r + i, r + j]
+                        elif ps == pw:   # pool, windows side by side: one (P, P') per entry
+                            for i in range(h):
+                                base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
+                                for j in range(Ws):
+                                    qx = j + dx if j + dx < Ws else j + dx - Ws
+                                    e = base + lo_x[j] * Wo + lo_x[qx]
+                                    kout[e] += kbuf[r + i, r + j] * inv_w4
+                                    gout[e] += gbuf[r + i, r + j] * inv_w4
+                        else:            # pool: every (P, P') whose windows hold (p, p')
+                            for i in range(h):
+                                py = ix0 + i
+                                qy = iz0 + i
+                                for j in range(Ws):
+                                    qx = j + dx if j + dx < Ws else j + dx - Ws
+                                    vk = kbuf[r + i, r + j] * inv_w4
+                                    vg = gbuf[r + i, r + j] * inv_w4
+                                    for a in range(lo_y[py], hi_y[py] + 1):
+                                        for c2 in range(lo_y[qy], hi_y[qy] + 1):
+                                            for b in range(lo_x[j], hi_x[j] + 1):
+                                                e0 = ((a * Ho + c2) * Wo + b) * Wo
+                                                for d in range(lo_x[qx], hi_x[qx] + 1):
+                                                    kout[e0 + d] += vk
+                                                    gout[e0 + d] += vg
+                if not last:
+                    kin, kout = kout, kin
+                    gin, gout = gout, gin
+            if uniform:
+                sk *= R[0, 0, 0, 0]
+                sg *= R[0, 0, 0, 0]
+            out[p, 0, 0] = sk
+            out[p, 0, 1] = sg
+
 
 
 log = logging.getLogger("cntk_engine")
 _CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
-_loaded: set[str] = set()        # dtypes whose kernel this process has
-_miss_logged: set[str] = set()   # dtypes whose in-process compilation was logged
+_loaded: set[tuple[str, str]] = set()        # (kernel, dtype) this process has
+_miss_logged: set[tuple[str, str]] = set()   # (kernel, dtype) whose in-process compilation was logged
 _load_lock = threading.Lock()
+# the kernels, and a tiny job that makes a child process compile one into the cache
+_KERNELS = {
+    "pair": ("pair_kernel", "ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype={dtype!r})"),
+    "stack": ("stack_kernel", "ce.gram(np.ones((1, 1, 2, 2)), architecture=ce.serial(ce.ConvRelu(), "
+              "ce.AvgPool(2)), backend='numba', dtype={dtype!r})"),
+}
 
 
-def _in_cache(args) -> bool:
-    """Whether numba's cache holds the kernel for these arguments' types (numba internals, so
-    any failure answers False and the caller takes the slower, always-correct way)."""
+def _dispatcher(kind: str):
+    return globals()[_KERNELS[kind][0]]
+
+
+def _in_cache(kind: str, args) -> bool:
+    """Whether numba's cache holds kernel ``kind`` for these arguments' types (numba internals,
+    so any failure answers False and the caller takes the slower, always-correct way)."""
     try:
-        cache = pair_kernel._cache
-        key = cache._index_key(tuple(numba.typeof(a) for a in args), pair_kernel.targetctx.codegen())
+        kernel = _dispatcher(kind)
+        cache = kernel._cache
+        key = cache._index_key(tuple(numba.typeof(a) for a in args), kernel.targetctx.codegen())
         return key in cache._cache_file._load_index()
     except Exception:  # noqa: BLE001
         return False
 
 
-def _load_from_cache(dtype: np.dtype, args) -> None:
-    """Make this process run the kernel for ``dtype`` from numba's on-disk cache.
+def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
+    """Make this process run kernel ``kind`` ("pair" or "stack") for ``dtype`` from numba's
+    on-disk cache.
 
     When the cache does not hold it yet, a child process compiles it into the cache (the ~20 s
     of JIT then happen once per machine and dtype instead of once per process); this process
@@ -251,17 +479,17 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
     log.
     """
     name = np.dtype(dtype).name
-    if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
+    if ((kind, name) in _loaded or not _CACHING or os.environ.get(_CHILD)
+            or not hasattr(_dispatcher(kind), "stats")):
         return
     with _load_lock:
-        if name in _loaded or _in_cache(args):
-            _loaded.add(name)
+        if (kind, name) in _loaded or _in_cache(kind, args):
+            _loaded.add((kind, name))
             return
         root = str(Path(__file__).resolve().parents[2])      # import the same cntk_engine
         env = dict(os.environ, **{_CHILD: "1"})
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = ("import numpy as np, cntk_engine as ce; "
-                f"ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype='{name}')")
+        code = "import numpy as np, cntk_engine as ce; " + _KERNELS[kind][1].format(dtype=name)
         try:
             child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                    text=True, timeout=1800)
@@ -271,16 +499,16 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("numba: could not run a child to compile the %s kernel (%s); compiling "
                         "in this process", name, e)
-        _loaded.add(name)
+        _loaded.add((kind, name))
 
 
-def _check_cache_hit(dtype: np.dtype) -> None:
-    """Log (once per dtype) when this process ran a kernel it compiled itself."""
-    misses = getattr(getattr(pair_kernel, "stats", None), "cache_misses", {})
+def _check_cache_hit(kind: str, dtype: np.dtype) -> None:
+    """Log (once per kernel and dtype) when this process ran a kernel it compiled itself."""
+    misses = getattr(getattr(_dispatcher(kind), "stats", None), "cache_misses", {})
     name = np.dtype(dtype).name
-    if (_CACHING and not os.environ.get(_CHILD) and name not in _miss_logged
+    if (_CACHING and not os.environ.get(_CHILD) and (kind, name) not in _miss_logged
             and any(str(sig[0].dtype) == name for sig in misses)):
-        _miss_logged.add(name)
+        _miss_logged.add((kind, name))
         log.warning("numba: the %s kernel was compiled in this process, not loaded from numba's "
                     "cache: its results can differ in the last bits (~1e-9) from those of "
                     "processes that loaded the cache", name)
@@ -294,9 +522,12 @@ def cache_status() -> str:
     if not _CACHING:
         return "off (numba found no writable place for it): every process compiles the kernel"
     try:
-        cache = pair_kernel._cache
-        held = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
-        return f"{cache._cache_path} (holds: {', '.join(held) if held else 'nothing yet'})"
+        held = []
+        for kind in _KERNELS:
+            cache = _dispatcher(kind)._cache
+            dtypes = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
+            held.append(f"{kind}: {', '.join(dtypes) if dtypes else 'nothing yet'}")
+        return f"{cache._cache_path} (holds {'; '.join(held)})"
     except Exception as e:  # noqa: BLE001 - numba internals
         return f"on (details unavailable: {e})"
 
@@ -320,7 +551,46 @@ class NumbaBackend(Backend):
         cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         return Prepared(cast(x), (cast(s), cast(inv)))
 
+    def _grid_args(self, height: int, width: int):
+        """(grid weights, dmax_y, dmax_x) of the CNN readout for h x w images (cached): the
+        packed grids the readout needs are |dy| <= dmax_y and dx <= dmax_x or dx >= W - dmax_x."""
+        if getattr(self, "_grid_key", None) != (height, width):
+            gw = grid_weights(self.arch, height, width)
+            dys, dxs = np.nonzero(gw)
+            dmax_y = int(np.abs(dys - (height - 1)).max())
+            dmax_x = int(np.minimum(dxs, (width - dxs) % width).max())
+            self._grid_key = (height, width)
+            self._grid_cached = (np.ascontiguousarray(gw), dmax_y, dmax_x)
+        return self._grid_cached
+
+    def _stack_args(self, height: int, width: int):
+        """(stages, R, uniform, needed) of the stack kernel for h x w images (cached)."""
+        key = (height, width)
+        if getattr(self, "_stack_key", None) != key:
+            stages, _, _ = self.arch.plan(height, width)
+            table = np.array([[st.height, st.width, st.first_layer, st.n_layers,
+                               st.pool.window if st.pool else 0, st.pool.stride if st.pool else 0]
+                              for st in stages], dtype=np.int64)
+            inv_pool = np.array([1.0 / st.pool.window ** 4 if st.pool else 1.0 for st in stages],
+                                dtype=self.dtype)
+            R = readout_weights(self.arch, height, width)
+            uniform = bool(np.all(R == R.flat[0]))
+            hl, wl = R.shape[:2]
+            needed = np.zeros((2 * hl - 1, wl), dtype=np.uint8)
+            for dy in range(-(hl - 1), hl):
+                for dx in range(wl):
+                    for ox in ((dx, dx - wl) if dx else (0,)):    # the grid's two slices
+                        y = np.arange(max(0, -dy), hl - max(0, dy))[:, None]
+                        x = np.arange(max(0, -ox), wl - max(0, ox))[None, :]
+                        if np.any(R[y, x, y + dy, x + ox] != 0):
+                            needed[dy + hl - 1, dx] = 1
+            self._stack_key = key
+            self._stack_cached = (table, inv_pool, np.ascontiguousarray(R), uniform, needed)
+        return self._stack_cached
+
     def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool) -> np.ndarray:
+        if self.arch.has_pooling:
+            return self._stack_pairs(a, b, ia, ib, same_set)
         slot = np.full(self.arch.n_layers, -1, dtype=np.int64)
         for t, layer in enumerate(self.arch.readout_layers):
             slot[layer] = t
@@ -331,14 +601,32 @@ class NumbaBackend(Backend):
         # writable arrays: a read-only one (a Dask worker's deserialised images, a memory map)
         # would be another numba signature, compiled in this process instead of loaded (above)
         w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
+        grid_w, dmax_y, dmax_x = self._grid_args(*a.images.shape[2:])
         args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
                 w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
                 f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
-                self.arch.pooling == "gap", bool(same_set), slot, n_out, flat,
+                grid_w, dmax_y, dmax_x, bool(same_set), slot, n_out, flat,
                 constants(self.dtype), self.dtype == np.float64)
-        _load_from_cache(self.dtype, args)
+        _load_from_cache("pair", self.dtype, args)
         pair_kernel(*args)
-        _check_cache_hit(self.dtype)
+        _check_cache_hit("pair", self.dtype)
+        return flat
+
+
+    def _stack_pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool) -> np.ndarray:
+        table, inv_pool, R, uniform, needed = self._stack_args(*a.images.shape[2:])
+        flat = np.zeros((len(ia), 1, 2), dtype=np.float64)
+        f = self.dtype.type
+        p = self.params
+        w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
+        args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
+                w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
+                f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
+                bool(same_set), table, inv_pool, R, uniform, needed, flat, constants(self.dtype),
+                self.dtype == np.float64)
+        _load_from_cache("stack", self.dtype, args)
+        stack_kernel(*args)
+        _check_cache_hit("stack", self.dtype)
         return flat
 
 

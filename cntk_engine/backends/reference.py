@@ -1,4 +1,5 @@
-"""Float64 NumPy reference: the paper's 4-D recursion written out directly.
+"""Float64 NumPy reference: the paper's 4-D recursion written out directly, pooling layers
+included (``pool4``: the 4-D average over both windows, literally).
 
 Slow (it holds the whole (H, W, H, W) covariance of every pair, as the paper's reference code
 does) and deliberately independent of the fast backends: no offset slices, no shared layer
@@ -11,6 +12,7 @@ import math
 
 import numpy as np
 
+from ..arch import ConvRelu
 from .base import Backend, Prepared, Traits
 
 
@@ -42,27 +44,68 @@ def relu_step(sigma, q_x, q_z):
     return k, kdot
 
 
-def layers_4d(x: np.ndarray, z: np.ndarray, arch, params, q_x=None, q_z=None):
-    """Run the recursion for one pair; yields (layer, K, G, Sigma) after each ReLU layer.
+def pool4(a: np.ndarray, pool) -> np.ndarray:
+    """(pool A)(P, P') = w^-4 sum_{u, v in [0, w)^2} A(s P + u, s P' + v) (VALID windows)."""
+    s, k = pool.stride, pool.window
+    ho, wo = pool.out_size(a.shape[0]), pool.out_size(a.shape[1])
+    out = np.zeros((ho, wo, ho, wo))
+    for a0 in range(k):
+        for b0 in range(k):
+            for c0 in range(k):
+                for d0 in range(k):
+                    out += a[a0:a0 + s * ho:s, b0:b0 + s * wo:s, c0:c0 + s * ho:s, d0:d0 + s * wo:s]
+    return out / k ** 4
 
-    q_x, q_z: (L, H, W) per-image diagonals.  With q_x = q_z = None the pair must be (x, x): the diagonals are read off the 4-D
-    covariance itself (this is how the reference gets its own diagonals).
+
+def lap4(a: np.ndarray, c: int) -> np.ndarray:
+    """AvgPool((c, c), stride 1, CIRCULAR) of a 4-D kernel on both of its positions:
+    (pool A)(P, P') = c^-4 sum_{u, v in window} A(P + u, P' + v), indices mod (H, W), the window
+    u in [-(c - 1) // 2, c // 2] per axis (SAME placement); one axis at a time."""
+    out = a
+    for axis in range(4):
+        out = sum(np.roll(out, -u, axis=axis) for u in range(-((c - 1) // 2), c // 2 + 1)) / c
+    return out
+
+
+def _layers(arch):
+    """The network as ("conv", None) / ("pool", AvgPool) steps (the CNN: conv layers only)."""
+    if arch.layers is None:
+        return [("conv", None)] * arch.n_layers
+    return [("conv", None) if isinstance(la, ConvRelu) else ("pool", la) for la in arch.layers]
+
+
+def layers_4d(x: np.ndarray, z: np.ndarray, arch, params, q_x=None, q_z=None):
+    """Run the recursion for one pair; yields (layer, K, G, Sigma) after each ReLU layer (layer:
+    0-based over the conv layers), and, in a stack, ("pool", K, G, None) after each pooling
+    layer (the pooled K and G: the trailing pools before the readout included).
+
+    q_x, q_z: (L, H, W) per-image diagonals (layer l's at its own resolution, top-left).  With
+    q_x = q_z = None the pair must be (x, x): the diagonals are read off the 4-D covariance
+    itself (this is how the reference gets its own diagonals).
     """
     k = arch.filter_size
-    h, w = x.shape[1:]
-    sigma = params.w_first * box4(np.einsum("cij,ckl->ijkl", x, z), k) + params.b2
-    theta_ntk = np.zeros_like(sigma) if arch.fix else sigma.copy()
-    for layer in range(arch.n_layers):
+    kk = g = None
+    layer = -1
+    for kind, pool in _layers(arch):
+        if kind == "pool":
+            kk, g = pool4(kk, pool), pool4(g, pool)
+            yield "pool", kk, g, None
+            continue
+        layer += 1
+        if layer == 0:
+            sigma = params.w_first * box4(np.einsum("cij,ckl->ijkl", x, z), k) + params.b2
+            theta_ntk = np.zeros_like(sigma) if arch.fix else sigma.copy()
+        else:
+            sigma = params.w * box4(kk, k) + params.b2
+            theta_ntk = sigma + params.w * box4(g, k)
+        h, w = sigma.shape[:2]
         if q_x is None:
             qx_l = qz_l = np.einsum("ijij->ij", sigma).copy()
         else:
-            qx_l, qz_l = q_x[layer], q_z[layer]
+            qx_l, qz_l = q_x[layer, :h, :w], q_z[layer, :h, :w]
         kk, kdot = relu_step(sigma, qx_l, qz_l)
         g = theta_ntk * kdot
         yield layer, kk, g, sigma
-        if layer + 1 < arch.n_layers:
-            sigma = params.w * box4(kk, k) + params.b2
-            theta_ntk = sigma + params.w * box4(g, k)
 
 
 class ReferenceBackend(Backend):
@@ -75,23 +118,40 @@ class ReferenceBackend(Backend):
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x, dtype=np.float64)
         h, w = x.shape[2:]
-        q = np.empty((x.shape[0], self.arch.n_layers, h, w))
+        q = np.zeros((x.shape[0], self.arch.n_layers, h, w))
         for n in range(x.shape[0]):
             for layer, _, _, sigma in layers_4d(x[n], x[n], self.arch, self.params):
-                q[n, layer] = np.einsum("ijij->ij", sigma)
+                if sigma is not None:
+                    q[n, layer, :sigma.shape[0], :sigma.shape[1]] = np.einsum("ijij->ij", sigma)
         return Prepared(x, (q,))
 
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
+        out = self._sums(a, b, symmetric)
+        if self.arch.flip:      # (K(x, z) + K(x, F z)) / 2, every pair of the flipped set computed
+            out = (out + self._sums(a, b.flipped, False)) * 0.5
+        return out
+
+    def _sums(self, a: Prepared, b: Prepared, symmetric: bool) -> np.ndarray:
+        # the CNN reads out after the ReLU of each depth's last layer; a stack once, at the end
+        # (after its trailing pooling layers)
         slot = {l: t for t, l in enumerate(self.arch.readout_layers)}
         out = np.zeros((len(a), len(b), len(slot), 2))
-        gap = self.arch.pooling == "gap"
+        if self.arch.pooling == "gap":
+            reduce = np.sum
+        elif self.arch.pooling == "flatten":
+            reduce = lambda t: np.einsum("ijij->", t)  # noqa: E731
+        else:
+            reduce = lambda t: np.einsum("ijij->", lap4(t, self.arch.lap_window))  # noqa: E731
         for i in range(len(a)):
             for j in range(i if symmetric else 0, len(b)):
+                last = None
                 for layer, kk, g, _ in layers_4d(a.images[i], b.images[j], self.arch, self.params,
                                                  a.diag[0][i], b.diag[0][j]):
-                    if layer in slot:
-                        reduce = np.sum if gap else (lambda t: np.einsum("ijij->", t))
+                    if self.arch.layers is None and layer in slot:
                         out[i, j, slot[layer]] = reduce(kk), reduce(g)
+                    last = kk, g
+                if self.arch.layers is not None:
+                    out[i, j, 0] = reduce(last[0]), reduce(last[1])
                 if symmetric:
                     out[j, i] = out[i, j]
         return out

@@ -115,12 +115,21 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
 
 # ------------------------------------------------------------------------------ options
 def add_architecture_options(p) -> None:
-    """The network and kernels: --depth/--depths, --pooling, --fix, --kernel, --convention,
-    --W-std, --b-std, --filter-size."""
-    d = p.add_mutually_exclusive_group(required=True)
-    d.add_argument("--depth", type=int, help="depth (conv layers + 1)")
-    d.add_argument("--depths", help="several depths from one kernel pass, e.g. 3,4,6,11")
-    p.add_argument("--pooling", choices=("gap", "flatten"), default="gap")
+    """The network and kernels: --architecture, --depth/--depths, --pooling, --fix, --kernel,
+    --convention, --W-std, --b-std, --filter-size."""
+    from ..arch import PRESETS
+    p.add_argument("--architecture", choices=("cnn", *sorted(PRESETS)), default="cnn",
+                   help="cnn (the CNN of Arora et al., needs --depth or --depths; default) or a "
+                   "Myrtle pooling network (32 x 32 images; its depth is fixed)")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--depth", type=int, help="depth (conv layers + 1) of the cnn")
+    d.add_argument("--depths", help="several depths of the cnn from one kernel pass, e.g. 3,4,6,11")
+    p.add_argument("--pooling", choices=("gap", "flatten", "lap"), default="gap",
+                   help="the readout: gap, flatten, or lap (local average pooling, --lap-window)")
+    p.add_argument("--lap-window", type=int, default=None, metavar="C",
+                   help="c of the LAP readout (--pooling lap): a c x c circular average pool")
+    p.add_argument("--flip", action="store_true",
+                   help="flip-symmetrised kernel (K(x, z) + K(x, hflip z)) / 2")
     p.add_argument("--fix", action="store_true", help="first and last layers not trained")
     p.add_argument("--kernel", choices=("ntk", "nngp", "both"), default="ntk",
                    help="kernel(s): ntk, nngp, or both from the same pass")
@@ -141,8 +150,11 @@ def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> 
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def depths_of(args) -> list[int]:
-    return [args.depth] if args.depth is not None else int_list(args.depths, "--depths")
+def depths_of(args) -> list[int] | None:
+    """The depths asked for: [depth], the --depths list, or None (a preset fixes its depth)."""
+    if args.depth is not None:
+        return [args.depth]
+    return None if args.depths is None else int_list(args.depths, "--depths")
 
 
 def gram_options(args) -> dict:
@@ -153,15 +165,21 @@ def gram_options(args) -> dict:
     if args.tile is not None and args.tile < 1:
         raise CliError(f"--tile must be a positive integer; got {args.tile}")
     depths = depths_of(args)
-    make_architecture(depths=depths, pooling=args.pooling, fix=args.fix, convention=args.convention,
-                      W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size)
+    if args.architecture == "cnn" and depths is None:
+        raise CliError("--architecture cnn needs --depth D or --depths D1,D2,... (conv layers + 1)")
+    arch = make_architecture(depth=args.depth, depths=None if args.depth is not None else depths,
+                             architecture=args.architecture, pooling=args.pooling,
+                             lap_window=args.lap_window, flip=args.flip, fix=args.fix,
+                             convention=args.convention, W_std=args.W_std, b_std=args.b_std,
+                             filter_size=args.filter_size)
     check_dtype(args.dtype)
     # the commands convert their images to NCHW themselves (to_nchw: the layout is decided)
     return dict(depth=args.depth, depths=None if args.depth is not None else depths,
-                pooling=args.pooling, fix=args.fix, kernel=args.kernel, convention=args.convention,
-                W_std=args.W_std, b_std=args.b_std, filter_size=args.filter_size,
-                backend=args.backend, dtype=args.dtype, tile=args.tile, data_format="NCHW",
-                progress=not args.no_progress)
+                architecture=args.architecture, pooling=args.pooling, lap_window=args.lap_window,
+                flip=args.flip, fix=args.fix, kernel=args.kernel, convention=args.convention, W_std=args.W_std,
+                b_std=args.b_std, filter_size=args.filter_size, backend=args.backend,
+                dtype=args.dtype, tile=args.tile, data_format="NCHW",
+                progress=not args.no_progress), arch
 
 
 # ------------------------------------------------------------------------------ records

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import solver
-from ..preprocess import PREPROCESSING, preprocess
+from ..arch import hflip
+from ..preprocess import PREPROCESSING, ZCA_REG, preprocess
 from .common import (CliError, add_architecture_options, add_run_options, check_json_path,
-                     depths_of, gram_options, machine, to_nchw, write_json)
+                     gram_options, machine, to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -59,7 +60,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
     p.add_argument("--preprocess", choices=PREPROCESSING, default="standardize",
                    help="standardize: per-channel mean/std of the training images (the paper's; "
-                   "default); scale: integer images / 255; none: as stored")
+                   "default); scale: integer images / 255; zca: regularised ZCA whitening fitted on "
+                   "the training images (Lee et al. 2020); none: as stored")
+    p.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
+                   help="the same as --preprocess zca")
+    p.add_argument("--zca-reg", type=float, default=ZCA_REG, metavar="R",
+                   help=f"ZCA regulariser, relative to the mean eigenvalue (default {ZCA_REG})")
+    p.add_argument("--augment-flips", action="store_true",
+                   help="train on the training images and their horizontal flips (twice the "
+                   "training set; --flip symmetrises the kernel instead)")
     p.add_argument("--downsample", type=int, default=1,
                    help="average-pool F x F before the kernel (a CPU-feasibility option)")
     p.add_argument("--seed", type=int, default=0, help="subset / split seed (default 0)")
@@ -168,7 +177,11 @@ def _command_line(args) -> str:
             v = getattr(args, a.dest, None)
             if not a.option_strings or a.dest == "help" or v is None or v is False:
                 continue
-            argv += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], str(v)]
+            if a.nargs == 0:        # a flag: given when the value is the one it stores
+                if v == a.const:
+                    argv.append(a.option_strings[0])
+                continue
+            argv += [a.option_strings[0], str(v)]
     return "cntk-engine " + shlex.join(str(v) for v in argv)
 
 
@@ -193,11 +206,12 @@ def _fmt_line(depth, name, r) -> str:
 # ----------------------------------------------------------------------------- run
 def run(args) -> int:
     from ..api import gram
-    depths = depths_of(args)
     ridge = parse_ridge(args.ridge)
     # every option error before the data is read and the kernels computed
-    opts = gram_options(args)
-    opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
+    opts, arch = gram_options(args)
+    depths = list(arch.depths)
+    if arch.layers is None:
+        opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
     if args.json:
         check_json_path(args.json)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
@@ -206,13 +220,16 @@ def run(args) -> int:
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
-    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample)
+    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=args.zca_reg)
+    if args.augment_flips:          # the flipped copies carry the labels of their originals
+        xtr, ytr = np.concatenate([xtr, hflip(xtr)]), np.concatenate([ytr, ytr])
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
     if len(classes) < 2:
         raise CliError(f"the {len(ytr)} training images hold one class only ({classes[0]!r}); "
                        "use a larger --n-train or another --seed")
-    print(f"evaluate: {args.data} ({how}), {len(xtr)} train / {len(xte)} test images, "
+    print(f"evaluate: {args.data} ({how}), {len(xtr)} train"
+          + (" (with their flips)" if args.augment_flips else "") + f" / {len(xte)} test images, "
           f"(C, H, W) = {shape}" + (f" (from {raw_shape}, downsampled {args.downsample}x)"
                                      if args.downsample > 1 else "")
           + f", {len(classes)} classes, preprocess {args.preprocess}, seed {args.seed}")
@@ -221,9 +238,11 @@ def run(args) -> int:
     ktr, info_tr = gram(xtr, **opts, return_info=True)
     t1 = time.perf_counter()
     kte, info_te = gram(xte, xtr, **opts, return_info=True)
+    if arch.layers is not None:                     # a stack: one depth, its result as is
+        ktr, kte = {depths[0]: ktr}, {depths[0]: kte}
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
-    print(f"kernels: depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
+    print(f"kernels: {args.architecture}, depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
           f"{info_tr['backend']} ({info_tr.get('where', '')}, {args.dtype}): train Gram "
           f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs, {pairs / (t2 - t0):.4g} pairs/s")
     names = ("ntk", "nngp") if kernel == "both" else (kernel,)
@@ -242,7 +261,10 @@ def run(args) -> int:
                    data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
                    raw_image_shape=raw_shape, data_format=args.data_format,
                    downsample=args.downsample, preprocess=args.preprocess,
-                   seed=args.seed, depths=depths, kernel=kernel, pooling=args.pooling, fix=args.fix,
+                   seed=args.seed, architecture=args.architecture, depths=depths, kernel=kernel,
+                   pooling=args.pooling, lap_window=args.lap_window, flip=args.flip,
+                   zca_reg=args.zca_reg if args.preprocess == "zca" else None,
+                   augment_flips=args.augment_flips, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
                    backend=info_tr["backend"], dtype=args.dtype, tile=args.tile,

@@ -70,7 +70,7 @@ def run(args) -> int:
     x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
     x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
                                                args.data_format, "--x2")
-    opts = gram_options(args)
+    opts, _ = gram_options(args)
     devices = None
     if args.devices is not None:
         devices = "all" if args.devices == "all" else int_list(args.devices, "--devices")

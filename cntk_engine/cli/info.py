@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import platform
 
+from ..arch import PRESETS, ConvRelu, make_architecture, myrtle
+
 def _version(mod: str) -> str:
     try:
         from importlib.metadata import version
@@ -44,7 +46,24 @@ def run(args) -> int:
     for name, why in available_backends().items():
         print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
     print(f"backend='auto' picks: {resolve('auto').name}")
+    print("architectures (gram(..., architecture=...), --architecture):")
+    print("  cnn        the CNN of Arora et al. 2019: depth - 1 conv + ReLU layers, gap or flatten "
+          "readout (every backend)")
+    for name, depth in sorted(PRESETS.items(), key=lambda kv: kv[1]):
+        layers = " ".join("conv" if isinstance(la, ConvRelu) else f"pool{la.window}"
+                          for la in myrtle(depth))
+        print(f"  {name:10s} Myrtle-{depth} (Shankar et al. 2020), 32 x 32 images: {layers} | "
+              f"{_stack_backends(name)}")
+    print("  stacks     any ConvRelu / AvgPool stack: cntk_engine.serial(...)")
     return 0
+
+
+def _stack_backends(name: str) -> str:
+    """Which backends can run a preset here (on 32 x 32 x 3 float32 images)."""
+    from ..backends import capabilities
+    caps = capabilities(make_architecture(architecture=name), (3, 32, 32), "float32")
+    ok = [b for b, c in caps.items() if c["unavailable"] is None and c["unsupported"] is None]
+    return "backends: " + ", ".join(ok)
 
 
 def _numba_threads() -> str:

@@ -225,8 +225,8 @@ def _state(job: TaskSpec, xa, xb):
         if job.prepared:
             pa, pb = xa, (xa if job.symmetric else xb)
         else:
-            pa = be.prepare(xa)
-            pb = pa if job.symmetric else be.prepare(xb)
+            pa = be.prepare_set(xa)
+            pb = pa if job.symmetric else be.prepare_set(xb)
         st = _CACHE[key] = (be, pa, pb)
         tokens = list(dict.fromkeys(k[0] for k in _CACHE))     # least recently used first
         for old in tokens[:max(0, len(tokens) - CACHE_JOBS)]:
@@ -298,8 +298,8 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
         xa, xb = job.x1, job.x2              # each GPU worker prepares once on its own device
     else:
         be = job.make_backend()
-        xa = be.prepare(job.x1)              # diagonals once, on the client
-        xb = None if job.symmetric else be.prepare(job.x2)
+        xa = be.prepare_set(job.x1)          # diagonals once, on the client
+        xb = None if job.symmetric else be.prepare_set(job.x2)
     fa = client.scatter(xa, broadcast=True, hash=False)
     fb = fa if xb is None else client.scatter(xb, broadcast=True, hash=False)
     spec = TaskSpec(token, job.backend, job.arch, job.params, job.dtype.name, not gpu,

@@ -145,8 +145,8 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
             with w.context():
                 be = w.make_backend()
                 t0 = time.perf_counter()
-                pa = be.prepare(w.to_device(x1))
-                pb = pa if x2 is None else be.prepare(w.to_device(x2))
+                pa = be.prepare_set(w.to_device(x1))
+                pb = pa if x2 is None else be.prepare_set(w.to_device(x2))
                 log.debug("%s: prepared %d + %d images in %.3f s", w.name, len(pa),
                           0 if x2 is None else len(pb), time.perf_counter() - t0)
                 while True:

@@ -278,17 +278,20 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable differences between two job records (layout and integrity keys excluded)."""
     a, b = _flat(stored), _flat(wanted)
     diffs = []
-    for k in b:
+    # every key of either record: a stack's record has keys (its layers) that a CNN's has not;
+    # the tile layout and the integrity record are not part of the job
+    for k in list(b) + [k for k in a if k not in b]:
         if k in ("tile", "grid") or k.startswith(("integrity.", "upgraded_from.")):
             continue
-        if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b[k], list):
+        if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
             if sorted(a[k]) != sorted(b[k]):
                 diffs.append(f"architecture.depths: store has {sorted(a[k])}, this job {sorted(b[k])}")
             continue
-        if a.get(k, "<missing>") != b[k]:
+        if a.get(k, "<missing>") != b.get(k, "<missing>"):
             name = {"fingerprint.x1": "images x1 (sha256)", "fingerprint.x2": "images x2 (sha256)"}.get(k, k)
-            diffs.append(f"{name}: store has {_short(a.get(k, '<missing>'))}, this job {_short(b[k])}")
+            diffs.append(f"{name}: store has {_short(a.get(k, '<missing>'))}, this job "
+                         f"{_short(b.get(k, '<missing>'))}")
     return diffs
 
 

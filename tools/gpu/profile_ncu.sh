@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the CNTK pair kernel on a GPU machine.  Output into $OUT.
 #
-#   OUT=/tmp/out bash bench/profile_ncu.sh [--tag v3] [--depth 21] [--n 16] [--dtype float32]
+#   OUT=/tmp/out bash tools/gpu/profile_ncu.sh [--tag v3] [--depth 21] [--n 16] [--dtype float32]
 #                                          [--size 32] [--python python3]
 #
 # Profiles ONE launch of the pair kernel (`pair_sums_kernel<...>`, the first one of a
 # symmetric Gram of N random size x size x 3 images, GAP, arora, NTK + NNGP) with `--set full`
 # (speed of light, occupancy, warp-state stall reasons, instruction statistics and pipe
-# utilisation, scheduler statistics, source counters), clocks left alone (`--clock-control
-# none`, as the device notes ask).  The package must already be installed; build it with
+# utilisation, scheduler statistics, source counters), with the GPU's clocks left as they are
+# (`--clock-control none`).  The package must already be installed; build it with
 # -lineinfo so the source counters map stalls to lines of csrc/cntk_kernels.cu:
 #
 #   CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo" \
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     --dtype) DTYPE=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    *) echo "unknown option $1 (see the header of bench/profile_ncu.sh)"; exit 2 ;;
+    *) echo "unknown option $1 (see the header of tools/gpu/profile_ncu.sh)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build, sanitizer, SASS mix, GPU tests, CUDA bench, Nsight Compute
-# profile, neural-tangents on the GPU.  Output into $OUT.
+# One call on a GPU machine, from the repository root: build, sanitizer, SASS mix, GPU tests,
+# CUDA bench, Nsight Compute profile, neural-tangents on the GPU.  Output into $OUT.
 #
-#   OUT=/tmp/out CNTK_ENGINE_DATA=.devdata bash bench/gpu_session.sh [--phases LIST] [--tag T]
+#   OUT=/tmp/out CNTK_ENGINE_DATA=.devdata bash tools/gpu/gpu_session.sh [--phases LIST] [--tag T]
 #        [--wheels DIR] [bench_cuda.py options ...]
 #
 # --phases   comma list of build,sanitizer,sass,tests,bench,ncu,nt
@@ -10,7 +10,7 @@
 # --tag      names the ncu report and the bench JSON (e.g. v3, v4) [v3]
 # --wheels   a folder of wheels to install with --no-deps into /tmp/site (PYTHONPATH) first:
 #            neural-tangents and frozendict for the `nt` phase (the GPU machines cannot
-#            download; how to make the folder: bench/README.md, "neural-tangents on a GPU")
+#            download; how to make the folder: tools/gpu/README.md, "neural-tangents on a GPU")
 # Anything else is passed to bench/bench_cuda.py.
 # The build uses -lineinfo (no effect on the generated code) so ncu maps stalls to source lines.
 set -uo pipefail
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     --phases) PHASES=$2; shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
     --wheels) WHEELS=$2; shift 2 ;;
-    --no-bench) PHASES=${PHASES//,bench/}; shift ;;      # the old spelling
+    --no-bench) PHASES=${PHASES//,bench/}; shift ;;      # the default phases without bench
     *) BENCH_ARGS+=("$1"); shift ;;
   esac
 done
@@ -74,8 +74,8 @@ print('sanitizer run ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])" 2>&1 | tail 
     python3 -P bench/bench_cuda.py --out "$OUT" "${BENCH_ARGS[@]}" || FAILED="$FAILED bench"
   fi
   if has ncu; then
-    OUT="$OUT" bash bench/profile_ncu.sh --tag "$TAG" --depth 21 --n 16 || FAILED="$FAILED ncu"
-    OUT="$OUT" bash bench/profile_ncu.sh --tag "${TAG}_depth3" --depth 3 --n 64 || FAILED="$FAILED ncu_depth3"
+    OUT="$OUT" bash tools/gpu/profile_ncu.sh --tag "$TAG" --depth 21 --n 16 || FAILED="$FAILED ncu"
+    OUT="$OUT" bash tools/gpu/profile_ncu.sh --tag "${TAG}_depth3" --depth 3 --n 64 || FAILED="$FAILED ncu_depth3"
   fi
   if has nt; then
     echo "== neural-tangents on the GPU, side by side with the CUDA backend (harness)"

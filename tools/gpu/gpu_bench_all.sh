@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU machine: install, harness, Table 1 reproduction, small-data protocol.
 #
-#   OUT=/path/to/out CNTK_ENGINE_DATA=/path/to/data bash bench/gpu_bench_all.sh [options]
+#   OUT=/path/to/out CNTK_ENGINE_DATA=/path/to/data bash tools/gpu/gpu_bench_all.sh [options]
 #
 # Run from the repository root.  Writes at most 7 files into $OUT:
 #   gpu_bench_all.log, harness_gpu_<date>.{json,png}, table1_gpu_<date>.{json,md},
@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
     --n-test) N_TEST=$2; shift 2 ;;
     --sd-draws) SD_DRAWS=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    *) echo "unknown option $1 (see the header of bench/gpu_bench_all.sh)"; exit 2 ;;
+    *) echo "unknown option $1 (see the header of tools/gpu/gpu_bench_all.sh)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"

@@ -1,0 +1,265 @@
+"""Pooling stacks and the Myrtle presets: the numba fast path against the float64 4-D reference
+and neural-tangents, conventions, properties, every place a user meets them, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cntk_engine as ce
+from cntk_engine import AvgPool, ConvRelu, serial
+from cntk_engine.arch import make_architecture, readout_weights
+from conftest import load_real
+
+FIXTURE = Path(__file__).with_name("fixtures") / "nt_stacks.npz"
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def cifar32(n=3):
+    """CIFAR-10 test images (NCHW, [0, 1]) with an all-black window in one and an all-zero one."""
+    x = load_real("cifar10_jpeg_small.npz")["x_test"][:n].astype(np.float64).transpose(0, 3, 1, 2) / 255.0
+    x[1, :, :12, :12] = 0.0
+    return np.concatenate([x, np.zeros((1, 3, 32, 32))])
+
+
+STACKS = [   # (layers, image size, gram keywords)
+    (serial(ConvRelu(), AvgPool(2), ConvRelu()), 4, dict(pooling="gap")),
+    (serial([ConvRelu()] * 2, AvgPool(2), ConvRelu(), AvgPool(2)), 8,
+     dict(pooling="flatten", convention="neural_tangents", W_std=1.3, b_std=0.4)),
+    (serial(ConvRelu(), AvgPool(3, 1), ConvRelu(), AvgPool(2)), 6, dict(pooling="flatten", fix=True)),
+    (serial(ConvRelu(), AvgPool(2, 1), ConvRelu(), AvgPool(2), ConvRelu()), 5,
+     dict(pooling="gap", fix=True, convention="neural_tangents")),
+    (serial(ConvRelu(), AvgPool(2), ConvRelu(), AvgPool(2), AvgPool(2)), 8, dict(pooling="gap")),
+    (serial(ConvRelu(), ConvRelu(), AvgPool(2)), 6, dict(pooling="flatten", filter_size=5)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STACKS)))
+def test_numba_matches_reference_on_stacks(case, rng):
+    layers, hw, kw = STACKS[case]
+    x = rng.standard_normal((4, 2, hw, hw))
+    x[3, :, : hw // 2] = 0.0                               # a zero-variance window
+    ref = ce.gram(x, architecture=layers, kernel="both", backend="reference", **kw)
+    for dtype, tol in (("float64", 1e-10), ("float32", 1e-4)):
+        got = ce.gram(x, architecture=layers, kernel="both", backend="numba", dtype=dtype, **kw)
+        for g, r in zip(got, ref):
+            assert rel(g, r) <= tol, (dtype, rel(g, r))
+    y = rng.standard_normal((3, 2, hw, hw))                # rectangular: x against y
+    ref = ce.gram(x, y, architecture=layers, backend="reference", **kw)
+    assert rel(ce.gram(x, y, architecture=layers, backend="numba", dtype="float64", **kw), ref) <= 1e-10
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("myrtle5", dict()),
+    ("myrtle7", dict(convention="neural_tangents", W_std=1.3, b_std=0.4)),
+    ("myrtle10", dict(fix=True)),
+])
+def test_myrtle_on_real_cifar_matches_reference(name, kw):
+    x = cifar32()
+    ref = ce.gram(x, architecture=name, kernel="both", backend="reference", **kw)
+    for dtype, tol in (("float64", 1e-10), ("float32", 1e-4)):
+        got = ce.gram(x, architecture=name, kernel="both", backend="numba", dtype=dtype, **kw)
+        for g, r in zip(got, ref):
+            assert rel(g, r) <= tol, (name, dtype, rel(g, r))
+            assert np.all(np.isfinite(g))
+    if "b_std" not in kw:                                     # no biases: the all-zero image
+        assert np.all(ref[0][3] == 0) and np.all(ref[1][3] == 0)
+
+
+def test_neural_tangents_fixture():
+    """Values of neural-tangents 0.6.5's stax (tests/fixtures/make_nt_fixtures.py --stacks)."""
+    f = np.load(FIXTURE)
+    meta = json.loads(str(f["meta"]))
+    assert len(meta["configs"]) >= 10 and {c["name"] for c in meta["configs"]} >= {"myrtle5", "myrtle7", "myrtle10"}
+    for i, cfg in enumerate(meta["configs"]):
+        x = f[f"images_{cfg['set']}"].transpose(0, 3, 1, 2)
+        arch = cfg["name"] or [ConvRelu() if la[0] == "conv" else AvgPool(la[1], la[2]) for la in cfg["layers"]]
+        kw = dict(architecture=arch, pooling=cfg["pooling"], convention="neural_tangents",
+                  W_std=cfg["W_std"], b_std=cfg["b_std"], kernel="both")
+        want = f[f"c{i}_ntk"], f[f"c{i}_nngp"]
+        backends = ("numba",) if cfg["name"] else ("numba", "reference")
+        for be in backends:
+            got = ce.gram(x, backend=be, dtype="float64", **kw)
+            for g, w in zip(got, want):
+                assert rel(g, w) <= 1e-8, (i, be, rel(g, w))
+        got = ce.gram(x, backend="numba", dtype="float32", **kw)
+        for g, w in zip(got, want):
+            assert rel(g, w) <= 1e-4, (i, "float32", rel(g, w))
+
+
+def test_myrtle_reference_matches_fixture():
+    """The literal 4-D reference against neural-tangents on the Myrtle networks too (one config
+    each, the fixture's random images)."""
+    f = np.load(FIXTURE)
+    meta = json.loads(str(f["meta"]))
+    seen = set()
+    for i, cfg in enumerate(meta["configs"]):
+        if cfg["name"] is None or cfg["name"] in seen or cfg["set"] != "random32":
+            continue
+        seen.add(cfg["name"])
+        x = f[f"images_{cfg['set']}"].transpose(0, 3, 1, 2)[:2]
+        got = ce.gram(x, architecture=cfg["name"], pooling=cfg["pooling"], kernel="both",
+                      convention="neural_tangents", W_std=cfg["W_std"], b_std=cfg["b_std"],
+                      backend="reference")
+        for g, w in zip(got, (f[f"c{i}_ntk"][:2, :2], f[f"c{i}_nngp"][:2, :2])):
+            assert rel(g, w) <= 1e-8
+    assert seen == {"myrtle5", "myrtle7", "myrtle10"}
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_conventions_differ_by_known_factor(fix, rng):
+    """Without biases: neural_tangents = (2 / C) arora for gap, (2 / (C H_r W_r)) arora for
+    flatten at the readout resolution H_r x W_r."""
+    x = rng.standard_normal((3, 2, 8, 8))
+    for layers, pooling, factor in ((serial(ConvRelu(), AvgPool(2), ConvRelu(), ConvRelu()), "gap", 2 / 2),
+                                    (serial(ConvRelu(), AvgPool(2), ConvRelu(), ConvRelu(), AvgPool(2)),
+                                     "flatten", 2 / (2 * 2 * 2))):
+        a = ce.gram(x, architecture=layers, pooling=pooling, fix=fix, kernel="both", backend="numba",
+                    dtype="float64")
+        n = ce.gram(x, architecture=layers, pooling=pooling, fix=fix, kernel="both", backend="numba",
+                    dtype="float64", convention="neural_tangents")
+        for ka, kn in zip(a, n):
+            assert rel(kn, factor * ka) <= 1e-12
+
+
+def test_myrtle_readout_is_gap_of_the_last_stage():
+    """Three 2 x 2 pools from 8 x 8 to 1 x 1 then Flatten: the mean over the 8 x 8 stage."""
+    arch = make_architecture(architecture="myrtle10")
+    r = readout_weights(arch, 32, 32)
+    assert r.shape == (8, 8, 8, 8) and np.all(r == 1 / 64 ** 2)
+    assert arch.depths == (10,) and arch.n_layers == 9
+    stages, trailing, out = arch.plan(32, 32)
+    assert [(s.height, s.n_layers) for s in stages] == [(32, 3), (16, 3), (8, 3)]
+    assert len(trailing) == 3 and out == (1, 1)
+
+
+def test_properties_on_real_images():
+    x = cifar32(4)[:4]
+    ntk, nngp = ce.gram(x, architecture="myrtle5", kernel="both", backend="numba", dtype="float64")
+    for k in (ntk, nngp):
+        assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()
+        assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(k).max()
+    flipped = x[..., ::-1].copy()       # the stack is flip-equivariant: flipping both is a no-op
+    assert rel(ce.gram(flipped, architecture="myrtle5", backend="numba", dtype="float64"), ntk) <= 1e-12
+    # identical images at other indices are self pairs: exactly the diagonal value
+    twin = ce.gram(x, x.copy(), architecture="myrtle5", backend="numba")
+    assert np.array_equal(np.diag(twin), np.diag(ce.gram(x, architecture="myrtle5", backend="numba")))
+
+
+def test_stack_diagonals_match_reference(rng):
+    from cntk_engine.backends.reference import ReferenceBackend
+    from cntk_engine.diag import diag_norms
+    for layers, hw, _ in STACKS:
+        arch = make_architecture(architecture=layers)
+        x = rng.standard_normal((2, 1, hw, hw))
+        params = arch.layer_params(1, hw, hw)
+        q = diag_norms(x, arch, params)
+        assert rel(q, ReferenceBackend(arch, params, np.float64).prepare(x).diag[0]) <= 1e-13
+
+
+# ----------------------------------------------------------------------------- where users meet it
+def test_myrtle_store_resume_and_record(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    x = rng.standard_normal((6, 3, 32, 32))
+    want = ce.gram(x, architecture="myrtle5", kernel="both", backend="numba", tile=2)
+    out = tmp_path / "m.zarr"
+    g = ce.gram(x, architecture="myrtle5", kernel="both", backend="numba", tile=2, out=out)
+    assert g["ntk"][...].tobytes() == want[0].tobytes() and g["nngp"][...].tobytes() == want[1].tobytes()
+    rec = zarr.open_group(str(out)).attrs["cntk_engine"]["architecture"]
+    assert rec["name"] == "myrtle5" and rec["layers"][:3] == [["conv"], ["conv"], ["avgpool", 2, 2]]
+    from cntk_engine.jobs.store import StoreMismatch
+    with pytest.raises(StoreMismatch, match="architecture"):
+        ce.gram(x, architecture="myrtle7", kernel="both", backend="numba", tile=2, out=out)
+    with pytest.raises(StoreMismatch, match="architecture.layers"):     # the CNN of the same depth
+        ce.gram(x, depth=5, kernel="both", backend="numba", tile=2, out=out)
+
+
+def test_myrtle_through_dask_is_bit_identical(rng):
+    distributed = pytest.importorskip("distributed")
+    x = rng.standard_normal((5, 3, 32, 32))
+    want = ce.gram(x, architecture="myrtle5", backend="numba", tile=2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        got = ce.gram(x, architecture="myrtle5", backend="numba", tile=2, client=c)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_cli_gram_and_evaluate_with_myrtle(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    from cntk_engine import cli
+    d = load_real("cifar10_jpeg_small.npz")
+    np.savez(tmp_path / "c.npz", x_train=d["x_train"][:12], y_train=d["y_train"][:12],
+             x_test=d["x_test"][:6], y_test=d["y_test"][:6])
+    np.save(tmp_path / "x.npy", d["x_test"][:4].transpose(0, 3, 1, 2))
+    rc = cli.main(["-q", "gram", str(tmp_path / "x.npy"), "--architecture", "myrtle5", "--out",
+                   str(tmp_path / "g.zarr"), "--backend", "numba", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    want = ce.gram(d["x_test"][:4].transpose(0, 3, 1, 2), architecture="myrtle5", backend="numba")
+    assert zarr.open_group(str(tmp_path / "g.zarr"))["ntk"][...].tobytes() == want.tobytes()
+    rc = cli.main(["-q", "evaluate", str(tmp_path / "c.npz"), "--architecture", "myrtle5",
+                   "--n-train", "12", "--n-test", "6", "--kernel", "both", "--backend", "numba",
+                   "--no-progress", "--json", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["architecture"] == "myrtle5" and rec["depths"] == [5] and len(rec["results"]) == 2
+    for argv, msg in ((["--architecture", "myrtle5", "--depth", "5"], "fixes its depth"),
+                      (["--architecture", "cnn"], "needs --depth")):
+        rc = cli.main(["-q", "gram", str(tmp_path / "x.npy"), *argv, "--out", str(tmp_path / "o.zarr")])
+        out, err = capsys.readouterr()
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+    np.save(tmp_path / "m.npy", np.zeros((2, 1, 28, 28)))
+    rc = cli.main(["-q", "gram", str(tmp_path / "m.npy"), "--architecture", "myrtle10", "--out",
+                   str(tmp_path / "o.zarr"), "--backend", "numba"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "32 x 32" in err and not (tmp_path / "o.zarr").exists()
+
+
+def test_estimators_take_the_architecture():
+    pytest.importorskip("sklearn")
+    from cntk_engine import CNTKClassifier
+    d = load_real("cifar10_jpeg_small.npz")
+    x, y = d["x_train"][:16].astype(np.float64) / 255.0, d["y_train"][:16]
+    clf = CNTKClassifier(architecture="myrtle5", backend="numba", data_format="NHWC", ridge=0.1)
+    pred = clf.fit(x[:12], y[:12]).predict(x[12:])
+    assert pred.shape == (4,) and clf.get_params()["architecture"] == "myrtle5"
+    with pytest.raises(ValueError, match="fixes its depth"):
+        CNTKClassifier(architecture="myrtle5", depth=5, backend="numba").fit(x[:12], y[:12])
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw, shape, msg", [
+    (dict(architecture="myrtle5"), (2, 3, 28, 28), "defined for 32 x 32"),
+    (dict(architecture="myrtle6"), (2, 3, 32, 32), "architecture must be"),
+    (dict(architecture="myrtle5", depth=5), (2, 3, 32, 32), "fixes its depth"),
+    (dict(architecture="myrtle5", depths=[3, 5]), (2, 3, 32, 32), "fixes its depth"),
+    (dict(architecture="myrtle5", filter_size=5), (2, 3, 32, 32), "3 x 3"),
+    (dict(architecture=[ConvRelu(), AvgPool(2), ConvRelu()]), (2, 1, 7, 7), "does not tile"),
+    (dict(architecture=[ConvRelu(), AvgPool(2)], fix=True), (2, 1, 4, 4), "fix=True needs depth >= 3"),
+    (dict(architecture=[AvgPool(2), ConvRelu()]), (2, 1, 4, 4), "must start with a ConvRelu"),
+    (dict(architecture=[ConvRelu(), AvgPool(2), AvgPool(2), ConvRelu()]), (2, 1, 8, 8), "one AvgPool"),
+    (dict(architecture=[ConvRelu(), "pool"]), (2, 1, 4, 4), "holds ConvRelu"),
+    (dict(architecture=42), (2, 1, 4, 4), "architecture must be"),
+    (dict(), (2, 1, 4, 4), "exactly one of depth"),
+])
+def test_bad_combinations_are_clear_errors(kw, shape, msg):
+    with pytest.raises(ValueError, match=msg):
+        ce.gram(np.ones(shape), backend="numba", **kw)
+
+
+def test_avgpool_arguments_and_cuda_refusal():
+    for bad, msg in ((dict(window=0), "window must be"), (dict(window=2, stride=3), "larger than its window"),
+                     (dict(window=2.5), "window must be")):
+        with pytest.raises(ValueError, match=msg):
+            AvgPool(**bad)
+    assert AvgPool(2).stride == 2 and AvgPool(np.int64(3), 1).window == 3
+    from cntk_engine.backends import capabilities
+    from cntk_engine.backends.cuda import CudaBackend
+    why = CudaBackend.unsupported(make_architecture(architecture="myrtle5"), (3, 32, 32), "float32")
+    assert "pooled stacks" in why
+    caps = capabilities(make_architecture(architecture="myrtle5"), (3, 32, 32), "float32")
+    assert caps["numba"] == {"unavailable": None, "unsupported": None}
