@@ -17,13 +17,16 @@ log = logging.getLogger("cntk_engine")
 def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="gap",
          lap_window=None, flip=False, fix=False, kernel="ntk",
          convention="arora", W_std=None, b_std=None, filter_size=3, backend="auto",
-         dtype="float32", data_format="NCHW", tile=None, return_info=False, devices=None,
+         dtype="float32", data_format=None, tile=None, return_info=False, devices=None,
          out=None, client=None, progress=False):
     """Exact CNTK / NNGP kernel matrix between two batches of images.
 
     Parameters
     ----------
-    x1, x2 : arrays (N1, C, H, W) and (N2, C, H, W) (or NHWC with ``data_format="NHWC"``), any
+    x1, x2 : arrays (N1, C, H, W) and (N2, C, H, W) (or NHWC with ``data_format="NHWC"``; the
+        default ``data_format=None`` reads NCHW but refuses shapes that look channels-last:
+        last axis 1 or 3 and more than 4 "channels", e.g. CIFAR's (N, 32, 32, 3); pass
+        ``data_format="NCHW"`` explicitly to accept such a shape as NCHW), any
         real dtype (uint8 images are used as they are, as float).  ``x2=None`` (or ``x2`` the
         same array object as ``x1``) computes the symmetric Gram of ``x1``, each unordered pair
         once.  Identical images anywhere in ``x1`` and ``x2`` get exactly equal kernel values
@@ -78,9 +81,13 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
                              convention=convention, W_std=W_std, b_std=b_std,
                              filter_size=filter_size)
     backends.check_name(backend)
-    a = as_images(x1, data_format, "x1")
+    fmt = "NCHW" if data_format is None else data_format
+    a = as_images(x1, fmt, "x1")
     symmetric = x2 is None or x2 is x1      # gram(x, x): each unordered pair once
-    b = a if symmetric else as_images(x2, data_format, "x2")
+    b = a if symmetric else as_images(x2, fmt, "x2")
+    if data_format is None:
+        for arr, name in ((a, "x1"), (b, "x2")):
+            _refuse_channels_last(arr.shape, name)
     if not symmetric:
         check_pair(a, b)
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
@@ -121,3 +128,16 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     if not return_info:
         return result
     return result, dict(info, seconds=time.perf_counter() - t0)
+
+
+def _refuse_channels_last(shape, name: str) -> None:
+    """The default layout (NCHW) refuses (N, C, H, W) shapes whose last axis is 1 or 3 while C
+    is more than 4: channels-last images read as NCHW (CIFAR's (N, 32, 32, 3) would be 32
+    channels of 32 x 3 "images", and gram would compute a meaningless kernel)."""
+    _, c, h, w = (int(v) for v in shape)
+    if w in (1, 3) and c > 4:
+        raise ValueError(
+            f"{name} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
+            f"{c} channels of {h} x {w} images, but its last axis ({w}) looks like the channels of "
+            "channels-last data. Pass data_format='NHWC' for (N, H, W, C) images, or "
+            f"data_format='NCHW' explicitly if these really are {c}-channel {h} x {w} images")

@@ -153,6 +153,9 @@ import numpy as np
 POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
+#: largest depth accepted: the cost is linear in depth and accuracy saturates by ~20 (the
+#: paper's depths are 3 to 21); 1000 leaves room for studies of very deep kernels
+MAX_DEPTH = 1000
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,12 @@ class Architecture:
             if not is_int(d) or d < 2:
                 raise ValueError(
                     f"depth must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
+            if d > MAX_DEPTH:
+                raise ValueError(
+                    f"depth must be at most {MAX_DEPTH}; got {d}: the cost grows linearly with "
+                    f"depth (depth {d} costs about {d / 21:.3g} times depth 21), while the "
+                    "accuracy of CNTKs saturates by depth ~20 (the paper's deepest is 21) and the "
+                    "kernel tends to a constant as depth grows")
         object.__setattr__(self, "depths", depths)
         if len(set(self.depths)) != len(self.depths):
             raise ValueError(f"depths must not repeat; got {list(self.depths)}")

@@ -1,4 +1,5 @@
-"""Zarr store: layout, resume, refusal of other jobs, nothing half-written, kill -9, memory."""
+"""Zarr store: layout, resume, refusal of other jobs, nothing half-written, kill -9, memory.
+(Checksums and verification: test_store_integrity.py; many writers: test_store_writers.py.)"""
 import os
 import signal
 import subprocess
@@ -41,7 +42,10 @@ def test_single_depth_layout_values_and_spec(tmp_path, rng):
     out = tmp_path / "g.zarr"
     g, info = ce.gram(x, depth=3, kernel="both", backend="numba", tile=4, out=str(out), return_info=True)
     ntk, nngp = ce.gram(x, depth=3, kernel="both", backend="numba", tile=4)
-    assert sorted(k for k, _ in g.arrays()) == ["nngp", "ntk", "tiles_done"]
+    assert sorted(k for k, _ in g.arrays()) == ["nngp", "ntk", "tiles_checksum", "tiles_done"]
+    assert sorted(k for k, _ in g.groups()) == ["claims", "runs"]
+    assert store_mod.kernel_arrays(g) == ["nngp", "ntk"]
+    assert g["tiles_checksum"].shape == (3, 3, 2, 2) and g["tiles_checksum"].chunks == (1, 1, 2, 2)
     assert g["ntk"][...].tobytes() == ntk.tobytes() and g["nngp"][...].tobytes() == nngp.tobytes()
     assert g["ntk"].chunks == (4, 4) and g["ntk"].dtype == np.float64
     k = g["ntk"][...]
@@ -51,9 +55,15 @@ def test_single_depth_layout_values_and_spec(tmp_path, rng):
     assert spec["dtype"] == "float32" and spec["kernels"] == ["ntk", "nngp"] and spec["tile"] == 4
     assert spec["symmetric"] and spec["n1"] == 11 and len(spec["fingerprint"]["x1"]) == 64
     assert spec["backend"] == "numba" and spec["version"] == ce.__version__
+    assert spec["format_version"] == 2 and spec["integrity"]["arrays"] == ["nngp", "ntk"]
+    assert [c.to_dict()["name"] for c in g["ntk"].compressors] == ["zstd", "crc32c"]
     d = done_map(out)
     assert d.shape == (3, 3) and (d[np.triu_indices(3)] == 1).all() and (np.tril(d, -1) == 0).all()
-    assert info["tiles_computed"] == 6 and g.attrs["runs"][0]["tiles_to_compute"] == 6
+    runs = store_mod.list_runs(g)
+    assert info["tiles_computed"] == 6 and len(runs) == 1 and runs[0]["tiles_to_compute"] == 6
+    assert runs[0]["tiles_computed"] == 6 and runs[0]["outcome"] == "finished"
+    assert list((out / "claims").iterdir()) == [p for p in (out / "claims").iterdir()
+                                                if p.name == "zarr.json"]     # all released
     with pytest.raises(Exception):
         g["ntk"][0, 0] = 1.0                                           # returned read-only
 
@@ -63,7 +73,8 @@ def test_several_depths_rectangular_layout(tmp_path, rng):
     out = tmp_path / "r.zarr"
     g = ce.gram(x, y, depths=[2, 4], kernel="nngp", backend="numba", tile=3, out=out)
     ref = ce.gram(x, y, depths=[2, 4], kernel="nngp", backend="numba", tile=3)
-    assert sorted(g.group_keys()) == ["depth_2", "depth_4"]
+    assert sorted(g.group_keys()) == ["claims", "depth_2", "depth_4", "runs"]
+    assert store_mod.kernel_arrays(g) == ["depth_2/nngp", "depth_4/nngp"]
     for d in (2, 4):
         assert list(g[f"depth_{d}"].array_keys()) == ["nngp"]
         assert g[f"depth_{d}/nngp"].shape == (7, 5)
@@ -87,7 +98,9 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
     assert d[0, 1] == d[2, 3] == d[3, 3] == 2 and (d[np.triu_indices(4)] > 0).all()
     assert g2["ntk"][...].tobytes() == full.tobytes()
     _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
-    assert info["tiles_computed"] == 0 and len(zarr.open_group(str(out)).attrs["runs"]) == 3
+    runs = store_mod.list_runs(zarr.open_group(str(out)))
+    assert info["tiles_computed"] == 0 and [r["run"] for r in runs] == [1, 2, 3]
+    assert [r["tiles_computed"] for r in runs] == [10, 3, 0]
 
 
 def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):
@@ -172,7 +185,7 @@ def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatc
         arch = make_architecture(depth=3)
         job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(*x.shape[1:]), kernel="ntk",
                       dtype=np.dtype(np.float32), backend=NumbaBackend, out=str(out), resume=False)
-        with pytest.raises(StoreError, match="pass --resume"):
+        with pytest.raises(StoreError, match="created by another process.*pass --join"):
             store_mod.GramStore.open_for_job(job, tile=4, tile_given=False)
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []   # temp dir removed
 

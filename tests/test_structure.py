@@ -97,12 +97,13 @@ def test_the_checker_sees_a_circle():
 
 
 def test_store_format_is_known_only_to_the_store():
-    """The done-marker array and the zarr version floor are spelled in jobs/store.py only."""
+    """The done-marker and checksum arrays and the zarr version floor are spelled in
+    jobs/store.py only."""
     for m, f in _modules().items():
         if m == "cntk_engine.jobs.store":
             continue
         text = f.read_text()
-        assert "tiles_done" not in text and "3.1.3" not in text, m
+        assert "tiles_done" not in text and "tiles_checksum" not in text and "3.1.3" not in text, m
 
 
 def test_public_names_unchanged():

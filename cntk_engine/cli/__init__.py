@@ -1,12 +1,14 @@
-"""Command line: ``cntk-engine gram | evaluate | info | demo`` (also ``python -m cntk_engine``).
+"""Command line: ``cntk-engine gram | verify | evaluate | info | demo`` (also ``python -m
+cntk_engine``).
 
-One module per command (:mod:`.gram`, :mod:`.evaluate`, :mod:`.info`, :mod:`.demo`), each with
+One module per command (:mod:`.gram`, :mod:`.verify`, :mod:`.evaluate`, :mod:`.info`,
+:mod:`.demo`), each with
 ``add_parser(subparsers)`` and ``run(args)``; the options ``gram`` and ``evaluate`` share are
 declared once in :mod:`.common`.
 
 Errors (bad paths, unreadable or wrongly shaped data, a store of another job, an unreachable
 scheduler) are reported as one line on stderr with exit status 2; Ctrl-C exits with 130 and the
-store keeps every finished tile.
+store keeps every finished tile.  ``verify`` exits with 1 when a store fails verification.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import argparse
 import logging
 import sys
 
-from . import demo, evaluate, gram, info
+from . import demo, evaluate, gram, info, verify
 from .common import PROG, CliError
 
-COMMANDS = (gram, evaluate, info, demo)
+COMMANDS = (gram, verify, evaluate, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 options of ``gram`` and ``evaluate`` (declared once), atomic JSON records."""
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 PROG = "cntk-engine"
+log = logging.getLogger("cntk_engine")
 
 
 class CliError(Exception):
@@ -26,6 +29,17 @@ def int_list(text: str, what: str) -> list[int]:
     if not vals:
         raise CliError(f"{what} must name at least one integer; got {text!r}")
     return vals
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a positive finite number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds; got {text!r}")
+    return v
 
 
 # ------------------------------------------------------------------------------ images
@@ -65,24 +79,37 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     return x
 
 
+def guess_layout(shape) -> str | None:
+    """"NCHW", "NHWC" or None (undecided) for a 4-D image array of ``shape``: channels last
+    when the last axis is 1 or 3 and the second is not, first in the opposite case; otherwise
+    the channel axis is the second or last axis if it is strictly the smallest of the three
+    image axes ((N, 2, 6, 6): NCHW; (N, 32, 32, 4): NHWC)."""
+    _, a, b, c = shape
+    last, second = c in (1, 3), a in (1, 3)
+    if last != second:
+        return "NHWC" if last else "NCHW"
+    if a < b and a < c:
+        return "NCHW"
+    if c < a and c < b:
+        return "NHWC"
+    return None
+
+
 def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.ndarray:
     """Images as (N, C, H, W): a 3-D (N, H, W) array gets a channel axis; a 4-D one is read per
-    ``data_format``; "auto" takes it as NHWC when its last axis is 1 or 3 and its second is not,
-    as NCHW in the opposite case, and asks for ``--data-format`` otherwise."""
+    ``data_format``; "auto" decides by :func:`guess_layout` (logged) and asks for
+    ``--data-format`` when that does not decide."""
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
         raise CliError(f"{what}: expected images (N, C, H, W), (N, H, W, C) or (N, H, W); got an "
                        f"array of shape {x.shape}")
     if data_format == "auto":
-        last, second = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
-        if last and not second:
-            data_format = "NHWC"
-        elif second and not last:
-            data_format = "NCHW"
-        else:
+        data_format = guess_layout(x.shape)
+        if data_format is None:
             raise CliError(f"{what}: cannot tell the layout of images of shape {x.shape}; pass "
                            "--data-format NCHW or NHWC")
+        log.info("%s: images of shape %s read as %s (--data-format auto)", what, x.shape, data_format)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
 
 
@@ -117,7 +144,9 @@ def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> 
     p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tile", type=int, default=None, help="rows/columns per tile (default: automatic)")
-    p.add_argument("--data-format", choices=data_formats, default=default_format)
+    p.add_argument("--data-format", choices=data_formats, default=default_format,
+                   help="layout of 4-D images" + (": auto (default) decides from the shape, "
+                                                   "and asks when it cannot" if "auto" in data_formats else ""))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -144,11 +173,13 @@ def gram_options(args) -> dict:
                              convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                              filter_size=args.filter_size)
     check_dtype(args.dtype)
+    # the commands convert their images to NCHW themselves (to_nchw: the layout is decided)
     return dict(depth=args.depth, depths=None if args.depth is not None else depths,
                 architecture=args.architecture, pooling=args.pooling, lap_window=args.lap_window,
                 flip=args.flip, fix=args.fix, kernel=args.kernel, convention=args.convention, W_std=args.W_std,
                 b_std=args.b_std, filter_size=args.filter_size, backend=args.backend,
-                dtype=args.dtype, tile=args.tile, progress=not args.no_progress), arch
+                dtype=args.dtype, tile=args.tile, data_format="NCHW",
+                progress=not args.no_progress), arch
 
 
 # ------------------------------------------------------------------------------ records

@@ -4,17 +4,26 @@
 images in DATA into a Zarr store (layout: ``cntk_engine.jobs.store``; ``docs/scheduler.md``).
 
 DATA is
-  * a ``.npy`` file holding an (N, C, H, W) array ((N, H, W, C) with ``--data-format NHWC``;
-    a 3-D (N, H, W) array is taken as single-channel images), any integer or float dtype;
+  * a ``.npy`` file holding an (N, C, H, W) or (N, H, W, C) array (``--data-format auto``, the
+    default, reads it as NHWC when its last axis is 1 or 3 and its second is not, as NCHW in the
+    opposite case, else by the smallest of the three image axes, and asks for
+    ``--data-format NCHW|NHWC`` when that does not decide; the layout taken is logged); a 3-D
+    (N, H, W) array is taken as single-channel images; any integer or float dtype;
   * or a ``.npz`` archive: the array under the first of the keys ``x``, ``x_train``,
     ``images``, ``X`` that it holds (for ``--x2``: ``x``, ``x_test``, ``images``, ``X``), or any
     key named explicitly as ``PATH.npz:KEY``.
 
 Store semantics: a new ``--out`` path is created; an existing one is an error unless
-``--resume`` is given, in which case the job stored there is continued (only missing tiles are
-computed) provided it is this very job (same images, architecture, dtype, backend, kernels);
-otherwise the run is refused with the differences, and nothing is written.  ``--resume`` on a
-path that does not exist yet simply starts the job (so a job script can always pass it).
+``--resume`` or ``--join`` is given, also when another process creates it at the same moment.
+With either, the job stored there is continued provided it is this very job (same images,
+architecture, dtype, backend, kernels): its finished tiles are verified (read back against
+their checksums), and the missing and failing ones are computed, claimed tile by tile, so
+processes running on the same store at once (a SLURM job array, several nodes or shells)
+split the work; otherwise the run is refused with the differences, and nothing is written.
+``--resume`` says "continue a job that stopped", ``--join`` "work on it together with the
+processes running on it": both do the same, and both simply start the job on a path that does
+not exist yet (so a job script can always pass one).  ``--claim-timeout S``: a claim not
+renewed for S seconds (its writer died on another host) is taken over.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import time
 from pathlib import Path
 
 from .common import (CliError, add_architecture_options, add_run_options, gram_options, int_list,
-                     load_images, to_nchw)
+                     load_images, positive_seconds, to_nchw)
 
 X1_KEYS = ("x", "x_train", "images", "X")
 X2_KEYS = ("x", "x_test", "images", "X")
@@ -33,24 +42,31 @@ def add_parser(sub) -> None:
                        description="Compute the kernel matrix of the images in DATA (against "
                        "themselves, or against --x2) into the Zarr store --out, tile by tile; "
                        "resumable with --resume.")
-    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or .npz (keys x, x_train, images, X; "
-                   "or PATH.npz:KEY)")
+    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or (N,H,W,C), or .npz (keys x, "
+                   "x_train, images, X; or PATH.npz:KEY)")
     p.add_argument("--x2", metavar="DATA2", help="second image set: the N1 x N2 matrix against DATA "
                    "(.npz keys x, x_test, images, X)")
     add_architecture_options(p)
     p.add_argument("--out", required=True, help="Zarr store to write (a directory, e.g. gram.zarr)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the job stored at --out (refused if it holds another job)")
+                   help="continue the job stored at --out (refused if it holds another job); its "
+                   "finished tiles are verified and failing ones computed again")
+    p.add_argument("--join", action="store_true",
+                   help="create --out, or work on it together with the processes running on it "
+                   "(a job array): tiles are claimed, so each is computed once")
+    p.add_argument("--claim-timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="take over a tile whose claim was not renewed for this long (its writer "
+                   "died on another host; default 600)")
     p.add_argument("--devices", help="GPUs: 'all' (default) or ids, e.g. 0,1 (cuda backend)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:8786): run tiles on that cluster")
-    add_run_options(p)
+    add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..api import gram
-    from ..jobs.store import kernel_arrays
+    from ..jobs.store import StorePath, kernel_arrays
     x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
     x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
                                                args.data_format, "--x2")
@@ -59,9 +75,11 @@ def run(args) -> int:
     if args.devices is not None:
         devices = "all" if args.devices == "all" else int_list(args.devices, "--devices")
     out = Path(args.out)
-    if (out.exists() or out.is_symlink()) and not args.resume:
+    together = args.resume or args.join
+    if (out.exists() or out.is_symlink()) and not together:
         raise CliError(f"--out {args.out!r} exists; pass --resume to continue the job stored there "
-                       "(refused if it holds another job), or choose another path")
+                       "(refused if it holds another job), --join to work on it together with the "
+                       "processes running on it, or choose another path")
     client = None
     if args.scheduler:
         try:
@@ -74,7 +92,9 @@ def run(args) -> int:
             raise CliError(f"cannot connect to the Dask scheduler at {args.scheduler!r}: {e}") from None
     t0 = time.perf_counter()
     try:
-        group, info = gram(x1, x2, **opts, return_info=True, devices=devices, out=str(out),
+        target = StorePath(str(out), existing="resume" if together else "refuse",
+                           claim_timeout=args.claim_timeout)
+        group, info = gram(x1, x2, **opts, return_info=True, devices=devices, out=target,
                            client=client)
     finally:
         if client is not None:
@@ -85,5 +105,15 @@ def run(args) -> int:
           f"{info['tiles_total']} tiles ({info['pairs_computed']} pairs) in "
           f"{time.perf_counter() - t0:.1f} s on {info['backend']} ({info['where']}, tile {info['tile']})"
           + (f", {rate:.4g} pairs/s" if rate else ""))
+    checks = []
+    if info.get("tiles_verified"):
+        checks.append(f"{info['tiles_verified']} finished tiles verified in "
+                      f"{info['verify_seconds']:.1f} s")
+    if info.get("tiles_failed_verification"):
+        checks.append(f"{info['tiles_failed_verification']} failed and were computed again")
+    if info.get("tiles_by_others"):
+        checks.append(f"{info['tiles_by_others']} computed by other writers")
+    if checks:
+        print(f"store: {'; '.join(checks)} (run {info['run']})")
     print(f"arrays: {', '.join(names)}   read: zarr.open_group({str(out)!r})[{names[0]!r}][...]")
     return 0

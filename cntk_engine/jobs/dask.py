@@ -20,12 +20,16 @@ Imported only when a client is given: ``import cntk_engine`` and local jobs neve
   ``resources={"GPU": 1}``: start each GPU worker with ``--resources GPU=1`` (dask-cuda:
   ``LocalCUDACluster(resources={"GPU": 1})`` or ``dask cuda worker --resources GPU=1``) so a
   GPU runs one tile at a time.
-* With ``out=`` each task writes its tile into the shared Zarr store itself (the path must be
-  the same on every worker: a shared file system) and returns only (i, j, pairs); without
-  ``out=`` it returns the tile's sums and the client assembles the matrix in memory.
+* With ``out=`` each task claims its tile in the shared Zarr store (the path must be the same
+  on every worker: a shared file system), computes it, writes it and releases the claim, and
+  returns only where it ran; a tile another writer holds (another job or process working on
+  the same store) is skipped and reported as such, and the client waits for it like a local
+  run does.  Without ``out=`` a task returns the tile's sums and the client assembles the
+  matrix in memory.
 * A task is idempotent: the same tile gives the same bytes, written to the same chunks, and the
   "done" marker last.  So when a worker dies, Dask re-runs its tiles elsewhere and the result is
-  identical to a local run.  Scattered images are replicated on every worker; if every worker
+  identical to a local run (the dead worker's claim is stale at once on the same host, else
+  after the claim timeout).  Scattered images are replicated on every worker; if every worker
   holding them dies at once the job stops with an error and a rerun (same ``out=``) resumes.
   With ``out=`` the client re-reads the done markers at the end: a tile a worker reported but
   that is not marked in the client's store (a path not shared with that worker) is an error.
@@ -255,27 +259,37 @@ def cached_jobs() -> list:
 
 
 def tile_task(job: TaskSpec, tile, xa, xb):
-    """One tile on a worker: pair sums, then (with a store) finalize + write + mark done."""
-    be, pa, pb = _state(job, xa, xb)
-    s = to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))
+    """One tile on a worker: pair sums, then (with a store) finalize + write + mark done.
+    Returns (i, j, worker, sums or None, status): "returned" (the sums, no store), "written"
+    (into the store) or "skipped" (another writer holds or finished the tile)."""
     try:
         from distributed import get_worker
         who = get_worker().address
     except Exception:  # pragma: no cover - run outside a worker
         who = "?"
     if job.writer is not None:
-        job.writer(tile, s)
-        return tile.i, tile.j, who, None
-    return tile.i, tile.j, who, s
+        if not job.writer.claim(tile):
+            return tile.i, tile.j, who, None, "skipped"
+        try:
+            be, pa, pb = _state(job, xa, xb)
+            job.writer(tile, to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag)))
+        except BaseException:
+            job.writer.release(tile)
+            raise
+        return tile.i, tile.j, who, None, "written"
+    be, pa, pb = _state(job, xa, xb)
+    s = to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))
+    return tile.i, tile.j, who, s, "returned"
 
 
-def run_dask(job, todo, sink, progress, *, writes_store: bool) -> dict:
+def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, list]:
     """Run the ``todo`` tiles of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) on its client's
-    cluster into ``sink`` (with ``writes_store`` the workers call the store sink themselves);
-    returns {worker address: tiles done}."""
+    cluster into ``sink`` (with ``writes_store`` the workers claim the tiles and call the store
+    sink themselves); returns ({worker address: tiles computed}, tiles written into the store).
+    Tiles skipped because another writer holds them are in neither."""
     from distributed import as_completed
     if not todo:
-        return {}
+        return {}, []
     client = job.client
     gpu = job.traits.device == "gpu"
     token = uuid.uuid4().hex
@@ -297,17 +311,22 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> dict:
                for k, t in enumerate(order)]
     log.info("dask: %d tile tasks submitted (images scattered once to every worker)", len(futures))
     per_worker: dict = {}
+    written = []
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
                 fut.result()                 # raises the task's exception here
-            i, j, who, s = fut.result()
+            i, j, who, s, status = fut.result()
             t = by_ij[(i, j)]
+            fut.release()
+            if status == "skipped":
+                continue
             if s is not None:
                 sink(t, s)
+            if status == "written":
+                written.append(t)
             per_worker[who] = per_worker.get(who, 0) + 1
             progress.update(t.pairs)
-            fut.release()
     except BaseException:
         client.cancel(futures)
         raise
@@ -317,7 +336,7 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> dict:
             client.run(evict, token, on_error="ignore")
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the job's own outcome
             log.warning("dask: could not drop job %s's cached images on the workers: %s", token, e)
-    return per_worker
+    return per_worker, written
 
 
 def check_all_marked(store, tiles, per_worker: dict) -> None:

@@ -6,9 +6,12 @@ it is run (tile, GPUs, store, Dask client, progress).  It is passed whole from `
 tiles, workers, sinks, the store and Dask; nothing downstream re-validates what it holds.
 
 :func:`run_job` plans the tiles (size from the backend's traits, the devices' free memory and
-the number of workers), opens the store when there is one (only missing tiles are computed),
-and runs the tiles locally (:mod:`.local`) or on a Dask cluster (:mod:`.dask`) into a sink
-(:mod:`.sinks`, :mod:`.store`).
+the number of workers), opens the store when there is one (its finished tiles are verified;
+only missing or failing tiles are computed), and runs the tiles locally (:mod:`.local`) or on
+a Dask cluster (:mod:`.dask`) into a sink (:mod:`.sinks`, :mod:`.store`).  With a store, each
+tile is claimed before it is computed, so several processes can work on one store: a tile
+another writer holds is skipped, and when none is left to claim the run waits for the others'
+tiles (taking over the claims of writers that died), so it returns a complete store.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ class GramJob:
     tile: int | None = None
     devices: list[int] | None = None
     result_device: int | None = None
-    out: str | None = None
+    out: Any = None             # a path, or a jobs.store.StorePath
     client: Any = None
     resume: bool = True
     progress: bool = False
@@ -130,31 +133,69 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         run_id = None
         sink = MemorySink(job, layout, job.result_device)
 
+    def run_once(tiles) -> tuple[dict, list]:
+        """Compute what this process can claim of ``tiles``: ({worker: tiles}, tiles written)."""
+        if job.client is not None:
+            return jdask.run_dask(job, tiles, sink, bar, writes_store=store is not None)
+        workers = local_workers(job.make_backend, job.devices)
+        per = run_tiles(workers, job.x1, job.x2, tiles, sink, bar,
+                        claim=sink.claim if store is not None else None)
+        return per, []
+
     bar = Progress(todo_pairs, job.progress)
     t0 = time.perf_counter()
+    outcome = "failed"
+    per_worker: dict = {}
     try:
-        if job.client is not None:
-            per_worker = jdask.run_dask(job, todo, sink, bar, writes_store=store is not None)
-            if store is not None:
-                jdask.check_all_marked(store, todo, per_worker)
-        else:
-            workers = local_workers(job.make_backend, job.devices)
-            per_worker = run_tiles(workers, job.x1, job.x2, todo, sink, bar)
+        remaining = todo
+        while remaining:
+            per, written = run_once(remaining)
+            for w, n in per.items():
+                per_worker[w] = per_worker.get(w, 0) + n
+            if store is None:
+                break
+            if job.client is not None:
+                jdask.check_all_marked(store, written, per)
+            remaining = store.not_done(remaining)      # held by other writers
+            if remaining:
+                if not per:                            # nothing claimed this round: no spinning
+                    time.sleep(store.poll_seconds)
+                store.wait_for_others(remaining)
+                remaining = store.not_done(remaining)
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    except BaseException as e:
+        outcome = f"failed: {type(e).__name__}: {e}"
+        raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    if store is not None:
-        store.end_run(run_id, seconds)
+        seconds = time.perf_counter() - t0
+        computed = todo
+        if store is not None:
+            sink.release_all()
+            mine = store.markers(todo) if todo else {}
+            computed = [t for t in todo if mine[(t.i, t.j)] == run_id]
+            try:
+                store.end_run(run_id, seconds, tiles_computed=len(computed), outcome=outcome)
+            except Exception as e:  # noqa: BLE001 - the record must not hide the job's outcome
+                log.warning("store %s: the end of run %d could not be recorded: %s", store.path,
+                            run_id, e)
+    pairs = sum(t.pairs for t in computed)
     info = {"backend": job.backend.name, "dtype": job.dtype.name, "tile": tile, "tile_reason": why,
-            "where": where, "tiles_total": len(all_tiles), "tiles_computed": len(todo),
-            "pairs_computed": todo_pairs, "unique_pairs": layout.unique_pairs,
+            "where": where, "tiles_total": len(all_tiles), "tiles_computed": len(computed),
+            "pairs_computed": pairs, "unique_pairs": layout.unique_pairs,
             "per_worker": per_worker, "compute_seconds": seconds,
-            "pairs_per_second": todo_pairs / seconds if seconds > 0 and todo_pairs else None,
+            "pairs_per_second": pairs / seconds if seconds > 0 and pairs else None,
             "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict()}
     if store is not None:
-        info.update(store=str(store.path), run=run_id)
-    log.info("gram job done: %d tiles, %d pairs in %.2f s (%s pairs/s)", len(todo), todo_pairs,
-             seconds, f"{todo_pairs / seconds:.4g}" if seconds > 0 else "-")
+        info.update(store=str(store.path), run=run_id, tiles_verified=store.verified["tiles"],
+                    tiles_failed_verification=store.verified["failed"],
+                    verify_seconds=store.verified["seconds"],
+                    tiles_by_others=len(todo) - len(computed))
+    log.info("gram job done: %d tiles, %d pairs in %.2f s (%s pairs/s)", len(computed), pairs,
+             seconds, f"{pairs / seconds:.4g}" if seconds > 0 else "-")
     return (store.read_only_group if store is not None else sink.result), info
 
 

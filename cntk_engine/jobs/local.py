@@ -119,14 +119,16 @@ class Progress:
 
 
 def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
-              sink: Callable[[Tile, object], None], progress: Progress | None = None) -> dict:
+              sink: Callable[[Tile, object], None], progress: Progress | None = None,
+              claim: Callable[[Tile], bool] | None = None) -> dict:
     """Compute every tile of ``todo`` and hand (tile, float64 sums) to ``sink``, the sums where
     the backend produced them (NumPy, or CuPy on the worker's GPU).
 
     ``x2=None``: symmetric (x1 against itself).  Each worker prepares the images once, then pulls
     tiles from a shared queue (largest first).  One worker runs in the calling thread; several
-    run one thread each.  The first error stops every worker and is raised here.  Returns
-    {worker name: tiles done}.
+    run one thread each.  The first error stops every worker and is raised here.  ``claim``:
+    called with each tile before it is computed; a tile it returns False for is skipped
+    (another process computes it: the store's claims).  Returns {worker name: tiles computed}.
     """
     queue = largest_first(todo)
     lock = threading.Lock()
@@ -151,6 +153,8 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
                     t = next_tile()
                     if t is None:
                         return
+                    if claim is not None and not claim(t):
+                        continue
                     sink(t, be.pair_sums(pa[t.rows], pb[t.cols], symmetric=t.diag))
                     done[w.name] += 1
                     if progress is not None:

@@ -1,44 +1,83 @@
-"""Resumable, out-of-core Gram matrices in a Zarr group (``gram(..., out="path.zarr")``).
+"""Resumable, verifiable, out-of-core Gram matrices in a Zarr group (``gram(..., out="path.zarr")``).
 
-This module alone knows the store's format: the layout below, the job record, the done
-markers, the zarr version it needs; :func:`load_gram` and :func:`kernel_arrays` read stored
+This module alone knows the store's format: the layout below, the job record, the done markers
+and checksums, the run records and tile claims, the zarr version it needs; :func:`load_gram`,
+:func:`kernel_arrays`, :func:`verify_store` and :func:`add_checksums` read and check stored
 Grams for the solver and the command line.
 
-Layout of the group (zarr >= 3.1.3, a directory on a local or shared POSIX file system)
-----------------------------------------------------------------------------------
+Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared POSIX file system)
+------------------------------------------------------------------------------------------------
 * One depth: ``group["ntk"]`` and/or ``group["nngp"]``, each an (N1, N2) float64 array.
 * Several depths (``depths=[...]``): ``group["depth_<d>/ntk"]``, ``group["depth_<d>/nngp"]``.
 * Only the kernels asked for are stored (``kernel="ntk"``: ntk only; ``"both"``: both).
-* Chunks are the tiles: chunk (i, j) is tile (i, j), ``tile`` x ``tile`` entries.  A symmetric
-  Gram is stored full: each off-diagonal tile is written at (i, j) and, transposed, at (j, i).
-  Entries of tiles not computed yet read as NaN (the fill value).
+* Chunks are the tiles: chunk (i, j) is tile (i, j), ``tile`` x ``tile`` entries, encoded
+  bytes -> zstd -> crc32c (zarr's codecs: a chunk whose bytes changed fails to decode).  A
+  symmetric Gram is stored full: each off-diagonal tile is written at (i, j) and, transposed,
+  at (j, i) (its mirror).  Entries of tiles not computed yet read as NaN (the fill value).
 * ``group["tiles_done"]``: int32 (grid rows, grid cols), one chunk per tile: 0 = not done, k =
-  written completely by run k (runs are numbered from 1; for a symmetric job only tiles on or
-  above the diagonal are computed, the others stay 0 and their chunks are the mirrors).
-* ``group.attrs["cntk_engine"]``: the job: format, package version, backend, compute dtype,
-  architecture (depths, pooling, fix, convention, W_std, b_std, filter_size), kernels, N1, N2,
-  image shape, symmetric, sha256 fingerprints of the images (of their float64 NCHW values, so
-  uint8 / float32 / NHWC copies of the same images match) and the tile layout.
-* ``group.attrs["runs"]``: one record per run (started, where, tiles to compute, seconds).
+  written completely by run k (for a symmetric job only tiles on or above the diagonal are
+  computed; the others stay 0 and their chunks are the mirrors).
+* ``group["tiles_checksum"]``: uint64 (grid rows, grid cols, arrays, 2), one chunk per tile:
+  ``[i, j, a, 0]`` is the checksum of chunk (i, j) of array a, ``[i, j, a, 1]`` that of its
+  mirror chunk (j, i) (0 where there is none); arrays in the order of the job record's
+  ``integrity.arrays``.  A checksum is the first 8 bytes (little-endian) of the sha256 of
+  ``"cntk_engine chunk\0<array>\0<row>,<col>\0<rows>,<cols>\0"`` followed by the chunk's
+  float64 values (C order, little-endian, only the entries inside the matrix): it is bound to
+  the array and the position, so a valid chunk copied to another place, or another array,
+  fails too.  (0 means "none"; a digest that is 0 is stored as 1.)
+* ``group.attrs["cntk_engine"]``: the job: format, format_version (2), package version,
+  backend, compute dtype, architecture (depths, pooling, fix, convention, W_std, b_std,
+  filter_size), kernels, N1, N2, image shape, symmetric, sha256 fingerprints of the images (of
+  their float64 NCHW values, so uint8 / float32 / NHWC copies of the same images match), the
+  tile layout and ``integrity`` (checksum kind, arrays, chunk codec).
+* ``group["runs"]``: one subgroup ``runs/<k>`` per run k, its attributes the run's record
+  (id, host, pid, where, started, tiles to compute, tiles verified and failed; at the end
+  finished, seconds, tiles computed, outcome).  Each run writes only its own record, so
+  concurrent runs never overwrite each other's.
+* ``group["claims"]``: while a tile is being computed, a plain JSON file ``claims/<i>.<j>``
+  names its owner (host, pid, run, claim id); see "Many writers".  (zarr's deep listings
+  warn about these files: they are not zarr nodes.)
 
 Crash safety
 ------------
-A tile is written completely or not at all: its data chunks are written first, then its entry
-of ``tiles_done``.  Zarr's local store (zarr >= 3.1.3, zarr-python PR #3412; older versions are
-refused) writes every chunk to a temporary file and renames it into place, so a killed process
-leaves each chunk old or new, never half written, and a tile whose marker is missing is simply
-computed again (same values, same bytes: writing a tile twice is idempotent, which is also what
-makes retried Dask tasks safe).  The store itself is created in a temporary directory next to
-``out`` and renamed into place once complete, so a store that exists always carries its job
-record; when two processes create the same store at once, the one that loses the rename opens
-the winner's store like any existing one (same job: resume; another job: StoreMismatch).
+A tile is written completely or not at all: its data chunks (and mirrors) are written first,
+then its checksums, then its entry of ``tiles_done``.  Zarr's local store (zarr >= 3.1.3,
+zarr-python PR #3412; older versions are refused) writes every chunk to a temporary file and
+renames it into place, so a killed process leaves each chunk old or new, never half written,
+and a tile whose marker is missing is simply computed again (same values, same bytes: writing
+a tile twice is idempotent, which also makes retried Dask tasks and the rare duplicate of a
+claim takeover safe).  The store itself is created in a temporary directory next to ``out``
+and renamed into place once complete, so a store that exists always carries its job record.
 
-Damage done from outside (a file system that lost or truncated files) is handled when a job is
-resumed: a ``tiles_done`` chunk that cannot be decoded counts as "not done" (a warning names the
-store and the tile), and a finished tile whose data chunk file is missing or empty is computed
-again (a warning names the store, the array and the chunk); both cost one ``stat`` per chunk
-file, no data is read.  A data chunk damaged in a way ``stat`` cannot see (garbage bytes of
-the right length) surfaces only when it is read.
+Integrity and verification
+--------------------------
+Damage done from outside (a file system that lost, truncated or overwrote files; a chunk
+copied over another) is found by reading the finished tiles back: every chunk of a finished
+tile must decode (crc32c) and match its recorded checksum.  :meth:`GramStore.missing` does this
+whenever an existing store is opened to compute (``--resume``; every tile that fails is
+computed again, with a warning naming the store, the array, the tile and the chunk),
+:func:`verify_store` (``cntk-engine verify``) reports it without computing, and
+:func:`load_gram` checks every chunk it loads and refuses a store that fails, naming the tile.
+A ``tiles_done`` chunk that cannot be decoded counts as "not done" (a warning names the store
+and the tile).
+
+Many writers
+------------
+Several processes may work on one store at once (a SLURM job array, nodes sharing a file
+system, two shells): before computing a tile a writer claims it by creating
+``claims/<i>.<j>`` atomically (``os.link`` of a complete temporary file: exactly one creator
+wins, also on NFS), then re-reads the tile's marker (another writer may have finished it), and
+removes the claim after the marker is written.  A background thread touches the claims a
+process holds every ``claim_timeout / 4`` seconds.  A claim is stale when its owner's process
+is gone (on the owner's host and pid namespace, where a running owner's claim is never stale),
+or, seen from another host, it was not touched for ``claim_timeout`` seconds (the hosts' clocks
+and the file system's must agree to well within that); a stale claim is
+taken over atomically (one winner per stale claim, via a takeover file named after the stale
+claim's id) with a warning; a stale claim of a finished tile (its writer died between the
+marker and the release) is removed by the next writer that opens the store.  A writer that
+runs out of tiles to claim waits, polling, until
+the tiles claimed by others are done (or their claims go stale and it takes them over), so
+every writer returns a complete store.
 
 Resuming
 --------
@@ -46,21 +85,33 @@ Opening an existing store compares its job record with the job asked for; any di
 (images, architecture, dtype, backend, kernels, sizes, tile size when given explicitly, package
 version) raises :class:`StoreMismatch` naming the differences, before anything is written.  The
 depths are compared as a set (``depths=[4, 3]`` resumes a store made with ``[3, 4]``; new
-records list them sorted).  When the records agree only the tiles whose marker is 0 are
-computed.
+records list them sorted).  When the records agree, the finished tiles are verified and the
+tiles whose marker is 0, or that failed, are computed.  ``out=`` may be a :class:`StorePath`
+that refuses an existing store (the command line without ``--resume`` / ``--join``).
+
+Format 1 (no checksums)
+-----------------------
+Stores written before checksums (format_version 1: no ``tiles_checksum``, no crc32c codec, run
+records in ``attrs["runs"]``) are still read (:func:`load_gram` warns that they cannot be
+verified) but not resumed: :func:`add_checksums` (``cntk-engine verify STORE --add-checksums``)
+records checksums of the data as it is now and converts the store to format 2 in place.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import socket
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +125,16 @@ from .tiles import TileLayout
 log = logging.getLogger("cntk_engine")
 
 FORMAT = "cntk_engine.gram_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DONE = "tiles_done"
+CHECKSUMS = "tiles_checksum"
+RUNS = "runs"
+CLAIMS = "claims"
+BOOKKEEPING = (DONE, CHECKSUMS, RUNS, CLAIMS)     # members of the group that are not kernels
+CHECKSUM_KIND = "sha256-64 of the chunk's float64 values, bound to array and chunk position"
+CLAIM_TIMEOUT = 600.0  # seconds without a heartbeat after which a claim is stale (default)
 ZARR_MIN = (3, 1, 3)   # atomic chunk writes (temporary file + rename): zarr-python PR #3412
+HOST = socket.gethostname()
 
 
 class StoreError(ValueError):
@@ -85,6 +143,10 @@ class StoreError(ValueError):
 
 class StoreMismatch(StoreError):
     """The store at ``out=`` belongs to another job."""
+
+
+class StoreCorrupt(StoreError):
+    """A finished tile of a store fails verification (see :func:`verify_store`)."""
 
 
 class GramTooLarge(MemoryError, ValueError):
@@ -114,6 +176,37 @@ def require_zarr():
     return zarr
 
 
+class StorePath(os.PathLike):
+    """``out=`` with a policy for a store that already exists.
+
+    ``existing="resume"`` (what a plain path means): a store of this same job is continued,
+    together with any other process working on it.  ``existing="refuse"``: an existing store
+    is an error, also one that another process creates at the same moment (the command line
+    without ``--resume`` / ``--join``).  ``claim_timeout``: seconds without a heartbeat after
+    which another writer's claim on a tile is stale and taken over (default
+    :data:`CLAIM_TIMEOUT`)."""
+
+    def __init__(self, path, *, existing: str = "resume", claim_timeout: float | None = None):
+        if existing not in ("resume", "refuse"):
+            raise ValueError(f"existing must be 'resume' or 'refuse'; got {existing!r}")
+        if claim_timeout is not None:
+            try:
+                claim_timeout = float(claim_timeout)
+            except (TypeError, ValueError):
+                claim_timeout = float("nan")
+            if not (0 < claim_timeout < float("inf")):
+                raise ValueError("claim_timeout must be a positive number of seconds; got "
+                                 f"{claim_timeout!r}")
+        self.path = os.fspath(path)
+        self.existing, self.claim_timeout = existing, claim_timeout
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"StorePath({self.path!r}, existing={self.existing!r}, claim_timeout={self.claim_timeout!r})"
+
+
 def fingerprint(x: np.ndarray) -> str:
     """sha256 of an image array's shape and float64 C-order values."""
     x = np.ascontiguousarray(x, dtype=np.float64)
@@ -125,6 +218,16 @@ def fingerprint(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def chunk_checksum(name: str, chunk: tuple[int, int], values: np.ndarray) -> int:
+    """The checksum of chunk ``chunk`` = (row, col) of array ``name`` holding ``values`` (the
+    entries inside the matrix): see the module docstring.  Never 0 (0 means "none")."""
+    v = np.ascontiguousarray(values, dtype="<f8")
+    h = hashlib.sha256(b"cntk_engine chunk\0%s\0%d,%d\0%d,%d\0" % (
+        name.encode(), chunk[0], chunk[1], v.shape[0], v.shape[1]))
+    h.update(v.reshape(-1).view(np.uint8).data)
+    return int.from_bytes(h.digest()[:8], "little") or 1
+
+
 def array_names(depths, kernel: str) -> dict[tuple[int, str], str]:
     """{(depth, kernel name): array path in the group} for a job."""
     kernels = ("ntk", "nngp") if kernel == "both" else (kernel,)
@@ -132,9 +235,17 @@ def array_names(depths, kernel: str) -> dict[tuple[int, str], str]:
     return {(d, k): (k if single else f"depth_{d}/{k}") for d in depths for k in kernels}
 
 
+def _spec_arrays(spec: dict) -> list[str]:
+    """The kernel arrays of a job record, in the order of the checksum record."""
+    integ = spec.get("integrity") or {}
+    if integ.get("arrays"):
+        return list(integ["arrays"])
+    return sorted(array_names(tuple(spec["architecture"]["depths"]), spec["kernel"]).values())
+
+
 def job_spec(job) -> dict:
     """The job record (JSON) of a :class:`~cntk_engine.jobs.GramJob`, without the tile layout
-    (added when the store is created)."""
+    and integrity record (added when the store is created)."""
     arch_d = job.arch.to_dict()
     arch_d["depths"] = sorted(arch_d["depths"])   # the order of depths=[...] is not part of the job
     return {
@@ -164,12 +275,13 @@ def _short(v) -> str:
 
 
 def spec_differences(stored: dict, wanted: dict) -> list[str]:
-    """Human-readable differences between two job records (layout keys excluded)."""
+    """Human-readable differences between two job records (layout and integrity keys excluded)."""
     a, b = _flat(stored), _flat(wanted)
     diffs = []
-    # every key of either record: a stack's record has keys (its layers) that a CNN's has not
+    # every key of either record: a stack's record has keys (its layers) that a CNN's has not;
+    # the tile layout and the integrity record are not part of the job
     for k in list(b) + [k for k in a if k not in b]:
-        if k in ("tile", "grid"):
+        if k in ("tile", "grid") or k.startswith(("integrity.", "upgraded_from.")):
             continue
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
@@ -183,19 +295,324 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
     return diffs
 
 
-class StoreSink(Sink):
-    """Writes finalized tiles into a store and marks them done; picklable (path + numbers), so
-    Dask workers open the same store themselves.  Each process opens the arrays once."""
+def _format_error(path, stored: dict) -> str | None:
+    """Why a store's format version cannot be resumed by this package, or None."""
+    v = stored.get("format_version")
+    if v == FORMAT_VERSION:
+        return None
+    if v == 1:
+        return (f"{str(path)!r} is a Gram store of format 1, which records no per-tile checksums, "
+                "so its finished tiles cannot be verified. If its data is what you want, add "
+                f"checksums of the data as it is now with `cntk-engine verify {path} "
+                "--add-checksums` (Python: cntk_engine.jobs.store.add_checksums(path)); it can "
+                "then be resumed and verified")
+    return (f"{str(path)!r} is a Gram store of format {v!r}; this cntk_engine "
+            f"({__version__}) reads formats 1 and {FORMAT_VERSION}: use the version that wrote it")
 
-    def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int):
+
+# ----------------------------------------------------------------------------- claims
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+PID_NAMESPACE = _pid_namespace()
+
+
+def _proc_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22),
+    or None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host (and pid namespace) is running: not a zombie, and,
+    when ``start`` is given and /proc tells, the process that started then (not a later
+    process that reuses the pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # PermissionError: another user's process, alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return True
+    if fields and fields[0] == b"Z":
+        return False
+    return start is None or len(fields) < 20 or int(fields[19]) == start
+
+
+class _Heartbeat:
+    """One daemon thread per process that touches (``os.utime``) every claim file the process
+    holds, each at its own interval."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.paths: dict[str, float] = {}     # claim file -> interval (s)
+        self.thread = None
+
+    def add(self, path: str, interval: float) -> None:
+        with self.lock:
+            self.paths[path] = interval
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="cntk-claims", daemon=True)
+                self.thread.start()
+
+    def remove(self, path: str) -> None:
+        with self.lock:
+            self.paths.pop(path, None)
+
+    def _run(self) -> None:
+        last: dict[str, float] = {}
+        while True:
+            with self.lock:
+                items = list(self.paths.items())
+            now = time.monotonic()
+            for p, interval in items:
+                if now - last.get(p, now) >= interval:
+                    try:
+                        os.utime(p)
+                    except OSError:
+                        pass
+                    last[p] = now
+                last.setdefault(p, now)
+            for p in [p for p in last if p not in self.paths]:
+                del last[p]
+            step = min((i for _, i in items), default=1.0)
+            time.sleep(max(0.02, min(step / 4, 1.0)))
+
+
+_HEARTBEAT = _Heartbeat()
+_CLAIM_NAME = re.compile(r"^(\d+)\.(\d+)$")
+_HELD: set[str] = set()        # ids of the claims this process holds (any store, any thread)
+_HELD_LOCK = threading.Lock()
+
+
+@dataclass
+class Claim:
+    """A claim file as found on disk: tile, owner record (None if unreadable), age, and whether
+    (and why) it is stale."""
+    tile: tuple[int, int]
+    owner: dict | None
+    age: float
+    stale: str | None
+
+    def who(self) -> str:
+        o = self.owner or {}
+        return f"{o.get('host', '?')}:{o.get('pid', '?')} (run {o.get('run', '?')})"
+
+
+class Claims:
+    """The claims of one store (``<store>/claims``) as seen by one process.
+
+    ``owner``: the record this process writes into its claims (run, host, pid, ...).  Thread
+    safe; a process holds at most one claim per tile."""
+
+    def __init__(self, store_path, timeout: float, owner: dict):
+        self.dir = Path(store_path) / CLAIMS
+        self.timeout = float(timeout)
+        self.owner = dict(owner)
+        self.held: dict[tuple[int, int], str] = {}     # tile -> claim id
+        self.lock = threading.Lock()
+
+    def _file(self, i: int, j: int) -> Path:
+        return self.dir / f"{i}.{j}"
+
+    def _read(self, f: Path):
+        """(owner record or None, mtime) of a claim file; FileNotFoundError if it is gone."""
+        st = f.stat()
+        try:
+            owner = json.loads(f.read_text())
+            if not isinstance(owner, dict):
+                owner = None
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError):
+            owner = None           # being written, or damaged: judged by its age alone
+        return owner, st.st_mtime
+
+    def staleness(self, owner: dict | None, mtime: float) -> str | None:
+        """Why a claim with this owner record and modification time is stale, or None.  On the
+        owner's own host (and pid namespace) the owner's process decides: gone (or its pid
+        reused) = stale, running = live whatever the claim's age; elsewhere the age does."""
+        age = time.time() - mtime
+        if owner is not None and owner.get("host") == HOST and owner.get("pidns") == PID_NAMESPACE:
+            pid = owner.get("pid")
+            if pid == os.getpid():
+                with _HELD_LOCK:
+                    mine = owner.get("claim") in _HELD
+                return None if mine else "it was left by this process"
+            if isinstance(pid, int):
+                start = owner.get("pstart")
+                if _pid_alive(pid, start if isinstance(start, int) else None):
+                    return None
+                return f"its process {HOST}:{pid} is gone"
+        if age > self.timeout:
+            return f"it was not renewed for {age:.0f} s (claim timeout {self.timeout:g} s)"
+        return None
+
+    def _tmp(self, i: int, j: int, claim_id: str) -> Path:
+        rec = dict(self.owner, tile=[i, j], claim=claim_id,
+                   since=_dt.datetime.now().isoformat(timespec="seconds"))
+        tmp = self.dir / f".{i}.{j}.{claim_id}.tmp"
+        tmp.write_text(json.dumps(rec))
+        return tmp
+
+    def acquire(self, i: int, j: int) -> bool:
+        """Claim tile (i, j): True if this process now holds it, False if a live claim of
+        another writer holds it.  A stale claim is taken over (warning)."""
+        f = self._file(i, j)
+        claim_id = uuid.uuid4().hex
+        tmp = self._tmp(i, j, claim_id)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, f)                       # atomic: fails if a claim exists
+                    return self._hold(i, j, claim_id, f)
+                except FileExistsError:
+                    pass
+                try:
+                    owner, mtime = self._read(f)
+                except FileNotFoundError:
+                    continue                              # released meanwhile: try again
+                why = self.staleness(owner, mtime)
+                if why is None:
+                    return False
+                old = (owner or {}).get("claim") or f"mtime-{mtime!r}"
+                over = self.dir / f".{i}.{j}.over.{old}"
+                try:
+                    os.link(tmp, over)                    # one winner per stale claim
+                except FileExistsError:
+                    # another writer is taking it over, or died doing so (its takeover file
+                    # holds its claim record: stale like a claim, then removed, and we retry)
+                    try:
+                        if self.staleness(*self._read(over)) is None:
+                            return False
+                        os.unlink(over)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                try:
+                    try:
+                        now_owner, now_mtime = self._read(f)
+                        now = (now_owner or {}).get("claim") or f"mtime-{now_mtime!r}"
+                    except FileNotFoundError:
+                        now = None
+                    if now is not None and now != old:
+                        return False                      # claimed afresh meanwhile
+                    os.replace(tmp, f)                    # our claim in place of the stale one
+                finally:
+                    try:
+                        os.unlink(over)
+                    except OSError:
+                        pass
+                log.warning("store %s: took over tile (%d, %d) from %s: %s", self.dir.parent, i, j,
+                            Claim((i, j), owner, time.time() - mtime, why).who(), why)
+                return self._hold(i, j, claim_id, f)
+            return False
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _hold(self, i, j, claim_id, f) -> bool:
+        with self.lock:
+            self.held[(i, j)] = claim_id
+        with _HELD_LOCK:
+            _HELD.add(claim_id)
+        _HEARTBEAT.add(str(f), max(0.05, self.timeout / 4))
+        return True
+
+    def release(self, i: int, j: int) -> None:
+        """Remove this process's claim of tile (i, j), if it still is this process's."""
+        with self.lock:
+            claim_id = self.held.pop((i, j), None)
+        if claim_id is None:
+            return
+        f = self._file(i, j)
+        _HEARTBEAT.remove(str(f))
+        with _HELD_LOCK:
+            _HELD.discard(claim_id)
+        try:
+            owner, _ = self._read(f)
+            if owner is not None and owner.get("claim") == claim_id:
+                f.unlink()
+        except FileNotFoundError:
+            pass
+
+    def release_all(self) -> None:
+        with self.lock:
+            tiles = list(self.held)
+        for i, j in tiles:
+            self.release(i, j)
+
+    def remove_stale(self, i: int, j: int) -> bool:
+        """Remove the claim of tile (i, j) if it is stale now (judged again right before);
+        True if removed."""
+        f = self._file(i, j)
+        try:
+            if self.staleness(*self._read(f)) is None:
+                return False
+            f.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def scan(self) -> dict[tuple[int, int], Claim]:
+        """Every claim file now in the store, by tile."""
+        out = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            m = _CLAIM_NAME.match(name)
+            if not m:
+                continue
+            try:
+                owner, mtime = self._read(self.dir / name)
+            except FileNotFoundError:
+                continue
+            t = (int(m.group(1)), int(m.group(2)))
+            out[t] = Claim(t, owner, time.time() - mtime, self.staleness(owner, mtime))
+        return out
+
+
+# ----------------------------------------------------------------------------- the sink
+class StoreSink(Sink):
+    """Claims tiles and writes finished ones into a store (data, checksums, marker, release);
+    picklable (path + numbers), so Dask workers open the same store themselves.  Each process
+    opens the arrays once and keeps its own claims.
+
+    ``repair``: {(i, j): marker seen} for finished tiles that failed verification: such a tile
+    is computed again unless its marker changed since (another writer repaired it)."""
+
+    def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int, *,
+                 run_uuid: str = "", repair: dict | None = None,
+                 claim_timeout: float = CLAIM_TIMEOUT, names: list[str] | None = None):
         self.path, self.arch, self.params = str(path), arch, params
         self.kernel, self.symmetric, self.run_id = kernel, symmetric, run_id
+        self.run_uuid, self.claim_timeout = run_uuid, float(claim_timeout)
+        self.repair = dict(repair or {})
+        self.names = list(names) if names else sorted(array_names(arch.depths, kernel).values())
         self._arrays = None
+        self._claims = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
         d = self.__dict__.copy()
         d["_arrays"] = None
+        d["_claims"] = None
         d["_lock"] = None
         return d
 
@@ -208,22 +625,67 @@ class StoreSink(Sink):
             if self._arrays is None:
                 zarr = require_zarr()
                 g = zarr.open_group(self.path, mode="r+")
-                arrays = {key: g[name] for key, name in array_names(self.arch.depths, self.kernel).items()}
+                by_key = array_names(self.arch.depths, self.kernel)
+                self._index = {name: self.names.index(name) for name in by_key.values()}
+                self._by_key = by_key
                 self._done = g[DONE]
-                self._arrays = arrays
+                self._sums = g[CHECKSUMS]
+                self._arrays = {name: g[name] for name in by_key.values()}
         return self._arrays
+
+    def claims(self) -> Claims:
+        with self._lock:
+            if self._claims is None:
+                self._claims = Claims(self.path, self.claim_timeout,
+                                      {"run": self.run_id, "run_id": self.run_uuid, "host": HOST,
+                                       "pid": os.getpid(), "pstart": _proc_start(os.getpid()),
+                                       "pidns": PID_NAMESPACE})
+        return self._claims
+
+    def claim(self, t) -> bool:
+        """Claim tile ``t`` for this process: False if another writer holds it or has finished
+        it (re-read under the claim); True: compute it and call the sink, which releases it."""
+        claims = self.claims()
+        if not claims.acquire(t.i, t.j):
+            return False
+        self._open()
+        try:
+            marker = int(self._done[t.i, t.j])
+        except Exception:  # noqa: BLE001 - an undecodable marker: not done
+            marker = 0
+        seen = self.repair.get((t.i, t.j))
+        if marker == 0 or (seen is not None and marker == seen):
+            return True
+        claims.release(t.i, t.j)
+        return False
+
+    def release(self, t) -> None:
+        self.claims().release(t.i, t.j)
+
+    def release_all(self) -> None:
+        if self._claims is not None:
+            self._claims.release_all()
 
     def __call__(self, t, sums) -> None:
         arrays = self._open()
+        record = np.zeros((len(self.names), 2), dtype=np.uint64)
         for d, res in self.kernels(to_host(sums)).items():
             for k, v in res.items():
-                a = arrays[(d, k)]
+                name = self._by_key[(d, k)]
+                a, ai = arrays[name], self._index[name]
+                v = np.ascontiguousarray(v, dtype=np.float64)
                 a[t.rows, t.cols] = v
+                record[ai, 0] = chunk_checksum(name, (t.i, t.j), v)
                 if self.symmetric and not t.diag:
-                    a[t.cols, t.rows] = np.ascontiguousarray(v.T)
-        self._done[t.i, t.j] = self.run_id   # only after every chunk of the tile is in place
+                    vt = np.ascontiguousarray(v.T)
+                    a[t.cols, t.rows] = vt
+                    record[ai, 1] = chunk_checksum(name, (t.j, t.i), vt)
+        self._sums[t.i, t.j] = record         # after every data chunk of the tile
+        self._done[t.i, t.j] = self.run_id    # last: the tile is done
+        self.release(t)
 
 
+# ----------------------------------------------------------------------------- reading state
 def read_done(path, arr, *, warn: bool = True) -> np.ndarray:
     """The ``tiles_done`` map of the store at ``path``.  A marker chunk that cannot be read or
     decoded (a truncated or emptied file) counts as 0, "not done", so its tile is computed again;
@@ -246,86 +708,239 @@ def read_done(path, arr, *, warn: bool = True) -> np.ndarray:
     return done
 
 
+def _read_checksums(arr) -> tuple[np.ndarray, np.ndarray]:
+    """(checksums (gr, gc, arrays, 2) uint64, readable (gr, gc) bool) of a store."""
+    try:
+        sums = np.asarray(arr[...])
+        return sums, np.ones(arr.shape[:2], dtype=bool)
+    except Exception:  # noqa: BLE001 - a damaged chunk: find it (a rare path)
+        pass
+    sums = np.zeros(arr.shape, dtype=np.uint64)
+    ok = np.ones(arr.shape[:2], dtype=bool)
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            try:
+                sums[i, j] = arr[i, j]
+            except Exception:  # noqa: BLE001
+                ok[i, j] = False
+    return sums, ok
+
+
+@dataclass
+class Damage:
+    """One chunk of a finished tile that fails verification."""
+    tile: tuple[int, int]
+    array: str
+    chunk: str        # its path in the store, e.g. "ntk/c/2/3"
+    why: str
+
+    def __str__(self) -> str:
+        return f"tile {self.tile} of array {self.array!r}: chunk {self.chunk} {self.why}"
+
+
+def _owner(ci: int, cj: int, symmetric: bool) -> tuple[int, int, int]:
+    """(tile row, tile col, slot) of chunk (ci, cj): slot 0 = the tile itself, 1 = its mirror."""
+    if symmetric and cj < ci:
+        return cj, ci, 1
+    return ci, cj, 0
+
+
+def _decode_failure(e: Exception) -> str:
+    """What a chunk that does not decode has, in words (zarr's crc32c error named as such)."""
+    if "checksum do not match" in str(e):
+        return ("cannot be decoded: its crc32c does not match its bytes (the file was cut short "
+                "or changed)")
+    return f"cannot be decoded ({type(e).__name__}: {e})"
+
+
+@dataclass
+class _Scan:
+    damage: list = field(default_factory=list)
+    bytes: int = 0
+    chunks: int = 0
+
+
+def _scan(path: Path, g, spec: dict, done: np.ndarray, *, names=None, into=None,
+          workers: int | None = None) -> _Scan:
+    """Read every chunk of the finished tiles of arrays ``names`` (default: all) and check it
+    decodes and matches its recorded checksum.  ``into``: an (n1, n2) float64 array the one
+    array named is read into (load_gram).  Row blocks of chunks are read in parallel threads."""
+    t = int(spec["tile"])
+    n1, n2, symmetric = int(spec["n1"]), int(spec["n2"]), bool(spec["symmetric"])
+    order = _spec_arrays(spec)
+    names = order if names is None else list(names)
+    res = _Scan()
+    if not done.any():
+        return res                     # nothing finished: nothing to read (a new store)
+    sums, sums_ok = _read_checksums(g[CHECKSUMS])
+    gr, gc = done.shape
+    lock = threading.Lock()
+    arrays = {name: g[name] for name in names}
+
+    def row(name: str, ci: int) -> None:
+        arr = arrays[name]
+        ai = order.index(name)
+        r0, r1 = ci * t, min((ci + 1) * t, n1)
+        wanted = []
+        for cj in range(gc):
+            ti, tj, slot = _owner(ci, cj, symmetric)
+            if done[ti, tj] != 0:
+                wanted.append((cj, ti, tj, slot))
+        if not wanted:
+            return
+        damage = []
+        try:
+            block = arr[r0:r1, :]
+        except Exception:  # noqa: BLE001 - a chunk that does not decode: found chunk by chunk
+            block = None
+        nbytes = 0
+        for cj, ti, tj, slot in wanted:
+            c0, c1 = cj * t, min((cj + 1) * t, n2)
+            key = f"{name}/{arr.metadata.encode_chunk_key((ci, cj))}"
+            if block is None:
+                try:
+                    vals = arr[r0:r1, c0:c1]
+                except Exception as e:  # noqa: BLE001
+                    damage.append(Damage((ti, tj), name, key, _decode_failure(e)))
+                    continue
+                if into is not None:
+                    into[r0:r1, c0:c1] = vals
+            else:
+                vals = block[:, c0:c1]
+            nbytes += vals.nbytes
+            if not sums_ok[ti, tj]:
+                damage.append(Damage((ti, tj), name, key, "has no readable checksum (the "
+                                     f"checksum chunk {CHECKSUMS}/c/{ti}/{tj}/0/0 cannot be decoded)"))
+                continue
+            want = int(sums[ti, tj, ai, slot])
+            if want == 0:
+                damage.append(Damage((ti, tj), name, key, "has no checksum recorded"))
+            elif chunk_checksum(name, (ci, cj), vals) != want:
+                if not (path / key).exists():
+                    why = "is missing (its file is gone; it reads as NaN)"
+                else:
+                    why = ("does not match the checksum recorded for it: its values changed, or "
+                           "it holds another chunk's data")
+                damage.append(Damage((ti, tj), name, key, why))
+        if block is not None and into is not None:
+            into[r0:r1, :] = block
+        with lock:
+            res.damage.extend(damage)
+            res.bytes += nbytes
+            res.chunks += len(wanted)
+
+    jobs = [(name, ci) for name in names for ci in range(gr)]
+    n = workers or min(8, os.cpu_count() or 1)
+    if n <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            row(*job)
+    else:
+        with ThreadPoolExecutor(n, thread_name_prefix="cntk-verify") as ex:
+            list(ex.map(lambda job: row(*job), jobs))
+    res.damage.sort(key=lambda d: (d.tile, d.array, d.chunk))
+    return res
+
+
+# ----------------------------------------------------------------------------- the store
 class GramStore:
     """An open store of one job (see the module docstring)."""
 
-    def __init__(self, path: Path, group, spec: dict):
+    def __init__(self, path: Path, group, spec: dict, claim_timeout: float = CLAIM_TIMEOUT):
         self.path, self.group, self.spec = path, group, spec
         self.tile = int(spec["tile"])
+        self.claim_timeout = float(claim_timeout)
+        self.repair: dict[tuple[int, int], int] = {}
+        self.verified = {"tiles": 0, "failed": 0, "bytes": 0, "seconds": 0.0}
+        self.run_uuid = ""
 
     # ------------------------------------------------------------------ open / create
     @classmethod
     def open_for_job(cls, job, *, tile: int, tile_given: bool) -> "GramStore":
         """Create the store of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) at ``job.out`` or,
-        if it holds this very job, reopen it.  ``job.resume=False``: an existing store is an
-        error (the CLI without --resume)."""
+        if it holds this very job, reopen it.  An existing store is an error with
+        ``job.resume=False`` or ``out=StorePath(..., existing="refuse")`` (the CLI without
+        --resume / --join), also when another process creates it at the same moment."""
         require_zarr()
-        out, spec, resume = job.out, job_spec(job), job.resume
+        out, spec = job.out, job_spec(job)
+        resume = job.resume and getattr(out, "existing", "resume") == "resume"
+        timeout = getattr(out, "claim_timeout", None) or CLAIM_TIMEOUT
         try:
             path = Path(os.fspath(out)).expanduser().absolute()
         except TypeError:
             raise StoreError(f"out must be a path (str or os.PathLike) to a Zarr directory; got {out!r}") from None
         if path.exists() or path.is_symlink():
-            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume)
+            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
+                                      claim_timeout=timeout)
         if not path.parent.is_dir():
             raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} does not exist")
         if not os.access(path.parent, os.W_OK):
             raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} is not writable")
         try:
-            return cls._create(path, dict(spec, tile=int(tile)))
+            return cls._create(path, dict(spec, tile=int(tile)), claim_timeout=timeout)
         except _LostRace:
-            log.info("store %s was created by another process at the same time; opening it as an "
-                     "existing store", path)
-            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume)
+            if not resume:
+                raise StoreError(f"out={str(path)!r} was created by another process while this one "
+                                 "was creating it; nothing was written. To work on it together "
+                                 "with that process pass --join (or --resume; Python: a plain "
+                                 "path), or choose another path") from None
+            log.info("store %s was created by another process at the same time; working on it "
+                     "together", path)
+            return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
+                                      claim_timeout=timeout)
 
     @classmethod
     def _open_existing(cls, path: Path, spec: dict, *, tile: int, tile_given: bool,
-                       resume: bool) -> "GramStore":
+                       resume: bool, claim_timeout: float = CLAIM_TIMEOUT) -> "GramStore":
         zarr = require_zarr()
-        if not path.is_dir() or not (path / "zarr.json").is_file():
-            raise StoreError(f"out={str(path)!r} exists and is not a Zarr (v3) store; refusing to touch it")
-        try:
-            g = zarr.open_group(str(path), mode="r")
-            stored = dict(g.attrs.get("cntk_engine") or {})
-        except Exception as e:
-            raise StoreError(f"out={str(path)!r} cannot be read as a Zarr group: {e}") from None
-        if stored.get("format") != FORMAT:
-            raise StoreError(f"out={str(path)!r} is a Zarr group but not a cntk_engine Gram store "
-                             "(no job record); refusing to touch it")
+        stored = _read_record(path, "out=")
+        why = _format_error(path, stored)
+        if why is not None:
+            raise StoreError(f"out={why}")
         diffs = spec_differences(stored, spec)
         if tile_given and int(stored.get("tile", -1)) != tile:
             diffs.append(f"tile: store has {stored.get('tile')}, this job {tile}")
         if diffs:
             raise StoreMismatch(f"out={str(path)!r} holds another job: " + "; ".join(diffs)
                                 + ". Nothing was written; use another out= path for this job")
-        missing = [n for n in list(array_names(tuple(spec["architecture"]["depths"]), spec["kernel"]).values())
-                   + [DONE] if n not in g]
+        g = zarr.open_group(str(path), mode="r")
+        missing = [n for n in _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS] if n not in g]
         if missing:
-            raise StoreError(f"out={str(path)!r} is damaged: arrays {missing} are missing")
+            raise StoreError(f"out={str(path)!r} is damaged: {missing} are missing")
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
+        n_all = len(cls._expected_tiles(stored))
         if not resume:
-            raise StoreError(f"out={str(path)!r} exists (this same job, "
-                             f"{n_done} of {len(cls._expected_tiles(stored))} tiles done); "
-                             "pass --resume to continue it")
-        log.info("resuming store %s (%d of %d tiles done)", path, n_done,
-                 len(cls._expected_tiles(stored)))
-        return cls(path, zarr.open_group(str(path), mode="r+"), stored)
+            raise StoreError(f"out={str(path)!r} exists (this same job, {n_done} of {n_all} tiles "
+                             "done); pass --resume to continue it, or --join to work on it "
+                             "together with the processes running on it")
+        store = cls(path, zarr.open_group(str(path), mode="r+"), stored, claim_timeout)
+        if CLAIMS not in store.group:
+            store.group.require_group(CLAIMS)
+        live = [c for c in store.claims().scan().values() if c.stale is None]
+        log.info("opening existing store %s: %d of %d tiles done%s", path, n_done, n_all,
+                 f"; {len(live)} tiles are being computed by other writers now "
+                 f"({', '.join(sorted({c.who() for c in live})[:4])}): working together"
+                 if live else "")
+        return store
 
     @staticmethod
     def _expected_tiles(spec: dict):
         return TileLayout(spec["n1"], spec["n2"], int(spec["tile"]), spec["symmetric"]).tiles()
 
     @classmethod
-    def _create(cls, path: Path, spec: dict) -> "GramStore":
+    def _create(cls, path: Path, spec: dict, claim_timeout: float = CLAIM_TIMEOUT) -> "GramStore":
         zarr = require_zarr()
+        from zarr.codecs import Crc32cCodec, ZstdCodec
         t = spec["tile"]
         layout = TileLayout(spec["n1"], spec["n2"], t, spec["symmetric"])
         spec["grid"] = list(layout.grid)
+        names = array_names(tuple(spec["architecture"]["depths"]), spec["kernel"])
+        order = sorted(names.values())
+        spec["integrity"] = {"checksum": CHECKSUM_KIND, "arrays": order, "chunk_codec": "crc32c"}
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
         try:
             g = zarr.open_group(str(tmp), mode="w-")
             shape = (spec["n1"], spec["n2"])
-            for (d, k), name in array_names(tuple(spec["architecture"]["depths"]), spec["kernel"]).items():
+            for (d, k), name in names.items():
                 parent = g
                 if "/" in name:
                     grp, name = name.split("/")
@@ -333,9 +948,10 @@ class GramStore:
                     parent.attrs["depth"] = d
                 parent.create_array(name, shape=shape, chunks=(min(t, shape[0]), min(t, shape[1])),
                                     dtype="float64", fill_value=float("nan"),
+                                    compressors=[ZstdCodec(level=0, checksum=False), Crc32cCodec()],
                                     attributes={"kernel": k, "depth": d})
-            g.create_array(DONE, shape=layout.grid, chunks=(1, 1), dtype="int32", fill_value=0)
-            g.attrs.update({"cntk_engine": spec, "runs": []})
+            _create_bookkeeping(g, layout.grid, len(order))
+            g.attrs.put({"cntk_engine": spec})
             try:
                 os.rename(tmp, path)   # atomic: a store that exists always has its job record
             except OSError as e:
@@ -348,87 +964,356 @@ class GramStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("created store %s: %d x %d, tile %d, grid %s", path, *shape, t, layout.grid)
-        return cls(path, zarr.open_group(str(path), mode="r+"), spec)
+        return cls(path, zarr.open_group(str(path), mode="r+"), spec, claim_timeout)
 
-    # ------------------------------------------------------------------ tiles and runs
+    # ------------------------------------------------------------------ tiles
     def done_map(self, warn: bool = True) -> np.ndarray:
         """``tiles_done`` (an undecodable marker reads as 0: see :func:`read_done`)."""
         return read_done(self.path, self.group[DONE], warn=warn)
 
-    def _chunk_files(self, i: int, j: int):
-        """(array name, chunk key, file) of every data chunk tile (i, j) writes."""
-        names = array_names(tuple(self.spec["architecture"]["depths"]), self.spec["kernel"]).values()
-        keys = [(i, j)] + ([(j, i)] if self.spec["symmetric"] and i != j else [])
-        for name in names:
-            meta = self.group[name].metadata
-            for ij in keys:
-                key = meta.encode_chunk_key(ij)
-                yield name, key, self.path / name / key
-
-    def _damaged_data(self, t) -> str | None:
-        """Why a finished tile's data cannot be trusted (a chunk file missing or empty), or None.
-        One ``stat`` per chunk file; no data is read."""
-        for name, key, f in self._chunk_files(t.i, t.j):
-            try:
-                size = f.stat().st_size
-            except FileNotFoundError:
-                return f"{name}/{key} is missing"
-            if size == 0:
-                return f"{name}/{key} is empty"
-        return None
-
     def missing(self, tiles) -> list:
-        """The tiles to compute: marker 0 (or unreadable), or marked done but with a data chunk
-        file missing or empty (a warning names the store, array and chunk)."""
+        """The tiles to compute: marker 0 (or unreadable), or finished but failing verification
+        (every chunk of every finished tile is read back and checked; a warning names the store,
+        the array, the tile and the chunk).  The failing tiles are kept in :attr:`repair`."""
         done = self.done_map()
-        todo = []
+        self.clear_stale_claims(done)
+        n_done = int(sum(1 for t in tiles if done[t.i, t.j] != 0))
+        t0 = time.perf_counter()
+        scan = _scan(self.path, self.group, self.spec, done)
+        dt = time.perf_counter() - t0
+        bad: dict[tuple[int, int], list[Damage]] = {}
+        for d in scan.damage:
+            bad.setdefault(d.tile, []).append(d)
+        for tile, ds in sorted(bad.items()):
+            log.warning("store %s: tile %s fails verification and will be computed again: %s",
+                        self.path, tile, "; ".join(f"array {d.array!r}: chunk {d.chunk} {d.why}"
+                                                   for d in ds))
+        self.repair = {tile: int(done[tile]) for tile in bad}
+        self.verified = {"tiles": n_done, "failed": len(bad), "bytes": scan.bytes, "seconds": dt}
+        if n_done:
+            log.info("store %s: verified %d finished tiles (%s read) in %.2f s (%.0f MB/s): %s",
+                     self.path, n_done, format_bytes(scan.bytes), dt,
+                     scan.bytes / dt / 1e6 if dt > 0 else float("nan"),
+                     f"{len(bad)} failed" if bad else "all intact")
+        return [t for t in tiles if done[t.i, t.j] == 0 or (t.i, t.j) in bad]
+
+    def markers(self, tiles) -> dict:
+        """{(i, j): marker} of ``tiles`` read now (0 when unreadable); chunk by chunk when they
+        are few, else the whole map."""
+        arr = self.group[DONE]
+        if len(tiles) * 4 >= arr.shape[0] * arr.shape[1]:
+            done = self.done_map(warn=False)
+            return {(t.i, t.j): int(done[t.i, t.j]) for t in tiles}
+        out = {}
         for t in tiles:
-            if done[t.i, t.j] == 0:
-                todo.append(t)
-                continue
-            why = self._damaged_data(t)
-            if why is not None:
-                log.warning("store %s: tile (%d, %d) is marked done but its chunk %s; computing "
-                            "it again", self.path, t.i, t.j, why)
-                todo.append(t)
-        return todo
+            try:
+                out[(t.i, t.j)] = int(arr[t.i, t.j])
+            except Exception:  # noqa: BLE001 - undecodable: not done
+                out[(t.i, t.j)] = 0
+        return out
 
     def not_done(self, tiles) -> list:
-        """The tiles whose marker is 0 (or unreadable) now: re-read from the store."""
-        done = self.done_map(warn=False)
-        return [t for t in tiles if done[t.i, t.j] == 0]
+        """The tiles not done now (re-read from the store): marker 0 or unreadable, or a tile
+        that failed verification and was not rewritten since."""
+        m = self.markers(tiles)
+        return [t for t in tiles if m[(t.i, t.j)] == 0 or self.repair.get((t.i, t.j)) == m[(t.i, t.j)]]
 
+    def claims(self) -> Claims:
+        """The claims of this store, as an observer (this process holds none through it)."""
+        return Claims(self.path, self.claim_timeout, {})
+
+    def clear_stale_claims(self, done: np.ndarray) -> int:
+        """Remove the stale claims of finished tiles: left by a writer that died after writing
+        a tile's marker and before releasing its claim (a stale claim of an unfinished tile is
+        taken over when the tile is claimed).  Returns how many were removed."""
+        claims = self.claims()
+        n = 0
+        for (i, j), c in claims.scan().items():
+            if (c.stale and i < done.shape[0] and j < done.shape[1] and done[i, j] != 0
+                    and claims.remove_stale(i, j)):
+                n += 1
+        if n:
+            log.info("store %s: removed %d stale claims of finished tiles", self.path, n)
+        return n
+
+    @property
+    def poll_seconds(self) -> float:
+        """How often a waiting writer looks at the others' tiles."""
+        return min(5.0, max(0.05, self.claim_timeout / 20))
+
+    def wait_for_others(self, tiles) -> None:
+        """Wait until one of ``tiles`` (not done) can be claimed (its claim is gone or stale) or
+        all are done: the tiles other writers hold.  Logs once what it waits for."""
+        poll = self.poll_seconds
+        told = False
+        while True:
+            left = self.not_done(tiles)
+            if not left:
+                return
+            held = self.claims().scan()
+            if any((t.i, t.j) not in held or held[(t.i, t.j)].stale for t in left):
+                return
+            if not told:
+                who = sorted({held[(t.i, t.j)].who() for t in left})
+                log.info("store %s: waiting for %d tiles being computed by other writers (%s)",
+                         self.path, len(left), ", ".join(who[:4]) + (" ..." if len(who) > 4 else ""))
+                told = True
+            time.sleep(poll)
+
+    # ------------------------------------------------------------------ runs
     def begin_run(self, n_todo: int, where: str) -> int:
-        runs = list(self.group.attrs.get("runs", []))
-        run_id = len(runs) + 1
-        runs.append({"run": run_id, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                     "host": socket.gethostname(), "pid": os.getpid(), "where": where,
-                     "tiles_to_compute": n_todo})
-        self.group.attrs["runs"] = runs
-        return run_id
+        """Record a new run (its own ``runs/<k>`` group, k unique among concurrent writers)
+        and return k."""
+        rec = {"id": uuid.uuid4().hex, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+               "host": HOST, "pid": os.getpid(), "where": where, "tiles_to_compute": n_todo,
+               "tiles_verified": self.verified["tiles"],
+               "tiles_failed_verification": self.verified["failed"],
+               "verify_seconds": round(self.verified["seconds"], 3),
+               "claim_timeout": self.claim_timeout}
+        k = _new_run(self.path, rec)
+        self.run_uuid = rec["id"]
+        return k
 
-    def end_run(self, run_id: int, seconds: float) -> None:
-        runs = list(self.group.attrs.get("runs", []))
-        for r in runs:
-            if r.get("run") == run_id:
-                r["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
-                r["seconds"] = round(seconds, 3)
-        self.group.attrs["runs"] = runs
+    def end_run(self, run_id: int, seconds: float, *, tiles_computed: int | None = None,
+                outcome: str = "finished") -> None:
+        zarr = require_zarr()
+        upd = {"finished": _dt.datetime.now().isoformat(timespec="seconds"),
+               "seconds": round(seconds, 3), "outcome": outcome}
+        if tiles_computed is not None:
+            upd["tiles_computed"] = int(tiles_computed)
+        zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
 
     def sink(self, job, run_id: int) -> StoreSink:
-        return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id)
+        return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id,
+                         run_uuid=self.run_uuid, repair=self.repair,
+                         claim_timeout=self.claim_timeout, names=_spec_arrays(self.spec))
 
     @property
     def read_only_group(self):
         return require_zarr().open_group(str(self.path), mode="r")
 
 
+def _create_bookkeeping(g, grid, n_arrays: int) -> None:
+    """The markers, checksums, runs and claims of a store (group ``g``, opened for writing)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+    codecs = [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+    g.create_array(DONE, shape=tuple(grid), chunks=(1, 1), dtype="int32", fill_value=0,
+                   compressors=codecs, overwrite=True)
+    g.create_array(CHECKSUMS, shape=tuple(grid) + (n_arrays, 2), chunks=(1, 1, n_arrays, 2),
+                   dtype="uint64", fill_value=0, compressors=codecs, overwrite=True)
+    g.require_group(RUNS)
+    g.require_group(CLAIMS)
+
+
+def _new_run(path: Path, rec: dict) -> int:
+    """Create ``runs/<k>`` holding ``rec`` (plus run = k) for the first free k, atomically: the
+    group is made in a temporary directory and renamed into place, which fails when another
+    writer took k first (the target then exists and is not empty)."""
+    zarr = require_zarr()
+    runs = path / RUNS
+    while True:
+        taken = [int(n) for n in os.listdir(runs) if n.isdigit()]
+        k = max(taken, default=0) + 1
+        tmp = runs / f".new-{uuid.uuid4().hex}"
+        try:
+            zarr.open_group(str(tmp), mode="w-", attributes=dict(rec, run=k))
+            try:
+                os.rename(tmp, runs / str(k))
+                return k
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_record(path: Path, what: str = "") -> dict:
+    """The job record of the store at ``path``; StoreError (its message starting with
+    ``what``, e.g. "out=") if it is not a cntk_engine store."""
+    zarr = require_zarr()
+    if not path.is_dir() or not (path / "zarr.json").is_file():
+        raise StoreError(f"{what}{str(path)!r} exists and is not a Zarr (v3) store; refusing to "
+                         "touch it")
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        stored = dict(g.attrs.get("cntk_engine") or {})
+    except Exception as e:
+        raise StoreError(f"{what}{str(path)!r} cannot be read as a Zarr group: {e}") from None
+    if stored.get("format") != FORMAT:
+        raise StoreError(f"{what}{str(path)!r} is a Zarr group but not a cntk_engine Gram store "
+                         "(no job record); refusing to touch it")
+    return stored
+
+
+def list_runs(group) -> list[dict]:
+    """The run records of a store's group, by run number (format 1: ``attrs["runs"]``)."""
+    runs = [dict(r) for r in group.attrs.get("runs", [])]
+    if RUNS in group:
+        for name, sub in group[RUNS].groups():
+            if name.isdigit():
+                runs.append(dict(sub.attrs))
+    return sorted(runs, key=lambda r: r.get("run", 0))
+
+
+# ----------------------------------------------------------------------------- verify, upgrade
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` found.  ``ok``: every finished tile verified (an unfinished
+    store can be ok: its missing tiles are listed as not done, not as damage)."""
+    path: str
+    format_version: int
+    tiles_total: int
+    tiles_finished: int
+    checksums: bool                 # False: format 1, nothing could be verified
+    damage: list                    # [Damage], one per failing chunk
+    bytes_read: int = 0
+    seconds: float = 0.0
+    claims: list = field(default_factory=list)   # [Claim] present now
+    runs: list = field(default_factory=list)
+
+    @property
+    def damaged_tiles(self) -> list[tuple[int, int]]:
+        return sorted({d.tile for d in self.damage})
+
+    @property
+    def ok(self) -> bool:
+        return self.checksums and not self.damage
+
+    @property
+    def mb_per_second(self) -> float | None:
+        return self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else None
+
+
+def _open_store_group(path):
+    zarr = require_zarr()
+    path = Path(os.fspath(path)).expanduser().absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"Zarr store {str(path)!r} does not exist")
+    stored = _read_record(path)
+    return path, zarr.open_group(str(path), mode="r"), stored
+
+
+def verify_store(path, *, workers: int | None = None) -> VerifyReport:
+    """Check a Gram store without computing anything: every chunk of every finished tile must
+    decode and match its recorded checksum.  Returns a :class:`VerifyReport`; raises
+    FileNotFoundError / :class:`StoreError` for a path that is not a cntk_engine store.
+    ``workers``: reading threads (default: up to 8, one per core)."""
+    path, g, spec = _open_store_group(path)
+    version = spec.get("format_version")
+    tiles = GramStore._expected_tiles(spec)
+    done = read_done(path, g[DONE], warn=False) if DONE in g else np.zeros(tuple(spec["grid"]), np.int32)
+    n_done = sum(1 for t in tiles if done[t.i, t.j] != 0)
+    report = VerifyReport(str(path), version, len(tiles), n_done, version == FORMAT_VERSION, [],
+                          runs=list_runs(g))
+    if version not in (1, FORMAT_VERSION):
+        raise StoreError(_format_error(path, spec))
+    if version == FORMAT_VERSION:
+        missing = [n for n in _spec_arrays(spec) + [CHECKSUMS] if n not in g]
+        if missing:
+            raise StoreCorrupt(f"{str(path)!r} is damaged: {missing} are missing")
+        t0 = time.perf_counter()
+        scan = _scan(path, g, spec, done, workers=workers)
+        report.seconds = time.perf_counter() - t0
+        report.damage, report.bytes_read = scan.damage, scan.bytes
+        report.claims = sorted(Claims(path, CLAIM_TIMEOUT, {}).scan().values(), key=lambda c: c.tile)
+    return report
+
+
+def add_checksums(path, *, workers: int | None = None) -> dict:
+    """Convert a format-1 store (no checksums) to format 2 in place, recording checksums of
+    its data AS IT IS NOW: only use it on data you accept.  Every finished tile is read; one
+    whose chunks cannot be decoded, hold NaN, or (symmetric) whose mirror is not its transpose
+    is marked not done instead (a warning names it), so resuming computes it again.  The job
+    record is rewritten last: an interrupted conversion leaves a format-1 store, and running it
+    again starts over.  Returns {"tiles": checksummed, "reset": [tiles marked not done],
+    "runs": run records moved}."""
+    zarr = require_zarr()
+    path, g, spec = _open_store_group(path)
+    version = spec.get("format_version")
+    if version == FORMAT_VERSION:
+        raise StoreError(f"{str(path)!r} already has per-tile checksums (format "
+                         f"{FORMAT_VERSION}); use `cntk-engine verify {path}` to check it")
+    if version != 1:
+        raise StoreError(_format_error(path, spec))
+    g = zarr.open_group(str(path), mode="r+")
+    names = _spec_arrays(spec)
+    missing = [n for n in names + [DONE] if n not in g]
+    if missing:
+        raise StoreCorrupt(f"{str(path)!r} is damaged: {missing} are missing")
+    t = int(spec["tile"])
+    symmetric = bool(spec["symmetric"])
+    layout = TileLayout(spec["n1"], spec["n2"], t, symmetric)
+    done = read_done(path, g[DONE])
+    sums = np.zeros(tuple(layout.grid) + (len(names), 2), dtype=np.uint64)
+    reset = []
+
+    def one(tile):
+        rec = np.zeros((len(names), 2), dtype=np.uint64)
+        for ai, name in enumerate(names):
+            a = g[name]
+            try:
+                v = np.asarray(a[tile.rows, tile.cols])
+                m = None if not symmetric or tile.diag else np.asarray(a[tile.cols, tile.rows])
+            except Exception as e:  # noqa: BLE001
+                return tile, None, f"array {name!r}: {_decode_failure(e)}"
+            if not np.isfinite(v).all() or (m is not None and not np.isfinite(m).all()):
+                return tile, None, f"array {name!r}: holds NaN or Inf (a chunk is missing or damaged)"
+            if m is not None and m.tobytes() != np.ascontiguousarray(v.T).tobytes():
+                return tile, None, f"array {name!r}: its mirror chunk is not its transpose"
+            rec[ai, 0] = chunk_checksum(name, (tile.i, tile.j), v)
+            if m is not None:
+                rec[ai, 1] = chunk_checksum(name, (tile.j, tile.i), m)
+        return tile, rec, None
+
+    finished = [tl for tl in layout.tiles() if done[tl.i, tl.j] != 0]
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as ex:
+        for tile, rec, why in ex.map(one, finished):
+            if rec is None:
+                log.warning("store %s: tile (%d, %d) %s; it is marked not done and will be "
+                            "computed when the job is resumed", path, tile.i, tile.j, why)
+                reset.append((tile.i, tile.j))
+            else:
+                sums[tile.i, tile.j] = rec
+    _create_bookkeeping_upgrade(g, layout.grid, len(names), sums)
+    for i, j in reset:
+        g[DONE][i, j] = 0
+    old_runs = [dict(r) for r in g.attrs.get("runs", [])]
+    for r in old_runs:
+        k = int(r.get("run", 0))
+        if k >= 1:
+            zarr.open_group(str(path / RUNS / str(k)), mode="w", attributes=r)
+    attrs = dict(g.attrs.asdict())
+    attrs.pop("runs", None)
+    attrs["cntk_engine"] = dict(spec, format_version=FORMAT_VERSION,
+                                integrity={"checksum": CHECKSUM_KIND, "arrays": names,
+                                           "chunk_codec": None},
+                                upgraded_from={"format_version": 1, "by": __version__,
+                                               "at": _dt.datetime.now().isoformat(timespec="seconds")})
+    g.attrs.put(attrs)
+    log.info("store %s: checksums recorded for %d finished tiles (%d marked not done); now "
+             "format %d", path, len(finished) - len(reset), len(reset), FORMAT_VERSION)
+    return {"tiles": len(finished) - len(reset), "reset": reset, "runs": len(old_runs)}
+
+
+def _create_bookkeeping_upgrade(g, grid, n_arrays, sums) -> None:
+    """The checksum array (written whole), runs and claims groups of a store being upgraded
+    from format 1 (its markers are kept)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+    arr = g.create_array(CHECKSUMS, shape=tuple(grid) + (n_arrays, 2), chunks=(1, 1, n_arrays, 2),
+                         dtype="uint64", fill_value=0,
+                         compressors=[ZstdCodec(level=0, checksum=False), Crc32cCodec()],
+                         overwrite=True)
+    arr[...] = sums
+    g.require_group(RUNS)
+    g.require_group(CLAIMS)
+
+
 # ----------------------------------------------------------------------------- reading Grams
 def kernel_arrays(group) -> list[str]:
     """The kernel arrays of a store's group ("ntk", "nngp", "depth_11/ntk", ...), sorted; the
-    done markers are not among them."""
-    return sorted(k for k, _ in group.arrays() if k != DONE) + sorted(
-        f"{g}/{k}" for g, sub in group.groups() for k, _ in sub.arrays())
+    markers, checksums, runs and claims are not among them."""
+    return sorted(k for k, _ in group.arrays() if k not in BOOKKEEPING) + sorted(
+        f"{g}/{k}" for g, sub in group.groups() if g not in BOOKKEEPING for k, _ in sub.arrays())
 
 
 def unfinished_tiles(group) -> tuple[int, int]:
@@ -456,6 +1341,25 @@ def _memory_limits(device, max_memory):
     return [("available RAM", available_memory())]
 
 
+def _store_of_array(arr):
+    """(root group, array name in it) when ``arr`` is a kernel array of a cntk_engine store
+    (found at its parent or grandparent), else (None, None)."""
+    zarr = require_zarr()
+    parts = [p for p in str(getattr(arr, "path", "") or "").split("/") if p]
+    for up in (1, 2):
+        if len(parts) < up:
+            break
+        root = "/".join(parts[:-up])
+        try:
+            g = zarr.open_group(arr.store, path=root, mode="r")
+        except Exception:  # noqa: BLE001 - not inside a group
+            continue
+        spec = g.attrs.get("cntk_engine")
+        if isinstance(spec, dict) and spec.get("format") == FORMAT:
+            return g, "/".join(parts[-up:])
+    return None, None
+
+
 def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
               workspace: float = 1.0, device=None):
     """Load a Gram matrix from Zarr into memory as float64 (NumPy, or CuPy with device="cuda").
@@ -471,16 +1375,20 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     ``kernel_ridge``, ``gp_posterior`` (the default); 3 for ``eigh``, ``loo``, ``select_ridge``,
     ``kfold`` and ``gradient_flow`` (the figures behind them: ``docs/solver.md``).  Reading a
     non-float64 array also holds the raw array while converting it.  A store whose job is
-    unfinished is refused (its missing tiles read as NaN)."""
+    unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
+    verified as it is read (every chunk decodes and matches its checksum) and
+    :class:`StoreCorrupt` names the first failing tile; a format-1 store (no checksums) is
+    read with a warning that it cannot be verified."""
     zarr = require_zarr()
     where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).exists():
             raise FileNotFoundError(f"Zarr store {str(source)!r} does not exist")
         try:
-            source = zarr.open(str(source), mode="r")
+            source = zarr.open(os.fspath(source), mode="r")
         except Exception as e:  # noqa: BLE001 - not a store
             raise ValueError(f"{where} is not a readable Zarr store: {e}") from None
+    root = None
     if isinstance(source, zarr.Group):
         names = kernel_arrays(source)
         if key is None:
@@ -494,10 +1402,19 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             raise ValueError(f"the Gram store at {where} is unfinished: {left} of {total} tiles are "
                              "not computed yet; rerun the gram job with --resume / the same out=")
         arr = source[key]
+        if source.attrs.get("cntk_engine") is not None:
+            root = source
     elif isinstance(source, zarr.Array):
         arr = source
         if key is not None:
             raise ValueError("key= applies to a Zarr group or store path, not to a zarr.Array")
+        root, key = _store_of_array(arr)
+        if root is not None:
+            left, total = unfinished_tiles(root)
+            if left:
+                raise ValueError(f"the Zarr array {key!r} belongs to an unfinished Gram store: "
+                                 f"{left} of {total} tiles are not computed yet; rerun the gram "
+                                 "job with --resume / the same out=")
     else:
         raise ValueError(f"source must be a zarr.Array, a zarr.Group or a store path; got {type(source).__name__}")
     shape = tuple(arr.shape)
@@ -522,5 +1439,32 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
                                "larger machine, or use fewer training samples")
     log.info("loading " + msg)
-    K = np.asarray(arr[...], dtype=np.float64)
+    spec = dict(root.attrs["cntk_engine"]) if root is not None else None
+    if spec is not None and spec.get("format_version") == FORMAT_VERSION and key in _spec_arrays(spec):
+        K = np.empty(shape, dtype=np.float64)
+        store_path = _group_path(root)
+        scan = _scan(store_path, root, spec, read_done(store_path, root[DONE], warn=False),
+                     names=[key], into=K)
+        if scan.damage:
+            first = scan.damage[0]
+            more = len({d.tile for d in scan.damage}) - 1
+            raise StoreCorrupt(
+                f"the Gram store at {str(store_path)!r} fails verification: {first}"
+                + (f" (and {more} more tiles)" if more > 0 else "")
+                + f"; `cntk-engine verify {store_path}` lists every damaged tile, and resuming the "
+                "gram job (--resume / the same out=) computes them again")
+    else:
+        if spec is not None:
+            log.warning("the Gram store at %s has no per-tile checksums (format %s): its values "
+                        "cannot be verified; `cntk-engine verify %s --add-checksums` records "
+                        "checksums of its data as it is now", where, spec.get("format_version"),
+                        _group_path(root))
+        K = np.asarray(arr[...], dtype=np.float64)
     return cupy_module().asarray(K) if device == "cuda" else K
+
+
+def _group_path(group) -> Path:
+    """The directory of a (local) store's group."""
+    root = getattr(group.store, "root", None)
+    base = Path(str(root)) if root is not None else Path(str(group.store).replace("file://", ""))
+    return base / group.path if group.path else base

@@ -176,6 +176,13 @@ def check_ridge(ridge, name: str = "ridge") -> float:
     return r
 
 
+def spectrum_problem(s_min: float, lam: float, tol: float) -> str:
+    """Why ``K + lam I`` with smallest eigenvalue ``s_min`` of K cannot be solved: "indefinite"
+    (an eigenvalue of K + lam I below -tol: K is not positive semi-definite beyond rounding) or
+    "singular" (within tol of 0)."""
+    return "indefinite" if s_min + lam < -tol else "singular"
+
+
 def ridge_scale(K) -> float:
     """mean(diag K): the unit of relative ridges (CNTK values scale with depth and pixel size).
     1.0 when the diagonal is not positive."""
@@ -261,13 +268,17 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
             f"K + {ridge:g} I ({n} x {n}) is not positive definite and jitter=False; use a "
             "ridge > 0 or allow jitter")
     scale = ridge_scale(A)
+    mean_diag = scalar(xp.mean(diag))
+    unit = "mean diagonal" if scale == mean_diag else (
+        f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
+        + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
     rel = 1e-10
     while rel <= max_jitter * (1 + 1e-9):
         j = rel * scale
         L = attempt(ridge + j)
         if L is not None:
             log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
-                        "%.3g (= %g x mean diagonal) to factorise it", ridge, n, n, j, rel)
+                        "%.3g (= %g x %s) to factorise it", ridge, n, n, j, rel, unit)
             return L, j
         rel *= 10
     smin = ""
@@ -276,7 +287,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
         smin = f"; its smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g})"
     raise NotPositiveDefinite(
         f"K + {ridge:g} I ({n} x {n}) is not positive definite even with jitter up to "
-        f"{max_jitter:g} x mean diagonal = {max_jitter * scale:.3g}{smin}; check that K is a "
+        f"{max_jitter:g} x {unit} = {max_jitter * scale:.3g}{smin}; check that K is a "
         "Gram matrix (symmetric PSD) or use a larger ridge")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets, eigh,
-                     ridge_scale, scalar, xp_for)
+                     ridge_scale, scalar, spectrum_problem, xp_for)
 from .ridge import fit_ridge
 from .targets import accuracy, class_indices, one_hot, paper_targets, predict_classes
 
@@ -22,12 +22,15 @@ RELATIVE_RIDGE_GRID = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 @dataclass
 class CVResult:
     """Scores of a ridge grid: ``mse[i]``, ``accuracy[i]`` (or None) for ``ridges[i]``; NaN where
-    ``K + ridge I`` is singular."""
+    ``K + ridge I`` is singular or indefinite (``s_min``: K's smallest eigenvalue, LOO only)."""
     ridges: np.ndarray
     mse: np.ndarray
     accuracy: np.ndarray | None
     method: str
     predictions: list | None = None   # LOO predictions per ridge when asked (return_predictions)
+    s_min: float | None = None        # smallest eigenvalue of K (LOO)
+    s_max: float | None = None        # largest eigenvalue of K (LOO)
+    tol: float | None = None          # eigenvalues within tol of 0 count as 0 (LOO)
 
 
 def _labels_vector(labels, n: int, k: int, one_d: bool = False):
@@ -61,7 +64,8 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
     ``y_i - f_{-i}(x_i) = alpha_i / (A^-1)_ii`` (the model refitted without sample i).
     ``mse``: mean over samples of the squared LOO residual summed over outputs.  ``accuracy``
     (with ``labels``, the column index of each sample's class): argmax of the LOO predictions.
-    A ridge with ``s_min + lambda <= n eps s_max`` (singular A) scores NaN.
+    A ridge with ``s_min + lambda <= n eps s_max`` (A singular, or indefinite when below
+    ``-n eps s_max``) scores NaN.
     ``labels`` must be integers 0 <= label < k = Y.shape[1] (``np.searchsorted(classes, y)``
     with the ``classes`` of :func:`paper_targets`); raw class labels are refused."""
     if isinstance(K, KernelEigh):
@@ -87,8 +91,8 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
     for i, lam in enumerate(r):
         d = s + lam
         if scalar(xp.min(d)) <= tol:
-            log.info("LOO: K + %g I is singular (smallest eigenvalue %.3g): skipped", lam,
-                     scalar(xp.min(d)))
+            log.info("LOO: K + %g I is %s (smallest eigenvalue %.3g): skipped", lam,
+                     spectrum_problem(scalar(s[0]), lam, tol), scalar(xp.min(d)))
             if preds is not None:
                 preds.append(None)
             continue
@@ -101,7 +105,8 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
             acc[i] = accuracy(pred, lab)
         if preds is not None:
             preds.append(pred)
-    return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds)
+    return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds,
+                    s_min=scalar(s[0]), s_max=scalar(s[-1]), tol=tol)
 
 
 def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, seed=0, device=None) -> CVResult:
@@ -214,8 +219,20 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         res = _kfold(xp, K, Y, lab, r, n_folds, seed)
     mse = np.where(np.isnan(res.mse), np.inf, res.mse)
     if not np.isfinite(mse).any():
+        if res.s_min is not None and res.s_min + max(res.ridges) < -res.tol:
+            raise NotPositiveDefinite(
+                f"K is indefinite: its smallest eigenvalue is {res.s_min:.3g} (largest "
+                f"{res.s_max:.3g}), far below what rounding gives a positive semi-definite Gram, "
+                f"so K + ridge I is indefinite for every ridge of the grid "
+                f"[{', '.join(f'{v:.3g}' for v in res.ridges)}]; check that K is the "
+                f"train-vs-train Gram matrix (a "
+                f"kernel), or use ridges above {-res.s_min:.3g}")
+        what = "singular" if res.s_min is not None else "singular or indefinite"
         raise NotPositiveDefinite(f"every ridge of the grid {res.ridges.tolist()} leaves K + "
-                                  "ridge I singular; use larger ridges")
+                                  f"ridge I {what}"
+                                  + (f" (K's smallest eigenvalue is {res.s_min:.3g})"
+                                     if res.s_min is not None else "")
+                                  + "; use larger ridges")
     r = res.ridges
     if score == "accuracy":
         acc = np.where(np.isnan(res.accuracy), -np.inf, res.accuracy)

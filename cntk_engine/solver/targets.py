@@ -13,10 +13,13 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
     unique labels of ``y``).  Returns ``(Y, classes)``; the column index of each sample's class
     (the ``labels`` of :func:`loo` / :func:`select_ridge`) is ``np.searchsorted(classes, y)``
     for sorted ``classes`` (the default).  ValueError for empty or repeated ``classes`` or a
-    label that is not among them."""
+    label that is not among them, or a label (or class) that is NaN or infinite."""
     y = to_host(y)
     if y.ndim != 1:
         raise ValueError(f"labels must be 1-D; got shape {y.shape}")
+    _check_finite_labels(y, "labels")
+    if classes is not None:
+        _check_finite_labels(np.asarray(classes), "classes")
     classes = np.unique(y) if classes is None else np.asarray(classes)
     if classes.ndim != 1 or classes.size == 0:
         raise ValueError(f"classes must be a non-empty 1-D list of the labels (one per column); "
@@ -39,6 +42,17 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
     Y = np.full((len(y), len(classes)), float(off))
     Y[np.arange(len(y)), idx] = on
     return Y, classes
+
+
+def _check_finite_labels(y, what: str) -> None:
+    if y.dtype.kind in "fc":
+        bad = ~np.isfinite(y)
+        if bool(np.any(bad)):
+            idx = np.nonzero(bad)[0]
+            raise ValueError(f"{what} must be finite; got {y[idx[0]]} at index "
+                             f"{idx[:10].tolist()}" + (f" and {len(idx) - 10} more" if len(idx) > 10
+                                                      else "")
+                             + " (labels are class names: integers, strings, or finite numbers)")
 
 
 def paper_targets(y, classes=None):

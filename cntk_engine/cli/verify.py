@@ -1,0 +1,86 @@
+"""``cntk-engine verify STORE``: check a Gram store without computing anything.
+
+Every chunk of every finished tile is read back and must decode (zarr's crc32c) and match the
+checksum recorded for it when it was written (bound to its array and position): a truncated,
+overwritten, missing or misplaced chunk is reported with its tile, array and chunk.  The report
+also gives the tiles done, the runs recorded and the claims present (tiles being computed now,
+and stale claims of writers that died).
+
+Exit status: 0 when every finished tile verified (the store may be unfinished: it says so),
+1 when some fail or the store cannot be verified (format 1, no checksums), 2 for errors (not a
+store, unreadable).  ``--add-checksums`` converts a format-1 store in place, recording
+checksums of its data as it is now (only for data you accept), then verifies it.
+"""
+from __future__ import annotations
+
+from .common import CliError, write_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check a Gram store's finished tiles against their checksums",
+                       description="Read every finished tile of a Gram store back and check it "
+                       "against its checksum; report damaged tiles, runs and claims.")
+    p.add_argument("store", metavar="STORE", help="the Zarr store (gram --out)")
+    p.add_argument("--add-checksums", action="store_true",
+                   help="format-1 store (no checksums): record checksums of its data AS IT IS "
+                   "NOW, converting it to format 2 in place, then verify it")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reading threads (default: up to 8, one per core)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..jobs.store import add_checksums, verify_store
+    from .common import check_json_path
+    if args.workers is not None and args.workers < 1:
+        raise CliError(f"--workers must be a positive integer; got {args.workers}")
+    if args.json:
+        check_json_path(args.json)
+    if args.add_checksums:
+        done = add_checksums(args.store, workers=args.workers)
+        print(f"{args.store}: checksums recorded for {done['tiles']} finished tiles (the data as "
+              f"it was); {len(done['reset'])} tiles could not be read or were inconsistent and are "
+              f"marked not done{': ' + ', '.join(map(str, done['reset'][:8])) if done['reset'] else ''}; "
+              f"{done['runs']} run records moved to runs/")
+    r = verify_store(args.store, workers=args.workers)
+    print(f"{r.path}: Gram store format {r.format_version}; {r.tiles_finished} of {r.tiles_total} "
+          f"tiles done" + ("" if r.tiles_finished == r.tiles_total else " (unfinished)"))
+    if not r.checksums:
+        print(f"no per-tile checksums (format {r.format_version}): nothing can be verified. If its "
+              f"data is what you want, `cntk-engine verify {r.path} --add-checksums` records "
+              "checksums of the data as it is now")
+        status = 1
+    else:
+        rate = f", {r.mb_per_second:.0f} MB/s" if r.mb_per_second else ""
+        print(f"verified {r.tiles_finished} finished tiles: {r.bytes_read / 1e6:.1f} MB read in "
+              f"{r.seconds:.2f} s{rate}")
+        for d in r.damage:
+            print(f"DAMAGED {d}")
+        if r.damage:
+            print(f"{len(r.damaged_tiles)} of {r.tiles_finished} finished tiles fail verification; "
+                  "resuming the gram job (--resume) computes exactly these again")
+        else:
+            print("every finished tile is intact")
+        status = 1 if r.damage else 0
+    last = r.runs[-1] if r.runs else None
+    print(f"runs: {len(r.runs)}" + (f" (last: run {last.get('run')} on {last.get('host')} pid "
+                                    f"{last.get('pid')}, started {last.get('started')}, "
+                                    f"{last.get('outcome', 'not finished')})" if last else ""))
+    live = [c for c in r.claims if c.stale is None]
+    stale = [c for c in r.claims if c.stale is not None]
+    if r.claims:
+        print(f"claims: {len(live)} tiles being computed now"
+              + (f" ({', '.join(sorted({c.who() for c in live})[:4])})" if live else "")
+              + (f"; {len(stale)} stale ({stale[0].stale}): the next writer takes them over "
+                 "(or removes them, for tiles already done)" if stale else ""))
+    if args.json:
+        write_json(args.json, {
+            "store": r.path, "format_version": r.format_version, "tiles_total": r.tiles_total,
+            "tiles_finished": r.tiles_finished, "checksums": r.checksums, "ok": r.ok,
+            "damage": [dict(tile=list(d.tile), array=d.array, chunk=d.chunk, why=d.why)
+                       for d in r.damage],
+            "bytes_read": r.bytes_read, "seconds": r.seconds, "runs": r.runs,
+            "claims": [dict(tile=list(c.tile), owner=c.owner, age=c.age, stale=c.stale)
+                       for c in r.claims]})
+    return status

@@ -1,0 +1,255 @@
+"""Integrity of finished stores (issue #13): a chunk cut short, overwritten with random bytes
+of the same length, a valid chunk copied over another (also its mirror, also across arrays and
+in a rectangular store), a damaged checksum record.  ``--resume`` recomputes exactly the damaged
+tiles and the matrix is bit-identical to an uninterrupted run; ``verify`` reports them;
+``load_gram`` refuses them naming the tile.  Format-1 stores: a clear message and the upgrade."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+import cntk_engine as ce  # noqa: E402
+from cntk_engine import cli, solver  # noqa: E402
+from cntk_engine.jobs import store as store_mod  # noqa: E402
+from cntk_engine.jobs.store import StoreCorrupt, StoreError  # noqa: E402
+
+from conftest import load_real  # noqa: E402
+
+if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
+    pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
+
+TILE = 10
+KW = dict(depth=3, kernel="both", backend="numba", tile=TILE)
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """60 real CIFAR-10 images, 8 x 8 crops, NCHW in [0, 1]: a 6 x 6 grid of 10 x 10 tiles."""
+    d = load_real("cifar10_jpeg_small.npz")
+    return np.ascontiguousarray(d["x_train"][:60, :8, :8].transpose(0, 3, 1, 2)) / 255.0
+
+
+@pytest.fixture(scope="module")
+def finished(cifar, tmp_path_factory):
+    """A finished symmetric store and a finished rectangular one, and the in-memory Grams of
+    the same jobs (bit-identical to an uninterrupted store run)."""
+    base = tmp_path_factory.mktemp("finished")
+    ce.gram(cifar, out=base / "sym.zarr", **KW)
+    ce.gram(cifar[:40], cifar[40:], out=base / "rect.zarr", **KW)
+    ref = {"sym": dict(zip(("ntk", "nngp"), ce.gram(cifar, **KW))),
+           "rect": dict(zip(("ntk", "nngp"), ce.gram(cifar[:40], cifar[40:], **KW)))}
+    return base, ref
+
+
+def copy_of(finished, tmp_path, which="sym") -> Path:
+    base, _ = finished
+    out = tmp_path / f"{which}.zarr"
+    shutil.copytree(base / f"{which}.zarr", out)
+    return out
+
+
+def done_map(path) -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")["tiles_done"][...]
+
+
+def damage(out: Path, how: str) -> tuple[tuple[int, int], str]:
+    """Damage one chunk of the store at ``out`` as the issue's probes did; returns the tile
+    that must fail and the chunk named."""
+    c = out / "ntk" / "c"
+    if how == "truncate":                      # truncate -s <half> ntk/c/2/3
+        f = c / "2" / "3"
+        os.truncate(f, f.stat().st_size // 2)
+        return (2, 3), "ntk/c/2/3"
+    if how == "garbage":                       # random bytes of the same length
+        f = c / "2" / "3"
+        f.write_bytes(os.urandom(f.stat().st_size))
+        return (2, 3), "ntk/c/2/3"
+    if how == "swap":                          # cp ntk/c/2/4 ntk/c/2/3: a valid chunk, wrong place
+        shutil.copy(c / "2" / "4", c / "2" / "3")
+        return (2, 3), "ntk/c/2/3"
+    if how == "swap mirror":                   # the transposed copy of tile (2, 3)
+        shutil.copy(c / "4" / "2", c / "3" / "2")
+        return (2, 3), "ntk/c/3/2"
+    if how == "other array":                   # nngp's chunk (2, 3) in ntk's place
+        shutil.copy(out / "nngp" / "c" / "2" / "3", c / "2" / "3")
+        return (2, 3), "ntk/c/2/3"
+    if how == "checksum record":               # the tile's checksum chunk emptied
+        (out / "tiles_checksum" / "c" / "2" / "3" / "0" / "0").write_bytes(b"")
+        return (2, 3), "ntk/c/2/3"
+    raise ValueError(how)
+
+
+PROBES = ["truncate", "garbage", "swap", "swap mirror", "other array", "checksum record"]
+
+
+@pytest.mark.parametrize("how", PROBES)
+def test_damaged_chunk_is_verified_refused_and_recomputed_bit_identically(finished, tmp_path,
+                                                                          cifar, how, caplog):
+    out = copy_of(finished, tmp_path)
+    tile, chunk = damage(out, how)
+    # verify (Python): exactly that tile
+    r = store_mod.verify_store(out)
+    assert not r.ok and r.damaged_tiles == [tile] and r.tiles_finished == 21
+    assert any(d.chunk == chunk for d in r.damage), [str(d) for d in r.damage]
+    # load_gram refuses the store, naming it and the tile
+    with pytest.raises(StoreCorrupt, match=rf"{out}.*tile \(2, 3\)"):
+        store_mod.load_gram(out, "ntk")
+    with pytest.raises(StoreCorrupt, match=r"tile \(2, 3\)"):
+        solver.fit_ridge(zarr.open_group(str(out))["ntk"], np.ones(60))   # a zarr.Array too
+    # resume: exactly the damaged tile is computed again, with a warning naming it
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        g, info = ce.gram(cifar, out=out, return_info=True, **KW)
+    assert info["tiles_computed"] == 1 and info["tiles_failed_verification"] == 1
+    d = done_map(out)
+    assert d[tile] == 2 and np.count_nonzero(d == 1) == 20
+    msg = " ".join(rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING")
+    assert str(out) in msg and "tile (2, 3)" in msg and "'ntk'" in msg and chunk in msg
+    _, ref = finished
+    for k in ("ntk", "nngp"):
+        assert g[k][...].tobytes() == ref["sym"][k].tobytes()
+    assert store_mod.verify_store(out).ok
+    runs = store_mod.list_runs(g)
+    assert runs[-1]["tiles_failed_verification"] == 1 and runs[-1]["tiles_computed"] == 1
+
+
+def test_swapped_chunk_of_a_rectangular_store(finished, tmp_path, cifar):
+    """A rectangular (--x2) store has no symmetry to betray a swap: the checksums do."""
+    out = copy_of(finished, tmp_path, "rect")
+    c = out / "nngp" / "c"
+    shutil.copy(c / "1" / "0", c / "3" / "1")
+    r = store_mod.verify_store(out)
+    assert r.damaged_tiles == [(3, 1)] and r.damage[0].chunk == "nngp/c/3/1"
+    g, info = ce.gram(cifar[:40], cifar[40:], out=out, return_info=True, **KW)
+    assert info["tiles_computed"] == 1
+    _, ref = finished
+    assert g["nngp"][...].tobytes() == ref["rect"]["nngp"].tobytes()
+
+
+def test_several_damaged_tiles_in_several_arrays(finished, tmp_path, cifar):
+    out = copy_of(finished, tmp_path)
+    (out / "ntk" / "c" / "0" / "0").write_bytes(b"")                      # emptied
+    (out / "nngp" / "c" / "5" / "1").unlink()                             # gone: mirror of (1, 5)
+    shutil.copy(out / "ntk" / "c" / "4" / "4", out / "ntk" / "c" / "5" / "5")
+    r = store_mod.verify_store(out)
+    assert r.damaged_tiles == [(0, 0), (1, 5), (5, 5)]
+    why = {d.chunk: d.why for d in r.damage}
+    assert "cannot be decoded: its crc32c does not match" in why["ntk/c/0/0"]
+    assert "missing" in why["nngp/c/5/1"]
+    assert "does not match" in why["ntk/c/5/5"]
+    _, info = ce.gram(cifar, out=out, return_info=True, **KW)
+    assert info["tiles_computed"] == 3 and store_mod.verify_store(out).ok
+
+
+def test_a_done_marker_without_checksum_is_not_trusted(finished, tmp_path, cifar):
+    out = copy_of(finished, tmp_path)
+    zarr.open_group(str(out), mode="r+")["tiles_checksum"][1, 2] = 0
+    r = store_mod.verify_store(out)
+    assert r.damaged_tiles == [(1, 2)] and "no checksum recorded" in r.damage[0].why
+    _, info = ce.gram(cifar, out=out, return_info=True, **KW)
+    assert info["tiles_computed"] == 1
+
+
+def test_checksum_is_bound_to_array_and_position():
+    v = np.arange(12.0).reshape(3, 4)
+    c = store_mod.chunk_checksum("ntk", (2, 3), v)
+    assert c == store_mod.chunk_checksum("ntk", (2, 3), v.copy()) and c != 0
+    assert c != store_mod.chunk_checksum("ntk", (2, 4), v)
+    assert c != store_mod.chunk_checksum("nngp", (2, 3), v)
+    assert c != store_mod.chunk_checksum("ntk", (2, 3), v.reshape(4, 3))
+    w = v.copy()
+    w[1, 1] = np.nextafter(w[1, 1], 10)                                   # one ulp
+    assert c != store_mod.chunk_checksum("ntk", (2, 3), w)
+
+
+# ------------------------------------------------------------------------------ CLI
+def run(capsys, *argv):
+    rc = cli.main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_probe_resume_and_verify(finished, tmp_path, cifar, capsys):
+    """The issue's probe: a finished store, a chunk cut short; verify reports it (exit 1),
+    gram --resume computes 1 of 21 tiles and says so, verify is then clean (exit 0)."""
+    np.save(tmp_path / "x.npy", cifar)
+    out = copy_of(finished, tmp_path)
+    damage(out, "truncate")
+    rc, o, e = run(capsys, "verify", out, "--json", tmp_path / "v.json")
+    assert rc == 1, (o, e)
+    assert "21 of 21 tiles done" in o and "DAMAGED tile (2, 3) of array 'ntk': chunk ntk/c/2/3" in o
+    assert "1 of 21 finished tiles fail verification" in o
+    rec = json.loads((tmp_path / "v.json").read_text())
+    assert rec["ok"] is False and rec["damage"][0]["tile"] == [2, 3]
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
+                   "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume", "--no-progress")
+    assert rc == 0, e
+    assert "computed 1 of 21 tiles" in o and "21 finished tiles verified" in o and "1 failed" in o
+    rc, o, e = run(capsys, "verify", out)
+    assert rc == 0 and "every finished tile is intact" in o and "runs: 2" in o
+
+
+def test_cli_verify_errors_are_one_line(tmp_path, capsys):
+    rc, o, e = run(capsys, "verify", tmp_path / "none.zarr")
+    assert rc == 2 and "does not exist" in e and e.count("\n") == 1
+    (tmp_path / "f.zarr").write_text("x")
+    rc, o, e = run(capsys, "verify", tmp_path / "f.zarr")
+    assert rc == 2 and "not a Zarr" in e and e.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------ format 1
+def make_v1_store(path: Path, x, **kw):
+    """A store laid out as format 1 wrote it: data arrays with zarr's default codecs (no
+    crc32c), tiles_done, the job record with format_version 1, runs in attrs."""
+    from cntk_engine.arch import make_architecture
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    from cntk_engine.jobs import GramJob
+    from cntk_engine.jobs.tiles import TileLayout
+    arch = make_architecture(depth=kw["depth"])
+    job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(*x.shape[1:]), kernel=kw["kernel"],
+                  dtype=np.dtype(np.float32), backend=NumbaBackend)
+    t = kw["tile"]
+    layout = TileLayout(len(x), len(x), t, True)
+    spec = dict(store_mod.job_spec(job), format_version=1, tile=t, grid=list(layout.grid))
+    g = zarr.open_group(str(path), mode="w-")
+    for name, v in zip(("ntk", "nngp"), ce.gram(x, **kw)):
+        a = g.create_array(name, shape=v.shape, chunks=(t, t), dtype="float64", fill_value=np.nan)
+        a[...] = v
+    done = g.create_array("tiles_done", shape=layout.grid, chunks=(1, 1), dtype="int32", fill_value=0)
+    done[...] = np.triu(np.ones(layout.grid, dtype=np.int32))
+    g.attrs.update({"cntk_engine": spec, "runs": [{"run": 1, "host": "old", "tiles_to_compute": 21}]})
+    return g
+
+
+def test_format_1_store_clear_message_and_upgrade(tmp_path, cifar, capsys, caplog):
+    out = tmp_path / "v1.zarr"
+    make_v1_store(out, cifar, **KW)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=r"format 1.*no per-tile checksums.*--add-checksums"):
+        ce.gram(cifar, out=out, **KW)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # untouched
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        K = store_mod.load_gram(out, "ntk")                            # readable, with a warning
+    assert "cannot be verified" in caplog.text and "--add-checksums" in caplog.text
+    rc, o, e = run(capsys, "verify", out)
+    assert rc == 1 and "no per-tile checksums" in o and "--add-checksums" in o
+    # a chunk damaged before the upgrade: its tile is reset, not checksummed as it is
+    (out / "nngp" / "c" / "1" / "2").write_bytes(b"garbage")
+    rc, o, e = run(capsys, "verify", out, "--add-checksums")
+    assert rc == 0, (o, e)
+    assert "checksums recorded for 20 finished tiles" in o and "(1, 2)" in o
+    spec = zarr.open_group(str(out)).attrs["cntk_engine"]
+    assert spec["format_version"] == 2 and spec["upgraded_from"]["format_version"] == 1
+    runs = store_mod.list_runs(zarr.open_group(str(out)))
+    assert [r["host"] for r in runs] == ["old"] and "runs" not in zarr.open_group(str(out)).attrs
+    g, info = ce.gram(cifar, out=out, return_info=True, **KW)
+    assert info["tiles_computed"] == 1 and done_map(out)[1, 2] == 2
+    assert g["ntk"][...].tobytes() == K.tobytes()
+    assert g["nngp"][...].tobytes() == ce.gram(cifar, **KW)[1].tobytes()
+    assert store_mod.verify_store(out).ok
+    rc, o, e = run(capsys, "verify", out, "--add-checksums")
+    assert rc == 2 and "already has per-tile checksums" in e

@@ -1,0 +1,312 @@
+"""Many writers on one store (issue #13): processes started together split the tiles (each
+computed once, every run recorded, bit-identical result); without --join the second is
+refused; a writer killed with a claim held is taken over; claims of other hosts are waited
+for while their heartbeat runs and taken over after the timeout; kill -9 twice, then resume."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+import cntk_engine as ce  # noqa: E402
+from cntk_engine.jobs import store as store_mod  # noqa: E402
+from cntk_engine.jobs.store import StorePath  # noqa: E402
+
+if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
+    pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, NUMBA_NUM_THREADS="1",
+           PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+# A writer process: warms up (imports, numba cache), optionally slows every tile down by SLEEP
+# seconds and poses as host HOST (two "nodes" sharing a file system), says it is ready, waits
+# for the "go" file, then runs the command line or a Python job.
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import numpy as np
+    import cntk_engine as ce
+    from cntk_engine import cli
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    from cntk_engine.jobs import store
+    base, name, sleep, host = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    argv = sys.argv[5:]
+    ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba")
+    if host != "-":
+        store.HOST = host
+    orig = NumbaBackend.pair_sums
+    def slow(self, *a, **kw):
+        time.sleep(sleep)
+        return orig(self, *a, **kw)
+    NumbaBackend.pair_sums = slow
+    (base / f"ready.{name}").touch()
+    while not (base / "go").exists():
+        time.sleep(0.002)
+    sys.exit(cli.main(argv))
+""")
+
+
+def start_writers(base: Path, argvs, sleep=0.0, hosts=None):
+    """Start one writer per argv list, release them together; returns the processes."""
+    procs = []
+    for k, argv in enumerate(argvs):
+        host = hosts[k] if hosts else "-"
+        procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(base), str(k), str(sleep),
+                                       host, *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((base / f"ready.{k}").exists() for k in range(len(procs))):
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.01)
+    (base / "go").touch()
+    results = []
+    for p in procs:
+        o, e = p.communicate(timeout=300)
+        results.append((p.returncode, o, e))
+    return results
+
+
+def claim_files(out: Path) -> list[str]:
+    d = out / "claims"
+    return sorted(p.name for p in d.iterdir() if p.name[0].isdigit()) if d.is_dir() else []
+
+
+def gram_argv(base, *extra, tile=4, kernel="ntk"):
+    return ["gram", base / "x.npy", "--depth", "3", "--kernel", kernel, "--backend", "numba",
+            "--tile", str(tile), "--out", base / "g.zarr", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_writers_started_together_split_the_tiles(tmp_path, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((40, 1, 12, 12))
+    np.save(tmp_path / "x.npy", x)
+    res = start_writers(tmp_path, [gram_argv(tmp_path, "--join")] * n, sleep=0.03)
+    for rc, o, e in res:
+        assert rc == 0 and "Traceback" not in e, e[-2000:]
+    out = tmp_path / "g.zarr"
+    g = zarr.open_group(str(out), mode="r")
+    runs = store_mod.list_runs(g)
+    done = g["tiles_done"][...]
+    total = 55                                                       # 10 x 10 grid, upper triangle
+    assert len(runs) == n and all(r["outcome"] == "finished" for r in runs)   # every run recorded
+    computed = [r["tiles_computed"] for r in runs]
+    assert sum(computed) == total                                    # each tile computed once
+    assert all(c >= 1 for c in computed), computed                   # the work was split
+    for r in runs:                                                   # ... as the markers say
+        assert np.count_nonzero(done == r["run"]) == r["tiles_computed"]
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+    assert claim_files(out) == [] and store_mod.verify_store(out).ok
+    said = [e for _, _, e in res]
+    assert sum("created store" in e for e in said) == 1
+    assert not any("resuming" in e for e in said)
+
+
+def test_second_writer_without_join_is_refused(tmp_path):
+    x = np.random.default_rng(5).standard_normal((24, 1, 8, 8))
+    np.save(tmp_path / "x.npy", x)
+    res = start_writers(tmp_path, [["-q", *gram_argv(tmp_path)]] * 2)   # no --resume, no --join
+    assert sorted(rc for rc, _, _ in res) == [0, 2], res
+    rc, o, e = next(r for r in res if r[0] == 2)
+    assert e.count("\n") == 1 and e.startswith("cntk-engine: error:")
+    # refused before, while or after the first one creates the store: each says what to pass
+    assert "--join" in e and ("created by another process" in e or "exists" in e), e
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
+    assert len(store_mod.list_runs(g)) == 1
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+
+
+def test_writer_killed_with_a_claim_held_is_taken_over(tmp_path, caplog):
+    x = np.random.default_rng(11).standard_normal((24, 1, 8, 8))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "g.zarr"
+    for attempt in range(3):                     # a claim must be held at the instant of the kill
+        (tmp_path / "go").unlink(missing_ok=True)
+        (tmp_path / "ready.0").unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "0", "0.4", "-",
+                                 *map(str, gram_argv(tmp_path, "--resume"))], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "ready.0").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                done = (out / "tiles_done" / "c").is_dir() and sum(
+                    len(f) for _, _, f in os.walk(out / "tiles_done" / "c")) >= 2
+                if done and claim_files(out):
+                    break
+                time.sleep(0.01)
+            assert proc.poll() is None, proc.stderr.read().decode()[-1000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(30)
+        before = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+        # a claim of a tile being computed (one whose marker was written just before the kill
+        # is a claim of a finished tile: removed, not taken over; see below)
+        held = [c for c in claim_files(out) if before[tuple(map(int, c.split(".")))] == 0]
+        if held:
+            break
+    assert held, "no claim of an unfinished tile was held when the writer was killed"
+    i, j = map(int, held[0].split("."))
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        g, info = ce.gram(x, depth=3, backend="numba", tile=4, out=out, return_info=True)
+    assert f"took over tile ({i}, {j})" in caplog.text and f"{proc.pid} is gone" in caplog.text
+    assert info["tiles_computed"] == 21 - np.count_nonzero(before)
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+    assert claim_files(out) == []
+    runs = store_mod.list_runs(g)
+    assert "outcome" not in runs[-2] and runs[-1]["outcome"] == "finished"   # the killed run
+
+
+def test_stale_claim_of_a_finished_tile_is_removed(tmp_path, caplog):
+    """A writer killed after a tile's marker and before releasing its claim: nobody needs to
+    take the claim over, so the next opener removes it."""
+    x, out = unfinished_store(tmp_path, [(1, 2)])
+    f = plant_claim(out, (0, 1), age=100)                        # tile (0, 1) is finished
+    live = plant_claim(out, (0, 0))                              # another host's fresh claim
+    with caplog.at_level("INFO", logger="cntk_engine"):
+        _, info = ce.gram(x, depth=3, backend="numba", out=StorePath(out, claim_timeout=5),
+                          return_info=True)
+    assert info["tiles_computed"] == 1 and not f.exists() and live.exists()
+    assert "removed 1 stale claims of finished tiles" in caplog.text
+
+
+def plant_claim(out: Path, tile, host="node-b", pid=4242, age=0.0) -> Path:
+    f = out / "claims" / f"{tile[0]}.{tile[1]}"
+    f.write_text('{"host": "%s", "pid": %d, "run": 9, "claim": "c0ffee", "pidns": "x"}' % (host, pid))
+    if age:
+        t = time.time() - age
+        os.utime(f, (t, t))
+    return f
+
+
+def unfinished_store(tmp_path, tiles):
+    x = np.random.default_rng(3).standard_normal((12, 1, 6, 6))
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=4, out=out)
+    g = zarr.open_group(str(out), mode="r+")
+    for t in tiles:
+        g["tiles_done"][t] = 0
+    return x, out
+
+
+def test_stale_claim_of_another_host_is_taken_over_after_the_timeout(tmp_path, caplog):
+    x, out = unfinished_store(tmp_path, [(0, 1), (1, 2)])
+    plant_claim(out, (0, 1), age=100)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        _, info = ce.gram(x, depth=3, backend="numba", out=StorePath(out, claim_timeout=5),
+                          return_info=True)
+    assert info["tiles_computed"] == 2
+    assert "took over tile (0, 1) from node-b:4242 (run 9): it was not renewed for 100 s" in caplog.text
+
+
+def test_live_claim_of_another_host_is_waited_for_until_its_heartbeat_stops(tmp_path, caplog):
+    x, out = unfinished_store(tmp_path, [(0, 1), (1, 2)])
+    f = plant_claim(out, (0, 1))
+    stop = time.time() + 2.0
+
+    def heartbeat():                                     # the other host's writer, then it dies
+        while time.time() < stop:
+            os.utime(f)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=heartbeat)
+    th.start()
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO", logger="cntk_engine"):
+        g, info = ce.gram(x, depth=3, backend="numba", out=StorePath(out, claim_timeout=1.0),
+                          return_info=True)
+    waited = time.perf_counter() - t0
+    th.join()
+    assert waited >= 2.5                                 # 2 s of heartbeats + the 1 s timeout
+    assert "waiting for 1 tiles being computed by other writers (node-b:4242 (run 9))" in caplog.text
+    assert "took over tile (0, 1) from node-b:4242" in caplog.text and "not renewed" in caplog.text
+    assert info["tiles_computed"] == 2
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+
+
+def test_heartbeat_keeps_slow_tiles_of_another_host_claimed(tmp_path):
+    """Two writers posing as two hosts, tiles that take longer than the claim timeout: the
+    heartbeat keeps each claim fresh, so no tile is taken over or computed twice."""
+    x = np.random.default_rng(8).standard_normal((12, 1, 6, 6))
+    np.save(tmp_path / "x.npy", x)
+    argv = gram_argv(tmp_path, "--join", "--claim-timeout", "1")
+    res = start_writers(tmp_path, [argv, argv], sleep=1.6, hosts=["node-a", "node-b"])
+    for rc, o, e in res:
+        assert rc == 0, e[-2000:]
+        assert "took over" not in e
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
+    runs = store_mod.list_runs(g)
+    assert sorted(r["host"] for r in runs) == ["node-a", "node-b"]
+    assert sum(r["tiles_computed"] for r in runs) == 6 and all(r["tiles_computed"] for r in runs)
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+
+
+def test_dask_run_waits_for_another_writers_tile(tmp_path, caplog):
+    distributed = pytest.importorskip("distributed")
+    x, out = unfinished_store(tmp_path, [(0, 0), (0, 2), (2, 2)])
+    plant_claim(out, (0, 2), age=100)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        with caplog.at_level("WARNING", logger="cntk_engine"):
+            g, info = ce.gram(x, depth=3, backend="numba", client=c,
+                              out=StorePath(out, claim_timeout=5), return_info=True)
+    assert info["tiles_computed"] == 3 and "took over tile (0, 2)" in caplog.text
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+
+
+# ------------------------------------------------------------------------------ kill -9 twice
+JOB = textwrap.dedent("""
+    import sys, numpy as np, cntk_engine as ce
+    x = np.load(sys.argv[1])
+    ce.gram(x, depths=[2, 3], kernel="both", backend="numba", tile=8, out=sys.argv[2])
+""")
+
+
+def kill_after(out: Path, x_path: Path, n_markers: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(x_path), str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= n_markers:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "ended before the kill: " + proc.stderr.read().decode()[-500:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+
+
+def test_kill_9_twice_then_resume_is_bit_identical(tmp_path):
+    x = np.random.default_rng(9).standard_normal((64, 1, 12, 12))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "k.zarr"
+    kill_after(out, tmp_path / "x.npy", 5)
+    first = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    kill_after(out, tmp_path / "x.npy", int(np.count_nonzero(first)) + 5)
+    second = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    assert 0 < np.count_nonzero(first) < np.count_nonzero(second) < 36
+    g, info = ce.gram(x, depths=[2, 3], kernel="both", backend="numba", tile=8, out=out,
+                      return_info=True)
+    final = g["tiles_done"][...]
+    assert ((final == 1) == (first == 1)).all() and ((final == 2) == (second == 2)).all()
+    assert info["tiles_computed"] == 36 - np.count_nonzero(second)
+    ref = ce.gram(x, depths=[2, 3], kernel="both", backend="numba", tile=8)
+    for d in (2, 3):
+        for k, v in zip(("ntk", "nngp"), ref[d]):
+            assert g[f"depth_{d}/{k}"][...].tobytes() == v.tobytes()
+    assert store_mod.verify_store(out).ok and claim_files(out) == []
