@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 
@@ -249,6 +248,13 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
     code, whichever process compiled it. Where the cache cannot be written (or the child
     fails), this process compiles for itself, as every process then does, and says so in the
     log.
+
+    The child must compile THIS file: numba keys its cache by the source file's path, so a
+    child that imported another copy of the package (a source checkout in the working
+    directory, which ``python -c`` puts first on sys.path) would fill another cache entry, and
+    this process would miss its own and compile for itself.  So the child starts in the folder
+    this package was imported from, puts that folder first on its sys.path itself (``-P`` needs
+    Python 3.11), and checks that it imported this very file before it compiles.
     """
     name = np.dtype(dtype).name
     if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
@@ -257,14 +263,18 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
         if name in _loaded or _in_cache(args):
             _loaded.add(name)
             return
-        root = str(Path(__file__).resolve().parents[2])      # import the same cntk_engine
+        this_file = os.path.abspath(__file__)          # as imported: numba's cache key
+        root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
         env = dict(os.environ, **{_CHILD: "1"})
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = ("import numpy as np, cntk_engine as ce; "
-                f"ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype='{name}')")
+        code = (f"import os, sys; sys.path.insert(0, {root!r})\n"
+                "from cntk_engine.backends import numba_cpu\n"
+                f"if os.path.abspath(numba_cpu.__file__) != {this_file!r}:\n"
+                f"    sys.exit('imported ' + numba_cpu.__file__ + ' instead of ' + {this_file!r})\n"
+                "import numpy as np, cntk_engine as ce\n"
+                f"ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype='{name}')\n")
         try:
-            child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                   text=True, timeout=1800)
+            child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                                   capture_output=True, text=True, timeout=1800)
             if child.returncode != 0:
                 log.warning("numba: the child compiling the %s kernel into the cache failed "
                             "(%s); compiling in this process", name, child.stderr.strip()[-500:])

@@ -1,0 +1,72 @@
+"""Correct wherever it is run: every process computes with the same kernel code whatever its
+working directory.
+
+A clone of the repository holds a ``cntk_engine/`` source tree; Python puts the working
+directory first on sys.path for ``python -c`` and ``python -m``, so a child process started
+that way from the clone imports the source tree, not the package its parent imported.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from cntk_engine.backends import numba_cpu
+from conftest import checkout_copy, run_script
+
+COMPILED_HERE = "compiled in this process"
+
+
+# ------------------------------------------------------------------ kill -9 here, resume there
+CLI = "import sys\nfrom cntk_engine.cli import main\nsys.exit(main())\n"
+
+
+def _gram_cli(x_path, out, cwd, env, *extra, wait=True):
+    return run_script(CLI, "gram", x_path, "--depth", "3", "--backend", "numba", "--tile", "8",
+                      "--out", out, "--no-progress", *extra, cwd=cwd, env=env, wait=wait)
+
+
+@pytest.mark.skipif(not numba_cpu._CACHING, reason="numba found no writable place for its cache here")
+def test_kill_9_in_the_checkout_resume_elsewhere_is_bit_identical(tmp_path):
+    """On an empty kernel cache: a store job started in a checkout (its cache-filling child
+    could import the checkout's source tree), killed with kill -9, resumed from another folder,
+    equals an uninterrupted run bit for bit, and no process compiled the kernel itself."""
+    zarr = pytest.importorskip("zarr")
+    checkout = checkout_copy(tmp_path / "clone")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))   # empty
+    env.pop(numba_cpu._CHILD, None)
+    x = np.random.default_rng(7).standard_normal((64, 1, 16, 16))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "killed.zarr"
+    proc = _gram_cli(tmp_path / "x.npy", out, checkout, env, wait=False)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 900                 # the kernel is compiled first (a child process)
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= 6:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read()[-800:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    logs = [proc.stderr.read()]
+    assert proc.returncode == -signal.SIGKILL
+    done = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    assert 0 < np.count_nonzero(done) < 36
+    for args in ((out, elsewhere, env, "--resume"), (tmp_path / "clean.zarr", elsewhere, env)):
+        r = _gram_cli(tmp_path / "x.npy", *args)
+        assert r.returncode == 0, r.stderr[-800:]
+        logs.append(r.stderr)
+    resumed = zarr.open_group(str(out), mode="r")["ntk"][...]
+    clean = zarr.open_group(str(tmp_path / "clean.zarr"), mode="r")["ntk"][...]
+    assert not np.isnan(clean).any()
+    differ = int(np.count_nonzero(resumed != clean))
+    assert differ == 0, f"{differ} of {clean.size} entries differ"
+    for log in logs:
+        assert COMPILED_HERE not in log, log[-800:]
