@@ -7,7 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cntk_engine
+# The suite tests the INSTALLED package (`pip install ".[test]" && pytest`).  It is imported
+# here, before any test module, so a test module that later puts a folder on sys.path (to
+# import bench tooling, say) cannot switch it to the checkout's source tree, which has no
+# compiled CUDA extension.  test_anywhere.py fails when it came from the checkout anyway.
+import cntk_engine  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CNTK_ENGINE_DATA", ROOT.parent / "shared" / "data"))

@@ -1,5 +1,5 @@
-"""Correct wherever it is run: every process computes with the same kernel code whatever its
-working directory.
+"""Correct wherever and however it is run: the suite tests the installed package, and every
+process computes with the same kernel code whatever its working directory.
 
 A clone of the repository holds a ``cntk_engine/`` source tree; Python puts the working
 directory first on sys.path for ``python -c`` and ``python -m``, so a child process started
@@ -7,17 +7,44 @@ that way from the clone imports the source tree, not the package its parent impo
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cntk_engine
 from cntk_engine.backends import numba_cpu
 from conftest import checkout_copy, run_script
 
 COMPILED_HERE = "compiled in this process"
+
+
+def installed_copy() -> Path | None:
+    """``cntk_engine/__init__.py`` of the installed distribution, or None (not installed, or an
+    editable install, which has no copy of its own)."""
+    try:
+        dist = importlib.metadata.distribution("cntk-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    f = Path(dist.locate_file("cntk_engine/__init__.py"))
+    return f.resolve() if f.is_file() else None
+
+
+def test_the_tests_import_the_installed_package():
+    imported = Path(cntk_engine.__file__).resolve()
+    installed = installed_copy()
+    if installed is None:
+        pytest.skip("cntk-engine is not installed (or installed editable): the tests import "
+                    f"{imported}")
+    assert imported == installed, (
+        f"the tests imported cntk_engine from {imported}, but it is installed at {installed}: "
+        "something put the source tree ahead of site-packages (python -m pytest and PYTHONPATH "
+        f"do; sys.path starts {sys.path[:3]}). Run `pytest` after `pip install \".[test]\"`")
 
 
 # ------------------------------------------------------------------ kill -9 here, resume there

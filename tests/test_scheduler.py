@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,6 @@ from cntk_engine.jobs import GramJob
 from cntk_engine.jobs.local import Worker, resolve_devices, run_tiles
 from cntk_engine.jobs.sinks import MemorySink
 from cntk_engine.jobs.tiles import Tile, TileLayout, auto_tile, bytes_per_pair, largest_first
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def imgs(rng, n, c=2, h=6, w=6):
@@ -237,12 +234,12 @@ def test_progress_bar_and_logging(rng, caplog, capsys):
         ce.gram(x, depth=3, backend="numba", progress="yes")
 
 
-def test_import_does_not_pull_dask_or_zarr():
+def test_import_does_not_pull_dask_or_zarr(tmp_path):
     code = ("import sys, numpy as np, cntk_engine as ce; "
             "ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend='reference'); "
             "bad = [m for m in ('dask', 'distributed', 'zarr') if m in sys.modules]; "
             "assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
