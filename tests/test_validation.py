@@ -139,10 +139,17 @@ def test_check_magnitude():
         check_magnitude(small, None, arch, params, np.float32)
 
 
-def test_gram_refuses_images_too_large_for_float32():
-    """Needs ``check_magnitude(a, b, arch, params, cdtype)`` called in ``api.gram``."""
+def test_huge_pixels_are_scaled_without_biases_and_refused_with_biases():
+    """Without biases each image is computed scaled by a power of two (``prepare_magnitudes``),
+    so 4e18 pixels, which overflowed float32 before, are exact; with biases nothing is scaled
+    and ``check_magnitude`` refuses them, naming b_std in the remedy."""
     x = np.full((2, 1, 4, 4), 4e18)
     x[1, 0, 0, 0] = -1e18
-    with pytest.raises(ValueError, match="too large for dtype='float32'"):
-        ce.gram(x, depth=2, dtype="float32", **REF)
-    assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **REF)).all()
+    k32 = ce.gram(x, depth=2, dtype="float32", backend="numba")
+    k64 = ce.gram(x, depth=2, dtype="float64", **REF)
+    assert np.isfinite(k32).all() and np.abs(k32 - k64).max() <= 1e-4 * np.abs(k64).max()
+    nt = dict(convention="neural_tangents", b_std=0.5)
+    with pytest.raises(ValueError, match=r"too large for dtype='float32'.*b_std=0\.5.*rescale the "
+                                         r"images.* and b_std by the same factor"):
+        ce.gram(x, depth=2, dtype="float32", **nt, **REF)
+    assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **nt, **REF)).all()

@@ -31,9 +31,12 @@ log = logging.getLogger("cntk_engine")
 class GramJob:
     """One Gram job, validated.
 
-    x1, x2: float64 (N, C, H, W) images, NumPy (or CuPy for the local GPU path); ``x2=None``:
-    the symmetric Gram of x1.  backend: the class that computes it (already chosen and checked
-    against this job).  devices: the GPU ids of a local GPU job (None on the CPU and with a
+    x1, x2: float64 (N, C, H, W) images as given, NumPy (or CuPy for the local GPU path): what
+    the job is (a store fingerprints them); ``x2=None``: the symmetric Gram of x1.  scale1,
+    scale2: float64 per-image powers of two, or None (``inputs.prepare_magnitudes``): the
+    backends then compute on ``inputs`` = (x1 / scale1, x2 / scale2) and the sinks multiply
+    entry (i, j) by scale1[i] scale2[j] (scale2 None for a symmetric job: scale1 on both sides).
+    backend: the class that computes it (already chosen and checked against this job).  devices: the GPU ids of a local GPU job (None on the CPU and with a
     client).  result_device: the GPU the result matrices go to (the images came as CuPy
     arrays), or None for NumPy results.  tile: rows per tile, None for automatic.
     """
@@ -52,6 +55,21 @@ class GramJob:
     client: Any = None
     resume: bool = True
     progress: bool = False
+    scale1: Any = None
+    scale2: Any = None
+    inputs: tuple | None = None     # (x1 / scale1, x2 / scale2 or None); None: (x1, x2) as given
+
+    @property
+    def compute_images(self) -> tuple:
+        """(a, b) the backends compute on (b None for a symmetric job)."""
+        return (self.x1, self.x2) if self.inputs is None else self.inputs
+
+    @property
+    def scales(self) -> tuple:
+        """(row scales, column scales) the sinks multiply the tiles by, or (None, None)."""
+        if self.scale1 is None:
+            return None, None
+        return self.scale1, (self.scale1 if self.scale2 is None else self.scale2)
 
     @property
     def symmetric(self) -> bool:
@@ -139,7 +157,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
                 jdask.check_all_marked(store, todo, per_worker)
         else:
             workers = local_workers(job.make_backend, job.devices)
-            per_worker = run_tiles(workers, job.x1, job.x2, todo, sink, bar)
+            per_worker = run_tiles(workers, *job.compute_images, todo, sink, bar)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -185,9 +185,11 @@ class StoreSink(Sink):
     """Writes finalized tiles into a store and marks them done; picklable (path + numbers), so
     Dask workers open the same store themselves.  Each process opens the arrays once."""
 
-    def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int):
+    def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int,
+                 scales=(None, None)):
         self.path, self.arch, self.params = str(path), arch, params
         self.kernel, self.symmetric, self.run_id = kernel, symmetric, run_id
+        self.row_scale, self.col_scale = scales
         self._arrays = None
         self._lock = threading.Lock()
 
@@ -213,7 +215,7 @@ class StoreSink(Sink):
 
     def __call__(self, t, sums) -> None:
         arrays = self._open()
-        for d, res in self.kernels(to_host(sums)).items():
+        for d, res in self.kernels(t, to_host(sums)).items():
             for k, v in res.items():
                 a = arrays[(d, k)]
                 a[t.rows, t.cols] = v
@@ -414,7 +416,8 @@ class GramStore:
         self.group.attrs["runs"] = runs
 
     def sink(self, job, run_id: int) -> StoreSink:
-        return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id)
+        return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id,
+                         job.scales)
 
     @property
     def read_only_group(self):
