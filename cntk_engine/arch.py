@@ -90,6 +90,7 @@ import numpy as np
 POOLINGS = ("gap", "flatten")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
+MAX_STD = math.sqrt(np.finfo(np.float64).max)     # largest W_std / b_std whose square is finite
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ class Architecture:
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
                         or not math.isfinite(v) or v < 0):
                     raise ValueError(f"{name} must be a finite number >= 0 or None; got {v!r}")
+                if float(v) > MAX_STD:      # its square (a variance) must be a finite float64
+                    raise ValueError(f"{name} must be at most {MAX_STD:.4g} (its square, the "
+                                     f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
+                                     f"finite float64) or None; got {v!r}")
                 if type(v) not in (int, float):
                     object.__setattr__(self, name, float(v))
 
