@@ -97,3 +97,40 @@ def test_kill_9_in_the_checkout_resume_elsewhere_is_bit_identical(tmp_path):
     assert differ == 0, f"{differ} of {clean.size} entries differ"
     for log in logs:
         assert COMPILED_HERE not in log, log[-800:]
+
+# ------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path):
+    """CPU tiles are sized to about 2 s of work (NumbaBackend.traits), and Ctrl-C takes effect
+    when the running tile returns: the job stops within seconds, keeps its finished tiles, and
+    --resume completes it."""
+    zarr = pytest.importorskip("zarr")
+    x = np.random.default_rng(5).random((100, 1, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "g.zarr"
+    args = ("gram", tmp_path / "x.npy", "--depth", "6", "--backend", "numba", "--out", out,
+            "--no-progress")
+    proc = run_script(CLI, *args, cwd=tmp_path, wait=False)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= 1:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before Ctrl-C: " + proc.stderr.read()[-800:]
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+        stopped_after = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err[-800:]
+    assert "Traceback" not in err
+    assert stopped_after < 15, f"Ctrl-C took {stopped_after:.1f} s"
+    done = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    assert 0 < np.count_nonzero(done) < np.triu(np.ones_like(done)).sum()
+    r = run_script(CLI, *args, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert not np.isnan(zarr.open_group(str(out), mode="r")["ntk"][...]).any()

@@ -22,7 +22,7 @@ import numpy as np
 from ..arch import Architecture, LayerParams
 from .local import Progress, local_workers, run_tiles, smallest_free_memory
 from .sinks import MemorySink
-from .tiles import TileLayout, auto_tile
+from .tiles import TileLayout, auto_tile, pair_work
 
 log = logging.getLogger("cntk_engine")
 
@@ -121,8 +121,10 @@ def run_job(job: GramJob) -> tuple[object, dict]:
     if job.tile is not None:
         tile, why = job.tile, "given"
     else:
+        work = pair_work(job.arch.pooling, job.arch.n_layers, job.image_shape)
         tile, why = auto_tile(traits, job.n1, job.n2, job.symmetric, n_workers, len(job.arch.depths),
-                              free, for_store=job.out is not None)
+                              free, for_store=job.out is not None,
+                              pair_seconds=traits.pair_seconds(work, job.dtype))
 
     # ---- where results go
     store = None
