@@ -98,6 +98,50 @@ def test_kill_9_in_the_checkout_resume_elsewhere_is_bit_identical(tmp_path):
     for log in logs:
         assert COMPILED_HERE not in log, log[-800:]
 
+
+# ------------------------------------------------------------------ GPU installs
+def test_build_record_says_plainly_what_was_built(monkeypatch):
+    from cntk_engine import build_info
+    record = build_info.build_record()
+    if installed_copy() is not None:
+        assert record is not None and isinstance(record["cuda_extension"], bool)   # installed builds have one
+    monkeypatch.setattr(build_info, "build_record",
+                        lambda: {"cuda_extension": False, "reason": "no CUDA compiler (nvcc) was found"})
+    assert build_info.cuda_extension_line() == (
+        "CUDA extension: not built: no CUDA compiler (nvcc) was found (to build it, install again with "
+        "nvcc on PATH and without -DCNTK_ENGINE_NO_CUDA=ON; backend 'cuda' also needs CuPy: "
+        "pip install 'cntk-engine[cuda]', README, Install)")
+    built = {"cuda_extension": True, "cuda_version": "13.0.88", "cuda_architectures": "80;90"}
+    monkeypatch.setattr(build_info, "build_record", lambda: built)
+    line = build_info.cuda_extension_line()
+    assert line.startswith("CUDA extension: built for sm_80, sm_90 with CUDA 13.0.88")
+    try:
+        from cntk_engine import _cuda  # noqa: F401
+    except ImportError:
+        assert "cannot be imported" in line
+        return
+    monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: None)
+    assert build_info.cuda_extension_line().endswith(
+        "CuPy is not installed, and backend 'cuda' needs it: pip install 'cntk-engine[cuda]'")
+    monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: 12)
+    assert "CuPy is built for CUDA 12, not 13" in build_info.cuda_extension_line()
+
+
+def test_auto_says_why_a_present_gpu_goes_unused(monkeypatch, caplog):
+    from cntk_engine import backends
+    if backends.unavailable_reason("cuda") is None:
+        pytest.skip("cuda can run here")
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(backends, "_gpu_unused_said", False)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, backend="reference", dtype="float64")
+        assert not caplog.records                          # a backend asked for by name: no warning
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, dtype="float64")
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, dtype="float64")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "has an NVIDIA GPU" in msgs[0] and backends.unavailable_reason("cuda") in msgs[0]
+
+
 # ------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path):
     """CPU tiles are sized to about 2 s of work (NumbaBackend.traits), and Ctrl-C takes effect

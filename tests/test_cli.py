@@ -2,6 +2,7 @@
 demo, evaluate registration, python -m."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,14 @@ def test_python_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "info"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "backends:" in r.stdout
+    # info says where the package is and, plainly, whether its CUDA extension was built
+    assert f"imported from {Path(ce.__file__).parent}" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("CUDA extension: "))
+    try:
+        from cntk_engine import _cuda  # noqa: F401
+        assert line.startswith("CUDA extension: built for sm_"), line
+    except ImportError:
+        assert line.startswith(("CUDA extension: not built: ", "CUDA extension: unknown")), line
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "gram", "nothing.npy", "--depth", "3",
                         "--out", "x.zarr"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("does not exist") and "Traceback" not in r.stderr
