@@ -224,8 +224,8 @@ if numba is not None:
 # Core-seconds per pair, entry and layer (the work unit of jobs.tiles.pair_work): the time model
 # of the tile size, measured on the 2-core development machine (AMD EPYC, AVX2) while it was
 # shared (32x32x3 images, GAP, depth 6: 47 pairs/s in float32, 9.3 in float64).  A faster or
-# idle machine gets shorter tiles, which costs nothing: pairs/s was the same at tiles of 8 and
-# 40 rows.
+# idle machine gets shorter tiles, which costs nothing: pairs/s was no lower at tiles of 8 rows
+# than at one of 40.
 ENTRY_CORE_SECONDS = {"float32": 8e-9, "float64": 3.8e-8}
 TILE_SECONDS = 2.0
 
@@ -327,8 +327,8 @@ class NumbaBackend(Backend):
         # Tiles are sized by time (jobs.tiles.auto_tile): one call is not interruptible, so a tile
         # of about TILE_SECONDS keeps Ctrl-C and the progress bar within seconds; pairs are
         # spread over the threads (prange), so small tiles cost no throughput (32x32x3, depth 6:
-        # the same pairs/s at tiles of 8 and 40 rows).  Floor: 8 pairs per thread on a diagonal
-        # tile; cap: 512 rows (cheap pairs, e.g. flatten on small images, need no more).
+        # 45 pairs/s at tiles of 8 rows, 35 at one of 40, same run).  Floor: 8 pairs per thread
+        # on a diagonal tile; cap: 512 rows (cheap pairs, e.g. flatten on small images).
         threads = num_threads()
         return Traits(device="cpu", default_tile=512, min_tile=max(8, math.ceil(4 * math.sqrt(threads))),
                       entry_seconds={k: v / threads for k, v in ENTRY_CORE_SECONDS.items()},
