@@ -7,7 +7,7 @@ import time
 from . import backends
 from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
-from .inputs import as_images, check_dtype, check_magnitude, check_pair, check_tile
+from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
 from .jobs import GramJob, run_job
 from .jobs.local import resolve_devices
 
@@ -114,11 +114,14 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         a = to_host(a)
         b = a if symmetric else to_host(b)
     params = arch.layer_params(*image_shape)
-    check_magnitude(a, None if symmetric else b, arch, params, cdtype)   # no silent inf/NaN
+    # no silent inf, zeros or NaN: images scaled per image where that is exact (no biases),
+    # refused where the compute dtype cannot hold the kernel
+    c1, c2, s1, s2 = prepare_magnitudes(a, None if symmetric else b, arch, params, cdtype)
     job = GramJob(x1=a, x2=None if symmetric else b, arch=arch, params=params, kernel=kernel,
                   dtype=cdtype, backend=cls, tile=tile, devices=device_ids,
                   result_device=None if out is not None else result_device, out=out,
-                  client=client, progress=progress)
+                  client=client, progress=progress, scale1=s1, scale2=s2,
+                  inputs=None if s1 is None else (c1, c2))
     result, info = run_job(job)
     if out is None:
         def pick(res):

@@ -153,6 +153,7 @@ import numpy as np
 POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
+MAX_STD = math.sqrt(np.finfo(np.float64).max)     # largest W_std / b_std whose square is finite
 #: largest depth accepted: the cost is linear in depth and accuracy saturates by ~20 (the
 #: paper's depths are 3 to 21); 1000 leaves room for studies of very deep kernels
 MAX_DEPTH = 1000
@@ -354,6 +355,10 @@ class Architecture:
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
                         or not math.isfinite(v) or v < 0):
                     raise ValueError(f"{name} must be a finite number >= 0 or None; got {v!r}")
+                if float(v) > MAX_STD:      # its square (a variance) must be a finite float64
+                    raise ValueError(f"{name} must be at most {MAX_STD:.4g} (its square, the "
+                                     f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
+                                     f"finite float64) or None; got {v!r}")
                 if type(v) not in (int, float):
                     object.__setattr__(self, name, float(v))
 
@@ -426,6 +431,17 @@ class Architecture:
                              f"accepted: 1 .. {min(hr, wr)}" + (
                                  " (a Myrtle network reads out at 1 x 1: describe the stack without "
                                  "its final pools with serial(...) for LAP there)" if self.name else ""))
+
+    def pair_entries(self, height: int, width: int) -> int:
+        """Offset-slice entries times conv layers one pair updates (the cost of a pair): every
+        offset at each stage, (H_s W_s)^2 per layer; at the readout of the CNN only the offsets
+        its readout weighs (flatten: H W; LAP: the slices within c - 1 of 0 circularly)."""
+        stages, _, _ = self.plan(height, width)
+        if self.layers is None and self.pooling != "gap":
+            gw = grid_weights(self, height, width)         # (2H - 1, W): packed grids of H - |dy| rows
+            rows = height - np.abs(np.arange(-(height - 1), height))
+            return int((rows[:, None] * width * (gw != 0)).sum()) * self.n_layers
+        return sum((st.height * st.width) ** 2 * st.n_layers for st in stages)
 
     def layer_params(self, channels: int, height: int, width: int) -> LayerParams:
         k2 = float(self.filter_size ** 2)

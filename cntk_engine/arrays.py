@@ -51,6 +51,13 @@ def to_device(a, device: int | None = None):
         return cupy.asarray(a)
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to its driver (Linux device files), asked without
+    CuPy or the CUDA extension: to tell a user whose GPU goes unused why."""
+    import glob
+    return bool(glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*"))
+
+
 def current_device() -> int:
     """The id of CuPy's current device."""
     return int(cupy_module().cuda.Device().id)

@@ -1,11 +1,33 @@
 """Validation and conversion of image batches: every bad input gets a ValueError that says what
-is wrong and what is accepted, before any work starts."""
+is wrong and what is accepted, before any work starts.
+
+Magnitudes (:func:`prepare_magnitudes`): without biases the kernels are positively homogeneous
+in each image, K(a x, b z) = a b K(x, z) for a, b > 0 (every Sigma and Theta of the layer
+recursion in ``arch`` scales by a b, c and Kdot do not change, and nothing is added).  So each
+image is computed divided by a power of two s_i that brings its largest |pixel| into [0.5, 1),
+and each kernel entry is multiplied back by s_i s_j (``jobs.sinks``).  Both steps are exact in
+binary floating point, and for images whose values stay in the normal range of the compute
+dtype the backends' results are bit for bit those of the unscaled images (scaling every input
+of a computation by a power of two scales every rounded intermediate exactly).  Tiny, huge and
+subnormal pixels are then alike: what the compute dtype must hold is the architecture's own
+range.  With biases nothing is scaled, and images whose kernel would leave the compute dtype's
+range are refused with the bound and the remedy.
+
+The architecture's range is read off the per-image diagonals q(l, p) (``diag``): without biases
+they decay or grow geometrically with depth (by about W_std^2 / 2 per layer on large images,
+(W_std^2 / 2) / k^2 on 1 x 1 images), so deep networks on small images leave float32's range
+whatever the pixels; :func:`check_small` refuses that before any work, where the kernel would
+otherwise come out as zeros or NaN.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .arch import as_integer, is_int
-from .arrays import get_array_module
+from .arrays import get_array_module, to_host
+from .diag import diag_norms
 
 DATA_FORMATS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float64")
@@ -37,7 +59,7 @@ def check_tile(tile):
                      f"got {tile!r}")
 
 
-def check_magnitude(x1, x2, arch, params, dtype) -> None:
+def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) -> None:
     """Refuse images whose kernel values would overflow the compute dtype (to inf, then NaN).
 
     A bound on the intermediates a backend holds in ``dtype``, from m = max |pixel| of both
@@ -46,6 +68,9 @@ def check_magnitude(x1, x2, arch, params, dtype) -> None:
     previous Sigma and Theta.  The backends also form products q_x q_z of two diagonals (CUDA)
     and row sums of up to max(H, W) entries, so B * max(B, H, W), for the bound B of all of
     these, must stay 100 times below the largest finite value of ``dtype``.
+
+    ``normalised``: the images were scaled to max |pixel| < 1 (:func:`prepare_magnitudes`), so
+    only the architecture (W_std, depth) can overflow and the message says so.
     """
     dtype = np.dtype(dtype)
     xp = get_array_module(x1)
@@ -66,15 +91,179 @@ def check_magnitude(x1, x2, arch, params, dtype) -> None:
             bound = max(bound, box_k, box_g, sig, th)
         worst = bound * max(bound, h, w)
     limit = float(np.finfo(dtype).max) / 100
-    if not worst <= limit:           # also catches inf / NaN
-        safe = m * (limit / worst) ** 0.25 if 0 < worst < float("inf") else None   # bound ~ m^2
-        rescale = ("rescale the images" + (f" to max |pixel| <= about {safe:.2g}" if safe else "")
-                   + " (without biases, scaling all images by s scales the kernel by s^2)")
+    if worst <= limit:               # False for inf / NaN too
+        return
+    weights = (f" with W_std={arch.W_std}, b_std={arch.b_std}" if arch.convention == "neural_tangents"
+               else "")
+    what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about {bound:.3g} in this "
+            f"architecture (depth {arch.max_depth}), whose products overflow {dtype.name} (the output "
+            "could be inf or NaN)")
+    if normalised:
         raise ValueError(
-            f"the images are too large for dtype={dtype.name!r}: max |pixel| {m:.3g} gives kernel "
-            f"intermediates up to about {bound:.3g} in this architecture, whose products overflow "
-            f"{dtype.name} (the output could be inf or NaN); "
-            + (f"use dtype='float64', or {rescale}" if dtype == np.float32 else rescale))
+            f"this architecture is too large for dtype={dtype.name!r}, whatever the images: each image "
+            f"is computed scaled to max |pixel| < 1 (exact without biases), and {what}; "
+            + ("use dtype='float64', or " if dtype == np.float32 else "")
+            + "use a smaller W_std or fewer layers")
+    safe = m * (limit / worst) ** 0.25 if 0 < worst < float("inf") else None     # bound ~ m^2
+    rescale = ("rescale the images" + (f" to max |pixel| <= about {safe:.2g}" if safe else "")
+               + (" and b_std by the same factor a (the kernel scales by a^2)" if params.b2 or params.out_b2
+                  else " (without biases, scaling all images by s scales the kernel by s^2)"))
+    raise ValueError(f"the images are too large for dtype={dtype.name!r}: {what}; "
+                     + (f"use dtype='float64', or {rescale}" if dtype == np.float32 else rescale))
+
+
+# ----------------------------------------------------------------------------- small magnitudes
+# Per-image diagonals q at each image's largest entry must stay at least this far inside the
+# compute dtype: the CUDA kernel forms products q_x q_z, which must stay 2^40 above the
+# smallest normal number, or they flush to zero and the kernel loses its significant entries
+# (float32: 1.1e-13, float64: 1.6e-148).
+def small_limit(dtype) -> float:
+    return math.sqrt(float(np.finfo(dtype).tiny)) * 2.0 ** 20
+
+
+# Any positive q must keep 1/sqrt(q) (which the numba kernel holds in the compute dtype) 2^10
+# below the largest finite value, or 0 * inf gives NaN (float32: 9e-72; float64: no limit).
+def _positive_limit(dtype) -> float:
+    return (2.0 ** 10 / float(np.finfo(dtype).max)) ** 2
+
+
+# Results are float64: every image's kernel values must lie where float64 holds them with full
+# precision (at least 2^52 times its smallest normal number) and 2^40 below overflow.
+RESULT_RANGE = (float(np.finfo(np.float64).tiny) * 2.0 ** 52, float(np.finfo(np.float64).max) / 2.0 ** 40)
+FLUSH = {"float32": 2.0 ** -64}      # scaled pixels below this count as 0 (see prepare_magnitudes)
+
+
+def homogeneous(params) -> bool:
+    """Whether K(a x, b z) = a b K(x, z) holds exactly: no bias in any layer or the readout."""
+    return params.b2 == 0 and params.out_b2 == 0
+
+
+def image_exponents(x) -> np.ndarray:
+    """Per image the integer e with max |x_i| = f 2^e, f in [0.5, 1) (0 for an all-zero image),
+    as a host int64 array: x_i / 2^e has max |pixel| in [0.5, 1)."""
+    xp = get_array_module(x)
+    m = to_host(xp.abs(x.reshape(x.shape[0], -1)).max(axis=1))
+    return np.frexp(m)[1].astype(np.int64)
+
+
+def diagonal_extremes(x, arch, params, chunk_bytes: int = 1 << 26):
+    """(qmax, qpos) of images ``x`` (NumPy or CuPy): qmax[i, l] = max over positions of
+    q_i(l, p) (an (N, L) array) and qpos[i] = the least positive q_i(l, p) over layers and
+    positions (inf where none is positive), both host float64, computed in float64 as every
+    backend computes the diagonals (``diag.diag_norms``), a chunk of images at a time."""
+    xp = get_array_module(x)
+    n, _, h, w = x.shape
+    per_image = max(1, arch.n_layers * h * w * 8)
+    step = max(1, chunk_bytes // per_image)
+    qmax = np.empty((n, arch.n_layers))
+    qpos = np.empty(n)
+    for i in range(0, n, step):
+        q = diag_norms(x[i:i + step], arch, params)
+        qmax[i:i + step] = to_host(q.max(axis=(2, 3)))
+        qpos[i:i + step] = to_host(xp.where(q > 0, q, xp.inf).min(axis=(1, 2, 3)))
+    return qmax, qpos
+
+
+def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> None:
+    """Refuse a job whose per-image diagonals (:func:`diagonal_extremes` of the images as the
+    backends get them; a list of (qmax, qpos), one per image set named in ``names``) leave the
+    range the compute dtype holds: the kernel would come out as zeros or NaN.  ``normalised``:
+    the images were scaled to max |pixel| in [0.5, 1) (no biases), so rescaling cannot help."""
+    dtype = np.dtype(dtype)
+    low, pos_low = small_limit(dtype), _positive_limit(dtype)
+    f64 = (f"use dtype='float64' (it holds q >= {small_limit(np.float64):.2g})" if dtype == np.float32
+           else "")
+    for (qm, qp), name in zip(zip(qmax, qpos), names):
+        live = qm[:, 0] > 0                       # an all-zero image has q = 0 exactly: exact zeros
+        bad = live[:, None] & ~(qm >= low)
+        if bad.any():
+            first = np.where(bad.any(axis=1), bad.argmax(axis=1), arch.n_layers)   # first low layer
+            i = int(first.argmin())
+            layer = int(first[i])
+            reached = int(first.min()) + 1           # depth = conv layers + 1; layers 0..first-1 fine
+            scaled = (" (each image computed scaled to max |pixel| in [0.5, 1), which is exact "
+                      "without biases, so the depth, W_std and image size set it, not the pixels)"
+                      if normalised else "")
+            if normalised:
+                remedy = (f"{f64}, or use fewer layers" if f64 else "use fewer layers or a larger W_std")
+            else:
+                remedy = ((f64 + ", or " if f64 else "")
+                          + "rescale the images and b_std by the same factor a (the kernel scales by "
+                            "a^2)")
+            reach = (f"{dtype.name} reaches depth {reached} at most (asked: {arch.max_depth})"
+                     if reached >= 2 else f"{dtype.name} cannot compute this kernel at any depth")
+            raise ValueError(
+                f"the kernel would underflow dtype={dtype.name!r}: the largest per-image variance q of "
+                f"layer {layer + 1} (the readout of depth {layer + 2}) is {qm[i, layer]:.3g} for "
+                f"{name}[{i}]{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
+                f"comes out as zeros or NaN; with these images and this architecture {reach}; "
+                f"{remedy}")
+        tiny = live & (qp < pos_low)
+        if tiny.any():
+            i = int(np.argmax(tiny))
+            raise ValueError(
+                f"{name}[{i}] has pixel windows whose variance q falls to {qp[i]:.3g} in this "
+                f"architecture (depth {arch.max_depth}), where 1/sqrt(q) overflows {dtype.name} and "
+                f"the kernel would be NaN; {f64 or 'rescale the images'}")
+
+
+def check_results(exps, qmax, names=("x1",)) -> None:
+    """Refuse images whose kernel values, s_i^2 times the scaled images' (s_i = 2^e_i, ``exps``
+    from :func:`image_exponents`), fall outside the float64 range the results are returned in."""
+    lo, hi = RESULT_RANGE
+    for e, qm, name in zip(exps, qmax, names):
+        live = qm[:, 0] > 0
+        if not live.any():
+            continue
+        with np.errstate(divide="ignore"):
+            l2 = 2.0 * e[live, None] + np.log2(qm[live])      # log2 of s_i^2 q_i(l)
+        for worst, bad, side in ((l2.min(axis=1), lambda v: v < math.log2(lo), "below"),
+                                 (l2.max(axis=1), lambda v: v > math.log2(hi), "above")):
+            if bad(worst).any():
+                j = int(np.argmin(worst) if side == "below" else np.argmax(worst))
+                i = int(np.nonzero(live)[0][j])
+                raise ValueError(
+                    f"{name}[{i}] (max |pixel| about 2^{int(e[i])}) would have kernel values of about "
+                    f"2^{worst[j]:.0f}, {side} the range float64 results hold with full precision "
+                    f"({lo:.2g} to {hi:.2g}); rescale the images (without biases, scaling every "
+                    "image by a scales the kernel by a^2)")
+
+
+def prepare_magnitudes(x1, x2, arch, params, dtype):
+    """The images the backends compute on, and their scales: (c1, c2, scale1, scale2).
+
+    Without biases (:func:`homogeneous`) c_i = x_i / s_i with s_i = 2^e_i (max |c_i| in
+    [0.5, 1); see the module docstring) and scale = the float64 s_i; in float32, scaled pixels
+    below 2^-64 of their image's largest are computed as 0 (their share of the kernel is below
+    1e-19, and 1/sqrt of their windows' variance would overflow float32).  With biases c = x
+    and scale = None.  ``x2=None`` (symmetric): c2 = scale2 = None.  Every magnitude check runs
+    here (:func:`check_magnitude`, :func:`check_small`, :func:`check_results`), before any work.
+    """
+    dtype = np.dtype(dtype)
+    sets = [x1] if x2 is None else [x1, x2]
+    names = ("x1",) if x2 is None else ("x1", "x2")
+    if not homogeneous(params):
+        check_magnitude(x1, x2, arch, params, dtype)
+        ext = [diagonal_extremes(x, arch, params) for x in sets]
+        check_small([q for q, _ in ext], [p for _, p in ext], arch, dtype, normalised=False,
+                    names=names)
+        return x1, x2, None, None
+    exps = [image_exponents(x) for x in sets]
+    scaled = []
+    for x, e in zip(sets, exps):
+        xp = get_array_module(x)
+        c = xp.ldexp(x, xp.asarray(-e).reshape(-1, 1, 1, 1))      # exact: a power of two
+        if dtype.name in FLUSH:
+            c[xp.abs(c) < FLUSH[dtype.name]] = 0.0
+        scaled.append(c)
+    check_magnitude(scaled[0], scaled[-1], arch, params, dtype, normalised=True)
+    ext = [diagonal_extremes(c, arch, params) for c in scaled]
+    check_results(exps, [q for q, _ in ext], names)
+    check_small([q for q, _ in ext], [p for _, p in ext], arch, dtype, normalised=True, names=names)
+    scales = [np.ldexp(1.0, e) for e in exps]
+    if x2 is None:
+        return scaled[0], None, scales[0], None
+    return scaled[0], scaled[1], scales[0], scales[1]
 
 
 def as_images(x, data_format: str = "NCHW", name: str = "x1"):

@@ -1,10 +1,20 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATA = Path(os.environ.get("CNTK_ENGINE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The suite tests the INSTALLED package (`pip install ".[test]" && pytest`).  It is imported
+# here, before any test module, so a test module that later puts a folder on sys.path (to
+# import bench tooling, say) cannot switch it to the checkout's source tree, which has no
+# compiled CUDA extension.  test_anywhere.py fails when it came from the checkout anyway.
+import cntk_engine  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CNTK_ENGINE_DATA", ROOT.parent / "shared" / "data"))
 
 
 def load_real(name):
@@ -18,3 +28,34 @@ def load_real(name):
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+# --------------------------------------------------------------------- child Python processes
+def checkout_copy(dest: Path) -> Path:
+    """A folder holding a ``cntk_engine/`` source tree, as a clone of the repository does: the
+    checkout's package if the tests run from one, else a copy of the imported package (either
+    way no compiled extension and no caches).  ``python -c`` or ``python -m`` started in it
+    import this tree instead of the installed package."""
+    src = ROOT / "cntk_engine"
+    if not (src / "__init__.py").is_file():
+        src = Path(cntk_engine.__file__).parent
+    shutil.copytree(src, dest / "cntk_engine",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"))
+    return dest
+
+
+def run_script(code: str, *args, cwd, env=None, timeout=1800, wait=True):
+    """Run ``code`` as a script file (``python FILE ARGS``) with working directory ``cwd``.
+
+    A script's own folder, not the working directory, goes first on its sys.path, so the child
+    imports the package these tests import wherever it runs: the way a user's script or the
+    ``cntk-engine`` command runs from a checkout.  ``wait=False`` returns the Popen."""
+    folder = Path(cwd).parent / f".scripts-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    script = folder / f"script_{abs(hash(code)) % 10**12}.py"
+    script.write_text(code)
+    cmd = [sys.executable, str(script), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

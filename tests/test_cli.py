@@ -12,8 +12,6 @@ zarr = pytest.importorskip("zarr")
 import cntk_engine as ce  # noqa: E402
 from cntk_engine import cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run(capsys, *argv):
     rc = cli.main(["-q", *map(str, argv)])
@@ -131,12 +129,21 @@ def test_every_command_is_registered_and_gram_evaluate_share_their_options(capsy
         assert opt in helps["gram"] and opt in helps["evaluate"], opt
 
 
-def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "cntk_engine", "info"], cwd=ROOT, capture_output=True,
+def test_python_m_entry_point(tmp_path):
+    # run outside the checkout: `python -m` puts the working directory first on sys.path
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "info"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "backends:" in r.stdout
+    # info says where the package is and, plainly, whether its CUDA extension was built
+    assert f"imported from {Path(ce.__file__).parent}" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("CUDA extension: "))
+    try:
+        from cntk_engine import _cuda  # noqa: F401
+        assert line.startswith("CUDA extension: built for sm_"), line
+    except ImportError:
+        assert line.startswith(("CUDA extension: not built: ", "CUDA extension: unknown")), line
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "gram", "nothing.npy", "--depth", "3",
-                        "--out", "x.zarr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--out", "x.zarr"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("does not exist") and "Traceback" not in r.stderr
 
 

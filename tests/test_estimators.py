@@ -212,11 +212,11 @@ def test_numpy_scalar_grids():
     np.testing.assert_array_equal(best.predict(X), ref.predict(X))
 
 
-def test_import_without_sklearn():
+def test_import_without_sklearn(tmp_path):
     """Importing cntk_engine does not import scikit-learn; the estimators say what is missing."""
     code = ("import sys; import cntk_engine; assert 'sklearn' not in sys.modules, 'sklearn imported'; "
             "sys.modules['sklearn'] = None\n"
             "try:\n    import cntk_engine.estimators\nexcept ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pip install 'cntk-engine[sklearn]'" in r.stdout

@@ -128,14 +128,14 @@ def test_errors_are_one_line(tmp_path, capsys, make, args, msg):
     assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("cntk-engine: error:")
 
 
-def test_python_m_and_parser():
+def test_python_m_and_parser(tmp_path):
     """``python -m cntk_engine evaluate`` is the CLI's evaluate (a full run through cli.main is
     tested above; here no kernel is computed, so the child process compiles nothing)."""
-    r = subprocess.run([sys.executable, "-m", "cntk_engine", "evaluate", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "cntk_engine", "evaluate", "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("usage: cntk-engine evaluate") and "--depths" in r.stdout
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "evaluate", "/nonexistent.npz", "--depth", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "cntk-engine: error: DATA '/nonexistent.npz' does not exist"
     assert "evaluate" in cli.build_parser().format_help()
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cntk_engine
 from cntk_engine.backends import numba_cpu
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import checkout_copy, run_script
 
 RUN = """
 import json, sys, numpy as np, cntk_engine as ce
@@ -27,27 +25,38 @@ x[0, :, :2] = 0.0
 k = ce.gram(x, depths=[2, 4], kernel="both", backend="numba", dtype="float32", pooling="gap")
 st = numba_cpu.pair_kernel.stats
 print(json.dumps({"bytes": np.concatenate([np.ravel(a) for d in (2, 4) for a in k[d]]).tobytes().hex(),
-                  "misses": sum(st.cache_misses.values()), "hits": sum(st.cache_hits.values())}))
+                  "misses": sum(st.cache_misses.values()), "hits": sum(st.cache_hits.values()),
+                  "package": ce.__file__, "status": numba_cpu.cache_status()}))
 """
 
 
-def _run(cache_dir):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), PYTHONPATH=str(ROOT))
+def _run(cache_dir, cwd):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
     env.pop(numba_cpu._CHILD, None)
-    out = subprocess.run([sys.executable, "-c", RUN], env=env, capture_output=True, text=True,
-                         timeout=1800, cwd=str(cache_dir))
+    out = run_script(RUN, cwd=cwd, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    assert "compiled in this process" not in out.stderr, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(res["package"]).resolve() == Path(cntk_engine.__file__).resolve()
+    return res
 
 
 @pytest.mark.skipif(not numba_cpu._CACHING, reason="numba found no writable place for its cache here")
 def test_first_and_later_processes_compute_bit_identical_grams(tmp_path):
-    first = _run(tmp_path)       # empty cache: a child compiles, this process loads
-    later = _run(tmp_path)       # the cache is there: loaded directly
+    """The first process runs in a checkout (a folder holding a cntk_engine/ source tree) on an
+    empty cache: the child that compiles the kernel must import the package its parent imported,
+    not the checkout's tree, or the parent misses the cache and compiles for itself."""
+    cache = tmp_path / "numba-cache"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = _run(cache, checkout_copy(tmp_path / "clone"))   # empty cache: a child compiles
+    later = _run(cache, elsewhere)                            # the cache is there: loaded directly
     assert first["misses"] == 0 and first["hits"] == 1, first
     assert later["misses"] == 0 and later["hits"] == 1, later
     assert first["bytes"] == later["bytes"]
-    assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache index"
+    assert any(cache.rglob("*.nbi")), "numba wrote no cache index"
+    # cntk-engine info's line follows NUMBA_CACHE_DIR: the installed package's cache, with float32
+    assert later["status"].startswith(str(cache)) and "holds pair: float32" in later["status"], later
 
 
 def test_read_only_arrays_use_the_same_kernel():

@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from cntk_engine.backends.numba_cpu import NumbaBackend
 from cntk_engine.jobs import GramJob
 from cntk_engine.jobs.local import Worker, resolve_devices, run_tiles
 from cntk_engine.jobs.sinks import MemorySink
-from cntk_engine.jobs.tiles import Tile, TileLayout, auto_tile, bytes_per_pair, largest_first
-
-ROOT = Path(__file__).resolve().parents[1]
+from cntk_engine.jobs.tiles import (PAIR_OVERHEAD, Tile, TileLayout, auto_tile, bytes_per_pair,
+                                    largest_first, pair_work)
 
 
 def imgs(rng, n, c=2, h=6, w=6):
@@ -169,8 +167,36 @@ def test_auto_tile_rules():
     assert t == 200 and "memory" in why           # sqrt(0.25 * free / per) = 200
     t, _ = auto_tile(numba, 10, 10, True, 1, 1)
     assert t == 10                                                       # capped at N
-    t, why = auto_tile(numba, 5000, 5000, True, 1, 1, for_store=True)
+    small = Traits(device="cpu", default_tile=64, min_tile=16)           # no time model
+    t, why = auto_tile(small, 5000, 5000, True, 1, 1, for_store=True)
     assert t >= 256 and "store" in why
+    # a time model sizes CPU tiles to about tile_seconds, store or not, between floor and default
+    timed = Traits(device="cpu", default_tile=512, min_tile=8, entry_seconds={"float32": 1e-9},
+                   tile_seconds=2.0)
+    ps = timed.pair_seconds(pair_work(make_architecture(depth=6), (3, 32, 32)), np.float32)
+    assert ps == pytest.approx((1024 ** 2 + PAIR_OVERHEAD * 1024) * 5 * 1e-9)
+    for store in (False, True):
+        t, why = auto_tile(timed, 5000, 5000, True, 1, 1, for_store=store, pair_seconds=ps)
+        assert t == int((2.0 / ps) ** 0.5) == 19 and "2 s per tile" in why
+    assert auto_tile(timed, 5000, 5000, True, 1, 1, pair_seconds=1e-9)[0] == 512       # cheap pairs
+    assert auto_tile(timed, 5000, 5000, True, 1, 1, pair_seconds=100.0)[0] == 8        # the floor
+    assert pair_work(make_architecture(depth=6, pooling="flatten"), (3, 32, 32)) == \
+        (1 + PAIR_OVERHEAD) * 1024 * 5
+    # LAP with a small window runs only the offsets it weighs; a stack its stages
+    lap = pair_work(make_architecture(depth=6, pooling="lap", lap_window=2), (3, 32, 32))
+    assert (1 + PAIR_OVERHEAD) * 1024 * 5 < lap < pair_work(make_architecture(depth=6), (3, 32, 32))
+    myrtle = make_architecture(architecture="myrtle5")
+    assert pair_work(myrtle, (3, 32, 32)) == (2 * 32 ** 4 + 16 ** 4 + 8 ** 4) + PAIR_OVERHEAD * 1024 * 4
+
+
+def test_numba_cpu_tiles_take_seconds():
+    """The numba backend's tile for 32x32x3 images at depth 6 and 11 (GAP, float32) is a few
+    seconds of work by its own time model, on any number of cores."""
+    tr = NumbaBackend.traits()
+    for depth in (6, 11):
+        ps = tr.pair_seconds(pair_work(make_architecture(depth=depth), (3, 32, 32)), np.float32)
+        t, _ = auto_tile(tr, 400, 400, True, 1, 1, for_store=True, pair_seconds=ps)
+        assert t * t * ps <= 2.5 * tr.tile_seconds and t >= tr.min_tile
 
 
 class GpuTraitsBackend(Backend):
@@ -194,7 +220,8 @@ def test_free_memory_of_gpus_that_report_it_limits_the_tile(monkeypatch, rng):
     class Stop(Exception):
         pass
 
-    def spy(traits, n1, n2, symmetric, n_workers, n_depths, free_bytes=None, for_store=False):
+    def spy(traits, n1, n2, symmetric, n_workers, n_depths, free_bytes=None, for_store=False,
+            pair_seconds=None):
         seen["free"] = free_bytes
         raise Stop
 
@@ -237,12 +264,12 @@ def test_progress_bar_and_logging(rng, caplog, capsys):
         ce.gram(x, depth=3, backend="numba", progress="yes")
 
 
-def test_import_does_not_pull_dask_or_zarr():
+def test_import_does_not_pull_dask_or_zarr(tmp_path):
     code = ("import sys, numpy as np, cntk_engine as ce; "
             "ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend='reference'); "
             "bad = [m for m in ('dask', 'distributed', 'zarr') if m in sys.modules]; "
             "assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 

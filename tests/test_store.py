@@ -20,9 +20,6 @@ from cntk_engine.jobs.store import StoreError, StoreMismatch  # noqa: E402
 if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
     pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def imgs(rng, n, c=2, h=6, w=6):
     return rng.standard_normal((n, c, h, w))
 
@@ -276,8 +273,8 @@ def test_kill_9_then_resume_is_bit_identical_and_keeps_finished_tiles(tmp_path):
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "killed.zarr"
     n_tiles = 36                                            # 8 x 8 grid, upper triangle
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "x.npy"), str(out)], env=env,
+    # the child imports the package these tests import: it runs outside the checkout
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "x.npy"), str(out)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     markers = out / "tiles_done" / "c"
     deadline = time.time() + 120
@@ -322,8 +319,7 @@ MEM = textwrap.dedent("""
 def test_store_larger_than_memory_budget(tmp_path):
     """The stored matrices (4 x 2400^2 float64 = 184 MB) are far larger than what the job's
     peak resident memory grows by: the matrix never sits in RAM."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", MEM, str(tmp_path / "big.zarr"), "2400"], env=env,
+    r = subprocess.run([sys.executable, "-c", MEM, str(tmp_path / "big.zarr"), "2400"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     base, peak, logical = map(int, r.stdout.split())

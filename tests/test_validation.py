@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import cntk_engine as ce
+from cntk_engine import cli
 from cntk_engine.arch import make_architecture
 from cntk_engine.inputs import as_images, check_dtype, check_magnitude, check_tile
 
@@ -139,10 +140,53 @@ def test_check_magnitude():
         check_magnitude(small, None, arch, params, np.float32)
 
 
-def test_gram_refuses_images_too_large_for_float32():
-    """Needs ``check_magnitude(a, b, arch, params, cdtype)`` called in ``api.gram``."""
+def test_huge_pixels_are_scaled_without_biases_and_refused_with_biases():
+    """Without biases each image is computed scaled by a power of two (``prepare_magnitudes``),
+    so 4e18 pixels, which overflowed float32 before, are exact; with biases nothing is scaled
+    and ``check_magnitude`` refuses them, naming b_std in the remedy."""
     x = np.full((2, 1, 4, 4), 4e18)
     x[1, 0, 0, 0] = -1e18
-    with pytest.raises(ValueError, match="too large for dtype='float32'"):
-        ce.gram(x, depth=2, dtype="float32", **REF)
-    assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **REF)).all()
+    k32 = ce.gram(x, depth=2, dtype="float32", backend="numba")
+    k64 = ce.gram(x, depth=2, dtype="float64", **REF)
+    assert np.isfinite(k32).all() and np.abs(k32 - k64).max() <= 1e-4 * np.abs(k64).max()
+    nt = dict(convention="neural_tangents", b_std=0.5)
+    with pytest.raises(ValueError, match=r"too large for dtype='float32'.*b_std=0\.5.*rescale the "
+                                         r"images.* and b_std by the same factor"):
+        ce.gram(x, depth=2, dtype="float32", **nt, **REF)
+    assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **nt, **REF)).all()
+
+
+# ----------------------------------------------------------------------------- W_std / b_std bounds
+NT = dict(convention="neural_tangents", backend="reference")
+
+
+@pytest.mark.parametrize("kw", [dict(b_std=1e200), dict(W_std=1e200), dict(b_std=1e155)])
+def test_huge_W_std_b_std_is_a_value_error(x, kw):
+    """b_std=1e200 raised a raw OverflowError (the CLI printed a traceback)."""
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"{name} must be at most 1\.341e\+154"):
+        ce.gram(x[:2], depth=3, **NT, **kw)
+
+
+def run(capsys, *argv):
+    rc = cli.main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("opt", ["--b-std", "--W-std"])
+def test_cli_huge_std_is_one_line(tmp_path, capsys, opt):
+    np.save(tmp_path / "x.npy", np.ones((2, 1, 4, 4)))
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--convention",
+                   "neural_tangents", opt, "1e200", "--out", tmp_path / "g.zarr", "--no-progress")
+    assert rc == 2 and e.startswith("cntk-engine: error:") and e.count("\n") == 1, e
+    assert "must be at most" in e and not (tmp_path / "g.zarr").exists()
+
+
+def test_cli_arithmetic_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    def overflow(args):
+        raise OverflowError(34, "Numerical result out of range")
+
+    monkeypatch.setattr(cli.gram, "run", overflow)
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", tmp_path / "g.zarr")
+    assert rc == 2 and e.startswith("cntk-engine: error:") and e.count("\n") == 1, e

@@ -8,8 +8,13 @@ checked against a job).
 from __future__ import annotations
 
 import importlib
+import logging
 
+from ..arrays import nvidia_gpu_present
 from .base import Backend, Prepared, Traits  # noqa: F401
+
+log = logging.getLogger("cntk_engine")
+_gpu_unused_said = False       # the warning of resolve() is given once per process
 
 _MODULES = {
     "reference": ("cntk_engine.backends.reference", "ReferenceBackend"),
@@ -92,8 +97,16 @@ def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
 def resolve(name: str, arch=None, image_shape=None, dtype=None) -> type[Backend]:
     """The backend class that runs a job here (see :func:`choose`).  Without a job
     (``arch=None``), the backend ``auto`` would pick for a job every backend supports."""
+    global _gpu_unused_said
     if arch is None:
         caps = {n: {"unavailable": unavailable_reason(n), "unsupported": None} for n in _MODULES}
     else:
         caps = capabilities(arch, image_shape, dtype)
-    return backend_class(choose(name, caps)[0])
+    chosen = choose(name, caps)[0]
+    why = caps["cuda"]["unavailable"]
+    if name == "auto" and chosen != "cuda" and why is not None and not _gpu_unused_said \
+            and nvidia_gpu_present():
+        _gpu_unused_said = True            # the GPU is there, but cuda cannot run: say why
+        log.warning("backend 'auto' runs on the CPU (%s) although this machine has an NVIDIA GPU: "
+                    "%s (`cntk-engine info` shows what was built; README, Install)", chosen, why)
+    return backend_class(chosen)

@@ -33,11 +33,22 @@ class Traits:
 
     device: "cpu" (one worker; the backend uses every core inside a call) or "gpu" (one worker
     thread per GPU, each with its own stream and prepared images).  default_tile / min_tile:
-    rows per tile to start from and the floor when tiles are made smaller."""
+    rows per tile to start from and the floor when tiles are made smaller.  entry_seconds /
+    tile_seconds: an optional time model: the wall seconds one call spends per pair, offset-slice
+    entry and layer (``jobs.tiles.pair_work``), per compute dtype, and the seconds a tile should
+    take (``jobs.tiles.auto_tile`` sizes tiles by them)."""
 
     device: str
     default_tile: int
     min_tile: int
+    entry_seconds: dict | None = None
+    tile_seconds: float | None = None
+
+    def pair_seconds(self, work: int, dtype) -> float | None:
+        """Estimated seconds of one pair of ``work`` entry-layers in ``dtype``, or None."""
+        if not self.entry_seconds:
+            return None
+        return work * self.entry_seconds[np.dtype(dtype).name]
 
 
 @dataclass

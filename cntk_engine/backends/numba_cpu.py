@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 
@@ -438,6 +437,14 @@ if numba is not None:
 
 
 
+# Core-seconds per pair, entry and layer (the work unit of jobs.tiles.pair_work): the time model
+# of the tile size, measured on the 2-core development machine (AMD EPYC, AVX2) while it was
+# shared (32x32x3 images, GAP, depth 6: 47 pairs/s in float32, 9.3 in float64).  A faster or
+# idle machine gets shorter tiles, which costs nothing: pairs/s was no lower at tiles of 8 rows
+# than at one of 40.
+ENTRY_CORE_SECONDS = {"float32": 8e-9, "float64": 3.8e-8}
+TILE_SECONDS = 2.0
+
 log = logging.getLogger("cntk_engine")
 _CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
 _loaded: set[tuple[str, str]] = set()        # (kernel, dtype) this process has
@@ -477,6 +484,13 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
     code, whichever process compiled it. Where the cache cannot be written (or the child
     fails), this process compiles for itself, as every process then does, and says so in the
     log.
+
+    The child must compile THIS file: numba keys its cache by the source file's path, so a
+    child that imported another copy of the package (a source checkout in the working
+    directory, which ``python -c`` puts first on sys.path) would fill another cache entry, and
+    this process would miss its own and compile for itself.  So the child starts in the folder
+    this package was imported from, puts that folder first on its sys.path itself (``-P`` needs
+    Python 3.11), and checks that it imported this very file before it compiles.
     """
     name = np.dtype(dtype).name
     if ((kind, name) in _loaded or not _CACHING or os.environ.get(_CHILD)
@@ -486,13 +500,17 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
         if (kind, name) in _loaded or _in_cache(kind, args):
             _loaded.add((kind, name))
             return
-        root = str(Path(__file__).resolve().parents[2])      # import the same cntk_engine
+        this_file = os.path.abspath(__file__)          # as imported: numba's cache key
+        root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
         env = dict(os.environ, **{_CHILD: "1"})
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = "import numpy as np, cntk_engine as ce; " + _KERNELS[kind][1].format(dtype=name)
+        code = (f"import os, sys; sys.path.insert(0, {root!r})\n"
+                "from cntk_engine.backends import numba_cpu\n"
+                f"if os.path.abspath(numba_cpu.__file__) != {this_file!r}:\n"
+                f"    sys.exit('imported ' + numba_cpu.__file__ + ' instead of ' + {this_file!r})\n"
+                "import numpy as np, cntk_engine as ce\n" + _KERNELS[kind][1].format(dtype=name) + "\n")
         try:
-            child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                   text=True, timeout=1800)
+            child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                                   capture_output=True, text=True, timeout=1800)
             if child.returncode != 0:
                 log.warning("numba: the child compiling the %s kernel into the cache failed "
                             "(%s); compiling in this process", name, child.stderr.strip()[-500:])
@@ -537,9 +555,15 @@ class NumbaBackend(Backend):
 
     @classmethod
     def traits(cls) -> Traits:
-        # >= 256 pairs per thread per call keeps every core busy on the diagonal tiles too
-        tile = max(64, 16 * math.ceil(math.sqrt(512 * num_threads()) / 16))
-        return Traits(device="cpu", default_tile=tile, min_tile=16)
+        # Tiles are sized by time (jobs.tiles.auto_tile): one call is not interruptible, so a tile
+        # of about TILE_SECONDS keeps Ctrl-C and the progress bar within seconds; pairs are
+        # spread over the threads (prange), so small tiles cost no throughput (32x32x3, depth 6:
+        # 45 pairs/s at tiles of 8 rows, 35 at one of 40, same run).  Floor: 8 pairs per thread
+        # on a diagonal tile; cap: 512 rows (cheap pairs, e.g. flatten on small images).
+        threads = num_threads()
+        return Traits(device="cpu", default_tile=512, min_tile=max(8, math.ceil(4 * math.sqrt(threads))),
+                      entry_seconds={k: v / threads for k, v in ENTRY_CORE_SECONDS.items()},
+                      tile_seconds=TILE_SECONDS)
 
     @classmethod
     def unavailable_reason(cls):

@@ -6,9 +6,10 @@ One module per command (:mod:`.gram`, :mod:`.verify`, :mod:`.evaluate`, :mod:`.i
 ``add_parser(subparsers)`` and ``run(args)``; the options ``gram`` and ``evaluate`` share are
 declared once in :mod:`.common`.
 
-Errors (bad paths, unreadable or wrongly shaped data, a store of another job, an unreachable
-scheduler) are reported as one line on stderr with exit status 2; Ctrl-C exits with 130 and the
-store keeps every finished tile.  ``verify`` exits with 1 when a store fails verification.
+Errors (bad paths, unreadable or wrongly shaped data, out-of-range numbers, a store of another
+job, an unreachable scheduler, running out of memory) are reported as one line on stderr with
+exit status 2 (``--debug`` shows the traceback); Ctrl-C exits with 130 and the store keeps every
+finished tile.  ``verify`` exits with 1 when a store fails verification.
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def main(argv=None) -> int:
         else:
             print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, RuntimeError, OSError, ImportError) as e:
+    except (CliError, ValueError, RuntimeError, OSError, ImportError, ArithmeticError,
+            MemoryError) as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {e}".replace("\n", " "), file=sys.stderr)
+        print(f"{PROG}: error: {e or type(e).__name__}".replace("\n", " "), file=sys.stderr)
         return 2
 
 

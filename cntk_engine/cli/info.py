@@ -1,4 +1,5 @@
-"""``cntk-engine info``: versions, CPU, GPUs, the numba kernel cache, and which backends can run."""
+"""``cntk-engine info``: versions, where the package is, whether its CUDA extension was built, CPU,
+GPUs, the numba kernel cache, which backends and kernel variants can run, the architectures."""
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ def run(args) -> int:
     from ..arrays import gpu_count
     from ..backends import available_backends, resolve
     from ..backends.numba_cpu import cache_status
+    from ..build_info import cuda_extension_line
     from ..version import __version__
     print(f"cntk_engine {__version__} (Python {platform.python_version()}, {platform.platform()})")
+    print(f"  imported from {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}")
+    print(cuda_extension_line())
     for mod in ("numpy", "numba", "tqdm", "zarr", "dask", "distributed", "cupy"):
         print(f"  {mod:12s} {_version(mod)}")
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"

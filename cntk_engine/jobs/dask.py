@@ -294,12 +294,13 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
     gpu = job.traits.device == "gpu"
     token = uuid.uuid4().hex
     order = largest_first(todo)
+    x1, x2 = job.compute_images          # scaled images (their scales go with the sinks)
     if gpu:
-        xa, xb = job.x1, job.x2              # each GPU worker prepares once on its own device
+        xa, xb = x1, x2                      # each GPU worker prepares once on its own device
     else:
         be = job.make_backend()
-        xa = be.prepare_set(job.x1)          # diagonals once, on the client
-        xb = None if job.symmetric else be.prepare_set(job.x2)
+        xa = be.prepare_set(x1)              # diagonals once, on the client
+        xb = None if job.symmetric else be.prepare_set(x2)
     fa = client.scatter(xa, broadcast=True, hash=False)
     fb = fa if xb is None else client.scatter(xb, broadcast=True, hash=False)
     spec = TaskSpec(token, job.backend, job.arch, job.params, job.dtype.name, not gpu,

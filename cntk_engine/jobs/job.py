@@ -25,7 +25,7 @@ import numpy as np
 from ..arch import Architecture, LayerParams
 from .local import Progress, local_workers, run_tiles, smallest_free_memory
 from .sinks import MemorySink
-from .tiles import TileLayout, auto_tile
+from .tiles import TileLayout, auto_tile, pair_work
 
 log = logging.getLogger("cntk_engine")
 
@@ -34,10 +34,13 @@ log = logging.getLogger("cntk_engine")
 class GramJob:
     """One Gram job, validated.
 
-    x1, x2: float64 (N, C, H, W) images, NumPy (or CuPy for the local GPU path); ``x2=None``:
-    the symmetric Gram of x1.  backend: the class that computes it (already chosen and checked
-    against this job).  devices: the GPU ids of a local GPU job (None on the CPU and with a
-    client).  result_device: the GPU the result matrices go to (the images came as CuPy
+    x1, x2: float64 (N, C, H, W) images as given, NumPy (or CuPy for the local GPU path): what
+    the job is (a store fingerprints them); ``x2=None``: the symmetric Gram of x1.  scale1,
+    scale2: float64 per-image powers of two, or None (``inputs.prepare_magnitudes``): the
+    backends then compute on ``inputs`` = (x1 / scale1, x2 / scale2) and the sinks multiply
+    entry (i, j) by scale1[i] scale2[j] (scale2 None for a symmetric job: scale1 on both sides).
+    backend: the class that computes it (already chosen and checked against this job).
+    devices: the GPU ids of a local GPU job (None on the CPU and with a client).  result_device: the GPU the result matrices go to (the images came as CuPy
     arrays), or None for NumPy results.  tile: rows per tile, None for automatic.
     """
 
@@ -55,6 +58,21 @@ class GramJob:
     client: Any = None
     resume: bool = True
     progress: bool = False
+    scale1: Any = None
+    scale2: Any = None
+    inputs: tuple | None = None     # (x1 / scale1, x2 / scale2 or None); None: (x1, x2) as given
+
+    @property
+    def compute_images(self) -> tuple:
+        """(a, b) the backends compute on (b None for a symmetric job)."""
+        return (self.x1, self.x2) if self.inputs is None else self.inputs
+
+    @property
+    def scales(self) -> tuple:
+        """(row scales, column scales) the sinks multiply the tiles by, or (None, None)."""
+        if self.scale1 is None:
+            return None, None
+        return self.scale1, (self.scale1 if self.scale2 is None else self.scale2)
 
     @property
     def symmetric(self) -> bool:
@@ -106,8 +124,10 @@ def run_job(job: GramJob) -> tuple[object, dict]:
     if job.tile is not None:
         tile, why = job.tile, "given"
     else:
+        work = pair_work(job.arch, job.image_shape)
         tile, why = auto_tile(traits, job.n1, job.n2, job.symmetric, n_workers, len(job.arch.depths),
-                              free, for_store=job.out is not None)
+                              free, for_store=job.out is not None,
+                              pair_seconds=traits.pair_seconds(work, job.dtype))
 
     # ---- where results go
     store = None
@@ -138,7 +158,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         if job.client is not None:
             return jdask.run_dask(job, tiles, sink, bar, writes_store=store is not None)
         workers = local_workers(job.make_backend, job.devices)
-        per = run_tiles(workers, job.x1, job.x2, tiles, sink, bar,
+        per = run_tiles(workers, *job.compute_images, tiles, sink, bar,
                         claim=sink.claim if store is not None else None)
         return per, []
 

@@ -1,9 +1,11 @@
 """Where finished tiles go: one interface for memory and the Zarr store.
 
 A sink is called once per tile with the tile's readout sums (``Backend.pair_sums``: float64,
-(rows, cols, n_depths, 2), NumPy or CuPy), from any worker thread.  It finalizes them into
-kernels (``arch.finalize`` is elementwise, so a tile gives bit for bit the values the whole
-matrix would) and stores them, mirroring off-diagonal tiles of a symmetric Gram.
+(rows, cols, n_depths, 2), NumPy or CuPy), from any worker thread.  It multiplies them by the
+job's per-image scales when the images were computed scaled (``inputs.prepare_magnitudes``:
+powers of two, so exactly), refuses non-finite sums, finalizes them into kernels
+(``arch.finalize`` is elementwise, so a tile gives bit for bit the values the whole matrix
+would) and stores them, mirroring off-diagonal tiles of a symmetric Gram.
 :class:`MemorySink` keeps the matrices in memory on the host, or on the caller's GPU when the
 images came as CuPy arrays (the matrix never round-trips through the host);
 ``jobs.store.StoreSink`` writes them into a Zarr store.
@@ -15,7 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..arch import finalize
-from ..arrays import cupy_module, to_device, to_host
+from ..arrays import cupy_module, get_array_module, to_device, to_host
 from .tiles import Tile, TileLayout
 
 
@@ -26,10 +28,22 @@ class Sink:
         raise NotImplementedError
 
     arch = params = kernel = None      # set by each sink: what finalizing a tile needs
+    row_scale = col_scale = None       # per-image scales of rows and columns (host float64), or None
 
-    def kernels(self, sums) -> dict:
-        """The tile's finalized kernels {depth: {kernel: (rows, cols) array}}, where ``sums``
-        lives."""
+    def kernels(self, t: Tile, sums) -> dict:
+        """Tile ``t``'s finalized kernels {depth: {kernel: (rows, cols) array}}, where ``sums``
+        lives.  Raises RuntimeError when a sum is not finite: no NaN or inf is ever stored."""
+        xp = get_array_module(sums)
+        if self.row_scale is not None:
+            r = xp.asarray(self.row_scale[t.rows])[:, None, None, None]
+            c = xp.asarray(self.col_scale[t.cols])[None, :, None, None]
+            sums = sums * r * c            # powers of two: exact
+        if not bool(xp.isfinite(sums).all()):
+            raise RuntimeError(
+                f"tile ({t.i}, {t.j}) (rows {t.r0}:{t.r1}, columns {t.c0}:{t.c1}) has non-finite "
+                "kernel sums (NaN or inf) and was not stored; the input checks should have refused "
+                "this job: please report it with the images' shape and architecture, and use "
+                "dtype='float64' meanwhile")
         return finalize(sums, self.arch, self.params, self.kernel)
 
 
@@ -40,6 +54,7 @@ class MemorySink(Sink):
 
     def __init__(self, job, layout: TileLayout, device: int | None = None):
         self.arch, self.params, self.kernel = job.arch, job.params, job.kernel
+        self.row_scale, self.col_scale = job.scales
         self.layout, self.device = layout, device
         xp = np if device is None else cupy_module()
         with self._on_device():
@@ -52,7 +67,7 @@ class MemorySink(Sink):
     def __call__(self, t: Tile, sums) -> None:
         with self._on_device():
             sums = to_host(sums) if self.device is None else to_device(sums, self.device)
-            for d, res in self.kernels(sums).items():
+            for d, res in self.kernels(t, sums).items():
                 for k, v in res.items():
                     a = self.result[d][k]
                     a[t.rows, t.cols] = v

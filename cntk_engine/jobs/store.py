@@ -599,9 +599,11 @@ class StoreSink(Sink):
 
     def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int, *,
                  run_uuid: str = "", repair: dict | None = None,
-                 claim_timeout: float = CLAIM_TIMEOUT, names: list[str] | None = None):
+                 claim_timeout: float = CLAIM_TIMEOUT, names: list[str] | None = None,
+                 scales=(None, None)):
         self.path, self.arch, self.params = str(path), arch, params
         self.kernel, self.symmetric, self.run_id = kernel, symmetric, run_id
+        self.row_scale, self.col_scale = scales
         self.run_uuid, self.claim_timeout = run_uuid, float(claim_timeout)
         self.repair = dict(repair or {})
         self.names = list(names) if names else sorted(array_names(arch.depths, kernel).values())
@@ -669,7 +671,7 @@ class StoreSink(Sink):
     def __call__(self, t, sums) -> None:
         arrays = self._open()
         record = np.zeros((len(self.names), 2), dtype=np.uint64)
-        for d, res in self.kernels(to_host(sums)).items():
+        for d, res in self.kernels(t, to_host(sums)).items():
             for k, v in res.items():
                 name = self._by_key[(d, k)]
                 a, ai = arrays[name], self._index[name]
@@ -1086,7 +1088,8 @@ class GramStore:
     def sink(self, job, run_id: int) -> StoreSink:
         return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id,
                          run_uuid=self.run_uuid, repair=self.repair,
-                         claim_timeout=self.claim_timeout, names=_spec_arrays(self.spec))
+                         claim_timeout=self.claim_timeout, names=_spec_arrays(self.spec),
+                         scales=job.scales)
 
     @property
     def read_only_group(self):

@@ -5,12 +5,15 @@ and column of tiles may be smaller).  Each tile is ONE ``Backend.pair_sums`` cal
 symmetric Gram only tiles on or above the diagonal are computed; each off-diagonal tile is also
 written transposed by the sinks (the lower triangle is mirrored, the stored matrix is full).
 
-Tile size (:func:`auto_tile`): the backend's default (its :class:`~cntk_engine.backends.Traits`;
-at least :data:`STORE_MIN_TILE` with a store, so it has fewer, larger chunk files), lowered
-until one tile's output fits in a quarter of the free device memory, and, with several workers,
-halved until there are at least :data:`TILES_PER_WORKER` tiles per worker (down to the
-backend's floor), so that no worker idles at the end.  ``tile=`` overrides all of this; a
-resumed store keeps the tile of the job that created it.
+Tile size (:func:`auto_tile`): the backend's default (its :class:`~cntk_engine.backends.Traits`),
+lowered, for a backend that declares a time model (the CPU backend), until one tile takes about
+``traits.tile_seconds`` (a tile is one uninterruptible call: Ctrl-C and the progress bar act
+between tiles, so a tile must take seconds, not minutes); without a time model at least
+:data:`STORE_MIN_TILE` with a store, so it has fewer, larger chunk files; lowered until one
+tile's output fits in a quarter of the free device memory, and, with several workers, halved
+until there are at least :data:`TILES_PER_WORKER` tiles per worker (down to the backend's
+floor), so that no worker idles at the end.  ``tile=`` overrides all of this; a resumed store
+keeps the tile of the job that created it.
 """
 from __future__ import annotations
 
@@ -98,16 +101,38 @@ def bytes_per_pair(n_depths: int) -> int:
     return 2 * (n_depths * 2 * 8) + 16
 
 
+PAIR_OVERHEAD = 40    # per-pair work that does not depend on the offsets, in entries per pixel
+
+
+def pair_work(arch, image_shape) -> int:
+    """The work of one pair in offset-slice entries times layers, the unit of
+    ``Traits.entry_seconds``: ``arch.pair_entries`` (the entries the layers update: (H W)^2 L
+    for gap, H W L for flatten, ``cntk_engine.arch``), plus what a pair costs whatever its
+    offsets (its images' rows and diagonals copied and set up, per layer), counted as
+    :data:`PAIR_OVERHEAD` entries per pixel and layer (numba, measured: a flatten pair costs
+    20-40 times its entries; an overestimate only makes tiles shorter)."""
+    _, h, w = image_shape
+    return arch.pair_entries(h, w) + PAIR_OVERHEAD * h * w * arch.n_layers
+
+
 def auto_tile(traits, n1: int, n2: int, symmetric: bool, n_workers: int, n_depths: int,
-              free_bytes: int | None = None, for_store: bool = False) -> tuple[int, str]:
+              free_bytes: int | None = None, for_store: bool = False,
+              pair_seconds: float | None = None) -> tuple[int, str]:
     """(tile, why) for this problem; see the module docstring.  ``traits``: the backend's
-    :class:`~cntk_engine.backends.Traits`."""
+    :class:`~cntk_engine.backends.Traits`; ``pair_seconds``: its estimate of one pair's seconds
+    for this job (:meth:`~cntk_engine.backends.Traits.pair_seconds`), None without a time model."""
     tile = traits.default_tile
     why = [f"backend default {tile}"]
-    if for_store and tile < STORE_MIN_TILE:
+    floor = traits.min_tile
+    if pair_seconds and traits.tile_seconds:
+        t_time = max(floor, int(math.sqrt(traits.tile_seconds / pair_seconds)))
+        if t_time < tile:
+            tile = t_time
+            why.append(f"about {traits.tile_seconds:g} s per tile at an estimated "
+                       f"{pair_seconds * 1e3:.3g} ms per pair -> {tile}")
+    elif for_store and tile < STORE_MIN_TILE:
         tile = STORE_MIN_TILE
         why.append(f"store chunks of at least {STORE_MIN_TILE} x {STORE_MIN_TILE}")
-    floor = traits.min_tile
     if free_bytes:
         per = bytes_per_pair(n_depths)
         t_mem = int(math.sqrt(DEVICE_MEMORY_FRACTION * free_bytes / per))
@@ -124,5 +149,5 @@ def auto_tile(traits, n1: int, n2: int, symmetric: bool, n_workers: int, n_depth
     return tile, "; ".join(why)
 
 
-__all__ = ["Tile", "TileLayout", "largest_first", "auto_tile", "bytes_per_pair",
+__all__ = ["Tile", "TileLayout", "largest_first", "auto_tile", "bytes_per_pair", "pair_work", "PAIR_OVERHEAD",
            "TILES_PER_WORKER", "STORE_MIN_TILE"]

@@ -1,0 +1,180 @@
+"""Correct wherever and however it is run: the suite tests the installed package, and every
+process computes with the same kernel code whatever its working directory.
+
+A clone of the repository holds a ``cntk_engine/`` source tree; Python puts the working
+directory first on sys.path for ``python -c`` and ``python -m``, so a child process started
+that way from the clone imports the source tree, not the package its parent imported.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cntk_engine
+from cntk_engine.backends import numba_cpu
+from conftest import checkout_copy, run_script
+
+COMPILED_HERE = "compiled in this process"
+
+
+def installed_copy() -> Path | None:
+    """``cntk_engine/__init__.py`` of the installed distribution, or None (not installed, or an
+    editable install, which has no copy of its own)."""
+    try:
+        dist = importlib.metadata.distribution("cntk-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    f = Path(dist.locate_file("cntk_engine/__init__.py"))
+    return f.resolve() if f.is_file() else None
+
+
+def test_the_tests_import_the_installed_package():
+    imported = Path(cntk_engine.__file__).resolve()
+    installed = installed_copy()
+    if installed is None:
+        pytest.skip("cntk-engine is not installed (or installed editable): the tests import "
+                    f"{imported}")
+    assert imported == installed, (
+        f"the tests imported cntk_engine from {imported}, but it is installed at {installed}: "
+        "something put the source tree ahead of site-packages (python -m pytest and PYTHONPATH "
+        f"do; sys.path starts {sys.path[:3]}). Run `pytest` after `pip install \".[test]\"`")
+
+
+# ------------------------------------------------------------------ kill -9 here, resume there
+CLI = "import sys\nfrom cntk_engine.cli import main\nsys.exit(main())\n"
+
+
+def _gram_cli(x_path, out, cwd, env, *extra, wait=True):
+    return run_script(CLI, "gram", x_path, "--depth", "3", "--backend", "numba", "--tile", "8",
+                      "--out", out, "--no-progress", *extra, cwd=cwd, env=env, wait=wait)
+
+
+@pytest.mark.skipif(not numba_cpu._CACHING, reason="numba found no writable place for its cache here")
+def test_kill_9_in_the_checkout_resume_elsewhere_is_bit_identical(tmp_path):
+    """On an empty kernel cache: a store job started in a checkout (its cache-filling child
+    could import the checkout's source tree), killed with kill -9, resumed from another folder,
+    equals an uninterrupted run bit for bit, and no process compiled the kernel itself."""
+    zarr = pytest.importorskip("zarr")
+    checkout = checkout_copy(tmp_path / "clone")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))   # empty
+    env.pop(numba_cpu._CHILD, None)
+    x = np.random.default_rng(7).standard_normal((64, 1, 16, 16))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "killed.zarr"
+    proc = _gram_cli(tmp_path / "x.npy", out, checkout, env, wait=False)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 900                 # the kernel is compiled first (a child process)
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= 6:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read()[-800:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    logs = [proc.stderr.read()]
+    assert proc.returncode == -signal.SIGKILL
+    done = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    assert 0 < np.count_nonzero(done) < 36
+    for args in ((out, elsewhere, env, "--resume"), (tmp_path / "clean.zarr", elsewhere, env)):
+        r = _gram_cli(tmp_path / "x.npy", *args)
+        assert r.returncode == 0, r.stderr[-800:]
+        logs.append(r.stderr)
+    resumed = zarr.open_group(str(out), mode="r")["ntk"][...]
+    clean = zarr.open_group(str(tmp_path / "clean.zarr"), mode="r")["ntk"][...]
+    assert not np.isnan(clean).any()
+    differ = int(np.count_nonzero(resumed != clean))
+    assert differ == 0, f"{differ} of {clean.size} entries differ"
+    for log in logs:
+        assert COMPILED_HERE not in log, log[-800:]
+
+
+# ------------------------------------------------------------------ GPU installs
+def test_build_record_says_plainly_what_was_built(monkeypatch):
+    from cntk_engine import build_info
+    record = build_info.build_record()
+    if installed_copy() is not None:
+        assert record is not None and isinstance(record["cuda_extension"], bool)   # installed builds have one
+    monkeypatch.setattr(build_info, "build_record",
+                        lambda: {"cuda_extension": False, "reason": "no CUDA compiler (nvcc) was found"})
+    assert build_info.cuda_extension_line() == (
+        "CUDA extension: not built: no CUDA compiler (nvcc) was found (to build it, install again with "
+        "nvcc on PATH and without -DCNTK_ENGINE_NO_CUDA=ON; backend 'cuda' also needs CuPy: "
+        "pip install 'cntk-engine[cuda]', README, Install)")
+    built = {"cuda_extension": True, "cuda_version": "13.0.88", "cuda_architectures": "80;90"}
+    monkeypatch.setattr(build_info, "build_record", lambda: built)
+    line = build_info.cuda_extension_line()
+    assert line.startswith("CUDA extension: built for sm_80, sm_90 with CUDA 13.0.88")
+    try:
+        from cntk_engine import _cuda  # noqa: F401
+    except ImportError:
+        assert "cannot be imported" in line
+        return
+    monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: None)
+    assert build_info.cuda_extension_line().endswith(
+        "CuPy is not installed, and backend 'cuda' needs it: pip install 'cntk-engine[cuda]'")
+    monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: 12)
+    assert "CuPy is built for CUDA 12, not 13" in build_info.cuda_extension_line()
+
+
+def test_auto_says_why_a_present_gpu_goes_unused(monkeypatch, caplog):
+    from cntk_engine import backends
+    if backends.unavailable_reason("cuda") is None:
+        pytest.skip("cuda can run here")
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(backends, "_gpu_unused_said", False)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, backend="reference", dtype="float64")
+        assert not caplog.records                          # a backend asked for by name: no warning
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, dtype="float64")
+        cntk_engine.gram(np.ones((2, 1, 3, 3)), depth=2, dtype="float64")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "has an NVIDIA GPU" in msgs[0] and backends.unavailable_reason("cuda") in msgs[0]
+
+
+# ------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path):
+    """CPU tiles are sized to about 2 s of work (NumbaBackend.traits), and Ctrl-C takes effect
+    when the running tile returns: the job stops within seconds, keeps its finished tiles, and
+    --resume completes it."""
+    zarr = pytest.importorskip("zarr")
+    x = np.random.default_rng(5).random((100, 1, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "g.zarr"
+    args = ("gram", tmp_path / "x.npy", "--depth", "6", "--backend", "numba", "--out", out,
+            "--no-progress")
+    proc = run_script(CLI, *args, cwd=tmp_path, wait=False)
+    markers = out / "tiles_done" / "c"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= 1:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before Ctrl-C: " + proc.stderr.read()[-800:]
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+        stopped_after = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err[-800:]
+    assert "Traceback" not in err
+    assert stopped_after < 15, f"Ctrl-C took {stopped_after:.1f} s"
+    done = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    assert 0 < np.count_nonzero(done) < np.triu(np.ones_like(done)).sum()
+    r = run_script(CLI, *args, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert not np.isnan(zarr.open_group(str(out), mode="r")["ntk"][...]).any()
