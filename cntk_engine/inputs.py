@@ -48,6 +48,19 @@ def check_dtype(dtype) -> np.dtype:
     return np.dtype(name)
 
 
+def check_nonnegative(value, name: str, meaning: str = "") -> float:
+    """``value`` as a finite float >= 0 (NumPy scalars too), or a ValueError naming ``name``
+    and, in parentheses, ``meaning`` (e.g. "0 = interpolation")."""
+    hint = f" ({meaning})" if meaning else ""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0{hint}; got {value!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0{hint}; got {value!r}")
+    return v
+
+
 def check_tile(tile):
     """``tile``: None (automatic), or a positive integer (NumPy integers too) as a Python int."""
     if tile is None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inputs import check_nonnegative
+
 PREPROCESSING = ("standardize", "scale", "zca", "none")
 ZCA_REG = 0.1       # relative to the mean eigenvalue: the value of Lee et al. 2020's code
 
@@ -90,12 +92,7 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     """Fit the regularised ZCA whitening of :func:`zca_whiten` on ``x_train``."""
     if data_format not in ("NCHW", "NHWC"):
         raise ValueError(f"data_format must be 'NCHW' or 'NHWC'; got {data_format!r}")
-    try:
-        reg = float(reg)
-    except (TypeError, ValueError):
-        raise ValueError(f"reg must be a number >= 0; got {reg!r}") from None
-    if not np.isfinite(reg) or reg < 0:
-        raise ValueError(f"reg must be a finite number >= 0; got {reg!r}")
+    reg = check_nonnegative(reg, "reg", "the ZCA regulariser")
     x = np.asarray(x_train)
     a = _images(x if data_format == "NCHW" else np.moveaxis(x, -1, 1), "x_train")
     if a.shape[0] == 0 or a[0].size == 0:

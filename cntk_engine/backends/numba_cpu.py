@@ -128,6 +128,15 @@ if numba is not None:
                 mask[t, j] = KC[3] if ok else KC[2]
 
     @njit(inline="always", fastmath=_FASTMATH)
+    def double_rows(dst, src, H, W):
+        """dst[i, j] = dst[i, j + W] = src[i, j]: z's rows written twice side by side, so that the
+        rotation of a row by dx is the contiguous view dst[i, dx:dx + W]."""
+        for i in range(H):
+            for j in range(W):
+                dst[i, j] = src[i, j]
+                dst[i, j + W] = src[i, j]
+
+    @njit(inline="always", fastmath=_FASTMATH)
     def clear_pad_rows(kbuf, gbuf, r, h, KC):
         """Zero the r padding rows above and below the h rows of an offset grid in use."""
         for i in range(r):
@@ -178,20 +187,14 @@ if numba is not None:
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
-            # z's rows written twice side by side, so a rotation by dx is a contiguous view
             zimg = np.empty((C, H, 2 * W), dtype=X1.dtype)
             zs = np.empty((L, H, 2 * W), dtype=X1.dtype)
             zi = np.empty((L, H, 2 * W), dtype=X1.dtype)
-            for i in range(H):
-                for j in range(W):
-                    for c in range(C):
-                        zimg[c, i, j] = X2[ib, c, i, j]
-                        zimg[c, i, j + W] = X2[ib, c, i, j]
-                    for l in range(L):
-                        zs[l, i, j] = S2[ib, l, i, j]
-                        zs[l, i, j + W] = S2[ib, l, i, j]
-                        zi[l, i, j] = I2[ib, l, i, j]
-                        zi[l, i, j + W] = I2[ib, l, i, j]
+            for c in range(C):
+                double_rows(zimg[c], X2[ib, c], H, W)
+            for l in range(L):
+                double_rows(zs[l], S2[ib, l], H, W)
+                double_rows(zi[l], I2[ib, l], H, W)
             kbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded K (and layer-0 x.z)
             gbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded G
             sig = np.empty((H, W), dtype=X1.dtype)
@@ -284,20 +287,13 @@ if numba is not None:
             zimg = np.empty((C, H0, 2 * W0), dtype=X1.dtype)
             zs = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
             zi = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
-            for i in range(H0):
-                for j in range(W0):
-                    for c in range(C):
-                        zimg[c, i, j] = X2[ib, c, i, j]
-                        zimg[c, i, j + W0] = X2[ib, c, i, j]
+            for c in range(C):
+                double_rows(zimg[c], X2[ib, c], H0, W0)
             for st in range(n_st):
                 Hs, Ws = stages[st, 0], stages[st, 1]
                 for l in range(stages[st, 2], stages[st, 2] + stages[st, 3]):
-                    for i in range(Hs):
-                        for j in range(Ws):
-                            zs[l, i, j] = S2[ib, l, i, j]
-                            zs[l, i, j + Ws] = S2[ib, l, i, j]
-                            zi[l, i, j] = I2[ib, l, i, j]
-                            zi[l, i, j + Ws] = I2[ib, l, i, j]
+                    double_rows(zs[l], S2[ib, l], Hs, Ws)
+                    double_rows(zi[l], I2[ib, l], Hs, Ws)
             kbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
             gbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
             sig = np.empty((H0, W0), dtype=X1.dtype)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..arrays import DEVICES, cupy_module, is_cupy, to_host
+from ..inputs import check_nonnegative
 from ..jobs.store import load_gram
 
 log = logging.getLogger("cntk_engine")
@@ -167,13 +168,7 @@ def check_test_kernel(K_test, n: int, name: str = "K_test", *, xp=np):
 
 
 def check_ridge(ridge, name: str = "ridge") -> float:
-    try:
-        r = float(ridge)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0; got {ridge!r}") from None
-    if not math.isfinite(r) or r < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 = interpolation); got {ridge!r}")
-    return r
+    return check_nonnegative(ridge, name, "0 = interpolation")
 
 
 def spectrum_problem(s_min: float, lam: float, tol: float) -> str:
