@@ -1,4 +1,5 @@
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,10 @@ def run_script(code: str, *args, cwd, env=None, timeout=1800, wait=True):
     script.write_text(code)
     cmd = [sys.executable, str(script), *map(str, args)]
     if not wait:
+        # SIGINT restored to its default: a test suite started in the background (``cmd &`` in a
+        # non-interactive shell) ignores it, the child would inherit that, and Python installs
+        # its Ctrl-C handler only where SIGINT is not ignored
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
