@@ -7,6 +7,7 @@ local copy, test_the_published_file_through_the_emulation loads and checks it to
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -131,3 +132,31 @@ def test_the_published_file_through_the_emulation(pooling, fix):
     x = _images(2, seed=3)
     chk = pc.compare_values(pc.PaperCode(path, pc.numpy_cupy()).gram(x, 4, pooling, fix), pc.ours(x, 4, pooling, fix))
     assert chk["agree_distinct_pairs"] and chk["non_finite_entries"] == 0, chk
+
+
+def test_harness_paper_code_method(tmp_path, monkeypatch):
+    """Emulated: values checked (status "emulated", no timing); float64 and 16x16 are skipped
+    with the reason; without --paper-code, or without CuPy, every configuration is recorded as
+    unavailable with the reason and the run goes on."""
+    from bench import harness
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    base = ["--methods", "paper_code", "--depths", "3", "--n", "2", "--repeats", "1", "--warmup", "0",
+            "--no-ceiling", "--no-plots"]
+    out = tmp_path / "h.json"
+    harness.main(base + ["--sizes", "32,16", "--dtypes", "float32,float64", "--fix", "no,yes",
+                         "--paper-code", str(STANDIN), "--paper-emulate", "--output", str(out)])
+    rows = {(r["config"]["size"], r["config"]["dtype"], r["config"]["fix"]): r
+            for r in json.loads(out.read_text())["results"]}
+    for fix in (False, True):
+        r = rows[(32, "float32", fix)]
+        assert r["status"] == "emulated" and "seconds" not in r and r["device"] == "cpu"
+        assert r["check"]["agree_distinct_pairs"] and r["check"]["vs"].startswith(f"cntk_engine float64, arora, fix={fix}")
+        assert r["paper_timing"]["pairs"] == 3
+        assert rows[(32, "float64", fix)]["status"] == "skipped"
+        assert "32x32" in rows[(16, "float32", fix)]["reason"]
+    for extra, why in (([], "no --paper-code PATH given"),
+                       (["--paper-code", str(STANDIN)], "needs CuPy, which cannot be imported here")):
+        out2 = tmp_path / f"u{len(extra)}.json"
+        harness.main(base + ["--sizes", "32", "--output", str(out2)] + extra)
+        (r,) = json.loads(out2.read_text())["results"]
+        assert r["status"] == "unavailable" and why in r["reason"]
