@@ -447,8 +447,13 @@ def output_path(args) -> Path:
 
 def resume_records(out_path: Path, args) -> list:
     """The records of the file a --resume continues; refuses one measured with other settings."""
+    return resume_payload(out_path, args).get("results", [])
+
+
+def resume_payload(out_path: Path, args) -> dict:
+    """The file a --resume continues ({} without one); refuses one measured with other settings."""
     if not (args.resume and out_path.exists()):
-        return []
+        return {}
     try:
         old = json.loads(out_path.read_text())
     except (OSError, ValueError) as e:
@@ -466,7 +471,15 @@ def resume_records(out_path: Path, args) -> list:
     if differ:
         raise SystemExit(f"--resume: {out_path} was measured with other settings: {'; '.join(differ)}. "
                          "Run with the file's settings, or start a new file (--output NEW.json)")
-    return old.get("results", [])
+    return old
+
+
+def _merge_rates(old: dict, new: dict) -> dict:
+    """Ceiling rates {device: {dtype: ...}} of a resumed file and of this run (this run's win)."""
+    out = {d: dict(v) for d, v in old.items()}
+    for d, v in new.items():
+        out.setdefault(d, {}).update(v)
+    return out
 
 
 def device_of(c, args) -> str:
@@ -499,7 +512,8 @@ def run(args) -> dict:
     out_path = output_path(args)
     variants = cuda_variants()
     check_args(args, variants)
-    old_records = resume_records(out_path, args)
+    old = resume_payload(out_path, args)
+    old_records = old.get("results", [])
     runner = Runner(args)
     matrix = build_matrix(args)
     designated = designated_references(matrix, runner)
@@ -524,8 +538,10 @@ def run(args) -> dict:
                           "gpu_sync": "cupy.cuda.Device().synchronize() before each clock read"},
                "scheduler": {k: str(v) for k, v in runner.gram_kwargs.items()},
                "results": []}
-    if variants is not None:
-        payload["cuda_kernels"] = variants
+    if old.get("command"):           # a file filled by several runs (--resume) keeps their commands
+        payload["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+    if variants is not None or old.get("cuda_kernels"):
+        payload["cuda_kernels"] = variants if variants is not None else old["cuda_kernels"]
     # --- the ceiling: measured once per device used, for the dtypes its configurations use
     rates = {}
     if not args.no_ceiling:
@@ -537,17 +553,23 @@ def run(args) -> dict:
             rates["cpu"] = ceil_mod.measure("cpu", tuple(sorted(cpu_dts)))
         if gpu_dts and payload["gpu"]:
             rates["gpu"] = ceil_mod.measure("gpu", tuple(sorted(gpu_dts)))
-    payload["ceiling"] = {"rates": rates, "count": "docs/gpu_performance.md (counted from cntk_engine/backends/numba_cpu.py)"}
+    payload["ceiling"] = {"rates": _merge_rates(old.get("ceiling", {}).get("rates", {}), rates),
+                          "count": "docs/gpu_performance.md (counted from cntk_engine/backends/numba_cpu.py)"}
     # each cuda kernel variant's own instruction count (tools/sass_mix.py): issue ceiling and
-    # efficiency; "sass" holds the default variant's (the field of files before --kernels)
+    # efficiency; "sass" holds the default variant's (the field of files before --kernels), else
+    # the first's; a resumed file keeps the variants it counted before
     mixes = {}
     if "cuda" in methods and payload["gpu"] and variants is not None:
         for v in dict.fromkeys(resolved_variant(cfg(c, "cuda_kernel"), variants) for c in matrix
                                if c["method"] == "cuda"):
             mixes[v] = sass_mix.harness_mixes([c for c in matrix if c["method"] == "cuda"], kernel=v)
-        payload["sass_by_kernel"] = mixes
-        default = next(v["name"] for v in variants if v["default"])
-        payload["sass"] = mixes.get(default) or next(iter(mixes.values()))
+    counted = {**old.get("sass_by_kernel", {}), **mixes}
+    if counted:
+        payload["sass_by_kernel"] = counted
+        default = next((v["name"] for v in payload.get("cuda_kernels") or [] if v["default"]), None)
+        payload["sass"] = counted.get(default) or next(iter(counted.values()))
+    elif old.get("sass"):
+        payload["sass"] = old["sass"]
 
     def save():
         write_json(out_path, {**payload, "results": payload["results"] + outside})

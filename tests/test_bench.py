@@ -774,3 +774,25 @@ def test_an_old_result_file_still_plots(tmp_path):
     plots.main([str(copy)])
     assert copy.with_suffix(".png").stat().st_size > 0
 
+
+
+def test_harness_resume_keeps_what_earlier_runs_recorded(tmp_path, monkeypatch):
+    """Runs that fill one file one after another (gpu_session.sh's phases) keep the header fields
+    of the earlier ones: their commands, ceiling rates, kernel variants and SASS counts."""
+    from bench import harness
+    monkeypatch.setattr(harness.ceil_mod, "measure", lambda device, dtypes: {dt: {"fma_per_s": 1e12} for dt in dtypes})
+    out = tmp_path / "h.json"
+    base = ["--depths", "2", "--sizes", "4", "--n", "2", "--repeats", "1", "--warmup", "0", "--no-plots",
+            "--output", str(out), "--resume"]
+    harness.main(["--methods", "numba"] + base)
+    p = json.loads(out.read_text())
+    p["sass_by_kernel"] = {"v3": {"float32 k3": {"slots_per_entry_layer": 70.4}}}
+    p["cuda_kernels"] = [{"name": "v3", "default": True}]
+    out.write_text(json.dumps(p))
+    harness.main(["--methods", "per_layer_cpu", "--no-ceiling"] + base)
+    q = json.loads(out.read_text())
+    assert len(q["earlier_commands"]) == 1 and q["ceiling"]["rates"] == {"cpu": {"float32": {"fma_per_s": 1e12}}}
+    assert q["sass_by_kernel"] == p["sass_by_kernel"] and q["sass"] == p["sass_by_kernel"]["v3"]
+    assert q["cuda_kernels"] == p["cuda_kernels"] or harness.cuda_variants() is not None
+    assert [r["config"]["method"] for r in q["results"]] == ["per_layer_cpu", "numba"]
+
