@@ -796,3 +796,85 @@ def test_harness_resume_keeps_what_earlier_runs_recorded(tmp_path, monkeypatch):
     assert q["cuda_kernels"] == p["cuda_kernels"] or harness.cuda_variants() is not None
     assert [r["config"]["method"] for r in q["results"]] == ["per_layer_cpu", "numba"]
 
+
+# ------------------------------------------------------------ the GPU session script and summary
+def _rec(method, depth, rate, *, arch="cnn", dtype="float32", variant=None, n=256, status="ok", device="gpu",
+         evaluated=None, check=None, fix=False, pooling="gap", reason=None):
+    r = {"config": {"method": method, "architecture": arch, "depth": depth, "size": 32, "channels": 3,
+                    "pooling": pooling, "fix": fix, "dtype": dtype, "tile": None, "n": n, "cuda_kernel": variant},
+         "status": status}
+    if variant:
+        r["cuda_kernel"] = variant
+    if status == "ok":
+        r.update(device=device, unique_pairs_per_s=rate, pairs_evaluated_per_s=evaluated or rate)
+    else:
+        r["reason"] = reason
+    if check:
+        r["check"] = check
+    return r
+
+
+def test_session_summary_targets():
+    """Each target is met / not met / not measured (with why), from the results alone."""
+    from bench import session_summary as ss
+    f64 = {"vs": "cuda v3 float64", "max_rel_diff": 2e-7}
+    payload = {"cuda_kernels": [{"name": "v3", "default": True}, {"name": "v5", "default": False}], "results": [
+        _rec("cuda", 21, 21000.0, variant="v3", check=f64), _rec("cuda", 21, 9000.0, variant="v3", n=16),
+        _rec("cuda", 21, 26000.0, variant="v5", check={"vs": "cuda v3 float64", "max_rel_diff": 3e-4}),
+        _rec("cuda", 10, None, arch="myrtle10", variant="v3", status="unavailable", reason="no stacks on cuda"),
+        _rec("neural_tangents", 21, 700.0, n=16, evaluated=1400.0),
+        _rec("paper_code", 21, 300.0, n=16, check={"vs": "cntk_engine float64, arora", "max_rel_diff": 1e-7,
+                                                     "max_rel_diff_distinct_pairs": 5e-8, "max_rel_diff_self_pairs": 1e-7,
+                                                     "non_finite_entries": 0, "agree_distinct_pairs": True,
+                                                     "agree_all_entries": True})]}
+    assert [x["status"] for x in ss.targets(payload)] == ["met", "not met", "not measured", "not measured", "not met"]
+    d21, nt21, m10, ntm10, f32 = ss.targets(payload)
+    assert d21["value"] == 21000.0                                    # the largest N of the default variant
+    assert nt21["value"] == pytest.approx(21000.0 / 1400.0)           # per pair neural-tangents evaluated
+    assert "no stacks on cuda" in m10["detail"] and "no stacks on cuda" in ntm10["detail"]
+    assert f32["per_variant"] == {"v3": 2e-7, "v5": 3e-4}
+    (paper,) = ss.paper_report(payload)
+    assert paper["speedup"] == pytest.approx(21000.0 / 300.0) and paper["agree_distinct_pairs"]
+    nocuda = ss.targets({"results": [_rec("numba", 21, 50.0, device="cpu")]})
+    assert {x["status"] for x in nocuda} == {"not measured"}
+    assert all("no CUDA extension" in x["detail"] for x in nocuda)
+
+
+@pytest.mark.slow       # ~20 s with numba's cache warm; compiling the kernels first adds minutes on 2 cores
+def test_gpu_session_cpu_dry_run(tmp_path):
+    """tools/gpu/gpu_session.sh end to end on the CPU (--cpu-dry-run): every phase runs or is
+    recorded as skipped with its reason, the harness file holds every method of the GPU run
+    (cuda recorded unavailable, the paper's code through the stand-in and the emulation,
+    neural-tangents unavailable in a Python without it), at most 8 files come back."""
+    import subprocess
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu" / "gpu_session.sh"), "--cpu-dry-run",
+                           "--python", sys.executable, "--nt-python", sys.executable,
+                           "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt")],
+                          cwd=ROOT, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "gpu_session_cpu_dry_run_summary.json").read_text())
+    phases = {p["phase"]: p for p in summary["phases"]}
+    assert set(phases) >= {"install", "tests", "sanitizer", "sass", "bench", "paper", "nt", "summary"}
+    for p in phases.values():
+        assert p["status"] in ("ok", "skipped"), p
+        assert p["status"] == "ok" or p["reason"], p
+    for name in ("tests", "bench", "paper", "nt", "summary"):
+        assert phases[name]["status"] == "ok", phases[name]
+    rows = json.loads((out / "harness_cpu_dry_run.json").read_text())["results"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["config"]["method"], []).append(r)
+    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5"}
+    assert {r["config"]["architecture"] for r in by["cuda"]} == {"cnn", "myrtle5", "myrtle10"}
+    assert all(r["status"] == "unavailable" and r["reason"] for r in by["cuda"])
+    assert all(r["status"] == "ok" for r in by["numba"])
+    assert len(by["paper_code"]) == 4 and all(r["status"] == "emulated" and r["check"]["agree_distinct_pairs"]
+                                              for r in by["paper_code"])
+    assert all(r["status"] == "unavailable" for r in by["neural_tangents"])
+    assert [t["status"] for t in summary["targets"]] == ["not measured"] * 5
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ["gpu_session_cpu_dry_run.log", "gpu_session_cpu_dry_run_summary.json",
+                     "harness_cpu_dry_run.json", "harness_cpu_dry_run.png"]
+    assert "ALL PHASES OK OR SKIPPED" in proc.stdout
