@@ -96,6 +96,7 @@ PHASE_TSV="$WORK/phases.tsv"
 T0=$(date +%s)
 RESERVE=25
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 
 # Python runs with -P (no current directory on sys.path) and finds bench/ and tools/ through
 # symlinks on PYTHONPATH, so `import cntk_engine` is the INSTALLED package (with the compiled
@@ -330,5 +331,11 @@ nfiles=$(find "$OUT" -type f | wc -l)
 [ "$nfiles" -gt 8 ] && echo "WARNING: $nfiles files in $OUT; the device tool brings back at most 8"
 FAILED=$(awk -F'\t' '$2 == "failed" || $2 == "timed_out" {printf " %s", $1}' "$PHASE_TSV")
 rm -rf "$WORK"
-if [ -n "$FAILED" ]; then echo "FAILED PHASES:$FAILED"; exit 1; fi
-echo "ALL PHASES OK OR SKIPPED (skipped phases and their reasons: above and in the summary)"
+if [ -n "$FAILED" ]; then
+  echo "FAILED PHASES:$FAILED"; rc=1
+else
+  echo "ALL PHASES OK OR SKIPPED (skipped phases and their reasons: above and in the summary)"; rc=0
+fi
+exec >&- 2>&-
+wait "$TEE_PID"        # the log complete on disk before the device tool collects $OUT
+exit $rc
