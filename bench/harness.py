@@ -383,8 +383,8 @@ def _max_rel_diff(res, ref, m):
 
 # ------------------------------------------------------------------------------ the run
 def build_matrix(args):
-    """The configurations of a run, in the order they run: each check group's reference first
-    (``designated_references``), then the product order of the arguments."""
+    """The configurations of a run, in the product order of the arguments (``run`` moves each
+    check group's reference, ``designated_references``, to the front)."""
     tiles, nfor = args.tiles, args.n_for
     out, seen = [], set()
     for m, arch in itertools.product(args.methods, args.architectures):
