@@ -35,7 +35,9 @@ NT_SNIPPET = r"""
 import json, os, sys, time
 import numpy as np
 import jax
-jax.config.update("jax_default_matmul_precision", "highest")
+# exact float32 convolutions on GPUs too (JAX's default there may use TF32 tensor cores)
+precision = os.environ.get("CNTK_BENCH_NT_PRECISION", "highest")
+jax.config.update("jax_default_matmul_precision", precision)
 sys.path.insert(0, sys.argv[4])
 import nt_compat
 nt_compat.install()
@@ -60,7 +62,8 @@ np.savez(sys.argv[5], x=x, ntk=np.asarray(k.ntk), nngp=np.asarray(k.nngp))
 import neural_tangents
 print(json.dumps({"seconds": sorted(times)[len(times) // 2], "times": times,
                   "version": neural_tangents.__version__, "jax": jax.__version__,
-                  "nt_compat": nt_compat.PATCHED}))
+                  "jax_device": str(jax.devices()[0]), "nt_compat": nt_compat.PATCHED,
+                  "jax_default_matmul_precision": precision}))
 """
 
 PEAK_SNIPPET = r"""

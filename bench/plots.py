@@ -15,8 +15,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _label(c):
-    return f"{c['method']} {c['dtype']}" + (f" tile {c['tile']}" if c.get("tile") else "")
+def _label(c, rec=None):
+    """'cuda v5 float32', 'paper_code fix float32', 'neural_tangents myrtle10 float32': the
+    method, the CUDA kernel variant (the config's, else the one the record says ran), the
+    architecture unless the CNN, fix, dtype, tile.  Result files written before these fields
+    existed give the labels they always had."""
+    variant = c.get("cuda_kernel") or (rec or {}).get("cuda_kernel")
+    arch = c.get("architecture", "cnn")
+    parts = [c["method"]] + ([variant] if variant else []) + ([arch] if arch != "cnn" else []) \
+        + (["fix"] if c.get("fix") else []) + [c["dtype"]]
+    return " ".join(parts) + (f" tile {c['tile']}" if c.get("tile") else "")
+
+
+def _column(c):
+    """Where a configuration sits on the depth axis: its depth for the CNN, the preset's name
+    (e.g. 'myrtle10') for a Myrtle network."""
+    arch = c.get("architecture", "cnn")
+    return c["depth"] if arch == "cnn" else arch
+
+
+def _column_order(v):
+    return (isinstance(v, str), v if not isinstance(v, str) else 0, str(v))
 
 
 def _ok(payload):
@@ -33,36 +52,53 @@ def _per_pair_rate(r) -> float:
     return r.get("pairs_evaluated_per_s") or r["unique_pairs_per_s"]
 
 
-def _speedups(best: dict) -> dict:
-    """(fast label, slow label, size, pooling) -> {depth: our unique pairs/s / the other's
-    pairs evaluated/s} (a per-pair comparison; ``_per_pair_rate``).
+def _primary_label(lab: str, r: dict) -> str:
+    """A project backend's label without the architecture: one primary covers every network."""
+    arch = r["config"].get("architecture", "cnn")
+    return lab.replace(f" {arch} ", " ") if arch != "cnn" else lab
 
-    For each project backend, its first dtype in the run (its "primary" configuration) is
-    compared with every configuration of the alternatives (per-layer baselines, reference,
-    neural-tangents) that ran on the same kind of device, and with the primary of each slower
-    project backend (cuda over numba); never the other way round, so every bar reads "how many
-    times faster is ours"."""
+
+def _speedups(best: dict) -> dict:
+    """(fast label, slow label, size, pooling) -> {column: our unique pairs/s / the other's
+    pairs evaluated/s} (a per-pair comparison; ``_per_pair_rate``).  ``best`` is keyed
+    (label, size, pooling, column), the column being the depth of a CNN configuration or the
+    name of a Myrtle preset (``_column``).
+
+    For each project backend and CUDA kernel variant, its float32 configuration without fix
+    (else its first; its "primary" configuration) is compared with every configuration of the alternatives (per-layer
+    baselines, reference, neural-tangents, the paper's code) that ran on the same kind of
+    device with the same fix setting, and with the primary of each slower project backend
+    (cuda over numba); never the other way round, so every bar reads "how many times faster is
+    ours"."""
     primary = {}
     for (lab, size, pool, depth), r in best.items():
-        m = r["config"]["method"]
+        c = r["config"]
+        m = c["method"]
         if m in PROJECT:
-            primary.setdefault(m, lab)
+            k = (m, c.get("cuda_kernel") or r.get("cuda_kernel"))
+            preferred = c["dtype"] == "float32" and not c.get("fix")
+            if k not in primary or (preferred and not primary[k][1]):
+                primary[k] = (_primary_label(lab, r), preferred)
+    primary = {k: lab for k, (lab, _) in primary.items()}
     bars = defaultdict(dict)
-    for m, lab in primary.items():
-        slower = {primary[s] for s in PROJECT[PROJECT.index(m) + 1:] if s in primary}
+    for (m, _), plab in primary.items():
+        slower = {lab for (s, _), lab in primary.items() if s in PROJECT[PROJECT.index(m) + 1:]}
         for (lab1, size, pool, depth), r in best.items():
-            if lab1 != lab:
+            if _primary_label(lab1, r) != plab:
                 continue
             for (lab2, size2, pool2, depth2), r2 in best.items():
                 m2 = r2["config"]["method"]
                 if (size2, pool2, depth2) != (size, pool, depth):
                     continue
-                if m2 in PROJECT and lab2 not in slower:
+                if bool(r2["config"].get("fix")) != bool(r["config"].get("fix")):
+                    continue
+                if m2 in PROJECT and _primary_label(lab2, r2) not in slower:
                     continue
                 if m2 not in PROJECT and r.get("device") and r2.get("device") \
                         and r["device"] != r2["device"]:
                     continue   # a CPU backend over a GPU baseline says nothing about either
-                bars[(lab, lab2, size, pool)][depth] = r["unique_pairs_per_s"] / _per_pair_rate(r2)
+                bars[(plab, _primary_label(lab2, r2), size, pool)][depth] = \
+                    r["unique_pairs_per_s"] / _per_pair_rate(r2)
     return bars
 
 
@@ -75,7 +111,7 @@ def harness_plots(payload: dict, stem) -> list[Path]:
     scal = defaultdict(list)
     for r in rows:
         c = r["config"]
-        scal[(_label(c), c["size"], c["pooling"], c["depth"])].append((c["n"], r["unique_pairs_per_s"]))
+        scal[(_label(c, r), c["size"], c["pooling"], c["depth"])].append((c["n"], r["unique_pairs_per_s"]))
     scal = {k: sorted(v) for k, v in scal.items() if len(v) >= 2}
     npanels = 3 if scal else 2
     fig, axes = plt.subplots(1, npanels, figsize=(6.2 * npanels, 6.5))
@@ -91,12 +127,12 @@ def harness_plots(payload: dict, stem) -> list[Path]:
     best = {}
     for r in rows:
         c = r["config"]
-        k = (_label(c), c["size"], c["pooling"], c["depth"])
+        k = (_label(c, r), c["size"], c["pooling"], _column(c))
         if k not in best or c["n"] > best[k]["config"]["n"]:
             best[k] = r
     series = defaultdict(list)
-    for (lab, size, pool, depth), r in best.items():
-        series[(lab, size, pool)].append((depth, r["unique_pairs_per_s"], r["config"]["n"]))
+    for (lab, size, pool, _), r in best.items():
+        series[(lab, size, pool)].append((r["config"]["depth"], r["unique_pairs_per_s"], r["config"]["n"]))
     for (lab, size, pool), pts in sorted(series.items()):
         pts.sort()
         ns = sorted({p[2] for p in pts})
@@ -112,11 +148,12 @@ def harness_plots(payload: dict, stem) -> list[Path]:
     # (b) how many times faster the project's backends are than each alternative
     ax = axes[1]
     bars = _speedups(best)
-    depths = sorted({d for v in bars.values() for d in v})
+    depths = sorted({d for v in bars.values() for d in v}, key=_column_order)
     width = 0.8 / max(1, len(bars))
     for i, ((lab, lab2, size, pool), v) in enumerate(sorted(bars.items())):
-        xs = [depths.index(d) + i * width for d in sorted(v)]
-        ys = [v[d] for d in sorted(v)]
+        cols = sorted(v, key=_column_order)
+        xs = [depths.index(d) + i * width for d in cols]
+        ys = [v[d] for d in cols]
         ax.bar(xs, ys, width, label=f"{lab} / {lab2} ({size}x{size} {pool})")
         for xx, yy in zip(xs, ys):
             ax.text(xx, yy, f"{yy:.3g}", ha="center", va="bottom", fontsize=6)
@@ -126,7 +163,7 @@ def harness_plots(payload: dict, stem) -> list[Path]:
         ax.set_yscale("log")
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.13), ncol=2)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("depth")
+    ax.set_xlabel("depth (CNN) or Myrtle network")
     ax.set_ylabel("speed-up: our unique pairs/s / the other's pairs evaluated/s (same run)")
     ax.set_title("speed-up over each alternative (same depth, size)"
                  + ("" if bars else ": no alternative in this run"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def test_harness_end_to_end(tmp_path):
     assert len(ok) == 2 * 2 + 2 + 2                    # numba: 2 depths x 2 N
     for r in ok:
         c = r["config"]
-        assert set(c) == {"method", "depth", "size", "channels", "pooling", "dtype", "tile", "n"}
+        assert set(c) == {"method", "architecture", "depth", "size", "channels", "pooling", "fix", "dtype",
+                          "tile", "n", "cuda_kernel"}
+        assert (c["architecture"], c["fix"], c["cuda_kernel"]) == ("cnn", False, None)
         assert r["unique_pairs"] == c["n"] * (c["n"] + 1) // 2
         assert r["unique_pairs_per_s"] == pytest.approx(r["unique_pairs"] / r["seconds"])
         assert r["work_per_pair"]["fp_instructions"] > 0
-        if "check" in r:                               # every method agrees with the first
-            assert r["check"]["max_rel_diff"] < 1e-5, r
-    assert sum("check" in r for r in ok) >= 5
+        if "check" in r:                               # every method agrees with the float64 reference
+            assert r["check"]["vs"] == "reference float64" and r["check"]["max_rel_diff"] < 1e-5, r
+    assert sum("check" in r for r in ok) == 6          # numba x 4, per_layer_cpu x 2
+    assert [r["config"]["method"] for r in p["results"][:2]] == ["reference"] * 2   # references first
     plc = [r for r in p["results"] if r["config"]["method"] == "per_layer_cuda"]
     assert plc and all(r["status"] in ("unavailable", "failed", "ok") for r in plc)
     assert all(Path(f).exists() for f in p["plots"])
@@ -592,3 +596,285 @@ def test_table1_refuses_an_impossible_column_before_loading_data(tmp_path, monke
             reproduce_table1.main(["--pooling", "gap", "--depths", "2", "--out-dir", str(tmp_path)])
     else:
         pytest.skip("this cntk_engine accepts depth 2 with fix=True")
+
+
+# ------------------------------------------------- kernel variants, architectures, fix (issue #16)
+def test_harness_variants_architectures_and_fix(tmp_path):
+    """cuda is timed once per --kernels variant (here: recorded unavailable, with the variant in
+    the config); a Myrtle preset runs at its own depth and 32x32 whatever --depths/--sizes say;
+    fix is a dimension; float64 configurations are the check references and run first; the
+    keys of configurations at the defaults are those of older result files."""
+    from bench import harness
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "cuda,numba,per_layer_cpu", "--kernels", "v3,v5", "--architectures", "cnn,myrtle5",
+                  "--depths", "3", "--sizes", "6", "--dtypes", "float32,float64", "--fix", "no,yes", "--n", "2",
+                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--output", str(out)])
+    p = json.loads(out.read_text())
+    rows = p["results"]
+    assert [r["config"]["dtype"] for r in rows[:4]] == ["float64"] * 4      # the references first
+    cuda = [r for r in rows if r["config"]["method"] == "cuda"]
+    assert sorted({r["config"]["cuda_kernel"] for r in cuda}) == ["v3", "v5"] and len(cuda) == 2 * 2 * 2 * 2
+    assert all(r["cuda_kernel"] == r["config"]["cuda_kernel"] for r in cuda)
+    if ce.available_backends()["cuda"] is not None:
+        assert all(r["status"] == "unavailable" and r["reason"] == ce.available_backends()["cuda"] for r in cuda)
+    numba = {(r["config"]["architecture"], r["config"]["fix"], r["config"]["dtype"]): r
+             for r in rows if r["config"]["method"] == "numba"}
+    assert len(numba) == 8 and all(r["status"] == "ok" for r in numba.values())
+    m5 = numba[("myrtle5", False, "float32")]
+    assert (m5["config"]["depth"], m5["config"]["size"]) == (5, 32) and "work_per_pair" not in m5
+    assert m5["check"]["vs"] == "numba float64" and m5["check"]["max_rel_diff"] < 1e-5
+    fixed = numba[("cnn", True, "float32")]
+    assert fixed["check"]["max_rel_diff"] < 1e-5 and fixed["work_per_pair"]["fp_instructions"] > 0
+    plc = [r for r in rows if r["config"]["method"] == "per_layer_cpu"]
+    assert {r["status"] for r in plc if r["config"]["architecture"] == "myrtle5"} == {"skipped"}
+    assert all(r["check"]["max_rel_diff"] < 1e-5 for r in plc if r["config"]["architecture"] == "cnn")
+    assert harness.config_key(numba[("cnn", False, "float32")]["config"]) == "numba|3|6|3|gap|float32|None|2"
+    assert harness.config_key(m5["config"]) == "numba|5|32|3|gap|float32|None|2|architecture=myrtle5"
+    assert all(Path(f).exists() for f in p["plots"])
+
+
+def test_harness_records_what_a_backend_cannot_compute_as_unavailable(tmp_path, monkeypatch):
+    """A configuration the backend refuses (the CUDA backend and a pooled stack, today) is
+    recorded as unavailable with the backend's reason: the rest of the matrix still runs."""
+    import cntk_engine.backends as be
+    from bench import harness
+    real = be.capabilities
+
+    def caps(arch, shape, dtype):
+        out = real(arch, shape, dtype)
+        if arch.has_pooling:
+            out["numba"] = {"unavailable": None, "unsupported": "no pooled stacks on this backend"}
+        return out
+
+    monkeypatch.setattr(be, "capabilities", caps)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "numba", "--architectures", "myrtle5,cnn", "--depths", "2", "--sizes", "4",
+                  "--n", "2", "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots", "--output", str(out)])
+    rows = {r["config"]["architecture"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["myrtle5"]["status"] == "unavailable" and rows["myrtle5"]["reason"] == "no pooled stacks on this backend"
+    assert rows["cnn"]["status"] == "ok"
+
+
+def test_cuda_kernel_selected_sets_and_restores_the_environment(monkeypatch):
+    from bench.harness import KERNEL_ENV, cuda_kernel_selected, resolved_variant
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    with cuda_kernel_selected("v5"):
+        assert os.environ[KERNEL_ENV] == "v5"
+    assert KERNEL_ENV not in os.environ
+    monkeypatch.setenv(KERNEL_ENV, "v3")
+    with cuda_kernel_selected("v5"):
+        assert os.environ[KERNEL_ENV] == "v5"
+    assert os.environ[KERNEL_ENV] == "v3"
+    with cuda_kernel_selected(None):
+        assert os.environ[KERNEL_ENV] == "v3"
+    variants = [{"name": "v3", "default": True}, {"name": "v5", "default": False}]
+    assert resolved_variant(None, variants) == "v3" and resolved_variant("v5", variants) == "v5"
+    monkeypatch.delenv(KERNEL_ENV)
+    assert resolved_variant(None, variants) == "v3" and resolved_variant(None, None) is None
+
+
+def test_harness_n_per_method_and_dtype():
+    from bench import harness
+    args = harness.parser().parse_args(["--methods", "cuda,numba", "--dtypes", "float64,float32", "--n", "8",
+                                        "--n-for", "cuda:float64=2,cuda=4,numba:float32=3", "--depths", "3"])
+    ns = {(c["method"], c["dtype"]): c["n"] for c in harness.build_matrix(args)}
+    assert ns == {("cuda", "float64"): 2, ("cuda", "float32"): 4, ("numba", "float64"): 8, ("numba", "float32"): 3}
+
+
+def test_harness_refuses_kernel_options_it_cannot_honour():
+    from bench import harness
+    variants = [{"name": "v3", "default": True}, {"name": "v5", "default": False}]
+    ok = harness.parser().parse_args(["--methods", "cuda", "--kernels", "v3,v5"])
+    harness.check_args(ok, variants)
+    harness.check_args(ok, None)                 # no extension: the configurations say why
+    bad = harness.parser().parse_args(["--methods", "cuda", "--kernels", "v3,v4"])
+    with pytest.raises(SystemExit, match=r"--kernels v4: not a CUDA kernel variant of the installed extension \(it has v3, v5\)"):
+        harness.check_args(bad, variants)
+    dask = harness.parser().parse_args(["--methods", "cuda", "--kernels", "v5", "--dask-scheduler", "tcp://x:1"])
+    with pytest.raises(SystemExit, match="on Dask workers"):
+        harness.check_args(dask, variants)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--kernels", "v3,x"], "--kernels"), (["--fix", "maybe"], "--fix"),
+                                       (["--architectures", "resnet"], "--architectures"),
+                                       (["--n-for", "cuda:float16=4"], "--n-for")])
+def test_new_harness_arguments_end_with_a_one_line_error(tmp_path, capsys, argv, flag):
+    from bench import harness
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--methods", "per_layer_cpu", "--no-ceiling", "--no-plots", "--output", str(tmp_path / "h.json")]
+                     + argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + flag in last and "Traceback" not in last
+
+
+FAKE_NT_STACK = """#!{python}
+# Stands in for a Python with neural-tangents, called as the harness calls it for a Myrtle
+# network (python -c SNIPPET n depth reps bench_dir save.npz); its kernels are this package's
+# float64 values of that network (stax's default W_std = 1), times {scale}.
+import json, sys
+import numpy as np
+sys.path.append({root!r})
+import cntk_engine as ce
+n, depth = int(sys.argv[3]), int(sys.argv[4])
+x = np.random.default_rng(0).standard_normal((n, 32, 32, 3)).astype(np.float32)
+ntk, nngp = ce.gram(x.astype(np.float64), architecture=f"myrtle{{depth}}", kernel="both",
+                    convention="neural_tangents", W_std=1.0, data_format="NHWC", dtype="float64")
+np.savez(sys.argv[7], x=x, ntk=ntk * {scale}, nngp=nngp)
+print(json.dumps({{"seconds": 0.5, "times": [0.5], "version": "fake", "jax_device": "cuda:0"}}))
+"""
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_harness_checks_neural_tangents_myrtle_values(tmp_path, scale):
+    from bench import harness
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_NT_STACK.format(python=sys.executable, root=str(ROOT), scale=scale))
+    fake.chmod(0o755)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "neural_tangents", "--architectures", "myrtle5", "--n", "2", "--repeats", "1",
+                  "--warmup", "0", "--no-ceiling", "--no-plots", "--nt-python", str(fake), "--output", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["status"] == "ok" and r["device"] == "gpu" and r["pairs_evaluated"] == 4
+    assert (r["check"]["max_rel_diff"] < 1e-6) == (scale == 1.0)
+
+
+def test_speedup_bars_per_variant_with_myrtle_columns_and_matching_fix():
+    from bench import plots
+
+    def row(method, dtype, depth, rate, arch="cnn", variant=None, fix=False, evaluated=None):
+        r = _harness_row(method, dtype, depth, rate, "gpu")
+        r["config"].update(architecture=arch, fix=fix, cuda_kernel=variant)
+        if evaluated:
+            r["pairs_evaluated_per_s"] = evaluated
+        return r
+
+    rows = [row("cuda", "float64", 21, 2000.0, variant="v3"), row("cuda", "float32", 21, 20000.0, variant="v3"),
+            row("cuda", "float32", 21, 25000.0, variant="v5"), row("cuda", "float32", 10, 40000.0, "myrtle10", "v3"),
+            row("neural_tangents", "float32", 21, 500.0, evaluated=1000.0),
+            row("neural_tangents", "float32", 10, 1000.0, "myrtle10", evaluated=2000.0),
+            row("paper_code", "float32", 21, 400.0), row("paper_code", "float32", 21, 100.0, fix=True)]
+    best = {(plots._label(r["config"], r), 32, "gap", plots._column(r["config"])): r for r in rows}
+    assert plots._label(rows[3]["config"]) == "cuda v3 myrtle10 float32"
+    assert plots._label(rows[7]["config"]) == "paper_code fix float32"
+    bars = {(a, b): v for (a, b, _, _), v in plots._speedups(best).items()}
+    assert bars == {("cuda v3 float32", "neural_tangents float32"): {21: 20.0, "myrtle10": 20.0},
+                    ("cuda v5 float32", "neural_tangents float32"): {21: 25.0},
+                    ("cuda v3 float32", "paper_code float32"): {21: 50.0},
+                    ("cuda v5 float32", "paper_code float32"): {21: 62.5}}
+
+
+def test_an_old_result_file_still_plots(tmp_path):
+    """Result files written before the architecture / fix / cuda_kernel fields still plot."""
+    from bench import plots
+    old = ROOT / "bench" / "results" / "harness_gpu_h100_20261123.json"
+    copy = tmp_path / old.name
+    copy.write_text(old.read_text())
+    assert "architecture" not in json.loads(copy.read_text())["results"][0]["config"]
+    plots.main([str(copy)])
+    assert copy.with_suffix(".png").stat().st_size > 0
+
+
+
+def test_harness_resume_keeps_what_earlier_runs_recorded(tmp_path, monkeypatch):
+    """Runs that fill one file one after another (gpu_session.sh's phases) keep the header fields
+    of the earlier ones: their commands, ceiling rates, kernel variants and SASS counts."""
+    from bench import harness
+    monkeypatch.setattr(harness.ceil_mod, "measure", lambda device, dtypes: {dt: {"fma_per_s": 1e12} for dt in dtypes})
+    out = tmp_path / "h.json"
+    base = ["--depths", "2", "--sizes", "4", "--n", "2", "--repeats", "1", "--warmup", "0", "--no-plots",
+            "--output", str(out), "--resume"]
+    harness.main(["--methods", "numba"] + base)
+    p = json.loads(out.read_text())
+    p["sass_by_kernel"] = {"v3": {"float32 k3": {"slots_per_entry_layer": 70.4}}}
+    p["cuda_kernels"] = [{"name": "v3", "default": True}]
+    out.write_text(json.dumps(p))
+    harness.main(["--methods", "per_layer_cpu", "--no-ceiling"] + base)
+    q = json.loads(out.read_text())
+    assert len(q["earlier_commands"]) == 1 and q["ceiling"]["rates"] == {"cpu": {"float32": {"fma_per_s": 1e12}}}
+    assert q["sass_by_kernel"] == p["sass_by_kernel"] and q["sass"] == p["sass_by_kernel"]["v3"]
+    assert q["cuda_kernels"] == p["cuda_kernels"] or harness.cuda_variants() is not None
+    assert [r["config"]["method"] for r in q["results"]] == ["per_layer_cpu", "numba"]
+
+
+# ------------------------------------------------------------ the GPU session script and summary
+def _rec(method, depth, rate, *, arch="cnn", dtype="float32", variant=None, n=256, status="ok", device="gpu",
+         evaluated=None, check=None, fix=False, pooling="gap", reason=None):
+    r = {"config": {"method": method, "architecture": arch, "depth": depth, "size": 32, "channels": 3,
+                    "pooling": pooling, "fix": fix, "dtype": dtype, "tile": None, "n": n, "cuda_kernel": variant},
+         "status": status}
+    if variant:
+        r["cuda_kernel"] = variant
+    if status == "ok":
+        r.update(device=device, unique_pairs_per_s=rate, pairs_evaluated_per_s=evaluated or rate)
+    else:
+        r["reason"] = reason
+    if check:
+        r["check"] = check
+    return r
+
+
+def test_session_summary_targets():
+    """Each target is met / not met / not measured (with why), from the results alone."""
+    from bench import session_summary as ss
+    f64 = {"vs": "cuda v3 float64", "max_rel_diff": 2e-7}
+    payload = {"cuda_kernels": [{"name": "v3", "default": True}, {"name": "v5", "default": False}], "results": [
+        _rec("cuda", 21, 21000.0, variant="v3", check=f64), _rec("cuda", 21, 9000.0, variant="v3", n=16),
+        _rec("cuda", 21, 26000.0, variant="v5", check={"vs": "cuda v3 float64", "max_rel_diff": 3e-4}),
+        _rec("cuda", 10, None, arch="myrtle10", variant="v3", status="unavailable", reason="no stacks on cuda"),
+        _rec("neural_tangents", 21, 700.0, n=16, evaluated=1400.0),
+        _rec("paper_code", 21, 300.0, n=16, check={"vs": "cntk_engine float64, arora", "max_rel_diff": 1e-7,
+                                                     "max_rel_diff_distinct_pairs": 5e-8, "max_rel_diff_self_pairs": 1e-7,
+                                                     "non_finite_entries": 0, "agree_distinct_pairs": True,
+                                                     "agree_all_entries": True})]}
+    assert [x["status"] for x in ss.targets(payload)] == ["met", "not met", "not measured", "not measured", "not met"]
+    d21, nt21, m10, ntm10, f32 = ss.targets(payload)
+    assert d21["value"] == 21000.0                                    # the largest N of the default variant
+    assert nt21["value"] == pytest.approx(21000.0 / 1400.0)           # per pair neural-tangents evaluated
+    assert "no stacks on cuda" in m10["detail"] and "no stacks on cuda" in ntm10["detail"]
+    assert f32["per_variant"] == {"v3": 2e-7, "v5": 3e-4}
+    (paper,) = ss.paper_report(payload)
+    assert paper["speedup"] == pytest.approx(21000.0 / 300.0) and paper["agree_distinct_pairs"]
+    nocuda = ss.targets({"results": [_rec("numba", 21, 50.0, device="cpu")]})
+    assert {x["status"] for x in nocuda} == {"not measured"}
+    assert all("no CUDA extension" in x["detail"] for x in nocuda)
+
+
+@pytest.mark.slow       # ~20 s with numba's cache warm; compiling the kernels first adds minutes on 2 cores
+def test_gpu_session_cpu_dry_run(tmp_path):
+    """tools/gpu/gpu_session.sh end to end on the CPU (--cpu-dry-run): every phase runs or is
+    recorded as skipped with its reason, the harness file holds every method of the GPU run
+    (cuda recorded unavailable, the paper's code through the stand-in and the emulation,
+    neural-tangents unavailable in a Python without it), at most 8 files come back."""
+    import subprocess
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu" / "gpu_session.sh"), "--cpu-dry-run",
+                           "--python", sys.executable, "--nt-python", sys.executable,
+                           "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt")],
+                          cwd=ROOT, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "gpu_session_cpu_dry_run_summary.json").read_text())
+    phases = {p["phase"]: p for p in summary["phases"]}
+    assert set(phases) >= {"install", "tests", "sanitizer", "sass", "bench", "paper", "nt", "summary"}
+    for p in phases.values():
+        assert p["status"] in ("ok", "skipped"), p
+        assert p["status"] == "ok" or p["reason"], p
+    for name in ("tests", "bench", "paper", "nt", "summary"):
+        assert phases[name]["status"] == "ok", phases[name]
+    rows = json.loads((out / "harness_cpu_dry_run.json").read_text())["results"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["config"]["method"], []).append(r)
+    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5"}
+    assert {r["config"]["architecture"] for r in by["cuda"]} == {"cnn", "myrtle5", "myrtle10"}
+    assert all(r["status"] == "unavailable" and r["reason"] for r in by["cuda"])
+    assert all(r["status"] == "ok" for r in by["numba"])
+    assert len(by["paper_code"]) == 4 and all(r["status"] == "emulated" and r["check"]["agree_distinct_pairs"]
+                                              for r in by["paper_code"])
+    assert all(r["status"] == "unavailable" for r in by["neural_tangents"])
+    assert [t["status"] for t in summary["targets"]] == ["not measured"] * 5
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ["gpu_session_cpu_dry_run.log", "gpu_session_cpu_dry_run_summary.json",
+                     "harness_cpu_dry_run.json", "harness_cpu_dry_run.png"]
+    assert "ALL PHASES OK OR SKIPPED" in proc.stdout

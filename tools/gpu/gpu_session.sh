@@ -1,91 +1,341 @@
 #!/usr/bin/env bash
-# One call on a GPU machine, from the repository root: build, sanitizer, SASS mix, GPU tests,
-# CUDA bench, Nsight Compute profile, neural-tangents on the GPU.  Output into $OUT.
+# One call on a GPU machine, from the repository root, everything into $OUT: install, the GPU
+# tests of every kernel variant, compute-sanitizer, the SASS counts, the harness bench of every
+# kernel variant (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the paper's
+# own code and neural-tangents on the same GPU, and a summary against the targets of issue #16.
+# tools/gpu/README.md gives the device tool's exact call.
 #
-#   OUT=/tmp/out CNTK_ENGINE_DATA=.devdata bash tools/gpu/gpu_session.sh [--phases LIST] [--tag T]
-#        [--wheels DIR] [bench_cuda.py options ...]
+#   OUT=/tmp/out bash tools/gpu/gpu_session.sh [options]
+#   OUT=/tmp/o bash tools/gpu/gpu_session.sh --cpu-dry-run [--nt-python PY] [--paper-code F]
 #
-# --phases   comma list of build,sanitizer,sass,tests,bench,ncu,nt
-#            [build,sanitizer,sass,tests,bench]
-# --tag      names the ncu report and the bench JSON (e.g. v3, v4) [v3]
-# --wheels   a folder of wheels to install with --no-deps into /tmp/site (PYTHONPATH) first:
-#            neural-tangents and frozendict for the `nt` phase (the GPU machines cannot
-#            download; how to make the folder: tools/gpu/README.md, "neural-tangents on a GPU")
-# Anything else is passed to bench/bench_cuda.py.
-# The build uses -lineinfo (no effect on the generated code) so ncu maps stalls to source lines.
+# Options [defaults]:
+#   --phases LIST     comma list of install,tests,sanitizer,sass,bench,paper,nt,summary and the
+#                     optional ncu (Nsight Compute profiles), bench_cuda (bench/bench_cuda.py)
+#                     [install,tests,sanitizer,sass,bench,paper,nt,summary]
+#   --deadline S      seconds for the whole script [540; 1200 with --cpu-dry-run].  Each phase
+#                     runs under `timeout` with its own limit, cut to what is left before the
+#                     deadline less 25 s kept for the summary; a phase that would get less than
+#                     its minimum is skipped.  A stopped harness keeps what it measured (its JSON
+#                     is rewritten after every configuration).
+#   --wheels DIR      wheels installed with --no-deps into $WORK/site, which is on PYTHONPATH
+#                     (neural-tangents and frozendict: the GPU machine cannot download)
+#                     [.whl if it exists]
+#   --paper-code F    a local copy of CNTK.py of github.com/ruosongwang/CNTK [.paper/CNTK.py if
+#                     it exists]; without it the paper phase records "unavailable" with the reason
+#   --nt-python PY    the Python that runs neural-tangents [the --python]
+#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed [v3,v5]
+#   --tag T           names the files [gpu; cpu_dry_run with --cpu-dry-run]
+#   --python PY       [python3]
+#   --cpu-dry-run     the same phases on a CPU machine, to test this script before a GPU call:
+#                     numba in place of cuda (cuda is still in the matrix and recorded as
+#                     unavailable), per_layer_cpu in place of per_layer_cuda, the paper's two
+#                     RawKernels emulated in NumPy (values checked, no timing), tiny sizes; the
+#                     package build is skipped (the installed package is used); phases that need
+#                     a GPU or the CUDA extension record why they were skipped
+#
+# Files in $OUT (at most 8 come back from the device tool; the summary counts them):
+#   gpu_session_<tag>.log          everything printed, with each phase's start, limit and time
+#   gpu_session_<tag>_summary.json the phases (status, seconds, limit, reason), every harness
+#                                  result, the paper-code comparison, the targets
+#   harness_<tag>.json / .png      the harness results of the bench, paper and nt phases (one file:
+#                                  each phase continues it with --resume) and their plot
+#   sass_<variant>_sm90.json       the instruction mix of each variant's 32x32 float32 kernel
+# Optional phases add ncu_* (4 files per profile) and cuda_<GPU>_<date>.json/.png.
+#
+# Device time (H200, estimated from the H100 session logs, not yet measured as a whole): install
+# ~2.5-3 min (CUDA compile, sm_90 only), tests ~1 min, sanitizer < 1 min, sass < 20 s, bench
+# ~1.5 min, paper < 1 min, nt 1-2 min (one JAX compile per network).
 set -uo pipefail
-OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-export CNTK_ENGINE_DATA=${CNTK_ENGINE_DATA:-$PWD/.devdata}
-export PYTHONUNBUFFERED=1
-PHASES=build,sanitizer,sass,tests,bench
-TAG=v3
+
+REPO=$(pwd)
+PY=python3
+PHASES=install,tests,sanitizer,sass,bench,paper,nt,summary
+DEADLINE=""
 WHEELS=""
-BENCH_ARGS=()
+PAPER=""
+NT_PY=""
+KERNELS=v3,v5
+TAG=""
+DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --phases) PHASES=$2; shift 2 ;;
-    --tag) TAG=$2; shift 2 ;;
+    --deadline) DEADLINE=$2; shift 2 ;;
     --wheels) WHEELS=$2; shift 2 ;;
-    --no-bench) PHASES=${PHASES//,bench/}; shift ;;      # the default phases without bench
-    *) BENCH_ARGS+=("$1"); shift ;;
+    --paper-code) PAPER=$2; shift 2 ;;
+    --nt-python) NT_PY=$2; shift 2 ;;
+    --kernels) KERNELS=$2; shift 2 ;;
+    --tag) TAG=$2; shift 2 ;;
+    --python) PY=$2; shift 2 ;;
+    --cpu-dry-run) DRY=1; shift ;;
+    *) echo "gpu_session.sh: unknown option $1 (the header of tools/gpu/gpu_session.sh lists them)"; exit 2 ;;
   esac
 done
+for p in ${PHASES//,/ }; do
+  case "$p" in
+    install|tests|sanitizer|sass|bench|paper|nt|summary|ncu|bench_cuda) ;;
+    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,sass,bench,paper,nt,summary,ncu,bench_cuda)"; exit 2 ;;
+  esac
+done
+case "$DEADLINE" in
+  "") DEADLINE=$([ "$DRY" = 1 ] && echo 1200 || echo 540) ;;
+  *[!0-9]*) echo "gpu_session.sh: --deadline $DEADLINE is not a number of seconds"; exit 2 ;;
+esac
+[ -z "$TAG" ] && TAG=$([ "$DRY" = 1 ] && echo cpu_dry_run || echo gpu)
+[ -z "$WHEELS" ] && [ -d "$REPO/.whl" ] && [ "$DRY" = 0 ] && WHEELS="$REPO/.whl"
+[ -z "$PAPER" ] && [ -f "$REPO/.paper/CNTK.py" ] && PAPER="$REPO/.paper/CNTK.py"
+[ -z "$NT_PY" ] && NT_PY=$PY
+OUT=${OUT:-$REPO/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d /tmp/cntk_session.XXXXXX)
+LOG="$OUT/gpu_session_${TAG}.log"
+HARNESS="$OUT/harness_${TAG}.json"
+PHASE_TSV="$WORK/phases.tsv"
+: > "$PHASE_TSV"
+T0=$(date +%s)
+RESERVE=25
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+# Python runs with -P (no current directory on sys.path) and finds bench/ and tools/ through
+# symlinks on PYTHONPATH, so `import cntk_engine` is the INSTALLED package (with the compiled
+# extension), never the source tree; $WORK/site holds the carried wheels.
+mkdir -p "$WORK/pp" "$WORK/site"
+ln -s "$REPO/bench" "$WORK/pp/bench"
+ln -s "$REPO/tools" "$WORK/pp/tools"
+export PYTHONPATH="$WORK/pp:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export CNTK_ENGINE_DATA=${CNTK_ENGINE_DATA:-$REPO/.devdata}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false      # JAX beside CuPy in one GPU: no 75% grab
+export REPO PY OUT WORK HARNESS KERNELS DRY WHEELS PAPER NT_PY TAG
+
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-REPO=$(pwd)
-log="$OUT/gpu_session_${TAG}.log"
-FAILED=""
-{
-  echo "gpu_session.sh phases=$PHASES tag=$TAG commit=$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (archive)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi: not available"
+step() { echo; echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s $*"; }
+skip() { echo "SKIP: $*"; echo "$*" > "$WORK/skip_reason"; exit 99; }
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$PHASE_TSV"; }
+
+# harness options every phase shares (--resume continues one file; it refuses other settings)
+harness() {
+  "$PY" -P -m bench --output "$HARNESS" --resume --repeats "$REPEATS" --warmup 1 --seed 0 --no-plots "$@"
+}
+if [ "$DRY" = 1 ]; then
+  REPEATS=1
+else
+  REPEATS=3
+fi
+export REPEATS
+export -f harness skip
+
+# ------------------------------------------------------------------------------ the phases
+# Each runs as `bash -c phase_<name>` under timeout; `skip REASON` ends one as skipped.
+phase_install() {
   if [ -n "$WHEELS" ]; then
-    echo "== wheels from $WHEELS"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || FAILED="$FAILED wheels"
+    echo "wheels from $WHEELS into $WORK/site:"; ls "$WHEELS"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+      "$WHEELS"/*.whl || return 1
+  else
+    echo "no wheels folder (--wheels / .whl): neural-tangents must already be importable for the nt phase"
   fi
-  if has build; then
-    echo "== build"; t0=$(date +%s)
-    CMAKE_BUILD_PARALLEL_LEVEL=16 CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo}" \
-      python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | grep -v "spilled\|stack frame\|^\s*$" | tail -20
-    echo "build took $(( $(date +%s) - t0 )) s"
+  if [ "$DRY" = 1 ]; then
+    skip "package build: --cpu-dry-run uses the package installed in $PY (the GPU run builds it with pip install --no-build-isolation --no-deps .)"
   fi
-  python3 -P -c "import cntk_engine as ce; print('cntk_engine', ce.__file__, ce.available_backends())"
-  if has sanitizer; then
-    echo "== compute-sanitizer memcheck (small runs: the general path and the 32x32 path)"
-    (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -P -c "
-import numpy as np, cntk_engine as ce
+  # -lineinfo: source lines in an ncu profile; the generated code does not change
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} \
+    CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo}" \
+    "$PY" -m pip install --no-build-isolation --no-deps . 2>&1 | grep -v "spilled\|stack frame\|^\s*$" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+phase_tests() {
+  if [ "$DRY" = 1 ]; then
+    # the GPU tests skip here with their reason; this runs their collection and skip logic
+    "$PY" -P -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda.py 2>&1 | tail -8
+  else
+    # every variant: tests/test_cuda.py parametrises its GPU tests over the compiled variants
+    "$PY" -P -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_sass.py \
+      tests/test_solver.py::test_cupy_matches_numpy 2>&1 | tail -25
+  fi
+  return "${PIPESTATUS[0]}"
+}
+
+phase_sanitizer() {
+  command -v compute-sanitizer >/dev/null || skip "compute-sanitizer is not on the PATH"
+  local why
+  why=$("$PY" -P -c "import cntk_engine as ce; print(ce.available_backends()['cuda'] or '')") || return 1
+  [ -n "$why" ] && skip "the cuda backend cannot run here: $why"
+  # small runs of every variant: the general path, the 32x32 path, float64, filter 5, two depths;
+  # a pooled stack (Myrtle-5) too when the CUDA backend computes stacks
+  (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P -c "
+import os, numpy as np, cntk_engine as ce
+from cntk_engine.arch import make_architecture
+from cntk_engine.backends import capabilities
 r = np.random.default_rng(0)
-x = r.standard_normal((3, 2, 9, 7))
-k = ce.gram(x, depths=[2, 4], backend='cuda', kernel='both'); k2 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', dtype='float64')
-y = r.standard_normal((2, 3, 32, 32))
-k3 = ce.gram(y, depth=3, backend='cuda'); k4 = ce.gram(y[:1], y, depth=3, backend='cuda', dtype='float64', filter_size=5)
-print('sanitizer run ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])" 2>&1 | tail -6; echo "sanitizer rc=${PIPESTATUS[0]}")
+x = r.standard_normal((3, 2, 9, 7)); y = r.standard_normal((2, 3, 32, 32))
+stack = capabilities(make_architecture(architecture='myrtle5'), (3, 32, 32), np.dtype('float32'))['cuda']['unsupported']
+for v in os.environ['KERNELS'].split(','):
+    os.environ['CNTK_ENGINE_CUDA_KERNEL'] = v
+    k = ce.gram(x, depths=[2, 4], backend='cuda', kernel='both')
+    k2 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', dtype='float64')
+    k3 = ce.gram(y, depth=3, backend='cuda'); k4 = ce.gram(y[:1], y, depth=3, backend='cuda', dtype='float64', filter_size=5)
+    print(v, 'sanitizer runs ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])
+    if stack is None:
+        print(v, 'myrtle5', ce.gram(y, architecture='myrtle5', backend='cuda')[0])
+    else:
+        print(v, 'no pooled stack on cuda:', stack)
+" 2>&1 | tail -12; exit "${PIPESTATUS[0]}")
+}
+
+phase_sass() {
+  "$PY" -P -c "import cntk_engine._cuda" 2>/dev/null || skip "the CUDA extension cntk_engine._cuda is not installed"
+  local rc=0 v
+  for v in ${KERNELS//,/ }; do
+    "$PY" -P tools/sass_mix.py --kernel "$v" --name "${v}_sm90" --out-dir "$OUT" 2>&1 \
+      | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -30
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
+  return $rc
+}
+
+phase_bench() {
+  # one harness process per kernel variant, the first with the baseline: a variant that breaks
+  # the CUDA context (an illegal address is sticky) cannot fail the other variants'
+  # configurations.  float64 is each group's check reference (run first, at a smaller N on the
+  # GPU: it is ~10x slower), so every float32 result is checked against float64.
+  local v first=1 rc=0 extra
+  for v in ${KERNELS//,/ }; do
+    if [ "$DRY" = 1 ]; then
+      extra=$([ $first = 1 ] && echo ",numba,per_layer_cpu")
+      harness --methods "cuda$extra" --kernels "$v" --architectures cnn,myrtle5,myrtle10 --depths 3 --sizes 32 \
+        --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
+    else
+      extra=$([ $first = 1 ] && echo ",per_layer_cuda")
+      harness --methods "cuda$extra" --kernels "$v" --architectures cnn,myrtle5,myrtle10 --depths 3,6,11,21 \
+        --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=64,per_layer_cuda=16 || rc=1
+    fi
+    first=0
+  done
+  return $rc
+}
+
+phase_paper() {
+  local extra=()
+  [ -n "$PAPER" ] && extra+=(--paper-code "$PAPER")
+  if [ "$DRY" = 1 ]; then
+    harness --methods paper_code "${extra[@]}" --paper-emulate --depths 3 --sizes 32 --pooling gap,flatten \
+      --fix no,yes --n 2 --no-ceiling
+  else
+    harness --methods paper_code "${extra[@]}" --depths 3,6,11,21 --sizes 32 --pooling gap,flatten \
+      --fix no,yes --n 16 --no-ceiling
   fi
-  if has sass; then
-    echo "== SASS of the 32x32 float32 k=3 kernel (instruction mix, tools/sass_mix.py)"
-    python3 -P tools/sass_mix.py --name "${TAG:-main}_sm90" --out-dir "$OUT" 2>&1 | tail -40
+}
+
+phase_nt() {
+  if [ "$DRY" = 1 ]; then
+    harness --methods neural_tangents --nt-python "$NT_PY" --architectures myrtle5,cnn --depths 3 --sizes 32 \
+      --n 2 --no-ceiling
+  else
+    # the targets first (Myrtle-10, depth 21): a phase stopped at its limit keeps them
+    harness --methods neural_tangents --nt-python "$NT_PY" --architectures myrtle10,cnn,myrtle5 \
+      --depths 21,3,11,6 --sizes 32 --n 16 --no-ceiling
   fi
-  if has tests; then
-    echo "== GPU tests"
-    python3 -P -m pytest -q tests/test_cuda.py tests/test_core.py tests/test_sass.py -p no:cacheprovider 2>&1 | tail -15
-    [ "${PIPESTATUS[0]}" = 0 ] || FAILED="$FAILED tests"
+}
+
+phase_ncu() {
+  command -v ncu >/dev/null || skip "ncu (Nsight Compute) is not on the PATH"
+  local v rc=0
+  for v in ${KERNELS//,/ }; do
+    CNTK_ENGINE_CUDA_KERNEL=$v bash tools/gpu/profile_ncu.sh --python "$PY" --tag "${v}_depth21" --depth 21 --n 16 || rc=1
+  done
+  return $rc
+}
+
+phase_bench_cuda() {
+  "$PY" -P bench/bench_cuda.py --out "$OUT" --n 256 --n64 64
+}
+
+export -f phase_install phase_tests phase_sanitizer phase_sass phase_bench phase_paper phase_nt phase_ncu \
+  phase_bench_cuda
+
+run_phase() {   # NAME MIN_SECONDS MAX_SECONDS
+  local name=$1 min=$2 max=$3 left limit t rc status reason
+  if ! has "$name"; then record "$name" skipped 0 "" "not in --phases"; return; fi
+  left=$(( DEADLINE - ($(date +%s) - T0) - RESERVE ))
+  if [ "$left" -lt "$min" ]; then
+    step "$name: skipped, ${left}s left before the deadline (it needs ${min}s)"
+    record "$name" skipped 0 "" "${left}s left before the --deadline ${DEADLINE}s (needs >= ${min}s)"
+    return
   fi
-  if has bench; then
-    echo "== bench"
-    python3 -P bench/bench_cuda.py --out "$OUT" "${BENCH_ARGS[@]}" || FAILED="$FAILED bench"
+  limit=$(( left < max ? left : max ))
+  step "$name (limit ${limit}s)"
+  rm -f "$WORK/skip_reason"
+  t=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "phase_$name"
+  rc=$?
+  t=$(( $(date +%s) - t ))
+  reason=""
+  case "$rc" in
+    0) status=ok ;;
+    99) status=skipped; reason=$(cat "$WORK/skip_reason" 2>/dev/null) ;;
+    124|137) status=timed_out; reason="stopped at its limit of ${limit}s" ;;
+    *) status=failed; reason="exit status $rc" ;;
+  esac
+  # a phase that skipped part of itself (the install's build in a dry run) but did the rest
+  if [ "$rc" = 99 ] && [ "$name" = install ] && [ -n "$WHEELS" ]; then status=ok; reason="wheels installed; $reason"; fi
+  echo "--- $name: $status after ${t}s${reason:+ ($reason)}"
+  record "$name" "$status" "$t" "$limit" "$reason"
+}
+
+step "gpu_session.sh tag=$TAG phases=$PHASES deadline=${DEADLINE}s dry_run=$DRY kernels=$KERNELS commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'unknown (archive)')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+"$PY" --version
+echo "paper code: ${PAPER:-none}; wheels: ${WHEELS:-none}; neural-tangents python: $NT_PY; data: $CNTK_ENGINE_DATA"
+
+run_phase install 60 300
+step "what will run"
+"$PY" -P -c "
+import cntk_engine as ce
+print('cntk_engine from', ce.__file__)
+print('backends', ce.available_backends())
+from cntk_engine.backends.cuda import describe_kernel_variants
+print(describe_kernel_variants())" || echo "cntk_engine does not import"
+run_phase tests 30 150
+run_phase sanitizer 20 90
+run_phase sass 10 60
+run_phase bench 30 150
+run_phase paper 20 90
+run_phase nt 30 180
+run_phase ncu 30 120
+run_phase bench_cuda 30 120
+
+if has summary; then
+  step "summary"
+  t=$(date +%s)
+  if [ -f "$HARNESS" ]; then
+    timeout 60 "$PY" -P -m bench.plots "$HARNESS" || echo "plotting $HARNESS failed"
   fi
-  if has ncu; then
-    OUT="$OUT" bash tools/gpu/profile_ncu.sh --tag "$TAG" --depth 21 --n 16 || FAILED="$FAILED ncu"
-    OUT="$OUT" bash tools/gpu/profile_ncu.sh --tag "${TAG}_depth3" --depth 3 --n 64 || FAILED="$FAILED ncu_depth3"
-  fi
-  if has nt; then
-    echo "== neural-tangents on the GPU, side by side with the CUDA backend (harness)"
-    # JAX must not take 75% of the GPU up front (the harness process holds CuPy memory)
-    export XLA_PYTHON_CLIENT_PREALLOCATE=false
-    mkdir -p /tmp/pp && ln -sfn "$REPO/bench" /tmp/pp/bench
-    PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH} python3 -P -m bench --methods cuda,neural_tangents \
-      --depths 3,6,11,21 --sizes 32 --dtypes float32 --n 64 --n-for neural_tangents=8 \
-      --repeats 3 --warmup 1 --out-dir "$OUT" --name harness_nt_gpu || FAILED="$FAILED nt"
-  fi
-  echo "files in $OUT:"; ls -la "$OUT"
-  [ -z "$FAILED" ] && echo "ALL PHASES OK" || echo "FAILED PHASES:$FAILED"
-} 2>&1 | tee "$log"
+  timeout 60 "$PY" -P -m bench.session_summary "$HARNESS" --phases "$PHASE_TSV"
+  rc=$?
+  record summary "$([ $rc = 0 ] && echo ok || echo failed)" "$(( $(date +%s) - t ))" 60 \
+    "$([ $rc = 0 ] || echo "exit status $rc")"
+  # the JSON, with the summary's own phase record in it
+  timeout 60 "$PY" -P -m bench.session_summary "$HARNESS" --phases "$PHASE_TSV" \
+    --out "$OUT/gpu_session_${TAG}_summary.json" | tail -1
+else
+  record summary skipped 0 "" "not in --phases"
+fi
+
+step "done after $(( $(date +%s) - T0 ))s; files in $OUT:"
+ls -la "$OUT"
+nfiles=$(find "$OUT" -type f | wc -l)
+[ "$nfiles" -gt 8 ] && echo "WARNING: $nfiles files in $OUT; the device tool brings back at most 8"
+FAILED=$(awk -F'\t' '$2 == "failed" || $2 == "timed_out" {printf " %s", $1}' "$PHASE_TSV")
+rm -rf "$WORK"
+if [ -n "$FAILED" ]; then
+  echo "FAILED PHASES:$FAILED"; rc=1
+else
+  echo "ALL PHASES OK OR SKIPPED (skipped phases and their reasons: above and in the summary)"; rc=0
+fi
+exec >&- 2>&-
+wait "$TEE_PID"        # the log complete on disk before the device tool collects $OUT
+exit $rc

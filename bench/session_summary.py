@@ -1,0 +1,284 @@
+"""The last phase of tools/gpu/gpu_session.sh: what ran, and the measurements against the
+targets of issue #16, from the harness's result file and the script's phase records.
+
+    python -m bench.session_summary HARNESS.json [--phases PHASES.tsv] [--out SUMMARY.json]
+
+Prints a table of the phases (status, seconds, reason), one line per harness result and one
+per target; writes them as JSON with ``--out``.  A target is "met", "not met" or "not
+measured" (with the reason: no such result in the file, or the result not OK); nothing is
+estimated.  The targets (to be measured on an H100 / H200):
+
+* the default CUDA kernel, CNTK-GAP depth 21, 32x32x3, float32: >= 20,000 unique pairs/s;
+* the default CUDA kernel, Myrtle-10, float32: >= 40,000 unique pairs/s;
+* against neural-tangents on the same GPU (our unique pairs/s over the pairs it evaluated per
+  second, as the harness's speed-up plot compares them): >= 20x at CNTK-GAP depth 21 and
+  >= 10x on Myrtle-10;
+* float32 within 1e-4 of the float64 reference for every CUDA kernel variant (the harness's
+  ``check`` of each float32 cuda result against the float64 reference configuration).
+
+The paper's code (method ``paper_code``) is reported beside them: its agreement with our
+float64 kernels and our speed-up over it per pair; the issue sets no number for these.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PAIRS_DEPTH21 = 20_000
+PAIRS_MYRTLE10 = 40_000
+NT_DEPTH21 = 20.0
+NT_MYRTLE10 = 10.0
+FLOAT32_TOL = 1e-4
+
+
+def _cfg(c, field, default):
+    return c.get(field, default)
+
+
+def _matches(r, method, arch="cnn", depth=None, dtype="float32", variant=None, pooling="gap"):
+    c = r["config"]
+    return (c["method"] == method and _cfg(c, "architecture", "cnn") == arch
+            and (depth is None or c["depth"] == depth) and c["dtype"] == dtype
+            and c.get("pooling") == pooling and not _cfg(c, "fix", False) and c.get("size") == 32
+            and (variant is None or (c.get("cuda_kernel") or r.get("cuda_kernel")) == variant))
+
+
+def _best(rows):
+    """The OK record of the largest N (the harness's plots read the same one)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return max(ok, key=lambda r: r["config"]["n"]) if ok else None
+
+
+def _why_not(rows, what):
+    if not rows:
+        return f"not measured: the file has no {what} result"
+    r = rows[0]
+    return f"not measured: {what} is {r.get('status')}: {r.get('reason')}"
+
+
+def default_variant(payload) -> str | None:
+    for v in payload.get("cuda_kernels") or []:
+        if v.get("default"):
+            return v["name"]
+    return None
+
+
+def _target(name, value, bound, unit, rows, what):
+    if value is None:
+        return {"target": name, "status": "not measured", "detail": _why_not(rows, what)}
+    met = value >= bound
+    return {"target": name, "status": "met" if met else "not met", "value": value, "bound": bound,
+            "detail": f"{value:,.1f} {unit} (target >= {bound:,.0f})"}
+
+
+def targets(payload) -> list[dict]:
+    """The issue's targets, each met / not met / not measured, from a harness payload."""
+    res = payload.get("results", [])
+    dv = default_variant(payload)
+    out = []
+    if dv is None:
+        why = "not measured: the run had no CUDA extension (no kernel variants recorded)"
+        for name in ("cuda default kernel, CNTK-GAP depth 21 float32 >= 20,000 unique pairs/s",
+                     "cuda default kernel, Myrtle-10 float32 >= 40,000 unique pairs/s",
+                     "vs neural-tangents, CNTK-GAP depth 21 >= 20x", "vs neural-tangents, Myrtle-10 >= 10x"):
+            out.append({"target": name, "status": "not measured", "detail": why})
+    else:
+        for arch, depth, bound, ntb in (("cnn", 21, PAIRS_DEPTH21, NT_DEPTH21), ("myrtle10", 10, PAIRS_MYRTLE10, NT_MYRTLE10)):
+            where = "CNTK-GAP depth 21" if arch == "cnn" else "Myrtle-10"
+            ours_rows = [r for r in res if _matches(r, "cuda", arch, depth, variant=dv)]
+            ours = _best(ours_rows)
+            out.append(_target(f"cuda default kernel ({dv}), {where} float32 >= {bound:,} unique pairs/s",
+                               ours and ours["unique_pairs_per_s"], bound, "unique pairs/s", ours_rows,
+                               f"cuda {dv} {where} float32"))
+            nt_rows = [r for r in res if _matches(r, "neural_tangents", arch, depth)]
+            nt = _best(nt_rows)
+            name = f"vs neural-tangents on the same GPU, {where} >= {ntb:.0f}x"
+            if ours is None:
+                out.append({"target": name, "status": "not measured",
+                            "detail": _why_not(ours_rows, f"cuda {dv} {where} float32")})
+            elif nt is None:
+                out.append({"target": name, "status": "not measured",
+                            "detail": _why_not(nt_rows, f"neural-tangents {where}")})
+            elif nt.get("device") != ours.get("device"):
+                out.append({"target": name, "status": "not measured",
+                            "detail": f"neural-tangents ran on the {nt.get('device')}, not on the GPU"})
+            else:
+                ratio = ours["unique_pairs_per_s"] / nt["pairs_evaluated_per_s"]
+                out.append(_target(name, ratio, ntb, "x", [nt], "neural-tangents"))
+    # float32 vs the float64 reference, every variant
+    variants = [v["name"] for v in payload.get("cuda_kernels") or []]
+    f32 = [r for r in res if r["config"]["method"] == "cuda" and r["config"]["dtype"] == "float32"]
+    name = f"float32 within {FLOAT32_TOL:g} of the float64 reference, every CUDA kernel variant"
+    if not variants:
+        out.append({"target": name, "status": "not measured",
+                    "detail": "not measured: the run had no CUDA extension (no kernel variants recorded)"})
+    else:
+        worst, missing = {}, []
+        for v in variants:
+            diffs = [r["check"]["max_rel_diff"] for r in f32
+                     if (r["config"].get("cuda_kernel") or r.get("cuda_kernel")) == v and r.get("status") == "ok"
+                     and "max_rel_diff" in r.get("check", {}) and str(r["check"].get("vs", "")).endswith("float64")]
+            if diffs:
+                worst[v] = max(diffs)
+            else:
+                missing.append(v)
+        if missing:
+            out.append({"target": name, "status": "not measured",
+                        "detail": f"not measured: no float32 cuda result of {', '.join(missing)} checked against a "
+                                  "float64 configuration"})
+        else:
+            top = max(worst.values())
+            out.append({"target": name, "status": "met" if top <= FLOAT32_TOL else "not met", "value": top,
+                        "bound": FLOAT32_TOL, "per_variant": worst,
+                        "detail": ", ".join(f"{v} {d:.1e}" for v, d in worst.items()) + f" (target <= {FLOAT32_TOL:g})"})
+    return out
+
+
+def paper_report(payload) -> list[dict]:
+    """The paper's code: per configuration, the value check and our speed-up per pair (over the
+    OK cuda float32 result of the default kernel variant, largest N, with the same depth, readout
+    and fix), when measured."""
+    res = payload.get("results", [])
+    dv = default_variant(payload)
+    out = []
+    for r in res:
+        c = r["config"]
+        if c["method"] != "paper_code":
+            continue
+        row = {"depth": c["depth"], "pooling": c["pooling"], "fix": bool(c.get("fix")), "n": c["n"],
+               "status": r.get("status")}
+        chk = r.get("check", {})
+        if "max_rel_diff_distinct_pairs" in chk:
+            row.update({k: chk[k] for k in ("max_rel_diff_distinct_pairs", "max_rel_diff_self_pairs",
+                                            "non_finite_entries", "agree_distinct_pairs", "agree_all_entries")})
+        if r.get("status") == "ok":
+            row["pairs_per_s"] = r["pairs_evaluated_per_s"]
+            ours = _best([q for q in res if q["config"]["method"] == "cuda" and q["config"]["dtype"] == "float32"
+                          and q["config"]["depth"] == c["depth"] and q["config"]["pooling"] == c["pooling"]
+                          and bool(q["config"].get("fix")) == bool(c.get("fix"))
+                          and q["config"].get("architecture", "cnn") == "cnn"
+                          and (q["config"].get("cuda_kernel") or q.get("cuda_kernel")) == dv])
+            if ours is not None:
+                row["speedup"] = ours["unique_pairs_per_s"] / r["pairs_evaluated_per_s"]
+                row["vs"] = f"cuda {dv} float32 N={ours['config']['n']}"
+        else:
+            row["reason"] = r.get("reason")
+        out.append(row)
+    return out
+
+
+def read_phases(path) -> list[dict]:
+    """gpu_session.sh's phase records: name, status, seconds, limit, reason (tab-separated)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        name, status, seconds, limit, reason = (line.split("\t") + [""] * 5)[:5]
+        rows.append({"phase": name, "status": status, "seconds": int(seconds or 0),
+                     "limit": int(limit) if limit else None, "reason": reason})
+    return rows
+
+
+METHOD_ORDER = ("cuda", "numba", "reference", "per_layer_cuda", "per_layer_cpu", "paper_code", "neural_tangents")
+
+
+def _order(r):
+    c = r["config"]
+    m = c["method"]
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m,
+            str(c.get("cuda_kernel") or r.get("cuda_kernel") or ""), c.get("architecture", "cnn") != "cnn",
+            c["depth"], c["pooling"], bool(c.get("fix")), c["dtype"], c["n"])
+
+
+def result_lines(payload) -> list[str]:
+    """One line per harness result, grouped by method, variant, network, depth."""
+    lines = []
+    for r in sorted(payload.get("results", []), key=_order):
+        c = r["config"]
+        what = " ".join(str(p) for p in (c["method"], c.get("cuda_kernel") or r.get("cuda_kernel") or "",
+                                         c.get("architecture", "cnn"), f"d{c['depth']}", c["pooling"],
+                                         "fix" if c.get("fix") else "", c["dtype"], f"N={c['n']}") if p != "")
+        if r.get("status") == "ok":
+            s = f"{r['unique_pairs_per_s']:12,.1f} unique pairs/s"
+            if r.get("pairs_evaluated") not in (None, r.get("unique_pairs")):
+                s += f" ({r['pairs_evaluated_per_s']:,.1f} pairs evaluated/s)"
+        else:
+            s = f"{r.get('status')}: {str(r.get('reason'))[:110]}"
+        chk = r.get("check", {})
+        if "max_rel_diff_distinct_pairs" in chk:
+            s += f"  [vs ours float64: {chk['max_rel_diff_distinct_pairs']:.1e} distinct, " \
+                 f"{chk['max_rel_diff_self_pairs']:.1e} self pairs]"
+        elif "max_rel_diff" in chk:
+            s += f"  [vs {chk['vs'].split(',')[0]}: {chk['max_rel_diff']:.1e}]"
+        lines.append(f"  {what:48s} {s}")
+    return lines
+
+
+def summarize(harness: Path | None, phases: Path | None) -> dict:
+    out = {"harness": str(harness) if harness else None}
+    if phases is not None and phases.exists():
+        out["phases"] = read_phases(phases)
+    payload = None
+    if harness is not None and harness.exists():
+        try:
+            payload = json.loads(harness.read_text())
+        except ValueError as e:
+            out["harness_error"] = f"cannot read {harness}: {e}"
+    elif harness is not None:
+        out["harness_error"] = f"{harness}: no such file (no harness phase wrote it)"
+    if payload is not None:
+        out["gpu"] = payload.get("gpu")
+        out["cuda_kernels"] = payload.get("cuda_kernels")
+        out["targets"] = targets(payload)
+        out["paper_code"] = paper_report(payload)
+        out["result_lines"] = result_lines(payload)
+    return out
+
+
+def print_summary(s: dict) -> None:
+    if "phases" in s:
+        print("phases:")
+        for p in s["phases"]:
+            lim = f"/{p['limit']}s" if p.get("limit") else ""
+            print(f"  {p['phase']:10s} {p['status']:12s} {p['seconds']:5d}s{lim:7s} {p['reason']}")
+    if "harness_error" in s:
+        print(s["harness_error"])
+    if "result_lines" in s:
+        g = s.get("gpu") or {}
+        print(f"results ({s['harness']}; GPU: {g.get('name', 'none')}):")
+        print("\n".join(s["result_lines"]))
+    if s.get("paper_code"):
+        print("the paper's code (github.com/ruosongwang/CNTK) vs ours:")
+        for p in s["paper_code"]:
+            line = f"  d{p['depth']} {p['pooling']}{' fix' if p['fix'] else ''} N={p['n']}: {p['status']}"
+            if "max_rel_diff_distinct_pairs" in p:
+                line += (f", values: distinct pairs {p['max_rel_diff_distinct_pairs']:.1e}, self pairs "
+                         f"{p['max_rel_diff_self_pairs']:.1e}, non-finite {p['non_finite_entries']}")
+            if "speedup" in p:
+                line += f", ours {p['speedup']:,.0f}x faster per pair ({p['vs']})"
+            if "reason" in p and "max_rel_diff_distinct_pairs" not in p:
+                line += f" ({str(p['reason'])[:120]})"
+            print(line)
+    if "targets" in s:
+        print("targets (issue #16):")
+        for t in s["targets"]:
+            print(f"  [{t['status']}] {t['target']}: {t['detail']}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("harness", type=Path, help="the harness result file of the session")
+    ap.add_argument("--phases", type=Path, default=None, help="gpu_session.sh's phase records (TSV)")
+    ap.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
+    args = ap.parse_args(argv)
+    s = summarize(args.harness, args.phases)
+    print_summary(s)
+    if args.out:
+        args.out.write_text(json.dumps(s, indent=1))
+        print(f"wrote {args.out}")
+    return s
+
+
+if __name__ == "__main__":
+    main()
