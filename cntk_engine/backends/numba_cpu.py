@@ -128,6 +128,26 @@ if numba is not None:
                 mask[t, j] = KC[3] if ok else KC[2]
 
     @njit(inline="always", fastmath=_FASTMATH)
+    def pool2_row(out, t, base, Wo, W, dx, scale):
+        """Add row t of a packed offset grid (offset dx) into the next stage's covariance block
+        at ``base`` for 2 x 2 pools of stride 2: x column j goes to pooled column j // 2, z column
+        (j + dx) mod W to (j + dx) mod W // 2 (shifts, no tables); with dx even, columns 2m and
+        2m + 1 share both, so they are added together first (half the scattered adds)."""
+        seam = W - dx
+        if dx % 2 == 0:
+            h2 = dx >> 1
+            for m in range(seam >> 1):
+                out[base + m * (Wo + 1) + h2] += (t[2 * m] + t[2 * m + 1]) * scale
+            s2 = seam >> 1
+            for q in range(h2):
+                out[base + (s2 + q) * Wo + q] += (t[seam + 2 * q] + t[seam + 2 * q + 1]) * scale
+        else:
+            for j in range(seam):
+                out[base + (j >> 1) * Wo + ((j + dx) >> 1)] += t[j] * scale
+            for j in range(seam, W):
+                out[base + (j >> 1) * Wo + ((j + dx - W) >> 1)] += t[j] * scale
+
+    @njit(inline="always", fastmath=_FASTMATH)
     def double_rows(dst, src, H, W):
         """dst[i, j] = dst[i, j + W] = src[i, j]: z's rows written twice side by side, so that the
         rotation of a row by dx is the contiguous view dst[i, dx:dx + W]."""
@@ -303,6 +323,8 @@ if numba is not None:
             kin = np.zeros(acc_size, dtype=X1.dtype)
             gin = np.zeros(acc_size, dtype=X1.dtype)
             kout = np.zeros(acc_size, dtype=X1.dtype)
+            tk = np.empty(W0, dtype=X1.dtype)     # a row (or two rows' sum) to be pooled
+            tg = np.empty(W0, dtype=X1.dtype)
             gout = np.zeros(acc_size, dtype=X1.dtype)
             sk = 0.0
             sg = 0.0
@@ -399,6 +421,23 @@ if numba is not None:
                                     wt = R[py, j, qy, qx]
                                     sk += wt * kbuf[r + i, r + j]
                                     sg += wt * gbuf[r + i, r + j]
+                        elif ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
+                            i = 0
+                            while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
+                                py = ix0 + i
+                                base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
+                                if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
+                                    for j in range(Ws):
+                                        tk[j] = kbuf[r + i, r + j] + kbuf[r + i + 1, r + j]
+                                        tg[j] = gbuf[r + i, r + j] + gbuf[r + i + 1, r + j]
+                                    i += 2
+                                else:
+                                    for j in range(Ws):
+                                        tk[j] = kbuf[r + i, r + j]
+                                        tg[j] = gbuf[r + i, r + j]
+                                    i += 1
+                                pool2_row(kout, tk, base, Wo, Ws, dx, inv_w4)
+                                pool2_row(gout, tg, base, Wo, Ws, dx, inv_w4)
                         elif ps == pw:   # pool, windows side by side: one (P, P') per entry
                             for i in range(h):
                                 base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
