@@ -29,6 +29,71 @@ P pointer(std::uintptr_t v) {
   return reinterpret_cast<P>(v);
 }
 
+bool aligned(const void* ptr, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+}
+
+// Why `p` cannot be launched (unsupported shape, bad sizes, a null or misaligned pointer, an
+// unknown variant), or "" if it can; the values behind the pointers are not checked.  Written
+// here, in the host-compiled file, because it builds strings: the nvcc-compiled side exchanges
+// only C types with this file.
+std::string check_pair_sums(const cntk::PairSumsParams& p) {
+  std::ostringstream why;
+  if (p.variant < 0 || p.variant >= cntk::kernel_variant_count()) {
+    why << "kernel variant index " << p.variant << " is out of range [0, "
+        << cntk::kernel_variant_count() << ")";
+    return why.str();
+  }
+  if (p.dtype != cntk::Dtype::float32 && p.dtype != cntk::Dtype::float64)
+    return "dtype must be float32 or float64";
+  if (const char* shape = cntk::unsupported_shape(p.H, p.W, p.filter_size, p.n_out)) {
+    why << shape << "; got H x W = " << p.H << " x " << p.W << ", filter_size = " << p.filter_size
+        << ", n_out = " << p.n_out;
+    return why.str();
+  }
+  if (p.C < 1) {
+    why << "C (channels) must be >= 1; got " << p.C;
+    return why.str();
+  }
+  if (p.L < 1 || p.L < p.n_out) {
+    why << "L (ReLU layers) must be >= 1 and >= n_out (each readout is at its own layer); got L = "
+        << p.L << ", n_out = " << p.n_out;
+    return why.str();
+  }
+  if (p.n_pairs < 0 || p.n_pairs > 2147483647LL) {
+    why << "n_pairs must be in [0, 2^31 - 1] (one block per pair in one launch); got " << p.n_pairs;
+    return why.str();
+  }
+  if (p.device < 0) {
+    why << "device must be a CUDA device ordinal >= 0; got " << p.device;
+    return why.str();
+  }
+  if (p.n_pairs == 0) return {};  // nothing is read or written
+  const cntk::KernelVariant& variant = cntk::kernel_variant(p.variant);
+  const std::size_t t = p.dtype == cntk::Dtype::float64 ? 8 : 4;
+  const std::size_t d = t * variant.diag_width;
+  const struct {
+    const char* name;
+    const void* ptr;
+    std::size_t align;
+  } ptrs[] = {{"xa", p.xa, t},         {"da", p.da, d},         {"xb", p.xb, t},
+              {"db", p.db, d},         {"pair_a", p.pair_a, 4}, {"pair_b", p.pair_b, 4},
+              {"slot", p.slot, 4},     {"out", p.out, 8}};
+  for (const auto& q : ptrs) {
+    if (q.ptr == nullptr) {
+      why << q.name << " is a null pointer (a device pointer is needed for " << p.n_pairs << " pairs)";
+      return why.str();
+    }
+    if (!aligned(q.ptr, q.align)) {
+      why << q.name << " = 0x" << std::hex << reinterpret_cast<std::uintptr_t>(q.ptr) << std::dec
+          << " is not aligned to the " << q.align << " bytes of its elements (kernel "
+          << variant.name << ", " << (t == 8 ? "float64" : "float32") << ")";
+      return why.str();
+    }
+  }
+  return {};
+}
+
 cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::string& kernel,
                                  const std::string& dtype, std::uintptr_t xa, std::uintptr_t da,
                                  std::uintptr_t xb, std::uintptr_t db, std::uintptr_t pair_a,
@@ -37,7 +102,7 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
                                  int n_out, double w_first, double w, double b2, bool gap,
                                  bool fix, bool same_set) {
   cntk::PairSumsParams p;
-  p.variant = cntk::find_kernel_variant(kernel);
+  p.variant = cntk::find_kernel_variant(kernel.c_str());
   if (p.variant < 0)
     throw std::invalid_argument("unknown CUDA kernel variant '" + kernel +
                                 "'; compiled variants: " + variant_names());
@@ -71,7 +136,7 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
   p.gap = gap;
   p.fix = fix;
   p.same_set = same_set;
-  const std::string why = cntk::check_pair_sums(p);
+  const std::string why = check_pair_sums(p);
   if (!why.empty()) throw std::invalid_argument("cntk_engine pair_sums: " + why);
   return p;
 }

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace cntk {
 
@@ -23,7 +22,7 @@ struct KernelVariant {
 int kernel_variant_count();
 const KernelVariant& kernel_variant(int index);
 // The index of the variant called `name`, or -1.
-int find_kernel_variant(const std::string& name);
+int find_kernel_variant(const char* name);
 
 // Everything one launch of the pair kernel needs (see cntk_engine/arch.py and
 // backends/base.py).  It computes, for p < n_pairs,
@@ -62,12 +61,8 @@ struct PairSumsParams {
 // or nullptr if they can.
 const char* unsupported_shape(int H, int W, int filter_size, int n_out);
 
-// Why `p` cannot be launched (unsupported shape, bad sizes, a null or misaligned pointer, an
-// unknown variant), or "" if it can.  The values behind the pointers are not checked.
-std::string check_pair_sums(const PairSumsParams& p);
-
 // Launch (asynchronously, on p.stream of the current device) the variant's kernel for `p`, which
-// must have passed check_pair_sums.  Returns the CUDA error of the launch (cudaSuccess = 0).
+// must have passed the binding's check (binding.cpp, check_pair_sums).  Returns the CUDA error of the launch (cudaSuccess = 0).
 int launch_pair_sums(const PairSumsParams& p);
 
 const char* error_string(int err);

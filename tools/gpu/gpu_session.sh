@@ -152,9 +152,14 @@ phase_tests() {
     # the GPU tests skip here with their reason; this runs their collection and skip logic
     "$PY" -P -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda.py 2>&1 | tail -8
   else
-    # every variant: tests/test_cuda.py parametrises its GPU tests over the compiled variants
-    "$PY" -P -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_sass.py \
-      tests/test_solver.py::test_cupy_matches_numpy 2>&1 | tail -25
+    # every variant: tests/test_cuda.py parametrises its GPU tests over the compiled variants.
+    # With pytest-xdist each test runs in a worker process, so a test that crashes its process
+    # (a segfault ends a plain pytest run with no report) is named, and the others still run.
+    # The whole output goes to the log: a tail loses the name of the test that crashed.
+    xdist=()
+    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 4); fi
+    "$PY" -P -X faulthandler -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py \
+      tests/test_sass.py tests/test_solver.py::test_cupy_matches_numpy 2>&1
   fi
   return "${PIPESTATUS[0]}"
 }
