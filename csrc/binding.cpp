@@ -5,7 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -33,41 +33,36 @@ bool aligned(const void* ptr, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
 }
 
+std::string str(long long v) { return std::to_string(v); }
+
+std::string hex(std::uintptr_t v) {
+  char buf[2 + 2 * sizeof(v) + 1];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
 // Why `p` cannot be launched (unsupported shape, bad sizes, a null or misaligned pointer, an
-// unknown variant), or "" if it can; the values behind the pointers are not checked.  Written
-// here, in the host-compiled file, because it builds strings: the nvcc-compiled side exchanges
-// only C types with this file.
+// unknown variant), or "" if it can; the values behind the pointers are not checked.
+// Messages are built by concatenation, never with iostreams: on the H200 machine's torch image an
+// std::ostringstream in this extension crashed the process (every check message and __repr__
+// segfaulted; the cause was not pinned down, the same code runs on other machines).  So the
+// extension uses no iostreams, and the nvcc-compiled side exchanges only C types with this file.
 std::string check_pair_sums(const cntk::PairSumsParams& p) {
-  std::ostringstream why;
-  if (p.variant < 0 || p.variant >= cntk::kernel_variant_count()) {
-    why << "kernel variant index " << p.variant << " is out of range [0, "
-        << cntk::kernel_variant_count() << ")";
-    return why.str();
-  }
+  if (p.variant < 0 || p.variant >= cntk::kernel_variant_count())
+    return "kernel variant index " + str(p.variant) + " is out of range [0, " +
+           str(cntk::kernel_variant_count()) + ")";
   if (p.dtype != cntk::Dtype::float32 && p.dtype != cntk::Dtype::float64)
     return "dtype must be float32 or float64";
-  if (const char* shape = cntk::unsupported_shape(p.H, p.W, p.filter_size, p.n_out)) {
-    why << shape << "; got H x W = " << p.H << " x " << p.W << ", filter_size = " << p.filter_size
-        << ", n_out = " << p.n_out;
-    return why.str();
-  }
-  if (p.C < 1) {
-    why << "C (channels) must be >= 1; got " << p.C;
-    return why.str();
-  }
-  if (p.L < 1 || p.L < p.n_out) {
-    why << "L (ReLU layers) must be >= 1 and >= n_out (each readout is at its own layer); got L = "
-        << p.L << ", n_out = " << p.n_out;
-    return why.str();
-  }
-  if (p.n_pairs < 0 || p.n_pairs > 2147483647LL) {
-    why << "n_pairs must be in [0, 2^31 - 1] (one block per pair in one launch); got " << p.n_pairs;
-    return why.str();
-  }
-  if (p.device < 0) {
-    why << "device must be a CUDA device ordinal >= 0; got " << p.device;
-    return why.str();
-  }
+  if (const char* shape = cntk::unsupported_shape(p.H, p.W, p.filter_size, p.n_out))
+    return std::string(shape) + "; got H x W = " + str(p.H) + " x " + str(p.W) +
+           ", filter_size = " + str(p.filter_size) + ", n_out = " + str(p.n_out);
+  if (p.C < 1) return "C (channels) must be >= 1; got " + str(p.C);
+  if (p.L < 1 || p.L < p.n_out)
+    return "L (ReLU layers) must be >= 1 and >= n_out (each readout is at its own layer); got L = " +
+           str(p.L) + ", n_out = " + str(p.n_out);
+  if (p.n_pairs < 0 || p.n_pairs > 2147483647LL)
+    return "n_pairs must be in [0, 2^31 - 1] (one block per pair in one launch); got " + str(p.n_pairs);
+  if (p.device < 0) return "device must be a CUDA device ordinal >= 0; got " + str(p.device);
   if (p.n_pairs == 0) return {};  // nothing is read or written
   const cntk::KernelVariant& variant = cntk::kernel_variant(p.variant);
   const std::size_t t = p.dtype == cntk::Dtype::float64 ? 8 : 4;
@@ -80,16 +75,14 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
               {"db", p.db, d},         {"pair_a", p.pair_a, 4}, {"pair_b", p.pair_b, 4},
               {"slot", p.slot, 4},     {"out", p.out, 8}};
   for (const auto& q : ptrs) {
-    if (q.ptr == nullptr) {
-      why << q.name << " is a null pointer (a device pointer is needed for " << p.n_pairs << " pairs)";
-      return why.str();
-    }
-    if (!aligned(q.ptr, q.align)) {
-      why << q.name << " = 0x" << std::hex << reinterpret_cast<std::uintptr_t>(q.ptr) << std::dec
-          << " is not aligned to the " << q.align << " bytes of its elements (kernel "
-          << variant.name << ", " << (t == 8 ? "float64" : "float32") << ")";
-      return why.str();
-    }
+    if (q.ptr == nullptr)
+      return std::string(q.name) + " is a null pointer (a device pointer is needed for " +
+             str(p.n_pairs) + " pairs)";
+    if (!aligned(q.ptr, q.align))
+      return std::string(q.name) + " = " + hex(reinterpret_cast<std::uintptr_t>(q.ptr)) +
+             " is not aligned to the " + str(static_cast<long long>(q.align)) +
+             " bytes of its elements (kernel " + variant.name + ", " +
+             (t == 8 ? "float64" : "float32") + ")";
   }
   return {};
 }
@@ -153,13 +146,13 @@ void pair_sums(const cntk::PairSumsParams& p) {
 }
 
 std::string repr(const cntk::PairSumsParams& p) {
-  std::ostringstream s;
-  s << "PairSumsParams(kernel='" << cntk::kernel_variant(p.variant).name << "', dtype='"
-    << (p.dtype == cntk::Dtype::float64 ? "float64" : "float32") << "', n_pairs=" << p.n_pairs
-    << ", C=" << p.C << ", H=" << p.H << ", W=" << p.W << ", L=" << p.L
-    << ", filter_size=" << p.filter_size << ", n_out=" << p.n_out << ", gap=" << p.gap
-    << ", fix=" << p.fix << ", same_set=" << p.same_set << ", device=" << p.device << ")";
-  return s.str();
+  auto flag = [](bool b) { return b ? "1" : "0"; };
+  return std::string("PairSumsParams(kernel='") + cntk::kernel_variant(p.variant).name +
+         "', dtype='" + (p.dtype == cntk::Dtype::float64 ? "float64" : "float32") +
+         "', n_pairs=" + str(p.n_pairs) + ", C=" + str(p.C) + ", H=" + str(p.H) +
+         ", W=" + str(p.W) + ", L=" + str(p.L) + ", filter_size=" + str(p.filter_size) +
+         ", n_out=" + str(p.n_out) + ", gap=" + flag(p.gap) + ", fix=" + flag(p.fix) +
+         ", same_set=" + flag(p.same_set) + ", device=" + str(p.device) + ")";
 }
 
 }  // namespace

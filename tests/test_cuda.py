@@ -7,6 +7,7 @@ variants' per-entry ReLU step compiled as host code against NumPy, the diagonal 
 checks of them (no CUDA call is made), and the variant selection.
 """
 import importlib.util
+import re
 import shutil
 import subprocess
 import types
@@ -329,6 +330,22 @@ def test_the_extension_checks_launch_parameters_once_before_any_cuda_call(change
     ext = extension()
     with pytest.raises(ValueError, match=message):
         ext.PairSumsParams(**dict(GOOD, **change))
+
+
+def test_the_extension_uses_no_iostreams():
+    """On the H200 machine's torch image every message the binding built with std::ostringstream
+    (the parameter check's, __repr__'s) crashed the process, while the same code ran elsewhere;
+    the extension's sources (csrc/, less the host test program) build strings without iostreams."""
+    root = Path(__file__).resolve().parents[1] / "csrc"
+    code = re.compile(r"#include\s*<(sstream|iostream|ostream|fstream)>|\bstd::\w*stream\b")
+    offenders = []
+    for f in sorted(root.iterdir()):
+        if f.suffix not in (".cpp", ".cu", ".cuh") or f.name == "relu_step_check.cpp":
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if code.search(line.split("//")[0]):
+                offenders.append(f"{f.name}:{n}: {line.strip()}")
+    assert not offenders, "iostreams in the extension's sources:\n" + "\n".join(offenders)
 
 
 def test_valid_launch_parameters_and_the_shape_rule():
