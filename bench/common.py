@@ -202,3 +202,13 @@ def positive_float(text):
 def devices(text):
     """argparse type of --devices: 'all' or a comma list of GPU ids ('0,1' -> [0, 1])."""
     return "all" if str(text).strip() == "all" else int_list(minimum=0)(text)
+
+
+def is_default_variant(variant: dict, dtype: str = "float32") -> bool:
+    """Whether a CUDA kernel variant record (``cntk_engine.backends.cuda.kernel_variants()``, or
+    a result file's ``cuda_kernels``) is the default for ``dtype``.  Records list the dtypes in
+    ``default_for``; files written before the defaults were per dtype have ``default``, one
+    variant for both."""
+    if "default_for" in variant:
+        return dtype in variant["default_for"]
+    return bool(variant.get("default"))

@@ -62,8 +62,8 @@ from . import ceiling as ceil_mod
 from tools import sass_mix
 from . import paper_code as paper_mod
 from . import per_layer_baseline
-from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list, machine,
-                     median_time, result_header, utc_date, versions, write_json)
+from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list,
+                     is_default_variant, machine, median_time, result_header, utc_date, versions, write_json)
 
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents", "paper_code")
@@ -313,15 +313,15 @@ def cuda_variants() -> list[dict] | None:
         return None
 
 
-def resolved_variant(name: str | None, variants: list[dict] | None) -> str | None:
+def resolved_variant(name: str | None, variants: list[dict] | None, dtype: str = "float32") -> str | None:
     """The variant a cuda configuration runs: ``name``, else $CNTK_ENGINE_CUDA_KERNEL, else the
-    extension's default (None without the extension)."""
+    extension's default for ``dtype`` (None without the extension)."""
     if name is not None:
         return name
     if not variants:
         return None
     env = os.environ.get(KERNEL_ENV, "").strip()
-    return env or next(v["name"] for v in variants if v["default"])
+    return env or next(v["name"] for v in variants if is_default_variant(v, dtype))
 
 
 def run_nt(args, c):
@@ -560,13 +560,13 @@ def run(args) -> dict:
     # the first's; a resumed file keeps the variants it counted before
     mixes = {}
     if "cuda" in methods and payload["gpu"] and variants is not None:
-        for v in dict.fromkeys(resolved_variant(cfg(c, "cuda_kernel"), variants) for c in matrix
+        for v in dict.fromkeys(resolved_variant(cfg(c, "cuda_kernel"), variants, c["dtype"]) for c in matrix
                                if c["method"] == "cuda"):
             mixes[v] = sass_mix.harness_mixes([c for c in matrix if c["method"] == "cuda"], kernel=v)
     counted = {**old.get("sass_by_kernel", {}), **mixes}
     if counted:
         payload["sass_by_kernel"] = counted
-        default = next((v["name"] for v in payload.get("cuda_kernels") or [] if v["default"]), None)
+        default = next((v["name"] for v in payload.get("cuda_kernels") or [] if is_default_variant(v)), None)
         payload["sass"] = counted.get(default) or next(iter(counted.values()))
     elif old.get("sass"):
         payload["sass"] = old["sass"]
@@ -584,7 +584,7 @@ def run(args) -> dict:
         key = config_key(c)
         rk = check_group(c)
         can_ref = c["method"] in PROJECT_BACKENDS + ("per_layer_cpu",)
-        variant = resolved_variant(cfg(c, "cuda_kernel"), variants) if c["method"] == "cuda" else None
+        variant = resolved_variant(cfg(c, "cuda_kernel"), variants, c["dtype"]) if c["method"] == "cuda" else None
         if key in done:
             payload["results"].append(done[key])
             if rk not in refs and can_ref:

@@ -25,6 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import is_default_variant
+
 PAIRS_DEPTH21 = 20_000
 PAIRS_MYRTLE10 = 40_000
 NT_DEPTH21 = 20.0
@@ -57,9 +59,9 @@ def _why_not(rows, what):
     return f"not measured: {what} is {r.get('status')}: {r.get('reason')}"
 
 
-def default_variant(payload) -> str | None:
+def default_variant(payload, dtype: str = "float32") -> str | None:
     for v in payload.get("cuda_kernels") or []:
-        if v.get("default"):
+        if is_default_variant(v, dtype):
             return v["name"]
     return None
 

@@ -208,14 +208,26 @@ PYBIND11_MODULE(_cuda, m) {
             d["description"] = v.description;
             d["diag"] = v.diag;
             d["gpu_measured"] = v.gpu_measured;
-            d["default"] = i == 0;
+            py::list default_for;
+            if (v.default_float32) default_for.append("float32");
+            if (v.default_float64) default_for.append("float64");
+            d["default_for"] = default_for;
             out.append(d);
           }
           return out;
         },
-        "The compiled kernel variants, the default first: dicts with name, description, diag "
-        "(the per-image diagonal layout it reads: 'q' or 'factors'), gpu_measured, default.");
-  m.attr("default_kernel") = cntk::kernel_variant(0).name;
+        "The compiled kernel variants: dicts with name, description, diag (the per-image "
+        "diagonal layout it reads: 'q' or 'factors'), gpu_measured, default_for (the dtypes it "
+        "is the default for).");
+  {
+    py::dict defaults;
+    for (int i = 0; i < cntk::kernel_variant_count(); ++i) {
+      const cntk::KernelVariant& v = cntk::kernel_variant(i);
+      if (v.default_float32) defaults["float32"] = v.name;
+      if (v.default_float64) defaults["float64"] = v.name;
+    }
+    m.attr("default_kernels") = defaults;
+  }
   m.def("device_count", []() {
     int n = 0;
     int err = cntk::device_count(&n);

@@ -15,10 +15,12 @@ struct KernelVariant {
   const char* description;  // one line
   const char* diag;         // layout of the per-image diagonals it reads: "q" or "factors"
   int diag_width;           // values per image, layer and position in that layout (1 or 2)
-  bool gpu_measured;        // run and timed on a GPU (bench/NOTES.md)
+  bool gpu_measured;        // run and timed on a GPU (docs/cuda_kernels.md)
+  bool default_float32;     // the default for float32 / float64: the fastest variant measured
+  bool default_float64;     // on a GPU for that dtype (one per dtype, gpu_measured)
 };
 
-// The compiled variants; index 0 is the default.
+// The compiled variants.
 int kernel_variant_count();
 const KernelVariant& kernel_variant(int index);
 // The index of the variant called `name`, or -1.

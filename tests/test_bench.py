@@ -671,6 +671,11 @@ def test_cuda_kernel_selected_sets_and_restores_the_environment(monkeypatch):
     assert resolved_variant(None, variants) == "v3" and resolved_variant("v5", variants) == "v5"
     monkeypatch.delenv(KERNEL_ENV)
     assert resolved_variant(None, variants) == "v3" and resolved_variant(None, None) is None
+    # the extension's records name the dtypes each variant is the default for; files written
+    # before that have one "default" for both
+    per_dtype = [{"name": "v3", "default_for": ["float32"]}, {"name": "v5", "default_for": ["float64"]}]
+    assert resolved_variant(None, per_dtype) == "v3" and resolved_variant(None, per_dtype, "float64") == "v5"
+    assert resolved_variant(None, variants, "float64") == "v3"
 
 
 def test_harness_n_per_method_and_dtype():

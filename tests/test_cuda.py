@@ -85,10 +85,11 @@ def test_the_compiled_variants_are_the_tested_ones():
     ext = extension()
     variants = ext.kernel_variants()
     assert tuple(v["name"] for v in variants) == VARIANTS
-    assert ext.default_kernel == "v3" and [v["default"] for v in variants] == [True, False]
-    # only a variant measured on a GPU may be the default
-    assert all(v["gpu_measured"] for v in variants if v["default"])
-    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": False}
+    # one default per dtype, the fastest measured on a GPU (H200, docs/cuda_kernels.md)
+    assert ext.default_kernels == {"float32": "v3", "float64": "v5"}
+    assert [v["default_for"] for v in variants] == [["float32"], ["float64"]]
+    assert all(v["gpu_measured"] for v in variants if v["default_for"])
+    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": True}
     assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors"}
     assert all(len(v["description"]) > 20 for v in variants)
 
@@ -100,6 +101,8 @@ def test_kernel_selection_by_argument_and_environment(monkeypatch):
     params = arch.layer_params(1, 8, 8)
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert resolve_kernel() == "v3" and CudaBackend(arch, params, "float32").kernel == "v3"
+    assert resolve_kernel(None, "float64") == "v5" and CudaBackend(arch, params, "float64").kernel == "v5"
+    assert CudaBackend(arch, params, np.float64, kernel="v3").kernel == "v3"
     monkeypatch.setenv(KERNEL_ENV, "v5")
     assert resolve_kernel() == "v5" and CudaBackend(arch, params, "float32").kernel == "v5"
     assert CudaBackend(arch, params, "float32", kernel="v3").kernel == "v3"   # the argument wins
@@ -107,7 +110,7 @@ def test_kernel_selection_by_argument_and_environment(monkeypatch):
     assert resolve_kernel() == "v3"
     monkeypatch.setenv(KERNEL_ENV, "v4")
     with pytest.raises(ValueError, match=r"environment variable CNTK_ENGINE_CUDA_KERNEL='v4' is not "
-                                         r"a CUDA kernel variant.*accepted: v3 \(default\), v5"):
+                                         r"a CUDA kernel variant.*accepted: v3 \(default for float32\), v5"):
         CudaBackend(arch, params, "float32").kernel
     with pytest.raises(ValueError, match=r"kernel='V5' is not a CUDA kernel variant.*accepted: v3"):
         resolve_kernel("V5")
@@ -136,8 +139,11 @@ def test_info_lists_the_kernel_variants(monkeypatch, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "CUDA kernel variants (select with CNTK_ENGINE_CUDA_KERNEL; selected: v5)" in out
-    assert "  v3   [default, measured on a GPU] reads the diagonals q" in out
-    assert "  v5   [not measured on a GPU] reads per-image factors" in out
+    assert "  v3   [default for float32, measured on a GPU] reads the diagonals q" in out
+    assert "  v5   [default for float64, measured on a GPU] reads per-image factors" in out
+    monkeypatch.delenv("CNTK_ENGINE_CUDA_KERNEL")
+    assert cli.main(["info"]) == 0
+    assert "selected: v3 for float32, v5 for float64)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------- host build of the ReLU step

@@ -189,4 +189,4 @@ def test_harness_mixes_read_the_variant_the_runs_use(monkeypatch):
     out = sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]
     assert out["variant"] == "v5" and re.search(r"pair_sums_kernelILi5Ef", out["kernel"])
     monkeypatch.delenv(sass_mix.KERNEL_ENV)
-    assert sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]["variant"] == ext.default_kernel
+    assert sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]["variant"] == ext.default_kernels["float32"]

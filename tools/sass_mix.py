@@ -153,7 +153,7 @@ def resource_usage(so: Path, arch: str) -> dict:
     return out
 
 
-# the variant the backend runs by default (cntk_engine._cuda.default_kernel); the harness's
+# the variant the backend runs by default in float32 (cntk_engine._cuda.default_kernels); the harness's
 # runs use CNTK_ENGINE_CUDA_KERNEL when it is set, as the backend does
 DEFAULT_KERNEL = "v3"
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"

@@ -29,18 +29,24 @@ def _extension():
 
 
 def kernel_variants() -> list[dict]:
-    """The kernel variants compiled into the extension, the default first: dicts with ``name``,
-    ``description`` (one line), ``diag`` (the per-image diagonal layout it reads),
-    ``gpu_measured`` and ``default``.  ImportError when the extension is not installed."""
+    """The kernel variants compiled into the extension: dicts with ``name``, ``description``
+    (one line), ``diag`` (the per-image diagonal layout it reads), ``gpu_measured`` and
+    ``default_for`` (the dtypes, "float32" / "float64", it is the default for: the fastest
+    variant measured on a GPU for each).  ImportError when the extension is not installed."""
     return list(_extension().kernel_variants())
 
 
-def resolve_kernel(kernel: str | None = None) -> str:
+def default_kernel(dtype="float32") -> str:
+    """The variant run for ``dtype`` when none is asked for."""
+    dtype = np.dtype(dtype).name
+    return next(v["name"] for v in kernel_variants() if dtype in v["default_for"])
+
+
+def resolve_kernel(kernel: str | None = None, dtype="float32") -> str:
     """The variant to run: ``kernel`` if given, else $CNTK_ENGINE_CUDA_KERNEL if set, else the
-    extension's default; ValueError naming the accepted values for any other name."""
-    variants = kernel_variants()
-    names = [v["name"] for v in variants]
-    default = next(v["name"] for v in variants if v["default"])
+    extension's default for ``dtype``; ValueError naming the accepted values for any other name."""
+    names = [v["name"] for v in kernel_variants()]
+    default = default_kernel(dtype)
     if kernel is None:
         env = os.environ.get(KERNEL_ENV, "").strip()
         if not env:
@@ -49,7 +55,8 @@ def resolve_kernel(kernel: str | None = None) -> str:
     else:
         source = "kernel"
     if kernel not in names:
-        accepted = ", ".join(f"{n} (default)" if n == default else n for n in names)
+        accepted = ", ".join(f"{n} (default for {np.dtype(dtype).name})" if n == default else n
+                             for n in names)
         raise ValueError(f"{source}={kernel!r} is not a CUDA kernel variant of this build; "
                          f"accepted: {accepted}")
     return kernel
@@ -62,12 +69,14 @@ def describe_kernel_variants() -> str:
     except ImportError:
         return "CUDA kernel variants: none (the CUDA extension is not installed)"
     try:
-        selected = resolve_kernel()
+        per_dtype = {t: resolve_kernel(None, t) for t in ("float32", "float64")}
+        selected = (per_dtype["float32"] if len(set(per_dtype.values())) == 1
+                    else ", ".join(f"{k} for {t}" for t, k in per_dtype.items()))
     except ValueError as e:
         selected = f"none: {e}"
     lines = [f"CUDA kernel variants (select with {KERNEL_ENV}; selected: {selected}):"]
     for v in variants:
-        tags = (["default"] if v["default"] else []) + [
+        tags = [f"default for {t}" for t in v["default_for"]] + [
             "measured on a GPU" if v["gpu_measured"] else "not measured on a GPU"]
         lines.append(f"  {v['name']:4s} [{', '.join(tags)}] {v['description']}")
     return "\n".join(lines)
@@ -108,7 +117,7 @@ class CudaBackend(Backend):
         extension nor a GPU (a Dask client constructs one), and under Dask each worker's
         environment decides."""
         if self._variant is None:
-            name = resolve_kernel(self._kernel_arg)
+            name = resolve_kernel(self._kernel_arg, self.dtype)
             v = next(v for v in kernel_variants() if v["name"] == name)
             if v["diag"] not in DIAG_LAYOUTS:
                 raise RuntimeError(f"CUDA kernel {name} reads diagonals in layout {v['diag']!r}, "
