@@ -41,8 +41,9 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
        0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
-# the stack kernel's ReLU loops over a flat grid in runs of at most this many entries (views of
-# each run: passed whole-grid arrays, the same loop ran 3x slower in the kernel, not vectorised)
+# the stack kernel's ReLU loops over a flat grid in runs of at most this many entries, each
+# passed as views of the run (passed the whole-grid arrays instead, the same loop ran 3x slower
+# in the kernel, measured; the cause was not established)
 RELU_CHUNK = 1024
 
 SNAP_ULPS = 8   # c within this many units of the dtype's epsilon of +-1 is taken as +-1
