@@ -41,6 +41,11 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
        0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
+# the stack kernel's ReLU loops over a flat grid in runs of at most this many entries, each
+# passed as views of the run (passed the whole-grid arrays instead, the same loop ran 3x slower
+# in the kernel, measured; the cause was not established)
+RELU_CHUNK = 1024
+
 SNAP_ULPS = 8   # c within this many units of the dtype's epsilon of +-1 is taken as +-1
 
 
@@ -129,23 +134,25 @@ if numba is not None:
 
     @njit(inline="always", fastmath=_FASTMATH)
     def pool2_row(out, t, base, Wo, W, dx, scale):
-        """Add row t of a packed offset grid (offset dx) into the next stage's covariance block
-        at ``base`` for 2 x 2 pools of stride 2: x column j goes to pooled column j // 2, z column
-        (j + dx) mod W to (j + dx) mod W // 2 (shifts, no tables); with dx even, columns 2m and
-        2m + 1 share both, so they are added together first (half the scattered adds)."""
-        seam = W - dx
+        """Add row t of a packed offset grid (offset dx) into the next stage's covariance rows at
+        ``base`` (the pooled rows' block, laid out (pooled offset, column): ``stack_kernel``) for 2 x 2
+        pools of stride 2: x column j goes to pooled column j // 2 and z column (j + dx) mod W
+        to ((j + dx) mod W) // 2, a pooled offset (mod Wo) of dx // 2 for even j and
+        (dx + 1) // 2 for odd j on both sides of the seam, so each is one contiguous row of Wo
+        entries; with dx even the two coincide, and columns 2m, 2m + 1 are added first."""
+        blk = Wo
         if dx % 2 == 0:
-            h2 = dx >> 1
-            for m in range(seam >> 1):
-                out[base + m * (Wo + 1) + h2] += (t[2 * m] + t[2 * m + 1]) * scale
-            s2 = seam >> 1
-            for q in range(h2):
-                out[base + (s2 + q) * Wo + q] += (t[seam + 2 * q] + t[seam + 2 * q + 1]) * scale
+            o = base + (dx >> 1) * blk
+            for m in range(Wo):
+                out[o + m] += (t[2 * m] + t[2 * m + 1]) * scale
         else:
-            for j in range(seam):
-                out[base + (j >> 1) * Wo + ((j + dx) >> 1)] += t[j] * scale
-            for j in range(seam, W):
-                out[base + (j >> 1) * Wo + ((j + dx - W) >> 1)] += t[j] * scale
+            oa = base + (dx >> 1) * blk
+            db = (dx + 1) >> 1
+            ob = base + (db if db < Wo else db - Wo) * blk
+            for m in range(Wo):
+                out[oa + m] += t[2 * m] * scale
+            for m in range(Wo):
+                out[ob + m] += t[2 * m + 1] * scale
 
     @njit(inline="always", fastmath=_FASTMATH)
     def double_rows(dst, src, H, W):
@@ -275,6 +282,54 @@ if numba is not None:
                 out[p, t, 0] = acc[t, 0]
                 out[p, t, 1] = acc[t, 1]
 
+    @njit(inline="always", fastmath=_FASTMATH)
+    def hbox_flat(src, rows, mflat, m, k):
+        """``box``'s first pass on a flat grid (rows of width W one after the other, r = k // 2
+        guard entries before the first): rows[e] = src[e + r] + sum over taps t != r of
+        src[e + t] mflat[t, e], e < m (mflat: the seam mask repeated on every row), in
+        ``box``'s order of additions; one loop over the grid for k = 3."""
+        r = k // 2
+        # views at the taps' offsets, indexed by the loop variable alone: an index plus an offset
+        # of unknown sign gets numba's negative-index wraparound, and the loop no vectors
+        if k == 3:
+            s0 = src[0:m]
+            s1 = src[1:m + 1]
+            s2 = src[2:m + 2]
+            m0 = mflat[0]
+            m2 = mflat[2]
+            for e in range(m):
+                rows[e] = s1[e] + s0[e] * m0[e] + s2[e] * m2[e]
+        else:
+            sr = src[r:m + r]
+            for e in range(m):
+                rows[e] = sr[e]
+            for t in range(k):
+                if t != r:
+                    st = src[t:m + t]
+                    mt = mflat[t]
+                    for e in range(m):
+                        rows[e] += st[e] * mt[e]
+
+    @njit(inline="always", fastmath=_FASTMATH)
+    def vbox_flat(rows, dst, n, W, k, scale, shift):
+        """``box``'s second pass on a flat grid: dst[e] = (sum of rows[e + t W], t < k) scale
+        + shift, e < n, in ``box``'s order of additions."""
+        if k == 3:
+            r0 = rows[0:n]
+            r1 = rows[W:W + n]
+            r2 = rows[2 * W:2 * W + n]
+            for e in range(n):
+                dst[e] = (r0[e] + r1[e] + r2[e]) * scale + shift
+        else:
+            for e in range(n):
+                dst[e] = rows[e]
+            for t in range(1, k):
+                rt = rows[t * W:t * W + n]
+                for e in range(n):
+                    dst[e] += rt[e]
+            for e in range(n):
+                dst[e] = dst[e] * scale + shift
+
     @_njit_cached(parallel=True, fastmath=_FASTMATH)
     def stack_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k, same_set,
                      stages, inv_pool, R, uniform, needed, out, KC, exact):
@@ -283,14 +338,23 @@ if numba is not None:
         stages[s] = (H, W, first layer, layers, pool window, pool stride) per stage (pool 0 0
         after the last).  Each stage runs its packed offset grids (as ``pair_kernel``) through
         its conv layers; the first stage starts from x . z, a later one from the pooled K and G
-        of the stage before (kin, gin: its (H W)^2 entries, flat, ordered (py, p'y, px, p'x) so
-        that a grid row's entries share one contiguous W x W block).  A stage followed by a pool
-        adds each entry (p, p') of its last layer, / w^4, to every entry (P, P') of the next
-        stage (kout, gout) whose windows hold p and p', in a fixed order.
+        of the stage before (kin, gin: its (H W)^2 entries, flat, ordered (py, p'y, dx, px) with
+        dx = (p'x - px) mod W, so that a packed grid row is one contiguous run of W entries, read
+        and, for 2 x 2 pools, written as such).  A stage followed by a pool adds each entry
+        (p, p') of its last layer, / w^4, to every entry (P, P') of the next stage (kout, gout)
+        whose windows hold p and p', in a fixed order.
         The last stage reads out sum R(p, p') K(p, p') (and G): with ``uniform`` R is R[0, 0, 0,
         0] everywhere and the row sums are scaled once; ``needed[dy + H - 1, dx]`` marks the
         last stage's packed grids that hold an offset with R != 0.  inv_pool[s] = 1 / w^4 of
         stage s's pool, in the compute dtype.
+
+        Flat grids: a packed grid of h rows is held as h W consecutive entries (K and G: with
+        r zero rows above and below, and r guard entries before), x's diagonals are packed at
+        each stage's width and z's image and diagonals are rotated by dx (z column (j + dx) mod
+        W at column j), so the box passes, the channel sum and the ReLU step of a grid that is
+        not the last stage's each run as one loop over the whole grid (rows of W = 32 entries
+        are 4 vectors: per-row loops spent as much on their set-up as on the arithmetic).
+        The last stage keeps per-row ReLU sums (<= W terms in the compute dtype, then float64).
         """
         C, H0, W0 = X1.shape[1], X1.shape[2], X1.shape[3]
         L = S1.shape[1]
@@ -300,32 +364,37 @@ if numba is not None:
         acc_size = 1
         for st in range(1, n_st):
             acc_size = max(acc_size, (stages[st, 0] * stages[st, 1]) ** 2)
+        HW = H0 * W0
+        npad = (H0 + 2 * r) * W0       # a grid with its r zero rows above and below
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
-            # z's image and diagonals with each row written twice (at the stage's width)
-            zimg = np.empty((C, H0, 2 * W0), dtype=X1.dtype)
-            zs = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
-            zi = np.empty((L, H0, 2 * W0), dtype=X1.dtype)
-            for c in range(C):
-                double_rows(zimg[c], X2[ib, c], H0, W0)
+            # x's diagonals, rows packed at the stage's width
+            xs = np.empty((L, HW), dtype=X1.dtype)
+            xi = np.empty((L, HW), dtype=X1.dtype)
             for st in range(n_st):
                 Hs, Ws = stages[st, 0], stages[st, 1]
                 for l in range(stages[st, 2], stages[st, 2] + stages[st, 3]):
-                    double_rows(zs[l], S2[ib, l], Hs, Ws)
-                    double_rows(zi[l], I2[ib, l], Hs, Ws)
-            kbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
-            gbuf = np.zeros((H0 + 2 * r, W0 + 2 * r), dtype=X1.dtype)
-            sig = np.empty((H0, W0), dtype=X1.dtype)
-            th = np.empty((H0, W0), dtype=X1.dtype)
-            rows = np.empty((H0 + 2 * r, W0), dtype=X1.dtype)
+                    for y in range(Hs):
+                        for j in range(Ws):
+                            xs[l, y * Ws + j] = S1[ia, l, y, j]
+                            xi[l, y * Ws + j] = I1[ia, l, y, j]
+            zimg = np.empty((C, HW), dtype=X1.dtype)      # z rotated by the current dx
+            zs = np.empty((L, HW), dtype=X1.dtype)
+            zi = np.empty((L, HW), dtype=X1.dtype)
+            kf = np.zeros(npad + 2 * r, dtype=X1.dtype)   # K, G: r guards, r zero rows, grid,
+            gf = np.zeros(npad + 2 * r, dtype=X1.dtype)   # r zero rows, r guards
+            sig = np.empty(HW, dtype=X1.dtype)
+            th = np.empty(HW, dtype=X1.dtype)
+            rows = np.empty(npad, dtype=X1.dtype)
             mask = np.empty((k, W0), dtype=X1.dtype)
+            mflat = np.empty((k, npad), dtype=X1.dtype)
             kin = np.zeros(acc_size, dtype=X1.dtype)
             gin = np.zeros(acc_size, dtype=X1.dtype)
             kout = np.zeros(acc_size, dtype=X1.dtype)
+            gout = np.zeros(acc_size, dtype=X1.dtype)
             tk = np.empty(W0, dtype=X1.dtype)     # a row (or two rows' sum) to be pooled
             tg = np.empty(W0, dtype=X1.dtype)
-            gout = np.zeros(acc_size, dtype=X1.dtype)
             sk = 0.0
             sg = 0.0
             for st in range(n_st):
@@ -353,62 +422,107 @@ if numba is not None:
                     for n in range(Ws):
                         lo_x[n] = max(0, (n - pw + ps) // ps)
                         hi_x[n] = min(Wo - 1, n // ps)
+                o = r + r * Ws      # kf / gf index of grid row 0, column 0
                 for dx in range(Ws):
                     seam_mask(mask, k, Ws, dx, KC)
+                    for t in range(k):
+                        for ip in range(Hs + 2 * r):
+                            for j in range(Ws):
+                                mflat[t, ip * Ws + j] = mask[t, j]
+                    # z's image (stage 0) and diagonals rotated by dx, at the stage's width
+                    for y in range(Hs):
+                        for j in range(Ws):
+                            jz = j + dx if j + dx < Ws else j + dx - Ws
+                            if st == 0:
+                                for c in range(C):
+                                    zimg[c, y * Ws + j] = X2[ib, c, y, jz]
+                            for l in range(l0, l0 + nl):
+                                zs[l, y * Ws + j] = S2[ib, l, y, jz]
+                                zi[l, y * Ws + j] = I2[ib, l, y, jz]
                     for dy in range(-(Hs - 1), Hs):
                         if last and needed[dy + Hs - 1, dx] == 0:
                             continue
                         h = Hs - abs(dy)
                         ix0 = max(0, -dy)
                         iz0 = ix0 + dy
+                        n = h * Ws
+                        xo = ix0 * Ws
+                        zo = iz0 * Ws
                         self_diag = same_set and ia == ib and dy == 0 and dx == 0
-                        clear_pad_rows(kbuf, gbuf, r, h, KC)
+                        # the zero rows around the grid (and the guards after them)
+                        kz = kf[r:o]
+                        gz = gf[r:o]
+                        for e in range(o - r):
+                            kz[e] = ZERO
+                            gz[e] = ZERO
+                        kz = kf[o + n:o + n + r * Ws + r]
+                        gz = gf[o + n:o + n + r * Ws + r]
+                        for e in range(r * Ws + r):
+                            kz[e] = ZERO
+                            gz[e] = ZERO
+                        kg = kf[o:o + n]
+                        gg = gf[o:o + n]
                         if st == 0:      # layer 1 input: channel sum of x(p) z(p + offset)
-                            for i in range(h):
-                                kr = kbuf[r + i, r:r + Ws]
-                                for j in range(Ws):
-                                    kr[j] = ZERO
-                                for c in range(C):
-                                    xr = X1[ia, c, ix0 + i, :]
-                                    zr = zimg[c, iz0 + i, dx:dx + Ws]
-                                    for j in range(Ws):
-                                        kr[j] += xr[j] * zr[j]
-                            box(kbuf, sig, rows, mask, h, Ws, k, w_first, b2)
-                            for i in range(h):
-                                for j in range(Ws):
-                                    th[i, j] = ZERO if fix else sig[i, j]
+                            xa = X1[ia, 0].reshape(HW)[xo:xo + n]
+                            za = zimg[0, zo:zo + n]
+                            for e in range(n):
+                                kg[e] = xa[e] * za[e]
+                            for c in range(1, C):
+                                xa = X1[ia, c].reshape(HW)[xo:xo + n]
+                                za = zimg[c, zo:zo + n]
+                                for e in range(n):
+                                    kg[e] += xa[e] * za[e]
                         else:            # the pooled K and G of the stage before
                             for i in range(h):
-                                base = ((ix0 + i) * Hs + iz0 + i) * Ws * Ws
+                                base = (((ix0 + i) * Hs + iz0 + i) * Ws + dx) * Ws
+                                kr = kg[i * Ws:(i + 1) * Ws]
+                                gr = gg[i * Ws:(i + 1) * Ws]
+                                ki = kin[base:base + Ws]
+                                gi = gin[base:base + Ws]
                                 for j in range(Ws):
-                                    jz = j + dx if j + dx < Ws else j + dx - Ws
-                                    e = base + j * Ws + jz
-                                    kbuf[r + i, r + j] = kin[e]
-                                    gbuf[r + i, r + j] = gin[e]
-                            box(kbuf, sig, rows, mask, h, Ws, k, w, b2)
-                            box(gbuf, th, rows, mask, h, Ws, k, w, ZERO)
-                            for i in range(h):
-                                for j in range(Ws):
-                                    th[i, j] += sig[i, j]
+                                    kr[j] = ki[j]
+                                    gr[j] = gi[j]
+                        m = n + 2 * r * Ws
                         rsk = 0.0
                         rsg = 0.0
                         for li in range(nl):
                             l = l0 + li
-                            for i in range(h):
-                                rk, rg = relu_row(sig[i, :], th[i, :], S1[ia, l, ix0 + i, :],
-                                                  I1[ia, l, ix0 + i, :], zs[l, iz0 + i, dx:dx + Ws],
-                                                  zi[l, iz0 + i, dx:dx + Ws], kbuf[r + i, r:r + Ws],
-                                                  gbuf[r + i, r:r + Ws], Ws, self_diag, exact, KC)
-                                rsk += rk
-                                rsg += rg
-                            if li + 1 < nl:
+                            # Sigma, Theta of layer l from the stage's input (li = 0) or from
+                            # layer l - 1's K and G; Theta = Sigma (or 0 with fix) at layer 1
+                            first = st == 0 and li == 0
+                            hbox_flat(kf, rows, mflat, m, k)
+                            vbox_flat(rows, sig, n, Ws, k, w_first if first else w, b2)
+                            if first:
+                                for e in range(n):
+                                    th[e] = ZERO if fix else sig[e]
+                            else:
+                                hbox_flat(gf, rows, mflat, m, k)
+                                vbox_flat(rows, th, n, Ws, k, w, ZERO)
+                                for e in range(n):
+                                    th[e] += sig[e]
+                            if last:     # row sums (<= W terms) in the compute dtype
                                 rsk = 0.0
                                 rsg = 0.0
-                                box(kbuf, sig, rows, mask, h, Ws, k, w, b2)
-                                box(gbuf, th, rows, mask, h, Ws, k, w, ZERO)
                                 for i in range(h):
-                                    for j in range(Ws):
-                                        th[i, j] += sig[i, j]
+                                    a = i * Ws
+                                    rk, rg = relu_row(sig[a:a + Ws], th[a:a + Ws],
+                                                      xs[l, xo + a:xo + a + Ws],
+                                                      xi[l, xo + a:xo + a + Ws],
+                                                      zs[l, zo + a:zo + a + Ws],
+                                                      zi[l, zo + a:zo + a + Ws],
+                                                      kg[a:a + Ws], gg[a:a + Ws], Ws, self_diag,
+                                                      exact, KC)
+                                    rsk += rk
+                                    rsg += rg
+                            else:        # the sums are not used: loops over the whole grid
+                                for a in range(0, n, RELU_CHUNK):
+                                    b = min(n, a + RELU_CHUNK)
+                                    rk, rg = relu_row(sig[a:b], th[a:b], xs[l, xo + a:xo + b],
+                                                      xi[l, xo + a:xo + b], zs[l, zo + a:zo + b],
+                                                      zi[l, zo + a:zo + b], kg[a:b], gg[a:b],
+                                                      b - a, self_diag, exact, KC)
+                                    rsk += rk
+                                    rsg += rg
                         if last and uniform:
                             sk += rsk
                             sg += rsg
@@ -419,22 +533,26 @@ if numba is not None:
                                 for j in range(Ws):
                                     qx = j + dx if j + dx < Ws else j + dx - Ws
                                     wt = R[py, j, qy, qx]
-                                    sk += wt * kbuf[r + i, r + j]
-                                    sg += wt * gbuf[r + i, r + j]
+                                    sk += wt * kg[i * Ws + j]
+                                    sg += wt * gg[i * Ws + j]
                         elif ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
                             i = 0
                             while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
                                 py = ix0 + i
                                 base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
+                                k0 = kg[i * Ws:(i + 1) * Ws]
+                                g0 = gg[i * Ws:(i + 1) * Ws]
                                 if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
+                                    k1 = kg[(i + 1) * Ws:(i + 2) * Ws]
+                                    g1 = gg[(i + 1) * Ws:(i + 2) * Ws]
                                     for j in range(Ws):
-                                        tk[j] = kbuf[r + i, r + j] + kbuf[r + i + 1, r + j]
-                                        tg[j] = gbuf[r + i, r + j] + gbuf[r + i + 1, r + j]
+                                        tk[j] = k0[j] + k1[j]
+                                        tg[j] = g0[j] + g1[j]
                                     i += 2
                                 else:
                                     for j in range(Ws):
-                                        tk[j] = kbuf[r + i, r + j]
-                                        tg[j] = gbuf[r + i, r + j]
+                                        tk[j] = k0[j]
+                                        tg[j] = g0[j]
                                     i += 1
                                 pool2_row(kout, tk, base, Wo, Ws, dx, inv_w4)
                                 pool2_row(gout, tg, base, Wo, Ws, dx, inv_w4)
@@ -443,24 +561,26 @@ if numba is not None:
                                 base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
                                 for j in range(Ws):
                                     qx = j + dx if j + dx < Ws else j + dx - Ws
-                                    e = base + lo_x[j] * Wo + lo_x[qx]
-                                    kout[e] += kbuf[r + i, r + j] * inv_w4
-                                    gout[e] += gbuf[r + i, r + j] * inv_w4
+                                    dq = lo_x[qx] - lo_x[j]
+                                    e = base + (dq if dq >= 0 else dq + Wo) * Wo + lo_x[j]
+                                    kout[e] += kg[i * Ws + j] * inv_w4
+                                    gout[e] += gg[i * Ws + j] * inv_w4
                         else:            # pool: every (P, P') whose windows hold (p, p')
                             for i in range(h):
                                 py = ix0 + i
                                 qy = iz0 + i
                                 for j in range(Ws):
                                     qx = j + dx if j + dx < Ws else j + dx - Ws
-                                    vk = kbuf[r + i, r + j] * inv_w4
-                                    vg = gbuf[r + i, r + j] * inv_w4
+                                    vk = kg[i * Ws + j] * inv_w4
+                                    vg = gg[i * Ws + j] * inv_w4
                                     for a in range(lo_y[py], hi_y[py] + 1):
                                         for c2 in range(lo_y[qy], hi_y[qy] + 1):
                                             for b in range(lo_x[j], hi_x[j] + 1):
-                                                e0 = ((a * Ho + c2) * Wo + b) * Wo
+                                                e0 = (a * Ho + c2) * Wo * Wo + b
                                                 for d in range(lo_x[qx], hi_x[qx] + 1):
-                                                    kout[e0 + d] += vk
-                                                    gout[e0 + d] += vg
+                                                    dq = d - b if d >= b else d - b + Wo
+                                                    kout[e0 + dq * Wo] += vk
+                                                    gout[e0 + dq * Wo] += vg
                 if not last:
                     kin, kout = kout, kin
                     gin, gout = gout, gin
@@ -469,7 +589,6 @@ if numba is not None:
                 sg *= R[0, 0, 0, 0]
             out[p, 0, 0] = sk
             out[p, 0, 1] = sg
-
 
 
 # Core-seconds per pair, entry and layer (the work unit of jobs.tiles.pair_work): the time model
