@@ -377,6 +377,55 @@ def test_valid_launch_parameters_and_the_shape_rule():
         choose("cuda", caps)
 
 
+# --------------------------------------------------- backend="auto" and code not run on a GPU
+def test_auto_does_not_choose_cuda_for_code_not_run_on_a_gpu(monkeypatch, caplog):
+    from cntk_engine import backends
+    from cntk_engine.arch import make_architecture
+    from cntk_engine.backends.cuda import NOT_GPU_VERIFIED, CudaBackend
+    cnn = Architecture(depths=(3,))
+    flip = Architecture(depths=(3,), flip=True)
+    lap = Architecture(depths=(3,), pooling="lap", lap_window=3)
+    both = Architecture(depths=(3,), pooling="lap", lap_window=2, flip=True)
+    myrtle = make_architecture(architecture="myrtle5")
+    assert CudaBackend.unverified(cnn, (3, 32, 32), "float32") is None
+    assert CudaBackend.unverified(flip, (3, 32, 32), "float32") == (
+        "the CUDA kernels for flip-symmetrised kernels have not run on a GPU yet (backend='cuda' "
+        "runs them; docs/cuda_kernels.md)")
+    if "lap" in NOT_GPU_VERIFIED:
+        assert "for the LAP readout and flip-symmetrised kernels have not run on a GPU" in \
+            CudaBackend.unverified(both, (1, 8, 8), "float32")
+    if "stack" in NOT_GPU_VERIFIED:
+        assert "pooled stacks" in CudaBackend.unverified(myrtle, (3, 32, 32), "float32")
+    # the rule lives in backends.choose: auto skips an unverified backend, a named one runs it
+    caps = {"cuda": {"unavailable": None, "unsupported": None, "unverified": "not run on a GPU"},
+            "numba": {"unavailable": None, "unsupported": None, "unverified": None}}
+    name, why = backends.choose("auto", caps)
+    assert name == "numba" and why == "cuda: not run on a GPU; numba can run it"
+    assert backends.choose("cuda", caps) == ("cuda", "asked for, although not run on a GPU")
+    caps["cuda"]["unverified"] = None
+    assert backends.choose("auto", caps)[0] == "cuda"
+    del caps["cuda"]["unverified"]                    # reports without the key
+    assert backends.choose("auto", caps)[0] == "cuda"
+    # capabilities asks the backend; resolve picks numba for auto, cuda by name (with a warning)
+    extension()
+    monkeypatch.setattr(CudaBackend, "unavailable_reason", classmethod(lambda cls: None))
+    caps = backends.capabilities(flip, (3, 8, 8), "float32")
+    assert caps["cuda"]["unavailable"] is None and caps["cuda"]["unsupported"] is None
+    assert "flip" in caps["cuda"]["unverified"] and caps["numba"]["unverified"] is None
+    assert backends.capabilities(cnn, (3, 8, 8), "float32")["cuda"]["unverified"] is None
+    assert backends.resolve("auto", flip, (3, 8, 8), "float32").name == "numba"
+    assert backends.resolve("auto", cnn, (3, 8, 8), "float32").name == "cuda"
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert backends.resolve("cuda", flip, (3, 8, 8), "float32").name == "cuda"
+    assert "backend 'cuda': asked for, although the CUDA kernels for flip-symmetrised" in caplog.text
+    # what is not computed is refused, not unverified
+    for arch in ([myrtle] if "stack" not in NOT_GPU_VERIFIED else []) + \
+            ([lap] if "lap" not in NOT_GPU_VERIFIED else []):
+        caps = backends.capabilities(arch, (3, 32, 32), "float32")
+        assert caps["cuda"]["unsupported"] and caps["cuda"]["unverified"] is None
+        assert backends.resolve("auto", arch, (3, 32, 32), "float32").name == "numba"
+
+
 # ----------------------------------------------------------------------------- GPU: exactness
 CASES = [
     ((3, 2, 6, 5), dict(convention="arora", pooling="gap")),
@@ -410,6 +459,50 @@ def test_cuda_matches_reference(variant, shape, case):
                     assert np.abs(got[d][i]).max() == 0
                 else:
                     assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i)
+
+
+# Flip-symmetrised kernels: no kernel of their own; the pairs with the flipped images run
+# through the CNN kernel (Backend.prepare_set / pair_sums in backends/base.py, on CuPy images).
+FLIP_CASES = [
+    ((3, 2, 6, 5), dict(pooling="gap", flip=True)),
+    ((2, 3, 9, 13), dict(pooling="flatten", flip=True, convention="neural_tangents", b_std=0.2)),
+    ((2, 1, 7, 4), dict(pooling="gap", flip=True, fix=True, filter_size=5)),
+    ((2, 3, 32, 32), dict(pooling="flatten", flip=True, filter_size=3)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,case", FLIP_CASES, ids=[str(c[0]) for c in FLIP_CASES])
+def test_cuda_flip_matches_reference(variant, shape, case):
+    rng = np.random.default_rng(sum(shape) + 7)
+    x, y = rng.standard_normal(shape), rng.standard_normal((2,) + shape[1:])
+    x[-1] = x[0][..., ::-1]               # an image whose flip is in the set: K(x, F x) a self pair
+    depths = [3, 4, 7] if case.get("fix") else [2, 3, 7]
+    for b in (None, y):                   # symmetric, and x against y
+        ref = ce.gram(x, b, depths=depths, kernel="both", backend="reference", **case)
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            got = ce.gram(x, b, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
+            for d in ref:
+                for i in range(2):
+                    assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i, b is None)
+
+
+@gpu
+def test_cuda_flip_real_images_against_numba(variant):
+    # CIFAR images, and MNIST digits with an all-zero image (zero-variance windows)
+    cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
+    mnist = load_real("mnist_test.npz")["x"][:4].astype(np.float64)[:, None] / 255
+    mnist = np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+    for x, pooling in ((cifar, "gap"), (mnist, "flatten"), (mnist, "gap")):
+        b = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both", backend="numba",
+                    dtype="float64")
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            a = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both",
+                        backend="cuda", dtype=dtype)
+            for d in a:
+                for i in range(2):
+                    assert np.isfinite(a[d][i]).all()
+                    assert rel(a[d][i], b[d][i]) < tol, (variant, pooling, dtype, d, i)
 
 
 @gpu

@@ -22,6 +22,27 @@ from .base import Backend, Prepared, Traits
 
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
 
+#: What the CUDA backend computes that has not run on a GPU yet, by feature of a job
+#: (docs/cuda_kernels.md, "Not run on a GPU yet", lists what a GPU run must check):
+#: ``backend="auto"`` does not choose cuda for a job that uses one (:meth:`CudaBackend.unverified`),
+#: ``backend="cuda"`` runs it with a logged warning.  A feature leaves this table once its GPU
+#: tests (tests/test_cuda.py) have passed on a GPU.
+NOT_GPU_VERIFIED = {
+    "flip": "flip-symmetrised kernels",
+}
+
+
+def job_features(arch) -> set[str]:
+    """The features of :data:`NOT_GPU_VERIFIED` (and "stack") that a job with ``arch`` uses."""
+    used = set()
+    if arch.has_pooling:
+        used.add("stack")
+    if arch.pooling == "lap":
+        used.add("lap")
+    if arch.flip:
+        used.add("flip")
+    return used
+
 
 def _extension():
     from .. import _cuda  # built by CMake when a CUDA compiler was found at install time
@@ -160,12 +181,19 @@ class CudaBackend(Backend):
         if arch.has_pooling:
             return ("the CUDA kernels do not compute pooled stacks (Myrtle, AvgPool layers) yet; "
                     "the numba backend does")
-        if arch.pooling == "lap" or arch.flip:
-            return ("the CUDA kernels do not compute the LAP readout or flip-symmetrised kernels "
-                    "yet; the numba backend does")
+        if arch.pooling == "lap":
+            return "the CUDA kernels do not compute the LAP readout yet; the numba backend does"
         _, h, w = image_shape
         why = _extension().unsupported_shape(h, w, arch.filter_size, len(arch.depths))
         return None if why is None else f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"
+
+    @classmethod
+    def unverified(cls, arch, image_shape, dtype):
+        used = [what for key, what in NOT_GPU_VERIFIED.items() if key in job_features(arch)]
+        if not used:
+            return None
+        return (f"the CUDA kernels for {' and '.join(used)} have not run on a GPU yet "
+                "(backend='cuda' runs them; docs/cuda_kernels.md)")
 
     def prepare(self, x) -> Prepared:
         import cupy
