@@ -62,6 +62,9 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
            str(p.L) + ", n_out = " + str(p.n_out);
   if (p.n_pairs < 0 || p.n_pairs > 2147483647LL)
     return "n_pairs must be in [0, 2^31 - 1] (one block per pair in one launch); got " + str(p.n_pairs);
+  if (p.n_grids < 0 || p.n_grids > p.H * p.W)
+    return "n_grids (the packed grids of a listed readout, LAP) must be in [0, H * W = " +
+           str(p.H * p.W) + "]; got " + str(p.n_grids);
   if (p.device < 0) return "device must be a CUDA device ordinal >= 0; got " + str(p.device);
   if (p.n_pairs == 0) return {};  // nothing is read or written
   const cntk::KernelVariant& variant = cntk::kernel_variant(p.variant);
@@ -73,8 +76,12 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
     std::size_t align;
   } ptrs[] = {{"xa", p.xa, t},         {"da", p.da, d},         {"xb", p.xb, t},
               {"db", p.db, d},         {"pair_a", p.pair_a, 4}, {"pair_b", p.pair_b, 4},
-              {"slot", p.slot, 4},     {"out", p.out, 8}};
-  for (const auto& q : ptrs) {
+              {"slot", p.slot, 4},     {"out", p.out, 8},       {"grids", p.grids, 4},
+              {"grid_w", p.grid_w, 8}};
+  // the last two (the listed grids and their weights) are read only by a listed readout
+  const int n_ptrs = p.n_grids > 0 ? 10 : 8;
+  for (int i = 0; i < n_ptrs; ++i) {
+    const auto& q = ptrs[i];
     if (q.ptr == nullptr)
       return std::string(q.name) + " is a null pointer (a device pointer is needed for " +
              str(p.n_pairs) + " pairs)";
@@ -93,7 +100,8 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
                                  std::uintptr_t pair_b, std::uintptr_t slot, std::uintptr_t out,
                                  int64_t n_pairs, int C, int H, int W, int L, int filter_size,
                                  int n_out, double w_first, double w, double b2, bool gap,
-                                 bool fix, bool same_set) {
+                                 bool fix, bool same_set, std::uintptr_t grids,
+                                 std::uintptr_t grid_w, int n_grids) {
   cntk::PairSumsParams p;
   p.variant = cntk::find_kernel_variant(kernel.c_str());
   if (p.variant < 0)
@@ -129,6 +137,9 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
   p.gap = gap;
   p.fix = fix;
   p.same_set = same_set;
+  p.grids = pointer<const int32_t*>(grids);
+  p.grid_w = pointer<const double*>(grid_w);
+  p.n_grids = n_grids;
   const std::string why = check_pair_sums(p);
   if (!why.empty()) throw std::invalid_argument("cntk_engine pair_sums: " + why);
   return p;
@@ -151,7 +162,8 @@ std::string repr(const cntk::PairSumsParams& p) {
          "', dtype='" + (p.dtype == cntk::Dtype::float64 ? "float64" : "float32") +
          "', n_pairs=" + str(p.n_pairs) + ", C=" + str(p.C) + ", H=" + str(p.H) +
          ", W=" + str(p.W) + ", L=" + str(p.L) + ", filter_size=" + str(p.filter_size) +
-         ", n_out=" + str(p.n_out) + ", gap=" + flag(p.gap) + ", fix=" + flag(p.fix) +
+         ", n_out=" + str(p.n_out) + ", gap=" + flag(p.gap) + ", n_grids=" + str(p.n_grids) +
+         ", fix=" + flag(p.fix) +
          ", same_set=" + flag(p.same_set) + ", device=" + str(p.device) + ")";
 }
 
@@ -168,7 +180,8 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("db"), py::arg("pair_a"), py::arg("pair_b"), py::arg("slot"), py::arg("out"),
            py::arg("n_pairs"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("L"),
            py::arg("filter_size"), py::arg("n_out"), py::arg("w_first"), py::arg("w"),
-           py::arg("b2"), py::arg("gap"), py::arg("fix"), py::arg("same_set"))
+           py::arg("b2"), py::arg("gap"), py::arg("fix"), py::arg("same_set"),
+           py::arg("grids") = 0, py::arg("grid_w") = 0, py::arg("n_grids") = 0)
       .def_property_readonly("kernel",
                              [](const cntk::PairSumsParams& p) { return cntk::kernel_variant(p.variant).name; })
       .def_property_readonly("dtype",
@@ -186,6 +199,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readonly("w", &cntk::PairSumsParams::w)
       .def_readonly("b2", &cntk::PairSumsParams::b2)
       .def_readonly("gap", &cntk::PairSumsParams::gap)
+      .def_readonly("n_grids", &cntk::PairSumsParams::n_grids)
       .def_readonly("fix", &cntk::PairSumsParams::fix)
       .def_readonly("same_set", &cntk::PairSumsParams::same_set)
       .def_readonly("device", &cntk::PairSumsParams::device)

@@ -29,8 +29,11 @@ int find_kernel_variant(const char* name);
 // Everything one launch of the pair kernel needs (see cntk_engine/arch.py and
 // backends/base.py).  It computes, for p < n_pairs,
 //   out[p, t, 0] = sum of K, out[p, t, 1] = sum of G = Theta * Kdot at the ReLU layer l with
-//   slot[l] == t, over all entries (gap) or the offset-0 slice (flatten),
-// of the image pair (A[pair_a[p]], B[pair_b[p]]).
+//   slot[l] == t, over all entries (gap) or the offset-0 slice (flatten), or (n_grids > 0, the
+//   LAP readout) over the entries of the listed packed grids, each grid's sums times its weight,
+// of the image pair (A[pair_a[p]], B[pair_b[p]]).  Packed grid g = dy * W + dx (0 <= dy < H,
+// 0 <= dx < W) holds the entries (p, p') with p' - p = (dy, dx) modulo (H, W) (the comment on
+// top of pair_sums_kernel.cuh).
 struct PairSumsParams {
   // Device pointers; T = float (dtype float32) or double (float64), contiguous.
   const void* xa = nullptr;        // (Na, C, H, W) T: images of set A
@@ -50,6 +53,11 @@ struct PairSumsParams {
   int n_out = 0;        // readouts (depths), 1..64
   double w_first = 0, w = 0, b2 = 0;  // arch.LayerParams
   bool gap = true;       // readout over all entries (gap) or the offset-0 slice (flatten)
+  // The listed-grid readout (LAP): n_grids > 0 packed grids `grids` (int32, ascending, each in
+  // [0, H W)) with float64 weights `grid_w`; gap is then unused.  0: gap or flatten.
+  const int32_t* grids = nullptr;
+  const double* grid_w = nullptr;
+  int n_grids = 0;
   bool fix = false;      // first layer fixed: Theta_1 = 0
   bool same_set = false;  // A and B are the same images: ia == ib is a self pair (c := 1 on
                           // its offset-(0, 0) entries)

@@ -25,6 +25,14 @@
 // float64 through a fixed shuffle tree, per warp into shared memory, and over the block's warps
 // in a fixed order: deterministic, no atomics.  One block per pair, its warps stride over the
 // grids.
+//
+// Readouts: gap runs all H W grids, flatten grid 0 (its offset-(0, 0) slice is the diagonal);
+// the LAP readout (LISTED = true, its own instantiations) runs the grids listed by the launch,
+// those with a nonzero weight n_H(dy) n_W(dx) / c^4, each grid's float64 sums times its weight
+// (every entry of packed grid (dy, dx) has the circular offset (dy, dx), so the weight is one
+// number per grid: cntk_engine/arch.py, CudaBackend.listed_grids).  Flip-symmetrised kernels
+// need no kernel of their own: the pairs with the flipped images are a second pair list
+// (backends/base.py, Backend.pair_sums).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -104,13 +112,20 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
 }
 
 // V: the kernel variant (relu_step.cuh, Entry<V, T>); D its per-image diagonal element.
-template <int V, typename T, int HMAX, int R, bool FULL>
+// LISTED (the LAP readout): the warps stride over the n_listed packed grids listed in `grids`
+// (ascending), each grid's readout sums times its weight grid_w (float64) instead of over all
+// grids (gap) or grid 0 (flatten).  Compile-time, so that the gap / flatten instantiations
+// (LISTED = false) compile to the code they had before LAP (the two pointers and the count are
+// the last parameters: the others keep their places).
+template <int V, typename T, int HMAX, int R, bool FULL, bool LISTED = false>
 __global__ void __launch_bounds__(32 * kMaxWarps)
 pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __restrict__ da,
                  const T* __restrict__ xb, const typename Entry<V, T>::Diag* __restrict__ db,
                  const int32_t* __restrict__ pair_a, const int32_t* __restrict__ pair_b, int C,
                  int H_, int W_, int L, T w_first, T w, T b2, const int32_t* __restrict__ slot,
-                 int n_out, bool gap, bool fix, bool same_set, double* __restrict__ out) {
+                 int n_out, bool gap, bool fix, bool same_set, double* __restrict__ out,
+                 const int32_t* __restrict__ grids, const double* __restrict__ grid_w,
+                 int n_listed) {
   using D = typename Entry<V, T>::Diag;
   // FULL: H == HMAX and W == 32 at compile time, so no row or lane guards remain.
   const int H = FULL ? HMAX : H_;
@@ -133,8 +148,19 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
   __syncthreads();
   double* mypart = part + warp * n_out * 2;
 
-  const int n_grids = gap ? HW : 1;
-  for (int g = warp; g < n_grids; g += nwarps) {
+  int n_grids;
+  if constexpr (LISTED) {
+    n_grids = n_listed;
+  } else {
+    n_grids = gap ? HW : 1;
+  }
+  for (int k = warp; k < n_grids; k += nwarps) {
+    int g;
+    if constexpr (LISTED) {
+      g = grids[k];
+    } else {
+      g = k;
+    }
     const int dy = g / W, dx = g - (g / W) * W;
     const int seam_r = H - dy, seam_c = W - dx;
     const bool self_diag = same_set && ia == ib && dy == 0 && dx == 0;
@@ -188,6 +214,11 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
           dk += __shfl_xor_sync(0xffffffffu, dk, o);
           dg += __shfl_xor_sync(0xffffffffu, dg, o);
         }
+        if constexpr (LISTED) {
+          const double wg = grid_w[k];
+          dk *= wg;
+          dg *= wg;
+        }
         if (lane == 0) {
           mypart[2 * t_out] += dk;
           mypart[2 * t_out + 1] += dg;
@@ -214,17 +245,18 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
 
 // The one launch: one block per pair (grid.x holds up to 2^31 - 1 blocks; check_pair_sums
 // refuses more), up to kMaxWarps warps striding over the pair's grids.
-template <int V, typename T, int HMAX, int R, bool FULL>
+template <int V, typename T, int HMAX, int R, bool FULL, bool LISTED = false>
 int launch(const PairSumsParams& p) {
   using D = typename Entry<V, T>::Diag;
-  const int n_grids = p.gap ? p.H * p.W : 1;
+  const int n_grids = LISTED ? p.n_grids : p.gap ? p.H * p.W : 1;
   const int warps = n_grids < kMaxWarps ? n_grids : kMaxWarps;
   const size_t smem = sizeof(double) * warps * p.n_out * 2;
-  pair_sums_kernel<V, T, HMAX, R, FULL>
+  pair_sums_kernel<V, T, HMAX, R, FULL, LISTED>
       <<<(unsigned)p.n_pairs, 32 * warps, smem, reinterpret_cast<cudaStream_t>(p.stream)>>>(
           static_cast<const T*>(p.xa), static_cast<const D*>(p.da), static_cast<const T*>(p.xb),
           static_cast<const D*>(p.db), p.pair_a, p.pair_b, p.C, p.H, p.W, p.L, T(p.w_first),
-          T(p.w), T(p.b2), p.slot, p.n_out, p.gap, p.fix, p.same_set, p.out);
+          T(p.w), T(p.b2), p.slot, p.n_out, p.gap, p.fix, p.same_set, p.out, p.grids, p.grid_w,
+          p.n_grids);
   return (int)cudaGetLastError();
 }
 
@@ -232,9 +264,23 @@ template <typename T> struct Type { using type = T; };
 template <int N> using Int = std::integral_constant<int, N>;
 
 // The dispatch over (dtype, HMAX in {8, 16, 32}, R in {0..3}, the guard-free 32 x 32 kernel) of
-// one variant, for parameters that passed check_pair_sums.
+// one variant, for parameters that passed check_pair_sums.  The listed-grid readout (LAP,
+// p.n_grids > 0) has one row bound, HMAX = 32 with guards, whatever the image size: 8
+// instantiations per variant instead of 32 (compile time; LAP has not been timed on a GPU yet).
 template <int V>
 int launch_variant(const PairSumsParams& p) {
+  if (p.n_grids > 0) {
+    auto listed = [&](auto t) -> int {
+      using T = typename decltype(t)::type;
+      switch (p.filter_size / 2) {
+        case 0: return launch<V, T, 32, 0, false, true>(p);
+        case 1: return launch<V, T, 32, 1, false, true>(p);
+        case 2: return launch<V, T, 32, 2, false, true>(p);
+        default: return launch<V, T, 32, 3, false, true>(p);
+      }
+    };
+    return p.dtype == Dtype::float64 ? listed(Type<double>{}) : listed(Type<float>{});
+  }
   auto with_radius = [&](auto t, auto hmax) -> int {
     using T = typename decltype(t)::type;
     constexpr int HMAX = decltype(hmax)::value;

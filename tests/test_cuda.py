@@ -377,6 +377,111 @@ def test_valid_launch_parameters_and_the_shape_rule():
         choose("cuda", caps)
 
 
+@pytest.mark.parametrize("h,w,c", [(4, 4, 2), (6, 5, 3), (8, 8, 8), (7, 4, 1), (32, 32, 4)])
+def test_lap_listed_grids_are_the_readout_weights_packed(h, w, c):
+    # the kernel's packed grid g = dy * W + dx holds R((i, j), ((i + dy) mod H, (j + dx) mod W))
+    # at (i, j): LAP's readout weights (arch.readout_weights) are one number per packed grid
+    from cntk_engine.arch import readout_weights
+    from cntk_engine.backends.cuda import CudaBackend
+    arch = Architecture(depths=(3,), pooling="lap", lap_window=c)
+    be = CudaBackend(arch, arch.layer_params(1, h, w), "float32")
+    grids, wts = be.listed_grids(h, w)
+    assert grids.dtype == np.int32 and wts.dtype == np.float64 and np.all(np.diff(grids) > 0)
+    r = readout_weights(arch, h, w)
+    i, j = np.arange(h)[:, None], np.arange(w)[None, :]
+    packed = np.stack([r[i, j, (i + dy) % h, (j + dx) % w] for dy in range(h) for dx in range(w)])
+    assert np.all(packed == packed[:, :1, :1])                    # one weight per grid
+    np.testing.assert_array_equal(grids, np.flatnonzero(packed[:, 0, 0]))
+    np.testing.assert_allclose(wts, packed[grids, 0, 0], rtol=1e-15)
+    # the readout of all entries, grid by grid, is the readout weights' sum
+    assert np.isclose((wts * h * w).sum(), r.sum(), rtol=1e-13)
+    for pooling in ("gap", "flatten"):
+        assert CudaBackend(Architecture(depths=(3,), pooling=pooling), None, "float32").listed_grids(h, w) is None
+
+
+def test_lap_launch_parameters_carry_the_listed_grids():
+    ext = extension()
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32))
+    arch = Architecture(depths=(3, 5), pooling="lap", lap_window=4)
+    params = arch.layer_params(3, 32, 32)
+    be = CudaBackend(arch, params, "float32", kernel="v3")
+    pa = be.prepare_arrays(x, np)
+    grids, wts = be.listed_grids(32, 32)
+    assert grids.size == 7 * 7                   # offsets -3 .. 3 per axis, circularly
+    g = FakeDeviceArray(grids.shape, np.int32, 1 << 30)
+    gw = FakeDeviceArray(wts.shape, np.float64, 1 << 31)
+    arrays = {"xa": pa.images, "da": pa.diag[0], "xb": pa.images, "db": pa.diag[0],
+              "ia": np.zeros(5, np.int32), "ib": np.zeros(5, np.int32),
+              "slot": be.readout_slots(), "out": np.zeros((5, 2, 2))}
+    fakes = [FakeDeviceArray(a.shape, a.dtype, (1 << 20) * (k + 1)) for k, a in enumerate(arrays.values())]
+    p = be.launch_params(*fakes, same_set=True, device=0, stream=0, grids=g, grid_w=gw)
+    assert p.n_grids == 49 and "n_grids=49" in repr(p)
+    with pytest.raises(ValueError, match="grids and grid_w are needed for the LAP readout"):
+        be.launch_params(*fakes, same_set=True, device=0, stream=0)
+    with pytest.raises(ValueError, match=r"grids must be int32 of shape \(49,\)"):
+        be.launch_params(*fakes, same_set=True, device=0, stream=0,
+                         grids=FakeDeviceArray((48,), np.int32, 1 << 30), grid_w=gw)
+    # the extension's checks of the list: its size, and its pointers when it is read
+    with pytest.raises(ValueError, match=r"n_grids .* must be in \[0, H \* W = 1024\]; got 1025"):
+        ext.PairSumsParams(**dict(GOOD, grids=4096, grid_w=8192, n_grids=1025))
+    with pytest.raises(ValueError, match="grid_w is a null pointer"):
+        ext.PairSumsParams(**dict(GOOD, grids=4096, n_grids=3))
+    with pytest.raises(ValueError, match=r"grid_w = 0x1004 is not aligned to the 8 bytes"):
+        ext.PairSumsParams(**dict(GOOD, grids=4096, grid_w=4100, n_grids=3))
+    assert ext.PairSumsParams(**dict(GOOD, grids=4096, grid_w=8192, n_grids=3)).n_grids == 3
+    assert ext.PairSumsParams(**GOOD).n_grids == 0          # gap / flatten: no list, none read
+
+
+# --------------------------------------------------- backend="auto" and code not run on a GPU
+def test_auto_does_not_choose_cuda_for_code_not_run_on_a_gpu(monkeypatch, caplog):
+    from cntk_engine import backends
+    from cntk_engine.arch import make_architecture
+    from cntk_engine.backends.cuda import NOT_GPU_VERIFIED, CudaBackend
+    cnn = Architecture(depths=(3,))
+    flip = Architecture(depths=(3,), flip=True)
+    lap = Architecture(depths=(3,), pooling="lap", lap_window=3)
+    both = Architecture(depths=(3,), pooling="lap", lap_window=2, flip=True)
+    myrtle = make_architecture(architecture="myrtle5")
+    assert CudaBackend.unverified(cnn, (3, 32, 32), "float32") is None
+    assert CudaBackend.unverified(flip, (3, 32, 32), "float32") == (
+        "the CUDA kernels for flip-symmetrised kernels have not run on a GPU yet (backend='cuda' "
+        "runs them; docs/cuda_kernels.md)")
+    if "lap" in NOT_GPU_VERIFIED:
+        assert "for the LAP readout and flip-symmetrised kernels have not run on a GPU" in \
+            CudaBackend.unverified(both, (1, 8, 8), "float32")
+    if "stack" in NOT_GPU_VERIFIED:
+        assert "pooled stacks" in CudaBackend.unverified(myrtle, (3, 32, 32), "float32")
+    # the rule lives in backends.choose: auto skips an unverified backend, a named one runs it
+    caps = {"cuda": {"unavailable": None, "unsupported": None, "unverified": "not run on a GPU"},
+            "numba": {"unavailable": None, "unsupported": None, "unverified": None}}
+    name, why = backends.choose("auto", caps)
+    assert name == "numba" and why == "cuda: not run on a GPU; numba can run it"
+    assert backends.choose("cuda", caps) == ("cuda", "asked for, although not run on a GPU")
+    caps["cuda"]["unverified"] = None
+    assert backends.choose("auto", caps)[0] == "cuda"
+    del caps["cuda"]["unverified"]                    # reports without the key
+    assert backends.choose("auto", caps)[0] == "cuda"
+    # capabilities asks the backend; resolve picks numba for auto, cuda by name (with a warning)
+    extension()
+    monkeypatch.setattr(CudaBackend, "unavailable_reason", classmethod(lambda cls: None))
+    caps = backends.capabilities(flip, (3, 8, 8), "float32")
+    assert caps["cuda"]["unavailable"] is None and caps["cuda"]["unsupported"] is None
+    assert "flip" in caps["cuda"]["unverified"] and caps["numba"]["unverified"] is None
+    assert backends.capabilities(cnn, (3, 8, 8), "float32")["cuda"]["unverified"] is None
+    assert backends.resolve("auto", flip, (3, 8, 8), "float32").name == "numba"
+    assert backends.resolve("auto", cnn, (3, 8, 8), "float32").name == "cuda"
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert backends.resolve("cuda", flip, (3, 8, 8), "float32").name == "cuda"
+    assert "backend 'cuda': asked for, although the CUDA kernels for flip-symmetrised" in caplog.text
+    # what is not computed is refused, not unverified
+    for arch in ([myrtle] if "stack" not in NOT_GPU_VERIFIED else []) + \
+            ([lap] if "lap" not in NOT_GPU_VERIFIED else []):
+        caps = backends.capabilities(arch, (3, 32, 32), "float32")
+        assert caps["cuda"]["unsupported"] and caps["cuda"]["unverified"] is None
+        assert backends.resolve("auto", arch, (3, 32, 32), "float32").name == "numba"
+
+
 # ----------------------------------------------------------------------------- GPU: exactness
 CASES = [
     ((3, 2, 6, 5), dict(convention="arora", pooling="gap")),
@@ -410,6 +515,114 @@ def test_cuda_matches_reference(variant, shape, case):
                     assert np.abs(got[d][i]).max() == 0
                 else:
                     assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i)
+
+
+_REFERENCE = {}
+
+
+def reference_gram(x, b, depths, case):
+    """The float64 reference Gram of (x, b), computed once per test session and arguments (the
+    GPU tests below compare every kernel variant and dtype against it)."""
+    key = (x.tobytes(), None if b is None else b.tobytes(), tuple(depths), repr(sorted(case.items())))
+    if key not in _REFERENCE:
+        _REFERENCE[key] = ce.gram(x, b, depths=depths, kernel="both", backend="reference", **case)
+    return _REFERENCE[key]
+
+
+def case_depths(shape, case):
+    """Depths of a flip / LAP case: fix=True needs depth >= 3; 32 x 32 images fewer layers (the
+    reference's cost)."""
+    if shape[-1] == 32:
+        return [3, 4] if case.get("fix") else [2, 4]
+    return [3, 4, 7] if case.get("fix") else [2, 3, 7]
+
+
+# Flip-symmetrised kernels: no kernel of their own; the pairs with the flipped images run
+# through the CNN kernel (Backend.prepare_set / pair_sums in backends/base.py, on CuPy images).
+FLIP_CASES = [
+    ((3, 2, 6, 5), dict(pooling="gap", flip=True)),
+    ((2, 3, 9, 13), dict(pooling="flatten", flip=True, convention="neural_tangents", b_std=0.2)),
+    ((2, 1, 7, 4), dict(pooling="gap", flip=True, fix=True, filter_size=5)),
+    ((2, 3, 32, 32), dict(pooling="flatten", flip=True, filter_size=3)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,case", FLIP_CASES, ids=[str(c[0]) for c in FLIP_CASES])
+def test_cuda_flip_matches_reference(variant, shape, case):
+    rng = np.random.default_rng(sum(shape) + 7)
+    x, y = rng.standard_normal(shape), rng.standard_normal((2,) + shape[1:])
+    x[-1] = x[0][..., ::-1]               # an image whose flip is in the set: K(x, F x) a self pair
+    depths = case_depths(shape, case)
+    for b in (None, y):                   # symmetric, and x against y
+        ref = reference_gram(x, b, depths, case)
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            got = ce.gram(x, b, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
+            for d in ref:
+                for i in range(2):
+                    assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i, b is None)
+
+
+@gpu
+def test_cuda_flip_real_images_against_numba(variant):
+    # CIFAR images, and MNIST digits with an all-zero image (zero-variance windows)
+    cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
+    mnist = load_real("mnist_test.npz")["x"][:4].astype(np.float64)[:, None] / 255
+    mnist = np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+    for x, pooling in ((cifar, "gap"), (mnist, "flatten"), (mnist, "gap")):
+        b = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both", backend="numba",
+                    dtype="float64")
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            a = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both",
+                        backend="cuda", dtype=dtype)
+            for d in a:
+                for i in range(2):
+                    assert np.isfinite(a[d][i]).all()
+                    assert rel(a[d][i], b[d][i]) < tol, (variant, pooling, dtype, d, i)
+
+
+# The LAP readout: the CNN kernel's listed-grid instantiation (one weight per packed grid)
+LAP_CASES = [
+    ((3, 2, 6, 5), dict(pooling="lap", lap_window=2)),
+    ((2, 1, 7, 4), dict(pooling="lap", lap_window=4, fix=True, filter_size=5)),     # c = W
+    ((3, 3, 8, 8), dict(pooling="lap", lap_window=3, convention="neural_tangents", b_std=0.3)),
+    ((3, 2, 8, 8), dict(pooling="lap", lap_window=3, flip=True, filter_size=1)),
+    ((2, 2, 17, 11), dict(pooling="lap", lap_window=1, filter_size=7)),              # = flatten
+    ((2, 1, 32, 32), dict(pooling="lap", lap_window=5, flip=True)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,case", LAP_CASES, ids=[str(c[0]) for c in LAP_CASES])
+def test_cuda_lap_matches_reference(variant, shape, case):
+    rng = np.random.default_rng(sum(shape) + 3)
+    x, y = rng.standard_normal(shape), rng.standard_normal((2,) + shape[1:])
+    depths = case_depths(shape, case)
+    for b in (None, y):                   # symmetric, and x against y
+        ref = reference_gram(x, b, depths, case)
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            got = ce.gram(x, b, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
+            for d in ref:
+                for i in range(2):
+                    assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i, b is None)
+
+
+@gpu
+def test_cuda_lap_real_images_against_numba(variant):
+    # CIFAR at the paper's windows, MNIST digits with an all-zero image (zero-variance windows)
+    cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
+    mnist = load_real("mnist_test.npz")["x"][:4].astype(np.float64)[:, None] / 255
+    mnist = np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+    for x, c in ((cifar, 4), (cifar, 12), (mnist, 6)):
+        b = ce.gram(x, depths=[3, 11], pooling="lap", lap_window=c, kernel="both",
+                    backend="numba", dtype="float64")
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            a = ce.gram(x, depths=[3, 11], pooling="lap", lap_window=c, kernel="both",
+                        backend="cuda", dtype=dtype)
+            for d in a:
+                for i in range(2):
+                    assert np.isfinite(a[d][i]).all()
+                    assert rel(a[d][i], b[d][i]) < tol, (variant, c, dtype, d, i)
 
 
 @gpu

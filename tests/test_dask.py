@@ -191,6 +191,21 @@ def test_choose_backend_rules():
         choose_backend("numba", dict(ok, **{"tcp://cpu:3": _report(numba="numba broken")}), ws)
 
 
+def test_choose_backend_auto_skips_cuda_code_not_run_on_a_gpu(caplog):
+    # Backend.unverified, as the workers report it: auto runs numba, cuda by name runs (warned)
+    from cntk_engine.jobs.dask import choose_backend
+    gpu = {"resources": {"GPU": 1}}
+    ws = {"tcp://a:1": gpu, "tcp://cpu:3": {}}
+    rep = _report()
+    rep["cuda"]["unverified"] = "the CUDA kernels for flip-symmetrised kernels have not run on a GPU yet"
+    reports = {"tcp://a:1": rep, "tcp://cpu:3": _report("no CUDA device")}
+    name, why = choose_backend("auto", reports, ws)
+    assert name == "numba" and why == f"cuda: {rep['cuda']['unverified']}"
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert choose_backend("cuda", reports, ws)[0] == "cuda"
+    assert "asked for, although the CUDA kernels for flip" in caplog.text
+
+
 # ------------------------------------------------------------------ worker cache
 def _cache_size():
     from cntk_engine.jobs import dask as dist

@@ -31,7 +31,7 @@ sass_mix = _load_sass_mix()
 # A two-row kernel: setup, a loop of 5 instructions with one MUFU (two rows -> 2.5 slots per
 # entry-layer), an outer loop around it, exit.
 SYNTHETIC = """
-\t\tFunction : _ZN4cntk6detail16pair_sums_kernelILi5EfLi2ELi1ELb1EEEvv
+\t\tFunction : _ZN4cntk6detail16pair_sums_kernelILi5EfLi2ELi1ELb1ELb0EEEvv
         /*0000*/                   MOV R1, c[0x0][0x28] ;        /* 0x0 */
         /*0010*/                   S2R R0, SR_TID.X ;            /* 0x0 */
         /*0020*/                   FFMA R2, R0, R0, R1 ;         /* 0x0 */
@@ -45,7 +45,7 @@ SYNTHETIC = """
 \t\tFunction : _Z5otherv
         /*0000*/                   EXIT ;                        /* 0x0 */
 """
-KERNEL = "_ZN4cntk6detail16pair_sums_kernelILi5EfLi2ELi1ELb1EEEvv"
+KERNEL = "_ZN4cntk6detail16pair_sums_kernelILi5EfLi2ELi1ELb1ELb0EEEvv"
 
 
 def test_reader_finds_the_innermost_mufu_loop_and_counts_it():
@@ -65,8 +65,9 @@ def test_reader_finds_the_innermost_mufu_loop_and_counts_it():
 def test_kernel_tag_names_one_variant_and_instantiation():
     assert sass_mix.kernel_tag("float32", 2, 1, True, "v5") in KERNEL
     assert sass_mix.kernel_tag("float32", 2, 1, True, "v3") not in KERNEL
-    assert sass_mix.kernel_tag("float32", 2, 1, True) == "ILi3EfLi2ELi1ELb1EE"     # the default, v3
-    assert sass_mix.kernel_tag("float64", 32, 3, False, "v12") == "ILi12EdLi32ELi3ELb0EE"
+    assert sass_mix.kernel_tag("float32", 2, 1, True) == "ILi3EfLi2ELi1ELb1ELb0EE"     # the default, v3
+    assert sass_mix.kernel_tag("float64", 32, 3, False, "v12") == "ILi12EdLi32ELi3ELb0ELb0EE"
+    assert sass_mix.kernel_tag("float32", 32, 1, False, "v5", listed=True) == "ILi5EfLi32ELi1ELb0ELb1EE"
     with pytest.raises(ValueError, match="v<number>"):
         sass_mix.kernel_tag("float32", 32, 1, True, "fast")
 
@@ -131,6 +132,23 @@ def test_variant_stays_within_its_instruction_budget(kernel):
     assert mix["slots_per_entry_layer"] <= budget["slots"], why
 
 
+@pytest.mark.parametrize("kernel", list(BUDGETS))
+def test_lap_kernel_runs_the_variants_step_without_spills(kernel):
+    # the listed-grid (LAP) instantiation, float32 k=3 on sm_90: the variant's per-entry step
+    # (same MUFU per entry-layer), no local memory; it is the guarded HMAX = 32 kernel, with
+    # about the registers of the gap one of that shape (180-194 on nvcc 13.0: one 8-warp block
+    # per SM; docs/cuda_kernels.md)
+    so, ext = installed()
+    sass_or_skip(so, ext, "sm_90")
+    mix = sass_mix.analyse(so, "sm_90", "float32", 32, 1, False, kernel, listed=True)
+    gap = sass_mix.analyse(so, "sm_90", "float32", 32, 1, False, kernel)
+    why = f"kernel {kernel}; LAP: {mix}; gap: {gap}"
+    assert mix["by_opcode_per_entry_layer"].get("MUFU") == BUDGETS[kernel]["mufu"], why
+    assert mix["local_bytes"] == 0 and mix["stack_bytes"] == 0 and not mix["local_memory_in_loop"], why
+    assert mix["registers"] <= max(gap["registers"], 200), why
+    assert mix["slots_per_entry_layer"] <= gap["slots_per_entry_layer"] + 1.0, why
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_variant_is_compiled_for_the_architecture(arch):
     so, ext = installed()
@@ -139,13 +157,14 @@ def test_every_variant_is_compiled_for_the_architecture(arch):
     names = [n for n in funcs if "pair_sums_kernel" in n]
     for kernel in BUDGETS:
         for dtype in ("float32", "float64"):
-            # the instantiations launch_variant dispatches to: HMAX 8, 16, 32 x R 0..3, and the
-            # guard-free 32x32 kernel per R
-            wanted = [(h, r, False) for h in (8, 16, 32) for r in range(4)] + [(32, r, True) for r in range(4)]
-            for h, r, full in wanted:
-                tag = "pair_sums_kernel" + sass_mix.kernel_tag(dtype, h, r, full, kernel)
+            # the instantiations launch_variant dispatches to: HMAX 8, 16, 32 x R 0..3, the
+            # guard-free 32x32 kernel per R, and the listed-grid (LAP) kernels: HMAX 32 x R 0..3
+            wanted = [(h, r, False, False) for h in (8, 16, 32) for r in range(4)] + \
+                [(32, r, True, False) for r in range(4)] + [(32, r, False, True) for r in range(4)]
+            for h, r, full, listed in wanted:
+                tag = "pair_sums_kernel" + sass_mix.kernel_tag(dtype, h, r, full, kernel, listed)
                 hits = [n for n in names if tag in n]
-                assert len(hits) == 1, f"{arch}: {kernel} {dtype} HMAX={h} R={r} FULL={full}: {hits}"
+                assert len(hits) == 1, f"{arch}: {kernel} {dtype} HMAX={h} R={r} FULL={full} LISTED={listed}: {hits}"
                 if dtype == "float32" and full:
                     res = usage[hits[0]]
                     loop = sass_mix.loop_mix(funcs[hits[0]], 32)
@@ -153,7 +172,7 @@ def test_every_variant_is_compiled_for_the_architecture(arch):
                     if r in SPILL_FREE_RADII[kernel]:
                         assert res["STACK"] == 0 and res["LOCAL"] == 0 and not loop["local_memory_in_loop"], \
                             (arch, kernel, r, res)
-    assert len(names) == len(BUDGETS) * 2 * 16, sorted(names)
+    assert len(names) == len(BUDGETS) * 2 * 20, sorted(names)
 
 
 def test_harness_issue_figures_from_a_kernel_mix():

@@ -262,4 +262,4 @@ def test_avgpool_arguments_and_cuda_refusal():
     why = CudaBackend.unsupported(make_architecture(architecture="myrtle5"), (3, 32, 32), "float32")
     assert "pooled stacks" in why
     caps = capabilities(make_architecture(architecture="myrtle5"), (3, 32, 32), "float32")
-    assert caps["numba"] == {"unavailable": None, "unsupported": None}
+    assert caps["numba"] == {"unavailable": None, "unsupported": None, "unverified": None}

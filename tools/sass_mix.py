@@ -159,14 +159,15 @@ DEFAULT_KERNEL = "v3"
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
 
 
-def kernel_tag(dtype: str, hmax: int, radius: int, full: bool, kernel: str = DEFAULT_KERNEL) -> str:
-    """Itanium-mangled template arguments of pair_sums_kernel<V, T, HMAX, R, FULL> (csrc/
-    pair_sums_kernel.cuh) for kernel variant "v<V>"."""
+def kernel_tag(dtype: str, hmax: int, radius: int, full: bool, kernel: str = DEFAULT_KERNEL,
+               listed: bool = False) -> str:
+    """Itanium-mangled template arguments of pair_sums_kernel<V, T, HMAX, R, FULL, LISTED>
+    (csrc/pair_sums_kernel.cuh) for kernel variant "v<V>"; LISTED: the listed-grid readout (LAP)."""
     m = re.fullmatch(r"v(\d+)", kernel)
     if m is None:
         raise ValueError(f"kernel variant names are v<number> (v3, v5, ...); got {kernel!r}")
     t = {"float32": "f", "float64": "d"}[dtype]
-    return f"ILi{m.group(1)}E{t}Li{hmax}ELi{radius}ELb{int(full)}EE"
+    return f"ILi{m.group(1)}E{t}Li{hmax}ELi{radius}ELb{int(full)}ELb{int(listed)}EE"
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
@@ -263,17 +264,18 @@ def issue_figures(config: dict, pairs_per_s: float, mixes: dict, fp32_fma_rate: 
 
 
 def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=True,
-            kernel=DEFAULT_KERNEL) -> dict:
+            kernel=DEFAULT_KERNEL, listed=False) -> dict:
     sass = sass_text(so, arch)
-    tag = kernel_tag(dtype, hmax, radius, full, kernel)
+    tag = kernel_tag(dtype, hmax, radius, full, kernel, listed)
     hits = {n: ins for n, ins in functions(sass).items() if "pair_sums_kernel" + tag in n}
     if not hits:
-        raise ValueError(f"pair_sums_kernel of variant {kernel} <{dtype}, {hmax}, {radius}, {full}> "
+        raise ValueError(f"pair_sums_kernel of variant {kernel} <{dtype}, {hmax}, {radius}, {full}, "
+                         f"{listed}> "
                          f"({tag}) is not in the {arch} SASS of {so}")
     (name, ins), = hits.items()
     res = resource_usage(so, arch).get(name, {})
     return {"kernel": name, "variant": kernel, "arch": arch, "dtype": dtype, "hmax": hmax,
-            "radius": radius, "full": full, "registers": res.get("REG"),
+            "radius": radius, "full": full, "listed": listed, "registers": res.get("REG"),
             "local_bytes": res.get("LOCAL"), "stack_bytes": res.get("STACK"),
             "instructions_in_kernel": len(ins), **loop_mix(ins, hmax)}
 
@@ -286,6 +288,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hmax", type=int, default=32)
     ap.add_argument("--radius", type=int, default=1, help="filter_size // 2 [1]")
     ap.add_argument("--generic", action="store_true", help="the guarded kernel, not the 32x32 one")
+    ap.add_argument("--listed", action="store_true",
+                    help="the listed-grid (LAP) kernel; it has no 32x32 one: implies --generic")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL,
                     help=f"kernel variant (v3, v5, ...; cntk-engine info lists them) [{DEFAULT_KERNEL}]")
     ap.add_argument("--fma-rate", type=float, default=None,
@@ -300,7 +304,8 @@ def main(argv=None) -> dict:
     if so is None:
         sys.exit("cntk_engine._cuda is not installed (it is built by pip install . when nvcc is "
                  "found); pass --so PATH")
-    out = analyse(so, args.arch, args.dtype, args.hmax, args.radius, not args.generic, args.kernel)
+    out = analyse(so, args.arch, args.dtype, args.hmax, args.radius,
+                  not (args.generic or args.listed), args.kernel, args.listed)
     rate, src = args.fma_rate, "--fma-rate"
     if rate is None:
         ref = ROOT / "bench" / "results" / "harness_gpu_h100_20261123.json"

@@ -54,33 +54,43 @@ def available_backends() -> dict[str, str | None]:
 
 def capabilities(arch, image_shape, dtype) -> dict[str, dict]:
     """For every backend: {"unavailable": why it cannot run here or None, "unsupported": why it
-    cannot compute this job (architecture, image size, dtype) or None}.  Asked in this process
-    for a local job, and on every Dask worker for a distributed one."""
+    cannot compute this job (architecture, image size, dtype) or None, "unverified": why its
+    code for this job is not verified yet (:meth:`Backend.unverified`: ``auto`` does not choose
+    it) or None}.  Asked in this process for a local job, and on every Dask worker for a
+    distributed one."""
     out = {}
     for name in _MODULES:
         why = unavailable_reason(name)
-        unsupported = None
+        unsupported = unverified = None
         if why is None:
+            cls = backend_class(name)
             try:
-                unsupported = backend_class(name).unsupported(arch, tuple(image_shape), dtype)
+                unsupported = cls.unsupported(arch, tuple(image_shape), dtype)
             except Exception as e:  # noqa: BLE001 - reported with the backend's name
                 unsupported = f"its check of this job failed: {type(e).__name__}: {e}"
-        out[name] = {"unavailable": why, "unsupported": unsupported}
+            if unsupported is None:
+                try:
+                    unverified = cls.unverified(arch, tuple(image_shape), dtype)
+                except Exception as e:  # noqa: BLE001 - not known to be verified, then
+                    unverified = f"its check of this job failed: {type(e).__name__}: {e}"
+        out[name] = {"unavailable": why, "unsupported": unsupported, "unverified": unverified}
     return out
 
 
 def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
     """(backend name, why) for ``backend=name`` given :func:`capabilities` ``caps``.
 
-    ``auto``: the first of :data:`AUTO_ORDER` that is available and supports the job.  A named
-    backend that is unavailable raises RuntimeError; one that cannot compute the job raises
-    ValueError naming the limit and the backend that can."""
+    ``auto``: the first of :data:`AUTO_ORDER` that is available, supports the job and whose code
+    for it is verified (``caps[...]["unverified"]`` None or absent).  A named backend that is
+    unavailable raises RuntimeError; one that cannot compute the job raises ValueError naming
+    the limit and the backend that can; one whose code for the job is not verified runs it, and
+    the reason says so."""
     check_name(name)
     if name == "auto":
         skipped = []
         for cand in AUTO_ORDER:
             c = caps[cand]
-            why = c["unavailable"] or c["unsupported"]
+            why = c["unavailable"] or c["unsupported"] or c.get("unverified")
             if why is None:
                 return cand, ("; ".join(skipped) + "; " if skipped else "") + f"{cand} can run it"
             skipped.append(f"{cand}: {why}")
@@ -91,6 +101,8 @@ def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
     if c["unsupported"] is not None:
         raise ValueError(f"backend {name!r} cannot take this input: {c['unsupported']}. "
                          "Use backend='numba'.")
+    if c.get("unverified"):
+        return name, f"asked for, although {c['unverified']}"
     return name, "asked for"
 
 
@@ -102,7 +114,9 @@ def resolve(name: str, arch=None, image_shape=None, dtype=None) -> type[Backend]
         caps = {n: {"unavailable": unavailable_reason(n), "unsupported": None} for n in _MODULES}
     else:
         caps = capabilities(arch, image_shape, dtype)
-    chosen = choose(name, caps)[0]
+    chosen, chosen_why = choose(name, caps)
+    if caps[chosen].get("unverified"):     # asked for by name: it runs, with a warning
+        log.warning("backend %r: %s", chosen, chosen_why)
     why = caps["cuda"]["unavailable"]
     if name == "auto" and chosen != "cuda" and why is not None and not _gpu_unused_said \
             and nvidia_gpu_present():

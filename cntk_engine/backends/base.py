@@ -154,6 +154,15 @@ class Backend:
         work; only for a backend that is available here (:meth:`unavailable_reason`)."""
         return None
 
+    @classmethod
+    def unverified(cls, arch: Architecture, image_shape, dtype) -> str | None:
+        """None when this backend's code for the job has been verified where it runs (for the
+        CUDA backend: run on a GPU and checked there against the reference), else why not.
+        ``backend="auto"`` does not choose a backend for a job it says is unverified; asked for
+        by name, the backend runs it with a logged warning.  Asked after :meth:`unsupported`,
+        for a backend that supports the job."""
+        return None
+
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
         raise NotImplementedError
 

@@ -17,10 +17,33 @@ import os
 
 import numpy as np
 
+from ..arch import grid_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits
 
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
+
+#: What the CUDA backend computes that has not run on a GPU yet, by feature of a job
+#: (docs/cuda_kernels.md, "Not run on a GPU yet", lists what a GPU run must check):
+#: ``backend="auto"`` does not choose cuda for a job that uses one (:meth:`CudaBackend.unverified`),
+#: ``backend="cuda"`` runs it with a logged warning.  A feature leaves this table once its GPU
+#: tests (tests/test_cuda.py) have passed on a GPU.
+NOT_GPU_VERIFIED = {
+    "lap": "the LAP readout",
+    "flip": "flip-symmetrised kernels",
+}
+
+
+def job_features(arch) -> set[str]:
+    """The features of :data:`NOT_GPU_VERIFIED` (and "stack") that a job with ``arch`` uses."""
+    used = set()
+    if arch.has_pooling:
+        used.add("stack")
+    if arch.pooling == "lap":
+        used.add("lap")
+    if arch.flip:
+        used.add("flip")
+    return used
 
 
 def _extension():
@@ -160,12 +183,17 @@ class CudaBackend(Backend):
         if arch.has_pooling:
             return ("the CUDA kernels do not compute pooled stacks (Myrtle, AvgPool layers) yet; "
                     "the numba backend does")
-        if arch.pooling == "lap" or arch.flip:
-            return ("the CUDA kernels do not compute the LAP readout or flip-symmetrised kernels "
-                    "yet; the numba backend does")
         _, h, w = image_shape
         why = _extension().unsupported_shape(h, w, arch.filter_size, len(arch.depths))
         return None if why is None else f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"
+
+    @classmethod
+    def unverified(cls, arch, image_shape, dtype):
+        used = [what for key, what in NOT_GPU_VERIFIED.items() if key in job_features(arch)]
+        if not used:
+            return None
+        return (f"the CUDA kernels for {' and '.join(used)} have not run on a GPU yet "
+                "(backend='cuda' runs them; docs/cuda_kernels.md)")
 
     def prepare(self, x) -> Prepared:
         import cupy
@@ -189,8 +217,20 @@ class CudaBackend(Backend):
             slot[layer] = t
         return slot
 
+    def listed_grids(self, height: int, width: int):
+        """The listed-grid readout of the LAP: (grids, weights), the packed grids g = dy * W + dx
+        (0 <= dy < H, 0 <= dx < W; csrc/pair_sums_kernel.cuh) with a nonzero readout weight,
+        int32 ascending, and their weights n_H(dy) n_W(dx) / c^4, float64 (``arch.grid_weights``:
+        the packed grid's entries all have the circular offset (dy, dx)).  None for gap and
+        flatten, which the kernel reads out without a list."""
+        if self.arch.pooling != "lap":
+            return None
+        w = grid_weights(self.arch, height, width)[height - 1:].reshape(-1)   # dy = 0 .. H - 1
+        grids = np.flatnonzero(w).astype(np.int32)
+        return grids, np.ascontiguousarray(w[grids])
+
     def launch_params(self, xa, da, xb, db, ia, ib, slot, out, same_set: bool, device: int,
-                      stream: int):
+                      stream: int, grids=None, grid_w=None):
         """The extension's ``PairSumsParams`` for one launch.  The arrays are device arrays
         (anything with ``shape``, ``dtype`` and ``data.ptr``, C-contiguous); their shapes and
         dtypes are checked here against this backend's layout, the pointers and scalars by the
@@ -209,6 +249,14 @@ class CudaBackend(Backend):
             "ia": (ia, (n_pairs,), np.int32), "ib": (ib, (n_pairs,), np.int32),
             "slot": (slot, (layers,), np.int32), "out": (out, (n_pairs, n_out, 2), np.float64),
         }
+        listed = self.listed_grids(h, w)
+        if (grids is None) != (listed is None) or (grids is None) != (grid_w is None):
+            raise ValueError(f"CUDA kernel {self.kernel}: grids and grid_w are needed for the "
+                             f"LAP readout and only for it (pooling={self.arch.pooling!r})")
+        if listed is not None:
+            n_grids = listed[0].size
+            expected["grids"] = (grids, (n_grids,), np.int32)
+            expected["grid_w"] = (grid_w, (n_grids,), np.float64)
         for name, (a, shape, dtype) in expected.items():
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
                 raise ValueError(
@@ -222,7 +270,9 @@ class CudaBackend(Backend):
             pair_a=ia.data.ptr, pair_b=ib.data.ptr, slot=slot.data.ptr, out=out.data.ptr,
             n_pairs=n_pairs, C=c, H=h, W=w, L=layers, filter_size=self.arch.filter_size,
             n_out=n_out, w_first=p.w_first, w=p.w, b2=p.b2, gap=self.arch.pooling == "gap",
-            fix=bool(self.arch.fix), same_set=bool(same_set))
+            fix=bool(self.arch.fix), same_set=bool(same_set),
+            **({} if grids is None else dict(grids=grids.data.ptr, grid_w=grid_w.data.ptr,
+                                             n_grids=int(grids.shape[0]))))
 
     def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool):
         import cupy
@@ -232,9 +282,12 @@ class CudaBackend(Backend):
         ia = cupy.ascontiguousarray(ia, dtype=cupy.int32)
         ib = cupy.ascontiguousarray(ib, dtype=cupy.int32)
         slot = cupy.asarray(self.readout_slots())
+        listed = self.listed_grids(*xa.shape[2:])
+        grids, grid_w = (None, None) if listed is None else (cupy.asarray(v) for v in listed)
         out = cupy.empty((int(ia.size), len(self.arch.depths), 2), dtype=cupy.float64)
         params = self.launch_params(xa, da, xb, db, ia, ib, slot, out, same_set,
                                     device=cupy.cuda.Device().id,
-                                    stream=cupy.cuda.get_current_stream().ptr)
+                                    stream=cupy.cuda.get_current_stream().ptr,
+                                    grids=grids, grid_w=grid_w)
         _extension().pair_sums(params)
         return out

@@ -68,7 +68,8 @@ def _stack_backends(name: str) -> str:
     """Which backends can run a preset here (on 32 x 32 x 3 float32 images)."""
     from ..backends import capabilities
     caps = capabilities(make_architecture(architecture=name), (3, 32, 32), "float32")
-    ok = [b for b, c in caps.items() if c["unavailable"] is None and c["unsupported"] is None]
+    ok = [b + (" (by name only: its code for this is unverified)" if c.get("unverified") else "")
+          for b, c in caps.items() if c["unavailable"] is None and c["unsupported"] is None]
     return "backends: " + ", ".join(ok)
 
 

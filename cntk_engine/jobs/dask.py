@@ -102,6 +102,16 @@ def _why_not(report, name: str) -> str | None:
     return None if c["unsupported"] is None else f"this input is not supported: {c['unsupported']}"
 
 
+def _unverified(reports: dict, workers, name: str) -> str | None:
+    """Why backend ``name``'s code for this job is not verified (``Backend.unverified``), as
+    the first of ``workers`` that says so reports it; None if none does (or reports predate it)."""
+    for a in workers:
+        r = reports[a]
+        if isinstance(r, dict) and r.get(name, {}).get("unverified"):
+            return r[name]["unverified"]
+    return None
+
+
 def _input_only(report, name: str) -> bool:
     """Whether the backend is available on the worker and only this job's input is refused."""
     return isinstance(report, dict) and report[name]["unavailable"] is None
@@ -135,6 +145,8 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
                 if shape_only:
                     raise ValueError(msg + ". Use backend='numba'.")
                 raise RuntimeError(msg + ". Fix those workers (or stop them), or use backend='numba'")
+            if unverified := _unverified(reports, gpu_workers, "cuda"):
+                log.warning("backend 'cuda': asked for, although %s", unverified)
             return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
         if not gpu_workers:
             why = ("no worker declares a GPU resource (GPU workers need --resources GPU=1 for "
@@ -142,6 +154,8 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
         elif bad:
             why = (f"cuda is not usable on {len(bad)} of the {len(gpu_workers)} workers with a "
                    f"GPU resource ({_name_workers(bad)})")
+        elif unverified := _unverified(reports, gpu_workers, "cuda"):
+            why = f"cuda: {unverified}"       # auto does not choose unverified code
         else:
             return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
         name, auto_why = "numba", why

@@ -169,8 +169,10 @@ phase_sanitizer() {
   local why
   why=$("$PY" -P -c "import cntk_engine as ce; print(ce.available_backends()['cuda'] or '')") || return 1
   [ -n "$why" ] && skip "the cuda backend cannot run here: $why"
-  # small runs of every variant: the general path, the 32x32 path, float64, filter 5, two depths;
-  # a pooled stack (Myrtle-5) too when the CUDA backend computes stacks
+  # small runs of every variant: the general path, the 32x32 path, float64, filter 5, two depths,
+  # the LAP readout (the listed-grid kernel) and flips (pairs with flipped images), both not run
+  # on a GPU before (backend='cuda' runs them with a warning); a pooled stack (Myrtle-5) too when
+  # the CUDA backend computes stacks
   (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P -c "
 import os, numpy as np, cntk_engine as ce
 from cntk_engine.arch import make_architecture
@@ -184,11 +186,15 @@ for v in os.environ['KERNELS'].split(','):
     k2 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', dtype='float64')
     k3 = ce.gram(y, depth=3, backend='cuda'); k4 = ce.gram(y[:1], y, depth=3, backend='cuda', dtype='float64', filter_size=5)
     print(v, 'sanitizer runs ok', k[4][0][0, :2], k2[0, :2], k3[0], k4[0])
+    k5 = ce.gram(x, depth=3, backend='cuda', pooling='lap', lap_window=3, flip=True)
+    k6 = ce.gram(y[:1], y, depth=3, backend='cuda', pooling='lap', lap_window=4, dtype='float64')
+    k7 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', flip=True)
+    print(v, 'lap / flip runs ok', k5[0, :2], k6[0], k7[0, :2])
     if stack is None:
         print(v, 'myrtle5', ce.gram(y, architecture='myrtle5', backend='cuda')[0])
     else:
         print(v, 'no pooled stack on cuda:', stack)
-" 2>&1 | tail -12; exit "${PIPESTATUS[0]}")
+" 2>&1 | tail -30; exit "${PIPESTATUS[0]}")
 }
 
 phase_sass() {
