@@ -553,8 +553,12 @@ def test_cuda_flip_matches_reference(variant, shape, case):
     rng = np.random.default_rng(sum(shape) + 7)
     x, y = rng.standard_normal(shape), rng.standard_normal((2,) + shape[1:])
     x[-1] = x[0][..., ::-1]               # an image whose flip is in the set: K(x, F x) a self pair
-    depths = case_depths(shape, case)
-    for b in (None, y):                   # symmetric, and x against y
+    check_cuda_against_reference(x, y, case_depths(shape, case), case, variant)
+
+
+def check_cuda_against_reference(x, y, depths, case, variant):
+    """cuda in float32 and float64 against the float64 reference, symmetric and x against y."""
+    for b in (None, y):
         ref = reference_gram(x, b, depths, case)
         for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
             got = ce.gram(x, b, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
@@ -563,22 +567,29 @@ def test_cuda_flip_matches_reference(variant, shape, case):
                     assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i, b is None)
 
 
-@gpu
-def test_cuda_flip_real_images_against_numba(variant):
-    # CIFAR images, and MNIST digits with an all-zero image (zero-variance windows)
+def real_cifar_and_mnist():
+    """3 CIFAR images; 4 MNIST digits and an all-zero image (zero-variance windows)."""
     cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
     mnist = load_real("mnist_test.npz")["x"][:4].astype(np.float64)[:, None] / 255
-    mnist = np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+    return cifar, np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+
+
+def check_cuda_against_numba(x, variant, **arch):
+    """cuda in float32 and float64 against numba's float64 Gram of x, depths 3 and 11."""
+    b = ce.gram(x, depths=[3, 11], kernel="both", backend="numba", dtype="float64", **arch)
+    for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+        a = ce.gram(x, depths=[3, 11], kernel="both", backend="cuda", dtype=dtype, **arch)
+        for d in a:
+            for i in range(2):
+                assert np.isfinite(a[d][i]).all()
+                assert rel(a[d][i], b[d][i]) < tol, (variant, arch, dtype, d, i)
+
+
+@gpu
+def test_cuda_flip_real_images_against_numba(variant):
+    cifar, mnist = real_cifar_and_mnist()
     for x, pooling in ((cifar, "gap"), (mnist, "flatten"), (mnist, "gap")):
-        b = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both", backend="numba",
-                    dtype="float64")
-        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
-            a = ce.gram(x, depths=[3, 11], pooling=pooling, flip=True, kernel="both",
-                        backend="cuda", dtype=dtype)
-            for d in a:
-                for i in range(2):
-                    assert np.isfinite(a[d][i]).all()
-                    assert rel(a[d][i], b[d][i]) < tol, (variant, pooling, dtype, d, i)
+        check_cuda_against_numba(x, variant, pooling=pooling, flip=True)
 
 
 # The LAP readout: the CNN kernel's listed-grid instantiation (one weight per packed grid)
@@ -597,32 +608,14 @@ LAP_CASES = [
 def test_cuda_lap_matches_reference(variant, shape, case):
     rng = np.random.default_rng(sum(shape) + 3)
     x, y = rng.standard_normal(shape), rng.standard_normal((2,) + shape[1:])
-    depths = case_depths(shape, case)
-    for b in (None, y):                   # symmetric, and x against y
-        ref = reference_gram(x, b, depths, case)
-        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
-            got = ce.gram(x, b, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
-            for d in ref:
-                for i in range(2):
-                    assert rel(got[d][i], ref[d][i]) < tol, (variant, dtype, d, i, b is None)
+    check_cuda_against_reference(x, y, case_depths(shape, case), case, variant)
 
 
 @gpu
 def test_cuda_lap_real_images_against_numba(variant):
-    # CIFAR at the paper's windows, MNIST digits with an all-zero image (zero-variance windows)
-    cifar = load_real("cifar10_jpeg_small.npz")["x_test"][:3].astype(np.float64).transpose(0, 3, 1, 2) / 255
-    mnist = load_real("mnist_test.npz")["x"][:4].astype(np.float64)[:, None] / 255
-    mnist = np.concatenate([mnist, np.zeros((1, 1, 28, 28))])
+    cifar, mnist = real_cifar_and_mnist()       # CIFAR at the paper's windows
     for x, c in ((cifar, 4), (cifar, 12), (mnist, 6)):
-        b = ce.gram(x, depths=[3, 11], pooling="lap", lap_window=c, kernel="both",
-                    backend="numba", dtype="float64")
-        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
-            a = ce.gram(x, depths=[3, 11], pooling="lap", lap_window=c, kernel="both",
-                        backend="cuda", dtype=dtype)
-            for d in a:
-                for i in range(2):
-                    assert np.isfinite(a[d][i]).all()
-                    assert rel(a[d][i], b[d][i]) < tol, (variant, c, dtype, d, i)
+        check_cuda_against_numba(x, variant, pooling="lap", lap_window=c)
 
 
 @gpu
