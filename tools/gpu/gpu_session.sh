@@ -312,7 +312,7 @@ from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
 run_phase tests 30 150
 run_phase sanitizer 20 90
-run_phase sass 10 60
+run_phase sass 10 90
 run_phase bench 30 150
 run_phase paper 20 90
 run_phase nt 30 180
