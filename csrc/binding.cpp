@@ -43,10 +43,9 @@ std::string hex(std::uintptr_t v) {
 
 // Why `p` cannot be launched (unsupported shape, bad sizes, a null or misaligned pointer, an
 // unknown variant), or "" if it can; the values behind the pointers are not checked.
-// Messages are built by concatenation, never with iostreams: on the H200 machine's torch image an
-// std::ostringstream in this extension crashed the process (every check message and __repr__
-// segfaulted; the cause was not pinned down, the same code runs on other machines).  So the
-// extension uses no iostreams, and the nvcc-compiled side exchanges only C types with this file.
+// Messages are built by concatenation, never with iostreams: an std::ostringstream in this
+// extension crashed the process on a GPU machine's image (cause not pinned down;
+// docs/cuda_kernels.md), and the nvcc-compiled side exchanges only C types with this file.
 std::string check_pair_sums(const cntk::PairSumsParams& p) {
   if (p.variant < 0 || p.variant >= cntk::kernel_variant_count())
     return "kernel variant index " + str(p.variant) + " is out of range [0, " +

@@ -24,9 +24,7 @@ struct VariantEntry {
   int (*launch)(const PairSumsParams&);
 };
 
-// One default per dtype, the fastest variant measured on a GPU for it (H200, 32 x 32 x 3 GAP,
-// depths 3-21, docs/cuda_kernels.md): v3 in float32 (v5 is faster only at depth 3), v5 in
-// float64 (1.29x to 1.43x v3 at every depth).
+// One default per dtype: the fastest variant measured on a GPU for it (docs/cuda_kernels.md).
 const VariantEntry kVariants[] = {
     {{"v3",
       "reads the diagonals q; per entry rsqrtf(q_x q_z) and sqrt.approx (3 MUFU per entry-layer)",

@@ -103,13 +103,20 @@ print(json.dumps({{"seconds": 0.5, "times": [0.5], "version": "fake", "jax_devic
 """
 
 
+def fake_nt_python(tmp_path, template, scale=1.0):
+    """An executable standing in for neural-tangents' Python: ``template`` (FAKE_NT or
+    FAKE_NT_STACK) answers with this package's float64 kernel, its NTK times ``scale``."""
+    fake = tmp_path / "python"
+    fake.write_text(template.format(python=sys.executable, root=str(ROOT), scale=scale))
+    fake.chmod(0o755)
+    return fake
+
+
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_harness_checks_neural_tangents_values(tmp_path, scale):
     """The NT comparison carries an exactness check that a wrong kernel fails."""
     from bench import harness
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_NT.format(python=sys.executable, root=str(ROOT), scale=scale))
-    fake.chmod(0o755)
+    fake = fake_nt_python(tmp_path, FAKE_NT, scale)
     out = tmp_path / "h.json"
     harness.main(["--methods", "neural_tangents", "--depths", "3", "--sizes", "5", "--n", "3",
                   "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
@@ -409,9 +416,7 @@ def test_speedup_bars_divide_by_the_pairs_the_alternative_evaluated():
 def test_harness_records_pairs_evaluated(tmp_path):
     """neural-tangents evaluates all N^2 ordered pairs: pairs_evaluated_per_s says so."""
     from bench import harness
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_NT.format(python=sys.executable, root=str(ROOT), scale=1.0))
-    fake.chmod(0o755)
+    fake = fake_nt_python(tmp_path, FAKE_NT)
     out = tmp_path / "h.json"
     harness.main(["--methods", "per_layer_cpu,neural_tangents", "--depths", "3", "--sizes", "4", "--n", "3",
                   "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
@@ -733,9 +738,7 @@ print(json.dumps({{"seconds": 0.5, "times": [0.5], "version": "fake", "jax_devic
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_harness_checks_neural_tangents_myrtle_values(tmp_path, scale):
     from bench import harness
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_NT_STACK.format(python=sys.executable, root=str(ROOT), scale=scale))
-    fake.chmod(0o755)
+    fake = fake_nt_python(tmp_path, FAKE_NT_STACK, scale)
     out = tmp_path / "h.json"
     harness.main(["--methods", "neural_tangents", "--architectures", "myrtle5", "--n", "2", "--repeats", "1",
                   "--warmup", "0", "--no-ceiling", "--no-plots", "--nt-python", str(fake), "--output", str(out)])
