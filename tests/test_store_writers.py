@@ -81,6 +81,19 @@ def claim_files(out: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name[0].isdigit()) if d.is_dir() else []
 
 
+def marker_files(out: Path) -> list[tuple[int, int]]:
+    """The tiles whose ``tiles_done`` chunk is written (one chunk per tile, ``c/<i>/<j>``)."""
+    d = out / "tiles_done" / "c"
+    return [(int(r.name), int(f.name)) for r in d.iterdir() if r.is_dir()
+            for f in r.iterdir()] if d.is_dir() else []
+
+
+def unfinished_claims(out: Path) -> list[str]:
+    """Claims whose tile has no marker yet: tiles being computed at this instant."""
+    done = set(marker_files(out))
+    return [c for c in claim_files(out) if tuple(map(int, c.split("."))) not in done]
+
+
 def gram_argv(base, *extra, tile=4, kernel="ntk"):
     return ["gram", base / "x.npy", "--depth", "3", "--kernel", kernel, "--backend", "numba",
             "--tile", str(tile), "--out", base / "g.zarr", "--no-progress", *extra]
@@ -131,33 +144,30 @@ def test_writer_killed_with_a_claim_held_is_taken_over(tmp_path, caplog):
     x = np.random.default_rng(11).standard_normal((24, 1, 8, 8))
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "g.zarr"
-    for attempt in range(3):                     # a claim must be held at the instant of the kill
-        (tmp_path / "go").unlink(missing_ok=True)
-        (tmp_path / "ready.0").unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "0", "0.4", "-",
-                                 *map(str, gram_argv(tmp_path, "--resume"))], env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and not (tmp_path / "ready.0").exists() and proc.poll() is None:
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        try:
-            while time.time() < deadline and proc.poll() is None:
-                done = (out / "tiles_done" / "c").is_dir() and sum(
-                    len(f) for _, _, f in os.walk(out / "tiles_done" / "c")) >= 2
-                if done and claim_files(out):
-                    break
-                time.sleep(0.01)
-            assert proc.poll() is None, proc.stderr.read().decode()[-1000:]
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait(30)
-        before = zarr.open_group(str(out), mode="r")["tiles_done"][...]
-        # a claim of a tile being computed (one whose marker was written just before the kill
-        # is a claim of a finished tile: removed, not taken over; see below)
-        held = [c for c in claim_files(out) if before[tuple(map(int, c.split(".")))] == 0]
-        if held:
-            break
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "0", "0.4", "-",
+                             *map(str, gram_argv(tmp_path))], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "ready.0").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    # Kill while a claim of an unfinished tile is held, after two tiles are done.  Every tile
+    # sleeps 0.4 s before computing, so such a claim is held for at least 0.4 s at a time
+    # (a claim whose marker is already written belongs to a tile that has just finished: it is
+    # removed by the next opener, not taken over; see below).
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(marker_files(out)) >= 2 and unfinished_claims(out):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-1000:]
+    before = zarr.open_group(str(out), mode="r")["tiles_done"][...]
+    held = [c for c in claim_files(out) if before[tuple(map(int, c.split(".")))] == 0]
     assert held, "no claim of an unfinished tile was held when the writer was killed"
     i, j = map(int, held[0].split("."))
     with caplog.at_level("WARNING", logger="cntk_engine"):
