@@ -3,6 +3,10 @@
 // std::invalid_argument -> ValueError naming what is wrong), then launched by pair_sums(params).
 // Pointers arrive as integers (CuPy's .data.ptr, a stream's .ptr): the Python side owns memory.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <vector>
 
 #include <cstdint>
 #include <cstdio>
@@ -65,22 +69,42 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
     return "n_grids (the packed grids of a listed readout, LAP) must be in [0, H * W = " +
            str(p.H * p.W) + "]; got " + str(p.n_grids);
   if (p.device < 0) return "device must be a CUDA device ordinal >= 0; got " + str(p.device);
+  const bool stack = p.n_stages > 0;
+  if (stack) {
+    if (const char* why = cntk::unsupported_stack(p.n_stages, p.stage_h, p.stage_w,
+                                                  p.stage_layers, p.stage_pool, p.filter_size))
+      return std::string(why) + "; got " + str(p.n_stages) + " stages";
+    if (p.stage_h[0] != p.H || p.stage_w[0] != p.W)
+      return "a stack's first stage is the images' size H x W = " + str(p.H) + " x " + str(p.W) +
+             "; got " + str(p.stage_h[0]) + " x " + str(p.stage_w[0]);
+    int layers = 0;
+    for (int s = 0; s < p.n_stages; ++s) layers += p.stage_layers[s];
+    if (layers != p.L)
+      return "a stack's stages hold L = " + str(p.L) + " conv layers in all; got " + str(layers);
+    if (p.n_out != 1) return "a stack reads out one depth (n_out = 1); got " + str(p.n_out);
+    const int last = p.stage_h[p.n_stages - 1] * p.stage_w[p.n_stages - 1];
+    if (p.n_grids < 1 || p.n_grids > last)
+      return "a stack reads out 1 to " + str(last) + " listed packed grids of its last stage; got n_grids = " +
+             str(p.n_grids);
+  }
   if (p.n_pairs == 0) return {};  // nothing is read or written
   const cntk::KernelVariant& variant = cntk::kernel_variant(p.variant);
   const std::size_t t = p.dtype == cntk::Dtype::float64 ? 8 : 4;
   const std::size_t d = t * variant.diag_width;
-  const struct {
+  struct Ptr {
     const char* name;
     const void* ptr;
     std::size_t align;
-  } ptrs[] = {{"xa", p.xa, t},         {"da", p.da, d},         {"xb", p.xb, t},
-              {"db", p.db, d},         {"pair_a", p.pair_a, 4}, {"pair_b", p.pair_b, 4},
-              {"slot", p.slot, 4},     {"out", p.out, 8},       {"grids", p.grids, 4},
-              {"grid_w", p.grid_w, 8}};
-  // the last two (the listed grids and their weights) are read only by a listed readout
-  const int n_ptrs = p.n_grids > 0 ? 10 : 8;
-  for (int i = 0; i < n_ptrs; ++i) {
-    const auto& q = ptrs[i];
+  };
+  std::vector<Ptr> ptrs = {{"xa", p.xa, t},         {"da", p.da, d},
+                           {"xb", p.xb, t},         {"db", p.db, d},
+                           {"pair_a", p.pair_a, 4}, {"pair_b", p.pair_b, 4},
+                           {"slot", p.slot, 4},     {"out", p.out, 8}};
+  // the listed grids are read by a listed readout (LAP) and a stack's, the per-grid weights by
+  // the LAP, a stack's per-entry weights when given (null: uniform)
+  if (p.n_grids > 0) ptrs.push_back({"grids", p.grids, 4});
+  if (p.n_grids > 0 && !stack) ptrs.push_back({"grid_w", p.grid_w, 8});
+  for (const Ptr& q : ptrs) {
     if (q.ptr == nullptr)
       return std::string(q.name) + " is a null pointer (a device pointer is needed for " +
              str(p.n_pairs) + " pairs)";
@@ -90,6 +114,9 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
              " bytes of its elements (kernel " + variant.name + ", " +
              (t == 8 ? "float64" : "float32") + ")";
   }
+  if (stack && !aligned(p.readout_w, 8))
+    return "readout_w = " + hex(reinterpret_cast<std::uintptr_t>(p.readout_w)) +
+           " is not aligned to the 8 bytes of its float64 elements";
   return {};
 }
 
@@ -100,7 +127,9 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
                                  int64_t n_pairs, int C, int H, int W, int L, int filter_size,
                                  int n_out, double w_first, double w, double b2, bool gap,
                                  bool fix, bool same_set, std::uintptr_t grids,
-                                 std::uintptr_t grid_w, int n_grids) {
+                                 std::uintptr_t grid_w, int n_grids,
+                                 const std::vector<std::array<int, 4>>& stages,
+                                 std::uintptr_t readout_w, double readout_scale) {
   cntk::PairSumsParams p;
   p.variant = cntk::find_kernel_variant(kernel.c_str());
   if (p.variant < 0)
@@ -139,6 +168,18 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
   p.grids = pointer<const int32_t*>(grids);
   p.grid_w = pointer<const double*>(grid_w);
   p.n_grids = n_grids;
+  if (stages.size() > (std::size_t)cntk::kMaxStages)
+    throw std::invalid_argument("cntk_engine pair_sums: a stack of " + str((long long)stages.size()) +
+                                " stages; the CUDA stack kernel takes 1 to " + str(cntk::kMaxStages));
+  p.n_stages = (int)stages.size();
+  for (int s = 0; s < p.n_stages; ++s) {
+    p.stage_h[s] = stages[s][0];
+    p.stage_w[s] = stages[s][1];
+    p.stage_layers[s] = stages[s][2];
+    p.stage_pool[s] = stages[s][3];
+  }
+  p.readout_w = pointer<const double*>(readout_w);
+  p.readout_scale = readout_scale;
   const std::string why = check_pair_sums(p);
   if (!why.empty()) throw std::invalid_argument("cntk_engine pair_sums: " + why);
   return p;
@@ -162,6 +203,7 @@ std::string repr(const cntk::PairSumsParams& p) {
          "', n_pairs=" + str(p.n_pairs) + ", C=" + str(p.C) + ", H=" + str(p.H) +
          ", W=" + str(p.W) + ", L=" + str(p.L) + ", filter_size=" + str(p.filter_size) +
          ", n_out=" + str(p.n_out) + ", gap=" + flag(p.gap) + ", n_grids=" + str(p.n_grids) +
+         ", n_stages=" + str(p.n_stages) +
          ", fix=" + flag(p.fix) +
          ", same_set=" + flag(p.same_set) + ", device=" + str(p.device) + ")";
 }
@@ -180,7 +222,9 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("n_pairs"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("L"),
            py::arg("filter_size"), py::arg("n_out"), py::arg("w_first"), py::arg("w"),
            py::arg("b2"), py::arg("gap"), py::arg("fix"), py::arg("same_set"),
-           py::arg("grids") = 0, py::arg("grid_w") = 0, py::arg("n_grids") = 0)
+           py::arg("grids") = 0, py::arg("grid_w") = 0, py::arg("n_grids") = 0,
+           py::arg("stages") = std::vector<std::array<int, 4>>(), py::arg("readout_w") = 0,
+           py::arg("readout_scale") = 1.0)
       .def_property_readonly("kernel",
                              [](const cntk::PairSumsParams& p) { return cntk::kernel_variant(p.variant).name; })
       .def_property_readonly("dtype",
@@ -199,6 +243,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readonly("b2", &cntk::PairSumsParams::b2)
       .def_readonly("gap", &cntk::PairSumsParams::gap)
       .def_readonly("n_grids", &cntk::PairSumsParams::n_grids)
+      .def_readonly("n_stages", &cntk::PairSumsParams::n_stages)
+      .def_readonly("readout_scale", &cntk::PairSumsParams::readout_scale)
       .def_readonly("fix", &cntk::PairSumsParams::fix)
       .def_readonly("same_set", &cntk::PairSumsParams::same_set)
       .def_readonly("device", &cntk::PairSumsParams::device)
@@ -211,6 +257,22 @@ PYBIND11_MODULE(_cuda, m) {
           return why ? py::object(py::str(why)) : py::object(py::none());
         },
         "None if the fused kernels take this shape, else why not.");
+  m.def("unsupported_stack",
+        [](const std::vector<std::array<int, 4>>& stages, int filter_size) -> py::object {
+          int h[cntk::kMaxStages], w[cntk::kMaxStages], l[cntk::kMaxStages], pool[cntk::kMaxStages];
+          const int n = (int)stages.size();
+          for (int s = 0; s < n && s < cntk::kMaxStages; ++s) {
+            h[s] = stages[s][0];
+            w[s] = stages[s][1];
+            l[s] = stages[s][2];
+            pool[s] = stages[s][3];
+          }
+          const char* why = cntk::unsupported_stack(n, h, w, l, pool, filter_size);
+          return why ? py::object(py::str(why)) : py::object(py::none());
+        },
+        "None if the stack kernel takes these stages ((height, width, conv layers, pool) each) "
+        "with this filter size, else why not.",
+        py::arg("stages"), py::arg("filter_size"));
   m.def("kernel_variants",
         []() {
           py::list out;

@@ -13,15 +13,19 @@
 namespace cntk {
 namespace detail {
 template <int V> int launch_variant(const PairSumsParams& p);
+template <int V> int launch_stack_variant(const PairSumsParams& p);
 extern template int launch_variant<3>(const PairSumsParams& p);
 extern template int launch_variant<5>(const PairSumsParams& p);
+extern template int launch_stack_variant<3>(const PairSumsParams& p);
+extern template int launch_stack_variant<5>(const PairSumsParams& p);
 }  // namespace detail
 
 namespace {
 
 struct VariantEntry {
   KernelVariant info;
-  int (*launch)(const PairSumsParams&);
+  int (*launch)(const PairSumsParams&);        // the CNN kernel
+  int (*launch_stack)(const PairSumsParams&);  // the pooled-stack kernel
 };
 
 // One default per dtype: the fastest variant measured on a GPU for it (docs/cuda_kernels.md).
@@ -29,12 +33,12 @@ const VariantEntry kVariants[] = {
     {{"v3",
       "reads the diagonals q; per entry rsqrtf(q_x q_z) and sqrt.approx (3 MUFU per entry-layer)",
       "q", 1, /*gpu_measured=*/true, /*default_float32=*/true, /*default_float64=*/false},
-     &detail::launch_variant<3>},
+     &detail::launch_variant<3>, &detail::launch_stack_variant<3>},
     {{"v5",
       "reads per-image factors (sqrt(q/2pi), 1/sqrt(q)); per entry two products and "
       "sqrt.approx.ftz (2 MUFU per entry-layer)",
       "factors", 2, /*gpu_measured=*/true, /*default_float32=*/false, /*default_float64=*/true},
-     &detail::launch_variant<5>},
+     &detail::launch_variant<5>, &detail::launch_stack_variant<5>},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 static_assert(kNumVariants > 0, "at least one kernel variant");
@@ -57,9 +61,26 @@ const char* unsupported_shape(int H, int W, int filter_size, int n_out) {
   return nullptr;
 }
 
+const char* unsupported_stack(int n_stages, const int* h, const int* w, const int* layers,
+                              const int* pool, int filter_size) {
+  if (filter_size != 3) return "the CUDA stack kernel takes filter size 3 (the Myrtle networks'; other sizes are not compiled)";
+  if (n_stages < 1 || n_stages > kMaxStages) return "the CUDA stack kernel takes 1 to 8 stages (conv layers between two pools)";
+  for (int s = 0; s < n_stages; ++s) {
+    if (h[s] < 1 || w[s] < 1 || h[s] > 32 || w[s] > 32) return "every stage of a stack must be 1 to 32 pixels high and wide";
+    if (layers[s] < 1) return "every stage of a stack has at least one conv layer";
+    if (s + 1 < n_stages) {
+      if (pool[s] < 1 || h[s] % pool[s] != 0 || w[s] % pool[s] != 0)
+        return "the pool after a stage must be a window (= stride) >= 1 that divides the stage's height and width";
+      if (h[s + 1] != h[s] / pool[s] || w[s + 1] != w[s] / pool[s])
+        return "a stage's size must be the size of the stage before divided by that stage's pool";
+    }
+  }
+  return nullptr;
+}
+
 int launch_pair_sums(const PairSumsParams& p) {
   if (p.n_pairs == 0) return (int)cudaSuccess;
-  return kVariants[p.variant].launch(p);
+  return p.n_stages > 0 ? kVariants[p.variant].launch_stack(p) : kVariants[p.variant].launch(p);
 }
 
 const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -26,6 +26,8 @@ const KernelVariant& kernel_variant(int index);
 // The index of the variant called `name`, or -1.
 int find_kernel_variant(const char* name);
 
+constexpr int kMaxStages = 8;  // stages of a pooled stack (conv layers between two pools)
+
 // Everything one launch of the pair kernel needs (see cntk_engine/arch.py and
 // backends/base.py).  It computes, for p < n_pairs,
 //   out[p, t, 0] = sum of K, out[p, t, 1] = sum of G = Theta * Kdot at the ReLU layer l with
@@ -58,6 +60,22 @@ struct PairSumsParams {
   const int32_t* grids = nullptr;
   const double* grid_w = nullptr;
   int n_grids = 0;
+  // A pooled stack (n_stages > 0; cntk_engine/arch.py, "Pooling stacks"; the comment on top of
+  // stack_sums_kernel.cuh): stage s runs stage_layers[s] conv layers on stage_h[s] x stage_w[s]
+  // maps (stage 0: H x W), then, but after the last, an average pool of window = stride
+  // stage_pool[s] to the next stage's size.  The readout runs the last stage's packed grids listed
+  // in `grids` (n_grids, ascending), each entry (grid k, row i, column j) weighted by
+  // readout_w[k, i, j] (float64, (n_grids, H_last, W_last)), or all by 1 when readout_w is null,
+  // and the sums times readout_scale: out[p, 0, :].  n_out = 1; gap and grid_w are unused.  The
+  // diagonals da, db keep their shape (N, L, 2H, W[, 2]), layer l's rows at its stage's width:
+  // element (l, r * W_s + c) of the flattened (2H, W) for r < 2 H_s, c < W_s.
+  int n_stages = 0;
+  int stage_h[kMaxStages] = {};
+  int stage_w[kMaxStages] = {};
+  int stage_layers[kMaxStages] = {};
+  int stage_pool[kMaxStages] = {};
+  const double* readout_w = nullptr;
+  double readout_scale = 1.0;
   bool fix = false;      // first layer fixed: Theta_1 = 0
   bool same_set = false;  // A and B are the same images: ia == ib is a self pair (c := 1 on
                           // its offset-(0, 0) entries)
@@ -70,6 +88,12 @@ struct PairSumsParams {
 // Why the fused kernels cannot take images of H x W with this filter and number of readouts,
 // or nullptr if they can.
 const char* unsupported_shape(int H, int W, int filter_size, int n_out);
+
+// Why the stack kernel cannot take a stack of these stages (heights, widths, conv layers, pool
+// windows = strides; the last stage's pool is ignored) with this filter size, or nullptr if it
+// can.
+const char* unsupported_stack(int n_stages, const int* h, const int* w, const int* layers,
+                              const int* pool, int filter_size);
 
 // Launch (asynchronously, on p.stream of the current device) the variant's kernel for `p`, which
 // must have passed the binding's check (binding.cpp, check_pair_sums).  Returns the CUDA error of the launch (cudaSuccess = 0).

@@ -35,12 +35,11 @@
 // (backends/base.py, Backend.pair_sums).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <type_traits>
 
 #include "cntk_kernels.cuh"
+#include "device_compat.cuh"
 #include "relu_step.cuh"
 
 namespace cntk {
@@ -111,6 +110,98 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
   }
 }
 
+// Sum over the warp's lanes in float64 through a fixed shuffle tree (every lane gets the sums).
+__device__ __forceinline__ void warp_sum(double& dk, double& dg) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    dk += __shfl_xor_sync(0xffffffffu, dk, o);
+    dg += __shfl_xor_sync(0xffffffffu, dg, o);
+  }
+}
+
+// The per-grid steps of a layer, shared by the CNN kernel and the stack kernel
+// (stack_sums_kernel.cuh).  A warp holds one packed grid: lane = column, rows 0..HMAX-1 in
+// sig (Sigma, then K) and th (Theta, then G); H, W are the grid's (compile-time under FULL),
+// entries outside it are kept at 0.
+
+// The first conv layer: Sigma_1 = w_first box(sum_c x_c(i, j) z_c((i + dy) mod H, zc)) + b2
+// (zc: the lane's z column, (lane + dx) mod W), Theta_1 = Sigma_1, or 0 with fix.
+template <typename T, int HMAX, int R, bool FULL>
+__device__ __forceinline__ void first_conv(T (&sig)[HMAX], T (&th)[HMAX], const T* xA, const T* xB,
+                                           int C, int H, int W, int lane, int dy, int zc,
+                                           int seam_r, int seam_c, T w_first, T b2, bool fix) {
+  const int HW = H * W;
+  const bool lane_ok = FULL || lane < W;
+#pragma unroll
+  for (int i = 0; i < HMAX; ++i) {
+    T s = T(0);
+    if ((FULL || i < H) && lane_ok) {
+      int zr = i + dy;
+      if (zr >= H) zr -= H;
+      for (int c = 0; c < C; ++c) s = fma(xA[c * HW + i * W + lane], xB[c * HW + zr * W + zc], s);
+    }
+    sig[i] = s;
+    th[i] = T(0);
+  }
+  box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+#pragma unroll
+  for (int i = 0; i < HMAX; ++i) {
+    const bool ok = (FULL || i < H) && lane_ok;
+    sig[i] = ok ? fma(w_first, sig[i], b2) : T(0);
+    th[i] = fix ? T(0) : sig[i];
+  }
+}
+
+// A later conv layer, in place from the ReLU's K (sig) and G (th): Sigma = w box(K) + b2,
+// Theta = Sigma + w box(G).
+template <typename T, int HMAX, int R, bool FULL>
+__device__ __forceinline__ void next_conv(T (&sig)[HMAX], T (&th)[HMAX], int lane, int H, int W,
+                                          int seam_r, int seam_c, T w, T b2) {
+  const bool lane_ok = FULL || lane < W;
+  box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+#pragma unroll
+  for (int i = 0; i < HMAX; ++i) {
+    const bool ok = (FULL || i < H) && lane_ok;
+    sig[i] = ok ? fma(w, sig[i], b2) : T(0);
+    th[i] = ok ? fma(w, th[i], sig[i]) : T(0);
+  }
+}
+
+// The ReLU of a layer, in place: K into sig, G into th (relu_step.cuh), with the layer's
+// diagonals fx (x's, at the lane's column) and fz (z's, at row dy and column zc), rows W apart.
+template <int V, typename T, int HMAX, bool FULL>
+__device__ __forceinline__ void relu_layer(T (&sig)[HMAX], T (&th)[HMAX],
+                                           const typename Entry<V, T>::Diag* fx,
+                                           const typename Entry<V, T>::Diag* fz, int lane, int H,
+                                           int W, bool self_diag) {
+  const bool lane_ok = FULL || lane < W;
+#pragma unroll
+  for (int i = 0; i < HMAX; ++i) {
+    T kk = T(0), gg = T(0);
+    if ((FULL || i < H) && lane_ok) {
+      Entry<V, T>::step(fx[i * W], fz[i * W], sig[i], th[i], self_diag, kk, gg);
+    }
+    sig[i] = kk;
+    th[i] = gg;
+  }
+}
+
+// The sums of K and G over the grid: per lane over rows in T, then in float64 through a fixed
+// shuffle tree (every lane ends with the warp's sums).
+template <typename T, int HMAX>
+__device__ __forceinline__ void grid_sums(const T (&sig)[HMAX], const T (&th)[HMAX], double& dk,
+                                          double& dg) {
+  T rk = T(0), rg = T(0);
+#pragma unroll
+  for (int i = 0; i < HMAX; ++i) {
+    rk += sig[i];
+    rg += th[i];
+  }
+  dk = (double)rk;
+  dg = (double)rg;
+  warp_sum(dk, dg);
+}
+
 // V: the kernel variant (relu_step.cuh, Entry<V, T>); D its per-image diagonal element.
 // LISTED (the LAP readout): the warps stride over the n_listed packed grids listed in `grids`
 // (ascending), each grid's readout sums times its weight grid_w (float64) instead of over all
@@ -130,7 +221,7 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
   // FULL: H == HMAX and W == 32 at compile time, so no row or lane guards remain.
   const int H = FULL ? HMAX : H_;
   const int W = FULL ? 32 : W_;
-  extern __shared__ double part[];  // [warps][n_out][2]
+  double* part = dynamic_shared<double>();  // [warps][n_out][2]
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -142,7 +233,6 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
   // diagonals stored with their rows twice, (N, L, 2H, W), so z's rotated row i + dy needs no wrap
   const D* dA = da + (int64_t)ia * L * 2 * HW;
   const D* dB = db + (int64_t)ib * L * 2 * HW;
-  const bool lane_ok = FULL || lane < W;
 
   for (int t = threadIdx.x; t < nwarps * n_out * 2; t += blockDim.x) part[t] = 0.0;
   __syncthreads();
@@ -168,52 +258,15 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
     if (zc >= W) zc -= W;
 
     T sig[HMAX], th[HMAX];
-    // layer 1 input: channel sum of x(i, j) z((i + dy) mod H, (j + dx) mod W)
-#pragma unroll
-    for (int i = 0; i < HMAX; ++i) {
-      T s = T(0);
-      if ((FULL || i < H) && lane_ok) {
-        int zr = i + dy;
-        if (zr >= H) zr -= H;
-        for (int c = 0; c < C; ++c) s = fma(xA[c * HW + i * W + lane], xB[c * HW + zr * W + zc], s);
-      }
-      sig[i] = s;
-      th[i] = T(0);
-    }
-    box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
-#pragma unroll
-    for (int i = 0; i < HMAX; ++i) {
-      const bool ok = (FULL || i < H) && lane_ok;
-      sig[i] = ok ? fma(w_first, sig[i], b2) : T(0);
-      th[i] = fix ? T(0) : sig[i];
-    }
-
+    first_conv<T, HMAX, R, FULL>(sig, th, xA, xB, C, H, W, lane, dy, zc, seam_r, seam_c, w_first,
+                                 b2, fix);
     for (int l = 0; l < L; ++l) {
-      const D* fx = dA + l * 2 * HW + lane;
-      const D* fz = dB + l * 2 * HW + dy * W + zc;
-#pragma unroll
-      for (int i = 0; i < HMAX; ++i) {
-        T kk = T(0), gg = T(0);
-        if ((FULL || i < H) && lane_ok) {
-          Entry<V, T>::step(fx[i * W], fz[i * W], sig[i], th[i], self_diag, kk, gg);
-        }
-        sig[i] = kk;
-        th[i] = gg;
-      }
+      relu_layer<V, T, HMAX, FULL>(sig, th, dA + l * 2 * HW + lane, dB + l * 2 * HW + dy * W + zc,
+                                   lane, H, W, self_diag);
       const int t_out = slot[l];
       if (t_out >= 0) {  // warp-uniform: row sums, then a fixed shuffle tree in float64
-        T rk = T(0), rg = T(0);
-#pragma unroll
-        for (int i = 0; i < HMAX; ++i) {
-          rk += sig[i];
-          rg += th[i];
-        }
-        double dk = (double)rk, dg = (double)rg;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          dk += __shfl_xor_sync(0xffffffffu, dk, o);
-          dg += __shfl_xor_sync(0xffffffffu, dg, o);
-        }
+        double dk, dg;
+        grid_sums<T, HMAX>(sig, th, dk, dg);
         if constexpr (LISTED) {
           const double wg = grid_w[k];
           dk *= wg;
@@ -224,15 +277,7 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
           mypart[2 * t_out + 1] += dg;
         }
       }
-      if (l + 1 < L) {
-        box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
-#pragma unroll
-        for (int i = 0; i < HMAX; ++i) {
-          const bool ok = (FULL || i < H) && lane_ok;
-          sig[i] = ok ? fma(w, sig[i], b2) : T(0);
-          th[i] = ok ? fma(w, th[i], sig[i]) : T(0);
-        }
-      }
+      if (l + 1 < L) next_conv<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
     }
   }
   __syncthreads();
@@ -251,12 +296,13 @@ int launch(const PairSumsParams& p) {
   const int n_grids = LISTED ? p.n_grids : p.gap ? p.H * p.W : 1;
   const int warps = n_grids < kMaxWarps ? n_grids : kMaxWarps;
   const size_t smem = sizeof(double) * warps * p.n_out * 2;
-  pair_sums_kernel<V, T, HMAX, R, FULL, LISTED>
-      <<<(unsigned)p.n_pairs, 32 * warps, smem, reinterpret_cast<cudaStream_t>(p.stream)>>>(
-          static_cast<const T*>(p.xa), static_cast<const D*>(p.da), static_cast<const T*>(p.xb),
-          static_cast<const D*>(p.db), p.pair_a, p.pair_b, p.C, p.H, p.W, p.L, T(p.w_first),
-          T(p.w), T(p.b2), p.slot, p.n_out, p.gap, p.fix, p.same_set, p.out, p.grids, p.grid_w,
-          p.n_grids);
+  auto kernel = pair_sums_kernel<V, T, HMAX, R, FULL, LISTED>;
+  CNTK_LAUNCH(kernel, (unsigned)p.n_pairs, 32 * warps, smem,
+              reinterpret_cast<cudaStream_t>(p.stream), static_cast<const T*>(p.xa),
+              static_cast<const D*>(p.da), static_cast<const T*>(p.xb),
+              static_cast<const D*>(p.db), p.pair_a, p.pair_b, p.C, p.H, p.W, p.L, T(p.w_first),
+              T(p.w), T(p.b2), p.slot, p.n_out, p.gap, p.fix, p.same_set, p.out, p.grids,
+              p.grid_w, p.n_grids);
   return (int)cudaGetLastError();
 }
 

@@ -338,6 +338,80 @@ def test_the_extension_checks_launch_parameters_once_before_any_cuda_call(change
         ext.PairSumsParams(**dict(GOOD, **change))
 
 
+MYRTLE5_STAGES = [(32, 32, 2, 2), (16, 16, 1, 2), (8, 8, 1, 0)]
+GOOD_STACK = dict(GOOD, L=4, n_out=1, stages=MYRTLE5_STAGES, grids=2304, n_grids=64,
+                  readout_scale=1 / 4096)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(stages=[(16, 16, 2, 2), (8, 8, 2, 0)]), r"first stage is the images' size H x W = 32 x 32; got 16 x 16"),
+    (dict(L=5), r"stages hold L = 5 conv layers in all; got 4"),
+    (dict(n_out=2, L=4), r"a stack reads out one depth \(n_out = 1\); got 2"),
+    (dict(stages=[(32, 32, 2, 3), (16, 16, 2, 0)]), r"window \(= stride\) >= 1 that divides the stage's height"),
+    (dict(stages=[(32, 32, 2, 2), (15, 16, 2, 0)]), r"the size of the stage before divided by that stage's pool"),
+    (dict(stages=[(32, 32, 4, 2), (16, 16, 0, 0)]), r"every stage of a stack has at least one conv layer"),
+    (dict(stages=[(32, 32, 1, 1)] * 8 + [(32, 32, 1, 0)], L=9), r"a stack of 9 stages; the CUDA stack kernel takes 1 to 8"),
+    (dict(n_grids=65), r"1 to 64 listed packed grids of its last stage; got n_grids = 65"),
+    (dict(n_grids=0), r"1 to 64 listed packed grids"),
+    (dict(grids=0), r"grids is a null pointer"),
+    (dict(readout_w=2052), r"readout_w = 0x804 is not aligned to the 8 bytes"),
+    (dict(filter_size=5), r"the CUDA stack kernel takes filter size 3"),
+], ids=lambda v: str(v)[:40])
+def test_the_extension_checks_stack_launch_parameters(change, message):
+    ext = extension()
+    p = ext.PairSumsParams(**GOOD_STACK)
+    assert (p.n_stages, p.L, p.n_out, p.n_grids, p.readout_scale) == (3, 4, 1, 64, 1 / 4096)
+    assert "n_stages=3" in repr(p)
+    assert ext.PairSumsParams(**dict(GOOD_STACK, readout_w=4096)).n_stages == 3   # grid_w unused
+    assert ext.unsupported_stack(MYRTLE5_STAGES, 3) is None
+    assert "1 to 32 pixels" in ext.unsupported_stack([(64, 64, 1, 0)], 3)
+    assert "filter size 3" in ext.unsupported_stack(MYRTLE5_STAGES, 5)
+    with pytest.raises(ValueError, match=message):
+        ext.PairSumsParams(**dict(GOOD_STACK, **change))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stack_launch_fields_and_diagonal_layout(variant):
+    """Myrtle-5's launch: three stages, the 64 grids of the 8 x 8 stage with the one weight
+    1 / 64^2; each layer's diagonals at its stage's width, rows twice; a flatten readout lists
+    per-entry weights."""
+    extension()
+    from cntk_engine.arch import AvgPool, ConvRelu, make_architecture, readout_weights, serial
+    from cntk_engine.backends.cuda import CudaBackend, DIAG_LAYOUTS
+    from cntk_engine.diag import diag_norms
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32))
+    arch = make_architecture(architecture="myrtle5")
+    params = arch.layer_params(3, 32, 32)
+    be = CudaBackend(arch, params, "float64", kernel=variant)
+    pa = be.prepare_arrays(x, np)
+    xa, da, xb, db, ia, ib, slot, out, grids, rw = be.launch_arrays(pa, pa, np.array([0, 1]),
+                                                                    np.array([1, 1]), np)
+    f = be.launch_fields(xa, da, xb, db, ia, ib, slot, out, True, grids, rw)
+    assert f["stages"] == MYRTLE5_STAGES and rw is None and "readout_w" not in f
+    assert f["readout_scale"] == 1 / 4096 and f["n_grids"] == 64 and f["n_out"] == 1
+    np.testing.assert_array_equal(f["grids"], np.arange(64))
+    q = diag_norms(x, arch, params)
+    d = DIAG_LAYOUTS[be.variant["diag"]][0](q, np)
+    flat = da.reshape(2, 4, 2 * 32 * 32, -1)
+    for layer, (h, w) in enumerate([(32, 32), (32, 32), (16, 16), (8, 8)]):
+        rows = d[:, layer, :h, :w].reshape(2, h * w, -1)
+        np.testing.assert_array_equal(flat[:, layer, :h * w], rows)
+        np.testing.assert_array_equal(flat[:, layer, h * w:2 * h * w], rows)
+        assert np.all(flat[:, layer, 2 * h * w:] == 0)
+    # a readout with unequal weights: per-entry weights of the listed grids, R(p, p + offset)
+    flat_arch = make_architecture(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu()),
+                                  pooling="flatten")
+    be = CudaBackend(flat_arch, flat_arch.layer_params(1, 8, 8), "float32", kernel=variant)
+    g, w, scale = be.stack_readout(8, 8)
+    r = readout_weights(flat_arch, 8, 8)
+    assert scale == 1.0 and list(g) == [0] and w.shape == (1, 4, 4)
+    np.testing.assert_array_equal(w[0], np.einsum("ijij->ij", r))
+    with pytest.raises(ValueError, match="a stack's launch needs the listed grids"):
+        be.launch_fields(*be.launch_arrays(be.prepare_arrays(np.ones((1, 1, 8, 8)), np),
+                                           be.prepare_arrays(np.ones((1, 1, 8, 8)), np),
+                                           np.array([0]), np.array([0]), np)[:8], True, None, None)
+
+
 def test_the_extension_uses_no_iostreams():
     """On the H200 machine's torch image every message the binding built with std::ostringstream
     (the parameter check's, __repr__'s) crashed the process, while the same code ran elsewhere;
@@ -714,3 +788,50 @@ def test_cuda_rejects_shapes_it_cannot_take():
     with pytest.raises(ValueError, match="odd filter sizes 1, 3, 5 or 7"):
         ce.gram(np.ones((2, 1, 8, 8)), depth=3, backend="cuda", filter_size=9)
 
+
+
+# ------------------------------------------------------------------ GPU: pooled stacks (Myrtle)
+# The stack kernel (csrc/stack_sums_kernel.cuh), against numba's float64 Gram; its source is
+# also run without a GPU in tests/test_cuda_emulated.py.
+@gpu
+@pytest.mark.parametrize("arch_name", ["myrtle5", "myrtle10"])
+def test_cuda_myrtle_real_cifar_against_numba(variant, arch_name):
+    cifar, _ = real_cifar_and_mnist()
+    ref = ce.gram(cifar, architecture=arch_name, kernel="both", backend="numba", dtype="float64")
+    for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+        got = ce.gram(cifar, architecture=arch_name, kernel="both", backend="cuda", dtype=dtype)
+        for k in range(2):        # NTK, NNGP
+            assert rel(got[k], ref[k]) < tol, (variant, arch_name, dtype, k)
+
+
+@gpu
+def test_cuda_stacks_against_numba(variant):
+    from cntk_engine.arch import AvgPool, ConvRelu, serial
+    c, pool = ConvRelu(), AvgPool(2)
+    rng = np.random.default_rng(5)
+    _, mnist = real_cifar_and_mnist()
+    cases = [
+        (rng.standard_normal((3, 2, 8, 8)), dict(architecture=serial(c, c, pool, c, pool, c, pool))),
+        (rng.standard_normal((2, 1, 12, 12)), dict(architecture=serial(c, AvgPool(3), c, pool),
+                                                   pooling="flatten")),
+        (rng.standard_normal((3, 2, 6, 6)), dict(architecture=serial(c, pool, c, c), fix=True)),
+        (rng.standard_normal((2, 2, 8, 8)), dict(architecture=serial(c, pool, c), pooling="lap",
+                                                 lap_window=2, convention="neural_tangents", b_std=0.2)),
+        (rng.standard_normal((2, 3, 8, 8)), dict(architecture=serial(c, pool, c), flip=True)),
+        (mnist, dict(architecture=serial(c, pool, c, pool, c))),     # 28 -> 14 -> 7, zero windows
+    ]
+    for x, kw in cases:
+        ref = ce.gram(x, kernel="both", backend="numba", dtype="float64", **kw)
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
+            got = ce.gram(x, kernel="both", backend="cuda", dtype=dtype, **kw)
+            for k in range(2):    # NTK, NNGP
+                assert rel(got[k], ref[k]) < tol, (variant, kw, dtype, k)
+
+
+@gpu
+def test_cuda_stack_kernel_is_deterministic(variant):
+    """The pooling adds are atomic but ordered by the rounds: the same bits every run."""
+    cifar, _ = real_cifar_and_mnist()
+    a = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
+    b = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
+    assert a.tobytes() == b.tobytes()

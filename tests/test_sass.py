@@ -175,6 +175,29 @@ def test_every_variant_is_compiled_for_the_architecture(arch):
     assert len(names) == len(BUDGETS) * 2 * 20, sorted(names)
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_stack_kernel_is_compiled_per_variant_and_dtype(arch):
+    # stack_sums_kernel<V, T, R = 1, SQUARE32> (csrc/stack_sums_kernel.cuh): one per variant,
+    # dtype and image kind (32 x 32, Myrtle's, or any other size); Myrtle's float32 kernel on
+    # sm_90 without spills (nvcc 13.0: 229 (v3) and 244 (v5) registers, so one 8-warp block per SM;
+    # docs/cuda_kernels.md)
+    so, ext = installed()
+    sass_or_skip(so, ext, arch)
+    usage = sass_mix.resource_usage(so, arch)
+    names = [n for n in usage if "stack_sums_kernel" in n]
+    for kernel in BUDGETS:
+        for dtype, t in (("float32", "f"), ("float64", "d")):
+            for square in (0, 1):
+                tag = f"stack_sums_kernelILi{kernel.removeprefix('v')}E{t}Li1ELb{square}EE"
+                hits = [n for n in names if tag in n]
+                assert len(hits) == 1, f"{arch}: {kernel} {dtype} SQUARE32={square}: {hits}"
+                res = usage[hits[0]]
+                assert res["REG"] <= 255 and res["LOCAL"] == 0, (arch, kernel, dtype, square, res)
+                if arch == "sm_90" and dtype == "float32" and square:
+                    assert res["STACK"] == 0, (arch, kernel, res)
+    assert len(names) == len(BUDGETS) * 4, sorted(names)
+
+
 def test_harness_issue_figures_from_a_kernel_mix():
     mix = {"float32 k3": {"slots_per_entry_layer": 70.4375}}
     cfg = {"method": "cuda", "dtype": "float32", "size": 32, "depth": 21, "pooling": "gap"}

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from ..arch import grid_weights
+from ..arch import grid_weights, readout_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits
 
@@ -29,6 +29,7 @@ KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
 #: ``backend="cuda"`` runs it with a logged warning.  A feature leaves this table once its GPU
 #: tests (tests/test_cuda.py) have passed on a GPU.
 NOT_GPU_VERIFIED = {
+    "stack": "pooled stacks (Myrtle, AvgPool layers)",
     "lap": "the LAP readout",
     "flip": "flip-symmetrised kernels",
 }
@@ -44,6 +45,14 @@ def job_features(arch) -> set[str]:
     if arch.flip:
         used.add("flip")
     return used
+
+
+def stack_table(arch, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The stages of a pooled stack on height x width images as the stack kernel takes them:
+    (height, width, conv layers, pool window) each, pool 0 after the last (its trailing pools
+    are in the readout weights)."""
+    return [(st.height, st.width, st.n_layers, st.pool.window if st.pool else 0)
+            for st in arch.plan(height, width)[0]]
 
 
 def _extension():
@@ -180,12 +189,23 @@ class CudaBackend(Backend):
 
     @classmethod
     def unsupported(cls, arch, image_shape, dtype):
-        if arch.has_pooling:
-            return ("the CUDA kernels do not compute pooled stacks (Myrtle, AvgPool layers) yet; "
-                    "the numba backend does")
         _, h, w = image_shape
         why = _extension().unsupported_shape(h, w, arch.filter_size, len(arch.depths))
-        return None if why is None else f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"
+        if why is not None:
+            return f"{why}; got H x W = {h} x {w}, filter_size = {arch.filter_size}"
+        if arch.has_pooling:
+            stages = arch.plan(h, w)[0]
+            for st in stages[:-1]:
+                if st.pool.stride != st.pool.window:
+                    return ("the CUDA stack kernel takes pools between conv layers whose stride "
+                            f"equals their window (non-overlapping); got AvgPool({st.pool.window}, "
+                            f"stride {st.pool.stride}) after the {st.height} x {st.width} stage; "
+                            "the numba backend takes it")
+            why = _extension().unsupported_stack(stack_table(arch, h, w), arch.filter_size)
+            if why is not None:
+                return (f"{why}; got stages {stack_table(arch, h, w)}, filter_size = "
+                        f"{arch.filter_size}; the numba backend takes it")
+        return None
 
     @classmethod
     def unverified(cls, arch, image_shape, dtype):
@@ -208,7 +228,20 @@ class CudaBackend(Backend):
         q = diag_norms(xd, self.arch, self.params)     # (N, L, H, W) float64, where xd lives
         d = DIAG_LAYOUTS[self.variant["diag"]][0](q, xp)
         cast = lambda a: xp.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
-        return Prepared(cast(xd), (cast(xp.concatenate([d, d], axis=2)),))
+        if not self.arch.has_pooling:
+            return Prepared(cast(xd), (cast(xp.concatenate([d, d], axis=2)),))
+        # a stack: layer l's rows at its stage's width h_s x w_s, twice, at the start of the
+        # flattened (2H, W) (csrc/cntk_kernels.cuh, PairSumsParams)
+        n, layers, h, w = q.shape
+        tail = d.shape[4:]
+        flat = xp.zeros((n, layers, 2 * h * w) + tail, dtype=xp.float64)
+        first = 0
+        for hs, ws, nl, _ in stack_table(self.arch, h, w):
+            for l in range(first, first + nl):
+                blk = d[:, l, :hs, :ws]
+                flat[:, l, :2 * hs * ws] = xp.concatenate([blk, blk], axis=1).reshape((n, -1) + tail)
+            first += nl
+        return Prepared(cast(xd), (cast(flat.reshape((n, layers, 2 * h, w) + tail)),))
 
     def readout_slots(self) -> np.ndarray:
         """(L,) int32: the readout index t of each ReLU layer, -1 where none is read out."""
@@ -229,12 +262,42 @@ class CudaBackend(Backend):
         grids = np.flatnonzero(w).astype(np.int32)
         return grids, np.ascontiguousarray(w[grids])
 
+    def stack_readout(self, height: int, width: int):
+        """The readout of a pooled stack on height x width images: (grids, readout_w,
+        readout_scale): the last stage's packed grids g = dy * W_l + dx with a nonzero weight
+        (int32, ascending), their per-entry weights R(p, p + (dy, dx) mod (H_l, W_l)) (float64,
+        (n_grids, H_l, W_l); ``arch.readout_weights``), or None and the one weight when all
+        weights are equal (Myrtle's readout: the mean over the 8 x 8 stage)."""
+        r = readout_weights(self.arch, height, width)
+        if np.all(r == r.flat[0]):
+            hl, wl = r.shape[:2]
+            return np.arange(hl * wl, dtype=np.int32), None, float(r.flat[0])
+        hl, wl = r.shape[:2]
+        i = np.arange(hl)[None, None, :, None]
+        j = np.arange(wl)[None, None, None, :]
+        dy = np.arange(hl)[:, None, None, None]
+        dx = np.arange(wl)[None, :, None, None]
+        packed = r[i, j, (i + dy) % hl, (j + dx) % wl].reshape(hl * wl, hl, wl)
+        grids = np.flatnonzero(np.any(packed != 0, axis=(1, 2))).astype(np.int32)
+        return grids, np.ascontiguousarray(packed[grids]), 1.0
+
     def launch_params(self, xa, da, xb, db, ia, ib, slot, out, same_set: bool, device: int,
                       stream: int, grids=None, grid_w=None):
         """The extension's ``PairSumsParams`` for one launch.  The arrays are device arrays
         (anything with ``shape``, ``dtype`` and ``data.ptr``, C-contiguous); their shapes and
-        dtypes are checked here against this backend's layout, the pointers and scalars by the
-        extension (ValueError naming what is wrong either way)."""
+        dtypes are checked here against this backend's layout (:meth:`launch_fields`), the
+        pointers and scalars by the extension (ValueError naming what is wrong either way)."""
+        fields = self.launch_fields(xa, da, xb, db, ia, ib, slot, out, same_set, grids, grid_w)
+        return _extension().PairSumsParams(
+            device=device, stream=stream,
+            **{k: (v.data.ptr if hasattr(v, "shape") else v) for k, v in fields.items()})
+
+    def launch_fields(self, xa, da, xb, db, ia, ib, slot, out, same_set: bool, grids=None,
+                      grid_w=None) -> dict:
+        """The fields of the extension's ``PairSumsParams`` for one launch, named as it names
+        them: the arrays themselves (checked here: shape and dtype, ValueError naming what is
+        wrong) and the scalars.  Also what the host emulation of the kernels runs
+        (tests/cuda_sim.py)."""
         n_a, c, h, w = xa.shape
         n_b = xb.shape[0]
         n_pairs = ia.shape[0]
@@ -249,6 +312,8 @@ class CudaBackend(Backend):
             "ia": (ia, (n_pairs,), np.int32), "ib": (ib, (n_pairs,), np.int32),
             "slot": (slot, (layers,), np.int32), "out": (out, (n_pairs, n_out, 2), np.float64),
         }
+        if self.arch.has_pooling:
+            return self._stack_fields(expected, grids, grid_w, same_set)
         listed = self.listed_grids(h, w)
         if (grids is None) != (listed is None) or (grids is None) != (grid_w is None):
             raise ValueError(f"CUDA kernel {self.kernel}: grids and grid_w are needed for the "
@@ -257,34 +322,75 @@ class CudaBackend(Backend):
             n_grids = listed[0].size
             expected["grids"] = (grids, (n_grids,), np.int32)
             expected["grid_w"] = (grid_w, (n_grids,), np.float64)
+        self._check_arrays(expected, f"diagonal layout {layout!r}")
+        p = self.params
+        return dict(
+            kernel=self.kernel, dtype=self.dtype.name, xa=xa, da=da, xb=xb, db=db, pair_a=ia,
+            pair_b=ib, slot=slot, out=out, n_pairs=n_pairs, C=c, H=h, W=w, L=layers,
+            filter_size=self.arch.filter_size, n_out=n_out, w_first=p.w_first, w=p.w, b2=p.b2,
+            gap=self.arch.pooling == "gap", fix=bool(self.arch.fix), same_set=bool(same_set),
+            **({} if grids is None else dict(grids=grids, grid_w=grid_w,
+                                             n_grids=int(grids.shape[0]))))
+
+    def _check_arrays(self, expected: dict, context: str) -> None:
+        """ValueError naming the first array of ``expected`` ({name: (array, shape, dtype)})
+        whose shape or dtype is not the one given."""
         for name, (a, shape, dtype) in expected.items():
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
                 raise ValueError(
                     f"CUDA kernel {self.kernel}: {name} must be {np.dtype(dtype).name} of shape "
-                    f"{shape} (diagonal layout {layout!r}); got {np.dtype(a.dtype).name} "
-                    f"{tuple(a.shape)}")
+                    f"{shape} ({context}); got {np.dtype(a.dtype).name} {tuple(a.shape)}")
+
+    def _stack_fields(self, expected: dict, grids, readout_w, same_set: bool) -> dict:
+        """``launch_fields`` of a pooled stack: ``grids`` the last stage's listed grids and
+        ``readout_w`` their per-entry weights or None (:meth:`stack_readout`)."""
+        xa = expected["xa"][0]
+        _, c, h, w = xa.shape
+        want_grids, want_w, scale = self.stack_readout(h, w)
+        if grids is None or (readout_w is None) != (want_w is None):
+            raise ValueError(f"CUDA kernel {self.kernel}: a stack's launch needs the listed "
+                             "grids of its last stage, and per-entry readout weights exactly "
+                             "when they are not all equal (CudaBackend.stack_readout)")
+        expected["grids"] = (grids, want_grids.shape, np.int32)
+        if want_w is not None:
+            expected["readout_w"] = (readout_w, want_w.shape, np.float64)
+        self._check_arrays(expected, f"diagonal layout {self.variant['diag']!r}, a stack")
         p = self.params
-        return _extension().PairSumsParams(
-            device=device, stream=stream, kernel=self.kernel, dtype=self.dtype.name,
-            xa=xa.data.ptr, da=da.data.ptr, xb=xb.data.ptr, db=db.data.ptr,
-            pair_a=ia.data.ptr, pair_b=ib.data.ptr, slot=slot.data.ptr, out=out.data.ptr,
-            n_pairs=n_pairs, C=c, H=h, W=w, L=layers, filter_size=self.arch.filter_size,
-            n_out=n_out, w_first=p.w_first, w=p.w, b2=p.b2, gap=self.arch.pooling == "gap",
-            fix=bool(self.arch.fix), same_set=bool(same_set),
-            **({} if grids is None else dict(grids=grids.data.ptr, grid_w=grid_w.data.ptr,
-                                             n_grids=int(grids.shape[0]))))
+        fields = dict(
+            kernel=self.kernel, dtype=self.dtype.name, xa=xa, da=expected["da"][0],
+            xb=expected["xb"][0], db=expected["db"][0], pair_a=expected["ia"][0],
+            pair_b=expected["ib"][0], slot=expected["slot"][0], out=expected["out"][0],
+            n_pairs=expected["ia"][0].shape[0], C=c, H=h, W=w,
+            L=self.arch.n_layers, filter_size=self.arch.filter_size, n_out=1,
+            w_first=p.w_first, w=p.w, b2=p.b2, gap=True, fix=bool(self.arch.fix),
+            same_set=bool(same_set), grids=grids, n_grids=int(grids.shape[0]),
+            stages=stack_table(self.arch, h, w), readout_scale=scale)
+        if readout_w is not None:
+            fields["readout_w"] = readout_w
+        return fields
+
+    def launch_arrays(self, a: Prepared, b: Prepared, ia, ib, xp) -> tuple:
+        """(xa, da, xb, db, ia, ib, slot, out, grids, grid_w): the arrays of a launch for the
+        pairs (a[ia], b[ib]), contiguous, where ``xp`` (CuPy; NumPy for the host emulation)
+        keeps them; ``out`` uninitialised; grids and grid_w None but for the LAP readout."""
+        xa, da = xp.ascontiguousarray(a.images), xp.ascontiguousarray(a.diag[0])
+        xb, db = xp.ascontiguousarray(b.images), xp.ascontiguousarray(b.diag[0])
+        ia = xp.ascontiguousarray(ia, dtype=xp.int32)
+        ib = xp.ascontiguousarray(ib, dtype=xp.int32)
+        slot = xp.asarray(self.readout_slots())
+        if self.arch.has_pooling:     # grid_w: the stack's per-entry readout weights, or None
+            g, rw, _ = self.stack_readout(*xa.shape[2:])
+            grids, grid_w = xp.asarray(g), (None if rw is None else xp.asarray(rw))
+        else:
+            listed = self.listed_grids(*xa.shape[2:])
+            grids, grid_w = (None, None) if listed is None else (xp.asarray(v) for v in listed)
+        out = xp.empty((int(ia.size), len(self.arch.depths), 2), dtype=xp.float64)
+        return xa, da, xb, db, ia, ib, slot, out, grids, grid_w
 
     def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool):
         import cupy
         # named, so that every array outlives the (asynchronous) launch's enqueueing
-        xa, da = cupy.ascontiguousarray(a.images), cupy.ascontiguousarray(a.diag[0])
-        xb, db = cupy.ascontiguousarray(b.images), cupy.ascontiguousarray(b.diag[0])
-        ia = cupy.ascontiguousarray(ia, dtype=cupy.int32)
-        ib = cupy.ascontiguousarray(ib, dtype=cupy.int32)
-        slot = cupy.asarray(self.readout_slots())
-        listed = self.listed_grids(*xa.shape[2:])
-        grids, grid_w = (None, None) if listed is None else (cupy.asarray(v) for v in listed)
-        out = cupy.empty((int(ia.size), len(self.arch.depths), 2), dtype=cupy.float64)
+        xa, da, xb, db, ia, ib, slot, out, grids, grid_w = self.launch_arrays(a, b, ia, ib, cupy)
         params = self.launch_params(xa, da, xb, db, ia, ib, slot, out, same_set,
                                     device=cupy.cuda.Device().id,
                                     stream=cupy.cuda.get_current_stream().ptr,

@@ -1,0 +1,107 @@
+"""The CUDA kernels' source, run without a GPU in the host emulation (tests/cuda_sim.py,
+csrc/host_simt.h), against the numba backend: the CNN kernel (gap, flatten, LAP, flips) and the
+pooled-stack kernel (Myrtle-5 on real CIFAR-10 images, stacks with odd pooled sizes, pools of 3,
+flatten readouts, MNIST's zero-variance windows).  ``backend="cuda"`` runs whole jobs here:
+the scheduler, the backend's array layouts and launch fields, and the kernels' algorithms with
+their shuffles, barriers, rounds and readout order; what only a GPU runs (the binding's launch,
+CuPy, the device's instructions) is tested in tests/test_cuda.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cntk_engine as ce
+from cntk_engine.arch import AvgPool, ConvRelu, serial
+
+from cuda_sim import build, emulate_cuda
+from test_cuda import extension, real_cifar_and_mnist
+
+TOL = {"float32": 1e-5, "float64": 1e-12}
+C, POOL = ConvRelu(), AvgPool(2)
+
+
+@pytest.fixture(scope="module")
+def kernel_sim(tmp_path_factory):
+    exe = build(tmp_path_factory.mktemp("kernel_sim"))
+    if exe is None:
+        pytest.skip("no host C++ compiler (g++) to build csrc/kernel_sim.cpp")
+    return exe
+
+
+@pytest.fixture
+def emulated(monkeypatch, kernel_sim, request):
+    extension()             # the backend's shape rules and variant table come from the extension
+    emulate_cuda(monkeypatch, kernel_sim)
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", request.param)
+    return request.param
+
+
+def grams(x, y=None, **kw):
+    """(emulated cuda, numba) Grams: NTK and NNGP (of every depth) stacked."""
+    out = []
+    for backend in ("cuda", "numba"):
+        g = ce.gram(x, y, backend=backend, kernel="both", **kw)     # (ntk, nngp) or {depth: ...}
+        out.append(np.stack([np.stack(g[d]) for d in sorted(g)]) if isinstance(g, dict) else np.stack(g))
+    return out
+
+
+def check(x, y=None, dtype="float32", **kw):
+    a, b = grams(x, y, dtype=dtype, **kw)
+    assert np.all(np.isfinite(a))
+    err = np.max(np.abs(a - b)) / np.max(np.abs(b))
+    assert err < TOL[dtype], (err, kw)
+
+
+CNN_CASES = {
+    "gap_fix": ((3, 2, 8, 8), dict(depth=3, fix=True)),
+    "flatten_two_depths": ((3, 3, 8, 6), dict(depths=[2, 4], pooling="flatten")),
+    "lap": ((3, 1, 10, 10), dict(depth=3, pooling="lap", lap_window=3)),
+    "flip_bias": ((2, 3, 8, 8), dict(depth=3, flip=True, convention="neural_tangents", b_std=0.3)),
+    "filter5": ((2, 2, 9, 7), dict(depth=3, filter_size=5)),
+}
+
+
+STACK_CASES = {
+    "one_pool": ((3, 2, 8, 8), dict(architecture=serial(C, POOL, C))),
+    "three_pools_trailing": ((3, 3, 8, 8), dict(architecture=serial(C, C, POOL, C, POOL, C, POOL))),
+    "pool3_flatten": ((2, 1, 12, 12), dict(architecture=serial(C, AvgPool(3), C, POOL),
+                                           pooling="flatten")),
+    "odd_pooled_size_fix": ((3, 2, 6, 6), dict(architecture=serial(C, POOL, C, C), fix=True)),
+    "lap_bias": ((2, 2, 8, 8), dict(architecture=serial(C, POOL, C), pooling="lap", lap_window=2,
+                                    convention="neural_tangents", b_std=0.2)),
+    "flip": ((2, 3, 8, 8), dict(architecture=serial(C, POOL, C), flip=True)),
+}
+
+
+@pytest.mark.parametrize("emulated", ["v3", "v5"], indirect=True)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(CNN_CASES) + list(STACK_CASES))
+def test_emulated_kernels_match_numba(emulated, dtype, case):
+    """The CNN kernel (CNN_CASES) and the stack kernel (STACK_CASES) on random images."""
+    shape, kw = {**CNN_CASES, **STACK_CASES}[case]
+    check(np.random.default_rng(len(case)).standard_normal(shape), dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("emulated", ["v5"], indirect=True)
+def test_emulated_stack_kernel_cross_gram_and_duplicates(emulated):
+    """gram(x, y) (no self pairs but the duplicated image's) through the stack kernel."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2, 8, 8))
+    y = np.concatenate([rng.standard_normal((1, 2, 8, 8)), x[1:2]])
+    check(x, y, architecture=serial(C, POOL, C, POOL))
+
+
+@pytest.mark.parametrize("emulated", ["v3"], indirect=True)
+def test_emulated_myrtle5_real_cifar(emulated):
+    """Myrtle-5 (32 x 32 -> 16 -> 8, the guard-free 32 x 32 stage) on two CIFAR-10 images."""
+    cifar, _ = real_cifar_and_mnist()
+    check(cifar[:2], architecture="myrtle5")
+
+
+@pytest.mark.parametrize("emulated", ["v5"], indirect=True)
+def test_emulated_stack_real_mnist_zero_windows(emulated):
+    """28 x 28 MNIST digits (blank margins: zero-variance windows) and an all-zero image through
+    28 -> 14 -> 7 (an odd pooled size: one grid per round along each axis at the second pool)."""
+    _, mnist = real_cifar_and_mnist()
+    x = np.concatenate([mnist[:1], np.zeros_like(mnist[:1])])
+    check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64")
