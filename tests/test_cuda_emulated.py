@@ -105,3 +105,43 @@ def test_emulated_stack_real_mnist_zero_windows(emulated):
     _, mnist = real_cifar_and_mnist()
     x = np.concatenate([mnist[:1], np.zeros_like(mnist[:1])])
     check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64")
+
+
+EMULATOR_PROBE = r"""
+#include <cstdio>
+#include "host_simt.h"
+int main(int argc, char**) {
+  int sums[64];
+  simt::launch(dim3(2), dim3(64), 0, [&] {
+    int v = threadIdx.x + 100 * blockIdx.x;
+    if (argc > 1 && threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);  // divergent
+    v += __shfl_down_sync(0xffffffffu, v, 16);  // lanes 16..31 keep their own value twice
+    __syncthreads();
+    if (blockIdx.x == 1) sums[threadIdx.x] = v;
+  });
+  for (int t = 0; t < 64; ++t) std::printf("%d ", sums[t]);
+  return 0;
+}
+"""
+
+
+def test_the_emulator_shuffles_and_reports_divergence(tmp_path):
+    """host_simt.h itself: shuffle semantics, blocks, and a divergent shuffle reported (a
+    deadlock), not computed."""
+    import shutil
+    import subprocess
+    from cuda_sim import ROOT
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "probe.cpp").write_text(EMULATOR_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(tmp_path / "probe.cpp"),
+                    "-o", str(tmp_path / "probe")], check=True)
+    ok = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
+    t = np.arange(64)
+    lane = t % 32
+    v = t + 100
+    want = np.where(lane < 16, v + v + 16, 2 * v)
+    assert [int(s) for s in ok.stdout.split()] == want.tolist()
+    bad = subprocess.run([str(tmp_path / "probe"), "divergent"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "deadlock" in bad.stderr, (bad.returncode, bad.stderr)
