@@ -82,6 +82,12 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
     if (layers != p.L)
       return "a stack's stages hold L = " + str(p.L) + " conv layers in all; got " + str(layers);
     if (p.n_out != 1) return "a stack reads out one depth (n_out = 1); got " + str(p.n_out);
+    if (p.stack_blocks_per_sm < 0 || p.stack_blocks_per_sm > 2)
+      return "stack_blocks_per_sm must be 0 (the default), 1 or 2; got " + str(p.stack_blocks_per_sm);
+    if (p.stack_blocks_per_sm == 2 && (p.dtype != cntk::Dtype::float32 || p.H != 32 || p.W != 32))
+      return "stack_blocks_per_sm = 2 (the two-block candidate) is compiled for 32 x 32 images in "
+             "float32 only; got " + str(p.H) + " x " + str(p.W) + " in " +
+             (p.dtype == cntk::Dtype::float64 ? "float64" : "float32");
     const int last = p.stage_h[p.n_stages - 1] * p.stage_w[p.n_stages - 1];
     if (p.n_grids < 1 || p.n_grids > last)
       return "a stack reads out 1 to " + str(last) + " listed packed grids of its last stage; got n_grids = " +
@@ -129,7 +135,8 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
                                  bool fix, bool same_set, std::uintptr_t grids,
                                  std::uintptr_t grid_w, int n_grids,
                                  const std::vector<std::array<int, 4>>& stages,
-                                 std::uintptr_t readout_w, double readout_scale) {
+                                 std::uintptr_t readout_w, double readout_scale,
+                                 int stack_blocks_per_sm) {
   cntk::PairSumsParams p;
   p.variant = cntk::find_kernel_variant(kernel.c_str());
   if (p.variant < 0)
@@ -180,6 +187,7 @@ cntk::PairSumsParams make_params(int device, std::uintptr_t stream, const std::s
   }
   p.readout_w = pointer<const double*>(readout_w);
   p.readout_scale = readout_scale;
+  p.stack_blocks_per_sm = stack_blocks_per_sm;
   const std::string why = check_pair_sums(p);
   if (!why.empty()) throw std::invalid_argument("cntk_engine pair_sums: " + why);
   return p;
@@ -224,7 +232,7 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("b2"), py::arg("gap"), py::arg("fix"), py::arg("same_set"),
            py::arg("grids") = 0, py::arg("grid_w") = 0, py::arg("n_grids") = 0,
            py::arg("stages") = std::vector<std::array<int, 4>>(), py::arg("readout_w") = 0,
-           py::arg("readout_scale") = 1.0)
+           py::arg("readout_scale") = 1.0, py::arg("stack_blocks_per_sm") = 0)
       .def_property_readonly("kernel",
                              [](const cntk::PairSumsParams& p) { return cntk::kernel_variant(p.variant).name; })
       .def_property_readonly("dtype",
@@ -245,6 +253,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readonly("n_grids", &cntk::PairSumsParams::n_grids)
       .def_readonly("n_stages", &cntk::PairSumsParams::n_stages)
       .def_readonly("readout_scale", &cntk::PairSumsParams::readout_scale)
+      .def_readonly("stack_blocks_per_sm", &cntk::PairSumsParams::stack_blocks_per_sm)
       .def_readonly("fix", &cntk::PairSumsParams::fix)
       .def_readonly("same_set", &cntk::PairSumsParams::same_set)
       .def_readonly("device", &cntk::PairSumsParams::device)

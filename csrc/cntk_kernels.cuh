@@ -76,6 +76,10 @@ struct PairSumsParams {
   int stage_pool[kMaxStages] = {};
   const double* readout_w = nullptr;
   double readout_scale = 1.0;
+  // The stack kernel's register budget: 0 or 1 = the default (no spills: one 8-warp block per
+  // multiprocessor for 32 x 32 images), 2 = the candidate compiled for two blocks (spills; 32 x 32
+  // images in float32 only), to be timed against each other on a GPU (docs/cuda_kernels.md).
+  int stack_blocks_per_sm = 0;
   bool fix = false;      // first layer fixed: Theta_1 = 0
   bool same_set = false;  // A and B are the same images: ia == ib is a self pair (c := 1 on
                           // its offset-(0, 0) entries)

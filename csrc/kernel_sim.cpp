@@ -92,6 +92,7 @@ int main(int argc, char** argv) {
   p.same_set = num("same_set", 0) != 0;
   p.readout_w = static_cast<const double*>(ptr("readout_w"));
   p.readout_scale = num("readout_scale", 1.0);
+  p.stack_blocks_per_sm = (int)num("stack_blocks_per_sm", 0);
   if (scalars.count("stages")) {
     const char* t = scalars["stages"].c_str();
     int n = 0, used = 0;

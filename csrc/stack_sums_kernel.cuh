@@ -223,9 +223,12 @@ __device__ __forceinline__ void stage(const PairSumsParams& p, const StackPair<V
 
 // Persistent blocks: block b computes pairs b, b + gridDim.x, ...; `scratch` holds per block
 // the pooled inputs of the stages, ping-pong: stage s >= 1 reads part (s - 1) % 2 of the
-// block's `per_block` elements (part 1 starts at `part1`).
-template <int V, typename T, int R, bool SQUARE32>
-__global__ void __launch_bounds__(32 * kStackWarps)
+// block's `per_block` elements (part 1 starts at `part1`).  MINB: blocks per multiprocessor the
+// register allocation must allow (__launch_bounds__): 1, or 2 for the candidate of the 32 x 32
+// float32 kernel that trades spills for two blocks (PairSumsParams::stack_blocks_per_sm; the
+// same instructions in the same order, so the same bits).
+template <int V, typename T, int R, bool SQUARE32, int MINB = 1>
+__global__ void __launch_bounds__(32 * kStackWarps, MINB)
 stack_sums_kernel(const PairSumsParams p, T* __restrict__ scratch, int64_t per_block,
                   int64_t part1) {
   using D = typename Entry<V, T>::Diag;
@@ -292,9 +295,9 @@ inline void stack_scratch(const PairSumsParams& p, int64_t* per_block, int64_t* 
   *per_block = size[0] + size[1];
 }
 
-template <int V, typename T, int R, bool SQUARE32>
+template <int V, typename T, int R, bool SQUARE32, int MINB = 1>
 int launch_stack(const PairSumsParams& p) {
-  auto kernel = stack_sums_kernel<V, T, R, SQUARE32>;
+  auto kernel = stack_sums_kernel<V, T, R, SQUARE32, MINB>;
   const int threads = 32 * kStackWarps;
   const size_t smem = sizeof(double) * kStackWarps * 2;
   int dev = 0, sms = 0, per_sm = 0;
@@ -325,6 +328,8 @@ int launch_stack(const PairSumsParams& p) {
 template <int V>
 int launch_stack_variant(const PairSumsParams& p) {
   const bool square32 = p.H == 32 && p.W == 32;
+  if (p.stack_blocks_per_sm == 2)  // checked: float32, 32 x 32
+    return launch_stack<V, float, 1, true, 2>(p);
   if (p.dtype == Dtype::float64)
     return square32 ? launch_stack<V, double, 1, true>(p) : launch_stack<V, double, 1, false>(p);
   return square32 ? launch_stack<V, float, 1, true>(p) : launch_stack<V, float, 1, false>(p);

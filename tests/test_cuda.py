@@ -356,6 +356,8 @@ GOOD_STACK = dict(GOOD, L=4, n_out=1, stages=MYRTLE5_STAGES, grids=2304, n_grids
     (dict(grids=0), r"grids is a null pointer"),
     (dict(readout_w=2052), r"readout_w = 0x804 is not aligned to the 8 bytes"),
     (dict(filter_size=5), r"the CUDA stack kernel takes filter size 3"),
+    (dict(stack_blocks_per_sm=3), r"stack_blocks_per_sm must be 0 \(the default\), 1 or 2; got 3"),
+    (dict(stack_blocks_per_sm=2, dtype="float64"), r"compiled for 32 x 32 images in float32 only; got 32 x 32 in float64"),
 ], ids=lambda v: str(v)[:40])
 def test_the_extension_checks_stack_launch_parameters(change, message):
     ext = extension()
@@ -363,6 +365,7 @@ def test_the_extension_checks_stack_launch_parameters(change, message):
     assert (p.n_stages, p.L, p.n_out, p.n_grids, p.readout_scale) == (3, 4, 1, 64, 1 / 4096)
     assert "n_stages=3" in repr(p)
     assert ext.PairSumsParams(**dict(GOOD_STACK, readout_w=4096)).n_stages == 3   # grid_w unused
+    assert ext.PairSumsParams(**dict(GOOD_STACK, stack_blocks_per_sm=2)).stack_blocks_per_sm == 2
     assert ext.unsupported_stack(MYRTLE5_STAGES, 3) is None
     assert "1 to 32 pixels" in ext.unsupported_stack([(64, 64, 1, 0)], 3)
     assert "filter size 3" in ext.unsupported_stack(MYRTLE5_STAGES, 5)
@@ -388,6 +391,7 @@ def test_stack_launch_fields_and_diagonal_layout(variant):
                                                                     np.array([1, 1]), np)
     f = be.launch_fields(xa, da, xb, db, ia, ib, slot, out, True, grids, rw)
     assert f["stages"] == MYRTLE5_STAGES and rw is None and "readout_w" not in f
+    assert f["stack_blocks_per_sm"] == 0
     assert f["readout_scale"] == 1 / 4096 and f["n_grids"] == 64 and f["n_out"] == 1
     np.testing.assert_array_equal(f["grids"], np.arange(64))
     q = diag_norms(x, arch, params)
@@ -829,9 +833,24 @@ def test_cuda_stacks_against_numba(variant):
 
 
 @gpu
-def test_cuda_stack_kernel_is_deterministic(variant):
-    """The pooling adds are atomic but ordered by the rounds: the same bits every run."""
+def test_cuda_stack_kernel_is_deterministic(variant, monkeypatch):
+    """The pooling adds are atomic but ordered by the rounds: the same bits every run, and with
+    the two-block candidate (the same instructions, other registers)."""
     cifar, _ = real_cifar_and_mnist()
     a = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
     b = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
-    assert a.tobytes() == b.tobytes()
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_STACK_BLOCKS", "2")
+    c = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
+    assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_stack_blocks_environment_variable(monkeypatch):
+    from cntk_engine.backends.cuda import STACK_BLOCKS_ENV, stack_blocks_per_sm
+    monkeypatch.delenv(STACK_BLOCKS_ENV, raising=False)
+    assert stack_blocks_per_sm() == 0
+    for v, want in (("1", 1), (" 2 ", 2), ("", 0)):
+        monkeypatch.setenv(STACK_BLOCKS_ENV, v)
+        assert stack_blocks_per_sm() == want
+    monkeypatch.setenv(STACK_BLOCKS_ENV, "4")
+    with pytest.raises(ValueError, match=r"CNTK_ENGINE_CUDA_STACK_BLOCKS='4': accepted 1 \(the default\) or 2"):
+        stack_blocks_per_sm()

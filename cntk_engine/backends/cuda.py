@@ -22,6 +22,21 @@ from ..diag import diag_norms
 from .base import Backend, Prepared, Traits
 
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
+#: The stack kernel's register budget for 32 x 32 float32 stacks (Myrtle): unset or 1 = the
+#: default (no spills, one 8-warp block per multiprocessor), 2 = the candidate compiled for two
+#: blocks (spills); the same bits either way.  For timing the two on a GPU
+#: (tools/gpu/gpu_session.sh, phase stack_blocks; docs/cuda_kernels.md).
+STACK_BLOCKS_ENV = "CNTK_ENGINE_CUDA_STACK_BLOCKS"
+
+
+def stack_blocks_per_sm() -> int:
+    """The stack kernel's blocks per multiprocessor from $CNTK_ENGINE_CUDA_STACK_BLOCKS: 0 (unset:
+    the default), 1 or 2; ValueError naming the accepted values otherwise."""
+    v = os.environ.get(STACK_BLOCKS_ENV, "").strip()
+    if v in ("", "1", "2"):
+        return int(v or 0)
+    raise ValueError(f"environment variable {STACK_BLOCKS_ENV}={v!r}: accepted 1 (the default) or 2 "
+                     "(the two-block candidate of the 32 x 32 float32 stack kernel)")
 
 #: What the CUDA backend computes that has not run on a GPU yet, by feature of a job
 #: (docs/cuda_kernels.md, "Not run on a GPU yet", lists what a GPU run must check):
@@ -364,7 +379,8 @@ class CudaBackend(Backend):
             L=self.arch.n_layers, filter_size=self.arch.filter_size, n_out=1,
             w_first=p.w_first, w=p.w, b2=p.b2, gap=True, fix=bool(self.arch.fix),
             same_set=bool(same_set), grids=grids, n_grids=int(grids.shape[0]),
-            stages=stack_table(self.arch, h, w), readout_scale=scale)
+            stages=stack_table(self.arch, h, w), readout_scale=scale,
+            stack_blocks_per_sm=stack_blocks_per_sm())
         if readout_w is not None:
             fields["readout_w"] = readout_w
         return fields

@@ -9,9 +9,10 @@
 #   OUT=/tmp/o bash tools/gpu/gpu_session.sh --cpu-dry-run [--nt-python PY] [--paper-code F]
 #
 # Options [defaults]:
-#   --phases LIST     comma list of install,tests,sanitizer,sass,bench,paper,nt,summary and the
-#                     optional ncu (Nsight Compute profiles), bench_cuda (bench/bench_cuda.py)
-#                     [install,tests,sanitizer,sass,bench,paper,nt,summary]
+#   --phases LIST     comma list of install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,
+#                     summary and the optional ncu (Nsight Compute profiles), bench_cuda
+#                     (bench/bench_cuda.py) [install,tests,sanitizer,sass,bench,stack_blocks,
+#                     paper,nt,summary]; stack_blocks: bench/bench_stack_blocks.py
 #   --deadline S      seconds for the whole script [540; 1200 with --cpu-dry-run].  Each phase
 #                     runs under `timeout` with its own limit, cut to what is left before the
 #                     deadline less 25 s kept for the summary; a phase that would get less than
@@ -49,7 +50,7 @@ set -uo pipefail
 
 REPO=$(pwd)
 PY=python3
-PHASES=install,tests,sanitizer,sass,bench,paper,nt,summary
+PHASES=install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,summary
 DEADLINE=""
 WHEELS=""
 PAPER=""
@@ -73,8 +74,8 @@ while [ $# -gt 0 ]; do
 done
 for p in ${PHASES//,/ }; do
   case "$p" in
-    install|tests|sanitizer|sass|bench|paper|nt|summary|ncu|bench_cuda) ;;
-    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,sass,bench,paper,nt,summary,ncu,bench_cuda)"; exit 2 ;;
+    install|tests|sanitizer|sass|bench|stack_blocks|paper|nt|summary|ncu|bench_cuda) ;;
+    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,summary,ncu,bench_cuda)"; exit 2 ;;
   esac
 done
 case "$DEADLINE" in
@@ -261,12 +262,19 @@ phase_ncu() {
   return $rc
 }
 
+phase_stack_blocks() {   # the stack kernel's two register budgets, Myrtle-5/10 float32
+  local why
+  why=$("$PY" -P -c "import cntk_engine as ce; print(ce.available_backends()['cuda'] or '')") || return 1
+  [ -n "$why" ] && skip "the cuda backend cannot run here: $why"
+  "$PY" -P bench/bench_stack_blocks.py --out "$OUT" --n 128
+}
+
 phase_bench_cuda() {
   "$PY" -P bench/bench_cuda.py --out "$OUT" --n 256 --n64 64
 }
 
 export -f phase_install phase_tests phase_sanitizer phase_sass phase_bench phase_paper phase_nt phase_ncu \
-  phase_bench_cuda
+  phase_bench_cuda phase_stack_blocks
 
 run_phase() {   # NAME MIN_SECONDS MAX_SECONDS
   local name=$1 min=$2 max=$3 left limit t rc status reason
@@ -314,6 +322,7 @@ run_phase tests 30 150
 run_phase sanitizer 20 90
 run_phase sass 10 90
 run_phase bench 30 150
+run_phase stack_blocks 20 60
 run_phase paper 20 90
 run_phase nt 30 180
 run_phase ncu 30 120

@@ -1,0 +1,79 @@
+"""The CUDA stack kernel's two register budgets, timed side by side on one GPU (Myrtle, float32).
+
+    python bench/bench_stack_blocks.py [--n 128] [--architectures myrtle5,myrtle10] [--out DIR]
+
+The 32 x 32 float32 stack kernel compiles without spills at ~230 registers (one 8-warp block
+per multiprocessor); a candidate compiled for two blocks (128 registers, with spills) is
+selected by CNTK_ENGINE_CUDA_STACK_BLOCKS=2 (docs/cuda_kernels.md).  For every kernel variant
+and architecture: unique pairs/s of a symmetric Gram of N random 32x32x3 images with each
+budget (median of repeats after a warm-up, synchronised), and whether the two Grams are equal
+bit for bit (they run the same instructions in the same order).  Writes
+stack_blocks_<GPU>_<date>.json into --out.  Without a usable CUDA backend it says why and
+writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.common import (RESULTS, choice_list, gpu_info, gpu_sync, int_at_least, machine,  # noqa: E402
+                          median_time, result_header, utc_date, write_json)
+
+ENV = "CNTK_ENGINE_CUDA_STACK_BLOCKS"
+
+
+def main(argv=None):
+    import cntk_engine as ce
+    from cntk_engine.backends.cuda import KERNEL_ENV, kernel_variants
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int_at_least(2), default=128)
+    ap.add_argument("--architectures", type=choice_list(["myrtle5", "myrtle7", "myrtle10"]),
+                    default="myrtle5,myrtle10")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    why = ce.available_backends()["cuda"]
+    if why is not None:
+        print(f"bench_stack_blocks: the cuda backend cannot run here: {why}")
+        return 0
+    import cupy
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((args.n, 3, 32, 32)))
+    pairs = args.n * (args.n + 1) // 2
+    rows = []
+    for variant in (v["name"] for v in kernel_variants()):
+        os.environ[KERNEL_ENV] = variant
+        for arch in args.architectures:
+            grams = {}
+            for blocks in ("1", "2"):
+                os.environ[ENV] = blocks
+
+                def run():
+                    grams[blocks] = ce.gram(x, architecture=arch, backend="cuda", dtype="float32")
+                    gpu_sync()
+                sec, times = median_time(run, repeats=args.repeats, warmup=1)
+                rows.append({"kernel": variant, "architecture": arch, "blocks_per_sm": int(blocks),
+                             "n": args.n, "seconds": sec, "times": times,
+                             "unique_pairs_per_s": pairs / sec})
+                print(f"{variant} {arch} blocks/SM {blocks}: {pairs / sec:10.1f} unique pairs/s", flush=True)
+            same = bool(cupy.asnumpy(grams["1"]).tobytes() == cupy.asnumpy(grams["2"]).tobytes())
+            rows[-1]["bit_identical_to_blocks_1"] = same
+            print(f"{variant} {arch}: the two Grams are {'' if same else 'NOT '}bit-identical", flush=True)
+    os.environ.pop(ENV, None)
+    info = gpu_info() or {"name": "unknown GPU"}
+    payload = {**result_header(), "machine": machine(), "gpu": info,
+               "workload": f"symmetric Gram of {args.n} random 32x32x3 images, float32, NTK",
+               "results": rows}
+    name = info["name"].replace(" ", "_").replace("/", "_")
+    path = write_json(Path(args.out) / f"stack_blocks_{name}_{utc_date()}.json", payload)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
