@@ -891,3 +891,19 @@ def test_gpu_session_cpu_dry_run(tmp_path):
         "gpu_session_cpu_dry_run.log", "gpu_session_cpu_dry_run_summary.json",
         "harness_cpu_dry_run.json", "harness_cpu_dry_run.png"]
     assert "ALL PHASES OK OR SKIPPED" in proc.stdout
+
+
+def test_bench_stack_blocks_dry_run(tmp_path):
+    """bench/bench_stack_blocks.py end to end with numba standing in for cuda (the GPU session's
+    stack_blocks phase): both budgets' rows, their bits compared, the JSON written."""
+    import json
+    from bench import bench_stack_blocks
+    pytest.importorskip("cntk_engine._cuda", reason="the kernel variants are read from the CUDA extension")
+    assert bench_stack_blocks.main(["--out", str(tmp_path), "--n", "2", "--architectures", "myrtle5",
+                                    "--repeats", "1", "--cpu-dry-run"]) == 0
+    (f,) = tmp_path.glob("stack_blocks_*.json")
+    rec = json.loads(f.read_text())
+    rows = rec["results"]
+    assert rec["backend"] == "numba" and len(rows) == 2 * len({r["kernel"] for r in rows})
+    assert {r["blocks_per_sm"] for r in rows} == {1, 2} and all(r["unique_pairs_per_s"] > 0 for r in rows)
+    assert all(r["bit_identical_to_blocks_1"] for r in rows if r["blocks_per_sm"] == 2)

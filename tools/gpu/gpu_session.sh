@@ -263,6 +263,10 @@ phase_ncu() {
 }
 
 phase_stack_blocks() {   # the stack kernel's two register budgets, Myrtle-5/10 float32
+  if [ "$DRY" = 1 ]; then
+    "$PY" -P bench/bench_stack_blocks.py --out "$OUT" --n 2 --architectures myrtle5 --repeats 1 --cpu-dry-run
+    return
+  fi
   local why
   why=$("$PY" -P -c "import cntk_engine as ce; print(ce.available_backends()['cuda'] or '')") || return 1
   [ -n "$why" ] && skip "the cuda backend cannot run here: $why"
