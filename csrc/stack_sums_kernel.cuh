@@ -15,8 +15,9 @@
 // [u + v >= w]).  A warp pools its grid's last layer where it holds it: the rows that share a
 // coarse row pair (P_y, P'_y) are summed in registers, the lanes that share (P_x, P'_x) by
 // shuffles (runs of at most w lanes), and each sum, times 1 / w^4, is added to the next stage's
-// input, held in global memory (per block, L2-resident: (Ho Wo)^2 entries of K and of G, 512 KiB
-// in float32 for Myrtle's 16 x 16 stage) with fire-and-forget atomic adds.  Deterministic: the
+// input, held in global memory (per block: (Ho Wo)^2 entries of K and of G, 512 KiB in float32
+// for Myrtle's 16 x 16 stage; one block per SM of an H100 / H200 holds ~70 MB, about its L2)
+// with fire-and-forget atomic adds.  Deterministic: the
 // stage's grids are taken in rounds, grids (dy, dx) with dy = a mod P_y, dx = r mod P_x (the
 // period P = 2 w where the coarse size is even, else the whole axis), whose coarse targets are
 // disjoint, with a block barrier between rounds; so every coarse entry receives its <= 9 * w^4
