@@ -216,10 +216,11 @@ class CudaBackend(Backend):
                             f"equals their window (non-overlapping); got AvgPool({st.pool.window}, "
                             f"stride {st.pool.stride}) after the {st.height} x {st.width} stage; "
                             "the numba backend takes it")
-            why = _extension().unsupported_stack(stack_table(arch, h, w), arch.filter_size)
+            table = stack_table(arch, h, w)
+            why = _extension().unsupported_stack(table, arch.filter_size)
             if why is not None:
-                return (f"{why}; got stages {stack_table(arch, h, w)}, filter_size = "
-                        f"{arch.filter_size}; the numba backend takes it")
+                return (f"{why}; got stages {table}, filter_size = {arch.filter_size}; the numba "
+                        "backend takes it")
         return None
 
     @classmethod
@@ -282,19 +283,23 @@ class CudaBackend(Backend):
         readout_scale): the last stage's packed grids g = dy * W_l + dx with a nonzero weight
         (int32, ascending), their per-entry weights R(p, p + (dy, dx) mod (H_l, W_l)) (float64,
         (n_grids, H_l, W_l); ``arch.readout_weights``), or None and the one weight when all
-        weights are equal (Myrtle's readout: the mean over the 8 x 8 stage)."""
-        r = readout_weights(self.arch, height, width)
-        if np.all(r == r.flat[0]):
+        weights are equal (Myrtle's readout: the mean over the 8 x 8 stage).  Cached per size:
+        every launch of a job asks."""
+        if getattr(self, "_readout_key", None) != (height, width):
+            r = readout_weights(self.arch, height, width)
             hl, wl = r.shape[:2]
-            return np.arange(hl * wl, dtype=np.int32), None, float(r.flat[0])
-        hl, wl = r.shape[:2]
-        i = np.arange(hl)[None, None, :, None]
-        j = np.arange(wl)[None, None, None, :]
-        dy = np.arange(hl)[:, None, None, None]
-        dx = np.arange(wl)[None, :, None, None]
-        packed = r[i, j, (i + dy) % hl, (j + dx) % wl].reshape(hl * wl, hl, wl)
-        grids = np.flatnonzero(np.any(packed != 0, axis=(1, 2))).astype(np.int32)
-        return grids, np.ascontiguousarray(packed[grids]), 1.0
+            if np.all(r == r.flat[0]):
+                readout = np.arange(hl * wl, dtype=np.int32), None, float(r.flat[0])
+            else:
+                i = np.arange(hl)[None, None, :, None]
+                j = np.arange(wl)[None, None, None, :]
+                dy = np.arange(hl)[:, None, None, None]
+                dx = np.arange(wl)[None, :, None, None]
+                packed = r[i, j, (i + dy) % hl, (j + dx) % wl].reshape(hl * wl, hl, wl)
+                grids = np.flatnonzero(np.any(packed != 0, axis=(1, 2))).astype(np.int32)
+                readout = grids, np.ascontiguousarray(packed[grids]), 1.0
+            self._readout_key, self._readout = (height, width), readout
+        return self._readout
 
     def launch_params(self, xa, da, xb, db, ia, ib, slot, out, same_set: bool, device: int,
                       stream: int, grids=None, grid_w=None):
@@ -327,8 +332,26 @@ class CudaBackend(Backend):
             "ia": (ia, (n_pairs,), np.int32), "ib": (ib, (n_pairs,), np.int32),
             "slot": (slot, (layers,), np.int32), "out": (out, (n_pairs, n_out, 2), np.float64),
         }
-        if self.arch.has_pooling:
-            return self._stack_fields(expected, grids, grid_w, same_set)
+        p = self.params
+        fields = dict(
+            kernel=self.kernel, dtype=self.dtype.name, xa=xa, da=da, xb=xb, db=db, pair_a=ia,
+            pair_b=ib, slot=slot, out=out, n_pairs=n_pairs, C=c, H=h, W=w, L=layers,
+            filter_size=self.arch.filter_size, n_out=n_out, w_first=p.w_first, w=p.w, b2=p.b2,
+            gap=self.arch.pooling == "gap", fix=bool(self.arch.fix), same_set=bool(same_set))
+        if self.arch.has_pooling:       # grid_w: the stack's per-entry readout weights or None
+            want_grids, want_w, scale = self.stack_readout(h, w)
+            if grids is None or (grid_w is None) != (want_w is None):
+                raise ValueError(f"CUDA kernel {self.kernel}: a stack's launch needs the listed "
+                                 "grids of its last stage, and per-entry readout weights exactly "
+                                 "when they are not all equal (CudaBackend.stack_readout)")
+            expected["grids"] = (grids, want_grids.shape, np.int32)
+            fields.update(grids=grids, n_grids=int(grids.shape[0]), stages=stack_table(self.arch, h, w),
+                          readout_scale=scale, stack_blocks_per_sm=stack_blocks_per_sm())
+            if want_w is not None:
+                expected["readout_w"] = (grid_w, want_w.shape, np.float64)
+                fields["readout_w"] = grid_w
+            self._check_arrays(expected, f"diagonal layout {layout!r}, a stack")
+            return fields
         listed = self.listed_grids(h, w)
         if (grids is None) != (listed is None) or (grids is None) != (grid_w is None):
             raise ValueError(f"CUDA kernel {self.kernel}: grids and grid_w are needed for the "
@@ -337,15 +360,9 @@ class CudaBackend(Backend):
             n_grids = listed[0].size
             expected["grids"] = (grids, (n_grids,), np.int32)
             expected["grid_w"] = (grid_w, (n_grids,), np.float64)
+            fields.update(grids=grids, grid_w=grid_w, n_grids=int(n_grids))
         self._check_arrays(expected, f"diagonal layout {layout!r}")
-        p = self.params
-        return dict(
-            kernel=self.kernel, dtype=self.dtype.name, xa=xa, da=da, xb=xb, db=db, pair_a=ia,
-            pair_b=ib, slot=slot, out=out, n_pairs=n_pairs, C=c, H=h, W=w, L=layers,
-            filter_size=self.arch.filter_size, n_out=n_out, w_first=p.w_first, w=p.w, b2=p.b2,
-            gap=self.arch.pooling == "gap", fix=bool(self.arch.fix), same_set=bool(same_set),
-            **({} if grids is None else dict(grids=grids, grid_w=grid_w,
-                                             n_grids=int(grids.shape[0]))))
+        return fields
 
     def _check_arrays(self, expected: dict, context: str) -> None:
         """ValueError naming the first array of ``expected`` ({name: (array, shape, dtype)})
@@ -355,35 +372,6 @@ class CudaBackend(Backend):
                 raise ValueError(
                     f"CUDA kernel {self.kernel}: {name} must be {np.dtype(dtype).name} of shape "
                     f"{shape} ({context}); got {np.dtype(a.dtype).name} {tuple(a.shape)}")
-
-    def _stack_fields(self, expected: dict, grids, readout_w, same_set: bool) -> dict:
-        """``launch_fields`` of a pooled stack: ``grids`` the last stage's listed grids and
-        ``readout_w`` their per-entry weights or None (:meth:`stack_readout`)."""
-        xa = expected["xa"][0]
-        _, c, h, w = xa.shape
-        want_grids, want_w, scale = self.stack_readout(h, w)
-        if grids is None or (readout_w is None) != (want_w is None):
-            raise ValueError(f"CUDA kernel {self.kernel}: a stack's launch needs the listed "
-                             "grids of its last stage, and per-entry readout weights exactly "
-                             "when they are not all equal (CudaBackend.stack_readout)")
-        expected["grids"] = (grids, want_grids.shape, np.int32)
-        if want_w is not None:
-            expected["readout_w"] = (readout_w, want_w.shape, np.float64)
-        self._check_arrays(expected, f"diagonal layout {self.variant['diag']!r}, a stack")
-        p = self.params
-        fields = dict(
-            kernel=self.kernel, dtype=self.dtype.name, xa=xa, da=expected["da"][0],
-            xb=expected["xb"][0], db=expected["db"][0], pair_a=expected["ia"][0],
-            pair_b=expected["ib"][0], slot=expected["slot"][0], out=expected["out"][0],
-            n_pairs=expected["ia"][0].shape[0], C=c, H=h, W=w,
-            L=self.arch.n_layers, filter_size=self.arch.filter_size, n_out=1,
-            w_first=p.w_first, w=p.w, b2=p.b2, gap=True, fix=bool(self.arch.fix),
-            same_set=bool(same_set), grids=grids, n_grids=int(grids.shape[0]),
-            stages=stack_table(self.arch, h, w), readout_scale=scale,
-            stack_blocks_per_sm=stack_blocks_per_sm())
-        if readout_w is not None:
-            fields["readout_w"] = readout_w
-        return fields
 
     def launch_arrays(self, a: Prepared, b: Prepared, ia, ib, xp) -> tuple:
         """(xa, da, xb, db, ia, ib, slot, out, grids, grid_w): the arrays of a launch for the
