@@ -324,8 +324,8 @@ int launch_stack(const PairSumsParams& p) {
 
 // The dispatch over the dtype of one variant's stack kernel, for parameters that passed
 // check_pair_sums with n_stages > 0: filter size 3 (R = 1) only (unsupported_stack), as the
-// Myrtle networks have; each R costs about 4 CNN kernels' compile time (nvcc 13.0: ptxas took
-// over 5 CPU minutes per variant and architecture with R = 0..3).
+// Myrtle networks have, because every R adds about four CNN kernels' compile time
+// (docs/cuda_kernels.md).
 template <int V>
 int launch_stack_variant(const PairSumsParams& p) {
   const bool square32 = p.H == 32 && p.W == 32;
