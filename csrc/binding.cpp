@@ -301,7 +301,7 @@ PYBIND11_MODULE(_cuda, m) {
           return out;
         },
         "The compiled kernel variants: dicts with name, description, diag (the per-image "
-        "diagonal layout it reads: 'q' or 'factors'), gpu_measured, default_for (the dtypes it "
+        "diagonal layout it reads: 'q', 'factors' or 'sqrt'), gpu_measured, default_for (the dtypes it "
         "is the default for).");
   {
     py::dict defaults;

@@ -16,8 +16,10 @@ template <int V> int launch_variant(const PairSumsParams& p);
 template <int V> int launch_stack_variant(const PairSumsParams& p);
 extern template int launch_variant<3>(const PairSumsParams& p);
 extern template int launch_variant<5>(const PairSumsParams& p);
+extern template int launch_variant<6>(const PairSumsParams& p);
 extern template int launch_stack_variant<3>(const PairSumsParams& p);
 extern template int launch_stack_variant<5>(const PairSumsParams& p);
+extern template int launch_stack_variant<6>(const PairSumsParams& p);
 }  // namespace detail
 
 namespace {
@@ -39,6 +41,11 @@ const VariantEntry kVariants[] = {
       "sqrt.approx.ftz (2 MUFU per entry-layer)",
       "factors", 2, /*gpu_measured=*/true, /*default_float32=*/false, /*default_float64=*/true},
      &detail::launch_variant<5>, &detail::launch_stack_variant<5>},
+    {{"v6",
+      "reads sqrt(q) (v3's footprint); per entry a product, rcp.approx.ftz and sqrt.approx.ftz "
+      "(3 MUFU per entry-layer, no subnormal fix-ups)",
+      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false},
+     &detail::launch_variant<6>, &detail::launch_stack_variant<6>},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 static_assert(kNumVariants > 0, "at least one kernel variant");

@@ -11,9 +11,9 @@ enum class Dtype : int { float32 = 0, float64 = 1 };
 // A kernel variant compiled into the extension (the table is in cntk_kernels.cu; what each
 // computes differently is in relu_step.cuh, Entry<V, T>).
 struct KernelVariant {
-  const char* name;         // "v3", "v5": the value of CNTK_ENGINE_CUDA_KERNEL
+  const char* name;         // "v3", "v5", "v6": the value of CNTK_ENGINE_CUDA_KERNEL
   const char* description;  // one line
-  const char* diag;         // layout of the per-image diagonals it reads: "q" or "factors"
+  const char* diag;         // layout of the per-image diagonals it reads: "q", "factors" or "sqrt"
   int diag_width;           // values per image, layer and position in that layout (1 or 2)
   bool gpu_measured;        // run and timed on a GPU (docs/cuda_kernels.md)
   bool default_float32;     // the default for float32 / float64: the fastest variant measured

@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
   const bool stack = p.n_stages > 0;
   if (kernel == "v3") err = stack ? cntk::detail::launch_stack_variant<3>(p) : cntk::detail::launch_variant<3>(p);
   else if (kernel == "v5") err = stack ? cntk::detail::launch_stack_variant<5>(p) : cntk::detail::launch_variant<5>(p);
+  else if (kernel == "v6") err = stack ? cntk::detail::launch_stack_variant<6>(p) : cntk::detail::launch_variant<6>(p);
   else die("unknown kernel " + kernel);
   if (err) die("launch failed");
 

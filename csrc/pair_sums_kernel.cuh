@@ -1,6 +1,6 @@
 // Fused per-offset CNTK pair kernel (template over the kernel variant V), its launch, and the
 // one dispatch over (dtype, row bound HMAX, filter radius R, 32 x 32 fast path).  Included by
-// one translation unit per variant (pair_sums_v3.cu, pair_sums_v5.cu), so the variants compile
+// one translation unit per variant (pair_sums_v3.cu, _v5.cu, _v6.cu), so the variants compile
 // in parallel.  The math is in cntk_engine/arch.py; the per-entry ReLU step and what differs
 // between the variants in relu_step.cuh (Entry<V, T>).
 //
@@ -19,7 +19,7 @@
 // Per layer and row: the ReLU step (relu_step.cuh) per entry, then the k x k box sum: the
 // horizontal taps come from warp shuffles, the vertical taps from the neighbouring registers.
 // The per-image diagonal values the variant reads (Entry<V, T>::Diag: q for v3, the factors
-// (sqrt(q / 2 pi), 1 / sqrt(q)) for v5) come from global memory, stored with every image's rows
+// (sqrt(q / 2 pi), 1 / sqrt(q)) for v5, sqrt(q) for v6) come from global memory, stored with every image's rows
 // twice (N, L, 2H, W) so that z's rotated row i + dy needs no wrap (L1-resident: 2 loads per
 // entry-layer); nothing 4-D is ever stored.  Readout sums: per lane over rows in T, then in
 // float64 through a fixed shuffle tree, per warp into shared memory, and over the block's warps

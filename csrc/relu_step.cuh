@@ -51,6 +51,17 @@ CNTK_HD float sqrt_approx(float v) {
 #endif
 }
 
+// rcp.approx.ftz.f32: one MUFU instruction (relative error <= 1 ulp), no IEEE division sequence.
+CNTK_HD float rcp_approx(float v) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return 1.0f / v;
+#endif
+}
+
 CNTK_HD float rsqrt_f32(float p) {
 #if defined(__CUDA_ARCH__)
   return rsqrtf(p);
@@ -147,6 +158,31 @@ template <typename T> struct Entry<5, T> {
   static constexpr bool kFtz = true;
   CNTK_HD static void step(Diag dx, Diag dz, T s, T th, bool self_diag, T& k, T& g) {
     relu_step<T, kFtz>(s, th, dx.y * dz.y, [&] { return dx.x * dz.x; }, self_diag, k, g);
+  }
+};
+
+// v6 (not measured on a GPU yet): v5's arithmetic with v3's footprint.  Reads u = sqrt(q)
+// (layout "sqrt": one T per image, row and column, 0 where q = 0), so its diagonal arrays are
+// the size of v3's, half of v5's (v5 ran slower than v3 from depth 6 on, on an H200, with 23 %
+// fewer issue slots: docs/cuda_kernels.md suspects the per-pair working set of its two-value
+// diagonals).  Per entry P = u_x u_z = sqrt(q_x q_z), nrm = P / (2 pi) and rs = 1 / P by one
+// rcp.approx.ftz.f32 (float) or a division (double); rs := 0 (c := 0) where P is below the
+// smallest normal number: zero-variance windows (P = 0), and products of windows whose variances
+// are below ~1e-38, where K <= P is below 1e-38 too (rcp.approx.ftz of a subnormal is infinite).
+// Both square roots by sqrt.approx.ftz.f32, as in v5.  3 MUFU per entry-layer, but none of v3's
+// subnormal fix-ups around rsqrtf.
+template <typename T> struct Entry<6, T> {
+  using Diag = T;
+  static constexpr bool kFtz = true;
+  CNTK_HD static void step(Diag ux, Diag uz, T s, T th, bool self_diag, T& k, T& g) {
+    const T P = ux * uz;
+    T rs;
+    if constexpr (sizeof(T) == 4) {
+      rs = P >= T(1.17549435e-38f) ? rcp_approx(P) : T(0);
+    } else {
+      rs = P >= T(2.2250738585072014e-308) ? T(1) / P : T(0);
+    }
+    relu_step<T, kFtz>(s, th, rs, [&] { return P * T(0.15915494309189535); }, self_diag, k, g);
   }
 };
 

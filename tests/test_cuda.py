@@ -57,7 +57,7 @@ with pytest.MonkeyPatch.context() as _mp:
 
 # the kernel variants compiled into the extension (csrc/cntk_kernels.cu): a new variant must be
 # added here, and to test_sass.py's budgets (test_the_compiled_variants_are_the_tested_ones)
-VARIANTS = ("v3", "v5")
+VARIANTS = ("v3", "v5", "v6")
 
 
 def gpu(f):
@@ -87,10 +87,10 @@ def test_the_compiled_variants_are_the_tested_ones():
     assert tuple(v["name"] for v in variants) == VARIANTS
     # one default per dtype, the fastest measured on a GPU (H200, docs/cuda_kernels.md)
     assert ext.default_kernels == {"float32": "v3", "float64": "v5"}
-    assert [v["default_for"] for v in variants] == [["float32"], ["float64"]]
+    assert [v["default_for"] for v in variants] == [["float32"], ["float64"], []]
     assert all(v["gpu_measured"] for v in variants if v["default_for"])
-    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": True}
-    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors"}
+    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": True, "v6": False}
+    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors", "v6": "sqrt"}
     assert all(len(v["description"]) > 20 for v in variants)
 
 
@@ -141,6 +141,7 @@ def test_info_lists_the_kernel_variants(monkeypatch, capsys):
     assert "CUDA kernel variants (select with CNTK_ENGINE_CUDA_KERNEL; selected: v5)" in out
     assert "  v3   [default for float32, measured on a GPU] reads the diagonals q" in out
     assert "  v5   [default for float64, measured on a GPU] reads per-image factors" in out
+    assert "  v6   [not measured on a GPU] reads sqrt(q)" in out
     monkeypatch.delenv("CNTK_ENGINE_CUDA_KERNEL")
     assert cli.main(["info"]) == 0
     assert "selected: v3 for float32, v5 for float64)" in capsys.readouterr().out
@@ -183,12 +184,13 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     s[:50] = qx[:50]
     qx[50:100] = 0.0                                 # zero-variance windows: c := 0, K = 0
     s[50:100] = 0.0
-    factors = DIAG_LAYOUTS["factors"][0]
+    factors, sqrt_q = DIAG_LAYOUTS["factors"][0], DIAG_LAYOUTS["sqrt"][0]
     fx, fz = factors(qx, np), factors(qz, np)        # what v5 reads
-    rows = np.column_stack([s, th, qx, qz, fx, fz, self_])
+    ux, uz = sqrt_q(qx, np), sqrt_q(qz, np)          # what v6 reads
+    rows = np.column_stack([s, th, qx, qz, fx, fz, ux, uz, self_])
     text = "\n".join(" ".join(repr(float(v)) for v in row[:-1]) + f" {int(row[-1])}" for row in rows)
     r = subprocess.run([str(relu_step_exe)], input=text, capture_output=True, text=True, check=True)
-    got = np.loadtxt(r.stdout.splitlines()).reshape(n, 8)
+    got = np.loadtxt(r.stdout.splitlines()).reshape(n, 12)
     scale_k, scale_g = np.sqrt(qx * qz), np.maximum(np.abs(th), 1e-30)
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     zero = (qx * qz) == 0
@@ -199,6 +201,9 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     with np.errstate(divide="ignore"):
         rs3_32 = np.where(f32(qx) * f32(qz) > 0, f32(1) / np.sqrt(f32(qx) * f32(qz)), f32(0))
         rs3_64 = np.where(zero, 0.0, 1.0 / np.sqrt(qx * qz))
+        p6_32, p6_64 = f32(ux) * f32(uz), ux * uz
+        rs6_32 = np.where(p6_32 > 0, f32(1) / p6_32, f32(0))
+        rs6_64 = np.where(p6_64 > 0, 1.0 / p6_64, 0.0)
     # float: the oracle takes the float32-rounded inputs and the kernel's float32 c (theta(c) has
     # an infinite slope at |c| = 1, so the rounding of c itself is not what is checked here: the
     # arccos polynomial, the square roots and the formula are)
@@ -207,6 +212,8 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
         "v3 float64": (2, c_of(rs3_64, s), 1e-14, np.float64),
         "v5 float32": (4, c_of(f32(fx[:, 1]) * f32(fz[:, 1]), f32(s)), 1e-6, f32),
         "v5 float64": (6, c_of(fx[:, 1] * fz[:, 1], s), 1e-14, np.float64),
+        "v6 float32": (8, c_of(rs6_32, f32(s)), 1e-6, f32),
+        "v6 float64": (10, c_of(rs6_64, s), 1e-14, np.float64),
     }
     for what, (col, ck, tol, cast) in cases.items():
         r64 = lambda a: np.asarray(cast(a), dtype=np.float64)  # noqa: E731
@@ -243,6 +250,9 @@ def test_prepare_builds_the_layout_the_variant_reads(variant, dtype):
     if variant == "v3":
         assert d.shape == (3, 4, 12, 5)
         np.testing.assert_array_equal(d[:, :, :6], q.astype(dtype))
+    elif variant == "v6":
+        assert d.shape == (3, 4, 12, 5)
+        np.testing.assert_array_equal(d[:, :, :6], np.sqrt(q).astype(dtype))
     else:
         assert d.shape == (3, 4, 12, 5, 2)
         _, inv = sqrt_and_inverse(q)                 # the numba backend's factors
@@ -289,21 +299,44 @@ def test_pairs_launch_parameters_are_built_once_and_checked(variant):
     assert (p.gap, p.fix, p.same_set, p.device) == (False, False, True, 0)
     assert (p.w_first, p.w, p.b2) == (params.w_first, params.w, params.b2)
     assert repr(p).startswith(f"PairSumsParams(kernel='{variant}', dtype='float32', n_pairs=10")
-    # the diagonals another variant prepared: refused, naming the layout
-    other = CudaBackend(arch, params, "float32", kernel=next(v for v in VARIANTS if v != variant))
+    # the diagonals a variant of another diagonal shape prepared: refused, naming the layout
+    # (layouts of the same shape are told apart by Prepared.layout: the test below)
+    other = CudaBackend(arch, params, "float32", kernel="v3" if variant == "v5" else "v5")
     with pytest.raises(ValueError, match=rf"CUDA kernel {variant}: da must be float32 of shape"):
         fake_launch(be, other.prepare_arrays(x, np), pa, 10)
     with pytest.raises(ValueError, match=r"xb must be float32 of shape \(4, 3, 32, 32\).*got float64"):
         fake_launch(be, pa, CudaBackend(arch, params, "float64", kernel=variant).prepare_arrays(x, np), 10)
     with pytest.raises(ValueError, match=r"da must be float32 of shape \(4, 20, 64, 32.*\) \(diagonal "
-                                         r"layout '(q|factors)'\); got float32 \(4, 20, 32, 32"):
+                                         r"layout '(q|factors|sqrt)'\); got float32 \(4, 20, 32, 32"):
         fake_launch(be, type(pa)(pa.images, (pa.diag[0][:, :, :32],)), pa, 10)
     # pointers are the extension's to check: a diagonal value off its alignment (v5 reads
     # 2-vectors: 8 bytes in float32)
-    align, off = {"v3": (4, 2), "v5": (8, 4)}[variant]
+    align, off = {"v3": (4, 2), "v5": (8, 4), "v6": (4, 2)}[variant]
     with pytest.raises(ValueError, match=rf"da = {hex(0x200000 + off)} is not aligned to the {align} "
                                          rf"bytes of its elements \(kernel {variant}, float32\)"):
         fake_launch(be, pa, pa, 10, misalign=("da", off))
+
+
+def test_sets_prepared_for_another_layout_of_the_same_shape_are_refused():
+    # v3 reads q and v6 sqrt(q): arrays of the same shape and dtype, so the launch's shape check
+    # cannot tell them apart; the layout each Prepared carries (kept by slicing) does
+    extension()
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(3).standard_normal((3, 2, 6, 5))
+    arch = Architecture(depths=(3,))
+    params = arch.layer_params(2, 6, 5)
+    v3, v6 = (CudaBackend(arch, params, "float32", kernel=k) for k in ("v3", "v6"))
+    p3, p6 = v3.prepare_arrays(x, np), v6.prepare_arrays(x, np)
+    assert (p3.layout, p6.layout, p6[1:].layout) == ("q", "sqrt", "sqrt")
+    assert p3.diag[0].shape == p6.diag[0].shape and p3.diag[0].dtype == p6.diag[0].dtype
+    ia = ib = np.zeros(2, np.int32)
+    assert v6.launch_arrays(p6, p6[1:], ia, ib, np)[1].shape == p6.diag[0].shape
+    with pytest.raises(ValueError, match=r"CUDA kernel v6 reads diagonals in layout 'sqrt'; set b "
+                                         r"was prepared in layout 'q' \(by a backend running another "
+                                         r"kernel variant\): prepare it with this backend"):
+        v6.launch_arrays(p6, p3[:2], ia, ib, np)
+    with pytest.raises(ValueError, match=r"CUDA kernel v3 .* set a was prepared in layout 'sqrt'"):
+        v3.launch_arrays(p6, p3, ia, ib, np)
 
 
 GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb=768, db=1024,
@@ -313,7 +346,7 @@ GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5"),
+    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5, v6"),
     (dict(dtype="float16"), r"dtype must be 'float32' or 'float64'; got 'float16'"),
     (dict(H=33), r"at most 32 x 32 pixels.*got H x W = 33 x 32"),
     (dict(W=0), r"height and width must be >= 1"),

@@ -45,11 +45,11 @@ def grams(x, y=None, **kw):
     return out
 
 
-def check(x, y=None, dtype="float32", **kw):
+def check(x, y=None, dtype="float32", tol=None, **kw):
     a, b = grams(x, y, dtype=dtype, **kw)
     assert np.all(np.isfinite(a))
     err = np.max(np.abs(a - b)) / np.max(np.abs(b))
-    assert err < TOL[dtype], (err, kw)
+    assert err < (tol or TOL[dtype]), (err, kw)
 
 
 CNN_CASES = {
@@ -73,7 +73,7 @@ STACK_CASES = {
 }
 
 
-@pytest.mark.parametrize("emulated", ["v3", "v5"], indirect=True)
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", list(CNN_CASES) + list(STACK_CASES))
 def test_emulated_kernels_match_numba(emulated, dtype, case):
@@ -98,13 +98,17 @@ def test_emulated_myrtle5_real_cifar(emulated):
     check(cifar[:2], architecture="myrtle5")
 
 
-@pytest.mark.parametrize("emulated", ["v5"], indirect=True)
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
 def test_emulated_stack_real_mnist_zero_windows(emulated):
     """28 x 28 MNIST digits (blank margins: zero-variance windows) and an all-zero image through
-    28 -> 14 -> 7 (an odd pooled size: one grid per round along each axis at the second pool)."""
+    28 -> 14 -> 7 (an odd pooled size: one grid per round along each axis at the second pool).
+    float64 within 1e-10: the margins give entries at c = 1 to rounding, where sqrt(1 - c^2)
+    turns a last-bit difference in c into ~1e-8 of that entry; v5 rounds c as numba does (the
+    same factors) and agrees with it to 4e-15; v3 and v6 round it otherwise and differ from the
+    float64 reference by 1.07e-12 (numba: 4e-15)."""
     _, mnist = real_cifar_and_mnist()
     x = np.concatenate([mnist[:1], np.zeros_like(mnist[:1])])
-    check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64")
+    check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64", tol=1e-10)
 
 
 EMULATOR_PROBE = r"""

@@ -9,6 +9,7 @@ variant's kernels are missing for sm_80 or sm_90.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -86,14 +87,18 @@ BUDGETS = {
     # one rsqrt and two sqrt.approx; 70.4 slots measured at 18,968 pairs/s on an H100 (99.5 % of
     # its issue ceiling); 72 slots = 18,650 pairs/s
     "v3": {"mufu": 3.0, "slots": 72.0},
-    # two sqrt.approx.ftz; 54.0 slots (not run on a GPU); 55 slots = 24,410 pairs/s
+    # two sqrt.approx.ftz; 54.0 slots; 55 slots = 24,410 pairs/s (it ran at 10,064 on an H200,
+    # stalled: issue-bound only up to depth ~6, docs/cuda_kernels.md)
     "v5": {"mufu": 2.0, "slots": 55.0},
+    # one rcp.approx.ftz and two sqrt.approx.ftz, v3's footprint; 57.4 slots (not run on a GPU);
+    # 59 slots = 22,750 pairs/s
+    "v6": {"mufu": 3.0, "slots": 59.0},
 }
 # The radii (filter_size // 2) whose 32x32 float32 kernels are spill-free on sm_80 and sm_90.
 # v5's k=1 kernels (and its k=5 one on sm_90) keep 128 registers with 16-24 bytes of spills
 # (ptxas's choice, for 16 warps per SM; docs/cuda_kernels.md).  Registers are budgeted on sm_90
 # only (above): on sm_80 v5's k=3 kernel takes 144 (docs/cuda_kernels.md).
-SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3)}
+SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3), "v6": (0, 1, 2, 3)}
 
 
 def installed():
@@ -179,7 +184,7 @@ def test_every_variant_is_compiled_for_the_architecture(arch):
 def test_stack_kernel_is_compiled_per_variant_and_dtype(arch):
     # stack_sums_kernel<V, T, R = 1, SQUARE32> (csrc/stack_sums_kernel.cuh): one per variant,
     # dtype and image kind (32 x 32, Myrtle's, or any other size); Myrtle's float32 kernel on
-    # sm_90 without spills (nvcc 13.0: 229 (v3) and 244 (v5) registers, so one 8-warp block per SM;
+    # sm_90 without spills (nvcc 13.0: 229 (v3, v6) and 244 (v5) registers, so one 8-warp block per SM;
     # docs/cuda_kernels.md)
     so, ext = installed()
     sass_or_skip(so, ext, arch)
@@ -236,3 +241,16 @@ def test_harness_mixes_read_the_variant_the_runs_use(monkeypatch):
     assert out["variant"] == "v5" and re.search(r"pair_sums_kernelILi5Ef", out["kernel"])
     monkeypatch.delenv(sass_mix.KERNEL_ENV)
     assert sass_mix.harness_mixes(cfgs, so=so)["float32 k3"]["variant"] == ext.default_kernels["float32"]
+
+
+def test_cli_counts_several_variants_from_one_disassembly(tmp_path, capsys):
+    # the GPU session's sass phase: one process, one file per variant
+    so, ext = installed()
+    sass_or_skip(so, ext, "sm_90")
+    with pytest.raises(SystemExit):
+        sass_mix.main(["--kernel", "v3,v6", "--name", "sm90", "--out-dir", str(tmp_path)])
+    assert "it must hold {kernel}" in capsys.readouterr().err
+    outs = sass_mix.main(["--kernel", "v3,v6", "--name", "{kernel}_sm90", "--out-dir", str(tmp_path)])
+    assert [o["variant"] for o in outs] == ["v3", "v6"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["sass_v3_sm90.json", "sass_v6_sm90.json"]
+    assert json.loads((tmp_path / "sass_v6_sm90.json").read_text())["slots_per_entry_layer"] <= BUDGETS["v6"]["slots"]

@@ -280,7 +280,7 @@ def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=Tru
             "instructions_in_kernel": len(ins), **loop_mix(ins, hmax)}
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--so", type=Path, default=None, help="the compiled extension [the installed one]")
     ap.add_argument("--arch", default="sm_90")
@@ -291,21 +291,35 @@ def main(argv=None) -> dict:
     ap.add_argument("--listed", action="store_true",
                     help="the listed-grid (LAP) kernel; it has no 32x32 one: implies --generic")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL,
-                    help=f"kernel variant (v3, v5, ...; cntk-engine info lists them) [{DEFAULT_KERNEL}]")
+                    help=f"kernel variant (v3, v5, ...; cntk-engine info lists them), or a comma list "
+                         f"of them, counted from one disassembly of the binary [{DEFAULT_KERNEL}]")
     ap.add_argument("--fma-rate", type=float, default=None,
                     help="FP32 FMA lane-ops/s of the GPU for the ceiling [the H100's, measured by "
                          "bench/ceiling.py in bench/results/harness_gpu_h100_20261123.json]")
     ap.add_argument("--measured", type=float, default=None,
                     help="measured depth-21 pairs/s of this kernel, to report the issue efficiency")
-    ap.add_argument("--name", default=None, help="write <out-dir>/sass_<name>.json")
+    ap.add_argument("--name", default=None, help="write <out-dir>/sass_<name>.json; with several "
+                    "variants the name holds {kernel} (e.g. {kernel}_sm90)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
+    kernels = [k.strip() for k in args.kernel.split(",") if k.strip()]
+    if not kernels:
+        ap.error(f"--kernel {args.kernel!r}: no variant named")
+    if len(kernels) > 1 and args.name and "{kernel}" not in args.name:
+        ap.error(f"--name {args.name!r}: with several variants (--kernel {args.kernel}) it must hold "
+                 "{kernel}, e.g. --name {kernel}_sm90")
     so = args.so or find_extension()
     if so is None:
         sys.exit("cntk_engine._cuda is not installed (it is built by pip install . when nvcc is "
                  "found); pass --so PATH")
+    outs = [report(args, so, k) for k in kernels]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def report(args, so: Path, kernel: str) -> dict:
+    """One variant's mix and ceiling, printed and (--name) written."""
     out = analyse(so, args.arch, args.dtype, args.hmax, args.radius,
-                  not (args.generic or args.listed), args.kernel, args.listed)
+                  not (args.generic or args.listed), kernel, args.listed)
     rate, src = args.fma_rate, "--fma-rate"
     if rate is None:
         ref = ROOT / "bench" / "results" / "harness_gpu_h100_20261123.json"
@@ -323,7 +337,7 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in out.items() if k != "by_opcode_per_entry_layer"}, indent=1))
     if args.name:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        path = args.out_dir / f"sass_{args.name}.json"
+        path = args.out_dir / f"sass_{args.name.replace('{kernel}', kernel)}.json"
         path.write_text(json.dumps(out, indent=1))
         print(f"wrote {path}")
     return out

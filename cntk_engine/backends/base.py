@@ -58,20 +58,23 @@ class Prepared:
     images: (N, C, H, W); diag: a tuple of arrays with N first, holding whatever per-image
     diagonal data the backend's kernel reads (e.g. sqrt(q) and 1/sqrt(q), each (N, L, H, W)).
     flipped: the same set with every image flipped horizontally, prepared alike (for
-    ``arch.flip``), or None.  Arrays live where the backend computes (NumPy or CuPy).  Slicing
-    takes images, diagonals and flipped images of the same rows.
+    ``arch.flip``), or None.  layout: the name of the diagonal layout, where a backend has
+    several whose arrays have the same shapes (the CUDA kernel variants), else "".  Arrays live
+    where the backend computes (NumPy or CuPy).  Slicing takes images, diagonals and flipped
+    images of the same rows.
     """
 
     images: Any
     diag: tuple = ()
     flipped: "Prepared | None" = None
+    layout: str = ""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, sl: slice) -> "Prepared":
         return Prepared(self.images[sl], tuple(d[sl] for d in self.diag),
-                        None if self.flipped is None else self.flipped[sl])
+                        None if self.flipped is None else self.flipped[sl], self.layout)
 
 
 def sqrt_and_inverse(q: np.ndarray):

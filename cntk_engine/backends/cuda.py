@@ -4,9 +4,10 @@ CuPy's current device and stream; nothing goes through the host when the images 
 the device.
 
 Kernel variants.  The extension holds every kernel variant kept in the tree
-(``kernel_variants()``; docs/cuda_kernels.md): ``v3``, the default and the one measured on a
-GPU, and candidates such as ``v5``.  A backend runs one: ``CudaBackend(..., kernel="v5")``, else
-the environment variable ``CNTK_ENGINE_CUDA_KERNEL``, else the default.  Variants give the same
+(``kernel_variants()``; docs/cuda_kernels.md): one default per dtype, the fastest measured on a
+GPU (``v3`` for float32, ``v5`` for float64), and candidates not measured yet (``v6``).  A
+backend runs one: ``CudaBackend(..., kernel="v6")``, else the environment variable
+``CNTK_ENGINE_CUDA_KERNEL``, else the dtype's default.  Variants give the same
 kernels to within float rounding; they differ in speed and in the per-image diagonal data
 ``prepare`` stores for them.
 """
@@ -135,18 +136,23 @@ def describe_kernel_variants() -> str:
 #   "factors": (sqrt(q / 2 pi), 1 / sqrt(q)) with 1 / sqrt(q) := 0 where q <= 0 (zero-variance
 #              windows, where c := 0), (N, L, H, W, 2); the ReLU step of a pair needs
 #              sqrt(q_x q_z) / (2 pi) and 1 / sqrt(q_x q_z), which factor over the two images
+#   "sqrt":    sqrt(q), (N, L, H, W): the product of the two images' values is sqrt(q_x q_z)
 def _diag_q(q, xp):
     return q
 
 
+def _diag_sqrt(q, xp):
+    return xp.sqrt(xp.maximum(q, 0.0))
+
+
 def _diag_factors(q, xp):
-    s = xp.sqrt(xp.maximum(q, 0.0))
+    s = _diag_sqrt(q, xp)
     inv = xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0)
     return xp.stack([s * math.sqrt(1.0 / (2.0 * math.pi)), inv], axis=-1)
 
 
 # layout -> (its builder, the trailing shape it adds to (N, L, H, W))
-DIAG_LAYOUTS = {"q": (_diag_q, ()), "factors": (_diag_factors, (2,))}
+DIAG_LAYOUTS = {"q": (_diag_q, ()), "factors": (_diag_factors, (2,)), "sqrt": (_diag_sqrt, ())}
 
 
 class CudaBackend(Backend):
@@ -242,10 +248,11 @@ class CudaBackend(Backend):
         reads z's rotated rows without a wrap."""
         xd = xp.asarray(x, dtype=xp.float64)           # no copy when already on the device
         q = diag_norms(xd, self.arch, self.params)     # (N, L, H, W) float64, where xd lives
-        d = DIAG_LAYOUTS[self.variant["diag"]][0](q, xp)
+        layout = self.variant["diag"]
+        d = DIAG_LAYOUTS[layout][0](q, xp)
         cast = lambda a: xp.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         if not self.arch.has_pooling:
-            return Prepared(cast(xd), (cast(xp.concatenate([d, d], axis=2)),))
+            return Prepared(cast(xd), (cast(xp.concatenate([d, d], axis=2)),), layout=layout)
         # a stack: layer l's rows at its stage's width h_s x w_s, twice, at the start of the
         # flattened (2H, W) (csrc/cntk_kernels.cuh, PairSumsParams)
         n, layers, h, w = q.shape
@@ -257,7 +264,7 @@ class CudaBackend(Backend):
                 blk = d[:, l, :hs, :ws]
                 flat[:, l, :2 * hs * ws] = xp.concatenate([blk, blk], axis=1).reshape((n, -1) + tail)
             first += nl
-        return Prepared(cast(xd), (cast(flat.reshape((n, layers, 2 * h, w) + tail)),))
+        return Prepared(cast(xd), (cast(flat.reshape((n, layers, 2 * h, w) + tail)),), layout=layout)
 
     def readout_slots(self) -> np.ndarray:
         """(L,) int32: the readout index t of each ReLU layer, -1 where none is read out."""
@@ -377,6 +384,12 @@ class CudaBackend(Backend):
         """(xa, da, xb, db, ia, ib, slot, out, grids, grid_w): the arrays of a launch for the
         pairs (a[ia], b[ib]), contiguous, where ``xp`` (CuPy; NumPy for the host emulation)
         keeps them; ``out`` uninitialised; grids and grid_w None but for the LAP readout."""
+        layout = self.variant["diag"]
+        for name, p in (("a", a), ("b", b)):
+            if p.layout != layout:    # "q" and "sqrt" have the same shapes: checked here
+                raise ValueError(f"CUDA kernel {self.kernel} reads diagonals in layout {layout!r}; "
+                                 f"set {name} was prepared in layout {p.layout!r} (by a backend "
+                                 "running another kernel variant): prepare it with this backend")
         xa, da = xp.ascontiguousarray(a.images), xp.ascontiguousarray(a.diag[0])
         xb, db = xp.ascontiguousarray(b.images), xp.ascontiguousarray(b.diag[0])
         ia = xp.ascontiguousarray(ia, dtype=xp.int32)

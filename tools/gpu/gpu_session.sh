@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, from the repository root, everything into $OUT: install, the GPU
-# tests of every kernel variant, compute-sanitizer, the SASS counts, the harness bench of every
-# kernel variant (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the paper's
-# own code and neural-tangents on the same GPU, and a summary against the targets of issue #16.
+# tests of every kernel variant, compute-sanitizer, the harness bench of every kernel variant
+# (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the stack kernel's two
+# register budgets, the paper's own code and neural-tangents on the same GPU, the SASS counts of
+# the binary that ran (last: they can also be read without a GPU), and a summary against the
+# targets of issue #16.  Phases run in that order, so a deadline cuts the least needed ones.
 # tools/gpu/README.md gives the device tool's exact call.
 #
 #   OUT=/tmp/out bash tools/gpu/gpu_session.sh [options]
 #   OUT=/tmp/o bash tools/gpu/gpu_session.sh --cpu-dry-run [--nt-python PY] [--paper-code F]
 #
 # Options [defaults]:
-#   --phases LIST     comma list of install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,
+#   --phases LIST     comma list of install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,
 #                     summary and the optional ncu (Nsight Compute profiles), bench_cuda
-#                     (bench/bench_cuda.py) [install,tests,sanitizer,sass,bench,stack_blocks,
-#                     paper,nt,summary]; stack_blocks: bench/bench_stack_blocks.py
+#                     (bench/bench_cuda.py) [install,tests,sanitizer,bench,stack_blocks,paper,
+#                     nt,sass,summary]; stack_blocks: bench/bench_stack_blocks.py
 #   --deadline S      seconds for the whole script [540; 1200 with --cpu-dry-run].  Each phase
 #                     runs under `timeout` with its own limit, cut to what is left before the
 #                     deadline less 25 s kept for the summary; a phase that would get less than
@@ -24,7 +26,7 @@
 #   --paper-code F    a local copy of CNTK.py of github.com/ruosongwang/CNTK [.paper/CNTK.py if
 #                     it exists]; without it the paper phase records "unavailable" with the reason
 #   --nt-python PY    the Python that runs neural-tangents [the --python]
-#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed [v3,v5]
+#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed [v3,v5,v6]
 #   --tag T           names the files [gpu; cpu_dry_run with --cpu-dry-run]
 #   --python PY       [python3]
 #   --cpu-dry-run     the same phases on a CPU machine, to test this script before a GPU call:
@@ -41,21 +43,23 @@
 #   harness_<tag>.json / .png      the harness results of the bench, paper and nt phases (one file:
 #                                  each phase continues it with --resume) and their plot
 #   sass_<variant>_sm90.json       the instruction mix of each variant's 32x32 float32 kernel
-# Optional phases add ncu_* (4 files per profile) and cuda_<GPU>_<date>.json/.png.
+# Optional phases add ncu_<variant>_depth21.tar.gz (one per variant: profile_ncu.sh's report and
+# exports) and cuda_<GPU>_<date>.json/.png.
 #
-# Device time (H200, estimated from the H100 session logs, not yet measured as a whole): install
-# ~2.5-3 min (CUDA compile, sm_90 only), tests ~1 min, sanitizer < 1 min, sass < 20 s, bench
-# ~1.5 min, paper < 1 min, nt 1-2 min (one JAX compile per network).
+# Device time, measured on an H200 (2026-12-04, two variants, no stacks on cuda yet, 418 s in
+# all): install 84 s, tests crashed after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench
+# 122 s, paper 12 s, nt 127 s.  With three variants and the Myrtle benches the default phases may
+# not all fit the 540 s deadline: sass, the last, is the one cut.
 set -uo pipefail
 
 REPO=$(pwd)
 PY=python3
-PHASES=install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,summary
+PHASES=install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,summary
 DEADLINE=""
 WHEELS=""
 PAPER=""
 NT_PY=""
-KERNELS=v3,v5
+KERNELS=v3,v5,v6
 TAG=""
 DRY=0
 while [ $# -gt 0 ]; do
@@ -75,7 +79,7 @@ done
 for p in ${PHASES//,/ }; do
   case "$p" in
     install|tests|sanitizer|sass|bench|stack_blocks|paper|nt|summary|ncu|bench_cuda) ;;
-    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,sass,bench,stack_blocks,paper,nt,summary,ncu,bench_cuda)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,summary,ncu,bench_cuda)"; exit 2 ;;
   esac
 done
 case "$DEADLINE" in
@@ -200,13 +204,10 @@ for v in os.environ['KERNELS'].split(','):
 
 phase_sass() {
   "$PY" -P -c "import cntk_engine._cuda" 2>/dev/null || skip "the CUDA extension cntk_engine._cuda is not installed"
-  local rc=0 v
-  for v in ${KERNELS//,/ }; do
-    "$PY" -P tools/sass_mix.py --kernel "$v" --name "${v}_sm90" --out-dir "$OUT" 2>&1 \
-      | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -30
-    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  done
-  return $rc
+  # one process for every variant: the binary is disassembled once (~30 s on the H200)
+  "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$OUT" 2>&1 \
+    | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -90
+  return "${PIPESTATUS[0]}"
 }
 
 phase_bench() {
@@ -258,6 +259,10 @@ phase_ncu() {
   local v rc=0
   for v in ${KERNELS//,/ }; do
     CNTK_ENGINE_CUDA_KERNEL=$v bash tools/gpu/profile_ncu.sh --python "$PY" --tag "${v}_depth21" --depth 21 --n 16 || rc=1
+    # one file per profile (its report and three exports): the device tool brings back 8 files
+    (cd "$OUT" && ls ncu_"${v}"_depth21* >/dev/null 2>&1 \
+      && tar -czf "$WORK/ncu_${v}_depth21.tar.gz" ncu_"${v}"_depth21* && rm -f ncu_"${v}"_depth21* \
+      && mv "$WORK/ncu_${v}_depth21.tar.gz" .) || rc=1
   done
   return $rc
 }
@@ -325,11 +330,11 @@ from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
 run_phase tests 30 150
 run_phase sanitizer 20 90
-run_phase sass 10 90
-run_phase bench 30 150
+run_phase bench 30 180
 run_phase stack_blocks 20 60
 run_phase paper 20 90
 run_phase nt 30 180
+run_phase sass 10 90
 run_phase ncu 30 120
 run_phase bench_cuda 30 120
 
