@@ -123,8 +123,8 @@ template <typename T> struct Vec2 { using type = Pair<T>; };
 // cntk_kernels.cu.
 template <int V, typename T> struct Entry;
 
-// v3 (the default; measured on an H100, bench/NOTES.md): reads the diagonal q itself (layout
-// "q": one T per image, row and column).  Per entry: prod = q_x q_z, rs = rsqrt(prod) (rsqrtf,
+// v3 (the float32 default; measured on an H100 and an H200, docs/cuda_kernels.md): reads q
+// (layout "q": one T per image, row and column).  Per entry: prod = q_x q_z, rs = rsqrt(prod) (rsqrtf,
 // with the compiler's subnormal fix-ups, and a select for prod = 0), nrm = prod rs / (2 pi);
 // both square roots by sqrt.approx.f32 (subnormals handled).  3 MUFU per entry-layer.
 template <typename T> struct Entry<3, T> {
@@ -145,9 +145,10 @@ template <typename T> struct Entry<3, T> {
   }
 };
 
-// v5 (not measured on a GPU yet): reads per-image factors (layout "factors": one 2-vector
-// (sqrt(q / 2 pi), 1 / sqrt(q)) per image, row and column, 1 / sqrt(q) := 0 where q = 0), as the
-// numba backend does (backends/base.py, sqrt_and_inverse).  Per entry two multiplications give
+// v5 (the float64 default; measured on an H200, docs/cuda_kernels.md): reads per-image factors
+// (layout "factors": one 2-vector (sqrt(q / 2 pi), 1 / sqrt(q)) per image, row and column,
+// 1 / sqrt(q) := 0 where q = 0), as the numba backend does (backends/base.py,
+// sqrt_and_inverse).  Per entry two multiplications give
 // rs = 1 / sqrt(q_x q_z) and nrm = sqrt(q_x q_z) / (2 pi): no reciprocal square root, no
 // subnormal fix-ups, no zero-variance select (the 0 factor makes c = 0).  Both square roots by
 // sqrt.approx.ftz.f32: their arguments 1 - |c| and 1 - c^2 are 0 or >= 2^-24 for a float c in
