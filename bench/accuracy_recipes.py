@@ -2,12 +2,16 @@
 Myrtle (+ ZCA + flip), NTK and NNGP, with ``cntk-engine evaluate``; one table.
 
     python bench/accuracy_recipes.py --data ../shared/data/cifar10_jpeg_small.npz \
-        --n-train 500 --n-test 500 [--only gap,myrtle5] [--out-dir bench/results]
+        --n-train 500 --n-test 500 [--only gap,myrtle5] [--out-dir bench/results] \
+        [--store-dir runs/kernels]
 
 Each configuration is one ``cntk-engine evaluate`` command (printed, and stored in its JSON):
 the same training and test images for all (``--seed``), NTK and NNGP from one kernel pass,
 the ridge chosen by leave-one-out.  A configuration whose JSON exists is not run again, so an
-interrupted run resumes; ``<name>_table.md`` collects what exists.
+interrupted run resumes; ``<name>_table.md`` collects what exists.  With ``--store-dir DIR``
+each configuration keeps its kernels in ``DIR/<name>_<configuration>`` (``evaluate --store
+... --resume``), so a configuration that was interrupted (hours, on the CPU) continues from its
+finished tiles instead of starting again.
 """
 from __future__ import annotations
 
@@ -34,9 +38,11 @@ CONFIGS = {   # name: (description, evaluate options)
 
 def command(name, args) -> list[str]:
     out = Path(args.out_dir) / f"{args.name}_{name}.json"
+    keep = [] if args.store_dir is None else [
+        "--store", str(Path(args.store_dir) / f"{args.name}_{name}"), "--resume"]
     return ["evaluate", args.data, *CONFIGS[name][1], "--n-train", str(args.n_train), "--n-test",
             str(args.n_test), "--kernel", "both", "--seed", str(args.seed), "--backend", args.backend,
-            "--no-progress", "--json", str(out)]
+            "--no-progress", *keep, "--json", str(out)]
 
 
 def table(args) -> str:
@@ -64,8 +70,12 @@ def main(argv=None):
     ap.add_argument("--only", type=choice_list(CONFIGS), default=",".join(CONFIGS))
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="accuracy_recipes")
+    ap.add_argument("--store-dir", default=None, metavar="DIR",
+                    help="keep each configuration's kernels in DIR/<name>_<configuration> (resumable)")
     args = ap.parse_args(argv)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if args.store_dir is not None:
+        Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     from cntk_engine.cli import main as cli_main
     for name in args.only:
         argv_ = command(name, args)

@@ -913,3 +913,32 @@ def test_bench_stack_blocks_dry_run(tmp_path):
     assert rec["backend"] == "numba" and len(rows) == 2 * len({r["kernel"] for r in rows})
     assert {r["blocks_per_sm"] for r in rows} == {1, 2} and all(r["unique_pairs_per_s"] > 0 for r in rows)
     assert all(r["bit_identical_to_blocks_1"] for r in rows if r["blocks_per_sm"] == 2)
+
+
+def test_accuracy_recipes_table_and_resumable_kernels(tmp_path, capsys):
+    """Two configurations on a tiny 32 x 32 x 3 set; with --store-dir a configuration whose JSON
+    is gone (as if it had been interrupted after its kernels) reads its kernels back."""
+    pytest.importorskip("zarr", reason="--store-dir needs zarr (Python >= 3.11)")
+    from bench import accuracy_recipes
+    rng = np.random.default_rng(0)
+    data = tmp_path / "c.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(8) % 2, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(4) % 2)
+    argv = ["--data", str(data), "--n-train", "6", "--n-test", "3", "--backend", "numba",
+            "--only", "gap,gap_flip", "--out-dir", str(tmp_path / "res"),
+            "--store-dir", str(tmp_path / "kernels")]
+    accuracy_recipes.main(argv)
+    table = (tmp_path / "res" / "accuracy_recipes_table.md").read_text()
+    assert "| CNTK-GAP depth 3 |" in table and "| CNTK-GAP depth 3 + flip |" in table
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [
+        "accuracy_recipes_gap", "accuracy_recipes_gap_flip"]
+    js = tmp_path / "res" / "accuracy_recipes_gap_flip.json"
+    first = json.loads(js.read_text())
+    assert first["tiles"]["train"]["computed"] == first["tiles"]["train"]["total"] > 0
+    js.unlink()
+    accuracy_recipes.main(argv)
+    again = json.loads(js.read_text())
+    assert again["tiles"] == {w: dict(t, computed=0) for w, t in first["tiles"].items()}
+    assert again["results"] == first["results"]
+    assert "accuracy_recipes_gap.json exists, kept" in capsys.readouterr().out

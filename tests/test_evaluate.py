@@ -222,6 +222,9 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depths", "3,2", "--fix", "--kernel", "nngp"), "fix=True needs depth >= 3"),
     (("--depth", 3, "--json", "missing/r.json"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--json", "."), "is a folder"),
+    (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),
+    (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),
+    (("--depth", 3, "--store", "xy.npz"), "exists and is not a folder"),
 ])
 def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, args, msg):
     """Checked first: a --json path in a missing folder used to fail after all the kernels."""
@@ -266,3 +269,69 @@ def test_command_of_a_direct_run_call_is_equivalent():
     assert cmd.startswith("cntk-engine evaluate d.npz ") and "--fix" in cmd and "--depths 3,4" in cmd
     again = cli.build_parser().parse_args(cmd.split()[1:])
     assert vars(again) == vars(args)
+
+
+# ----------------------------------------------------------------------------- --store / --resume
+RESULT_KEYS = ("depth", "kernel", "accuracy", "ridge_relative", "loo_accuracy", "accuracy_ridge0")
+
+
+def _results(js):
+    return [{k: r[k] for k in RESULT_KEYS} for r in json.loads(Path(js).read_text())["results"]]
+
+
+def test_store_keeps_the_kernels_and_a_stopped_run_resumes(xy_npz, capsys, tmp_path):
+    zarr = pytest.importorskip("zarr", reason="--store needs zarr (Python >= 3.11)")
+    p, _, _ = xy_npz
+    args = (p, "--depths", "2,3", "--n-train", 24, "--n-test", 12, "--seed", 5, "--kernel", "both",
+            "--tile", 8, *BASE)
+    rc, out, err = main(capsys, *args, "--json", tmp_path / "plain.json")
+    assert rc == 0, err
+    st = tmp_path / "kernels"
+    rc, out, err = main(capsys, *args, "--store", st, "--json", tmp_path / "first.json")
+    assert rc == 0, err
+    # 24 x 24 in tiles of 8: 6 tiles on and above the diagonal; 12 x 24: 2 x 3 tiles
+    assert f"store: {st}: train Gram 6 of 6 tiles computed, test kernel 6 of 6 tiles computed" in out
+    assert _results(tmp_path / "first.json") == _results(tmp_path / "plain.json")   # bitwise kernels
+    assert sorted(f.name for f in st.iterdir()) == ["test.zarr", "train.zarr"]
+    assert sorted(zarr.open_group(str(st / "train.zarr")).array_keys()) == ["tiles_checksum", "tiles_done"]
+    assert sorted(zarr.open_group(str(st / "train.zarr"))["depth_3"].array_keys()) == ["nngp", "ntk"]
+    # forget three tiles, as if the run had been stopped before them
+    for name, tiles in (("train.zarr", [(0, 1), (2, 2)]), ("test.zarr", [(1, 0)])):
+        g = zarr.open_group(str(st / name), mode="r+")
+        for i, j in tiles:
+            g["tiles_done"][i, j] = 0
+    rc, out, err = main(capsys, *args, "--store", st)       # without --resume: refused, untouched
+    assert rc == 2 and "already holds train.zarr and test.zarr; pass --resume" in err, err
+    assert err.count("\n") == 1
+    assert zarr.open_group(str(st / "train.zarr"))["tiles_done"][0, 1] == 0
+    js = tmp_path / "resumed.json"
+    rc, out, err = main(capsys, *args, "--store", st, "--resume", "--json", js)
+    assert rc == 0, err
+    assert "train Gram 2 of 6 tiles computed, test kernel 1 of 6 tiles computed" in out
+    assert "computed in this run" in out
+    assert _results(js) == _results(tmp_path / "plain.json")
+    rec = json.loads(js.read_text())
+    assert rec["store"] == str(st) and rec["tiles"] == {"train": {"computed": 2, "total": 6},
+                                                         "test": {"computed": 1, "total": 6}}
+    assert rec["pairs"] == 24 * 25 // 2 + 12 * 24 and 0 < rec["pairs_computed"] < rec["pairs"]
+    assert "--store" in rec["command"] and "--resume" in rec["command"]
+    # the stores of another job (another seed: other images) are refused, naming the store
+    other = [("6" if a == 5 else a) for a in args]
+    rc, out, err = main(capsys, *other, "--store", st, "--resume")
+    assert rc == 2 and "train.zarr" in err and "images x1" in err and err.count("\n") == 1, err
+
+
+def test_store_of_a_pooling_stack(tmp_path, capsys):
+    """Myrtle-5 (a stack: one depth, its arrays at the top of the store), NTK only."""
+    pytest.importorskip("zarr", reason="--store needs zarr (Python >= 3.11)")
+    x, y = stripes(7, np.random.default_rng(3), size=32)
+    p = tmp_path / "s.npz"
+    np.savez(p, x=x, y=y)
+    args = (p, "--architecture", "myrtle5", "--n-train", 4, "--n-test", 3, "--kernel", "ntk", *BASE)
+    rc, out, err = main(capsys, *args, "--json", tmp_path / "plain.json")
+    assert rc == 0, err
+    rc, out, err = main(capsys, *args, "--store", tmp_path / "k", "--resume", "--json", tmp_path / "s.json")
+    assert rc == 0, err                  # --resume on a folder that does not exist: starts it
+    assert _results(tmp_path / "s.json") == _results(tmp_path / "plain.json")
+    import zarr
+    assert "ntk" in zarr.open_group(str(tmp_path / "k" / "test.zarr")).array_keys()

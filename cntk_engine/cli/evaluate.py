@@ -21,6 +21,15 @@ call each (``depths=[...]``), then for every depth and kernel
 ``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`; the
 ridge-0 "paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and the machine.
 Errors are one line on stderr with exit status 2.
+
+``--store DIR`` keeps the two kernels in DIR as resumable Zarr stores (``train.zarr``: the train
+Gram, ``test.zarr``: the test-vs-train kernel; layout: :mod:`cntk_engine.jobs.store`), tile by
+tile as they are computed.  A run that stopped (killed, out of time on a GPU visit, a machine
+shut down) continues with the same command plus ``--resume``: only the missing tiles are
+computed, the finished ones are verified against their checksums, and the solve reads the
+kernels back from the stores.  Stores of another job (other images, seed, preprocessing,
+architecture, backend or dtype) are refused with the differences; without ``--resume`` a DIR
+that already holds either store is refused.
 """
 from __future__ import annotations
 
@@ -74,6 +83,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="subset / split seed (default 0)")
     add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
+    p.add_argument("--store", metavar="DIR", default=None,
+                   help="keep the kernels in DIR as resumable Zarr stores (train.zarr, test.zarr), "
+                   "tile by tile; a run that stopped continues with --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the kernels kept in --store DIR (only missing tiles are "
+                   "computed; stores of another job are refused); starts them if DIR has none")
     p.set_defaults(func=run)
     return p
 
@@ -185,6 +200,65 @@ def _command_line(args) -> str:
     return "cntk-engine " + shlex.join(str(v) for v in argv)
 
 
+# ----------------------------------------------------------------------------- kernel stores
+KERNEL_STORES = {"train": "train.zarr", "test": "test.zarr"}
+
+
+def check_store(args) -> Path | None:
+    """The --store folder, checked before any data is read or kernel computed (None without
+    --store): its parent must exist, it must be a folder if it exists, and the stores it holds
+    are continued only with --resume."""
+    if args.store is None:
+        if args.resume:
+            raise CliError("--resume continues the kernels kept in a --store DIR; give --store DIR "
+                           "(the folder of the run to continue)")
+        return None
+    d = Path(args.store)
+    if (d.exists() or d.is_symlink()) and not d.is_dir():
+        raise CliError(f"--store {args.store!r} exists and is not a folder; give a folder path, "
+                       "e.g. 'kernels/'")
+    if not d.parent.is_dir():
+        raise CliError(f"--store {args.store!r}: the folder {str(d.parent)!r} does not exist; "
+                       "create it first or give a path in an existing folder")
+    kept = [name for name in KERNEL_STORES.values()
+            if (d / name).exists() or (d / name).is_symlink()]
+    if kept and not args.resume:
+        raise CliError(f"--store {args.store!r} already holds {' and '.join(kept)}; pass --resume "
+                       "to continue the kernels kept there (refused if they are another job's), "
+                       "or choose another folder")
+    from ..jobs.store import require_zarr
+    try:
+        require_zarr()
+    except ImportError as e:
+        raise CliError(f"--store {e}") from None
+    return d
+
+
+def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, which: str):
+    """({depth: result}, info) of ``gram(x1, x2)`` over ``depths`` (a result: an array, or
+    (ntk, nngp) for kernel "both"): computed in memory without ``store``; with it, into the
+    Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job, refused if it
+    holds another) and read back from it, every chunk checked against its checksum."""
+    from ..jobs.store import StorePath, array_names, load_gram
+    if store is None:
+        result, info = gram(x1, x2, **opts, return_info=True)
+        return (result if isinstance(result, dict) else {depths[0]: result}), info
+    store.mkdir(exist_ok=True)
+    group, info = gram(x1, x2, **opts, return_info=True,
+                       out=StorePath(store / KERNEL_STORES[which], existing="resume"))
+    names = array_names(depths, opts["kernel"])
+    picked = ("ntk", "nngp") if opts["kernel"] == "both" else (opts["kernel"],)
+    out = {}
+    for d in depths:
+        arrays = tuple(load_gram(group, names[(d, k)]) for k in picked)
+        out[d] = arrays if opts["kernel"] == "both" else arrays[0]
+    return out, info
+
+
+def _tiles(info) -> str:
+    return f"{info['tiles_computed']} of {info['tiles_total']} tiles computed"
+
+
 # ----------------------------------------------------------------------------- report
 def _rel(v) -> str:
     return "0" if v == 0 else f"{v:.0e}"
@@ -214,6 +288,7 @@ def run(args) -> int:
         opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
     if args.json:
         check_json_path(args.json)
+    store = check_store(args)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
     xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
     xte = to_nchw(xte, args.data_format, f"DATA {args.data!r}")
@@ -235,16 +310,19 @@ def run(args) -> int:
           + f", {len(classes)} classes, preprocess {args.preprocess}, seed {args.seed}")
     kernel = args.kernel
     t0 = time.perf_counter()
-    ktr, info_tr = gram(xtr, **opts, return_info=True)
+    ktr, info_tr = kernels(gram, xtr, None, opts, depths, store, "train")
     t1 = time.perf_counter()
-    kte, info_te = gram(xte, xtr, **opts, return_info=True)
-    if arch.layers is not None:                     # a stack: one depth, its result as is
-        ktr, kte = {depths[0]: ktr}, {depths[0]: kte}
+    kte, info_te = kernels(gram, xte, xtr, opts, depths, store, "test")
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
+    computed = info_tr["pairs_computed"] + info_te["pairs_computed"]
     print(f"kernels: {args.architecture}, depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
           f"{info_tr['backend']} ({info_tr.get('where', '')}, {args.dtype}): train Gram "
-          f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs, {pairs / (t2 - t0):.4g} pairs/s")
+          f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs"
+          + (f" ({computed} computed in this run)" if computed != pairs else "")
+          + (f", {computed / (t2 - t0):.4g} pairs/s" if computed else ""))
+    if store is not None:
+        print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
     names = ("ntk", "nngp") if kernel == "both" else (kernel,)
     results = []
     for d in depths:
@@ -270,7 +348,11 @@ def run(args) -> int:
                    backend=info_tr["backend"], dtype=args.dtype, tile=args.tile,
                    tile_used=info_tr.get("tile"),
                    seconds=dict(train_gram=t1 - t0, test_kernel=t2 - t1, solve=time.perf_counter() - t2),
-                   pairs=pairs, machine=machine(), results=results)
+                   pairs=pairs, pairs_computed=computed, store=None if store is None else str(store),
+                   tiles=None if store is None else {
+                       which: dict(computed=info["tiles_computed"], total=info["tiles_total"])
+                       for which, info in (("train", info_tr), ("test", info_te))},
+                   machine=machine(), results=results)
         write_json(args.json, rec)
         print(f"results written to {args.json}")
     return 0
