@@ -55,8 +55,11 @@ def table(args) -> str:
         rec = json.loads(f.read_text())
         acc = {r["kernel"]: r["accuracy"] for r in rec["results"]}
         secs = rec["seconds"]["train_gram"] + rec["seconds"]["test_kernel"]
+        # a configuration resumed from its --store-dir kernels timed only its last run
+        part = "" if rec.get("pairs_computed", rec["pairs"]) == rec["pairs"] else \
+            f" (resumed: {rec['pairs_computed']} of {rec['pairs']} pairs in this run)"
         rows.append(f"| {CONFIGS[name][0]} | {100 * acc['ntk']:.1f}% | {100 * acc['nngp']:.1f}% | "
-                    f"{secs:.0f} | `{rec['command']}` |")
+                    f"{secs:.0f}{part} | `{rec['command']}` |")
     return "\n".join(rows) + "\n"
 
 

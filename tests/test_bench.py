@@ -942,3 +942,7 @@ def test_accuracy_recipes_table_and_resumable_kernels(tmp_path, capsys):
     assert again["tiles"] == {w: dict(t, computed=0) for w, t in first["tiles"].items()}
     assert again["results"] == first["results"]
     assert "accuracy_recipes_gap.json exists, kept" in capsys.readouterr().out
+    # the table says that the resumed configuration's seconds are of its last run only
+    table = (tmp_path / "res" / "accuracy_recipes_table.md").read_text()
+    assert f"(resumed: 0 of {first['pairs']} pairs in this run)" in table
+    assert table.count("resumed") == 1
