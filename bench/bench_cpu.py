@@ -13,8 +13,6 @@ second); writes <out-dir>/cpu_<date>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, int_at_least, machine, median_time, result_header,  # noqa: E402
-                          utc_date, write_json)
+                          run_snippet, utc_date, write_json)
 
 NT_SNIPPET = r"""
 import json, os, sys, time
@@ -72,15 +70,8 @@ def bench_engine(n, depth, size, repeats):
 
 def bench_nt(python, n, depth, size, repeats, save=None):
     """Time neural-tangents in ``python``; ``save``: an .npz path for its images and kernels."""
-    try:
-        out = subprocess.run([python, "-c", NT_SNIPPET, str(n), str(depth), str(size), str(repeats),
-                              str(Path(__file__).resolve().parent)] + ([str(save)] if save else []),
-                             capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"unavailable": str(e)}
-    if out.returncode != 0:
-        return {"unavailable": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_snippet(python, NT_SNIPPET, [n, depth, size, repeats, Path(__file__).resolve().parent]
+                       + ([save] if save else []))
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, choice_list, int_at_least, machine, median_time,  # noqa: E402
-                          result_header, utc_date, versions, write_json)
+                          result_header, run_snippet, utc_date, versions, write_json)
 
 ARCHITECTURES = ("myrtle5", "myrtle7", "myrtle10")
 
@@ -125,15 +125,8 @@ def bench_engine(name, n, repeats, dtype="float32"):
 
 
 def bench_nt(python, n, depth, repeats, save):
-    try:
-        out = subprocess.run([python, "-c", NT_SNIPPET, str(n), str(depth), str(repeats),
-                              str(Path(__file__).resolve().parent), str(save)],
-                             capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"unavailable": str(e)}
-    if out.returncode != 0:
-        return {"unavailable": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Time neural-tangents' Myrtle network in ``python``; its images and kernels go to ``save``."""
+    return run_snippet(python, NT_SNIPPET, [n, depth, repeats, Path(__file__).resolve().parent, save])
 
 
 def peak_memory(name, n) -> dict:

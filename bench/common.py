@@ -67,6 +67,22 @@ def result_header() -> dict:
             "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
 
+def run_snippet(python, snippet: str, args, timeout: float = 3600) -> dict:
+    """Run ``snippet`` with ``python -c`` and ``args``; its last stdout line is the JSON result.
+
+    An alternative (neural-tangents, in another interpreter) that cannot run gives
+    ``{"unavailable": why}`` instead of an exception: a comparison reports it and goes on.
+    """
+    try:
+        out = subprocess.run([str(python), "-c", snippet] + [str(a) for a in args],
+                             capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"unavailable": str(e)}
+    if out.returncode != 0:
+        return {"unavailable": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_json(path, payload: dict) -> Path:
     """Write ``payload`` to ``path`` atomically (a .tmp file renamed into place)."""
     path = Path(path)

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import signal
 import shutil
@@ -24,6 +25,16 @@ def load_real(name):
     if not path.exists():
         pytest.skip(f"real data {path} not found (set CNTK_ENGINE_DATA to the folder holding it)")
     return np.load(path)
+
+
+def load_tool(name: str):
+    """The module ``tools/<name>.py``, loaded from its file: putting the checkout ahead of
+    site-packages on sys.path would make cntk_engine import from the source tree (which has no
+    compiled extension)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

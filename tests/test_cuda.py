@@ -6,7 +6,6 @@ variants' per-entry ReLU step compiled as host code against NumPy, the diagonal 
 ``prepare`` builds for each variant, the launch parameters ``pairs`` builds and the extension's
 checks of them (no CUDA call is made), and the variant selection.
 """
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -22,23 +21,14 @@ from cntk_engine.backends import cuda as cuda_backend
 from cntk_engine.backends import unavailable_reason
 from cntk_engine.backends.base import sqrt_and_inverse
 from cntk_engine.diag import diag_norms
-from conftest import load_real
+from conftest import load_real, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_sass_mix():
-    # loaded from its file: putting the checkout ahead of site-packages on sys.path would make
-    # cntk_engine import from the source tree (which has no compiled extension)
-    spec = importlib.util.spec_from_file_location("sass_mix", ROOT / "tools" / "sass_mix.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # The installed extension, also when another test module made cntk_engine import from the
 # checkout (tools/sass_mix.py, load_extension); the backend uses it in these tests.
-EXT = _load_sass_mix().load_extension()
+EXT = load_tool("sass_mix").load_extension()
 
 
 def _use_installed_extension(mp):

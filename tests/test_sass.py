@@ -8,26 +8,14 @@ variant's kernels are missing for sm_80 or sm_90.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
 
-
-def _load_sass_mix():
-    # loaded from its file: putting the checkout ahead of site-packages on sys.path would make
-    # cntk_engine import from the source tree (which has no compiled extension)
-    spec = importlib.util.spec_from_file_location("sass_mix", ROOT / "tools" / "sass_mix.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sass_mix = _load_sass_mix()
+sass_mix = load_tool("sass_mix")
 
 # A two-row kernel: setup, a loop of 5 instructions with one MUFU (two rows -> 2.5 slots per
 # entry-layer), an outer loop around it, exit.
