@@ -28,10 +28,10 @@ def load_real(name):
 
 
 def load_tool(name: str):
-    """The module ``tools/<name>.py``, loaded from its file: putting the checkout ahead of
-    site-packages on sys.path would make cntk_engine import from the source tree (which has no
-    compiled extension)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    """The module ``tools/<name>.py`` (``name`` may hold a folder: ``gpu/prepare_carry``),
+    loaded from its file: putting the checkout ahead of site-packages on sys.path would make
+    cntk_engine import from the source tree (which has no compiled extension)."""
+    spec = importlib.util.spec_from_file_location(Path(name).name, ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -899,6 +899,59 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     assert "ALL PHASES OK OR SKIPPED" in proc.stdout
 
 
+def _paper_snapshot(tmp_path, source: str) -> Path:
+    """A git repository whose HEAD holds ``source`` as CNTK.py (a snapshot as fetch makes it)."""
+    import subprocess
+    repo = tmp_path / "CNTK"
+    repo.mkdir()
+    (repo / "CNTK.py").write_text(source)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "CNTK.py"], ["commit", "-qm", "snapshot"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    return repo / ".git"
+
+
+def test_prepare_carry_builds_the_folders_and_refuses_bad_inputs(tmp_path, capsys):
+    """tools/gpu/prepare_carry.py: .paper and .devdata built (a stale file replaced, no
+    temporary folder left), the call printed; a CNTK.py the harness cannot load, or missing
+    data, refused before anything is written."""
+    from conftest import load_tool
+    prepare = load_tool("gpu/prepare_carry")
+    standin = (ROOT / "tests" / "fixtures" / "paper_code_standin.txt").read_text()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in prepare.DATA_FILES:
+        np.savez(data / name, x=np.arange(3))
+    dest = tmp_path / "checkout"
+    (dest / ".devdata").mkdir(parents=True)
+    (dest / ".devdata" / "stale.npz").write_text("old")
+    argv = ["--data", str(data), "--no-wheels", "--dest", str(dest)]
+
+    snapshot = _paper_snapshot(tmp_path, standin)
+    assert prepare.main(["--paper-git", str(snapshot)] + argv) == 0
+    out = capsys.readouterr().out
+    assert (dest / ".paper" / "CNTK.py").read_text() == standin
+    assert sorted(p.name for p in (dest / ".devdata").iterdir()) == sorted(prepare.DATA_FILES)
+    assert sorted(p.name for p in dest.iterdir()) == [".devdata", ".paper"]
+    assert prepare.CALL in out and "MiB of the device tool's 64 MiB" in out
+
+    # a CNTK.py without xz: refused, nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    bad = _paper_snapshot(broken, standin.replace("def xz(", "def not_xz("))
+    assert prepare.main(["--paper-git", str(bad), "--data", str(data), "--no-wheels",
+                         "--dest", str(empty)]) == 2
+    assert "xz" in capsys.readouterr().err and not list(empty.iterdir())
+    # data missing: refused before the folders of the first run are touched
+    (data / prepare.DATA_FILES[1]).unlink()
+    assert prepare.main(["--paper-git", str(snapshot)] + argv) == 2
+    assert f"{prepare.DATA_FILES[1]} not found" in capsys.readouterr().err
+    assert sorted(p.name for p in (dest / ".devdata").iterdir()) == sorted(prepare.DATA_FILES)
+    assert sorted(p.name for p in dest.iterdir()) == [".devdata", ".paper"]
+
+
 def test_bench_stack_blocks_dry_run(tmp_path):
     """bench/bench_stack_blocks.py end to end with numba standing in for cuda (the GPU session's
     stack_blocks phase): both budgets' rows, their bits compared, the JSON written."""

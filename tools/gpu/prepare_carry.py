@@ -1,0 +1,150 @@
+"""Prepare the three folders a GPU visit carries (tools/gpu/README.md), on this side, without
+device time: the neural-tangents wheels (``.whl``), the paper's ``CNTK.py`` (``.paper``) and
+the real images the GPU tests read (``.devdata``).  All three are ignored by git.
+
+    python tools/gpu/prepare_carry.py --paper-git /work/.mirror/ruosongwang+CNTK/repo/.git
+
+``--paper-git`` is the git directory of a snapshot of github.com/ruosongwang/CNTK (the search
+tool's ``fetch github:ruosongwang/CNTK`` answers with it); its ``CNTK.py`` is checked by
+loading it as the harness does (``bench/paper_code.py``, with its RawKernels emulated), so a
+wrong file is refused here rather than found out on the GPU.  Everything is checked before
+anything is written; each folder is built under a temporary name and renamed into place, so
+an interrupted run leaves the previous folder or none, never half of one.  At the end it prints
+the folders' sizes against the device tool's carry limit and the call that uses them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WHEELS = ("neural-tangents==0.6.5", "frozendict")     # pure Python; JAX is on the GPU machine
+WHEEL_PYTHON = "3.12"                                  # the GPU machine's Python
+DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
+CARRY_LIMIT = 64 * 2**20                               # the device tool's carry limit, all paths
+CALL = 'run(command="bash tools/gpu/gpu_session.sh", carry=[".whl", ".paper", ".devdata"], timeout_s=600)'
+
+
+class PrepareError(Exception):
+    """An input that cannot make a carry folder; the message names it and what is accepted."""
+
+
+def paper_source(git_dir: Path) -> str:
+    """``CNTK.py`` at HEAD of the snapshot ``git_dir``, checked by loading it as the harness does."""
+    if not git_dir.is_dir():
+        raise PrepareError(f"--paper-git {git_dir}: no such folder; give the git directory of a "
+                           "snapshot of github.com/ruosongwang/CNTK (fetch github:ruosongwang/CNTK)")
+    out = subprocess.run(["git", "--git-dir", str(git_dir), "show", "HEAD:CNTK.py"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise PrepareError(f"--paper-git {git_dir}: HEAD has no CNTK.py ({out.stderr.strip()}); "
+                           "give the snapshot of github.com/ruosongwang/CNTK")
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.paper_code import unavailable_reason
+    finally:
+        sys.path.remove(str(REPO))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "CNTK.py"
+        path.write_text(out.stdout)
+        why = unavailable_reason(path, emulate=True)
+    if why is not None:     # named as the snapshot names it, not by the temporary copy
+        why = why.replace(str(path), "HEAD:CNTK.py")
+        raise PrepareError(f"--paper-git {git_dir}: its CNTK.py is not the paper's code as "
+                           f"bench/paper_code.py reads it: {why}")
+    return out.stdout
+
+
+def data_paths(data: Path) -> list[Path]:
+    paths = [data / name for name in DATA_FILES]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise PrepareError(f"--data {data}: {', '.join(missing)} not found; give the folder holding "
+                           f"{' and '.join(DATA_FILES)} (the shared data folder)")
+    return paths
+
+
+def download_wheels(dest: Path) -> None:
+    """``pip download`` of WHEELS for the GPU machine's Python into ``dest``."""
+    out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                          "--python-version", WHEEL_PYTHON, "--implementation", "cp",
+                          "--platform", "manylinux2014_x86_64", "--platform", "any",
+                          "-d", str(dest), *WHEELS], capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-3:])
+        raise PrepareError(f"pip download {' '.join(WHEELS)} failed (no network?):\n{tail}")
+    names = sorted(p.name for p in dest.glob("*.whl"))
+    for want in ("neural_tangents-0.6.5-", "frozendict-"):
+        if not any(n.startswith(want) for n in names):
+            raise PrepareError(f"pip download wrote {names}, without a {want}*.whl")
+
+
+def replace_folder(dest: Path, fill) -> None:
+    """Build ``dest`` under a temporary name with ``fill(folder)``, then rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=dest.parent))
+    try:
+        fill(tmp)
+        old = dest.with_name(dest.name + ".old")
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paper-git", type=Path, required=True,
+                    help="git directory of a snapshot of github.com/ruosongwang/CNTK")
+    ap.add_argument("--data", type=Path,
+                    default=Path(os.environ.get("CNTK_ENGINE_DATA", REPO.parent / "shared" / "data")),
+                    help="folder holding " + " and ".join(DATA_FILES)
+                    + " [$CNTK_ENGINE_DATA, else ../shared/data next to the checkout]")
+    ap.add_argument("--no-wheels", action="store_true",
+                    help="keep .whl as it is (no download; the nt phase needs it on the GPU machine)")
+    ap.add_argument("--dest", type=Path, default=REPO,
+                    help="the checkout whose .whl, .paper and .devdata are written [this one]")
+    args = ap.parse_args(argv)
+    try:
+        if not args.dest.is_dir():
+            raise PrepareError(f"--dest {args.dest}: no such folder; give the repository checkout")
+        # every input checked before anything is written
+        source = paper_source(args.paper_git)
+        paths = data_paths(args.data)
+        if not args.no_wheels:
+            replace_folder(args.dest / ".whl", download_wheels)
+        replace_folder(args.dest / ".paper", lambda d: (d / "CNTK.py").write_text(source))
+        replace_folder(args.dest / ".devdata",
+                       lambda d: [shutil.copyfile(p, d / p.name) for p in paths])
+    except PrepareError as e:
+        print(f"prepare_carry: {e}", file=sys.stderr)
+        return 2
+    total = 0
+    for name in (".whl", ".paper", ".devdata"):
+        folder = args.dest / name
+        size = folder_bytes(folder) if folder.is_dir() else 0
+        total += size
+        files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else ["(absent)"]
+        print(f"{name:9s} {size / 2**20:6.1f} MiB  {', '.join(files)}")
+    print(f"carried in all: {total / 2**20:.1f} MiB of the device tool's {CARRY_LIMIT // 2**20} MiB")
+    if total > CARRY_LIMIT:
+        print("prepare_carry: more than the device tool carries; the call would fail", file=sys.stderr)
+        return 2
+    print(f"the call (device tool): {CALL}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
