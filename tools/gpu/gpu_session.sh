@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, from the repository root, everything into $OUT: install, the GPU
 # tests of every kernel variant, compute-sanitizer, the harness bench of every kernel variant
-# (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the stack kernel's two
-# register budgets, the paper's own code and neural-tangents on the same GPU, the SASS counts of
+# (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the paper's own code and
+# neural-tangents on the same GPU, the stack kernel's two register budgets, the SASS counts of
 # the binary that ran (last: they can also be read without a GPU), and a summary against the
 # targets of issue #16.  Phases run in that order, so a deadline cuts the least needed ones.
 # tools/gpu/README.md gives the device tool's exact call.
@@ -11,10 +11,10 @@
 #   OUT=/tmp/o bash tools/gpu/gpu_session.sh --cpu-dry-run [--nt-python PY] [--paper-code F]
 #
 # Options [defaults]:
-#   --phases LIST     comma list of install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,
+#   --phases LIST     comma list of install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,
 #                     summary and the optional ncu (Nsight Compute profiles), bench_cuda
-#                     (bench/bench_cuda.py) [install,tests,sanitizer,bench,stack_blocks,paper,
-#                     nt,sass,summary]; stack_blocks: bench/bench_stack_blocks.py
+#                     (bench/bench_cuda.py) [install,tests,sanitizer,bench,paper,nt,
+#                     stack_blocks,sass,summary]; stack_blocks: bench/bench_stack_blocks.py
 #   --deadline S      seconds for the whole script [540; 1200 with --cpu-dry-run].  Each phase
 #                     runs under `timeout` with its own limit, cut to what is left before the
 #                     deadline less 25 s kept for the summary; a phase that would get less than
@@ -54,7 +54,7 @@ set -uo pipefail
 
 REPO=$(pwd)
 PY=python3
-PHASES=install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,summary
+PHASES=install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,summary
 DEADLINE=""
 WHEELS=""
 PAPER=""
@@ -79,7 +79,7 @@ done
 for p in ${PHASES//,/ }; do
   case "$p" in
     install|tests|sanitizer|sass|bench|stack_blocks|paper|nt|summary|ncu|bench_cuda) ;;
-    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,bench,stack_blocks,paper,nt,sass,summary,ncu,bench_cuda)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,summary,ncu,bench_cuda)"; exit 2 ;;
   esac
 done
 case "$DEADLINE" in
@@ -331,9 +331,10 @@ print(describe_kernel_variants())" || echo "cntk_engine does not import"
 run_phase tests 30 150
 run_phase sanitizer 20 90
 run_phase bench 30 180
-run_phase stack_blocks 20 60
 run_phase paper 20 90
 run_phase nt 30 180
+# after the comparisons the issue's targets need: a tuning question (one or two blocks per SM)
+run_phase stack_blocks 20 60
 run_phase sass 10 90
 run_phase ncu 30 120
 run_phase bench_cuda 30 120
