@@ -49,7 +49,7 @@
 # Device time, measured on an H200 (2026-12-04, two variants, no stacks on cuda yet, 418 s in
 # all): install 84 s, tests crashed after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench
 # 122 s, paper 12 s, nt 127 s.  With three variants and the Myrtle benches the default phases may
-# not all fit the 540 s deadline: sass, the last, is the one cut.
+# not all fit the 540 s deadline: sass, the last, is the one cut first, then stack_blocks.
 set -uo pipefail
 
 REPO=$(pwd)
