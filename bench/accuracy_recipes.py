@@ -46,8 +46,8 @@ def command(name, args) -> list[str]:
 
 
 def table(args) -> str:
-    rows = ["| configuration | NTK test accuracy | NNGP test accuracy | kernel seconds | command |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = ["| configuration | NTK test accuracy | NNGP test accuracy | kernel seconds | machine | command |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for name in CONFIGS:
         f = Path(args.out_dir) / f"{args.name}_{name}.json"
         if not f.exists():
@@ -58,8 +58,12 @@ def table(args) -> str:
         # a configuration resumed from its --store-dir kernels timed only its last run
         part = "" if rec.get("pairs_computed", rec["pairs"]) == rec["pairs"] else \
             f" (resumed: {rec['pairs_computed']} of {rec['pairs']} pairs in this run)"
+        # rows run at different times may come from different machines: their seconds compare
+        # only on the same one
+        m = rec.get("machine", {})
+        where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
         rows.append(f"| {CONFIGS[name][0]} | {100 * acc['ntk']:.1f}% | {100 * acc['nngp']:.1f}% | "
-                    f"{secs:.0f}{part} | `{rec['command']}` |")
+                    f"{secs:.0f}{part} | {where} | `{rec['command']}` |")
     return "\n".join(rows) + "\n"
 
 

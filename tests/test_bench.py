@@ -999,3 +999,6 @@ def test_accuracy_recipes_table_and_resumable_kernels(tmp_path, capsys):
     table = (tmp_path / "res" / "accuracy_recipes_table.md").read_text()
     assert f"(resumed: 0 of {first['pairs']} pairs in this run)" in table
     assert table.count("resumed") == 1
+    # each row names the machine its seconds were measured on
+    m = first["machine"]
+    assert table.count(f"| {m['cpu']}, {m['cores']} cores |") == 2
