@@ -26,7 +26,9 @@
 #   --paper-code F    a local copy of CNTK.py of github.com/ruosongwang/CNTK [.paper/CNTK.py if
 #                     it exists]; without it the paper phase records "unavailable" with the reason
 #   --nt-python PY    the Python that runs neural-tangents [the --python]
-#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed [v3,v5,v6]
+#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed, in this order
+#                     [v3,v6,v5: the float32 default, the variant never run on a GPU, then v5,
+#                     timed on the H200 already; a bench phase stopped at its limit cuts the last]
 #   --tag T           names the files [gpu; cpu_dry_run with --cpu-dry-run]
 #   --python PY       [python3]
 #   --cpu-dry-run     the same phases on a CPU machine, to test this script before a GPU call:
@@ -59,7 +61,7 @@ DEADLINE=""
 WHEELS=""
 PAPER=""
 NT_PY=""
-KERNELS=v3,v5,v6
+KERNELS=v3,v6,v5
 TAG=""
 DRY=0
 while [ $# -gt 0 ]; do
