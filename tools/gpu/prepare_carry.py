@@ -61,6 +61,7 @@ def paper_source(git_dir: Path) -> str:
 
 
 def data_paths(data: Path) -> list[Path]:
+    """The DATA_FILES in ``data``, all of them or a PrepareError naming the missing ones."""
     paths = [data / name for name in DATA_FILES]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -100,6 +101,14 @@ def replace_folder(dest: Path, fill) -> None:
         raise
 
 
+def copy_files(paths):
+    """A ``fill`` for :func:`replace_folder`: copies ``paths`` into the folder."""
+    def fill(folder: Path) -> None:
+        for p in paths:
+            shutil.copyfile(p, folder / p.name)
+    return fill
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -126,8 +135,7 @@ def main(argv=None) -> int:
         if not args.no_wheels:
             replace_folder(args.dest / ".whl", download_wheels)
         replace_folder(args.dest / ".paper", lambda d: (d / "CNTK.py").write_text(source))
-        replace_folder(args.dest / ".devdata",
-                       lambda d: [shutil.copyfile(p, d / p.name) for p in paths])
+        replace_folder(args.dest / ".devdata", copy_files(paths))
     except PrepareError as e:
         print(f"prepare_carry: {e}", file=sys.stderr)
         return 2
