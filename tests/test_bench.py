@@ -857,11 +857,14 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     import subprocess
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    prebuilt = _stamped_prebuilt(tmp_path / "prebuilt", ROOT)
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu" / "gpu_session.sh"), "--cpu-dry-run",
                            "--python", sys.executable, "--nt-python", sys.executable,
-                           "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt")],
+                           "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt"),
+                           "--prebuilt", str(prebuilt)],
                           cwd=ROOT, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "the prebuilt wheel matches this tree" in proc.stdout     # the install phase's check
     summary = json.loads((out / "gpu_session_cpu_dry_run_summary.json").read_text())
     phases = {p["phase"]: p for p in summary["phases"]}
     assert set(phases) >= {"install", "tests", "sanitizer", "sass", "bench", "paper", "nt", "summary"}
@@ -899,6 +902,70 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     assert "ALL PHASES OK OR SKIPPED" in proc.stdout
 
 
+def _stamped_prebuilt(folder: Path, repo: Path, **stamp) -> Path:
+    """A .prebuilt folder whose stamp describes ``repo``'s build inputs for this Python (the wheel
+    is a stand-in file: only `install` opens it)."""
+    from conftest import load_tool
+    prebuilt = load_tool("gpu/prebuilt")
+    folder.mkdir()
+    (folder / "cntk_engine-0.1.0-standin.whl").write_bytes(b"not a wheel")
+    record = {"wheel": "cntk_engine-0.1.0-standin.whl", "commit": "0" * 40,
+              "python": prebuilt.python_tag(sys.version_info), "files": prebuilt.source_files(repo)}
+    (folder / prebuilt.STAMP).write_text(json.dumps({**record, **stamp}))
+    return folder
+
+
+def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, monkeypatch):
+    """tools/gpu/prebuilt.py: `check` accepts the stamp of this tree and names what differs
+    otherwise (a changed or added build input, another Python, a missing wheel or stamp); files
+    that imports and in-place builds write are not build inputs; `build` refuses a working tree
+    whose build inputs differ from HEAD's, and a Python of another version, before building."""
+    import subprocess
+    from conftest import load_tool
+    prebuilt = load_tool("gpu/prebuilt")
+    repo = tmp_path / "repo"
+    (repo / "csrc").mkdir(parents=True)
+    (repo / "cntk_engine" / "__pycache__").mkdir(parents=True)
+    for name, text in (("pyproject.toml", "[project]\n"), ("CMakeLists.txt", "project(x)\n"),
+                       ("csrc/k.cu", "// kernel\n"), ("cntk_engine/__init__.py", ""), ("README.md", "r\n")):
+        (repo / name).write_text(text)
+    files = prebuilt.source_files(repo)
+    assert sorted(files) == ["CMakeLists.txt", "cntk_engine/__init__.py", "csrc/k.cu", "pyproject.toml"]
+    good = _stamped_prebuilt(tmp_path / "good", repo)
+    assert prebuilt.check(good, repo) == good / "cntk_engine-0.1.0-standin.whl"
+    # bytecode, an in-place extension and the README do not count
+    (repo / "cntk_engine" / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"x")
+    (repo / "cntk_engine" / "_cuda.so").write_bytes(b"x")
+    (repo / "README.md").write_text("changed\n")
+    assert prebuilt.check(good, repo).is_file()
+    (repo / "csrc" / "k.cu").write_text("// changed\n")
+    (repo / "csrc" / "new.cuh").write_text("")
+    with pytest.raises(prebuilt.PrebuiltError, match=r"differ from this tree's in csrc/k\.cu, csrc/new\.cuh"):
+        prebuilt.check(good, repo)
+    other = _stamped_prebuilt(tmp_path / "other", repo, python="cp27")
+    with pytest.raises(prebuilt.PrebuiltError, match="is for cp27; this Python is cp3"):
+        prebuilt.check(other, repo)
+    (other / "cntk_engine-0.1.0-standin.whl").unlink()
+    with pytest.raises(prebuilt.PrebuiltError, match="standin.whl .named by stamp.json. is missing"):
+        prebuilt.check(other, repo)
+    with pytest.raises(prebuilt.PrebuiltError, match="no readable stamp.json"):
+        prebuilt.check(tmp_path, repo)
+    assert prebuilt.main(["check", str(tmp_path), "--repo", str(repo)]) == 1
+
+    # build: the tree must be HEAD's, and the Python the GPU machine's version
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    monkeypatch.setattr(prebuilt.shutil, "which", lambda name: "/usr/bin/" + name)   # nvcc or not
+    with pytest.raises(prebuilt.PrebuiltError, match=r"is not a Python 2\.7"):
+        monkeypatch.setattr(prebuilt, "DEVICE_PYTHON", (2, 7))
+        prebuilt.build(tmp_path / "w", repo, sys.executable)
+    monkeypatch.setattr(prebuilt, "DEVICE_PYTHON", tuple(sys.version_info[:2]))
+    (repo / "csrc" / "k.cu").write_text("// not committed\n")
+    with pytest.raises(prebuilt.PrebuiltError, match=r"differ from HEAD's .*: csrc/k\.cu; commit them first"):
+        prebuilt.build(tmp_path / "w", repo, sys.executable)
+
+
 def _paper_snapshot(tmp_path, source: str) -> Path:
     """A git repository whose HEAD holds ``source`` as CNTK.py (a snapshot as fetch makes it)."""
     import subprocess
@@ -925,7 +992,7 @@ def test_prepare_carry_builds_the_folders_and_refuses_bad_inputs(tmp_path, capsy
     dest = tmp_path / "checkout"
     (dest / ".devdata").mkdir(parents=True)
     (dest / ".devdata" / "stale.npz").write_text("old")
-    argv = ["--data", str(data), "--no-wheels", "--dest", str(dest)]
+    argv = ["--data", str(data), "--no-wheels", "--no-prebuilt", "--dest", str(dest)]
 
     snapshot = _paper_snapshot(tmp_path, standin)
     assert prepare.main(["--paper-git", str(snapshot)] + argv) == 0
@@ -941,7 +1008,7 @@ def test_prepare_carry_builds_the_folders_and_refuses_bad_inputs(tmp_path, capsy
     broken = tmp_path / "broken"
     broken.mkdir()
     bad = _paper_snapshot(broken, standin.replace("def xz(", "def not_xz("))
-    assert prepare.main(["--paper-git", str(bad), "--data", str(data), "--no-wheels",
+    assert prepare.main(["--paper-git", str(bad), "--data", str(data), "--no-wheels", "--no-prebuilt",
                          "--dest", str(empty)]) == 2
     assert "xz" in capsys.readouterr().err and not list(empty.iterdir())
     # data missing: refused before the folders of the first run are touched

@@ -23,6 +23,10 @@
 #   --wheels DIR      wheels installed with --no-deps into $WORK/site, which is on PYTHONPATH
 #                     (neural-tangents and frozendict: the GPU machine cannot download)
 #                     [.whl if it exists]
+#   --prebuilt DIR    the package's wheel built on the CPU side with its stamp
+#                     (tools/gpu/prebuilt.py): installed in place of the build when its stamp
+#                     matches this tree and it runs here, else the build runs [.prebuilt if it
+#                     exists]; a dry run only checks the stamp
 #   --paper-code F    a local copy of CNTK.py of github.com/ruosongwang/CNTK [.paper/CNTK.py if
 #                     it exists]; without it the paper phase records "unavailable" with the reason
 #   --nt-python PY    the Python that runs neural-tangents [the --python]
@@ -49,9 +53,10 @@
 # exports) and cuda_<GPU>_<date>.json/.png.
 #
 # Device time, measured on an H200 (2026-12-04, two variants, no stacks on cuda yet, 418 s in
-# all): install 84 s, tests crashed after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench
-# 122 s, paper 12 s, nt 127 s.  With three variants and the Myrtle benches the default phases may
-# not all fit the 540 s deadline: sass, the last, is the one cut first, then stack_blocks.
+# all): install 84 s (the build; the prebuilt wheel took 2 s on the CPU side), tests crashed
+# after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench 122 s, paper 12 s, nt 127 s.  With
+# three variants and the Myrtle benches the default phases may not all fit the 540 s deadline:
+# sass, the last, is the one cut first, then stack_blocks.
 set -uo pipefail
 
 REPO=$(pwd)
@@ -59,6 +64,7 @@ PY=python3
 PHASES=install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,summary
 DEADLINE=""
 WHEELS=""
+PREBUILT=""
 PAPER=""
 NT_PY=""
 KERNELS=v3,v6,v5
@@ -69,6 +75,7 @@ while [ $# -gt 0 ]; do
     --phases) PHASES=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --wheels) WHEELS=$2; shift 2 ;;
+    --prebuilt) PREBUILT=$2; shift 2 ;;
     --paper-code) PAPER=$2; shift 2 ;;
     --nt-python) NT_PY=$2; shift 2 ;;
     --kernels) KERNELS=$2; shift 2 ;;
@@ -91,6 +98,7 @@ esac
 [ -z "$TAG" ] && TAG=$([ "$DRY" = 1 ] && echo cpu_dry_run || echo gpu)
 [ -z "$WHEELS" ] && [ -d "$REPO/.whl" ] && [ "$DRY" = 0 ] && WHEELS="$REPO/.whl"
 [ -z "$PAPER" ] && [ -f "$REPO/.paper/CNTK.py" ] && PAPER="$REPO/.paper/CNTK.py"
+[ -z "$PREBUILT" ] && [ -d "$REPO/.prebuilt" ] && PREBUILT="$REPO/.prebuilt"
 [ -z "$NT_PY" ] && NT_PY=$PY
 OUT=${OUT:-$REPO/gpu_out}
 mkdir -p "$OUT"
@@ -115,7 +123,7 @@ export PYTHONPATH="$WORK/pp:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export CNTK_ENGINE_DATA=${CNTK_ENGINE_DATA:-$REPO/.devdata}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false      # JAX beside CuPy in one GPU: no 75% grab
-export REPO PY OUT WORK HARNESS KERNELS DRY WHEELS PAPER NT_PY TAG
+export REPO PY OUT WORK HARNESS KERNELS DRY WHEELS PREBUILT PAPER NT_PY TAG
 
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 step() { echo; echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s $*"; }
@@ -145,7 +153,19 @@ phase_install() {
     echo "no wheels folder (--wheels / .whl): neural-tangents must already be importable for the nt phase"
   fi
   if [ "$DRY" = 1 ]; then
-    skip "package build: --cpu-dry-run uses the package installed in $PY (the GPU run builds it with pip install --no-build-isolation --no-deps .)"
+    if [ -n "$PREBUILT" ]; then
+      "$PY" -P tools/gpu/prebuilt.py check "$PREBUILT" --repo "$REPO" && echo "the prebuilt wheel matches this tree"
+    fi
+    skip "package build: --cpu-dry-run uses the package installed in $PY (the GPU run installs the prebuilt wheel or builds with pip install --no-build-isolation --no-deps .)"
+  fi
+  # the wheel built on the CPU side saves the build's device time; any mismatch or failure to
+  # run here (another image's system libraries) falls back to the build
+  if [ -n "$PREBUILT" ]; then
+    if "$PY" -P tools/gpu/prebuilt.py install "$PREBUILT" --repo "$REPO"; then
+      echo "the prebuilt wheel, no build" > "$WORK/phase_note"; return 0
+    fi
+    echo "the prebuilt wheel is not used (above); building from source"
+    echo "built from source: the prebuilt wheel was not used (the log says why)" > "$WORK/phase_note"
   fi
   # -lineinfo: source lines in an ncu profile; the generated code does not change
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} \
@@ -299,14 +319,14 @@ run_phase() {   # NAME MIN_SECONDS MAX_SECONDS
   fi
   limit=$(( left < max ? left : max ))
   step "$name (limit ${limit}s)"
-  rm -f "$WORK/skip_reason"
+  rm -f "$WORK/skip_reason" "$WORK/phase_note"
   t=$(date +%s)
   timeout --kill-after=10 "$limit" bash -c "phase_$name"
   rc=$?
   t=$(( $(date +%s) - t ))
   reason=""
   case "$rc" in
-    0) status=ok ;;
+    0) status=ok; reason=$(cat "$WORK/phase_note" 2>/dev/null) ;;
     99) status=skipped; reason=$(cat "$WORK/skip_reason" 2>/dev/null) ;;
     124|137) status=timed_out; reason="stopped at its limit of ${limit}s" ;;
     *) status=failed; reason="exit status $rc" ;;
@@ -320,7 +340,7 @@ run_phase() {   # NAME MIN_SECONDS MAX_SECONDS
 step "gpu_session.sh tag=$TAG phases=$PHASES deadline=${DEADLINE}s dry_run=$DRY kernels=$KERNELS commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'unknown (archive)')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
 "$PY" --version
-echo "paper code: ${PAPER:-none}; wheels: ${WHEELS:-none}; neural-tangents python: $NT_PY; data: $CNTK_ENGINE_DATA"
+echo "paper code: ${PAPER:-none}; wheels: ${WHEELS:-none}; prebuilt: ${PREBUILT:-none}; neural-tangents python: $NT_PY; data: $CNTK_ENGINE_DATA"
 
 run_phase install 60 300
 step "what will run"

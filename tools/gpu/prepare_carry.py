@@ -1,6 +1,8 @@
-"""Prepare the three folders a GPU visit carries (tools/gpu/README.md), on this side, without
-device time: the neural-tangents wheels (``.whl``), the paper's ``CNTK.py`` (``.paper``) and
-the real images the GPU tests read (``.devdata``).  All three are ignored by git.
+"""Prepare the folders a GPU visit carries (tools/gpu/README.md), on this side, without device
+time: the neural-tangents wheels (``.whl``), the paper's ``CNTK.py`` (``.paper``), the real
+images the GPU tests read (``.devdata``) and this package's wheel with its CUDA extension, built
+from HEAD for the GPU machine's Python (``.prebuilt``, tools/gpu/prebuilt.py: about 4 minutes on
+two cores, which the visit then does not spend compiling).  All four are ignored by git.
 
     python tools/gpu/prepare_carry.py --paper-git /work/.mirror/ruosongwang+CNTK/repo/.git
 
@@ -27,11 +29,23 @@ WHEELS = ("neural-tangents==0.6.5", "frozendict")     # pure Python; JAX is on t
 WHEEL_PYTHON = "3.12"                                  # the GPU machine's Python
 DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
 CARRY_LIMIT = 64 * 2**20                               # the device tool's carry limit, all paths
-CALL = 'run(command="bash tools/gpu/gpu_session.sh", carry=[".whl", ".paper", ".devdata"], timeout_s=600)'
+FOLDERS = (".whl", ".paper", ".devdata", ".prebuilt")
+CALL = ('run(command="bash tools/gpu/gpu_session.sh", carry=[' + ", ".join(f'"{f}"' for f in FOLDERS)
+        + '], timeout_s=600)')
 
 
 class PrepareError(Exception):
     """An input that cannot make a carry folder; the message names it and what is accepted."""
+
+
+def from_repo(module: str):
+    """``module`` of this checkout (bench/, tools/), imported with the checkout on sys.path."""
+    import importlib
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(REPO))
 
 
 def paper_source(git_dir: Path) -> str:
@@ -44,11 +58,7 @@ def paper_source(git_dir: Path) -> str:
     if out.returncode != 0:
         raise PrepareError(f"--paper-git {git_dir}: HEAD has no CNTK.py ({out.stderr.strip()}); "
                            "give the snapshot of github.com/ruosongwang/CNTK")
-    sys.path.insert(0, str(REPO))
-    try:
-        from bench.paper_code import unavailable_reason
-    finally:
-        sys.path.remove(str(REPO))
+    unavailable_reason = from_repo("bench.paper_code").unavailable_reason
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "CNTK.py"
         path.write_text(out.stdout)
@@ -123,8 +133,12 @@ def main(argv=None) -> int:
                     + " [$CNTK_ENGINE_DATA, else ../shared/data next to the checkout]")
     ap.add_argument("--no-wheels", action="store_true",
                     help="keep .whl as it is (no download; the nt phase needs it on the GPU machine)")
+    ap.add_argument("--no-prebuilt", action="store_true",
+                    help="keep .prebuilt as it is (no build; the GPU machine then builds the package)")
+    ap.add_argument("--prebuilt-python",
+                    help="the Python 3.12 that builds .prebuilt [python3.12 on PATH, else pyenv's]")
     ap.add_argument("--dest", type=Path, default=REPO,
-                    help="the checkout whose .whl, .paper and .devdata are written [this one]")
+                    help="the checkout whose folders are written; .prebuilt is built from its HEAD [this one]")
     args = ap.parse_args(argv)
     try:
         if not args.dest.is_dir():
@@ -132,6 +146,13 @@ def main(argv=None) -> int:
         # every input checked before anything is written
         source = paper_source(args.paper_git)
         paths = data_paths(args.data)
+        if not args.no_prebuilt:      # first: the longest step, with checks of its own
+            prebuilt = from_repo("tools.gpu.prebuilt")
+            try:
+                replace_folder(args.dest / ".prebuilt",
+                               lambda d: prebuilt.build(d, args.dest, args.prebuilt_python))
+            except prebuilt.PrebuiltError as e:
+                raise PrepareError(f".prebuilt: {e} (--no-prebuilt skips it)") from None
         if not args.no_wheels:
             replace_folder(args.dest / ".whl", download_wheels)
         replace_folder(args.dest / ".paper", lambda d: (d / "CNTK.py").write_text(source))
@@ -140,7 +161,7 @@ def main(argv=None) -> int:
         print(f"prepare_carry: {e}", file=sys.stderr)
         return 2
     total = 0
-    for name in (".whl", ".paper", ".devdata"):
+    for name in FOLDERS:
         folder = args.dest / name
         size = folder_bytes(folder) if folder.is_dir() else 0
         total += size

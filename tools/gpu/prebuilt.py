@@ -1,0 +1,214 @@
+"""The package with its CUDA extension, built here and carried to the GPU machine as a wheel
+(``.prebuilt``), so a visit does not spend its device time compiling it (84 s of the 540 s
+deadline on the H200 visit of 2026-12-04, the install phase's `pip install .`).
+
+    python tools/gpu/prebuilt.py build .prebuilt [--python PY312]   # here (prepare_carry calls it)
+    python tools/gpu/prebuilt.py check .prebuilt                    # does it match this tree?
+    python tools/gpu/prebuilt.py install .prebuilt                  # there (gpu_session.sh's install)
+
+Why a stamp, and what it holds.  The device tool carries the working tree, not a commit, so the
+wheel is used only where it was built from exactly the build inputs the GPU machine holds
+(BUILD_INPUTS: every file's SHA-256 is in ``stamp.json`` beside the wheel, and a mismatch names
+the files).  It is built from a clean ``git archive`` of HEAD, with the CMake arguments of the
+install phase (sm_90, ``-lineinfo``), by a Python of the GPU machine's minor version (3.12: a
+``cp312`` wheel), and it is refused where the working tree's build inputs differ from HEAD's
+(commit first).  The GPU machine's image is not this one, so a binary built here may not load
+there (other system libraries): ``install`` imports the extension and, where a GPU is usable,
+compares a tiny Gram with the float64 reference; any failure (exit status 1) sends the install
+phase back to building from source, as before.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_INPUTS = ("pyproject.toml", "CMakeLists.txt", "csrc", "cntk_engine")
+NOT_INPUTS = ("__pycache__",)                     # written by imports, never built from
+NOT_INPUT_SUFFIXES = (".pyc", ".so")              # bytecode; an extension built in place
+DEVICE_PYTHON = (3, 12)                           # the GPU machine's python3 (device KINDS.md)
+CMAKE_ARGS = "-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo"   # as gpu_session.sh
+STAMP = "stamp.json"
+EXTENSION_PREFIX = "cntk_engine/_cuda."
+
+# Run by the installed package after `install`: the extension loads, and where a GPU is usable
+# its float64 Gram of two tiny images matches the float64 reference.
+SMOKE = """
+import numpy as np, cntk_engine as ce, cntk_engine._cuda
+from cntk_engine.backends.cuda import describe_kernel_variants
+print(describe_kernel_variants().splitlines()[0])
+why = ce.available_backends()["cuda"]
+if why is None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    a = ce.gram(x, depth=3, backend="cuda", dtype="float64")
+    b = ce.gram(x, depth=3, backend="reference")
+    err = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    assert err < 1e-10, f"cuda float64 differs from the reference by {err:.3g}"
+    print(f"cuda matches the reference on a tiny Gram: {err:.2g}")
+else:
+    print(f"the cuda backend cannot run here ({why}); the extension loads")
+"""
+
+
+class PrebuiltError(Exception):
+    """The prebuilt wheel cannot be built or used; the message names why and what to do."""
+
+
+def source_files(root: Path) -> dict[str, str]:
+    """{path relative to ``root``: SHA-256} of every build input under ``root``."""
+    files = {}
+    for name in BUILD_INPUTS:
+        top = root / name
+        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for p in paths:
+            rel = p.relative_to(root)
+            if any(part in NOT_INPUTS for part in rel.parts) or p.suffix in NOT_INPUT_SUFFIXES:
+                continue
+            files[rel.as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def python_tag(version) -> str:
+    return f"cp{version[0]}{version[1]}"
+
+
+def python_version(python: str) -> tuple[int, int] | None:
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True)
+    return tuple(map(int, out.stdout.split())) if out.returncode == 0 else None
+
+
+def find_device_python() -> str | None:
+    """A Python of DEVICE_PYTHON's minor version on this machine (PATH, then pyenv's versions)."""
+    major, minor = DEVICE_PYTHON
+    candidates = [shutil.which(f"python{major}.{minor}")]
+    candidates += sorted(map(str, Path.home().glob(f".pyenv/versions/{major}.{minor}*/bin/python{major}.{minor}")))
+    for c in candidates:
+        if c and python_version(c) == DEVICE_PYTHON:
+            return c
+    return None
+
+
+def build(dest: Path, repo: Path = REPO, python: str | None = None) -> dict:
+    """Build the wheel of HEAD of ``repo`` into the (empty) folder ``dest`` and write its stamp."""
+    python = python or find_device_python()
+    want = ".".join(map(str, DEVICE_PYTHON))
+    if python is None:
+        raise PrebuiltError(f"no Python {want} found (PATH, ~/.pyenv/versions); the wheel must match the "
+                            f"GPU machine's Python {want}: name one with --python")
+    if python_version(python) != DEVICE_PYTHON:
+        raise PrebuiltError(f"--python {python} is not a Python {want} (the GPU machine's)")
+    if shutil.which("nvcc") is None:
+        raise PrebuiltError("no nvcc on PATH: the wheel would have no CUDA extension")
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise PrebuiltError(f"{repo} is not a git checkout ({commit.stderr.strip()})")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        archive = subprocess.run(f"git -C '{repo}' archive HEAD | tar -x -C '{src}'", shell=True,
+                                 capture_output=True, text=True)
+        if archive.returncode != 0:
+            raise PrebuiltError(f"git archive HEAD failed: {archive.stderr.strip()}")
+        files = source_files(src)
+        changed = differing(files, source_files(repo))
+        if changed:
+            raise PrebuiltError("the working tree's build inputs differ from HEAD's (the GPU machine gets "
+                                f"the working tree, so it would not use the wheel): {', '.join(changed[:8])}"
+                                f"{' ...' if len(changed) > 8 else ''}; commit them first")
+        env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS,
+                   CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+        out = subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "-w", str(dest), str(src)],
+                             capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-15:])
+            raise PrebuiltError(f"pip wheel failed:\n{tail}")
+    (wheel,) = dest.glob("cntk_engine-*.whl")
+    if not any(n.startswith(EXTENSION_PREFIX) for n in zipfile.ZipFile(wheel).namelist()):
+        raise PrebuiltError(f"{wheel.name} holds no CUDA extension ({EXTENSION_PREFIX}*): the build "
+                            "found no CUDA compiler")
+    stamp = {"wheel": wheel.name, "commit": commit.stdout.strip(), "python": python_tag(DEVICE_PYTHON),
+             "cmake_args": CMAKE_ARGS, "nvcc": nvcc_release(), "files": files}
+    (dest / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    return stamp
+
+
+def nvcc_release() -> str:
+    out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def check(folder: Path, repo: Path = REPO) -> Path:
+    """The wheel in ``folder`` if its stamp matches ``repo``'s build inputs and this Python."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+        wheel = folder / stamp["wheel"]
+        files, tag = stamp["files"], stamp["python"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrebuiltError(f"{folder}: no readable {STAMP} naming a wheel ({e!r}); "
+                            "make it with tools/gpu/prepare_carry.py") from None
+    if not wheel.is_file():
+        raise PrebuiltError(f"{folder}: {wheel.name} (named by {STAMP}) is missing")
+    if tag != python_tag(sys.version_info):
+        raise PrebuiltError(f"{wheel.name} is for {tag}; this Python is {python_tag(sys.version_info)}")
+    changed = differing(files, source_files(repo))
+    if changed:
+        raise PrebuiltError(f"{wheel.name} was built from commit {stamp.get('commit', '?')[:10]}, whose "
+                            f"build inputs differ from this tree's in {', '.join(changed[:8])}"
+                            f"{' ...' if len(changed) > 8 else ''}")
+    return wheel
+
+
+def install(folder: Path, repo: Path = REPO) -> None:
+    """``check``, then pip install the wheel into this Python and run SMOKE with it."""
+    wheel = check(folder, repo)
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                          "--force-reinstall", str(wheel)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise PrebuiltError(f"pip install {wheel.name} failed: {(out.stdout + out.stderr).strip()[-800:]}")
+    smoke = subprocess.run([sys.executable, "-P", "-c", SMOKE], capture_output=True, text=True,
+                           cwd=tempfile.gettempdir())
+    print(smoke.stdout.strip())
+    if smoke.returncode != 0:
+        raise PrebuiltError(f"{wheel.name} installed but does not run here: {smoke.stderr.strip()[-800:]}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("build", "check", "install"))
+    ap.add_argument("folder", type=Path, help="the wheel's folder (.prebuilt)")
+    ap.add_argument("--repo", type=Path, default=REPO, help="the checkout [this one]")
+    ap.add_argument("--python", help=f"build: a Python {'.'.join(map(str, DEVICE_PYTHON))} [found on PATH or in pyenv]")
+    args = ap.parse_args(argv)
+    try:
+        if args.action == "build":
+            args.folder.mkdir(parents=True, exist_ok=True)
+            if any(args.folder.iterdir()):
+                raise PrebuiltError(f"{args.folder} is not empty (prepare_carry.py replaces .prebuilt whole)")
+            stamp = build(args.folder, args.repo, args.python)
+            print(f"built {stamp['wheel']} of {stamp['commit'][:10]} ({len(stamp['files'])} build inputs)")
+        elif args.action == "check":
+            print(check(args.folder, args.repo))
+        else:
+            install(args.folder, args.repo)
+            print(f"installed the prebuilt {check(args.folder, args.repo).name}")
+    except PrebuiltError as e:
+        print(f"prebuilt: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
