@@ -49,6 +49,7 @@
 #   harness_<tag>.json / .png      the harness results of the bench, paper and nt phases (one file:
 #                                  each phase continues it with --resume) and their plot
 #   sass_<variant>_sm90.json       the instruction mix of each variant's 32x32 float32 kernel
+#                                  (not when the prebuilt wheel ran: read it on the CPU side)
 # Optional phases add ncu_<variant>_depth21.tar.gz (one per variant: profile_ncu.sh's report and
 # exports) and cuda_<GPU>_<date>.json/.png.
 #
@@ -162,7 +163,7 @@ phase_install() {
   # run here (another image's system libraries) falls back to the build
   if [ -n "$PREBUILT" ]; then
     if "$PY" -P tools/gpu/prebuilt.py install "$PREBUILT" --repo "$REPO"; then
-      echo "the prebuilt wheel, no build" > "$WORK/phase_note"; return 0
+      echo "the prebuilt wheel, no build" > "$WORK/phase_note"; touch "$WORK/prebuilt_installed"; return 0
     fi
     echo "the prebuilt wheel is not used (above); building from source"
     echo "built from source: the prebuilt wheel was not used (the log says why)" > "$WORK/phase_note"
@@ -226,6 +227,9 @@ for v in os.environ['KERNELS'].split(','):
 
 phase_sass() {
   "$PY" -P -c "import cntk_engine._cuda" 2>/dev/null || skip "the CUDA extension cntk_engine._cuda is not installed"
+  # the binary that ran was built on the CPU side, where its SASS reads the same with no device time
+  [ -f "$WORK/prebuilt_installed" ] && skip "the extension that ran is the prebuilt wheel's: read its SASS \
+on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so SO --kernel $KERNELS)"
   # one process for every variant: the binary is disassembled once (~30 s on the H200)
   "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$OUT" 2>&1 \
     | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -90
