@@ -952,6 +952,30 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
         prebuilt.check(tmp_path, repo)
     assert prebuilt.main(["check", str(tmp_path), "--repo", str(repo)]) == 1
 
+    # install: pip, then the smoke check in a fresh process; either failing is an error (the
+    # install phase then builds from source)
+    (repo / "csrc" / "k.cu").write_text("// kernel\n")
+    (repo / "csrc" / "new.cuh").unlink()
+    calls = []
+
+    def fake_run(outcomes):
+        def run(cmd, **kw):
+            calls.append(cmd)
+            rc, err = outcomes.pop(0)
+            return subprocess.CompletedProcess(cmd, rc, stdout="", stderr=err)
+        return run
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, "")]))
+    prebuilt.install(good, repo)
+    assert calls[0][1:4] == ["-m", "pip", "install"] and calls[0][-1].endswith("standin.whl")
+    assert calls[1][1:3] == ["-P", "-c"] and "backend=\"reference\"" in calls[1][3]
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(1, "no matching distribution")]))
+    with pytest.raises(prebuilt.PrebuiltError, match="pip install .* failed: no matching distribution"):
+        prebuilt.install(good, repo)
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (1, "ImportError: GLIBCXX_3.4.32")]))
+    with pytest.raises(prebuilt.PrebuiltError, match="does not run here: ImportError: GLIBCXX_3.4.32"):
+        prebuilt.install(good, repo)
+    monkeypatch.undo()
+
     # build: the tree must be HEAD's, and the Python the GPU machine's version
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
