@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 WHEELS = ("neural-tangents==0.6.5", "frozendict")     # pure Python; JAX is on the GPU machine
 WHEEL_PYTHON = "3.12"                                  # the GPU machine's Python
 DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
-CARRY_LIMIT = 64 * 2**20                               # the device tool's carry limit, all paths
+CARRY_LIMIT = 64 * 2**20                               # the device tool's limit: tree + carried
 FOLDERS = (".whl", ".paper", ".devdata", ".prebuilt")
 CALL = ('run(command="bash tools/gpu/gpu_session.sh", carry=[' + ", ".join(f'"{f}"' for f in FOLDERS)
         + '], timeout_s=600)')
@@ -119,6 +119,17 @@ def copy_files(paths):
     return fill
 
 
+def tree_bytes(checkout: Path) -> int | None:
+    """Bytes of the files the device tool sends from ``checkout`` beside the carried folders; None
+    where it is not a git checkout."""
+    out = subprocess.run(["git", "-C", str(checkout), "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], capture_output=True)
+    if out.returncode != 0:
+        return None
+    paths = (checkout / name for name in out.stdout.decode().split("\0") if name)
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -160,14 +171,18 @@ def main(argv=None) -> int:
     except PrepareError as e:
         print(f"prepare_carry: {e}", file=sys.stderr)
         return 2
-    total = 0
+    tree = tree_bytes(args.dest)
+    total = tree or 0
+    print(f"{'tree':9s} {total / 2**20:6.1f} MiB  "
+          + ("the files the device tool sends (tracked, and untracked ones git does not ignore)"
+             if tree is not None else "(not a git checkout: not counted)"))
     for name in FOLDERS:
         folder = args.dest / name
         size = folder_bytes(folder) if folder.is_dir() else 0
         total += size
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else ["(absent)"]
         print(f"{name:9s} {size / 2**20:6.1f} MiB  {', '.join(files)}")
-    print(f"carried in all: {total / 2**20:.1f} MiB of the device tool's {CARRY_LIMIT // 2**20} MiB")
+    print(f"sent in all: {total / 2**20:.1f} MiB of the device tool's {CARRY_LIMIT // 2**20} MiB")
     if total > CARRY_LIMIT:
         print("prepare_carry: more than the device tool carries; the call would fail", file=sys.stderr)
         return 2
