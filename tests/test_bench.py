@@ -1025,6 +1025,21 @@ def test_prepare_carry_builds_the_folders_and_refuses_bad_inputs(tmp_path, capsy
     assert sorted(p.name for p in (dest / ".devdata").iterdir()) == sorted(prepare.DATA_FILES)
     assert sorted(p.name for p in dest.iterdir()) == [".devdata", ".paper"]
     assert prepare.CALL in out and "MiB of the device tool's 64 MiB" in out
+    # a .prebuilt whose stamp matches the tree's build inputs is kept (no 4-minute build); one
+    # that does not is built again, which this checkout (no git, maybe no Python 3.12) refuses
+    prebuilt = load_tool("gpu/prebuilt")
+    device_tag = prebuilt.python_tag(prebuilt.DEVICE_PYTHON)
+    _stamped_prebuilt(dest / ".prebuilt", dest, python=device_tag)
+    with_prebuilt = [a for a in argv if a != "--no-prebuilt"]
+    assert prepare.main(["--paper-git", str(snapshot)] + with_prebuilt) == 0
+    assert "matches this tree's build inputs; kept" in capsys.readouterr().out
+    stale = json.loads((dest / ".prebuilt" / "stamp.json").read_text())
+    (dest / ".prebuilt" / "stamp.json").write_text(json.dumps({**stale, "python": "cp27"}))
+    assert prepare.main(["--paper-git", str(snapshot)] + with_prebuilt) == 2
+    assert "prepare_carry: .prebuilt: " in capsys.readouterr().err
+    assert json.loads((dest / ".prebuilt" / "stamp.json").read_text())["python"] == "cp27"   # untouched
+    import shutil
+    shutil.rmtree(dest / ".prebuilt")
 
     # a CNTK.py without xz: refused, nothing written
     empty = tmp_path / "empty"

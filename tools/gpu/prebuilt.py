@@ -150,8 +150,9 @@ def nvcc_release() -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def check(folder: Path, repo: Path = REPO) -> Path:
-    """The wheel in ``folder`` if its stamp matches ``repo``'s build inputs and this Python."""
+def check(folder: Path, repo: Path = REPO, python=None) -> Path:
+    """The wheel in ``folder`` if its stamp matches ``repo``'s build inputs and the Python
+    ``python`` ((major, minor); this one by default)."""
     try:
         stamp = json.loads((folder / STAMP).read_text())
         wheel = folder / stamp["wheel"]
@@ -161,8 +162,9 @@ def check(folder: Path, repo: Path = REPO) -> Path:
                             "make it with tools/gpu/prepare_carry.py") from None
     if not wheel.is_file():
         raise PrebuiltError(f"{folder}: {wheel.name} (named by {STAMP}) is missing")
-    if tag != python_tag(sys.version_info):
-        raise PrebuiltError(f"{wheel.name} is for {tag}; this Python is {python_tag(sys.version_info)}")
+    want = python_tag(python or sys.version_info)
+    if tag != want:
+        raise PrebuiltError(f"{wheel.name} is for {tag}; this Python is {want}")
     changed = differing(files, source_files(repo))
     if changed:
         raise PrebuiltError(f"{wheel.name} was built from commit {stamp.get('commit', '?')[:10]}, whose "

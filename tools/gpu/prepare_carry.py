@@ -2,7 +2,8 @@
 time: the neural-tangents wheels (``.whl``), the paper's ``CNTK.py`` (``.paper``), the real
 images the GPU tests read (``.devdata``) and this package's wheel with its CUDA extension, built
 from HEAD for the GPU machine's Python (``.prebuilt``, tools/gpu/prebuilt.py: about 4 minutes on
-two cores, which the visit then does not spend compiling).  All four are ignored by git.
+two cores, which the visit then does not spend compiling; kept where its stamp already matches
+the tree's build inputs).  All four are ignored by git.
 
     python tools/gpu/prepare_carry.py --paper-git /work/.mirror/ruosongwang+CNTK/repo/.git
 
@@ -160,10 +161,14 @@ def main(argv=None) -> int:
         if not args.no_prebuilt:      # first: the longest step, with checks of its own
             prebuilt = from_repo("tools.gpu.prebuilt")
             try:
-                replace_folder(args.dest / ".prebuilt",
-                               lambda d: prebuilt.build(d, args.dest, args.prebuilt_python))
-            except prebuilt.PrebuiltError as e:
-                raise PrepareError(f".prebuilt: {e} (--no-prebuilt skips it)") from None
+                wheel = prebuilt.check(args.dest / ".prebuilt", args.dest, prebuilt.DEVICE_PYTHON)
+                print(f".prebuilt: {wheel.name} matches this tree's build inputs; kept")
+            except prebuilt.PrebuiltError:
+                try:
+                    replace_folder(args.dest / ".prebuilt",
+                                   lambda d: prebuilt.build(d, args.dest, args.prebuilt_python))
+                except prebuilt.PrebuiltError as e:
+                    raise PrepareError(f".prebuilt: {e} (--no-prebuilt skips it)") from None
         if not args.no_wheels:
             replace_folder(args.dest / ".whl", download_wheels)
         replace_folder(args.dest / ".paper", lambda d: (d / "CNTK.py").write_text(source))
