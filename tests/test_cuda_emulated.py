@@ -1,6 +1,6 @@
 """The CUDA kernels' source, run without a GPU in the host emulation (tests/cuda_sim.py,
 csrc/host_simt.h), against the numba backend: the CNN kernel (gap, flatten, LAP, flips) and the
-pooled-stack kernel (Myrtle-5 on real CIFAR-10 images, stacks with odd pooled sizes, pools of 3,
+pooled-stack kernel (Myrtle-5 and Myrtle-10 on real CIFAR-10 images, stacks with odd pooled sizes, pools of 3,
 flatten readouts, MNIST's zero-variance windows).  ``backend="cuda"`` runs whole jobs here:
 the scheduler, the backend's array layouts and launch fields, and the kernels' algorithms with
 their shuffles, barriers, rounds and readout order; what only a GPU runs (the binding's launch,
@@ -96,6 +96,14 @@ def test_emulated_myrtle5_real_cifar(emulated):
     """Myrtle-5 (32 x 32 -> 16 -> 8, the guard-free 32 x 32 stage) on two CIFAR-10 images."""
     cifar, _ = real_cifar_and_mnist()
     check(cifar[:2], architecture="myrtle5")
+
+
+@pytest.mark.parametrize("emulated", ["v6"], indirect=True)
+def test_emulated_myrtle10_real_cifar(emulated):
+    """Myrtle-10, the architecture of the issue's 40,000 pairs/s target (three conv layers at
+    each of 32 x 32, 16 x 16 and 8 x 8), on two CIFAR-10 images with v6, the float32 candidate."""
+    cifar, _ = real_cifar_and_mnist()
+    check(cifar[:2], architecture="myrtle10")
 
 
 @pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
