@@ -168,7 +168,8 @@ phase_install() {
     echo "the prebuilt wheel is not used (above); building from source"
     echo "built from source: the prebuilt wheel was not used (the log says why)" > "$WORK/phase_note"
   fi
-  # -lineinfo: source lines in an ncu profile; the generated code does not change
+  # -lineinfo: source lines in an ncu profile; the generated code does not change (the same
+  # arguments as tools/gpu/prebuilt.py's CMAKE_ARGS, so either install runs the same kernels)
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} \
     CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo}" \
     "$PY" -m pip install --no-build-isolation --no-deps . 2>&1 | grep -v "spilled\|stack frame\|^\s*$" | tail -25

@@ -1,6 +1,6 @@
 """The package with its CUDA extension, built here and carried to the GPU machine as a wheel
-(``.prebuilt``), so a visit does not spend its device time compiling it (84 s of the 540 s
-deadline on the H200 visit of 2026-12-04, the install phase's `pip install .`).
+(``.prebuilt``), so a visit does not spend its device time compiling it (the build is the
+install phase's `pip install .`, its longest step).
 
     python tools/gpu/prebuilt.py build .prebuilt [--python PY312]   # here (prepare_carry calls it)
     python tools/gpu/prebuilt.py check .prebuilt                    # does it match this tree?
@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,7 +36,7 @@ BUILD_INPUTS = ("pyproject.toml", "CMakeLists.txt", "csrc", "cntk_engine")
 NOT_INPUTS = ("__pycache__",)                     # written by imports, never built from
 NOT_INPUT_SUFFIXES = (".pyc", ".so")              # bytecode; an extension built in place
 DEVICE_PYTHON = (3, 12)                           # the GPU machine's python3 (device KINDS.md)
-CMAKE_ARGS = "-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo"   # as gpu_session.sh
+CMAKE_ARGS = "-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo"   # = gpu_session.sh's build
 STAMP = "stamp.json"
 EXTENSION_PREFIX = "cntk_engine/_cuda."
 
@@ -116,12 +117,13 @@ def build(dest: Path, repo: Path = REPO, python: str | None = None) -> dict:
     if commit.returncode != 0:
         raise PrebuiltError(f"{repo} is not a git checkout ({commit.stderr.strip()})")
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        src.mkdir()
-        archive = subprocess.run(f"git -C '{repo}' archive HEAD | tar -x -C '{src}'", shell=True,
+        src, tar = Path(tmp) / "src", Path(tmp) / "src.tar"
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "-o", str(tar), "HEAD"],
                                  capture_output=True, text=True)
         if archive.returncode != 0:
             raise PrebuiltError(f"git archive HEAD failed: {archive.stderr.strip()}")
+        with tarfile.open(tar) as t:
+            t.extractall(src, filter="data")
         files = source_files(src)
         changed = differing(files, source_files(repo))
         if changed:
@@ -173,8 +175,9 @@ def check(folder: Path, repo: Path = REPO, python=None) -> Path:
     return wheel
 
 
-def install(folder: Path, repo: Path = REPO) -> None:
-    """``check``, then pip install the wheel into this Python and run SMOKE with it."""
+def install(folder: Path, repo: Path = REPO) -> Path:
+    """``check``, then pip install the wheel into this Python and run SMOKE with it; returns the
+    wheel."""
     wheel = check(folder, repo)
     out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                           "--force-reinstall", str(wheel)], capture_output=True, text=True)
@@ -185,6 +188,7 @@ def install(folder: Path, repo: Path = REPO) -> None:
     print(smoke.stdout.strip())
     if smoke.returncode != 0:
         raise PrebuiltError(f"{wheel.name} installed but does not run here: {smoke.stderr.strip()[-800:]}")
+    return wheel
 
 
 def main(argv=None) -> int:
@@ -204,8 +208,7 @@ def main(argv=None) -> int:
         elif args.action == "check":
             print(check(args.folder, args.repo))
         else:
-            install(args.folder, args.repo)
-            print(f"installed the prebuilt {check(args.folder, args.repo).name}")
+            print(f"installed the prebuilt {install(args.folder, args.repo).name}")
     except PrebuiltError as e:
         print(f"prebuilt: {e}", file=sys.stderr)
         return 1

@@ -27,7 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = ("neural-tangents==0.6.5", "frozendict")     # pure Python; JAX is on the GPU machine
-WHEEL_PYTHON = "3.12"                                  # the GPU machine's Python
 DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
 CARRY_LIMIT = 64 * 2**20                               # the device tool's limit: tree + carried
 FOLDERS = (".whl", ".paper", ".devdata", ".prebuilt")
@@ -47,6 +46,10 @@ def from_repo(module: str):
         return importlib.import_module(module)
     finally:
         sys.path.remove(str(REPO))
+
+
+PREBUILT = from_repo("tools.gpu.prebuilt")
+WHEEL_PYTHON = ".".join(map(str, PREBUILT.DEVICE_PYTHON))   # the GPU machine's Python
 
 
 def paper_source(git_dir: Path) -> str:
@@ -159,15 +162,14 @@ def main(argv=None) -> int:
         source = paper_source(args.paper_git)
         paths = data_paths(args.data)
         if not args.no_prebuilt:      # first: the longest step, with checks of its own
-            prebuilt = from_repo("tools.gpu.prebuilt")
             try:
-                wheel = prebuilt.check(args.dest / ".prebuilt", args.dest, prebuilt.DEVICE_PYTHON)
+                wheel = PREBUILT.check(args.dest / ".prebuilt", args.dest, PREBUILT.DEVICE_PYTHON)
                 print(f".prebuilt: {wheel.name} matches this tree's build inputs; kept")
-            except prebuilt.PrebuiltError:
+            except PREBUILT.PrebuiltError:
                 try:
                     replace_folder(args.dest / ".prebuilt",
-                                   lambda d: prebuilt.build(d, args.dest, args.prebuilt_python))
-                except prebuilt.PrebuiltError as e:
+                                   lambda d: PREBUILT.build(d, args.dest, args.prebuilt_python))
+                except PREBUILT.PrebuiltError as e:
                     raise PrepareError(f".prebuilt: {e} (--no-prebuilt skips it)") from None
         if not args.no_wheels:
             replace_folder(args.dest / ".whl", download_wheels)
