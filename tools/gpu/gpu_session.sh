@@ -184,11 +184,22 @@ phase_tests() {
     # every variant: tests/test_cuda.py parametrises its GPU tests over the compiled variants.
     # With pytest-xdist each test runs in a worker process, so a test that crashes its process
     # (a segfault ends a plain pytest run with no report) is named, and the others still run.
-    # The whole output goes to the log: a tail loses the name of the test that crashed.
-    xdist=()
+    # The whole output goes to the log: a tail loses the name of the test that crashed.  -v
+    # writes each test's outcome as it ends, so a phase stopped at its limit still says which
+    # tests passed (-q writes dots, and the failures only at the end); --durations says where
+    # the phase's time went (most of it is the CPU side's reference and numba Grams, and numba's
+    # first compilation on a fresh machine); pytest-timeout, where installed, ends a hung test
+    # instead of the phase.
+    # tests/test_sass.py reads the installed binary's SASS: when that is the prebuilt wheel's,
+    # its tests ran where the wheel was built, and here they would only spend device time.
+    xdist=() ptimeout=() sass=(tests/test_sass.py)
     if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 4); fi
-    "$PY" -P -X faulthandler -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py \
-      tests/test_sass.py tests/test_solver.py::test_cupy_matches_numpy 2>&1
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then ptimeout=(--timeout 100); fi
+    if [ -f "$WORK/prebuilt_installed" ]; then
+      sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
+    fi
+    "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 20 -p no:cacheprovider "${xdist[@]}" \
+      "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" tests/test_solver.py::test_cupy_matches_numpy 2>&1
   fi
   return "${PIPESTATUS[0]}"
 }
