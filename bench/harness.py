@@ -560,9 +560,11 @@ def run(args) -> dict:
     # the first's; a resumed file keeps the variants it counted before
     mixes = {}
     if "cuda" in methods and payload["gpu"] and variants is not None:
+        counted = sass_mix.read_counted(args.sass_mixes) if args.sass_mixes else None
         for v in dict.fromkeys(resolved_variant(cfg(c, "cuda_kernel"), variants, c["dtype"]) for c in matrix
                                if c["method"] == "cuda"):
-            mixes[v] = sass_mix.harness_mixes([c for c in matrix if c["method"] == "cuda"], kernel=v)
+            mixes[v] = sass_mix.harness_mixes([c for c in matrix if c["method"] == "cuda"], kernel=v,
+                                              counted=counted)
     counted = {**old.get("sass_by_kernel", {}), **mixes}
     if counted:
         payload["sass_by_kernel"] = counted
@@ -746,6 +748,11 @@ def parser():
                          "missing ones, keep configurations outside this matrix; refused when the file was "
                          "measured with another --seed/--warmup/--repeats/--devices/--dask-scheduler.  Without "
                          "--output: the newest <out-dir>/<name>_<date>.json")
+    ap.add_argument("--sass-mixes", default=None, metavar="PATH",
+                    help="the cuda kernels' instruction mixes counted where the installed extension was built "
+                         "(tools/gpu/prebuilt.py writes them beside its wheel), used for the issue figures when "
+                         "they counted this very binary (its SHA-256): no disassembly here; else, as without "
+                         "it, the binary is disassembled (~30 s per process on an H200)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the FMA-rate measurement")
     ap.add_argument("--no-plots", action="store_true")
     return ap

@@ -805,6 +805,34 @@ def test_harness_resume_keeps_what_earlier_runs_recorded(tmp_path, monkeypatch):
     assert [r["config"]["method"] for r in q["results"]] == ["per_layer_cpu", "numba"]
 
 
+def test_harness_takes_counted_sass_mixes_instead_of_disassembling(tmp_path, monkeypatch):
+    """--sass-mixes (the prebuilt wheel's counts, gpu_session.sh passes them): the issue figures'
+    mixes come from the file when it counted the installed binary, with no disassembly."""
+    from bench import harness
+    variants = harness.cuda_variants()
+    so = harness.sass_mix.find_extension()
+    if variants is None or so is None:
+        pytest.skip("the CUDA extension is not installed (built only when nvcc is found at install)")
+    counted = {v["name"]: {k: {"slots_per_entry_layer": 50.0 + i, "variant": v["name"]}
+                           for i, k in enumerate(("float32 k3", "float64 k3"))} for v in variants}
+    mixes = tmp_path / "sass_mixes.json"
+    mixes.write_text(json.dumps({"format": harness.sass_mix.COUNTED_FORMAT, "arch": "sm_90",
+                                 "so_sha256": harness.sass_mix.file_sha256(so), "by_kernel": counted}))
+
+    def no_disassembly(*_):
+        raise AssertionError("disassembled although counted")
+    monkeypatch.setattr(harness.sass_mix, "sass_text", no_disassembly)
+    monkeypatch.setattr(harness.sass_mix, "resource_usage", no_disassembly)
+    monkeypatch.setattr(harness, "gpu_info", lambda: {"name": "a stand-in GPU"})   # the mixes need one
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "cuda", "--kernels", ",".join(counted), "--depths", "2", "--sizes", "32",
+                  "--dtypes", "float32,float64", "--n", "2", "--repeats", "1", "--warmup", "0",
+                  "--no-ceiling", "--no-plots", "--output", str(out), "--sass-mixes", str(mixes)])
+    p = json.loads(out.read_text())
+    assert p["sass_by_kernel"] == counted
+    assert {r["status"] for r in p["results"]} <= {"ok", "unavailable"}
+
+
 # ------------------------------------------------------------ the GPU session script and summary
 def _rec(method, depth, rate, *, arch="cnn", dtype="float32", variant=None, n=256, status="ok", device="gpu",
          evaluated=None, check=None, fix=False, pooling="gap", reason=None):
@@ -976,6 +1004,31 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
         prebuilt.install(good, repo)
     monkeypatch.undo()
 
+    # mixes: the SASS counts of the wheel's own extension file, written whole or not at all
+    import zipfile
+    with pytest.raises(prebuilt.PrebuiltError, match="no wheel with a CUDA extension to count"):
+        prebuilt.count_mixes(good)
+    so_name = prebuilt.EXTENSION_PREFIX + "cpython-312-x86_64-linux-gnu.so"
+    with zipfile.ZipFile(good / "cntk_engine-0.1.0-standin.whl", "w") as z:
+        z.writestr(so_name, b"not a CUDA binary")
+    with pytest.raises(prebuilt.PrebuiltError, match="could not be counted here"):
+        prebuilt.count_mixes(good)
+    assert not (good / prebuilt.SASS_MIXES).exists()
+    sys.path.insert(0, str(ROOT))
+    try:
+        import tools.sass_mix as sass_mix_module          # the module prebuilt imports
+    finally:
+        sys.path.remove(str(ROOT))
+    seen = []
+    monkeypatch.setattr(sass_mix_module, "count_mixes",
+                        lambda so: seen.append(so.read_bytes()) or {"by_kernel": {"v3": {"float32 k3": {}}}})
+    assert prebuilt.main(["mixes", str(good)]) == 0
+    assert seen == [b"not a CUDA binary"]
+    assert json.loads((good / prebuilt.SASS_MIXES).read_text())["by_kernel"] == {"v3": {"float32 k3": {}}}
+    (good / prebuilt.SASS_MIXES).unlink()
+    (good / "cntk_engine-0.1.0-standin.whl").write_bytes(b"not a wheel")
+    monkeypatch.undo()
+
     # build: the tree must be HEAD's, and the Python the GPU machine's version
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
@@ -1032,7 +1085,10 @@ def test_prepare_carry_builds_the_folders_and_refuses_bad_inputs(tmp_path, capsy
     _stamped_prebuilt(dest / ".prebuilt", dest, python=device_tag)
     with_prebuilt = [a for a in argv if a != "--no-prebuilt"]
     assert prepare.main(["--paper-git", str(snapshot)] + with_prebuilt) == 0
-    assert "matches this tree's build inputs; kept" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "matches this tree's build inputs; kept" in out
+    # one from before the SASS counts gets them; a stand-in wheel has no extension to count
+    assert "no sass_mixes.json" in out and "the GPU side counts them" in out
     stale = json.loads((dest / ".prebuilt" / "stamp.json").read_text())
     (dest / ".prebuilt" / "stamp.json").write_text(json.dumps({**stale, "python": "cp27"}))
     assert prepare.main(["--paper-git", str(snapshot)] + with_prebuilt) == 2

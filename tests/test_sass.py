@@ -103,7 +103,7 @@ def sass_or_skip(so, ext, arch):
     if arch.removeprefix("sm_") not in built:
         pytest.skip(f"the extension was built for {', '.join('sm_' + a for a in built)} only (the "
                     "default build is 80;90)")
-    return sass_mix.functions(sass_mix.sass_text(so, arch))
+    return sass_mix.sass_text(so, arch)      # read once per binary and architecture (cached)
 
 
 def test_the_compiled_variants_are_the_budgeted_ones():
@@ -145,9 +145,9 @@ def test_lap_kernel_runs_the_variants_step_without_spills(kernel):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_variant_is_compiled_for_the_architecture(arch):
     so, ext = installed()
-    funcs = sass_or_skip(so, ext, arch)
+    funcs = sass_mix.functions(sass_or_skip(so, ext, arch), "pair_sums_kernel")
     usage = sass_mix.resource_usage(so, arch)
-    names = [n for n in funcs if "pair_sums_kernel" in n]
+    names = list(funcs)
     for kernel in BUDGETS:
         for dtype in ("float32", "float64"):
             # the instantiations launch_variant dispatches to: HMAX 8, 16, 32 x R 0..3, the
@@ -242,3 +242,38 @@ def test_cli_counts_several_variants_from_one_disassembly(tmp_path, capsys):
     assert [o["variant"] for o in outs] == ["v3", "v6"]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["sass_v3_sm90.json", "sass_v6_sm90.json"]
     assert json.loads((tmp_path / "sass_v6_sm90.json").read_text())["slots_per_entry_layer"] <= BUDGETS["v6"]["slots"]
+
+
+def test_counted_mixes_stand_in_for_the_disassembly_of_that_binary_only(tmp_path, monkeypatch, capsys):
+    # tools/gpu/prebuilt.py counts the wheel's kernels on the CPU side; the harness on the GPU
+    # machine takes them (--sass-mixes) for that very binary instead of disassembling it
+    so, ext = installed()
+    sass_or_skip(so, ext, "sm_90")
+    record = sass_mix.count_mixes(so)
+    variants = [v["name"] for v in ext.kernel_variants()]
+    assert list(record["by_kernel"]) == sass_mix.compiled_variants(so) == variants
+    cfgs = [{"method": "cuda", "dtype": d, "size": 32} for d in ("float32", "float64")]
+    path = tmp_path / "sass_mixes.json"
+    path.write_text(json.dumps(record))
+    counted = sass_mix.read_counted(path, so)
+    want = {v: sass_mix.harness_mixes(cfgs, so=so, kernel=v) for v in variants}
+
+    def no_disassembly(*_):
+        raise RuntimeError("disassembled although counted")
+    monkeypatch.setattr(sass_mix, "sass_text", no_disassembly)
+    monkeypatch.setattr(sass_mix, "resource_usage", no_disassembly)
+    for v in variants:
+        assert sass_mix.harness_mixes(cfgs, so=so, kernel=v, counted=counted) == want[v] == record["by_kernel"][v]
+    # what the record lacks is read from the binary (here: the error of the stubbed reader)
+    k5 = sass_mix.harness_mixes([dict(cfgs[0], filter_size=5)], so=so, kernel="v3", counted=counted)
+    assert "disassembled although counted" in k5["float32 k5"]["error"]
+    # another binary, another architecture, another format or no file: counted again, saying why
+    other = tmp_path / "_cuda.so"
+    data = so.read_bytes()
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert sass_mix.read_counted(path, other) is None
+    assert "counted for another binary" in capsys.readouterr().out
+    assert sass_mix.read_counted(path, so, arch="sm_80") is None
+    path.write_text(json.dumps({**record, "format": 0}))
+    assert sass_mix.read_counted(path, so) is None and "not readable" in capsys.readouterr().out
+    assert sass_mix.read_counted(tmp_path / "none.json", so) is None

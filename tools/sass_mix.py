@@ -170,11 +170,14 @@ def kernel_tag(dtype: str, hmax: int, radius: int, full: bool, kernel: str = DEF
     return f"ILi{m.group(1)}E{t}Li{hmax}ELi{radius}ELb{int(full)}ELb{int(listed)}EE"
 
 
-def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """Function name -> [(address, instruction text)]."""
+def functions(sass: str, contains: str = "") -> dict[str, list[tuple[int, str]]]:
+    """Function name -> [(address, instruction text)], for the functions whose name holds
+    ``contains`` (the whole binary's SASS is ~800 MB: parse only what is asked for)."""
     out = {}
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name, _, body = block.partition("\n")
+        if contains not in name:
+            continue
         out[name.strip()] = [(int(a, 16), text.strip())
                              for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", body)]
     return out
@@ -227,10 +230,11 @@ def issue_ceiling(slots: float, fma_rate: float, height=32, width=32, depth=21, 
     return fma_rate / (entries * (depth - 1) * slots)
 
 
-def harness_mixes(configs, so=None, arch="sm_90", kernel=None) -> dict:
+def harness_mixes(configs, so=None, arch="sm_90", kernel=None, counted=None) -> dict:
     """The layer-loop mix of the 32x32 kernels that the harness's cuda configurations ran
     ("float32 k3" -> mix, or {"error": why}); {} when no cuda configuration is 32x32.  kernel:
-    the variant [$CNTK_ENGINE_CUDA_KERNEL, else the default]."""
+    the variant [$CNTK_ENGINE_CUDA_KERNEL, else the default]; counted: mixes of this binary
+    counted before (``read_counted``), used instead of disassembling it where they hold one."""
     wanted = sorted({(c["dtype"], c.get("filter_size", 3)) for c in configs
                      if c["method"] == "cuda" and c["size"] == 32})
     if not wanted:
@@ -240,6 +244,9 @@ def harness_mixes(configs, so=None, arch="sm_90", kernel=None) -> dict:
     out = {}
     for dtype, k in wanted:
         key = f"{dtype} k{k}"
+        if key in (counted or {}).get(kernel, {}):
+            out[key] = counted[kernel][key]
+            continue
         try:
             if so is None:
                 raise RuntimeError("cntk_engine._cuda is not installed")
@@ -250,6 +257,62 @@ def harness_mixes(configs, so=None, arch="sm_90", kernel=None) -> dict:
         except Exception as e:   # no tools, no sm_90 code: recorded, the run goes on
             out[key] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+# Counted mixes: the disassembly behind harness_mixes takes about 30 s per process on an H200
+# (50 s here), and a GPU visit's bench runs one harness process per kernel variant.  For a binary
+# built on the CPU side (tools/gpu/prebuilt.py) the counts are made there, once, and carried; they
+# are bound to the binary by its SHA-256, so they stand in only for the very file they counted.
+COUNTED_FORMAT = 1
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def compiled_variants(so: Path, arch="sm_90") -> list[str]:
+    """The kernel variants ("v3", ...) whose pair kernel is in the binary's ``arch`` SASS."""
+    names = re.findall(r"Function : \S*pair_sums_kernelILi(\d+)E", sass_text(so, arch))
+    return [f"v{n}" for n in sorted({int(n) for n in names})]
+
+
+def count_mixes(so: Path, arch="sm_90", kernels=None, dtypes=("float32", "float64"),
+                filter_sizes=(3,)) -> dict:
+    """The harness mixes of every variant (``kernels``, default: all compiled in), dtype and
+    filter size of ``so``'s 32x32 kernels, with the binary's SHA-256 (``read_counted``)."""
+    so = Path(so)
+    configs = [{"method": "cuda", "size": 32, "dtype": d, "filter_size": k}
+               for d in dtypes for k in filter_sizes]
+    kernels = list(kernels) if kernels else compiled_variants(so, arch)
+    by_kernel = {}
+    for v in kernels:      # a mix that could not be read here is left for the GPU side to try
+        mixes = harness_mixes(configs, so, arch, v)
+        by_kernel[v] = {key: mix for key, mix in mixes.items() if "error" not in mix}
+    return {"format": COUNTED_FORMAT, "so_sha256": file_sha256(so), "arch": arch, "by_kernel": by_kernel}
+
+
+def read_counted(path: Path, so: Path | None = None, arch="sm_90") -> dict | None:
+    """``count_mixes``'s record in ``path`` as {variant: {"float32 k3": mix, ...}}, or None (and
+    a line saying why) when it counted another binary than ``so`` [the installed extension]."""
+    so = so or find_extension()
+    try:
+        record = json.loads(Path(path).read_text())
+        digest, rec_arch, by_kernel = record["so_sha256"], record["arch"], record["by_kernel"]
+        if record.get("format") != COUNTED_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, not {COUNTED_FORMAT}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"sass mixes {path}: not readable ({e!r}); counting from the binary")
+        return None
+    if so is None or rec_arch != arch or digest != file_sha256(so):
+        print(f"sass mixes {path}: counted for another binary ({rec_arch}, sha256 {digest[:12]}) than "
+              f"{so}; counting from the binary")
+        return None
+    return by_kernel
 
 
 def issue_figures(config: dict, pairs_per_s: float, mixes: dict, fp32_fma_rate: float | None) -> dict:
@@ -267,7 +330,7 @@ def analyse(so: Path, arch="sm_90", dtype="float32", hmax=32, radius=1, full=Tru
             kernel=DEFAULT_KERNEL, listed=False) -> dict:
     sass = sass_text(so, arch)
     tag = kernel_tag(dtype, hmax, radius, full, kernel, listed)
-    hits = {n: ins for n, ins in functions(sass).items() if "pair_sums_kernel" + tag in n}
+    hits = functions(sass, "pair_sums_kernel" + tag)
     if not hits:
         raise ValueError(f"pair_sums_kernel of variant {kernel} <{dtype}, {hmax}, {radius}, {full}, "
                          f"{listed}> "

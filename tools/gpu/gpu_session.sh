@@ -131,9 +131,12 @@ step() { echo; echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s $*"; }
 skip() { echo "SKIP: $*"; echo "$*" > "$WORK/skip_reason"; exit 99; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$PHASE_TSV"; }
 
-# harness options every phase shares (--resume continues one file; it refuses other settings)
+# harness options every phase shares (--resume continues one file; it refuses other settings);
+# the prebuilt wheel's SASS counts (bound to its binary) spare each bench process a disassembly
 harness() {
-  "$PY" -P -m bench --output "$HARNESS" --resume --repeats "$REPEATS" --warmup 1 --seed 0 --no-plots "$@"
+  local mixes=()
+  [ -f "$WORK/prebuilt_installed" ] && [ -f "$PREBUILT/sass_mixes.json" ] && mixes=(--sass-mixes "$PREBUILT/sass_mixes.json")
+  "$PY" -P -m bench --output "$HARNESS" --resume --repeats "$REPEATS" --warmup 1 --seed 0 --no-plots "${mixes[@]}" "$@"
 }
 if [ "$DRY" = 1 ]; then
   REPEATS=1

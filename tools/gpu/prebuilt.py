@@ -5,6 +5,7 @@ install phase's `pip install .`, its longest step).
     python tools/gpu/prebuilt.py build .prebuilt [--python PY312]   # here (prepare_carry calls it)
     python tools/gpu/prebuilt.py check .prebuilt                    # does it match this tree?
     python tools/gpu/prebuilt.py install .prebuilt                  # there (gpu_session.sh's install)
+    python tools/gpu/prebuilt.py mixes .prebuilt                    # here: its SASS counts (build does it)
 
 Why a stamp, and what it holds.  The device tool carries the working tree, not a commit, so the
 wheel is used only where it was built from exactly the build inputs the GPU machine holds
@@ -16,6 +17,11 @@ install phase (sm_90, ``-lineinfo``), by a Python of the GPU machine's minor ver
 there (other system libraries): ``install`` imports the extension and, where a GPU is usable,
 compares a tiny Gram with the float64 reference; any failure (exit status 1) sends the install
 phase back to building from source, as before.
+
+Beside the wheel, ``sass_mixes.json`` holds the instruction mixes of its kernels
+(tools/sass_mix.py ``count_mixes``), bound to the extension by its SHA-256: the harness takes
+them (``--sass-mixes``) instead of disassembling the binary in each of the bench phase's
+processes on the GPU machine.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ NOT_INPUT_SUFFIXES = (".pyc", ".so")              # bytecode; an extension built
 DEVICE_PYTHON = (3, 12)                           # the GPU machine's python3 (device KINDS.md)
 CMAKE_ARGS = "-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo"   # = gpu_session.sh's build
 STAMP = "stamp.json"
+SASS_MIXES = "sass_mixes.json"
 EXTENSION_PREFIX = "cntk_engine/_cuda."
 
 # Run by the installed package after `install`: the extension loads, and where a GPU is usable
@@ -144,7 +151,38 @@ def build(dest: Path, repo: Path = REPO, python: str | None = None) -> dict:
     stamp = {"wheel": wheel.name, "commit": commit.stdout.strip(), "python": python_tag(DEVICE_PYTHON),
              "cmake_args": CMAKE_ARGS, "nvcc": nvcc_release(), "files": files}
     (dest / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    try:
+        count_mixes(dest)
+    except PrebuiltError as e:          # the GPU side then counts them itself, as before
+        print(f"prebuilt: no {SASS_MIXES} ({e})", file=sys.stderr)
     return stamp
+
+
+def count_mixes(folder: Path) -> dict:
+    """Write ``folder``/SASS_MIXES: the harness mixes of every kernel variant in the wheel's
+    extension (read from the wheel, so bound to the very file pip installs there)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from tools import sass_mix
+    finally:
+        sys.path.remove(str(REPO))
+    try:
+        wheel = folder / json.loads((folder / STAMP).read_text())["wheel"]
+        members = [n for n in zipfile.ZipFile(wheel).namelist() if n.startswith(EXTENSION_PREFIX)]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise PrebuiltError(f"{folder}: no wheel with a CUDA extension to count ({e!r})") from None
+    if len(members) != 1:
+        raise PrebuiltError(f"{wheel.name}: {len(members)} files {EXTENSION_PREFIX}*, expected one")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = Path(zipfile.ZipFile(wheel).extract(members[0], tmp))
+        try:
+            record = sass_mix.count_mixes(so)
+        except (OSError, RuntimeError, ValueError) as e:    # no cuobjdump here, no sm_90 code
+            raise PrebuiltError(f"the SASS of {wheel.name} could not be counted here: {e}") from None
+    part = folder / (SASS_MIXES + ".part")
+    part.write_text(json.dumps(record, indent=1) + "\n")
+    part.replace(folder / SASS_MIXES)
+    return record
 
 
 def nvcc_release() -> str:
@@ -193,7 +231,7 @@ def install(folder: Path, repo: Path = REPO) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("build", "check", "install"))
+    ap.add_argument("action", choices=("build", "check", "install", "mixes"))
     ap.add_argument("folder", type=Path, help="the wheel's folder (.prebuilt)")
     ap.add_argument("--repo", type=Path, default=REPO, help="the checkout [this one]")
     ap.add_argument("--python", help=f"build: a Python {'.'.join(map(str, DEVICE_PYTHON))} [found on PATH or in pyenv]")
@@ -207,6 +245,10 @@ def main(argv=None) -> int:
             print(f"built {stamp['wheel']} of {stamp['commit'][:10]} ({len(stamp['files'])} build inputs)")
         elif args.action == "check":
             print(check(args.folder, args.repo))
+        elif args.action == "mixes":
+            record = count_mixes(args.folder)
+            print(f"wrote {args.folder / SASS_MIXES}: " + ", ".join(
+                f"{v} ({', '.join(m) or 'none'})" for v, m in record["by_kernel"].items()))
         else:
             print(f"installed the prebuilt {install(args.folder, args.repo).name}")
     except PrebuiltError as e:

@@ -165,6 +165,12 @@ def main(argv=None) -> int:
             try:
                 wheel = PREBUILT.check(args.dest / ".prebuilt", args.dest, PREBUILT.DEVICE_PYTHON)
                 print(f".prebuilt: {wheel.name} matches this tree's build inputs; kept")
+                if not (args.dest / ".prebuilt" / PREBUILT.SASS_MIXES).is_file():
+                    try:         # a .prebuilt from before the counts (build writes them)
+                        PREBUILT.count_mixes(args.dest / ".prebuilt")
+                        print(f".prebuilt: its kernels' SASS counted into {PREBUILT.SASS_MIXES}")
+                    except PREBUILT.PrebuiltError as e:
+                        print(f".prebuilt: no {PREBUILT.SASS_MIXES} ({e}); the GPU side counts them")
             except PREBUILT.PrebuiltError:
                 try:
                     replace_folder(args.dest / ".prebuilt",
