@@ -201,8 +201,17 @@ phase_tests() {
     if [ -f "$WORK/prebuilt_installed" ]; then
       sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
     fi
+    # A CUDA error is sticky: it fails every later test of its worker, which is not restarted.
+    # So the stack kernel's tests (Myrtle, pooled stacks: the kernel that had not run on a GPU)
+    # run in a second pytest, after the CNN kernels' tests are in.
+    local rc=0
     "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 20 -p no:cacheprovider "${xdist[@]}" \
-      "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" tests/test_solver.py::test_cupy_matches_numpy 2>&1
+      "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" tests/test_solver.py::test_cupy_matches_numpy \
+      -k "not (stack or myrtle)" 2>&1 || rc=1
+    echo "--- the stack kernel's tests"
+    "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider "${xdist[@]}" \
+      "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" -k "stack or myrtle" 2>&1 || rc=1
+    return $rc
   fi
   return "${PIPESTATUS[0]}"
 }
@@ -233,6 +242,9 @@ for v in os.environ['KERNELS'].split(','):
     k6 = ce.gram(y[:1], y, depth=3, backend='cuda', pooling='lap', lap_window=4, dtype='float64')
     k7 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', flip=True)
     print(v, 'lap / flip runs ok', k5[0, :2], k6[0], k7[0, :2])
+# the stack kernel last, after every variant's CNN kernels (an error it makes ends the process)
+for v in os.environ['KERNELS'].split(','):
+    os.environ['CNTK_ENGINE_CUDA_KERNEL'] = v
     if stack is None:
         print(v, 'myrtle5', ce.gram(y, architecture='myrtle5', backend='cuda')[0])
     else:
@@ -252,22 +264,27 @@ on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so 
 }
 
 phase_bench() {
-  # one harness process per kernel variant, the first with the baseline: a variant that breaks
-  # the CUDA context (an illegal address is sticky) cannot fail the other variants'
-  # configurations.  float64 is each group's check reference (run first, at a smaller N on the
-  # GPU: it is ~10x slower), so every float32 result is checked against float64.
-  local v first=1 rc=0 extra
-  for v in ${KERNELS//,/ }; do
-    if [ "$DRY" = 1 ]; then
-      extra=$([ $first = 1 ] && echo ",numba,per_layer_cpu")
-      harness --methods "cuda$extra" --kernels "$v" --architectures cnn,myrtle5,myrtle10 --depths 3 --sizes 32 \
-        --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
-    else
-      extra=$([ $first = 1 ] && echo ",per_layer_cuda")
-      harness --methods "cuda$extra" --kernels "$v" --architectures cnn,myrtle5,myrtle10 --depths 3,6,11,21 \
-        --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=64,per_layer_cuda=16 || rc=1
-    fi
-    first=0
+  # one harness process per kernel variant and kernel (the CNN's, then the pooled stacks'), each
+  # kernel's first with the baselines: a kernel that breaks the CUDA context (an illegal address
+  # is sticky) cannot fail the other processes' configurations, and the stack kernel, which had
+  # not run on a GPU before, runs after every variant's CNN timings are in.  float64 is each
+  # group's check reference (run first, at a smaller N on the GPU: it is ~10x slower), so every
+  # float32 result is checked against float64.
+  local v archs first rc=0 extra
+  for archs in cnn myrtle5,myrtle10; do
+    first=1
+    for v in ${KERNELS//,/ }; do
+      if [ "$DRY" = 1 ]; then
+        extra=$([ $first = 1 ] && echo ",numba,per_layer_cpu")
+        harness --methods "cuda$extra" --kernels "$v" --architectures "$archs" --depths 3 --sizes 32 \
+          --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
+      else
+        extra=$([ $first = 1 ] && echo ",per_layer_cuda")
+        harness --methods "cuda$extra" --kernels "$v" --architectures "$archs" --depths 3,6,11,21 \
+          --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=64,per_layer_cuda=16 || rc=1
+      fi
+      first=0
+    done
   done
   return $rc
 }
