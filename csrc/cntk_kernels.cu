@@ -17,9 +17,11 @@ template <int V> int launch_stack_variant(const PairSumsParams& p);
 extern template int launch_variant<3>(const PairSumsParams& p);
 extern template int launch_variant<5>(const PairSumsParams& p);
 extern template int launch_variant<6>(const PairSumsParams& p);
+extern template int launch_variant<7>(const PairSumsParams& p);
 extern template int launch_stack_variant<3>(const PairSumsParams& p);
 extern template int launch_stack_variant<5>(const PairSumsParams& p);
 extern template int launch_stack_variant<6>(const PairSumsParams& p);
+extern template int launch_stack_variant<7>(const PairSumsParams& p);
 }  // namespace detail
 
 namespace {
@@ -46,6 +48,11 @@ const VariantEntry kVariants[] = {
       "(3 MUFU per entry-layer, no subnormal fix-ups)",
       "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false},
      &detail::launch_variant<6>, &detail::launch_stack_variant<6>},
+    {{"v7",
+      "v6 with a barrier among a block's warps after every layer (32x32 kernels; v6's elsewhere): "
+      "one layer's diagonals in L1 at a time",
+      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false},
+     &detail::launch_variant<7>, &detail::launch_stack_variant<7>},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 static_assert(kNumVariants > 0, "at least one kernel variant");

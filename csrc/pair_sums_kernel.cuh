@@ -202,6 +202,23 @@ __device__ __forceinline__ void grid_sums(const T (&sig)[HMAX], const T (&th)[HM
   warp_sum(dk, dg);
 }
 
+// Variant v7: the block's warps pass a barrier after every layer, in the guard-free 32 x 32 kernel
+// (FULL), where every warp of a block runs the same number of grids (gap: 1024 grids over 8
+// warps; flatten: one warp), so no warp skips a barrier.  Why: without it a warp runs all layers
+// of its grid before taking the next one, so the 16 warps of an SM drift apart by up to L layers,
+// and the diagonals they read at once grow with the drift (two pairs' x and z diagonals are
+// 24 KB per layer in float32: 480 KB over the 20 layers of depth 21, against 256 KB of L1 and
+// shared memory per SM).  In step, a block reads one layer's 12 KB.  The cost: the warps of a
+// block wait for the slowest at every layer.  A compile-time flag: as a runtime one, off, it took
+// every CNN kernel from 128 to 180-216 registers (docs/cuda_kernels.md).  Everything else of v7
+// (other sizes, LAP, pooled stacks) runs v6's kernels: kBaseVariant.
+template <int V> constexpr bool kLayerSync = V == 7;
+
+// A variant whose kernels differ from another's only in the guard-free 32 x 32 pair kernel
+// compiles only those and launches its base variant's everywhere else (the same Entry, so the
+// same diagonals): v7 -> v6.  Others are their own base.
+template <int V> constexpr int kBaseVariant = V == 7 ? 6 : V;
+
 // V: the kernel variant (relu_step.cuh, Entry<V, T>); D its per-image diagonal element.
 // LISTED (the LAP readout): the warps stride over the n_listed packed grids listed in `grids`
 // (ascending), each grid's readout sums times its weight grid_w (float64) instead of over all
@@ -278,6 +295,7 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
         }
       }
       if (l + 1 < L) next_conv<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
+      if constexpr (kLayerSync<V> && FULL && !LISTED) __syncthreads();
     }
   }
   __syncthreads();
@@ -314,7 +332,7 @@ template <int N> using Int = std::integral_constant<int, N>;
 // p.n_grids > 0) has one row bound, HMAX = 32 with guards, whatever the image size: 8
 // instantiations per variant instead of 32 (compile time; LAP has not been timed on a GPU yet).
 template <int V>
-int launch_variant(const PairSumsParams& p) {
+int launch_every_kernel(const PairSumsParams& p) {
   if (p.n_grids > 0) {
     auto listed = [&](auto t) -> int {
       using T = typename decltype(t)::type;
@@ -350,6 +368,27 @@ int launch_variant(const PairSumsParams& p) {
     return with_radius(t, Int<32>{});
   };
   return p.dtype == Dtype::float64 ? with_rows(Type<double>{}) : with_rows(Type<float>{});
+}
+
+// The launch of variant V for parameters that passed check_pair_sums: all its own kernels, or
+// (kBaseVariant) its guard-free 32 x 32 kernels and its base variant's for everything else.
+template <int V>
+int launch_variant(const PairSumsParams& p) {
+  if constexpr (kBaseVariant<V> != V) {
+    if (p.n_grids > 0 || p.H != 32 || p.W != 32) return launch_variant<kBaseVariant<V>>(p);
+    auto full = [&](auto t) -> int {
+      using T = typename decltype(t)::type;
+      switch (p.filter_size / 2) {
+        case 0: return launch<V, T, 32, 0, true>(p);
+        case 1: return launch<V, T, 32, 1, true>(p);
+        case 2: return launch<V, T, 32, 2, true>(p);
+        default: return launch<V, T, 32, 3, true>(p);
+      }
+    };
+    return p.dtype == Dtype::float64 ? full(Type<double>{}) : full(Type<float>{});
+  } else {
+    return launch_every_kernel<V>(p);
+  }
 }
 
 }  // namespace detail

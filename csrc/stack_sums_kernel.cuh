@@ -328,12 +328,16 @@ int launch_stack(const PairSumsParams& p) {
 // (docs/cuda_kernels.md).
 template <int V>
 int launch_stack_variant(const PairSumsParams& p) {
-  const bool square32 = p.H == 32 && p.W == 32;
-  if (p.stack_blocks_per_sm == 2)  // checked: float32, 32 x 32
-    return launch_stack<V, float, 1, true, 2>(p);
-  if (p.dtype == Dtype::float64)
-    return square32 ? launch_stack<V, double, 1, true>(p) : launch_stack<V, double, 1, false>(p);
-  return square32 ? launch_stack<V, float, 1, true>(p) : launch_stack<V, float, 1, false>(p);
+  if constexpr (kBaseVariant<V> != V) {   // v7: v6's stack kernel (pair_sums_kernel.cuh)
+    return launch_stack_variant<kBaseVariant<V>>(p);
+  } else {
+    const bool square32 = p.H == 32 && p.W == 32;
+    if (p.stack_blocks_per_sm == 2)  // checked: float32, 32 x 32
+      return launch_stack<V, float, 1, true, 2>(p);
+    if (p.dtype == Dtype::float64)
+      return square32 ? launch_stack<V, double, 1, true>(p) : launch_stack<V, double, 1, false>(p);
+    return square32 ? launch_stack<V, float, 1, true>(p) : launch_stack<V, float, 1, false>(p);
+  }
 }
 
 }  // namespace detail

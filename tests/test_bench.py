@@ -905,7 +905,7 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     by = {}
     for r in rows:
         by.setdefault(r["config"]["method"], []).append(r)
-    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5", "v6"}
+    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5", "v6", "v7"}
     assert {r["config"]["architecture"] for r in by["cuda"]} == {"cnn", "myrtle5", "myrtle10"}
     assert all(r["status"] == "unavailable" and r["reason"] for r in by["cuda"])
     assert all(r["status"] == "ok" for r in by["numba"])
@@ -915,9 +915,13 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     assert [t["status"] for t in summary["targets"]] == ["not measured"] * 5
     files = sorted(f.name for f in out.iterdir())
     # the sass phase counts the installed extension's instructions when it was built (CI
-    # builds it: nvcc is there), one file per kernel variant, and is skipped otherwise
+    # builds it: nvcc is there), one file for every kernel variant, and is skipped otherwise
     sass = [f for f in files if f.startswith("sass_")]
-    assert (phases["sass"]["status"] == "ok") == bool(sass)
+    assert (phases["sass"]["status"] == "ok") == (sass == ["sass_sm90.json"])
+    if sass:
+        mixes = json.loads((out / "sass_sm90.json").read_text())
+        assert sorted(mixes) == ["v3", "v5", "v6", "v7"]
+        assert all(m["variant"] == v and m["slots_per_entry_layer"] > 0 for v, m in mixes.items())
     # the stack_blocks phase (numba standing in) needs the extension's variant names
     import importlib.util
     blocks = [f for f in files if f.startswith("stack_blocks_")]

@@ -119,6 +119,19 @@ def test_emulated_stack_real_mnist_zero_windows(emulated):
     check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64", tol=1e-10)
 
 
+@pytest.mark.parametrize("emulated", ["v7"], indirect=True)
+def test_emulated_layer_barrier_32x32(emulated, monkeypatch):
+    """v7's own kernels, the guard-free 32 x 32 ones with a barrier among the block's warps after
+    every layer (8 warps over 1,024 grids for gap, one warp for flatten), on two CIFAR-10 images:
+    against numba, and the same bits as v6 (the barrier changes no arithmetic)."""
+    cifar, _ = real_cifar_and_mnist()
+    check(cifar[:2], depths=[2, 3])
+    a, _ = grams(cifar[:2], depth=3, pooling="flatten", dtype="float64")
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v6")
+    b, _ = grams(cifar[:2], depth=3, pooling="flatten", dtype="float64")
+    assert a.tobytes() == b.tobytes()
+
+
 EMULATOR_PROBE = r"""
 #include <cstdio>
 #include "host_simt.h"

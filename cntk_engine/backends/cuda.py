@@ -5,7 +5,7 @@ the device.
 
 Kernel variants.  The extension holds every kernel variant kept in the tree
 (``kernel_variants()``; docs/cuda_kernels.md): one default per dtype, the fastest measured on a
-GPU (``v3`` for float32, ``v5`` for float64), and candidates not measured yet (``v6``).  A
+GPU (``v3`` for float32, ``v5`` for float64), and candidates not measured yet (``v6``, ``v7``).  A
 backend runs one: ``CudaBackend(..., kernel="v6")``, else the environment variable
 ``CNTK_ENGINE_CUDA_KERNEL``, else the dtype's default.  Variants give the same
 kernels to within float rounding; they differ in speed and in the per-image diagonal data

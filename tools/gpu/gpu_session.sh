@@ -31,8 +31,9 @@
 #                     it exists]; without it the paper phase records "unavailable" with the reason
 #   --nt-python PY    the Python that runs neural-tangents [the --python]
 #   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed, in this order
-#                     [v3,v6,v5: the float32 default, the variant never run on a GPU, then v5,
-#                     timed on the H200 already; a bench phase stopped at its limit cuts the last]
+#                     [v3,v6,v7,v5: the float32 default, the two variants never run on a GPU
+#                     (v7: v6 with a barrier per layer), then v5, timed on the H200 already; a
+#                     bench phase stopped at its limit cuts the last]
 #   --tag T           names the files [gpu; cpu_dry_run with --cpu-dry-run]
 #   --python PY       [python3]
 #   --cpu-dry-run     the same phases on a CPU machine, to test this script before a GPU call:
@@ -48,7 +49,7 @@
 #                                  result, the paper-code comparison, the targets
 #   harness_<tag>.json / .png      the harness results of the bench, paper and nt phases (one file:
 #                                  each phase continues it with --resume) and their plot
-#   sass_<variant>_sm90.json       the instruction mix of each variant's 32x32 float32 kernel
+#   sass_sm90.json                 the instruction mix of each variant's 32x32 float32 kernel
 #                                  (not when the prebuilt wheel ran: read it on the CPU side)
 # Optional phases add ncu_<variant>_depth21.tar.gz (one per variant: profile_ncu.sh's report and
 # exports) and cuda_<GPU>_<date>.json/.png.
@@ -68,7 +69,7 @@ WHEELS=""
 PREBUILT=""
 PAPER=""
 NT_PY=""
-KERNELS=v3,v6,v5
+KERNELS=v3,v6,v7,v5
 TAG=""
 DRY=0
 while [ $# -gt 0 ]; do
@@ -196,7 +197,7 @@ phase_tests() {
     # tests/test_sass.py reads the installed binary's SASS: when that is the prebuilt wheel's,
     # its tests ran where the wheel was built, and here they would only spend device time.
     xdist=() ptimeout=() sass=(tests/test_sass.py)
-    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 4); fi
+    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then ptimeout=(--timeout 100); fi
     if [ -f "$WORK/prebuilt_installed" ]; then
       sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
@@ -257,10 +258,18 @@ phase_sass() {
   # the binary that ran was built on the CPU side, where its SASS reads the same with no device time
   [ -f "$WORK/prebuilt_installed" ] && skip "the extension that ran is the prebuilt wheel's: read its SASS \
 on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so SO --kernel $KERNELS)"
-  # one process for every variant: the binary is disassembled once (~30 s on the H200)
-  "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$OUT" 2>&1 \
+  # one process for every variant: the binary is disassembled once (~30 s on the H200); one file
+  # for all variants in $OUT (the device tool brings back 8 files)
+  mkdir -p "$WORK/sass"
+  "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$WORK/sass" 2>&1 \
     | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -90
-  return "${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  "$PY" -c "
+import json, pathlib, sys
+files = sorted(pathlib.Path(sys.argv[1]).glob('sass_*_sm90.json'))
+json.dump({f.name[5:-10]: json.loads(f.read_text()) for f in files}, open(sys.argv[2], 'w'), indent=1)
+print('wrote', sys.argv[2], 'with', ', '.join(f.name[5:-10] for f in files))" "$WORK/sass" "$OUT/sass_sm90.json" || rc=1
+  return "$rc"
 }
 
 phase_bench() {
@@ -386,7 +395,7 @@ print('cntk_engine from', ce.__file__)
 print('backends', ce.available_backends())
 from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
-run_phase tests 30 150
+run_phase tests 30 180
 run_phase sanitizer 20 90
 run_phase bench 30 180
 run_phase paper 20 90
