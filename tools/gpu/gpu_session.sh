@@ -197,7 +197,9 @@ phase_tests() {
     # tests/test_sass.py reads the installed binary's SASS: when that is the prebuilt wheel's,
     # its tests ran where the wheel was built, and here they would only spend device time.
     xdist=() ptimeout=() sass=(tests/test_sass.py)
-    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
+    # 8 workers of 2 numba threads each on the 16 cores (numba's default, a thread per core in
+    # every worker, would run 128 threads on them)
+    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); export NUMBA_NUM_THREADS=2; fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then ptimeout=(--timeout 100); fi
     if [ -f "$WORK/prebuilt_installed" ]; then
       sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
