@@ -259,8 +259,8 @@ def harness_mixes(configs, so=None, arch="sm_90", kernel=None, counted=None) -> 
     return out
 
 
-# Counted mixes: the disassembly behind harness_mixes takes about 30 s per process on an H200
-# (50 s here), and a GPU visit's bench runs one harness process per kernel variant.  For a binary
+# Counted mixes: the disassembly behind harness_mixes takes about 30 s per process on an H200,
+# and a GPU visit's bench runs one harness process per kernel variant.  For a binary
 # built on the CPU side (tools/gpu/prebuilt.py) the counts are made there, once, and carried; they
 # are bound to the binary by its SHA-256, so they stand in only for the very file they counted.
 COUNTED_FORMAT = 1

@@ -268,9 +268,9 @@ on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so 
   local rc=${PIPESTATUS[0]}
   "$PY" -c "
 import json, pathlib, sys
-files = sorted(pathlib.Path(sys.argv[1]).glob('sass_*_sm90.json'))
-json.dump({f.name[5:-10]: json.loads(f.read_text()) for f in files}, open(sys.argv[2], 'w'), indent=1)
-print('wrote', sys.argv[2], 'with', ', '.join(f.name[5:-10] for f in files))" "$WORK/sass" "$OUT/sass_sm90.json" || rc=1
+mixes = [json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob('sass_*.json'))]
+json.dump({m['variant']: m for m in mixes}, open(sys.argv[2], 'w'), indent=1)
+print('wrote', sys.argv[2], 'with', ', '.join(m['variant'] for m in mixes))" "$WORK/sass" "$OUT/sass_sm90.json" || rc=1
   return "$rc"
 }
 
