@@ -220,6 +220,111 @@ def test_kfold_equals_brute_force(rng):
         np.testing.assert_allclose(res.accuracy[i], hits / n)
 
 
+def brute_lgo(K, Y, lam, groups):
+    """Y_G - f_{-G}(X_G) for every group G: refitted without all of G."""
+    res = np.zeros_like(Y)
+    for g in np.unique(groups):
+        G = groups == g
+        a = np.linalg.solve(K[np.ix_(~G, ~G)] + lam * np.eye(int((~G).sum())), Y[~G])
+        res[G] = Y[G] - K[np.ix_(G, ~G)] @ a
+    return res
+
+
+def test_leave_one_group_out_equals_brute_force_refits(rng):
+    """loo(groups=...) is exact leave-one-group-out: each group's residuals are those of the
+    model refitted without the whole group, to 1e-10 (groups of 1, 2, 3 and 4 samples, labels
+    in any order; ridge 0 included), the same through select_ridge; singletons are plain LOO."""
+    n = 21
+    K, _ = psd(rng, n)
+    labels = rng.integers(0, 3, size=n)
+    Y, _ = S.paper_targets(labels)
+    groups = np.array([7, 7, 3, 3, 3, 0, 5, 5, 9, 9, 9, 9, 1, 2, 2, 4, 6, 6, 8, 8, 10])
+    rng.shuffle(groups)
+    ridges = [0.0, 1e-2, 0.5, 10.0]
+    res = S.loo(K, Y, ridges, labels=labels, groups=groups, return_predictions=True)
+    assert res.n_groups == 11
+    for i, lam in enumerate(ridges):
+        r = brute_lgo(K, Y, lam, groups)
+        np.testing.assert_allclose(Y - res.predictions[i], r, rtol=0, atol=1e-10 * np.abs(r).max())
+        np.testing.assert_allclose(res.mse[i], np.mean(np.sum(r ** 2, axis=1)), rtol=1e-10)
+        assert res.accuracy[i] == np.mean((Y - r).argmax(1) == labels)
+    # 1-D targets, an eigendecomposition passed in, string labels: the same
+    E = S.eigh(K)
+    one = S.loo(E, Y[:, 0], ridges, groups=groups.astype(str), return_predictions=True)
+    np.testing.assert_allclose(one.predictions[2][:, 0], Y[:, 0] - brute_lgo(K, Y, 0.5, groups)[:, 0],
+                               rtol=0, atol=1e-10)
+    # every group of one: exactly the leave-one-out
+    np.testing.assert_allclose(S.loo(K, Y, ridges, groups=np.arange(n)).mse, S.loo(K, Y, ridges).mse,
+                               rtol=1e-12)
+    sel = S.select_ridge(K, Y, ridges, labels=labels, groups=groups)
+    np.testing.assert_array_equal(sel.scores.mse, res.mse)
+
+
+def test_leave_group_out_with_flipped_copies(rng):
+    """The case it is for: a training set of images and their mirror copies, K of the doubled
+    set.  Plain LOO scores each image with its near-twin still in the training set, so it is
+    optimistic and prefers a too small ridge; grouping each image with its copy gives the
+    refits without both."""
+    n = 12
+    phi = rng.normal(size=(n, 30))
+    twin = phi + 0.05 * rng.normal(size=phi.shape)       # the "flipped" copies: near-duplicates
+    F = np.concatenate([phi, twin])
+    K = F @ F.T
+    y = rng.normal(size=n)
+    Y = np.concatenate([y, y])
+    groups = np.tile(np.arange(n), 2)
+    lam = 1e-3
+    plain = S.loo(K, Y, [lam]).mse[0]
+    grouped = S.loo(K, Y, [lam], groups=groups).mse[0]
+    np.testing.assert_allclose(grouped, np.mean(brute_lgo(K, Y[:, None], lam, groups) ** 2), rtol=1e-10)
+    assert plain < 0.1 * grouped                 # the twin answers for its original
+
+
+def test_groups_kfold_and_bad_groups(rng):
+    """kfold keeps every group in one fold (the permutation is of the groups); bad groups are
+    refused naming what is accepted."""
+    n = 16
+    K, _ = psd(rng, n)
+    Y = rng.normal(size=(n, 2))
+    groups = np.repeat(np.arange(8), 2)
+    res = S.kfold(K, Y, [0.1], n_folds=4, groups=groups, seed=2)
+    perm = np.random.default_rng(2).permutation(8)
+    sq = 0.0
+    for f in range(4):
+        val = np.nonzero(np.isin(groups, perm[f::4]))[0]
+        tr = np.setdiff1d(np.arange(n), val)
+        a = np.linalg.solve(K[np.ix_(tr, tr)] + 0.1 * np.eye(len(tr)), Y[tr])
+        sq += np.sum((K[np.ix_(val, tr)] @ a - Y[val]) ** 2)
+    np.testing.assert_allclose(res.mse[0], sq / n, rtol=1e-10)
+    assert res.n_groups == 8
+    with pytest.raises(ValueError, match=r"n_folds must be an integer between 2 and the number of groups = 8"):
+        S.kfold(K, Y, [0.1], n_folds=9, groups=groups)
+    with pytest.raises(ValueError, match=r"groups must be one group label per training sample, shape \(16,\)"):
+        S.loo(K, Y, [0.1], groups=groups[:8])
+    with pytest.raises(ValueError, match="all 16 samples in one group"):
+        S.select_ridge(K, Y, groups=np.zeros(n))
+    with pytest.raises(ValueError, match="must not hold NaN"):
+        S.loo(K, Y, [0.1], groups=np.full(n, np.nan))
+    with pytest.raises(ValueError, match="integers or strings"):
+        S.loo(K, Y, [0.1], groups=np.array([object()] * n))
+    with pytest.raises(ValueError, match="all 16 samples in one group"):    # checked with a fixed ridge too
+        S.evaluate_classifier(K, K[:3], np.arange(n) % 2, np.arange(3) % 2, ridge=0.1,
+                              groups=np.zeros(n))
+
+
+def test_evaluate_classifier_passes_groups(rng):
+    n = 14
+    K, _ = psd(rng, n)
+    y = np.arange(n) % 3
+    groups = np.repeat(np.arange(7), 2)
+    Y, classes = S.paper_targets(y)
+    r = S.evaluate_classifier(K, K[:4], y, y[:4], groups=groups)
+    sel = S.select_ridge(K, Y, labels=np.searchsorted(classes, y), groups=groups)
+    assert r["loo_groups"] == 7 and r["ridge_absolute"] == sel.ridge
+    assert r["loo_accuracy"] == sel.scores.accuracy[list(sel.scores.ridges).index(sel.ridge)]
+    assert S.evaluate_classifier(K, K[:4], y, y[:4])["loo_groups"] is None
+
+
 def test_select_ridge(rng):
     n = 40
     x = rng.uniform(-2, 2, size=(n, 1))
@@ -376,6 +481,12 @@ def test_cupy_matches_numpy(rng):
     r_gpu, r_cpu = S.loo(Kg, Yg, [0.0, 0.1], labels=labels), S.loo(K, Y, [0.0, 0.1], labels=labels)
     np.testing.assert_allclose(r_gpu.mse, r_cpu.mse, rtol=1e-6)
     np.testing.assert_array_equal(r_gpu.accuracy, r_cpu.accuracy)
+    groups = np.repeat(np.arange(n // 2), 2)          # leave-one-group-out on the GPU (cupy groups)
+    g_gpu = S.loo(Kg, Yg, [0.0, 0.1], groups=cp.asarray(groups), return_predictions=True)
+    g_cpu = S.loo(K, Y, [0.0, 0.1], groups=groups, return_predictions=True)
+    np.testing.assert_allclose(g_gpu.predictions[1].get(), g_cpu.predictions[1], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(S.kfold(Kg, Yg, [0.1], groups=groups).mse,
+                               S.kfold(K, Y, [0.1], groups=groups).mse, rtol=1e-8)
     np.testing.assert_allclose(S.gradient_flow(Kg, Yg, 3.0, K_test=Ktg, eta=1e-3).get(),
                                S.gradient_flow(K, Y, 3.0, K_test=Kt, eta=1e-3), rtol=1e-6, atol=1e-9)
     pg = S.gp_posterior(Kg, Yg, Ktg, cp.asarray(Kt @ np.linalg.pinv(K) @ Kt.T + np.eye(5)), noise=0.1)

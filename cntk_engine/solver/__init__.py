@@ -30,7 +30,9 @@ model refitted without sample i, at sample i, is exactly::
 
 From ONE eigendecomposition ``K = U diag(s) U^T``: ``alpha = U diag(1/(s+lambda)) U^T Y`` and
 ``(A^-1)_ii = sum_j U_ij^2 / (s_j + lambda)``, so every lambda of a grid costs O(n^2 k), no
-refit.  ``kfold`` does k-fold cross-validation (one eigendecomposition per fold).
+refit.  With ``groups`` (one label per sample, e.g. an image and its flipped copy in one
+group) each group G is left out whole: ``Y_G - f_{-G}(X_G) = [(A^-1)_GG]^-1 alpha_G``, one
+|G| x |G| solve per group from the same eigendecomposition (derivation in :func:`loo`).  ``kfold`` does k-fold cross-validation (one eigendecomposition per fold).
 ``select_ridge`` picks lambda on a grid by either.
 
 *Gradient flow* (``gradient_flow``): training the linearised (infinitely wide) network by
@@ -62,8 +64,8 @@ from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
                      check_test_kernel, cholesky, eigh, ridge_scale)
 from .ridge import GPPosterior, RidgeSolution, fit_ridge, gp_posterior, kernel_ridge
-from .selection import (RELATIVE_RIDGE_GRID, CVResult, RidgeSelection, evaluate_classifier, kfold,
-                        loo, select_ridge)
+from .selection import (RELATIVE_RIDGE_GRID, CVResult, Groups, RidgeSelection, check_groups,
+                        evaluate_classifier, kfold, loo, select_ridge)
 from .targets import accuracy, one_hot, paper_targets, predict_classes
 
 
@@ -73,6 +75,6 @@ __all__ = [
     "predict_classes", "accuracy", "cholesky", "RidgeSolution", "fit_ridge", "kernel_ridge",
     "KernelEigh", "eigh", "CVResult", "loo", "kfold", "RidgeSelection", "select_ridge",
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
-    "evaluate_classifier",
+    "evaluate_classifier", "Groups", "check_groups",
     "load_gram",
 ]

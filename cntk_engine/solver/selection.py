@@ -1,5 +1,14 @@
-"""Choosing the ridge: exact leave-one-out from one eigendecomposition, k-fold; a classifier's
-test accuracy with the ridge it chose (:func:`evaluate_classifier`)."""
+"""Choosing the ridge: exact leave-one-out from one eigendecomposition (also leaving out groups
+of samples together), k-fold; a classifier's test accuracy with the ridge it chose
+(:func:`evaluate_classifier`).
+
+Groups.  ``groups`` (an (n,) array: one group label per training sample, as scikit-learn's
+``LeaveOneGroupOut``) makes the samples of a group leave the training set together: the
+flipped copy of an image (``augment_flips``) must not stay in the training set while its
+original is scored, or leave-one-out scores a near-duplicate of a training sample and picks a
+too small ridge.  :func:`loo` then computes leave-one-group-out in closed form, :func:`kfold`
+keeps each group in one fold.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets, eigh,
-                     ridge_scale, scalar, spectrum_problem, xp_for)
+from .linalg import (KernelEigh, NotPositiveDefinite, block_rows, check_gram, check_ridge,
+                     check_targets, eigh, ridge_scale, scalar, spectrum_problem, xp_for)
 from .ridge import fit_ridge
 from .targets import accuracy, class_indices, one_hot, paper_targets, predict_classes
 
@@ -31,6 +40,7 @@ class CVResult:
     s_min: float | None = None        # smallest eigenvalue of K (LOO)
     s_max: float | None = None        # largest eigenvalue of K (LOO)
     tol: float | None = None          # eigenvalues within tol of 0 count as 0 (LOO)
+    n_groups: int | None = None       # groups left out together (None: every sample alone)
 
 
 def _labels_vector(labels, n: int, k: int, one_d: bool = False):
@@ -57,17 +67,93 @@ def _ridges(ridges) -> np.ndarray:
     return r
 
 
-def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = False) -> CVResult:
-    """Exact leave-one-out errors for every ridge of ``ridges`` from ONE eigendecomposition.
+@dataclass(frozen=True)
+class Groups:
+    """Checked ``groups`` (:func:`check_groups`): ``index`` (n,) the group number 0 <= g <
+    ``n_groups`` of each sample; ``blocks``: for every group size s >= 2 present, an (m, s)
+    array whose rows are the sample indices of one group of that size (ascending)."""
+    index: np.ndarray
+    n_groups: int
+    blocks: tuple
 
-    ``K``: the Gram or its :class:`KernelEigh`.  For ``A = K + lambda I``:
+
+def check_groups(groups, n: int) -> Groups | None:
+    """``groups`` (None, or an (n,) array of one group label per training sample: any integers
+    or strings, equal labels = one group; or :class:`Groups` of n samples) as :class:`Groups`;
+    None for None.  Refused: another length, NaN or object labels, and a single group (leaving
+    it out leaves nothing to fit)."""
+    if groups is None:
+        return None
+    if isinstance(groups, Groups):           # checked already
+        g = groups.index
+        if g.shape == (n,):
+            return groups
+    else:
+        g = to_host(groups)
+    if isinstance(g, np.ndarray) and g.ndim == 2 and 1 in g.shape:
+        g = g.ravel()
+    g = np.asarray(g)
+    if g.shape != (n,):
+        raise ValueError(f"groups must be one group label per training sample, shape ({n},); got "
+                         f"shape {g.shape}")
+    if g.dtype.kind == "f" and np.isnan(g).any():
+        raise ValueError("groups must not hold NaN (one group label per training sample)")
+    if g.dtype.kind not in "biufUS":
+        raise ValueError(f"groups must hold integers or strings (group labels); got dtype {g.dtype}")
+    _, index, sizes = np.unique(g, return_inverse=True, return_counts=True)
+    index = index.reshape(n)
+    if len(sizes) < 2:
+        raise ValueError(f"groups puts all {n} samples in one group: leaving it out leaves nothing "
+                         "to fit; give at least 2 groups")
+    order = np.argsort(index, kind="stable")          # the samples of each group, group by group
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    blocks = []
+    for size in np.unique(sizes[sizes >= 2]):
+        which = np.nonzero(sizes == size)[0]
+        blocks.append(np.stack([order[starts[k]:starts[k] + size] for k in which]))
+    return Groups(index=index, n_groups=len(sizes), blocks=tuple(blocks))
+
+
+def _inverse_entries(xp, U, w, rows, cols):
+    """``(A^-1)_{rows[t], cols[t]} = sum_j U_{rows[t], j} w_j U_{cols[t], j}`` for every t
+    (``w = 1 / (s + lambda)``), by blocks of rows: temporaries stay small."""
+    out = xp.empty(len(rows), dtype=np.float64)
+    step = block_rows(U.shape[0])
+    for i in range(0, len(rows), step):
+        a = U[rows[i:i + step]]
+        a *= w
+        a *= U[cols[i:i + step]]
+        out[i:i + step] = a.sum(axis=1)
+    return out
+
+
+def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
+        return_predictions: bool = False) -> CVResult:
+    """Exact leave-one-out (or leave-one-group-out) errors for every ridge of ``ridges`` from
+    ONE eigendecomposition.
+
+    ``K``: the Gram or its :class:`KernelEigh`.  For ``A = K + lambda I``, ``alpha = A^-1 Y``:
     ``y_i - f_{-i}(x_i) = alpha_i / (A^-1)_ii`` (the model refitted without sample i).
     ``mse``: mean over samples of the squared LOO residual summed over outputs.  ``accuracy``
     (with ``labels``, the column index of each sample's class): argmax of the LOO predictions.
     A ridge with ``s_min + lambda <= n eps s_max`` (A singular, or indefinite when below
     ``-n eps s_max``) scores NaN.
     ``labels`` must be integers 0 <= label < k = Y.shape[1] (``np.searchsorted(classes, y)``
-    with the ``classes`` of :func:`paper_targets`); raw class labels are refused."""
+    with the ``classes`` of :func:`paper_targets`); raw class labels are refused.
+
+    ``groups`` (:func:`check_groups`: one label per sample): the samples of a group G are left
+    out together, and each is scored by the model refitted without all of G::
+
+        Y_G - f_{-G}(X_G) = [(A^-1)_GG]^-1 alpha_G
+
+    (a |G| x |G| solve per group; a group of one is the formula above).  Why: let beta be the
+    dual coefficients of the fit without G, padded with zeros on G.  Then ``A beta`` is Y with
+    ``Y_G`` replaced by ``f_{-G}(X_G)`` (rows outside G: ``(K_RR + lambda I) beta_R = Y_R``;
+    rows in G: ``K_GR beta_R``), so ``alpha - beta = A^-1 (0; Y_G - f_{-G}(X_G))``, whose G rows
+    are ``alpha_G = (A^-1)_GG (Y_G - f_{-G}(X_G))`` (``beta_G = 0``).  ``(A^-1)_GG`` is a
+    principal block of a positive definite matrix, so invertible; its entries come from the
+    same eigendecomposition, ``(A^-1)_ij = sum_k U_ik U_jk / (s_k + lambda)``.  ``mse`` and
+    ``accuracy`` still average over all n samples."""
     if isinstance(K, KernelEigh):
         E, n, xp = K, K.n, K.xp
     else:
@@ -77,10 +163,12 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
     Y, one_d = check_targets(Y, n, xp=xp)
     lab = _labels_vector(labels, n, Y.shape[1], one_d)
     r = _ridges(ridges)
+    grp = check_groups(groups, n)
     if E is None:      # inputs checked before the O(n^3) step
         E = eigh(K, device="cpu" if xp is np else "cuda", _overwrite=True)
         del K
     s, U = E.s, E.U
+    blocks = [] if grp is None else [xp.asarray(b) for b in grp.blocks]
     UtY = U.T @ Y
     U2 = U * U
     smax = max(abs(scalar(s[-1])), abs(scalar(s[0])), 1e-300)
@@ -97,8 +185,17 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
                 preds.append(None)
             continue
         alpha = U @ (UtY / d[:, None])
-        ainv_diag = U2 @ (1.0 / d)
+        w = 1.0 / d
+        ainv_diag = U2 @ w
         resid = alpha / ainv_diag[:, None]
+        for B in blocks:        # groups of |G| = size >= 2: resid_G = [(A^-1)_GG]^-1 alpha_G
+            m, size = B.shape
+            C = xp.empty((m, size, size), dtype=np.float64)
+            for a in range(size):
+                C[:, a, a] = ainv_diag[B[:, a]]
+                for b in range(a + 1, size):
+                    C[:, a, b] = C[:, b, a] = _inverse_entries(xp, U, w, B[:, a], B[:, b])
+            resid[B] = xp.linalg.solve(C, alpha[B])
         mse[i] = scalar(xp.mean(xp.sum(resid * resid, axis=1)))
         pred = Y - resid
         if lab is not None:
@@ -106,39 +203,45 @@ def loo(K, Y, ridges, *, labels=None, device=None, return_predictions: bool = Fa
         if preds is not None:
             preds.append(pred)
     return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds,
-                    s_min=scalar(s[0]), s_max=scalar(s[-1]), tol=tol)
+                    s_min=scalar(s[0]), s_max=scalar(s[-1]), tol=tol,
+                    n_groups=None if grp is None else grp.n_groups)
 
 
-def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, seed=0, device=None) -> CVResult:
+def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
+          device=None) -> CVResult:
     """k-fold cross-validation of ridge regression for every ridge (one eigendecomposition of
     the training block per fold).  Folds: a seeded permutation split into ``n_folds`` parts.
     ``mse`` and ``accuracy`` are averaged over all held-out samples.  ``labels``: as for
-    :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``)."""
+    :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``).  ``groups``: as for
+    :func:`loo`; the seeded permutation is of the groups, so a group is held out whole."""
     xp = xp_for(device, K, Y)
     K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
     n = K.shape[0]
     Y, one_d = check_targets(Y, n, xp=xp)
     lab = _labels_vector(labels, n, Y.shape[1], one_d)
     r = _ridges(ridges)
-    _check_folds(n_folds, n)
-    return _kfold(xp, K, Y, lab, r, n_folds, seed)
+    grp = check_groups(groups, n)
+    _check_folds(n_folds, n, grp)
+    return _kfold(xp, K, Y, lab, r, n_folds, seed, grp)
 
 
-def _check_folds(n_folds, n):
-    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or not 2 <= n_folds <= n:
-        raise ValueError(f"n_folds must be an integer between 2 and n = {n}; got {n_folds!r}")
+def _check_folds(n_folds, n, grp=None):
+    top, what = (n, "n") if grp is None else (grp.n_groups, "the number of groups")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or not 2 <= n_folds <= top:
+        raise ValueError(f"n_folds must be an integer between 2 and {what} = {top}; got {n_folds!r}")
 
 
-def _kfold(xp, K, Y, lab, r, n_folds, seed) -> CVResult:
+def _kfold(xp, K, Y, lab, r, n_folds, seed, grp=None) -> CVResult:
     """k-fold on checked inputs (``K``: the checked symmetrised Gram, only read)."""
     n = K.shape[0]
     dev = "cpu" if xp is np else "cuda"
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(seed).permutation(n if grp is None else grp.n_groups)
     sq = np.zeros(len(r))
     hits = np.zeros(len(r))
     singular = np.zeros(len(r), dtype=bool)
     for f in range(n_folds):
-        val = np.sort(perm[f::n_folds])
+        val = np.sort(perm[f::n_folds]) if grp is None else \
+            np.nonzero(np.isin(grp.index, perm[f::n_folds]))[0]
         tr = np.setdiff1d(np.arange(n), val)
         vi, ti = xp.asarray(val), xp.asarray(tr)
         # K[ix_(ti, ti)] is a new C-contiguous block (no K[ti] intermediate): decomposed in place
@@ -160,7 +263,8 @@ def _kfold(xp, K, Y, lab, r, n_folds, seed) -> CVResult:
                 hits[i] += accuracy(pred, lab[val]) * len(val)
     mse = np.where(singular, np.nan, sq / n)
     acc = None if lab is None else np.where(singular, np.nan, hits / n)
-    return CVResult(ridges=r, mse=mse, accuracy=acc, method=f"{n_folds}-fold")
+    return CVResult(ridges=r, mse=mse, accuracy=acc, method=f"{n_folds}-fold",
+                    n_groups=None if grp is None else grp.n_groups)
 
 
 @dataclass
@@ -174,7 +278,7 @@ class RidgeSelection:
 
 
 def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
-                 n_folds: int = 5, seed=0, device=None) -> RidgeSelection:
+                 groups=None, n_folds: int = 5, seed=0, device=None) -> RidgeSelection:
     """Choose lambda on a grid by LOO (default; one eigendecomposition) or k-fold.
 
     ``ridges``: absolute values; default ``RELATIVE_RIDGE_GRID x mean(diag K)``.  ``score``:
@@ -182,7 +286,9 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     "mse" (ties: larger ridge), or "auto" (accuracy when labels are given).  ``labels``: the
     column of Y of each sample's class, integers 0 <= label < k, i.e.
     ``np.searchsorted(classes, y)`` with ``Y, classes = paper_targets(y)`` (raw labels such
-    as {1, 3, 7} or strings are refused: they would score every ridge wrongly)."""
+    as {1, 3, 7} or strings are refused: they would score every ridge wrongly).  ``groups``:
+    one group label per sample; the samples of a group are left out together (leave-one-group-
+    out, or whole groups per fold; see :func:`loo`), e.g. an image and its flipped copy."""
     if method not in ("loo", "kfold"):
         raise ValueError(f"method must be 'loo' or 'kfold'; got {method!r}")
     if score == "auto":
@@ -209,14 +315,15 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     Y, one_d = check_targets(Y, n, xp=xp)
     lab = _labels_vector(labels, n, Y.shape[1], one_d)
     r = _ridges(np.asarray(RELATIVE_RIDGE_GRID) * scale if ridges is None else ridges)
+    grp = check_groups(groups, n)
     if method == "loo":
         if E is None:
             E = eigh(K, device=dev, _overwrite=True)     # K's private copy becomes U
             del K
-        res = loo(E, Y, r, labels=lab)
+        res = loo(E, Y, r, labels=lab, groups=grp)
     else:
-        _check_folds(n_folds, n)
-        res = _kfold(xp, K, Y, lab, r, n_folds, seed)
+        _check_folds(n_folds, n, grp)
+        res = _kfold(xp, K, Y, lab, r, n_folds, seed, grp)
     mse = np.where(np.isnan(res.mse), np.inf, res.mse)
     if not np.isfinite(mse).any():
         if res.s_min is not None and res.s_min + max(res.ridges) < -res.tol:
@@ -241,7 +348,8 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         key = [(mse[i], -r[i]) for i in range(len(r))]
     best = min(range(len(r)), key=lambda i: key[i])
     lam = float(r[best])
-    log.info("%s ridge selection: ridge %.3g (%.3g x mean diagonal), %s", res.method, lam,
+    log.info("%s ridge selection%s: ridge %.3g (%.3g x mean diagonal), %s", res.method,
+             "" if res.n_groups is None else f" ({res.n_groups} groups left out whole)", lam,
              lam / scale,
              f"accuracy {res.accuracy[best]:.4f}" if score == "accuracy" else f"MSE {res.mse[best]:.4g}")
     return RidgeSelection(ridge=lam, relative=lam / scale, scores=res, score=score,
@@ -249,14 +357,19 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
 
 
 
-def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper") -> dict:
+def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper",
+                        groups=None) -> dict:
     """Test accuracy of kernel regression as a classifier, with its ridge.
 
     ``K``: the train Gram, ``K_test``: test-vs-train, ``y_train`` / ``y_test``: labels of any
     type.  Targets: "paper" (0.9 / -0.1, :func:`~.targets.paper_targets`) or "onehot".
     ``ridge``: "auto" (chosen by exact leave-one-out accuracy over
-    :data:`RELATIVE_RIDGE_GRID`) or a number >= 0 relative to mean(diag K).  Returns a dict:
-    accuracy, ridge_relative, ridge_absolute, jitter; with "auto" also loo_accuracy, loo_mse;
+    :data:`RELATIVE_RIDGE_GRID`) or a number >= 0 relative to mean(diag K).  ``groups``: one
+    group label per training sample, left out together by "auto" (:func:`loo`); a training set
+    with flipped copies must pass them, e.g. ``np.tile(np.arange(n), 2)`` for
+    ``concatenate([x, hflip(x)])``, or LOO scores each image with its mirror still in the
+    training set.  Returns a dict: accuracy, ridge_relative, ridge_absolute, jitter; with
+    "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without);
     unless the ridge is 0, accuracy_ridge0 and jitter_ridge0 of the paper's interpolating solve
     beside it."""
     if targets not in ("paper", "onehot"):
@@ -265,14 +378,16 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
         ridge = check_ridge(ridge)
     enc = paper_targets if targets == "paper" else one_hot
     Y, classes = enc(y_train)
+    groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
     y_test = to_host(y_test)
     out = {}
     if ridge == "auto":
-        sel = select_ridge(K, Y, labels=labels, method="loo")
+        sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo")
         i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
         out.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
-                   loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo")
+                   loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo",
+                   loo_groups=sel.scores.n_groups)
         lam = sel.ridge
     else:
         lam = ridge * ridge_scale(K)
