@@ -3,7 +3,7 @@
 ``gram`` computes kernel matrices between batches of images (Arora et al. 2019,
 arXiv 1904.11955); see ``cntk_engine.arch`` for the math.  ``solver`` solves kernel
 regression on them; ``CNTKClassifier`` / ``CNTKRegressor`` are scikit-learn estimators
-(imported on first use: scikit-learn is an optional dependency, ``cntk-engine[sklearn]``).
+(imported on first use: scikit-learn is an optional dependency, ``pip install ".[sklearn]"``).
 """
 from . import solver
 from .api import gram

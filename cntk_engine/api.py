@@ -7,7 +7,8 @@ import time
 from . import backends
 from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
-from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
+from .inputs import (as_images, check_dtype, check_pair, check_tile, prepare_magnitudes,
+                     refuse_channels_last)
 from .jobs import GramJob, run_job
 from .jobs.local import resolve_devices
 
@@ -87,7 +88,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     b = a if symmetric else as_images(x2, fmt, "x2")
     if data_format is None:
         for arr, name in ((a, "x1"), (b, "x2")):
-            _refuse_channels_last(arr.shape, name)
+            refuse_channels_last(arr.shape, name)
     if not symmetric:
         check_pair(a, b)
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
@@ -131,16 +132,3 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     if not return_info:
         return result
     return result, dict(info, seconds=time.perf_counter() - t0)
-
-
-def _refuse_channels_last(shape, name: str) -> None:
-    """The default layout (NCHW) refuses (N, C, H, W) shapes whose last axis is 1 or 3 while C
-    is more than 4: channels-last images read as NCHW (CIFAR's (N, 32, 32, 3) would be 32
-    channels of 32 x 3 "images", and gram would compute a meaningless kernel)."""
-    _, c, h, w = (int(v) for v in shape)
-    if w in (1, 3) and c > 4:
-        raise ValueError(
-            f"{name} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
-            f"{c} channels of {h} x {w} images, but its last axis ({w}) looks like the channels of "
-            "channels-last data. Pass data_format='NHWC' for (N, H, W, C) images, or "
-            f"data_format='NCHW' explicitly if these really are {c}-channel {h} x {w} images")

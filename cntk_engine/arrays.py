@@ -25,7 +25,8 @@ def cupy_module():
     try:
         import cupy
     except ImportError as e:
-        raise ImportError("this needs CuPy (pip install 'cntk-engine[cuda]', or the CuPy wheel for "
+        from .version import install_hint
+        raise ImportError(f"this needs CuPy ({install_hint('cuda')}, or the CuPy wheel for "
                           f"your CUDA version): {e}") from None
     return cupy
 

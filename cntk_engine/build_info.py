@@ -12,6 +12,8 @@ import json
 import os
 from importlib.resources import files
 
+from .version import install_hint
+
 
 def build_record() -> dict | None:
     """The build's record, or None when there is none (a source tree, not an installed build)."""
@@ -48,7 +50,7 @@ def cuda_extension_line() -> str:
     if not record.get("cuda_extension"):
         return (f"CUDA extension: not built: {record.get('reason', 'no reason recorded')} (to build "
                 "it, install again with nvcc on PATH and without -DCNTK_ENGINE_NO_CUDA=ON; backend "
-                "'cuda' also needs CuPy: pip install 'cntk-engine[cuda]', README, Install)")
+                f"'cuda' also needs CuPy: {install_hint('cuda')}; README, Install)")
     archs = ", ".join(f"sm_{a}" for a in str(record.get("cuda_architectures", "")).split(";") if a)
     line = f"CUDA extension: built for {archs} with CUDA {record.get('cuda_version', '?')}"
     try:
@@ -57,7 +59,7 @@ def cuda_extension_line() -> str:
         return line + f", but it cannot be imported: {e}"
     major, cupy_major = cuda_major(record), cupy_runtime_major()
     extra = {13: "cuda", 12: "cuda12"}.get(major)
-    hint = f"pip install 'cntk-engine[{extra}]'" if extra else f"the CuPy wheel for CUDA {major}"
+    hint = install_hint(extra) if extra else f"the CuPy wheel for CUDA {major}"
     if cupy_major is None:
         return line + f"; CuPy is not installed, and backend 'cuda' needs it: {hint}"
     if cupy_major != major:

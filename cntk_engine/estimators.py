@@ -8,17 +8,22 @@ infinitely wide CNN trained to convergence on squared loss (ridge 0), or its reg
 Input X
 -------
 * 4-D ``(N, C, H, W)`` images (``(N, H, W, C)`` with ``data_format="NHWC"``), or 3-D
-  ``(N, H, W)`` single-channel images.
+  ``(N, H, W)`` single-channel images.  The default ``data_format=None`` reads NCHW but
+  refuses a shape that looks channels-last, as :func:`cntk_engine.gram` does (CIFAR's
+  (N, 32, 32, 3) would be 32 channels of 32 x 3 images); ``data_format="NCHW"`` explicitly
+  takes such a shape as NCHW.
 * 2-D ``(N, C*H*W)`` flattened images with ``image_shape=(C, H, W)`` (``(H, W, C)`` for
   ``data_format="NHWC"``): each row is reshaped to an image (row-major, as ``x.reshape(N, -1)``
   flattens it).
-* 2-D ``(N, F)`` without ``image_shape`` (tabular data, as in scikit-learn's own checks): each
-  row is a 1 x 1 image with F channels.  The convolutions then see only their centre tap and
-  the CNTK becomes the NTK of a fully connected ReLU network of the same depth.
+* 2-D ``(N, F)`` tabular data with ``image_shape="features"`` (as scikit-learn's own checks
+  pass): each row is a 1 x 1 image with F channels.  The convolutions then see only their
+  centre tap and the CNTK becomes the NTK of a fully connected ReLU network of the same depth.
+  A 2-D X without ``image_shape`` is refused: flattened images (e.g. OpenML's (N, 784) MNIST)
+  would otherwise silently become 1 x 1 images.
 
 ``n_features_in_`` counts C*H*W (images are flattened before scikit-learn's validation), so a
 model fitted on 4-D images accepts the same images flattened (with ``image_shape``) and the
-reverse.  scikit-learn is an optional dependency: ``pip install 'cntk-engine[sklearn]'``.
+reverse.  scikit-learn is an optional dependency: ``pip install ".[sklearn]"`` (README, Install).
 
 The ridge is relative: ``ridge * mean(diag K_train)`` is added to the diagonal (CNTK values
 scale with the depth and the pixel scale); 0 is the paper's interpolating solution, "auto"
@@ -36,8 +41,9 @@ try:
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted
 except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
+    from .version import install_hint
     raise ImportError("CNTKClassifier / CNTKRegressor need scikit-learn "
-                      f"(pip install 'cntk-engine[sklearn]'): {e}") from None
+                      f"({install_hint('sklearn')}): {e}") from None
 try:
     from sklearn.utils.validation import validate_data as _validate_data   # scikit-learn >= 1.6
 except ImportError:  # pragma: no cover - older scikit-learn
@@ -51,6 +57,23 @@ KERNELS = ("ntk", "nngp")
 DEFAULT_DEPTH = 11      # of the cnn, when depth is None
 
 
+def _flat_x_message(n_features: int, data_format) -> str:
+    """The error for a 2-D X without ``image_shape``: what it would be taken as, the ways to
+    say what it is, and a guess of the image shape when F is C * H * H for C in (1, 3)."""
+    guess = ""
+    for c in (1, 3):
+        h = int(round((n_features / c) ** 0.5))
+        if h > 1 and c * h * h == n_features:
+            shape = (h, h, c) if data_format == "NHWC" else (c, h, h)
+            guess = f" (for {n_features} features: e.g. image_shape={shape})"
+            break
+    return (f"X is 2-D with {n_features} features per row and image_shape is None: pass images "
+            "as 4-D (N, C, H, W) / 3-D (N, H, W) arrays, or give image_shape=(C, H, W) for "
+            f"flattened images{guess}, or image_shape='features' to take each row as "
+            f"{n_features} features (a 1 x 1 image with {n_features} channels: the NTK of a fully "
+            "connected network)")
+
+
 class _CNTKBase(BaseEstimator):
     """Shared parameters and machinery (see the module docstring)."""
 
@@ -60,7 +83,7 @@ class _CNTKBase(BaseEstimator):
                  fix=False, kernel="ntk", convention="arora", W_std=None, b_std=None,
                  filter_size=3, ridge="auto", preprocess=None, zca_reg=ZCA_REG,
                  augment_flips=False, image_shape=None, backend="auto", dtype="float32",
-                 data_format="NCHW"):
+                 data_format=None):
         self.depth = depth
         self.architecture = architecture
         self.pooling = pooling
@@ -106,14 +129,19 @@ class _CNTKBase(BaseEstimator):
             if isinstance(r, bool) or not isinstance(r, numbers.Real) or not np.isfinite(r) or r < 0:
                 raise ValueError(f"ridge must be 'auto' (leave-one-out selection) or a number >= 0 "
                                  f"(relative to the mean diagonal of the Gram); got {r!r}")
-        if self.data_format not in ("NCHW", "NHWC"):
-            raise ValueError(f"data_format must be 'NCHW' or 'NHWC'; got {self.data_format!r}")
-        if self.image_shape is not None:
+        if self.data_format not in (None, "NCHW", "NHWC"):
+            raise ValueError("data_format must be None (NCHW, refusing shapes that look "
+                             f"channels-last), 'NCHW' or 'NHWC'; got {self.data_format!r}")
+        if self.image_shape is not None and not self._tabular():
             s = self.image_shape
             if (not isinstance(s, (tuple, list)) or len(s) != 3
                     or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in s)):
-                raise ValueError("image_shape must be None or three positive integers (C, H, W) "
-                                 f"((H, W, C) for data_format='NHWC'); got {s!r}")
+                raise ValueError("image_shape must be None, three positive integers (C, H, W) "
+                                 "((H, W, C) for data_format='NHWC') or 'features' (2-D X is "
+                                 f"tabular: 1 x 1 images with one channel per feature); got {s!r}")
+
+    def _tabular(self) -> bool:
+        return isinstance(self.image_shape, str) and self.image_shape == "features"
 
     def _depth(self):
         """The depth passed to ``gram``: 11 for the cnn when none is given (a preset or stack
@@ -143,11 +171,17 @@ class _CNTKBase(BaseEstimator):
         with_y = y is not None or reset
         kw = dict(dtype=[np.float64, np.float32], **(y_kw or {}))
         if nd in (3, 4):
+            if self._tabular():
+                raise ValueError(f"image_shape='features' is for 2-D tabular X (N, F); got a "
+                                 f"{nd}-D X of images: leave image_shape None")
             arr = np.asarray(X)
             if nd == 3:
                 arr = arr[:, None]
             elif self.data_format == "NHWC":
                 arr = arr.transpose(0, 3, 1, 2)
+            elif self.data_format is None:
+                from .inputs import refuse_channels_last
+                refuse_channels_last(arr.shape, "X")
             shape = tuple(int(v) for v in arr.shape[1:])
             if self.image_shape is not None and shape != self._param_shape():
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape} but image_shape "
@@ -159,20 +193,23 @@ class _CNTKBase(BaseEstimator):
             out = _validate_data(self, X, y, reset=reset, **kw) if with_y else \
                 _validate_data(self, X, reset=reset, **kw)
             Xv = out[0] if with_y else out
-            if self.image_shape is not None:
+            if self._tabular():
+                shape = (Xv.shape[1], 1, 1)
+            elif self.image_shape is not None:
                 shape = self._param_shape()
                 if int(np.prod(shape)) != Xv.shape[1]:
                     raise ValueError(f"X has {Xv.shape[1]} features per row but image_shape "
                                      f"{tuple(self.image_shape)} has {int(np.prod(shape))} pixels")
             else:
-                shape = (Xv.shape[1], 1, 1)
+                raise ValueError(_flat_x_message(Xv.shape[1], self.data_format))
         Xv, yv = (out if with_y else (out, None))
         if reset:
             self.image_shape_ = shape
         elif shape != self.image_shape_:
             raise ValueError(f"X holds images of shape (C, H, W) = {shape}; this estimator was "
                              f"fitted on {self.image_shape_}")
-        if self.image_shape is not None and nd not in (3, 4) and self.data_format == "NHWC":
+        if (self.image_shape is not None and not self._tabular() and nd not in (3, 4)
+                and self.data_format == "NHWC"):
             h, w, c = self.image_shape
             imgs = Xv.reshape(len(Xv), h, w, c).transpose(0, 3, 1, 2)
         else:
@@ -184,10 +221,10 @@ class _CNTKBase(BaseEstimator):
         return (s[2], s[0], s[1]) if self.data_format == "NHWC" else s
 
     # ------------------------------------------------------------------ solve
-    def _solve(self, K, Y, labels):
+    def _solve(self, K, Y, labels, groups):
         scale = solver.ridge_scale(K)
         if isinstance(self.ridge, str):
-            sel = solver.select_ridge(K, Y, labels=labels, method="loo")
+            sel = solver.select_ridge(K, Y, labels=labels, groups=groups, method="loo")
             self.ridge_ = sel.relative
             self.loo_ = sel.scores
             lam = sel.ridge
@@ -200,17 +237,22 @@ class _CNTKBase(BaseEstimator):
         self.dual_coef_ = sol.alpha
 
     def _training_set(self, imgs, y):
-        """The training images (and targets) the kernel sees: ZCA-whitened with the whitening
-        fitted here (``preprocess="zca"``), then with their flipped copies (``augment_flips``)."""
+        """The training images, targets and LOO groups the kernel and the solve see:
+        ZCA-whitened with the whitening fitted here (``preprocess="zca"``), then with their
+        flipped copies (``augment_flips``), each in one group with its original so that
+        ``ridge="auto"`` leaves them out together (:func:`cntk_engine.solver.loo`); groups
+        None without flips."""
         self.zca_ = None
         if self.preprocess == "zca":
             from .preprocess import fit_zca
             self.zca_ = fit_zca(imgs, reg=self.zca_reg)
             imgs = self.zca_.transform(imgs)
+        groups = None
         if self.augment_flips:
             from .arch import hflip
+            groups = np.tile(np.arange(len(imgs)), 2)
             imgs, y = np.concatenate([imgs, hflip(imgs)]), np.concatenate([y, y])
-        return imgs, y
+        return imgs, y, groups
 
     def _scores(self, X):
         check_is_fitted(self, "dual_coef_")
@@ -235,13 +277,16 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         (:func:`cntk_engine.preprocess.fit_zca`; attribute ``zca_``).
     augment_flips : train on the images and their horizontal flips (twice the training set);
         with kernel ridge regression this predicts what ``flip=True`` predicts with half the
-        ridge, at about twice the kernel cost and 8 times the solve.
+        ridge, at about twice the kernel cost and 8 times the solve.  ``ridge="auto"`` then
+        leaves each image out together with its flipped copy (leave-one-group-out).
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
         diagonal of the training Gram; 0 = the paper's interpolating solution.
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
-    image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); None: 2-D X is (N, F)
-        tabular data, 1 x 1 images with F channels.  4-D / 3-D X needs no image_shape.
-    data_format : "NCHW" or "NHWC", the layout of 4-D X (and of image_shape).
+    image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
+        (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the
+        default): X must be 4-D / 3-D images, and a 2-D X is refused.
+    data_format : None (the default: NCHW, refusing a shape that looks channels-last, as
+        :func:`cntk_engine.gram`), "NCHW" or "NHWC": the layout of 4-D X (and of image_shape).
 
     Attributes
     ----------
@@ -254,7 +299,7 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
                  fix=False, kernel="ntk", convention="arora", W_std=None, b_std=None,
                  filter_size=3, ridge="auto", preprocess=None, zca_reg=ZCA_REG,
                  augment_flips=False, targets="paper", image_shape=None, backend="auto",
-                 dtype="float32", data_format="NCHW"):
+                 dtype="float32", data_format=None):
         super().__init__(depth=depth, architecture=architecture, pooling=pooling,
                          lap_window=lap_window, flip=flip, fix=fix, kernel=kernel,
                          convention=convention, W_std=W_std, b_std=b_std,
@@ -270,7 +315,7 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
             raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {self.targets!r}")
         imgs, y = self._images(X, y, reset=True)
         check_classification_targets(y)
-        imgs, y = self._training_set(imgs, y)
+        imgs, y, groups = self._training_set(imgs, y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 "
@@ -279,7 +324,7 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         Y, _ = enc(y, self.classes_)
         labels = np.searchsorted(self.classes_, y)
         K = self._gram(imgs)
-        self._solve(K, Y, labels)
+        self._solve(K, Y, labels, groups)
         self.X_fit_ = imgs
         return self
 
@@ -312,10 +357,10 @@ class CNTKRegressor(RegressorMixin, _CNTKBase):
         self._check_params()
         imgs, y = self._images(X, y, reset=True, y_kw=dict(multi_output=True, y_numeric=True))
         y = np.asarray(y, dtype=np.float64)
-        imgs, y = self._training_set(imgs, y)
+        imgs, y, groups = self._training_set(imgs, y)
         self._y_1d = y.ndim == 1
         K = self._gram(imgs)
-        self._solve(K, y, None)
+        self._solve(K, y, None, groups)
         self.X_fit_ = imgs
         return self
 

@@ -312,6 +312,20 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     return arr
 
 
+def refuse_channels_last(shape, name: str) -> None:
+    """The default layout (``data_format=None``: NCHW, of ``gram`` and the estimators) refuses
+    (N, C, H, W) shapes whose last axis is 1 or 3 while C is more than 4: channels-last images
+    read as NCHW (CIFAR's (N, 32, 32, 3) would be 32 channels of 32 x 3 "images", and the
+    kernel would be meaningless)."""
+    _, c, h, w = (int(v) for v in shape)
+    if w in (1, 3) and c > 4:
+        raise ValueError(
+            f"{name} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
+            f"{c} channels of {h} x {w} images, but its last axis ({w}) looks like the channels of "
+            "channels-last data. Pass data_format='NHWC' for (N, H, W, C) images, or "
+            f"data_format='NCHW' explicitly if these really are {c}-channel {h} x {w} images")
+
+
 def check_pair(x1, x2) -> None:
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError("x1 and x2 must have the same (C, H, W); got "

@@ -110,7 +110,7 @@ def test_build_record_says_plainly_what_was_built(monkeypatch):
     assert build_info.cuda_extension_line() == (
         "CUDA extension: not built: no CUDA compiler (nvcc) was found (to build it, install again with "
         "nvcc on PATH and without -DCNTK_ENGINE_NO_CUDA=ON; backend 'cuda' also needs CuPy: "
-        "pip install 'cntk-engine[cuda]', README, Install)")
+        "pip install \".[cuda]\" in the cntk_engine source folder; README, Install)")
     built = {"cuda_extension": True, "cuda_version": "13.0.88", "cuda_architectures": "80;90"}
     monkeypatch.setattr(build_info, "build_record", lambda: built)
     line = build_info.cuda_extension_line()
@@ -122,7 +122,8 @@ def test_build_record_says_plainly_what_was_built(monkeypatch):
         return
     monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: None)
     assert build_info.cuda_extension_line().endswith(
-        "CuPy is not installed, and backend 'cuda' needs it: pip install 'cntk-engine[cuda]'")
+        "CuPy is not installed, and backend 'cuda' needs it: pip install \".[cuda]\" in the cntk_engine "
+        "source folder")
     monkeypatch.setattr(build_info, "cupy_runtime_major", lambda: 12)
     assert "CuPy is built for CUDA 12, not 13" in build_info.cuda_extension_line()
 

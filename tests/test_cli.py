@@ -87,7 +87,7 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
     cases = [
         (["gram", tmp_path / "missing.npy", "--depth", "3"], "does not exist"),
         (["gram", tmp_path / "flat.npy", "--depth", "3"], "shape (3, 4)"),
-        (["gram", tmp_path / "junk.npy", "--depth", "3"], "cannot be read"),
+        (["gram", tmp_path / "junk.npy", "--depth", "3"], "is not a NumPy .npy/.npz file"),
         (["gram", tmp_path / "nan.npy", "--depth", "3"], "NaN"),
         (["gram", tmp_path / "d.npz:nokey", "--depth", "3"], "no array 'nokey'"),
         (["gram", tmp_path / "x.npy", "--depth", "1"], "depth"),
@@ -106,12 +106,69 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "flat.npy", "junk.npy", "nan.npy", "x.npy"]
 
 
+def test_not_numpy_files_say_so_and_never_suggest_pickle(tmp_path, data, capsys):
+    """A text file is "not a NumPy .npy/.npz file" (what was found, what is accepted), not
+    NumPy's "pickled data ... allow_pickle=" advice; an object array is named as such."""
+    (tmp_path / "bad.txt").write_text("1 2 3\n4 5 6\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "obj.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "obj.npz", x=np.array([None, 1], dtype=object))
+    for name, words in (("bad.txt", ("is not a NumPy .npy/.npz file (it starts with b'1 2 3",
+                                     "text); accepted: an .npy array saved by np.save, or an .npz archive")),
+                        ("empty.npy", ("is not a NumPy .npy/.npz file (an empty file)",)),
+                        ("obj.npy", ("cannot be read as a NumPy .npy/.npz file: it holds an object array",)),
+                        ("obj.npz", ("cannot be read as a NumPy .npy/.npz file: it holds an object array",))):
+        rc, o, e = run(capsys, "gram", tmp_path / name, "--depth", "3", "--out", tmp_path / "s.zarr")
+        assert rc == 2 and all(w in e for w in words), (name, e)
+        assert "allow_pickle" not in e and "pickle.load" not in e and e.count("\n") == 1
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_out_that_is_not_a_store_is_refused_as_such(tmp_path, data, capsys):
+    """An existing --out that is not a store (a file, a folder) is refused with or without
+    --resume, with the same words, and --resume is not suggested (it could not continue it)."""
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    (tmp_path / "adir").mkdir()
+    for target, found in ((f, "(a file)"), (tmp_path / "adir", "(a folder without zarr.json)")):
+        errs = []
+        for extra in ((), ("--resume",), ("--join",)):
+            rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", target,
+                           "--backend", "numba", *extra)
+            assert rc == 2 and e.count("\n") == 1, e
+            errs.append(e)
+        assert errs[0] == errs[1] == errs[2]
+        assert f"--out {str(target)!r} exists and is not a Zarr (v3) store {found}; refusing to touch it" in e
+        assert "--out takes a path that does not exist yet" in e and "--resume" not in e
+    assert f.read_text() == "hi" and list((tmp_path / "adir").iterdir()) == []
+
+
+def test_resume_of_a_missing_store_notes_that_it_starts_one(tmp_path, data, capsys):
+    out = tmp_path / "new.zarr"
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--resume",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0 and f"note: no store at --out {str(out)!r}; starting a new one" in e, e
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--resume",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0 and "note" not in e and "computed 0 of" in o
+    out2 = tmp_path / "join.zarr"       # --join: creating it is what it is for, no note
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out2, "--join",
+                   "--backend", "numba", "--no-progress", "--tile", "9")
+    assert rc == 0 and "note" not in e and "computed 1 of 1 tile (" in o, o
+    # verify of a tiny store: a rate in units that fit, "1 finished tile"
+    rc, o, e = run(capsys, "verify", out2)
+    assert rc == 0 and "verified 1 finished tile: " in o and " 0 MB/s" not in o and "1 of 1 tile done" in o, o
+    assert "B read in" in o and "B/s)" in o
+
+
 def test_info_and_demo(capsys):
     rc, o, e = run(capsys, "info")
     assert rc == 0 and "numba" in o and "backends:" in o and "GPUs visible" in o
+    assert "cntk-engine[" not in o
     rc, o, e = run(capsys, "demo", "--n", "12", "--depth", "2", "--backend", "numba", "--no-progress")
     assert rc == 0, e
     assert "12 x 12" in o and "on backend numba" in o and "pairs/s" in o and "accuracy" in o
+    assert " 1 tiles" not in o and ("1 tile of 12 x 12" in o or "tiles of" in o), o
     x, y = cli.demo.demo_data()
     assert x.shape == (200, 28, 28) and x.dtype == np.uint8 and sorted(set(y.tolist())) == list(range(10))
 

@@ -35,8 +35,9 @@ def _single_thread_blas():
 
 
 # ----------------------------------------------------------------------------- scikit-learn checks
-# scikit-learn's checks pass 2-D tabular X: without image_shape each row is a 1 x 1 image with one
-# channel per feature (the CNTK is then the fully connected NTK), so every check applies.  None is
+# scikit-learn's checks pass 2-D tabular X: with image_shape="features" each row is a 1 x 1 image
+# with one channel per feature (the CNTK is then the fully connected NTK), so every check applies.
+# (Without image_shape a 2-D X is refused: test_flat_x_needs_image_shape.)  None is
 # expected to fail; the pandas checks skip when pandas is absent and the array-API check without
 # SCIPY_ARRAY_API (scikit-learn's own skips).
 EXPECTED_FAILED_CHECKS: dict = {}
@@ -46,7 +47,8 @@ def _expected_failed(est):
     return EXPECTED_FAILED_CHECKS.get(type(est).__name__, {})
 
 
-@parametrize_with_checks([CNTKClassifier(depth=3, backend="numba"), CNTKRegressor(depth=3, backend="numba")],
+@parametrize_with_checks([CNTKClassifier(depth=3, backend="numba", image_shape="features"),
+                          CNTKRegressor(depth=3, backend="numba", image_shape="features")],
                          expected_failed_checks=_expected_failed)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
@@ -167,7 +169,7 @@ def test_params_clone_and_errors(mnist10):
         CNTKClassifier(targets="pm1", **ARCH).fit(xtr, ytr)
     with pytest.raises(ValueError, match="kernel must be one of"):
         CNTKClassifier(kernel="both", **ARCH).fit(xtr, ytr)
-    with pytest.raises(ValueError, match="image_shape must be None or three positive integers"):
+    with pytest.raises(ValueError, match="image_shape must be None, three positive integers"):
         CNTKClassifier(image_shape=(10, 10), **ARCH).fit(xtr.reshape(60, -1), ytr)
     with pytest.raises(ValueError, match="100 features per row but image_shape"):
         CNTKClassifier(image_shape=(1, 9, 9), **ARCH).fit(xtr.reshape(60, -1), ytr)
@@ -181,6 +183,74 @@ def test_params_clone_and_errors(mnist10):
     with pytest.raises(ValueError, match=r"fitted on \(1, 10, 10\)"):
         # same number of pixels, another image shape
         fitted.predict(xte[:, :, :, :].reshape(40, 1, 10, 10).reshape(40, 2, 5, 10))
+
+
+def test_default_layout_refuses_channels_last_as_gram_does(monkeypatch):
+    """data_format=None (the default) reads NCHW and refuses CIFAR's (N, 32, 32, 3) with gram's
+    own message (not 32 channels of 32 x 3 images), before any kernel; "NCHW" explicitly takes
+    it, "NHWC" reads it as channels-last."""
+    import cntk_engine.api
+    x = np.random.default_rng(0).random((6, 32, 32, 3))
+    y = np.arange(6) % 2
+    assert CNTKClassifier().get_params()["data_format"] is None
+    assert CNTKRegressor().get_params()["data_format"] is None
+    with pytest.raises(ValueError) as gram_err:
+        gram(x, depth=3)
+    real = cntk_engine.api.gram
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    for est in (CNTKClassifier(depth=3), CNTKRegressor(depth=3)):
+        with pytest.raises(ValueError, match="looks like the channels of channels-last data") as e:
+            est.fit(x, y)
+        assert str(e.value) == str(gram_err.value).replace("x1 has", "X has")
+    with pytest.raises(ValueError, match="data_format must be None"):
+        CNTKClassifier(depth=3, data_format="CHW").fit(x, y)
+    monkeypatch.setattr(cntk_engine.api, "gram", real)
+    small = x[:, :4, :4]
+    assert CNTKClassifier(depth=3, data_format="NCHW", ridge=0.1).fit(small, y).image_shape_ == (4, 4, 3)
+    assert CNTKClassifier(depth=3, data_format="NHWC", ridge=0.1).fit(small, y).image_shape_ == (3, 4, 4)
+
+
+def test_flat_x_needs_image_shape():
+    """A 2-D X without image_shape is refused (flattened images would silently be 1 x 1 images
+    with C*H*W channels), naming the ways to say what it is; image_shape="features" takes it as
+    tabular data, the same model as image_shape=(F, 1, 1)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((8, 12)), np.arange(8) % 2
+    with pytest.raises(ValueError, match=r"X is 2-D with 12 features per row and image_shape is None.*"
+                       r"image_shape=\(3, 2, 2\).*image_shape='features'"):
+        CNTKClassifier(depth=3).fit(X, y)
+    with pytest.raises(ValueError, match=r"e\.g\. image_shape=\(1, 28, 28\)"):
+        CNTKRegressor(depth=3).fit(rng.random((4, 784)), rng.random(4))
+    tab = CNTKClassifier(depth=3, ridge=0.1, image_shape="features").fit(X, y)
+    assert tab.image_shape_ == (12, 1, 1)
+    same = CNTKClassifier(depth=3, ridge=0.1, image_shape=(12, 1, 1)).fit(X, y)
+    np.testing.assert_array_equal(tab.decision_function(X), same.decision_function(X))
+    with pytest.raises(ValueError, match="image_shape='features' is for 2-D tabular X"):
+        CNTKClassifier(depth=3, image_shape="features").fit(X.reshape(8, 3, 2, 2), y)
+    with pytest.raises(ValueError, match="image_shape must be None, three positive integers"):
+        CNTKClassifier(depth=3, image_shape="tabular").fit(X, y)
+
+
+def test_augment_flips_loo_leaves_each_image_out_with_its_flip(monkeypatch):
+    """With augment_flips, ridge="auto" scores each image with the model refitted without it AND
+    its flipped copy: the estimators hand select_ridge one group per original."""
+    seen = []
+    real = solver.select_ridge
+
+    def spy(*a, **k):
+        seen.append(k.get("groups"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(solver, "select_ridge", spy)
+    rng = np.random.default_rng(1)
+    X, y = rng.random((6, 1, 4, 4)), np.array([0, 1, 0, 1, 0, 1])
+    clf = CNTKClassifier(depth=3, augment_flips=True).fit(X, y)
+    CNTKRegressor(depth=3, augment_flips=True).fit(X, y.astype(float))
+    CNTKClassifier(depth=3).fit(X, y)
+    for g in seen[:2]:
+        np.testing.assert_array_equal(g, np.tile(np.arange(6), 2))
+    assert seen[2] is None
+    assert clf.loo_.n_groups == 6 and clf.X_fit_.shape[0] == 12
 
 
 def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
@@ -203,12 +273,13 @@ def test_numpy_scalar_grids():
     X, y = rng.standard_normal((8, 2)), rng.standard_normal(8)   # 1 x 1 images, 2 channels
     grid = {"filter_size": np.arange(1, 4, 2), "depth": np.array([3]), "fix": np.array([False, True]),
             "W_std": np.array([1.0, 2.0], dtype=np.float32)}
-    gs = GridSearchCV(CNTKRegressor(ridge=0.1, convention="neural_tangents", backend="reference"),
+    gs = GridSearchCV(CNTKRegressor(ridge=0.1, convention="neural_tangents", backend="reference",
+                                    image_shape="features"),
                       grid, cv=2, error_score="raise").fit(X, y)
     assert len(gs.cv_results_["params"]) == 8 and np.isfinite(gs.cv_results_["mean_test_score"]).all()
     best = gs.best_estimator_
     ref = CNTKRegressor(ridge=0.1, convention="neural_tangents", backend="reference",
-                        **{k: v.item() for k, v in gs.best_params_.items()}).fit(X, y)
+                        image_shape="features", **{k: v.item() for k, v in gs.best_params_.items()}).fit(X, y)
     np.testing.assert_array_equal(best.predict(X), ref.predict(X))
 
 
@@ -219,4 +290,4 @@ def test_import_without_sklearn(tmp_path):
             "try:\n    import cntk_engine.estimators\nexcept ImportError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "pip install 'cntk-engine[sklearn]'" in r.stdout
+    assert 'pip install ".[sklearn]" in the cntk_engine source folder' in r.stdout

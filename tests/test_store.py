@@ -182,8 +182,9 @@ def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatc
         arch = make_architecture(depth=3)
         job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(*x.shape[1:]), kernel="ntk",
                       dtype=np.dtype(np.float32), backend=NumbaBackend, out=str(out), resume=False)
-        with pytest.raises(StoreError, match="created by another process.*pass --join"):
+        with pytest.raises(store_mod.StoreExists, match="created by another process.*existing='resume'") as e:
             store_mod.GramStore.open_for_job(job, tile=4, tile_given=False)
+        assert "--join" not in str(e.value) and "--resume" not in str(e.value) and e.value.race
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []   # temp dir removed
 
 
@@ -243,6 +244,28 @@ def test_foreign_paths_are_refused(tmp_path, rng):
     assert snapshot(tmp_path / "other.zarr") == before
     with pytest.raises(StoreError, match="does not exist"):
         ce.gram(x, depth=3, backend="numba", out=tmp_path / "no" / "g.zarr")
+
+
+def test_refused_existing_store_names_the_python_way(tmp_path, rng):
+    """From Python, StorePath(existing="refuse") on a store of the same job says how to continue
+    it in Python (existing='resume' / a plain path), not with the command line's flags; a file
+    at out= says what out= takes."""
+    from cntk_engine.jobs.store import StorePath
+    x = imgs(rng, 4)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", out=out)
+    before = snapshot(out)
+    with pytest.raises(store_mod.StoreExists) as e:
+        ce.gram(x, depth=3, backend="numba", out=StorePath(out, existing="refuse"))
+    msg = str(e.value)
+    assert "exists (this same job, 1 of 1 tiles done)" in msg and "existing='resume'" in msg
+    assert "--resume" not in msg and "--join" not in msg and not e.value.race
+    assert snapshot(out) == before
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    with pytest.raises(StoreError, match=r"not a Zarr \(v3\) store \(a file\); refusing to touch it; "
+                       "out= takes a path that does not exist yet"):
+        ce.gram(x, depth=3, backend="numba", out=StorePath(f, existing="resume"))
 
 
 def test_bad_input_creates_no_store(tmp_path, rng):

@@ -20,6 +20,11 @@ class CliError(Exception):
     """An error reported as one line (no traceback)."""
 
 
+def plural(n: int, word: str) -> str:
+    """'1 tile', '2 tiles'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def int_list(text: str, what: str) -> list[int]:
     """'3,4,6' -> [3, 4, 6]; a CliError naming the option ``what`` otherwise."""
     try:
@@ -43,6 +48,41 @@ def positive_seconds(text: str) -> float:
 
 
 # ------------------------------------------------------------------------------ images
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"       # np.save's header; np.savez is a zip
+
+
+def open_numpy(p: Path, what: str = "DATA"):
+    """``np.load(p, allow_pickle=False)`` of an existing file: an array (.npy) or an open
+    NpzFile (.npz).  A file that is neither (text, a pickle, an image) is refused by its first
+    bytes, naming what was found and what is accepted; other reading failures say
+    :func:`numpy_problem`."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise CliError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
+    if not (head.startswith(NPY_MAGIC) or head.startswith(ZIP_MAGIC)):
+        text = head and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+        found = ("an empty file" if not head else
+                 f"it starts with {head!r}" + (", text" if text else ""))
+        raise CliError(f"{what} {str(p)!r} is not a NumPy .npy/.npz file ({found}); accepted: an "
+                       ".npy array saved by np.save, or an .npz archive saved by np.savez")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any reading failure is the user's file
+        raise CliError(f"{what} {str(p)!r} cannot be read as a NumPy .npy/.npz file: "
+                       f"{numpy_problem(e)}") from None
+
+
+def numpy_problem(e: Exception) -> str:
+    """Why NumPy could not read an array, in the user's terms: an object array (which would
+    need unpickling, never done here) is named as such; other errors as they are."""
+    if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+        return ("it holds an object array (Python objects stored with pickle), which is never "
+                "loaded; save the data as a plain numeric array")
+    return f"{type(e).__name__}: {e}"
+
+
 def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
     first of ``keys`` it holds), as stored."""
@@ -56,9 +96,13 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
         raise CliError(f"{what} {path!r} does not exist")
     if not p.is_file():
         raise CliError(f"{what} {path!r} is not a file")
+    loaded = open_numpy(p, what)
+    if key is not None and not hasattr(loaded, "files"):
+        raise CliError(f"{what} {path!r} is a .npy array, not an .npz archive: name no key "
+                       f"(give {path!r} alone)")
     try:
-        if p.suffix == ".npz" or key is not None:
-            with np.load(p, allow_pickle=False) as z:
+        if hasattr(loaded, "files"):
+            with loaded as z:
                 names = list(z.keys())
                 if key is None:
                     key = next((k for k in keys if k in names), None)
@@ -69,11 +113,12 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
                     raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
                 x = z[key]
         else:
-            x = np.load(p, allow_pickle=False)
+            x = loaded
     except CliError:
         raise
     except Exception as e:  # noqa: BLE001 - any reading failure is the user's file
-        raise CliError(f"{what} {path!r} cannot be read as a NumPy .npy/.npz file: {e}") from None
+        raise CliError(f"{what} {path!r} cannot be read as a NumPy .npy/.npz file: "
+                       f"{numpy_problem(e)}") from None
     if not isinstance(x, np.ndarray):
         raise CliError(f"{what} {path!r} does not hold one array")
     return x

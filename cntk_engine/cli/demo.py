@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from .common import CliError
+from .common import CliError, plural
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,8 @@ def run(args) -> int:
     pairs = info["unique_pairs"]
     comp = info["compute_seconds"]
     print(f"computed the {n} x {n} NTK and NNGP Gram matrices ({pairs} unique pairs, "
-          f"{info['tiles_total']} tiles of {info['tile']}) on backend {info['backend']} "
+          f"{plural(info['tiles_total'], 'tile')} of {info['tile']} x {info['tile']}) on backend "
+          f"{info['backend']} "
           f"({info['where']}, {info['dtype']}) in {dt:.2f} s: {pairs / comp:.4g} pairs/s "
           f"(tile computation {comp:.2f} s"
           + ("; it includes loading the numba kernel from numba's cache, or compiling it into "

@@ -18,9 +18,11 @@ first, a CPU-feasibility option), the train Gram and the test-vs-train kernel wi
 call each (``depths=[...]``), then for every depth and kernel
 :func:`cntk_engine.solver.evaluate_classifier`: kernel regression on the paper's targets
 (0.9 / -0.1) with ``--ridge`` (a number relative to the mean diagonal of the train Gram, or
-``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`; the
-ridge-0 "paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and the machine.
-Errors are one line on stderr with exit status 2.
+``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`,
+with ``--augment-flips`` leaving each training image out together with its flipped copy, one
+group each for :func:`cntk_engine.solver.loo`; the ridge-0 "paper solve" is reported next to
+it).  ``--json OUT`` writes every figure, the command and the machine.  Errors are one line on
+stderr with exit status 2; ``--zca`` and ``--preprocess`` together are an error.
 
 ``--store DIR`` keeps the two kernels in DIR as resumable Zarr stores (``train.zarr``: the train
 Gram, ``test.zarr``: the test-vs-train kernel; layout: :mod:`cntk_engine.jobs.store`), tile by
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -43,8 +46,9 @@ import numpy as np
 from .. import solver
 from ..arch import hflip
 from ..preprocess import PREPROCESSING, ZCA_REG, preprocess
-from .common import (CliError, add_architecture_options, add_run_options, check_json_path,
-                     gram_options, machine, to_nchw, write_json)
+from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
+                     gram_options, machine, numpy_problem, open_numpy, plural, to_nchw,
+                     write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -67,17 +71,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "the mean diagonal of the train Gram (0 = the paper's interpolating solve)")
     p.add_argument("--targets", choices=("paper", "onehot"), default="paper",
                    help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
-    p.add_argument("--preprocess", choices=PREPROCESSING, default="standardize",
-                   help="standardize: per-channel mean/std of the training images (the paper's; "
-                   "default); scale: integer images / 255; zca: regularised ZCA whitening fitted on "
-                   "the training images (Lee et al. 2020); none: as stored")
-    p.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
-                   help="the same as --preprocess zca")
+    pre = p.add_mutually_exclusive_group()       # --zca with --preprocess X: an error, not "last wins"
+    pre.add_argument("--preprocess", choices=PREPROCESSING, default="standardize",
+                     help="standardize: per-channel mean/std of the training images (the paper's; "
+                     "default); scale: integer images / 255; zca: regularised ZCA whitening fitted "
+                     "on the training images (Lee et al. 2020); none: as stored")
+    pre.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
+                     help="the same as --preprocess zca (not together with --preprocess)")
     p.add_argument("--zca-reg", type=float, default=ZCA_REG, metavar="R",
                    help=f"ZCA regulariser, relative to the mean eigenvalue (default {ZCA_REG})")
     p.add_argument("--augment-flips", action="store_true",
                    help="train on the training images and their horizontal flips (twice the "
-                   "training set; --flip symmetrises the kernel instead)")
+                   "training set; leave-one-out leaves each image out with its flip; --flip "
+                   "symmetrises the kernel instead)")
     p.add_argument("--downsample", type=int, default=1,
                    help="average-pool F x F before the kernel (a CPU-feasibility option)")
     p.add_argument("--seed", type=int, default=0, help="subset / split seed (default 0)")
@@ -105,10 +111,7 @@ def load_data(path: str, n_train: int, n_test: int, seed: int):
         raise CliError(f"--n-train must be at least 2; got {n_train}")
     if n_test < 1:
         raise CliError(f"--n-test must be at least 1; got {n_test}")
-    try:
-        z = np.load(p, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise CliError(f"DATA {path!r} cannot be read as a NumPy .npz archive: {e}") from None
+    z = open_numpy(p, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {path!r} is a .npy array; evaluate needs a .npz archive with keys "
                        "x_train, y_train, x_test, y_test or x, y")
@@ -142,7 +145,7 @@ def _read(z, key, path):
     try:
         return z[key]
     except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, OSError, ...
-        raise CliError(f"DATA {path!r}: array {key!r} cannot be read ({type(e).__name__}: {e}); "
+        raise CliError(f"DATA {path!r}: array {key!r} cannot be read ({numpy_problem(e)}); "
                        "it must be a plain numeric array saved by np.savez") from None
 
 
@@ -188,10 +191,13 @@ def _command_line(args) -> str:
     if argv is None:
         argv = ["evaluate", str(args.data)]
         parser = add_parser(argparse.ArgumentParser().add_subparsers())
+        given = set()        # one option per destination (--preprocess zca, not also --zca)
         for a in parser._actions:
             v = getattr(args, a.dest, None)
-            if not a.option_strings or a.dest == "help" or v is None or v is False:
+            if (not a.option_strings or a.dest == "help" or v is None or v is False
+                    or a.dest in given):
                 continue
+            given.add(a.dest)
             if a.nargs == 0:        # a flag: given when the value is the one it stores
                 if v == a.const:
                     argv.append(a.option_strings[0])
@@ -220,17 +226,23 @@ def check_store(args) -> Path | None:
     if not d.parent.is_dir():
         raise CliError(f"--store {args.store!r}: the folder {str(d.parent)!r} does not exist; "
                        "create it first or give a path in an existing folder")
-    kept = [name for name in KERNEL_STORES.values()
-            if (d / name).exists() or (d / name).is_symlink()]
-    if kept and not args.resume:
-        raise CliError(f"--store {args.store!r} already holds {' and '.join(kept)}; pass --resume "
-                       "to continue the kernels kept there (refused if they are another job's), "
-                       "or choose another folder")
-    from ..jobs.store import require_zarr
+    from ..jobs.store import is_store, require_zarr
     try:
         require_zarr()
     except ImportError as e:
         raise CliError(f"--store {e}") from None
+    # something that is not a store where a kernel store goes: refused as such (--resume cannot
+    # continue it); stores are continued only with --resume
+    takes = (f"--store DIR keeps the kernels in DIR/{KERNEL_STORES['train']} and "
+             f"DIR/{KERNEL_STORES['test']}: move that path away or choose another folder")
+    kept = [name for name in KERNEL_STORES.values() if is_store(d / name, "--store ", takes)]
+    if kept and not args.resume:
+        raise CliError(f"--store {args.store!r} already holds {' and '.join(kept)}; pass --resume "
+                       "to continue the kernels kept there (refused if they are another job's), "
+                       "or choose another folder")
+    if args.resume and not kept:
+        print(f"{PROG}: note: --resume: no kernel stores in --store {args.store!r}; starting new ones",
+              file=sys.stderr)
     return d
 
 
@@ -256,7 +268,7 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
 
 
 def _tiles(info) -> str:
-    return f"{info['tiles_computed']} of {info['tiles_total']} tiles computed"
+    return f"{info['tiles_computed']} of {plural(info['tiles_total'], 'tile')} computed"
 
 
 # ----------------------------------------------------------------------------- report
@@ -264,10 +276,11 @@ def _rel(v) -> str:
     return "0" if v == 0 else f"{v:.0e}"
 
 
-def _fmt_line(depth, name, r) -> str:
+def _fmt_line(depth, name, r, with_flips: bool = False) -> str:
     s = f"  depth {depth:>2} {name:4s}: test accuracy {100 * r['accuracy']:6.2f}%  ridge {_rel(r['ridge_relative'])} x mean diag"
     if r.get("ridge_selected_by") == "loo":
-        s += f" (LOO-selected; LOO accuracy {100 * r['loo_accuracy']:.2f}%)"
+        s += (" (LOO-selected" + (", each image left out with its flip" if with_flips else "")
+              + f"; LOO accuracy {100 * r['loo_accuracy']:.2f}%)")
     if r.get("jitter"):
         s += f" [jitter {r['jitter']:.2g} added]"
     if "accuracy_ridge0" in r:
@@ -296,7 +309,10 @@ def run(args) -> int:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
     xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=args.zca_reg)
+    groups = None
     if args.augment_flips:          # the flipped copies carry the labels of their originals
+        # and leave-one-out leaves each image out together with its flip (solver.loo groups)
+        groups = np.tile(np.arange(len(xtr)), 2)
         xtr, ytr = np.concatenate([xtr, hflip(xtr)]), np.concatenate([ytr, ytr])
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
@@ -316,7 +332,9 @@ def run(args) -> int:
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
     computed = info_tr["pairs_computed"] + info_te["pairs_computed"]
-    print(f"kernels: {args.architecture}, depths {depths}, pooling {args.pooling}, fix {args.fix}, {kernel}, backend "
+    pooling = args.pooling + (f" (window {args.lap_window})" if args.pooling == "lap" else "")
+    print(f"kernels: {args.architecture}, depths {depths}, pooling {pooling}, flip {args.flip}, "
+          f"fix {args.fix}, {kernel}, backend "
           f"{info_tr['backend']} ({info_tr.get('where', '')}, {args.dtype}): train Gram "
           f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs"
           + (f" ({computed} computed in this run)" if computed != pairs else "")
@@ -329,10 +347,11 @@ def run(args) -> int:
         a, b = ktr[d], kte[d]
         a, b = (a, b) if kernel == "both" else ((a,), (b,))
         for name, K, Kt in zip(names, a, b):
-            r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets)
+            r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets,
+                                           groups=groups)
             r.update(depth=d, kernel=name)
             results.append(r)
-            print(_fmt_line(d, name, r))
+            print(_fmt_line(d, name, r, with_flips=args.augment_flips))
     print(f"solve: {time.perf_counter() - t2:.1f} s")
     if args.json:
         rec = dict(command=_command_line(args),

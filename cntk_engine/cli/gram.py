@@ -22,16 +22,19 @@ processes running on the same store at once (a SLURM job array, several nodes or
 split the work; otherwise the run is refused with the differences, and nothing is written.
 ``--resume`` says "continue a job that stopped", ``--join`` "work on it together with the
 processes running on it": both do the same, and both simply start the job on a path that does
-not exist yet (so a job script can always pass one).  ``--claim-timeout S``: a claim not
-renewed for S seconds (its writer died on another host) is taken over.
+not exist yet (so a job script can always pass one; ``--resume`` notes on stderr that no store
+was found).  A path that exists but is not a Gram store (a file, another folder) is refused
+with or without them.  ``--claim-timeout S``: a claim not renewed for S seconds (its writer
+died on another host) is taken over.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-from .common import (CliError, add_architecture_options, add_run_options, gram_options, int_list,
-                     load_images, positive_seconds, to_nchw)
+from .common import (PROG, CliError, add_architecture_options, add_run_options, gram_options,
+                     int_list, load_images, plural, positive_seconds, to_nchw)
 
 X1_KEYS = ("x", "x_train", "images", "X")
 X2_KEYS = ("x", "x_test", "images", "X")
@@ -64,9 +67,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _exists_message(out: str, race: bool = False) -> str:
+    """The command line's words for a store at --out without --resume / --join (``race``:
+    another process created it while this one was creating it)."""
+    what = (f"--out {out!r} was created by another process while this one was creating it; "
+            "nothing was written. To work on it together with that process pass --join (or "
+            "--resume)" if race else
+            f"--out {out!r} exists; pass --resume to continue the job stored there (refused if it "
+            "holds another job), --join to work on it together with the processes running on it")
+    return what + ", or choose another path"
+
+
 def run(args) -> int:
     from ..api import gram
-    from ..jobs.store import StorePath, kernel_arrays
+    from ..jobs.store import StoreExists, StorePath, is_store, kernel_arrays
     x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
     x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
                                                args.data_format, "--x2")
@@ -76,16 +90,21 @@ def run(args) -> int:
         devices = "all" if args.devices == "all" else int_list(args.devices, "--devices")
     out = Path(args.out)
     together = args.resume or args.join
-    if (out.exists() or out.is_symlink()) and not together:
-        raise CliError(f"--out {args.out!r} exists; pass --resume to continue the job stored there "
-                       "(refused if it holds another job), --join to work on it together with the "
-                       "processes running on it, or choose another path")
+    # before any work: a path that holds something else than a store is refused as such (no
+    # --resume can continue it), a store only without --resume / --join
+    if is_store(out, "--out "):
+        if not together:
+            raise CliError(_exists_message(args.out))
+    elif args.resume:
+        print(f"{PROG}: note: no store at --out {args.out!r}; starting a new one",
+              file=sys.stderr)
     client = None
     if args.scheduler:
         try:
             from distributed import Client
         except ImportError as e:
-            raise CliError(f"--scheduler needs Dask (pip install 'cntk-engine[dask]'): {e}") from None
+            from ..version import install_hint
+            raise CliError(f"--scheduler needs Dask ({install_hint('dask')}): {e}") from None
         try:
             client = Client(args.scheduler, timeout="10s")
         except Exception as e:  # noqa: BLE001 - unreachable address, wrong protocol, timeout
@@ -96,18 +115,20 @@ def run(args) -> int:
                            claim_timeout=args.claim_timeout)
         group, info = gram(x1, x2, **opts, return_info=True, devices=devices, out=target,
                            client=client)
+    except StoreExists as e:      # another process created it after the check above
+        raise CliError(_exists_message(args.out, race=e.race)) from None
     finally:
         if client is not None:
             client.close()
     names = kernel_arrays(group)
     rate = info["pairs_per_second"]
     print(f"{out}: {info['unique_pairs']} unique pairs; computed {info['tiles_computed']} of "
-          f"{info['tiles_total']} tiles ({info['pairs_computed']} pairs) in "
+          f"{plural(info['tiles_total'], 'tile')} ({info['pairs_computed']} pairs) in "
           f"{time.perf_counter() - t0:.1f} s on {info['backend']} ({info['where']}, tile {info['tile']})"
           + (f", {rate:.4g} pairs/s" if rate else ""))
     checks = []
     if info.get("tiles_verified"):
-        checks.append(f"{info['tiles_verified']} finished tiles verified in "
+        checks.append(f"{plural(info['tiles_verified'], 'finished tile')} verified in "
                       f"{info['verify_seconds']:.1f} s")
     if info.get("tiles_failed_verification"):
         checks.append(f"{info['tiles_failed_verification']} failed and were computed again")

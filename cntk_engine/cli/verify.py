@@ -13,7 +13,8 @@ checksums of its data as it is now (only for data you accept), then verifies it.
 """
 from __future__ import annotations
 
-from .common import CliError, write_json
+from ..arrays import format_bytes
+from .common import CliError, plural, write_json
 
 
 def add_parser(sub) -> None:
@@ -44,17 +45,19 @@ def run(args) -> int:
               f"marked not done{': ' + ', '.join(map(str, done['reset'][:8])) if done['reset'] else ''}; "
               f"{done['runs']} run records moved to runs/")
     r = verify_store(args.store, workers=args.workers)
-    print(f"{r.path}: Gram store format {r.format_version}; {r.tiles_finished} of {r.tiles_total} "
-          f"tiles done" + ("" if r.tiles_finished == r.tiles_total else " (unfinished)"))
+    print(f"{r.path}: Gram store format {r.format_version}; {r.tiles_finished} of "
+          f"{plural(r.tiles_total, 'tile')} done"
+          + ("" if r.tiles_finished == r.tiles_total else " (unfinished)"))
     if not r.checksums:
         print(f"no per-tile checksums (format {r.format_version}): nothing can be verified. If its "
               f"data is what you want, `cntk-engine verify {r.path} --add-checksums` records "
               "checksums of the data as it is now")
         status = 1
     else:
-        rate = f", {r.mb_per_second:.0f} MB/s" if r.mb_per_second else ""
-        print(f"verified {r.tiles_finished} finished tiles: {r.bytes_read / 1e6:.1f} MB read in "
-              f"{r.seconds:.2f} s{rate}")
+        # units that fit the amount: a small store reads kilobytes in milliseconds
+        rate = f" ({format_bytes(r.bytes_read / r.seconds)}/s)" if r.seconds > 0 else ""
+        print(f"verified {plural(r.tiles_finished, 'finished tile')}: "
+              f"{format_bytes(r.bytes_read)} read in {r.seconds:.3g} s{rate}")
         for d in r.damage:
             print(f"DAMAGED {d}")
         if r.damage:

@@ -142,9 +142,9 @@ def run_job(job: GramJob) -> tuple[object, dict]:
     todo = all_tiles if store is None else store.missing(all_tiles)
     todo_pairs = sum(t.pairs for t in todo)
     log.info("gram job: backend=%s dtype=%s on %s; %d x %d images %s, %s; tile %d (%s): "
-             "%d tiles (%d to compute, %d pairs)", job.backend.name, job.dtype.name, where, job.n1,
+             "%d tile%s (%d to compute, %d pairs)", job.backend.name, job.dtype.name, where, job.n1,
              job.n2, job.image_shape, "symmetric" if job.symmetric else "rectangular", tile, why,
-             len(all_tiles), len(todo), todo_pairs)
+             len(all_tiles), "" if len(all_tiles) == 1 else "s", len(todo), todo_pairs)
 
     if store is not None:
         run_id = store.begin_run(len(todo), where)
@@ -214,8 +214,9 @@ def run_job(job: GramJob) -> tuple[object, dict]:
                     tiles_failed_verification=store.verified["failed"],
                     verify_seconds=store.verified["seconds"],
                     tiles_by_others=len(todo) - len(computed))
-    log.info("gram job done: %d tiles, %d pairs in %.2f s (%s pairs/s)", len(computed), pairs,
-             seconds, f"{pairs / seconds:.4g}" if seconds > 0 else "-")
+    log.info("gram job done: %d tile%s, %d pairs in %.2f s (%s pairs/s)", len(computed),
+             "" if len(computed) == 1 else "s", pairs, seconds,
+             f"{pairs / seconds:.4g}" if seconds > 0 else "-")
     return (store.read_only_group if store is not None else sink.result), info
 
 

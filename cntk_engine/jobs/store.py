@@ -145,6 +145,24 @@ class StoreMismatch(StoreError):
     """The store at ``out=`` belongs to another job."""
 
 
+class StoreExists(StoreError):
+    """``out=StorePath(..., existing="refuse")`` found a store of this job (``race``: another
+    process created it at the same moment).  The message names the Python way to continue it;
+    the command line words its own (``--resume`` / ``--join``) from ``path`` and ``race``."""
+
+    def __init__(self, path, *, race: bool = False, done: str = ""):
+        self.path, self.race = str(path), race
+        if race:
+            what = (f"out={self.path!r} was created by another process while this one was "
+                    "creating it; nothing was written")
+        else:
+            what = (f"out={self.path!r} exists ({done}) and StorePath(..., existing='refuse') "
+                    "refuses an existing store")
+        super().__init__(f"{what}. To continue it (together with any process working on it) "
+                         f"pass out={self.path!r} as a plain path or StorePath(..., "
+                         "existing='resume'); or choose another path")
+
+
 class StoreCorrupt(StoreError):
     """A finished tile of a store fails verification (see :func:`verify_store`)."""
 
@@ -168,7 +186,8 @@ def require_zarr():
     try:
         import zarr
     except ImportError as e:
-        raise ImportError(f"out= needs zarr >= {need} (pip install 'cntk-engine[zarr]'): {e}") from None
+        from ..version import install_hint
+        raise ImportError(f"out= needs zarr >= {need} ({install_hint('zarr')}): {e}") from None
     if _version_tuple(zarr.__version__) < ZARR_MIN:
         raise ImportError(f"out= needs zarr >= {need} (its local store writes each chunk to a "
                           f"temporary file and renames it, which the store's crash safety relies "
@@ -881,10 +900,7 @@ class GramStore:
             return cls._create(path, dict(spec, tile=int(tile)), claim_timeout=timeout)
         except _LostRace:
             if not resume:
-                raise StoreError(f"out={str(path)!r} was created by another process while this one "
-                                 "was creating it; nothing was written. To work on it together "
-                                 "with that process pass --join (or --resume; Python: a plain "
-                                 "path), or choose another path") from None
+                raise StoreExists(path, race=True) from None
             log.info("store %s was created by another process at the same time; working on it "
                      "together", path)
             return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
@@ -894,7 +910,7 @@ class GramStore:
     def _open_existing(cls, path: Path, spec: dict, *, tile: int, tile_given: bool,
                        resume: bool, claim_timeout: float = CLAIM_TIMEOUT) -> "GramStore":
         zarr = require_zarr()
-        stored = _read_record(path, "out=")
+        stored = _read_record(path, "out=", for_out=True)
         why = _format_error(path, stored)
         if why is not None:
             raise StoreError(f"out={why}")
@@ -911,9 +927,7 @@ class GramStore:
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
         n_all = len(cls._expected_tiles(stored))
         if not resume:
-            raise StoreError(f"out={str(path)!r} exists (this same job, {n_done} of {n_all} tiles "
-                             "done); pass --resume to continue it, or --join to work on it "
-                             "together with the processes running on it")
+            raise StoreExists(path, done=f"this same job, {n_done} of {n_all} tiles done")
         store = cls(path, zarr.open_group(str(path), mode="r+"), stored, claim_timeout)
         if CLAIMS not in store.group:
             store.group.require_group(CLAIMS)
@@ -993,9 +1007,9 @@ class GramStore:
         self.repair = {tile: int(done[tile]) for tile in bad}
         self.verified = {"tiles": n_done, "failed": len(bad), "bytes": scan.bytes, "seconds": dt}
         if n_done:
-            log.info("store %s: verified %d finished tiles (%s read) in %.2f s (%.0f MB/s): %s",
-                     self.path, n_done, format_bytes(scan.bytes), dt,
-                     scan.bytes / dt / 1e6 if dt > 0 else float("nan"),
+            log.info("store %s: verified %d finished tile%s (%s read) in %.3g s (%s/s): %s",
+                     self.path, n_done, "" if n_done == 1 else "s", format_bytes(scan.bytes), dt,
+                     format_bytes(scan.bytes / dt) if dt > 0 else "-",
                      f"{len(bad)} failed" if bad else "all intact")
         return [t for t in tiles if done[t.i, t.j] == 0 or (t.i, t.j) in bad]
 
@@ -1130,13 +1144,34 @@ def _new_run(path: Path, rec: dict) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_record(path: Path, what: str = "") -> dict:
+def is_store(path, what: str = "out=", takes: str | None = None) -> bool:
+    """Whether the ``out=`` path ``path`` holds a cntk_engine Gram store: False where nothing
+    is there (a new store would be created), True for a store (its job is compared when it is
+    opened), a StoreError for anything else (a file, a folder that is not a store), naming it
+    and what ``what`` (e.g. "out=", "--out ") takes (or ``takes``)."""
+    path = Path(os.fspath(path)).expanduser().absolute()
+    if not (path.exists() or path.is_symlink()):
+        return False
+    _read_record(path, what, for_out=True, takes=takes)
+    return True
+
+
+def _read_record(path: Path, what: str = "", *, for_out: bool = False,
+                 takes: str | None = None) -> dict:
     """The job record of the store at ``path``; StoreError (its message starting with
-    ``what``, e.g. "out=") if it is not a cntk_engine store."""
+    ``what``, e.g. "out=") if it is not a cntk_engine store, saying what is there instead and,
+    ``for_out``, what an output path takes (``takes``: other words for it)."""
     zarr = require_zarr()
+    if for_out and takes is None:
+        takes = (f"{what.strip()} takes a path that does not exist yet (a new store is created "
+                 "there) or a store of this same job")
+    takes = f"; {takes}" if for_out else ""
     if not path.is_dir() or not (path / "zarr.json").is_file():
-        raise StoreError(f"{what}{str(path)!r} exists and is not a Zarr (v3) store; refusing to "
-                         "touch it")
+        found = ("a broken symbolic link" if not path.exists() else
+                 "a folder without zarr.json" if path.is_dir() else
+                 "a file" if path.is_file() else "not a file or folder")
+        raise StoreError(f"{what}{str(path)!r} exists and is not a Zarr (v3) store ({found}); "
+                         f"refusing to touch it{takes}")
     try:
         g = zarr.open_group(str(path), mode="r")
         stored = dict(g.attrs.get("cntk_engine") or {})
@@ -1144,7 +1179,7 @@ def _read_record(path: Path, what: str = "") -> dict:
         raise StoreError(f"{what}{str(path)!r} cannot be read as a Zarr group: {e}") from None
     if stored.get("format") != FORMAT:
         raise StoreError(f"{what}{str(path)!r} is a Zarr group but not a cntk_engine Gram store "
-                         "(no job record); refusing to touch it")
+                         f"(no job record); refusing to touch it{takes}")
     return stored
 
 
