@@ -292,6 +292,7 @@ PYBIND11_MODULE(_cuda, m) {
             d["description"] = v.description;
             d["diag"] = v.diag;
             d["gpu_measured"] = v.gpu_measured;
+            d["base"] = v.base;
             py::list default_for;
             if (v.default_float32) default_for.append("float32");
             if (v.default_float64) default_for.append("float64");
@@ -302,7 +303,8 @@ PYBIND11_MODULE(_cuda, m) {
         },
         "The compiled kernel variants: dicts with name, description, diag (the per-image "
         "diagonal layout it reads: 'q', 'factors' or 'sqrt'), gpu_measured, default_for (the dtypes it "
-        "is the default for).");
+        "is the default for), base (the variant whose kernels it launches where it has none of its own: "
+        "itself for most).");
   {
     py::dict defaults;
     for (int i = 0; i < cntk::kernel_variant_count(); ++i) {

@@ -18,10 +18,12 @@ extern template int launch_variant<3>(const PairSumsParams& p);
 extern template int launch_variant<5>(const PairSumsParams& p);
 extern template int launch_variant<6>(const PairSumsParams& p);
 extern template int launch_variant<7>(const PairSumsParams& p);
+extern template int launch_variant<8>(const PairSumsParams& p);
 extern template int launch_stack_variant<3>(const PairSumsParams& p);
 extern template int launch_stack_variant<5>(const PairSumsParams& p);
 extern template int launch_stack_variant<6>(const PairSumsParams& p);
 extern template int launch_stack_variant<7>(const PairSumsParams& p);
+extern template int launch_stack_variant<8>(const PairSumsParams& p);
 }  // namespace detail
 
 namespace {
@@ -33,26 +35,33 @@ struct VariantEntry {
 };
 
 // One default per dtype: the fastest variant measured on a GPU for it (docs/cuda_kernels.md).
+// The last field, the base variant, must be kBaseVariant's (pair_sums_kernel.cuh): the benches
+// read it to time each stack kernel once (tests/test_cuda.py checks the table).
 const VariantEntry kVariants[] = {
     {{"v3",
       "reads the diagonals q; per entry rsqrtf(q_x q_z) and sqrt.approx (3 MUFU per entry-layer)",
-      "q", 1, /*gpu_measured=*/true, /*default_float32=*/true, /*default_float64=*/false},
+      "q", 1, /*gpu_measured=*/true, /*default_float32=*/true, /*default_float64=*/false, "v3"},
      &detail::launch_variant<3>, &detail::launch_stack_variant<3>},
     {{"v5",
       "reads per-image factors (sqrt(q/2pi), 1/sqrt(q)); per entry two products and "
       "sqrt.approx.ftz (2 MUFU per entry-layer)",
-      "factors", 2, /*gpu_measured=*/true, /*default_float32=*/false, /*default_float64=*/true},
+      "factors", 2, /*gpu_measured=*/true, /*default_float32=*/false, /*default_float64=*/true, "v5"},
      &detail::launch_variant<5>, &detail::launch_stack_variant<5>},
     {{"v6",
       "reads sqrt(q) (v3's footprint); per entry a product, rcp.approx.ftz and sqrt.approx.ftz "
-      "(3 MUFU per entry-layer, no subnormal fix-ups)",
-      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false},
+      "(3 MUFU per entry-layer, no subnormal fix-ups); the row seam as one bit of a mask (v8's)",
+      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false, "v6"},
      &detail::launch_variant<6>, &detail::launch_stack_variant<6>},
     {{"v7",
       "v6 with a barrier among a block's warps after every layer (32x32 kernels; v6's elsewhere): "
       "one layer's diagonals in L1 at a time",
-      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false},
+      "sqrt", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false, "v6"},
      &detail::launch_variant<7>, &detail::launch_stack_variant<7>},
+    {{"v8",
+      "v3 with the row seam of the box sums tested as one bit of a loop-invariant mask (32x32 "
+      "kernels; v3's elsewhere): fewer integer instructions per entry",
+      "q", 1, /*gpu_measured=*/false, /*default_float32=*/false, /*default_float64=*/false, "v3"},
+     &detail::launch_variant<8>, &detail::launch_stack_variant<8>},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 static_assert(kNumVariants > 0, "at least one kernel variant");

@@ -18,6 +18,8 @@ struct KernelVariant {
   bool gpu_measured;        // run and timed on a GPU (docs/cuda_kernels.md)
   bool default_float32;     // the default for float32 / float64: the fastest variant measured
   bool default_float64;     // on a GPU for that dtype (one per dtype, gpu_measured)
+  const char* base;         // the variant whose kernels it launches where it compiled none of its
+                            // own (kBaseVariant in pair_sums_kernel.cuh): itself, or v6 for v7
 };
 
 // The compiled variants.

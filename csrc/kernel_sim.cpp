@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
   else if (kernel == "v5") err = stack ? cntk::detail::launch_stack_variant<5>(p) : cntk::detail::launch_variant<5>(p);
   else if (kernel == "v6") err = stack ? cntk::detail::launch_stack_variant<6>(p) : cntk::detail::launch_variant<6>(p);
   else if (kernel == "v7") err = stack ? cntk::detail::launch_stack_variant<7>(p) : cntk::detail::launch_variant<7>(p);
+  else if (kernel == "v8") err = stack ? cntk::detail::launch_stack_variant<8>(p) : cntk::detail::launch_variant<8>(p);
   else die("unknown kernel " + kernel);
   if (err) die("launch failed");
 

@@ -1,8 +1,9 @@
 // Fused per-offset CNTK pair kernel (template over the kernel variant V), its launch, and the
 // one dispatch over (dtype, row bound HMAX, filter radius R, 32 x 32 fast path).  Included by
-// one translation unit per variant (pair_sums_v3.cu, _v5.cu, _v6.cu), so the variants compile
-// in parallel.  The math is in cntk_engine/arch.py; the per-entry ReLU step and what differs
-// between the variants in relu_step.cuh (Entry<V, T>).
+// one translation unit per variant (pair_sums_v3.cu, _v5.cu, ...), so the variants compile in
+// parallel.  The math is in cntk_engine/arch.py; the per-entry ReLU step and what differs
+// between the variants in relu_step.cuh (Entry<V, T>) and below (kSeamBits, kLayerSync,
+// kBaseVariant).
 //
 // Algorithm (one warp = one packed offset grid of one pair, all layers in registers)
 // -------------------------------------------------------------------------------
@@ -54,10 +55,22 @@ __device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
   return q >= 0 && q < n && ((pos < seam) == (q < seam));
 }
 
+// Variants v6, v7 and v8 test the row seam as one bit of a loop-invariant mask in their float32
+// kernels (box2 below).  The older test, (unsigned)(i - seam_r) >= o per row and tap, left ptxas
+// (nvcc 13.0) with 64 predicates per layer that it rebuilt every layer (32 ISETP, 64 LOP3
+// packing them into a register, then a LOP3 per use): about 8 of the 57.4 issue slots per
+// entry-layer of v6's 32 x 32 float32 k = 3 kernel on sm_90.  With the mask one R2P turns 7 of
+// its bits into predicates: 49.8 slots (v3's step: 70.4 -> 62.8).  Not in float64, where ptxas
+// then took the 32 x 32 kernels at k = 5 and 7 from 180 registers to 255 with spills in the layer
+// loop.  v3 and v5 keep the test they were measured with.
+template <int V, typename T>
+constexpr bool kSeamBits = (V == 6 || V == 7 || V == 8) && sizeof(T) == 4;
+
 // In-place k x k box sums (radius R) of the two packed grids a and b (Sigma's and Theta's
 // inputs), held as [0..HMAX) per lane.  Lane taps come from shuffles, row taps from registers;
-// a tap is dropped where it crosses the seam (row seam_r, column seam_c) or the border.
-template <typename T, int HMAX, int R, bool FULL>
+// a tap is dropped where it crosses the seam (row seam_r, column seam_c) or the border.  Rows
+// i >= H (FULL false) may hold anything afterwards: the callers zero them.
+template <int V, typename T, int HMAX, int R, bool FULL>
 __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H, int W,
                                      int seam_r, int seam_c) {
   if constexpr (R > 0) {  // R = 0 (filter_size 1): nothing to add
@@ -77,35 +90,66 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
       a[i] = sa;
       b[i] = sb;
     }
-    T above_a[R], above_b[R];
+    if constexpr (kSeamBits<V, T>) {
+      // Bit r of seam_bit: the seam lies between rows r - 1 and r (none inside when dy = 0,
+      // seam_r = H; rows r - 1 and r with 1 <= r < HMAX <= 32 are all that is ever tested).
+      // Rows i - o and i add each other's value before this pass when both are in the image
+      // and no seam lies in (i - o, i]: one test per pair of rows, with a constant mask.
+      // For R = 1 each row sums (centre + above) + below, in the older test's order, so the
+      // same bits; for R > 1 the above taps come before the below ones.
+      const uint32_t seam_bit = seam_r < 32 ? 1u << seam_r : 0u;
+      T orig_a[R], orig_b[R];  // rows i - 1 .. i - R as they were before this pass
 #pragma unroll
-    for (int o = 0; o < R; ++o) above_a[o] = above_b[o] = T(0);
+      for (int i = 0; i < HMAX; ++i) {
+        const T ca = a[i], cb = b[i];
 #pragma unroll
-    for (int i = 0; i < HMAX; ++i) {
-      const T ca = a[i], cb = b[i];
-      T sa = ca, sb = cb;
-#pragma unroll
-      for (int o = 1; o <= R; ++o) {
-        // row i - o: in the image, and no seam in (i - o, i]
-        if (i - o >= 0 && (FULL || i - o < H) && (unsigned)(i - seam_r) >= (unsigned)o) {
-          sa += above_a[o - 1];
-          sb += above_b[o - 1];
+        for (int o = 1; o <= R; ++o) {
+          if (i - o >= 0 && (FULL || i < H) && !(seam_bit & (((1u << o) - 1u) << (i - o + 1)))) {
+            a[i] += orig_a[o - 1];
+            b[i] += orig_b[o - 1];
+            a[i - o] += ca;
+            b[i - o] += cb;
+          }
         }
-        // row i + o: in the image, and no seam in (i, i + o]
-        if (i + o < HMAX && (FULL || i + o < H) && (unsigned)(seam_r - 1 - i) >= (unsigned)o) {
-          sa += a[i + o];
-          sb += b[i + o];
-        }
-      }
 #pragma unroll
-      for (int o = R - 1; o > 0; --o) {
-        above_a[o] = above_a[o - 1];
-        above_b[o] = above_b[o - 1];
+        for (int o = R - 1; o > 0; --o) {
+          orig_a[o] = orig_a[o - 1];
+          orig_b[o] = orig_b[o - 1];
+        }
+        orig_a[0] = ca;
+        orig_b[0] = cb;
       }
-      above_a[0] = ca;
-      above_b[0] = cb;
-      a[i] = sa;
-      b[i] = sb;
+    } else {
+      T above_a[R], above_b[R];
+#pragma unroll
+      for (int o = 0; o < R; ++o) above_a[o] = above_b[o] = T(0);
+#pragma unroll
+      for (int i = 0; i < HMAX; ++i) {
+        const T ca = a[i], cb = b[i];
+        T sa = ca, sb = cb;
+#pragma unroll
+        for (int o = 1; o <= R; ++o) {
+          // row i - o: in the image, and no seam in (i - o, i]
+          if (i - o >= 0 && (FULL || i - o < H) && (unsigned)(i - seam_r) >= (unsigned)o) {
+            sa += above_a[o - 1];
+            sb += above_b[o - 1];
+          }
+          // row i + o: in the image, and no seam in (i, i + o]
+          if (i + o < HMAX && (FULL || i + o < H) && (unsigned)(seam_r - 1 - i) >= (unsigned)o) {
+            sa += a[i + o];
+            sb += b[i + o];
+          }
+        }
+#pragma unroll
+        for (int o = R - 1; o > 0; --o) {
+          above_a[o] = above_a[o - 1];
+          above_b[o] = above_b[o - 1];
+        }
+        above_a[0] = ca;
+        above_b[0] = cb;
+        a[i] = sa;
+        b[i] = sb;
+      }
     }
   }
 }
@@ -126,7 +170,7 @@ __device__ __forceinline__ void warp_sum(double& dk, double& dg) {
 
 // The first conv layer: Sigma_1 = w_first box(sum_c x_c(i, j) z_c((i + dy) mod H, zc)) + b2
 // (zc: the lane's z column, (lane + dx) mod W), Theta_1 = Sigma_1, or 0 with fix.
-template <typename T, int HMAX, int R, bool FULL>
+template <int V, typename T, int HMAX, int R, bool FULL>
 __device__ __forceinline__ void first_conv(T (&sig)[HMAX], T (&th)[HMAX], const T* xA, const T* xB,
                                            int C, int H, int W, int lane, int dy, int zc,
                                            int seam_r, int seam_c, T w_first, T b2, bool fix) {
@@ -143,7 +187,7 @@ __device__ __forceinline__ void first_conv(T (&sig)[HMAX], T (&th)[HMAX], const 
     sig[i] = s;
     th[i] = T(0);
   }
-  box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+  box2<V, T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
 #pragma unroll
   for (int i = 0; i < HMAX; ++i) {
     const bool ok = (FULL || i < H) && lane_ok;
@@ -154,11 +198,11 @@ __device__ __forceinline__ void first_conv(T (&sig)[HMAX], T (&th)[HMAX], const 
 
 // A later conv layer, in place from the ReLU's K (sig) and G (th): Sigma = w box(K) + b2,
 // Theta = Sigma + w box(G).
-template <typename T, int HMAX, int R, bool FULL>
+template <int V, typename T, int HMAX, int R, bool FULL>
 __device__ __forceinline__ void next_conv(T (&sig)[HMAX], T (&th)[HMAX], int lane, int H, int W,
                                           int seam_r, int seam_c, T w, T b2) {
   const bool lane_ok = FULL || lane < W;
-  box2<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
+  box2<V, T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c);
 #pragma unroll
   for (int i = 0; i < HMAX; ++i) {
     const bool ok = (FULL || i < H) && lane_ok;
@@ -216,8 +260,8 @@ template <int V> constexpr bool kLayerSync = V == 7;
 
 // A variant whose kernels differ from another's only in the guard-free 32 x 32 pair kernel
 // compiles only those and launches its base variant's everywhere else (the same Entry, so the
-// same diagonals): v7 -> v6.  Others are their own base.
-template <int V> constexpr int kBaseVariant = V == 7 ? 6 : V;
+// same diagonals): v7 -> v6, v8 -> v3.  Others are their own base.
+template <int V> constexpr int kBaseVariant = V == 7 ? 6 : V == 8 ? 3 : V;
 
 // V: the kernel variant (relu_step.cuh, Entry<V, T>); D its per-image diagonal element.
 // LISTED (the LAP readout): the warps stride over the n_listed packed grids listed in `grids`
@@ -275,7 +319,7 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
     if (zc >= W) zc -= W;
 
     T sig[HMAX], th[HMAX];
-    first_conv<T, HMAX, R, FULL>(sig, th, xA, xB, C, H, W, lane, dy, zc, seam_r, seam_c, w_first,
+    first_conv<V, T, HMAX, R, FULL>(sig, th, xA, xB, C, H, W, lane, dy, zc, seam_r, seam_c, w_first,
                                  b2, fix);
     for (int l = 0; l < L; ++l) {
       relu_layer<V, T, HMAX, FULL>(sig, th, dA + l * 2 * HW + lane, dB + l * 2 * HW + dy * W + zc,
@@ -294,7 +338,7 @@ pair_sums_kernel(const T* __restrict__ xa, const typename Entry<V, T>::Diag* __r
           mypart[2 * t_out + 1] += dg;
         }
       }
-      if (l + 1 < L) next_conv<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
+      if (l + 1 < L) next_conv<V, T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
       if constexpr (kLayerSync<V> && FULL && !LISTED) __syncthreads();
     }
   }

@@ -191,4 +191,8 @@ template <typename T> struct Entry<6, T> {
 // kernel, not here (pair_sums_kernel.cuh, LayerSync).
 template <typename T> struct Entry<7, T> : Entry<6, T> {};
 
+// v8 (not measured on a GPU yet): v3's step and diagonals; what differs is the row-seam test of
+// the box sums in the 32 x 32 pair kernel (pair_sums_kernel.cuh, kSeamBits).
+template <typename T> struct Entry<8, T> : Entry<3, T> {};
+
 }  // namespace cntk

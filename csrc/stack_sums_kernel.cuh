@@ -107,7 +107,7 @@ __device__ __forceinline__ void run_stage(const PairSumsParams& p, const StackPa
 
       T sig[HMAX], th[HMAX];
       if (first_stage) {
-        first_conv<T, HMAX, R, FULL>(sig, th, pr.xA, pr.xB, p.C, H, W, lane, dy, zc, seam_r,
+        first_conv<V, T, HMAX, R, FULL>(sig, th, pr.xA, pr.xB, p.C, H, W, lane, dy, zc, seam_r,
                                      seam_c, T(p.w_first), b2, p.fix);
       } else {  // the pooled K and G of the stage before, then the conv
         const T* ink = in + (int64_t)g * HW + lane;
@@ -118,14 +118,14 @@ __device__ __forceinline__ void run_stage(const PairSumsParams& p, const StackPa
           sig[i] = ok ? __ldcg(ink + i * W) : T(0);
           th[i] = ok ? __ldcg(ing + i * W) : T(0);
         }
-        next_conv<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
+        next_conv<V, T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
       }
       for (int li = 0; li < n_layers; ++li) {
         // layer l's diagonals: rows at this stage's width, each image's rows stored twice
         const int64_t l = layer0 + li;
         relu_layer<V, T, HMAX, FULL>(sig, th, pr.dA + l * diag_layer + lane,
                                      pr.dB + l * diag_layer + dy * W + zc, lane, H, W, self_diag);
-        if (li + 1 < n_layers) next_conv<T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
+        if (li + 1 < n_layers) next_conv<V, T, HMAX, R, FULL>(sig, th, lane, H, W, seam_r, seam_c, w, b2);
       }
 
       if (pw == 0) {  // readout of a listed grid (warp-uniform branch)
@@ -328,7 +328,7 @@ int launch_stack(const PairSumsParams& p) {
 // (docs/cuda_kernels.md).
 template <int V>
 int launch_stack_variant(const PairSumsParams& p) {
-  if constexpr (kBaseVariant<V> != V) {   // v7: v6's stack kernel (pair_sums_kernel.cuh)
+  if constexpr (kBaseVariant<V> != V) {   // v7, v8: their base's stack kernel (pair_sums_kernel.cuh)
     return launch_stack_variant<kBaseVariant<V>>(p);
   } else {
     const bool square32 = p.H == 32 && p.W == 32;

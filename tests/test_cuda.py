@@ -47,7 +47,7 @@ with pytest.MonkeyPatch.context() as _mp:
 
 # the kernel variants compiled into the extension (csrc/cntk_kernels.cu): a new variant must be
 # added here, and to test_sass.py's budgets (test_the_compiled_variants_are_the_tested_ones)
-VARIANTS = ("v3", "v5", "v6", "v7")
+VARIANTS = ("v3", "v5", "v6", "v7", "v8")
 
 
 def gpu(f):
@@ -77,10 +77,15 @@ def test_the_compiled_variants_are_the_tested_ones():
     assert tuple(v["name"] for v in variants) == VARIANTS
     # one default per dtype, the fastest measured on a GPU (H200, docs/cuda_kernels.md)
     assert ext.default_kernels == {"float32": "v3", "float64": "v5"}
-    assert [v["default_for"] for v in variants] == [["float32"], ["float64"], [], []]
+    assert [v["default_for"] for v in variants] == [["float32"], ["float64"], [], [], []]
     assert all(v["gpu_measured"] for v in variants if v["default_for"])
-    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": True, "v6": False, "v7": False}
-    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors", "v6": "sqrt", "v7": "sqrt"}
+    assert {v["name"]: v["gpu_measured"] for v in variants} == {"v3": True, "v5": True, "v6": False, "v7": False,
+                                                                     "v8": False}
+    assert {v["name"]: v["diag"] for v in variants} == {"v3": "q", "v5": "factors", "v6": "sqrt", "v7": "sqrt",
+                                                              "v8": "q"}
+    # kBaseVariant (csrc/pair_sums_kernel.cuh): v7 and v8 compile only their 32 x 32 pair kernels
+    assert {v["name"]: v["base"] for v in variants} == {"v3": "v3", "v5": "v5", "v6": "v6", "v7": "v6",
+                                                              "v8": "v3"}
     assert all(len(v["description"]) > 20 for v in variants)
 
 
@@ -133,6 +138,7 @@ def test_info_lists_the_kernel_variants(monkeypatch, capsys):
     assert "  v5   [default for float64, measured on a GPU] reads per-image factors" in out
     assert "  v6   [not measured on a GPU] reads sqrt(q)" in out
     assert "  v7   [not measured on a GPU] v6 with a barrier" in out
+    assert "  v8   [not measured on a GPU] v3 with the row seam" in out
     monkeypatch.delenv("CNTK_ENGINE_CUDA_KERNEL")
     assert cli.main(["info"]) == 0
     assert "selected: v3 for float32, v5 for float64)" in capsys.readouterr().out
@@ -238,7 +244,7 @@ def test_prepare_builds_the_layout_the_variant_reads(variant, dtype):
     np.testing.assert_array_equal(p.images, x.astype(dtype))
     assert d.flags.c_contiguous
     np.testing.assert_array_equal(d[:, :, 6:], d[:, :, :6])     # rows stored twice
-    if variant == "v3":
+    if variant in ("v3", "v8"):                    # v8 reads what v3 reads
         assert d.shape == (3, 4, 12, 5)
         np.testing.assert_array_equal(d[:, :, :6], q.astype(dtype))
     elif variant in ("v6", "v7"):                  # v7 reads what v6 reads
@@ -302,7 +308,7 @@ def test_pairs_launch_parameters_are_built_once_and_checked(variant):
         fake_launch(be, type(pa)(pa.images, (pa.diag[0][:, :, :32],)), pa, 10)
     # pointers are the extension's to check: a diagonal value off its alignment (v5 reads
     # 2-vectors: 8 bytes in float32)
-    align, off = {"v3": (4, 2), "v5": (8, 4), "v6": (4, 2), "v7": (4, 2)}[variant]
+    align, off = {"v3": (4, 2), "v5": (8, 4), "v6": (4, 2), "v7": (4, 2), "v8": (4, 2)}[variant]
     with pytest.raises(ValueError, match=rf"da = {hex(0x200000 + off)} is not aligned to the {align} "
                                          rf"bytes of its elements \(kernel {variant}, float32\)"):
         fake_launch(be, pa, pa, 10, misalign=("da", off))
@@ -337,7 +343,7 @@ GOOD = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=256, da=512, xb
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5, v6, v7"),
+    (dict(kernel="v4"), r"unknown CUDA kernel variant 'v4'; compiled variants: v3, v5, v6, v7, v8"),
     (dict(dtype="float16"), r"dtype must be 'float32' or 'float64'; got 'float16'"),
     (dict(H=33), r"at most 32 x 32 pixels.*got H x W = 33 x 32"),
     (dict(W=0), r"height and width must be >= 1"),

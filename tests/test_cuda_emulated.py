@@ -132,6 +132,23 @@ def test_emulated_layer_barrier_32x32(emulated, monkeypatch):
     assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("emulated", ["v8"], indirect=True)
+def test_emulated_row_seam_mask_32x32(emulated, monkeypatch):
+    """v8's own kernels, the guard-free 32 x 32 ones testing the row seam of the box sums as one
+    bit of a mask (csrc/pair_sums_kernel.cuh, kSeamBits), on two CIFAR-10 images: against numba
+    at filter sizes 3, 5 and 7 (every seam of 1,024 packed grids, 1 to 3 rows of taps), and, at
+    filter size 3, the same bits as v3 (each row sums (centre + above) + below either way)."""
+    cifar, _ = real_cifar_and_mnist()
+    x, y = cifar[:1], cifar[1:2]                     # one pair: 1,024 grids per layer
+    for k in (5, 7):
+        check(x, y, depth=2, filter_size=k)          # one conv layer: its box sums
+    a, b = grams(x, y, depths=[2, 3])
+    assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < TOL["float32"]
+    monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v3")
+    b, _ = grams(x, y, depths=[2, 3])
+    assert a.tobytes() == b.tobytes()
+
+
 EMULATOR_PROBE = r"""
 #include <cstdio>
 #include "host_simt.h"

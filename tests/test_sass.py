@@ -78,20 +78,28 @@ BUDGETS = {
     # two sqrt.approx.ftz; 54.0 slots; 55 slots = 24,410 pairs/s (it ran at 10,064 on an H200,
     # stalled: issue-bound only up to depth ~6, docs/cuda_kernels.md)
     "v5": {"mufu": 2.0, "slots": 55.0},
-    # one rcp.approx.ftz and two sqrt.approx.ftz, v3's footprint; 57.4 slots (not run on a GPU);
-    # 59 slots = 22,750 pairs/s
-    "v6": {"mufu": 3.0, "slots": 59.0},
-    # v6 and a barrier per layer (one BAR per 32 rows): 57.5 slots at v6's 128 registers
-    "v7": {"mufu": 3.0, "slots": 59.0},
+    # one rcp.approx.ftz and two sqrt.approx.ftz, v3's footprint, the row seam as a mask bit
+    # (kSeamBits); 49.8 slots (not run on a GPU); 51 slots = 26,330 pairs/s.  The mask costs ptxas
+    # one register it takes back with 8 bytes of spills outside the layer loop (a load per grid)
+    "v6": {"mufu": 3.0, "slots": 51.0, "stack": 8},
+    # v6 and a barrier per layer (one BAR per 32 rows): 49.8 slots at v6's 128 registers
+    "v7": {"mufu": 3.0, "slots": 51.0, "stack": 8},
+    # v3's step with v6's row-seam mask: 62.8 slots; 64 slots = 20,980 pairs/s
+    "v8": {"mufu": 3.0, "slots": 64.0, "stack": 8},
 }
 # Variants that compile only their guard-free 32 x 32 pair kernels and run their base variant's
 # everywhere else (csrc/pair_sums_kernel.cuh, kBaseVariant)
-BASE_VARIANT = {"v7": "v6"}
+BASE_VARIANT = {"v7": "v6", "v8": "v3"}
 # The radii (filter_size // 2) whose 32x32 float32 kernels are spill-free on sm_80 and sm_90.
 # v5's k=1 kernels (and its k=5 one on sm_90) keep 128 registers with 16-24 bytes of spills
 # (ptxas's choice, for 16 warps per SM; docs/cuda_kernels.md).  Registers are budgeted on sm_90
 # only (above): on sm_80 v5's k=3 kernel takes 144 (docs/cuda_kernels.md).
-SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3), "v6": (0, 1, 2, 3), "v7": (0, 1, 2, 3)}
+# v6, v7 and v8 (the row-seam mask) keep 128 registers at k = 3 and 7 on sm_90 with 8 and 16 bytes
+# of spills at the kernel's start, a load per grid (none on sm_80).
+SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3), "v6": (0, 2), "v7": (0, 2), "v8": (0, 2)}
+# The variants whose 32x32 float32 kernels may use local memory inside the layer loop (v5's k = 1
+# on both architectures and k = 5 on sm_90); no other's may.
+LAYER_LOOP_SPILLS = {"v5"}
 
 
 def installed():
@@ -126,7 +134,8 @@ def test_variant_stays_within_its_instruction_budget(kernel):
     assert mix["by_opcode_per_entry_layer"].get("MUFU") == budget["mufu"], why
     # at 256-thread blocks, 128 registers per thread keep 2 blocks = 16 warps on an SM
     assert mix["registers"] is not None and mix["registers"] <= 128, why
-    assert mix["local_bytes"] == 0 and mix["stack_bytes"] == 0 and not mix["local_memory_in_loop"], why
+    assert mix["local_bytes"] == 0 and mix["stack_bytes"] <= budget.get("stack", 0), why
+    assert not mix["local_memory_in_loop"], why
     assert mix["slots_per_entry_layer"] <= budget["slots"], why
 
 
@@ -172,6 +181,8 @@ def test_every_variant_is_compiled_for_the_architecture(arch):
                     if r in SPILL_FREE_RADII[kernel]:
                         assert res["STACK"] == 0 and res["LOCAL"] == 0 and not loop["local_memory_in_loop"], \
                             (arch, kernel, r, res)
+                    if kernel not in LAYER_LOOP_SPILLS:
+                        assert not loop["local_memory_in_loop"], (arch, kernel, r, res)
     own = len(BUDGETS) - len(BASE_VARIANT)
     assert len(names) == own * 2 * 20 + len(BASE_VARIANT) * 2 * 4, sorted(names)
 
@@ -186,7 +197,7 @@ def test_stack_kernel_is_compiled_per_variant_and_dtype(arch):
     sass_or_skip(so, ext, arch)
     usage = sass_mix.resource_usage(so, arch)
     names = [n for n in usage if "stack_sums_kernel" in n]
-    for kernel in (k for k in BUDGETS if k not in BASE_VARIANT):   # v7 runs v6's stack kernel
+    for kernel in (k for k in BUDGETS if k not in BASE_VARIANT):   # v7, v8 run their base's
         for dtype, t in (("float32", "f"), ("float64", "d")):
             for square in (0, 1):
                 tag = f"stack_sums_kernelILi{kernel.removeprefix('v')}E{t}Li1ELb{square}ELi1EE"

@@ -5,7 +5,7 @@ the device.
 
 Kernel variants.  The extension holds every kernel variant kept in the tree
 (``kernel_variants()``; docs/cuda_kernels.md): one default per dtype, the fastest measured on a
-GPU (``v3`` for float32, ``v5`` for float64), and candidates not measured yet (``v6``, ``v7``).  A
+GPU (``v3`` for float32, ``v5`` for float64), and candidates not measured yet (``v6``, ``v7``, ``v8``).  A
 backend runs one: ``CudaBackend(..., kernel="v6")``, else the environment variable
 ``CNTK_ENGINE_CUDA_KERNEL``, else the dtype's default.  Variants give the same
 kernels to within float rounding; they differ in speed and in the per-image diagonal data
@@ -78,9 +78,11 @@ def _extension():
 
 def kernel_variants() -> list[dict]:
     """The kernel variants compiled into the extension: dicts with ``name``, ``description``
-    (one line), ``diag`` (the per-image diagonal layout it reads), ``gpu_measured`` and
+    (one line), ``diag`` (the per-image diagonal layout it reads), ``gpu_measured``,
     ``default_for`` (the dtypes, "float32" / "float64", it is the default for: the fastest
-    variant measured on a GPU for each).  ImportError when the extension is not installed."""
+    variant measured on a GPU for each) and ``base`` (the variant whose kernels it launches where
+    it compiled none of its own, e.g. its pooled-stack kernel: itself for most).  ImportError when
+    the extension is not installed."""
     return list(_extension().kernel_variants())
 
 
