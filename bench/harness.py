@@ -603,7 +603,10 @@ def run(args) -> dict:
         elif why is not None:
             rec.update(status="unavailable", reason=why)
         elif c["method"] == "neural_tangents":
-            rec.update(run_nt(args, c))
+            try:        # a failure is this configuration's: the other ones still run
+                rec.update(run_nt(args, c))
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
         else:
             x = images(c["n"], c["size"], c["channels"], args.seed)
             try:

@@ -129,6 +129,23 @@ def test_harness_checks_neural_tangents_values(tmp_path, scale):
         assert r["check"]["max_rel_diff"] > 0.2
 
 
+def test_harness_records_a_failed_neural_tangents_configuration_and_goes_on(tmp_path):
+    """An exception in one neural-tangents configuration (here: it wrote no kernels) is that
+    configuration's failure, recorded with its reason; the later configurations still run."""
+    from bench import harness
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json\n"
+                    "print(json.dumps({'seconds': 0.5, 'times': [0.5], 'jax_device': 'cpu:0'}))\n")
+    fake.chmod(0o755)
+    out = tmp_path / "h.json"
+    harness.main(["--methods", "neural_tangents", "--depths", "2,3", "--sizes", "5", "--n", "2",
+                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
+                  "--nt-python", str(fake), "--output", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["config"]["depth"], r["status"]) for r in rows] == [(2, "failed"), (3, "failed")]
+    assert all(r["reason"].startswith("FileNotFoundError") for r in rows)
+
+
 def test_nt_fixture_check_detects_a_changed_value(tmp_path, monkeypatch):
     """``make_nt_fixtures.py --check`` fails on a fixture whose values were altered."""
     import runpy
@@ -905,7 +922,7 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     by = {}
     for r in rows:
         by.setdefault(r["config"]["method"], []).append(r)
-    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5", "v6", "v7"}
+    assert {r["config"]["cuda_kernel"] for r in by["cuda"]} == {"v3", "v5", "v6", "v7", "v8"}
     assert {r["config"]["architecture"] for r in by["cuda"]} == {"cnn", "myrtle5", "myrtle10"}
     assert all(r["status"] == "unavailable" and r["reason"] for r in by["cuda"])
     assert all(r["status"] == "ok" for r in by["numba"])
@@ -920,7 +937,7 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     assert (phases["sass"]["status"] == "ok") == (sass == ["sass_sm90.json"])
     if sass:
         mixes = json.loads((out / "sass_sm90.json").read_text())
-        assert sorted(mixes) == ["v3", "v5", "v6", "v7"]
+        assert sorted(mixes) == ["v3", "v5", "v6", "v7", "v8"]
         assert all(m["variant"] == v and m["slots_per_entry_layer"] > 0 for v, m in mixes.items())
     # the stack_blocks phase (numba standing in) needs the extension's variant names
     import importlib.util
@@ -1130,6 +1147,8 @@ def test_bench_stack_blocks_dry_run(tmp_path):
     rec = json.loads(f.read_text())
     rows = rec["results"]
     assert rec["backend"] == "numba" and len(rows) == 2 * len({r["kernel"] for r in rows})
+    # the variants with a stack kernel of their own: v7 and v8 run v6's and v3's
+    assert {r["kernel"] for r in rows} == {"v3", "v5", "v6"}
     assert {r["blocks_per_sm"] for r in rows} == {1, 2} and all(r["unique_pairs_per_s"] > 0 for r in rows)
     assert all(r["bit_identical_to_blocks_1"] for r in rows if r["blocks_per_sm"] == 2)
 

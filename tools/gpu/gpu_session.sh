@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# One call on a GPU machine, from the repository root, everything into $OUT: install, the GPU
-# tests of every kernel variant, compute-sanitizer, the harness bench of every kernel variant
-# (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer baseline, the paper's own code and
-# neural-tangents on the same GPU, the stack kernel's two register budgets, the SASS counts of
-# the binary that ran (last: they can also be read without a GPU), and a summary against the
-# targets of issue #16.  Phases run in that order, so a deadline cuts the least needed ones.
+# One call on a GPU machine, from the repository root, everything into $OUT: install, the
+# harness bench of every kernel variant (CNN depths 3/6/11/21, Myrtle-5/10) beside the per-layer
+# baseline, the GPU tests of every kernel variant, neural-tangents on the same GPU,
+# compute-sanitizer, the stack kernel's two register budgets, the paper's own code (timed on the
+# H200 already), the SASS counts of the binary that ran (last: they can also be read without a
+# GPU), and a summary against the targets of issue #16.  Phases run in that order, so a deadline
+# cuts the least needed ones; the bench comes first because its figures are what only a GPU
+# gives, and it checks every float32 result against the same kernel's float64 one.
 # tools/gpu/README.md gives the device tool's exact call.
 #
 #   OUT=/tmp/out bash tools/gpu/gpu_session.sh [options]
 #   OUT=/tmp/o bash tools/gpu/gpu_session.sh --cpu-dry-run [--nt-python PY] [--paper-code F]
 #
 # Options [defaults]:
-#   --phases LIST     comma list of install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,
+#   --phases LIST     comma list of install,bench,tests,nt,sanitizer,stack_blocks,paper,sass,
 #                     summary and the optional ncu (Nsight Compute profiles), bench_cuda
-#                     (bench/bench_cuda.py) [install,tests,sanitizer,bench,paper,nt,
-#                     stack_blocks,sass,summary]; stack_blocks: bench/bench_stack_blocks.py
+#                     (bench/bench_cuda.py) [install,bench,tests,nt,sanitizer,stack_blocks,
+#                     paper,sass,summary]; stack_blocks: bench/bench_stack_blocks.py
 #   --deadline S      seconds for the whole script [540; 1200 with --cpu-dry-run].  Each phase
 #                     runs under `timeout` with its own limit, cut to what is left before the
 #                     deadline less 25 s kept for the summary; a phase that would get less than
@@ -30,10 +32,11 @@
 #   --paper-code F    a local copy of CNTK.py of github.com/ruosongwang/CNTK [.paper/CNTK.py if
 #                     it exists]; without it the paper phase records "unavailable" with the reason
 #   --nt-python PY    the Python that runs neural-tangents [the --python]
-#   --kernels LIST    CUDA kernel variants tested, sanitized, counted and timed, in this order
-#                     [v3,v6,v7,v5: the float32 default, the two variants never run on a GPU
-#                     (v7: v6 with a barrier per layer), then v5, timed on the H200 already; a
-#                     bench phase stopped at its limit cuts the last]
+#   --kernels LIST    CUDA kernel variants timed, sanitized and counted, in this order
+#                     [v3,v8,v6,v7,v5: the float32 default, the three variants never run on a
+#                     GPU (v8: v3 with the row-seam mask; v6; v7: v6 with a barrier per layer),
+#                     then v5, timed on the H200 already; a bench phase stopped at its limit
+#                     cuts the last].  The GPU tests run every compiled variant.
 #   --tag T           names the files [gpu; cpu_dry_run with --cpu-dry-run]
 #   --python PY       [python3]
 #   --cpu-dry-run     the same phases on a CPU machine, to test this script before a GPU call:
@@ -57,19 +60,19 @@
 # Device time, measured on an H200 (2026-12-04, two variants, no stacks on cuda yet, 418 s in
 # all): install 84 s (the build; the prebuilt wheel took 2 s on the CPU side), tests crashed
 # after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench 122 s, paper 12 s, nt 127 s.  With
-# three variants and the Myrtle benches the default phases may not all fit the 540 s deadline:
-# sass, the last, is the one cut first, then stack_blocks.
+# five variants and the Myrtle benches the default phases do not all fit the 540 s deadline:
+# sass (skipped anyway with the prebuilt wheel), paper and stack_blocks are the ones cut.
 set -uo pipefail
 
 REPO=$(pwd)
 PY=python3
-PHASES=install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,summary
+PHASES=install,bench,tests,nt,sanitizer,stack_blocks,paper,sass,summary
 DEADLINE=""
 WHEELS=""
 PREBUILT=""
 PAPER=""
 NT_PY=""
-KERNELS=v3,v6,v7,v5
+KERNELS=v3,v8,v6,v7,v5
 TAG=""
 DRY=0
 while [ $# -gt 0 ]; do
@@ -90,7 +93,7 @@ done
 for p in ${PHASES//,/ }; do
   case "$p" in
     install|tests|sanitizer|sass|bench|stack_blocks|paper|nt|summary|ncu|bench_cuda) ;;
-    *) echo "gpu_session.sh: unknown phase $p in --phases (install,tests,sanitizer,bench,paper,nt,stack_blocks,sass,summary,ncu,bench_cuda)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown phase $p in --phases (install,bench,tests,nt,sanitizer,stack_blocks,paper,sass,summary,ncu,bench_cuda)"; exit 2 ;;
   esac
 done
 case "$DEADLINE" in
@@ -176,7 +179,7 @@ phase_install() {
   # arguments as tools/gpu/prebuilt.py's CMAKE_ARGS, so either install runs the same kernels)
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} \
     CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo}" \
-    "$PY" -m pip install --no-build-isolation --no-deps . 2>&1 | grep -v "spilled\|stack frame\|^\s*$" | tail -25
+    "$PY" -m pip install --no-build-isolation --no-deps . 2>&1 | grep --line-buffered -v "spilled\|stack frame\|^\s*$"
   return "${PIPESTATUS[0]}"
 }
 
@@ -204,6 +207,22 @@ phase_tests() {
     if [ -f "$WORK/prebuilt_installed" ]; then
       sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
     fi
+    # numba's kernels (the CPU side of the tests) into its on-disk cache first, the four at once:
+    # the xdist workers then load them; without this, each worker compiles each kernel itself
+    # (cntk_engine/backends/numba_cpu.py, _load_from_cache: the lock is per process)
+    local t=$SECONDS d a
+    for d in float32 float64; do
+      for a in cnn stack; do
+        "$PY" -P -c "
+import sys, numpy as np, cntk_engine as ce
+from cntk_engine.arch import AvgPool, ConvRelu, serial
+d, a = sys.argv[1:]
+net = dict(depth=2) if a == 'cnn' else dict(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu()))
+ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), backend='numba', dtype=d, **net)" "$d" "$a" &
+      done
+    done
+    wait
+    echo "numba's kernels in its cache after $(( SECONDS - t ))s"
     # A CUDA error is sticky: it fails every later test of its worker, which is not restarted.
     # So the stack kernel's tests (Myrtle, pooled stacks: the kernel that had not run on a GPU)
     # run in a second pytest, after the CNN kernels' tests are in.
@@ -228,7 +247,9 @@ phase_sanitizer() {
   # the LAP readout (the listed-grid kernel) and flips (pairs with flipped images), both not run
   # on a GPU before (backend='cuda' runs them with a warning); a pooled stack (Myrtle-5) too when
   # the CUDA backend computes stacks
-  (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P -c "
+  # the output goes to the log unfiltered (a tail would print nothing for a phase stopped at its
+  # limit), memcheck's reports bounded by --print-limit
+  (cd /tmp && compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 "$PY" -P -c "
 import os, numpy as np, cntk_engine as ce
 from cntk_engine.arch import make_architecture
 from cntk_engine.backends import capabilities
@@ -245,14 +266,17 @@ for v in os.environ['KERNELS'].split(','):
     k6 = ce.gram(y[:1], y, depth=3, backend='cuda', pooling='lap', lap_window=4, dtype='float64')
     k7 = ce.gram(x[:2], x, depth=3, backend='cuda', pooling='flatten', flip=True)
     print(v, 'lap / flip runs ok', k5[0, :2], k6[0], k7[0, :2])
-# the stack kernel last, after every variant's CNN kernels (an error it makes ends the process)
-for v in os.environ['KERNELS'].split(','):
+# the stack kernel last, after every variant's CNN kernels (an error it makes ends the process),
+# of the variants that have one of their own (v7 and v8 run their base variant's)
+from cntk_engine.backends.cuda import kernel_variants
+own = [v['name'] for v in kernel_variants() if v['base'] == v['name']]
+for v in (v for v in os.environ['KERNELS'].split(',') if v in own):
     os.environ['CNTK_ENGINE_CUDA_KERNEL'] = v
     if stack is None:
         print(v, 'myrtle5', ce.gram(y, architecture='myrtle5', backend='cuda')[0])
     else:
         print(v, 'no pooled stack on cuda:', stack)
-" 2>&1 | tail -30; exit "${PIPESTATUS[0]}")
+")
 }
 
 phase_sass() {
@@ -275,27 +299,40 @@ print('wrote', sys.argv[2], 'with', ', '.join(m['variant'] for m in mixes))" "$W
 }
 
 phase_bench() {
-  # one harness process per kernel variant and kernel (the CNN's, then the pooled stacks'), each
-  # kernel's first with the baselines: a kernel that breaks the CUDA context (an illegal address
-  # is sticky) cannot fail the other processes' configurations, and the stack kernel, which had
-  # not run on a GPU before, runs after every variant's CNN timings are in.  float64 is each
-  # group's check reference (run first, at a smaller N on the GPU: it is ~10x slower), so every
+  # one harness process per kernel variant and kernel, in the order of --kernels: a variant's CNN
+  # kernel, then its pooled-stack kernel (Myrtle-5/10) when it has one of its own (v7 and v8 run
+  # v6's and v3's: the extension's `base`), each kernel's first process with the per-layer
+  # baseline.  A kernel that breaks the CUDA context (an illegal address is sticky) cannot fail
+  # another process's configurations; the default's figures (CNN and Myrtle) come first.
+  # float64 is each group's check reference (run first, at a smaller N on the GPU: it is ~10x
+  # slower; Myrtle's at 32 images: the stack kernel's float64 speed is not known), so every
   # float32 result is checked against float64.
-  local v archs first rc=0 extra
-  for archs in cnn myrtle5,myrtle10; do
-    first=1
-    for v in ${KERNELS//,/ }; do
-      if [ "$DRY" = 1 ]; then
-        extra=$([ $first = 1 ] && echo ",numba,per_layer_cpu")
-        harness --methods "cuda$extra" --kernels "$v" --architectures "$archs" --depths 3 --sizes 32 \
-          --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
-      else
-        extra=$([ $first = 1 ] && echo ",per_layer_cuda")
-        harness --methods "cuda$extra" --kernels "$v" --architectures "$archs" --depths 3,6,11,21 \
-          --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=64,per_layer_cuda=16 || rc=1
-      fi
-      first=0
-    done
+  local v own first_cnn=1 first_stack=1 rc=0 extra
+  own=$("$PY" -P -c "
+from cntk_engine.backends.cuda import kernel_variants
+print(','.join(v['name'] for v in kernel_variants() if v['base'] == v['name']))" 2>/dev/null) || own=$KERNELS
+  for v in ${KERNELS//,/ }; do
+    if [ "$DRY" = 1 ]; then
+      extra=$([ $first_cnn = 1 ] && echo ",numba,per_layer_cpu")
+      harness --methods "cuda$extra" --kernels "$v" --architectures cnn --depths 3 --sizes 32 \
+        --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
+    else
+      extra=$([ $first_cnn = 1 ] && echo ",per_layer_cuda")
+      harness --methods "cuda$extra" --kernels "$v" --architectures cnn --depths 3,6,11,21 \
+        --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=64,per_layer_cuda=16 || rc=1
+    fi
+    first_cnn=0
+    case ",$own," in *",$v,"*) ;; *) echo "$v: no stack kernel of its own (it runs its base variant's)"; continue ;; esac
+    if [ "$DRY" = 1 ]; then
+      extra=$([ $first_stack = 1 ] && echo ",numba,per_layer_cpu")
+      harness --methods "cuda$extra" --kernels "$v" --architectures myrtle5,myrtle10 --depths 3 \
+        --sizes 32 --dtypes float64,float32 --n 3 --n-for per_layer_cpu=2 --no-ceiling || rc=1
+    else
+      extra=$([ $first_stack = 1 ] && echo ",per_layer_cuda")
+      harness --methods "cuda$extra" --kernels "$v" --architectures myrtle5,myrtle10 --depths 3,6,11,21 \
+        --sizes 32 --dtypes float64,float32 --n 256 --n-for cuda:float64=32,per_layer_cuda=16 || rc=1
+    fi
+    first_stack=0
   done
   return $rc
 }
@@ -397,13 +434,14 @@ print('cntk_engine from', ce.__file__)
 print('backends', ce.available_backends())
 from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
-run_phase tests 30 180
-run_phase sanitizer 20 90
-run_phase bench 30 180
-run_phase paper 20 90
-run_phase nt 30 180
-# after the comparisons the issue's targets need: a tuning question (one or two blocks per SM)
+run_phase bench 30 210
+run_phase tests 30 150
+run_phase nt 30 120
+run_phase sanitizer 20 60
+# after the comparisons the issue's targets need: a tuning question (one or two blocks per SM),
+# then the paper's code (timed beside v3 and v5 on the H200 already)
 run_phase stack_blocks 20 60
+run_phase paper 20 60
 run_phase sass 10 90
 run_phase ncu 30 120
 run_phase bench_cuda 30 120
