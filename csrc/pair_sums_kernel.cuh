@@ -66,6 +66,14 @@ __device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
 template <int V, typename T>
 constexpr bool kSeamBits = (V == 6 || V == 7 || V == 8) && sizeof(T) == 4;
 
+// The last R rows' values, newest first: ring[0] = v after ring[o] = ring[o - 1].
+template <typename T, int R>
+__device__ __forceinline__ void push_front(T (&ring)[R], T v) {
+#pragma unroll
+  for (int o = R - 1; o > 0; --o) ring[o] = ring[o - 1];
+  ring[0] = v;
+}
+
 // In-place k x k box sums (radius R) of the two packed grids a and b (Sigma's and Theta's
 // inputs), held as [0..HMAX) per lane.  Lane taps come from shuffles, row taps from registers;
 // a tap is dropped where it crosses the seam (row seam_r, column seam_c) or the border.  Rows
@@ -111,13 +119,8 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
             b[i - o] += cb;
           }
         }
-#pragma unroll
-        for (int o = R - 1; o > 0; --o) {
-          orig_a[o] = orig_a[o - 1];
-          orig_b[o] = orig_b[o - 1];
-        }
-        orig_a[0] = ca;
-        orig_b[0] = cb;
+        push_front(orig_a, ca);
+        push_front(orig_b, cb);
       }
     } else {
       T above_a[R], above_b[R];
@@ -140,13 +143,8 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
             sb += b[i + o];
           }
         }
-#pragma unroll
-        for (int o = R - 1; o > 0; --o) {
-          above_a[o] = above_a[o - 1];
-          above_b[o] = above_b[o - 1];
-        }
-        above_a[0] = ca;
-        above_b[0] = cb;
+        push_front(above_a, ca);
+        push_front(above_b, cb);
         a[i] = sa;
         b[i] = sb;
       }
