@@ -90,9 +90,23 @@ def targets(payload) -> list[dict]:
             where = "CNTK-GAP depth 21" if arch == "cnn" else "Myrtle-10"
             ours_rows = [r for r in res if _matches(r, "cuda", arch, depth, variant=dv)]
             ours = _best(ours_rows)
-            out.append(_target(f"cuda default kernel ({dv}), {where} float32 >= {bound:,} unique pairs/s",
-                               ours and ours["unique_pairs_per_s"], bound, "unique pairs/s", ours_rows,
-                               f"cuda {dv} {where} float32"))
+            t = _target(f"cuda default kernel ({dv}), {where} float32 >= {bound:,} unique pairs/s",
+                        ours and ours["unique_pairs_per_s"], bound, "unique pairs/s", ours_rows,
+                        f"cuda {dv} {where} float32")
+            # every variant's figure beside the default's: a candidate that meets the target is
+            # what the next default could be (it becomes the default on its figures at every depth)
+            rates = {}
+            for v in (k["name"] for k in payload.get("cuda_kernels") or []):
+                b = _best([r for r in res if _matches(r, "cuda", arch, depth, variant=v)])
+                if b is not None:
+                    rates[v] = b["unique_pairs_per_s"]
+            if rates:
+                t["per_variant"] = rates
+                fastest = max(rates, key=rates.get)
+                if fastest != dv:
+                    t["detail"] += (f"; fastest variant {fastest}: {rates[fastest]:,.1f} unique pairs/s "
+                                    f"({'meets' if rates[fastest] >= bound else 'misses'} the target)")
+            out.append(t)
             nt_rows = [r for r in res if _matches(r, "neural_tangents", arch, depth)]
             nt = _best(nt_rows)
             name = f"vs neural-tangents on the same GPU, {where} >= {ntb:.0f}x"

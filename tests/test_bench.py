@@ -883,6 +883,9 @@ def test_session_summary_targets():
     assert [x["status"] for x in ss.targets(payload)] == ["met", "not met", "not measured", "not measured", "not met"]
     d21, nt21, m10, ntm10, f32 = ss.targets(payload)
     assert d21["value"] == 21000.0                                    # the largest N of the default variant
+    assert d21["per_variant"] == {"v3": 21000.0, "v5": 26000.0}       # and every variant's, beside it
+    assert "fastest variant v5: 26,000.0 unique pairs/s (meets the target)" in d21["detail"]
+    assert "per_variant" not in m10 and "fastest" not in m10["detail"]
     assert nt21["value"] == pytest.approx(21000.0 / 1400.0)           # per pair neural-tangents evaluated
     assert "no stacks on cuda" in m10["detail"] and "no stacks on cuda" in ntm10["detail"]
     assert f32["per_variant"] == {"v3": 2e-7, "v5": 3e-4}
