@@ -24,14 +24,15 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, choice_list, gpu_info, gpu_sync, int_at_least, machine,  # noqa: E402
-                          median_time, result_header, utc_date, write_json)
+                          median_time, own_stack_kernel_variants, result_header, utc_date,
+                          write_json)
 
 ENV = "CNTK_ENGINE_CUDA_STACK_BLOCKS"
 
 
 def main(argv=None):
     import cntk_engine as ce
-    from cntk_engine.backends.cuda import KERNEL_ENV, kernel_variants
+    from cntk_engine.backends.cuda import KERNEL_ENV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int_at_least(2), default=128)
     ap.add_argument("--architectures", type=choice_list(["myrtle5", "myrtle7", "myrtle10"]),
@@ -58,8 +59,7 @@ def main(argv=None):
     payload = {**result_header(), "machine": machine(), "gpu": info, "backend": backend,
                "workload": f"symmetric Gram of {args.n} random 32x32x3 images, float32, NTK",
                "results": rows}
-    # the variants with a stack kernel of their own (v7 and v8 run their base variant's)
-    for variant in (v["name"] for v in kernel_variants() if v["base"] == v["name"]):
+    for variant in own_stack_kernel_variants():
         os.environ[KERNEL_ENV] = variant
         for arch in args.architectures:
             grams = {}

@@ -228,3 +228,11 @@ def is_default_variant(variant: dict, dtype: str = "float32") -> bool:
     if "default_for" in variant:
         return dtype in variant["default_for"]
     return bool(variant.get("default"))
+
+
+def own_stack_kernel_variants() -> list[str]:
+    """The compiled CUDA kernel variants with a pooled-stack kernel of their own, in the table's
+    order (v7 and v8 launch their ``base`` variant's: timing them again would time the same
+    kernel).  ImportError without the CUDA extension."""
+    from cntk_engine.backends.cuda import kernel_variants
+    return [v["name"] for v in kernel_variants() if v["base"] == v["name"]]

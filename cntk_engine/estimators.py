@@ -247,12 +247,10 @@ class _CNTKBase(BaseEstimator):
             from .preprocess import fit_zca
             self.zca_ = fit_zca(imgs, reg=self.zca_reg)
             imgs = self.zca_.transform(imgs)
-        groups = None
         if self.augment_flips:
-            from .arch import hflip
-            groups = np.tile(np.arange(len(imgs)), 2)
-            imgs, y = np.concatenate([imgs, hflip(imgs)]), np.concatenate([y, y])
-        return imgs, y, groups
+            from .preprocess import with_flips
+            return with_flips(imgs, y)
+        return imgs, y, None
 
     def _scores(self, X):
         check_is_fitted(self, "dual_coef_")

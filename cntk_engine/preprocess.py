@@ -5,6 +5,7 @@
 * :func:`downsample`: F x F average pooling (a CPU-feasibility option for large images).
 * :func:`zca_whiten`: regularised ZCA whitening (Lee et al. 2020; Shankar et al. 2020).
 * :func:`preprocess`: the above as ``cntk-engine evaluate --preprocess`` applies them.
+* :func:`with_flips`: a training set and its horizontal flips (``augment_flips``).
 
 Images are (N, C, H, W) (``zca_whiten`` takes ``data_format="NHWC"`` too); results are float64.
 """
@@ -181,3 +182,14 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
 
 __all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "standardize", "scale", "downsample",
            "fit_zca", "zca_whiten", "preprocess"]
+
+
+def with_flips(x, y):
+    """The training images (N, C, H, W) followed by their horizontal flips
+    (:func:`cntk_engine.arch.hflip`), the labels ``y`` repeated for the flipped copies, and the
+    leave-one-out groups (2N,) that keep each image with its flip (``groups`` of
+    :func:`cntk_engine.solver.loo`: the mirror of a scored image must not stay in the training
+    set)."""
+    from .arch import hflip
+    x = _images(x, "x")
+    return (np.concatenate([x, hflip(x)]), np.concatenate([y, y]), np.tile(np.arange(len(x)), 2))

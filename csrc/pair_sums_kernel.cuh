@@ -56,12 +56,10 @@ __device__ __forceinline__ bool same_side(int pos, int o, int n, int seam) {
 }
 
 // Variants v6, v7 and v8 test the row seam as one bit of a loop-invariant mask in their float32
-// kernels (box2 below).  The older test, (unsigned)(i - seam_r) >= o per row and tap, left ptxas
-// (nvcc 13.0) with 64 predicates per layer that it rebuilt every layer (32 ISETP, 64 LOP3
-// packing them into a register, then a LOP3 per use): about 8 of the 57.4 issue slots per
-// entry-layer of v6's 32 x 32 float32 k = 3 kernel on sm_90.  With the mask one R2P turns 7 of
-// its bits into predicates: 49.8 slots (v3's step: 70.4 -> 62.8).  Not in float64, where ptxas
-// then took the 32 x 32 kernels at k = 5 and 7 from 180 registers to 255 with spills in the layer
+// kernels (box2 below).  Why: with the per-row test (unsigned)(i - seam_r) >= o, ptxas rebuilds
+// the 2 x HMAX predicates every layer although seam_r is the same for all layers of a grid; with
+// the mask it turns several bits into predicates at once (docs/cuda_kernels.md, "The row seam as
+// a mask bit", has the counts).  Not in float64, where the mask makes ptxas spill in the layer
 // loop.  v3 and v5 keep the test they were measured with.
 template <int V, typename T>
 constexpr bool kSeamBits = (V == 6 || V == 7 || V == 8) && sizeof(T) == 4;

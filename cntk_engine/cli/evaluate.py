@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import solver
-from ..arch import hflip
-from ..preprocess import PREPROCESSING, ZCA_REG, preprocess
+from ..preprocess import PREPROCESSING, ZCA_REG, preprocess, with_flips
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
                      gram_options, machine, numpy_problem, open_numpy, plural, to_nchw,
                      write_json)
@@ -310,10 +309,8 @@ def run(args) -> int:
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
     xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=args.zca_reg)
     groups = None
-    if args.augment_flips:          # the flipped copies carry the labels of their originals
-        # and leave-one-out leaves each image out together with its flip (solver.loo groups)
-        groups = np.tile(np.arange(len(xtr)), 2)
-        xtr, ytr = np.concatenate([xtr, hflip(xtr)]), np.concatenate([ytr, ytr])
+    if args.augment_flips:
+        xtr, ytr, groups = with_flips(xtr, ytr)
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
     if len(classes) < 2:

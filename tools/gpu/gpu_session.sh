@@ -268,8 +268,8 @@ for v in os.environ['KERNELS'].split(','):
     print(v, 'lap / flip runs ok', k5[0, :2], k6[0], k7[0, :2])
 # the stack kernel last, after every variant's CNN kernels (an error it makes ends the process),
 # of the variants that have one of their own (v7 and v8 run their base variant's)
-from cntk_engine.backends.cuda import kernel_variants
-own = [v['name'] for v in kernel_variants() if v['base'] == v['name']]
+from bench.common import own_stack_kernel_variants
+own = own_stack_kernel_variants()
 for v in (v for v in os.environ['KERNELS'].split(',') if v in own):
     os.environ['CNTK_ENGINE_CUDA_KERNEL'] = v
     if stack is None:
@@ -308,9 +308,8 @@ phase_bench() {
   # slower; Myrtle's at 32 images: the stack kernel's float64 speed is not known), so every
   # float32 result is checked against float64.
   local v own first_cnn=1 first_stack=1 rc=0 extra
-  own=$("$PY" -P -c "
-from cntk_engine.backends.cuda import kernel_variants
-print(','.join(v['name'] for v in kernel_variants() if v['base'] == v['name']))" 2>/dev/null) || own=$KERNELS
+  own=$("$PY" -P -c "from bench.common import own_stack_kernel_variants as o; print(','.join(o()))" \
+    2>/dev/null) || own=$KERNELS
   for v in ${KERNELS//,/ }; do
     if [ "$DRY" = 1 ]; then
       extra=$([ $first_cnn = 1 ] && echo ",numba,per_layer_cpu")
