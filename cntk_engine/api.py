@@ -11,6 +11,7 @@ from .inputs import (as_images, check_dtype, check_pair, check_tile, prepare_mag
                      refuse_channels_last)
 from .jobs import GramJob, run_job
 from .jobs.local import resolve_devices
+from .spelling import arg
 
 log = logging.getLogger("cntk_engine")
 
@@ -99,8 +100,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
 
     if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's
         if devices not in (None, "all"):
-            raise ValueError("devices= selects local GPUs; with client= the Dask workers decide "
-                             "(one GPU per worker with resources={'GPU': 1}); leave devices unset")
+            raise ValueError(f"{arg('devices')} selects local GPUs; with {arg('client')} the Dask "
+                             "workers decide (one GPU per worker with resources={'GPU': 1}); "
+                             f"leave {arg('devices')} unset")
         from .jobs.dask import resolve_backend
         cls = resolve_backend(client, backend, arch, image_shape, cdtype)
         device_ids = None

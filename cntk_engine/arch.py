@@ -150,6 +150,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .spelling import arg
+
 POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
@@ -209,16 +211,16 @@ def serial(*layers) -> tuple:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     for i, layer in enumerate(flat):
         if not isinstance(layer, (ConvRelu, AvgPool)):
-            raise ValueError(f"layer {i} of the stack is {layer!r}; a stack holds ConvRelu() and "
-                             "AvgPool(window, stride) layers")
+            raise ValueError(f"layer {i + 1} of {len(flat)} of the stack is {layer!r}; a stack "
+                             "holds ConvRelu() and AvgPool(window, stride) layers")
     if not flat or not isinstance(flat[0], ConvRelu):
         raise ValueError("a stack must start with a ConvRelu() layer (pool the images themselves "
                          "for a pooling first layer)")
     last_conv = max(i for i, layer in enumerate(flat) if isinstance(layer, ConvRelu))
     for i in range(1, last_conv):
         if isinstance(flat[i], AvgPool) and isinstance(flat[i + 1], AvgPool):
-            raise ValueError(f"layers {i} and {i + 1} of the stack are both pooling layers between "
-                             "conv layers; use one AvgPool there (repeated pools are accepted "
+            raise ValueError(f"layers {i + 1} and {i + 2} of {len(flat)} of the stack are both "
+                             "pooling layers between conv layers; use one AvgPool there (repeated pools are accepted "
                              "only after the last conv layer, before the readout)")
     return tuple(flat)
 
@@ -291,43 +293,44 @@ class Architecture:
         # NumPy scalars (np.int64(3), np.bool_(True), np.float32(1.5), e.g. from np.arange grids
         # in a GridSearchCV) are accepted like the Python numbers and stored as those
         if not isinstance(self.depths, tuple) or not self.depths:
-            raise ValueError("depths must be a non-empty tuple of integers >= 2")
+            raise ValueError(f"{arg('depths')} must be a non-empty tuple of integers >= 2")
         depths = tuple(as_integer(d) for d in self.depths)
         for d in depths:
             if not is_int(d) or d < 2:
                 raise ValueError(
-                    f"depth must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
+                    f"{arg('depth')} must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
             if d > MAX_DEPTH:
                 raise ValueError(
-                    f"depth must be at most {MAX_DEPTH}; got {d}: the cost grows linearly with "
+                    f"{arg('depth')} must be at most {MAX_DEPTH}; got {d}: the cost grows linearly with "
                     f"depth (depth {d} costs about {d / 21:.3g} times depth 21), while the "
                     "accuracy of CNTKs saturates by depth ~20 (the paper's deepest is 21) and the "
                     "kernel tends to a constant as depth grows")
         object.__setattr__(self, "depths", depths)
         if len(set(self.depths)) != len(self.depths):
-            raise ValueError(f"depths must not repeat; got {list(self.depths)}")
+            raise ValueError(f"{arg('depths')} must not repeat; got {list(self.depths)}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
+            raise ValueError(f"{arg('pooling')} must be one of {POOLINGS}; got {self.pooling!r}")
         if self.pooling == "lap":
             c = as_integer(self.lap_window)
             if not is_int(c) or c < 1:
-                raise ValueError("pooling='lap' needs lap_window = c, a positive integer (the c x c "
-                                 f"circular average pool before the readout); got {self.lap_window!r}")
+                raise ValueError(f"{arg('pooling', 'lap')} needs {arg('lap_window')} = c, a positive "
+                                 "integer (the c x c circular average pool before the readout); "
+                                 f"got {self.lap_window!r}")
             object.__setattr__(self, "lap_window", c)
         elif self.lap_window is not None:
-            raise ValueError(f"lap_window={self.lap_window!r} belongs to pooling='lap'; got "
-                             f"pooling={self.pooling!r}")
+            raise ValueError(f"{arg('lap_window', self.lap_window)} belongs to {arg('pooling', 'lap')}; "
+                             f"got {arg('pooling', self.pooling)}")
         if not isinstance(self.flip, (bool, np.bool_)):
-            raise ValueError(f"flip must be True or False; got {self.flip!r}")
+            raise ValueError(f"{arg('flip')} must be True or False; got {self.flip!r}")
         object.__setattr__(self, "flip", bool(self.flip))
         if self.convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {CONVENTIONS}; got {self.convention!r}")
+            raise ValueError(f"{arg('convention')} must be one of {CONVENTIONS}; got {self.convention!r}")
         fs = as_integer(self.filter_size)
         if not is_int(fs) or fs < 1 or fs % 2 == 0:
-            raise ValueError(f"filter_size must be a positive odd integer (1, 3, 5, ...); got {fs!r}")
+            raise ValueError(f"{arg('filter_size')} must be a positive odd integer (1, 3, 5, ...); got {fs!r}")
         object.__setattr__(self, "filter_size", fs)
         if not isinstance(self.fix, (bool, np.bool_)):
-            raise ValueError(f"fix must be True or False; got {self.fix!r}")
+            raise ValueError(f"{arg('fix')} must be True or False; got {self.fix!r}")
         object.__setattr__(self, "fix", bool(self.fix))
         if self.layers is not None:
             layers = serial(*self.layers)
@@ -338,15 +341,17 @@ class Architecture:
                                  f"+ the dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
             raise ValueError(
-                f"fix=True needs depth >= 3; got depths {list(self.depths)}: at depth 2 the only "
-                "conv layer is the first layer, so with the first and the last layer fixed nothing "
-                "is trained and the NTK would be identically 0; kernel='nngp' does not depend on "
-                "fix, so fix=False gives the same NNGP")
+                f"{arg('fix', True)} needs depth >= 3; got depths {list(self.depths)}: at depth 2 "
+                "the only conv layer is the first layer, so with the first and the last layer "
+                "fixed nothing is trained and the NTK would be identically 0; "
+                f"{arg('kernel', 'nngp')} does not depend on {arg('fix')}, so leaving it out gives "
+                "the same NNGP")
         if self.convention == "arora":
             if self.W_std is not None or self.b_std is not None:
                 raise ValueError(
-                    "W_std and b_std belong to convention='neural_tangents'; the 'arora' "
-                    "convention has fixed constants (c_sigma = 2, no bias)")
+                    f"{arg('W_std')} and {arg('b_std')} belong to "
+                    f"{arg('convention', 'neural_tangents')}; the 'arora' convention has fixed "
+                    "constants (c_sigma = 2, no bias)")
         else:
             for name in ("W_std", "b_std"):
                 v = getattr(self, name)
@@ -354,9 +359,9 @@ class Architecture:
                     continue
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
                         or not math.isfinite(v) or v < 0):
-                    raise ValueError(f"{name} must be a finite number >= 0 or None; got {v!r}")
+                    raise ValueError(f"{arg(name)} must be a finite number >= 0 or None; got {v!r}")
                 if float(v) > MAX_STD:      # its square (a variance) must be a finite float64
-                    raise ValueError(f"{name} must be at most {MAX_STD:.4g} (its square, the "
+                    raise ValueError(f"{arg(name)} must be at most {MAX_STD:.4g} (its square, the "
                                      f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
                                      f"finite float64) or None; got {v!r}")
                 if type(v) not in (int, float):
@@ -396,7 +401,8 @@ class Architecture:
             oh, ow = layer.out_size(h), layer.out_size(w)
             if oh is None or ow is None:
                 raise ValueError(
-                    f"layer {i} (AvgPool window {layer.window}, stride {layer.stride}) does not tile "
+                    f"layer {i + 1} of {len(self.layers)} (AvgPool window {layer.window}, stride "
+                    f"{layer.stride}) does not tile "
                     f"its {h} x {w} input: an axis of n pixels needs n >= window and (n - window) "
                     f"divisible by the stride" + self._size_hint(height, width))
             if n or not stages:
@@ -427,7 +433,8 @@ class Architecture:
         hr, wr = self.plan(height, width)[2]
         if self.pooling == "lap" and self.lap_window > min(hr, wr):
             where = "the images" if self.layers is None else "the readout (after the last pool)"
-            raise ValueError(f"lap_window={self.lap_window} is larger than {where}: {hr} x {wr}; "
+            raise ValueError(f"{arg('lap_window', self.lap_window)} is larger than {where}: "
+                             f"{hr} x {wr}; "
                              f"accepted: 1 .. {min(hr, wr)}" + (
                                  " (a Myrtle network reads out at 1 x 1: describe the stack without "
                                  "its final pools with serial(...) for LAP there)" if self.name else ""))
@@ -483,8 +490,8 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         elif architecture in PRESETS:
             name, layers = architecture, myrtle(PRESETS[architecture])
         else:
-            raise ValueError(f"architecture must be 'cnn', one of {sorted(PRESETS)} or a stack "
-                             f"from cntk_engine.serial(...); got {architecture!r}")
+            raise ValueError(f"{arg('architecture')} must be 'cnn', one of {sorted(PRESETS)} or a "
+                             f"stack from cntk_engine.serial(...); got {architecture!r}")
     elif isinstance(architecture, (tuple, list)):
         name, layers = None, serial(*architecture)
     else:
@@ -495,18 +502,21 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         n_conv = sum(isinstance(la, ConvRelu) for la in layers)
         if depth is not None or depths is not None:
             raise ValueError(f"architecture {what} fixes its depth ({n_conv + 1} = {n_conv} conv "
-                             "layers + the dense readout): leave depth and depths out")
+                             f"layers + the dense readout): leave {arg('depth')} and "
+                             f"{arg('depths')} out")
         if name is not None and kw.get("filter_size", 3) != 3:
-            raise ValueError(f"architecture {name!r} uses 3 x 3 convolutions; got filter_size="
-                             f"{kw['filter_size']!r} (describe another stack with serial(...))")
+            raise ValueError(f"architecture {name!r} uses 3 x 3 convolutions; got "
+                             f"{arg('filter_size', kw['filter_size'])} (describe another stack "
+                             "with serial(...))")
         return Architecture(depths=(n_conv + 1,), layers=layers, name=name, **kw)
     if (depth is None) == (depths is None):
-        raise ValueError("give exactly one of depth= (an int >= 2) or depths= (a list of ints >= 2)")
+        raise ValueError(f"give exactly one of {arg('depth')} (an int >= 2) or {arg('depths')} (a "
+                         "list of ints >= 2)")
     if depth is not None:
         ds = (depth,)
     else:
         if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
-            raise ValueError(f"depths must be a list of integers >= 2; got {depths!r}")
+            raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}")
         ds = tuple(depths)
     return Architecture(depths=ds, **kw)
 

@@ -28,6 +28,7 @@ import numpy as np
 from .arch import as_integer, is_int
 from .arrays import get_array_module, to_host
 from .diag import diag_norms
+from .spelling import arg
 
 DATA_FORMATS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float64")
@@ -44,7 +45,7 @@ def check_dtype(dtype) -> np.dtype:
         except (TypeError, ValueError):
             pass
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES} (the compute precision); got {dtype!r}")
+        raise ValueError(f"{arg('dtype')} must be one of {DTYPES} (the compute precision); got {dtype!r}")
     return np.dtype(name)
 
 
@@ -55,9 +56,9 @@ def check_nonnegative(value, name: str, meaning: str = "") -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0{hint}; got {value!r}") from None
+        raise ValueError(f"{arg(name)} must be a number >= 0{hint}; got {value!r}") from None
     if not np.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0{hint}; got {value!r}")
+        raise ValueError(f"{arg(name)} must be a finite number >= 0{hint}; got {value!r}")
     return v
 
 
@@ -68,7 +69,7 @@ def check_tile(tile):
     t = as_integer(tile)          # integer-like (not bool) -> int, as depth and filter_size
     if is_int(t) and t >= 1:
         return t
-    raise ValueError(f"tile must be a positive integer (rows/columns per tile) or None (automatic); "
+    raise ValueError(f"{arg('tile')} must be a positive integer (rows/columns per tile) or None (automatic); "
                      f"got {tile!r}")
 
 
@@ -106,23 +107,23 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
     limit = float(np.finfo(dtype).max) / 100
     if worst <= limit:               # False for inf / NaN too
         return
-    weights = (f" with W_std={arch.W_std}, b_std={arch.b_std}" if arch.convention == "neural_tangents"
+    weights = (f" with {arg('W_std', arch.W_std)}, {arg('b_std', arch.b_std)}" if arch.convention == "neural_tangents"
                else "")
     what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about {bound:.3g} in this "
             f"architecture (depth {arch.max_depth}), whose products overflow {dtype.name} (the output "
             "could be inf or NaN)")
     if normalised:
         raise ValueError(
-            f"this architecture is too large for dtype={dtype.name!r}, whatever the images: each image "
+            f"this architecture is too large for {arg('dtype', dtype.name)}, whatever the images: each image "
             f"is computed scaled to max |pixel| < 1 (exact without biases), and {what}; "
-            + ("use dtype='float64', or " if dtype == np.float32 else "")
-            + "use a smaller W_std or fewer layers")
+            + (f"use {arg('dtype', 'float64')}, or " if dtype == np.float32 else "")
+            + f"use a smaller {arg('W_std')} or fewer layers")
     safe = m * (limit / worst) ** 0.25 if 0 < worst < float("inf") else None     # bound ~ m^2
     rescale = ("rescale the images" + (f" to max |pixel| <= about {safe:.2g}" if safe else "")
-               + (" and b_std by the same factor a (the kernel scales by a^2)" if params.b2 or params.out_b2
+               + (f" and {arg('b_std')} by the same factor a (the kernel scales by a^2)" if params.b2 or params.out_b2
                   else " (without biases, scaling all images by s scales the kernel by s^2)"))
-    raise ValueError(f"the images are too large for dtype={dtype.name!r}: {what}; "
-                     + (f"use dtype='float64', or {rescale}" if dtype == np.float32 else rescale))
+    raise ValueError(f"the images are too large for {arg('dtype', dtype.name)}: {what}; "
+                     + (f"use {arg('dtype', 'float64')}, or {rescale}" if dtype == np.float32 else rescale))
 
 
 # ----------------------------------------------------------------------------- small magnitudes
@@ -184,7 +185,7 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
     the images were scaled to max |pixel| in [0.5, 1) (no biases), so rescaling cannot help."""
     dtype = np.dtype(dtype)
     low, pos_low = small_limit(dtype), _positive_limit(dtype)
-    f64 = (f"use dtype='float64' (it holds q >= {small_limit(np.float64):.2g})" if dtype == np.float32
+    f64 = (f"use {arg('dtype', 'float64')} (it holds q >= {small_limit(np.float64):.2g})" if dtype == np.float32
            else "")
     for (qm, qp), name in zip(zip(qmax, qpos), names):
         live = qm[:, 0] > 0                       # an all-zero image has q = 0 exactly: exact zeros
@@ -195,27 +196,27 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
             layer = int(first[i])
             reached = int(first.min()) + 1           # depth = conv layers + 1; layers 0..first-1 fine
             scaled = (" (each image computed scaled to max |pixel| in [0.5, 1), which is exact "
-                      "without biases, so the depth, W_std and image size set it, not the pixels)"
+                      f"without biases, so the depth, {arg('W_std')} and image size set it, not the pixels)"
                       if normalised else "")
             if normalised:
-                remedy = (f"{f64}, or use fewer layers" if f64 else "use fewer layers or a larger W_std")
+                remedy = (f"{f64}, or use fewer layers" if f64 else f"use fewer layers or a larger {arg('W_std')}")
             else:
                 remedy = ((f64 + ", or " if f64 else "")
-                          + "rescale the images and b_std by the same factor a (the kernel scales by "
+                          + f"rescale the images and {arg('b_std')} by the same factor a (the kernel scales by "
                             "a^2)")
             reach = (f"{dtype.name} reaches depth {reached} at most (asked: {arch.max_depth})"
                      if reached >= 2 else f"{dtype.name} cannot compute this kernel at any depth")
             raise ValueError(
-                f"the kernel would underflow dtype={dtype.name!r}: the largest per-image variance q of "
+                f"the kernel would underflow {arg('dtype', dtype.name)}: the largest per-image variance q of "
                 f"layer {layer + 1} (the readout of depth {layer + 2}) is {qm[i, layer]:.3g} for "
-                f"{name}[{i}]{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
+                f"{arg(name)}[{i}]{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
                 f"comes out as zeros or NaN; with these images and this architecture {reach}; "
                 f"{remedy}")
         tiny = live & (qp < pos_low)
         if tiny.any():
             i = int(np.argmax(tiny))
             raise ValueError(
-                f"{name}[{i}] has pixel windows whose variance q falls to {qp[i]:.3g} in this "
+                f"{arg(name)}[{i}] has pixel windows whose variance q falls to {qp[i]:.3g} in this "
                 f"architecture (depth {arch.max_depth}), where 1/sqrt(q) overflows {dtype.name} and "
                 f"the kernel would be NaN; {f64 or 'rescale the images'}")
 
@@ -236,7 +237,7 @@ def check_results(exps, qmax, names=("x1",)) -> None:
                 j = int(np.argmin(worst) if side == "below" else np.argmax(worst))
                 i = int(np.nonzero(live)[0][j])
                 raise ValueError(
-                    f"{name}[{i}] (max |pixel| about 2^{int(e[i])}) would have kernel values of about "
+                    f"{arg(name)}[{i}] (max |pixel| about 2^{int(e[i])}) would have kernel values of about "
                     f"2^{worst[j]:.0f}, {side} the range float64 results hold with full precision "
                     f"({lo:.2g} to {hi:.2g}); rescale the images (without biases, scaling every "
                     "image by a scales the kernel by a^2)")
@@ -282,32 +283,32 @@ def prepare_magnitudes(x1, x2, arch, params, dtype):
 def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     """Return ``x`` as an (N, C, H, W) float64 array (NumPy, or CuPy for CuPy input)."""
     if data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format must be one of {DATA_FORMATS}; got {data_format!r}")
+        raise ValueError(f"{arg('data_format')} must be one of {DATA_FORMATS}; got {data_format!r}")
     xp = get_array_module(x)
     try:
         arr = xp.asarray(x)
     except Exception as e:  # ragged lists, objects, ...
-        raise ValueError(f"{name} must be an array of images; converting it failed: {e}") from None
+        raise ValueError(f"{arg(name)} must be an array of images; converting it failed: {e}") from None
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold real numbers (any integer or float dtype); got dtype {arr.dtype}")
+        raise ValueError(f"{arg(name)} must hold real numbers (any integer or float dtype); got dtype {arr.dtype}")
     if arr.ndim != 4:
         hint = ""
         if arr.ndim == 3:
             hint = (" (for single-channel images of shape (N, H, W) add a channel axis: "
                     + ("x[:, None] for NCHW)" if data_format == "NCHW" else "x[..., None] for NHWC)"))
-        raise ValueError(f"{name} must be 4-D, (N, C, H, W) for data_format='NCHW' or (N, H, W, C) "
+        raise ValueError(f"{arg(name)} must be 4-D, (N, C, H, W) for {arg('data_format', 'NCHW')} or (N, H, W, C) "
                          f"for 'NHWC'; got shape {tuple(arr.shape)}{hint}")
     if data_format == "NHWC":
         arr = arr.transpose(0, 3, 1, 2)
     if min(arr.shape) == 0:
-        raise ValueError(f"{name} must hold at least one image with C, H, W >= 1; got (N, C, H, W) = "
+        raise ValueError(f"{arg(name)} must hold at least one image with C, H, W >= 1; got (N, C, H, W) = "
                          f"{tuple(arr.shape)}")
     arr = xp.ascontiguousarray(arr, dtype=xp.float64)
     bad = ~xp.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
     if bool(bad.any()):
         idx = [int(i) for i in xp.nonzero(bad)[0][:10].tolist()]
         more = int(bad.sum()) - len(idx)
-        raise ValueError(f"{name} has NaN or Inf pixels in image(s) at index {idx}"
+        raise ValueError(f"{arg(name)} has NaN or Inf pixels in image(s) at index {idx}"
                          + (f" and {more} more" if more > 0 else "") + "; all pixels must be finite")
     return arr
 
@@ -320,7 +321,7 @@ def refuse_channels_last(shape, name: str) -> None:
     _, c, h, w = (int(v) for v in shape)
     if w in (1, 3) and c > 4:
         raise ValueError(
-            f"{name} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
+            f"{arg(name)} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
             f"{c} channels of {h} x {w} images, but its last axis ({w}) looks like the channels of "
             "channels-last data. Pass data_format='NHWC' for (N, H, W, C) images, or "
             f"data_format='NCHW' explicitly if these really are {c}-channel {h} x {w} images")
@@ -328,7 +329,7 @@ def refuse_channels_last(shape, name: str) -> None:
 
 def check_pair(x1, x2) -> None:
     if x1.shape[1:] != x2.shape[1:]:
-        raise ValueError("x1 and x2 must have the same (C, H, W); got "
+        raise ValueError(f"{arg('x1')} and {arg('x2')} must have the same (C, H, W); got "
                          f"{tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}")
     if get_array_module(x1) is not get_array_module(x2):
-        raise ValueError("x1 and x2 must both be NumPy or both be CuPy arrays")
+        raise ValueError(f"{arg('x1')} and {arg('x2')} must both be NumPy or both be CuPy arrays")

@@ -222,9 +222,51 @@ def test_gram_fix_at_depth_2_is_a_one_line_error(tmp_path, data, capsys):
     for d in (["--depth", "2"], ["--depths", "2,3"]):
         rc, o, e = run(capsys, "gram", tmp_path / "x.npy", *d, "--fix", "--out", out,
                        "--backend", "reference", "--no-progress")
-        assert rc == 2 and e.startswith("cntk-engine: error: fix=True needs depth >= 3") and \
+        assert rc == 2 and e.startswith("cntk-engine: error: --fix needs depth >= 3") and \
             e.count("\n") == 1 and "identically 0" in e, e
         assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, says, not_says", [
+    (["--x2", "{tmp}/small.npy", "--depth", "2"], "DATA and --x2 must have the same (C, H, W)", "x1"),
+    (["--pooling", "lap", "--lap-window", "9", "--depth", "2"], "--lap-window 9 is larger than the "
+     "images: 6 x 6", "lap_window="),
+    (["--lap-window", "2", "--depth", "2"], "--lap-window 2 belongs to --pooling 'lap'; got --pooling "
+     "'gap'", "pooling="),
+    (["--devices", "0", "--backend", "numba", "--depth", "2"], "--devices 0 selects GPUs, but this "
+     "backend runs on the CPU (with every core); use --backend 'cuda' or leave --devices unset",
+     "devices="),
+    (["--depths", "3,3"], "--depths must not repeat", ": depths must"),
+    (["--depth", "3", "--W-std", "2"], "--W-std and --b-std belong to --convention 'neural_tangents'",
+     "W_std"),
+    (["--architecture", "myrtle5", "--depth", "5"], "leave --depth and --depths out", "leave depth"),
+    (["--depth", "3", "--filter-size", "4"], "--filter-size must be a positive odd integer",
+     "filter_size"),
+])
+def test_library_errors_name_the_options_of_the_command_line(tmp_path, data, capsys, argv, says,
+                                                            not_says):
+    """The checks of the library (one place each) name the argument as the caller wrote it: on
+    the command line its option, in Python its parameter, also after a command failed."""
+    np.save(tmp_path / "small.npy", data[:, :, :4, :4])
+    out = tmp_path / "o.zarr"
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", *[a.format(tmp=tmp_path) for a in argv],
+                   "--out", out, "--no-progress")
+    assert rc == 2 and says in e and not_says not in e, e
+    assert not out.exists()
+    # the spelling was the command's only: Python's own after it, in this thread
+    with pytest.raises(ValueError, match=r"devices=\[0\] selects GPUs.*backend='cuda'"):
+        ce.gram(data, depth=2, backend="numba", devices=[0])
+
+
+def test_a_store_of_another_job_is_refused_naming_out(tmp_path, data, capsys):
+    out = tmp_path / "g.zarr"
+    rc, _, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--out", out,
+                   "--backend", "numba", "--no-progress")
+    assert rc == 0, e
+    rc, _, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", out, "--resume",
+                   "--backend", "numba", "--no-progress")
+    assert rc == 2 and f"--out {str(out)!r} holds another job" in e and "another --out path" in e, e
+    assert "out=" not in e
 
 
 @pytest.mark.parametrize("command, resume", [("gram", True), ("demo", False), ("evaluate", False)])
@@ -240,3 +282,25 @@ def test_interrupt_message_mentions_resume_only_for_gram(monkeypatch, capsys, tm
     rc, o, e = run(capsys, *argv)
     assert rc == 130 and e.startswith("cntk-engine: interrupted") and e.count("\n") == 1
     assert ("--resume" in e) == resume, e
+
+
+def test_spelling_of_arguments_in_python_and_on_the_command_line():
+    from cntk_engine.spelling import arg, arg_prefix, command_line
+    assert (arg("lap_window"), arg("lap_window", 9), arg("pooling", "lap"), arg_prefix("out")) == \
+        ("lap_window", "lap_window=9", "pooling='lap'", "out=")
+    parser = cli.build_parser()
+    gram = next(a for a in parser._actions if a.dest == "command").choices["gram"]
+    options = gram.get_default("python_options")
+    assert options["x1"] == "DATA" and options["lap_window"] == "--lap-window" and \
+        options["client"] == "--scheduler" and options["W_std"] == "--W-std"
+    with command_line(options):
+        assert (arg("lap_window", 9), arg("pooling", "lap"), arg("depths", [3, 4]), arg("fix", True),
+                arg("x1"), arg_prefix("out"), arg("ridge", 1.0)) == \
+            ("--lap-window 9", "--pooling 'lap'", "--depths 3,4", "--fix", "DATA", "--out ",
+             "ridge=1.0")                           # gram has no --ridge: Python's spelling
+        with pytest.raises(ValueError):
+            with command_line({}):
+                assert arg("lap_window", 9) == "lap_window=9"
+                raise ValueError
+        assert arg("tile", 0) == "--tile 0"
+    assert arg("tile", 0) == "tile=0"

@@ -178,8 +178,8 @@ def test_layouts_dtypes_and_info(rng):
     (dict(depth=3, data_format="CHWN"), "data_format must be one of"),
     (dict(depth=3, W_std=2.0), "W_std and b_std belong to convention='neural_tangents'"),
     (dict(depth=3, convention="neural_tangents", b_std=-1.0), "b_std must be a finite number"),
-    (dict(), "give exactly one of depth="),
-    (dict(depth=3, depths=[3]), "give exactly one of depth="),
+    (dict(), "give exactly one of depth (an int"),
+    (dict(depth=3, depths=[3]), "give exactly one of depth (an int"),
     (dict(depth=3, tile=0), "tile must be a positive integer"),
 ])
 def test_bad_arguments(kw, msg):

@@ -220,8 +220,8 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (("--depth", 2, "--fix"), "fix=True needs depth >= 3"),
-    (("--depths", "3,2", "--fix", "--kernel", "nngp"), "fix=True needs depth >= 3"),
+    (("--depth", 2, "--fix"), "--fix needs depth >= 3"),
+    (("--depths", "3,2", "--fix", "--kernel", "nngp"), "--fix needs depth >= 3"),
     (("--depth", 3, "--json", "missing/r.json"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--json", "."), "is a folder"),
     (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),

@@ -180,7 +180,7 @@ def test_cli_deep_1x1_is_a_one_line_refusal_without_store(tmp_path, capsys):
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "120", "--backend", "numba",
                    "--out", out, "--no-progress", "--data-format", "NCHW")
     assert rc == 2 and e.count("\n") == 1 and "Traceback" not in e, e
-    assert "underflow dtype='float32'" in e and "dtype='float64'" in e and not out.exists()
+    assert "underflow --dtype 'float32'" in e and "use --dtype 'float64'" in e and not out.exists()
 
 
 # ----------------------------------------------------------------------------- the last guard

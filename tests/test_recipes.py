@@ -270,7 +270,7 @@ def test_cli_gram_and_evaluate(tmp_path, capsys):
     rc = cli.main(["-q", "gram", str(tmp_path / "x.npy"), "--depth", "3", "--pooling", "lap", "--out",
                    str(tmp_path / "o.zarr")])
     out, err = capsys.readouterr()
-    assert rc == 2 and "lap_window" in err and err.count("\n") == 1
+    assert rc == 2 and "needs --lap-window" in err and err.count("\n") == 1
 
 
 def test_estimators_flip_zca_augment():

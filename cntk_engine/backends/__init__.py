@@ -11,6 +11,7 @@ import importlib
 import logging
 
 from ..arrays import nvidia_gpu_present
+from ..spelling import arg
 from .base import Backend, Prepared, Traits  # noqa: F401
 
 log = logging.getLogger("cntk_engine")
@@ -100,7 +101,7 @@ def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
         raise RuntimeError(f"backend {name!r} is unavailable: {c['unavailable']}")
     if c["unsupported"] is not None:
         raise ValueError(f"backend {name!r} cannot take this input: {c['unsupported']}. "
-                         "Use backend='numba'.")
+                         f"Use {arg('backend', 'numba')}.")
     if c.get("unverified"):
         return name, f"asked for, although {c['unverified']}"
     return name, "asked for"

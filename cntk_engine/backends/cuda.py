@@ -20,6 +20,7 @@ import numpy as np
 
 from ..arch import grid_weights, readout_weights
 from ..diag import diag_norms
+from ..spelling import arg
 from .base import Backend, Prepared, Traits
 
 KERNEL_ENV = "CNTK_ENGINE_CUDA_KERNEL"
@@ -237,7 +238,7 @@ class CudaBackend(Backend):
         if not used:
             return None
         return (f"the CUDA kernels for {' and '.join(used)} have not run on a GPU yet "
-                "(backend='cuda' runs them; docs/cuda_kernels.md)")
+                f"({arg('backend', 'cuda')} runs them; docs/cuda_kernels.md)")
 
     def prepare(self, x) -> Prepared:
         import cupy

@@ -18,9 +18,27 @@ import logging
 import sys
 
 from . import demo, evaluate, gram, info, verify
+from ..spelling import command_line
 from .common import PROG, CliError
 
 COMMANDS = (gram, verify, evaluate, info, demo)
+#: Python parameters a command's option stands for besides the one of its own name
+#: (``gram``'s DATA is ``gram(x1, ...)``; ``--scheduler`` picks the Dask ``client``; ``--zca-reg`` is
+#: ``zca_whiten(reg=)``)
+PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg"}
+
+
+def python_options(parser: argparse.ArgumentParser) -> dict:
+    """Python parameter -> this command's option (``lap_window`` -> ``--lap-window``, ``x1`` ->
+    ``DATA``), for the library's error messages (:mod:`cntk_engine.spelling`)."""
+    options = {}
+    for a in parser._actions:      # argparse lists a parser's options nowhere public
+        if a.dest in options or a.dest == "help" or a.dest is argparse.SUPPRESS:
+            continue               # the first option of a destination (--preprocess, not --zca)
+        long = [s for s in a.option_strings if s.startswith("--")]
+        options[a.dest] = (long or a.option_strings or [a.metavar or a.dest.upper()])[0]
+    options.update({name: options[dest] for name, dest in PYTHON_ALIASES.items() if dest in options})
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for command in COMMANDS:
         command.add_parser(sub)
+    for parser in sub.choices.values():
+        parser.set_defaults(python_options=python_options(parser))
     return ap
 
 
@@ -43,7 +63,8 @@ def main(argv=None) -> int:
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for records
     try:
-        return int(args.func(args) or 0)
+        with command_line(args.python_options):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.command == "gram":      # the only command with a store to resume
             print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
@@ -59,4 +80,4 @@ def main(argv=None) -> int:
         return 2
 
 
-__all__ = ["main", "build_parser", "CliError", "PROG"]
+__all__ = ["main", "build_parser", "python_options", "CliError", "PROG"]

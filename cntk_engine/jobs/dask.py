@@ -47,6 +47,7 @@ import numpy as np
 
 from ..arrays import current_device, to_host
 from ..backends import backend_class, capabilities, unavailable_reason
+from ..spelling import arg
 from .tiles import largest_first
 
 log = logging.getLogger("cntk_engine")
@@ -143,8 +144,9 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
                 msg = (f"backend 'cuda' cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
                        f"workers with a GPU resource: {_name_workers(bad)}")
                 if shape_only:
-                    raise ValueError(msg + ". Use backend='numba'.")
-                raise RuntimeError(msg + ". Fix those workers (or stop them), or use backend='numba'")
+                    raise ValueError(msg + f". Use {arg('backend', 'numba')}.")
+                raise RuntimeError(msg + f". Fix those workers (or stop them), or use "
+                                   f"{arg('backend', 'numba')}")
             if unverified := _unverified(reports, gpu_workers, "cuda"):
                 log.warning("backend 'cuda': asked for, although %s", unverified)
             return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
@@ -364,5 +366,5 @@ def check_all_marked(store, tiles, per_worker: dict) -> None:
         raise RuntimeError(
             f"Dask workers {sorted(per_worker)} reported {len(tiles)} tiles written, but "
             f"{len(left)} of them are not marked done in the store {store.path} as this client "
-            f"sees it: {shown}. out= must be a path on a file system shared by the client and "
+            f"sees it: {shown}. {arg('out')} must be a path on a file system shared by the client and "
             "every worker (the workers wrote elsewhere); rerun the same call to compute them")

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..arrays import cupy_module, free_device_memory, gpu_count, to_device
+from ..spelling import arg
 from .tiles import Tile, largest_first
 
 log = logging.getLogger("cntk_engine")
@@ -35,18 +36,19 @@ def resolve_devices(device_kind: str, devices) -> list[int] | None:
         if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
             devices = [int(devices)]
         if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
-            raise ValueError(f"devices must be None, 'all' or a list of GPU ids; got {devices!r}")
+            raise ValueError(f"{arg('devices')} must be None, 'all' or a list of GPU ids; got {devices!r}")
         devices = list(devices)
         if not devices or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0
                               for d in devices):
-            raise ValueError(f"devices must be a non-empty list of GPU ids (integers >= 0); got {devices!r}")
+            raise ValueError(f"{arg('devices')} must be a non-empty list of GPU ids (integers >= 0); got {devices!r}")
         devices = [int(d) for d in devices]
         if len(set(devices)) != len(devices):
-            raise ValueError(f"devices must not repeat; got {devices}")
+            raise ValueError(f"{arg('devices')} must not repeat; got {devices}")
     if device_kind != "gpu":
         if devices not in (None, "all"):
-            raise ValueError(f"devices={devices} selects GPUs, but this backend runs on the CPU "
-                             "(with every core); use backend='cuda' or leave devices unset")
+            raise ValueError(f"{arg('devices', devices)} selects GPUs, but this backend runs on the "
+                             f"CPU (with every core); use {arg('backend', 'cuda')} or leave "
+                             f"{arg('devices')} unset")
         return None
     n = gpu_count()
     if devices in (None, "all"):

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..arch import finalize
 from ..arrays import cupy_module, get_array_module, to_device, to_host
+from ..spelling import arg
 from .tiles import Tile, TileLayout
 
 
@@ -43,7 +44,7 @@ class Sink:
                 f"tile ({t.i}, {t.j}) (rows {t.r0}:{t.r1}, columns {t.c0}:{t.c1}) has non-finite "
                 "kernel sums (NaN or inf) and was not stored; the input checks should have refused "
                 "this job: please report it with the images' shape and architecture, and use "
-                "dtype='float64' meanwhile")
+                f"{arg('dtype', 'float64')} meanwhile")
         return finalize(sums, self.arch, self.params, self.kernel)
 
 

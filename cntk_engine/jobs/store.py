@@ -118,6 +118,7 @@ import numpy as np
 
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
+from ..spelling import arg, arg_prefix
 from ..version import __version__
 from .sinks import Sink
 from .tiles import TileLayout
@@ -187,9 +188,9 @@ def require_zarr():
         import zarr
     except ImportError as e:
         from ..version import install_hint
-        raise ImportError(f"out= needs zarr >= {need} ({install_hint('zarr')}): {e}") from None
+        raise ImportError(f"{arg('out')} needs zarr >= {need} ({install_hint('zarr')}): {e}") from None
     if _version_tuple(zarr.__version__) < ZARR_MIN:
-        raise ImportError(f"out= needs zarr >= {need} (its local store writes each chunk to a "
+        raise ImportError(f"{arg('out')} needs zarr >= {need} (its local store writes each chunk to a "
                           f"temporary file and renames it, which the store's crash safety relies "
                           f"on); zarr {zarr.__version__} is installed (pip install -U 'zarr>={need}')")
     return zarr
@@ -888,14 +889,14 @@ class GramStore:
         try:
             path = Path(os.fspath(out)).expanduser().absolute()
         except TypeError:
-            raise StoreError(f"out must be a path (str or os.PathLike) to a Zarr directory; got {out!r}") from None
+            raise StoreError(f"{arg('out')} must be a path (str or os.PathLike) to a Zarr directory; got {out!r}") from None
         if path.exists() or path.is_symlink():
             return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
                                       claim_timeout=timeout)
         if not path.parent.is_dir():
-            raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} does not exist")
+            raise StoreError(f"{arg('out', str(path))}: the folder {str(path.parent)!r} does not exist")
         if not os.access(path.parent, os.W_OK):
-            raise StoreError(f"out={str(path)!r}: the folder {str(path.parent)!r} is not writable")
+            raise StoreError(f"{arg('out', str(path))}: the folder {str(path.parent)!r} is not writable")
         try:
             return cls._create(path, dict(spec, tile=int(tile)), claim_timeout=timeout)
         except _LostRace:
@@ -910,20 +911,21 @@ class GramStore:
     def _open_existing(cls, path: Path, spec: dict, *, tile: int, tile_given: bool,
                        resume: bool, claim_timeout: float = CLAIM_TIMEOUT) -> "GramStore":
         zarr = require_zarr()
-        stored = _read_record(path, "out=", for_out=True)
+        stored = _read_record(path, arg_prefix("out"), for_out=True)
         why = _format_error(path, stored)
         if why is not None:
-            raise StoreError(f"out={why}")
+            raise StoreError(arg_prefix("out") + why)
         diffs = spec_differences(stored, spec)
         if tile_given and int(stored.get("tile", -1)) != tile:
             diffs.append(f"tile: store has {stored.get('tile')}, this job {tile}")
         if diffs:
-            raise StoreMismatch(f"out={str(path)!r} holds another job: " + "; ".join(diffs)
-                                + ". Nothing was written; use another out= path for this job")
+            raise StoreMismatch(f"{arg('out', str(path))} holds another job: " + "; ".join(diffs)
+                                + f". Nothing was written; use another {arg('out')} path for this "
+                                "job")
         g = zarr.open_group(str(path), mode="r")
         missing = [n for n in _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS] if n not in g]
         if missing:
-            raise StoreError(f"out={str(path)!r} is damaged: {missing} are missing")
+            raise StoreError(f"{arg('out', str(path))} is damaged: {missing} are missing")
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
         n_all = len(cls._expected_tiles(stored))
         if not resume:

@@ -1,0 +1,56 @@
+"""How an error message names the caller's arguments: as the caller wrote them.
+
+A check at the library's boundary says which argument is wrong; from Python that is
+``lap_window=9``, from the command line ``--lap-window 9``.  The library writes each such name
+with :func:`arg`; the command line runs a command under :func:`command_line`, with the table from
+each Python parameter to the command's option (``cntk_engine.cli`` reads it off the command's
+parser), so one check serves both callers and the command line does not repeat the library's
+checks to reword them.  The table is a context variable: set for the command's thread while it
+runs, absent (Python spelling) everywhere else.
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+_UNSET = object()
+_OPTIONS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "cntk_engine_options", default=None)
+
+
+def arg(name: str, value=_UNSET) -> str:
+    """The argument ``name`` (set to ``value``, when given) as the caller writes it.
+
+    Python: ``name`` / ``name=value!r``.  Command line, where the command has an option for
+    ``name``: the option (``--lap-window``, ``DATA`` for a positional) / ``--lap-window 9``; a
+    list as the option takes it (``--depths 3,4``), a flag set to True as the flag alone.
+    """
+    options = _OPTIONS.get()
+    option = None if options is None else options.get(name)
+    if option is None:
+        return name if value is _UNSET else f"{name}={value!r}"
+    if value is _UNSET or value is True:
+        return option
+    if isinstance(value, (list, tuple)):
+        return f"{option} {','.join(str(v) for v in value)}"
+    return f"{option} {value!r}" if isinstance(value, str) else f"{option} {value}"
+
+
+def arg_prefix(name: str) -> str:
+    """What comes before a value of ``name`` in :func:`arg`'s spelling: ``name=`` in Python,
+    ``--option `` on the command line (for messages that append a repr themselves)."""
+    options = _OPTIONS.get()
+    option = None if options is None else options.get(name)
+    return f"{name}=" if option is None else f"{option} "
+
+
+@contextmanager
+def command_line(options: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, :func:`arg` spells the parameters in ``options`` (Python name ->
+    option, e.g. ``{"lap_window": "--lap-window", "x1": "DATA"}``) as that option."""
+    token = _OPTIONS.set(dict(options))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
