@@ -17,8 +17,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, int_at_least, machine, median_time, result_header,  # noqa: E402
-                          utc_date, versions, write_json)
+from bench.common import RESULTS, int_at_least, median_time, save_result  # noqa: E402
 
 CONFIGS = [   # (name, gram keywords)
     ("gap", dict(pooling="gap")),
@@ -66,13 +65,9 @@ def main(argv=None):
         if "seconds" in r:
             print(f"{r['config']:16s} {r['unique_pairs_per_s']:10.4g} pairs/s"
                   + (f"  {r['relative_to_gap']:.2f} x gap" if "relative_to_gap" in r else ""))
-    payload = {**result_header(), "workload": f"symmetric Gram of {args.n} random 32x32x3 images, "
-               f"NTK+NNGP, float32, CNN depth {args.depth}", "backend": args.backend,
-               "machine": machine(), "versions": versions(), "results": rows}
-    out = Path(args.out_dir) / f"readouts_{args.backend}_{utc_date()}.json"
-    write_json(out, payload)
-    print(f"wrote {out}")
-    return payload
+    return save_result(args.out_dir, f"readouts_{args.backend}", {
+        "workload": f"symmetric Gram of {args.n} random 32x32x3 images, NTK+NNGP, float32, CNN "
+                    f"depth {args.depth}", "backend": args.backend, "results": rows})
 
 
 if __name__ == "__main__":

@@ -67,6 +67,15 @@ def result_header() -> dict:
             "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
 
+def save_result(out_dir, stem: str, fields: dict) -> dict:
+    """Write a result file ``<out_dir>/<stem>_<date>.json``: :func:`result_header`, ``fields``,
+    the machine and the versions; say where; return the payload."""
+    payload = {**result_header(), **fields, "machine": machine(), "versions": versions()}
+    out = write_json(Path(out_dir) / f"{stem}_{utc_date()}.json", payload)
+    print(f"wrote {out}")
+    return payload
+
+
 def run_snippet(python, snippet: str, args, timeout: float = 3600) -> dict:
     """Run ``snippet`` with ``python -c`` and ``args``; its last stdout line is the JSON result.
 

@@ -1190,3 +1190,20 @@ def test_accuracy_recipes_table_and_resumable_kernels(tmp_path, capsys):
     # each row names the machine its seconds were measured on
     m = first["machine"]
     assert table.count(f"| {m['cpu']}, {m['cores']} cores |") == 2
+
+
+def test_bench_zca_records_the_fit_beside_the_kernel(tmp_path):
+    """bench/bench_zca.py on random images: one row per training size with the fit, the
+    transform, the memory and the fit's share of the training Gram's estimated time."""
+    from bench import bench_zca
+    rec = bench_zca.main(["--n-train", "6,12", "--architecture", "cnn", "--depth", "2",
+                          "--kernel-n", "3", "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("zca_*.json")
+    assert json.loads(f.read_text())["results"] == json.loads(json.dumps(rec["results"]))
+    assert [r["n_train"] for r in rec["results"]] == [6, 12] and rec["kernel"]["n"] == 3
+    for r in rec["results"]:
+        assert r["d"] == 3 * 32 * 32 and r["matrix_mib"] == 3072 ** 2 * 8 / 2 ** 20
+        assert r["fit_s"] > 0 and r["fit_peak_mib"] >= r["matrix_mib"]
+        pairs = r["n_train"] * (r["n_train"] + 1) / 2
+        assert r["training_gram_s_estimated"] == pytest.approx(pairs / rec["kernel"]["unique_pairs_per_s"])
+        assert r["fit_share_of_gram"] == pytest.approx(r["fit_s"] / r["training_gram_s_estimated"])
