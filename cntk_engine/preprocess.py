@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import check_nonnegative
+from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
 ZCA_REG = 0.1       # relative to the mean eigenvalue: the value of Lee et al. 2020's code
@@ -51,10 +52,11 @@ def downsample(x, factor: int):
     x = _images(x, "x").astype(np.float64)
     f = int(factor)
     if f < 1:
-        raise ValueError(f"the downsampling factor must be >= 1; got {factor}")
+        raise ValueError(f"the downsampling factor ({arg('factor')}) must be >= 1; got {factor}")
     n, c, h, w = x.shape
     if h < f or w < f:
-        raise ValueError(f"the downsampling factor {f} is larger than the images ({h} x {w})")
+        raise ValueError(f"the downsampling factor ({arg('factor', f)}) is larger than the images "
+                         f"({h} x {w})")
     if f == 1:
         return x
     return x[:, :, :h - h % f, :w - w % f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))

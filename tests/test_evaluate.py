@@ -399,3 +399,14 @@ def test_store_of_a_pooling_stack(tmp_path, capsys):
     assert _results(tmp_path / "s.json") == _results(tmp_path / "plain.json")
     import zarr
     assert "ntk" in zarr.open_group(str(tmp_path / "k" / "test.zarr")).array_keys()
+
+
+@pytest.mark.parametrize("factor, msg", [
+    (0, "the downsampling factor (--downsample) must be >= 1; got 0"),
+    (99, "the downsampling factor (--downsample 99) is larger than the images"),
+])
+def test_downsample_errors_name_the_option(capsys, xy_npz, factor, msg):
+    p, _, _ = xy_npz
+    rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 4, "--n-test", 2, "--downsample",
+                        factor, *REF)
+    assert rc == 2 and msg in err and err.count("\n") == 1, err

@@ -24,8 +24,8 @@ from .common import PROG, CliError
 COMMANDS = (gram, verify, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
 #: (``gram``'s DATA is ``gram(x1, ...)``; ``--scheduler`` picks the Dask ``client``; ``--zca-reg`` is
-#: ``zca_whiten(reg=)``)
-PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg"}
+#: ``zca_whiten(reg=)``, ``--downsample`` ``downsample(x, factor)``)
+PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg", "factor": "downsample"}
 
 
 def python_options(parser: argparse.ArgumentParser) -> dict:
