@@ -702,6 +702,52 @@ def test_predict_classes_needs_2d_scores():
     with pytest.raises(ValueError, match=r"scores must be \(m, c\).*sign"):
         S.predict_classes(np.array([0.3, -0.2]))
     assert S.predict_classes([[0.1, 0.9]], ["a", "b"]).tolist() == ["b"]
+    for F, classes in ((np.zeros((5, 3)), np.arange(9)), (np.eye(5), np.arange(3))):
+        with pytest.raises(ValueError, match=rf"label of each of the {F.shape[1]} columns"):
+            S.predict_classes(F, classes)
+
+
+def test_evaluate_classifier_checks_the_labels_before_solving(rng):
+    """A y_test of the wrong shape or kind used to give a wrong accuracy without an error
+    ((20, 1) broadcast against (20,); strings never equal integers)."""
+    K, phi = psd(rng, 30)
+    y = (phi[:, 0] > 0).astype(int)
+    Kt, ytr, yte = K[20:, :20], y[:20], y[20:]
+    K = K[:20, :20]
+    good = S.evaluate_classifier(K, Kt, ytr, yte, ridge=0.1)["accuracy"]
+    assert good == S.evaluate_classifier(K, Kt, ytr.astype(float), yte, ridge=0.1)["accuracy"]
+    for args, msg in [
+        ((K, Kt, ytr, yte[:, None]), r"y_test must be 1-D, one label per sample \(10,\); got shape \(10, 1\)"),
+        ((K, Kt, ytr, yte[:1]), r"y_test must be 1-D.*got shape \(1,\)"),
+        ((K, Kt, ytr, yte.astype(str)), r"y_test holds strings \(<U21\) but the training labels numbers"),
+        ((K, Kt, ytr, np.where(yte, np.nan, 1.0)), "y_test must be finite"),
+        ((K, Kt, np.r_[ytr[:-1], np.nan], yte), "y_train must be finite"),
+        ((K, Kt, ytr[:15], yte), r"y_train must be 1-D, one label per sample \(20,\)"),
+        ((K, Kt[:, :19], ytr, yte), r"K_test must be \(m, n\) = \(test samples, 20 training"),
+        ((K[:, :19], Kt, ytr, yte), r"K must be the square \(n, n\) training Gram"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            S.evaluate_classifier(*args, ridge=0.1)
+
+
+def test_paths_groups_and_text_are_refused_as_matrices(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    K, _ = psd(rng, 6)
+    g = zarr.open_group(str(tmp_path / "k.zarr"), mode="w")
+    g.create_array("ntk", shape=K.shape, dtype="f8")[...] = K
+    Y = np.eye(6)[:, :2]
+    assert S.select_ridge(g["ntk"], Y).ridge == S.select_ridge(K, Y).ridge
+    for bad, msg in [(str(tmp_path / "k.zarr"), r"K is a path \('.*k.zarr'\); pass the matrix: "
+                      "solver.load_gram"),
+                     (tmp_path / "k.zarr", "K is a path"),
+                     (g, r"K is a zarr.Group \(arrays \['ntk'\]\); pass one of its arrays"),
+                     (np.full((6, 6), "a"), "K must hold numbers"),
+                     ([[1.0, 2.0], [3.0]], "K must be an array of numbers")]:
+        with pytest.raises(ValueError, match=msg):
+            S.select_ridge(bad, Y)
+    for ridges in ("auto", None, [[1.0, 2.0]], []):
+        with pytest.raises(ValueError, match=r"ridges must be a non-empty 1-D list.*select_ridge\(ridges=None\)"):
+            S.loo(K, Y, ridges)
 
 
 # ----------------------------------------------------------------------------- complex input

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..arrays import DEVICES, cupy_module, is_cupy, to_host
 from ..inputs import check_nonnegative
-from ..jobs.store import load_gram
+from ..jobs.store import kernel_arrays, load_gram
 
 log = logging.getLogger("cntk_engine")
 
@@ -50,10 +51,23 @@ def as_float64_private(xp, a, dtype=np.float64, name: str = "input", workspace: 
     (a dtype conversion of an array, a host <-> GPU transfer, a Zarr load), which the solver
     may then overwrite; False when it may be (a view of) the caller's data.  Complex input is
     refused (casting it would silently drop the imaginary part)."""
+    if isinstance(a, (str, bytes, os.PathLike)):
+        raise ValueError(f"{name} is a path ({os.fsdecode(a)!r}); pass the matrix: "
+                         f"solver.load_gram(path) reads a Gram store's kernel (key='nngp', "
+                         "'depth_11/ntk', ... when it holds several)")
+    if is_zarr(a) and not hasattr(a, "dtype"):          # a zarr.Group: which array is meant?
+        raise ValueError(f"{name} is a zarr.Group (arrays {kernel_arrays(a)}); pass one of "
+                         "its arrays, e.g. group['ntk'], or solver.load_gram(group, key=...)")
     dt = getattr(a, "dtype", None)
     if dt is None and not is_cupy(a):
-        a = np.asarray(a)
+        try:
+            a = np.asarray(a)
+        except Exception as e:  # noqa: BLE001 - ragged lists, objects, ...
+            raise ValueError(f"{name} must be an array of numbers; converting it failed: {e}") from None
         dt = a.dtype
+    if np.dtype(dt).kind not in "biufc":
+        raise ValueError(f"{name} must hold numbers (a NumPy or CuPy array, or a zarr.Array); got "
+                         f"dtype {np.dtype(dt)}")
     if dt is not None and np.dtype(dt).kind == "c":
         raise ValueError(f"{name} is complex ({np.dtype(dt)}); a kernel matrix and its targets must "
                          "be real (pass the real part explicitly if that is what is meant)")

@@ -20,7 +20,8 @@ from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, block_rows, check_gram, check_ridge,
                      check_targets, eigh, ridge_scale, scalar, spectrum_problem, xp_for)
 from .ridge import fit_ridge
-from .targets import accuracy, class_indices, one_hot, paper_targets, predict_classes
+from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
+                      predict_classes)
 
 log = logging.getLogger("cntk_engine")
 
@@ -59,9 +60,16 @@ def _labels_vector(labels, n: int, k: int, one_d: bool = False):
 
 
 def _ridges(ridges) -> np.ndarray:
-    r = np.atleast_1d(np.asarray(ridges, dtype=np.float64))
+    what = ("ridges must be a non-empty 1-D list of numbers >= 0 (absolute: "
+            "select_ridge(ridges=None) chooses from RELATIVE_RIDGE_GRID x mean(diag K))")
+    if ridges is None or isinstance(ridges, (str, bytes)):
+        raise ValueError(f"{what}; got {ridges!r}")
+    try:
+        r = np.atleast_1d(np.asarray(ridges, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}; got {ridges!r}") from None
     if r.ndim != 1 or r.size == 0:
-        raise ValueError(f"ridges must be a non-empty 1-D list of numbers >= 0; got {ridges!r}")
+        raise ValueError(f"{what}; got {ridges!r}")
     for v in r:
         check_ridge(v, "every ridge")
     return r
@@ -357,6 +365,10 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
 
 
 
+def _shape(a) -> tuple:
+    return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
+
+
 def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper",
                         groups=None) -> dict:
     """Test accuracy of kernel regression as a classifier, with its ridge.
@@ -376,11 +388,19 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
         raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {targets!r}")
     if not (isinstance(ridge, str) and ridge == "auto"):
         ridge = check_ridge(ridge)
+    shape, shape_test = _shape(K), _shape(K_test)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"K must be the square (n, n) training Gram; got shape {shape}")
+    n_train = shape[0]
+    y_train = check_labels(y_train, n_train, "y_train")
+    if len(shape_test) != 2 or shape_test[1] != n_train:
+        raise ValueError(f"K_test must be (m, n) = (test samples, {n_train} training samples); "
+                         f"got shape {shape_test}")
+    y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     enc = paper_targets if targets == "paper" else one_hot
     Y, classes = enc(y_train)
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
-    y_test = to_host(y_test)
     out = {}
     if ridge == "auto":
         sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo")
@@ -394,7 +414,7 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
         out.update(ridge_relative=ridge)
 
     def test_accuracy(sol) -> float:
-        return float(np.mean(predict_classes(sol.predict(K_test), classes) == y_test))
+        return accuracy(predict_classes(sol.predict(K_test), classes), y_test)
 
     sol = fit_ridge(K, Y, lam)
     out.update(accuracy=test_accuracy(sol), ridge_absolute=lam, jitter=sol.jitter)

@@ -44,6 +44,26 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
     return Y, classes
 
 
+def label_kind(y) -> str:
+    """"numbers", "strings" or "objects": labels of different kinds never compare equal."""
+    kind = np.asarray(y).dtype.kind
+    return "numbers" if kind in "biuf" else "strings" if kind in "US" else "objects"
+
+
+def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
+    """``y`` as a 1-D host array of ``n`` finite labels; with ``like`` (other labels, e.g. the
+    training labels), of the same kind as those (numbers, strings): a ValueError naming
+    ``what`` otherwise."""
+    y = to_host(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{what} must be 1-D, one label per sample ({n},); got shape {y.shape}")
+    _check_finite_labels(y, what)
+    if like is not None and label_kind(y) != label_kind(like):
+        raise ValueError(f"{what} holds {label_kind(y)} ({y.dtype}) but the training labels "
+                         f"{label_kind(like)} ({np.asarray(like).dtype}): no label could match")
+    return y
+
+
 def _check_finite_labels(y, what: str) -> None:
     if y.dtype.kind in "fc":
         bad = ~np.isfinite(y)
@@ -61,12 +81,16 @@ def paper_targets(y, classes=None):
 
 
 def predict_classes(F, classes=None):
-    """Argmax over the columns of scores ``F`` (m, c); mapped through ``classes`` if given."""
+    """Argmax over the columns of scores ``F`` (m, c); mapped through ``classes`` (c labels, one
+    per column) if given."""
     xp = get_array_module(F)
     F = F if is_cupy(F) else np.asarray(F)
     if F.ndim != 2:
         raise ValueError(f"scores must be (m, c), one column per class; got shape {tuple(F.shape)}"
                          ". For 1-D +-1 targets the predicted class is the sign: np.sign(scores)")
+    if classes is not None and np.shape(classes) != (F.shape[1],):
+        raise ValueError(f"classes must be the label of each of the {F.shape[1]} columns of the "
+                         f"scores; got shape {np.shape(classes)}")
     idx = xp.argmax(F, axis=1)
     idx = to_host(idx)
     return idx if classes is None else np.asarray(classes)[idx]
