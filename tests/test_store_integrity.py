@@ -193,6 +193,47 @@ def test_cli_probe_resume_and_verify(finished, tmp_path, cifar, capsys):
     assert rc == 0 and "every finished tile is intact" in o and "runs: 2" in o
 
 
+def test_verify_reports_an_unreadable_done_marker(finished, tmp_path, cifar, capsys):
+    """A done marker of random bytes: its tile counts as not done, and verify says so (exit 1)
+    instead of reporting the store intact; resuming computes that tile again."""
+    np.save(tmp_path / "x.npy", cifar)
+    out = copy_of(finished, tmp_path)
+    (out / "tiles_done" / "c" / "3" / "4").write_bytes(os.urandom(30))
+    r = store_mod.verify_store(out)
+    assert not r.ok and r.tiles_finished == 20 and r.damaged_tiles == [(3, 4)]
+    assert r.damage[0].array == "tiles_done" and r.damage[0].chunk == "tiles_done/c/3/4"
+    rc, o, e = run(capsys, "verify", out)
+    assert rc == 1 and "20 of 21 tiles done" in o and "DAMAGED tile (3, 4) of array 'tiles_done'" in o
+    assert "the done marker of 1 tile cannot be read" in o and "intact" not in o
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
+                   "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume", "--no-progress")
+    assert rc == 0 and "computed 1 of 21 tiles" in o, (o, e)
+    assert run(capsys, "verify", out)[0] == 0
+
+
+def test_damaged_array_metadata_is_named(finished, tmp_path, cifar, capsys):
+    """An array's zarr.json of garbage: verify and --resume name the store and the file (it was
+    "Expecting value: line 1 column 1 (char 0)"), and nothing is written."""
+    np.save(tmp_path / "x.npy", cifar)
+    out = copy_of(finished, tmp_path)
+    (out / "nngp" / "zarr.json").write_text("garbage")
+    snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StoreCorrupt, match=r"is damaged: the metadata of 'nngp' \(nngp/zarr.json: "
+                                           "JSONDecodeError"):
+        store_mod.verify_store(out)
+    rc, o, e = run(capsys, "verify", out)
+    assert rc == 2 and f"{str(out)!r} is damaged: the metadata of 'nngp'" in e and e.count("\n") == 1
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
+                   "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume", "--no-progress")
+    assert rc == 2 and f"--out {str(out)!r} is damaged: the metadata of 'nngp' (nngp/zarr.json" in e, e
+    assert "move the store away" in e
+    shutil.rmtree(out / "tiles_checksum")
+    with pytest.raises(StoreCorrupt, match=r"\['tiles_checksum'\] are missing; the metadata of 'nngp'"):
+        store_mod.verify_store(out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "tiles_checksum" not in
+            p.parts} == {p: b for p, b in snap.items() if "tiles_checksum" not in p.parts}
+
+
 def test_cli_verify_errors_are_one_line(tmp_path, capsys):
     rc, o, e = run(capsys, "verify", tmp_path / "none.zarr")
     assert rc == 2 and "does not exist" in e and e.count("\n") == 1

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..jobs.store import add_checksums, verify_store
+    from ..jobs.store import DONE, add_checksums, verify_store
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
@@ -60,10 +60,15 @@ def run(args) -> int:
               f"{format_bytes(r.bytes_read)} read in {r.seconds:.3g} s{rate}")
         for d in r.damage:
             print(f"DAMAGED {d}")
-        if r.damage:
-            print(f"{len(r.damaged_tiles)} of {r.tiles_finished} finished tiles fail verification; "
+        markers = {d.tile for d in r.damage if d.array == DONE}
+        data = {d.tile for d in r.damage if d.array != DONE}
+        if data:
+            print(f"{len(data)} of {r.tiles_finished} finished tiles fail verification; "
                   "resuming the gram job (--resume) computes exactly these again")
-        else:
+        if markers:
+            print(f"the done marker of {plural(len(markers), 'tile')} cannot be read: counted as not "
+                  "done, resuming the gram job (--resume) computes them again")
+        if not r.damage:
             print("every finished tile is intact")
         status = 1 if r.damage else 0
     last = r.runs[-1] if r.runs else None

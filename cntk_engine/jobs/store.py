@@ -712,22 +712,32 @@ def read_done(path, arr, *, warn: bool = True) -> np.ndarray:
     """The ``tiles_done`` map of the store at ``path``.  A marker chunk that cannot be read or
     decoded (a truncated or emptied file) counts as 0, "not done", so its tile is computed again;
     with ``warn`` a warning names the store and each such tile."""
+    done, unreadable = _read_done_markers(arr)
+    if warn:
+        for d in unreadable:
+            log.warning("store %s: the done marker of tile %s (%s) %s", path, d.tile, d.chunk, d.why)
+    return done
+
+
+def _read_done_markers(arr) -> tuple[np.ndarray, list]:
+    """(the ``tiles_done`` map, a :class:`Damage` for each marker chunk that cannot be read: its
+    tile counts as not done)."""
     try:
-        return np.asarray(arr[...])
+        return np.asarray(arr[...]), []
     except Exception:  # noqa: BLE001 - one damaged chunk: find it, chunk by chunk (a rare path)
         pass
     done = np.zeros(arr.shape, dtype=np.int32)
+    unreadable = []
     for i in range(arr.shape[0]):
         for j in range(arr.shape[1]):
             try:
                 done[i, j] = int(arr[i, j])
             except Exception as e:  # noqa: BLE001
-                if warn:
-                    log.warning("store %s: the done marker of tile (%d, %d) (%s/%s) cannot be read "
-                                "(%s: %s); the tile counts as not done and will be computed again",
-                                path, i, j, DONE, arr.metadata.encode_chunk_key((i, j)),
-                                type(e).__name__, e)
-    return done
+                unreadable.append(Damage(
+                    (i, j), DONE, f"{DONE}/{arr.metadata.encode_chunk_key((i, j))}",
+                    f"cannot be read ({type(e).__name__}: {e}); the tile counts as not done and "
+                    "will be computed again"))
+    return done, unreadable
 
 
 def _read_checksums(arr) -> tuple[np.ndarray, np.ndarray]:
@@ -923,9 +933,7 @@ class GramStore:
                                 + f". Nothing was written; use another {arg('out')} path for this "
                                 "job")
         g = zarr.open_group(str(path), mode="r")
-        missing = [n for n in _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS] if n not in g]
-        if missing:
-            raise StoreError(f"{arg('out', str(path))} is damaged: {missing} are missing")
+        _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS], arg("out", str(path)))
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
         n_all = len(cls._expected_tiles(stored))
         if not resume:
@@ -1233,6 +1241,24 @@ def _open_store_group(path):
     return path, zarr.open_group(str(path), mode="r"), stored
 
 
+def _check_arrays(path, g, names, what: str) -> None:
+    """StoreCorrupt naming each of the arrays ``names`` of the store's group ``g`` that is
+    missing or whose metadata cannot be read (``what``: how the message names the store)."""
+    missing, unreadable = [], []
+    for name in names:
+        try:
+            g[name]
+        except KeyError:
+            missing.append(name)
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json: name it
+            unreadable.append(f"{name!r} ({name}/zarr.json: {type(e).__name__}: {e})")
+    why = ([f"{missing} are missing"] if missing else []) + (
+        [f"the metadata of {', '.join(unreadable)} cannot be read"] if unreadable else [])
+    if why:
+        raise StoreCorrupt(f"{what} is damaged: {'; '.join(why)}. Without them its tiles cannot "
+                           "be read or verified: move the store away and compute the job again")
+
+
 def verify_store(path, *, workers: int | None = None) -> VerifyReport:
     """Check a Gram store without computing anything: every chunk of every finished tile must
     decode and match its recorded checksum.  Returns a :class:`VerifyReport`; raises
@@ -1240,21 +1266,20 @@ def verify_store(path, *, workers: int | None = None) -> VerifyReport:
     ``workers``: reading threads (default: up to 8, one per core)."""
     path, g, spec = _open_store_group(path)
     version = spec.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise StoreError(_format_error(path, spec))
+    _check_arrays(path, g, _spec_arrays(spec) + [DONE] + ([CHECKSUMS] if version == FORMAT_VERSION
+                                                           else []), repr(str(path)))
     tiles = GramStore._expected_tiles(spec)
-    done = read_done(path, g[DONE], warn=False) if DONE in g else np.zeros(tuple(spec["grid"]), np.int32)
+    done, unreadable = _read_done_markers(g[DONE])
     n_done = sum(1 for t in tiles if done[t.i, t.j] != 0)
     report = VerifyReport(str(path), version, len(tiles), n_done, version == FORMAT_VERSION, [],
                           runs=list_runs(g))
-    if version not in (1, FORMAT_VERSION):
-        raise StoreError(_format_error(path, spec))
     if version == FORMAT_VERSION:
-        missing = [n for n in _spec_arrays(spec) + [CHECKSUMS] if n not in g]
-        if missing:
-            raise StoreCorrupt(f"{str(path)!r} is damaged: {missing} are missing")
         t0 = time.perf_counter()
         scan = _scan(path, g, spec, done, workers=workers)
         report.seconds = time.perf_counter() - t0
-        report.damage, report.bytes_read = scan.damage, scan.bytes
+        report.damage, report.bytes_read = unreadable + scan.damage, scan.bytes
         report.claims = sorted(Claims(path, CLAIM_TIMEOUT, {}).scan().values(), key=lambda c: c.tile)
     return report
 
@@ -1277,9 +1302,7 @@ def add_checksums(path, *, workers: int | None = None) -> dict:
         raise StoreError(_format_error(path, spec))
     g = zarr.open_group(str(path), mode="r+")
     names = _spec_arrays(spec)
-    missing = [n for n in names + [DONE] if n not in g]
-    if missing:
-        raise StoreCorrupt(f"{str(path)!r} is damaged: {missing} are missing")
+    _check_arrays(path, g, names + [DONE], repr(str(path)))
     t = int(spec["tile"])
     symmetric = bool(spec["symmetric"])
     layout = TileLayout(spec["n1"], spec["n2"], t, symmetric)
