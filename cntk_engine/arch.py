@@ -314,8 +314,8 @@ class Architecture:
             c = as_integer(self.lap_window)
             if not is_int(c) or c < 1:
                 raise ValueError(f"{arg('pooling', 'lap')} needs {arg('lap_window')} = c, a positive "
-                                 "integer (the c x c circular average pool before the readout); "
-                                 f"got {self.lap_window!r}")
+                                 "integer (the c x c circular average pool before the readout)"
+                                 + ("" if self.lap_window is None else f"; got {self.lap_window!r}"))
             object.__setattr__(self, "lap_window", c)
         elif self.lap_window is not None:
             raise ValueError(f"{arg('lap_window', self.lap_window)} belongs to {arg('pooling', 'lap')}; "
@@ -518,6 +518,10 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
             raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}")
         ds = tuple(depths)
+        bad = [d for d in ds if not is_int(as_integer(d)) or as_integer(d) < 2]
+        if bad:
+            raise ValueError(f"{arg('depths')} must be a list of integers >= 2 (conv layers + 1, as "
+                             f"in the paper); got {list(ds)}")
     return Architecture(depths=ds, **kw)
 
 

@@ -304,3 +304,32 @@ def test_spelling_of_arguments_in_python_and_on_the_command_line():
                 raise ValueError
         assert arg("tile", 0) == "--tile 0"
     assert arg("tile", 0) == "tile=0"
+
+
+def test_global_options_also_after_the_command(tmp_path, data, capsys):
+    """--debug, -q, -v work before and after the command (a traceback with --debug)."""
+    for argv in (["--debug", "gram"], ["gram", "--debug"]):
+        with pytest.raises(ValueError, match="--depths must be a list of integers >= 2"):
+            cli.main([*argv, str(tmp_path / "x.npy"), "--depths", "0,3", "--out", str(tmp_path / "o.zarr")])
+    rc = cli.main(["gram", str(tmp_path / "x.npy"), "--depth", "2", "--out", str(tmp_path / "o.zarr"),
+                   "--backend", "numba", "-q", "--no-progress"])
+    _, err = capsys.readouterr()
+    assert rc == 0 and "INFO" not in err, err
+    args = cli.build_parser().parse_args(["-q", "verify", "s.zarr"])
+    assert args.quiet and not args.debug and not args.verbose
+
+
+@pytest.mark.parametrize("depths, msg", [
+    ("3,,4", "--depths must be comma-separated integers, e.g. 3,4,6,11; got '3,,4'"),
+    ("3,4,", "got '3,4,'"),
+    ("0", "--depths must be a list of integers >= 2 (conv layers + 1, as in the paper); got [0]"),
+])
+def test_depth_lists_with_empty_or_small_items_are_refused(tmp_path, data, capsys, depths, msg):
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depths", depths, "--out", tmp_path / "o.zarr")
+    assert rc == 2 and msg in e, e
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--devices", "0,,1", "--out",
+                   tmp_path / "o.zarr")
+    assert rc == 2 and "--devices must be comma-separated integers, e.g. 0,1" in e, e
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--pooling", "lap", "--out",
+                   tmp_path / "o.zarr")
+    assert rc == 2 and "--pooling 'lap' needs --lap-window" in e and "None" not in e, e

@@ -227,6 +227,8 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),
     (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--store", "xy.npz"), "exists and is not a folder"),
+    (("--depth", 3, "--zca-reg", "0.5"), "--zca-reg belongs to --zca (--preprocess zca); got "
+     "--preprocess standardize"),
 ])
 def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, args, msg):
     """Checked first: a --json path in a missing folder used to fail after all the kernels."""
@@ -410,3 +412,17 @@ def test_downsample_errors_name_the_option(capsys, xy_npz, factor, msg):
     rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 4, "--n-test", 2, "--downsample",
                         factor, *REF)
     assert rc == 2 and msg in err and err.count("\n") == 1, err
+
+
+def test_a_store_of_another_run_is_refused_naming_store_and_why(tmp_path, capsys, xy_npz):
+    p, _, _ = xy_npz
+    st = tmp_path / "k"
+    rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 8, "--n-test", 4, "--store", st, *REF)
+    assert rc == 0, err
+    rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 8, "--n-test", 4, "--store", st,
+                        "--resume", "--seed", 1, *REF)
+    assert rc == 2 and f"--store {str(st)!r}: train.zarr holds the kernels of another run: images x1" in err
+    assert "--seed" in err and "out=" not in err and err.count("\n") == 1, err
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 8, "--n-test", 4, "--store", st,
+                        "--resume", *REF)
+    assert rc == 2 and "architecture.depths: store has [2], this job [3]" in err and "--seed" not in err

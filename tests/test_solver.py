@@ -797,6 +797,13 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
         S.load_gram(a, workspace=3)
     with pytest.raises(ValueError, match="device must be one of"):
         S.load_gram(a, device="tpu")
+    for bad in (-5, 0, "1GB", 2.5e9, True):
+        with pytest.raises(ValueError, match=r"max_memory must be a positive number of bytes"):
+            S.load_gram(a, max_memory=bad)
+    for bad in (-1, float("nan"), "3", None):
+        with pytest.raises(ValueError, match=r"workspace must be a number >= 0"):
+            S.load_gram(a, workspace=bad)
+    np.testing.assert_array_equal(S.load_gram(a, max_memory=np.int64(10 * nb), workspace=0), K)
     # a zarr.Array given to the solver is loaded with the workspace of that solver: a Cholesky
     # needs ~1.1 K, an eigendecomposition (LOO) ~3.1 K
     monkeypatch.setattr(store, "available_memory", lambda: int(2.5 * nb))

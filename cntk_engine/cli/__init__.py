@@ -41,17 +41,25 @@ def python_options(parser: argparse.ArgumentParser) -> dict:
     return options
 
 
+def add_global_options(parser: argparse.ArgumentParser, default=False) -> None:
+    """-v / -q / --debug: before the command (``default`` False) and after it (``default``
+    SUPPRESS, so that a command line without them keeps what was given before the command)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings only")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks of errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_global_options(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.set_defaults(python_options=python_options(parser))
+        add_global_options(parser, default=argparse.SUPPRESS)
     return ap
 
 

@@ -77,8 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "on the training images (Lee et al. 2020); none: as stored")
     pre.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
                      help="the same as --preprocess zca (not together with --preprocess)")
-    p.add_argument("--zca-reg", type=float, default=ZCA_REG, metavar="R",
-                   help=f"ZCA regulariser, relative to the mean eigenvalue (default {ZCA_REG})")
+    p.add_argument("--zca-reg", type=float, default=None, metavar="R",
+                   help=f"ZCA regulariser, relative to the mean eigenvalue (with --zca; default "
+                   f"{ZCA_REG})")
     p.add_argument("--augment-flips", action="store_true",
                    help="train on the training images and their horizontal flips (twice the "
                    "training set; leave-one-out leaves each image out with its flip; --flip "
@@ -250,13 +251,22 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
     (ntk, nngp) for kernel "both"): computed in memory without ``store``; with it, into the
     Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job, refused if it
     holds another) and read back from it, every chunk checked against its checksum."""
-    from ..jobs.store import StorePath, array_names, load_gram
+    from ..jobs.store import StoreMismatch, StorePath, array_names, load_gram
     if store is None:
         result, info = gram(x1, x2, **opts, return_info=True)
         return (result if isinstance(result, dict) else {depths[0]: result}), info
     store.mkdir(exist_ok=True)
-    group, info = gram(x1, x2, **opts, return_info=True,
-                       out=StorePath(store / KERNEL_STORES[which], existing="resume"))
+    try:
+        group, info = gram(x1, x2, **opts, return_info=True,
+                           out=StorePath(store / KERNEL_STORES[which], existing="resume"))
+    except StoreMismatch as e:
+        images = any(d.startswith("images") for d in e.differences)
+        raise CliError(
+            f"--store {str(store)!r}: {KERNEL_STORES[which]} holds the kernels of another run: "
+            + "; ".join(e.differences) + ". Nothing was written"
+            + ("; the images differ when DATA, --n-train, --n-test, --seed, --preprocess / --zca "
+               "(and --zca-reg), --downsample or --augment-flips do" if images else "")
+            + ". Give another --store folder for this run") from None
     names = array_names(depths, opts["kernel"])
     picked = ("ntk", "nngp") if opts["kernel"] == "both" else (opts["kernel"],)
     out = {}
@@ -294,6 +304,10 @@ def run(args) -> int:
     from ..api import gram
     ridge = parse_ridge(args.ridge)
     # every option error before the data is read and the kernels computed
+    if args.zca_reg is not None and args.preprocess != "zca":
+        raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
+                       f"{args.preprocess}")
+    zca_reg = ZCA_REG if args.zca_reg is None else args.zca_reg
     opts, arch = gram_options(args)
     depths = list(arch.depths)
     if arch.layers is None:
@@ -307,7 +321,7 @@ def run(args) -> int:
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
-    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=args.zca_reg)
+    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg)
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
@@ -357,7 +371,7 @@ def run(args) -> int:
                    downsample=args.downsample, preprocess=args.preprocess,
                    seed=args.seed, architecture=args.architecture, depths=depths, kernel=kernel,
                    pooling=args.pooling, lap_window=args.lap_window, flip=args.flip,
-                   zca_reg=args.zca_reg if args.preprocess == "zca" else None,
+                   zca_reg=zca_reg if args.preprocess == "zca" else None,
                    augment_flips=args.augment_flips, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,

@@ -87,7 +87,7 @@ def run(args) -> int:
     opts, _ = gram_options(args)
     devices = None
     if args.devices is not None:
-        devices = "all" if args.devices == "all" else int_list(args.devices, "--devices")
+        devices = "all" if args.devices == "all" else int_list(args.devices, "--devices", "0,1")
     out = Path(args.out)
     together = args.resume or args.join
     # before any work: a path that holds something else than a store is refused as such (no

@@ -103,6 +103,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -143,7 +144,12 @@ class StoreError(ValueError):
 
 
 class StoreMismatch(StoreError):
-    """The store at ``out=`` belongs to another job."""
+    """The store at ``out=`` belongs to another job; ``differences``: what differs, one line
+    per field ("architecture.depths: store has [3], this job [4]")."""
+
+    def __init__(self, message: str, differences=()):
+        super().__init__(message)
+        self.differences = list(differences)
 
 
 class StoreExists(StoreError):
@@ -931,7 +937,7 @@ class GramStore:
         if diffs:
             raise StoreMismatch(f"{arg('out', str(path))} holds another job: " + "; ".join(diffs)
                                 + f". Nothing was written; use another {arg('out')} path for this "
-                                "job")
+                                "job", diffs)
         g = zarr.open_group(str(path), mode="r")
         _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS], arg("out", str(path)))
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
@@ -1443,6 +1449,14 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     :class:`StoreCorrupt` names the first failing tile; a format-1 store (no checksums) is
     read with a warning that it cannot be verified."""
     zarr = require_zarr()
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(
+            max_memory, (int, np.integer)) or max_memory <= 0):
+        raise ValueError("max_memory must be a positive number of bytes (an int, e.g. 8 * 2**30) "
+                         f"or None (the available memory); got {max_memory!r}")
+    if isinstance(workspace, bool) or not isinstance(workspace, (int, float, np.number)) or \
+            not math.isfinite(workspace) or workspace < 0:
+        raise ValueError("workspace must be a number >= 0 (copies of K the solve needs beyond it); "
+                         f"got {workspace!r}")
     where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).exists():
