@@ -170,6 +170,11 @@ class _CNTKBase(BaseEstimator):
                 nd = 2
         with_y = y is not None or reset
         kw = dict(dtype=[np.float64, np.float32], **(y_kw or {}))
+        if nd is not None and nd > 4:          # 0-D and 1-D: scikit-learn words it ("Reshape your data")
+            raise ValueError(f"X must be images (N, C, H, W) (or (N, H, W, C) with "
+                             f"data_format='NHWC'), single-channel images (N, H, W), or flattened "
+                             f"images (N, C*H*W) with image_shape; got a {nd}-D array of shape "
+                             f"{tuple(np.shape(X))}")
         if nd in (3, 4):
             if self._tabular():
                 raise ValueError(f"image_shape='features' is for 2-D tabular X (N, F); got a "
@@ -186,7 +191,10 @@ class _CNTKBase(BaseEstimator):
             if self.image_shape is not None and shape != self._param_shape():
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape} but image_shape "
                                  f"says {self._param_shape()}")
-            flat = arr.reshape(arr.shape[0], -1)
+            if not reset and shape != self.image_shape_:     # before scikit-learn's feature count
+                raise ValueError(f"X holds images of shape (C, H, W) = {shape}; this estimator was "
+                                 f"fitted on {self.image_shape_}")
+            flat = arr.reshape(arr.shape[0], int(np.prod(shape)))
             out = _validate_data(self, flat, y, reset=reset, **kw) if with_y else \
                 _validate_data(self, flat, reset=reset, **kw)
         else:

@@ -183,6 +183,14 @@ def test_params_clone_and_errors(mnist10):
     with pytest.raises(ValueError, match=r"fitted on \(1, 10, 10\)"):
         # same number of pixels, another image shape
         fitted.predict(xte[:, :, :, :].reshape(40, 1, 10, 10).reshape(40, 2, 5, 10))
+    with pytest.raises(ValueError, match=r"X holds images of shape \(C, H, W\) = \(1, 8, 8\); this "
+                                         r"estimator was fitted on \(1, 10, 10\)"):
+        fitted.predict(xte[:, :, :8, :8])          # another pixel count: not scikit-learn's words
+    with pytest.raises(ValueError, match=r"Found array with 0 sample"):
+        fitted.predict(xte[:0])
+    for X in (xtr[:12, None], xte[:3, None]):
+        with pytest.raises(ValueError, match=r"X must be images \(N, C, H, W\).*got a 5-D array"):
+            (CNTKClassifier(**ARCH).fit(X, ytr[:12]) if len(X) == 12 else fitted.predict(X))
 
 
 def test_default_layout_refuses_channels_last_as_gram_does(monkeypatch):
