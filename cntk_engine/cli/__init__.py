@@ -8,8 +8,10 @@ declared once in :mod:`.common`.
 
 Errors (bad paths, unreadable or wrongly shaped data, out-of-range numbers, a store of another
 job, an unreachable scheduler, running out of memory) are reported as one line on stderr with
-exit status 2 (``--debug`` shows the traceback); Ctrl-C exits with 130 and the store keeps every
-finished tile.  ``verify`` exits with 1 when a store fails verification.
+exit status 2 (``--debug`` shows the traceback), naming the options as typed (the library's own
+checks too: :mod:`cntk_engine.spelling`); Ctrl-C exits with 130 and the store keeps every
+finished tile.  ``verify`` exits with 1 when a store fails verification.  ``-v`` / ``-q`` /
+``--debug`` go before or after the command.
 """
 from __future__ import annotations
 
