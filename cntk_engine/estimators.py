@@ -253,7 +253,7 @@ class _CNTKBase(BaseEstimator):
         self.zca_ = None
         if self.preprocess == "zca":
             from .preprocess import fit_zca
-            self.zca_ = fit_zca(imgs, reg=self.zca_reg)
+            self.zca_ = fit_zca(imgs, reg=self.zca_reg, data_format="NCHW")
             imgs = self.zca_.transform(imgs)
         if self.augment_flips:
             from .preprocess import with_flips

@@ -8,6 +8,9 @@
 * :func:`with_flips`: a training set and its horizontal flips (``augment_flips``).
 
 Images are (N, C, H, W) (``zca_whiten`` takes ``data_format="NHWC"`` too); results are float64.
+The default layout, ``data_format=None``, reads NCHW and refuses shapes that look channels-last
+(CIFAR's (N, 32, 32, 3)), as :func:`cntk_engine.gram` does: pass ``data_format="NCHW"`` for
+images that really have that shape.
 """
 from __future__ import annotations
 
@@ -15,28 +18,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .inputs import check_nonnegative
+from .inputs import check_nonnegative, refuse_channels_last
 from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
 ZCA_REG = 0.1       # relative to the mean eigenvalue: the value of Lee et al. 2020's code
 
 
-def _images(x, name: str) -> np.ndarray:
+def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
+    """``x`` as (N, C, H, W) images: ``data_format`` None (NCHW, refusing channels-last
+    shapes), "NCHW" or "NHWC" (transposed)."""
+    if data_format not in (None, "NCHW", "NHWC"):
+        raise ValueError(f"data_format must be None, 'NCHW' or 'NHWC'; got {data_format!r}")
     x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"{name} must be images (N, C, H, W); got shape {x.shape}")
-    return x
+    if data_format is None:
+        refuse_channels_last(x.shape, name)
+    return np.moveaxis(x, -1, 1) if data_format == "NHWC" else x
 
 
-def standardize(x_train, x_test=None):
+def standardize(x_train, x_test=None, *, data_format: str | None = None):
     """``(x - mean) / std`` per channel, mean and std over the training images (a channel with
-    std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given)."""
-    a = _images(x_train, "x_train").astype(np.float64)
+    std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given), NCHW."""
+    a = _images(x_train, "x_train", data_format).astype(np.float64)
     mean = a.mean(axis=(0, 2, 3), keepdims=True)
     std = a.std(axis=(0, 2, 3), keepdims=True)
     std = np.where(std > 0, std, 1.0)
-    b = None if x_test is None else (_images(x_test, "x_test").astype(np.float64) - mean) / std
+    b = None if x_test is None else (_images(x_test, "x_test", data_format).astype(np.float64)
+                                     - mean) / std
     return (a - mean) / std, b
 
 
@@ -46,10 +56,10 @@ def scale(x):
     return x / 255.0 if x.dtype.kind in "biu" else x.astype(np.float64)
 
 
-def downsample(x, factor: int):
-    """F x F average pooling (stride F) over H and W; rows and columns beyond the last full
-    window are dropped."""
-    x = _images(x, "x").astype(np.float64)
+def downsample(x, factor: int, *, data_format: str | None = None):
+    """F x F average pooling (stride F) over H and W of NCHW images; rows and columns beyond the
+    last full window are dropped."""
+    x = _images(x, "x", data_format).astype(np.float64)
     f = int(factor)
     if f < 1:
         raise ValueError(f"the downsampling factor ({arg('factor')}) must be >= 1; got {factor}")
@@ -76,8 +86,7 @@ class ZCAWhitening:
     image_shape: tuple        # (C, H, W) of the training images
 
     def transform(self, x) -> np.ndarray:
-        x = np.asarray(x)
-        x = _images(x if self.data_format == "NCHW" else np.moveaxis(x, -1, 1), "x")
+        x = _images(x, "x", self.data_format)
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
                              f"on {self.image_shape}")
@@ -91,13 +100,10 @@ class ZCAWhitening:
 
 
 def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_norm: bool = True,
-            data_format: str = "NCHW") -> "ZCAWhitening":
+            data_format: str | None = None) -> "ZCAWhitening":
     """Fit the regularised ZCA whitening of :func:`zca_whiten` on ``x_train``."""
-    if data_format not in ("NCHW", "NHWC"):
-        raise ValueError(f"data_format must be 'NCHW' or 'NHWC'; got {data_format!r}")
     reg = check_nonnegative(reg, "reg", "the ZCA regulariser")
-    x = np.asarray(x_train)
-    a = _images(x if data_format == "NCHW" else np.moveaxis(x, -1, 1), "x_train")
+    a = _images(x_train, "x_train", data_format)
     if a.shape[0] == 0 or a[0].size == 0:
         raise ValueError(f"x_train must hold at least one image with C, H, W >= 1; got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -122,13 +128,15 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     scale = np.ones_like(s)
     np.divide(1.0, np.sqrt(np.maximum(s, 0.0) + lam), out=scale, where=spanned)
     return ZCAWhitening(mean=mean, std=std, matrix=(u * scale) @ u.T, layer_norm=layer_norm,
-                        data_format=data_format, reg_amount=lam, image_shape=tuple(a.shape[1:]))
+                        data_format=data_format or "NCHW", reg_amount=lam,
+                        image_shape=tuple(a.shape[1:]))
 
 
 def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool = False,
-               layer_norm: bool = True, data_format: str = "NCHW"):
+               layer_norm: bool = True, data_format: str | None = None):
     """Regularised ZCA whitening, fitted on the training images only.  Returns the whitened
-    ``(x_train, x_test)`` (``x_test`` None if not given), float64, in ``data_format``.
+    ``(x_train, x_test)`` (``x_test`` None if not given), float64, in ``data_format`` (None:
+    NCHW, refusing shapes that look channels-last; "NCHW"; "NHWC").
 
     The recipe (Lee et al. 2020, "Finite versus infinite neural networks", the preprocessing of
     their code; Shankar et al. 2020 use the same steps with an absolute regulariser):
@@ -165,20 +173,22 @@ def _unit_rows(f: np.ndarray, name: str) -> np.ndarray:
     return centred / norms[:, None]
 
 
-def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zca_reg: float = ZCA_REG):
+def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zca_reg: float = ZCA_REG,
+               data_format: str | None = None):
     """Downsample by ``factor`` (1: none), then ``how``: "standardize" (:func:`standardize`),
     "scale" (integer images / 255), "zca" (:func:`zca_whiten` with ``zca_reg``) or "none".
-    Returns float64 ``(x_train, x_test)``."""
+    Returns float64 ``(x_train, x_test)``, NCHW."""
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     integer = np.asarray(x_train).dtype.kind in "biu"
-    a, b = downsample(x_train, factor), downsample(x_test, factor)
+    a = downsample(x_train, factor, data_format=data_format)
+    b = downsample(x_test, factor, data_format=data_format)
     if how == "scale" and integer:
         return a / 255.0, b / 255.0
     if how == "standardize":
-        return standardize(a, b)
+        return standardize(a, b, data_format="NCHW")
     if how == "zca":
-        return zca_whiten(a, b, reg=zca_reg)
+        return zca_whiten(a, b, reg=zca_reg, data_format="NCHW")
     return a, b
 
 
@@ -193,5 +203,5 @@ def with_flips(x, y):
     :func:`cntk_engine.solver.loo`: the mirror of a scored image must not stay in the training
     set)."""
     from .arch import hflip
-    x = _images(x, "x")
+    x = _images(x, "x", "NCHW")
     return (np.concatenate([x, hflip(x)]), np.concatenate([y, y]), np.tile(np.arange(len(x)), 2))

@@ -10,7 +10,7 @@ import pytest
 import cntk_engine as ce
 from cntk_engine import solver
 from cntk_engine.arch import hflip
-from cntk_engine.preprocess import fit_zca, zca_whiten
+from cntk_engine.preprocess import downsample, fit_zca, standardize, zca_whiten
 from conftest import load_real
 
 FIXTURE = Path(__file__).with_name("fixtures") / "nt_recipes.npz"
@@ -188,6 +188,15 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
     assert np.array_equal(z.transform(t), b) and np.array_equal(z.transform(x), a)
     an, bn = zca_whiten(x.transpose(0, 2, 3, 1), t.transpose(0, 2, 3, 1), reg=0.05, data_format="NHWC")
     assert np.allclose(an.transpose(0, 3, 1, 2), a) and np.allclose(bn.transpose(0, 3, 1, 2), b)
+    # channels-last images are refused by the default layout, as gram refuses them (they were
+    # read as C = H channels of W x C images, a wrong whitening), and taken with NCHW explicitly
+    cl, tl = rng.standard_normal((20, 8, 8, 3)), rng.standard_normal((2, 8, 8, 3))
+    for f in (lambda: zca_whiten(cl, tl), lambda: fit_zca(cl), lambda: standardize(cl, tl),
+              lambda: downsample(cl, 2)):
+        with pytest.raises(ValueError, match=r"has shape \(20, 8, 8, 3\).*data_format='NHWC'"):
+            f()
+    assert zca_whiten(cl, tl, data_format="NCHW")[0].shape == (20, 8, 8, 3)
+    assert standardize(cl, data_format="NHWC")[0].shape == (20, 3, 8, 8)
     # a test image outside the training span keeps that part (f = 1 there)
     few = fit_zca(x[:3], reg=0.1)
     out = few.transform(t)

@@ -321,7 +321,8 @@ def run(args) -> int:
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
-    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg)
+    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg,
+                          data_format="NCHW")
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
