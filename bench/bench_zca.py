@@ -33,12 +33,17 @@ def training_images(path, n: int) -> tuple[np.ndarray, str]:
     if path is None:
         rng = np.random.default_rng(0)
         return rng.random((n, 3, 32, 32)), "random 32x32x3 images"
-    with np.load(path) as d:
-        x = d["x_train"]
+    try:
+        with np.load(path) as d:
+            x = d["x_train"]
+    except Exception as e:  # noqa: BLE001 - not an .npz, no x_train, unreadable
+        raise SystemExit(f"--data {path}: not an .npz archive holding an x_train array of numbers "
+                         f"({type(e).__name__})") from None
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if len(x) < n:
-        raise SystemExit(f"--data {path} holds {len(x)} training images; --n-train asks for {n}")
+        raise SystemExit(f"--data {path} holds {len(x)} training images; --n-train / --kernel-n "
+                         f"ask for {n}")
     x = x[:n].astype(np.float64)
     return (x / 255.0 if x.max() > 1 else x), f"the first training images of {Path(path).name}"
 
@@ -47,9 +52,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=existing_file, default=None)
     ap.add_argument("--n-train", type=int_list(2), default=[500, 5000])
-    ap.add_argument("--architecture", default="myrtle5", help="of the kernel timed beside the fit")
+    ap.add_argument("--architecture", default="myrtle5", choices=("cnn", "myrtle5", "myrtle7", "myrtle10"),
+                    help="of the kernel timed beside the fit")
     ap.add_argument("--depth", type=int_at_least(2), default=None, help="with --architecture cnn")
-    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--backend", default="numba", choices=("numba", "cuda", "reference"))
     ap.add_argument("--kernel-n", type=int_at_least(2), default=8)
     ap.add_argument("--repeats", type=int_at_least(1), default=1)
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -57,7 +63,7 @@ def main(argv=None):
     import cntk_engine as ce
     from cntk_engine.preprocess import fit_zca
 
-    x, source = training_images(args.data, max(args.n_train))
+    x, source = training_images(args.data, max(*args.n_train, args.kernel_n))
     d = int(np.prod(x.shape[1:]))
     arch = dict(architecture=args.architecture, depth=args.depth)
     xk = fit_zca(x[:args.kernel_n]).transform(x[:args.kernel_n]).astype(np.float32)
@@ -83,7 +89,7 @@ def main(argv=None):
               f"the training Gram ~{gram_s:.3g} s, the fit {100 * fit_s / gram_s:.2g}% of it")
     return save_result(args.out_dir, "zca", {
         "images": f"{source}, (C, H, W) = {tuple(x.shape[1:])}, d = {d}",
-        "kernel": {**arch, "backend": args.backend, "n": args.kernel_n, "dtype": "float32",
+        "kernel": {**arch, "backend": args.backend, "n": len(xk), "dtype": "float32",
                    "unique_pairs_per_s": rate},
         "results": rows})
 

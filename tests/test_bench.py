@@ -1207,3 +1207,7 @@ def test_bench_zca_records_the_fit_beside_the_kernel(tmp_path):
         pairs = r["n_train"] * (r["n_train"] + 1) / 2
         assert r["training_gram_s_estimated"] == pytest.approx(pairs / rec["kernel"]["unique_pairs_per_s"])
         assert r["fit_share_of_gram"] == pytest.approx(r["fit_s"] / r["training_gram_s_estimated"])
+    # the kernel is timed on --kernel-n images also when the training sets are smaller
+    rec = bench_zca.main(["--n-train", "2", "--architecture", "cnn", "--depth", "2", "--kernel-n", "4",
+                          "--out-dir", str(tmp_path)])
+    assert rec["kernel"]["n"] == 4
