@@ -426,3 +426,10 @@ def test_a_store_of_another_run_is_refused_naming_store_and_why(tmp_path, capsys
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", *REF)
     assert rc == 2 and "architecture.depths: store has [2], this job [3]" in err and "--seed" not in err
+
+
+def test_a_negative_seed_is_an_argument_error(capsys, xy_npz):
+    p, _, _ = xy_npz
+    with pytest.raises(SystemExit) as e:
+        main(capsys, p, "--depth", 2, "--seed", -1, *REF)
+    assert e.value.code == 2 and "argument --seed: must be an integer >= 0; got '-1'" in capsys.readouterr().err

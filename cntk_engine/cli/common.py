@@ -45,6 +45,17 @@ def positive_seconds(text: str) -> float:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return v
+
+
 # ------------------------------------------------------------------------------ images
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"       # np.save's header; np.savez is a zip
 

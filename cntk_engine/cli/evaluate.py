@@ -46,8 +46,8 @@ import numpy as np
 from .. import solver
 from ..preprocess import PREPROCESSING, ZCA_REG, preprocess, with_flips
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
-                     gram_options, machine, numpy_problem, open_numpy, plural, to_nchw,
-                     write_json)
+                     gram_options, machine, nonnegative_int, numpy_problem, open_numpy, plural,
+                     to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -86,7 +86,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "symmetrises the kernel instead)")
     p.add_argument("--downsample", type=int, default=1,
                    help="average-pool F x F before the kernel (a CPU-feasibility option)")
-    p.add_argument("--seed", type=int, default=0, help="subset / split seed (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="subset / split seed (default 0)")
     add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
     p.add_argument("--store", metavar="DIR", default=None,
