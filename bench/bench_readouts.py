@@ -17,7 +17,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, int_at_least, median_time, save_result  # noqa: E402
+from bench.common import BACKENDS, RESULTS, int_at_least, median_time, save_result  # noqa: E402
 
 CONFIGS = [   # (name, gram keywords)
     ("gap", dict(pooling="gap")),
@@ -37,7 +37,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int_at_least(2), default=16)
     ap.add_argument("--depth", type=int_at_least(2), default=6, help="of the CNN configurations")
-    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--backend", default="numba", choices=BACKENDS)
     ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, existing_file, int_at_least, int_list,  # noqa: E402
+from bench.common import (BACKENDS, RESULTS, existing_file, int_at_least, int_list,  # noqa: E402
                           median_time, save_result)
 
 
@@ -55,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--architecture", default="myrtle5", choices=("cnn", "myrtle5", "myrtle7", "myrtle10"),
                     help="of the kernel timed beside the fit")
     ap.add_argument("--depth", type=int_at_least(2), default=None, help="with --architecture cnn")
-    ap.add_argument("--backend", default="numba", choices=("numba", "cuda", "reference"))
+    ap.add_argument("--backend", default="numba", choices=BACKENDS)
     ap.add_argument("--kernel-n", type=int_at_least(2), default=8)
     ap.add_argument("--repeats", type=int_at_least(1), default=1)
     ap.add_argument("--out-dir", default=str(RESULTS))

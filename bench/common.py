@@ -67,6 +67,27 @@ def result_header() -> dict:
             "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
 
+#: --backend of the scripts: the engine's backends
+BACKENDS = ("auto", "cuda", "numba", "reference")
+
+
+def run_main(parser: argparse.ArgumentParser, run, argv=None):
+    """Parse ``argv`` and ``run(args)`` the way ``cntk-engine`` runs a command: the engine's
+    own checks name this script's options (``--devices 0 selects GPUs ...``; its parameters
+    that the script names alike), and an error of the engine's, or of reading and writing
+    files, ends the script with one line, ``<script>: error: ...`` (exit status 2), not a
+    traceback."""
+    from cntk_engine.cli import python_options
+    from cntk_engine.spelling import command_line
+    args = parser.parse_args(argv)
+    try:
+        with command_line(python_options(parser)):
+            return run(args)
+    except (ValueError, RuntimeError, OSError, ImportError, MemoryError) as e:
+        print(f"{parser.prog}: error: {e or type(e).__name__}".replace("\n", " "), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def save_result(out_dir, stem: str, fields: dict) -> dict:
     """Write a result file ``<out_dir>/<stem>_<date>.json``: :func:`result_header`, ``fields``,
     the machine and the versions; say where; return the payload."""

@@ -63,7 +63,8 @@ from tools import sass_mix
 from . import paper_code as paper_mod
 from . import per_layer_baseline
 from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list,
-                     is_default_variant, machine, median_time, result_header, utc_date, versions, write_json)
+                     is_default_variant, machine, median_time, result_header, run_main, utc_date,
+                     versions, write_json)
 
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents", "paper_code")
@@ -717,7 +718,9 @@ def parser():
     ap.add_argument("--sizes", type=int_list(1), default="32", help="image sizes (H = W), comma list")
     ap.add_argument("--channels", type=int_at_least(1), default=3)
     ap.add_argument("--pooling", type=choice_list(POOLINGS), default="gap", help="gap, flatten or both: gap,flatten")
-    ap.add_argument("--dtypes", type=choice_list(DTYPES), default="float32", help="float32,float64")
+    ap.add_argument("--dtypes", type=choice_list(DTYPES), default="float32",
+                    help="float32,float64, of the methods that take a dtype: the reference runs in "
+                    "float64 and neural_tangents in float32 (JAX's default) whatever this says")
     ap.add_argument("--fix", type=_fix_list, default="no",
                     help="no, yes or no,yes: first and last layers not trained (paper, Section 4.2) [no]")
     ap.add_argument("--kernels", type=_kernel_names, default=None,
@@ -730,7 +733,8 @@ def parser():
                     help="per-method N, or per method and dtype: e.g. reference=2,per_layer_cpu=4,cuda:float64=64")
     ap.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls per configuration (>= 1)")
     ap.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before them (>= 0)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random images (recorded in the JSON)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0,
+                    help="seed of the random images (recorded in the JSON)")
     ap.add_argument("--nt-python", default=os.environ.get("CNTK_ENGINE_NT_PYTHON", sys.executable),
                     help="python with neural_tangents (subprocess); default: this one")
     ap.add_argument("--paper-code", default=None, metavar="PATH",
@@ -762,4 +766,4 @@ def parser():
 
 
 def main(argv=None):
-    return run(parser().parse_args(argv))
+    return run_main(parser(), run, argv)

@@ -39,11 +39,12 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, choice_list, devices, existing_file, gpu_info, gpu_sync,  # noqa: E402
-                          int_at_least, int_list, machine, positive_float, result_header, utc_date,
-                          versions, write_json)
+from bench.common import (BACKENDS, RESULTS, choice_list, devices, existing_file,  # noqa: E402
+                          gpu_info, gpu_sync, int_at_least, int_list, machine, positive_float,
+                          result_header, run_main, utc_date, versions, write_json)
 import cntk_engine as ce  # noqa: E402
 from cntk_engine import solver  # noqa: E402
+from cntk_engine.jobs.store import StoreMismatch, array_names  # noqa: E402
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.preprocess import preprocess as engine_preprocess  # noqa: E402
 
@@ -212,11 +213,22 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
     if store:
         Path(store).mkdir(parents=True, exist_ok=True)
         paths = {part: str(Path(store) / f"{pooling}_{part}.zarr") for part in ("train", "test")}
+    def gram_into(part, *x):
+        if not store:
+            return ce.gram(*x, return_info=True, **kw)
+        try:
+            return ce.gram(*x, return_info=True, **kw, out=paths[part], progress=True)
+        except StoreMismatch as e:
+            raise SystemExit(f"error: --store {store}: {Path(paths[part]).name} holds the kernels of "
+                             f"another run: {'; '.join(e.differences)}. Nothing was written; give "
+                             "another --store folder for this run (the images differ when --data, "
+                             "--n-train, --n-test or --downsample do)") from None
+
     t0 = time.perf_counter()
-    ktr, info = ce.gram(xtr, return_info=True, **kw, **({"out": paths["train"], "progress": True} if store else {}))
+    ktr, info = gram_into("train", xtr)
     gpu_sync()
     t1 = time.perf_counter()
-    kte, info_te = ce.gram(xte, xtr, return_info=True, **kw, **({"out": paths["test"], "progress": True} if store else {}))
+    kte, info_te = gram_into("test", xte, xtr)
     gpu_sync()
     t2 = time.perf_counter()
     n1, n2 = len(xtr), len(xte)
@@ -233,8 +245,10 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
             timing["note"] = (f"resumed: {total - done} of {total} tiles were already in the store, "
                               "so this run's time is not the pass's; see an uninterrupted run for pairs/s")
 
+        names = array_names(list(depths), "both")        # depth_<d>/ntk, or ntk for one depth
+
         def get(d):
-            return tuple(solver.load_gram(paths[part], f"depth_{d}/{name}")
+            return tuple(solver.load_gram(paths[part], names[(d, name)])
                          for part in ("train", "test") for name in ("ntk", "nngp"))
         return get, timing
     ks = {d: tuple(np.asarray(a.get() if hasattr(a, "get") else a) for a in (*ktr[d], *kte[d])) for d in depths}
@@ -337,6 +351,9 @@ def run(args):
     x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
     n_tr = min(args.n_train, len(x_tr))
     n_te = min(args.n_test, len(x_te))
+    for asked, used, what in ((args.n_train, n_tr, "--n-train"), (args.n_test, n_te, "--n-test")):
+        if used < asked:
+            print(f"note: {what} {asked}: {src} holds {used} such images; using {used}", flush=True)
     xtr, xte = preprocess(x_tr, x_te, args.downsample)
     xtr_all, ytr_all, xte_all, yte_all = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
     extra = scheduler_kwargs(args)
@@ -455,7 +472,7 @@ def parser():
                     help="comma list of depths (conv layers + 1, >= 2)")
     ap.add_argument("--fix", default="paper", choices=["paper", "true", "false"],
                     help="paper: fix=False for CNTK-V, True for CNTK-GAP (their README)")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--tile", type=int_at_least(1), default=None)
     ap.add_argument("--downsample", type=int_at_least(1), default=1,
@@ -511,10 +528,8 @@ def merge(files, out_dir, tag):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.merge:
-        return merge(args.merge, args.out_dir, args.tag)
-    return run(args)
+    return run_main(parser(), lambda args: merge(args.merge, args.out_dir, args.tag) if args.merge
+                    else run(args), argv)
 
 
 if __name__ == "__main__":

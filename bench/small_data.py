@@ -29,8 +29,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, devices, existing_file, gpu_info, int_at_least, int_list,  # noqa: E402
-                          machine, result_header, utc_date, versions, write_json)
+from bench.common import (BACKENDS, RESULTS, devices, existing_file, gpu_info,  # noqa: E402
+                          int_at_least, int_list, machine, result_header, run_main, utc_date,
+                          versions, write_json)
 from bench.reproduce_table1 import (check_architecture, kernels, load_cifar_for_cli,  # noqa: E402
                                     preprocess, regression_accuracy, scheduler_kwargs)
 
@@ -51,6 +52,31 @@ def balanced_draw(y, n, rng, n_classes=10):
     return np.array(idx)
 
 
+DEPTHS = [11]
+#: options that choose how kernels are computed: a --kernels file was computed already
+COMPUTE_OPTIONS = ("data", "pool", "n_test", "downsample", "backend", "dtype", "tile", "devices",
+                   "dask_scheduler")
+
+
+def check_kernel_file_options(args, z) -> None:
+    """With --kernels: --pooling / --fix that contradict the file are an error; the options that
+    only choose how kernels are computed, when given, are named as ignored."""
+    defaults = parser()
+    for name, stored in (("pooling", str(z["pooling"]) if "pooling" in z else None),
+                         ("fix", bool(z["fix"]) if "fix" in z else None)):
+        given = getattr(args, name)
+        if stored is None or given == defaults.get_default(name):
+            continue
+        asked = {"true": True, "false": False}[given] if name == "fix" else given    # not "paper"
+        if asked != stored:
+            raise SystemExit(f"error: --{name} {given}: {args.kernels} holds kernels of "
+                             f"{name} {stored}; leave --{name} out with --kernels")
+    ignored = [f"--{n.replace('_', '-')}" for n in COMPUTE_OPTIONS
+               if getattr(args, n) != defaults.get_default(n)]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored: the kernels come from {args.kernels}", flush=True)
+
+
 def run(args):
     sizes, want = args.sizes, args.depths
     t0 = time.perf_counter()
@@ -61,6 +87,8 @@ def run(args):
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --kernels {args.kernels}: not a kernel file saved by reproduce_table1.py "
                              f"--save-kernels ({type(e).__name__}: {e})") from None
+        want = saved if want is None else want
+        check_kernel_file_options(args, z)
         depths = [d for d in saved if d in want]
         if not depths:
             raise SystemExit(f"error: --depths {','.join(map(str, want))}: {args.kernels} holds the kernels of "
@@ -77,7 +105,7 @@ def run(args):
         fix = bool(z["fix"]) if "fix" in z else None
         shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
     else:
-        depths = want
+        depths = DEPTHS if want is None else want
         pooling = args.pooling
         fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
         check_architecture(depths, [pooling], args.fix)
@@ -161,11 +189,12 @@ def parser():
     ap.add_argument("--sizes", type=int_list(1), default=",".join(map(str, SIZES)),
                     help="training-set sizes, comma list")
     ap.add_argument("--draws", type=int_at_least(1), default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--pooling", default="gap", choices=["gap", "flatten"])
     ap.add_argument("--fix", default="paper", choices=["paper", "true", "false"])
-    ap.add_argument("--depths", type=int_list(2), default="11", help="comma list (with --kernels: those to use)")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--depths", type=int_list(2), default=None,
+                    help="comma list (default 11; with --kernels: those of the file to use, default all)")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--tile", type=int_at_least(1), default=None)
     ap.add_argument("--downsample", type=int_at_least(1), default=1)
@@ -178,7 +207,7 @@ def parser():
 
 
 def main(argv=None):
-    return run(parser().parse_args(argv))
+    return run_main(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     if not symmetric:
         check_pair(a, b)
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
+    if not isinstance(return_info, bool):
+        raise ValueError(f"return_info must be True or False; got {return_info!r}")
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False; got {progress!r}")
     image_shape = tuple(int(v) for v in a.shape[1:])

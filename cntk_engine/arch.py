@@ -273,7 +273,7 @@ class Architecture:
     holds every depth whose readout is wanted, and one pass over the deepest network produces
     all of them.  A stack (``layers``: :func:`serial` or a preset's): its conv and pooling layers
     in order; its depth is fixed (conv layers + 1, as Myrtle-5 has 4 conv layers) and
-    ``depths`` holds only that.  ``pooling`` is the readout (gap or flatten) at the end, after
+    ``depths`` holds only that.  ``pooling`` is the readout (gap, flatten or lap) at the end, after
     any trailing pooling layers.  ``name``: the preset ("myrtle5", ...) or None.
     """
 
@@ -498,10 +498,10 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         raise ValueError(f"architecture must be 'cnn', one of {sorted(PRESETS)} or a stack from "
                          f"cntk_engine.serial(...); got {architecture!r}")
     if layers is not None:
-        what = repr(name) if name else "a stack"
+        what = f"architecture {name!r}" if name else "a stack"
         n_conv = sum(isinstance(la, ConvRelu) for la in layers)
         if depth is not None or depths is not None:
-            raise ValueError(f"architecture {what} fixes its depth ({n_conv + 1} = {n_conv} conv "
+            raise ValueError(f"{what} fixes its depth ({n_conv + 1} = {n_conv} conv "
                              f"layers + the dense readout): leave {arg('depth')} and "
                              f"{arg('depths')} out")
         if name is not None and kw.get("filter_size", 3) != 3:

@@ -53,6 +53,8 @@ def check_nonnegative(value, name: str, meaning: str = "") -> float:
     """``value`` as a finite float >= 0 (NumPy scalars too), or a ValueError naming ``name``
     and, in parentheses, ``meaning`` (e.g. "0 = interpolation")."""
     hint = f" ({meaning})" if meaning else ""
+    if isinstance(value, (str, bytes, bool, np.bool_)):        # float("0.1") would pass
+        raise ValueError(f"{arg(name)} must be a number >= 0{hint}; got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -251,6 +251,34 @@ def test_table1_store_matches_memory_and_resumes(tmp_path):
     t2 = again["columns"]["CNTK-GAP"]["timing"]
     assert t2["tiles_computed"] == 0 and t2["unique_pairs_per_s"] is None and "resumed" in t2["note"]
     assert (tmp_path / "s" / "gap_train.zarr").is_dir() and (tmp_path / "s" / "gap_test.zarr").is_dir()
+    # one depth: its store names the arrays ntk / nngp (it read depth_3/ntk and failed)
+    one = reproduce_table1.main([*common[:9], "3", *common[10:], "--tag", "one", "--store",
+                                 str(tmp_path / "s1")])
+    assert one["columns"]["CNTK-GAP"]["rows"][0] == rows[0][0]
+    # a store of another run: one line naming --store and what differs; nothing written
+    snap = {p: p.read_bytes() for p in (tmp_path / "s1").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"--store .*s1: gap_train.zarr holds the kernels of another "
+                                         r"run: architecture.depths: store has \[3\], this job \[3, 4\]"):
+        reproduce_table1.main(common + ["--tag", "other", "--store", str(tmp_path / "s1")])
+    assert {p: p.read_bytes() for p in (tmp_path / "s1").rglob("*") if p.is_file()} == snap
+
+
+def test_bench_scripts_end_engine_errors_with_one_line(tmp_path, capsys):
+    """An engine error (here --devices on a CPU backend) is one line naming the script's options,
+    and --n-train beyond the data is a note, not silence."""
+    from bench import reproduce_table1
+    data = _tiny_cifar(tmp_path / "d.npz")
+    with pytest.raises(SystemExit) as e:
+        reproduce_table1.main(["--data", str(data), "--n-train", "10", "--depths", "3", "--backend", "numba",
+                               "--devices", "0", "--per-depth-timing", "0", "--no-loo", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("reproduce_table1.py: error: --devices 0 selects GPUs") or \
+        "error: --devices 0 selects GPUs" in err, err
+    reproduce_table1.main(["--data", str(data), "--n-train", "1000", "--n-test", "3", "--depths", "3",
+                           "--backend", "numba", "--per-depth-timing", "0", "--no-loo", "--out-dir",
+                           str(tmp_path)])
+    assert "note: --n-train 1000:" in capsys.readouterr().out
 
 
 def _harness_row(method, dtype, depth, pairs_per_s, device, n=8):
@@ -556,6 +584,9 @@ def test_table1_save_kernels_folder_checked_before_the_pass(tmp_path, monkeypatc
     ("small", ["--kernels", "/nonexistent/k.npz"], "--kernels"),
     ("table1", ["--devices", "0,x"], "--devices"),
     ("small", ["--devices", "gpu0"], "--devices"),
+    ("table1", ["--backend", "gpu"], "--backend"),
+    ("small", ["--seed", "-1"], "--seed"),
+    ("harness", ["--seed", "-1"], "--seed"),
 ])
 def test_bad_arguments_end_with_a_one_line_error(tmp_path, capsys, script, argv, flag):
     from bench import harness, reproduce_table1, small_data
@@ -584,6 +615,22 @@ def _kernel_npz(path, y_train, depths=(3,), n_test=4):
     np.savez(path, y_train=np.asarray(y_train), y_test=np.arange(n_test) % 10, depths=np.array(depths),
              pooling="gap", fix=True, image_shape=np.array([3, 4, 4]), **arrays)
     return str(path)
+
+
+def test_small_data_kernel_file_decides_what_it_holds(tmp_path, capsys):
+    """With --kernels: the file's depths by default; --pooling / --fix against the file are an
+    error; options that only choose how kernels are computed are named as ignored."""
+    from bench import small_data
+    k = _kernel_npz(tmp_path / "k.npz", np.arange(20) % 10, depths=(3, 4))
+    base = ["--kernels", k, "--sizes", "10", "--draws", "1", "--no-loo", "--out-dir", str(tmp_path)]
+    out = small_data.main(base)
+    assert out["depths"] == [3, 4], out["depths"]
+    for extra, msg in ((["--pooling", "flatten"], "--pooling flatten: .* holds kernels of pooling gap"),
+                       (["--fix", "false"], "--fix false: .* holds kernels of fix True")):
+        with pytest.raises(SystemExit, match=msg):
+            small_data.main(base + extra)
+    small_data.main(base + ["--pool", "50", "--backend", "numba", "--n-test", "5"])
+    assert "note: --pool, --n-test, --backend ignored: the kernels come from" in capsys.readouterr().out
 
 
 def test_small_data_says_what_it_drops(tmp_path, capsys):

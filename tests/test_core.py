@@ -181,6 +181,7 @@ def test_layouts_dtypes_and_info(rng):
     (dict(), "give exactly one of depth (an int"),
     (dict(depth=3, depths=[3]), "give exactly one of depth (an int"),
     (dict(depth=3, tile=0), "tile must be a positive integer"),
+    (dict(depth=3, return_info="no"), "return_info must be True or False"),
 ])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):

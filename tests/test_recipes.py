@@ -212,6 +212,7 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
     ((np.ones((3, 2, 2)),), {}, "must be images"),
     ((np.full((2, 1, 2, 2), np.nan),), {}, "NaN"),
     ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)),), dict(reg=-1), "reg must be"),
+    ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)),), dict(reg="0.1"), "reg must be a number"),
     ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)),), dict(data_format="CHW"), "data_format"),
 ])
 def test_zca_bad_input(args, kw, msg):

@@ -53,8 +53,8 @@ def run(args) -> int:
     from ..backends.cuda import describe_kernel_variants
     print(describe_kernel_variants())
     print("architectures (gram(..., architecture=...), --architecture):")
-    print("  cnn        the CNN of Arora et al. 2019: depth - 1 conv + ReLU layers, gap or flatten "
-          "readout (every backend)")
+    print("  cnn        the CNN of Arora et al. 2019: depth - 1 conv + ReLU layers, gap, flatten "
+          "or lap readout (every backend)")
     for name, depth in sorted(PRESETS.items(), key=lambda kv: kv[1]):
         layers = " ".join("conv" if isinstance(la, ConvRelu) else f"pool{la.window}"
                           for la in myrtle(depth))
