@@ -511,6 +511,13 @@ def check_args(args, variants):
 
 def run(args) -> dict:
     out_path = output_path(args)
+    try:                                  # before any configuration runs, not after the first
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out_path.parent, os.W_OK)
+    except OSError as e:
+        raise SystemExit(f"error: the result file {out_path}: its folder cannot be created ({e})") from None
+    if not writable:
+        raise SystemExit(f"error: the result file {out_path}: the folder {out_path.parent} is not writable")
     variants = cuda_variants()
     check_args(args, variants)
     old = resume_payload(out_path, args)

@@ -263,6 +263,15 @@ def test_table1_store_matches_memory_and_resumes(tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "s1").rglob("*") if p.is_file()} == snap
 
 
+def test_harness_checks_its_result_folder_before_running(tmp_path, monkeypatch):
+    from bench import harness
+    monkeypatch.setattr(harness, "build_matrix", lambda args: pytest.fail("configurations built"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="its folder cannot be created"):
+        harness.main(["--methods", "reference", "--depths", "2", "--sizes", "3", "--n", "1", "--no-ceiling",
+                      "--no-plots", "--output", str(tmp_path / "file" / "sub" / "h.json")])
+
+
 def test_bench_scripts_end_engine_errors_with_one_line(tmp_path, capsys):
     """An engine error (here --devices on a CPU backend) is one line naming the script's options,
     and --n-train beyond the data is a note, not silence."""
