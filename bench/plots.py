@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -232,14 +231,23 @@ def small_data_plot(payload: dict, path) -> Path:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    for f in argv:
-        payload = json.loads(Path(f).read_text())
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bench.plots",
+                                 description="Re-draw the figures of result files (the harness's, "
+                                 "small_data.py's), next to each file.")
+    ap.add_argument("files", nargs="+", metavar="FILE.json")
+    for f in ap.parse_args(argv).files:
+        try:
+            payload = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"{f}: not a readable result file ({type(e).__name__}: {e})")
         if payload.get("kind") == "harness":
             for p in harness_plots(payload, Path(f).with_suffix("")):
                 print(f"wrote {p}")
         elif payload.get("kind") == "small_data":
             print(f"wrote {small_data_plot(payload, Path(f).with_suffix('.png'))}")
+        else:
+            print(f"{f}: kind {payload.get('kind')!r} has no figures here (harness, small_data)")
 
 
 if __name__ == "__main__":
