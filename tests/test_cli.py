@@ -333,3 +333,17 @@ def test_depth_lists_with_empty_or_small_items_are_refused(tmp_path, data, capsy
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--pooling", "lap", "--out",
                    tmp_path / "o.zarr")
     assert rc == 2 and "--pooling 'lap' needs --lap-window" in e and "None" not in e, e
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    """`cntk-engine info | head -1`: the broken pipe ends the command quietly (exit 141, as a
+    shell reports SIGPIPE), not with "error: [Errno 32] Broken pipe"."""
+    code = ("import sys\nfrom cntk_engine import cli\nfrom cntk_engine.cli import info\n"
+            "info.run = lambda args: [print('x' * 100) for _ in range(100000)]\n"
+            "sys.exit(cli.main(['info']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"x" * 100
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141 and err == b"", err

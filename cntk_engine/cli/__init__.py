@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import demo, evaluate, gram, info, verify
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
     try:
         with command_line(args.python_options):
             return int(args.func(args) or 0)
+    except BrokenPipeError:             # `cntk-engine info | head`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+        return 141                      # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:
         if args.command == "gram":      # the only command with a store to resume
             print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
