@@ -82,10 +82,14 @@ def claim_files(out: Path) -> list[str]:
 
 
 def marker_files(out: Path) -> list[tuple[int, int]]:
-    """The tiles whose ``tiles_done`` chunk is written (one chunk per tile, ``c/<i>/<j>``)."""
+    """The tiles whose ``tiles_done`` chunk is written (one chunk per tile, ``c/<i>/<j>``).
+
+    zarr writes a chunk through a temporary ``<j>.<uuid>.partial`` file renamed into place, so
+    names that are not plain numbers are chunks still being written, not markers.
+    """
     d = out / "tiles_done" / "c"
-    return [(int(r.name), int(f.name)) for r in d.iterdir() if r.is_dir()
-            for f in r.iterdir()] if d.is_dir() else []
+    return [(int(r.name), int(f.name)) for r in d.iterdir() if r.is_dir() and r.name.isdigit()
+            for f in r.iterdir() if f.name.isdigit()] if d.is_dir() else []
 
 
 def unfinished_claims(out: Path) -> list[str]:
