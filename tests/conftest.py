@@ -42,6 +42,21 @@ def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
 
 
+
+# --------------------------------------------------------------------- a store being written
+def written_markers(store: Path) -> list[tuple[int, int]]:
+    """The tiles whose ``tiles_done`` chunk file (``c/<i>/<j>``) is in place in ``store``.
+
+    Tests that stop a running job after some tiles watch these.  zarr writes a chunk to a
+    temporary ``<j>.<uuid>.partial`` and renames it into place, so names that are not plain
+    numbers are chunks still being written: counted, they made a test read a marker that was
+    not there yet (and ``int()`` one, which failed a CI run)."""
+    d = Path(store) / "tiles_done" / "c"
+    if not d.is_dir():
+        return []
+    return [(int(r.name), int(f.name)) for r in d.iterdir() if r.is_dir() and r.name.isdigit()
+            for f in r.iterdir() if f.name.isdigit()]
+
 # --------------------------------------------------------------------- child Python processes
 def checkout_copy(dest: Path) -> Path:
     """A folder holding a ``cntk_engine/`` source tree, as a clone of the repository does: the

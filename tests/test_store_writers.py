@@ -20,6 +20,8 @@ import cntk_engine as ce  # noqa: E402
 from cntk_engine.jobs import store as store_mod  # noqa: E402
 from cntk_engine.jobs.store import StorePath  # noqa: E402
 
+from conftest import written_markers  # noqa: E402
+
 if store_mod._version_tuple(zarr.__version__) < store_mod.ZARR_MIN:
     pytest.skip("the store needs zarr >= 3.1.3", allow_module_level=True)
 
@@ -81,20 +83,9 @@ def claim_files(out: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name[0].isdigit()) if d.is_dir() else []
 
 
-def marker_files(out: Path) -> list[tuple[int, int]]:
-    """The tiles whose ``tiles_done`` chunk is written (one chunk per tile, ``c/<i>/<j>``).
-
-    zarr writes a chunk through a temporary ``<j>.<uuid>.partial`` file renamed into place, so
-    names that are not plain numbers are chunks still being written, not markers.
-    """
-    d = out / "tiles_done" / "c"
-    return [(int(r.name), int(f.name)) for r in d.iterdir() if r.is_dir() and r.name.isdigit()
-            for f in r.iterdir() if f.name.isdigit()] if d.is_dir() else []
-
-
 def unfinished_claims(out: Path) -> list[str]:
     """Claims whose tile has no marker yet: tiles being computed at this instant."""
-    done = set(marker_files(out))
+    done = set(written_markers(out))
     return [c for c in claim_files(out) if tuple(map(int, c.split("."))) not in done]
 
 
@@ -161,7 +152,7 @@ def test_writer_killed_with_a_claim_held_is_taken_over(tmp_path, caplog):
     # removed by the next opener, not taken over; see below).
     try:
         while time.time() < deadline and proc.poll() is None:
-            if len(marker_files(out)) >= 2 and unfinished_claims(out):
+            if len(written_markers(out)) >= 2 and unfinished_claims(out):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
@@ -292,11 +283,10 @@ JOB = textwrap.dedent("""
 def kill_after(out: Path, x_path: Path, n_markers: int) -> None:
     proc = subprocess.Popen([sys.executable, "-c", JOB, str(x_path), str(out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    markers = out / "tiles_done" / "c"
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if markers.is_dir() and sum(len(f) for _, _, f in os.walk(markers)) >= n_markers:
+            if len(written_markers(out)) >= n_markers:
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "ended before the kill: " + proc.stderr.read().decode()[-500:]
