@@ -52,7 +52,8 @@ def balanced_draw(y, n, rng, n_classes=10):
     return np.array(idx)
 
 
-DEPTHS = [11]
+#: the depths computed when neither --depths nor a --kernels file names any
+DEFAULT_DEPTHS = [11]
 #: options that choose how kernels are computed: a --kernels file was computed already
 COMPUTE_OPTIONS = ("data", "pool", "n_test", "downsample", "backend", "dtype", "tile", "devices",
                    "dask_scheduler")
@@ -105,7 +106,7 @@ def run(args):
         fix = bool(z["fix"]) if "fix" in z else None
         shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
     else:
-        depths = DEPTHS if want is None else want
+        depths = DEFAULT_DEPTHS if want is None else want
         pooling = args.pooling
         fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
         check_architecture(depths, [pooling], args.fix)

@@ -150,7 +150,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .spelling import arg
+from .spelling import arg, unset
 
 POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
@@ -359,11 +359,11 @@ class Architecture:
                     continue
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
                         or not math.isfinite(v) or v < 0):
-                    raise ValueError(f"{arg(name)} must be a finite number >= 0 or None; got {v!r}")
+                    raise ValueError(f"{arg(name)} must be a finite number >= 0 or {unset()}; got {v!r}")
                 if float(v) > MAX_STD:      # its square (a variance) must be a finite float64
                     raise ValueError(f"{arg(name)} must be at most {MAX_STD:.4g} (its square, the "
                                      f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
-                                     f"finite float64) or None; got {v!r}")
+                                     f"finite float64) or {unset()}; got {v!r}")
                 if type(v) not in (int, float):
                     object.__setattr__(self, name, float(v))
 
@@ -427,7 +427,7 @@ class Architecture:
     def check_image_shape(self, channels: int, height: int, width: int) -> None:
         """A ValueError when this architecture cannot take (C, H, W) images."""
         if self.name is not None and (height, width) != PRESET_IMAGE_SIZE:
-            raise ValueError(f"architecture {self.name!r} is defined for {PRESET_IMAGE_SIZE[0]} x "
+            raise ValueError(f"{arg('architecture', self.name)} is defined for {PRESET_IMAGE_SIZE[0]} x "
                              f"{PRESET_IMAGE_SIZE[1]} images (five 2 x 2 pools to 1 x 1); got "
                              f"{height} x {width}")
         hr, wr = self.plan(height, width)[2]
@@ -436,8 +436,9 @@ class Architecture:
             raise ValueError(f"{arg('lap_window', self.lap_window)} is larger than {where}: "
                              f"{hr} x {wr}; "
                              f"accepted: 1 .. {min(hr, wr)}" + (
-                                 " (a Myrtle network reads out at 1 x 1: describe the stack without "
-                                 "its final pools with serial(...) for LAP there)" if self.name else ""))
+                                 " (a Myrtle network reads out at 1 x 1; for LAP, build the stack "
+                                 "without its final pools in Python with cntk_engine.serial(...))"
+                                 if self.name else ""))
 
     def pair_entries(self, height: int, width: int) -> int:
         """Offset-slice entries times conv layers one pair updates (the cost of a pair): every
@@ -498,16 +499,16 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         raise ValueError(f"architecture must be 'cnn', one of {sorted(PRESETS)} or a stack from "
                          f"cntk_engine.serial(...); got {architecture!r}")
     if layers is not None:
-        what = f"architecture {name!r}" if name else "a stack"
+        what = arg("architecture", name) if name else "a stack"
         n_conv = sum(isinstance(la, ConvRelu) for la in layers)
         if depth is not None or depths is not None:
             raise ValueError(f"{what} fixes its depth ({n_conv + 1} = {n_conv} conv "
                              f"layers + the dense readout): leave {arg('depth')} and "
                              f"{arg('depths')} out")
         if name is not None and kw.get("filter_size", 3) != 3:
-            raise ValueError(f"architecture {name!r} uses 3 x 3 convolutions; got "
-                             f"{arg('filter_size', kw['filter_size'])} (describe another stack "
-                             "with serial(...))")
+            raise ValueError(f"{arg('architecture', name)} uses 3 x 3 convolutions; got "
+                             f"{arg('filter_size', kw['filter_size'])} (build another stack in "
+                             "Python with cntk_engine.serial(...))")
         return Architecture(depths=(n_conv + 1,), layers=layers, name=name, **kw)
     if (depth is None) == (depths is None):
         raise ValueError(f"give exactly one of {arg('depth')} (an int >= 2) or {arg('depths')} (a "

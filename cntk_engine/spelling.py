@@ -45,6 +45,12 @@ def arg_prefix(name: str) -> str:
     return f"{name}=" if option is None else f"{option} "
 
 
+def unset() -> str:
+    """How the caller leaves an optional argument at its default: ``None`` in Python, left out
+    on the command line (for messages that offer that choice)."""
+    return "None" if _OPTIONS.get() is None else "left out"
+
+
 @contextmanager
 def command_line(options: Mapping[str, str]) -> Iterator[None]:
     """Within the block, :func:`arg` spells the parameters in ``options`` (Python name ->

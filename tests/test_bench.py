@@ -258,7 +258,7 @@ def test_table1_store_matches_memory_and_resumes(tmp_path):
     # a store of another run: one line naming --store and what differs; nothing written
     snap = {p: p.read_bytes() for p in (tmp_path / "s1").rglob("*") if p.is_file()}
     with pytest.raises(SystemExit, match=r"--store .*s1: gap_train.zarr holds the kernels of another "
-                                         r"run: architecture.depths: store has \[3\], this job \[3, 4\]"):
+                                         r"run: --depths: store has \[3\], this job \[3, 4\]"):
         reproduce_table1.main(common + ["--tag", "other", "--store", str(tmp_path / "s1")])
     assert {p: p.read_bytes() for p in (tmp_path / "s1").rglob("*") if p.is_file()} == snap
 

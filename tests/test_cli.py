@@ -47,8 +47,11 @@ def test_gram_store_resume_and_mismatch(tmp_path, data, capsys):
     # --resume with another job: refused naming the difference, untouched
     snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depths", "3,4", "--out", out, "--resume",
-                   "--backend", "numba")
-    assert rc == 2 and "holds another job" in e and "depths" in e and e.count("\n") == 1
+                   "--backend", "numba", "--pooling", "flatten", "--tile", "2")
+    assert rc == 2 and "holds another job" in e and e.count("\n") == 1
+    # each difference named by the option that sets it (the record's keys are Python's names)
+    assert ("--depths: store has [3], this job [3, 4]; --pooling: store has 'gap', this job "
+            "'flatten'; --tile: store has 4, this job 2." in e and "architecture." not in e), e
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
 
 

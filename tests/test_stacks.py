@@ -207,8 +207,14 @@ def test_cli_gram_and_evaluate_with_myrtle(tmp_path, capsys):
     assert rc == 0, err
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["architecture"] == "myrtle5" and rec["depths"] == [5] and len(rec["results"]) == 2
-    for argv, msg in ((["--architecture", "myrtle5", "--depth", "5"], "fixes its depth"),
-                      (["--architecture", "cnn"], "needs --depth")):
+    # named as the command line sets them; no Python constructs the command line cannot take
+    for argv, msg in ((["--architecture", "myrtle5", "--depth", "5"],
+                       "--architecture 'myrtle5' fixes its depth"),
+                      (["--architecture", "cnn"], "needs --depth"),
+                      (["--architecture", "myrtle5", "--filter-size", "5"],
+                       "got --filter-size 5 (build another stack in Python with cntk_engine.serial"),
+                      (["--depth", "3", "--convention", "neural_tangents", "--W-std", "-1"],
+                       "--W-std must be a finite number >= 0 or left out; got -1.0")):
         rc = cli.main(["-q", "gram", str(tmp_path / "x.npy"), *argv, "--out", str(tmp_path / "o.zarr")])
         out, err = capsys.readouterr()
         assert rc == 2 and msg in err and err.count("\n") == 1, err

@@ -300,8 +300,23 @@ def _short(v) -> str:
     return s[:14] + "..." + s[-4:] if isinstance(v, str) and len(v) > 24 else s
 
 
+_FIELD_NAMES = {"fingerprint.x1": "images x1 (sha256)", "fingerprint.x2": "images x2 (sha256)"}
+
+
+def _field_name(key: str) -> str:
+    """A record field as the caller knows it: the option that sets it on the command line
+    (``architecture.depths`` -> ``--depths``, ``architecture.name`` -> ``--architecture``), else
+    the record's own key."""
+    if key in _FIELD_NAMES:
+        return _FIELD_NAMES[key]
+    param = key.removeprefix("architecture.")
+    param = "architecture" if param == "name" else param
+    return arg(param) if "." not in param and arg(param) != param else key
+
+
 def spec_differences(stored: dict, wanted: dict) -> list[str]:
-    """Human-readable differences between two job records (layout and integrity keys excluded)."""
+    """Human-readable differences between two job records (layout and integrity keys excluded),
+    each named as the caller sets it (:func:`_field_name`)."""
     a, b = _flat(stored), _flat(wanted)
     diffs = []
     # every key of either record: a stack's record has keys (its layers) that a CNN's has not;
@@ -312,11 +327,10 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
             if sorted(a[k]) != sorted(b[k]):
-                diffs.append(f"architecture.depths: store has {sorted(a[k])}, this job {sorted(b[k])}")
+                diffs.append(f"{_field_name(k)}: store has {sorted(a[k])}, this job {sorted(b[k])}")
             continue
         if a.get(k, "<missing>") != b.get(k, "<missing>"):
-            name = {"fingerprint.x1": "images x1 (sha256)", "fingerprint.x2": "images x2 (sha256)"}.get(k, k)
-            diffs.append(f"{name}: store has {_short(a.get(k, '<missing>'))}, this job "
+            diffs.append(f"{_field_name(k)}: store has {_short(a.get(k, '<missing>'))}, this job "
                          f"{_short(b.get(k, '<missing>'))}")
     return diffs
 
@@ -933,7 +947,7 @@ class GramStore:
             raise StoreError(arg_prefix("out") + why)
         diffs = spec_differences(stored, spec)
         if tile_given and int(stored.get("tile", -1)) != tile:
-            diffs.append(f"tile: store has {stored.get('tile')}, this job {tile}")
+            diffs.append(f"{arg('tile')}: store has {stored.get('tile')}, this job {tile}")
         if diffs:
             raise StoreMismatch(f"{arg('out', str(path))} holds another job: " + "; ".join(diffs)
                                 + f". Nothing was written; use another {arg('out')} path for this "
