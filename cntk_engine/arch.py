@@ -71,10 +71,14 @@ their image's self-pair value, so K(x, x') == K(x, x) bit for bit when x' == x).
 The same infinite slope bites wherever Sigma = +-sqrt(q_x q_z) holds exactly for other
 reasons: entries whose receptive fields match in both images (with biases, two all-zero
 windows give Sigma = q_x = q_z = b2 at the first layer, and so on up), which real images have
-in their blank margins.  The fast backends form c = Sigma (1/sqrt(q_x)) (1/sqrt(q_z)), a few
-ulps from +-1 there, so they take c within 8 ulps of +-1 as +-1 (the numba backend: at most
-the error the rounding of c already carries anywhere else, and exact where c = +-1 is exact);
-the reference's c = Sigma / sqrt(q_x q_z) is exact there by itself.
+in their blank margins, and two images of which one is a positive (or negative) multiple of
+the other (c = +-1 at every entry), such as constant images of different values.  Past the
+first layer Sigma and q_x, q_z carry rounding of their own, so c lands a few ulps from +-1
+there in any form of the quotient (the reference's Sigma / sqrt(q_x q_z) was 7e-9 off on the
+pair (x, 3 x)): the reference and numba backends take c within SNAP_ULPS = 8 ulps of +-1 as
++-1: at most the error the rounding of c already carries anywhere else, and exact where c =
++-1 is exact.  The CUDA kernels clamp c to [-1, 1] only (relu_step.cuh), and are exact on
+self pairs' diagonals, where they set c := 1.
 
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.
@@ -159,6 +163,7 @@ MAX_STD = math.sqrt(np.finfo(np.float64).max)     # largest W_std / b_std whose 
 #: largest depth accepted: the cost is linear in depth and accuracy saturates by ~20 (the
 #: paper's depths are 3 to 21); 1000 leaves room for studies of very deep kernels
 MAX_DEPTH = 1000
+SNAP_ULPS = 8      # c within this many units of the dtype's epsilon of +-1 is +-1 (self pairs)
 
 
 @dataclass(frozen=True)

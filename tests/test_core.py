@@ -133,10 +133,27 @@ def test_properties_on_real_images():
         np.testing.assert_allclose(kf, k, rtol=1e-10)                          # flip invariance
         kv = ce.gram(x[:, :, ::-1, :], depth=5, kernel=kernel, dtype="float64")
         np.testing.assert_allclose(kv, k, rtol=1e-10)
-        # homogeneity; (3.5 x_i, x_i) is not a self pair, so its c = 1 entries carry rounding
-        # amplified by theta's sqrt singularity (see arch, "self pairs"): 1e-8, not 1e-10
+        # homogeneity; (3.5 x_i, x_i) is not a self pair, but its c = +-1 entries are taken as
+        # +-1 (arch, "self pairs"), so it holds to rounding
         k2 = ce.gram(3.5 * x, x, depth=5, kernel=kernel, dtype="float64")
-        np.testing.assert_allclose(k2, 3.5 * k, rtol=1e-8)
+        np.testing.assert_allclose(k2, 3.5 * k, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+def test_an_image_and_a_multiple_of_it(backend, pooling, rng):
+    """c = 1 exactly at every entry of (x, a x), but past the first layer Sigma and q carry their
+    own rounding: without the snap of c to +-1, arccos turned a few ulps into 1e-8 (the
+    reference, the oracle, was the one off)."""
+    b = rng.standard_normal((2, 6, 6))
+    x = np.stack([b, 3.0 * b, np.full((2, 6, 6), 0.5), np.full((2, 6, 6), 2.0)])
+    k = ce.gram(x, depth=8, pooling=pooling, backend=backend, dtype="float64")
+    np.testing.assert_allclose(k[0, 1], 3.0 * k[0, 0], rtol=1e-13)
+    np.testing.assert_allclose(k[2, 3], 4.0 * k[2, 2], rtol=1e-13)       # constant images
+    # one channel, one pixel: K = x1 x2 / 27 at depth 3 (arora) for same-sign pixels
+    p = np.array([1.0461432923049026, 0.7415884212884828]).reshape(2, 1, 1, 1)
+    k = ce.gram(p, depth=3, backend=backend, dtype="float64")
+    np.testing.assert_allclose(k[0, 1], p[0, 0, 0, 0] * p[1, 0, 0, 0] / 27, rtol=1e-14)
 
 
 def test_psd_on_cifar_and_x2_equals_gram_blocks(rng):

@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from ..arch import grid_weights, readout_weights
+from ..arch import SNAP_ULPS, grid_weights, readout_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
@@ -45,9 +45,6 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
 # passed as views of the run (passed the whole-grid arrays instead, the same loop ran 3x slower
 # in the kernel, measured; the cause was not established)
 RELU_CHUNK = 1024
-
-SNAP_ULPS = 8   # c within this many units of the dtype's epsilon of +-1 is taken as +-1
-
 
 def constants(dtype) -> np.ndarray:
     """[pi, 1/(2 pi), 0, 1, A&S coefficients a0..a7, 1 - SNAP_ULPS eps] in the compute dtype.

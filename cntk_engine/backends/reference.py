@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..arch import ConvRelu
+from ..arch import SNAP_ULPS, ConvRelu
 from .base import Backend, Prepared, Traits
 
 
@@ -33,12 +33,17 @@ def relu_step(sigma, q_x, q_z):
     """K = E[relu(u) relu(v)], Kdot = E[relu'(u) relu'(v)] for (u, v) ~ N(0, [[q_x, s], [s, q_z]]).
 
     norm = sqrt(q_x q_z) as one square root: for a diagonal entry of a self pair
-    sqrt(fl(q * q)) == q exactly, so c = 1 there with no rounding (see ``arch``, self pairs).
+    sqrt(fl(q * q)) == q exactly, so c = 1 there with no rounding.  Elsewhere c = +-1 exactly
+    (matching receptive fields, an image and a multiple of it) comes out a few ulps off, and
+    arccos would turn that into sqrt(eps): c within SNAP_ULPS ulps of +-1 is +-1 (``arch``,
+    self pairs).
     """
     norm = np.sqrt(q_x[:, :, None, None] * q_z[None, None, :, :])
     with np.errstate(divide="ignore", invalid="ignore"):
         c = np.where(norm > 0, sigma / norm, 0.0)   # zero-variance windows: c := 0
-    theta = np.arccos(np.clip(c, -1.0, 1.0))
+    snap = 1.0 - SNAP_ULPS * np.finfo(np.float64).eps
+    c = np.where(np.abs(c) >= snap, np.sign(c), c)
+    theta = np.arccos(c)
     k = (norm * np.sin(theta) + (math.pi - theta) * sigma) / (2 * math.pi)
     kdot = (math.pi - theta) / (2 * math.pi)
     return k, kdot
