@@ -33,6 +33,7 @@ chooses it by exact leave-one-out over :data:`cntk_engine.solver.RELATIVE_RIDGE_
 from __future__ import annotations
 
 import numbers
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -238,6 +239,7 @@ class _CNTKBase(BaseEstimator):
             lam = sel.ridge
         else:
             self.ridge_ = float(self.ridge)
+            self.loo_ = None            # not the scores of an earlier fit with ridge="auto"
             lam = self.ridge_ * scale
         sol = solver.fit_ridge(K, Y, lam)
         self.ridge_absolute_ = lam
@@ -253,8 +255,9 @@ class _CNTKBase(BaseEstimator):
         self.zca_ = None
         if self.preprocess == "zca":
             from .preprocess import fit_zca
-            self.zca_ = fit_zca(imgs, reg=self.zca_reg, data_format="NCHW")
-            imgs = self.zca_.transform(imgs)
+            with _zca_errors():
+                self.zca_ = fit_zca(imgs, reg=self.zca_reg, data_format="NCHW")
+                imgs = self.zca_.transform(imgs)
         if self.augment_flips:
             from .preprocess import with_flips
             return with_flips(imgs, y)
@@ -264,8 +267,20 @@ class _CNTKBase(BaseEstimator):
         check_is_fitted(self, "dual_coef_")
         imgs, _ = self._images(X, reset=False)
         if self.zca_ is not None:
-            imgs = self.zca_.transform(imgs)
+            with _zca_errors():
+                imgs = self.zca_.transform(imgs)
         return self._gram(imgs, self.X_fit_) @ self.dual_coef_
+
+
+@contextmanager
+def _zca_errors():
+    """The whitening's refusal of constant images, as the estimator's caller can act on it (the
+    estimators have no layer_norm parameter)."""
+    from .preprocess import ConstantImages
+    try:
+        yield
+    except ConstantImages as e:
+        raise e.reworded("X", 'drop them, or use preprocess=None (no ZCA)') from None
 
 
 class CNTKClassifier(ClassifierMixin, _CNTKBase):
@@ -283,10 +298,13 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         (:func:`cntk_engine.preprocess.fit_zca`; attribute ``zca_``).
     augment_flips : train on the images and their horizontal flips (twice the training set);
         with kernel ridge regression this predicts what ``flip=True`` predicts with half the
-        ridge, at about twice the kernel cost and 8 times the solve.  ``ridge="auto"`` then
+        absolute ridge (``ridge_absolute_``; the relative ridges are not halves: each is relative
+        to its own Gram's mean diagonal), at about twice the kernel cost and 8 times the solve.  ``ridge="auto"`` then
         leaves each image out together with its flipped copy (leave-one-group-out).
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
-        diagonal of the training Gram; 0 = the paper's interpolating solution.
+        diagonal of the training Gram; 0 = the paper's interpolating solution (with the default
+        float32 Gram, whose rounding can leave it slightly indefinite on near-duplicate images,
+        a ridge of 0 may be refused as not positive definite: use ``dtype="float64"``).
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
     image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
         (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the
@@ -298,7 +316,8 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
     ----------
     classes_, n_features_in_, image_shape_ (C, H, W), X_fit_ (training images, NCHW float64),
     dual_coef_ (n, n_classes), ridge_ (relative ridge used), ridge_absolute_, jitter_ (diagonal
-    added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult`, ridge="auto").
+    added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult` with
+    ridge="auto", None with a number).
     """
 
     def __init__(self, depth=None, architecture="cnn", pooling="gap", lap_window=None, flip=False,

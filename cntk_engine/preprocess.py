@@ -92,9 +92,7 @@ class ZCAWhitening:
                              f"on {self.image_shape}")
         if not np.isfinite(x).all():
             raise ValueError("images with NaN or Inf pixels cannot be whitened; all pixels must be finite")
-        f = ((x.astype(np.float64) - self.mean) / self.std).reshape(len(x), -1)
-        if self.layer_norm:
-            f = _unit_rows(f, "x")
+        f = _standardised_rows(x.astype(np.float64), self.mean, self.std, self.layer_norm, "x")
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
 
@@ -113,9 +111,7 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     std = a.std(axis=(0, 2, 3), keepdims=True)
     std = np.where(std > 0, std, 1.0)
     n, d = a.shape[0], a[0].size
-    f = ((a - mean) / std).reshape(n, d)
-    if layer_norm:
-        f = _unit_rows(f, "x_train")
+    f = _standardised_rows(a, mean, std, layer_norm, "x_train")
     moment = f.T @ f / n
     s, u = np.linalg.eigh(moment)
     if not s.max() > 0:
@@ -158,18 +154,50 @@ def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool
     """
     z = fit_zca(x_train, reg=reg, reg_absolute=reg_absolute, layer_norm=layer_norm,
                 data_format=data_format)
-    return z.transform(x_train), (None if x_test is None else z.transform(x_test))
+    if x_test is None:
+        return z.transform(x_train), None
+    try:
+        return z.transform(x_train), z.transform(x_test)
+    except ConstantImages as e:          # x_train's passed in fit_zca: these are x_test's
+        raise e.reworded("x_test", e.remedy) from None
 
 
-def _unit_rows(f: np.ndarray, name: str) -> np.ndarray:
-    """Each row minus its mean, scaled to unit L2 norm; a constant row is an error."""
+class ConstantImages(ValueError):
+    """Images that are constant after per-channel standardisation, which the layer normalisation
+    of the ZCA recipe cannot scale to unit norm (they have no direction).  ``role``: the images
+    as the caller named them, ``indices``: their positions there; ``remedy``: what the caller
+    can do.  Callers with other options (the estimators, the command line) re-raise it with
+    :meth:`reworded`."""
+
+    def __init__(self, role: str, indices, remedy: str = "drop them, or use layer_norm=False"):
+        self.role, self.indices, self.remedy = role, [int(i) for i in indices], remedy
+        super().__init__(f"{role} image(s) at index {self.indices[:10]}"
+                         f"{' ...' if len(self.indices) > 10 else ''} are constant (every value "
+                         "the same after per-channel standardisation): the layer normalisation of "
+                         f"ZCA whitening cannot scale them to unit norm; {remedy}")
+
+    def reworded(self, role: str, remedy: str) -> "ConstantImages":
+        return ConstantImages(role, self.indices, remedy)
+
+
+def _standardised_rows(a: np.ndarray, mean, std, layer_norm: bool, name: str) -> np.ndarray:
+    """Steps 1-2 of :func:`zca_whiten`: the (N, C H W) rows of (a - mean) / std, with
+    ``layer_norm`` each minus its mean and scaled to unit L2 norm; a constant row is an error.
+
+    A row is constant when what is left after its mean is rounding: below 1e-12 of the norm of
+    (|a| + |mean|) / std, the size the standardisation's rounding scales with (an image at its
+    channels' means standardises to rounding noise, which the norm of the row itself would not
+    tell from a direction)."""
+    n = len(a)
+    f = ((a - mean) / std).reshape(n, -1)
+    if not layer_norm:
+        return f
     centred = f - f.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    bad = np.nonzero(norms <= 1e-12 * np.linalg.norm(f, axis=1))[0]     # rounding of a constant
+    size = np.linalg.norm(((np.abs(a) + np.abs(mean)) / std).reshape(n, -1), axis=1)
+    bad = np.nonzero(norms <= 1e-12 * size)[0]
     if bad.size:
-        raise ValueError(f"{name} image(s) at index {bad[:10].tolist()} are constant (every value the "
-                         "same after per-channel standardisation): layer_norm cannot scale them to unit "
-                         "norm; drop them, or use layer_norm=False")
+        raise ConstantImages(name, bad)
     return centred / norms[:, None]
 
 
@@ -192,8 +220,8 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
     return a, b
 
 
-__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "standardize", "scale", "downsample",
-           "fit_zca", "zca_whiten", "preprocess"]
+__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "ConstantImages", "standardize", "scale",
+           "downsample", "fit_zca", "zca_whiten", "preprocess"]
 
 
 def with_flips(x, y):

@@ -1,5 +1,6 @@
 """scikit-learn estimators: scikit-learn's estimator checks, tiny real MNIST images, input
 layouts, agreement with the solver and with KernelRidge / SVC on precomputed Grams."""
+import copy
 import os
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def test_classifier_auto_ridge_and_layouts(mnist10):
     assert clf.loo_.accuracy[list(clf.loo_.ridges / clf.ridge_absolute_ * clf.ridge_).index(clf.ridge_)] == best
     pred = clf.predict(xte)
     assert np.mean(pred == yte) >= 0.5
+    # refitted with a number: no scores of the earlier "auto" fit left behind
+    assert copy.deepcopy(clf).set_params(ridge=0.1).fit(xtr, ytr).loo_ is None
     # flattened rows + image_shape, 3-D (N, H, W) and NHWC give the same model
     flat = CNTKClassifier(**ARCH, image_shape=(1, 10, 10)).fit(xtr.reshape(60, -1), ytr)
     np.testing.assert_array_equal(flat.predict(xte.reshape(40, -1)), pred)

@@ -301,6 +301,20 @@ def test_augment_flips_loo_leaves_each_image_out_with_its_flip(xy_npz, capsys, t
     assert rc == 0 and seen[1] is None and "pooling gap, flip False" in out and "its flip" not in out
 
 
+def test_zca_refuses_constant_images_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    x = rng.random((12, 1, 6, 6))
+    x[[2, 7]] = 0.25                              # two blank training images
+    p = tmp_path / "blank.npz"
+    np.savez(p, x_train=x, y_train=np.arange(12) % 2, x_test=rng.random((4, 1, 6, 6)),
+             y_test=np.arange(4) % 2)
+    rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 12, "--n-test", 4, *BASE)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("--zca: the training image(s) at index [2, 7] are constant" in err
+            and "--n-train images drawn from DATA with --seed 0" in err
+            and "--preprocess standardize" in err and "layer_norm" not in err), err
+
+
 def test_zca_and_preprocess_are_exclusive(capsys):
     """--zca is --preprocess zca: given with --preprocess the last one used to win silently."""
     for args in (("--zca", "--preprocess", "scale"), ("--preprocess", "none", "--zca")):

@@ -223,6 +223,20 @@ def test_zca_bad_input(args, kw, msg):
         z.transform(np.ones((1, 1, 3, 3)))
 
 
+def test_zca_names_the_constant_images_and_where_they_are(rng):
+    from cntk_engine.preprocess import ConstantImages
+    x, t = rng.standard_normal((6, 1, 3, 3)), rng.standard_normal((4, 1, 3, 3))
+    x[2], t[1], t[3] = 0.0, 5.0, -1.0
+    with pytest.raises(ConstantImages, match=r"^x_train image\(s\) at index \[2\] are constant.*"
+                       "layer_norm=False") as e:
+        zca_whiten(x, t)
+    assert e.value.indices == [2]
+    with pytest.raises(ConstantImages, match=r"^x_test image\(s\) at index \[1, 3\]") as e:
+        zca_whiten(x[3:], t)                    # the training images are fine, two test ones not
+    assert e.value.role == "x_test" and e.value.indices == [1, 3]
+    assert zca_whiten(x[3:], t, layer_norm=False)[1].shape == t.shape
+
+
 # ----------------------------------------------------------------------------- where users meet it
 @pytest.mark.parametrize("kw, msg", [
     (dict(depth=3, pooling="lap"), "needs lap_window"),
@@ -303,3 +317,17 @@ def test_estimators_flip_zca_augment():
         assert not np.array_equal(clf.dual_coef_, plain.dual_coef_)
     with pytest.raises(ValueError, match="preprocess must be"):
         CNTKClassifier(**base, preprocess="pca").fit(x[:24], y[:24])
+    # a constant image: named with what the estimator's caller can do (it has no layer_norm)
+    # (constant after per-channel standardisation: every pixel at its channel's mean)
+    blank = x[:24].copy()
+    blank[5] = np.delete(blank, 5, axis=0).mean(axis=(0, 1, 2))     # the mean stays that mean
+    zca = CNTKClassifier(**base, preprocess="zca")
+    with pytest.raises(ValueError, match=r"^X image\(s\) at index \[5\] are constant.*"
+                       r"preprocess=None") as e:
+        zca.fit(blank, y[:24])
+    assert "layer_norm" not in str(e.value)
+    zca.fit(x[:24], y[:24])
+    test = x[24:27].copy()
+    test[0] = zca.zca_.mean.reshape(-1)                              # NHWC: channels last
+    with pytest.raises(ValueError, match=r"^X image\(s\) at index \[0\] are constant"):
+        zca.predict(test)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import solver
-from ..preprocess import PREPROCESSING, ZCA_REG, preprocess, with_flips
+from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
                      gram_options, machine, nonnegative_int, numpy_problem, open_numpy, plural,
                      to_nchw, write_json)
@@ -321,8 +321,15 @@ def run(args) -> int:
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
-    xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg,
-                          data_format="NCHW")
+    try:
+        xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg,
+                              data_format="NCHW")
+    except ConstantImages as e:
+        which, option = ("test", "--n-test") if e.role == "x_test" else ("training", "--n-train")
+        raise CliError(str(e.reworded(
+            f"--zca: the {which}",
+            f"the positions are among the {option} images drawn from DATA with --seed "
+            f"{args.seed}; use another --seed, or --preprocess standardize"))) from None
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
