@@ -245,6 +245,14 @@ def positive_float(text):
     return v
 
 
+def positive_float_list(text):
+    """argparse type: a comma list of numbers > 0 ('0.1,1' -> [0.1, 1.0])."""
+    vals = [positive_float(v) for v in str(text).split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers > 0, e.g. 0.1,1")
+    return vals
+
+
 def devices(text):
     """argparse type of --devices: 'all' or a comma list of GPU ids ('0,1' -> [0, 1])."""
     return "all" if str(text).strip() == "all" else int_list(minimum=0)(text)

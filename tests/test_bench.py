@@ -1267,3 +1267,23 @@ def test_bench_zca_records_the_fit_beside_the_kernel(tmp_path):
     rec = bench_zca.main(["--n-train", "2", "--architecture", "cnn", "--depth", "2", "--kernel-n", "4",
                           "--out-dir", str(tmp_path)])
     assert rec["kernel"]["n"] == 4
+
+
+def test_bench_float32_error_separates_near_duplicates(tmp_path, capsys):
+    """bench/bench_float32_error.py on real digits: float32 is near float64 on distinct digits,
+    and far (about sqrt(eps)) on a digit and its copy with faint noise."""
+    from conftest import DATA
+    from bench import bench_float32_error
+    mnist = DATA / "mnist_test.npz"
+    if not mnist.is_file():
+        pytest.skip(f"real data {mnist} not found")
+    rec = bench_float32_error.main(["--mnist", str(mnist), "--n", "3", "--crop", "8", "--depths",
+                                    "6", "--noise", "0.1,10", "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("float32_error_*.json")
+    assert json.loads(f.read_text())["rows"] == rec["rows"]
+    assert [(r["pooling"], r["depth"]) for r in rec["rows"]] == [("gap", 6), ("flatten", 6)]
+    flat = rec["rows"][1]
+    assert flat["distinct"] < 1e-6 and flat["noise_10"] < 1e-5 and flat["noise_0.1"] > 1e-4
+    with pytest.raises(SystemExit) as e:
+        bench_float32_error.main(["--noise", "0", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--noise: '0': expected a number > 0" in capsys.readouterr().err
