@@ -3,8 +3,8 @@
 // tests/test_cuda.py compiles it with the host C++ compiler (relu_step_check.cpp) and checks it
 // against NumPy.  The math is in cntk_engine/arch.py:
 //
-//   c    = Sigma / sqrt(q_x q_z), clamped to [-1, 1]; 0 where q_x q_z = 0; 1 on a self pair's
-//          offset-(0, 0) entries
+//   c    = Sigma / sqrt(q_x q_z), clamped to [-1, 1] (double: within 8 ulps of +-1 taken as
+//          +-1); 0 where q_x q_z = 0; 1 on a self pair's offset-(0, 0) entries
 //   Kdot = (pi - arccos c) / (2 pi)
 //   K    = sqrt(q_x q_z) sqrt(1 - c^2) / (2 pi) + Kdot Sigma,   G = Theta Kdot
 //
@@ -32,6 +32,8 @@ using std::fmax;
 using std::fmin;
 using std::sqrt;
 using std::acos;
+using std::copysign;
+using std::fabs;
 #endif
 
 // sqrt.approx.f32: one MUFU instruction.  FTZ selects sqrt.approx.ftz.f32, which flushes a
@@ -97,10 +99,21 @@ template <bool FTZ> struct Math<double, FTZ> {
 // The step at one entry from Sigma s and Theta th, given rs = 1 / sqrt(q_x q_z) (0 for a
 // zero-variance window, which makes c = 0) and nrm() = sqrt(q_x q_z) / (2 pi): K and G.  nrm is
 // a callable so that each variant computes it where the step needs it.
+//
+// double: c within 8 ulps of +-1 is +-1, as the reference and numba backends take it
+// (cntk_engine/arch.py, SNAP_ULPS): where c = +-1 exactly between different images (an image and
+// a multiple of it, matching receptive fields), c lands a few ulps off past the first layer, and
+// arccos's infinite slope would turn that into 1e-8.  float clamps only: its approximations
+// already carry errors of that size near |c| = 1, and the hot loop saves the compare (a float32
+// pair at c = +-1 exactly is off by about sqrt(eps), as near-duplicates are; README, exactness).
 template <typename T, bool FTZ, typename Nrm>
 CNTK_HD void relu_step(T s, T th, T rs, Nrm nrm, bool self_diag, T& k, T& g) {
   T c = s * rs;
-  c = fmin(fmax(c, T(-1)), T(1));
+  if constexpr (sizeof(T) == 8) {
+    c = fabs(c) >= 1.0 - 8 * 2.220446049250313e-16 ? copysign(1.0, c) : c;
+  } else {
+    c = fmin(fmax(c, T(-1)), T(1));
+  }
   if (self_diag) c = T(1);
   const T kdot = Math<T, FTZ>::kdot(c);
   const T n = nrm();

@@ -110,13 +110,25 @@ def test_emulated_myrtle10_real_cifar(emulated):
 def test_emulated_stack_real_mnist_zero_windows(emulated):
     """28 x 28 MNIST digits (blank margins: zero-variance windows) and an all-zero image through
     28 -> 14 -> 7 (an odd pooled size: one grid per round along each axis at the second pool).
-    float64 within 1e-10: the margins give entries at c = 1 to rounding, where sqrt(1 - c^2)
-    turns a last-bit difference in c into ~1e-8 of that entry; v5 rounds c as numba does (the
-    same factors) and agrees with it to 4e-15; v3 and v6 round it otherwise and differ from the
-    float64 reference by 1.07e-12 (numba: 4e-15)."""
+    float64 within 1e-13: the margins give entries at c = 1 to rounding, where sqrt(1 - c^2)
+    turned a last-bit difference in c into ~1e-8 of that entry (v3 and v6, which round c
+    otherwise than numba, were 1.07e-12 off); with c within 8 ulps of 1 taken as 1 every
+    variant agrees with numba to 2e-16."""
     _, mnist = real_cifar_and_mnist()
     x = np.concatenate([mnist[:1], np.zeros_like(mnist[:1])])
-    check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64", tol=1e-10)
+    check(x, architecture=serial(C, POOL, C, POOL, C), dtype="float64", tol=1e-13)
+
+
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
+@pytest.mark.parametrize("arch", [dict(depth=6), dict(architecture=serial(C, POOL, C, C))],
+                         ids=["cnn", "stack"])
+def test_emulated_float64_an_image_and_a_multiple_of_it(emulated, arch):
+    """c = 1 exactly at every entry of (x, 3 x) and of two constant images, a few ulps off past
+    the first layer: float64 takes c within 8 ulps of +-1 as +-1 (relu_step.cuh), as numba does,
+    so the two agree to rounding (unsnapped, arccos made it 1e-8)."""
+    b = np.random.default_rng(5).standard_normal((2, 8, 8))
+    x = np.stack([b, 3.0 * b, np.full((2, 8, 8), 0.5), np.full((2, 8, 8), 2.0)])
+    check(x, dtype="float64", tol=1e-13, **arch)
 
 
 @pytest.mark.parametrize("emulated", ["v7"], indirect=True)
