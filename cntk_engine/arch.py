@@ -349,7 +349,9 @@ class Architecture:
                                  f"+ the dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
             raise ValueError(
-                f"{arg('fix', True)} needs depth >= 3; got depths {list(self.depths)}: at depth 2 "
+                f"{arg('fix', True)} needs depth >= 3; got "
+                + (arg("depth", self.depths[0]) if len(self.depths) == 1
+                   else arg("depths", list(self.depths))) + ": at depth 2 "
                 "the only conv layer is the first layer, so with the first and the last layer "
                 "fixed nothing is trained and the NTK would be identically 0; "
                 f"{arg('kernel', 'nngp')} does not depend on {arg('fix')}, so leaving it out gives "

@@ -109,8 +109,8 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
     limit = float(np.finfo(dtype).max) / 100
     if worst <= limit:               # False for inf / NaN too
         return
-    weights = (f" with {arg('W_std', arch.W_std)}, {arg('b_std', arch.b_std)}" if arch.convention == "neural_tangents"
-               else "")
+    given = [arg(name, v) for name, v in (("W_std", arch.W_std), ("b_std", arch.b_std)) if v is not None]
+    weights = f" with {', '.join(given)}" if arch.convention == "neural_tangents" and given else ""
     what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about {bound:.3g} in this "
             f"architecture (depth {arch.max_depth}), whose products overflow {dtype.name} (the output "
             "could be inf or NaN)")

@@ -37,12 +37,25 @@ def arg(name: str, value=_UNSET) -> str:
     return f"{option} {value!r}" if isinstance(value, str) else f"{option} {value}"
 
 
+def as_written(name: str, value) -> str:
+    """``value`` of ``name`` as the caller wrote it: its repr in Python, as the option takes it
+    on the command line (``[3, 4]`` -> ``3,4``)."""
+    return arg(name, value)[len(arg_prefix(name)):]
+
+
 def arg_prefix(name: str) -> str:
     """What comes before a value of ``name`` in :func:`arg`'s spelling: ``name=`` in Python,
     ``--option `` on the command line (for messages that append a repr themselves)."""
     options = _OPTIONS.get()
     option = None if options is None else options.get(name)
     return f"{name}=" if option is None else f"{option} "
+
+
+def option(name: str) -> str | None:
+    """The command-line option of ``name`` when a command runs and has one, else None (for
+    messages whose Python wording is not ``name=...``)."""
+    options = _OPTIONS.get()
+    return None if options is None else options.get(name)
 
 
 def unset() -> str:
@@ -56,6 +69,22 @@ def command_line(options: Mapping[str, str]) -> Iterator[None]:
     """Within the block, :func:`arg` spells the parameters in ``options`` (Python name ->
     option, e.g. ``{"lap_window": "--lap-window", "x1": "DATA"}``) as that option."""
     token = _OPTIONS.set(dict(options))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+@contextmanager
+def renamed(names: Mapping[str, str]) -> Iterator[None]:
+    """On the command line, within the block, also spell the parameters in ``names`` so (a
+    command that passes the engine something other than an option's value, e.g. the training
+    images it drew from DATA as ``x1``); Python spelling stays as it is."""
+    options = _OPTIONS.get()
+    if options is None:
+        yield
+        return
+    token = _OPTIONS.set({**options, **names})
     try:
         yield
     finally:

@@ -1,5 +1,6 @@
 """Command line: gram into a store, resume, one-line errors without half-written stores, info,
 demo, evaluate registration, python -m."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,8 +211,9 @@ def test_python_m_entry_point(tmp_path):
 # ----------------------------------------------------------------------------- review fixes
 @pytest.mark.parametrize("argv, msg", [
     (["--n", "0"], "--n must be between 3 and 200; got 0"),
-    (["--depth", "0"], "--depth must be an integer >= 2 (conv layers + 1); got 0"),
-    (["--depth", "1"], "--depth must be an integer >= 2"),
+    (["--depth", "0"], "--depth must be an integer from 2 (conv layers + 1) to 1000; got 0"),
+    (["--depth", "1"], "--depth must be an integer from 2"),
+    (["--depth", "5000"], "to 1000; got 5000"),                  # before the header is printed
 ])
 def test_demo_zero_is_refused_not_a_default(capsys, argv, msg):
     """``--n 0`` / ``--depth 0`` used to run the demo silently with the defaults."""
@@ -227,6 +229,7 @@ def test_gram_fix_at_depth_2_is_a_one_line_error(tmp_path, data, capsys):
                        "--backend", "reference", "--no-progress")
         assert rc == 2 and e.startswith("cntk-engine: error: --fix needs depth >= 3") and \
             e.count("\n") == 1 and "identically 0" in e, e
+        assert f"got {' '.join(d)}:" in e, e            # as typed, not "depths [2]"
         assert not out.exists()
 
 
@@ -350,3 +353,19 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=60) == 141 and err == b"", err
+
+
+def test_gram_out_and_scheduler_refusals_name_the_option(tmp_path, data, capsys):
+    """A file where --out's folder should be, a folder the store cannot be made in (its
+    temporary name is not the caller's), an empty --scheduler (it ran locally, exit 0)."""
+    (tmp_path / "notes.txt").write_text("x")
+    base = ["gram", tmp_path / "x.npy", "--depth", "3", "--backend", "numba", "--no-progress"]
+    rc, o, e = run(capsys, *base, "--out", tmp_path / "notes.txt" / "g.zarr")
+    assert rc == 2 and f"--out {str(tmp_path / 'notes.txt' / 'g.zarr')!r}: " \
+        f"{str(tmp_path / 'notes.txt')!r} is a file, not a folder" in e, e
+    rc, o, e = run(capsys, *base, "--out", tmp_path / "g.zarr", "--scheduler", "")
+    assert rc == 2 and "--scheduler '' is empty" in e and not (tmp_path / "g.zarr").exists(), e
+    if Path("/proc").is_dir():         # not writable, or (root) refusing the store's folder
+        rc, o, e = run(capsys, *base, "--out", "/proc/g.zarr")
+        assert rc == 2 and e.startswith("cntk-engine: error: --out '/proc/g.zarr'") and \
+            ("cannot be created in '/proc'" in e or "is not writable" in e) and ".partial" not in e, e

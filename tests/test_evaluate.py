@@ -201,6 +201,30 @@ def test_one_nan_pixel_names_that_image_only(tmp_path, capsys):
     assert f"DATA {str(p)!r}: x has NaN or Inf pixels in image(s) at index [7, 9] (positions in x)" in err, err
 
 
+def test_a_store_refused_before_any_kernel_leaves_no_folder(tmp_path, capsys, xy_npz):
+    """--lap-window larger than the 8 x 8 images is known only when the kernels are asked for,
+    after --store's folder is made: the folder is removed again (it was left empty)."""
+    p, _, _ = xy_npz
+    rc, out, err = main(capsys, p, "--depth", 3, "--pooling", "lap", "--lap-window", 9,
+                        "--n-train", 6, "--n-test", 4, "--store", tmp_path / "k", *REF)
+    assert rc == 2 and "--lap-window 9 is larger than the images" in err, err
+    assert not (tmp_path / "k").exists()
+
+
+def test_nan_labels_and_one_class_are_named_before_the_kernels(tmp_path, capsys, monkeypatch):
+    import cntk_engine.api
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    x = np.random.default_rng(2).random((12, 1, 6, 6))
+    y = (np.arange(12) % 2).astype(float)
+    y[[3, 9]] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    rc, out, err = main(capsys, tmp_path / "nan.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
+    assert rc == 2 and err.count("\n") == 1 and "y has NaN or Inf labels at index [3, 9] (positions in y)" in err
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros(12, dtype=np.int64))
+    rc, out, err = main(capsys, tmp_path / "one.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
+    assert rc == 2 and "hold one class only (0)" in err and "np.int64" not in err, err
+
+
 def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     x, y = np.zeros((12, 8, 8)), np.arange(12) % 2
     p = tmp_path / "crc.npz"
@@ -224,9 +248,18 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depths", "3,2", "--fix", "--kernel", "nngp"), "--fix needs depth >= 3"),
     (("--depth", 3, "--json", "missing/r.json"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--json", "."), "is a folder"),
+    # the data file itself, a file in --store, a file that is not JSON, a device, '', a file's
+    # "folder": refused, not overwritten (write_json replaces what is there)
+    (("--depth", 3, "--json", "xy.npz"), "--json 'xy.npz' is DATA; give another path"),
+    (("--depth", 3, "--store", "k", "--json", "k/r.json"), "--json 'k/r.json' is in --store"),
+    (("--depth", 3, "--json", "notes.txt"), "exists and is not a JSON file; refusing to overwrite"),
+    (("--depth", 3, "--json", "/dev/null"), "exists and is not a regular file"),
+    (("--depth", 3, "--json", ""), "--json '' is empty"),
+    (("--depth", 3, "--json", "notes.txt/r.json"), "'notes.txt' is a file, not a folder"),
     (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),
     (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--store", "xy.npz"), "exists and is not a folder"),
+    (("--depth", 3, "--store", "xy.npz/k"), "'xy.npz' is a file, not a folder"),
     (("--depth", 3, "--zca-reg", "0.5"), "--zca-reg belongs to --zca (--preprocess zca); got "
      "--preprocess standardize"),
 ])
@@ -237,14 +270,16 @@ def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, ar
     monkeypatch.setattr(ev, "load_data", lambda *a, **k: pytest.fail("data was loaded"))
     monkeypatch.chdir(tmp_path)
     p, _, _ = xy_npz
-    rc, out, err = main(capsys, p, *args, "--n-train", 4, "--n-test", 2, *REF)
+    (tmp_path / "notes.txt").write_text("my notes")
+    rc, out, err = main(capsys, "xy.npz", *args, "--n-train", 4, "--n-test", 2, *REF)
     assert rc == 2 and msg in err and err.count("\n") == 1 and err.startswith("cntk-engine: error:"), err
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "k").exists()
 
 
 def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz, monkeypatch):
     p, _, _ = xy_npz
     js = tmp_path / "r.json"
-    js.write_text("old")
+    js.write_text("{\"old\": 1}")                  # an earlier result: overwritten
     argv = [str(p), "--depth", "3", "--n-train", "6", "--n-test", "4", "--kernel", "nngp",
             "--filter-size", "1", "--convention", "neural_tangents", "--W-std", "1.5", "--b-std",
             "0.1", "--tile", "4", "--data-format", "NCHW", "--json", str(js), *REF]
@@ -375,7 +410,7 @@ def test_store_keeps_the_kernels_and_a_stopped_run_resumes(xy_npz, capsys, tmp_p
     # the stores of another job (another seed: other images) are refused, naming the store
     other = [("6" if a == 5 else a) for a in args]
     rc, out, err = main(capsys, *other, "--store", st, "--resume")
-    assert rc == 2 and "train.zarr" in err and "images x1" in err and err.count("\n") == 1, err
+    assert rc == 2 and "train.zarr" in err and "the training images (sha256)" in err and err.count("\n") == 1, err
 
 
 def test_store_dir_holding_a_non_store_and_resume_of_nothing(xy_npz, capsys, tmp_path, monkeypatch):
@@ -435,7 +470,7 @@ def test_a_store_of_another_run_is_refused_naming_store_and_why(tmp_path, capsys
     assert rc == 0, err
     rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", "--seed", 1, *REF)
-    assert rc == 2 and f"--store {str(st)!r}: train.zarr holds the kernels of another run: images x1" in err
+    assert rc == 2 and f"--store {str(st)!r}: train.zarr holds the kernels of another run: the training images (sha256)" in err
     assert "--seed" in err and "out=" not in err and err.count("\n") == 1, err
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", *REF)

@@ -213,7 +213,7 @@ def test_other_job_is_refused_and_nothing_touched(tmp_path, rng):
         (dict(x1=x, depth=3, kernel="both"), "kernel"),
         (dict(x1=x, depth=3, pooling="flatten"), "pooling"),
         (dict(x1=x, depth=3, tile=2), "tile"),
-        (dict(x1=x[:5], depth=3), "n1"),
+        (dict(x1=x[:5], depth=3), r"images x1 \(count\)"),
         (dict(x1=x, x2=x[:3], depth=3), "symmetric"),
         (dict(x1=x, depth=3, backend="reference"), "backend"),
     ]

@@ -236,10 +236,23 @@ def test_damaged_array_metadata_is_named(finished, tmp_path, cifar, capsys):
 
 def test_cli_verify_errors_are_one_line(tmp_path, capsys):
     rc, o, e = run(capsys, "verify", tmp_path / "none.zarr")
-    assert rc == 2 and "does not exist" in e and e.count("\n") == 1
+    assert rc == 2 and "STORE " in e and "does not exist" in e and e.count("\n") == 1
     (tmp_path / "f.zarr").write_text("x")
     rc, o, e = run(capsys, "verify", tmp_path / "f.zarr")
-    assert rc == 2 and "not a Zarr" in e and e.count("\n") == 1
+    assert rc == 2 and "STORE " in e and "not a Zarr" in e and e.count("\n") == 1
+    assert "STORE takes the folder of a Gram store written by cntk-engine gram --out" in e
+
+
+
+def test_cli_verify_json_never_replaces_the_store_or_a_special_file(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = (out / "zarr.json").read_bytes()
+    for path, msg in ((out / "zarr.json", "is in STORE"), ("/dev/null", "not a regular file")):
+        rc, o, e = run(capsys, "verify", out, "--json", path)
+        assert rc == 2 and msg in e and e.count("\n") == 1, e
+    assert (out / "zarr.json").read_bytes() == before
+    rc, o, e = run(capsys, "verify", out, "--json", tmp_path / "v.json")
+    assert rc == 0 and json.loads((tmp_path / "v.json").read_text())
 
 
 # ------------------------------------------------------------------------------ format 1

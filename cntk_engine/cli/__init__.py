@@ -27,8 +27,10 @@ from .common import PROG, CliError
 COMMANDS = (gram, verify, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
 #: (``gram``'s DATA is ``gram(x1, ...)``; ``--scheduler`` picks the Dask ``client``; ``--zca-reg`` is
-#: ``zca_whiten(reg=)``, ``--downsample`` ``downsample(x, factor)``)
-PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg", "factor": "downsample"}
+#: ``zca_whiten(reg=)``, ``--downsample`` ``downsample(x, factor)``, verify's STORE
+#: ``verify_store(path)``)
+PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg", "factor": "downsample",
+                  "path": "store"}
 
 
 def python_options(parser: argparse.ArgumentParser) -> dict:

@@ -237,19 +237,61 @@ def gram_options(args) -> dict:
 
 
 # ------------------------------------------------------------------------------ records
-def check_json_path(path, option: str = "--json") -> Path:
-    """Refuse, before any work, an output path whose folder is missing or not writable."""
+def check_json_path(path, option: str = "--json", inputs: dict | None = None) -> Path:
+    """Refuse, before any work, a result path that cannot or must not be written: empty, a
+    folder, in a missing or read-only folder, not a regular file (a FIFO, a device: write_json
+    would replace it), one of the command's ``inputs`` ({what: path}: its DATA file, or a file
+    in its store), or an existing file that is not JSON (a data file given by mistake).  An
+    earlier result (a JSON file) is overwritten, as the option says."""
+    if not str(path):
+        raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
     p = Path(path)
     folder = p.parent
     if p.is_dir():
         raise CliError(f"{option} {str(path)!r} is a folder; give a file path, e.g. "
                        f"{str(p / 'results.json')!r}")
-    if not folder.is_dir():
-        raise CliError(f"{option} {str(path)!r}: the folder {str(folder)!r} does not exist; create it "
-                       "first or give a path in an existing folder")
+    for what, other in (inputs or {}).items():
+        if other is None:
+            continue
+        other = Path(other).resolve()
+        mine = p.resolve()
+        if mine == other or other in mine.parents:
+            raise CliError(f"{option} {str(path)!r} is {'in ' if mine != other else ''}{what}; "
+                           "give another path for the results")
+    check_parent_folder(p, option)
+    if p.exists() or p.is_symlink():
+        if not p.is_file():
+            raise CliError(f"{option} {str(path)!r} exists and is not a regular file (a FIFO, a "
+                           "device or a broken link); give the path of a file to write")
+        if p.stat().st_size and not _is_json(p):
+            raise CliError(f"{option} {str(path)!r} exists and is not a JSON file; refusing to "
+                           "overwrite it: remove it or give another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CliError(f"{option} {str(path)!r}: the folder {str(folder)!r} is not writable")
     return p
+
+
+def check_parent_folder(p: Path, option: str) -> None:
+    """The folder that will hold ``p`` must exist (and be a folder)."""
+    folder = p.parent
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise CliError(f"{option} {str(p)!r}: {str(folder)!r} is a file, not a folder")
+    up = next((q for q in folder.parents if q.exists()), None)
+    if up is not None and not up.is_dir():
+        raise CliError(f"{option} {str(p)!r}: {str(up)!r} is a file, not a folder")
+    raise CliError(f"{option} {str(p)!r}: the folder {str(folder)!r} does not exist; create it "
+                   "first or give a path in an existing folder")
+
+
+def _is_json(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            json.loads(f.read(64 << 20))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def write_json(path, rec: dict) -> None:

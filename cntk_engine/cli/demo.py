@@ -26,6 +26,7 @@ def demo_data():
 
 def run(args) -> int:
     from ..api import gram
+    from ..arch import MAX_DEPTH
     from ..backends import resolve
     x, y = demo_data()
     be = resolve(args.backend).name
@@ -33,8 +34,9 @@ def run(args) -> int:
     depth = args.depth if args.depth is not None else (6 if be == "cuda" else 3)
     if not 3 <= n <= len(x):
         raise CliError(f"--n must be between 3 and {len(x)}; got {n}")
-    if depth < 2:
-        raise CliError(f"--depth must be an integer >= 2 (conv layers + 1); got {depth}")
+    if not 2 <= depth <= MAX_DEPTH:
+        raise CliError(f"--depth must be an integer from 2 (conv layers + 1) to {MAX_DEPTH}; "
+                       f"got {depth}")
     idx = np.concatenate([np.nonzero(y == c)[0][: -(-n // 10)] for c in range(10)])[:n]
     idx.sort()
     xs, ys = x[idx][:, None], y[idx]

@@ -36,6 +36,7 @@ that already holds either store is refused.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -45,9 +46,10 @@ import numpy as np
 
 from .. import solver
 from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
+from ..spelling import renamed
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
-                     gram_options, machine, nonnegative_int, numpy_problem, open_numpy, plural,
-                     to_nchw, write_json)
+                     check_parent_folder, gram_options, machine, nonnegative_int, numpy_problem,
+                     open_numpy, plural, to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -169,6 +171,11 @@ def _pair(z, kx, ky, path):
         y = y.ravel()
     if y.ndim != 1 or len(y) != len(x):
         raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
+    if y.dtype.kind in "fc" and not np.isfinite(y).all():      # before the kernels, not after
+        idx = np.nonzero(~np.isfinite(y))[0]
+        raise CliError(f"DATA {path!r}: {ky} has NaN or Inf labels at index {idx[:10].tolist()}"
+                       + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
+                       + f" (positions in {ky}); labels must be classes (integers or strings)")
     return x, y
 
 
@@ -223,9 +230,10 @@ def check_store(args) -> Path | None:
     if (d.exists() or d.is_symlink()) and not d.is_dir():
         raise CliError(f"--store {args.store!r} exists and is not a folder; give a folder path, "
                        "e.g. 'kernels/'")
-    if not d.parent.is_dir():
-        raise CliError(f"--store {args.store!r}: the folder {str(d.parent)!r} does not exist; "
-                       "create it first or give a path in an existing folder")
+    check_parent_folder(d, "--store")
+    writable = d if d.is_dir() else d.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise CliError(f"--store {args.store!r}: the folder {str(writable)!r} is not writable")
     from ..jobs.store import is_store, require_zarr
     try:
         require_zarr()
@@ -255,18 +263,29 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
     if store is None:
         result, info = gram(x1, x2, **opts, return_info=True)
         return (result if isinstance(result, dict) else {depths[0]: result}), info
+    created = not store.exists()
     store.mkdir(exist_ok=True)
     try:
-        group, info = gram(x1, x2, **opts, return_info=True,
-                           out=StorePath(store / KERNEL_STORES[which], existing="resume"))
+        # the store's differences name the images this command drew, not DATA's file
+        with renamed({"x1": {"train": "the training images", "test": "the test images"}[which],
+                      "x2": "the training images"}):
+            group, info = gram(x1, x2, **opts, return_info=True,
+                               out=StorePath(store / KERNEL_STORES[which], existing="resume"))
     except StoreMismatch as e:
-        images = any(d.startswith("images") for d in e.differences)
+        images = any("images" in d for d in e.differences)
         raise CliError(
             f"--store {str(store)!r}: {KERNEL_STORES[which]} holds the kernels of another run: "
             + "; ".join(e.differences) + ". Nothing was written"
             + ("; the images differ when DATA, --n-train, --n-test, --seed, --preprocess / --zca "
                "(and --zca-reg), --downsample or --augment-flips do" if images else "")
             + ". Give another --store folder for this run") from None
+    except BaseException:
+        if created:         # refused before anything was written there: no empty --store left
+            try:
+                store.rmdir()
+            except OSError:
+                pass
+        raise
     names = array_names(depths, opts["kernel"])
     picked = ("ntk", "nngp") if opts["kernel"] == "both" else (opts["kernel"],)
     out = {}
@@ -312,8 +331,8 @@ def run(args) -> int:
     depths = list(arch.depths)
     if arch.layers is None:
         opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
-    if args.json:
-        check_json_path(args.json)
+    if args.json is not None:
+        check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
     store = check_store(args)
     xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
     xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
@@ -336,7 +355,7 @@ def run(args) -> int:
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
     if len(classes) < 2:
-        raise CliError(f"the {len(ytr)} training images hold one class only ({classes[0]!r}); "
+        raise CliError(f"the {len(ytr)} training images hold one class only ({classes[0]}); "
                        "use a larger --n-train or another --seed")
     print(f"evaluate: {args.data} ({how}), {len(xtr)} train"
           + (" (with their flips)" if args.augment_flips else "") + f" / {len(xte)} test images, "
@@ -372,7 +391,7 @@ def run(args) -> int:
             results.append(r)
             print(_fmt_line(d, name, r, with_flips=args.augment_flips))
     print(f"solve: {time.perf_counter() - t2:.1f} s")
-    if args.json:
+    if args.json is not None:
         rec = dict(command=_command_line(args),
                    data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
                    raw_image_shape=raw_shape, data_format=args.data_format,

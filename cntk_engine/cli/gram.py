@@ -99,6 +99,9 @@ def run(args) -> int:
         print(f"{PROG}: note: no store at --out {args.out!r}; starting a new one",
               file=sys.stderr)
     client = None
+    if args.scheduler is not None and not args.scheduler.strip():
+        raise CliError("--scheduler '' is empty; give the Dask scheduler's address, e.g. "
+                       "tcp://host:8786, or leave --scheduler out to run here")
     if args.scheduler:
         try:
             from distributed import Client

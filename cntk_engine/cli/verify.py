@@ -36,8 +36,8 @@ def run(args) -> int:
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
-    if args.json:
-        check_json_path(args.json)
+    if args.json is not None:
+        check_json_path(args.json, inputs={"STORE": args.store})
     if args.add_checksums:
         done = add_checksums(args.store, workers=args.workers)
         print(f"{args.store}: checksums recorded for {done['tiles']} finished tiles (the data as "
@@ -82,7 +82,7 @@ def run(args) -> int:
               + (f" ({', '.join(sorted({c.who() for c in live})[:4])})" if live else "")
               + (f"; {len(stale)} stale ({stale[0].stale}): the next writer takes them over "
                  "(or removes them, for tiles already done)" if stale else ""))
-    if args.json:
+    if args.json is not None:
         write_json(args.json, {
             "store": r.path, "format_version": r.format_version, "tiles_total": r.tiles_total,
             "tiles_finished": r.tiles_finished, "checksums": r.checksums, "ok": r.ok,

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..arrays import cupy_module, free_device_memory, gpu_count, to_device
-from ..spelling import arg
+from ..spelling import arg, as_written
 from .tiles import Tile, largest_first
 
 log = logging.getLogger("cntk_engine")
@@ -40,7 +40,8 @@ def resolve_devices(device_kind: str, devices) -> list[int] | None:
         devices = list(devices)
         if not devices or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0
                               for d in devices):
-            raise ValueError(f"{arg('devices')} must be a non-empty list of GPU ids (integers >= 0); got {devices!r}")
+            raise ValueError(f"{arg('devices')} must be a non-empty list of GPU ids (integers >= 0); "
+                             f"got {as_written('devices', devices)}")
         devices = [int(d) for d in devices]
         if len(set(devices)) != len(devices):
             raise ValueError(f"{arg('devices')} must not repeat; got {devices}")

@@ -119,7 +119,7 @@ import numpy as np
 
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
-from ..spelling import arg, arg_prefix
+from ..spelling import arg, arg_prefix, option
 from ..version import __version__
 from .sinks import Sink
 from .tiles import TileLayout
@@ -300,15 +300,18 @@ def _short(v) -> str:
     return s[:14] + "..." + s[-4:] if isinstance(v, str) and len(v) > 24 else s
 
 
-_FIELD_NAMES = {"fingerprint.x1": "images x1 (sha256)", "fingerprint.x2": "images x2 (sha256)"}
-
-
 def _field_name(key: str) -> str:
     """A record field as the caller knows it: the option that sets it on the command line
-    (``architecture.depths`` -> ``--depths``, ``architecture.name`` -> ``--architecture``), else
-    the record's own key."""
-    if key in _FIELD_NAMES:
-        return _FIELD_NAMES[key]
+    (``architecture.depths`` -> ``--depths``, ``architecture.name`` -> ``--architecture``), the
+    images by their argument (``DATA (sha256)``, ``--x2 (count)``; ``images x1 (sha256)`` in
+    Python), else the record's own key."""
+    def of(param):                     # "images x1" in Python, "DATA" / "--x2" as options
+        return f"images {param}" if arg(param) == param else arg(param)
+    images = {"fingerprint.x1": f"{of('x1')} (sha256)", "fingerprint.x2": f"{of('x2')} (sha256)",
+              "n1": f"{of('x1')} (count)", "n2": f"{of('x2')} (count)",
+              "symmetric": "symmetric (one set of images)"}
+    if key in images:
+        return images[key]
     param = key.removeprefix("architecture.")
     param = "architecture" if param == "name" else param
     return arg(param) if "." not in param and arg(param) != param else key
@@ -924,6 +927,9 @@ class GramStore:
             return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
                                       claim_timeout=timeout)
         if not path.parent.is_dir():
+            up = next((q for q in path.parents if q.exists()), None)
+            if up is not None and not up.is_dir():
+                raise StoreError(f"{arg('out', str(path))}: {str(up)!r} is a file, not a folder")
             raise StoreError(f"{arg('out', str(path))}: the folder {str(path.parent)!r} does not exist")
         if not os.access(path.parent, os.W_OK):
             raise StoreError(f"{arg('out', str(path))}: the folder {str(path.parent)!r} is not writable")
@@ -1006,8 +1012,13 @@ class GramStore:
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
                     raise _LostRace() from e
                 raise
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not isinstance(e, _LostRace):
+                # the folder passed the checks above but refuses the store (a read-only or
+                # special file system, a quota): the temporary name is not the caller's
+                raise StoreError(f"{arg('out', str(path))} cannot be created in "
+                                 f"{str(path.parent)!r}: {e.strerror or e}") from None
             raise
         log.info("created store %s: %d x %d, tile %d, grid %s", path, *shape, t, layout.grid)
         return cls(path, zarr.open_group(str(path), mode="r+"), spec, claim_timeout)
@@ -1253,11 +1264,16 @@ class VerifyReport:
 
 
 def _open_store_group(path):
+    """(path, group, job record) of an existing store; ``path`` is named as the command line
+    names it (``STORE``) where a command runs, else as a Zarr store."""
     zarr = require_zarr()
     path = Path(os.fspath(path)).expanduser().absolute()
+    name = option("path")
+    takes = f"{name} takes the folder of a Gram store written by cntk-engine gram --out"
     if not path.exists():
-        raise FileNotFoundError(f"Zarr store {str(path)!r} does not exist")
-    stored = _read_record(path)
+        raise FileNotFoundError(f"{name or 'Zarr store'} {str(path)!r} does not exist"
+                                + (f"; {takes}" if name else ""))
+    stored = _read_record(path, f"{name} " if name else "", for_out=bool(name), takes=takes)
     return path, zarr.open_group(str(path), mode="r"), stored
 
 
