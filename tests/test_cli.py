@@ -369,3 +369,17 @@ def test_gram_out_and_scheduler_refusals_name_the_option(tmp_path, data, capsys)
         rc, o, e = run(capsys, *base, "--out", "/proc/g.zarr")
         assert rc == 2 and e.startswith("cntk-engine: error: --out '/proc/g.zarr'") and \
             ("cannot be created in '/proc'" in e or "is not writable" in e) and ".partial" not in e, e
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["gram", "x.npy", "--depth", "3.5", "--out", "a.zarr"],
+     "cntk-engine gram: error: argument --depth: invalid int value: '3.5' (see cntk-engine gram --help)"),
+    (["gram", "x.npy", "--depth", "3"], "the following arguments are required: --out"),
+    (["info", "extra"], "cntk-engine: error: unrecognized arguments: extra (see cntk-engine --help)"),
+])
+def test_usage_errors_are_one_line(capsys, argv, msg):
+    """argparse printed its whole usage block (15 lines for gram) before the error."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "usage:" not in err, err

@@ -55,10 +55,19 @@ def add_global_options(parser: argparse.ArgumentParser, default=False) -> None:
                         help="show tracebacks of errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other error of the command
+    line is (argparse prints the whole usage block first): the message, and where the options
+    are listed."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
+    ap = _Parser(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
     add_global_options(ap)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for command in COMMANDS:
         command.add_parser(sub)
