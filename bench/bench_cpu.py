@@ -20,8 +20,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, int_at_least, machine, median_time, result_header,  # noqa: E402
-                          run_snippet, utc_date, write_json)
+from bench.common import (RESULTS, check_out_dir, int_at_least, machine, median_time,  # noqa: E402
+                          result_header, run_main, run_snippet, utc_date, write_json)
 
 NT_SNIPPET = r"""
 import json, os, sys, time
@@ -84,8 +84,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--nt-python", default=sys.executable)
     ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return run_main(ap, run, argv)
 
+
+def run(args):
+    check_out_dir(args.out_dir, "--out-dir")
     eng = bench_engine(args.n, args.depth, args.size, args.repeats)
     nt = bench_nt(args.nt_python, args.nt_n, args.depth, args.size, args.repeats)
     rows = []

@@ -22,8 +22,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, gpu_info, gpu_sync, int_at_least, int_list, machine,  # noqa: E402
-                          median_time, result_header, utc_date, write_json)
+from bench.common import (RESULTS, check_out_dir, gpu_info, gpu_sync, int_at_least,  # noqa: E402
+                          int_list, machine, median_time, result_header, run_main, utc_date,
+                          write_json)
 
 
 def timed(fn, repeats):
@@ -35,8 +36,6 @@ def timed(fn, repeats):
 
 
 def main(argv=None):
-    import cntk_engine as ce
-    from bench.per_layer_baseline import PerLayerGPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int_at_least(1), default=256)
     ap.add_argument("--n64", type=int_at_least(1), default=96, help="images for float64")
@@ -46,7 +45,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--size", type=int_at_least(1), default=32)
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return run_main(ap, run, argv)
+
+
+def run(args):
+    import cntk_engine as ce
+    from bench.per_layer_baseline import PerLayerGPU
+    check_out_dir(args.out, "--out")
     import cupy
     depths = args.depths
     rng = np.random.default_rng(0)

@@ -22,21 +22,34 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (BACKENDS, RESULTS, existing_file, int_at_least, int_list,  # noqa: E402
+from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, existing_file,  # noqa: E402
+                          int_at_least, int_list, load_npz, non_finite_images, npz_array,
                           positive_float_list, run_main, save_result)
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_test.npz"
 
 
+MNIST_WHAT = "the MNIST test digits as an x array of (N, 28, 28) or (N, 1, 28, 28) pixels 0-255"
+
+
 def digits(path: Path, n: int, crop: int) -> np.ndarray:
-    """(n, 1, crop, crop) float64: the centre crop of the first n test digits, pixels 0-255."""
+    """(n, 1, crop, crop) float64: the centre crop of the first n test digits, pixels 0-255
+    (x of (N, H, W) or (N, 1, H, W) in the --mnist archive)."""
     if not Path(path).is_file():
-        raise SystemExit(f"--mnist {path}: no such file (the MNIST test set, x of (N, 28, 28))")
-    with np.load(path) as d:
-        x = d["x"][:n].astype(np.float64)
+        raise ScriptError(f"--mnist {path}: no such file; expected {MNIST_WHAT}")
+    with load_npz(path, "--mnist", MNIST_WHAT) as d:
+        x = npz_array(d, "x", path, "--mnist", MNIST_WHAT)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or x.dtype.kind not in "biuf":
+        raise ScriptError(f"--mnist {path}: x has shape {x.shape} ({x.dtype}); expected {MNIST_WHAT}")
     if len(x) < n or min(x.shape[1:]) < crop:
-        raise SystemExit(f"--mnist {path} holds {len(x)} images of {x.shape[1:]}; --n {n} and "
-                         f"--crop {crop} ask for more")
+        raise ScriptError(f"--mnist {path} holds {len(x)} images of {x.shape[1]} x {x.shape[2]}; --n {n} "
+                          f"and --crop {crop} ask for {n} images of at least {crop} x {crop}")
+    x = x[:n].astype(np.float64)
+    bad = non_finite_images(x)
+    if bad:
+        raise ScriptError(f"--mnist {path}: x has NaN or Inf pixels in image(s) {bad}; all pixels must be finite")
     top, left = (x.shape[1] - crop) // 2, (x.shape[2] - crop) // 2
     return x[:, None, top:top + crop, left:left + crop]
 
@@ -48,7 +61,21 @@ def error(x, backend, **arch) -> float:
     return float(np.abs(k32 - k64).max() / np.abs(k64).max())
 
 
+def noisy_error(pair, sd, backend, **arch) -> float:
+    """error() of digit 0 and its copy with noise ``sd``; a copy out of the kernel's range is
+    refused naming --noise."""
+    try:
+        return error(pair, backend, **arch)
+    except ValueError as e:
+        if "NaN or Inf" not in str(e) and "kernel values of about" not in str(e):
+            raise
+        raise ScriptError(f"--noise {sd:g}: digit 0 plus noise of this standard deviation (pixels up to "
+                          f"about {np.abs(pair).max():.2g}) is beyond what the kernel computes in float64; "
+                          "give a smaller --noise (the pixels are 0-255: the noise is meant to be faint)") from None
+
+
 def run(args):
+    check_out_dir(args.out_dir, "--out-dir")
     x = digits(args.mnist, args.n, args.crop)
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -58,7 +85,7 @@ def run(args):
             row = {"pooling": pooling, "depth": depth, "distinct": error(x, args.backend, **arch)}
             for sd in args.noise:
                 pair = np.concatenate([x[:1], x[:1] + sd * rng.standard_normal(x[:1].shape)])
-                row[f"noise_{sd:g}"] = error(pair, args.backend, **arch)
+                row[f"noise_{sd:g}"] = noisy_error(pair, sd, args.backend, **arch)
             rows.append(row)
             print(f"{pooling:7s} depth {depth:3d}: distinct {row['distinct']:.2g}; near-duplicates "
                   + ", ".join(f"noise {sd:g}: {row[f'noise_{sd:g}']:.2g}" for sd in args.noise))

@@ -5,7 +5,8 @@ kernels (and Myrtle-5 with and without flips), unique pairs per second, side by 
 
 Workload: the symmetric Gram of N random 32x32x3 images, NTK + NNGP, float32.  Each row also
 gives its throughput relative to CNTK-GAP of the same depth measured in the same run (machines
-are noisy: the ratio is the figure to read).  Writes <out-dir>/readouts_<backend>_<date>.json.
+are noisy: the ratio is the figure to read).  Writes <out-dir>/readouts_<backend>_<date>.json;
+when no configuration could be measured, nothing, and exits with status 1.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import BACKENDS, RESULTS, int_at_least, median_time, save_result  # noqa: E402
+from bench.common import (BACKENDS, RESULTS, check_out_dir, finish, int_at_least,  # noqa: E402
+                          median_time, run_main, save_result)
 
 CONFIGS = [   # (name, gram keywords)
     ("gap", dict(pooling="gap")),
@@ -33,15 +35,9 @@ CONFIGS = [   # (name, gram keywords)
 ]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int_at_least(2), default=16)
-    ap.add_argument("--depth", type=int_at_least(2), default=6, help="of the CNN configurations")
-    ap.add_argument("--backend", default="numba", choices=BACKENDS)
-    ap.add_argument("--repeats", type=int_at_least(1), default=3)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+def run(args, prog="bench_readouts.py"):
     import cntk_engine as ce
+    check_out_dir(args.out_dir, "--out-dir")
     x = np.random.default_rng(0).standard_normal((args.n, 3, 32, 32)).astype(np.float32)
     pairs = args.n * (args.n + 1) // 2
     rows = []
@@ -58,6 +54,10 @@ def main(argv=None):
             continue
         rows.append({"config": name, "seconds": sec, "times": times, "pairs": pairs,
                      "unique_pairs_per_s": pairs / sec})
+    if not any("seconds" in r for r in rows):
+        reasons = list(dict.fromkeys(r["unavailable"] for r in rows))
+        finish(prog, f"nothing was measured: all {len(rows)} configurations unavailable ("
+               + ("; ".join(reasons[:2]) + ("; ..." if len(reasons) > 2 else "")) + "); nothing written")
     gap = next((r for r in rows if r["config"] == "gap" and "seconds" in r), None)
     for r in rows:
         if gap is not None and "seconds" in r and "architecture" not in dict(CONFIGS)[r["config"]]:
@@ -68,6 +68,16 @@ def main(argv=None):
     return save_result(args.out_dir, f"readouts_{args.backend}", {
         "workload": f"symmetric Gram of {args.n} random 32x32x3 images, NTK+NNGP, float32, CNN "
                     f"depth {args.depth}", "backend": args.backend, "results": rows})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int_at_least(2), default=16)
+    ap.add_argument("--depth", type=int_at_least(2), default=6, help="of the CNN configurations")
+    ap.add_argument("--backend", default="numba", choices=BACKENDS)
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    return run_main(ap, lambda args: run(args, ap.prog), argv)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, int_at_least, machine, positive_float, write_json  # noqa: E402
+from bench.common import (RESULTS, check_out_dir, int_at_least, machine, positive_float,  # noqa: E402
+                          run_main, write_json)
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
 from cntk_engine.backends.cuda import CudaBackend  # noqa: E402
@@ -173,7 +174,13 @@ def main(argv=None):
                     help="GPU seconds per pair (default 1/20000: depth 21 GAP on an H100)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tmp", default=None, help="folder for the temporary store")
-    args = ap.parse_args(argv)
+    return run_main(ap, run, argv)
+
+
+def run(args):
+    check_out_dir(args.out_dir, "--out-dir")
+    if args.tmp is not None and not Path(args.tmp).is_dir():
+        raise ValueError(f"--tmp {args.tmp}: not an existing folder; give a folder for the temporary store")
     m = machine()
     tag = re.sub(r"[^a-z0-9]+", "_", m["cpu"].lower()).strip("_") + f"_{m['cores']}cpu"
     tile_pairs = args.tile * args.tile

@@ -23,16 +23,14 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, choice_list, gpu_info, gpu_sync, int_at_least, machine,  # noqa: E402
-                          median_time, own_stack_kernel_variants, result_header, utc_date,
-                          write_json)
+from bench.common import (RESULTS, check_out_dir, choice_list, gpu_info, gpu_sync,  # noqa: E402
+                          int_at_least, machine, median_time, own_stack_kernel_variants,
+                          result_header, run_main, utc_date, write_json)
 
 ENV = "CNTK_ENGINE_CUDA_STACK_BLOCKS"
 
 
 def main(argv=None):
-    import cntk_engine as ce
-    from cntk_engine.backends.cuda import KERNEL_ENV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int_at_least(2), default=128)
     ap.add_argument("--architectures", type=choice_list(["myrtle5", "myrtle7", "myrtle10"]),
@@ -41,7 +39,13 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="numba stands in for cuda (both budgets give the same run): tests the script")
-    args = ap.parse_args(argv)
+    return run_main(ap, run, argv)
+
+
+def run(args):
+    import cntk_engine as ce
+    from cntk_engine.backends.cuda import KERNEL_ENV
+    check_out_dir(args.out, "--out")
     backend = "numba" if args.cpu_dry_run else "cuda"
     if not args.cpu_dry_run:
         why = ce.available_backends()["cuda"]

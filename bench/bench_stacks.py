@@ -27,8 +27,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, choice_list, int_at_least, machine, median_time,  # noqa: E402
-                          result_header, run_snippet, utc_date, versions, write_json)
+from bench.common import (RESULTS, check_out_dir, choice_list, int_at_least, machine,  # noqa: E402
+                          median_time, result_header, run_main, run_snippet, utc_date, versions,
+                          write_json)
 
 ARCHITECTURES = ("myrtle5", "myrtle7", "myrtle10")
 
@@ -185,9 +186,11 @@ def main(argv=None):
     ap.add_argument("--nt-python", default=sys.executable)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="stacks_cpu")
-    args = ap.parse_args(argv)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return run_main(ap, run, argv)
+
+
+def run(args):
+    out_dir = check_out_dir(args.out_dir, "--out-dir")
     rows = []
     for name in args.architectures:
         depth = int(name[len("myrtle"):])

@@ -24,49 +24,64 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (BACKENDS, RESULTS, existing_file, int_at_least, int_list,  # noqa: E402
-                          median_time, save_result)
+from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, existing_file,  # noqa: E402
+                          int_at_least, int_list, load_npz, median_time, non_finite_images, npz_array,
+                          run_main, save_result)
+
+DATA_WHAT = "an x_train array of images, (N, H, W, C) or (N, C, H, W) with 1 or 3 channels"
 
 
 def training_images(path, n: int) -> tuple[np.ndarray, str]:
-    """(n, C, H, W) float64 images in [0, 1] and where they came from."""
+    """(n, C, H, W) float64 images in [0, 1] and where they came from (ScriptError: --data
+    holds no such images, too few, or some with NaN or Inf pixels)."""
     if path is None:
         rng = np.random.default_rng(0)
         return rng.random((n, 3, 32, 32)), "random 32x32x3 images"
-    try:
-        with np.load(path) as d:
-            x = d["x_train"]
-    except Exception as e:  # noqa: BLE001 - not an .npz, no x_train, unreadable
-        raise SystemExit(f"--data {path}: not an .npz archive holding an x_train array of numbers "
-                         f"({type(e).__name__})") from None
+    with load_npz(path, "--data", DATA_WHAT) as d:
+        x = npz_array(d, "x_train", path, "--data", DATA_WHAT)
+    if x.ndim != 4 or x.dtype.kind not in "biuf" or not (x.shape[-1] in (1, 3) or x.shape[1] in (1, 3)):
+        raise ScriptError(f"--data {path}: x_train has shape {x.shape} ({x.dtype}); expected {DATA_WHAT}")
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if len(x) < n:
-        raise SystemExit(f"--data {path} holds {len(x)} training images; --n-train / --kernel-n "
-                         f"ask for {n}")
+        raise ScriptError(f"--data {path} holds {len(x)} training images; --n-train / --kernel-n "
+                          f"ask for {n}")
     x = x[:n].astype(np.float64)
+    bad = non_finite_images(x)
+    if bad:
+        raise ScriptError(f"--data {path}: x_train has NaN or Inf pixels in image(s) {bad}; all pixels "
+                          "must be finite")
     return (x / 255.0 if x.max() > 1 else x), f"the first training images of {Path(path).name}"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=existing_file, default=None)
-    ap.add_argument("--n-train", type=int_list(2), default=[500, 5000])
-    ap.add_argument("--architecture", default="myrtle5", choices=("cnn", "myrtle5", "myrtle7", "myrtle10"),
-                    help="of the kernel timed beside the fit")
-    ap.add_argument("--depth", type=int_at_least(2), default=None, help="with --architecture cnn")
-    ap.add_argument("--backend", default="numba", choices=BACKENDS)
-    ap.add_argument("--kernel-n", type=int_at_least(2), default=8)
-    ap.add_argument("--repeats", type=int_at_least(1), default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    import cntk_engine as ce
-    from cntk_engine.preprocess import fit_zca
+def check_architecture(args) -> dict:
+    """gram()'s architecture keywords of --architecture / --depth (ScriptError: cnn without a
+    --depth, or a --depth the Myrtle preset does not take)."""
+    if args.architecture == "cnn" and args.depth is None:
+        raise ScriptError("--architecture cnn needs --depth (conv layers + 1, e.g. --depth 6)")
+    if args.architecture != "cnn" and args.depth is not None:
+        raise ScriptError(f"--depth {args.depth}: --architecture {args.architecture} fixes its depth; "
+                          "--depth is for --architecture cnn (leave it out)")
+    return dict(architecture=args.architecture, depth=args.depth)
 
+
+def fit(x, what: str):
+    """fit_zca(x), its constant images named as positions in --data's x_train."""
+    from cntk_engine.preprocess import ConstantImages, fit_zca
+    try:
+        return fit_zca(x)
+    except ConstantImages as e:
+        raise ScriptError(str(e.reworded(f"{what}: x_train", "remove them, or give other images"))) from None
+
+
+def run(args):
+    import cntk_engine as ce
+    check_out_dir(args.out_dir, "--out-dir")
+    arch = check_architecture(args)
     x, source = training_images(args.data, max(*args.n_train, args.kernel_n))
+    what = f"--data {args.data}" if args.data else "the random images"
     d = int(np.prod(x.shape[1:]))
-    arch = dict(architecture=args.architecture, depth=args.depth)
-    xk = fit_zca(x[:args.kernel_n]).transform(x[:args.kernel_n]).astype(np.float32)
+    xk = fit(x[:args.kernel_n], what).transform(x[:args.kernel_n]).astype(np.float32)
     kw = dict(arch, kernel="ntk", backend=args.backend)
     ce.gram(xk[:2], **kw)                                  # kernels loaded outside the timing
     sec, _ = median_time(lambda: ce.gram(xk, **kw), repeats=args.repeats, warmup=0)
@@ -76,10 +91,12 @@ def main(argv=None):
     for n in args.n_train:
         tracemalloc.start()
         t0 = time.perf_counter()
-        zca = fit_zca(x[:n])
-        fit_s = time.perf_counter() - t0
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        try:
+            zca = fit(x[:n], what)
+        finally:
+            fit_s = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
         transform_s, _ = median_time(lambda: zca.transform(x[:n]), repeats=args.repeats, warmup=0)
         gram_s = n * (n + 1) / 2 / rate
         rows.append({"n_train": n, "d": d, "fit_s": fit_s, "transform_s": transform_s,
@@ -92,6 +109,20 @@ def main(argv=None):
         "kernel": {**arch, "backend": args.backend, "n": len(xk), "dtype": "float32",
                    "unique_pairs_per_s": rate},
         "results": rows})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=existing_file, default=None)
+    ap.add_argument("--n-train", type=int_list(2, "500,5000"), default=[500, 5000])
+    ap.add_argument("--architecture", default="myrtle5", choices=("cnn", "myrtle5", "myrtle7", "myrtle10"),
+                    help="of the kernel timed beside the fit")
+    ap.add_argument("--depth", type=int_at_least(2), default=None, help="with --architecture cnn (needed there)")
+    ap.add_argument("--backend", default="numba", choices=BACKENDS)
+    ap.add_argument("--kernel-n", type=int_at_least(2), default=8)
+    ap.add_argument("--repeats", type=int_at_least(1), default=1)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    return run_main(ap, run, argv)
 
 
 if __name__ == "__main__":

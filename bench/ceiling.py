@@ -217,7 +217,11 @@ def measure(device: str, dtypes=("float32", "float64")) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="also measure the GPU (CuPy)")
-    args = ap.parse_args(argv)
+    from .common import run_main
+    return run_main(ap, run, argv)
+
+
+def run(args):
     res = {"cpu": measure("cpu")}
     if args.gpu:
         res["gpu"] = measure("gpu")

@@ -71,21 +71,149 @@ def result_header() -> dict:
 BACKENDS = ("auto", "cuda", "numba", "reference")
 
 
-def run_main(parser: argparse.ArgumentParser, run, argv=None):
+class ScriptError(Exception):
+    """A refusal of the script's own (a bad input, an output that cannot be written, settings
+    that contradict a file), said in the words of its options: :func:`run_main` ends the script
+    with it as one line, ``<script>: error: ...``, exit status 2."""
+
+
+class ScriptExit(SystemExit):
+    """The end of a script whose one line :func:`run_main` (or :func:`finish`) has printed:
+    exit status ``code``; ``str()`` is that line's message (what a caller, a test, reads)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def finish(prog: str, message: str, code: int = 1, error: bool = False):
+    """Print ``<prog>: message`` (``<prog>: error: message`` with ``error``) on stderr as one
+    line and end the script with ``code``."""
+    message = " ".join(str(message).split("\n"))
+    print(f"{prog}: {'error: ' if error else ''}{message}", file=sys.stderr)
+    raise ScriptExit(message, code)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an exception: its message; an OSError as 'PATH: reason' (not '[Errno 20]')."""
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return str(e) or type(e).__name__
+
+
+def run_main(parser: argparse.ArgumentParser, run, argv=None, aliases=None):
     """Parse ``argv`` and ``run(args)`` the way ``cntk-engine`` runs a command: the engine's
     own checks name this script's options (``--devices 0 selects GPUs ...``; its parameters
-    that the script names alike), and an error of the engine's, or of reading and writing
+    that the script names alike, and ``aliases``, {engine parameter: option}, for those it names
+    otherwise), and a :class:`ScriptError`, an error of the engine's, or of reading and writing
     files, ends the script with one line, ``<script>: error: ...`` (exit status 2), not a
-    traceback."""
+    traceback (a ``SystemExit("message")`` too)."""
     from cntk_engine.cli import python_options
     from cntk_engine.spelling import command_line
     args = parser.parse_args(argv)
+    options = python_options(parser)
+    for name, option in (aliases or {}).items():
+        options.setdefault(name, option)
     try:
-        with command_line(python_options(parser)):
+        with command_line(options):
             return run(args)
-    except (ValueError, RuntimeError, OSError, ImportError, MemoryError) as e:
-        print(f"{parser.prog}: error: {e or type(e).__name__}".replace("\n", " "), file=sys.stderr)
-        raise SystemExit(2) from None
+    except ScriptExit:
+        raise
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except (ScriptError, ValueError, RuntimeError, OSError, ImportError, MemoryError) as e:
+        message = describe_error(e)
+    if message.startswith("error: "):
+        message = message[len("error: "):]
+    finish(parser.prog, message, code=2, error=True)
+
+
+# --------------------------------------------------------------------------- outputs
+def _writable(folder: Path) -> str | None:
+    """Why nothing can be written into the existing folder ``folder`` (None: it can): probed
+    with a temporary file, removed at once."""
+    import tempfile
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror or e})"
+    return None
+
+
+def check_out_dir(path, option: str) -> Path:
+    """Refuse, before any work, a folder ``option`` names that results cannot be written into:
+    a file, a path under a file, a read-only place.  Creates nothing (the writers create the
+    folder when they write), so a run refused later leaves no empty folder behind."""
+    p = Path(path)
+    if not str(path):
+        raise ScriptError(f"{option} is empty; give a folder")
+    if p.exists() or p.is_symlink():
+        if not p.is_dir():
+            raise ScriptError(f"{option} {path}: {'is a file,' if p.is_file() else 'exists and is'} not a "
+                              "folder; give a folder")
+        why = _writable(p)
+    else:
+        up = next((q for q in p.parents if q.exists() or q.is_symlink()), Path("."))
+        if not up.is_dir():
+            raise ScriptError(f"{option} {path}: {up} is {'a file, ' if up.is_file() else ''}not a folder")
+        why = _writable(up)
+        why = why and f"cannot create it: {why}"
+    if why:
+        raise ScriptError(f"{option} {path}: {why}")
+    return p
+
+
+def check_out_file(path, option: str) -> Path:
+    """Refuse, before any work, a file path ``option`` names that cannot be written: a folder,
+    not a regular file, in a folder that cannot be created or written.  Creates nothing."""
+    p = Path(path)
+    if not str(path):
+        raise ScriptError(f"{option} is empty; give the path of a file")
+    if p.is_dir():
+        raise ScriptError(f"{option} {path}: is a folder; give the path of a file, e.g. {p / 'results.json'}")
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        raise ScriptError(f"{option} {path}: exists and is not a regular file; give the path of a file")
+    up = next((q for q in (p.parent, *p.parent.parents) if q.exists() or q.is_symlink()), Path("."))
+    if not up.is_dir():
+        raise ScriptError(f"{option} {path}: {up} is {'a file, ' if up.is_file() else ''}not a folder")
+    why = _writable(up)
+    if why:
+        raise ScriptError(f"{option} {path}: {why}")
+    return p
+
+
+class made_folders:
+    """Context: create ``folders`` (parents too); when the block ends with an exception, remove
+    again those this created that are still empty (a refused run leaves no empty folder)."""
+
+    def __init__(self, *folders):
+        self.folders = [Path(f) for f in folders if f is not None]
+        self.created: list[Path] = []
+
+    def __enter__(self):
+        for f in self.folders:
+            missing = [q for q in (f, *f.parents) if not q.exists()]
+            f.mkdir(parents=True, exist_ok=True)
+            self.created += missing            # deepest first
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            for f in self.created:
+                try:
+                    f.rmdir()                  # only an empty one
+                except OSError:
+                    pass
+        return False
 
 
 def save_result(out_dir, stem: str, fields: dict) -> dict:
@@ -118,8 +246,15 @@ def write_json(path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+        tmp.replace(path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)        # no half-written .tmp left behind
+        except OSError:
+            pass
+        raise
     return path
 
 
@@ -197,15 +332,26 @@ def int_at_least(minimum: int):
     return parse
 
 
-def int_list(minimum: int = 1):
-    """argparse type: a comma list of integers >= ``minimum`` ('3,6,11' -> [3, 6, 11])."""
+def comma_items(text, example: str) -> list[str]:
+    """The items of a comma list, stripped; an empty item ('3,,4', '3,') or an empty list is an
+    argparse error (the option is named by argparse), with an ``example`` of the list."""
+    items = [v.strip() for v in str(text).split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list, e.g. {example}")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item; expected a comma list without "
+                                         f"empty items, e.g. {example}")
+    return items
+
+
+def int_list(minimum: int = 1, example: str | None = None):
+    """argparse type: a comma list of integers >= ``minimum`` ('3,6,11' -> [3, 6, 11]); an
+    error shows ``example``."""
     one = int_at_least(minimum)
+    example = example or ("0,1" if minimum < 1 else "3,6,11" if minimum <= 3 else f"{minimum},{2 * minimum}")
 
     def parse(text):
-        vals = [one(v) for v in str(text).split(",") if v.strip()]
-        if not vals:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers, e.g. 3,6,11")
-        return vals
+        return [one(v) for v in comma_items(text, example)]
     parse.__name__ = "comma list of integers"
     return parse
 
@@ -215,12 +361,11 @@ def choice_list(choices):
     choices = tuple(choices)
 
     def parse(text):
-        vals = [v.strip() for v in str(text).split(",") if v.strip()]
+        vals = comma_items(text, ",".join(choices[:2]))
         bad = [v for v in vals if v not in choices]
-        if bad or not vals:
+        if bad:
             raise argparse.ArgumentTypeError(
-                f"{', '.join(map(repr, bad)) if bad else repr(text)}: expected a comma list from "
-                f"{', '.join(choices)}")
+                f"{', '.join(map(repr, bad))}: expected a comma list from {', '.join(choices)}")
         return list(dict.fromkeys(vals))
     parse.__name__ = "comma list"
     return parse
@@ -235,27 +380,80 @@ def existing_file(text):
 
 
 def positive_float(text):
-    """argparse type: a number > 0."""
+    """argparse type: a finite number > 0."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
     return v
 
 
 def positive_float_list(text):
-    """argparse type: a comma list of numbers > 0 ('0.1,1' -> [0.1, 1.0])."""
-    vals = [positive_float(v) for v in str(text).split(",") if v.strip()]
-    if not vals:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers > 0, e.g. 0.1,1")
-    return vals
+    """argparse type: a comma list of finite numbers > 0 ('0.1,1' -> [0.1, 1.0])."""
+    return [positive_float(v) for v in comma_items(text, "0.1,1")]
 
 
 def devices(text):
     """argparse type of --devices: 'all' or a comma list of GPU ids ('0,1' -> [0, 1])."""
-    return "all" if str(text).strip() == "all" else int_list(minimum=0)(text)
+    return "all" if str(text).strip() == "all" else int_list(minimum=0, example="all or 0,1")(text)
+
+
+def load_npz(path, option: str, what: str):
+    """``np.load(path)`` of an .npz archive (no pickles), or a :class:`ScriptError` naming
+    ``option`` and saying that it expects an .npz archive holding ``what``."""
+    import zipfile
+
+    import numpy as np
+    expected = f"expected an .npz archive holding {what}"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ScriptError(f"{option} {path}: cannot be read ({describe_error(e)}); {expected}") from None
+    if magic == b"\x93NUMPY":
+        raise ScriptError(f"{option} {path}: a single .npy array, not an .npz archive; {expected}")
+    if not magic.startswith(b"PK"):
+        raise ScriptError(f"{option} {path}: not an .npz archive (nor any zip file); {expected}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ScriptError(f"{option} {path}: not a readable .npz archive ({describe_error(e)}); "
+                          f"{expected}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):     # pragma: no cover - the magic said zip
+        raise ScriptError(f"{option} {path}: not an .npz archive; {expected}")
+    return z
+
+
+def npz_array(z, key: str, path, option: str, what: str):
+    """The array ``key`` of an archive :func:`load_npz` opened, or a :class:`ScriptError`: the
+    archive lacks it (saying what it holds), or it cannot be read (pickled objects)."""
+    if key not in z.files:
+        raise ScriptError(f"{option} {path} has no {key} array (it holds {', '.join(z.files) or 'nothing'}); "
+                          f"expected an .npz archive holding {what}")
+    import zipfile
+    import zlib
+    try:
+        return z[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        why = "pickled objects" if "pickle" in str(e) else describe_error(e)
+        raise ScriptError(f"{option} {path}: its {key} array cannot be read ({why}); expected an .npz "
+                          f"archive holding {what}") from None
+
+
+def non_finite_images(x) -> str | None:
+    """'at index [2, 7]' (the first ten, and how many more) of the images of ``x`` (first axis)
+    with a NaN or Inf pixel; None when every pixel is finite."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.dtype.kind not in "fc" or not len(x):
+        return None
+    bad = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
+    if not len(bad):
+        return None
+    more = len(bad) - 10
+    return f"at index {[int(i) for i in bad[:10]]}" + (f" and {more} more" if more > 0 else "")
 
 
 def is_default_variant(variant: dict, dtype: str = "float32") -> bool:

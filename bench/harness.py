@@ -40,7 +40,9 @@ kept), and refuses a file measured with other --seed/--warmup/--repeats/--device
 --dask-scheduler.  Without --output, --resume continues the newest <out-dir>/<name>_<date>.json,
 so a run resumed after midnight (UTC) continues yesterday's file; give long runs an explicit
 ``--output PATH`` all the same.  Several runs with other methods can fill one file this way
-(tools/gpu/gpu_session.sh does).
+(tools/gpu/gpu_session.sh does).  When the file holds no measurement at all (every configuration
+failed, unavailable or skipped, none kept by --resume) the run ends with one line saying so and
+exit status 1; a --resume run that measured none of its own configurations says so in a note.
 """
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ from . import ceiling as ceil_mod
 from tools import sass_mix
 from . import paper_code as paper_mod
 from . import per_layer_baseline
-from .common import (RESULTS, choice_list, devices, gpu_info, gpu_sync, int_at_least, int_list,
-                     is_default_variant, machine, median_time, result_header, run_main, utc_date,
-                     versions, write_json)
+from .common import (RESULTS, ScriptError, check_out_dir, check_out_file, choice_list, comma_items,
+                     devices, finish, gpu_info, gpu_sync, int_at_least, int_list, is_default_variant,
+                     machine, median_time, result_header, run_main, utc_date, versions, write_json)
 
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents", "paper_code")
@@ -88,7 +90,9 @@ def _overrides(s):
     """argparse type: 'reference=2,cuda:float64=64' -> {'reference': 2, 'cuda:float64': 64}
     (METHOD=N, or METHOD:DTYPE=N for one dtype of a method)."""
     out = {}
-    for item in (v.strip() for v in s.split(",") if v.strip()):
+    if not s.strip():
+        return out
+    for item in comma_items(s, "reference=2,cuda:float64=64"):
         k, eq, v = item.partition("=")
         k = k.strip()
         if not eq:
@@ -106,9 +110,9 @@ def _overrides(s):
 def _kernel_names(s):
     """argparse type of --kernels: CUDA kernel variant names, comma list ('v3,v5' -> ['v3', 'v5']);
     which exist is checked against the installed extension when the run starts."""
-    vals = [v.strip() for v in s.split(",") if v.strip()]
+    vals = comma_items(s, "v3,v5")
     bad = [v for v in vals if not re.fullmatch(r"v\d+", v)]
-    if bad or not vals:
+    if bad:
         raise argparse.ArgumentTypeError(f"{s!r}: expected CUDA kernel variant names (v3, v5, ...), comma list")
     return list(dict.fromkeys(vals))
 
@@ -121,7 +125,7 @@ def _fix_list(s):
 def _tiles(s):
     """argparse type: 'default' or tile sizes, comma list: 'default,64' -> [None, 64]."""
     out = []
-    for t in (v.strip() for v in s.split(",") if v.strip()):
+    for t in comma_items(s, "default,64"):
         if t == "default":
             out.append(None)
             continue
@@ -458,19 +462,19 @@ def resume_payload(out_path: Path, args) -> dict:
     try:
         old = json.loads(out_path.read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--resume: cannot read {out_path} ({type(e).__name__}: {e})") from None
-    if old.get("kind") != "harness":
-        raise SystemExit(f"--resume: {out_path} is not a harness result file")
+        raise ScriptError(f"--resume: cannot read {out_path} ({type(e).__name__}: {e})") from None
+    if not isinstance(old, dict) or old.get("kind") != "harness":
+        raise ScriptError(f"--resume: {out_path} is not a harness result file")
     mine = run_settings(args)
     theirs = old.get("settings")
     if theirs is None:
-        raise SystemExit(f"--resume: {out_path} does not record its settings ({', '.join(RESUME_SETTINGS)}; "
+        raise ScriptError(f"--resume: {out_path} does not record its settings ({', '.join(RESUME_SETTINGS)}; "
                          "written by an older harness), so its results cannot be known to match this run's; "
                          "start a new file (--output NEW.json)")
     differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} in the file, {mine[k]!r} now"
               for k in RESUME_SETTINGS if theirs.get(k) != mine[k]]
     if differ:
-        raise SystemExit(f"--resume: {out_path} was measured with other settings: {'; '.join(differ)}. "
+        raise ScriptError(f"--resume: {out_path} was measured with other settings: {'; '.join(differ)}. "
                          "Run with the file's settings, or start a new file (--output NEW.json)")
     return old
 
@@ -497,27 +501,42 @@ def method_label(c, variant=None) -> str:
 
 def check_args(args, variants):
     """One-line errors for option combinations that cannot run (before anything runs)."""
+    if args.kernels and "cuda" not in args.methods:
+        raise ScriptError(f"--kernels {','.join(args.kernels)}: chooses the CUDA kernel variants of the cuda "
+                          f"method, which --methods {','.join(args.methods)} leaves out; add cuda to --methods "
+                          "or leave --kernels out")
     if args.kernels and "cuda" in args.methods:
         if args.dask_scheduler:
-            raise SystemExit("--kernels cannot choose the CUDA kernel variant on Dask workers (their "
+            raise ScriptError("--kernels cannot choose the CUDA kernel variant on Dask workers (their "
                              f"{KERNEL_ENV} does); leave --kernels out with --dask-scheduler")
         if variants is not None:
             names = [v["name"] for v in variants]
             bad = [k for k in args.kernels if k not in names]
             if bad:
-                raise SystemExit(f"--kernels {','.join(bad)}: not a CUDA kernel variant of the installed "
+                raise ScriptError(f"--kernels {','.join(bad)}: not a CUDA kernel variant of the installed "
                                  f"extension (it has {', '.join(names)})")
 
 
-def run(args) -> dict:
+def check_output(args, out_path: Path) -> None:
+    """Refuse, before any configuration runs (and creating nothing), a result file that cannot be
+    written: --output a folder, in a file, in a read-only place; --out-dir likewise."""
+    if args.output:
+        check_out_file(args.output, "--output")
+        return
+    check_out_dir(args.out_dir, "--out-dir")
+    if out_path.is_dir() or ((out_path.exists() or out_path.is_symlink()) and not out_path.is_file()):
+        raise ScriptError(f"--out-dir {args.out_dir}, --name {args.name}: {out_path} exists and is not a "
+                          "file; give another --name, or --output PATH")
+
+
+def measured(records) -> int:
+    """How many records hold a measurement (timed, or the paper's code's values checked)."""
+    return sum(r.get("status") in ("ok", "emulated") for r in records)
+
+
+def run(args, prog: str = "python -m bench") -> dict:
     out_path = output_path(args)
-    try:                                  # before any configuration runs, not after the first
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out_path.parent, os.W_OK)
-    except OSError as e:
-        raise SystemExit(f"error: the result file {out_path}: its folder cannot be created ({e})") from None
-    if not writable:
-        raise SystemExit(f"error: the result file {out_path}: the folder {out_path.parent} is not writable")
+    check_output(args, out_path)          # before any configuration runs, not after the first
     variants = cuda_variants()
     check_args(args, variants)
     old = resume_payload(out_path, args)
@@ -674,6 +693,17 @@ def run(args) -> dict:
     print(f"wrote {out_path}")
     for p in payload.get("plots", []):
         print(f"wrote {p}")
+    mine = [r for r in payload["results"] if config_key(r["config"]) in keys]
+    if not measured(mine):
+        counts = {}
+        for r in mine:
+            counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
+        what = ", ".join(f"{n} {status}" for status, n in counts.items())
+        if not measured(payload["results"]):
+            finish(prog, f"nothing was measured: {len(mine)} configuration(s), {what}; the reasons are in "
+                         f"{out_path}", code=1)
+        print(f"note: this run measured none of its {len(mine)} configuration(s) ({what}); {out_path} "
+              f"holds {measured(payload['results'])} measured by earlier runs", file=sys.stderr)
     return payload
 
 
@@ -722,7 +752,7 @@ def parser():
                     help="comma list from cnn, myrtle5, myrtle7, myrtle10; a Myrtle preset fixes its depth "
                          "(--depths is for the CNN) and takes 32x32 images (--sizes is for the CNN) [cnn]")
     ap.add_argument("--depths", type=int_list(2), default="3,6,11,21", help="comma list (conv layers + 1, >= 2)")
-    ap.add_argument("--sizes", type=int_list(1), default="32", help="image sizes (H = W), comma list")
+    ap.add_argument("--sizes", type=int_list(1, "8,16,32"), default="32", help="image sizes (H = W), comma list")
     ap.add_argument("--channels", type=int_at_least(1), default=3)
     ap.add_argument("--pooling", type=choice_list(POOLINGS), default="gap", help="gap, flatten or both: gap,flatten")
     ap.add_argument("--dtypes", type=choice_list(DTYPES), default="float32",
@@ -735,7 +765,7 @@ def parser():
                          "cntk-engine info lists them) [the variant the backend selects]")
     ap.add_argument("--tiles", type=_tiles, default="default",
                     help="tile sizes for the project's backends: default or positive ints, comma list")
-    ap.add_argument("--n", type=int_list(1), default="16", help="images per configuration (comma list: scaling with N)")
+    ap.add_argument("--n", type=int_list(1, "16,64"), default="16", help="images per configuration (comma list: scaling with N)")
     ap.add_argument("--n-for", type=_overrides, default="",
                     help="per-method N, or per method and dtype: e.g. reference=2,per_layer_cpu=4,cuda:float64=64")
     ap.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls per configuration (>= 1)")
@@ -773,4 +803,6 @@ def parser():
 
 
 def main(argv=None):
-    return run_main(parser(), run, argv)
+    ap = parser()
+    # the engine's backend= is a method here (its "use backend='cuda'" reads --methods 'cuda')
+    return run_main(ap, lambda args: run(args, ap.prog), argv, aliases={"backend": "--methods"})

@@ -236,18 +236,27 @@ def main(argv=None):
                                  description="Re-draw the figures of result files (the harness's, "
                                  "small_data.py's), next to each file.")
     ap.add_argument("files", nargs="+", metavar="FILE.json")
-    for f in ap.parse_args(argv).files:
-        try:
-            payload = json.loads(Path(f).read_text())
-        except (OSError, ValueError) as e:
-            ap.error(f"{f}: not a readable result file ({type(e).__name__}: {e})")
-        if payload.get("kind") == "harness":
-            for p in harness_plots(payload, Path(f).with_suffix("")):
-                print(f"wrote {p}")
-        elif payload.get("kind") == "small_data":
-            print(f"wrote {small_data_plot(payload, Path(f).with_suffix('.png'))}")
-        else:
-            print(f"{f}: kind {payload.get('kind')!r} has no figures here (harness, small_data)")
+    from .common import ScriptError, run_main
+
+    def run(args):
+        for f in args.files:
+            try:
+                payload = json.loads(Path(f).read_text())
+            except (OSError, ValueError) as e:
+                raise ScriptError(f"FILE.json {f}: not a readable result file ({type(e).__name__}: {e})") from None
+            kind = payload.get("kind") if isinstance(payload, dict) else None
+            try:
+                if kind == "harness":
+                    for p in harness_plots(payload, Path(f).with_suffix("")):
+                        print(f"wrote {p}")
+                elif kind == "small_data":
+                    print(f"wrote {small_data_plot(payload, Path(f).with_suffix('.png'))}")
+                else:
+                    print(f"{f}: kind {kind!r} has no figures here (harness, small_data)")
+            except (KeyError, TypeError, AttributeError, IndexError) as e:
+                raise ScriptError(f"FILE.json {f}: a {kind} result file lacking what its figures need "
+                                  f"({type(e).__name__}: {e})") from None
+    return run_main(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (BACKENDS, RESULTS, choice_list, devices, existing_file,  # noqa: E402
-                          gpu_info, gpu_sync, int_at_least, int_list, machine, positive_float,
-                          result_header, run_main, utc_date, versions, write_json)
+from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, choice_list,  # noqa: E402
+                          devices, existing_file, gpu_info, gpu_sync, int_at_least, int_list, machine,
+                          non_finite_images, positive_float, result_header, run_main, utc_date,
+                          versions, write_json)
 import cntk_engine as ce  # noqa: E402
 from cntk_engine import solver  # noqa: E402
 from cntk_engine.jobs.store import StoreMismatch, array_names  # noqa: E402
@@ -123,7 +124,13 @@ def load_cifar(path=None):
             return _official(lambda name: tar.extractfile(members[name]).read(), str(p))
     if p.suffix != ".npz":
         raise ValueError(f"{p} is neither a directory, a .tar.gz nor an .npz; accepted: {ACCEPTED}")
-    with np.load(p) as d:
+    try:
+        d = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{p} is not a readable .npz archive ({type(e).__name__}); accepted: {ACCEPTED}") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise ValueError(f"{p} is a single .npy array, not an .npz archive; accepted: {ACCEPTED}")
+    with d:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
         if missing:
             raise ValueError(f"{p} has no {', '.join(missing)} (it holds {', '.join(d.files)}); "
@@ -134,15 +141,37 @@ def load_cifar(path=None):
                 raise ValueError(f"{p}: {k} has shape {x.shape}; expected (N, H, W, 3) channels-last images")
         tr = np.ascontiguousarray(xs[0].transpose(0, 3, 1, 2))
         te = np.ascontiguousarray(xs[1].transpose(0, 3, 1, 2))
-        return tr, np.asarray(d["y_train"]).ravel(), te, np.asarray(d["y_test"]).ravel(), str(p)
+        ys = [np.asarray(d["y_train"]).ravel(), np.asarray(d["y_test"]).ravel()]
+        for k, x, y in zip(("y_train", "y_test"), xs, ys):
+            if len(y) != len(x):
+                raise ValueError(f"{p}: {k} holds {len(y)} labels for {len(x)} images; one label per image "
+                                 f"is needed")
+            if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() > 9)):
+                shown = f"{y.min()}..{y.max()}" if y.dtype.kind in "iuf" and len(y) else str(y.dtype)
+                raise ValueError(f"{p}: {k} must hold the CIFAR-10 classes, integers 0..9; got {shown}")
+        return tr, ys[0], te, ys[1], str(p)
 
 
 def load_cifar_for_cli(path):
-    """load_cifar for the command lines: bad data ends the program with the reason, no traceback."""
+    """load_cifar for the command lines: bad data (or images with NaN or Inf pixels) is a
+    ScriptError naming --data."""
+    import tarfile
+    import zipfile
+    import zlib
     try:
-        return load_cifar(path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        x_tr, y_tr, x_te, y_te, src = load_cifar(path)
+    except (ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError, tarfile.TarError,
+            zipfile.BadZipFile, zlib.error) as e:
+        from bench.common import describe_error
+        why = describe_error(e) if isinstance(e, (ValueError, OSError)) else \
+            f"{path or 'the default data'} cannot be read ({type(e).__name__}: {e})"
+        raise ScriptError(f"--data: {why}" + ("" if "accepted:" in why else f"; accepted: {ACCEPTED}")) from None
+    for k, x in (("x_train", x_tr), ("x_test", x_te)):
+        bad = non_finite_images(x)          # before the standardisation spreads them to every image
+        if bad:
+            raise ScriptError(f"--data {src}: {k} has NaN or Inf pixels in image(s) {bad} (positions "
+                              f"in {k}); all pixels must be finite")
+    return x_tr, y_tr, x_te, y_te, src
 
 
 def preprocess(x_train, x_test, downsample=1):
@@ -154,7 +183,7 @@ def preprocess(x_train, x_test, downsample=1):
         if downsample > 1:
             a, b = engine_preprocess(a, b, "none", downsample)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ScriptError(str(e)) from None
     return a.astype(np.float32), b.astype(np.float32)
 
 
@@ -219,7 +248,7 @@ def kernels(xtr, xte, depths, pooling, fix, args, extra=None):
         try:
             return ce.gram(*x, return_info=True, **kw, out=paths[part], progress=True)
         except StoreMismatch as e:
-            raise SystemExit(f"error: --store {store}: {Path(paths[part]).name} holds the kernels of "
+            raise ScriptError(f"--store {store}: {Path(paths[part]).name} holds the kernels of "
                              f"another run: {'; '.join(e.differences)}. Nothing was written; give "
                              "another --store folder for this run (the images differ when --data, "
                              "--n-train, --n-test or --downsample do)") from None
@@ -317,37 +346,49 @@ def save_kernels_path(base, pooling) -> Path:
     return Path(Path(base).with_suffix("").as_posix() + f"_{pooling}.npz")
 
 
-def check_writable_dir(folder, what) -> None:
-    """Create ``folder`` and check a file can be written there, or end with the reason: done
-    before any kernel is computed, so a bad path does not cost the whole pass."""
-    import tempfile
-    folder = Path(folder)
+def check_writable_dir(folder, what, given=None) -> None:
+    """End with the reason, before any kernel is computed, when nothing can be written into
+    ``folder`` (so a bad path does not cost the whole pass); creates nothing.  ``given``: the
+    option's value, when ``folder`` is derived from it (--save-kernels BASE: BASE's folder)."""
+    if given is None:
+        check_out_dir(folder, what)
+        return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        raise SystemExit(f"error: {what}: cannot write into {folder} ({e.strerror or e})") from None
+        check_out_dir(folder, what)
+    except ScriptError as e:
+        raise ScriptError(f"{what} {given}: cannot write into {folder}: "
+                          f"{str(e).split(f'{what} {folder}: ', 1)[-1]}") from None
 
 
 def check_architecture(depths, poolings, fix_arg) -> None:
     """The engine's own checks of each column's architecture, before any data is loaded: an
     impossible combination (e.g. a depth the engine refuses with fix=True) ends with the reason."""
+    shown = ",".join(map(str, depths))
     for pooling in poolings:
         fix = PAPER_FIX[pooling] if fix_arg == "paper" else fix_arg == "true"
+        how = (f"{COLUMN.get(pooling, pooling)} (--pooling {pooling}"
+               + (f", whose --fix paper fixes the first and last layers" if fix_arg == "paper" and fix
+                  else f", --fix {fix_arg}") + ")")
+        if fix and min(depths) < 3:
+            raise ScriptError(
+                f"--depths {shown}: {how} needs every depth >= 3 (at depth 2 the only conv layer is the "
+                "first, so nothing is trained and the NTK is 0); give depths >= 3"
+                + (", or --fix false" if fix_arg != "false" else ""))
         try:
             make_architecture(depths=list(depths), pooling=pooling, fix=fix)
         except ValueError as e:
-            raise SystemExit(f"error: {COLUMN.get(pooling, pooling)} ({pooling}, fix={fix}), "
-                             f"--depths {','.join(map(str, depths))}: {e}") from None
+            raise ScriptError(f"--depths {shown}: {how}: {e}") from None
 
 
 def run(args):
     depths, poolings = tuple(args.depths), args.pooling
     check_architecture(depths, poolings, args.fix)
     if args.save_kernels:
-        check_writable_dir(save_kernels_path(args.save_kernels, poolings[0]).parent, "--save-kernels")
+        check_writable_dir(save_kernels_path(args.save_kernels, poolings[0]).parent, "--save-kernels",
+                           args.save_kernels)
     check_writable_dir(args.out_dir, "--out-dir")
+    if args.store:
+        check_out_dir(args.store, "--store")
     x_tr, y_tr, x_te, y_te, src = load_cifar_for_cli(args.data)
     n_tr = min(args.n_train, len(x_tr))
     n_te = min(args.n_test, len(x_te))
@@ -411,6 +452,7 @@ def run(args):
         payload["columns"][COLUMN[pooling]] = col
         write_json(stem.with_suffix(".json"), payload)
         if args.save_kernels:
+            save_kernels_path(args.save_kernels, pooling).parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(save_kernels_path(args.save_kernels, pooling),
                                 y_train=ytr, y_test=yte, depths=np.array(depths),
                                 pooling=pooling, fix=fix, image_shape=np.array(xtr.shape[1:]),
@@ -505,11 +547,11 @@ def merge(files, out_dir, tag):
             q = json.loads(Path(f).read_text())
             q["columns"], q["command"], q["n_train"], q["n_test"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: --merge: {f} is not a reproduce_table1 result file "
-                             f"({type(e).__name__}: {e})") from None
+            raise ScriptError(f"--merge: {f} is not a reproduce_table1 result file "
+                              f"({type(e).__name__}: {e})") from None
         parts.append(q)
     if not parts:
-        raise SystemExit("--merge: no files")
+        raise ScriptError("--merge: no files")
     out = dict(parts[0])
     out["columns"] = {}
     out["merged_from"] = [{"file": Path(f).name, "command": q["command"]} for f, q in zip(files, parts)]
@@ -518,7 +560,7 @@ def merge(files, out_dir, tag):
     out["n_train"] = max(q["n_train"] for q in parts)
     out["n_test"] = max(q["n_test"] for q in parts)
     out["command"] = " ; ".join(q["command"] for q in parts)
-    stem = Path(out_dir) / f"table1_{tag}_{utc_date()}"
+    stem = check_out_dir(out_dir, "--out-dir") / f"table1_{tag}_{utc_date()}"
     write_json(stem.with_suffix(".json"), out)
     md = markdown(out)
     stem.with_suffix(".md").write_text(md)

@@ -287,10 +287,22 @@ def main(argv=None) -> dict:
     ap.add_argument("harness", type=Path, help="the harness result file of the session")
     ap.add_argument("--phases", type=Path, default=None, help="gpu_session.sh's phase records (TSV)")
     ap.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
-    args = ap.parse_args(argv)
-    s = summarize(args.harness, args.phases)
-    print_summary(s)
+    from .common import run_main
+    return run_main(ap, run, argv)
+
+
+def run(args) -> dict:
+    from .common import ScriptError, check_out_file
     if args.out:
+        check_out_file(args.out, "--out")
+    try:
+        s = summarize(args.harness, args.phases)
+        print_summary(s)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise ScriptError(f"HARNESS {args.harness}: not a harness result file it can summarise "
+                          f"({type(e).__name__}: {e})") from None
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(s, indent=1))
         print(f"wrote {args.out}")
     return s

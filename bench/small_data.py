@@ -29,9 +29,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (BACKENDS, RESULTS, devices, existing_file, gpu_info,  # noqa: E402
-                          int_at_least, int_list, machine, result_header, run_main, utc_date,
-                          versions, write_json)
+from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, devices,  # noqa: E402
+                          existing_file, gpu_info, int_at_least, int_list, load_npz, machine, npz_array,
+                          result_header, run_main, utc_date, versions, write_json)
 from bench.reproduce_table1 import (check_architecture, kernels, load_cifar_for_cli,  # noqa: E402
                                     preprocess, regression_accuracy, scheduler_kwargs)
 
@@ -70,36 +70,60 @@ def check_kernel_file_options(args, z) -> None:
             continue
         asked = {"true": True, "false": False}[given] if name == "fix" else given    # not "paper"
         if asked != stored:
-            raise SystemExit(f"error: --{name} {given}: {args.kernels} holds kernels of "
-                             f"{name} {stored}; leave --{name} out with --kernels")
+            raise ScriptError(f"--{name} {given}: {args.kernels} holds kernels of "
+                              f"{name} {stored}; leave --{name} out with --kernels")
     ignored = [f"--{n.replace('_', '-')}" for n in COMPUTE_OPTIONS
                if getattr(args, n) != defaults.get_default(n)]
     if ignored:
         print(f"note: {', '.join(ignored)} ignored: the kernels come from {args.kernels}", flush=True)
 
 
+KERNELS_WHAT = ("the kernels saved by reproduce_table1.py --save-kernels (depths, y_train, y_test, "
+                "ntk_train_<depth>, ...)")
+
+
+def kernel_file(path):
+    """(archive, its depths) of a --kernels file (ScriptError: not such a file)."""
+    z = load_npz(path, "--kernels", KERNELS_WHAT)
+    depths = npz_array(z, "depths", path, "--kernels", KERNELS_WHAT)
+    if depths.ndim != 1 or depths.dtype.kind not in "iu" or not len(depths):
+        raise ScriptError(f"--kernels {path}: its depths array is {depths!s} ({depths.dtype}); expected "
+                          f"a list of depths, as in {KERNELS_WHAT}")
+    return z, [int(d) for d in depths]
+
+
+def load_kernels(z, path, depths):
+    """y_train, y_test and {depth: (ntk_train, nngp_train, ntk_test, nngp_test)} of a --kernels
+    file, their shapes checked against each other."""
+    get = lambda key: npz_array(z, key, path, "--kernels", KERNELS_WHAT)    # noqa: E731
+    ytr, yte = get("y_train").ravel(), get("y_test").ravel()
+    ks = {}
+    for d in depths:
+        ks[d] = tuple(get(f"{k}_{d}") for k in ("ntk_train", "nngp_train", "ntk_test", "nngp_test"))
+        want = [(len(ytr), len(ytr))] * 2 + [(len(yte), len(ytr))] * 2
+        if [a.shape for a in ks[d]] != want:
+            raise ScriptError(f"--kernels {path}: the kernels of depth {d} have shapes "
+                              f"{', '.join(str(a.shape) for a in ks[d])} for {len(ytr)} training and "
+                              f"{len(yte)} test labels; the file is not one reproduce_table1.py wrote")
+    return ytr, yte, ks
+
+
 def run(args):
     sizes, want = args.sizes, args.depths
     t0 = time.perf_counter()
+    check_out_dir(args.out_dir, "--out-dir")
     if args.kernels:
-        try:
-            z = np.load(args.kernels)
-            saved = [int(d) for d in z["depths"]]
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"error: --kernels {args.kernels}: not a kernel file saved by reproduce_table1.py "
-                             f"--save-kernels ({type(e).__name__}: {e})") from None
+        z, saved = kernel_file(args.kernels)
         want = saved if want is None else want
         check_kernel_file_options(args, z)
         depths = [d for d in saved if d in want]
         if not depths:
-            raise SystemExit(f"error: --depths {','.join(map(str, want))}: {args.kernels} holds the kernels of "
-                             f"depths {','.join(map(str, saved))} only")
+            raise ScriptError(f"--depths {','.join(map(str, want))}: {args.kernels} holds the kernels of "
+                              f"depths {','.join(map(str, saved))} only")
         if len(depths) < len(want):
             print(f"note: --depths {','.join(str(d) for d in want if d not in saved)} not in {args.kernels} "
                   f"(it holds {','.join(map(str, saved))}); using {','.join(map(str, depths))}", flush=True)
-        ytr, yte = z["y_train"], z["y_test"]
-        ks = {d: (z[f"ntk_train_{d}"], z[f"nngp_train_{d}"], z[f"ntk_test_{d}"], z[f"nngp_test_{d}"])
-              for d in depths}
+        ytr, yte, ks = load_kernels(z, args.kernels, depths)
         timing = {"loaded_from": str(args.kernels)}
         src = str(args.kernels)
         pooling = str(z["pooling"]) if "pooling" in z else args.pooling
@@ -115,7 +139,7 @@ def run(args):
         xtr, ytr = xtr[:args.pool], y_tr[:args.pool]
         xte, yte = xte[:args.n_test], y_te[:args.n_test]
         if not any(n <= len(ytr) for n in sizes):
-            raise SystemExit(f"error: every --sizes value ({','.join(map(str, sizes))}) is larger than the pool "
+            raise ScriptError(f"every --sizes value ({','.join(map(str, sizes))}) is larger than the pool "
                              f"of {len(ytr)} images; nothing computed")
         print(f"kernel: {len(xtr)} pool x {len(xte)} test, {xtr.shape[1:]} images, {pooling}, fix={fix}, "
               f"depths {depths}, backend {args.backend}", flush=True)
@@ -156,7 +180,7 @@ def run(args):
         best = max((r for r in table if r["n_train"] == n), key=lambda r: r["mean"])
         print(f"  n={n:5d}: best {best['label']}: {100 * best['mean']:.2f} +- {100 * best['std']:.2f}%", flush=True)
     if not sizes:
-        raise SystemExit(f"error: no training size could be drawn from the pool of {len(ytr)} images "
+        raise ScriptError(f"no training size could be drawn from the pool of {len(ytr)} images "
                          f"(--sizes {','.join(map(str, args.sizes))}: each is larger than "
                          "the pool or needs more images of a class than it has); nothing written")
     stem = Path(args.out_dir) / f"small_data_{args.tag}_{utc_date()}"
@@ -187,7 +211,7 @@ def parser():
                     help="npz saved by reproduce_table1.py --save-kernels")
     ap.add_argument("--pool", type=int_at_least(1), default=1280, help="training images the draws come from")
     ap.add_argument("--n-test", type=int_at_least(1), default=1000)
-    ap.add_argument("--sizes", type=int_list(1), default=",".join(map(str, SIZES)),
+    ap.add_argument("--sizes", type=int_list(1, "10,20,40"), default=",".join(map(str, SIZES)),
                     help="training-set sizes, comma list")
     ap.add_argument("--draws", type=int_at_least(1), default=10)
     ap.add_argument("--seed", type=int_at_least(0), default=0)

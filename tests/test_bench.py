@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 import cntk_engine as ce  # noqa: E402
 from bench import ceiling, per_layer_cpu  # noqa: E402
+from bench.common import ScriptError  # noqa: E402
 
 
 @pytest.mark.parametrize("pooling,fix,convention", [("gap", False, "arora"), ("flatten", True, "arora"),
@@ -138,9 +139,11 @@ def test_harness_records_a_failed_neural_tangents_configuration_and_goes_on(tmp_
                     "print(json.dumps({'seconds': 0.5, 'times': [0.5], 'jax_device': 'cpu:0'}))\n")
     fake.chmod(0o755)
     out = tmp_path / "h.json"
-    harness.main(["--methods", "neural_tangents", "--depths", "2,3", "--sizes", "5", "--n", "2",
-                  "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
-                  "--nt-python", str(fake), "--output", str(out)])
+    with pytest.raises(SystemExit) as e:        # nothing measured: exit 1, the file written all the same
+        harness.main(["--methods", "neural_tangents", "--depths", "2,3", "--sizes", "5", "--n", "2",
+                      "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots",
+                      "--nt-python", str(fake), "--output", str(out)])
+    assert e.value.code == 1 and "nothing was measured: 2 configuration(s), 2 failed" in str(e.value)
     rows = json.loads(out.read_text())["results"]
     assert [(r["config"]["depth"], r["status"]) for r in rows] == [(2, "failed"), (3, "failed")]
     assert all(r["reason"].startswith("FileNotFoundError") for r in rows)
@@ -267,9 +270,10 @@ def test_harness_checks_its_result_folder_before_running(tmp_path, monkeypatch):
     from bench import harness
     monkeypatch.setattr(harness, "build_matrix", lambda args: pytest.fail("configurations built"))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="its folder cannot be created"):
+    with pytest.raises(SystemExit, match="file is a file, not a folder") as e:
         harness.main(["--methods", "reference", "--depths", "2", "--sizes", "3", "--n", "1", "--no-ceiling",
                       "--no-plots", "--output", str(tmp_path / "file" / "sub" / "h.json")])
+    assert e.value.code == 2
 
 
 def test_bench_scripts_end_engine_errors_with_one_line(tmp_path, capsys):
@@ -574,7 +578,7 @@ def test_table1_save_kernels_folder_checked_before_the_pass(tmp_path, monkeypatc
         raise AssertionError("the kernels were computed before the --save-kernels path was checked")
 
     monkeypatch.setattr(reproduce_table1, "kernels", no_kernels)
-    with pytest.raises(SystemExit, match="--save-kernels: cannot write into"):
+    with pytest.raises(SystemExit, match="--save-kernels .*: cannot write into .*a_file: is a file, not a folder"):
         reproduce_table1.main(args + ["--save-kernels", str(blocker / "k")])
     monkeypatch.undo()
     reproduce_table1.main(args + ["--save-kernels", str(tmp_path / "new" / "sub" / "k")])
@@ -771,11 +775,16 @@ def test_harness_refuses_kernel_options_it_cannot_honour():
     harness.check_args(ok, variants)
     harness.check_args(ok, None)                 # no extension: the configurations say why
     bad = harness.parser().parse_args(["--methods", "cuda", "--kernels", "v3,v4"])
-    with pytest.raises(SystemExit, match=r"--kernels v4: not a CUDA kernel variant of the installed extension \(it has v3, v5\)"):
+    with pytest.raises(ScriptError, match=r"--kernels v4: not a CUDA kernel variant of the installed extension \(it has v3, v5\)"):
         harness.check_args(bad, variants)
     dask = harness.parser().parse_args(["--methods", "cuda", "--kernels", "v5", "--dask-scheduler", "tcp://x:1"])
-    with pytest.raises(SystemExit, match="on Dask workers"):
+    with pytest.raises(ScriptError, match="on Dask workers"):
         harness.check_args(dask, variants)
+    # --kernels without the cuda method would be ignored: refused
+    numba = harness.parser().parse_args(["--methods", "numba", "--kernels", "v3"])
+    with pytest.raises(ScriptError, match="--kernels v3: chooses the CUDA kernel variants of the cuda method, "
+                                          "which --methods numba leaves out"):
+        harness.check_args(numba, variants)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--kernels", "v3,x"], "--kernels"), (["--fix", "maybe"], "--fix"),
@@ -1238,7 +1247,7 @@ def test_accuracy_recipes_table_and_resumable_kernels(tmp_path, capsys):
     again = json.loads(js.read_text())
     assert again["tiles"] == {w: dict(t, computed=0) for w, t in first["tiles"].items()}
     assert again["results"] == first["results"]
-    assert "accuracy_recipes_gap.json exists, kept" in capsys.readouterr().out
+    assert "accuracy_recipes_gap.json exists (same settings), kept" in capsys.readouterr().out
     # the table says that the resumed configuration's seconds are of its last run only
     table = (tmp_path / "res" / "accuracy_recipes_table.md").read_text()
     assert f"(resumed: 0 of {first['pairs']} pairs in this run)" in table
@@ -1286,4 +1295,263 @@ def test_bench_float32_error_separates_near_duplicates(tmp_path, capsys):
     assert flat["distinct"] < 1e-6 and flat["noise_10"] < 1e-5 and flat["noise_0.1"] > 1e-4
     with pytest.raises(SystemExit) as e:
         bench_float32_error.main(["--noise", "0", "--out-dir", str(tmp_path)])
-    assert e.value.code == 2 and "--noise: '0': expected a number > 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "--noise: '0': expected a finite number > 0" in capsys.readouterr().err
+
+
+# ------------------------------------------ command-line errors of the bench scripts (review)
+def _one_error_line(capsys, code_seen, code=2):
+    """The stderr of a refused run: one line '<prog>: error: ...' (after argparse's usage, for
+    an argument argparse refused), no traceback; returns what follows 'error: '."""
+    err = capsys.readouterr().err
+    assert code_seen == code, err
+    lines = err.strip().splitlines()
+    if lines and lines[0].startswith("usage: "):
+        lines = [x for x in lines if not (x.startswith("usage: ") or x.startswith(" "))]
+    assert len(lines) == 1 and ": error: " in lines[0] and "Traceback" not in err, err
+    return lines[0].split(": error: ", 1)[1]
+
+
+def test_run_main_formats_script_errors_and_legacy_exits(capsys):
+    import argparse
+    from bench.common import run_main
+    ap = argparse.ArgumentParser(prog="tool.py")
+
+    def raising(exc):
+        def run(args):
+            raise exc
+        return run
+
+    for exc, msg in ((ScriptError("--x 1: bad"), "--x 1: bad"),
+                     (SystemExit("error: --y: old style"), "--y: old style"),
+                     (NotADirectoryError(20, "Not a directory", "a.txt/b"), "a.txt/b: Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            run_main(ap, raising(exc), [])
+        assert str(e.value) == msg
+        assert _one_error_line(capsys, e.value.code) == msg
+        assert "[Errno" not in msg
+
+
+def test_list_options_refuse_empty_items_and_non_finite_numbers():
+    import argparse
+    from bench import harness
+    from bench.common import choice_list, devices, int_list, positive_float, positive_float_list
+    for parse, text in ((int_list(2), "3,,4"), (int_list(1), "2,4,"), (positive_float_list, "1,,2"),
+                        (choice_list(["gap", "lap4"]), "gap,,lap4"), (devices, "0,,1"),
+                        (harness._tiles, "default,,64"), (harness._kernel_names, "v3,,v5"),
+                        (harness._overrides, "reference=2,,cuda=4")):
+        with pytest.raises(argparse.ArgumentTypeError, match="has an empty item; expected a comma list "
+                                                             "without empty items, e.g. "):
+            parse(text)
+    for text in ("inf", "nan", "-inf", "1e999"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a finite number > 0"):
+            positive_float(text)
+    assert int_list(2)("3, 4") == [3, 4] and harness._overrides("") == {}
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    ("reproduce_table1", ["--depths", "3,,4"], "--depths"),
+    ("small_data", ["--sizes", "2,,4"], "--sizes"),
+    ("bench_zca", ["--n-train", "4,,6"], "--n-train"),
+    ("bench_float32_error", ["--noise", "1,,2"], "--noise"),
+    ("bench_float32_error", ["--noise", "inf"], "--noise"),
+    ("accuracy_recipes", ["--only", "gap,,lap4"], "--only"),
+    ("accuracy_recipes", ["--backend", "gpu"], "--backend"),
+    ("accuracy_recipes", ["--seed", "-1"], "--seed"),
+    ("harness", ["--sizes", "2,,4"], "--sizes"),
+])
+def test_bench_list_and_number_options_name_themselves(tmp_path, capsys, script, argv, flag):
+    import importlib
+    mod = importlib.import_module(f"bench.{script}")
+    rest = ["--data", str(_tiny_cifar(tmp_path / "d.npz"))] if script == "accuracy_recipes" else []
+    with pytest.raises(SystemExit) as e:
+        mod.main(rest + argv + ["--out-dir", str(tmp_path / "out")])
+    assert _one_error_line(capsys, e.value.code).startswith(f"argument {flag}: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_zca", "bench_readouts", "bench_stacks", "accuracy_recipes",
+                                    "small_data", "bench_float32_error", "reproduce_table1", "bench_cpu",
+                                    "harness"])
+def test_bench_scripts_refuse_an_out_dir_under_a_file_first(tmp_path, capsys, monkeypatch, script):
+    """--out-dir text.txt/x: one line naming --out-dir, before any image is read or kernel computed."""
+    import importlib
+    import cntk_engine
+    mod = importlib.import_module(f"bench.{script}")
+    monkeypatch.setattr(cntk_engine, "gram", lambda *a, **k: pytest.fail("a kernel was computed"))
+    (tmp_path / "text.txt").write_text("hi\n")
+    data = str(_tiny_cifar(tmp_path / "d.npz"))
+    rest = {"accuracy_recipes": ["--data", data], "reproduce_table1": ["--data", data],
+            "small_data": ["--data", data], "bench_zca": ["--architecture", "cnn", "--depth", "2"],
+            "harness": ["--methods", "numba"]}.get(script, [])
+    with pytest.raises(SystemExit) as e:
+        mod.main(rest + ["--out-dir", str(tmp_path / "text.txt" / "x")])
+    msg = _one_error_line(capsys, e.value.code)
+    assert msg.startswith("--out-dir ") and "text.txt is a file, not a folder" in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "text.txt"]
+
+
+def test_harness_refuses_a_folder_as_output_before_running(tmp_path, capsys, monkeypatch):
+    from bench import harness
+    monkeypatch.setattr(harness, "build_matrix", lambda args: pytest.fail("configurations built"))
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--methods", "numba", "--output", str(tmp_path / "somedir")])
+    assert "--output " in _one_error_line(capsys, e.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somedir"]       # no somedir.tmp
+
+
+def test_harness_exits_1_when_nothing_is_measured_and_spells_backend_as_methods(tmp_path, capsys):
+    from bench import harness
+    out = tmp_path / "h.json"
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--methods", "numba", "--devices", "0", "--depths", "2", "--sizes", "3", "--n", "1",
+                      "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err == [f"python -m bench: nothing was measured: 1 configuration(s), 1 failed; "
+                                         f"the reasons are in {out}"]
+    (rec,) = json.loads(out.read_text())["results"]
+    assert "--methods 'cuda'" in rec["reason"] and "backend=" not in rec["reason"], rec["reason"]
+
+
+def test_bench_readouts_exits_1_when_nothing_is_measured(tmp_path, capsys, monkeypatch):
+    from bench import bench_readouts
+    monkeypatch.setattr(bench_readouts, "CONFIGS", [("bad", dict(pooling="nope"))])
+    with pytest.raises(SystemExit) as e:
+        bench_readouts.main(["--n", "2", "--repeats", "1", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert ": nothing was measured: all 1 configurations unavailable (pooling must be" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_zca_refuses_what_it_cannot_time(tmp_path, capsys):
+    from bench import bench_zca
+    rng = np.random.default_rng(0)
+    files = {"flat.npz": rng.random((6, 8, 8)), "small.npz": rng.random((6, 8, 8, 3)),
+             "nan.npz": rng.random((6, 8, 8, 3)), "const.npz": rng.random((6, 8, 8, 1))}
+    files["nan.npz"][2, 0, 0, 0] = np.nan
+    files["const.npz"][1] = 0.5
+    for name, x in files.items():
+        np.savez(tmp_path / name, x_train=x)
+    out = ["--out-dir", str(tmp_path / "out"), "--n-train", "2,3", "--kernel-n", "2"]
+    cnn = ["--architecture", "cnn", "--depth", "2"]
+    for argv, want in (
+            (["--architecture", "cnn"], "--architecture cnn needs --depth"),
+            (["--data", str(tmp_path / "flat.npz")] + cnn, "x_train has shape (6, 8, 8)"),
+            (["--data", str(tmp_path / "small.npz")], "--architecture 'myrtle5' is defined for 32 x 32 images"),
+            (["--data", str(tmp_path / "nan.npz")] + cnn, "x_train has NaN or Inf pixels in image(s) at index [2]"),
+            (["--data", str(tmp_path / "const.npz")] + cnn, "x_train image(s) at index [1] are constant")):
+        with pytest.raises(SystemExit) as e:
+            bench_zca.main(out + argv)
+        msg = _one_error_line(capsys, e.value.code)
+        assert want in msg and "=" not in msg.replace("(", "").split(";")[0], msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_npz_inputs_say_what_they_expect(tmp_path, capsys):
+    """small_data --kernels and bench_float32_error --mnist: an .npy, a text file or an archive
+    without the array is one line saying what is expected, not numpy's pickle advice."""
+    from bench import bench_float32_error, small_data
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "text.txt").write_text("hi\n")
+    np.savez(tmp_path / "nox.npz", y=np.arange(3))
+    for main, option in ((small_data.main, "--kernels"), (bench_float32_error.main, "--mnist")):
+        for f, want in (("x.npy", "a single .npy array, not an .npz archive"),
+                        ("text.txt", "not an .npz archive (nor any zip file)"),
+                        ("nox.npz", "has no ")):
+            with pytest.raises(SystemExit) as e:
+                main([option, str(tmp_path / f), "--out-dir", str(tmp_path / "out")])
+            msg = _one_error_line(capsys, e.value.code)
+            assert msg.startswith(f"{option} {tmp_path / f}") and want in msg and "expected an .npz" in msg, msg
+            assert "pickle" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_float32_error_digit_shapes_and_noise_out_of_range(tmp_path, capsys):
+    from bench import bench_float32_error
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m.npz", x=rng.integers(0, 256, (4, 1, 28, 28), dtype=np.uint8))
+    base = ["--mnist", str(tmp_path / "m.npz"), "--crop", "4", "--depths", "2", "--out-dir", str(tmp_path / "o")]
+    rec = bench_float32_error.main(base + ["--n", "2", "--noise", "1"])       # (N, 1, 28, 28) accepted
+    assert len(rec["rows"]) == 2
+    with pytest.raises(SystemExit) as e:
+        bench_float32_error.main(base + ["--n", "5"])
+    assert "holds 4 images of 28 x 28; --n 5 and --crop 4 ask for 5 images" in _one_error_line(capsys, e.value.code)
+    with pytest.raises(SystemExit) as e:
+        bench_float32_error.main(base + ["--n", "2", "--noise", "1e300"])
+    msg = _one_error_line(capsys, e.value.code)
+    assert msg.startswith("--noise 1e+300: ") and "x1" not in msg, msg
+
+
+def _nan_cifar(path):
+    _tiny_cifar(path)
+    with np.load(path) as z:
+        d = dict(z)
+    d["x_train"] = d["x_train"].astype(np.float32)
+    d["x_train"][2, 0, 0, 0] = np.nan
+    np.savez(path, **d)
+    return path
+
+
+def test_table1_and_small_data_refusals_name_the_image_and_leave_no_folder(tmp_path, capsys):
+    from bench import reproduce_table1, small_data
+    data = str(_tiny_cifar(tmp_path / "d.npz"))
+    bad = tmp_path / "labels.npz"
+    np.savez(bad, **{**dict(np.load(data)), "y_train": np.arange(12) % 10 + 5})
+    (tmp_path / "text.txt").write_text("hi\n")
+    out = tmp_path / "out"
+    common = ["--n-train", "10", "--n-test", "4", "--depths", "3", "--per-depth-timing", "0", "--no-loo",
+              "--backend", "numba", "--out-dir", str(out)]
+    for argv, want in (
+            (["--data", str(_nan_cifar(tmp_path / "nan.npz"))], "x_train has NaN or Inf pixels in image(s) at index [2]"),
+            (["--data", str(bad)], "y_train must hold the CIFAR-10 classes, integers 0..9; got 5..14"),
+            (["--data", str(tmp_path / "text.txt")], "--data: "),
+            (["--data", data, "--downsample", "16"], "--downsample 16"),
+            (["--data", data, "--store", str(tmp_path / "text.txt")], "--store "),
+            (["--data", data, "--devices", "0"], "--devices 0 selects GPUs"),
+            (["--data", data, "--depths", "2", "--pooling", "gap"], "--depths 2: CNTK-GAP (--pooling gap")):
+        with pytest.raises(SystemExit) as e:
+            reproduce_table1.main(common + argv)
+        msg = _one_error_line(capsys, e.value.code)
+        assert want in msg and "fix=" not in msg and "kernel=" not in msg, msg
+        assert not out.exists(), argv
+    with pytest.raises(SystemExit) as e:
+        small_data.main(["--data", str(tmp_path / "nan.npz"), "--pool", "10", "--n-test", "4", "--depths", "3",
+                         "--sizes", "10", "--out-dir", str(out)])
+    assert "at index [2]" in _one_error_line(capsys, e.value.code)
+    assert not out.exists()
+
+
+def test_accuracy_recipes_refuses_results_of_other_settings(tmp_path, capsys, monkeypatch):
+    """An existing configuration JSON is kept only when its recorded command has this run's
+    settings; otherwise the run is refused before anything runs.  Refusals leave no folder."""
+    import shlex
+    from bench import accuracy_recipes
+    data = str(_tiny_cifar(tmp_path / "d.npz"))
+    res = tmp_path / "res"
+    argv = ["--data", data, "--n-train", "6", "--n-test", "3", "--backend", "numba", "--only", "gap",
+            "--out-dir", str(res)]
+    res.mkdir()
+    ns = type("A", (), dict(out_dir=str(res), name="accuracy_recipes", store_dir=None, data=data, n_train=6,
+                            n_test=3, seed=0, backend="numba"))
+    cmd = accuracy_recipes.command("gap", ns)
+    (res / "accuracy_recipes_gap.json").write_text(json.dumps({
+        "command": "cntk-engine " + shlex.join(cmd), "results": [{"kernel": "ntk", "accuracy": 0.5},
+                                                                   {"kernel": "nngp", "accuracy": 0.25}],
+        "seconds": {"train_gram": 1.0, "test_kernel": 1.0}, "pairs": 39, "machine": {"cpu": "c", "cores": 2}}))
+    monkeypatch.setattr(accuracy_recipes, "evaluate", lambda *a: pytest.fail("a configuration ran"))
+    accuracy_recipes.main(argv)                                    # same settings: kept
+    assert "exists (same settings), kept" in capsys.readouterr().out
+    for extra, want in ((["--seed", "1"], "--seed 0 there, 1 now"), (["--n-train", "7"], "--n-train 6 there, 7 now"),
+                        (["--backend", "reference"], "--backend numba there, reference now")):
+        with pytest.raises(SystemExit) as e:
+            accuracy_recipes.main(argv + extra)
+        msg = _one_error_line(capsys, e.value.code)
+        assert "accuracy_recipes_gap.json holds results computed with other settings" in msg and want in msg, msg
+    monkeypatch.undo()
+    (tmp_path / "text.txt").write_text("hi\n")
+    for extra in (["--data", str(tmp_path / "text.txt")], ["--store-dir", str(tmp_path / "text.txt")]):
+        with pytest.raises(SystemExit) as e:
+            accuracy_recipes.main(argv[2:] + ["--out-dir", str(tmp_path / "new"), "--data", data] + extra)
+        assert ("--data " if "--data" in extra else "--store-dir ") in _one_error_line(capsys, e.value.code)
+        assert not (tmp_path / "new").exists()
