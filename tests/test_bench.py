@@ -907,12 +907,18 @@ def test_harness_takes_counted_sass_mixes_instead_of_disassembling(tmp_path, mon
     monkeypatch.setattr(harness.sass_mix, "resource_usage", no_disassembly)
     monkeypatch.setattr(harness, "gpu_info", lambda: {"name": "a stand-in GPU"})   # the mixes need one
     out = tmp_path / "h.json"
-    harness.main(["--methods", "cuda", "--kernels", ",".join(counted), "--depths", "2", "--sizes", "32",
-                  "--dtypes", "float32,float64", "--n", "2", "--repeats", "1", "--warmup", "0",
-                  "--no-ceiling", "--no-plots", "--output", str(out), "--sass-mixes", str(mixes)])
+    try:            # without a GPU every configuration is unavailable: recorded, then exit 1
+        harness.main(["--methods", "cuda", "--kernels", ",".join(counted), "--depths", "2", "--sizes",
+                      "32", "--dtypes", "float32,float64", "--n", "2", "--repeats", "1", "--warmup", "0",
+                      "--no-ceiling", "--no-plots", "--output", str(out), "--sass-mixes", str(mixes)])
+        measured = True
+    except SystemExit as e:
+        assert e.code == 1, e
+        measured = False
     p = json.loads(out.read_text())
     assert p["sass_by_kernel"] == counted
-    assert {r["status"] for r in p["results"]} <= {"ok", "unavailable"}
+    statuses = {r["status"] for r in p["results"]}
+    assert statuses <= {"ok", "unavailable"} and ("ok" in statuses) == measured
 
 
 # ------------------------------------------------------------ the GPU session script and summary

@@ -137,7 +137,7 @@ def test_the_published_file_through_the_emulation(pooling, fix):
 def test_harness_paper_code_method(tmp_path, monkeypatch):
     """Emulated: values checked (status "emulated", no timing); float64 and 16x16 are skipped
     with the reason; without --paper-code, or without CuPy, every configuration is recorded as
-    unavailable with the reason and the run goes on."""
+    unavailable with the reason, and a run that measured nothing ends with exit status 1."""
     from bench import harness
     monkeypatch.setitem(sys.modules, "cupy", None)
     base = ["--methods", "paper_code", "--depths", "3", "--n", "2", "--repeats", "1", "--warmup", "0",
@@ -157,6 +157,8 @@ def test_harness_paper_code_method(tmp_path, monkeypatch):
     for extra, why in (([], "no --paper-code PATH given"),
                        (["--paper-code", str(STANDIN)], "needs CuPy, which cannot be imported here")):
         out2 = tmp_path / f"u{len(extra)}.json"
-        harness.main(base + ["--sizes", "32", "--output", str(out2)] + extra)
+        with pytest.raises(SystemExit) as e:
+            harness.main(base + ["--sizes", "32", "--output", str(out2)] + extra)
+        assert e.value.code == 1
         (r,) = json.loads(out2.read_text())["results"]
         assert r["status"] == "unavailable" and why in r["reason"]
