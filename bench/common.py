@@ -123,6 +123,8 @@ def run_main(parser: argparse.ArgumentParser, run, argv=None, aliases=None):
             return run(args)
     except ScriptExit:
         raise
+    except KeyboardInterrupt:           # Ctrl-C: one line, the shell's status for SIGINT
+        finish(parser.prog, "interrupted", code=130)
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise

@@ -1335,6 +1335,9 @@ def test_run_main_formats_script_errors_and_legacy_exits(capsys):
         assert str(e.value) == msg
         assert _one_error_line(capsys, e.value.code) == msg
         assert "[Errno" not in msg
+    with pytest.raises(SystemExit) as e:                       # Ctrl-C: one line, status 130
+        run_main(ap, raising(KeyboardInterrupt()), [])
+    assert e.value.code == 130 and capsys.readouterr().err == "tool.py: interrupted\n"
 
 
 def test_list_options_refuse_empty_items_and_non_finite_numbers():

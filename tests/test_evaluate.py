@@ -482,3 +482,16 @@ def test_a_negative_seed_is_an_argument_error(capsys, xy_npz):
     with pytest.raises(SystemExit) as e:
         main(capsys, p, "--depth", 2, "--seed", -1, *REF)
     assert e.value.code == 2 and "argument --seed: must be an integer >= 0; got '-1'" in capsys.readouterr().err
+
+
+def test_ctrl_c_with_a_store_says_how_to_continue(tmp_path, capsys, xy_npz, monkeypatch):
+    p, _, _ = xy_npz
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "kernels", interrupted)
+    for store, hint in ((["--store", tmp_path / "k"], "kept in --store, rerun the same command with "
+                         "--resume"), ([], None)):
+        rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 6, "--n-test", 4, *store, *REF)
+        assert rc == 130 and err.startswith("cntk-engine: interrupted") and err.count("\n") == 1, err
+        assert (hint in err) if hint else ("--resume" not in err), err

@@ -91,9 +91,12 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
         return 141                      # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:
-        if args.command == "gram":      # the only command with a store to resume
+        if args.command == "gram":
             print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
                   "continue", file=sys.stderr)
+        elif args.command == "evaluate" and getattr(args, "store", None):
+            print(f"{PROG}: interrupted; the kernels' finished tiles are kept in --store, rerun "
+                  "the same command with --resume to continue", file=sys.stderr)
         else:
             print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
