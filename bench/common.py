@@ -111,7 +111,7 @@ def run_main(parser: argparse.ArgumentParser, run, argv=None, aliases=None):
     that the script names alike, and ``aliases``, {engine parameter: option}, for those it names
     otherwise), and a :class:`ScriptError`, an error of the engine's, or of reading and writing
     files, ends the script with one line, ``<script>: error: ...`` (exit status 2), not a
-    traceback (a ``SystemExit("message")`` too)."""
+    traceback; Ctrl-C with ``<script>: interrupted`` (status 130)."""
     from cntk_engine.cli import python_options
     from cntk_engine.spelling import command_line
     args = parser.parse_args(argv)
@@ -121,19 +121,10 @@ def run_main(parser: argparse.ArgumentParser, run, argv=None, aliases=None):
     try:
         with command_line(options):
             return run(args)
-    except ScriptExit:
-        raise
     except KeyboardInterrupt:           # Ctrl-C: one line, the shell's status for SIGINT
         finish(parser.prog, "interrupted", code=130)
-    except SystemExit as e:
-        if not isinstance(e.code, str):
-            raise
-        message = e.code
     except (ScriptError, ValueError, RuntimeError, OSError, ImportError, MemoryError) as e:
-        message = describe_error(e)
-    if message.startswith("error: "):
-        message = message[len("error: "):]
-    finish(parser.prog, message, code=2, error=True)
+        finish(parser.prog, describe_error(e), code=2, error=True)
 
 
 # --------------------------------------------------------------------------- outputs

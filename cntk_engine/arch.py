@@ -74,14 +74,14 @@ windows give Sigma = q_x = q_z = b2 at the first layer, and so on up), which rea
 in their blank margins, and two images of which one is a positive (or negative) multiple of
 the other (c = +-1 at every entry), such as constant images of different values.  Past the
 first layer Sigma and q_x, q_z carry rounding of their own, so c lands a few ulps from +-1
-there in any form of the quotient (the reference's Sigma / sqrt(q_x q_z) was 7e-9 off on the
-pair (x, 3 x)): the reference and numba backends take c within SNAP_ULPS = 8 ulps of +-1 as
-+-1: at most the error the rounding of c already carries anywhere else, and exact where c =
-+-1 is exact.  The CUDA kernels do the same in float64; in float32 they clamp c to [-1, 1]
-only (relu_step.cuh: the hot loop saves the compare, and their approximations carry errors of
-that size near |c| = 1 anyway), so a float32 pair at c = +-1 exactly between different images is
-off by about sqrt(eps) there, as near-duplicate images are in every float32 backend.  All are
-exact on self pairs' diagonals, where they set c := 1.
+there in any form of the quotient (computed as it comes, K(x, 3 x) is about 1e-8 off): the
+reference and numba backends take c within SNAP_ULPS = 8 ulps of +-1 as +-1: at most the
+error the rounding of c already carries anywhere else, and exact where c = +-1 is exact.  The
+CUDA kernels do the same in float64; in float32 they clamp c to [-1, 1] only (relu_step.cuh:
+the hot loop saves the compare, and their approximations carry errors of that size near
+|c| = 1 anyway), so a float32 pair at c = +-1 exactly between different images is off by
+about sqrt(eps) there, as near-duplicate images are in every float32 backend.  All are exact
+on self pairs' diagonals, where they set c := 1.
 
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.

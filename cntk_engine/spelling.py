@@ -84,8 +84,5 @@ def renamed(names: Mapping[str, str]) -> Iterator[None]:
     if options is None:
         yield
         return
-    token = _OPTIONS.set({**options, **names})
-    try:
+    with command_line({**options, **names}):
         yield
-    finally:
-        _OPTIONS.reset(token)

@@ -1317,7 +1317,7 @@ def _one_error_line(capsys, code_seen, code=2):
     return lines[0].split(": error: ", 1)[1]
 
 
-def test_run_main_formats_script_errors_and_legacy_exits(capsys):
+def test_run_main_formats_script_errors(capsys):
     import argparse
     from bench.common import run_main
     ap = argparse.ArgumentParser(prog="tool.py")
@@ -1328,7 +1328,6 @@ def test_run_main_formats_script_errors_and_legacy_exits(capsys):
         return run
 
     for exc, msg in ((ScriptError("--x 1: bad"), "--x 1: bad"),
-                     (SystemExit("error: --y: old style"), "--y: old style"),
                      (NotADirectoryError(20, "Not a directory", "a.txt/b"), "a.txt/b: Not a directory")):
         with pytest.raises(SystemExit) as e:
             run_main(ap, raising(exc), [])

@@ -46,6 +46,7 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
 # in the kernel, measured; the cause was not established)
 RELU_CHUNK = 1024
 
+
 def constants(dtype) -> np.ndarray:
     """[pi, 1/(2 pi), 0, 1, A&S coefficients a0..a7, 1 - SNAP_ULPS eps] in the compute dtype.
 

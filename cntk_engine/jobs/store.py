@@ -306,15 +306,14 @@ def _field_name(key: str) -> str:
     images by their argument (``DATA (sha256)``, ``--x2 (count)``; ``images x1 (sha256)`` in
     Python), else the record's own key."""
     def of(param):                     # "images x1" in Python, "DATA" / "--x2" as options
-        return f"images {param}" if arg(param) == param else arg(param)
+        return option(param) or f"images {param}"
     images = {"fingerprint.x1": f"{of('x1')} (sha256)", "fingerprint.x2": f"{of('x2')} (sha256)",
               "n1": f"{of('x1')} (count)", "n2": f"{of('x2')} (count)",
               "symmetric": "symmetric (one set of images)"}
     if key in images:
         return images[key]
     param = key.removeprefix("architecture.")
-    param = "architecture" if param == "name" else param
-    return arg(param) if "." not in param and arg(param) != param else key
+    return option("architecture" if param == "name" else param) or key
 
 
 def spec_differences(stored: dict, wanted: dict) -> list[str]:
