@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from . import backends
 from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
@@ -32,7 +34,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         real dtype (uint8 images are used as they are, as float).  ``x2=None`` (or ``x2`` the
         same array object as ``x1``) computes the symmetric Gram of ``x1``, each unordered pair
         once.  Identical images anywhere in ``x1`` and ``x2`` get exactly equal kernel values
-        (``cntk_engine.arch``, self pairs).  CuPy arrays in give CuPy arrays out.
+        (``cntk_engine.arch``, self pairs).  With ``x2`` an equal array but another object (a
+        copy), both orders of each pair are computed, and K[i, j] and K[j, i] may differ by
+        rounding (about 1e-9 relative in float32).  CuPy arrays in give CuPy arrays out.
     depth : int >= 2, conv layers + 1 (the paper's depth).  Or ``depths=[...]``: every depth
         is read out of ONE pass over the deepest network and a dict {depth: result} returned.
     architecture : "cnn" (the CNN of Arora et al.: depth - 1 conv + ReLU layers, the default),
@@ -55,6 +59,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     backend : "numba" (CPU), "cuda" (GPU), "reference" (float64 NumPy, slow) or "auto" (cuda if
         usable, else numba).
     dtype : "float32" (default) or "float64" compute precision; results are always float64.
+        The reference computes in float64 whatever ``dtype`` says (and its info says so).
     tile : rows/columns per tile (one backend call each); default depends on the backend.
     return_info : also return a dict saying what ran (backend, tiles, seconds, pairs).
     devices : GPUs for backend "cuda": None or "all" (every visible GPU, one worker thread each)
@@ -111,6 +116,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     else:
         cls = backends.resolve(backend, arch, image_shape, cdtype)
         device_ids = resolve_devices(cls.traits().device, devices)
+    cdtype = np.dtype(cls.traits().compute_dtype or cdtype)        # the reference: float64
     result_device = current_device() if is_cupy(a) else None      # CuPy in -> CuPy out
     # Device images stay on the device for a local GPU job (each GPU worker takes them as they
     # are on its own device).  CPU backends, a Zarr store (whose job record hashes the images)

@@ -152,13 +152,23 @@ class _CNTKBase(BaseEstimator):
         return self.depth
 
     def _gram(self, a, b=None):
+        """``gram(a, b)`` of the training set ``a`` (``b`` None: in ``fit``) or of the images
+        ``a`` against the training set ``b``, with the images named in errors as the caller
+        passed them: ``X[i]``, and ``the flip of X[i]`` for a training set's flipped copies."""
         from .api import gram
-        return gram(a, b, depth=self._depth(), architecture=self.architecture,
-                    pooling=self.pooling, lap_window=self.lap_window, flip=self.flip,
-                    fix=self.fix, kernel=self.kernel,
-                    convention=self.convention, W_std=self.W_std, b_std=self.b_std,
-                    filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
-                    data_format="NCHW")
+        from .spelling import images_as
+
+        def training(i, n=(len(a) if b is None else len(b)) // (2 if self.augment_flips else 1)):
+            return f"the flip of X[{i - n}]" if i >= n else f"X[{i}]"
+        names = ({"x1": training} if b is None else
+                 {"x1": "X[{}]".format, "x2": lambda i: f"{training(i)} of the training set"})
+        with images_as(names):
+            return gram(a, b, depth=self._depth(), architecture=self.architecture,
+                        pooling=self.pooling, lap_window=self.lap_window, flip=self.flip,
+                        fix=self.fix, kernel=self.kernel,
+                        convention=self.convention, W_std=self.W_std, b_std=self.b_std,
+                        filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
+                        data_format="NCHW")
 
     # ------------------------------------------------------------------ input
     def _images(self, X, y=None, *, reset: bool, y_kw=None):

@@ -28,7 +28,7 @@ import numpy as np
 from .arch import as_integer, is_int
 from .arrays import get_array_module, to_host
 from .diag import diag_norms
-from .spelling import arg
+from .spelling import arg, image, images
 
 DATA_FORMATS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float64")
@@ -211,14 +211,14 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
             raise ValueError(
                 f"the kernel would underflow {arg('dtype', dtype.name)}: the largest per-image variance q of "
                 f"layer {layer + 1} (the readout of depth {layer + 2}) is {qm[i, layer]:.3g} for "
-                f"{arg(name)}[{i}]{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
+                f"{image(name, i)}{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
                 f"comes out as zeros or NaN; with these images and this architecture {reach}; "
                 f"{remedy}")
         tiny = live & (qp < pos_low)
         if tiny.any():
             i = int(np.argmax(tiny))
             raise ValueError(
-                f"{arg(name)}[{i}] has pixel windows whose variance q falls to {qp[i]:.3g} in this "
+                f"{image(name, i)} has pixel windows whose variance q falls to {qp[i]:.3g} in this "
                 f"architecture (depth {arch.max_depth}), where 1/sqrt(q) overflows {dtype.name} and "
                 f"the kernel would be NaN; {f64 or 'rescale the images'}")
 
@@ -239,7 +239,7 @@ def check_results(exps, qmax, names=("x1",)) -> None:
                 j = int(np.argmin(worst) if side == "below" else np.argmax(worst))
                 i = int(np.nonzero(live)[0][j])
                 raise ValueError(
-                    f"{arg(name)}[{i}] (max |pixel| about 2^{int(e[i])}) would have kernel values of about "
+                    f"{image(name, i)} (max |pixel| about 2^{int(e[i])}) would have kernel values of about "
                     f"2^{worst[j]:.0f}, {side} the range float64 results hold with full precision "
                     f"({lo:.2g} to {hi:.2g}); rescale the images (without biases, scaling every "
                     "image by a scales the kernel by a^2)")
@@ -310,8 +310,7 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     if bool(bad.any()):
         idx = [int(i) for i in xp.nonzero(bad)[0][:10].tolist()]
         more = int(bad.sum()) - len(idx)
-        raise ValueError(f"{arg(name)} has NaN or Inf pixels in image(s) at index {idx}"
-                         + (f" and {more} more" if more > 0 else "") + "; all pixels must be finite")
+        raise ValueError(f"NaN or Inf pixels in {images(name, idx, more)}; all pixels must be finite")
     return arr
 
 

@@ -14,6 +14,8 @@ images that really have that shape.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,11 @@ from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
 ZCA_REG = 0.1       # relative to the mean eigenvalue: the value of Lee et al. 2020's code
+# Training pixels whose largest |value| is beyond 2^+-MOMENT_EXPONENT_LIMIT are divided by a power
+# of two (exact) before their per-channel moments are taken: the std's squares would overflow
+# float64 above ~1e154 (a std of inf, every image standardised to 0) and lose digits to
+# subnormals below ~1e-154.  Images within the limit, every common one, are not scaled at all.
+MOMENT_EXPONENT_LIMIT = 400
 
 
 def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
@@ -38,16 +45,59 @@ def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
     return np.moveaxis(x, -1, 1) if data_format == "NHWC" else x
 
 
+def _finite_images(x, name: str, data_format: str | None = None) -> np.ndarray:
+    """:func:`_images` as float64, refusing NaN and Inf pixels by image (a NaN would spread to
+    its whole channel in every image through the channel's mean)."""
+    a = _images(x, name, data_format).astype(np.float64)
+    bad = ~np.isfinite(a).reshape(len(a), -1).all(axis=1)
+    if bad.any():
+        idx = np.nonzero(bad)[0]
+        raise ValueError(f"{name} has NaN or Inf pixels in image(s) at index {idx[:10].tolist()}"
+                         + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
+                         + "; all pixels must be finite")
+    return a
+
+
+def _channel_moments(a: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(e, mean, std)`` of float64 training images ``a`` (N, C, H, W): the per-channel mean
+    and std (1 where it is 0: such a channel is only centred) of a / 2^e, with e = 0 unless
+    max |a| is beyond 2^+-:data:`MOMENT_EXPONENT_LIMIT`, then the exponent that brings it to
+    [0.5, 1)."""
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    e = math.frexp(peak)[1] if peak > 0 else 0
+    e = e if abs(e) > MOMENT_EXPONENT_LIMIT else 0
+    s = np.ldexp(a, -e) if e else a
+    mean = s.mean(axis=(0, 2, 3), keepdims=True)
+    std = s.std(axis=(0, 2, 3), keepdims=True)
+    return e, mean, np.where(std > 0, std, 1.0)
+
+
+def _standardised(x: np.ndarray, e: int, mean, std, name: str) -> np.ndarray:
+    """``(x / 2^e - mean) / std`` (:func:`_channel_moments`), refused where a value leaves
+    float64's range: images far larger than the training images' spread (never the training
+    images themselves: each value is at most sqrt(N H W) there)."""
+    if x.shape[1] != mean.shape[1]:
+        raise ValueError(f"{name} has {x.shape[1]} channel(s) and the training images "
+                         f"{mean.shape[1]}; both must be (N, C, H, W) with the same C")
+    with np.errstate(over="ignore"):
+        out = ((np.ldexp(x, -e) if e else x) - mean) / std
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name}: standardised with the training images' per-channel mean and "
+                         "std, some pixels leave float64's range (these images are larger than "
+                         "the training images' spread by more than 1e308); rescale them")
+    return out
+
+
 def standardize(x_train, x_test=None, *, data_format: str | None = None):
     """``(x - mean) / std`` per channel, mean and std over the training images (a channel with
-    std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given), NCHW."""
-    a = _images(x_train, "x_train", data_format).astype(np.float64)
-    mean = a.mean(axis=(0, 2, 3), keepdims=True)
-    std = a.std(axis=(0, 2, 3), keepdims=True)
-    std = np.where(std > 0, std, 1.0)
-    b = None if x_test is None else (_images(x_test, "x_test", data_format).astype(np.float64)
-                                     - mean) / std
-    return (a - mean) / std, b
+    std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given), NCHW.
+    Any finite pixels: the moments are taken without overflow or subnormals
+    (:data:`MOMENT_EXPONENT_LIMIT`)."""
+    a = _finite_images(x_train, "x_train", data_format)
+    e, mean, std = _channel_moments(a)
+    b = None if x_test is None else _standardised(_finite_images(x_test, "x_test", data_format),
+                                                  e, mean, std, "x_test")
+    return _standardised(a, e, mean, std, "x_train"), b
 
 
 def scale(x):
@@ -60,9 +110,10 @@ def downsample(x, factor: int, *, data_format: str | None = None):
     """F x F average pooling (stride F) over H and W of NCHW images; rows and columns beyond the
     last full window are dropped."""
     x = _images(x, "x", data_format).astype(np.float64)
+    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, numbers.Integral) or factor < 1:
+        raise ValueError(f"the downsampling factor ({arg('factor')}) must be an integer >= 1; got "
+                         f"{factor!r}")
     f = int(factor)
-    if f < 1:
-        raise ValueError(f"the downsampling factor ({arg('factor')}) must be >= 1; got {factor}")
     n, c, h, w = x.shape
     if h < f or w < f:
         raise ValueError(f"the downsampling factor ({arg('factor', f)}) is larger than the images "
@@ -77,22 +128,22 @@ class ZCAWhitening:
     """A ZCA whitening fitted on training images (:func:`fit_zca`): ``transform`` applies it to
     any images of the same shape (the training images, test images, new images)."""
 
-    mean: np.ndarray          # (1, C, 1, 1) per-channel mean of the training images
-    std: np.ndarray           # (1, C, 1, 1) their per-channel std (1 where it is 0)
+    mean: np.ndarray          # (1, C, 1, 1) per-channel mean of the training images / 2^exponent
+    std: np.ndarray           # (1, C, 1, 1) their per-channel std (1 where it is 0), / 2^exponent
     matrix: np.ndarray        # (d, d) U diag(f) U^T
     layer_norm: bool
     data_format: str
     reg_amount: float         # lambda added to the eigenvalues
     image_shape: tuple        # (C, H, W) of the training images
+    exponent: int = 0         # 0 unless their pixels are beyond 2^+-MOMENT_EXPONENT_LIMIT
 
     def transform(self, x) -> np.ndarray:
         x = _images(x, "x", self.data_format)
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
                              f"on {self.image_shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("images with NaN or Inf pixels cannot be whitened; all pixels must be finite")
-        f = _standardised_rows(x.astype(np.float64), self.mean, self.std, self.layer_norm, "x")
+        x = _finite_images(x, "x", "NCHW")
+        f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, "x")
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
 
@@ -104,14 +155,10 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     a = _images(x_train, "x_train", data_format)
     if a.shape[0] == 0 or a[0].size == 0:
         raise ValueError(f"x_train must hold at least one image with C, H, W >= 1; got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError("x_train has NaN or Inf pixels; all pixels must be finite")
-    a = a.astype(np.float64)
-    mean = a.mean(axis=(0, 2, 3), keepdims=True)
-    std = a.std(axis=(0, 2, 3), keepdims=True)
-    std = np.where(std > 0, std, 1.0)
+    a = _finite_images(a, "x_train", "NCHW")
+    e, mean, std = _channel_moments(a)
     n, d = a.shape[0], a[0].size
-    f = _standardised_rows(a, mean, std, layer_norm, "x_train")
+    f = _standardised_rows(a, e, mean, std, layer_norm, "x_train")
     moment = f.T @ f / n
     s, u = np.linalg.eigh(moment)
     if not s.max() > 0:
@@ -125,7 +172,7 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     np.divide(1.0, np.sqrt(np.maximum(s, 0.0) + lam), out=scale, where=spanned)
     return ZCAWhitening(mean=mean, std=std, matrix=(u * scale) @ u.T, layer_norm=layer_norm,
                         data_format=data_format or "NCHW", reg_amount=lam,
-                        image_shape=tuple(a.shape[1:]))
+                        image_shape=tuple(a.shape[1:]), exponent=e)
 
 
 def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool = False,
@@ -180,21 +227,23 @@ class ConstantImages(ValueError):
         return ConstantImages(role, self.indices, remedy)
 
 
-def _standardised_rows(a: np.ndarray, mean, std, layer_norm: bool, name: str) -> np.ndarray:
-    """Steps 1-2 of :func:`zca_whiten`: the (N, C H W) rows of (a - mean) / std, with
-    ``layer_norm`` each minus its mean and scaled to unit L2 norm; a constant row is an error.
+def _standardised_rows(a: np.ndarray, e: int, mean, std, layer_norm: bool, name: str) -> np.ndarray:
+    """Steps 1-2 of :func:`zca_whiten`: the (N, C H W) rows of (a / 2^e - mean) / std
+    (:func:`_standardised`), with ``layer_norm`` each minus its mean and scaled to unit L2 norm;
+    a constant row is an error.
 
     A row is constant when what is left after its mean is rounding: below 1e-12 of the norm of
-    (|a| + |mean|) / std, the size the standardisation's rounding scales with (an image at its
-    channels' means standardises to rounding noise, which the norm of the row itself would not
-    tell from a direction)."""
+    (|a / 2^e| + |mean|) / std, the size the standardisation's rounding scales with (an image at
+    its channels' means standardises to rounding noise, which the norm of the row itself would
+    not tell from a direction)."""
     n = len(a)
-    f = ((a - mean) / std).reshape(n, -1)
+    f = _standardised(a, e, mean, std, name).reshape(n, -1)
     if not layer_norm:
         return f
     centred = f - f.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    size = np.linalg.norm(((np.abs(a) + np.abs(mean)) / std).reshape(n, -1), axis=1)
+    scaled = np.ldexp(a, -e) if e else a
+    size = np.linalg.norm(((np.abs(scaled) + np.abs(mean)) / std).reshape(n, -1), axis=1)
     bad = np.nonzero(norms <= 1e-12 * size)[0]
     if bad.size:
         raise ConstantImages(name, bad)

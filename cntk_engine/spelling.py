@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 _UNSET = object()
 _OPTIONS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "cntk_engine_options", default=None)
+_IMAGES: contextvars.ContextVar[Mapping[str, Callable[[int], str]] | None] = contextvars.ContextVar(
+    "cntk_engine_images", default=None)
 
 
 def arg(name: str, value=_UNSET) -> str:
@@ -86,3 +88,36 @@ def renamed(names: Mapping[str, str]) -> Iterator[None]:
         return
     with command_line({**options, **names}):
         yield
+
+
+def image(name: str, i: int) -> str:
+    """Image ``i`` of the image argument ``name`` (``x1``, ``x2``) as the caller knows it:
+    ``x1[3]`` (``DATA[3]`` on the command line), unless :func:`images_as` names it otherwise."""
+    table = _IMAGES.get()
+    if table is not None and name in table:
+        return table[name](int(i))
+    return f"{arg(name)}[{int(i)}]"
+
+
+def images(name: str, indices: Sequence[int], more: int = 0) -> str:
+    """Several images of ``name`` (the first of them, ``more`` left unnamed), for a message
+    that lists them: ``x1 image(s) at index [0, 3]``, or as :func:`images_as` names them."""
+    table = _IMAGES.get()
+    if table is not None and name in table:
+        listed = ", ".join(table[name](int(i)) for i in indices)
+    else:
+        listed = f"{arg(name)} image(s) at index {[int(i) for i in indices]}"
+    return listed + (f" and {more} more" if more > 0 else "")
+
+
+@contextmanager
+def images_as(names: Mapping[str, Callable[[int], str]]) -> Iterator[None]:
+    """Within the block, :func:`image` and :func:`images` write image ``i`` of the image
+    arguments in ``names`` as ``names[name](i)``, in Python and on the command line alike: a
+    caller that hands the engine images it assembled (a subset drawn from a file, a training set
+    followed by its flips, an estimator's ``X``) names each as its own caller knows it."""
+    token = _IMAGES.set(dict(names))
+    try:
+        yield
+    finally:
+        _IMAGES.reset(token)

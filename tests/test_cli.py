@@ -371,6 +371,24 @@ def test_gram_out_and_scheduler_refusals_name_the_option(tmp_path, data, capsys)
             ("cannot be created in '/proc'" in e or "is not writable" in e) and ".partial" not in e, e
 
 
+def test_empty_paths_and_bad_options_are_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    """--out '' and verify '' read as the current folder ("... exists and is not a Zarr store");
+    gram read DATA before it checked its options (a bad --depth was reported after the data's
+    layout problem, or after loading a large file)."""
+    from cntk_engine.cli import gram as gram_cli
+    monkeypatch.chdir(tmp_path)
+    read = []
+    monkeypatch.setattr(gram_cli, "load_images", lambda *a, **k: read.append(a) or np.ones((2, 1, 4, 4)))
+    for argv, msg in ((["gram", "x.npy", "--depth", "3", "--out", ""], "--out '' is empty; give the path"),
+                      (["gram", "x.npy", "--depth", "1", "--out", "g.zarr"], "--depth must be an integer >= 2"),
+                      (["gram", "x.npy", "--depth", "3", "--out", "g.zarr", "--scheduler", " "],
+                       "--scheduler ' ' is empty"),
+                      (["verify", ""], "STORE '' is empty; give the path of a Gram store")):
+        rc, o, e = run(capsys, *argv)
+        assert rc == 2 and e.startswith(f"cntk-engine: error: {msg}") and e.count("\n") == 1, e
+    assert read == [] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["gram", "x.npy", "--depth", "3.5", "--out", "a.zarr"],
      "cntk-engine gram: error: argument --depth: invalid int value: '3.5' (see cntk-engine gram --help)"),

@@ -209,8 +209,10 @@ def test_bad_images():
     x = np.ones((4, 1, 4, 4))
     x[1, 0, 2, 2] = np.nan
     x[3, 0, 0, 0] = np.inf
-    with pytest.raises(ValueError, match=r"NaN or Inf pixels in image\(s\) at index \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"NaN or Inf pixels in x1 image\(s\) at index \[1, 3\]; all"):
         ce.gram(x, depth=3)
+    with pytest.raises(ValueError, match=r"NaN or Inf pixels in x2 image\(s\) at index \[1, 3\]; all"):
+        ce.gram(np.ones((2, 1, 4, 4)), x, depth=3)
     with pytest.raises(ValueError, match=r"must be 4-D.*add a channel axis"):
         ce.gram(np.ones((2, 4, 4)), depth=3)
     with pytest.raises(ValueError, match=r"same \(C, H, W\)"):

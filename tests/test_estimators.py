@@ -277,6 +277,46 @@ def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
         CNTKRegressor(depth=3, dtype=None).fit(X, y)
 
 
+def test_errors_name_the_images_as_the_caller_passed_them():
+    """An image the kernel cannot take is named as X[i] (it was x1[i], x2[i] in the engine's
+    words, with predict's training set as x2 and the flipped copies counted on)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((4, 1, 4, 4)), np.array([0, 1, 0, 1])
+    tiny = X.copy()
+    tiny[2] *= 1e-150
+    with pytest.raises(ValueError, match=r"^X\[2\] \(max \|pixel\| about 2\^-498\)"):
+        CNTKClassifier(depth=3).fit(tiny, y)
+    clf = CNTKClassifier(depth=3, augment_flips=True).fit(X, y)
+    huge = X[:3].copy()
+    huge[1] *= 1e150
+    with pytest.raises(ValueError, match=r"^X\[1\] \(max \|pixel\| about 2\^499\)"):
+        clf.predict(huge)
+    # one training sample: leave-one-out has nothing to fit (it chose the largest ridge)
+    with pytest.raises(ValueError, match="leave-one-out .* needs at least 2 training samples; got n_samples = 1"):
+        CNTKRegressor(depth=3).fit(X[:1], [1.0])
+    assert CNTKRegressor(depth=3, ridge=0.1).fit(X[:1], [1.0]).predict(X).shape == (4,)
+
+
+def test_the_flips_of_a_training_set_are_named_as_such():
+    from cntk_engine.spelling import image, images_as
+    clf = CNTKClassifier(depth=3, augment_flips=True)
+    seen = {}
+
+    def record(a, b=None, **kw):
+        seen.update({k: [image(k, i) for i in (0, 3, 4, 7)] for k in ("x1", "x2")})
+        return np.zeros((len(a), len(a) if b is None else len(b)))
+    import cntk_engine.api as api
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(api, "gram", record)
+        clf._gram(np.zeros((8, 1, 4, 4)))
+        assert seen["x1"] == ["X[0]", "X[3]", "the flip of X[0]", "the flip of X[3]"]
+        clf._gram(np.zeros((8, 1, 4, 4)), np.zeros((8, 1, 4, 4)))
+        assert seen["x1"] == ["X[0]", "X[3]", "X[4]", "X[7]"]
+        assert seen["x2"][1:3] == ["X[3] of the training set", "the flip of X[0] of the training set"]
+    with images_as({}):
+        assert image("x1", 5) == "x1[5]"
+
+
 def test_numpy_scalar_grids():
     """GridSearchCV over np.arange / np.array grids hands NumPy scalars to the parameters."""
     from sklearn.model_selection import GridSearchCV

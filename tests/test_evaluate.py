@@ -211,6 +211,30 @@ def test_a_store_refused_before_any_kernel_leaves_no_folder(tmp_path, capsys, xy
     assert not (tmp_path / "k").exists()
 
 
+def test_images_the_kernels_cannot_take_are_named_where_they_are_in_data(tmp_path, capsys, monkeypatch):
+    """A training or test image out of the kernels' range is named by its key and position in
+    DATA (it was the position among the drawn images, as 'DATA[5]'), and either set is refused
+    before any kernel is computed: the train Gram was computed (and stored) before the test
+    images were checked, and the stored train.zarr then blocked the rerun."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((10, 1, 8, 8)), np.arange(10) % 2
+    xt = rng.random((10, 1, 8, 8))
+    tiny, huge = x.copy(), xt.copy()
+    tiny[7] *= 1e-150
+    huge[7] *= 1e150
+    computed, real = [], ev.kernels
+    monkeypatch.setattr(ev, "kernels", lambda *a, **k: computed.append(a[-2]) or real(*a, **k))
+    for name, arrays, want in (("tiny.npz", dict(x_train=tiny, x_test=xt), "x_train[7] (max |pixel| about 2^-498)"),
+                               ("huge.npz", dict(x_train=x, x_test=huge), "x_test[7] (max |pixel| about 2^499)")):
+        p = tmp_path / name
+        np.savez(p, y_train=y, y_test=y, **arrays)
+        for flips in ([], ["--augment-flips"]):
+            rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 10, "--n-test", 10,
+                                "--preprocess", "none", "--store", tmp_path / "k", *flips, *REF)
+            assert rc == 2 and err.startswith(f"cntk-engine: error: {want}"), err
+            assert computed[-1] == "test" and "train" not in computed and not (tmp_path / "k").exists()
+
+
 def test_nan_labels_and_one_class_are_named_before_the_kernels(tmp_path, capsys, monkeypatch):
     import cntk_engine.api
     monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
@@ -410,7 +434,8 @@ def test_store_keeps_the_kernels_and_a_stopped_run_resumes(xy_npz, capsys, tmp_p
     # the stores of another job (another seed: other images) are refused, naming the store
     other = [("6" if a == 5 else a) for a in args]
     rc, out, err = main(capsys, *other, "--store", st, "--resume")
-    assert rc == 2 and "train.zarr" in err and "the training images (sha256)" in err and err.count("\n") == 1, err
+    assert rc == 2 and "test.zarr holds the kernels of another run" in err, err   # computed first
+    assert "the test images (sha256)" in err and "the training images (sha256)" in err and err.count("\n") == 1, err
 
 
 def test_store_dir_holding_a_non_store_and_resume_of_nothing(xy_npz, capsys, tmp_path, monkeypatch):
@@ -453,7 +478,7 @@ def test_store_of_a_pooling_stack(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("factor, msg", [
-    (0, "the downsampling factor (--downsample) must be >= 1; got 0"),
+    (0, "the downsampling factor (--downsample) must be an integer >= 1; got 0"),
     (99, "the downsampling factor (--downsample 99) is larger than the images"),
 ])
 def test_downsample_errors_name_the_option(capsys, xy_npz, factor, msg):
@@ -470,7 +495,7 @@ def test_a_store_of_another_run_is_refused_naming_store_and_why(tmp_path, capsys
     assert rc == 0, err
     rc, out, err = main(capsys, p, "--depth", 2, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", "--seed", 1, *REF)
-    assert rc == 2 and f"--store {str(st)!r}: train.zarr holds the kernels of another run: the training images (sha256)" in err
+    assert rc == 2 and f"--store {str(st)!r}: test.zarr holds the kernels of another run: the test images (sha256)" in err
     assert "--seed" in err and "out=" not in err and err.count("\n") == 1, err
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", *REF)

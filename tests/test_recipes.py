@@ -237,6 +237,43 @@ def test_zca_names_the_constant_images_and_where_they_are(rng):
     assert zca_whiten(x[3:], t, layer_norm=False)[1].shape == t.shape
 
 
+@pytest.mark.parametrize("scale", [1e155, 1e300, 1e-160, 1e-170, 1e-300])
+def test_standardize_and_zca_take_pixels_of_any_finite_size(rng, scale):
+    """The per-channel std squares the pixels: above ~1e154 it overflowed (every image became 0,
+    and evaluate printed an accuracy of all-zero kernels with exit 0; ZCA called the images
+    constant), below ~1e-154 it lost digits to subnormals (1.4e-3 at 1e-160).  Standardised
+    images do not depend on the pixels' scale: the same to rounding at any size."""
+    x, t = rng.random((5, 3, 4, 4)), rng.random((2, 3, 4, 4))
+    a0, b0 = standardize(x, t)
+    # images within 2^+-400 are not rescaled: their results are what they always were
+    mean, std = x.mean(axis=(0, 2, 3), keepdims=True), x.std(axis=(0, 2, 3), keepdims=True)
+    assert np.array_equal(a0, (x - mean) / std) and np.array_equal(b0, (t - mean) / std)
+    a, b = standardize(x * scale, t * scale)
+    assert np.abs(a - a0).max() < 1e-13 and np.abs(b - b0).max() < 1e-13
+    z0, z = zca_whiten(x, t), zca_whiten(x * scale, t * scale)
+    assert np.abs(z[0] - z0[0]).max() < 1e-12 and np.abs(z[1] - z0[1]).max() < 1e-12
+    later = fit_zca(x * scale)
+    assert later.exponent != 0 and np.abs(later.transform(t * scale) - z0[1]).max() < 1e-12
+
+
+def test_standardize_refuses_what_it_cannot_standardise(rng):
+    x = rng.random((4, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"x_test has 1 channel\(s\) and the training images 3"):
+        standardize(x, rng.random((2, 1, 4, 4)))       # it broadcast to 3 channels
+    bad = x.copy()
+    bad[2, 1, 0, 0] = np.nan           # it spread to channel 1 of every image
+    with pytest.raises(ValueError, match=r"x_train has NaN or Inf pixels in image\(s\) at index \[2\]"):
+        standardize(bad)
+    with pytest.raises(ValueError, match=r"x_test has NaN or Inf pixels in image\(s\) at index \[2\]"):
+        standardize(x, bad)
+    with pytest.raises(ValueError, match=r"x_test: standardised with the training images'.*leave "
+                                         r"float64's range"):
+        standardize(x * 1e-300, x * 1e300)
+    for factor in (2.7, True, "2", 0):
+        with pytest.raises(ValueError, match=r"downsampling factor \(factor\) must be an integer >= 1"):
+            downsample(x, factor)
+
+
 # ----------------------------------------------------------------------------- where users meet it
 @pytest.mark.parametrize("kw, msg", [
     (dict(depth=3, pooling="lap"), "needs lap_window"),

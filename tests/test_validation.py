@@ -152,8 +152,20 @@ def test_huge_pixels_are_scaled_without_biases_and_refused_with_biases():
     nt = dict(convention="neural_tangents", b_std=0.5)
     with pytest.raises(ValueError, match=r"too large for dtype='float32'.*b_std=0\.5.*rescale the "
                                          r"images.* and b_std by the same factor"):
-        ce.gram(x, depth=2, dtype="float32", **nt, **REF)
+        ce.gram(x, depth=2, dtype="float32", backend="numba", **nt)
     assert np.isfinite(ce.gram(x, depth=2, dtype="float64", **nt, **REF)).all()
+
+
+def test_the_reference_is_checked_and_reported_in_the_float64_it_computes_in():
+    """The reference computes in float64 whatever dtype says: its checks and info say float64
+    (a float32 check refused 1e-30 images with a 1e-30 bias it computes exactly)."""
+    x = np.random.default_rng(0).random((3, 1, 4, 4)) * 1e-30
+    nt = dict(depth=3, convention="neural_tangents", b_std=1e-30)
+    with pytest.raises(ValueError, match=r"underflow dtype='float32'"):
+        ce.gram(x, dtype="float32", backend="numba", **nt)
+    k, info = ce.gram(x, dtype="float32", return_info=True, **nt, **REF)
+    assert info["dtype"] == "float64"
+    assert np.array_equal(k, ce.gram(x, dtype="float64", **nt, **REF)) and np.all(k > 0)
 
 
 # ----------------------------------------------------------------------------- W_std / b_std bounds

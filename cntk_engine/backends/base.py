@@ -36,13 +36,16 @@ class Traits:
     rows per tile to start from and the floor when tiles are made smaller.  entry_seconds /
     tile_seconds: an optional time model: the wall seconds one call spends per pair, offset-slice
     entry and layer (``jobs.tiles.pair_work``), per compute dtype, and the seconds a tile should
-    take (``jobs.tiles.auto_tile`` sizes tiles by them)."""
+    take (``jobs.tiles.auto_tile`` sizes tiles by them).  compute_dtype: the dtype a backend
+    computes in whatever ``dtype`` the job asks ("float64" for the reference), or None: the
+    job's; the job's magnitude checks, record and info then name that dtype."""
 
     device: str
     default_tile: int
     min_tile: int
     entry_seconds: dict | None = None
     tile_seconds: float | None = None
+    compute_dtype: str | None = None
 
     def pair_seconds(self, work: int, dtype) -> float | None:
         """Estimated seconds of one pair of ``work`` entry-layers in ``dtype``, or None."""

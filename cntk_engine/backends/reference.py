@@ -118,7 +118,7 @@ class ReferenceBackend(Backend):
 
     @classmethod
     def traits(cls) -> Traits:
-        return Traits(device="cpu", default_tile=8, min_tile=2)
+        return Traits(device="cpu", default_tile=8, min_tile=2, compute_dtype="float64")
 
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x, dtype=np.float64)

@@ -14,8 +14,9 @@ Labels: integers (or any values; classes are the sorted labels of the training s
 
 Steps: preprocessing (:mod:`cntk_engine.preprocess`: ``--preprocess standardize``, the
 paper's per-channel mean / std of the training images; ``--downsample F`` average-pools F x F
-first, a CPU-feasibility option), the train Gram and the test-vs-train kernel with ONE ``gram``
-call each (``depths=[...]``), then for every depth and kernel
+first, a CPU-feasibility option), the test-vs-train kernel and the train Gram with ONE ``gram``
+call each (``depths=[...]``; the test kernel first: its checks cover both image sets, so images
+the kernels cannot take are refused before either is computed), then for every depth and kernel
 :func:`cntk_engine.solver.evaluate_classifier`: kernel regression on the paper's targets
 (0.9 / -0.1) with ``--ridge`` (a number relative to the mean diagonal of the train Gram, or
 ``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`,
@@ -40,13 +41,14 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import solver
 from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
-from ..spelling import renamed
+from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
                      check_parent_folder, gram_options, machine, nonnegative_int, numpy_problem,
                      open_numpy, plural, to_nchw, write_json)
@@ -102,8 +104,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- data
-def load_data(path: str, n_train: int, n_test: int, seed: int):
-    """(x_train, y_train, x_test, y_test, layout) from a .npz, subset / split as documented."""
+@dataclass(frozen=True)
+class Drawn:
+    """The images and labels drawn from DATA, and where each image is in DATA's arrays: image i
+    of the training set is ``train_key[train_at[i]]`` (for the messages that name an image)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    layout: str
+    train_key: str
+    train_at: np.ndarray
+    test_key: str
+    test_at: np.ndarray
+
+    def training_image(self, i: int, flipped: bool = False) -> str:
+        """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
+        n = len(self.train_at)
+        if flipped and i >= n:
+            return f"the flip of {self.train_key}[{self.train_at[i - n]}]"
+        return f"{self.train_key}[{self.train_at[i]}]"
+
+    def test_image(self, i: int) -> str:
+        return f"{self.test_key}[{self.test_at[i]}]"
+
+
+def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
+    """The subsets (or split) of a .npz that evaluate uses, as documented."""
     p = Path(path)
     if not p.exists():
         raise CliError(f"DATA {path!r} does not exist")
@@ -128,7 +156,7 @@ def load_data(path: str, n_train: int, n_test: int, seed: int):
                     raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
             i = np.sort(rng.choice(len(xtr), n_train, replace=False))
             j = np.sort(rng.choice(len(xte), n_test, replace=False))
-            return xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test"
+            return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
         if "x" in names and "y" in names:
             x, y = _pair(z, "x", "y", path)
             if n_train + n_test > len(x):
@@ -136,7 +164,7 @@ def load_data(path: str, n_train: int, n_test: int, seed: int):
                                f"images in DATA {path!r}")
             perm = rng.permutation(len(x))
             i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
-            return x[i], y[i], x[j], y[j], "x/y split"
+            return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
         raise CliError(f"DATA {path!r} holds arrays {names}; evaluate needs the keys x_train, "
                        "y_train, x_test, y_test or x, y")
 
@@ -254,11 +282,17 @@ def check_store(args) -> Path | None:
     return d
 
 
-def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, which: str):
+def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, which: str, names):
     """({depth: result}, info) of ``gram(x1, x2)`` over ``depths`` (a result: an array, or
     (ntk, nngp) for kernel "both"): computed in memory without ``store``; with it, into the
     Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job, refused if it
-    holds another) and read back from it, every chunk checked against its checksum."""
+    holds another) and read back from it, every chunk checked against its checksum.  ``names``:
+    how errors name image i of x1 and x2 (:func:`cntk_engine.spelling.images_as`)."""
+    with images_as(names):
+        return _kernels(gram, x1, x2, opts, depths, store, which)
+
+
+def _kernels(gram, x1, x2, opts, depths, store, which):
     from ..jobs.store import StoreMismatch, StorePath, array_names, load_gram
     if store is None:
         result, info = gram(x1, x2, **opts, return_info=True)
@@ -334,7 +368,8 @@ def run(args) -> int:
     if args.json is not None:
         check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
     store = check_store(args)
-    xtr, ytr, xte, yte, how = load_data(args.data, args.n_train, args.n_test, args.seed)
+    drawn = load_data(args.data, args.n_train, args.n_test, args.seed)
+    xtr, ytr, xte, yte, how = drawn.x_train, drawn.y_train, drawn.x_test, drawn.y_test, drawn.layout
     xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
     xte = to_nchw(xte, args.data_format, f"DATA {args.data!r}")
     if xtr.shape[1:] != xte.shape[1:]:
@@ -363,18 +398,24 @@ def run(args) -> int:
                                      if args.downsample > 1 else "")
           + f", {len(classes)} classes, preprocess {args.preprocess}, seed {args.seed}")
     kernel = args.kernel
+
+    def training(i):
+        return drawn.training_image(i, flipped=args.augment_flips)
+    # the test kernel first: its checks cover both image sets, so that a set the kernels cannot
+    # take is refused before either kernel is computed (or stored)
     t0 = time.perf_counter()
-    ktr, info_tr = kernels(gram, xtr, None, opts, depths, store, "train")
+    kte, info_te = kernels(gram, xte, xtr, opts, depths, store, "test",
+                           {"x1": drawn.test_image, "x2": training})
     t1 = time.perf_counter()
-    kte, info_te = kernels(gram, xte, xtr, opts, depths, store, "test")
+    ktr, info_tr = kernels(gram, xtr, None, opts, depths, store, "train", {"x1": training})
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
     computed = info_tr["pairs_computed"] + info_te["pairs_computed"]
     pooling = args.pooling + (f" (window {args.lap_window})" if args.pooling == "lap" else "")
     print(f"kernels: {args.architecture}, depths {depths}, pooling {pooling}, flip {args.flip}, "
           f"fix {args.fix}, {kernel}, backend "
-          f"{info_tr['backend']} ({info_tr.get('where', '')}, {args.dtype}): train Gram "
-          f"{t1 - t0:.1f} s, test kernel {t2 - t1:.1f} s, {pairs} pairs"
+          f"{info_tr['backend']} ({info_tr.get('where', '')}, {info_tr['dtype']}): train Gram "
+          f"{t2 - t1:.1f} s, test kernel {t1 - t0:.1f} s, {pairs} pairs"
           + (f" ({computed} computed in this run)" if computed != pairs else "")
           + (f", {computed / (t2 - t0):.4g} pairs/s" if computed else ""))
     if store is not None:
@@ -402,9 +443,9 @@ def run(args) -> int:
                    augment_flips=args.augment_flips, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
-                   backend=info_tr["backend"], dtype=args.dtype, tile=args.tile,
+                   backend=info_tr["backend"], dtype=info_tr["dtype"], tile=args.tile,
                    tile_used=info_tr.get("tile"),
-                   seconds=dict(train_gram=t1 - t0, test_kernel=t2 - t1, solve=time.perf_counter() - t2),
+                   seconds=dict(train_gram=t2 - t1, test_kernel=t1 - t0, solve=time.perf_counter() - t2),
                    pairs=pairs, pairs_computed=computed, store=None if store is None else str(store),
                    tiles=None if store is None else {
                        which: dict(computed=info["tiles_computed"], total=info["tiles_total"])

@@ -81,13 +81,19 @@ def _exists_message(out: str, race: bool = False) -> str:
 def run(args) -> int:
     from ..api import gram
     from ..jobs.store import StoreExists, StorePath, is_store, kernel_arrays
-    x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
-    x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
-                                               args.data_format, "--x2")
+    # every option error before the data is read
     opts, _ = gram_options(args)
     devices = None
     if args.devices is not None:
         devices = "all" if args.devices == "all" else int_list(args.devices, "--devices", "0,1")
+    if not args.out:
+        raise CliError("--out '' is empty; give the path of the Zarr store to write, e.g. gram.zarr")
+    if args.scheduler is not None and not args.scheduler.strip():
+        raise CliError(f"--scheduler {args.scheduler!r} is empty; give the Dask scheduler's address, e.g. "
+                       "tcp://host:8786, or leave --scheduler out to run here")
+    x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
+    x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
+                                               args.data_format, "--x2")
     out = Path(args.out)
     together = args.resume or args.join
     # before any work: a path that holds something else than a store is refused as such (no
@@ -99,9 +105,6 @@ def run(args) -> int:
         print(f"{PROG}: note: no store at --out {args.out!r}; starting a new one",
               file=sys.stderr)
     client = None
-    if args.scheduler is not None and not args.scheduler.strip():
-        raise CliError("--scheduler '' is empty; give the Dask scheduler's address, e.g. "
-                       "tcp://host:8786, or leave --scheduler out to run here")
     if args.scheduler:
         try:
             from distributed import Client

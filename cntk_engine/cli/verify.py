@@ -36,6 +36,8 @@ def run(args) -> int:
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
+    if not args.store:
+        raise CliError("STORE '' is empty; give the path of a Gram store (a folder such as gram.zarr)")
     if args.json is not None:
         check_json_path(args.json, inputs={"STORE": args.store})
     if args.add_checksums:

@@ -168,6 +168,9 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
         xp = xp_for(device, K)
         K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
         E, n = None, K.shape[0]
+    if n < 2:           # every ridge would score the same: the fit without the sample is empty
+        raise ValueError("leave-one-out (ridge selection) needs at least 2 training samples; got "
+                         f"n_samples = {n}: give a fixed ridge instead")
     Y, one_d = check_targets(Y, n, xp=xp)
     lab = _labels_vector(labels, n, Y.shape[1], one_d)
     r = _ridges(ridges)
