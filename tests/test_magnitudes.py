@@ -147,6 +147,16 @@ def test_results_outside_float64_are_refused(x):
             ce.gram(x[:2] * s, depth=3, backend="numba")
 
 
+def test_a_network_deeper_than_its_dtype_names_the_depth_not_the_pixels():
+    """Diagonals that decay to 0 with depth: the refusal said 'kernel values of about 2^-inf
+    ... rescale the images', which cannot help; it names the deepest depth the dtype takes."""
+    x = np.random.default_rng(0).random((3, 3, 1, 1))
+    for dtype, deepest in (("float32", 15), ("float64", 156)):
+        with pytest.raises(ValueError, match=rf"would underflow dtype='{dtype}'.*reaches depth "
+                                             rf"{deepest} at most \(asked: 1000\)"):
+            ce.gram(x, depth=1000, backend="numba", dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- b_std
 def test_b_std_overflowing_float32_names_b_std(x):
     with pytest.raises(ValueError, match=r"b_std=1e\+100 gives kernel intermediates.*use dtype='float64'"):
