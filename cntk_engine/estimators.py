@@ -267,7 +267,7 @@ class _CNTKBase(BaseEstimator):
             from .preprocess import fit_zca
             with _zca_errors():
                 self.zca_ = fit_zca(imgs, reg=self.zca_reg, data_format="NCHW")
-                imgs = self.zca_.transform(imgs)
+                imgs = self.zca_.transform(imgs, name="X")
         if self.augment_flips:
             from .preprocess import with_flips
             return with_flips(imgs, y)
@@ -278,7 +278,7 @@ class _CNTKBase(BaseEstimator):
         imgs, _ = self._images(X, reset=False)
         if self.zca_ is not None:
             with _zca_errors():
-                imgs = self.zca_.transform(imgs)
+                imgs = self.zca_.transform(imgs, name="X")
         return self._gram(imgs, self.X_fit_) @ self.dual_coef_
 
 

@@ -307,7 +307,13 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
     if min(arr.shape) == 0:
         raise ValueError(f"{arg(name)} must hold at least one image with C, H, W >= 1; got (N, C, H, W) = "
                          f"{tuple(arr.shape)}")
-    arr = xp.ascontiguousarray(arr, dtype=xp.float64)
+    return check_finite(xp.ascontiguousarray(arr, dtype=xp.float64), name)
+
+
+def check_finite(arr, name: str):
+    """``arr`` (N, ...), refused with the images that hold NaN or Inf pixels (named as
+    :func:`cntk_engine.spelling.images` names them)."""
+    xp = get_array_module(arr)
     bad = ~xp.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
     if bool(bad.any()):
         idx = [int(i) for i in xp.nonzero(bad)[0][:10].tolist()]

@@ -14,13 +14,12 @@ images that really have that shape.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from .inputs import check_nonnegative, refuse_channels_last
+from .arch import as_integer, is_int
+from .inputs import check_finite, check_nonnegative, refuse_channels_last
 from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
@@ -48,31 +47,29 @@ def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
 def _finite_images(x, name: str, data_format: str | None = None) -> np.ndarray:
     """:func:`_images` as float64, refusing NaN and Inf pixels by image (a NaN would spread to
     its whole channel in every image through the channel's mean)."""
-    a = _images(x, name, data_format).astype(np.float64)
-    bad = ~np.isfinite(a).reshape(len(a), -1).all(axis=1)
-    if bad.any():
-        idx = np.nonzero(bad)[0]
-        raise ValueError(f"{name} has NaN or Inf pixels in image(s) at index {idx[:10].tolist()}"
-                         + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
-                         + "; all pixels must be finite")
-    return a
+    return check_finite(_images(x, name, data_format).astype(np.float64), name)
 
 
-def _channel_moments(a: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(e, mean, std)`` of float64 training images ``a`` (N, C, H, W): the per-channel mean
-    and std (1 where it is 0: such a channel is only centred) of a / 2^e, with e = 0 unless
-    max |a| is beyond 2^+-:data:`MOMENT_EXPONENT_LIMIT`, then the exponent that brings it to
-    [0.5, 1)."""
-    peak = float(np.abs(a).max()) if a.size else 0.0
-    e = math.frexp(peak)[1] if peak > 0 else 0
-    e = e if abs(e) > MOMENT_EXPONENT_LIMIT else 0
-    s = np.ldexp(a, -e) if e else a
+def _channel_moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(e, mean, std)`` of float64 training images ``a`` (N, C, H, W), each (1, C, 1, 1): per
+    channel the mean and std (1 where it is 0: such a channel is only centred) of a / 2^e, with
+    e = 0 unless the channel's largest |pixel| is beyond 2^+-:data:`MOMENT_EXPONENT_LIMIT`, then
+    the exponent that brings it to [0.5, 1)."""
+    peak = np.abs(a).max(axis=(0, 2, 3), keepdims=True)
+    _, e = np.frexp(peak)
+    e = np.where(np.abs(e) > MOMENT_EXPONENT_LIMIT, e, 0)
+    s = _scaled(a, e)
     mean = s.mean(axis=(0, 2, 3), keepdims=True)
     std = s.std(axis=(0, 2, 3), keepdims=True)
     return e, mean, np.where(std > 0, std, 1.0)
 
 
-def _standardised(x: np.ndarray, e: int, mean, std, name: str) -> np.ndarray:
+def _scaled(x: np.ndarray, e) -> np.ndarray:
+    """x / 2^e per channel (exact), or x itself where every e is 0."""
+    return np.ldexp(x, -e) if np.any(e) else x
+
+
+def _standardised(x: np.ndarray, e, mean, std, name: str) -> np.ndarray:
     """``(x / 2^e - mean) / std`` (:func:`_channel_moments`), refused where a value leaves
     float64's range: images far larger than the training images' spread (never the training
     images themselves: each value is at most sqrt(N H W) there)."""
@@ -80,7 +77,7 @@ def _standardised(x: np.ndarray, e: int, mean, std, name: str) -> np.ndarray:
         raise ValueError(f"{name} has {x.shape[1]} channel(s) and the training images "
                          f"{mean.shape[1]}; both must be (N, C, H, W) with the same C")
     with np.errstate(over="ignore"):
-        out = ((np.ldexp(x, -e) if e else x) - mean) / std
+        out = (_scaled(x, e) - mean) / std
     if not np.isfinite(out).all():
         raise ValueError(f"{name}: standardised with the training images' per-channel mean and "
                          "std, some pixels leave float64's range (these images are larger than "
@@ -110,10 +107,10 @@ def downsample(x, factor: int, *, data_format: str | None = None):
     """F x F average pooling (stride F) over H and W of NCHW images; rows and columns beyond the
     last full window are dropped."""
     x = _images(x, "x", data_format).astype(np.float64)
-    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, numbers.Integral) or factor < 1:
+    f = as_integer(factor)
+    if not is_int(f) or f < 1:
         raise ValueError(f"the downsampling factor ({arg('factor')}) must be an integer >= 1; got "
                          f"{factor!r}")
-    f = int(factor)
     n, c, h, w = x.shape
     if h < f or w < f:
         raise ValueError(f"the downsampling factor ({arg('factor', f)}) is larger than the images "
@@ -135,15 +132,17 @@ class ZCAWhitening:
     data_format: str
     reg_amount: float         # lambda added to the eigenvalues
     image_shape: tuple        # (C, H, W) of the training images
-    exponent: int = 0         # 0 unless their pixels are beyond 2^+-MOMENT_EXPONENT_LIMIT
+    exponent: np.ndarray | int = 0   # (1, C, 1, 1) powers of two: 0 unless a channel's pixels are
+    #                                  beyond 2^+-MOMENT_EXPONENT_LIMIT (_channel_moments)
 
-    def transform(self, x) -> np.ndarray:
-        x = _images(x, "x", self.data_format)
+    def transform(self, x, *, name: str = "x") -> np.ndarray:
+        """The whitened images ``x`` (in ``data_format``); ``name``: how errors name them."""
+        x = _images(x, name, self.data_format)
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
                              f"on {self.image_shape}")
-        x = _finite_images(x, "x", "NCHW")
-        f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, "x")
+        x = _finite_images(x, name, "NCHW")
+        f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, name)
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
 
@@ -202,11 +201,8 @@ def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool
     z = fit_zca(x_train, reg=reg, reg_absolute=reg_absolute, layer_norm=layer_norm,
                 data_format=data_format)
     if x_test is None:
-        return z.transform(x_train), None
-    try:
-        return z.transform(x_train), z.transform(x_test)
-    except ConstantImages as e:          # x_train's passed in fit_zca: these are x_test's
-        raise e.reworded("x_test", e.remedy) from None
+        return z.transform(x_train, name="x_train"), None
+    return z.transform(x_train, name="x_train"), z.transform(x_test, name="x_test")
 
 
 class ConstantImages(ValueError):
@@ -216,18 +212,22 @@ class ConstantImages(ValueError):
     can do.  Callers with other options (the estimators, the command line) re-raise it with
     :meth:`reworded`."""
 
-    def __init__(self, role: str, indices, remedy: str = "drop them, or use layer_norm=False"):
+    def __init__(self, role: str, indices, remedy: str = "drop them, or use layer_norm=False",
+                 named=None):
         self.role, self.indices, self.remedy = role, [int(i) for i in indices], remedy
-        super().__init__(f"{role} image(s) at index {self.indices[:10]}"
-                         f"{' ...' if len(self.indices) > 10 else ''} are constant (every value "
-                         "the same after per-channel standardisation): the layer normalisation of "
-                         f"ZCA whitening cannot scale them to unit norm; {remedy}")
+        which = (f"at index {self.indices[:10]}" if named is None else
+                 ", ".join(named(i) for i in self.indices[:10]))
+        super().__init__(f"{role} image(s) {which}{' ...' if len(self.indices) > 10 else ''} are "
+                         "constant (every value the same after per-channel standardisation): the "
+                         f"layer normalisation of ZCA whitening cannot scale them to unit norm; {remedy}")
 
-    def reworded(self, role: str, remedy: str) -> "ConstantImages":
-        return ConstantImages(role, self.indices, remedy)
+    def reworded(self, role: str, remedy: str, named=None) -> "ConstantImages":
+        """The same images for a caller that names them otherwise (``named``: image i -> its
+        name, e.g. ``x_train[7]``)."""
+        return ConstantImages(role, self.indices, remedy, named)
 
 
-def _standardised_rows(a: np.ndarray, e: int, mean, std, layer_norm: bool, name: str) -> np.ndarray:
+def _standardised_rows(a: np.ndarray, e, mean, std, layer_norm: bool, name: str) -> np.ndarray:
     """Steps 1-2 of :func:`zca_whiten`: the (N, C H W) rows of (a / 2^e - mean) / std
     (:func:`_standardised`), with ``layer_norm`` each minus its mean and scaled to unit L2 norm;
     a constant row is an error.
@@ -242,7 +242,7 @@ def _standardised_rows(a: np.ndarray, e: int, mean, std, layer_norm: bool, name:
         return f
     centred = f - f.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    scaled = np.ldexp(a, -e) if e else a
+    scaled = _scaled(a, e)
     size = np.linalg.norm(((np.abs(scaled) + np.abs(mean)) / std).reshape(n, -1), axis=1)
     bad = np.nonzero(norms <= 1e-12 * size)[0]
     if bad.size:

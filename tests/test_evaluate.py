@@ -217,8 +217,8 @@ def test_images_the_kernels_cannot_take_are_named_where_they_are_in_data(tmp_pat
     before any kernel is computed: the train Gram was computed (and stored) before the test
     images were checked, and the stored train.zarr then blocked the rerun."""
     rng = np.random.default_rng(0)
-    x, y = rng.random((10, 1, 8, 8)), np.arange(10) % 2
-    xt = rng.random((10, 1, 8, 8))
+    x, y = rng.random((20, 1, 8, 8)), np.arange(20) % 2
+    xt = rng.random((20, 1, 8, 8))
     tiny, huge = x.copy(), xt.copy()
     tiny[7] *= 1e-150
     huge[7] *= 1e150
@@ -229,10 +229,32 @@ def test_images_the_kernels_cannot_take_are_named_where_they_are_in_data(tmp_pat
         p = tmp_path / name
         np.savez(p, y_train=y, y_test=y, **arrays)
         for flips in ([], ["--augment-flips"]):
-            rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 10, "--n-test", 10,
+            # 12 of 20 drawn with --seed 2: image 7 is drawn 6th (x_train) and 5th (x_test)
+            rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 12, "--n-test", 12, "--seed", 2,
                                 "--preprocess", "none", "--store", tmp_path / "k", *flips, *REF)
             assert rc == 2 and err.startswith(f"cntk-engine: error: {want}"), err
             assert computed[-1] == "test" and "train" not in computed and not (tmp_path / "k").exists()
+
+
+def test_a_kept_train_store_of_another_run_is_refused_before_any_work(xy_npz, capsys, tmp_path, monkeypatch):
+    """A run stopped between the kernels keeps train.zarr alone: it is continued first, so that a
+    train.zarr of another run is refused when opened, before the test kernel is computed (that
+    kernel was computed and stored, then the refusal said 'Nothing was written')."""
+    p, _, _ = xy_npz
+    st = tmp_path / "k"
+    args = (p, "--depth", 2, "--n-train", 8, "--n-test", 4, "--store", st, *REF)
+    assert main(capsys, *args)[0] == 0
+    import shutil
+    shutil.rmtree(st / "test.zarr")
+    computed, real = [], ev.kernels
+    monkeypatch.setattr(ev, "kernels", lambda *a, **k: computed.append(a[-2]) or real(*a, **k))
+    rc, out, err = main(capsys, *args, "--resume", "--seed", 1)
+    assert rc == 2 and "train.zarr holds the kernels of another run" in err, err
+    assert computed == ["train"] and sorted(f.name for f in st.iterdir()) == ["train.zarr"]
+    rc, out, err = main(capsys, *args, "--resume")              # the same run: continued
+    assert rc == 0 and computed[1:] == ["train", "test"], err
+    rc, out, err = main(capsys, p, "--depth", 2, "--store", "", *REF)
+    assert rc == 2 and "--store '' is empty" in err, err
 
 
 def test_nan_labels_and_one_class_are_named_before_the_kernels(tmp_path, capsys, monkeypatch):
@@ -369,9 +391,14 @@ def test_zca_refuses_constant_images_in_one_line(tmp_path, capsys):
              y_test=np.arange(4) % 2)
     rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 12, "--n-test", 4, *BASE)
     assert rc == 2 and err.count("\n") == 1, err
-    assert ("--zca: the training image(s) at index [2, 7] are constant" in err
-            and "--n-train images drawn from DATA with --seed 0" in err
-            and "--preprocess standardize" in err and "layer_norm" not in err), err
+    assert ("--zca: the training image(s) x_train[2], x_train[7] are constant" in err
+            and "use another --seed, or --preprocess standardize" in err and "layer_norm" not in err), err
+    # named by their place in DATA, not among the images drawn (here the 2nd and 5th of 6)
+    rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 6, "--n-test", 4, "--seed", 3, *BASE)
+    drawn = np.sort(np.random.default_rng(3).choice(12, 6, replace=False))
+    assert set(drawn) & {2, 7}, drawn
+    assert rc == 2 and "--zca: the training image(s) " + ", ".join(
+        f"x_train[{i}]" for i in drawn if i in (2, 7)) + " are constant" in err, err
 
 
 def test_zca_and_preprocess_are_exclusive(capsys):

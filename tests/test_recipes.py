@@ -253,7 +253,12 @@ def test_standardize_and_zca_take_pixels_of_any_finite_size(rng, scale):
     z0, z = zca_whiten(x, t), zca_whiten(x * scale, t * scale)
     assert np.abs(z[0] - z0[0]).max() < 1e-12 and np.abs(z[1] - z0[1]).max() < 1e-12
     later = fit_zca(x * scale)
-    assert later.exponent != 0 and np.abs(later.transform(t * scale) - z0[1]).max() < 1e-12
+    assert np.all(later.exponent != 0) and np.abs(later.transform(t * scale) - z0[1]).max() < 1e-12
+    # each channel at its own size: one at 1e-200 beside two near 1 (its std underflowed to 0
+    # with one power of two for all channels, and it was only centred)
+    one = np.array([1.0, scale, 1.0])[None, :, None, None]
+    a, b = standardize(x * one, t * one)
+    assert np.abs(a - a0).max() < 1e-13 and np.abs(b - b0).max() < 1e-13
 
 
 def test_standardize_refuses_what_it_cannot_standardise(rng):
@@ -262,16 +267,21 @@ def test_standardize_refuses_what_it_cannot_standardise(rng):
         standardize(x, rng.random((2, 1, 4, 4)))       # it broadcast to 3 channels
     bad = x.copy()
     bad[2, 1, 0, 0] = np.nan           # it spread to channel 1 of every image
-    with pytest.raises(ValueError, match=r"x_train has NaN or Inf pixels in image\(s\) at index \[2\]"):
+    with pytest.raises(ValueError, match=r"NaN or Inf pixels in x_train image\(s\) at index \[2\]"):
         standardize(bad)
-    with pytest.raises(ValueError, match=r"x_test has NaN or Inf pixels in image\(s\) at index \[2\]"):
+    with pytest.raises(ValueError, match=r"NaN or Inf pixels in x_test image\(s\) at index \[2\]"):
         standardize(x, bad)
     with pytest.raises(ValueError, match=r"x_test: standardised with the training images'.*leave "
                                          r"float64's range"):
         standardize(x * 1e-300, x * 1e300)
+    with pytest.raises(ValueError, match=r"^x_test: standardised"):
+        zca_whiten(x * 1e-300, x * 1e10)
+    with pytest.raises(ValueError, match=r"^x: standardised"):
+        fit_zca(x * 1e-300).transform(x * 1e10)
     for factor in (2.7, True, "2", 0):
         with pytest.raises(ValueError, match=r"downsampling factor \(factor\) must be an integer >= 1"):
             downsample(x, factor)
+    assert downsample(x, np.array(2)).shape == (4, 3, 2, 2)
 
 
 # ----------------------------------------------------------------------------- where users meet it

@@ -196,7 +196,9 @@ def add_architecture_options(p) -> None:
 def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> None:
     """How the kernels are computed: --backend, --dtype, --tile, --data-format, --no-progress."""
     p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="compute precision (default float32; --backend reference always computes "
+                   "in float64); results are float64")
     p.add_argument("--tile", type=int, default=None, help="rows/columns per tile (default: automatic)")
     p.add_argument("--data-format", choices=data_formats, default=default_format,
                    help="layout of 4-D images" + (": auto (default) decides from the shape, "

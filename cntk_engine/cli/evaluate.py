@@ -245,15 +245,17 @@ def _command_line(args) -> str:
 KERNEL_STORES = {"train": "train.zarr", "test": "test.zarr"}
 
 
-def check_store(args) -> Path | None:
+def check_store(args) -> tuple[Path | None, set[str]]:
     """The --store folder, checked before any data is read or kernel computed (None without
-    --store): its parent must exist, it must be a folder if it exists, and the stores it holds
-    are continued only with --resume."""
+    --store), and which of its kernel stores it holds ("train", "test"): its parent must exist,
+    it must be a folder if it exists, and the stores it holds are continued only with --resume."""
     if args.store is None:
         if args.resume:
             raise CliError("--resume continues the kernels kept in a --store DIR; give --store DIR "
                            "(the folder of the run to continue)")
-        return None
+        return None, set()
+    if not args.store:
+        raise CliError("--store '' is empty; give the folder to keep the kernels in, e.g. 'kernels/'")
     d = Path(args.store)
     if (d.exists() or d.is_symlink()) and not d.is_dir():
         raise CliError(f"--store {args.store!r} exists and is not a folder; give a folder path, "
@@ -271,15 +273,16 @@ def check_store(args) -> Path | None:
     # continue it); stores are continued only with --resume
     takes = (f"--store DIR keeps the kernels in DIR/{KERNEL_STORES['train']} and "
              f"DIR/{KERNEL_STORES['test']}: move that path away or choose another folder")
-    kept = [name for name in KERNEL_STORES.values() if is_store(d / name, "--store ", takes)]
+    kept = {which for which, name in KERNEL_STORES.items() if is_store(d / name, "--store ", takes)}
     if kept and not args.resume:
-        raise CliError(f"--store {args.store!r} already holds {' and '.join(kept)}; pass --resume "
+        held = " and ".join(KERNEL_STORES[which] for which in KERNEL_STORES if which in kept)
+        raise CliError(f"--store {args.store!r} already holds {held}; pass --resume "
                        "to continue the kernels kept there (refused if they are another job's), "
                        "or choose another folder")
     if args.resume and not kept:
         print(f"{PROG}: note: --resume: no kernel stores in --store {args.store!r}; starting new ones",
               file=sys.stderr)
-    return d
+    return d, kept
 
 
 def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, which: str, names):
@@ -367,7 +370,7 @@ def run(args) -> int:
         opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
     if args.json is not None:
         check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
-    store = check_store(args)
+    store, kept = check_store(args)
     drawn = load_data(args.data, args.n_train, args.n_test, args.seed)
     xtr, ytr, xte, yte, how = drawn.x_train, drawn.y_train, drawn.x_test, drawn.y_test, drawn.layout
     xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
@@ -379,11 +382,10 @@ def run(args) -> int:
         xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg,
                               data_format="NCHW")
     except ConstantImages as e:
-        which, option = ("test", "--n-test") if e.role == "x_test" else ("training", "--n-train")
+        test = e.role == "x_test"
         raise CliError(str(e.reworded(
-            f"--zca: the {which}",
-            f"the positions are among the {option} images drawn from DATA with --seed "
-            f"{args.seed}; use another --seed, or --preprocess standardize"))) from None
+            f"--zca: the {'test' if test else 'training'}", "use another --seed, or --preprocess standardize",
+            named=drawn.test_image if test else drawn.training_image))) from None
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
@@ -401,13 +403,19 @@ def run(args) -> int:
 
     def training(i):
         return drawn.training_image(i, flipped=args.augment_flips)
-    # the test kernel first: its checks cover both image sets, so that a set the kernels cannot
-    # take is refused before either kernel is computed (or stored)
-    t0 = time.perf_counter()
-    kte, info_te = kernels(gram, xte, xtr, opts, depths, store, "test",
-                           {"x1": drawn.test_image, "x2": training})
-    t1 = time.perf_counter()
-    ktr, info_tr = kernels(gram, xtr, None, opts, depths, store, "train", {"x1": training})
+    jobs = {"test": (xte, xtr, {"x1": drawn.test_image, "x2": training}),
+            "train": (xtr, None, {"x1": training})}
+    # The test kernel first: its checks cover both image sets (and its store record both), so a
+    # set the kernels cannot take, or a kept test.zarr of another run, is refused before either
+    # kernel is computed.  Only a kept train.zarr without a test.zarr (a run stopped between
+    # them) goes first: a train.zarr of another run is refused when it is opened, before work.
+    first = "train" if kept == {"train"} else "test"
+    done, seconds = {}, {}
+    for which in (first, "train" if first == "test" else "test"):
+        t = time.perf_counter()
+        done[which] = kernels(gram, *jobs[which][:2], opts, depths, store, which, jobs[which][2])
+        seconds[which] = time.perf_counter() - t
+    (ktr, info_tr), (kte, info_te) = done["train"], done["test"]
     t2 = time.perf_counter()
     pairs = info_tr["unique_pairs"] + info_te["unique_pairs"]
     computed = info_tr["pairs_computed"] + info_te["pairs_computed"]
@@ -415,9 +423,9 @@ def run(args) -> int:
     print(f"kernels: {args.architecture}, depths {depths}, pooling {pooling}, flip {args.flip}, "
           f"fix {args.fix}, {kernel}, backend "
           f"{info_tr['backend']} ({info_tr.get('where', '')}, {info_tr['dtype']}): train Gram "
-          f"{t2 - t1:.1f} s, test kernel {t1 - t0:.1f} s, {pairs} pairs"
+          f"{seconds['train']:.1f} s, test kernel {seconds['test']:.1f} s, {pairs} pairs"
           + (f" ({computed} computed in this run)" if computed != pairs else "")
-          + (f", {computed / (t2 - t0):.4g} pairs/s" if computed else ""))
+          + (f", {computed / sum(seconds.values()):.4g} pairs/s" if computed else ""))
     if store is not None:
         print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
     names = ("ntk", "nngp") if kernel == "both" else (kernel,)
@@ -445,7 +453,8 @@ def run(args) -> int:
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
                    backend=info_tr["backend"], dtype=info_tr["dtype"], tile=args.tile,
                    tile_used=info_tr.get("tile"),
-                   seconds=dict(train_gram=t2 - t1, test_kernel=t1 - t0, solve=time.perf_counter() - t2),
+                   seconds=dict(train_gram=seconds["train"], test_kernel=seconds["test"],
+                                solve=time.perf_counter() - t2),
                    pairs=pairs, pairs_computed=computed, store=None if store is None else str(store),
                    tiles=None if store is None else {
                        which: dict(computed=info["tiles_computed"], total=info["tiles_total"])
