@@ -158,7 +158,9 @@ class _CNTKBase(BaseEstimator):
         from .api import gram
         from .spelling import images_as
 
-        def training(i, n=(len(a) if b is None else len(b)) // (2 if self.augment_flips else 1)):
+        flipped = self.augment_flips if b is None else self._fitted_with_flips    # as fit made b
+
+        def training(i, n=(len(a) if b is None else len(b)) // (2 if flipped else 1)):
             return f"the flip of X[{i - n}]" if i >= n else f"X[{i}]"
         names = ({"x1": training} if b is None else
                  {"x1": "X[{}]".format, "x2": lambda i: f"{training(i)} of the training set"})
@@ -263,6 +265,7 @@ class _CNTKBase(BaseEstimator):
         ``ridge="auto"`` leaves them out together (:func:`cntk_engine.solver.loo`); groups
         None without flips."""
         self.zca_ = None
+        self._fitted_with_flips = bool(self.augment_flips)
         if self.preprocess == "zca":
             from .preprocess import fit_zca
             with _zca_errors():

@@ -310,6 +310,8 @@ def test_the_flips_of_a_training_set_are_named_as_such():
         m.setattr(api, "gram", record)
         clf._gram(np.zeros((8, 1, 4, 4)))
         assert seen["x1"] == ["X[0]", "X[3]", "the flip of X[0]", "the flip of X[3]"]
+        clf._fitted_with_flips = True                 # as fit sets it
+        clf.set_params(augment_flips=False)            # a later set_params does not rename X_fit_
         clf._gram(np.zeros((8, 1, 4, 4)), np.zeros((8, 1, 4, 4)))
         assert seen["x1"] == ["X[0]", "X[3]", "X[4]", "X[7]"]
         assert seen["x2"][1:3] == ["X[3] of the training set", "the flip of X[0] of the training set"]
