@@ -3,8 +3,8 @@
 // tests/test_cuda.py compiles it with the host C++ compiler (relu_step_check.cpp) and checks it
 // against NumPy.  The math is in cntk_engine/arch.py:
 //
-//   c    = Sigma / sqrt(q_x q_z), clamped to [-1, 1] (double: within 8 ulps of +-1 taken as
-//          +-1); 0 where q_x q_z = 0; 1 on a self pair's offset-(0, 0) entries
+//   c    = Sigma / sqrt(q_x q_z), taken as +-1 within 8 ulps of +-1 (and beyond); 0 where
+//          q_x q_z = 0; 1 on a self pair's offset-(0, 0) entries
 //   Kdot = (pi - arccos c) / (2 pi)
 //   K    = sqrt(q_x q_z) sqrt(1 - c^2) / (2 pi) + Kdot Sigma,   G = Theta Kdot
 //
@@ -75,10 +75,9 @@ CNTK_HD float rsqrt_f32(float p) {
 template <typename T, bool FTZ> struct Math;
 template <bool FTZ> struct Math<float, FTZ> {
   CNTK_HD static float sqrt_(float v) { return sqrt_approx<FTZ>(v); }
-  // Kdot = (pi - arccos(c)) / (2 pi), c in [-1, 1]: t = arccos(|c|) / (2 pi) by the polynomial;
-  // Kdot = 1/2 - t (c >= 0) or t.
-  CNTK_HD static float kdot(float c) {
-    float a = fabsf(c);
+  // Kdot = (pi - arccos(c)) / (2 pi) from a = |c| in [0, 1] and the sign of c: t = arccos(a) /
+  // (2 pi) by the polynomial; Kdot = 1/2 - t (c >= 0) or t.
+  CNTK_HD static float kdot(float a, bool nonnegative) {
     float poly = -2.0093169917e-04f;
     poly = fmaf(poly, a, 1.0615778103e-03f);
     poly = fmaf(poly, a, -2.7196596574e-03f);
@@ -88,36 +87,39 @@ template <bool FTZ> struct Math<float, FTZ> {
     poly = fmaf(poly, a, -3.4154460056e-02f);
     poly = fmaf(poly, a, 2.4999999653e-01f);
     float t = sqrt_approx<FTZ>(1.0f - a) * poly;
-    return c >= 0.0f ? 0.5f - t : t;
+    return nonnegative ? 0.5f - t : t;
   }
 };
 template <bool FTZ> struct Math<double, FTZ> {
   CNTK_HD static double sqrt_(double v) { return sqrt(v); }
-  CNTK_HD static double kdot(double c) { return (3.141592653589793238 - acos(c)) * 0.15915494309189535; }
+  CNTK_HD static double kdot(double a, bool nonnegative) {
+    return (3.141592653589793238 - acos(nonnegative ? a : -a)) * 0.15915494309189535;
+  }
 };
 
 // The step at one entry from Sigma s and Theta th, given rs = 1 / sqrt(q_x q_z) (0 for a
 // zero-variance window, which makes c = 0) and nrm() = sqrt(q_x q_z) / (2 pi): K and G.  nrm is
 // a callable so that each variant computes it where the step needs it.
 //
-// double: c within 8 ulps of +-1 is +-1, as the reference and numba backends take it
-// (cntk_engine/arch.py, SNAP_ULPS): where c = +-1 exactly between different images (an image and
-// a multiple of it, matching receptive fields), c lands a few ulps off past the first layer, and
-// arccos's infinite slope would turn that into 1e-8.  float clamps only: its approximations
-// already carry errors of that size near |c| = 1, and the hot loop saves the compare (a float32
-// pair at c = +-1 exactly is off by about sqrt(eps), as near-duplicates are; README, exactness).
+// c within 8 ulps of +-1 is +-1, as the reference and numba backends take it (cntk_engine/arch.py,
+// SNAP_ULPS): where c = +-1 exactly between different images (an image and a multiple of it,
+// matching receptive fields, every entry of one-channel images with filter size 1), c lands a
+// few ulps off past the first layer, and arccos's infinite slope turns that into sqrt(eps):
+// 1e-8 in double, 7e-5 of the kernel in float (one-channel 2 x 5 images, filter size 1, depth 4,
+// in the host emulation).  The step needs c only as |c| and its sign (arccos(-a) = pi -
+// arccos(a), 1 - c^2 = 1 - a^2), so the snap is on a = |c|: one compare (a >= snap, or'ed with
+// the self-pair rule: `|`, not `||`, which made a branch) and a select, where a clamp to [-1, 1]
+// and the self-pair select took three instructions.  On a self pair's offset-(0, 0) entries c
+// is Sigma / q >= +0, so a := 1 there is c := 1.
 template <typename T, bool FTZ, typename Nrm>
 CNTK_HD void relu_step(T s, T th, T rs, Nrm nrm, bool self_diag, T& k, T& g) {
-  T c = s * rs;
-  if constexpr (sizeof(T) == 8) {
-    c = fabs(c) >= 1.0 - 8 * 2.220446049250313e-16 ? copysign(1.0, c) : c;
-  } else {
-    c = fmin(fmax(c, T(-1)), T(1));
-  }
-  if (self_diag) c = T(1);
-  const T kdot = Math<T, FTZ>::kdot(c);
+  constexpr T snap = sizeof(T) == 8 ? T(1.0 - 8 * 2.220446049250313e-16) : T(1.0f - 8 * 1.1920929e-07f);
+  const T c = s * rs;
+  T a = fabs(c);
+  a = (self_diag | (a >= snap)) ? T(1) : a;
+  const T kdot = Math<T, FTZ>::kdot(a, c >= T(0));
   const T n = nrm();
-  k = fma(n, Math<T, FTZ>::sqrt_(fma(-c, c, T(1))), kdot * s);
+  k = fma(n, Math<T, FTZ>::sqrt_(fma(-a, a, T(1))), kdot * s);
   g = th * kdot;
 }
 

@@ -192,10 +192,10 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     zero = (qx * qz) == 0
 
-    def c_of(rs, s_):       # the kernel's c: s * rs, then the self-pair rule; double takes c
-        c_ = np.asarray(s_ * rs, dtype=np.float64)     # within SNAP_ULPS ulps of +-1 as +-1
-        if c_.dtype == np.asarray(s_).dtype == np.float64:
-            c_ = np.where(np.abs(c_) >= 1 - SNAP_ULPS * np.finfo(np.float64).eps, np.sign(c_), c_)
+    def c_of(rs, s_):       # the kernel's c: s * rs in its dtype, within SNAP_ULPS ulps of +-1
+        prod = s_ * rs      # (and beyond) as +-1, then the self-pair rule
+        c_ = np.asarray(prod, dtype=np.float64)
+        c_ = np.where(np.abs(c_) >= 1 - SNAP_ULPS * np.finfo(prod.dtype).eps, np.sign(c_), c_)
         return np.where(self_ == 1, 1.0, c_)
 
     with np.errstate(divide="ignore"):

@@ -131,6 +131,21 @@ def test_emulated_float64_an_image_and_a_multiple_of_it(emulated, arch):
     check(x, dtype="float64", tol=1e-13, **arch)
 
 
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
+def test_emulated_float32_where_c_is_one_exactly(emulated):
+    """float32 takes c within 8 ulps of +-1 as +-1 too (it clamped only): with filter size 1 on
+    one-channel images every entry of every pair has c = +-1 (7e-5 of the kernel off at depth 4,
+    all variants), and so do an image and a multiple of it, and constant images (v5's factors put
+    c = 1 - 1 ulp on the Gram diagonal of a constant image of 0.5: K(x, x) 1.5e-4 off)."""
+    rng = np.random.default_rng(1)
+    check(rng.standard_normal((2, 1, 2, 5)), rng.standard_normal((2, 1, 2, 5)), depth=4,
+          filter_size=1, pooling="flatten", tol=1e-6)
+    b = rng.standard_normal((2, 6, 6))
+    x = np.stack([b, 3.0 * b, np.full((2, 6, 6), 0.5), np.full((2, 6, 6), 2.0)])
+    check(x, depth=4, tol=1e-6)
+    check(np.full((1, 2, 5, 3), 0.5), depth=4, filter_size=1, tol=1e-6)
+
+
 @pytest.mark.parametrize("emulated", ["v7"], indirect=True)
 def test_emulated_layer_barrier_32x32(emulated, monkeypatch):
     """v7's own kernels, the guard-free 32 x 32 ones with a barrier among the block's warps after
