@@ -77,11 +77,11 @@ first layer Sigma and q_x, q_z carry rounding of their own, so c lands a few ulp
 there in any form of the quotient (computed as it comes, K(x, 3 x) is about 1e-8 off): the
 reference and numba backends take c within SNAP_ULPS = 8 ulps of +-1 as +-1: at most the
 error the rounding of c already carries anywhere else, and exact where c = +-1 is exact.  The
-CUDA kernels do the same in float64; in float32 they clamp c to [-1, 1] only (relu_step.cuh:
-the hot loop saves the compare, and their approximations carry errors of that size near
-|c| = 1 anyway), so a float32 pair at c = +-1 exactly between different images is off by
-about sqrt(eps) there, as near-duplicate images are in every float32 backend.  All are exact
-on self pairs' diagonals, where they set c := 1.
+CUDA kernels do the same in both dtypes (relu_step.cuh; float32 clamped only until 2026-12-05,
+and was 7e-5 of the kernel off where every entry has c = +-1: one-channel images with filter
+size 1).  Near-duplicate images, whose c is a few ulps from 1 without being 1, are off by about
+sqrt(eps) there in every float32 backend.  All are exact on self pairs' diagonals, where they
+set c := 1.
 
 The diagonal recursion is closed (``K_l(p, p) = q(l, p) / 2``), so the per-image diagonals
 cost one small (H, W) box filter per layer: see :func:`cntk_engine.diag.diag_norms`.

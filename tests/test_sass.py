@@ -73,32 +73,32 @@ def test_issue_ceiling_formula():
 # H100 issue ceiling at depth 21 is F / (E L s) (tools/sass_mix.py; docs/cuda_kernels.md).
 BUDGETS = {
     # one rsqrt and two sqrt.approx; 70.4 slots measured at 18,968 pairs/s on an H100 (99.5 % of
-    # its issue ceiling); 72 slots = 18,650 pairs/s
+    # its issue ceiling), 69.5 since the float32 snap; 72 slots = 18,650 pairs/s
     "v3": {"mufu": 3.0, "slots": 72.0},
-    # two sqrt.approx.ftz; 54.0 slots; 55 slots = 24,410 pairs/s (it ran at 10,064 on an H200,
-    # stalled: issue-bound only up to depth ~6, docs/cuda_kernels.md)
+    # two sqrt.approx.ftz; 53.0 slots (54.0 before the float32 snap); 55 slots = 24,410 pairs/s
+    # (it ran at 10,064 on an H200, stalled: issue-bound only up to depth ~6, docs/cuda_kernels.md)
     "v5": {"mufu": 2.0, "slots": 55.0},
     # one rcp.approx.ftz and two sqrt.approx.ftz, v3's footprint, the row seam as a mask bit
-    # (kSeamBits); 49.8 slots (not run on a GPU); 51 slots = 26,330 pairs/s.  The mask costs ptxas
+    # (kSeamBits); 48.8 slots (not run on a GPU); 51 slots = 26,330 pairs/s.  The mask costs ptxas
     # one register it takes back with 8 bytes of spills outside the layer loop (a load per grid)
     "v6": {"mufu": 3.0, "slots": 51.0, "stack": 8},
-    # v6 and a barrier per layer (one BAR per 32 rows): 49.8 slots at v6's 128 registers
+    # v6 and a barrier per layer (one BAR per 32 rows): 48.8 slots at v6's 128 registers
     "v7": {"mufu": 3.0, "slots": 51.0, "stack": 8},
-    # v3's step with v6's row-seam mask: 62.8 slots; 64 slots = 20,980 pairs/s
+    # v3's step with v6's row-seam mask: 61.8 slots; 64 slots = 20,980 pairs/s
     "v8": {"mufu": 3.0, "slots": 64.0, "stack": 8},
 }
 # Variants that compile only their guard-free 32 x 32 pair kernels and run their base variant's
 # everywhere else (csrc/pair_sums_kernel.cuh, kBaseVariant)
 BASE_VARIANT = {"v7": "v6", "v8": "v3"}
 # The radii (filter_size // 2) whose 32x32 float32 kernels are spill-free on sm_80 and sm_90.
-# v5's k=1 kernels (and its k=5 one on sm_90) keep 128 registers with 16-24 bytes of spills
-# (ptxas's choice, for 16 warps per SM; docs/cuda_kernels.md).  Registers are budgeted on sm_90
-# only (above): on sm_80 v5's k=3 kernel takes 144 (docs/cuda_kernels.md).
+# v5's k=5 kernel on sm_90 keeps 128 registers with 24 bytes of spills (ptxas's choice, for 16
+# warps per SM; docs/cuda_kernels.md; its k=1 kernels did so too until the float32 snap).
+# Registers are budgeted on sm_90 only (above): on sm_80 v5's k=5 and 7 kernels take 160 and 157.
 # v6, v7 and v8 (the row-seam mask) keep 128 registers at k = 3 and 7 on sm_90 with 8 and 16 bytes
 # of spills at the kernel's start, a load per grid (none on sm_80).
-SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (1, 3), "v6": (0, 2), "v7": (0, 2), "v8": (0, 2)}
-# The variants whose 32x32 float32 kernels may use local memory inside the layer loop (v5's k = 1
-# on both architectures and k = 5 on sm_90); no other's may.
+SPILL_FREE_RADII = {"v3": (0, 1, 2, 3), "v5": (0, 1, 3), "v6": (0, 2), "v7": (0, 2), "v8": (0, 2)}
+# The variants whose 32x32 float32 kernels may use local memory inside the layer loop (v5's k = 5
+# on sm_90; its k = 1 kernels did too until the float32 snap); no other's may.
 LAYER_LOOP_SPILLS = {"v5"}
 
 
