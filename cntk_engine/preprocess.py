@@ -237,12 +237,12 @@ def _standardised_rows(a: np.ndarray, e, mean, std, layer_norm: bool, name: str)
     its channels' means standardises to rounding noise, which the norm of the row itself would
     not tell from a direction)."""
     n = len(a)
-    f = _standardised(a, e, mean, std, name).reshape(n, -1)
+    scaled = _scaled(a, e)
+    f = _standardised(scaled, 0, mean, std, name).reshape(n, -1)
     if not layer_norm:
         return f
     centred = f - f.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    scaled = _scaled(a, e)
     size = np.linalg.norm(((np.abs(scaled) + np.abs(mean)) / std).reshape(n, -1), axis=1)
     bad = np.nonzero(norms <= 1e-12 * size)[0]
     if bad.size:

@@ -104,13 +104,11 @@ template <bool FTZ> struct Math<double, FTZ> {
 // c within 8 ulps of +-1 is +-1, as the reference and numba backends take it (cntk_engine/arch.py,
 // SNAP_ULPS): where c = +-1 exactly between different images (an image and a multiple of it,
 // matching receptive fields, every entry of one-channel images with filter size 1), c lands a
-// few ulps off past the first layer, and arccos's infinite slope turns that into sqrt(eps):
-// 1e-8 in double, 7e-5 of the kernel in float (one-channel 2 x 5 images, filter size 1, depth 4,
-// in the host emulation).  The step needs c only as |c| and its sign (arccos(-a) = pi -
-// arccos(a), 1 - c^2 = 1 - a^2), so the snap is on a = |c|: one compare (a >= snap, or'ed with
-// the self-pair rule: `|`, not `||`, which made a branch) and a select, where a clamp to [-1, 1]
-// and the self-pair select took three instructions.  On a self pair's offset-(0, 0) entries c
-// is Sigma / q >= +0, so a := 1 there is c := 1.
+// few ulps off past the first layer, and arccos's infinite slope would turn that into sqrt(eps).
+// The step needs c only as |c| and its sign (arccos(-a) = pi - arccos(a), 1 - c^2 = 1 - a^2), so
+// the snap is on a = |c|: one compare (a >= snap, or'ed with the self-pair rule by `|`, since
+// `||` makes a branch) and a select.  On a self pair's offset-(0, 0) entries c is Sigma / q >= +0,
+// so a := 1 there is c := 1.
 template <typename T, bool FTZ, typename Nrm>
 CNTK_HD void relu_step(T s, T th, T rs, Nrm nrm, bool self_diag, T& k, T& g) {
   constexpr T snap = sizeof(T) == 8 ? T(1.0 - 8 * 2.220446049250313e-16) : T(1.0f - 8 * 1.1920929e-07f);

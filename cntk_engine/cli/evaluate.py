@@ -291,21 +291,17 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
     Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job, refused if it
     holds another) and read back from it, every chunk checked against its checksum.  ``names``:
     how errors name image i of x1 and x2 (:func:`cntk_engine.spelling.images_as`)."""
-    with images_as(names):
-        return _kernels(gram, x1, x2, opts, depths, store, which)
-
-
-def _kernels(gram, x1, x2, opts, depths, store, which):
     from ..jobs.store import StoreMismatch, StorePath, array_names, load_gram
     if store is None:
-        result, info = gram(x1, x2, **opts, return_info=True)
+        with images_as(names):
+            result, info = gram(x1, x2, **opts, return_info=True)
         return (result if isinstance(result, dict) else {depths[0]: result}), info
     created = not store.exists()
     store.mkdir(exist_ok=True)
     try:
         # the store's differences name the images this command drew, not DATA's file
         with renamed({"x1": {"train": "the training images", "test": "the test images"}[which],
-                      "x2": "the training images"}):
+                      "x2": "the training images"}), images_as(names):
             group, info = gram(x1, x2, **opts, return_info=True,
                                out=StorePath(store / KERNEL_STORES[which], existing="resume"))
     except StoreMismatch as e:
@@ -383,9 +379,9 @@ def run(args) -> int:
                               data_format="NCHW")
     except ConstantImages as e:
         test = e.role == "x_test"
-        raise CliError(str(e.reworded(
-            f"--zca: the {'test' if test else 'training'}", "use another --seed, or --preprocess standardize",
-            named=drawn.test_image if test else drawn.training_image))) from None
+        raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}",
+                                      "use another --seed, or --preprocess standardize",
+                                      named=drawn.test_image if test else drawn.training_image))) from None
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
@@ -409,9 +405,8 @@ def run(args) -> int:
     # set the kernels cannot take, or a kept test.zarr of another run, is refused before either
     # kernel is computed.  Only a kept train.zarr without a test.zarr (a run stopped between
     # them) goes first: a train.zarr of another run is refused when it is opened, before work.
-    first = "train" if kept == {"train"} else "test"
     done, seconds = {}, {}
-    for which in (first, "train" if first == "test" else "test"):
+    for which in ("train", "test") if kept == {"train"} else ("test", "train"):
         t = time.perf_counter()
         done[which] = kernels(gram, *jobs[which][:2], opts, depths, store, which, jobs[which][2])
         seconds[which] = time.perf_counter() - t
