@@ -348,10 +348,15 @@ class Architecture:
                 raise ValueError(f"a stack's depth is fixed by its layers ({d} = {d - 1} conv layers "
                                  f"+ the dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
+            if self.layers is not None:        # the caller gave layers, not a depth
+                got = (f"{'the stack ' + arg('architecture', self.name) if self.name else 'a stack'} "
+                       "with one conv layer (depth 2)")
+            elif len(self.depths) == 1:
+                got = arg("depth", self.depths[0])
+            else:
+                got = arg("depths", list(self.depths))
             raise ValueError(
-                f"{arg('fix', True)} needs depth >= 3; got "
-                + (arg("depth", self.depths[0]) if len(self.depths) == 1
-                   else arg("depths", list(self.depths))) + ": at depth 2 "
+                f"{arg('fix', True)} needs depth >= 3 (two or more conv layers); got {got}: at depth 2 "
                 "the only conv layer is the first layer, so with the first and the last layer "
                 "fixed nothing is trained and the NTK would be identically 0; "
                 f"{arg('kernel', 'nngp')} does not depend on {arg('fix')}, so leaving it out gives "

@@ -75,6 +75,36 @@ def check_tile(tile):
                      f"got {tile!r}")
 
 
+def _log2_bound(log2_m: float, c: int, arch, params) -> float:
+    """log2 of the bound B of :func:`check_magnitude` for max |pixel| 2^log2_m: the same
+    recursion in the log domain, so that it stays finite where B overflows float64."""
+    def log2(v: float) -> float:
+        return math.log2(v) if v > 0 else -math.inf
+
+    def plus(a: float, b: float) -> float:                  # log2(2^a + 2^b)
+        hi, lo = max(a, b), min(a, b)
+        return hi if lo == -math.inf else hi + math.log2(1.0 + 2.0 ** (lo - hi))
+
+    half_box, w, b2 = log2(float(arch.filter_size) ** 2 / 2), log2(params.w), log2(params.b2)
+    unscaled = log2(c * float(arch.filter_size) ** 2) + 2 * log2_m
+    sig = plus(log2(params.w_first) + unscaled, b2)
+    th = -math.inf if arch.fix else sig
+    bound = max(unscaled, sig)
+    for _ in range(arch.n_layers - 1):
+        box_k, box_g = half_box + sig, half_box + th
+        sig = plus(w + box_k, b2)
+        th = plus(sig, w + box_g)
+        bound = max(bound, box_k, box_g, sig, th)
+    return bound
+
+
+def _power_of_two(log2_v: float, digits: int = 3) -> str:
+    """2^log2_v written as a decimal number, also beyond float64's range (1e400 is not a float)."""
+    ten = log2_v * math.log10(2.0)
+    e = math.floor(ten)
+    return f"{10.0 ** (ten - e):.{digits}g}e{e:+03d}"
+
+
 def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) -> None:
     """Refuse images whose kernel values would overflow the compute dtype (to inf, then NaN).
 
@@ -109,19 +139,27 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
     limit = float(np.finfo(dtype).max) / 100
     if worst <= limit:               # False for inf / NaN too
         return
+    # The message, from the same bound in the log domain: B and the largest safe pixel are
+    # finite there where B overflowed float64 (1e160 pixels in float64 with a bias).
+    log2_m = math.log2(m) if m > 0 else -math.inf
+    log2_bound = _log2_bound(log2_m, c, arch, params)
     given = [arg(name, v) for name, v in (("W_std", arch.W_std), ("b_std", arch.b_std)) if v is not None]
     weights = f" with {', '.join(given)}" if arch.convention == "neural_tangents" and given else ""
-    what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about {bound:.3g} in this "
-            f"architecture (depth {arch.max_depth}), whose products overflow {dtype.name} (the output "
-            "could be inf or NaN)")
+    what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about "
+            f"{_power_of_two(log2_bound)} in this architecture (depth {arch.max_depth}), whose products "
+            f"overflow {dtype.name} (the output could be inf or NaN)")
     if normalised:
         raise ValueError(
             f"this architecture is too large for {arg('dtype', dtype.name)}, whatever the images: each image "
             f"is computed scaled to max |pixel| < 1 (exact without biases), and {what}; "
             + (f"use {arg('dtype', 'float64')}, or " if dtype == np.float32 else "")
             + f"use a smaller {arg('W_std')} or fewer layers")
-    safe = m * (limit / worst) ** 0.25 if 0 < worst < float("inf") else None     # bound ~ m^2
-    rescale = ("rescale the images" + (f" to max |pixel| <= about {safe:.2g}" if safe else "")
+    # Scaling the pixels (and b_std) by a scales B by a^2; B * max(B, H, W) <= limit needs
+    # B <= sqrt(limit) (which is far above any H, W), so log2 a = (log2 sqrt(limit) - log2 B) / 2;
+    # the figure is shown 10 % lower (2^-0.15), so that its two rounded digits are safe too.
+    log2_safe = log2_m + (math.log2(limit) / 2 - log2_bound) / 2
+    rescale = ("rescale the images" + (f" to max |pixel| <= about {_power_of_two(log2_safe - 0.15, 2)}"
+                                       if math.isfinite(log2_safe) else "")
                + (f" and {arg('b_std')} by the same factor a (the kernel scales by a^2)" if params.b2 or params.out_b2
                   else " (without biases, scaling all images by s scales the kernel by s^2)"))
     raise ValueError(f"the images are too large for {arg('dtype', dtype.name)}: {what}; "
@@ -203,14 +241,16 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
             if normalised:
                 remedy = (f"{f64}, or use fewer layers" if f64 else f"use fewer layers or a larger {arg('W_std')}")
             else:
+                # q scales by a^2 when the images and b_std do; 10 % more, so the rounded figure is safe
+                factor = 1.1 * math.sqrt(low / float(qm[live].min()))
                 remedy = ((f64 + ", or " if f64 else "")
-                          + f"rescale the images and {arg('b_std')} by the same factor a (the kernel scales by "
-                            "a^2)")
+                          + f"rescale the images and {arg('b_std')} by the same factor a, of about "
+                            f"{factor:.2g} or more (the kernel scales by a^2)")
             reach = (f"{dtype.name} reaches depth {reached} at most (asked: {arch.max_depth})"
                      if reached >= 2 else f"{dtype.name} cannot compute this kernel at any depth")
             raise ValueError(
                 f"the kernel would underflow {arg('dtype', dtype.name)}: the largest per-image variance q of "
-                f"layer {layer + 1} (the readout of depth {layer + 2}) is {qm[i, layer]:.3g} for "
+                f"conv layer {layer + 1} of {arch.n_layers} is {qm[i, layer]:.3g} for "
                 f"{image(name, i)}{scaled}, and {dtype.name} needs q >= {low:.2g} there, or the kernel "
                 f"comes out as zeros or NaN; with these images and this architecture {reach}; "
                 f"{remedy}")

@@ -4,6 +4,8 @@ with the bound and the remedy where it does not, and never returns zeros or NaN 
 
 The oracle is the float64 reference on ordinary images, times the scale squared (the kernels
 without biases are positively homogeneous: K(a x, a z) = a^2 K(x, z))."""
+import re
+
 import numpy as np
 import pytest
 
@@ -139,6 +141,41 @@ def test_biases_underflow_is_refused_with_bound_and_remedy(x):
     a = 1e6
     k = ce.gram(xs * a, depth=4, b_std=1e-10 * a, **NT) / a ** 2
     assert np.isfinite(k64).all() and rel(k, k64) < TOL
+
+
+def test_the_underflow_refusal_names_the_conv_layer_and_the_factor_that_works(x):
+    """The refusal names the conv layer whose q is too small out of the stack's (it named "the
+    readout of depth 2" when depth 4 was asked) and the factor a for images and b_std: that factor
+    is accepted and exact, a third less is refused."""
+    xs = x[:3] * 1e-30
+    with pytest.raises(ValueError, match=r"variance q of conv layer 1 of 3 is .*cannot compute this "
+                                         r"kernel at any depth.*by the same factor a, of about "
+                                         r"([0-9.e+-]+) or more") as e:
+        ce.gram(xs, depth=4, b_std=1e-30, **NT)
+    a = float(re.search(r"of about ([0-9.e+-]+) or more", str(e.value)).group(1))
+    k64 = ce.gram(xs, depth=4, b_std=1e-30, dtype="float64", **NT)
+    assert rel(ce.gram(xs * a, depth=4, b_std=1e-30 * a, **NT) / a ** 2, k64) < TOL
+    with pytest.raises(ValueError, match="would underflow"):
+        ce.gram(xs * a / 1.3, depth=4, b_std=1e-30 * a / 1.3, **NT)
+
+
+@pytest.mark.parametrize("dtype, pixels", [("float64", 1e160), ("float32", 4e18)])
+def test_the_overflow_refusal_with_a_bias_gives_a_finite_bound_and_a_pixel_that_works(x, dtype, pixels):
+    """With a bias nothing is scaled: 1e160 pixels overflow float64's bound itself, which the
+    refusal gave as "about inf" without a target; it now gives both from the log domain, and the
+    target (images and b_std scaled together) is accepted and exact, 1.3 times it refused."""
+    xs = np.sign(x[:3]) * pixels * (0.5 + np.abs(x[:3]) / np.abs(x[:3]).max() / 2)
+    kw = dict(depth=3, convention="neural_tangents", b_std=0.5, backend="numba", dtype=dtype)
+    with pytest.raises(ValueError, match=r"intermediates up to about [0-9.]+e\+[0-9]+ in this architecture"
+                                         r".*max \|pixel\| <= about ([0-9.e+-]+) and b_std by the same") as e:
+        ce.gram(xs, **kw)
+    assert "about inf" not in str(e.value)
+    a = float(re.search(r"max \|pixel\| <= about ([0-9.e+-]+)", str(e.value)).group(1)) / np.abs(xs).max()
+    k = ce.gram(xs * a, **{**kw, "b_std": 0.5 * a})
+    k64 = ce.gram(xs * a, **{**kw, "b_std": 0.5 * a, "backend": "reference", "dtype": "float64"})
+    assert np.isfinite(k).all() and rel(k, k64) < TOL
+    with pytest.raises(ValueError, match="too large"):
+        ce.gram(xs * a * 1.3, **{**kw, "b_std": 0.5 * a * 1.3})
 
 
 def test_results_outside_float64_are_refused(x):
