@@ -155,6 +155,23 @@ def test_depth_order_is_not_part_of_the_job(tmp_path, rng):
         ce.gram(x, depths=[2, 4], backend="numba", out=out)
 
 
+def test_a_reference_store_that_recorded_float32_resumes(tmp_path, rng):
+    """The reference computes in float64 whatever dtype says; stores it wrote before its record
+    said so record float32 and were refused on resume ("dtype: store has 'float32'")."""
+    x = imgs(rng, 6, h=4, w=4)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="reference", tile=3, out=out)
+    g = zarr.open_group(str(out), mode="r+")
+    assert g.attrs["cntk_engine"]["dtype"] == "float64"
+    g.attrs["cntk_engine"] = dict(g.attrs["cntk_engine"], dtype="float32")
+    g["tiles_done"][0, 1] = 0
+    k, info = ce.gram(x, depth=3, backend="reference", out=out, return_info=True)
+    assert info["tiles_computed"] == 1
+    assert np.array_equal(k["ntk"][...], ce.gram(x, depth=3, backend="reference"))
+    with pytest.raises(StoreMismatch, match="dtype: store has 'float32', this job 'float64'"):
+        ce.gram(x, depth=3, backend="numba", dtype="float64", out=out)
+
+
 @pytest.mark.parametrize("case", ["same job", "other job", "same job, resume=False"])
 def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatch, case):
     """Both pass the existence check; the other one renames its store into place first."""
