@@ -264,6 +264,10 @@ class _CNTKBase(BaseEstimator):
         flipped copies (``augment_flips``), each in one group with its original so that
         ``ridge="auto"`` leaves them out together (:func:`cntk_engine.solver.loo`); groups
         None without flips."""
+        if isinstance(self.ridge, str) and len(imgs) < 2:      # before the Gram, not after
+            raise ValueError(f"ridge='auto' chooses the ridge by leave-one-out, which needs at least 2 "
+                             f"training images; got n_samples = {len(imgs)}: give ridge a number >= 0 (relative to "
+                             "the mean diagonal of the training Gram)")
         self.zca_ = None
         self._fitted_with_flips = bool(self.augment_flips)
         if self.preprocess == "zca":
@@ -317,7 +321,8 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
         diagonal of the training Gram; 0 = the paper's interpolating solution (with the default
         float32 Gram, whose rounding can leave it slightly indefinite on near-duplicate images,
-        a ridge of 0 may be refused as not positive definite: use ``dtype="float64"``).
+        the solve adds the jitter needed, up to 1e-3 x the mean diagonal (``jitter_``), and
+        refuses the Gram as not positive definite beyond that: use ``dtype="float64"``).
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
     image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
         (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the

@@ -291,9 +291,12 @@ def test_errors_name_the_images_as_the_caller_passed_them():
     huge[1] *= 1e150
     with pytest.raises(ValueError, match=r"^X\[1\] \(max \|pixel\| about 2\^499\)"):
         clf.predict(huge)
-    # one training sample: leave-one-out has nothing to fit (it chose the largest ridge)
-    with pytest.raises(ValueError, match="leave-one-out .* needs at least 2 training samples; got n_samples = 1"):
-        CNTKRegressor(depth=3).fit(X[:1], [1.0])
+    # one training sample: leave-one-out has nothing to fit (it chose the largest ridge); refused
+    # before the Gram, with flips too (it spoke of groups, which the caller never gave)
+    for flips in (False, True):
+        with pytest.raises(ValueError, match="ridge='auto' chooses the ridge by leave-one-out, which needs "
+                                             "at least 2 training images; got n_samples = 1"):
+            CNTKRegressor(depth=3, augment_flips=flips, backend="no such backend").fit(X[:1], [1.0])
     assert CNTKRegressor(depth=3, ridge=0.1).fit(X[:1], [1.0]).predict(X).shape == (4,)
 
 

@@ -2,6 +2,7 @@
 python -m, real MNIST / CIFAR subsets."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_train_test_keys_nhwc_and_fixed_ridge(tmp_path, capsys):
                         "--pooling", "flatten", *BASE)
     assert rc == 0, err
     assert "(x_train/x_test)" in out and "(C, H, W) = (3, 8, 8)" in out
-    assert "ridge 1e-03 x mean diag" in out and "LOO" not in out and out.count("test accuracy") == 1
+    assert "ridge 0.001 x mean diag" in out and "LOO" not in out and out.count("test accuracy") == 1
     # the explicit layout gives the same figures; the wrong one is refused as a shape error
     rc2, out2, _ = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--ridge", "1e-3",
                         "--pooling", "flatten", "--data-format", "NHWC", *BASE)
@@ -269,6 +270,19 @@ def test_nan_labels_and_one_class_are_named_before_the_kernels(tmp_path, capsys,
     np.savez(tmp_path / "one.npz", x=x, y=np.zeros(12, dtype=np.int64))
     rc, out, err = main(capsys, tmp_path / "one.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
     assert rc == 2 and "hold one class only (0)" in err and "np.int64" not in err, err
+
+
+def test_labels_of_two_kinds_are_refused_before_the_kernels(tmp_path, capsys, monkeypatch):
+    """y_train strings and y_test bytes printed "test accuracy 0.00%" with exit 0 ('a' != b'a')."""
+    import cntk_engine.api
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    x = np.random.default_rng(2).random((12, 1, 6, 6))
+    y = np.array(list("ab" * 6))
+    for yte, msg in ((y.astype(bytes), r"y_test holds bytes \(\|S1\) but the training labels strings"),
+                     (np.arange(12) % 2, r"y_test holds numbers \(int64\) but the training labels strings")):
+        np.savez(tmp_path / "mixed.npz", x_train=x, y_train=y, x_test=x, y_test=yte)
+        rc, out, err = main(capsys, tmp_path / "mixed.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
+        assert rc == 2 and err.count("\n") == 1 and re.search(msg, err), err
 
 
 def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
@@ -547,3 +561,11 @@ def test_ctrl_c_with_a_store_says_how_to_continue(tmp_path, capsys, xy_npz, monk
         rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 6, "--n-test", 4, *store, *REF)
         assert rc == 130 and err.startswith("cntk-engine: interrupted") and err.count("\n") == 1, err
         assert (hint in err) if hint else ("--resume" not in err), err
+
+
+def test_the_report_line_says_when_the_ridge_0_solve_failed():
+    from cntk_engine.cli.evaluate import _fmt_line
+    r = dict(accuracy=0.5, ridge_relative=0.25, ridge_selected_by="loo", loo_accuracy=0.5,
+             accuracy_ridge0=None, jitter_ridge0=None, ridge0_error="K + 0 I is not positive definite")
+    line = _fmt_line(3, "ntk", r)
+    assert "ridge 0.25 x mean diag" in line and "ridge 0 (paper solve): none, K is not positive" in line

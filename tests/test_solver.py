@@ -730,6 +730,58 @@ def test_evaluate_classifier_checks_the_labels_before_solving(rng):
             S.evaluate_classifier(*args, ridge=0.1)
 
 
+def test_labels_are_compared_by_the_kind_of_their_elements(rng):
+    """bytes test labels against string training labels scored 0 % (b'a' != 'a') without an
+    error; object arrays (pandas' .to_numpy()) of strings or ints were refused against <U / int
+    labels they match; mixed objects gave a bare TypeError from the sort."""
+    K, phi = psd(rng, 30)
+    y = np.array(["ab"[i] for i in (phi[:, 0] > 0).astype(int)])
+    Kt, ytr, yte, K = K[20:, :20], y[:20], y[20:], K[:20, :20]
+    good = S.evaluate_classifier(K, Kt, ytr, yte, ridge=0.1)["accuracy"]
+    assert good > 0.5
+    ints = (ytr == "b").astype(int), (yte == "b").astype(int)
+    for a, b in [(ytr.astype(object), yte), (ytr, yte.astype(object)), (ints[0].astype(object), ints[1]),
+                 (ints[0], ints[1].astype(object))]:
+        assert S.evaluate_classifier(K, Kt, a, b, ridge=0.1)["accuracy"] == good
+    for args, msg in [
+        ((ytr, yte.astype(bytes)), r"y_test holds bytes \(\|S1\) but the training labels strings \(<U1\).*"
+                                   r"decode the bytes"),
+        ((ytr, np.array([1, "a"] * 5, dtype=object)), r"y_test must be class names of one kind.*got int, str"),
+        ((np.array([1, "a"] * 10, dtype=object), yte), r"y_train must be class names of one kind.*got int, str"),
+        ((np.r_[ints[0][:-1], np.nan].astype(object), ints[1]), "y_train must be finite"),
+        ((np.zeros(20, int), ints[1]), r"y_train holds one class only \(0, 20 samples\)"),
+        ((np.array(["a"] * 20, dtype=object), yte), r"y_train holds one class only \('a', 20 samples\)"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            S.evaluate_classifier(K, Kt, *args, ridge=0.1)
+    with pytest.raises(ValueError, match="labels must be class names of one kind"):
+        S.one_hot(np.array([1, "a"], dtype=object))
+
+
+def test_evaluate_classifier_keeps_the_chosen_ridge_where_the_ridge_0_solve_fails(rng):
+    """K indefinite beyond the jitter: LOO picks a ridge that solves, and the ridge-0 side figure
+    (the paper solve) failed the whole call; it is now None, with the reason."""
+    X = rng.standard_normal((25, 10))
+    G = X @ X.T
+    K = G - 0.01 * np.mean(np.diag(G)) * np.eye(25)
+    y = (X[:, 0] > 0).astype(int)
+    r = S.evaluate_classifier(K[:20, :20], K[20:, :20], y[:20], y[20:], ridge="auto")
+    assert r["ridge_relative"] > 0 and 0 <= r["accuracy"] <= 1
+    assert r["accuracy_ridge0"] is None and "not positive definite" in r["ridge0_error"]
+    with pytest.raises(S.NotPositiveDefinite):
+        S.evaluate_classifier(K[:20, :20], K[20:, :20], y[:20], y[20:], ridge=0)
+
+
+def test_a_non_finite_test_kernel_is_refused_before_the_solve(rng, monkeypatch):
+    K, phi = psd(rng, 30)
+    y = (phi[:, 0] > 0).astype(int)
+    Kt = K[20:, :20].copy()
+    Kt[2, 3] = np.nan
+    monkeypatch.setattr(S.selection, "select_ridge", lambda *a, **k: pytest.fail("LOO ran"))
+    with pytest.raises(ValueError, match="K_test"):
+        S.evaluate_classifier(K[:20, :20], Kt, y[:20], y[20:])
+
+
 def test_paths_groups_and_text_are_refused_as_matrices(tmp_path, rng):
     zarr = pytest.importorskip("zarr")
     K, _ = psd(rng, 6)
@@ -815,3 +867,11 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
     c = g.create_array("cplx", shape=K.shape, dtype="complex128", chunks=(8, 8))
     with pytest.raises(ValueError, match="complex"):
         S.load_gram(c)
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), "1e-3"])
+def test_max_jitter_is_checked(rng, bad):
+    """A negative max_jitter tried no jitter at all, NaN said "jitter up to nan x ..."."""
+    K, _ = psd(rng, 5)
+    with pytest.raises(ValueError, match="max_jitter must be a"):
+        S.fit_ridge(K, np.ones(5), max_jitter=bad)

@@ -48,6 +48,7 @@ import numpy as np
 
 from .. import solver
 from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
+from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
                      check_parent_folder, gram_options, machine, nonnegative_int, numpy_problem,
@@ -151,6 +152,10 @@ def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
         if all(k in names for k in PAIR_KEYS):
             xtr, ytr = _pair(z, "x_train", "y_train", path)
             xte, yte = _pair(z, "x_test", "y_test", path)
+            try:                    # before the kernels: labels of two kinds never match
+                check_labels(yte, len(yte), "y_test", like=ytr)
+            except ValueError as e:
+                raise CliError(f"DATA {path!r}: {e}") from None
             for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
                 if n > avail:
                     raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
@@ -334,7 +339,7 @@ def _tiles(info) -> str:
 
 # ----------------------------------------------------------------------------- report
 def _rel(v) -> str:
-    return "0" if v == 0 else f"{v:.0e}"
+    return "0" if v == 0 else f"{v:.3g}"
 
 
 def _fmt_line(depth, name, r, with_flips: bool = False) -> str:
@@ -344,7 +349,9 @@ def _fmt_line(depth, name, r, with_flips: bool = False) -> str:
               + f"; LOO accuracy {100 * r['loo_accuracy']:.2f}%)")
     if r.get("jitter"):
         s += f" [jitter {r['jitter']:.2g} added]"
-    if "accuracy_ridge0" in r:
+    if r.get("ridge0_error"):
+        s += "; ridge 0 (paper solve): none, K is not positive definite enough for it"
+    elif "accuracy_ridge0" in r:
         s += f"; ridge 0 (paper solve): {100 * r['accuracy_ridge0']:.2f}%"
         if r.get("jitter_ridge0"):
             s += f" [jitter {r['jitter_ridge0']:.2g}]"

@@ -254,6 +254,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
     is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
     of K is made and K is left as it is."""
+    max_jitter = check_nonnegative(max_jitter, "max_jitter", "the largest jitter, times mean(diag K)")
     xp = xp_for(device, K)
     n = K.shape[0]
     private = overwrite_k and getattr(K, "flags", None) is not None and K.flags.c_contiguous \

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, block_rows, check_gram, check_ridge,
-                     check_targets, eigh, ridge_scale, scalar, spectrum_problem, xp_for)
+                     check_targets, check_test_kernel, eigh, ridge_scale, scalar, spectrum_problem,
+                     xp_for)
 from .ridge import fit_ridge
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
@@ -385,8 +386,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     ``concatenate([x, hflip(x)])``, or LOO scores each image with its mirror still in the
     training set.  Returns a dict: accuracy, ridge_relative, ridge_absolute, jitter; with
     "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without);
-    unless the ridge is 0, accuracy_ridge0 and jitter_ridge0 of the paper's interpolating solve
-    beside it."""
+    unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
+    interpolating solve beside it, or, where K is too far from positive definite for that solve
+    even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the reason in
+    ridge0_error."""
     if targets not in ("paper", "onehot"):
         raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {targets!r}")
     if not (isinstance(ridge, str) and ridge == "auto"):
@@ -400,8 +403,13 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
         raise ValueError(f"K_test must be (m, n) = (test samples, {n_train} training samples); "
                          f"got shape {shape_test}")
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
+    xp = xp_for(None, K, K_test)
+    K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
     enc = paper_targets if targets == "paper" else one_hot
     Y, classes = enc(y_train)
+    if len(classes) < 2:
+        raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {n_train} samples): a "
+                         "classifier needs at least 2")
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
     out = {}
@@ -422,6 +430,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     sol = fit_ridge(K, Y, lam)
     out.update(accuracy=test_accuracy(sol), ridge_absolute=lam, jitter=sol.jitter)
     if ridge == "auto" or ridge != 0:
-        sol0 = fit_ridge(K, Y, 0.0)
-        out.update(accuracy_ridge0=test_accuracy(sol0), jitter_ridge0=sol0.jitter)
+        try:
+            sol0 = fit_ridge(K, Y, 0.0)
+        except NotPositiveDefinite as e:       # the side figure only: the chosen ridge solved
+            out.update(accuracy_ridge0=None, jitter_ridge0=None, ridge0_error=str(e))
+        else:
+            out.update(accuracy_ridge0=test_accuracy(sol0), jitter_ridge0=sol0.jitter)
     return out

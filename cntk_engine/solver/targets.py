@@ -2,6 +2,9 @@
 predictions, accuracy."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from ..arrays import get_array_module, is_cupy, to_host
@@ -20,7 +23,15 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
     _check_finite_labels(y, "labels")
     if classes is not None:
         _check_finite_labels(np.asarray(classes), "classes")
-    classes = np.unique(y) if classes is None else np.asarray(classes)
+    if classes is None:
+        try:
+            classes = np.unique(y)
+        except TypeError:          # an object array whose labels do not sort: str beside int
+            types = sorted({type(v).__name__ for v in y.ravel().tolist()})
+            raise ValueError(f"labels must be class names of one kind: all numbers, all strings or "
+                             f"all bytes; got {', '.join(types)} ({y.dtype})") from None
+    else:
+        classes = np.asarray(classes)
     if classes.ndim != 1 or classes.size == 0:
         raise ValueError(f"classes must be a non-empty 1-D list of the labels (one per column); "
                          f"got {classes.tolist()!r}")
@@ -45,9 +56,17 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
 
 
 def label_kind(y) -> str:
-    """"numbers", "strings" or "objects": labels of different kinds never compare equal."""
-    kind = np.asarray(y).dtype.kind
-    return "numbers" if kind in "biuf" else "strings" if kind in "US" else "objects"
+    """"numbers", "strings", "bytes" or "mixed": labels of different kinds never compare equal
+    ('a' != b'a', 1 != '1').  An object array (pandas' ``.to_numpy()`` of a column) is of the
+    kind its elements are all of, "mixed" where they are not all of one kind."""
+    y = np.asarray(y)
+    kind = y.dtype.kind
+    if kind != "O":                    # datetimes and the like: their dtype's name
+        return ("numbers" if kind in "biufc" else "strings" if kind == "U" else "bytes" if kind == "S"
+                else y.dtype.name)
+    kinds = {"numbers" if isinstance(v, (numbers.Number, np.bool_)) else "strings" if isinstance(v, str)
+             else "bytes" if isinstance(v, bytes) else "mixed" for v in y.ravel().tolist()}
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "numbers"
 
 
 def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
@@ -58,15 +77,26 @@ def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{what} must be 1-D, one label per sample ({n},); got shape {y.shape}")
     _check_finite_labels(y, what)
-    if like is not None and label_kind(y) != label_kind(like):
-        raise ValueError(f"{what} holds {label_kind(y)} ({y.dtype}) but the training labels "
-                         f"{label_kind(like)} ({np.asarray(like).dtype}): no label could match")
+    kind = label_kind(y)
+    if kind == "mixed":
+        types = sorted({type(v).__name__ for v in y.ravel().tolist()})
+        raise ValueError(f"{what} must be class names of one kind: all numbers, all strings or all "
+                         f"bytes; got {', '.join(types)} ({y.dtype})")
+    if like is not None and kind != label_kind(like):
+        hint = (" (decode the bytes: y.astype(str))" if "bytes" in (kind, label_kind(like))
+                and "strings" in (kind, label_kind(like)) else "")
+        raise ValueError(f"{what} holds {kind} ({y.dtype}) but the training labels "
+                         f"{label_kind(like)} ({np.asarray(like).dtype}): no label could match{hint}")
     return y
 
 
 def _check_finite_labels(y, what: str) -> None:
-    if y.dtype.kind in "fc":
-        bad = ~np.isfinite(y)
+    if y.dtype.kind in "fcO":
+        if y.dtype.kind == "O":        # only its real numbers can be NaN or infinite
+            bad = np.array([isinstance(v, numbers.Real) and not math.isfinite(v) for v in y.ravel().tolist()],
+                           dtype=bool).reshape(y.shape)
+        else:
+            bad = ~np.isfinite(y)
         if bool(np.any(bad)):
             idx = np.nonzero(bad)[0]
             raise ValueError(f"{what} must be finite; got {y[idx[0]]} at index "
