@@ -66,7 +66,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         or a list of ids; CPU backends always use every core.
     out : path of a Zarr store (a directory, e.g. "gram.zarr") to write the matrix to instead of
         RAM, tile by tile; running the same job again resumes it (only missing tiles are
-        computed), another job's store is refused.  Layout: ``cntk_engine.store``.
+        computed), another job's store is refused.  Layout: ``cntk_engine.jobs.store``.
     client : a ``dask.distributed.Client``: tiles run as Dask tasks on its workers (needs the
         "dask" extra; GPU workers must declare ``resources={"GPU": 1}``).  Without ``out`` the
         tiles are gathered into memory; with ``out`` (a path every worker can reach) workers

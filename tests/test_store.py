@@ -1,6 +1,7 @@
 """Zarr store: layout, resume, refusal of other jobs, nothing half-written, kill -9, memory.
 (Checksums and verification: test_store_integrity.py; many writers: test_store_writers.py.)"""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -371,3 +372,32 @@ def test_store_larger_than_memory_budget(tmp_path):
     assert (g["tiles_done"][...][np.triu_indices(12)] == 1).all()
     k = g["depth_3/ntk"][2000:2400, 0:400]
     assert not np.isnan(k).any()
+
+
+def test_a_store_without_its_runs_folder_resumes(tmp_path, rng):
+    """runs/ records who computed what, and verify reads none of it; resume refused such a store
+    as damaged ("move the store away and compute the job again"). It is recreated, as claims/."""
+    x = imgs(rng, 7, h=4, w=4)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=2, backend="numba", tile=3, out=out)
+    shutil.rmtree(out / "runs")
+    g, info = ce.gram(x, depth=2, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0 and (out / "runs").is_dir()
+    assert np.array_equal(g["ntk"][...], ce.gram(x, depth=2, backend="numba"))
+    assert [r["run"] for r in store_mod.list_runs(g)] == [2]   # above the markers of run 1
+
+
+def test_mismatch_messages_name_defaults_not_missing_keys(tmp_path, rng):
+    """A record leaves flip and lap_window out where they are not set: the mismatch said
+    "flip: store has '<missing>'"; and a symmetric job named --x2, which the caller never gave."""
+    x = imgs(rng, 7, h=4, w=4)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=2, backend="numba", tile=3, out=out)
+    with pytest.raises(StoreMismatch, match=r"flip: store has False, this job True\. Nothing was written"):
+        ce.gram(x, depth=2, backend="numba", out=out, flip=True)
+    with pytest.raises(StoreMismatch, match=r"lap_window: store has None, this job 2") as e:
+        ce.gram(x, depth=2, backend="numba", out=out, pooling="lap", lap_window=2)
+    assert "<missing>" not in str(e.value)
+    with pytest.raises(StoreMismatch) as e:
+        ce.gram(x[:5], depth=2, backend="numba", out=out)
+    assert "x1 (count): store has 7, this job 5" in str(e.value) and "x2" not in str(e.value)

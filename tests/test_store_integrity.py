@@ -117,6 +117,35 @@ def test_damaged_chunk_is_verified_refused_and_recomputed_bit_identically(finish
     assert runs[-1]["tiles_failed_verification"] == 1 and runs[-1]["tiles_computed"] == 1
 
 
+@pytest.mark.parametrize("edit", ["runs record lost", "marker edited"])
+def test_a_damaged_tile_whose_marker_is_the_next_run_number_is_repaired_once(finished, tmp_path, cifar,
+                                                                              monkeypatch, edit):
+    """The next run took the number after the recorded runs; where the damaged tile's marker was
+    that number (its runs/<k> record lost, or the marker edited), the repaired tile carried its
+    old marker again, read as not repaired, and was computed again without end."""
+    out = copy_of(finished, tmp_path)
+    if edit == "runs record lost":
+        zarr.open_group(str(out), mode="r+")["tiles_done"][1, 4] = 2       # written by a run 2 ...
+        shutil.rmtree(out / "runs" / "2", ignore_errors=True)                # ... whose record is gone
+    else:
+        zarr.open_group(str(out), mode="r+")["tiles_done"][1, 4] = 2       # no run 2 at all
+    os.remove(out / "ntk" / "c" / "1" / "4")
+    writes = []
+    write = store_mod.StoreSink.__call__
+
+    def counted(self, t, sums):
+        writes.append((t.i, t.j))
+        assert len(writes) < 5, "a tile was computed again and again"
+        return write(self, t, sums)
+    monkeypatch.setattr(store_mod.StoreSink, "__call__", counted)
+    g, info = ce.gram(cifar, out=out, return_info=True, **KW)
+    assert writes == [(1, 4)] and info["tiles_computed"] == 1
+    assert done_map(out)[1, 4] == 3 and [r["run"] for r in store_mod.list_runs(g)] == [1, 3]
+    _, ref = finished
+    assert g["ntk"][...].tobytes() == ref["sym"]["ntk"].tobytes()
+    assert store_mod.verify_store(out).ok
+
+
 def test_swapped_chunk_of_a_rectangular_store(finished, tmp_path, cifar):
     """A rectangular (--x2) store has no symmetry to betray a swap: the checksums do."""
     out = copy_of(finished, tmp_path, "rect")

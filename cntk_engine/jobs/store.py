@@ -316,10 +316,18 @@ def _field_name(key: str) -> str:
     return option("architecture" if param == "name" else param) or key
 
 
+_ARCH_DEFAULTS = {"architecture.flip": False, "architecture.lap_window": None}
+
+
 def spec_differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable differences between two job records (layout and integrity keys excluded),
     each named as the caller sets it (:func:`_field_name`)."""
-    a, b = _flat(stored), _flat(wanted)
+    # a key a record leaves out has its default (to_dict writes flip and lap_window only where
+    # they are set); the second image set of a symmetric job is the first
+    a, b = ({**_ARCH_DEFAULTS, **_flat(r)} for r in (stored, wanted))
+    if a.get("symmetric") and b.get("symmetric"):
+        for r in (a, b):
+            r.pop("n2", None), r.pop("fingerprint.x2", None)
     diffs = []
     # every key of either record: a stack's record has keys (its layers) that a CNN's has not;
     # the tile layout and the integrity record are not part of the job
@@ -909,6 +917,7 @@ class GramStore:
         self.claim_timeout = float(claim_timeout)
         self.repair: dict[tuple[int, int], int] = {}
         self.verified = {"tiles": 0, "failed": 0, "bytes": 0, "seconds": 0.0}
+        self.last_marker = 0         # the largest done marker :meth:`missing` read
         self.run_uuid = ""
 
     # ------------------------------------------------------------------ open / create
@@ -962,14 +971,16 @@ class GramStore:
                                 + f". Nothing was written; use another {arg('out')} path for this "
                                 "job", diffs)
         g = zarr.open_group(str(path), mode="r")
-        _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS, RUNS], arg("out", str(path)))
+        # runs/ only records who computed what (verify reads none of it): recreated, as claims/
+        _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS], arg("out", str(path)))
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
         n_all = len(cls._expected_tiles(stored))
         if not resume:
             raise StoreExists(path, done=f"this same job, {n_done} of {n_all} tiles done")
         store = cls(path, zarr.open_group(str(path), mode="r+"), stored, claim_timeout)
-        if CLAIMS not in store.group:
-            store.group.require_group(CLAIMS)
+        for folder in (CLAIMS, RUNS):
+            if folder not in store.group:
+                store.group.require_group(folder)
         live = [c for c in store.claims().scan().values() if c.stale is None]
         log.info("opening existing store %s: %d of %d tiles done%s", path, n_done, n_all,
                  f"; {len(live)} tiles are being computed by other writers now "
@@ -1049,6 +1060,7 @@ class GramStore:
                         self.path, tile, "; ".join(f"array {d.array!r}: chunk {d.chunk} {d.why}"
                                                    for d in ds))
         self.repair = {tile: int(done[tile]) for tile in bad}
+        self.last_marker = int(done.max(initial=0))
         self.verified = {"tiles": n_done, "failed": len(bad), "bytes": scan.bytes, "seconds": dt}
         if n_done:
             log.info("store %s: verified %d finished tile%s (%s read) in %.3g s (%s/s): %s",
@@ -1130,7 +1142,10 @@ class GramStore:
                "tiles_failed_verification": self.verified["failed"],
                "verify_seconds": round(self.verified["seconds"], 3),
                "claim_timeout": self.claim_timeout}
-        k = _new_run(self.path, rec)
+        # above every marker read, as well as every run recorded: a tile this run writes must
+        # not carry a marker that was there before, or a damaged tile whose marker equals it (a
+        # runs/<k> record lost) would read as not repaired after its repair, again and again
+        k = _new_run(self.path, rec, after=self.last_marker)
         self.run_uuid = rec["id"]
         return k
 
@@ -1166,15 +1181,16 @@ def _create_bookkeeping(g, grid, n_arrays: int) -> None:
     g.require_group(CLAIMS)
 
 
-def _new_run(path: Path, rec: dict) -> int:
-    """Create ``runs/<k>`` holding ``rec`` (plus run = k) for the first free k, atomically: the
-    group is made in a temporary directory and renamed into place, which fails when another
-    writer took k first (the target then exists and is not empty)."""
+def _new_run(path: Path, rec: dict, after: int = 0) -> int:
+    """Create ``runs/<k>`` holding ``rec`` (plus run = k) for the first free k above every
+    recorded run and ``after``, atomically: the group is made in a temporary directory and
+    renamed into place, which fails when another writer took k first (the target then exists
+    and is not empty)."""
     zarr = require_zarr()
     runs = path / RUNS
     while True:
         taken = [int(n) for n in os.listdir(runs) if n.isdigit()]
-        k = max(taken, default=0) + 1
+        k = max(max(taken, default=0), after) + 1
         tmp = runs / f".new-{uuid.uuid4().hex}"
         try:
             zarr.open_group(str(tmp), mode="w-", attributes=dict(rec, run=k))
