@@ -569,3 +569,13 @@ def test_the_report_line_says_when_the_ridge_0_solve_failed():
              accuracy_ridge0=None, jitter_ridge0=None, ridge0_error="K + 0 I is not positive definite")
     line = _fmt_line(3, "ntk", r)
     assert "ridge 0.25 x mean diag" in line and "ridge 0 (paper solve): none, K is not positive" in line
+
+
+def test_training_images_that_standardise_to_zero_are_refused_before_the_kernels(tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Constant images standardise to 0: K = 0 printed a chance "accuracy" with exit 0."""
+    import cntk_engine.api
+    monkeypatch.setattr(cntk_engine.api, "gram", lambda *a, **k: pytest.fail("gram was called"))
+    np.savez(tmp_path / "c.npz", x=np.full((30, 1, 6, 6), 0.5), y=np.arange(30) % 3)
+    rc, out, err = main(capsys, tmp_path / "c.npz", "--depth", 3, "--n-train", 20, "--n-test", 10, *REF)
+    assert rc == 2 and err.count("\n") == 1 and "every training image is 0 after --preprocess standardize" in err, err

@@ -389,6 +389,11 @@ def run(args) -> int:
         raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}",
                                       "use another --seed, or --preprocess standardize",
                                       named=drawn.test_image if test else drawn.training_image))) from None
+    if not np.any(xtr):          # K = 0: every prediction 0, the "accuracy" that of one class
+        raise CliError(f"every training image is 0 after --preprocess {args.preprocess}"
+                       + (" (each channel is constant over the training images, and is only centred)"
+                          if args.preprocess == "standardize" else "")
+                       + ": the kernel would be 0 and predict nothing; use other data or another --seed")
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
