@@ -389,11 +389,6 @@ def run(args) -> int:
         raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}",
                                       "use another --seed, or --preprocess standardize",
                                       named=drawn.test_image if test else drawn.training_image))) from None
-    if not np.any(xtr):          # K = 0: every prediction 0, the "accuracy" that of one class
-        raise CliError(f"every training image is 0 after --preprocess {args.preprocess}"
-                       + (" (each channel is constant over the training images, and is only centred)"
-                          if args.preprocess == "standardize" else "")
-                       + ": the kernel would be 0 and predict nothing; use other data or another --seed")
     groups = None
     if args.augment_flips:
         xtr, ytr, groups = with_flips(xtr, ytr)
@@ -402,6 +397,11 @@ def run(args) -> int:
     if len(classes) < 2:
         raise CliError(f"the {len(ytr)} training images hold one class only ({classes[0]}); "
                        "use a larger --n-train or another --seed")
+    if not np.any(xtr):          # K = 0: every prediction 0, the "accuracy" that of one class
+        raise CliError(f"every training image is 0 after --preprocess {args.preprocess}"
+                       + (" (each channel is constant over the training images, and is only centred)"
+                          if args.preprocess == "standardize" else "")
+                       + ": the kernel would be 0 and predict nothing; use other data or another --seed")
     print(f"evaluate: {args.data} ({how}), {len(xtr)} train"
           + (" (with their flips)" if args.augment_flips else "") + f" / {len(xte)} test images, "
           f"(C, H, W) = {shape}" + (f" (from {raw_shape}, downsampled {args.downsample}x)"
