@@ -358,7 +358,7 @@ def run_nt(args, c):
     ours = ce.gram(x.astype(np.float64), **net, pooling=c["pooling"], kernel="both", fix=False,
                    convention="neural_tangents", W_std=1.0, data_format="NHWC", dtype="float64")
     check = {"vs": "cntk_engine float64, convention='neural_tangents', W_std=1, same images",
-             "block": c["n"], "max_rel_diff": _max_rel_diff(nt_kernels, ours, c["n"])}
+             "block": c["n"], **_diff_check(nt_kernels, ours, c["n"])}
     return {"status": "ok", "seconds": seconds, "times": res["times"], "device": dev,
             "info": extra, "check": check}
 
@@ -375,15 +375,21 @@ def paper_check(runner, c, x, paper_ntk) -> dict:
             **paper_mod.compare_values(paper_ntk, ours)}
 
 
-def _max_rel_diff(res, ref, m):
-    """Largest |a - b| / max|b| over NTK and NNGP on the first m x m block."""
-    worst = 0.0
+def _diff_check(res, ref, m) -> dict:
+    """``max_rel_diff``: the largest |a - b| / max|b| over NTK and NNGP on the first m x m
+    block, and ``non_finite_entries`` of either there; with any, ``max_rel_diff`` is None (a NaN
+    must not read as agreement: Python's max(0.0, nan) is 0.0)."""
+    worst, non_finite = 0.0, 0
     for a, b in zip(res, ref):
         a = np.asarray(a.get() if hasattr(a, "get") else a)[:m, :m]
         b = np.asarray(b.get() if hasattr(b, "get") else b)[:m, :m]
+        bad = int(np.count_nonzero(~np.isfinite(a)) + np.count_nonzero(~np.isfinite(b)))
+        if bad:
+            non_finite += bad
+            continue
         scale = np.abs(b).max()
         worst = max(worst, float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max()))
-    return worst
+    return {"max_rel_diff": None if non_finite else worst, "non_finite_entries": non_finite}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -601,7 +607,11 @@ def run(args, prog: str = "python -m bench") -> dict:
         payload["sass"] = old["sass"]
 
     def save():
-        write_json(out_path, {**payload, "results": payload["results"] + outside})
+        # the kept records this run has not reached yet too: a run stopped at its time limit
+        # before reaching them must not lose them from the file
+        reached = {config_key(r["config"]) for r in payload["results"]}
+        pending = [r for k, r in done.items() if k not in reached]
+        write_json(out_path, {**payload, "results": payload["results"] + pending + outside})
 
     # check group -> the reference the group's other configurations are checked against
     # ({"res": its kernels, computed when first needed for a configuration kept by --resume,
@@ -717,7 +727,7 @@ def _check(res, n, ref, runner, args):
         except Exception as e:
             return {"vs": ref["vs"], "unavailable": f"recomputing the reference failed ({type(e).__name__}: {e})"}
     m = min(ref["n"], n)
-    return {"vs": ref["vs"], "block": m, "max_rel_diff": _max_rel_diff(res, ref["res"], m)}
+    return {"vs": ref["vs"], "block": m, **_diff_check(res, ref["res"], m)}
 
 
 def _summary(rec):
@@ -725,6 +735,8 @@ def _summary(rec):
     if "max_rel_diff_distinct_pairs" in chk:        # the paper's code (bench/paper_code.py)
         tail = (f"vs {chk['vs'].split(',')[0]}: distinct pairs {chk['max_rel_diff_distinct_pairs']:.1e}, "
                 f"self pairs {chk['max_rel_diff_self_pairs']:.1e}, non-finite {chk['non_finite_entries']}")
+    elif chk.get("non_finite_entries"):
+        tail = f"vs {chk['vs']}: {chk['non_finite_entries']} NON-FINITE entries"
     elif "max_rel_diff" in chk:
         tail = f"max rel diff vs {chk['vs']}: {chk['max_rel_diff']:.1e}"
     elif chk:

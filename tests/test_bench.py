@@ -944,9 +944,11 @@ def test_session_summary_targets():
     f64 = {"vs": "cuda v3 float64", "max_rel_diff": 2e-7}
     payload = {"cuda_kernels": [{"name": "v3", "default": True}, {"name": "v5", "default": False}], "results": [
         _rec("cuda", 21, 21000.0, variant="v3", check=f64), _rec("cuda", 21, 9000.0, variant="v3", n=16),
-        _rec("cuda", 21, 26000.0, variant="v5", check={"vs": "cuda v3 float64", "max_rel_diff": 3e-4}),
+        _rec("cuda", 21, 26000.0, variant="v5", check={"vs": "cuda v3 float64", "max_rel_diff": 3e-5}),
+        _rec("cuda", 3, 90000.0, variant="v5", check={"vs": "cuda v3 float64", "max_rel_diff": 3e-4}),
         _rec("cuda", 10, None, arch="myrtle10", variant="v3", status="unavailable", reason="no stacks on cuda"),
-        _rec("neural_tangents", 21, 700.0, n=16, evaluated=1400.0),
+        _rec("neural_tangents", 21, 700.0, n=16, evaluated=1400.0,
+             check={"vs": "cntk_engine float64", "max_rel_diff": 1e-9, "non_finite_entries": 0}),
         _rec("paper_code", 21, 300.0, n=16, check={"vs": "cntk_engine float64, arora", "max_rel_diff": 1e-7,
                                                      "max_rel_diff_distinct_pairs": 5e-8, "max_rel_diff_self_pairs": 1e-7,
                                                      "non_finite_entries": 0, "agree_distinct_pairs": True,
@@ -959,12 +961,75 @@ def test_session_summary_targets():
     assert "per_variant" not in m10 and "fastest" not in m10["detail"]
     assert nt21["value"] == pytest.approx(21000.0 / 1400.0)           # per pair neural-tangents evaluated
     assert "no stacks on cuda" in m10["detail"] and "no stacks on cuda" in ntm10["detail"]
-    assert f32["per_variant"] == {"v3": 2e-7, "v5": 3e-4}
+    assert f32["per_variant"] == {"v3": 2e-7, "v5": 3e-5}                    # the checks that passed
+    assert "v5 cnn d3 N=256 is 3.0e-04 from the float64 result" in f32["detail"]
     (paper,) = ss.paper_report(payload)
     assert paper["speedup"] == pytest.approx(21000.0 / 300.0) and paper["agree_distinct_pairs"]
     nocuda = ss.targets({"results": [_rec("numba", 21, 50.0, device="cpu")]})
     assert {x["status"] for x in nocuda} == {"not measured"}
     assert all("no CUDA extension" in x["detail"] for x in nocuda)
+
+
+def test_session_summary_counts_no_figure_whose_result_was_not_shown_right():
+    """A throughput target passed on a float32 result without a float64 check, and the float32
+    target on the configurations that happened to be checked (a failed or unchecked one was
+    left out); a NaN read as agreement (max(0.0, nan) is 0.0)."""
+    from bench import harness
+    from bench import session_summary as ss
+    a = np.eye(3)
+    nan = a.copy()
+    nan[1, 2] = np.nan
+    assert harness._diff_check((nan, a), (a, a), 3) == {"max_rel_diff": None, "non_finite_entries": 1}
+    assert harness._diff_check((a, a), (nan, a), 3)["max_rel_diff"] is None
+    assert harness._diff_check((a * (1 + 1e-6), a), (a, a), 3) == {"max_rel_diff": pytest.approx(1e-6),
+                                                                   "non_finite_entries": 0}
+    ok = {"vs": "cuda v3 float64", "max_rel_diff": 2e-7}
+    kernels = [{"name": "v3", "default": True}]
+    unchecked = {"cuda_kernels": kernels, "results": [
+        _rec("cuda", 3, 90000.0, variant="v3", check=ok),
+        _rec("cuda", 21, 25000.0, variant="v3", check={"vs": "cuda v3 float64", "unavailable": "float64 failed"}),
+        _rec("cuda", 21, None, variant="v3", dtype="float64", status="failed", reason="boom")]}
+    d21, _, _, _, f32 = ss.targets(unchecked)
+    assert d21["status"] == "unchecked" and "was not checked against a float64 result (float64 failed)" in d21["detail"]
+    assert f32["status"] == "incomplete" and "v3 cnn d21 N=256 was not checked" in f32["detail"]
+    failed = {"cuda_kernels": kernels, "results": [
+        _rec("cuda", 3, 90000.0, variant="v3", check=ok),
+        _rec("cuda", 21, None, variant="v3", status="failed", reason="illegal address")]}
+    assert ss.targets(failed)[-1]["status"] == "incomplete"
+    nan_row = {"cuda_kernels": kernels, "results": [
+        _rec("cuda", 21, 25000.0, variant="v3", check={"vs": "cuda v3 float64", "max_rel_diff": None,
+                                                       "non_finite_entries": 4})]}
+    d21, _, _, _, f32 = ss.targets(nan_row)
+    assert d21["status"] == "unchecked" and f32["status"] == "not met" and "4 non-finite entries" in f32["detail"]
+    good = {"cuda_kernels": kernels, "results": [_rec("cuda", 21, 25000.0, variant="v3", check=ok)]}
+    assert [t["status"] for t in ss.targets(good)][::4] == ["met", "met"]
+
+
+def test_a_resumed_harness_keeps_the_records_it_has_not_reached_on_disk(tmp_path, monkeypatch):
+    """save() wrote this run's records and those outside its matrix: kept records later in the
+    order vanished from the file until the loop reached them, so a run stopped at its time limit
+    there lost them."""
+    from bench import harness
+    out = tmp_path / "h.json"
+    args = ["--output", str(out), "--methods", "numba", "--depths", "2,3", "--sizes", "4", "--n", "3",
+            "--dtypes", "float64,float32", "--repeats", "1", "--warmup", "0", "--no-plots", "--no-ceiling"]
+    harness.main(args)
+    payload = json.loads(out.read_text())
+    everything = sorted((r["config"]["depth"], r["config"]["dtype"]) for r in payload["results"])
+    assert len(everything) == 4
+    for r in payload["results"]:          # the depth-3 float64 reference failed: run again first
+        if (r["config"]["depth"], r["config"]["dtype"]) == (3, "float64"):
+            r["status"], r["reason"] = "failed", "for the test"
+    out.write_text(json.dumps(payload))
+    seen = []
+    real = harness.write_json
+
+    def spy(path, p):
+        seen.append(sorted((r["config"]["depth"], r["config"]["dtype"]) for r in p["results"]))
+        return real(path, p)
+    monkeypatch.setattr(harness, "write_json", spy)
+    harness.main(args + ["--resume"])
+    assert seen and all(s == everything for s in seen), seen
 
 
 @pytest.mark.slow       # ~20 s with numba's cache warm; compiling the kernels first adds minutes on 2 cores
