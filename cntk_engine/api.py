@@ -80,8 +80,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     when ``return_info=True``.
     """
     t0 = time.perf_counter()
-    if kernel not in KERNELS:
+    if not isinstance(kernel, str) or kernel not in KERNELS:     # a 0-d array compares equal too
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    kernel = str(kernel)
     cdtype = check_dtype(dtype)
     arch = make_architecture(depth=depth, depths=depths, architecture=architecture,
                              pooling=pooling, lap_window=lap_window, flip=flip, fix=fix,
@@ -98,10 +99,11 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     if not symmetric:
         check_pair(a, b)
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)
-    if not isinstance(return_info, bool):
+    if not isinstance(return_info, (bool, np.bool_)):       # NumPy booleans too, as flip and fix
         raise ValueError(f"return_info must be True or False; got {return_info!r}")
-    if not isinstance(progress, bool):
+    if not isinstance(progress, (bool, np.bool_)):
         raise ValueError(f"progress must be True or False; got {progress!r}")
+    return_info, progress = bool(return_info), bool(progress)
     image_shape = tuple(int(v) for v in a.shape[1:])
     arch.check_image_shape(*image_shape)
 

@@ -531,7 +531,7 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
     if depth is not None:
         ds = (depth,)
     else:
-        if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
+        if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__") or np.ndim(depths) == 0:
             raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}")
         ds = tuple(depths)
         bad = [d for d in ds if not is_int(as_integer(d)) or as_integer(d) < 2]

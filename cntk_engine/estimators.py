@@ -109,7 +109,7 @@ class _CNTKBase(BaseEstimator):
     def _check_params(self):
         from .arch import make_architecture
         from .inputs import check_dtype
-        if self.kernel not in KERNELS:
+        if not isinstance(self.kernel, str) or self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
         # the architecture's errors (e.g. fix=True at depth 2) before any kernel is computed
         make_architecture(depth=self._depth(), architecture=self.architecture,

@@ -339,7 +339,8 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
         hint = ""
         if arr.ndim == 3:
             hint = (" (for single-channel images of shape (N, H, W) add a channel axis: "
-                    + ("x[:, None] for NCHW)" if data_format == "NCHW" else "x[..., None] for NHWC)"))
+                    + ("x[:, None] for NCHW" if data_format == "NCHW" else "x[..., None] for NHWC")
+                    + "; for one image add the batch axis: x[None])")
         raise ValueError(f"{arg(name)} must be 4-D, (N, C, H, W) for {arg('data_format', 'NCHW')} or (N, H, W, C) "
                          f"for 'NHWC'; got shape {tuple(arr.shape)}{hint}")
     if data_format == "NHWC":

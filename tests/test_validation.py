@@ -52,7 +52,7 @@ def test_numpy_scalars_are_accepted_as_python_numbers(x):
                b_std=np.float64(0.25), filter_size=np.int64(3), fix=np.bool_(False),
                tile=np.int64(2))
     ref, info = ce.gram(x, return_info=True, **kw, **REF)
-    got, ninfo = ce.gram(x, return_info=True, **nkw, **REF)
+    got, ninfo = ce.gram(x, return_info=np.True_, progress=np.False_, **nkw, **REF)
     np.testing.assert_array_equal(got, ref)
     assert ninfo["tile"] == info["tile"] == 2
     arch = make_architecture(depth=nkw["depth"], fix=np.bool_(True),
@@ -78,6 +78,9 @@ def test_numpy_scalars_are_accepted_as_python_numbers(x):
     (dict(tile=np.True_), "tile must be a positive integer"),
     (dict(tile=np.int64(0)), "tile must be a positive integer"),
     (dict(tile=2.0), "tile must be a positive integer"),
+    (dict(depth=None, depths=np.array(3)), r"depths must be a list of integers >= 2; got array\(3\)"),
+    (dict(kernel=np.array("ntk")), r"kernel must be one of \('ntk', 'nngp', 'both'\); got array\('ntk'"),
+    (dict(return_info=1), "return_info must be True or False"),
 ])
 def test_bad_scalars_are_still_refused(x, kw, msg):
     kw = {"depth": 3, **kw}
