@@ -128,6 +128,9 @@ def test_flip_grams_symmetric_psd_and_consistent_blocks():
     for kw in (dict(flip=True), dict(pooling="lap", lap_window=3, flip=True), dict(pooling="lap", lap_window=5)):
         k = ce.gram(x, depth=4, backend="numba", dtype="float64", **kw)
         assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()
+        # the reference too (its flip term was computed for both orders of a pair: 3e-16 apart)
+        r = ce.gram(x[:3, :, :6, :6], depth=3, backend="reference", **kw)
+        assert r.tobytes() == np.ascontiguousarray(r.T).tobytes()
         assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(k).max()
         assert rel(ce.gram(x[:2], x, depth=4, backend="numba", dtype="float64", **kw), k[:2]) <= 1e-12
     # an image against its own flip is a self pair of the flip term

@@ -133,7 +133,10 @@ class ReferenceBackend(Backend):
     def pair_sums(self, a: Prepared, b: Prepared, symmetric: bool = False) -> np.ndarray:
         out = self._sums(a, b, symmetric)
         if self.arch.flip:      # (K(x, z) + K(x, F z)) / 2, every pair of the flipped set computed
-            out = (out + self._sums(a, b.flipped, False)) * 0.5
+            mirrored = self._sums(a, b.flipped, False)
+            if symmetric:       # K(x_i, F x_j) = K(x_j, F x_i) but for rounding: one value for both
+                mirrored = (mirrored + mirrored.transpose(1, 0, 2, 3)) * 0.5
+            out = (out + mirrored) * 0.5
         return out
 
     def _sums(self, a: Prepared, b: Prepared, symmetric: bool) -> np.ndarray:
