@@ -49,7 +49,10 @@ def test_first_and_later_processes_compute_bit_identical_grams(tmp_path):
     cache = tmp_path / "numba-cache"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    first = _run(cache, checkout_copy(tmp_path / "clone"))   # empty cache: a child compiles
+    clone = checkout_copy(tmp_path / "clone")
+    # NUMBA_CACHE_DIR relative to the first process's folder: the child, which runs in another
+    # folder, wrote the cache there, and the first process compiled for itself
+    first = _run(os.path.relpath(cache, clone), clone)      # empty cache: a child compiles
     later = _run(cache, elsewhere)                            # the cache is there: loaded directly
     assert first["misses"] == 0 and first["hits"] == 1, first
     assert later["misses"] == 0 and later["hits"] == 1, later

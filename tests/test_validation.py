@@ -205,3 +205,18 @@ def test_cli_arithmetic_errors_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli.gram, "run", overflow)
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", tmp_path / "g.zarr")
     assert rc == 2 and e.startswith("cntk-engine: error:") and e.count("\n") == 1, e
+
+
+def test_a_result_larger_than_the_ram_is_refused_before_any_work(x, monkeypatch):
+    """np.empty commits pages only as tiles are written: 10 arrays of 22,000^2 (36 GiB) on a
+    23 GiB machine started and grew toward the OOM killer."""
+    from cntk_engine.backends import numba_cpu
+    from cntk_engine.jobs import sinks
+    monkeypatch.setattr(sinks, "available_memory", lambda: 3 * 3 * 8 * 2 - 1)     # < 2 arrays of 3 x 3
+    monkeypatch.setattr(numba_cpu.NumbaBackend, "pairs", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(ValueError, match=r"the result, 2 float64 arrays of 3 x 3 \(144 B\), is larger than "
+                                         r"the RAM available now \(143 B\); write it to disk instead: with out "
+                                         r"set to a path"):
+        ce.gram(x, depth=3, kernel="both", backend="numba")
+    monkeypatch.setattr(sinks, "available_memory", lambda: 3 * 3 * 8 * 2)
+    ce.gram(x, depth=3, kernel="both", backend="reference")

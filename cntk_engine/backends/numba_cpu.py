@@ -655,6 +655,8 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
         this_file = os.path.abspath(__file__)          # as imported: numba's cache key
         root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
         env = dict(os.environ, **{_CHILD: "1"})
+        if numba.config.CACHE_DIR:      # the child runs in another folder: a relative one must not move
+            env["NUMBA_CACHE_DIR"] = os.path.abspath(numba.config.CACHE_DIR)
         code = (f"import os, sys; sys.path.insert(0, {root!r})\n"
                 "from cntk_engine.backends import numba_cpu\n"
                 f"if os.path.abspath(numba_cpu.__file__) != {this_file!r}:\n"
@@ -664,8 +666,10 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
             child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                                    capture_output=True, text=True, timeout=1800)
             if child.returncode != 0:
+                why = child.stderr.strip()[-500:] or (
+                    f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}")
                 log.warning("numba: the child compiling the %s kernel into the cache failed "
-                            "(%s); compiling in this process", name, child.stderr.strip()[-500:])
+                            "(%s); compiling in this process", name, why)
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("numba: could not run a child to compile the %s kernel (%s); compiling "
                         "in this process", name, e)

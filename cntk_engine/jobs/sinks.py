@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..arch import finalize
-from ..arrays import cupy_module, get_array_module, to_device, to_host
+from ..arrays import available_memory, cupy_module, format_bytes, get_array_module, to_device, to_host
 from ..spelling import arg
 from .tiles import Tile, TileLayout
 
@@ -58,6 +58,18 @@ class MemorySink(Sink):
         self.row_scale, self.col_scale = job.scales
         self.layout, self.device = layout, device
         xp = np if device is None else cupy_module()
+        if device is None:
+            # np.empty commits its pages only as tiles are written: a result larger than the RAM
+            # would be found out by the OOM killer after hours of work, not here
+            n_arrays = len(job.arch.depths) * len(job.kernel_names)
+            need, free = n_arrays * layout.n1 * layout.n2 * 8, available_memory()
+            if need > free:
+                raise ValueError(
+                    f"the result, {n_arrays} float64 array{'s' if n_arrays > 1 else ''} of {layout.n1} x "
+                    f"{layout.n2} ({format_bytes(need)}), is larger than the RAM available now "
+                    f"({format_bytes(free)}); write it to disk instead: with {arg('out')} set to a path, "
+                    "the kernels go tile by tile into a Zarr store (cntk_engine.solver reads it back); or "
+                    "compute fewer images, depths or kernels at a time")
         with self._on_device():
             self.result = {d: {k: xp.empty((layout.n1, layout.n2)) for k in job.kernel_names}
                            for d in job.arch.depths}
