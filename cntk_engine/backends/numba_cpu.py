@@ -24,6 +24,34 @@ from ..arch import SNAP_ULPS, grid_weights, readout_weights
 from ..diag import diag_norms
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
+
+
+def _load_tbb() -> str | None:
+    """Load pip's TBB (the ``tbb`` dependency on Linux x86-64) so that numba's ``tbb`` threading
+    layer, its first choice, is there: the one layer safe both across fork and across threads.
+    Without it numba takes GNU OpenMP on Linux, which kills a child that a process forks after a
+    parallel call (multiprocessing's default start method before Python 3.14: a Pool of such
+    children hangs), or ``workqueue``, which aborts on calls from two threads at once.  The tbb
+    wheel puts libtbb.so.12 in <prefix>/lib, where the loader does not look in a virtual
+    environment, and numba's layer needs it by that name: loaded here by its path first, the
+    loader then finds it already there.  Returns the library loaded, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import site
+    for prefix in dict.fromkeys((sys.prefix, sys.exec_prefix, sys.base_prefix, site.getuserbase())):
+        lib = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(lib):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                return lib
+            except OSError:
+                continue
+    return None
+
+
+TBB_LIBRARY = _load_tbb()       # before numba chooses its threading layer (at the first call)
+
 try:
     import numba
     from numba import njit, prange
@@ -610,6 +638,47 @@ _KERNELS = {
 }
 
 
+_workqueue_lock = threading.Lock()
+
+
+def _launch(kernel, args) -> None:
+    """Run a parallel kernel; one at a time in this process under numba's ``workqueue`` layer,
+    which aborts the process when two threads launch at once (a Dask worker's threads, a
+    caller's thread pool), and on the first call, while numba is still choosing its layer."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:              # not chosen yet: this launch chooses it
+        layer = None
+    if layer in (None, "workqueue"):
+        with _workqueue_lock:
+            kernel(*args)
+    else:
+        kernel(*args)
+
+
+def threading_layer() -> str:
+    """numba's threading layer, for ``cntk-engine info``: the one in use, else the one it would
+    choose (its first importable one, in its order of priority)."""
+    if numba is None:
+        return "numba not importable"
+    try:
+        return f"{numba.threading_layer()} (in use)"
+    except ValueError:
+        pass
+    import importlib
+    modules = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}
+    wanted = numba.config.THREADING_LAYER
+    if wanted != "default" and wanted not in modules:          # "safe", "forksafe", ...
+        return f"chosen at the first call, as NUMBA_THREADING_LAYER={wanted} asks"
+    for name in (numba.config.THREADING_LAYER_PRIORITY if wanted == "default" else [wanted]):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{modules[name]}")
+            return name + (" (NUMBA_THREADING_LAYER)" if wanted != "default" else "")
+        except Exception:  # noqa: BLE001 - missing library, incompatible runtime
+            continue
+    return "none importable"
+
+
 def _dispatcher(kind: str):
     return globals()[_KERNELS[kind][0]]
 
@@ -788,7 +857,7 @@ class NumbaBackend(Backend):
                 grid_w, dmax_y, dmax_x, bool(same_set), slot, n_out, flat,
                 constants(self.dtype), self.dtype == np.float64)
         _load_from_cache("pair", self.dtype, args)
-        pair_kernel(*args)
+        _launch(pair_kernel, args)
         _check_cache_hit("pair", self.dtype)
         return flat
 
@@ -805,7 +874,7 @@ class NumbaBackend(Backend):
                 bool(same_set), table, inv_pool, R, uniform, needed, flat, constants(self.dtype),
                 self.dtype == np.float64)
         _load_from_cache("stack", self.dtype, args)
-        stack_kernel(*args)
+        _launch(stack_kernel, args)
         _check_cache_hit("stack", self.dtype)
         return flat
 

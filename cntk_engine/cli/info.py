@@ -76,6 +76,7 @@ def _stack_backends(name: str) -> str:
 def _numba_threads() -> str:
     try:
         import numba
-        return f"; numba threads: {numba.get_num_threads()}"
+        from ..backends.numba_cpu import threading_layer
+        return f"; numba threads: {numba.get_num_threads()}, threading layer: {threading_layer()}"
     except Exception:  # noqa: BLE001
         return ""
