@@ -78,3 +78,16 @@ def test_read_only_arrays_use_the_same_kernel():
     ro = Prepared(p.images, p.diag)
     np.testing.assert_array_equal(be.pair_sums(ro, ro, symmetric=True), k)
     assert len(numba_cpu.pair_kernel.overloads) == before
+
+
+def test_a_cache_that_is_off_is_said_once(monkeypatch, caplog):
+    """Where numba finds no writable place for its cache, every process compiles for itself;
+    the docstring said the log says so, but nothing did (only cntk-engine info)."""
+    monkeypatch.setattr(numba_cpu, "_CACHING", False)
+    monkeypatch.setattr(numba_cpu, "_no_cache_logged", False)
+    x = np.random.default_rng(3).standard_normal((2, 1, 4, 4))
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        for _ in range(2):
+            cntk_engine.gram(x, depth=2, backend="numba")
+    said = [r.getMessage() for r in caplog.records if "on-disk cache is off" in r.getMessage()]
+    assert len(said) == 1 and "every process compiles the kernels itself" in said[0]

@@ -629,6 +629,7 @@ log = logging.getLogger("cntk_engine")
 _CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
 _loaded: set[tuple[str, str]] = set()        # (kernel, dtype) this process has
 _miss_logged: set[tuple[str, str]] = set()   # (kernel, dtype) whose in-process compilation was logged
+_no_cache_logged = False                      # that the on-disk cache is off was logged
 _load_lock = threading.Lock()
 # the kernels, and a tiny job that makes a child process compile one into the cache
 _KERNELS = {
@@ -714,6 +715,12 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
     Python 3.11), and checks that it imported this very file before it compiles.
     """
     name = np.dtype(dtype).name
+    global _no_cache_logged
+    if not _CACHING and not _no_cache_logged and not os.environ.get(_CHILD):
+        _no_cache_logged = True
+        log.warning("numba: its on-disk cache is off here (no writable place for it; "
+                    "NUMBA_CACHE_DIR names one): every process compiles the kernels itself, and "
+                    "results of different processes can differ in the last bits (~1e-9)")
     if ((kind, name) in _loaded or not _CACHING or os.environ.get(_CHILD)
             or not hasattr(_dispatcher(kind), "stats")):
         return
