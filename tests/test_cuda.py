@@ -877,6 +877,21 @@ def test_cuda_stack_kernel_is_deterministic(variant, monkeypatch):
     assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+@pytest.mark.skipif(EXT is None, reason="the CUDA extension is not built (no nvcc at install)")
+def test_two_stack_blocks_are_refused_up_front_where_not_compiled(monkeypatch):
+    """=2 outside 32 x 32 float32 was refused by the binding only at the first launch, after the
+    images were prepared (the host emulation, which skips that check, gave NaN sums)."""
+    from cntk_engine.arch import AvgPool, ConvRelu, make_architecture, serial
+    monkeypatch.setenv(cuda_backend.STACK_BLOCKS_ENV, "2")
+    small = make_architecture(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu()))
+    myrtle = make_architecture(architecture="myrtle5")
+    unsupported = cuda_backend.CudaBackend.unsupported
+    assert "compiled for 32 x 32 images in float32 only; got H x W = 8 x 8, float32" in \
+        unsupported(small, (1, 8, 8), np.float32)
+    assert "got H x W = 32 x 32, float64: unset it" in unsupported(myrtle, (3, 32, 32), np.float64)
+    assert unsupported(myrtle, (3, 32, 32), np.float32) is None
+
+
 def test_stack_blocks_environment_variable(monkeypatch):
     from cntk_engine.backends.cuda import STACK_BLOCKS_ENV, stack_blocks_per_sm
     monkeypatch.delenv(STACK_BLOCKS_ENV, raising=False)

@@ -14,7 +14,7 @@ import cntk_engine as ce
 from cntk_engine.arch import AvgPool, ConvRelu, serial
 
 from cuda_sim import build, emulate_cuda
-from test_cuda import extension, real_cifar_and_mnist
+from test_cuda import _use_installed_extension, extension, real_cifar_and_mnist
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
 C, POOL = ConvRelu(), AvgPool(2)
@@ -31,6 +31,7 @@ def kernel_sim(tmp_path_factory):
 @pytest.fixture
 def emulated(monkeypatch, kernel_sim, request):
     extension()             # the backend's shape rules and variant table come from the extension
+    _use_installed_extension(monkeypatch)   # also where cntk_engine is imported from a checkout
     emulate_cuda(monkeypatch, kernel_sim)
     monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", request.param)
     return request.param

@@ -230,6 +230,12 @@ class CudaBackend(Backend):
             if why is not None:
                 return (f"{why}; got stages {table}, filter_size = {arch.filter_size}; the numba "
                         "backend takes it")
+            # the binding refuses it too, but only at the first launch, after the images are
+            # prepared (the host emulation skips that check and ran the float kernel on doubles)
+            if stack_blocks_per_sm() == 2 and (np.dtype(dtype) != np.float32 or (h, w) != (32, 32)):
+                return (f"environment variable {STACK_BLOCKS_ENV}=2 asks for the two-block candidate, "
+                        "compiled for 32 x 32 images in float32 only; got H x W = "
+                        f"{h} x {w}, {np.dtype(dtype).name}: unset it for this job")
         return None
 
     @classmethod
