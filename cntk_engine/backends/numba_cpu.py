@@ -25,7 +25,6 @@ from ..diag import diag_norms
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
 
-
 def _load_tbb() -> str | None:
     """Load pip's TBB (the ``tbb`` dependency on Linux x86-64) so that numba's ``tbb`` threading
     layer, its first choice, is there: the one layer safe both across fork and across threads.
@@ -714,8 +713,8 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
     this package was imported from, puts that folder first on its sys.path itself (``-P`` needs
     Python 3.11), and checks that it imported this very file before it compiles.
     """
-    name = np.dtype(dtype).name
     global _no_cache_logged
+    name = np.dtype(dtype).name
     if not _CACHING and not _no_cache_logged and not os.environ.get(_CHILD):
         _no_cache_logged = True
         log.warning("numba: its on-disk cache is off here (no writable place for it; "
