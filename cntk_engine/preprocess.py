@@ -65,8 +65,12 @@ def _channel_moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _scaled(x: np.ndarray, e) -> np.ndarray:
-    """x / 2^e per channel (exact), or x itself where every e is 0."""
-    return np.ldexp(x, -e) if np.any(e) else x
+    """x / 2^e per channel (exact), or x itself where every e is 0.  An overflow (test images far
+    beyond the training images' range) gives inf, which :func:`_standardised` refuses by name."""
+    if not np.any(e):
+        return x
+    with np.errstate(over="ignore"):
+        return np.ldexp(x, -e)
 
 
 def _standardised(x: np.ndarray, e, mean, std, name: str) -> np.ndarray:
