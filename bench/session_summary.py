@@ -97,7 +97,9 @@ def _target(name, value, bound, unit, rows, what):
 
 
 def targets(payload) -> list[dict]:
-    """The issue's targets, each met / not met / not measured, from a harness payload."""
+    """The issue's targets, each met / not met / not measured / unchecked / incomplete (the module
+    docstring says when), from a harness payload.  For the float32 target a configuration that
+    is not OK (failed, unavailable, timed out) counts as not checked: "incomplete"."""
     res = payload.get("results", [])
     dv = default_variant(payload)
     out = []

@@ -425,7 +425,9 @@ def test_load_gram_from_zarr(tmp_path, rng):
     np.testing.assert_array_equal(S.load_gram(tmp_path / "k.zarr", "ntk"), K32)
     # a zarr.Array goes straight into the solver
     np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K32 + 0.1 * np.eye(16), Y))
-    with pytest.raises(S.GramTooLarge, match=r"16 x 16 .*2\.0 KiB as float64, 4\.0 KiB with the solve.*limit 1\.0 KiB: does not fit"):
+    # 2 KiB of float64, and beside it the float32 array (1 KiB) and the read's buffers (4 chunks
+    # decoded at once, 2 x 512 B of float64 each: 4 KiB), more than the solve's 1 copy
+    with pytest.raises(S.GramTooLarge, match=r"16 x 16 .*2\.0 KiB as float64, 7\.0 KiB with the solve.*limit 1\.0 KiB: does not fit"):
         S.load_gram(a, max_memory=1024)
     with pytest.raises(ValueError, match="has no array 'nngp'; it holds \\['ntk'\\]"):
         S.load_gram(g, "nngp")
@@ -839,11 +841,13 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
         S.load_gram(a, device="cuda")
     monkeypatch.setattr(store, "available_gpu_memory", lambda: 100 * nb)
     monkeypatch.setattr(store, "available_memory", lambda: nb // 2)
-    with pytest.raises(S.GramTooLarge, match=r"2\.0 KiB on the host to read it for the GPU; available RAM"):
+    with pytest.raises(S.GramTooLarge, match=r"6\.0 KiB on the host to read it for the GPU; available RAM"):
         S.load_gram(a, device="cuda")
     # the CPU path ignores the GPU figure
     monkeypatch.setattr(store, "available_gpu_memory", lambda: pytest.fail("GPU memory asked for a CPU load"))
-    monkeypatch.setattr(store, "available_memory", lambda: 2 * nb)
+    # K, and the read's buffers (4 chunks decoded at once, 2 copies each: 2 K) beside it
+    assert store._read_buffers(a, None) == 2 * nb
+    monkeypatch.setattr(store, "available_memory", lambda: 3 * nb)
     np.testing.assert_array_equal(S.load_gram(a), K)
     with pytest.raises(S.GramTooLarge, match=r"available RAM"):
         S.load_gram(a, workspace=3)
@@ -857,8 +861,8 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
             S.load_gram(a, workspace=bad)
     np.testing.assert_array_equal(S.load_gram(a, max_memory=np.int64(10 * nb), workspace=0), K)
     # a zarr.Array given to the solver is loaded with the workspace of that solver: a Cholesky
-    # needs ~1.1 K, an eigendecomposition (LOO) ~3.1 K
-    monkeypatch.setattr(store, "available_memory", lambda: int(2.5 * nb))
+    # needs ~1.1 K (here the read's 3 K decides), an eigendecomposition (LOO) ~3.1 K
+    monkeypatch.setattr(store, "available_memory", lambda: 3 * nb)
     Y = rng.normal(size=16)
     np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K + 0.1 * np.eye(16), Y),
                                rtol=1e-8)

@@ -146,6 +146,56 @@ def test_a_damaged_tile_whose_marker_is_the_next_run_number_is_repaired_once(fin
     assert store_mod.verify_store(out).ok
 
 
+def test_an_array_reached_through_a_sub_group_or_inner_folder_is_verified(tmp_path, cifar):
+    """load_gram(g["depth_3"], "ntk"), load_gram("s.zarr/depth_3", "ntk") and
+    zarr.open("s.zarr/depth_3/ntk") read the array raw: a changed value, or an unfinished
+    store's missing tiles (NaN) or unmarked ones, went straight into the solve."""
+    x = cifar[:12]
+    out = tmp_path / "s.zarr"
+    kw = dict(depths=[2, 3], backend="numba", tile=4)
+    ref = ce.gram(x, **kw)[3]
+    ce.gram(x, out=out, **kw)
+    g = zarr.open_group(str(out), mode="r")
+    reached = {
+        "sub-group": lambda: store_mod.load_gram(zarr.open_group(str(out), mode="r")["depth_3"], "ntk"),
+        "inner path": lambda: store_mod.load_gram(str(out / "depth_3"), "ntk"),
+        "array path": lambda: store_mod.load_gram(str(out / "depth_3" / "ntk")),
+        "array opened": lambda: store_mod.load_gram(zarr.open(str(out / "depth_3" / "ntk"), mode="r")),
+        "solver": lambda: solver.fit_ridge(zarr.open(str(out / "depth_3" / "ntk"), mode="r"), np.ones(12)).alpha,
+    }
+    for name, load in reached.items():
+        if name != "solver":
+            assert load().tobytes() == ref.tobytes(), name
+    a = zarr.open_array(str(out / "depth_3" / "ntk"), mode="r+")
+    a[5, 5] = a[5, 5] * 1.5
+    for name, load in reached.items():
+        with pytest.raises(StoreCorrupt, match=r"fails verification.*tile \(1, 1\)"):
+            load()
+    zarr.open_group(str(out), mode="r+")["tiles_done"][0, 2] = 0
+    for name, load in reached.items():
+        with pytest.raises(ValueError, match=r"is unfinished: 1 of 6 tiles are not computed yet"):
+            load()
+    with pytest.raises(ValueError, match=r"'tiles_done' of the Gram store at .* is not a kernel array"):
+        store_mod.load_gram(g["tiles_done"])
+
+
+def test_load_gram_reads_the_done_map_once(finished, tmp_path, monkeypatch):
+    """The done map was read twice (the unfinished check, then the scan): a marker that went to 0
+    between the two, with an undecodable chunk in its row, left that tile of K unwritten, and
+    np.empty's leftover memory (6.9e-310) came back as kernel values."""
+    out = copy_of(finished, tmp_path)
+    reads = []
+    real = store_mod.read_done
+
+    def counted(*a, **k):
+        reads.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(store_mod, "read_done", counted)
+    _, ref = finished
+    assert store_mod.load_gram(out, "ntk").tobytes() == ref["sym"]["ntk"].tobytes()
+    assert len(reads) == 1
+
+
 def test_swapped_chunk_of_a_rectangular_store(finished, tmp_path, cifar):
     """A rectangular (--x2) store has no symmetry to betray a swap: the checksums do."""
     out = copy_of(finished, tmp_path, "rect")

@@ -10,7 +10,8 @@ with ``--seed`` and split: the first ``--n-train`` for training, the next ``--n-
 testing).  Images: (N, H, W) (one channel), (N, C, H, W) or (N, H, W, C), any integer or float
 dtype; ``--data-format auto`` (default) reads a 4-D array as NHWC when its last axis is 1 or 3
 and its second is not, as NCHW in the opposite case, and asks for ``--data-format`` otherwise.
-Labels: integers (or any values; classes are the sorted labels of the training subset).
+Labels: integers or strings (classes are the sorted labels of the training subset); test labels
+of another kind than the training labels (strings against bytes or numbers) are refused.
 
 Steps: preprocessing (:mod:`cntk_engine.preprocess`: ``--preprocess standardize``, the
 paper's per-channel mean / std of the training images; ``--downsample F`` average-pools F x F

@@ -1434,13 +1434,14 @@ def kernel_arrays(group) -> list[str]:
         f"{g}/{k}" for g, sub in group.groups() if g not in BOOKKEEPING for k, _ in sub.arrays())
 
 
-def unfinished_tiles(group) -> tuple[int, int]:
-    """(tiles not computed yet, tiles in all) of a store's group; (0, 0) for a group without a
-    job record."""
+def unfinished_tiles(group, done: np.ndarray | None = None) -> tuple[int, int]:
+    """(tiles not computed yet, tiles in all) of a store's group (from ``done``, its done map,
+    where the caller read it already); (0, 0) for a group without a job record."""
     spec = group.attrs.get("cntk_engine")
     if spec is None or DONE not in [k for k, _ in group.arrays()]:
         return 0, 0
-    done = read_done("<group>", group[DONE], warn=False)
+    if done is None:
+        done = read_done("<group>", group[DONE], warn=False)
     todo = done == 0
     total = done.size
     if spec.get("symmetric"):
@@ -1459,23 +1460,54 @@ def _memory_limits(device, max_memory):
     return [("available RAM", available_memory())]
 
 
-def _store_of_array(arr):
-    """(root group, array name in it) when ``arr`` is a kernel array of a cntk_engine store
-    (found at its parent or grandparent), else (None, None)."""
+def _is_store(g) -> bool:
+    spec = g.attrs.get("cntk_engine")
+    return isinstance(spec, dict) and spec.get("format") == FORMAT
+
+
+def _enclosing_store(node):
+    """(root group, path of ``node`` in it) where the group or array ``node`` is a cntk_engine
+    store or lies in one (as ``depth_11/ntk`` does, two levels down), else (None, None).  Found
+    within ``node``'s own Zarr store, or, for a node opened at a folder inside the store's folder
+    (``zarr.open("s.zarr/depth_11/ntk")``, whose own store then starts there), on the file
+    system: such a node must be checked as the store's own arrays are."""
     zarr = require_zarr()
-    parts = [p for p in str(getattr(arr, "path", "") or "").split("/") if p]
-    for up in (1, 2):
-        if len(parts) < up:
-            break
-        root = "/".join(parts[:-up])
+    parts = [p for p in str(getattr(node, "path", "") or "").split("/") if p]
+    for up in range(0, min(2, len(parts)) + 1):
         try:
-            g = zarr.open_group(arr.store, path=root, mode="r")
-        except Exception:  # noqa: BLE001 - not inside a group
+            g = zarr.open_group(node.store, path="/".join(parts[:len(parts) - up]), mode="r")
+        except Exception:  # noqa: BLE001 - not a group (an array's own path)
             continue
-        spec = g.attrs.get("cntk_engine")
-        if isinstance(spec, dict) and spec.get("format") == FORMAT:
-            return g, "/".join(parts[-up:])
+        if _is_store(g):
+            return g, "/".join(parts[len(parts) - up:])
+    try:
+        here = _group_path(node)
+    except Exception:  # noqa: BLE001 - not a local store
+        return None, None
+    for folder in list(here.parents)[:2]:
+        if not (folder / "zarr.json").is_file():
+            continue
+        try:
+            g = zarr.open_group(str(folder), mode="r")
+        except Exception:  # noqa: BLE001
+            continue
+        if _is_store(g):
+            return g, here.relative_to(folder).as_posix()
     return None, None
+
+
+def _read_buffers(arr, spec: dict | None) -> int:
+    """Bytes the reading itself holds beside the result: a store's verified read takes up to
+    min(8, cores) row blocks of tiles at once (tile x n2 values each, about 3 times over while
+    zarr decodes them: _scan); a plain array's read decodes up to 10 chunks at once (2 times
+    each).  Measured with tracemalloc (n = 400): 3.2 x K at tile 200, where K + 1.1 K was allowed."""
+    if spec is not None and spec.get("tile"):
+        t, n1, n2 = int(spec["tile"]), int(spec["n1"]), int(spec["n2"])
+        blocks = min(8, os.cpu_count() or 1, -(-n1 // t))
+        return blocks * 3 * t * n2 * 8
+    chunk = int(np.prod(getattr(arr, "chunks", arr.shape))) * max(8, np.dtype(arr.dtype).itemsize)
+    n_chunks = int(np.prod([-(-s // c) for s, c in zip(arr.shape, getattr(arr, "chunks", arr.shape))]))
+    return min(10, n_chunks) * 2 * chunk
 
 
 def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
@@ -1514,7 +1546,6 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             source = zarr.open(os.fspath(source), mode="r")
         except Exception as e:  # noqa: BLE001 - not a store
             raise ValueError(f"{where} is not a readable Zarr store: {e}") from None
-    root = None
     if isinstance(source, zarr.Group):
         names = kernel_arrays(source)
         if key is None:
@@ -1523,26 +1554,28 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             key = names[0]
         if key not in names:
             raise ValueError(f"the store at {where} has no array {key!r}; it holds {names}")
-        left, total = unfinished_tiles(source)
-        if left:
-            raise ValueError(f"the Gram store at {where} is unfinished: {left} of {total} tiles are "
-                             "not computed yet; rerun the gram job with --resume / the same out=")
         arr = source[key]
-        if source.attrs.get("cntk_engine") is not None:
-            root = source
     elif isinstance(source, zarr.Array):
         arr = source
         if key is not None:
             raise ValueError("key= applies to a Zarr group or store path, not to a zarr.Array")
-        root, key = _store_of_array(arr)
-        if root is not None:
-            left, total = unfinished_tiles(root)
-            if left:
-                raise ValueError(f"the Zarr array {key!r} belongs to an unfinished Gram store: "
-                                 f"{left} of {total} tiles are not computed yet; rerun the gram "
-                                 "job with --resume / the same out=")
     else:
         raise ValueError(f"source must be a zarr.Array, a zarr.Group or a store path; got {type(source).__name__}")
+    # the store the array belongs to, however it was reached (its root, a sub-group, a folder
+    # inside it): its job must be finished and its chunks verified
+    root, key = _enclosing_store(arr)
+    done = spec = None
+    if root is not None:
+        spec = dict(root.attrs["cntk_engine"])
+        if key not in _spec_arrays(spec):
+            raise ValueError(f"{key!r} of the Gram store at {str(_group_path(root))!r} is not a kernel "
+                             f"array; its kernels are {_spec_arrays(spec)}")
+        done = read_done(_group_path(root), root[DONE], warn=False)     # once: the scan reads the same
+        left, total = unfinished_tiles(root, done)
+        if left:
+            raise ValueError(f"the Gram store at {str(_group_path(root))!r} ({key!r} from {where}) is "
+                             f"unfinished: {left} of {total} tiles are not computed yet; rerun the gram "
+                             "job with --resume / the same out=")
     shape = tuple(arr.shape)
     if len(shape) != 2:
         raise ValueError(f"the Zarr array {key or ''} has shape {shape}; a kernel matrix is 2-D")
@@ -1552,11 +1585,13 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
         raise ValueError(f"the Zarr array {key or ''} is complex ({arr.dtype}); a Gram matrix is real")
     nbytes = shape[0] * shape[1] * 8
     raw = 0 if np.dtype(arr.dtype) == np.float64 else shape[0] * shape[1] * np.dtype(arr.dtype).itemsize
-    need = nbytes + max(workspace * nbytes, raw)     # the solve, or the read + conversion
+    reading = raw + _read_buffers(arr, spec)        # beside the float64 matrix while it is read
+    # where the solve runs: its workspace, or (on the host) the reading's, whichever is larger
+    need = nbytes + (workspace * nbytes if device == "cuda" else max(workspace * nbytes, reading))
     for place, limit in _memory_limits(device, max_memory):
-        # the host holds the float64 matrix (and the raw array) while reading for the GPU
+        # the host holds the float64 matrix and the reading's buffers while reading for the GPU
         staging = place == "available RAM" and device == "cuda"
-        want = nbytes + raw if staging else need
+        want = nbytes + reading if staging else need
         what = (f"{format_bytes(want)} on the host to read it for the GPU" if staging else
                 f"{format_bytes(need)} with the solve's workspace ({workspace:g} copies)")
         msg = (f"Gram {key or ''} {shape[0]} x {shape[1]} from {where}: {format_bytes(nbytes)} as "
@@ -1565,12 +1600,11 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
                                "larger machine, or use fewer training samples")
     log.info("loading " + msg)
-    spec = dict(root.attrs["cntk_engine"]) if root is not None else None
-    if spec is not None and spec.get("format_version") == FORMAT_VERSION and key in _spec_arrays(spec):
-        K = np.empty(shape, dtype=np.float64)
+    if spec is not None and spec.get("format_version") == FORMAT_VERSION:
+        # NaN, not np.empty: a tile the scan did not write can never pass for kernel values
+        K = np.full(shape, np.nan)
         store_path = _group_path(root)
-        scan = _scan(store_path, root, spec, read_done(store_path, root[DONE], warn=False),
-                     names=[key], into=K)
+        scan = _scan(store_path, root, spec, done, names=[key], into=K)
         if scan.damage:
             first = scan.damage[0]
             more = len({d.tile for d in scan.damage}) - 1

@@ -10,6 +10,13 @@ from ..arrays import cupy_module
 from .linalg import (as_float64, check_finite, check_gram, check_ridge, check_targets,
                      check_test_kernel, cho_solve, cholesky, tri_solve, xp_for)
 
+def _cholesky_workspace(xp) -> float:
+    """Copies of K a Cholesky solve needs beside K (load_gram's ``workspace``): NumPy factorises
+    in place (LAPACK potrf on K's own memory; 0.1 for the blockwise passes), CuPy's cuSOLVER
+    factorises a copy."""
+    return 0.1 if xp is np else 1.1
+
+
 @dataclass
 class RidgeSolution:
     """``alpha = (K + (ridge + jitter) I)^-1 Y``; predict with ``K_test @ alpha``."""
@@ -36,7 +43,7 @@ def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: floa
     :func:`cholesky` for the jitter."""
     ridge = check_ridge(ridge)
     xp = xp_for(device, K, Y)
-    K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=0.1)
+    K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=_cholesky_workspace(xp))
     Y, one_d = check_targets(Y, K.shape[0], xp=xp)
     L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True,
                     device="cuda" if xp is not np else "cpu")
@@ -72,7 +79,7 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     noise = check_ridge(noise, "noise")
     xp = xp_for(device, K, Y, K_test)
     dev = "cpu" if xp is np else "cuda"
-    K = check_gram(K, device=dev, _workspace=0.1)
+    K = check_gram(K, device=dev, _workspace=_cholesky_workspace(xp))
     n = K.shape[0]
     Y, one_d = check_targets(Y, n, xp=xp)
     Kt = check_test_kernel(K_test, n, xp=xp)

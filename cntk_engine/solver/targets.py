@@ -70,9 +70,10 @@ def label_kind(y) -> str:
 
 
 def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
-    """``y`` as a 1-D host array of ``n`` finite labels; with ``like`` (other labels, e.g. the
-    training labels), of the same kind as those (numbers, strings): a ValueError naming
-    ``what`` otherwise."""
+    """``y`` as a 1-D host array of ``n`` finite labels of one kind (numbers, strings or bytes:
+    :func:`label_kind`; an object array of mixed kinds is refused); with ``like`` (other labels,
+    e.g. the training labels), of the same kind as those: a ValueError naming ``what``
+    otherwise."""
     y = to_host(y)
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{what} must be 1-D, one label per sample ({n},); got shape {y.shape}")
