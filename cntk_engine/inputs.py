@@ -76,8 +76,9 @@ def check_tile(tile):
 
 
 def _log2_bound(log2_m: float, c: int, arch, params) -> float:
-    """log2 of the bound B of :func:`check_magnitude` for max |pixel| 2^log2_m: the same
-    recursion in the log domain, so that it stays finite where B overflows float64."""
+    """log2 of the bound B of :func:`check_magnitude` for max |pixel| 2^log2_m (its docstring
+    gives the recursion), computed in the log domain, so that it stays finite where B overflows
+    float64."""
     def log2(v: float) -> float:
         return math.log2(v) if v > 0 else -math.inf
 
@@ -124,25 +125,13 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
     if x2 is not None and x2 is not x1:
         m = max(m, float(xp.abs(x2).max()))
     _, c, h, w = x1.shape
-    k2 = float(arch.filter_size) ** 2
-    with np.errstate(over="ignore", invalid="ignore"):
-        unscaled = c * k2 * m * m
-        sig = params.w_first * unscaled + params.b2
-        th = 0.0 if arch.fix else sig
-        bound = max(unscaled, sig)
-        for _ in range(arch.n_layers - 1):
-            box_k, box_g = k2 * sig / 2, k2 * th / 2
-            sig = params.w * box_k + params.b2
-            th = sig + params.w * box_g
-            bound = max(bound, box_k, box_g, sig, th)
-        worst = bound * max(bound, h, w)
-    limit = float(np.finfo(dtype).max) / 100
-    if worst <= limit:               # False for inf / NaN too
-        return
-    # The message, from the same bound in the log domain: B and the largest safe pixel are
-    # finite there where B overflowed float64 (1e160 pixels in float64 with a bias).
+    # in the log domain: B and the largest safe pixel stay finite there where B overflows
+    # float64 (1e160 pixels in float64 with a bias), so the message can give both
     log2_m = math.log2(m) if m > 0 else -math.inf
     log2_bound = _log2_bound(log2_m, c, arch, params)
+    log2_limit = math.log2(float(np.finfo(dtype).max) / 100)
+    if math.isfinite(m) and log2_bound + max(log2_bound, math.log2(max(h, w))) <= log2_limit:
+        return
     given = [arg(name, v) for name, v in (("W_std", arch.W_std), ("b_std", arch.b_std)) if v is not None]
     weights = f" with {', '.join(given)}" if arch.convention == "neural_tangents" and given else ""
     what = (f"max |pixel| {m:.3g}{weights} gives kernel intermediates up to about "
@@ -157,7 +146,7 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
     # Scaling the pixels (and b_std) by a scales B by a^2; B * max(B, H, W) <= limit needs
     # B <= sqrt(limit) (which is far above any H, W), so log2 a = (log2 sqrt(limit) - log2 B) / 2;
     # the figure is shown 10 % lower (2^-0.15), so that its two rounded digits are safe too.
-    log2_safe = log2_m + (math.log2(limit) / 2 - log2_bound) / 2
+    log2_safe = log2_m + (log2_limit / 2 - log2_bound) / 2
     rescale = ("rescale the images" + (f" to max |pixel| <= about {_power_of_two(log2_safe - 0.15, 2)}"
                                        if math.isfinite(log2_safe) else "")
                + (f" and {arg('b_std')} by the same factor a (the kernel scales by a^2)" if params.b2 or params.out_b2

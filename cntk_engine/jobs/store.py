@@ -327,7 +327,8 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
     a, b = ({**_ARCH_DEFAULTS, **_flat(r)} for r in (stored, wanted))
     if a.get("symmetric") and b.get("symmetric"):
         for r in (a, b):
-            r.pop("n2", None), r.pop("fingerprint.x2", None)
+            r.pop("n2", None)
+            r.pop("fingerprint.x2", None)
     diffs = []
     # every key of either record: a stack's record has keys (its layers) that a CNN's has not;
     # the tile layout and the integrity record are not part of the job
@@ -1465,23 +1466,23 @@ def _is_store(g) -> bool:
     return isinstance(spec, dict) and spec.get("format") == FORMAT
 
 
-def _enclosing_store(node):
-    """(root group, path of ``node`` in it) where the group or array ``node`` is a cntk_engine
-    store or lies in one (as ``depth_11/ntk`` does, two levels down), else (None, None).  Found
-    within ``node``'s own Zarr store, or, for a node opened at a folder inside the store's folder
+def _enclosing_store(arr):
+    """(root group, path of the array ``arr`` in it) where ``arr`` lies in a cntk_engine store
+    (one or two levels down: ``ntk``, ``depth_11/ntk``), else (None, None).  Found within
+    ``arr``'s own Zarr store, or, for an array opened at its folder inside the store's folder
     (``zarr.open("s.zarr/depth_11/ntk")``, whose own store then starts there), on the file
-    system: such a node must be checked as the store's own arrays are."""
+    system: such an array must be checked as the store's own arrays are."""
     zarr = require_zarr()
-    parts = [p for p in str(getattr(node, "path", "") or "").split("/") if p]
-    for up in range(0, min(2, len(parts)) + 1):
+    parts = [p for p in str(getattr(arr, "path", "") or "").split("/") if p]
+    for up in range(1, min(2, len(parts)) + 1):
         try:
-            g = zarr.open_group(node.store, path="/".join(parts[:len(parts) - up]), mode="r")
-        except Exception:  # noqa: BLE001 - not a group (an array's own path)
+            g = zarr.open_group(arr.store, path="/".join(parts[:-up]), mode="r")
+        except Exception:  # noqa: BLE001 - not inside a group
             continue
         if _is_store(g):
-            return g, "/".join(parts[len(parts) - up:])
+            return g, "/".join(parts[-up:])
     try:
-        here = _group_path(node)
+        here = _group_path(arr)
     except Exception:  # noqa: BLE001 - not a local store
         return None, None
     for folder in list(here.parents)[:2]:
@@ -1563,9 +1564,10 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
         raise ValueError(f"source must be a zarr.Array, a zarr.Group or a store path; got {type(source).__name__}")
     # the store the array belongs to, however it was reached (its root, a sub-group, a folder
     # inside it): its job must be finished and its chunks verified
-    root, key = _enclosing_store(arr)
+    root, path_in_root = _enclosing_store(arr)
     done = spec = None
     if root is not None:
+        key = path_in_root
         spec = dict(root.attrs["cntk_engine"])
         if key not in _spec_arrays(spec):
             raise ValueError(f"{key!r} of the Gram store at {str(_group_path(root))!r} is not a kernel "

@@ -379,7 +379,8 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
 
     ``K``: the train Gram, ``K_test``: test-vs-train, ``y_train`` / ``y_test``: labels of one
     kind (numbers, strings or bytes; object arrays of one such kind too), ``y_test`` of the kind
-    of ``y_train``, at least 2 classes in ``y_train`` (ValueError otherwise).  Targets: "paper" (0.9 / -0.1, :func:`~.targets.paper_targets`) or "onehot".
+    of ``y_train``, at least 2 classes in ``y_train`` (ValueError otherwise).  Targets: "paper"
+    (0.9 / -0.1, :func:`~.targets.paper_targets`) or "onehot".
     ``ridge``: "auto" (chosen by exact leave-one-out accuracy over
     :data:`RELATIVE_RIDGE_GRID`) or a number >= 0 relative to mean(diag K).  ``groups``: one
     group label per training sample, left out together by "auto" (:func:`loo`); a training set

@@ -27,9 +27,7 @@ def one_hot(y, classes=None, *, on: float = 1.0, off: float = 0.0):
         try:
             classes = np.unique(y)
         except TypeError:          # an object array whose labels do not sort: str beside int
-            types = sorted({type(v).__name__ for v in y.ravel().tolist()})
-            raise ValueError(f"labels must be class names of one kind: all numbers, all strings or "
-                             f"all bytes; got {', '.join(types)} ({y.dtype})") from None
+            raise _mixed_kinds(y, "labels") from None
     else:
         classes = np.asarray(classes)
     if classes.ndim != 1 or classes.size == 0:
@@ -80,15 +78,19 @@ def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
     _check_finite_labels(y, what)
     kind = label_kind(y)
     if kind == "mixed":
-        types = sorted({type(v).__name__ for v in y.ravel().tolist()})
-        raise ValueError(f"{what} must be class names of one kind: all numbers, all strings or all "
-                         f"bytes; got {', '.join(types)} ({y.dtype})")
-    if like is not None and kind != label_kind(like):
-        hint = (" (decode the bytes: y.astype(str))" if "bytes" in (kind, label_kind(like))
-                and "strings" in (kind, label_kind(like)) else "")
+        raise _mixed_kinds(y, what)
+    other = None if like is None else label_kind(like)
+    if other is not None and kind != other:
+        hint = " (decode the bytes: y.astype(str))" if {kind, other} == {"bytes", "strings"} else ""
         raise ValueError(f"{what} holds {kind} ({y.dtype}) but the training labels "
-                         f"{label_kind(like)} ({np.asarray(like).dtype}): no label could match{hint}")
+                         f"{other} ({np.asarray(like).dtype}): no label could match{hint}")
     return y
+
+
+def _mixed_kinds(y, what: str) -> ValueError:
+    types = sorted({type(v).__name__ for v in y.ravel().tolist()})
+    return ValueError(f"{what} must be class names of one kind: all numbers, all strings or all "
+                      f"bytes; got {', '.join(types)} ({y.dtype})")
 
 
 def _check_finite_labels(y, what: str) -> None:
