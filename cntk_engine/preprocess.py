@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arch import as_integer, is_int
-from .inputs import check_finite, check_nonnegative, refuse_channels_last
+from .inputs import as_images, check_nonnegative, refuse_channels_last
 from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
@@ -32,22 +32,17 @@ MOMENT_EXPONENT_LIMIT = 400
 
 
 def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
-    """``x`` as (N, C, H, W) images: ``data_format`` None (NCHW, refusing channels-last
+    """``x`` as (N, C, H, W) float64 images, checked as :func:`cntk_engine.gram` checks them
+    (:func:`cntk_engine.inputs.as_images`: real numbers, at least one image of at least one
+    pixel, NaN and Inf pixels refused by image, as a NaN would spread to its whole channel in
+    every image through the channel's mean): ``data_format`` None (NCHW, refusing channels-last
     shapes), "NCHW" or "NHWC" (transposed)."""
     if data_format not in (None, "NCHW", "NHWC"):
         raise ValueError(f"data_format must be None, 'NCHW' or 'NHWC'; got {data_format!r}")
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"{name} must be images (N, C, H, W); got shape {x.shape}")
+    x = as_images(np.asarray(x), data_format or "NCHW", name)
     if data_format is None:
         refuse_channels_last(x.shape, name)
-    return np.moveaxis(x, -1, 1) if data_format == "NHWC" else x
-
-
-def _finite_images(x, name: str, data_format: str | None = None) -> np.ndarray:
-    """:func:`_images` as float64, refusing NaN and Inf pixels by image (a NaN would spread to
-    its whole channel in every image through the channel's mean)."""
-    return check_finite(_images(x, name, data_format).astype(np.float64), name)
+    return x
 
 
 def _channel_moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,9 +89,9 @@ def standardize(x_train, x_test=None, *, data_format: str | None = None):
     std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given), NCHW.
     Any finite pixels: the moments are taken without overflow or subnormals
     (:data:`MOMENT_EXPONENT_LIMIT`)."""
-    a = _finite_images(x_train, "x_train", data_format)
+    a = _images(x_train, "x_train", data_format)
     e, mean, std = _channel_moments(a)
-    b = None if x_test is None else _standardised(_finite_images(x_test, "x_test", data_format),
+    b = None if x_test is None else _standardised(_images(x_test, "x_test", data_format),
                                                   e, mean, std, "x_test")
     return _standardised(a, e, mean, std, "x_train"), b
 
@@ -107,10 +102,10 @@ def scale(x):
     return x / 255.0 if x.dtype.kind in "biu" else x.astype(np.float64)
 
 
-def downsample(x, factor: int, *, data_format: str | None = None):
+def downsample(x, factor: int, *, data_format: str | None = None, name: str = "x"):
     """F x F average pooling (stride F) over H and W of NCHW images; rows and columns beyond the
-    last full window are dropped."""
-    x = _images(x, "x", data_format).astype(np.float64)
+    last full window are dropped.  ``name``: how errors name the images."""
+    x = _images(x, name, data_format)
     f = as_integer(factor)
     if not is_int(f) or f < 1:
         raise ValueError(f"the downsampling factor ({arg('factor')}) must be an integer >= 1; got "
@@ -145,7 +140,6 @@ class ZCAWhitening:
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
                              f"on {self.image_shape}")
-        x = _finite_images(x, name, "NCHW")
         f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, name)
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
@@ -156,9 +150,6 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
     """Fit the regularised ZCA whitening of :func:`zca_whiten` on ``x_train``."""
     reg = check_nonnegative(reg, "reg", "the ZCA regulariser")
     a = _images(x_train, "x_train", data_format)
-    if a.shape[0] == 0 or a[0].size == 0:
-        raise ValueError(f"x_train must hold at least one image with C, H, W >= 1; got shape {a.shape}")
-    a = _finite_images(a, "x_train", "NCHW")
     e, mean, std = _channel_moments(a)
     n, d = a.shape[0], a[0].size
     f = _standardised_rows(a, e, mean, std, layer_norm, "x_train")
@@ -169,8 +160,6 @@ def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_
                          "standardisation, has the same value everywhere): there is nothing to whiten")
     lam = reg if reg_absolute else reg * float(np.trace(moment)) / d
     spanned = s > d * np.finfo(np.float64).eps * s.max()
-    if lam == 0 and np.any(spanned & (s <= 0)):
-        raise ValueError("reg = 0 with eigenvalues 0 in the training span; use reg > 0")
     scale = np.ones_like(s)
     np.divide(1.0, np.sqrt(np.maximum(s, 0.0) + lam), out=scale, where=spanned)
     return ZCAWhitening(mean=mean, std=std, matrix=(u * scale) @ u.T, layer_norm=layer_norm,
@@ -262,8 +251,8 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     integer = np.asarray(x_train).dtype.kind in "biu"
-    a = downsample(x_train, factor, data_format=data_format)
-    b = downsample(x_test, factor, data_format=data_format)
+    a = downsample(x_train, factor, data_format=data_format, name="x_train")
+    b = downsample(x_test, factor, data_format=data_format, name="x_test")
     if how == "scale" and integer:
         return a / 255.0, b / 255.0
     if how == "standardize":

@@ -107,7 +107,23 @@ def test_train_test_keys_nhwc_and_fixed_ridge(tmp_path, capsys):
     (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 8, "--n-test", 5),
      "--n-train 8 + --n-test 5 is more than the 10 images"),
     (lambda p: np.savez(p, x=np.zeros((10, 3, 8, 3)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5),
-     "cannot tell the layout of images of shape (5, 3, 8, 3); pass --data-format"),
+     "cannot tell the layout of images of shape (3, 8, 3) (C, H, W or H, W, C); pass --data-format"),
+    (lambda p: np.savez(p, x=np.zeros((10, 0, 0)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5),
+     "x holds images of shape (0, 0), with no pixels"),
+    # a given split that lacks a key is not quietly replaced by the x / y split beside it
+    (lambda p: np.savez(p, x_train=np.ones((10, 8, 8)), y_train=np.arange(10) % 2, x=np.ones((10, 8, 8)),
+                        y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5),
+     "holds x_train, y_train but not x_test, y_test; evaluate needs all four keys"),
+    # regression targets are not classes (each value would be one); checked before the kernels
+    (lambda p: np.savez(p, x=np.ones((10, 8, 8)), y=np.arange(10) / 4), ("--depth", 3, "--n-train", 5, "--n-test", 5),
+     "y must be class labels (integers, strings, bytes, or whole-number floats such as 3.0); got the "
+     "fractional number 0.25 at index [1, 2, 3, 5, 6, 7, 9]: these look like regression targets"),
+    (lambda p: np.savez(p, x_train=np.ones((10, 8, 8)), y_train=np.arange(10) % 2 + 0j, x_test=np.ones((4, 8, 8)),
+                        y_test=np.arange(4) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 4),
+     "y_train must be class labels: integers, strings or bytes; got dtype complex128"),
+    (lambda p: np.savez(p, x=np.ones((10, 8, 8)), y=np.arange(10) % 2),
+     ("--depth", 3, "--n-train", 5, "--n-test", 5, "--convention", "neural_tangents", "--W-std", "0"),
+     "--W-std 0 makes the kernel the same for every pair of images"),
     (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 5, "--ridge", "-1"),
      "--ridge must be 'auto' or a number >= 0; got '-1'"),
     (lambda p: np.savez(p, x=np.zeros((10, 8, 8)), y=np.zeros(10)), ("--depth", 3, "--n-train", 5, "--n-test", 5),
@@ -413,6 +429,13 @@ def test_zca_refuses_constant_images_in_one_line(tmp_path, capsys):
     assert set(drawn) & {2, 7}, drawn
     assert rc == 2 and "--zca: the training image(s) " + ", ".join(
         f"x_train[{i}]" for i in drawn if i in (2, 7)) + " are constant" in err, err
+    # every image constant: another --seed cannot help, and the message does not say it would
+    np.savez(p, x_train=np.arange(12.0)[:, None, None, None] * np.ones((12, 1, 6, 6)),
+             y_train=np.arange(12) % 2, x_test=rng.random((4, 1, 6, 6)), y_test=np.arange(4) % 2)
+    rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 5, "--n-test", 4, *BASE)
+    assert rc == 2 and err.count("\n") == 1 and "are constant" in err and (
+        "all 5 are, so no --seed helps: use --preprocess standardize (it takes constant images), or "
+        "check DATA") in err and "another --seed" not in err, err
 
 
 def test_zca_and_preprocess_are_exclusive(capsys):

@@ -212,7 +212,13 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
 @pytest.mark.parametrize("args, kw, msg", [
     ((np.zeros((0, 1, 2, 2)),), {}, "at least one image"),
     ((np.ones((3, 1, 2, 2)),), {}, "constant"),
-    ((np.ones((3, 2, 2)),), {}, "must be images"),
+    ((np.ones((3, 2, 2)),), {}, r"x_train must be 4-D, \(N, C, H, W\)"),
+    ((np.ones((3, 1, 0, 2)),), {}, r"at least one image with C, H, W >= 1; got \(N, C, H, W\) = \(3, 1, 0, 2\)"),
+    # an empty test set (N = 0) was a bare reshape error; complex pixels lost their imaginary part
+    ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)), np.zeros((0, 1, 2, 2))), {},
+     r"x_test must hold at least one image"),
+    ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)) + 1j,), {},
+     r"x_train must hold real numbers \(any integer or float dtype\); got dtype complex128"),
     ((np.full((2, 1, 2, 2), np.nan),), {}, "NaN"),
     ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)),), dict(reg=-1), "reg must be"),
     ((np.random.default_rng(0).standard_normal((3, 1, 2, 2)),), dict(reg="0.1"), "reg must be a number"),
@@ -266,6 +272,10 @@ def test_standardize_and_zca_take_pixels_of_any_finite_size(rng, scale):
 
 def test_standardize_refuses_what_it_cannot_standardise(rng):
     x = rng.random((4, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"x_test must hold at least one image"):
+        standardize(x, x[:0])
+    with pytest.raises(ValueError, match=r"x_train must hold real numbers"):
+        standardize(x + 0j)
     with pytest.raises(ValueError, match=r"x_test has 1 channel\(s\) and the training images 3"):
         standardize(x, rng.random((2, 1, 4, 4)))       # it broadcast to 3 channels
     bad = x.copy()
@@ -338,7 +348,9 @@ def test_cli_gram_and_evaluate(tmp_path, capsys):
         rec = json.loads(js.read_text())
         assert rec["preprocess"] == "zca" and len(rec["results"]) == 1
         if "--augment-flips" in extra:
-            assert rec["augment_flips"] and rec["n_train"] == 80 and rec["zca_reg"] == 0.5
+            assert rec["augment_flips"] and rec["zca_reg"] == 0.5
+            # the images drawn, and the training kernel's images: they and their flips
+            assert rec["n_train"] == 40 and rec["train_kernel_images"] == 80
         else:
             assert rec["flip"] and rec["lap_window"] == 4
     rc = cli.main(["-q", "gram", str(tmp_path / "x.npy"), "--depth", "3", "--pooling", "lap", "--out",

@@ -879,3 +879,36 @@ def test_max_jitter_is_checked(rng, bad):
     K, _ = psd(rng, 5)
     with pytest.raises(ValueError, match="max_jitter must be a"):
         S.fit_ridge(K, np.ones(5), max_jitter=bad)
+
+
+def test_labels_are_classes_and_unseen_test_classes_are_warned_about(rng, caplog):
+    """Fractional labels (regression targets) made every distinct value a class of its own,
+    complex labels lost nothing but meant nothing, datetimes were classes: all are refused.  Test
+    labels of a class the training labels lack cannot be predicted: a warning says how many."""
+    K, phi = psd(rng, 30)
+    y = (phi[:, 0] > 0).astype(int)
+    Kt, ytr, yte, K = K[20:, :20], y[:20], y[20:], K[:20, :20]
+    good = S.evaluate_classifier(K, Kt, ytr, yte, ridge=0.1)["accuracy"]
+    whole = (ytr.astype(float) * 3, yte.astype(float) * 3)         # 0.0 / 3.0: classes
+    assert S.evaluate_classifier(K, Kt, *whole, ridge=0.1)["accuracy"] == good
+    assert S.evaluate_classifier(K, Kt, whole[0].astype(object), whole[1], ridge=0.1)["accuracy"] == good
+    for args, msg in [
+        ((ytr + 0.5, yte + 0.5), r"y_train must be class labels \(integers, strings, bytes, or whole-number "
+                                 r"floats such as 3\.0\); got the fractional number [01]\.5 at index \[0, 1, "),
+        ((ytr, (yte + 0.5).astype(object)), r"y_test must be class labels.*fractional number [01]\.5.*regression"),
+        ((ytr + 0j, yte), r"y_train must be class labels: integers, strings or bytes; got dtype complex128"),
+        ((ytr, np.array([1j] * 10, dtype=object)), r"y_test must be class names of one kind.*got complex"),
+        ((ytr.astype("datetime64[D]"), yte), r"y_train must be class labels.*got dtype datetime64\[D\]"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            S.evaluate_classifier(K, Kt, *args, ridge=0.1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        r = S.evaluate_classifier(K, Kt, ytr, np.where(np.arange(10) < 3, 7, yte), ridge=0.1)
+    assert ("3 of the 10 test labels are of classes the training labels do not hold (7): no "
+            "prediction can match them") in caplog.text
+    assert r["accuracy"] <= 0.7
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        S.evaluate_classifier(K, Kt, ytr, yte, ridge=0.1)
+    assert "test labels are of classes" not in caplog.text

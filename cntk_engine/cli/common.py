@@ -161,8 +161,8 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
     if data_format == "auto":
         data_format = guess_layout(x.shape)
         if data_format is None:
-            raise CliError(f"{what}: cannot tell the layout of images of shape {x.shape}; pass "
-                           "--data-format NCHW or NHWC")
+            raise CliError(f"{what}: cannot tell the layout of images of shape {x.shape[1:]} "
+                           "(C, H, W or H, W, C); pass --data-format NCHW or NHWC")
         log.info("%s: images of shape %s read as %s (--data-format auto)", what, x.shape, data_format)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
 

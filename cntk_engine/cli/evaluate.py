@@ -9,9 +9,12 @@ of ``--n-train`` / ``--n-test`` of each is used, drawn with ``--seed``) or ``x, 
 with ``--seed`` and split: the first ``--n-train`` for training, the next ``--n-test`` for
 testing).  Images: (N, H, W) (one channel), (N, C, H, W) or (N, H, W, C), any integer or float
 dtype; ``--data-format auto`` (default) reads a 4-D array as NHWC when its last axis is 1 or 3
-and its second is not, as NCHW in the opposite case, and asks for ``--data-format`` otherwise.
-Labels: integers or strings (classes are the sorted labels of the training subset); test labels
-of another kind than the training labels (strings against bytes or numbers) are refused.
+and its second is not, as NCHW in the opposite case, and otherwise by the axis that is strictly
+the smallest of the three image axes ((N, 2, 6, 6): NCHW; (N, 32, 32, 4): NHWC); where none is,
+it asks for ``--data-format``.  Labels: integers (whole-number floats such as 3.0 too), strings
+or bytes (classes are the sorted labels of the training subset); fractional numbers (regression
+targets) and test labels of another kind than the training labels (strings against bytes or
+numbers) are refused.  Test labels of classes the training subset lacks are warned about.
 
 Steps: preprocessing (:mod:`cntk_engine.preprocess`: ``--preprocess standardize``, the
 paper's per-channel mean / std of the training images; ``--downsample F`` average-pools F x F
@@ -153,18 +156,22 @@ def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
         if all(k in names for k in PAIR_KEYS):
             xtr, ytr = _pair(z, "x_train", "y_train", path)
             xte, yte = _pair(z, "x_test", "y_test", path)
-            try:                    # before the kernels: labels of two kinds never match
-                check_labels(yte, len(yte), "y_test", like=ytr)
-            except ValueError as e:
-                raise CliError(f"DATA {path!r}: {e}") from None
+            _check_labels(path, ytr, "y_train")     # before the kernels
+            _check_labels(path, yte, "y_test", like=ytr)   # labels of two kinds never match
             for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
                 if n > avail:
                     raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
             i = np.sort(rng.choice(len(xtr), n_train, replace=False))
             j = np.sort(rng.choice(len(xte), n_test, replace=False))
             return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
+        some = [k for k in PAIR_KEYS if k in names]
+        if some:            # not the x / y split beside them: the caller meant a given split
+            raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
+                           f"{', '.join(k for k in PAIR_KEYS if k not in names)}; evaluate needs all "
+                           "four keys x_train, y_train, x_test, y_test (or only x, y)")
         if "x" in names and "y" in names:
             x, y = _pair(z, "x", "y", path)
+            _check_labels(path, y, "y")
             if n_train + n_test > len(x):
                 raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
                                f"images in DATA {path!r}")
@@ -173,6 +180,13 @@ def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
             return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
         raise CliError(f"DATA {path!r} holds arrays {names}; evaluate needs the keys x_train, "
                        "y_train, x_test, y_test or x, y")
+
+
+def _check_labels(path, y, what, like=None) -> None:
+    try:
+        check_labels(y, len(y), what, like=like)
+    except ValueError as e:
+        raise CliError(f"DATA {path!r}: {e}") from None
 
 
 def _read(z, key, path):
@@ -192,6 +206,8 @@ def _pair(z, kx, ky, path):
                        f"got shape {x.shape}")
     if x.dtype.kind not in "biuf":
         raise CliError(f"DATA {path!r}: {kx} must hold numbers; got dtype {x.dtype}")
+    if 0 in x.shape[1:]:
+        raise CliError(f"DATA {path!r}: {kx} holds images of shape {x.shape[1:]}, with no pixels")
     if x.dtype.kind == "f":      # here, on the raw array: standardisation would spread a NaN
         bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
         if bad.any():
@@ -368,6 +384,11 @@ def run(args) -> int:
         raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
                        f"{args.preprocess}")
     zca_reg = ZCA_REG if args.zca_reg is None else args.zca_reg
+    if args.convention == "neural_tangents" and args.W_std == 0:
+        # every layer's covariance is then b_std^2 whatever the images: the kernel is a constant
+        raise CliError("--W-std 0 makes the kernel the same for every pair of images (0 without "
+                       "--b-std, a constant with it), so the regression predicts one class for "
+                       "every image; use --W-std > 0")
     opts, arch = gram_options(args)
     depths = list(arch.depths)
     if arch.layers is None:
@@ -387,8 +408,11 @@ def run(args) -> int:
                               data_format="NCHW")
     except ConstantImages as e:
         test = e.role == "x_test"
-        raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}",
-                                      "use another --seed, or --preprocess standardize",
+        n_all = len(xte if test else xtr)
+        remedy = ("use another --seed, or --preprocess standardize" if len(e.indices) < n_all
+                  else f"all {n_all} are, so no --seed helps: use --preprocess standardize (it takes "
+                  "constant images), or check DATA")
+        raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}", remedy,
                                       named=drawn.test_image if test else drawn.training_image))) from None
     groups = None
     if args.augment_flips:
@@ -450,7 +474,9 @@ def run(args) -> int:
     print(f"solve: {time.perf_counter() - t2:.1f} s")
     if args.json is not None:
         rec = dict(command=_command_line(args),
-                   data=str(args.data), n_train=len(xtr), n_test=len(xte), image_shape=shape,
+                   data=str(args.data), n_train=len(drawn.y_train), n_test=len(xte),
+                   train_kernel_images=len(xtr),        # with --augment-flips: and their flips
+                   image_shape=shape,
                    raw_image_shape=raw_shape, data_format=args.data_format,
                    downsample=args.downsample, preprocess=args.preprocess,
                    seed=args.seed, architecture=args.architecture, depths=depths, kernel=kernel,

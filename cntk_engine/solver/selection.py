@@ -412,6 +412,11 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     if len(classes) < 2:
         raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {n_train} samples): a "
                          "classifier needs at least 2")
+    unseen = ~np.isin(y_test, classes)
+    if bool(unseen.any()):       # scored wrong whatever the kernel: the accuracy has that ceiling
+        log.warning("%d of the %d test labels are of classes the training labels do not hold (%s): "
+                    "no prediction can match them", int(unseen.sum()), len(y_test),
+                    ", ".join(repr(v) for v in np.unique(y_test[unseen])[:10].tolist()))
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
     out = {}

@@ -59,19 +59,20 @@ def label_kind(y) -> str:
     kind its elements are all of, "mixed" where they are not all of one kind."""
     y = np.asarray(y)
     kind = y.dtype.kind
-    if kind != "O":                    # datetimes and the like: their dtype's name
-        return ("numbers" if kind in "biufc" else "strings" if kind == "U" else "bytes" if kind == "S"
+    if kind != "O":                    # complex numbers, datetimes and the like: their dtype's name
+        return ("numbers" if kind in "biuf" else "strings" if kind == "U" else "bytes" if kind == "S"
                 else y.dtype.name)
-    kinds = {"numbers" if isinstance(v, (numbers.Number, np.bool_)) else "strings" if isinstance(v, str)
+    kinds = {"numbers" if isinstance(v, (numbers.Real, np.bool_)) else "strings" if isinstance(v, str)
              else "bytes" if isinstance(v, bytes) else "mixed" for v in y.ravel().tolist()}
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "numbers"
 
 
 def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
-    """``y`` as a 1-D host array of ``n`` finite labels of one kind (numbers, strings or bytes:
-    :func:`label_kind`; an object array of mixed kinds is refused); with ``like`` (other labels,
-    e.g. the training labels), of the same kind as those: a ValueError naming ``what``
-    otherwise."""
+    """``y`` as a 1-D host array of ``n`` class labels of one kind (:func:`label_kind`): finite
+    whole numbers (integers, bools, floats such as 3.0), strings or bytes; with ``like`` (other
+    labels, e.g. the training labels), of the same kind as those: a ValueError naming ``what``
+    otherwise.  Fractional numbers are refused: they are regression targets, not classes (each
+    distinct value would be a class of its own)."""
     y = to_host(y)
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{what} must be 1-D, one label per sample ({n},); got shape {y.shape}")
@@ -79,6 +80,18 @@ def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
     kind = label_kind(y)
     if kind == "mixed":
         raise _mixed_kinds(y, what)
+    if kind not in ("numbers", "strings", "bytes"):
+        raise ValueError(f"{what} must be class labels: integers, strings or bytes; got dtype {y.dtype}")
+    if kind == "numbers" and y.dtype.kind in "fO":
+        values = y.tolist()
+        frac = [i for i, v in enumerate(values) if not isinstance(v, (numbers.Integral, np.bool_))
+                and not float(v).is_integer()]
+        if frac:
+            raise ValueError(f"{what} must be class labels (integers, strings, bytes, or whole-number "
+                             f"floats such as 3.0); got the fractional number {values[frac[0]]!r} at index "
+                             f"{frac[:10]}" + (f" and {len(frac) - 10} more" if len(frac) > 10 else "")
+                             + ": these look like regression targets, which fit_ridge or "
+                             "CNTKRegressor take")
     other = None if like is None else label_kind(like)
     if other is not None and kind != other:
         hint = " (decode the bytes: y.astype(str))" if {kind, other} == {"bytes", "strings"} else ""
