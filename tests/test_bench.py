@@ -1628,3 +1628,21 @@ def test_accuracy_recipes_refuses_results_of_other_settings(tmp_path, capsys, mo
             accuracy_recipes.main(argv[2:] + ["--out-dir", str(tmp_path / "new"), "--data", data] + extra)
         assert ("--data " if "--data" in extra else "--store-dir ") in _one_error_line(capsys, e.value.code)
         assert not (tmp_path / "new").exists()
+
+
+def test_verify_cost_times_a_store_and_refuses_a_missing_folder(tmp_path, capsys, monkeypatch):
+    """tools/verify_cost.py: one JSON record for a small store; a --dir that does not exist is a
+    usage error (exit 2, one line), not a traceback from the store."""
+    import importlib.util
+    monkeypatch.setattr(sys, "path", list(sys.path))     # the script puts the clone first
+    spec = importlib.util.spec_from_file_location("verify_cost", ROOT / "tools" / "verify_cost.py")
+    vc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vc)
+    with pytest.raises(SystemExit) as e:
+        vc.main(["--n", "8", "--dir", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "--dir " + str(tmp_path / "missing") + ": not an existing folder" in capsys.readouterr().err
+    assert vc.main(["--n", "40", "--tile", "16", "--dir", str(tmp_path)]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["n"] == 40 and rec["tiles"] == 6 and rec["bytes_verified"] > 0
+    assert not (tmp_path / "verify_cost_40.zarr").exists()

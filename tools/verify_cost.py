@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="verify threads (default: verify's)")
     ap.add_argument("--keep", action="store_true", help="keep the store")
     args = ap.parse_args(argv)
+    if not Path(args.dir).is_dir():
+        ap.error(f"--dir {args.dir}: not an existing folder; give the folder for the store")
     n, tile = args.n, args.tile
     out = Path(args.dir) / f"verify_cost_{n}.zarr"
     shutil.rmtree(out, ignore_errors=True)
