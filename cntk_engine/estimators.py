@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return est._validate_data(X, y, **kw)
 
 from . import solver
+from .backends import check_name
 from .preprocess import ZCA_REG
 
 KERNELS = ("ntk", "nngp")
@@ -73,6 +74,11 @@ def _flat_x_message(n_features: int, data_format) -> str:
             f"flattened images{guess}, or image_shape='features' to take each row as "
             f"{n_features} features (a 1 x 1 image with {n_features} channels: the NTK of a fully "
             "connected network)")
+
+
+def _is_fitted_attribute(name: str) -> bool:
+    """What ``fit`` sets: scikit-learn's ``name_`` attributes and the two private ones."""
+    return (name.endswith("_") and not name.startswith("__")) or name in ("_fitted_with_flips", "_y_1d")
 
 
 class _CNTKBase(BaseEstimator):
@@ -117,9 +123,16 @@ class _CNTKBase(BaseEstimator):
                           fix=self.fix, convention=self.convention, W_std=self.W_std,
                           b_std=self.b_std, filter_size=self.filter_size)
         check_dtype(self.dtype)
+        check_name(self.backend)
         if self.preprocess not in (None, "zca"):
             raise ValueError(f"preprocess must be None or 'zca' (regularised ZCA whitening fitted on "
                              f"the training images); got {self.preprocess!r}")
+        if self.preprocess == "zca" and self._tabular():
+            # its layer normalisation centres each row: 2 features become one of two points
+            raise ValueError("preprocess='zca' whitens images (each one centred and scaled to unit "
+                             "norm first), which collapses rows of tabular features "
+                             "(image_shape='features'); scale features in a Pipeline instead "
+                             "(e.g. sklearn.preprocessing.StandardScaler)")
         z = self.zca_reg
         if isinstance(z, bool) or not isinstance(z, numbers.Real) or not np.isfinite(z) or z < 0:
             raise ValueError(f"zca_reg must be a number >= 0 (relative to the mean eigenvalue); got {z!r}")
@@ -171,6 +184,22 @@ class _CNTKBase(BaseEstimator):
                         convention=self.convention, W_std=self.W_std, b_std=self.b_std,
                         filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
                         data_format="NCHW")
+
+    @contextmanager
+    def _fitting(self):
+        """A fit that fails or is interrupted (Ctrl-C during the Gram) leaves the estimator as it
+        was: the model of the last fit that finished, or unfitted.  Without it, the attributes
+        set before the failure (``zca_`` refitted on the new images, ``classes_``,
+        ``image_shape_``) were mixed with the earlier fit's ``X_fit_`` and ``dual_coef_``, and
+        predictions were silently wrong."""
+        before = {k: v for k, v in vars(self).items() if _is_fitted_attribute(k)}
+        try:
+            yield
+        except BaseException:
+            for k in [k for k in vars(self) if _is_fitted_attribute(k)]:
+                delattr(self, k)
+            vars(self).update(before)
+            raise
 
     # ------------------------------------------------------------------ input
     def _images(self, X, y=None, *, reset: bool, y_kw=None):
@@ -356,19 +385,21 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         self._check_params()
         if self.targets not in ("paper", "onehot"):
             raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {self.targets!r}")
-        imgs, y = self._images(X, y, reset=True)
-        check_classification_targets(y)
-        imgs, y, groups = self._training_set(imgs, y)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 "
-                             f"class ({self.classes_[0]!r})")
-        enc = solver.paper_targets if self.targets == "paper" else solver.one_hot
-        Y, _ = enc(y, self.classes_)
-        labels = np.searchsorted(self.classes_, y)
-        K = self._gram(imgs)
-        self._solve(K, Y, labels, groups)
-        self.X_fit_ = imgs
+        with self._fitting():
+            imgs, y = self._images(X, y, reset=True)
+            check_classification_targets(y)
+            classes = np.unique(y)          # before the whitening and the flips: they keep the labels
+            if len(classes) < 2:
+                raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 "
+                                 f"class ({classes.tolist()[0]!r})")
+            imgs, y, groups = self._training_set(imgs, y)
+            self.classes_ = classes
+            enc = solver.paper_targets if self.targets == "paper" else solver.one_hot
+            Y, _ = enc(y, self.classes_)
+            labels = np.searchsorted(self.classes_, y)
+            K = self._gram(imgs)
+            self._solve(K, Y, labels, groups)
+            self.X_fit_ = imgs
         return self
 
     def decision_function(self, X):
@@ -398,13 +429,14 @@ class CNTKRegressor(RegressorMixin, _CNTKBase):
     def fit(self, X, y):
         """Compute the training Gram and solve for the dual coefficients.  Returns self."""
         self._check_params()
-        imgs, y = self._images(X, y, reset=True, y_kw=dict(multi_output=True, y_numeric=True))
-        y = np.asarray(y, dtype=np.float64)
-        imgs, y, groups = self._training_set(imgs, y)
-        self._y_1d = y.ndim == 1
-        K = self._gram(imgs)
-        self._solve(K, y, None, groups)
-        self.X_fit_ = imgs
+        with self._fitting():
+            imgs, y = self._images(X, y, reset=True, y_kw=dict(multi_output=True, y_numeric=True))
+            y = np.asarray(y, dtype=np.float64)
+            imgs, y, groups = self._training_set(imgs, y)
+            self._y_1d = y.ndim == 1
+            K = self._gram(imgs)
+            self._solve(K, y, None, groups)
+            self.X_fit_ = imgs
         return self
 
     def predict(self, X):

@@ -277,7 +277,7 @@ def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
         CNTKRegressor(depth=3, dtype=None).fit(X, y)
 
 
-def test_errors_name_the_images_as_the_caller_passed_them():
+def test_errors_name_the_images_as_the_caller_passed_them(monkeypatch):
     """An image the kernel cannot take is named as X[i] (it was x1[i], x2[i] in the engine's
     words, with predict's training set as x2 and the flipped copies counted on)."""
     rng = np.random.default_rng(0)
@@ -293,10 +293,12 @@ def test_errors_name_the_images_as_the_caller_passed_them():
         clf.predict(huge)
     # one training sample: leave-one-out has nothing to fit (it chose the largest ridge); refused
     # before the Gram, with flips too (it spoke of groups, which the caller never gave)
-    for flips in (False, True):
-        with pytest.raises(ValueError, match="ridge='auto' chooses the ridge by leave-one-out, which needs "
-                                             "at least 2 training images; got n_samples = 1"):
-            CNTKRegressor(depth=3, augment_flips=flips, backend="no such backend").fit(X[:1], [1.0])
+    with monkeypatch.context() as m:
+        m.setattr(CNTKRegressor, "_gram", lambda *a: pytest.fail("the Gram ran before the check"))
+        for flips in (False, True):
+            with pytest.raises(ValueError, match="ridge='auto' chooses the ridge by leave-one-out, which "
+                                                 "needs at least 2 training images; got n_samples = 1"):
+                CNTKRegressor(depth=3, augment_flips=flips).fit(X[:1], [1.0])
     assert CNTKRegressor(depth=3, ridge=0.1).fit(X[:1], [1.0]).predict(X).shape == (4,)
 
 
@@ -347,3 +349,49 @@ def test_import_without_sklearn(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'pip install ".[sklearn]" in the cntk_engine source folder' in r.stdout
+
+
+@pytest.mark.parametrize("cls", [CNTKClassifier, CNTKRegressor])
+def test_a_failed_fit_leaves_the_last_model_as_it_was(cls, monkeypatch):
+    """A re-fit that failed after the whitening was refitted (a bad backend, Ctrl-C in the Gram)
+    left the new zca_ beside the old X_fit_ and dual_coef_: predictions changed silently.  A
+    failed single-class fit left classes_ = [0] and predict raised IndexError."""
+    rng = np.random.default_rng(5)
+    X, X2 = rng.standard_normal((12, 1, 6, 6)), rng.standard_normal((12, 1, 6, 6)) * 3 + 1
+    y = np.arange(12) % 3
+    est = cls(depth=3, ridge=0.1, preprocess="zca", backend="numba").fit(X, y)
+    before = {k: v for k, v in vars(est).items() if k.endswith("_")}
+    want = est.predict(X)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(cls, "_gram", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            est.fit(X2, y)
+    with pytest.raises(ValueError, match="backend must be one of"):      # before any work
+        est.set_params(backend="bogus").fit(X2[:, :, :5], y)
+    est.set_params(backend="numba")
+    if cls is CNTKClassifier:
+        with pytest.raises(ValueError, match=r"at least 2 classes; got 1 class \(0\)"):
+            est.fit(X2, np.zeros(12, int))
+    assert {k: v for k, v in vars(est).items() if k.endswith("_")}.keys() == before.keys()
+    assert all(vars(est)[k] is v for k, v in before.items())
+    np.testing.assert_array_equal(est.predict(X), want)
+    fresh = cls(depth=3, ridge=0.1, backend="numba")
+    with monkeypatch.context() as m:
+        m.setattr(cls, "_gram", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            fresh.fit(X, y)
+    assert not [k for k in vars(fresh) if k.endswith("_") or k in ("_fitted_with_flips", "_y_1d")]
+    with pytest.raises(sklearn.exceptions.NotFittedError):
+        fresh.predict(X)
+
+
+def test_zca_is_refused_for_tabular_features():
+    """Its layer normalisation centres each row: two features became one of two points (0.64
+    accuracy where 0.94 without), one feature a "constant image" error."""
+    X = np.random.default_rng(0).standard_normal((20, 2))
+    with pytest.raises(ValueError, match=r"preprocess='zca' whitens images .* collapses rows of "
+                                         r"tabular features \(image_shape='features'\); scale features"):
+        CNTKClassifier(depth=3, image_shape="features", preprocess="zca").fit(X, np.arange(20) % 2)
