@@ -456,11 +456,6 @@ def output_path(args) -> Path:
     return today
 
 
-def resume_records(out_path: Path, args) -> list:
-    """The records of the file a --resume continues; refuses one measured with other settings."""
-    return resume_payload(out_path, args).get("results", [])
-
-
 def resume_payload(out_path: Path, args) -> dict:
     """The file a --resume continues ({} without one); refuses one measured with other settings."""
     if not (args.resume and out_path.exists()):

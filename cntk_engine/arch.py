@@ -77,8 +77,8 @@ first layer Sigma and q_x, q_z carry rounding of their own, so c lands a few ulp
 there in any form of the quotient (computed as it comes, K(x, 3 x) is about 1e-8 off): the
 reference and numba backends take c within SNAP_ULPS = 8 ulps of +-1 as +-1: at most the
 error the rounding of c already carries anywhere else, and exact where c = +-1 is exact.  The
-CUDA kernels do the same in both dtypes (relu_step.cuh; float32 clamped only until 2026-12-05,
-and was 7e-5 of the kernel off where every entry has c = +-1: one-channel images with filter
+CUDA kernels do the same in both dtypes (relu_step.cuh; a clamp of c to [-1, 1] alone leaves
+float32 7e-5 of the kernel off where every entry has c = +-1: one-channel images with filter
 size 1).  Near-duplicate images, whose c is a few ulps from 1 without being 1, are off by about
 sqrt(eps) there in every float32 backend.  All are exact on self pairs' diagonals, where they
 set c := 1.
@@ -162,6 +162,12 @@ from .spelling import arg, unset
 POOLINGS = ("gap", "flatten", "lap")
 CONVENTIONS = ("arora", "neural_tangents")
 KERNELS = ("ntk", "nngp", "both")
+
+
+def kernel_names(kernel: str) -> tuple[str, ...]:
+    """The kernels a ``kernel`` argument asks for, in result order: "both" is ntk then nngp."""
+    return ("ntk", "nngp") if kernel == "both" else (kernel,)
+
 MAX_STD = math.sqrt(np.finfo(np.float64).max)     # largest W_std / b_std whose square is finite
 #: largest depth accepted: the cost is linear in depth and accuracy saturates by ~20 (the
 #: paper's depths are 3 to 21); 1000 leaves room for studies of very deep kernels

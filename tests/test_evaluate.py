@@ -282,7 +282,7 @@ def test_nan_labels_and_one_class_are_named_before_the_kernels(tmp_path, capsys,
     y[[3, 9]] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=y)
     rc, out, err = main(capsys, tmp_path / "nan.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
-    assert rc == 2 and err.count("\n") == 1 and "y has NaN or Inf labels at index [3, 9] (positions in y)" in err
+    assert rc == 2 and err.count("\n") == 1 and "y must be finite; got nan at index [3, 9] (labels are class names" in err
     np.savez(tmp_path / "one.npz", x=x, y=np.zeros(12, dtype=np.int64))
     rc, out, err = main(capsys, tmp_path / "one.npz", "--depth", 3, "--n-train", 8, "--n-test", 4, *REF)
     assert rc == 2 and "hold one class only (0)" in err and "np.int64" not in err, err

@@ -196,6 +196,15 @@ def test_load_gram_reads_the_done_map_once(finished, tmp_path, monkeypatch):
     assert len(reads) == 1
 
 
+def test_load_gram_names_missing_bookkeeping(finished, tmp_path):
+    """A store without its done map or its checksums gave a bare KeyError('tiles_done')."""
+    for gone in ("tiles_done", "tiles_checksum"):
+        out = copy_of(finished, tmp_path / gone)
+        shutil.rmtree(out / gone)
+        with pytest.raises(StoreCorrupt, match=rf"is damaged: \['{gone}'\] are missing"):
+            store_mod.load_gram(out, "ntk")
+
+
 def test_swapped_chunk_of_a_rectangular_store(finished, tmp_path, cifar):
     """A rectangular (--x2) store has no symmetry to betray a swap: the checksums do."""
     out = copy_of(finished, tmp_path, "rect")

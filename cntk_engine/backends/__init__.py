@@ -2,8 +2,9 @@
 
 Each backend implements :class:`cntk_engine.backends.base.Backend`; this module names them,
 says which can run here (:func:`available_backends`) and picks the one a job runs on
-(:func:`choose`, the single place where ``backend="auto"`` is decided and a backend's limits are
-checked against a job).
+(:func:`choose`, where ``backend="auto"`` is decided for a job run here and a backend's limits
+are checked against it; on a Dask cluster, :func:`cntk_engine.jobs.dask.choose_backend` decides
+from each worker's :func:`capabilities`: the same availability and limits, checked there).
 """
 from __future__ import annotations
 

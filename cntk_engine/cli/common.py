@@ -213,7 +213,7 @@ def depths_of(args) -> list[int] | None:
     return None if args.depths is None else int_list(args.depths, "--depths", "3,4,6,11")
 
 
-def gram_options(args) -> dict:
+def gram_options(args) -> tuple[dict, "Architecture"]:
     """The ``gram`` keyword arguments of the architecture and run options, checked before any
     data is read (the architecture's own errors included)."""
     from ..arch import make_architecture

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import solver
+from ..arch import kernel_names
 from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
 from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
@@ -208,7 +209,7 @@ def _pair(z, kx, ky, path):
         raise CliError(f"DATA {path!r}: {kx} must hold numbers; got dtype {x.dtype}")
     if 0 in x.shape[1:]:
         raise CliError(f"DATA {path!r}: {kx} holds images of shape {x.shape[1:]}, with no pixels")
-    if x.dtype.kind == "f":      # here, on the raw array: standardisation would spread a NaN
+    if x.dtype.kind == "f":      # here, on the whole array: named by their positions in DATA
         bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
         if bad.any():
             idx = np.nonzero(bad)[0]
@@ -221,11 +222,6 @@ def _pair(z, kx, ky, path):
         y = y.ravel()
     if y.ndim != 1 or len(y) != len(x):
         raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
-    if y.dtype.kind in "fc" and not np.isfinite(y).all():      # before the kernels, not after
-        idx = np.nonzero(~np.isfinite(y))[0]
-        raise CliError(f"DATA {path!r}: {ky} has NaN or Inf labels at index {idx[:10].tolist()}"
-                       + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
-                       + f" (positions in {ky}); labels must be classes (integers or strings)")
     return x, y
 
 
@@ -342,7 +338,7 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
                 pass
         raise
     names = array_names(depths, opts["kernel"])
-    picked = ("ntk", "nngp") if opts["kernel"] == "both" else (opts["kernel"],)
+    picked = kernel_names(opts["kernel"])
     out = {}
     for d in depths:
         arrays = tuple(load_gram(group, names[(d, k)]) for k in picked)
@@ -460,7 +456,7 @@ def run(args) -> int:
           + (f", {computed / sum(seconds.values()):.4g} pairs/s" if computed else ""))
     if store is not None:
         print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
-    names = ("ntk", "nngp") if kernel == "both" else (kernel,)
+    names = kernel_names(kernel)
     results = []
     for d in depths:
         a, b = ktr[d], kte[d]

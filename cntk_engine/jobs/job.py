@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arch import Architecture, LayerParams
+from ..arch import Architecture, LayerParams, kernel_names
 from .local import Progress, local_workers, run_tiles, smallest_free_memory
 from .sinks import MemorySink
 from .tiles import TileLayout, auto_tile, pair_work
@@ -92,7 +92,7 @@ class GramJob:
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
-        return ("ntk", "nngp") if self.kernel == "both" else (self.kernel,)
+        return kernel_names(self.kernel)
 
     @property
     def traits(self):

@@ -117,6 +117,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import kernel_names
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
 from ..spelling import arg, arg_prefix, option
@@ -256,7 +257,7 @@ def chunk_checksum(name: str, chunk: tuple[int, int], values: np.ndarray) -> int
 
 def array_names(depths, kernel: str) -> dict[tuple[int, str], str]:
     """{(depth, kernel name): array path in the group} for a job."""
-    kernels = ("ntk", "nngp") if kernel == "both" else (kernel,)
+    kernels = kernel_names(kernel)
     single = len(depths) == 1
     return {(d, k): (k if single else f"depth_{d}/{k}") for d in depths for k in kernels}
 
@@ -336,8 +337,8 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
         if k in ("tile", "grid") or k.startswith(("integrity.", "upgraded_from.")):
             continue
         if k == "dtype" and a.get("backend") == b.get("backend") == "reference":
-            # the reference computes in float64 whatever dtype says; stores it wrote before its
-            # record said so (0.x, before 2026-12-05) record the dtype asked for, float32
+            # the reference computes in float64 whatever dtype says; stores that 0.x versions
+            # of it wrote record the dtype asked for, float32
             continue
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
@@ -1029,7 +1030,7 @@ class GramStore:
                 raise
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and not isinstance(e, _LostRace):
+            if isinstance(e, OSError):        # not _LostRace: the caller opens the store that won
                 # the folder passed the checks above but refuses the store (a read-only or
                 # special file system, a quota): the temporary name is not the caller's
                 raise StoreError(f"{arg('out', str(path))} cannot be created in "
@@ -1278,10 +1279,6 @@ class VerifyReport:
     def ok(self) -> bool:
         return self.checksums and not self.damage
 
-    @property
-    def mb_per_second(self) -> float | None:
-        return self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else None
-
 
 def _open_store_group(path):
     """(path, group, job record) of an existing store; ``path`` is named as the command line
@@ -1435,22 +1432,6 @@ def kernel_arrays(group) -> list[str]:
         f"{g}/{k}" for g, sub in group.groups() if g not in BOOKKEEPING for k, _ in sub.arrays())
 
 
-def unfinished_tiles(group, done: np.ndarray | None = None) -> tuple[int, int]:
-    """(tiles not computed yet, tiles in all) of a store's group (from ``done``, its done map,
-    where the caller read it already); (0, 0) for a group without a job record."""
-    spec = group.attrs.get("cntk_engine")
-    if spec is None or DONE not in [k for k, _ in group.arrays()]:
-        return 0, 0
-    if done is None:
-        done = read_done("<group>", group[DONE], warn=False)
-    todo = done == 0
-    total = done.size
-    if spec.get("symmetric"):
-        todo = np.triu(todo)
-        total = int(np.triu(np.ones_like(done)).sum())
-    return int(todo.sum()), total
-
-
 def _memory_limits(device, max_memory):
     """``[(where, bytes)]`` the load must fit in: host RAM, plus the GPU for device="cuda"."""
     if max_memory is not None:
@@ -1497,12 +1478,18 @@ def _enclosing_store(arr):
     return None, None
 
 
+def _verified_read(spec: dict | None) -> bool:
+    """Whether :func:`load_gram` reads through the store's checksums (:func:`_scan`), tile row
+    by tile row, rather than as a plain array (a format-1 store, an array of no store)."""
+    return spec is not None and spec.get("format_version") == FORMAT_VERSION
+
+
 def _read_buffers(arr, spec: dict | None) -> int:
     """Bytes the reading itself holds beside the result: a store's verified read takes up to
     min(8, cores) row blocks of tiles at once (tile x n2 values each, about 3 times over while
     zarr decodes them: _scan); a plain array's read decodes up to 10 chunks at once (2 times
-    each).  Measured with tracemalloc (n = 400): 3.2 x K at tile 200, where K + 1.1 K was allowed."""
-    if spec is not None and spec.get("tile"):
+    each).  Measured with tracemalloc (n = 400): the verified read held 3.2 x K at tile 200."""
+    if _verified_read(spec):
         t, n1, n2 = int(spec["tile"]), int(spec["n1"]), int(spec["n2"])
         blocks = min(8, os.cpu_count() or 1, -(-n1 // t))
         return blocks * 3 * t * n2 * 8
@@ -1572,12 +1559,16 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
         if key not in _spec_arrays(spec):
             raise ValueError(f"{key!r} of the Gram store at {str(_group_path(root))!r} is not a kernel "
                              f"array; its kernels are {_spec_arrays(spec)}")
-        done = read_done(_group_path(root), root[DONE], warn=False)     # once: the scan reads the same
-        left, total = unfinished_tiles(root, done)
+        store_path = _group_path(root)
+        _check_arrays(store_path, root, [key, DONE] + (
+            [CHECKSUMS] if spec.get("format_version") == FORMAT_VERSION else []), repr(str(store_path)))
+        done = read_done(store_path, root[DONE], warn=False)     # once: the scan reads the same
+        tiles = GramStore._expected_tiles(spec)
+        left = sum(1 for t in tiles if done[t.i, t.j] == 0)
         if left:
-            raise ValueError(f"the Gram store at {str(_group_path(root))!r} ({key!r} from {where}) is "
-                             f"unfinished: {left} of {total} tiles are not computed yet; rerun the gram "
-                             "job with --resume / the same out=")
+            raise ValueError(f"the Gram store at {str(store_path)!r} ({key!r} from {where}) is "
+                             f"unfinished: {left} of {len(tiles)} tiles are not computed yet; rerun the "
+                             "gram job with --resume / the same out=")
     shape = tuple(arr.shape)
     if len(shape) != 2:
         raise ValueError(f"the Zarr array {key or ''} has shape {shape}; a kernel matrix is 2-D")
@@ -1602,7 +1593,7 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
                                "larger machine, or use fewer training samples")
     log.info("loading " + msg)
-    if spec is not None and spec.get("format_version") == FORMAT_VERSION:
+    if _verified_read(spec):
         # NaN, not np.empty: a tile the scan did not write can never pass for kernel values
         K = np.full(shape, np.nan)
         store_path = _group_path(root)

@@ -85,10 +85,6 @@ class TileLayout:
     def unique_pairs(self) -> int:
         return self.n1 * (self.n1 + 1) // 2 if self.symmetric else self.n1 * self.n2
 
-    def to_dict(self) -> dict:
-        return {"n1": self.n1, "n2": self.n2, "tile": self.tile, "symmetric": self.symmetric,
-                "grid": list(self.grid), "tiles": len(self.tiles())}
-
 
 def largest_first(todo: Iterable[Tile]) -> list[Tile]:
     """Tiles by decreasing pair count (stable: row-major among equals)."""

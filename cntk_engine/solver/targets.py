@@ -118,7 +118,7 @@ def _check_finite_labels(y, what: str) -> None:
             raise ValueError(f"{what} must be finite; got {y[idx[0]]} at index "
                              f"{idx[:10].tolist()}" + (f" and {len(idx) - 10} more" if len(idx) > 10
                                                       else "")
-                             + " (labels are class names: integers, strings, or finite numbers)")
+                             + " (labels are class names: integers, strings, bytes or whole-number floats)")
 
 
 def paper_targets(y, classes=None):
