@@ -9,8 +9,7 @@ import numpy as np
 from . import backends
 from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
-from .inputs import (as_images, check_dtype, check_pair, check_tile, prepare_magnitudes,
-                     refuse_channels_last)
+from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
 from .jobs import GramJob, run_job
 from .jobs.local import resolve_devices
 from .spelling import arg
@@ -89,13 +88,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
                              convention=convention, W_std=W_std, b_std=b_std,
                              filter_size=filter_size)
     backends.check_name(backend)
-    fmt = "NCHW" if data_format is None else data_format
-    a = as_images(x1, fmt, "x1")
+    a = as_images(x1, data_format, "x1")
     symmetric = x2 is None or x2 is x1      # gram(x, x): each unordered pair once
-    b = a if symmetric else as_images(x2, fmt, "x2")
-    if data_format is None:
-        for arr, name in ((a, "x1"), (b, "x2")):
-            refuse_channels_last(arr.shape, name)
+    b = a if symmetric else as_images(x2, data_format, "x2")
     if not symmetric:
         check_pair(a, b)
     tile = check_tile(tile)         # None, or a positive Python int (NumPy integers too)

@@ -313,10 +313,13 @@ def prepare_magnitudes(x1, x2, arch, params, dtype):
     return scaled[0], scaled[1], scales[0], scales[1]
 
 
-def as_images(x, data_format: str = "NCHW", name: str = "x1"):
-    """Return ``x`` as an (N, C, H, W) float64 array (NumPy, or CuPy for CuPy input)."""
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"{arg('data_format')} must be one of {DATA_FORMATS}; got {data_format!r}")
+def as_images(x, data_format: str | None = "NCHW", name: str = "x1"):
+    """Return ``x`` as an (N, C, H, W) float64 array (NumPy, or CuPy for CuPy input).
+    ``data_format``: "NCHW", "NHWC" (transposed), or None: NCHW, refusing shapes that look
+    channels-last (:func:`refuse_channels_last`)."""
+    if data_format is not None and data_format not in DATA_FORMATS:
+        raise ValueError(f"{arg('data_format')} must be None (NCHW, refusing shapes that look "
+                         f"channels-last) or one of {DATA_FORMATS}; got {data_format!r}")
     xp = get_array_module(x)
     try:
         arr = xp.asarray(x)
@@ -328,12 +331,14 @@ def as_images(x, data_format: str = "NCHW", name: str = "x1"):
         hint = ""
         if arr.ndim == 3:
             hint = (" (for single-channel images of shape (N, H, W) add a channel axis: "
-                    + ("x[:, None] for NCHW" if data_format == "NCHW" else "x[..., None] for NHWC")
+                    + ("x[..., None] for NHWC" if data_format == "NHWC" else "x[:, None] for NCHW")
                     + "; for one image add the batch axis: x[None])")
         raise ValueError(f"{arg(name)} must be 4-D, (N, C, H, W) for {arg('data_format', 'NCHW')} or (N, H, W, C) "
                          f"for 'NHWC'; got shape {tuple(arr.shape)}{hint}")
     if data_format == "NHWC":
         arr = arr.transpose(0, 3, 1, 2)
+    elif data_format is None:
+        refuse_channels_last(arr.shape, name)
     if min(arr.shape) == 0:
         raise ValueError(f"{arg(name)} must hold at least one image with C, H, W >= 1; got (N, C, H, W) = "
                          f"{tuple(arr.shape)}")

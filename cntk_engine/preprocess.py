@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arch import as_integer, is_int
-from .inputs import as_images, check_nonnegative, refuse_channels_last
+from .inputs import as_images, check_nonnegative
 from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
@@ -37,12 +37,7 @@ def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
     pixel, NaN and Inf pixels refused by image, as a NaN would spread to its whole channel in
     every image through the channel's mean): ``data_format`` None (NCHW, refusing channels-last
     shapes), "NCHW" or "NHWC" (transposed)."""
-    if data_format not in (None, "NCHW", "NHWC"):
-        raise ValueError(f"data_format must be None, 'NCHW' or 'NHWC'; got {data_format!r}")
-    x = as_images(np.asarray(x), data_format or "NCHW", name)
-    if data_format is None:
-        refuse_channels_last(x.shape, name)
-    return x
+    return as_images(np.asarray(x), data_format, name)
 
 
 def _channel_moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

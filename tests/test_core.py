@@ -192,7 +192,7 @@ def test_layouts_dtypes_and_info(rng):
     (dict(depth=3, dtype="float16"), "dtype must be one of"),
     (dict(depth=3, filter_size=4), "filter_size must be a positive odd integer"),
     (dict(depth=3, filter_size=0), "filter_size must be a positive odd integer"),
-    (dict(depth=3, data_format="CHWN"), "data_format must be one of"),
+    (dict(depth=3, data_format="CHWN"), "data_format must be None (NCHW, refusing shapes that look channels-last) or one of"),
     (dict(depth=3, W_std=2.0), "W_std and b_std belong to convention='neural_tangents'"),
     (dict(depth=3, convention="neural_tangents", b_std=-1.0), "b_std must be a finite number"),
     (dict(), "give exactly one of depth (an int"),

@@ -201,7 +201,8 @@ def test_store_created_concurrently_by_another_process(tmp_path, rng, monkeypatc
         from cntk_engine.jobs import GramJob
         arch = make_architecture(depth=3)
         job = GramJob(x1=x, x2=None, arch=arch, params=arch.layer_params(*x.shape[1:]), kernel="ntk",
-                      dtype=np.dtype(np.float32), backend=NumbaBackend, out=str(out), resume=False)
+                      dtype=np.dtype(np.float32), backend=NumbaBackend,
+                      out=store_mod.StorePath(str(out), existing="refuse"))
         with pytest.raises(store_mod.StoreExists, match="created by another process.*existing='resume'") as e:
             store_mod.GramStore.open_for_job(job, tile=4, tile_given=False)
         assert "--join" not in str(e.value) and "--resume" not in str(e.value) and e.value.race

@@ -56,7 +56,6 @@ class GramJob:
     result_device: int | None = None
     out: Any = None             # a path, or a jobs.store.StorePath
     client: Any = None
-    resume: bool = True
     progress: bool = False
     scale1: Any = None
     scale2: Any = None

@@ -927,11 +927,11 @@ class GramStore:
     def open_for_job(cls, job, *, tile: int, tile_given: bool) -> "GramStore":
         """Create the store of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) at ``job.out`` or,
         if it holds this very job, reopen it.  An existing store is an error with
-        ``job.resume=False`` or ``out=StorePath(..., existing="refuse")`` (the CLI without
-        --resume / --join), also when another process creates it at the same moment."""
+        ``out=StorePath(..., existing="refuse")`` (the CLI without --resume / --join), also when
+        another process creates it at the same moment."""
         require_zarr()
         out, spec = job.out, job_spec(job)
-        resume = job.resume and getattr(out, "existing", "resume") == "resume"
+        resume = getattr(out, "existing", "resume") == "resume"
         timeout = getattr(out, "claim_timeout", None) or CLAIM_TIMEOUT
         try:
             path = Path(os.fspath(out)).expanduser().absolute()
