@@ -282,3 +282,22 @@ def test_avgpool_arguments_and_cuda_refusal():
     assert CudaBackend.unsupported(trailing, (1, 8, 8), "float32") is None
     caps = capabilities(make_architecture(architecture="myrtle5"), (3, 32, 32), "float32")
     assert caps["numba"] == {"unavailable": None, "unsupported": None, "unverified": None}
+
+
+def test_float32_where_a_pool_makes_c_one_in_exact_arithmetic_only():
+    """The README's figure: one-channel images with filter_size=1 have c = +-1 at every entry up to
+    the first pool (snapped: exact), but a pool's averages are +-1 only in exact arithmetic and
+    float32 leaves them beyond the snap, at sqrt(eps)'s cost (2.8e-6 of the largest entry here,
+    against 6e-8 for the CNN); float64 stays exact.  A bound, so that a change that makes it
+    worse (or a snap that stops working before the pool) fails."""
+    net = serial(ConvRelu(), ConvRelu(), AvgPool(2), ConvRelu(), AvgPool(2))
+    x = np.random.default_rng(6).standard_normal((1, 1, 8, 8))
+    x = np.concatenate([x, 3 * x, np.full((1, 1, 8, 8), 2.0)])
+
+    def err(dtype, **arch):
+        ref = ce.gram(x, filter_size=1, backend="reference", **arch)
+        got = ce.gram(x, filter_size=1, backend="numba", dtype=dtype, **arch)
+        return np.abs(got - ref).max() / np.abs(ref).max()
+    assert err("float32", architecture=net) < 1e-5
+    assert err("float32", depth=4) < 2e-7
+    assert err("float64", architecture=net) < 1e-14
