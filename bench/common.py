@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,20 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    """CPU model, core count, OS and Python version of this machine (every result records it)."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0]}
+    """CPU model, core count, OS and Python version of this machine (every result records it):
+    the record ``cntk-engine evaluate --json`` writes."""
+    from cntk_engine.cli.common import machine as described
+    return described()
 
 
 def commit() -> str:

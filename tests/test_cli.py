@@ -169,6 +169,7 @@ def test_info_and_demo(capsys):
     rc, o, e = run(capsys, "info")
     assert rc == 0 and "numba" in o and "backends:" in o and "GPUs visible" in o
     assert "cntk-engine[" not in o
+    assert f"CPU: {cli.common.machine()['cpu']} (" in o        # the model, not an empty processor()
     rc, o, e = run(capsys, "demo", "--n", "12", "--depth", "2", "--backend", "numba", "--no-progress")
     assert rc == 0, e
     assert "12 x 12" in o and "on backend numba" in o and "pairs/s" in o and "accuracy" in o

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cntk_engine.arch import make_architecture  # noqa: E402
+from cntk_engine.cli.common import machine  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
 from cntk_engine.backends.numba_cpu import NumbaBackend  # noqa: E402
 from cntk_engine.jobs import GramJob  # noqa: E402
@@ -72,17 +72,6 @@ def evict(path: Path) -> int:
     return total
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000)
@@ -119,8 +108,7 @@ def main(argv=None) -> int:
     warm_s = time.perf_counter() - t0
     assert cold.ok and warm.ok and cold.tiles_finished == len(tiles)
     rec = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine(),
         "n": n, "tile": tile, "tiles": len(tiles), "matrix_bytes": n * n * 8, "bytes_on_disk": on_disk,
         "write_seconds": round(write_s, 2),
         "write_mb_per_s": round(n * n * 8 / write_s / 1e6, 1),

@@ -29,12 +29,14 @@ def run(args) -> int:
     from ..backends.numba_cpu import cache_status
     from ..build_info import cuda_extension_line
     from ..version import __version__
+    from .common import machine
     print(f"cntk_engine {__version__} (Python {platform.python_version()}, {platform.platform()})")
     print(f"  imported from {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}")
     print(cuda_extension_line())
     for mod in ("numpy", "numba", "tqdm", "zarr", "dask", "distributed", "cupy"):
         print(f"  {mod:12s} {_version(mod)}")
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+    # the model name (/proc/cpuinfo): platform.processor() is empty on most Linux machines
+    print(f"CPU: {machine()['cpu']} ({platform.machine()}), {os.cpu_count()} logical cores"
           + _numba_threads())
     n = gpu_count()
     print(f"GPUs visible to CuPy: {n}")
