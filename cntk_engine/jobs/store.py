@@ -1556,12 +1556,12 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     if root is not None:
         key = path_in_root
         spec = dict(root.attrs["cntk_engine"])
-        if key not in _spec_arrays(spec):
-            raise ValueError(f"{key!r} of the Gram store at {str(_group_path(root))!r} is not a kernel "
-                             f"array; its kernels are {_spec_arrays(spec)}")
         store_path = _group_path(root)
-        _check_arrays(store_path, root, [key, DONE] + (
-            [CHECKSUMS] if spec.get("format_version") == FORMAT_VERSION else []), repr(str(store_path)))
+        if key not in _spec_arrays(spec):
+            raise ValueError(f"{key!r} of the Gram store at {str(store_path)!r} is not a kernel "
+                             f"array; its kernels are {_spec_arrays(spec)}")
+        _check_arrays(store_path, root, [key, DONE] + ([CHECKSUMS] if _verified_read(spec) else []),
+                      repr(str(store_path)))
         done = read_done(store_path, root[DONE], warn=False)     # once: the scan reads the same
         tiles = GramStore._expected_tiles(spec)
         left = sum(1 for t in tiles if done[t.i, t.j] == 0)
@@ -1596,7 +1596,6 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     if _verified_read(spec):
         # NaN, not np.empty: a tile the scan did not write can never pass for kernel values
         K = np.full(shape, np.nan)
-        store_path = _group_path(root)
         scan = _scan(store_path, root, spec, done, names=[key], into=K)
         if scan.damage:
             first = scan.damage[0]
@@ -1611,7 +1610,7 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             log.warning("the Gram store at %s has no per-tile checksums (format %s): its values "
                         "cannot be verified; `cntk-engine verify %s --add-checksums` records "
                         "checksums of its data as it is now", where, spec.get("format_version"),
-                        _group_path(root))
+                        store_path)
         K = np.asarray(arr[...], dtype=np.float64)
     return cupy_module().asarray(K) if device == "cuda" else K
 
