@@ -27,7 +27,8 @@ import numpy as np
 
 # ---------------------------------------------------------------------------- the count
 # Per entry and layer, float32 path of cntk_engine/backends/numba_cpu.py (pair_kernel's layer
-# loop + box()), k = filter size; derived line by line in docs/gpu_performance.md.
+# loop: relu_row, and the box sums hbox_flat + vbox_flat), k = filter size; derived line by
+# line in docs/gpu_performance.md.
 RELU_STEP = {"fma": 9, "mul": 8, "add": 4, "sqrt": 2, "other": 5}
 
 

@@ -68,7 +68,7 @@ _AS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
        0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
 
 
-# the stack kernel's ReLU loops over a flat grid in runs of at most this many entries, each
+# the kernel's ReLU loops over a flat grid in runs of at most this many entries, each
 # passed as views of the run (passed the whole-grid arrays instead, the same loop ran 3x slower
 # in the kernel, measured; the cause was not established)
 RELU_CHUNK = 1024
@@ -95,30 +95,6 @@ if numba is not None:
             K[9] + a * (K[10] + a * K[11])))))))
         # t = acos(|c|);  pi - acos(c) = pi - t for c >= 0 and t for c < 0
         return K[0] - t if c >= K[2] else t
-
-    @njit(inline="always", fastmath=_FASTMATH)
-    def box(src, dst, rows, mask, h, W, k, scale, shift):
-        """dst[i, j] = scale * (k x k box sum of src)[i, j] + shift on a packed row grid.
-
-        src is padded by r = k // 2 rows and columns (padding holds zeros); mask[t, j] is 0 where
-        column j + t - r lies across the seam between the two packed slices (or outside).
-        """
-        r = k // 2
-        for i in range(h + 2 * r):
-            for j in range(W):
-                rows[i, j] = src[i, r + j]
-            for t in range(k):
-                if t != r:
-                    for j in range(W):
-                        rows[i, j] += src[i, j + t] * mask[t, j]
-        for i in range(h):
-            for j in range(W):
-                dst[i, j] = rows[i, j]
-            for t in range(1, k):
-                for j in range(W):
-                    dst[i, j] += rows[i + t, j]
-            for j in range(W):
-                dst[i, j] = dst[i, j] * scale + shift
 
     @njit(inline="always", fastmath=_FASTMATH)
     def relu_row(sr, tr, sxr, ixr, szr, izr, kr, gr, W, self_diag, exact, KC):
@@ -160,7 +136,7 @@ if numba is not None:
     @njit(inline="always", fastmath=_FASTMATH)
     def pool2_row(out, t, base, Wo, W, dx, scale):
         """Add row t of a packed offset grid (offset dx) into the next stage's covariance rows at
-        ``base`` (the pooled rows' block, laid out (pooled offset, column): ``stack_kernel``) for 2 x 2
+        ``base`` (the pooled rows' block, laid out (pooled offset, column): ``pair_kernel``) for 2 x 2
         pools of stride 2: x column j goes to pooled column j // 2 and z column (j + dx) mod W
         to ((j + dx) mod W) // 2, a pooled offset (mod Wo) of dx // 2 for even j and
         (dx + 1) // 2 for odd j on both sides of the seam, so each is one contiguous row of Wo
@@ -179,25 +155,6 @@ if numba is not None:
             for m in range(Wo):
                 out[ob + m] += t[2 * m + 1] * scale
 
-    @njit(inline="always", fastmath=_FASTMATH)
-    def double_rows(dst, src, H, W):
-        """dst[i, j] = dst[i, j + W] = src[i, j]: z's rows written twice side by side, so that the
-        rotation of a row by dx is the contiguous view dst[i, dx:dx + W]."""
-        for i in range(H):
-            for j in range(W):
-                dst[i, j] = src[i, j]
-                dst[i, j + W] = src[i, j]
-
-    @njit(inline="always", fastmath=_FASTMATH)
-    def clear_pad_rows(kbuf, gbuf, r, h, KC):
-        """Zero the r padding rows above and below the h rows of an offset grid in use."""
-        for i in range(r):
-            for j in range(kbuf.shape[1]):
-                kbuf[i, j] = KC[2]
-                gbuf[i, j] = KC[2]
-                kbuf[r + h + i, j] = KC[2]
-                gbuf[r + h + i, j] = KC[2]
-
     def _njit_cached(**options):
         """``njit(cache=True)``, or without the on-disk cache where numba finds no writable place
         for it (it raises at decoration time then)."""
@@ -211,108 +168,12 @@ if numba is not None:
                 return njit(cache=False, **options)(fn)
         return decorate
 
-    # The on-disk cache is used, and only its code is run (``_load_from_cache``): a process that
-    # compiles the kernel itself computes results differing in the last bits (~1e-9) from a
-    # process that loads the same kernel from numba's cache (the in-memory JIT code and the
-    # cached object code make different FMA-contraction and reassociation choices; without the
-    # 'contract' and 'reassoc' flags they agree, but run 2.2x slower), and a resumed or
-    # distributed Gram must be bit-identical to an uninterrupted local run.
-    @_njit_cached(parallel=True, fastmath=_FASTMATH)
-    def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k,
-                    grid_w, dmax_y, dmax_x, same_set, slot, n_out, out, KC, exact):
-        """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p].
-
-        Readout: each packed grid's sum weighted by grid_w[dy + H - 1, dx] (``arch.grid_weights``:
-        gap, flatten, LAP); only the grids with |dy| <= dmax_y, dx <= dmax_x or dx >= W - dmax_x
-        and a nonzero weight are run.
-
-        Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
-        W - dx and dx and share their rows, so they fill one W-wide row grid exactly: packed
-        column j pairs x column j with z column (j + dx) mod W, and the seam between the two
-        slices sits at column W - dx (the box sum must not cross it: ``mask``).  Full-width
-        rows vectorise without remainders.  Offset dx = 0 is a slice of its own (no seam).
-        """
-        C, H, W = X1.shape[1], X1.shape[2], X1.shape[3]
-        L = S1.shape[1]
-        r = k // 2
-        ZERO = KC[2]
-        for p in prange(pi_idx.shape[0]):
-            ia = pi_idx[p]
-            ib = pj_idx[p]
-            zimg = np.empty((C, H, 2 * W), dtype=X1.dtype)
-            zs = np.empty((L, H, 2 * W), dtype=X1.dtype)
-            zi = np.empty((L, H, 2 * W), dtype=X1.dtype)
-            for c in range(C):
-                double_rows(zimg[c], X2[ib, c], H, W)
-            for l in range(L):
-                double_rows(zs[l], S2[ib, l], H, W)
-                double_rows(zi[l], I2[ib, l], H, W)
-            kbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded K (and layer-0 x.z)
-            gbuf = np.zeros((H + 2 * r, W + 2 * r), dtype=X1.dtype)   # padded G
-            sig = np.empty((H, W), dtype=X1.dtype)
-            th = np.empty((H, W), dtype=X1.dtype)
-            rows = np.empty((H + 2 * r, W), dtype=X1.dtype)
-            mask = np.empty((k, W), dtype=X1.dtype)
-            acc = np.zeros((n_out, 2), dtype=np.float64)
-            for dx in range(W):
-                if dx > dmax_x and dx < W - dmax_x:
-                    continue
-                seam_mask(mask, k, W, dx, KC)
-                for dy in range(-dmax_y, dmax_y + 1):
-                    wgt = grid_w[dy + H - 1, dx]
-                    if wgt == 0.0:
-                        continue
-                    h = H - abs(dy)
-                    ix0 = max(0, -dy)
-                    iz0 = ix0 + dy
-                    self_diag = same_set and ia == ib and dy == 0 and dx == 0  # c = 1 exactly
-                    clear_pad_rows(kbuf, gbuf, r, h, KC)
-                    # layer 1 input: channel sum of x(p) z(p + offset)
-                    for i in range(h):
-                        kr = kbuf[r + i, r:r + W]
-                        for j in range(W):
-                            kr[j] = ZERO
-                        for c in range(C):
-                            xr = X1[ia, c, ix0 + i, :]
-                            zr = zimg[c, iz0 + i, dx:dx + W]
-                            for j in range(W):
-                                kr[j] += xr[j] * zr[j]
-                    box(kbuf, sig, rows, mask, h, W, k, w_first, b2)
-                    for i in range(h):
-                        for j in range(W):
-                            th[i, j] = ZERO if fix else sig[i, j]
-                    for l in range(L):
-                        t_out = slot[l]
-                        sk = 0.0
-                        sg = 0.0
-                        for i in range(h):
-                            # row partial sums (<= W terms) in the compute dtype, added to the
-                            # float64 readout sums once per row
-                            rk, rg = relu_row(sig[i, :], th[i, :], S1[ia, l, ix0 + i, :],
-                                              I1[ia, l, ix0 + i, :], zs[l, iz0 + i, dx:dx + W],
-                                              zi[l, iz0 + i, dx:dx + W], kbuf[r + i, r:r + W],
-                                              gbuf[r + i, r:r + W], W, self_diag, exact, KC)
-                            sk += rk
-                            sg += rg
-                        if t_out >= 0:
-                            acc[t_out, 0] += wgt * sk
-                            acc[t_out, 1] += wgt * sg
-                        if l + 1 < L:
-                            box(kbuf, sig, rows, mask, h, W, k, w, b2)
-                            box(gbuf, th, rows, mask, h, W, k, w, ZERO)
-                            for i in range(h):
-                                for j in range(W):
-                                    th[i, j] += sig[i, j]
-            for t in range(n_out):
-                out[p, t, 0] = acc[t, 0]
-                out[p, t, 1] = acc[t, 1]
-
     @njit(inline="always", fastmath=_FASTMATH)
     def hbox_flat(src, rows, mflat, m, k):
-        """``box``'s first pass on a flat grid (rows of width W one after the other, r = k // 2
-        guard entries before the first): rows[e] = src[e + r] + sum over taps t != r of
-        src[e + t] mflat[t, e], e < m (mflat: the seam mask repeated on every row), in
-        ``box``'s order of additions; one loop over the grid for k = 3."""
+        """The k x k box sum's first pass (along rows) on a flat grid (rows of width W one after
+        the other, r = k // 2 guard entries before the first): rows[e] = src[e + r] + sum over
+        taps t != r of src[e + t] mflat[t, e], e < m (mflat: the seam mask, ``seam_mask``,
+        repeated on every row); one loop over the grid for k = 3."""
         r = k // 2
         # views at the taps' offsets, indexed by the loop variable alone: an index plus an offset
         # of unknown sign gets numba's negative-index wraparound, and the loop no vectors
@@ -337,8 +198,8 @@ if numba is not None:
 
     @njit(inline="always", fastmath=_FASTMATH)
     def vbox_flat(rows, dst, n, W, k, scale, shift):
-        """``box``'s second pass on a flat grid: dst[e] = (sum of rows[e + t W], t < k) scale
-        + shift, e < n, in ``box``'s order of additions."""
+        """The box sum's second pass (across rows) on a flat grid: dst[e] = (sum of
+        rows[e + t W], t < k) scale + shift, e < n."""
         if k == 3:
             r0 = rows[0:n]
             r1 = rows[W:W + n]
@@ -355,31 +216,49 @@ if numba is not None:
             for e in range(n):
                 dst[e] = dst[e] * scale + shift
 
+    # The on-disk cache is used, and only its code is run (``_load_from_cache``): a process that
+    # compiles the kernel itself computes results differing in the last bits (~1e-9) from a
+    # process that loads the same kernel from numba's cache (the in-memory JIT code and the
+    # cached object code make different FMA-contraction and reassociation choices; without the
+    # 'contract' and 'reassoc' flags they agree, but run 2.2x slower), and a resumed or
+    # distributed Gram must be bit-identical to an uninterrupted local run.
     @_njit_cached(parallel=True, fastmath=_FASTMATH)
-    def stack_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k, same_set,
-                     stages, inv_pool, R, uniform, needed, out, KC, exact):
-        """Readout sums of the pairs of a pooled stack (``arch``, Pooling stacks) into out[p, 0].
+    def pair_kernel(X1, S1, I1, X2, S2, I2, pi_idx, pj_idx, w_first, w, b2, fix, k, same_set,
+                    stages, inv_pool, grid_w, R, slot, out, KC, exact):
+        """Readout sums of the pairs (X1[pi_idx[p]], X2[pj_idx[p]]) into out[p, t]: every
+        architecture, the CNN being a stack of one stage (``arch``, Pooling stacks).
+
+        Packing: the slices of offsets (dy, dx) and (dy, dx - W), 0 < dx < W, have widths
+        W - dx and dx and share their rows, so they fill one W-wide grid exactly: packed
+        column j pairs x column j with z column (j + dx) mod W, and the seam between the two
+        slices sits at column W - dx (the box sum must not cross it: ``seam_mask``).  Offset
+        dx = 0 is a slice of its own (no seam).
 
         stages[s] = (H, W, first layer, layers, pool window, pool stride) per stage (pool 0 0
-        after the last).  Each stage runs its packed offset grids (as ``pair_kernel``) through
-        its conv layers; the first stage starts from x . z, a later one from the pooled K and G
+        after the last).  Each stage runs its packed offset grids through its conv layers; the
+        first stage starts from x . z, a later one from the pooled K and G
         of the stage before (kin, gin: its (H W)^2 entries, flat, ordered (py, p'y, dx, px) with
         dx = (p'x - px) mod W, so that a packed grid row is one contiguous run of W entries, read
         and, for 2 x 2 pools, written as such).  A stage followed by a pool adds each entry
         (p, p') of its last layer, / w^4, to every entry (P, P') of the next stage (kout, gout)
-        whose windows hold p and p', in a fixed order.
-        The last stage reads out sum R(p, p') K(p, p') (and G): with ``uniform`` R is R[0, 0, 0,
-        0] everywhere and the row sums are scaled once; ``needed[dy + H - 1, dx]`` marks the
-        last stage's packed grids that hold an offset with R != 0.  inv_pool[s] = 1 / w^4 of
-        stage s's pool, in the compute dtype.
+        whose windows hold p and p', in a fixed order.  inv_pool[s] = 1 / w^4 of stage s's
+        pool, in the compute dtype.
+
+        Readout: layer l of the last stage is read out into out[p, slot[l]] (slot[l] = -1: not
+        read out; a depth table reads several layers from one pass), sum R(p, p') K(p, p') and
+        likewise G.  Where R is constant on each packed grid (every CNN readout: gap, flatten,
+        LAP; Myrtle's mean) R is empty and grid_w[dy + H - 1, dx] is that constant: each grid's
+        sum, row sums (<= W terms) in the compute dtype added in float64, is weighted once.
+        Otherwise (a stack's trailing pools) R holds the weight of every entry and grid_w is 1
+        on the grids that hold a nonzero one.  Grids and offsets dx with grid_w 0 are not run
+        (flatten runs one grid, a small LAP window few).
 
         Flat grids: a packed grid of h rows is held as h W consecutive entries (K and G: with
         r zero rows above and below, and r guard entries before), x's diagonals are packed at
         each stage's width and z's image and diagonals are rotated by dx (z column (j + dx) mod
-        W at column j), so the box passes, the channel sum and the ReLU step of a grid that is
-        not the last stage's each run as one loop over the whole grid (rows of W = 32 entries
+        W at column j), so the box passes, the channel sum and the ReLU step of a layer
+        that is not read out each run as one loop over the whole grid (rows of W = 32 entries
         are 4 vectors: per-row loops spent as much on their set-up as on the arithmetic).
-        The last stage keeps per-row ReLU sums (<= W terms in the compute dtype, then float64).
         """
         C, H0, W0 = X1.shape[1], X1.shape[2], X1.shape[3]
         L = S1.shape[1]
@@ -391,6 +270,8 @@ if numba is not None:
             acc_size = max(acc_size, (stages[st, 0] * stages[st, 1]) ** 2)
         HW = H0 * W0
         npad = (H0 + 2 * r) * W0       # a grid with its r zero rows above and below
+        per_entry = R.shape[0] > 0
+        n_out = out.shape[1]
         for p in prange(pi_idx.shape[0]):
             ia = pi_idx[p]
             ib = pj_idx[p]
@@ -420,8 +301,7 @@ if numba is not None:
             gout = np.zeros(acc_size, dtype=X1.dtype)
             tk = np.empty(W0, dtype=X1.dtype)     # a row (or two rows' sum) to be pooled
             tg = np.empty(W0, dtype=X1.dtype)
-            sk = 0.0
-            sg = 0.0
+            acc = np.zeros((n_out, 2), dtype=np.float64)
             for st in range(n_st):
                 Hs, Ws, l0, nl = stages[st, 0], stages[st, 1], stages[st, 2], stages[st, 3]
                 pw, ps = stages[st, 4], stages[st, 5]
@@ -449,6 +329,12 @@ if numba is not None:
                         hi_x[n] = min(Wo - 1, n // ps)
                 o = r + r * Ws      # kf / gf index of grid row 0, column 0
                 for dx in range(Ws):
+                    if last:        # an offset dx none of whose grids is read out
+                        run = False
+                        for g in range(2 * Hs - 1):
+                            run = run or grid_w[g, dx] != 0.0
+                        if not run:
+                            continue
                     seam_mask(mask, k, Ws, dx, KC)
                     for t in range(k):
                         for ip in range(Hs + 2 * r):
@@ -465,7 +351,7 @@ if numba is not None:
                                 zs[l, y * Ws + j] = S2[ib, l, y, jz]
                                 zi[l, y * Ws + j] = I2[ib, l, y, jz]
                     for dy in range(-(Hs - 1), Hs):
-                        if last and needed[dy + Hs - 1, dx] == 0:
+                        if last and grid_w[dy + Hs - 1, dx] == 0.0:
                             continue
                         h = Hs - abs(dy)
                         ix0 = max(0, -dy)
@@ -508,8 +394,6 @@ if numba is not None:
                                     kr[j] = ki[j]
                                     gr[j] = gi[j]
                         m = n + 2 * r * Ws
-                        rsk = 0.0
-                        rsg = 0.0
                         for li in range(nl):
                             l = l0 + li
                             # Sigma, Theta of layer l from the stage's input (li = 0) or from
@@ -525,9 +409,11 @@ if numba is not None:
                                 vbox_flat(rows, th, n, Ws, k, w, ZERO)
                                 for e in range(n):
                                     th[e] += sig[e]
-                            if last:     # row sums (<= W terms) in the compute dtype
-                                rsk = 0.0
-                                rsg = 0.0
+                            t_out = slot[l] if last else -1
+                            if t_out >= 0 and not per_entry:
+                                # the grid's sum: row sums (<= W terms) in the compute dtype
+                                gk = 0.0
+                                gs = 0.0
                                 for i in range(h):
                                     a = i * Ws
                                     rk, rg = relu_row(sig[a:a + Ws], th[a:a + Ws],
@@ -537,30 +423,31 @@ if numba is not None:
                                                       zi[l, zo + a:zo + a + Ws],
                                                       kg[a:a + Ws], gg[a:a + Ws], Ws, self_diag,
                                                       exact, KC)
-                                    rsk += rk
-                                    rsg += rg
-                            else:        # the sums are not used: loops over the whole grid
-                                for a in range(0, n, RELU_CHUNK):
-                                    b = min(n, a + RELU_CHUNK)
-                                    rk, rg = relu_row(sig[a:b], th[a:b], xs[l, xo + a:xo + b],
-                                                      xi[l, xo + a:xo + b], zs[l, zo + a:zo + b],
-                                                      zi[l, zo + a:zo + b], kg[a:b], gg[a:b],
-                                                      b - a, self_diag, exact, KC)
-                                    rsk += rk
-                                    rsg += rg
-                        if last and uniform:
-                            sk += rsk
-                            sg += rsg
-                        elif last:
-                            for i in range(h):
-                                py = ix0 + i
-                                qy = iz0 + i
-                                for j in range(Ws):
-                                    qx = j + dx if j + dx < Ws else j + dx - Ws
-                                    wt = R[py, j, qy, qx]
-                                    sk += wt * kg[i * Ws + j]
-                                    sg += wt * gg[i * Ws + j]
-                        elif ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
+                                    gk += rk
+                                    gs += rg
+                                wgt = grid_w[dy + Hs - 1, dx]
+                                acc[t_out, 0] += wgt * gk
+                                acc[t_out, 1] += wgt * gs
+                                continue
+                            # the sums are not used: loops over the whole grid
+                            for a in range(0, n, RELU_CHUNK):
+                                b = min(n, a + RELU_CHUNK)
+                                relu_row(sig[a:b], th[a:b], xs[l, xo + a:xo + b],
+                                         xi[l, xo + a:xo + b], zs[l, zo + a:zo + b],
+                                         zi[l, zo + a:zo + b], kg[a:b], gg[a:b],
+                                         b - a, self_diag, exact, KC)
+                            if t_out >= 0:      # per-entry weights
+                                for i in range(h):
+                                    py = ix0 + i
+                                    qy = iz0 + i
+                                    for j in range(Ws):
+                                        qx = j + dx if j + dx < Ws else j + dx - Ws
+                                        wt = R[py, j, qy, qx]
+                                        acc[t_out, 0] += wt * kg[i * Ws + j]
+                                        acc[t_out, 1] += wt * gg[i * Ws + j]
+                        if last:
+                            continue
+                        if ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
                             i = 0
                             while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
                                 py = ix0 + i
@@ -609,11 +496,9 @@ if numba is not None:
                 if not last:
                     kin, kout = kout, kin
                     gin, gout = gout, gin
-            if uniform:
-                sk *= R[0, 0, 0, 0]
-                sg *= R[0, 0, 0, 0]
-            out[p, 0, 0] = sk
-            out[p, 0, 1] = sg
+            for t in range(n_out):
+                out[p, t, 0] = acc[t, 0]
+                out[p, t, 1] = acc[t, 1]
 
 
 # Core-seconds per pair, entry and layer (the work unit of jobs.tiles.pair_work): the time model
@@ -626,16 +511,12 @@ TILE_SECONDS = 2.0
 
 log = logging.getLogger("cntk_engine")
 _CHILD = "CNTK_ENGINE_NUMBA_CACHE_CHILD"
-_loaded: set[tuple[str, str]] = set()        # (kernel, dtype) this process has
-_miss_logged: set[tuple[str, str]] = set()   # (kernel, dtype) whose in-process compilation was logged
-_no_cache_logged = False                      # that the on-disk cache is off was logged
+_loaded: set[str] = set()          # the dtypes whose kernel this process has
+_miss_logged: set[str] = set()     # the dtypes whose in-process compilation was logged
+_no_cache_logged = False            # that the on-disk cache is off was logged
 _load_lock = threading.Lock()
-# the kernels, and a tiny job that makes a child process compile one into the cache
-_KERNELS = {
-    "pair": ("pair_kernel", "ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype={dtype!r})"),
-    "stack": ("stack_kernel", "ce.gram(np.ones((1, 1, 2, 2)), architecture=ce.serial(ce.ConvRelu(), "
-              "ce.AvgPool(2)), backend='numba', dtype={dtype!r})"),
-}
+# a tiny job that makes a child process compile the kernel into the cache
+_COMPILE_JOB = "ce.gram(np.ones((1, 1, 3, 3)), depth=2, backend='numba', dtype={dtype!r})"
 
 
 _workqueue_lock = threading.Lock()
@@ -679,25 +560,19 @@ def threading_layer() -> str:
     return "none importable"
 
 
-def _dispatcher(kind: str):
-    return globals()[_KERNELS[kind][0]]
-
-
-def _in_cache(kind: str, args) -> bool:
-    """Whether numba's cache holds kernel ``kind`` for these arguments' types (numba internals,
-    so any failure answers False and the caller takes the slower, always-correct way)."""
+def _in_cache(args) -> bool:
+    """Whether numba's cache holds the kernel for these arguments' types (numba internals, so
+    any failure answers False and the caller takes the slower, always-correct way)."""
     try:
-        kernel = _dispatcher(kind)
-        cache = kernel._cache
-        key = cache._index_key(tuple(numba.typeof(a) for a in args), kernel.targetctx.codegen())
+        cache = pair_kernel._cache
+        key = cache._index_key(tuple(numba.typeof(a) for a in args), pair_kernel.targetctx.codegen())
         return key in cache._cache_file._load_index()
     except Exception:  # noqa: BLE001
         return False
 
 
-def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
-    """Make this process run kernel ``kind`` ("pair" or "stack") for ``dtype`` from numba's
-    on-disk cache.
+def _load_from_cache(dtype: np.dtype, args) -> None:
+    """Make this process run the kernel for ``dtype`` from numba's on-disk cache.
 
     When the cache does not hold it yet, a child process compiles it into the cache (the ~20 s
     of JIT then happen once per machine and dtype instead of once per process); this process
@@ -720,12 +595,11 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
         log.warning("numba: its on-disk cache is off here (no writable place for it; "
                     "NUMBA_CACHE_DIR names one): every process compiles the kernels itself, and "
                     "results of different processes can differ in the last bits (~1e-9)")
-    if ((kind, name) in _loaded or not _CACHING or os.environ.get(_CHILD)
-            or not hasattr(_dispatcher(kind), "stats")):
+    if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
         return
     with _load_lock:
-        if (kind, name) in _loaded or _in_cache(kind, args):
-            _loaded.add((kind, name))
+        if name in _loaded or _in_cache(args):
+            _loaded.add(name)
             return
         this_file = os.path.abspath(__file__)          # as imported: numba's cache key
         root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
@@ -736,7 +610,7 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
                 "from cntk_engine.backends import numba_cpu\n"
                 f"if os.path.abspath(numba_cpu.__file__) != {this_file!r}:\n"
                 f"    sys.exit('imported ' + numba_cpu.__file__ + ' instead of ' + {this_file!r})\n"
-                "import numpy as np, cntk_engine as ce\n" + _KERNELS[kind][1].format(dtype=name) + "\n")
+                "import numpy as np, cntk_engine as ce\n" + _COMPILE_JOB.format(dtype=name) + "\n")
         try:
             child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                                    capture_output=True, text=True, timeout=1800)
@@ -748,16 +622,16 @@ def _load_from_cache(kind: str, dtype: np.dtype, args) -> None:
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("numba: could not run a child to compile the %s kernel (%s); compiling "
                         "in this process", name, e)
-        _loaded.add((kind, name))
+        _loaded.add(name)
 
 
-def _check_cache_hit(kind: str, dtype: np.dtype) -> None:
-    """Log (once per kernel and dtype) when this process ran a kernel it compiled itself."""
-    misses = getattr(getattr(_dispatcher(kind), "stats", None), "cache_misses", {})
+def _check_cache_hit(dtype: np.dtype) -> None:
+    """Log (once per dtype) when this process ran a kernel it compiled itself."""
+    misses = getattr(getattr(pair_kernel, "stats", None), "cache_misses", {})
     name = np.dtype(dtype).name
-    if (_CACHING and not os.environ.get(_CHILD) and (kind, name) not in _miss_logged
+    if (_CACHING and not os.environ.get(_CHILD) and name not in _miss_logged
             and any(str(sig[0].dtype) == name for sig in misses)):
-        _miss_logged.add((kind, name))
+        _miss_logged.add(name)
         log.warning("numba: the %s kernel was compiled in this process, not loaded from numba's "
                     "cache: its results can differ in the last bits (~1e-9) from those of "
                     "processes that loaded the cache", name)
@@ -771,12 +645,9 @@ def cache_status() -> str:
     if not _CACHING:
         return "off (numba found no writable place for it): every process compiles the kernel"
     try:
-        held = []
-        for kind in _KERNELS:
-            cache = _dispatcher(kind)._cache
-            dtypes = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
-            held.append(f"{kind}: {', '.join(dtypes) if dtypes else 'nothing yet'}")
-        return f"{cache._cache_path} (holds {'; '.join(held)})"
+        cache = pair_kernel._cache
+        dtypes = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
+        return f"{cache._cache_path} (holds {', '.join(dtypes) if dtypes else 'nothing yet'})"
     except Exception as e:  # noqa: BLE001 - numba internals
         return f"on (details unavailable: {e})"
 
@@ -806,83 +677,67 @@ class NumbaBackend(Backend):
         cast = lambda a: np.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         return Prepared(cast(x), (cast(s), cast(inv)))
 
-    def _grid_args(self, height: int, width: int):
-        """(grid weights, dmax_y, dmax_x) of the CNN readout for h x w images (cached): the
-        packed grids the readout needs are |dy| <= dmax_y and dx <= dmax_x or dx >= W - dmax_x."""
-        if getattr(self, "_grid_key", None) != (height, width):
-            gw = grid_weights(self.arch, height, width)
-            dys, dxs = np.nonzero(gw)
-            dmax_y = int(np.abs(dys - (height - 1)).max())
-            dmax_x = int(np.minimum(dxs, (width - dxs) % width).max())
-            self._grid_key = (height, width)
-            self._grid_cached = (np.ascontiguousarray(gw), dmax_y, dmax_x)
-        return self._grid_cached
-
-    def _stack_args(self, height: int, width: int):
-        """(stages, R, uniform, needed) of the stack kernel for h x w images (cached)."""
+    def _plan_args(self, height: int, width: int):
+        """(stages, inv_pool, grid_w, R, slot) of ``pair_kernel`` for h x w images (cached)."""
         key = (height, width)
-        if getattr(self, "_stack_key", None) != key:
-            stages, _, _ = self.arch.plan(height, width)
+        if getattr(self, "_plan_key", None) != key:
+            stages, trailing, _ = self.arch.plan(height, width)
             table = np.array([[st.height, st.width, st.first_layer, st.n_layers,
                                st.pool.window if st.pool else 0, st.pool.stride if st.pool else 0]
                               for st in stages], dtype=np.int64)
             inv_pool = np.array([1.0 / st.pool.window ** 4 if st.pool else 1.0 for st in stages],
                                 dtype=self.dtype)
-            R = readout_weights(self.arch, height, width)
-            uniform = bool(np.all(R == R.flat[0]))
-            hl, wl = R.shape[:2]
-            needed = np.zeros((2 * hl - 1, wl), dtype=np.uint8)
-            for dy in range(-(hl - 1), hl):
-                for dx in range(wl):
-                    for ox in ((dx, dx - wl) if dx else (0,)):    # the grid's two slices
-                        y = np.arange(max(0, -dy), hl - max(0, dy))[:, None]
-                        x = np.arange(max(0, -ox), wl - max(0, ox))[None, :]
-                        if np.any(R[y, x, y + dy, x + ox] != 0):
-                            needed[dy + hl - 1, dx] = 1
-            self._stack_key = key
-            self._stack_cached = (table, inv_pool, np.ascontiguousarray(R), uniform, needed)
-        return self._stack_cached
+            hl, wl = stages[-1].height, stages[-1].width
+            if trailing:
+                grid_w, R = packed_readout(readout_weights(self.arch, height, width))
+            else:       # the readout acts on the last stage itself: one weight per packed grid
+                grid_w, R = grid_weights(self.arch, hl, wl), np.zeros((0, 0, 0, 0))
+            slot = np.full(self.arch.n_layers, -1, dtype=np.int64)
+            for t, layer in enumerate(self.arch.readout_layers):
+                slot[layer] = t
+            self._plan_key = key
+            self._plan_cached = (table, inv_pool, np.ascontiguousarray(grid_w),
+                                 np.ascontiguousarray(R), slot)
+        return self._plan_cached
 
     def pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool) -> np.ndarray:
-        if self.arch.has_pooling:
-            return self._stack_pairs(a, b, ia, ib, same_set)
-        slot = np.full(self.arch.n_layers, -1, dtype=np.int64)
-        for t, layer in enumerate(self.arch.readout_layers):
-            slot[layer] = t
-        n_out = len(self.arch.depths)
-        flat = np.zeros((len(ia), n_out, 2), dtype=np.float64)
+        table, inv_pool, grid_w, R, slot = self._plan_args(*a.images.shape[2:])
+        flat = np.zeros((len(ia), len(self.arch.depths), 2), dtype=np.float64)
         f = self.dtype.type
         p = self.params
         # writable arrays: a read-only one (a Dask worker's deserialised images, a memory map)
         # would be another numba signature, compiled in this process instead of loaded (above)
         w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
-        grid_w, dmax_y, dmax_x = self._grid_args(*a.images.shape[2:])
         args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
                 w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
                 f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
-                grid_w, dmax_y, dmax_x, bool(same_set), slot, n_out, flat,
-                constants(self.dtype), self.dtype == np.float64)
-        _load_from_cache("pair", self.dtype, args)
-        _launch(pair_kernel, args)
-        _check_cache_hit("pair", self.dtype)
-        return flat
-
-
-    def _stack_pairs(self, a: Prepared, b: Prepared, ia, ib, same_set: bool) -> np.ndarray:
-        table, inv_pool, R, uniform, needed = self._stack_args(*a.images.shape[2:])
-        flat = np.zeros((len(ia), 1, 2), dtype=np.float64)
-        f = self.dtype.type
-        p = self.params
-        w = lambda arr: np.require(arr, requirements=("C", "W", "A"))  # noqa: E731
-        args = (w(a.images), *map(w, a.diag), w(b.images), *map(w, b.diag),
-                w(np.asarray(ia, dtype=np.int64)), w(np.asarray(ib, dtype=np.int64)),
-                f(p.w_first), f(p.w), f(p.b2), bool(self.arch.fix), int(self.arch.filter_size),
-                bool(same_set), table, inv_pool, R, uniform, needed, flat, constants(self.dtype),
+                bool(same_set), table, inv_pool, grid_w, R, slot, flat, constants(self.dtype),
                 self.dtype == np.float64)
-        _load_from_cache("stack", self.dtype, args)
-        _launch(stack_kernel, args)
-        _check_cache_hit("stack", self.dtype)
+        _load_from_cache(self.dtype, args)
+        _launch(pair_kernel, args)
+        _check_cache_hit(self.dtype)
         return flat
+
+
+def packed_readout(R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pair_kernel``'s readout from the per-entry weights R (h, w, h, w) of the last stage:
+    (grid_w, R) with grid_w[dy + h - 1, dx] the one weight of packed grid (dy, dx) and R empty
+    where every grid's entries share one weight (Myrtle's trailing pools average the whole
+    8 x 8 stage), else (1 on the grids holding a nonzero weight, R)."""
+    h, w = R.shape[:2]
+    grid_w = np.zeros((2 * h - 1, w))
+    needed = np.zeros((2 * h - 1, w))
+    shared = True
+    j = np.arange(w)
+    for dy in range(-(h - 1), h):
+        ys = np.arange(max(0, -dy), h - max(0, dy))[:, None, None]
+        # [row, dx, column]: x entry (y, j) against z entry (y + dy, (j + dx) mod w)
+        vals = R[ys, j[None, None, :], ys + dy, (j[None, None, :] + j[None, :, None]) % w]
+        first = vals[:1, :, :1]
+        shared = shared and bool(np.all(vals == first))
+        grid_w[dy + h - 1] = first[0, :, 0]
+        needed[dy + h - 1] = np.any(vals != 0, axis=(0, 2))
+    return (grid_w, np.zeros((0, 0, 0, 0))) if shared else (needed, R)
 
 
 def num_threads() -> int:
