@@ -709,6 +709,13 @@ def run(args, prog: str = "python -m bench") -> dict:
                          f"{out_path}", code=1)
         print(f"note: this run measured none of its {len(mine)} configuration(s) ({what}); {out_path} "
               f"holds {measured(payload['results'])} measured by earlier runs", file=sys.stderr)
+    # a configuration that broke is a failed run (gpu_session.sh records the phase so), after the
+    # others ran and the file was written; "unavailable" (a method not installed) is not
+    broke = [r for r in mine if r.get("status") in ("failed", "timed_out")]
+    if broke:
+        finish(prog, f"{len(broke)} of {len(mine)} configuration(s) failed or timed out, first "
+                     f"{config_key(broke[0]['config'])}: {broke[0].get('reason')}; every result is in "
+                     f"{out_path}", code=1)
     return payload
 
 

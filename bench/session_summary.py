@@ -6,10 +6,12 @@ targets of issue #16, from the harness's result file and the script's phase reco
 Prints a table of the phases (status, seconds, reason), one line per harness result and one
 per target; writes them as JSON with ``--out``.  A target is "met", "not met", "not
 measured" (with the reason: no such result in the file, or the result not OK), "unchecked" (a
-throughput whose float32 result has no passing check against float64: the figure of a kernel not
-shown to be right is not a measurement of the target) or "incomplete" (the float32 target where
-some float32 configuration failed or went unchecked); nothing is estimated.  The targets (to be
-measured on an H100 / H200):
+throughput whose float32 result has no passing check against float64, or a ratio to
+neural-tangents whose kernel disagrees with ours: the figure of a kernel not shown to be right is
+not a measurement of the target) or "incomplete" (the float32 target where some float32
+configuration failed, went unchecked or is missing from the file, or where the bench or the tests
+phase failed or was stopped at its limit); nothing is estimated.  A failed or stopped bench or
+tests phase is named in every target's detail.  The targets (to be measured on an H100 / H200):
 
 * the default CUDA kernel, CNTK-GAP depth 21, 32x32x3, float32: >= 20,000 unique pairs/s;
 * the default CUDA kernel, Myrtle-10, float32: >= 40,000 unique pairs/s;
@@ -17,7 +19,10 @@ measured on an H100 / H200):
   second, as the harness's speed-up plot compares them): >= 20x at CNTK-GAP depth 21 and
   >= 10x on Myrtle-10;
 * float32 within 1e-4 of the float64 reference for every CUDA kernel variant (the harness's
-  ``check`` of each float32 cuda result against the float64 reference configuration).
+  ``check`` of each float32 cuda result against the float64 reference configuration), every
+  configuration that any variant ran present for every variant that runs that kernel (v7 and v8
+  have no stack kernel of their own: their ``base``'s runs), and the per-layer baseline, an
+  independent implementation checked against the same float64 reference, within 1e-4 of it.
 
 The paper's code (method ``paper_code``) is reported beside them: its agreement with our
 float64 kernels and our speed-up over it per pair; the issue sets no number for these.
@@ -96,10 +101,68 @@ def _target(name, value, bound, unit, rows, what):
             "detail": f"{value:,.1f} {unit} (target >= {bound:,.0f})"}
 
 
-def targets(payload) -> list[dict]:
+def _variant(r):
+    return r["config"].get("cuda_kernel") or r.get("cuda_kernel")
+
+
+def _missing_float32(payload, variants) -> list[str]:
+    """The float32 cuda configurations the file holds for some variant but not for another that
+    runs the same kernel (a bench process stopped at the phase's limit leaves its variant's out;
+    pooled stacks run on the variants with a stack kernel of their own, ``base``)."""
+    own = {k["name"] for k in payload.get("cuda_kernels") or [] if k.get("base", k["name"]) == k["name"]}
+    ran = {}
+    for r in payload.get("results", []):
+        c = r["config"]
+        if c["method"] == "cuda" and c["dtype"] == "float32":
+            key = (_cfg(c, "architecture", "cnn"), c["depth"], c.get("pooling"), bool(_cfg(c, "fix", False)))
+            ran.setdefault(key, set()).add(_variant(r))
+    missing = []
+    for (arch, depth, pooling, fix), have in ran.items():
+        for v in variants:
+            if v not in have and (arch == "cnn" or v in own):
+                missing.append(f"{v} {arch} d{depth} {pooling}{' fix' if fix else ''} not in the file")
+    return missing
+
+
+def _independent_problems(payload) -> list[str]:
+    """The per-layer baseline's results (an implementation that shares no code with the CUDA
+    kernels) more than FLOAT32_TOL from the cuda float64 result they were checked against."""
+    out = []
+    for r in payload.get("results", []):
+        c, chk = r["config"], r.get("check") or {}
+        if not c["method"].startswith("per_layer") or r.get("status") != "ok" or not chk:
+            continue
+        d = chk.get("max_rel_diff")
+        if chk.get("non_finite_entries") or (d is not None and d > FLOAT32_TOL):
+            what = (f"{chk['non_finite_entries']} non-finite entries" if chk.get("non_finite_entries")
+                    else f"{d:.1e} from it")
+            out.append(f"the per-layer baseline ({c['method']} {_label(r)} {c['dtype']}) disagrees with "
+                       f"{str(chk.get('vs', '?')).split(',')[0]}: {what}")
+    return out
+
+
+def _phase_caveats(phases) -> list[str]:
+    """The bench and tests phases that failed or were stopped at their limit."""
+    return [f"the {p['phase']} phase {p['status'].replace('_', ' ')}" for p in phases or []
+            if p["phase"] in ("bench", "tests") and p["status"] in ("failed", "timed_out")]
+
+
+def targets(payload, phases=None) -> list[dict]:
     """The issue's targets, each met / not met / not measured / unchecked / incomplete (the module
-    docstring says when), from a harness payload.  For the float32 target a configuration that
-    is not OK (failed, unavailable, timed out) counts as not checked: "incomplete"."""
+    docstring says when), from a harness payload and gpu_session.sh's phase records
+    (``read_phases``).  For the float32 target a configuration that is not OK (failed,
+    unavailable, timed out) counts as not checked: "incomplete"."""
+    out = _targets(payload)
+    caveats = _phase_caveats(phases)
+    for t in out:
+        if caveats:
+            t["detail"] += f" [{'; '.join(caveats)}]"
+    if caveats and out[-1]["status"] == "met":           # the float32 target
+        out[-1]["status"] = "incomplete"
+    return out
+
+
+def _targets(payload) -> list[dict]:
     res = payload.get("results", [])
     dv = default_variant(payload)
     out = []
@@ -150,14 +213,20 @@ def targets(payload) -> list[dict]:
             else:
                 ratio = ours["unique_pairs_per_s"] / nt["pairs_evaluated_per_s"]
                 t = _target(name, ratio, ntb, "x", [nt], "neural-tangents")
+                sizes = (f" (ours at N = {ours['config']['n']}, neural-tangents at N = "
+                         f"{nt['config']['n']}, per pair each computes)")
+                t["detail"] += sizes
                 why = [f"ours {ours_problem}"] if ours_problem else []
                 nchk = nt.get("check") or {}
                 if nchk.get("non_finite_entries") or nchk.get("max_rel_diff") is None:
                     why.append("neural-tangents' kernel was not checked against ours"
                                + (f" ({nchk['non_finite_entries']} non-finite entries)"
                                   if nchk.get("non_finite_entries") else ""))
+                elif nchk["max_rel_diff"] > FLOAT32_TOL:     # it computed another kernel
+                    why.append(f"neural-tangents' kernel is {nchk['max_rel_diff']:.1e} from ours "
+                               f"(> {FLOAT32_TOL:g})")
                 if why:
-                    t.update(status="unchecked", detail=f"{ratio:,.1f} x, but " + "; ".join(why))
+                    t.update(status="unchecked", detail=f"{ratio:,.1f} x{sizes}, but " + "; ".join(why))
                 out.append(t)
     # float32 vs the float64 reference, every variant
     variants = [v["name"] for v in payload.get("cuda_kernels") or []]
@@ -181,6 +250,8 @@ def targets(payload) -> list[dict]:
                     bad.append(f"{v} {_label(r)} {problem}")        # checked, and wrong
                 else:
                     unfinished.append(f"{v} {_label(r)} {problem}")  # not checked
+        unfinished += _missing_float32(payload, variants)
+        bad += _independent_problems(payload)
         missing = [v for v in variants if v not in worst]
         checked = ", ".join(f"{v} {d:.1e}" for v, d in worst.items())
         if bad:
@@ -299,7 +370,7 @@ def summarize(harness: Path | None, phases: Path | None) -> dict:
     if payload is not None:
         out["gpu"] = payload.get("gpu")
         out["cuda_kernels"] = payload.get("cuda_kernels")
-        out["targets"] = targets(payload)
+        out["targets"] = targets(payload, out.get("phases"))
         out["paper_code"] = paper_report(payload)
         out["result_lines"] = result_lines(payload)
     return out

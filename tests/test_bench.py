@@ -1005,6 +1005,67 @@ def test_session_summary_counts_no_figure_whose_result_was_not_shown_right():
     assert [t["status"] for t in ss.targets(good)][::4] == ["met", "met"]
 
 
+def test_session_summary_meets_no_target_on_missing_or_contradicted_evidence():
+    """From a review of the summary: the float32 target was "met" when a variant's bench process
+    never ran (its configurations are simply absent) or the bench phase was stopped at its limit;
+    a neural-tangents ratio was "met" with its kernel 0.5 from ours; the per-layer baseline's
+    disagreement with the CUDA float64 reference, and a failed tests phase, went unmentioned."""
+    from bench import session_summary as ss
+    ok = {"vs": "cuda v3 float64", "max_rel_diff": 2e-7}
+    kernels = [{"name": "v3", "default_for": ["float32"], "base": "v3"},
+               {"name": "v8", "default_for": [], "base": "v3"}, {"name": "v5", "default_for": [], "base": "v5"}]
+    rows = [_rec("cuda", d, 25000.0, variant=v, check=ok) for v in ("v3", "v8", "v5") for d in (3, 21)]
+    rows += [_rec("cuda", 10, 50000.0, arch="myrtle10", variant=v, check=ok) for v in ("v3", "v5")]
+    full = {"cuda_kernels": kernels, "results": rows}
+    assert ss.targets(full)[-1]["status"] == "met"          # v8 runs v3's stack kernel: not missing
+    cut = {"cuda_kernels": kernels, "results": [r for r in rows if not (
+        r["cuda_kernel"] == "v5" and (r["config"]["architecture"] == "myrtle10" or r["config"]["depth"] == 21))]}
+    f32 = ss.targets(cut)[-1]
+    assert f32["status"] == "incomplete", f32
+    assert "v5 cnn d21 gap not in the file" in f32["detail"] and "v5 myrtle10 d10 gap not in the file" in f32["detail"]
+    # a phase stopped at its limit or failed: named in every target, the float32 target incomplete
+    phases = [{"phase": "bench", "status": "timed_out", "seconds": 210, "limit": 210, "reason": ""},
+              {"phase": "tests", "status": "failed", "seconds": 40, "limit": 150, "reason": "exit status 1"}]
+    got = ss.targets(full, phases)
+    assert got[0]["status"] == "met" and got[-1]["status"] == "incomplete"
+    assert all("[the bench phase timed out; the tests phase failed]" in t["detail"] for t in got)
+    assert ss.targets(full, [dict(phases[0], status="ok")])[-1]["status"] == "met"
+    # the independent per-layer baseline against the same float64 reference
+    wrong = {"cuda_kernels": kernels, "results": rows + [
+        _rec("per_layer_cuda", 21, 700.0, n=16, check={"vs": "cuda v3 float64", "max_rel_diff": 0.1})]}
+    f32 = ss.targets(wrong)[-1]
+    assert f32["status"] == "not met" and "the per-layer baseline (per_layer_cuda cnn d21 N=16 float32) " \
+        "disagrees with cuda v3 float64: 1.0e-01 from it" in f32["detail"]
+    # neural-tangents computing another kernel gives no speed-up figure
+    nt = _rec("neural_tangents", 21, 500.0, n=16, evaluated=1000.0,
+              check={"vs": "cntk_engine float64", "max_rel_diff": 0.5, "non_finite_entries": 0})
+    _, nt21, _, _, _ = ss.targets({"cuda_kernels": kernels, "results": rows + [nt]})
+    assert nt21["status"] == "unchecked" and "neural-tangents' kernel is 5.0e-01 from ours" in nt21["detail"]
+    assert "ours at N = 256, neural-tangents at N = 16" in nt21["detail"]
+    nt["check"]["max_rel_diff"] = 1e-6
+    assert ss.targets({"cuda_kernels": kernels, "results": rows + [nt]})[1]["status"] == "met"
+
+
+def test_harness_exits_1_when_a_configuration_failed(tmp_path, monkeypatch):
+    """gpu_session.sh records a phase by the harness's exit status: a bench process whose
+    configurations crashed, beside one that ran, was recorded "ok"."""
+    from bench import harness
+    real = harness.Runner.make
+
+    def flaky(self, c, x):
+        if c["depth"] == 3:
+            raise RuntimeError("an illegal memory access was encountered")
+        return real(self, c, x)
+    monkeypatch.setattr(harness.Runner, "make", flaky)
+    out = tmp_path / "h.json"
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--output", str(out), "--methods", "numba", "--depths", "2,3", "--sizes", "4", "--n", "2",
+                      "--dtypes", "float32", "--repeats", "1", "--warmup", "0", "--no-plots", "--no-ceiling"])
+    assert e.value.code == 1 and "1 of 2 configuration(s) failed or timed out, first numba|3|" in str(e.value)
+    assert "an illegal memory access" in str(e.value)
+    assert sorted(r["status"] for r in json.loads(out.read_text())["results"]) == ["failed", "ok"]
+
+
 def test_a_resumed_harness_keeps_the_records_it_has_not_reached_on_disk(tmp_path, monkeypatch):
     """save() wrote this run's records and those outside its matrix: kept records later in the
     order vanished from the file until the loop reached them, so a run stopped at its time limit
