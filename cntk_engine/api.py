@@ -11,7 +11,7 @@ from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
 from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
 from .jobs import GramJob, run_job
-from .jobs.local import resolve_devices
+from .jobs.local import check_devices, resolve_devices
 from .spelling import arg
 
 log = logging.getLogger("cntk_engine")
@@ -102,8 +102,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     image_shape = tuple(int(v) for v in a.shape[1:])
     arch.check_image_shape(*image_shape)
 
+    devices = check_devices(devices)
     if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's
-        if devices not in (None, "all"):
+        if devices is not None:
             raise ValueError(f"{arg('devices')} selects local GPUs; with {arg('client')} the Dask "
                              "workers decide (one GPU per worker with resources={'GPU': 1}); "
                              f"leave {arg('devices')} unset")

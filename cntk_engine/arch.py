@@ -309,13 +309,15 @@ class Architecture:
         if not isinstance(self.depths, tuple) or not self.depths:
             raise ValueError(f"{arg('depths')} must be a non-empty tuple of integers >= 2")
         depths = tuple(as_integer(d) for d in self.depths)
+        # the argument as the caller gave it: one depth, or a depth table
+        what = arg("depth") if len(depths) == 1 else f"every depth of {arg('depths', list(depths))}"
         for d in depths:
             if not is_int(d) or d < 2:
                 raise ValueError(
-                    f"{arg('depth')} must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
+                    f"{what} must be an integer >= 2 (conv layers + 1, as in the paper); got {d!r}")
             if d > MAX_DEPTH:
                 raise ValueError(
-                    f"{arg('depth')} must be at most {MAX_DEPTH}; got {d}: the cost grows linearly with "
+                    f"{what} must be at most {MAX_DEPTH}; got {d}: the cost grows linearly with "
                     f"depth (depth {d} costs about {d / 21:.3g} times depth 21), while the "
                     "accuracy of CNTKs saturates by depth ~20 (the paper's deepest is 21) and the "
                     "kernel tends to a constant as depth grows")

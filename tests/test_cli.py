@@ -336,7 +336,10 @@ def test_depth_lists_with_empty_or_small_items_are_refused(tmp_path, data, capsy
     assert rc == 2 and msg in e, e
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--devices", "0,,1", "--out",
                    tmp_path / "o.zarr")
-    assert rc == 2 and "--devices must be comma-separated integers, e.g. 0,1" in e, e
+    assert rc == 2 and "--devices must be 'all' or comma-separated GPU ids such as 0,1; got '0,,1'" in e, e
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--devices", "ALL", "--backend", "numba",
+                   "--out", tmp_path / "all.zarr")
+    assert rc == 0, e                 # 'all' in any case: every core on the CPU
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--pooling", "lap", "--out",
                    tmp_path / "o.zarr")
     assert rc == 2 and "--pooling 'lap' needs --lap-window" in e and "None" not in e, e

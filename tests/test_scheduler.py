@@ -15,7 +15,7 @@ from cntk_engine.arch import make_architecture
 from cntk_engine.backends.base import Backend, Traits
 from cntk_engine.backends.numba_cpu import NumbaBackend
 from cntk_engine.jobs import GramJob
-from cntk_engine.jobs.local import Worker, resolve_devices, run_tiles
+from cntk_engine.jobs.local import Worker, check_devices, resolve_devices, run_tiles
 from cntk_engine.jobs.sinks import MemorySink
 from cntk_engine.jobs.tiles import (PAIR_OVERHEAD, Tile, TileLayout, auto_tile, bytes_per_pair,
                                     largest_first, pair_work)
@@ -235,14 +235,31 @@ def test_free_memory_of_gpus_that_report_it_limits_the_tile(monkeypatch, rng):
     assert seen["free"] == 8 * 2**30                  # the least over GPUs 1 and 2, not "no limit"
 
 
-def test_resolve_devices_errors():
+def test_check_and_resolve_devices(monkeypatch):
+    """devices as NumPy arrays (np.arange(n_gpus)) got NumPy's 'truth value of an array is
+    ambiguous' and a 0-d array 'iteration over a 0-d array'; GPU ids that do not exist were
+    named as a Python list whatever the caller typed, and with no GPU as 'ids 0..-1' (a helper's
+    audit)."""
+    assert check_devices(None) is None and check_devices("all") is None
+    assert check_devices(np.arange(2)) == [0, 1] and check_devices(np.array(1)) == [1]
+    assert check_devices(np.int64(3)) == [3] and check_devices((2, 0)) == [2, 0]
+    for bad in ("0,1", "ALL", [], [-1], [0, 0], [1.5], True, np.array([True]), np.zeros((1, 1)), 2.0):
+        with pytest.raises(ValueError, match="devices"):
+            check_devices(bad)
     assert resolve_devices("cpu", None) is None
-    assert resolve_devices("cpu", "all") is None
     with pytest.raises(ValueError, match="runs on the CPU"):
         resolve_devices("cpu", [0])
-    for bad in ("0,1", [], [-1], [0, 0], [1.5], True):
-        with pytest.raises(ValueError, match="devices"):
-            resolve_devices("cpu", bad)
+    from cntk_engine.jobs import local
+    monkeypatch.setattr(local, "gpu_count", lambda: 2)
+    assert resolve_devices("gpu", check_devices(np.arange(2))) == [0, 1]
+    assert resolve_devices("gpu", None) == [0, 1]
+    with pytest.raises(ValueError, match=r"^devices=\[1, 3\]: no GPU 3 here; 2 GPU\(s\) visible, ids 0 \.\. 1$"):
+        resolve_devices("gpu", [1, 3])
+    monkeypatch.setattr(local, "gpu_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="found no visible GPU"):
+        resolve_devices("gpu", [0])
+    with pytest.raises(ValueError, match="runs on the CPU"):     # through gram: checked, then resolved
+        ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend="numba", devices=np.arange(2))
 
 
 def test_gram_devices_with_cpu_backend_is_refused(rng):

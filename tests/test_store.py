@@ -402,3 +402,12 @@ def test_mismatch_messages_name_defaults_not_missing_keys(tmp_path, rng):
     with pytest.raises(StoreMismatch) as e:
         ce.gram(x[:5], depth=2, backend="numba", out=out)
     assert "x1 (count): store has 7, this job 5" in str(e.value) and "x2" not in str(e.value)
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """Path('') is the current folder: out='' was refused as 'out=<cwd> exists and is not a Zarr
+    store' (a helper's audit; the CLI refused an empty --out already)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^out='' is empty; give the path of the Zarr store"):
+        ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend="numba", out="")
+    assert list(tmp_path.iterdir()) == []

@@ -314,3 +314,28 @@ def test_kill_9_twice_then_resume_is_bit_identical(tmp_path):
         for k, v in zip(("ntk", "nngp"), ref[d]):
             assert g[f"depth_{d}/{k}"][...].tobytes() == v.tobytes()
     assert store_mod.verify_store(out).ok and claim_files(out) == []
+
+
+def test_a_round_that_claimed_nothing_waits_before_the_next(tmp_path, monkeypatch):
+    """run_tiles returns {worker: 0} when every tile was claimed by another writer: that dict is
+    truthy, so the pause between rounds never ran and the loop went round again at once,
+    preparing the images each time (a helper's audit)."""
+    real_claim = store_mod.StoreSink.claim
+    real_sleep = time.sleep
+    refused = {"n": 0}
+
+    def claim(self, t):
+        if refused["n"] < 1:            # the first round: another writer holds every tile
+            refused["n"] += 1
+            return False
+        return real_claim(self, t)
+    sleeps = []
+    monkeypatch.setattr(store_mod.StoreSink, "claim", claim)
+    monkeypatch.setattr(store_mod.GramStore, "wait_for_others", lambda self, tiles: None)
+    monkeypatch.setattr(store_mod.GramStore, "poll_seconds", property(lambda self: 0.0123))
+    # time.sleep is the one module's function: the claims' heartbeat sleeps through it as well
+    monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s) if s == 0.0123 else real_sleep(s))
+    x = np.random.default_rng(0).standard_normal((3, 1, 4, 4))
+    k = ce.gram(x, depth=2, backend="numba", tile=8, out=tmp_path / "g.zarr")
+    assert refused["n"] == 1 and len(sleeps) == 1
+    np.testing.assert_array_equal(k["ntk"][:], ce.gram(x, depth=2, backend="numba"))

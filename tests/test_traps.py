@@ -85,6 +85,11 @@ def test_absurd_depth_is_refused_at_once_saying_why(tmp_path, capsys):
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "1000000000", "--out",
                    tmp_path / "g.zarr")
     assert rc == 2 and "at most 1000" in e and e.count("\n") == 1 and not (tmp_path / "g.zarr").exists()
+    # a depth table is named as the option that gave it (it was blamed on --depth)
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depths", "3,1001", "--out", tmp_path / "g.zarr")
+    assert rc == 2 and "every depth of --depths 3,1001 must be at most 1000; got 1001" in e, e
+    with pytest.raises(ValueError, match=r"^every depth of depths=\[3, 1001\] must be at most 1000"):
+        make_architecture(depths=[3, 1001])
 
 
 # ------------------------------------------------------------------------------ solver wording

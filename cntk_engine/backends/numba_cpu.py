@@ -502,11 +502,12 @@ if numba is not None:
 
 
 # Core-seconds per pair, entry and layer (the work unit of jobs.tiles.pair_work): the time model
-# of the tile size, measured on the 2-core development machine (AMD EPYC, AVX2) while it was
-# shared (32x32x3 images, GAP, depth 6: 47 pairs/s in float32, 9.3 in float64).  A faster or
-# idle machine gets shorter tiles, which costs nothing: pairs/s was no lower at tiles of 8 rows
-# than at one of 40.
-ENTRY_CORE_SECONDS = {"float32": 8e-9, "float64": 3.8e-8}
+# of the tile size, measured on the 2-core development machine (AMD EPYC, AVX2), idle (32x32x3
+# images, GAP, depth 6, 2 threads: 265 pairs/s in float32, 38 in float64, i.e. 1.4e-9 and
+# 9.9e-9), with about a third more for a machine shared with other work.  A faster or idle
+# machine gets shorter tiles, which costs nothing: pairs/s was no lower at tiles of 8 rows than
+# at one of 40.
+ENTRY_CORE_SECONDS = {"float32": 2e-9, "float64": 1.3e-8}
 TILE_SECONDS = 2.0
 
 log = logging.getLogger("cntk_engine")

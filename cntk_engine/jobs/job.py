@@ -177,7 +177,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
                 jdask.check_all_marked(store, written, per)
             remaining = store.not_done(remaining)      # held by other writers
             if remaining:
-                if not per:                            # nothing claimed this round: no spinning
+                if not sum(per.values()):              # nothing claimed this round: no spinning
                     time.sleep(store.poll_seconds)
                 store.wait_for_others(remaining)
                 remaining = store.not_done(remaining)

@@ -28,37 +28,50 @@ from .tiles import Tile, largest_first
 log = logging.getLogger("cntk_engine")
 
 
-def resolve_devices(device_kind: str, devices) -> list[int] | None:
-    """GPU ids to use (a GPU backend), or None for a CPU backend.  ``devices``: None or "all"
-    (every visible GPU; every core for a CPU backend), or a list of GPU ids.  ``device_kind``:
-    the backend's ``traits().device``, "cpu" or "gpu"."""
-    if devices is not None and devices != "all":
-        if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
-            devices = [int(devices)]
-        if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
-            raise ValueError(f"{arg('devices')} must be None, 'all' or a list of GPU ids; got {devices!r}")
-        devices = list(devices)
-        if not devices or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0
-                              for d in devices):
-            raise ValueError(f"{arg('devices')} must be a non-empty list of GPU ids (integers >= 0); "
-                             f"got {as_written('devices', devices)}")
-        devices = [int(d) for d in devices]
-        if len(set(devices)) != len(devices):
-            raise ValueError(f"{arg('devices')} must not repeat; got {devices}")
+def check_devices(devices) -> list[int] | None:
+    """``devices`` as ``gram`` takes it, checked: None for None or "all" (every visible GPU;
+    every core for a CPU backend), else the list of distinct GPU ids (an integer, a NumPy
+    integer or a 0-d integer array is one id; a list, tuple or NumPy array several).  A
+    ValueError names what is accepted otherwise."""
+    if devices is None or (isinstance(devices, str) and devices == "all"):
+        return None
+    given = devices
+    if isinstance(devices, np.ndarray) and devices.ndim == 0:
+        devices = devices.item()
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, (bool, np.bool_)):
+        devices = [devices]
+    if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
+        raise ValueError(f"{arg('devices')} must be None, 'all' or a list of GPU ids; got {given!r}")
+    devices = list(devices)
+    if not devices or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0
+                          for d in devices):
+        raise ValueError(f"{arg('devices')} must be 'all' or a non-empty list of GPU ids (integers "
+                         f">= 0); got {as_written('devices', given)}")
+    devices = [int(d) for d in devices]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"{arg('devices')} must not repeat; got {as_written('devices', devices)}")
+    return devices
+
+
+def resolve_devices(device_kind: str, devices: list[int] | None) -> list[int] | None:
+    """GPU ids to use (a GPU backend), or None for a CPU backend.  ``devices``: what
+    :func:`check_devices` made of the argument (None: every visible GPU).  ``device_kind``: the
+    backend's ``traits().device``, "cpu" or "gpu"."""
     if device_kind != "gpu":
-        if devices not in (None, "all"):
+        if devices is not None:
             raise ValueError(f"{arg('devices', devices)} selects GPUs, but this backend runs on the "
                              f"CPU (with every core); use {arg('backend', 'cuda')} or leave "
                              f"{arg('devices')} unset")
         return None
     n = gpu_count()
-    if devices in (None, "all"):
-        if n == 0:
-            raise RuntimeError("the GPU backend found no visible GPU")
+    if n == 0:
+        raise RuntimeError("the GPU backend found no visible GPU")
+    if devices is None:
         return list(range(n))
     bad = [d for d in devices if d >= n]
     if bad:
-        raise ValueError(f"devices {bad} do not exist: {n} GPU(s) visible (ids 0..{n - 1})")
+        raise ValueError(f"{arg('devices', devices)}: no GPU {', '.join(map(str, bad))} here; "
+                         f"{n} GPU(s) visible, ids 0 .. {n - 1}")
     return devices
 
 
@@ -190,5 +203,5 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
     return done
 
 
-__all__ = ["Worker", "local_workers", "run_tiles", "Progress", "resolve_devices",
+__all__ = ["Worker", "local_workers", "run_tiles", "Progress", "check_devices", "resolve_devices",
            "smallest_free_memory"]

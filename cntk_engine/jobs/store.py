@@ -934,9 +934,13 @@ class GramStore:
         resume = getattr(out, "existing", "resume") == "resume"
         timeout = getattr(out, "claim_timeout", None) or CLAIM_TIMEOUT
         try:
-            path = Path(os.fspath(out)).expanduser().absolute()
+            given = os.fspath(out)
+            path = Path(given).expanduser().absolute()
         except TypeError:
             raise StoreError(f"{arg('out')} must be a path (str or os.PathLike) to a Zarr directory; got {out!r}") from None
+        if not given:       # Path('') is the current folder
+            raise StoreError(f"{arg('out', given)} is empty; give the path of the Zarr store to write, e.g. "
+                             "'gram.zarr'")
         if path.exists() or path.is_symlink():
             return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
                                       claim_timeout=timeout)
