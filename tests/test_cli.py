@@ -405,3 +405,15 @@ def test_usage_errors_are_one_line(capsys, argv, msg):
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "usage:" not in err, err
+
+
+def test_a_backend_that_cannot_run_is_named_as_the_option(tmp_path, data, capsys):
+    """'backend 'cuda' is unavailable' from the command line, where the option is --backend (a
+    helper's audit); Python names the argument as it is written there."""
+    from cntk_engine.backends import available_backends
+    if available_backends()["cuda"] is None:
+        pytest.skip("the cuda backend can run here")
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--backend", "cuda", "--out",
+                   tmp_path / "o.zarr")
+    assert rc == 2 and "error: --backend 'cuda' is unavailable: " in e, e
+    assert not (tmp_path / "o.zarr").exists()

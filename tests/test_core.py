@@ -229,5 +229,5 @@ def test_unavailable_cuda_is_a_clear_runtime_error():
     why = ce.available_backends()["cuda"]
     if why is None:
         pytest.skip("the CUDA backend is usable here")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: "):
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable: "):
         ce.gram(np.ones((2, 1, 4, 4)), depth=3, backend="cuda")

@@ -484,7 +484,7 @@ def test_valid_launch_parameters_and_the_shape_rule():
     from cntk_engine.backends import choose
     caps = {"cuda": {"unavailable": None,
                      "unsupported": CudaBackend.unsupported(arch, (1, 33, 8), "float32")}}
-    with pytest.raises(ValueError, match="backend 'cuda' cannot take this input: .*33 x 8"):
+    with pytest.raises(ValueError, match="backend='cuda' cannot take this input: .*33 x 8"):
         choose("cuda", caps)
 
 

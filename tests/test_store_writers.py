@@ -339,3 +339,8 @@ def test_a_round_that_claimed_nothing_waits_before_the_next(tmp_path, monkeypatc
     k = ce.gram(x, depth=2, backend="numba", tile=8, out=tmp_path / "g.zarr")
     assert refused["n"] == 1 and len(sleeps) == 1
     np.testing.assert_array_equal(k["ntk"][:], ce.gram(x, depth=2, backend="numba"))
+
+
+def test_a_claim_timeout_that_is_no_number_is_named_as_given():
+    with pytest.raises(ValueError, match=r"claim_timeout must be a positive number of seconds; got 'abc'$"):
+        StorePath("g.zarr", claim_timeout="abc")

@@ -99,9 +99,9 @@ def choose(name: str, caps: dict[str, dict]) -> tuple[str, str]:
         raise RuntimeError("no backend can run this job: " + "; ".join(skipped))
     c = caps[name]
     if c["unavailable"] is not None:
-        raise RuntimeError(f"backend {name!r} is unavailable: {c['unavailable']}")
+        raise RuntimeError(f"{arg('backend', name)} is unavailable: {c['unavailable']}")
     if c["unsupported"] is not None:
-        raise ValueError(f"backend {name!r} cannot take this input: {c['unsupported']}. "
+        raise ValueError(f"{arg('backend', name)} cannot take this input: {c['unsupported']}. "
                          f"Use {arg('backend', 'numba')}.")
     if c.get("unverified"):
         return name, f"asked for, although {c['unverified']}"

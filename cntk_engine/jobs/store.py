@@ -217,13 +217,14 @@ class StorePath(os.PathLike):
         if existing not in ("resume", "refuse"):
             raise ValueError(f"existing must be 'resume' or 'refuse'; got {existing!r}")
         if claim_timeout is not None:
+            given = claim_timeout
             try:
                 claim_timeout = float(claim_timeout)
             except (TypeError, ValueError):
                 claim_timeout = float("nan")
             if not (0 < claim_timeout < float("inf")):
                 raise ValueError("claim_timeout must be a positive number of seconds; got "
-                                 f"{claim_timeout!r}")
+                                 f"{given!r}")
         self.path = os.fspath(path)
         self.existing, self.claim_timeout = existing, claim_timeout
 
