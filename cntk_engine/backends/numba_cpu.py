@@ -410,33 +410,27 @@ if numba is not None:
                                 for e in range(n):
                                     th[e] += sig[e]
                             t_out = slot[l] if last else -1
-                            if t_out >= 0 and not per_entry:
-                                # the grid's sum: row sums (<= W terms) in the compute dtype
-                                gk = 0.0
-                                gs = 0.0
-                                for i in range(h):
-                                    a = i * Ws
-                                    rk, rg = relu_row(sig[a:a + Ws], th[a:a + Ws],
-                                                      xs[l, xo + a:xo + a + Ws],
-                                                      xi[l, xo + a:xo + a + Ws],
-                                                      zs[l, zo + a:zo + a + Ws],
-                                                      zi[l, zo + a:zo + a + Ws],
-                                                      kg[a:a + Ws], gg[a:a + Ws], Ws, self_diag,
-                                                      exact, KC)
-                                    gk += rk
-                                    gs += rg
+                            # the ReLU step in runs: a grid read out with one weight sums
+                            # row by row (<= W terms in the compute dtype, then float64), any
+                            # other over the whole grid (its sums are not used); one call site,
+                            # as each inlined copy of the step costs numba seconds of compilation
+                            by_row = t_out >= 0 and not per_entry
+                            seg = Ws if by_row else RELU_CHUNK
+                            gk = 0.0
+                            gs = 0.0
+                            for a in range(0, n, seg):
+                                b = min(n, a + seg)
+                                rk, rg = relu_row(sig[a:b], th[a:b], xs[l, xo + a:xo + b],
+                                                  xi[l, xo + a:xo + b], zs[l, zo + a:zo + b],
+                                                  zi[l, zo + a:zo + b], kg[a:b], gg[a:b],
+                                                  b - a, self_diag, exact, KC)
+                                gk += rk
+                                gs += rg
+                            if by_row:
                                 wgt = grid_w[dy + Hs - 1, dx]
                                 acc[t_out, 0] += wgt * gk
                                 acc[t_out, 1] += wgt * gs
-                                continue
-                            # the sums are not used: loops over the whole grid
-                            for a in range(0, n, RELU_CHUNK):
-                                b = min(n, a + RELU_CHUNK)
-                                relu_row(sig[a:b], th[a:b], xs[l, xo + a:xo + b],
-                                         xi[l, xo + a:xo + b], zs[l, zo + a:zo + b],
-                                         zi[l, zo + a:zo + b], kg[a:b], gg[a:b],
-                                         b - a, self_diag, exact, KC)
-                            if t_out >= 0:      # per-entry weights
+                            elif t_out >= 0:    # per-entry weights
                                 for i in range(h):
                                     py = ix0 + i
                                     qy = iz0 + i
