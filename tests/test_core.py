@@ -231,3 +231,18 @@ def test_unavailable_cuda_is_a_clear_runtime_error():
         pytest.skip("the CUDA backend is usable here")
     with pytest.raises(RuntimeError, match="backend='cuda' is unavailable: "):
         ce.gram(np.ones((2, 1, 4, 4)), depth=3, backend="cuda")
+
+
+def test_float32_where_the_network_drives_c_to_one():
+    """Between different images c can approach +-1 by the network alone (here a bias large
+    against the weights on 1 x 1 one-channel images): within 8 ulps of +-1 c is taken as +-1,
+    and float32 then costs sqrt(eps), 4.0e-4 of the largest entry in this example from a
+    randomized comparison with the reference (README, Exactness); float64 stays exact."""
+    x1 = np.array([0.02591174]).reshape(1, 1, 1, 1)
+    x2 = np.array([0.69032575, 0.35009399]).reshape(2, 1, 1, 1)
+    kw = dict(kernel="ntk", filter_size=7, convention="neural_tangents", W_std=1.544, b_std=1.361,
+              pooling="lap", lap_window=1, depth=4, fix=True)
+    ref = ce.gram(x1, x2, backend="reference", **kw)
+    err = lambda dt: np.abs(ce.gram(x1, x2, backend="numba", dtype=dt, **kw) - ref).max() / np.abs(ref).max()  # noqa: E731
+    assert err("float64") < 1e-10
+    assert 1e-5 < err("float32") < 1e-3
