@@ -10,7 +10,7 @@ pairs per second (it computes each of the N(N+1)/2 pairs once), neural-tangents'
 per second (``kernel_fn(x, None)`` computes all N^2 ordered pairs) and their ratio, in wall
 time and in process CPU time (every thread counted: a ratio that other load on the machine does
 not move), the pairs each method computes; an exactness check (our float64 kernel of neural-tangents' own images
-against its values); the engine's memory: the per-pair working set of the stack kernel (its
+against its values); the engine's memory: the per-pair working set of the numba kernel (its
 per-thread buffers, counted) and the peak resident memory of a process computing one tile
 (measured, VmHWM).  Writes <out-dir>/stacks_cpu_<date>.json and .png.
 """
@@ -88,7 +88,7 @@ print(json.dumps({"before": before, "after": hwm()}))
 
 
 def pair_working_set(name: str, dtype=np.float32) -> dict:
-    """Bytes the stack kernel allocates per pair (each thread holds one pair's at a time)."""
+    """Bytes the numba kernel allocates per pair of a stack (each thread holds one pair's at a time)."""
     from cntk_engine.arch import make_architecture
     arch = make_architecture(architecture=name)
     stages, _, _ = arch.plan(32, 32)
