@@ -46,12 +46,17 @@ def _cfg(c, field, default):
     return c.get(field, default)
 
 
+def _variant(r):
+    """The CUDA kernel variant of a result (in its config, or beside it in older files)."""
+    return r["config"].get("cuda_kernel") or r.get("cuda_kernel")
+
+
 def _matches(r, method, arch="cnn", depth=None, dtype="float32", variant=None, pooling="gap"):
     c = r["config"]
     return (c["method"] == method and _cfg(c, "architecture", "cnn") == arch
             and (depth is None or c["depth"] == depth) and c["dtype"] == dtype
             and c.get("pooling") == pooling and not _cfg(c, "fix", False) and c.get("size") == 32
-            and (variant is None or (c.get("cuda_kernel") or r.get("cuda_kernel")) == variant))
+            and (variant is None or _variant(r) == variant))
 
 
 def _best(rows):
@@ -99,10 +104,6 @@ def _target(name, value, bound, unit, rows, what):
     met = value >= bound
     return {"target": name, "status": "met" if met else "not met", "value": value, "bound": bound,
             "detail": f"{value:,.1f} {unit} (target >= {bound:,.0f})"}
-
-
-def _variant(r):
-    return r["config"].get("cuda_kernel") or r.get("cuda_kernel")
 
 
 def _missing_float32(payload, variants) -> list[str]:
@@ -238,7 +239,7 @@ def _targets(payload) -> list[dict]:
     else:
         worst, bad, unfinished = {}, [], []
         for v in variants:
-            rows = [r for r in f32 if (r["config"].get("cuda_kernel") or r.get("cuda_kernel")) == v]
+            rows = [r for r in f32 if _variant(r) == v]
             for r in rows:
                 problem = None if r.get("status") != "ok" else _check_problem(r)
                 chk = r.get("check") or {}
@@ -296,7 +297,7 @@ def paper_report(payload) -> list[dict]:
                           and q["config"]["depth"] == c["depth"] and q["config"]["pooling"] == c["pooling"]
                           and bool(q["config"].get("fix")) == bool(c.get("fix"))
                           and q["config"].get("architecture", "cnn") == "cnn"
-                          and (q["config"].get("cuda_kernel") or q.get("cuda_kernel")) == dv])
+                          and _variant(q) == dv])
             if ours is not None:
                 row["speedup"] = ours["unique_pairs_per_s"] / r["pairs_evaluated_per_s"]
                 row["vs"] = f"cuda {dv} float32 N={ours['config']['n']}"
@@ -325,7 +326,7 @@ def _order(r):
     c = r["config"]
     m = c["method"]
     return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m,
-            str(c.get("cuda_kernel") or r.get("cuda_kernel") or ""), c.get("architecture", "cnn") != "cnn",
+            str(_variant(r) or ""), c.get("architecture", "cnn") != "cnn",
             c["depth"], c["pooling"], bool(c.get("fix")), c["dtype"], c["n"])
 
 
@@ -334,7 +335,7 @@ def result_lines(payload) -> list[str]:
     lines = []
     for r in sorted(payload.get("results", []), key=_order):
         c = r["config"]
-        what = " ".join(str(p) for p in (c["method"], c.get("cuda_kernel") or r.get("cuda_kernel") or "",
+        what = " ".join(str(p) for p in (c["method"], _variant(r) or "",
                                          c.get("architecture", "cnn"), f"d{c['depth']}", c["pooling"],
                                          "fix" if c.get("fix") else "", c["dtype"], f"N={c['n']}") if p != "")
         if r.get("status") == "ok":
