@@ -21,6 +21,34 @@ import math
 from .arch import Architecture, LayerParams
 from .arrays import get_array_module
 
+# The images whose diagonals are computed together (a chunk) hold at most about this much
+# float64 working memory (:func:`working_bytes`), so that a set's diagonals cost the memory of
+# the result, not a multiple of it: Myrtle-10's first stage holds its self kernel on 49 offset
+# slices, 1.2 MB per 32 x 32 image (60 GB for 50,000 images computed at once).
+CHUNK_BYTES = 1 << 27
+
+
+def working_bytes(arch: Architecture, height: int, width: int) -> int:
+    """Upper estimate of the float64 bytes one image needs while its diagonals are computed
+    and a backend lays them out (``Backend.prepare``): q itself (L h w), five arrays of its size
+    for the backends' copies (sqrt(q), 1/sqrt(q), a layout with rows twice, casts), a few
+    (h, w) temporaries of the recursion and, in a pooled stack, the self kernel on the
+    (2 m_t + 1)^2 offset slices of each stage t (Sigma, K and their temporaries: four of each;
+    :func:`_stack_diag`)."""
+    q = arch.n_layers * height * width * 8
+    grids = 8 * height * width
+    if arch.has_pooling:
+        stages = arch.plan(height, width)[0]
+        grids = max(4 * (2 * m + 1) ** 2 * st.height * st.width
+                    for m, st in zip(_offset_reach(stages), stages))
+    return 6 * q + 8 * grids
+
+
+def chunk_images(arch: Architecture, height: int, width: int, chunk_bytes: int | None = None) -> int:
+    """How many images' diagonals to compute together: ``chunk_bytes`` (default
+    :data:`CHUNK_BYTES`) of working memory (:func:`working_bytes`), at least one image."""
+    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // working_bytes(arch, height, width))
+
 
 def box2d(a, k: int):
     """Zero-padded k x k box sum over the last two axes of ``a`` (NumPy or CuPy)."""
@@ -89,15 +117,22 @@ def _relu_nngp(sigma, q, d):
     return (norm * xp.sin(theta) + (math.pi - theta) * sigma) / (2 * math.pi)
 
 
+def _offset_reach(stages) -> list[int]:
+    """m_t per stage: the largest |offset| of stage t's self kernel that the diagonals of the
+    stages after it read (0 for the last; m_t = s m_{t+1} + w - 1 for a w x w pool of stride s)."""
+    need = [0] * len(stages)
+    for t in range(len(stages) - 2, -1, -1):
+        pool = stages[t].pool
+        need[t] = pool.stride * need[t + 1] + pool.window - 1
+    return need
+
+
 def _stack_diag(x, arch: Architecture, params: LayerParams):
     """Diagonals of a pooled stack from the self kernel on the offsets each stage needs."""
     xp = get_array_module(x)
     n, _, h0, w0 = x.shape
     stages, _, _ = arch.plan(h0, w0)
-    need = [0] * len(stages)                        # m_t: the largest |offset| stage t needs
-    for t in range(len(stages) - 2, -1, -1):
-        pool = stages[t].pool
-        need[t] = pool.stride * need[t + 1] + pool.window - 1
+    need = _offset_reach(stages)
     k = arch.filter_size
     q = xp.zeros((n, arch.n_layers, h0, w0), dtype=xp.float64)
     kernel = None                                    # {offset: (n, h, w)} pooled K of the stage

@@ -27,7 +27,7 @@ import numpy as np
 
 from .arch import as_integer, is_int
 from .arrays import get_array_module, to_host
-from .diag import diag_norms
+from .diag import chunk_images, diag_norms
 from .spelling import arg, image, images
 
 DATA_FORMATS = ("NCHW", "NHWC")
@@ -189,15 +189,15 @@ def image_exponents(x) -> np.ndarray:
     return np.frexp(m)[1].astype(np.int64)
 
 
-def diagonal_extremes(x, arch, params, chunk_bytes: int = 1 << 26):
+def diagonal_extremes(x, arch, params, chunk_bytes: int | None = None):
     """(qmax, qpos) of images ``x`` (NumPy or CuPy): qmax[i, l] = max over positions of
     q_i(l, p) (an (N, L) array) and qpos[i] = the least positive q_i(l, p) over layers and
     positions (inf where none is positive), both host float64, computed in float64 as every
-    backend computes the diagonals (``diag.diag_norms``), a chunk of images at a time."""
+    backend computes the diagonals (``diag.diag_norms``), a chunk of images at a time
+    (``diag.chunk_images``)."""
     xp = get_array_module(x)
     n, _, h, w = x.shape
-    per_image = max(1, arch.n_layers * h * w * 8)
-    step = max(1, chunk_bytes // per_image)
+    step = chunk_images(arch, h, w, chunk_bytes)
     qmax = np.empty((n, arch.n_layers))
     qpos = np.empty(n)
     for i in range(0, n, step):

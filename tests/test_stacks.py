@@ -160,6 +160,81 @@ def test_stack_diagonals_match_reference(rng):
         assert rel(q, ReferenceBackend(arch, params, np.float64).prepare(x).diag[0]) <= 1e-13
 
 
+
+CHUNKED_ARCHS = [dict(depth=4), dict(depth=3, flip=True),
+                 dict(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu(), ConvRelu()), flip=True)]
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference", "cuda layout"])
+@pytest.mark.parametrize("kw", CHUNKED_ARCHS, ids=["cnn", "cnn-flip", "stack-flip"])
+def test_prepare_in_chunks_is_bit_identical_to_one_call(backend, kw, rng, monkeypatch):
+    """A set's diagonals are computed a chunk of images at a time (``diag.chunk_images``), each
+    written into the whole set's arrays: the same bits as one call, for every backend's layout
+    (the CUDA variants' with NumPy), flipped images included, the last chunk shorter."""
+    from cntk_engine import diag
+    from cntk_engine.arch import hflip
+    from cntk_engine.backends import backend_class
+    arch = make_architecture(**kw)
+    params = arch.layer_params(2, 8, 8)
+    x = rng.standard_normal((8, 2, 8, 8))
+    x[3] = 0.0                                          # an all-zero image: zero-variance windows
+    monkeypatch.setattr(diag, "CHUNK_BYTES", 3 * diag.working_bytes(arch, 8, 8))
+    assert diag.chunk_images(arch, 8, 8) == 3
+    if backend == "cuda layout":
+        from cntk_engine.backends.cuda import CudaBackend, kernel_variants
+        try:
+            variants = [v["name"] for v in kernel_variants()]
+        except ImportError:
+            pytest.skip("the CUDA extension cntk_engine._cuda is not installed (built only when nvcc "
+                        "is found at install time)")
+        monkeypatch.setattr(CudaBackend, "prepare", lambda self, x: self.prepare_arrays(x, np))
+        bes = [CudaBackend(arch, params, dtype, kernel=v) for v in variants
+               for dtype in ("float32", "float64")]
+    else:
+        bes = [backend_class(backend)(arch, params, dtype) for dtype in ("float32", "float64")]
+    for be in bes:
+        sizes = []
+        one_call = be.prepare
+        be.prepare = lambda imgs: (sizes.append(len(imgs)), one_call(imgs))[1]
+        chunked = be.prepare_set(x)
+        assert sizes == [3, 3, 2] * (2 if arch.flip else 1)
+        del be.prepare
+        for got, want in [(chunked, be.prepare(x))] + ([(chunked.flipped, be.prepare(hflip(x)))]
+                                                       if arch.flip else []):
+            assert got.layout == want.layout and len(got.diag) == len(want.diag) >= 1
+            for a, b in zip((got.images,) + got.diag, (want.images,) + want.diag):
+                assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        assert (chunked.flipped is not None) == arch.flip
+
+
+@pytest.mark.parametrize("kw", [dict(depth=21), dict(architecture="myrtle5")], ids=["cnn21", "myrtle5"])
+def test_diagonal_working_memory_stays_within_its_estimate(kw, rng):
+    """``diag.working_bytes`` bounds what one image costs while the numba backend prepares it
+    (Myrtle's first stage holds its self kernel on 49 offset slices: 1.3 MB per image), so a
+    chunk of ``CHUNK_BYTES`` does not grow with the set; and the magnitude check's extremes are
+    the same chunked or not."""
+    import tracemalloc
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    from cntk_engine.diag import diag_norms, working_bytes
+    from cntk_engine.inputs import diagonal_extremes
+    arch = make_architecture(**kw)
+    params = arch.layer_params(3, 32, 32)
+    x = rng.standard_normal((6, 3, 32, 32))
+    be = NumbaBackend(arch, params, np.float32)
+    tracemalloc.start()
+    try:
+        be.prepare(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.3 * len(x) * working_bytes(arch, 32, 32) <= peak <= len(x) * working_bytes(arch, 32, 32)
+    q = diag_norms(x, arch, params)
+    one = (q.max(axis=(2, 3)), np.where(q > 0, q, np.inf).min(axis=(1, 2, 3)))
+    for chunk in (1, 4 * working_bytes(arch, 32, 32)):         # 1 image, then 4, at a time
+        for a, b in zip(diagonal_extremes(x, arch, params, chunk_bytes=chunk), one):
+            assert np.array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- where users meet it
 def test_myrtle_store_resume_and_record(tmp_path, rng):
     zarr = pytest.importorskip("zarr")
