@@ -1,6 +1,7 @@
 """Command line: gram into a store, resume, one-line errors without half-written stores, info,
 demo, evaluate registration, python -m."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,10 +171,15 @@ def test_info_and_demo(capsys):
     assert rc == 0 and "numba" in o and "backends:" in o and "GPUs visible" in o
     assert "cntk-engine[" not in o
     assert f"CPU: {cli.common.machine()['cpu']} (" in o        # the model, not an empty processor()
-    rc, o, e = run(capsys, "demo", "--n", "12", "--depth", "2", "--backend", "numba", "--no-progress")
+    rc, o, e = run(capsys, "demo", "--n", "60", "--depth", "2", "--backend", "numba", "--no-progress")
     assert rc == 0, e
-    assert "12 x 12" in o and "on backend numba" in o and "pairs/s" in o and "accuracy" in o
-    assert " 1 tiles" not in o and ("1 tile of 12 x 12" in o or "tiles of" in o), o
+    assert "60 x 60" in o and "on backend numba" in o and "pairs/s" in o
+    assert " 1 tiles" not in o and ("1 tile of 60 x 60" in o or "tiles of" in o), o
+    # 4 of each class's 6 digits trained on, the other 2 classified (a split by position alone
+    # left classes without a training digit: 0% with --n 20): well above chance (10%) for both
+    accs = [float(v) for v in re.findall(r"kernel regression on 40 digits classifies the other 20 "
+                                         r"with accuracy (\d+)%", o)]
+    assert len(accs) == 2 and min(accs) >= 35, o
     x, y = cli.demo.demo_data()
     assert x.shape == (200, 28, 28) and x.dtype == np.uint8 and sorted(set(y.tolist())) == list(range(10))
 
@@ -211,7 +217,8 @@ def test_python_m_entry_point(tmp_path):
 
 # ----------------------------------------------------------------------------- review fixes
 @pytest.mark.parametrize("argv, msg", [
-    (["--n", "0"], "--n must be between 3 and 200; got 0"),
+    (["--n", "0"], "--n must be between 20 (two digits of each class: one to train on, one to classify) and 200; got 0"),
+    (["--n", "19"], "and 200; got 19"),
     (["--depth", "0"], "--depth must be an integer from 2 (conv layers + 1) to 1000; got 0"),
     (["--depth", "1"], "--depth must be an integer from 2"),
     (["--depth", "5000"], "to 1000; got 5000"),                  # before the header is printed
