@@ -18,9 +18,10 @@ from .version import install_hint
 def build_record() -> dict | None:
     """The build's record, or None when there is none (a source tree, not an installed build)."""
     try:
-        return json.loads((files("cntk_engine") / "_build_info.json").read_text())
+        record = json.loads((files("cntk_engine") / "_build_info.json").read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def cuda_major(record: dict | None = None) -> int | None:

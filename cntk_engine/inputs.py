@@ -53,10 +53,13 @@ def check_nonnegative(value, name: str, meaning: str = "") -> float:
     """``value`` as a finite float >= 0 (NumPy scalars too), or a ValueError naming ``name``
     and, in parentheses, ``meaning`` (e.g. "0 = interpolation")."""
     hint = f" ({meaning})" if meaning else ""
-    if isinstance(value, (str, bytes, bool, np.bool_)):        # float("0.1") would pass
+    # float("0.1") would pass, and float(np.complex128(2 + 1j)) drops the imaginary part
+    if isinstance(value, (str, bytes, bool, np.bool_, complex, np.complexfloating)):
         raise ValueError(f"{arg(name)} must be a number >= 0{hint}; got {value!r}")
     try:
         v = float(value)
+    except OverflowError:       # an int beyond float64: 10**400
+        raise ValueError(f"{arg(name)} must be a finite number >= 0{hint}; got {value!r}") from None
     except (TypeError, ValueError):
         raise ValueError(f"{arg(name)} must be a number >= 0{hint}; got {value!r}") from None
     if not np.isfinite(v) or v < 0:
@@ -232,9 +235,19 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
             else:
                 # q scales by a^2 when the images and b_std do; 10 % more, so the rounded figure is safe
                 factor = 1.1 * math.sqrt(low / float(qm[live].min()))
-                remedy = ((f64 + ", or " if f64 else "")
-                          + f"rescale the images and {arg('b_std')} by the same factor a, of about "
-                            f"{factor:.2g} or more (the kernel scales by a^2)")
+                # the largest q, scaled alike, must stay below check_magnitude's bound on the
+                # intermediates (q is one of them), or the rescaled images are refused for size
+                ceiling = math.sqrt(float(np.finfo(dtype).max) / 100)
+                if factor ** 2 * float(qm[live].max()) > ceiling:
+                    remedy = ((f"{f64}, or use fewer layers" if f64 else
+                               f"use fewer layers or a larger {arg('W_std')}")
+                              + f" (rescaling the images cannot help: their q spans "
+                                f"{float(qm[live].min()):.2g} to {float(qm[live].max()):.2g} over "
+                                f"the layers, more than {dtype.name} holds)")
+                else:
+                    remedy = ((f64 + ", or " if f64 else "")
+                              + f"rescale the images and {arg('b_std')} by the same factor a, of about "
+                                f"{factor:.2g} or more (the kernel scales by a^2)")
             reach = (f"{dtype.name} reaches depth {reached} at most (asked: {arch.max_depth})"
                      if reached >= 2 else f"{dtype.name} cannot compute this kernel at any depth")
             raise ValueError(

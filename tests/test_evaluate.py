@@ -199,7 +199,9 @@ def test_real_cifar_small_flatten(capsys, tmp_path):
     rec = json.loads(js.read_text())
     assert rec["image_shape"] == [3, 8, 8] and rec["raw_image_shape"] == [3, 32, 32]
     assert [r["depth"] for r in rec["results"]] == [3, 6]
-    assert all(0 <= r["accuracy"] <= 1 for r in rec["results"])
+    # above chance (10 classes): leave-one-out over the 100 training images measured 27% / 24%,
+    # the 50 test images 16% / 18% (8 x 8 images, flatten); a broken kernel or split gives ~10%
+    assert all(r["loo_accuracy"] >= 0.2 and r["accuracy"] >= 0.12 for r in rec["results"]), rec["results"]
 
 
 # ----------------------------------------------------------------------------- review fixes

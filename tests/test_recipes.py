@@ -184,6 +184,36 @@ def test_zca_whitens_the_training_set_on_its_span(rng):
     assert np.all(s2[s2 > 1e-8] < 1.0) and (s2 > 1e-8).sum() == 17
 
 
+@pytest.mark.parametrize("reg, absolute", [(0.1, False), (1e-3, True)])
+def test_zca_is_the_documented_formula(rng, reg, absolute):
+    """zca_whiten against its docstring's five steps written out here with NumPy: per-channel
+    standardisation, layer normalisation, S = X^T X / n, lambda = reg trace(S) / d (or reg), and
+    x -> U diag(1 / sqrt(s + lambda)) U^T x on the span (1 off it); the whitened training set's
+    second moment then has the eigenvalues s / (s + lambda) exactly."""
+    x = rng.standard_normal((40, 1, 3, 3)) * np.arange(1, 10).reshape(1, 1, 3, 3) + 2.0
+    t = rng.standard_normal((5, 1, 3, 3))
+    mean, std = x.mean(axis=(0, 2, 3), keepdims=True), x.std(axis=(0, 2, 3), keepdims=True)
+
+    def rows(a):
+        f = ((a - mean) / std).reshape(len(a), -1)
+        f = f - f.mean(axis=1, keepdims=True)
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    fx = rows(x)
+    S = fx.T @ fx / len(x)
+    s, u = np.linalg.eigh(S)
+    lam = reg if absolute else reg * np.trace(S) / 9
+    on_span = s > 9 * np.finfo(float).eps * s.max()
+    f = np.where(on_span, 1.0 / np.sqrt(np.maximum(s, 0) + lam), 1.0)
+    M = (u * f) @ u.T
+    a, b = zca_whiten(x, t, reg=reg, reg_absolute=absolute)
+    assert np.abs(a.reshape(40, -1) - fx @ M).max() < 1e-12
+    assert np.abs(b.reshape(5, -1) - rows(t) @ M).max() < 1e-12
+    assert fit_zca(x, reg=reg, reg_absolute=absolute).reg_amount == pytest.approx(lam, rel=1e-12)
+    got = np.linalg.eigvalsh(a.reshape(40, -1).T @ a.reshape(40, -1) / 40)
+    assert np.abs(np.sort(got[-on_span.sum():]) - np.sort(s[on_span] / (s[on_span] + lam))).max() < 1e-12
+
+
 def test_zca_fits_on_train_only_and_keeps_layouts(rng):
     x, t = rng.standard_normal((50, 3, 4, 4)), rng.standard_normal((7, 3, 4, 4))
     a, b = zca_whiten(x, t, reg=0.05)

@@ -152,6 +152,27 @@ def test_worker_error_stops_the_job_and_is_raised(rng):
     CountingBackend.fail_at = None
 
 
+def test_worker_threads_spell_arguments_as_the_caller_does(rng):
+    """Each worker thread runs in a copy of the caller's context: an error a worker raises names
+    the arguments as the command line writes them (a new thread starts in an empty context)."""
+    from cntk_engine.spelling import arg, command_line
+    x = imgs(rng, 8, c=1, h=2, w=2)
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(1, 2, 2)
+
+    class Refusing(CountingBackend):
+        def pair_sums(self, a, b, symmetric=False):
+            raise ValueError(f"{arg('tile', 4)} is too large here")
+
+    workers = [Worker(f"w{i}", nullcontext, lambda: Refusing(arch, params, np.float64)) for i in range(2)]
+    lay = TileLayout(8, 8, 4, True)
+    with command_line({"tile": "--tile"}):
+        with pytest.raises(ValueError, match="^--tile 4 is too large here$"):
+            run_tiles(workers, x, None, lay.tiles(), lambda t, s: None)
+    with pytest.raises(ValueError, match="^tile=4 is too large here$"):
+        run_tiles(workers, x, None, lay.tiles(), lambda t, s: None)
+
+
 # ------------------------------------------------------------------------------ decisions
 def test_auto_tile_rules():
     numba = NumbaBackend.traits()

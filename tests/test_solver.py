@@ -125,6 +125,10 @@ def test_bad_inputs(rng):
         S.fit_ridge(K, Y, -1e-3)
     with pytest.raises(ValueError, match="ridge must be a number"):
         S.fit_ridge(K, Y, "big")
+    with pytest.raises(ValueError, match=r"ridge must be a number >= 0 \(0 = interpolation\); got np.complex128"):
+        S.fit_ridge(K, Y, np.complex128(0.1 + 2j))       # float() would drop the 2j
+    with pytest.raises(ValueError, match=r"ridge must be a finite number >= 0 \(0 = interpolation\); got 1000000"):
+        S.fit_ridge(K, Y, 10 ** 400)                      # float() raises OverflowError
     sol = S.fit_ridge(K, Y, 0.1)
     with pytest.raises(ValueError, match="n = 6 columns"):
         sol.predict(np.zeros((3, 5)))

@@ -64,7 +64,7 @@ def test_single_depth_layout_values_and_spec(tmp_path, rng):
     assert runs[0]["tiles_computed"] == 6 and runs[0]["outcome"] == "finished"
     assert list((out / "claims").iterdir()) == [p for p in (out / "claims").iterdir()
                                                 if p.name == "zarr.json"]     # all released
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="read-only"):
         g["ntk"][0, 0] = 1.0                                           # returned read-only
 
 

@@ -338,9 +338,20 @@ def test_cli_verify_json_never_replaces_the_store_or_a_special_file(finished, tm
     for path, msg in ((out / "zarr.json", "is in STORE"), ("/dev/null", "not a regular file")):
         rc, o, e = run(capsys, "verify", out, "--json", path)
         assert rc == 2 and msg in e and e.count("\n") == 1, e
+    # the store itself, or a folder in it: "in STORE" (the folder's message suggested a file in it)
+    for path in (out, out / "ntk"):
+        rc, o, e = run(capsys, "verify", out, "--json", path)
+        assert rc == 2 and (" is STORE" if path == out else " is in STORE") in e and "e.g." not in e, e
     assert (out / "zarr.json").read_bytes() == before
     rc, o, e = run(capsys, "verify", out, "--json", tmp_path / "v.json")
     assert rc == 0 and json.loads((tmp_path / "v.json").read_text())
+    # a link is written through: the file it points to gets the record, the link stays a link
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    rc, o, e = run(capsys, "verify", out, "--json", tmp_path / "link.json")
+    assert rc == 0 and (tmp_path / "link.json").is_symlink()
+    written = json.loads((tmp_path / "real.json").read_text())
+    assert written.keys() == json.loads((tmp_path / "v.json").read_text()).keys() and written["store"]
 
 
 # ------------------------------------------------------------------------------ format 1

@@ -249,10 +249,7 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
     p = Path(path)
     folder = p.parent
-    if p.is_dir():
-        raise CliError(f"{option} {str(path)!r} is a folder; give a file path, e.g. "
-                       f"{str(p / 'results.json')!r}")
-    for what, other in (inputs or {}).items():
+    for what, other in (inputs or {}).items():      # first: a folder in a store is "in STORE"
         if other is None:
             continue
         other = Path(other).resolve()
@@ -260,6 +257,9 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
         if mine == other or other in mine.parents:
             raise CliError(f"{option} {str(path)!r} is {'in ' if mine != other else ''}{what}; "
                            "give another path for the results")
+    if p.is_dir():
+        raise CliError(f"{option} {str(path)!r} is a folder; give a file path, e.g. "
+                       f"{str(p / 'results.json')!r}")
     check_parent_folder(p, option)
     if p.exists() or p.is_symlink():
         if not p.is_file():
@@ -297,8 +297,9 @@ def _is_json(p: Path) -> bool:
 
 
 def write_json(path, rec: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    p = Path(path)
+    """Write atomically: a temporary file in the same folder, then ``os.replace``; through a
+    symbolic link, the file it points to (replacing the link would leave that file as it was)."""
+    p = Path(os.path.realpath(path))
     text = json.dumps(rec, indent=1, default=_json_default)
     tmp = None
     try:

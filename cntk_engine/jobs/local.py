@@ -12,6 +12,7 @@ tile), then hands each tile's readout sums, where the backend produced them, to 
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -185,8 +186,10 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
     if len(workers) == 1:
         work(workers[0])
     else:
-        threads = [threading.Thread(target=work, args=(w,), name=f"cntk-{w.name}", daemon=True)
-                   for w in workers]
+        # each thread runs in a copy of the caller's context: an error raised there names the
+        # caller's arguments as the caller wrote them (``spelling``: --tile on the command line)
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, w),
+                                    name=f"cntk-{w.name}", daemon=True) for w in workers]
         for th in threads:
             th.start()
         try:
