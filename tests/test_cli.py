@@ -293,6 +293,10 @@ def test_interrupt_message_mentions_resume_only_for_gram(monkeypatch, capsys, tm
     monkeypatch.setattr(cli.evaluate, "run", interrupted)
     argv = {"gram": ["gram", "x.npy", "--depth", "3", "--out", str(tmp_path / "o.zarr")],
             "demo": ["demo"], "evaluate": ["evaluate", "d.npz", "--depth", "3"]}[command]
+    if command == "gram":       # interrupted before the store existed: nothing to resume
+        rc, o, e = run(capsys, *argv)
+        assert rc == 130 and e == "cntk-engine: interrupted before --out was created; nothing was stored\n", e
+        ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend="numba", out=tmp_path / "o.zarr")
     rc, o, e = run(capsys, *argv)
     assert rc == 130 and e.startswith("cntk-engine: interrupted") and e.count("\n") == 1
     assert ("--resume" in e) == resume, e

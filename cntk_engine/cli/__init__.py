@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _holds_a_store(out) -> bool:
+    """Whether --out holds a Gram store now (what an interrupted gram can be resumed from)."""
+    from ..jobs.store import is_store
+    try:
+        return bool(out) and is_store(out)
+    except Exception:  # noqa: BLE001 - a file or a foreign folder: nothing of ours to resume
+        return False
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -91,9 +100,12 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
         return 141                      # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:
-        if args.command == "gram":
+        if args.command == "gram" and _holds_a_store(args.out):
             print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
                   "continue", file=sys.stderr)
+        elif args.command == "gram":                # before the store was created (reading DATA)
+            print(f"{PROG}: interrupted before --out was created; nothing was stored",
+                  file=sys.stderr)
         elif args.command == "evaluate" and getattr(args, "store", None):
             print(f"{PROG}: interrupted; the kernels' finished tiles are kept in --store, rerun "
                   "the same command with --resume to continue", file=sys.stderr)
