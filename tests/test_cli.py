@@ -283,6 +283,17 @@ def test_a_store_of_another_job_is_refused_naming_out(tmp_path, data, capsys):
     assert "out=" not in e
 
 
+@pytest.mark.parametrize("argv", [["-v", "-q", "info"], ["-v", "info", "-q"], ["info", "--quiet", "--verbose"]])
+def test_verbose_and_quiet_together_are_refused(capsys, argv):
+    """Given both, -v won silently; before or after the command, either order."""
+    with pytest.raises(SystemExit) as ex:
+        cli.main(argv)
+    o, e = capsys.readouterr()
+    assert ex.value.code == 2 and o == "" and e.count("\n") == 1, e
+    assert e.startswith("cntk-engine: error: -v/--verbose (debug logging) and -q/--quiet (warnings "
+                        "only) contradict each other"), e
+
+
 @pytest.mark.parametrize("command, resume", [("gram", True), ("demo", False), ("evaluate", False)])
 def test_interrupt_message_mentions_resume_only_for_gram(monkeypatch, capsys, tmp_path, command, resume):
     def interrupted(args):

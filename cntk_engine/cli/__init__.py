@@ -89,6 +89,9 @@ def _holds_a_store(out) -> bool:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.verbose and args.quiet:
+        ap.error("-v/--verbose (debug logging) and -q/--quiet (warnings only) contradict each "
+                 "other; give one of them")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("cntk_engine").setLevel(
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
