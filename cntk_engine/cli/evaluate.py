@@ -304,16 +304,21 @@ def check_store(args) -> tuple[Path | None, set[str]]:
 
 
 def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, which: str, names):
-    """({depth: result}, info) of ``gram(x1, x2)`` over ``depths`` (a result: an array, or
-    (ntk, nngp) for kernel "both"): computed in memory without ``store``; with it, into the
-    Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job, refused if it
-    holds another) and read back from it, every chunk checked against its checksum.  ``names``:
-    how errors name image i of x1 and x2 (:func:`cntk_engine.spelling.images_as`)."""
+    """({depth: {kernel name: loader}}, info) of ``gram(x1, x2)`` over ``depths``, a loader
+    being a call that returns that kernel matrix: computed in memory without ``store``; with
+    it, into the Zarr store ``store / KERNEL_STORES[which]`` (continued if it holds this job,
+    refused if it holds another), each matrix read back from it when its loader is called (one
+    Gram in memory at a time: at 50,000 training images one is 18.6 GiB), every chunk checked
+    against its checksum.  ``names``: how errors name image i of x1 and x2
+    (:func:`cntk_engine.spelling.images_as`)."""
     from ..jobs.store import StoreMismatch, StorePath, array_names, load_gram
+    picked = kernel_names(opts["kernel"])
     if store is None:
         with images_as(names):
             result, info = gram(x1, x2, **opts, return_info=True)
-        return (result if isinstance(result, dict) else {depths[0]: result}), info
+        result = result if isinstance(result, dict) else {depths[0]: result}
+        return {d: {k: (lambda a=a: a) for k, a in zip(picked, r if opts["kernel"] == "both" else (r,))}
+                for d, r in result.items()}, info
     created = not store.exists()
     store.mkdir(exist_ok=True)
     try:
@@ -338,12 +343,8 @@ def kernels(gram, x1, x2, opts: dict, depths: list[int], store: Path | None, whi
                 pass
         raise
     names = array_names(depths, opts["kernel"])
-    picked = kernel_names(opts["kernel"])
-    out = {}
-    for d in depths:
-        arrays = tuple(load_gram(group, names[(d, k)]) for k in picked)
-        out[d] = arrays if opts["kernel"] == "both" else arrays[0]
-    return out, info
+    return {d: {k: (lambda name=names[(d, k)]: load_gram(group, name)) for k in picked}
+            for d in depths}, info
 
 
 def _tiles(info) -> str:
@@ -456,14 +457,14 @@ def run(args) -> int:
           + (f", {computed / sum(seconds.values()):.4g} pairs/s" if computed else ""))
     if store is not None:
         print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
-    names = kernel_names(kernel)
     results = []
     for d in depths:
-        a, b = ktr[d], kte[d]
-        a, b = (a, b) if kernel == "both" else ((a,), (b,))
-        for name, K, Kt in zip(names, a, b):
+        for name in kernel_names(kernel):
+            # one (train Gram, test kernel) in memory at a time: read from --store here
+            K, Kt = ktr[d][name](), kte[d][name]()
             r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets,
                                            groups=groups)
+            del K, Kt
             r.update(depth=d, kernel=name)
             results.append(r)
             print(_fmt_line(d, name, r, with_flips=args.augment_flips))
