@@ -60,6 +60,27 @@ def test_store_written_by_workers(client, rng, tmp_path):
     np.testing.assert_allclose(local, ce.gram(x, depth=3, backend="numba", tile=5) * 1e-60, rtol=1e-6)
 
 
+def test_tasks_carry_no_per_image_data(client, rng, tmp_path, monkeypatch):
+    """The images, their scales (in the store sink) and the rest of the job go to the workers
+    once (scattered): a task's arguments are futures and its tile, whatever N (the sink's
+    scales, O(N), went with every task: 481 KB per task at N = 60,000)."""
+    import pickle
+    args_seen, submit = [], client.submit
+
+    def recording(fn, *args, **kw):
+        args_seen.append(args)
+        return submit(fn, *args, **kw)
+
+    monkeypatch.setattr(client, "submit", recording)
+    x = imgs(rng, 12) * 1e-30                       # computed scaled: the sink holds the scales
+    g = ce.gram(x, depth=3, backend="numba", tile=5, client=client, out=tmp_path / "s.zarr")
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=5).tobytes()
+    assert len(args_seen) == 6
+    for spec, tile, fa, fb in args_seen:
+        assert all(isinstance(f, distributed.Future) for f in (spec, fa, fb))
+        assert len(pickle.dumps(tile)) < 1000
+
+
 def test_worker_killed_mid_job_completes_identically(client, tmp_path):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((64, 1, 16, 16))
