@@ -16,6 +16,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -147,7 +148,7 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
     called with each tile before it is computed; a tile it returns False for is skipped
     (another process computes it: the store's claims).  Returns {worker name: tiles computed}.
     """
-    queue = largest_first(todo)
+    queue = deque(largest_first(todo))     # popleft: list.pop(0) is O(tiles), O(tiles^2) in all
     lock = threading.Lock()
     done = {w.name: 0 for w in workers}
     stop = threading.Event()
@@ -155,7 +156,7 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
 
     def next_tile():
         with lock:
-            return queue.pop(0) if queue and not stop.is_set() else None
+            return queue.popleft() if queue and not stop.is_set() else None
 
     def work(w: Worker):
         try:
