@@ -33,7 +33,7 @@ def test_identical_pairs_finds_exact_twins_only():
 def test_identical_pairs_of_a_tile_of_blank_images_in_bounded_memory():
     """Every candidate pair is confirmed by comparing pixels, a batch of pairs at a time: a tile
     of 256 blank images (32,640 pairs of 768 pixels) gathered 400 MB at once (a 512 tile of
-    32 x 32 x 3 images with a seventh of them blank: 4.9 GB, measured)."""
+    32 x 32 x 3 images six of each seven of them blank: 4.9 GB, measured)."""
     import tracemalloc
     x = np.zeros((256, 3, 16, 16))
     x[5] = 1.0                                        # one image differs
