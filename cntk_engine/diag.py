@@ -23,8 +23,8 @@ from .arrays import get_array_module
 
 # The images whose diagonals are computed together (a chunk) hold at most about this much
 # float64 working memory (:func:`working_bytes`), so that a set's diagonals cost the memory of
-# the result, not a multiple of it: Myrtle-10's first stage holds its self kernel on 49 offset
-# slices, about 1.3 MB per 32 x 32 image (60 GB for 50,000 images computed at once).
+# the result, not a multiple of it (Myrtle-10's first stage holds its self kernel on 49 offset
+# slices of each 32 x 32 image).
 CHUNK_BYTES = 1 << 27
 
 

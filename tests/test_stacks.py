@@ -160,7 +160,6 @@ def test_stack_diagonals_match_reference(rng):
         assert rel(q, ReferenceBackend(arch, params, np.float64).prepare(x).diag[0]) <= 1e-13
 
 
-
 CHUNKED_ARCHS = [dict(depth=4), dict(depth=3, flip=True),
                  dict(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu(), ConvRelu()), flip=True)]
 

@@ -128,8 +128,8 @@ def identical_pairs(xa, xb, symmetric: bool):
         xp = get_array_module(xa)
         fa = xa.reshape(xa.shape[0], -1)
         fb = xb.reshape(xb.shape[0], -1)
-        # candidates compared a batch at a time: a tile of 512 all-equal images (blank images
-        # in a data set) has 130,816 candidate pairs, whose gathered pixels at once were GBs
+        # candidates compared a batch of pairs at a time: a tile of blank images has a candidate
+        # per pair, and gathering all their pixels at once takes memory of pairs x pixels
         step = max(1, (1 << 24) // (fa.shape[1] * fa.itemsize))
         same = np.concatenate([to_host((fa[xp.asarray(ci[k:k + step])] == fb[xp.asarray(cj[k:k + step])])
                                        .all(axis=1)) for k in range(0, ci.size, step)])
@@ -187,9 +187,9 @@ class Backend:
     def _prepare_in_chunks(self, x) -> Prepared:
         """``prepare`` a chunk of images at a time (``diag.chunk_images``), each written into
         arrays of the whole set: the float64 working memory of the diagonals is then bounded by
-        ``diag.CHUNK_BYTES`` instead of growing with the set (several times the prepared set
-        itself; 60 GB for 50,000 images with Myrtle-10).  The diagonals of an image do not
-        depend on the other images, so the result is the same bits as one call's."""
+        ``diag.CHUNK_BYTES`` instead of growing with the set (where it is several times the
+        prepared set itself).  The diagonals of an image do not depend on the other images, so
+        the result is the same bits as one call's."""
         n = x.shape[0]
         step = chunk_images(self.arch, x.shape[2], x.shape[3])
         if n <= step:

@@ -319,8 +319,8 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
         xb = None if job.symmetric else be.prepare_set(x2)
     fa = client.scatter(xa, broadcast=True, hash=False)
     fb = fa if xb is None else client.scatter(xb, broadcast=True, hash=False)
-    # the spec is scattered once too: a store sink holds the per-image scales (O(N): 481 KB at
-    # N = 60,000), which an argument of each task would send and keep on the scheduler per task
+    # the spec is scattered once too: a store sink holds the per-image scales (O(N)), which as
+    # an argument of each task would be pickled into every task and kept on the scheduler
     spec = client.scatter(TaskSpec(token, job.backend, job.arch, job.params, job.dtype.name, not gpu,
                                    job.symmetric, sink if writes_store else None),
                           broadcast=True, hash=False)
