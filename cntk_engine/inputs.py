@@ -355,7 +355,16 @@ def as_images(x, data_format: str | None = "NCHW", name: str = "x1"):
     if min(arr.shape) == 0:
         raise ValueError(f"{arg(name)} must hold at least one image with C, H, W >= 1; got (N, C, H, W) = "
                          f"{tuple(arr.shape)}")
-    return check_finite(xp.ascontiguousarray(arr, dtype=xp.float64), name)
+    with np.errstate(over="ignore"):
+        out = xp.ascontiguousarray(arr, dtype=xp.float64)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:      # longdouble: may exceed float64
+        beyond = (xp.isfinite(arr) & ~xp.isfinite(out)).reshape(arr.shape[0], -1).any(axis=1)
+        if bool(beyond.any()):
+            idx = [int(i) for i in xp.nonzero(beyond)[0][:10].tolist()]
+            raise ValueError(f"pixels beyond float64's range (|x| > {np.finfo(np.float64).max:.4g}) "
+                             f"in {images(name, idx, int(beyond.sum()) - len(idx))}: the images "
+                             "are read as float64; divide them by a common factor first")
+    return check_finite(out, name)
 
 
 def check_finite(arr, name: str):

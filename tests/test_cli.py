@@ -95,6 +95,7 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
         (["gram", tmp_path / "junk.npy", "--depth", "3"], "is not a NumPy .npy/.npz file"),
         (["gram", tmp_path / "nan.npy", "--depth", "3"], "NaN"),
         (["gram", tmp_path / "d.npz:nokey", "--depth", "3"], "no array 'nokey'"),
+        (["gram", f"{tmp_path / 'x.npy'}:x", "--depth", "3"], "is a .npy array, not an .npz archive"),
         (["gram", tmp_path / "x.npy", "--depth", "1"], "depth"),
         (["gram", tmp_path / "x.npy", "--depths", "3,a"], "--depths"),
         (["gram", tmp_path / "x.npy", "--depth", "3", "--devices", "0", "--backend", "numba"], "CPU"),

@@ -215,6 +215,14 @@ def test_bad_images():
         ce.gram(np.ones((2, 1, 4, 4)), x, depth=3)
     with pytest.raises(ValueError, match=r"must be 4-D.*add a channel axis"):
         ce.gram(np.ones((2, 4, 4)), depth=3)
+    wide = np.ones((3, 1, 4, 4), dtype=np.longdouble)
+    if np.finfo(np.longdouble).max > np.finfo(np.float64).max:     # x86: 80-bit long double
+        wide[2, 0, 1, 1] = np.longdouble(np.finfo(np.float64).max) * 4
+        with pytest.raises(ValueError, match=r"beyond float64's range .* in x1 image\(s\) at index \[2\]"):
+            ce.gram(wide, depth=3)
+    wide[2, 0, 1, 1] = np.inf                  # a true Inf is named as such in any dtype
+    with pytest.raises(ValueError, match=r"NaN or Inf pixels in x1 image\(s\) at index \[2\]"):
+        ce.gram(wide, depth=3)
     with pytest.raises(ValueError, match=r"same \(C, H, W\)"):
         ce.gram(np.ones((2, 1, 4, 4)), np.ones((2, 3, 4, 4)), depth=3)
     with pytest.raises(ValueError, match=r"same \(C, H, W\)"):

@@ -98,7 +98,7 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     path, key = spec, None
     if ":" in spec and not os.path.exists(spec):
         head, tail = spec.rsplit(":", 1)
-        if head.endswith(".npz"):
+        if head.endswith(".npz") or os.path.isfile(head):   # a .npy given a key: said below
             path, key = head, tail
     p = Path(path)
     if not p.exists():
