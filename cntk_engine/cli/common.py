@@ -25,13 +25,13 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def int_list(text: str, what: str, example: str) -> list[int]:
-    """'3,4,6' -> [3, 4, 6]; a CliError naming the option ``what`` (and an ``example`` of it)
-    otherwise, an empty item ('3,,4', '3,4,') included."""
+def int_list(text: str, what: str, accepted: str) -> list[int]:
+    """'3,4,6' -> [3, 4, 6]; otherwise a CliError "``what`` must be ``accepted``", an empty item
+    ('3,,4', '3,4,') included."""
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise CliError(f"{what} must be comma-separated integers, e.g. {example}; got {text!r}") from None
+        raise CliError(f"{what} must be {accepted}; got {text!r}") from None
 
 
 def positive_seconds(text: str) -> float:
@@ -210,7 +210,8 @@ def depths_of(args) -> list[int] | None:
     """The depths asked for: [depth], the --depths list, or None (a preset fixes its depth)."""
     if args.depth is not None:
         return [args.depth]
-    return None if args.depths is None else int_list(args.depths, "--depths", "3,4,6,11")
+    return None if args.depths is None else int_list(args.depths, "--depths",
+                                                      "comma-separated integers, e.g. 3,4,6,11")
 
 
 def gram_options(args) -> tuple[dict, "Architecture"]:

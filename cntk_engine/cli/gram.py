@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from .common import (PROG, CliError, add_architecture_options, add_run_options, gram_options,
-                     load_images, plural, positive_seconds, to_nchw)
+                     int_list, load_images, plural, positive_seconds, to_nchw)
 
 X1_KEYS = ("x", "x_train", "images", "X")
 X2_KEYS = ("x", "x_test", "images", "X")
@@ -88,11 +88,7 @@ def run(args) -> int:
         if args.devices.strip().lower() == "all":
             devices = "all"
         else:
-            try:
-                devices = [int(v) for v in args.devices.split(",")]
-            except ValueError:
-                raise CliError(f"--devices must be 'all' or comma-separated GPU ids such as 0,1; got "
-                               f"{args.devices!r}") from None
+            devices = int_list(args.devices, "--devices", "'all' or comma-separated GPU ids such as 0,1")
     if not args.out:
         raise CliError("--out '' is empty; give the path of the Zarr store to write, e.g. gram.zarr")
     if args.scheduler is not None and not args.scheduler.strip():
