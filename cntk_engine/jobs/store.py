@@ -655,15 +655,13 @@ class StoreSink(Sink):
     is computed again unless its marker changed since (another writer repaired it)."""
 
     def __init__(self, path: str, arch, params, kernel: str, symmetric: bool, run_id: int, *,
-                 run_uuid: str = "", repair: dict | None = None,
-                 claim_timeout: float = CLAIM_TIMEOUT, names: list[str] | None = None,
-                 scales=(None, None)):
+                 run_uuid: str, repair: dict, claim_timeout: float, names: list[str], scales):
         self.path, self.arch, self.params = str(path), arch, params
         self.kernel, self.symmetric, self.run_id = kernel, symmetric, run_id
         self.row_scale, self.col_scale = scales
         self.run_uuid, self.claim_timeout = run_uuid, float(claim_timeout)
-        self.repair = dict(repair or {})
-        self.names = list(names) if names else sorted(array_names(arch.depths, kernel).values())
+        self.repair = dict(repair)
+        self.names = list(names)
         self._arrays = None
         self._claims = None
         self._lock = threading.Lock()
