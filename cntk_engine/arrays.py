@@ -64,6 +64,14 @@ def current_device() -> int:
     return int(cupy_module().cuda.Device().id)
 
 
+def gpu_properties(device: int) -> dict:
+    """CuPy's properties of GPU ``device`` (``getDeviceProperties``), its name as a str."""
+    props = dict(cupy_module().cuda.runtime.getDeviceProperties(device))
+    if isinstance(props["name"], bytes):
+        props["name"] = props["name"].decode()
+    return props
+
+
 def gpu_count() -> int:
     """Number of CUDA devices CuPy sees (0 without CuPy or a driver)."""
     try:

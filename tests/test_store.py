@@ -103,6 +103,52 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
     assert [r["tiles_computed"] for r in runs] == [10, 3, 0]
 
 
+def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog, capsys):
+    """Each run records the backend's compute record (numba: its version and the CPU it
+    compiles for, which decide the bits); a resume computing with other code warns, naming
+    the run and the difference, and ``verify`` lists what computed the tiles."""
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    from cntk_engine.cli import main
+    x = imgs(rng, 6)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=2, out=out)
+    g = zarr.open_group(str(out), mode="r+")
+    rec = dict(store_mod.list_runs(g)[0]["compute"])
+    import numba
+    assert rec["backend"] == "numba" and rec["numba"] == numba.__version__ and rec["cpu"]
+    assert len(rec["cpu_features"]) == 12
+    g["tiles_done"][0, 1] = 0              # the same code again: no warning
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        ce.gram(x, depth=3, backend="numba", out=out)
+    assert "other code" not in caplog.text
+    g["tiles_done"][1, 2] = 0
+    caplog.clear()
+    other = dict(rec, cpu="another-cpu")
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(NumbaBackend, "compute_record", lambda self, devices: other)
+            ce.gram(x, depth=3, backend="numba", out=out)
+    want = f"(run 1 on {store_mod.HOST}: cpu {rec['cpu']} there, another-cpu here; run 2 on"
+    assert want in caplog.text and "not be bit-identical" in caplog.text, caplog.text
+    _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0       # nothing to compute: nothing mixed, no warning
+    assert main(["verify", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"cpu {rec['cpu']}" in said and "(runs 1, 2)" in said and "another-cpu" in said and \
+        "(run 3)" in said and "not bit-identical" in said, said
+    assert "(run 4)" not in said             # it computed no tile
+
+
+def test_mixed_compute_counts_runs_that_may_have_computed_tiles():
+    mine = {"backend": "numba", "cpu": "a"}
+    runs = [{"run": 1, "host": "h", "compute": mine, "tiles_computed": 4},
+            {"run": 2, "host": "h", "compute": {"backend": "numba", "cpu": "b"}, "tiles_computed": 0},
+            {"run": 3, "host": "h"},                                     # a Dask run: not known
+            {"run": 4, "host": "k", "compute": {"backend": "cuda", "kernel": "v3"}}]   # killed
+    assert store_mod.mixed_compute(runs, mine) == [
+        "run 4 on k: backend cuda there, numba here, cpu - there, a here, kernel v3 there, - here"]
+
+
 def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):
     x = imgs(rng, 8, h=8, w=8)
     out = tmp_path / "g.zarr"

@@ -173,6 +173,13 @@ class Backend:
         for a backend that supports the job."""
         return None
 
+    def compute_record(self, devices: list[int] | None) -> dict:
+        """What decides this backend's bits in this process, for a store's run record (JSON):
+        the backend and, in subclasses, the code that runs (the numba version and the CPU it
+        compiles for; the CUDA kernel variant and the GPUs).  Runs with equal records compute
+        bit-identical tiles; different ones agree only to rounding (``jobs.store``, runs)."""
+        return {"backend": self.name}
+
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated
         raise NotImplementedError
 

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from ..arch import grid_weights, readout_weights
+from ..arrays import current_device, gpu_properties
 from ..diag import diag_norms
 from ..spelling import arg
 from .base import Backend, Prepared, Traits
@@ -245,6 +246,13 @@ class CudaBackend(Backend):
             return None
         return (f"the CUDA kernels for {' and '.join(used)} have not run on a GPU yet "
                 f"({arg('backend', 'cuda')} runs them; docs/cuda_kernels.md)")
+
+    def compute_record(self, devices):
+        """The kernel variant and the GPUs (name, compute capability: the machine code nvcc
+        built for it) of a local job; ``devices`` None: the current GPU."""
+        gpus = {f"{p['name']} (sm_{p['major']}{p['minor']})" for p in
+                (gpu_properties(d) for d in (devices if devices is not None else [current_device()]))}
+        return {"backend": self.name, "kernel": self.kernel, "gpus": sorted(gpus)}
 
     def prepare(self, x) -> Prepared:
         import cupy

@@ -11,6 +11,7 @@ readout sums accumulated in float64.  float64 mode: float64 throughout with libm
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -665,6 +666,19 @@ class NumbaBackend(Backend):
     @classmethod
     def unavailable_reason(cls):
         return None if _NUMBA_ERROR is None else f"numba cannot be imported ({_NUMBA_ERROR})"
+
+    def compute_record(self, devices):
+        """The numba version and the CPU numba compiles for (the key of its on-disk cache: CPU
+        model and feature set; two machines that differ there run different machine code,
+        whose float32 results differ in the last bit)."""
+        cpu, features = numba.config.CPU_NAME or "", numba.config.CPU_FEATURES or ""
+        try:
+            from numba.core.registry import cpu_target
+            _, cpu, features = cpu_target.target_context.codegen().magic_tuple()
+        except Exception:  # noqa: BLE001 - numba internals; the settings above are the fallback
+            pass
+        return {"backend": self.name, "numba": numba.__version__, "cpu": cpu or "host",
+                "cpu_features": hashlib.sha256(str(features).encode()).hexdigest()[:12]}
 
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x)

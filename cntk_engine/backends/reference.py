@@ -120,6 +120,9 @@ class ReferenceBackend(Backend):
     def traits(cls) -> Traits:
         return Traits(device="cpu", default_tile=8, min_tile=2, compute_dtype="float64")
 
+    def compute_record(self, devices):
+        return {"backend": self.name, "numpy": np.__version__}
+
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x, dtype=np.float64)
         h, w = x.shape[2:]

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..arrays import gpu_count
+    from ..arrays import gpu_count, gpu_properties
     from ..backends import available_backends, resolve
     from ..backends.numba_cpu import cache_status
     from ..build_info import cuda_extension_line
@@ -41,11 +41,9 @@ def run(args) -> int:
     n = gpu_count()
     print(f"GPUs visible to CuPy: {n}")
     if n:
-        import cupy
         for i in range(n):
-            props = cupy.cuda.runtime.getDeviceProperties(i)
-            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-            print(f"  {i}: {name}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
+            props = gpu_properties(i)
+            print(f"  {i}: {props['name']}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
                   f"compute capability {props['major']}.{props['minor']}")
     print(f"numba kernel cache: {cache_status()}")
     print("backends:")

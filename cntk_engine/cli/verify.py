@@ -77,6 +77,17 @@ def run(args) -> int:
     print(f"runs: {len(r.runs)}" + (f" (last: run {last.get('run')} on {last.get('host')} pid "
                                     f"{last.get('pid')}, started {last.get('started')}, "
                                     f"{last.get('outcome', 'not finished')})" if last else ""))
+    setups: dict[str, list] = {}     # what computed the tiles (runs that may have computed some)
+    for run in r.runs:
+        if isinstance(run.get("compute"), dict) and run.get("tiles_computed") != 0:
+            words = ", ".join(f"{k} {v}" for k, v in run["compute"].items())
+            setups.setdefault(words, []).append(run.get("run"))
+    for words, numbers in setups.items():
+        print(f"computed with {words} (run{'s' if len(numbers) > 1 else ''} "
+              f"{', '.join(map(str, numbers))})")
+    if len(setups) > 1:
+        print("the runs computed with different code: their tiles agree to rounding, not bit for "
+              "bit, so the matrix is not bit-identical to one computed by any one of them")
     live = [c for c in r.claims if c.stale is None]
     stale = [c for c in r.claims if c.stale is not None]
     if r.claims:

@@ -146,7 +146,9 @@ def run_job(job: GramJob) -> tuple[object, dict]:
              len(all_tiles), "" if len(all_tiles) == 1 else "s", len(todo), todo_pairs)
 
     if store is not None:
-        run_id = store.begin_run(len(todo), where)
+        # what computes the tiles, as far as this process can tell (Dask: each worker's own)
+        compute = None if job.client is not None else job.make_backend().compute_record(job.devices)
+        run_id = store.begin_run(len(todo), where, compute)
         sink = store.sink(job, run_id)
     else:
         run_id = None

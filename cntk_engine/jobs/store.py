@@ -31,9 +31,10 @@ Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared P
   their float64 NCHW values, so uint8 / float32 / NHWC copies of the same images match), the
   tile layout and ``integrity`` (checksum kind, arrays, chunk codec).
 * ``group["runs"]``: one subgroup ``runs/<k>`` per run k, its attributes the run's record
-  (id, host, pid, where, started, tiles to compute, tiles verified and failed; at the end
-  finished, seconds, tiles computed, outcome).  Each run writes only its own record, so
-  concurrent runs never overwrite each other's.
+  (id, host, pid, where, started, tiles to compute, tiles verified and failed, ``compute``:
+  the backend's ``compute_record``, what decides the tiles' bits, absent for a Dask run; at
+  the end finished, seconds, tiles computed, outcome).  Each run writes only its own record,
+  so concurrent runs never overwrite each other's.
 * ``group["claims"]``: while a tile is being computed, a plain JSON file ``claims/<i>.<j>``
   names its owner (host, pid, run, claim id); see "Many writers".  (zarr's deep listings
   warn about these files: they are not zarr nodes.)
@@ -1138,15 +1139,26 @@ class GramStore:
             time.sleep(poll)
 
     # ------------------------------------------------------------------ runs
-    def begin_run(self, n_todo: int, where: str) -> int:
+    def begin_run(self, n_todo: int, where: str, compute: dict | None = None) -> int:
         """Record a new run (its own ``runs/<k>`` group, k unique among concurrent writers)
-        and return k."""
+        and return k.  ``compute``: what computes this run's tiles (the backend's
+        ``compute_record``; None where this process cannot tell: Dask workers).  A run that
+        has tiles to compute warns when an earlier run computed with other code
+        (:func:`mixed_compute`)."""
         rec = {"id": uuid.uuid4().hex, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                "host": HOST, "pid": os.getpid(), "where": where, "tiles_to_compute": n_todo,
                "tiles_verified": self.verified["tiles"],
                "tiles_failed_verification": self.verified["failed"],
                "verify_seconds": round(self.verified["seconds"], 3),
                "claim_timeout": self.claim_timeout}
+        if compute is not None:
+            rec["compute"] = dict(compute)
+            mixed = mixed_compute(list_runs(self.read_only_group), compute) if n_todo else []
+            if mixed:
+                log.warning("store %s: earlier runs computed tiles with other code than this run "
+                            "(%s%s); the tiles agree to rounding, not bit for bit, so the matrix "
+                            "will not be bit-identical to one computed by either alone",
+                            self.path, "; ".join(mixed[:3]), " ..." if len(mixed) > 3 else "")
         # above every marker read, as well as every run recorded: a tile this run writes must
         # not carry a marker that was there before, or a damaged tile whose marker equals it (a
         # runs/<k> record lost) would read as not repaired after its repair, again and again
@@ -1246,6 +1258,23 @@ def _read_record(path: Path, what: str = "", *, for_out: bool = False,
         raise StoreError(f"{what}{str(path)!r} is a Zarr group but not a cntk_engine Gram store "
                          f"(no job record); refusing to touch it{takes}")
     return stored
+
+
+def mixed_compute(runs: list[dict], mine: dict) -> list[str]:
+    """How ``mine``, a run's compute record, differs from that of each run in ``runs`` that
+    may have computed tiles (all but those that ended having computed none; a run killed
+    before its end was recorded counts), one line per such run.  Equal records compute
+    bit-identical tiles: the same backend, code and machine code."""
+    out = []
+    for r in runs:
+        theirs = r.get("compute")
+        if not isinstance(theirs, dict) or theirs == mine or r.get("tiles_computed") == 0:
+            continue
+        keys = sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k))
+        diff = ", ".join(f"{k} {theirs.get(k, '-')!s} there, {mine.get(k, '-')!s} here"
+                         for k in keys if theirs.get(k) != mine.get(k))
+        out.append(f"run {r.get('run')} on {r.get('host')}: {diff}")
+    return out
 
 
 def list_runs(group) -> list[dict]:
