@@ -60,6 +60,37 @@ def test_store_written_by_workers(client, rng, tmp_path):
     np.testing.assert_allclose(local, ce.gram(x, depth=3, backend="numba", tile=5) * 1e-60, rtol=1e-6)
 
 
+def test_workers_record_what_computed_their_tiles(client, rng, tmp_path, caplog, monkeypatch):
+    """A Dask run's record holds the compute records its workers returned with their tiles
+    (the client cannot tell them at the start); a worker with other code than an earlier run
+    (faked: the workers here are this machine) is warned of at the run's end."""
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    from cntk_engine.jobs import dask as dist
+    from cntk_engine.jobs.store import list_runs
+    x = imgs(rng, 8)
+    out = tmp_path / "g.zarr"
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        ce.gram(x, depth=3, backend="numba", tile=4, client=client, out=out)
+    here = NumbaBackend(None, None, "float32").compute_record(None)
+    run = list_runs(zarr.open_group(str(out)))[0]
+    assert "compute" not in run and run["compute_by_workers"] == [here]
+    assert "other code" not in caplog.text
+    zarr.open_group(str(out), mode="r+")["tiles_done"][0, 1] = 0
+    real = dist.run_dask
+
+    def one_worker_differs(*a, **k):
+        per, written, computes = real(*a, **k)
+        return per, written, computes + [dict(here, cpu="another-cpu")]
+    monkeypatch.setattr(dist, "run_dask", one_worker_differs)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        ce.gram(x, depth=3, backend="numba", client=client, out=out)
+    assert "run 2's Dask workers computed tiles with other code" in caplog.text, caplog.text
+    assert f"run 1 on {run['host']}: cpu {here['cpu']} there, another-cpu here" in caplog.text
+    assert "run 2 on Dask workers: cpu" in caplog.text        # and than this run's other worker
+    assert list_runs(zarr.open_group(str(out)))[1]["compute_by_workers"] == [
+        here, dict(here, cpu="another-cpu")]
+
+
 def test_tasks_carry_no_per_image_data(client, rng, tmp_path, monkeypatch):
     """The images, their scales (in the store sink) and the rest of the job go to the workers
     once (scattered): a task's arguments are futures and its tile, whatever N (the sink's
@@ -247,6 +278,9 @@ def test_worker_cache_is_bounded_and_keeps_concurrent_jobs():
     class Counting:
         def __init__(self, *a):
             made.append(1)
+
+        def compute_record(self, devices):
+            return {"backend": "counting"}
 
     def job(token):
         return dist.TaskSpec(token, Counting, None, None, "float32", True, True, None)

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..jobs.store import DONE, add_checksums, verify_store
+    from ..jobs.store import DONE, add_checksums, run_computes, verify_store
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
@@ -79,8 +79,8 @@ def run(args) -> int:
                                     f"{last.get('outcome', 'not finished')})" if last else ""))
     setups: dict[str, list] = {}     # what computed the tiles (runs that may have computed some)
     for run in r.runs:
-        if isinstance(run.get("compute"), dict) and run.get("tiles_computed") != 0:
-            words = ", ".join(f"{k} {v}" for k, v in run["compute"].items())
+        for rec in (run_computes(run) if run.get("tiles_computed") != 0 else []):
+            words = ", ".join(f"{k} {v}" for k, v in rec.items())
             setups.setdefault(words, []).append(run.get("run"))
     for words, numbers in setups.items():
         print(f"computed with {words} (run{'s' if len(numbers) > 1 else ''} "

@@ -226,7 +226,8 @@ class TaskSpec:
 
 
 def _state(job: TaskSpec, xa, xb):
-    """(backend, prepared a, prepared b) in this worker process, built once per job (and GPU).
+    """(backend, prepared a, prepared b, compute record) in this worker process, built once per
+    job (and GPU); the record (``Backend.compute_record``) goes back with each tile.
 
     A small cache: the entries of at most ``CACHE_JOBS`` jobs, the least recently used job's
     dropped first (two concurrent jobs keep theirs); :func:`evict` drops a finished job's."""
@@ -243,7 +244,7 @@ def _state(job: TaskSpec, xa, xb):
         else:
             pa = be.prepare_set(xa)
             pb = pa if job.symmetric else be.prepare_set(xb)
-        st = _CACHE[key] = (be, pa, pb)
+        st = _CACHE[key] = (be, pa, pb, be.compute_record(None))
         tokens = list(dict.fromkeys(k[0] for k in _CACHE))     # least recently used first
         for old in tokens[:max(0, len(tokens) - CACHE_JOBS)]:
             for k in [k for k in _CACHE if k[0] == old]:
@@ -276,8 +277,9 @@ def cached_jobs() -> list:
 
 def tile_task(job: TaskSpec, tile, xa, xb):
     """One tile on a worker: pair sums, then (with a store) finalize + write + mark done.
-    Returns (i, j, worker, sums or None, status): "returned" (the sums, no store), "written"
-    (into the store) or "skipped" (another writer holds or finished the tile)."""
+    Returns (i, j, worker, sums or None, status, compute record or None): status "returned"
+    (the sums, no store), "written" (into the store) or "skipped" (another writer holds or
+    finished the tile; no record)."""
     try:
         from distributed import get_worker
         who = get_worker().address
@@ -285,27 +287,28 @@ def tile_task(job: TaskSpec, tile, xa, xb):
         who = "?"
     if job.writer is not None:
         if not job.writer.claim(tile):
-            return tile.i, tile.j, who, None, "skipped"
+            return tile.i, tile.j, who, None, "skipped", None
         try:
-            be, pa, pb = _state(job, xa, xb)
+            be, pa, pb, record = _state(job, xa, xb)
             job.writer(tile, to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag)))
         except BaseException:
             job.writer.release(tile)
             raise
-        return tile.i, tile.j, who, None, "written"
-    be, pa, pb = _state(job, xa, xb)
+        return tile.i, tile.j, who, None, "written", record
+    be, pa, pb, record = _state(job, xa, xb)
     s = to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))
-    return tile.i, tile.j, who, s, "returned"
+    return tile.i, tile.j, who, s, "returned", record
 
 
-def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, list]:
+def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, list, list]:
     """Run the ``todo`` tiles of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) on its client's
     cluster into ``sink`` (with ``writes_store`` the workers claim the tiles and call the store
-    sink themselves); returns ({worker address: tiles computed}, tiles written into the store).
-    Tiles skipped because another writer holds them are in neither."""
+    sink themselves); returns ({worker address: tiles computed}, tiles written into the store,
+    the distinct compute records of the workers that computed tiles).  Tiles skipped because
+    another writer holds them are in none."""
     from distributed import as_completed
     if not todo:
-        return {}, []
+        return {}, [], []
     client = job.client
     gpu = job.traits.device == "gpu"
     token = uuid.uuid4().hex
@@ -332,11 +335,12 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
     log.info("dask: %d tile tasks submitted (images scattered once to every worker)", len(futures))
     per_worker: dict = {}
     written = []
+    computes: list = []
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
                 fut.result()                 # raises the task's exception here
-            i, j, who, s, status = fut.result()
+            i, j, who, s, status, record = fut.result()
             t = by_ij[(i, j)]
             fut.release()
             if status == "skipped":
@@ -345,6 +349,8 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
                 sink(t, s)
             if status == "written":
                 written.append(t)
+            if record not in computes:
+                computes.append(record)
             per_worker[who] = per_worker.get(who, 0) + 1
             progress.update(t.pairs)
     except BaseException:
@@ -356,7 +362,7 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
             client.run(evict, token, on_error="ignore")
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the job's own outcome
             log.warning("dask: could not drop job %s's cached images on the workers: %s", token, e)
-    return per_worker, written
+    return per_worker, written, computes
 
 
 def check_all_marked(store, tiles, per_worker: dict) -> None:

@@ -154,23 +154,26 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         run_id = None
         sink = MemorySink(job, layout, job.result_device)
 
-    def run_once(tiles) -> tuple[dict, list]:
-        """Compute what this process can claim of ``tiles``: ({worker: tiles}, tiles written)."""
+    def run_once(tiles) -> tuple[dict, list, list]:
+        """Compute what this process can claim of ``tiles``: ({worker: tiles}, tiles written,
+        the Dask workers' compute records)."""
         if job.client is not None:
             return jdask.run_dask(job, tiles, sink, bar, writes_store=store is not None)
         workers = local_workers(job.make_backend, job.devices)
         per = run_tiles(workers, *job.compute_images, tiles, sink, bar,
                         claim=sink.claim if store is not None else None)
-        return per, []
+        return per, [], []
 
     bar = Progress(todo_pairs, job.progress)
     t0 = time.perf_counter()
     outcome = "failed"
     per_worker: dict = {}
+    worker_computes: list = []         # Dask: what computed the tiles, as the workers said
     try:
         remaining = todo
         while remaining:
-            per, written = run_once(remaining)
+            per, written, computes = run_once(remaining)
+            worker_computes += [c for c in computes if c not in worker_computes]
             for w, n in per.items():
                 per_worker[w] = per_worker.get(w, 0) + n
             if store is None:
@@ -199,7 +202,8 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             mine = store.markers(todo) if todo else {}
             computed = [t for t in todo if mine[(t.i, t.j)] == run_id]
             try:
-                store.end_run(run_id, seconds, tiles_computed=len(computed), outcome=outcome)
+                store.end_run(run_id, seconds, tiles_computed=len(computed), outcome=outcome,
+                              computes=worker_computes)
             except Exception as e:  # noqa: BLE001 - the record must not hide the job's outcome
                 log.warning("store %s: the end of run %d could not be recorded: %s", store.path,
                             run_id, e)

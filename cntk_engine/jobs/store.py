@@ -33,7 +33,8 @@ Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared P
 * ``group["runs"]``: one subgroup ``runs/<k>`` per run k, its attributes the run's record
   (id, host, pid, where, started, tiles to compute, tiles verified and failed, ``compute``:
   the backend's ``compute_record``, what decides the tiles' bits, absent for a Dask run; at
-  the end finished, seconds, tiles computed, outcome).  Each run writes only its own record,
+  the end finished, seconds, tiles computed, outcome, and for a Dask run
+  ``compute_by_workers``, the records its workers returned with their tiles).  Each run writes only its own record,
   so concurrent runs never overwrite each other's.
 * ``group["claims"]``: while a tile is being computed, a plain JSON file ``claims/<i>.<j>``
   names its owner (host, pid, run, claim id); see "Many writers".  (zarr's deep listings
@@ -1167,12 +1168,28 @@ class GramStore:
         return k
 
     def end_run(self, run_id: int, seconds: float, *, tiles_computed: int | None = None,
-                outcome: str = "finished") -> None:
+                outcome: str = "finished", computes: list | None = None) -> None:
+        """Record the end of run ``run_id``.  ``computes``: the compute records the Dask workers
+        returned with their tiles (a Dask run's record has none at its start); stored as
+        ``compute_by_workers``, with a warning where they differ from each other or from an
+        earlier run's (:func:`mixed_compute`)."""
         zarr = require_zarr()
         upd = {"finished": _dt.datetime.now().isoformat(timespec="seconds"),
                "seconds": round(seconds, 3), "outcome": outcome}
         if tiles_computed is not None:
             upd["tiles_computed"] = int(tiles_computed)
+        if computes:
+            upd["compute_by_workers"] = [dict(c) for c in computes]
+            earlier = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
+            mixed = [line for k, c in enumerate(computes)
+                     for line in mixed_compute(earlier + [{"run": run_id, "host": "Dask workers",
+                                                          "compute": d} for d in computes[:k]], c)]
+            if mixed:
+                log.warning("store %s: run %d's Dask workers computed tiles with other code than "
+                            "earlier runs or than each other (%s%s); the tiles agree to rounding, "
+                            "not bit for bit, so the matrix is not bit-identical to one computed "
+                            "by any one of them", self.path, run_id, "; ".join(mixed[:3]),
+                            " ..." if len(mixed) > 3 else "")
         zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
 
     def sink(self, job, run_id: int) -> StoreSink:
@@ -1267,14 +1284,24 @@ def mixed_compute(runs: list[dict], mine: dict) -> list[str]:
     bit-identical tiles: the same backend, code and machine code."""
     out = []
     for r in runs:
-        theirs = r.get("compute")
-        if not isinstance(theirs, dict) or theirs == mine or r.get("tiles_computed") == 0:
+        if r.get("tiles_computed") == 0:
             continue
-        keys = sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k))
-        diff = ", ".join(f"{k} {theirs.get(k, '-')!s} there, {mine.get(k, '-')!s} here"
-                         for k in keys if theirs.get(k) != mine.get(k))
-        out.append(f"run {r.get('run')} on {r.get('host')}: {diff}")
+        for theirs in run_computes(r):
+            if theirs == mine:
+                continue
+            keys = sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k))
+            diff = ", ".join(f"{k} {theirs.get(k, '-')!s} there, {mine.get(k, '-')!s} here"
+                             for k in keys if theirs.get(k) != mine.get(k))
+            out.append(f"run {r.get('run')} on {r.get('host')}: {diff}")
     return out
+
+
+def run_computes(run: dict) -> list[dict]:
+    """The compute records of a run record: its own (a local run), or those its Dask workers
+    returned (``compute_by_workers``, recorded at its end); none for older records."""
+    recs = [run["compute"]] if isinstance(run.get("compute"), dict) else []
+    recs += [c for c in run.get("compute_by_workers") or [] if isinstance(c, dict)]
+    return recs
 
 
 def list_runs(group) -> list[dict]:
