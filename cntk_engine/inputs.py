@@ -363,7 +363,7 @@ def as_images(x, data_format: str | None = "NCHW", name: str = "x1"):
             idx = [int(i) for i in xp.nonzero(beyond)[0][:10].tolist()]
             raise ValueError(f"pixels beyond float64's range (|x| > {np.finfo(np.float64).max:.4g}) "
                              f"in {images(name, idx, int(beyond.sum()) - len(idx))}: the images "
-                             "are read as float64; divide them by a common factor first")
+                             "are read as float64; rescale them into its range first")
     return check_finite(out, name)
 
 

@@ -171,7 +171,9 @@ def test_info_and_demo(capsys):
     rc, o, e = run(capsys, "info")
     assert rc == 0 and "numba" in o and "backends:" in o and "GPUs visible" in o
     assert "cntk-engine[" not in o
-    assert f"CPU: {cli.common.machine()['cpu']} (" in o        # the model, not an empty processor()
+    m = cli.common.machine()
+    assert f"CPU: {m['cpu']} (" in o        # the model, not an empty processor()
+    assert f"numba compiles for {m['numba_cpu']}" in o and m["numba_cpu"] not in ("", "host")
     rc, o, e = run(capsys, "demo", "--n", "60", "--depth", "2", "--backend", "numba", "--no-progress")
     assert rc == 0, e
     assert "60 x 60" in o and "on backend numba" in o and "pairs/s" in o

@@ -111,35 +111,38 @@ def test_kernel_selection_by_argument_and_environment(monkeypatch):
         resolve_kernel("V5")
 
 
-def test_compute_record_names_the_variant_and_the_gpus(monkeypatch):
-    """A store's run record of a CUDA job: the kernel variant and each GPU's name and compute
-    capability (the machine code that ran); the GPUs faked, so no GPU is needed."""
+def test_compute_record_names_the_variant_build_and_gpu(monkeypatch):
+    """A store's run record of a CUDA job: the kernel variant, the extension's build and the
+    GPU's name and compute capability (the machine code that ran); the GPU faked, so no GPU is
+    needed."""
     extension()
     from cntk_engine.backends import cuda
-    monkeypatch.setattr(cuda, "gpu_properties", lambda d: {"name": f"GPU {d % 2}", "major": 9,
+    from cntk_engine.build_info import build_record
+    monkeypatch.setattr(cuda, "gpu_properties", lambda d: {"name": f"GPU {d}", "major": 9,
                                                            "minor": d})
     monkeypatch.setattr(cuda, "current_device", lambda: 1)
     monkeypatch.delenv(cuda.KERNEL_ENV, raising=False)
     arch = Architecture(depths=(3,))
     be = cuda.CudaBackend(arch, arch.layer_params(1, 8, 8), "float32")
-    assert be.compute_record([2, 0, 4]) == {"backend": "cuda", "kernel": "v3",
-                                            "gpus": ["GPU 0 (sm_90)", "GPU 0 (sm_92)", "GPU 0 (sm_94)"]}
-    assert be.compute_record(None) == {"backend": "cuda", "kernel": "v3", "gpus": ["GPU 1 (sm_91)"]}
-    monkeypatch.setattr(cuda, "gpu_properties", lambda d: {"name": "GPU", "major": 8, "minor": 0})
-    assert be.compute_record([0, 1])["gpus"] == ["GPU (sm_80)"]      # the same GPU model once
+    b = build_record()
+    built = f"CUDA {b['cuda_version']} for {b['cuda_architectures']}"
+    assert be.compute_record(2) == {"backend": "cuda", "kernel": "v3", "gpu": "GPU 2 (sm_92)",
+                                    "cuda_build": built}
+    assert be.compute_record(None)["gpu"] == "GPU 1 (sm_91)"       # the current device
 
 
 @gpu
 def test_a_store_records_the_kernel_and_gpu_that_computed_it(tmp_path):
-    zarr = pytest.importorskip("zarr")
+    pytest.importorskip("zarr")
+    import zarr
     from cntk_engine.arrays import current_device, gpu_properties
     from cntk_engine.jobs.store import list_runs
     ce.gram(np.random.default_rng(0).standard_normal((4, 1, 8, 8)), depth=3, backend="cuda",
             devices=[current_device()], out=tmp_path / "g.zarr")
-    rec = list_runs(zarr.open_group(str(tmp_path / "g.zarr")))[0]["compute"]
+    [rec] = list_runs(zarr.open_group(str(tmp_path / "g.zarr")))[0]["compute"]
     p = gpu_properties(current_device())
-    assert rec == {"backend": "cuda", "kernel": cuda_backend.resolve_kernel(None, "float32"),
-                   "gpus": [f"{p['name']} (sm_{p['major']}{p['minor']})"]}
+    assert rec["kernel"] == cuda_backend.resolve_kernel(None, "float32")
+    assert rec["gpu"] == f"{p['name']} (sm_{p['major']}{p['minor']})"
 
 
 def test_constructing_the_backend_needs_no_extension(monkeypatch):

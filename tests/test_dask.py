@@ -61,9 +61,10 @@ def test_store_written_by_workers(client, rng, tmp_path):
 
 
 def test_workers_record_what_computed_their_tiles(client, rng, tmp_path, caplog, monkeypatch):
-    """A Dask run's record holds the compute records its workers returned with their tiles
-    (the client cannot tell them at the start); a worker with other code than an earlier run
-    (faked: the workers here are this machine) is warned of at the run's end."""
+    """A Dask run's record holds, at its end, the compute records its workers returned with
+    their tiles (the client cannot tell them); a worker with other code than an earlier run
+    (faked: the workers here are this machine) is warned of; a run that fails midway keeps the
+    records of the tiles it wrote."""
     from cntk_engine.backends.numba_cpu import NumbaBackend
     from cntk_engine.jobs import dask as dist
     from cntk_engine.jobs.store import list_runs
@@ -73,22 +74,34 @@ def test_workers_record_what_computed_their_tiles(client, rng, tmp_path, caplog,
         ce.gram(x, depth=3, backend="numba", tile=4, client=client, out=out)
     here = NumbaBackend(None, None, "float32").compute_record(None)
     run = list_runs(zarr.open_group(str(out)))[0]
-    assert "compute" not in run and run["compute_by_workers"] == [here]
-    assert "other code" not in caplog.text
+    assert run["compute"] == [here] and "other code" not in caplog.text
     zarr.open_group(str(out), mode="r+")["tiles_done"][0, 1] = 0
-    real = dist.run_dask
+    real_state = dist._state
 
-    def one_worker_differs(*a, **k):
-        per, written, computes = real(*a, **k)
-        return per, written, computes + [dict(here, cpu="another-cpu")]
-    monkeypatch.setattr(dist, "run_dask", one_worker_differs)
-    with caplog.at_level("WARNING", logger="cntk_engine"):
-        ce.gram(x, depth=3, backend="numba", client=client, out=out)
-    assert "run 2's Dask workers computed tiles with other code" in caplog.text, caplog.text
-    assert f"run 1 on {run['host']}: cpu {here['cpu']} there, another-cpu here" in caplog.text
-    assert "run 2 on Dask workers: cpu" in caplog.text        # and than this run's other worker
-    assert list_runs(zarr.open_group(str(out)))[1]["compute_by_workers"] == [
-        here, dict(here, cpu="another-cpu")]
+    def other_code(*a):       # the worker's cached state, its record changed (in-process only)
+        be, pa, pb, rec = real_state(*a)
+        return be, pa, pb, dict(rec, cpu="another-cpu")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        monkeypatch.setattr(dist, "_state", other_code)
+        with caplog.at_level("WARNING", logger="cntk_engine"):
+            ce.gram(x, depth=3, backend="numba", client=c, out=out)
+        assert ("run 2's Dask workers computes with other code than earlier runs (run 1 on "
+                f"{run['host']}: cpu {here['cpu']} there, another-cpu here)") in caplog.text, caplog.text
+        assert list_runs(zarr.open_group(str(out)))[1]["compute"] == [dict(here, cpu="another-cpu")]
+        # a run that fails after writing tiles: their workers' records are kept
+        zarr.open_group(str(out), mode="r+")["tiles_done"][0, 0] = 0
+        zarr.open_group(str(out), mode="r+")["tiles_done"][1, 1] = 0
+        from cntk_engine.jobs import local
+
+        def fails_after_one(self, n):
+            raise RuntimeError("interrupted after a tile")
+        monkeypatch.setattr(local.Progress, "update", fails_after_one)
+        with pytest.raises(RuntimeError, match="interrupted after a tile"):
+            ce.gram(x, depth=3, backend="numba", client=c, out=out)
+    failed = list_runs(zarr.open_group(str(out)))[2]
+    assert failed["outcome"].startswith("failed") and failed["tiles_computed"] >= 1
+    assert failed["compute"] == [dict(here, cpu="another-cpu")]
 
 
 def test_tasks_carry_no_per_image_data(client, rng, tmp_path, monkeypatch):

@@ -104,49 +104,70 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
 
 
 def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog, capsys):
-    """Each run records the backend's compute record (numba: its version and the CPU it
-    compiles for, which decide the bits); a resume computing with other code warns, naming
-    the run and the difference, and ``verify`` lists what computed the tiles."""
-    from cntk_engine.backends.numba_cpu import NumbaBackend
+    """Each run records the backend's compute record (numba: its version and settings, the
+    CPU it compiles for and the C library, which decide the bits); a resume computing with
+    other code warns, naming the run and the difference, and ``verify`` lists what computed
+    the tiles (and says so in its JSON)."""
+    import json
+    import platform
+
+    import numba
+
+    from cntk_engine.backends.numba_cpu import NumbaBackend, numba_target
     from cntk_engine.cli import main
     x = imgs(rng, 6)
     out = tmp_path / "g.zarr"
     ce.gram(x, depth=3, backend="numba", tile=2, out=out)
     g = zarr.open_group(str(out), mode="r+")
-    rec = dict(store_mod.list_runs(g)[0]["compute"])
-    import numba
-    assert rec["backend"] == "numba" and rec["numba"] == numba.__version__ and rec["cpu"]
-    assert len(rec["cpu_features"]) == 12
+    [rec] = store_mod.list_runs(g)[0]["compute"]
+    assert rec == {"backend": "numba", "numba": numba.__version__, "cpu": numba_target()[0],
+                   "cpu_features": numba_target()[1], "opt": int(numba.config.OPT),
+                   "loop_vectorize": bool(numba.config.LOOP_VECTORIZE),
+                   "slp_vectorize": bool(numba.config.SLP_VECTORIZE),
+                   "svml": bool(numba.config.USING_SVML), "libc": " ".join(platform.libc_ver())}
+    assert rec["cpu"] not in ("", "host") and "," in rec["cpu_features"]
     g["tiles_done"][0, 1] = 0              # the same code again: no warning
     with caplog.at_level("WARNING", logger="cntk_engine"):
         ce.gram(x, depth=3, backend="numba", out=out)
     assert "other code" not in caplog.text
     g["tiles_done"][1, 2] = 0
     caplog.clear()
-    other = dict(rec, cpu="another-cpu")
+    feats = rec["cpu_features"].split(",")
+    other = dict(rec, cpu="another-cpu", cpu_features=",".join(feats[1:] + ["+new-feature"]))
     with caplog.at_level("WARNING", logger="cntk_engine"):
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(NumbaBackend, "compute_record", lambda self, devices: other)
+            m.setattr(NumbaBackend, "compute_record", lambda self, device: other)
             ce.gram(x, depth=3, backend="numba", out=out)
-    want = f"(run 1 on {store_mod.HOST}: cpu {rec['cpu']} there, another-cpu here; run 2 on"
-    assert want in caplog.text and "not be bit-identical" in caplog.text, caplog.text
-    _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
-    assert info["tiles_computed"] == 0       # nothing to compute: nothing mixed, no warning
-    assert main(["verify", str(out)]) == 0
+    want = (f"this run computes with other code than earlier runs (run 1 on {store_mod.HOST}: "
+            f"cpu {rec['cpu']} there, another-cpu here, cpu_features {sorted(feats)[0]} there, "
+            f"+new-feature here; run 2 on")
+    assert want in caplog.text and "may not be bit-identical" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0 and "other code" not in caplog.text   # nothing to compute
+    assert main(["verify", str(out), "--json", str(tmp_path / "v.json")]) == 0
     said = capsys.readouterr().out
-    assert f"cpu {rec['cpu']}" in said and "(runs 1, 2)" in said and "another-cpu" in said and \
-        "(run 3)" in said and "not bit-identical" in said, said
-    assert "(run 4)" not in said             # it computed no tile
+    assert f"cpu {rec['cpu']}, cpu_features sha256:" in said and "(runs 1, 2)" in said, said
+    assert "another-cpu" in said and "(run 3)" in said and "may not be bit-identical" in said
+    assert "(run 4)" not in said and "not recorded" not in said       # run 4 computed no tile
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["computed_with"] == [{"compute": rec, "runs": [1, 2]}, {"compute": other, "runs": [3]}]
+    assert v["mixed_compute"] is True and v["compute_not_recorded"] == []
 
 
 def test_mixed_compute_counts_runs_that_may_have_computed_tiles():
     mine = {"backend": "numba", "cpu": "a"}
-    runs = [{"run": 1, "host": "h", "compute": mine, "tiles_computed": 4},
-            {"run": 2, "host": "h", "compute": {"backend": "numba", "cpu": "b"}, "tiles_computed": 0},
-            {"run": 3, "host": "h"},                                     # a Dask run: not known
-            {"run": 4, "host": "k", "compute": {"backend": "cuda", "kernel": "v3"}}]   # killed
-    assert store_mod.mixed_compute(runs, mine) == [
+    runs = [{"run": 1, "host": "h", "compute": [mine], "tiles_computed": 4},
+            {"run": 2, "host": "h", "compute": [{"backend": "numba", "cpu": "b"}], "tiles_computed": 0},
+            {"run": 3, "host": "h"},                              # before compute records
+            {"run": 4, "host": "k", "compute": [{"backend": "cuda", "kernel": "v3"}]}]   # killed
+    assert store_mod.mixed_compute(runs, [mine]) == [
         "run 4 on k: backend cuda there, numba here, cpu - there, a here, kernel v3 there, - here"]
+    two = [mine, {"backend": "numba", "cpu": "b"}]                 # e.g. two GPU models at once
+    assert store_mod.mixed_compute(runs[:1], two) == [
+        "run 1 on h: cpu a there, b here", "its devices: cpu a on one, b on another"]
+    assert store_mod.mixed_compute([], [mine, dict(mine)]) == []
 
 
 def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):

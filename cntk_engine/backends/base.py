@@ -173,11 +173,13 @@ class Backend:
         for a backend that supports the job."""
         return None
 
-    def compute_record(self, devices: list[int] | None) -> dict:
-        """What decides this backend's bits in this process, for a store's run record (JSON):
-        the backend and, in subclasses, the code that runs (the numba version and the CPU it
-        compiles for; the CUDA kernel variant and the GPUs).  Runs with equal records compute
-        bit-identical tiles; different ones agree only to rounding (``jobs.store``, runs)."""
+    def compute_record(self, device: int | None) -> dict:
+        """What decides this backend's bits in this process on GPU ``device`` (None: the CPU),
+        as far as it can tell, for a store's run record (JSON strings, numbers, booleans): the
+        backend and, in subclasses, the code that runs (numba's version, settings and the CPU
+        it compiles for; the CUDA kernel variant, build and GPU).  Runs with equal records are
+        expected to compute bit-identical tiles; runs with different ones agree to rounding and
+        may differ in the last bits (``jobs.store``, runs)."""
         return {"backend": self.name}
 
     def prepare(self, x: np.ndarray) -> Prepared:  # x: float64 (N, C, H, W), validated

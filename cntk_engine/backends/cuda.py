@@ -20,6 +20,7 @@ import numpy as np
 
 from ..arch import grid_weights, readout_weights
 from ..arrays import current_device, gpu_properties
+from ..build_info import build_record
 from ..diag import diag_norms
 from ..spelling import arg
 from .base import Backend, Prepared, Traits
@@ -247,12 +248,16 @@ class CudaBackend(Backend):
         return (f"the CUDA kernels for {' and '.join(used)} have not run on a GPU yet "
                 f"({arg('backend', 'cuda')} runs them; docs/cuda_kernels.md)")
 
-    def compute_record(self, devices):
-        """The kernel variant and the GPUs (name, compute capability: the machine code nvcc
-        built for it) of a local job; ``devices`` None: the current GPU."""
-        gpus = {f"{p['name']} (sm_{p['major']}{p['minor']})" for p in
-                (gpu_properties(d) for d in (devices if devices is not None else [current_device()]))}
-        return {"backend": self.name, "kernel": self.kernel, "gpus": sorted(gpus)}
+    def compute_record(self, device):
+        """The kernel variant, the extension's build (CUDA version and the architectures nvcc
+        compiled machine code for: a GPU outside them runs the driver's compilation of the
+        PTX) and the GPU (name, compute capability); ``device`` None: the current GPU."""
+        p = gpu_properties(current_device() if device is None else device)
+        build = build_record() or {}
+        return {"backend": self.name, "kernel": self.kernel,
+                "gpu": f"{p['name']} (sm_{p['major']}{p['minor']})",
+                "cuda_build": f"CUDA {build.get('cuda_version', '?')} for "
+                              f"{build.get('cuda_architectures', '?')}"}
 
     def prepare(self, x) -> Prepared:
         import cupy

@@ -11,10 +11,10 @@ readout sums accumulated in float64.  float64 mode: float64 throughout with libm
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -648,6 +648,19 @@ def cache_status() -> str:
         return f"on (details unavailable: {e})"
 
 
+def numba_target() -> tuple[str, str]:
+    """(CPU name, feature string) numba compiles for in this process: the host's (e.g.
+    'znver4'), or ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` where set; with the code, the key
+    of numba's on-disk cache (``codegen().magic_tuple()``)."""
+    cpu, features = numba.config.CPU_NAME or "", numba.config.CPU_FEATURES or ""
+    try:
+        from numba.core.registry import cpu_target
+        _, cpu, features = cpu_target.target_context.codegen().magic_tuple()
+    except Exception:  # noqa: BLE001 - numba internals; the settings above are the fallback
+        pass
+    return str(cpu or "host"), str(features or "")
+
+
 class NumbaBackend(Backend):
     name = "numba"
 
@@ -667,18 +680,17 @@ class NumbaBackend(Backend):
     def unavailable_reason(cls):
         return None if _NUMBA_ERROR is None else f"numba cannot be imported ({_NUMBA_ERROR})"
 
-    def compute_record(self, devices):
-        """The numba version and the CPU numba compiles for (the key of its on-disk cache: CPU
-        model and feature set; two machines that differ there run different machine code,
-        whose float32 results differ in the last bit)."""
-        cpu, features = numba.config.CPU_NAME or "", numba.config.CPU_FEATURES or ""
-        try:
-            from numba.core.registry import cpu_target
-            _, cpu, features = cpu_target.target_context.codegen().magic_tuple()
-        except Exception:  # noqa: BLE001 - numba internals; the settings above are the fallback
-            pass
-        return {"backend": self.name, "numba": numba.__version__, "cpu": cpu or "host",
-                "cpu_features": hashlib.sha256(str(features).encode()).hexdigest()[:12]}
+    def compute_record(self, device):
+        """numba's version, its code generation settings, the CPU it compiles for (with the
+        code, the key of its on-disk cache: two machines that differ there run different
+        machine code, whose float32 results differ in the last bit) and the C library, whose
+        acos the float64 kernel calls."""
+        cpu, features = numba_target()
+        c = numba.config
+        return {"backend": self.name, "numba": numba.__version__, "cpu": cpu,
+                "cpu_features": features, "opt": int(c.OPT),
+                "loop_vectorize": bool(c.LOOP_VECTORIZE), "slp_vectorize": bool(c.SLP_VECTORIZE),
+                "svml": bool(c.USING_SVML), "libc": " ".join(platform.libc_ver()) or "unknown"}
 
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x)

@@ -8,6 +8,8 @@ the test suite.  See ``cntk_engine.arch`` for the formulas.
 """
 from __future__ import annotations
 
+import platform
+
 import math
 
 import numpy as np
@@ -120,8 +122,16 @@ class ReferenceBackend(Backend):
     def traits(cls) -> Traits:
         return Traits(device="cpu", default_tile=8, min_tile=2, compute_dtype="float64")
 
-    def compute_record(self, devices):
-        return {"backend": self.name, "numpy": np.__version__}
+    def compute_record(self, device):
+        """NumPy's version and the CPU features its SIMD loops dispatch on (its arccos, exp and
+        sums differ in the last bits between them) and the C library."""
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+        except ImportError:             # NumPy < 2
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        return {"backend": self.name, "numpy": np.__version__,
+                "numpy_cpu_features": ",".join(sorted(k for k, v in features.items() if v)),
+                "libc": " ".join(platform.libc_ver()) or "unknown"}
 
     def prepare(self, x: np.ndarray) -> Prepared:
         x = np.asarray(x, dtype=np.float64)

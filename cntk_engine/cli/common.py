@@ -83,6 +83,14 @@ def open_numpy(p: Path, what: str = "DATA"):
                        f"{numpy_problem(e)}") from None
 
 
+def _starts_with(p: Path, magic: bytes) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False            # open_numpy says why it cannot be read
+
+
 def numpy_problem(e: Exception) -> str:
     """Why NumPy could not read an array, in the user's terms: an object array (which would
     need unpickling, never done here) is named as such; other errors as they are."""
@@ -105,10 +113,10 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
         raise CliError(f"{what} {path!r} does not exist")
     if not p.is_file():
         raise CliError(f"{what} {path!r} is not a file")
-    loaded = open_numpy(p, what)
-    if key is not None and not hasattr(loaded, "files"):
+    if key is not None and _starts_with(p, NPY_MAGIC):        # refused before it is read whole
         raise CliError(f"{what} {path!r} is a .npy array, not an .npz archive: name no key "
                        f"(give {path!r} alone)")
+    loaded = open_numpy(p, what)
     try:
         if hasattr(loaded, "files"):
             with loaded as z:
@@ -331,15 +339,27 @@ def _json_default(o):
 
 
 def machine() -> dict:
-    """The CPU model, cores, Python and platform of this machine."""
-    cpu = platform.processor() or platform.machine()
+    """The CPU model, cores, Python and platform of this machine, its widest x86 vector
+    instructions (a VM's model name may say only "AMD EPYC") and the CPU numba compiles for."""
+    model, flags = None, set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo") as f:         # the first processor's lines
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("model name") and model is None:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-                platform=platform.platform())
+    rec = dict(cpu=model or platform.processor() or platform.machine(), cores=os.cpu_count(), python=platform.python_version(),
+               platform=platform.platform())
+    if flags:
+        rec["vector_isa"] = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else \
+            "AVX" if "avx" in flags else "SSE"
+    try:
+        from ..backends.numba_cpu import numba_target
+        rec["numba_cpu"] = numba_target()[0]
+    except Exception:  # noqa: BLE001 - numba missing or failing: the rest of the record stands
+        pass
+    return rec

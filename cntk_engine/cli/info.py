@@ -36,8 +36,11 @@ def run(args) -> int:
     for mod in ("numpy", "numba", "tqdm", "zarr", "dask", "distributed", "cupy"):
         print(f"  {mod:12s} {_version(mod)}")
     # the model name (/proc/cpuinfo): platform.processor() is empty on most Linux machines
-    print(f"CPU: {machine()['cpu']} ({platform.machine()}), {os.cpu_count()} logical cores"
-          + _numba_threads())
+    m = machine()
+    isa = f", {m['vector_isa']}" if "vector_isa" in m else ""
+    target = f"; numba compiles for {m['numba_cpu']}" if "numba_cpu" in m else ""
+    print(f"CPU: {m['cpu']} ({platform.machine()}{isa}), {os.cpu_count()} logical cores"
+          + _numba_threads() + target)
     n = gpu_count()
     print(f"GPUs visible to CuPy: {n}")
     if n:

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..jobs.store import DONE, add_checksums, run_computes, verify_store
+    from ..jobs.store import DONE, add_checksums, verify_store
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
@@ -77,17 +77,17 @@ def run(args) -> int:
     print(f"runs: {len(r.runs)}" + (f" (last: run {last.get('run')} on {last.get('host')} pid "
                                     f"{last.get('pid')}, started {last.get('started')}, "
                                     f"{last.get('outcome', 'not finished')})" if last else ""))
-    setups: dict[str, list] = {}     # what computed the tiles (runs that may have computed some)
-    for run in r.runs:
-        for rec in (run_computes(run) if run.get("tiles_computed") != 0 else []):
-            words = ", ".join(f"{k} {v}" for k, v in rec.items())
-            setups.setdefault(words, []).append(run.get("run"))
-    for words, numbers in setups.items():
-        print(f"computed with {words} (run{'s' if len(numbers) > 1 else ''} "
-              f"{', '.join(map(str, numbers))})")
+    setups, unrecorded = computed_with(r.runs)
+    for s in setups:
+        print(f"computed with {_words(s['compute'])} ({_runs(s['runs'])})")
+    if unrecorded:
+        print(f"{_runs(unrecorded)}: what computed the tiles is not recorded (a cntk_engine from "
+              "before run records held it, or a Dask run that ended before its workers' records "
+              "were written)")
     if len(setups) > 1:
-        print("the runs computed with different code: their tiles agree to rounding, not bit for "
-              "bit, so the matrix is not bit-identical to one computed by any one of them")
+        print("the tiles were computed with different code: they agree to rounding but may differ "
+              "in the last bits, so the matrix may not be bit-identical to one computed by any "
+              "single one of them")
     live = [c for c in r.claims if c.stale is None]
     stale = [c for c in r.claims if c.stale is not None]
     if r.claims:
@@ -102,6 +102,42 @@ def run(args) -> int:
             "damage": [dict(tile=list(d.tile), array=d.array, chunk=d.chunk, why=d.why)
                        for d in r.damage],
             "bytes_read": r.bytes_read, "seconds": r.seconds, "runs": r.runs,
+            "computed_with": setups, "compute_not_recorded": unrecorded,
+            "mixed_compute": len(setups) > 1,
             "claims": [dict(tile=list(c.tile), owner=c.owner, age=c.age, stale=c.stale)
                        for c in r.claims]})
     return status
+
+
+def computed_with(runs: list[dict]) -> tuple[list[dict], list]:
+    """What computed a store's tiles: [{"compute": record, "runs": [run numbers]}] over the runs
+    that may have computed tiles, and the numbers of those whose record holds none."""
+    from ..jobs.store import run_computes
+    setups: list[dict] = []
+    unrecorded = []
+    for run in runs:
+        if run.get("tiles_computed") == 0:
+            continue
+        recs = run_computes(run)
+        if not recs:
+            unrecorded.append(run.get("run"))
+        for rec in recs:
+            s = next((s for s in setups if s["compute"] == rec), None)
+            if s is None:
+                setups.append({"compute": rec, "runs": [run.get("run")]})
+            elif run.get("run") not in s["runs"]:
+                s["runs"].append(run.get("run"))
+    return setups, unrecorded
+
+
+def _words(rec: dict) -> str:
+    """A compute record in one line; a long value (a CPU's feature list) by its SHA-256 prefix."""
+    import hashlib
+    return ", ".join(f"{k} " + (f"sha256:{hashlib.sha256(v.encode()).hexdigest()[:12]}"
+                                if isinstance(v, str) and len(v) > 60 else str(v))
+                     for k, v in rec.items())
+
+
+def _runs(numbers: list) -> str:
+    return f"run{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+

@@ -244,7 +244,7 @@ def _state(job: TaskSpec, xa, xb):
         else:
             pa = be.prepare_set(xa)
             pb = pa if job.symmetric else be.prepare_set(xb)
-        st = _CACHE[key] = (be, pa, pb, be.compute_record(None))
+        st = _CACHE[key] = (be, pa, pb, be.compute_record(dev))
         tokens = list(dict.fromkeys(k[0] for k in _CACHE))     # least recently used first
         for old in tokens[:max(0, len(tokens) - CACHE_JOBS)]:
             for k in [k for k in _CACHE if k[0] == old]:
@@ -300,15 +300,18 @@ def tile_task(job: TaskSpec, tile, xa, xb):
     return tile.i, tile.j, who, s, "returned", record
 
 
-def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, list, list]:
+def run_dask(job, todo, sink, progress, *, writes_store: bool,
+             computes: list | None = None) -> tuple[dict, list]:
     """Run the ``todo`` tiles of ``job`` (a :class:`~cntk_engine.jobs.GramJob`) on its client's
     cluster into ``sink`` (with ``writes_store`` the workers claim the tiles and call the store
-    sink themselves); returns ({worker address: tiles computed}, tiles written into the store,
-    the distinct compute records of the workers that computed tiles).  Tiles skipped because
-    another writer holds them are in none."""
+    sink themselves); returns ({worker address: tiles computed}, tiles written into the store).
+    Tiles skipped because another writer holds them are in neither.  ``computes``: a list the
+    distinct compute records of the workers are added to as their tiles come in (so a run that
+    fails midway still has those of the tiles it wrote)."""
     from distributed import as_completed
+    computes = [] if computes is None else computes
     if not todo:
-        return {}, [], []
+        return {}, []
     client = job.client
     gpu = job.traits.device == "gpu"
     token = uuid.uuid4().hex
@@ -335,12 +338,13 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
     log.info("dask: %d tile tasks submitted (images scattered once to every worker)", len(futures))
     per_worker: dict = {}
     written = []
-    computes: list = []
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
                 fut.result()                 # raises the task's exception here
-            i, j, who, s, status, record = fut.result()
+            # a worker of a cntk_engine before compute records returns 5 fields: its code unknown
+            i, j, who, s, status, *record = fut.result()
+            record = record[0] if record else None
             t = by_ij[(i, j)]
             fut.release()
             if status == "skipped":
@@ -349,7 +353,7 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
                 sink(t, s)
             if status == "written":
                 written.append(t)
-            if record not in computes:
+            if record is not None and record not in computes:
                 computes.append(record)
             per_worker[who] = per_worker.get(who, 0) + 1
             progress.update(t.pairs)
@@ -362,7 +366,7 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool) -> tuple[dict, li
             client.run(evict, token, on_error="ignore")
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the job's own outcome
             log.warning("dask: could not drop job %s's cached images on the workers: %s", token, e)
-    return per_worker, written, computes
+    return per_worker, written
 
 
 def check_all_marked(store, tiles, per_worker: dict) -> None:

@@ -146,23 +146,31 @@ def run_job(job: GramJob) -> tuple[object, dict]:
              len(all_tiles), "" if len(all_tiles) == 1 else "s", len(todo), todo_pairs)
 
     if store is not None:
-        # what computes the tiles, as far as this process can tell (Dask: each worker's own)
-        compute = None if job.client is not None else job.make_backend().compute_record(job.devices)
-        run_id = store.begin_run(len(todo), where, compute)
+        # what computes the tiles, per distinct device (Dask: the workers say, with their tiles)
+        computes = None
+        if job.client is None:
+            be = job.make_backend()
+            computes = []
+            for d in (job.devices or [None]):
+                rec = be.compute_record(d)
+                if rec not in computes:
+                    computes.append(rec)
+        run_id = store.begin_run(len(todo), where, computes)
         sink = store.sink(job, run_id)
     else:
         run_id = None
         sink = MemorySink(job, layout, job.result_device)
 
-    def run_once(tiles) -> tuple[dict, list, list]:
-        """Compute what this process can claim of ``tiles``: ({worker: tiles}, tiles written,
-        the Dask workers' compute records)."""
+    def run_once(tiles) -> tuple[dict, list]:
+        """Compute what this process can claim of ``tiles``: ({worker: tiles}, tiles written);
+        Dask workers' compute records are added to ``worker_computes`` as their tiles come."""
         if job.client is not None:
-            return jdask.run_dask(job, tiles, sink, bar, writes_store=store is not None)
+            return jdask.run_dask(job, tiles, sink, bar, writes_store=store is not None,
+                                  computes=worker_computes)
         workers = local_workers(job.make_backend, job.devices)
         per = run_tiles(workers, *job.compute_images, tiles, sink, bar,
                         claim=sink.claim if store is not None else None)
-        return per, [], []
+        return per, []
 
     bar = Progress(todo_pairs, job.progress)
     t0 = time.perf_counter()
@@ -172,8 +180,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
     try:
         remaining = todo
         while remaining:
-            per, written, computes = run_once(remaining)
-            worker_computes += [c for c in computes if c not in worker_computes]
+            per, written = run_once(remaining)
             for w, n in per.items():
                 per_worker[w] = per_worker.get(w, 0) + n
             if store is None:
@@ -203,7 +210,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             computed = [t for t in todo if mine[(t.i, t.j)] == run_id]
             try:
                 store.end_run(run_id, seconds, tiles_computed=len(computed), outcome=outcome,
-                              computes=worker_computes)
+                              computes=worker_computes or None)
             except Exception as e:  # noqa: BLE001 - the record must not hide the job's outcome
                 log.warning("store %s: the end of run %d could not be recorded: %s", store.path,
                             run_id, e)

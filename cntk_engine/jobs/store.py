@@ -32,9 +32,9 @@ Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared P
   tile layout and ``integrity`` (checksum kind, arrays, chunk codec).
 * ``group["runs"]``: one subgroup ``runs/<k>`` per run k, its attributes the run's record
   (id, host, pid, where, started, tiles to compute, tiles verified and failed, ``compute``:
-  the backend's ``compute_record``, what decides the tiles' bits, absent for a Dask run; at
-  the end finished, seconds, tiles computed, outcome, and for a Dask run
-  ``compute_by_workers``, the records its workers returned with their tiles).  Each run writes only its own record,
+  the backends' ``compute_record`` of each distinct device, what decides the tiles' bits; at
+  the end finished, seconds, tiles computed, outcome, and a Dask run's ``compute``: the
+  records its workers returned with their tiles).  Each run writes only its own record,
   so concurrent runs never overwrite each other's.
 * ``group["claims"]``: while a tile is being computed, a plain JSON file ``claims/<i>.<j>``
   names its owner (host, pid, run, claim id); see "Many writers".  (zarr's deep listings
@@ -1140,26 +1140,22 @@ class GramStore:
             time.sleep(poll)
 
     # ------------------------------------------------------------------ runs
-    def begin_run(self, n_todo: int, where: str, compute: dict | None = None) -> int:
+    def begin_run(self, n_todo: int, where: str, computes: list | None = None) -> int:
         """Record a new run (its own ``runs/<k>`` group, k unique among concurrent writers)
-        and return k.  ``compute``: what computes this run's tiles (the backend's
-        ``compute_record``; None where this process cannot tell: Dask workers).  A run that
-        has tiles to compute warns when an earlier run computed with other code
-        (:func:`mixed_compute`)."""
+        and return k.  ``computes``: the compute records of what computes this run's tiles
+        (one per distinct device: ``Backend.compute_record``), or None where this process
+        cannot tell (Dask: its workers say, :meth:`end_run`).  A run that has tiles to compute
+        warns where its records differ from an earlier run's or from each other."""
         rec = {"id": uuid.uuid4().hex, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                "host": HOST, "pid": os.getpid(), "where": where, "tiles_to_compute": n_todo,
                "tiles_verified": self.verified["tiles"],
                "tiles_failed_verification": self.verified["failed"],
                "verify_seconds": round(self.verified["seconds"], 3),
                "claim_timeout": self.claim_timeout}
-        if compute is not None:
-            rec["compute"] = dict(compute)
-            mixed = mixed_compute(list_runs(self.read_only_group), compute) if n_todo else []
-            if mixed:
-                log.warning("store %s: earlier runs computed tiles with other code than this run "
-                            "(%s%s); the tiles agree to rounding, not bit for bit, so the matrix "
-                            "will not be bit-identical to one computed by either alone",
-                            self.path, "; ".join(mixed[:3]), " ..." if len(mixed) > 3 else "")
+        if computes:
+            rec["compute"] = [dict(c) for c in computes]
+            if n_todo:
+                self._warn_mixed(list_runs(self.read_only_group), computes, "this run")
         # above every marker read, as well as every run recorded: a tile this run writes must
         # not carry a marker that was there before, or a damaged tile whose marker equals it (a
         # runs/<k> record lost) would read as not repaired after its repair, again and again
@@ -1169,28 +1165,35 @@ class GramStore:
 
     def end_run(self, run_id: int, seconds: float, *, tiles_computed: int | None = None,
                 outcome: str = "finished", computes: list | None = None) -> None:
-        """Record the end of run ``run_id``.  ``computes``: the compute records the Dask workers
-        returned with their tiles (a Dask run's record has none at its start); stored as
-        ``compute_by_workers``, with a warning where they differ from each other or from an
-        earlier run's (:func:`mixed_compute`)."""
+        """Record the end of run ``run_id``.  ``computes``: the compute records the Dask
+        workers returned with their tiles (also of a run that failed after some), stored as
+        the run's ``compute`` after the rest of the record, then compared as at
+        :meth:`begin_run`."""
         zarr = require_zarr()
         upd = {"finished": _dt.datetime.now().isoformat(timespec="seconds"),
                "seconds": round(seconds, 3), "outcome": outcome}
         if tiles_computed is not None:
             upd["tiles_computed"] = int(tiles_computed)
         if computes:
-            upd["compute_by_workers"] = [dict(c) for c in computes]
-            earlier = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
-            mixed = [line for k, c in enumerate(computes)
-                     for line in mixed_compute(earlier + [{"run": run_id, "host": "Dask workers",
-                                                          "compute": d} for d in computes[:k]], c)]
-            if mixed:
-                log.warning("store %s: run %d's Dask workers computed tiles with other code than "
-                            "earlier runs or than each other (%s%s); the tiles agree to rounding, "
-                            "not bit for bit, so the matrix is not bit-identical to one computed "
-                            "by any one of them", self.path, run_id, "; ".join(mixed[:3]),
-                            " ..." if len(mixed) > 3 else "")
+            upd["compute"] = [dict(c) for c in computes]
         zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
+        if computes:
+            try:
+                earlier = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
+                self._warn_mixed(earlier, computes, f"run {run_id}'s Dask workers")
+            except Exception as e:  # noqa: BLE001 - a warning must not fail the finished run
+                log.warning("store %s: run %d's compute records could not be compared with "
+                            "the earlier runs': %s", self.path, run_id, e)
+
+    def _warn_mixed(self, runs: list, computes: list, who: str) -> None:
+        mixed = mixed_compute(runs, computes)
+        if mixed:
+            log.warning("store %s: %s computes with other code than %s (%s%s): their tiles agree "
+                        "to rounding but may differ in the last bits, so the matrix may not be "
+                        "bit-identical to one computed by any single one of them", self.path, who,
+                        "earlier runs" if all(m.startswith("run ") for m in mixed) else
+                        "earlier runs or its other devices", "; ".join(mixed[:3]),
+                        " ..." if len(mixed) > 3 else "")
 
     def sink(self, job, run_id: int) -> StoreSink:
         return StoreSink(str(self.path), job.arch, job.params, job.kernel, job.symmetric, run_id,
@@ -1277,31 +1280,46 @@ def _read_record(path: Path, what: str = "", *, for_out: bool = False,
     return stored
 
 
-def mixed_compute(runs: list[dict], mine: dict) -> list[str]:
-    """How ``mine``, a run's compute record, differs from that of each run in ``runs`` that
-    may have computed tiles (all but those that ended having computed none; a run killed
-    before its end was recorded counts), one line per such run.  Equal records compute
-    bit-identical tiles: the same backend, code and machine code."""
+def mixed_compute(runs: list[dict], computes: list[dict]) -> list[str]:
+    """How the compute records ``computes`` (of one run) differ from those of each run in
+    ``runs`` that may have computed tiles (all but those that ended having computed none; a
+    run killed before its end was recorded counts) and from each other, one line each."""
     out = []
-    for r in runs:
-        if r.get("tiles_computed") == 0:
-            continue
-        for theirs in run_computes(r):
-            if theirs == mine:
+    for k, mine in enumerate(computes):
+        for r in runs:
+            if r.get("tiles_computed") == 0:
                 continue
-            keys = sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k))
-            diff = ", ".join(f"{k} {theirs.get(k, '-')!s} there, {mine.get(k, '-')!s} here"
-                             for k in keys if theirs.get(k) != mine.get(k))
-            out.append(f"run {r.get('run')} on {r.get('host')}: {diff}")
+            for theirs in run_computes(r):
+                line = f"run {r.get('run')} on {r.get('host')}: {record_diff(theirs, mine)}"
+                if theirs != mine and line not in out:
+                    out.append(line)
+        for theirs in computes[:k]:
+            if theirs != mine:
+                out.append(f"its devices: {record_diff(theirs, mine, ('on one', 'on another'))}")
     return out
 
 
+def record_diff(theirs: dict, mine: dict, sides=("there", "here")) -> str:
+    """The fields in which two compute records differ, in words; of a comma-separated list
+    (a CPU's features), the items in one and not the other."""
+    words = []
+    for k in sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k)):
+        a, b = theirs.get(k, "-"), mine.get(k, "-")
+        if a == b:
+            continue
+        if isinstance(a, str) and isinstance(b, str) and "," in a + b:
+            ia, ib = set(a.split(",")), set(b.split(","))
+            a = ",".join(sorted(ia - ib)[:6]) or "(fewer items)"
+            b = ",".join(sorted(ib - ia)[:6]) or "(fewer items)"
+        words.append(f"{k} {a} {sides[0]}, {b} {sides[1]}")
+    return ", ".join(words)
+
+
 def run_computes(run: dict) -> list[dict]:
-    """The compute records of a run record: its own (a local run), or those its Dask workers
-    returned (``compute_by_workers``, recorded at its end); none for older records."""
-    recs = [run["compute"]] if isinstance(run.get("compute"), dict) else []
-    recs += [c for c in run.get("compute_by_workers") or [] if isinstance(c, dict)]
-    return recs
+    """The compute records of a run record (none for runs of cntk_engine before it recorded
+    them, or of a Dask run whose client died before the run's end)."""
+    recs = run.get("compute")
+    return [c for c in recs if isinstance(c, dict)] if isinstance(recs, list) else []
 
 
 def list_runs(group) -> list[dict]:
