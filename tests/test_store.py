@@ -126,6 +126,7 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
                    "slp_vectorize": bool(numba.config.SLP_VECTORIZE),
                    "svml": bool(numba.config.USING_SVML), "libc": " ".join(platform.libc_ver())}
     assert rec["cpu"] not in ("", "host") and "," in rec["cpu_features"]
+    assert ce.gram(x, depth=3, backend="numba", return_info=True)[1]["compute"] == [rec]
     g["tiles_done"][0, 1] = 0              # the same code again: no warning
     with caplog.at_level("WARNING", logger="cntk_engine"):
         ce.gram(x, depth=3, backend="numba", out=out)

@@ -145,16 +145,16 @@ def run_job(job: GramJob) -> tuple[object, dict]:
              job.n2, job.image_shape, "symmetric" if job.symmetric else "rectangular", tile, why,
              len(all_tiles), "" if len(all_tiles) == 1 else "s", len(todo), todo_pairs)
 
+    # what computes the tiles, per distinct device (Dask: the workers say, with their tiles)
+    computes = None
+    if job.client is None:
+        be = job.make_backend()
+        computes = []
+        for d in (job.devices or [None]):
+            rec = be.compute_record(d)
+            if rec not in computes:
+                computes.append(rec)
     if store is not None:
-        # what computes the tiles, per distinct device (Dask: the workers say, with their tiles)
-        computes = None
-        if job.client is None:
-            be = job.make_backend()
-            computes = []
-            for d in (job.devices or [None]):
-                rec = be.compute_record(d)
-                if rec not in computes:
-                    computes.append(rec)
         run_id = store.begin_run(len(todo), where, computes)
         sink = store.sink(job, run_id)
     else:
@@ -220,7 +220,8 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             "pairs_computed": pairs, "unique_pairs": layout.unique_pairs,
             "per_worker": per_worker, "compute_seconds": seconds,
             "pairs_per_second": pairs / seconds if seconds > 0 and pairs else None,
-            "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict()}
+            "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict(),
+            "compute": computes if computes is not None else worker_computes}
     if store is not None:
         info.update(store=str(store.path), run=run_id, tiles_verified=store.verified["tiles"],
                     tiles_failed_verification=store.verified["failed"],
