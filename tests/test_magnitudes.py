@@ -257,3 +257,32 @@ def test_non_finite_tile_is_never_stored(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="non-finite"):
         ce.gram(x, depth=2, backend="reference", out=out)
     assert (zarr.open_group(str(out), mode="r")["tiles_done"][...] == 0).all()
+
+
+def test_the_diagonal_extremes_of_a_set_seen_again_come_from_the_cache(monkeypatch):
+    """A set met again (a training set against batch after batch) is not run through the
+    host's diagonal recursion again; changed in place, or under another architecture, it is;
+    the cache stays within its bytes."""
+    from cntk_engine import inputs
+    calls = []
+    real = inputs.diagonal_extremes
+    monkeypatch.setattr(inputs, "diagonal_extremes", lambda x, *a: calls.append(len(x)) or real(x, *a))
+    monkeypatch.setattr(inputs, "_extremes_cache", type(inputs._extremes_cache)())
+    rng = np.random.default_rng(5)
+    train, test = rng.random((5, 1, 8, 8)), rng.random((3, 1, 8, 8))
+    full = ce.gram(test, train, depth=3, backend="numba")
+    assert calls == [3, 5]
+    for i in range(3):                                      # batch after batch: only the batch
+        assert ce.gram(test[i:i + 1], train, depth=3, backend="numba").tobytes() == full[i:i + 1].tobytes()
+    assert calls == [3, 5, 1, 1, 1]
+    train[4, 0, 2, 2] += 0.5                                # changed in place: computed again
+    ce.gram(test[:1], train, depth=3, backend="numba")
+    ce.gram(test[:1], train, depth=4, backend="numba")      # another architecture: again
+    assert calls == [3, 5, 1, 1, 1, 5, 1, 5]               # (the batch, new at depth 4)
+    b = ce.gram(test, train, depth=3, b_std=0.5, convention="neural_tangents", backend="numba")
+    assert calls[-2:] == [3, 5]                             # with biases: the raw images, cached too
+    ce.gram(test, train, depth=3, b_std=0.5, convention="neural_tangents", backend="numba")
+    assert len(calls) == 10 and np.isfinite(b).all()
+    monkeypatch.setattr(inputs, "EXTREMES_CACHE_BYTES", 1)
+    ce.gram(rng.random((2, 1, 8, 8)), depth=3, backend="numba")
+    assert len(inputs._extremes_cache) == 1                 # the newest set alone stays
