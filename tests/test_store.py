@@ -130,7 +130,7 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
     g["tiles_done"][0, 1] = 0              # the same code again: no warning
     with caplog.at_level("WARNING", logger="cntk_engine"):
         ce.gram(x, depth=3, backend="numba", out=out)
-    assert "other code" not in caplog.text
+    assert "differs from that of" not in caplog.text
     g["tiles_done"][1, 2] = 0
     caplog.clear()
     feats = rec["cpu_features"].split(",")
@@ -139,14 +139,14 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
         with pytest.MonkeyPatch.context() as m:
             m.setattr(NumbaBackend, "compute_record", lambda self, device: other)
             ce.gram(x, depth=3, backend="numba", out=out)
-    want = (f"this run computes with other code than earlier runs (run 1 on {store_mod.HOST}: "
+    want = (f"the code of this run differs from that of earlier runs (run 1 on {store_mod.HOST}: "
             f"cpu {rec['cpu']} there, another-cpu here, cpu_features {sorted(feats)[0]} there, "
             f"+new-feature here; run 2 on")
     assert want in caplog.text and "may not be bit-identical" in caplog.text, caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="cntk_engine"):
         _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
-    assert info["tiles_computed"] == 0 and "other code" not in caplog.text   # nothing to compute
+    assert info["tiles_computed"] == 0 and "differs from that of" not in caplog.text   # none to do
     assert main(["verify", str(out), "--json", str(tmp_path / "v.json")]) == 0
     said = capsys.readouterr().out
     assert f"cpu {rec['cpu']}, cpu_features sha256:" in said and "(runs 1, 2)" in said, said

@@ -1188,11 +1188,11 @@ class GramStore:
     def _warn_mixed(self, runs: list, computes: list, who: str) -> None:
         mixed = mixed_compute(runs, computes)
         if mixed:
-            log.warning("store %s: %s computes with other code than %s (%s%s): their tiles agree "
-                        "to rounding but may differ in the last bits, so the matrix may not be "
-                        "bit-identical to one computed by any single one of them", self.path, who,
-                        "earlier runs" if all(m.startswith("run ") for m in mixed) else
-                        "earlier runs or its other devices", "; ".join(mixed[:3]),
+            log.warning("store %s: the code of %s differs from that of %s (%s%s): their tiles "
+                        "agree to rounding but may differ in the last bits, so the matrix may not "
+                        "be bit-identical to one computed by any single one of them", self.path,
+                        who, "earlier runs" if all(m.startswith("run ") for m in mixed) else
+                        "earlier runs or of its other devices", "; ".join(mixed[:3]),
                         " ..." if len(mixed) > 3 else "")
 
     def sink(self, job, run_id: int) -> StoreSink:
