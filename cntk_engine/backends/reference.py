@@ -8,9 +8,8 @@ the test suite.  See ``cntk_engine.arch`` for the formulas.
 """
 from __future__ import annotations
 
-import platform
-
 import math
+import platform
 
 import numpy as np
 

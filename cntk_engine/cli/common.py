@@ -352,8 +352,8 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    rec = dict(cpu=model or platform.processor() or platform.machine(), cores=os.cpu_count(), python=platform.python_version(),
-               platform=platform.platform())
+    rec = dict(cpu=model or platform.processor() or platform.machine(), cores=os.cpu_count(),
+               python=platform.python_version(), platform=platform.platform())
     if flags:
         rec["vector_isa"] = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else \
             "AVX" if "avx" in flags else "SSE"

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..jobs.store import DONE, add_checksums, verify_store
+    from ..jobs.store import DONE, add_checksums, computed_with, verify_store
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
@@ -109,27 +109,6 @@ def run(args) -> int:
     return status
 
 
-def computed_with(runs: list[dict]) -> tuple[list[dict], list]:
-    """What computed a store's tiles: [{"compute": record, "runs": [run numbers]}] over the runs
-    that may have computed tiles, and the numbers of those whose record holds none."""
-    from ..jobs.store import run_computes
-    setups: list[dict] = []
-    unrecorded = []
-    for run in runs:
-        if run.get("tiles_computed") == 0:
-            continue
-        recs = run_computes(run)
-        if not recs:
-            unrecorded.append(run.get("run"))
-        for rec in recs:
-            s = next((s for s in setups if s["compute"] == rec), None)
-            if s is None:
-                setups.append({"compute": rec, "runs": [run.get("run")]})
-            elif run.get("run") not in s["runs"]:
-                s["runs"].append(run.get("run"))
-    return setups, unrecorded
-
-
 def _words(rec: dict) -> str:
     """A compute record in one line; a long value (a CPU's feature list) by its SHA-256 prefix."""
     import hashlib
@@ -140,4 +119,3 @@ def _words(rec: dict) -> str:
 
 def _runs(numbers: list) -> str:
     return f"run{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
-

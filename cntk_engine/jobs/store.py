@@ -1322,6 +1322,26 @@ def run_computes(run: dict) -> list[dict]:
     return [c for c in recs if isinstance(c, dict)] if isinstance(recs, list) else []
 
 
+def computed_with(runs: list[dict]) -> tuple[list[dict], list]:
+    """What computed a store's tiles: [{"compute": record, "runs": [run numbers]}] over the runs
+    that may have computed tiles, and the numbers of those whose record holds none."""
+    setups: list[dict] = []
+    unrecorded = []
+    for run in runs:
+        if run.get("tiles_computed") == 0:
+            continue
+        recs = run_computes(run)
+        if not recs:
+            unrecorded.append(run.get("run"))
+        for rec in recs:
+            s = next((s for s in setups if s["compute"] == rec), None)
+            if s is None:
+                setups.append({"compute": rec, "runs": [run.get("run")]})
+            elif run.get("run") not in s["runs"]:
+                s["runs"].append(run.get("run"))
+    return setups, unrecorded
+
+
 def list_runs(group) -> list[dict]:
     """The run records of a store's group, by run number (format 1: ``attrs["runs"]``)."""
     runs = [dict(r) for r in group.attrs.get("runs", [])]
