@@ -157,6 +157,16 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
     assert v["mixed_compute"] is True and v["compute_not_recorded"] == []
 
 
+def test_a_reference_run_records_numpy_and_its_cpu_dispatch(tmp_path, rng):
+    import platform
+    ce.gram(imgs(rng, 3), depth=2, backend="reference", out=tmp_path / "r.zarr")
+    [rec] = store_mod.list_runs(zarr.open_group(str(tmp_path / "r.zarr")))[0]["compute"]
+    assert rec["backend"] == "reference" and rec["numpy"] == np.__version__
+    assert rec["libc"] == " ".join(platform.libc_ver()) and isinstance(rec["numpy_cpu_features"], str)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "SSE2" in rec["numpy_cpu_features"].split(",")
+
+
 def test_mixed_compute_counts_runs_that_may_have_computed_tiles():
     mine = {"backend": "numba", "cpu": "a"}
     runs = [{"run": 1, "host": "h", "compute": [mine], "tiles_computed": 4},
