@@ -94,6 +94,9 @@ def test_jitter_fails_on_indefinite_matrix():
     K = np.diag([1.0, 2.0, -1.0])
     with pytest.raises(S.NotPositiveDefinite, match="not positive definite even with jitter.*smallest eigenvalue is -1"):
         S.fit_ridge(K, np.ones(3), 0.0)
+    with pytest.raises(S.NotPositiveDefinite, match=r"K's smallest eigenvalue is -2 \(largest 2\), so "
+                                                    r"K \+ 0.5 I's is -1.5"):
+        S.fit_ridge(np.diag([1.0, 2.0, -2.0]), np.ones(3), 0.5)
     # a ridge large enough makes it PD
     sol = S.fit_ridge(K, np.ones(3), 2.0)
     np.testing.assert_allclose(sol.alpha[:, 0], 1 / np.array([3.0, 4.0, 1.0]))
@@ -163,6 +166,11 @@ def test_targets_and_accuracy():
     assert S.predict_classes(Y, classes).tolist() == y.tolist()
     assert S.accuracy(Y, np.array([1, 0, 1, 0])) == 0.75   # argmax columns [1, 0, 1, 2]
     assert S.accuracy(np.array([3, 1, 0, 7]), y) == 0.75
+    with pytest.raises(ValueError, match=r"the predictions hold strings \(<U1\) but the labels bytes "
+                                         r"\(\|S1\): no label could match \(decode the bytes"):
+        S.accuracy(np.array(["a", "b"]), np.array([b"a", b"b"]))      # 'a' != b'a': not 0.0
+    with pytest.raises(ValueError, match="the predictions hold numbers .* but the labels strings"):
+        S.accuracy(np.array([1, 2]), np.array(["1", "2"]))
     with pytest.raises(ValueError, match=r"labels \[5\] are not among the classes \[1, 3, 7\]"):
         S.one_hot(np.array([1, 5]), classes)
     strings, cl = S.one_hot(np.array(["b", "a", "b"]))
@@ -257,6 +265,9 @@ def test_leave_one_group_out_equals_brute_force_refits(rng):
     one = S.loo(E, Y[:, 0], ridges, groups=groups.astype(str), return_predictions=True)
     np.testing.assert_allclose(one.predictions[2][:, 0], Y[:, 0] - brute_lgo(K, Y, 0.5, groups)[:, 0],
                                rtol=0, atol=1e-10)
+    # object arrays (pandas' .to_numpy()) of strings or of integers: the same groups
+    for obj in (groups.astype(str).astype(object), groups.astype(object)):
+        np.testing.assert_array_equal(S.loo(E, Y[:, 0], ridges, groups=obj).mse, one.mse)
     # every group of one: exactly the leave-one-out
     np.testing.assert_allclose(S.loo(K, Y, ridges, groups=np.arange(n)).mse, S.loo(K, Y, ridges).mse,
                                rtol=1e-12)
@@ -690,9 +701,17 @@ def test_gradient_flow_eta_numpy_scalar_and_docstring(rng):
     for bad in (True, np.bool_(True), np.float32(-1), np.inf, "1", 1j):
         with pytest.raises(ValueError, match="eta"):
             S.gradient_flow(K, Y, 1.0, eta=bad)
+    for kw, msg in ((dict(rcond=np.nan), "rcond must be a finite number >= 0"),
+                    (dict(rcond=-1), "rcond must be a finite number >= 0"),   # inverted rounding
+                    (dict(rcond=1.0), "rcond must be below 1"),
+                    (dict(neg_tol=-1), "neg_tol must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            S.gradient_flow(K, Y, 1.0, **kw)
+    with pytest.raises(ValueError, match="non-empty 1-D sequence"):
+        S.gradient_flow(K, Y, [])
     # t = inf is the pseudo-inverse truncated at rcond, as documented, not K^-1
     doc = S.gradient_flow.__doc__
-    assert "pseudo-inverse truncated at ``rcond``" in doc and "kernel_ridge" in doc
+    assert "pseudo-inverse of K's positive part truncated at ``rcond``" in doc and "kernel_ridge" in doc
     U, _ = np.linalg.qr(rng.normal(size=(6, 6)))
     s = np.array([1e-13, 1e-3, 0.5, 1.0, 2.0, 3.0])
     Kn = (U * s) @ U.T

@@ -6,6 +6,7 @@ import numbers
 
 import numpy as np
 
+from ..inputs import check_nonnegative
 from .linalg import as_eigh, check_targets, check_test_kernel, scalar
 
 def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-10,
@@ -19,8 +20,10 @@ def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-1
         f_t(X)      = U_+ diag(1 - exp(-eta s_+ t)) U_+^T Y                  (training points)
 
     and at ``t = inf`` (``np.inf``) ``K_test U_+ diag(1 / s_+) U_+^T Y = K_test K_r^+ Y``, with
-    ``K_r^+`` the pseudo-inverse truncated at ``rcond`` (``np.linalg.pinv(K, rcond)``), and
-    ``U_+ U_+^T Y`` on the training points.  Eigenvalues ``s <= rcond * s_max`` are taken as
+    ``K_r^+`` the pseudo-inverse of K's positive part truncated at ``rcond`` (which is
+    ``np.linalg.pinv(K, rcond)`` except for eigenvalues between ``-neg_tol * s_max`` and
+    ``-rcond * s_max``, a float32 Gram's rounding: pinv inverts them, here they are dropped),
+    and ``U_+ U_+^T Y`` on the training points.  Eigenvalues ``s <= rcond * s_max`` are taken as
     exact zeros: those directions are never trained (for a true Gram ``Phi Phi^T`` their
     K_test component is 0 in exact arithmetic) and contribute nothing.  So t = inf equals
     ``K_test K^-1 Y``, the ridge-0 :func:`kernel_ridge`, only when every eigenvalue is above
@@ -29,17 +32,24 @@ def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-1
     Cholesky jitter ``j`` (different on the near-null directions).
     ``K`` may be a :class:`KernelEigh` (one decomposition for many t).
     ``t``: a number (returns (m,) or (m, k)) or a sequence (returns (len(t), m[, k])).
-    ``eta``: any real number > 0 (Python or NumPy scalar).
-    Eigenvalues below ``-neg_tol * s_max`` mean K is not PSD: ValueError (the flow diverges)."""
+    ``eta``: any real number > 0 (Python or NumPy scalar).  ``rcond``: 0 <= rcond < 1.
+    Eigenvalues below ``-neg_tol * s_max`` (``neg_tol`` >= 0) mean K is not PSD: ValueError
+    (the flow diverges)."""
     if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, numbers.Real) \
             or not math.isfinite(float(eta)) or not float(eta) > 0:
         raise ValueError(f"eta (learning rate) must be a finite number > 0; got {eta!r}")
     eta = float(eta)
+    rcond = check_nonnegative(rcond, "rcond", "eigenvalues below rcond x the largest are dropped")
+    if rcond >= 1:
+        raise ValueError(f"rcond must be below 1 (a fraction of the largest eigenvalue); got {rcond!r}")
+    neg_tol = check_nonnegative(neg_tol, "neg_tol", "negative eigenvalues down to -neg_tol x "
+                                "the largest are rounding")
     E = as_eigh(K, device)
     xp = E.xp
     ts = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    if ts.ndim != 1 or np.isnan(ts).any() or (ts < 0).any():
-        raise ValueError(f"t must be a time >= 0 (np.inf allowed) or a 1-D sequence of them; got {t!r}")
+    if ts.ndim != 1 or ts.size == 0 or np.isnan(ts).any() or (ts < 0).any():
+        raise ValueError(f"t must be a time >= 0 (np.inf allowed) or a non-empty 1-D sequence of them; "
+                         f"got {t!r}")
     Y, one_d = check_targets(Y, E.n, xp=xp)
     s, U = E.s, E.U
     smax = max(abs(scalar(s[-1])), abs(scalar(s[0])))

@@ -222,9 +222,13 @@ def _cholesky_inplace(xp, A):
             L[i:j, j:] = 0.0
             L[i:j, i:j] = np.tril(L[i:j, i:j])
         return L
+    import cupyx
     try:
-        L = xp.linalg.cholesky(A)
-    except Exception:  # noqa: BLE001 - cupy raises LinAlgError (or returns NaN) when not PD
+        # CuPy reads cuSOLVER's failure flag only under linalg="raise" (its default, "ignore",
+        # returns whatever the factorisation left, which can be finite for an indefinite A)
+        with cupyx.errstate(linalg="raise"):
+            L = xp.linalg.cholesky(A)
+    except Exception:  # noqa: BLE001 - LinAlgError when not positive definite
         return None
     return L if bool(xp.isfinite(L).all()) else None
 
@@ -293,8 +297,9 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
         rel *= 10
     smin = ""
     if n <= 5000:
-        s = xp.linalg.eigvalsh(A)
-        smin = f"; its smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g})"
+        s = xp.linalg.eigvalsh(A)          # A is K again (each failed attempt restored it)
+        smin = (f"; K's smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g}), "
+                f"so K + {ridge:g} I's is {scalar(s[0]) + ridge:.3g}")
     raise NotPositiveDefinite(
         f"K + {ridge:g} I ({n} x {n}) is not positive definite even with jitter up to "
         f"{max_jitter:g} x {unit} = {max_jitter * scale:.3g}{smin}; check that K is a "

@@ -105,6 +105,13 @@ def check_groups(groups, n: int) -> Groups | None:
     if g.shape != (n,):
         raise ValueError(f"groups must be one group label per training sample, shape ({n},); got "
                          f"shape {g.shape}")
+    if g.dtype.kind == "O":      # pandas' .to_numpy(): the kind its elements are all of
+        from .targets import label_kind
+        kind = label_kind(g)
+        if kind in ("strings", "bytes"):
+            g = g.astype("U" if kind == "strings" else "S")
+        elif kind == "numbers":
+            g = g.astype(np.float64)
     if g.dtype.kind == "f" and np.isnan(g).any():
         raise ValueError("groups must not hold NaN (one group label per training sample)")
     if g.dtype.kind not in "biufUS":

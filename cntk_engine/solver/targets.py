@@ -153,6 +153,11 @@ def accuracy(pred, y) -> float:
         pred = pred.argmax(axis=1)
     if pred.shape != y.shape:
         raise ValueError(f"predictions {pred.shape} and labels {y.shape} differ in shape")
+    kinds = label_kind(pred), label_kind(y)
+    if kinds[0] != kinds[1]:           # 'a' != b'a', 1 != '1': an accuracy of 0 that means nothing
+        hint = " (decode the bytes: y.astype(str))" if set(kinds) == {"bytes", "strings"} else ""
+        raise ValueError(f"the predictions hold {kinds[0]} ({pred.dtype}) but the labels {kinds[1]} "
+                         f"({y.dtype}): no label could match{hint}")
     return float(np.mean(pred == y))
 
 
