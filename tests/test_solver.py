@@ -514,6 +514,12 @@ def test_cupy_matches_numpy(rng):
     Ks, _ = psd(rng, 20, p=5)
     assert S.fit_ridge(cp.asarray(Ks), cp.ones(20), 0.0).jitter > 0
     assert S.select_ridge(Kg, Yg, labels=labels).eigh.device == "cuda"
+    # indefinite: cuSOLVER's failure flag is read (CuPy's default ignores it and may return a
+    # finite "factor"), so it is refused as on the CPU, never solved with jitter 0
+    bad = np.eye(6)
+    bad[0, 0] = -1.0
+    with pytest.raises(S.NotPositiveDefinite, match="K's smallest eigenvalue is -1"):
+        S.fit_ridge(cp.asarray(bad), cp.ones(6), 0.0)
 
 
 # ----------------------------------------------------------------------------- labels = class columns
