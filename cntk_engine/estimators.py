@@ -306,7 +306,7 @@ class _CNTKBase(BaseEstimator):
                 imgs = self.zca_.transform(imgs, name="X")
         if self.augment_flips:
             from .preprocess import with_flips
-            return with_flips(imgs, y)
+            return with_flips(imgs, y, data_format="NCHW")
         return imgs, y, None
 
     def _scores(self, X):
@@ -361,7 +361,9 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
 
     Attributes
     ----------
-    classes_, n_features_in_, image_shape_ (C, H, W), X_fit_ (training images, NCHW float64),
+    classes_, n_features_in_, image_shape_ (C, H, W), X_fit_ (the training images as the kernel
+    saw them, NCHW float64: ZCA-whitened with preprocess="zca", then with their flips with
+    augment_flips),
     dual_coef_ (n, n_classes), ridge_ (relative ridge used), ridge_absolute_, jitter_ (diagonal
     added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult` with
     ridge="auto", None with a number).

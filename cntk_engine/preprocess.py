@@ -92,9 +92,10 @@ def standardize(x_train, x_test=None, *, data_format: str | None = None):
 
 
 def scale(x):
-    """Integer images divided by 255 (float images are returned as float64, unchanged)."""
+    """Integer images divided by 255 (float and boolean images are returned as float64,
+    unchanged: a boolean image is 0 / 1 already)."""
     x = np.asarray(x)
-    return x / 255.0 if x.dtype.kind in "biu" else x.astype(np.float64)
+    return x / 255.0 if x.dtype.kind in "iu" else x.astype(np.float64)
 
 
 def downsample(x, factor: int, *, data_format: str | None = None, name: str = "x"):
@@ -133,8 +134,8 @@ class ZCAWhitening:
         """The whitened images ``x`` (in ``data_format``); ``name``: how errors name them."""
         x = _images(x, name, self.data_format)
         if x.shape[1:] != self.image_shape:
-            raise ValueError(f"images of shape (C, H, W) = {x.shape[1:]}; this whitening was fitted "
-                             f"on {self.image_shape}")
+            raise ValueError(f"{name}: images of shape (C, H, W) = {x.shape[1:]}; this whitening was "
+                             f"fitted on {self.image_shape}")
         f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, name)
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
@@ -245,10 +246,15 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
     Returns float64 ``(x_train, x_test)``, NCHW."""
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
-    integer = np.asarray(x_train).dtype.kind in "biu"
+    kinds = {name: np.asarray(x).dtype.kind for name, x in (("x_train", x_train), ("x_test", x_test))}
+    if how == "scale" and len({k in "iu" for k in kinds.values()}) > 1:
+        # one set would be divided by 255 and the other not: their pixels would not match
+        raise ValueError(f"how='scale' divides integer images by 255 and keeps float images; "
+                         f"x_train is {np.asarray(x_train).dtype} and x_test {np.asarray(x_test).dtype}: "
+                         "give both as integers (0..255) or both as floats")
     a = downsample(x_train, factor, data_format=data_format, name="x_train")
     b = downsample(x_test, factor, data_format=data_format, name="x_test")
-    if how == "scale" and integer:
+    if how == "scale" and kinds["x_train"] in "iu":
         return a / 255.0, b / 255.0
     if how == "standardize":
         return standardize(a, b, data_format="NCHW")
@@ -257,16 +263,21 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
     return a, b
 
 
-__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "ConstantImages", "standardize", "scale",
-           "downsample", "fit_zca", "zca_whiten", "preprocess"]
-
-
-def with_flips(x, y):
-    """The training images (N, C, H, W) followed by their horizontal flips
-    (:func:`cntk_engine.arch.hflip`), the labels ``y`` repeated for the flipped copies, and the
-    leave-one-out groups (2N,) that keep each image with its flip (``groups`` of
-    :func:`cntk_engine.solver.loo`: the mirror of a scored image must not stay in the training
-    set)."""
+def with_flips(x, y, *, data_format: str | None = None):
+    """The training images followed by their horizontal flips (:func:`cntk_engine.arch.hflip`),
+    as NCHW float64 (2N, C, H, W), the labels ``y`` (one per image) repeated for the flipped
+    copies, and the leave-one-out groups (2N,) that keep each image with its flip (``groups``
+    of :func:`cntk_engine.solver.loo`: the mirror of a scored image must not stay in the
+    training set).  ``data_format`` as for :func:`standardize` (the default refuses shapes that
+    look channels-last, whose "flip" would reverse the colour channels)."""
     from .arch import hflip
-    x = _images(x, "x", "NCHW")
+    x = _images(x, "x", data_format)
+    y = np.asarray(y)
+    if y.ndim < 1 or len(y) != len(x):
+        raise ValueError(f"y must hold one label (or target row) per image: {len(x)} images; got "
+                         f"y of shape {y.shape}")
     return (np.concatenate([x, hflip(x)]), np.concatenate([y, y]), np.tile(np.arange(len(x)), 2))
+
+
+__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "ConstantImages", "standardize", "scale",
+           "downsample", "fit_zca", "zca_whiten", "preprocess", "with_flips"]

@@ -258,8 +258,33 @@ def test_zca_bad_input(args, kw, msg):
     with pytest.raises(ValueError, match=msg):
         zca_whiten(*args, **kw)
     z = fit_zca(np.random.default_rng(1).standard_normal((4, 1, 2, 2)))
-    with pytest.raises(ValueError, match="fitted on"):
-        z.transform(np.ones((1, 1, 3, 3)))
+    with pytest.raises(ValueError, match=r"^x_test: images of shape .* fitted on"):
+        z.transform(np.ones((1, 1, 3, 3)), name="x_test")
+
+
+def test_with_flips_and_scale_check_what_they_are_given(rng):
+    """with_flips pairs each label with its image and refuses channels-last shapes by default
+    (their "flip" would reverse the colour channels); scale divides a set by 255 only with the
+    other, and booleans are 0 / 1 already."""
+    from cntk_engine import preprocess as P
+    x = rng.standard_normal((2, 3, 4, 5))
+    xx, yy, groups = P.with_flips(x, [7, 8])
+    assert xx.tobytes() == np.concatenate([x, hflip(x)]).tobytes() and yy.tolist() == [7, 8, 7, 8]
+    assert groups.tolist() == [0, 1, 0, 1] and "with_flips" in P.__all__
+    for y in ([0], [0, 1, 2], 5):
+        with pytest.raises(ValueError, match=r"y must hold one label \(or target row\) per image: 2 images"):
+            P.with_flips(x, y)
+    nhwc = rng.standard_normal((2, 8, 8, 3))
+    with pytest.raises(ValueError, match="looks like the channels of channels-last data"):
+        P.with_flips(nhwc, [0, 1])
+    flipped = P.with_flips(nhwc, [0, 1], data_format="NHWC")[0]
+    assert flipped[2:].tobytes() == hflip(nhwc.transpose(0, 3, 1, 2)).tobytes()      # mirrored, NCHW
+    u8, f32 = np.full((2, 1, 2, 2), 255, np.uint8), np.ones((2, 1, 2, 2), np.float32)
+    for a, b in ((u8, f32), (f32, u8)):
+        with pytest.raises(ValueError, match="give both as integers .* or both as floats"):
+            P.preprocess(a, b, "scale")
+    assert (P.preprocess(u8, u8, "scale")[1] == 1.0).all() and (P.preprocess(f32, f32, "scale")[1] == 1.0).all()
+    assert P.scale(np.array([True, False])).tolist() == [1.0, 0.0]
 
 
 def test_zca_names_the_constant_images_and_where_they_are(rng):

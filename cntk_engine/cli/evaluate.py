@@ -413,7 +413,7 @@ def run(args) -> int:
                                       named=drawn.test_image if test else drawn.training_image))) from None
     groups = None
     if args.augment_flips:
-        xtr, ytr, groups = with_flips(xtr, ytr)
+        xtr, ytr, groups = with_flips(xtr, ytr, data_format="NCHW")
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
     if len(classes) < 2:
