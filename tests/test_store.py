@@ -157,6 +157,21 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
     assert v["mixed_compute"] is True and v["compute_not_recorded"] == []
 
 
+def test_a_backend_that_cannot_describe_its_code_still_runs(tmp_path, rng, monkeypatch):
+    """The record is provenance: where the backend cannot tell (no CuPy to name the GPU, an
+    emulated GPU), the run says so and computes."""
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+
+    def cannot(self, device):
+        raise RuntimeError("no way to tell")
+    monkeypatch.setattr(NumbaBackend, "compute_record", cannot)
+    x = imgs(rng, 3)
+    g, info = ce.gram(x, depth=2, backend="numba", out=tmp_path / "u.zarr", return_info=True)
+    unknown = [{"backend": "numba", "unknown": "RuntimeError: no way to tell"}]
+    assert info["compute"] == unknown == store_mod.list_runs(g)[0]["compute"]
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=2, backend="numba").tobytes()
+
+
 def test_a_reference_run_records_numpy_and_its_cpu_dispatch(tmp_path, rng):
     import platform
     ce.gram(imgs(rng, 3), depth=2, backend="reference", out=tmp_path / "r.zarr")

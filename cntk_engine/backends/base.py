@@ -137,6 +137,16 @@ def identical_pairs(xa, xb, symmetric: bool):
     return ci, cj
 
 
+def compute_record_of(backend, device: int | None) -> dict:
+    """``backend.compute_record(device)``, or ``{"backend": name, "unknown": why}`` where it
+    cannot tell (no CuPy to ask the GPU's name, an emulated GPU): describing the code never
+    stops a job."""
+    try:
+        return backend.compute_record(device)
+    except Exception as e:  # noqa: BLE001 - a record is provenance, not a condition of the job
+        return {"backend": backend.name, "unknown": f"{type(e).__name__}: {e}"}
+
+
 class Backend:
     """Base class: subclasses set ``name`` and implement ``prepare`` and either ``pairs`` (a
     pair-list kernel) or ``pair_sums`` (the reference)."""

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..arrays import current_device, to_host
 from ..backends import backend_class, capabilities, unavailable_reason
+from ..backends.base import compute_record_of
 from ..spelling import arg
 from .tiles import largest_first
 
@@ -244,7 +245,7 @@ def _state(job: TaskSpec, xa, xb):
         else:
             pa = be.prepare_set(xa)
             pb = pa if job.symmetric else be.prepare_set(xb)
-        st = _CACHE[key] = (be, pa, pb, be.compute_record(dev))
+        st = _CACHE[key] = (be, pa, pb, compute_record_of(be, dev))
         tokens = list(dict.fromkeys(k[0] for k in _CACHE))     # least recently used first
         for old in tokens[:max(0, len(tokens) - CACHE_JOBS)]:
             for k in [k for k in _CACHE if k[0] == old]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..arch import Architecture, LayerParams, kernel_names
+from ..backends.base import compute_record_of
 from .local import Progress, local_workers, run_tiles, smallest_free_memory
 from .sinks import MemorySink
 from .tiles import TileLayout, auto_tile, pair_work
@@ -151,7 +152,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         be = job.make_backend()
         computes = []
         for d in (job.devices or [None]):
-            rec = be.compute_record(d)
+            rec = compute_record_of(be, d)
             if rec not in computes:
                 computes.append(rec)
     if store is not None:
