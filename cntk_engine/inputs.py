@@ -215,8 +215,8 @@ def diagonal_extremes(x, arch, params, chunk_bytes: int | None = None):
 
 #: The diagonal extremes of the image sets seen last, at most this many bytes of them: a set met
 #: again (a training set in ``gram(x_batch, x_train)`` called batch after batch, an estimator's
-#: ``predict``) is not run through the diagonal recursion on the host again (Myrtle-10: 5.6 ms
-#: per 32x32x3 image on the 2-core development VM, against 0.017 ms to hash it).
+#: ``predict``) is not run through the diagonal recursion on the host again: hashing a set costs
+#: far less than its diagonals (README, Exactness).
 EXTREMES_CACHE_BYTES = 64 << 20
 _extremes_cache: OrderedDict = OrderedDict()
 _extremes_lock = threading.Lock()

@@ -65,11 +65,7 @@ def open_numpy(p: Path, what: str = "DATA"):
     NpzFile (.npz).  A file that is neither (text, a pickle, an image) is refused by its first
     bytes, naming what was found and what is accepted; other reading failures say
     :func:`numpy_problem`."""
-    try:
-        with open(p, "rb") as f:
-            head = f.read(len(NPY_MAGIC))
-    except OSError as e:
-        raise CliError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
+    head = _head(p, what)
     if not (head.startswith(NPY_MAGIC) or head.startswith(ZIP_MAGIC)):
         text = head and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
         found = ("an empty file" if not head else
@@ -83,12 +79,14 @@ def open_numpy(p: Path, what: str = "DATA"):
                        f"{numpy_problem(e)}") from None
 
 
-def _starts_with(p: Path, magic: bytes) -> bool:
+def _head(p: Path, what: str) -> bytes:
+    """The first bytes of the file ``p`` (as many as NumPy's magic), or a CliError saying why it
+    cannot be read."""
     try:
         with open(p, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False            # open_numpy says why it cannot be read
+            return f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise CliError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
 
 
 def numpy_problem(e: Exception) -> str:
@@ -113,7 +111,7 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
         raise CliError(f"{what} {path!r} does not exist")
     if not p.is_file():
         raise CliError(f"{what} {path!r} is not a file")
-    if key is not None and _starts_with(p, NPY_MAGIC):        # refused before it is read whole
+    if key is not None and _head(p, what) == NPY_MAGIC:       # refused before it is read whole
         raise CliError(f"{what} {path!r} is a .npy array, not an .npz archive: name no key "
                        f"(give {path!r} alone)")
     loaded = open_numpy(p, what)

@@ -13,6 +13,8 @@ checksums of its data as it is now (only for data you accept), then verifies it.
 """
 from __future__ import annotations
 
+import hashlib
+
 from ..arrays import format_bytes
 from .common import CliError, plural, write_json
 
@@ -111,7 +113,6 @@ def run(args) -> int:
 
 def _words(rec: dict) -> str:
     """A compute record in one line; a long value (a CPU's feature list) by its SHA-256 prefix."""
-    import hashlib
     return ", ".join(f"{k} " + (f"sha256:{hashlib.sha256(v.encode()).hexdigest()[:12]}"
                                 if isinstance(v, str) and len(v) > 60 else str(v))
                      for k, v in rec.items())

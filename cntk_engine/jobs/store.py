@@ -1289,9 +1289,9 @@ def mixed_compute(runs: list[dict], computes: list[dict]) -> list[str]:
         for r in runs:
             if r.get("tiles_computed") == 0:
                 continue
-            for theirs in run_computes(r):
+            for theirs in (c for c in run_computes(r) if c != mine):
                 line = f"run {r.get('run')} on {r.get('host')}: {record_diff(theirs, mine)}"
-                if theirs != mine and line not in out:
+                if line not in out:
                     out.append(line)
         for theirs in computes[:k]:
             if theirs != mine:
