@@ -810,7 +810,7 @@ def parser():
                     help="the cuda kernels' instruction mixes counted where the installed extension was built "
                          "(tools/gpu/prebuilt.py writes them beside its wheel), used for the issue figures when "
                          "they counted this very binary (its SHA-256): no disassembly here; else, as without "
-                         "it, the binary is disassembled (~30 s per process on an H200)")
+                         "it, the kernels are disassembled (about a second each)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the FMA-rate measurement")
     ap.add_argument("--no-plots", action="store_true")
     return ap

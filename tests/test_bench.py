@@ -898,7 +898,7 @@ def test_harness_takes_counted_sass_mixes_instead_of_disassembling(tmp_path, mon
 
     def no_disassembly(*_):
         raise AssertionError("disassembled although counted")
-    monkeypatch.setattr(harness.sass_mix, "sass_text", no_disassembly)
+    monkeypatch.setattr(harness.sass_mix, "disassemble", no_disassembly)
     monkeypatch.setattr(harness.sass_mix, "resource_usage", no_disassembly)
     monkeypatch.setattr(harness, "gpu_info", lambda: {"name": "a stand-in GPU"})   # the mixes need one
     out = tmp_path / "h.json"

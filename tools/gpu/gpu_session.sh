@@ -137,7 +137,7 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$PHASE_TSV
 
 # harness options every phase shares (--resume continues one file; it refuses other settings);
 # SASS counts made once (the prebuilt wheel's, or the install phase's of the extension it built:
-# bound to the binary) spare each bench process a disassembly of ~30 s
+# bound to the binary) spare each bench process the disassembly of its kernels
 harness() {
   local mixes=()
   if [ -f "$WORK/prebuilt_installed" ] && [ -f "$PREBUILT/sass_mixes.json" ]; then
@@ -293,8 +293,8 @@ phase_sass() {
   # the binary that ran was built on the CPU side, where its SASS reads the same with no device time
   [ -f "$WORK/prebuilt_installed" ] && skip "the extension that ran is the prebuilt wheel's: read its SASS \
 on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so SO --kernel $KERNELS)"
-  # one process for every variant: the binary is disassembled once (~30 s on the H200); one file
-  # for all variants in $OUT (the device tool brings back 8 files)
+  # one process for every variant (only the counted kernels are disassembled: about a second
+  # each); one file for all variants in $OUT (the device tool brings back 8 files) (the device tool brings back 8 files)
   mkdir -p "$WORK/sass"
   "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$WORK/sass" 2>&1 \
     | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -90
@@ -450,7 +450,7 @@ run_phase sanitizer 20 60
 # then the paper's code (timed beside v3 and v5 on the H200 already)
 run_phase stack_blocks 20 60
 run_phase paper 20 60
-run_phase sass 10 90
+run_phase sass 10 30
 run_phase ncu 30 120
 run_phase bench_cuda 30 120
 
