@@ -263,7 +263,8 @@ def test_leave_one_group_out_equals_brute_force_refits(rng):
     # 1-D targets, an eigendecomposition passed in, string labels: the same
     E = S.eigh(K)
     one = S.loo(E, Y[:, 0], ridges, groups=groups.astype(str), return_predictions=True)
-    np.testing.assert_allclose(one.predictions[2][:, 0], Y[:, 0] - brute_lgo(K, Y, 0.5, groups)[:, 0],
+    assert one.predictions[2].shape == (n,)        # as Y: 1-D
+    np.testing.assert_allclose(one.predictions[2], Y[:, 0] - brute_lgo(K, Y, 0.5, groups)[:, 0],
                                rtol=0, atol=1e-10)
     # object arrays (pandas' .to_numpy()) of strings or of integers: the same groups
     for obj in (groups.astype(str).astype(object), groups.astype(object)):
@@ -417,6 +418,14 @@ def test_gp_posterior(rng, noise):
     assert diag.mean.shape == (m,) and diag.cov is None
     np.testing.assert_allclose(diag.var, np.maximum(np.diag(cov), 0), rtol=1e-6, atol=1e-7 * np.abs(Ktt).max())
     assert S.gp_posterior(K, Y, Kt, noise=noise).cov is None
+    # one test point: its row 1-D, its variance a scalar
+    one = S.gp_posterior(K, Y[:, 0], Kt[0], Ktt[0, 0], noise=noise)
+    assert one.mean.shape == (1,) and one.cov is None
+    np.testing.assert_allclose(one.var, diag.var[:1], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"got shape \(5,\) \(a 1-D K_test is one test point's row"):
+        S.gp_posterior(K, Y, Kt[:, 0], noise=noise)
+    with pytest.raises(ValueError, match=r"K_test_test must be .* got shape \(\)"):
+        S.gp_posterior(K, Y, Kt, Ktt[0, 0], noise=noise)
 
 
 def test_gp_posterior_at_training_points_noise_free(rng):

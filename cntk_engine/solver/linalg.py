@@ -170,13 +170,18 @@ def check_targets(Y, n: int, name: str = "Y", *, device=None, xp=None):
 
 
 def check_test_kernel(K_test, n: int, name: str = "K_test", *, xp=np):
-    """``K_test`` as float64 (m, n): one row per test point, one column per training sample."""
+    """``K_test`` as float64 (m, n): one row per test point, one column per training sample; a
+    1-D ``K_test`` is one test point's row (n,)."""
     K_test = as_float64(xp, K_test, name=name)
+    given = tuple(K_test.shape)
     if K_test.ndim == 1:
         K_test = K_test[None, :]
     if K_test.ndim != 2 or K_test.shape[1] != n:
+        one = (f" (a 1-D {name} is one test point's row of n values; for m test points against "
+               f"{'the one training sample' if n == 1 else 'n training samples'} pass (m, {n}))"
+               if len(given) == 1 else "")
         raise ValueError(f"{name} must be the (m, n) test-vs-train kernel with n = {n} columns "
-                         f"(one per training sample); got shape {tuple(K_test.shape)}")
+                         f"(one per training sample); got shape {given}{one}")
     check_finite(xp, K_test, name)
     return K_test
 

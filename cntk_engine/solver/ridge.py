@@ -74,7 +74,7 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
 
     ``noise``: the observation noise variance sigma^2 >= 0.  ``K_test_test``: the (m, m) NNGP
     kernel of the test points (full covariance), its (m,) diagonal (variances; clipped at 0
-    against rounding), or None (mean only).  Computed as ``L = chol(K + noise I)``,
+    against rounding; a scalar for one test point), or None (mean only).  Computed as ``L = chol(K + noise I)``,
     ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``."""
     noise = check_ridge(noise, "noise")
     xp = xp_for(device, K, Y, K_test)
@@ -91,6 +91,8 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     if K_test_test is None:
         return GPPosterior(mean=mean, jitter=j)
     Ktt = as_float64(xp, K_test_test, name="K_test_test")
+    if Ktt.ndim == 0 and m == 1:        # one test point: its variance
+        Ktt = Ktt.reshape(1)
     V = tri_solve(xp, L, Kt.T)
     if Ktt.ndim == 1:
         if Ktt.shape != (m,):

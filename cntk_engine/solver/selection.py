@@ -38,7 +38,8 @@ class CVResult:
     mse: np.ndarray
     accuracy: np.ndarray | None
     method: str
-    predictions: list | None = None   # LOO predictions per ridge when asked (return_predictions)
+    predictions: list | None = None   # LOO predictions per ridge when asked (return_predictions):
+                                      # (n,) or (n, k) as Y; None for a skipped ridge
     s_min: float | None = None        # smallest eigenvalue of K (LOO)
     s_max: float | None = None        # largest eigenvalue of K (LOO)
     tol: float | None = None          # eigenvalues within tol of 0 count as 0 (LOO)
@@ -220,7 +221,7 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
         if lab is not None:
             acc[i] = accuracy(pred, lab)
         if preds is not None:
-            preds.append(pred)
+            preds.append(pred[:, 0] if one_d else pred)
     return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds,
                     s_min=scalar(s[0]), s_max=scalar(s[-1]), tol=tol,
                     n_groups=None if grp is None else grp.n_groups)
