@@ -51,6 +51,18 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(est, X="no_validation", y="no_validation", **kw):
         return est._validate_data(X, y, **kw)
 
+
+def _validated(est, X, y, *, with_y: bool, **kw):
+    """scikit-learn's validation of X (and y); the cast error of X whose dtype holds no real
+    numbers (a record dtype) is a ValueError naming what is accepted, as gram's is."""
+    try:
+        return _validate_data(est, X, y, **kw) if with_y else _validate_data(est, X, **kw)
+    except TypeError as e:
+        if "cast" not in str(e):
+            raise
+        raise ValueError(f"X must hold real numbers (any integer or float dtype); got dtype "
+                         f"{getattr(X, 'dtype', type(X).__name__)}: {e}") from None
+
 from . import solver
 from .backends import check_name
 from .preprocess import ZCA_REG
@@ -203,7 +215,10 @@ class _CNTKBase(BaseEstimator):
 
     # ------------------------------------------------------------------ input
     def _images(self, X, y=None, *, reset: bool, y_kw=None):
-        """Validate X (and y) and return NCHW float64 images (and y)."""
+        """Validate X (and y) and return NCHW float64 images (and y); in ``fit`` (``reset``) never
+        the caller's array itself, which the model keeps (``X_fit_``) and the caller may change."""
+        from .inputs import refuse_masked
+        refuse_masked(X, "X")
         nd = getattr(X, "ndim", None)
         if nd is None and not hasattr(X, "toarray"):
             try:
@@ -237,11 +252,9 @@ class _CNTKBase(BaseEstimator):
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape}; this estimator was "
                                  f"fitted on {self.image_shape_}")
             flat = arr.reshape(arr.shape[0], int(np.prod(shape)))
-            out = _validate_data(self, flat, y, reset=reset, **kw) if with_y else \
-                _validate_data(self, flat, reset=reset, **kw)
+            out = _validated(self, flat, y, with_y=with_y, reset=reset, **kw)
         else:
-            out = _validate_data(self, X, y, reset=reset, **kw) if with_y else \
-                _validate_data(self, X, reset=reset, **kw)
+            out = _validated(self, X, y, with_y=with_y, reset=reset, **kw)
             Xv = out[0] if with_y else out
             if self._tabular():
                 shape = (Xv.shape[1], 1, 1)
@@ -264,7 +277,10 @@ class _CNTKBase(BaseEstimator):
             imgs = Xv.reshape(len(Xv), h, w, c).transpose(0, 3, 1, 2)
         else:
             imgs = Xv.reshape((len(Xv),) + shape)
-        return np.ascontiguousarray(imgs, dtype=np.float64), yv
+        imgs = np.ascontiguousarray(imgs, dtype=np.float64)
+        if reset and isinstance(X, np.ndarray) and np.may_share_memory(imgs, X):
+            imgs = imgs.copy()
+        return imgs, yv
 
     def _param_shape(self):
         s = tuple(int(v) for v in self.image_shape)

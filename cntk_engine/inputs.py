@@ -370,6 +370,7 @@ def as_images(x, data_format: str | None = "NCHW", name: str = "x1"):
     if data_format is not None and data_format not in DATA_FORMATS:
         raise ValueError(f"{arg('data_format')} must be None (NCHW, refusing shapes that look "
                          f"channels-last) or one of {DATA_FORMATS}; got {data_format!r}")
+    refuse_masked(x, name)
     xp = get_array_module(x)
     try:
         arr = xp.asarray(x)
@@ -394,14 +395,39 @@ def as_images(x, data_format: str | None = "NCHW", name: str = "x1"):
                          f"{tuple(arr.shape)}")
     with np.errstate(over="ignore"):
         out = xp.ascontiguousarray(arr, dtype=xp.float64)
-    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:      # longdouble: may exceed float64
-        beyond = (xp.isfinite(arr) & ~xp.isfinite(out)).reshape(arr.shape[0], -1).any(axis=1)
-        if bool(beyond.any()):
-            idx = [int(i) for i in xp.nonzero(beyond)[0][:10].tolist()]
-            raise ValueError(f"pixels beyond float64's range (|x| > {np.finfo(np.float64).max:.4g}) "
-                             f"in {images(name, idx, int(beyond.sum()) - len(idx))}: the images "
-                             "are read as float64; rescale them into its range first")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:      # longdouble: may leave float64
+        _refuse_beyond_float64(arr, out, name)
     return check_finite(out, name)
+
+
+def _refuse_beyond_float64(arr, out, name: str) -> None:
+    """Long-double images ``arr`` read as float64 ``out``: refused when a finite pixel overflowed,
+    or when an image that is not all zeros became one (every pixel below float64's smallest
+    subnormal; the kernel of an all-zero image is exactly 0, so it would pass unnoticed)."""
+    xp = get_array_module(arr)
+    flat, flat64 = arr.reshape(arr.shape[0], -1), out.reshape(out.shape[0], -1)
+    beyond = (xp.isfinite(flat) & ~xp.isfinite(flat64)).any(axis=1)
+    if bool(beyond.any()):
+        idx = [int(i) for i in xp.nonzero(beyond)[0][:10].tolist()]
+        raise ValueError(f"pixels beyond float64's range (|x| > {np.finfo(np.float64).max:.4g}) "
+                         f"in {images(name, idx, int(beyond.sum()) - len(idx))}: the images "
+                         "are read as float64; rescale them into its range first")
+    vanished = (flat != 0).any(axis=1) & ~(flat64 != 0).any(axis=1)
+    if bool(vanished.any()):
+        idx = [int(i) for i in xp.nonzero(vanished)[0][:10].tolist()]
+        raise ValueError(f"every pixel of {images(name, idx, int(vanished.sum()) - len(idx))} is "
+                         f"below float64's range (|x| < {np.finfo(np.float64).smallest_subnormal:.4g}): "
+                         "the images are read as float64, where they would be all zeros; rescale "
+                         "them into its range first")
+
+
+def refuse_masked(x, name: str) -> None:
+    """A NumPy masked array with masked entries is refused: the pixels under its mask would be
+    used as they are (NumPy's asarray drops the mask)."""
+    if isinstance(x, np.ma.MaskedArray) and bool(np.ma.getmaskarray(x).any()):
+        raise ValueError(f"{arg(name)} is a masked array with {int(np.ma.getmaskarray(x).sum())} masked "
+                         f"pixel(s); the kernel has no notion of a missing pixel: fill them first, "
+                         f"e.g. {name}.filled(0)")
 
 
 def check_finite(arr, name: str):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arch import as_integer, is_int
-from .inputs import as_images, check_nonnegative
+from .inputs import as_images, check_nonnegative, refuse_masked
 from .spelling import arg
 
 PREPROCESSING = ("standardize", "scale", "zca", "none")
@@ -36,7 +36,8 @@ def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
     (:func:`cntk_engine.inputs.as_images`: real numbers, at least one image of at least one
     pixel, NaN and Inf pixels refused by image, as a NaN would spread to its whole channel in
     every image through the channel's mean): ``data_format`` None (NCHW, refusing channels-last
-    shapes), "NCHW" or "NHWC" (transposed)."""
+    shapes), "NCHW" or "NHWC" (transposed).  A masked array with masked pixels is refused."""
+    refuse_masked(x, name)
     return as_images(np.asarray(x), data_format, name)
 
 
@@ -94,6 +95,7 @@ def standardize(x_train, x_test=None, *, data_format: str | None = None):
 def scale(x):
     """Integer images divided by 255 (float and boolean images are returned as float64,
     unchanged: a boolean image is 0 / 1 already)."""
+    refuse_masked(x, "x")
     x = np.asarray(x)
     return x / 255.0 if x.dtype.kind in "iu" else x.astype(np.float64)
 
@@ -260,7 +262,9 @@ def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zc
         return standardize(a, b, data_format="NCHW")
     if how == "zca":
         return zca_whiten(a, b, reg=zca_reg, data_format="NCHW")
-    return a, b
+    # new arrays, as from the other ways: float64 NCHW input with factor 1 came through as is
+    return tuple(np.array(v) if np.may_share_memory(v, np.asarray(x)) else v
+                 for v, x in ((a, x_train), (b, x_test)))
 
 
 def with_flips(x, y, *, data_format: str | None = None):

@@ -88,6 +88,7 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
     np.save(tmp_path / "flat.npy", np.zeros((3, 4)))
     (tmp_path / "junk.npy").write_text("hello")
     np.save(tmp_path / "nan.npy", np.full((2, 1, 3, 3), np.nan))
+    np.savez(tmp_path / "d2.npz", x=data, x_test=data[:2])
     out = tmp_path / "o.zarr"
     cases = [
         (["gram", tmp_path / "missing.npy", "--depth", "3"], "does not exist"),
@@ -101,6 +102,9 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
         (["gram", tmp_path / "x.npy", "--depth", "3", "--devices", "0", "--backend", "numba"], "CPU"),
         (["gram", tmp_path / "x.npy", "--depth", "3", "--tile", "0"], "--tile"),
         (["gram", tmp_path / "x.npy", "--x2", tmp_path / "flat.npy", "--depth", "3"], "--x2"),
+        # --x2 d2.npz holding x and x_test: which one is meant cannot be told
+        (["gram", tmp_path / "x.npy", "--x2", tmp_path / "d2.npz", "--depth", "3"],
+         "holds several image arrays, ['x', 'x_test']: name the one to use as"),
     ]
     for argv, word in cases:
         rc, o, e = run(capsys, *argv, "--out", out)
@@ -109,7 +113,8 @@ def test_errors_are_one_line_and_leave_no_store(tmp_path, data, capsys):
         assert not out.exists()
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--out", tmp_path / "no" / "o.zarr")
     assert rc == 2 and "does not exist" in e
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "flat.npy", "junk.npy", "nan.npy", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "d2.npz", "flat.npy", "junk.npy", "nan.npy",
+                                                          "x.npy"]
 
 
 def test_not_numpy_files_say_so_and_never_suggest_pickle(tmp_path, data, capsys):

@@ -220,6 +220,21 @@ def test_bad_images():
         wide[2, 0, 1, 1] = np.longdouble(np.finfo(np.float64).max) * 4
         with pytest.raises(ValueError, match=r"beyond float64's range .* in x1 image\(s\) at index \[2\]"):
             ce.gram(wide, depth=3)
+    if np.finfo(np.longdouble).tiny < np.finfo(np.float64).smallest_subnormal:
+        # an image whose every pixel is below float64's range would be all zeros: refused
+        wide[2] = np.longdouble("1e-400")
+        wide[2, 0, 0, 0] = 0
+        with pytest.raises(ValueError, match=r"every pixel of x2 image\(s\) at index \[2\] is below "
+                                             r"float64's range"):
+            ce.gram(np.ones((2, 1, 4, 4)), wide, depth=3)
+        wide[2, 0, 0, 0] = 1e-100             # one pixel in range: the image is read (tiny ones are 0)
+        ce.gram(wide, depth=3, backend="reference")
+    # a masked array with masked pixels: the kernel has no missing pixels (asarray drops the mask)
+    masked = np.ma.masked_greater(np.arange(32.0).reshape(2, 1, 4, 4), 30)
+    with pytest.raises(ValueError, match=r"x1 is a masked array with 1 masked pixel\(s\).*x1.filled\(0\)"):
+        ce.gram(masked, depth=3)
+    np.testing.assert_array_equal(ce.gram(np.ma.masked_array(masked.data), depth=3, backend="reference"),
+                                  ce.gram(masked.data, depth=3, backend="reference"))
     wide[2, 0, 1, 1] = np.inf                  # a true Inf is named as such in any dtype
     with pytest.raises(ValueError, match=r"NaN or Inf pixels in x1 image\(s\) at index \[2\]"):
         ce.gram(wide, depth=3)

@@ -242,6 +242,23 @@ def test_flat_x_needs_image_shape():
         CNTKClassifier(depth=3, image_shape="tabular").fit(X, y)
 
 
+def test_the_model_keeps_its_own_copy_of_x_and_refuses_what_it_cannot_read():
+    """X_fit_ is never the caller's array: X changed in place after fit leaves the predictions
+    as they were; a masked X with masked pixels and a record dtype are refused by name."""
+    rng = np.random.default_rng(1)
+    X, y = rng.random((6, 1, 4, 4)), rng.random(6)
+    model = CNTKRegressor(depth=3, ridge=0.1, backend="numba").fit(X, y)
+    assert not np.may_share_memory(model.X_fit_, X)
+    before = model.predict(X[:2].copy())
+    X *= 2.0
+    np.testing.assert_array_equal(model.predict(X[:2] / 2.0), before)
+    with pytest.raises(ValueError, match=r"X is a masked array with \d+ masked pixel\(s\)"):
+        CNTKRegressor(depth=3).fit(np.ma.masked_greater(X, 1.0), y)
+    rec = np.zeros((6, 2), dtype=[("a", "f8"), ("b", "f8")])
+    with pytest.raises(ValueError, match=r"X must hold real numbers .*got dtype"):
+        CNTKRegressor(depth=3, image_shape=(1, 1, 2)).fit(rec, y)
+
+
 def test_augment_flips_loo_leaves_each_image_out_with_its_flip(monkeypatch):
     """With augment_flips, ridge="auto" scores each image with the model refitted without it AND
     its flipped copy: the estimators hand select_ridge one group per original."""

@@ -285,6 +285,15 @@ def test_with_flips_and_scale_check_what_they_are_given(rng):
             P.preprocess(a, b, "scale")
     assert (P.preprocess(u8, u8, "scale")[1] == 1.0).all() and (P.preprocess(f32, f32, "scale")[1] == 1.0).all()
     assert P.scale(np.array([True, False])).tolist() == [1.0, 0.0]
+    # new arrays, never the caller's (which the caller may change), from every way
+    for how in ("none", "scale", "standardize"):
+        a, b = P.preprocess(x, x, how)
+        assert not np.may_share_memory(a, x) and not np.may_share_memory(b, x), how
+    masked = np.ma.masked_greater(x, 1.0)
+    for call in (lambda: P.preprocess(masked, x, "none"), lambda: P.with_flips(masked, [0, 1]),
+                 lambda: P.scale(masked)):
+        with pytest.raises(ValueError, match=r"is a masked array with \d+ masked pixel\(s\)"):
+            call()
 
 
 def test_zca_names_the_constant_images_and_where_they_are(rng):

@@ -100,7 +100,7 @@ def numpy_problem(e: Exception) -> str:
 
 def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
-    first of ``keys`` it holds), as stored."""
+    one of ``keys`` it holds: an archive holding several of them must name one), as stored."""
     path, key = spec, None
     if ":" in spec and not os.path.exists(spec):
         head, tail = spec.rsplit(":", 1)
@@ -120,10 +120,15 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
             with loaded as z:
                 names = list(z.keys())
                 if key is None:
-                    key = next((k for k in keys if k in names), None)
-                    if key is None:
+                    found = [k for k in keys if k in names]
+                    if not found:
                         raise CliError(f"{what} {path!r} holds arrays {names} but none of the keys "
                                        f"{list(keys)}; name one as {path}:KEY")
+                    if len(found) > 1:    # e.g. x and x_test in the file given as --x2
+                        raise CliError(f"{what} {path!r} holds several image arrays, {found}: name "
+                                       f"the one to use as {path}:KEY")
+                    key = found[0]
+                    log.info("%s: array %r of %s", what, key, path)
                 elif key not in names:
                     raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
                 x = z[key]

@@ -9,9 +9,10 @@ DATA is
     opposite case, else by the smallest of the three image axes, and asks for
     ``--data-format NCHW|NHWC`` when that does not decide; the layout taken is logged); a 3-D
     (N, H, W) array is taken as single-channel images; any integer or float dtype;
-  * or a ``.npz`` archive: the array under the first of the keys ``x``, ``x_train``,
-    ``images``, ``X`` that it holds (for ``--x2``: ``x``, ``x_test``, ``images``, ``X``), or any
-    key named explicitly as ``PATH.npz:KEY``.
+  * or a ``.npz`` archive: the array under the one of the keys ``x``, ``x_train``, ``images``,
+    ``X`` that it holds (for ``--x2``: ``x``, ``x_test``, ``images``, ``X``; an archive holding
+    several of them is refused, as the one meant cannot be told), or any key named explicitly as
+    ``PATH.npz:KEY``.
 
 Store semantics: a new ``--out`` path is created; an existing one is an error unless
 ``--resume`` or ``--join`` is given, also when another process creates it at the same moment.
