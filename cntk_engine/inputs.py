@@ -225,7 +225,9 @@ _extremes_lock = threading.Lock()
 def known_diagonal_extremes(x, arch, params):
     """:func:`diagonal_extremes` of ``x``, from the cache when the same images (by SHA-256 of
     their bytes, so an array changed in place is computed again), architecture and layer
-    numbers were seen recently; CuPy images are computed on their device each time."""
+    numbers were seen recently; CuPy images are computed on their device each time, and a set
+    whose extremes alone exceed ``EXTREMES_CACHE_BYTES`` (about 400,000 images at depth 21) is
+    not kept."""
     if is_cupy(x):
         return diagonal_extremes(x, arch, params)
     x = np.ascontiguousarray(x)
@@ -236,14 +238,14 @@ def known_diagonal_extremes(x, arch, params):
             _extremes_cache.move_to_end(key)
             return hit
     qmax, qpos = diagonal_extremes(x, arch, params)
+    if qmax.nbytes + qpos.nbytes > EXTREMES_CACHE_BYTES:     # a set beyond the bound alone
+        return qmax, qpos
     qmax.setflags(write=False)          # shared by every later caller of these images
     qpos.setflags(write=False)
     with _extremes_lock:
         _extremes_cache[key] = (qmax, qpos)
         while sum(a.nbytes + b.nbytes for a, b in _extremes_cache.values()) > EXTREMES_CACHE_BYTES:
-            _extremes_cache.popitem(last=False)     # the least recently used; a set alone may stay
-            if len(_extremes_cache) == 1:
-                break
+            _extremes_cache.popitem(last=False)     # the least recently used (never this one)
     return qmax, qpos
 
 

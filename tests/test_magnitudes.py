@@ -283,6 +283,17 @@ def test_the_diagonal_extremes_of_a_set_seen_again_come_from_the_cache(monkeypat
     assert calls[-2:] == [3, 5]                             # with biases: the raw images, cached too
     ce.gram(test, train, depth=3, b_std=0.5, convention="neural_tangents", backend="numba")
     assert len(calls) == 10 and np.isfinite(b).all()
-    monkeypatch.setattr(inputs, "EXTREMES_CACHE_BYTES", 1)
-    ce.gram(rng.random((2, 1, 8, 8)), depth=3, backend="numba")
-    assert len(inputs._extremes_cache) == 1                 # the newest set alone stays
+    # within its bytes: the least recently used sets go; a set beyond the bound alone is not kept
+    monkeypatch.setattr(inputs, "_extremes_cache", type(inputs._extremes_cache)())
+    ce.gram(train, depth=3, backend="numba")
+    (q, p), = inputs._extremes_cache.values()
+    per_image = (q.nbytes + p.nbytes) // 5
+    monkeypatch.setattr(inputs, "EXTREMES_CACHE_BYTES", 11 * per_image)
+    big = rng.random((12, 1, 8, 8))
+    ce.gram(big, depth=3, backend="numba")                  # 12 images: computed, not kept
+    ce.gram(test, train, depth=3, backend="numba")          # the test set kept, train a hit
+    ce.gram(big[:5], depth=3, backend="numba")              # kept: the test set, least recent, goes
+    assert calls[-4:] == [5, 12, 3, 5]
+    assert sorted(len(p) for _, p in inputs._extremes_cache.values()) == [5, 5]
+    ce.gram(train, depth=3, backend="numba")
+    assert len(calls) == 14

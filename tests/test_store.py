@@ -194,6 +194,33 @@ def test_mixed_compute_counts_runs_that_may_have_computed_tiles():
     assert store_mod.mixed_compute(runs[:1], two) == [
         "run 1 on h: cpu a there, b here", "its devices: cpu a on one, b on another"]
     assert store_mod.mixed_compute([], [mine, dict(mine)]) == []
+    # a run that ended with no tile, but whose marker a finished tile carries (a Dask worker
+    # writing its tile after the failed run's end was recorded), counts
+    assert store_mod.mixed_compute(runs[1:2], [mine], markers={2}) == [
+        "run 2 on h: cpu b there, a here"]
+    failed = {"run": 5, "host": "h", "tiles_computed": 0, "outcome": "failed: RuntimeError"}
+    assert store_mod.computed_with(runs[:1] + [failed]) == ([{"compute": mine, "runs": [1]}], [])
+    assert store_mod.computed_with(runs[:1] + [failed], {1, 5}) == ([{"compute": mine, "runs": [1]}], [5])
+
+
+def test_a_damaged_run_record_stops_neither_a_resume_nor_verify(tmp_path, rng, capsys):
+    """runs/ only records who computed what: a truncated record is listed as unreadable, the
+    job resumes (its compute records are compared with the readable ones) and verify says so."""
+    from cntk_engine.cli import main
+    x = imgs(rng, 4)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=2, out=out)
+    (out / "runs" / "1" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
+    zarr.open_group(str(out), mode="r+")["tiles_done"][0, 1] = 0
+    g, info = ce.gram(x, depth=3, backend="numba", tile=2, out=out, return_info=True)
+    assert info["tiles_computed"] == 1
+    assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=2).tobytes()
+    runs = store_mod.list_runs(g)
+    assert [r["run"] for r in runs] == [1, 2] and "JSONDecodeError" in runs[0]["unreadable"]
+    assert main(["verify", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "run 1: the record cannot be read (JSONDecodeError" in said
+    assert "run 1: what computed the tiles is not recorded" in said and "(run 2)" in said
 
 
 def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):

@@ -684,7 +684,13 @@ class NumbaBackend(Backend):
         """numba's version, its code generation settings, the CPU it compiles for (with the
         code, the key of its on-disk cache: two machines that differ there run different
         machine code, whose float32 results differ in the last bit) and the C library, whose
-        acos the float64 kernel calls."""
+        acos the float64 kernel calls.
+
+        The settings are this process's.  The kernel runs from numba's cache, whose key holds
+        the signature, the CPU and the source but not the settings, so it was compiled under
+        the settings of the process that filled the cache: the same on a machine whose numba
+        settings (``NUMBA_OPT``, ...) do not change between runs.  Where they do, a resume
+        warns of a difference that its cached code does not have."""
         cpu, features = numba_target()
         c = numba.config
         return {"backend": self.name, "numba": numba.__version__, "cpu": cpu,

@@ -79,13 +79,17 @@ def run(args) -> int:
     print(f"runs: {len(r.runs)}" + (f" (last: run {last.get('run')} on {last.get('host')} pid "
                                     f"{last.get('pid')}, started {last.get('started')}, "
                                     f"{last.get('outcome', 'not finished')})" if last else ""))
-    setups, unrecorded = computed_with(r.runs)
+    setups, unrecorded = computed_with(r.runs, r.markers)
     for s in setups:
         print(f"computed with {_words(s['compute'])} ({_runs(s['runs'])})")
+    unreadable = [x for x in r.runs if "unreadable" in x]
+    if unreadable:
+        print(f"{_runs([x['run'] for x in unreadable])}: the record cannot be read "
+              f"({unreadable[0]['unreadable'][:120]})")
     if unrecorded:
         print(f"{_runs(unrecorded)}: what computed the tiles is not recorded (a cntk_engine from "
-              "before run records held it, or a Dask run that ended before its workers' records "
-              "were written)")
+              "before run records held it, a Dask run that ended before its workers' records "
+              "were written, or a record that cannot be read)")
     if len(setups) > 1:
         print("the tiles were computed with different code: they agree to rounding but may differ "
               "in the last bits, so the matrix may not be bit-identical to one computed by any "
@@ -112,9 +116,10 @@ def run(args) -> int:
 
 
 def _words(rec: dict) -> str:
-    """A compute record in one line; a long value (a CPU's feature list) by its SHA-256 prefix."""
+    """A compute record in one line; a long list (a CPU's features) by its SHA-256 prefix, other
+    values (the reason a record is "unknown") as they are."""
     return ", ".join(f"{k} " + (f"sha256:{hashlib.sha256(v.encode()).hexdigest()[:12]}"
-                                if isinstance(v, str) and len(v) > 60 else str(v))
+                                if isinstance(v, str) and len(v) > 60 and v.count(",") > 4 else str(v))
                      for k, v in rec.items())
 
 

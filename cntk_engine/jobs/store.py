@@ -921,6 +921,7 @@ class GramStore:
         self.repair: dict[tuple[int, int], int] = {}
         self.verified = {"tiles": 0, "failed": 0, "bytes": 0, "seconds": 0.0}
         self.last_marker = 0         # the largest done marker :meth:`missing` read
+        self.tile_runs: set[int] = set()    # the runs whose marker a finished tile carries, as read
         self.run_uuid = ""
 
     # ------------------------------------------------------------------ open / create
@@ -1068,6 +1069,7 @@ class GramStore:
                                                    for d in ds))
         self.repair = {tile: int(done[tile]) for tile in bad}
         self.last_marker = int(done.max(initial=0))
+        self.tile_runs = tile_markers(done)
         self.verified = {"tiles": n_done, "failed": len(bad), "bytes": scan.bytes, "seconds": dt}
         if n_done:
             log.info("store %s: verified %d finished tile%s (%s read) in %.3g s (%s/s): %s",
@@ -1155,7 +1157,7 @@ class GramStore:
         if computes:
             rec["compute"] = [dict(c) for c in computes]
             if n_todo:
-                self._warn_mixed(list_runs(self.read_only_group), computes, "this run")
+                self._compare_computes(None, computes, "this run")
         # above every marker read, as well as every run recorded: a tile this run writes must
         # not carry a marker that was there before, or a damaged tile whose marker equals it (a
         # runs/<k> record lost) would read as not repaired after its repair, again and again
@@ -1178,15 +1180,22 @@ class GramStore:
             upd["compute"] = [dict(c) for c in computes]
         zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
         if computes:
-            try:
-                earlier = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
-                self._warn_mixed(earlier, computes, f"run {run_id}'s Dask workers")
-            except Exception as e:  # noqa: BLE001 - a warning must not fail the finished run
-                log.warning("store %s: run %d's compute records could not be compared with "
-                            "the earlier runs': %s", self.path, run_id, e)
+            self._compare_computes(run_id, computes, f"run {run_id}'s Dask workers")
 
-    def _warn_mixed(self, runs: list, computes: list, who: str) -> None:
-        mixed = mixed_compute(runs, computes)
+    def _compare_computes(self, run_id: int | None, computes: list, who: str) -> None:
+        """Warn where ``computes`` differ from the records of the other runs that may have
+        computed tiles (and from each other).  runs/ only records who computed what: a record
+        that cannot be read there is said, and the job goes on."""
+        try:
+            runs = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
+            markers = self.tile_runs if run_id is None else tile_markers(self.done_map(warn=False))
+            self._warn_mixed(runs, computes, who, markers)
+        except Exception as e:  # noqa: BLE001 - a warning must not fail the job
+            log.warning("store %s: the compute records of %s could not be compared with the "
+                        "other runs': %s", self.path, who, e)
+
+    def _warn_mixed(self, runs: list, computes: list, who: str, markers) -> None:
+        mixed = mixed_compute(runs, computes, markers)
         if mixed:
             log.warning("store %s: the code of %s differs from that of %s (%s%s): their tiles "
                         "agree to rounding but may differ in the last bits, so the matrix may not "
@@ -1280,14 +1289,27 @@ def _read_record(path: Path, what: str = "", *, for_out: bool = False,
     return stored
 
 
-def mixed_compute(runs: list[dict], computes: list[dict]) -> list[str]:
+def tile_markers(done) -> set[int]:
+    """The run numbers that the finished tiles of a ``tiles_done`` array carry."""
+    return {int(v) for v in np.unique(done)} - {0}
+
+
+def may_have_computed(run: dict, markers) -> bool:
+    """Whether a run may have computed tiles: all but those that ended having computed none
+    and whose marker no finished tile carries (``markers``, :func:`tile_markers`: a Dask
+    worker may still write a tile after its failed run's end was recorded).  A run killed
+    before its end was recorded counts."""
+    return run.get("tiles_computed") != 0 or run.get("run") in markers
+
+
+def mixed_compute(runs: list[dict], computes: list[dict], markers=()) -> list[str]:
     """How the compute records ``computes`` (of one run) differ from those of each run in
-    ``runs`` that may have computed tiles (all but those that ended having computed none; a
-    run killed before its end was recorded counts) and from each other, one line each."""
+    ``runs`` that may have computed tiles (:func:`may_have_computed`) and from each other, one
+    line each."""
     out = []
     for k, mine in enumerate(computes):
         for r in runs:
-            if r.get("tiles_computed") == 0:
+            if not may_have_computed(r, markers):
                 continue
             for theirs in (c for c in run_computes(r) if c != mine):
                 line = f"run {r.get('run')} on {r.get('host')}: {record_diff(theirs, mine)}"
@@ -1322,13 +1344,14 @@ def run_computes(run: dict) -> list[dict]:
     return [c for c in recs if isinstance(c, dict)] if isinstance(recs, list) else []
 
 
-def computed_with(runs: list[dict]) -> tuple[list[dict], list]:
+def computed_with(runs: list[dict], markers=()) -> tuple[list[dict], list]:
     """What computed a store's tiles: [{"compute": record, "runs": [run numbers]}] over the runs
-    that may have computed tiles, and the numbers of those whose record holds none."""
+    that may have computed tiles (:func:`may_have_computed`), and the numbers of those whose
+    record holds none."""
     setups: list[dict] = []
     unrecorded = []
     for run in runs:
-        if run.get("tiles_computed") == 0:
+        if not may_have_computed(run, markers):
             continue
         recs = run_computes(run)
         if not recs:
@@ -1343,12 +1366,22 @@ def computed_with(runs: list[dict]) -> tuple[list[dict], list]:
 
 
 def list_runs(group) -> list[dict]:
-    """The run records of a store's group, by run number (format 1: ``attrs["runs"]``)."""
+    """The run records of a store's group, by run number (format 1: ``attrs["runs"]``).  A
+    record that cannot be read is listed as ``{"run": k, "unreadable": why}``: runs/ only
+    records who computed what, so its damage stops neither a job nor a verify (zarr reads every
+    member of runs/ to list them, so a local store's runs/ is listed as folders)."""
     runs = [dict(r) for r in group.attrs.get("runs", [])]
     if RUNS in group:
-        for name, sub in group[RUNS].groups():
-            if name.isdigit():
-                runs.append(dict(sub.attrs))
+        sub = group[RUNS]
+        try:
+            names = sorted(p.name for p in (_group_path(group) / RUNS).iterdir() if p.is_dir())
+        except OSError:
+            names = [name for name, _ in sub.groups()]
+        for name in (n for n in names if n.isdigit()):
+            try:
+                runs.append(dict(sub[name].attrs))
+            except Exception as e:  # noqa: BLE001 - a damaged record (a truncated zarr.json)
+                runs.append({"run": int(name), "unreadable": f"{type(e).__name__}: {e}"})
     return sorted(runs, key=lambda r: r.get("run", 0))
 
 
@@ -1367,6 +1400,7 @@ class VerifyReport:
     seconds: float = 0.0
     claims: list = field(default_factory=list)   # [Claim] present now
     runs: list = field(default_factory=list)
+    markers: set = field(default_factory=set)   # runs whose marker a finished tile carries
 
     @property
     def damaged_tiles(self) -> list[tuple[int, int]]:
@@ -1424,7 +1458,7 @@ def verify_store(path, *, workers: int | None = None) -> VerifyReport:
     done, unreadable = _read_done_markers(g[DONE])
     n_done = sum(1 for t in tiles if done[t.i, t.j] != 0)
     report = VerifyReport(str(path), version, len(tiles), n_done, version == FORMAT_VERSION, [],
-                          runs=list_runs(g))
+                          runs=list_runs(g), markers=tile_markers(done))
     if version == FORMAT_VERSION:
         t0 = time.perf_counter()
         scan = _scan(path, g, spec, done, workers=workers)
