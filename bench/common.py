@@ -24,8 +24,9 @@ def machine() -> dict:
 
 
 def commit() -> str:
+    """The commit of the tree that ran, with "-dirty" where its files differ from it."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+        return subprocess.check_output(["git", "describe", "--always", "--dirty"], cwd=ROOT,
                                        text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"

@@ -477,6 +477,11 @@ def resume_payload(out_path: Path, args) -> dict:
     if differ:
         raise ScriptError(f"--resume: {out_path} was measured with other settings: {'; '.join(differ)}. "
                          "Run with the file's settings, or start a new file (--output NEW.json)")
+    # its figures and this run's are compared as one run's: on the same GPU model only
+    was, now = (old.get("gpu") or {}).get("name"), (gpu_info() or {}).get("name")
+    if was and now and was != now:
+        raise ScriptError(f"--resume: {out_path} was measured on {was}, and this machine's GPU is {now}; "
+                         "start a new file (--output NEW.json)")
     return old
 
 

@@ -520,6 +520,16 @@ def test_harness_resume(tmp_path, capsys):
     old.write_text(json.dumps(p))
     with pytest.raises(SystemExit, match="does not record its settings"):
         harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(old), "--resume"] + base)
+    # a file measured on another GPU model is not continued (its figures would be compared as one run's)
+    p = json.loads(out.read_text())
+    p["gpu"] = {"name": "NVIDIA H200"}
+    other = tmp_path / "other_gpu.json"
+    other.write_text(json.dumps(p))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(harness, "gpu_info", lambda: {"name": "NVIDIA H100 80GB HBM3"})
+        with pytest.raises(SystemExit, match="was measured on NVIDIA H200, and this machine's GPU is NVIDIA H100"):
+            harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(other), "--resume"]
+                         + base)
     # no --output: the newest <name>_<8 digits>.json (here yesterday's), not another name's
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -1093,16 +1103,18 @@ def test_gpu_session_cpu_dry_run(tmp_path):
     """tools/gpu/gpu_session.sh end to end on the CPU (--cpu-dry-run): every phase runs or is
     recorded as skipped with its reason, the harness file holds every method of the GPU run
     (cuda recorded unavailable, the paper's code through the stand-in and the emulation,
-    neural-tangents unavailable in a Python without it), at most 8 files come back."""
+    neural-tangents unavailable in a Python without it), at most 8 files come back; a second
+    call on the same host (--state) continues the first call's harness file and phase records."""
     import subprocess
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     prebuilt = _stamped_prebuilt(tmp_path / "prebuilt", ROOT)
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu" / "gpu_session.sh"), "--cpu-dry-run",
-                           "--python", sys.executable, "--nt-python", sys.executable,
-                           "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt"),
-                           "--prebuilt", str(prebuilt)],
-                          cwd=ROOT, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+    common = ["bash", str(ROOT / "tools" / "gpu" / "gpu_session.sh"), "--cpu-dry-run",
+              "--python", sys.executable, "--nt-python", sys.executable,
+              "--paper-code", str(ROOT / "tests" / "fixtures" / "paper_code_standin.txt"),
+              "--prebuilt", str(prebuilt), "--state", str(tmp_path / "state")]
+    proc = subprocess.run(common, cwd=ROOT, env={**env, "OUT": str(out)}, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "the prebuilt wheel matches this tree" in proc.stdout     # the install phase's check
     summary = json.loads((out / "gpu_session_cpu_dry_run_summary.json").read_text())
@@ -1144,6 +1156,20 @@ def test_gpu_session_cpu_dry_run(tmp_path):
         "harness_cpu_dry_run.json", "harness_cpu_dry_run.png"]
     assert len(files) <= 8, files         # what the device tool brings back
     assert "ALL PHASES OK OR SKIPPED" in proc.stdout
+    # the next call on this host: its nt phase continues the file; the first call's phases stand
+    out2 = tmp_path / "out2"
+    again = subprocess.run(common + ["--phases", "nt,summary"], cwd=ROOT, env={**env, "OUT": str(out2)},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "continuing the harness file and phase records of an earlier call on this host" in again.stdout
+    rows2 = json.loads((out2 / "harness_cpu_dry_run.json").read_text())["results"]
+    assert [r for r in rows2 if r["config"]["method"] != "neural_tangents"] == \
+        [r for r in rows if r["config"]["method"] != "neural_tangents"]
+    phases2 = json.loads((out2 / "gpu_session_cpu_dry_run_summary.json").read_text())["phases"]
+    assert [(p["phase"], p["status"]) for p in phases2 if p["phase"] in ("bench", "tests", "nt")] == [
+        ("bench", "ok"), ("tests", "ok"), ("nt", "ok")]
+    assert [p["reason"].startswith("earlier call") for p in phases2 if p["phase"] in ("bench", "nt")] == \
+        [True, False]
 
 
 def _stamped_prebuilt(folder: Path, repo: Path, **stamp) -> Path:
