@@ -106,6 +106,22 @@ def test_workers_record_what_computed_their_tiles(client, rng, tmp_path, caplog,
     assert failed["compute"] == [dict(here, cpu="another-cpu")]
 
 
+def test_a_worker_that_does_not_record_its_code_is_said_so(rng, tmp_path, monkeypatch):
+    """A worker of a cntk_engine before compute records returns its tiles without one: the run
+    records an 'unknown' record for it, not nothing."""
+    from cntk_engine.jobs import dask as dist
+    from cntk_engine.jobs.store import computed_with, list_runs
+    real = dist.tile_task
+    monkeypatch.setattr(dist, "tile_task", lambda *a, **k: real(*a, **k)[:5])
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        ce.gram(imgs(rng, 4), depth=3, backend="numba", tile=2, client=c, out=tmp_path / "o.zarr")
+    runs = list_runs(zarr.open_group(str(tmp_path / "o.zarr")))
+    unknown = {"backend": "numba", "unknown": "a worker of a cntk_engine that does not record its code"}
+    assert runs[0]["compute"] == [unknown]
+    assert computed_with(runs) == ([{"compute": unknown, "runs": [1]}], [])
+
+
 def test_tasks_carry_no_per_image_data(client, rng, tmp_path, monkeypatch):
     """The images, their scales (in the store sink) and the rest of the job go to the workers
     once (scattered): a task's arguments are futures and its tile, whatever N (the sink's

@@ -345,7 +345,9 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool,
                 fut.result()                 # raises the task's exception here
             # a worker of a cntk_engine before compute records returns 5 fields: its code unknown
             i, j, who, s, status, *record = fut.result()
-            record = record[0] if record else None
+            record = record[0] if record else {
+                "backend": job.backend.name,
+                "unknown": "a worker of a cntk_engine that does not record its code"}
             t = by_ij[(i, j)]
             fut.release()
             if status == "skipped":

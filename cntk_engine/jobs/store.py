@@ -1322,14 +1322,14 @@ def mixed_compute(runs: list[dict], computes: list[dict], markers=()) -> list[st
 
 
 def record_diff(theirs: dict, mine: dict, sides=("there", "here")) -> str:
-    """The fields in which two compute records differ, in words; of a comma-separated list
-    (a CPU's features), the items in one and not the other."""
+    """The fields in which two compute records differ, in words; of a list of features (a
+    CPU's, NumPy's dispatch), the items in one and not the other."""
     words = []
     for k in sorted(set(theirs) | set(mine), key=lambda k: (k != "backend", k)):
         a, b = theirs.get(k, "-"), mine.get(k, "-")
         if a == b:
             continue
-        if isinstance(a, str) and isinstance(b, str) and "," in a + b:
+        if k.endswith("features") and isinstance(a, str) and isinstance(b, str):
             ia, ib = set(a.split(",")), set(b.split(","))
             a = ",".join(sorted(ia - ib)[:6]) or "(fewer items)"
             b = ",".join(sorted(ib - ia)[:6]) or "(fewer items)"
