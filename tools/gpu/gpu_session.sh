@@ -139,10 +139,18 @@ export CNTK_ENGINE_DATA=${CNTK_ENGINE_DATA:-$REPO/.devdata}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false      # JAX beside CuPy in one GPU: no 75% grab
 export REPO PY OUT WORK HARNESS KERNELS DRY WHEELS PREBUILT PAPER NT_PY TAG
 
-# An earlier call's harness file and phase records, kept in $STATE on this very host: this call
-# continues them (its phases resume the file), and its phase records follow theirs.
+# An earlier call's harness file and phase records, kept in $STATE on this very host by a call
+# of this very tree (the package, kernels, bench and scripts: the device's copy may have no .git
+# to name a commit): this call continues them (its phases resume the file), and its phase
+# records follow theirs.
+TREE_ID=$(cd "$REPO" && find cntk_engine csrc bench tools CMakeLists.txt pyproject.toml -type f \
+  \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' -o -name '*.sh' \
+  -o -name '*.txt' -o -name '*.toml' \) -not -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort \
+  | xargs sha256sum | sha256sum | cut -c1-16)
 if [ -n "$STATE" ] && [ -f "$STATE/harness_${TAG}.json" ]; then
-  if [ "$(cat "$STATE/host" 2>/dev/null)" = "$(hostname)" ]; then
+  if [ "$(cat "$STATE/tree" 2>/dev/null)" != "$TREE_ID" ]; then
+    echo "$STATE holds the files of another tree: starting afresh"
+  elif [ "$(cat "$STATE/host" 2>/dev/null)" = "$(hostname)" ]; then
     cp "$STATE/harness_${TAG}.json" "$HARNESS"
     awk -F'\t' 'BEGIN {OFS = "\t"} $1 != "summary" {$5 = "earlier call" ($5 == "" ? "" : ": " $5); print}' \
       "$STATE/phases_${TAG}.tsv" >> "$PHASE_TSV" 2>/dev/null
@@ -153,7 +161,7 @@ if [ -n "$STATE" ] && [ -f "$STATE/harness_${TAG}.json" ]; then
 fi
 keep_state() {   # after every phase: the harness file and phase records, for a later call
   [ -n "$STATE" ] || return 0
-  mkdir -p "$STATE" && hostname > "$STATE/host"
+  mkdir -p "$STATE" && hostname > "$STATE/host" && echo "$TREE_ID" > "$STATE/tree"
   if [ -f "$HARNESS" ]; then cp "$HARNESS" "$STATE/.harness.tmp" && mv "$STATE/.harness.tmp" "$STATE/harness_${TAG}.json"; fi
   cp "$PHASE_TSV" "$STATE/.phases.tmp" && mv "$STATE/.phases.tmp" "$STATE/phases_${TAG}.tsv"
 }
