@@ -161,15 +161,28 @@ def _stack_diag(x, arch: Architecture, params: LayerParams):
             pool, nxt = st.pool, need[t + 1]
             ho, wo = stages[t + 1].height, stages[t + 1].width
             s_, wn = pool.stride, pool.window
+            inv = 1.0 / wn ** 4
             kernel = {}
             for dy in range(-nxt, nxt + 1):
                 for dx in range(-nxt, nxt + 1):
                     acc = xp.zeros((n, ho, wo), dtype=xp.float64)
+                    comp = xp.zeros_like(acc)
                     for uy in range(wn):
                         for ux in range(wn):
                             for vy in range(wn):
                                 for vx in range(wn):
                                     src = kk[(s_ * dy + vy - uy, s_ * dx + vx - ux)]
-                                    acc = acc + src[:, uy:uy + s_ * ho:s_, ux:ux + s_ * wo:s_]
-                    kernel[(dy, dx)] = acc / wn ** 4
+                                    acc = _add_compensated(
+                                        xp, acc, comp, src[:, uy:uy + s_ * ho:s_, ux:ux + s_ * wo:s_] * inv)
+                    kernel[(dy, dx)] = acc + comp
     return q
+
+
+def _add_compensated(xp, acc, comp, v):
+    """acc + v, its rounding error added to ``comp`` in place (Neumaier): the pools' sums are
+    compensated, as the kernels' are (``backends.numba_cpu``: a pooled entry that is
+    +-sqrt(q q') in exact arithmetic must give c within the snap of +-1, and a plain sum of its
+    w^4 terms drifts by up to ~w^4 ulps)."""
+    t = acc + v
+    comp += xp.where(xp.abs(acc) >= xp.abs(v), (acc - t) + v, (v - t) + acc)
+    return t

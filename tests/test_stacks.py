@@ -375,3 +375,22 @@ def test_float32_where_a_pool_makes_c_one_in_exact_arithmetic_only():
     assert err("float32", architecture=net) < 1e-5
     assert err("float32", depth=4) < 2e-7
     assert err("float64", architecture=net) < 1e-14
+
+
+@pytest.mark.parametrize("net", [serial(ConvRelu(), AvgPool(6, 1), ConvRelu()),
+                                 serial(ConvRelu(), AvgPool(4), ConvRelu(), AvgPool(2))],
+                         ids=["pool6_stride1", "pool4_pool2"])
+def test_pools_of_windows_equal_in_exact_arithmetic_keep_c_within_the_snap(net):
+    """Constant images: every pooled entry is +-sqrt(q q') in exact arithmetic, a sum of w^4
+    equal terms.  The pools' sums are compensated, in the numba kernel and in the diagonals, so
+    c comes out within the snap of +-1 and the kernel is exact; a plain sum drifted by tens of
+    ulps, which the arccos turned into 4e-8 (float64) and 1.1e-3 (float32) through the 6 x 6
+    pool (helper-52's audit), and the kernel's fastmath cancelled the compensation unless its
+    helpers set fastmath=False (numba's callees inherit it)."""
+    x = np.stack([np.full((3, 8, 8), v) for v in (0.7, -1.3, 2.0)])
+    kw = dict(architecture=net, filter_size=1, convention="neural_tangents", kernel="both")
+    ref = ce.gram(x, backend="reference", **kw)
+    for dtype, tol in (("float64", 1e-13), ("float32", 1e-6)):
+        got = ce.gram(x, backend="numba", dtype=dtype, **kw)
+        for a, b in zip(got, ref):
+            assert np.abs(a - b).max() / np.abs(b).max() < tol, (dtype, net)

@@ -134,27 +134,48 @@ if numba is not None:
                 ok = jo >= 0 and jo < W and ((j < seam) == (jo < seam))
                 mask[t, j] = KC[3] if ok else KC[2]
 
-    @njit(inline="always", fastmath=_FASTMATH)
-    def pool2_row(out, t, base, Wo, W, dx, scale):
-        """Add row t of a packed offset grid (offset dx) into the next stage's covariance rows at
-        ``base`` (the pooled rows' block, laid out (pooled offset, column): ``pair_kernel``) for 2 x 2
-        pools of stride 2: x column j goes to pooled column j // 2 and z column (j + dx) mod W
-        to ((j + dx) mod W) // 2, a pooled offset (mod Wo) of dx // 2 for even j and
-        (dx + 1) // 2 for odd j on both sides of the seam, so each is one contiguous row of Wo
-        entries; with dx even the two coincide, and columns 2m, 2m + 1 are added first."""
-        blk = Wo
-        if dx % 2 == 0:
-            o = base + (dx >> 1) * blk
-            for m in range(Wo):
-                out[o + m] += (t[2 * m] + t[2 * m + 1]) * scale
+    # The pools' sums are compensated (Neumaier): where a pooled entry is +-sqrt(q q') in exact
+    # arithmetic (windows that are rank one: constant images, one channel with filter_size=1),
+    # its c must come out within the snap of +-1 (``relu_row``), and a plain sum of the w^4
+    # terms of each entry drifts by up to ~w^4 ulps from the image's diagonal (``diag``), whose
+    # sums are compensated too: 5e-8 in float64 and 1e-3 in float32 through a 6 x 6 pool of
+    # stride 1.  These helpers are compiled with fastmath=False, set explicitly: a callee
+    # inherits its caller's fastmath where it sets none (numba's inherited options), and the
+    # kernel's reassociation cancels the compensation (measured: it came out 0).
+    @njit(fastmath=False)
+    def add_compensated(acc, comp, e, v):
+        """acc[e] += v, the rounding error of the addition added to comp[e] (acc + comp is the
+        sum to about one rounding)."""
+        s = acc[e]
+        t = s + v
+        if abs(s) >= abs(v):
+            comp[e] += (s - t) + v
         else:
-            oa = base + (dx >> 1) * blk
-            db = (dx + 1) >> 1
-            ob = base + (db if db < Wo else db - Wo) * blk
-            for m in range(Wo):
-                out[oa + m] += t[2 * m] * scale
-            for m in range(Wo):
-                out[ob + m] += t[2 * m + 1] * scale
+            comp[e] += (v - t) + s
+        acc[e] = t
+
+    @njit(fastmath=False)
+    def pool2_row(out, comp, t, base, Wo, W, dx, scale):
+        """Add row t of a packed offset grid (offset dx), times ``scale``, into the next stage's
+        covariance rows at ``base`` (the pooled rows' block, laid out (pooled offset, column):
+        ``pair_kernel``) for 2 x 2 pools of stride 2, compensated (``add_compensated``): x column
+        j goes to pooled column j // 2 and z column (j + dx) mod W to ((j + dx) mod W) // 2, a
+        pooled offset (mod Wo) of dx // 2 for even j and (dx + 1) // 2 for odd j on both sides of
+        the seam, so each is one contiguous row of Wo entries (the same one for dx even)."""
+        blk = Wo
+        oa = base + (dx >> 1) * blk
+        db = (dx + 1) >> 1
+        ob = base + (db if db < Wo else db - Wo) * blk
+        for m in range(Wo):
+            add_compensated(out, comp, oa + m, t[2 * m] * scale)
+            add_compensated(out, comp, ob + m, t[2 * m + 1] * scale)
+
+    @njit(fastmath=False)
+    def fold_compensation(acc, comp, n):
+        """acc[e] += comp[e] (the pooled sums), comp[e] = 0 for the next pool, e < n."""
+        for e in range(n):
+            acc[e] += comp[e]
+            comp[e] = 0.0
 
     def _njit_cached(**options):
         """``njit(cache=True)``, or without the on-disk cache where numba finds no writable place
@@ -300,8 +321,8 @@ if numba is not None:
             gin = np.zeros(acc_size, dtype=X1.dtype)
             kout = np.zeros(acc_size, dtype=X1.dtype)
             gout = np.zeros(acc_size, dtype=X1.dtype)
-            tk = np.empty(W0, dtype=X1.dtype)     # a row (or two rows' sum) to be pooled
-            tg = np.empty(W0, dtype=X1.dtype)
+            kcomp = np.zeros(acc_size, dtype=X1.dtype)    # the pooled sums' compensation
+            gcomp = np.zeros(acc_size, dtype=X1.dtype)
             acc = np.zeros((n_out, 2), dtype=np.float64)
             for st in range(n_st):
                 Hs, Ws, l0, nl = stages[st, 0], stages[st, 1], stages[st, 2], stages[st, 3]
@@ -442,27 +463,11 @@ if numba is not None:
                                         acc[t_out, 1] += wt * gg[i * Ws + j]
                         if last:
                             continue
-                        if ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
-                            i = 0
-                            while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
-                                py = ix0 + i
-                                base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
-                                k0 = kg[i * Ws:(i + 1) * Ws]
-                                g0 = gg[i * Ws:(i + 1) * Ws]
-                                if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
-                                    k1 = kg[(i + 1) * Ws:(i + 2) * Ws]
-                                    g1 = gg[(i + 1) * Ws:(i + 2) * Ws]
-                                    for j in range(Ws):
-                                        tk[j] = k0[j] + k1[j]
-                                        tg[j] = g0[j] + g1[j]
-                                    i += 2
-                                else:
-                                    for j in range(Ws):
-                                        tk[j] = k0[j]
-                                        tg[j] = g0[j]
-                                    i += 1
-                                pool2_row(kout, tk, base, Wo, Ws, dx, inv_w4)
-                                pool2_row(gout, tg, base, Wo, Ws, dx, inv_w4)
+                        if ps == 2 and pw == 2:   # Myrtle's pools: whole rows at a time
+                            for i in range(h):
+                                base = (((ix0 + i) >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
+                                pool2_row(kout, kcomp, kg[i * Ws:(i + 1) * Ws], base, Wo, Ws, dx, inv_w4)
+                                pool2_row(gout, gcomp, gg[i * Ws:(i + 1) * Ws], base, Wo, Ws, dx, inv_w4)
                         elif ps == pw:   # pool, windows side by side: one (P, P') per entry
                             for i in range(h):
                                 base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
@@ -470,8 +475,8 @@ if numba is not None:
                                     qx = j + dx if j + dx < Ws else j + dx - Ws
                                     dq = lo_x[qx] - lo_x[j]
                                     e = base + (dq if dq >= 0 else dq + Wo) * Wo + lo_x[j]
-                                    kout[e] += kg[i * Ws + j] * inv_w4
-                                    gout[e] += gg[i * Ws + j] * inv_w4
+                                    add_compensated(kout, kcomp, e, kg[i * Ws + j] * inv_w4)
+                                    add_compensated(gout, gcomp, e, gg[i * Ws + j] * inv_w4)
                         else:            # pool: every (P, P') whose windows hold (p, p')
                             for i in range(h):
                                 py = ix0 + i
@@ -486,9 +491,11 @@ if numba is not None:
                                                 e0 = (a * Ho + c2) * Wo * Wo + b
                                                 for d in range(lo_x[qx], hi_x[qx] + 1):
                                                     dq = d - b if d >= b else d - b + Wo
-                                                    kout[e0 + dq * Wo] += vk
-                                                    gout[e0 + dq * Wo] += vg
+                                                    add_compensated(kout, kcomp, e0 + dq * Wo, vk)
+                                                    add_compensated(gout, gcomp, e0 + dq * Wo, vg)
                 if not last:
+                    fold_compensation(kout, kcomp, Ho * Wo * Ho * Wo)
+                    fold_compensation(gout, gcomp, Ho * Wo * Ho * Wo)
                     kin, kout = kout, kin
                     gin, gout = gout, gin
             for t in range(n_out):
