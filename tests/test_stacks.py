@@ -382,11 +382,12 @@ def test_float32_where_a_pool_makes_c_one_in_exact_arithmetic_only():
                          ids=["pool6_stride1", "pool4_pool2"])
 def test_pools_of_windows_equal_in_exact_arithmetic_keep_c_within_the_snap(net):
     """Constant images: every pooled entry is +-sqrt(q q') in exact arithmetic, a sum of w^4
-    equal terms.  The pools' sums are compensated, in the numba kernel and in the diagonals, so
-    c comes out within the snap of +-1 and the kernel is exact; a plain sum drifted by tens of
-    ulps, which the arccos turned into 4e-8 (float64) and 1.1e-3 (float32) through the 6 x 6
-    pool (helper-52's audit), and the kernel's fastmath cancelled the compensation unless its
-    helpers set fastmath=False (numba's callees inherit it)."""
+    equal terms.  The numba kernel sums its pools in float64 (float32 kernel) or compensated
+    (float64 kernel), and the diagonals compensated, so c comes out within the snap of +-1 and
+    the kernel is exact; a plain sum in the compute dtype drifted by tens of ulps, which the
+    arccos turned into 3.8e-8 (float64) and 1.1e-3 (float32) through the 6 x 6 pool
+    (helper-52's audit), and the kernel's fastmath cancelled the compensation unless its helpers
+    set fastmath=False (numba's callees inherit it)."""
     x = np.stack([np.full((3, 8, 8), v) for v in (0.7, -1.3, 2.0)])
     kw = dict(architecture=net, filter_size=1, convention="neural_tangents", kernel="both")
     ref = ce.gram(x, backend="reference", **kw)

@@ -134,14 +134,34 @@ if numba is not None:
                 ok = jo >= 0 and jo < W and ((j < seam) == (jo < seam))
                 mask[t, j] = KC[3] if ok else KC[2]
 
-    # The pools' sums are compensated (Neumaier): where a pooled entry is +-sqrt(q q') in exact
-    # arithmetic (windows that are rank one: constant images, one channel with filter_size=1),
-    # its c must come out within the snap of +-1 (``relu_row``), and a plain sum of the w^4
-    # terms of each entry drifts by up to ~w^4 ulps from the image's diagonal (``diag``), whose
-    # sums are compensated too: 5e-8 in float64 and 1e-3 in float32 through a 6 x 6 pool of
-    # stride 1.  These helpers are compiled with fastmath=False, set explicitly: a callee
-    # inherits its caller's fastmath where it sets none (numba's inherited options), and the
-    # kernel's reassociation cancels the compensation (measured: it came out 0).
+    # A pooled entry sums w^4 terms.  Where it is +-sqrt(q q') in exact arithmetic (windows of
+    # equal entries: constant images), its c must come out within the snap of +-1 (``relu_row``),
+    # and a plain sum in the compute dtype drifts by up to ~w^4 ulps from the image's diagonal
+    # (``diag``, whose sums are compensated): 3.8e-8 in float64 and 1.1e-3 in float32 through a
+    # 6 x 6 pool of stride 1.  So the float32 kernel sums the pools in float64 (its rounding is
+    # far below a float32 ulp; inlined, as the plain sum was), and the float64 kernel sums them
+    # compensated (Neumaier) with the helpers below.  They are compiled with fastmath=False, set
+    # explicitly: a callee inherits its caller's fastmath where it sets none (numba's inherited
+    # options), and the kernel's reassociation cancels the compensation (measured: it came out
+    # 0); they cost the float64 kernel a few percent of its Myrtle pairs/s (the commit has the
+    # A/B), and float64 accumulators cost the float32 kernel none measurable.
+    @njit(inline="always", fastmath=_FASTMATH)
+    def pool2_row_wide(out, t, base, Wo, W, dx, scale):
+        """``pool2_row`` for the float32 kernel: into float64 ``out``, not compensated."""
+        blk = Wo
+        if dx % 2 == 0:
+            o = base + (dx >> 1) * blk
+            for m in range(Wo):
+                out[o + m] += (t[2 * m] + t[2 * m + 1]) * scale
+        else:
+            oa = base + (dx >> 1) * blk
+            db = (dx + 1) >> 1
+            ob = base + (db if db < Wo else db - Wo) * blk
+            for m in range(Wo):
+                out[oa + m] += t[2 * m] * scale
+            for m in range(Wo):
+                out[ob + m] += t[2 * m + 1] * scale
+
     @njit(fastmath=False)
     def add_compensated(acc, comp, e, v):
         """acc[e] += v, the rounding error of the addition added to comp[e] (acc + comp is the
@@ -155,20 +175,59 @@ if numba is not None:
         acc[e] = t
 
     @njit(fastmath=False)
-    def pool2_row(out, comp, t, base, Wo, W, dx, scale):
+    def add_row_compensated(out, comp, o, v, n):
+        """out[o + m] += v[m], m < n, as ``add_compensated`` does (one loop over the row, which
+        LLVM vectorises: no entry is added twice)."""
+        for m in range(n):
+            s = out[o + m]
+            t = s + v[m]
+            comp[o + m] += ((s - t) + v[m]) if abs(s) >= abs(v[m]) else ((v[m] - t) + s)
+            out[o + m] = t
+
+    @njit(fastmath=False)
+    def pool2_grid(out, comp, grid, t, v, h, ix0, iz0, dy, dx, Ws, Ho, Wo, scale):
+        """A 2 x 2 pool of stride 2 (Myrtle's) of one packed offset grid (dy, dx) of h rows of
+        width Ws (``grid``: K or G of the stage's last layer) into the next stage's input,
+        compensated: rows py, py + 1 (py even, dy even) share their (P, P') and are summed
+        first, then ``pool2_row``; t, v: rows of scratch.  One call per grid: a call passes its
+        arrays with reference counting, which per row cost more than the pool's arithmetic."""
+        i = 0
+        while i < h:
+            py = ix0 + i
+            base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
+            if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
+                for j in range(Ws):
+                    t[j] = grid[i * Ws + j] + grid[(i + 1) * Ws + j]
+                i += 2
+            else:
+                for j in range(Ws):
+                    t[j] = grid[i * Ws + j]
+                i += 1
+            pool2_row(out, comp, t, base, Wo, Ws, dx, scale, v)
+
+    @njit(fastmath=False)
+    def pool2_row(out, comp, t, base, Wo, W, dx, scale, v):
         """Add row t of a packed offset grid (offset dx), times ``scale``, into the next stage's
         covariance rows at ``base`` (the pooled rows' block, laid out (pooled offset, column):
-        ``pair_kernel``) for 2 x 2 pools of stride 2, compensated (``add_compensated``): x column
-        j goes to pooled column j // 2 and z column (j + dx) mod W to ((j + dx) mod W) // 2, a
-        pooled offset (mod Wo) of dx // 2 for even j and (dx + 1) // 2 for odd j on both sides of
-        the seam, so each is one contiguous row of Wo entries (the same one for dx even)."""
+        ``pair_kernel``) for 2 x 2 pools of stride 2, compensated (``add_row_compensated``; v: a
+        row of Wo scratch): x column j goes to pooled column j // 2 and z column (j + dx) mod W
+        to ((j + dx) mod W) // 2, a pooled offset (mod Wo) of dx // 2 for even j and
+        (dx + 1) // 2 for odd j on both sides of the seam, so each is one contiguous row of Wo
+        entries; with dx even the two coincide, and columns 2m, 2m + 1 are added first (their
+        sum's rounding is at most half an ulp of a partial sum)."""
         blk = Wo
-        oa = base + (dx >> 1) * blk
-        db = (dx + 1) >> 1
-        ob = base + (db if db < Wo else db - Wo) * blk
-        for m in range(Wo):
-            add_compensated(out, comp, oa + m, t[2 * m] * scale)
-            add_compensated(out, comp, ob + m, t[2 * m + 1] * scale)
+        if dx % 2 == 0:
+            for m in range(Wo):
+                v[m] = (t[2 * m] + t[2 * m + 1]) * scale
+            add_row_compensated(out, comp, base + (dx >> 1) * blk, v, Wo)
+        else:
+            for m in range(Wo):
+                v[m] = t[2 * m] * scale
+            add_row_compensated(out, comp, base + (dx >> 1) * blk, v, Wo)
+            db = (dx + 1) >> 1
+            for m in range(Wo):
+                v[m] = t[2 * m + 1] * scale
+            add_row_compensated(out, comp, base + (db if db < Wo else db - Wo) * blk, v, Wo)
 
     @njit(fastmath=False)
     def fold_compensation(acc, comp, n):
@@ -317,12 +376,17 @@ if numba is not None:
             rows = np.empty(npad, dtype=X1.dtype)
             mask = np.empty((k, W0), dtype=X1.dtype)
             mflat = np.empty((k, npad), dtype=X1.dtype)
-            kin = np.zeros(acc_size, dtype=X1.dtype)
-            gin = np.zeros(acc_size, dtype=X1.dtype)
-            kout = np.zeros(acc_size, dtype=X1.dtype)
-            gout = np.zeros(acc_size, dtype=X1.dtype)
-            kcomp = np.zeros(acc_size, dtype=X1.dtype)    # the pooled sums' compensation
-            gcomp = np.zeros(acc_size, dtype=X1.dtype)
+            # the pooled stages' inputs: float64 (the float32 kernel's pools sum in float64),
+            # and the float64 kernel's compensation (above the helpers)
+            kin = np.zeros(acc_size, dtype=np.float64)
+            gin = np.zeros(acc_size, dtype=np.float64)
+            kout = np.zeros(acc_size, dtype=np.float64)
+            gout = np.zeros(acc_size, dtype=np.float64)
+            kcomp = np.zeros(acc_size if exact else 1, dtype=np.float64)
+            gcomp = np.zeros(acc_size if exact else 1, dtype=np.float64)
+            tk = np.empty(W0, dtype=X1.dtype)     # a row (or two rows' sum) to be pooled
+            tg = np.empty(W0, dtype=X1.dtype)
+            vrow = np.empty(W0, dtype=X1.dtype)   # a pooled row's terms
             acc = np.zeros((n_out, 2), dtype=np.float64)
             for st in range(n_st):
                 Hs, Ws, l0, nl = stages[st, 0], stages[st, 1], stages[st, 2], stages[st, 3]
@@ -463,11 +527,30 @@ if numba is not None:
                                         acc[t_out, 1] += wt * gg[i * Ws + j]
                         if last:
                             continue
-                        if ps == 2 and pw == 2:   # Myrtle's pools: whole rows at a time
-                            for i in range(h):
-                                base = (((ix0 + i) >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
-                                pool2_row(kout, kcomp, kg[i * Ws:(i + 1) * Ws], base, Wo, Ws, dx, inv_w4)
-                                pool2_row(gout, gcomp, gg[i * Ws:(i + 1) * Ws], base, Wo, Ws, dx, inv_w4)
+                        if ps == 2 and pw == 2 and exact:   # Myrtle's pools, compensated
+                            pool2_grid(kout, kcomp, kg, tk, vrow, h, ix0, iz0, dy, dx, Ws, Ho, Wo, inv_w4)
+                            pool2_grid(gout, gcomp, gg, tk, vrow, h, ix0, iz0, dy, dx, Ws, Ho, Wo, inv_w4)
+                        elif ps == 2 and pw == 2:   # in float64: rows, columns paired first
+                            i = 0
+                            while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
+                                py = ix0 + i
+                                base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
+                                k0 = kg[i * Ws:(i + 1) * Ws]
+                                g0 = gg[i * Ws:(i + 1) * Ws]
+                                if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
+                                    k1 = kg[(i + 1) * Ws:(i + 2) * Ws]
+                                    g1 = gg[(i + 1) * Ws:(i + 2) * Ws]
+                                    for j in range(Ws):
+                                        tk[j] = k0[j] + k1[j]
+                                        tg[j] = g0[j] + g1[j]
+                                    i += 2
+                                else:
+                                    for j in range(Ws):
+                                        tk[j] = k0[j]
+                                        tg[j] = g0[j]
+                                    i += 1
+                                pool2_row_wide(kout, tk, base, Wo, Ws, dx, inv_w4)
+                                pool2_row_wide(gout, tg, base, Wo, Ws, dx, inv_w4)
                         elif ps == pw:   # pool, windows side by side: one (P, P') per entry
                             for i in range(h):
                                 base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
@@ -475,8 +558,12 @@ if numba is not None:
                                     qx = j + dx if j + dx < Ws else j + dx - Ws
                                     dq = lo_x[qx] - lo_x[j]
                                     e = base + (dq if dq >= 0 else dq + Wo) * Wo + lo_x[j]
-                                    add_compensated(kout, kcomp, e, kg[i * Ws + j] * inv_w4)
-                                    add_compensated(gout, gcomp, e, gg[i * Ws + j] * inv_w4)
+                                    if exact:
+                                        add_compensated(kout, kcomp, e, kg[i * Ws + j] * inv_w4)
+                                        add_compensated(gout, gcomp, e, gg[i * Ws + j] * inv_w4)
+                                    else:
+                                        kout[e] += kg[i * Ws + j] * inv_w4
+                                        gout[e] += gg[i * Ws + j] * inv_w4
                         else:            # pool: every (P, P') whose windows hold (p, p')
                             for i in range(h):
                                 py = ix0 + i
@@ -491,11 +578,16 @@ if numba is not None:
                                                 e0 = (a * Ho + c2) * Wo * Wo + b
                                                 for d in range(lo_x[qx], hi_x[qx] + 1):
                                                     dq = d - b if d >= b else d - b + Wo
-                                                    add_compensated(kout, kcomp, e0 + dq * Wo, vk)
-                                                    add_compensated(gout, gcomp, e0 + dq * Wo, vg)
+                                                    if exact:
+                                                        add_compensated(kout, kcomp, e0 + dq * Wo, vk)
+                                                        add_compensated(gout, gcomp, e0 + dq * Wo, vg)
+                                                    else:
+                                                        kout[e0 + dq * Wo] += vk
+                                                        gout[e0 + dq * Wo] += vg
                 if not last:
-                    fold_compensation(kout, kcomp, Ho * Wo * Ho * Wo)
-                    fold_compensation(gout, gcomp, Ho * Wo * Ho * Wo)
+                    if exact:
+                        fold_compensation(kout, kcomp, Ho * Wo * Ho * Wo)
+                        fold_compensation(gout, gcomp, Ho * Wo * Ho * Wo)
                     kin, kout = kout, kin
                     gin, gout = gout, gin
             for t in range(n_out):
