@@ -96,11 +96,14 @@ def pair_working_set(name: str, dtype=np.float32) -> dict:
     h, w, c, L, r = 32, 32, 3, arch.n_layers, arch.filter_size // 2
     acc = max((st.height * st.width) ** 2 for st in stages[1:]) if len(stages) > 1 else 1
     k = arch.filter_size
-    parts = {"pooled K and G of two stages (4 buffers)": 4 * acc * item,
+    # the pooled stages' inputs are float64 in both kernels, and the float64 kernel keeps their
+    # compensation (2 more), backends/numba_cpu.py
+    pooled = (6 if np.dtype(dtype) == np.float64 else 4) * acc * 8
+    parts = {"pooled K and G of two stages (float64; with the float64 kernel's compensation)": pooled,
              "x diagonals packed, z image and diagonals rotated": (c + 4 * L) * h * w * item,
              "flat grid buffers (K, G, Sigma, Theta, box rows, tiled seam mask, pooled rows)":
                  (2 * ((h + 2 * r) * w + 2 * r) + 2 * h * w + (h + 2 * r) * w + k * w
-                  + k * (h + 2 * r) * w + 2 * w) * item}
+                  + k * (h + 2 * r) * w + 3 * w) * item}
     return {"bytes": sum(parts.values()), "parts": parts}
 
 
