@@ -143,8 +143,8 @@ if numba is not None:
     # compensated (Neumaier) with the helpers below.  They are compiled with fastmath=False, set
     # explicitly: a callee inherits its caller's fastmath where it sets none (numba's inherited
     # options), and the kernel's reassociation cancels the compensation (measured: it came out
-    # 0); they cost the float64 kernel a few percent of its Myrtle pairs/s (the commit has the
-    # A/B), and float64 accumulators cost the float32 kernel none measurable.
+    # 0); they cost the float64 kernel about 8% of its Myrtle pairs/s, and float64 accumulators
+    # cost the float32 kernel nothing measurable (the commit has the A/B).
     @njit(inline="always", fastmath=_FASTMATH)
     def pool2_row_wide(out, t, base, Wo, W, dx, scale):
         """``pool2_row`` for the float32 kernel: into float64 ``out``, not compensated."""
@@ -176,8 +176,8 @@ if numba is not None:
 
     @njit(fastmath=False)
     def add_row_compensated(out, comp, o, v, n):
-        """out[o + m] += v[m], m < n, as ``add_compensated`` does (one loop over the row, which
-        LLVM vectorises: no entry is added twice)."""
+        """out[o + m] += v[m], m < n, as ``add_compensated`` does (one loop over the row: no
+        entry is added twice)."""
         for m in range(n):
             s = out[o + m]
             t = s + v[m]
@@ -189,8 +189,7 @@ if numba is not None:
         """A 2 x 2 pool of stride 2 (Myrtle's) of one packed offset grid (dy, dx) of h rows of
         width Ws (``grid``: K or G of the stage's last layer) into the next stage's input,
         compensated: rows py, py + 1 (py even, dy even) share their (P, P') and are summed
-        first, then ``pool2_row``; t, v: rows of scratch.  One call per grid: a call passes its
-        arrays with reference counting, which per row cost more than the pool's arithmetic."""
+        first, then ``pool2_row``; t, v: rows of scratch."""
         i = 0
         while i < h:
             py = ix0 + i
