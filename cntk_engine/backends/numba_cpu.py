@@ -142,9 +142,7 @@ if numba is not None:
     # far below a float32 ulp; inlined, as the plain sum was), and the float64 kernel sums them
     # compensated (Neumaier) with the helpers below.  They are compiled with fastmath=False, set
     # explicitly: a callee inherits its caller's fastmath where it sets none (numba's inherited
-    # options), and the kernel's reassociation cancels the compensation (measured: it came out
-    # 0); they cost the float64 kernel about 8% of its Myrtle pairs/s, and float64 accumulators
-    # cost the float32 kernel nothing measurable (the commit has the A/B).
+    # options), and the kernel's reassociation cancels the compensation.
     @njit(inline="always", fastmath=_FASTMATH)
     def pool2_row_wide(out, t, base, Wo, W, dx, scale):
         """``pool2_row`` for the float32 kernel: into float64 ``out``, not compensated."""
@@ -183,26 +181,6 @@ if numba is not None:
             t = s + v[m]
             comp[o + m] += ((s - t) + v[m]) if abs(s) >= abs(v[m]) else ((v[m] - t) + s)
             out[o + m] = t
-
-    @njit(fastmath=False)
-    def pool2_grid(out, comp, grid, t, v, h, ix0, iz0, dy, dx, Ws, Ho, Wo, scale):
-        """A 2 x 2 pool of stride 2 (Myrtle's) of one packed offset grid (dy, dx) of h rows of
-        width Ws (``grid``: K or G of the stage's last layer) into the next stage's input,
-        compensated: rows py, py + 1 (py even, dy even) share their (P, P') and are summed
-        first, then ``pool2_row``; t, v: rows of scratch."""
-        i = 0
-        while i < h:
-            py = ix0 + i
-            base = ((py >> 1) * Ho + ((iz0 + i) >> 1)) * Wo * Wo
-            if dy % 2 == 0 and py % 2 == 0 and i + 1 < h:
-                for j in range(Ws):
-                    t[j] = grid[i * Ws + j] + grid[(i + 1) * Ws + j]
-                i += 2
-            else:
-                for j in range(Ws):
-                    t[j] = grid[i * Ws + j]
-                i += 1
-            pool2_row(out, comp, t, base, Wo, Ws, dx, scale, v)
 
     @njit(fastmath=False)
     def pool2_row(out, comp, t, base, Wo, W, dx, scale, v):
@@ -526,10 +504,7 @@ if numba is not None:
                                         acc[t_out, 1] += wt * gg[i * Ws + j]
                         if last:
                             continue
-                        if ps == 2 and pw == 2 and exact:   # Myrtle's pools, compensated
-                            pool2_grid(kout, kcomp, kg, tk, vrow, h, ix0, iz0, dy, dx, Ws, Ho, Wo, inv_w4)
-                            pool2_grid(gout, gcomp, gg, tk, vrow, h, ix0, iz0, dy, dx, Ws, Ho, Wo, inv_w4)
-                        elif ps == 2 and pw == 2:   # in float64: rows, columns paired first
+                        if ps == 2 and pw == 2:   # Myrtle's pools: rows, columns paired first
                             i = 0
                             while i < h:    # with dy even, rows py, py + 1 (py even) share (P, P')
                                 py = ix0 + i
@@ -548,8 +523,12 @@ if numba is not None:
                                         tk[j] = k0[j]
                                         tg[j] = g0[j]
                                     i += 1
-                                pool2_row_wide(kout, tk, base, Wo, Ws, dx, inv_w4)
-                                pool2_row_wide(gout, tg, base, Wo, Ws, dx, inv_w4)
+                                if exact:
+                                    pool2_row(kout, kcomp, tk, base, Wo, Ws, dx, inv_w4, vrow)
+                                    pool2_row(gout, gcomp, tg, base, Wo, Ws, dx, inv_w4, vrow)
+                                else:
+                                    pool2_row_wide(kout, tk, base, Wo, Ws, dx, inv_w4)
+                                    pool2_row_wide(gout, tg, base, Wo, Ws, dx, inv_w4)
                         elif ps == pw:   # pool, windows side by side: one (P, P') per entry
                             for i in range(h):
                                 base = (lo_y[ix0 + i] * Ho + lo_y[iz0 + i]) * Wo * Wo
