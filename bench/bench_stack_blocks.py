@@ -7,7 +7,8 @@ per multiprocessor); a candidate compiled for two blocks (128 registers, with sp
 selected by CNTK_ENGINE_CUDA_STACK_BLOCKS=2 (docs/cuda_kernels.md).  For every kernel variant
 and architecture: unique pairs/s of a symmetric Gram of N random 32x32x3 images with each
 budget (median of repeats after a warm-up, synchronised), and whether the two Grams are equal
-bit for bit (they run the same instructions in the same order).  Writes
+bit for bit (the same PTX; ptxas may still contract a plain mul and add into an FMA differently
+in the two compilations, so a difference at float32 rounding is reported, not an error).  Writes
 stack_blocks_<GPU>_<date>.json into --out.  Without a usable CUDA backend it says why and
 writes nothing; ``--cpu-dry-run`` runs the same loop with the numba backend standing in (tiny N:
 a test of this script, not a measurement).

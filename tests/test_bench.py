@@ -1156,6 +1156,11 @@ def test_gpu_session_cpu_dry_run(tmp_path):
         "harness_cpu_dry_run.json", "harness_cpu_dry_run.png"]
     assert len(files) <= 8, files         # what the device tool brings back
     assert "ALL PHASES OK OR SKIPPED" in proc.stdout
+    # each bench process under its own limit, its seconds logged (v7 and v8: no stack kernel of
+    # their own)
+    for what in ("v3 cnn", "v3 myrtle", "v8 cnn", "v6 cnn", "v6 myrtle", "v7 cnn", "v5 cnn", "v5 myrtle"):
+        assert f"--- bench process: {what} took " in proc.stdout, what
+    assert "--- bench process: v7 myrtle" not in proc.stdout
     # the next call on this host: its nt phase continues the file; the first call's phases stand
     out2 = tmp_path / "out2"
     again = subprocess.run(common + ["--phases", "nt,summary"], cwd=ROOT, env={**env, "OUT": str(out2)},
@@ -1170,6 +1175,41 @@ def test_gpu_session_cpu_dry_run(tmp_path):
         ("bench", "ok"), ("tests", "ok"), ("nt", "ok")]
     assert [p["reason"].startswith("earlier call") for p in phases2 if p["phase"] in ("bench", "nt")] == \
         [True, False]
+
+
+def test_prebuilt_smoke_runs_with_the_installed_extension(tmp_path):
+    """The smoke check the GPU visit runs after installing the prebuilt wheel, here with the
+    extension CI builds: the binding's repr and ValueError (the strings that crashed on the
+    H200's image) and, where no GPU is, the backend's reason."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("cntk_engine._cuda") is None:
+        pytest.skip("the CUDA extension is not built (no nvcc at install)")
+    from conftest import load_tool
+    prebuilt = load_tool("gpu/prebuilt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-P", "-c", prebuilt.SMOKE], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PairSumsParams(kernel='v3'" in r.stdout, r.stdout
+    assert "the binding refuses C = 0: cntk_engine pair_sums: C (channels) must be >= 1" in r.stdout, r.stdout
+    assert ("cuda matches the reference" in r.stdout) != ("the cuda backend cannot run here" in r.stdout)
+
+
+def test_sanitizer_runs_dry_run(capsys):
+    """tools/gpu/sanitizer_runs.py, which the GPU visit runs under compute-sanitizer, makes the
+    same calls on the CPU (--backend numba): what only a GPU runs is its CuPy allocator switch and
+    the kernel variants' environment."""
+    from conftest import load_tool
+    runs = load_tool("gpu/sanitizer_runs")
+    assert runs.main(["--backend", "numba"]) == 0
+    out = capsys.readouterr().out
+    for what in ("general / 32x32 / float64 / filter 5", "lap / flip", "myrtle5 float32", "myrtle5 float64",
+                 "flatten stack / odd coarse levels", "sanitizer runs done"):
+        assert what in out, out
+    assert runs.main(["--backend", "numba", "--small"]) == 0
+    small = capsys.readouterr().out
+    assert "32x32 gap" in small and "myrtle5 float32" in small and "lap / flip" not in small
 
 
 def _stamped_prebuilt(folder: Path, repo: Path, **stamp) -> Path:

@@ -901,14 +901,17 @@ def test_cuda_stacks_against_numba(variant):
 
 @gpu
 def test_cuda_stack_kernel_is_deterministic(variant, monkeypatch):
-    """The pooling adds are atomic but ordered by the rounds: the same bits every run, and with
-    the two-block candidate (the same instructions, other registers)."""
+    """The pooling adds are atomic but ordered by the rounds: the same bits every run.  The
+    two-block candidate is another ptxas compilation of the same PTX (other registers), where
+    ptxas may contract a plain mul and add into an FMA differently (the PTX ISA allows it for
+    instructions without a rounding modifier), so it is compared to float32 rounding."""
     cifar, _ = real_cifar_and_mnist()
     a = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
     b = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
+    assert a.tobytes() == b.tobytes()
     monkeypatch.setenv("CNTK_ENGINE_CUDA_STACK_BLOCKS", "2")
     c = ce.gram(cifar, architecture="myrtle5", backend="cuda", dtype="float32")
-    assert a.tobytes() == b.tobytes() == c.tobytes()
+    assert rel(c, a) < 1e-6, "the two-block candidate differs beyond float32 rounding"
 
 
 @pytest.mark.skipif(EXT is None, reason="the CUDA extension is not built (no nvcc at install)")

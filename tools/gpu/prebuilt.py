@@ -53,6 +53,17 @@ SMOKE = """
 import numpy as np, cntk_engine as ce, cntk_engine._cuda
 from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants().splitlines()[0])
+# the binding's own strings, a repr and a ValueError's message (on the H200's image of
+# 2026-12-04 every string the binding built with iostreams crashed the process); no launch
+kw = dict(device=0, stream=0, kernel="v3", dtype="float32", xa=0, da=0, xb=0, db=0, pair_a=0,
+          pair_b=0, slot=0, out=0, n_pairs=0, C=3, H=8, W=8, L=3, filter_size=3, n_out=1,
+          w_first=1.0, w=1.0, b2=0.0, gap=True, fix=False, same_set=True)
+print(repr(cntk_engine._cuda.PairSumsParams(**kw))[:40], "...")
+try:
+    cntk_engine._cuda.PairSumsParams(**{**kw, "C": 0})
+    raise SystemExit("the binding took C = 0 channels")
+except ValueError as e:
+    print("the binding refuses C = 0:", e)
 why = ce.available_backends()["cuda"]
 if why is None:
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
