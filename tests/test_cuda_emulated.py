@@ -132,6 +132,20 @@ def test_emulated_float64_an_image_and_a_multiple_of_it(emulated, arch):
     check(x, dtype="float64", tol=1e-13, **arch)
 
 
+@pytest.mark.parametrize("emulated", ["v3", "v5"], indirect=True)
+def test_emulated_constant_images_through_a_whole_image_pool(emulated):
+    """K(a 1, b 1) = a b K(1, 1) (no biases), checked on the stack kernel alone: AvgPool(6) on
+    6 x 6 constant images, where the pooled entries are sums of 1,296 terms equal in exact
+    arithmetic (the case where the float64 reference's plain pool sum was 2.1e-8 off;
+    helper-53's sweep found the CUDA source exact here)."""
+    vals = np.array([0.5, 1.3, 0.7])
+    x = vals[:, None, None, None] * np.ones((3, 1, 6, 6))
+    for dtype, tol in (("float64", 1e-13), ("float32", 1e-6)):
+        for k in ce.gram(x, architecture=serial(C, AvgPool(6), C), backend="cuda", dtype=dtype, kernel="both"):
+            unit = k / np.outer(vals, vals)
+            assert np.abs(unit - unit[0, 0]).max() / abs(unit[0, 0]) < tol, dtype
+
+
 @pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
 def test_emulated_float32_where_c_is_one_exactly(emulated):
     """float32 takes c within 8 ulps of +-1 as +-1 too (it clamped only): with filter size 1 on

@@ -377,6 +377,26 @@ def test_float32_where_a_pool_makes_c_one_in_exact_arithmetic_only():
     assert err("float64", architecture=net) < 1e-14
 
 
+@pytest.mark.parametrize("backend,dtype,tol", [("reference", "float64", 1e-13), ("numba", "float64", 1e-13),
+                                               ("numba", "float32", 1e-6)])
+def test_constant_images_through_large_pools_are_homogeneous(backend, dtype, tol):
+    """K(a 1, b 1) = a b K(1, 1) for a, b > 0 (no biases: the kernels are positively homogeneous
+    in each image), a check that needs no other backend.  The float64 reference, the tests'
+    oracle, broke it by 2.1e-8 through AvgPool(6) on 6 x 6 images (helper-53's audit of the CUDA
+    kernels, which agreed with numba to 1e-16 there): its pools summed plainly (now compensated,
+    as the fast backends' are)."""
+    vals = np.array([0.5, 1.3, 0.7])
+    c = ConvRelu()
+    cases = [((6, 6), serial(c, AvgPool(6), c), {}),
+             ((12, 12), serial(c, AvgPool(6), c, AvgPool(2)), dict(pooling="flatten")),
+             ((16, 16), serial(c, AvgPool(4), c, AvgPool(4), c), {})]
+    for size, net, kw in cases:
+        x = vals[:, None, None, None] * np.ones((3, 1) + size)
+        for k in ce.gram(x, architecture=net, backend=backend, dtype=dtype, kernel="both", **kw):
+            unit = k / np.outer(vals, vals)
+            assert np.abs(unit - unit[0, 0]).max() / abs(unit[0, 0]) < tol, (size, kw)
+
+
 @pytest.mark.parametrize("net", [serial(ConvRelu(), AvgPool(6, 1), ConvRelu()),
                                  serial(ConvRelu(), AvgPool(4), ConvRelu(), AvgPool(2))],
                          ids=["pool6_stride1", "pool4_pool2"])

@@ -51,16 +51,27 @@ def relu_step(sigma, q_x, q_z):
 
 
 def pool4(a: np.ndarray, pool) -> np.ndarray:
-    """(pool A)(P, P') = w^-4 sum_{u, v in [0, w)^2} A(s P + u, s P' + v) (VALID windows)."""
+    """(pool A)(P, P') = w^-4 sum_{u, v in [0, w)^2} A(s P + u, s P' + v) (VALID windows).
+
+    The w^4 terms are summed with Neumaier's compensation, as the fast backends sum their pools:
+    for constant images (and receptive fields that are multiples of each other) the pooled
+    entries are +-sqrt(q q') in exact arithmetic, and a plain sum of w^4 terms (1,296 for a pool
+    of 6) rounds the cross entries and the diagonals differently by tens of ulps, beyond the
+    SNAP_ULPS snap of c to +-1, where arccos turns the error into its square root (2e-8 for
+    AvgPool(6) on 6 x 6 constant images, against 1e-10 promised)."""
     s, k = pool.stride, pool.window
     ho, wo = pool.out_size(a.shape[0]), pool.out_size(a.shape[1])
-    out = np.zeros((ho, wo, ho, wo))
+    total = np.zeros((ho, wo, ho, wo))
+    lost = np.zeros_like(total)        # what each add rounded away, summed
     for a0 in range(k):
         for b0 in range(k):
             for c0 in range(k):
                 for d0 in range(k):
-                    out += a[a0:a0 + s * ho:s, b0:b0 + s * wo:s, c0:c0 + s * ho:s, d0:d0 + s * wo:s]
-    return out / k ** 4
+                    term = a[a0:a0 + s * ho:s, b0:b0 + s * wo:s, c0:c0 + s * ho:s, d0:d0 + s * wo:s]
+                    t = total + term
+                    lost += np.where(np.abs(total) >= np.abs(term), (total - t) + term, (term - t) + total)
+                    total = t
+    return (total + lost) / k ** 4
 
 
 def lap4(a: np.ndarray, c: int) -> np.ndarray:
