@@ -14,7 +14,7 @@ import cntk_engine as ce
 from cntk_engine.arch import AvgPool, ConvRelu, serial
 
 from cuda_sim import build, emulate_cuda
-from test_cuda import _use_installed_extension, extension, real_cifar_and_mnist
+from test_cuda import _use_installed_extension, cuda_backend, extension, real_cifar_and_mnist
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
 C, POOL = ConvRelu(), AvgPool(2)
@@ -159,6 +159,39 @@ def test_emulated_float32_where_c_is_one_exactly(emulated):
     x = np.stack([b, 3.0 * b, np.full((2, 6, 6), 0.5), np.full((2, 6, 6), 2.0)])
     check(x, depth=4, tol=1e-6)
     check(np.full((1, 2, 5, 3), 0.5), depth=4, filter_size=1, tol=1e-6)
+
+
+def test_sanitizer_runs_cuda_path(monkeypatch, capsys):
+    """tools/gpu/sanitizer_runs.py's CUDA path, which the GPU visit runs under compute-sanitizer:
+    the variants' names and bases from the extension, its environment variables, --kernels, the
+    stack kernel only for variants with one of their own.  Its Grams are recorded with the
+    variant they would run, not computed (their calls are the other tests' and 7 to 20 s each
+    here); what only a GPU runs is CuPy's allocator switch (counted here)."""
+    import os
+    from conftest import load_tool
+    extension()                         # the variant table comes from the extension
+    _use_installed_extension(monkeypatch)
+    runs = load_tool("gpu/sanitizer_runs")
+    switched, calls = [], []
+    monkeypatch.setattr(runs, "switch_off_cupy_pool", lambda: switched.append(True))
+    monkeypatch.setattr(runs, "cnn_runs", lambda ce, backend, small: calls.append(
+        ("cnn", os.environ[cuda_backend.KERNEL_ENV], backend, small)))
+    monkeypatch.setattr(runs, "stack_runs", lambda ce, backend, small, env: calls.append(
+        ("stack", os.environ[cuda_backend.KERNEL_ENV], backend, small, env)))
+    assert runs.main(["--kernels", "v3,v8", "--small"]) == 0
+    assert switched == [True]
+    assert calls == [("cnn", "v3", "cuda", True), ("cnn", "v8", "cuda", True),
+                     ("stack", "v3", "cuda", True, cuda_backend.STACK_BLOCKS_ENV)]
+    out = capsys.readouterr().out
+    assert "v8 stack kernel:" not in out and "sanitizer runs done" in out
+    calls.clear()
+    assert runs.main([]) == 0           # every compiled variant; stacks of v3, v5, v6
+    assert [c[1] for c in calls if c[0] == "stack"] == [v["name"] for v in cuda_backend.kernel_variants()
+                                                        if v["base"] == v["name"]]
+    assert all(c[3] is False for c in calls)
+    with pytest.raises(SystemExit):
+        runs.main(["--kernels", "v3,v99"])
+    assert "--kernels v99: not compiled" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("emulated", ["v7"], indirect=True)

@@ -71,6 +71,12 @@ def stack_runs(ce, backend: str, small: bool, stack_blocks_env: str) -> None:
             del os.environ[stack_blocks_env]
 
 
+def switch_off_cupy_pool() -> None:
+    """Every CuPy array its own cudaMalloc, so that memcheck sees its exact bounds (above)."""
+    import cupy
+    cupy.cuda.set_allocator(None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", default="", help="comma list of CUDA kernel variants [every compiled one]")
@@ -81,8 +87,7 @@ def main(argv=None) -> int:
     import cntk_engine as ce
     kernel_env = stack_blocks_env = None
     if args.backend == "cuda":
-        import cupy
-        cupy.cuda.set_allocator(None)     # memcheck sees each array's own bounds (above)
+        switch_off_cupy_pool()
         from cntk_engine.backends.cuda import KERNEL_ENV as kernel_env, STACK_BLOCKS_ENV as stack_blocks_env
         from cntk_engine.backends.cuda import kernel_variants
         compiled = [v["name"] for v in kernel_variants()]
