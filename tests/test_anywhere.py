@@ -142,6 +142,35 @@ def test_auto_says_why_a_present_gpu_goes_unused(monkeypatch, caplog):
     assert len(msgs) == 1 and "has an NVIDIA GPU" in msgs[0] and backends.unavailable_reason("cuda") in msgs[0]
 
 
+def test_auto_says_when_it_leaves_an_unverified_cuda_kernel_for_the_cpu(monkeypatch, caplog):
+    """On a GPU machine, auto picks numba for a job whose CUDA kernels have not run on a GPU
+    (pooled stacks, LAP, flips): said once per reason, with backend='cuda' as the way to use the
+    GPU; nothing is said where cuda is unavailable or asked for by name."""
+    from cntk_engine import backends
+    from cntk_engine.arch import make_architecture
+    arch = make_architecture(architecture="myrtle5")
+
+    def caps(cuda):
+        return lambda *a: {"reference": dict(unavailable=None, unsupported=None),
+                           "numba": dict(unavailable=None, unsupported=None), "cuda": cuda}
+    why = "the CUDA kernels for pooled stacks have not run on a GPU yet (backend='cuda' runs them)"
+    monkeypatch.setattr(backends, "_unverified_said", set())
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: False)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        monkeypatch.setattr(backends, "capabilities", caps(dict(unavailable="no GPU", unsupported=None,
+                                                                unverified=why)))
+        assert backends.resolve("auto", arch, (3, 32, 32), "float32").name == "numba"
+        assert not caplog.records
+        monkeypatch.setattr(backends, "capabilities", caps(dict(unavailable=None, unsupported=None,
+                                                                unverified=why)))
+        for _ in range(2):
+            assert backends.resolve("auto", arch, (3, 32, 32), "float32").name == "numba"
+        assert backends.resolve("numba", arch, (3, 32, 32), "float32").name == "numba"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["backend 'auto' runs this job on the CPU (numba) although the cuda backend can "
+                    "run it: " + why]
+
+
 # ------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path):
     """CPU tiles are sized to about 2 s of work (NumbaBackend.traits), and Ctrl-C takes effect

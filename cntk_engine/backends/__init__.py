@@ -16,7 +16,8 @@ from ..spelling import arg
 from .base import Backend, Prepared, Traits  # noqa: F401
 
 log = logging.getLogger("cntk_engine")
-_gpu_unused_said = False       # the warning of resolve() is given once per process
+_gpu_unused_said = False       # the warnings of resolve() are given once per process
+_unverified_said: set = set()  # (and once per reason)
 
 _MODULES = {
     "reference": ("cntk_engine.backends.reference", "ReferenceBackend"),
@@ -125,4 +126,12 @@ def resolve(name: str, arch=None, image_shape=None, dtype=None) -> type[Backend]
         _gpu_unused_said = True            # the GPU is there, but cuda cannot run: say why
         log.warning("backend 'auto' runs on the CPU (%s) although this machine has an NVIDIA GPU: "
                     "%s (`cntk-engine info` shows what was built; README, Install)", chosen, why)
+    unverified = caps["cuda"].get("unverified")
+    if name == "auto" and chosen != "cuda" and why is None and caps["cuda"]["unsupported"] is None \
+            and unverified and unverified not in _unverified_said:
+        # cuda can run this job but its kernels for it have not run on a GPU: a job that would
+        # take minutes there takes hours on the CPU, so the choice is said, with the way out
+        _unverified_said.add(unverified)
+        log.warning("backend 'auto' runs this job on the CPU (%s) although the cuda backend can "
+                    "run it: %s", chosen, unverified)
     return backend_class(chosen)
