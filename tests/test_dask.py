@@ -283,8 +283,12 @@ def test_choose_backend_auto_skips_cuda_code_not_run_on_a_gpu(caplog):
     rep = _report()
     rep["cuda"]["unverified"] = "the CUDA kernels for flip-symmetrised kernels have not run on a GPU yet"
     reports = {"tcp://a:1": rep, "tcp://cpu:3": _report("no CUDA device")}
-    name, why = choose_backend("auto", reports, ws)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        name, why = choose_backend("auto", reports, ws)
     assert name == "numba" and why == f"cuda: {rep['cuda']['unverified']}"
+    assert caplog.messages == ["backend 'auto' runs this job on the CPU (numba) although 1 worker with a "
+                               "GPU resource could run it with cuda: " + rep["cuda"]["unverified"]]
+    caplog.clear()
     with caplog.at_level("WARNING", logger="cntk_engine"):
         assert choose_backend("cuda", reports, ws)[0] == "cuda"
     assert "asked for, although the CUDA kernels for flip" in caplog.text

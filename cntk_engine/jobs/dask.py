@@ -158,7 +158,11 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
             why = (f"cuda is not usable on {len(bad)} of the {len(gpu_workers)} workers with a "
                    f"GPU resource ({_name_workers(bad)})")
         elif unverified := _unverified(reports, gpu_workers, "cuda"):
-            why = f"cuda: {unverified}"       # auto does not choose unverified code
+            why = f"cuda: {unverified}"       # auto does not choose unverified code, and says so:
+            # the GPU workers could run it, in minutes where the CPU takes hours
+            log.warning("backend 'auto' runs this job on the CPU (numba) although %d worker%s with a "
+                        "GPU resource could run it with cuda: %s", len(gpu_workers),
+                        "" if len(gpu_workers) == 1 else "s", unverified)
         else:
             return "cuda", f"usable on all {len(gpu_workers)} workers with a GPU resource"
         name, auto_why = "numba", why
