@@ -137,10 +137,10 @@ if numba is not None:
     # A pooled entry sums w^4 terms.  Where it is +-sqrt(q q') in exact arithmetic (windows of
     # equal entries: constant images), its c must come out within the snap of +-1 (``relu_row``),
     # and a plain sum in the compute dtype drifts by up to ~w^4 ulps from the image's diagonal
-    # (``diag``, whose sums are compensated): 3.8e-8 in float64 and 1.1e-3 in float32 through a
-    # 6 x 6 pool of stride 1.  So the float32 kernel sums the pools in float64 (its rounding is
-    # far below a float32 ulp; inlined, as the plain sum was), and the float64 kernel sums them
-    # compensated (Neumaier) with the helpers below.  They are compiled with fastmath=False, set
+    # (``diag``, whose sums are compensated), which arccos turns into its square root.  So the
+    # float32 kernel sums the pools in float64 (its rounding is far below a float32 ulp; inlined,
+    # as the plain sum was), and the float64 kernel sums them compensated (Neumaier) with the
+    # helpers below.  They are compiled with fastmath=False, set
     # explicitly: a callee inherits its caller's fastmath where it sets none (numba's inherited
     # options), and the kernel's reassociation cancels the compensation.
     @njit(inline="always", fastmath=_FASTMATH)

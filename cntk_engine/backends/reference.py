@@ -57,8 +57,8 @@ def pool4(a: np.ndarray, pool) -> np.ndarray:
     for constant images (and receptive fields that are multiples of each other) the pooled
     entries are +-sqrt(q q') in exact arithmetic, and a plain sum of w^4 terms (1,296 for a pool
     of 6) rounds the cross entries and the diagonals differently by tens of ulps, beyond the
-    SNAP_ULPS snap of c to +-1, where arccos turns the error into its square root (2e-8 for
-    AvgPool(6) on 6 x 6 constant images, against 1e-10 promised)."""
+    SNAP_ULPS snap of c to +-1, where arccos turns the error into its square root.  Written out
+    here rather than taken from ``diag``: the oracle shares no code with the fast backends."""
     s, k = pool.stride, pool.window
     ho, wo = pool.out_size(a.shape[0]), pool.out_size(a.shape[1])
     total = np.zeros((ho, wo, ho, wo))

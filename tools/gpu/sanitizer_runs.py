@@ -90,16 +90,15 @@ def main(argv=None) -> int:
         switch_off_cupy_pool()
         from cntk_engine.backends.cuda import KERNEL_ENV as kernel_env, STACK_BLOCKS_ENV as stack_blocks_env
         from cntk_engine.backends.cuda import kernel_variants
-        compiled = [v["name"] for v in kernel_variants()]
-        own = [v["name"] for v in kernel_variants() if v["base"] == v["name"]]
-    else:
-        compiled = own = ["numba"]
-    names = [k for k in args.kernels.split(",") if k] or compiled
-    unknown = [k for k in names if k not in compiled]
-    if unknown and args.backend == "cuda":
-        ap.error(f"--kernels {','.join(unknown)}: not compiled; compiled: {','.join(compiled)}")
-    if args.backend != "cuda":
-        names = ["numba"]
+        variants = kernel_variants()
+        compiled = [v["name"] for v in variants]
+        own = [v["name"] for v in variants if v["base"] == v["name"]]
+        names = [k for k in args.kernels.split(",") if k] or compiled
+        unknown = [k for k in names if k not in compiled]
+        if unknown:
+            ap.error(f"--kernels {','.join(unknown)}: not compiled; compiled: {','.join(compiled)}")
+    else:       # numba has one kernel; --kernels names CUDA variants
+        names = own = ["numba"]
     for v in names:
         if kernel_env:
             os.environ[kernel_env] = v
