@@ -1,0 +1,145 @@
+"""The float64 backends against a 40-digit arbiter (``mp_oracle``: the recursion written out
+again in mpmath on the whole 4-D covariance, without slices, closed-form diagonals or the snap
+of c to +-1), where float64 codes are hardest to check against each other: c = +-1 exactly
+(identical images, positive and negative multiples, constant images, blank windows, with and
+without biases), pools over a whole image, zero-variance windows, real MNIST and CIFAR-10
+pixels, flips and LAP.
+
+Every image here has integer pixels, so 3 x and -x are exact and c = +-1 holds exactly where
+the math says it does: the arbiter's value there is the kernel's exact value, and a backend
+whose c lands a few ulps from +-1 without snapping it is off by about 1e-8.  The reference (the
+other tests' oracle) and numba must be within TOL of the largest entry; both measured within
+7e-15 when this test was written (most cases within 5e-16), and the two controls at the end
+show the arbiter failing the reference by 1e-8 without its snap or its compensated pools.
+"""
+import numpy as np
+import pytest
+
+import cntk_engine as ce
+from cntk_engine import AvgPool, ConvRelu, serial
+from conftest import load_real
+
+mp_oracle = pytest.importorskip("mp_oracle", reason="mpmath (the test extra) is not installed")
+
+TOL = 2e-14
+BACKENDS = [dict(backend="reference"), dict(backend="numba", dtype="float64")]
+
+
+def mnist_crop():
+    """A 6 x 6 crop of an MNIST digit, 0..255: half of it blank (zero-variance windows)."""
+    return load_real("mnist_test.npz")["x"][0, 6:12, 8:14].astype(np.float64)[None]
+
+
+def cifar_crop(n, size):
+    """size x size crops of n CIFAR-10 test images, NCHW, 0..255."""
+    x = load_real("cifar10_jpeg_small.npz")["x_test"][:n, 10:10 + size, 12:12 + size]
+    return x.astype(np.float64).transpose(0, 3, 1, 2)
+
+
+def multiples(x):
+    """x, 3 x, -x, two constant images and an all-zero one: c = +-1 wherever two of them
+    (or an image and itself) meet."""
+    const = np.ones_like(x)
+    return np.stack([x, 3 * x, -x, 2 * const, 7 * const, 0 * x])
+
+
+def check(x1, x2=None, **kw):
+    exact = mp_oracle.gram(x1, x2, **kw)
+    for be in BACKENDS:
+        got = ce.gram(x1, x2, kernel="both", **be, **kw)
+        for name, g, e in zip(("ntk", "nngp"), got, exact):
+            err = float(np.abs(g - e).max() / np.abs(e).max())
+            assert err <= TOL, (be, name, err)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(depth=4, pooling="gap"),
+    dict(depth=3, pooling="flatten", fix=True),
+    # biases: blank windows give Sigma = q_x = q_z = b2 at the first layer, and c = 1 up the net
+    dict(depth=3, pooling="gap", convention="neural_tangents", W_std=1.3, b_std=0.4),
+], ids=["arora-gap", "arora-flatten-fix", "nt-bias"])
+def test_multiples_of_a_real_digit(kw):
+    check(multiples(mnist_crop()[:, 1:5, 1:5]), **kw)
+
+
+@pytest.mark.parametrize("layers, kw", [
+    (serial(ConvRelu(), AvgPool(6), ConvRelu()), dict(pooling="flatten")),
+    (serial(ConvRelu(), ConvRelu(), AvgPool(2), ConvRelu(), AvgPool(3)),
+     dict(pooling="gap", convention="neural_tangents", b_std=0.3)),
+    (serial(ConvRelu(), AvgPool(3, 1), ConvRelu(), AvgPool(2), AvgPool(2, 1)), dict(pooling="flatten", fix=True)),
+], ids=["whole-image-pool", "two-stages-bias", "overlapping-and-trailing"])
+def test_stacks_on_multiples_of_a_real_digit(layers, kw):
+    check(multiples(mnist_crop())[[0, 1, 2, 3, 5]], architecture=layers, **kw)
+
+
+WHOLE_IMAGE_POOL = serial(ConvRelu(), AvgPool(6), ConvRelu())
+
+
+def constant_images():
+    """Constant 6 x 6 images of values that are not integers: c = 1 between any two of them in
+    exact arithmetic, and the pooled entries are sums of w^4 = 1,296 equal terms that round."""
+    return np.array([0.5, 1.3, 0.7])[:, None, None, None] * np.ones((3, 1, 6, 6))
+
+
+def test_constant_images_through_a_whole_image_pool():
+    check(constant_images(), architecture=WHOLE_IMAGE_POOL)
+
+
+def test_real_cifar_with_flips_and_lap_across_two_sets():
+    """A cross Gram in which x2 holds a copy of x1[0] (the fast backends give it x1[0]'s
+    self-pair value) and a flip of x1[1] (c = 1 in the flipped term)."""
+    x = cifar_crop(3, 4)
+    x2 = np.stack([x[0], x[1, :, :, ::-1], 2 * x[2]])
+    check(x, x2, depth=3, pooling="lap", lap_window=2, flip=True, convention="neural_tangents",
+          b_std=0.2)
+
+
+def test_random_images_symmetric_and_cross(rng):
+    x = rng.standard_normal((3, 2, 4, 4))
+    x[2, :, :2] = 0.0
+    check(x, depth=4, pooling="gap", convention="neural_tangents", W_std=1.5, b_std=0.1)
+    check(x, rng.standard_normal((2, 2, 4, 4)), depth=3, pooling="flatten")
+
+
+def test_the_arbiter_sees_an_unsnapped_c():
+    """The arbiter can fail a backend: the reference's ReLU step without the snap of c to +-1
+    (as it came, c = Sigma / sqrt(q_x q_z) in float64) is off by far more than TOL on the
+    multiples, where the snap makes it exact."""
+    from cntk_engine.arch import SNAP_ULPS
+    import cntk_engine.backends.reference as reference
+    x = multiples(mnist_crop()[:, 1:5, 1:5])
+    exact = mp_oracle.gram(x, depth=4, pooling="gap")[0]
+    assert SNAP_ULPS > 0
+
+    def unsnapped(sigma, q_x, q_z):
+        norm = np.sqrt(np.multiply.outer(q_x, q_z))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.where(norm > 0, sigma / np.where(norm > 0, norm, 1.0), 0.0)
+        theta = np.arccos(np.clip(c, -1.0, 1.0))
+        return (norm * np.sin(theta) + (np.pi - theta) * sigma) / (2 * np.pi), (np.pi - theta) / (2 * np.pi)
+
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setattr(reference, "relu_step", unsnapped)
+        got = ce.gram(x, depth=4, pooling="gap", backend="reference")
+    assert float(np.abs(got - exact).max() / np.abs(exact).max()) > 1e3 * TOL
+
+
+def test_the_arbiter_sees_a_plain_pool_sum():
+    """The reference with its pools summed plainly (as it summed them before the compensation) is
+    2e-8 off on constant images through the whole-image pool: the arbiter fails it."""
+    import cntk_engine.backends.reference as reference
+
+    def plain_pool4(a, pool):
+        s, k = pool.stride, pool.window
+        ho, wo = pool.out_size(a.shape[0]), pool.out_size(a.shape[1])
+        total = np.zeros((ho, wo, ho, wo))
+        for a0, b0, c0, d0 in np.ndindex(k, k, k, k):
+            total = total + a[a0:a0 + s * ho:s, b0:b0 + s * wo:s, c0:c0 + s * ho:s, d0:d0 + s * wo:s]
+        return total / k ** 4
+
+    x = constant_images()
+    exact = mp_oracle.gram(x, architecture=WHOLE_IMAGE_POOL)[0]
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setattr(reference, "pool4", plain_pool4)
+        got = ce.gram(x, architecture=WHOLE_IMAGE_POOL, backend="reference")
+    assert float(np.abs(got - exact).max() / np.abs(exact).max()) > 1e3 * TOL
