@@ -157,6 +157,43 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
     assert v["mixed_compute"] is True and v["compute_not_recorded"] == []
 
 
+def test_a_run_with_other_code_that_began_meanwhile_is_told_at_the_end(tmp_path, rng, caplog):
+    """Writers started at the same moment (a cluster's job array on unlike nodes) each list the
+    runs before the other's record exists, so neither warns at its beginning: a run that
+    computed tiles compares its code again at its end with the runs that began while it ran.
+    Here another writer's record (other CPU) appears just after this run's own."""
+    x = imgs(rng, 6)
+    out = tmp_path / "g.zarr"
+    ce.gram(x, depth=3, backend="numba", tile=2, out=out)
+    g = zarr.open_group(str(out), mode="r+")
+    [rec] = store_mod.list_runs(g)[0]["compute"]
+    real_begin = store_mod.GramStore.begin_run
+
+    def meanwhile(record):
+        def begin_run(self, n_todo, where, computes=None):
+            k = real_begin(self, n_todo, where, computes)
+            store_mod._new_run(self.path, {"id": "b", "host": "node-b", "pid": 1, "where": "numba",
+                                           "tiles_to_compute": 1, "compute": [record]}, after=k)
+            return k
+        return begin_run
+
+    for other, warned in ((dict(rec), False), (dict(rec, cpu="another-cpu"), True)):
+        g["tiles_done"][0, 1] = 0
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cntk_engine"), pytest.MonkeyPatch.context() as m:
+            m.setattr(store_mod.GramStore, "begin_run", meanwhile(other))
+            _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
+        run = info["run"]
+        want = (f"the code of run {run} differs from that of runs that began while it ran (run "
+                f"{run + 1} on node-b: cpu another-cpu there, {rec['cpu']} here)")
+        assert (want in caplog.text) == warned, caplog.text
+        assert ("differs from that of" in caplog.text) == warned, caplog.text   # one warning
+    caplog.clear()                       # a run that computes nothing compares nothing at its end
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert ce.gram(x, depth=3, backend="numba", out=out, return_info=True)[1]["tiles_computed"] == 0
+    assert "differs from that of" not in caplog.text
+
+
 def test_a_backend_that_cannot_describe_its_code_still_runs(tmp_path, rng, monkeypatch):
     """The record is provenance: where the backend cannot tell (no CuPy to name the GPU, an
     emulated GPU), the run says so and computes."""

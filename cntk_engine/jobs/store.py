@@ -922,6 +922,9 @@ class GramStore:
         self.verified = {"tiles": 0, "failed": 0, "bytes": 0, "seconds": 0.0}
         self.last_marker = 0         # the largest done marker :meth:`missing` read
         self.tile_runs: set[int] = set()    # the runs whose marker a finished tile carries, as read
+        # this run's compute records where begin_run compared them, and the runs it compared with
+        self.run_computes: list | None = None
+        self.runs_seen: set = set()
         self.run_uuid = ""
 
     # ------------------------------------------------------------------ open / create
@@ -1147,17 +1150,20 @@ class GramStore:
         and return k.  ``computes``: the compute records of what computes this run's tiles
         (one per distinct device: ``Backend.compute_record``), or None where this process
         cannot tell (Dask: its workers say, :meth:`end_run`).  A run that has tiles to compute
-        warns where its records differ from an earlier run's or from each other."""
+        warns where its records differ from an earlier run's or from each other, and again at
+        its end for the runs that began while it ran (:meth:`end_run`)."""
         rec = {"id": uuid.uuid4().hex, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                "host": HOST, "pid": os.getpid(), "where": where, "tiles_to_compute": n_todo,
                "tiles_verified": self.verified["tiles"],
                "tiles_failed_verification": self.verified["failed"],
                "verify_seconds": round(self.verified["seconds"], 3),
                "claim_timeout": self.claim_timeout}
+        self.run_computes, self.runs_seen = None, set()
         if computes:
             rec["compute"] = [dict(c) for c in computes]
             if n_todo:
-                self._compare_computes(None, computes, "this run")
+                self.run_computes = rec["compute"]
+                self.runs_seen = self._compare_computes(None, computes, "this run")
         # above every marker read, as well as every run recorded: a tile this run writes must
         # not carry a marker that was there before, or a damaged tile whose marker equals it (a
         # runs/<k> record lost) would read as not repaired after its repair, again and again
@@ -1170,7 +1176,10 @@ class GramStore:
         """Record the end of run ``run_id``.  ``computes``: the compute records the Dask
         workers returned with their tiles (also of a run that failed after some), stored as
         the run's ``compute`` after the rest of the record, then compared as at
-        :meth:`begin_run`."""
+        :meth:`begin_run`.  A run whose records were compared at its beginning and that computed
+        tiles compares them again with the runs that began since: writers started at the same
+        moment (a cluster's job array on unlike nodes) list the runs before any of them is
+        recorded, so none would warn at its beginning."""
         zarr = require_zarr()
         upd = {"finished": _dt.datetime.now().isoformat(timespec="seconds"),
                "seconds": round(seconds, 3), "outcome": outcome}
@@ -1181,27 +1190,38 @@ class GramStore:
         zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
         if computes:
             self._compare_computes(run_id, computes, f"run {run_id}'s Dask workers")
+        elif self.run_computes and tiles_computed:
+            # its devices among themselves were compared at its beginning
+            self._compare_computes(run_id, self.run_computes, f"run {run_id}", skip=self.runs_seen,
+                                   others="runs that began while it ran", among_themselves=False)
 
-    def _compare_computes(self, run_id: int | None, computes: list, who: str) -> None:
+    def _compare_computes(self, run_id: int | None, computes: list, who: str, *,
+                          skip=frozenset(), others: str = "earlier runs",
+                          among_themselves: bool = True) -> set:
         """Warn where ``computes`` differ from the records of the other runs that may have
-        computed tiles (and from each other).  runs/ only records who computed what: a record
-        that cannot be read there is said, and the job goes on."""
+        computed tiles (and from each other), leaving out the run numbers in ``skip``; return
+        the run numbers compared with.  runs/ only records who computed what: a record that
+        cannot be read there is said, and the job goes on."""
         try:
-            runs = [r for r in list_runs(self.read_only_group) if r.get("run") != run_id]
+            runs = [r for r in list_runs(self.read_only_group)
+                    if r.get("run") != run_id and r.get("run") not in skip]
             markers = self.tile_runs if run_id is None else tile_markers(self.done_map(warn=False))
-            self._warn_mixed(runs, computes, who, markers)
+            self._warn_mixed(runs, computes, who, markers, others, among_themselves)
+            return {r.get("run") for r in runs}
         except Exception as e:  # noqa: BLE001 - a warning must not fail the job
             log.warning("store %s: the compute records of %s could not be compared with the "
                         "other runs': %s", self.path, who, e)
+            return set()
 
-    def _warn_mixed(self, runs: list, computes: list, who: str, markers) -> None:
-        mixed = mixed_compute(runs, computes, markers)
+    def _warn_mixed(self, runs: list, computes: list, who: str, markers,
+                    others: str = "earlier runs", among_themselves: bool = True) -> None:
+        mixed = mixed_compute(runs, computes, markers, among_themselves)
         if mixed:
             log.warning("store %s: the code of %s differs from that of %s (%s%s): their tiles "
                         "agree to rounding but may differ in the last bits, so the matrix may not "
                         "be bit-identical to one computed by any single one of them", self.path,
-                        who, "earlier runs" if all(m.startswith("run ") for m in mixed) else
-                        "earlier runs or of its other devices", "; ".join(mixed[:3]),
+                        who, others if all(m.startswith("run ") for m in mixed) else
+                        f"{others} or of its other devices", "; ".join(mixed[:3]),
                         " ..." if len(mixed) > 3 else "")
 
     def sink(self, job, run_id: int) -> StoreSink:
@@ -1302,10 +1322,11 @@ def may_have_computed(run: dict, markers) -> bool:
     return run.get("tiles_computed") != 0 or run.get("run") in markers
 
 
-def mixed_compute(runs: list[dict], computes: list[dict], markers=()) -> list[str]:
+def mixed_compute(runs: list[dict], computes: list[dict], markers=(),
+                  among_themselves: bool = True) -> list[str]:
     """How the compute records ``computes`` (of one run) differ from those of each run in
-    ``runs`` that may have computed tiles (:func:`may_have_computed`) and from each other, one
-    line each."""
+    ``runs`` that may have computed tiles (:func:`may_have_computed`) and (``among_themselves``)
+    from each other, one line each."""
     out = []
     for k, mine in enumerate(computes):
         for r in runs:
@@ -1315,7 +1336,7 @@ def mixed_compute(runs: list[dict], computes: list[dict], markers=()) -> list[st
                 line = f"run {r.get('run')} on {r.get('host')}: {record_diff(theirs, mine)}"
                 if line not in out:
                     out.append(line)
-        for theirs in computes[:k]:
+        for theirs in computes[:k] if among_themselves else ():
             if theirs != mine:
                 out.append(f"its devices: {record_diff(theirs, mine, ('on one', 'on another'))}")
     return out
