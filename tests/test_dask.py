@@ -88,7 +88,7 @@ def test_workers_record_what_computed_their_tiles(client, rng, tmp_path, caplog,
         monkeypatch.setattr(dist, "_state", other_code)
         with caplog.at_level("WARNING", logger="cntk_engine"):
             ce.gram(x, depth=3, backend="numba", client=c, out=out)
-        assert ("the code of run 2's Dask workers differs from that of earlier runs (run 1 on "
+        assert ("the code of run 2's Dask workers differs from that of other runs (run 1 on "
                 f"{run['host']}: cpu {here['cpu']} there, another-cpu here)") in caplog.text, caplog.text
         assert list_runs(zarr.open_group(str(out)))[1]["compute"] == [dict(here, cpu="another-cpu")]
         # a run that fails after writing tiles: their workers' records are kept

@@ -163,35 +163,59 @@ def test_a_run_with_other_code_that_began_meanwhile_is_told_at_the_end(tmp_path,
     computed tiles compares its code again at its end with the runs that began while it ran.
     Here another writer's record (other CPU) appears just after this run's own."""
     x = imgs(rng, 6)
-    out = tmp_path / "g.zarr"
-    ce.gram(x, depth=3, backend="numba", tile=2, out=out)
-    g = zarr.open_group(str(out), mode="r+")
-    [rec] = store_mod.list_runs(g)[0]["compute"]
     real_begin = store_mod.GramStore.begin_run
 
-    def meanwhile(record):
+    def meanwhile(record, takes_the_tile=False):
         def begin_run(self, n_todo, where, computes=None):
             k = real_begin(self, n_todo, where, computes)
-            store_mod._new_run(self.path, {"id": "b", "host": "node-b", "pid": 1, "where": "numba",
-                                           "tiles_to_compute": 1, "compute": [record]}, after=k)
+            b = store_mod._new_run(self.path, {"id": "b", "host": "node-b", "pid": 1, "where": "numba",
+                                               "tiles_to_compute": 1, "compute": [record]}, after=k)
+            if takes_the_tile:          # the other writer finishes the tile before this run claims it
+                zarr.open_group(str(self.path), mode="r+")["tiles_done"][0, 1] = b
             return k
         return begin_run
 
-    for other, warned in ((dict(rec), False), (dict(rec, cpu="another-cpu"), True)):
-        g["tiles_done"][0, 1] = 0
+    def run(name, begin_run):
+        """A finished store with one tile to compute again, resumed with ``begin_run``."""
+        out = tmp_path / name
+        ce.gram(x, depth=3, backend="numba", tile=2, out=out)
+        zarr.open_group(str(out), mode="r+")["tiles_done"][0, 1] = 0
         caplog.clear()
         with caplog.at_level("WARNING", logger="cntk_engine"), pytest.MonkeyPatch.context() as m:
-            m.setattr(store_mod.GramStore, "begin_run", meanwhile(other))
-            _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
-        run = info["run"]
-        want = (f"the code of run {run} differs from that of runs that began while it ran (run "
-                f"{run + 1} on node-b: cpu another-cpu there, {rec['cpu']} here)")
-        assert (want in caplog.text) == warned, caplog.text
-        assert ("differs from that of" in caplog.text) == warned, caplog.text   # one warning
-    caplog.clear()                       # a run that computes nothing compares nothing at its end
-    with caplog.at_level("WARNING", logger="cntk_engine"):
-        assert ce.gram(x, depth=3, backend="numba", out=out, return_info=True)[1]["tiles_computed"] == 0
-    assert "differs from that of" not in caplog.text
+            m.setattr(store_mod.GramStore, "begin_run", begin_run)
+            return ce.gram(x, depth=3, backend="numba", out=out, return_info=True)[1]
+
+    rec = ce.gram(x, depth=3, backend="numba", return_info=True)[1]["compute"][0]
+    other = dict(rec, cpu="another-cpu")
+    info = run("same.zarr", meanwhile(dict(rec)))       # the same code: nothing to say
+    assert info["tiles_computed"] == 1 and "differs from that of" not in caplog.text
+    info = run("other.zarr", meanwhile(other))
+    want = (f"the code of run {info['run']} differs from that of runs that began while it ran "
+            f"(run {info['run'] + 1} on node-b: cpu another-cpu there, {rec['cpu']} here)")
+    assert want in caplog.text and caplog.text.count("differs from that of") == 1, caplog.text
+    # a run with a tile to compute that the other writer took computed nothing: no mix of its own
+    info = run("taken.zarr", meanwhile(other, takes_the_tile=True))
+    assert info["tiles_computed"] == 0 and "differs from that of" not in caplog.text, caplog.text
+
+    # where the comparison at the beginning failed, the end compares with every other run
+    real_list = store_mod.list_runs
+    calls = []
+
+    def list_fails_once(group):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("runs/ unreadable for a moment")
+        return real_list(group)
+
+    def begin_with_list_failing_once(self, n_todo, where, computes=None):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(store_mod, "list_runs", list_fails_once)
+            return meanwhile(other)(self, n_todo, where, computes)
+    info = run("failed.zarr", begin_with_list_failing_once)
+    assert "could not be compared with the other runs': runs/ unreadable" in caplog.text
+    want = (f"the code of run {info['run']} differs from that of other runs (run "
+            f"{info['run'] + 1} on node-b")
+    assert want in caplog.text and caplog.text.count("differs from that of") == 1, caplog.text
 
 
 def test_a_backend_that_cannot_describe_its_code_still_runs(tmp_path, rng, monkeypatch):

@@ -922,9 +922,10 @@ class GramStore:
         self.verified = {"tiles": 0, "failed": 0, "bytes": 0, "seconds": 0.0}
         self.last_marker = 0         # the largest done marker :meth:`missing` read
         self.tile_runs: set[int] = set()    # the runs whose marker a finished tile carries, as read
-        # this run's compute records where begin_run compared them, and the runs it compared with
+        # this run's compute records where begin_run compared them, and the runs it compared
+        # with (None: that comparison failed)
         self.run_computes: list | None = None
-        self.runs_seen: set = set()
+        self.runs_seen: set | None = None
         self.run_uuid = ""
 
     # ------------------------------------------------------------------ open / create
@@ -1158,7 +1159,7 @@ class GramStore:
                "tiles_failed_verification": self.verified["failed"],
                "verify_seconds": round(self.verified["seconds"], 3),
                "claim_timeout": self.claim_timeout}
-        self.run_computes, self.runs_seen = None, set()
+        self.run_computes, self.runs_seen = None, None
         if computes:
             rec["compute"] = [dict(c) for c in computes]
             if n_todo:
@@ -1189,29 +1190,37 @@ class GramStore:
             upd["compute"] = [dict(c) for c in computes]
         zarr.open_group(str(self.path / RUNS / str(run_id)), mode="r+").attrs.update(upd)
         if computes:
-            self._compare_computes(run_id, computes, f"run {run_id}'s Dask workers")
+            self._compare_computes(run_id, computes, f"run {run_id}'s Dask workers",
+                                   others="other runs")
         elif self.run_computes and tiles_computed:
             # its devices among themselves were compared at its beginning
-            self._compare_computes(run_id, self.run_computes, f"run {run_id}", skip=self.runs_seen,
-                                   others="runs that began while it ran", among_themselves=False)
+            seen = self.runs_seen
+            self._compare_computes(run_id, self.run_computes, f"run {run_id}", skip=seen or (),
+                                   others="other runs" if seen is None else
+                                   "runs that began while it ran", among_themselves=False)
 
     def _compare_computes(self, run_id: int | None, computes: list, who: str, *,
-                          skip=frozenset(), others: str = "earlier runs",
-                          among_themselves: bool = True) -> set:
+                          skip=(), others: str = "earlier runs",
+                          among_themselves: bool = True) -> set | None:
         """Warn where ``computes`` differ from the records of the other runs that may have
         computed tiles (and from each other), leaving out the run numbers in ``skip``; return
-        the run numbers compared with.  runs/ only records who computed what: a record that
-        cannot be read there is said, and the job goes on."""
+        the numbers of the runs compared with (None where that failed).  runs/ only records
+        who computed what: a record that cannot be read there is said, and the job goes on."""
         try:
             runs = [r for r in list_runs(self.read_only_group)
                     if r.get("run") != run_id and r.get("run") not in skip]
-            markers = self.tile_runs if run_id is None else tile_markers(self.done_map(warn=False))
+            if run_id is None:
+                markers = self.tile_runs
+            elif any(r.get("tiles_computed") == 0 or r.get("tiles_to_compute") == 0 for r in runs):
+                markers = tile_markers(self.done_map(warn=False))   # one read, where it decides
+            else:
+                markers = ()
             self._warn_mixed(runs, computes, who, markers, others, among_themselves)
-            return {r.get("run") for r in runs}
+            return {r.get("run") for r in runs if "unreadable" not in r}
         except Exception as e:  # noqa: BLE001 - a warning must not fail the job
             log.warning("store %s: the compute records of %s could not be compared with the "
                         "other runs': %s", self.path, who, e)
-            return set()
+            return None
 
     def _warn_mixed(self, runs: list, computes: list, who: str, markers,
                     others: str = "earlier runs", among_themselves: bool = True) -> None:
@@ -1315,11 +1324,12 @@ def tile_markers(done) -> set[int]:
 
 
 def may_have_computed(run: dict, markers) -> bool:
-    """Whether a run may have computed tiles: all but those that ended having computed none
-    and whose marker no finished tile carries (``markers``, :func:`tile_markers`: a Dask
-    worker may still write a tile after its failed run's end was recorded).  A run killed
-    before its end was recorded counts."""
-    return run.get("tiles_computed") != 0 or run.get("run") in markers
+    """Whether a run may have computed tiles: all but those that ended having computed none,
+    or began with none to compute, and whose marker no finished tile carries (``markers``,
+    :func:`tile_markers`: a Dask worker may still write a tile after its failed run's end was
+    recorded).  A run killed before its end was recorded counts, unless it had nothing to do."""
+    nothing = run.get("tiles_computed") == 0 or run.get("tiles_to_compute") == 0
+    return not nothing or run.get("run") in markers
 
 
 def mixed_compute(runs: list[dict], computes: list[dict], markers=(),
