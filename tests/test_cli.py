@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 zarr = pytest.importorskip("zarr")
 
 import cntk_engine as ce  # noqa: E402
+from conftest import run_script  # noqa: E402
 from cntk_engine import cli  # noqa: E402
 
 
@@ -300,6 +302,43 @@ def test_verbose_and_quiet_together_are_refused(capsys, argv):
     assert ex.value.code == 2 and o == "" and e.count("\n") == 1, e
     assert e.startswith("cntk-engine: error: -v/--verbose (debug logging) and -q/--quiet (warnings "
                         "only) contradict each other"), e
+
+
+def test_an_interrupted_command_says_one_line_not_zarrs_pending_reads(tmp_path):
+    """Ctrl-C while zarr has reads pending in its event loop (a large store's bookkeeping): at
+    exit asyncio logged each destroyed task with its traceback, 100,000 lines after the one that
+    matters.  The command (main() of the process, argv from sys.argv) says only that line; a
+    caller's main(argv) leaves the process's logging and hooks alone."""
+    code = textwrap.dedent("""
+        import asyncio, logging, sys
+        from zarr.core.sync import _get_loop
+        import cntk_engine.cli.info as info
+        from cntk_engine.cli import main
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        def interrupted(args):
+            for _ in range(50):
+                asyncio.run_coroutine_threadsafe(forever(), _get_loop())
+            # the loop runs its callbacks in order: once this one is done, the 50 have started
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), _get_loop()).result()
+            raise KeyboardInterrupt
+
+        info.run = interrupted
+        if sys.argv[1] == "caller":
+            hook = sys.unraisablehook
+            assert main(["info"]) == 130
+            assert sys.unraisablehook is hook and logging.getLogger("asyncio").level == logging.NOTSET
+            sys.exit(0)
+        sys.argv = ["cntk-engine", "info"]
+        sys.exit(main())
+    """)
+    done = run_script(code, "command", cwd=tmp_path, timeout=120)
+    assert done.returncode == 130 and done.stderr == "cntk-engine: interrupted\n", done.stderr[-2000:]
+    done = run_script(code, "caller", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Task was destroyed but it is pending" in done.stderr       # what the command hides
 
 
 @pytest.mark.parametrize("command, resume", [("gram", True), ("demo", False), ("evaluate", False)])

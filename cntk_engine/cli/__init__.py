@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from . import demo, evaluate, gram, info, verify
 from ..spelling import command_line
@@ -86,6 +87,16 @@ def _holds_a_store(out) -> bool:
         return False
 
 
+def _quiet_exit() -> None:
+    """After an interrupt: zarr's reads still pending in its event loop are destroyed when the
+    process exits, each logged with its traceback by asyncio or reported as unraisable
+    (thousands of lines for a large store, after the one line that says what matters), and
+    those not started yet are warned of as never awaited."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -103,6 +114,8 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
         return 141                      # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:
+        if argv is None:        # the process is the command (not a caller's) and ends now
+            _quiet_exit()
         if args.command == "gram" and _holds_a_store(args.out):
             print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
                   "continue", file=sys.stderr)
