@@ -150,6 +150,8 @@ class _CNTKBase(BaseEstimator):
             raise ValueError(f"zca_reg must be a number >= 0 (relative to the mean eigenvalue); got {z!r}")
         if not isinstance(self.augment_flips, (bool, np.bool_)):
             raise ValueError(f"augment_flips must be True or False; got {self.augment_flips!r}")
+        if self.augment_flips and bool(self.flip):      # both checked above
+            raise ValueError(FLIPS_TWICE.format(augment="augment_flips=True", flip="flip=True"))
         r = self.ridge
         if not (isinstance(r, str) and r == "auto"):
             if isinstance(r, bool) or not isinstance(r, numbers.Real) or not np.isfinite(r) or r < 0:
@@ -332,6 +334,15 @@ class _CNTKBase(BaseEstimator):
             with _zca_errors():
                 imgs = self.zca_.transform(imgs, name="X")
         return self._gram(imgs, self.X_fit_) @ self.dual_coef_
+
+
+#: Both flip recipes at once: under the flip kernel an image's flipped copy is the same point
+#: (K_flip(x, hflip z) = K_flip(x, z)), so the doubled training set holds each image twice.
+FLIPS_TWICE = ("{augment} with {flip}: under the flip-symmetrised kernel a flipped copy is the "
+               "same point as its image (K_flip(x, hflip z) = K_flip(x, z)), so the doubled "
+               "training set holds every image twice, at 4 times the training Gram's cost for "
+               "nothing; use one of them ({flip} alone gives {augment}'s predictions, at half its "
+               "absolute ridge, for about half the cost)")
 
 
 @contextmanager

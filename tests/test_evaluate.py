@@ -403,15 +403,17 @@ def test_augment_flips_loo_leaves_each_image_out_with_its_flip(xy_npz, capsys, t
     monkeypatch.setattr(solver, "evaluate_classifier", spy)
     js = tmp_path / "r.json"
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 10, "--n-test", 4, "--augment-flips",
-                        "--pooling", "lap", "--lap-window", 2, "--flip", "--json", js, *BASE)
+                        "--pooling", "lap", "--lap-window", 2, "--json", js, *BASE)
     assert rc == 0, err
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0], np.tile(np.arange(10), 2))
     assert "20 train (with their flips)" in out and "each image left out with its flip" in out
-    assert "pooling lap (window 2), flip True, fix False" in out
+    assert "pooling lap (window 2), flip False, fix False" in out     # --flip with it is refused
     assert json.loads(js.read_text())["results"][0]["loo_groups"] == 10
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 10, "--n-test", 4, *BASE)
     assert rc == 0 and seen[1] is None and "pooling gap, flip False" in out and "its flip" not in out
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 10, "--n-test", 4, "--flip", *BASE)
+    assert rc == 0 and seen[2] is None and "pooling gap, flip True" in out and "its flip" not in out
 
 
 def test_zca_refuses_constant_images_in_one_line(tmp_path, capsys):

@@ -421,6 +421,9 @@ def test_cli_gram_and_evaluate(tmp_path, capsys):
                    str(tmp_path / "o.zarr")])
     out, err = capsys.readouterr()
     assert rc == 2 and "needs --lap-window" in err and err.count("\n") == 1
+    rc = cli.main(["-q", "evaluate", str(tmp_path / "c.npz"), "--depth", "3", "--flip", "--augment-flips"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("cntk-engine: error: --augment-flips with --flip: ") and err.count("\n") == 1, err
 
 
 def test_estimators_flip_zca_augment():
@@ -443,6 +446,9 @@ def test_estimators_flip_zca_augment():
         assert not np.array_equal(clf.dual_coef_, plain.dual_coef_)
     with pytest.raises(ValueError, match="preprocess must be"):
         CNTKClassifier(**base, preprocess="pca").fit(x[:24], y[:24])
+    # both flip recipes: the doubled set would hold every image twice under the flip kernel
+    with pytest.raises(ValueError, match=r"^augment_flips=True with flip=True: .* same point"):
+        CNTKClassifier(**base, flip=np.True_, augment_flips=True).fit(x[:24], y[:24])
     # a constant image: named with what the estimator's caller can do (it has no layer_norm)
     # (constant after per-channel standardisation: every pixel at its channel's mean)
     blank = x[:24].copy()

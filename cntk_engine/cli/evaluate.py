@@ -377,6 +377,9 @@ def run(args) -> int:
     from ..api import gram
     ridge = parse_ridge(args.ridge)
     # every option error before the data is read and the kernels computed
+    if args.augment_flips and args.flip:
+        from ..estimators import FLIPS_TWICE
+        raise CliError(FLIPS_TWICE.format(augment="--augment-flips", flip="--flip"))
     if args.zca_reg is not None and args.preprocess != "zca":
         raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
                        f"{args.preprocess}")
