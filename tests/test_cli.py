@@ -466,7 +466,14 @@ def test_empty_paths_and_bad_options_are_refused_before_the_data_is_read(tmp_pat
     (["gram", "x.npy", "--depth", "3.5", "--out", "a.zarr"],
      "cntk-engine gram: error: argument --depth: invalid int value: '3.5' (see cntk-engine gram --help)"),
     (["gram", "x.npy", "--depth", "3"], "the following arguments are required: --out"),
-    (["info", "extra"], "cntk-engine: error: unrecognized arguments: extra (see cntk-engine --help)"),
+    # said by the command they were given to, with the nearest of its options (helper-59)
+    (["info", "extra"], "cntk-engine info: error: unrecognized arguments: extra (see cntk-engine info --help)"),
+    (["gram", "x.npy", "--depht", "3", "--out", "a.zarr"],
+     "cntk-engine gram: error: unrecognized arguments: --depht 3 (--depht: did you mean --depth?) "
+     "(see cntk-engine gram --help)"),
+    (["evaluate", "d.npz", "--n-trian=4", "--zzz"],
+     "cntk-engine evaluate: error: unrecognized arguments: --n-trian=4 --zzz (--n-trian: did you "
+     "mean --n-train?) (see cntk-engine evaluate --help)"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, msg):
     """argparse printed its whole usage block (15 lines for gram) before the error."""

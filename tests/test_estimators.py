@@ -187,7 +187,8 @@ def test_params_clone_and_errors(mnist10):
         # same number of pixels, another image shape
         fitted.predict(xte[:, :, :, :].reshape(40, 1, 10, 10).reshape(40, 2, 5, 10))
     with pytest.raises(ValueError, match=r"X holds images of shape \(C, H, W\) = \(1, 8, 8\); this "
-                                         r"estimator was fitted on \(1, 10, 10\)"):
+                                         r"estimator was fitted on \(1, 10, 10\) \(it reads X as "
+                                         r"\(N, C, H, W\): data_format=None\)"):
         fitted.predict(xte[:, :, :8, :8])          # another pixel count: not scikit-learn's words
     with pytest.raises(ValueError, match=r"Found array with 0 sample"):
         fitted.predict(xte[:0])

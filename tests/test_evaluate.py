@@ -116,8 +116,8 @@ def test_train_test_keys_nhwc_and_fixed_ridge(tmp_path, capsys):
      "holds x_train, y_train but not x_test, y_test; evaluate needs all four keys"),
     # regression targets are not classes (each value would be one); checked before the kernels
     (lambda p: np.savez(p, x=np.ones((10, 8, 8)), y=np.arange(10) / 4), ("--depth", 3, "--n-train", 5, "--n-test", 5),
-     "y must be class labels (integers, strings, bytes, or whole-number floats such as 3.0); got the "
-     "fractional number 0.25 at index [1, 2, 3, 5, 6, 7, 9]: these look like regression targets"),
+     "y must be class labels (integers, strings, bytes, or whole-number floats such as 3.0); got "
+     "fractional numbers (0.25 the first) at index [1, 2, 3, 5, 6, 7, 9]: these look like regression targets"),
     (lambda p: np.savez(p, x_train=np.ones((10, 8, 8)), y_train=np.arange(10) % 2 + 0j, x_test=np.ones((4, 8, 8)),
                         y_test=np.arange(4) % 2), ("--depth", 3, "--n-train", 5, "--n-test", 4),
      "y_train must be class labels: integers, strings or bytes; got dtype complex128"),

@@ -932,8 +932,8 @@ def test_labels_are_classes_and_unseen_test_classes_are_warned_about(rng, caplog
     assert S.evaluate_classifier(K, Kt, whole[0].astype(object), whole[1], ridge=0.1)["accuracy"] == good
     for args, msg in [
         ((ytr + 0.5, yte + 0.5), r"y_train must be class labels \(integers, strings, bytes, or whole-number "
-                                 r"floats such as 3\.0\); got the fractional number [01]\.5 at index \[0, 1, "),
-        ((ytr, (yte + 0.5).astype(object)), r"y_test must be class labels.*fractional number [01]\.5.*regression"),
+                                 r"floats such as 3\.0\); got fractional numbers \([01]\.5 the first\) at index \[0, 1, "),
+        ((ytr, (yte + 0.5).astype(object)), r"y_test must be class labels.*fractional numbers \([01]\.5 the first\).*regression"),
         ((ytr + 0j, yte), r"y_train must be class labels: integers, strings or bytes; got dtype complex128"),
         ((ytr, np.array([1j] * 10, dtype=object)), r"y_test must be class names of one kind.*got complex"),
         ((ytr.astype("datetime64[D]"), yte), r"y_train must be class labels.*got dtype datetime64\[D\]"),

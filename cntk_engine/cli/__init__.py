@@ -16,6 +16,7 @@ finished tile.  ``verify`` exits with 1 when a store fails verification.  ``-v``
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -65,8 +66,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandLine(_Parser):
+    """The top-level parser: options it does not know are said by the command they were given
+    to (argparse says them at the top, pointing at ``cntk-engine --help``), with the nearest of
+    its options for each misspelt one."""
+
+    commands: dict = {}
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.commands.get(getattr(ns, "command", None), self)
+            known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+            near = [(w, difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.7))
+                    for w in extras if w.startswith("--")]
+            hint = "; ".join(f"{w.split('=')[0]}: did you mean {m[0]}?" for w, m in near if m)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else ""))
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
+    ap = _CommandLine(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
     add_global_options(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -75,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in sub.choices.values():
         parser.set_defaults(python_options=python_options(parser))
         add_global_options(parser, default=argparse.SUPPRESS)
+    ap.commands = dict(sub.choices)
     return ap
 
 

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
                        description="Compute the kernel matrix of the images in DATA (against "
                        "themselves, or against --x2) into the Zarr store --out, tile by tile; "
                        "resumable with --resume.")
-    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or (N,H,W,C), or .npz (keys x, "
+    p.add_argument("data", metavar="DATA", help=".npy (N,C,H,W) or (N,H,W,C) ((N,H,W): one channel), or .npz (keys x, "
                    "x_train, images, X; or PATH.npz:KEY)")
     p.add_argument("--x2", metavar="DATA2", help="second image set: the N1 x N2 matrix against DATA "
                    "(.npz keys x, x_test, images, X)")
@@ -146,5 +146,6 @@ def run(args) -> int:
         checks.append(f"{info['tiles_by_others']} computed by other writers")
     if checks:
         print(f"store: {'; '.join(checks)} (run {info['run']})")
-    print(f"arrays: {', '.join(names)}   read: zarr.open_group({str(out)!r})[{names[0]!r}][...]")
+    print(f"arrays: {', '.join(names)}   read (verified): "
+          f"cntk_engine.solver.load_gram({str(out)!r}, key={names[0]!r})")
     return 0

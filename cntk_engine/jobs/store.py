@@ -350,7 +350,10 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
             continue
         if a.get(k, "<missing>") != b.get(k, "<missing>"):
             diffs.append(f"{_field_name(k)}: store has {_short(a.get(k, '<missing>'))}, this job "
-                         f"{_short(b.get(k, '<missing>'))}")
+                         f"{_short(b.get(k, '<missing>'))}"
+                         + (" (the pixel values or their order differ: e.g. uint8 pixels against "
+                            "the same images divided by 255, or another subset or order)"
+                            if k.startswith("fingerprint.") else ""))
     return diffs
 
 

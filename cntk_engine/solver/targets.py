@@ -88,8 +88,8 @@ def check_labels(y, n: int, what: str, like=None) -> np.ndarray:
                 and not float(v).is_integer()]
         if frac:
             raise ValueError(f"{what} must be class labels (integers, strings, bytes, or whole-number "
-                             f"floats such as 3.0); got the fractional number {values[frac[0]]!r} at index "
-                             f"{frac[:10]}" + (f" and {len(frac) - 10} more" if len(frac) > 10 else "")
+                             f"floats such as 3.0); got fractional numbers ({values[frac[0]]!r} the first) at "
+                             f"index {frac[:10]}" + (f" and {len(frac) - 10} more" if len(frac) > 10 else "")
                              + ": these look like regression targets, which fit_ridge or "
                              "CNTKRegressor take")
     other = None if like is None else label_kind(like)
