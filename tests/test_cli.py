@@ -172,6 +172,13 @@ def test_resume_of_a_missing_store_notes_that_it_starts_one(tmp_path, data, caps
     rc, o, e = run(capsys, "verify", out2)
     assert rc == 0 and "verified 1 finished tile: " in o and " 0 MB/s" not in o and "1 of 1 tile done" in o, o
     assert "B read in" in o and "B/s)" in o
+    # --complete: is the job done?  A finished store 0, an unfinished one 1, saying what is left
+    assert run(capsys, "verify", out2, "--complete")[0] == 0
+    zarr.open_group(str(out2), mode="r+")["tiles_done"][0, 0] = 0
+    rc, o, e = run(capsys, "verify", out2)
+    assert rc == 0 and "0 of 1 tile done (unfinished)" in o, o
+    rc, o, e = run(capsys, "verify", out2, "--complete")
+    assert rc == 1 and "--complete: 1 tile not computed yet; resuming the gram job" in o, o
 
 
 def test_info_and_demo(capsys):

@@ -6,7 +6,8 @@ overwritten, missing or misplaced chunk is reported with its tile, array and chu
 also gives the tiles done, the runs recorded and the claims present (tiles being computed now,
 and stale claims of writers that died).
 
-Exit status: 0 when every finished tile verified (the store may be unfinished: it says so),
+Exit status: 0 when every finished tile verified (the store may be unfinished: it says so;
+with ``--complete`` an unfinished store is 1, for a script that asks whether a job is done),
 1 when some fail or the store cannot be verified (format 1, no checksums), 2 for errors (not a
 store, unreadable).  ``--add-checksums`` converts a format-1 store in place, recording
 checksums of its data as it is now (only for data you accept), then verifies it.
@@ -27,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--add-checksums", action="store_true",
                    help="format-1 store (no checksums): record checksums of its data AS IT IS "
                    "NOW, converting it to format 2 in place, then verify it")
+    p.add_argument("--complete", action="store_true",
+                   help="exit status 1 also when tiles are not computed yet (is the job done?)")
     p.add_argument("--workers", type=int, default=None,
                    help="reading threads (default: up to 8, one per core)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
@@ -101,6 +104,11 @@ def run(args) -> int:
               + (f" ({', '.join(sorted({c.who() for c in live})[:4])})" if live else "")
               + (f"; {len(stale)} stale ({stale[0].stale}): the next writer takes them over "
                  "(or removes them, for tiles already done)" if stale else ""))
+    left = r.tiles_total - r.tiles_finished
+    if args.complete and left:
+        print(f"--complete: {plural(left, 'tile')} not computed yet; resuming the gram job "
+              "(--resume) computes them")
+        status = max(status, 1)
     if args.json is not None:
         write_json(args.json, {
             "store": r.path, "format_version": r.format_version, "tiles_total": r.tiles_total,
