@@ -251,11 +251,11 @@ class _CNTKBase(BaseEstimator):
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape} but image_shape "
                                  f"says {self._param_shape()}")
             if not reset and shape != self.image_shape_:     # before scikit-learn's feature count
-                layout = {"NHWC": "(N, H, W, C)", "NCHW": "(N, C, H, W)"}.get(self.data_format,
-                                                                              "(N, C, H, W)")
+                layout = ("a 3-D X as (N, H, W), one channel" if nd == 3 else
+                          f"X as {'(N, H, W, C)' if self.data_format == 'NHWC' else '(N, C, H, W)'}: "
+                          f"data_format={self.data_format!r}")
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape}; this estimator was "
-                                 f"fitted on {self.image_shape_} (it reads X as {layout}: "
-                                 f"data_format={self.data_format!r})")
+                                 f"fitted on {self.image_shape_} (it reads {layout})")
             flat = arr.reshape(arr.shape[0], int(np.prod(shape)))
             out = _validated(self, flat, y, with_y=with_y, reset=reset, **kw)
         else:

@@ -475,6 +475,7 @@ def test_empty_paths_and_bad_options_are_refused_before_the_data_is_read(tmp_pat
     (["gram", "x.npy", "--depth", "3"], "the following arguments are required: --out"),
     # said by the command they were given to, with the nearest of its options (helper-59)
     (["info", "extra"], "cntk-engine info: error: unrecognized arguments: extra (see cntk-engine info --help)"),
+    (["--frob", "info"], "cntk-engine: error: unrecognized arguments: --frob (see cntk-engine --help)"),
     (["gram", "x.npy", "--depht", "3", "--out", "a.zarr"],
      "cntk-engine gram: error: unrecognized arguments: --depht 3 (--depht: did you mean --depth?) "
      "(see cntk-engine gram --help)"),

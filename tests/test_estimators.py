@@ -190,6 +190,8 @@ def test_params_clone_and_errors(mnist10):
                                          r"estimator was fitted on \(1, 10, 10\) \(it reads X as "
                                          r"\(N, C, H, W\): data_format=None\)"):
         fitted.predict(xte[:, :, :8, :8])          # another pixel count: not scikit-learn's words
+    with pytest.raises(ValueError, match=r"fitted on \(1, 10, 10\) \(it reads a 3-D X as \(N, H, W\), one channel\)"):
+        fitted.predict(xte[:, 0, :8, :8])
     with pytest.raises(ValueError, match=r"Found array with 0 sample"):
         fitted.predict(xte[:0])
     for X in (xtr[:12, None], xte[:3, None]):

@@ -313,6 +313,7 @@ def test_the_bookkeeping_of_a_large_grid_reads_only_its_finished_tiles(tmp_path,
         g[store_mod.DONE][i, j] = k
         g[store_mod.CHECKSUMS][i, j] = [[k, 2 * k], [3 * k, 4 * k]]
     (tmp_path / "s.zarr" / store_mod.DONE / "c" / "7" / "110.1a2b.partial").write_bytes(b"x")
+    (tmp_path / "s.zarr" / store_mod.DONE / "c" / "7" / "\u00b2").write_bytes(b"x")   # a digit, not a number
     asked = []
     real_get = LocalStore.get
 
@@ -335,6 +336,14 @@ def test_the_bookkeeping_of_a_large_grid_reads_only_its_finished_tiles(tmp_path,
     (tmp_path / "s.zarr" / store_mod.DONE / "c" / "3" / "3").write_bytes(b"")      # damaged
     done, unreadable = store_mod._read_done_markers(whole[store_mod.DONE])
     assert done[3, 3] == 0 and done[0, 5] == 1 and [d.tile for d in unreadable] == [(3, 3)]
+
+    # listed only from a local store's own folder, else read whole through zarr
+    assert store_mod._marker_files(zarr.open_group(store=zarr.storage.MemoryStore())
+                                   .create_array("d", shape=(4, 4), chunks=(1, 1), dtype="int32")) is None
+    sharded = zarr.open_group(str(tmp_path / "sh.zarr"), mode="w").create_array(
+        "d", shape=(8, 8), chunks=(1, 1), shards=(4, 4), dtype="int32", fill_value=0)
+    sharded[5, 6] = 1
+    assert store_mod._marker_files(sharded) is None and store_mod.read_done(tmp_path, sharded)[5, 6] == 1
 
     small = zarr.open_group(str(tmp_path / "t.zarr"), mode="w")      # a third finished: whole
     store_mod._create_bookkeeping(small, (3, 3), 1)
@@ -473,6 +482,8 @@ def test_other_job_is_refused_and_nothing_touched(tmp_path, rng):
         with pytest.raises(StoreMismatch, match=word) as e:
             ce.gram(x1, out=out, **kw)
         assert "holds another job" in str(e.value)
+        # the pixels' hint only where both jobs have the image set (not symmetric against not)
+        assert ("pixel values" in str(e.value)) == ("images x1" in word), str(e.value)
     assert snapshot(out) == before
     # the same images as uint8-free float32 NHWC copy are the same job (fingerprint of values)
     _, info = ce.gram(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float64), depth=3,

@@ -76,7 +76,11 @@ class _CommandLine(_Parser):
     def parse_args(self, args=None, namespace=None):
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
-            parser = self.commands.get(getattr(ns, "command", None), self)
+            argv = list(sys.argv[1:] if args is None else args)
+            command = getattr(ns, "command", None)
+            given = [w for w in argv if w in extras]
+            before = command in argv and any(argv.index(w) < argv.index(command) for w in given)
+            parser = self if before else self.commands.get(command, self)
             known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
             near = [(w, difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.7))
                     for w in extras if w.startswith("--")]

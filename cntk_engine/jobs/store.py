@@ -27,9 +27,10 @@ Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared P
   fails too.  (0 means "none"; a digest that is 0 is stored as 1.)
 * ``group.attrs["cntk_engine"]``: the job: format, format_version (2), package version,
   backend, compute dtype, architecture (depths, pooling, fix, convention, W_std, b_std,
-  filter_size), kernels, N1, N2, image shape, symmetric, sha256 fingerprints of the images (of
-  their float64 NCHW values, so uint8 / float32 / NHWC copies of the same images match), the
-  tile layout and ``integrity`` (checksum kind, arrays, chunk codec).
+  filter_size; LAP's window, flip, a stack's layers), kernel(s), ``n1``, ``n2``, image shape,
+  symmetric, ``fingerprint`` (the sha256 of each image set's float64 NCHW values, so uint8 /
+  float32 / NHWC copies of the same images match), the tile layout and ``integrity`` (checksum
+  kind, arrays, chunk codec).
 * ``group["runs"]``: one subgroup ``runs/<k>`` per run k, its attributes the run's record
   (id, host, pid, where, started, tiles to compute, tiles verified and failed, ``compute``:
   the backends' ``compute_record`` of each distinct device, what decides the tiles' bits; at
@@ -353,7 +354,8 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
                          f"{_short(b.get(k, '<missing>'))}"
                          + (" (the pixel values or their order differ: e.g. uint8 pixels against "
                             "the same images divided by 255, or another subset or order)"
-                            if k.startswith("fingerprint.") else ""))
+                            if k.startswith("fingerprint.") and isinstance(a.get(k), str)
+                            and isinstance(b.get(k), str) else ""))
     return diffs
 
 
@@ -796,24 +798,35 @@ def _marker_files(arr) -> tuple[np.ndarray, np.ndarray] | None:
     """(rows, cols) of the chunk files of the ``tiles_done`` array ``arr`` (one chunk per tile,
     ``c/<i>/<j>``) in a local store, listed from its folder; None where they cannot be listed
     (a store of another kind, another chunk layout): then the whole map is read."""
-    root = getattr(arr.store, "root", None)
-    if root is None or tuple(arr.chunks) != (1, 1) or arr.metadata.encode_chunk_key((2, 3)) != "c/2/3":
+    from zarr.storage import LocalStore
+    if (not isinstance(arr.store, LocalStore) or getattr(arr, "shards", None) is not None
+            or tuple(arr.chunks) != (1, 1) or arr.metadata.encode_chunk_key((2, 3)) != "c/2/3"):
         return None
-    base = Path(str(root)) / arr.path / "c"
+    folder = Path(str(arr.store.root)) / arr.path
+    if not (folder / "zarr.json").is_file():     # not where it is listed: zarr reads it
+        return None
+
+    def index(name: str, bound: int) -> int | None:      # temporary files are not numbers
+        return int(name) if name.isascii() and name.isdigit() and int(name) < bound else None
     rows, cols = [], []
     try:
-        with os.scandir(base) as folders:
-            for row in folders:
-                if row.name.isdigit() and row.is_dir() and int(row.name) < arr.shape[0]:
-                    with os.scandir(row.path) as files:     # temporary files are not numbers
-                        for f in files:
-                            if f.name.isdigit() and int(f.name) < arr.shape[1]:
-                                rows.append(int(row.name))
-                                cols.append(int(f.name))
+        with os.scandir(folder / "c") as found:
+            folders = [(i, entry.path) for entry in found
+                       if (i := index(entry.name, arr.shape[0])) is not None and entry.is_dir()]
     except FileNotFoundError:
-        pass                                     # no marker written yet
+        folders = []                             # no marker written yet
     except OSError:
         return None
+    for i, path in folders:
+        try:
+            with os.scandir(path) as files:
+                js = [j for f in files if (j := index(f.name, arr.shape[1])) is not None]
+        except FileNotFoundError:
+            continue                             # removed meanwhile (zarr removes none)
+        except OSError:
+            return None
+        rows += [i] * len(js)
+        cols += js
     return np.array(rows, dtype=np.intp), np.array(cols, dtype=np.intp)
 
 
