@@ -313,8 +313,8 @@ def test_verbose_and_quiet_together_are_refused(capsys, argv):
 
 def test_an_interrupted_command_says_one_line_not_zarrs_pending_reads(tmp_path):
     """Ctrl-C while zarr has reads pending in its event loop (a large store's bookkeeping): at
-    exit asyncio logged each destroyed task with its traceback, 100,000 lines after the one that
-    matters.  The command (main() of the process, argv from sys.argv) says only that line; a
+    exit asyncio logged each destroyed task with its traceback, thousands of lines after the one
+    that matters.  The command (main() of the process, argv from sys.argv) says only that line; a
     caller's main(argv) leaves the process's logging and hooks alone."""
     code = textwrap.dedent("""
         import asyncio, logging, sys

@@ -10,10 +10,10 @@ exact and c = +-1 holds exactly where the math says it does: the arbiter's value
 kernel's exact value, while a ReLU step whose c lands a few ulps from +-1 without being snapped
 is off by about sqrt(eps).  Each entry K(x, z) must be within TOL of sqrt(K(x, x) K(z, z)), the
 natural scale of the pair (the entries of one Gram span six orders of magnitude here); an
-entry whose scale is 0 (an all-zero image without biases) must be exact.  Measured when this
-test was written: 1.5e-16 to 7.5e-15 (the largest where c is within 1e-7 of 1 without being 1,
-which float64 resolves no better).  The two controls at the end show the arbiter failing the
-reference without its snap (4.4e-10) or its compensated pools (3.8e-8).
+entry whose scale is 0 (an all-zero image without biases) must be exact.  The backends' errors
+are a few float64 ulps (the largest where c is within 1e-7 of 1 without being 1, which float64
+resolves no better; README, Exactness), far below TOL; the two controls at the end show the
+arbiter failing the reference by far more than TOL without its snap or its compensated pools.
 """
 import numpy as np
 import pytest
@@ -150,7 +150,7 @@ def test_the_arbiter_sees_an_unsnapped_c():
         return (norm * np.sin(theta) + (np.pi - theta) * sigma) / (2 * np.pi), (np.pi - theta) / (2 * np.pi)
 
     err = control_error("relu_step", unsnapped, multiples(mnist_crop()[:, 1:5, 1:5]), depth=4, pooling="gap")
-    assert err > 100 * TOL, err         # measured 4.4e-10
+    assert err > 100 * TOL, err
 
 
 def test_the_arbiter_sees_a_plain_pool_sum():
@@ -165,4 +165,4 @@ def test_the_arbiter_sees_a_plain_pool_sum():
         return total / k ** 4
 
     err = control_error("pool4", plain_pool4, constant_images(), architecture=WHOLE_IMAGE_POOL)
-    assert err > 100 * TOL, err         # measured 3.8e-8
+    assert err > 100 * TOL, err

@@ -300,11 +300,10 @@ def test_undecodable_done_marker_counts_as_not_done(tmp_path, rng, caplog):
 
 def test_the_bookkeeping_of_a_large_grid_reads_only_its_finished_tiles(tmp_path, monkeypatch):
     """The done map and the checksums of a store with few finished tiles are read from the
-    chunk files that exist: a whole read makes zarr look for every chunk (~0.2 ms each, 26 s
-    for the 371 x 371 tiles of 10,000 images in tiles of 27, twice at every start and once at
-    an interrupted job's end).  Counted here as the chunk keys zarr asks the store for; the
-    values equal a whole read's, a damaged marker is still found, and where a third of the
-    tiles or more are finished the whole map is read."""
+    chunk files that exist: a whole read makes zarr look for every chunk (a large grid's start
+    took tens of seconds, twice, and again at an interrupted job's end).  Counted here as the
+    chunk keys zarr asks the store for; the values equal a whole read's, a damaged marker is
+    still found, and where a third of the tiles or more are finished the whole map is read."""
     from zarr.storage import LocalStore
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
     store_mod._create_bookkeeping(g, (120, 120), 2)

@@ -763,15 +763,10 @@ def read_done(path, arr, *, warn: bool = True) -> np.ndarray:
 
 def _read_done_markers(arr) -> tuple[np.ndarray, list]:
     """(the ``tiles_done`` map, a :class:`Damage` for each marker chunk that cannot be read: its
-    tile counts as not done).
-
-    Where few of the marker chunks exist, only those are read (:func:`_marker_files`; a missing
-    one is 0, the fill value): zarr spends ~0.2 ms on each chunk of a whole read, found or not,
-    so the whole map of a store of 371 x 371 tiles (10,000 images in tiles of 27) took 26 s even
-    where no tile was done.  A read of listed chunks costs ~0.4 ms each, so where a third or
-    more exist the whole map is read."""
+    tile counts as not done).  Only the marker chunks that exist are read where they are few
+    (:func:`_marker_files`, :func:`_read_whole`; a missing one is 0, the fill value)."""
     written = _marker_files(arr)
-    if written is not None and 3 * len(written[0]) >= arr.shape[0] * arr.shape[1]:
+    if written is not None and _read_whole(len(written[0]), arr.shape[0] * arr.shape[1]):
         written = None
     done = np.zeros(arr.shape, dtype=np.int32)
     try:
@@ -792,6 +787,13 @@ def _read_done_markers(arr) -> tuple[np.ndarray, list]:
                 f"cannot be read ({type(e).__name__}: {e}); the tile counts as not done and "
                 "will be computed again"))
     return done, unreadable
+
+
+def _read_whole(present: int, total: int) -> bool:
+    """Whether an array of ``total`` one-per-tile chunks, ``present`` of them written, is read
+    whole rather than chunk by chunk: a whole read makes zarr look for every chunk, found or not,
+    and a read of listed chunks costs about twice as much per chunk, so whole from a third on."""
+    return 3 * present >= total
 
 
 def _marker_files(arr) -> tuple[np.ndarray, np.ndarray] | None:
@@ -832,13 +834,13 @@ def _marker_files(arr) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _read_checksums(arr, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(checksums (gr, gc, arrays, 2) uint64, readable (gr, gc) bool) of the finished tiles
-    (``done`` != 0) of a store; the others are not read (zeros).  Where fewer than a third of
-    the tiles are finished only theirs are read, as :func:`_read_done_markers` reads markers."""
+    (``done`` != 0) of a store; the others are not read (zeros): only the finished tiles' chunks
+    where they are few (:func:`_read_whole`)."""
     finished = np.nonzero(done)
     sums = np.zeros(arr.shape, dtype=np.uint64)
     ok = np.ones(arr.shape[:2], dtype=bool)
     try:
-        if 3 * len(finished[0]) >= done.size:
+        if _read_whole(len(finished[0]), done.size):
             return np.asarray(arr[...]), ok
         if len(finished[0]):
             sums[finished] = arr.get_coordinate_selection(_per_tile(finished, arr.shape[2:]))
@@ -928,7 +930,7 @@ def _scan(path: Path, g, spec: dict, done: np.ndarray, *, names=None, into=None,
             return
         damage = []
         block = None
-        if 3 * len(wanted) >= gc:       # else its tiles one by one: a whole row looks for every chunk
+        if _read_whole(len(wanted), gc):        # else its finished tiles one by one
             try:
                 block = arr[r0:r1, :]
             except Exception:  # noqa: BLE001 - a chunk that does not decode: found chunk by chunk
