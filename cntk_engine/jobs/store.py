@@ -2,8 +2,8 @@
 
 This module alone knows the store's format: the layout below, the job record, the done markers
 and checksums, the run records and tile claims, the zarr version it needs; :func:`load_gram`,
-:func:`kernel_arrays`, :func:`verify_store` and :func:`add_checksums` read and check stored
-Grams for the solver and the command line.
+:func:`load_train_test`, :func:`kernel_arrays`, :func:`verify_store` and :func:`add_checksums`
+read and check stored Grams for the solver and the command line.
 
 Layout of the group (format 2; zarr >= 3.1.3, a directory on a local or shared POSIX file system)
 ------------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -324,9 +325,11 @@ def _field_name(key: str) -> str:
 _ARCH_DEFAULTS = {"architecture.flip": False, "architecture.lap_window": None}
 
 
-def spec_differences(stored: dict, wanted: dict) -> list[str]:
+def spec_differences(stored: dict, wanted: dict,
+                     sides: tuple[str, str] = ("store has", "this job")) -> list[str]:
     """Human-readable differences between two job records (layout and integrity keys excluded),
-    each named as the caller sets it (:func:`_field_name`)."""
+    each named as the caller sets it (:func:`_field_name`), with the words ``sides`` before
+    the values of ``stored`` and ``wanted``."""
     # a key a record leaves out has its default (to_dict writes flip and lap_window only where
     # they are set); the second image set of a symmetric job is the first
     a, b = ({**_ARCH_DEFAULTS, **_flat(r)} for r in (stored, wanted))
@@ -347,10 +350,10 @@ def spec_differences(stored: dict, wanted: dict) -> list[str]:
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
             if sorted(a[k]) != sorted(b[k]):
-                diffs.append(f"{_field_name(k)}: store has {sorted(a[k])}, this job {sorted(b[k])}")
+                diffs.append(f"{_field_name(k)}: {sides[0]} {sorted(a[k])}, {sides[1]} {sorted(b[k])}")
             continue
         if a.get(k, "<missing>") != b.get(k, "<missing>"):
-            diffs.append(f"{_field_name(k)}: store has {_short(a.get(k, '<missing>'))}, this job "
+            diffs.append(f"{_field_name(k)}: {sides[0]} {_short(a.get(k, '<missing>'))}, {sides[1]} "
                          f"{_short(b.get(k, '<missing>'))}"
                          + (" (the pixel values or their order differ: e.g. uint8 pixels against "
                             "the same images divided by 255, or another subset or order)"
@@ -1733,26 +1736,7 @@ def _read_buffers(arr, spec: dict | None) -> int:
     return min(10, n_chunks) * 2 * chunk
 
 
-def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
-              workspace: float = 1.0, device=None):
-    """Load a Gram matrix from Zarr into memory as float64 (NumPy, or CuPy with device="cuda").
-
-    ``source``: a ``zarr.Array``, a ``zarr.Group`` or the path of a store written by
-    ``gram(..., out=path)``, with ``key`` naming the array (``"ntk"``, ``"nngp"``,
-    ``"depth_11/ntk"``; default: the only kernel array).  The memory needed is the float64
-    matrix plus ``workspace`` copies of it for the solve; it is logged, and if it exceeds
-    ``max_memory`` (bytes; default: the available RAM, or with ``device="cuda"`` the free GPU
-    memory, where the matrix and the solve go, while the host still holds the float64 matrix as
-    it is read) :class:`~cntk_engine.solver.GramTooLarge` is raised before anything is read.
-    ``workspace``: copies of K the solver needs beyond it: 1 for ``fit_ridge``,
-    ``kernel_ridge``, ``gp_posterior`` (the default); 3 for ``eigh``, ``loo``, ``select_ridge``,
-    ``kfold`` and ``gradient_flow`` (the figures behind them: ``docs/solver.md``).  Reading a
-    non-float64 array also holds the raw array while converting it.  A store whose job is
-    unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
-    verified as it is read (every chunk decodes and matches its checksum) and
-    :class:`StoreCorrupt` names the first failing tile; a format-1 store (no checksums) is
-    read with a warning that it cannot be verified."""
-    zarr = require_zarr()
+def _check_load_options(max_memory, workspace) -> None:
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(
             max_memory, (int, np.integer)) or max_memory <= 0):
         raise ValueError("max_memory must be a positive number of bytes (an int, e.g. 8 * 2**30) "
@@ -1761,6 +1745,41 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             not math.isfinite(workspace) or workspace < 0:
         raise ValueError("workspace must be a number >= 0 (copies of K the solve needs beyond it); "
                          f"got {workspace!r}")
+
+
+@dataclass
+class _Stored:
+    """A kernel array found for loading (:func:`_locate`): the array, its name in messages
+    (``where``) and in its store (``key``), and, inside a cntk_engine store, the store's root
+    group, folder, job record and done map (None outside one)."""
+    arr: object
+    key: str | None
+    where: str
+    root: object = None
+    store_path: Path | None = None
+    spec: dict | None = None
+    done: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.arr.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 8
+
+    def reading(self) -> int:
+        """Bytes held beside the float64 result while it is read: the raw array where it is
+        not float64, and the reading's buffers."""
+        raw = 0 if np.dtype(self.arr.dtype) == np.float64 else \
+            self.shape[0] * self.shape[1] * np.dtype(self.arr.dtype).itemsize
+        return raw + _read_buffers(self.arr, self.spec)
+
+
+def _locate(source, key: str | None, device) -> _Stored:
+    """The kernel array ``key`` of ``source`` (a store path, group or array), checked: in a
+    cntk_engine store, a kernel array of a finished job; 2-D, real."""
+    zarr = require_zarr()
     where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).exists():
@@ -1784,70 +1803,260 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
             raise ValueError("key= applies to a Zarr group or store path, not to a zarr.Array")
     else:
         raise ValueError(f"source must be a zarr.Array, a zarr.Group or a store path; got {type(source).__name__}")
+    found = _Stored(arr, key, where)
     # the store the array belongs to, however it was reached (its root, a sub-group, a folder
     # inside it): its job must be finished and its chunks verified
     root, path_in_root = _enclosing_store(arr)
-    done = spec = None
     if root is not None:
-        key = path_in_root
-        spec = dict(root.attrs["cntk_engine"])
-        store_path = _group_path(root)
-        if key not in _spec_arrays(spec):
-            raise ValueError(f"{key!r} of the Gram store at {str(store_path)!r} is not a kernel "
+        found.root, found.key = root, path_in_root
+        found.spec = spec = dict(root.attrs["cntk_engine"])
+        found.store_path = store_path = _group_path(root)
+        if found.key not in _spec_arrays(spec):
+            raise ValueError(f"{found.key!r} of the Gram store at {str(store_path)!r} is not a kernel "
                              f"array; its kernels are {_spec_arrays(spec)}")
-        _check_arrays(store_path, root, [key, DONE] + ([CHECKSUMS] if _verified_read(spec) else []),
+        _check_arrays(store_path, root, [found.key, DONE] + ([CHECKSUMS] if _verified_read(spec) else []),
                       repr(str(store_path)))
-        done = read_done(store_path, root[DONE], warn=False)     # once: the scan reads the same
+        found.done = done = read_done(store_path, root[DONE], warn=False)   # once: the scan reads the same
         tiles = GramStore._expected_tiles(spec)
         left = sum(1 for t in tiles if done[t.i, t.j] == 0)
         if left:
-            raise ValueError(f"the Gram store at {str(store_path)!r} ({key!r} from {where}) is "
+            raise ValueError(f"the Gram store at {str(store_path)!r} ({found.key!r} from {where}) is "
                              f"unfinished: {left} of {len(tiles)} tiles are not computed yet; rerun the "
                              "gram job with --resume / the same out=")
-    shape = tuple(arr.shape)
-    if len(shape) != 2:
-        raise ValueError(f"the Zarr array {key or ''} has shape {shape}; a kernel matrix is 2-D")
+    key = found.key
+    if len(found.shape) != 2:
+        raise ValueError(f"the Zarr array {key or ''} has shape {found.shape}; a kernel matrix is 2-D")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
     if np.dtype(arr.dtype).kind == "c":
         raise ValueError(f"the Zarr array {key or ''} is complex ({arr.dtype}); a Gram matrix is real")
-    nbytes = shape[0] * shape[1] * 8
-    raw = 0 if np.dtype(arr.dtype) == np.float64 else shape[0] * shape[1] * np.dtype(arr.dtype).itemsize
-    reading = raw + _read_buffers(arr, spec)        # beside the float64 matrix while it is read
+    return found
+
+
+def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, max_memory) -> None:
+    """Refuse (:class:`GramTooLarge`), before anything is read, to load the ``(label, kernel)``
+    pairs where they do not fit: the float64 matrices, ``workspace`` copies of the first (the
+    matrix the solve factorises) and the reading's buffers (one matrix is read at a time); log
+    what they take where they fit."""
+    sizes = [k.nbytes for _, k in kernels]
+    readings = [k.reading() for _, k in kernels]
+    total, work = sum(sizes), workspace * sizes[0]
     # where the solve runs: its workspace, or (on the host) the reading's, whichever is larger
-    need = nbytes + (workspace * nbytes if device == "cuda" else max(workspace * nbytes, reading))
+    need = total + (work if device == "cuda" else max([work] + readings))
+    # read for the GPU, the host holds one float64 matrix and its reading's buffers at a time
+    staged = max(s + r for s, r in zip(sizes, readings))
+    it = "it" if len(kernels) == 1 else "them"
+    matrices = " and ".join(f"{label} {k.shape[0]} x {k.shape[1]} from {k.where}"
+                            for label, k in kernels)
     for place, limit in _memory_limits(device, max_memory):
-        # the host holds the float64 matrix and the reading's buffers while reading for the GPU
         staging = place == "available RAM" and device == "cuda"
-        want = nbytes + reading if staging else need
-        what = (f"{format_bytes(want)} on the host to read it for the GPU" if staging else
+        want = staged if staging else need
+        what = (f"{format_bytes(want)} on the host to read {it} for the GPU" if staging else
                 f"{format_bytes(need)} with the solve's workspace ({workspace:g} copies)")
-        msg = (f"Gram {key or ''} {shape[0]} x {shape[1]} from {where}: {format_bytes(nbytes)} as "
-               f"float64, {what}; {place} {format_bytes(limit)}")
+        msg = (f"{matrices}: {format_bytes(total)} as float64, {what}; {place} "
+               f"{format_bytes(limit)}")
         if want > limit:
             raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
                                "larger machine, or use fewer training samples")
     log.info("loading " + msg)
-    if _verified_read(spec):
+
+
+def _read(found: _Stored, device):
+    """The float64 matrix of a located kernel array, read through its store's checksums where
+    it has them (:class:`StoreCorrupt` names the first failing tile)."""
+    if _verified_read(found.spec):
         # NaN, not np.empty: a tile the scan did not write can never pass for kernel values
-        K = np.full(shape, np.nan)
-        scan = _scan(store_path, root, spec, done, names=[key], into=K)
+        K = np.full(found.shape, np.nan)
+        scan = _scan(found.store_path, found.root, found.spec, found.done, names=[found.key], into=K)
         if scan.damage:
             first = scan.damage[0]
             more = len({d.tile for d in scan.damage}) - 1
             raise StoreCorrupt(
-                f"the Gram store at {str(store_path)!r} fails verification: {first}"
+                f"the Gram store at {str(found.store_path)!r} fails verification: {first}"
                 + (f" (and {more} more tiles)" if more > 0 else "")
-                + f"; `cntk-engine verify {store_path}` lists every damaged tile, and resuming the "
-                "gram job (--resume / the same out=) computes them again")
+                + f"; `cntk-engine verify {found.store_path}` lists every damaged tile, and resuming "
+                "the gram job (--resume / the same out=) computes them again")
     else:
-        if spec is not None:
+        if found.spec is not None:
             log.warning("the Gram store at %s has no per-tile checksums (format %s): its values "
                         "cannot be verified; `cntk-engine verify %s --add-checksums` records "
-                        "checksums of its data as it is now", where, spec.get("format_version"),
-                        store_path)
-        K = np.asarray(arr[...], dtype=np.float64)
+                        "checksums of its data as it is now", found.where,
+                        found.spec.get("format_version"), found.store_path)
+        K = np.asarray(found.arr[...], dtype=np.float64)
     return cupy_module().asarray(K) if device == "cuda" else K
+
+
+def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
+              workspace: float = 1.0, device=None):
+    """Load a Gram matrix from Zarr into memory as float64 (NumPy, or CuPy with device="cuda").
+
+    ``source``: a ``zarr.Array``, a ``zarr.Group`` or the path of a store written by
+    ``gram(..., out=path)``, with ``key`` naming the array (``"ntk"``, ``"nngp"``,
+    ``"depth_11/ntk"``; default: the only kernel array).  The memory needed is the float64
+    matrix plus ``workspace`` copies of it for the solve; it is logged, and if it exceeds
+    ``max_memory`` (bytes; default: the available RAM, or with ``device="cuda"`` the free GPU
+    memory, where the matrix and the solve go, while the host still holds the float64 matrix as
+    it is read) :class:`~cntk_engine.solver.GramTooLarge` is raised before anything is read.
+    ``workspace``: copies of K the solver needs beyond it: 1 for ``fit_ridge``,
+    ``kernel_ridge``, ``gp_posterior`` (the default); 3 for ``eigh``, ``loo``, ``select_ridge``,
+    ``kfold`` and ``gradient_flow`` (the figures behind them: ``docs/solver.md``).  Reading a
+    non-float64 array also holds the raw array while converting it.  A store whose job is
+    unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
+    verified as it is read (every chunk decodes and matches its checksum) and
+    :class:`StoreCorrupt` names the first failing tile; a format-1 store (no checksums) is
+    read with a warning that it cannot be verified.  A training Gram and its test kernel from
+    two stores: :func:`load_train_test`, which also checks that they belong together."""
+    _check_load_options(max_memory, workspace)
+    found = _locate(source, key, device)
+    _check_memory([(f"Gram {found.key or ''}", found)], workspace, device, max_memory)
+    return _read(found, device)
+
+
+class TrainTestKernels(NamedTuple):
+    """What :func:`load_train_test` returns: the (n, n) training Gram and the (m, n) test kernel."""
+    K: object
+    K_test: object
+
+
+#: Record fields two stores of one model may differ in: what computed them (backend, dtype,
+#: package version, format) and their image sets (compared by fingerprint, not field by field)
+#: and kernels and depths (compared through the array asked for).
+_NOT_THE_MODEL = ("backend", "dtype", "version", "format", "format_version", "n1", "n2",
+                  "symmetric", "fingerprint", "image_shape", "kernel", "kernels")
+
+
+def _readouts(spec: dict) -> dict[str, tuple[int, str]]:
+    """{array name: (depth, kernel)} of a store's job record."""
+    return {name: dk for dk, name in array_names(tuple(spec["architecture"]["depths"]),
+                                                  spec["kernel"]).items()}
+
+
+def _train_test_pair(a: dict, b: dict, wheres: tuple[str, str]) -> bool:
+    """Check that the store of job record ``b`` (``gram(x_test, x_train)``) holds the test
+    kernel of the model whose training Gram the store of record ``a`` (``gram(x_train)``)
+    holds: the same network and readout, computed against the very training images (their
+    fingerprints), else ValueError naming the difference.  Returns whether ``b``'s job was
+    computed the other way round, ``gram(x_train, x_test)`` (its transpose is the test
+    kernel)."""
+    t_where, s_where = wheres
+    if not a.get("symmetric"):
+        swapped = " (train and test given the other way round?)" if b.get("symmetric") else ""
+        raise ValueError(f"the train store at {t_where} holds a {a['n1']} x {a['n2']} kernel of "
+                         "two image sets; the training Gram is the symmetric gram(x_train) "
+                         f"(cntk-engine gram TRAIN, no --x2){swapped}")
+    fp = a["fingerprint"]["x1"]
+    if b.get("symmetric"):
+        same = " (the training images themselves)" if b["fingerprint"]["x1"] == fp else ""
+        raise ValueError(f"the test store at {s_where} holds the symmetric Gram of one image "
+                         f"set{same}; the test kernel is gram(x_test, x_train) (cntk-engine gram "
+                         "TEST --x2 TRAIN)")
+    def model(r):                      # depths: compared through the kernel asked for
+        m = {k: v for k, v in r.items() if k not in _NOT_THE_MODEL}
+        m["architecture"] = {k: v for k, v in r["architecture"].items() if k != "depths"}
+        return m
+    diffs = spec_differences(model(a), model(b), sides=("the train store has", "the test store"))
+    if a.get("image_shape") != b.get("image_shape"):
+        diffs.insert(0, f"image shape (C, H, W): the train store has {tuple(a['image_shape'])}, "
+                        f"the test store {tuple(b['image_shape'])}")
+    if diffs:
+        raise ValueError(f"the stores at {t_where} (train) and {s_where} (test) are not kernels of "
+                         f"one model: {'; '.join(diffs)}")
+    if b["fingerprint"]["x2"] == fp:
+        return False
+    if b["fingerprint"]["x1"] == fp:
+        return True
+    raise ValueError(
+        f"the test store at {s_where} was not computed against the training images of the train "
+        f"store at {t_where}: neither of its image sets ({b['n1']} and {b['n2']} images) is the "
+        f"train store's {a['n1']} images (sha256 {fp[:12]}...; another subset or order, or other "
+        "pixel values, e.g. uint8 against the same images divided by 255, give another)")
+
+
+def _store_record(source, role: str) -> tuple[object, str, dict]:
+    """(group, its name in messages, job record) of the store ``source`` (a path or a store's
+    root ``zarr.Group``) given as ``role``."""
+    zarr = require_zarr()
+    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the zarr.Group given"
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            raise FileNotFoundError(f"{role}: Zarr store {str(source)!r} does not exist")
+        try:
+            source = zarr.open_group(os.fspath(source), mode="r")
+        except Exception as e:  # noqa: BLE001 - not a store
+            raise ValueError(f"{role}={where} is not a readable Zarr group: {e}") from None
+    elif not isinstance(source, zarr.Group):
+        raise ValueError(f"{role} must be the path or the zarr.Group of a Gram store written by "
+                         f"gram(..., out=...); got {type(source).__name__}")
+    if not _is_store(source):
+        raise ValueError(f"{role}={where} is not the root of a cntk_engine Gram store (gram(..., "
+                         "out=...)): load_train_test checks two stores' job records; load a plain "
+                         "array with load_gram")
+    return source, where, dict(source.attrs["cntk_engine"])
+
+
+def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
+    """The array names, in the train store (record ``a``) and the test store (``b``), of the
+    kernel ``key`` names in the train store (None: the one kernel both hold)."""
+    train_r, test_r = _readouts(a), _readouts(b)
+    test_names = {dk: name for name, dk in test_r.items()}
+    both = [name for name, dk in train_r.items() if dk in test_names]
+    if key is None:
+        if len(both) != 1:
+            held = (f"both hold {sorted(both)}" if both else
+                    f"they hold no kernel in common: the train store {sorted(train_r)}, the test "
+                    f"store {sorted(test_r)}")
+            raise ValueError(f"name the kernel as key= (as the train store names it): {held}")
+        key = both[0]
+    if not isinstance(key, str) or key not in train_r:
+        raise ValueError(f"the train store at {wheres[0]} has no kernel array {key!r}; it holds "
+                         f"{sorted(train_r)}")
+    if train_r[key] not in test_names:
+        d, k = train_r[key]
+        raise ValueError(f"the test store at {wheres[1]} holds no {k} kernel at depth {d} (the "
+                         f"train store's {key!r}); it holds {sorted(test_r)}")
+    return key, test_names[train_r[key]]
+
+
+def load_train_test(train, test, key: str | None = None, *, max_memory: int | None = None,
+                    workspace: float = 1.0, device=None) -> TrainTestKernels:
+    """Load a model's training Gram and test kernel from two stores, checked to belong together.
+
+    ``train``: the store (path or root ``zarr.Group``) of ``gram(x_train, out=...)``;
+    ``test``: that of ``gram(x_test, x_train, out=...)`` (``cntk-engine gram TEST --x2
+    TRAIN``), or of ``gram(x_train, x_test, out=...)``, whose transpose is then returned.
+    Returns ``(K, K_test)``, float64 (n, n) and (m, n) (NumPy, or CuPy with
+    ``device="cuda"``), for :func:`~cntk_engine.solver.fit_ridge` and the rest of the solver.
+    ``key``: the kernel as the train store names it (``"ntk"``, ``"depth_11/nngp"``); the test
+    store's array of the same depth and kernel is taken however it is named there (a store of
+    several depths names it ``depth_<d>/<kernel>``, one of a single depth ``<kernel>``);
+    default: the one kernel both stores hold.
+
+    Refused before anything is read, naming the difference: stores of different networks or
+    readouts (architecture, pooling, LAP window, flips, fix, convention, weights, filter size,
+    image shape), a test kernel computed against other training images (another subset, order
+    or pixel scaling: the stores' sha256 fingerprints of the images differ), a train store that
+    is not symmetric, a test store that is.  The backend, compute dtype and package version may
+    differ (the same kernel, to rounding).  Each matrix is then loaded as :func:`load_gram`
+    loads it (finished jobs only, every chunk verified), after the memory of both matrices,
+    the reading's buffers and ``workspace`` copies of K is checked (``max_memory``,
+    ``workspace``, ``device``: as for :func:`load_gram`)."""
+    _check_load_options(max_memory, workspace)
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    g_train, w_train, a = _store_record(train, "train")
+    g_test, w_test, b = _store_record(test, "test")
+    transposed = _train_test_pair(a, b, (w_train, w_test))
+    train_key, test_key = _pair_keys(a, b, key, (w_train, w_test))
+    k_train, k_test = _locate(train, train_key, device), _locate(test, test_key, device)
+    _check_memory([(f"train Gram {train_key}", k_train), (f"test kernel {test_key}", k_test)],
+                  workspace, device, max_memory)
+    K = _read(k_train, device)
+    K_test = _read(k_test, device)
+    if transposed:
+        log.info("the test store at %s holds gram(x_train, x_test): its transpose is the test "
+                 "kernel", w_test)
+        K_test = K_test.T
+    return TrainTestKernels(K, K_test)
 
 
 def _group_path(group) -> Path:

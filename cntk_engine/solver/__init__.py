@@ -5,7 +5,9 @@ test-vs-train kernel (``gram(x_test, x_train)``), ``Y`` the (n,) or (n, k) targe
 function computes in float64 (the Gram may be float32) with NumPy/SciPy on the CPU, or with
 CuPy (cuSOLVER) when ``K`` is a CuPy array or ``device="cuda"``; results follow the device.
 A Gram stored in a Zarr store (``gram(..., out=...)``) can be passed as a ``zarr.Array``, or
-loaded with :func:`load_gram`, which states the memory it needs and refuses what cannot fit.
+loaded with :func:`load_gram`, which states the memory it needs and refuses what cannot fit;
+:func:`load_train_test` loads a training Gram and its test kernel from two stores and refuses
+them when they are not one model's (other network, other training images).
 
 Modules: :mod:`.linalg` (checks, Cholesky with jitter, eigh), :mod:`.targets` (one-hot,
 argmax, accuracy), :mod:`.ridge` (ridge regression, NNGP posterior), :mod:`.selection`
@@ -59,7 +61,7 @@ Classification helpers: :func:`one_hot` (``on``/``off`` values; :func:`paper_tar
 paper's 0.9 / -0.1 encoding), :func:`predict_classes` (argmax), :func:`accuracy`.
 """
 from ..arrays import available_gpu_memory, available_memory
-from ..jobs.store import GramTooLarge, load_gram
+from ..jobs.store import GramTooLarge, TrainTestKernels, load_gram, load_train_test
 from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
                      check_test_kernel, cholesky, eigh, ridge_scale)
@@ -76,5 +78,5 @@ __all__ = [
     "KernelEigh", "eigh", "CVResult", "loo", "kfold", "RidgeSelection", "select_ridge",
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
     "evaluate_classifier", "Groups", "check_groups",
-    "load_gram",
+    "load_gram", "load_train_test", "TrainTestKernels",
 ]
