@@ -241,29 +241,31 @@ def _standardised_rows(a: np.ndarray, e, mean, std, layer_norm: bool, name: str)
     return centred / norms[:, None]
 
 
-def preprocess(x_train, x_test, how: str = "standardize", factor: int = 1, *, zca_reg: float = ZCA_REG,
-               data_format: str | None = None):
+def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, *,
+               zca_reg: float = ZCA_REG, data_format: str | None = None):
     """Downsample by ``factor`` (1: none), then ``how``: "standardize" (:func:`standardize`),
-    "scale" (integer images / 255), "zca" (:func:`zca_whiten` with ``zca_reg``) or "none".
-    Returns float64 ``(x_train, x_test)``, NCHW."""
+    "scale" (integer images / 255), "zca" (:func:`zca_whiten` with ``zca_reg``) or "none", each
+    fitted on ``x_train``.  Returns float64 ``(x_train, x_test)``, NCHW (``x_test`` None when
+    not given: the training images alone)."""
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
-    kinds = {name: np.asarray(x).dtype.kind for name, x in (("x_train", x_train), ("x_test", x_test))}
+    sets = {"x_train": x_train} if x_test is None else {"x_train": x_train, "x_test": x_test}
+    kinds = {name: np.asarray(x).dtype.kind for name, x in sets.items()}
     if how == "scale" and len({k in "iu" for k in kinds.values()}) > 1:
         # one set would be divided by 255 and the other not: their pixels would not match
         raise ValueError(f"how='scale' divides integer images by 255 and keeps float images; "
                          f"x_train is {np.asarray(x_train).dtype} and x_test {np.asarray(x_test).dtype}: "
                          "give both as integers (0..255) or both as floats")
     a = downsample(x_train, factor, data_format=data_format, name="x_train")
-    b = downsample(x_test, factor, data_format=data_format, name="x_test")
+    b = None if x_test is None else downsample(x_test, factor, data_format=data_format, name="x_test")
     if how == "scale" and kinds["x_train"] in "iu":
-        return a / 255.0, b / 255.0
+        return a / 255.0, None if b is None else b / 255.0
     if how == "standardize":
         return standardize(a, b, data_format="NCHW")
     if how == "zca":
         return zca_whiten(a, b, reg=zca_reg, data_format="NCHW")
     # new arrays, as from the other ways: float64 NCHW input with factor 1 came through as is
-    return tuple(np.array(v) if np.may_share_memory(v, np.asarray(x)) else v
+    return tuple(None if v is None else np.array(v) if np.may_share_memory(v, np.asarray(x)) else v
                  for v, x in ((a, x_train), (b, x_test)))
 
 

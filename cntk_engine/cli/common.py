@@ -98,6 +98,17 @@ def numpy_problem(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
+    """``z[key]`` of an open .npz archive, every reading failure (a bad CRC, a truncated
+    archive, an object array that needs pickle) as a one-line error naming the file and the
+    key."""
+    try:
+        return z[key]
+    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, OSError, ...
+        raise CliError(f"{what} {str(path)!r}: array {key!r} cannot be read ({numpy_problem(e)}); "
+                       "it must be a plain numeric array saved by np.savez") from None
+
+
 def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
     one of ``keys`` it holds: an archive holding several of them must name one), as stored."""

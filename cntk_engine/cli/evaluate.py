@@ -56,8 +56,8 @@ from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, wit
 from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
-                     check_parent_folder, gram_options, machine, nonnegative_int, numpy_problem,
-                     open_numpy, plural, to_nchw, write_json)
+                     check_parent_folder, gram_options, machine, nonnegative_int, open_numpy,
+                     plural, read_member, to_nchw, write_json)
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -190,18 +190,8 @@ def _check_labels(path, y, what, like=None) -> None:
         raise CliError(f"DATA {path!r}: {e}") from None
 
 
-def _read(z, key, path):
-    """``z[key]``, every reading failure (a bad CRC, a truncated archive, an object array that
-    needs pickle) as a one-line error naming the file and the key."""
-    try:
-        return z[key]
-    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, OSError, ...
-        raise CliError(f"DATA {path!r}: array {key!r} cannot be read ({numpy_problem(e)}); "
-                       "it must be a plain numeric array saved by np.savez") from None
-
-
 def _pair(z, kx, ky, path):
-    x, y = _read(z, kx, path), _read(z, ky, path)
+    x, y = read_member(z, kx, path), read_member(z, ky, path)
     if x.ndim not in (3, 4):
         raise CliError(f"DATA {path!r}: {kx} must be images (N, H, W), (N, C, H, W) or (N, H, W, C); "
                        f"got shape {x.shape}")

@@ -1,0 +1,199 @@
+"""``cntk-engine preprocess``: a training and a test set whitened (ZCA) or standardised for
+``gram`` jobs, the transformation fitted on the training images only.
+
+    cntk-engine preprocess cifar.npz --zca --out cifar_zca.npz
+    cntk-engine gram cifar_zca.npz:x_train --architecture myrtle10 --flip --out train.zarr
+    cntk-engine gram cifar_zca.npz:x_test --x2 cifar_zca.npz:x_train --architecture myrtle10 \\
+        --flip --out test.zarr
+    python -c "from cntk_engine import solver; K, K_test = solver.load_train_test('train.zarr', 'test.zarr')"
+
+``evaluate --zca`` preprocesses the subsets it draws in memory; a Gram job at scale reads its
+images from files, so the whitening is made once, here, and both of its kernels are computed
+from the one file (their stores' fingerprints then tie the test kernel to the training Gram:
+:func:`cntk_engine.solver.load_train_test`).
+
+DATA is an ``.npz`` archive holding ``x_train`` and ``x_test`` (the preprocessing is fitted on
+``x_train`` and applied to both) or ``x`` alone (fitted on and applied to ``x``); images
+(N, H, W), (N, C, H, W) or (N, H, W, C) read as ``gram`` reads them (``--data-format``).  The
+transformations are :func:`cntk_engine.preprocess.preprocess`'s, as ``evaluate --preprocess``
+applies them: ``--downsample F`` first, then ``standardize``, ``scale``, ``zca`` (``--zca-reg``)
+or ``none``.
+
+OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
+...) unchanged, and ``preprocessing``, a JSON text saying what was done (the method and its
+parameters, the set it was fitted on, DATA, the layout read, the package version).  It is
+written to a temporary file beside OUT and moved into place whole; an existing OUT is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..inputs import check_nonnegative
+from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess
+from .common import CliError, check_parent_folder, guess_layout, open_numpy, read_member, to_nchw
+
+#: The key of OUT's record of what was done.
+RECORD = "preprocessing"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("preprocess", help="whiten (ZCA) or standardise images for gram jobs, "
+                       "fitted on the training images",
+                       description="Fit a preprocessing on x_train (or x) of DATA, apply it to "
+                       "x_train and x_test, and write them as float64 NCHW images to the new "
+                       ".npz --out, for cntk-engine gram.",
+                       epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
+                       "arrays are copied unchanged.")
+    p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--preprocess", choices=PREPROCESSING,
+                     help="standardize: per-channel mean/std of the training images; scale: "
+                     "integer images / 255; zca: regularised ZCA whitening (Lee et al. 2020); "
+                     "none: only --downsample and the NCHW float64 layout")
+    how.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
+                     help="the same as --preprocess zca")
+    p.add_argument("--zca-reg", type=float, default=None, metavar="R",
+                   help=f"ZCA regulariser, relative to the mean eigenvalue (default {ZCA_REG})")
+    p.add_argument("--downsample", type=int, default=1, metavar="F",
+                   help="average-pool F x F first (default 1: none)")
+    p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
+                   help="layout of DATA's 4-D images (auto: as gram decides it)")
+    p.add_argument("--out", required=True, help="the .npz archive to write (must not exist)")
+    p.set_defaults(func=run)
+
+
+def _check_out(out: str, data: Path) -> Path:
+    if not out:
+        raise CliError("--out '' is empty; give the path of the .npz archive to write, e.g. "
+                       "cifar_zca.npz")
+    p = Path(out)
+    if p.suffix != ".npz":
+        raise CliError(f"--out {out!r} must end in .npz: an archive, whose arrays gram reads as "
+                       f"OUT.npz:x_train; e.g. {str(p.with_suffix('.npz'))!r}")
+    if p.exists() or p.is_symlink():
+        what = "is DATA itself" if p.resolve() == data.resolve() else "exists"
+        raise CliError(f"--out {out!r} {what}; refusing to overwrite it: give a new path")
+    check_parent_folder(p, "--out")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out!r}: the folder {str(p.parent)!r} is not writable")
+    return p
+
+
+def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str]]:
+    """({key: NCHW images}, {key: other arrays}, {key: the layout read}, the image keys, the
+    one fitted on first) of DATA."""
+    z = open_numpy(path, "DATA")
+    if not hasattr(z, "files"):
+        raise CliError(f"DATA {str(path)!r} is a .npy array; preprocess needs an .npz archive with "
+                       "x_train and x_test (fitted on x_train), or x")
+    with z:
+        names = list(z.files)
+        if RECORD in names:
+            raise CliError(f"DATA {str(path)!r} holds a {RECORD!r} record: it was written by "
+                           "cntk-engine preprocess already; preprocess the original images")
+        if "x_train" in names or "x_test" in names:
+            if not ("x_train" in names and "x_test" in names):
+                have, lack = (("x_train", "x_test") if "x_train" in names else ("x_test", "x_train"))
+                raise CliError(f"DATA {str(path)!r} holds {have} but not {lack}; preprocess needs "
+                               "both (fitted on x_train), or x alone")
+            keys = ["x_train", "x_test"]
+        elif "x" in names:
+            keys = ["x"]
+        else:
+            raise CliError(f"DATA {str(path)!r} holds arrays {names}; preprocess needs x_train and "
+                           "x_test, or x")
+        arrays = {k: read_member(z, k, path) for k in names}
+    images, layouts = {}, {}
+    for k in keys:
+        x = arrays.pop(k)
+        layouts[k] = ("(N, H, W): one channel" if x.ndim == 3 else
+                      guess_layout(x.shape) if x.ndim == 4 and data_format == "auto" else data_format)
+        images[k] = to_nchw(x, data_format, f"DATA {str(path)!r}: {k}")
+    if len(keys) == 2 and images["x_train"].shape[1:] != images["x_test"].shape[1:]:
+        raise CliError(f"DATA {str(path)!r}: x_train and x_test hold images of different shapes, "
+                       f"{images['x_train'].shape[1:]} and {images['x_test'].shape[1:]} (C, H, W)")
+    return images, arrays, layouts, keys
+
+
+def _write(out: Path, arrays: dict) -> None:
+    """``arrays`` into the new archive ``out``: a temporary file beside it, linked into place
+    (never over a file created meanwhile), removed whatever happens."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise CliError(f"--out {str(out)!r} was created by another process meanwhile; nothing "
+                           "was written: give a new path") from None
+        except OSError:                      # a file system without hard links
+            if out.exists():
+                raise CliError(f"--out {str(out)!r} was created by another process meanwhile; "
+                               "nothing was written: give a new path") from None
+            os.rename(tmp, out)
+    except OSError as e:
+        raise CliError(f"--out {str(out)!r} cannot be written: {e}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def run(args) -> int:
+    from ..version import __version__
+    data = Path(args.data)
+    if not data.exists():
+        raise CliError(f"DATA {args.data!r} does not exist")
+    if not data.is_file():
+        raise CliError(f"DATA {args.data!r} is not a file")
+    if args.zca_reg is not None and args.preprocess != "zca":
+        raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
+                       f"{args.preprocess}")
+    if args.downsample < 1:
+        raise CliError(f"--downsample must be an integer >= 1 (1: none); got {args.downsample}")
+    zca_reg = check_nonnegative(ZCA_REG if args.zca_reg is None else args.zca_reg, "reg",
+                                "the ZCA regulariser")
+    out = _check_out(args.out, data)
+    images, others, layouts, keys = _read_sets(data, args.data_format)
+    fit = keys[0]
+    try:
+        done = preprocess(images[fit], images.get("x_test"), args.preprocess, args.downsample,
+                          zca_reg=zca_reg, data_format="NCHW")
+    except ConstantImages as e:
+        key = "x_test" if e.role == "x_test" else fit
+        raise CliError(str(e.reworded(f"--zca: DATA's {key}", "drop them from DATA, or use "
+                                      "--preprocess standardize (it takes constant images)",
+                                      named=lambda i: f"{key}[{i}]"))) from None
+    result = dict(zip(keys, done))
+    record = {"made_by": "cntk-engine preprocess", "version": __version__,
+              "preprocess": args.preprocess,
+              "zca_reg": zca_reg if args.preprocess == "zca" else None,
+              "downsample": args.downsample, "fitted_on": fit,
+              "data": str(data.resolve()), "read_as": layouts,
+              "images": {k: list(v.shape) for k, v in result.items()}}
+    _write(out, {**others, **{k: np.ascontiguousarray(v, dtype=np.float64)
+                              for k, v in result.items()},
+                 RECORD: np.array(json.dumps(record))})
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
+    print(f"{out}: {shapes} float64 NCHW, {args.preprocess}"
+          + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
+          + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
+          + f", fitted on {fit}" + (f"; copied {', '.join(others)}" if others else ""))
+    if len(keys) == 2:
+        print(f"next: {PROG_HINT.format(out=out)}")
+    return 0
+
+
+PROG_HINT = ("cntk-engine gram {out}:x_train --out train.zarr ...; cntk-engine gram {out}:x_test "
+             "--x2 {out}:x_train --out test.zarr ...; solver.load_train_test('train.zarr', "
+             "'test.zarr')")
