@@ -71,8 +71,9 @@ def test_stores_of_other_models_are_refused(stores, digits, tmp_path):
         solver.load_train_test(train, tmp_path / "flat.zarr")
     # a depth the train store does not hold
     gram(x_test, x_train, depth=4, out=str(tmp_path / "deep.zarr"), **kw)
-    with pytest.raises(ValueError, match=r"no kernel in common: the train store \['depth_2/nngp', "
-                       r"'depth_2/ntk', 'depth_3/nngp', 'depth_3/ntk'\], the test store \['ntk'\]"):
+    with pytest.raises(ValueError, match=r"hold no kernel of the same depth and kind: the train "
+                       r"store \['depth_2/nngp', 'depth_2/ntk', 'depth_3/nngp', 'depth_3/ntk'\], the "
+                       r"test store \['ntk'\]"):
         solver.load_train_test(train, tmp_path / "deep.zarr")
     with pytest.raises(ValueError, match=r"holds no ntk kernel at depth 2 \(the train store's "
                        r"'depth_2/ntk'\); it holds \['ntk'\]"):
@@ -109,16 +110,55 @@ def test_stores_of_other_models_are_refused(stores, digits, tmp_path):
 
 
 def test_what_computed_them_may_differ(digits, tmp_path):
-    """Another backend or compute dtype: the same kernel to rounding, so one model."""
+    """Another backend or compute dtype: the same kernel to rounding, so one model; so is a
+    training Gram computed as gram(x_train, x_train.copy())."""
     x_train, x_test = digits
     gram(x_train, depth=3, backend="numba", dtype="float64", out=str(tmp_path / "a.zarr"))
-    gram(x_test, x_train, depth=3, backend="reference", out=str(tmp_path / "b.zarr"))
-    K, K_test = solver.load_train_test(tmp_path / "a.zarr", tmp_path / "b.zarr")
-    np.testing.assert_allclose(K_test, gram(x_test, x_train, depth=3, backend="numba",
-                                            dtype="float64"), rtol=1e-12)
+    gram(x_test, x_train, depth=3, backend="numba", dtype="float32", out=str(tmp_path / "b.zarr"))
+    gram(x_test, x_train, depth=3, backend="reference", out=str(tmp_path / "c.zarr"))
+    exact = gram(x_test, x_train, depth=3, backend="numba", dtype="float64")
+    for other, rtol in (("b.zarr", 1e-5), ("c.zarr", 1e-12)):
+        K, K_test = solver.load_train_test(tmp_path / "a.zarr", tmp_path / other)
+        np.testing.assert_allclose(K_test, exact, rtol=rtol)
+    gram(x_train, x_train.copy(), depth=3, backend="numba", out=str(tmp_path / "twice.zarr"))
+    K2, _ = solver.load_train_test(tmp_path / "twice.zarr", tmp_path / "b.zarr")
+    np.testing.assert_allclose(K2, K, rtol=1e-5)
 
 
-def test_memory_damage_and_unfinished_jobs(stores, tmp_path):
+@pytest.mark.parametrize("other", [dict(flip=True), dict(fix=True), dict(pooling="lap", lap_window=3),
+                                   dict(convention="neural_tangents"), dict(filter_size=5)],
+                         ids=lambda d: ",".join(d))
+def test_each_field_of_the_network_tells(stores, digits, tmp_path, other):
+    x_train, x_test = digits
+    gram(x_test, x_train, depth=3, backend="numba", out=str(tmp_path / "o.zarr"), **other)
+    field = "pooling" if "pooling" in other else next(iter(other))
+    with pytest.raises(ValueError, match=rf"not kernels of one model: .*architecture.{field}: the "
+                       "train store has"):
+        solver.load_train_test(stores / "train.zarr", tmp_path / "o.zarr")
+
+
+def test_kernels_and_shapes(stores, digits, tmp_path):
+    x_train, x_test = digits
+    train = stores / "train.zarr"
+    gram(x_test, x_train, depths=[2, 3], kernel="both", backend="numba", out=str(tmp_path / "b.zarr"))
+    with pytest.raises(ValueError, match=r"both stores hold the kernels \['depth_2/nngp', "
+                       r"'depth_2/ntk', 'depth_3/nngp', 'depth_3/ntk'\] \(as the train store names "
+                       r"them\): name one as key="):
+        solver.load_train_test(train, tmp_path / "b.zarr")
+    K, K_test = solver.load_train_test(train, tmp_path / "b.zarr", key="depth_2/nngp")
+    np.testing.assert_array_equal(K_test, solver.load_gram(tmp_path / "b.zarr", "depth_2/nngp"))
+    np.testing.assert_array_equal(K, solver.load_gram(train, "depth_2/nngp"))
+    # images of another shape: said first
+    big = np.ascontiguousarray(np.pad(x_train, ((0, 0), (0, 0), (0, 1), (0, 1))))
+    gram(x_test[:, :, :6, :6], x_train[:, :, :6, :6], depth=3, backend="numba",
+         out=str(tmp_path / "small.zarr"))
+    gram(big, depth=3, backend="numba", out=str(tmp_path / "big.zarr"))
+    with pytest.raises(ValueError, match=r"one model: image shape \(C, H, W\): the train store has "
+                       r"\(1, 8, 8\), the test store \(1, 6, 6\)"):
+        solver.load_train_test(tmp_path / "big.zarr", tmp_path / "small.zarr")
+
+
+def test_memory_damage_and_unfinished_jobs(stores, tmp_path, monkeypatch):
     import shutil
     train, test = stores / "train.zarr", tmp_path / "test.zarr"
     shutil.copytree(stores / "test.zarr", test)
@@ -130,6 +170,27 @@ def test_memory_damage_and_unfinished_jobs(stores, tmp_path):
         solver.load_train_test(train, test, workspace=-1)
     with pytest.raises(ValueError, match="device must be one of"):
         solver.load_train_test(train, test, device="tpu")
+    # device="cuda": the GPU holds both and K's workspace; the host one matrix and its reading
+    from cntk_engine.jobs import store
+    with monkeypatch.context() as m:
+        m.setattr(store, "available_memory", lambda: 1 << 30)
+        m.setattr(store, "available_gpu_memory", lambda: 1407)      # 896 B + 512 B of workspace
+        with pytest.raises(solver.GramTooLarge, match=r"1.4 KiB with the solve's workspace \(1 "
+                           r"copies\); free GPU memory 1.4 KiB: does not fit"):
+            solver.load_train_test(train, test, device="cuda")
+        m.setattr(store, "available_gpu_memory", lambda: 1 << 30)
+        reading = max(k.nbytes + k.reading() for k in (store._locate(train, "depth_3/ntk", None),
+                                                       store._locate(test, "ntk", None)))
+        m.setattr(store, "available_memory", lambda: reading - 1)
+        with pytest.raises(solver.GramTooLarge, match=r"on the host to read them for the GPU"):
+            solver.load_train_test(train, test, device="cuda")
+        # on the CPU the test store's reading counts too, where it is the larger
+        m.setattr(store, "_read_buffers", lambda arr, spec: 10_000 if arr.shape == (6, 8) else 0)
+        m.setattr(store, "available_memory", lambda: 896 + 10_000 - 1)
+        with pytest.raises(solver.GramTooLarge, match=r"available RAM"):
+            solver.load_train_test(train, test)
+        m.setattr(store, "available_memory", lambda: 896 + 10_000)
+        solver.load_train_test(train, test)
     # each is verified as load_gram verifies it
     chunk = test / "ntk" / "c" / "1" / "0"
     chunk.write_bytes(os.urandom(chunk.stat().st_size))

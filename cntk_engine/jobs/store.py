@@ -1933,18 +1933,18 @@ def _readouts(spec: dict) -> dict[str, tuple[int, str]]:
 
 def _train_test_pair(a: dict, b: dict, wheres: tuple[str, str]) -> bool:
     """Check that the store of job record ``b`` (``gram(x_test, x_train)``) holds the test
-    kernel of the model whose training Gram the store of record ``a`` (``gram(x_train)``)
-    holds: the same network and readout, computed against the very training images (their
+    kernel of the model whose training Gram the store of record ``a`` (``gram(x_train)``, or
+    ``gram(x_train, x_train.copy())``) holds: the same network and readout, computed against the very training images (their
     fingerprints), else ValueError naming the difference.  Returns whether ``b``'s job was
     computed the other way round, ``gram(x_train, x_test)`` (its transpose is the test
     kernel)."""
     t_where, s_where = wheres
-    if not a.get("symmetric"):
+    fp = a["fingerprint"]["x1"]
+    if not a.get("symmetric") and a["fingerprint"]["x2"] != fp:
         swapped = " (train and test given the other way round?)" if b.get("symmetric") else ""
         raise ValueError(f"the train store at {t_where} holds a {a['n1']} x {a['n2']} kernel of "
                          "two image sets; the training Gram is the symmetric gram(x_train) "
                          f"(cntk-engine gram TRAIN, no --x2){swapped}")
-    fp = a["fingerprint"]["x1"]
     if b.get("symmetric"):
         same = " (the training images themselves)" if b["fingerprint"]["x1"] == fp else ""
         raise ValueError(f"the test store at {s_where} holds the symmetric Gram of one image "
@@ -1976,7 +1976,7 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
     """(group, its name in messages, job record) of the store ``source`` (a path or a store's
     root ``zarr.Group``) given as ``role``."""
     zarr = require_zarr()
-    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the zarr.Group given"
+    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else None
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).exists():
             raise FileNotFoundError(f"{role}: Zarr store {str(source)!r} does not exist")
@@ -1987,6 +1987,11 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
     elif not isinstance(source, zarr.Group):
         raise ValueError(f"{role} must be the path or the zarr.Group of a Gram store written by "
                          f"gram(..., out=...); got {type(source).__name__}")
+    else:
+        try:                     # a group is named by its folder
+            where = repr(str(_group_path(source)))
+        except Exception:  # noqa: BLE001 - not a local store
+            where = f"the zarr.Group given as {role}"
     if not _is_store(source):
         raise ValueError(f"{role}={where} is not the root of a cntk_engine Gram store (gram(..., "
                          "out=...)): load_train_test checks two stores' job records; load a plain "
@@ -2000,12 +2005,14 @@ def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
     train_r, test_r = _readouts(a), _readouts(b)
     test_names = {dk: name for name, dk in test_r.items()}
     both = [name for name, dk in train_r.items() if dk in test_names]
+    if not both:
+        raise ValueError(f"the stores at {wheres[0]} (train) and {wheres[1]} (test) hold no kernel "
+                         f"of the same depth and kind: the train store {sorted(train_r)}, the test "
+                         f"store {sorted(test_r)}")
     if key is None:
         if len(both) != 1:
-            held = (f"both hold {sorted(both)}" if both else
-                    f"they hold no kernel in common: the train store {sorted(train_r)}, the test "
-                    f"store {sorted(test_r)}")
-            raise ValueError(f"name the kernel as key= (as the train store names it): {held}")
+            raise ValueError(f"both stores hold the kernels {sorted(both)} (as the train store "
+                             "names them): name one as key=")
         key = both[0]
     if not isinstance(key, str) or key not in train_r:
         raise ValueError(f"the train store at {wheres[0]} has no kernel array {key!r}; it holds "
@@ -2036,7 +2043,9 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
     image shape), a test kernel computed against other training images (another subset, order
     or pixel scaling: the stores' sha256 fingerprints of the images differ), a train store that
     is not symmetric, a test store that is.  The backend, compute dtype and package version may
-    differ (the same kernel, to rounding).  Each matrix is then loaded as :func:`load_gram`
+    differ (the same kernel, to rounding).  The records are compared as they are stored, as
+    resuming a store compares them: a preset and its ``serial(...)`` spelling, or ``W_std``
+    left out and given as its default, count as different networks.  Each matrix is then loaded as :func:`load_gram`
     loads it (finished jobs only, every chunk verified), after the memory of both matrices,
     the reading's buffers and ``workspace`` copies of K is checked (``max_memory``,
     ``workspace``, ``device``: as for :func:`load_gram`)."""
@@ -2048,7 +2057,9 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
     transposed = _train_test_pair(a, b, (w_train, w_test))
     train_key, test_key = _pair_keys(a, b, key, (w_train, w_test))
     k_train, k_test = _locate(train, train_key, device), _locate(test, test_key, device)
-    _check_memory([(f"train Gram {train_key}", k_train), (f"test kernel {test_key}", k_test)],
+    k_train.where, k_test.where = w_train, w_test
+    _check_memory([(f"train Gram {train_key}", k_train),
+                   (f"test kernel {test_key}" + (" (stored transposed)" if transposed else ""), k_test)],
                   workspace, device, max_memory)
     K = _read(k_train, device)
     K_test = _read(k_test, device)
