@@ -57,6 +57,13 @@ def test_gram_store_resume_and_mismatch(tmp_path, data, capsys):
     assert ("--depths: store has [3], this job [3, 4]; --pooling: store has 'gap', this job "
             "'flatten'; --tile: store has 4, this job 2." in e and "architecture." not in e), e
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+    # one depth as --depth; the kernels once, as --kernel; the dtype a reference job implies not
+    # as if it were given
+    rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "4", "--out", out, "--resume",
+                   "--backend", "reference", "--kernel", "both")
+    assert rc == 2 and ("holds another job: --backend: store has 'numba', this job 'reference'; "
+                        "--depth: store has 3, this job 4; --kernel: store has 'ntk', this job "
+                        "'both'. Nothing" in e), e
 
 
 def test_npz_keys_x2_3d_and_nhwc(tmp_path, data, capsys):

@@ -604,7 +604,7 @@ def test_a_store_of_another_run_is_refused_naming_store_and_why(tmp_path, capsys
     assert "--seed" in err and "out=" not in err and err.count("\n") == 1, err
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 8, "--n-test", 4, "--store", st,
                         "--resume", *REF)
-    assert rc == 2 and "--depths: store has [2], this job [3]" in err and "--seed" not in err
+    assert rc == 2 and "--depth: store has 2, this job 3" in err and "--seed" not in err
 
 
 def test_a_negative_seed_is_an_argument_error(capsys, xy_npz):

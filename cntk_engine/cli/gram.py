@@ -17,7 +17,8 @@ DATA is
 Store semantics: a new ``--out`` path is created; an existing one is an error unless
 ``--resume`` or ``--join`` is given, also when another process creates it at the same moment.
 With either, the job stored there is continued provided it is this very job (same images,
-architecture, dtype, backend, kernels): its finished tiles are verified (read back against
+architecture, dtype, backend, kernels; and, where ``--tile`` is given, the store's tile size:
+without it the store's is taken): its finished tiles are verified (read back against
 their checksums), and the missing and failing ones are computed, claimed tile by tile, so
 processes running on the same store at once (a SLURM job array, several nodes or shells)
 split the work; otherwise the run is refused with the differences, and nothing is written.

@@ -343,14 +343,20 @@ def spec_differences(stored: dict, wanted: dict,
     for k in list(b) + [k for k in a if k not in b]:
         if k in ("tile", "grid") or k.startswith(("integrity.", "upgraded_from.")):
             continue
-        if k == "dtype" and a.get("backend") == b.get("backend") == "reference":
-            # the reference computes in float64 whatever dtype says; stores that 0.x versions
-            # of it wrote record the dtype asked for, float32
+        if k == "dtype" and "reference" in (a.get("backend"), b.get("backend")):
+            # the reference computes in float64 whatever dtype says (stores that 0.x versions
+            # of it wrote record the dtype asked for, float32): with it on either side the
+            # dtype follows the backend, whose difference is said
             continue
+        if k == "kernels" and a.get("kernel") != b.get("kernel"):
+            continue                          # derived from "kernel", whose difference is said
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
-            if sorted(a[k]) != sorted(b[k]):
-                diffs.append(f"{_field_name(k)}: {sides[0]} {sorted(a[k])}, {sides[1]} {sorted(b[k])}")
+            da, db = sorted(a[k]), sorted(b[k])
+            if da != db and len(da) == len(db) == 1:     # one depth each: as depth= / --depth
+                diffs.append(f"{option('depth') or 'depth'}: {sides[0]} {da[0]}, {sides[1]} {db[0]}")
+            elif da != db:
+                diffs.append(f"{_field_name(k)}: {sides[0]} {da}, {sides[1]} {db}")
             continue
         if a.get(k, "<missing>") != b.get(k, "<missing>"):
             diffs.append(f"{_field_name(k)}: {sides[0]} {_short(a.get(k, '<missing>'))}, {sides[1]} "
