@@ -29,7 +29,7 @@ def cifar():
             "x_test": d["x_test"][:6], "y_test": d["y_test"][:6]}
 
 
-def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys):
+def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     pytest.importorskip("zarr")
     from cntk_engine import solver
     np.savez(tmp_path / "c.npz", **cifar)
@@ -62,6 +62,16 @@ def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys):
                tmp_path / "raw.zarr", *kw)[0] == 0
     with pytest.raises(ValueError, match="was not computed against the training images"):
         solver.load_train_test(tmp_path / "train.zarr", tmp_path / "raw.zarr")
+    # evaluate on the whitened file: its default --preprocess standardize would be applied
+    # again, and says so; --preprocess none takes the images as they are
+    ev = ["evaluate", out, "--depth", "2", "--n-train", "8", "--n-test", "4", "--backend", "numba",
+          "--no-progress"]
+    said = "was written by cntk-engine preprocess (zca); --preprocess standardize is applied to " \
+           "its images again: pass --preprocess none"
+    caplog.clear()
+    assert run(capsys, *ev)[0] == 0 and said in caplog.text, caplog.text
+    caplog.clear()
+    assert run(capsys, *ev, "--preprocess", "none")[0] == 0 and "cntk-engine preprocess" not in caplog.text
 
 
 def test_one_set_and_the_other_methods(tmp_path, cifar, capsys):
@@ -69,7 +79,7 @@ def test_one_set_and_the_other_methods(tmp_path, cifar, capsys):
     rc, o, e = run(capsys, "preprocess", tmp_path / "x.npz", "--preprocess", "standardize",
                    "--out", tmp_path / "s.npz")
     assert rc == 0, e
-    assert "fitted on x; copied note" in o and "next:" not in o
+    assert "fitted on x; copied note" in o and "next: cntk-engine gram" in o and ":x " in o
     z = np.load(tmp_path / "s.npz")
     a, _ = preprocess(cifar["x_train"], None, "standardize", data_format="NHWC")
     np.testing.assert_array_equal(z["x"], a)
@@ -80,8 +90,48 @@ def test_one_set_and_the_other_methods(tmp_path, cifar, capsys):
                tmp_path / "m1.npz")[0] == 0
     z = np.load(tmp_path / "m1.npz")
     assert z["x_train"].shape == (3, 1, 5, 5) and (z["x_train"] == 1).all() and (z["x_test"] == 0).all()
-    assert json.loads(str(z["preprocessing"]))["read_as"] == {"x_train": "(N, H, W): one channel",
-                                                             "x_test": "(N, H, W): one channel"}
+    rec = json.loads(str(z["preprocessing"]))
+    assert rec["read_as"] == {"x_train": "(N, H, W): one channel", "x_test": "(N, H, W): one channel"}
+    assert rec["fitted_on"] is None and rec["dtypes"] == {"x_train": "uint8", "x_test": "uint8"}
+    assert rec["command"][:2] == ["-q", "preprocess"]
+
+
+def test_every_other_member_is_copied_as_it_is(tmp_path, cifar, capsys):
+    """Names np.savez would take as its own arguments (file, allow_pickle) included; a member
+    that is not an array (a text file zipped in) is said and not copied."""
+    import zipfile
+    np.savez(tmp_path / "c.npz", x=cifar["x_test"], y=cifar["y_test"])
+    with zipfile.ZipFile(tmp_path / "c.npz", "a") as z:
+        for name, v in (("file", np.arange(2)), ("allow_pickle", np.ones(3))):
+            with z.open(f"{name}.npy", "w") as m:
+                np.lib.format.write_array(m, v)
+        z.writestr("README.txt", b"notes")
+    rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--preprocess", "none", "--out",
+                   tmp_path / "o.npz")
+    assert rc == 0, e
+    assert "copied y, file, allow_pickle; not copied (not arrays): README.txt" in o
+    z = np.load(tmp_path / "o.npz")
+    assert sorted(z.files) == ["allow_pickle", "file", "preprocessing", "x", "y"]
+    np.testing.assert_array_equal(z["file"], np.arange(2))
+    np.testing.assert_array_equal(z["allow_pickle"], np.ones(3))
+    np.testing.assert_array_equal(z["x"], cifar["x_test"].transpose(0, 3, 1, 2))
+
+
+def test_sigterm_during_the_write_leaves_nothing(tmp_path, cifar, capsys, monkeypatch):
+    import signal
+    np.savez(tmp_path / "c.npz", **cifar)
+    write = np.lib.format.write_array
+
+    def killed(*a, **k):
+        write(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(np.lib.format, "write_array", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-q", "preprocess", str(tmp_path / "c.npz"), "--zca", "--out", str(tmp_path / "o.npz")])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys):
@@ -89,10 +139,13 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
     c = tmp_path / "c.npz"
     x = cifar["x_train"].astype(np.float64)
     x[3] = np.delete(x, 3, axis=0).mean(axis=(0, 1, 2))      # its channels' means: constant
-    np.savez(tmp_path / "const.npz", x_train=x, x_test=cifar["x_test"])
+    np.savez(tmp_path / "const.npz", x_train=x, x_test=cifar["x_test"].astype(np.float64))
     np.savez(tmp_path / "half.npz", x_train=cifar["x_train"])
     np.savez(tmp_path / "shapes.npz", x_train=cifar["x_train"], x_test=cifar["x_test"][:, :16])
     np.save(tmp_path / "a.npy", cifar["x_train"])
+    np.savez(tmp_path / "three.npz", x=cifar["x_train"], x_train=cifar["x_train"], x_test=cifar["x_test"])
+    np.savez(tmp_path / "mixed.npz", x_train=cifar["x_train"], x_test=cifar["x_test"] / 255)
+    np.savez(tmp_path / "empty.npz")
     (tmp_path / "exists.npz").write_bytes(b"mine")
     cases = [
         ((c, "--out", tmp_path / "o.npz"), "one of the arguments --preprocess --zca is required"),
@@ -113,13 +166,20 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
         ((tmp_path / "const.npz", "--zca", "--out", tmp_path / "o.npz"),
          r"--zca: DATA's x_train image\(s\) x_train\[3\] are constant.*use --preprocess standardize"),
         ((tmp_path / "none.npz", "--zca", "--out", tmp_path / "o.npz"), "does not exist"),
+        ((tmp_path / "three.npz", "--zca", "--out", tmp_path / "o.npz"),
+         "holds x besides x_train, x_test: which images are meant cannot be told"),
+        ((tmp_path / "mixed.npz", "--zca", "--out", tmp_path / "o.npz"),
+         "x_train is uint8 and x_test float64: give both as integers or both as floats"),
+        ((tmp_path / "empty.npz", "--zca", "--out", tmp_path / "o.npz"),
+         r"holds arrays \[\]; preprocess needs x_train and x_test, or x"),
     ]
     for argv, msg in cases:
         rc, o, e = run(capsys, "preprocess", *argv)
         assert rc == 2, (argv, o, e)
         assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
-    assert sorted(os.listdir(tmp_path)) == ["a.npy", "c.npz", "const.npz", "exists.npz",
-                                            "half.npz", "shapes.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["a.npy", "c.npz", "const.npz", "empty.npz",
+                                            "exists.npz", "half.npz", "mixed.npz", "shapes.npz",
+                                            "three.npz"]
     assert (tmp_path / "exists.npz").read_bytes() == b"mine"
     # its own output is not preprocessed again
     assert run(capsys, "preprocess", c, "--zca", "--out", tmp_path / "z.npz")[0] == 0
@@ -132,7 +192,7 @@ def test_an_interrupted_write_leaves_nothing(tmp_path, cifar, capsys, monkeypatc
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(np, "savez", interrupted)
+    monkeypatch.setattr(np.lib.format, "write_array", interrupted)
     rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--zca", "--out", tmp_path / "o.npz")
     assert rc == 130
     assert sorted(os.listdir(tmp_path)) == ["c.npz"]

@@ -57,7 +57,8 @@ def nonnegative_int(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------ images
-NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"       # np.save's header; np.savez is a zip
+NPY_MAGIC = b"\x93NUMPY"                                 # np.save's header
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")              # np.savez is a zip (an empty one: no members)
 
 
 def open_numpy(p: Path, what: str = "DATA"):

@@ -41,6 +41,9 @@ that already holds either store is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
 import os
 import shlex
 import sys
@@ -53,12 +56,14 @@ import numpy as np
 from .. import solver
 from ..arch import kernel_names
 from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
+from .preprocess import RECORD
 from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
                      check_parent_folder, gram_options, machine, nonnegative_int, open_numpy,
                      plural, read_member, to_nchw, write_json)
 
+log = logging.getLogger("cntk_engine")
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -124,6 +129,7 @@ class Drawn:
     train_at: np.ndarray
     test_key: str
     test_at: np.ndarray
+    preprocessed: str | None = None      # DATA written by `cntk-engine preprocess`: its method
 
     def training_image(self, i: int, flipped: bool = False) -> str:
         """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
@@ -137,7 +143,20 @@ class Drawn:
 
 
 def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
-    """The subsets (or split) of a .npz that evaluate uses, as documented."""
+    """The subsets (or split) of a .npz that evaluate uses, as documented, with the method of
+    an archive that ``cntk-engine preprocess`` wrote."""
+    drawn = _draw(path, n_train, n_test, seed)
+    with np.load(path, allow_pickle=False) as z:
+        if RECORD in z.files:
+            try:
+                how = json.loads(str(z[RECORD]))["preprocess"]
+            except Exception:  # noqa: BLE001 - a member of that name not ours: not a record
+                return drawn
+            return dataclasses.replace(drawn, preprocessed=str(how))
+    return drawn
+
+
+def _draw(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
     p = Path(path)
     if not p.exists():
         raise CliError(f"DATA {path!r} does not exist")
@@ -387,6 +406,10 @@ def run(args) -> int:
         check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
     store, kept = check_store(args)
     drawn = load_data(args.data, args.n_train, args.n_test, args.seed)
+    if drawn.preprocessed is not None and args.preprocess != "none":
+        log.warning("DATA %r was written by cntk-engine preprocess (%s); --preprocess %s is "
+                    "applied to its images again: pass --preprocess none to use them as they are",
+                    args.data, drawn.preprocessed, args.preprocess)
     xtr, ytr, xte, yte, how = drawn.x_train, drawn.y_train, drawn.x_test, drawn.y_test, drawn.layout
     xtr = to_nchw(xtr, args.data_format, f"DATA {args.data!r}")
     xte = to_nchw(xte, args.data_format, f"DATA {args.data!r}")

@@ -28,7 +28,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import tempfile
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +67,8 @@ def add_parser(sub) -> None:
                    help="average-pool F x F first (default 1: none)")
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's 4-D images (auto: as gram decides it)")
-    p.add_argument("--out", required=True, help="the .npz archive to write (must not exist)")
+    p.add_argument("--out", required=True, metavar="NEW.npz",
+                   help="the .npz archive to write (must not exist)")
     p.set_defaults(func=run)
 
 
@@ -84,9 +89,9 @@ def _check_out(out: str, data: Path) -> Path:
     return p
 
 
-def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str]]:
-    """({key: NCHW images}, {key: other arrays}, {key: the layout read}, the image keys, the
-    one fitted on first) of DATA."""
+def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str], list[str]]:
+    """({key: NCHW images}, {key: other arrays}, {key: the layout read}, the image keys (the
+    one fitted on first), the members that are not arrays) of DATA."""
     z = open_numpy(path, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {str(path)!r} is a .npy array; preprocess needs an .npz archive with "
@@ -96,6 +101,11 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
         if RECORD in names:
             raise CliError(f"DATA {str(path)!r} holds a {RECORD!r} record: it was written by "
                            "cntk-engine preprocess already; preprocess the original images")
+        if "x" in names and ("x_train" in names or "x_test" in names):
+            sets = ", ".join(k for k in ("x_train", "x_test") if k in names)
+            raise CliError(f"DATA {str(path)!r} holds x besides {sets}: which images are meant "
+                           "cannot be told; give an archive with x_train and x_test (fitted on "
+                           "x_train) or with x alone")
         if "x_train" in names or "x_test" in names:
             if not ("x_train" in names and "x_test" in names):
                 have, lack = (("x_train", "x_test") if "x_train" in names else ("x_test", "x_train"))
@@ -108,6 +118,10 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
             raise CliError(f"DATA {str(path)!r} holds arrays {names}; preprocess needs x_train and "
                            "x_test, or x")
         arrays = {k: read_member(z, k, path) for k in names}
+    # members that are not arrays (a text file zipped in) are not copied: np.load gives their bytes
+    skipped = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    for k in skipped:
+        del arrays[k]
     images, layouts = {}, {}
     for k in keys:
         x = arrays.pop(k)
@@ -117,16 +131,34 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
     if len(keys) == 2 and images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise CliError(f"DATA {str(path)!r}: x_train and x_test hold images of different shapes, "
                        f"{images['x_train'].shape[1:]} and {images['x_test'].shape[1:]} (C, H, W)")
-    return images, arrays, layouts, keys
+    if len(keys) == 2 and len({images[k].dtype.kind in "biu" for k in keys}) > 1:
+        # e.g. uint8 pixels 0..255 against floats 0..1: one set would be transformed in the
+        # other's units, silently
+        raise CliError(f"DATA {str(path)!r}: x_train is {images['x_train'].dtype} and x_test "
+                       f"{images['x_test'].dtype}: give both as integers or both as floats, in "
+                       "the same units (e.g. both 0..255 or both 0..1)")
+    return images, arrays, layouts, keys, skipped
 
 
 def _write(out: Path, arrays: dict) -> None:
-    """``arrays`` into the new archive ``out``: a temporary file beside it, linked into place
-    (never over a file created meanwhile), removed whatever happens."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """``arrays`` into the new archive ``out`` (``np.savez``'s format, with the members written
+    one by one: np.savez takes some names, ``file`` and ``allow_pickle``, as its own arguments),
+    through a temporary file beside it, linked into place (never over a file created meanwhile)
+    and removed whatever happens, SIGTERM (a batch system's time limit) included."""
+    tmp = None
+    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, terminated)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED,
+                                                       allowZip64=True) as z:
+            for name, value in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
@@ -143,10 +175,17 @@ def _write(out: Path, arrays: dict) -> None:
     except OSError as e:
         raise CliError(f"--out {str(out)!r} cannot be written: {e}") from None
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def run(args) -> int:
@@ -164,7 +203,7 @@ def run(args) -> int:
     zca_reg = check_nonnegative(ZCA_REG if args.zca_reg is None else args.zca_reg, "reg",
                                 "the ZCA regulariser")
     out = _check_out(args.out, data)
-    images, others, layouts, keys = _read_sets(data, args.data_format)
+    images, others, layouts, keys, skipped = _read_sets(data, args.data_format)
     fit = keys[0]
     try:
         done = preprocess(images[fit], images.get("x_test"), args.preprocess, args.downsample,
@@ -175,11 +214,14 @@ def run(args) -> int:
                                       "--preprocess standardize (it takes constant images)",
                                       named=lambda i: f"{key}[{i}]"))) from None
     result = dict(zip(keys, done))
+    fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
+              "command": getattr(args, "argv", None),
               "preprocess": args.preprocess,
               "zca_reg": zca_reg if args.preprocess == "zca" else None,
-              "downsample": args.downsample, "fitted_on": fit,
+              "downsample": args.downsample, "fitted_on": fit if fitted else None,
               "data": str(data.resolve()), "read_as": layouts,
+              "dtypes": {k: str(v.dtype) for k, v in images.items()},
               "images": {k: list(v.shape) for k, v in result.items()}}
     _write(out, {**others, **{k: np.ascontiguousarray(v, dtype=np.float64)
                               for k, v in result.items()},
@@ -188,12 +230,15 @@ def run(args) -> int:
     print(f"{out}: {shapes} float64 NCHW, {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
           + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
-          + f", fitted on {fit}" + (f"; copied {', '.join(others)}" if others else ""))
+          + (f", fitted on {fit}" if fitted else "")
+          + (f"; copied {', '.join(others)}" if others else "")
+          + (f"; not copied (not arrays): {', '.join(skipped)}" if skipped else ""))
+    q = shlex.quote
     if len(keys) == 2:
-        print(f"next: {PROG_HINT.format(out=out)}")
+        print(f"next, with the same architecture options for both: cntk-engine gram "
+              f"{q(f'{out}:x_train')} ... --out train.zarr; cntk-engine gram {q(f'{out}:x_test')} "
+              f"--x2 {q(f'{out}:x_train')} ... --out test.zarr; then "
+              "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
+    else:
+        print(f"next: cntk-engine gram {q(f'{out}:x')} ... --out gram.zarr")
     return 0
-
-
-PROG_HINT = ("cntk-engine gram {out}:x_train --out train.zarr ...; cntk-engine gram {out}:x_test "
-             "--x2 {out}:x_train --out test.zarr ...; solver.load_train_test('train.zarr', "
-             "'test.zarr')")
