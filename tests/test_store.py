@@ -653,3 +653,20 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkey
     with pytest.raises(ValueError, match=r"^out='' is empty; give the path of the Zarr store"):
         ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend="numba", out="")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preset_and_its_serial_spelling_are_one_job(tmp_path, rng):
+    """A stack's record is compared by its layers: myrtle5 resumes as the serial(...) of its
+    layers; a CNN job on a stack's store is refused by the layers and the depth, not by the
+    stack's label."""
+    x = rng.random((3, 3, 32, 32))
+    out = tmp_path / "m.zarr"
+    ce.gram(x, architecture="myrtle5", backend="numba", out=out)
+    layers = ce.serial(ce.ConvRelu(), ce.ConvRelu(), ce.AvgPool(2), ce.ConvRelu(), ce.AvgPool(2),
+                       ce.ConvRelu(), ce.AvgPool(2), ce.AvgPool(2), ce.AvgPool(2))
+    _, info = ce.gram(x, architecture=layers, backend="numba", out=out, return_info=True)
+    assert info["tiles_computed"] == 0
+    with pytest.raises(StoreMismatch) as e:
+        ce.gram(x, depth=5, backend="numba", out=out)
+    assert "architecture.layers: store has [['conv'], ['conv'], ['avgpool', 2, 2]," in str(e.value)
+    assert "this job None" in str(e.value) and "name" not in str(e.value)

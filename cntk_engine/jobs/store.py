@@ -322,7 +322,8 @@ def _field_name(key: str) -> str:
     return option("architecture" if param == "name" else param) or key
 
 
-_ARCH_DEFAULTS = {"architecture.flip": False, "architecture.lap_window": None}
+_ARCH_DEFAULTS = {"architecture.flip": False, "architecture.lap_window": None,
+                  "architecture.layers": None}        # None: the cnn (depth - 1 conv layers)
 
 
 def spec_differences(stored: dict, wanted: dict,
@@ -350,6 +351,8 @@ def spec_differences(stored: dict, wanted: dict,
             continue
         if k == "kernels" and a.get("kernel") != b.get("kernel"):
             continue                          # derived from "kernel", whose difference is said
+        if k == "architecture.name":
+            continue     # a stack's label ("myrtle5", None for serial(...)): its layers decide
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
             da, db = sorted(a[k]), sorted(b[k])
@@ -2049,9 +2052,9 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
     image shape), a test kernel computed against other training images (another subset, order
     or pixel scaling: the stores' sha256 fingerprints of the images differ), a train store that
     is not symmetric, a test store that is.  The backend, compute dtype and package version may
-    differ (the same kernel, to rounding).  The records are compared as they are stored, as
-    resuming a store compares them: a preset and its ``serial(...)`` spelling, or ``W_std``
-    left out and given as its default, count as different networks.  Each matrix is then loaded as :func:`load_gram`
+    differ (the same kernel, to rounding).  The records are compared as resuming a store
+    compares them: a preset and its ``serial(...)`` spelling are one network (their layers
+    decide), ``W_std`` left out and given as its default are not.  Each matrix is then loaded as :func:`load_gram`
     loads it (finished jobs only, every chunk verified), after the memory of both matrices,
     the reading's buffers and ``workspace`` copies of K is checked (``max_memory``,
     ``workspace``, ``device``: as for :func:`load_gram`)."""
