@@ -154,7 +154,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
          "--zca-reg belongs to --zca"),
         ((c, "--zca", "--zca-reg", "-1", "--out", tmp_path / "o.npz"),
          r"--zca-reg must be a finite number >= 0"),
-        ((c, "--zca", "--downsample", "0", "--out", tmp_path / "o.npz"), "--downsample must be an integer >= 1"),
+        ((c, "--zca", "--downsample", "0", "--out", tmp_path / "o.npz"), r"the downsampling factor \(--downsample\) must be an integer >= 1; got 0"),
         ((c, "--zca", "--out", tmp_path / "o.np"), "must end in .npz"),
         ((c, "--zca", "--out", tmp_path / "exists.npz"), "exists; refusing to overwrite it"),
         ((c, "--zca", "--out", c), "is DATA itself"),

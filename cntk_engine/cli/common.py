@@ -1,5 +1,6 @@
 """What the commands share: one-line errors, reading image files, the architecture and run
-options of ``gram`` and ``evaluate`` (declared once), atomic JSON records."""
+options of ``gram`` and ``evaluate`` and the preprocessing options of ``evaluate`` and
+``preprocess`` (each declared once), atomic JSON records."""
 from __future__ import annotations
 
 import argparse
@@ -214,6 +215,41 @@ def add_architecture_options(p) -> None:
     p.add_argument("--W-std", type=float, default=None, dest="W_std", help="neural_tangents convention only")
     p.add_argument("--b-std", type=float, default=None, dest="b_std", help="neural_tangents convention only")
     p.add_argument("--filter-size", type=int, default=3)
+
+
+def add_preprocessing_options(p, *, default: str | None) -> None:
+    """--preprocess / --zca (one of them; ``default`` None: one is required), --zca-reg and
+    --downsample: :func:`cntk_engine.preprocess.preprocess`'s choices, as ``evaluate`` and
+    ``preprocess`` take them (checked by :func:`preprocessing_options`)."""
+    from ..preprocess import PREPROCESSING, ZCA_REG
+    pre = p.add_mutually_exclusive_group(required=default is None)  # --zca with --preprocess: an error, not "last wins"
+    pre.add_argument("--preprocess", choices=PREPROCESSING, default=default,
+                     help="standardize: per-channel mean/std of the training images (the paper's"
+                     + ("; default" if default == "standardize" else "") + "); scale: integer "
+                     "images / 255; zca: regularised ZCA whitening fitted on the training images "
+                     "(Lee et al. 2020); none: as stored")
+    pre.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
+                     help="the same as --preprocess zca (not together with --preprocess)")
+    p.add_argument("--zca-reg", type=float, default=None, metavar="R",
+                   help=f"ZCA regulariser, relative to the mean eigenvalue (with --zca; default "
+                   f"{ZCA_REG})")
+    p.add_argument("--downsample", type=int, default=1, metavar="F",
+                   help="average-pool F x F first (a CPU-feasibility option; default 1: none)")
+
+
+def preprocessing_options(args) -> float:
+    """The ZCA regulariser of :func:`add_preprocessing_options`' options, each checked before
+    any data is read: --zca-reg only with --zca, a number >= 0; --downsample >= 1."""
+    from ..inputs import check_nonnegative
+    from ..preprocess import ZCA_REG
+    if args.zca_reg is not None and args.preprocess != "zca":
+        raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
+                       f"{args.preprocess}")
+    if args.downsample < 1:
+        raise CliError(f"the downsampling factor (--downsample) must be an integer >= 1; got "
+                       f"{args.downsample}")
+    return check_nonnegative(ZCA_REG if args.zca_reg is None else args.zca_reg, "reg",
+                             "the ZCA regulariser")
 
 
 def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> None:

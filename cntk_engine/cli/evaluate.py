@@ -55,13 +55,14 @@ import numpy as np
 
 from .. import solver
 from ..arch import kernel_names
-from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess, with_flips
+from ..preprocess import ConstantImages, preprocess, with_flips
 from .preprocess import RECORD
 from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
-from .common import (PROG, CliError, add_architecture_options, add_run_options, check_json_path,
+from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
+                     add_run_options, check_json_path,
                      check_parent_folder, gram_options, machine, nonnegative_int, open_numpy,
-                     plural, read_member, to_nchw, write_json)
+                     plural, preprocessing_options, read_member, to_nchw, write_json)
 
 log = logging.getLogger("cntk_engine")
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -85,22 +86,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "the mean diagonal of the train Gram (0 = the paper's interpolating solve)")
     p.add_argument("--targets", choices=("paper", "onehot"), default="paper",
                    help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
-    pre = p.add_mutually_exclusive_group()       # --zca with --preprocess X: an error, not "last wins"
-    pre.add_argument("--preprocess", choices=PREPROCESSING, default="standardize",
-                     help="standardize: per-channel mean/std of the training images (the paper's; "
-                     "default); scale: integer images / 255; zca: regularised ZCA whitening fitted "
-                     "on the training images (Lee et al. 2020); none: as stored")
-    pre.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
-                     help="the same as --preprocess zca (not together with --preprocess)")
-    p.add_argument("--zca-reg", type=float, default=None, metavar="R",
-                   help=f"ZCA regulariser, relative to the mean eigenvalue (with --zca; default "
-                   f"{ZCA_REG})")
+    add_preprocessing_options(p, default="standardize")
     p.add_argument("--augment-flips", action="store_true",
                    help="train on the training images and their horizontal flips (twice the "
                    "training set; leave-one-out leaves each image out with its flip; --flip "
                    "symmetrises the kernel instead)")
-    p.add_argument("--downsample", type=int, default=1,
-                   help="average-pool F x F before the kernel (a CPU-feasibility option)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="subset / split seed (default 0)")
     add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
@@ -389,10 +379,7 @@ def run(args) -> int:
     if args.augment_flips and args.flip:
         from ..estimators import FLIPS_TWICE
         raise CliError(FLIPS_TWICE.format(augment="--augment-flips", flip="--flip"))
-    if args.zca_reg is not None and args.preprocess != "zca":
-        raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
-                       f"{args.preprocess}")
-    zca_reg = ZCA_REG if args.zca_reg is None else args.zca_reg
+    zca_reg = preprocessing_options(args)
     if args.convention == "neural_tangents" and args.W_std == 0:
         # every layer's covariance is then b_std^2 whatever the images: the kernel is a constant
         raise CliError("--W-std 0 makes the kernel the same for every pair of images (0 without "

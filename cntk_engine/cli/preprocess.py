@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inputs import check_nonnegative
-from ..preprocess import PREPROCESSING, ZCA_REG, ConstantImages, preprocess
-from .common import CliError, check_parent_folder, guess_layout, open_numpy, read_member, to_nchw
+from ..preprocess import ConstantImages, preprocess
+from .common import (CliError, add_preprocessing_options, check_parent_folder, guess_layout,
+                     open_numpy, preprocessing_options, read_member, to_nchw)
 
 #: The key of OUT's record of what was done.
 RECORD = "preprocessing"
@@ -54,17 +54,7 @@ def add_parser(sub) -> None:
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
                        "arrays are copied unchanged.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--preprocess", choices=PREPROCESSING,
-                     help="standardize: per-channel mean/std of the training images; scale: "
-                     "integer images / 255; zca: regularised ZCA whitening (Lee et al. 2020); "
-                     "none: only --downsample and the NCHW float64 layout")
-    how.add_argument("--zca", action="store_const", const="zca", dest="preprocess",
-                     help="the same as --preprocess zca")
-    p.add_argument("--zca-reg", type=float, default=None, metavar="R",
-                   help=f"ZCA regulariser, relative to the mean eigenvalue (default {ZCA_REG})")
-    p.add_argument("--downsample", type=int, default=1, metavar="F",
-                   help="average-pool F x F first (default 1: none)")
+    add_preprocessing_options(p, default=None)
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's 4-D images (auto: as gram decides it)")
     p.add_argument("--out", required=True, metavar="NEW.npz",
@@ -195,13 +185,7 @@ def run(args) -> int:
         raise CliError(f"DATA {args.data!r} does not exist")
     if not data.is_file():
         raise CliError(f"DATA {args.data!r} is not a file")
-    if args.zca_reg is not None and args.preprocess != "zca":
-        raise CliError(f"--zca-reg belongs to --zca (--preprocess zca); got --preprocess "
-                       f"{args.preprocess}")
-    if args.downsample < 1:
-        raise CliError(f"--downsample must be an integer >= 1 (1: none); got {args.downsample}")
-    zca_reg = check_nonnegative(ZCA_REG if args.zca_reg is None else args.zca_reg, "reg",
-                                "the ZCA regulariser")
+    zca_reg = preprocessing_options(args)
     out = _check_out(args.out, data)
     images, others, layouts, keys, skipped = _read_sets(data, args.data_format)
     fit = keys[0]

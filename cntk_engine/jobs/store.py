@@ -1785,18 +1785,26 @@ class _Stored:
         return raw + _read_buffers(self.arr, self.spec)
 
 
+def _open_path(path, role: str | None = None, *, group: bool = False):
+    """The Zarr node (``group``: the group) at ``path``, opened read-only; ``role``: the
+    argument it was given as, for the messages (None: load_gram's single source)."""
+    zarr = require_zarr()
+    named = f"{role}={str(path)!r}" if role else repr(str(path))
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{role + ': ' if role else ''}Zarr store {str(path)!r} does not exist")
+    try:
+        return (zarr.open_group if group else zarr.open)(os.fspath(path), mode="r")
+    except Exception as e:  # noqa: BLE001 - not a store
+        raise ValueError(f"{named} is not a readable Zarr {'group' if group else 'store'}: {e}") from None
+
+
 def _locate(source, key: str | None, device) -> _Stored:
     """The kernel array ``key`` of ``source`` (a store path, group or array), checked: in a
     cntk_engine store, a kernel array of a finished job; 2-D, real."""
     zarr = require_zarr()
     where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"Zarr store {str(source)!r} does not exist")
-        try:
-            source = zarr.open(os.fspath(source), mode="r")
-        except Exception as e:  # noqa: BLE001 - not a store
-            raise ValueError(f"{where} is not a readable Zarr store: {e}") from None
+        source = _open_path(source)
     if isinstance(source, zarr.Group):
         names = kernel_arrays(source)
         if key is None:
@@ -1987,12 +1995,7 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
     zarr = require_zarr()
     where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else None
     if isinstance(source, (str, os.PathLike)):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"{role}: Zarr store {str(source)!r} does not exist")
-        try:
-            source = zarr.open_group(os.fspath(source), mode="r")
-        except Exception as e:  # noqa: BLE001 - not a store
-            raise ValueError(f"{role}={where} is not a readable Zarr group: {e}") from None
+        source = _open_path(source, role, group=True)
     elif not isinstance(source, zarr.Group):
         raise ValueError(f"{role} must be the path or the zarr.Group of a Gram store written by "
                          f"gram(..., out=...); got {type(source).__name__}")
