@@ -71,6 +71,8 @@ def test_npz_keys_x2_3d_and_nhwc(tmp_path, data, capsys):
     rc, o, e = run(capsys, "gram", tmp_path / "d.npz", "--x2", tmp_path / "d.npz", "--depths", "2,3",
                    "--kernel", "both", "--out", out, "--backend", "numba", "--no-progress")
     assert rc == 0, e
+    assert "as a test kernel, with the store of its training Gram (checked to belong together): " \
+           f"cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})" in o, o
     ref = ce.gram(data, data[:4], depths=[2, 3], kernel="both", backend="numba")   # x_train vs x_test
     g = zarr.open_group(str(out))
     assert g["depth_3/nngp"][...].tobytes() == ref[3][1].tobytes()
@@ -79,7 +81,7 @@ def test_npz_keys_x2_3d_and_nhwc(tmp_path, data, capsys):
     np.save(tmp_path / "gray.npy", gray)
     rc, o, e = run(capsys, "gram", tmp_path / "gray.npy", "--depth", "2", "--out", tmp_path / "gray.zarr",
                    "--backend", "numba", "--no-progress")
-    assert rc == 0, e
+    assert rc == 0 and "load_train_test" not in o, e
     assert zarr.open_group(str(tmp_path / "gray.zarr"))["ntk"][...].tobytes() == \
         ce.gram(gray[:, None], depth=2, backend="numba").tobytes()
     np.save(tmp_path / "nhwc.npy", data.transpose(0, 2, 3, 1))

@@ -149,4 +149,7 @@ def run(args) -> int:
         print(f"store: {'; '.join(checks)} (run {info['run']})")
     print(f"arrays: {', '.join(names)}   read (verified): "
           f"cntk_engine.solver.load_gram({str(out)!r}, key={names[0]!r})")
+    if x2 is not None:      # a test kernel: read with the training Gram it belongs to
+        print("as a test kernel, with the store of its training Gram (checked to belong "
+              f"together): cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})")
     return 0
