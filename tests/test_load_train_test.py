@@ -199,3 +199,24 @@ def test_memory_damage_and_unfinished_jobs(stores, tmp_path, monkeypatch):
     zarr.open_group(str(test), mode="r+")["tiles_done"][1, 0] = 0
     with pytest.raises(ValueError, match=r"unfinished: 1 of 6 tiles"):
         solver.load_train_test(train, test)
+
+
+def test_the_images_tie_labels_to_the_kernels(stores, digits):
+    """x_train / x_test: the images the stores were computed from, checked by fingerprint
+    (as gram was given them: a copy, or channels-last with data_format, passes; another order
+    or the values rounded to float32 not)."""
+    x_train, x_test = digits
+    train, test = stores / "train.zarr", stores / "test.zarr"
+    K, K_test = solver.load_train_test(train, test, x_train=x_train.copy(), x_test=x_test)
+    assert K_test.shape == (6, 8)
+    # the transposed store: its first image set is the training images, its second the test's
+    solver.load_train_test(train, stores / "test_t.zarr", x_train=x_train, x_test=x_test)
+    with pytest.raises(ValueError, match=r"x_test \(6 images\) are not the images the test store"):
+        solver.load_train_test(train, stores / "test_t.zarr", x_test=x_test[::-1])
+    for other in (x_train[::-1], x_train.astype(np.float32)):
+        with pytest.raises(ValueError, match=r"x_train \(8 images\) are not the images the train "
+                           r"store .*\(8 images there; their sha256 differ"):
+            solver.load_train_test(train, test, x_train=other)
+    # channels-last copies, said so
+    nhwc = x_test.transpose(0, 2, 3, 1)
+    solver.load_train_test(train, test, x_test=nhwc, data_format="NHWC")

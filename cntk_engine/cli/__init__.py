@@ -1,8 +1,8 @@
-"""Command line: ``cntk-engine gram | verify | preprocess | evaluate | info | demo`` (also
-``python -m cntk_engine``).
+"""Command line: ``cntk-engine gram | verify | preprocess | solve | evaluate | info | demo``
+(also ``python -m cntk_engine``).
 
-One module per command (:mod:`.gram`, :mod:`.verify`, :mod:`.preprocess`, :mod:`.evaluate`,
-:mod:`.info`, :mod:`.demo`), each with
+One module per command (:mod:`.gram`, :mod:`.verify`, :mod:`.preprocess`, :mod:`.solve`,
+:mod:`.evaluate`, :mod:`.info`, :mod:`.demo`), each with
 ``add_parser(subparsers)`` and ``run(args)``; the options ``gram`` and ``evaluate`` share are
 declared once in :mod:`.common`.
 
@@ -22,11 +22,11 @@ import os
 import sys
 import warnings
 
-from . import demo, evaluate, gram, info, preprocess, verify
+from . import demo, evaluate, gram, info, preprocess, solve, verify
 from ..spelling import command_line
 from .common import PROG, CliError
 
-COMMANDS = (gram, verify, preprocess, evaluate, info, demo)
+COMMANDS = (gram, verify, preprocess, solve, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
 #: (``gram``'s DATA is ``gram(x1, ...)``; ``--scheduler`` picks the Dask ``client``; ``--zca-reg`` is
 #: ``zca_whiten(reg=)``, ``--downsample`` ``downsample(x, factor)``, verify's STORE

@@ -252,6 +252,28 @@ def preprocessing_options(args) -> float:
                              "the ZCA regulariser")
 
 
+def add_solve_options(p) -> None:
+    """--ridge and --targets: the kernel regression of ``evaluate`` and ``solve``."""
+    p.add_argument("--ridge", default="auto",
+                   help="'auto' (leave-one-out selection, default) or a number >= 0 relative to "
+                   "the mean diagonal of the train Gram (0 = the paper's interpolating solve)")
+    p.add_argument("--targets", choices=("paper", "onehot"), default="paper",
+                   help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
+
+
+def parse_ridge(text) -> str | float:
+    """--ridge: "auto" or a number >= 0."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        r = float(text)
+    except ValueError:
+        raise CliError(f"--ridge must be 'auto' or a number >= 0; got {text!r}") from None
+    if not np.isfinite(r) or r < 0:
+        raise CliError(f"--ridge must be 'auto' or a number >= 0; got {text!r}")
+    return r
+
+
 def add_run_options(p, data_formats=("NCHW", "NHWC"), default_format="NCHW") -> None:
     """How the kernels are computed: --backend, --dtype, --tile, --data-format, --no-progress."""
     p.add_argument("--backend", choices=("auto", "cuda", "numba", "reference"), default="auto")

@@ -56,13 +56,13 @@ import numpy as np
 from .. import solver
 from ..arch import kernel_names
 from ..preprocess import ConstantImages, preprocess, with_flips
-from .preprocess import RECORD
 from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
-                     add_run_options, check_json_path,
+                     add_run_options, add_solve_options, check_json_path,
                      check_parent_folder, gram_options, machine, nonnegative_int, open_numpy,
-                     plural, preprocessing_options, read_member, to_nchw, write_json)
+                     parse_ridge, plural, preprocessing_options, read_member, to_nchw, write_json)
+from .preprocess import RECORD
 
 log = logging.getLogger("cntk_engine")
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -81,11 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_architecture_options(p)
     p.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
-    p.add_argument("--ridge", default="auto",
-                   help="'auto' (leave-one-out selection, default) or a number >= 0 relative to "
-                   "the mean diagonal of the train Gram (0 = the paper's interpolating solve)")
-    p.add_argument("--targets", choices=("paper", "onehot"), default="paper",
-                   help="paper: 0.9 / -0.1 (default); onehot: 1 / 0")
+    add_solve_options(p)
     add_preprocessing_options(p, default="standardize")
     p.add_argument("--augment-flips", action="store_true",
                    help="train on the training images and their horizontal flips (twice the "
@@ -222,18 +218,6 @@ def _pair(z, kx, ky, path):
     if y.ndim != 1 or len(y) != len(x):
         raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
     return x, y
-
-
-def parse_ridge(text) -> str | float:
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    try:
-        r = float(text)
-    except ValueError:
-        raise CliError(f"--ridge must be 'auto' or a number >= 0; got {text!r}") from None
-    if not np.isfinite(r) or r < 0:
-        raise CliError(f"--ridge must be 'auto' or a number >= 0; got {text!r}")
-    return r
 
 
 def _command_line(args) -> str:

@@ -124,6 +124,7 @@ import numpy as np
 from ..arch import kernel_names
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
+from ..inputs import as_images
 from ..spelling import arg, arg_prefix, option
 from ..version import __version__
 from .sinks import Sink
@@ -2037,7 +2038,8 @@ def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
 
 
 def load_train_test(train, test, key: str | None = None, *, max_memory: int | None = None,
-                    workspace: float = 1.0, device=None) -> TrainTestKernels:
+                    workspace: float = 1.0, device=None, x_train=None, x_test=None,
+                    data_format: str | None = None) -> TrainTestKernels:
     """Load a model's training Gram and test kernel from two stores, checked to belong together.
 
     ``train``: the store (path or root ``zarr.Group``) of ``gram(x_train, out=...)``;
@@ -2060,13 +2062,27 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
     decide), ``W_std`` left out and given as its default are not.  Each matrix is then loaded as :func:`load_gram`
     loads it (finished jobs only, every chunk verified), after the memory of both matrices,
     the reading's buffers and ``workspace`` copies of K is checked (``max_memory``,
-    ``workspace``, ``device``: as for :func:`load_gram`)."""
+    ``workspace``, ``device``: as for :func:`load_gram`).
+
+    ``x_train`` / ``x_test``: the images the stores must have been computed from, as they were
+    given to ``gram`` (``data_format`` as there), checked by their fingerprints before anything
+    is read: labels kept beside these images are then the kernels' (row i of ``K_test`` is
+    ``x_test[i]``)."""
     _check_load_options(max_memory, workspace)
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
     g_train, w_train, a = _store_record(train, "train")
     g_test, w_test, b = _store_record(test, "test")
     transposed = _train_test_pair(a, b, (w_train, w_test))
+    for name, x, role, where, fp in (
+            ("x_train", x_train, "train", w_train, a["fingerprint"]["x1"]),
+            ("x_test", x_test, "test", w_test, b["fingerprint"]["x2" if transposed else "x1"])):
+        if x is not None and fingerprint(to_host(as_images(x, data_format, name))) != fp:
+            n = a["n1"] if role == "train" else (b["n2"] if transposed else b["n1"])
+            raise ValueError(f"{name} ({len(x)} images) are not the images the {role} store at "
+                             f"{where} was computed from ({n} images there; their sha256 differ: "
+                             "another subset, order or pixel scaling, or another data_format): "
+                             "labels kept with them would not be the kernel's")
     train_key, test_key = _pair_keys(a, b, key, (w_train, w_test))
     k_train, k_test = _locate(train, train_key, device), _locate(test, test_key, device)
     k_train.where, k_test.where = w_train, w_test

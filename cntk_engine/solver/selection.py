@@ -381,6 +381,75 @@ def _shape(a) -> tuple:
     return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
 
 
+@dataclass
+class ClassifierFit:
+    """Kernel regression fitted as a classifier (:func:`fit_classifier`): the solution, the
+    classes (the sorted training labels, one column of the targets each) and how the ridge was
+    chosen (``info``: ridge_relative, ridge_absolute, jitter; with "auto" also loo_accuracy,
+    loo_mse, ridge_selected_by, loo_groups)."""
+    solution: object
+    classes: np.ndarray
+    info: dict
+    _Y: object = field(default=None, repr=False)         # the targets, for the ridge-0 figure
+
+    def predict(self, K_test):
+        """The predicted class of each test sample (a label of ``classes``), from the (m, n)
+        test-vs-train kernel."""
+        return predict_classes(self.solution.predict(K_test), self.classes)
+
+
+def _check_classifier_options(ridge, targets: str):
+    if targets not in ("paper", "onehot"):
+        raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {targets!r}")
+    if not (isinstance(ridge, str) and ridge == "auto"):
+        ridge = check_ridge(ridge)
+    return ridge
+
+
+def _square_gram(K) -> int:
+    shape = _shape(K)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"K must be the square (n, n) training Gram; got shape {shape}")
+    return shape[0]
+
+
+def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=None) -> ClassifierFit:
+    """Kernel regression on the training Gram ``K`` as a classifier of the labels ``y_train``
+    (numbers, strings or bytes; at least 2 classes): targets "paper" (0.9 / -0.1,
+    :func:`~.targets.paper_targets`) or "onehot"; ``ridge`` "auto" (chosen by exact
+    leave-one-out accuracy over :data:`RELATIVE_RIDGE_GRID`, leaving ``groups`` out together)
+    or a number >= 0 relative to mean(diag K).  Predict with :meth:`ClassifierFit.predict`."""
+    ridge = _check_classifier_options(ridge, targets)
+    n_train = _square_gram(K)
+    y_train = check_labels(y_train, n_train, "y_train")
+    return _fit_classifier(K, y_train, ridge, targets, groups)
+
+
+def _fit_classifier(K, y_train, ridge, targets: str, groups) -> ClassifierFit:
+    enc = paper_targets if targets == "paper" else one_hot
+    Y, classes = enc(y_train)
+    n_train = len(y_train)
+    if len(classes) < 2:
+        raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {n_train} samples): a "
+                         "classifier needs at least 2")
+    groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
+    labels = np.searchsorted(classes, y_train)
+    info = {}
+    if ridge == "auto":
+        sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo")
+        i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
+        info.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
+                    loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo",
+                    loo_groups=sel.scores.n_groups)
+        lam = sel.ridge
+    else:
+        lam = ridge * ridge_scale(K)
+        info.update(ridge_relative=ridge)
+    sol = fit_ridge(K, Y, lam)
+    info.update(ridge_absolute=lam, jitter=sol.jitter)
+    return ClassifierFit(sol, classes, info, Y)
+
+
 def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper",
                         groups=None) -> dict:
     """Test accuracy of kernel regression as a classifier, with its ridge.
@@ -399,15 +468,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
     interpolating solve beside it, or, where K is too far from positive definite for that solve
     even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the reason in
-    ridge0_error."""
-    if targets not in ("paper", "onehot"):
-        raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {targets!r}")
-    if not (isinstance(ridge, str) and ridge == "auto"):
-        ridge = check_ridge(ridge)
-    shape, shape_test = _shape(K), _shape(K_test)
-    if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"K must be the square (n, n) training Gram; got shape {shape}")
-    n_train = shape[0]
+    ridge0_error.  (:func:`fit_classifier` is the fit alone, for predictions.)"""
+    ridge = _check_classifier_options(ridge, targets)
+    n_train = _square_gram(K)
+    shape_test = _shape(K_test)
     y_train = check_labels(y_train, n_train, "y_train")
     if len(shape_test) != 2 or shape_test[1] != n_train:
         raise ValueError(f"K_test must be (m, n) = (test samples, {n_train} training samples); "
@@ -415,40 +479,22 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    enc = paper_targets if targets == "paper" else one_hot
-    Y, classes = enc(y_train)
-    if len(classes) < 2:
-        raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {n_train} samples): a "
-                         "classifier needs at least 2")
+    classes = paper_targets(y_train)[1]          # the fit's classes, before the O(n^3) work
     unseen = ~np.isin(y_test, classes)
     if bool(unseen.any()):       # scored wrong whatever the kernel: the accuracy has that ceiling
         log.warning("%d of the %d test labels are of classes the training labels do not hold (%s): "
                     "no prediction can match them", int(unseen.sum()), len(y_test),
                     ", ".join(repr(v) for v in np.unique(y_test[unseen])[:10].tolist()))
-    groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
-    labels = np.searchsorted(classes, y_train)
-    out = {}
-    if ridge == "auto":
-        sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo")
-        i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
-        out.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
-                   loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo",
-                   loo_groups=sel.scores.n_groups)
-        lam = sel.ridge
-    else:
-        lam = ridge * ridge_scale(K)
-        out.update(ridge_relative=ridge)
-
-    def test_accuracy(sol) -> float:
-        return accuracy(predict_classes(sol.predict(K_test), classes), y_test)
-
-    sol = fit_ridge(K, Y, lam)
-    out.update(accuracy=test_accuracy(sol), ridge_absolute=lam, jitter=sol.jitter)
+    fit = _fit_classifier(K, y_train, ridge, targets, groups)
+    out = dict(fit.info)
+    out["accuracy"] = accuracy(fit.predict(K_test), y_test)
     if ridge == "auto" or ridge != 0:
         try:
-            sol0 = fit_ridge(K, Y, 0.0)
+            sol0 = fit_ridge(K, fit._Y, 0.0)
         except NotPositiveDefinite as e:       # the side figure only: the chosen ridge solved
             out.update(accuracy_ridge0=None, jitter_ridge0=None, ridge0_error=str(e))
         else:
-            out.update(accuracy_ridge0=test_accuracy(sol0), jitter_ridge0=sol0.jitter)
+            out.update(accuracy_ridge0=accuracy(predict_classes(sol0.predict(K_test), fit.classes),
+                                                y_test),
+                       jitter_ridge0=sol0.jitter)
     return out

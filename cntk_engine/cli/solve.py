@@ -1,0 +1,177 @@
+"""``cntk-engine solve``: kernel regression on a training Gram and a test kernel kept in stores,
+the labels matched to the kernels through their images.
+
+    cntk-engine preprocess cifar.npz --zca --out cifar_zca.npz
+    cntk-engine gram cifar_zca.npz:x_train --architecture myrtle10 --flip --out train.zarr
+    cntk-engine gram cifar_zca.npz:x_test --x2 cifar_zca.npz:x_train --architecture myrtle10 \\
+        --flip --out test.zarr
+    cntk-engine solve cifar_zca.npz --train train.zarr --test test.zarr --predictions pred.npy
+
+DATA is the ``.npz`` the kernels were computed from, holding ``x_train``, ``y_train``,
+``x_test`` and, to score the predictions, ``y_test``.  Its images are not computed on: they are
+read as ``gram`` read them (``--data-format``) and checked against the stores' fingerprints, so
+the labels are those of the kernels' rows and columns (another subset, order or file is
+refused), and the stores are checked to belong together
+(:func:`cntk_engine.solver.load_train_test`: the same network and readout, the test kernel
+against these training images; both verified as they are read).  Then, as ``evaluate`` does:
+kernel ridge regression on the paper's targets (0.9 / -0.1; ``--targets onehot``: 1 / 0) with
+``--ridge`` relative to the mean diagonal of the training Gram, or ``auto`` (default: exact
+leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`);
+:func:`cntk_engine.solver.fit_classifier`.  Prints the ridge and, with ``y_test``, the test
+accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image,
+``--json OUT`` every figure, the command and the machine.  Memory: both matrices as float64
+and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of it; a number:
+1), refused before anything is read where it does not fit.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, machine,
+                     open_numpy, parse_ridge, read_member, to_nchw, write_json)
+
+KEYS = ("x_train", "y_train", "x_test")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("solve", help="kernel regression on a train Gram and a test kernel kept in "
+                       "stores: predictions and test accuracy",
+                       description="Solve kernel regression on the training Gram --train and the "
+                       "test kernel --test (stores of cntk-engine gram), with the labels of DATA, "
+                       "the file the kernels were computed from.",
+                       epilog="DATA keys: x_train, y_train, x_test, and y_test to score.")
+    p.add_argument("data", metavar="DATA", help=".npz the kernels were computed from: x_train, "
+                   "y_train, x_test (y_test to score)")
+    p.add_argument("--train", required=True, metavar="STORE",
+                   help="store of the training Gram (cntk-engine gram DATA:x_train ...)")
+    p.add_argument("--test", required=True, metavar="STORE",
+                   help="store of the test kernel (cntk-engine gram DATA:x_test --x2 DATA:x_train ...)")
+    p.add_argument("--key", default=None,
+                   help="the kernel, as the train store names it (ntk, nngp, depth_11/ntk); "
+                   "default: the one both stores hold")
+    add_solve_options(p)
+    p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
+                   help="layout of DATA's images, as given to gram (auto: as gram decides it)")
+    p.add_argument("--predictions", metavar="OUT.npy", default=None,
+                   help="write the predicted label of each test image to OUT.npy")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
+    p.set_defaults(func=run)
+
+
+def _check_npy_path(path: str, inputs: dict) -> Path:
+    """--predictions: a .npy path in an existing folder, not one of the inputs."""
+    if not path:
+        raise CliError("--predictions '' is empty; give the path of the .npy file to write")
+    p = Path(path)
+    if p.suffix != ".npy":
+        raise CliError(f"--predictions {path!r} must end in .npy (np.save's format); e.g. "
+                       f"{str(p.with_suffix('.npy'))!r}")
+    for what, other in inputs.items():
+        other = Path(other).resolve()
+        if p.resolve() == other or other in p.resolve().parents:
+            raise CliError(f"--predictions {path!r} is {'in ' if p.resolve() != other else ''}"
+                           f"{what}; give another path")
+    if p.is_dir():
+        raise CliError(f"--predictions {path!r} is a folder; give a file path")
+    check_parent_folder(p, "--predictions")
+    return p
+
+
+def _save_npy(p: Path, values: np.ndarray) -> None:
+    """``np.save`` through a temporary file beside ``p``, moved into place."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values, allow_pickle=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as e:
+        raise CliError(f"--predictions {str(p)!r} cannot be written: {e}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _read_data(path: str, data_format: str) -> dict:
+    """DATA's images (NCHW, as gram read them) and labels (checked), y_test None without."""
+    from ..solver.targets import check_labels
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"DATA {path!r} does not exist")
+    if not p.is_file():
+        raise CliError(f"DATA {path!r} is not a file")
+    z = open_numpy(p, "DATA")
+    if not hasattr(z, "files"):
+        raise CliError(f"DATA {path!r} is a .npy array; solve needs the .npz archive the kernels "
+                       "were computed from, with x_train, y_train, x_test (and y_test to score)")
+    with z:
+        missing = [k for k in KEYS if k not in z.files]
+        if missing:
+            raise CliError(f"DATA {path!r} holds {list(z.files)} but not {', '.join(missing)}: solve "
+                           "needs x_train, y_train and x_test (and y_test to score); the images "
+                           "tie the labels to the stores' kernels")
+        got = {k: read_member(z, k, path) for k in KEYS + ("y_test",) if k in z.files}
+    out = {k: to_nchw(got[k], data_format, f"DATA {path!r}: {k}") for k in ("x_train", "x_test")}
+    try:
+        out["y_train"] = check_labels(got["y_train"], len(out["x_train"]), "y_train")
+        out["y_test"] = (check_labels(got["y_test"], len(out["x_test"]), "y_test", like=out["y_train"])
+                         if "y_test" in got else None)
+    except ValueError as e:
+        raise CliError(f"DATA {path!r}: {e}") from None
+    return out
+
+
+def run(args) -> int:
+    from .. import solver
+    ridge = parse_ridge(args.ridge)
+    inputs = {"DATA": args.data, "--train": args.train, "--test": args.test}
+    predictions = None if args.predictions is None else _check_npy_path(args.predictions, inputs)
+    if args.json is not None:
+        check_json_path(args.json, inputs=inputs)
+    t0 = time.perf_counter()
+    d = _read_data(args.data, args.data_format)
+    # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
+    # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
+    K, K_test = solver.load_train_test(args.train, args.test, args.key,
+                                       workspace=3 if ridge == "auto" else 1,
+                                       x_train=d["x_train"], x_test=d["x_test"], data_format="NCHW")
+    t_load = time.perf_counter() - t0
+    fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets)
+    pred = fit.predict(K_test)
+    t_solve = time.perf_counter() - t0 - t_load
+    info = fit.info
+    how = (f"chosen by leave-one-out: accuracy {100 * info['loo_accuracy']:.2f}%"
+           if ridge == "auto" else "given")
+    print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes; ridge "
+          f"{info['ridge_relative']:g} x mean diag(K) ({how})"
+          + (f", jitter {info['jitter']:.3g}" if info["jitter"] else "")
+          + f"; loaded in {t_load:.1f} s, solved in {t_solve:.1f} s")
+    acc = None
+    if d["y_test"] is not None:
+        acc = solver.accuracy(pred, d["y_test"])
+        print(f"test accuracy: {100 * acc:.2f}% ({int(round(acc * len(pred)))} of {len(pred)})")
+    if predictions is not None:
+        _save_npy(predictions, np.asarray(pred))
+        print(f"predictions written to {predictions}")
+    if args.json is not None:
+        from ..version import __version__
+        write_json(args.json, dict(
+            command=getattr(args, "argv", None), version=__version__, data=str(args.data),
+            train=str(args.train), test=str(args.test), key=args.key, targets=args.targets,
+            ridge=ridge, n_train=len(K), n_test=len(K_test), classes=fit.classes.tolist(),
+            accuracy=acc, **{k: v for k, v in info.items()},
+            seconds=dict(load=t_load, solve=t_solve), machine=machine()))
+        print(f"results written to {args.json}")
+    return 0

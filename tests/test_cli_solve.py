@@ -1,0 +1,98 @@
+"""``cntk-engine solve``: kernel regression on stored kernels, the labels tied to them through
+the images (fingerprints), on real CIFAR-10 images; the same figures as the solver in memory."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zarr")
+
+from cntk_engine import cli, gram, solver  # noqa: E402
+
+from conftest import load_real  # noqa: E402
+
+
+def run(capsys, *argv):
+    try:
+        rc = cli.main(["-q", *map(str, argv)])
+    except SystemExit as e:          # argparse's usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    """DATA (8 x 8 CIFAR-10 images, 40 / 16) and its two stores, as the README's commands make
+    them (flips on, depth 3)."""
+    d = load_real("cifar10_jpeg_small.npz")
+    x_train = d["x_train"][:40, ::4, ::4].transpose(0, 3, 1, 2).astype(np.float64) / 255
+    x_test = d["x_test"][:16, ::4, ::4].transpose(0, 3, 1, 2).astype(np.float64) / 255
+    folder = tmp_path_factory.mktemp("solve")
+    data = folder / "d.npz"
+    np.savez(data, x_train=x_train, y_train=d["y_train"][:40], x_test=x_test, y_test=d["y_test"][:16])
+    kw = dict(depth=3, flip=True, backend="numba")
+    gram(x_train, out=str(folder / "train.zarr"), **kw)
+    gram(x_test, x_train, out=str(folder / "test.zarr"), **kw)
+    return folder, data, dict(np.load(data))
+
+
+def test_solve_matches_the_solver_in_memory(kept, capsys):
+    folder, data, d = kept
+    out = [data, "--train", folder / "train.zarr", "--test", folder / "test.zarr"]
+    rc, o, e = run(capsys, "solve", *out, "--predictions", folder / "p.npy", "--json", folder / "r.json")
+    assert rc == 0, e
+    K = solver.load_gram(folder / "train.zarr")
+    K_test = solver.load_gram(folder / "test.zarr")
+    ref = solver.evaluate_classifier(K, K_test, d["y_train"], d["y_test"])
+    fit = solver.fit_classifier(K, d["y_train"])
+    assert f"40 training and 16 test images, {len(np.unique(d['y_train']))} classes; ridge " \
+           f"{ref['ridge_relative']:g} x mean diag(K) (chosen by leave-one-out: accuracy " \
+           f"{100 * ref['loo_accuracy']:.2f}%)" in o, o
+    assert f"test accuracy: {100 * ref['accuracy']:.2f}%" in o
+    np.testing.assert_array_equal(np.load(folder / "p.npy"), fit.predict(K_test))
+    r = json.loads((folder / "r.json").read_text())
+    assert r["accuracy"] == ref["accuracy"] and r["ridge_relative"] == ref["ridge_relative"]
+    assert r["n_train"] == 40 and r["n_test"] == 16 and r["command"][:2] == ["-q", "solve"]
+    # a ridge given; no y_test: predictions only
+    rc, o, e = run(capsys, "solve", *out, "--ridge", "0.01")
+    assert rc == 0 and "x mean diag(K) (given)" in o, e
+    ref = solver.evaluate_classifier(K, K_test, d["y_train"], d["y_test"], ridge=0.01)
+    assert f"test accuracy: {100 * ref['accuracy']:.2f}%" in o
+    np.savez(folder / "unlabelled.npz", **{k: v for k, v in d.items() if k != "y_test"})
+    rc, o, e = run(capsys, "solve", folder / "unlabelled.npz", *out[1:], "--predictions", folder / "u.npy")
+    assert rc == 0 and "test accuracy" not in o, e
+    np.testing.assert_array_equal(np.load(folder / "u.npy"), np.load(folder / "p.npy"))
+
+
+def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, capsys):
+    folder, data, d = kept
+    stores = ["--train", folder / "train.zarr", "--test", folder / "test.zarr"]
+    np.savez(tmp_path / "order.npz", **dict(d, x_train=d["x_train"][::-1], y_train=d["y_train"][::-1]))
+    np.savez(tmp_path / "scaled.npz", **dict(d, x_test=d["x_test"] * 255))
+    np.savez(tmp_path / "nox.npz", y_train=d["y_train"], y_test=d["y_test"])
+    np.savez(tmp_path / "ragged.npz", **dict(d, y_train=d["y_train"][:5]))
+    cases = [
+        ((tmp_path / "order.npz", *stores), r"x_train \(40 images\) are not the images the train "
+         r"store at .* was computed from \(40 images there; their sha256 differ"),
+        ((tmp_path / "scaled.npz", *stores), r"x_test \(16 images\) are not the images the test store"),
+        ((tmp_path / "nox.npz", *stores), r"holds \['y_train', 'y_test'\] but not x_train, x_test: "
+         r"solve needs x_train, y_train and x_test"),
+        ((tmp_path / "ragged.npz", *stores), r"y_train"),
+        ((data, "--train", folder / "test.zarr", "--test", folder / "train.zarr"),
+         r"given the other way round\?"),
+        ((data, *stores, "--ridge", "-1"), r"--ridge must be 'auto' or a number >= 0; got '-1'"),
+        ((data, *stores, "--predictions", tmp_path / "p.txt"), r"must end in \.npy"),
+        ((data, *stores, "--predictions", folder / "train.zarr" / "p.npy"), r"is in --train"),
+        ((data, *stores, "--predictions", tmp_path / "no" / "p.npy"), r"does not exist"),
+        ((data, *stores, "--key", "nngp"), r"has no kernel array 'nngp'; it holds \['ntk'\]"),
+        ((data, "--train", folder / "train.zarr"), r"the following arguments are required: --test"),
+    ]
+    for argv, msg in cases:
+        rc, o, e = run(capsys, "solve", *argv, "--predictions", tmp_path / "out.npy") \
+            if "--predictions" not in map(str, argv) else run(capsys, "solve", *argv)
+        assert rc == 2, (argv, o, e)
+        assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
+    assert not (tmp_path / "out.npy").exists()
+    assert sorted(os.listdir(tmp_path)) == ["nox.npz", "order.npz", "ragged.npz", "scaled.npz"]
