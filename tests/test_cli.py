@@ -72,6 +72,7 @@ def test_npz_keys_x2_3d_and_nhwc(tmp_path, data, capsys):
                    "--kernel", "both", "--out", out, "--backend", "numba", "--no-progress")
     assert rc == 0, e
     assert "as a test kernel, with the store of its training Gram (checked to belong together): " \
+           f"cntk-engine solve DATA --train TRAIN_STORE --test {out}, or " \
            f"cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})" in o, o
     ref = ce.gram(data, data[:4], depths=[2, 3], kernel="both", backend="numba")   # x_train vs x_test
     g = zarr.open_group(str(out))

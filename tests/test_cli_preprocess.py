@@ -39,6 +39,7 @@ def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     assert rc == 0, e
     assert "x_train (24, 3, 8, 8), x_test (6, 3, 8, 8) float64 NCHW, zca (reg 0.2) after 4x4 " \
            "downsampling, fitted on x_train; copied y_train, y_test" in o
+    assert f"--out test.zarr; then cntk-engine solve {out} --train train.zarr --test test.zarr" in o
     z = np.load(out)
     assert sorted(z.files) == ["preprocessing", "x_test", "x_train", "y_test", "y_train"]
     # the library's whitening of the same images, bit for bit; labels unchanged

@@ -47,14 +47,15 @@ def test_solve_matches_the_solver_in_memory(kept, capsys):
     K_test = solver.load_gram(folder / "test.zarr")
     ref = solver.evaluate_classifier(K, K_test, d["y_train"], d["y_test"])
     fit = solver.fit_classifier(K, d["y_train"])
-    assert f"40 training and 16 test images, {len(np.unique(d['y_train']))} classes; ridge " \
+    assert f"40 training and 16 test images, {len(np.unique(d['y_train']))} classes, kernel ntk; ridge " \
            f"{ref['ridge_relative']:g} x mean diag(K) (chosen by leave-one-out: accuracy " \
            f"{100 * ref['loo_accuracy']:.2f}%)" in o, o
     assert f"test accuracy: {100 * ref['accuracy']:.2f}%" in o
     np.testing.assert_array_equal(np.load(folder / "p.npy"), fit.predict(K_test))
     r = json.loads((folder / "r.json").read_text())
     assert r["accuracy"] == ref["accuracy"] and r["ridge_relative"] == ref["ridge_relative"]
-    assert r["n_train"] == 40 and r["n_test"] == 16 and r["command"][:2] == ["-q", "solve"]
+    assert r["n_train"] == 40 and r["n_test"] == 16 and r["command"].startswith("cntk-engine -q solve ")
+    assert r["keys"] == ["ntk", "ntk"] and r["predictions"] == str(folder / "p.npy")
     # a ridge given; no y_test: predictions only
     rc, o, e = run(capsys, "solve", *out, "--ridge", "0.01")
     assert rc == 0 and "x mean diag(K) (given)" in o, e
@@ -73,6 +74,11 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     np.savez(tmp_path / "scaled.npz", **dict(d, x_test=d["x_test"] * 255))
     np.savez(tmp_path / "nox.npz", y_train=d["y_train"], y_test=d["y_test"])
     np.savez(tmp_path / "ragged.npz", **dict(d, y_train=d["y_train"][:5]))
+    np.savez(tmp_path / "one.npz", **dict(d, y_train=np.full(40, 3, np.uint8)))
+    bad = d["x_test"].copy()
+    bad[2, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **dict(d, x_test=bad))
+    np.save(tmp_path / "images.npy", d["x_test"])
     cases = [
         ((tmp_path / "order.npz", *stores), r"x_train \(40 images\) are not the images the train "
          r"store at .* was computed from \(40 images there; their sha256 differ"),
@@ -88,6 +94,12 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         ((data, *stores, "--predictions", tmp_path / "no" / "p.npy"), r"does not exist"),
         ((data, *stores, "--key", "nngp"), r"has no kernel array 'nngp'; it holds \['ntk'\]"),
         ((data, "--train", folder / "train.zarr"), r"the following arguments are required: --test"),
+        ((data, *stores, "--predictions", tmp_path / "same.npy", "--json", tmp_path / "same.npy"),
+         r"--json '.*same.npy' is --predictions"),
+        ((data, *stores, "--predictions", tmp_path / "images.npy"),
+         r"exists and does not hold predictions \(a 1-D .npy array\); refusing to overwrite it"),
+        ((tmp_path / "one.npz", *stores), r"y_train holds one class only \(np.uint8\(3\), 40 images\)"),
+        ((tmp_path / "nan.npz", *stores), r"DATA .*: NaN or Inf pixels in x_test image\(s\) at index \[2\]"),
     ]
     for argv, msg in cases:
         rc, o, e = run(capsys, "solve", *argv, "--predictions", tmp_path / "out.npy") \
@@ -95,4 +107,10 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         assert rc == 2, (argv, o, e)
         assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
     assert not (tmp_path / "out.npy").exists()
-    assert sorted(os.listdir(tmp_path)) == ["nox.npz", "order.npz", "ragged.npz", "scaled.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["images.npy", "nan.npz", "nox.npz", "one.npz",
+                                            "order.npz", "ragged.npz", "scaled.npz"]
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), d["x_test"])
+    # earlier predictions are overwritten
+    np.save(tmp_path / "old.npy", np.zeros(3))
+    assert run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")[0] == 0
+    assert np.load(tmp_path / "old.npy").shape == (16,)

@@ -48,9 +48,12 @@ def test_loads_the_matrices_of_one_model(stores, digits):
                                   key="depth_3/ntk")
     np.testing.assert_array_equal(both.K, K)
     np.testing.assert_array_equal(both.K_test, K_test)
+    assert both.keys == ("depth_3/ntk", "ntk") and not both.transposed
     # gram(x_train, x_test): its transpose is the test kernel (both orders agree to rounding)
     g = zarr.open_group(str(stores / "train.zarr"), mode="r")
-    K2, K_test2 = solver.load_train_test(g, stores / "test_t.zarr")
+    loaded = solver.load_train_test(g, stores / "test_t.zarr")
+    assert loaded.transposed
+    K2, K_test2 = loaded
     np.testing.assert_array_equal(K2, K)
     assert K_test2.shape == (6, 8)
     np.testing.assert_allclose(K_test2, K_test, rtol=1e-6)
@@ -176,7 +179,7 @@ def test_memory_damage_and_unfinished_jobs(stores, tmp_path, monkeypatch):
         m.setattr(store, "available_memory", lambda: 1 << 30)
         m.setattr(store, "available_gpu_memory", lambda: 1407)      # 896 B + 512 B of workspace
         with pytest.raises(solver.GramTooLarge, match=r"1.4 KiB with the solve's workspace \(1 "
-                           r"copies\); free GPU memory 1.4 KiB: does not fit"):
+                           r"copy\); free GPU memory 1.4 KiB: does not fit"):
             solver.load_train_test(train, test, device="cuda")
         m.setattr(store, "available_gpu_memory", lambda: 1 << 30)
         reading = max(k.nbytes + k.reading() for k in (store._locate(train, "depth_3/ntk", None),

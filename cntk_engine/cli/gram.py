@@ -31,6 +31,7 @@ died on another host) is taken over.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -151,5 +152,6 @@ def run(args) -> int:
           f"cntk_engine.solver.load_gram({str(out)!r}, key={names[0]!r})")
     if x2 is not None:      # a test kernel: read with the training Gram it belongs to
         print("as a test kernel, with the store of its training Gram (checked to belong "
-              f"together): cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})")
+              f"together): cntk-engine solve DATA --train TRAIN_STORE --test {shlex.quote(str(out))}, "
+              f"or cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})")
     return 0

@@ -5,12 +5,12 @@
     cntk-engine gram cifar_zca.npz:x_train --architecture myrtle10 --flip --out train.zarr
     cntk-engine gram cifar_zca.npz:x_test --x2 cifar_zca.npz:x_train --architecture myrtle10 \\
         --flip --out test.zarr
-    python -c "from cntk_engine import solver; K, K_test = solver.load_train_test('train.zarr', 'test.zarr')"
+    cntk-engine solve cifar_zca.npz --train train.zarr --test test.zarr
 
 ``evaluate --zca`` preprocesses the subsets it draws in memory; a Gram job at scale reads its
 images from files, so the whitening is made once, here, and both of its kernels are computed
-from the one file (their stores' fingerprints then tie the test kernel to the training Gram:
-:func:`cntk_engine.solver.load_train_test`).
+from the one file (their stores' fingerprints then tie the test kernel to the training Gram,
+and both to the file's labels: ``cntk-engine solve``, :func:`cntk_engine.solver.load_train_test`).
 
 DATA is an ``.npz`` archive holding ``x_train`` and ``x_test`` (the preprocessing is fitted on
 ``x_train`` and applied to both) or ``x`` alone (fitted on and applied to ``x``); images
@@ -219,10 +219,12 @@ def run(args) -> int:
           + (f"; not copied (not arrays): {', '.join(skipped)}" if skipped else ""))
     q = shlex.quote
     if len(keys) == 2:
+        then = (f"cntk-engine solve {q(str(out))} --train train.zarr --test test.zarr"
+                if "y_train" in others else
+                "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
         print(f"next, with the same architecture options for both: cntk-engine gram "
               f"{q(f'{out}:x_train')} ... --out train.zarr; cntk-engine gram {q(f'{out}:x_test')} "
-              f"--x2 {q(f'{out}:x_train')} ... --out test.zarr; then "
-              "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
+              f"--x2 {q(f'{out}:x_train')} ... --out test.zarr; then {then}")
     else:
         print(f"next: cntk-engine gram {q(f'{out}:x')} ... --out gram.zarr")
     return 0

@@ -26,14 +26,15 @@ and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of 
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, machine,
-                     open_numpy, parse_ridge, read_member, to_nchw, write_json)
+from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, log,
+                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -64,7 +65,9 @@ def add_parser(sub) -> None:
 
 
 def _check_npy_path(path: str, inputs: dict) -> Path:
-    """--predictions: a .npy path in an existing folder, not one of the inputs."""
+    """--predictions: a .npy path in an existing, writable folder, not one of the inputs nor
+    in them; an existing file only where it holds earlier predictions (a 1-D array: a .npy of
+    images given by mistake is not overwritten)."""
     if not path:
         raise CliError("--predictions '' is empty; give the path of the .npy file to write")
     p = Path(path)
@@ -72,6 +75,8 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
         raise CliError(f"--predictions {path!r} must end in .npy (np.save's format); e.g. "
                        f"{str(p.with_suffix('.npy'))!r}")
     for what, other in inputs.items():
+        if other is None:
+            continue
         other = Path(other).resolve()
         if p.resolve() == other or other in p.resolve().parents:
             raise CliError(f"--predictions {path!r} is {'in ' if p.resolve() != other else ''}"
@@ -79,11 +84,34 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
     if p.is_dir():
         raise CliError(f"--predictions {path!r} is a folder; give a file path")
     check_parent_folder(p, "--predictions")
+    if p.exists() or p.is_symlink():
+        if not p.is_file():
+            raise CliError(f"--predictions {path!r} exists and is not a regular file (a FIFO, a "
+                           "device or a broken link); give the path of a file to write")
+        if not _holds_predictions(p):
+            raise CliError(f"--predictions {path!r} exists and does not hold predictions (a 1-D "
+                           ".npy array); refusing to overwrite it: remove it or give another path")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise CliError(f"--predictions {path!r}: the folder {str(p.parent)!r} is not writable")
     return p
 
 
+def _holds_predictions(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                    np.lib.format.read_array_header_2_0)
+            shape, _, _ = read(f)
+        return len(shape) == 1
+    except (OSError, ValueError):
+        return False
+
+
 def _save_npy(p: Path, values: np.ndarray) -> None:
-    """``np.save`` through a temporary file beside ``p``, moved into place."""
+    """``np.save`` through a temporary file beside ``p``, moved into place (through a symbolic
+    link, the file it points to)."""
+    p = Path(os.path.realpath(p))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
@@ -105,7 +133,9 @@ def _save_npy(p: Path, values: np.ndarray) -> None:
 
 
 def _read_data(path: str, data_format: str) -> dict:
-    """DATA's images (NCHW, as gram read them) and labels (checked), y_test None without."""
+    """DATA's images (NCHW float64, as gram read them) and labels (checked), y_test None
+    without."""
+    from ..inputs import as_images
     from ..solver.targets import check_labels
     p = Path(path)
     if not p.exists():
@@ -125,11 +155,23 @@ def _read_data(path: str, data_format: str) -> dict:
         got = {k: read_member(z, k, path) for k in KEYS + ("y_test",) if k in z.files}
     out = {k: to_nchw(got[k], data_format, f"DATA {path!r}: {k}") for k in ("x_train", "x_test")}
     try:
+        for k in ("x_train", "x_test"):       # as gram checked them (NaN pixels, no images, ...)
+            out[k] = as_images(out[k], "NCHW", k)
         out["y_train"] = check_labels(got["y_train"], len(out["x_train"]), "y_train")
         out["y_test"] = (check_labels(got["y_test"], len(out["x_test"]), "y_test", like=out["y_train"])
                          if "y_test" in got else None)
     except ValueError as e:
         raise CliError(f"DATA {path!r}: {e}") from None
+    classes = np.unique(out["y_train"])
+    if len(classes) < 2:                      # before the kernels are read
+        raise CliError(f"DATA {path!r}: y_train holds one class only ({classes[0]!r}, "
+                       f"{len(out['y_train'])} images): a classifier needs at least 2")
+    if out["y_test"] is not None:
+        unseen = ~np.isin(out["y_test"], classes)
+        if unseen.any():
+            log.warning("DATA %r: %d of the %d test labels are of classes y_train does not hold "
+                        "(%s): no prediction can match them", path, int(unseen.sum()),
+                        len(unseen), ", ".join(repr(v) for v in np.unique(out["y_test"][unseen])[:10]))
     return out
 
 
@@ -139,14 +181,20 @@ def run(args) -> int:
     inputs = {"DATA": args.data, "--train": args.train, "--test": args.test}
     predictions = None if args.predictions is None else _check_npy_path(args.predictions, inputs)
     if args.json is not None:
-        check_json_path(args.json, inputs=inputs)
+        check_json_path(args.json, inputs=dict(inputs, **{"--predictions": args.predictions}))
     t0 = time.perf_counter()
     d = _read_data(args.data, args.data_format)
     # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
     # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
-    K, K_test = solver.load_train_test(args.train, args.test, args.key,
-                                       workspace=3 if ridge == "auto" else 1,
-                                       x_train=d["x_train"], x_test=d["x_test"], data_format="NCHW")
+    try:
+        loaded = solver.load_train_test(args.train, args.test, args.key,
+                                        workspace=3 if ridge == "auto" else 1,
+                                        x_train=d["x_train"], x_test=d["x_test"], data_format="NCHW")
+    except solver.GramTooLarge as e:
+        hint = (" (--ridge R, a number, needs 1 copy of K for its solve instead of the 3 of "
+                "--ridge auto's eigendecomposition)" if ridge == "auto" else "")
+        raise CliError(f"{e}{hint}") from None
+    K, K_test = loaded
     t_load = time.perf_counter() - t0
     fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets)
     pred = fit.predict(K_test)
@@ -154,9 +202,9 @@ def run(args) -> int:
     info = fit.info
     how = (f"chosen by leave-one-out: accuracy {100 * info['loo_accuracy']:.2f}%"
            if ridge == "auto" else "given")
-    print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes; ridge "
-          f"{info['ridge_relative']:g} x mean diag(K) ({how})"
-          + (f", jitter {info['jitter']:.3g}" if info["jitter"] else "")
+    print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes, kernel "
+          f"{loaded.keys[0]}; ridge {info['ridge_relative']:g} x mean diag(K) ({how})"
+          + (f", jitter {info['jitter']:.3g} (absolute)" if info["jitter"] else "")
           + f"; loaded in {t_load:.1f} s, solved in {t_solve:.1f} s")
     acc = None
     if d["y_test"] is not None:
@@ -167,11 +215,15 @@ def run(args) -> int:
         print(f"predictions written to {predictions}")
     if args.json is not None:
         from ..version import __version__
+        argv = getattr(args, "argv", None)
         write_json(args.json, dict(
-            command=getattr(args, "argv", None), version=__version__, data=str(args.data),
-            train=str(args.train), test=str(args.test), key=args.key, targets=args.targets,
-            ridge=ridge, n_train=len(K), n_test=len(K_test), classes=fit.classes.tolist(),
-            accuracy=acc, **{k: v for k, v in info.items()},
+            command=None if argv is None else "cntk-engine " + shlex.join(argv),
+            version=__version__, data=str(args.data), data_format=args.data_format,
+            train=str(args.train), test=str(args.test), keys=list(loaded.keys),
+            test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,
+            n_train=len(K), n_test=len(K_test),
+            classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
+            accuracy=acc, **info, predictions=None if predictions is None else str(predictions),
             seconds=dict(load=t_load, solve=t_solve), machine=machine()))
         print(f"results written to {args.json}")
     return 0

@@ -117,7 +117,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -1790,9 +1789,9 @@ def _open_path(path, role: str | None = None, *, group: bool = False):
     """The Zarr node (``group``: the group) at ``path``, opened read-only; ``role``: the
     argument it was given as, for the messages (None: load_gram's single source)."""
     zarr = require_zarr()
-    named = f"{role}={str(path)!r}" if role else repr(str(path))
+    named = arg(role, str(path)) if role else repr(str(path))
     if not Path(path).exists():
-        raise FileNotFoundError(f"{role + ': ' if role else ''}Zarr store {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{arg(role) + ': ' if role else ''}Zarr store {str(path)!r} does not exist")
     try:
         return (zarr.open_group if group else zarr.open)(os.fspath(path), mode="r")
     except Exception as e:  # noqa: BLE001 - not a store
@@ -1870,7 +1869,8 @@ def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, 
         staging = place == "available RAM" and device == "cuda"
         want = staged if staging else need
         what = (f"{format_bytes(want)} on the host to read {it} for the GPU" if staging else
-                f"{format_bytes(need)} with the solve's workspace ({workspace:g} copies)")
+                f"{format_bytes(need)} with the solve's workspace ({workspace:g} "
+                f"cop{'y' if workspace == 1 else 'ies'})")
         msg = (f"{matrices}: {format_bytes(total)} as float64, {what}; {place} "
                f"{format_bytes(limit)}")
         if want > limit:
@@ -1930,10 +1930,18 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     return _read(found, device)
 
 
-class TrainTestKernels(NamedTuple):
-    """What :func:`load_train_test` returns: the (n, n) training Gram and the (m, n) test kernel."""
+@dataclass(frozen=True)
+class TrainTestKernels:
+    """What :func:`load_train_test` returns, unpacked as ``K, K_test``: the (n, n) training
+    Gram and the (m, n) test kernel; ``keys``: the arrays read (the train store's, the test
+    store's); ``transposed``: the test store held train x test."""
     K: object
     K_test: object
+    keys: tuple[str, str]
+    transposed: bool = False
+
+    def __iter__(self):
+        return iter((self.K, self.K_test))
 
 
 #: Record fields two stores of one model may differ in: what computed them (backend, dtype,
@@ -1998,17 +2006,17 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
     if isinstance(source, (str, os.PathLike)):
         source = _open_path(source, role, group=True)
     elif not isinstance(source, zarr.Group):
-        raise ValueError(f"{role} must be the path or the zarr.Group of a Gram store written by "
+        raise ValueError(f"{arg(role)} must be the path or the zarr.Group of a Gram store written by "
                          f"gram(..., out=...); got {type(source).__name__}")
     else:
         try:                     # a group is named by its folder
             where = repr(str(_group_path(source)))
         except Exception:  # noqa: BLE001 - not a local store
-            where = f"the zarr.Group given as {role}"
+            where = f"the zarr.Group given as {arg(role)}"
     if not _is_store(source):
-        raise ValueError(f"{role}={where} is not the root of a cntk_engine Gram store (gram(..., "
-                         "out=...)): load_train_test checks two stores' job records; load a plain "
-                         "array with load_gram")
+        raise ValueError(f"{arg_prefix(role)}{where} is not the root of a cntk_engine Gram store "
+                         "(gram(..., out=...)): load_train_test checks two stores' job records; "
+                         "load a plain array with load_gram")
     return source, where, dict(source.attrs["cntk_engine"])
 
 
@@ -2025,7 +2033,8 @@ def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
     if key is None:
         if len(both) != 1:
             raise ValueError(f"both stores hold the kernels {sorted(both)} (as the train store "
-                             "names them): name one as key=")
+                             "names them): name one " + (f"with {option('key')}" if option('key')
+                                                         else "as key="))
         key = both[0]
     if not isinstance(key, str) or key not in train_r:
         raise ValueError(f"the train store at {wheres[0]} has no kernel array {key!r}; it holds "
@@ -2081,7 +2090,7 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
             n = a["n1"] if role == "train" else (b["n2"] if transposed else b["n1"])
             raise ValueError(f"{name} ({len(x)} images) are not the images the {role} store at "
                              f"{where} was computed from ({n} images there; their sha256 differ: "
-                             "another subset, order or pixel scaling, or another data_format): "
+                             f"another subset, order or pixel scaling, or another {arg('data_format')}): "
                              "labels kept with them would not be the kernel's")
     train_key, test_key = _pair_keys(a, b, key, (w_train, w_test))
     k_train, k_test = _locate(train, train_key, device), _locate(test, test_key, device)
@@ -2095,7 +2104,7 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
         log.info("the test store at %s holds gram(x_train, x_test): its transpose is the test "
                  "kernel", w_test)
         K_test = K_test.T
-    return TrainTestKernels(K, K_test)
+    return TrainTestKernels(K, K_test, (train_key, test_key), transposed)
 
 
 def _group_path(group) -> Path:

@@ -425,13 +425,17 @@ def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=N
     return _fit_classifier(K, y_train, ridge, targets, groups)
 
 
-def _fit_classifier(K, y_train, ridge, targets: str, groups) -> ClassifierFit:
-    enc = paper_targets if targets == "paper" else one_hot
-    Y, classes = enc(y_train)
-    n_train = len(y_train)
+def _targets(y_train, targets: str):
+    """``(Y, classes)`` of the labels, at least 2 classes (ValueError otherwise)."""
+    Y, classes = (paper_targets if targets == "paper" else one_hot)(y_train)
     if len(classes) < 2:
-        raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {n_train} samples): a "
-                         "classifier needs at least 2")
+        raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {len(y_train)} "
+                         "samples): a classifier needs at least 2")
+    return Y, classes
+
+
+def _fit_classifier(K, y_train, ridge, targets: str, groups) -> ClassifierFit:
+    Y, classes = _targets(y_train, targets)
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
     info = {}
@@ -479,15 +483,16 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    classes = paper_targets(y_train)[1]          # the fit's classes, before the O(n^3) work
+    classes = _targets(y_train, targets)[1]      # the fit's classes, before the O(n^3) work
     unseen = ~np.isin(y_test, classes)
     if bool(unseen.any()):       # scored wrong whatever the kernel: the accuracy has that ceiling
         log.warning("%d of the %d test labels are of classes the training labels do not hold (%s): "
                     "no prediction can match them", int(unseen.sum()), len(y_test),
                     ", ".join(repr(v) for v in np.unique(y_test[unseen])[:10].tolist()))
     fit = _fit_classifier(K, y_train, ridge, targets, groups)
-    out = dict(fit.info)
-    out["accuracy"] = accuracy(fit.predict(K_test), y_test)
+    out = {k: v for k, v in fit.info.items() if k not in ("ridge_absolute", "jitter")}
+    out.update(accuracy=accuracy(fit.predict(K_test), y_test),
+               ridge_absolute=fit.info["ridge_absolute"], jitter=fit.info["jitter"])
     if ridge == "auto" or ridge != 0:
         try:
             sol0 = fit_ridge(K, fit._Y, 0.0)
