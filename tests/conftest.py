@@ -27,6 +27,18 @@ def load_real(name):
     return np.load(path)
 
 
+def run_cli(capsys, *argv):
+    """``cntk-engine -q ARGV...`` in this process: (exit status, stdout, stderr); argparse's
+    usage errors (SystemExit) give their status too."""
+    from cntk_engine import cli
+    try:
+        rc = cli.main(["-q", *map(str, argv)])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def load_tool(name: str):
     """The module ``tools/<name>.py`` (``name`` may hold a folder: ``gpu/prepare_carry``),
     loaded from its file: putting the checkout ahead of site-packages on sys.path would make

@@ -10,16 +10,11 @@ import pytest
 from cntk_engine import cli
 from cntk_engine.preprocess import preprocess
 
-from conftest import load_real
+from conftest import load_real, run_cli
 
 
 def run(capsys, *argv):
-    try:
-        rc = cli.main(["-q", *map(str, argv)])
-    except SystemExit as e:          # argparse's usage errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture(scope="module")

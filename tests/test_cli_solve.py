@@ -8,18 +8,13 @@ import pytest
 
 pytest.importorskip("zarr")
 
-from cntk_engine import cli, gram, solver  # noqa: E402
+from cntk_engine import gram, solver  # noqa: E402
 
-from conftest import load_real  # noqa: E402
+from conftest import load_real, run_cli  # noqa: E402
 
 
 def run(capsys, *argv):
-    try:
-        rc = cli.main(["-q", *map(str, argv)])
-    except SystemExit as e:          # argparse's usage errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture(scope="module")

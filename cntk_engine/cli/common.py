@@ -379,22 +379,28 @@ def _is_json(p: Path) -> bool:
 
 
 def write_json(path, rec: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``; through a
-    symbolic link, the file it points to (replacing the link would leave that file as it was)."""
-    p = Path(os.path.realpath(path))
+    """``rec`` as JSON, written as :func:`write_file` writes."""
     text = json.dumps(rec, indent=1, default=_json_default)
+    write_file(path, lambda f: f.write(text.encode()))
+
+
+def write_file(path, write, what: str | None = None) -> None:
+    """``write(f)`` into ``path`` atomically: a binary temporary file in the same folder, then
+    ``os.replace``; through a symbolic link, the file it points to (replacing the link would
+    leave that file as it was).  ``what``: how errors name the path (default: the path)."""
+    p = Path(os.path.realpath(path))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, p)
         tmp = None
     except OSError as e:
-        raise CliError(f"{str(path)!r} cannot be written: {e}") from None
+        raise CliError(f"{what or repr(str(path))} cannot be written: {e}") from None
     finally:
         if tmp is not None:
             try:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, log,
-                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_json)
+                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_file,
+                     write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -106,30 +106,6 @@ def _holds_predictions(p: Path) -> bool:
         return len(shape) == 1
     except (OSError, ValueError):
         return False
-
-
-def _save_npy(p: Path, values: np.ndarray) -> None:
-    """``np.save`` through a temporary file beside ``p``, moved into place (through a symbolic
-    link, the file it points to)."""
-    p = Path(os.path.realpath(p))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, values, allow_pickle=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as e:
-        raise CliError(f"--predictions {str(p)!r} cannot be written: {e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _read_data(path: str, data_format: str) -> dict:
@@ -211,7 +187,8 @@ def run(args) -> int:
         acc = solver.accuracy(pred, d["y_test"])
         print(f"test accuracy: {100 * acc:.2f}% ({int(round(acc * len(pred)))} of {len(pred)})")
     if predictions is not None:
-        _save_npy(predictions, np.asarray(pred))
+        write_file(predictions, lambda f: np.save(f, np.asarray(pred), allow_pickle=False),
+                   f"--predictions {str(predictions)!r}")
         print(f"predictions written to {predictions}")
     if args.json is not None:
         from ..version import __version__
