@@ -22,8 +22,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, check_out_dir, gpu_info, gpu_sync, int_at_least,  # noqa: E402
-                          int_list, machine, median_time, result_header, run_main, utc_date,
+from bench.common import (RESULTS, ScriptError, check_out_dir, gpu_info, gpu_sync, int_at_least,  # noqa: E402
+                          int_list, machine, median_time, result_header, run_main, new_stem,
                           write_json)
 
 
@@ -52,7 +52,11 @@ def run(args):
     import cntk_engine as ce
     from bench.per_layer_baseline import PerLayerGPU
     check_out_dir(args.out, "--out")
-    import cupy
+    try:
+        import cupy
+    except ImportError as e:
+        raise ScriptError(f"bench_cuda.py times the CUDA backend against the per-layer method on a "
+                          f"GPU, with CuPy; CuPy is not importable here ({e})") from None
     depths = args.depths
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, 3, args.size, args.size)).astype(np.float32)
@@ -103,7 +107,7 @@ def run(args):
                "workload": f"symmetric Gram, {args.size}x{args.size}x3 random images, GAP, arora, NTK",
                "results": rows}
     name = info["name"].replace(" ", "_").replace("/", "_")
-    path = write_json(Path(args.out) / f"cuda_{name}_{utc_date()}.json", payload)
+    path = write_json(Path(str(new_stem(args.out, f"cuda_{name}")) + ".json"), payload)
     print(f"wrote {path}")
     try:
         import matplotlib

@@ -42,7 +42,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, check_out_dir, int_at_least, machine, positive_float,  # noqa: E402
+from bench.common import (new_stem, RESULTS, check_out_dir, int_at_least, machine, positive_float,  # noqa: E402
                           run_main, write_json)
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
@@ -224,7 +224,7 @@ def run(args):
                   f"(queue bound {100 * s['simulated_efficiency']:.1f}%)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    path = write_json(Path(args.out_dir) / f"scheduler_{tag}.json", res)
+    path = write_json(Path(str(new_stem(args.out_dir, f"scheduler_{tag}")) + ".json"), res)
     print(f"wrote {path}")
 
 

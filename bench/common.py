@@ -52,6 +52,22 @@ def utc_date() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d")
 
 
+RESULT_SUFFIXES = (".json", ".png", ".md", ".log")
+
+
+def new_stem(folder, name: str) -> Path:
+    """``<folder>/<name>_<UTC date>`` (the result files add .json, .png, .md), or that with
+    ``_2``, ``_3``, ... where a result of that stem exists already: a run never overwrites an
+    earlier one's files, those committed in bench/results included (two runs on one day, or a
+    README command run again on the day its figures were measured)."""
+    base = Path(folder) / f"{name}_{utc_date()}"
+    stem, k = base, 1
+    while any(Path(str(stem) + s).exists() for s in RESULT_SUFFIXES):
+        k += 1
+        stem = base.with_name(f"{base.name}_{k}")
+    return stem
+
+
 def result_header() -> dict:
     """The fields every result file starts with: date, commit, command."""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -204,7 +220,7 @@ def save_result(out_dir, stem: str, fields: dict) -> dict:
     """Write a result file ``<out_dir>/<stem>_<date>.json``: :func:`result_header`, ``fields``,
     the machine and the versions; say where; return the payload."""
     payload = {**result_header(), **fields, "machine": machine(), "versions": versions()}
-    out = write_json(Path(out_dir) / f"{stem}_{utc_date()}.json", payload)
+    out = write_json(Path(str(new_stem(out_dir, stem)) + ".json"), payload)
     print(f"wrote {out}")
     return payload
 
@@ -221,7 +237,11 @@ def run_snippet(python, snippet: str, args, timeout: float = 3600) -> dict:
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"unavailable": str(e)}
     if out.returncode != 0:
-        return {"unavailable": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+        if "No module named 'jax'" in why or "No module named 'neural_tangents'" in why:
+            why += (f" (in {python}: give the Python of an environment with neural-tangents as "
+                    "--nt-python)")
+        return {"unavailable": why}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -64,7 +64,7 @@ from . import ceiling as ceil_mod
 from tools import sass_mix
 from . import paper_code as paper_mod
 from . import per_layer_baseline
-from .common import (RESULTS, ScriptError, check_out_dir, check_out_file, choice_list, comma_items,
+from .common import (RESULTS, new_stem, ScriptError, check_out_dir, check_out_file, choice_list, comma_items,
                      devices, finish, gpu_info, gpu_sync, int_at_least, int_list, is_default_variant,
                      machine, median_time, result_header, run_main, utc_date, versions, write_json)
 
@@ -442,12 +442,15 @@ def run_settings(args) -> dict:
 
 
 def output_path(args) -> Path:
-    """--output; else <out-dir>/<name>_<UTC date>.json, or with --resume the newest existing
+    """--output; else <out-dir>/<name>_<UTC date>.json (``_2``, ... where that exists: a new run
+    never overwrites an earlier result), or with --resume the newest existing
     <out-dir>/<name>_<8 digits>.json (a run resumed after midnight continues its file)."""
     if args.output:
         return Path(args.output)
+    if not args.resume:
+        return Path(str(new_stem(args.out_dir, args.name)) + ".json")
     today = Path(args.out_dir) / f"{args.name}_{utc_date()}.json"
-    if args.resume and not today.exists():
+    if not today.exists():
         pat = re.compile(re.escape(args.name) + r"_(\d{8})\.json")
         found = sorted((p for p in Path(args.out_dir).glob(f"{glob.escape(args.name)}_*.json")
                         if pat.fullmatch(p.name)), key=lambda p: p.name)
@@ -507,6 +510,11 @@ def method_label(c, variant=None) -> str:
 
 def check_args(args, variants):
     """One-line errors for option combinations that cannot run (before anything runs)."""
+    if args.devices and "cuda" not in args.methods:
+        given = args.devices if isinstance(args.devices, str) else ",".join(map(str, args.devices))
+        raise ScriptError(f"--devices {given}: selects the GPUs of the cuda method, which --methods "
+                          f"{','.join(args.methods)} leaves out (the CPU methods use every core); add "
+                          "cuda to --methods or leave --devices out")
     if args.kernels and "cuda" not in args.methods:
         raise ScriptError(f"--kernels {','.join(args.kernels)}: chooses the CUDA kernel variants of the cuda "
                           f"method, which --methods {','.join(args.methods)} leaves out; add cuda to --methods "
@@ -559,6 +567,8 @@ def run(args, prog: str = "python -m bench") -> dict:
     if args.resume and old_records:
         print(f"--resume: continuing {out_path} ({len(done)} OK configurations kept; failed or unavailable "
               f"ones run again; {len(outside)} outside this matrix kept)", flush=True)
+    elif args.resume:
+        print(f"--resume: no results in {out_path} to continue; starting it", flush=True)
     methods = {c["method"] for c in matrix}
     payload = {**result_header(), "kind": "harness", "machine": machine(), "gpu": gpu_info(),
                "versions": versions(), "cntk_engine_path": str(Path(runner.ce.__file__).parent),

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The README's two timed walkthroughs, run as a user runs them, with their output and timings:
+# The README's timed walkthroughs, run as a user runs them, with their output and timings:
 #
 #   bash bench/readme_walkthroughs.sh demo   LOG    # `cntk-engine demo`: empty numba cache, then two warm runs
 #   bash bench/readme_walkthroughs.sh resume LOG    # "Interrupt and resume": Ctrl-C (SIGINT) midway, --resume
+#   bash bench/readme_walkthroughs.sh scale  LOG    # "Readouts, flips and ZCA" at scale: preprocess, two
+#                                                   # gram jobs, solve; against evaluate in memory
+#
+# scale takes N_TRAIN / N_TEST (default 200 / 100) images of the CIFAR-10 subset at
+# CIFAR (default ../shared/data/cifar10_jpeg_small.npz) and runs the README's commands on them
+# (Myrtle-5, flips, ZCA), then `cntk-engine evaluate` with the same recipe on the same images,
+# whose accuracy and ridge must be the same.
 #
 # Uses the `cntk-engine` and `python` on PATH (an installed package: the numba kernel is loaded
 # from its cache as in any user's process) and NUMBA_NUM_THREADS (default 2).  The resume
@@ -14,10 +21,15 @@
 set -u
 what=${1:?usage: readme_walkthroughs.sh demo|resume LOG}
 log=${2:?usage: readme_walkthroughs.sh demo|resume LOG}
-case "$what" in demo|resume) ;; *) echo "readme_walkthroughs.sh: demo or resume, not '$what'" >&2; exit 2 ;; esac
+case "$what" in demo|resume|scale) ;; *) echo "readme_walkthroughs.sh: demo, resume or scale, not '$what'" >&2; exit 2 ;; esac
+cifar=$(realpath -m "${CIFAR:-$(dirname "$0")/../../shared/data/cifar10_jpeg_small.npz}")
+if [ "$what" = scale ] && [ ! -f "$cifar" ]; then
+  echo "readme_walkthroughs.sh: no CIFAR-10 subset at $cifar (set CIFAR=path.npz)" >&2; exit 2
+fi
 command -v cntk-engine >/dev/null || { echo "readme_walkthroughs.sh: no cntk-engine on PATH (pip install . first)" >&2; exit 2; }
 export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 log=$(realpath -m "$log")
+[ -d "$(dirname "$log")" ] || { echo "readme_walkthroughs.sh: the folder of LOG, $(dirname "$log"), does not exist" >&2; exit 2; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work" || exit 2
@@ -35,7 +47,7 @@ run() {     # run a command line, logging it with its exit status, wall time and
 }
 {
   echo "# README walkthrough '$what' (cntk_engine), date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); $(nproc) logical cores; NUMBA_NUM_THREADS=$NUMBA_NUM_THREADS"
+  echo "# machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); $(getconf _NPROCESSORS_ONLN) logical cores; NUMBA_NUM_THREADS=$NUMBA_NUM_THREADS"
   echo "# package: $(python -c 'import cntk_engine as ce; print(ce.__file__, ce.__version__)')"
   echo "# load average at start: $(load)"
   echo
@@ -47,6 +59,28 @@ run() {     # run a command line, logging it with its exit status, wall time and
       echo "cache now holds: $(find "$NUMBA_CACHE_DIR" -type f | wc -l) files"
       echo
     done
+  elif [ "$what" = scale ]; then
+    n_train=${N_TRAIN:-200} n_test=${N_TEST:-100}
+    echo "## the first $n_train training and $n_test test images of $cifar, as cifar.npz"
+    run "python -c \"
+import numpy as np
+d = np.load('$cifar')
+np.savez('cifar.npz', x_train=d['x_train'][:$n_train], y_train=d['y_train'][:$n_train],
+         x_test=d['x_test'][:$n_test], y_test=d['y_test'][:$n_test])\""
+    echo "## the README's commands"
+    run "cntk-engine preprocess cifar.npz --zca --out cifar_zca.npz"
+    run "cntk-engine gram cifar_zca.npz:x_train --architecture myrtle5 --flip --out train.zarr --no-progress"
+    run "cntk-engine gram cifar_zca.npz:x_test --x2 cifar_zca.npz:x_train --architecture myrtle5 --flip --out test.zarr --no-progress"
+    run "cntk-engine solve cifar_zca.npz --train train.zarr --test test.zarr --predictions pred.npy --json solve.json"
+    echo "## the same recipe in memory: evaluate on all of cifar.npz (its subsets are then the whole sets, in order)"
+    run "cntk-engine evaluate cifar.npz --architecture myrtle5 --flip --zca --n-train $n_train --n-test $n_test --no-progress --json evaluate.json"
+    run "python -c \"
+import json
+s, e = json.load(open('solve.json')), json.load(open('evaluate.json'))['results'][0]
+same = all(s[k] == e[k] for k in ('accuracy', 'ridge_relative', 'loo_accuracy'))
+print('solve:', {k: s[k] for k in ('accuracy', 'ridge_relative', 'loo_accuracy')})
+print('evaluate:', {k: e[k] for k in ('accuracy', 'ridge_relative', 'loo_accuracy')})
+print('the same figures' if same else 'DIFFERENT')\""
   else
     run "python -c \"import numpy as np; np.save('imgs.npy', np.random.default_rng(0).random((100, 3, 32, 32), dtype=np.float32))\""
     echo "## 1. uninterrupted run (reference), store full.zarr"
@@ -75,5 +109,5 @@ for k in ('ntk', 'nngp'):
     done
   fi
   echo "# done $(date -u +%H:%M:%S)"
-} > "$log" 2>&1
+} > "$log" 2>&1 || { echo "readme_walkthroughs.sh: LOG $log could not be written" >&2; exit 2; }
 echo "wrote $log"

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, choice_list,  # noqa: E402
                           devices, existing_file, gpu_info, gpu_sync, int_at_least, int_list, machine,
-                          non_finite_images, positive_float, result_header, run_main, utc_date,
+                          non_finite_images, positive_float, result_header, run_main, new_stem,
                           versions, write_json)
 import cntk_engine as ce  # noqa: E402
 from cntk_engine import solver  # noqa: E402
@@ -383,6 +383,11 @@ def check_architecture(depths, poolings, fix_arg) -> None:
 def run(args):
     depths, poolings = tuple(args.depths), args.pooling
     check_architecture(depths, poolings, args.fix)
+    if args.dtype is None:
+        args.dtype = "float64" if args.backend == "reference" else "float32"
+    if args.backend == "reference" and args.dtype != "float64":
+        raise ScriptError(f"--backend reference computes in float64 only; --dtype {args.dtype} would "
+                          "label its results falsely: pass --dtype float64")
     if args.save_kernels:
         check_writable_dir(save_kernels_path(args.save_kernels, poolings[0]).parent, "--save-kernels",
                            args.save_kernels)
@@ -398,7 +403,7 @@ def run(args):
     xtr, xte = preprocess(x_tr, x_te, args.downsample)
     xtr_all, ytr_all, xte_all, yte_all = xtr[:n_tr], y_tr[:n_tr], xte[:n_te], y_te[:n_te]
     extra = scheduler_kwargs(args)
-    stem = Path(args.out_dir) / f"table1_{args.tag}_{utc_date()}"
+    stem = new_stem(args.out_dir, f"table1_{args.tag}")
     payload = {**result_header(), "kind": "table1", "machine": machine(), "gpu": gpu_info(),
                "versions": versions(), "data": src, "n_train": n_tr, "n_test": n_te,
                "image_shape": list(xtr.shape[1:]), "downsample": args.downsample,
@@ -515,7 +520,8 @@ def parser():
     ap.add_argument("--fix", default="paper", choices=["paper", "true", "false"],
                     help="paper: fix=False for CNTK-V, True for CNTK-GAP (their README)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                    help="compute dtype [float32; float64 for the reference, its only one]")
     ap.add_argument("--tile", type=int_at_least(1), default=None)
     ap.add_argument("--downsample", type=int_at_least(1), default=1,
                     help="average-pool images by this factor (CPU option)")
@@ -560,7 +566,7 @@ def merge(files, out_dir, tag):
     out["n_train"] = max(q["n_train"] for q in parts)
     out["n_test"] = max(q["n_test"] for q in parts)
     out["command"] = " ; ".join(q["command"] for q in parts)
-    stem = check_out_dir(out_dir, "--out-dir") / f"table1_{tag}_{utc_date()}"
+    stem = new_stem(check_out_dir(out_dir, "--out-dir"), f"table1_{tag}")
     write_json(stem.with_suffix(".json"), out)
     md = markdown(out)
     stem.with_suffix(".md").write_text(md)

@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, devices,  # noqa: E402
                           existing_file, gpu_info, int_at_least, int_list, load_npz, machine, npz_array,
-                          result_header, run_main, utc_date, versions, write_json)
+                          result_header, run_main, new_stem, versions, write_json)
 from bench.reproduce_table1 import (check_architecture, kernels, load_cifar_for_cli,  # noqa: E402
                                     preprocess, regression_accuracy, scheduler_kwargs)
 
@@ -183,7 +183,7 @@ def run(args):
         raise ScriptError(f"no training size could be drawn from the pool of {len(ytr)} images "
                          f"(--sizes {','.join(map(str, args.sizes))}: each is larger than "
                          "the pool or needs more images of a class than it has); nothing written")
-    stem = Path(args.out_dir) / f"small_data_{args.tag}_{utc_date()}"
+    stem = new_stem(args.out_dir, f"small_data_{args.tag}")
     payload = {**result_header(), "kind": "small_data", "machine": machine(), "gpu": gpu_info(),
                "versions": versions(), "data": src, "pool": int(len(ytr)), "n_test": int(len(yte)),
                "image_shape": shape, "pooling": pooling, "fix": fix, "depths": depths,

@@ -496,10 +496,15 @@ def test_harness_resume(tmp_path, capsys):
     assert p["settings"] == {"seed": 0, "warmup": 0, "repeats": 1, "devices": None, "dask_scheduler": None}
     numba2 = p["results"][0]
     for extra, name in ((["--seed", "1"], "--seed"), (["--repeats", "2"], "--repeats"),
-                        (["--warmup", "1"], "--warmup"), (["--devices", "0"], "--devices")):
+                        (["--warmup", "1"], "--warmup")):
         with pytest.raises(SystemExit, match=f"other settings: {name} "):
             harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(out), "--resume"]
                          + base + extra)
+    # --devices with CPU methods only: refused before the file is read (it selects cuda's GPUs)
+    with pytest.raises(SystemExit, match="--devices 0: selects the GPUs of the cuda method, which "
+                       "--methods numba leaves out"):
+        harness.main(["--methods", "numba", "--depths", "2", "--n", "2", "--output", str(out), "--resume"]
+                     + base + ["--devices", "0"])
     p["results"][1].update(status="failed", reason="interrupted")     # numba depth 3
     out.write_text(json.dumps(p))
     harness.main(["--methods", "numba,per_layer_cpu", "--depths", "2,3", "--n", "2", "--output", str(out),
@@ -1605,12 +1610,25 @@ def test_harness_refuses_a_folder_as_output_before_running(tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["somedir"]       # no somedir.tmp
 
 
-def test_harness_exits_1_when_nothing_is_measured_and_spells_backend_as_methods(tmp_path, capsys):
+def test_harness_exits_1_when_nothing_is_measured_and_spells_backend_as_methods(tmp_path, capsys,
+                                                                               monkeypatch):
+    import cntk_engine as ce
     from bench import harness
+    from cntk_engine.spelling import arg
     out = tmp_path / "h.json"
+    argv = ["--methods", "numba", "--depths", "2", "--sizes", "3", "--n", "1", "--repeats", "1",
+            "--warmup", "0", "--no-ceiling", "--no-plots", "--output", str(out)]
+    # --devices with CPU methods only: refused before anything runs
     with pytest.raises(SystemExit) as e:
-        harness.main(["--methods", "numba", "--devices", "0", "--depths", "2", "--sizes", "3", "--n", "1",
-                      "--repeats", "1", "--warmup", "0", "--no-ceiling", "--no-plots", "--output", str(out)])
+        harness.main(argv + ["--devices", "0"])
+    assert e.value.code == 2 and not out.exists()
+    assert "--devices 0: selects the GPUs of the cuda method" in capsys.readouterr().err
+
+    def refusing(*a, **k):          # an engine refusal that names gram's backend=
+        raise ValueError(f"this input needs the GPU; use {arg('backend', 'cuda')}")
+    monkeypatch.setattr(ce, "gram", refusing)
+    with pytest.raises(SystemExit) as e:
+        harness.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err == [f"python -m bench: nothing was measured: 1 configuration(s), 1 failed; "
                                          f"the reasons are in {out}"]
@@ -1778,3 +1796,18 @@ def test_verify_cost_times_a_store_and_refuses_a_missing_folder(tmp_path, capsys
     rec = json.loads(capsys.readouterr().out)
     assert rec["n"] == 40 and rec["tiles"] == 6 and rec["bytes_verified"] > 0
     assert not (tmp_path / "verify_cost_40.zarr").exists()
+
+
+def test_a_new_result_never_overwrites_an_earlier_one(tmp_path):
+    """bench.common.new_stem: <name>_<date>, then _2, _3, ... where any result file (.json, .png,
+    .md, .log) of that stem exists: the committed results in bench/results are never replaced
+    by a README command run again on the day they were measured."""
+    from bench.common import new_stem, utc_date
+    first = new_stem(tmp_path, "cpu")
+    assert first == tmp_path / f"cpu_{utc_date()}"
+    Path(str(first) + ".png").write_text("")
+    second = new_stem(tmp_path, "cpu")
+    assert second == tmp_path / f"cpu_{utc_date()}_2"
+    Path(str(second) + ".json").write_text("{}")
+    assert new_stem(tmp_path, "cpu") == tmp_path / f"cpu_{utc_date()}_3"
+    assert new_stem(tmp_path, "cpu_x") == tmp_path / f"cpu_x_{utc_date()}"

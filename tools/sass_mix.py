@@ -408,11 +408,19 @@ def main(argv=None) -> dict | list[dict]:
     if len(kernels) > 1 and args.name and "{kernel}" not in args.name:
         ap.error(f"--name {args.name!r}: with several variants (--kernel {args.kernel}) it must hold "
                  "{kernel}, e.g. --name {kernel}_sm90")
+    if args.so is not None and not args.so.is_file():
+        ap.error(f"--so {str(args.so)!r} is not a file; give the compiled extension (_cuda*.so: "
+                 "the installed one is found without --so)")
     so = args.so or find_extension()
     if so is None:
         sys.exit("cntk_engine._cuda is not installed (it is built by pip install . when nvcc is "
                  "found); pass --so PATH")
-    outs = [report(args, so, k) for k in kernels]
+    try:
+        outs = [report(args, so, k) for k in kernels]
+    except (RuntimeError, ValueError) as e:     # no such variant or arch, tools missing
+        if argv is not None:                    # a caller's call: its exception
+            raise
+        sys.exit(f"sass_mix.py: error: {e}".replace("\n", " "))
     return outs[0] if len(outs) == 1 else outs
 
 
