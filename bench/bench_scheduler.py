@@ -23,7 +23,7 @@ What is measured (one process, this machine's CPU; no GPU needed):
    that the thread machinery reaches that bound.
 4. The host I/O the store needs per GPU at that tile time, against the write rate measured in 1.
 
-Writes <out-dir>/scheduler_<cpu model>_<cores>cpu.json.
+Writes <out-dir>/scheduler_<cpu model>_<cores>cpu_<date>.json.
 """
 from __future__ import annotations
 
