@@ -21,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, check_out_dir, int_at_least, machine, median_time,  # noqa: E402
-                          result_header, run_main, run_snippet, new_stem, write_json)
+                          new_stem, result_header, run_main, run_snippet, write_json)
 
 NT_SNIPPET = r"""
 import json, os, sys, time

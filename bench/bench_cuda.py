@@ -22,9 +22,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, ScriptError, check_out_dir, gpu_info, gpu_sync, int_at_least,  # noqa: E402
-                          int_list, machine, median_time, result_header, run_main, new_stem,
-                          write_json)
+from bench.common import (RESULTS, ScriptError, check_out_dir, gpu_info, gpu_sync,  # noqa: E402
+                          int_at_least, int_list, machine, median_time, new_stem, result_header,
+                          run_main, write_json)
 
 
 def timed(fn, repeats):

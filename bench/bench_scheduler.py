@@ -42,8 +42,8 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.common import (new_stem, RESULTS, check_out_dir, int_at_least, machine, positive_float,  # noqa: E402
-                          run_main, write_json)
+from bench.common import (RESULTS, check_out_dir, int_at_least, machine, new_stem,  # noqa: E402
+                          positive_float, run_main, write_json)
 from cntk_engine.arch import make_architecture  # noqa: E402
 from cntk_engine.backends.base import Backend, Prepared  # noqa: E402
 from cntk_engine.backends.cuda import CudaBackend  # noqa: E402

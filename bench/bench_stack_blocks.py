@@ -26,8 +26,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, check_out_dir, choice_list, gpu_info, gpu_sync,  # noqa: E402
-                          int_at_least, machine, median_time, own_stack_kernel_variants,
-                          result_header, run_main, new_stem, write_json)
+                          int_at_least, machine, median_time, new_stem, own_stack_kernel_variants,
+                          result_header, run_main, write_json)
 
 ENV = "CNTK_ENGINE_CUDA_STACK_BLOCKS"
 

@@ -28,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, check_out_dir, choice_list, int_at_least, machine,  # noqa: E402
-                          median_time, result_header, run_main, run_snippet, new_stem, versions,
+                          median_time, new_stem, result_header, run_main, run_snippet, versions,
                           write_json)
 
 ARCHITECTURES = ("myrtle5", "myrtle7", "myrtle10")
@@ -224,9 +224,9 @@ def run(args):
     payload = {**result_header(), "workload": "symmetric Gram of N random 32x32x3 images, NTK+NNGP, float32",
                "machine": machine(), "versions": versions(), "results": rows}
     stem = new_stem(out_dir, args.name)
-    write_json(stem.with_suffix(".json"), payload)
-    png = plot(payload, stem.with_suffix(".png"))
-    print(f"wrote {stem.with_suffix('.json')}" + (f" and {png}" if png else ""))
+    write_json(Path(f"{stem}.json"), payload)
+    png = plot(payload, Path(f"{stem}.png"))
+    print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
     return payload
 
 

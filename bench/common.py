@@ -56,7 +56,7 @@ RESULT_SUFFIXES = (".json", ".png", ".md", ".log")
 
 
 def new_stem(folder, name: str) -> Path:
-    """``<folder>/<name>_<UTC date>`` (the result files add .json, .png, .md), or that with
+    """``<folder>/<name>_<UTC date>`` (the result files add .json, .png, .md, .log), or that with
     ``_2``, ``_3``, ... where a result of that stem exists already: a run never overwrites an
     earlier one's files, those committed in bench/results included (two runs on one day, or a
     README command run again on the day its figures were measured)."""

@@ -64,9 +64,10 @@ from . import ceiling as ceil_mod
 from tools import sass_mix
 from . import paper_code as paper_mod
 from . import per_layer_baseline
-from .common import (RESULTS, new_stem, ScriptError, check_out_dir, check_out_file, choice_list, comma_items,
-                     devices, finish, gpu_info, gpu_sync, int_at_least, int_list, is_default_variant,
-                     machine, median_time, result_header, run_main, utc_date, versions, write_json)
+from .common import (RESULTS, ScriptError, check_out_dir, check_out_file, choice_list, comma_items,
+                     devices, finish, gpu_info, gpu_sync, int_at_least, int_list,
+                     is_default_variant, machine, median_time, new_stem, result_header, run_main,
+                     utc_date, versions, write_json)
 
 PROJECT_BACKENDS = ("numba", "cuda", "reference")
 METHODS = PROJECT_BACKENDS + ("per_layer_cpu", "per_layer_cuda", "neural_tangents", "paper_code")
@@ -444,19 +445,19 @@ def run_settings(args) -> dict:
 def output_path(args) -> Path:
     """--output; else <out-dir>/<name>_<UTC date>.json (``_2``, ... where that exists: a new run
     never overwrites an earlier result), or with --resume the newest existing
-    <out-dir>/<name>_<8 digits>.json (a run resumed after midnight continues its file)."""
+    <out-dir>/<name>_<8 digits>[_<k>].json (the last run's file, also one resumed after
+    midnight)."""
     if args.output:
         return Path(args.output)
     if not args.resume:
         return Path(str(new_stem(args.out_dir, args.name)) + ".json")
-    today = Path(args.out_dir) / f"{args.name}_{utc_date()}.json"
-    if not today.exists():
-        pat = re.compile(re.escape(args.name) + r"_(\d{8})\.json")
-        found = sorted((p for p in Path(args.out_dir).glob(f"{glob.escape(args.name)}_*.json")
-                        if pat.fullmatch(p.name)), key=lambda p: p.name)
-        if found:
-            return found[-1]
-    return today
+    pat = re.compile(re.escape(args.name) + r"_(\d{8})(?:_(\d+))?\.json")
+    found = [(m.group(1), int(m.group(2) or 1), p)
+             for p in Path(args.out_dir).glob(f"{glob.escape(args.name)}_*.json")
+             if (m := pat.fullmatch(p.name))]
+    if found:
+        return max(found, key=lambda f: f[:2])[2]
+    return Path(args.out_dir) / f"{args.name}_{utc_date()}.json"
 
 
 def resume_payload(out_path: Path, args) -> dict:

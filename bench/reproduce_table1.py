@@ -40,9 +40,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, choice_list,  # noqa: E402
-                          devices, existing_file, gpu_info, gpu_sync, int_at_least, int_list, machine,
-                          non_finite_images, positive_float, result_header, run_main, new_stem,
-                          versions, write_json)
+                          devices, existing_file, gpu_info, gpu_sync, int_at_least, int_list,
+                          machine, new_stem, non_finite_images, positive_float, result_header,
+                          run_main, versions, write_json)
 import cntk_engine as ce  # noqa: E402
 from cntk_engine import solver  # noqa: E402
 from cntk_engine.jobs.store import StoreMismatch, array_names  # noqa: E402
@@ -455,7 +455,7 @@ def run(args):
             col["per_depth_throughput"] = per_depth_throughput(xtr, depths, pooling, fix, args,
                                                                min(args.per_depth_timing, c_tr), extra)
         payload["columns"][COLUMN[pooling]] = col
-        write_json(stem.with_suffix(".json"), payload)
+        write_json(Path(f"{stem}.json"), payload)
         if args.save_kernels:
             save_kernels_path(args.save_kernels, pooling).parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(save_kernels_path(args.save_kernels, pooling),
@@ -464,9 +464,9 @@ def run(args):
                                 **{f"{k}_{d}": v for d in depths for k, v in
                                    zip(("ntk_train", "nngp_train", "ntk_test", "nngp_test"), get_kernels(d))})
     md = markdown(payload)
-    stem.with_suffix(".md").write_text(md)
+    Path(f"{stem}.md").write_text(md)
     print(md)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    print(f"wrote {stem}.json and {stem}.md")
     return payload
 
 
@@ -567,11 +567,11 @@ def merge(files, out_dir, tag):
     out["n_test"] = max(q["n_test"] for q in parts)
     out["command"] = " ; ".join(q["command"] for q in parts)
     stem = new_stem(check_out_dir(out_dir, "--out-dir"), f"table1_{tag}")
-    write_json(stem.with_suffix(".json"), out)
+    write_json(Path(f"{stem}.json"), out)
     md = markdown(out)
-    stem.with_suffix(".md").write_text(md)
+    Path(f"{stem}.md").write_text(md)
     print(md)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    print(f"wrote {stem}.json and {stem}.md")
     return out
 
 

@@ -30,8 +30,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import (BACKENDS, RESULTS, ScriptError, check_out_dir, devices,  # noqa: E402
-                          existing_file, gpu_info, int_at_least, int_list, load_npz, machine, npz_array,
-                          result_header, run_main, new_stem, versions, write_json)
+                          existing_file, gpu_info, int_at_least, int_list, load_npz, machine,
+                          new_stem, npz_array, result_header, run_main, versions, write_json)
 from bench.reproduce_table1 import (check_architecture, kernels, load_cifar_for_cli,  # noqa: E402
                                     preprocess, regression_accuracy, scheduler_kwargs)
 
@@ -130,6 +130,11 @@ def run(args):
         fix = bool(z["fix"]) if "fix" in z else None
         shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
     else:
+        if args.dtype is None:       # the reference computes in float64 only
+            args.dtype = "float64" if args.backend == "reference" else "float32"
+        elif args.backend == "reference" and args.dtype != "float64":
+            raise ScriptError(f"--backend reference computes in float64 only; --dtype {args.dtype} "
+                              "would label its results falsely: pass --dtype float64")
         depths = DEFAULT_DEPTHS if want is None else want
         pooling = args.pooling
         fix = {"paper": pooling == "gap", "true": True, "false": False}[args.fix]
@@ -192,15 +197,15 @@ def run(args):
                "title": f"CIFAR-10 small data, {pooling}, {shape and 'x'.join(map(str, shape))} images, "
                         f"pool {len(ytr)}, {args.draws} class-balanced draws",
                "accuracy": acc}
-    write_json(stem.with_suffix(".json"), payload)
+    write_json(Path(f"{stem}.json"), payload)
     from bench.plots import small_data_plot
-    small_data_plot(payload, stem.with_suffix(".png"))
+    small_data_plot(payload, Path(f"{stem}.png"))
     md = ["| n train | " + " | ".join(acc) + " |", "|---|" + "---|" * len(acc)]
     for i, n in enumerate(sizes):
         md.append(f"| {n} | " + " | ".join(f"{100 * rows[i]['mean']:.2f} +- {100 * rows[i]['std']:.2f}"
                                            for rows in acc.values()) + " |")
     print("\n".join(md))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    print(f"wrote {stem}.json and {stem}.png")
     return payload
 
 
@@ -220,7 +225,8 @@ def parser():
     ap.add_argument("--depths", type=int_list(2), default=None,
                     help="comma list (default 11; with --kernels: those of the file to use, default all)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                    help="compute dtype [float32; float64 for the reference, its only one]")
     ap.add_argument("--tile", type=int_at_least(1), default=None)
     ap.add_argument("--downsample", type=int_at_least(1), default=1)
     ap.add_argument("--no-loo", action="store_true")

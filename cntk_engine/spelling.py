@@ -60,6 +60,13 @@ def option(name: str) -> str | None:
     return None if options is None else options.get(name)
 
 
+def settable(name: str) -> str | None:
+    """How the caller sets ``name``: the option of the running command, ``name`` in Python, or
+    None where the command has no such option (advice to set it would not help there)."""
+    options = _OPTIONS.get()
+    return name if options is None else options.get(name)
+
+
 def unset() -> str:
     """How the caller leaves an optional argument at its default: ``None`` in Python, left out
     on the command line (for messages that offer that choice)."""

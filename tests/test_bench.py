@@ -1811,3 +1811,22 @@ def test_a_new_result_never_overwrites_an_earlier_one(tmp_path):
     Path(str(second) + ".json").write_text("{}")
     assert new_stem(tmp_path, "cpu") == tmp_path / f"cpu_{utc_date()}_3"
     assert new_stem(tmp_path, "cpu_x") == tmp_path / f"cpu_x_{utc_date()}"
+
+
+def test_harness_resume_continues_the_newest_file_of_its_name(tmp_path):
+    """A second run on one day writes <name>_<date>_2.json; --resume continues that one (the
+    newest: date, then number), not the finished first file."""
+    from argparse import Namespace
+
+    from bench import harness
+    from bench.common import utc_date
+    args = Namespace(output=None, resume=False, out_dir=str(tmp_path), name="h")
+    first = harness.output_path(args)
+    assert first.name == f"h_{utc_date()}.json"
+    first.write_text("{}")
+    second = harness.output_path(args)
+    assert second.name == f"h_{utc_date()}_2.json"
+    second.write_text("{}")
+    (tmp_path / "h_20200101_7.json").write_text("{}")
+    (tmp_path / "h_other.json").write_text("{}")
+    assert harness.output_path(Namespace(output=None, resume=True, out_dir=str(tmp_path), name="h")) == second

@@ -56,10 +56,31 @@ def test_solve_matches_the_solver_in_memory(kept, capsys):
     assert rc == 0 and "x mean diag(K) (given)" in o, e
     ref = solver.evaluate_classifier(K, K_test, d["y_train"], d["y_test"], ridge=0.01)
     assert f"test accuracy: {100 * ref['accuracy']:.2f}%" in o
+    # a test store computed train x test: the same predictions
+    gram(d["x_train"], d["x_test"], depth=3, flip=True, backend="numba",
+         out=str(folder / "test_t.zarr"))
+    rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
+                   folder / "test_t.zarr", "--key", "ntk", "--predictions", folder / "pt.npy")
+    assert rc == 0, e
+    np.testing.assert_array_equal(np.load(folder / "pt.npy"), np.load(folder / "p.npy"))
     np.savez(folder / "unlabelled.npz", **{k: v for k, v in d.items() if k != "y_test"})
     rc, o, e = run(capsys, "solve", folder / "unlabelled.npz", *out[1:], "--predictions", folder / "u.npy")
     assert rc == 0 and "test accuracy" not in o, e
     np.testing.assert_array_equal(np.load(folder / "u.npy"), np.load(folder / "p.npy"))
+
+
+def test_memory_refusal_gives_the_command_line_s_ways_out(kept, capsys, monkeypatch):
+    """The store's "does not fit" advice as the command can follow it: no max_memory (solve has
+    no such option), and --ridge R's smaller need for --ridge auto."""
+    from cntk_engine.jobs import store
+    folder, data, _ = kept
+    monkeypatch.setattr(store, "available_memory", lambda: 20_000)
+    rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test", folder / "test.zarr")
+    assert rc == 2 and "with the solve's workspace (3 copies); available RAM" in e, e
+    assert "max_memory" not in e and "(--ridge R, a number, needs 1 copy of K" in e, e
+    # from Python the parameter is named
+    with pytest.raises(solver.GramTooLarge, match=r"Free memory, raise max_memory, solve on"):
+        solver.load_train_test(folder / "train.zarr", folder / "test.zarr", workspace=3)
 
 
 def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, capsys):
@@ -80,7 +101,8 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         ((tmp_path / "scaled.npz", *stores), r"x_test \(16 images\) are not the images the test store"),
         ((tmp_path / "nox.npz", *stores), r"holds \['y_train', 'y_test'\] but not x_train, x_test: "
          r"solve needs x_train, y_train and x_test"),
-        ((tmp_path / "ragged.npz", *stores), r"y_train"),
+        ((tmp_path / "ragged.npz", *stores), r"DATA .*: y_train must be 1-D, one label per sample "
+         r"\(40,\); got shape \(5,\)"),
         ((data, "--train", folder / "test.zarr", "--test", folder / "train.zarr"),
          r"given the other way round\?"),
         ((data, *stores, "--ridge", "-1"), r"--ridge must be 'auto' or a number >= 0; got '-1'"),
@@ -93,7 +115,7 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
          r"--json '.*same.npy' is --predictions"),
         ((data, *stores, "--predictions", tmp_path / "images.npy"),
          r"exists and does not hold predictions \(a 1-D .npy array\); refusing to overwrite it"),
-        ((tmp_path / "one.npz", *stores), r"y_train holds one class only \(np.uint8\(3\), 40 images\)"),
+        ((tmp_path / "one.npz", *stores), r"DATA .*: y_train holds one class only \(3, 40 samples\): a classifier needs at least 2"),
         ((tmp_path / "nan.npz", *stores), r"DATA .*: NaN or Inf pixels in x_test image\(s\) at index \[2\]"),
     ]
     for argv, msg in cases:

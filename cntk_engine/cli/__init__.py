@@ -3,8 +3,8 @@
 
 One module per command (:mod:`.gram`, :mod:`.verify`, :mod:`.preprocess`, :mod:`.solve`,
 :mod:`.evaluate`, :mod:`.info`, :mod:`.demo`), each with
-``add_parser(subparsers)`` and ``run(args)``; the options ``gram`` and ``evaluate`` share are
-declared once in :mod:`.common`.
+``add_parser(subparsers)`` and ``run(args)``; the options several commands share are declared
+once in :mod:`.common`.
 
 Errors (bad paths, unreadable or wrongly shaped data, out-of-range numbers, a store of another
 job, an unreachable scheduler, running out of memory) are reported as one line on stderr with

@@ -1,6 +1,7 @@
 """What the commands share: one-line errors, reading image files, the architecture and run
-options of ``gram`` and ``evaluate`` and the preprocessing options of ``evaluate`` and
-``preprocess`` (each declared once), atomic JSON records."""
+options of ``gram`` and ``evaluate``, the preprocessing options of ``evaluate`` and
+``preprocess``, the solve options of ``evaluate`` and ``solve`` (each declared once), result
+files written atomically."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -376,6 +378,13 @@ def _is_json(p: Path) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def command_of(args) -> str | None:
+    """The command that ran, as the shell would show it (``cntk-engine ...``), from the words
+    ``main`` was given; None for ``run(args)`` called from Python."""
+    argv = getattr(args, "argv", None)
+    return None if argv is None else f"{PROG} " + shlex.join(str(a) for a in argv)
 
 
 def write_json(path, rec: dict) -> None:

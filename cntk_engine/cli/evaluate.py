@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shlex
 import sys
@@ -60,11 +59,10 @@ from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
                      add_run_options, add_solve_options, check_json_path,
-                     check_parent_folder, gram_options, machine, nonnegative_int, open_numpy,
+                     check_parent_folder, gram_options, log, machine, nonnegative_int, open_numpy,
                      parse_ridge, plural, preprocessing_options, read_member, to_nchw, write_json)
 from .preprocess import RECORD
 
-log = logging.getLogger("cntk_engine")
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -377,7 +375,7 @@ def run(args) -> int:
         check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
     store, kept = check_store(args)
     drawn = load_data(args.data, args.n_train, args.n_test, args.seed)
-    if drawn.preprocessed is not None and args.preprocess != "none":
+    if drawn.preprocessed not in (None, "none") and args.preprocess != "none":
         log.warning("DATA %r was written by cntk-engine preprocess (%s); --preprocess %s is "
                     "applied to its images again: pass --preprocess none to use them as they are",
                     args.data, drawn.preprocessed, args.preprocess)

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..preprocess import ConstantImages, preprocess
-from .common import (CliError, add_preprocessing_options, check_parent_folder, guess_layout,
-                     open_numpy, preprocessing_options, read_member, to_nchw)
+from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
+                     guess_layout, open_numpy, preprocessing_options, read_member, to_nchw)
 
 #: The key of OUT's record of what was done.
 RECORD = "preprocessing"
@@ -200,7 +200,7 @@ def run(args) -> int:
     result = dict(zip(keys, done))
     fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
-              "command": getattr(args, "argv", None),
+              "command": command_of(args),
               "preprocess": args.preprocess,
               "zca_reg": zca_reg if args.preprocess == "zca" else None,
               "downsample": args.downsample, "fitted_on": fit if fitted else None,

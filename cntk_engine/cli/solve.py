@@ -26,13 +26,12 @@ and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of 
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, log,
+from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, command_of,
                      machine, open_numpy, parse_ridge, read_member, to_nchw, write_file,
                      write_json)
 
@@ -108,10 +107,11 @@ def _holds_predictions(p: Path) -> bool:
         return False
 
 
-def _read_data(path: str, data_format: str) -> dict:
+def _read_data(path: str, data_format: str, targets: str) -> dict:
     """DATA's images (NCHW float64, as gram read them) and labels (checked), y_test None
     without."""
     from ..inputs import as_images
+    from ..solver import check_classifier_labels
     from ..solver.targets import check_labels
     p = Path(path)
     if not p.exists():
@@ -133,21 +133,14 @@ def _read_data(path: str, data_format: str) -> dict:
     try:
         for k in ("x_train", "x_test"):       # as gram checked them (NaN pixels, no images, ...)
             out[k] = as_images(out[k], "NCHW", k)
-        out["y_train"] = check_labels(got["y_train"], len(out["x_train"]), "y_train")
-        out["y_test"] = (check_labels(got["y_test"], len(out["x_test"]), "y_test", like=out["y_train"])
-                         if "y_test" in got else None)
+        # one label per image, then the classifier's own checks, before the kernels are read
+        for y, x in (("y_train", "x_train"), ("y_test", "x_test")):
+            if y in got:
+                check_labels(got[y], len(out[x]), y)
+        out["y_train"], out["y_test"], _ = check_classifier_labels(
+            got["y_train"], got.get("y_test"), targets=targets)
     except ValueError as e:
         raise CliError(f"DATA {path!r}: {e}") from None
-    classes = np.unique(out["y_train"])
-    if len(classes) < 2:                      # before the kernels are read
-        raise CliError(f"DATA {path!r}: y_train holds one class only ({classes[0]!r}, "
-                       f"{len(out['y_train'])} images): a classifier needs at least 2")
-    if out["y_test"] is not None:
-        unseen = ~np.isin(out["y_test"], classes)
-        if unseen.any():
-            log.warning("DATA %r: %d of the %d test labels are of classes y_train does not hold "
-                        "(%s): no prediction can match them", path, int(unseen.sum()),
-                        len(unseen), ", ".join(repr(v) for v in np.unique(out["y_test"][unseen])[:10]))
     return out
 
 
@@ -159,7 +152,7 @@ def run(args) -> int:
     if args.json is not None:
         check_json_path(args.json, inputs=dict(inputs, **{"--predictions": args.predictions}))
     t0 = time.perf_counter()
-    d = _read_data(args.data, args.data_format)
+    d = _read_data(args.data, args.data_format, args.targets)
     # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
     # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
     try:
@@ -192,9 +185,8 @@ def run(args) -> int:
         print(f"predictions written to {predictions}")
     if args.json is not None:
         from ..version import __version__
-        argv = getattr(args, "argv", None)
         write_json(args.json, dict(
-            command=None if argv is None else "cntk-engine " + shlex.join(argv),
+            command=command_of(args),
             version=__version__, data=str(args.data), data_format=args.data_format,
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
             test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,

@@ -124,7 +124,7 @@ from ..arch import kernel_names
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
 from ..inputs import as_images
-from ..spelling import arg, arg_prefix, option
+from ..spelling import arg, arg_prefix, option, settable
 from ..version import __version__
 from .sinks import Sink
 from .tiles import TileLayout
@@ -323,7 +323,18 @@ def _field_name(key: str) -> str:
 
 
 _ARCH_DEFAULTS = {"architecture.flip": False, "architecture.lap_window": None,
-                  "architecture.layers": None}        # None: the cnn (depth - 1 conv layers)
+                  "architecture.name": None,           # a preset's name; None: cnn or serial(...)
+                  "architecture.layers": None}         # None: the cnn (depth - 1 conv layers)
+
+
+def _network(r: dict) -> str:
+    """The network of a flattened record as the caller chose it: 'cnn', a preset's name, or
+    ``serial(...)`` with its layers."""
+    layers = r.get("architecture.layers")
+    if layers is None:
+        return "'cnn'"
+    name = r.get("architecture.name")
+    return repr(name) if name else f"serial(...) of layers {layers}"
 
 
 def spec_differences(stored: dict, wanted: dict,
@@ -351,8 +362,13 @@ def spec_differences(stored: dict, wanted: dict,
             continue
         if k == "kernels" and a.get("kernel") != b.get("kernel"):
             continue                          # derived from "kernel", whose difference is said
-        if k == "architecture.name":
-            continue     # a stack's label ("myrtle5", None for serial(...)): its layers decide
+        if k in ("architecture.name", "architecture.layers"):
+            # the layers decide (a preset and its serial(...) spelling are one network); a
+            # difference is said once, by the preset names where both have one
+            if k == "architecture.layers" and a.get(k) != b.get(k):
+                diffs.append(f"{option('architecture') or 'architecture'}: {sides[0]} "
+                             f"{_network(a)}, {sides[1]} {_network(b)}")
+            continue
         if k == "architecture.depths" and isinstance(a.get(k), list) and isinstance(b.get(k), list):
             # a set of readouts: stores written before records were sorted may list them unsorted
             da, db = sorted(a[k]), sorted(b[k])
@@ -1874,8 +1890,10 @@ def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, 
         msg = (f"{matrices}: {format_bytes(total)} as float64, {what}; {place} "
                f"{format_bytes(limit)}")
         if want > limit:
-            raise GramTooLarge(msg + ": does not fit. Free memory, raise max_memory, solve on a "
-                               "larger machine, or use fewer training samples")
+            limit_option = settable("max_memory")
+            raise GramTooLarge(msg + ": does not fit. Free memory, "
+                               + (f"raise {limit_option}, " if limit_option else "")
+                               + "solve on a larger machine, or use fewer training samples")
     log.info("loading " + msg)
 
 
@@ -2064,12 +2082,13 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
     Refused before anything is read, naming the difference: stores of different networks or
     readouts (architecture, pooling, LAP window, flips, fix, convention, weights, filter size,
     image shape), a test kernel computed against other training images (another subset, order
-    or pixel scaling: the stores' sha256 fingerprints of the images differ), a train store that
-    is not symmetric, a test store that is.  The backend, compute dtype and package version may
-    differ (the same kernel, to rounding).  The records are compared as resuming a store
-    compares them: a preset and its ``serial(...)`` spelling are one network (their layers
-    decide), ``W_std`` left out and given as its default are not.  Each matrix is then loaded as :func:`load_gram`
-    loads it (finished jobs only, every chunk verified), after the memory of both matrices,
+    or pixel scaling: the stores' sha256 fingerprints of the images differ), a train store of
+    two different image sets, a symmetric test store.  The backend, compute dtype and package
+    version may differ (the same kernel, to rounding).  The records are compared as resuming a
+    store compares them: a preset and its ``serial(...)`` spelling are one network (their
+    layers decide), ``W_std`` left out and given as its default are not.  Each matrix is then
+    loaded as :func:`load_gram` loads it (finished jobs only, every chunk verified), after the
+    memory of both matrices,
     the reading's buffers and ``workspace`` copies of K is checked (``max_memory``,
     ``workspace``, ``device``: as for :func:`load_gram`).
 

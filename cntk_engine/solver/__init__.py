@@ -67,7 +67,8 @@ from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, c
                      check_test_kernel, cholesky, eigh, ridge_scale)
 from .ridge import GPPosterior, RidgeSolution, fit_ridge, gp_posterior, kernel_ridge
 from .selection import (RELATIVE_RIDGE_GRID, ClassifierFit, CVResult, Groups, RidgeSelection,
-                        check_groups, evaluate_classifier, fit_classifier, kfold, loo, select_ridge)
+                        check_classifier_labels, check_groups, evaluate_classifier, fit_classifier,
+                        kfold, loo, select_ridge)
 from .targets import accuracy, one_hot, paper_targets, predict_classes
 
 
@@ -77,6 +78,6 @@ __all__ = [
     "predict_classes", "accuracy", "cholesky", "RidgeSolution", "fit_ridge", "kernel_ridge",
     "KernelEigh", "eigh", "CVResult", "loo", "kfold", "RidgeSelection", "select_ridge",
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
-    "evaluate_classifier", "fit_classifier", "ClassifierFit", "Groups", "check_groups",
+    "evaluate_classifier", "fit_classifier", "ClassifierFit", "check_classifier_labels", "Groups", "check_groups",
     "load_gram", "load_train_test", "TrainTestKernels",
 ]

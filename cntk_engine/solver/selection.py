@@ -390,7 +390,7 @@ class ClassifierFit:
     solution: object
     classes: np.ndarray
     info: dict
-    _Y: object = field(default=None, repr=False)         # the targets, for the ridge-0 figure
+    Y: object = field(default=None, repr=False)          # the encoded training targets
 
     def predict(self, K_test):
         """The predicted class of each test sample (a label of ``classes``), from the (m, n)
@@ -432,6 +432,23 @@ def _targets(y_train, targets: str):
         raise ValueError(f"y_train holds one class only ({classes[:1].tolist()[0]!r}, {len(y_train)} "
                          "samples): a classifier needs at least 2")
     return Y, classes
+
+
+def check_classifier_labels(y_train, y_test=None, *, targets: str = "paper"):
+    """Labels for :func:`fit_classifier` checked before any kernel work: ``y_train`` one label
+    per training sample, of one kind, at least 2 classes; ``y_test`` (optional) of its kind,
+    warned of where it holds classes ``y_train`` lacks (no prediction can match them: the
+    accuracy has that ceiling).  Returns ``(y_train, y_test, classes)``."""
+    y_train = check_labels(y_train, len(y_train), "y_train")
+    classes = _targets(y_train, targets)[1]
+    if y_test is not None:
+        y_test = check_labels(y_test, len(y_test), "y_test", like=y_train)
+        unseen = ~np.isin(y_test, classes)
+        if bool(unseen.any()):
+            log.warning("%d of the %d test labels are of classes the training labels do not hold "
+                        "(%s): no prediction can match them", int(unseen.sum()), len(y_test),
+                        ", ".join(repr(v) for v in np.unique(y_test[unseen])[:10].tolist()))
+    return y_train, y_test, classes
 
 
 def _fit_classifier(K, y_train, ridge, targets: str, groups) -> ClassifierFit:
@@ -483,19 +500,14 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    classes = _targets(y_train, targets)[1]      # the fit's classes, before the O(n^3) work
-    unseen = ~np.isin(y_test, classes)
-    if bool(unseen.any()):       # scored wrong whatever the kernel: the accuracy has that ceiling
-        log.warning("%d of the %d test labels are of classes the training labels do not hold (%s): "
-                    "no prediction can match them", int(unseen.sum()), len(y_test),
-                    ", ".join(repr(v) for v in np.unique(y_test[unseen])[:10].tolist()))
+    check_classifier_labels(y_train, y_test, targets=targets)
     fit = _fit_classifier(K, y_train, ridge, targets, groups)
     out = {k: v for k, v in fit.info.items() if k not in ("ridge_absolute", "jitter")}
     out.update(accuracy=accuracy(fit.predict(K_test), y_test),
                ridge_absolute=fit.info["ridge_absolute"], jitter=fit.info["jitter"])
     if ridge == "auto" or ridge != 0:
         try:
-            sol0 = fit_ridge(K, fit._Y, 0.0)
+            sol0 = fit_ridge(K, fit.Y, 0.0)
         except NotPositiveDefinite as e:       # the side figure only: the chosen ridge solved
             out.update(accuracy_ridge0=None, jitter_ridge0=None, ridge0_error=str(e))
         else:
