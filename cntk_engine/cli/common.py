@@ -10,7 +10,9 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -393,24 +395,48 @@ def write_json(path, rec: dict) -> None:
     write_file(path, lambda f: f.write(text.encode()))
 
 
-def write_file(path, write, what: str | None = None) -> None:
+def write_file(path, write, what: str | None = None, *, overwrite: bool = True) -> None:
     """``write(f)`` into ``path`` atomically: a binary temporary file in the same folder, then
     ``os.replace``; through a symbolic link, the file it points to (replacing the link would
-    leave that file as it was).  ``what``: how errors name the path (default: the path)."""
+    leave that file as it was).  ``overwrite=False``: linked into place instead, never over a
+    file created meanwhile.  The temporary file is removed whatever happens, SIGTERM (a batch
+    system's time limit) included.  ``what``: how errors name the path (default: the path)."""
+    what = what or repr(str(path))
     p = Path(os.path.realpath(path))
     tmp = None
+    previous = (signal.getsignal(signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread() else None)
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
     try:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, terminated)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, p)
-        tmp = None
+        if overwrite:
+            os.replace(tmp, p)
+            tmp = None
+            return
+        created = f"{what} was created by another process meanwhile; nothing was written: give a new path"
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            raise CliError(created) from None
+        except OSError:                      # a file system without hard links
+            if p.exists():
+                raise CliError(created) from None
+            os.rename(tmp, p)
+            tmp = None
     except OSError as e:
-        raise CliError(f"{what or repr(str(path))} cannot be written: {e}") from None
+        raise CliError(f"{what} cannot be written: {e}") from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if tmp is not None:
             try:
                 os.unlink(tmp)

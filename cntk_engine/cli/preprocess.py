@@ -29,9 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import tempfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -39,7 +36,8 @@ import numpy as np
 
 from ..preprocess import ConstantImages, preprocess
 from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
-                     guess_layout, open_numpy, preprocessing_options, read_member, to_nchw)
+                     guess_layout, open_numpy, preprocessing_options, read_member, to_nchw,
+                     write_file)
 
 #: The key of OUT's record of what was done.
 RECORD = "preprocessing"
@@ -133,49 +131,13 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
 def _write(out: Path, arrays: dict) -> None:
     """``arrays`` into the new archive ``out`` (``np.savez``'s format, with the members written
     one by one: np.savez takes some names, ``file`` and ``allow_pickle``, as its own arguments),
-    through a temporary file beside it, linked into place (never over a file created meanwhile)
-    and removed whatever happens, SIGTERM (a batch system's time limit) included."""
-    tmp = None
-    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
-
-    def terminated(signum, frame):
-        raise SystemExit(128 + signum)
-    try:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, terminated)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED,
-                                                       allowZip64=True) as z:
+    never over a file created meanwhile (:func:`~.common.write_file`)."""
+    def members(f):
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
             for name, value in arrays.items():
                 with z.open(f"{name}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
-        try:
-            os.link(tmp, out)
-        except FileExistsError:
-            raise CliError(f"--out {str(out)!r} was created by another process meanwhile; nothing "
-                           "was written: give a new path") from None
-        except OSError:                      # a file system without hard links
-            if out.exists():
-                raise CliError(f"--out {str(out)!r} was created by another process meanwhile; "
-                               "nothing was written: give a new path") from None
-            os.rename(tmp, out)
-    except OSError as e:
-        raise CliError(f"--out {str(out)!r} cannot be written: {e}") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    write_file(out, members, f"--out {str(out)!r}", overwrite=False)
 
 
 def run(args) -> int:
