@@ -6,10 +6,10 @@
 #   bash bench/readme_walkthroughs.sh scale  LOG    # "Readouts, flips and ZCA" at scale: preprocess, two
 #                                                   # gram jobs, solve; against evaluate in memory
 #
-# scale takes N_TRAIN / N_TEST (default 200 / 100) images of the CIFAR-10 subset at
-# CIFAR (default ../shared/data/cifar10_jpeg_small.npz) and runs the README's commands on them
-# (Myrtle-5, flips, ZCA), then `cntk-engine evaluate` with the same recipe on the same images,
-# whose accuracy and ridge must be the same.
+# scale runs the README's commands (Myrtle-5, flips, ZCA) on N_TRAIN / N_TEST (default 200 /
+# 100) images of the CIFAR-10 subset at CIFAR (default ../shared/data/cifar10_jpeg_small.npz),
+# drawn by `preprocess --n-train --n-test`, then `cntk-engine evaluate` with the same recipe and
+# the same --n-train / --n-test (so the same images), whose accuracy and ridge must be the same.
 #
 # Uses the `cntk-engine` and `python` on PATH (an installed package: the numba kernel is loaded
 # from its cache as in any user's process) and NUMBA_NUM_THREADS (default 2).  The resume
@@ -61,19 +61,13 @@ run() {     # run a command line, logging it with its exit status, wall time and
     done
   elif [ "$what" = scale ]; then
     n_train=${N_TRAIN:-200} n_test=${N_TEST:-100}
-    echo "## the first $n_train training and $n_test test images of $cifar, as cifar.npz"
-    run "python -c \"
-import numpy as np
-d = np.load('$cifar')
-np.savez('cifar.npz', x_train=d['x_train'][:$n_train], y_train=d['y_train'][:$n_train],
-         x_test=d['x_test'][:$n_test], y_test=d['y_test'][:$n_test])\""
-    echo "## the README's commands"
-    run "cntk-engine preprocess cifar.npz --zca --out cifar_zca.npz"
+    echo "## the README's commands, on $n_train training and $n_test test images of $cifar"
+    run "cntk-engine preprocess '$cifar' --zca --n-train $n_train --n-test $n_test --out cifar_zca.npz"
     run "cntk-engine gram cifar_zca.npz:x_train --architecture myrtle5 --flip --out train.zarr --no-progress"
     run "cntk-engine gram cifar_zca.npz:x_test --x2 cifar_zca.npz:x_train --architecture myrtle5 --flip --out test.zarr --no-progress"
     run "cntk-engine solve cifar_zca.npz --train train.zarr --test test.zarr --predictions pred.npy --json solve.json"
-    echo "## the same recipe in memory: evaluate on all of cifar.npz (its subsets are then the whole sets, in order)"
-    run "cntk-engine evaluate cifar.npz --architecture myrtle5 --flip --zca --n-train $n_train --n-test $n_test --no-progress --json evaluate.json"
+    echo "## the same recipe in memory: evaluate draws the same images (the same --n-train, --n-test and --seed)"
+    run "cntk-engine evaluate '$cifar' --architecture myrtle5 --flip --zca --n-train $n_train --n-test $n_test --no-progress --json evaluate.json"
     run "python -c \"
 import json
 s, e = json.load(open('solve.json')), json.load(open('evaluate.json'))['results'][0]

@@ -192,3 +192,108 @@ def test_an_interrupted_write_leaves_nothing(tmp_path, cifar, capsys, monkeypatc
     rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--zca", "--out", tmp_path / "o.npz")
     assert rc == 130
     assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+
+
+def test_subsets_are_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
+    """--n-train / --n-test / --seed write the images evaluate draws with the same options, and
+    the Gram jobs on them with solve give evaluate's figures."""
+    pytest.importorskip("zarr")
+    np.savez(tmp_path / "c.npz", **cifar, names=np.array(["a", "b"]))
+    out = tmp_path / "s.npz"
+    rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--zca", "--downsample", "4",
+                   "--n-train", "10", "--n-test", "5", "--seed", "3", "--out", out)
+    assert rc == 0, e
+    assert ("x_train (10, 3, 8, 8), x_test (5, 3, 8, 8) float64 NCHW, zca (reg 0.1) after 4x4 "
+            "downsampling, fitted on x_train; the images evaluate --n-train 10 --n-test 5 --seed 3 "
+            "draws from DATA's x_train/x_test; copied y_train, y_test, index_train, index_test; "
+            "not copied (a subset's rows would not be theirs): names") in o, o
+    rng = np.random.default_rng(3)
+    i = np.sort(rng.choice(24, 10, replace=False))
+    j = np.sort(rng.choice(6, 5, replace=False))
+    z = np.load(out)
+    assert sorted(z.files) == ["index_test", "index_train", "preprocessing", "x_test", "x_train",
+                               "y_test", "y_train"]
+    np.testing.assert_array_equal(z["index_train"], i)
+    np.testing.assert_array_equal(z["index_test"], j)
+    np.testing.assert_array_equal(z["y_train"], cifar["y_train"][i])
+    np.testing.assert_array_equal(z["y_test"], cifar["y_test"][j])
+    # fitted on the training subset, as evaluate fits it
+    a, b = preprocess(cifar["x_train"][i], cifar["x_test"][j], "zca", 4, data_format="NHWC")
+    np.testing.assert_array_equal(z["x_train"], a)
+    np.testing.assert_array_equal(z["x_test"], b)
+    rec = json.loads(str(z["preprocessing"]))
+    assert rec["subset"] == {"n_train": 10, "n_test": 5, "seed": 3, "drawn_from": "x_train/x_test",
+                             "as": "evaluate --n-train 10 --n-test 5 --seed 3"}
+    kw = ["--depth", "3", "--backend", "numba", "--no-progress"]
+    assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
+    assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
+               tmp_path / "test.zarr", *kw)[0] == 0
+    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "train.zarr", "--test",
+                   tmp_path / "test.zarr", "--json", tmp_path / "s.json")
+    assert rc == 0, e
+    rc, o, e = run(capsys, "evaluate", tmp_path / "c.npz", "--zca", "--downsample", "4",
+                   "--n-train", "10", "--n-test", "5", "--seed", "3", *kw, "--json",
+                   tmp_path / "e.json")
+    assert rc == 0, e
+    s = json.loads((tmp_path / "s.json").read_text())
+    ev = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    for k in ("accuracy", "ridge_relative", "loo_accuracy"):
+        assert s[k] == ev[k], (k, s[k], ev[k])
+
+
+def test_a_subset_of_one_set_and_of_a_split(tmp_path, cifar, capsys):
+    """One of --n-train / --n-test left out: all of that set, in DATA's order; x, y is split as
+    evaluate splits it, which needs both."""
+    np.savez(tmp_path / "c.npz", **cifar)
+    rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--preprocess", "none", "--n-train",
+                   "7", "--out", tmp_path / "a.npz")
+    assert rc == 0, e
+    z = np.load(tmp_path / "a.npz")
+    np.testing.assert_array_equal(z["index_test"], np.arange(6))
+    np.testing.assert_array_equal(z["x_test"], cifar["x_test"].transpose(0, 3, 1, 2))
+    assert len(z["index_train"]) == 7 and "--n-train 7 --n-test 6 --seed 0" in o
+    np.savez(tmp_path / "xy.npz", x=cifar["x_train"], y=cifar["y_train"])
+    rc, o, e = run(capsys, "preprocess", tmp_path / "xy.npz", "--preprocess", "none", "--n-train",
+                   "9", "--n-test", "4", "--seed", "2", "--out", tmp_path / "b.npz")
+    assert rc == 0, e
+    assert "draws from DATA's x/y split" in o
+    z = np.load(tmp_path / "b.npz")
+    perm = np.random.default_rng(2).permutation(24)
+    np.testing.assert_array_equal(z["index_train"], np.sort(perm[:9]))
+    np.testing.assert_array_equal(z["index_test"], np.sort(perm[9:13]))
+    np.testing.assert_array_equal(z["y_test"], cifar["y_train"][np.sort(perm[9:13])])
+    np.testing.assert_array_equal(z["x_test"],
+                                  cifar["x_train"][np.sort(perm[9:13])].transpose(0, 3, 1, 2))
+
+
+def test_bad_subsets_are_refused_before_anything_is_written(tmp_path, cifar, capsys):
+    np.savez(tmp_path / "c.npz", **cifar)
+    c = tmp_path / "c.npz"
+    np.savez(tmp_path / "unlabelled.npz", x_train=cifar["x_train"], x_test=cifar["x_test"])
+    np.savez(tmp_path / "xy.npz", x=cifar["x_train"], y=cifar["y_train"])
+    x = cifar["x_train"].astype(np.float64)
+    drawn = np.sort(np.random.default_rng(0).choice(24, 20, replace=False))   # --n-train 20
+    assert list(drawn[:5]) == [0, 2, 3, 4, 6]
+    x[6] = x[drawn[drawn != 6]].mean(axis=(0, 1, 2))      # the subset's channel means: constant
+    np.savez(tmp_path / "const.npz", x_train=x, y_train=cifar["y_train"],
+             x_test=cifar["x_test"].astype(np.float64), y_test=cifar["y_test"])
+    o = tmp_path / "o.npz"
+    cases = [
+        ((c, "--zca", "--seed", "1", "--out", o), "--seed 1 draws the subsets of --n-train / --n-test"),
+        ((c, "--zca", "--n-train", "1", "--out", o), "--n-train must be at least 2; got 1"),
+        ((c, "--zca", "--n-test", "0", "--out", o), "--n-test must be at least 1; got 0"),
+        ((c, "--zca", "--n-train", "25", "--out", o), "--n-train 25 is more than the 24 images"),
+        ((tmp_path / "unlabelled.npz", "--zca", "--n-train", "5", "--out", o),
+         "holds x_train, x_test but not y_train, y_test; preprocess --n-train / --n-test needs all"),
+        ((tmp_path / "xy.npz", "--zca", "--n-train", "5", "--out", o),
+         "holds x, y: --n-train and --n-test split it into a training and a test set; give both"),
+        # the constant image named where DATA holds it (x_train[6]), not by its place in the
+        # subset (4: the draw leaves out 1 and 5)
+        ((tmp_path / "const.npz", "--zca", "--n-train", "20", "--seed", "0", "--out", o),
+         r"--zca: DATA's x_train image\(s\) x_train\[6\] are constant"),
+    ]
+    for argv, msg in cases:
+        rc, out, e = run(capsys, "preprocess", *argv)
+        assert rc == 2, (argv, out, e)
+        assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "const.npz", "unlabelled.npz", "xy.npz"]

@@ -47,7 +47,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +54,13 @@ import numpy as np
 from .. import solver
 from ..arch import kernel_names
 from ..preprocess import ConstantImages, preprocess, with_flips
-from ..solver.targets import check_labels
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
                      add_run_options, add_solve_options, check_json_path,
-                     check_parent_folder, gram_options, log, machine, nonnegative_int, open_numpy,
-                     parse_ridge, plural, preprocessing_options, read_member, to_nchw, write_json)
+                     check_parent_folder, gram_options, log, machine, nonnegative_int,
+                     parse_ridge, plural, preprocessing_options, to_nchw, write_json)
 from .preprocess import RECORD
-
-PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+from .subsets import Drawn, draw
 
 
 # ----------------------------------------------------------------------------- parser
@@ -99,37 +96,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Drawn:
-    """The images and labels drawn from DATA, and where each image is in DATA's arrays: image i
-    of the training set is ``train_key[train_at[i]]`` (for the messages that name an image)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    layout: str
-    train_key: str
-    train_at: np.ndarray
-    test_key: str
-    test_at: np.ndarray
-    preprocessed: str | None = None      # DATA written by `cntk-engine preprocess`: its method
-
-    def training_image(self, i: int, flipped: bool = False) -> str:
-        """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
-        n = len(self.train_at)
-        if flipped and i >= n:
-            return f"the flip of {self.train_key}[{self.train_at[i - n]}]"
-        return f"{self.train_key}[{self.train_at[i]}]"
-
-    def test_image(self, i: int) -> str:
-        return f"{self.test_key}[{self.test_at[i]}]"
-
-
 def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
     """The subsets (or split) of a .npz that evaluate uses, as documented, with the method of
     an archive that ``cntk-engine preprocess`` wrote."""
-    drawn = _draw(path, n_train, n_test, seed)
+    drawn = draw(path, n_train, n_test, seed)
     with np.load(path, allow_pickle=False) as z:
         if RECORD in z.files:
             try:
@@ -138,84 +108,6 @@ def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
                 return drawn
             return dataclasses.replace(drawn, preprocessed=str(how))
     return drawn
-
-
-def _draw(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
-    p = Path(path)
-    if not p.exists():
-        raise CliError(f"DATA {path!r} does not exist")
-    if not p.is_file():
-        raise CliError(f"DATA {path!r} is not a file")
-    if n_train < 2:
-        raise CliError(f"--n-train must be at least 2; got {n_train}")
-    if n_test < 1:
-        raise CliError(f"--n-test must be at least 1; got {n_test}")
-    z = open_numpy(p, "DATA")
-    if not hasattr(z, "files"):
-        raise CliError(f"DATA {path!r} is a .npy array; evaluate needs a .npz archive with keys "
-                       "x_train, y_train, x_test, y_test or x, y")
-    rng = np.random.default_rng(seed)
-    with z:
-        names = list(z.files)
-        if all(k in names for k in PAIR_KEYS):
-            xtr, ytr = _pair(z, "x_train", "y_train", path)
-            xte, yte = _pair(z, "x_test", "y_test", path)
-            _check_labels(path, ytr, "y_train")     # before the kernels
-            _check_labels(path, yte, "y_test", like=ytr)   # labels of two kinds never match
-            for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
-                if n > avail:
-                    raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
-            i = np.sort(rng.choice(len(xtr), n_train, replace=False))
-            j = np.sort(rng.choice(len(xte), n_test, replace=False))
-            return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
-        some = [k for k in PAIR_KEYS if k in names]
-        if some:            # not the x / y split beside them: the caller meant a given split
-            raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
-                           f"{', '.join(k for k in PAIR_KEYS if k not in names)}; evaluate needs all "
-                           "four keys x_train, y_train, x_test, y_test (or only x, y)")
-        if "x" in names and "y" in names:
-            x, y = _pair(z, "x", "y", path)
-            _check_labels(path, y, "y")
-            if n_train + n_test > len(x):
-                raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
-                               f"images in DATA {path!r}")
-            perm = rng.permutation(len(x))
-            i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
-            return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
-        raise CliError(f"DATA {path!r} holds arrays {names}; evaluate needs the keys x_train, "
-                       "y_train, x_test, y_test or x, y")
-
-
-def _check_labels(path, y, what, like=None) -> None:
-    try:
-        check_labels(y, len(y), what, like=like)
-    except ValueError as e:
-        raise CliError(f"DATA {path!r}: {e}") from None
-
-
-def _pair(z, kx, ky, path):
-    x, y = read_member(z, kx, path), read_member(z, ky, path)
-    if x.ndim not in (3, 4):
-        raise CliError(f"DATA {path!r}: {kx} must be images (N, H, W), (N, C, H, W) or (N, H, W, C); "
-                       f"got shape {x.shape}")
-    if x.dtype.kind not in "biuf":
-        raise CliError(f"DATA {path!r}: {kx} must hold numbers; got dtype {x.dtype}")
-    if 0 in x.shape[1:]:
-        raise CliError(f"DATA {path!r}: {kx} holds images of shape {x.shape[1:]}, with no pixels")
-    if x.dtype.kind == "f":      # here, on the whole array: named by their positions in DATA
-        bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-        if bad.any():
-            idx = np.nonzero(bad)[0]
-            more = len(idx) - 10
-            raise CliError(f"DATA {path!r}: {kx} has NaN or Inf pixels in image(s) at index "
-                           f"{idx[:10].tolist()}" + (f" and {more} more" if more > 0 else "")
-                           + f" (positions in {kx}); all pixels must be finite")
-    y = np.asarray(y)
-    if y.ndim == 2 and 1 in y.shape:
-        y = y.ravel()
-    if y.ndim != 1 or len(y) != len(x):
-        raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
-    return x, y
 
 
 def _command_line(args) -> str:

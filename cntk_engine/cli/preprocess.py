@@ -19,10 +19,22 @@ transformations are :func:`cntk_engine.preprocess.preprocess`'s, as ``evaluate -
 applies them: ``--downsample F`` first, then ``standardize``, ``scale``, ``zca`` (``--zca-reg``)
 or ``none``.
 
+``--n-train N`` / ``--n-test M`` (``--seed S``, default 0) take the subsets that ``evaluate
+--n-train N --n-test M --seed S`` takes of the same DATA (:mod:`.subsets`: the same images in
+the same order; one of the two left out: all of that set; a DATA of ``x, y`` is split as
+``evaluate`` splits it, and needs both), and the preprocessing is fitted on that training
+subset, as ``evaluate`` fits it: the Gram jobs on OUT and ``solve`` then give ``evaluate``'s
+figures, and a recipe can be tried on a few thousand images before the whole set.  They need
+DATA's labels (``y_train``, ``y_test``; or ``y``); OUT holds the subsets as ``x_train``,
+``y_train``, ``x_test``, ``y_test`` and where each image is in DATA (``index_train``,
+``index_test``: positions in ``x_train`` / ``x_test``, or both in ``x``), and not DATA's other
+arrays (their rows, if they have one per image, would no longer be the images').
+
 OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
 ...) unchanged, and ``preprocessing``, a JSON text saying what was done (the method and its
-parameters, the set it was fitted on, DATA, the layout read, the package version).  It is
-written to a temporary file beside OUT and moved into place whole; an existing OUT is refused.
+parameters, the set it was fitted on, the subsets drawn, DATA, the layout read, the package
+version).  It is written to a temporary file beside OUT and moved into place whole; an existing
+OUT is refused.
 """
 from __future__ import annotations
 
@@ -30,14 +42,16 @@ import json
 import os
 import shlex
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..preprocess import ConstantImages, preprocess
 from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
-                     guess_layout, open_numpy, preprocessing_options, read_member, to_nchw,
-                     write_file)
+                     guess_layout, nonnegative_int, open_numpy, preprocessing_options, read_member,
+                     to_nchw, write_file)
+from .subsets import draw
 
 #: The key of OUT's record of what was done.
 RECORD = "preprocessing"
@@ -50,11 +64,20 @@ def add_parser(sub) -> None:
                        "x_train and x_test, and write them as float64 NCHW images to the new "
                        ".npz --out, for cntk-engine gram.",
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
-                       "arrays are copied unchanged.")
+                       "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
+                       "x_test, y_test or x, y (split as evaluate splits it), and only the "
+                       "subsets and their labels are written.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x")
     add_preprocessing_options(p, default=None)
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's 4-D images (auto: as gram decides it)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N",
+                   help="only N training images, drawn as evaluate --n-train draws them (needs "
+                   "DATA's labels; default: all)")
+    p.add_argument("--n-test", type=int, default=None, metavar="M",
+                   help="only M test images, drawn as evaluate --n-test draws them (default: all)")
+    p.add_argument("--seed", type=nonnegative_int, default=None,
+                   help="the seed of the subsets' draw, as evaluate's (default 0)")
     p.add_argument("--out", required=True, metavar="NEW.npz",
                    help="the .npz archive to write (must not exist)")
     p.set_defaults(func=run)
@@ -77,9 +100,26 @@ def _check_out(out: str, data: Path) -> Path:
     return p
 
 
-def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str], list[str]]:
-    """({key: NCHW images}, {key: other arrays}, {key: the layout read}, the image keys (the
-    one fitted on first), the members that are not arrays) of DATA."""
+@dataclass(frozen=True)
+class Sets:
+    """What ``preprocess`` read from DATA: ``images`` {OUT's key: NCHW images}, the set fitted
+    on first; ``others`` the arrays written unchanged beside them; ``layouts`` {key: the layout
+    read}; ``named`` {key: image i -> its name in DATA}; ``not_arrays`` DATA's members that are
+    not arrays and ``left_out`` the arrays not written (a subset's), both said, not copied;
+    ``subset`` the record of the draw (None: every image)."""
+
+    images: dict
+    others: dict
+    layouts: dict
+    named: dict
+    not_arrays: list
+    left_out: list
+    subset: dict | None
+
+
+def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
+    """DATA's images (all, or ``subset`` = (n_train, n_test, seed) drawn as ``evaluate`` draws
+    them) and the arrays to write beside them."""
     z = open_numpy(path, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {str(path)!r} is a .npy array; preprocess needs an .npz archive with "
@@ -89,33 +129,40 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
         if RECORD in names:
             raise CliError(f"DATA {str(path)!r} holds a {RECORD!r} record: it was written by "
                            "cntk-engine preprocess already; preprocess the original images")
-        if "x" in names and ("x_train" in names or "x_test" in names):
-            sets = ", ".join(k for k in ("x_train", "x_test") if k in names)
-            raise CliError(f"DATA {str(path)!r} holds x besides {sets}: which images are meant "
-                           "cannot be told; give an archive with x_train and x_test (fitted on "
-                           "x_train) or with x alone")
-        if "x_train" in names or "x_test" in names:
-            if not ("x_train" in names and "x_test" in names):
-                have, lack = (("x_train", "x_test") if "x_train" in names else ("x_test", "x_train"))
-                raise CliError(f"DATA {str(path)!r} holds {have} but not {lack}; preprocess needs "
-                               "both (fitted on x_train), or x alone")
-            keys = ["x_train", "x_test"]
-        elif "x" in names:
-            keys = ["x"]
-        else:
-            raise CliError(f"DATA {str(path)!r} holds arrays {names}; preprocess needs x_train and "
-                           "x_test, or x")
-        arrays = {k: read_member(z, k, path) for k in names}
-    # members that are not arrays (a text file zipped in) are not copied: np.load gives their bytes
-    skipped = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
-    for k in skipped:
-        del arrays[k]
+        if subset is None:
+            keys = _image_keys(path, names)
+            arrays = {k: read_member(z, k, path) for k in names}
+    if subset is None:
+        # members that are not arrays (a text file zipped in) are not copied: np.load gives
+        # their bytes
+        not_arrays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+        raw = {k: arrays.pop(k) for k in keys}
+        others = {k: v for k, v in arrays.items() if k not in not_arrays}
+        source = {k: k for k in keys}
+        named = {k: (lambda i, k=k: f"{k}[{i}]") for k in keys}
+        left_out, record = [], None
+    else:
+        n_train, n_test, seed = subset
+        drawn = draw(str(path), n_train, n_test, seed,
+                     needs="preprocess --n-train / --n-test needs")
+        keys = ["x_train", "x_test"]
+        raw = {"x_train": drawn.x_train, "x_test": drawn.x_test}
+        others = {"y_train": drawn.y_train, "y_test": drawn.y_test,
+                  "index_train": drawn.train_at, "index_test": drawn.test_at}
+        source = {"x_train": drawn.train_key, "x_test": drawn.test_key}
+        named = {"x_train": drawn.training_image, "x_test": drawn.test_image}
+        used = {"x", "y"} if drawn.train_key == "x" else {"x_train", "y_train", "x_test", "y_test"}
+        not_arrays, left_out = [], [k for k in names if k not in used]
+        record = {"n_train": len(drawn.train_at), "n_test": len(drawn.test_at), "seed": seed,
+                  "drawn_from": drawn.layout,
+                  "as": f"evaluate --n-train {len(drawn.train_at)} --n-test {len(drawn.test_at)} "
+                        f"--seed {seed}"}
     images, layouts = {}, {}
     for k in keys:
-        x = arrays.pop(k)
+        x = raw[k]
         layouts[k] = ("(N, H, W): one channel" if x.ndim == 3 else
                       guess_layout(x.shape) if x.ndim == 4 and data_format == "auto" else data_format)
-        images[k] = to_nchw(x, data_format, f"DATA {str(path)!r}: {k}")
+        images[k] = to_nchw(x, data_format, f"DATA {str(path)!r}: {source[k]}")
     if len(keys) == 2 and images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise CliError(f"DATA {str(path)!r}: x_train and x_test hold images of different shapes, "
                        f"{images['x_train'].shape[1:]} and {images['x_test'].shape[1:]} (C, H, W)")
@@ -125,7 +172,36 @@ def _read_sets(path: Path, data_format: str) -> tuple[dict, dict, dict, list[str
         raise CliError(f"DATA {str(path)!r}: x_train is {images['x_train'].dtype} and x_test "
                        f"{images['x_test'].dtype}: give both as integers or both as floats, in "
                        "the same units (e.g. both 0..255 or both 0..1)")
-    return images, arrays, layouts, keys, skipped
+    return Sets(images, others, layouts, named, not_arrays, left_out, record)
+
+
+def _image_keys(path: Path, names: list) -> list[str]:
+    """The image sets of DATA's members ``names``, the one fitted on first."""
+    if "x" in names and ("x_train" in names or "x_test" in names):
+        sets = ", ".join(k for k in ("x_train", "x_test") if k in names)
+        raise CliError(f"DATA {str(path)!r} holds x besides {sets}: which images are meant "
+                       "cannot be told; give an archive with x_train and x_test (fitted on "
+                       "x_train) or with x alone")
+    if "x_train" in names or "x_test" in names:
+        if not ("x_train" in names and "x_test" in names):
+            have, lack = (("x_train", "x_test") if "x_train" in names else ("x_test", "x_train"))
+            raise CliError(f"DATA {str(path)!r} holds {have} but not {lack}; preprocess needs "
+                           "both (fitted on x_train), or x alone")
+        return ["x_train", "x_test"]
+    if "x" in names:
+        return ["x"]
+    raise CliError(f"DATA {str(path)!r} holds arrays {names}; preprocess needs x_train and "
+                   "x_test, or x")
+
+
+def _subset_of(args) -> tuple | None:
+    """(n_train, n_test, seed) of --n-train / --n-test / --seed, or None: every image."""
+    if args.n_train is None and args.n_test is None:
+        if args.seed is not None:
+            raise CliError(f"--seed {args.seed} draws the subsets of --n-train / --n-test; give "
+                           "them too, or leave --seed out (every image is written)")
+        return None
+    return args.n_train, args.n_test, 0 if args.seed is None else args.seed
 
 
 def _write(out: Path, arrays: dict) -> None:
@@ -148,8 +224,11 @@ def run(args) -> int:
     if not data.is_file():
         raise CliError(f"DATA {args.data!r} is not a file")
     zca_reg = preprocessing_options(args)
+    subset = _subset_of(args)
     out = _check_out(args.out, data)
-    images, others, layouts, keys, skipped = _read_sets(data, args.data_format)
+    sets = _read_sets(data, args.data_format, subset)
+    images = sets.images
+    keys = list(images)
     fit = keys[0]
     try:
         done = preprocess(images[fit], images.get("x_test"), args.preprocess, args.downsample,
@@ -158,7 +237,7 @@ def run(args) -> int:
         key = "x_test" if e.role == "x_test" else fit
         raise CliError(str(e.reworded(f"--zca: DATA's {key}", "drop them from DATA, or use "
                                       "--preprocess standardize (it takes constant images)",
-                                      named=lambda i: f"{key}[{i}]"))) from None
+                                      named=sets.named[key]))) from None
     result = dict(zip(keys, done))
     fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
@@ -166,19 +245,24 @@ def run(args) -> int:
               "preprocess": args.preprocess,
               "zca_reg": zca_reg if args.preprocess == "zca" else None,
               "downsample": args.downsample, "fitted_on": fit if fitted else None,
-              "data": str(data.resolve()), "read_as": layouts,
+              "data": str(data.resolve()), "subset": sets.subset, "read_as": sets.layouts,
               "dtypes": {k: str(v.dtype) for k, v in images.items()},
               "images": {k: list(v.shape) for k, v in result.items()}}
+    others = sets.others
     _write(out, {**others, **{k: np.ascontiguousarray(v, dtype=np.float64)
                               for k, v in result.items()},
                  RECORD: np.array(json.dumps(record))})
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
+    drawn = sets.subset
     print(f"{out}: {shapes} float64 NCHW, {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
           + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
           + (f", fitted on {fit}" if fitted else "")
+          + (f"; the images {drawn['as']} draws from DATA's {drawn['drawn_from']}" if drawn else "")
           + (f"; copied {', '.join(others)}" if others else "")
-          + (f"; not copied (not arrays): {', '.join(skipped)}" if skipped else ""))
+          + (f"; not copied (not arrays): {', '.join(sets.not_arrays)}" if sets.not_arrays else "")
+          + (f"; not copied (a subset's rows would not be theirs): {', '.join(sets.left_out)}"
+             if sets.left_out else ""))
     q = shlex.quote
     if len(keys) == 2:
         then = (f"cntk-engine solve {q(str(out))} --train train.zarr --test test.zarr"

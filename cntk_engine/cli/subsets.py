@@ -1,0 +1,133 @@
+"""The labelled subsets of a ``.npz`` that ``evaluate`` computes on, and that ``preprocess
+--n-train / --n-test`` writes for ``gram`` jobs: one draw, so the two see the same images for the
+same ``--n-train``, ``--n-test`` and ``--seed``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..solver.targets import check_labels
+from .common import CliError, open_numpy, read_member
+
+PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """The images and labels drawn from DATA, and where each image is in DATA's arrays: image i
+    of the training set is ``train_key[train_at[i]]`` (for the messages that name an image)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    layout: str
+    train_key: str
+    train_at: np.ndarray
+    test_key: str
+    test_at: np.ndarray
+    preprocessed: str | None = None      # DATA written by `cntk-engine preprocess`: its method
+
+    def training_image(self, i: int, flipped: bool = False) -> str:
+        """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
+        n = len(self.train_at)
+        if flipped and i >= n:
+            return f"the flip of {self.train_key}[{self.train_at[i - n]}]"
+        return f"{self.train_key}[{self.train_at[i]}]"
+
+    def test_image(self, i: int) -> str:
+        return f"{self.test_key}[{self.test_at[i]}]"
+
+
+def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
+         needs: str = "evaluate needs") -> Drawn:
+    """The subsets of DATA as ``evaluate`` documents them: ``n_train`` / ``n_test`` images of
+    ``x_train`` / ``x_test`` drawn without replacement by ``np.random.default_rng(seed)`` (each
+    kept in DATA's order), or of ``x, y`` shuffled and split; the labels checked, the images
+    as DATA holds them (layout not yet read).  ``needs``: who asks for the keys, in errors
+    (``preprocess``'s subsets are ``evaluate``'s, so one command's figures can be checked
+    against the other's).  ``n_train`` or ``n_test`` None: all of ``x_train`` / ``x_test`` (the
+    draw of ``n = len``: every image, in DATA's order, and the generator's state as for that
+    number); a split of ``x, y`` needs both."""
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"DATA {path!r} does not exist")
+    if not p.is_file():
+        raise CliError(f"DATA {path!r} is not a file")
+    if n_train is not None and n_train < 2:
+        raise CliError(f"--n-train must be at least 2; got {n_train}")
+    if n_test is not None and n_test < 1:
+        raise CliError(f"--n-test must be at least 1; got {n_test}")
+    z = open_numpy(p, "DATA")
+    if not hasattr(z, "files"):
+        raise CliError(f"DATA {path!r} is a .npy array; {needs} a .npz archive with keys "
+                       "x_train, y_train, x_test, y_test or x, y")
+    rng = np.random.default_rng(seed)
+    with z:
+        names = list(z.files)
+        if all(k in names for k in PAIR_KEYS):
+            xtr, ytr = _pair(z, "x_train", "y_train", path)
+            xte, yte = _pair(z, "x_test", "y_test", path)
+            _check_labels(path, ytr, "y_train")     # before the kernels
+            _check_labels(path, yte, "y_test", like=ytr)   # labels of two kinds never match
+            n_train = len(xtr) if n_train is None else n_train
+            n_test = len(xte) if n_test is None else n_test
+            for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
+                if n > avail:
+                    raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
+            i = np.sort(rng.choice(len(xtr), n_train, replace=False))
+            j = np.sort(rng.choice(len(xte), n_test, replace=False))
+            return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
+        some = [k for k in PAIR_KEYS if k in names]
+        if some:            # not the x / y split beside them: the caller meant a given split
+            raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
+                           f"{', '.join(k for k in PAIR_KEYS if k not in names)}; {needs} all "
+                           "four keys x_train, y_train, x_test, y_test (or only x, y)")
+        if "x" in names and "y" in names:
+            if n_train is None or n_test is None:
+                raise CliError(f"DATA {path!r} holds x, y: --n-train and --n-test split it into "
+                               "a training and a test set; give both")
+            x, y = _pair(z, "x", "y", path)
+            _check_labels(path, y, "y")
+            if n_train + n_test > len(x):
+                raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
+                               f"images in DATA {path!r}")
+            perm = rng.permutation(len(x))
+            i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
+            return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
+        raise CliError(f"DATA {path!r} holds arrays {names}; {needs} the keys x_train, "
+                       "y_train, x_test, y_test or x, y")
+
+
+def _check_labels(path, y, what, like=None) -> None:
+    try:
+        check_labels(y, len(y), what, like=like)
+    except ValueError as e:
+        raise CliError(f"DATA {path!r}: {e}") from None
+
+
+def _pair(z, kx, ky, path):
+    x, y = read_member(z, kx, path), read_member(z, ky, path)
+    if x.ndim not in (3, 4):
+        raise CliError(f"DATA {path!r}: {kx} must be images (N, H, W), (N, C, H, W) or (N, H, W, C); "
+                       f"got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise CliError(f"DATA {path!r}: {kx} must hold numbers; got dtype {x.dtype}")
+    if 0 in x.shape[1:]:
+        raise CliError(f"DATA {path!r}: {kx} holds images of shape {x.shape[1:]}, with no pixels")
+    if x.dtype.kind == "f":      # here, on the whole array: named by their positions in DATA
+        bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+        if bad.any():
+            idx = np.nonzero(bad)[0]
+            more = len(idx) - 10
+            raise CliError(f"DATA {path!r}: {kx} has NaN or Inf pixels in image(s) at index "
+                           f"{idx[:10].tolist()}" + (f" and {more} more" if more > 0 else "")
+                           + f" (positions in {kx}); all pixels must be finite")
+    y = np.asarray(y)
+    if y.ndim == 2 and 1 in y.shape:
+        y = y.ravel()
+    if y.ndim != 1 or len(y) != len(x):
+        raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
+    return x, y
