@@ -18,7 +18,8 @@ the training set, and the NNGP (CNN-GP) kernel of the same pass, which costs not
 Input (``--data``): a directory with the official CIFAR-10 python files ``data_batch_1`` ..
 ``data_batch_5`` and ``test_batch`` (pickles of dicts with ``b"data"``: uint8 (10000, 3072),
 each row the 32x32 R, G, B planes; ``b"labels"``: 10000 ints), the official archive
-``cifar-10-python.tar.gz`` itself (read in place, nothing extracted), or an ``.npz`` with
+``cifar-10-python.tar.gz`` itself (read in place, nothing extracted; both by
+:func:`cntk_engine.datasets.load_cifar10`, which runs no code from the pickles), or an ``.npz`` with
 ``x_train`` (N, 32, 32, 3) uint8, ``y_train``, ``x_test``, ``y_test`` (channels-last).  Default:
 ``cifar10_jpeg_small.npz`` (5000 train / 2000 test) in $CNTK_ENGINE_DATA or ../shared/data.
 The first ``--n-train`` / ``--n-test`` images are used (deterministic).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -47,6 +47,7 @@ import cntk_engine as ce  # noqa: E402
 from cntk_engine import solver  # noqa: E402
 from cntk_engine.jobs.store import StoreMismatch, array_names  # noqa: E402
 from cntk_engine.arch import make_architecture  # noqa: E402
+from cntk_engine.datasets import CIFAR10_FOLDER, is_cifar10, load_cifar10  # noqa: E402
 from cntk_engine.preprocess import preprocess as engine_preprocess  # noqa: E402
 
 DEPTHS = (3, 4, 6, 11, 21)
@@ -65,35 +66,10 @@ def default_data_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------- data
-OFFICIAL_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 ACCEPTED = ("a directory holding the official CIFAR-10 python files data_batch_1 .. data_batch_5 "
             "and test_batch (or their folder cifar-10-batches-py), the official archive "
             "cifar-10-python.tar.gz, or an .npz with x_train (N, 32, 32, 3) uint8, y_train, x_test, "
             "y_test")
-
-
-def _official_batch(raw: bytes, name: str, src: str):
-    """(images uint8 (n, 3, 32, 32), labels int64 (n,)) of one official pickle, checked."""
-    d = pickle.loads(raw, encoding="bytes")
-    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
-        raise ValueError(f"{src}: {name} is not a CIFAR-10 python batch (a pickled dict with "
-                         f"b'data' and b'labels'); accepted: {ACCEPTED}")
-    data = np.asarray(d[b"data"])
-    labels = np.asarray(d[b"labels"], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise ValueError(f"{src}: {name} has data of shape {data.shape} and {len(labels)} labels; "
-                         "a CIFAR-10 batch has (n, 3072) uint8 rows (the R, G, B 32x32 planes) "
-                         "and n labels")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{src}: {name} has labels outside 0..9 ({labels.min()}..{labels.max()})")
-    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
-
-
-def _official(read, src: str):
-    parts = [_official_batch(read(name), name, src) for name in OFFICIAL_BATCHES]
-    x_tr = np.concatenate([x for x, _ in parts[:5]])
-    y_tr = np.concatenate([y for _, y in parts[:5]])
-    return x_tr, y_tr, parts[5][0], parts[5][1], src
 
 
 def load_cifar(path=None):
@@ -104,24 +80,12 @@ def load_cifar(path=None):
     p = Path(path) if path else default_data_dir() / "cifar10_jpeg_small.npz"
     if not p.exists():
         raise ValueError(f"CIFAR-10 data {p} does not exist; accepted: {ACCEPTED}")
-    if p.is_dir():
-        if not (p / "test_batch").exists() and (p / "cifar-10-batches-py").is_dir():
-            p = p / "cifar-10-batches-py"
-        missing = [n for n in OFFICIAL_BATCHES if not (p / n).is_file()]
-        if missing and (p / "cifar10_jpeg_small.npz").is_file():
-            p = p / "cifar10_jpeg_small.npz"
-        elif missing:
-            raise ValueError(f"{p} lacks the CIFAR-10 file(s) {', '.join(missing)}; accepted: {ACCEPTED}")
-        else:
-            return _official(lambda name: (p / name).read_bytes(), str(p))
-    if p.name.endswith((".tar.gz", ".tgz", ".tar")):
-        import tarfile
-        with tarfile.open(p) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in OFFICIAL_BATCHES if n not in members]
-            if missing:
-                raise ValueError(f"{p} holds no {', '.join(missing)}; accepted: {ACCEPTED}")
-            return _official(lambda name: tar.extractfile(members[name]).read(), str(p))
+    if (p.is_dir() and (p / "cifar10_jpeg_small.npz").is_file() and not (p / "test_batch").exists()
+            and not (p / CIFAR10_FOLDER).is_dir()):
+        p = p / "cifar10_jpeg_small.npz"
+    elif is_cifar10(p):
+        d = load_cifar10(p)       # the official files, unpickled safely (cntk_engine.datasets)
+        return d.x_train, d.y_train, d.x_test, d.y_test, d.source
     if p.suffix != ".npz":
         raise ValueError(f"{p} is neither a directory, a .tar.gz nor an .npz; accepted: {ACCEPTED}")
     try:
@@ -155,13 +119,11 @@ def load_cifar(path=None):
 def load_cifar_for_cli(path):
     """load_cifar for the command lines: bad data (or images with NaN or Inf pixels) is a
     ScriptError naming --data."""
-    import tarfile
     import zipfile
     import zlib
     try:
         x_tr, y_tr, x_te, y_te, src = load_cifar(path)
-    except (ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError, tarfile.TarError,
-            zipfile.BadZipFile, zlib.error) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         from bench.common import describe_error
         why = describe_error(e) if isinstance(e, (ValueError, OSError)) else \
             f"{path or 'the default data'} cannot be read ({type(e).__name__}: {e})"

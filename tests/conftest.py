@@ -39,6 +39,26 @@ def run_cli(capsys, *argv):
     return rc, out, err
 
 
+def official_cifar(tmp_path, per_batch=3):
+    """A miniature of the official CIFAR-10 python files: (folder, archive, expected arrays)."""
+    import pickle
+    import tarfile
+    rng = np.random.default_rng(5)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        (root / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels, b"batch_label": b"x"}))
+        xs.append(data)
+        ys.append(labels)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    return root, archive, xs, ys
+
+
 def load_tool(name: str):
     """The module ``tools/<name>.py`` (``name`` may hold a folder: ``gpu/prepare_carry``),
     loaded from its file: putting the checkout ahead of site-packages on sys.path would make

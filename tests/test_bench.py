@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 import cntk_engine as ce  # noqa: E402
 from bench import ceiling, per_layer_cpu  # noqa: E402
 from bench.common import ScriptError  # noqa: E402
+from conftest import official_cifar  # noqa: E402
 
 
 @pytest.mark.parametrize("pooling,fix,convention", [("gap", False, "arora"), ("flatten", True, "arora"),
@@ -328,29 +329,9 @@ def test_small_data_plot_one_panel_per_solve(tmp_path):
     assert out.stat().st_size > 0
 
 
-def _official_cifar(tmp_path, per_batch=3):
-    """A miniature of the official CIFAR-10 python files: (folder, archive, expected arrays)."""
-    import pickle
-    import tarfile
-    rng = np.random.default_rng(5)
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    xs, ys = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        (root / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels, b"batch_label": b"x"}))
-        xs.append(data)
-        ys.append(labels)
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(root, arcname="cifar-10-batches-py")
-    return root, archive, xs, ys
-
-
 def test_load_cifar_official_files_folder_and_archive(tmp_path):
     from bench.reproduce_table1 import load_cifar
-    root, archive, xs, ys = _official_cifar(tmp_path)
+    root, archive, xs, ys = official_cifar(tmp_path)
     for src in (root, tmp_path, archive):
         x_tr, y_tr, x_te, y_te, _ = load_cifar(src)
         assert x_tr.shape == (15, 3, 32, 32) and x_te.shape == (3, 3, 32, 32) and x_tr.dtype == np.uint8
@@ -364,7 +345,7 @@ def test_load_cifar_official_files_folder_and_archive(tmp_path):
 def test_load_cifar_refuses_what_it_cannot_read(tmp_path):
     import pickle
     from bench.reproduce_table1 import load_cifar
-    root, _, _, _ = _official_cifar(tmp_path)
+    root, _, _, _ = official_cifar(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         load_cifar(tmp_path / "nowhere")
     (root / "test_batch").unlink()

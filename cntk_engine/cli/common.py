@@ -85,6 +85,44 @@ def open_numpy(p: Path, what: str = "DATA"):
                        f"{numpy_problem(e)}") from None
 
 
+class _Arrays(dict):
+    """Arrays read whole (a dataset in its published format) with an NpzFile's ``files`` and
+    context manager, so the readers of a labelled DATA take either."""
+
+    @property
+    def files(self) -> list[str]:
+        return list(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def open_data(p: Path, data_format: str = "auto", what: str = "DATA"):
+    """A labelled DATA: :func:`open_numpy` of a file, or CIFAR-10's python version (a folder,
+    or the archive ``cifar-10-python.tar.gz``: :func:`cntk_engine.datasets.load_cifar10`, which
+    runs no code from its pickles) as an archive of ``x_train``, ``y_train``, ``x_test``,
+    ``y_test``, the images uint8 NCHW (a ``data_format`` other than auto or NCHW is refused:
+    it would read them in another layout)."""
+    from ..datasets import CIFAR10_ACCEPTED, is_cifar10, load_cifar10
+    if not is_cifar10(p):
+        return open_numpy(p, what)
+    if data_format not in ("auto", "NCHW"):
+        raise CliError(f"{what} {str(p)!r} is CIFAR-10's python version, whose images are read "
+                       f"as (N, 3, 32, 32) NCHW; --data-format {data_format} would read them in "
+                       "another layout: leave it out (auto) or give NCHW")
+    try:
+        d = load_cifar10(p)
+    except ValueError as e:
+        raise CliError(f"{what} {e}") from None
+    except OSError as e:
+        raise CliError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}; accepted: "
+                       f"{CIFAR10_ACCEPTED}") from None
+    return _Arrays(x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
+
+
 def _head(p: Path, what: str) -> bytes:
     """The first bytes of the file ``p`` (as many as NumPy's magic), or a CliError saying why it
     cannot be read."""

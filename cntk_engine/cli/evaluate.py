@@ -7,7 +7,9 @@
 DATA is a ``.npz`` archive holding either ``x_train, y_train, x_test, y_test`` (a random subset
 of ``--n-train`` / ``--n-test`` of each is used, drawn with ``--seed``) or ``x, y`` (shuffled
 with ``--seed`` and split: the first ``--n-train`` for training, the next ``--n-test`` for
-testing).  Images: (N, H, W) (one channel), (N, C, H, W) or (N, H, W, C), any integer or float
+testing; ``preprocess --n-train --n-test --seed`` writes the same subsets into a file for Gram
+jobs), or CIFAR-10's python version as downloaded (``cifar-10-python.tar.gz`` or its folder
+``cifar-10-batches-py``, :mod:`cntk_engine.datasets`).  Images: (N, H, W) (one channel), (N, C, H, W) or (N, H, W, C), any integer or float
 dtype; ``--data-format auto`` (default) reads a 4-D array as NHWC when its last axis is 1 or 3
 and its second is not, as NCHW in the opposite case, and otherwise by the axis that is strictly
 the smallest of the three image axes ((N, 2, 6, 6): NCHW; (N, 32, 32, 4): NHWC); where none is,
@@ -53,6 +55,7 @@ import numpy as np
 
 from .. import solver
 from ..arch import kernel_names
+from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
@@ -72,7 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(and the LOO-selected ridge) per depth.",
         epilog="DATA keys: x_train, y_train, x_test, y_test (random subsets of --n-train / "
         "--n-test), or x, y (shuffled and split).")
-    p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y")
+    p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y; "
+                   "or CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_architecture_options(p)
     p.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
@@ -96,10 +100,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- data
-def load_data(path: str, n_train: int, n_test: int, seed: int) -> Drawn:
-    """The subsets (or split) of a .npz that evaluate uses, as documented, with the method of
-    an archive that ``cntk-engine preprocess`` wrote."""
-    drawn = draw(path, n_train, n_test, seed)
+def load_data(path: str, n_train: int, n_test: int, seed: int, data_format: str = "auto") -> Drawn:
+    """The subsets (or split) of a .npz (or of CIFAR-10's python version) that evaluate uses, as
+    documented, with the method of an archive that ``cntk-engine preprocess`` wrote."""
+    drawn = draw(path, n_train, n_test, seed, data_format=data_format)
+    if is_cifar10(path):
+        return drawn
     with np.load(path, allow_pickle=False) as z:
         if RECORD in z.files:
             try:
@@ -266,7 +272,7 @@ def run(args) -> int:
     if args.json is not None:
         check_json_path(args.json, inputs={"DATA": args.data, "--store": args.store})
     store, kept = check_store(args)
-    drawn = load_data(args.data, args.n_train, args.n_test, args.seed)
+    drawn = load_data(args.data, args.n_train, args.n_test, args.seed, args.data_format)
     if drawn.preprocessed not in (None, "none") and args.preprocess != "none":
         log.warning("DATA %r was written by cntk-engine preprocess (%s); --preprocess %s is "
                     "applied to its images again: pass --preprocess none to use them as they are",

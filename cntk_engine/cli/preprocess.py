@@ -13,7 +13,10 @@ from the one file (their stores' fingerprints then tie the test kernel to the tr
 and both to the file's labels: ``cntk-engine solve``, :func:`cntk_engine.solver.load_train_test`).
 
 DATA is an ``.npz`` archive holding ``x_train`` and ``x_test`` (the preprocessing is fitted on
-``x_train`` and applied to both) or ``x`` alone (fitted on and applied to ``x``); images
+``x_train`` and applied to both) or ``x`` alone (fitted on and applied to ``x``), or CIFAR-10's
+python version as downloaded (``cifar-10-python.tar.gz``, or the folder ``cifar-10-batches-py``:
+its 50,000 training and 10,000 test images and their labels, :mod:`cntk_engine.datasets`, which
+runs no code from the pickles); images
 (N, H, W), (N, C, H, W) or (N, H, W, C) read as ``gram`` reads them (``--data-format``).  The
 transformations are :func:`cntk_engine.preprocess.preprocess`'s, as ``evaluate --preprocess``
 applies them: ``--downsample F`` first, then ``standardize``, ``scale``, ``zca`` (``--zca-reg``)
@@ -47,9 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess
 from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
-                     guess_layout, nonnegative_int, open_numpy, preprocessing_options, read_member,
+                     guess_layout, nonnegative_int, open_data, preprocessing_options, read_member,
                      to_nchw, write_file)
 from .subsets import draw
 
@@ -67,7 +71,8 @@ def add_parser(sub) -> None:
                        "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
                        "x_test, y_test or x, y (split as evaluate splits it), and only the "
                        "subsets and their labels are written.")
-    p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x")
+    p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x; or "
+                   "CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_preprocessing_options(p, default=None)
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's 4-D images (auto: as gram decides it)")
@@ -120,10 +125,10 @@ class Sets:
 def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
     """DATA's images (all, or ``subset`` = (n_train, n_test, seed) drawn as ``evaluate`` draws
     them) and the arrays to write beside them."""
-    z = open_numpy(path, "DATA")
+    z = open_data(path, data_format, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {str(path)!r} is a .npy array; preprocess needs an .npz archive with "
-                       "x_train and x_test (fitted on x_train), or x")
+                       "x_train and x_test (fitted on x_train), or x, or CIFAR-10's python version")
     with z:
         names = list(z.files)
         if RECORD in names:
@@ -143,7 +148,7 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
         left_out, record = [], None
     else:
         n_train, n_test, seed = subset
-        drawn = draw(str(path), n_train, n_test, seed,
+        drawn = draw(str(path), n_train, n_test, seed, data_format=data_format,
                      needs="preprocess --n-train / --n-test needs")
         keys = ["x_train", "x_test"]
         raw = {"x_train": drawn.x_train, "x_test": drawn.x_test}
@@ -221,8 +226,8 @@ def run(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise CliError(f"DATA {args.data!r} does not exist")
-    if not data.is_file():
-        raise CliError(f"DATA {args.data!r} is not a file")
+    if not (data.is_file() or is_cifar10(data)):
+        raise CliError(f"DATA {args.data!r} is neither a file nor a folder")
     zca_reg = preprocessing_options(args)
     subset = _subset_of(args)
     out = _check_out(args.out, data)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..solver.targets import check_labels
-from .common import CliError, open_numpy, read_member
+from ..datasets import is_cifar10
+from .common import CliError, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -42,11 +43,13 @@ class Drawn:
 
 
 def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
-         needs: str = "evaluate needs") -> Drawn:
+         data_format: str = "auto", needs: str = "evaluate needs") -> Drawn:
     """The subsets of DATA as ``evaluate`` documents them: ``n_train`` / ``n_test`` images of
     ``x_train`` / ``x_test`` drawn without replacement by ``np.random.default_rng(seed)`` (each
     kept in DATA's order), or of ``x, y`` shuffled and split; the labels checked, the images
-    as DATA holds them (layout not yet read).  ``needs``: who asks for the keys, in errors
+    as DATA holds them (layout not yet read: ``data_format`` only refuses a layout that CIFAR-10's
+    python version, also read here (:func:`.common.open_data`), does not have).  ``needs``: who
+    asks for the keys, in errors
     (``preprocess``'s subsets are ``evaluate``'s, so one command's figures can be checked
     against the other's).  ``n_train`` or ``n_test`` None: all of ``x_train`` / ``x_test`` (the
     draw of ``n = len``: every image, in DATA's order, and the generator's state as for that
@@ -54,16 +57,16 @@ def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
     p = Path(path)
     if not p.exists():
         raise CliError(f"DATA {path!r} does not exist")
-    if not p.is_file():
-        raise CliError(f"DATA {path!r} is not a file")
+    if not (p.is_file() or is_cifar10(p)):
+        raise CliError(f"DATA {path!r} is neither a file nor a folder")
     if n_train is not None and n_train < 2:
         raise CliError(f"--n-train must be at least 2; got {n_train}")
     if n_test is not None and n_test < 1:
         raise CliError(f"--n-test must be at least 1; got {n_test}")
-    z = open_numpy(p, "DATA")
+    z = open_data(p, data_format, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {path!r} is a .npy array; {needs} a .npz archive with keys "
-                       "x_train, y_train, x_test, y_test or x, y")
+                       "x_train, y_train, x_test, y_test or x, y, or CIFAR-10's python version")
     rng = np.random.default_rng(seed)
     with z:
         names = list(z.files)

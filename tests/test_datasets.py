@@ -1,0 +1,164 @@
+"""CIFAR-10's python version read as published, without running code from its pickles; as DATA
+of ``preprocess`` and ``evaluate``."""
+import io
+import json
+import os
+import pickle
+import re
+import tarfile
+
+import numpy as np
+import pytest
+
+from cntk_engine.datasets import load_cifar10
+from cntk_engine.preprocess import preprocess
+
+from conftest import official_cifar, run_cli
+
+
+def test_folder_its_parent_and_the_archive(tmp_path):
+    root, archive, xs, ys = official_cifar(tmp_path)
+    for src in (root, tmp_path, archive):
+        d = load_cifar10(src)
+        assert d.x_train.shape == (15, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
+        assert d.x_train.dtype == np.uint8 and d.y_train.dtype == np.int64
+        # row layout: the red 32x32 plane, then green, then blue, each row-major; batches in order
+        assert d.x_train[4, 1, 2, 7] == xs[1][1, 1024 + 2 * 32 + 7]
+        assert d.x_test[2, 2, 31, 0] == xs[5][2, 2048 + 31 * 32]
+        np.testing.assert_array_equal(d.y_train, np.concatenate(ys[:5]))
+        np.testing.assert_array_equal(d.y_test, ys[5])
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_every_pickle_protocol_and_numpy_1_names(tmp_path, protocol):
+    """Python 2's cPickle (the published files) wrote NumPy 1's module names; Python 3 writes
+    bytes through _codecs.encode under protocols 0 and 1."""
+    root, _, xs, _ = official_cifar(tmp_path)
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    raw = pickle.dumps({b"data": data, b"labels": [3, 4], b"batch_label": b"testing batch 1 of 1"},
+                       protocol=protocol)
+    if protocol <= 3:       # names as text lines (4 and 5 prefix their length): NumPy 1's, as published
+        raw = raw.replace(b"numpy._core.", b"numpy.core.")
+        assert b"numpy.core.multiarray" in raw
+    (root / "test_batch").write_bytes(raw)
+    d = load_cifar10(root)
+    np.testing.assert_array_equal(d.x_test.reshape(2, 3072), data)
+    np.testing.assert_array_equal(d.y_test, [3, 4])
+
+
+class _Opens:
+    """Pickles as a call of open(): what a doctored file would do to run code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_calls_a_function_is_refused_and_nothing_runs(tmp_path):
+    root, archive, _, _ = official_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": _Opens(str(marker)), b"labels": []}))
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR-10 python batch "
+                       r"\(UnpicklingError: it asks for (builtins|io)\.open"):
+        load_cifar10(root)
+    assert not marker.exists()
+    # the same file inside the archive
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    with pytest.raises(ValueError, match="asks for"):
+        load_cifar10(tmp_path / "bad.tar.gz")
+    assert not marker.exists()
+
+
+def test_what_it_cannot_read_is_named(tmp_path):
+    root, _, _, _ = official_cifar(tmp_path)
+    with pytest.raises(ValueError, match="does not exist; accepted: CIFAR-10's python version"):
+        load_cifar10(tmp_path / "nowhere")
+    (tmp_path / "x.npz").write_bytes(b"PK")
+    with pytest.raises(ValueError, match="is neither a folder nor a .tar.gz archive"):
+        load_cifar10(tmp_path / "x.npz")
+    (tmp_path / "broken.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="cannot be read as a tar archive"):
+        load_cifar10(tmp_path / "broken.tar.gz")
+    with tarfile.open(tmp_path / "half.tar.gz", "w:gz") as tar:
+        tar.add(root / "data_batch_1", arcname="cifar-10-batches-py/data_batch_1")
+    with pytest.raises(ValueError, match="holds no data_batch_2, .*, test_batch"):
+        load_cifar10(tmp_path / "half.tar.gz")
+    batch = root / "test_batch"
+    for content, msg in [
+        (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+         r"test_batch has data of shape \(2, 100\) and labels of shape \(2,\)"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
+         r"test_batch has data of shape \(2, 3072\) and labels of shape \(1,\)"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
+         "test_batch has data of dtype float32"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
+         r"test_batch has labels outside 0..9 \(0..10\)"),
+        (pickle.dumps([1, 2]), "test_batch is not a CIFAR-10 python batch \\(a pickled dict"),
+        (b"not a pickle", "test_batch is not a CIFAR-10 python batch \\(UnpicklingError"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:-5], "test_batch is not a CIFAR-10"),
+    ]:
+        batch.write_bytes(content)
+        with pytest.raises(ValueError, match=msg):
+            load_cifar10(root)
+    batch.unlink()
+    with pytest.raises(ValueError, match="lacks the CIFAR-10 file.*test_batch"):
+        load_cifar10(root)
+
+
+def test_preprocess_and_evaluate_take_the_download(tmp_path, capsys):
+    """DATA as downloaded: preprocess writes its sets (and evaluate's subsets of them) for gram
+    jobs; evaluate computes on it directly."""
+    root, archive, xs, ys = official_cifar(tmp_path, per_batch=4)
+    d = load_cifar10(archive)
+    out = tmp_path / "c.npz"
+    rc, o, e = run_cli(capsys, "preprocess", archive, "--zca", "--downsample", "4", "--out", out)
+    assert rc == 0, e
+    assert "x_train (20, 3, 8, 8), x_test (4, 3, 8, 8) float64 NCHW, zca" in o and "copied y_train, y_test" in o
+    z = np.load(out)
+    a, b = preprocess(d.x_train, d.x_test, "zca", 4, data_format="NCHW")
+    np.testing.assert_array_equal(z["x_train"], a)
+    np.testing.assert_array_equal(z["x_test"], b)
+    np.testing.assert_array_equal(z["y_train"], np.concatenate(ys[:5]))
+    rec = json.loads(str(z["preprocessing"]))
+    assert rec["read_as"] == {"x_train": "NCHW", "x_test": "NCHW"} and rec["dtypes"]["x_train"] == "uint8"
+    # evaluate's subsets, from the folder
+    rc, o, e = run_cli(capsys, "preprocess", root, "--preprocess", "none", "--n-train", "6",
+                       "--n-test", "2", "--seed", "1", "--out", tmp_path / "s.npz")
+    assert rc == 0, e
+    s = np.load(tmp_path / "s.npz")
+    rng = np.random.default_rng(1)
+    i, j = np.sort(rng.choice(20, 6, replace=False)), np.sort(rng.choice(4, 2, replace=False))
+    np.testing.assert_array_equal(s["index_train"], i)
+    np.testing.assert_array_equal(s["x_test"], d.x_test[j])
+    rc, o, e = run_cli(capsys, "evaluate", archive, "--depth", "2", "--downsample", "4",
+                       "--n-train", "6", "--n-test", "2", "--seed", "1", "--backend", "numba",
+                       "--no-progress", "--json", tmp_path / "e.json")
+    assert rc == 0, e
+    assert json.loads((tmp_path / "e.json").read_text())["n_train"] == 6
+    # a layout the download does not have, and a folder that is not the download
+    (tmp_path / "empty").mkdir()
+    for argv, msg in [
+        (("preprocess", archive, "--zca", "--data-format", "NHWC", "--out", tmp_path / "o.npz"),
+         "is CIFAR-10's python version, whose images are read as \\(N, 3, 32, 32\\) NCHW; "
+         "--data-format NHWC would read them in another layout"),
+        (("evaluate", root, "--data-format", "NHWC", "--depth", "2"), "--data-format NHWC would read"),
+        (("preprocess", tmp_path / "empty", "--zca", "--out", tmp_path / "o.npz"),
+         "DATA .*empty lacks the CIFAR-10 file\\(s\\) data_batch_1"),
+    ]:
+        rc, o, e = run_cli(capsys, *argv)
+        assert rc == 2 and len(e.strip().splitlines()) == 1 and re.search(msg, e), (argv, e)
+    assert not (tmp_path / "o.npz").exists()
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                                            "e.json", "empty", "s.npz"]
+
+
+def test_the_unpickler_reads_what_it_is_given_only(tmp_path):
+    from cntk_engine.datasets import _ArraysOnly
+    raw = pickle.dumps({b"labels": [1, 2], b"name": "x", b"f": 1.5})
+    assert _ArraysOnly(io.BytesIO(raw), encoding="bytes").load() == {b"labels": [1, 2], b"name": "x", b"f": 1.5}
+    with pytest.raises(pickle.UnpicklingError, match="it asks for collections.OrderedDict"):
+        import collections
+        _ArraysOnly(io.BytesIO(pickle.dumps(collections.OrderedDict(a=1))), encoding="bytes").load()
