@@ -56,12 +56,17 @@ class _Opens:
         return (open, (self.path, "w"))
 
 
+def _batch_file(root, name, obj, protocol=2, edit=None):
+    raw = pickle.dumps(obj, protocol=protocol)
+    (root / name).write_bytes(edit(raw) if edit else raw)
+
+
 def test_a_pickle_that_calls_a_function_is_refused_and_nothing_runs(tmp_path):
     root, archive, _, _ = official_cifar(tmp_path)
     marker = tmp_path / "ran"
-    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": _Opens(str(marker)), b"labels": []}))
-    with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR-10 python batch "
-                       r"\(UnpicklingError: it asks for (builtins|io)\.open"):
+    _batch_file(root, "data_batch_3", {b"data": _Opens(str(marker)), b"labels": []})
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR-10 python batch: "
+                       r"it asks for (builtins|io)\.open"):
         load_cifar10(root)
     assert not marker.exists()
     # the same file inside the archive
@@ -70,6 +75,87 @@ def test_a_pickle_that_calls_a_function_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(ValueError, match="asks for"):
         load_cifar10(tmp_path / "bad.tar.gz")
     assert not marker.exists()
+
+
+def test_numpys_own_constructors_are_never_called_from_a_file(tmp_path):
+    """NumPy's array and dtype constructors, which a pickled array names, are stand-ins: a dtype
+    state that makes an object array of chosen bytes (it crashed Python by reading pointers it
+    made up), an array claiming more bytes than it holds, a state given to a global."""
+    import subprocess
+    import sys
+    from numpy._core.numeric import _frombuffer
+    root, _, _, _ = official_cifar(tmp_path)
+
+    class ObjectsFromBytes:
+        def __reduce__(self):
+            return (_frombuffer, (b"\x41" * 8, np.dtype("O"), (1,), "C"))
+
+    def zero_flags(raw):          # the object dtype's state, its flags (63) set to 0
+        assert raw.count(b"K?t") == 1
+        return raw.replace(b"K?t", b"K\x00t")
+    _batch_file(root, "test_batch", {b"data": np.zeros((1, 3072), np.uint8),
+                                     b"labels": ObjectsFromBytes()}, edit=zero_flags)
+    # in a process of its own: were the bytes taken as pointers, it would crash
+    code = ("import sys; from cntk_engine.datasets import load_cifar10\n"
+            "try:\n    load_cifar10(sys.argv[1])\nexcept ValueError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "test_batch is not a CIFAR-10 python batch: an array of dtype object" in r.stdout, r.stdout
+
+    class Claims:                 # numpy.ndarray((10**6, 3072), uint8, b"\0", 0, (0, 0))
+        def __reduce__(self):
+            return (np.ndarray, ((10 ** 6, 3072), np.dtype(np.uint8), b"\0", 0, (0, 0)))
+    _batch_file(root, "test_batch", {b"data": Claims(), b"labels": [0]})
+    with pytest.raises(ValueError, match="it calls numpy.ndarray directly"):
+        load_cifar10(root)
+
+    def short_data(raw):          # the array's bytes cut to 3 of its 3072
+        return raw.replace(b"\x00" * 3072, b"\x00" * 3).replace(b"B\x00\x0c\x00\x00", b"C\x03")
+    _batch_file(root, "test_batch", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]},
+                protocol=3, edit=short_data)
+    with pytest.raises(ValueError, match=r"an array of shape \(1, 3072\) and dtype uint8 from 3 "
+                       r"bytes \(3072 needed\)"):
+        load_cifar10(root)
+
+    # BUILD on the global itself, with the state (None, {"__defaults__": ("z",)}): NumPy's
+    # function would be changed for the whole process
+    build = (b"\x80\x02}(C\x04datacnumpy._core.numeric\n_frombuffer\nN}X\x0c\x00\x00\x00__defaults__"
+             b"X\x01\x00\x00\x00z\x85s\x86bC\x06labels]u.")
+    (root / "test_batch").write_bytes(build)
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 python batch: it gives numpy "
+                       "_frombuffer a state"):
+        load_cifar10(root)
+    assert _frombuffer.__defaults__ == (None,)
+
+
+def test_a_damaged_or_mixed_archive_is_refused(tmp_path):
+    root, archive, _, _ = official_cifar(tmp_path, per_batch=40)
+    good = archive.read_bytes()
+    assert load_cifar10(archive).x_train.shape == (200, 3, 32, 32)
+    # bytes changed inside the compressed stream: gzip's CRC at its end, read to the end
+    bad = bytearray(good)
+    middle = len(bad) // 2
+    bad[middle:middle + 64] = bytes(64)
+    (tmp_path / "damaged.tar.gz").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="cannot be read as a tar archive"):
+        load_cifar10(tmp_path / "damaged.tar.gz")
+    # a second copy of a batch elsewhere in the archive: not silently taken
+    with tarfile.open(tmp_path / "dup.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+        tar.add(root / "data_batch_3", arcname="old/data_batch_3")
+    with pytest.raises(ValueError, match="holds data_batch_3 twice"):
+        load_cifar10(tmp_path / "dup.tar.gz")
+    with tarfile.open(tmp_path / "split.tar.gz", "w:gz") as tar:
+        for name in sorted(os.listdir(root)):
+            tar.add(root / name, arcname=("a/" if name == "test_batch" else "b/") + name)
+    with pytest.raises(ValueError, match="holds the batch files in several folders"):
+        load_cifar10(tmp_path / "split.tar.gz")
+    # an .npz named as a tar archive is read as the .npz it is
+    from cntk_engine.datasets import is_cifar10
+    np.savez(tmp_path / "data.npz", x=np.zeros(2))
+    os.rename(tmp_path / "data.npz", tmp_path / "data.tar")
+    assert not is_cifar10(tmp_path / "data.tar") and is_cifar10(archive) and is_cifar10(root)
 
 
 def test_what_it_cannot_read_is_named(tmp_path):
@@ -89,9 +175,14 @@ def test_what_it_cannot_read_is_named(tmp_path):
     batch = root / "test_batch"
     for content, msg in [
         (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
-         r"test_batch has data of shape \(2, 100\) and labels of shape \(2,\)"),
+         r"test_batch has data of shape \(2, 100\) and 2 labels"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
-         r"test_batch has data of shape \(2, 3072\) and labels of shape \(1,\)"),
+         r"test_batch has data of shape \(2, 3072\) and 1 labels"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.9, 2.7]}),
+         "its b'labels' must be a list of integers \\(0..9\\); got a list holding float"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [True, False]}),
+         "must be a list of integers .* holding bool"),
+        (pickle.dumps({b"data": [1, 2], b"labels": [0, 1]}), "its b'data' is a list, not an array"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
          "test_batch has data of dtype float32"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
@@ -133,11 +224,19 @@ def test_preprocess_and_evaluate_take_the_download(tmp_path, capsys):
     i, j = np.sort(rng.choice(20, 6, replace=False)), np.sort(rng.choice(4, 2, replace=False))
     np.testing.assert_array_equal(s["index_train"], i)
     np.testing.assert_array_equal(s["x_test"], d.x_test[j])
-    rc, o, e = run_cli(capsys, "evaluate", archive, "--depth", "2", "--downsample", "4",
-                       "--n-train", "6", "--n-test", "2", "--seed", "1", "--backend", "numba",
-                       "--no-progress", "--json", tmp_path / "e.json")
+    # evaluate on the download and on an .npz of it computes on the same images: the same kernels
+    rc, o, e = run_cli(capsys, "preprocess", archive, "--preprocess", "none", "--out", tmp_path / "all.npz")
     assert rc == 0, e
-    assert json.loads((tmp_path / "e.json").read_text())["n_train"] == 6
+    ev = ["--depth", "2", "--downsample", "4", "--n-train", "6", "--n-test", "2", "--seed", "1",
+          "--backend", "numba", "--no-progress"]
+    pytest.importorskip("zarr")
+    for data, kept in ((archive, "k1"), (tmp_path / "all.npz", "k2")):
+        rc, o, e = run_cli(capsys, "evaluate", data, *ev, "--store", tmp_path / kept)
+        assert rc == 0, e
+    from cntk_engine import solver
+    for name in ("train.zarr", "test.zarr"):
+        np.testing.assert_array_equal(solver.load_gram(tmp_path / "k1" / name),
+                                      solver.load_gram(tmp_path / "k2" / name))
     # a layout the download does not have, and a folder that is not the download
     (tmp_path / "empty").mkdir()
     for argv, msg in [
@@ -146,13 +245,13 @@ def test_preprocess_and_evaluate_take_the_download(tmp_path, capsys):
          "--data-format NHWC would read them in another layout"),
         (("evaluate", root, "--data-format", "NHWC", "--depth", "2"), "--data-format NHWC would read"),
         (("preprocess", tmp_path / "empty", "--zca", "--out", tmp_path / "o.npz"),
-         "DATA .*empty lacks the CIFAR-10 file\\(s\\) data_batch_1"),
+         "DATA '.*empty' lacks the CIFAR-10 file\\(s\\) data_batch_1"),
     ]:
         rc, o, e = run_cli(capsys, *argv)
         assert rc == 2 and len(e.strip().splitlines()) == 1 and re.search(msg, e), (argv, e)
     assert not (tmp_path / "o.npz").exists()
-    assert sorted(os.listdir(tmp_path)) == ["c.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz",
-                                            "e.json", "empty", "s.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["all.npz", "c.npz", "cifar-10-batches-py",
+                                            "cifar-10-python.tar.gz", "empty", "k1", "k2", "s.npz"]
 
 
 def test_the_unpickler_reads_what_it_is_given_only(tmp_path):

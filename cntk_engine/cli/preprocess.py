@@ -24,7 +24,8 @@ or ``none``.
 
 ``--n-train N`` / ``--n-test M`` (``--seed S``, default 0) take the subsets that ``evaluate
 --n-train N --n-test M --seed S`` takes of the same DATA (:mod:`.subsets`: the same images in
-the same order; one of the two left out: all of that set; a DATA of ``x, y`` is split as
+the same order; one of the two left out: all of that set, which ``evaluate`` draws given that
+set's size, as the output and the record's ``subset.as`` say; a DATA of ``x, y`` is split as
 ``evaluate`` splits it, and needs both), and the preprocessing is fitted on that training
 subset, as ``evaluate`` fits it: the Gram jobs on OUT and ``solve`` then give ``evaluate``'s
 figures, and a recipe can be tried on a few thousand images before the whole set.  They need
@@ -55,7 +56,7 @@ from ..preprocess import ConstantImages, preprocess
 from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
                      guess_layout, nonnegative_int, open_data, preprocessing_options, read_member,
                      to_nchw, write_file)
-from .subsets import draw
+from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
 RECORD = "preprocessing"
@@ -137,6 +138,11 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
         if subset is None:
             keys = _image_keys(path, names)
             arrays = {k: read_member(z, k, path) for k in names}
+        else:
+            n_train, n_test, seed = subset
+            drawn = draw_from(z, str(path), n_train, n_test, seed,
+                              needs="preprocess --n-train / --n-test needs")
+    del z           # with a subset, of CIFAR-10's arrays read whole only the drawn are kept
     if subset is None:
         # members that are not arrays (a text file zipped in) are not copied: np.load gives
         # their bytes
@@ -147,9 +153,6 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
         named = {k: (lambda i, k=k: f"{k}[{i}]") for k in keys}
         left_out, record = [], None
     else:
-        n_train, n_test, seed = subset
-        drawn = draw(str(path), n_train, n_test, seed, data_format=data_format,
-                     needs="preprocess --n-train / --n-test needs")
         keys = ["x_train", "x_test"]
         raw = {"x_train": drawn.x_train, "x_test": drawn.x_test}
         others = {"y_train": drawn.y_train, "y_test": drawn.y_test,
@@ -206,6 +209,7 @@ def _subset_of(args) -> tuple | None:
             raise CliError(f"--seed {args.seed} draws the subsets of --n-train / --n-test; give "
                            "them too, or leave --seed out (every image is written)")
         return None
+    check_sizes(args.n_train, args.n_test)
     return args.n_train, args.n_test, 0 if args.seed is None else args.seed
 
 

@@ -59,49 +59,61 @@ def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
         raise CliError(f"DATA {path!r} does not exist")
     if not (p.is_file() or is_cifar10(p)):
         raise CliError(f"DATA {path!r} is neither a file nor a folder")
-    if n_train is not None and n_train < 2:
-        raise CliError(f"--n-train must be at least 2; got {n_train}")
-    if n_test is not None and n_test < 1:
-        raise CliError(f"--n-test must be at least 1; got {n_test}")
+    check_sizes(n_train, n_test)
     z = open_data(p, data_format, "DATA")
     if not hasattr(z, "files"):
         raise CliError(f"DATA {path!r} is a .npy array; {needs} a .npz archive with keys "
                        "x_train, y_train, x_test, y_test or x, y, or CIFAR-10's python version")
-    rng = np.random.default_rng(seed)
     with z:
-        names = list(z.files)
-        if all(k in names for k in PAIR_KEYS):
-            xtr, ytr = _pair(z, "x_train", "y_train", path)
-            xte, yte = _pair(z, "x_test", "y_test", path)
-            _check_labels(path, ytr, "y_train")     # before the kernels
-            _check_labels(path, yte, "y_test", like=ytr)   # labels of two kinds never match
-            n_train = len(xtr) if n_train is None else n_train
-            n_test = len(xte) if n_test is None else n_test
-            for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
-                if n > avail:
-                    raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
-            i = np.sort(rng.choice(len(xtr), n_train, replace=False))
-            j = np.sort(rng.choice(len(xte), n_test, replace=False))
-            return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
-        some = [k for k in PAIR_KEYS if k in names]
-        if some:            # not the x / y split beside them: the caller meant a given split
-            raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
-                           f"{', '.join(k for k in PAIR_KEYS if k not in names)}; {needs} all "
-                           "four keys x_train, y_train, x_test, y_test (or only x, y)")
-        if "x" in names and "y" in names:
-            if n_train is None or n_test is None:
-                raise CliError(f"DATA {path!r} holds x, y: --n-train and --n-test split it into "
-                               "a training and a test set; give both")
-            x, y = _pair(z, "x", "y", path)
-            _check_labels(path, y, "y")
-            if n_train + n_test > len(x):
-                raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
-                               f"images in DATA {path!r}")
-            perm = rng.permutation(len(x))
-            i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
-            return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
-        raise CliError(f"DATA {path!r} holds arrays {names}; {needs} the keys x_train, "
-                       "y_train, x_test, y_test or x, y")
+        return draw_from(z, path, n_train, n_test, seed, needs=needs)
+
+
+def check_sizes(n_train: int | None, n_test: int | None) -> None:
+    """--n-train and --n-test, before any data is read."""
+    if n_train is not None and n_train < 2:
+        raise CliError(f"--n-train must be at least 2; got {n_train}")
+    if n_test is not None and n_test < 1:
+        raise CliError(f"--n-test must be at least 1; got {n_test}")
+
+
+def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, *,
+              needs: str = "evaluate needs") -> Drawn:
+    """:func:`draw` from DATA already open as ``z`` (an NpzFile, or :func:`.common.open_data`'s
+    arrays); sizes checked by :func:`check_sizes`."""
+    rng = np.random.default_rng(seed)
+    names = list(z.files)
+    if all(k in names for k in PAIR_KEYS):
+        xtr, ytr = _pair(z, "x_train", "y_train", path)
+        xte, yte = _pair(z, "x_test", "y_test", path)
+        _check_labels(path, ytr, "y_train")     # before the kernels
+        _check_labels(path, yte, "y_test", like=ytr)   # labels of two kinds never match
+        n_train = len(xtr) if n_train is None else n_train
+        n_test = len(xte) if n_test is None else n_test
+        for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
+            if n > avail:
+                raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
+        i = np.sort(rng.choice(len(xtr), n_train, replace=False))
+        j = np.sort(rng.choice(len(xte), n_test, replace=False))
+        return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
+    some = [k for k in PAIR_KEYS if k in names]
+    if some:            # not the x / y split beside them: the caller meant a given split
+        raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
+                       f"{', '.join(k for k in PAIR_KEYS if k not in names)}; {needs} all "
+                       "four keys x_train, y_train, x_test, y_test (or only x, y)")
+    if "x" in names and "y" in names:
+        if n_train is None or n_test is None:
+            raise CliError(f"DATA {path!r} holds x, y: --n-train and --n-test split it into "
+                           "a training and a test set; give both")
+        x, y = _pair(z, "x", "y", path)
+        _check_labels(path, y, "y")
+        if n_train + n_test > len(x):
+            raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
+                           f"images in DATA {path!r}")
+        perm = rng.permutation(len(x))
+        i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
+        return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
+    raise CliError(f"DATA {path!r} holds arrays {names}; {needs} the keys x_train, "
+                   "y_train, x_test, y_test or x, y")
 
 
 def _check_labels(path, y, what, like=None) -> None:
