@@ -1467,6 +1467,32 @@ def test_bench_zca_records_the_fit_beside_the_kernel(tmp_path):
     assert rec["kernel"]["n"] == 4
 
 
+def test_bench_cifar_download_times_each_step_in_its_own_process(tmp_path, capsys):
+    """bench/bench_cifar_download.py on an archive of CIFAR-10's format, small: the reading and
+    both preprocess steps ran (their outputs say what they wrote), each with its own peak memory;
+    --archive takes a given download."""
+    from bench import bench_cifar_download
+    rec = bench_cifar_download.main(["--per-batch", "6", "--subset", "10,3", "--tmp", str(tmp_path),
+                                     "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("cifar_download_*.json")
+    assert json.loads(f.read_text())["steps"].keys() == rec["steps"].keys()
+    st = rec["steps"]
+    assert st["load_cifar10"]["output"] == ["(30, 3, 32, 32) (6, 3, 32, 32) " + st["load_cifar10"]["output"][0].split()[-1]]
+    assert any("x_train (10, 3, 32, 32), x_test (3, 3, 32, 32)" in line for line in st["preprocess_zca_subset"]["output"])
+    assert any("x_train (30, 3, 32, 32), x_test (6, 3, 32, 32)" in line for line in st["preprocess_zca_all"]["output"])
+    assert all(s["wall_s"] > 0 and s["peak_rss_mib"] > 10 for s in st.values())
+    assert "6 batches of 6 random images" in rec["data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f.name]          # the temporary folder removed
+    given = tmp_path / "given"
+    given.mkdir()
+    _, archive, _, _ = official_cifar(given)
+    rec = bench_cifar_download.main(["--archive", str(archive), "--subset", "4,2", "--out-dir", str(tmp_path)])
+    assert rec["data"].endswith("(as given)") and "x_train (15, 3, 32, 32)" in " ".join(rec["steps"]["preprocess_zca_all"]["output"])
+    with pytest.raises(SystemExit):
+        bench_cifar_download.main(["--subset", "4", "--out-dir", str(tmp_path)])
+    assert "--subset takes two numbers" in capsys.readouterr().err
+
+
 def test_bench_float32_error_separates_near_duplicates(tmp_path, capsys):
     """bench/bench_float32_error.py on real digits: float32 is near float64 on distinct digits,
     and far (about sqrt(eps)) on a digit and its copy with faint noise."""
