@@ -261,3 +261,16 @@ def test_the_unpickler_reads_what_it_is_given_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="it asks for collections.OrderedDict"):
         import collections
         _ArraysOnly(io.BytesIO(pickle.dumps(collections.OrderedDict(a=1))), encoding="bytes").load()
+
+
+def test_commands_that_read_npz_only_say_how_to_convert_the_download(tmp_path, capsys):
+    root, archive, _, _ = official_cifar(tmp_path)
+    said = "CIFAR-10's python version as downloaded? `cntk-engine preprocess {} --preprocess none --out cifar.npz`"
+    for argv, path in [(("gram", archive, "--depth", "2", "--out", tmp_path / "g.zarr"), archive),
+                       (("gram", root, "--depth", "2", "--out", tmp_path / "g.zarr"), root),
+                       (("solve", archive, "--train", tmp_path / "a", "--test", tmp_path / "b"), archive)]:
+        rc, o, e = run_cli(capsys, *argv)
+        assert rc == 2 and said.format(path) in e, (argv, e)
+    (tmp_path / "other").mkdir()          # a folder that is not the download: no such hint
+    rc, o, e = run_cli(capsys, "gram", tmp_path / "other", "--depth", "2", "--out", tmp_path / "g.zarr")
+    assert rc == 2 and "is not a file" in e and "CIFAR" not in e

@@ -77,7 +77,8 @@ def open_numpy(p: Path, what: str = "DATA"):
         found = ("an empty file" if not head else
                  f"it starts with {head!r}" + (", text" if text else ""))
         raise CliError(f"{what} {str(p)!r} is not a NumPy .npy/.npz file ({found}); accepted: an "
-                       ".npy array saved by np.save, or an .npz archive saved by np.savez")
+                       ".npy array saved by np.save, or an .npz archive saved by np.savez"
+                       + cifar10_hint(p))
     try:
         return np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any reading failure is the user's file
@@ -123,6 +124,17 @@ def open_data(p: Path, data_format: str = "auto", what: str = "DATA"):
     return _Arrays(x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
 
 
+def cifar10_hint(p: Path) -> str:
+    """For a command that reads .npy/.npz only, given CIFAR-10's download: how to convert it."""
+    from ..datasets import CIFAR10_FOLDER, is_cifar10
+    if not is_cifar10(p) or (p.is_dir() and not ((p / "test_batch").exists()
+                                                 or (p / CIFAR10_FOLDER).is_dir())):
+        return ""
+    return (f" (CIFAR-10's python version as downloaded? `{PROG} preprocess "
+            f"{shlex.quote(str(p))} --preprocess none --out cifar.npz` writes it as an .npz, "
+            "x_train, y_train, x_test, y_test; --zca to whiten it)")
+
+
 def _head(p: Path, what: str) -> bytes:
     """The first bytes of the file ``p`` (as many as NumPy's magic), or a CliError saying why it
     cannot be read."""
@@ -165,7 +177,7 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
     if not p.exists():
         raise CliError(f"{what} {path!r} does not exist")
     if not p.is_file():
-        raise CliError(f"{what} {path!r} is not a file")
+        raise CliError(f"{what} {path!r} is not a file" + cifar10_hint(p))
     if key is not None and _head(p, what) == NPY_MAGIC:       # refused before it is read whole
         raise CliError(f"{what} {path!r} is a .npy array, not an .npz archive: name no key "
                        f"(give {path!r} alone)")
