@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..solver.targets import check_labels
 from ..datasets import is_cifar10
+from ..solver.targets import check_labels
 from .common import CliError, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -48,10 +48,10 @@ def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
     ``x_train`` / ``x_test`` drawn without replacement by ``np.random.default_rng(seed)`` (each
     kept in DATA's order), or of ``x, y`` shuffled and split; the labels checked, the images
     as DATA holds them (layout not yet read: ``data_format`` only refuses a layout that CIFAR-10's
-    python version, also read here (:func:`.common.open_data`), does not have).  ``needs``: who
-    asks for the keys, in errors
-    (``preprocess``'s subsets are ``evaluate``'s, so one command's figures can be checked
-    against the other's).  ``n_train`` or ``n_test`` None: all of ``x_train`` / ``x_test`` (the
+    python version, also read here (:func:`.common.open_data`), does not have).  ``needs``: the
+    command that asks for the keys, in errors (``preprocess``'s subsets are ``evaluate``'s, so
+    one command's figures can be checked against the other's).  ``n_train`` or ``n_test`` None:
+    all of ``x_train`` / ``x_test`` (the
     draw of ``n = len``: every image, in DATA's order, and the generator's state as for that
     number); a split of ``x, y`` needs both."""
     p = Path(path)
