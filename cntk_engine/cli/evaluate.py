@@ -10,8 +10,9 @@ with ``--seed`` and split: the first ``--n-train`` for training, the next ``--n-
 testing; ``preprocess --n-train --n-test --seed`` writes the same subsets into a file for Gram
 jobs), or CIFAR-10's python version as downloaded (``cifar-10-python.tar.gz`` or its folder
 ``cifar-10-batches-py``, :mod:`cntk_engine.datasets`).  Images: (N, H, W) (one channel),
-(N, C, H, W) or (N, H, W, C), any integer or float dtype; ``--data-format auto`` (default) reads a 4-D array as NHWC when its last axis is 1 or 3
-and its second is not, as NCHW in the opposite case, and otherwise by the axis that is strictly
+(N, C, H, W) or (N, H, W, C), any integer or float dtype; ``--data-format auto`` (default)
+reads a 4-D array as NHWC when its last axis is 1 or 3 and its second is not, as NCHW in the
+opposite case, and otherwise by the axis that is strictly
 the smallest of the three image axes ((N, 2, 6, 6): NCHW; (N, 32, 32, 4): NHWC); where none is,
 it asks for ``--data-format``.  Labels: integers (whole-number floats such as 3.0 too), strings
 or bytes (classes are the sorted labels of the training subset); fractional numbers (regression
