@@ -9,18 +9,27 @@ major; ``b"labels"`` n integers 0..9.
 
 A pickle runs whatever its author put in it when it is loaded with :mod:`pickle`: every
 global it names is looked up and called, and even NumPy's own array and dtype constructors,
-given crafted arguments and states, read memory they should not.  These files are read by
-:class:`_ArraysOnly`, whose globals are stand-ins that call nothing: a pickled array becomes a
-record of its dtype code, shape and bytes, checked (a numeric dtype, bytes exactly as many as
-the shape needs) and only then turned into an array by ``np.frombuffer``; anything else a file
-asks for is refused, naming it.  A batch file is read only up to :data:`MAX_BATCH_BYTES`, and a
-gzip archive to its end, so its checksum is verified.
+given crafted arguments and states, read memory they should not.  Nor is refusing globals
+enough: the C unpickler grows its memo to twice any index a file names, hashing a dict key
+recurses without limit, and one byte builds an object.  These files are read by
+:class:`_ArraysOnly`, the pure-Python unpickler limited to the opcodes a dict of arrays, lists,
+strings and numbers needs (:data:`_OPCODES`, at most :data:`MAX_OPS`; dict keys bytes, text or
+integers), whose globals are stand-ins that call nothing: a pickled array becomes a record of
+its dtype code (one of ``[biuf][1248]``), shape (at most 8 dimensions of at most 2^31) and
+bytes, and only then an array, by ``np.frombuffer``, when the bytes are exactly what the shape
+needs.  Anything else is refused, naming it, and never repr'd whole.  A batch file is read up
+to :data:`MAX_BATCH_BYTES`; an archive (gzip or plain tar; no other compression) decompresses
+to at most :data:`MAX_ARCHIVE_BYTES` in at most :data:`MAX_MEMBERS` members, and is read to its
+end, so that gzip verifies its checksum.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import pickletools
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -41,23 +50,45 @@ MAX_BATCH_BYTES = 64 << 20
 _DTYPE_KINDS = "biuf"
 
 
+#: At most this many pickle opcodes per file (a CIFAR-10 batch has 30,000 to 120,000): each
+#: builds at most one small object, so a file's objects stay within a small multiple of it.
+MAX_OPS = 1_000_000
+#: Dtype codes a pickled array may have: numbers of 1 to 8 bytes (np.dtype never sees another
+#: string: its parser turns some into huge structures before a kind could be checked).
+_DTYPE_CODE = re.compile(r"[biuf][1248]")
+_MAX_DIMS, _MAX_DIM = 8, 1 << 31
+
+
 class _Refused(pickle.UnpicklingError):
     pass
 
 
+def _brief(v) -> str:
+    """A value of the file in a message: short text as it is, anything else by its type (a
+    repr of the file's own objects can be made to take gigabytes)."""
+    if isinstance(v, (str, bytes)) and len(v) <= 40:
+        return repr(v)
+    if type(v) is int and v.bit_length() <= 64:
+        return str(v)
+    name = type(v).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _name_of(v) -> str:
+    """A module or global name of the file, as it is when it looks like one."""
+    return v if isinstance(v, str) and len(v) <= 60 and v.isprintable() else _brief(v)
+
+
 class _StandIn:
     """A stand-in for a global of a pickled array: called by REDUCE, it records its arguments
-    and returns a record; it takes no state (BUILD on it is refused) and no attributes."""
+    and returns a record; it takes no state and no attributes."""
     __slots__ = ("name",)
 
     def __init__(self, name):
         object.__setattr__(self, "name", name)
 
     def __setattr__(self, key, value):
-        raise _Refused(f"it sets {key!r} on {self.name}")
-
-    def __setstate__(self, state):
-        raise _Refused(f"it gives {self.name} a state")
+        raise _Refused(f"it sets an attribute of {self.name}")
 
     def __reduce__(self):
         raise TypeError("not picklable")
@@ -74,26 +105,22 @@ class _DtypeRecord:
     __slots__ = ("code", "order")
 
     def __init__(self, code):
-        if not isinstance(code, (str, bytes)):
-            raise _Refused(f"a dtype of code {code!r}")
-        self.code = code.decode("ascii", "replace") if isinstance(code, bytes) else code
-        self.order = "="
+        if isinstance(code, bytes):
+            code = code.decode("ascii", "replace")
+        if not (isinstance(code, str) and _DTYPE_CODE.fullmatch(code)):
+            raise _Refused(f"an array of dtype {_brief(code)} (only numbers are read)")
+        self.code, self.order = code, "="
 
-    def __setstate__(self, state):
+    def build(self, state):
         order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
         if isinstance(order, bytes):
             order = order.decode("ascii", "replace")
         if order not in ("<", ">", "|", "="):
-            raise _Refused(f"a dtype state {state!r}")
+            raise _Refused(f"a dtype state of {_brief(state)}")
         self.order = order
 
     def dtype(self) -> np.dtype:
-        try:
-            dt = np.dtype(self.code)
-        except TypeError:
-            raise _Refused(f"a dtype {self.code!r}") from None
-        if dt.kind not in _DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None:
-            raise _Refused(f"an array of dtype {dt} (only numbers are read)")
+        dt = np.dtype(self.code)
         return dt.newbyteorder(self.order) if self.order in "<>" else dt
 
 
@@ -112,36 +139,38 @@ class _ArrayRecord:
     def __init__(self):
         self.shape = None
 
-    def __setstate__(self, state):
+    def build(self, state):
         if not (isinstance(state, tuple) and len(state) == 5):
-            raise _Refused(f"an array state of {type(state).__name__}")
+            raise _Refused(f"an array state of {_brief(state)}")
         _, shape, dtype, fortran, raw = state
-        self.set(shape, dtype, raw, bool(fortran))
+        self.set(shape, dtype, raw, fortran is True)
 
     def set(self, shape, dtype, raw, fortran=False):
         if self.shape is not None:
             raise _Refused("an array given a state twice")
-        if not (isinstance(shape, tuple) and all(type(v) is int and v >= 0 for v in shape)):
-            raise _Refused(f"an array of shape {shape!r}")
+        if not (isinstance(shape, tuple) and len(shape) <= _MAX_DIMS
+                and all(type(v) is int and 0 <= v <= _MAX_DIM for v in shape)):
+            raise _Refused(f"an array of shape {_brief(shape)}" + (
+                f" {shape}" if isinstance(shape, tuple) and len(shape) <= _MAX_DIMS
+                and all(type(v) is int and v.bit_length() <= 64 for v in shape) else ""))
         if not isinstance(dtype, _DtypeRecord):
-            raise _Refused(f"an array of dtype {type(dtype).__name__}")
-        if isinstance(raw, (bytearray, memoryview, pickle.PickleBuffer)):
+            raise _Refused(f"an array of dtype {_brief(dtype)}")
+        if isinstance(raw, (bytearray, pickle.PickleBuffer)):
             raw = bytes(raw)
         if not isinstance(raw, bytes):
-            raise _Refused(f"an array whose data is {type(raw).__name__}, not bytes (objects?)")
+            raise _Refused(f"an array whose data is {_brief(raw)}, not bytes (objects?)")
         self.shape, self.dtype, self.fortran, self.raw = shape, dtype, fortran, raw
 
     def array(self) -> np.ndarray:
         if self.shape is None:
             raise _Refused("an array without data")
         dt = self.dtype.dtype()
-        n = 1
-        for v in self.shape:
-            n *= v
+        n = math.prod(self.shape)           # at most 8 factors of at most 2^31
         if n * dt.itemsize != len(self.raw):
             raise _Refused(f"an array of shape {self.shape} and dtype {dt} from {len(self.raw)} "
                            f"bytes ({n * dt.itemsize} needed)")
-        return np.frombuffer(self.raw, dtype=dt).reshape(self.shape, order="F" if self.fortran else "C")
+        a = np.frombuffer(self.raw, dtype=dt).reshape(self.shape, order="F" if self.fortran else "C")
+        return a.copy(order="K")            # writable, as pickle gives it
 
 
 class _Reconstruct(_StandIn):
@@ -150,7 +179,7 @@ class _Reconstruct(_StandIn):
 
     def __call__(self, cls, shape=None, code=None):
         if not isinstance(cls, _Ndarray):
-            raise _Refused(f"_reconstruct of {type(cls).__name__}")
+            raise _Refused(f"_reconstruct of {_brief(cls)}")
         return _ArrayRecord()
 
 
@@ -168,7 +197,7 @@ class _Encode(_StandIn):
 
     def __call__(self, text, encoding="utf-8"):
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
-            raise _Refused(f"_codecs.encode of {type(text).__name__} in {encoding!r}")
+            raise _Refused(f"_codecs.encode of {_brief(text)} in {_brief(encoding)}")
         return text.encode("latin1")
 
 
@@ -184,27 +213,110 @@ _STAND_INS = {
     ("_codecs", "encode"): _Encode("_codecs.encode"),
 }
 
+#: The opcodes a pickled dict of arrays, lists, strings and numbers is made of (protocols 0 to
+#: 5): no sets, no instances (INST, OBJ, NEWOBJ), no extension codes, persistent ids, out-of-band
+#: buffers or DUP.
+_OPCODES = (
+    "PROTO FRAME STOP MARK POP POP_MARK NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG "
+    "LONG1 FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING BINBYTES SHORT_BINBYTES BINBYTES8 "
+    "BYTEARRAY8 UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 EMPTY_LIST LIST APPEND APPENDS "
+    "EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT SETITEM SETITEMS GET BINGET "
+    "LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL REDUCE BUILD").split()
+_KEY_TYPES = (bytes, str, int)          # dict keys: hashed without recursion
 
-class _ArraysOnly(pickle.Unpickler):
-    """An unpickler whose only globals are :data:`_STAND_INS`, which call nothing: it builds
-    dicts, lists, tuples, strings, bytes, numbers and :class:`_ArrayRecord` objects."""
+
+class _ArraysOnly(pickle._Unpickler):
+    """NumPy arrays, dicts, lists, tuples, strings, bytes and numbers from a pickle, calling
+    nothing: the pure-Python unpickler (its memo is a dict, and every opcode is a method here)
+    with only :data:`_OPCODES`, at most :data:`MAX_OPS` of them, whose globals are the
+    stand-ins :data:`_STAND_INS` and whose dict keys are bytes, text or integers."""
+
+    dispatch = {}
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")
+        self.ops = 0
 
     def find_class(self, module, name):
         try:
             return _STAND_INS[(module, name)]
-        except KeyError:
-            raise _Refused(f"it asks for {module}.{name}, which a data file never needs (only "
-                           "arrays, lists and numbers are read)") from None
+        except (KeyError, TypeError):
+            raise _Refused(f"it asks for {_name_of(module)}.{_name_of(name)}, which a data "
+                           "file never needs (only arrays, lists and numbers are read)") from None
 
-    def persistent_load(self, pid):
-        raise _Refused("it refers to an object outside the file (a persistent id)")
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not (isinstance(func, _StandIn) and type(args) is tuple):
+            raise _Refused(f"it calls {_brief(func)}")
+        self.stack[-1] = func(*args)
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, (_ArrayRecord, _DtypeRecord)):
+            raise _Refused(f"it gives {getattr(inst, 'name', _brief(inst))} a state")
+        inst.build(state)
+
+    def load_setitem(self):
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._set(self.stack[-1], [key, value])
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        self._set(self.stack[-1], items)
+
+    def load_bytearray8(self):
+        size = int.from_bytes(self.read(8), "little")
+        if size > MAX_BATCH_BYTES:          # bytearray(size) would be allocated before reading
+            raise _Refused(f"a bytearray of {size} bytes")
+        b = bytearray(size)
+        if self.readinto(b) != size:
+            raise _Refused("a bytearray longer than the file")
+        self.append(b)
+
+    @staticmethod
+    def _set(d, items):
+        if type(d) is not dict:
+            raise _Refused(f"it sets items of {_brief(d)}")
+        for i in range(0, len(items), 2):
+            if type(items[i]) not in _KEY_TYPES:
+                raise _Refused(f"a dict key of {_brief(items[i])}")
+            d[items[i]] = items[i + 1]
+
+
+def _counted(method):
+    def op(self):
+        self.ops += 1
+        if self.ops > MAX_OPS:
+            raise _Refused(f"more than {MAX_OPS} pickle opcodes (a CIFAR-10 batch has ~120,000 "
+                           "at most)")
+        method(self)
+    return op
+
+
+def _refused_opcode(what: str):
+    def op(self):
+        raise _Refused(f"it holds {what}")
+    return op
+
+
+_NAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
+for _code in range(256):
+    _ArraysOnly.dispatch[_code] = _refused_opcode(
+        f"the pickle opcode {_NAMES[_code]}, which a data file never needs" if _code in _NAMES
+        else f"the byte {_code:#04x} where a pickle opcode belongs (not a pickle?)")
+for _name in _OPCODES:
+    _code = getattr(pickle, _name)[0]
+    _ArraysOnly.dispatch[_code] = _counted(getattr(_ArraysOnly, pickle._Unpickler.dispatch[_code].__name__))
 
 
 def _loads(raw: bytes):
     """The object pickled in ``raw``, its top-level arrays (a dict's values, or the object
     itself) made into NumPy arrays; a record nested deeper stays a record (and fails the
-    checks of its reader)."""
-    obj = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
+    checks of its reader).  An opcode outside :data:`_OPCODES` is refused by its name."""
+    obj = _ArraysOnly(io.BytesIO(raw)).load()
     if isinstance(obj, _ArrayRecord):
         return obj.array()
     if isinstance(obj, dict):
@@ -257,9 +369,9 @@ def load_cifar10(path) -> LabelledImages:
                              f"accepted: {CIFAR10_ACCEPTED}")
         raw = {}
         for name in CIFAR10_BATCHES:
-            f = p / name
-            _check_size(f.stat().st_size, name, str(p))
-            raw[name] = f.read_bytes()
+            with open(p / name, "rb") as f:
+                raw[name] = f.read(MAX_BATCH_BYTES + 1)
+            _check_size(len(raw[name]), name, str(p))
         return _batches(raw, str(p))
     if not p.name.endswith(TAR_SUFFIXES):
         raise ValueError(f"{str(p)!r} is neither a folder nor a .tar.gz archive; accepted: "
@@ -272,26 +384,63 @@ def load_cifar10(path) -> LabelledImages:
     return _batches(raw, str(p))
 
 
+#: What an archive may decompress to: the six batches and CIFAR-10's few small other files.
+MAX_ARCHIVE_BYTES = 6 * MAX_BATCH_BYTES + (16 << 20)
+MAX_MEMBERS = 1000
+
+
+class _Capped(io.RawIOBase):
+    """The decompressed stream of an archive, refused past :data:`MAX_ARCHIVE_BYTES` (a few MB
+    of gzip can decompress to gigabytes, which tarfile would read whole for a long name)."""
+
+    def __init__(self, f, src: str):
+        self.f, self.src, self.total = f, src, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.total += n or 0
+        if self.total > MAX_ARCHIVE_BYTES:
+            raise ValueError(f"{self.src!r} decompresses to more than {MAX_ARCHIVE_BYTES} bytes; "
+                             "CIFAR-10's python version, about 190 MB, is not")
+        return n
+
+
 def _read_archive(p: Path) -> dict:
-    """The six batch files of the tar archive ``p``, read in one pass in the archive's order
-    (a gzip stream cannot seek back without decompressing again from its start), all from one
-    folder, each once; then the stream to its end, so that gzip verifies its checksum."""
+    """The six batch files of the tar archive ``p`` (gzip or plain), read in one pass in the
+    archive's order (a gzip stream cannot seek back without decompressing again from its
+    start), all from one folder, each once; then the stream to its end, so that gzip verifies
+    its checksum.  At most :data:`MAX_MEMBERS` members and :data:`MAX_ARCHIVE_BYTES`."""
+    with open(p, "rb") as f:
+        head = f.read(262)
+    gz = head[:2] == b"\x1f\x8b"
+    if not (gz or head[257:262] == b"ustar"):
+        raise ValueError(f"{str(p)!r} is neither a gzip nor a tar archive (CIFAR-10's python "
+                         f"version is a .tar.gz); accepted: {CIFAR10_ACCEPTED}")
     raw, where = {}, {}
-    with tarfile.open(p, mode="r:*") as tar:
-        for m in tar:
-            name = Path(m.name).name
-            if name not in CIFAR10_BATCHES:
-                continue
-            if name in where:
-                raise ValueError(f"{str(p)!r} holds {name} twice ({where[name]} and {m.name}); "
-                                 f"accepted: {CIFAR10_ACCEPTED}")
-            if not m.isfile():
-                raise ValueError(f"{str(p)!r}: {m.name} is not a file (a link?); accepted: "
-                                 f"{CIFAR10_ACCEPTED}")
-            _check_size(m.size, name, str(p))
-            where[name] = m.name
-            raw[name] = tar.extractfile(m).read()
-        while tar.fileobj.read(1 << 20):       # to the end: gzip checks its CRC there
+    with (gzip.open(p, "rb") if gz else open(p, "rb")) as stream:
+        capped = io.BufferedReader(_Capped(stream, str(p)), buffer_size=1 << 20)
+        with tarfile.open(fileobj=capped, mode="r|") as tar:
+            for k, m in enumerate(tar):
+                tar.members.clear()          # kept by tarfile for random access, not needed here
+                if k >= MAX_MEMBERS:
+                    raise ValueError(f"{str(p)!r} holds more than {MAX_MEMBERS} members; "
+                                     "CIFAR-10's python version holds fewer than 10")
+                name = Path(m.name).name
+                if name not in CIFAR10_BATCHES:
+                    continue
+                if name in where:
+                    raise ValueError(f"{str(p)!r} holds {name} twice ({where[name]} and {m.name}); "
+                                     f"accepted: {CIFAR10_ACCEPTED}")
+                if not m.isfile():
+                    raise ValueError(f"{str(p)!r}: {m.name} is not a file (a link?); accepted: "
+                                     f"{CIFAR10_ACCEPTED}")
+                _check_size(m.size, name, str(p))
+                where[name] = m.name
+                raw[name] = tar.extractfile(m).read()
+        while capped.read(1 << 20):          # to the end: gzip checks its CRC there
             pass
     missing = [n for n in CIFAR10_BATCHES if n not in raw]
     if missing:
@@ -333,6 +482,9 @@ def _batch(raw: bytes, name: str, src: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
         labels = labels.astype(np.int64)
     elif isinstance(labels, (list, tuple)) and all(type(v) is int for v in labels):
+        if not all(0 <= v <= 9 for v in labels):      # before int64 (2**70 would overflow)
+            bad = next(v for v in labels if not 0 <= v <= 9)
+            raise ValueError(f"{src!r}: {name} has labels outside 0..9 (e.g. {_brief(bad)})")
         labels = np.array(labels, dtype=np.int64)
     else:
         raise ValueError(f"{what}: its b'labels' must be a list of integers (0..9); got "
