@@ -267,6 +267,12 @@ class _ArraysOnly(pickle._Unpickler):
         items = self.pop_mark()
         self._set(self.stack[-1], items)
 
+    def load_dict(self):
+        items = self.pop_mark()
+        d = {}
+        self._set(d, items)
+        self.append(d)
+
     def load_bytearray8(self):
         size = int.from_bytes(self.read(8), "little")
         if size > MAX_BATCH_BYTES:          # bytearray(size) would be allocated before reading

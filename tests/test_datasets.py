@@ -294,6 +294,7 @@ def test_files_made_to_crash_hang_or_swell_the_reader_are_refused_cheaply(tmp_pa
     t0 = time.perf_counter()
     # a dict key that is a deeply nested tuple (hashing it recursed in C: a segfault at 10^6)
     _refused(tmp_path, b"\x80\x02}" + b")" + b"\x85" * 100_000 + b"K\x01s.", "a dict key of a tuple")
+    _refused(tmp_path, b"\x80\x02(" + b")" + b"\x85" * 100_000 + b"K\x01d.", "a dict key of a tuple")
     # the memo index a 9-byte file asks for (the C unpickler's memo grew to 2 x index)
     _refused(tmp_path, b"\x80\x02Nr" + struct.pack("<I", 100_000_000) + b".", "a pickled dict with")
     # a shape of huge integers (their product took hours): no LONG4, and no dimension > 2^31
