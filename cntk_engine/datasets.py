@@ -227,7 +227,8 @@ _KEY_TYPES = (bytes, str, int)          # dict keys: hashed without recursion
 
 class _ArraysOnly(pickle._Unpickler):
     """NumPy arrays, dicts, lists, tuples, strings, bytes and numbers from a pickle, calling
-    nothing: the pure-Python unpickler (its memo is a dict, and every opcode is a method here)
+    nothing: the pure-Python unpickler (``pickle._Unpickler``, which the C one mirrors: its
+    memo is a dict, and every opcode is a method, so each can be refused or checked here)
     with only :data:`_OPCODES`, at most :data:`MAX_OPS` of them, whose globals are the
     stand-ins :data:`_STAND_INS` and whose dict keys are bytes, text or integers."""
 
