@@ -11,16 +11,20 @@ A pickle runs whatever its author put in it when it is loaded with :mod:`pickle`
 global it names is looked up and called, and even NumPy's own array and dtype constructors,
 given crafted arguments and states, read memory they should not.  Nor is refusing globals
 enough: the C unpickler grows its memo to twice any index a file names, hashing a dict key
-recurses without limit, and one byte builds an object.  These files are read by
-:class:`_ArraysOnly`, the pure-Python unpickler limited to the opcodes a dict of arrays, lists,
-strings and numbers needs (:data:`_OPCODES`, at most :data:`MAX_OPS`; dict keys bytes, text or
-integers), whose globals are stand-ins that call nothing: a pickled array becomes a record of
-its dtype code (one of ``[biuf][1248]``), shape (at most 8 dimensions of at most 2^31) and
-bytes, and only then an array, by ``np.frombuffer``, when the bytes are exactly what the shape
-needs.  Anything else is refused, naming it, and never repr'd whole.  A batch file is read up
-to :data:`MAX_BATCH_BYTES`; an archive (gzip or plain tar; no other compression) decompresses
-to at most :data:`MAX_ARCHIVE_BYTES` in at most :data:`MAX_MEMBERS` members, and is read to its
-end, so that gzip verifies its checksum.
+recurses without limit, one byte builds an object, and a few opcodes copy the same megabytes
+again and again.  These files are read by :class:`_ArraysOnly`, the pure-Python unpickler
+limited to the opcodes a dict of arrays, lists, strings and numbers needs (:data:`_OPCODES`,
+at most :data:`MAX_OPS`; dict keys bytes or text; the bytes it makes at most twice the file's),
+whose globals are stand-ins that call nothing: a pickled array becomes a record of its dtype
+code (one of ``[biuf][1248]``), shape (at most 8 dimensions of at most 2^31) and bytes, and
+only then an array, by ``np.frombuffer``, when the bytes are exactly what the shape needs.
+Anything else is refused, naming it, and never repr'd whole.  A batch file is read up to
+:data:`MAX_BATCH_BYTES`.  An archive (gzip or plain tar, at most :data:`MAX_COMPRESSED_BYTES`)
+is read by a strict reader of its ustar headers (Python's tarfile parses pax headers, sparse
+maps and long names in ways a few hundred crafted bytes make take hours or gigabytes): regular
+files and folders only, each header's checksum verified, at most :data:`MAX_MEMBERS` members
+and :data:`MAX_ARCHIVE_BYTES` decompressed, read to its end, so that gzip verifies its
+checksum.
 """
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ import math
 import pickle
 import pickletools
 import re
-import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,13 @@ def _brief(v) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
+def _clipped(e: BaseException, limit: int = 200) -> str:
+    """An exception's text for a message, clipped (float() puts a whole line of the file in its
+    own)."""
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _name_of(v) -> str:
     """A module or global name of the file, as it is when it looks like one."""
     return v if isinstance(v, str) and len(v) <= 60 and v.isprintable() else _brief(v)
@@ -81,11 +91,13 @@ def _name_of(v) -> str:
 
 class _StandIn:
     """A stand-in for a global of a pickled array: called by REDUCE, it records its arguments
-    and returns a record; it takes no state and no attributes."""
-    __slots__ = ("name",)
+    and returns a record; it takes no state and no attributes.  ``owner``: the unpickler whose
+    budget of bytes it charges what it makes."""
+    __slots__ = ("name", "owner")
 
-    def __init__(self, name):
+    def __init__(self, name, owner=None):
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "owner", owner)
 
     def __setattr__(self, key, value):
         raise _Refused(f"it sets an attribute of {self.name}")
@@ -155,9 +167,7 @@ class _ArrayRecord:
                 and all(type(v) is int and v.bit_length() <= 64 for v in shape) else ""))
         if not isinstance(dtype, _DtypeRecord):
             raise _Refused(f"an array of dtype {_brief(dtype)}")
-        if isinstance(raw, (bytearray, pickle.PickleBuffer)):
-            raw = bytes(raw)
-        if not isinstance(raw, bytes):
+        if not isinstance(raw, (bytes, bytearray)):       # np.frombuffer takes both, uncopied
             raise _Refused(f"an array whose data is {_brief(raw)}, not bytes (objects?)")
         self.shape, self.dtype, self.fortran, self.raw = shape, dtype, fortran, raw
 
@@ -198,6 +208,7 @@ class _Encode(_StandIn):
     def __call__(self, text, encoding="utf-8"):
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
             raise _Refused(f"_codecs.encode of {_brief(text)} in {_brief(encoding)}")
+        self.owner.charge(len(text))
         return text.encode("latin1")
 
 
@@ -222,7 +233,7 @@ _OPCODES = (
     "BYTEARRAY8 UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 EMPTY_LIST LIST APPEND APPENDS "
     "EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT SETITEM SETITEMS GET BINGET "
     "LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL REDUCE BUILD").split()
-_KEY_TYPES = (bytes, str, int)          # dict keys: hashed without recursion
+_KEY_TYPES = (bytes, str)               # dict keys: their hash is computed once, without recursion
 
 
 class _ArraysOnly(pickle._Unpickler):
@@ -230,17 +241,26 @@ class _ArraysOnly(pickle._Unpickler):
     nothing: the pure-Python unpickler (``pickle._Unpickler``, which the C one mirrors: its
     memo is a dict, and every opcode is a method, so each can be refused or checked here)
     with only :data:`_OPCODES`, at most :data:`MAX_OPS` of them, whose globals are the
-    stand-ins :data:`_STAND_INS` and whose dict keys are bytes, text or integers."""
+    stand-ins :data:`_STAND_INS` (one set per unpickler, which charge its budget of bytes)
+    and whose dict keys are bytes or text."""
 
     dispatch = {}
 
-    def __init__(self, file):
+    def __init__(self, file, budget: int):
         super().__init__(file, encoding="bytes")
-        self.ops = 0
+        self.ops, self.budget = 0, budget
+        self.stand_ins = {k: type(v)(v.name, self) for k, v in _STAND_INS.items()}
+
+    def charge(self, n: int) -> None:
+        """Bytes made from the file's (by ``_codecs.encode``, and arrays copied from their
+        bytes): at most ``budget`` in all, however often the file refers to the same data."""
+        self.budget -= n
+        if self.budget < 0:
+            raise _Refused("more data than the file holds (one string or array used many times)")
 
     def find_class(self, module, name):
         try:
-            return _STAND_INS[(module, name)]
+            return self.stand_ins[(module, name)]
         except (KeyError, TypeError):
             raise _Refused(f"it asks for {_name_of(module)}.{_name_of(name)}, which a data "
                            "file never needs (only arrays, lists and numbers are read)") from None
@@ -323,11 +343,16 @@ def _loads(raw: bytes):
     """The object pickled in ``raw``, its top-level arrays (a dict's values, or the object
     itself) made into NumPy arrays; a record nested deeper stays a record (and fails the
     checks of its reader).  An opcode outside :data:`_OPCODES` is refused by its name."""
-    obj = _ArraysOnly(io.BytesIO(raw)).load()
+    unpickler = _ArraysOnly(io.BytesIO(raw), budget=2 * len(raw) + (1 << 20))
+    obj = unpickler.load()
+
+    def array(record):
+        unpickler.charge(len(record.raw) if record.shape is not None else 0)
+        return record.array()
     if isinstance(obj, _ArrayRecord):
-        return obj.array()
+        return array(obj)
     if isinstance(obj, dict):
-        return {k: v.array() if isinstance(v, _ArrayRecord) else v for k, v in obj.items()}
+        return {k: array(v) if isinstance(v, _ArrayRecord) else v for k, v in obj.items()}
     return obj
 
 
@@ -385,34 +410,92 @@ def load_cifar10(path) -> LabelledImages:
                          f"{CIFAR10_ACCEPTED}")
     try:
         raw = _read_archive(p)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:   # not a tar, truncated, bad CRC
-        raise ValueError(f"{str(p)!r} cannot be read as a tar archive ({type(e).__name__}: {e}); "
-                         f"accepted: {CIFAR10_ACCEPTED}") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:   # truncated, bad CRC
+        raise ValueError(f"{str(p)!r} cannot be read as a tar archive ({type(e).__name__}: "
+                         f"{_clipped(e)}); accepted: {CIFAR10_ACCEPTED}") from None
     return _batches(raw, str(p))
 
 
-#: What an archive may decompress to: the six batches and CIFAR-10's few small other files.
+#: What an archive may decompress to: the six batches and CIFAR-10's few small other files; and
+#: what it may be on disk (the download is 163 MB; gzip skips padding after its stream slowly).
 MAX_ARCHIVE_BYTES = 6 * MAX_BATCH_BYTES + (16 << 20)
+MAX_COMPRESSED_BYTES = 256 << 20
 MAX_MEMBERS = 1000
+#: Metadata members (pax headers, GNU long names) are skipped, up to this size each.
+_MAX_META_BYTES = 64 << 10
+_REGULAR, _DIRECTORY, _META = (b"0", b"\0", b"7"), (b"5",), (b"x", b"g", b"L", b"K")
 
 
-class _Capped(io.RawIOBase):
-    """The decompressed stream of an archive, refused past :data:`MAX_ARCHIVE_BYTES` (a few MB
-    of gzip can decompress to gigabytes, which tarfile would read whole for a long name)."""
+class _Capped:
+    """The decompressed stream of an archive, read exactly: refused past
+    :data:`MAX_ARCHIVE_BYTES` (a few MB of gzip can decompress to gigabytes) and where it ends
+    before a member does."""
 
     def __init__(self, f, src: str):
         self.f, self.src, self.total = f, src, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.f.readinto(b)
-        self.total += n or 0
+    def read(self, n: int) -> bytes:
+        self.total += n
         if self.total > MAX_ARCHIVE_BYTES:
             raise ValueError(f"{self.src!r} decompresses to more than {MAX_ARCHIVE_BYTES} bytes; "
-                             "CIFAR-10's python version, about 190 MB, is not")
-        return n
+                             "CIFAR-10's python version, about 190 MB, does not")
+        b = self.f.read(n)
+        if len(b) != n:
+            raise ValueError(f"{self.src!r} ends inside a member (truncated?); accepted: "
+                             f"{CIFAR10_ACCEPTED}")
+        return b
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            k = min(n, 1 << 20)
+            self.read(k)
+            n -= k
+
+
+def _octal(field: bytes, what: str, src: str) -> int:
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    if not digits or len(digits) > 12 or any(c not in b"01234567" for c in digits):
+        raise ValueError(f"{src!r}: a tar header's {what} is not an octal number (a damaged or "
+                         f"unusual archive); accepted: {CIFAR10_ACCEPTED}")
+    return int(digits, 8)
+
+
+def _tar_members(stream: _Capped, src: str):
+    """(name, type flag, size) of each member of the tar stream, which the caller reads or
+    skips (``size`` bytes, then the padding to 512) before asking for the next.  A strict
+    reader of the ustar headers GNU tar writes: each header's checksum verified; regular
+    files, directories, and metadata members (pax headers, GNU long names: skipped, at most
+    64 KiB) only; links, devices and sparse files refused (Python's tarfile parses these, and
+    pax headers, in ways a crafted few hundred bytes make take hours or gigabytes)."""
+    for count in range(MAX_MEMBERS + 1):
+        header = stream.read(512)
+        if header == bytes(512):
+            return                       # end of archive (a second zero block may follow)
+        if count == MAX_MEMBERS:
+            raise ValueError(f"{src!r} holds more than {MAX_MEMBERS} members; CIFAR-10's python "
+                             "version holds fewer than 10")
+        if header[257:262] != b"ustar":
+            raise ValueError(f"{src!r}: a tar header without the ustar mark (a damaged or "
+                             f"unusual archive); accepted: {CIFAR10_ACCEPTED}")
+        stored = _octal(header[148:156], "checksum", src)
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ValueError(f"{src!r}: a tar header fails its checksum (a damaged archive); "
+                             f"accepted: {CIFAR10_ACCEPTED}")
+        size, kind = _octal(header[124:136], "size", src), header[156:157]
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:265] == b"ustar\x0000":        # POSIX: a prefix; GNU keeps other fields there
+            prefix = header[345:500].split(b"\0", 1)[0]
+            name = prefix + b"/" + name if prefix else name
+        name = name.decode("utf-8", "replace")
+        if kind in _META:
+            if size > _MAX_META_BYTES:
+                raise ValueError(f"{src!r}: a tar metadata member of {size} bytes; accepted: "
+                                 f"{CIFAR10_ACCEPTED}")
+        elif kind not in _REGULAR + _DIRECTORY:
+            raise ValueError(f"{src!r}: {_name_of(name)} is a tar member of type {_brief(kind)} "
+                             f"(a link, device or sparse file), which is not read; accepted: "
+                             f"{CIFAR10_ACCEPTED}")
+        yield name, kind, size
 
 
 def _read_archive(p: Path) -> dict:
@@ -420,6 +503,11 @@ def _read_archive(p: Path) -> dict:
     archive's order (a gzip stream cannot seek back without decompressing again from its
     start), all from one folder, each once; then the stream to its end, so that gzip verifies
     its checksum.  At most :data:`MAX_MEMBERS` members and :data:`MAX_ARCHIVE_BYTES`."""
+    if not p.is_file():
+        raise ValueError(f"{str(p)!r} is not a file; accepted: {CIFAR10_ACCEPTED}")
+    if p.stat().st_size > MAX_COMPRESSED_BYTES:
+        raise ValueError(f"{str(p)!r} is {p.stat().st_size} bytes; CIFAR-10's python version is "
+                         f"163 MB (at most {MAX_COMPRESSED_BYTES} are read)")
     with open(p, "rb") as f:
         head = f.read(262)
     gz = head[:2] == b"\x1f\x8b"
@@ -427,35 +515,35 @@ def _read_archive(p: Path) -> dict:
         raise ValueError(f"{str(p)!r} is neither a gzip nor a tar archive (CIFAR-10's python "
                          f"version is a .tar.gz); accepted: {CIFAR10_ACCEPTED}")
     raw, where = {}, {}
-    with (gzip.open(p, "rb") if gz else open(p, "rb")) as stream:
-        capped = io.BufferedReader(_Capped(stream, str(p)), buffer_size=1 << 20)
-        with tarfile.open(fileobj=capped, mode="r|") as tar:
-            for k, m in enumerate(tar):
-                tar.members.clear()          # kept by tarfile for random access, not needed here
-                if k >= MAX_MEMBERS:
-                    raise ValueError(f"{str(p)!r} holds more than {MAX_MEMBERS} members; "
-                                     "CIFAR-10's python version holds fewer than 10")
-                name = Path(m.name).name
-                if name not in CIFAR10_BATCHES:
-                    continue
+    with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+        stream = _Capped(f, str(p))
+        for path, kind, size in _tar_members(stream, str(p)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name in CIFAR10_BATCHES and kind not in _META:
                 if name in where:
-                    raise ValueError(f"{str(p)!r} holds {name} twice ({where[name]} and {m.name}); "
-                                     f"accepted: {CIFAR10_ACCEPTED}")
-                if not m.isfile():
-                    raise ValueError(f"{str(p)!r}: {m.name} is not a file (a link?); accepted: "
+                    raise ValueError(f"{str(p)!r} holds {name} twice ({_name_of(where[name])} "
+                                     f"and {_name_of(path)}); accepted: {CIFAR10_ACCEPTED}")
+                if kind not in _REGULAR:
+                    raise ValueError(f"{str(p)!r}: {_name_of(path)} is not a file; accepted: "
                                      f"{CIFAR10_ACCEPTED}")
-                _check_size(m.size, name, str(p))
-                where[name] = m.name
-                raw[name] = tar.extractfile(m).read()
-        while capped.read(1 << 20):          # to the end: gzip checks its CRC there
-            pass
+                _check_size(size, name, str(p))
+                where[name] = path
+                raw[name] = stream.read(size)
+                stream.skip(-size % 512)
+            else:
+                stream.skip(size + (-size % 512))
+        while f.read(1 << 20):               # to the end: gzip checks its CRC there
+            stream.total += 1 << 20
+            if stream.total > MAX_ARCHIVE_BYTES:
+                raise ValueError(f"{str(p)!r} decompresses to more than {MAX_ARCHIVE_BYTES} bytes")
     missing = [n for n in CIFAR10_BATCHES if n not in raw]
     if missing:
         raise ValueError(f"{str(p)!r} holds no {', '.join(missing)}; accepted: {CIFAR10_ACCEPTED}")
-    folders = {str(Path(v).parent) for v in where.values()}
+    folders = {v.rsplit("/", 1)[0] if "/" in v else "." for v in where.values()}
     if len(folders) > 1:
         raise ValueError(f"{str(p)!r} holds the batch files in several folders "
-                         f"({', '.join(sorted(folders))}); accepted: {CIFAR10_ACCEPTED}")
+                         f"({', '.join(_name_of(d) for d in sorted(folders))}); accepted: "
+                         f"{CIFAR10_ACCEPTED}")
     return raw
 
 
@@ -479,7 +567,8 @@ def _batch(raw: bytes, name: str, src: str) -> tuple[np.ndarray, np.ndarray]:
     except _Refused as e:
         raise ValueError(f"{what}: {e}; accepted: {CIFAR10_ACCEPTED}") from None
     except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, ValueError, ...
-        raise ValueError(f"{what} ({type(e).__name__}: {e}); accepted: {CIFAR10_ACCEPTED}") from None
+        raise ValueError(f"{what} ({type(e).__name__}: {_clipped(e)}); accepted: "
+                         f"{CIFAR10_ACCEPTED}") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{what} (a pickled dict with b'data' and b'labels'); accepted: "
                          f"{CIFAR10_ACCEPTED}")
