@@ -474,11 +474,13 @@ def _tar_members(stream: _Capped, src: str):
         if count == MAX_MEMBERS:
             raise ValueError(f"{src!r} holds more than {MAX_MEMBERS} members; CIFAR-10's python "
                              "version holds fewer than 10")
-        if header[257:262] != b"ustar":
+        if header[257:262] not in (b"ustar", bytes(5)):     # ustar, GNU, or old (v7) tar
             raise ValueError(f"{src!r}: a tar header without the ustar mark (a damaged or "
                              f"unusual archive); accepted: {CIFAR10_ACCEPTED}")
         stored = _octal(header[148:156], "checksum", src)
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        signed = unsigned - 256 * sum(1 for c in header[:148] + header[156:] if c > 127)
+        if stored not in (unsigned, signed):          # some old tars summed signed bytes
             raise ValueError(f"{src!r}: a tar header fails its checksum (a damaged archive); "
                              f"accepted: {CIFAR10_ACCEPTED}")
         size, kind = _octal(header[124:136], "size", src), header[156:157]
@@ -511,7 +513,7 @@ def _read_archive(p: Path) -> dict:
     with open(p, "rb") as f:
         head = f.read(262)
     gz = head[:2] == b"\x1f\x8b"
-    if not (gz or head[257:262] == b"ustar"):
+    if not (gz or head[257:262] in (b"ustar", bytes(5))):
         raise ValueError(f"{str(p)!r} is neither a gzip nor a tar archive (CIFAR-10's python "
                          f"version is a .tar.gz); accepted: {CIFAR10_ACCEPTED}")
     raw, where = {}, {}

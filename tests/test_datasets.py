@@ -416,3 +416,26 @@ def test_a_third_review_s_files_are_refused_cheaply_too(tmp_path):
     os.mkfifo(tmp_path / "fifo.tar.gz")
     with pytest.raises(ValueError, match="is not a file"):
         load_cifar10(tmp_path / "fifo.tar.gz")
+
+
+@pytest.mark.parametrize("made_by", ["ustar", "gnu", "pax", "tar command", "tar command, posix"])
+def test_archives_of_every_common_tar_format_are_read(tmp_path, made_by):
+    """The strict header reader takes what tar writers write (the download came from GNU tar):
+    Python's three formats, and the tar command's own, GNU and POSIX (pax headers skipped)."""
+    import shutil
+    import subprocess
+    root, _, xs, _ = official_cifar(tmp_path)
+    out = tmp_path / "a.tar.gz"
+    if made_by.startswith("tar command"):
+        if shutil.which("tar") is None:
+            pytest.skip("no tar command on this machine")
+        fmt = ["--format=posix"] if made_by.endswith("posix") else []
+        subprocess.run(["tar", *fmt, "-czf", str(out), "-C", str(tmp_path), "cifar-10-batches-py"],
+                       check=True)
+    else:
+        fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[made_by]
+        with tarfile.open(out, "w:gz", format=fmt) as tar:
+            tar.add(root, arcname="cifar-10-batches-py")
+    d = load_cifar10(out)
+    assert d.x_train.shape == (15, 3, 32, 32)
+    np.testing.assert_array_equal(d.x_test.reshape(3, 3072), xs[5])
