@@ -488,7 +488,7 @@ def _tar_members(stream: _Capped, src: str):
         if header[257:265] == b"ustar\x0000":        # POSIX: a prefix; GNU keeps other fields there
             prefix = header[345:500].split(b"\0", 1)[0]
             name = prefix + b"/" + name if prefix else name
-        name = name.decode("utf-8", "replace")
+        name = name.decode("utf-8", "surrogateescape")     # distinct bytes, distinct names
         if kind in _META:
             if size > _MAX_META_BYTES:
                 raise ValueError(f"{src!r}: a tar metadata member of {size} bytes; accepted: "
@@ -520,14 +520,13 @@ def _read_archive(p: Path) -> dict:
     with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
         stream = _Capped(f, str(p))
         for path, kind, size in _tar_members(stream, str(p)):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name in CIFAR10_BATCHES and kind not in _META:
+            name = path.rsplit("/", 1)[-1]
+            # folders (also an old-style entry whose name ends in "/", as tarfile reads it) and
+            # metadata are skipped, whatever their names
+            if name in CIFAR10_BATCHES and kind in _REGULAR:
                 if name in where:
                     raise ValueError(f"{str(p)!r} holds {name} twice ({_name_of(where[name])} "
                                      f"and {_name_of(path)}); accepted: {CIFAR10_ACCEPTED}")
-                if kind not in _REGULAR:
-                    raise ValueError(f"{str(p)!r}: {_name_of(path)} is not a file; accepted: "
-                                     f"{CIFAR10_ACCEPTED}")
                 _check_size(size, name, str(p))
                 where[name] = path
                 raw[name] = stream.read(size)

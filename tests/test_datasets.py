@@ -439,3 +439,31 @@ def test_archives_of_every_common_tar_format_are_read(tmp_path, made_by):
     d = load_cifar10(out)
     assert d.x_train.shape == (15, 3, 32, 32)
     np.testing.assert_array_equal(d.x_test.reshape(3, 3072), xs[5])
+
+
+def test_a_fourth_review_s_archives(tmp_path):
+    """helper-70: folder names that differ only in bytes that are not UTF-8 are two folders
+    (decoding with replacement made them one, and batches of both were mixed); a folder named
+    like a batch elsewhere in the archive is skipped, not refused."""
+    import gzip
+    root, _, _, _ = official_cifar(tmp_path)
+
+    def archive(name, entries):
+        path = tmp_path / name
+        with gzip.open(path, "wb") as g:
+            for arcname, data, kind in entries:
+                m = tarfile.TarInfo(arcname)
+                m.size, m.type = len(data), kind
+                g.write(m.tobuf(format=tarfile.GNU_FORMAT, encoding="latin-1")
+                        + data + bytes(-len(data) % 512))
+            g.write(bytes(1024))
+        return path
+    names = sorted(os.listdir(root))
+    mixed = [(("a\xff/" if i < 3 else "a\xfe/") + n, (root / n).read_bytes(), tarfile.REGTYPE)
+             for i, n in enumerate(names)]
+    with pytest.raises(ValueError, match="holds the batch files in several folders"):
+        load_cifar10(archive("mixed.tar.gz", mixed))
+    good = [("c/" + n, (root / n).read_bytes(), tarfile.REGTYPE) for n in names]
+    d = load_cifar10(archive("dirs.tar.gz", [("docs/test_batch/", b"", tarfile.DIRTYPE),
+                                             ("old/data_batch_1/", b"", tarfile.AREGTYPE)] + good))
+    assert d.x_train.shape == (15, 3, 32, 32)
