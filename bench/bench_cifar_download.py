@@ -54,7 +54,8 @@ def write_archive(folder: Path, per_batch: int) -> Path:
 
 
 def timed(argv: list[str], cwd: Path) -> dict:
-    """Run ``argv``: its wall seconds, peak resident MiB, exit status and output."""
+    """Run ``argv``: its wall seconds, peak resident MiB and last lines of output (ScriptError if
+    it fails)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = p.stdout.read()
@@ -72,7 +73,7 @@ def run(args):
     if len(args.subset) != 2:
         raise ScriptError(f"--subset takes two numbers, --n-train,--n-test (e.g. 5000,2000); got "
                           f"{len(args.subset)}")
-    env_python = sys.executable
+    python = sys.executable
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         if args.archive:
@@ -85,8 +86,8 @@ def run(args):
                       f"made in {time.perf_counter() - t0:.1f} s")
         print(f"data: {source}")
         steps = {}
-        steps["load_cifar10"] = timed([env_python, "-c", LOAD, str(archive)], tmp)
-        cli = [env_python, "-m", "cntk_engine", "-q", "preprocess", str(archive), "--zca"]
+        steps["load_cifar10"] = timed([python, "-c", LOAD, str(archive)], tmp)
+        cli = [python, "-m", "cntk_engine", "-q", "preprocess", str(archive), "--zca"]
         n_train, n_test = args.subset
         steps["preprocess_zca_subset"] = timed(cli + ["--n-train", str(n_train), "--n-test", str(n_test),
                                                       "--out", str(tmp / "s.npz")], tmp)
