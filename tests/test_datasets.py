@@ -467,3 +467,49 @@ def test_a_fourth_review_s_archives(tmp_path):
     d = load_cifar10(archive("dirs.tar.gz", [("docs/test_batch/", b"", tarfile.DIRTYPE),
                                              ("old/data_batch_1/", b"", tarfile.AREGTYPE)] + good))
     assert d.x_train.shape == (15, 3, 32, 32)
+
+
+def test_gzip_is_decoded_by_zlib_members_padding_and_damage(tmp_path, monkeypatch):
+    """The archive's gzip is decoded by zlib in one pass (`_Gunzip`): members concatenated as
+    gzip allows and zero padding after them are read as Python's gzip reads them, but a chunk
+    at a time (Python's gzip stepped through padding, empty members and header names a byte at
+    a time: 40 s within the size cap); a truncated member, a wrong checksum or trailing bytes
+    that are not gzip are refused."""
+    import gzip
+    import time
+    import zlib
+    from cntk_engine import datasets
+    root, archive, xs, _ = official_cifar(tmp_path)
+    tar = gzip.decompress(archive.read_bytes())
+
+    def read(name, data):
+        (tmp_path / name).write_bytes(data)
+        return load_cifar10(tmp_path / name)
+    # the tar split across three members, then 8 MB of zero padding, then empty members
+    thirds = [tar[:1000], tar[1000:len(tar) // 2], tar[len(tar) // 2:]]
+    split = b"".join(gzip.compress(t, mtime=0) for t in thirds)
+    t0 = time.perf_counter()
+    d = read("padded.tar.gz", split + bytes(8 << 20) + gzip.compress(b"", mtime=0) * 5000)
+    assert time.perf_counter() - t0 < 10        # Python's gzip: some 1.5 s for the padding alone
+    np.testing.assert_array_equal(d.x_test.reshape(3, 3072), xs[5])
+    assert gzip.decompress(split + bytes(100)) == tar               # what gzip itself reads
+    # a header whose name field is megabytes long (zlib parses it in C)
+    long_name = bytearray(gzip.compress(tar, mtime=0))
+    long_name[3] |= 0x08                                            # FNAME
+    d = read("named.tar.gz", bytes(long_name[:10]) + b"n" * (4 << 20) + b"\0" + bytes(long_name[10:]))
+    np.testing.assert_array_equal(d.x_test.reshape(3, 3072), xs[5])
+    # too many members: refused, not stepped through
+    monkeypatch.setattr(datasets, "MAX_GZIP_MEMBERS", 100)
+    with pytest.raises(ValueError, match="more than 100 gzip members"):
+        read("members.tar.gz", gzip.compress(tar, mtime=0) + gzip.compress(b"", mtime=0) * 200)
+    # trailing bytes that are not gzip, a truncated member, a wrong CRC or length
+    whole = gzip.compress(tar, mtime=0)
+    for name, data in [("trailing.tar.gz", whole + b"\0\0junk"),
+                       ("cut.tar.gz", whole[:-100]),
+                       ("crc.tar.gz", whole[:-8] + bytes(8)),
+                       ("len.tar.gz", whole[:-4] + (len(tar) + 1).to_bytes(4, "little"))]:
+        # each refused, as Python's gzip refuses it
+        with pytest.raises(ValueError, match="cannot be read as a tar archive"):
+            read(name, data)
+        with pytest.raises((EOFError, zlib.error, gzip.BadGzipFile)):
+            gzip.decompress(data)
