@@ -61,7 +61,8 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         The reference computes in float64 whatever ``dtype`` says (and its info says so).
     tile : rows/columns per tile (one backend call each); default depends on the backend.
     return_info : also return a dict saying what ran (backend, tiles, seconds, pairs; ``compute``:
-        what computed the tiles, per device, as a store's run records hold it).
+        what computed this run's tiles, per device, as a store's run records hold it; empty
+        where it computed none, as when a finished store is resumed).
     devices : GPUs for backend "cuda": None or "all" (every visible GPU, one worker thread each)
         or a list of ids; CPU backends always use every core.
     out : path of a Zarr store (a directory, e.g. "gram.zarr") to write the matrix to instead of

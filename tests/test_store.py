@@ -93,13 +93,14 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
     for i, j in [(0, 1), (2, 3), (3, 3)]:
         g["tiles_done"][i, j] = 0
     g2, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)   # tile from the store
-    assert info["tiles_computed"] == 3 and info["tile"] == 3
+    assert info["tiles_computed"] == 3 and info["tile"] == 3 and info["compute"][0]["backend"] == "numba"
     d = done_map(out)
     assert d[0, 1] == d[2, 3] == d[3, 3] == 2 and (d[np.triu_indices(4)] > 0).all()
     assert g2["ntk"][...].tobytes() == full.tobytes()
     _, info = ce.gram(x, depth=3, backend="numba", out=out, return_info=True)
     runs = store_mod.list_runs(zarr.open_group(str(out)))
     assert info["tiles_computed"] == 0 and [r["run"] for r in runs] == [1, 2, 3]
+    assert info["compute"] == []                      # this run computed nothing (as on Dask)
     assert [r["tiles_computed"] for r in runs] == [10, 3, 0]
 
 

@@ -222,7 +222,9 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             "per_worker": per_worker, "compute_seconds": seconds,
             "pairs_per_second": pairs / seconds if seconds > 0 and pairs else None,
             "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict(),
-            "compute": computes if computes is not None else worker_computes}
+            # what computed this run's tiles: none where it computed none (a finished store
+            # resumed), locally as on Dask, whose workers say it only with the tiles they compute
+            "compute": (computes if computes is not None else worker_computes) if computed else []}
     if store is not None:
         info.update(store=str(store.path), run=run_id, tiles_verified=store.verified["tiles"],
                     tiles_failed_verification=store.verified["failed"],
