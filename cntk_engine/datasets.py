@@ -475,7 +475,8 @@ class _Gunzip:
         """``n`` bytes, fewer only at the end of the file."""
         while len(self.out) < n and not self.ended:
             self._fill()
-        taken = bytes(self.out[:n])
+        with memoryview(self.out) as view:       # one copy (a slice, then bytes(), made two)
+            taken = view[:n].tobytes()
         del self.out[:n]
         return taken
 

@@ -271,18 +271,21 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
 
 def with_flips(x, y, *, data_format: str | None = None):
     """The training images followed by their horizontal flips (:func:`cntk_engine.arch.hflip`),
-    as NCHW float64 (2N, C, H, W), the labels ``y`` (one per image) repeated for the flipped
-    copies, and the leave-one-out groups (2N,) that keep each image with its flip (``groups``
-    of :func:`cntk_engine.solver.loo`: the mirror of a scored image must not stay in the
-    training set).  ``data_format`` as for :func:`standardize` (the default refuses shapes that
-    look channels-last, whose "flip" would reverse the colour channels)."""
+    as NCHW float64 (2N, C, H, W), the labels ``y`` (one per image; None: no labels, None
+    returned) repeated for the flipped copies, and the leave-one-out groups (2N,) that keep each
+    image with its flip (``groups`` of :func:`cntk_engine.solver.loo`: the mirror of a scored
+    image must not stay in the training set).  ``data_format`` as for :func:`standardize` (the
+    default refuses shapes that look channels-last, whose "flip" would reverse the colour
+    channels)."""
     from .arch import hflip
     x = _images(x, "x", data_format)
-    y = np.asarray(y)
-    if y.ndim < 1 or len(y) != len(x):
-        raise ValueError(f"y must hold one label (or target row) per image: {len(x)} images; got "
-                         f"y of shape {y.shape}")
-    return (np.concatenate([x, hflip(x)]), np.concatenate([y, y]), np.tile(np.arange(len(x)), 2))
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim < 1 or len(y) != len(x):
+            raise ValueError(f"y must hold one label (or target row) per image: {len(x)} images; "
+                             f"got y of shape {y.shape}")
+        y = np.concatenate([y, y])
+    return np.concatenate([x, hflip(x)]), y, np.tile(np.arange(len(x)), 2)
 
 
 __all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "ConstantImages", "standardize", "scale",

@@ -206,7 +206,7 @@ def test_subsets_are_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
     assert ("x_train (10, 3, 8, 8), x_test (5, 3, 8, 8) float64 NCHW, zca (reg 0.1) after 4x4 "
             "downsampling, fitted on x_train; the images evaluate --n-train 10 --n-test 5 --seed 3 "
             "draws from DATA's x_train/x_test; copied y_train, y_test, index_train, index_test; "
-            "not copied (a subset's rows would not be theirs): names") in o, o
+            "not copied (their rows would not be the images'): names") in o, o
     rng = np.random.default_rng(3)
     i = np.sort(rng.choice(24, 10, replace=False))
     j = np.sort(rng.choice(6, 5, replace=False))
@@ -297,3 +297,86 @@ def test_bad_subsets_are_refused_before_anything_is_written(tmp_path, cifar, cap
         assert rc == 2, (argv, out, e)
         assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
     assert sorted(os.listdir(tmp_path)) == ["c.npz", "const.npz", "unlabelled.npz", "xy.npz"]
+
+
+def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
+    """--augment-flips writes evaluate --augment-flips's training set (the images, then their
+    flips, fitted on the images) with groups_train; solve's leave-one-out then leaves each image
+    out with its flip, as evaluate's does, and gives its figures; gram --flip refuses the set."""
+    pytest.importorskip("zarr")
+    from cntk_engine.arch import hflip
+    np.savez(tmp_path / "c.npz", **cifar, names=np.array(["a", "b"]))
+    out = tmp_path / "f.npz"
+    opts = ["--zca", "--downsample", "4", "--n-train", "10", "--n-test", "5", "--seed", "3"]
+    rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", *opts, "--augment-flips", "--out", out)
+    assert rc == 0, e
+    assert ("x_train (20, 3, 8, 8), x_test (5, 3, 8, 8) float64 NCHW (x_train: 10 images, then "
+            "their horizontal flips; groups_train pairs each with its flip), zca") in o, o
+    assert "copied y_train, index_train, y_test, index_test;" in o and "(not --flip: " in o, o
+    z = np.load(out)
+    i = np.sort(np.random.default_rng(3).choice(24, 10, replace=False))
+    a, b = preprocess(cifar["x_train"][i], cifar["x_test"][z["index_test"]], "zca", 4,
+                      data_format="NHWC")
+    np.testing.assert_array_equal(z["x_train"], np.concatenate([a, hflip(a)]))
+    np.testing.assert_array_equal(z["x_test"], b)
+    np.testing.assert_array_equal(z["y_train"], np.tile(cifar["y_train"][i], 2))
+    np.testing.assert_array_equal(z["index_train"], np.tile(i, 2))
+    np.testing.assert_array_equal(z["groups_train"], np.tile(np.arange(10), 2))
+    assert json.loads(str(z["preprocessing"]))["augment_flips"] is True
+    kw = ["--depth", "3", "--backend", "numba", "--no-progress"]
+    # the flip kernel on a set holding its flips: refused, as evaluate refuses both flags
+    for argv in ([f"{out}:x_train"], [f"{out}:x_test", "--x2", f"{out}:x_train"]):
+        rc, o, e = run(capsys, "gram", *argv, "--flip", "--out", tmp_path / "no.zarr", *kw)
+        assert rc == 2 and ":x_train holds its images' flips" in e and "--flip alone gives" in e, e
+    assert not (tmp_path / "no.zarr").exists()
+    assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
+    assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
+               tmp_path / "test.zarr", *kw)[0] == 0
+    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "train.zarr", "--test",
+                   tmp_path / "test.zarr", "--json", tmp_path / "s.json")
+    assert rc == 0, e
+    assert "leaving out each of DATA's 10 groups_train together" in o, o
+    rc, o, e = run(capsys, "evaluate", tmp_path / "c.npz", *opts, "--augment-flips", *kw, "--json",
+                   tmp_path / "e.json")
+    assert rc == 0, e
+    s = json.loads((tmp_path / "s.json").read_text())
+    ev = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    assert s["groups"] == "groups_train" and s["loo_groups"] == ev["loo_groups"] == 10
+    for k in ("accuracy", "ridge_relative", "loo_accuracy"):
+        assert s[k] == ev[k], (k, s[k], ev[k])
+    # without groups_train solve leaves each image out alone: another leave-one-out
+    np.savez(tmp_path / "nogroups.npz", **{k: z[k] for k in z.files if k != "groups_train"})
+    rc, o, e = run(capsys, "solve", tmp_path / "nogroups.npz", "--train", tmp_path / "train.zarr",
+                   "--test", tmp_path / "test.zarr", "--json", tmp_path / "n.json")
+    assert rc == 0, e
+    assert json.loads((tmp_path / "n.json").read_text())["loo_groups"] is None
+    # groups_train of another length: named
+    np.savez(tmp_path / "bad.npz", **{k: z[k] for k in z.files if k != "groups_train"},
+             groups_train=np.arange(10))
+    rc, o, e = run(capsys, "solve", tmp_path / "bad.npz", "--train", tmp_path / "train.zarr",
+                   "--test", tmp_path / "test.zarr")
+    assert rc == 2 and "groups_train, the leave-one-out groups of x_train: groups must be one " \
+        "group label per training sample, shape (20,); got shape (10,)" in e, e
+
+
+def test_augment_flips_of_every_image_and_what_it_refuses(tmp_path, cifar, capsys):
+    """Without a subset: every training image and its flip; arrays that are not the labels are
+    not copied (a row per training image would not be the doubled set's); x alone refused."""
+    np.savez(tmp_path / "c.npz", **cifar, names=np.array(["a", "b"]))
+    rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", "--preprocess", "none",
+                   "--augment-flips", "--out", tmp_path / "a.npz")
+    assert rc == 0, e
+    assert "not copied (their rows would not be the images'): names" in o, o
+    z = np.load(tmp_path / "a.npz")
+    assert sorted(z.files) == ["groups_train", "preprocessing", "x_test", "x_train", "y_test", "y_train"]
+    x = cifar["x_train"].transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(z["x_train"], np.concatenate([x, x[..., ::-1]]))
+    np.testing.assert_array_equal(z["y_test"], cifar["y_test"])
+    np.savez(tmp_path / "x.npz", x=cifar["x_train"])
+    np.savez(tmp_path / "short.npz", **dict(cifar, y_train=cifar["y_train"][:5]))
+    for data, msg in [("x.npz", "--augment-flips doubles a training set, x_train; DATA"),
+                      ("short.npz", "y_train of shape (5,) is not one value per training image (24)")]:
+        rc, o, e = run(capsys, "preprocess", tmp_path / data, "--preprocess", "none",
+                       "--augment-flips", "--out", tmp_path / "o.npz")
+        assert rc == 2 and msg in e, e
+    assert not (tmp_path / "o.npz").exists()

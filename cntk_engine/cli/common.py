@@ -165,9 +165,12 @@ def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
                        "it must be a plain numeric array saved by np.savez") from None
 
 
-def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
+def load_images(spec: str, keys, what: str = "DATA", *,
+                flipped_refused: str | None = None) -> np.ndarray:
     """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
-    one of ``keys`` it holds: an archive holding several of them must name one), as stored."""
+    one of ``keys`` it holds: an archive holding several of them must name one), as stored.
+    ``flipped_refused``: the message refusing an ``x_train`` that holds its own flips (of an
+    archive with ``groups_train``: ``preprocess --augment-flips``), before it is read."""
     path, key = spec, None
     if ":" in spec and not os.path.exists(spec):
         head, tail = spec.rsplit(":", 1)
@@ -198,6 +201,9 @@ def load_images(spec: str, keys, what: str = "DATA") -> np.ndarray:
                     log.info("%s: array %r of %s", what, key, path)
                 elif key not in names:
                     raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
+                if flipped_refused and key == "x_train" and "groups_train" in names:
+                    raise CliError(f"{what} {path}:x_train holds its images' flips (its groups_train "
+                                   f"pairs them: preprocess --augment-flips): {flipped_refused}")
                 x = z[key]
         else:
             x = loaded

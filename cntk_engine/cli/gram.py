@@ -97,9 +97,14 @@ def run(args) -> int:
     if args.scheduler is not None and not args.scheduler.strip():
         raise CliError(f"--scheduler {args.scheduler!r} is empty; give the Dask scheduler's address, e.g. "
                        "tcp://host:8786, or leave --scheduler out to run here")
-    x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA"), args.data_format, "DATA")
-    x2 = None if args.x2 is None else to_nchw(load_images(args.x2, X2_KEYS, "--x2"),
-                                               args.data_format, "--x2")
+    refused = None
+    if args.flip:           # a training set holding its flips, under the flip kernel: twice over
+        from ..estimators import FLIPS_TWICE
+        refused = FLIPS_TWICE.format(augment="preprocess --augment-flips", flip="--flip")
+    x1 = to_nchw(load_images(args.data, X1_KEYS, "DATA", flipped_refused=refused),
+                 args.data_format, "DATA")
+    x2 = None if args.x2 is None else to_nchw(
+        load_images(args.x2, X2_KEYS, "--x2", flipped_refused=refused), args.data_format, "--x2")
     out = Path(args.out)
     together = args.resume or args.join
     # before any work: a path that holds something else than a store is refused as such (no

@@ -34,6 +34,14 @@ DATA's labels (``y_train``, ``y_test``; or ``y``); OUT holds the subsets as ``x_
 ``index_test``: positions in ``x_train`` / ``x_test``, or both in ``x``), and not DATA's other
 arrays (their rows, if they have one per image, would no longer be the images').
 
+``--augment-flips`` makes the training set ``evaluate --augment-flips`` trains on: ``x_train``
+(after the preprocessing, fitted on the images themselves) followed by the horizontal flips of
+its images, ``y_train`` and ``index_train`` repeated for them, and ``groups_train`` (image i
+and its flip N + i in group i), with which ``solve``'s leave-one-out leaves each image out
+together with its flip, as ``evaluate``'s does; DATA's other arrays are not copied.  ``gram
+--flip`` refuses that training set: under the flip-symmetrised kernel a flip is the same point
+as its image.
+
 OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
 ...) unchanged, and ``preprocessing``, a JSON text saying what was done (the method and its
 parameters, the set it was fitted on, the subsets drawn, DATA, the layout read, the package
@@ -52,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets import is_cifar10
-from ..preprocess import ConstantImages, preprocess
+from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
                      guess_layout, nonnegative_int, open_data, preprocessing_options, read_member,
                      to_nchw, write_file)
@@ -84,6 +92,10 @@ def add_parser(sub) -> None:
                    help="only M test images, drawn as evaluate --n-test draws them (default: all)")
     p.add_argument("--seed", type=nonnegative_int, default=None,
                    help="the seed of the subsets' draw, as evaluate's (default 0)")
+    p.add_argument("--augment-flips", action="store_true",
+                   help="x_train followed by the horizontal flips of its images, as evaluate "
+                   "--augment-flips trains (twice the training Gram's rows); groups_train keeps "
+                   "each image with its flip for solve's leave-one-out")
     p.add_argument("--out", required=True, metavar="NEW.npz",
                    help="the .npz archive to write (must not exist)")
     p.set_defaults(func=run)
@@ -213,6 +225,31 @@ def _subset_of(args) -> tuple | None:
     return args.n_train, args.n_test, 0 if args.seed is None else args.seed
 
 
+#: The arrays of OUT that stay beside a training set doubled by its flips: the labels and
+#: positions in DATA of its images (repeated for the flips) and the test set's.
+_KEPT_WITH_FLIPS = ("y_train", "index_train", "y_test", "index_test")
+
+
+def _beside_flips(others: dict, left_out: list, n: int, data: str) -> dict:
+    """The arrays to write beside a training set of ``n`` images followed by their flips:
+    ``y_train`` and ``index_train`` repeated for the flips, the test set's unchanged; DATA's
+    other arrays are added to ``left_out`` (a row per training image would not be the doubled
+    set's).  Checked before the preprocessing, which may take minutes."""
+    kept = {}
+    for k in _KEPT_WITH_FLIPS:
+        if k not in others:
+            continue
+        v = others.pop(k)
+        if k.endswith("_train"):
+            if v.ndim < 1 or len(v) != n:
+                raise CliError(f"DATA {data!r}: {k} of shape {v.shape} is not one value per "
+                               f"training image ({n}); --augment-flips repeats it for their flips")
+            v = np.concatenate([v, v])
+        kept[k] = v
+    left_out.extend(others)
+    return kept
+
+
 def _write(out: Path, arrays: dict) -> None:
     """``arrays`` into the new archive ``out`` (``np.savez``'s format, with the members written
     one by one: np.savez takes some names, ``file`` and ``allow_pickle``, as its own arguments),
@@ -238,6 +275,13 @@ def run(args) -> int:
     sets = _read_sets(data, args.data_format, subset)
     images = sets.images
     keys = list(images)
+    others, left_out = dict(sets.others), list(sets.left_out)
+    if args.augment_flips:
+        if keys == ["x"]:
+            raise CliError(f"--augment-flips doubles a training set, x_train; DATA {args.data!r} "
+                           "holds x alone (one set, for one Gram): give x_train and x_test, or "
+                           "--n-train and --n-test to split x, y as evaluate splits it")
+        others = _beside_flips(others, left_out, len(images["x_train"]), str(data))
     fit = keys[0]
     try:
         done = preprocess(images[fit], images.get("x_test"), args.preprocess, args.downsample,
@@ -248,36 +292,45 @@ def run(args) -> int:
                                       "--preprocess standardize (it takes constant images)",
                                       named=sets.named[key]))) from None
     result = dict(zip(keys, done))
+    if args.augment_flips:        # after the preprocessing, fitted on the images, as evaluate's
+        result["x_train"], _, others["groups_train"] = with_flips(result["x_train"], None,
+                                                                  data_format="NCHW")
     fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
               "command": command_of(args),
               "preprocess": args.preprocess,
               "zca_reg": zca_reg if args.preprocess == "zca" else None,
               "downsample": args.downsample, "fitted_on": fit if fitted else None,
+              "augment_flips": args.augment_flips,
               "data": str(data.resolve()), "subset": sets.subset, "read_as": sets.layouts,
               "dtypes": {k: str(v.dtype) for k, v in images.items()},
               "images": {k: list(v.shape) for k, v in result.items()}}
-    others = sets.others
     _write(out, {**others, **{k: np.ascontiguousarray(v, dtype=np.float64)
                               for k, v in result.items()},
                  RECORD: np.array(json.dumps(record))})
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
     drawn = sets.subset
-    print(f"{out}: {shapes} float64 NCHW, {args.preprocess}"
+    copied = [k for k in others if k != "groups_train"]
+    print(f"{out}: {shapes} float64 NCHW"
+          + (f" (x_train: {len(result['x_train']) // 2} images, then their horizontal flips; "
+             "groups_train pairs each with its flip)" if args.augment_flips else "")
+          + f", {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
           + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
           + (f", fitted on {fit}" if fitted else "")
           + (f"; the images {drawn['as']} draws from DATA's {drawn['drawn_from']}" if drawn else "")
-          + (f"; copied {', '.join(others)}" if others else "")
+          + (f"; copied {', '.join(copied)}" if copied else "")
           + (f"; not copied (not arrays): {', '.join(sets.not_arrays)}" if sets.not_arrays else "")
-          + (f"; not copied (a subset's rows would not be theirs): {', '.join(sets.left_out)}"
-             if sets.left_out else ""))
+          + (f"; not copied (their rows would not be the images'): {', '.join(left_out)}"
+             if left_out else ""))
     q = shlex.quote
     if len(keys) == 2:
         then = (f"cntk-engine solve {q(str(out))} --train train.zarr --test test.zarr"
                 if "y_train" in others else
                 "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
-        print(f"next, with the same architecture options for both: cntk-engine gram "
+        print(f"next, with the same architecture options for both"
+              + (" (not --flip: the training set holds the flips)" if args.augment_flips else "")
+              + ": cntk-engine gram "
               f"{q(f'{out}:x_train')} ... --out train.zarr; cntk-engine gram {q(f'{out}:x_test')} "
               f"--x2 {q(f'{out}:x_train')} ... --out test.zarr; then {then}")
     else:

@@ -19,7 +19,11 @@ kernel ridge regression on the paper's targets (0.9 / -0.1; ``--targets onehot``
 leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`);
 :func:`cntk_engine.solver.fit_classifier`.  Prints the ridge and, with ``y_test``, the test
 accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image,
-``--json OUT`` every figure, the command and the machine.  Memory: both matrices as float64
+``--json OUT`` every figure, the command and the machine.  Where DATA holds ``groups_train``
+(one group label per training image; ``preprocess --augment-flips`` writes it, pairing each
+image with its flip), ``--ridge auto``'s leave-one-out leaves each group out together
+(:func:`cntk_engine.solver.loo`), as ``evaluate --augment-flips`` does: else the mirror of a
+scored image stays in the training set.  Memory: both matrices as float64
 and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of it; a number:
 1), refused before anything is read where it does not fit.
 """
@@ -36,6 +40,8 @@ from .common import (CliError, add_solve_options, check_json_path, check_parent_
                      write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
+#: DATA's leave-one-out groups of the training images (``preprocess --augment-flips``).
+GROUPS = "groups_train"
 
 
 def add_parser(sub) -> None:
@@ -44,7 +50,9 @@ def add_parser(sub) -> None:
                        description="Solve kernel regression on the training Gram --train and the "
                        "test kernel --test (stores of cntk-engine gram), with the labels of DATA, "
                        "the file the kernels were computed from.",
-                       epilog="DATA keys: x_train, y_train, x_test, and y_test to score.")
+                       epilog="DATA keys: x_train, y_train, x_test, and y_test to score; "
+                       "groups_train (preprocess --augment-flips): leave-one-out leaves each "
+                       "group out together.")
     p.add_argument("data", metavar="DATA", help=".npz the kernels were computed from: x_train, "
                    "y_train, x_test (y_test to score)")
     p.add_argument("--train", required=True, metavar="STORE",
@@ -108,10 +116,10 @@ def _holds_predictions(p: Path) -> bool:
 
 
 def _read_data(path: str, data_format: str, targets: str) -> dict:
-    """DATA's images (NCHW float64, as gram read them) and labels (checked), y_test None
-    without."""
+    """DATA's images (NCHW float64, as gram read them), labels and leave-one-out groups
+    (checked); y_test and groups_train None without."""
     from ..inputs import as_images
-    from ..solver import check_classifier_labels
+    from ..solver import check_classifier_labels, check_groups
     from ..solver.targets import check_labels
     p = Path(path)
     if not p.exists():
@@ -128,7 +136,7 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
             raise CliError(f"DATA {path!r} holds {list(z.files)} but not {', '.join(missing)}: solve "
                            "needs x_train, y_train and x_test (and y_test to score); the images "
                            "tie the labels to the stores' kernels")
-        got = {k: read_member(z, k, path) for k in KEYS + ("y_test",) if k in z.files}
+        got = {k: read_member(z, k, path) for k in KEYS + ("y_test", GROUPS) if k in z.files}
     out = {k: to_nchw(got[k], data_format, f"DATA {path!r}: {k}") for k in ("x_train", "x_test")}
     try:
         for k in ("x_train", "x_test"):       # as gram checked them (NaN pixels, no images, ...)
@@ -141,6 +149,10 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
             got["y_train"], got.get("y_test"), targets=targets)
     except ValueError as e:
         raise CliError(f"DATA {path!r}: {e}") from None
+    try:
+        out[GROUPS] = None if GROUPS not in got else check_groups(got[GROUPS], len(out["x_train"]))
+    except ValueError as e:       # its message names "groups"
+        raise CliError(f"DATA {path!r}: {GROUPS}, the leave-one-out groups of x_train: {e}") from None
     return out
 
 
@@ -165,11 +177,14 @@ def run(args) -> int:
         raise CliError(f"{e}{hint}") from None
     K, K_test = loaded
     t_load = time.perf_counter() - t0
-    fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets)
+    fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets,
+                                groups=d[GROUPS])
     pred = fit.predict(K_test)
     t_solve = time.perf_counter() - t0 - t_load
     info = fit.info
-    how = (f"chosen by leave-one-out: accuracy {100 * info['loo_accuracy']:.2f}%"
+    grouped = "" if d[GROUPS] is None else (
+        f", leaving out each of DATA's {d[GROUPS].n_groups} {GROUPS} together")
+    how = (f"chosen by leave-one-out{grouped}: accuracy {100 * info['loo_accuracy']:.2f}%"
            if ridge == "auto" else "given")
     print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes, kernel "
           f"{loaded.keys[0]}; ridge {info['ridge_relative']:g} x mean diag(K) ({how})"
@@ -190,7 +205,7 @@ def run(args) -> int:
             version=__version__, data=str(args.data), data_format=args.data_format,
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
             test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,
-            n_train=len(K), n_test=len(K_test),
+            n_train=len(K), n_test=len(K_test), groups=None if d[GROUPS] is None else GROUPS,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
             accuracy=acc, **info, predictions=None if predictions is None else str(predictions),
             seconds=dict(load=t_load, solve=t_solve), machine=machine()))
