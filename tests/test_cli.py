@@ -1,6 +1,5 @@
 """Command line: gram into a store, resume, one-line errors without half-written stores, info,
 demo, evaluate registration, python -m."""
-import os
 import re
 import subprocess
 import sys

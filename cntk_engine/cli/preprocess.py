@@ -328,7 +328,7 @@ def run(args) -> int:
         then = (f"cntk-engine solve {q(str(out))} --train train.zarr --test test.zarr"
                 if "y_train" in others else
                 "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
-        print(f"next, with the same architecture options for both"
+        print("next, with the same architecture options for both"
               + (" (not --flip: the training set holds the flips)" if args.augment_flips else "")
               + ": cntk-engine gram "
               f"{q(f'{out}:x_train')} ... --out train.zarr; cntk-engine gram {q(f'{out}:x_test')} "
