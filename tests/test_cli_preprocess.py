@@ -344,6 +344,9 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
     assert s["groups"] == "groups_train" and s["loo_groups"] == ev["loo_groups"] == 10
     for k in ("accuracy", "ridge_relative", "loo_accuracy"):
         assert s[k] == ev[k], (k, s[k], ev[k])
+    # evaluate draws subsets of its own: not of a set holding its flips (mirrors split apart)
+    rc, o, e = run(capsys, "evaluate", out, "--n-train", "4", "--n-test", "2", *kw)
+    assert rc == 2 and "holds groups_train: its x_train holds its images' flips" in e, e
     # without groups_train solve leaves each image out alone: another leave-one-out
     np.savez(tmp_path / "nogroups.npz", **{k: z[k] for k in z.files if k != "groups_train"})
     rc, o, e = run(capsys, "solve", tmp_path / "nogroups.npz", "--train", tmp_path / "train.zarr",

@@ -82,6 +82,11 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
     arrays); sizes checked by :func:`check_sizes`."""
     rng = np.random.default_rng(seed)
     names = list(z.files)
+    if "groups_train" in names:     # a draw from it would split images from their flips
+        raise CliError(f"DATA {path!r} holds groups_train: its x_train holds its images' flips "
+                       f"(preprocess --augment-flips); {needs} the images without them (the "
+                       "archive given to that preprocess; evaluate --augment-flips flips the "
+                       "subset it draws)")
     if all(k in names for k in PAIR_KEYS):
         xtr, ytr = _pair(z, "x_train", "y_train", path)
         xte, yte = _pair(z, "x_test", "y_test", path)
