@@ -327,7 +327,7 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
     # the flip kernel on a set holding its flips: refused, as evaluate refuses both flags
     for argv in ([f"{out}:x_train"], [f"{out}:x_test", "--x2", f"{out}:x_train"]):
         rc, o, e = run(capsys, "gram", *argv, "--flip", "--out", tmp_path / "no.zarr", *kw)
-        assert rc == 2 and ":x_train holds its images' flips" in e and "--flip alone gives" in e, e
+        assert rc == 2 and ":x_train' holds its images' flips" in e and "--flip alone gives" in e, e
     assert not (tmp_path / "no.zarr").exists()
     assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
     assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
@@ -346,7 +346,14 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
         assert s[k] == ev[k], (k, s[k], ev[k])
     # evaluate draws subsets of its own: not of a set holding its flips (mirrors split apart)
     rc, o, e = run(capsys, "evaluate", out, "--n-train", "4", "--n-test", "2", *kw)
-    assert rc == 2 and "holds groups_train: its x_train holds its images' flips" in e, e
+    assert rc == 2 and "its x_train holds its images' flips (preprocess --augment-flips" in e, e
+    # the flip kernel of a copy of that x_train (gram cannot tell): solve says so
+    np.save(tmp_path / "xtr.npy", z["x_train"])
+    assert run(capsys, "gram", tmp_path / "xtr.npy", "--flip", "--out", tmp_path / "ftr.zarr", *kw)[0] == 0
+    assert run(capsys, "gram", f"{out}:x_test", "--x2", tmp_path / "xtr.npy", "--flip", "--out",
+               tmp_path / "fte.zarr", *kw)[0] == 0
+    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "ftr.zarr", "--test", tmp_path / "fte.zarr")
+    assert rc == 0 and "warning: the kernels are flip-symmetrised and DATA's x_train holds" in e, e
     # without groups_train solve leaves each image out alone: another leave-one-out
     np.savez(tmp_path / "nogroups.npz", **{k: z[k] for k in z.files if k != "groups_train"})
     rc, o, e = run(capsys, "solve", tmp_path / "nogroups.npz", "--train", tmp_path / "train.zarr",
@@ -375,6 +382,21 @@ def test_augment_flips_of_every_image_and_what_it_refuses(tmp_path, cifar, capsy
     x = cifar["x_train"].transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(z["x_train"], np.concatenate([x, x[..., ::-1]]))
     np.testing.assert_array_equal(z["y_test"], cifar["y_test"])
+    # DATA's own groups: repeated, each flip in its image's group; and an archive holding
+    # groups_train of its own is no flipped set (evaluate and gram --flip take it)
+    groups = np.arange(24) // 4
+    np.savez(tmp_path / "g.npz", **cifar, groups_train=groups)
+    rc, o, e = run(capsys, "preprocess", tmp_path / "g.npz", "--preprocess", "none",
+                   "--augment-flips", "--out", tmp_path / "ga.npz")
+    assert rc == 0 and "DATA's groups_train, each flip in its image's group" in o, o
+    assert "copied y_train, groups_train, y_test" in o, o
+    np.testing.assert_array_equal(np.load(tmp_path / "ga.npz")["groups_train"], np.tile(groups, 2))
+    rc, o, e = run(capsys, "preprocess", tmp_path / "g.npz", "--preprocess", "none",
+                   "--out", tmp_path / "gp.npz")
+    assert rc == 0, e
+    rc, o, e = run(capsys, "gram", f"{tmp_path / 'gp.npz'}:x_train", "--flip", "--depth", "3",
+                   "--backend", "numba", "--no-progress", "--out", tmp_path / "g.zarr")
+    assert rc == 0, e
     np.savez(tmp_path / "x.npz", x=cifar["x_train"])
     np.savez(tmp_path / "short.npz", **dict(cifar, y_train=cifar["y_train"][:5]))
     for data, msg in [("x.npz", "--augment-flips doubles a training set, x_train; DATA"),

@@ -154,6 +154,29 @@ def numpy_problem(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+#: The member of an archive ``cntk-engine preprocess`` wrote that says what was done (JSON text).
+PREPROCESSING_RECORD = "preprocessing"
+
+
+def preprocessing_record(z) -> dict | None:
+    """The record of the archive ``z`` (open) that ``cntk-engine preprocess`` wrote, or None
+    where it holds none (or a member of that name that is not such a record)."""
+    if PREPROCESSING_RECORD not in z.files:
+        return None
+    try:
+        rec = json.loads(str(z[PREPROCESSING_RECORD]))
+    except Exception:  # noqa: BLE001 - a member of that name not ours: not a record
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def holds_flips(z) -> bool:
+    """Whether ``x_train`` of the archive ``z`` (open) holds its images' flips: written by
+    ``preprocess --augment-flips`` (its record says so), with their ``groups_train``."""
+    rec = preprocessing_record(z)
+    return rec is not None and rec.get("augment_flips") is True and "groups_train" in z.files
+
+
 def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
     """``z[key]`` of an open .npz archive, every reading failure (a bad CRC, a truncated
     archive, an object array that needs pickle) as a one-line error naming the file and the
@@ -169,8 +192,8 @@ def load_images(spec: str, keys, what: str = "DATA", *,
                 flipped_refused: str | None = None) -> np.ndarray:
     """The array in ``spec`` (``.npy``, ``.npz`` or ``.npz:KEY``; in an .npz without a key the
     one of ``keys`` it holds: an archive holding several of them must name one), as stored.
-    ``flipped_refused``: the message refusing an ``x_train`` that holds its own flips (of an
-    archive with ``groups_train``: ``preprocess --augment-flips``), before it is read."""
+    ``flipped_refused``: the message refusing an ``x_train`` that holds its own flips
+    (:func:`holds_flips`), before it is read."""
     path, key = spec, None
     if ":" in spec and not os.path.exists(spec):
         head, tail = spec.rsplit(":", 1)
@@ -201,9 +224,9 @@ def load_images(spec: str, keys, what: str = "DATA", *,
                     log.info("%s: array %r of %s", what, key, path)
                 elif key not in names:
                     raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
-                if flipped_refused and key == "x_train" and "groups_train" in names:
-                    raise CliError(f"{what} {path}:x_train holds its images' flips (its groups_train "
-                                   f"pairs them: preprocess --augment-flips): {flipped_refused}")
+                if flipped_refused and key == "x_train" and holds_flips(z):
+                    raise CliError(f"{what} {path + ':x_train'!r} holds its images' flips (preprocess "
+                                   f"--augment-flips wrote it): {flipped_refused}")
                 x = z[key]
         else:
             x = loaded

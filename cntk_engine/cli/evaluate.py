@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -62,8 +61,8 @@ from ..spelling import images_as, renamed
 from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
                      add_run_options, add_solve_options, check_json_path,
                      check_parent_folder, gram_options, log, machine, nonnegative_int,
-                     parse_ridge, plural, preprocessing_options, to_nchw, write_json)
-from .preprocess import RECORD
+                     parse_ridge, plural, preprocessing_options, preprocessing_record, to_nchw,
+                     write_json)
 from .subsets import Drawn, draw
 
 
@@ -108,13 +107,10 @@ def load_data(path: str, n_train: int, n_test: int, seed: int, data_format: str 
     if is_cifar10(path):
         return drawn
     with np.load(path, allow_pickle=False) as z:
-        if RECORD in z.files:
-            try:
-                how = json.loads(str(z[RECORD]))["preprocess"]
-            except Exception:  # noqa: BLE001 - a member of that name not ours: not a record
-                return drawn
-            return dataclasses.replace(drawn, preprocessed=str(how))
-    return drawn
+        rec = preprocessing_record(z)
+    if rec is None or "preprocess" not in rec:
+        return drawn
+    return dataclasses.replace(drawn, preprocessed=str(rec["preprocess"]))
 
 
 def _command_line(args) -> str:

@@ -37,13 +37,15 @@ arrays (their rows, if they have one per image, would no longer be the images').
 ``--augment-flips`` makes the training set ``evaluate --augment-flips`` trains on: ``x_train``
 (after the preprocessing, fitted on the images themselves) followed by the horizontal flips of
 its images, ``y_train`` and ``index_train`` repeated for them, and ``groups_train`` (image i
-and its flip N + i in group i), with which ``solve``'s leave-one-out leaves each image out
-together with its flip, as ``evaluate``'s does; DATA's other arrays are not copied.  ``gram
---flip`` refuses that training set: under the flip-symmetrised kernel a flip is the same point
-as its image.
+and its flip N + i in group i; DATA's own ``groups_train``, repeated, where it holds one), with
+which ``solve``'s leave-one-out leaves each image out together with its flip, as
+``evaluate``'s does; DATA's other arrays are not copied.  ``gram --flip`` refuses that training
+set (the record says what it is), and ``evaluate`` and the subsets here refuse it as DATA:
+under the flip-symmetrised kernel a flip is the same point as its image, and a subset would
+split images from their flips.
 
 OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
-...) unchanged, and ``preprocessing``, a JSON text saying what was done (the method and its
+...) unchanged (but for a subset's or ``--augment-flips``, above), and ``preprocessing``, a JSON text saying what was done (the method and its
 parameters, the set it was fitted on, the subsets drawn, DATA, the layout read, the package
 version).  It is written to a temporary file beside OUT and moved into place whole; an existing
 OUT is refused.
@@ -61,13 +63,13 @@ import numpy as np
 
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
-from .common import (CliError, add_preprocessing_options, check_parent_folder, command_of,
-                     guess_layout, nonnegative_int, open_data, preprocessing_options, read_member,
-                     to_nchw, write_file)
+from .common import (PREPROCESSING_RECORD, CliError, add_preprocessing_options,
+                     check_parent_folder, command_of, guess_layout, nonnegative_int, open_data,
+                     preprocessing_options, read_member, to_nchw, write_file)
 from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
-RECORD = "preprocessing"
+RECORD = PREPROCESSING_RECORD
 
 
 def add_parser(sub) -> None:
@@ -79,7 +81,8 @@ def add_parser(sub) -> None:
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
                        "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
                        "x_test, y_test or x, y (split as evaluate splits it), and only the "
-                       "subsets and their labels are written.")
+                       "subsets and their labels are written. With --augment-flips: the labels "
+                       "(and groups_train) repeated for the flips, other arrays not copied.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x; or "
                    "CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_preprocessing_options(p, default=None)
@@ -225,16 +228,18 @@ def _subset_of(args) -> tuple | None:
     return args.n_train, args.n_test, 0 if args.seed is None else args.seed
 
 
-#: The arrays of OUT that stay beside a training set doubled by its flips: the labels and
-#: positions in DATA of its images (repeated for the flips) and the test set's.
-_KEPT_WITH_FLIPS = ("y_train", "index_train", "y_test", "index_test")
+#: The arrays of OUT that stay beside a training set doubled by its flips: the labels,
+#: positions in DATA and leave-one-out groups of its images (repeated for the flips: a flip is
+#: in its image's group) and the test set's.
+_KEPT_WITH_FLIPS = ("y_train", "index_train", "groups_train", "y_test", "index_test")
 
 
 def _beside_flips(others: dict, left_out: list, n: int, data: str) -> dict:
     """The arrays to write beside a training set of ``n`` images followed by their flips:
-    ``y_train`` and ``index_train`` repeated for the flips, the test set's unchanged; DATA's
-    other arrays are added to ``left_out`` (a row per training image would not be the doubled
-    set's).  Checked before the preprocessing, which may take minutes."""
+    ``y_train``, ``index_train`` and DATA's own ``groups_train`` repeated for the flips, the
+    test set's unchanged; DATA's other arrays are added to ``left_out`` (a row per training
+    image would not be the doubled set's).  Checked before the preprocessing, which may take
+    minutes."""
     kept = {}
     for k in _KEPT_WITH_FLIPS:
         if k not in others:
@@ -292,9 +297,10 @@ def run(args) -> int:
                                       "--preprocess standardize (it takes constant images)",
                                       named=sets.named[key]))) from None
     result = dict(zip(keys, done))
+    own_groups = "groups_train" in others
     if args.augment_flips:        # after the preprocessing, fitted on the images, as evaluate's
-        result["x_train"], _, others["groups_train"] = with_flips(result["x_train"], None,
-                                                                  data_format="NCHW")
+        result["x_train"], _, pairs = with_flips(result["x_train"], None, data_format="NCHW")
+        others.setdefault("groups_train", pairs)        # DATA's own groups, else the pairs
     fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
               "command": command_of(args),
@@ -310,10 +316,11 @@ def run(args) -> int:
                  RECORD: np.array(json.dumps(record))})
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
     drawn = sets.subset
-    copied = [k for k in others if k != "groups_train"]
+    copied = [k for k in others if k != "groups_train" or own_groups]
     print(f"{out}: {shapes} float64 NCHW"
           + (f" (x_train: {len(result['x_train']) // 2} images, then their horizontal flips; "
-             "groups_train pairs each with its flip)" if args.augment_flips else "")
+             + ("DATA's groups_train, each flip in its image's group" if own_groups else
+                "groups_train pairs each with its flip") + ")" if args.augment_flips else "")
           + f", {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
           + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")

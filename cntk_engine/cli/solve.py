@@ -30,14 +30,15 @@ and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import (CliError, add_solve_options, check_json_path, check_parent_folder, command_of,
-                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_file,
-                     write_json)
+from .common import (PROG, CliError, add_solve_options, check_json_path, check_parent_folder,
+                     command_of, holds_flips, machine, open_numpy, parse_ridge, read_member,
+                     to_nchw, write_file, write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 #: DATA's leave-one-out groups of the training images (``preprocess --augment-flips``).
@@ -137,6 +138,7 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
                            "needs x_train, y_train and x_test (and y_test to score); the images "
                            "tie the labels to the stores' kernels")
         got = {k: read_member(z, k, path) for k in KEYS + ("y_test", GROUPS) if k in z.files}
+        flips = holds_flips(z)
     out = {k: to_nchw(got[k], data_format, f"DATA {path!r}: {k}") for k in ("x_train", "x_test")}
     try:
         for k in ("x_train", "x_test"):       # as gram checked them (NaN pixels, no images, ...)
@@ -153,6 +155,7 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
         out[GROUPS] = None if GROUPS not in got else check_groups(got[GROUPS], len(out["x_train"]))
     except ValueError as e:       # its message names "groups"
         raise CliError(f"DATA {path!r}: {GROUPS}, the leave-one-out groups of x_train: {e}") from None
+    out["holds_flips"] = flips
     return out
 
 
@@ -177,6 +180,12 @@ def run(args) -> int:
         raise CliError(f"{e}{hint}") from None
     K, K_test = loaded
     t_load = time.perf_counter() - t0
+    if d["holds_flips"] and (loaded.architecture or {}).get("flip"):
+        # computed already (gram --flip refuses DATA:x_train, not a copy of it): said, not refused
+        print(f"{PROG}: warning: the kernels are flip-symmetrised and DATA's x_train holds its "
+              "images' flips (preprocess --augment-flips): under that kernel a flip is its "
+              "image's point, so every image is in the training set twice, for nothing over "
+              "--flip alone at 4 times its training Gram's cost", file=sys.stderr)
     fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets,
                                 groups=d[GROUPS])
     pred = fit.predict(K_test)
@@ -205,7 +214,8 @@ def run(args) -> int:
             version=__version__, data=str(args.data), data_format=args.data_format,
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
             test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,
-            n_train=len(K), n_test=len(K_test), groups=None if d[GROUPS] is None else GROUPS,
+            n_train=len(K), n_test=len(K_test),
+            groups=GROUPS if d[GROUPS] is not None and ridge == "auto" else None,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
             accuracy=acc, **info, predictions=None if predictions is None else str(predictions),
             seconds=dict(load=t_load, solve=t_solve), machine=machine()))

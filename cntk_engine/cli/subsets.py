@@ -10,7 +10,7 @@ import numpy as np
 
 from ..datasets import is_cifar10
 from ..solver.targets import check_labels
-from .common import CliError, open_data, read_member
+from .common import CliError, holds_flips, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -82,11 +82,11 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
     arrays); sizes checked by :func:`check_sizes`."""
     rng = np.random.default_rng(seed)
     names = list(z.files)
-    if "groups_train" in names:     # a draw from it would split images from their flips
-        raise CliError(f"DATA {path!r} holds groups_train: its x_train holds its images' flips "
-                       f"(preprocess --augment-flips); {needs} the images without them (the "
-                       "archive given to that preprocess; evaluate --augment-flips flips the "
-                       "subset it draws)")
+    if holds_flips(z):              # a draw from it would split images from their flips
+        raise CliError(f"DATA {path!r}: its x_train holds its images' flips (preprocess "
+                       f"--augment-flips wrote it); {needs} the images without them (the archive "
+                       "given to that preprocess; evaluate --augment-flips flips the subset it "
+                       "draws)")
     if all(k in names for k in PAIR_KEYS):
         xtr, ytr = _pair(z, "x_train", "y_train", path)
         xte, yte = _pair(z, "x_test", "y_test", path)

@@ -1952,11 +1952,13 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
 class TrainTestKernels:
     """What :func:`load_train_test` returns, unpacked as ``K, K_test``: the (n, n) training
     Gram and the (m, n) test kernel; ``keys``: the arrays read (the train store's, the test
-    store's); ``transposed``: the test store held train x test."""
+    store's); ``transposed``: the test store held train x test; ``architecture``: the network
+    both were computed with (their job record's, ``Architecture.to_dict``)."""
     K: object
     K_test: object
     keys: tuple[str, str]
     transposed: bool = False
+    architecture: dict | None = None
 
     def __iter__(self):
         return iter((self.K, self.K_test))
@@ -2123,7 +2125,7 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
         log.info("the test store at %s holds gram(x_train, x_test): its transpose is the test "
                  "kernel", w_test)
         K_test = K_test.T
-    return TrainTestKernels(K, K_test, (train_key, test_key), transposed)
+    return TrainTestKernels(K, K_test, (train_key, test_key), transposed, a.get("architecture"))
 
 
 def _group_path(group) -> Path:
