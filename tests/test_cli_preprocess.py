@@ -194,6 +194,18 @@ def test_an_interrupted_write_leaves_nothing(tmp_path, cifar, capsys, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["c.npz"]
 
 
+def _gram_jobs_and_solve(capsys, tmp_path, out, kw):
+    """The scale workflow after preprocess: the train Gram and test kernel of ``out`` into
+    stores (gram options ``kw``), then solve; its output and --json record."""
+    assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
+    assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
+               tmp_path / "test.zarr", *kw)[0] == 0
+    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "train.zarr", "--test",
+                   tmp_path / "test.zarr", "--json", tmp_path / "s.json")
+    assert rc == 0, e
+    return o, json.loads((tmp_path / "s.json").read_text())
+
+
 def test_subsets_are_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
     """--n-train / --n-test / --seed write the images evaluate draws with the same options, and
     the Gram jobs on them with solve give evaluate's figures."""
@@ -225,17 +237,11 @@ def test_subsets_are_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
     assert rec["subset"] == {"n_train": 10, "n_test": 5, "seed": 3, "drawn_from": "x_train/x_test",
                              "as": "evaluate --n-train 10 --n-test 5 --seed 3"}
     kw = ["--depth", "3", "--backend", "numba", "--no-progress"]
-    assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
-    assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
-               tmp_path / "test.zarr", *kw)[0] == 0
-    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "train.zarr", "--test",
-                   tmp_path / "test.zarr", "--json", tmp_path / "s.json")
-    assert rc == 0, e
+    _, s = _gram_jobs_and_solve(capsys, tmp_path, out, kw)
     rc, o, e = run(capsys, "evaluate", tmp_path / "c.npz", "--zca", "--downsample", "4",
                    "--n-train", "10", "--n-test", "5", "--seed", "3", *kw, "--json",
                    tmp_path / "e.json")
     assert rc == 0, e
-    s = json.loads((tmp_path / "s.json").read_text())
     ev = json.loads((tmp_path / "e.json").read_text())["results"][0]
     for k in ("accuracy", "ridge_relative", "loo_accuracy"):
         assert s[k] == ev[k], (k, s[k], ev[k])
@@ -329,17 +335,11 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
         rc, o, e = run(capsys, "gram", *argv, "--flip", "--out", tmp_path / "no.zarr", *kw)
         assert rc == 2 and ":x_train' holds its images' flips" in e and "--flip alone gives" in e, e
     assert not (tmp_path / "no.zarr").exists()
-    assert run(capsys, "gram", f"{out}:x_train", "--out", tmp_path / "train.zarr", *kw)[0] == 0
-    assert run(capsys, "gram", f"{out}:x_test", "--x2", f"{out}:x_train", "--out",
-               tmp_path / "test.zarr", *kw)[0] == 0
-    rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "train.zarr", "--test",
-                   tmp_path / "test.zarr", "--json", tmp_path / "s.json")
-    assert rc == 0, e
+    o, s = _gram_jobs_and_solve(capsys, tmp_path, out, kw)
     assert "leaving out each of DATA's 10 groups_train together" in o, o
     rc, o, e = run(capsys, "evaluate", tmp_path / "c.npz", *opts, "--augment-flips", *kw, "--json",
                    tmp_path / "e.json")
     assert rc == 0, e
-    s = json.loads((tmp_path / "s.json").read_text())
     ev = json.loads((tmp_path / "e.json").read_text())["results"][0]
     assert s["groups"] == "groups_train" and s["loo_groups"] == ev["loo_groups"] == 10
     for k in ("accuracy", "ridge_relative", "loo_accuracy"):
