@@ -425,9 +425,12 @@ _REGULAR, _DIRECTORY, _META = (b"0", b"\0", b"7"), (b"5",), (b"x", b"g", b"L", b
 #: Gzip members an archive may be made of (gzip allows concatenated members; the download is one,
 #: and a block-gzipped copy of it, 64 KiB a member, some 3,000).
 MAX_GZIP_MEMBERS = 10_000
-#: Compressed bytes that may pass without making any output (CIFAR-10's make some 1.2 bytes
-#: each; a gzip header's name field is the only legitimate run without output, a few bytes).
-_MAX_IDLE_INPUT = 4 << 20
+#: Compressed bytes an archive may hold beyond twice what they decompress to.  Real gzip makes
+#: more than it reads (CIFAR-10's download about 1.2 bytes a byte; incompressible data in
+#: stored blocks all but 5 bytes in 64 KiB); what makes nothing (header fields, trailers,
+#: empty members) is a few KiB.  Empty deflate blocks make nothing and took zlib 19 s to step
+#: through when they filled the size cap, also with a byte of output now and then.
+_MAX_EXCESS_INPUT = 4 << 20
 
 
 class _Gunzip:
@@ -436,17 +439,18 @@ class _Gunzip:
     :data:`MAX_GZIP_MEMBERS`) and zero padding between or after them skipped a chunk at a time.
     Python's gzip steps through padding and header names one byte at a time (about 0.15 s per
     MB; 40 s within :data:`MAX_COMPRESSED_BYTES`).  Output comes 1 MiB at a time, however
-    little input makes it, and :data:`_MAX_IDLE_INPUT` bytes of input that make none are refused
-    (empty deflate blocks filling the size cap took zlib 19 s; an archive's data never does
-    this).  Raises EOFError where the file ends inside a member, zlib.error where its data or a
-    checksum is wrong."""
+    little input makes it, and compressed input of more than :data:`_MAX_EXCESS_INPUT` bytes
+    beyond twice the output so far is refused (a stream that makes next to nothing).  Raises
+    EOFError where the file ends inside a member, zlib.error where its data or a checksum is
+    wrong."""
 
     _CHUNK, _OUT = 1 << 16, 1 << 20
 
     def __init__(self, f, src: str):
         self.f, self.src = f, src
         self.z, self.members, self.input = zlib.decompressobj(wbits=31), 1, b""
-        self.out, self.ended, self.idle = bytearray(), False, 0
+        self.out, self.ended = bytearray(), False
+        self.read_total = self.made_total = 0      # compressed bytes read, decompressed made
 
     def _next_member(self) -> None:
         """After a member: skip zero padding; the end of the file, or the next member."""
@@ -470,18 +474,18 @@ class _Gunzip:
             data = self.z.unconsumed_tail or self.input
             if not data:
                 data = self.f.read(self._CHUNK)
-                self.idle += len(data)
-                if self.idle > _MAX_IDLE_INPUT:
-                    raise ValueError(f"{self.src!r}: {self.idle} bytes of its gzip stream "
-                                     "decompress to nothing (a crafted archive); accepted: "
-                                     f"{CIFAR10_ACCEPTED}")
+                self.read_total += len(data)
             self.input = b""
             if not data:
                 raise EOFError("the gzip stream ends inside a member (truncated?)")
             made = self.z.decompress(data, self._OUT)
+            self.made_total += len(made)
+            if self.read_total > _MAX_EXCESS_INPUT + 2 * self.made_total:
+                raise ValueError(f"{self.src!r}: {self.read_total} bytes of its gzip stream "
+                                 f"decompress to {self.made_total} (a crafted archive; real gzip "
+                                 f"makes more than it reads); accepted: {CIFAR10_ACCEPTED}")
             if made:
                 self.out += made
-                self.idle = 0
                 return
 
     def read(self, n: int) -> bytes:

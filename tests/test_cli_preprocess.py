@@ -318,7 +318,8 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
     assert rc == 0, e
     assert ("x_train (20, 3, 8, 8), x_test (5, 3, 8, 8) float64 NCHW (x_train: 10 images, then "
             "their horizontal flips; groups_train pairs each with its flip), zca") in o, o
-    assert "copied y_train, index_train, y_test, index_test;" in o and "(not --flip: " in o, o
+    assert ("repeated for the flips y_train, index_train; copied y_test, index_test;" in o
+            and "(not --flip: " in o), o
     z = np.load(out)
     i = np.sort(np.random.default_rng(3).choice(24, 10, replace=False))
     a, b = preprocess(cifar["x_train"][i], cifar["x_test"][z["index_test"]], "zca", 4,
@@ -354,12 +355,24 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
                tmp_path / "fte.zarr", *kw)[0] == 0
     rc, o, e = run(capsys, "solve", out, "--train", tmp_path / "ftr.zarr", "--test", tmp_path / "fte.zarr")
     assert rc == 0 and "warning: the kernels are flip-symmetrised and DATA's x_train holds" in e, e
-    # without groups_train solve leaves each image out alone: another leave-one-out
-    np.savez(tmp_path / "nogroups.npz", **{k: z[k] for k in z.files if k != "groups_train"})
-    rc, o, e = run(capsys, "solve", tmp_path / "nogroups.npz", "--train", tmp_path / "train.zarr",
-                   "--test", tmp_path / "test.zarr", "--json", tmp_path / "n.json")
+    # its groups_train dropped: still a set holding its flips (the record says so), so gram
+    # --flip and evaluate refuse it, and solve's leave-one-out, which would leave images out
+    # alone (mirrors kept: a ridge near 0), too; a ridge given solves
+    nogroups = tmp_path / "nogroups.npz"
+    np.savez(nogroups, **{k: z[k] for k in z.files if k != "groups_train"})
+    for argv, msg in [(["gram", f"{nogroups}:x_train", "--flip", "--out", tmp_path / "no.zarr", *kw],
+                       ":x_train' holds its images' flips"),
+                      (["evaluate", nogroups, "--n-train", "4", "--n-test", "2", *kw],
+                       "its x_train holds its images' flips"),
+                      (["solve", nogroups, "--train", tmp_path / "train.zarr", "--test",
+                        tmp_path / "test.zarr"], "holds its images' flips (preprocess "
+                       "--augment-flips) but not their groups_train: --ridge auto's")]:
+        rc, o, e = run(capsys, *argv)
+        assert rc == 2 and msg in e, (argv, e)
+    rc, o, e = run(capsys, "solve", nogroups, "--train", tmp_path / "train.zarr", "--test",
+                   tmp_path / "test.zarr", "--ridge", "0.1", "--json", tmp_path / "n.json")
     assert rc == 0, e
-    assert json.loads((tmp_path / "n.json").read_text())["loo_groups"] is None
+    assert json.loads((tmp_path / "n.json").read_text())["groups"] is None
     # groups_train of another length: named
     np.savez(tmp_path / "bad.npz", **{k: z[k] for k in z.files if k != "groups_train"},
              groups_train=np.arange(10))
@@ -389,11 +402,11 @@ def test_augment_flips_of_every_image_and_what_it_refuses(tmp_path, cifar, capsy
     rc, o, e = run(capsys, "preprocess", tmp_path / "g.npz", "--preprocess", "none",
                    "--augment-flips", "--out", tmp_path / "ga.npz")
     assert rc == 0 and "DATA's groups_train, each flip in its image's group" in o, o
-    assert "copied y_train, groups_train, y_test" in o, o
+    assert "repeated for the flips y_train, groups_train; copied y_test" in o, o
     np.testing.assert_array_equal(np.load(tmp_path / "ga.npz")["groups_train"], np.tile(groups, 2))
     rc, o, e = run(capsys, "preprocess", tmp_path / "g.npz", "--preprocess", "none",
                    "--out", tmp_path / "gp.npz")
-    assert rc == 0, e
+    assert rc == 0 and "copied y_train, y_test, groups_train" in o, o
     rc, o, e = run(capsys, "gram", f"{tmp_path / 'gp.npz'}:x_train", "--flip", "--depth", "3",
                    "--backend", "numba", "--no-progress", "--out", tmp_path / "g.zarr")
     assert rc == 0, e

@@ -171,10 +171,11 @@ def preprocessing_record(z) -> dict | None:
 
 
 def holds_flips(z) -> bool:
-    """Whether ``x_train`` of the archive ``z`` (open) holds its images' flips: written by
-    ``preprocess --augment-flips`` (its record says so), with their ``groups_train``."""
+    """Whether ``x_train`` of the archive ``z`` (open) holds its images' flips: its record says
+    ``preprocess --augment-flips`` wrote it (whether or not its ``groups_train`` is still there)."""
     rec = preprocessing_record(z)
-    return rec is not None and rec.get("augment_flips") is True and "groups_train" in z.files
+    return (rec is not None and rec.get("made_by") == "cntk-engine preprocess"
+            and rec.get("augment_flips") is True)
 
 
 def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
@@ -225,8 +226,8 @@ def load_images(spec: str, keys, what: str = "DATA", *,
                 elif key not in names:
                     raise CliError(f"{what} {path!r} has no array {key!r} (it holds {names})")
                 if flipped_refused and key == "x_train" and holds_flips(z):
-                    raise CliError(f"{what} {path + ':x_train'!r} holds its images' flips (preprocess "
-                                   f"--augment-flips wrote it): {flipped_refused}")
+                    raise CliError(f"{what} {path + ':x_train'!r} holds its images' flips: "
+                                   f"{flipped_refused}")
                 x = z[key]
         else:
             x = loaded

@@ -37,17 +37,17 @@ arrays (their rows, if they have one per image, would no longer be the images').
 ``--augment-flips`` makes the training set ``evaluate --augment-flips`` trains on: ``x_train``
 (after the preprocessing, fitted on the images themselves) followed by the horizontal flips of
 its images, ``y_train`` and ``index_train`` repeated for them, and ``groups_train`` (image i
-and its flip N + i in group i; DATA's own ``groups_train``, repeated, where it holds one), with
-which ``solve``'s leave-one-out leaves each image out together with its flip, as
-``evaluate``'s does; DATA's other arrays are not copied.  ``gram --flip`` refuses that training
-set (the record says what it is), and ``evaluate`` and the subsets here refuse it as DATA:
-under the flip-symmetrised kernel a flip is the same point as its image, and a subset would
-split images from their flips.
+and its flip N + i in group i; without a subset, DATA's own ``groups_train``, repeated, where
+it holds one), with which ``solve``'s leave-one-out leaves each image out together with its
+flip, as ``evaluate``'s does; DATA's other arrays are not copied.  ``gram --flip`` refuses that
+training set (the record says what it is), and ``evaluate`` and the subsets here refuse it as
+DATA: under the flip-symmetrised kernel a flip is the same point as its image, and a subset
+would split images from their flips.
 
 OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
-...) unchanged (but for a subset's or ``--augment-flips``, above), and ``preprocessing``, a JSON text saying what was done (the method and its
-parameters, the set it was fitted on, the subsets drawn, DATA, the layout read, the package
-version).  It is written to a temporary file beside OUT and moved into place whole; an existing
+...) unchanged (but for a subset's or ``--augment-flips``, above), and ``preprocessing``, a
+JSON text saying what was done (the method and its parameters, the set it was fitted on, the
+subsets drawn, whether flips were added, DATA, the layout read, the package version).  It is written to a temporary file beside OUT and moved into place whole; an existing
 OUT is refused.
 """
 from __future__ import annotations
@@ -81,8 +81,9 @@ def add_parser(sub) -> None:
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
                        "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
                        "x_test, y_test or x, y (split as evaluate splits it), and only the "
-                       "subsets and their labels are written. With --augment-flips: the labels "
-                       "(and groups_train) repeated for the flips, other arrays not copied.")
+                       "subsets and their labels are written. With --augment-flips: the "
+                       "training labels (and, without a subset, groups_train) repeated for the "
+                       "flips, other arrays not copied.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x; or "
                    "CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_preprocessing_options(p, default=None)
@@ -316,7 +317,9 @@ def run(args) -> int:
                  RECORD: np.array(json.dumps(record))})
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
     drawn = sets.subset
-    copied = [k for k in others if k != "groups_train" or own_groups]
+    written = [k for k in others if k != "groups_train" or own_groups]    # not made here
+    repeated = [k for k in written if args.augment_flips and k.endswith("_train")]
+    copied = [k for k in written if k not in repeated]
     print(f"{out}: {shapes} float64 NCHW"
           + (f" (x_train: {len(result['x_train']) // 2} images, then their horizontal flips; "
              + ("DATA's groups_train, each flip in its image's group" if own_groups else
@@ -326,6 +329,7 @@ def run(args) -> int:
           + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
           + (f", fitted on {fit}" if fitted else "")
           + (f"; the images {drawn['as']} draws from DATA's {drawn['drawn_from']}" if drawn else "")
+          + (f"; repeated for the flips {', '.join(repeated)}" if repeated else "")
           + (f"; copied {', '.join(copied)}" if copied else "")
           + (f"; not copied (not arrays): {', '.join(sets.not_arrays)}" if sets.not_arrays else "")
           + (f"; not copied (their rows would not be the images'): {', '.join(left_out)}"

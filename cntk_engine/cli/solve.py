@@ -23,7 +23,9 @@ accuracy; ``--predictions OUT.npy`` writes the predicted label of each test imag
 (one group label per training image; ``preprocess --augment-flips`` writes it, pairing each
 image with its flip), ``--ridge auto``'s leave-one-out leaves each group out together
 (:func:`cntk_engine.solver.loo`), as ``evaluate --augment-flips`` does: else the mirror of a
-scored image stays in the training set.  Memory: both matrices as float64
+scored image stays in the training set (a DATA whose record says it holds flips but that lacks
+them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
+training set are solved with a warning (every image is then in it twice, for nothing).  Memory: both matrices as float64
 and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of it; a number:
 1), refused before anything is read where it does not fit.
 """
@@ -168,6 +170,11 @@ def run(args) -> int:
         check_json_path(args.json, inputs=dict(inputs, **{"--predictions": args.predictions}))
     t0 = time.perf_counter()
     d = _read_data(args.data, args.data_format, args.targets)
+    if ridge == "auto" and d["holds_flips"] and d[GROUPS] is None:
+        raise CliError(f"DATA {args.data!r}: its x_train holds its images' flips (preprocess "
+                       f"--augment-flips) but not their {GROUPS}: --ridge auto's leave-one-out "
+                       "would score each image with its mirror in the training set (and choose "
+                       "a ridge near 0); give the file preprocess wrote, or --ridge R")
     # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
     # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
     try:
