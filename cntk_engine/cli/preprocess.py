@@ -47,8 +47,8 @@ would split images from their flips.
 OUT is a new ``.npz`` archive: the images as float64 (N, C, H, W), DATA's other arrays (labels,
 ...) unchanged (but for a subset's or ``--augment-flips``, above), and ``preprocessing``, a
 JSON text saying what was done (the method and its parameters, the set it was fitted on, the
-subsets drawn, whether flips were added, DATA, the layout read, the package version).  It is written to a temporary file beside OUT and moved into place whole; an existing
-OUT is refused.
+subsets drawn, whether flips were added, DATA, the layout read, the package version).  It is
+written to a temporary file beside OUT and moved into place whole; an existing OUT is refused.
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ image with its flip), ``--ridge auto``'s leave-one-out leaves each group out tog
 (:func:`cntk_engine.solver.loo`), as ``evaluate --augment-flips`` does: else the mirror of a
 scored image stays in the training set (a DATA whose record says it holds flips but that lacks
 them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
-training set are solved with a warning (every image is then in it twice, for nothing).  Memory: both matrices as float64
-and, for ``auto``, an eigendecomposition of the training Gram (3 more copies of it; a number:
-1), refused before anything is read where it does not fit.
+training set are solved with a warning (every image is then in it twice, for nothing).
+Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
+(3 more copies of it; a number: 1), refused before anything is read where it does not fit.
 """
 from __future__ import annotations
 
