@@ -1469,7 +1469,7 @@ def test_bench_zca_records_the_fit_beside_the_kernel(tmp_path):
 
 def test_bench_cifar_download_times_each_step_in_its_own_process(tmp_path, capsys):
     """bench/bench_cifar_download.py on an archive of CIFAR-10's format, small: the reading and
-    both preprocess steps ran (their outputs say what they wrote), each with its own peak memory;
+    the three preprocess steps ran (their outputs say what they wrote), each with its own peak memory;
     --archive takes a given download."""
     from bench import bench_cifar_download
     rec = bench_cifar_download.main(["--per-batch", "6", "--subset", "10,3", "--tmp", str(tmp_path),
@@ -1480,6 +1480,8 @@ def test_bench_cifar_download_times_each_step_in_its_own_process(tmp_path, capsy
     assert st["load_cifar10"]["output"] == ["(30, 3, 32, 32) (6, 3, 32, 32) " + st["load_cifar10"]["output"][0].split()[-1]]
     assert any("x_train (10, 3, 32, 32), x_test (3, 3, 32, 32)" in line for line in st["preprocess_zca_subset"]["output"])
     assert any("x_train (30, 3, 32, 32), x_test (6, 3, 32, 32)" in line for line in st["preprocess_zca_all"]["output"])
+    assert any("x_train (60, 3, 32, 32), x_test (6, 3, 32, 32) float64 NCHW (x_train: 30 images, then "
+               "their horizontal flips" in line for line in st["preprocess_zca_all_augment_flips"]["output"])
     assert all(s["wall_s"] > 0 and s["peak_rss_mib"] > 10 for s in st.values())
     assert "6 batches of 6 random images" in rec["data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f.name]          # the temporary folder removed
