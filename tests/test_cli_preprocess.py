@@ -181,6 +181,10 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
     assert run(capsys, "preprocess", c, "--zca", "--out", tmp_path / "z.npz")[0] == 0
     rc, o, e = run(capsys, "preprocess", tmp_path / "z.npz", "--zca", "--out", tmp_path / "zz.npz")
     assert rc == 2 and "written by cntk-engine preprocess already" in e
+    # a member of that name that is not its record: the clash named, not "written already"
+    np.savez(tmp_path / "own.npz", **cifar, preprocessing=np.array("my notes"))
+    rc, o, e = run(capsys, "preprocess", tmp_path / "own.npz", "--zca", "--out", tmp_path / "zz.npz")
+    assert rc == 2 and "holds a member named 'preprocessing', the name of the record" in e, e
 
 
 def test_an_interrupted_write_leaves_nothing(tmp_path, cifar, capsys, monkeypatch):

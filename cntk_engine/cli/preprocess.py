@@ -65,7 +65,8 @@ from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (PREPROCESSING_RECORD, CliError, add_preprocessing_options,
                      check_parent_folder, command_of, guess_layout, nonnegative_int, open_data,
-                     preprocessing_options, read_member, to_nchw, write_file)
+                     preprocessing_options, preprocessing_record, read_member, to_nchw,
+                     write_file)
 from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
@@ -149,6 +150,9 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
     with z:
         names = list(z.files)
         if RECORD in names:
+            if preprocessing_record(z) is None:     # a member of the user's own, not a record
+                raise CliError(f"DATA {str(path)!r} holds a member named {RECORD!r}, the name of "
+                               "the record preprocess writes: rename it")
             raise CliError(f"DATA {str(path)!r} holds a {RECORD!r} record: it was written by "
                            "cntk-engine preprocess already; preprocess the original images")
         if subset is None:
