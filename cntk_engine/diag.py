@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 
 from .arch import Architecture, LayerParams
 from .arrays import get_array_module
+from .memo import Memo, images_key
 
 # The images whose diagonals are computed together (a chunk) hold at most about this much
 # float64 working memory (:func:`working_bytes`), so that a set's diagonals cost the memory of
@@ -62,16 +64,41 @@ def box2d(a, k: int):
     return sum(rows[..., s:s + h, :] for s in range(k))       # then along rows
 
 
+#: A pooled stack's diagonals cost about what a pair costs (the self kernel on every offset
+#: slice: some 6 ms an image for Myrtle-5 on a CPU core), and they are asked for again: an
+#: estimator's ``predict`` for its training set at every call (half of a one-image predict), a
+#: backend's preparation for the images the magnitude checks just ran through the recursion.
+#: So the last results computed on the host are kept, at most this many bytes
+#: (:mod:`cntk_engine.memo`); a repeat returns a copy of the same values.
+MEMO_BYTES = 64 << 20
+_memo = Memo()
+
+
+def clear_memo() -> None:
+    """Forget the kept diagonals (:data:`MEMO_BYTES`)."""
+    _memo.clear()
+
+
 def diag_norms(x, arch: Architecture, params: LayerParams):
     """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L; in a
     pooled stack layer l's q fills [:h_l, :w_l] at its stage's resolution (zeros beyond).
 
-    NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).
+    NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).  A pooled stack's are
+    kept for a repeat (:data:`MEMO_BYTES`; NumPy only).
     """
     xp = get_array_module(x)
     x = xp.asarray(x, dtype=xp.float64)
     if arch.has_pooling:
-        return _stack_diag(x, arch, params)
+        if xp is not np:
+            return _stack_diag(x, arch, params)
+        x = np.ascontiguousarray(x)
+        key = images_key(x, arch, params)
+        q = _memo.get(key)
+        if q is None:
+            q = _stack_diag(x, arch, params)
+            if not _memo.put(key, q, q.nbytes, MEMO_BYTES):
+                return q
+        return q.copy()                 # the caller's to change; the kept one stays as computed
     n, _, h, w = x.shape
     q = xp.empty((n, arch.n_layers, h, w), dtype=xp.float64)
     # sum over channels in a fixed order, element by element: a reduction (einsum, sum) may

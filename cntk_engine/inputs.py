@@ -21,16 +21,14 @@ otherwise come out as zeros or NaN.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import threading
-from collections import OrderedDict
 
 import numpy as np
 
 from .arch import as_integer, is_int
 from .arrays import get_array_module, is_cupy, to_host
 from .diag import chunk_images, diag_norms
+from .memo import Memo, images_key
 from .spelling import arg, image, images
 
 DATA_FORMATS = ("NCHW", "NHWC")
@@ -216,10 +214,9 @@ def diagonal_extremes(x, arch, params, chunk_bytes: int | None = None):
 #: The diagonal extremes of the image sets seen last, at most this many bytes of them: a set met
 #: again (a training set in ``gram(x_batch, x_train)`` called batch after batch, an estimator's
 #: ``predict``) is not run through the diagonal recursion on the host again: hashing a set costs
-#: far less than its diagonals (README, Exactness).
+#: far less than its diagonals (README, Exactness; :mod:`cntk_engine.memo`).
 EXTREMES_CACHE_BYTES = 64 << 20
-_extremes_cache: OrderedDict = OrderedDict()
-_extremes_lock = threading.Lock()
+_extremes_cache = Memo()
 
 
 def known_diagonal_extremes(x, arch, params):
@@ -231,21 +228,14 @@ def known_diagonal_extremes(x, arch, params):
     if is_cupy(x):
         return diagonal_extremes(x, arch, params)
     x = np.ascontiguousarray(x)
-    key = (hashlib.sha256(x.data).hexdigest(), x.shape, x.dtype.str, arch, params)
-    with _extremes_lock:
-        hit = _extremes_cache.get(key)
-        if hit is not None:
-            _extremes_cache.move_to_end(key)
-            return hit
+    key = images_key(x, arch, params)
+    hit = _extremes_cache.get(key)
+    if hit is not None:
+        return hit
     qmax, qpos = diagonal_extremes(x, arch, params)
-    if qmax.nbytes + qpos.nbytes > EXTREMES_CACHE_BYTES:     # a set beyond the bound alone
-        return qmax, qpos
     qmax.setflags(write=False)          # shared by every later caller of these images
     qpos.setflags(write=False)
-    with _extremes_lock:
-        _extremes_cache[key] = (qmax, qpos)
-        while sum(a.nbytes + b.nbytes for a, b in _extremes_cache.values()) > EXTREMES_CACHE_BYTES:
-            _extremes_cache.popitem(last=False)     # the least recently used (never this one)
+    _extremes_cache.put(key, (qmax, qpos), qmax.nbytes + qpos.nbytes, EXTREMES_CACHE_BYTES)
     return qmax, qpos
 
 

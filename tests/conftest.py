@@ -74,6 +74,14 @@ def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_diagonals():
+    """Each test computes its pooled stacks' diagonals afresh: the kept ones
+    (``diag.MEMO_BYTES``) of another test's images would hide what a test measures."""
+    from cntk_engine import diag
+    diag.clear_memo()
+
+
 
 # --------------------------------------------------------------------- a store being written
 def written_markers(store: Path) -> list[tuple[int, int]]:

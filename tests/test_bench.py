@@ -1839,3 +1839,21 @@ def test_harness_resume_continues_the_newest_file_of_its_name(tmp_path):
     (tmp_path / "h_20200101_7.json").write_text("{}")
     (tmp_path / "h_other.json").write_text("{}")
     assert harness.output_path(Namespace(output=None, resume=True, out_dir=str(tmp_path), name="h")) == second
+
+
+def test_bench_predict_times_both_settings_and_restores_the_memo(tmp_path):
+    """bench/bench_predict.py, tiny: one-image predicts with the training set's diagonals
+    computed at each call and kept, both recorded; diag.MEMO_BYTES as it was afterwards."""
+    from bench import bench_predict
+    from cntk_engine import diag
+    before = diag.MEMO_BYTES
+    rec = bench_predict.main(["--architectures", "myrtle5", "--n-train", "10", "--repeats", "1",
+                              "--rounds", "1", "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("predict_*.json")
+    assert json.loads(f.read_text())["results"] == json.loads(json.dumps(rec["results"]))
+    (row,) = rec["results"]
+    assert row["architecture"] == "myrtle5" and row["n_train"] == 10
+    for setting in ("computed_each_call", "kept"):
+        assert row[setting]["fit_s"] > 0 and row[setting]["predict_one_s"] > 0
+    assert row["predict_speedup"] == row["computed_each_call"]["predict_one_s"] / row["kept"]["predict_one_s"]
+    assert diag.MEMO_BYTES == before == rec["memo_bytes"]

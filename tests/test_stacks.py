@@ -160,6 +160,47 @@ def test_stack_diagonals_match_reference(rng):
         assert rel(q, ReferenceBackend(arch, params, np.float64).prepare(x).diag[0]) <= 1e-13
 
 
+def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
+    """A pooled stack's diagonals of the same images (bytes, shape) and network are computed
+    once (an estimator's predict asks for its training set's at every call): the same values,
+    a copy the caller may change; other images, another network or shape, or a set beyond
+    MEMO_BYTES are computed; the CNN's (cheap) are not kept."""
+    from cntk_engine import diag
+    from cntk_engine.estimators import CNTKClassifier
+    calls = []
+    stack_diag = diag._stack_diag
+    monkeypatch.setattr(diag, "_stack_diag", lambda x, a, p: (calls.append(len(x)), stack_diag(x, a, p))[1])
+    arch = make_architecture(architecture="myrtle5")
+    params = arch.layer_params(3, 32, 32)
+    x = rng.standard_normal((3, 3, 32, 32))
+    q = diag.diag_norms(x, arch, params)
+    q[...] = -1.0                                            # the caller's copy
+    again = diag.diag_norms(x.copy(), arch, params)
+    assert calls == [3] and again.tobytes() == stack_diag(x, arch, params).tobytes()
+    y = x.copy()
+    y[2, 0, 5, 5] += 1e-12
+    diag.diag_norms(y, arch, params)                         # one pixel's last bits differ
+    diag.diag_norms(x, make_architecture(architecture="myrtle7"), params)
+    diag.diag_norms(x.reshape(1, 9, 32, 32), arch, params)   # the same bytes, another shape
+    assert calls == [3, 3, 3, 1]
+    monkeypatch.setattr(diag, "MEMO_BYTES", q.nbytes - 1)   # too large to keep
+    diag.clear_memo()
+    diag.diag_norms(x, arch, params), diag.diag_norms(x, arch, params)
+    assert calls[4:] == [3, 3]
+    monkeypatch.setattr(diag, "MEMO_BYTES", 64 << 20)
+    calls.clear()
+    diag.clear_memo()
+    cnn = make_architecture(depth=3)
+    diag.diag_norms(x, cnn, cnn.layer_params(3, 32, 32))
+    assert not len(diag._memo)                               # the CNN's recursion: not kept
+    # predict: the training set's diagonals at fit only, the new image's at each call
+    clf = CNTKClassifier(architecture="myrtle5", backend="numba").fit(x, [0, 1, 0])
+    fitted = len(calls)
+    assert sum(calls) == 3
+    clf.predict(y[:1]), clf.predict(y[1:2])
+    assert calls[fitted:] == [1, 1]
+
+
 CHUNKED_ARCHS = [dict(depth=4), dict(depth=3, flip=True),
                  dict(architecture=serial(ConvRelu(), AvgPool(2), ConvRelu(), ConvRelu()), flip=True)]
 
