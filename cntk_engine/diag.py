@@ -65,11 +65,12 @@ def box2d(a, k: int):
 
 
 #: A pooled stack's diagonals cost about what a pair costs (the self kernel on every offset
-#: slice: some 6 ms an image for Myrtle-5 on a CPU core), and they are asked for again: an
-#: estimator's ``predict`` for its training set at every call (half of a one-image predict), a
-#: backend's preparation for the images the magnitude checks just ran through the recursion.
-#: So the last results computed on the host are kept, at most this many bytes
-#: (:mod:`cntk_engine.memo`); a repeat returns a copy of the same values.
+#: slice: some 4 ms an image for Myrtle-5, 5 ms for Myrtle-10, on a CPU core), and an
+#: estimator's ``predict`` asks for its training set's at every call (half of a one-image
+#: predict).  So a backend's preparation on the host keeps the last ones it computed, at most
+#: this many bytes (:mod:`cntk_engine.memo`; a repeat gets a copy of the same values): some
+#: 2,000 Myrtle-5 or 900 Myrtle-10 images at 32 x 32.  A set beyond that gains nothing (its
+#: chunks, met in order, each drop out before their next use).
 MEMO_BYTES = 64 << 20
 _memo = Memo()
 
@@ -79,12 +80,12 @@ def clear_memo() -> None:
     _memo.clear()
 
 
-def diag_norms(x, arch: Architecture, params: LayerParams):
+def diag_norms(x, arch: Architecture, params: LayerParams, *, keep: bool = True):
     """q(l, p) for images ``x`` (N, C, H, W): an (N, L, H, W) float64 array, l = 1..L; in a
     pooled stack layer l's q fills [:h_l, :w_l] at its stage's resolution (zeros beyond).
 
     NumPy in, NumPy out; CuPy in, CuPy out (computed on the device).  A pooled stack's are
-    kept for a repeat (:data:`MEMO_BYTES`; NumPy only).
+    taken from, and with ``keep`` kept for, a repeat (:data:`MEMO_BYTES`; NumPy only).
     """
     xp = get_array_module(x)
     x = xp.asarray(x, dtype=xp.float64)
@@ -96,7 +97,7 @@ def diag_norms(x, arch: Architecture, params: LayerParams):
         q = _memo.get(key)
         if q is None:
             q = _stack_diag(x, arch, params)
-            if not _memo.put(key, q, q.nbytes, MEMO_BYTES):
+            if not (keep and _memo.put(key, q, q.nbytes, MEMO_BYTES)):
                 return q
         return q.copy()                 # the caller's to change; the kept one stays as computed
     n, _, h, w = x.shape

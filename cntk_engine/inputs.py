@@ -205,7 +205,8 @@ def diagonal_extremes(x, arch, params, chunk_bytes: int | None = None):
     qmax = np.empty((n, arch.n_layers))
     qpos = np.empty(n)
     for i in range(0, n, step):
-        q = diag_norms(x[i:i + step], arch, params)
+        # not kept: the backends' own preparation keeps what it reuses (a GPU's is on its device)
+        q = diag_norms(x[i:i + step], arch, params, keep=False)
         qmax[i:i + step] = to_host(q.max(axis=(2, 3)))
         qpos[i:i + step] = to_host(xp.where(q > 0, q, xp.inf).min(axis=(1, 2, 3)))
     return qmax, qpos
@@ -233,9 +234,10 @@ def known_diagonal_extremes(x, arch, params):
     if hit is not None:
         return hit
     qmax, qpos = diagonal_extremes(x, arch, params)
-    qmax.setflags(write=False)          # shared by every later caller of these images
-    qpos.setflags(write=False)
-    _extremes_cache.put(key, (qmax, qpos), qmax.nbytes + qpos.nbytes, EXTREMES_CACHE_BYTES)
+    kept = (qmax.copy(), qpos.copy())       # shared by every later caller of these images
+    for a in kept:
+        a.setflags(write=False)
+    _extremes_cache.put(key, kept, qmax.nbytes + qpos.nbytes, EXTREMES_CACHE_BYTES)
     return qmax, qpos
 
 

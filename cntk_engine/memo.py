@@ -21,13 +21,20 @@ def images_key(x: np.ndarray, *context) -> tuple:
     return (hashlib.sha256(x.data).hexdigest(), x.shape, x.dtype.str) + context
 
 
+#: What an entry costs beyond its arrays' bytes (its key, tuple and dict slot: some 700 bytes
+#: measured for a one-image entry), counted against the bound so that many small entries do
+#: not hold far more than it.
+ENTRY_BYTES = 1024
+
+
 class Memo:
-    """Values by key, the least recently used dropped first while the kept ones' bytes exceed
-    the bound given to :meth:`put`; thread-safe.  A value is kept as given: the caller shares
-    it read-only or hands out copies."""
+    """Values by key, the least recently used dropped first while the kept ones' bytes (their
+    arrays' and :data:`ENTRY_BYTES` each) exceed the bound given to :meth:`put`; thread-safe.
+    A value is kept as given: the caller shares it read-only or hands out copies."""
 
     def __init__(self):
-        self._kept: OrderedDict = OrderedDict()        # key -> (value, nbytes)
+        self._kept: OrderedDict = OrderedDict()        # key -> (value, bytes counted)
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key):
@@ -40,14 +47,21 @@ class Memo:
             return hit[0]
 
     def put(self, key, value, nbytes: int, bound: int) -> bool:
-        """Keep ``value`` (``nbytes`` bytes) unless it alone exceeds ``bound``; drop the least
-        recently used others until the kept bytes are within ``bound``.  Whether it was kept."""
-        if nbytes > bound:
+        """Keep ``value`` (``nbytes`` bytes of arrays) unless it alone exceeds ``bound``; drop
+        the least recently used others until the kept bytes are within ``bound``.  Whether it
+        was kept."""
+        size = nbytes + ENTRY_BYTES
+        if size > bound:
             return False
         with self._lock:
-            self._kept[key] = (value, nbytes)
-            while sum(n for _, n in self._kept.values()) > bound:
-                self._kept.popitem(last=False)             # never this one: it is the newest
+            old = self._kept.pop(key, None)          # two callers that missed the same key
+            if old is not None:
+                self._bytes -= old[1]
+            self._kept[key] = (value, size)
+            self._bytes += size
+            while self._bytes > bound:
+                _, (_, dropped) = self._kept.popitem(last=False)   # never this one: the newest
+                self._bytes -= dropped
         return True
 
     def values(self) -> list:
@@ -57,6 +71,7 @@ class Memo:
     def clear(self) -> None:
         with self._lock:
             self._kept.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._kept)

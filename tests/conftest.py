@@ -76,10 +76,12 @@ def rng(request):
 
 @pytest.fixture(autouse=True)
 def _fresh_diagonals():
-    """Each test computes its pooled stacks' diagonals afresh: the kept ones
-    (``diag.MEMO_BYTES``) of another test's images would hide what a test measures."""
-    from cntk_engine import diag
+    """Each test computes its diagonals and their extremes afresh: the kept ones
+    (``diag.MEMO_BYTES``, ``inputs.EXTREMES_CACHE_BYTES``) of another test's images would hide
+    what a test measures."""
+    from cntk_engine import diag, inputs
     diag.clear_memo()
+    inputs._extremes_cache.clear()
 
 
 

@@ -1841,7 +1841,7 @@ def test_harness_resume_continues_the_newest_file_of_its_name(tmp_path):
     assert harness.output_path(Namespace(output=None, resume=True, out_dir=str(tmp_path), name="h")) == second
 
 
-def test_bench_predict_times_both_settings_and_restores_the_memo(tmp_path):
+def test_bench_predict_times_both_settings_and_restores_the_bound(tmp_path):
     """bench/bench_predict.py, tiny: one-image predicts with the training set's diagonals
     computed at each call and kept, both recorded; diag.MEMO_BYTES as it was afterwards."""
     from bench import bench_predict
@@ -1855,5 +1855,4 @@ def test_bench_predict_times_both_settings_and_restores_the_memo(tmp_path):
     assert row["architecture"] == "myrtle5" and row["n_train"] == 10
     for setting in ("computed_each_call", "kept"):
         assert row[setting]["fit_s"] > 0 and row[setting]["predict_one_s"] > 0
-    assert row["predict_speedup"] == row["computed_each_call"]["predict_one_s"] / row["kept"]["predict_one_s"]
     assert diag.MEMO_BYTES == before == rec["memo_bytes"]

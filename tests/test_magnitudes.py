@@ -263,7 +263,7 @@ def test_the_diagonal_extremes_of_a_set_seen_again_come_from_the_cache(monkeypat
     """A set met again (a training set against batch after batch) is not run through the
     host's diagonal recursion again; changed in place, or under another architecture, it is;
     the cache stays within its bytes."""
-    from cntk_engine import inputs
+    from cntk_engine import inputs, memo
     calls = []
     real = inputs.diagonal_extremes
     monkeypatch.setattr(inputs, "diagonal_extremes", lambda x, *a: calls.append(len(x)) or real(x, *a))
@@ -285,6 +285,7 @@ def test_the_diagonal_extremes_of_a_set_seen_again_come_from_the_cache(monkeypat
     assert len(calls) == 10 and np.isfinite(b).all()
     # within its bytes: the least recently used sets go; a set beyond the bound alone is not kept
     monkeypatch.setattr(inputs, "_extremes_cache", type(inputs._extremes_cache)())
+    monkeypatch.setattr(memo, "ENTRY_BYTES", 0)            # the arrays' bytes alone, here
     ce.gram(train, depth=3, backend="numba")
     (q, p), = inputs._extremes_cache.values()
     per_image = (q.nbytes + p.nbytes) // 5

@@ -177,13 +177,20 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     q[...] = -1.0                                            # the caller's copy
     again = diag.diag_norms(x.copy(), arch, params)
     assert calls == [3] and again.tobytes() == stack_diag(x, arch, params).tobytes()
+    again[...] = -2.0                                        # a hit's copy, the caller's too
+    assert diag.diag_norms(x, arch, params).tobytes() == stack_diag(x, arch, params).tobytes()
+    diag.diag_norms(x[::-1], arch, params, keep=False)       # asked not to keep: not kept
+    diag.diag_norms(x[::-1], arch, params), diag.diag_norms(x[::-1], arch, params)
+    assert calls == [3, 3, 3]
+    calls.clear()
+    calls.append(3)
     y = x.copy()
     y[2, 0, 5, 5] += 1e-12
     diag.diag_norms(y, arch, params)                         # one pixel's last bits differ
     diag.diag_norms(x, make_architecture(architecture="myrtle7"), params)
     diag.diag_norms(x.reshape(1, 9, 32, 32), arch, params)   # the same bytes, another shape
     assert calls == [3, 3, 3, 1]
-    monkeypatch.setattr(diag, "MEMO_BYTES", q.nbytes - 1)   # too large to keep
+    monkeypatch.setattr(diag, "MEMO_BYTES", q.nbytes)       # too large to keep (with its entry)
     diag.clear_memo()
     diag.diag_norms(x, arch, params), diag.diag_norms(x, arch, params)
     assert calls[4:] == [3, 3]
@@ -196,9 +203,9 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     # predict: the training set's diagonals at fit only, the new image's at each call
     clf = CNTKClassifier(architecture="myrtle5", backend="numba").fit(x, [0, 1, 0])
     fitted = len(calls)
-    assert sum(calls) == 3
+    assert sum(calls) == 6                    # the magnitude check's (not kept), the backend's
     clf.predict(y[:1]), clf.predict(y[1:2])
-    assert calls[fitted:] == [1, 1]
+    assert calls[fitted:] == [1, 1, 1, 1]     # the new image's, twice: the training set's kept
 
 
 CHUNKED_ARCHS = [dict(depth=4), dict(depth=3, flip=True),
@@ -456,3 +463,20 @@ def test_pools_of_windows_equal_in_exact_arithmetic_keep_c_within_the_snap(net):
         got = ce.gram(x, backend="numba", dtype=dtype, **kw)
         for a, b in zip(got, ref):
             assert np.abs(a - b).max() / np.abs(b).max() < tol, (dtype, net)
+
+
+def test_memo_counts_each_entry_and_keeps_its_bound():
+    """memo.Memo: each entry costs its arrays' bytes and ENTRY_BYTES, so many small entries do
+    not hold far more than the bound; the least recently used go first; a key put twice (two
+    callers that missed it) is counted once; nothing is kept under a bound of 0."""
+    from cntk_engine.memo import ENTRY_BYTES, Memo
+    m = Memo()
+    bound = 3 * (100 + ENTRY_BYTES)
+    for k in range(5):
+        assert m.put(k, k, 100, bound)
+    assert len(m) == 3 and m.get(0) is None and m.get(2) == 2        # 2 now the most recent
+    assert m.put(3, "again", 100, bound) and len(m) == 3 and m.get(3) == "again"
+    assert m.put(5, 5, 100, bound) and m.get(4) is None and m.get(2) == 2
+    assert not m.put(6, 6, bound, bound) and not m.put(7, 7, 0, 0) and m.get(7) is None
+    m.clear()
+    assert len(m) == 0 and m.put(8, 8, 100, bound)
