@@ -162,8 +162,9 @@ def test_stack_diagonals_match_reference(rng):
 
 def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     """A pooled stack's diagonals of the same images (bytes, shape) and network are computed
-    once (an estimator's predict asks for its training set's at every call): the same values,
-    a copy the caller may change; other images, another network or shape, or a set beyond
+    once (an estimator's predict asks for its training set's at every call), whatever the
+    readout or flips: the same values, a copy the caller may change; other images, another
+    network, weights or shape, or a set beyond
     MEMO_BYTES are computed; the CNN's (cheap) are not kept."""
     from cntk_engine import diag
     from cntk_engine.estimators import CNTKClassifier
@@ -177,6 +178,7 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     q[...] = -1.0                                            # the caller's copy
     again = diag.diag_norms(x.copy(), arch, params)
     assert calls == [3] and again.tobytes() == stack_diag(x, arch, params).tobytes()
+    again_bytes = again.tobytes()
     again[...] = -2.0                                        # a hit's copy, the caller's too
     assert diag.diag_norms(x, arch, params).tobytes() == stack_diag(x, arch, params).tobytes()
     diag.diag_norms(x[::-1], arch, params, keep=False)       # asked not to keep: not kept
@@ -190,10 +192,16 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     diag.diag_norms(x, make_architecture(architecture="myrtle7"), params)
     diag.diag_norms(x.reshape(1, 9, 32, 32), arch, params)   # the same bytes, another shape
     assert calls == [3, 3, 3, 1]
+    for other in (dict(flip=True), dict(pooling="flatten"), dict(pooling="lap", lap_window=4)):
+        same = make_architecture(architecture="myrtle5", **other)   # the readout: the same q
+        assert diag.diag_norms(x, same, same.layer_params(3, 32, 32)).tobytes() == again_bytes
+    wider = make_architecture(architecture="myrtle5", convention="neural_tangents", W_std=1.5)
+    diag.diag_norms(x, wider, wider.layer_params(3, 32, 32))
+    assert calls == [3, 3, 3, 1, 3]
     monkeypatch.setattr(diag, "MEMO_BYTES", q.nbytes)       # too large to keep (with its entry)
     diag.clear_memo()
     diag.diag_norms(x, arch, params), diag.diag_norms(x, arch, params)
-    assert calls[4:] == [3, 3]
+    assert calls[5:] == [3, 3]
     monkeypatch.setattr(diag, "MEMO_BYTES", 64 << 20)
     calls.clear()
     diag.clear_memo()
