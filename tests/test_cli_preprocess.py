@@ -422,3 +422,59 @@ def test_augment_flips_of_every_image_and_what_it_refuses(tmp_path, cifar, capsy
                        "--augment-flips", "--out", tmp_path / "o.npz")
         assert rc == 2 and msg in e, e
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_datas_groups_are_kept_by_subsets_and_left_out_together(tmp_path, cifar, capsys):
+    """DATA's own groups_train: a subset keeps its drawn images' labels (repeated for their
+    flips with --augment-flips), and evaluate leaves each group out together as solve does on
+    the subset written, with and without --augment-flips; a draw within one group, or groups of
+    another length, refused before anything is computed or written."""
+    pytest.importorskip("zarr")
+    groups = np.array([f"g{k // 3}" for k in range(24)])          # any labels: here strings
+    np.savez(tmp_path / "c.npz", **cifar, groups_train=groups)
+    opts = ["--preprocess", "none", "--downsample", "4", "--n-train", "12", "--n-test", "5",
+            "--seed", "3"]
+    kw = ["--depth", "3", "--backend", "numba", "--no-progress"]
+    i = np.sort(np.random.default_rng(3).choice(24, 12, replace=False))
+    n_groups = len(np.unique(groups[i]))
+    assert 2 <= n_groups < 12                     # some drawn images share a group
+    for flips in ([], ["--augment-flips"]):
+        out = tmp_path / f"s{len(flips)}.npz"
+        rc, o, e = run(capsys, "preprocess", tmp_path / "c.npz", *opts, *flips, "--out", out)
+        assert rc == 0, e
+        np.testing.assert_array_equal(np.load(out)["groups_train"],
+                                      np.tile(groups[i], 2 if flips else 1))
+        work = tmp_path / f"w{len(flips)}"
+        work.mkdir()
+        o, s = _gram_jobs_and_solve(capsys, work, out, kw)
+        assert f"leaving out each of DATA's {n_groups} groups_train together" in o, o
+        rc, o, e = run(capsys, "evaluate", tmp_path / "c.npz", *opts, *flips, *kw, "--json",
+                       work / "e.json")
+        assert rc == 0, e
+        assert "each of DATA's groups_train left out together" in o, o
+        assert ("(each flip in its image's group)" in o) == bool(flips), o
+        rec = json.loads((work / "e.json").read_text())
+        ev = rec["results"][0]
+        assert rec["groups_train"] is True and s["loo_groups"] == ev["loo_groups"] == n_groups
+        for k in ("accuracy", "ridge_relative", "loo_accuracy"):
+            assert s[k] == ev[k], (k, s[k], ev[k])
+    # without its groups, evaluate's leave-one-out is another: each image alone
+    np.savez(tmp_path / "n.npz", **cifar)
+    rc, o, e = run(capsys, "evaluate", tmp_path / "n.npz", *opts, *kw, "--json", tmp_path / "n.json")
+    assert rc == 0 and "groups_train" not in o, o
+    rec = json.loads((tmp_path / "n.json").read_text())
+    assert rec["groups_train"] is False and rec["results"][0]["loo_groups"] in (None, 12)
+    # a draw within one group; groups of another length
+    one = np.where(np.arange(24) == 23, 1, 0)
+    seed = next(s for s in range(100) if 23 not in np.random.default_rng(s).choice(24, 3, replace=False))
+    np.savez(tmp_path / "one.npz", **cifar, groups_train=one)
+    np.savez(tmp_path / "bad.npz", **cifar, groups_train=np.arange(10))
+    for data, n, msg in [("one.npz", "3", "the 3 training images drawn from DATA "),
+                         ("bad.npz", "12", "groups_train, the leave-one-out groups of x_train: "
+                                           "groups must be one group label per training sample")]:
+        for argv in (["preprocess", tmp_path / data, "--out", tmp_path / "o.npz"],
+                     ["evaluate", tmp_path / data, *kw, "--store", tmp_path / "st"]):
+            rc, o, e = run(capsys, *argv, "--preprocess", "none", "--n-train", n, "--n-test", "2",
+                           "--seed", str(seed))
+            assert rc == 2 and msg in e, e
+    assert not (tmp_path / "o.npz").exists() and not (tmp_path / "st").exists()

@@ -156,6 +156,11 @@ def numpy_problem(e: Exception) -> str:
 
 #: The member of an archive ``cntk-engine preprocess`` wrote that says what was done (JSON text).
 PREPROCESSING_RECORD = "preprocessing"
+#: DATA's leave-one-out groups of its training images, one label per image of ``x_train``
+#: (images that must leave the training set together: ``preprocess --augment-flips`` writes each
+#: image's with its flip); ``evaluate`` and ``solve`` leave each group out together, and a
+#: subset keeps the drawn images' labels.
+GROUPS_TRAIN = "groups_train"
 
 
 def preprocessing_record(z) -> dict | None:

@@ -27,9 +27,11 @@ the kernels cannot take are refused before either is computed), then for every d
 :func:`cntk_engine.solver.evaluate_classifier`: kernel regression on the paper's targets
 (0.9 / -0.1) with ``--ridge`` (a number relative to the mean diagonal of the train Gram, or
 ``auto``: exact leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`,
-with ``--augment-flips`` leaving each training image out together with its flipped copy, one
-group each for :func:`cntk_engine.solver.loo`; the ridge-0 "paper solve" is reported next to
-it).  ``--json OUT`` writes every figure, the command and the machine.  Errors are one line on
+leaving out together the training images DATA's ``groups_train`` puts in one group, where
+it holds one (one label per image of ``x_train``; the drawn images keep theirs), and with
+``--augment-flips`` each training image with its flipped copy (in its image's group, or in a
+group of its own with its image), groups for :func:`cntk_engine.solver.loo`; the ridge-0
+"paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and the machine.  Errors are one line on
 stderr with exit status 2; ``--zca`` and ``--preprocess`` together are an error.
 
 ``--store DIR`` keeps the two kernels in DIR as resumable Zarr stores (``train.zarr``: the train
@@ -74,7 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "set (all --depths from one pass), solve kernel regression, print the test accuracy "
         "(and the LOO-selected ridge) per depth.",
         epilog="DATA keys: x_train, y_train, x_test, y_test (random subsets of --n-train / "
-        "--n-test), or x, y (shuffled and split).")
+        "--n-test), or x, y (shuffled and split); groups_train (a label per image of x_train), "
+        "where given, the leave-one-out groups left out together.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y; "
                    "or CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_architecture_options(p)
@@ -232,10 +235,13 @@ def _rel(v) -> str:
     return "0" if v == 0 else f"{v:.3g}"
 
 
-def _fmt_line(depth, name, r, with_flips: bool = False) -> str:
+def _fmt_line(depth, name, r, with_flips: bool = False, own_groups: bool = False) -> str:
     s = f"  depth {depth:>2} {name:4s}: test accuracy {100 * r['accuracy']:6.2f}%  ridge {_rel(r['ridge_relative'])} x mean diag"
     if r.get("ridge_selected_by") == "loo":
-        s += (" (LOO-selected" + (", each image left out with its flip" if with_flips else "")
+        left_out = ("each of DATA's groups_train left out together" if own_groups else
+                    "each image left out with its flip" if with_flips else None)
+        s += (" (LOO-selected" + (f", {left_out}" if left_out else "")
+              + (" (each flip in its image's group)" if own_groups and with_flips else "")
               + f"; LOO accuracy {100 * r['loo_accuracy']:.2f}%)")
     if r.get("jitter"):
         s += f" [jitter {r['jitter']:.2g} added]"
@@ -291,9 +297,10 @@ def run(args) -> int:
                   "constant images), or check DATA")
         raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}", remedy,
                                       named=drawn.test_image if test else drawn.training_image))) from None
-    groups = None
+    groups = drawn.groups_train                  # DATA's own, where it holds them
     if args.augment_flips:
-        xtr, ytr, groups = with_flips(xtr, ytr, data_format="NCHW")
+        xtr, ytr, pairs = with_flips(xtr, ytr, data_format="NCHW")
+        groups = pairs if groups is None else np.concatenate([groups, groups])
     shape = tuple(int(v) for v in xtr.shape[1:])
     classes = np.unique(ytr)
     if len(classes) < 2:
@@ -347,7 +354,8 @@ def run(args) -> int:
             del K, Kt
             r.update(depth=d, kernel=name)
             results.append(r)
-            print(_fmt_line(d, name, r, with_flips=args.augment_flips))
+            print(_fmt_line(d, name, r, with_flips=args.augment_flips,
+                            own_groups=drawn.groups_train is not None))
     print(f"solve: {time.perf_counter() - t2:.1f} s")
     if args.json is not None:
         rec = dict(command=_command_line(args),
@@ -359,7 +367,8 @@ def run(args) -> int:
                    seed=args.seed, architecture=args.architecture, depths=depths, kernel=kernel,
                    pooling=args.pooling, lap_window=args.lap_window, flip=args.flip,
                    zca_reg=zca_reg if args.preprocess == "zca" else None,
-                   augment_flips=args.augment_flips, fix=args.fix,
+                   augment_flips=args.augment_flips,
+                   groups_train=drawn.groups_train is not None, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
                    backend=info_tr["backend"], dtype=info_tr["dtype"], tile=args.tile,

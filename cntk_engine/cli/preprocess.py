@@ -31,14 +31,16 @@ subset, as ``evaluate`` fits it: the Gram jobs on OUT and ``solve`` then give ``
 figures, and a recipe can be tried on a few thousand images before the whole set.  They need
 DATA's labels (``y_train``, ``y_test``; or ``y``); OUT holds the subsets as ``x_train``,
 ``y_train``, ``x_test``, ``y_test`` and where each image is in DATA (``index_train``,
-``index_test``: positions in ``x_train`` / ``x_test``, or both in ``x``), and not DATA's other
-arrays (their rows, if they have one per image, would no longer be the images').
+``index_test``: positions in ``x_train`` / ``x_test``, or both in ``x``), the drawn training
+images' labels of DATA's ``groups_train`` where it holds one (``evaluate`` leaves each group
+out together, as ``solve`` then does), and not DATA's other arrays (their rows, if they have one
+per image, would no longer be the images').
 
 ``--augment-flips`` makes the training set ``evaluate --augment-flips`` trains on: ``x_train``
 (after the preprocessing, fitted on the images themselves) followed by the horizontal flips of
 its images, ``y_train`` and ``index_train`` repeated for them, and ``groups_train`` (image i
-and its flip N + i in group i; without a subset, DATA's own ``groups_train``, repeated, where
-it holds one), with which ``solve``'s leave-one-out leaves each image out together with its
+and its flip N + i in group i; DATA's own ``groups_train`` (the subset's), repeated, where it
+holds one), with which ``solve``'s leave-one-out leaves each image out together with its
 flip, as ``evaluate``'s does; DATA's other arrays are not copied.  ``gram --flip`` refuses that
 training set (the record says what it is), and ``evaluate`` and the subsets here refuse it as
 DATA: under the flip-symmetrised kernel a flip is the same point as its image, and a subset
@@ -63,7 +65,7 @@ import numpy as np
 
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
-from .common import (PREPROCESSING_RECORD, CliError, add_preprocessing_options,
+from .common import (GROUPS_TRAIN, PREPROCESSING_RECORD, CliError, add_preprocessing_options,
                      check_parent_folder, command_of, guess_layout, nonnegative_int, open_data,
                      preprocessing_options, preprocessing_record, read_member, to_nchw,
                      write_file)
@@ -82,9 +84,9 @@ def add_parser(sub) -> None:
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
                        "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
                        "x_test, y_test or x, y (split as evaluate splits it), and only the "
-                       "subsets and their labels are written. With --augment-flips: the "
-                       "training labels (and, without a subset, groups_train) repeated for the "
-                       "flips, other arrays not copied.")
+                       "subsets, their labels and groups_train are written. With --augment-flips: "
+                       "the training labels (and groups_train) repeated for the flips, other "
+                       "arrays not copied.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x; or "
                    "CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_preprocessing_options(p, default=None)
@@ -177,9 +179,12 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
         raw = {"x_train": drawn.x_train, "x_test": drawn.x_test}
         others = {"y_train": drawn.y_train, "y_test": drawn.y_test,
                   "index_train": drawn.train_at, "index_test": drawn.test_at}
+        if drawn.groups_train is not None:       # the drawn images' labels of DATA's groups
+            others[GROUPS_TRAIN] = drawn.groups_train
         source = {"x_train": drawn.train_key, "x_test": drawn.test_key}
         named = {"x_train": drawn.training_image, "x_test": drawn.test_image}
-        used = {"x", "y"} if drawn.train_key == "x" else {"x_train", "y_train", "x_test", "y_test"}
+        used = ({"x", "y"} if drawn.train_key == "x" else
+                {"x_train", "y_train", "x_test", "y_test", GROUPS_TRAIN})
         not_arrays, left_out = [], [k for k in names if k not in used]
         record = {"n_train": len(drawn.train_at), "n_test": len(drawn.test_at), "seed": seed,
                   "drawn_from": drawn.layout,

@@ -41,10 +41,9 @@ import numpy as np
 from .common import (PROG, CliError, add_solve_options, check_json_path, check_parent_folder,
                      command_of, holds_flips, machine, open_numpy, parse_ridge, read_member,
                      to_nchw, write_file, write_json)
+from .common import GROUPS_TRAIN as GROUPS
 
 KEYS = ("x_train", "y_train", "x_test")
-#: DATA's leave-one-out groups of the training images (``preprocess --augment-flips``).
-GROUPS = "groups_train"
 
 
 def add_parser(sub) -> None:

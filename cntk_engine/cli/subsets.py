@@ -10,7 +10,7 @@ import numpy as np
 
 from ..datasets import is_cifar10
 from ..solver.targets import check_labels
-from .common import CliError, holds_flips, open_data, read_member
+from .common import GROUPS_TRAIN, CliError, holds_flips, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -18,7 +18,9 @@ PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 @dataclass(frozen=True)
 class Drawn:
     """The images and labels drawn from DATA, and where each image is in DATA's arrays: image i
-    of the training set is ``train_key[train_at[i]]`` (for the messages that name an image)."""
+    of the training set is ``train_key[train_at[i]]`` (for the messages that name an image);
+    ``groups_train``: the drawn training images' labels of DATA's ``groups_train``, where it
+    holds them (None else)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -30,6 +32,7 @@ class Drawn:
     test_key: str
     test_at: np.ndarray
     preprocessed: str | None = None      # DATA written by `cntk-engine preprocess`: its method
+    groups_train: np.ndarray | None = None
 
     def training_image(self, i: int, flipped: bool = False) -> str:
         """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
@@ -97,9 +100,15 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
             if n > avail:
                 raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
+        groups = _groups(z, path, len(xtr)) if GROUPS_TRAIN in names else None
         i = np.sort(rng.choice(len(xtr), n_train, replace=False))
         j = np.sort(rng.choice(len(xte), n_test, replace=False))
-        return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j)
+        if groups is not None and len(np.unique(groups[i])) < 2:
+            raise CliError(f"the {n_train} training images drawn from DATA {path!r} are all in "
+                           f"one of its {GROUPS_TRAIN}: leaving that group out would leave nothing "
+                           "to fit; use a larger --n-train or another --seed")
+        return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j,
+                     groups_train=None if groups is None else groups[i])
     some = [k for k in PAIR_KEYS if k in names]
     if some:            # not the x / y split beside them: the caller meant a given split
         raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
@@ -119,6 +128,19 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
     raise CliError(f"DATA {path!r} holds arrays {names}; {needs} the keys x_train, "
                    "y_train, x_test, y_test or x, y")
+
+
+def _groups(z, path: str, n: int) -> np.ndarray:
+    """DATA's ``groups_train`` (one group label per image of its ``x_train``, ``n``), checked
+    as the solver checks them, as DATA holds them (a subset writes its images' labels)."""
+    from ..solver import check_groups
+    g = read_member(z, GROUPS_TRAIN, path)
+    try:
+        check_groups(g, n)
+    except ValueError as e:            # its message names "groups"
+        raise CliError(f"DATA {path!r}: {GROUPS_TRAIN}, the leave-one-out groups of x_train: "
+                       f"{e}") from None
+    return g.ravel() if g.ndim == 2 else g
 
 
 def _check_labels(path, y, what, like=None) -> None:
