@@ -72,6 +72,19 @@ def gpu_properties(device: int) -> dict:
     return props
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why CuPy cannot compute on a GPU here (not installed, no driver, no device), or None."""
+    try:
+        import cupy
+    except ImportError as e:
+        return f"CuPy is needed to hold device arrays and cannot be imported: {e}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CuPy raises CUDARuntimeError with the CUDA error text
+        return f"no usable CUDA device: {e}"
+    return "no CUDA device is visible" if n == 0 else None
+
+
 def gpu_count() -> int:
     """Number of CUDA devices CuPy sees (0 without CuPy or a driver)."""
     try:

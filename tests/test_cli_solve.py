@@ -131,3 +131,50 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     np.save(tmp_path / "old.npy", np.zeros(3))
     assert run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")[0] == 0
     assert np.load(tmp_path / "old.npy").shape == (16,)
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_read(kept, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--device cuda where CuPy cannot compute on a GPU: one line naming the reason and the way
+    out, before DATA or the stores are read; nothing written."""
+    from cntk_engine import arrays
+    folder, data, _ = kept
+    why = arrays.cuda_unavailable_reason()
+    if why is None:                      # a GPU is here: the test below runs instead
+        why = "no CUDA device is visible"
+        monkeypatch.setattr(arrays, "cuda_unavailable_reason", lambda: why)
+    rc, o, e = run(capsys, "solve", tmp_path / "missing.npz", "--train", folder / "train.zarr",
+                   "--test", folder / "test.zarr", "--device", "cuda", "--predictions",
+                   tmp_path / "p.npy", "--json", tmp_path / "r.json")
+    assert rc == 2 and e.strip() == f"cntk-engine: error: --device cuda: {why}; --device cpu " \
+                                     "solves without a GPU", e
+    assert os.listdir(tmp_path) == []
+    rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
+                   folder / "test.zarr", "--device", "tpu")
+    assert rc == 2 and "argument --device: invalid choice: 'tpu' (choose from " in e, e
+
+
+@pytest.mark.gpu
+def test_device_cuda_gives_the_cpus_figures(kept, tmp_path, capsys):
+    """The solve on the GPU (CuPy, cuSOLVER): the CPU's ridge, leave-one-out accuracy, test
+    accuracy and predictions, with --ridge auto and a given ridge."""
+    from cntk_engine.arrays import cuda_unavailable_reason
+    why = cuda_unavailable_reason()
+    if why is not None:
+        pytest.skip(f"the solver's GPU path cannot run here: {why}")
+    folder, data, _ = kept
+    stores = ["--train", folder / "train.zarr", "--test", folder / "test.zarr"]
+    for ridge in ("auto", "0.01"):
+        r = {}
+        for device in ("cpu", "cuda"):
+            rc, o, e = run(capsys, "solve", data, *stores, "--ridge", ridge, "--device", device,
+                           "--predictions", tmp_path / f"{device}.npy", "--json",
+                           tmp_path / f"{device}.json")
+            assert rc == 0, e
+            assert ("on the GPU (" in o) == (device == "cuda"), o
+            r[device] = json.loads((tmp_path / f"{device}.json").read_text())
+        assert r["cuda"]["device"] == "cuda" and r["cuda"]["gpu"] and r["cpu"]["gpu"] is None
+        for k in ("accuracy", "ridge_relative", "loo_accuracy"):
+            assert r["cuda"].get(k) == r["cpu"].get(k), (ridge, k, r["cuda"].get(k), r["cpu"].get(k))
+        np.testing.assert_allclose(r["cuda"]["ridge_absolute"], r["cpu"]["ridge_absolute"], rtol=1e-12)
+        np.testing.assert_array_equal(np.load(tmp_path / "cuda.npy"), np.load(tmp_path / "cpu.npy"))

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from ..arch import grid_weights, readout_weights
-from ..arrays import current_device, gpu_properties
+from ..arrays import cuda_unavailable_reason, current_device, gpu_properties
 from ..build_info import build_record
 from ..diag import diag_norms
 from ..spelling import arg
@@ -200,18 +200,8 @@ class CudaBackend(Backend):
         except ImportError as e:
             return ("the CUDA extension cntk_engine._cuda is not installed (it is built only when "
                     f"a CUDA compiler is found at install time; reinstall with nvcc on PATH): {e}")
-        try:
-            import cupy
-        except ImportError as e:
-            return f"CuPy is needed to hold device arrays and cannot be imported: {e}"
-        try:
-            n = cupy.cuda.runtime.getDeviceCount()
-        except Exception as e:  # cupy raises CUDARuntimeError with the CUDA error text
-            return f"no usable CUDA device: {e}"
-        if n == 0:
-            return "no CUDA device is visible"
         del ext
-        return None
+        return cuda_unavailable_reason()
 
     @classmethod
     def unsupported(cls, arch, image_shape, dtype):

@@ -27,7 +27,9 @@ scored image stays in the training set (a DATA whose record says it holds flips 
 them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
 training set are solved with a warning (every image is then in it twice, for nothing).
 Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
-(3 more copies of it; a number: 1), refused before anything is read where it does not fit.
+(3 more copies of it; a number: 1), refused before anything is read where it does not fit:
+in the host's memory, or with ``--device cuda`` in the current GPU's (CuPy and cuSOLVER: the
+solver's GPU path, ``docs/solver.md``; the host still holds the float64 matrix as it is read).
 """
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ def add_parser(sub) -> None:
     add_solve_options(p)
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's images, as given to gram (auto: as gram decides it)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the solve runs: cpu (NumPy / LAPACK, default) or cuda (CuPy / "
+                   "cuSOLVER on the current GPU, whose free memory must hold the matrices and "
+                   "the solve's workspace)")
     p.add_argument("--predictions", metavar="OUT.npy", default=None,
                    help="write the predicted label of each test image to OUT.npy")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
@@ -167,6 +173,11 @@ def run(args) -> int:
     predictions = None if args.predictions is None else _check_npy_path(args.predictions, inputs)
     if args.json is not None:
         check_json_path(args.json, inputs=dict(inputs, **{"--predictions": args.predictions}))
+    if args.device == "cuda":
+        from ..arrays import cuda_unavailable_reason
+        why = cuda_unavailable_reason()
+        if why is not None:
+            raise CliError(f"--device cuda: {why}; --device cpu solves without a GPU")
     t0 = time.perf_counter()
     d = _read_data(args.data, args.data_format, args.targets)
     if ridge == "auto" and d["holds_flips"] and d[GROUPS] is None:
@@ -179,11 +190,13 @@ def run(args) -> int:
     try:
         loaded = solver.load_train_test(args.train, args.test, args.key,
                                         workspace=3 if ridge == "auto" else 1,
-                                        x_train=d["x_train"], x_test=d["x_test"], data_format="NCHW")
+                                        device=args.device, x_train=d["x_train"],
+                                        x_test=d["x_test"], data_format="NCHW")
     except solver.GramTooLarge as e:
-        hint = (" (--ridge R, a number, needs 1 copy of K for its solve instead of the 3 of "
-                "--ridge auto's eigendecomposition)" if ridge == "auto" else "")
-        raise CliError(f"{e}{hint}") from None
+        hints = ([] if args.device == "cpu" else ["--device cpu solves in the host's memory"]) + (
+            ["--ridge R, a number, needs 1 copy of K for its solve instead of the 3 of --ridge "
+             "auto's eigendecomposition"] if ridge == "auto" else [])
+        raise CliError(f"{e}" + (f" ({'; '.join(hints)})" if hints else "")) from None
     K, K_test = loaded
     t_load = time.perf_counter() - t0
     if d["holds_flips"] and (loaded.architecture or {}).get("flip"):
@@ -204,7 +217,8 @@ def run(args) -> int:
     print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes, kernel "
           f"{loaded.keys[0]}; ridge {info['ridge_relative']:g} x mean diag(K) ({how})"
           + (f", jitter {info['jitter']:.3g} (absolute)" if info["jitter"] else "")
-          + f"; loaded in {t_load:.1f} s, solved in {t_solve:.1f} s")
+          + f"; loaded in {t_load:.1f} s, solved in {t_solve:.1f} s"
+          + (f" on the GPU ({_gpu_name()})" if args.device == "cuda" else ""))
     acc = None
     if d["y_test"] is not None:
         acc = solver.accuracy(pred, d["y_test"])
@@ -220,6 +234,7 @@ def run(args) -> int:
             version=__version__, data=str(args.data), data_format=args.data_format,
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
             test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,
+            device=args.device, gpu=_gpu_name() if args.device == "cuda" else None,
             n_train=len(K), n_test=len(K_test),
             groups=GROUPS if d[GROUPS] is not None and ridge == "auto" else None,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
@@ -227,3 +242,9 @@ def run(args) -> int:
             seconds=dict(load=t_load, solve=t_solve), machine=machine()))
         print(f"results written to {args.json}")
     return 0
+
+
+def _gpu_name() -> str:
+    """The current GPU's name (the one CuPy solved on)."""
+    from ..arrays import current_device, gpu_properties
+    return gpu_properties(current_device())["name"]

@@ -300,6 +300,7 @@ ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), depth=2, backend
     echo "--- the CNN kernels' tests"
     "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 20 -p no:cacheprovider "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" tests/test_solver.py::test_cupy_matches_numpy \
+      tests/test_cli_solve.py::test_device_cuda_gives_the_cpus_figures \
       -k "not (stack or myrtle)" 2>&1 || rc=1
     return $rc
   fi

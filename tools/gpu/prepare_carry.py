@@ -1,6 +1,7 @@
 """Prepare the folders a GPU visit carries (tools/gpu/README.md), on this side, without device
-time: the neural-tangents wheels (``.whl``), the paper's ``CNTK.py`` (``.paper``), the real
-images the GPU tests read (``.devdata``) and this package's wheel with its CUDA extension, built
+time: the wheels the GPU machine lacks (``.whl``: neural-tangents, zarr), the paper's
+``CNTK.py`` (``.paper``), the real images the GPU tests read (``.devdata``) and this package's
+wheel with its CUDA extension, built
 from HEAD for the GPU machine's Python (``.prebuilt``, tools/gpu/prebuilt.py: about 4 minutes on
 two cores, which the visit then does not spend compiling; kept where its stamp already matches
 the tree's build inputs).  All four are ignored by git.
@@ -26,7 +27,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-WHEELS = ("neural-tangents==0.6.5", "frozendict")     # pure Python; JAX is on the GPU machine
+#: The wheels the GPU machine lacks (it has JAX, CuPy, NumPy, PyYAML, pytest, no network):
+#: neural-tangents for the nt phase (pure Python), and zarr with the dependencies it lacks for
+#: the tests that keep kernels in stores (the solve on the GPU, tests/test_cli_solve.py), all
+#: installed --no-deps, each as (requirement, the start of its wheel's file name).
+WHEELS = (("neural-tangents==0.6.5", "neural_tangents-0.6.5-"), ("frozendict", "frozendict-"),
+          ("zarr==3.1.6", "zarr-3.1.6-"), ("numcodecs", "numcodecs-"), ("donfig", "donfig-"),
+          ("google-crc32c", "google_crc32c-"), ("typing-extensions", "typing_extensions-"))
 DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
 CARRY_LIMIT = 64 * 2**20                               # the device tool's limit: tree + carried
 FOLDERS = (".whl", ".paper", ".devdata", ".prebuilt")
@@ -89,12 +96,13 @@ def download_wheels(dest: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                           "--python-version", WHEEL_PYTHON, "--implementation", "cp",
                           "--platform", "manylinux2014_x86_64", "--platform", "any",
-                          "-d", str(dest), *WHEELS], capture_output=True, text=True)
+                          "-d", str(dest), *(r for r, _ in WHEELS)], capture_output=True, text=True)
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-3:])
-        raise PrepareError(f"pip download {' '.join(WHEELS)} failed (no network?):\n{tail}")
+        raise PrepareError(f"pip download {' '.join(r for r, _ in WHEELS)} failed (no "
+                           f"network?):\n{tail}")
     names = sorted(p.name for p in dest.glob("*.whl"))
-    for want in ("neural_tangents-0.6.5-", "frozendict-"):
+    for _, want in WHEELS:
         if not any(n.startswith(want) for n in names):
             raise PrepareError(f"pip download wrote {names}, without a {want}*.whl")
 
