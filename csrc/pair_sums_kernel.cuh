@@ -104,7 +104,10 @@ __device__ __forceinline__ void box2(T (&a)[HMAX], T (&b)[HMAX], int lane, int H
       // For R = 1 each row sums (centre + above) + below, in the older test's order, so the
       // same bits; for R > 1 the above taps come before the below ones.
       const uint32_t seam_bit = seam_r < 32 ? 1u << seam_r : 0u;
-      T orig_a[R], orig_b[R];  // rows i - 1 .. i - R as they were before this pass
+      // rows i - 1 .. i - R as they were before this pass; zeroed only so that the host build's
+      // -Wall cannot see a read before the first writes (row i reads orig[o - 1] only for
+      // i - o >= 0, written by then): dead stores in the unrolled device code
+      T orig_a[R] = {}, orig_b[R] = {};
 #pragma unroll
       for (int i = 0; i < HMAX; ++i) {
         const T ca = a[i], cb = b[i];

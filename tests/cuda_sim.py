@@ -32,6 +32,9 @@ def build(directory: Path) -> Path | None:
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"building csrc/kernel_sim.cpp failed:\n{r.stderr[-4000:]}")
+    # -Wall sees the device code as plain C++: a read before a write is found here, not by nvcc
+    if "warning" in r.stderr:
+        raise RuntimeError(f"building csrc/kernel_sim.cpp gave warnings:\n{r.stderr[-4000:]}")
     return exe
 
 
