@@ -93,9 +93,10 @@ def diag_norms(x, arch: Architecture, params: LayerParams, *, keep: bool = True)
         if xp is not np:
             return _stack_diag(x, arch, params)
         x = np.ascontiguousarray(x)
-        # what the recursion reads: not the readout, LAP window or flips, under which the same
-        # set's diagonals are the same
-        key = images_key(x, arch.layers, arch.filter_size, arch.n_layers, params)
+        # what the recursion reads: not the readout (its LAP window, normaliser, weights) or the
+        # flips, under which the same set's diagonals are the same
+        key = images_key(x, arch.layers, arch.filter_size, arch.n_layers,
+                         params.w_first, params.w, params.b2)
         q = _memo.get(key)
         if q is None:
             q = _stack_diag(x, arch, params)

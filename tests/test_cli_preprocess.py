@@ -452,10 +452,11 @@ def test_datas_groups_are_kept_by_subsets_and_left_out_together(tmp_path, cifar,
                        work / "e.json")
         assert rc == 0, e
         assert "each of DATA's groups_train left out together" in o, o
-        assert ("(each flip in its image's group)" in o) == bool(flips), o
+        assert (", each flip in its image's group;" in o) == bool(flips), o
         rec = json.loads((work / "e.json").read_text())
         ev = rec["results"][0]
-        assert rec["groups_train"] is True and s["loo_groups"] == ev["loo_groups"] == n_groups
+        assert rec["groups"] == s["groups"] == "groups_train"
+        assert s["loo_groups"] == ev["loo_groups"] == n_groups
         for k in ("accuracy", "ridge_relative", "loo_accuracy"):
             assert s[k] == ev[k], (k, s[k], ev[k])
     # without its groups, evaluate's leave-one-out is another: each image alone
@@ -463,13 +464,16 @@ def test_datas_groups_are_kept_by_subsets_and_left_out_together(tmp_path, cifar,
     rc, o, e = run(capsys, "evaluate", tmp_path / "n.npz", *opts, *kw, "--json", tmp_path / "n.json")
     assert rc == 0 and "groups_train" not in o, o
     rec = json.loads((tmp_path / "n.json").read_text())
-    assert rec["groups_train"] is False and rec["results"][0]["loo_groups"] in (None, 12)
+    assert rec["groups"] is None and rec["results"][0]["loo_groups"] in (None, 12)
     # a draw within one group; groups of another length
     one = np.where(np.arange(24) == 23, 1, 0)
     seed = next(s for s in range(100) if 23 not in np.random.default_rng(s).choice(24, 3, replace=False))
     np.savez(tmp_path / "one.npz", **cifar, groups_train=one)
     np.savez(tmp_path / "bad.npz", **cifar, groups_train=np.arange(10))
+    np.savez(tmp_path / "xy.npz", x=cifar["x_train"], y=cifar["y_train"], groups_train=groups)
     for data, n, msg in [("one.npz", "3", "the 3 training images drawn from DATA "),
+                         ("xy.npz", "12", "holds x, y and groups_train: groups_train labels the "
+                                          "images of x_train"),
                          ("bad.npz", "12", "groups_train, the leave-one-out groups of x_train: "
                                            "groups must be one group label per training sample")]:
         for argv in (["preprocess", tmp_path / data, "--out", tmp_path / "o.npz"],

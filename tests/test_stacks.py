@@ -198,10 +198,17 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     wider = make_architecture(architecture="myrtle5", convention="neural_tangents", W_std=1.5)
     diag.diag_norms(x, wider, wider.layer_params(3, 32, 32))
     assert calls == [3, 3, 3, 1, 3]
+    # a stack whose readout is wider than 1 x 1: the readout's normaliser differs (gap, flatten)
+    stack = serial(ConvRelu(), AvgPool(2), ConvRelu())
+    small = rng.standard_normal((2, 3, 8, 8))
+    for other in (dict(), dict(pooling="flatten"), dict(pooling="lap", lap_window=2), dict(flip=True)):
+        a = make_architecture(architecture=stack, **other)
+        diag.diag_norms(small, a, a.layer_params(3, 8, 8))
+    assert calls == [3, 3, 3, 1, 3, 2]
     monkeypatch.setattr(diag, "MEMO_BYTES", q.nbytes)       # too large to keep (with its entry)
     diag.clear_memo()
     diag.diag_norms(x, arch, params), diag.diag_norms(x, arch, params)
-    assert calls[5:] == [3, 3]
+    assert calls[6:] == [3, 3]
     monkeypatch.setattr(diag, "MEMO_BYTES", 64 << 20)
     calls.clear()
     diag.clear_memo()

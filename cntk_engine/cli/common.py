@@ -191,7 +191,8 @@ def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
         return z[key]
     except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, OSError, ...
         raise CliError(f"{what} {str(path)!r}: array {key!r} cannot be read ({numpy_problem(e)}); "
-                       "it must be a plain numeric array saved by np.savez") from None
+                       "it must be a plain array of numbers or strings saved by np.savez, "
+                       "without pickle") from None
 
 
 def load_images(spec: str, keys, what: str = "DATA", *,

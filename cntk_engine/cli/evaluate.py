@@ -60,8 +60,8 @@ from ..arch import kernel_names
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
-from .common import (PROG, CliError, add_architecture_options, add_preprocessing_options,
-                     add_run_options, add_solve_options, check_json_path,
+from .common import (GROUPS_TRAIN, PROG, CliError, add_architecture_options,
+                     add_preprocessing_options, add_run_options, add_solve_options, check_json_path,
                      check_parent_folder, gram_options, log, machine, nonnegative_int,
                      parse_ridge, plural, preprocessing_options, preprocessing_record, to_nchw,
                      write_json)
@@ -241,7 +241,7 @@ def _fmt_line(depth, name, r, with_flips: bool = False, own_groups: bool = False
         left_out = ("each of DATA's groups_train left out together" if own_groups else
                     "each image left out with its flip" if with_flips else None)
         s += (" (LOO-selected" + (f", {left_out}" if left_out else "")
-              + (" (each flip in its image's group)" if own_groups and with_flips else "")
+              + (", each flip in its image's group" if own_groups and with_flips else "")
               + f"; LOO accuracy {100 * r['loo_accuracy']:.2f}%)")
     if r.get("jitter"):
         s += f" [jitter {r['jitter']:.2g} added]"
@@ -368,7 +368,9 @@ def run(args) -> int:
                    pooling=args.pooling, lap_window=args.lap_window, flip=args.flip,
                    zca_reg=zca_reg if args.preprocess == "zca" else None,
                    augment_flips=args.augment_flips,
-                   groups_train=drawn.groups_train is not None, fix=args.fix,
+                   # DATA's groups, where its leave-one-out used them (as solve's record says)
+                   groups=GROUPS_TRAIN if drawn.groups_train is not None and ridge == "auto"
+                   else None, fix=args.fix,
                    convention=args.convention, W_std=args.W_std, b_std=args.b_std,
                    filter_size=args.filter_size, targets=args.targets, ridge=ridge,
                    backend=info_tr["backend"], dtype=info_tr["dtype"], tile=args.tile,

@@ -84,8 +84,10 @@ def add_parser(sub) -> None:
                        epilog="DATA keys: x_train and x_test (fitted on x_train), or x; other "
                        "arrays are copied unchanged. With --n-train / --n-test: x_train, y_train, "
                        "x_test, y_test or x, y (split as evaluate splits it), and only the "
-                       "subsets, their labels and groups_train are written. With --augment-flips: "
-                       "the training labels (and groups_train) repeated for the flips, other "
+                       "subsets, their labels and positions in DATA (and DATA's groups_train of "
+                       "x_train, the drawn images') are written. With --augment-flips: the "
+                       "training labels (and DATA's groups_train) repeated for the flips, "
+                       "groups_train pairing each image with its flip where DATA has none, other "
                        "arrays not copied.")
     p.add_argument("data", metavar="DATA", help=".npz with x_train and x_test, or x; or "
                    "CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")

@@ -189,13 +189,19 @@ def run(args) -> int:
     # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
     try:
         loaded = solver.load_train_test(args.train, args.test, args.key,
-                                        workspace=3 if ridge == "auto" else 1,
+                                        workspace=solver.solve_workspace(
+                                            "eigh" if ridge == "auto" else "cholesky", args.device),
                                         device=args.device, x_train=d["x_train"],
                                         x_test=d["x_test"], data_format="NCHW")
     except solver.GramTooLarge as e:
-        hints = ([] if args.device == "cpu" else ["--device cpu solves in the host's memory"]) + (
-            ["--ridge R, a number, needs 1 copy of K for its solve instead of the 3 of --ridge "
-             "auto's eigendecomposition"] if ridge == "auto" else [])
+        hints = []
+        if e.limit == "free GPU memory":
+            hints.append("--device cpu solves in the host's memory")
+        if ridge == "auto" and not e.staging:        # the workspace, not the host's reading
+            ws = {f: solver.solve_workspace(f, args.device) for f in ("cholesky", "eigh")}
+            hints.append(f"--ridge R, a number, needs {ws['cholesky']:g} cop"
+                         f"{'y' if ws['cholesky'] == 1 else 'ies'} of K for its solve instead of "
+                         f"the {ws['eigh']:g} of --ridge auto's eigendecomposition")
         raise CliError(f"{e}" + (f" ({'; '.join(hints)})" if hints else "")) from None
     K, K_test = loaded
     t_load = time.perf_counter() - t0

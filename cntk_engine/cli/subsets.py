@@ -115,6 +115,10 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
                        f"{', '.join(k for k in PAIR_KEYS if k not in names)}; {needs} all "
                        "four keys x_train, y_train, x_test, y_test (or only x, y)")
     if "x" in names and "y" in names:
+        if GROUPS_TRAIN in names:     # its images are x_train's, which this DATA does not hold
+            raise CliError(f"DATA {path!r} holds x, y and {GROUPS_TRAIN}: {GROUPS_TRAIN} labels "
+                           "the images of x_train (the leave-one-out groups), and x is split at "
+                           "random; give x_train, y_train, x_test, y_test with it, or leave it out")
         if n_train is None or n_test is None:
             raise CliError(f"DATA {path!r} holds x, y: --n-train and --n-test split it into "
                            "a training and a test set; give both")

@@ -180,7 +180,14 @@ class StoreCorrupt(StoreError):
 
 
 class GramTooLarge(MemoryError, ValueError):
-    """A stored Gram would not fit in the memory allowed (``max_memory``)."""
+    """A stored Gram would not fit in the memory allowed (``max_memory``).  ``limit``: the
+    memory it does not fit in ("the limit", "available RAM" or "free GPU memory");
+    ``staging``: the host's memory to read it for the GPU, which the solve's workspace does not
+    change."""
+
+    def __init__(self, msg: str, limit: str = "available RAM", staging: bool = False):
+        super().__init__(msg)
+        self.limit, self.staging = limit, staging
 
 
 class _LostRace(Exception):
@@ -1893,7 +1900,8 @@ def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, 
             limit_option = settable("max_memory")
             raise GramTooLarge(msg + ": does not fit. Free memory, "
                                + (f"raise {limit_option}, " if limit_option else "")
-                               + "solve on a larger machine, or use fewer training samples")
+                               + "solve on a larger machine, or use fewer training samples",
+                               limit=place, staging=staging)
     log.info("loading " + msg)
 
 

@@ -64,7 +64,7 @@ from ..arrays import available_gpu_memory, available_memory
 from ..jobs.store import GramTooLarge, TrainTestKernels, load_gram, load_train_test
 from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
-                     check_test_kernel, cholesky, eigh, ridge_scale)
+                     check_test_kernel, cholesky, eigh, ridge_scale, solve_workspace)
 from .ridge import GPPosterior, RidgeSolution, fit_ridge, gp_posterior, kernel_ridge
 from .selection import (RELATIVE_RIDGE_GRID, ClassifierFit, CVResult, Groups, RidgeSelection,
                         check_classifier_labels, check_groups, evaluate_classifier, fit_classifier,
@@ -79,5 +79,5 @@ __all__ = [
     "KernelEigh", "eigh", "CVResult", "loo", "kfold", "RidgeSelection", "select_ridge",
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
     "evaluate_classifier", "fit_classifier", "ClassifierFit", "check_classifier_labels", "Groups", "check_groups",
-    "load_gram", "load_train_test", "TrainTestKernels",
+    "load_gram", "load_train_test", "TrainTestKernels", "solve_workspace",
 ]

@@ -362,6 +362,28 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
     return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda")
 
 
+#: Copies of a loaded float64 K that a solve needs beyond K, by factorisation and device: the
+#: ``workspace`` of :func:`~cntk_engine.solver.load_gram` (docs/solver.md).  NumPy, measured
+#: (tracemalloc, n = 2000): a Cholesky factorises the private copy in place (1), syevd
+#: decomposes it in place with 2 n^2 of workspace (3).  CuPy, from its code (not yet measured on
+#: a GPU): cuSOLVER factorises a copy of the private copy (2.1), and CuPy's eigh decomposes a
+#: copy of its own with syevd's workspace, taken as LAPACK's 2 n^2 (4).
+SOLVE_WORKSPACE = {("cholesky", "cpu"): 1.0, ("eigh", "cpu"): 3.0,
+                   ("cholesky", "cuda"): 2.1, ("eigh", "cuda"): 4.0}
+
+
+def solve_workspace(factorisation: str, device: str = "cpu") -> float:
+    """:data:`SOLVE_WORKSPACE` of ``factorisation`` ("cholesky": fit_ridge, kernel_ridge,
+    gp_posterior; "eigh": eigh, loo, select_ridge, gradient_flow) on ``device``."""
+    key = (factorisation, "cpu" if device is None else device)
+    if key not in SOLVE_WORKSPACE:
+        raise ValueError(f"solve_workspace takes a factorisation of "
+                         f"{sorted({f for f, _ in SOLVE_WORKSPACE})} and a device of "
+                         f"{sorted({d for _, d in SOLVE_WORKSPACE})}; got {factorisation!r}, "
+                         f"{device!r}")
+    return SOLVE_WORKSPACE[key]
+
+
 def as_eigh(K, device) -> KernelEigh:
     return K if isinstance(K, KernelEigh) else eigh(K, device=device)
 

@@ -213,11 +213,12 @@ export -f harness skip inner_limit
 phase_install() {
   if [ -n "$WHEELS" ]; then
     echo "wheels from $WHEELS into $WORK/site:"; ls "$WHEELS"
-    # only the nt phase needs them: a failure here is said, and the package install goes on
+    # the nt phase needs neural-tangents, the tests phase zarr (the solve's GPU test): a failure
+    # here is said, and the package install goes on (those phases say what is missing)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-      "$WHEELS"/*.whl || echo "WARNING: the wheels of $WHEELS did not install: the nt phase will say what is missing"
+      "$WHEELS"/*.whl || echo "WARNING: the wheels of $WHEELS did not install: the nt and tests phases will say what is missing"
   else
-    echo "no wheels folder (--wheels / .whl): neural-tangents must already be importable for the nt phase"
+    echo "no wheels folder (--wheels / .whl): neural-tangents and zarr must already be importable for the nt and tests phases"
   fi
   if [ "$DRY" = 1 ]; then
     if [ -n "$PREBUILT" ]; then
@@ -299,6 +300,11 @@ ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), depth=2, backend
     # run in a pytest of their own, first: the CNN kernels' tests of v3 and v5 passed on the
     # H200 (2026-12-04) and follow in a second one.
     local rc=0
+    # without zarr the solve's GPU test would skip with its module, and the phase pass without it
+    if ! "$PY" -P -c "import zarr" 2>/dev/null; then
+      echo "zarr cannot be imported (.whl from tools/gpu/prepare_carry.py carries it): the phase fails, its tests still run"
+      rc=1
+    fi
     echo "--- the stack kernel's tests"
     "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" -k "stack or myrtle" 2>&1 || rc=1

@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 #: neural-tangents for the nt phase (pure Python), and zarr with the dependencies it lacks for
 #: the tests that keep kernels in stores (the solve on the GPU, tests/test_cli_solve.py), all
 #: installed --no-deps, each as (requirement, the start of its wheel's file name).
+#: Pinned: the versions checked (numcodecs 0.17 needs numpy >= 2, which the machine has).
 WHEELS = (("neural-tangents==0.6.5", "neural_tangents-0.6.5-"), ("frozendict", "frozendict-"),
-          ("zarr==3.1.6", "zarr-3.1.6-"), ("numcodecs", "numcodecs-"), ("donfig", "donfig-"),
-          ("google-crc32c", "google_crc32c-"), ("typing-extensions", "typing_extensions-"))
+          ("zarr==3.1.6", "zarr-3.1.6-"), ("numcodecs==0.17.1", "numcodecs-0.17.1-"),
+          ("donfig==0.8.1.post1", "donfig-0.8.1.post1-"),
+          ("google-crc32c==1.9.0", "google_crc32c-1.9.0-"),
+          ("typing-extensions==4.16.0", "typing_extensions-4.16.0-"))
 DATA_FILES = ("cifar10_jpeg_small.npz", "mnist_test.npz")
 CARRY_LIMIT = 64 * 2**20                               # the device tool's limit: tree + carried
 FOLDERS = (".whl", ".paper", ".devdata", ".prebuilt")
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
                     help="folder holding " + " and ".join(DATA_FILES)
                     + " [$CNTK_ENGINE_DATA, else ../shared/data next to the checkout]")
     ap.add_argument("--no-wheels", action="store_true",
-                    help="keep .whl as it is (no download; the nt phase needs it on the GPU machine)")
+                    help="keep .whl as it is (no download; the nt and tests phases need its "
+                    "neural-tangents and zarr on the GPU machine)")
     ap.add_argument("--no-prebuilt", action="store_true",
                     help="keep .prebuilt as it is (no build; the GPU machine then builds the package)")
     ap.add_argument("--prebuilt-python",
