@@ -150,6 +150,11 @@ def test_an_image_and_a_multiple_of_it(backend, pooling, rng):
     k = ce.gram(x, depth=8, pooling=pooling, backend=backend, dtype="float64")
     np.testing.assert_allclose(k[0, 1], 3.0 * k[0, 0], rtol=1e-13)
     np.testing.assert_allclose(k[2, 3], 4.0 * k[2, 2], rtol=1e-13)       # constant images
+    # float32: its rounding of the pair's values (without the snap, arccos of c a few ulps
+    # below 1 costs sqrt(eps), ~3e-4)
+    k32 = ce.gram(x, depth=8, pooling=pooling, backend=backend, dtype="float32")
+    np.testing.assert_allclose(k32[0, 1], 3.0 * k32[0, 0], rtol=1e-6)
+    np.testing.assert_allclose(k32[2, 3], 4.0 * k32[2, 2], rtol=1e-6)
     # one channel, one pixel: K = x1 x2 / 27 at depth 3 (arora) for same-sign pixels
     p = np.array([1.0461432923049026, 0.7415884212884828]).reshape(2, 1, 1, 1)
     k = ce.gram(p, depth=3, backend=backend, dtype="float64")
