@@ -18,7 +18,8 @@ kernel ridge regression on the paper's targets (0.9 / -0.1; ``--targets onehot``
 ``--ridge`` relative to the mean diagonal of the training Gram, or ``auto`` (default: exact
 leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`);
 :func:`cntk_engine.solver.fit_classifier`.  Prints the ridge and, with ``y_test``, the test
-accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image,
+accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image (replacing
+an earlier predictions file, a 1-D ``.npy``; refusing any other file there),
 ``--json OUT`` every figure, the command and the machine.  Where DATA holds ``groups_train``
 (one group label per training image; ``preprocess --augment-flips`` writes it, pairing each
 image with its flip), ``--ridge auto``'s leave-one-out leaves each group out together
@@ -74,7 +75,8 @@ def add_parser(sub) -> None:
                    "cuSOLVER on the current GPU, whose free memory must hold the matrices and "
                    "the solve's workspace)")
     p.add_argument("--predictions", metavar="OUT.npy", default=None,
-                   help="write the predicted label of each test image to OUT.npy")
+                   help="write the predicted label of each test image to OUT.npy (an earlier "
+                   "predictions file there is replaced; any other file is refused)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
     p.set_defaults(func=run)
 
