@@ -1856,3 +1856,29 @@ def test_bench_predict_times_both_settings_and_restores_the_bound(tmp_path):
     for setting in ("computed_each_call", "kept"):
         assert row[setting]["fit_s"] > 0 and row[setting]["predict_one_s"] > 0
     assert diag.MEMO_BYTES == before == rec["memo_bytes"]
+
+
+def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path):
+    """bench/bench_solver.py, tiny: per n the leave-one-out selection and a given ridge, timed,
+    with their peak memory in copies of K (above 1 and 2: the private copy, and the
+    eigendecomposition's workspace) beside solve_workspace's figures; the largest n's seconds
+    extrapolated to 50,000 by n^3."""
+    from bench import bench_solver
+    rec = bench_solver.main(["--ns", "300,100", "--repeats", "1", "--classes", "3",
+                             "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("solver_*.json")
+    assert json.loads(f.read_text())["results"] == json.loads(json.dumps(rec["results"]))
+    assert [r["n"] for r in rec["results"]] == [300, 100] and rec["results"][1]["m"] == 20
+    for row in rec["results"]:
+        assert row["classes"] == 3
+        auto, given = row["auto"], row["given"]
+        assert auto["solve_workspace"] == 3 and given["solve_workspace"] == 1
+        assert auto["peak_copies_of_K"] > 2 and given["peak_copies_of_K"] > 1
+        assert auto["seconds"] > 0 and given["seconds"] > 0 and len(auto["times_s"]) == 1
+        assert given["ridge_relative_chosen"] == 1e-3
+    ext = rec["extrapolated_seconds"]
+    assert ext["from_n"] == 300 and ext["n"] == 50_000
+    assert ext["auto"] == pytest.approx(rec["results"][0]["auto"]["seconds"] * (50_000 / 300) ** 3)
+    with pytest.raises(SystemExit) as e:
+        bench_solver.main(["--ns", "10", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
