@@ -82,7 +82,6 @@ def run(args):
                   f"{row[name]['peak_copies_of_K']:.2f} copies of K beyond it (solve_workspace "
                   f"says {row[name]['solve_workspace']:g})")
         rows.append(row)
-        del K, K_test
     largest = max(rows, key=lambda r: r["n"])
     scale = (CIFAR_TRAIN / largest["n"]) ** 3
     extrapolated = {name: largest[name]["seconds"] * scale for name in ("auto", "given")}
