@@ -28,7 +28,7 @@ scored image stays in the training set (a DATA whose record says it holds flips 
 them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
 training set are solved with a warning (every image is then in it twice, for nothing).
 Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
-(3 more copies of it; a number: 1), refused before anything is read where it does not fit:
+(3.1 more copies of it; a number: 1.1; :func:`cntk_engine.solver.solve_workspace`), refused before anything is read where it does not fit:
 in the host's memory, or with ``--device cuda`` in the current GPU's (CuPy and cuSOLVER: the
 solver's GPU path, ``docs/solver.md``; the host still holds the float64 matrix as it is read).
 """
@@ -188,7 +188,7 @@ def run(args) -> int:
                        "would score each image with its mirror in the training set (and choose "
                        "a ridge near 0); give the file preprocess wrote, or --ridge R")
     # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
-    # one model's; an eigendecomposition for "auto" (3 copies of K), a Cholesky (1) else
+    # one model's; an eigendecomposition for "auto", a Cholesky else (solver.solve_workspace)
     try:
         loaded = solver.load_train_test(args.train, args.test, args.key,
                                         workspace=solver.solve_workspace(

@@ -1941,9 +1941,10 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     ``max_memory`` (bytes; default: the available RAM, or with ``device="cuda"`` the free GPU
     memory, where the matrix and the solve go, while the host still holds the float64 matrix as
     it is read) :class:`~cntk_engine.solver.GramTooLarge` is raised before anything is read.
-    ``workspace``: copies of K the solver needs beyond it: 1 for ``fit_ridge``,
-    ``kernel_ridge``, ``gp_posterior`` (the default); 3 for ``eigh``, ``loo``, ``select_ridge``,
-    ``kfold`` and ``gradient_flow`` (the figures behind them: ``docs/solver.md``).  Reading a
+    ``workspace``: copies of K the solver needs beyond it: about 1 for ``fit_ridge``,
+    ``kernel_ridge``, ``gp_posterior`` (the default: 1); about 3 for ``eigh``, ``loo``,
+    ``select_ridge``, ``kfold`` and ``gradient_flow``; ``solver.solve_workspace(factorisation,
+    device)`` gives the figures measured, with a margin, and the GPU's (``docs/solver.md``).  Reading a
     non-float64 array also holds the raw array while converting it.  A store whose job is
     unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
     verified as it is read (every chunk decodes and matches its checksum) and
