@@ -29,8 +29,9 @@ them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel o
 training set are solved with a warning (every image is then in it twice, for nothing).
 Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
 (3.1 more copies of it; a number: 1.1; :func:`cntk_engine.solver.solve_workspace`), refused
-before anything is read where it does not fit: in the host's memory, or with ``--device cuda`` in the current GPU's (CuPy and cuSOLVER: the
-solver's GPU path, ``docs/solver.md``; the host still holds the float64 matrix as it is read).
+before anything is read where it does not fit: in the host's memory, or with ``--device cuda``
+in the current GPU's (CuPy and cuSOLVER: the solver's GPU path, ``docs/solver.md``; the host
+still holds the float64 matrix as it is read).
 """
 from __future__ import annotations
 
