@@ -1858,12 +1858,13 @@ def test_bench_predict_times_both_settings_and_restores_the_bound(tmp_path):
     assert diag.MEMO_BYTES == before == rec["memo_bytes"]
 
 
-def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path):
+def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path, monkeypatch, capsys):
     """bench/bench_solver.py, tiny: per n the leave-one-out selection and a given ridge, timed,
     with their peak memory in copies of K (above 1 and 2: the private copy, and the
     eigendecomposition's workspace) beside solve_workspace's figures; the largest n's seconds
     extrapolated to 50,000 by n^3."""
     from bench import bench_solver
+    monkeypatch.setattr(bench_solver, "EXTRAPOLATE_FROM", 300)
     rec = bench_solver.main(["--ns", "300,100", "--repeats", "1", "--classes", "3",
                              "--out-dir", str(tmp_path)])
     (f,) = tmp_path.glob("solver_*.json")
@@ -1879,6 +1880,12 @@ def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path):
     ext = rec["extrapolated_seconds"]
     assert ext["from_n"] == 300 and ext["n"] == 50_000
     assert ext["auto"] == pytest.approx(rec["results"][0]["auto"]["seconds"] * (50_000 / 300) ** 3)
+    # below EXTRAPOLATE_FROM: said, not extrapolated
+    monkeypatch.setattr(bench_solver, "EXTRAPOLATE_FROM", 301)
+    capsys.readouterr()
+    rec = bench_solver.main(["--ns", "300", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert rec["extrapolated_seconds"] is None
+    assert "not extrapolated to 50,000: the largest n, 300, is below 301" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         bench_solver.main(["--ns", "10", "--out-dir", str(tmp_path)])
     assert e.value.code == 2
