@@ -31,8 +31,9 @@ leaving out together the training images DATA's ``groups_train`` puts in one gro
 it holds one (one label per image of ``x_train``; the drawn images keep theirs), and with
 ``--augment-flips`` each training image with its flipped copy (in its image's group, or in a
 group of its own with its image), groups for :func:`cntk_engine.solver.loo`; the ridge-0
-"paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and the machine.  Errors are one line on
-stderr with exit status 2; ``--zca`` and ``--preprocess`` together are an error.
+"paper solve" is reported next to it).  ``--json OUT`` writes every figure, the command and
+the machine.  Errors are one line on stderr with exit status 2; ``--zca`` and ``--preprocess``
+together are an error.
 
 ``--store DIR`` keeps the two kernels in DIR as resumable Zarr stores (``train.zarr``: the train
 Gram, ``test.zarr``: the test-vs-train kernel; layout: :mod:`cntk_engine.jobs.store`), tile by
