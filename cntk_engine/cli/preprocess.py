@@ -243,7 +243,7 @@ def _subset_of(args) -> tuple | None:
 #: The arrays of OUT that stay beside a training set doubled by its flips: the labels,
 #: positions in DATA and leave-one-out groups of its images (repeated for the flips: a flip is
 #: in its image's group) and the test set's.
-_KEPT_WITH_FLIPS = ("y_train", "index_train", "groups_train", "y_test", "index_test")
+_KEPT_WITH_FLIPS = ("y_train", "index_train", GROUPS_TRAIN, "y_test", "index_test")
 
 
 def _beside_flips(others: dict, left_out: list, n: int, data: str) -> dict:
@@ -309,10 +309,10 @@ def run(args) -> int:
                                       "--preprocess standardize (it takes constant images)",
                                       named=sets.named[key]))) from None
     result = dict(zip(keys, done))
-    own_groups = "groups_train" in others
+    own_groups = GROUPS_TRAIN in others
     if args.augment_flips:        # after the preprocessing, fitted on the images, as evaluate's
         result["x_train"], _, pairs = with_flips(result["x_train"], None, data_format="NCHW")
-        others.setdefault("groups_train", pairs)        # DATA's own groups, else the pairs
+        others.setdefault(GROUPS_TRAIN, pairs)        # DATA's own groups, else the pairs
     fitted = args.preprocess in ("standardize", "zca")     # scale and none fit nothing
     record = {"made_by": "cntk-engine preprocess", "version": __version__,
               "command": command_of(args),
@@ -328,7 +328,7 @@ def run(args) -> int:
                  RECORD: np.array(json.dumps(record))})
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
     drawn = sets.subset
-    written = [k for k in others if k != "groups_train" or own_groups]    # not made here
+    written = [k for k in others if k != GROUPS_TRAIN or own_groups]    # not made here
     repeated = [k for k in written if args.augment_flips and k.endswith("_train")]
     copied = [k for k in written if k not in repeated]
     print(f"{out}: {shapes} float64 NCHW"

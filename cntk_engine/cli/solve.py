@@ -42,10 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (PROG, CliError, add_solve_options, check_json_path, check_parent_folder,
-                     command_of, holds_flips, machine, open_numpy, parse_ridge, read_member,
-                     to_nchw, write_file, write_json)
-from .common import GROUPS_TRAIN as GROUPS
+from .common import (GROUPS_TRAIN as GROUPS, PROG, CliError, add_solve_options, check_json_path,
+                     check_parent_folder, command_of, holds_flips, machine, open_numpy,
+                     parse_ridge, read_member, to_nchw, write_file, write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 
