@@ -35,8 +35,8 @@ from bench.common import (RESULTS, check_out_dir, int_at_least, int_list, median
 CIFAR_TRAIN = 50_000
 GIVEN_RIDGE = 1e-3
 #: The smallest largest-n extrapolated from: below it the n^2 passes and the per-call overheads
-#: weigh (from n = 200 and 400 on the 2-core Xeon the same machine's figure came out 17 h and
-#: 70 h; from 4000, 3.3 h), so the n^3 of the factorisations does not describe the time.
+#: weigh, so the n^3 of the factorisations does not describe the time (extrapolations from a
+#: few hundred images came out several times those from thousands).
 EXTRAPOLATE_FROM = 2000
 
 

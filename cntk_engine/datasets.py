@@ -428,8 +428,8 @@ MAX_GZIP_MEMBERS = 10_000
 #: Compressed bytes an archive may hold beyond twice what they decompress to.  Real gzip makes
 #: more than it reads (CIFAR-10's download about 1.2 bytes a byte; incompressible data in
 #: stored blocks all but 5 bytes in 64 KiB); what makes nothing (header fields, trailers,
-#: empty members) is a few KiB.  Empty deflate blocks make nothing and took zlib 19 s to step
-#: through when they filled the size cap, also with a byte of output now and then.
+#: empty members) is a few KiB.  Empty deflate blocks make nothing, and zlib steps through an
+#: archive of them slowly, also with a byte of output now and then.
 _MAX_EXCESS_INPUT = 4 << 20
 
 

@@ -363,13 +363,13 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
 
 
 #: Copies of a loaded float64 K that a solve needs beyond K, by factorisation and device: the
-#: ``workspace`` of :func:`~cntk_engine.solver.load_gram` (docs/solver.md).  NumPy, measured
-#: for ``fit_classifier`` and its predict (``bench/bench_solver.py``: tracemalloc, n = 1000 to
-#: 4000): a Cholesky factorises the private copy in place (1.03 to 1.09 with the targets and
-#: the blockwise passes: 1.1), syevd decomposes it in place with 2 n^2 of workspace (3.01 to
-#: 3.02: 3.1).  CuPy, from its code (not yet measured on a GPU): cuSOLVER factorises a copy of
-#: the private copy (2.1), and CuPy's eigh decomposes a copy of its own with syevd's workspace,
-#: taken as LAPACK's 2 n^2 (4.1).
+#: ``workspace`` of :func:`~cntk_engine.solver.load_gram` (docs/solver.md).  NumPy: a
+#: Cholesky factorises the private copy in place, syevd decomposes it in place with 2 n^2 of
+#: workspace; the targets and blockwise passes add a little, so the peaks that
+#: ``bench/bench_solver.py`` measures for ``fit_classifier`` and its predict, with a margin.
+#: CuPy, from its code (not yet measured on a GPU): cuSOLVER factorises a copy of the private
+#: copy (2.1), and CuPy's eigh decomposes a copy of its own with syevd's workspace, taken as
+#: LAPACK's 2 n^2 (4.1).
 SOLVE_WORKSPACE = {("cholesky", "cpu"): 1.1, ("eigh", "cpu"): 3.1,
                    ("cholesky", "cuda"): 2.1, ("eigh", "cuda"): 4.1}
 
