@@ -365,7 +365,7 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
 #: Copies of a loaded float64 K that a solve needs beyond K, by factorisation and device: the
 #: ``workspace`` of :func:`~cntk_engine.solver.load_gram` (docs/solver.md).  NumPy: a
 #: Cholesky factorises the private copy in place, syevd decomposes it in place with 2 n^2 of
-#: workspace; the targets and blockwise passes add a little, so the peaks that
+#: workspace; the targets and blockwise passes add a little: the figures are the peaks that
 #: ``bench/bench_solver.py`` measures for ``fit_classifier`` and its predict, with a margin.
 #: CuPy, from its code (not yet measured on a GPU): cuSOLVER factorises a copy of the private
 #: copy (2.1), and CuPy's eigh decomposes a copy of its own with syevd's workspace, taken as
