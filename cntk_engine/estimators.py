@@ -293,18 +293,13 @@ class _CNTKBase(BaseEstimator):
 
     # ------------------------------------------------------------------ solve
     def _solve(self, K, Y, labels, groups):
-        scale = solver.ridge_scale(K)
-        if isinstance(self.ridge, str):
-            sel = solver.select_ridge(K, Y, labels=labels, groups=groups, method="loo")
-            self.ridge_ = sel.relative
-            self.loo_ = sel.scores
-            lam = sel.ridge
-        else:
-            self.ridge_ = float(self.ridge)
-            self.loo_ = None            # not the scores of an earlier fit with ridge="auto"
-            lam = self.ridge_ * scale
-        sol = solver.fit_ridge(K, Y, lam)
-        self.ridge_absolute_ = lam
+        """The fit on the training Gram ``K``, which is the estimator's own and is given up
+        (factorised in its own memory)."""
+        sol, sel = solver.fit_relative_ridge(K, Y, self.ridge, labels=labels, groups=groups,
+                                             overwrite_k=True)
+        self.ridge_ = float(self.ridge) if sel is None else sel.relative
+        self.loo_ = None if sel is None else sel.scores   # not the scores of an earlier fit
+        self.ridge_absolute_ = sol.ridge
         self.jitter_ = sol.jitter
         self.dual_coef_ = sol.alpha
 

@@ -1860,9 +1860,9 @@ def test_bench_predict_times_both_settings_and_restores_the_bound(tmp_path):
 
 def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path, monkeypatch, capsys):
     """bench/bench_solver.py, tiny: per n the leave-one-out selection and a given ridge, timed,
-    with their peak memory in copies of K (above 1 and 2: the private copy, and the
-    eigendecomposition's workspace) beside solve_workspace's figures; the largest n's seconds
-    extrapolated to 50,000 by n^3."""
+    with their peak memory in copies of K beside solve_workspace's figures: K given up as solve
+    gives it (above 1 for the eigendecomposition's workspace), and K kept (a private copy more);
+    the largest n's seconds extrapolated to 50,000 by n^3."""
     from bench import bench_solver
     monkeypatch.setattr(bench_solver, "EXTRAPOLATE_FROM", 300)
     rec = bench_solver.main(["--ns", "300,100", "--repeats", "1", "--classes", "3",
@@ -1873,8 +1873,11 @@ def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path, mon
     for row in rec["results"]:
         assert row["classes"] == 3
         auto, given = row["auto"], row["given"]
-        assert auto["solve_workspace"] == 3.1 and given["solve_workspace"] == 1.1
-        assert auto["peak_copies_of_K"] > 2 and given["peak_copies_of_K"] > 1
+        assert auto["solve_workspace"] == 2.1 and given["solve_workspace"] == 0.1
+        assert auto["solve_workspace_kept"] == 3.1 and given["solve_workspace_kept"] == 1.1
+        assert auto["peak_copies_of_K"] > 1 and given["peak_copies_of_K"] > 0
+        for r in (auto, given):          # kept: the private copy more (tiny n: blocks weigh)
+            assert r["peak_copies_of_K_kept"] - r["peak_copies_of_K"] == pytest.approx(1, abs=0.05)
         assert auto["seconds"] > 0 and given["seconds"] > 0 and len(auto["times_s"]) == 1
         assert given["ridge_relative_chosen"] == 1e-3
     ext = rec["extrapolated_seconds"]

@@ -71,13 +71,14 @@ def test_solve_matches_the_solver_in_memory(kept, capsys):
 
 def test_memory_refusal_gives_the_command_line_s_ways_out(kept, capsys, monkeypatch):
     """The store's "does not fit" advice as the command can follow it: no max_memory (solve has
-    no such option), and --ridge R's smaller need for --ridge auto."""
+    no such option), and --ridge R's smaller need for --ridge auto; the figures are those of a
+    K solved in its own memory (solve_workspace with overwrite_k: one copy less)."""
     from cntk_engine.jobs import store
     folder, data, _ = kept
     monkeypatch.setattr(store, "available_memory", lambda: 20_000)
     rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test", folder / "test.zarr")
-    assert rc == 2 and "with the solve's workspace (3.1 copies); available RAM" in e, e
-    assert "max_memory" not in e and "(--ridge R, a number, needs 1.1 copies of K" in e, e
+    assert rc == 2 and "with the solve's workspace (2.1 copies); available RAM" in e, e
+    assert "max_memory" not in e and "(--ridge R, a number, needs 0.1 copies of K" in e, e
     # from Python the parameter is named
     with pytest.raises(solver.GramTooLarge, match=r"Free memory, raise max_memory, solve on"):
         solver.load_train_test(folder / "train.zarr", folder / "test.zarr", workspace=3)
@@ -90,12 +91,12 @@ def test_memory_refusal_gives_the_command_line_s_ways_out(kept, capsys, monkeypa
     argv = ["solve", data, "--train", folder / "train.zarr", "--test", folder / "test.zarr",
             "--device", "cuda"]
     rc, o, e = run(capsys, *argv)
-    assert rc == 2 and "with the solve's workspace (4.1 copies); free GPU memory" in e, e
+    assert rc == 2 and "with the solve's workspace (3.1 copies); free GPU memory" in e, e
     assert e.rstrip().endswith("(--device cpu solves in the host's memory; --ridge R, a number, "
-                               "needs 2.1 copies of K for its solve instead of the 4.1 of --ridge "
+                               "needs 1.1 copies of K for its solve instead of the 3.1 of --ridge "
                                "auto's eigendecomposition)"), e
     rc, o, e = run(capsys, *argv, "--ridge", "0")
-    assert rc == 2 and "(2.1 copies)" in e and e.rstrip().endswith(
+    assert rc == 2 and "(1.1 copies)" in e and e.rstrip().endswith(
         "(--device cpu solves in the host's memory)"), e
     monkeypatch.setattr(store, "available_gpu_memory", lambda: 1 << 30)
     monkeypatch.setattr(store, "available_memory", lambda: 20_000)

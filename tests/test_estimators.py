@@ -264,15 +264,16 @@ def test_the_model_keeps_its_own_copy_of_x_and_refuses_what_it_cannot_read():
 
 def test_augment_flips_loo_leaves_each_image_out_with_its_flip(monkeypatch):
     """With augment_flips, ridge="auto" scores each image with the model refitted without it AND
-    its flipped copy: the estimators hand select_ridge one group per original."""
+    its flipped copy: the estimators hand the solve (fit_relative_ridge: select_ridge) one group
+    per original."""
     seen = []
-    real = solver.select_ridge
+    real = solver.fit_relative_ridge
 
     def spy(*a, **k):
         seen.append(k.get("groups"))
         return real(*a, **k)
 
-    monkeypatch.setattr(solver, "select_ridge", spy)
+    monkeypatch.setattr(solver, "fit_relative_ridge", spy)
     rng = np.random.default_rng(1)
     X, y = rng.random((6, 1, 4, 4)), np.array([0, 1, 0, 1, 0, 1])
     clf = CNTKClassifier(depth=3, augment_flips=True).fit(X, y)

@@ -642,6 +642,71 @@ def test_solver_memory_in_place(rng, caplog):
     assert np.linalg.norm(resid) < 1e-3 * np.linalg.norm(Y)   # ~5e-5 (cond ~1e10); garbage: ~1
 
 
+def test_overwrite_k_solves_in_ks_own_memory(rng):
+    """overwrite_k: K (C-contiguous float64) is checked and factorised in its own memory, one
+    copy of it less than solve_workspace says without; the fits are those of a copy.  An input
+    that cannot be written (read-only, float32, a strided view) is copied and left as it is.
+    (n = 1000: the figures are the bench's, from n = 1000 up; the blockwise passes' temporaries
+    are a few row blocks of at least 32 rows, so a larger share of a smaller K.)"""
+    n = 1000
+    K, _ = psd(rng, n)
+    K[0, 1] += 1e-9                        # a rounding asymmetry, symmetrised in place
+    labels = rng.integers(0, 3, size=n)
+    Y, _ = S.paper_targets(labels)
+    S.fit_classifier(K[:50, :50].copy(), labels[:50], overwrite_k=True)      # warm imports
+    nb = K.nbytes
+    auto = S.fit_classifier(K, labels)
+    given = S.fit_classifier(K, labels, ridge=1e-3)
+    for ridge, ref, factorisation in (("auto", auto, "eigh"), (1e-3, given, "cholesky")):
+        A = K.copy()
+        peak, fit = _peak(lambda: S.fit_classifier(A, labels, ridge=ridge, overwrite_k=True))
+        assert peak < S.solve_workspace(factorisation, overwrite_k=True) * nb, (ridge, peak / nb)
+        assert peak < S.solve_workspace(factorisation) * nb - 0.8 * nb
+        assert not np.array_equal(A, K)                     # given up: no longer the Gram
+        assert fit.info == ref.info
+        np.testing.assert_allclose(fit.solution.alpha, ref.solution.alpha, rtol=1e-9, atol=1e-12)
+    assert S.solve_workspace("eigh", "cuda", overwrite_k=True) == 3.1
+    assert S.solve_workspace("cholesky", overwrite_k=True) == 0.1
+    A = K.copy()
+    sol = S.fit_ridge(A, Y, 0.5, overwrite_k=True)
+    np.testing.assert_allclose(sol.alpha, np.linalg.solve((K + K.T) / 2 + 0.5 * np.eye(n), Y),
+                               rtol=1e-9, atol=1e-12)
+    read_only = K.copy()
+    read_only.flags.writeable = False
+    for keep in (K.astype(np.float32), np.asfortranarray(K), read_only):
+        before = keep.copy()
+        S.select_ridge(keep, Y, labels=labels, overwrite_k=True)
+        np.testing.assert_array_equal(keep, before)
+
+
+def test_the_chosen_ridge_is_fitted_from_the_eigendecomposition(rng):
+    """ridge="auto" fits at the ridge leave-one-out chose from that eigendecomposition
+    (fit_ridge_eigh): the solution of (K + lambda I) alpha = Y, no jitter; a ridge that leaves
+    K + lambda I singular or indefinite is refused there, as the LOO scores skip it."""
+    K, phi = psd(rng, 80, p=120)
+    y = (phi[:, 0] > 0).astype(int) + (phi[:, 1] > 0)
+    fit = S.fit_classifier(K, y)
+    lam = fit.info["ridge_absolute"]
+    np.testing.assert_allclose(fit.solution.alpha, np.linalg.solve(K + lam * np.eye(80), fit.Y),
+                               rtol=1e-8, atol=1e-10)
+    assert fit.info["jitter"] == 0.0 and fit.solution.ridge == lam
+    E = S.eigh(K)
+    Y = rng.normal(size=80)
+    sol = S.fit_ridge_eigh(E, Y, 0.3)
+    assert sol.one_d and sol.predict(K[:3]).shape == (3,)
+    np.testing.assert_allclose(sol.alpha[:, 0], S.fit_ridge(K, Y, 0.3).alpha[:, 0], rtol=1e-9)
+    Ks, _ = psd(rng, 30, p=10)                     # rank 10: singular
+    Es = S.eigh(Ks)
+    with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0 I \(30 x 30\) is singular: K's "
+                                                    r"smallest eigenvalue is .*; use a larger ridge"):
+        S.fit_ridge_eigh(Es, np.ones(30), 0.0)
+    with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0\.5 I \(30 x 30\) is indefinite"):
+        S.fit_ridge_eigh(S.KernelEigh(s=Es.s - 1.0, U=Es.U), np.ones(30), 0.5)
+    with pytest.raises(ValueError, match="ridge must be"):
+        S.fit_ridge_eigh(Es, np.ones(30), -1.0)
+    assert S.fit_ridge_eigh(Es, np.ones(30), 1e-3).alpha.shape == (30, 1)
+
+
 def test_cholesky_and_eigh_in_place(rng):
     K, _ = psd(rng, 40)
     A = np.ascontiguousarray(S.check_gram(K))

@@ -28,7 +28,8 @@ scored image stays in the training set (a DATA whose record says it holds flips 
 them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
 training set are solved with a warning (every image is then in it twice, for nothing).
 Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
-(3.1 more copies of it; a number: 1.1; :func:`cntk_engine.solver.solve_workspace`), refused
+in its own memory (2.1 more copies of it; a number: 0.1;
+:func:`cntk_engine.solver.solve_workspace` with ``overwrite_k``), refused
 before anything is read where it does not fit: in the host's memory, or with ``--device cuda``
 in the current GPU's (CuPy and cuSOLVER: the solver's GPU path, ``docs/solver.md``; the host
 still holds the float64 matrix as it is read).
@@ -188,11 +189,13 @@ def run(args) -> int:
                        "would score each image with its mirror in the training set (and choose "
                        "a ridge near 0); give the file preprocess wrote, or --ridge R")
     # the labels belong to the kernels: the images are the stores' (fingerprints), the stores
-    # one model's; an eigendecomposition for "auto", a Cholesky else (solver.solve_workspace)
+    # one model's; an eigendecomposition for "auto", a Cholesky else, in the loaded K's own
+    # memory (solver.solve_workspace, overwrite_k: the K read is the solve's alone)
     try:
         loaded = solver.load_train_test(args.train, args.test, args.key,
                                         workspace=solver.solve_workspace(
-                                            "eigh" if ridge == "auto" else "cholesky", args.device),
+                                            "eigh" if ridge == "auto" else "cholesky", args.device,
+                                            overwrite_k=True),
                                         device=args.device, x_train=d["x_train"],
                                         x_test=d["x_test"], data_format="NCHW")
     except solver.GramTooLarge as e:
@@ -200,7 +203,8 @@ def run(args) -> int:
         if e.limit == "free GPU memory":
             hints.append("--device cpu solves in the host's memory")
         if ridge == "auto" and not e.staging:        # the workspace, not the host's reading
-            ws = {f: solver.solve_workspace(f, args.device) for f in ("cholesky", "eigh")}
+            ws = {f: solver.solve_workspace(f, args.device, overwrite_k=True)
+                  for f in ("cholesky", "eigh")}
             hints.append(f"--ridge R, a number, needs {ws['cholesky']:g} cop"
                          f"{'y' if ws['cholesky'] == 1 else 'ies'} of K for its solve instead of "
                          f"the {ws['eigh']:g} of --ridge auto's eigendecomposition")
@@ -213,8 +217,9 @@ def run(args) -> int:
               "images' flips (preprocess --augment-flips): under that kernel a flip is its "
               "image's point, so every image is in the training set twice, for nothing over "
               "--flip alone at 4 times its training Gram's cost", file=sys.stderr)
+    n_train = len(K)              # K is factorised in its own memory: no longer the Gram after
     fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets,
-                                groups=d[GROUPS])
+                                groups=d[GROUPS], overwrite_k=True)
     pred = fit.predict(K_test)
     t_solve = time.perf_counter() - t0 - t_load
     info = fit.info
@@ -222,7 +227,7 @@ def run(args) -> int:
         f", leaving out each of DATA's {d[GROUPS].n_groups} {GROUPS} together")
     how = (f"chosen by leave-one-out{grouped}: accuracy {100 * info['loo_accuracy']:.2f}%"
            if ridge == "auto" else "given")
-    print(f"{len(K)} training and {len(K_test)} test images, {len(fit.classes)} classes, kernel "
+    print(f"{n_train} training and {len(K_test)} test images, {len(fit.classes)} classes, kernel "
           f"{loaded.keys[0]}; ridge {info['ridge_relative']:g} x mean diag(K) ({how})"
           + (f", jitter {info['jitter']:.3g} (absolute)" if info["jitter"] else "")
           + f"; loaded in {t_load:.1f} s, solved in {t_solve:.1f} s"
@@ -243,7 +248,7 @@ def run(args) -> int:
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
             test_store_transposed=loaded.transposed, targets=args.targets, ridge=ridge,
             device=args.device, gpu=_gpu_name() if args.device == "cuda" else None,
-            n_train=len(K), n_test=len(K_test),
+            n_train=n_train, n_test=len(K_test),
             groups=GROUPS if d[GROUPS] is not None and ridge == "auto" else None,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
             accuracy=acc, **info, predictions=None if predictions is None else str(predictions),

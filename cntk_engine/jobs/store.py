@@ -1943,8 +1943,9 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     it is read) :class:`~cntk_engine.solver.GramTooLarge` is raised before anything is read.
     ``workspace``: copies of K the solver needs beyond it: about 1 for ``fit_ridge``,
     ``kernel_ridge``, ``gp_posterior`` (the default: 1); about 3 for ``eigh``, ``loo``,
-    ``select_ridge``, ``kfold`` and ``gradient_flow``; ``solver.solve_workspace(factorisation,
-    device)`` gives the figures measured, with a margin, and the GPU's (``docs/solver.md``).
+    ``select_ridge``, ``kfold`` and ``gradient_flow``; one less where the solve is given K
+    (``overwrite_k``); ``solver.solve_workspace(factorisation, device, overwrite_k=...)`` gives
+    the figures measured, with a margin, and the GPU's (``docs/solver.md``).
     Reading a non-float64 array also holds the raw array while converting it.  A store whose job is
     unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
     verified as it is read (every chunk decodes and matches its checksum) and

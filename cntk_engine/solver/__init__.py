@@ -35,7 +35,9 @@ From ONE eigendecomposition ``K = U diag(s) U^T``: ``alpha = U diag(1/(s+lambda)
 refit.  With ``groups`` (one label per sample, e.g. an image and its flipped copy in one
 group) each group G is left out whole: ``Y_G - f_{-G}(X_G) = [(A^-1)_GG]^-1 alpha_G``, one
 |G| x |G| solve per group from the same eigendecomposition (derivation in :func:`loo`).  ``kfold`` does k-fold cross-validation (one eigendecomposition per fold).
-``select_ridge`` picks lambda on a grid by either.
+``select_ridge`` picks lambda on a grid by either; ``fit_relative_ridge`` (and
+``fit_classifier``, which uses it) then fits at the lambda leave-one-out chose from the same
+eigendecomposition (``fit_ridge_eigh``), with no second factorisation.
 
 *Gradient flow* (``gradient_flow``): training the linearised (infinitely wide) network by
 gradient flow with learning rate eta on ``1/2 ||f(X) - Y||^2`` from f_0 = 0 gives at time t::
@@ -65,10 +67,11 @@ from ..jobs.store import GramTooLarge, TrainTestKernels, load_gram, load_train_t
 from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
                      check_test_kernel, cholesky, eigh, ridge_scale, solve_workspace)
-from .ridge import GPPosterior, RidgeSolution, fit_ridge, gp_posterior, kernel_ridge
+from .ridge import (GPPosterior, RidgeSolution, fit_ridge, fit_ridge_eigh, gp_posterior,
+                    kernel_ridge)
 from .selection import (RELATIVE_RIDGE_GRID, ClassifierFit, CVResult, Groups, RidgeSelection,
                         check_classifier_labels, check_groups, evaluate_classifier, fit_classifier,
-                        kfold, loo, select_ridge)
+                        fit_relative_ridge, kfold, loo, select_ridge)
 from .targets import accuracy, one_hot, paper_targets, predict_classes
 
 
@@ -79,5 +82,6 @@ __all__ = [
     "KernelEigh", "eigh", "CVResult", "loo", "kfold", "RidgeSelection", "select_ridge",
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
     "evaluate_classifier", "fit_classifier", "ClassifierFit", "check_classifier_labels", "Groups", "check_groups",
-    "load_gram", "load_train_test", "TrainTestKernels", "solve_workspace",
+    "load_gram", "load_train_test", "TrainTestKernels", "solve_workspace", "fit_ridge_eigh",
+    "fit_relative_ridge",
 ]

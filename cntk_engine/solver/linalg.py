@@ -95,17 +95,20 @@ def scalar(v) -> float:
 
 
 def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
-               _workspace: float = 1.0):
+               overwrite: bool = False, _workspace: float = 1.0):
     """``K`` as a float64 square symmetric finite matrix (symmetrised: (K + K^T) / 2).
 
-    The result is always a new C-contiguous array that the solver owns (and may overwrite):
-    the caller's ``K`` is never modified.  It costs one float64 copy of K and no other n x n
-    temporary (the check and the symmetrisation go by blocks of rows; a float32, CuPy<->NumPy
-    or Zarr input, converted anyway, is symmetrised in that converted copy).
+    The result is a C-contiguous array that the solver owns (and may overwrite).  By default
+    it is a new one and the caller's ``K`` is never modified: one float64 copy of K and no
+    other n x n temporary (the check and the symmetrisation go by blocks of rows; a float32,
+    CuPy<->NumPy or Zarr input, converted anyway, is symmetrised in that converted copy).
+    ``overwrite``: a C-contiguous float64 ``K`` on the solve's device is symmetrised in its
+    own memory and returned (no copy; the caller gives K up).
     Raises ValueError for a non-square or non-2-D ``K``, NaN/Inf or complex entries, or an
     asymmetry beyond ``sym_rtol * max|K|`` (rounding of a float32 Gram is ~1e-7 relative)."""
     xp = xp_for(device, K)
     K, private = as_float64_private(xp, K, name=name, workspace=_workspace)
+    private = private or (overwrite and getattr(K.flags, "writeable", True))
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"{name} must be a square (n, n) Gram matrix; got shape {tuple(K.shape)}")
     if K.shape[0] == 0:
@@ -369,21 +372,31 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
 #: ``bench/bench_solver.py`` measures for ``fit_classifier`` and its predict, with a margin.
 #: CuPy, from its code (not yet measured on a GPU): cuSOLVER factorises a copy of the private
 #: copy (2.1), and CuPy's eigh decomposes a copy of its own with syevd's workspace, taken as
-#: LAPACK's 2 n^2 (4.1).
+#: LAPACK's 2 n^2 (4.1).  Where the caller gives K up (``overwrite_k``), the private copy is K
+#: itself: one copy less (:func:`solve_workspace`).
 SOLVE_WORKSPACE = {("cholesky", "cpu"): 1.1, ("eigh", "cpu"): 3.1,
                    ("cholesky", "cuda"): 2.1, ("eigh", "cuda"): 4.1}
 
 
-def solve_workspace(factorisation: str, device: str = "cpu") -> float:
+def solve_workspace(factorisation: str, device: str = "cpu", *, overwrite_k: bool = False) -> float:
     """:data:`SOLVE_WORKSPACE` of ``factorisation`` ("cholesky": fit_ridge, kernel_ridge,
-    gp_posterior; "eigh": eigh, loo, select_ridge, gradient_flow) on ``device``."""
+    gp_posterior; "eigh": eigh, loo, select_ridge, gradient_flow) on ``device``; with
+    ``overwrite_k`` (fit_ridge's, select_ridge's, fit_classifier's: K checked and factorised
+    in its own memory) one copy less."""
     key = (factorisation, "cpu" if device is None else device)
     if key not in SOLVE_WORKSPACE:
         raise ValueError(f"solve_workspace takes a factorisation of "
                          f"{sorted({f for f, _ in SOLVE_WORKSPACE})} and a device of "
                          f"{sorted({d for _, d in SOLVE_WORKSPACE})}; got {factorisation!r}, "
                          f"{device!r}")
-    return SOLVE_WORKSPACE[key]
+    return round(SOLVE_WORKSPACE[key] - (1.0 if overwrite_k else 0.0), 6)
+
+
+def spectrum_tol(E: "KernelEigh") -> float:
+    """``n eps max|s|``: the eigenvalues of K + lambda I at or below it are rounding, so that
+    matrix is taken as singular (or, below ``-tol``, indefinite)."""
+    smax = max(abs(scalar(E.s[-1])), abs(scalar(E.s[0])), 1e-300)
+    return E.n * np.finfo(np.float64).eps * smax
 
 
 def as_eigh(K, device) -> KernelEigh:

@@ -1,4 +1,5 @@
-"""Kernel ridge regression and the NNGP posterior (one Cholesky factorisation each)."""
+"""Kernel ridge regression and the NNGP posterior (one Cholesky factorisation each; or, at a
+ridge chosen by leave-one-out, from that eigendecomposition)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from ..arrays import cupy_module
-from .linalg import (as_float64, check_finite, check_gram, check_ridge, check_targets,
-                     check_test_kernel, cho_solve, cholesky, tri_solve, xp_for)
+from .linalg import (KernelEigh, NotPositiveDefinite, as_float64, check_finite, check_gram,
+                     check_ridge, check_targets, check_test_kernel, cho_solve, cholesky, scalar,
+                     spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 def _cholesky_workspace(xp) -> float:
     """Copies of K a Cholesky solve needs beside K (load_gram's ``workspace``): NumPy factorises
@@ -35,21 +37,41 @@ class RidgeSolution:
 
 
 def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
-              device=None) -> RidgeSolution:
+              device=None, overwrite_k: bool = False) -> RidgeSolution:
     """Kernel ridge regression: ``alpha = (K + ridge I)^-1 Y`` by Cholesky in float64.
 
     All columns of ``Y`` (n, k) share one factorisation.  ``ridge`` is absolute (multiply by
     :func:`ridge_scale` for a relative one); 0 is the interpolating solution.  See
-    :func:`cholesky` for the jitter."""
+    :func:`cholesky` for the jitter.  ``overwrite_k``: a C-contiguous float64 K is checked and
+    factorised in its own memory (no copy of it; K is destroyed)."""
     ridge = check_ridge(ridge)
     xp = xp_for(device, K, Y)
-    K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=_cholesky_workspace(xp))
+    K = check_gram(K, device="cuda" if xp is not np else "cpu", overwrite=overwrite_k,
+                   _workspace=_cholesky_workspace(xp))
     Y, one_d = check_targets(Y, K.shape[0], xp=xp)
     L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True,
                     device="cuda" if xp is not np else "cpu")
     alpha = cho_solve(xp, L, Y)
     return RidgeSolution(alpha=alpha, ridge=ridge, jitter=j, one_d=one_d,
                          device="cpu" if xp is np else "cuda")
+
+
+def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
+    """``alpha = U diag(1 / (s + ridge)) U^T Y`` from K's eigendecomposition ``E`` (:func:`eigh`):
+    the fit at a ridge that leave-one-out chose from the same decomposition, with no second
+    factorisation and no copy of K.  Raises :class:`NotPositiveDefinite` where K + ridge I is
+    singular or indefinite (an eigenvalue within :func:`spectrum_tol` of 0 or below), where a
+    Cholesky would have needed jitter."""
+    ridge = check_ridge(ridge)
+    xp, tol = E.xp, spectrum_tol(E)
+    Y, one_d = check_targets(Y, E.n, xp=xp)
+    s_min = scalar(E.s[0])
+    if s_min + ridge <= tol:
+        raise NotPositiveDefinite(
+            f"K + {ridge:g} I ({E.n} x {E.n}) is {spectrum_problem(s_min, ridge, tol)}: K's "
+            f"smallest eigenvalue is {s_min:.3g}; use a larger ridge")
+    alpha = E.U @ ((E.U.T @ Y) / (E.s + ridge)[:, None])
+    return RidgeSolution(alpha=alpha, ridge=ridge, one_d=one_d, device=E.device)
 
 
 def kernel_ridge(K, Y, K_test, ridge: float = 0.0, **kw):

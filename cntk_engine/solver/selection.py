@@ -19,8 +19,8 @@ import numpy as np
 from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, block_rows, check_gram, check_ridge,
                      check_targets, check_test_kernel, eigh, ridge_scale, scalar, spectrum_problem,
-                     xp_for)
-from .ridge import fit_ridge
+                     spectrum_tol, xp_for)
+from .ridge import fit_ridge, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
 
@@ -131,6 +131,17 @@ def check_groups(groups, n: int) -> Groups | None:
     return Groups(index=index, n_groups=len(sizes), blocks=tuple(blocks))
 
 
+def _inverse_diagonals(xp, U, W):
+    """``(A_r^-1)_ii = sum_j U_ij^2 W_jr`` for every sample i and column r of ``W`` (``W_jr =
+    1 / (s_j + lambda_r)``), by blocks of rows: no n x n temporary beside U."""
+    out = xp.empty((U.shape[0], W.shape[1]), dtype=np.float64)
+    step = block_rows(U.shape[0])
+    for i in range(0, U.shape[0], step):
+        a = U[i:i + step] * U[i:i + step]
+        out[i:i + step] = a @ W
+    return out
+
+
 def _inverse_entries(xp, U, w, rows, cols):
     """``(A^-1)_{rows[t], cols[t]} = sum_j U_{rows[t], j} w_j U_{cols[t], j}`` for every t
     (``w = 1 / (s + lambda)``), by blocks of rows: temporaries stay small."""
@@ -190,23 +201,24 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     s, U = E.s, E.U
     blocks = [] if grp is None else [xp.asarray(b) for b in grp.blocks]
     UtY = U.T @ Y
-    U2 = U * U
-    smax = max(abs(scalar(s[-1])), abs(scalar(s[0])), 1e-300)
-    tol = E.n * np.finfo(np.float64).eps * smax
+    tol = spectrum_tol(E)
+    solvable = [scalar(xp.min(s)) + lam > tol for lam in r]
+    W = xp.stack([1.0 / (s + lam) if ok else xp.zeros_like(s) for lam, ok in zip(r, solvable)],
+                 axis=1)
+    ainv_diags = _inverse_diagonals(xp, U, W)
     mse = np.full(len(r), np.nan)
     acc = None if lab is None else np.full(len(r), np.nan)
     preds = [] if return_predictions else None
     for i, lam in enumerate(r):
-        d = s + lam
-        if scalar(xp.min(d)) <= tol:
+        if not solvable[i]:
             log.info("LOO: K + %g I is %s (smallest eigenvalue %.3g): skipped", lam,
-                     spectrum_problem(scalar(s[0]), lam, tol), scalar(xp.min(d)))
+                     spectrum_problem(scalar(s[0]), lam, tol), scalar(s[0]) + lam)
             if preds is not None:
                 preds.append(None)
             continue
-        alpha = U @ (UtY / d[:, None])
-        w = 1.0 / d
-        ainv_diag = U2 @ w
+        w = W[:, i]
+        alpha = U @ (UtY / (s + lam)[:, None])
+        ainv_diag = ainv_diags[:, i]
         resid = alpha / ainv_diag[:, None]
         for B in blocks:        # groups of |G| = size >= 2: resid_G = [(A^-1)_GG]^-1 alpha_G
             m, size = B.shape
@@ -298,7 +310,8 @@ class RidgeSelection:
 
 
 def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
-                 groups=None, n_folds: int = 5, seed=0, device=None) -> RidgeSelection:
+                 groups=None, n_folds: int = 5, seed=0, device=None,
+                 overwrite_k: bool = False) -> RidgeSelection:
     """Choose lambda on a grid by LOO (default; one eigendecomposition) or k-fold.
 
     ``ridges``: absolute values; default ``RELATIVE_RIDGE_GRID x mean(diag K)``.  ``score``:
@@ -308,7 +321,9 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     ``np.searchsorted(classes, y)`` with ``Y, classes = paper_targets(y)`` (raw labels such
     as {1, 3, 7} or strings are refused: they would score every ridge wrongly).  ``groups``:
     one group label per sample; the samples of a group are left out together (leave-one-group-
-    out, or whole groups per fold; see :func:`loo`), e.g. an image and its flipped copy."""
+    out, or whole groups per fold; see :func:`loo`), e.g. an image and its flipped copy.
+    ``overwrite_k``: a C-contiguous float64 K is checked and decomposed in its own memory (its
+    eigenvectors are written over it: one copy of K less, :func:`solve_workspace`)."""
     if method not in ("loo", "kfold"):
         raise ValueError(f"method must be 'loo' or 'kfold'; got {method!r}")
     if score == "auto":
@@ -323,7 +338,8 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
     if E is None:
         xp = xp_for(device, K, Y)
-        K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+        K = check_gram(K, device="cpu" if xp is np else "cuda", overwrite=overwrite_k,
+                       _workspace=2.1)
         n = K.shape[0]
         scale = ridge_scale(K)
     else:   # mean(diag K) = trace(K) / n = sum(s) / n
@@ -376,6 +392,21 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
                           eigh=E if method == "loo" else None)
 
 
+def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bool = False):
+    """``(solution, selection)``: kernel ridge regression at ``ridge`` relative to mean(diag K)
+    (a number >= 0; ``selection`` None), or, for ``"auto"``, at the ridge that exact
+    leave-one-out chose (:func:`select_ridge` with ``labels``, ``groups``) on
+    :data:`RELATIVE_RIDGE_GRID`, fitted from the eigendecomposition that chose it
+    (:func:`~.ridge.fit_ridge_eigh`: no second factorisation, no jitter).  Memory beyond K:
+    :func:`solve_workspace` of "eigh" for "auto", of "cholesky" for a number;
+    ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less."""
+    if isinstance(ridge, str) and ridge == "auto":
+        sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo",
+                           overwrite_k=overwrite_k)
+        return fit_ridge_eigh(sel.eigh, Y, sel.ridge), sel
+    lam = check_ridge(ridge) * ridge_scale(K)
+    return fit_ridge(K, Y, lam, overwrite_k=overwrite_k), None
+
 
 def _shape(a) -> tuple:
     return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
@@ -413,16 +444,19 @@ def _square_gram(K) -> int:
     return shape[0]
 
 
-def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=None) -> ClassifierFit:
+def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=None,
+                   overwrite_k: bool = False) -> ClassifierFit:
     """Kernel regression on the training Gram ``K`` as a classifier of the labels ``y_train``
     (numbers, strings or bytes; at least 2 classes): targets "paper" (0.9 / -0.1,
     :func:`~.targets.paper_targets`) or "onehot"; ``ridge`` "auto" (chosen by exact
     leave-one-out accuracy over :data:`RELATIVE_RIDGE_GRID`, leaving ``groups`` out together)
-    or a number >= 0 relative to mean(diag K).  Predict with :meth:`ClassifierFit.predict`."""
+    or a number >= 0 relative to mean(diag K) (:func:`fit_relative_ridge`).  ``overwrite_k``:
+    K is given up, checked and factorised in its own memory (one copy of it less).  Predict
+    with :meth:`ClassifierFit.predict`."""
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     y_train = check_labels(y_train, n_train, "y_train")
-    return _fit_classifier(K, y_train, ridge, targets, groups)
+    return _fit_classifier(K, y_train, ridge, targets, groups, overwrite_k)
 
 
 def _targets(y_train, targets: str):
@@ -451,23 +485,20 @@ def check_classifier_labels(y_train, y_test=None, *, targets: str = "paper"):
     return y_train, y_test, classes
 
 
-def _fit_classifier(K, y_train, ridge, targets: str, groups) -> ClassifierFit:
+def _fit_classifier(K, y_train, ridge, targets: str, groups, overwrite_k: bool = False) -> ClassifierFit:
     Y, classes = _targets(y_train, targets)
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
-    info = {}
-    if ridge == "auto":
-        sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo")
+    sol, sel = fit_relative_ridge(K, Y, ridge, labels=labels, groups=groups,
+                                  overwrite_k=overwrite_k)
+    if sel is not None:
         i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
-        info.update(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
+        info = dict(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
                     loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo",
                     loo_groups=sel.scores.n_groups)
-        lam = sel.ridge
     else:
-        lam = ridge * ridge_scale(K)
-        info.update(ridge_relative=ridge)
-    sol = fit_ridge(K, Y, lam)
-    info.update(ridge_absolute=lam, jitter=sol.jitter)
+        info = dict(ridge_relative=ridge)
+    info.update(ridge_absolute=sol.ridge, jitter=sol.jitter)
     return ClassifierFit(sol, classes, info, Y)
 
 
