@@ -102,8 +102,10 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     it is a new one and the caller's ``K`` is never modified: one float64 copy of K and no
     other n x n temporary (the check and the symmetrisation go by blocks of rows; a float32,
     CuPy<->NumPy or Zarr input, converted anyway, is symmetrised in that converted copy).
-    ``overwrite``: a C-contiguous float64 ``K`` on the solve's device is symmetrised in its
-    own memory and returned (no copy; the caller gives K up).
+    ``overwrite``: a C-contiguous, writeable float64 ``K`` on the solve's device is
+    symmetrised in its own memory and returned (no copy; the caller gives K up: a view's base
+    and a memmap's file opened ``r+`` are written too); it is checked before it is written,
+    so a K refused is left as it was.
     Raises ValueError for a non-square or non-2-D ``K``, NaN/Inf or complex entries, or an
     asymmetry beyond ``sym_rtol * max|K|`` (rounding of a float32 Gram is ~1e-7 relative)."""
     xp = xp_for(device, K)
@@ -116,27 +118,59 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     check_finite(xp, K, name)
     n, step = K.shape[0], block_rows(K.shape[0])
     scale = max(scalar(xp.max(xp.abs(K[i:i + step]))) for i in range(0, n, step))
-    S = K if private and K.flags.c_contiguous else xp.empty((n, n), dtype=np.float64)
+    in_place = private and K.flags.c_contiguous
+    # in place, the whole asymmetry is measured before anything is written (one more read of
+    # K): the caller's K, refused, is left as it was
+    S = None if in_place else xp.empty((n, n), dtype=np.float64)
     asym = 0.0
-    for i in range(0, n, step):       # the diagonal block and the blocks right of / below it
-        j = min(i + step, n)
-        D = K[i:j, i:j]
+    for i, j, D, up, low in _triangle_blocks(K, step):
         asym = max(asym, scalar(xp.max(xp.abs(D - D.T))))
-        S[i:j, i:j] = (D + D.T) * 0.5
-        if j < n:
-            up, low = K[i:j, j:], K[j:, i:j].T
+        if up is not None:
             diff = up - low
             asym = max(asym, scalar(xp.max(xp.abs(diff, out=diff))))
             del diff
-            avg = up + low
-            avg *= 0.5
-            S[i:j, j:] = avg
-            S[j:, i:j] = avg.T
+        if S is not None:
+            _write_symmetric_block(S, i, j, D, up, low)
     if asym > sym_rtol * scale:
         raise ValueError(f"{name} is not symmetric: max |K - K^T| = {asym:.3g} is more than "
                          f"{sym_rtol:g} x max |K| = {scale:.3g}; pass the train-vs-train Gram "
                          "(the test-vs-train kernel goes to K_test)")
+    if S is None:
+        S = K
+        for i, j, D, up, low in _triangle_blocks(K, step):
+            _write_symmetric_block(S, i, j, D, up, low)
     return S
+
+
+def _triangle_blocks(K, step):
+    """``(i, j, D, up, low)`` per block of rows i:j: the diagonal block D and the blocks right
+    of it (``up``) and below it, transposed (``low``); None at the last rows.  A block's
+    writes (:func:`_write_symmetric_block`) touch no later block's reads."""
+    n = K.shape[0]
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        yield (i, j, K[i:j, i:j]) + ((K[i:j, j:], K[j:, i:j].T) if j < n else (None, None))
+
+
+def _write_symmetric_block(S, i, j, D, up, low):
+    S[i:j, i:j] = (D + D.T) * 0.5
+    if up is not None:
+        avg = up + low
+        avg *= 0.5
+        S[i:j, j:] = avg
+        S[j:, i:j] = avg.T
+
+
+def apart_from(K, a, overwrite: bool, name: str = "Y"):
+    """``a``, or a copy of it where K is to be overwritten and ``a`` may share K's memory (the
+    targets or a test kernel given as a view of K: they would read the factor)."""
+    if not overwrite or a is None or not hasattr(a, "shape"):
+        return a
+    xp = cupy_module() if is_cupy(K) else np
+    if is_cupy(K) != is_cupy(a) or not xp.may_share_memory(K, a):
+        return a
+    log.debug("%s shares K's memory, which overwrite_k gives up: copied", name)
+    return a.copy()
 
 
 def check_finite(xp, a, name):

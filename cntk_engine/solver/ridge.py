@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from ..arrays import cupy_module
-from .linalg import (KernelEigh, NotPositiveDefinite, as_float64, check_finite, check_gram,
-                     check_ridge, check_targets, check_test_kernel, cho_solve, cholesky, scalar,
-                     spectrum_problem, spectrum_tol, tri_solve, xp_for)
+from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, check_finite,
+                     check_gram, check_ridge, check_targets, check_test_kernel, cho_solve,
+                     cholesky, scalar, spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 def _cholesky_workspace(xp) -> float:
     """Copies of K a Cholesky solve needs beside K (load_gram's ``workspace``): NumPy factorises
@@ -42,10 +42,12 @@ def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: floa
 
     All columns of ``Y`` (n, k) share one factorisation.  ``ridge`` is absolute (multiply by
     :func:`ridge_scale` for a relative one); 0 is the interpolating solution.  See
-    :func:`cholesky` for the jitter.  ``overwrite_k``: a C-contiguous float64 K is checked and
-    factorised in its own memory (no copy of it; K is destroyed)."""
+    :func:`cholesky` for the jitter.  ``overwrite_k``: a C-contiguous, writeable float64 K is
+    checked and factorised in its own memory (no copy of it; K is given up, see
+    :func:`check_gram`; a ``Y`` that is a view of K is copied first)."""
     ridge = check_ridge(ridge)
     xp = xp_for(device, K, Y)
+    Y = apart_from(K, Y, overwrite_k)
     K = check_gram(K, device="cuda" if xp is not np else "cpu", overwrite=overwrite_k,
                    _workspace=_cholesky_workspace(xp))
     Y, one_d = check_targets(Y, K.shape[0], xp=xp)
@@ -59,23 +61,30 @@ def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: floa
 def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
     """``alpha = U diag(1 / (s + ridge)) U^T Y`` from K's eigendecomposition ``E`` (:func:`eigh`):
     the fit at a ridge that leave-one-out chose from the same decomposition, with no second
-    factorisation and no copy of K.  Raises :class:`NotPositiveDefinite` where K + ridge I is
-    singular or indefinite (an eigenvalue within :func:`spectrum_tol` of 0 or below), where a
-    Cholesky would have needed jitter."""
+    factorisation and no copy of K, and consistent with the scores that chose it.  Its error is
+    O(cond(K + ridge I) eps), as a Cholesky solve's is, with a larger constant: where K + ridge
+    I is near singular (ridge 0 on a condition number of 1e8 to 1e13) about ten to twenty times
+    the Cholesky's (docs/solver.md).  Raises :class:`NotPositiveDefinite` where K + ridge I has an
+    eigenvalue at or below :func:`spectrum_tol` (the rule by which :func:`loo` skips a ridge;
+    stricter than a Cholesky's, which may factorise such a matrix without jitter)."""
     ridge = check_ridge(ridge)
     xp, tol = E.xp, spectrum_tol(E)
     Y, one_d = check_targets(Y, E.n, xp=xp)
     s_min = scalar(E.s[0])
     if s_min + ridge <= tol:
         raise NotPositiveDefinite(
-            f"K + {ridge:g} I ({E.n} x {E.n}) is {spectrum_problem(s_min, ridge, tol)}: K's "
-            f"smallest eigenvalue is {s_min:.3g}; use a larger ridge")
+            f"K + {ridge:g} I ({E.n} x {E.n}) is {spectrum_problem(s_min, ridge, tol)}: its "
+            f"smallest eigenvalue, {s_min + ridge:.3g}"
+            + (f" (K's {s_min:.3g})" if ridge else "") + ", is not above the rounding of K's "
+            f"spectrum, n eps max|s| = {tol:.3g}; use a larger ridge")
     alpha = E.U @ ((E.U.T @ Y) / (E.s + ridge)[:, None])
     return RidgeSolution(alpha=alpha, ridge=ridge, one_d=one_d, device=E.device)
 
 
 def kernel_ridge(K, Y, K_test, ridge: float = 0.0, **kw):
-    """Predictions ``K_test (K + ridge I)^-1 Y``: (m,) or (m, k).  ``kw``: :func:`fit_ridge`."""
+    """Predictions ``K_test (K + ridge I)^-1 Y``: (m,) or (m, k).  ``kw``: :func:`fit_ridge`
+    (with ``overwrite_k``, a ``K_test`` that is K or a view of it is copied first)."""
+    K_test = apart_from(K, K_test, kw.get("overwrite_k", False), "K_test")
     return fit_ridge(K, Y, ridge, **kw).predict(K_test)
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (KernelEigh, NotPositiveDefinite, block_rows, check_gram, check_ridge,
-                     check_targets, check_test_kernel, eigh, ridge_scale, scalar, spectrum_problem,
-                     spectrum_tol, xp_for)
+from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, check_gram,
+                     check_ridge, check_targets, check_test_kernel, eigh, ridge_scale, scalar,
+                     spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
@@ -201,8 +201,8 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     s, U = E.s, E.U
     blocks = [] if grp is None else [xp.asarray(b) for b in grp.blocks]
     UtY = U.T @ Y
-    tol = spectrum_tol(E)
-    solvable = [scalar(xp.min(s)) + lam > tol for lam in r]
+    tol, s_min = spectrum_tol(E), scalar(s[0])       # s ascending
+    solvable = [s_min + lam > tol for lam in r]
     W = xp.stack([1.0 / (s + lam) if ok else xp.zeros_like(s) for lam, ok in zip(r, solvable)],
                  axis=1)
     ainv_diags = _inverse_diagonals(xp, U, W)
@@ -212,7 +212,7 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     for i, lam in enumerate(r):
         if not solvable[i]:
             log.info("LOO: K + %g I is %s (smallest eigenvalue %.3g): skipped", lam,
-                     spectrum_problem(scalar(s[0]), lam, tol), scalar(s[0]) + lam)
+                     spectrum_problem(s_min, lam, tol), s_min + lam)
             if preds is not None:
                 preds.append(None)
             continue
@@ -322,8 +322,10 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     as {1, 3, 7} or strings are refused: they would score every ridge wrongly).  ``groups``:
     one group label per sample; the samples of a group are left out together (leave-one-group-
     out, or whole groups per fold; see :func:`loo`), e.g. an image and its flipped copy.
-    ``overwrite_k``: a C-contiguous float64 K is checked and decomposed in its own memory (its
-    eigenvectors are written over it: one copy of K less, :func:`solve_workspace`)."""
+    ``overwrite_k``: a C-contiguous, writeable float64 K is checked and decomposed in its own
+    memory (on the CPU its eigenvectors are written over it; CuPy's eigh decomposes a copy of
+    it: one copy of K less either way, :func:`solve_workspace`; K is given up, see
+    :func:`~.linalg.check_gram`; a ``Y`` that is a view of K is copied first)."""
     if method not in ("loo", "kfold"):
         raise ValueError(f"method must be 'loo' or 'kfold'; got {method!r}")
     if score == "auto":
@@ -338,6 +340,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
     if E is None:
         xp = xp_for(device, K, Y)
+        Y = apart_from(K, Y, overwrite_k)
         K = check_gram(K, device="cpu" if xp is np else "cuda", overwrite=overwrite_k,
                        _workspace=2.1)
         n = K.shape[0]
@@ -400,7 +403,10 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
     (:func:`~.ridge.fit_ridge_eigh`: no second factorisation, no jitter).  Memory beyond K:
     :func:`solve_workspace` of "eigh" for "auto", of "cholesky" for a number;
     ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less."""
-    if isinstance(ridge, str) and ridge == "auto":
+    if isinstance(ridge, str):
+        if ridge != "auto":
+            raise ValueError(f"ridge must be 'auto' or a number >= 0 (relative to mean(diag K)); "
+                             f"got {ridge!r}")
         sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo",
                            overwrite_k=overwrite_k)
         return fit_ridge_eigh(sel.eigh, Y, sel.ridge), sel
@@ -485,7 +491,8 @@ def check_classifier_labels(y_train, y_test=None, *, targets: str = "paper"):
     return y_train, y_test, classes
 
 
-def _fit_classifier(K, y_train, ridge, targets: str, groups, overwrite_k: bool = False) -> ClassifierFit:
+def _fit_classifier(K, y_train, ridge, targets: str, groups,
+                    overwrite_k: bool = False) -> ClassifierFit:
     Y, classes = _targets(y_train, targets)
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
@@ -518,9 +525,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     training set.  Returns a dict: accuracy, ridge_relative, ridge_absolute, jitter; with
     "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without);
     unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
-    interpolating solve beside it, or, where K is too far from positive definite for that solve
-    even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the reason in
-    ridge0_error.  (:func:`fit_classifier` is the fit alone, for predictions.)"""
+    interpolating solve beside it (where "auto" chose 0, the chosen fit's figures: it is that
+    solve, from the eigendecomposition), or, where K is too far from positive definite for
+    that solve even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the
+    reason in ridge0_error.  (:func:`fit_classifier` is the fit alone, for predictions.)"""
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     shape_test = _shape(K_test)
@@ -536,7 +544,9 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     out = {k: v for k, v in fit.info.items() if k not in ("ridge_absolute", "jitter")}
     out.update(accuracy=accuracy(fit.predict(K_test), y_test),
                ridge_absolute=fit.info["ridge_absolute"], jitter=fit.info["jitter"])
-    if ridge == "auto" or ridge != 0:
+    if ridge == "auto" and fit.info["ridge_absolute"] == 0:     # the chosen fit is that solve
+        out.update(accuracy_ridge0=out["accuracy"], jitter_ridge0=0.0)
+    elif ridge == "auto" or ridge != 0:
         try:
             sol0 = fit_ridge(K, fit.Y, 0.0)
         except NotPositiveDefinite as e:       # the side figure only: the chosen ridge solved
