@@ -523,6 +523,19 @@ def test_cupy_matches_numpy(rng):
     Ks, _ = psd(rng, 20, p=5)
     assert S.fit_ridge(cp.asarray(Ks), cp.ones(20), 0.0).jitter > 0
     assert S.select_ridge(Kg, Yg, labels=labels).eigh.device == "cuda"
+    # K given up on the GPU (overwrite_k): the CPU's fits; the auto fit from the eigendecomposition
+    for ridge in ("auto", 0.01):
+        A = Kg.copy()
+        fit = S.fit_classifier(A, labels, ridge=ridge, overwrite_k=True)
+        ref = S.fit_classifier(K, labels, ridge=ridge)
+        assert fit.solution.device == "cuda" and fit.info["ridge_absolute"] == pytest.approx(
+            ref.info["ridge_absolute"], rel=1e-12)
+        np.testing.assert_allclose(fit.solution.alpha.get(), ref.solution.alpha, rtol=1e-7, atol=1e-10)
+    E = S.eigh(Kg)
+    np.testing.assert_allclose(S.fit_ridge_eigh(E, Yg, 0.01).alpha.get(), sol.alpha.get(), rtol=1e-7)
+    A = Kg.copy()                                     # a test kernel that is K: copied first
+    np.testing.assert_allclose(S.kernel_ridge(A, Yg, A, 0.01, overwrite_k=True).get(),
+                               S.kernel_ridge(K, Y, K, 0.01), rtol=1e-7)
     # indefinite: cuSOLVER's failure flag is read (CuPy's default ignores it and may return a
     # finite "factor"), so it is refused as on the CPU, never solved with jitter 0
     bad = np.eye(6)
