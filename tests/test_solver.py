@@ -1,6 +1,7 @@
 """Solver: ridge vs numpy/scipy, LOO vs refits, k-fold, gradient flow, GP posterior, jitter,
 bad input, Zarr loading, CuPy."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -1122,3 +1123,24 @@ def test_solve_workspace_names_the_copies_and_refuses_what_it_does_not_know():
     with pytest.raises(ValueError, match=r"a factorisation of \['cholesky', 'eigh'\] and a device "
                                          r"of \['cpu', 'cuda'\]; got 'lu', 'cpu'"):
         S.solve_workspace("lu")
+
+
+def test_long_factorisations_say_that_they_run(rng, caplog, monkeypatch):
+    """From ANNOUNCE_FROM (20,000: minutes to hours on a CPU) a factorisation says as it starts
+    that nothing more is said until it ends, and then its seconds; below it, nothing."""
+    from cntk_engine.solver import linalg
+    K, _ = psd(rng, 30)
+    with caplog.at_level(logging.INFO, logger="cntk_engine"):
+        S.fit_ridge(K, np.ones(30), 0.1)
+        S.eigh(K)
+    assert "factorisation" not in caplog.text and "eigendecomposition" not in caplog.text
+    monkeypatch.setattr(linalg, "ANNOUNCE_FROM", 30)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cntk_engine"):
+        S.fit_ridge(K, np.ones(30), 0.1)
+        S.select_ridge(K, np.ones(30))
+    assert ("Cholesky factorisation of the 30 x 30 training Gram (float64, on the CPU): O(n^3), "
+            "nothing is said until it ends") in caplog.text
+    assert "eigendecomposition of the 30 x 30 training Gram (float64, on the CPU)" in caplog.text
+    assert re.search(r"Cholesky factorisation done in \d+ s", caplog.text)
+    assert re.search(r"eigendecomposition done in \d+ s", caplog.text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,7 +313,8 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     def attempt(v):
         A[idx, idx] = diag + v
-        L = _cholesky_inplace(xp, A)
+        with announced("Cholesky factorisation", n, xp):
+            L = _cholesky_inplace(xp, A)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
         return L
@@ -391,12 +394,34 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
     xp = xp_for(device, K)
     if not _overwrite:
         K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=2.1)
-    if xp is np:
-        import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
-        s, U = scipy.linalg.eigh(K.T, check_finite=False, overwrite_a=True, driver="evd")
-    else:
-        s, U = xp.linalg.eigh(K)
+    with announced("eigendecomposition", K.shape[0], xp):
+        if xp is np:
+            import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
+            s, U = scipy.linalg.eigh(K.T, check_finite=False, overwrite_a=True, driver="evd")
+        else:
+            s, U = xp.linalg.eigh(K)
     return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda")
+
+
+#: The n from which a factorisation is logged as it starts and ends: one LAPACK call of minutes
+#: to hours with nothing else said (at 20,000 an eigendecomposition takes some 10 minutes on a
+#: 2-core machine: bench/bench_solver.py's figures by n^3).
+ANNOUNCE_FROM = 20_000
+
+
+@contextmanager
+def announced(what: str, n: int, xp):
+    """Log (INFO) the start and the seconds of a factorisation of an n x n matrix where
+    n >= :data:`ANNOUNCE_FROM`."""
+    if n < ANNOUNCE_FROM:
+        yield
+        return
+    where = "the CPU" if xp is np else "the GPU"
+    log.info("%s of the %d x %d training Gram (float64, on %s): O(n^3), nothing is said until "
+             "it ends", what, n, n, where)
+    t = time.perf_counter()
+    yield
+    log.info("%s done in %.0f s", what, time.perf_counter() - t)
 
 
 #: Copies of a loaded float64 K that a solve needs beyond K, by factorisation and device: the
