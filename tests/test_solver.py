@@ -545,6 +545,44 @@ def test_cupy_matches_numpy(rng):
         S.fit_ridge(cp.asarray(bad), cp.ones(6), 0.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("ridge,factorisation", [("auto", "eigh"), (0.01, "cholesky")])
+def test_gpu_solve_workspace_holds(rng, ridge, factorisation):
+    """solve_workspace's GPU figures (read from CuPy's code: a Cholesky and an eigh each work on
+    a copy of their own, syevd's workspace taken as 2 n^2) measured: CuPy's memory pool, emptied
+    before, holds after fit_classifier (K given up, as `solve --device cuda` gives it) the blocks
+    of its peak use, which must be within the figure; then the same under a pool limit of K plus
+    that figure, which must not run out.  The measured copies are printed (the GPU session's
+    log holds them)."""
+    cp = _cupy_or_skip()
+    n = 4000
+    K, _ = psd(rng, n, p=n // 2 + 50)
+    K += 1e-3 * np.trace(K) / n * np.eye(n)          # full rank: every ridge of the grid solves
+    labels = rng.integers(0, 10, size=n)
+    ws = S.solve_workspace(factorisation, "cuda", overwrite_k=True)
+    pool = cp.get_default_memory_pool()
+    S.fit_classifier(cp.asarray(K[:64, :64]), labels[:64], ridge=ridge)   # cuSOLVER handle, kernels
+    Kg = cp.asarray(K)
+    nb = Kg.nbytes
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    fit = S.fit_classifier(Kg, labels, ridge=ridge, overwrite_k=True)
+    cp.cuda.Device().synchronize()
+    peak = (pool.total_bytes() - before) / nb
+    del fit
+    print(f"GPU solve workspace, {factorisation}, n = {n}: {peak:.3f} copies of K beyond it "
+          f"(solve_workspace says {ws:g})")    # in the GPU session's log (its pytest's -rP)
+    assert peak <= ws, (peak, ws)
+    Kg = cp.asarray(K)
+    pool.free_all_blocks()
+    limit = pool.get_limit()
+    try:
+        pool.set_limit(size=pool.total_bytes() + int(ws * nb))
+        S.fit_classifier(Kg, labels, ridge=ridge, overwrite_k=True)
+    finally:
+        pool.set_limit(size=limit)
+
+
 # ----------------------------------------------------------------------------- labels = class columns
 HINT = r"np\.searchsorted\(classes, y\)"
 

@@ -256,6 +256,7 @@ phase_tests() {
   # the GPU tests beyond tests/test_cuda.py's: the solver on the GPU (CuPy, cuSOLVER), from
   # Python and from `cntk-engine solve --device cuda` (zarr from .whl)
   local elsewhere=(tests/test_solver.py::test_cupy_matches_numpy
+                   tests/test_solver.py::test_gpu_solve_workspace_holds
                    tests/test_cli_solve.py::test_device_cuda_gives_the_cpus_figures)
   if [ "$DRY" = 1 ]; then
     # the GPU tests skip here with their reason; this runs their collection and skip logic (a
@@ -309,7 +310,9 @@ ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), depth=2, backend
     "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" -k "stack or myrtle" 2>&1 || rc=1
     echo "--- the CNN kernels' tests"
-    "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 20 -p no:cacheprovider "${xdist[@]}" \
+    # -rP: the output of the tests that passed, where they print a measurement (the solver's
+    # GPU workspace, test_gpu_solve_workspace_holds); xdist relays it, not a plain print
+    "$PY" -P -X faulthandler -m pytest -v -rfEsP --durations 20 -p no:cacheprovider "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" "${elsewhere[@]}" \
       -k "not (stack or myrtle)" 2>&1 || rc=1
     return $rc
