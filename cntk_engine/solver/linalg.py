@@ -166,10 +166,13 @@ def _write_symmetric_block(S, i, j, D, up, low):
 def apart_from(K, a, overwrite: bool, name: str = "Y"):
     """``a``, or a copy of it where K is to be overwritten and ``a`` may share K's memory (the
     targets or a test kernel given as a view of K: they would read the factor)."""
-    if not overwrite or a is None or not hasattr(a, "shape"):
+    # only arrays in memory (a zarr.Array, or a list, shares nothing; may_share_memory would
+    # read it whole), on one device
+    if not overwrite or is_cupy(K) != is_cupy(a) or not (
+            is_cupy(K) or (isinstance(K, np.ndarray) and isinstance(a, np.ndarray))):
         return a
     xp = cupy_module() if is_cupy(K) else np
-    if is_cupy(K) != is_cupy(a) or not xp.may_share_memory(K, a):
+    if not xp.may_share_memory(K, a):
         return a
     log.debug("%s shares K's memory, which overwrite_k gives up: copied", name)
     return a.copy()
