@@ -79,6 +79,15 @@ def test_memory_refusal_gives_the_command_line_s_ways_out(kept, capsys, monkeypa
     rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test", folder / "test.zarr")
     assert rc == 2 and "with the solve's workspace (2.1 copies); available RAM" in e, e
     assert "max_memory" not in e and "(--ridge R, a number, needs 0.1 copies of K" in e, e
+    # beyond EVD_MAX_N (32,766: syevr, U new, no 2 n^2 workspace) the figure for that n
+    from cntk_engine.solver import linalg
+    with monkeypatch.context() as m:
+        m.setattr(linalg, "EVD_MAX_N", 3)
+        rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
+                       folder / "test.zarr")
+    assert rc == 2 and "with the solve's workspace (1.1 copies); available RAM" in e, e
+    assert ("(--ridge R, a number, needs 0.1 copies of K for its solve instead of the 1.1 of "
+            "--ridge auto's eigendecomposition)") in e, e
     # from Python the parameter is named
     with pytest.raises(solver.GramTooLarge, match=r"Free memory, raise max_memory, solve on"):
         solver.load_train_test(folder / "train.zarr", folder / "test.zarr", workspace=3)

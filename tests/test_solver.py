@@ -566,6 +566,7 @@ def test_gpu_solve_workspace_holds(rng, ridge, factorisation):
     nb = Kg.nbytes
     pool.free_all_blocks()
     before = pool.total_bytes()
+    assert before >= nb                               # K is in the pool: the pool is CuPy's allocator
     fit = S.fit_classifier(Kg, labels, ridge=ridge, overwrite_k=True)
     cp.cuda.Device().synchronize()
     peak = (pool.total_bytes() - before) / nb
@@ -747,14 +748,17 @@ def test_overwrite_k_never_reads_what_it_wrote_nor_writes_what_it_refuses(rng):
     np.testing.assert_allclose(S.kernel_ridge(A, Y, A, 0.1, overwrite_k=True), K @ ref.alpha[:, 0],
                                rtol=1e-9)
     A = K.copy()
-    np.testing.assert_allclose(S.fit_ridge(A, A[:, 3] * 1.0, 0.1, overwrite_k=True).alpha,
-                               S.fit_ridge(K, K[:, 3], 0.1).alpha, rtol=1e-9)
-    A = K.copy()
     np.testing.assert_allclose(S.fit_ridge(A, A[:, 3], 0.1, overwrite_k=True).alpha,
                                S.fit_ridge(K, K[:, 3], 0.1).alpha, rtol=1e-9)
     A = K.copy()
     sel = S.select_ridge(A, A[:, :2], overwrite_k=True)
-    assert sel.ridge == S.select_ridge(K, K[:, :2]).ridge
+    np.testing.assert_allclose(sel.scores.mse, S.select_ridge(K, K[:, :2]).scores.mse, rtol=1e-9)
+    from cntk_engine.solver.selection import fit_relative_ridge
+    for ridge in ("auto", 0.01):       # the fit after the eigendecomposition reads Y too
+        A = K.copy()
+        sol, _ = fit_relative_ridge(A, A[:, :2], ridge, overwrite_k=True)
+        np.testing.assert_allclose(sol.alpha, fit_relative_ridge(K, K[:, :2], ridge)[0].alpha,
+                                   rtol=1e-8, atol=1e-12)
     # what is not an array in memory is never converted to be compared (a zarr.Array would be
     # read whole): returned as it is
     class Unreadable:
@@ -1115,8 +1119,18 @@ def test_load_gram_memory_decision(tmp_path, rng, monkeypatch):
     Y = rng.normal(size=16)
     np.testing.assert_allclose(S.fit_ridge(a, Y, 0.1).alpha[:, 0], np.linalg.solve(K + 0.1 * np.eye(16), Y),
                                rtol=1e-8)
-    with pytest.raises(S.GramTooLarge, match=r"2\.1 copies"):
+    with pytest.raises(S.GramTooLarge, match=r"2\.1 copies") as e:
         S.loo(a, Y, [0.1])
+    assert e.value.n == 16
+    # a workspace as a function of n (solve_workspace's figure for the Gram's size)
+    seen = []
+    with pytest.raises(S.GramTooLarge, match=r"\(2\.5 copies\)"):
+        S.load_gram(a, workspace=lambda n: seen.append(n) or 2.5)
+    assert seen == [16]
+    with pytest.raises(ValueError, match=r"workspace must be a number >= 0 \(copies of K the solve "
+                                         r"needs beyond it\), or a function of K's side n "
+                                         r"returning one; got -1"):
+        S.load_gram(a, workspace=lambda n: -1)
     c = g.create_array("cplx", shape=K.shape, dtype="complex128", chunks=(8, 8))
     with pytest.raises(ValueError, match="complex"):
         S.load_gram(c)
@@ -1169,6 +1183,13 @@ def test_solve_workspace_names_the_copies_and_refuses_what_it_does_not_know():
     assert S.solve_workspace("cholesky") == 1.1 and S.solve_workspace("eigh", "cpu") == 3.1
     assert S.solve_workspace("cholesky", None) == 1.1
     assert S.solve_workspace("cholesky", "cuda") == 2.1 and S.solve_workspace("eigh", "cuda") == 4.1
+    # beyond EVD_MAX_N the CPU's eigendecomposition is syevr's: no 2 n^2 workspace, U new
+    from cntk_engine.solver.linalg import EVD_MAX_N
+    assert S.solve_workspace("eigh", n=EVD_MAX_N) == 3.1
+    assert S.solve_workspace("eigh", n=EVD_MAX_N + 1) == 2.1
+    assert S.solve_workspace("eigh", n=50_000, overwrite_k=True) == 1.1
+    assert S.solve_workspace("eigh", "cuda", n=50_000) == 4.1
+    assert S.solve_workspace("cholesky", n=50_000) == 1.1
     with pytest.raises(ValueError, match=r"a factorisation of \['cholesky', 'eigh'\] and a device "
                                          r"of \['cpu', 'cuda'\]; got 'lu', 'cpu'"):
         S.solve_workspace("lu")
@@ -1193,3 +1214,56 @@ def test_long_factorisations_say_that_they_run(rng, caplog, monkeypatch):
     assert "eigendecomposition of the 30 x 30 training Gram (float64, on the CPU)" in caplog.text
     assert re.search(r"Cholesky factorisation done in \d+ s", caplog.text)
     assert re.search(r"eigendecomposition done in \d+ s", caplog.text)
+
+
+def test_syevd_beyond_32bit_integers_is_replaced_by_syevr():
+    """SciPy's LAPACK counts syevd's workspace (1 + 6 n + 2 n^2 doubles) in a 32-bit integer: at
+    n = 32,767 the count overflows and its workspace query answers a size far too small
+    (numpy#25564), so eigh at CIFAR-10's 50,000 would fail, or worse.  EVD_MAX_N is the last n
+    whose count fits, and the query says so on both sides of it."""
+    from scipy.linalg import get_lapack_funcs
+    from scipy.linalg.lapack import _compute_lwork
+    from cntk_engine.solver import linalg
+    n = linalg.EVD_MAX_N
+    assert 1 + 6 * n + 2 * n * n <= 2 ** 31 - 1 < 1 + 6 * (n + 1) + 2 * (n + 1) ** 2
+    query, = get_lapack_funcs(("syevd_lwork",), (np.zeros((2, 2)),))
+    lwork = lambda m: _compute_lwork(query, n=m, compute_v=1, lower=1)[0]   # noqa: E731
+    assert lwork(n) >= 1 + 6 * n + 2 * n * n
+    if lwork(n + 1) >= 2 * (n + 1) ** 2:
+        pytest.skip("this SciPy's LAPACK counts syevd's workspace in 64 bits: EVD_MAX_N could "
+                    "be raised for it")
+    assert lwork(50_000) < 2 * 50_000 ** 2                # the overflow, as CIFAR-10 would meet it
+
+
+def test_eigh_by_syevr_beyond_evd_max_n(rng, caplog, monkeypatch):
+    """Beyond EVD_MAX_N, eigh uses syevr (O(n) workspace; U a new array, the private copy
+    destroyed): the same decomposition to ~1e-12 (orthogonality) and the same leave-one-out
+    scores, ridge and fit; one copy of K less than syevd (checked at n = 1000 with the limit
+    lowered)."""
+    from cntk_engine.solver import linalg
+    n = 1000
+    K, phi = psd(rng, n, p=300)
+    K += 1e-4 * np.trace(K) / n * np.eye(n)
+    y = (phi[:, 0] > 0).astype(int) + (phi[:, 1] > 0.5)
+    S.fit_classifier(K[:50, :50].copy(), y[:50], overwrite_k=True)      # warm imports
+    ref = S.fit_classifier(K, y)
+    E_ref = S.eigh(K)
+    evd_peak, _ = _peak(lambda: S.fit_classifier(K, y))
+    monkeypatch.setattr(linalg, "EVD_MAX_N", n - 1)
+    with caplog.at_level(logging.INFO, logger="cntk_engine"):
+        E = S.eigh(K)
+    assert (f"eigendecomposition by LAPACK syevr (MRRR), not syevd: at n = {n} syevd's workspace "
+            f"(2 n^2 + 6 n + 1) is beyond a 32-bit LAPACK integer (n <= {n - 1})") in caplog.text
+    assert np.abs(E.U.T @ E.U - np.eye(n)).max() < 1e-10
+    np.testing.assert_allclose(E.s, E_ref.s, rtol=1e-10, atol=1e-12 * E_ref.s[-1])
+    assert np.abs(K @ E.U - E.U * E.s).max() < 1e-12 * E.s[-1]
+    fit = S.fit_classifier(K, y)
+    assert fit.info["ridge_relative"] == ref.info["ridge_relative"]
+    np.testing.assert_allclose(fit.info["loo_mse"], ref.info["loo_mse"], rtol=1e-9)
+    np.testing.assert_allclose(fit.solution.alpha, ref.solution.alpha, rtol=1e-8, atol=1e-10)
+    evr_peak, _ = _peak(lambda: S.fit_classifier(K, y))
+    A = K.copy()
+    given_up, _ = _peak(lambda: S.fit_classifier(A, y, overwrite_k=True))
+    nb = K.nbytes
+    assert evd_peak - evr_peak > 0.9 * nb and given_up < 1.2 * nb, (evd_peak / nb, evr_peak / nb,
+                                                                   given_up / nb)

@@ -27,9 +27,10 @@ image with its flip), ``--ridge auto``'s leave-one-out leaves each group out tog
 scored image stays in the training set (a DATA whose record says it holds flips but that lacks
 them is refused with ``--ridge auto``).  Stores of the flip-symmetrised kernel on such a
 training set are solved with a warning (every image is then in it twice, for nothing).
-Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram
-in its own memory (2.1 more copies of it; a number: 0.1;
-:func:`cntk_engine.solver.solve_workspace` with ``overwrite_k``), refused
+Memory: both matrices as float64 and, for ``auto``, an eigendecomposition of the training Gram,
+given up to it (2.1 more copies of it on the CPU, 1.1 beyond 32,766 images, 3.1 on the GPU;
+a number: 0.1, 1.1 on the GPU; :func:`cntk_engine.solver.solve_workspace` with
+``overwrite_k`` and the Gram's n), refused
 before anything is read where it does not fit: in the host's memory, or with ``--device cuda``
 in the current GPU's (CuPy and cuSOLVER: the solver's GPU path, ``docs/solver.md``; the host
 still holds the float64 matrix as it is read).
@@ -193,9 +194,9 @@ def run(args) -> int:
     # memory (solver.solve_workspace, overwrite_k: the K read is the solve's alone)
     try:
         loaded = solver.load_train_test(args.train, args.test, args.key,
-                                        workspace=solver.solve_workspace(
+                                        workspace=lambda n: solver.solve_workspace(
                                             "eigh" if ridge == "auto" else "cholesky", args.device,
-                                            overwrite_k=True),
+                                            overwrite_k=True, n=n),
                                         device=args.device, x_train=d["x_train"],
                                         x_test=d["x_test"], data_format="NCHW")
     except solver.GramTooLarge as e:
@@ -203,7 +204,7 @@ def run(args) -> int:
         if e.limit == "free GPU memory":
             hints.append("--device cpu solves in the host's memory")
         if ridge == "auto" and not e.staging:        # the workspace, not the host's reading
-            ws = {f: solver.solve_workspace(f, args.device, overwrite_k=True)
+            ws = {f: solver.solve_workspace(f, args.device, overwrite_k=True, n=e.n)
                   for f in ("cholesky", "eigh")}
             hints.append(f"--ridge R, a number, needs {ws['cholesky']:g} cop"
                          f"{'y' if ws['cholesky'] == 1 else 'ies'} of K for its solve instead of "

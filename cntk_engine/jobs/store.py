@@ -183,11 +183,12 @@ class GramTooLarge(MemoryError, ValueError):
     """A stored Gram would not fit in the memory allowed (``max_memory``).  ``limit``: the
     memory it does not fit in ("the limit", "available RAM" or "free GPU memory");
     ``staging``: the host's memory to read it for the GPU, which the solve's workspace does not
-    change."""
+    change; ``n``: the side of the (training) Gram."""
 
-    def __init__(self, msg: str, limit: str = "available RAM", staging: bool = False):
+    def __init__(self, msg: str, limit: str = "available RAM", staging: bool = False,
+                 n: int | None = None):
         super().__init__(msg)
-        self.limit, self.staging = limit, staging
+        self.limit, self.staging, self.n = limit, staging, n
 
 
 class _LostRace(Exception):
@@ -1773,10 +1774,16 @@ def _check_load_options(max_memory, workspace) -> None:
             max_memory, (int, np.integer)) or max_memory <= 0):
         raise ValueError("max_memory must be a positive number of bytes (an int, e.g. 8 * 2**30) "
                          f"or None (the available memory); got {max_memory!r}")
+    if not callable(workspace):
+        _check_workspace(workspace)
+
+
+def _check_workspace(workspace) -> float:
     if isinstance(workspace, bool) or not isinstance(workspace, (int, float, np.number)) or \
             not math.isfinite(workspace) or workspace < 0:
-        raise ValueError("workspace must be a number >= 0 (copies of K the solve needs beyond it); "
-                         f"got {workspace!r}")
+        raise ValueError("workspace must be a number >= 0 (copies of K the solve needs beyond it), "
+                         f"or a function of K's side n returning one; got {workspace!r}")
+    return float(workspace)
 
 
 @dataclass
@@ -1873,11 +1880,14 @@ def _locate(source, key: str | None, device) -> _Stored:
     return found
 
 
-def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, max_memory) -> None:
+def _check_memory(kernels: list[tuple[str, _Stored]], workspace, device, max_memory) -> None:
     """Refuse (:class:`GramTooLarge`), before anything is read, to load the ``(label, kernel)``
     pairs where they do not fit: the float64 matrices, ``workspace`` copies of the first (the
     matrix the solve factorises) and the reading's buffers (one matrix is read at a time); log
     what they take where they fit."""
+    n = kernels[0][1].shape[0]
+    if callable(workspace):          # the solve's figure for this n (solver.solve_workspace)
+        workspace = _check_workspace(workspace(n))
     sizes = [k.nbytes for _, k in kernels]
     readings = [k.reading() for _, k in kernels]
     total, work = sum(sizes), workspace * sizes[0]
@@ -1901,7 +1911,7 @@ def _check_memory(kernels: list[tuple[str, _Stored]], workspace: float, device, 
             raise GramTooLarge(msg + ": does not fit. Free memory, "
                                + (f"raise {limit_option}, " if limit_option else "")
                                + "solve on a larger machine, or use fewer training samples",
-                               limit=place, staging=staging)
+                               limit=place, staging=staging, n=n)
     log.info("loading " + msg)
 
 
@@ -1944,8 +1954,9 @@ def load_gram(source, key: str | None = None, *, max_memory: int | None = None,
     ``workspace``: copies of K the solver needs beyond it: about 1 for ``fit_ridge``,
     ``kernel_ridge``, ``gp_posterior`` (the default: 1); about 3 for ``eigh``, ``loo``,
     ``select_ridge``, ``kfold`` and ``gradient_flow``; one less where the solve is given K
-    (``overwrite_k``); ``solver.solve_workspace(factorisation, device, overwrite_k=...)`` gives
-    the figures measured, with a margin, and the GPU's (``docs/solver.md``).
+    (``overwrite_k``); ``solver.solve_workspace(factorisation, device, overwrite_k=..., n=...)``
+    gives the figures measured, with a margin, and the GPU's (``docs/solver.md``).  Or a
+    function of K's side n returning that number (read from the store before anything else).
     Reading a non-float64 array also holds the raw array while converting it.  A store whose job is
     unfinished is refused (its missing tiles read as NaN).  An array of a cntk_engine store is
     verified as it is read (every chunk decodes and matches its checksum) and

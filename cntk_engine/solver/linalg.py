@@ -277,7 +277,7 @@ def _cholesky_inplace(xp, A):
             L = xp.linalg.cholesky(A)
     except Exception:  # noqa: BLE001 - LinAlgError when not positive definite
         return None
-    return L if bool(xp.isfinite(L).all()) else None
+    return L if math.isfinite(scalar(xp.sum(L))) else None     # no n x n bool temporary
 
 
 def _restore_from_upper(xp, A, diag):
@@ -316,12 +316,18 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     def attempt(v):
         A[idx, idx] = diag + v
-        with announced("Cholesky factorisation", n, xp):
-            L = _cholesky_inplace(xp, A)
+        L = _cholesky_inplace(xp, A)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
         return L
 
+    with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
+        return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter)
+
+
+def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter):
+    """:func:`cholesky`'s attempts: ``ridge``, then growing jitter (A is K between them)."""
+    n = A.shape[0]
     L = attempt(ridge)
     if L is not None:
         return L, 0.0
@@ -359,8 +365,10 @@ def cho_solve(xp, L, B):
         import scipy.linalg   # L.T: the upper factor in Fortran order, passed without a copy
         return scipy.linalg.cho_solve((L.T, False), B, check_finite=False)
     from cupyx.scipy.linalg import solve_triangular
-    Z = solve_triangular(L, B, lower=True)
-    return solve_triangular(L, Z, lower=True, trans="T")
+    # L.T: the upper factor, Fortran-contiguous, which solve_triangular takes without a copy
+    # (it converts its matrix to Fortran order: L itself, C-contiguous, would be copied)
+    Z = solve_triangular(L.T, B, lower=False, trans="T")
+    return solve_triangular(L.T, Z, lower=False)
 
 
 def tri_solve(xp, L, B):
@@ -368,7 +376,7 @@ def tri_solve(xp, L, B):
         import scipy.linalg   # L x = B as (L^T)^T x = B: L^T is Fortran-ordered, no copy
         return scipy.linalg.solve_triangular(L.T, B, lower=False, trans="T", check_finite=False)
     from cupyx.scipy.linalg import solve_triangular
-    return solve_triangular(L, B, lower=True)
+    return solve_triangular(L.T, B, lower=False, trans="T")      # L.T: no copy (cho_solve)
 
 
 @dataclass
@@ -388,22 +396,47 @@ class KernelEigh:
 
 
 def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
-    """Symmetric eigendecomposition ``K = U diag(s) U^T`` in float64 (LAPACK syevd / cuSOLVER).
+    """Symmetric eigendecomposition ``K = U diag(s) U^T`` in float64 (LAPACK syevd, syevr beyond
+    :data:`EVD_MAX_N` / cuSOLVER).
 
     Memory (NumPy): the checked private copy of K (:func:`check_gram`) is decomposed in place
-    (U is written over it), plus syevd's workspace of 2 n^2 floats: 3 x K in all beyond K.
+    (U is written over it), plus syevd's workspace of 2 n^2 floats: 3 x K in all beyond K
+    (beyond :data:`EVD_MAX_N`: that copy, destroyed, and U, new: 2 x K).
     ``_overwrite`` (internal): K is already such a private, checked, C-contiguous float64
     copy and may be destroyed."""
     xp = xp_for(device, K)
     if not _overwrite:
         K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=2.1)
-    with announced("eigendecomposition", K.shape[0], xp):
-        if xp is np:
-            import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
-            s, U = scipy.linalg.eigh(K.T, check_finite=False, overwrite_a=True, driver="evd")
-        else:
-            s, U = xp.linalg.eigh(K)
+    n = K.shape[0]
+    if xp is np:
+        import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
+        driver = "evd" if n <= EVD_MAX_N else "evr"
+        if driver == "evr":
+            log.info("eigendecomposition by LAPACK syevr (MRRR), not syevd: at n = %d syevd's "
+                     "workspace (2 n^2 + 6 n + 1) is beyond a 32-bit LAPACK integer (n <= %d)",
+                     n, EVD_MAX_N)
+        with announced("eigendecomposition", n, xp):
+            s, U = scipy.linalg.eigh(K.T, check_finite=False, overwrite_a=True, driver=driver)
+    else:
+        with announced("eigendecomposition", n, xp):
+            try:
+                s, U = xp.linalg.eigh(K)
+            except Exception as e:  # noqa: BLE001 - cuSOLVER's errors: said with the size
+                raise RuntimeError(
+                    f"cuSOLVER's eigendecomposition (CuPy's eigh) of the {n} x {n} Gram failed: "
+                    f"{type(e).__name__}: {e}; its workspace query is known to fail beyond "
+                    "n of about 25,000 (NVIDIA/CUDALibrarySamples#246): solve on the CPU "
+                    "(device='cpu', cntk-engine solve --device cpu), or give a ridge (a "
+                    "Cholesky)") from e
     return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda")
+
+
+#: The largest n that LAPACK syevd (divide and conquer, eigenvectors) decomposes with 32-bit
+#: integers: its workspace, 1 + 6 n + 2 n^2 doubles, is counted in one (SciPy's LAPACK; at
+#: 32,767 the count overflows, and LAPACK then works in a workspace too small: numpy#25564).
+#: Beyond it :func:`eigh` uses syevr (MRRR: O(n) workspace, the eigenvectors in a new n x n
+#: array; as fast, its eigenvectors orthogonal to ~1e-13 rather than ~1e-15: docs/solver.md).
+EVD_MAX_N = 32766
 
 
 #: The n from which a factorisation is logged as it starts and ends: one LAPACK call of minutes
@@ -424,6 +457,8 @@ def announced(what: str, n: int, xp):
              "it ends", what, n, n, where)
     t = time.perf_counter()
     yield
+    if xp is not np:          # CuPy may return before the GPU is done (its eigh under "ignore")
+        xp.cuda.get_current_stream().synchronize()
     log.info("%s done in %.0f s", what, time.perf_counter() - t)
 
 
@@ -440,18 +475,22 @@ SOLVE_WORKSPACE = {("cholesky", "cpu"): 1.1, ("eigh", "cpu"): 3.1,
                    ("cholesky", "cuda"): 2.1, ("eigh", "cuda"): 4.1}
 
 
-def solve_workspace(factorisation: str, device: str = "cpu", *, overwrite_k: bool = False) -> float:
+def solve_workspace(factorisation: str, device: str = "cpu", *, overwrite_k: bool = False,
+                    n: int | None = None) -> float:
     """:data:`SOLVE_WORKSPACE` of ``factorisation`` ("cholesky": fit_ridge, kernel_ridge,
     gp_posterior; "eigh": eigh, loo, select_ridge, gradient_flow) on ``device``; with
     ``overwrite_k`` (fit_ridge's, select_ridge's, fit_classifier's: K checked and factorised
-    in its own memory) one copy less."""
+    in its own memory) one copy less; an eigendecomposition on the CPU of an ``n`` beyond
+    :data:`EVD_MAX_N` (syevr: U new, no n^2 workspace) one copy less again."""
     key = (factorisation, "cpu" if device is None else device)
     if key not in SOLVE_WORKSPACE:
         raise ValueError(f"solve_workspace takes a factorisation of "
                          f"{sorted({f for f, _ in SOLVE_WORKSPACE})} and a device of "
                          f"{sorted({d for _, d in SOLVE_WORKSPACE})}; got {factorisation!r}, "
                          f"{device!r}")
-    return round(SOLVE_WORKSPACE[key] - (1.0 if overwrite_k else 0.0), 6)
+    by_syevr = key == ("eigh", "cpu") and n is not None and n > EVD_MAX_N
+    return round(SOLVE_WORKSPACE[key] - (1.0 if overwrite_k else 0.0)
+                 - (1.0 if by_syevr else 0.0), 6)
 
 
 def spectrum_tol(E: "KernelEigh") -> float:

@@ -403,6 +403,7 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
     (:func:`~.ridge.fit_ridge_eigh`: no second factorisation, no jitter).  Memory beyond K:
     :func:`solve_workspace` of "eigh" for "auto", of "cholesky" for a number;
     ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less."""
+    Y = apart_from(K, Y, overwrite_k)      # the fit reads Y after the eigendecomposition
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be 'auto' or a number >= 0 (relative to mean(diag K)); "
