@@ -1892,3 +1892,19 @@ def test_bench_solver_times_both_ridges_and_measures_the_workspace(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         bench_solver.main(["--ns", "10", "--out-dir", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_bench_solver_large_solves_by_syevr_and_checks_the_residual(tmp_path, monkeypatch):
+    """bench/bench_solver_large.py, tiny (the syevd limit lowered below its n): the solve by
+    syevr with K given up, its residual from K rebuilt by blocks small, the JSON written."""
+    from bench import bench_solver_large
+    from cntk_engine.solver import linalg
+    monkeypatch.setattr(linalg, "EVD_MAX_N", 100)
+    rec = bench_solver_large.main(["--n", "300", "--out-dir", str(tmp_path)])
+    (f,) = tmp_path.glob("solver_large_*.json")
+    assert json.loads(f.read_text())["relative_residual"] == rec["relative_residual"]
+    assert rec["eigh_driver"] == "syevr" and rec["n"] == 300 and rec["evd_max_n"] == 100
+    assert rec["relative_residual"] < 1e-10 and rec["solve_workspace"] == 1.1
+    assert 0.25 < rec["loo_accuracy"] <= 1
+    monkeypatch.setattr(linalg, "EVD_MAX_N", 32766)
+    assert bench_solver_large.main(["--n", "300", "--out-dir", str(tmp_path)])["eigh_driver"] == "syevd"
