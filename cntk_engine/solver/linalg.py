@@ -435,7 +435,7 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
 #: integers: its workspace, 1 + 6 n + 2 n^2 doubles, is counted in one (SciPy's LAPACK; at
 #: 32,767 the count overflows, and LAPACK then works in a workspace too small: numpy#25564).
 #: Beyond it :func:`eigh` uses syevr (MRRR: O(n) workspace, the eigenvectors in a new n x n
-#: array; as fast, its eigenvectors orthogonal to ~1e-13 rather than ~1e-15: docs/solver.md).
+#: array; about as fast, its eigenvectors orthogonal to ~1e-12 rather than ~1e-15: docs/solver.md).
 EVD_MAX_N = 32766
 
 
