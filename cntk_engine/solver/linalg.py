@@ -111,8 +111,8 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     Raises ValueError for a non-square or non-2-D ``K``, NaN/Inf or complex entries, or an
     asymmetry beyond ``sym_rtol * max|K|`` (rounding of a float32 Gram is ~1e-7 relative)."""
     xp = xp_for(device, K)
-    K, private = as_float64_private(xp, K, name=name, workspace=_workspace)
-    private = private or (overwrite and getattr(K.flags, "writeable", True))
+    K, owned = as_float64_private(xp, K, name=name, workspace=_workspace)
+    given = not owned and overwrite and getattr(K.flags, "writeable", True)
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"{name} must be a square (n, n) Gram matrix; got shape {tuple(K.shape)}")
     if K.shape[0] == 0:
@@ -120,10 +120,11 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     check_finite(xp, K, name)
     n, step = K.shape[0], block_rows(K.shape[0])
     scale = max(scalar(xp.max(xp.abs(K[i:i + step]))) for i in range(0, n, step))
-    in_place = private and K.flags.c_contiguous
-    # in place, the whole asymmetry is measured before anything is written (one more read of
-    # K): the caller's K, refused, is left as it was
-    S = None if in_place else xp.empty((n, n), dtype=np.float64)
+    in_place = (owned or given) and K.flags.c_contiguous
+    # the caller's K given up is written only once the whole asymmetry is measured (one more
+    # read of K), so that a K refused is left as it was; a conversion of our own (float32,
+    # Zarr, another device) is symmetrised as it is checked
+    S = None if given and in_place else K if in_place else xp.empty((n, n), dtype=np.float64)
     asym = 0.0
     for i, j, D, up, low in _triangle_blocks(K, step):
         asym = max(asym, scalar(xp.max(xp.abs(D - D.T))))
@@ -422,6 +423,8 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
             try:
                 s, U = xp.linalg.eigh(K)
             except Exception as e:  # noqa: BLE001 - cuSOLVER's errors: said with the size
+                if n < 20_000:      # not the size limit below: CuPy's own error, as it is
+                    raise
                 raise RuntimeError(
                     f"cuSOLVER's eigendecomposition (CuPy's eigh) of the {n} x {n} Gram failed: "
                     f"{type(e).__name__}: {e}; its workspace query is known to fail beyond "
