@@ -5,20 +5,19 @@ LAPACK): the time ``cntk-engine solve`` spends after reading the stores, by n.
 
 Per n, ``solver.fit_classifier`` and its ``predict`` (of m = n / 5 test rows), as ``solve``
 calls them (``overwrite_k``: the loaded K is given up and factorised in its own memory; each
-call gets a fresh copy of K, made outside the timing): ``ridge="auto"`` (one
-eigendecomposition, exact leave-one-out accuracy over ``RELATIVE_RIDGE_GRID``, the fit at the
-ridge chosen from the same decomposition) and a given ridge (a Cholesky fit).  The Gram is the Gaussian kernel exp(-|a - b|^2 / 32) of n random points
-in 16 dimensions (positive definite, as a CNTK Gram of distinct images is), the labels random
-among ``--classes``.  Seconds: the median of ``--repeats``; peak memory beyond K in float64
-copies of K: ``tracemalloc`` over one more call (NumPy's arrays, LAPACK's workspace arrays
-included; the BLAS library's own buffers are not seen), beside the figure
-``solver.solve_workspace(..., overwrite_k=True)`` states and ``cntk-engine solve`` checks
-before reading (docs/solver.md); and the peak of the API's default, K left as it is
-(``peak_copies_of_K_kept``, beside ``solve_workspace_kept``).  The seconds of the
-largest n are extrapolated to CIFAR-10's 50,000 training images by the n^3 of the
+call gets a fresh copy of K, made outside the timing): ``ridge="auto"`` (one eigendecomposition,
+exact leave-one-out accuracy over ``RELATIVE_RIDGE_GRID``, the fit at the ridge chosen from the
+same decomposition) and a given ridge (a Cholesky fit).  The Gram is the Gaussian kernel
+exp(-|a - b|^2 / 32) of n random points in 16 dimensions (positive definite, as a CNTK Gram of
+distinct images is), the labels random among ``--classes``.  Seconds: the median of
+``--repeats``; peak memory beyond K in float64 copies of K: ``tracemalloc`` over one more call
+(NumPy's arrays, LAPACK's workspace arrays included; the BLAS library's own buffers are not
+seen), beside the figure ``solver.solve_workspace(..., overwrite_k=True)`` states and
+``cntk-engine solve`` checks before reading (docs/solver.md); and the peak of the API's default,
+K left as it is (``peak_copies_of_K_kept``, beside ``solve_workspace_kept``).  The seconds of
+the largest n are extrapolated to CIFAR-10's 50,000 training images by the n^3 of the
 factorisations (where it is at least ``EXTRAPOLATE_FROM``): an extrapolation on this machine,
-said as one, not a measurement.  Writes
-<out-dir>/solver_<date>.json.
+said as one, not a measurement.  Writes <out-dir>/solver_<date>.json.
 """
 from __future__ import annotations
 
