@@ -781,6 +781,83 @@ def test_overwrite_k_never_reads_what_it_wrote_nor_writes_what_it_refuses(rng):
         np.testing.assert_array_equal(T, before)
 
 
+def test_a_k_given_up_is_written_only_once_every_input_is_checked(rng):
+    """With overwrite_k, a call refused for its other inputs (targets, labels, groups, ridges,
+    folds, max_jitter) leaves K as it was, even where K was asymmetric within the tolerance
+    (its symmetrisation would be a write): each input is checked before K is written."""
+    K, _ = psd(rng, 40)
+    T = K.copy()
+    T[3, 5] += 1e-9 * np.abs(K).max()           # within SYM_RTOL: symmetrised when solved
+    Y = K[:, :2].copy()
+    from cntk_engine.solver.selection import fit_relative_ridge
+    refused = [
+        lambda A: S.fit_ridge(A, Y[:-1], 0.1, overwrite_k=True),
+        lambda A: S.fit_ridge(A, Y, 0.1, max_jitter=-1.0, overwrite_k=True),
+        lambda A: S.select_ridge(A, Y[:-1], overwrite_k=True),
+        lambda A: S.select_ridge(A, Y, labels=np.full(40, 7), overwrite_k=True),
+        lambda A: S.select_ridge(A, Y, ridges=[-1.0], overwrite_k=True),
+        lambda A: S.select_ridge(A, Y, groups=np.arange(39), overwrite_k=True),
+        lambda A: S.select_ridge(A, Y, method="kfold", n_folds=41, overwrite_k=True),
+        lambda A: fit_relative_ridge(A, Y[:-1], 0.01, overwrite_k=True),
+        lambda A: fit_relative_ridge(A, Y[:-1], "auto", overwrite_k=True),
+        lambda A: S.fit_classifier(A, np.arange(39) % 3, overwrite_k=True),
+    ]
+    for call in refused:
+        A = T.copy()
+        with pytest.raises(ValueError):
+            call(A)
+        np.testing.assert_array_equal(A, T)
+    A = T.copy()                                # accepted: then K is symmetrised in place
+    S.fit_ridge(A, Y, 0.1, overwrite_k=True)
+    assert not np.array_equal(A, T)
+    # refused after the eigendecomposition wrote over it: the message says so (a retry, as it
+    # suggests, needs the Gram again)
+    for overwrite in (False, True):
+        with pytest.raises(S.NotPositiveDefinite, match="indefinite") as e:
+            S.select_ridge(-np.eye(5) * 3.0, np.ones(5), overwrite_k=overwrite)
+        assert ("retry with the Gram as computed" in str(e.value)) == overwrite
+
+
+def test_a_relative_ridge_is_scaled_by_the_checked_k(rng, tmp_path):
+    """fit_relative_ridge with a number scales it by mean(diag K) of the K it checked: a
+    zarr.Array K is read once, by load_gram (memory checked), a float32 K's scale is its
+    float64 mean, and what is not a matrix gets the solver's message, as with "auto"."""
+    zarr = pytest.importorskip("zarr")
+    from cntk_engine.solver.selection import fit_relative_ridge
+    K, _ = psd(rng, 50)
+    K32 = K.astype(np.float32)
+    Y = K[:, :2]
+    sol, _ = fit_relative_ridge(K32, Y, 0.01)
+    K64 = K32.astype(np.float64)
+    assert sol.ridge == 0.01 * float(np.mean(np.diagonal(K64)))
+    z = zarr.open_array(tmp_path / "k.zarr", mode="w", shape=K32.shape, dtype="float32")
+    z[...] = K32
+    np.testing.assert_array_equal(fit_relative_ridge(z, Y, 0.01)[0].alpha, sol.alpha)
+    for ridge in (0.01, "auto"):
+        with pytest.raises(ValueError, match="is a path"):
+            fit_relative_ridge(str(tmp_path / "k.zarr"), Y, ridge)
+        with pytest.raises(ValueError, match="square"):
+            fit_relative_ridge(np.ones(50), Y, ridge)
+
+
+def test_a_converted_fortran_k_costs_one_copy(rng):
+    """A float32 K in Fortran order, converted to float64 (one copy), is solved in that copy:
+    the conversion's Fortran order is taken as its transpose (the same symmetric matrix in C
+    order), not copied once more."""
+    import tracemalloc
+    n = 600
+    K, _ = psd(rng, n)
+    KF = np.asfortranarray(K.astype(np.float32))
+    Y = K[:, :1].copy()
+    ref = S.fit_ridge(np.ascontiguousarray(KF), Y, 0.1)
+    tracemalloc.start()
+    sol = S.fit_ridge(KF, Y, 0.1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(sol.alpha, ref.alpha)
+    assert peak < 1.3 * n * n * 8, peak / (n * n * 8)
+
+
 def test_the_chosen_ridge_is_fitted_from_the_eigendecomposition(rng, monkeypatch):
     """ridge="auto" fits at the ridge leave-one-out chose from that eigendecomposition
     (fit_ridge_eigh): the solution of (K + lambda I) alpha = Y, no jitter; a ridge that leaves

@@ -97,7 +97,7 @@ def scalar(v) -> float:
 
 
 def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
-               overwrite: bool = False, _workspace: float = 1.0):
+               overwrite: bool = False, before_write=None, _workspace=1.0):
     """``K`` as a float64 square symmetric finite matrix (symmetrised: (K + K^T) / 2).
 
     The result is a C-contiguous array that the solver owns (and may overwrite).  By default
@@ -107,7 +107,9 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     ``overwrite``: a C-contiguous, writeable float64 ``K`` on the solve's device is
     symmetrised in its own memory and returned (no copy; the caller gives K up: a view's base
     and a memmap's file opened ``r+`` are written too); it is checked before it is written,
-    so a K refused is left as it was.
+    so a K refused is left as it was.  ``before_write``: a function of n, the caller's checks of
+    its other inputs, run once K is checked and before it is written (a call refused for them
+    leaves a K given up as it was); then ``(K, before_write(n))`` is returned.
     Raises ValueError for a non-square or non-2-D ``K``, NaN/Inf or complex entries, or an
     asymmetry beyond ``sym_rtol * max|K|`` (rounding of a float32 Gram is ~1e-7 relative)."""
     xp = xp_for(device, K)
@@ -120,6 +122,8 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
     check_finite(xp, K, name)
     n, step = K.shape[0], block_rows(K.shape[0])
     scale = max(scalar(xp.max(xp.abs(K[i:i + step]))) for i in range(0, n, step))
+    if owned and K.flags.f_contiguous and not K.flags.c_contiguous:
+        K = K.T      # a conversion that kept Fortran order: the same matrix to symmetrise, C order
     in_place = (owned or given) and K.flags.c_contiguous
     # the caller's K given up is written only once the whole asymmetry is measured (one more
     # read of K), so that a K refused is left as it was; a conversion of our own (float32,
@@ -138,11 +142,12 @@ def check_gram(K, name: str = "K", *, device=None, sym_rtol: float = SYM_RTOL,
         raise ValueError(f"{name} is not symmetric: max |K - K^T| = {asym:.3g} is more than "
                          f"{sym_rtol:g} x max |K| = {scale:.3g}; pass the train-vs-train Gram "
                          "(the test-vs-train kernel goes to K_test)")
+    rest = None if before_write is None else before_write(n)
     if S is None:
         S = K
         for i, j, D, up, low in _triangle_blocks(K, step):
             _write_symmetric_block(S, i, j, D, up, low)
-    return S
+    return S if before_write is None else (S, rest)
 
 
 def _triangle_blocks(K, step):
@@ -295,8 +300,12 @@ def _restore_from_upper(xp, A, diag):
     A[idx, idx] = diag
 
 
+def check_max_jitter(max_jitter) -> float:
+    return check_nonnegative(max_jitter, "max_jitter", "the largest jitter, times mean(diag K)")
+
+
 def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
-             device=None, overwrite_k: bool = False):
+             device=None, overwrite_k: bool = False, ridge_name: str = "ridge"):
     """Lower Cholesky factor of ``K + (ridge + j) I`` and the jitter ``j`` that was needed.
 
     ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  With ``jitter``
@@ -305,8 +314,9 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
     is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
-    of K is made and K is left as it is."""
-    max_jitter = check_nonnegative(max_jitter, "max_jitter", "the largest jitter, times mean(diag K)")
+    of K is made and K is left as it is.  ``ridge_name``: what the caller calls ``ridge`` (in
+    the messages)."""
+    max_jitter = check_max_jitter(max_jitter)
     xp = xp_for(device, K)
     n = K.shape[0]
     private = overwrite_k and getattr(K, "flags", None) is not None and K.flags.c_contiguous \
@@ -323,10 +333,11 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
         return L
 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
-        return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter)
+        return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
+                                      ridge_name)
 
 
-def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter):
+def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name):
     """:func:`cholesky`'s attempts: ``ridge``, then growing jitter (A is K between them)."""
     n = A.shape[0]
     L = attempt(ridge)
@@ -335,7 +346,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter):
     if not jitter:
         raise NotPositiveDefinite(
             f"K + {ridge:g} I ({n} x {n}) is not positive definite and jitter=False; use a "
-            "ridge > 0 or allow jitter")
+            f"{ridge_name} > 0 or allow jitter")
     scale = ridge_scale(A)
     mean_diag = scalar(xp.mean(diag))
     unit = "mean diagonal" if scale == mean_diag else (
@@ -358,7 +369,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter):
     raise NotPositiveDefinite(
         f"K + {ridge:g} I ({n} x {n}) is not positive definite even with jitter up to "
         f"{max_jitter:g} x {unit} = {max_jitter * scale:.3g}{smin}; check that K is a "
-        "Gram matrix (symmetric PSD) or use a larger ridge")
+        f"Gram matrix (symmetric PSD) or use a larger {ridge_name}")
 
 
 def cho_solve(xp, L, B):
@@ -407,7 +418,8 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
     copy and may be destroyed."""
     xp = xp_for(device, K)
     if not _overwrite:
-        K = check_gram(K, device="cuda" if xp is not np else "cpu", _workspace=2.1)
+        dev = "cuda" if xp is not np else "cpu"
+        K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev))
     n = K.shape[0]
     if xp is np:
         import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
@@ -494,6 +506,15 @@ def solve_workspace(factorisation: str, device: str = "cpu", *, overwrite_k: boo
     by_syevr = key == ("eigh", "cpu") and n is not None and n > EVD_MAX_N
     return round(SOLVE_WORKSPACE[key] - (1.0 if overwrite_k else 0.0)
                  - (1.0 if by_syevr else 0.0), 6)
+
+
+def loaded_workspace(factorisation: str, device: str, *, by_n: bool = True):
+    """``load_gram``'s ``workspace`` for a K the solver reads itself (a ``zarr.Array``): the
+    copy loaded is its own, so given up (:func:`solve_workspace` with ``overwrite_k``), for the
+    n read (``by_n`` False: not lowered for syevr, as for k-fold, whose folds' blocks may be
+    within :data:`EVD_MAX_N` where K is not)."""
+    return lambda n: solve_workspace(factorisation, device, overwrite_k=True,
+                                     n=n if by_n else None)
 
 
 def spectrum_tol(E: "KernelEigh") -> float:

@@ -9,14 +9,9 @@ import numpy as np
 
 from ..arrays import cupy_module
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, check_finite,
-                     check_gram, check_ridge, check_targets, check_test_kernel, cho_solve,
-                     cholesky, scalar, spectrum_problem, spectrum_tol, tri_solve, xp_for)
-
-def _cholesky_workspace(xp) -> float:
-    """Copies of K a Cholesky solve needs beside K (load_gram's ``workspace``): NumPy factorises
-    in place (LAPACK potrf on K's own memory; 0.1 for the blockwise passes), CuPy's cuSOLVER
-    factorises a copy."""
-    return 0.1 if xp is np else 1.1
+                     check_gram, check_max_jitter, check_ridge, check_targets, check_test_kernel,
+                     cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
+                     spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 
 @dataclass
@@ -45,17 +40,27 @@ def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: floa
     :func:`cholesky` for the jitter.  ``overwrite_k``: a C-contiguous, writeable float64 K is
     checked and factorised in its own memory (no copy of it; K is given up, see
     :func:`check_gram`; a ``Y`` that is a view of K is copied first)."""
-    ridge = check_ridge(ridge)
+    return fit_ridge_cholesky(K, Y, ridge, jitter=jitter, max_jitter=max_jitter, device=device,
+                              overwrite_k=overwrite_k)
+
+
+def fit_ridge_cholesky(K, Y, ridge: float, *, relative: bool = False, jitter: bool = True,
+                       max_jitter: float = 1e-3, device=None,
+                       overwrite_k: bool = False) -> RidgeSolution:
+    """:func:`fit_ridge`; with ``relative``, ``ridge`` times mean(diag K) of the K checked
+    (:func:`~.linalg.ridge_scale`; ``fit_relative_ridge``'s number, K read once)."""
+    ridge, max_jitter = check_ridge(ridge), check_max_jitter(max_jitter)
     xp = xp_for(device, K, Y)
+    dev = "cuda" if xp is not np else "cpu"
     Y = apart_from(K, Y, overwrite_k)
-    K = check_gram(K, device="cuda" if xp is not np else "cpu", overwrite=overwrite_k,
-                   _workspace=_cholesky_workspace(xp))
-    Y, one_d = check_targets(Y, K.shape[0], xp=xp)
-    L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True,
-                    device="cuda" if xp is not np else "cpu")
+    K, (Y, one_d) = check_gram(K, device=dev, overwrite=overwrite_k,
+                               before_write=lambda n: check_targets(Y, n, xp=xp),
+                               _workspace=loaded_workspace("cholesky", dev))
+    if relative:
+        ridge *= ridge_scale(K)
+    L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True, device=dev)
     alpha = cho_solve(xp, L, Y)
-    return RidgeSolution(alpha=alpha, ridge=ridge, jitter=j, one_d=one_d,
-                         device="cpu" if xp is np else "cuda")
+    return RidgeSolution(alpha=alpha, ridge=ridge, jitter=j, one_d=one_d, device=dev)
 
 
 def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
@@ -110,12 +115,12 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     noise = check_ridge(noise, "noise")
     xp = xp_for(device, K, Y, K_test)
     dev = "cpu" if xp is np else "cuda"
-    K = check_gram(K, device=dev, _workspace=_cholesky_workspace(xp))
+    K = check_gram(K, device=dev, _workspace=loaded_workspace("cholesky", dev))
     n = K.shape[0]
     Y, one_d = check_targets(Y, n, xp=xp)
     Kt = check_test_kernel(K_test, n, xp=xp)
     m = Kt.shape[0]
-    L, j = cholesky(K, noise, jitter=jitter, device=dev, overwrite_k=True)
+    L, j = cholesky(K, noise, jitter=jitter, device=dev, overwrite_k=True, ridge_name="noise")
     alpha = cho_solve(xp, L, Y)
     mean = Kt @ alpha
     mean = mean[:, 0] if one_d else mean

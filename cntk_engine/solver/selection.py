@@ -18,9 +18,9 @@ import numpy as np
 
 from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, check_gram,
-                     check_ridge, check_targets, check_test_kernel, eigh, ridge_scale, scalar,
-                     spectrum_problem, spectrum_tol, xp_for)
-from .ridge import fit_ridge, fit_ridge_eigh
+                     check_ridge, check_targets, check_test_kernel, eigh, loaded_workspace,
+                     ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
+from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
 
@@ -186,7 +186,8 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
         E, n, xp = K, K.n, K.xp
     else:
         xp = xp_for(device, K)
-        K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+        dev = "cpu" if xp is np else "cuda"
+        K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev))
         E, n = None, K.shape[0]
     if n < 2:           # every ridge would score the same: the fit without the sample is empty
         raise ValueError("leave-one-out (ridge selection) needs at least 2 training samples; got "
@@ -247,7 +248,8 @@ def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
     :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``).  ``groups``: as for
     :func:`loo`; the seeded permutation is of the groups, so a group is held out whole."""
     xp = xp_for(device, K, Y)
-    K = check_gram(K, device="cpu" if xp is np else "cuda", _workspace=2.1)
+    dev = "cpu" if xp is np else "cuda"
+    K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev, by_n=False))
     n = K.shape[0]
     Y, one_d = check_targets(Y, n, xp=xp)
     lab = _labels_vector(labels, n, Y.shape[1], one_d)
@@ -338,33 +340,42 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     E = K if isinstance(K, KernelEigh) else None
     if E is not None and method == "kfold":
         raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
+    xp = xp_for(device, K, Y) if E is None else E.xp
+    dev = "cpu" if xp is np else "cuda"
+
+    def the_rest(n):          # every input is checked before K is written and the O(n^3) step
+        Yc, one_d = check_targets(Y, n, xp=xp)
+        grp = check_groups(groups, n)
+        if method == "kfold":
+            _check_folds(n_folds, n, grp)
+        return (Yc, _labels_vector(labels, n, Yc.shape[1], one_d),
+                None if ridges is None else _ridges(ridges), grp)
+
     if E is None:
-        xp = xp_for(device, K, Y)
         Y = apart_from(K, Y, overwrite_k)
-        K = check_gram(K, device="cpu" if xp is np else "cuda", overwrite=overwrite_k,
-                       _workspace=2.1)
-        n = K.shape[0]
+        K, (Y, lab, r, grp) = check_gram(
+            K, device=dev, overwrite=overwrite_k, before_write=the_rest,
+            _workspace=loaded_workspace("eigh", dev, by_n=method == "loo"))
         scale = ridge_scale(K)
     else:   # mean(diag K) = trace(K) / n = sum(s) / n
-        xp, n = E.xp, E.n
+        Y, lab, r, grp = the_rest(E.n)
         scale = scalar(E.xp.sum(E.s)) / E.n
         scale = scale if scale > 0 else 1.0
-    dev = "cpu" if xp is np else "cuda"
-    # every input is checked before the O(n^3) step
-    Y, one_d = check_targets(Y, n, xp=xp)
-    lab = _labels_vector(labels, n, Y.shape[1], one_d)
-    r = _ridges(np.asarray(RELATIVE_RIDGE_GRID) * scale if ridges is None else ridges)
-    grp = check_groups(groups, n)
+    if r is None:
+        r = _ridges(np.asarray(RELATIVE_RIDGE_GRID) * scale)
+    given_k = E is None
     if method == "loo":
         if E is None:
             E = eigh(K, device=dev, _overwrite=True)     # K's private copy becomes U
             del K
         res = loo(E, Y, r, labels=lab, groups=grp)
     else:
-        _check_folds(n_folds, n, grp)
         res = _kfold(xp, K, Y, lab, r, n_folds, seed, grp)
     mse = np.where(np.isnan(res.mse), np.inf, res.mse)
     if not np.isfinite(mse).any():
+        # a retry, as the messages suggest, needs the Gram again: the decomposition wrote over it
+        retry = (" (K was given up, overwrite_k: the eigendecomposition may have written over "
+                 "it; retry with the Gram as computed)" if overwrite_k and given_k and method == "loo" else "")
         if res.s_min is not None and res.s_min + max(res.ridges) < -res.tol:
             raise NotPositiveDefinite(
                 f"K is indefinite: its smallest eigenvalue is {res.s_min:.3g} (largest "
@@ -372,13 +383,13 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
                 f"so K + ridge I is indefinite for every ridge of the grid "
                 f"[{', '.join(f'{v:.3g}' for v in res.ridges)}]; check that K is the "
                 f"train-vs-train Gram matrix (a "
-                f"kernel), or use ridges above {-res.s_min:.3g}")
+                f"kernel), or use ridges above {-res.s_min:.3g}{retry}")
         what = "singular" if res.s_min is not None else "singular or indefinite"
         raise NotPositiveDefinite(f"every ridge of the grid {res.ridges.tolist()} leaves K + "
                                   f"ridge I {what}"
                                   + (f" (K's smallest eigenvalue is {res.s_min:.3g})"
                                      if res.s_min is not None else "")
-                                  + "; use larger ridges")
+                                  + f"; use larger ridges{retry}")
     r = res.ridges
     if score == "accuracy":
         acc = np.where(np.isnan(res.accuracy), -np.inf, res.accuracy)
@@ -411,8 +422,7 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
         sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo",
                            overwrite_k=overwrite_k)
         return fit_ridge_eigh(sel.eigh, Y, sel.ridge), sel
-    lam = check_ridge(ridge) * ridge_scale(K)
-    return fit_ridge(K, Y, lam, overwrite_k=overwrite_k), None
+    return fit_ridge_cholesky(K, Y, ridge, relative=True, overwrite_k=overwrite_k), None
 
 
 def _shape(a) -> tuple:
