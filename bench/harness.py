@@ -32,7 +32,12 @@ read.  Each configuration records ``unique_pairs_per_s`` = N(N+1)/2 / median sec
 ``pairs_evaluated_per_s`` (the pairs the method actually computed per second: N(N+1)/2 for a
 method that uses the Gram's symmetry, N^2 for one that computes every ordered pair, as
 neural-tangents' ``kernel_fn(x, None)`` does), the arithmetic per pair (bench/ceiling.py; the
-CNN only) and the fraction of the device's measured FMA rate.
+CNN only) and the fraction of the device's measured FMA rate.  The project's backends also record
+``preparation_s`` (the median over the timed calls of the seconds their preparation of the
+images took: the per-image diagonals, a fixed cost beside N^2 pairs that weighs at small N, as a
+pooled stack's CuPy diagonals do; ``gram``'s ``prepare_seconds``) and
+``unique_pairs_per_s_beyond_preparation`` = N(N+1)/2 / (median seconds - preparation_s), the
+rate of the pairs themselves that a Gram of many images approaches.
 The JSON is rewritten after every configuration (progress is printed), so a long run that is
 interrupted keeps what it measured; ``--resume`` keeps the configurations measured OK in the
 file (failed or unavailable ones are run again, configurations outside this run's matrix are
@@ -189,6 +194,7 @@ class Runner:
         self._client = None
         self._paper = None
         self._available = {}
+        self.prepare_log = []      # seconds of each project-backend call's preparation
         import cntk_engine as ce
         self.ce = ce
         if args.devices:
@@ -275,7 +281,9 @@ class Runner:
 
             def call():
                 with cuda_kernel_selected(variant):
-                    res = self.ce.gram(x, **kw)
+                    res, info = self.ce.gram(x, return_info=True, **kw)
+                # the workers prepare in parallel: the slowest one is what the call waited for
+                self.prepare_log.append(max(info.get("prepare_seconds", {}).values(), default=None))
                 return res if arch == "cnn" else {depth: res}
             return call
         if m == "per_layer_cpu":
@@ -671,8 +679,12 @@ def run(args, prog: str = "python -m bench") -> dict:
                                reason="the paper's RawKernels emulated in NumPy (--paper-emulate): its "
                                       "loaded functions and values checked, no timing")
                 else:
+                    runner.prepare_log = []
                     sec, times = median_time(call, repeats=args.repeats, warmup=args.warmup)
                     rec.update(status="ok", seconds=sec, times=times, device=device_of(c, args))
+                    prep = runner.prepare_log[args.warmup:]
+                    if prep and None not in prep:
+                        rec["preparation_s"] = statistics.median(prep)
                 res = box["r"][c["depth"]]
                 if c["method"] == "paper_code":
                     rec["check"] = paper_check(runner, c, x, res[0])
@@ -691,6 +703,8 @@ def run(args, prog: str = "python -m bench") -> dict:
             rec["entries_per_s"] = n * n / rec["seconds"]
             rec["pairs_evaluated"] = pairs_evaluated(c["method"], n, per_layer_baseline)
             rec["pairs_evaluated_per_s"] = rec["pairs_evaluated"] / rec["seconds"]
+            if rec.get("preparation_s") is not None and rec["seconds"] > rec["preparation_s"]:
+                rec["unique_pairs_per_s_beyond_preparation"] = pairs / (rec["seconds"] - rec["preparation_s"])
             if cfg(c, "architecture") == "cnn":     # the count is the CNN's (bench/ceiling.py)
                 w = ceil_mod.work_per_pair(c["depth"], c["size"], c["size"], c["channels"], c["pooling"])
                 rec["work_per_pair"] = {"fp_instructions": w.fp_instructions, "flops": w.flops}
@@ -764,6 +778,9 @@ def _summary(rec):
     if rec.get("status") != "ok":
         return f"{rec.get('status')}: {rec.get('reason')}" + (f"; {tail}" if tail else "")
     s = f"{rec['unique_pairs_per_s']:.4g} unique pairs/s ({rec['seconds']:.3g} s median)"
+    if "unique_pairs_per_s_beyond_preparation" in rec:
+        s += (f", {rec['unique_pairs_per_s_beyond_preparation']:.4g} beyond the images' preparation "
+              f"({rec['preparation_s']:.3g} s)")
     if rec.get("cuda_kernel"):
         s += f", kernel {rec['cuda_kernel']}"
     if "fraction_of_ceiling" in rec:

@@ -62,7 +62,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     tile : rows/columns per tile (one backend call each); default depends on the backend.
     return_info : also return a dict saying what ran (backend, tiles, seconds, pairs; ``compute``:
         what computed this run's tiles, per device, as a store's run records hold it; empty
-        where it computed none, as when a finished store is resumed).
+        where it computed none, as when a finished store is resumed; ``prepare_seconds``: per
+        local worker, the seconds its preparation of the images took, the per-image diagonals
+        that a Gram of few images spends beside its pairs).
     devices : GPUs for backend "cuda": None or "all" (every visible GPU, one worker thread each)
         or a list of ids; CPU backends always use every core.
     out : path of a Zarr store (a directory, e.g. "gram.zarr") to write the matrix to instead of

@@ -72,6 +72,12 @@ def test_harness_end_to_end(tmp_path):
         assert r["unique_pairs"] == c["n"] * (c["n"] + 1) // 2
         assert r["unique_pairs_per_s"] == pytest.approx(r["unique_pairs"] / r["seconds"])
         assert r["work_per_pair"]["fp_instructions"] > 0
+        if c["method"] in ("numba", "reference"):      # the project's: its preparation timed
+            assert 0 < r["preparation_s"] < r["seconds"]
+            assert r["unique_pairs_per_s_beyond_preparation"] == pytest.approx(
+                r["unique_pairs"] / (r["seconds"] - r["preparation_s"]))
+        else:
+            assert "preparation_s" not in r
         if "check" in r:                               # every method agrees with the float64 reference
             assert r["check"]["vs"] == "reference float64" and r["check"]["max_rel_diff"] < 1e-5, r
     assert sum("check" in r for r in ok) == 6          # numba x 4, per_layer_cpu x 2
@@ -956,6 +962,12 @@ def test_session_summary_targets():
     assert "v5 cnn d3 N=256 is 3.0e-04 from the float64 result" in f32["detail"]
     (paper,) = ss.paper_report(payload)
     assert paper["speedup"] == pytest.approx(21000.0 / 300.0) and paper["agree_distinct_pairs"]
+    # a figure beyond the images' preparation is said beside the call's (which the status reads)
+    prepped = _rec("cuda", 10, 30000.0, arch="myrtle10", variant="v3", n=128, check=f64)
+    prepped.update(seconds=0.2752, preparation_s=0.0688, unique_pairs_per_s_beyond_preparation=40000.0)
+    m10 = ss.targets(dict(payload, results=[prepped]))[2]
+    assert m10["status"] == "not met" and m10["value"] == 30000.0
+    assert "40,000.0 beyond the images' preparation (0.0688 s of 0.275 s at N = 128)" in m10["detail"]
     nocuda = ss.targets({"results": [_rec("numba", 21, 50.0, device="cpu")]})
     assert {x["status"] for x in nocuda} == {"not measured"}
     assert all("no CUDA extension" in x["detail"] for x in nocuda)
@@ -1186,9 +1198,13 @@ def test_prebuilt_smoke_runs_with_the_installed_extension(tmp_path):
     r = subprocess.run([sys.executable, "-P", "-c", prebuilt.SMOKE], capture_output=True, text=True,
                        cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert ("cuda matches the reference" in r.stdout) != ("the cuda backend cannot run here" in r.stdout)
+    # the strings in a process of their own (a crash there keeps the wheel: said, not acted on)
+    r = subprocess.run([sys.executable, "-P", "-c", prebuilt.SMOKE_STRINGS], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "PairSumsParams(kernel='v3'" in r.stdout, r.stdout
     assert "the binding refuses C = 0: cntk_engine pair_sums: C (channels) must be >= 1" in r.stdout, r.stdout
-    assert ("cuda matches the reference" in r.stdout) != ("the cuda backend cannot run here" in r.stdout)
 
 
 def test_sanitizer_runs_dry_run(capsys):
@@ -1205,6 +1221,13 @@ def test_sanitizer_runs_dry_run(capsys):
     assert runs.main(["--backend", "numba", "--small"]) == 0
     small = capsys.readouterr().out
     assert "32x32 gap" in small and "myrtle5 float32" in small and "lap / flip" not in small
+    # --part: one kernel's Grams (gpu_session.sh's memcheck runs the stack kernel's on their own)
+    assert runs.main(["--backend", "numba", "--part", "stack"]) == 0
+    stack = capsys.readouterr().out
+    assert "myrtle5 float32" in stack and "CNN kernel" not in stack and "32x32" not in stack
+    assert runs.main(["--backend", "numba", "--part", "cnn", "--small"]) == 0
+    cnn = capsys.readouterr().out
+    assert "32x32 gap" in cnn and "stack kernel" not in cnn and "myrtle5" not in cnn
 
 
 def _stamped_prebuilt(folder: Path, repo: Path, **stamp) -> Path:
@@ -1220,7 +1243,7 @@ def _stamped_prebuilt(folder: Path, repo: Path, **stamp) -> Path:
     return folder
 
 
-def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, monkeypatch):
+def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, monkeypatch, capsys):
     """tools/gpu/prebuilt.py: `check` accepts the stamp of this tree and names what differs
     otherwise (a changed or added build input, another Python, a missing wheel or stamp); files
     that imports and in-place builds write are not build inputs; `build` refuses a working tree
@@ -1258,7 +1281,8 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
     assert prebuilt.main(["check", str(tmp_path), "--repo", str(repo)]) == 1
 
     # install: pip, then the smoke check in a fresh process; either failing is an error (the
-    # install phase then builds from source)
+    # install phase then builds from source); then the binding's strings in another, whose
+    # failure is said and keeps the wheel (a build would compile the same code)
     (repo / "csrc" / "k.cu").write_text("// kernel\n")
     (repo / "csrc" / "new.cuh").unlink()
     calls = []
@@ -1269,10 +1293,15 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
             rc, err = outcomes.pop(0)
             return subprocess.CompletedProcess(cmd, rc, stdout="", stderr=err)
         return run
-    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, "")]))
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, ""), (0, "")]))
     prebuilt.install(good, repo)
     assert calls[0][1:4] == ["-m", "pip", "install"] and calls[0][-1].endswith("standin.whl")
     assert calls[1][1:3] == ["-P", "-c"] and "backend=\"reference\"" in calls[1][3]
+    assert calls[2][1:3] == ["-P", "-c"] and "PairSumsParams" in calls[2][3]
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, ""), (-11, "Segmentation fault")]))
+    assert prebuilt.install(good, repo).name.endswith("standin.whl")
+    assert "WARNING: the binding's messages failed here (exit status -11: Segmentation fault)" in \
+        capsys.readouterr().out
     monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(1, "no matching distribution")]))
     with pytest.raises(prebuilt.PrebuiltError, match="pip install .* failed: no matching distribution"):
         prebuilt.install(good, repo)

@@ -297,6 +297,9 @@ def test_progress_bar_and_logging(rng, caplog, capsys):
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "backend=numba" in msg and "tile 3 (given)" in msg and "10 tiles" in msg
     assert info["tiles_total"] == 10 and info["pairs_computed"] == 55
+    # the worker's preparation of the images, timed (the harness's beyond-preparation rate)
+    assert set(info["prepare_seconds"]) == {"cpu"}
+    assert 0 < info["prepare_seconds"]["cpu"] < info["compute_seconds"]
     assert k.tobytes() == ce.gram(x, depth=3, backend="numba", tile=3).tobytes()
     with pytest.raises(ValueError, match="progress"):
         ce.gram(x, depth=3, backend="numba", progress="yes")

@@ -170,13 +170,15 @@ def run_job(job: GramJob) -> tuple[object, dict]:
                                   computes=worker_computes)
         workers = local_workers(job.make_backend, job.devices)
         per = run_tiles(workers, *job.compute_images, tiles, sink, bar,
-                        claim=sink.claim if store is not None else None)
+                        claim=sink.claim if store is not None else None,
+                        prepare_seconds=prepare_seconds)
         return per, []
 
     bar = Progress(todo_pairs, job.progress)
     t0 = time.perf_counter()
     outcome = "failed"
     per_worker: dict = {}
+    prepare_seconds: dict = {}         # local workers: the last round's preparation, per worker
     worker_computes: list = []         # Dask: what computed the tiles, as the workers said
     try:
         remaining = todo
@@ -220,6 +222,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             "where": where, "tiles_total": len(all_tiles), "tiles_computed": len(computed),
             "pairs_computed": pairs, "unique_pairs": layout.unique_pairs,
             "per_worker": per_worker, "compute_seconds": seconds,
+            "prepare_seconds": prepare_seconds,
             "pairs_per_second": pairs / seconds if seconds > 0 and pairs else None,
             "seconds": time.perf_counter() - t_start, "arch": job.arch.to_dict(),
             # what computed this run's tiles: none where it computed none (a finished store

@@ -96,6 +96,9 @@ class Worker:
     context: Callable[[], object]
     make_backend: Callable[[], object]
     to_device: Callable = staticmethod(lambda x: x)
+    # waits, inside ``context``, for the work queued there (a GPU's stream): what a clock read
+    # after it measures is done
+    synchronize: Callable[[], None] = staticmethod(lambda: None)
 
 
 @contextmanager
@@ -111,7 +114,8 @@ def _gpu_context(device: int):
 def local_workers(make_backend: Callable[[], object], devices: list[int] | None) -> list[Worker]:
     if devices is None:
         return [Worker("cpu", nullcontext, make_backend)]
-    return [Worker(f"gpu{d}", (lambda d=d: _gpu_context(d)), make_backend, to_device)
+    return [Worker(f"gpu{d}", (lambda d=d: _gpu_context(d)), make_backend, to_device,
+                   lambda: cupy_module().cuda.get_current_stream().synchronize())
             for d in devices]
 
 
@@ -138,7 +142,8 @@ class Progress:
 
 def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
               sink: Callable[[Tile, object], None], progress: Progress | None = None,
-              claim: Callable[[Tile], bool] | None = None) -> dict:
+              claim: Callable[[Tile], bool] | None = None,
+              prepare_seconds: dict | None = None) -> dict:
     """Compute every tile of ``todo`` and hand (tile, float64 sums) to ``sink``, the sums where
     the backend produced them (NumPy, or CuPy on the worker's GPU).
 
@@ -146,7 +151,9 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
     tiles from a shared queue (largest first).  One worker runs in the calling thread; several
     run one thread each.  The first error stops every worker and is raised here.  ``claim``:
     called with each tile before it is computed; a tile it returns False for is skipped
-    (another process computes it: the store's claims).  Returns {worker name: tiles computed}.
+    (another process computes it: the store's claims).  Returns {worker name: tiles computed};
+    ``prepare_seconds``, a dict, gets {worker name: seconds its preparation of the images took}
+    (the per-image diagonals: what a Gram of few images spends beside its pairs).
     """
     queue = deque(largest_first(todo))     # popleft: list.pop(0) is O(tiles), O(tiles^2) in all
     lock = threading.Lock()
@@ -165,8 +172,12 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
                 t0 = time.perf_counter()
                 pa = be.prepare_set(w.to_device(x1))
                 pb = pa if x2 is None else be.prepare_set(w.to_device(x2))
+                w.synchronize()
+                seconds = time.perf_counter() - t0
+                if prepare_seconds is not None:
+                    prepare_seconds[w.name] = seconds
                 log.debug("%s: prepared %d + %d images in %.3f s", w.name, len(pa),
-                          0 if x2 is None else len(pb), time.perf_counter() - t0)
+                          0 if x2 is None else len(pb), seconds)
                 while True:
                     t = next_tile()
                     if t is None:

@@ -67,7 +67,7 @@
 # after 3 s (fixed since), sanitizer 10 s, sass 58 s, bench 122 s (two harness processes, about
 # 25 s of each outside its timed calls), paper 12 s, nt 127 s.  With five variants and the
 # Myrtle benches the default phases do not all fit the 540 s deadline: the limits of bench,
-# tests, sanitizer and nt (190 + 120 + 80 + 100 = 490 s, with install's ~10 s from the prebuilt
+# tests, sanitizer and nt (190 + 120 + 90 + 100 = 500 s, with install's ~10 s from the prebuilt
 # wheel within the 515 s before the summary's reserve) share it, a phase's work is ordered so
 # that a limit cuts what is least needed (the last variants' benches; neural-tangents'
 # Myrtle-5 and CNN depths 6, 11 and 3), and stack_blocks, paper (timed on the H200 already) and
@@ -285,27 +285,34 @@ phase_tests() {
     if [ -f "$WORK/prebuilt_installed" ]; then
       sass=(); echo "tests/test_sass.py not run: the extension is the prebuilt wheel's (its SASS reads the same on the CPU side)"
     fi
-    # numba's kernel (the CPU side of the tests) into its on-disk cache first, both dtypes at
-    # once: the xdist workers then load it; without this, each worker compiles it itself
+    # numba's kernel (the CPU side of the tests) into its on-disk cache first, both dtypes, one
+    # after the other in one process (two processes saving one cache index at once can lose an
+    # entry): the xdist workers then load it; without this, each worker compiles it itself
     # (cntk_engine/backends/numba_cpu.py, _load_from_cache: the lock is per process)
-    local t=$SECONDS d
-    for d in float32 float64; do
-      "$PY" -P -c "
-import sys, numpy as np, cntk_engine as ce
-ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), depth=2, backend='numba', dtype=sys.argv[1])" "$d" &
-    done
-    wait
+    local t=$SECONDS
+    "$PY" -P -c "
+import numpy as np, cntk_engine as ce
+for d in ('float32', 'float64'):
+    ce.gram(np.random.default_rng(0).standard_normal((2, 1, 4, 4)), depth=2, backend='numba', dtype=d)"
     echo "numba's kernel in its cache after $(( SECONDS - t ))s"
     # A CUDA error is sticky: it fails every later test of its worker, which is not restarted.
     # So the stack kernel's tests (Myrtle, pooled stacks: the kernel that has not run on a GPU)
     # run in a pytest of their own, first: the CNN kernels' tests of v3 and v5 passed on the
     # H200 (2026-12-04) and follow in a second one.
     local rc=0
-    # without zarr the solve's GPU test would skip with its module, and the phase pass without it
+    # without zarr the solve's GPU test would skip with its module, and without the data sets the
+    # real-image tests (CIFAR-10, MNIST's zero windows): the phase would pass without them
     if ! "$PY" -P -c "import zarr" 2>/dev/null; then
       echo "zarr cannot be imported (.whl from tools/gpu/prepare_carry.py carries it): the phase fails, its tests still run"
       rc=1
     fi
+    local f
+    for f in cifar10_jpeg_small.npz mnist_test.npz; do
+      if [ ! -f "$CNTK_ENGINE_DATA/$f" ]; then
+        echo "$CNTK_ENGINE_DATA/$f is missing (.devdata from tools/gpu/prepare_carry.py carries it): its tests skip, the phase fails, the others still run"
+        rc=1
+      fi
+    done
     echo "--- the stack kernel's tests"
     "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" -k "stack or myrtle" 2>&1 || rc=1
@@ -326,29 +333,35 @@ phase_sanitizer() {
   why=$("$PY" -P -c "import cntk_engine as ce; print(ce.available_backends()['cuda'] or '')") || return 1
   [ -n "$why" ] && skip "the cuda backend cannot run here: $why"
   # tools/gpu/sanitizer_runs.py: small Grams of every variant's CNN and stack kernels (its
-  # docstring lists them) under memcheck, with CuPy's memory pool off so that memcheck sees each
-  # array's bounds; then its --small runs under racecheck and synccheck (shared-memory hazards
-  # and barriers, which the host emulation cannot see) for the first variant and v7 (the one
-  # with a barrier per layer), each tool under a limit of its own within the phase's.  The
-  # output goes to the log unfiltered (a tail would print nothing for a phase stopped at its
-  # limit), the reports bounded by --print-limit.
-  local rc=0 tool own lim r small
+  # docstring lists them; their diagonals computed on the host, so that the sanitizer's time goes
+  # to our kernels, not to CuPy's), with CuPy's memory pool off so that memcheck sees each
+  # array's bounds: memcheck over the stack kernel first (it has not run on a GPU), in a call of
+  # its own (an error there cannot stop the CNN runs), then over the CNN kernels; then the
+  # --small runs under racecheck and synccheck (shared-memory hazards and barriers, which the
+  # host emulation cannot see) for the first variant and v7 (the one with a barrier per layer),
+  # and initcheck over the first variant's stack kernel (its global scratch, zeroed by the kernel
+  # itself: a read of what was never written).  Each run under a limit of its own within the
+  # phase's; the output goes to the log unfiltered (a tail would print nothing for a run stopped
+  # at its limit), the reports bounded by --print-limit.
+  local rc=0 tool own lim r small run args
   small=${KERNELS%%,*}
   case ",$KERNELS," in *",v7,"*) [ "$small" = v7 ] || small="$small,v7" ;; esac
-  for tool in memcheck racecheck synccheck; do
-    case $tool in memcheck) own=40 ;; racecheck) own=15 ;; *) own=12 ;; esac
-    if ! lim=$(inner_limit "$own" 8); then
-      echo "--- $tool: not run, too little of the phase is left"; rc=1; continue
+  for run in "memcheck|--kernels $KERNELS --part stack|25" "memcheck|--kernels $KERNELS --part cnn|25" \
+             "racecheck|--kernels $small --small|10" "synccheck|--kernels $small --small|8" \
+             "initcheck|--kernels ${KERNELS%%,*} --small --part stack|8"; do
+    IFS='|' read -r tool args own <<< "$run"
+    if ! lim=$(inner_limit "$own" 6); then
+      echo "--- $tool $args: not run, too little of the phase is left"; rc=1; continue
     fi
-    echo "--- $tool (limit ${lim}s)"
+    echo "--- $tool $args (limit ${lim}s)"
     (cd /tmp && timeout --kill-after=3 "$lim" compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
-      "$PY" -P "$REPO/tools/gpu/sanitizer_runs.py" $([ $tool = memcheck ] && echo "--kernels $KERNELS" || echo "--kernels $small --small"))
+      "$PY" -P "$REPO/tools/gpu/sanitizer_runs.py" $args)
     r=$?
     case "$r" in
-      0) echo "--- $tool: no errors" ;;
-      3) echo "--- $tool: reported errors (above)"; rc=1 ;;
-      124|137) echo "--- $tool: stopped at its limit of ${lim}s"; rc=1 ;;
-      *) echo "--- $tool: exit status $r"; rc=1 ;;
+      0) echo "--- $tool $args: no errors" ;;
+      3) echo "--- $tool $args: reported errors (above)"; rc=1 ;;
+      124|137) echo "--- $tool $args: stopped at its limit of ${lim}s"; rc=1 ;;
+      *) echo "--- $tool $args: exit status $r"; rc=1 ;;
     esac
   done
   return $rc
@@ -543,7 +556,7 @@ from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
 run_phase bench 30 190
 run_phase tests 30 120
-run_phase sanitizer 20 80
+run_phase sanitizer 20 90
 run_phase nt 30 100
 # after the comparisons the issue's targets need: a tuning question (one or two blocks per SM),
 # then the paper's code (timed beside v3 and v5 on the H200 already)

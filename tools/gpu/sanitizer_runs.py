@@ -1,7 +1,7 @@
 """Small Grams of every CUDA kernel variant, for compute-sanitizer (gpu_session.sh's sanitizer
 phase runs this under memcheck, then ``--small`` under racecheck and synccheck).
 
-    compute-sanitizer --tool memcheck python tools/gpu/sanitizer_runs.py --kernels v3,v6
+    compute-sanitizer --tool memcheck python tools/gpu/sanitizer_runs.py --kernels v3,v6 --part stack
     compute-sanitizer --tool racecheck python tools/gpu/sanitizer_runs.py --kernels v3 --small
     python tools/gpu/sanitizer_runs.py --backend numba      # the same calls on the CPU: a dry run
 
@@ -16,6 +16,13 @@ CuPy's memory pool is switched off first (``cupy.cuda.set_allocator(None)``): th
 allocations up to 512 bytes and hands out parts of larger blocks, so an access past the end of
 an array usually lands in memory that memcheck counts as valid.  With no pool, every array is its
 own ``cudaMalloc`` and memcheck sees its exact bounds.
+
+The diagonals are computed by NumPy on the host and copied to the GPU (``--part``'s runs
+only): a pooled stack's take thousands of small CuPy operations per image set, each of which is
+an instrumented launch under the sanitizer (and, with the pool off, a cudaMalloc and a
+synchronising cudaFree), seconds per set spent on CuPy's kernels, which are not what is checked
+here.  ``--part stack`` (the kernel that has not run on a GPU: gpu_session.sh runs it first, in a
+sanitizer call of its own) or ``cnn`` runs one kernel's Grams [both].
 
 ``--small`` keeps one 32 x 32 CNN Gram of two images (the path of v7's barrier per layer) and
 Myrtle-5 on two images: racecheck and synccheck instrument every shared-memory access and barrier,
@@ -71,6 +78,15 @@ def stack_runs(ce, backend: str, small: bool, stack_blocks_env: str) -> None:
             del os.environ[stack_blocks_env]
 
 
+def diagonals_on_the_host() -> None:
+    """The CUDA backend's diagonals by NumPy, copied to the GPU (the module docstring says why)."""
+    import cupy
+    from cntk_engine import diag
+    from cntk_engine.backends import cuda
+    cuda.diag_norms = lambda x, arch, params: cupy.asarray(
+        diag.diag_norms(cupy.asnumpy(x), arch, params, keep=False))
+
+
 def switch_off_cupy_pool() -> None:
     """Every CuPy array its own cudaMalloc, so that memcheck sees its exact bounds (above)."""
     import cupy
@@ -81,6 +97,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", default="", help="comma list of CUDA kernel variants [every compiled one]")
     ap.add_argument("--small", action="store_true", help="the racecheck / synccheck runs only")
+    ap.add_argument("--part", default="both", choices=("cnn", "stack", "both"),
+                    help="the CNN kernel's Grams, the stack kernel's, or both [both]")
     ap.add_argument("--backend", default="cuda", choices=("cuda", "numba"),
                     help="numba: the same calls on the CPU, a dry run of this script [cuda]")
     args = ap.parse_args(argv)
@@ -88,6 +106,7 @@ def main(argv=None) -> int:
     kernel_env = stack_blocks_env = None
     if args.backend == "cuda":
         switch_off_cupy_pool()
+        diagonals_on_the_host()
         from cntk_engine.backends.cuda import KERNEL_ENV as kernel_env, STACK_BLOCKS_ENV as stack_blocks_env
         from cntk_engine.backends.cuda import kernel_variants
         variants = kernel_variants()
@@ -99,13 +118,13 @@ def main(argv=None) -> int:
             ap.error(f"--kernels {','.join(unknown)}: not compiled; compiled: {','.join(compiled)}")
     else:       # numba has one kernel; --kernels names CUDA variants
         names = own = ["numba"]
-    for v in names:
+    for v in (names if args.part != "stack" else []):
         if kernel_env:
             os.environ[kernel_env] = v
         print(v, "CNN kernel:")
         cnn_runs(ce, args.backend, args.small)
     # the stack kernel last, after every variant's CNN kernel (an error it makes ends the process)
-    for v in (v for v in names if v in own):
+    for v in (v for v in names if v in own and args.part != "cnn"):
         if kernel_env:
             os.environ[kernel_env] = v
         print(v, "stack kernel:")
