@@ -2,6 +2,7 @@
 computed once, every run recorded, bit-identical result); without --join the second is
 refused; a writer killed with a claim held is taken over; claims of other hosts are waited
 for while their heartbeat runs and taken over after the timeout; kill -9 twice, then resume."""
+import json
 import os
 import signal
 import subprocess
@@ -240,6 +241,103 @@ def test_live_claim_of_another_host_is_waited_for_until_its_heartbeat_stops(tmp_
     assert "took over tile (0, 1) from node-b:4242" in caplog.text and "not renewed" in caplog.text
     assert info["tiles_computed"] == 2
     assert g["ntk"][...].tobytes() == ce.gram(x, depth=3, backend="numba", tile=4).tobytes()
+
+
+def test_a_claim_is_judged_by_its_owners_timeout(tmp_path, caplog):
+    """A claim records its owner's timeout (it renews at a quarter of it): a writer given a
+    shorter one does not take it over while it is younger than the owner's (it waits); one given
+    a longer one takes over a dead owner's claim at the owner's, not its own."""
+    x, out = unfinished_store(tmp_path, [(0, 1)])
+    f = plant_claim(out, (0, 1), age=3.0)
+    rec = json.loads(f.read_text())
+    f.write_text(json.dumps(dict(rec, timeout=600.0)))
+    t = time.time() - 3.0
+    os.utime(f, (t, t))
+    claims = store_mod.Claims(out, 1.0, {})
+    assert claims.staleness(*claims._read(f)) is None               # 3 s old, owner's 600 s
+    f.write_text(json.dumps(dict(rec, timeout=2.0)))
+    os.utime(f, (t, t))
+    patient = store_mod.Claims(out, 600.0, {})
+    assert patient.staleness(*patient._read(f)) == "it was not renewed for 3 s (claim timeout 2 s)"
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        _, info = ce.gram(x, depth=3, backend="numba", out=StorePath(out, claim_timeout=600),
+                          return_info=True)
+    assert info["tiles_computed"] == 1 and "took over tile (0, 1)" in caplog.text
+
+
+def test_a_claim_of_another_boot_is_judged_by_its_age(tmp_path):
+    """The same hostname and pid namespace on another machine (cloned VMs, containers of one
+    name share the initial pid namespace's id): its boot id differs, so its owner's pid is not
+    looked up here, where it would read as gone (or as some other live process)."""
+    _, out = unfinished_store(tmp_path, [(0, 1)])
+    f = out / "claims" / "0.1"
+    owner = {"host": store_mod.HOST, "pidns": store_mod.PID_NAMESPACE, "pid": 2 ** 22 + 7,
+             "claim": "c0ffee", "run": 9, "timeout": 60.0}
+    f.write_text(json.dumps(dict(owner, boot="another-boot")))
+    claims = store_mod.Claims(out, 60.0, {})
+    if store_mod.BOOT_ID is not None:
+        assert claims.staleness(*claims._read(f)) is None            # fresh: live
+    f.write_text(json.dumps(dict(owner, boot=store_mod.BOOT_ID)))
+    assert "is gone" in claims.staleness(*claims._read(f))           # this boot: the pid decides
+
+
+def test_a_writer_whose_claim_was_taken_over_leaves_the_tile(tmp_path, caplog):
+    """A writer that stalled beyond its timeout finds, before writing the tile and again before
+    its checksums and marker, that another writer took the claim over: it writes no marker and
+    keeps no claim, and the tile is the other writer's."""
+    _, out = unfinished_store(tmp_path, [(0, 1)])
+    g = zarr.open_group(str(out), mode="r+")
+    spec = g.attrs["cntk_engine"]
+    from cntk_engine.arch import make_architecture
+    sink = store_mod.StoreSink(str(out), make_architecture(depth=3), None, "ntk", True, 5,
+                               run_uuid="u", repair={}, claim_timeout=60.0,
+                               names=spec["integrity"]["arrays"], scales=(None, None))
+    t = next(t for t in store_mod.GramStore._expected_tiles(spec) if (t.i, t.j) == (0, 1))
+    assert sink.claim(t)
+    f = out / "claims" / "0.1"
+    f.write_text(json.dumps({"host": "node-b", "pid": 1, "claim": "theirs", "run": 9}))   # taken over
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert sink(t, np.zeros((4, 4, 1, 1))) is False
+    assert "tile (0, 1) was taken over by another writer while this one computed it" in caplog.text
+    assert int(g["tiles_done"][0, 1]) == 0 and f.exists()          # no marker; their claim stays
+    assert not sink.claims().held
+
+
+def test_a_claim_whose_store_cannot_be_opened_is_not_kept(tmp_path, monkeypatch):
+    """StoreSink.claim releases the claim it acquired when opening the store then fails (a file
+    system error): a claim left held would be renewed by the process's heartbeat for its whole
+    life (a Dask worker's), and every other writer would wait for that tile forever."""
+    _, out = unfinished_store(tmp_path, [(0, 1)])
+    g = zarr.open_group(str(out), mode="r")
+    spec = g.attrs["cntk_engine"]
+    from cntk_engine.arch import make_architecture
+    sink = store_mod.StoreSink(str(out), make_architecture(depth=3), None, "ntk", True, 5,
+                               run_uuid="u", repair={}, claim_timeout=60.0,
+                               names=spec["integrity"]["arrays"], scales=(None, None))
+    t = next(t for t in store_mod.GramStore._expected_tiles(spec) if (t.i, t.j) == (0, 1))
+
+    def broken():
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(sink, "_open", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        sink.claim(t)
+    assert not (out / "claims" / "0.1").exists() and not sink.claims().held
+
+
+def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
+    """A creation killed before its rename leaves .<name>.partial-<hex>; the next creation of
+    that store removes it once it is older than any creation takes (PARTIAL_MAX_AGE)."""
+    old = tmp_path / ".g.zarr.partial-0123456789ab"
+    young = tmp_path / ".g.zarr.partial-ba9876543210"
+    other = tmp_path / ".h.zarr.partial-0123456789ab"
+    for d in (old, young, other):
+        d.mkdir()
+        (d / "zarr.json").write_text("{}")
+    t = time.time() - store_mod.PARTIAL_MAX_AGE - 60
+    for d in (old, other):
+        os.utime(d, (t, t))
+    ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=tmp_path / "g.zarr")
+    assert not old.exists() and young.exists() and other.exists()
 
 
 def test_heartbeat_keeps_slow_tiles_of_another_host_claimed(tmp_path):

@@ -295,10 +295,13 @@ def tile_task(job: TaskSpec, tile, xa, xb):
             return tile.i, tile.j, who, None, "skipped", None
         try:
             be, pa, pb, record = _state(job, xa, xb)
-            job.writer(tile, to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag)))
+            written = job.writer(tile, to_host(be.pair_sums(pa[tile.rows], pb[tile.cols],
+                                                            symmetric=tile.diag)))
         except BaseException:
             job.writer.release(tile)
             raise
+        if not written:       # taken over by another writer meanwhile: its tile, not ours
+            return tile.i, tile.j, who, None, "skipped", None
         return tile.i, tile.j, who, None, "written", record
     be, pa, pb, record = _state(job, xa, xb)
     s = to_host(be.pair_sums(pa[tile.rows], pb[tile.cols], symmetric=tile.diag))

@@ -72,12 +72,17 @@ system, two shells): before computing a tile a writer claims it by creating
 wins, also on NFS), then re-reads the tile's marker (another writer may have finished it), and
 removes the claim after the marker is written.  A background thread touches the claims a
 process holds every ``claim_timeout / 4`` seconds.  A claim is stale when its owner's process
-is gone (on the owner's host and pid namespace, where a running owner's claim is never stale),
-or, seen from another host, it was not touched for ``claim_timeout`` seconds (the hosts' clocks
-and the file system's must agree to well within that); a stale claim is
+is gone (on the owner's host, boot and pid namespace, where a running owner's claim is never
+stale), or, seen from another host, it was not touched for the owner's ``claim_timeout``
+seconds (recorded in the claim: a writer given a shorter timeout does not take over the live
+claims of writers renewing at a longer one; the hosts' clocks and the file system's must agree
+to well within it); a stale claim is
 taken over atomically (one winner per stale claim, via a takeover file named after the stale
 claim's id) with a warning; a stale claim of a finished tile (its writer died between the
-marker and the release) is removed by the next writer that opens the store.  A writer that
+marker and the release) is removed by the next writer that opens the store.  A writer whose
+claim was taken over all the same (its process stalled beyond its timeout) finds that out before
+it writes the tile's data and again before its checksums and marker, and leaves the tile to the
+writer that took it over (a warning says so).  A writer that
 runs out of tiles to claim waits, polling, until
 the tiles claimed by others are done (or their claims go stale and it takes them over), so
 every writer returns a complete store.
@@ -103,6 +108,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -410,6 +416,24 @@ def _format_error(path, stored: dict) -> str | None:
             f"({__version__}) reads formats 1 and {FORMAT_VERSION}: use the version that wrote it")
 
 
+#: A store is created under a temporary name in milliseconds: one older than this was left by
+#: a creator killed meanwhile, and is removed by the next creation of that store.
+PARTIAL_MAX_AGE = 600.0
+
+
+def _sweep_partials(path: Path) -> None:
+    """Remove the temporary folders of earlier creations of the store at ``path`` that were
+    killed before their rename (older than :data:`PARTIAL_MAX_AGE`)."""
+    now = time.time()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        try:
+            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > PARTIAL_MAX_AGE:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s, left by a creation of the store that was killed", p)
+        except OSError:
+            pass
+
+
 # ----------------------------------------------------------------------------- claims
 def _pid_namespace() -> str | None:
     try:
@@ -419,6 +443,19 @@ def _pid_namespace() -> str | None:
 
 
 PID_NAMESPACE = _pid_namespace()
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine's kernel: two machines of one hostname (cloned VMs, containers
+    given the same name) share the initial pid namespace's id, never their boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+BOOT_ID = _boot_id()
 
 
 def _proc_start(pid: int) -> int | None:
@@ -542,10 +579,14 @@ class Claims:
 
     def staleness(self, owner: dict | None, mtime: float) -> str | None:
         """Why a claim with this owner record and modification time is stale, or None.  On the
-        owner's own host (and pid namespace) the owner's process decides: gone (or its pid
-        reused) = stale, running = live whatever the claim's age; elsewhere the age does."""
+        owner's own host (boot and pid namespace) the owner's process decides: gone (or its pid
+        reused) = stale, running = live whatever the claim's age; elsewhere the age does,
+        against the owner's timeout (it renews at a quarter of it; this observer's own for a
+        record that does not say it)."""
         age = time.time() - mtime
-        if owner is not None and owner.get("host") == HOST and owner.get("pidns") == PID_NAMESPACE:
+        boot = (owner or {}).get("boot")
+        if owner is not None and owner.get("host") == HOST and owner.get("pidns") == PID_NAMESPACE \
+                and (boot is None or BOOT_ID is None or boot == BOOT_ID):
             pid = owner.get("pid")
             if pid == os.getpid():
                 with _HELD_LOCK:
@@ -556,8 +597,12 @@ class Claims:
                 if _pid_alive(pid, start if isinstance(start, int) else None):
                     return None
                 return f"its process {HOST}:{pid} is gone"
-        if age > self.timeout:
-            return f"it was not renewed for {age:.0f} s (claim timeout {self.timeout:g} s)"
+        timeout = (owner or {}).get("timeout")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not \
+                0 < timeout < float("inf"):
+            timeout = self.timeout
+        if age > timeout:
+            return f"it was not renewed for {age:.0f} s (claim timeout {timeout:g} s)"
         return None
 
     def _tmp(self, i: int, j: int, claim_id: str) -> Path:
@@ -632,6 +677,19 @@ class Claims:
             _HELD.add(claim_id)
         _HEARTBEAT.add(str(f), max(0.05, self.timeout / 4))
         return True
+
+    def holds(self, i: int, j: int) -> bool:
+        """Whether the claim of tile (i, j) on disk is still the one this process holds (not
+        taken over by another writer while this process stalled beyond its timeout)."""
+        with self.lock:
+            claim_id = self.held.get((i, j))
+        if claim_id is None:
+            return False
+        try:
+            owner, _ = self._read(self._file(i, j))
+        except FileNotFoundError:
+            return False
+        return owner is not None and owner.get("claim") == claim_id
 
     def release(self, i: int, j: int) -> None:
         """Remove this process's claim of tile (i, j), if it still is this process's."""
@@ -739,7 +797,8 @@ class StoreSink(Sink):
                 self._claims = Claims(self.path, self.claim_timeout,
                                       {"run": self.run_id, "run_id": self.run_uuid, "host": HOST,
                                        "pid": os.getpid(), "pstart": _proc_start(os.getpid()),
-                                       "pidns": PID_NAMESPACE})
+                                       "pidns": PID_NAMESPACE, "boot": BOOT_ID,
+                                       "timeout": self.claim_timeout})
         return self._claims
 
     def claim(self, t) -> bool:
@@ -748,11 +807,15 @@ class StoreSink(Sink):
         claims = self.claims()
         if not claims.acquire(t.i, t.j):
             return False
-        self._open()
         try:
-            marker = int(self._done[t.i, t.j])
-        except Exception:  # noqa: BLE001 - an undecodable marker: not done
-            marker = 0
+            self._open()
+            try:
+                marker = int(self._done[t.i, t.j])
+            except Exception:  # noqa: BLE001 - an undecodable marker: not done
+                marker = 0
+        except BaseException:      # (a file system error opening the store): not left held
+            claims.release(t.i, t.j)
+            raise
         seen = self.repair.get((t.i, t.j))
         if marker == 0 or (seen is not None and marker == seen):
             return True
@@ -766,8 +829,24 @@ class StoreSink(Sink):
         if self._claims is not None:
             self._claims.release_all()
 
-    def __call__(self, t, sums) -> None:
+    def _still_held(self, t, before: str) -> bool:
+        """Whether this process still holds tile ``t``'s claim; if not (taken over while it
+        stalled beyond its timeout), the tile is left to the writer that holds it now."""
+        claims = self.claims()
+        if claims.holds(t.i, t.j):
+            return True
+        log.warning("store %s: tile (%d, %d) was taken over by another writer while this one "
+                    "computed it (its claim not renewed within its timeout of %g s): left to "
+                    "that writer, not written %s", self.path, t.i, t.j, self.claim_timeout, before)
+        claims.release(t.i, t.j)
+        return False
+
+    def __call__(self, t, sums) -> bool:
+        """Write tile ``t`` (data, checksums, marker) and release its claim; False where the
+        claim was taken over meanwhile and the tile is left to the writer that holds it."""
         arrays = self._open()
+        if not self._still_held(t, "at all"):
+            return False
         record = np.zeros((len(self.names), 2), dtype=np.uint64)
         for d, res in self.kernels(t, to_host(sums)).items():
             for k, v in res.items():
@@ -780,9 +859,12 @@ class StoreSink(Sink):
                     vt = np.ascontiguousarray(v.T)
                     a[t.cols, t.rows] = vt
                     record[ai, 1] = chunk_checksum(name, (t.j, t.i), vt)
+        if not self._still_held(t, "beyond its data (the other writer rewrites it whole)"):
+            return False
         self._sums[t.i, t.j] = record         # after every data chunk of the tile
         self._done[t.i, t.j] = self.run_id    # last: the tile is done
         self.release(t)
+        return True
 
 
 # ----------------------------------------------------------------------------- reading state
@@ -1123,6 +1205,7 @@ class GramStore:
         names = array_names(tuple(spec["architecture"]["depths"]), spec["kernel"])
         order = sorted(names.values())
         spec["integrity"] = {"checksum": CHECKSUM_KIND, "arrays": order, "chunk_codec": "crc32c"}
+        _sweep_partials(path)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
         try:
             g = zarr.open_group(str(tmp), mode="w-")

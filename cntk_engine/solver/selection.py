@@ -363,7 +363,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         scale = scale if scale > 0 else 1.0
     if r is None:
         r = _ridges(np.asarray(RELATIVE_RIDGE_GRID) * scale)
-    given_k = E is None
+    from_gram = E is None              # (not from an eigendecomposition given)
     if method == "loo":
         if E is None:
             E = eigh(K, device=dev, _overwrite=True)     # K's private copy becomes U
@@ -375,7 +375,8 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     if not np.isfinite(mse).any():
         # a retry, as the messages suggest, needs the Gram again: the decomposition wrote over it
         retry = (" (K was given up, overwrite_k: the eigendecomposition may have written over "
-                 "it; retry with the Gram as computed)" if overwrite_k and given_k and method == "loo" else "")
+                 "it; retry with the Gram as computed)"
+                 if overwrite_k and from_gram and method == "loo" else "")
         if res.s_min is not None and res.s_min + max(res.ridges) < -res.tol:
             raise NotPositiveDefinite(
                 f"K is indefinite: its smallest eigenvalue is {res.s_min:.3g} (largest "
