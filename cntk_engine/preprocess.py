@@ -172,7 +172,9 @@ def zca_whiten(x_train, x_test=None, *, reg: float = ZCA_REG, reg_absolute: bool
     NCHW, refusing shapes that look channels-last; "NCHW"; "NHWC").
 
     The recipe (Lee et al. 2020, "Finite versus infinite neural networks", the preprocessing of
-    their code; Shankar et al. 2020 use the same steps with an absolute regulariser):
+    their code; ``reg_absolute`` takes the absolute regulariser of Shankar et al. 2020, whose
+    code also leaves out step 1 and scales the directions outside the training images' span as
+    the others, where this keeps them as they are):
 
     1. per-channel standardisation with the training images' mean and std (:func:`standardize`);
     2. with ``layer_norm`` each image, as a vector of its d = C H W values, loses its mean and is
@@ -251,11 +253,15 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     sets = {"x_train": x_train} if x_test is None else {"x_train": x_train, "x_test": x_test}
     kinds = {name: np.asarray(x).dtype.kind for name, x in sets.items()}
-    if how == "scale" and len({k in "iu" for k in kinds.values()}) > 1:
-        # one set would be divided by 255 and the other not: their pixels would not match
-        raise ValueError(f"how='scale' divides integer images by 255 and keeps float images; "
-                         f"x_train is {np.asarray(x_train).dtype} and x_test {np.asarray(x_test).dtype}: "
-                         "give both as integers (0..255) or both as floats")
+    if how != "none" and len({k in "iu" for k in kinds.values()}) > 1:
+        # integer pixels (0..255) against floats (0..1, or bool 0/1): one set would be divided
+        # by 255 and the other not, or transformed with statistics in the other's units
+        what = {"scale": "divides integer images by 255 and keeps float images",
+                "standardize": "standardises x_test with x_train's per-channel mean and std",
+                "zca": "whitens x_test with x_train's statistics"}[how]
+        raise ValueError(f"how={how!r} {what}; x_train is {np.asarray(x_train).dtype} and x_test "
+                         f"{np.asarray(x_test).dtype}: give both as integers (0..255) or both as "
+                         "floats, in the same units")
     a = downsample(x_train, factor, data_format=data_format, name="x_train")
     b = None if x_test is None else downsample(x_test, factor, data_format=data_format, name="x_test")
     if how == "scale" and kinds["x_train"] in "iu":

@@ -70,6 +70,67 @@ def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     assert run(capsys, *ev, "--preprocess", "none")[0] == 0 and "cntk-engine preprocess" not in caplog.text
 
 
+def test_evaluate_refuses_a_set_whitened_with_its_test_images(tmp_path, cifar, capsys):
+    """An x, y archive preprocessed as one set (fitted on all of x) and then given to evaluate,
+    which splits x: the test images it draws were in the fit.  Refused, naming both ways out;
+    preprocess --n-train / --n-test (evaluate's split, fitted on its training part) is taken."""
+    x = np.concatenate([cifar["x_train"], cifar["x_test"]])
+    y = np.concatenate([cifar["y_train"], cifar["y_test"]])
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    ev = ["--depth", "2", "--n-train", "8", "--n-test", "4", "--backend", "numba", "--no-progress",
+          "--preprocess", "none"]
+    for how in ("--zca", "--preprocess=standardize"):
+        out = tmp_path / f"whole{how[-3:]}.npz"
+        assert run(capsys, "preprocess", tmp_path / "xy.npz", how, "--out", out)[0] == 0
+        rc, _, e = run(capsys, "evaluate", out, *ev)
+        assert rc == 2 and len(e.strip().splitlines()) == 1, e
+        assert "fitted on all of its x, so the test images evaluate would draw from x were part " \
+               "of the fit" in e and "--n-train and --n-test" in e, e
+    split = tmp_path / "split.npz"
+    assert run(capsys, "preprocess", tmp_path / "xy.npz", "--zca", "--n-train", "8", "--n-test",
+               "4", "--out", split)[0] == 0
+    assert run(capsys, "evaluate", split, *ev)[0] == 0
+    # scale fits nothing: its x may be split
+    scaled = tmp_path / "scaled.npz"
+    assert run(capsys, "preprocess", tmp_path / "xy.npz", "--preprocess=scale", "--out", scaled)[0] == 0
+    assert run(capsys, "evaluate", scaled, *ev)[0] == 0
+
+
+def test_integer_and_float_pixels_are_not_mixed(tmp_path, cifar, capsys):
+    """uint8 training pixels (0..255) against float test pixels (0..1): every method that
+    transforms the test images with the training images' numbers refuses them, in the library
+    and in evaluate (preprocess refused them already); bool pixels count with the floats."""
+    u8, f = cifar["x_train"], cifar["x_test"] / 255.0
+    for how in ("scale", "standardize", "zca"):
+        with pytest.raises(ValueError, match=f"how='{how}' .*x_train is uint8 and x_test float64"):
+            preprocess(u8, f, how, data_format="NHWC")
+    preprocess(u8, f, "none", data_format="NHWC")
+    np.savez(tmp_path / "mixed.npz", x_train=u8, y_train=cifar["y_train"], x_test=f,
+             y_test=cifar["y_test"])
+    rc, _, e = run(capsys, "evaluate", tmp_path / "mixed.npz", "--depth", "2", "--n-train", "8",
+                   "--n-test", "4", "--backend", "numba", "--no-progress", "--zca")
+    assert rc == 2 and "mixed.npz" in e and "x_train is uint8 and x_test float64" in e, e
+    np.savez(tmp_path / "bools.npz", x_train=u8 > 128, x_test=f.astype(np.uint8))
+    rc, _, e = run(capsys, "preprocess", tmp_path / "bools.npz", "--zca", "--out", tmp_path / "o.npz")
+    assert rc == 2 and "x_train is bool and x_test uint8" in e, e
+
+
+def test_a_constant_image_of_a_split_x_is_named_as_in_x(tmp_path, cifar, capsys):
+    """x, y split as evaluate splits it (--n-train / --n-test): a constant test image is named
+    where DATA holds it, x[i], as a test image (DATA has no x_test)."""
+    x = np.concatenate([cifar["x_train"], cifar["x_test"]]).astype(np.float64)
+    y = np.arange(len(x)) % 3
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    from cntk_engine.cli.subsets import draw
+    drawn = draw(str(tmp_path / "xy.npz"), 10, 10, 0)
+    i = int(drawn.test_at[0])
+    x[i] = x[drawn.train_at].mean(axis=(0, 1, 2))    # its channels' training means: constant after
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    rc, _, e = run(capsys, "preprocess", tmp_path / "xy.npz", "--zca", "--n-train", "10", "--n-test",
+                   "10", "--out", tmp_path / "o.npz")
+    assert rc == 2 and f"--zca: DATA's test image(s) x[{i}] are constant" in e, e
+
+
 def test_one_set_and_the_other_methods(tmp_path, cifar, capsys):
     np.savez(tmp_path / "x.npz", x=cifar["x_train"], note=np.arange(3))
     rc, o, e = run(capsys, "preprocess", tmp_path / "x.npz", "--preprocess", "standardize",
@@ -160,7 +221,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
         ((tmp_path / "shapes.npz", "--zca", "--out", tmp_path / "o.npz"),
          r"x_train and x_test hold images of different shapes, \(3, 32, 32\) and \(3, 16, 32\)"),
         ((tmp_path / "const.npz", "--zca", "--out", tmp_path / "o.npz"),
-         r"--zca: DATA's x_train image\(s\) x_train\[3\] are constant.*use --preprocess standardize"),
+         r"--zca: DATA's training image\(s\) x_train\[3\] are constant.*use --preprocess standardize"),
         ((tmp_path / "none.npz", "--zca", "--out", tmp_path / "o.npz"), "does not exist"),
         ((tmp_path / "three.npz", "--zca", "--out", tmp_path / "o.npz"),
          "holds x besides x_train, x_test: which images are meant cannot be told"),
@@ -300,7 +361,7 @@ def test_bad_subsets_are_refused_before_anything_is_written(tmp_path, cifar, cap
         # the constant image named where DATA holds it (x_train[6]), not by its place in the
         # subset (4: the draw leaves out 1 and 5)
         ((tmp_path / "const.npz", "--zca", "--n-train", "20", "--seed", "0", "--out", o),
-         r"--zca: DATA's x_train image\(s\) x_train\[6\] are constant"),
+         r"--zca: DATA's training image\(s\) x_train\[6\] are constant"),
     ]
     for argv, msg in cases:
         rc, out, e = run(capsys, "preprocess", *argv)

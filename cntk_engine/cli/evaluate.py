@@ -114,6 +114,14 @@ def load_data(path: str, n_train: int, n_test: int, seed: int, data_format: str 
         rec = preprocessing_record(z)
     if rec is None or "preprocess" not in rec:
         return drawn
+    if rec.get("fitted_on") == "x" and drawn.train_key == "x":
+        # x was preprocessed as one set: the test images evaluate draws from it are in the fit
+        raise CliError(f"DATA {path!r} was written by cntk-engine preprocess with --preprocess "
+                       f"{rec['preprocess']} fitted on all of its x, so the test images evaluate "
+                       "would draw from x were part of the fit (their statistics are in it): give "
+                       "evaluate the DATA preprocess read (it fits on the training images it "
+                       "draws), or preprocess with --n-train and --n-test (evaluate's split, "
+                       "fitted on its training images)")
     return dataclasses.replace(drawn, preprocessed=str(rec["preprocess"]))
 
 
@@ -298,6 +306,8 @@ def run(args) -> int:
                   "constant images), or check DATA")
         raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}", remedy,
                                       named=drawn.test_image if test else drawn.training_image))) from None
+    except ValueError as e:     # e.g. integer training pixels against float test pixels
+        raise CliError(f"DATA {args.data!r}: {e}") from None
     groups = drawn.groups_train                  # DATA's own, where it holds them
     if args.augment_flips:
         xtr, ytr, pairs = with_flips(xtr, ytr, data_format="NCHW")

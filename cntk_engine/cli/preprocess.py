@@ -201,9 +201,10 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
     if len(keys) == 2 and images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise CliError(f"DATA {str(path)!r}: x_train and x_test hold images of different shapes, "
                        f"{images['x_train'].shape[1:]} and {images['x_test'].shape[1:]} (C, H, W)")
-    if len(keys) == 2 and len({images[k].dtype.kind in "biu" for k in keys}) > 1:
-        # e.g. uint8 pixels 0..255 against floats 0..1: one set would be transformed in the
-        # other's units, silently
+    if len(keys) == 2 and len({images[k].dtype.kind in "iu" for k in keys}) > 1:
+        # e.g. uint8 pixels 0..255 against floats 0..1 (or bool 0/1): one set would be
+        # transformed in the other's units, silently (preprocess() refuses it too, for the
+        # methods that transform; here also for none, whose kernels would mix the units)
         raise CliError(f"DATA {str(path)!r}: x_train is {images['x_train'].dtype} and x_test "
                        f"{images['x_test'].dtype}: give both as integers or both as floats, in "
                        "the same units (e.g. both 0..255 or both 0..1)")
@@ -305,7 +306,9 @@ def run(args) -> int:
                           zca_reg=zca_reg, data_format="NCHW")
     except ConstantImages as e:
         key = "x_test" if e.role == "x_test" else fit
-        raise CliError(str(e.reworded(f"--zca: DATA's {key}", "drop them from DATA, or use "
+        # named as DATA holds them (x[14] where x was split as evaluate splits it)
+        role = "x" if keys == ["x"] else "test" if key == "x_test" else "training"
+        raise CliError(str(e.reworded(f"--zca: DATA's {role}", "drop them from DATA, or use "
                                       "--preprocess standardize (it takes constant images)",
                                       named=sets.named[key]))) from None
     result = dict(zip(keys, done))
