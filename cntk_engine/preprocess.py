@@ -136,8 +136,9 @@ class ZCAWhitening:
         """The whitened images ``x`` (in ``data_format``); ``name``: how errors name them."""
         x = _images(x, name, self.data_format)
         if x.shape[1:] != self.image_shape:
-            raise ValueError(f"{name}: images of shape (C, H, W) = {x.shape[1:]}; this whitening was "
-                             f"fitted on {self.image_shape}")
+            raise ValueError(f"{name}: images of shape (C, H, W) = {x.shape[1:]}, read as "
+                             f"{self.data_format}; this whitening was fitted on {self.image_shape} "
+                             f"and reads images as it was fitted, {self.data_format}")
         f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, name)
         out = (f @ self.matrix).reshape(x.shape)
         return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)

@@ -221,6 +221,11 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
     assert np.array_equal(z.transform(t), b) and np.array_equal(z.transform(x), a)
     an, bn = zca_whiten(x.transpose(0, 2, 3, 1), t.transpose(0, 2, 3, 1), reg=0.05, data_format="NHWC")
     assert np.allclose(an.transpose(0, 3, 1, 2), a) and np.allclose(bn.transpose(0, 3, 1, 2), b)
+    # a whitening reads images as it was fitted: NCHW images given to an NHWC fit are named so
+    zn = fit_zca(x.transpose(0, 2, 3, 1), reg=0.05, data_format="NHWC")
+    with pytest.raises(ValueError, match=r"read as NHWC; this whitening was fitted on \(3, 4, 4\) "
+                                         "and reads images as it was fitted, NHWC"):
+        zn.transform(rng.standard_normal((2, 3, 4, 5)))
     # channels-last images are refused by the default layout, as gram refuses them (they were
     # read as C = H channels of W x C images, a wrong whitening), and taken with NCHW explicitly
     cl, tl = rng.standard_normal((20, 8, 8, 3)), rng.standard_normal((2, 8, 8, 3))
