@@ -254,12 +254,14 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     sets = {"x_train": x_train} if x_test is None else {"x_train": x_train, "x_test": x_test}
     kinds = {name: np.asarray(x).dtype.kind for name, x in sets.items()}
-    if how != "none" and len({k in "iu" for k in kinds.values()}) > 1:
+    if len({k in "iu" for k in kinds.values()}) > 1:
         # integer pixels (0..255) against floats (0..1, or bool 0/1): one set would be divided
-        # by 255 and the other not, or transformed with statistics in the other's units
+        # by 255 and the other not, or transformed with statistics in the other's units, or
+        # (none) their kernels computed across the two units
         what = {"scale": "divides integer images by 255 and keeps float images",
                 "standardize": "standardises x_test with x_train's per-channel mean and std",
-                "zca": "whitens x_test with x_train's statistics"}[how]
+                "zca": "whitens x_test with x_train's statistics",
+                "none": "keeps both as they are, for kernels between them"}[how]
         raise ValueError(f"how={how!r} {what}; x_train is {np.asarray(x_train).dtype} and x_test "
                          f"{np.asarray(x_test).dtype}: give both as integers (0..255) or both as "
                          "floats, in the same units")

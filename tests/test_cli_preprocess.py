@@ -97,19 +97,22 @@ def test_evaluate_refuses_a_set_whitened_with_its_test_images(tmp_path, cifar, c
 
 
 def test_integer_and_float_pixels_are_not_mixed(tmp_path, cifar, capsys):
-    """uint8 training pixels (0..255) against float test pixels (0..1): every method that
-    transforms the test images with the training images' numbers refuses them, in the library
-    and in evaluate (preprocess refused them already); bool pixels count with the floats."""
+    """uint8 training pixels (0..255) against float test pixels (0..1): every method refuses
+    them (the transforming ones would apply one set's numbers to the other's units, none would
+    compute kernels across the units), in the library and in evaluate, as preprocess refused
+    them already; bool pixels count with the floats."""
     u8, f = cifar["x_train"], cifar["x_test"] / 255.0
-    for how in ("scale", "standardize", "zca"):
+    for how in ("scale", "standardize", "zca", "none"):
         with pytest.raises(ValueError, match=f"how='{how}' .*x_train is uint8 and x_test float64"):
             preprocess(u8, f, how, data_format="NHWC")
-    preprocess(u8, f, "none", data_format="NHWC")
+    preprocess(u8, u8, "none", data_format="NHWC")
+    preprocess(f > 0.5, f, "zca", data_format="NHWC")         # bool 0/1 with floats 0..1
     np.savez(tmp_path / "mixed.npz", x_train=u8, y_train=cifar["y_train"], x_test=f,
              y_test=cifar["y_test"])
-    rc, _, e = run(capsys, "evaluate", tmp_path / "mixed.npz", "--depth", "2", "--n-train", "8",
-                   "--n-test", "4", "--backend", "numba", "--no-progress", "--zca")
-    assert rc == 2 and "mixed.npz" in e and "x_train is uint8 and x_test float64" in e, e
+    for how in ("--zca", "--preprocess=none"):
+        rc, _, e = run(capsys, "evaluate", tmp_path / "mixed.npz", "--depth", "2", "--n-train", "8",
+                       "--n-test", "4", "--backend", "numba", "--no-progress", how)
+        assert rc == 2 and "mixed.npz" in e and "x_train is uint8 and x_test float64" in e, e
     np.savez(tmp_path / "bools.npz", x_train=u8 > 128, x_test=f.astype(np.uint8))
     rc, _, e = run(capsys, "preprocess", tmp_path / "bools.npz", "--zca", "--out", tmp_path / "o.npz")
     assert rc == 2 and "x_train is bool and x_test uint8" in e, e

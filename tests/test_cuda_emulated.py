@@ -163,10 +163,11 @@ def test_emulated_float32_where_c_is_one_exactly(emulated):
 
 def test_sanitizer_runs_cuda_path(monkeypatch, capsys):
     """tools/gpu/sanitizer_runs.py's CUDA path, which the GPU visit runs under compute-sanitizer:
-    the variants' names and bases from the extension, its environment variables, --kernels, the
-    stack kernel only for variants with one of their own.  Its Grams are recorded with the
-    variant they would run, not computed (their calls are the other tests' and 7 to 20 s each
-    here); what only a GPU runs is CuPy's allocator switch (counted here)."""
+    the variants' names and bases from the extension, its environment variables, --kernels,
+    --part, the stack kernels the variants launch (v7's and v8's are their bases'), each once.
+    Its Grams are recorded with the variant they would run, not computed (their calls are the
+    other tests' and 7 to 20 s each here); what only a GPU runs is CuPy's allocator switch and
+    the diagonals on the host (counted here)."""
     import os
     from conftest import load_tool
     extension()                         # the variant table comes from the extension
@@ -174,12 +175,13 @@ def test_sanitizer_runs_cuda_path(monkeypatch, capsys):
     runs = load_tool("gpu/sanitizer_runs")
     switched, calls = [], []
     monkeypatch.setattr(runs, "switch_off_cupy_pool", lambda: switched.append(True))
+    monkeypatch.setattr(runs, "diagonals_on_the_host", lambda: switched.append("host"))
     monkeypatch.setattr(runs, "cnn_runs", lambda ce, backend, small: calls.append(
         ("cnn", os.environ[cuda_backend.KERNEL_ENV], backend, small)))
     monkeypatch.setattr(runs, "stack_runs", lambda ce, backend, small, env: calls.append(
         ("stack", os.environ[cuda_backend.KERNEL_ENV], backend, small, env)))
     assert runs.main(["--kernels", "v3,v8", "--small"]) == 0
-    assert switched == [True]
+    assert switched == [True, "host"]
     assert calls == [("cnn", "v3", "cuda", True), ("cnn", "v8", "cuda", True),
                      ("stack", "v3", "cuda", True, cuda_backend.STACK_BLOCKS_ENV)]
     out = capsys.readouterr().out
@@ -192,6 +194,16 @@ def test_sanitizer_runs_cuda_path(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         runs.main(["--kernels", "v3,v99"])
     assert "--kernels v99: not compiled" in capsys.readouterr().err
+    # --part: one kernel's Grams; v8 alone still runs the stack kernel it launches, v3's
+    calls.clear()
+    assert runs.main(["--kernels", "v8", "--part", "stack", "--small"]) == 0
+    assert calls == [("stack", "v3", "cuda", True, cuda_backend.STACK_BLOCKS_ENV)]
+    calls.clear()
+    assert runs.main(["--kernels", "v3,v8,v6,v7,v5", "--part", "stack"]) == 0
+    assert [c[1] for c in calls] == ["v3", "v6", "v5"]
+    calls.clear()
+    assert runs.main(["--kernels", "v7", "--part", "cnn"]) == 0
+    assert calls == [("cnn", "v7", "cuda", False)]
 
 
 @pytest.mark.parametrize("emulated", ["v7"], indirect=True)

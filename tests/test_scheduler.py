@@ -133,6 +133,10 @@ def test_workers_compute_each_tile_once_and_agree(rng, n_workers):
     k = sink.result[3]["ntk"]
     assert k.tobytes() == expect.tobytes()
     assert k.tobytes() == np.ascontiguousarray(k.T).tobytes()
+    # a tile the sink did not take (False: a store claim taken over) is not counted as computed
+    others = {(0, 1), (2, 3)}
+    done = run_tiles(workers, x, None, lay.tiles(), lambda t, s: (t.i, t.j) not in others)
+    assert sum(done.values()) == len(lay.tiles()) - 2
     if n_workers > 1:
         assert len({c[3] for c in CountingBackend.calls}) > 1            # really several threads
 

@@ -286,13 +286,7 @@ def test_a_writer_whose_claim_was_taken_over_leaves_the_tile(tmp_path, caplog):
     its checksums and marker, that another writer took the claim over: it writes no marker and
     keeps no claim, and the tile is the other writer's."""
     _, out = unfinished_store(tmp_path, [(0, 1)])
-    g = zarr.open_group(str(out), mode="r+")
-    spec = g.attrs["cntk_engine"]
-    from cntk_engine.arch import make_architecture
-    sink = store_mod.StoreSink(str(out), make_architecture(depth=3), None, "ntk", True, 5,
-                               run_uuid="u", repair={}, claim_timeout=60.0,
-                               names=spec["integrity"]["arrays"], scales=(None, None))
-    t = next(t for t in store_mod.GramStore._expected_tiles(spec) if (t.i, t.j) == (0, 1))
+    g, sink, t, _ = _sink_and_tile(out)
     assert sink.claim(t)
     f = out / "claims" / "0.1"
     f.write_text(json.dumps({"host": "node-b", "pid": 1, "claim": "theirs", "run": 9}))   # taken over
@@ -303,18 +297,102 @@ def test_a_writer_whose_claim_was_taken_over_leaves_the_tile(tmp_path, caplog):
     assert not sink.claims().held
 
 
+def _sink_and_tile(out, tile=(0, 1)):
+    """A StoreSink of unfinished_store's job (run 5), its group and tile ``tile``, and the
+    numba backend that computes its sums."""
+    g = zarr.open_group(str(out), mode="r+")
+    spec = g.attrs["cntk_engine"]
+    from cntk_engine.arch import make_architecture
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(1, 6, 6)
+    sink = store_mod.StoreSink(str(out), arch, params, "ntk", True, 5,
+                               run_uuid="u", repair={}, claim_timeout=60.0,
+                               names=spec["integrity"]["arrays"], scales=(None, None))
+    t = next(t for t in store_mod.GramStore._expected_tiles(spec) if (t.i, t.j) == tile)
+    return g, sink, t, NumbaBackend(arch, params, np.float32)
+
+
+def test_a_claim_taken_over_while_the_data_was_written_gets_no_marker(tmp_path, monkeypatch, caplog):
+    """The second check, after the tile's data and before its checksums and marker: a takeover
+    that happened while the data was written leaves the marker and the checksums to the writer
+    that holds the claim now."""
+    x, out = unfinished_store(tmp_path, [(0, 1)])
+    g, sink, t, be = _sink_and_tile(out)
+    sums_before = g["tiles_checksum"][0, 1]
+    assert sink.claim(t)
+    f = out / "claims" / "0.1"
+    real = store_mod.chunk_checksum
+
+    def taken_over_meanwhile(*a):       # called as the data chunks are written
+        f.write_text(json.dumps({"host": "node-b", "pid": 1, "claim": "theirs", "run": 9}))
+        return real(*a)
+    monkeypatch.setattr(store_mod, "chunk_checksum", taken_over_meanwhile)
+    p = be.prepare_set(np.ascontiguousarray(x))
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert sink(t, be.pair_sums(p[t.rows], p[t.cols])) is False
+    assert "not written beyond its data" in caplog.text
+    assert int(g["tiles_done"][0, 1]) == 0 and f.exists()
+    assert np.array_equal(g["tiles_checksum"][0, 1], sums_before)
+
+
+def test_a_dask_task_whose_claim_was_taken_over_reports_the_tile_skipped(monkeypatch):
+    """tile_task: a tile the writer did not take (False: its claim was taken over) is reported
+    "skipped", not "written" (the client would look for its marker and blame the file system)."""
+    from cntk_engine.jobs import dask as jdask
+    from cntk_engine.jobs.tiles import TileLayout
+
+    class Writer:
+        def claim(self, t):
+            return True
+
+        def __call__(self, t, sums):
+            return False
+
+        def release(self, t):
+            raise AssertionError("released by the sink itself")
+
+    class Backend:
+        def pair_sums(self, a, b, symmetric):
+            return np.zeros((len(a), len(b), 1, 2))
+
+    tile = next(iter(TileLayout(4, 4, 2, True).tiles()))
+    monkeypatch.setattr(jdask, "_state", lambda job, xa, xb: (Backend(), np.zeros(4), np.zeros(4), {"r": 1}))
+    job = jdask.TaskSpec("tok", object, None, None, "float32", True, True, Writer())
+    assert jdask.tile_task(job, tile, None, None)[4:] == ("skipped", None)
+    Writer.__call__ = lambda self, t, sums: True
+    assert jdask.tile_task(job, tile, None, None)[4:] == ("written", {"r": 1})
+
+
+def test_a_claim_of_this_hosts_earlier_boot_is_stale_once_this_boot_outlived_its_renewals(
+        tmp_path, monkeypatch):
+    """Same hostname and pid namespace, another boot id: this machine before a reboot (the
+    claim not renewed since this boot began: stale once the boot is half a timeout old) or
+    another machine of this name (renewing its claim: live)."""
+    _, out = unfinished_store(tmp_path, [(0, 1)])
+    f = out / "claims" / "0.1"
+    f.write_text(json.dumps({"host": store_mod.HOST, "pidns": store_mod.PID_NAMESPACE, "pid": 12,
+                             "claim": "c0ffee", "run": 9, "timeout": 60.0, "boot": "before"}))
+    monkeypatch.setattr(store_mod, "BOOT_ID", "now")
+    claims = store_mod.Claims(out, 60.0, {})
+    now = time.time()
+    t = now - 50                                                 # within its 60 s timeout
+    os.utime(f, (t, t))
+    monkeypatch.setattr(store_mod, "BOOT_TIME", now - 40)        # renewed before this boot
+    assert claims.staleness(*claims._read(f)) == "it was left before this machine's last boot"
+    monkeypatch.setattr(store_mod, "BOOT_TIME", now - 20)        # booted < half a timeout ago
+    assert claims.staleness(*claims._read(f)) is None
+    os.utime(f, (now - 5, now - 5))                              # renewed since: a namesake's
+    monkeypatch.setattr(store_mod, "BOOT_TIME", now - 40)
+    assert claims.staleness(*claims._read(f)) is None
+
+
 def test_a_claim_whose_store_cannot_be_opened_is_not_kept(tmp_path, monkeypatch):
     """StoreSink.claim releases the claim it acquired when opening the store then fails (a file
     system error): a claim left held would be renewed by the process's heartbeat for its whole
     life (a Dask worker's), and every other writer would wait for that tile forever."""
     _, out = unfinished_store(tmp_path, [(0, 1)])
-    g = zarr.open_group(str(out), mode="r")
-    spec = g.attrs["cntk_engine"]
-    from cntk_engine.arch import make_architecture
-    sink = store_mod.StoreSink(str(out), make_architecture(depth=3), None, "ntk", True, 5,
-                               run_uuid="u", repair={}, claim_timeout=60.0,
-                               names=spec["integrity"]["arrays"], scales=(None, None))
-    t = next(t for t in store_mod.GramStore._expected_tiles(spec) if (t.i, t.j) == (0, 1))
+    _, sink, t, _ = _sink_and_tile(out)
 
     def broken():
         raise OSError(5, "Input/output error")
@@ -325,8 +403,9 @@ def test_a_claim_whose_store_cannot_be_opened_is_not_kept(tmp_path, monkeypatch)
 
 
 def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
-    """A creation killed before its rename leaves .<name>.partial-<hex>; the next creation of
-    that store removes it once it is older than any creation takes (PARTIAL_MAX_AGE)."""
+    """A creation killed before its rename leaves .<name>.partial-<hex>; the next job that
+    creates or opens that store removes it once it is older than any creation takes
+    (PARTIAL_MAX_AGE)."""
     old = tmp_path / ".g.zarr.partial-0123456789ab"
     young = tmp_path / ".g.zarr.partial-ba9876543210"
     other = tmp_path / ".h.zarr.partial-0123456789ab"
@@ -338,6 +417,11 @@ def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
         os.utime(d, (t, t))
     ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=tmp_path / "g.zarr")
     assert not old.exists() and young.exists() and other.exists()
+    # a creation rerun within those minutes made the store: the next job that opens it sweeps
+    t = time.time() - store_mod.PARTIAL_MAX_AGE - 60
+    os.utime(young, (t, t))
+    ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=tmp_path / "g.zarr")
+    assert not young.exists() and other.exists()
 
 
 def test_heartbeat_keeps_slow_tiles_of_another_host_claimed(tmp_path):

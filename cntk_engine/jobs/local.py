@@ -141,13 +141,14 @@ class Progress:
 
 
 def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
-              sink: Callable[[Tile, object], None], progress: Progress | None = None,
+              sink: Callable[[Tile, object], bool | None], progress: Progress | None = None,
               claim: Callable[[Tile], bool] | None = None,
               prepare_seconds: dict | None = None) -> dict:
     """Compute every tile of ``todo`` and hand (tile, float64 sums) to ``sink``, the sums where
     the backend produced them (NumPy, or CuPy on the worker's GPU).
 
-    ``x2=None``: symmetric (x1 against itself).  Each worker prepares the images once, then pulls
+    ``x2=None``: symmetric (x1 against itself).  ``sink`` returns False for a tile it did not
+    take (its claim was taken over: not counted).  Each worker prepares the images once, then pulls
     tiles from a shared queue (largest first).  One worker runs in the calling thread; several
     run one thread each.  The first error stops every worker and is raised here.  ``claim``:
     called with each tile before it is computed; a tile it returns False for is skipped
@@ -184,7 +185,8 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
                         return
                     if claim is not None and not claim(t):
                         continue
-                    sink(t, be.pair_sums(pa[t.rows], pb[t.cols], symmetric=t.diag))
+                    if sink(t, be.pair_sums(pa[t.rows], pb[t.cols], symmetric=t.diag)) is False:
+                        continue            # its claim was taken over: the other writer's tile
                     done[w.name] += 1
                     if progress is not None:
                         progress.update(t.pairs)

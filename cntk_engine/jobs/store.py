@@ -82,7 +82,9 @@ claim's id) with a warning; a stale claim of a finished tile (its writer died be
 marker and the release) is removed by the next writer that opens the store.  A writer whose
 claim was taken over all the same (its process stalled beyond its timeout) finds that out before
 it writes the tile's data and again before its checksums and marker, and leaves the tile to the
-writer that took it over (a warning says so).  A writer that
+writer that took it over (a warning says so; data it wrote before the second check is the same
+bytes where the two compute alike, else a tile whose data and checksums disagree, which verify
+names and a resume repairs).  A writer that
 runs out of tiles to claim waits, polling, until
 the tiles claimed by others are done (or their claims go stale and it takes them over), so
 every writer returns a complete store.
@@ -417,7 +419,7 @@ def _format_error(path, stored: dict) -> str | None:
 
 
 #: A store is created under a temporary name in milliseconds: one older than this was left by
-#: a creator killed meanwhile, and is removed by the next creation of that store.
+#: a creator killed meanwhile, and is removed by the next job that creates or opens that store.
 PARTIAL_MAX_AGE = 600.0
 
 
@@ -456,6 +458,21 @@ def _boot_id() -> str | None:
 
 
 BOOT_ID = _boot_id()
+
+
+def _boot_time() -> float | None:
+    """When this machine booted (seconds since the epoch; /proc/stat's btime), or None."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+BOOT_TIME = _boot_time()
 
 
 def _proc_start(pid: int) -> int | None:
@@ -583,10 +600,22 @@ class Claims:
         reused) = stale, running = live whatever the claim's age; elsewhere the age does,
         against the owner's timeout (it renews at a quarter of it; this observer's own for a
         record that does not say it)."""
-        age = time.time() - mtime
+        now = time.time()
+        age = now - mtime
+        timeout = (owner or {}).get("timeout")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not \
+                0 < timeout < float("inf"):
+            timeout = self.timeout
         boot = (owner or {}).get("boot")
-        if owner is not None and owner.get("host") == HOST and owner.get("pidns") == PID_NAMESPACE \
-                and (boot is None or BOOT_ID is None or boot == BOOT_ID):
+        this_host = owner is not None and owner.get("host") == HOST and \
+            owner.get("pidns") == PID_NAMESPACE
+        if this_host and boot is not None and BOOT_ID is not None and boot != BOOT_ID:
+            # this machine before a reboot, or another of this name (a clone): the latter's
+            # claims are renewed every timeout / 4, so one not renewed since this boot, half a
+            # timeout after it, is the former's, whose process is gone
+            if BOOT_TIME is not None and mtime < BOOT_TIME and now - BOOT_TIME > timeout / 2:
+                return "it was left before this machine's last boot"
+        elif this_host:
             pid = owner.get("pid")
             if pid == os.getpid():
                 with _HELD_LOCK:
@@ -597,10 +626,6 @@ class Claims:
                 if _pid_alive(pid, start if isinstance(start, int) else None):
                     return None
                 return f"its process {HOST}:{pid} is gone"
-        timeout = (owner or {}).get("timeout")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not \
-                0 < timeout < float("inf"):
-            timeout = self.timeout
         if age > timeout:
             return f"it was not renewed for {age:.0f} s (claim timeout {timeout:g} s)"
         return None
@@ -859,7 +884,9 @@ class StoreSink(Sink):
                     vt = np.ascontiguousarray(v.T)
                     a[t.cols, t.rows] = vt
                     record[ai, 1] = chunk_checksum(name, (t.j, t.i), vt)
-        if not self._still_held(t, "beyond its data (the other writer rewrites it whole)"):
+        if not self._still_held(t, "beyond its data (written already: where the two writers "
+                                   "compute alike it is the same bytes; else verify names the "
+                                   "tile and a resume repairs it)"):
             return False
         self._sums[t.i, t.j] = record         # after every data chunk of the tile
         self._done[t.i, t.j] = self.run_id    # last: the tile is done
@@ -1180,6 +1207,7 @@ class GramStore:
         n_all = len(cls._expected_tiles(stored))
         if not resume:
             raise StoreExists(path, done=f"this same job, {n_done} of {n_all} tiles done")
+        _sweep_partials(path)         # a killed creation's, where a later one made the store
         store = cls(path, zarr.open_group(str(path), mode="r+"), stored, claim_timeout)
         for folder in (CLAIMS, RUNS):
             if folder not in store.group:

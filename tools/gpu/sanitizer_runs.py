@@ -1,5 +1,5 @@
 """Small Grams of every CUDA kernel variant, for compute-sanitizer (gpu_session.sh's sanitizer
-phase runs this under memcheck, then ``--small`` under racecheck and synccheck).
+phase runs this under memcheck, then ``--small`` under racecheck, synccheck and initcheck).
 
     compute-sanitizer --tool memcheck python tools/gpu/sanitizer_runs.py --kernels v3,v6 --part stack
     compute-sanitizer --tool racecheck python tools/gpu/sanitizer_runs.py --kernels v3 --small
@@ -8,7 +8,8 @@ phase runs this under memcheck, then ``--small`` under racecheck and synccheck).
 Why these runs: each launch path of the extension once per variant, at sizes the sanitizer's
 slowdown allows.  CNN kernel: the general path (9 x 7), the 32 x 32 path, float64, filter 5,
 two depths, flatten, the LAP readout (the listed-grid kernel) and flips.  Stack kernel (of the
-variants that have one of their own; v7 and v8 launch their base's): Myrtle-5 in both dtypes
+variants that have one of their own; v7 and v8 launch their base's, which runs in their place,
+once): Myrtle-5 in both dtypes
 and with the two-block candidate, a flatten stack (the per-entry readout weights) and a stack
 whose coarse levels are odd (28 -> 14 -> 7: a round that pools one grid).
 
@@ -17,8 +18,8 @@ allocations up to 512 bytes and hands out parts of larger blocks, so an access p
 an array usually lands in memory that memcheck counts as valid.  With no pool, every array is its
 own ``cudaMalloc`` and memcheck sees its exact bounds.
 
-The diagonals are computed by NumPy on the host and copied to the GPU (``--part``'s runs
-only): a pooled stack's take thousands of small CuPy operations per image set, each of which is
+The diagonals are computed by NumPy on the host and copied to the GPU (every run): a pooled
+stack's take thousands of small CuPy operations per image set, each of which is
 an instrumented launch under the sanitizer (and, with the pool off, a cudaMalloc and a
 synchronising cudaFree), seconds per set spent on CuPy's kernels, which are not what is checked
 here.  ``--part stack`` (the kernel that has not run on a GPU: gpu_session.sh runs it first, in a
@@ -111,20 +112,25 @@ def main(argv=None) -> int:
         from cntk_engine.backends.cuda import kernel_variants
         variants = kernel_variants()
         compiled = [v["name"] for v in variants]
-        own = [v["name"] for v in variants if v["base"] == v["name"]]
+        base = {v["name"]: v["base"] for v in variants}
         names = [k for k in args.kernels.split(",") if k] or compiled
         unknown = [k for k in names if k not in compiled]
         if unknown:
             ap.error(f"--kernels {','.join(unknown)}: not compiled; compiled: {','.join(compiled)}")
     else:       # numba has one kernel; --kernels names CUDA variants
-        names = own = ["numba"]
-    for v in (names if args.part != "stack" else []):
+        names, base = ["numba"], {"numba": "numba"}
+    cnn = names if args.part != "stack" else []
+    # the stack kernels the variants launch (v7's and v8's are their bases'), each once
+    stacks = list(dict.fromkeys(base[v] for v in names)) if args.part != "cnn" else []
+    if not cnn and not stacks:
+        ap.error(f"--kernels {args.kernels!r} --part {args.part}: nothing to run")
+    for v in cnn:
         if kernel_env:
             os.environ[kernel_env] = v
         print(v, "CNN kernel:")
         cnn_runs(ce, args.backend, args.small)
     # the stack kernel last, after every variant's CNN kernel (an error it makes ends the process)
-    for v in (v for v in names if v in own and args.part != "cnn"):
+    for v in stacks:
         if kernel_env:
             os.environ[kernel_env] = v
         print(v, "stack kernel:")
