@@ -92,9 +92,11 @@ def sqrt_and_inverse(q: np.ndarray):
 def _fingerprints(x):
     """Two 64-bit fingerprints per image of its bits: sum_k bits_k m_k (mod 2^64) for two fixed
     random multiplier sequences m.  Integer arithmetic is exact, so equal images get equal
-    fingerprints whatever order the sum is taken in (a floating-point projection would not)."""
+    fingerprints whatever order the sum is taken in (a floating-point projection would not).
+    ``x + 0`` first: -0.0 and +0.0, equal pixels of other bits, become one (+0.0)."""
     xp = get_array_module(x)
     n = x.shape[0]
+    x = x + x.dtype.type(0)
     bits = xp.ascontiguousarray(x).reshape(n, -1).view(f"u{x.dtype.itemsize}").astype(xp.uint64)
     m = np.random.default_rng(20261123).integers(1, 2**63, size=(2, bits.shape[1]), dtype=np.uint64)
     m = xp.asarray(m | np.uint64(1))
