@@ -403,9 +403,9 @@ def test_a_claim_whose_store_cannot_be_opened_is_not_kept(tmp_path, monkeypatch)
 
 
 def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
-    """A creation killed before its rename leaves .<name>.partial-<hex>; the next job that
-    creates or opens that store removes it once it is older than any creation takes
-    (PARTIAL_MAX_AGE)."""
+    """A creation killed before its rename leaves .<name>.partial-<hex> (a run record or a
+    claim killed midway, their temporary files in the store); the next job that creates or
+    opens that store removes them once older than any such step takes (PARTIAL_MAX_AGE)."""
     old = tmp_path / ".g.zarr.partial-0123456789ab"
     young = tmp_path / ".g.zarr.partial-ba9876543210"
     other = tmp_path / ".h.zarr.partial-0123456789ab"
@@ -418,10 +418,20 @@ def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
     ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=tmp_path / "g.zarr")
     assert not old.exists() and young.exists() and other.exists()
     # a creation rerun within those minutes made the store: the next job that opens it sweeps
-    t = time.time() - store_mod.PARTIAL_MAX_AGE - 60
-    os.utime(young, (t, t))
-    ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=tmp_path / "g.zarr")
+    # that folder once it is old, and in the store a run record and a claim file of writers
+    # killed in the middle of them (not a claim file being written now)
+    store = tmp_path / "g.zarr"
+    run_tmp = store / "runs" / ".new-0123456789abcdef0123456789abcdef"
+    run_tmp.mkdir()
+    claim_tmp = store / "claims" / ".0.0.0123456789abcdef0123456789abcdef.tmp"
+    claim_tmp.write_text("{}")
+    fresh_tmp = store / "claims" / ".0.0.fedcba9876543210fedcba9876543210.tmp"
+    fresh_tmp.write_text("{}")
+    for p in (young, run_tmp, claim_tmp):
+        os.utime(p, (t, t))
+    ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=store)
     assert not young.exists() and other.exists()
+    assert not run_tmp.exists() and not claim_tmp.exists() and fresh_tmp.exists()
 
 
 def test_heartbeat_keeps_slow_tiles_of_another_host_claimed(tmp_path):

@@ -424,14 +424,25 @@ PARTIAL_MAX_AGE = 600.0
 
 
 def _sweep_partials(path: Path) -> None:
-    """Remove the temporary folders of earlier creations of the store at ``path`` that were
-    killed before their rename (older than :data:`PARTIAL_MAX_AGE`)."""
+    """Remove what writers killed in the middle of an atomic step left (older than
+    :data:`PARTIAL_MAX_AGE`; each step takes milliseconds): the temporary folders of earlier
+    creations of the store at ``path``, and in the store the temporary run groups
+    (``runs/.new-*``) and claim files (``claims/.<i>.<j>.<id>.tmp``).  Every listing of the
+    store skips them; this keeps them from piling up."""
     now = time.time()
-    for p in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+    left = [(p, "a creation of the store")
+            for p in path.parent.glob(f".{glob.escape(path.name)}.partial-*")]
+    left += [(p, "a new run's record") for p in (path / RUNS).glob(".new-*")]
+    left += [(p, "a claim") for p in (path / CLAIMS).glob(".*.tmp")]
+    for p, what in left:
         try:
-            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > PARTIAL_MAX_AGE:
+            if p.is_symlink() or now - p.stat().st_mtime <= PARTIAL_MAX_AGE:
+                continue
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
-                log.info("removed %s, left by a creation of the store that was killed", p)
+            else:
+                p.unlink()
+            log.info("removed %s, left by %s that was killed midway", p, what)
         except OSError:
             pass
 
