@@ -167,6 +167,17 @@ class _CNTKBase(BaseEstimator):
                 raise ValueError("image_shape must be None, three positive integers (C, H, W) "
                                  "((H, W, C) for data_format='NHWC') or 'features' (2-D X is "
                                  f"tabular: 1 x 1 images with one channel per feature); got {s!r}")
+            from .inputs import looks_channels_last
+            c, h, w = (int(v) for v in s)
+            if self.data_format is None and (h, w) != (1, 1) and looks_channels_last(c, w):
+                # as 4-D X of that shape is refused: flattened CIFAR with (32, 32, 3) read as
+                # 32 channels of 32 x 3 images
+                raise ValueError(
+                    f"image_shape {tuple(s)} read as (C, H, W) (data_format=None: NCHW) is {c} "
+                    f"channels of {h} x {w} images, but its last value ({w}) looks like the "
+                    "channels of channels-last data: pass data_format='NHWC' with image_shape "
+                    f"(H, W, C), or data_format='NCHW' explicitly if these really are {c}-channel "
+                    f"{h} x {w} images")
 
     def _tabular(self) -> bool:
         return isinstance(self.image_shape, str) and self.image_shape == "features"
@@ -178,12 +189,27 @@ class _CNTKBase(BaseEstimator):
             return DEFAULT_DEPTH
         return self.depth
 
+    def _network(self) -> dict:
+        """The parameters that define the kernel (``gram``'s network options): recorded by
+        ``fit`` (``_network_``), which ``predict`` computes with, so that parameters changed
+        after it (by a later fit that failed, or ``set_params`` alone) do not mix another
+        kernel with its dual coefficients."""
+        return dict(depth=self._depth(), architecture=self.architecture, pooling=self.pooling,
+                    lap_window=self.lap_window, flip=self.flip, fix=self.fix, kernel=self.kernel,
+                    convention=self.convention, W_std=self.W_std, b_std=self.b_std,
+                    filter_size=self.filter_size)
+
     def _gram(self, a, b=None):
-        """``gram(a, b)`` of the training set ``a`` (``b`` None: in ``fit``) or of the images
-        ``a`` against the training set ``b``, with the images named in errors as the caller
-        passed them: ``X[i]``, and ``the flip of X[i]`` for a training set's flipped copies."""
+        """``gram(a, b)`` of the training set ``a`` (``b`` None: in ``fit``, with the network
+        of the parameters, recorded) or of the images ``a`` against the training set ``b``
+        (with the network of the fit), with the images named in errors as the caller passed
+        them: ``X[i]``, and ``the flip of X[i]`` for a training set's flipped copies."""
         from .api import gram
         from .spelling import images_as
+        if b is None:
+            self._network_ = self._network()
+        # an estimator pickled before the network was recorded: its parameters, as then
+        network = getattr(self, "_network_", None) or self._network()
 
         flipped = self.augment_flips if b is None else self._fitted_with_flips    # as fit made b
 
@@ -192,11 +218,7 @@ class _CNTKBase(BaseEstimator):
         names = ({"x1": training} if b is None else
                  {"x1": "X[{}]".format, "x2": lambda i: f"{training(i)} of the training set"})
         with images_as(names):
-            return gram(a, b, depth=self._depth(), architecture=self.architecture,
-                        pooling=self.pooling, lap_window=self.lap_window, flip=self.flip,
-                        fix=self.fix, kernel=self.kernel,
-                        convention=self.convention, W_std=self.W_std, b_std=self.b_std,
-                        filter_size=self.filter_size, backend=self.backend, dtype=self.dtype,
+            return gram(a, b, **network, backend=self.backend, dtype=self.dtype,
                         data_format="NCHW")
 
     @contextmanager
@@ -249,7 +271,7 @@ class _CNTKBase(BaseEstimator):
             shape = tuple(int(v) for v in arr.shape[1:])
             if self.image_shape is not None and shape != self._param_shape():
                 raise ValueError(f"X holds images of shape (C, H, W) = {shape} but image_shape "
-                                 f"says {self._param_shape()}")
+                                 f"{tuple(self.image_shape)} says (C, H, W) = {self._param_shape()}")
             if not reset and shape != self.image_shape_:     # before scikit-learn's feature count
                 layout = ("a 3-D X as (N, H, W), one channel" if nd == 3 else
                           f"X as {'(N, H, W, C)' if self.data_format == 'NHWC' else '(N, C, H, W)'}: "
@@ -283,7 +305,9 @@ class _CNTKBase(BaseEstimator):
         else:
             imgs = Xv.reshape((len(Xv),) + shape)
         imgs = np.ascontiguousarray(imgs, dtype=np.float64)
-        if reset and isinstance(X, np.ndarray) and np.may_share_memory(imgs, X):
+        # an array-like other than an ndarray (a CPU torch tensor, a DataFrame) may hand NumPy
+        # its own buffer: copied too, as it cannot be compared without converting it
+        if reset and (not isinstance(X, np.ndarray) or np.may_share_memory(imgs, X)):
             imgs = imgs.copy()
         return imgs, yv
 
@@ -414,8 +438,12 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
             raise ValueError(f"targets must be 'paper' (0.9 / -0.1) or 'onehot' (1 / 0); got {self.targets!r}")
         with self._fitting():
             imgs, y = self._images(X, y, reset=True)
-            check_classification_targets(y)
-            classes = np.unique(y)          # before the whitening and the flips: they keep the labels
+            try:            # both sort the labels
+                check_classification_targets(y)
+                classes = np.unique(y)      # before the whitening and the flips: they keep the labels
+            except TypeError:
+                raise ValueError("y mixes labels that cannot be ordered (e.g. strings with numbers, "
+                                 "or None): give labels of one kind") from None
             if len(classes) < 2:
                 raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 "
                                  f"class ({classes.tolist()[0]!r})")

@@ -436,13 +436,19 @@ def check_finite(arr, name: str):
     return arr
 
 
+def looks_channels_last(c: int, w: int) -> bool:
+    """Whether (C, H, W) read as NCHW looks like channels-last data: its last axis 1 or 3 while C
+    is more than 4 (CIFAR's (32, 32, 3))."""
+    return w in (1, 3) and c > 4
+
+
 def refuse_channels_last(shape, name: str) -> None:
     """The default layout (``data_format=None``: NCHW, of ``gram`` and the estimators) refuses
     (N, C, H, W) shapes whose last axis is 1 or 3 while C is more than 4: channels-last images
     read as NCHW (CIFAR's (N, 32, 32, 3) would be 32 channels of 32 x 3 "images", and the
     kernel would be meaningless)."""
     _, c, h, w = (int(v) for v in shape)
-    if w in (1, 3) and c > 4:
+    if looks_channels_last(c, w):
         raise ValueError(
             f"{arg(name)} has shape {tuple(int(v) for v in shape)}: read as NCHW (the default) that is "
             f"{c} channels of {h} x {w} images, but its last axis ({w}) looks like the channels of "

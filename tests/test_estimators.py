@@ -409,6 +409,67 @@ def test_a_failed_fit_leaves_the_last_model_as_it_was(cls, monkeypatch):
         fresh.predict(X)
 
 
+@pytest.mark.parametrize("cls", [CNTKClassifier, CNTKRegressor])
+def test_predict_uses_the_network_of_the_fit(cls, monkeypatch):
+    """The kernel of predict is the fit's: parameters changed after it, by set_params alone or
+    by a later fit interrupted in its Gram (whose dual coefficients never came), do not mix
+    another network with the fitted dual coefficients."""
+    import cntk_engine.api
+    rng = np.random.default_rng(7)
+    X, Xt = rng.standard_normal((10, 1, 6, 6)), rng.standard_normal((3, 1, 6, 6))
+    y = np.arange(10) % 2
+    est = cls(depth=3, ridge=0.01, backend="numba").fit(X, y)
+    want = est.predict(Xt)
+    F = est.decision_function(Xt) if cls is CNTKClassifier else want
+    real = cntk_engine.api.gram
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cntk_engine.api, "gram", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        est.set_params(depth=6).fit(X * 2, y)
+    monkeypatch.setattr(cntk_engine.api, "gram", real)
+    np.testing.assert_array_equal(est.predict(Xt), want)
+    est.set_params(kernel="nngp", pooling="flatten", convention="neural_tangents", W_std=1.3)
+    got = est.decision_function(Xt) if cls is CNTKClassifier else est.predict(Xt)
+    np.testing.assert_array_equal(got, F)
+    assert est.fit(X, y)._network_["kernel"] == "nngp"                     # a refit takes them
+
+
+def test_array_likes_are_copied_and_channels_last_image_shapes_refused():
+    """X_fit_ is the model's own also where X is an array-like whose __array__ hands NumPy its
+    buffer (a CPU torch tensor, a DataFrame); a flattened X with a channels-last image_shape
+    under the default data_format is refused as 4-D channels-last X is; messages quote
+    image_shape as given."""
+    rng = np.random.default_rng(2)
+    buf = rng.random((6, 48))
+
+    class Tensor:
+        shape, ndim, dtype = buf.shape, 2, buf.dtype
+
+        def __array__(self, dtype=None, copy=None):
+            return buf
+
+        def __len__(self):
+            return len(buf)
+    est = CNTKRegressor(depth=3, ridge=0.1, backend="numba", image_shape=(3, 4, 4))
+    est.fit(Tensor(), rng.random(6))
+    assert not np.may_share_memory(est.X_fit_, buf)
+    with pytest.raises(ValueError, match=r"image_shape \(8, 4, 3\) read as \(C, H, W\) .* is 8 "
+                                         "channels of 4 x 3 images, but its last value"):
+        CNTKRegressor(depth=3, image_shape=(8, 4, 3)).fit(rng.random((6, 96)), rng.random(6))
+    CNTKRegressor(depth=3, ridge=0.1, image_shape=(8, 4, 3), data_format="NCHW",
+                  backend="numba").fit(rng.random((6, 96)), rng.random(6))
+    CNTKRegressor(depth=3, ridge=0.1, image_shape=(12, 1, 1), backend="numba").fit(
+        rng.random((6, 12)), rng.random(6))                             # tabular as 1 x 1 images
+    with pytest.raises(ValueError, match=r"X holds images of shape \(C, H, W\) = \(2, 8, 8\) but "
+                                         r"image_shape \(8, 8, 3\) says \(C, H, W\) = \(3, 8, 8\)"):
+        CNTKRegressor(depth=3, image_shape=(8, 8, 3), data_format="NHWC").fit(
+            rng.random((4, 8, 8, 2)), rng.random(4))
+    with pytest.raises(ValueError, match="y mixes labels that cannot be ordered"):
+        CNTKClassifier(depth=3).fit(rng.random((4, 1, 4, 4)), np.array(["a", 1, "b", 2], dtype=object))
+
+
 def test_zca_is_refused_for_tabular_features():
     """Its layer normalisation centres each row: two features became one of two points (0.64
     accuracy where 0.94 without), one feature a "constant image" error."""
