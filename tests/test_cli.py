@@ -510,3 +510,34 @@ def test_a_backend_that_cannot_run_is_named_as_the_option(tmp_path, data, capsys
                    tmp_path / "o.zarr")
     assert rc == 2 and "error: --backend 'cuda' is unavailable: " in e, e
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_three_d_arrays_and_layouts_given_against_their_look(tmp_path, capsys, caplog, rng):
+    """A 3-D array is (N, H, W), one channel (logged; --data-format, for 4-D arrays, says so),
+    except one that looks like a single (H, W, C) image, refused with the batch axis to add; an
+    explicit --data-format against what a shape looks like is warned of; DATA and --x2 of the
+    same images (the default keys finding x_test again) are warned of."""
+    kw = ["--depth", "2", "--backend", "numba", "--no-progress"]
+    np.save(tmp_path / "one.npy", rng.random((8, 8, 3)))
+    rc, _, e = run(capsys, "gram", tmp_path / "one.npy", "--out", tmp_path / "o.zarr", *kw)
+    assert rc == 2 and "looks like the channels of one (H, W, C) image" in e and "x[None]" in e, e
+    assert not (tmp_path / "o.zarr").exists()
+    np.save(tmp_path / "digits.npy", rng.random((5, 6, 6)))
+    with caplog.at_level("INFO", logger="cntk_engine"):      # without -q: its INFO lines
+        rc = cli.main(["gram", str(tmp_path / "digits.npy"), "--data-format", "NHWC",
+                       "--out", str(tmp_path / "d.zarr"), *kw])
+    assert rc == 0
+    assert "read as (N, H, W), one channel (--data-format NHWC is for 4-D arrays)" in caplog.text
+    np.save(tmp_path / "nchw.npy", rng.random((4, 3, 8, 8)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        rc, _, e = run(capsys, "gram", tmp_path / "nchw.npy", "--data-format", "NHWC",
+                       "--out", tmp_path / "n.zarr", *kw)
+    assert rc == 0 and "read as NHWC (--data-format NHWC), though they look NCHW" in caplog.text
+    np.savez(tmp_path / "tt.npz", x_train=rng.random((4, 1, 6, 6)), x_test=rng.random((3, 1, 6, 6)))
+    rc, _, e = run(capsys, "gram", f"{tmp_path / 'tt.npz'}:x_test", "--x2", tmp_path / "tt.npz",
+                   "--out", tmp_path / "t.zarr", *kw)
+    assert rc == 0 and "DATA and --x2 hold the same images" in e, e
+    rc, _, e = run(capsys, "gram", f"{tmp_path / 'tt.npz'}:x_test", "--x2",
+                   f"{tmp_path / 'tt.npz'}:x_train", "--out", tmp_path / "t2.zarr", *kw)
+    assert rc == 0 and "same images" not in e, e

@@ -309,8 +309,10 @@ def test_damaged_array_metadata_is_named(finished, tmp_path, cifar, capsys):
     with pytest.raises(StoreCorrupt, match=r"is damaged: the metadata of 'nngp' \(nngp/zarr.json: "
                                            "JSONDecodeError"):
         store_mod.verify_store(out)
-    rc, o, e = run(capsys, "verify", out)
-    assert rc == 2 and f"{str(out)!r} is damaged: the metadata of 'nngp'" in e and e.count("\n") == 1
+    rc, o, e = run(capsys, "verify", out, "--json", tmp_path / "v.json")
+    # a damaged store is a failed check (1), not an error of the call (2)
+    assert rc == 1 and f"DAMAGED {str(out)!r} is damaged: the metadata of 'nngp'" in o, (o, e)
+    assert json.loads((tmp_path / "v.json").read_text())["ok"] is False
     rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
                    "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume", "--no-progress")
     assert rc == 2 and f"--out {str(out)!r} is damaged: the metadata of 'nngp' (nngp/zarr.json" in e, e
@@ -320,6 +322,25 @@ def test_damaged_array_metadata_is_named(finished, tmp_path, cifar, capsys):
         store_mod.verify_store(out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "tiles_checksum" not in
             p.parts} == {p: b for p, b in snap.items() if "tiles_checksum" not in p.parts}
+
+
+def test_a_damaged_job_record_is_named(finished, tmp_path, cifar, capsys):
+    """A job record that lost its tile layout (n1, n2, tile, symmetric): verify and --resume
+    name the damage in one line (it was a KeyError traceback)."""
+    np.save(tmp_path / "x.npy", cifar)
+    for key in ("tile", "n1", "symmetric"):
+        out = copy_of(finished, tmp_path / key)
+        meta = json.loads((out / "zarr.json").read_text())
+        del meta["attributes"]["cntk_engine"][key]
+        (out / "zarr.json").write_text(json.dumps(meta))
+        rc, o, e = run(capsys, "verify", out)
+        assert rc == 1 and f"its job record (zarr.json's attributes.cntk_engine) lacks a valid {key}" in o
+        rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
+                       "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume",
+                       "--no-progress")
+        assert rc == 2 and f"lacks a valid {key}" in e and e.count("\n") == 1, e
+        with pytest.raises(StoreCorrupt, match=f"lacks a valid {key}"):
+            store_mod.load_gram(out, key="ntk")
 
 
 def test_cli_verify_errors_are_one_line(tmp_path, capsys):

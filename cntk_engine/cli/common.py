@@ -268,6 +268,16 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
     ``data_format``; "auto" decides by :func:`guess_layout` (logged) and asks for
     ``--data-format`` when that does not decide."""
     if x.ndim == 3:
+        n, h, w = x.shape
+        if w in (1, 3) and n > 4 and h > 4:
+            # the mirror of refuse_channels_last: one (H, W, C) image read as N 1-channel images
+            raise CliError(f"{what}: a 3-D array of shape {x.shape} is read as {n} one-channel "
+                           f"{h} x {w} images, but its last axis ({w}) looks like the channels of "
+                           f"one (H, W, C) image: save it with a batch axis (x[None], shape "
+                           f"(1, {n}, {h}, {w})), or, if these are {n} images of {h} x {w} pixels, as "
+                           f"(N, 1, H, W) (x[:, None])")
+        log.info("%s: images of shape %s read as (N, H, W), one channel%s", what, x.shape,
+                 "" if data_format == "auto" else f" (--data-format {data_format} is for 4-D arrays)")
         return x[:, None]
     if x.ndim != 4:
         raise CliError(f"{what}: expected images (N, C, H, W), (N, H, W, C) or (N, H, W); got an "
@@ -278,6 +288,10 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
             raise CliError(f"{what}: cannot tell the layout of images of shape {x.shape[1:]} "
                            "(C, H, W or H, W, C); pass --data-format NCHW or NHWC")
         log.info("%s: images of shape %s read as %s (--data-format auto)", what, x.shape, data_format)
+    elif guess_layout(x.shape) not in (None, data_format):
+        # said, not refused: the layout was given explicitly (preprocess writes NCHW)
+        log.warning("%s: images of shape %s read as %s (--data-format %s), though they look %s",
+                    what, x.shape, data_format, data_format, guess_layout(x.shape))
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
 
 
@@ -475,10 +489,10 @@ def command_of(args) -> str | None:
     return None if argv is None else f"{PROG} " + shlex.join(str(a) for a in argv)
 
 
-def write_json(path, rec: dict) -> None:
-    """``rec`` as JSON, written as :func:`write_file` writes."""
+def write_json(path, rec: dict, what: str | None = None) -> None:
+    """``rec`` as JSON, written as :func:`write_file` writes (``what``: how errors name it)."""
     text = json.dumps(rec, indent=1, default=_json_default)
-    write_file(path, lambda f: f.write(text.encode()))
+    write_file(path, lambda f: f.write(text.encode()), what)
 
 
 def write_file(path, write, what: str | None = None, *, overwrite: bool = True) -> None:

@@ -393,6 +393,6 @@ def run(args) -> int:
                        which: dict(computed=info["tiles_computed"], total=info["tiles_total"])
                        for which, info in (("train", info_tr), ("test", info_te))},
                    machine=machine(), results=results)
-        write_json(args.json, rec)
+        write_json(args.json, rec, what=f"--json {args.json!r}")
         print(f"results written to {args.json}")
     return 0

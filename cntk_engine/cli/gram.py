@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .common import (PROG, CliError, add_architecture_options, add_run_options, gram_options,
                      int_list, load_images, plural, positive_seconds, to_nchw)
 
@@ -105,6 +107,12 @@ def run(args) -> int:
                  args.data_format, "DATA")
     x2 = None if args.x2 is None else to_nchw(
         load_images(args.x2, X2_KEYS, "--x2", flipped_refused=refused), args.data_format, "--x2")
+    if x2 is not None and x2.shape == x1.shape and np.array_equal(x1, x2):
+        # e.g. DATA.npz:x_test with --x2 DATA.npz, whose default keys find x_test again
+        print(f"{PROG}: warning: DATA and --x2 hold the same images: this computes DATA's Gram as "
+              "a rectangular job (every pair twice); for a test kernel against training images "
+              "name their key (--x2 FILE.npz:x_train), for DATA's own Gram leave --x2 out",
+              file=sys.stderr)
     out = Path(args.out)
     together = args.resume or args.join
     # before any work: a path that holds something else than a store is refused as such (no

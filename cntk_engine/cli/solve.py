@@ -253,7 +253,8 @@ def run(args) -> int:
             groups=GROUPS if d[GROUPS] is not None and ridge == "auto" else None,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
             accuracy=acc, **info, predictions=None if predictions is None else str(predictions),
-            seconds=dict(load=t_load, solve=t_solve), machine=machine()))
+            seconds=dict(load=t_load, solve=t_solve), machine=machine()),
+                   what=f"--json {args.json!r}")
         print(f"results written to {args.json}")
     return 0
 

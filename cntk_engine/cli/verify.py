@@ -8,8 +8,8 @@ and stale claims of writers that died).
 
 Exit status: 0 when every finished tile verified (the store may be unfinished: it says so;
 with ``--complete`` an unfinished store is 1, for a script that asks whether a job is done),
-1 when some fail or the store cannot be verified (format 1, no checksums), 2 for errors (not a
-store, unreadable).  ``--add-checksums`` converts a format-1 store in place, recording
+1 when some fail or the store cannot be verified (format 1, no checksums; a damaged store: its
+job record or an array missing), 2 for errors (not a store, unreadable, a bad option).  ``--add-checksums`` converts a format-1 store in place, recording
 checksums of its data as it is now (only for data you accept), then verifies it.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..jobs.store import DONE, add_checksums, computed_with, verify_store
+    from ..jobs.store import DONE, StoreCorrupt, add_checksums, computed_with, verify_store
     from .common import check_json_path
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be a positive integer; got {args.workers}")
@@ -51,7 +51,14 @@ def run(args) -> int:
               f"it was); {len(done['reset'])} tiles could not be read or were inconsistent and are "
               f"marked not done{': ' + ', '.join(map(str, done['reset'][:8])) if done['reset'] else ''}; "
               f"{done['runs']} run records moved to runs/")
-    r = verify_store(args.store, workers=args.workers)
+    try:
+        r = verify_store(args.store, workers=args.workers)
+    except StoreCorrupt as e:       # a store, damaged beyond reading its tiles: a failed check
+        print(f"DAMAGED {e}")
+        if args.json is not None:
+            write_json(args.json, {"store": str(args.store), "ok": False, "damaged": str(e)},
+                       what=f"--json {args.json!r}")
+        return 1
     print(f"{r.path}: Gram store format {r.format_version}; {r.tiles_finished} of "
           f"{plural(r.tiles_total, 'tile')} done"
           + ("" if r.tiles_finished == r.tiles_total else " (unfinished)"))
@@ -110,7 +117,7 @@ def run(args) -> int:
               "(--resume) computes them")
         status = max(status, 1)
     if args.json is not None:
-        write_json(args.json, {
+        write_json(args.json, what=f"--json {args.json!r}", rec={
             "store": r.path, "format_version": r.format_version, "tiles_total": r.tiles_total,
             "tiles_finished": r.tiles_finished, "checksums": r.checksums, "ok": r.ok,
             "damage": [dict(tile=list(d.tile), array=d.array, chunk=d.chunk, why=d.why)

@@ -1546,6 +1546,19 @@ def _read_record(path: Path, what: str = "", *, for_out: bool = False,
     if stored.get("format") != FORMAT:
         raise StoreError(f"{what}{str(path)!r} is a Zarr group but not a cntk_engine Gram store "
                          f"(no job record); refusing to touch it{takes}")
+    return _checked_layout(stored, f"{what}{str(path)!r}")
+
+
+def _checked_layout(stored: dict, where: str) -> dict:
+    """The job record ``stored``, refused (StoreCorrupt naming ``where``) where it lacks the
+    tile layout every reader and writer derives from it."""
+    bad = [k for k in ("n1", "n2", "tile") if isinstance(stored.get(k), bool)
+           or not isinstance(stored.get(k), int) or stored[k] < 1]
+    bad += [] if isinstance(stored.get("symmetric"), bool) else ["symmetric"]
+    if bad:
+        raise StoreCorrupt(f"{where} is damaged: its job record (zarr.json's "
+                           f"attributes.cntk_engine) lacks a valid {', '.join(bad)}, from which "
+                           "its tiles are laid out: move the store away and compute the job again")
     return stored
 
 
@@ -1978,8 +1991,8 @@ def _locate(source, key: str | None, device) -> _Stored:
     root, path_in_root = _enclosing_store(arr)
     if root is not None:
         found.root, found.key = root, path_in_root
-        found.spec = spec = dict(root.attrs["cntk_engine"])
         found.store_path = store_path = _group_path(root)
+        found.spec = spec = _checked_layout(dict(root.attrs["cntk_engine"]), repr(str(store_path)))
         if found.key not in _spec_arrays(spec):
             raise ValueError(f"{found.key!r} of the Gram store at {str(store_path)!r} is not a kernel "
                              f"array; its kernels are {_spec_arrays(spec)}")
@@ -2180,7 +2193,8 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
         raise ValueError(f"{arg_prefix(role)}{where} is not the root of a cntk_engine Gram store "
                          "(gram(..., out=...)): load_train_test checks two stores' job records; "
                          "load a plain array with load_gram")
-    return source, where, dict(source.attrs["cntk_engine"])
+    return source, where, _checked_layout(dict(source.attrs["cntk_engine"]),
+                                          f"{arg_prefix(role)}{where}")
 
 
 def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
