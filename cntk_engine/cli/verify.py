@@ -9,8 +9,9 @@ and stale claims of writers that died).
 Exit status: 0 when every finished tile verified (the store may be unfinished: it says so;
 with ``--complete`` an unfinished store is 1, for a script that asks whether a job is done),
 1 when some fail or the store cannot be verified (format 1, no checksums; a damaged store: its
-job record or an array missing), 2 for errors (not a store, unreadable, a bad option).  ``--add-checksums`` converts a format-1 store in place, recording
-checksums of its data as it is now (only for data you accept), then verifies it.
+job record or an array missing), 2 for errors (not a store, unreadable, a bad option).
+``--add-checksums`` converts a format-1 store in place, recording checksums of its data as it
+is now (only for data you accept), then verifies it.
 """
 from __future__ import annotations
 
