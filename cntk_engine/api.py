@@ -36,7 +36,8 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         image's self-pair value (``cntk_engine.arch``, self pairs); a duplicate's other entries
         are the same pairs as the original's, equal to rounding.  With ``x2`` an equal array
         but another object (a copy), both orders of each pair are computed, and K[i, j] and
-        K[j, i] may differ by rounding (about 1e-9 relative in float32).  CuPy arrays in give CuPy arrays out.
+        K[j, i] may differ by rounding (about 1e-9 relative in float32).  CuPy arrays in give
+        CuPy arrays out.
     depth : int >= 2, conv layers + 1 (the paper's depth).  Or ``depths=[...]``: every depth
         is read out of ONE pass over the deepest network and a dict {depth: result} returned.
     architecture : "cnn" (the CNN of Arora et al.: depth - 1 conv + ReLU layers, the default),
