@@ -130,10 +130,7 @@ class _CNTKBase(BaseEstimator):
         if not isinstance(self.kernel, str) or self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
         # the architecture's errors (e.g. fix=True at depth 2) before any kernel is computed
-        make_architecture(depth=self._depth(), architecture=self.architecture,
-                          pooling=self.pooling, lap_window=self.lap_window, flip=self.flip,
-                          fix=self.fix, convention=self.convention, W_std=self.W_std,
-                          b_std=self.b_std, filter_size=self.filter_size)
+        make_architecture(**self._network())
         check_dtype(self.dtype)
         check_name(self.backend)
         if self.preprocess not in (None, "zca"):
@@ -190,12 +187,12 @@ class _CNTKBase(BaseEstimator):
         return self.depth
 
     def _network(self) -> dict:
-        """The parameters that define the kernel (``gram``'s network options): recorded by
-        ``fit`` (``_network_``), which ``predict`` computes with, so that parameters changed
-        after it (by a later fit that failed, or ``set_params`` alone) do not mix another
-        kernel with its dual coefficients."""
+        """The parameters that define the network (``make_architecture``'s and ``gram``'s
+        options).  ``fit`` records them with the kernel (``_network_``), which ``predict``
+        computes with, so that parameters changed after it (by a later fit that failed, or
+        ``set_params`` alone) do not mix another kernel with its dual coefficients."""
         return dict(depth=self._depth(), architecture=self.architecture, pooling=self.pooling,
-                    lap_window=self.lap_window, flip=self.flip, fix=self.fix, kernel=self.kernel,
+                    lap_window=self.lap_window, flip=self.flip, fix=self.fix,
                     convention=self.convention, W_std=self.W_std, b_std=self.b_std,
                     filter_size=self.filter_size)
 
@@ -207,9 +204,9 @@ class _CNTKBase(BaseEstimator):
         from .api import gram
         from .spelling import images_as
         if b is None:
-            self._network_ = self._network()
+            self._network_ = dict(self._network(), kernel=self.kernel)
         # an estimator pickled before the network was recorded: its parameters, as then
-        network = getattr(self, "_network_", None) or self._network()
+        network = getattr(self, "_network_", None) or dict(self._network(), kernel=self.kernel)
 
         flipped = self.augment_flips if b is None else self._fitted_with_flips    # as fit made b
 

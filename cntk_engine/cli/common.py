@@ -268,8 +268,9 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
     ``data_format``; "auto" decides by :func:`guess_layout` (logged) and asks for
     ``--data-format`` when that does not decide."""
     if x.ndim == 3:
+        from ..inputs import looks_channels_last
         n, h, w = x.shape
-        if w in (1, 3) and n > 4 and h > 4:
+        if looks_channels_last(n, w) and h > 4:
             # the mirror of refuse_channels_last: one (H, W, C) image read as N 1-channel images
             raise CliError(f"{what}: a 3-D array of shape {x.shape} is read as {n} one-channel "
                            f"{h} x {w} images, but its last axis ({w}) looks like the channels of "
@@ -291,7 +292,8 @@ def to_nchw(x: np.ndarray, data_format: str = "auto", what: str = "DATA") -> np.
     elif guess_layout(x.shape) not in (None, data_format):
         # said, not refused: the layout was given explicitly (preprocess writes NCHW)
         log.warning("%s: images of shape %s read as %s (--data-format %s), though they look %s",
-                    what, x.shape, data_format, data_format, guess_layout(x.shape))
+                    what, x.shape, data_format, data_format,
+                    "NHWC" if data_format == "NCHW" else "NCHW")
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" else x
 
 

@@ -201,13 +201,6 @@ def _read_sets(path: Path, data_format: str, subset: tuple | None) -> Sets:
     if len(keys) == 2 and images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise CliError(f"DATA {str(path)!r}: x_train and x_test hold images of different shapes, "
                        f"{images['x_train'].shape[1:]} and {images['x_test'].shape[1:]} (C, H, W)")
-    if len(keys) == 2 and len({images[k].dtype.kind in "iu" for k in keys}) > 1:
-        # e.g. uint8 pixels 0..255 against floats 0..1 (or bool 0/1): one set would be
-        # transformed in the other's units, silently (preprocess() refuses it too, for the
-        # methods that transform; here also for none, whose kernels would mix the units)
-        raise CliError(f"DATA {str(path)!r}: x_train is {images['x_train'].dtype} and x_test "
-                       f"{images['x_test'].dtype}: give both as integers or both as floats, in "
-                       "the same units (e.g. both 0..255 or both 0..1)")
     return Sets(images, others, layouts, named, not_arrays, left_out, record)
 
 
@@ -311,6 +304,8 @@ def run(args) -> int:
         raise CliError(str(e.reworded(f"--zca: DATA's {role}", "drop them from DATA, or use "
                                       "--preprocess standardize (it takes constant images)",
                                       named=sets.named[key]))) from None
+    except ValueError as e:     # e.g. integer training pixels against float test pixels
+        raise CliError(f"DATA {str(data)!r}: {e}") from None
     result = dict(zip(keys, done))
     own_groups = GROUPS_TRAIN in others
     if args.augment_flips:        # after the preprocessing, fitted on the images, as evaluate's
