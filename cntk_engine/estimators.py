@@ -54,7 +54,12 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 def _validated(est, X, y, *, with_y: bool, **kw):
     """scikit-learn's validation of X (and y); the cast error of X whose dtype holds no real
-    numbers (a record dtype) is a ValueError naming what is accepted, as gram's is."""
+    numbers (a record dtype) is a ValueError naming what is accepted, as gram's is. Dates and
+    durations are refused first: scikit-learn would cast them to their counts of time units."""
+    kind = getattr(getattr(X, "dtype", None), "kind", None)
+    if kind in ("m", "M"):
+        raise ValueError(f"X must hold real numbers (any integer or float dtype); got dtype "
+                         f"{X.dtype}")
     try:
         return _validate_data(est, X, y, **kw) if with_y else _validate_data(est, X, **kw)
     except TypeError as e:

@@ -2,6 +2,7 @@
 layouts, agreement with the solver and with KernelRidge / SVC on precomputed Grams."""
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +248,8 @@ def test_flat_x_needs_image_shape():
 
 def test_the_model_keeps_its_own_copy_of_x_and_refuses_what_it_cannot_read():
     """X_fit_ is never the caller's array: X changed in place after fit leaves the predictions
-    as they were; a masked X with masked pixels and a record dtype are refused by name."""
+    as they were; a masked X with masked pixels, a record dtype, dates and durations are refused
+    by name."""
     rng = np.random.default_rng(1)
     X, y = rng.random((6, 1, 4, 4)), rng.random(6)
     model = CNTKRegressor(depth=3, ridge=0.1, backend="numba").fit(X, y)
@@ -260,6 +262,9 @@ def test_the_model_keeps_its_own_copy_of_x_and_refuses_what_it_cannot_read():
     rec = np.zeros((6, 2), dtype=[("a", "f8"), ("b", "f8")])
     with pytest.raises(ValueError, match=r"X must hold real numbers .*got dtype"):
         CNTKRegressor(depth=3, image_shape=(1, 1, 2)).fit(rec, y)
+    for when in ("datetime64[s]", "timedelta64[ms]"):      # scikit-learn would cast them
+        with pytest.raises(ValueError, match=r"X must hold real numbers .*got dtype " + re.escape(when)):
+            CNTKRegressor(depth=3).fit(X.astype(np.int64).astype(when), y)
 
 
 def test_augment_flips_loo_leaves_each_image_out_with_its_flip(monkeypatch):
