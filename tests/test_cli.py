@@ -14,6 +14,7 @@ zarr = pytest.importorskip("zarr")
 import cntk_engine as ce  # noqa: E402
 from conftest import run_script  # noqa: E402
 from cntk_engine import cli  # noqa: E402
+from cntk_engine.jobs.store import StoreError  # noqa: E402
 
 
 def run(capsys, *argv):
@@ -452,6 +453,11 @@ def test_gram_out_and_scheduler_refusals_name_the_option(tmp_path, data, capsys)
     rc, o, e = run(capsys, *base, "--out", tmp_path / "notes.txt" / "g.zarr")
     assert rc == 2 and f"--out {str(tmp_path / 'notes.txt' / 'g.zarr')!r}: " \
         f"{str(tmp_path / 'notes.txt')!r} is a file, not a folder" in e, e
+    long = tmp_path / ("n" * 300) / "g.zarr"          # a name longer than the file system takes
+    rc, o, e = run(capsys, *base, "--out", long)
+    assert rc == 2 and e.startswith(f"cntk-engine: error: --out {str(long)!r}: File name too long"), e
+    with pytest.raises(StoreError, match=r"^out='.*n\.zarr': File name too long"):
+        ce.gram(np.ones((2, 1, 4, 4)), depth=2, out=tmp_path / ("n" * 300 + ".zarr"))
     rc, o, e = run(capsys, *base, "--out", tmp_path / "g.zarr", "--scheduler", "")
     assert rc == 2 and "--scheduler '' is empty" in e and not (tmp_path / "g.zarr").exists(), e
     if Path("/proc").is_dir():         # not writable, or (root) refusing the store's folder

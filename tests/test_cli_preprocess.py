@@ -219,6 +219,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, cifar, capsys
         ((c, "--zca", "--out", tmp_path / "exists.npz"), "exists; refusing to overwrite it"),
         ((c, "--zca", "--out", c), "is DATA itself"),
         ((c, "--zca", "--out", tmp_path / "no" / "o.npz"), "the folder .* does not exist"),
+        ((c, "--zca", "--out", tmp_path / ("n" * 300 + ".npz")), r"--out '.*n\.npz': File name too long"),
         ((tmp_path / "a.npy", "--zca", "--out", tmp_path / "o.npz"), "is a .npy array; preprocess needs an .npz"),
         ((tmp_path / "half.npz", "--zca", "--out", tmp_path / "o.npz"), "holds x_train but not x_test"),
         ((tmp_path / "shapes.npz", "--zca", "--out", tmp_path / "o.npz"),

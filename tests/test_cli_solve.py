@@ -140,6 +140,8 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         ((data, *stores, "--predictions", tmp_path / "p.txt"), r"must end in \.npy"),
         ((data, *stores, "--predictions", folder / "train.zarr" / "p.npy"), r"is in --train"),
         ((data, *stores, "--predictions", tmp_path / "no" / "p.npy"), r"does not exist"),
+        ((data, *stores, "--predictions", tmp_path / ("n" * 300 + ".npy")),
+         r"--predictions '.*n\.npy': File name too long"),
         ((data, *stores, "--key", "nngp"), r"has no kernel array 'nngp'; it holds \['ntk'\]"),
         ((data, "--train", folder / "train.zarr"), r"the following arguments are required: --test"),
         ((data, *stores, "--predictions", tmp_path / "same.npy", "--json", tmp_path / "same.npy"),

@@ -338,6 +338,8 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),
     (("--depth", 3, "--store", "xy.npz"), "exists and is not a folder"),
     (("--depth", 3, "--store", "xy.npz/k"), "'xy.npz' is a file, not a folder"),
+    (("--depth", 3, "--store", "n" * 300), "--store '" + "n" * 300 + "': File name too long"),
+    (("--depth", 3, "--json", "n" * 300 + "/r.json"), "File name too long"),
     (("--depth", 3, "--zca-reg", "0.5"), "--zca-reg belongs to --zca (--preprocess zca); got "
      "--preprocess standardize"),
 ])

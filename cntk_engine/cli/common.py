@@ -436,6 +436,7 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     if not str(path):
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
     p = Path(path)
+    check_path_name(p, option)
     folder = p.parent
     for what, other in (inputs or {}).items():      # first: a folder in a store is "in STORE"
         if other is None:
@@ -461,8 +462,20 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     return p
 
 
+def check_path_name(p: Path, option: str) -> None:
+    """``p`` must be a name the file system takes: not too long, in folders this user may
+    search (the OS's reason, named with ``option``). Missing folders are left to the caller."""
+    try:
+        os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise CliError(f"{option} {str(p)!r}: {e.strerror or e}") from None
+
+
 def check_parent_folder(p: Path, option: str) -> None:
     """The folder that will hold ``p`` must exist (and be a folder)."""
+    check_path_name(p, option)
     folder = p.parent
     if folder.is_dir():
         return

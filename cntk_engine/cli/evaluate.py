@@ -63,9 +63,9 @@ from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
 from .common import (GROUPS_TRAIN, PROG, CliError, add_architecture_options,
                      add_preprocessing_options, add_run_options, add_solve_options, check_json_path,
-                     check_parent_folder, gram_options, log, machine, nonnegative_int,
-                     parse_ridge, plural, preprocessing_options, preprocessing_record, to_nchw,
-                     write_json)
+                     check_parent_folder, check_path_name, gram_options, log, machine,
+                     nonnegative_int, parse_ridge, plural, preprocessing_options,
+                     preprocessing_record, to_nchw, write_json)
 from .subsets import Drawn, draw
 
 
@@ -163,6 +163,7 @@ def check_store(args) -> tuple[Path | None, set[str]]:
     if not args.store:
         raise CliError("--store '' is empty; give the folder to keep the kernels in, e.g. 'kernels/'")
     d = Path(args.store)
+    check_path_name(d, "--store")
     if (d.exists() or d.is_symlink()) and not d.is_dir():
         raise CliError(f"--store {args.store!r} exists and is not a folder; give a folder path, "
                        "e.g. 'kernels/'")

@@ -66,9 +66,9 @@ import numpy as np
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (GROUPS_TRAIN, PREPROCESSING_RECORD, CliError, add_preprocessing_options,
-                     check_parent_folder, command_of, guess_layout, nonnegative_int, open_data,
-                     preprocessing_options, preprocessing_record, read_member, to_nchw,
-                     write_file)
+                     check_parent_folder, check_path_name, command_of, guess_layout,
+                     nonnegative_int, open_data, preprocessing_options, preprocessing_record,
+                     read_member, to_nchw, write_file)
 from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
@@ -115,6 +115,7 @@ def _check_out(out: str, data: Path) -> Path:
         raise CliError("--out '' is empty; give the path of the .npz archive to write, e.g. "
                        "cifar_zca.npz")
     p = Path(out)
+    check_path_name(p, "--out")
     if p.suffix != ".npz":
         raise CliError(f"--out {out!r} must end in .npz: an archive, whose arrays gram reads as "
                        f"OUT.npz:x_train; e.g. {str(p.with_suffix('.npz'))!r}")

@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (GROUPS_TRAIN as GROUPS, PROG, CliError, add_solve_options, check_json_path,
-                     check_parent_folder, command_of, holds_flips, machine, open_numpy,
-                     parse_ridge, read_member, to_nchw, write_file, write_json)
+                     check_parent_folder, check_path_name, command_of, holds_flips, machine,
+                     open_numpy, parse_ridge, read_member, to_nchw, write_file, write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -90,6 +90,7 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
     if not path:
         raise CliError("--predictions '' is empty; give the path of the .npy file to write")
     p = Path(path)
+    check_path_name(p, "--predictions")
     if p.suffix != ".npy":
         raise CliError(f"--predictions {path!r} must end in .npy (np.save's format); e.g. "
                        f"{str(p.with_suffix('.npy'))!r}")

@@ -1176,7 +1176,7 @@ class GramStore:
         if not given:       # Path('') is the current folder
             raise StoreError(f"{arg('out', given)} is empty; give the path of the Zarr store to write, e.g. "
                              "'gram.zarr'")
-        if path.exists() or path.is_symlink():
+        if _present(path, arg_prefix("out")):
             return cls._open_existing(path, spec, tile=tile, tile_given=tile_given, resume=resume,
                                       claim_timeout=timeout)
         if not path.parent.is_dir():
@@ -1516,9 +1516,21 @@ def is_store(path, what: str = "out=", takes: str | None = None) -> bool:
     opened), a StoreError for anything else (a file, a folder that is not a store), naming it
     and what ``what`` (e.g. "out=", "--out ") takes (or ``takes``)."""
     path = Path(os.fspath(path)).expanduser().absolute()
-    if not (path.exists() or path.is_symlink()):
+    if not _present(path, what):
         return False
     _read_record(path, what, for_out=True, takes=takes)
+    return True
+
+
+def _present(path: Path, what: str) -> bool:
+    """Whether anything (a broken link too) is at ``path``; an error of the file system's
+    (a name too long for it, a folder this user may not search) a StoreError naming ``what``."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise StoreError(f"{what}{str(path)!r}: {e.strerror or e}") from None
     return True
 
 
