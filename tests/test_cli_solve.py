@@ -67,6 +67,15 @@ def test_solve_matches_the_solver_in_memory(kept, capsys):
     rc, o, e = run(capsys, "solve", folder / "unlabelled.npz", *out[1:], "--predictions", folder / "u.npy")
     assert rc == 0 and "test accuracy" not in o, e
     np.testing.assert_array_equal(np.load(folder / "u.npy"), np.load(folder / "p.npy"))
+    # labels kept as columns (N, 1) by the tool that wrote them (preprocess copies them so):
+    # read as evaluate reads them
+    np.savez(folder / "columns.npz", **dict(d, y_train=d["y_train"][:, None],
+                                          y_test=d["y_test"][None, :]))
+    rc, o, e = run(capsys, "solve", folder / "columns.npz", *out[1:], "--predictions",
+                   folder / "c.npy")
+    acc = np.mean(np.load(folder / "p.npy") == d["y_test"])
+    assert rc == 0 and f"test accuracy: {100 * acc:.2f}%" in o, e
+    np.testing.assert_array_equal(np.load(folder / "c.npy"), np.load(folder / "p.npy"))
 
 
 def test_memory_refusal_gives_the_command_line_s_ways_out(kept, capsys, monkeypatch):

@@ -183,6 +183,14 @@ def holds_flips(z) -> bool:
             and rec.get("augment_flips") is True)
 
 
+def label_vector(y) -> np.ndarray:
+    """DATA's labels as one per image: a column (N, 1) or a row (1, N), as tools that keep
+    targets 2-D write them (and ``preprocess`` copies them), is read as (N,); any other shape
+    is left to the labels' checks to refuse."""
+    y = np.asarray(y)
+    return y.ravel() if y.ndim == 2 and 1 in y.shape else y
+
+
 def read_member(z, key: str, path, what: str = "DATA") -> np.ndarray:
     """``z[key]`` of an open .npz archive, every reading failure (a bad CRC, a truncated
     archive, an object array that needs pickle) as a one-line error naming the file and the

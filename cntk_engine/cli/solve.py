@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (GROUPS_TRAIN as GROUPS, PROG, CliError, add_solve_options, check_json_path,
-                     check_parent_folder, check_path_name, command_of, holds_flips, machine,
-                     open_numpy, parse_ridge, read_member, to_nchw, write_file, write_json)
+                     check_parent_folder, check_path_name, command_of, holds_flips, label_vector,
+                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_file, write_json)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -150,6 +150,9 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
                            "needs x_train, y_train and x_test (and y_test to score); the images "
                            "tie the labels to the stores' kernels")
         got = {k: read_member(z, k, path) for k in KEYS + ("y_test", GROUPS) if k in z.files}
+        for y in ("y_train", "y_test"):     # (N, 1) columns, as evaluate reads them
+            if y in got:
+                got[y] = label_vector(got[y])
         flips = holds_flips(z)
     out = {k: to_nchw(got[k], data_format, f"DATA {path!r}: {k}") for k in ("x_train", "x_test")}
     try:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..datasets import is_cifar10
 from ..solver.targets import check_labels
-from .common import GROUPS_TRAIN, CliError, holds_flips, open_data, read_member
+from .common import GROUPS_TRAIN, CliError, holds_flips, label_vector, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -171,9 +171,7 @@ def _pair(z, kx, ky, path):
             raise CliError(f"DATA {path!r}: {kx} has NaN or Inf pixels in image(s) at index "
                            f"{idx[:10].tolist()}" + (f" and {more} more" if more > 0 else "")
                            + f" (positions in {kx}); all pixels must be finite")
-    y = np.asarray(y)
-    if y.ndim == 2 and 1 in y.shape:
-        y = y.ravel()
+    y = label_vector(y)
     if y.ndim != 1 or len(y) != len(x):
         raise CliError(f"DATA {path!r}: {ky} must be one label per image ({len(x)},); got shape {y.shape}")
     return x, y
