@@ -428,7 +428,10 @@ def test_zca_refuses_constant_images_in_one_line(tmp_path, capsys):
     rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 12, "--n-test", 4, *BASE)
     assert rc == 2 and err.count("\n") == 1, err
     assert ("--zca: the training image(s) x_train[2], x_train[7] are constant" in err
-            and "use another --seed, or --preprocess standardize" in err and "layer_norm" not in err), err
+            and "every one of DATA's training images is drawn, so no --seed helps" in err
+            and "layer_norm" not in err), err
+    rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 11, "--n-test", 4, *BASE)
+    assert rc == 2 and "use another --seed, or --preprocess standardize" in err, err
     # named by their place in DATA, not among the images drawn (here the 2nd and 5th of 6)
     rc, out, err = main(capsys, p, "--depth", 3, "--zca", "--n-train", 6, "--n-test", 4, "--seed", 3, *BASE)
     drawn = np.sort(np.random.default_rng(3).choice(12, 6, replace=False))

@@ -302,9 +302,13 @@ def run(args) -> int:
     except ConstantImages as e:
         test = e.role == "x_test"
         n_all = len(xte if test else xtr)
-        remedy = ("use another --seed, or --preprocess standardize" if len(e.indices) < n_all
-                  else f"all {n_all} are, so no --seed helps: use --preprocess standardize (it takes "
-                  "constant images), or check DATA")
+        if len(e.indices) < n_all and drawn.undrawn[1 if test else 0]:
+            remedy = "use another --seed, or --preprocess standardize"
+        else:         # another --seed draws the same images, or likely constant ones again
+            every = (f"all {n_all} are" if len(e.indices) == n_all else
+                     f"every one of DATA's {'test' if test else 'training'} images is drawn")
+            remedy = (f"{every}, so no --seed helps: use --preprocess standardize (it takes "
+                      "constant images), or check DATA")
         raise CliError(str(e.reworded(f"--zca: the {'test' if test else 'training'}", remedy,
                                       named=drawn.test_image if test else drawn.training_image))) from None
     except ValueError as e:     # e.g. integer training pixels against float test pixels

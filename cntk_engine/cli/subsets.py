@@ -20,7 +20,8 @@ class Drawn:
     """The images and labels drawn from DATA, and where each image is in DATA's arrays: image i
     of the training set is ``train_key[train_at[i]]`` (for the messages that name an image);
     ``groups_train``: the drawn training images' labels of DATA's ``groups_train``, where it
-    holds them (None else)."""
+    holds them (None else); ``undrawn``: how many images of the pools the training and the test
+    set are drawn from were left out (where 0, every --seed draws the same images into it)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -33,6 +34,7 @@ class Drawn:
     test_at: np.ndarray
     preprocessed: str | None = None      # DATA written by `cntk-engine preprocess`: its method
     groups_train: np.ndarray | None = None
+    undrawn: tuple[int, int] = (0, 0)
 
     def training_image(self, i: int, flipped: bool = False) -> str:
         """Image i of the training set the kernels see (``flipped``: followed by its flips)."""
@@ -108,7 +110,8 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
                            f"one of its {GROUPS_TRAIN}: leaving that group out would leave nothing "
                            "to fit; use a larger --n-train or another --seed")
         return Drawn(xtr[i], ytr[i], xte[j], yte[j], "x_train/x_test", "x_train", i, "x_test", j,
-                     groups_train=None if groups is None else groups[i])
+                     groups_train=None if groups is None else groups[i],
+                     undrawn=(len(xtr) - n_train, len(xte) - n_test))
     some = [k for k in PAIR_KEYS if k in names]
     if some:            # not the x / y split beside them: the caller meant a given split
         raise CliError(f"DATA {path!r} holds {', '.join(some)} but not "
@@ -129,7 +132,8 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
                            f"images in DATA {path!r}")
         perm = rng.permutation(len(x))
         i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
-        return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j)
+        left = len(x) - n_train - n_test
+        return Drawn(x[i], y[i], x[j], y[j], "x/y split", "x", i, "x", j, undrawn=(left, left))
     raise CliError(f"DATA {path!r} holds arrays {names}; {needs} the keys x_train, "
                    "y_train, x_test, y_test or x, y")
 
