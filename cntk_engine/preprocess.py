@@ -262,7 +262,7 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
                 "standardize": "standardises x_test with x_train's per-channel mean and std",
                 "zca": "whitens x_test with x_train's statistics",
                 "none": "keeps both as they are, for kernels between them"}[how]
-        raise ValueError(f"how={how!r} {what}; x_train is {np.asarray(x_train).dtype} and x_test "
+        raise ValueError(f"{arg('how', how)} {what}; x_train is {np.asarray(x_train).dtype} and x_test "
                          f"{np.asarray(x_test).dtype}: give both as integers (0..255) or both as "
                          "floats, in the same units")
     a = downsample(x_train, factor, data_format=data_format, name="x_train")

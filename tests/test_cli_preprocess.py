@@ -109,10 +109,11 @@ def test_integer_and_float_pixels_are_not_mixed(tmp_path, cifar, capsys):
     preprocess(f > 0.5, f, "zca", data_format="NHWC")         # bool 0/1 with floats 0..1
     np.savez(tmp_path / "mixed.npz", x_train=u8, y_train=cifar["y_train"], x_test=f,
              y_test=cifar["y_test"])
-    for how in ("--zca", "--preprocess=none"):
+    for how, named in (("--zca", "--preprocess 'zca'"), ("--preprocess=none", "--preprocess 'none'")):
         rc, _, e = run(capsys, "evaluate", tmp_path / "mixed.npz", "--depth", "2", "--n-train", "8",
                        "--n-test", "4", "--backend", "numba", "--no-progress", how)
         assert rc == 2 and "mixed.npz" in e and "x_train is uint8 and x_test float64" in e, e
+        assert named in e and "how=" not in e, e          # the option, as the user types it
     np.savez(tmp_path / "bools.npz", x_train=u8 > 128, x_test=f.astype(np.uint8))
     rc, _, e = run(capsys, "preprocess", tmp_path / "bools.npz", "--zca", "--out", tmp_path / "o.npz")
     assert rc == 2 and "x_train is bool and x_test uint8" in e, e

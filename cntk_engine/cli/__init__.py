@@ -30,9 +30,9 @@ COMMANDS = (gram, verify, preprocess, solve, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
 #: (``gram``'s DATA is ``gram(x1, ...)``; ``--scheduler`` picks the Dask ``client``; ``--zca-reg`` is
 #: ``zca_whiten(reg=)``, ``--downsample`` ``downsample(x, factor)``, verify's STORE
-#: ``verify_store(path)``)
+#: ``verify_store(path)``, ``--preprocess`` ``preprocess(how=)``)
 PYTHON_ALIASES = {"x1": "data", "client": "scheduler", "reg": "zca_reg", "factor": "downsample",
-                  "path": "store"}
+                  "path": "store", "how": "preprocess"}
 
 
 def python_options(parser: argparse.ArgumentParser) -> dict:
