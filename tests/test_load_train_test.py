@@ -75,11 +75,12 @@ def test_stores_of_other_models_are_refused(stores, digits, tmp_path):
     # a depth the train store does not hold
     gram(x_test, x_train, depth=4, out=str(tmp_path / "deep.zarr"), **kw)
     with pytest.raises(ValueError, match=r"hold no kernel of the same depth and kind: the train "
-                       r"store \['depth_2/nngp', 'depth_2/ntk', 'depth_3/nngp', 'depth_3/ntk'\], the "
-                       r"test store \['ntk'\]"):
+                       r"store holds 'depth_2/nngp' \(depth 2 nngp\), 'depth_2/ntk' \(depth 2 ntk\), "
+                       r"'depth_3/nngp' \(depth 3 nngp\), 'depth_3/ntk' \(depth 3 ntk\); the "
+                       r"test store 'ntk' \(depth 4 ntk\)"):
         solver.load_train_test(train, tmp_path / "deep.zarr")
     with pytest.raises(ValueError, match=r"holds no ntk kernel at depth 2 \(the train store's "
-                       r"'depth_2/ntk'\); it holds \['ntk'\]"):
+                       r"'depth_2/ntk'\); it holds 'ntk' \(depth 3 ntk\)"):
         solver.load_train_test(train, stores / "test.zarr", key="depth_2/ntk")
     with pytest.raises(ValueError, match=r"has no kernel array 'ntk'; it holds"):
         solver.load_train_test(train, stores / "test.zarr", key="ntk")

@@ -2217,8 +2217,8 @@ def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
     both = [name for name, dk in train_r.items() if dk in test_names]
     if not both:
         raise ValueError(f"the stores at {wheres[0]} (train) and {wheres[1]} (test) hold no kernel "
-                         f"of the same depth and kind: the train store {sorted(train_r)}, the test "
-                         f"store {sorted(test_r)}")
+                         f"of the same depth and kind: the train store holds {_held(train_r)}; the "
+                         f"test store {_held(test_r)}")
     if key is None:
         if len(both) != 1:
             raise ValueError(f"both stores hold the kernels {sorted(both)} (as the train store "
@@ -2231,8 +2231,14 @@ def _pair_keys(a: dict, b: dict, key, wheres) -> tuple[str, str]:
     if train_r[key] not in test_names:
         d, k = train_r[key]
         raise ValueError(f"the test store at {wheres[1]} holds no {k} kernel at depth {d} (the "
-                         f"train store's {key!r}); it holds {sorted(test_r)}")
+                         f"train store's {key!r}); it holds {_held(test_r)}")
     return key, test_names[train_r[key]]
+
+
+def _held(readouts: dict) -> str:
+    """A store's kernels (:func:`_readouts`) with their depths, which a single-depth store's
+    array names leave out."""
+    return ", ".join(f"{name!r} (depth {d} {k})" for name, (d, k) in sorted(readouts.items()))
 
 
 def load_train_test(train, test, key: str | None = None, *, max_memory: int | None = None,
