@@ -325,22 +325,45 @@ def test_damaged_array_metadata_is_named(finished, tmp_path, cifar, capsys):
 
 
 def test_a_damaged_job_record_is_named(finished, tmp_path, cifar, capsys):
-    """A job record that lost its tile layout (n1, n2, tile, symmetric): verify and --resume
-    name the damage in one line (it was a KeyError traceback)."""
+    """A job record that lost its tile layout (n1, n2, tile, symmetric), its kernels' names
+    (architecture, kernel) or its images' fingerprints, or whose n1 no longer lays out its
+    arrays: verify, --resume, load_gram and solve name the damage in one line (each was a
+    KeyError, TypeError or IndexError traceback; verify said the store was intact)."""
     np.save(tmp_path / "x.npy", cifar)
-    for key in ("tile", "n1", "symmetric"):
+    base, _ = finished
+    spec = json.loads((base / "sym.zarr" / "zarr.json").read_text())["attributes"]["cntk_engine"]
+    damages = {"tile": ("tile", None), "n1": ("n1", None), "symmetric": ("symmetric", None),
+               "architecture": ("architecture.depths", None), "kernel": ("kernel", "sum"),
+               "fingerprint": ("fingerprint", {"x1": None, "x2": None})}
+    for key, (named, value) in damages.items():
         out = copy_of(finished, tmp_path / key)
         meta = json.loads((out / "zarr.json").read_text())
-        del meta["attributes"]["cntk_engine"][key]
+        if value is None:
+            del meta["attributes"]["cntk_engine"][key]
+        else:
+            meta["attributes"]["cntk_engine"][key] = value
         (out / "zarr.json").write_text(json.dumps(meta))
         rc, o, e = run(capsys, "verify", out)
-        assert rc == 1 and f"its job record (zarr.json's attributes.cntk_engine) lacks a valid {key}" in o
+        assert rc == 1 and f"its job record (zarr.json's attributes.cntk_engine) lacks a valid {named}" in o
         rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "3", "--kernel", "both",
                        "--backend", "numba", "--tile", str(TILE), "--out", out, "--resume",
                        "--no-progress")
-        assert rc == 2 and f"lacks a valid {key}" in e and e.count("\n") == 1, e
-        with pytest.raises(StoreCorrupt, match=f"lacks a valid {key}"):
+        assert rc == 2 and f"lacks a valid {named}" in e and e.count("\n") == 1, e
+        with pytest.raises(StoreCorrupt, match=f"lacks a valid {named}"):
             store_mod.load_gram(out, key="ntk")
+        with pytest.raises(StoreCorrupt, match=f"lacks a valid {named}"):
+            store_mod.load_train_test(out, base / "rect.zarr", key="ntk")
+    # a count that no longer lays out the arrays: named with the shapes, before any read
+    out = copy_of(finished, tmp_path / "grown")
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["cntk_engine"]["n1"] = meta["attributes"]["cntk_engine"]["n2"] = spec["n1"] + 1
+    (out / "zarr.json").write_text(json.dumps(meta))
+    n = spec["n1"]
+    rc, o, e = run(capsys, "verify", out)
+    assert rc == 1 and "the job record's n1, n2 and tile do not lay out its arrays: 'nngp' is " \
+        f"({n}, {n}), not ({n + 1}, {n + 1})" in o, (o, e)
+    with pytest.raises(StoreCorrupt, match=r"do not lay out its arrays: 'ntk' is"):
+        store_mod.load_gram(out, key="ntk")
 
 
 def test_cli_verify_errors_are_one_line(tmp_path, capsys):

@@ -128,7 +128,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import kernel_names
+from ..arch import KERNELS, kernel_names
 from ..arrays import (DEVICES, available_gpu_memory, available_memory, cupy_module, format_bytes,
                       to_host)
 from ..inputs import as_images
@@ -1213,7 +1213,7 @@ class GramStore:
                                 "job", diffs)
         g = zarr.open_group(str(path), mode="r")
         # runs/ only records who computed what (verify reads none of it): recreated, as claims/
-        _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS], arg("out", str(path)))
+        _check_arrays(path, g, _spec_arrays(stored) + [DONE, CHECKSUMS], arg("out", str(path)), stored)
         n_done = int(np.count_nonzero(read_done(path, g[DONE], warn=False)))
         n_all = len(cls._expected_tiles(stored))
         if not resume:
@@ -1562,15 +1562,27 @@ def _read_record(path: Path, what: str = "", *, for_out: bool = False,
 
 
 def _checked_layout(stored: dict, where: str) -> dict:
-    """The job record ``stored``, refused (StoreCorrupt naming ``where``) where it lacks the
-    tile layout every reader and writer derives from it."""
-    bad = [k for k in ("n1", "n2", "tile") if isinstance(stored.get(k), bool)
-           or not isinstance(stored.get(k), int) or stored[k] < 1]
+    """The job record ``stored``, refused (StoreCorrupt naming ``where``) where it lacks what
+    every reader and writer derives the store from: the tile layout, the kernels' names (the
+    architecture's depths and the kernel) and the images' fingerprints."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    bad = [k for k in ("n1", "n2", "tile") if not count(stored.get(k))]
     bad += [] if isinstance(stored.get("symmetric"), bool) else ["symmetric"]
+    arch = stored.get("architecture")
+    depths = arch.get("depths") if isinstance(arch, dict) else None
+    if not (isinstance(depths, list) and depths and all(count(d) for d in depths)):
+        bad.append("architecture.depths")
+    bad += [] if stored.get("kernel") in KERNELS else ["kernel"]
+    fp = stored.get("fingerprint")
+    if not (isinstance(fp, dict) and isinstance(fp.get("x1"), str)
+            and (isinstance(fp.get("x2"), str) or fp.get("x2") is None and stored.get("symmetric"))):
+        bad.append("fingerprint")
     if bad:
         raise StoreCorrupt(f"{where} is damaged: its job record (zarr.json's "
                            f"attributes.cntk_engine) lacks a valid {', '.join(bad)}, from which "
-                           "its tiles are laid out: move the store away and compute the job again")
+                           "its tiles are laid out and its kernels named and tied to their "
+                           "images: move the store away and compute the job again")
     return stored
 
 
@@ -1712,19 +1724,30 @@ def _open_store_group(path):
     return path, zarr.open_group(str(path), mode="r"), stored
 
 
-def _check_arrays(path, g, names, what: str) -> None:
+def _check_arrays(path, g, names, what: str, spec: dict) -> None:
     """StoreCorrupt naming each of the arrays ``names`` of the store's group ``g`` that is
-    missing or whose metadata cannot be read (``what``: how the message names the store)."""
-    missing, unreadable = [], []
+    missing, whose metadata cannot be read, or whose shape is not the one the job record
+    ``spec`` lays out (``what``: how the message names the store)."""
+    grid = TileLayout(spec["n1"], spec["n2"], int(spec["tile"]), spec["symmetric"]).grid
+    kernels = _spec_arrays(spec)
+    shapes = {DONE: grid, CHECKSUMS: grid + (len(kernels), 2)}
+    missing, unreadable, reshaped = [], [], []
     for name in names:
         try:
-            g[name]
+            shape = tuple(g[name].shape)
         except KeyError:
             missing.append(name)
+            continue
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json: name it
             unreadable.append(f"{name!r} ({name}/zarr.json: {type(e).__name__}: {e})")
+            continue
+        want = shapes.get(name, (spec["n1"], spec["n2"]) if name in kernels else None)
+        if want is not None and shape != tuple(want):
+            reshaped.append(f"{name!r} is {shape}, not {tuple(want)}")
     why = ([f"{missing} are missing"] if missing else []) + (
-        [f"the metadata of {', '.join(unreadable)} cannot be read"] if unreadable else [])
+        [f"the metadata of {', '.join(unreadable)} cannot be read"] if unreadable else []) + (
+        [f"the job record's n1, n2 and tile do not lay out its arrays: {', '.join(reshaped)}"]
+        if reshaped else [])
     if why:
         raise StoreCorrupt(f"{what} is damaged: {'; '.join(why)}. Without them its tiles cannot "
                            "be read or verified: move the store away and compute the job again")
@@ -1740,7 +1763,7 @@ def verify_store(path, *, workers: int | None = None) -> VerifyReport:
     if version not in (1, FORMAT_VERSION):
         raise StoreError(_format_error(path, spec))
     _check_arrays(path, g, _spec_arrays(spec) + [DONE] + ([CHECKSUMS] if version == FORMAT_VERSION
-                                                           else []), repr(str(path)))
+                                                           else []), repr(str(path)), spec)
     tiles = GramStore._expected_tiles(spec)
     done, unreadable = _read_done_markers(g[DONE])
     n_done = sum(1 for t in tiles if done[t.i, t.j] != 0)
@@ -1773,7 +1796,7 @@ def add_checksums(path, *, workers: int | None = None) -> dict:
         raise StoreError(_format_error(path, spec))
     g = zarr.open_group(str(path), mode="r+")
     names = _spec_arrays(spec)
-    _check_arrays(path, g, names + [DONE], repr(str(path)))
+    _check_arrays(path, g, names + [DONE], repr(str(path)), spec)
     t = int(spec["tile"])
     symmetric = bool(spec["symmetric"])
     layout = TileLayout(spec["n1"], spec["n2"], t, symmetric)
@@ -2009,7 +2032,7 @@ def _locate(source, key: str | None, device) -> _Stored:
             raise ValueError(f"{found.key!r} of the Gram store at {str(store_path)!r} is not a kernel "
                              f"array; its kernels are {_spec_arrays(spec)}")
         _check_arrays(store_path, root, [found.key, DONE] + ([CHECKSUMS] if _verified_read(spec) else []),
-                      repr(str(store_path)))
+                      repr(str(store_path)), spec)
         found.done = done = read_done(store_path, root[DONE], warn=False)   # once: the scan reads the same
         tiles = GramStore._expected_tiles(spec)
         left = sum(1 for t in tiles if done[t.i, t.j] == 0)
