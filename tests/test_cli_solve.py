@@ -175,6 +175,36 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     assert np.load(tmp_path / "old.npy").shape == (16,)
 
 
+def test_a_kernel_that_does_not_tell_the_images_apart_is_refused(kept, tmp_path, capsys):
+    """A training Gram whose entries are all equal (--W-std 0 with a bias: a constant; all-zero
+    images: 0) predicts one class for every image: refused, as evaluate refuses both, instead
+    of a "ridge 1 x mean diag(K)" (of 0) and the accuracy of the first class."""
+    _, _, d = kept
+    zero = dict(d, x_train=np.zeros_like(d["x_train"]))
+    for name, data, kw, value in (
+            ("w0", d, dict(convention="neural_tangents", W_std=0.0, b_std=1.0), r"1\b"),
+            ("zero", zero, {}, "0")):
+        np.savez(tmp_path / f"{name}.npz", **data)
+        gram(data["x_train"], depth=3, backend="numba", out=str(tmp_path / f"{name}_tr.zarr"), **kw)
+        gram(data["x_test"], data["x_train"], depth=3, backend="numba",
+             out=str(tmp_path / f"{name}_te.zarr"), **kw)
+        rc, o, e = run(capsys, "solve", tmp_path / f"{name}.npz", "--train",
+                       tmp_path / f"{name}_tr.zarr", "--test", tmp_path / f"{name}_te.zarr",
+                       "--predictions", tmp_path / "p.npy")
+        assert rc == 2 and __import__("re").search(
+            rf"--train '.*{name}_tr.zarr': every entry of the training Gram is {value} .*predict "
+            "one class for every image", e) and e.count("\n") == 1, e
+        assert not (tmp_path / "p.npy").exists()
+
+
+def test_constant_entries_tells_a_constant_kernel_from_a_varying_one():
+    K = np.full((70, 70), 2.5)
+    assert solver.constant_entries(K) == 2.5 and solver.constant_entries(np.zeros((1, 1))) == 0.0
+    K[40, 41] = K[41, 40] = 2.5000001          # the first row and the diagonal are constant
+    assert solver.constant_entries(K) is None
+    assert solver.constant_entries(np.eye(3)) is None
+
+
 def test_device_cuda_without_a_gpu_is_refused_before_anything_is_read(kept, tmp_path, capsys,
                                                                       monkeypatch):
     """--device cuda where CuPy cannot compute on a GPU: one line naming the reason and the way

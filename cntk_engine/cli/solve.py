@@ -222,6 +222,11 @@ def run(args) -> int:
               "images' flips (preprocess --augment-flips): under that kernel a flip is its "
               "image's point, so every image is in the training set twice, for nothing over "
               "--flip alone at 4 times its training Gram's cost", file=sys.stderr)
+    same = solver.constant_entries(K)
+    if same is not None:          # as evaluate refuses --W-std 0 and all-zero training images
+        raise CliError(f"--train {args.train!r}: every entry of the training Gram is {same:g} "
+                       "(all-zero images, or --W-std 0): the kernel does not tell the images "
+                       "apart, so the regression would predict one class for every image")
     n_train = len(K)              # K is factorised in its own memory: no longer the Gram after
     fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets,
                                 groups=d[GROUPS], overwrite_k=True)

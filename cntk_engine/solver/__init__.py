@@ -66,7 +66,8 @@ from ..arrays import available_gpu_memory, available_memory
 from ..jobs.store import GramTooLarge, TrainTestKernels, load_gram, load_train_test
 from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
-                     check_test_kernel, cholesky, eigh, ridge_scale, solve_workspace)
+                     check_test_kernel, cholesky, constant_entries, eigh, ridge_scale,
+                     solve_workspace)
 from .ridge import (GPPosterior, RidgeSolution, fit_ridge, fit_ridge_eigh, gp_posterior,
                     kernel_ridge)
 from .selection import (RELATIVE_RIDGE_GRID, ClassifierFit, CVResult, Groups, RidgeSelection,
@@ -83,5 +84,5 @@ __all__ = [
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
     "evaluate_classifier", "fit_classifier", "ClassifierFit", "check_classifier_labels", "Groups", "check_groups",
     "load_gram", "load_train_test", "TrainTestKernels", "solve_workspace", "fit_ridge_eigh",
-    "fit_relative_ridge",
+    "fit_relative_ridge", "constant_entries",
 ]

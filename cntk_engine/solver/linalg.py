@@ -253,6 +253,23 @@ def ridge_scale(K) -> float:
     return s if s > 0 and math.isfinite(s) else 1.0
 
 
+def constant_entries(K) -> float | None:
+    """The value of every entry of the square ``K`` where they are all equal, else None: a
+    kernel that does not tell its samples apart (0 for all-zero images, a constant for a
+    network whose weights are 0 and whose biases are not), under which a classifier predicts
+    one class for every sample.  The first row and the diagonal are read first, so a kernel
+    that varies costs O(n); a constant one is then read whole, by blocks of rows."""
+    xp = xp_for(None, K)
+    c = scalar(K[0, 0])
+    if bool(xp.any(K[0] != c)) or bool(xp.any(xp.diagonal(K) != c)):
+        return None
+    step = block_rows(K.shape[0])
+    for i in range(0, K.shape[0], step):
+        if bool(xp.any(K[i:i + step] != c)):
+            return None
+    return c
+
+
 def _cholesky_inplace(xp, A):
     """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
     definite.  NumPy: factorised in place (LAPACK potrf on ``A.T``, the same symmetric matrix
