@@ -197,6 +197,26 @@ def test_a_kernel_that_does_not_tell_the_images_apart_is_refused(kept, tmp_path,
         assert not (tmp_path / "p.npy").exists()
 
 
+def test_predictions_are_not_left_without_their_results(kept, tmp_path, capsys, monkeypatch):
+    """--json failing to be written (a full disk) leaves --predictions as it was: both files
+    are written before either is moved into place, and no temporary file is left."""
+    import errno
+    from cntk_engine.cli import solve as solve_cli
+    folder, data, _ = kept
+
+    def full(rec):
+        def write(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write
+    monkeypatch.setattr(solve_cli, "json_writer", full)
+    np.save(tmp_path / "p.npy", np.zeros(3))              # an earlier run's predictions
+    rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
+                   folder / "test.zarr", "--predictions", tmp_path / "p.npy", "--json",
+                   tmp_path / "r.json")
+    assert rc == 2 and "--json" in e and "No space left on device" in e and "written" not in o, (o, e)
+    assert os.listdir(tmp_path) == ["p.npy"] and np.load(tmp_path / "p.npy").shape == (3,)
+
+
 def test_constant_entries_tells_a_constant_kernel_from_a_varying_one():
     K = np.full((70, 70), 2.5)
     assert solver.constant_entries(K) == 2.5 and solver.constant_entries(np.zeros((1, 1))) == 0.0

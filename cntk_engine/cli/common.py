@@ -514,8 +514,13 @@ def command_of(args) -> str | None:
 
 def write_json(path, rec: dict, what: str | None = None) -> None:
     """``rec`` as JSON, written as :func:`write_file` writes (``what``: how errors name it)."""
+    write_file(path, json_writer(rec), what)
+
+
+def json_writer(rec: dict):
+    """What writes ``rec`` as JSON into a binary file, for :func:`write_file` / :func:`write_files`."""
     text = json.dumps(rec, indent=1, default=_json_default)
-    write_file(path, lambda f: f.write(text.encode()), what)
+    return lambda f: f.write(text.encode())
 
 
 def write_file(path, write, what: str | None = None, *, overwrite: bool = True) -> None:
@@ -524,9 +529,15 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
     leave that file as it was).  ``overwrite=False``: linked into place instead, never over a
     file created meanwhile.  The temporary file is removed whatever happens, SIGTERM (a batch
     system's time limit) included.  ``what``: how errors name the path (default: the path)."""
-    what = what or repr(str(path))
-    p = Path(os.path.realpath(path))
-    tmp = None
+    write_files([(path, write, what)], overwrite=overwrite)
+
+
+def write_files(items, *, overwrite: bool = True) -> None:
+    """Each ``(path, write, what)`` of ``items`` written as :func:`write_file` writes one, all of
+    them or none: every file is written to its temporary file before any is moved into place,
+    so a failure to write one (a full disk, a folder that refuses files) leaves every path as
+    it was (a command's predictions are not left without the results that say what they are)."""
+    staged = []                     # [temporary file (None once in place), real path, what]
     previous = (signal.getsignal(signal.SIGTERM)
                 if threading.current_thread() is threading.main_thread() else None)
 
@@ -535,16 +546,40 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
     try:
         if previous is not None:
             signal.signal(signal.SIGTERM, terminated)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would have given
+        for path, write, what in items:
+            what = what or repr(str(path))
+            p = Path(os.path.realpath(path))
+            try:
+                fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+                staged.append([tmp, p, what])
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would give
+            except OSError as e:
+                raise CliError(f"{what} cannot be written: {e}") from None
+        for entry in staged:
+            if _into_place(*entry, overwrite=overwrite):
+                entry[0] = None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for tmp, _, _ in staged:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def _into_place(tmp: str, p: Path, what: str, *, overwrite: bool) -> bool:
+    """The written temporary file ``tmp`` moved (True) or linked (False: ``tmp`` is left for
+    the caller to remove) to ``p`` (:func:`write_files`)."""
+    try:
         if overwrite:
             os.replace(tmp, p)
-            tmp = None
-            return
+            return True
         created = f"{what} was created by another process meanwhile; nothing was written: give a new path"
         try:
             os.link(tmp, p)
@@ -554,17 +589,10 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
             if p.exists():
                 raise CliError(created) from None
             os.rename(tmp, p)
-            tmp = None
+            return True
+        return False
     except OSError as e:
         raise CliError(f"{what} cannot be written: {e}") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _json_default(o):

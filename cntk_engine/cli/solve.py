@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import (GROUPS_TRAIN as GROUPS, PROG, CliError, add_solve_options, check_json_path,
-                     check_parent_folder, check_path_name, command_of, holds_flips, label_vector,
-                     machine, open_numpy, parse_ridge, read_member, to_nchw, write_file, write_json)
+                     check_parent_folder, check_path_name, command_of, holds_flips, json_writer,
+                     label_vector, machine, open_numpy, parse_ridge, read_member, to_nchw,
+                     write_files)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -246,13 +247,13 @@ def run(args) -> int:
     if d["y_test"] is not None:
         acc = solver.accuracy(pred, d["y_test"])
         print(f"test accuracy: {100 * acc:.2f}% ({int(round(acc * len(pred)))} of {len(pred)})")
+    files = []              # written together: predictions never without their results
     if predictions is not None:
-        write_file(predictions, lambda f: np.save(f, np.asarray(pred), allow_pickle=False),
-                   f"--predictions {str(predictions)!r}")
-        print(f"predictions written to {predictions}")
+        files.append((predictions, lambda f: np.save(f, np.asarray(pred), allow_pickle=False),
+                      f"--predictions {str(predictions)!r}"))
     if args.json is not None:
         from ..version import __version__
-        write_json(args.json, dict(
+        files.append((args.json, json_writer(dict(
             command=command_of(args),
             version=__version__, data=str(args.data), data_format=args.data_format,
             train=str(args.train), test=str(args.test), keys=list(loaded.keys),
@@ -262,8 +263,12 @@ def run(args) -> int:
             groups=GROUPS if d[GROUPS] is not None and ridge == "auto" else None,
             classes=[c.decode() if isinstance(c, bytes) else c for c in fit.classes.tolist()],
             accuracy=acc, **info, predictions=None if predictions is None else str(predictions),
-            seconds=dict(load=t_load, solve=t_solve), machine=machine()),
-                   what=f"--json {args.json!r}")
+            seconds=dict(load=t_load, solve=t_solve), machine=machine())),
+            f"--json {args.json!r}"))
+    write_files(files)
+    if predictions is not None:
+        print(f"predictions written to {predictions}")
+    if args.json is not None:
         print(f"results written to {args.json}")
     return 0
 
