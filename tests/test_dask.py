@@ -3,6 +3,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -359,3 +360,48 @@ def test_tiles_written_elsewhere_are_an_error(inproc_gpu_client, rng, tmp_path, 
     out = tmp_path / "g.zarr"
     with pytest.raises(RuntimeError, match=r"not marked done in the store .*g\.zarr.*shared"):
         ce.gram(x, depth=3, backend="numba", tile=4, client=inproc_gpu_client, out=out)
+
+
+def test_tiles_are_sized_by_the_workers_cores_not_the_clients(client, rng, monkeypatch):
+    """numba's time model divides by the threads of the process that asks: a client with 32
+    threads sized the tiles of single-thread workers 6x too large (157 rows for ~2 s)."""
+    from cntk_engine.arch import make_architecture
+    from cntk_engine.backends.numba_cpu import ENTRY_CORE_SECONDS, NumbaBackend
+    from cntk_engine.jobs import dask as jdask
+    from cntk_engine.jobs.tiles import auto_tile, pair_work
+    theirs = jdask.worker_traits(client, NumbaBackend, None)      # one thread each
+    assert theirs.entry_seconds == ENTRY_CORE_SECONDS and theirs.min_tile == 8
+    real = NumbaBackend.traits()      # this process's estimate made 100x too slow
+    slow = type(real)(**{**vars(real), "entry_seconds": {k: v * 100 for k, v in
+                                                         real.entry_seconds.items()}})
+    monkeypatch.setattr(NumbaBackend, "traits", classmethod(lambda cls: slow))
+    assert jdask.worker_traits(client, NumbaBackend, slow) == theirs      # the workers' own
+    x = imgs(rng, 40, c=3, h=16, w=16)
+    _, info = ce.gram(x, depth=6, backend="numba", client=client, return_info=True)
+    arch = make_architecture(depth=6)
+    want, _ = auto_tile(theirs, 40, 40, True, 2, 1, None, for_store=False,
+                        pair_seconds=theirs.pair_seconds(pair_work(arch, x.shape[1:]), np.float32))
+    mine, _ = auto_tile(slow, 40, 40, True, 2, 1, None, for_store=False,
+                        pair_seconds=slow.pair_seconds(pair_work(arch, x.shape[1:]), np.float32))
+    assert info["tile"] == want != mine, (info["tile"], want, mine)
+
+
+def test_a_tile_lost_with_the_cluster_is_named_as_such():
+    """Workers that died on a tile, or a scheduler lost mid-job: one error saying so (the CLI
+    prints it in one line), naming the tile and, with a store, what is kept; a task's own
+    error is left as it is."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+    from cntk_engine.jobs import dask as jdask
+    from cntk_engine.jobs.tiles import Tile
+    t = Tile(14, 14, 56, 59, 56, 59, True)
+    worker = types.SimpleNamespace(address="tcp://10.0.0.2:4000")
+    e = jdask._cluster_failure(KilledWorker("cntk-tile-x-14-14", worker, 3), t, True)
+    assert isinstance(e, RuntimeError) and str(e).startswith(
+        "dask: every worker that ran tile (14, 14) died while computing it") and \
+        "the tiles finished so far are kept in the store" in str(e), e
+    e = jdask._cluster_failure(FutureCancelledError("k", "scheduler-connection-lost"), t, False)
+    assert str(e) == "dask: the connection to the Dask scheduler was lost", e
+    e = jdask._cluster_failure(FutureCancelledError("k", "already forgotten"), t, False)
+    assert "the Dask cluster dropped tile (14, 14) (already forgotten)" in str(e), e
+    assert jdask._cluster_failure(ValueError("the task's own"), t, True) is None

@@ -322,3 +322,26 @@ def test_tile_dataclass():
     t = Tile(0, 1, 0, 4, 4, 7, False)
     assert t.rows == slice(0, 4) and t.cols == slice(4, 7) and t.pairs == 12
     assert Tile(0, 0, 0, 4, 0, 4, True).pairs == 10
+
+
+def test_progress_counts_the_tiles_other_writers_hold(rng, capsys):
+    """With several writers on one store the bar is the job's: a tile another writer holds
+    counts as it is met (the rate and ETA were this process's alone, ~2x too long with two
+    writers, and the bar ended at about half), and the store's count sets it after a round."""
+    from cntk_engine.jobs.local import Progress
+    x = imgs(rng, 7, c=1, h=2, w=2)
+    arch = make_architecture(depth=3)
+    params = arch.layer_params(1, 2, 2)
+    CountingBackend.calls = []
+    CountingBackend.fail_at = None
+    layout = TileLayout(7, 7, 2, True)
+    bar = Progress(layout.unique_pairs, True)
+    computed = []
+    run_tiles([Worker("w", nullcontext, lambda: CountingBackend(arch, params, np.float64))], x,
+              None, layout.tiles(), lambda t, s: computed.append(t), bar,
+              claim=lambda t: t.i != 1)
+    assert 0 < len(computed) < len(layout.tiles()) and bar.bar.n == layout.unique_pairs == 28
+    bar.set_done(20)              # another writer died holding tiles: the store says 20
+    assert bar.bar.n == 20
+    bar.close()
+    assert "20/28" in capsys.readouterr().err

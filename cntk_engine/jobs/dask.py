@@ -215,6 +215,55 @@ def check_client(client, *, gpu: bool) -> int:
     return int(sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
+def worker_traits(client, backend, local):
+    """``backend``'s traits as the workers see them, for sizing tiles: the numba backend's time
+    model divides by the threads of the process that asks, and a login node's cores are not the
+    workers'.  The slowest worker's (its tiles take longest); ``local`` (the client's) where no
+    worker can say."""
+    from ..backends.base import Traits
+    try:
+        said = client.run(_traits_of, backend, on_error="return")
+    except Exception as e:  # noqa: BLE001 - a sizing hint: the client's own estimate will do
+        log.warning("dask: the workers could not say how fast %s is on them (%s); tiles are "
+                    "sized by this process's estimate", backend.name, e)
+        return local
+    known = [t for t in said.values() if isinstance(t, Traits)]
+    if not known:
+        return local
+
+    def slowness(t):
+        return max((t.entry_seconds or {}).values(), default=0.0)
+    return max(known, key=slowness)
+
+
+def _traits_of(backend):
+    """On a worker: ``backend``'s traits there (the class travels by name: the worker's own)."""
+    return backend.traits()
+
+
+def _cluster_failure(e: BaseException, tile, writes_store: bool) -> RuntimeError | None:
+    """A tile task that failed because of the cluster, not its computation (its workers died,
+    the scheduler was lost or dropped it) as one error that says so, naming the tile; None for
+    the task's own errors, which are raised as they are."""
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+    at = f"tile ({tile.i}, {tile.j})" if tile is not None else "a tile"
+    if isinstance(e, KilledWorker):
+        why = (f"every worker that ran {at} died while computing it (its memory, or a crash "
+               f"in the backend: see the workers' logs): {e}")
+    elif isinstance(e, CancelledError):
+        reason = str(getattr(e, "reason", "") or "unknown")
+        why = ("the connection to the Dask scheduler was lost" if "connection-lost" in reason
+               else f"the Dask cluster dropped {at} ({reason}): its workers or the scheduler may "
+               "have died or restarted")
+    else:
+        return None
+    kept = ("; the tiles finished so far are kept in the store, and running the same job on it "
+            "again computes the rest") if writes_store else ""
+    return RuntimeError(f"dask: {why}{kept}")
+
+
 @dataclass
 class TaskSpec:
     """What every tile task of a job needs on a worker (the part of a GramJob sent with each
@@ -346,18 +395,24 @@ def run_dask(job, todo, sink, progress, *, writes_store: bool,
     log.info("dask: %d tile tasks submitted (images scattered once to every worker)", len(futures))
     per_worker: dict = {}
     written = []
+    tile_of = {f.key: t for f, t in zip(futures, order)}
     try:
         for fut in as_completed(futures):
-            if fut.status == "error":
-                fut.result()                 # raises the task's exception here
-            # a worker of a cntk_engine before compute records returns 5 fields: its code unknown
-            i, j, who, s, status, *record = fut.result()
+            try:        # a task's exception is raised here
+                # a worker of a cntk_engine before compute records returns 5 fields
+                i, j, who, s, status, *record = fut.result()
+            except Exception as e:
+                lost = _cluster_failure(e, tile_of.get(fut.key), writes_store)
+                if lost is None:
+                    raise
+                raise lost from e
             record = record[0] if record else {
                 "backend": job.backend.name,
                 "unknown": "a worker of a cntk_engine that does not record its code"}
             t = by_ij[(i, j)]
             fut.release()
-            if status == "skipped":
+            if status == "skipped":          # held by another writer: the job's progress
+                progress.update(t.pairs)
                 continue
             if s is not None:
                 sink(t, s)

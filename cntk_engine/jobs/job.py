@@ -125,9 +125,11 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         tile, why = job.tile, "given"
     else:
         work = pair_work(job.arch, job.image_shape)
-        tile, why = auto_tile(traits, job.n1, job.n2, job.symmetric, n_workers, len(job.arch.depths),
-                              free, for_store=job.out is not None,
-                              pair_seconds=traits.pair_seconds(work, job.dtype))
+        sizing = (traits if job.client is None else
+                  jdask.worker_traits(job.client, job.backend, traits))    # their cores, not ours
+        tile, why = auto_tile(sizing, job.n1, job.n2, job.symmetric, n_workers,
+                              len(job.arch.depths), free, for_store=job.out is not None,
+                              pair_seconds=sizing.pair_seconds(work, job.dtype))
 
     # ---- where results go
     store = None
@@ -191,11 +193,13 @@ def run_job(job: GramJob) -> tuple[object, dict]:
             if job.client is not None:
                 jdask.check_all_marked(store, written, per)
             remaining = store.not_done(remaining)      # held by other writers
+            bar.set_done(todo_pairs - sum(t.pairs for t in remaining))
             if remaining:
                 if not sum(per.values()):              # nothing claimed this round: no spinning
                     time.sleep(store.poll_seconds)
                 store.wait_for_others(remaining)
                 remaining = store.not_done(remaining)
+                bar.set_done(todo_pairs - sum(t.pairs for t in remaining))
         outcome = "finished"
     except KeyboardInterrupt:
         outcome = "interrupted"

@@ -120,7 +120,9 @@ def local_workers(make_backend: Callable[[], object], devices: list[int] | None)
 
 
 class Progress:
-    """tqdm bar over pairs (pairs/s, ETA), or nothing; updated from any thread."""
+    """tqdm bar over the job's pairs (pairs/s, ETA), or nothing; updated from any thread.  With
+    several writers on one store it counts the tiles the others hold as they are met (so the
+    rate and ETA are the job's) and is set from the store's markers after each round."""
 
     def __init__(self, total_pairs: int, enabled: bool, desc: str = "gram"):
         self.bar = None
@@ -134,6 +136,15 @@ class Progress:
         if self.bar is not None:
             with self.lock:
                 self.bar.update(pairs)
+
+    def set_done(self, pairs: int) -> None:
+        """The pairs done so far, as the store says (another writer may have died holding
+        tiles this bar counted)."""
+        if self.bar is not None:
+            with self.lock:
+                if self.bar.n != pairs:
+                    self.bar.n = pairs
+                    self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -184,6 +195,8 @@ def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
                     if t is None:
                         return
                     if claim is not None and not claim(t):
+                        if progress is not None:     # another writer's: the job's progress
+                            progress.update(t.pairs)
                         continue
                     if sink(t, be.pair_sums(pa[t.rows], pb[t.cols], symmetric=t.diag)) is False:
                         continue            # its claim was taken over: the other writer's tile
