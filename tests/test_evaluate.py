@@ -356,6 +356,21 @@ def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, ar
     assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "k").exists()
 
 
+def test_an_unusable_backend_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch,
+                                                                xy_npz):
+    """--backend cuda where it cannot run failed after DATA was read and preprocessed (a minute
+    on CIFAR-10 with --zca)."""
+    from cntk_engine.backends import backend_class
+    monkeypatch.setattr(backend_class("numba"), "unavailable_reason",
+                        classmethod(lambda cls: "numba is switched off (test)"))
+    monkeypatch.setattr(ev, "load_data", lambda *a, **k: pytest.fail("data was loaded"))
+    p, _, _ = xy_npz
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 4, "--n-test", 2,
+                        "--backend", "numba", "--no-progress")
+    assert rc == 2 and err.strip() == ("cntk-engine: error: --backend numba is unavailable: numba "
+                                       "is switched off (test)"), err
+
+
 def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz, monkeypatch):
     p, _, _ = xy_npz
     js = tmp_path / "r.json"

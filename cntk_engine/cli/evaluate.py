@@ -279,6 +279,11 @@ def run(args) -> int:
                        "--b-std, a constant with it), so the regression predicts one class for "
                        "every image; use --W-std > 0")
     opts, arch = gram_options(args)
+    if args.backend != "auto":          # evaluate computes here: an unusable backend, said now
+        from ..backends import unavailable_reason
+        why = unavailable_reason(args.backend)
+        if why is not None:
+            raise CliError(f"--backend {args.backend} is unavailable: {why}")
     depths = list(arch.depths)
     if arch.layers is None:
         opts.update(depth=None, depths=depths)      # {depth: result} even for one depth
