@@ -152,6 +152,10 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         ((data, *stores, "--predictions", tmp_path / ("n" * 300 + ".npy")),
          r"--predictions '.*n\.npy': File name too long"),
         ((data, *stores, "--key", "nngp"), r"has no kernel array 'nngp'; it holds \['ntk'\]"),
+        ((data, "--train", folder / "train.zarr", "--test", ""), r"--test '' is empty; give the "
+         r"path of a Zarr store \(a folder\)"),
+        ((data, "--train", tmp_path / "images.npy", "--test", folder / "test.zarr"),
+         r"--train '.*images.npy' is a file; a Zarr store is a folder, as gram writes it"),
         ((data, "--train", folder / "train.zarr"), r"the following arguments are required: --test"),
         ((data, *stores, "--predictions", tmp_path / "same.npy", "--json", tmp_path / "same.npy"),
          r"--json '.*same.npy' is --predictions"),

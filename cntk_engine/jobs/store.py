@@ -1990,8 +1990,12 @@ def _open_path(path, role: str | None = None, *, group: bool = False):
     argument it was given as, for the messages (None: load_gram's single source)."""
     zarr = require_zarr()
     named = arg(role, str(path)) if role else repr(str(path))
+    if not os.fspath(path):            # Path('') is the current folder
+        raise ValueError(f"{named} is empty; give the path of a Zarr store (a folder)")
     if not Path(path).exists():
         raise FileNotFoundError(f"{arg(role) + ': ' if role else ''}Zarr store {str(path)!r} does not exist")
+    if Path(path).is_file():           # zarr's own words would be "No group found in store"
+        raise ValueError(f"{named} is a file; a Zarr store is a folder, as gram writes it")
     try:
         return (zarr.open_group if group else zarr.open)(os.fspath(path), mode="r")
     except Exception as e:  # noqa: BLE001 - not a store
