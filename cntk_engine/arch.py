@@ -324,7 +324,7 @@ class Architecture:
         object.__setattr__(self, "depths", depths)
         if len(set(self.depths)) != len(self.depths):
             raise ValueError(f"{arg('depths')} must not repeat; got {list(self.depths)}")
-        if self.pooling not in POOLINGS:
+        if not isinstance(self.pooling, str) or self.pooling not in POOLINGS:  # a 0-d array
             raise ValueError(f"{arg('pooling')} must be one of {POOLINGS}; got {self.pooling!r}")
         if self.pooling == "lap":
             c = as_integer(self.lap_window)
@@ -339,7 +339,7 @@ class Architecture:
         if not isinstance(self.flip, (bool, np.bool_)):
             raise ValueError(f"{arg('flip')} must be True or False; got {self.flip!r}")
         object.__setattr__(self, "flip", bool(self.flip))
-        if self.convention not in CONVENTIONS:
+        if not isinstance(self.convention, str) or self.convention not in CONVENTIONS:
             raise ValueError(f"{arg('convention')} must be one of {CONVENTIONS}; got {self.convention!r}")
         fs = as_integer(self.filter_size)
         if not is_int(fs) or fs < 1 or fs % 2 == 0:
@@ -381,9 +381,9 @@ class Architecture:
                 if v is None:
                     continue
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
-                        or not math.isfinite(v) or v < 0):
+                        or v < 0 or not isinstance(v, numbers.Integral) and not math.isfinite(v)):
                     raise ValueError(f"{arg(name)} must be a finite number >= 0 or {unset()}; got {v!r}")
-                if float(v) > MAX_STD:      # its square (a variance) must be a finite float64
+                if v > MAX_STD:                 # an int beyond floats compares exactly too      # its square (a variance) must be a finite float64
                     raise ValueError(f"{arg(name)} must be at most {MAX_STD:.4g} (its square, the "
                                      f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
                                      f"finite float64) or {unset()}; got {v!r}")

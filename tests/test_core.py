@@ -204,6 +204,12 @@ def test_layouts_dtypes_and_info(rng):
     (dict(depth=3, depths=[3]), "give exactly one of depth (an int"),
     (dict(depth=3, tile=0), "tile must be a positive integer"),
     (dict(depth=3, return_info="no"), "return_info must be True or False"),
+    # 0-d string arrays compare equal to the names: refused, not a TypeError ("unhashable") later
+    (dict(depth=3, pooling=np.array("gap")), "pooling must be one of"),
+    (dict(depth=3, convention=np.array("arora")), "convention must be one of"),
+    (dict(depth=3, backend=np.array("numba")), "backend must be one of"),
+    # an int beyond floats: the bound named, not an OverflowError
+    (dict(depth=3, convention="neural_tangents", b_std=10 ** 400), "b_std must be at most 1.341e.154"),
 ])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):

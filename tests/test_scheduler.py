@@ -345,3 +345,12 @@ def test_progress_counts_the_tiles_other_writers_hold(rng, capsys):
     assert bar.bar.n == 20
     bar.close()
     assert "20/28" in capsys.readouterr().err
+
+
+def test_a_flip_symmetrised_pair_counts_twice_in_the_tile_sizing():
+    """flip computes each pair against the other image and its mirror: tiles sized as for one
+    ran about twice the ~2 s they were meant to."""
+    for kw in (dict(depth=6), dict(depth=4, pooling="lap", lap_window=2),
+               dict(architecture="myrtle5")):
+        plain = pair_work(make_architecture(**kw), (3, 32, 32))
+        assert pair_work(make_architecture(**kw, flip=True), (3, 32, 32)) == 2 * plain

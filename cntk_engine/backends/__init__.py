@@ -29,7 +29,7 @@ AUTO_ORDER = ("cuda", "numba")      # backend="auto": the first that can run the
 
 
 def check_name(name) -> str:
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:      # a 0-d array compares equal too
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     return name
 

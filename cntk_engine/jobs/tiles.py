@@ -106,9 +106,11 @@ def pair_work(arch, image_shape) -> int:
     for gap, H W L for flatten, ``cntk_engine.arch``), plus what a pair costs whatever its
     offsets (its images' rows and diagonals copied and set up, per layer), counted as
     :data:`PAIR_OVERHEAD` entries per pixel and layer (numba, measured: a flatten pair costs
-    20-40 times its entries; an overestimate only makes tiles shorter)."""
+    20-40 times its entries; an overestimate only makes tiles shorter).  A flip-symmetrised
+    kernel computes each pair twice (against the other image and its mirror)."""
     _, h, w = image_shape
-    return arch.pair_entries(h, w) + PAIR_OVERHEAD * h * w * arch.n_layers
+    return ((arch.pair_entries(h, w) + PAIR_OVERHEAD * h * w * arch.n_layers)
+            * (2 if arch.flip else 1))
 
 
 def auto_tile(traits, n1: int, n2: int, symmetric: bool, n_workers: int, n_depths: int,
