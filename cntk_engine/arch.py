@@ -180,6 +180,11 @@ class ConvRelu:
     """A k x k convolution (SAME zero padding, stride 1, k = the architecture's filter_size)
     followed by a ReLU."""
 
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:      # ConvRelu(5) meaning a 5 x 5 filter: say where k is set
+            raise TypeError("ConvRelu() takes no arguments: every conv layer's filter size is "
+                            "gram's filter_size= (one k for the whole stack)")
+
     def to_list(self) -> list:
         return ["conv"]
 
@@ -528,6 +533,9 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
             raise ValueError(f"{what} fixes its depth ({n_conv + 1} = {n_conv} conv "
                              f"layers + the dense readout): leave {arg('depth')} and "
                              f"{arg('depths')} out")
+        if n_conv + 1 > MAX_DEPTH:
+            raise ValueError(f"{what} has {n_conv} conv layers; at most {MAX_DEPTH - 1} are "
+                             f"accepted (depth {MAX_DEPTH}: {arg('depth')}'s bound)")
         if name is not None and kw.get("filter_size", 3) != 3:
             raise ValueError(f"{arg('architecture', name)} uses 3 x 3 convolutions; got "
                              f"{arg('filter_size', kw['filter_size'])} (build another stack in "

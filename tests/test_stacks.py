@@ -391,6 +391,8 @@ def test_estimators_take_the_architecture():
     (dict(architecture=[ConvRelu(), "pool"]), (2, 1, 4, 4), "layer 2 of 2 of the stack is 'pool'.*holds ConvRelu"),
     (dict(architecture=42), (2, 1, 4, 4), "architecture must be"),
     (dict(), (2, 1, 4, 4), "exactly one of depth"),
+    (dict(architecture=[ConvRelu()] * 1000), (2, 1, 4, 4),      # no depth was given
+     r"a stack has 1000 conv layers; at most 999 are accepted"),
 ])
 def test_bad_combinations_are_clear_errors(kw, shape, msg):
     with pytest.raises(ValueError, match=msg):
@@ -398,6 +400,9 @@ def test_bad_combinations_are_clear_errors(kw, shape, msg):
 
 
 def test_avgpool_arguments_and_cuda_refusal():
+    with pytest.raises(TypeError, match=r"ConvRelu\(\) takes no arguments: every conv layer's "
+                       "filter size is gram's filter_size="):
+        ConvRelu(5)
     for bad, msg in ((dict(window=0), "window must be"), (dict(window=2, stride=3), "larger than its window"),
                      (dict(window=2.5), "window must be")):
         with pytest.raises(ValueError, match=msg):
