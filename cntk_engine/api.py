@@ -120,6 +120,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     else:
         cls = backends.resolve(backend, arch, image_shape, cdtype)
         device_ids = resolve_devices(cls.traits().device, devices)
+        _check_working_memory(cls, arch, image_shape, cdtype)
     cdtype = np.dtype(cls.traits().compute_dtype or cdtype)        # the reference: float64
     result_device = current_device() if is_cupy(a) else None      # CuPy in -> CuPy out
     # Device images stay on the device for a local GPU job (each GPU worker takes them as they
@@ -146,3 +147,21 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     if not return_info:
         return result
     return result, dict(info, seconds=time.perf_counter() - t0)
+
+
+def _check_working_memory(cls, arch, image_shape, dtype) -> None:
+    """A job whose calls would hold more than the RAM available (the backend's
+    ``working_memory``: a pooled stack's 4-D covariances on large images, or the float64
+    oracle's) is refused before any work, instead of ending with the OOM killer."""
+    need = cls.working_memory(arch, tuple(image_shape), dtype)
+    if need is None:
+        return
+    from .arrays import available_memory, format_bytes
+    need, what = need
+    free = available_memory()
+    if need > free:
+        _, h, w = image_shape
+        raise MemoryError(
+            f"{arg('backend', cls.name)} would hold about {format_bytes(need)} while it computes "
+            f"this job on {h} x {w} images ({what}), more than the {format_bytes(free)} of RAM "
+            f"available now: give smaller images (cntk_engine.preprocess.downsample)")

@@ -500,3 +500,26 @@ def test_memo_counts_each_entry_and_keeps_its_bound():
     assert not m.put(6, 6, bound, bound) and not m.put(7, 7, 0, 0) and m.get(7) is None
     m.clear()
     assert len(m) == 0 and m.put(8, 8, 100, bound)
+
+
+def test_a_job_whose_working_memory_exceeds_the_ram_is_refused_before_any_work(monkeypatch):
+    """A pooled stack holds (H W)^2 entries per thread, and the readout's weights over the
+    last conv stage: on 160 x 160 images a stack ending in a pool built 5 GB of them without
+    a check (killed by the OOM killer, or numpy's allocation error from inside). The float64
+    oracle holds every offset of every pair. Both are refused by name, before any work; the
+    CNN on the numba backend holds little and is not."""
+    import cntk_engine.arrays
+    from cntk_engine.backends.numba_cpu import NumbaBackend, num_threads
+    monkeypatch.setattr(cntk_engine.arrays, "available_memory", lambda: 1 << 20)     # 1 MiB
+    arch = make_architecture(architecture="myrtle5")
+    need, what = NumbaBackend.working_memory(arch, (3, 32, 32), np.float32)
+    assert need == num_threads() * 4 * (16 * 16) ** 2 * 8 + 3 * 8 ** 4 * 8, need
+    x = np.ones((2, 3, 32, 32))
+    with pytest.raises(MemoryError, match=r"^backend='numba' would hold about .* while it computes "
+                       r"this job on 32 x 32 images \(\d+ thread\(s\) x 4 float64 arrays of the "
+                       r"pooled stages' \(H W\)\^2 = 65,536 entries .*more than the 1.0 MiB of RAM"):
+        ce.gram(x, architecture="myrtle5", backend="numba")
+    with pytest.raises(MemoryError, match=r"backend='reference' would hold about .* \(about 10 "
+                       r"float64 covariances over every offset, \(18 x 18\)\^2"):
+        ce.gram(np.ones((2, 1, 16, 16)), depth=3, backend="reference")
+    assert ce.gram(np.ones((2, 1, 16, 16)), depth=3, backend="numba").shape == (2, 2)

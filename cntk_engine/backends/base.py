@@ -177,6 +177,14 @@ class Backend:
         return None
 
     @classmethod
+    def working_memory(cls, arch: Architecture, image_shape, dtype) -> tuple[int, str] | None:
+        """(bytes, what holds them): the host memory this backend's calls hold for the job
+        beyond its images, diagonals and result, where that can outgrow the machine (the 4-D
+        covariances of pooled stacks on large images); None where it stays small.  ``gram``
+        refuses a job that needs more than the RAM available, before any work."""
+        return None
+
+    @classmethod
     def unverified(cls, arch: Architecture, image_shape, dtype) -> str | None:
         """None when this backend's code for the job has been verified where it runs (for the
         CUDA backend: run on a GPU and checked there against the reference), else why not.

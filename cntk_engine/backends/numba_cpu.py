@@ -757,6 +757,30 @@ class NumbaBackend(Backend):
     def unavailable_reason(cls):
         return None if _NUMBA_ERROR is None else f"numba cannot be imported ({_NUMBA_ERROR})"
 
+    @classmethod
+    def working_memory(cls, arch, image_shape, dtype):
+        # pair_kernel: per thread, the pooled stages' inputs and outputs of K and G (and the
+        # float64 kernel's two compensations), (H_s W_s)^2 float64 entries each; _plan_args:
+        # the readout's weights over the last conv stage where pools follow it (readout_weights
+        # holds R and the adjoint of a pool at once, packed_readout a third of its size)
+        if not arch.has_pooling:
+            return None
+        _, h, w = image_shape
+        stages, trailing, _ = arch.plan(h, w)
+        entries = max([(st.height * st.width) ** 2 for st in stages[1:]], default=0)
+        arrays = 6 if np.dtype(dtype) == np.float64 else 4
+        threads = num_threads()
+        hl, wl = stages[-1].height, stages[-1].width
+        readout = 3 * (hl * wl) ** 2 * 8 if trailing else 0
+        what = []
+        if entries:
+            what.append(f"{threads} thread(s) x {arrays} float64 arrays of the pooled stages' "
+                        f"(H W)^2 = {entries:,} entries (fewer threads: NUMBA_NUM_THREADS)")
+        if readout:
+            what.append(f"the readout's weights over the last conv stage, ({hl} x {wl})^2 entries "
+                        "three times while they are built")
+        return threads * arrays * entries * 8 + readout, "; ".join(what)
+
     def compute_record(self, device):
         """numba's version, its code generation settings, the CPU it compiles for (with the
         code, the key of its on-disk cache: two machines that differ there run different

@@ -132,6 +132,17 @@ class ReferenceBackend(Backend):
     def traits(cls) -> Traits:
         return Traits(device="cpu", default_tile=8, min_tile=2, compute_dtype="float64")
 
+    @classmethod
+    def working_memory(cls, arch, image_shape, dtype):
+        # layers_4d holds every offset: the padded input of box4, its output, Sigma, Theta,
+        # K, G and relu_step's temporaries, (H + 2r)^2 (W + 2r)^2 float64 entries at most each
+        _, h, w = image_shape
+        r = arch.filter_size // 2
+        entries = ((h + 2 * r) * (w + 2 * r)) ** 2
+        return 10 * entries * 8, (f"about 10 float64 covariances over every offset, "
+                                  f"({h + 2 * r} x {w + 2 * r})^2 = {entries:,} entries each (the "
+                                  "float64 oracle; the numba backend holds far less)")
+
     def compute_record(self, device):
         """NumPy's version and the CPU features its SIMD loops dispatch on (its arccos, exp and
         sums differ in the last bits between them) and the C library."""
