@@ -150,18 +150,30 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
 
 
 def _check_working_memory(cls, arch, image_shape, dtype) -> None:
-    """A job whose calls would hold more than the RAM available (the backend's
-    ``working_memory``: a pooled stack's 4-D covariances on large images, or the float64
-    oracle's) is refused before any work, instead of ending with the OOM killer."""
-    need = cls.working_memory(arch, tuple(image_shape), dtype)
-    if need is None:
-        return
+    """A job whose calls would hold more than the RAM available is refused before any work,
+    instead of ending with the OOM killer: the backend's ``working_memory`` (a pooled stack's
+    4-D covariances on large images, or the float64 oracle's) and, for a backend that prepares
+    the images on the host, one image's diagonals (``diag.working_bytes``: a filter far wider
+    than the images pads them far beyond their size)."""
     from .arrays import available_memory, format_bytes
-    need, what = need
+    from .diag import working_bytes
+    _, h, w = image_shape
+    own = cls.working_memory(arch, tuple(image_shape), dtype)
+    need, parts = (0, []) if own is None else (own[0], [own[1]])
+    if cls.traits().device == "cpu":
+        one = working_bytes(arch, h, w)
+        need += one
+        if one > 64 << 20:
+            k = arch.filter_size
+            parts.append(f"{format_bytes(one)} to prepare each image's diagonals, its "
+                         f"{h} x {w} pixels padded by {k // 2} on each side for "
+                         f"{arg('filter_size', k)}")
     free = available_memory()
     if need > free:
-        _, h, w = image_shape
+        parts = [p for p in parts if p] or ["its working arrays"]
         raise MemoryError(
             f"{arg('backend', cls.name)} would hold about {format_bytes(need)} while it computes "
-            f"this job on {h} x {w} images ({what}), more than the {format_bytes(free)} of RAM "
-            f"available now: give smaller images (cntk_engine.preprocess.downsample)")
+            f"this job on {h} x {w} images ({'; '.join(parts)}), more than the "
+            f"{format_bytes(free)} of RAM available now: give smaller images "
+            "(cntk_engine.preprocess.downsample)" + (f" or a smaller {arg('filter_size')}"
+                                                     if arch.filter_size > 2 * max(h, w) else ""))

@@ -36,14 +36,17 @@ def working_bytes(arch: Architecture, height: int, width: int) -> int:
     for the backends' copies (sqrt(q), 1/sqrt(q), a layout with rows twice, casts), a few
     (h, w) temporaries of the recursion and, in a pooled stack, the self kernel on the
     (2 m_t + 1)^2 offset slices of each stage t (Sigma, K and their temporaries: four of each;
-    :func:`_stack_diag`)."""
+    :func:`_stack_diag`), and :func:`box2d`'s zero-padded copy, its row sums and its result
+    (a filter far wider than the images pads them far beyond their size)."""
     q = arch.n_layers * height * width * 8
     grids = 8 * height * width
     if arch.has_pooling:
         stages = arch.plan(height, width)[0]
         grids = max(4 * (2 * m + 1) ** 2 * st.height * st.width
                     for m, st in zip(_offset_reach(stages), stages))
-    return 6 * q + 8 * grids
+    r = arch.filter_size // 2
+    padded = 3 * (height + 2 * r) * (width + 2 * r) * 8
+    return 6 * q + 8 * grids + padded
 
 
 def chunk_images(arch: Architecture, height: int, width: int, chunk_bytes: int | None = None) -> int:

@@ -146,7 +146,9 @@ def check_magnitude(x1, x2, arch, params, dtype, *, normalised: bool = False) ->
             f"this architecture is too large for {arg('dtype', dtype.name)}, whatever the images: each image "
             f"is computed scaled to max |pixel| < 1 (exact without biases), and {what}; "
             + (f"use {arg('dtype', 'float64')}, or " if dtype == np.float32 else "")
-            + f"use a smaller {arg('W_std')} or fewer layers")
+            + (f"use a smaller {arg('W_std')} or fewer layers"
+               if arch.convention == "neural_tangents" else
+               f"use fewer layers or a smaller {arg('filter_size')}"))
     # Scaling the pixels (and b_std) by a scales B by a^2; B * max(B, H, W) <= limit needs
     # B <= sqrt(limit) (which is far above any H, W), so log2 a = (log2 sqrt(limit) - log2 B) / 2;
     # the figure is shown 10 % lower (2^-0.15), so that its two rounded digits are safe too.

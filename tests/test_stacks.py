@@ -513,7 +513,8 @@ def test_a_job_whose_working_memory_exceeds_the_ram_is_refused_before_any_work(m
     monkeypatch.setattr(cntk_engine.arrays, "available_memory", lambda: 1 << 20)     # 1 MiB
     arch = make_architecture(architecture="myrtle5")
     need, what = NumbaBackend.working_memory(arch, (3, 32, 32), np.float32)
-    assert need == num_threads() * 4 * (16 * 16) ** 2 * 8 + 3 * 8 ** 4 * 8, need
+    masks = 3 * 34 * 32 * 4                     # k rows of a padded grid, float32
+    assert need == num_threads() * (masks + 4 * (16 * 16) ** 2 * 8) + 3 * 8 ** 4 * 8, need
     x = np.ones((2, 3, 32, 32))
     with pytest.raises(MemoryError, match=r"^backend='numba' would hold about .* while it computes "
                        r"this job on 32 x 32 images \(\d+ thread\(s\) x 4 float64 arrays of the "
@@ -523,3 +524,9 @@ def test_a_job_whose_working_memory_exceeds_the_ram_is_refused_before_any_work(m
                        r"float64 covariances over every offset, \(18 x 18\)\^2"):
         ce.gram(np.ones((2, 1, 16, 16)), depth=3, backend="reference")
     assert ce.gram(np.ones((2, 1, 16, 16)), depth=3, backend="numba").shape == (2, 2)
+    # a filter far wider than the images: padded 15,000 pixels on each side (the OOM killer)
+    monkeypatch.setattr(cntk_engine.arrays, "available_memory", lambda: 8 << 30)
+    with pytest.raises(MemoryError, match=r"the box sums' row masks, 30001 rows of 30006 x 6 "
+                       r"padded grids for filter_size=30001; .* to prepare each image's "
+                       r"diagonals, its 6 x 6 pixels padded by 15000 on each side.*8.0 GiB of RAM"):
+        ce.gram(np.ones((2, 1, 6, 6)), depth=3, backend="numba", filter_size=30001)

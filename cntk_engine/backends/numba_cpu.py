@@ -23,6 +23,7 @@ import numpy as np
 
 from ..arch import SNAP_ULPS, grid_weights, readout_weights
 from ..diag import diag_norms
+from ..spelling import arg
 from .base import Backend, Prepared, Traits, sqrt_and_inverse
 
 
@@ -759,27 +760,33 @@ class NumbaBackend(Backend):
 
     @classmethod
     def working_memory(cls, arch, image_shape, dtype):
-        # pair_kernel: per thread, the pooled stages' inputs and outputs of K and G (and the
-        # float64 kernel's two compensations), (H_s W_s)^2 float64 entries each; _plan_args:
-        # the readout's weights over the last conv stage where pools follow it (readout_weights
-        # holds R and the adjoint of a pool at once, packed_readout a third of its size)
-        if not arch.has_pooling:
-            return None
+        # pair_kernel, per thread: the row masks of the box sums, k rows of a grid padded by
+        # k // 2 rows above and below (mflat); in a stack, the pooled stages' inputs and outputs
+        # of K and G (and the float64 kernel's two compensations), (H_s W_s)^2 float64 entries
+        # each; _plan_args: the readout's weights over the last conv stage where pools follow
+        # it (readout_weights holds R and the adjoint of a pool at once, packed_readout a third)
         _, h, w = image_shape
-        stages, trailing, _ = arch.plan(h, w)
-        entries = max([(st.height * st.width) ** 2 for st in stages[1:]], default=0)
-        arrays = 6 if np.dtype(dtype) == np.float64 else 4
-        threads = num_threads()
-        hl, wl = stages[-1].height, stages[-1].width
-        readout = 3 * (hl * wl) ** 2 * 8 if trailing else 0
+        k, threads = arch.filter_size, num_threads()
+        masks = k * (h + 2 * (k // 2)) * w * np.dtype(dtype).itemsize
         what = []
-        if entries:
-            what.append(f"{threads} thread(s) x {arrays} float64 arrays of the pooled stages' "
-                        f"(H W)^2 = {entries:,} entries (fewer threads: NUMBA_NUM_THREADS)")
-        if readout:
-            what.append(f"the readout's weights over the last conv stage, ({hl} x {wl})^2 entries "
-                        "three times while they are built")
-        return threads * arrays * entries * 8 + readout, "; ".join(what)
+        if masks > 16 << 20:
+            what.append(f"{threads} thread(s) x the box sums' row masks, {k} rows of "
+                        f"{h + 2 * (k // 2)} x {w} padded grids for {arg('filter_size', k)}")
+        entries = readout = 0
+        arrays = 6 if np.dtype(dtype) == np.float64 else 4
+        if arch.has_pooling:
+            stages, trailing, _ = arch.plan(h, w)
+            entries = max([(st.height * st.width) ** 2 for st in stages[1:]], default=0)
+            hl, wl = stages[-1].height, stages[-1].width
+            readout = 3 * (hl * wl) ** 2 * 8 if trailing else 0
+            if entries:
+                what.append(f"{threads} thread(s) x {arrays} float64 arrays of the pooled "
+                            f"stages' (H W)^2 = {entries:,} entries (fewer threads: "
+                            "NUMBA_NUM_THREADS)")
+            if readout:
+                what.append(f"the readout's weights over the last conv stage, ({hl} x {wl})^2 "
+                            "entries three times while they are built")
+        return threads * (masks + arrays * entries * 8) + readout, "; ".join(what)
 
     def compute_record(self, device):
         """numba's version, its code generation settings, the CPU it compiles for (with the
