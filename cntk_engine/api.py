@@ -12,7 +12,7 @@ from .arrays import current_device, is_cupy, to_host
 from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
 from .jobs import GramJob, run_job
 from .jobs.local import check_devices, resolve_devices
-from .spelling import arg
+from .spelling import arg, option
 
 log = logging.getLogger("cntk_engine")
 
@@ -117,6 +117,7 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
         from .jobs.dask import resolve_backend
         cls = resolve_backend(client, backend, arch, image_shape, cdtype)
         device_ids = None
+        _check_working_memory(cls, arch, image_shape, cdtype, here=False)
     else:
         cls = backends.resolve(backend, arch, image_shape, cdtype)
         device_ids = resolve_devices(cls.traits().device, devices)
@@ -149,16 +150,17 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     return result, dict(info, seconds=time.perf_counter() - t0)
 
 
-def _check_working_memory(cls, arch, image_shape, dtype) -> None:
+def _check_working_memory(cls, arch, image_shape, dtype, *, here: bool = True) -> None:
     """A job whose calls would hold more than the RAM available is refused before any work,
     instead of ending with the OOM killer: the backend's ``working_memory`` (a pooled stack's
     4-D covariances on large images, or the float64 oracle's) and, for a backend that prepares
     the images on the host, one image's diagonals (``diag.working_bytes``: a filter far wider
-    than the images pads them far beyond their size)."""
+    than the images pads them far beyond their size).  ``here=False`` (Dask): the workers'
+    memory is theirs; only the diagonals, which the client prepares for a CPU backend."""
     from .arrays import available_memory, format_bytes
     from .diag import working_bytes
     _, h, w = image_shape
-    own = cls.working_memory(arch, tuple(image_shape), dtype)
+    own = cls.working_memory(arch, tuple(image_shape), dtype) if here else None
     need, parts = (0, []) if own is None else (own[0], [own[1]])
     if cls.traits().device == "cpu":
         one = working_bytes(arch, h, w)
@@ -171,9 +173,14 @@ def _check_working_memory(cls, arch, image_shape, dtype) -> None:
     free = available_memory()
     if need > free:
         parts = [p for p in parts if p] or ["its working arrays"]
+        ways = ["smaller images (" + ("cntk-engine preprocess --downsample" if option("backend")
+                                      else "cntk_engine.preprocess.downsample") + ")"]
+        if arch.filter_size > 2 * max(h, w):
+            ways.append(f"a smaller {arg('filter_size')}")
+        if cls.name == "reference":
+            ways.append(arg("backend", "numba"))
         raise MemoryError(
             f"{arg('backend', cls.name)} would hold about {format_bytes(need)} while it computes "
             f"this job on {h} x {w} images ({'; '.join(parts)}), more than the "
-            f"{format_bytes(free)} of RAM available now: give smaller images "
-            "(cntk_engine.preprocess.downsample)" + (f" or a smaller {arg('filter_size')}"
-                                                     if arch.filter_size > 2 * max(h, w) else ""))
+            f"{format_bytes(free)} of RAM available {'now' if here else 'on this client'}: use "
+            + (f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]))

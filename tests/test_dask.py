@@ -398,10 +398,38 @@ def test_a_tile_lost_with_the_cluster_is_named_as_such():
     worker = types.SimpleNamespace(address="tcp://10.0.0.2:4000")
     e = jdask._cluster_failure(KilledWorker("cntk-tile-x-14-14", worker, 3), t, True)
     assert isinstance(e, RuntimeError) and str(e).startswith(
-        "dask: every worker that ran tile (14, 14) died while computing it") and \
+        "dask: tile (14, 14) was lost: the workers that held it died") and \
         "the tiles finished so far are kept in the store" in str(e), e
     e = jdask._cluster_failure(FutureCancelledError("k", "scheduler-connection-lost"), t, False)
     assert str(e) == "dask: the connection to the Dask scheduler was lost", e
     e = jdask._cluster_failure(FutureCancelledError("k", "already forgotten"), t, False)
     assert "the Dask cluster dropped tile (14, 14) (already forgotten)" in str(e), e
     assert jdask._cluster_failure(ValueError("the task's own"), t, True) is None
+
+
+def test_a_job_on_a_cluster_that_loses_a_tile_ends_with_one_error(rng, tmp_path, monkeypatch):
+    """run_dask turns a tile lost with its workers (KilledWorker) into the error that says so,
+    naming the tile and what the store keeps (an in-process cluster, its task patched)."""
+    from distributed.scheduler import KilledWorker
+    from cntk_engine.jobs import dask as jdask
+    real = jdask.tile_task
+
+    def dying(spec, tile, *a):
+        if (tile.i, tile.j) == (1, 1):
+            raise KilledWorker(f"cntk-tile-x-{tile.i}-{tile.j}",
+                               types.SimpleNamespace(address="tcp://w:1"), 3)
+        return real(spec, tile, *a)
+    monkeypatch.setattr(jdask, "tile_task", dying)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        with pytest.raises(RuntimeError, match=r"^dask: tile \(1, 1\) was lost: the workers that "
+                           r"held it died .*the tiles finished so far are kept in the store"):
+            ce.gram(imgs(rng, 6), depth=3, backend="numba", tile=2, client=c,
+                    out=tmp_path / "k.zarr")
+        # the client prepares a CPU backend's diagonals: their memory is checked here
+        import cntk_engine.arrays
+        monkeypatch.setattr(cntk_engine.arrays, "available_memory", lambda: 1 << 20)
+        with pytest.raises(MemoryError, match=r"more than the 1.0 MiB of RAM available on this "
+                           r"client: use smaller images"):
+            ce.gram(np.ones((2, 3, 32, 32)), architecture="myrtle5", backend="numba", client=c)

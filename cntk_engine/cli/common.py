@@ -533,10 +533,13 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
 
 
 def write_files(items, *, overwrite: bool = True) -> None:
-    """Each ``(path, write, what)`` of ``items`` written as :func:`write_file` writes one, all of
-    them or none: every file is written to its temporary file before any is moved into place,
-    so a failure to write one (a full disk, a folder that refuses files) leaves every path as
-    it was (a command's predictions are not left without the results that say what they are)."""
+    """Each ``(path, write, what)`` of ``items`` written as :func:`write_file` writes one: every
+    file is written to its temporary file before any is moved into place, so a failure to
+    write one (a full disk, a folder that refuses files) leaves every path as it was (a
+    command's predictions are not left without the results that say what they are).  The
+    moves are renames within each file's own folder, checked before by the caller's path
+    checks; one that fails after another moved (a folder put in a path's place meanwhile)
+    leaves the earlier files in place."""
     staged = []                     # [temporary file (None once in place), real path, what]
     previous = (signal.getsignal(signal.SIGTERM)
                 if threading.current_thread() is threading.main_thread() else None)

@@ -250,8 +250,11 @@ def _cluster_failure(e: BaseException, tile, writes_store: bool) -> RuntimeError
     from distributed.scheduler import KilledWorker
     at = f"tile ({tile.i}, {tile.j})" if tile is not None else "a tile"
     if isinstance(e, KilledWorker):
-        why = (f"every worker that ran {at} died while computing it (its memory, or a crash "
-               f"in the backend: see the workers' logs): {e}")
+        # Dask counts a worker's death against every task it held, so the tile named is lost
+        # with its workers, not necessarily the one that killed them
+        why = (f"{at} was lost: the workers that held it died (it, or a tile beside it on those "
+               f"workers, may kill a worker: its memory, or a crash in the backend; see the "
+               f"workers' logs): {e}")
     elif isinstance(e, CancelledError):
         reason = str(getattr(e, "reason", "") or "unknown")
         why = ("the connection to the Dask scheduler was lost" if "connection-lost" in reason
