@@ -388,7 +388,9 @@ class Architecture:
                 if (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
                         or v < 0 or not isinstance(v, numbers.Integral) and not math.isfinite(v)):
                     raise ValueError(f"{arg(name)} must be a finite number >= 0 or {unset()}; got {v!r}")
-                if v > MAX_STD:                 # an int beyond floats compares exactly too      # its square (a variance) must be a finite float64
+                # an int beyond floats compares as an int (float() would overflow); a NumPy
+                # float32 as a float (compared as itself, the bound would overflow to inf)
+                if (v if isinstance(v, numbers.Integral) else float(v)) > MAX_STD:
                     raise ValueError(f"{arg(name)} must be at most {MAX_STD:.4g} (its square, the "
                                      f"{'weight' if name == 'W_std' else 'bias'} variance, must be a "
                                      f"finite float64) or {unset()}; got {v!r}")
