@@ -482,8 +482,8 @@ def check_path_name(p: Path, option: str) -> None:
 
 
 def check_parent_folder(p: Path, option: str) -> None:
-    """The folder that will hold ``p`` must exist (and be a folder)."""
-    check_path_name(p, option)
+    """The folder that will hold ``p`` must exist (and be a folder); ``p``'s name is checked
+    before (:func:`check_path_name`, which its callers run first of all)."""
     folder = p.parent
     if folder.is_dir():
         return
