@@ -303,6 +303,20 @@ def test_labels_of_two_kinds_are_refused_before_the_kernels(tmp_path, capsys, mo
         assert rc == 2 and err.count("\n") == 1 and re.search(msg, err), err
 
 
+def test_unseen_test_classes_are_warned_about_once_before_the_kernels(tmp_path, capsys, caplog):
+    """The warning came once per depth and kernel, after each kernel's work."""
+    x = np.random.default_rng(2).random((12, 1, 6, 6))
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(12) % 2, x_test=x[:4],
+             y_test=np.array([0, 1, 7, 7]))
+    caplog.set_level("WARNING", logger="cntk_engine")
+    rc, out, err = main(capsys, tmp_path / "d.npz", "--depths", "2,3", "--kernel", "both",
+                        "--n-train", 12, "--n-test", 4, *REF)
+    assert rc == 0, err
+    warned = [r for r in caplog.records if "classes the training labels do not hold" in r.getMessage()]
+    assert len(warned) == 1 and "2 of the 4 test labels" in warned[0].getMessage()
+    assert out.count("test accuracy") == 4
+
+
 def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     x, y = np.zeros((12, 8, 8)), np.arange(12) % 2
     p = tmp_path / "crc.npz"

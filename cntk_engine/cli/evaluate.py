@@ -327,6 +327,7 @@ def run(args) -> int:
     if len(classes) < 2:
         raise CliError(f"the {len(ytr)} training images hold one class only ({classes[0]}); "
                        "use a larger --n-train or another --seed")
+    solver.check_classifier_labels(ytr, yte, targets=args.targets)   # warned once, before work
     if not np.any(xtr):          # K = 0: every prediction 0, the "accuracy" that of one class
         raise CliError(f"every training image is 0 after --preprocess {args.preprocess}"
                        + (" (each channel is constant over the training images, and is only centred)"
@@ -371,7 +372,7 @@ def run(args) -> int:
             # one (train Gram, test kernel) in memory at a time: read from --store here
             K, Kt = ktr[d][name](), kte[d][name]()
             r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets,
-                                           groups=groups)
+                                           groups=groups, warn_unseen=False)
             del K, Kt
             r.update(depth=d, kernel=name)
             results.append(r)

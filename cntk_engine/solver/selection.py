@@ -522,7 +522,7 @@ def _fit_classifier(K, y_train, ridge, targets: str, groups,
 
 
 def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper",
-                        groups=None) -> dict:
+                        groups=None, warn_unseen: bool = True) -> dict:
     """Test accuracy of kernel regression as a classifier, with its ridge.
 
     ``K``: the train Gram, ``K_test``: test-vs-train, ``y_train`` / ``y_test``: labels of one
@@ -540,7 +540,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     interpolating solve beside it (where "auto" chose 0, the chosen fit's figures: it is that
     solve, from the eigendecomposition), or, where K is too far from positive definite for
     that solve even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the
-    reason in ridge0_error.  (:func:`fit_classifier` is the fit alone, for predictions.)"""
+    reason in ridge0_error.  ``warn_unseen=False``: test labels of classes ``y_train`` lacks
+    are not warned about (a caller that evaluates several kernels of the same labels warns
+    once, with :func:`check_classifier_labels`).  (:func:`fit_classifier` is the fit alone,
+    for predictions.)"""
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     shape_test = _shape(K_test)
@@ -551,7 +554,8 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    check_classifier_labels(y_train, y_test, targets=targets)
+    if warn_unseen:
+        check_classifier_labels(y_train, y_test, targets=targets)
     fit = _fit_classifier(K, y_train, ridge, targets, groups)
     out = {k: v for k, v in fit.info.items() if k not in ("ridge_absolute", "jitter")}
     out.update(accuracy=accuracy(fit.predict(K_test), y_test),
