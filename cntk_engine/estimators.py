@@ -138,9 +138,11 @@ class _CNTKBase(BaseEstimator):
         make_architecture(**self._network())
         check_dtype(self.dtype)
         check_name(self.backend)
-        if self.preprocess not in (None, "zca"):
-            raise ValueError(f"preprocess must be None or 'zca' (regularised ZCA whitening fitted on "
-                             f"the training images); got {self.preprocess!r}")
+        if self.preprocess not in (None, "standardize", "zca"):
+            raise ValueError(f"preprocess must be None, 'standardize' (per-channel mean and std of "
+                             f"the training images, as cntk-engine evaluate's default) or 'zca' "
+                             f"(regularised ZCA whitening fitted on the training images); got "
+                             f"{self.preprocess!r}")
         if self.preprocess == "zca" and self._tabular():
             # its layer normalisation centres each row: 2 features become one of two points
             raise ValueError("preprocess='zca' whitens images (each one centred and scaled to unit "
@@ -331,7 +333,7 @@ class _CNTKBase(BaseEstimator):
 
     def _training_set(self, imgs, y):
         """The training images, targets and LOO groups the kernel and the solve see:
-        ZCA-whitened with the whitening fitted here (``preprocess="zca"``), then with their
+        standardised or ZCA-whitened with what is fitted here (``preprocess``), then with their
         flipped copies (``augment_flips``), each in one group with its original so that
         ``ridge="auto"`` leaves them out together (:func:`cntk_engine.solver.loo`); groups
         None without flips."""
@@ -339,9 +341,13 @@ class _CNTKBase(BaseEstimator):
             raise ValueError(f"ridge='auto' chooses the ridge by leave-one-out, which needs at least 2 "
                              f"training images; got n_samples = {len(imgs)}: give ridge a number >= 0 (relative to "
                              "the mean diagonal of the training Gram)")
-        self.zca_ = None
+        self.zca_ = self.standardization_ = None
         self._fitted_with_flips = bool(self.augment_flips)
-        if self.preprocess == "zca":
+        if self.preprocess == "standardize":
+            from .preprocess import fit_standardize
+            self.standardization_ = fit_standardize(imgs, data_format="NCHW")
+            imgs = self.standardization_.transform(imgs, name="X", data_format="NCHW")
+        elif self.preprocess == "zca":
             from .preprocess import fit_zca
             with _zca_errors():
                 self.zca_ = fit_zca(imgs, reg=self.zca_reg, data_format="NCHW")
@@ -354,6 +360,8 @@ class _CNTKBase(BaseEstimator):
     def _scores(self, X):
         check_is_fitted(self, "dual_coef_")
         imgs, _ = self._images(X, reset=False)
+        if getattr(self, "standardization_", None) is not None:     # (None in a pickle from before)
+            imgs = self.standardization_.transform(imgs, name="X", data_format="NCHW")
         if self.zca_ is not None:
             with _zca_errors():
                 imgs = self.zca_.transform(imgs, name="X")
@@ -390,9 +398,12 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         (``kernel="nngp"`` gives the NNGP posterior mean).  ``depth=None``: 11 for
         ``architecture="cnn"``; a Myrtle preset ("myrtle5", "myrtle7", "myrtle10") or a stack
         fixes its own depth.  ``flip=True``: the flip-symmetrised kernel.
-    preprocess : None, or "zca": regularised ZCA whitening (``zca_reg``, relative to the mean
-        eigenvalue) fitted on the training images in ``fit`` and applied to every X after
-        (:func:`cntk_engine.preprocess.fit_zca`; attribute ``zca_``).
+    preprocess : None (the images as given), "standardize": each channel's mean and std over the
+        training images (:func:`cntk_engine.preprocess.fit_standardize`; attribute
+        ``standardization_``; ``cntk-engine evaluate``'s default), or "zca": regularised ZCA
+        whitening (``zca_reg``, relative to the mean eigenvalue;
+        :func:`cntk_engine.preprocess.fit_zca`; attribute ``zca_``); fitted on the training
+        images in ``fit`` and applied to every X after.
     augment_flips : train on the images and their horizontal flips (twice the training set);
         with kernel ridge regression this predicts what ``flip=True`` predicts with half the
         absolute ridge (``ridge_absolute_``; the relative ridges are not halves: each is relative
@@ -413,7 +424,7 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
     Attributes
     ----------
     classes_, n_features_in_, image_shape_ (C, H, W), X_fit_ (the training images as the kernel
-    saw them, NCHW float64: ZCA-whitened with preprocess="zca", then with their flips with
+    saw them, NCHW float64: standardised or ZCA-whitened with preprocess, then with their flips with
     augment_flips),
     dual_coef_ (n, n_classes), ridge_ (relative ridge used), ridge_absolute_, jitter_ (diagonal
     added to factorise, 0 if none), loo_ (:class:`cntk_engine.solver.CVResult` with

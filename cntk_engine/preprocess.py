@@ -1,6 +1,7 @@
 """Image preprocessing before the kernel, fitted on the training images only.
 
-* :func:`standardize`: per-channel mean / std of the training images (Arora et al. 2019).
+* :func:`standardize`: per-channel mean / std of the training images (Arora et al. 2019;
+  :func:`fit_standardize` keeps them, as :class:`Standardization`, for later images).
 * :func:`scale`: integer images (uint8 pixels) divided by 255.
 * :func:`downsample`: F x F average pooling (a CPU-feasibility option for large images).
 * :func:`zca_whiten`: regularised ZCA whitening (Lee et al. 2020; Shankar et al. 2020).
@@ -80,16 +81,39 @@ def _standardised(x: np.ndarray, e, mean, std, name: str) -> np.ndarray:
     return out
 
 
-def standardize(x_train, x_test=None, *, data_format: str | None = None):
-    """``(x - mean) / std`` per channel, mean and std over the training images (a channel with
-    std 0 is only centred).  Returns ``(x_train, x_test)`` (``x_test`` None if not given), NCHW.
-    Any finite pixels: the moments are taken without overflow or subnormals
+@dataclass(frozen=True)
+class Standardization:
+    """Per-channel standardisation fitted on training images (:func:`fit_standardize`):
+    ``transform`` gives ``(x - mean) / std`` per channel of any images with as many channels
+    (the training images, test images, new images), NCHW float64."""
+
+    mean: np.ndarray          # (1, C, 1, 1) per-channel mean of the training images / 2^exponent
+    std: np.ndarray           # (1, C, 1, 1) their per-channel std (1 where it is 0), / 2^exponent
+    exponent: np.ndarray | int = 0   # as ZCAWhitening's: 0 unless a channel's pixels are beyond
+    #                                  2^+-MOMENT_EXPONENT_LIMIT (_channel_moments)
+
+    def transform(self, x, *, name: str = "x", data_format: str | None = None) -> np.ndarray:
+        """The standardised images ``x`` (read in ``data_format``), NCHW; ``name``: how errors
+        name them."""
+        return _standardised(_images(x, name, data_format), self.exponent, self.mean, self.std, name)
+
+
+def fit_standardize(x_train, *, data_format: str | None = None) -> Standardization:
+    """The per-channel mean and std of the training images ``x_train`` (a channel with std 0 is
+    only centred), taken without overflow or subnormals for any finite pixels
     (:data:`MOMENT_EXPONENT_LIMIT`)."""
+    e, mean, std = _channel_moments(_images(x_train, "x_train", data_format))
+    return Standardization(mean=mean, std=std, exponent=e)
+
+
+def standardize(x_train, x_test=None, *, data_format: str | None = None):
+    """``(x - mean) / std`` per channel, mean and std over the training images
+    (:func:`fit_standardize`).  Returns ``(x_train, x_test)`` (``x_test`` None if not given),
+    NCHW."""
     a = _images(x_train, "x_train", data_format)
-    e, mean, std = _channel_moments(a)
-    b = None if x_test is None else _standardised(_images(x_test, "x_test", data_format),
-                                                  e, mean, std, "x_test")
-    return _standardised(a, e, mean, std, "x_train"), b
+    fitted = fit_standardize(a, data_format="NCHW")
+    b = None if x_test is None else fitted.transform(x_test, name="x_test", data_format=data_format)
+    return fitted.transform(a, name="x_train", data_format="NCHW"), b
 
 
 def scale(x):
@@ -297,5 +321,6 @@ def with_flips(x, y, *, data_format: str | None = None):
     return np.concatenate([x, hflip(x)]), y, np.tile(np.arange(len(x)), 2)
 
 
-__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "ConstantImages", "standardize", "scale",
+__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "Standardization", "ConstantImages", "standardize",
+           "fit_standardize", "scale",
            "downsample", "fit_zca", "zca_whiten", "preprocess", "with_flips"]

@@ -14,6 +14,7 @@ sklearn = pytest.importorskip("sklearn", reason="scikit-learn is an optional dep
 from sklearn.base import clone  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
+from cntk_engine import preprocess as pre  # noqa: E402
 from cntk_engine import solver  # noqa: E402
 from cntk_engine.estimators import CNTKClassifier, CNTKRegressor  # noqa: E402
 
@@ -92,6 +93,31 @@ def test_classifier_on_mnist_matches_solver(mnist10):
     np.testing.assert_allclose(clf.decision_function(xte), F, rtol=1e-6, atol=1e-9)
     assert clf.ridge_ == 1e-4 and clf.ridge_absolute_ == pytest.approx(1e-4 * np.mean(np.diag(K)))
     assert clf.image_shape_ == (1, 10, 10) and clf.n_features_in_ == 100
+
+
+@pytest.mark.parametrize("cls", [CNTKClassifier, CNTKRegressor])
+def test_standardize_is_fitted_on_the_training_images_as_evaluate_does(cls, mnist10):
+    """preprocess="standardize" (evaluate's default) was refused: the estimator and evaluate
+    disagreed on the same images.  The test images take the training images' moments."""
+    xtr, ytr, xte, _ = mnist10
+    raw_tr, raw_te = xtr * 200 + 30, xte * 200 + 30                     # an offset: it matters
+    est = cls(**ARCH, ridge=1e-3, dtype="float64", preprocess="standardize").fit(raw_tr, ytr)
+    a, b = pre.preprocess(raw_tr, raw_te, "standardize")
+    np.testing.assert_allclose(est.X_fit_, a, rtol=1e-12, atol=1e-12)
+    K, Kt = gram(a, depth=3, backend="numba", dtype="float64"), gram(b, a, depth=3, backend="numba",
+                                                                      dtype="float64")
+    if cls is CNTKClassifier:
+        Y, classes = solver.paper_targets(ytr)
+    else:
+        Y = ytr.astype(float)
+    F = solver.kernel_ridge(K, Y, Kt, 1e-3 * np.mean(np.diag(K)))
+    got = est.decision_function(raw_te) if cls is CNTKClassifier else est.predict(raw_te)
+    np.testing.assert_allclose(got, F, rtol=1e-8, atol=1e-10)
+    assert est.standardization_.mean.shape == (1, 1, 1, 1) and est.zca_ is None
+    # the test images alone would standardise to other values: the training moments are kept
+    assert not np.allclose(pre.standardize(raw_te)[0], b)
+    with pytest.raises(ValueError, match="preprocess must be None, 'standardize' .* or 'zca'"):
+        cls(**ARCH, preprocess="whiten").fit(raw_tr, ytr)
 
 
 def test_classifier_auto_ridge_and_layouts(mnist10):
