@@ -99,6 +99,24 @@ def test_train_test_keys_nhwc_and_fixed_ridge(tmp_path, capsys):
     assert rc3 == 0, err3
 
 
+def test_downsampling_says_what_it_drops(xy_npz, capsys, tmp_path):
+    """8 x 8 images downsampled 3x are the average of the first 6 x 6 pixels: said so."""
+    p, _, _ = xy_npz
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--downsample", 3,
+                        *BASE)
+    assert rc == 0 and ("(C, H, W) = (1, 2, 2) (from (1, 8, 8), downsampled 3x, the last 2 rows "
+                        "and 2 columns dropped)") in out, out + err
+    rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 20, "--n-test", 10, "--downsample", 2,
+                        *BASE)
+    assert rc == 0 and "(C, H, W) = (1, 4, 4) (from (1, 8, 8), downsampled 2x)," in out, out + err
+    rc = cli.main(["preprocess", str(p), "--preprocess", "standardize", "--n-train", "20", "--n-test", "10",
+                   "--downsample", "3",
+                   "--out", str(tmp_path / "d.npz")])
+    out = capsys.readouterr().out
+    assert rc == 0 and ("standardize after 3x3 downsampling (the last 2 rows and 2 columns "
+                        "dropped), fitted on x_train") in out, out
+
+
 @pytest.mark.parametrize("make, args, msg", [
     (None, ("--depth", 3), "does not exist"),
     (lambda p: np.savez(p, images=np.zeros((4, 8, 8))), ("--depth", 3), "holds arrays ['images']; evaluate needs the keys"),
@@ -347,6 +365,7 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depth", 3, "--json", "notes.txt"), "exists and is not a JSON file; refusing to overwrite"),
     (("--depth", 3, "--json", "/dev/null"), "exists and is not a regular file"),
     (("--depth", 3, "--json", ""), "--json '' is empty"),
+    (("--depth", 3, "--json", "-"), "--json '-': the results are written to a file, not to standard output"),
     (("--depth", 3, "--json", "notes.txt/r.json"), "'notes.txt' is a file, not a folder"),
     (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),
     (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),

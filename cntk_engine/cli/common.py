@@ -348,7 +348,16 @@ def add_preprocessing_options(p, *, default: str | None) -> None:
                    help=f"ZCA regulariser, relative to the mean eigenvalue (with --zca; default "
                    f"{ZCA_REG})")
     p.add_argument("--downsample", type=int, default=1, metavar="F",
-                   help="average-pool F x F first (a CPU-feasibility option; default 1: none)")
+                   help="average-pool F x F first (a CPU-feasibility option; rows and columns "
+                   "beyond the last full window are dropped; default 1: none)")
+
+
+def dropped_by_downsampling(shape, factor: int) -> str:
+    """What --downsample F drops of images of ``shape`` (..., H, W), for the report: "the last
+    1 row and 2 columns dropped" (beyond the last full F x F window), or ""."""
+    h, w = (int(v) for v in shape[-2:])
+    dropped = [plural(r, what) for r, what in ((h % factor, "row"), (w % factor, "column")) if r]
+    return f"the last {' and '.join(dropped)} dropped" if dropped else ""
 
 
 def preprocessing_options(args) -> float:
@@ -443,6 +452,9 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     earlier result (a JSON file) is overwritten, as the option says."""
     if not str(path):
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
+    if str(path) == "-":       # not standard output: the report goes there; a file named "-" surprises
+        raise CliError(f"{option} '-': the results are written to a file, not to standard output "
+                       "(which holds the command's report); give a file path, e.g. results.json")
     p = Path(path)
     check_path_name(p, option)
     folder = p.parent

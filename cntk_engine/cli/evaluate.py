@@ -63,7 +63,7 @@ from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
 from .common import (GROUPS_TRAIN, PROG, CliError, add_architecture_options,
                      add_preprocessing_options, add_run_options, add_solve_options, check_json_path,
-                     check_parent_folder, check_path_name, gram_options, log, machine,
+                     check_parent_folder, check_path_name, dropped_by_downsampling, gram_options, log, machine,
                      nonnegative_int, parse_ridge, plural, preprocessing_options,
                      preprocessing_record, to_nchw, write_json)
 from .subsets import Drawn, draw
@@ -333,10 +333,13 @@ def run(args) -> int:
                        + (" (each channel is constant over the training images, and is only centred)"
                           if args.preprocess == "standardize" else "")
                        + ": the kernel would be 0 and predict nothing; use other data or another --seed")
+    source = ""
+    if args.downsample > 1:
+        cut = dropped_by_downsampling(raw_shape, args.downsample)
+        source = f" (from {raw_shape}, downsampled {args.downsample}x" + (f", {cut})" if cut else ")")
     print(f"evaluate: {args.data} ({how}), {len(xtr)} train"
           + (" (with their flips)" if args.augment_flips else "") + f" / {len(xte)} test images, "
-          f"(C, H, W) = {shape}" + (f" (from {raw_shape}, downsampled {args.downsample}x)"
-                                     if args.downsample > 1 else "")
+          f"(C, H, W) = {shape}{source}"
           + f", {len(classes)} classes, preprocess {args.preprocess}, seed {args.seed}")
     kernel = args.kernel
 

@@ -66,7 +66,7 @@ import numpy as np
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (GROUPS_TRAIN, PREPROCESSING_RECORD, CliError, add_preprocessing_options,
-                     check_parent_folder, check_path_name, command_of, guess_layout,
+                     check_parent_folder, check_path_name, command_of, dropped_by_downsampling, guess_layout,
                      nonnegative_int, open_data, preprocessing_options, preprocessing_record,
                      read_member, to_nchw, write_file)
 from .subsets import check_sizes, draw_from
@@ -330,13 +330,15 @@ def run(args) -> int:
     written = [k for k in others if k != GROUPS_TRAIN or own_groups]    # not made here
     repeated = [k for k in written if args.augment_flips and k.endswith("_train")]
     copied = [k for k in written if k not in repeated]
+    cut = dropped_by_downsampling(images[fit].shape, args.downsample)
+    cut = f" ({cut})" if cut else ""
     print(f"{out}: {shapes} float64 NCHW"
           + (f" (x_train: {len(result['x_train']) // 2} images, then their horizontal flips; "
              + ("DATA's groups_train, each flip in its image's group" if own_groups else
                 "groups_train pairs each with its flip") + ")" if args.augment_flips else "")
           + f", {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
-          + (f" after {args.downsample}x{args.downsample} downsampling" if args.downsample > 1 else "")
+          + (f" after {args.downsample}x{args.downsample} downsampling{cut}" if args.downsample > 1 else "")
           + (f", fitted on {fit}" if fitted else "")
           + (f"; the images {drawn['as']} draws from DATA's {drawn['drawn_from']}" if drawn else "")
           + (f"; repeated for the flips {', '.join(repeated)}" if repeated else "")
