@@ -160,10 +160,11 @@ template <typename T> struct Entry<3, T> {
 
 // v5 (the float64 default; measured on an H200, docs/cuda_kernels.md): reads per-image factors
 // (layout "factors": one 2-vector (sqrt(q / 2 pi), 1 / sqrt(q)) per image, row and column,
-// 1 / sqrt(q) := 0 where q = 0), as the numba backend does (backends/base.py,
-// sqrt_and_inverse).  Per entry two multiplications give
-// rs = 1 / sqrt(q_x q_z) and nrm = sqrt(q_x q_z) / (2 pi): no reciprocal square root, no
-// subnormal fix-ups, no zero-variance select (the 0 factor makes c = 0).  Both square roots by
+// 1 / sqrt(q) := 0 where q is below the compute dtype's smallest normal number: zero-variance
+// windows, and windows so faint that the product of two such factors would overflow, and c be
+// 0 * inf = NaN where they share no pixel; backends/cuda.py, _diag_factors).  Per entry two
+// multiplications give rs = 1 / sqrt(q_x q_z) and nrm = sqrt(q_x q_z) / (2 pi): no reciprocal
+// square root, no subnormal fix-ups, no zero-variance select (the 0 factor makes c = 0).  Both square roots by
 // sqrt.approx.ftz.f32: their arguments 1 - |c| and 1 - c^2 are 0 or >= 2^-24 for a float c in
 // [-1, 1], never subnormal, so flushing changes no result.  2 MUFU per entry-layer, and the
 // diagonal arrays hold twice the values of v3's.

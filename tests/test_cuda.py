@@ -216,8 +216,9 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
     qx[50:100] = 0.0                                 # zero-variance windows: c := 0, K = 0
     s[50:100] = 0.0
     factors, sqrt_q = DIAG_LAYOUTS["factors"][0], DIAG_LAYOUTS["sqrt"][0]
-    fx, fz = factors(qx, np), factors(qz, np)        # what v5 reads
-    ux, uz = sqrt_q(qx, np), sqrt_q(qz, np)          # what v6 reads
+    # what v5 and v6 read (no q here is in (0, 1e-38), where the dtypes' layouts would differ)
+    fx, fz = factors(qx, np, np.float32), factors(qz, np, np.float32)
+    ux, uz = sqrt_q(qx, np, np.float32), sqrt_q(qz, np, np.float32)
     rows = np.column_stack([s, th, qx, qz, fx, fz, ux, uz, self_])
     text = "\n".join(" ".join(repr(float(v)) for v in row[:-1]) + f" {int(row[-1])}" for row in rows)
     r = subprocess.run([str(relu_step_exe)], input=text, capture_output=True, text=True, check=True)
@@ -260,6 +261,25 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
         np.testing.assert_array_equal(got[50:100, col], 0.0, err_msg=f"{what}: zero variance, K = 0")
         np.testing.assert_array_equal(got[:50, col], r64(s[:50]) / 2, err_msg=f"{what}: self pair")
         np.testing.assert_array_equal(got[:50, col + 1], r64(th[:50]) / 2, err_msg=f"{what}: self pair")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_v5_factors_of_windows_below_the_smallest_normal_are_zero(dtype):
+    """v5 multiplies two images' 1 / sqrt(q): for q below the compute dtype's smallest normal
+    number the product overflowed (and 0 * inf gave NaN); those factors are 0 (c := 0), every
+    product of two others is finite, and the rest are 1 / sqrt(q)."""
+    from cntk_engine.backends.cuda import DIAG_LAYOUTS
+    tiny = float(np.finfo(dtype).tiny)
+    q = np.array([0.0, 1e-320, tiny / 2, 1e-200, tiny, 1e-30, 1.0, 3e5])
+    f = DIAG_LAYOUTS["factors"][0](q, np, dtype).astype(dtype)
+    kept = q >= tiny
+    assert np.all(f[~kept, 1] == 0)
+    np.testing.assert_allclose(f[kept, 1].astype(np.float64), 1 / np.sqrt(q[kept]), rtol=1e-6)
+    np.testing.assert_allclose(f[:, 0].astype(np.float64) ** 2 * 2 * np.pi, q, rtol=1e-6,
+                               atol=tiny)
+    with np.errstate(over="raise"):
+        products = np.multiply.outer(f[:, 1], f[:, 1])
+    assert products.dtype == dtype and np.all(np.isfinite(products))
 
 
 # ----------------------------------------------------- prepare's layouts, pairs' launch parameters
@@ -462,7 +482,7 @@ def test_stack_launch_fields_and_diagonal_layout(variant):
     assert f["readout_scale"] == 1 / 4096 and f["n_grids"] == 64 and f["n_out"] == 1
     np.testing.assert_array_equal(f["grids"], np.arange(64))
     q = diag_norms(x, arch, params)
-    d = DIAG_LAYOUTS[be.variant["diag"]][0](q, np)
+    d = DIAG_LAYOUTS[be.variant["diag"]][0](q, np, be.dtype)
     flat = da.reshape(2, 4, 2 * 32 * 32, -1)
     for layer, (h, w) in enumerate([(32, 32), (32, 32), (16, 16), (8, 8)]):
         rows = d[:, layer, :h, :w].reshape(2, h * w, -1)

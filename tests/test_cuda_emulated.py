@@ -83,6 +83,20 @@ def test_emulated_kernels_match_numba(emulated, dtype, case):
     check(np.random.default_rng(len(case)).standard_normal(shape), dtype=dtype, **kw)
 
 
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6"], indirect=True)
+@pytest.mark.parametrize("dtype, faint, convention", [("float64", 1e-160, "arora"),
+                                                      ("float32", 2.0 ** -64, "arora"),
+                                                      ("float32", 1e-19, "neural_tangents")])
+def test_emulated_faint_windows_that_share_no_pixel(emulated, dtype, faint, convention):
+    """v5 multiplied the two images' 1 / sqrt(q) of windows fainter than the dtype's smallest
+    normal number to inf, and c = 0 * inf was NaN where the windows share no pixel: the job
+    stopped on non-finite sums.  Such factors are 0 now (cuda._diag_factors)."""
+    x = np.zeros((2, 1, 8, 8))
+    x[:, 0, 0, 0] = 0.75                        # each image's largest pixel
+    x[0, 0, 4, 3] = x[1, 0, 4, 5] = faint       # faint pixels at positions the other lacks
+    check(x, dtype=dtype, depth=3, pooling="flatten", convention=convention)
+
+
 @pytest.mark.parametrize("emulated", ["v5"], indirect=True)
 def test_emulated_stack_kernel_cross_gram_and_duplicates(emulated):
     """gram(x, y) (no self pairs but the duplicated image's) through the stack kernel."""

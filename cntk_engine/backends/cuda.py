@@ -136,23 +136,29 @@ def describe_kernel_variants() -> str:
 
 
 # The per-image diagonal layouts the variants read (csrc/relu_step.cuh, Entry<V, T>::Diag), made
-# from the float64 diagonals q (N, L, H, W) with xp = NumPy or CuPy:
+# from the float64 diagonals q (N, L, H, W) with xp = NumPy or CuPy, for the compute dtype:
 #   "q":       q itself, (N, L, H, W)
-#   "factors": (sqrt(q / 2 pi), 1 / sqrt(q)) with 1 / sqrt(q) := 0 where q <= 0 (zero-variance
-#              windows, where c := 0), (N, L, H, W, 2); the ReLU step of a pair needs
-#              sqrt(q_x q_z) / (2 pi) and 1 / sqrt(q_x q_z), which factor over the two images
+#   "factors": (sqrt(q / 2 pi), 1 / sqrt(q)) with 1 / sqrt(q) := 0 where q is below the compute
+#              dtype's smallest normal number (zero-variance windows, where c := 0, and windows
+#              so faint that the kernel's product 1 / sqrt(q_x) * 1 / sqrt(q_z) of two of them
+#              would overflow to inf, and c = 0 * inf be NaN where they share no pixel; such a
+#              window's terms are below sqrt(q_x q_z) < 1e-19 (float32), 1e-154 (float64) of
+#              the pair's), (N, L, H, W, 2); the ReLU step of a pair needs sqrt(q_x q_z) / (2 pi)
+#              and 1 / sqrt(q_x q_z), which factor over the two images
 #   "sqrt":    sqrt(q), (N, L, H, W): the product of the two images' values is sqrt(q_x q_z)
-def _diag_q(q, xp):
+#              (v6 sets 1 / P := 0 below the smallest normal P itself)
+def _diag_q(q, xp, dtype):
     return q
 
 
-def _diag_sqrt(q, xp):
+def _diag_sqrt(q, xp, dtype):
     return xp.sqrt(xp.maximum(q, 0.0))
 
 
-def _diag_factors(q, xp):
-    s = _diag_sqrt(q, xp)
-    inv = xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0)
+def _diag_factors(q, xp, dtype):
+    s = _diag_sqrt(q, xp, dtype)
+    kept = q >= float(np.finfo(dtype).tiny)
+    inv = xp.where(kept, 1.0 / xp.where(kept, s, 1.0), 0.0)
     return xp.stack([s * math.sqrt(1.0 / (2.0 * math.pi)), inv], axis=-1)
 
 
@@ -261,7 +267,7 @@ class CudaBackend(Backend):
         xd = xp.asarray(x, dtype=xp.float64)           # no copy when already on the device
         q = diag_norms(xd, self.arch, self.params)     # (N, L, H, W) float64, where xd lives
         layout = self.variant["diag"]
-        d = DIAG_LAYOUTS[layout][0](q, xp)
+        d = DIAG_LAYOUTS[layout][0](q, xp, self.dtype)
         cast = lambda a: xp.ascontiguousarray(a, dtype=self.dtype)  # noqa: E731
         if not self.arch.has_pooling:
             return Prepared(cast(xd), (cast(xp.concatenate([d, d], axis=2)),), layout=layout)
