@@ -11,7 +11,15 @@
 //   returned, or a warp waiting at a shuffle instead, is reported and aborts);
 // - dynamic shared memory (cntk::dynamic_shared<T>()), per block, filled with NaN bytes at the
 //   start of each block so that a read before a write shows;
-// - atomicAdd, __ldcg: plain host memory operations (threads never run at the same time).
+// - atomicAdd, __ldcg: plain host memory operations (threads never run at the same time);
+// - the order in which a block's threads run between barriers (simt::Schedule): "forward" runs
+//   each ready thread in index order up to its next shuffle or barrier, round after round, so
+//   every thread's writes before its first shuffle are done before any thread reads; "warps
+//   reversed" runs the last warp as far as it can go (to a barrier, or its end) before the one
+//   below it, and so on down to warp 0, so that a write another warp makes before a missing
+//   __syncthreads (zeroing shared sums, a round's atomic adds) lands after this warp's reads or
+//   adds, and changes the result.  A kernel whose barriers are all in place gives the same bits
+//   under both.
 // Float arithmetic is the host compiler's (build with -ffp-contract=off: no fused multiply-adds
 // but the explicit fma calls, as nvcc's are), and the device-only instructions have host
 // stand-ins (relu_step.cuh: sqrt.approx is std::sqrt, rsqrtf is 1 / std::sqrt): results agree
@@ -76,6 +84,7 @@ constexpr int kWarp = 32;
 constexpr std::size_t kStack = 512 * 1024;  // per thread: the kernels keep arrays of <= 32 doubles
 
 enum class State { ready, shuffle, barrier, done };
+enum class Schedule { forward, warps_reversed };
 
 struct Thread {
   ucontext_t ctx;
@@ -95,6 +104,7 @@ struct Machine {
   dim3 block_idx, block_dim, grid_dim;
   std::vector<unsigned char> shared;
   const std::function<void()>* body = nullptr;
+  Schedule schedule = Schedule::forward;
 };
 
 inline Machine& machine() {
@@ -176,17 +186,36 @@ inline void launch(dim3 grid, dim3 block, std::size_t shared_bytes, const std::f
       th.ctx.uc_link = &m.scheduler;
       makecontext(&th.ctx, trampoline, 0);
     }
+    auto run = [&m](Thread& th) {
+      m.current = &th;
+      swapcontext(&m.scheduler, &th.ctx);
+      m.current = nullptr;
+    };
+    const int n_warps = (int)block.x / kWarp;
     for (;;) {
       bool ran = false, all_done = true;
-      for (auto& th : m.threads) {
-        if (th.state == State::ready) {
-          m.current = &th;
-          swapcontext(&m.scheduler, &th.ctx);
-          ran = true;
+      if (m.schedule == Schedule::forward) {
+        for (auto& th : m.threads) {
+          if (th.state == State::ready) {
+            run(th);
+            ran = true;
+          }
         }
-        all_done = all_done && th.state == State::done;
+      } else {  // warps_reversed: each warp as far as it goes (its shuffles met), last warp first
+        for (int w = n_warps - 1; w >= 0; --w) {
+          for (bool again = true; again;) {
+            again = false;
+            for (int t = w * kWarp; t < (w + 1) * kWarp; ++t) {
+              if (m.threads[t].state == State::ready) {
+                run(m.threads[t]);
+                ran = again = true;
+              }
+            }
+            if (again) release();   // its shuffles; the barrier, once every warp is at it
+          }
+        }
       }
-      m.current = nullptr;
+      for (auto& th : m.threads) all_done = all_done && th.state == State::done;
       if (all_done) break;
       if (!release() && !ran) {
         bool shuffling = false, barrier = false, done = false;

@@ -8,7 +8,8 @@
 // binding.cpp names them, plus "kernel v3|v5", "dtype float32|float64" and for a stack
 // "stages h,w,layers,pool;h,w,layers,pool;..."), and "array name path" for each pointer field:
 // a raw file of the field's elements (T for xa da xb db, int32 for pair_a pair_b slot grids,
-// float64 for grid_w readout_w, and for out, which is written).
+// float64 for grid_w readout_w, and for out, which is written); "schedule forward|warps_reversed"
+// picks the emulation's thread order (host_simt.h; default forward).
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -109,6 +110,10 @@ int main(int argc, char** argv) {
   p.dtype = scalars["dtype"] == "float64" ? cntk::Dtype::float64 : cntk::Dtype::float32;
   std::vector<double> out((size_t)p.n_pairs * p.n_out * 2 + 1);
   p.out = out.data();
+
+  const std::string schedule = scalars.count("schedule") ? scalars["schedule"] : "forward";
+  if (schedule == "warps_reversed") simt::machine().schedule = simt::Schedule::warps_reversed;
+  else if (schedule != "forward") die("unknown schedule " + schedule + " (forward, warps_reversed)");
 
   const std::string kernel = scalars["kernel"];
   int err;

@@ -38,11 +38,17 @@ def build(directory: Path) -> Path | None:
     return exe
 
 
-def run_launch(exe: Path, fields: dict) -> None:
-    """Run one launch described by the backend's ``launch_fields`` (NumPy arrays); fills
-    ``fields["out"]``."""
+#: The emulation's thread orders (csrc/host_simt.h, simt::Schedule): "forward" (each ready
+#: thread in index order to its next shuffle or barrier) and "warps_reversed" (the last warp as
+#: far as it goes first), under which a missing __syncthreads changes the result.
+SCHEDULES = ("forward", "warps_reversed")
+
+
+def run_launch(exe: Path, fields: dict, schedule: str = "forward") -> None:
+    """Run one launch described by the backend's ``launch_fields`` (NumPy arrays) with the
+    emulation's thread order ``schedule`` (:data:`SCHEDULES`); fills ``fields["out"]``."""
     with tempfile.TemporaryDirectory(prefix="kernel_sim-") as d:
-        lines = []
+        lines = [f"schedule {schedule}"]
         for name, v in fields.items():
             if isinstance(v, np.ndarray):
                 path = Path(d) / f"{name}.bin"
@@ -62,8 +68,11 @@ def run_launch(exe: Path, fields: dict) -> None:
         fields["out"][...] = out.reshape(fields["out"].shape)
 
 
-def emulate_cuda(monkeypatch, exe: Path) -> None:
-    """Make ``backend="cuda"`` run here, through the emulated kernels."""
+def emulate_cuda(monkeypatch, exe: Path, schedule: str = "forward") -> None:
+    """Make ``backend="cuda"`` run here, through the emulated kernels, their threads in the
+    order ``schedule`` (:data:`SCHEDULES`)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
     from cntk_engine.backends.base import Traits
     from cntk_engine.backends.cuda import CudaBackend
 
@@ -75,7 +84,7 @@ def emulate_cuda(monkeypatch, exe: Path) -> None:
         if ia.size == 0:
             return out
         fields = self.launch_fields(xa, da, xb, db, ia, ib, slot, out, same_set, grids, grid_w)
-        run_launch(exe, fields)
+        run_launch(exe, fields, schedule)
         return out
 
     def traits(cls):      # host arrays, the tiles of a CPU backend

@@ -13,7 +13,7 @@ import pytest
 import cntk_engine as ce
 from cntk_engine.arch import AvgPool, ConvRelu, serial
 
-from cuda_sim import build, emulate_cuda
+from cuda_sim import SCHEDULES, build, emulate_cuda
 from test_cuda import _use_installed_extension, cuda_backend, extension, real_cifar_and_mnist
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
@@ -95,6 +95,31 @@ def test_emulated_faint_windows_that_share_no_pixel(emulated, dtype, faint, conv
     x[:, 0, 0, 0] = 0.75                        # each image's largest pixel
     x[0, 0, 4, 3] = x[1, 0, 4, 5] = faint       # faint pixels at positions the other lacks
     check(x, dtype=dtype, depth=3, pooling="flatten", convention=convention)
+
+
+@pytest.mark.parametrize("emulated", ["v3", "v5", "v6", "v7", "v8"], indirect=True)
+def test_emulated_kernels_give_the_same_bits_in_either_thread_order(emulated, monkeypatch, kernel_sim):
+    """The emulation ran a block's threads in index order, so a missing __syncthreads (the
+    shared sums zeroed, then added to; a stack round's adds before the next round's) could not
+    show; with the last warp run first as far as it goes ("warps_reversed"), each of the
+    kernels' barriers that helper-91 removed changed the result.  Every variant, the CNN kernel
+    (gap over 8 warps, flatten, LAP) and the stack kernel, in float64: the same bits in both
+    orders, and numba's values."""
+    rng = np.random.default_rng(7)
+    cases = [(rng.standard_normal((2, 2, 8, 8)), dict(depth=3)),
+             (rng.standard_normal((2, 1, 7, 6)), dict(depth=3, pooling="flatten")),
+             (rng.standard_normal((2, 1, 8, 8)), dict(depth=3, pooling="lap", lap_window=3)),
+             (rng.standard_normal((2, 2, 8, 8)), dict(architecture=serial(C, C, POOL, C, POOL, C, POOL))),
+             (rng.standard_normal((2, 1, 12, 12)), dict(architecture=serial(C, AvgPool(3), C, POOL),
+                                                        pooling="flatten"))]
+    for x, kw in cases:
+        got = {}
+        for schedule in SCHEDULES:
+            emulate_cuda(monkeypatch, kernel_sim, schedule)
+            got[schedule] = np.stack(ce.gram(x, backend="cuda", kernel="both", dtype="float64", **kw))
+        want = np.stack(ce.gram(x, backend="numba", kernel="both", dtype="float64", **kw))
+        assert got["forward"].tobytes() == got["warps_reversed"].tobytes(), kw
+        np.testing.assert_allclose(got["warps_reversed"], want, rtol=1e-12, atol=0, err_msg=str(kw))
 
 
 @pytest.mark.parametrize("emulated", ["v5"], indirect=True)
