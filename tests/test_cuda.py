@@ -655,6 +655,10 @@ CASES = [
     ((3, 3, 9, 13), dict(convention="neural_tangents", pooling="gap", b_std=0.3, W_std=1.2)),
     ((2, 2, 17, 11), dict(convention="arora", pooling="flatten", fix=True, filter_size=7)),
     ((2, 1, 32, 32), dict(convention="arora", pooling="gap", filter_size=3)),
+    # the other guard-free 32 x 32 kernels (one per filter size and readout; helper-91)
+    ((2, 1, 32, 32), dict(convention="arora", pooling="flatten", filter_size=1)),
+    ((2, 3, 32, 32), dict(convention="neural_tangents", pooling="gap", filter_size=5, b_std=0.1)),
+    ((2, 1, 32, 32), dict(convention="arora", pooling="flatten", filter_size=7)),
 ]
 
 
@@ -688,12 +692,13 @@ def test_derived_variants_skip_the_tests_of_their_bases_kernels():
 
 
 @gpu
-@pytest.mark.parametrize("shape,case", CASES, ids=[str(c[0]) for c in CASES])
+@pytest.mark.parametrize("shape,case", CASES,
+                         ids=[f"{c[0]}-k{c[1].get('filter_size', 3)}-{c[1]['pooling']}" for c in CASES])
 def test_cuda_matches_reference(variant, shape, case):
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape)
     depths = [3, 4, 7] if case.get("fix") else [2, 3, 7]   # fix=True needs depth >= 3
-    ref = ce.gram(x, depths=depths, kernel="both", backend="reference", **case)
+    ref = reference_gram(x, None, depths, case)             # once for all the variants
     for dtype, tol in (("float32", 1e-4), ("float64", 1e-10)):
         got = ce.gram(x, depths=depths, kernel="both", backend="cuda", dtype=dtype, **case)
         for d in ref:

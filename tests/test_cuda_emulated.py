@@ -245,26 +245,56 @@ def test_sanitizer_runs_cuda_path(monkeypatch, capsys):
     assert calls == [("cnn", "v7", "cuda", False)]
 
 
+def two_32x32_images():
+    """Two CIFAR-10 images where the real data is found, else two random images in [0, 1) of
+    their shape (3, 32, 32): the guard-free 32 x 32 kernels' tests never skip."""
+    try:
+        cifar, _ = real_cifar_and_mnist()
+    except pytest.skip.Exception:
+        return np.random.default_rng(32).random((2, 3, 32, 32))
+    return cifar[:2]
+
+
+@pytest.mark.parametrize("emulated", ["v5"], indirect=True)
+def test_emulated_32x32_kernels_of_other_filter_sizes(emulated, monkeypatch):
+    """The guard-free 32 x 32 kernels of filter sizes 1, 5 and 7 (instantiated per variant; the
+    other 32 x 32 tests run filter size 3, and v8's 5 and 7), one conv layer each, on v5, whose
+    32 x 32 kernels no other emulated test runs."""
+    x = two_32x32_images()
+    check(x[:1], x[1:], depth=2, filter_size=1, pooling="flatten")
+    check(x[:1], x[1:], depth=2, filter_size=5)                      # 1,024 grids
+    check(x[:1], x[1:], depth=2, filter_size=7, pooling="flatten", dtype="float64")
+
+
 @pytest.mark.parametrize("emulated", ["v7"], indirect=True)
-def test_emulated_layer_barrier_32x32(emulated, monkeypatch):
+def test_emulated_layer_barrier_32x32(emulated, monkeypatch, kernel_sim):
     """v7's own kernels, the guard-free 32 x 32 ones with a barrier among the block's warps after
-    every layer (8 warps over 1,024 grids for gap, one warp for flatten), on two CIFAR-10 images:
-    against numba, and the same bits as v6 (the barrier changes no arithmetic)."""
-    cifar, _ = real_cifar_and_mnist()
-    check(cifar[:2], depths=[2, 3])
-    a, _ = grams(cifar[:2], depth=3, pooling="flatten", dtype="float64")
+    every layer (8 warps over 1,024 grids for gap, one warp for flatten), on two CIFAR-10 images
+    (two_32x32_images): against numba, and the same bits as v6 (the barrier changes no arithmetic)."""
+    cifar = two_32x32_images()
+    check(cifar, depths=[2, 3])
+    # the barrier keeps warps together for the caches and orders nothing the sums depend on:
+    # gap (8 warps) in either thread order, the same bits, and no deadlock (a warp that skipped
+    # it would hang the block); flatten (one warp) the same bits as v6
+    gap = {}
+    for schedule in SCHEDULES:
+        emulate_cuda(monkeypatch, kernel_sim, schedule)
+        gap[schedule] = np.stack(ce.gram(cifar[:1], cifar[1:], depth=3, backend="cuda", kernel="both"))
+    assert gap["forward"].tobytes() == gap["warps_reversed"].tobytes()
+    a, _ = grams(cifar, depth=3, pooling="flatten", dtype="float64")
     monkeypatch.setenv("CNTK_ENGINE_CUDA_KERNEL", "v6")
-    b, _ = grams(cifar[:2], depth=3, pooling="flatten", dtype="float64")
+    b, _ = grams(cifar, depth=3, pooling="flatten", dtype="float64")
     assert a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("emulated", ["v8"], indirect=True)
 def test_emulated_row_seam_mask_32x32(emulated, monkeypatch):
     """v8's own kernels, the guard-free 32 x 32 ones testing the row seam of the box sums as one
-    bit of a mask (csrc/pair_sums_kernel.cuh, kSeamBits), on two CIFAR-10 images: against numba
+    bit of a mask (csrc/pair_sums_kernel.cuh, kSeamBits), on two CIFAR-10 images
+    (two_32x32_images): against numba
     at filter sizes 3, 5 and 7 (every seam of 1,024 packed grids, 1 to 3 rows of taps), and, at
     filter size 3, the same bits as v3 (each row sums (centre + above) + below either way)."""
-    cifar, _ = real_cifar_and_mnist()
+    cifar = two_32x32_images()
     x, y = cifar[:1], cifar[1:2]                     # one pair: 1,024 grids per layer
     for k in (5, 7):
         check(x, y, depth=2, filter_size=k)          # one conv layer: its box sums
