@@ -77,7 +77,7 @@ std::string check_pair_sums(const cntk::PairSumsParams& p) {
     if (p.stage_h[0] != p.H || p.stage_w[0] != p.W)
       return "a stack's first stage is the images' size H x W = " + str(p.H) + " x " + str(p.W) +
              "; got " + str(p.stage_h[0]) + " x " + str(p.stage_w[0]);
-    int layers = 0;
+    long long layers = 0;  // 64-bit: hand-built stage counts near INT_MAX must not wrap to L
     for (int s = 0; s < p.n_stages; ++s) layers += p.stage_layers[s];
     if (layers != p.L)
       return "a stack's stages hold L = " + str(p.L) + " conv layers in all; got " + str(layers);

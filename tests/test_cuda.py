@@ -317,11 +317,19 @@ def test_prepare_builds_the_layout_the_variant_reads(variant, dtype):
 
 
 class FakeDeviceArray:
-    """A stand-in for a CuPy array: shape, dtype and a device address (never dereferenced)."""
+    """A stand-in for a CuPy array: shape, dtype and a device address (never dereferenced);
+    with ``device`` (a GPU id) or ``strides`` given, also CuPy's ``device.id``, ``strides`` and
+    ``flags.c_contiguous``."""
 
-    def __init__(self, shape, dtype, ptr):
+    def __init__(self, shape, dtype, ptr, device=None, strides=None):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.data = types.SimpleNamespace(ptr=ptr)
+        if device is not None:
+            self.device = types.SimpleNamespace(id=device)
+        if strides is not None:
+            self.strides = tuple(strides)
+            row_major = np.empty(self.shape, self.dtype).strides
+            self.flags = types.SimpleNamespace(c_contiguous=self.strides == row_major)
 
 
 def fake_launch(be, pa, pb, n_pairs, base=1 << 20, misalign=None):
@@ -335,6 +343,33 @@ def fake_launch(be, pa, pb, n_pairs, base=1 << 20, misalign=None):
     fakes = {k: FakeDeviceArray(a.shape, a.dtype, base * (i + 1) + off.get(k, 0))
              for i, (k, a) in enumerate(arrays.items())}
     return be.launch_params(*fakes.values(), same_set=True, device=0, stream=0)
+
+
+def test_a_launch_refuses_strided_arrays_and_arrays_on_another_gpu():
+    """pairs() makes its arrays contiguous on the current GPU; a direct caller of launch_params
+    with a strided view read other elements, and with an array on another GPU an address the
+    launch's GPU cannot read (helper-91)."""
+    extension()
+    from cntk_engine.backends.cuda import CudaBackend
+    x = np.random.default_rng(2).standard_normal((2, 1, 6, 6))
+    arch = Architecture(depths=(3,))
+    be = CudaBackend(arch, arch.layer_params(1, 6, 6), "float32", kernel="v3")
+    pa = be.prepare_arrays(x, np)
+    arrays = {"xa": pa.images, "da": pa.diag[0], "xb": pa.images, "db": pa.diag[0],
+              "ia": np.zeros(3, np.int32), "ib": np.zeros(3, np.int32), "slot": be.readout_slots(),
+              "out": np.zeros((3, 1, 2))}
+
+    def launch(name, **kw):
+        fakes = [FakeDeviceArray(a.shape, a.dtype, (1 << 20) * (i + 1), **(kw if k == name else {}))
+                 for i, (k, a) in enumerate(arrays.items())]
+        return be.launch_params(*fakes, same_set=True, device=1, stream=0)
+    reversed_rows = np.empty(pa.images.shape, pa.images.dtype).strides
+    reversed_rows = (reversed_rows[0],) + reversed_rows[1:3] + (-reversed_rows[3],)
+    with pytest.raises(ValueError, match=r"CUDA kernel v3: xb must be C-contiguous .* got strides"):
+        launch("xb", strides=reversed_rows)
+    with pytest.raises(ValueError, match=r"CUDA kernel v3: out is on GPU 0 and the launch on GPU 1"):
+        launch("out", device=0)
+    launch("da", device=1, strides=np.empty(pa.diag[0].shape, pa.diag[0].dtype).strides)   # fine
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -329,10 +329,16 @@ class CudaBackend(Backend):
     def launch_params(self, xa, da, xb, db, ia, ib, slot, out, same_set: bool, device: int,
                       stream: int, grids=None, grid_w=None):
         """The extension's ``PairSumsParams`` for one launch.  The arrays are device arrays
-        (anything with ``shape``, ``dtype`` and ``data.ptr``, C-contiguous); their shapes and
-        dtypes are checked here against this backend's layout (:meth:`launch_fields`), the
-        pointers and scalars by the extension (ValueError naming what is wrong either way)."""
+        (anything with ``shape``, ``dtype`` and ``data.ptr``, C-contiguous, on GPU ``device``);
+        their shapes, dtypes, contiguity and GPU are checked here against this backend's layout
+        (:meth:`launch_fields`), the pointers and scalars by the extension (ValueError naming
+        what is wrong either way)."""
         fields = self.launch_fields(xa, da, xb, db, ia, ib, slot, out, same_set, grids, grid_w)
+        for name, v in fields.items():
+            on = getattr(getattr(v, "device", None), "id", None)       # a CuPy array's GPU
+            if on is not None and on != device:
+                raise ValueError(f"CUDA kernel {self.kernel}: {name} is on GPU {on} and the launch "
+                                 f"on GPU {device}: every array of a launch must be on its GPU")
         return _extension().PairSumsParams(
             device=device, stream=stream,
             **{k: (v.data.ptr if hasattr(v, "shape") else v) for k, v in fields.items()})
@@ -391,12 +397,20 @@ class CudaBackend(Backend):
 
     def _check_arrays(self, expected: dict, context: str) -> None:
         """ValueError naming the first array of ``expected`` ({name: (array, shape, dtype)})
-        whose shape or dtype is not the one given."""
+        whose shape or dtype is not the one given, or that is not C-contiguous (the kernels
+        read every array by row-major offsets from its address: a strided view's would be
+        other elements)."""
         for name, (a, shape, dtype) in expected.items():
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
                 raise ValueError(
                     f"CUDA kernel {self.kernel}: {name} must be {np.dtype(dtype).name} of shape "
                     f"{shape} ({context}); got {np.dtype(a.dtype).name} {tuple(a.shape)}")
+            flags = getattr(a, "flags", None)
+            if flags is not None and not flags.c_contiguous:
+                raise ValueError(
+                    f"CUDA kernel {self.kernel}: {name} must be C-contiguous (the kernel reads it "
+                    f"by row-major offsets; ascontiguousarray makes it so); got strides "
+                    f"{tuple(getattr(a, 'strides', ()))} for shape {tuple(a.shape)}")
 
     def launch_arrays(self, a: Prepared, b: Prepared, ia, ib, xp) -> tuple:
         """(xa, da, xb, db, ia, ib, slot, out, grids, grid_w): the arrays of a launch for the
