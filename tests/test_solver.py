@@ -456,6 +456,11 @@ def test_load_gram_from_zarr(tmp_path, rng):
         S.load_gram(a, max_memory=1024)
     with pytest.raises(ValueError, match="has no array 'nngp'; it holds \\['ntk'\\]"):
         S.load_gram(g, "nngp")
+    # a group or array is named by its folder (it was "Group", "Array")
+    with pytest.raises(ValueError, match=r"the store at '.*k\.zarr' has no array 'nngp'"):
+        S.load_gram(g, "nngp")
+    with pytest.raises(S.GramTooLarge, match=r"16 x 16 from '.*k\.zarr/ntk'"):
+        S.load_gram(a, max_memory=1024)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         S.load_gram(tmp_path / "missing.zarr")
     assert S.available_memory() > 1 << 20

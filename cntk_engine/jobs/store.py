@@ -2002,11 +2002,23 @@ def _open_path(path, role: str | None = None, *, group: bool = False):
         raise ValueError(f"{named} is not a readable Zarr {'group' if group else 'store'}: {e}") from None
 
 
+def _where(source) -> str:
+    """How messages name ``source``: a path as given; a Zarr group or array opened from a local
+    folder by its folder (and its path inside the store); else its type."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(str(source))
+    root = getattr(getattr(source, "store", None), "root", None)
+    if root is None:
+        return type(source).__name__
+    inner = str(getattr(source, "path", "") or "")
+    return repr(str(Path(root) / inner) if inner else str(root))
+
+
 def _locate(source, key: str | None, device) -> _Stored:
     """The kernel array ``key`` of ``source`` (a store path, group or array), checked: in a
     cntk_engine store, a kernel array of a finished job; 2-D, real."""
     zarr = require_zarr()
-    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    where = _where(source)
     if isinstance(source, (str, os.PathLike)):
         source = _open_path(source)
     if isinstance(source, zarr.Group):
