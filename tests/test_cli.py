@@ -224,6 +224,12 @@ def test_every_command_is_registered_and_gram_evaluate_share_their_options(capsy
         assert opt in helps["gram"] and opt in helps["evaluate"], opt
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"cntk-engine {ce.__version__}\n"
+
+
 def test_python_m_entry_point(tmp_path):
     # run outside the checkout: `python -m` puts the working directory first on sys.path
     r = subprocess.run([sys.executable, "-m", "cntk_engine", "info"], cwd=tmp_path, capture_output=True,

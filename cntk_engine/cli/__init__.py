@@ -24,6 +24,7 @@ import warnings
 
 from . import demo, evaluate, gram, info, preprocess, solve, verify
 from ..spelling import command_line
+from ..version import __version__
 from .common import PROG, CliError
 
 COMMANDS = (gram, verify, preprocess, solve, evaluate, info, demo)
@@ -91,6 +92,8 @@ class _CommandLine(_Parser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _CommandLine(prog=PROG, description="Exact CNTK / NNGP kernels of image sets.")
+    ap.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                    help="print the version and exit (cntk-engine info: the build and backends)")
     add_global_options(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
