@@ -437,6 +437,16 @@ def test_gp_posterior_at_training_points_noise_free(rng):
 
 
 # ----------------------------------------------------------------------------- Zarr
+def test_the_records_print_their_arrays_as_shapes(rng):
+    """print(fit_classifier(...)) printed the whole (n, k) alpha: hundreds of lines."""
+    K, _ = psd(rng, 300)
+    fit = S.fit_classifier(K, np.arange(300) % 10, ridge=0.1)
+    text = repr(fit)
+    assert len(text.splitlines()) == 1 and len(text) < 600, text
+    assert "alpha=<NumPy array (300, 10) float64>" in text and "'ridge_relative': 0.1" in text
+    assert repr(S.eigh(K)) == "KernelEigh(s=<NumPy array (300,) float64>, U=<NumPy array (300, 300) float64>, device='cpu')"
+
+
 def test_load_gram_from_zarr(tmp_path, rng):
     zarr = pytest.importorskip("zarr")
     K, _ = psd(rng, 16)

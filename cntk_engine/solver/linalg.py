@@ -11,7 +11,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -408,12 +408,26 @@ def tri_solve(xp, L, B):
     return solve_triangular(L.T, B, lower=False, trans="T")      # L.T: no copy (cho_solve)
 
 
-@dataclass
+def brief_repr(self) -> str:
+    """The solver's records printed with each array as its kind, shape and dtype: an (n, k)
+    ``alpha`` or (n, n) ``U`` printed whole was hundreds of lines."""
+    parts = []
+    for f in fields(self):
+        if f.repr:
+            v = getattr(self, f.name)
+            parts.append(f"{f.name}=" + (f"<{'CuPy' if is_cupy(v) else 'NumPy'} array "
+                                         f"{tuple(v.shape)} {v.dtype}>"
+                                         if getattr(v, "ndim", 0) else repr(v)))
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
+@dataclass(repr=False)
 class KernelEigh:
     """``K = U diag(s) U^T`` (s ascending), reused by :func:`loo`, :func:`gradient_flow`."""
     s: Any
     U: Any
     device: str = "cpu"
+    __repr__ = brief_repr
 
     @property
     def n(self) -> int:

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 
 from ..arrays import cupy_module
-from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, check_finite,
-                     check_gram, check_max_jitter, check_ridge, check_targets, check_test_kernel,
-                     cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
+from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, brief_repr,
+                     check_finite, check_gram, check_max_jitter, check_ridge, check_targets,
+                     check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
                      spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 
-@dataclass
+@dataclass(repr=False)
 class RidgeSolution:
     """``alpha = (K + (ridge + jitter) I)^-1 Y``; predict with ``K_test @ alpha``."""
     alpha: Any                 # (n, k) dual coefficients (NumPy or CuPy)
@@ -22,6 +22,7 @@ class RidgeSolution:
     jitter: float = 0.0        # extra diagonal that was needed to factorise (0 = none)
     one_d: bool = False        # Y was 1-D: predictions are returned 1-D
     device: str = "cpu"
+    __repr__ = brief_repr
 
     def predict(self, K_test):
         """Predictions ``K_test @ alpha``: (m,) or (m, k)."""
@@ -93,7 +94,7 @@ def kernel_ridge(K, Y, K_test, ridge: float = 0.0, **kw):
     return fit_ridge(K, Y, ridge, **kw).predict(K_test)
 
 
-@dataclass
+@dataclass(repr=False)
 class GPPosterior:
     """Posterior of the test outputs: ``mean`` (m,) or (m, k); ``cov`` (m, m) when the full
     test-test kernel was given, ``var`` (m,) when only its diagonal (shared by every output)."""
@@ -101,6 +102,7 @@ class GPPosterior:
     cov: Any = None
     var: Any = None
     jitter: float = 0.0
+    __repr__ = brief_repr
 
 
 def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: bool = True,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, check_gram,
+from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr, check_gram,
                      check_ridge, check_targets, check_test_kernel, eigh, loaded_workspace,
                      ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
@@ -430,7 +430,7 @@ def _shape(a) -> tuple:
     return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
 
 
-@dataclass
+@dataclass(repr=False)
 class ClassifierFit:
     """Kernel regression fitted as a classifier (:func:`fit_classifier`): the solution, the
     classes (the sorted training labels, one column of the targets each) and how the ridge was
@@ -440,6 +440,7 @@ class ClassifierFit:
     classes: np.ndarray
     info: dict
     Y: object = field(default=None, repr=False)          # the encoded training targets
+    __repr__ = brief_repr
 
     def predict(self, K_test):
         """The predicted class of each test sample (a label of ``classes``), from the (m, n)
