@@ -129,6 +129,7 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     np.savez(tmp_path / "order.npz", **dict(d, x_train=d["x_train"][::-1], y_train=d["y_train"][::-1]))
     np.savez(tmp_path / "scaled.npz", **dict(d, x_test=d["x_test"] * 255))
     np.savez(tmp_path / "nox.npz", y_train=d["y_train"], y_test=d["y_test"])
+    np.savez(tmp_path / "xy.npz", x=d["x_train"], y=d["y_train"])        # evaluate's DATA
     np.savez(tmp_path / "ragged.npz", **dict(d, y_train=d["y_train"][:5]))
     np.savez(tmp_path / "one.npz", **dict(d, y_train=np.full(40, 3, np.uint8)))
     bad = d["x_test"].copy()
@@ -140,7 +141,10 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
          r"store at .* was computed from \(40 images there; their sha256 differ"),
         ((tmp_path / "scaled.npz", *stores), r"x_test \(16 images\) are not the images the test store"),
         ((tmp_path / "nox.npz", *stores), r"holds \['y_train', 'y_test'\] but not x_train, x_test: "
-         r"solve needs x_train, y_train and x_test"),
+         r"solve needs x_train, y_train and x_test.*kernels$"),
+        ((tmp_path / "xy.npz", *stores), r"holds \['x', 'y'\] but not x_train, y_train, x_test: .*; "
+         r"for stores of evaluate --store, cntk-engine preprocess DATA --preprocess P --n-train N "
+         r"--n-test M --seed S \[--downsample F\] \(evaluate's options\) --out FILE writes"),
         ((tmp_path / "ragged.npz", *stores), r"DATA .*: y_train must be 1-D, one label per sample "
          r"\(40,\); got shape \(5,\)"),
         ((data, "--train", folder / "test.zarr", "--test", folder / "train.zarr"),

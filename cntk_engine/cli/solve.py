@@ -149,7 +149,12 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
         if missing:
             raise CliError(f"DATA {path!r} holds {list(z.files)} but not {', '.join(missing)}: solve "
                            "needs x_train, y_train and x_test (and y_test to score); the images "
-                           "tie the labels to the stores' kernels")
+                           "tie the labels to the stores' kernels"
+                           + ("; for stores of evaluate --store, cntk-engine preprocess DATA "
+                              "--preprocess P --n-train N --n-test M --seed S [--downsample F] "
+                              "(evaluate's options) --out FILE writes the images and labels "
+                              "evaluate drew"
+                              if "x" in z.files else ""))
         got = {k: read_member(z, k, path) for k in KEYS + ("y_test", GROUPS) if k in z.files}
         for y in ("y_train", "y_test"):     # (N, 1) columns, as evaluate reads them
             if y in got:
