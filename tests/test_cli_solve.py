@@ -175,7 +175,7 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
         assert len(e.strip().splitlines()) == 1 and __import__("re").search(msg, e), (argv, e)
     assert not (tmp_path / "out.npy").exists()
     assert sorted(os.listdir(tmp_path)) == ["images.npy", "nan.npz", "nox.npz", "one.npz",
-                                            "order.npz", "ragged.npz", "scaled.npz"]
+                                            "order.npz", "ragged.npz", "scaled.npz", "xy.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), d["x_test"])
     # earlier predictions are overwritten
     np.save(tmp_path / "old.npy", np.zeros(3))
