@@ -521,8 +521,11 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         elif architecture in PRESETS:
             name, layers = architecture, myrtle(PRESETS[architecture])
         else:
+            # "Myrtle5", "myrtle-5", "CNN": the name meant, where its letters and digits say it
+            meant = "".join(ch for ch in architecture.lower() if ch.isalnum())
+            hint = (f" (did you mean {meant!r}?)" if meant in ("cnn", *PRESETS) else "")
             raise ValueError(f"{arg('architecture')} must be 'cnn', one of {sorted(PRESETS)} or a "
-                             f"stack from cntk_engine.serial(...); got {architecture!r}")
+                             f"stack from cntk_engine.serial(...); got {architecture!r}{hint}")
     elif isinstance(architecture, (tuple, list)):
         name, layers = None, serial(*architecture)
     else:
@@ -550,7 +553,9 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         ds = (depth,)
     else:
         if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__") or np.ndim(depths) == 0:
-            raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}")
+            one = (f" ({arg('depth', int(as_integer(depths)))} for one depth)"
+                   if is_int(as_integer(depths)) else "")
+            raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}{one}")
         ds = tuple(depths)
         bad = [d for d in ds if not is_int(as_integer(d)) or as_integer(d) < 2]
         if bad:

@@ -78,10 +78,14 @@ def test_numpy_scalars_are_accepted_as_python_numbers(x):
     (dict(convention="neural_tangents", W_std=True), "W_std must be a finite number >= 0"),
     (dict(convention="neural_tangents", b_std=np.float32("nan")), "b_std must be a finite number >= 0"),
     (dict(tile=True), "tile must be a positive integer"),
+    (dict(depth=None, architecture="Myrtle-5"), r"architecture must be 'cnn', one of \['myrtle10', "
+     r"'myrtle5', 'myrtle7'\] or a stack from cntk_engine.serial\(...\); got 'Myrtle-5' \(did you mean 'myrtle5'\?\)$"),
+    (dict(architecture="ResNet"), r"got 'ResNet'$"),
     (dict(tile=np.True_), "tile must be a positive integer"),
     (dict(tile=np.int64(0)), "tile must be a positive integer"),
     (dict(tile=2.0), "tile must be a positive integer"),
-    (dict(depth=None, depths=np.array(3)), r"depths must be a list of integers >= 2; got array\(3\)"),
+    (dict(depth=None, depths=np.array(3)), r"depths must be a list of integers >= 2; got array\(3\) \(depth=3 for one depth\)"),
+    (dict(depth=None, depths=3), r"depths must be a list of integers >= 2; got 3 \(depth=3 for one depth\)$"),
     (dict(kernel=np.array("ntk")), r"kernel must be one of \('ntk', 'nngp', 'both'\); got array\('ntk'"),
     (dict(return_info=1), "return_info must be True or False"),
 ])
