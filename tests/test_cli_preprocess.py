@@ -24,6 +24,28 @@ def cifar():
             "x_test": d["x_test"][:6], "y_test": d["y_test"][:6]}
 
 
+def test_the_zca_fit_is_announced(tmp_path, cifar, capsys, caplog):
+    """The fit (some 20 s at 3,072 values on 2 cores) was a silent wait in evaluate and
+    preprocess."""
+    from cntk_engine import cli
+    np.savez(tmp_path / "c.npz", **cifar)
+    caplog.set_level("INFO", logger="cntk_engine")
+    said = ("fitting the ZCA whitening on 24 training images of 192 values each (an "
+            "eigendecomposition of a 192 x 192 matrix)")
+    assert cli.main(["preprocess", str(tmp_path / "c.npz"), "--zca", "--downsample", "4",
+                     "--out", str(tmp_path / "z.npz")]) == 0
+    assert said in caplog.text
+    caplog.clear()
+    assert cli.main(["evaluate", str(tmp_path / "c.npz"), "--zca", "--downsample", "4", "--depth", "3",
+                     "--n-train", "24", "--n-test", "6", "--backend", "numba", "--no-progress"]) == 0
+    assert said in caplog.text
+    caplog.clear()
+    assert cli.main(["preprocess", str(tmp_path / "c.npz"), "--preprocess", "standardize",
+                     "--out", str(tmp_path / "s.npz")]) == 0
+    assert "ZCA" not in caplog.text
+    capsys.readouterr()
+
+
 def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     pytest.importorskip("zarr")
     from cntk_engine import solver

@@ -685,6 +685,10 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
                 f"if os.path.abspath(numba_cpu.__file__) != {this_file!r}:\n"
                 f"    sys.exit('imported ' + numba_cpu.__file__ + ' instead of ' + {this_file!r})\n"
                 "import numpy as np, cntk_engine as ce\n" + _COMPILE_JOB.format(dtype=name) + "\n")
+        # the first job on a machine sits at 0 % for this long: say why
+        log.info("numba: compiling the %s kernel into numba's on-disk cache (once per machine, "
+                 "dtype and version of the package; about a minute on 2 cores, and later "
+                 "processes load it)", name)
         try:
             child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                                    capture_output=True, text=True, timeout=1800)

@@ -360,6 +360,16 @@ def dropped_by_downsampling(shape, factor: int) -> str:
     return f"the last {' and '.join(dropped)} dropped" if dropped else ""
 
 
+def log_zca_fit(how: str, images, factor: int) -> None:
+    """Say before a ZCA fit what it costs (an eigendecomposition of d x d, d the pixels of one
+    image after --downsample: some 20 s at 3,072 on 2 cores), so a silent wait is explained."""
+    if how == "zca":
+        n, c, h, w = images.shape
+        d = c * (h // factor) * (w // factor)
+        log.info("fitting the ZCA whitening on %d training images of %d values each (an "
+                 "eigendecomposition of a %d x %d matrix)", n, d, d, d)
+
+
 def preprocessing_options(args) -> float:
     """The ZCA regulariser of :func:`add_preprocessing_options`' options, each checked before
     any data is read: --zca-reg only with --zca, a number >= 0; --downsample >= 1."""

@@ -63,9 +63,9 @@ from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
 from .common import (GROUPS_TRAIN, PROG, CliError, add_architecture_options,
                      add_preprocessing_options, add_run_options, add_solve_options, check_json_path,
-                     check_parent_folder, check_path_name, dropped_by_downsampling, gram_options, log, machine,
-                     nonnegative_int, parse_ridge, plural, preprocessing_options,
-                     preprocessing_record, to_nchw, write_json)
+                     check_parent_folder, check_path_name, dropped_by_downsampling, gram_options,
+                     log, log_zca_fit, machine, nonnegative_int, parse_ridge, plural,
+                     preprocessing_options, preprocessing_record, to_nchw, write_json)
 from .subsets import Drawn, draw
 
 
@@ -301,6 +301,7 @@ def run(args) -> int:
     if xtr.shape[1:] != xte.shape[1:]:
         raise CliError(f"train and test images differ in shape: {xtr.shape[1:]} and {xte.shape[1:]}")
     raw_shape = tuple(int(v) for v in xtr.shape[1:])
+    log_zca_fit(args.preprocess, xtr, args.downsample)
     try:
         xtr, xte = preprocess(xtr, xte, args.preprocess, args.downsample, zca_reg=zca_reg,
                               data_format="NCHW")

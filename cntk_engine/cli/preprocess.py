@@ -66,9 +66,9 @@ import numpy as np
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (GROUPS_TRAIN, PREPROCESSING_RECORD, CliError, add_preprocessing_options,
-                     check_parent_folder, check_path_name, command_of, dropped_by_downsampling, guess_layout,
-                     nonnegative_int, open_data, preprocessing_options, preprocessing_record,
-                     read_member, to_nchw, write_file)
+                     check_parent_folder, check_path_name, command_of, dropped_by_downsampling,
+                     guess_layout, log_zca_fit, nonnegative_int, open_data, preprocessing_options,
+                     preprocessing_record, read_member, to_nchw, write_file)
 from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
@@ -295,6 +295,7 @@ def run(args) -> int:
                            "--n-train and --n-test to split x, y as evaluate splits it")
         others = _beside_flips(others, left_out, len(images["x_train"]), str(data))
     fit = keys[0]
+    log_zca_fit(args.preprocess, images[fit], args.downsample)
     try:
         done = preprocess(images[fit], images.get("x_test"), args.preprocess, args.downsample,
                           zca_reg=zca_reg, data_format="NCHW")
