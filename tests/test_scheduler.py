@@ -318,6 +318,25 @@ def test_import_does_not_pull_dask_or_zarr(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_given_tile_beyond_what_one_call_takes_is_refused_before_any_store(monkeypatch, rng, tmp_path):
+    """The CUDA kernels index a launch's pairs in 32 bits: a tile of 46,341 rows or more was
+    refused by the binding only after its arrays were allocated on the GPU (helper-91)."""
+    import dataclasses
+    from cntk_engine.backends.cuda import MAX_LAUNCH_PAIRS, CudaBackend
+    from cntk_engine.backends.numba_cpu import NumbaBackend
+    assert CudaBackend.traits().max_tile_pairs == MAX_LAUNCH_PAIRS == 2**31 - 1
+    capped = dataclasses.replace(NumbaBackend.traits(), max_tile_pairs=100)
+    monkeypatch.setattr(NumbaBackend, "traits", classmethod(lambda cls: capped))
+    x = imgs(rng, 20)
+    with pytest.raises(ValueError, match=r"^tile 11 \(given\): a tile of 11 x 11 images is 121 pairs, "
+                       r"more than one call of the numba backend takes \(100\); give tile <= 10, "
+                       r"or leave it out"):
+        ce.gram(x, depth=3, backend="numba", tile=11, out=str(tmp_path / "g.zarr"))
+    assert not (tmp_path / "g.zarr").exists()
+    np.testing.assert_array_equal(ce.gram(x, depth=3, backend="numba", tile=10),
+                                  ce.gram(x, depth=3, backend="numba", tile=4))
+
+
 def test_tile_dataclass():
     t = Tile(0, 1, 0, 4, 4, 7, False)
     assert t.rows == slice(0, 4) and t.cols == slice(4, 7) and t.pairs == 12

@@ -39,7 +39,9 @@ class Traits:
     entry and layer (``jobs.tiles.pair_work``), per compute dtype, and the seconds a tile should
     take (``jobs.tiles.auto_tile`` sizes tiles by them).  compute_dtype: the dtype a backend
     computes in whatever ``dtype`` the job asks ("float64" for the reference), or None: the
-    job's; the job's magnitude checks, record and info then name that dtype."""
+    job's; the job's magnitude checks, record and info then name that dtype.  max_tile_pairs:
+    the most pairs one call takes (None: no limit), which a tile given by the caller must not
+    exceed (the CUDA kernels index a launch's pairs in 32 bits)."""
 
     device: str
     default_tile: int
@@ -47,6 +49,7 @@ class Traits:
     entry_seconds: dict | None = None
     tile_seconds: float | None = None
     compute_dtype: str | None = None
+    max_tile_pairs: int | None = None
 
     def pair_seconds(self, work: int, dtype) -> float | None:
         """Estimated seconds of one pair of ``work`` entry-layers in ``dtype``, or None."""

@@ -135,6 +135,11 @@ def describe_kernel_variants() -> str:
     return "\n".join(lines)
 
 
+#: The most pairs one launch takes (csrc/binding.cpp refuses more: the kernels index a launch's
+#: pairs in 32 bits); a tile given by the caller is held to it before any work (Traits).
+MAX_LAUNCH_PAIRS = 2**31 - 1
+
+
 # The per-image diagonal layouts the variants read (csrc/relu_step.cuh, Entry<V, T>::Diag), made
 # from the float64 diagonals q (N, L, H, W) with xp = NumPy or CuPy, for the compute dtype:
 #   "q":       q itself, (N, L, H, W)
@@ -197,7 +202,7 @@ class CudaBackend(Backend):
 
     @classmethod
     def traits(cls) -> Traits:
-        return Traits(device="gpu", default_tile=512, min_tile=64)
+        return Traits(device="gpu", default_tile=512, min_tile=64, max_tile_pairs=MAX_LAUNCH_PAIRS)
 
     @classmethod
     def unavailable_reason(cls):

@@ -16,6 +16,7 @@ tiles (taking over the claims of writers that died), so it returns a complete st
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 
 from ..arch import Architecture, LayerParams, kernel_names
 from ..backends.base import compute_record_of
+from ..spelling import arg
 from .local import Progress, local_workers, run_tiles, smallest_free_memory
 from .sinks import MemorySink
 from .tiles import TileLayout, auto_tile, pair_work
@@ -102,6 +104,19 @@ class GramJob:
         return self.backend(self.arch, self.params, self.dtype)
 
 
+def _check_tile_pairs(traits, job: GramJob, tile: int, how: str) -> None:
+    """ValueError where the largest tile of ``tile`` rows holds more pairs than one call of the
+    backend takes (``Traits.max_tile_pairs``)."""
+    limit = traits.max_tile_pairs
+    rows, cols = min(tile, job.n1), min(tile, job.n2)
+    if limit is not None and rows * cols > limit:
+        side = math.isqrt(limit)
+        raise ValueError(f"tile {tile} ({how}): a tile of {rows} x {cols} images is {rows * cols:,} "
+                         f"pairs, more than one call of the {job.backend.name} backend takes "
+                         f"({limit:,}); give {arg('tile')} <= {side:,}, or leave it out (sized to "
+                         "the GPU's memory)")
+
+
 def run_job(job: GramJob) -> tuple[object, dict]:
     """Run ``job``.  Returns (result, info): result is {depth: {kernel: (n1, n2) array}}, or the
     read-only Zarr group when the job has a store.  Everything is checked before a store is
@@ -123,6 +138,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
 
     if job.tile is not None:
         tile, why = job.tile, "given"
+        _check_tile_pairs(traits, job, tile, "given")     # before a store is made for it
     else:
         work = pair_work(job.arch, job.image_shape)
         sizing = (traits if job.client is None else
@@ -139,6 +155,7 @@ def run_job(job: GramJob) -> tuple[object, dict]:
         if store.tile != tile:
             why = f"kept from the store ({store.tile})"
             tile = store.tile
+            _check_tile_pairs(traits, job, tile, f"kept from the store {str(job.out)!r}")
     layout = TileLayout(job.n1, job.n2, tile, job.symmetric)
     all_tiles = layout.tiles()
     todo = all_tiles if store is None else store.missing(all_tiles)
