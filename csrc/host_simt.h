@@ -14,12 +14,13 @@
 // - atomicAdd, __ldcg: plain host memory operations (threads never run at the same time);
 // - the order in which a block's threads run between barriers (simt::Schedule): "forward" runs
 //   each ready thread in index order up to its next shuffle or barrier, round after round, so
-//   every thread's writes before its first shuffle are done before any thread reads; "warps
-//   reversed" runs the last warp as far as it can go (to a barrier, or its end) before the one
-//   below it, and so on down to warp 0, so that a write another warp makes before a missing
-//   __syncthreads (zeroing shared sums, a round's atomic adds) lands after this warp's reads or
-//   adds, and changes the result.  A kernel whose barriers are all in place gives the same bits
-//   under both.
+//   every thread's writes before its first shuffle are done before any thread reads;
+//   "warps_reversed" runs, in every phase between barriers, the last warp as far as it can go
+//   (to the barrier, or its end) before the one below it, down to warp 0, and "warps_in_order"
+//   warp 0 first, up to the last: a write another warp makes before a missing __syncthreads
+//   (zeroing shared sums or a stage's input, a round's atomic adds) then lands after this warp's
+//   reads or adds in one of the orders, and changes the result.  A kernel whose barriers are all
+//   in place gives the same bits under all three.
 // Float arithmetic is the host compiler's (build with -ffp-contract=off: no fused multiply-adds
 // but the explicit fma calls, as nvcc's are), and the device-only instructions have host
 // stand-ins (relu_step.cuh: sqrt.approx is std::sqrt, rsqrtf is 1 / std::sqrt): results agree
@@ -84,7 +85,7 @@ constexpr int kWarp = 32;
 constexpr std::size_t kStack = 512 * 1024;  // per thread: the kernels keep arrays of <= 32 doubles
 
 enum class State { ready, shuffle, barrier, done };
-enum class Schedule { forward, warps_reversed };
+enum class Schedule { forward, warps_reversed, warps_in_order };
 
 struct Thread {
   ucontext_t ctx;
@@ -132,26 +133,28 @@ inline void yield(State s) {
   swapcontext(&m.current->ctx, &m.scheduler);
 }
 
+// Complete the shuffle of warp w0 / 32 where all its lanes wait at one.  Returns whether it did.
+inline bool release_shuffle(int w0) {
+  Machine& m = machine();
+  for (int t = w0; t < w0 + kWarp; ++t)
+    if (m.threads[t].state != State::shuffle) return false;  // the others may still be on their way
+  for (int t = w0; t < w0 + kWarp; ++t)
+    if (m.threads[t].shuffles != m.threads[w0].shuffles) fail("lanes of a warp met at different shuffles (divergent shuffle)");
+  for (int t = w0; t < w0 + kWarp; ++t) {
+    Thread& th = m.threads[t];
+    std::memcpy(th.take, m.threads[w0 + th.src].give, sizeof th.take);
+    th.state = State::ready;
+  }
+  return true;
+}
+
 // Resolve what can be resolved: warps whose lanes all wait at the same shuffle, the block's
 // barrier when every thread waits at it.  Returns whether anything was released.
 inline bool release() {
   Machine& m = machine();
   bool any = false;
   const int n = (int)m.threads.size();
-  for (int w0 = 0; w0 < n; w0 += kWarp) {
-    int waiting = 0;
-    for (int t = w0; t < w0 + kWarp; ++t) waiting += m.threads[t].state == State::shuffle;
-    if (waiting == 0) continue;
-    if (waiting != kWarp) continue;  // the others may still be on their way
-    for (int t = w0; t < w0 + kWarp; ++t)
-      if (m.threads[t].shuffles != m.threads[w0].shuffles) fail("lanes of a warp met at different shuffles (divergent shuffle)");
-    for (int t = w0; t < w0 + kWarp; ++t) {
-      Thread& th = m.threads[t];
-      std::memcpy(th.take, m.threads[w0 + th.src].give, sizeof th.take);
-      th.state = State::ready;
-    }
-    any = true;
-  }
+  for (int w0 = 0; w0 < n; w0 += kWarp) any = release_shuffle(w0) || any;
   int at_barrier = 0;
   for (auto& th : m.threads) at_barrier += th.state == State::barrier;
   if (at_barrier == n) {
@@ -201,8 +204,10 @@ inline void launch(dim3 grid, dim3 block, std::size_t shared_bytes, const std::f
             ran = true;
           }
         }
-      } else {  // warps_reversed: each warp as far as it goes (its shuffles met), last warp first
-        for (int w = n_warps - 1; w >= 0; --w) {
+      } else {  // each warp as far as it goes (its shuffles met), last or first warp first
+        const bool down = m.schedule == Schedule::warps_reversed;
+        for (int i = 0; i < n_warps; ++i) {
+          const int w = down ? n_warps - 1 - i : i;
           for (bool again = true; again;) {
             again = false;
             for (int t = w * kWarp; t < (w + 1) * kWarp; ++t) {
@@ -211,7 +216,9 @@ inline void launch(dim3 grid, dim3 block, std::size_t shared_bytes, const std::f
                 ran = again = true;
               }
             }
-            if (again) release();   // its shuffles; the barrier, once every warp is at it
+            // its shuffles only: the barrier is released below, once every warp is at it, so
+            // that every phase between barriers starts again from the same warp
+            if (again) release_shuffle(w * kWarp);
           }
         }
       }

@@ -8,8 +8,8 @@
 // binding.cpp names them, plus "kernel v3|v5", "dtype float32|float64" and for a stack
 // "stages h,w,layers,pool;h,w,layers,pool;..."), and "array name path" for each pointer field:
 // a raw file of the field's elements (T for xa da xb db, int32 for pair_a pair_b slot grids,
-// float64 for grid_w readout_w, and for out, which is written); "schedule forward|warps_reversed"
-// picks the emulation's thread order (host_simt.h; default forward).
+// float64 for grid_w readout_w, and for out, which is written); "schedule forward|warps_reversed|
+// warps_in_order" picks the emulation's thread order (host_simt.h; default forward).
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -113,7 +113,9 @@ int main(int argc, char** argv) {
 
   const std::string schedule = scalars.count("schedule") ? scalars["schedule"] : "forward";
   if (schedule == "warps_reversed") simt::machine().schedule = simt::Schedule::warps_reversed;
-  else if (schedule != "forward") die("unknown schedule " + schedule + " (forward, warps_reversed)");
+  else if (schedule == "warps_in_order") simt::machine().schedule = simt::Schedule::warps_in_order;
+  else if (schedule != "forward")
+    die("unknown schedule " + schedule + " (forward, warps_reversed, warps_in_order)");
 
   const std::string kernel = scalars["kernel"];
   int err;

@@ -264,6 +264,9 @@ stack_sums_kernel(const PairSumsParams p, T* __restrict__ scratch, int64_t per_b
       }
       stage<V, T, R, SQUARE32>(p, pr, H, W, layer0, p.stage_layers[s], pw, in, next, acc_k, acc_g);
       layer0 += p.stage_layers[s];
+      // orders nothing the others do not (a pooled stage ends with its last round's barrier;
+      // after the last stage the barrier before the partial sums are read follows): the host
+      // emulation's warp orders give the same bits without it.  Kept: once per stage and pair
       __syncthreads();
     }
     if (lane == 0) {

@@ -39,9 +39,10 @@ def build(directory: Path) -> Path | None:
 
 
 #: The emulation's thread orders (csrc/host_simt.h, simt::Schedule): "forward" (each ready
-#: thread in index order to its next shuffle or barrier) and "warps_reversed" (the last warp as
-#: far as it goes first), under which a missing __syncthreads changes the result.
-SCHEDULES = ("forward", "warps_reversed")
+#: thread in index order to its next shuffle or barrier), "warps_reversed" and "warps_in_order"
+#: (in every phase between barriers, each warp as far as it goes, the last or the first warp
+#: first), under one of which a missing __syncthreads changes the result.
+SCHEDULES = ("forward", "warps_reversed", "warps_in_order")
 
 
 def run_launch(exe: Path, fields: dict, schedule: str = "forward") -> None:

@@ -98,13 +98,14 @@ def test_emulated_faint_windows_that_share_no_pixel(emulated, dtype, faint, conv
 
 
 @pytest.mark.parametrize("emulated", ["v3", "v5", "v6", "v7", "v8"], indirect=True)
-def test_emulated_kernels_give_the_same_bits_in_either_thread_order(emulated, monkeypatch, kernel_sim):
+def test_emulated_kernels_give_the_same_bits_in_every_thread_order(emulated, monkeypatch, kernel_sim):
     """The emulation ran a block's threads in index order, so a missing __syncthreads (the
-    shared sums zeroed, then added to; a stack round's adds before the next round's) could not
-    show; with the last warp run first as far as it goes ("warps_reversed"), each of the
-    kernels' barriers that helper-91 removed changed the result.  Every variant, the CNN kernel
-    (gap over 8 warps, flatten, LAP) and the stack kernel, in float64: the same bits in both
-    orders, and numba's values."""
+    shared sums zeroed, then added to; a stack round's adds before the next round's; a stage's
+    input zeroed before it is pooled into) could not show; run warp by warp, each as far as it
+    goes, last warp first or first warp first, each of those three barriers removed by hand
+    changed the result in one of the orders.  Every variant, the CNN kernel (gap and LAP over
+    several warps; flatten, one warp, against numba only) and the stack kernel, in float64: the
+    same bits in every order, and numba's values."""
     rng = np.random.default_rng(7)
     cases = [(rng.standard_normal((2, 2, 8, 8)), dict(depth=3)),
              (rng.standard_normal((2, 1, 7, 6)), dict(depth=3, pooling="flatten")),
@@ -118,8 +119,9 @@ def test_emulated_kernels_give_the_same_bits_in_either_thread_order(emulated, mo
             emulate_cuda(monkeypatch, kernel_sim, schedule)
             got[schedule] = np.stack(ce.gram(x, backend="cuda", kernel="both", dtype="float64", **kw))
         want = np.stack(ce.gram(x, backend="numba", kernel="both", dtype="float64", **kw))
-        assert got["forward"].tobytes() == got["warps_reversed"].tobytes(), kw
-        np.testing.assert_allclose(got["warps_reversed"], want, rtol=1e-12, atol=0, err_msg=str(kw))
+        for schedule in SCHEDULES[1:]:
+            assert got[schedule].tobytes() == got["forward"].tobytes(), (schedule, kw)
+        np.testing.assert_allclose(got["forward"], want, rtol=1e-12, atol=0, err_msg=str(kw))
 
 
 @pytest.mark.parametrize("emulated", ["v5"], indirect=True)
@@ -321,6 +323,57 @@ int main(int argc, char**) {
   return 0;
 }
 """
+
+
+ORDER_PROBE = r"""
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#include "host_simt.h"
+// argv[1]: the schedule.  Prints, per phase between barriers, the warps in the order they
+// entered it, then the sum a missing barrier spoils: each warp adds 10 to a slot that
+// warp 0 reads, with no barrier between the writes and the read.
+int main(int, char** argv) {
+  if (std::strcmp(argv[1], "warps_reversed") == 0) simt::machine().schedule = simt::Schedule::warps_reversed;
+  if (std::strcmp(argv[1], "warps_in_order") == 0) simt::machine().schedule = simt::Schedule::warps_in_order;
+  std::vector<int> order;
+  int slot[3] = {0, 0, 0}, seen = -1;
+  simt::launch(dim3(1), dim3(96), 0, [&] {
+    const int warp = threadIdx.x / 32;
+    for (int phase = 0; phase < 3; ++phase) {
+      if (threadIdx.x % 32 == 0) order.push_back(warp);
+      __syncthreads();
+    }
+    if (threadIdx.x % 32 == 0) slot[warp] = 10;
+    if (threadIdx.x == 0) seen = slot[0] + slot[1] + slot[2];   // needs a barrier before it
+  });
+  for (int w : order) std::printf("%d ", w);
+  std::printf("| %d\n", seen);
+  return 0;
+}
+"""
+
+
+def test_the_emulators_warp_orders_hold_in_every_phase(tmp_path):
+    """warps_reversed ran the last warp first only up to the first barrier: the warp that
+    released a barrier ran on into the next phase first (helper-94), so a barrier missing
+    after the first one could go unseen.  Each phase now starts from the last warp
+    (warps_reversed) or the first (warps_in_order), and a read that lacks its barrier gives
+    different results in two of the orders."""
+    import shutil
+    import subprocess
+    from cuda_sim import ROOT
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "order.cpp").write_text(ORDER_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(tmp_path / "order.cpp"),
+                    "-o", str(tmp_path / "order")], check=True)
+    out = {s: subprocess.run([str(tmp_path / "order"), s], capture_output=True, text=True,
+                             check=True).stdout.split() for s in SCHEDULES}
+    assert out["forward"] == "0 1 2 0 1 2 0 1 2 | 10".split()
+    assert out["warps_reversed"] == "2 1 0 2 1 0 2 1 0 | 30".split()
+    assert out["warps_in_order"] == "0 1 2 0 1 2 0 1 2 | 10".split()
 
 
 def test_the_emulator_shuffles_and_reports_divergence(tmp_path):
