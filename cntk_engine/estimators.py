@@ -147,8 +147,8 @@ class _CNTKBase(BaseEstimator):
             # its layer normalisation centres each row: 2 features become one of two points
             raise ValueError("preprocess='zca' whitens images (each one centred and scaled to unit "
                              "norm first), which collapses rows of tabular features "
-                             "(image_shape='features'); scale features in a Pipeline instead "
-                             "(e.g. sklearn.preprocessing.StandardScaler)")
+                             "(image_shape='features'); preprocess='standardize' scales each "
+                             "feature (as sklearn.preprocessing.StandardScaler does)")
         z = self.zca_reg
         if isinstance(z, bool) or not isinstance(z, numbers.Real) or not np.isfinite(z) or z < 0:
             raise ValueError(f"zca_reg must be a number >= 0 (relative to the mean eigenvalue); got {z!r}")
@@ -322,7 +322,14 @@ class _CNTKBase(BaseEstimator):
     # ------------------------------------------------------------------ solve
     def _solve(self, K, Y, labels, groups):
         """The fit on the training Gram ``K``, which is the estimator's own and is given up
-        (factorised in its own memory)."""
+        (factorised in its own memory).  A Gram of 2 or more samples whose entries are all equal
+        is refused, as ``cntk-engine evaluate`` and ``solve`` refuse it."""
+        same = solver.constant_entries(K) if len(K) >= 2 else None
+        if same is not None:
+            raise ValueError(f"every entry of the training Gram is {same:g}: the kernel does not "
+                             "tell the training images apart (all-zero images, images constant in "
+                             "each channel under preprocess='standardize', or W_std=0), so the "
+                             "regression would predict the same for every image")
         sol, sel = solver.fit_relative_ridge(K, Y, self.ridge, labels=labels, groups=groups,
                                              overwrite_k=True)
         self.ridge_ = float(self.ridge) if sel is None else sel.relative
@@ -346,7 +353,7 @@ class _CNTKBase(BaseEstimator):
         if self.preprocess == "standardize":
             from .preprocess import fit_standardize
             self.standardization_ = fit_standardize(imgs, data_format="NCHW")
-            imgs = self.standardization_.transform(imgs, name="X", data_format="NCHW")
+            imgs = self.standardization_.transform(imgs, name="X")
         elif self.preprocess == "zca":
             from .preprocess import fit_zca
             with _zca_errors():
@@ -361,7 +368,7 @@ class _CNTKBase(BaseEstimator):
         check_is_fitted(self, "dual_coef_")
         imgs, _ = self._images(X, reset=False)
         if getattr(self, "standardization_", None) is not None:     # (None in a pickle from before)
-            imgs = self.standardization_.transform(imgs, name="X", data_format="NCHW")
+            imgs = self.standardization_.transform(imgs, name="X")
         if self.zca_ is not None:
             with _zca_errors():
                 imgs = self.zca_.transform(imgs, name="X")

@@ -85,17 +85,20 @@ def _standardised(x: np.ndarray, e, mean, std, name: str) -> np.ndarray:
 class Standardization:
     """Per-channel standardisation fitted on training images (:func:`fit_standardize`):
     ``transform`` gives ``(x - mean) / std`` per channel of any images with as many channels
-    (the training images, test images, new images), NCHW float64."""
+    (the training images, test images, new images), read and returned in the layout it was
+    fitted in (``data_format``, as :class:`ZCAWhitening`)."""
 
     mean: np.ndarray          # (1, C, 1, 1) per-channel mean of the training images / 2^exponent
     std: np.ndarray           # (1, C, 1, 1) their per-channel std (1 where it is 0), / 2^exponent
+    data_format: str = "NCHW"
     exponent: np.ndarray | int = 0   # as ZCAWhitening's: 0 unless a channel's pixels are beyond
     #                                  2^+-MOMENT_EXPONENT_LIMIT (_channel_moments)
 
-    def transform(self, x, *, name: str = "x", data_format: str | None = None) -> np.ndarray:
-        """The standardised images ``x`` (read in ``data_format``), NCHW; ``name``: how errors
-        name them."""
-        return _standardised(_images(x, name, data_format), self.exponent, self.mean, self.std, name)
+    def transform(self, x, *, name: str = "x") -> np.ndarray:
+        """The standardised images ``x`` (in ``data_format``); ``name``: how errors name them."""
+        out = _standardised(_images(x, name, self.data_format), self.exponent, self.mean, self.std,
+                            name)
+        return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
 
 
 def fit_standardize(x_train, *, data_format: str | None = None) -> Standardization:
@@ -103,7 +106,7 @@ def fit_standardize(x_train, *, data_format: str | None = None) -> Standardizati
     only centred), taken without overflow or subnormals for any finite pixels
     (:data:`MOMENT_EXPONENT_LIMIT`)."""
     e, mean, std = _channel_moments(_images(x_train, "x_train", data_format))
-    return Standardization(mean=mean, std=std, exponent=e)
+    return Standardization(mean=mean, std=std, data_format=data_format or "NCHW", exponent=e)
 
 
 def standardize(x_train, x_test=None, *, data_format: str | None = None):
@@ -112,8 +115,9 @@ def standardize(x_train, x_test=None, *, data_format: str | None = None):
     NCHW."""
     a = _images(x_train, "x_train", data_format)
     fitted = fit_standardize(a, data_format="NCHW")
-    b = None if x_test is None else fitted.transform(x_test, name="x_test", data_format=data_format)
-    return fitted.transform(a, name="x_train", data_format="NCHW"), b
+    b = None if x_test is None else fitted.transform(_images(x_test, "x_test", data_format),
+                                                     name="x_test")
+    return fitted.transform(a, name="x_train"), b
 
 
 def scale(x):

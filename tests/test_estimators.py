@@ -116,6 +116,14 @@ def test_standardize_is_fitted_on_the_training_images_as_evaluate_does(cls, mnis
     assert est.standardization_.mean.shape == (1, 1, 1, 1) and est.zca_ is None
     # the test images alone would standardise to other values: the training moments are kept
     assert not np.allclose(pre.standardize(raw_te)[0], b)
+    # fitted on channels-last images, a standardisation reads and returns them so (helper-94)
+    nhwc = np.random.default_rng(3).random((5, 3, 4, 2)) * np.array([1.0, 100.0])
+    fitted = pre.fit_standardize(nhwc, data_format="NHWC")
+    out = fitted.transform(nhwc)
+    assert out.shape == nhwc.shape and fitted.data_format == "NHWC"
+    np.testing.assert_allclose(out.std(axis=(0, 1, 2)), [1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 1), pre.standardize(nhwc, data_format="NHWC")[0],
+                               rtol=1e-12)
     with pytest.raises(ValueError, match="preprocess must be None, 'standardize' .* or 'zca'"):
         cls(**ARCH, preprocess="whiten").fit(raw_tr, ytr)
 
@@ -506,5 +514,29 @@ def test_zca_is_refused_for_tabular_features():
     accuracy where 0.94 without), one feature a "constant image" error."""
     X = np.random.default_rng(0).standard_normal((20, 2))
     with pytest.raises(ValueError, match=r"preprocess='zca' whitens images .* collapses rows of "
-                                         r"tabular features \(image_shape='features'\); scale features"):
+                                         r"tabular features \(image_shape='features'\); "
+                                         r"preprocess='standardize' scales each feature"):
         CNTKClassifier(depth=3, image_shape="features", preprocess="zca").fit(X, np.arange(20) % 2)
+    # which it does, as StandardScaler (its std with ddof 0)
+    X[:, 1] = 50 * X[:, 1] + 7
+    est = CNTKRegressor(depth=3, image_shape="features", preprocess="standardize", ridge=0.1)
+    est.fit(X, X[:, 0])
+    scaled = (X - X.mean(axis=0)) / X.std(axis=0)
+    np.testing.assert_allclose(est.X_fit_.reshape(20, 2), scaled, rtol=1e-12, atol=1e-12)
+
+
+def test_a_gram_that_tells_no_training_image_apart_is_refused():
+    """Images constant in each channel standardise to 0 and their Gram is 0: the fit
+    "succeeded" and predicted one class for everything (helper-94), where evaluate refuses."""
+    X = np.full((6, 1, 6, 6), 3.0)
+    X[3:] = 5.0
+    y = np.arange(6) % 2
+    for cls in (CNTKClassifier, CNTKRegressor):
+        est = cls(depth=3, preprocess="standardize", ridge=0.1, backend="numba")
+        with pytest.raises(ValueError, match=r"^every entry of the training Gram is 0: the kernel "
+                                             r"does not tell the training images apart"):
+            est.fit(X[:3], y[:3])
+        assert not hasattr(est, "dual_coef_")
+        est.fit(X, y)           # two values per channel: standardised, they differ
+    with pytest.raises(ValueError, match="every entry of the training Gram is 0"):
+        CNTKClassifier(depth=3, ridge=0.1, backend="numba").fit(np.zeros((4, 1, 5, 5)), np.arange(4) % 2)
