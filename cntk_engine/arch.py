@@ -554,7 +554,7 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
     else:
         if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__") or np.ndim(depths) == 0:
             one = (f" ({arg('depth', int(as_integer(depths)))} for one depth)"
-                   if is_int(as_integer(depths)) else "")
+                   if is_int(as_integer(depths)) and as_integer(depths) >= 2 else "")
             raise ValueError(f"{arg('depths')} must be a list of integers >= 2; got {depths!r}{one}")
         ds = tuple(depths)
         bad = [d for d in ds if not is_int(as_integer(d)) or as_integer(d) < 2]

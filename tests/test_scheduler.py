@@ -320,21 +320,33 @@ def test_import_does_not_pull_dask_or_zarr(tmp_path):
 
 def test_a_given_tile_beyond_what_one_call_takes_is_refused_before_any_store(monkeypatch, rng, tmp_path):
     """The CUDA kernels index a launch's pairs in 32 bits: a tile of 46,341 rows or more was
-    refused by the binding only after its arrays were allocated on the GPU (helper-91)."""
+    refused by the binding only after its arrays were allocated on the GPU (helper-91).  Pairs
+    are counted as a call lists them: a symmetric job's diagonal tiles, their upper triangle."""
     import dataclasses
     from cntk_engine.backends.cuda import MAX_LAUNCH_PAIRS, CudaBackend
     from cntk_engine.backends.numba_cpu import NumbaBackend
     assert CudaBackend.traits().max_tile_pairs == MAX_LAUNCH_PAIRS == 2**31 - 1
+    x = imgs(rng, 20)
+    kept = str(tmp_path / "kept.zarr")
+    ce.gram(x, depth=3, backend="numba", tile=15, out=kept)          # no limit yet
     capped = dataclasses.replace(NumbaBackend.traits(), max_tile_pairs=100)
     monkeypatch.setattr(NumbaBackend, "traits", classmethod(lambda cls: capped))
-    x = imgs(rng, 20)
-    with pytest.raises(ValueError, match=r"^tile 11 \(given\): a tile of 11 x 11 images is 121 pairs, "
-                       r"more than one call of the numba backend takes \(100\); give tile <= 10, "
-                       r"or leave it out"):
-        ce.gram(x, depth=3, backend="numba", tile=11, out=str(tmp_path / "g.zarr"))
+    with pytest.raises(ValueError, match=r"^tile 14 \(given\): the largest tile of 20 x 20 images is "
+                       r"105 pairs, more than one call of the numba backend takes \(100\); give "
+                       r"tile <= 10, or leave it out"):
+        ce.gram(x, depth=3, backend="numba", tile=14, out=str(tmp_path / "g.zarr"))
     assert not (tmp_path / "g.zarr").exists()
-    np.testing.assert_array_equal(ce.gram(x, depth=3, backend="numba", tile=10),
+    # 13: tiles of 91 pairs (13 x 14 / 2 on the diagonal, 13 x 7 off it); 12 x 12 images in one
+    # symmetric tile are 78 pairs, and 144 as a rectangular job
+    np.testing.assert_array_equal(ce.gram(x, depth=3, backend="numba", tile=13),
                                   ce.gram(x, depth=3, backend="numba", tile=4))
+    ce.gram(x[:12], depth=3, backend="numba", tile=12)
+    with pytest.raises(ValueError, match=r"the largest tile of 12 x 12 images is 144 pairs"):
+        ce.gram(x[:12], x[8:], depth=3, backend="numba", tile=12)
+    with pytest.raises(ValueError, match=r"^tile 15 \(kept from the store '.*kept.zarr'\): the largest "
+                       r"tile of 20 x 20 images is 120 pairs, .*; resume it with the backend that "
+                       r"computed it, or compute into a new out"):
+        ce.gram(x, depth=3, backend="numba", out=kept)          # an existing store is resumed
 
 
 def test_tile_dataclass():

@@ -86,6 +86,7 @@ def test_numpy_scalars_are_accepted_as_python_numbers(x):
     (dict(tile=2.0), "tile must be a positive integer"),
     (dict(depth=None, depths=np.array(3)), r"depths must be a list of integers >= 2; got array\(3\) \(depth=3 for one depth\)"),
     (dict(depth=None, depths=3), r"depths must be a list of integers >= 2; got 3 \(depth=3 for one depth\)$"),
+    (dict(depth=None, depths=1), r"depths must be a list of integers >= 2; got 1$"),
     (dict(kernel=np.array("ntk")), r"kernel must be one of \('ntk', 'nngp', 'both'\); got array\('ntk'"),
     (dict(return_info=1), "return_info must be True or False"),
 ])

@@ -105,16 +105,23 @@ class GramJob:
 
 
 def _check_tile_pairs(traits, job: GramJob, tile: int, how: str) -> None:
-    """ValueError where the largest tile of ``tile`` rows holds more pairs than one call of the
-    backend takes (``Traits.max_tile_pairs``)."""
+    """ValueError where a tile of ``tile`` rows holds more pairs than one call of the backend
+    takes (``Traits.max_tile_pairs``): counted as the call counts them (a symmetric job's
+    diagonal tiles list their upper triangle), the largest tile's."""
     limit = traits.max_tile_pairs
-    rows, cols = min(tile, job.n1), min(tile, job.n2)
-    if limit is not None and rows * cols > limit:
-        side = math.isqrt(limit)
-        raise ValueError(f"tile {tile} ({how}): a tile of {rows} x {cols} images is {rows * cols:,} "
-                         f"pairs, more than one call of the {job.backend.name} backend takes "
-                         f"({limit:,}); give {arg('tile')} <= {side:,}, or leave it out (sized to "
-                         "the GPU's memory)")
+    if limit is None or min(tile, job.n1) * min(tile, job.n2) <= limit:
+        return
+    largest = max(t.pairs for t in TileLayout(job.n1, job.n2, tile, job.symmetric).tiles())
+    if largest <= limit:
+        return
+    side = math.isqrt(limit)
+    remedy = (f"give {arg('tile')} <= {side:,}, or leave it out (sized to the GPU's memory)"
+              if how == "given" else
+              f"resume it with the backend that computed it, or compute into a new "
+              f"{arg('out')} (its tiles sized for this backend)")
+    raise ValueError(f"tile {tile} ({how}): the largest tile of {job.n1} x {job.n2} images is "
+                     f"{largest:,} pairs, more than one call of the {job.backend.name} backend "
+                     f"takes ({limit:,}); {remedy}")
 
 
 def run_job(job: GramJob) -> tuple[object, dict]:
