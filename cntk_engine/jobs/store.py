@@ -2002,16 +2002,15 @@ def _open_path(path, role: str | None = None, *, group: bool = False):
         raise ValueError(f"{named} is not a readable Zarr {'group' if group else 'store'}: {e}") from None
 
 
-def _where(source) -> str:
-    """How messages name ``source``: a path as given; a Zarr group or array opened from a local
-    folder by its folder (and its path inside the store); else its type."""
+def _where(source, role: str | None = None) -> str:
+    """How messages name ``source``: a path as given; a Zarr group or array of a local store
+    by its folder (:func:`_group_path`); another (an in-memory store) as "the zarr.Group given
+    (as ``role``)"."""
     if isinstance(source, (str, os.PathLike)):
         return repr(str(source))
-    root = getattr(getattr(source, "store", None), "root", None)
-    if root is None:
-        return type(source).__name__
-    inner = str(getattr(source, "path", "") or "")
-    return repr(str(Path(root) / inner) if inner else str(root))
+    if getattr(getattr(source, "store", None), "root", None) is not None:
+        return repr(str(_group_path(source)))
+    return f"the zarr.{type(source).__name__} given" + (f" as {arg(role)}" if role else "")
 
 
 def _locate(source, key: str | None, device) -> _Stored:
@@ -2229,17 +2228,12 @@ def _store_record(source, role: str) -> tuple[object, str, dict]:
     """(group, its name in messages, job record) of the store ``source`` (a path or a store's
     root ``zarr.Group``) given as ``role``."""
     zarr = require_zarr()
-    where = repr(str(source)) if isinstance(source, (str, os.PathLike)) else None
+    where = _where(source, role)
     if isinstance(source, (str, os.PathLike)):
         source = _open_path(source, role, group=True)
     elif not isinstance(source, zarr.Group):
         raise ValueError(f"{arg(role)} must be the path or the zarr.Group of a Gram store written by "
                          f"gram(..., out=...); got {type(source).__name__}")
-    else:
-        try:                     # a group is named by its folder
-            where = repr(str(_group_path(source)))
-        except Exception:  # noqa: BLE001 - not a local store
-            where = f"the zarr.Group given as {arg(role)}"
     if not _is_store(source):
         raise ValueError(f"{arg_prefix(role)}{where} is not the root of a cntk_engine Gram store "
                          "(gram(..., out=...)): load_train_test checks two stores' job records; "
