@@ -444,7 +444,14 @@ def test_the_records_print_their_arrays_as_shapes(rng):
     text = repr(fit)
     assert len(text.splitlines()) == 1 and len(text) < 600, text
     assert "alpha=<NumPy array (300, 10) float64>" in text and "'ridge_relative': 0.1" in text
+    assert "classes=array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])" in text       # small: whole
     assert repr(S.eigh(K)) == "KernelEigh(s=<NumPy array (300,) float64>, U=<NumPy array (300, 300) float64>, device='cpu')"
+    Y, _ = S.one_hot(np.arange(300) % 10)
+    res = S.loo(K, Y, [0.1, 1.0], return_predictions=True)
+    assert "predictions=[<NumPy array (300, 10) float64>, <NumPy array (300, 10) float64>]" in repr(res)
+    assert "ridges=array([0.1, 1. ])" in repr(res)
+    sel = S.select_ridge(K, Y)
+    assert "RidgeSelection(ridge=" in repr(sel) and len(repr(sel)) < 2000
 
 
 def test_load_gram_from_zarr(tmp_path, rng):

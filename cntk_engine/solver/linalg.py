@@ -408,17 +408,27 @@ def tri_solve(xp, L, B):
     return solve_triangular(L.T, B, lower=False, trans="T")      # L.T: no copy (cho_solve)
 
 
+#: Arrays up to this many elements are printed whole in the solver's records (a ridge grid's
+#: scores, the classes); larger ones as their kind, shape and dtype.
+BRIEF_ELEMENTS = 32
+
+
+def _brief(v) -> str:
+    if getattr(v, "ndim", 0) and hasattr(v, "dtype"):
+        if v.size <= BRIEF_ELEMENTS:
+            return repr(v)
+        return f"<{'CuPy' if is_cupy(v) else 'NumPy'} array {tuple(v.shape)} {v.dtype}>"
+    if isinstance(v, (list, tuple)) and any(getattr(a, "ndim", 0) for a in v):
+        return ("[" if isinstance(v, list) else "(") + ", ".join(map(_brief, v)) + (
+            "]" if isinstance(v, list) else ")")
+    return repr(v)
+
+
 def brief_repr(self) -> str:
-    """The solver's records printed with each array as its kind, shape and dtype: an (n, k)
-    ``alpha`` or (n, n) ``U`` printed whole was hundreds of lines."""
-    parts = []
-    for f in fields(self):
-        if f.repr:
-            v = getattr(self, f.name)
-            parts.append(f"{f.name}=" + (f"<{'CuPy' if is_cupy(v) else 'NumPy'} array "
-                                         f"{tuple(v.shape)} {v.dtype}>"
-                                         if getattr(v, "ndim", 0) else repr(v)))
-    return f"{type(self).__name__}({', '.join(parts)})"
+    """The solver's records printed with each large array as its kind, shape and dtype: an
+    (n, k) ``alpha`` or (n, n) ``U`` printed whole was hundreds of lines."""
+    return f"{type(self).__name__}(" + ", ".join(
+        f"{f.name}={_brief(getattr(self, f.name))}" for f in fields(self) if f.repr) + ")"
 
 
 @dataclass(repr=False)

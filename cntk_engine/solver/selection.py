@@ -30,7 +30,7 @@ log = logging.getLogger("cntk_engine")
 RELATIVE_RIDGE_GRID = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-@dataclass
+@dataclass(repr=False)
 class CVResult:
     """Scores of a ridge grid: ``mse[i]``, ``accuracy[i]`` (or None) for ``ridges[i]``; NaN where
     ``K + ridge I`` is singular or indefinite (``s_min``: K's smallest eigenvalue, LOO only)."""
@@ -44,6 +44,7 @@ class CVResult:
     s_max: float | None = None        # largest eigenvalue of K (LOO)
     tol: float | None = None          # eigenvalues within tol of 0 count as 0 (LOO)
     n_groups: int | None = None       # groups left out together (None: every sample alone)
+    __repr__ = brief_repr
 
 
 def _labels_vector(labels, n: int, k: int, one_d: bool = False):
@@ -301,7 +302,7 @@ def _kfold(xp, K, Y, lab, r, n_folds, seed, grp=None) -> CVResult:
                     n_groups=None if grp is None else grp.n_groups)
 
 
-@dataclass
+@dataclass(repr=False)
 class RidgeSelection:
     """The ridge chosen on a grid, with the scores of the whole grid."""
     ridge: float               # absolute lambda chosen
@@ -309,6 +310,7 @@ class RidgeSelection:
     scores: CVResult
     score: str                 # "accuracy" or "mse"
     eigh: KernelEigh | None = field(default=None, repr=False)   # reusable (method "loo")
+    __repr__ = brief_repr
 
 
 def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
