@@ -25,8 +25,8 @@ def cifar():
 
 
 def test_the_zca_fit_is_announced(tmp_path, cifar, capsys, caplog):
-    """The fit (some 20 s at 3,072 values on 2 cores) was a silent wait in evaluate and
-    preprocess."""
+    """The fit (seconds at CIFAR's 3,072 values, more on a loaded machine) was a silent wait
+    in evaluate and preprocess."""
     from cntk_engine import cli
     np.savez(tmp_path / "c.npz", **cifar)
     caplog.set_level("INFO", logger="cntk_engine")

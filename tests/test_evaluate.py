@@ -365,7 +365,7 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     (("--depth", 3, "--json", "notes.txt"), "exists and is not a JSON file; refusing to overwrite"),
     (("--depth", 3, "--json", "/dev/null"), "exists and is not a regular file"),
     (("--depth", 3, "--json", ""), "--json '' is empty"),
-    (("--depth", 3, "--json", "-"), "--json '-': the results are written to a file, not to standard output"),
+    (("--depth", 3, "--json", "-"), "--json '-': the JSON is written to a file, not to standard output"),
     (("--depth", 3, "--json", "notes.txt/r.json"), "'notes.txt' is a file, not a folder"),
     (("--depth", 3, "--resume"), "--resume continues the kernels kept in a --store DIR"),
     (("--depth", 3, "--store", "missing/k"), "the folder 'missing' does not exist"),

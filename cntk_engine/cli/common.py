@@ -362,7 +362,8 @@ def dropped_by_downsampling(shape, factor: int) -> str:
 
 def log_zca_fit(how: str, images, factor: int) -> None:
     """Say before a ZCA fit what it costs (an eigendecomposition of d x d, d the pixels of one
-    image after --downsample: some 20 s at 3,072 on 2 cores), so a silent wait is explained."""
+    image after --downsample; seconds at CIFAR's 3,072, more on a loaded machine), so that a
+    silent wait is explained."""
     if how == "zca":
         n, c, h, w = images.shape
         d = c * (h // factor) * (w // factor)
@@ -463,7 +464,7 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     if not str(path):
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
     if str(path) == "-":       # not standard output: the report goes there; a file named "-" surprises
-        raise CliError(f"{option} '-': the results are written to a file, not to standard output "
+        raise CliError(f"{option} '-': the JSON is written to a file, not to standard output "
                        "(which holds the command's report); give a file path, e.g. results.json")
     p = Path(path)
     check_path_name(p, option)
