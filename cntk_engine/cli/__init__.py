@@ -25,7 +25,7 @@ import warnings
 from . import demo, evaluate, gram, info, preprocess, solve, verify
 from ..spelling import command_line
 from ..version import __version__
-from .common import PROG, CliError
+from .common import PROG, CliError, Terminated, terminated_as_interrupted
 
 COMMANDS = (gram, verify, preprocess, solve, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
@@ -136,26 +136,28 @@ def main(argv=None) -> int:
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for records
     try:
-        with command_line(args.python_options):
+        # SIGTERM (a batch system's time limit) stops a command as Ctrl-C does: claims released
+        with command_line(args.python_options), terminated_as_interrupted():
             return int(args.func(args) or 0)
     except BrokenPipeError:             # `cntk-engine info | head`: the reader left; say nothing
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
         return 141                      # 128 + SIGPIPE, as a shell reports it
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if argv is None:        # the process is the command (not a caller's) and ends now
             _quiet_exit()
+        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.command == "gram" and _holds_a_store(args.out):
-            print(f"{PROG}: interrupted; finished tiles are kept in --out, rerun with --resume to "
+            print(f"{PROG}: {stopped}; finished tiles are kept in --out, rerun with --resume to "
                   "continue", file=sys.stderr)
         elif args.command == "gram":                # before the store was created (reading DATA)
-            print(f"{PROG}: interrupted before --out was created; nothing was stored",
+            print(f"{PROG}: {stopped} before --out was created; nothing was stored",
                   file=sys.stderr)
         elif args.command == "evaluate" and getattr(args, "store", None):
-            print(f"{PROG}: interrupted; the kernels' finished tiles are kept in --store, rerun "
+            print(f"{PROG}: {stopped}; the kernels' finished tiles are kept in --store, rerun "
                   "the same command with --resume to continue", file=sys.stderr)
         else:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+            print(f"{PROG}: {stopped}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130      # 128 + the signal, as a shell says
     except (CliError, ValueError, RuntimeError, OSError, ImportError, ArithmeticError,
             MemoryError) as e:
         if args.debug:

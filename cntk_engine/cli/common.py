@@ -13,6 +13,7 @@ import shlex
 import signal
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -555,6 +556,36 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
     write_files([(path, write, what)], overwrite=overwrite)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit or preemption: SLURM, Kubernetes) in a command,
+    raised as Ctrl-C is, so that a job stops as an interrupted one does: its claims released
+    and its finished tiles kept, with the same message (:func:`terminated_as_interrupted`)."""
+
+
+@contextmanager
+def terminated_as_interrupted():
+    """Within: SIGTERM raises :class:`Terminated` in the main thread (elsewhere: unchanged).  A
+    requeued job on another node then finds no claim of the killed run to wait for."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _temporary_prefix(name: str) -> str:
+    """The prefix of a temporary file beside ``name``: ".NAME." with NAME cut to its first 200
+    bytes (mkstemp makes it unique), so that a legal name of up to 255 bytes keeps a legal
+    temporary name (".", "." and mkstemp's 8 characters and ".tmp" add 14)."""
+    return "." + os.fsdecode(os.fsencode(name)[:200]) + "."
+
+
 def write_files(items, *, overwrite: bool = True) -> None:
     """Each ``(path, write, what)`` of ``items`` written as :func:`write_file` writes one: every
     file is written to its temporary file before any is moved into place, so a failure to
@@ -576,7 +607,7 @@ def write_files(items, *, overwrite: bool = True) -> None:
             what = what or repr(str(path))
             p = Path(os.path.realpath(path))
             try:
-                fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_temporary_prefix(p.name), suffix=".tmp")
                 staged.append([tmp, p, what])
                 with os.fdopen(fd, "wb") as f:
                     write(f)

@@ -26,8 +26,9 @@ split the work; otherwise the run is refused with the differences, and nothing i
 processes running on it": both do the same, and both simply start the job on a path that does
 not exist yet (so a job script can always pass one; ``--resume`` notes on stderr that no store
 was found).  A path that exists but is not a Gram store (a file, another folder) is refused
-with or without them.  ``--claim-timeout S``: a claim not renewed for S seconds (its writer
-died on another host) is taken over.
+with or without them.  ``--claim-timeout S``: a claim of this run not renewed for S seconds (its
+writer died on another host) is taken over by other hosts' writers (a claim's own recorded
+timeout holds for it).
 """
 from __future__ import annotations
 
@@ -63,8 +64,11 @@ def add_parser(sub) -> None:
                    help="create --out, or work on it together with the processes running on it "
                    "(a job array): tiles are claimed, so each is computed once")
     p.add_argument("--claim-timeout", type=positive_seconds, default=None, metavar="SECONDS",
-                   help="take over a tile whose claim was not renewed for this long (its writer "
-                   "died on another host; default 600)")
+                   help="how long a claim of this run may go without renewal before another "
+                   "host's writer takes its tile over (default 600); a claim is taken over after "
+                   "the timeout its own writer recorded, so a shorter value here does not hasten "
+                   "the takeover of an earlier run's claims (a run stopped by Ctrl-C or SIGTERM "
+                   "releases its claims)")
     p.add_argument("--devices", help="GPUs: 'all' (default) or ids, e.g. 0,1 (cuda backend)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:8786): run tiles on that cluster")

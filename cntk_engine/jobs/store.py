@@ -423,6 +423,17 @@ def _format_error(path, stored: dict) -> str | None:
 PARTIAL_MAX_AGE = 600.0
 
 
+def _partial_prefix(path: Path) -> str:
+    """The name prefix of the temporary folders creations of the store at ``path`` make beside
+    it: ".NAME.partial-", NAME cut to its first 200 bytes plus a hash of the whole name where it
+    is longer (a store name of up to 255 bytes, the file system's limit, keeps a legal
+    temporary name; the hash keeps two long names sharing 200 bytes apart)."""
+    raw = os.fsencode(path.name)
+    if len(raw) > 200:
+        raw = raw[:200] + b"~" + hashlib.sha256(raw).hexdigest()[:8].encode()
+    return f".{os.fsdecode(raw)}.partial-"
+
+
 def _sweep_partials(path: Path) -> None:
     """Remove what writers killed in the middle of an atomic step left (older than
     :data:`PARTIAL_MAX_AGE`; each step takes milliseconds): the temporary folders of earlier
@@ -431,7 +442,7 @@ def _sweep_partials(path: Path) -> None:
     store skips them; this keeps them from piling up."""
     now = time.time()
     left = [(p, "a creation of the store")
-            for p in path.parent.glob(f".{glob.escape(path.name)}.partial-*")]
+            for p in path.parent.glob(glob.escape(_partial_prefix(path)) + "*")]
     left += [(p, "a new run's record") for p in (path / RUNS).glob(".new-*")]
     left += [(p, "a claim") for p in (path / CLAIMS).glob(".*.tmp")]
     for p, what in left:
@@ -1245,7 +1256,7 @@ class GramStore:
         order = sorted(names.values())
         spec["integrity"] = {"checksum": CHECKSUM_KIND, "arrays": order, "chunk_codec": "crc32c"}
         _sweep_partials(path)
-        tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+        tmp = path.parent / f"{_partial_prefix(path)}{uuid.uuid4().hex[:12]}"
         try:
             g = zarr.open_group(str(tmp), mode="w-")
             shape = (spec["n1"], spec["n2"])
