@@ -224,6 +224,22 @@ def test_every_command_is_registered_and_gram_evaluate_share_their_options(capsy
         assert opt in helps["gram"] and opt in helps["evaluate"], opt
 
 
+def test_names_of_up_to_255_bytes_are_written(tmp_path, data, capsys):
+    """The temporary names beside them added 14 (result files) and 23 bytes (a store's
+    creation): names the file system takes were refused, evaluate's --json after all the work
+    (helper-93).  Two long store names sharing their first 200 bytes keep apart."""
+    np.savez(tmp_path / "xy.npz", x=np.concatenate([data, data]), y=np.arange(18) % 2)
+    for name in ("g" * 250 + ".zarr", "g" * 249 + "h.zarr"):
+        rc, o, e = run(capsys, "gram", tmp_path / "x.npy", "--depth", "2", "--out", tmp_path / name,
+                       "--backend", "numba", "--no-progress")
+        assert rc == 0 and (tmp_path / name / "zarr.json").exists(), e
+    rc, o, e = run(capsys, "evaluate", tmp_path / "xy.npz", "--depth", "2", "--n-train", "12",
+                   "--n-test", "6", "--backend", "numba", "--no-progress", "--json",
+                   tmp_path / ("r" * 250 + ".json"))
+    assert rc == 0 and (tmp_path / ("r" * 250 + ".json")).exists(), e
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary left
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
