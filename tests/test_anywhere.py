@@ -8,8 +8,10 @@ that way from the clone imports the source tree, not the package its parent impo
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,6 +174,45 @@ def test_auto_says_when_it_leaves_an_unverified_cuda_kernel_for_the_cpu(monkeypa
 
 
 # ------------------------------------------------------------------ Ctrl-C
+def test_output_that_fails_ends_the_report_not_the_work(tmp_path):
+    """A progress bar on a closed standard error stopped the job (tqdm's AttributeError), a
+    reader that left (`| head`) lost evaluate's --json, a full device read as a full disk
+    (`gram >/dev/full`: "No space left on device", exit 2, though the store was complete), and
+    an --out name an ASCII locale cannot print failed the command after its work (helper-93)."""
+    zarr = pytest.importorskip("zarr")
+    import shlex
+    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    work.mkdir()
+    scripts.mkdir()
+    (scripts / "cli.py").write_text(CLI)
+    rng = np.random.default_rng(3)
+    np.save(work / "x.npy", rng.random((12, 1, 6, 6)))
+    np.savez(work / "d.npz", x=rng.random((30, 1, 6, 6)), y=np.arange(30) % 2)
+    cli = f"{shlex.quote(sys.executable)} {shlex.quote(str(scripts / 'cli.py'))}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONIOENCODING"}
+
+    def sh(command, **extra):
+        return subprocess.run(["bash", "-c", command], cwd=work, env={**env, **extra},
+                              capture_output=True, text=True, timeout=600)
+
+    def complete(store):
+        return not np.isnan(zarr.open_group(str(work / store), mode="r")["ntk"][...]).any()
+    r = sh(f"{cli} gram x.npy --depth 3 --backend numba --tile 4 --out closed.zarr 2>&-")
+    assert r.returncode == 0 and complete("closed.zarr"), r.stdout
+    r = sh(f"{cli} evaluate d.npz --depth 3 --n-train 20 --n-test 10 --backend numba "
+           "--no-progress --json e.json | head -c 10")
+    assert r.returncode == 0 and json.loads((work / "e.json").read_text())["n_train"] == 20, r.stderr
+    r = sh(f"{cli} gram x.npy --depth 3 --backend numba --out full.zarr --no-progress >/dev/full")
+    assert r.returncode == 1 and complete("full.zarr"), r.stderr
+    assert r.stderr.strip().endswith("its report could not be written to standard output ([Errno 28] "
+                                     "No space left on device); the work and the files it writes are done")
+    name = "d\u00e9j\u00e0.zarr"                      # déjà.zarr
+    r = sh(f"{cli} gram x.npy --depth 3 --backend numba --out {name} --no-progress",
+           PYTHONIOENCODING="ascii")
+    assert r.returncode == 0 and complete(name), r.stderr
+    assert "d\\xe9j\\xe0.zarr" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path, sig):
     """CPU tiles are sized to about 2 s of work (NumbaBackend.traits), and Ctrl-C takes effect

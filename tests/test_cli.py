@@ -457,7 +457,7 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     """`cntk-engine info | head -1`: the broken pipe ends the command quietly (exit 141, as a
     shell reports SIGPIPE), not with "error: [Errno 32] Broken pipe"."""
     code = ("import sys\nfrom cntk_engine import cli\nfrom cntk_engine.cli import info\n"
-            "info.run = lambda args: [print('x' * 100) for _ in range(100000)]\n"
+            "info.run = lambda args: [print('x' * 100) for _ in range(100000)] and 0\n"
             "sys.exit(cli.main(['info']))\n")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)

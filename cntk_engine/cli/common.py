@@ -579,6 +579,52 @@ def terminated_as_interrupted():
         signal.signal(signal.SIGTERM, previous)
 
 
+class GuardedStream:
+    """A command's standard output or error whose failures end that stream's output, not the
+    command: a reader that left (``| head``), a full device, a closed stream (None), or a
+    character the stream cannot encode (a file name in an ASCII locale: written as a
+    backslash escape).  The command's work and its files are finished then; ``error`` holds
+    what stopped the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.error is None and self._stream is not None:
+            try:
+                try:
+                    self._stream.write(text)
+                except UnicodeEncodeError:
+                    enc = getattr(self._stream, "encoding", None) or "ascii"
+                    self._stream.write(text.encode(enc, "backslashreplace").decode(enc))
+            except OSError as e:
+                self.error = e
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None and self._stream is not None:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self.error = e
+
+    def __getattr__(self, name):          # isatty, fileno, encoding: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def guarded_output():
+    """Within: ``sys.stdout`` and ``sys.stderr`` are :class:`GuardedStream` s (yielded)."""
+    import sys
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = guarded = GuardedStream(saved[0]), GuardedStream(saved[1])
+    try:
+        yield guarded
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def _temporary_prefix(name: str) -> str:
     """The prefix of a temporary file beside ``name``: ".NAME." with NAME cut to its first 200
     bytes (mkstemp makes it unique), so that a legal name of up to 255 bytes keeps a legal

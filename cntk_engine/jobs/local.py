@@ -129,26 +129,39 @@ class Progress:
         self.lock = threading.Lock()
         if enabled and total_pairs > 0:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_pairs, unit="pair", unit_scale=total_pairs >= 10000, desc=desc,
-                            dynamic_ncols=True, smoothing=0.05)
+            self._drawing(lambda: setattr(self, "bar", tqdm(
+                total=total_pairs, unit="pair", unit_scale=total_pairs >= 10000, desc=desc,
+                dynamic_ncols=True, smoothing=0.05)))
+
+    def _drawing(self, draw) -> None:
+        """``draw()``, the bar dropped where it cannot be drawn (standard error closed, full or
+        a pipe whose reader left): a job is not stopped by its progress display."""
+        try:
+            draw()
+        except (OSError, ValueError, AttributeError):
+            self.bar = None
 
     def update(self, pairs: int) -> None:
         if self.bar is not None:
             with self.lock:
-                self.bar.update(pairs)
+                if self.bar is not None:
+                    self._drawing(lambda: self.bar.update(pairs))
 
     def set_done(self, pairs: int) -> None:
         """The pairs done so far, as the store says (another writer may have died holding
         tiles this bar counted)."""
+        def draw():
+            if self.bar.n != pairs:
+                self.bar.n = pairs
+                self.bar.refresh()
         if self.bar is not None:
             with self.lock:
-                if self.bar.n != pairs:
-                    self.bar.n = pairs
-                    self.bar.refresh()
+                if self.bar is not None:
+                    self._drawing(draw)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self._drawing(self.bar.close)
 
 
 def run_tiles(workers: Sequence[Worker], x1, x2, todo: Sequence[Tile],
