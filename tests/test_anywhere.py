@@ -174,6 +174,27 @@ def test_auto_says_when_it_leaves_an_unverified_cuda_kernel_for_the_cpu(monkeypa
 
 
 # ------------------------------------------------------------------ Ctrl-C
+def test_python_O_gets_a_clear_refusal_or_a_working_store(tmp_path):
+    """Under python -O zarr 3.1.6 cannot read a group's metadata (an assert removes a field):
+    every store operation failed with a TypeError traceback (helper-93).  Either the store
+    works, or the refusal says why, in one line."""
+    pytest.importorskip("zarr")
+    code = ("import sys, numpy as np, cntk_engine as ce\n"
+            "try:\n"
+            "    ce.gram(np.ones((2, 1, 3, 3)), depth=2, backend='numba', out='g.zarr')\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    (tmp_path / "o.py").write_text(code)
+    r = subprocess.run([sys.executable, "-O", str(tmp_path / "o.py")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    if r.stdout.startswith("refused:"):
+        assert "cannot read a group's metadata under python -O" in r.stdout
+        assert not (tmp_path / "g.zarr").exists()
+    else:
+        assert (tmp_path / "g.zarr" / "zarr.json").exists(), r.stdout
+
+
 def test_output_that_fails_ends_the_report_not_the_work(tmp_path):
     """A progress bar on a closed standard error stopped the job (tqdm's AttributeError), a
     reader that left (`| head`) lost evaluate's --json, a full device read as a full disk

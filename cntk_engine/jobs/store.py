@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -119,6 +120,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -220,7 +222,26 @@ def require_zarr():
         raise ImportError(f"{arg('out')} needs zarr >= {need} (its local store writes each chunk to a "
                           f"temporary file and renames it, which the store's crash safety relies "
                           f"on); zarr {zarr.__version__} is installed (pip install -U 'zarr>={need}')")
+    if sys.flags.optimize and not _reads_groups_when_optimized():
+        raise RuntimeError(f"zarr {zarr.__version__} cannot read a group's metadata under python -O "
+                           "(PYTHONOPTIMIZE): it removes a field with an assert, which -O skips "
+                           "(zarr/core/group.py); run Python without -O to use Gram stores")
     return zarr
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_groups_when_optimized() -> bool:
+    """Whether zarr parses a group's metadata in this (optimised) interpreter: zarr 3.1.6's
+    ``GroupMetadata.from_dict`` drops ``node_type`` inside an assert, and every store operation
+    then fails with a TypeError."""
+    try:
+        from zarr.core.group import GroupMetadata
+        GroupMetadata.from_dict({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    except TypeError:
+        return False
+    except Exception:  # noqa: BLE001 - another zarr's internals: not known to fail, not refused
+        return True
+    return True
 
 
 class StorePath(os.PathLike):
