@@ -240,6 +240,18 @@ def test_names_of_up_to_255_bytes_are_written(tmp_path, data, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary left
 
 
+def test_suggested_commands_keep_names_that_begin_with_a_dash(tmp_path, data, capsys, monkeypatch):
+    """`preprocess ./-x.npz --out ./-pp.npz` suggested `gram -pp.npz:x_train`, which the
+    command reads as an option (helper-93)."""
+    from cntk_engine.cli.common import shell_arg
+    assert shell_arg("-pp.npz:x_train") == "./-pp.npz:x_train"
+    assert shell_arg(Path("a b.npz")) == "'a b.npz'" and shell_arg("/d/-x.npz") == "/d/-x.npz"
+    monkeypatch.chdir(tmp_path)
+    np.savez("-x.npz", x_train=data, x_test=data[:3])
+    rc, o, e = run(capsys, "preprocess", "./-x.npz", "--preprocess", "none", "--out", "./-pp.npz")
+    assert rc == 0 and "cntk-engine gram ./-pp.npz:x_train ... --out train.zarr" in o, o + e
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])

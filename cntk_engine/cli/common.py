@@ -125,6 +125,14 @@ def open_data(p: Path, data_format: str = "auto", what: str = "DATA"):
     return _Arrays(x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
 
 
+def shell_arg(text) -> str:
+    """``text`` (a path, or DATA:KEY) as a command line the report suggests takes it: quoted for
+    the shell, and a relative path that begins with "-" as "./-..." (Path drops a given "./",
+    and the command would read the name as an option)."""
+    text = str(text)
+    return shlex.quote("./" + text if text.startswith("-") else text)
+
+
 def cifar10_hint(p: Path) -> str:
     """For a command that reads .npy/.npz only, given CIFAR-10's download: how to convert it."""
     from ..datasets import CIFAR10_FOLDER, is_cifar10
@@ -132,7 +140,7 @@ def cifar10_hint(p: Path) -> str:
                                                  or (p / CIFAR10_FOLDER).is_dir())):
         return ""
     return (f" (CIFAR-10's python version as downloaded? `{PROG} preprocess "
-            f"{shlex.quote(str(p))} --preprocess none --out cifar.npz` writes it as an .npz, "
+            f"{shell_arg(p)} --preprocess none --out cifar.npz` writes it as an .npz, "
             "x_train, y_train, x_test, y_test; --zca to whiten it)")
 
 

@@ -32,7 +32,6 @@ timeout holds for it).
 """
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (PROG, CliError, add_architecture_options, add_run_options, gram_options,
-                     int_list, load_images, plural, positive_seconds, to_nchw)
+                     int_list, load_images, plural, positive_seconds, shell_arg, to_nchw)
 
 X1_KEYS = ("x", "x_train", "images", "X")
 X2_KEYS = ("x", "x_test", "images", "X")
@@ -169,6 +168,6 @@ def run(args) -> int:
           f"cntk_engine.solver.load_gram({str(out)!r}, key={names[0]!r})")
     if x2 is not None:      # a test kernel: read with the training Gram it belongs to
         print("as a test kernel, with the store of its training Gram (checked to belong "
-              f"together): cntk-engine solve DATA --train TRAIN_STORE --test {shlex.quote(str(out))}, "
+              f"together): cntk-engine solve DATA --train TRAIN_STORE --test {shell_arg(out)}, "
               f"or cntk_engine.solver.load_train_test(TRAIN_STORE, {str(out)!r})")
     return 0

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ from ..preprocess import ConstantImages, preprocess, with_flips
 from .common import (GROUPS_TRAIN, PREPROCESSING_RECORD, CliError, add_preprocessing_options,
                      check_parent_folder, check_path_name, command_of, dropped_by_downsampling,
                      guess_layout, log_zca_fit, nonnegative_int, open_data, preprocessing_options,
-                     preprocessing_record, read_member, to_nchw, write_file)
+                     preprocessing_record, read_member, shell_arg, to_nchw, write_file)
 from .subsets import check_sizes, draw_from
 
 #: The key of OUT's record of what was done.
@@ -347,9 +346,9 @@ def run(args) -> int:
           + (f"; not copied (not arrays): {', '.join(sets.not_arrays)}" if sets.not_arrays else "")
           + (f"; not copied (their rows would not be the images'): {', '.join(left_out)}"
              if left_out else ""))
-    q = shlex.quote
+    q = shell_arg
     if len(keys) == 2:
-        then = (f"cntk-engine solve {q(str(out))} --train train.zarr --test test.zarr"
+        then = (f"cntk-engine solve {q(out)} --train train.zarr --test test.zarr"
                 if "y_train" in others else
                 "cntk_engine.solver.load_train_test('train.zarr', 'test.zarr')")
         print("next, with the same architecture options for both"
