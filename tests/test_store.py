@@ -104,6 +104,24 @@ def test_resume_computes_only_missing_tiles(tmp_path, rng):
     assert [r["tiles_computed"] for r in runs] == [10, 3, 0]
 
 
+def test_a_store_that_cannot_be_written_is_refused_in_words(tmp_path, rng, monkeypatch):
+    """A resumed job on a read-only store failed with the file system's bare "[Errno 30] ...
+    runs/.new-..." (helper-93); the store itself is read as it is."""
+    x = imgs(rng, 6)
+    out = tmp_path / "g.zarr"
+    want = ce.gram(x, depth=3, backend="numba", out=out)["ntk"][...]
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    access = os.access
+    monkeypatch.setattr(store_mod.os, "access",
+                        lambda p, mode, **kw: Path(p).name != "runs" and access(p, mode, **kw))
+    with pytest.raises(StoreError, match=r"^out='.*g\.zarr': '.*runs' is not writable \(a read-only "
+                       r"folder or file system\), and a job continuing the store \(1 of 1 tiles "
+                       r"done\) writes its run record"):
+        ce.gram(x, depth=3, backend="numba", out=out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    np.testing.assert_array_equal(store_mod.load_gram(out, "ntk"), want)
+
+
 def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog, capsys):
     """Each run records the backend's compute record (numba: its version and settings, the
     CPU it compiles for and the C library, which decide the bits); a resume computing with

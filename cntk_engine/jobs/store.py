@@ -1250,6 +1250,14 @@ class GramStore:
         n_all = len(cls._expected_tiles(stored))
         if not resume:
             raise StoreExists(path, done=f"this same job, {n_done} of {n_all} tiles done")
+        unwritable = [p for p in (path, path / RUNS, path / CLAIMS, path / DONE)
+                      if p.exists() and not os.access(p, os.W_OK | os.X_OK)]
+        if unwritable:         # a read-only folder or file system: the run record would fail
+            raise StoreError(f"{arg('out', str(path))}: {str(unwritable[0])!r} is not writable (a "
+                             f"read-only folder or file system), and a job continuing the store "
+                             f"({n_done} of {n_all} tiles done) writes its run record, claims and "
+                             "tiles there; a finished store is read as it is (verify, solve, "
+                             "load_gram)")
         _sweep_partials(path)         # a killed creation's, where a later one made the store
         store = cls(path, zarr.open_group(str(path), mode="r+"), stored, claim_timeout)
         for folder in (CLAIMS, RUNS):
