@@ -325,6 +325,20 @@ int main(int argc, char**) {
 """
 
 
+def build_probe(folder, name: str, source: str):
+    """A small program of host_simt.h's own, built with the host compiler (skips without one)."""
+    import shutil
+    import subprocess
+    from cuda_sim import ROOT
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (folder / f"{name}.cpp").write_text(source)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(folder / f"{name}.cpp"),
+                    "-o", str(folder / name)], check=True)
+    return folder / name
+
+
 ORDER_PROBE = r"""
 #include <cstdio>
 #include <cstring>
@@ -360,16 +374,9 @@ def test_the_emulators_warp_orders_hold_in_every_phase(tmp_path):
     after the first one could go unseen.  Each phase now starts from the last warp
     (warps_reversed) or the first (warps_in_order), and a read that lacks its barrier gives
     different results in two of the orders."""
-    import shutil
     import subprocess
-    from cuda_sim import ROOT
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    (tmp_path / "order.cpp").write_text(ORDER_PROBE)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(tmp_path / "order.cpp"),
-                    "-o", str(tmp_path / "order")], check=True)
-    out = {s: subprocess.run([str(tmp_path / "order"), s], capture_output=True, text=True,
+    exe = build_probe(tmp_path, "order", ORDER_PROBE)
+    out = {s: subprocess.run([str(exe), s], capture_output=True, text=True,
                              check=True).stdout.split() for s in SCHEDULES}
     assert out["forward"] == "0 1 2 0 1 2 0 1 2 | 10".split()
     assert out["warps_reversed"] == "2 1 0 2 1 0 2 1 0 | 30".split()
@@ -379,20 +386,13 @@ def test_the_emulators_warp_orders_hold_in_every_phase(tmp_path):
 def test_the_emulator_shuffles_and_reports_divergence(tmp_path):
     """host_simt.h itself: shuffle semantics, blocks, and a divergent shuffle reported (a
     deadlock), not computed."""
-    import shutil
     import subprocess
-    from cuda_sim import ROOT
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    (tmp_path / "probe.cpp").write_text(EMULATOR_PROBE)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(tmp_path / "probe.cpp"),
-                    "-o", str(tmp_path / "probe")], check=True)
-    ok = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
+    exe = build_probe(tmp_path, "probe", EMULATOR_PROBE)
+    ok = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
     t = np.arange(64)
     lane = t % 32
     v = t + 100
     want = np.where(lane < 16, v + v + 16, 2 * v)
     assert [int(s) for s in ok.stdout.split()] == want.tolist()
-    bad = subprocess.run([str(tmp_path / "probe"), "divergent"], capture_output=True, text=True)
+    bad = subprocess.run([str(exe), "divergent"], capture_output=True, text=True)
     assert bad.returncode != 0 and "deadlock" in bad.stderr, (bad.returncode, bad.stderr)
