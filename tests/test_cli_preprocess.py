@@ -210,9 +210,12 @@ def test_sigterm_during_the_write_leaves_nothing(tmp_path, cifar, capsys, monkey
         os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(np.lib.format, "write_array", killed)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["-q", "preprocess", str(tmp_path / "c.npz"), "--zca", "--out", str(tmp_path / "o.npz")])
-    assert e.value.code == 128 + signal.SIGTERM
+    if before is not signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled here already: the command leaves it to that handler")
+    # said as the command says a SIGTERM (it raised SystemExit out of main: helper-95)
+    assert cli.main(["-q", "preprocess", str(tmp_path / "c.npz"), "--zca", "--out",
+                     str(tmp_path / "o.npz")]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "cntk-engine: terminated (SIGTERM)\n"
     assert sorted(os.listdir(tmp_path)) == ["c.npz"]
     assert signal.getsignal(signal.SIGTERM) is before
 

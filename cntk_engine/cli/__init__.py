@@ -19,14 +19,14 @@ import argparse
 import difflib
 import errno
 import logging
-import os
 import sys
 import warnings
 
 from . import demo, evaluate, gram, info, preprocess, solve, verify
 from ..spelling import command_line
 from ..version import __version__
-from .common import PROG, CliError, Terminated, guarded_output, terminated_as_interrupted
+from .common import (PROG, CliError, Terminated, guarded_output, silence,
+                     terminated_as_interrupted)
 
 COMMANDS = (gram, verify, preprocess, solve, evaluate, info, demo)
 #: Python parameters a command's option stands for besides the one of its own name
@@ -127,18 +127,15 @@ def _quiet_exit() -> None:
 
 
 def _lost_output(error: OSError) -> int:
-    """The exit status of a command whose standard output failed after or while its work was
-    done: a reader that left (`cntk-engine info | head`) quietly 141 (128 + SIGPIPE, as a shell
-    reports it); another failure (a full disk) said on standard error, status 1."""
+    """The exit status of a command that did its work but whose report could not be written
+    to standard output: a reader that left (`cntk-engine info | head`) quietly 141 (128 +
+    SIGPIPE, as a shell reports it); another failure (a full disk) said on standard error,
+    status 1."""
     if error.errno == errno.EPIPE:
-        try:              # what stdout's buffer still holds must not fail again at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
         return 141
     try:
-        print(f"{PROG}: its report could not be written to standard output ({error}); the work "
-              "and the files it writes are done", file=sys.stderr)
+        print(f"{PROG}: its report could not be written to standard output ({error}); its work "
+              "is done", file=sys.stderr)
     except (OSError, ValueError, AttributeError):     # standard error fails too
         pass
     return 1
@@ -155,14 +152,18 @@ def main(argv=None) -> int:
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for records
     try:
-        # SIGTERM (a batch system's time limit) stops a command as Ctrl-C does: claims released;
-        # standard output that fails (`| head`, a full disk) ends the report, not the work
-        with command_line(args.python_options), terminated_as_interrupted(), \
+        # SIGTERM (a batch system's time limit) stops a command that claims tiles as Ctrl-C
+        # does: claims released; standard output that fails (`| head`, a full disk) ends the
+        # report, not the work
+        claims = args.command == "gram" or (args.command == "evaluate" and bool(args.store))
+        with command_line(args.python_options), terminated_as_interrupted(claims), \
                 guarded_output() as (out, _):
             rc = int(args.func(args) or 0)
-        return rc if out.error is None else _lost_output(out.error)
+        # a command's own failure (verify of a damaged store: 1) is not hidden by a lost report
+        return rc if rc or out.error is None else _lost_output(out.error)
     except BrokenPipeError:             # `cntk-engine info | head`: the reader left; say nothing
-        return _lost_output(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+        silence(sys.stdout)
+        return 141
     except KeyboardInterrupt as e:
         if argv is None:        # the process is the command (not a caller's) and ends now
             _quiet_exit()

@@ -565,26 +565,32 @@ def write_file(path, write, what: str | None = None, *, overwrite: bool = True) 
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch system's time limit or preemption: SLURM, Kubernetes) in a command,
-    raised as Ctrl-C is, so that a job stops as an interrupted one does: its claims released
-    and its finished tiles kept, with the same message (:func:`terminated_as_interrupted`)."""
+    """SIGTERM (a batch system's time limit or preemption: SLURM, Kubernetes) in a command that
+    claims tiles of a store, raised as Ctrl-C is, so that the job stops as an interrupted one
+    does: its claims released and its finished tiles kept, with the same message
+    (:func:`terminated_as_interrupted`)."""
 
 
 @contextmanager
-def terminated_as_interrupted():
-    """Within: SIGTERM raises :class:`Terminated` in the main thread (elsewhere: unchanged).  A
-    requeued job on another node then finds no claim of the killed run to wait for."""
-    if threading.current_thread() is not threading.main_thread():
+def terminated_as_interrupted(enabled: bool = True):
+    """Within: SIGTERM raises :class:`Terminated` in the main thread, once (a second SIGTERM
+    during the cleanup it starts is ignored; SIGKILL is the hard stop).  Left as it is where
+    not ``enabled`` (a command that holds no claims: Python's handler would wait for a long
+    LAPACK call to return), off the main thread, and where SIGTERM is ignored or handled by
+    other code than Python's."""
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
 
     def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # the claims' release runs to its end
         raise Terminated()
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class GuardedStream:
@@ -623,14 +629,36 @@ class GuardedStream:
 
 @contextmanager
 def guarded_output():
-    """Within: ``sys.stdout`` and ``sys.stderr`` are :class:`GuardedStream` s (yielded)."""
+    """Within: ``sys.stdout`` and ``sys.stderr`` are :class:`GuardedStream` s (yielded).  On
+    the way out both are flushed through their guards (a block-buffered stream, a pipe or a
+    file, fails only when flushed, which would otherwise be at the interpreter's exit: status
+    120 and "Exception ignored"), and a stream that failed is pointed at /dev/null, so that
+    what its buffer still holds goes nowhere at exit instead of failing again."""
     import sys
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = guarded = GuardedStream(saved[0]), GuardedStream(saved[1])
     try:
         yield guarded
     finally:
+        for g in guarded:
+            g.flush()
         sys.stdout, sys.stderr = saved
+        for g, stream in zip(guarded, saved):
+            if g.error is not None:
+                silence(stream)
+
+
+def silence(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (nothing where it has none)."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):     # None, or an in-memory stream
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _temporary_prefix(name: str) -> str:
@@ -649,11 +677,16 @@ def write_files(items, *, overwrite: bool = True) -> None:
     checks; one that fails after another moved (a folder put in a path's place meanwhile)
     leaves the earlier files in place."""
     staged = []                     # [temporary file (None once in place), real path, what]
+    # SIGTERM's default (an exit) would leave the temporary files: raised as the command's own
+    # handler raises it where SIGTERM is neither handled already nor ignored
     previous = (signal.getsignal(signal.SIGTERM)
                 if threading.current_thread() is threading.main_thread() else None)
+    if previous is not signal.SIG_DFL:
+        previous = None
 
     def terminated(signum, frame):
-        raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
     try:
         if previous is not None:
             signal.signal(signal.SIGTERM, terminated)

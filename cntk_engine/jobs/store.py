@@ -686,11 +686,18 @@ class Claims:
         f = self._file(i, j)
         claim_id = uuid.uuid4().hex
         tmp = self._tmp(i, j, claim_id)
+        # held before the claim is made: an exception (Ctrl-C, SIGTERM) between the link and
+        # _hold must not leave a claim release_all does not know (release unlinks only a claim
+        # file of this id)
+        with self.lock:
+            self.held[(i, j)] = claim_id
+        got = False
         try:
             for _ in range(3):
                 try:
                     os.link(tmp, f)                       # atomic: fails if a claim exists
-                    return self._hold(i, j, claim_id, f)
+                    got = self._hold(i, j, claim_id, f)
+                    return got
                 except FileExistsError:
                     pass
                 try:
@@ -730,9 +737,12 @@ class Claims:
                         pass
                 log.warning("store %s: took over tile (%d, %d) from %s: %s", self.dir.parent, i, j,
                             Claim((i, j), owner, time.time() - mtime, why).who(), why)
-                return self._hold(i, j, claim_id, f)
+                got = self._hold(i, j, claim_id, f)
+                return got
             return False
         finally:
+            if not got:            # not claimed, or interrupted: nothing of this id is left
+                self.release(i, j)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -760,21 +770,26 @@ class Claims:
         return owner is not None and owner.get("claim") == claim_id
 
     def release(self, i: int, j: int) -> None:
-        """Remove this process's claim of tile (i, j), if it still is this process's."""
+        """Remove this process's claim of tile (i, j), if it still is this process's.  The file
+        goes before the record of it, so that an exception between the two (Ctrl-C, SIGTERM)
+        leaves the record for release_all, never a claim file without one."""
         with self.lock:
-            claim_id = self.held.pop((i, j), None)
+            claim_id = self.held.get((i, j))
         if claim_id is None:
             return
         f = self._file(i, j)
-        _HEARTBEAT.remove(str(f))
-        with _HELD_LOCK:
-            _HELD.discard(claim_id)
         try:
             owner, _ = self._read(f)
             if owner is not None and owner.get("claim") == claim_id:
                 f.unlink()
         except FileNotFoundError:
             pass
+        _HEARTBEAT.remove(str(f))
+        with _HELD_LOCK:
+            _HELD.discard(claim_id)
+        with self.lock:
+            if self.held.get((i, j)) == claim_id:
+                del self.held[(i, j)]
 
     def release_all(self) -> None:
         with self.lock:
