@@ -415,9 +415,12 @@ BRIEF_ELEMENTS = 32
 
 def _brief(v) -> str:
     if getattr(v, "ndim", 0) and hasattr(v, "dtype"):
-        if v.size <= BRIEF_ELEMENTS:
-            return repr(v)
+        if v.size <= BRIEF_ELEMENTS:            # on one line, as NumPy's repr wraps at 75
+            return "array(" + np.array2string(to_host(v), separator=", ",
+                                              max_line_width=1 << 30, threshold=BRIEF_ELEMENTS) + ")"
         return f"<{'CuPy' if is_cupy(v) else 'NumPy'} array {tuple(v.shape)} {v.dtype}>"
+    if isinstance(v, np.generic):               # np.float64(4.3e-12): as the number it is
+        return repr(v.item())
     if isinstance(v, (list, tuple)) and any(getattr(a, "ndim", 0) for a in v):
         return ("[" if isinstance(v, list) else "(") + ", ".join(map(_brief, v)) + (
             "]" if isinstance(v, list) else ")")
