@@ -278,6 +278,8 @@ def test_ctrl_c_stops_a_cpu_store_job_within_seconds(tmp_path, sig):
     assert proc.returncode == 128 + sig and said in err and "--resume" in err, err[-800:]
     assert "Traceback" not in err
     assert [p.name for p in (out / "claims").iterdir()] == ["zarr.json"], "a claim was left behind"
+    from cntk_engine.jobs.store import list_runs
+    assert list_runs(zarr.open_group(str(out), mode="r"))[-1]["outcome"] == said
     assert stopped_after < 15, f"Ctrl-C took {stopped_after:.1f} s"
     done = zarr.open_group(str(out), mode="r")["tiles_done"][...]
     assert 0 < np.count_nonzero(done) < np.triu(np.ones_like(done)).sum()

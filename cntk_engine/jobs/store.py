@@ -2068,6 +2068,11 @@ def _where(source, role: str | None = None) -> str:
     return f"the zarr.{type(source).__name__} given" + (f" as {arg(role)}" if role else "")
 
 
+def _the_store(where: str) -> str:
+    """"the store at '<folder>'", or what :func:`_where` said of a store without one."""
+    return f"the store at {where}" if where.startswith(("'", '"')) else where
+
+
 def _locate(source, key: str | None, device) -> _Stored:
     """The kernel array ``key`` of ``source`` (a store path, group or array), checked: in a
     cntk_engine store, a kernel array of a finished job; 2-D, real."""
@@ -2079,10 +2084,10 @@ def _locate(source, key: str | None, device) -> _Stored:
         names = kernel_arrays(source)
         if key is None:
             if len(names) != 1:
-                raise ValueError(f"the store at {where} holds arrays {names}: name one as key=")
+                raise ValueError(f"{_the_store(where)} holds arrays {names}: name one as key=")
             key = names[0]
         if key not in names:
-            raise ValueError(f"the store at {where} has no array {key!r}; it holds {names}")
+            raise ValueError(f"{_the_store(where)} has no array {key!r}; it holds {names}")
         arr = source[key]
     elif isinstance(source, zarr.Array):
         arr = source
