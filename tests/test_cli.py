@@ -211,6 +211,18 @@ def test_info_and_demo(capsys):
     assert x.shape == (200, 28, 28) and x.dtype == np.uint8 and sorted(set(y.tolist())) == list(range(10))
 
 
+def test_info_warns_of_fork_under_gnu_openmp(capsys, monkeypatch):
+    """Under NUMBA_THREADING_LAYER=omp a Pool forked after a call hangs (helper-93): said."""
+    from cntk_engine.backends import numba_cpu
+    rc, o, _ = run(capsys, "info")
+    assert rc == 0 and ("Pool hangs" in o) == ("threading layer: omp" in o)     # tbb here
+    monkeypatch.setattr(numba_cpu, "threading_layer", lambda: "omp (in use)")
+    rc, o, _ = run(capsys, "info")
+    assert rc == 0 and ("threading layer: omp (in use) (under GNU OpenMP a process forked after a "
+                        "kernel call is killed and a multiprocessing Pool hangs: use tbb, or the "
+                        "'spawn' start method)") in o
+
+
 def test_every_command_is_registered_and_gram_evaluate_share_their_options(capsys):
     helps = {}
     for command in ("gram", "evaluate", "info", "demo"):

@@ -80,6 +80,11 @@ def _numba_threads() -> str:
     try:
         import numba
         from ..backends.numba_cpu import threading_layer
-        return f"; numba threads: {numba.get_num_threads()}, threading layer: {threading_layer()}"
+        layer = threading_layer()
+        # GNU OpenMP kills a child forked after a kernel call (a multiprocessing Pool hangs)
+        fork = (" (under GNU OpenMP a process forked after a kernel call is killed and a "
+                "multiprocessing Pool hangs: use tbb, or the 'spawn' start method)"
+                if layer.startswith("omp") else "")
+        return f"; numba threads: {numba.get_num_threads()}, threading layer: {layer}{fork}"
     except Exception:  # noqa: BLE001
         return ""
