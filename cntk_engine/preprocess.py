@@ -114,10 +114,10 @@ def standardize(x_train, x_test=None, *, data_format: str | None = None):
     (:func:`fit_standardize`).  Returns ``(x_train, x_test)`` (``x_test`` None if not given),
     NCHW."""
     a = _images(x_train, "x_train", data_format)
-    fitted = fit_standardize(a, data_format="NCHW")
-    b = None if x_test is None else fitted.transform(_images(x_test, "x_test", data_format),
-                                                     name="x_test")
-    return fitted.transform(a, name="x_train"), b
+    e, mean, std = _channel_moments(a)      # fit_standardize's, without checking a again
+    b = None if x_test is None else _standardised(_images(x_test, "x_test", data_format),
+                                                  e, mean, std, "x_test")
+    return _standardised(a, e, mean, std, "x_train"), b
 
 
 def scale(x):
@@ -325,6 +325,6 @@ def with_flips(x, y, *, data_format: str | None = None):
     return np.concatenate([x, hflip(x)]), y, np.tile(np.arange(len(x)), 2)
 
 
-__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "Standardization", "ConstantImages", "standardize",
-           "fit_standardize", "scale",
-           "downsample", "fit_zca", "zca_whiten", "preprocess", "with_flips"]
+__all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "Standardization", "ConstantImages",
+           "standardize", "fit_standardize", "scale", "downsample", "fit_zca", "zca_whiten",
+           "preprocess", "with_flips"]

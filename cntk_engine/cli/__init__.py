@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         if argv is None:        # the process is the command (not a caller's) and ends now
             _quiet_exit()
-        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        stopped = getattr(e, "outcome", "interrupted")
         if args.command == "gram" and _holds_a_store(args.out):
             print(f"{PROG}: {stopped}; finished tiles are kept in --out, rerun with --resume to "
                   "continue", file=sys.stderr)

@@ -472,7 +472,7 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     earlier result (a JSON file) is overwritten, as the option says."""
     if not str(path):
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
-    if str(path) == "-":       # not standard output: the report goes there; a file named "-" surprises
+    if str(path) == "-":       # not standard output, which holds the report
         raise CliError(f"{option} '-': the JSON is written to a file, not to standard output "
                        "(which holds the command's report); give a file path, e.g. results.json")
     p = Path(path)
@@ -568,7 +568,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's time limit or preemption: SLURM, Kubernetes) in a command that
     claims tiles of a store, raised as Ctrl-C is, so that the job stops as an interrupted one
     does: its claims released and its finished tiles kept, with the same message
-    (:func:`terminated_as_interrupted`)."""
+    (:func:`terminated_as_interrupted`); ``outcome``: what a job's run record says of it."""
+
+    outcome = "terminated (SIGTERM)"
 
 
 @contextmanager
@@ -677,44 +679,33 @@ def write_files(items, *, overwrite: bool = True) -> None:
     checks; one that fails after another moved (a folder put in a path's place meanwhile)
     leaves the earlier files in place."""
     staged = []                     # [temporary file (None once in place), real path, what]
-    # SIGTERM's default (an exit) would leave the temporary files: raised as the command's own
-    # handler raises it where SIGTERM is neither handled already nor ignored
-    previous = (signal.getsignal(signal.SIGTERM)
-                if threading.current_thread() is threading.main_thread() else None)
-    if previous is not signal.SIG_DFL:
-        previous = None
-
-    def terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
-    try:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, terminated)
-        for path, write, what in items:
-            what = what or repr(str(path))
-            p = Path(os.path.realpath(path))
-            try:
-                fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_temporary_prefix(p.name), suffix=".tmp")
-                staged.append([tmp, p, what])
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() would give
-            except OSError as e:
-                raise CliError(f"{what} cannot be written: {e}") from None
-        for entry in staged:
-            if _into_place(*entry, overwrite=overwrite):
-                entry[0] = None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        for tmp, _, _ in staged:
-            if tmp is not None:
+    # SIGTERM's default (an exit) would leave the temporary files: raised as a command raises it
+    with terminated_as_interrupted():
+        try:
+            for path, write, what in items:
+                what = what or repr(str(path))
+                p = Path(os.path.realpath(path))
                 try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+                    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_temporary_prefix(p.name),
+                                               suffix=".tmp")
+                    staged.append([tmp, p, what])
+                    with os.fdopen(fd, "wb") as f:
+                        write(f)
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    os.chmod(tmp, 0o666 & ~umask)        # mkstemp's 0600 -> what open() gives
+                except OSError as e:
+                    raise CliError(f"{what} cannot be written: {e}") from None
+            for entry in staged:
+                if _into_place(*entry, overwrite=overwrite):
+                    entry[0] = None
+        finally:
+            for tmp, _, _ in staged:
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
 
 
 def _into_place(tmp: str, p: Path, what: str, *, overwrite: bool) -> bool:

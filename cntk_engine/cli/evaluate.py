@@ -337,7 +337,8 @@ def run(args) -> int:
     source = ""
     if args.downsample > 1:
         cut = dropped_by_downsampling(raw_shape, args.downsample)
-        source = f" (from {raw_shape}, downsampled {args.downsample}x" + (f", {cut})" if cut else ")")
+        source = (f" (from {raw_shape}, downsampled {args.downsample}x"
+                  + (f", {cut})" if cut else ")"))
     print(f"evaluate: {args.data} ({how}), {len(xtr)} train"
           + (" (with their flips)" if args.augment_flips else "") + f" / {len(xte)} test images, "
           f"(C, H, W) = {shape}{source}"

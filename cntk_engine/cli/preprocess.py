@@ -338,7 +338,8 @@ def run(args) -> int:
                 "groups_train pairs each with its flip") + ")" if args.augment_flips else "")
           + f", {args.preprocess}"
           + (f" (reg {zca_reg:g})" if args.preprocess == "zca" else "")
-          + (f" after {args.downsample}x{args.downsample} downsampling{cut}" if args.downsample > 1 else "")
+          + (f" after {args.downsample}x{args.downsample} downsampling{cut}"
+             if args.downsample > 1 else "")
           + (f", fitted on {fit}" if fitted else "")
           + (f"; the images {drawn['as']} draws from DATA's {drawn['drawn_from']}" if drawn else "")
           + (f"; repeated for the flips {', '.join(repeated)}" if repeated else "")

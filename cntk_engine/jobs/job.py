@@ -225,8 +225,8 @@ def run_job(job: GramJob) -> tuple[object, dict]:
                 remaining = store.not_done(remaining)
                 bar.set_done(todo_pairs - sum(t.pairs for t in remaining))
         outcome = "finished"
-    except KeyboardInterrupt as e:     # Ctrl-C, or SIGTERM as the command line raises it
-        outcome = "terminated (SIGTERM)" if type(e).__name__ == "Terminated" else "interrupted"
+    except KeyboardInterrupt as e:     # Ctrl-C, or a signal raised as one (saying its outcome)
+        outcome = getattr(e, "outcome", "interrupted")
         raise
     except BaseException as e:
         outcome = f"failed: {type(e).__name__}: {e}"

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr, check_gram,
-                     check_ridge, check_targets, check_test_kernel, eigh, loaded_workspace,
-                     ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
+from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr,
+                     check_gram, check_ridge, check_targets, check_test_kernel, eigh,
+                     loaded_workspace, ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
