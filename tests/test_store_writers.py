@@ -297,6 +297,54 @@ def test_a_writer_whose_claim_was_taken_over_leaves_the_tile(tmp_path, caplog):
     assert not sink.claims().held
 
 
+def _read_then(claims, f, action):
+    """Make ``claims`` run ``action`` right after its first read of claim file ``f``: another
+    writer acting between a read and the unlink that follows it."""
+    orig, fired = claims._read, []
+
+    def read(path):
+        got = orig(path)
+        if Path(path) == f and not fired:
+            fired.append(action())
+        return got
+    claims._read = read
+    return fired
+
+
+def test_a_release_never_unlinks_the_claim_of_a_writer_that_took_it_over(tmp_path):
+    """A writer whose claim another writer judges stale (it stalled beyond its timeout) releases
+    it while the other takes it over: the release must not unlink the taker's new claim, or a
+    third writer computes the tile again beside it."""
+    (tmp_path / "claims").mkdir()
+    f = tmp_path / "claims" / "0.1"
+    mine = store_mod.Claims(tmp_path, 60.0, {"host": "node-a", "run": 1})
+    assert mine.acquire(0, 1)
+    stalled = mine.held[(0, 1)]
+    taker = store_mod.Claims(tmp_path, 60.0, {"host": "node-b", "run": 2})
+    taker.staleness = lambda owner, mtime: "stalled" if (owner or {}).get("claim") == stalled else None
+    fired = _read_then(mine, f, lambda: taker.acquire(0, 1))
+    mine.release(0, 1)
+    assert fired                                    # the takeover was tried inside the release
+    assert fired[0] == taker.holds(0, 1)            # a claim taken over is on disk, as its taker's
+    assert fired[0] == f.exists()
+    taker.release_all()
+    assert not f.exists() and not [p.name for p in (tmp_path / "claims").iterdir()]
+
+
+def test_removing_a_stale_claim_never_unlinks_the_claim_that_took_its_place(tmp_path):
+    """A stale claim of a finished tile is removed while another writer takes it over: the
+    removal must not unlink the new claim."""
+    _, out = unfinished_store(tmp_path, [])
+    f = plant_claim(out, (0, 1), age=100)
+    remover = store_mod.Claims(out, 5.0, {"host": "node-a", "run": 1})
+    taker = store_mod.Claims(out, 5.0, {"host": "node-c", "run": 2, "timeout": 60.0})
+    fired = _read_then(remover, f, lambda: taker.acquire(0, 1))
+    removed = remover.remove_stale(0, 1)
+    assert fired == [True] and taker.holds(0, 1) and f.exists() and not removed
+    taker.release_all()
+    assert [p.name for p in (out / "claims").iterdir()] == ["zarr.json"]     # nothing left
+
+
 def _sink_and_tile(out, tile=(0, 1)):
     """A StoreSink of unfinished_store's job (run 5), its group and tile ``tile``, and the
     numba backend that computes its sums."""

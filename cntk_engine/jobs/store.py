@@ -79,7 +79,9 @@ claims of writers renewing at a longer one; the hosts' clocks and the file syste
 to well within it); a stale claim is
 taken over atomically (one winner per stale claim, via a takeover file named after the stale
 claim's id) with a warning; a stale claim of a finished tile (its writer died between the
-marker and the release) is removed by the next writer that opens the store.  A writer whose
+marker and the release) is removed by the next writer that opens the store.  A claim is
+removed (released, or removed as stale) only under that same takeover file, so a removal and a
+takeover of one claim never interleave (the removal would unlink the taker's new claim).  A writer whose
 claim was taken over all the same (its process stalled beyond its timeout) finds that out before
 it writes the tile's data and again before its checksums and marker, and leaves the tile to the
 writer that took it over (a warning says so; data it wrote before the second check is the same
@@ -680,6 +682,37 @@ class Claims:
         tmp.write_text(json.dumps(rec))
         return tmp
 
+    @staticmethod
+    def _key(owner: dict | None, mtime: float) -> str:
+        """What names one claim: its id, or its file's mtime where the record cannot be read."""
+        return (owner or {}).get("claim") or f"mtime-{mtime!r}"
+
+    def _mark(self, i: int, j: int, key: str, tmp: Path) -> bool | None:
+        """Take the marker of claim ``key`` of tile (i, j) (``os.link`` of ``tmp``, this process's
+        record): True if taken; False if a live writer holds it (taking that claim over or
+        removing it); None if a stale marker was removed (try again).  Only the holder of a
+        claim's marker replaces or removes that claim, so a claim read under it stays as read."""
+        try:
+            os.link(tmp, self.dir / f".{i}.{j}.over.{key}")
+            return True
+        except FileExistsError:
+            pass
+        # its holder died taking it (the marker holds that writer's record: stale like a claim)
+        over = self.dir / f".{i}.{j}.over.{key}"
+        try:
+            if self.staleness(*self._read(over)) is None:
+                return False
+            os.unlink(over)
+        except FileNotFoundError:
+            pass
+        return None
+
+    def _unmark(self, i: int, j: int, key: str) -> None:
+        try:
+            os.unlink(self.dir / f".{i}.{j}.over.{key}")
+        except OSError:
+            pass
+
     def acquire(self, i: int, j: int) -> bool:
         """Claim tile (i, j): True if this process now holds it, False if a live claim of
         another writer holds it.  A stale claim is taken over (warning)."""
@@ -691,6 +724,8 @@ class Claims:
         # file of this id)
         with self.lock:
             self.held[(i, j)] = claim_id
+        with _HELD_LOCK:
+            _HELD.add(claim_id)              # its takeover marker is live while it runs
         got = False
         try:
             for _ in range(3):
@@ -707,34 +742,22 @@ class Claims:
                 why = self.staleness(owner, mtime)
                 if why is None:
                     return False
-                old = (owner or {}).get("claim") or f"mtime-{mtime!r}"
-                over = self.dir / f".{i}.{j}.over.{old}"
-                try:
-                    os.link(tmp, over)                    # one winner per stale claim
-                except FileExistsError:
-                    # another writer is taking it over, or died doing so (its takeover file
-                    # holds its claim record: stale like a claim, then removed, and we retry)
-                    try:
-                        if self.staleness(*self._read(over)) is None:
-                            return False
-                        os.unlink(over)
-                    except FileNotFoundError:
-                        pass
+                old = self._key(owner, mtime)
+                marked = self._mark(i, j, old, tmp)       # one winner per stale claim
+                if marked is None:
                     continue
+                if not marked:
+                    return False
                 try:
                     try:
-                        now_owner, now_mtime = self._read(f)
-                        now = (now_owner or {}).get("claim") or f"mtime-{now_mtime!r}"
+                        now = self._key(*self._read(f))
                     except FileNotFoundError:
                         now = None
                     if now is not None and now != old:
                         return False                      # claimed afresh meanwhile
                     os.replace(tmp, f)                    # our claim in place of the stale one
                 finally:
-                    try:
-                        os.unlink(over)
-                    except OSError:
-                        pass
+                    self._unmark(i, j, old)
                 log.warning("store %s: took over tile (%d, %d) from %s: %s", self.dir.parent, i, j,
                             Claim((i, j), owner, time.time() - mtime, why).who(), why)
                 got = self._hold(i, j, claim_id, f)
@@ -743,6 +766,44 @@ class Claims:
         finally:
             if not got:            # not claimed, or interrupted: nothing of this id is left
                 self.release(i, j)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _unlink(self, i: int, j: int, key: str, stale_only: bool) -> bool:
+        """Unlink tile (i, j)'s claim file if it still holds claim ``key`` (and, with
+        ``stale_only``, that claim is still stale); True if unlinked.  The claim's marker is held
+        meanwhile (:meth:`_mark`), so no writer takes the claim over between the read and the
+        unlink, which would then remove the taker's claim; where a live writer holds the marker,
+        the claim is left to it."""
+        marker_id = uuid.uuid4().hex
+        tmp = self._tmp(i, j, marker_id)
+        with _HELD_LOCK:
+            _HELD.add(marker_id)            # this process's marker, live while it runs
+        try:
+            for _ in range(3):
+                marked = self._mark(i, j, key, tmp)
+                if marked is not None:
+                    break
+            else:
+                return False
+            if not marked:
+                return False
+            try:
+                owner, mtime = self._read(self._file(i, j))
+                if self._key(owner, mtime) != key or (
+                        stale_only and self.staleness(owner, mtime) is None):
+                    return False
+                self._file(i, j).unlink()
+                return True
+            except FileNotFoundError:
+                return False
+            finally:
+                self._unmark(i, j, key)
+        finally:
+            with _HELD_LOCK:
+                _HELD.discard(marker_id)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -778,12 +839,7 @@ class Claims:
         if claim_id is None:
             return
         f = self._file(i, j)
-        try:
-            owner, _ = self._read(f)
-            if owner is not None and owner.get("claim") == claim_id:
-                f.unlink()
-        except FileNotFoundError:
-            pass
+        self._unlink(i, j, claim_id, stale_only=False)
         _HEARTBEAT.remove(str(f))
         with _HELD_LOCK:
             _HELD.discard(claim_id)
@@ -800,14 +856,13 @@ class Claims:
     def remove_stale(self, i: int, j: int) -> bool:
         """Remove the claim of tile (i, j) if it is stale now (judged again right before);
         True if removed."""
-        f = self._file(i, j)
         try:
-            if self.staleness(*self._read(f)) is None:
-                return False
-            f.unlink()
-            return True
+            owner, mtime = self._read(self._file(i, j))
         except FileNotFoundError:
             return False
+        if self.staleness(owner, mtime) is None:
+            return False
+        return self._unlink(i, j, self._key(owner, mtime), stale_only=True)
 
     def scan(self) -> dict[tuple[int, int], Claim]:
         """Every claim file now in the store, by tile."""
