@@ -475,11 +475,14 @@ def test_a_killed_creations_temporary_folder_is_swept(tmp_path):
     claim_tmp.write_text("{}")
     fresh_tmp = store / "claims" / ".0.0.fedcba9876543210fedcba9876543210.tmp"
     fresh_tmp.write_text("{}")
-    for p in (young, run_tmp, claim_tmp):
+    marker = store / "claims" / ".0.0.over.0123456789abcdef0123456789abcdef"
+    marker.write_text("{}")
+    for p in (young, run_tmp, claim_tmp, marker):
         os.utime(p, (t, t))
     ce.gram(np.ones((2, 1, 4, 4)), depth=2, backend="numba", out=store)
     assert not young.exists() and other.exists()
     assert not run_tmp.exists() and not claim_tmp.exists() and fresh_tmp.exists()
+    assert not marker.exists()
 
 
 def test_heartbeat_keeps_slow_tiles_of_another_host_claimed(tmp_path):

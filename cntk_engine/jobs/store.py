@@ -461,13 +461,16 @@ def _sweep_partials(path: Path) -> None:
     """Remove what writers killed in the middle of an atomic step left (older than
     :data:`PARTIAL_MAX_AGE`; each step takes milliseconds): the temporary folders of earlier
     creations of the store at ``path``, and in the store the temporary run groups
-    (``runs/.new-*``) and claim files (``claims/.<i>.<j>.<id>.tmp``).  Every listing of the
-    store skips them; this keeps them from piling up."""
+    (``runs/.new-*``), claim files (``claims/.<i>.<j>.<id>.tmp``) and the markers of a claim's
+    takeover or removal (``claims/.<i>.<j>.over.<id>``: the next takeover of that claim removes
+    one left; a claim gone since leaves it for this).  Every listing of the store skips them;
+    this keeps them from piling up."""
     now = time.time()
     left = [(p, "a creation of the store")
             for p in path.parent.glob(glob.escape(_partial_prefix(path)) + "*")]
     left += [(p, "a new run's record") for p in (path / RUNS).glob(".new-*")]
     left += [(p, "a claim") for p in (path / CLAIMS).glob(".*.tmp")]
+    left += [(p, "a claim's takeover or removal") for p in (path / CLAIMS).glob(".*.over.*")]
     for p, what in left:
         try:
             if p.is_symlink() or now - p.stat().st_mtime <= PARTIAL_MAX_AGE:
