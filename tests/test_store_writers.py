@@ -297,24 +297,29 @@ def test_a_writer_whose_claim_was_taken_over_leaves_the_tile(tmp_path, caplog):
     assert not sink.claims().held
 
 
-def _read_then(claims, f, action):
-    """Make ``claims`` run ``action`` right after its first read of claim file ``f``: another
+def _read_then(claims, f, action, nth=1):
+    """Make ``claims`` run ``action`` right after its ``nth`` read of claim file ``f``: another
     writer acting between a read and the unlink that follows it."""
-    orig, fired = claims._read, []
+    orig, fired, reads = claims._read, [], []
 
     def read(path):
         got = orig(path)
-        if Path(path) == f and not fired:
-            fired.append(action())
+        if Path(path) == f:
+            reads.append(path)
+            if len(reads) == nth:
+                fired.append(action())
         return got
     claims._read = read
     return fired
 
 
-def test_a_release_never_unlinks_the_claim_of_a_writer_that_took_it_over(tmp_path):
+@pytest.mark.parametrize("nth", [1, 2])
+def test_a_release_never_unlinks_the_claim_of_a_writer_that_took_it_over(tmp_path, nth):
     """A writer whose claim another writer judges stale (it stalled beyond its timeout) releases
     it while the other takes it over: the release must not unlink the taker's new claim, or a
-    third writer computes the tile again beside it."""
+    third writer computes the tile again beside it.  The takeover comes after the release's
+    first read of the claim, or after its read under the claim's marker (the taker then finds
+    the marker held and leaves the claim)."""
     (tmp_path / "claims").mkdir()
     f = tmp_path / "claims" / "0.1"
     mine = store_mod.Claims(tmp_path, 60.0, {"host": "node-a", "run": 1})
@@ -322,11 +327,11 @@ def test_a_release_never_unlinks_the_claim_of_a_writer_that_took_it_over(tmp_pat
     stalled = mine.held[(0, 1)]
     taker = store_mod.Claims(tmp_path, 60.0, {"host": "node-b", "run": 2})
     taker.staleness = lambda owner, mtime: "stalled" if (owner or {}).get("claim") == stalled else None
-    fired = _read_then(mine, f, lambda: taker.acquire(0, 1))
+    fired = _read_then(mine, f, lambda: taker.acquire(0, 1), nth)
     mine.release(0, 1)
-    assert fired                                    # the takeover was tried inside the release
-    assert fired[0] == taker.holds(0, 1)            # a claim taken over is on disk, as its taker's
-    assert fired[0] == f.exists()
+    # after the first read the takeover succeeds and its claim stays; under the marker the
+    # taker is refused and the release unlinks the stalled claim
+    assert fired == [nth == 1] and taker.holds(0, 1) == f.exists() == (nth == 1)
     taker.release_all()
     assert not f.exists() and not [p.name for p in (tmp_path / "claims").iterdir()]
 

@@ -842,7 +842,13 @@ class Claims:
         if claim_id is None:
             return
         f = self._file(i, j)
-        self._unlink(i, j, claim_id, stale_only=False)
+        try:
+            # a claim file of another id never becomes this one's: only this one is unlinked,
+            # under its marker (a failed acquire, polled for, costs one read)
+            if self._key(*self._read(f)) == claim_id:
+                self._unlink(i, j, claim_id, stale_only=False)
+        except FileNotFoundError:
+            pass
         _HEARTBEAT.remove(str(f))
         with _HELD_LOCK:
             _HELD.discard(claim_id)
