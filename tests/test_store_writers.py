@@ -350,6 +350,133 @@ def test_removing_a_stale_claim_never_unlinks_the_claim_that_took_its_place(tmp_
     assert [p.name for p in (out / "claims").iterdir()] == ["zarr.json"]     # nothing left
 
 
+def _claims_dir(tmp_path):
+    (tmp_path / "claims").mkdir()
+    return tmp_path / "claims" / "0.1"
+
+
+def test_a_takeover_never_overwrites_a_claim_made_after_the_stale_one_went(tmp_path):
+    """A taker finds the stale claim gone under its marker (released meanwhile), and a third
+    writer claims the tile in that moment: the taker must claim afresh (and fail), not replace
+    the third writer's claim."""
+    f = _claims_dir(tmp_path)
+    stalled = store_mod.Claims(tmp_path, 60.0, {"host": "node-a", "run": 1})
+    taker = store_mod.Claims(tmp_path, 60.0, {"host": "node-b", "run": 2})
+    third = store_mod.Claims(tmp_path, 60.0, {"host": "node-e", "run": 3})
+    assert stalled.acquire(0, 1)
+    old = stalled.held[(0, 1)]
+    taker.staleness = lambda owner, mtime: "stalled" if (owner or {}).get("claim") == old else None
+    orig, reads, third_got = taker._read, [], []
+
+    def read(path):
+        if Path(path) != f:
+            return orig(path)
+        reads.append(path)
+        if len(reads) == 1:                  # the taker has judged it stale: it is released
+            got = orig(path)
+            stalled.release(0, 1)
+            return got
+        try:                                 # the taker's read under its marker finds it gone,
+            return orig(path)
+        except FileNotFoundError:            # and the third writer claims the tile just then
+            if not third_got:
+                third_got.append(third.acquire(0, 1))
+            raise
+    taker._read = read
+    assert taker.acquire(0, 1) is False and third_got == [True] and third.holds(0, 1)
+    third.release_all()
+
+
+def test_a_dead_writers_marker_is_broken_only_while_it_is_the_dead_ones(tmp_path):
+    """Two writers judge a dead writer's takeover marker stale; the first breaks it and takes
+    the marker: the second must not then unlink the first's live marker by its name."""
+    _claims_dir(tmp_path)
+    over = tmp_path / "claims" / ".0.1.over.C"
+    dead = {"host": store_mod.HOST, "pidns": store_mod.PID_NAMESPACE, "boot": store_mod.BOOT_ID,
+            "pid": 2 ** 22 + 7, "claim": "m-dead"}
+    over.write_text(json.dumps(dead))
+    first = store_mod.Claims(tmp_path, 600.0, {"host": "node-t", "run": 2})
+    second = store_mod.Claims(tmp_path, 600.0, {"host": "node-d", "run": 3})
+    first_tmp, second_tmp = first._tmp(0, 1, "m-first"), second._tmp(0, 1, "m-second")
+    orig, took = second._read, []
+
+    def read(path):                       # the second has read the dead marker; the first acts
+        got = orig(path)
+        if Path(path) == over and not took:
+            took.append(first._mark(0, 1, "C", first_tmp))        # breaks it: try again
+            took.append(first._mark(0, 1, "C", first_tmp))        # takes it
+        return got
+    second._read = read
+    assert second._mark(0, 1, "C", second_tmp) is None and took == [None, True]
+    assert json.loads(over.read_text())["claim"] == "m-first"     # the first's, kept
+    assert second._mark(0, 1, "C", second_tmp) is False           # live: not broken
+
+
+def test_an_observers_markers_say_which_process_holds_them(tmp_path):
+    """A store opened to clear stale claims (an observer, no run of its own) records its
+    process in the markers it takes, so a marker left by its death is judged by that process,
+    at once, not by its age."""
+    _claims_dir(tmp_path)
+    observer = store_mod.Claims(tmp_path, 600.0, {})
+    rec = json.loads(observer._tmp(0, 1, "m").read_text())
+    assert (rec["host"], rec["pid"], rec["timeout"]) == (store_mod.HOST, os.getpid(), 600.0)
+    gone = dict(rec, pid=2 ** 22 + 7, pstart=None)
+    assert "is gone" in observer.staleness(gone, time.time())
+
+
+def test_a_release_waits_for_a_marker_held_for_a_moment(tmp_path):
+    """A release that finds its claim's marker held (a writer about to remove it as stale,
+    which then finds it renewed) waits for it and removes the claim, rather than leave a claim
+    file that nobody holds."""
+    f = _claims_dir(tmp_path)
+    mine = store_mod.Claims(tmp_path, 60.0, {"host": "node-a", "run": 1})
+    assert mine.acquire(0, 1)
+    remover = store_mod.Claims(tmp_path, 60.0, {"host": "node-d"})
+    key = mine.held[(0, 1)]
+    tmp = remover._tmp(0, 1, "m-remover")
+    assert remover._mark(0, 1, key, tmp)
+    timer = threading.Timer(0.3, lambda: os.unlink(remover._over(0, 1, key)))
+    timer.start()
+    t0 = time.perf_counter()
+    mine.release(0, 1)
+    timer.join()
+    assert 0.25 < time.perf_counter() - t0 < store_mod.MARK_WAIT and not f.exists()
+
+
+def test_a_release_the_disk_has_no_room_for_still_removes_the_claim(tmp_path, monkeypatch):
+    """A full disk or an exceeded quota refuses the marker's record: the release removes its
+    claim all the same (an unlink needs no room) and forgets it, so that it is not renewed for
+    the rest of the process (a notebook, a Dask worker) with no writer able to take it."""
+    import errno
+    f = _claims_dir(tmp_path)
+    mine = store_mod.Claims(tmp_path, 60.0, {"host": "node-a", "run": 1})
+    assert mine.acquire(0, 1)
+    key = mine.held[(0, 1)]
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(mine, "_tmp", full)
+    mine.release(0, 1)
+    assert not f.exists() and not mine.held and key not in store_mod._HELD
+    assert str(f) not in store_mod._HEARTBEAT.paths
+
+
+def test_a_dangling_link_in_place_of_a_claim_is_judged_by_its_age(tmp_path, caplog):
+    """A symbolic link at a claim's name (never a claim's own) reads as a damaged claim, judged
+    by its age: taken over once that is beyond the timeout, not taken for a claim released (the
+    job then waited for it forever, saying nothing)."""
+    f = _claims_dir(tmp_path)
+    os.symlink(tmp_path / "nowhere", f)
+    t = time.time() - 100
+    os.utime(f, (t, t), follow_symlinks=False)
+    claims = store_mod.Claims(tmp_path, 5.0, {"host": "node-a"})
+    assert claims.staleness(*claims._read(f)).startswith("it was not renewed for")
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        assert claims.acquire(0, 1) and not f.is_symlink() and claims.holds(0, 1)
+    assert "took over tile (0, 1)" in caplog.text
+    claims.release_all()
+
+
 def _sink_and_tile(out, tile=(0, 1)):
     """A StoreSink of unfinished_store's job (run 5), its group and tile ``tile``, and the
     numba backend that computes its sums."""

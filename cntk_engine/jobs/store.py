@@ -122,6 +122,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -594,6 +595,24 @@ class _Heartbeat:
 
 
 _HEARTBEAT = _Heartbeat()
+#: How long a release or a stale claim's removal waits for a claim's marker that another
+#: writer holds (each holds one for milliseconds), before it leaves the claim to that writer.
+MARK_WAIT = 1.0
+
+
+def _identity(timeout: float) -> dict:
+    """This process as its claims and markers record it, for :meth:`Claims.staleness`: its
+    host, boot, pid namespace, pid and start time, and the claim timeout it renews at."""
+    pid = os.getpid()
+    return {"host": HOST, "pid": pid, "pstart": _proc_start(pid), "pidns": PID_NAMESPACE,
+            "boot": BOOT_ID, "timeout": timeout}
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
 _CLAIM_NAME = re.compile(r"^(\d+)\.(\d+)$")
 _HELD: set[str] = set()        # ids of the claims this process holds (any store, any thread)
 _HELD_LOCK = threading.Lock()
@@ -630,8 +649,11 @@ class Claims:
         return self.dir / f"{i}.{j}"
 
     def _read(self, f: Path):
-        """(owner record or None, mtime) of a claim file; FileNotFoundError if it is gone."""
-        st = f.stat()
+        """(owner record or None, mtime) of a claim file; FileNotFoundError if it is gone.  A
+        symbolic link (never a claim's: damaged, or put there) is judged by its own age."""
+        st = os.lstat(f)
+        if stat.S_ISLNK(st.st_mode):
+            return None, st.st_mtime
         try:
             owner = json.loads(f.read_text())
             if not isinstance(owner, dict):
@@ -679,7 +701,10 @@ class Claims:
         return None
 
     def _tmp(self, i: int, j: int, claim_id: str) -> Path:
-        rec = dict(self.owner, tile=[i, j], claim=claim_id,
+        """A complete file of this process's record for claim (or marker) ``claim_id`` of tile
+        (i, j), to be linked into place: who it is (:func:`_identity`, so that every record,
+        an observer's markers too, is judged by its process), then ``owner``."""
+        rec = dict(_identity(self.timeout), **self.owner, tile=[i, j], claim=claim_id,
                    since=_dt.datetime.now().isoformat(timespec="seconds"))
         tmp = self.dir / f".{i}.{j}.{claim_id}.tmp"
         tmp.write_text(json.dumps(rec))
@@ -690,31 +715,45 @@ class Claims:
         """What names one claim: its id, or its file's mtime where the record cannot be read."""
         return (owner or {}).get("claim") or f"mtime-{mtime!r}"
 
+    def _over(self, i: int, j: int, key: str) -> Path:
+        return self.dir / f".{i}.{j}.over.{key}"
+
     def _mark(self, i: int, j: int, key: str, tmp: Path) -> bool | None:
         """Take the marker of claim ``key`` of tile (i, j) (``os.link`` of ``tmp``, this process's
         record): True if taken; False if a live writer holds it (taking that claim over or
-        removing it); None if a stale marker was removed (try again).  Only the holder of a
-        claim's marker replaces or removes that claim, so a claim read under it stays as read."""
+        removing it), or is breaking a dead writer's; None if a dead writer's was broken (try
+        again).  Only the holder of a claim's marker replaces or removes that claim, so a claim
+        read under it stays as read."""
+        over = self._over(i, j, key)
         try:
-            os.link(tmp, self.dir / f".{i}.{j}.over.{key}")
+            os.link(tmp, over)
             return True
         except FileExistsError:
             pass
-        # its holder died taking it (the marker holds that writer's record: stale like a claim)
-        over = self.dir / f".{i}.{j}.over.{key}"
         try:
-            if self.staleness(*self._read(over)) is None:
-                return False
-            os.unlink(over)
+            holder = self._read(over)
         except FileNotFoundError:
-            pass
-        return None
-
-    def _unmark(self, i: int, j: int, key: str) -> None:
+            return None                           # given back meanwhile
+        if self.staleness(*holder) is None:
+            return False
+        # its holder died under it.  It is unlinked only under a lock named after that holder's
+        # record, and only while it still is that record: two writers that both judged it dead
+        # would otherwise each unlink by name, the second the marker the first took since.
+        dead = self._key(*holder)
+        lock = over.with_name(f"{over.name}.break.{dead}")
         try:
-            os.unlink(self.dir / f".{i}.{j}.over.{key}")
-        except OSError:
-            pass
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False                          # another writer breaks it (or died doing so:
+        try:                                      # the sweep removes that lock)
+            try:
+                if self._key(*self._read(over)) == dead:
+                    os.unlink(over)
+            except FileNotFoundError:
+                pass
+        finally:
+            _unlink_quietly(lock)
+        return None
 
     def acquire(self, i: int, j: int) -> bool:
         """Claim tile (i, j): True if this process now holds it, False if a live claim of
@@ -746,21 +785,25 @@ class Claims:
                 if why is None:
                     return False
                 old = self._key(owner, mtime)
-                marked = self._mark(i, j, old, tmp)       # one winner per stale claim
-                if marked is None:
-                    continue
-                if not marked:
-                    return False
+                marked = None
                 try:
+                    marked = self._mark(i, j, old, tmp)   # one winner per stale claim
+                    if marked is None:
+                        continue
+                    if not marked:
+                        return False
                     try:
                         now = self._key(*self._read(f))
                     except FileNotFoundError:
-                        now = None
-                    if now is not None and now != old:
+                        # removed meanwhile: claimed afresh by the link above, never replaced
+                        # (a fresh claim linked since would be overwritten)
+                        continue
+                    if now != old:
                         return False                      # claimed afresh meanwhile
                     os.replace(tmp, f)                    # our claim in place of the stale one
                 finally:
-                    self._unmark(i, j, old)
+                    if marked:
+                        _unlink_quietly(self._over(i, j, old))
                 log.warning("store %s: took over tile (%d, %d) from %s: %s", self.dir.parent, i, j,
                             Claim((i, j), owner, time.time() - mtime, why).who(), why)
                 got = self._hold(i, j, claim_id, f)
@@ -769,48 +812,45 @@ class Claims:
         finally:
             if not got:            # not claimed, or interrupted: nothing of this id is left
                 self.release(i, j)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
 
     def _unlink(self, i: int, j: int, key: str, stale_only: bool) -> bool:
         """Unlink tile (i, j)'s claim file if it still holds claim ``key`` (and, with
         ``stale_only``, that claim is still stale); True if unlinked.  The claim's marker is held
         meanwhile (:meth:`_mark`), so no writer takes the claim over between the read and the
-        unlink, which would then remove the taker's claim; where a live writer holds the marker,
-        the claim is left to it."""
+        unlink, which would then remove the taker's claim.  A marker another writer holds is
+        waited for (:data:`MARK_WAIT`: it holds one for milliseconds), then the claim is left."""
         marker_id = uuid.uuid4().hex
         tmp = self._tmp(i, j, marker_id)
         with _HELD_LOCK:
             _HELD.add(marker_id)            # this process's marker, live while it runs
+        marked = None
         try:
-            for _ in range(3):
+            deadline, pause = time.monotonic() + MARK_WAIT, 0.005
+            while True:
                 marked = self._mark(i, j, key, tmp)
-                if marked is not None:
+                if marked:
                     break
-            else:
-                return False
-            if not marked:
-                return False
+                if time.monotonic() > deadline:
+                    return False
+                if marked is False:
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.1)
             try:
                 owner, mtime = self._read(self._file(i, j))
-                if self._key(owner, mtime) != key or (
-                        stale_only and self.staleness(owner, mtime) is None):
-                    return False
-                self._file(i, j).unlink()
-                return True
             except FileNotFoundError:
                 return False
-            finally:
-                self._unmark(i, j, key)
+            if self._key(owner, mtime) != key or (
+                    stale_only and self.staleness(owner, mtime) is None):
+                return False
+            os.unlink(self._file(i, j))
+            return True
         finally:
+            if marked:
+                _unlink_quietly(self._over(i, j, key))
             with _HELD_LOCK:
                 _HELD.discard(marker_id)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
 
     def _hold(self, i, j, claim_id, f) -> bool:
         with self.lock:
@@ -835,20 +875,43 @@ class Claims:
 
     def release(self, i: int, j: int) -> None:
         """Remove this process's claim of tile (i, j), if it still is this process's.  The file
-        goes before the record of it, so that an exception between the two (Ctrl-C, SIGTERM)
-        leaves the record for release_all, never a claim file without one."""
+        goes before the record of it, so that an interrupt between the two (Ctrl-C, SIGTERM)
+        leaves the record for release_all, never a claim file without one; a file system that
+        refuses the removal drops the record all the same (a retry would be refused too, and a
+        record kept would renew the claim while this process lives)."""
         with self.lock:
             claim_id = self.held.get((i, j))
         if claim_id is None:
             return
         f = self._file(i, j)
         try:
+            self._unlink_own(i, j, claim_id)
+        except OSError:
+            self._forget(i, j, claim_id, f)
+            raise
+        self._forget(i, j, claim_id, f)
+
+    def _unlink_own(self, i: int, j: int, claim_id: str) -> None:
+        f = self._file(i, j)
+        try:
             # a claim file of another id never becomes this one's: only this one is unlinked,
             # under its marker (a failed acquire, polled for, costs one read)
-            if self._key(*self._read(f)) == claim_id:
-                self._unlink(i, j, claim_id, stale_only=False)
+            if self._key(*self._read(f)) != claim_id:
+                return
         except FileNotFoundError:
-            pass
+            return
+        try:
+            self._unlink(i, j, claim_id, stale_only=False)
+        except OSError:
+            # no room for the marker's record (a full disk, a quota): unlinked unguarded, as it
+            # was before markers guarded it (an unlink needs no room)
+            try:
+                if self._key(*self._read(f)) == claim_id:
+                    os.unlink(f)
+            except FileNotFoundError:
+                pass
+
+    def _forget(self, i: int, j: int, claim_id: str, f: Path) -> None:
         _HEARTBEAT.remove(str(f))
         with _HELD_LOCK:
             _HELD.discard(claim_id)
@@ -863,15 +926,16 @@ class Claims:
             self.release(i, j)
 
     def remove_stale(self, i: int, j: int) -> bool:
-        """Remove the claim of tile (i, j) if it is stale now (judged again right before);
-        True if removed."""
+        """Remove the claim of tile (i, j) if it is stale now (judged again under its marker);
+        True if removed.  False also where the file system refuses the marker or the removal
+        (a stale claim of a finished tile is harmless: a later opener removes it)."""
         try:
             owner, mtime = self._read(self._file(i, j))
-        except FileNotFoundError:
+            if self.staleness(owner, mtime) is None:
+                return False
+            return self._unlink(i, j, self._key(owner, mtime), stale_only=True)
+        except OSError:              # FileNotFoundError: removed meanwhile
             return False
-        if self.staleness(owner, mtime) is None:
-            return False
-        return self._unlink(i, j, self._key(owner, mtime), stale_only=True)
 
     def scan(self) -> dict[tuple[int, int], Claim]:
         """Every claim file now in the store, by tile."""
@@ -942,10 +1006,7 @@ class StoreSink(Sink):
         with self._lock:
             if self._claims is None:
                 self._claims = Claims(self.path, self.claim_timeout,
-                                      {"run": self.run_id, "run_id": self.run_uuid, "host": HOST,
-                                       "pid": os.getpid(), "pstart": _proc_start(os.getpid()),
-                                       "pidns": PID_NAMESPACE, "boot": BOOT_ID,
-                                       "timeout": self.claim_timeout})
+                                      {"run": self.run_id, "run_id": self.run_uuid})
         return self._claims
 
     def claim(self, t) -> bool:
