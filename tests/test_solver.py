@@ -957,11 +957,26 @@ def test_the_eigh_fit_is_exact_to_the_condition_number(n, cond):
     assert eigh_err < bound and chol_err < bound, (eigh_err, chol_err, bound)
 
 
+def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
+    """K = [[1, 1 - 2^-53], [1 - 2^-53, 1]]: singular but for the rounding of one entry, as a
+    Gram holding one image twice is (computed in float32, K(a, b) and K(b, a) differ in the last
+    bits).  potrf factorises it (a pivot of 2^-52), and the interpolating fit of two different
+    targets was 9e15; a pivot at or below n eps max(diag) now counts as a failed factorisation,
+    as fit_ridge_eigh's spectrum rule has it, so jitter is added (and said)."""
+    d = 2.0 ** -53
+    K = np.array([[1.0, 1.0 - d], [1.0 - d, 1.0]])
+    sol = S.fit_ridge(K, np.array([1.0, -1.0]), 0.0)
+    assert sol.jitter == 1e-10 and np.abs(sol.alpha).max() < 1.1e10
+    # above the floor the factorisation is taken as it is
+    K = np.array([[1.0, 1.0 - 1e-14], [1.0 - 1e-14, 1.0]])
+    assert S.fit_ridge(K, np.array([1.0, -1.0]), 0.0).jitter == 0.0
+
+
 def test_cholesky_and_eigh_in_place(rng):
     K, _ = psd(rng, 40)
     A = np.ascontiguousarray(S.check_gram(K))
     from cntk_engine.solver import linalg
-    L = linalg._cholesky_inplace(np, A)
+    L = linalg._cholesky_inplace(np, A, 0.0)
     assert np.shares_memory(L, A)
     np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-8, atol=1e-10)
     assert np.all(np.triu(L, 1) == 0)

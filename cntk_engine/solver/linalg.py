@@ -270,13 +270,15 @@ def constant_entries(K) -> float | None:
     return c
 
 
-def _cholesky_inplace(xp, A):
+def _cholesky_inplace(xp, A, floor: float):
     """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
-    definite.  NumPy: factorised in place (LAPACK potrf on ``A.T``, the same symmetric matrix
-    in Fortran order, so no copy); the factor L is a view of A's memory.  Only A's lower
-    triangle and diagonal are written, even when the factorisation fails: the strict upper
-    triangle keeps the matrix (see :func:`_restore_from_upper`).  CuPy: cuSOLVER on a copy
-    (A is left as it is)."""
+    definite, or numerically singular: a pivot L_kk^2 at or below ``floor`` (each pivot is at
+    least A's smallest eigenvalue, so A then has one there too: a factor that exists only by
+    the rounding of A, whose solve would be that rounding times 1 / floor).  NumPy: factorised
+    in place (LAPACK potrf on ``A.T``, the same symmetric matrix in Fortran order, so no copy);
+    the factor L is a view of A's memory.  Only A's lower triangle and diagonal are written,
+    even when the factorisation fails: the strict upper triangle keeps the matrix (see
+    :func:`_restore_from_upper`).  CuPy: cuSOLVER on a copy (A is left as it is)."""
     if xp is np:
         from scipy.linalg import lapack
         potrf, = lapack.get_lapack_funcs(("potrf",), (A,))
@@ -285,6 +287,8 @@ def _cholesky_inplace(xp, A):
             return None
         if info < 0:
             raise ValueError(f"LAPACK potrf: illegal argument {-info}")
+        if float(np.min(np.diagonal(U))) ** 2 <= floor:
+            return None            # (before the zeros below: A's upper triangle still holds A)
         L = U.T                    # C-contiguous; above its diagonal: the matrix, not zeros
         n, step = L.shape[0], block_rows(L.shape[0])
         for i in range(0, n, step):
@@ -300,7 +304,9 @@ def _cholesky_inplace(xp, A):
             L = xp.linalg.cholesky(A)
     except Exception:  # noqa: BLE001 - LinAlgError when not positive definite
         return None
-    return L if math.isfinite(scalar(xp.sum(L))) else None     # no n x n bool temporary
+    if not math.isfinite(scalar(xp.sum(L))):                    # no n x n bool temporary
+        return None
+    return L if scalar(xp.min(xp.diagonal(L))) ** 2 > floor else None
 
 
 def _restore_from_upper(xp, A, diag):
@@ -325,8 +331,10 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
              device=None, overwrite_k: bool = False, ridge_name: str = "ridge"):
     """Lower Cholesky factor of ``K + (ridge + j) I`` and the jitter ``j`` that was needed.
 
-    ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  With ``jitter``
-    and a failing factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
+    ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  A factorisation
+    fails where K + ridge I is not positive definite or is numerically singular (a pivot at or
+    below n eps max(diag): :func:`_cholesky_inplace`).  With ``jitter`` and a failing
+    factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
     mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
@@ -342,9 +350,13 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     diag = xp.diagonal(A).copy()
     idx = xp.arange(n)
 
+    eps_n = n * float(np.finfo(np.float64).eps)
+
     def attempt(v):
         A[idx, idx] = diag + v
-        L = _cholesky_inplace(xp, A)
+        # n eps max(diag): the rounding of K + v I's spectrum, as fit_ridge_eigh's rule
+        # (spectrum_tol) has it, with the largest diagonal entry for the largest eigenvalue
+        L = _cholesky_inplace(xp, A, eps_n * max(scalar(xp.max(diag)) + v, 0.0))
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
         return L
