@@ -32,6 +32,7 @@ chooses it by exact leave-one-out over :data:`cntk_engine.solver.RELATIVE_RIDGE_
 """
 from __future__ import annotations
 
+import logging
 import numbers
 from contextlib import contextmanager
 
@@ -98,6 +99,18 @@ def _is_fitted_attribute(name: str) -> bool:
     return (name.endswith("_") and not name.startswith("__")) or name in ("_fitted_with_flips", "_y_1d")
 
 
+log = logging.getLogger("cntk_engine")
+
+#: float32's machine epsilon: a float32 Gram's entries carry rounding of about this, relative.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+#: What the estimators say where the training Gram is (numerically) singular.
+_GRAM_PRECISION = ("ridge='auto' chooses a ridge that leaves it positive definite, a relative "
+                   "ridge of at least {floor:.1g} (n x float32's epsilon) is above a float32 "
+                   "Gram's rounding, and dtype='float64' computes the Gram to float64's (float32 "
+                   "loses up to ~4e-4 of the kernel where two inputs are nearly parallel, as "
+                   "tabular features far from 0 often are)")
+
+
 class _CNTKBase(BaseEstimator):
     """Shared parameters and machinery (see the module docstring)."""
 
@@ -106,7 +119,7 @@ class _CNTKBase(BaseEstimator):
     def __init__(self, depth=None, architecture="cnn", pooling="gap", lap_window=None, flip=False,
                  fix=False, kernel="ntk", convention="arora", W_std=None, b_std=None,
                  filter_size=3, ridge="auto", preprocess=None, zca_reg=ZCA_REG,
-                 augment_flips=False, image_shape=None, backend="auto", dtype="float32",
+                 augment_flips=False, image_shape=None, backend="auto", dtype=None,
                  data_format=None):
         self.depth = depth
         self.architecture = architecture
@@ -136,7 +149,8 @@ class _CNTKBase(BaseEstimator):
             raise ValueError(f"kernel must be one of {KERNELS}; got {self.kernel!r}")
         # the architecture's errors (e.g. fix=True at depth 2) before any kernel is computed
         make_architecture(**self._network())
-        check_dtype(self.dtype)
+        if self.dtype is not None:
+            check_dtype(self.dtype)
         check_name(self.backend)
         if self.preprocess not in (None, "standardize", "zca"):
             raise ValueError(f"preprocess must be None, 'standardize' (per-channel mean and std of "
@@ -183,6 +197,15 @@ class _CNTKBase(BaseEstimator):
                     f"(H, W, C), or data_format='NCHW' explicitly if these really are {c}-channel "
                     f"{h} x {w} images")
 
+    def _compute_dtype(self, height_width) -> str:
+        """The Gram's compute dtype for images of (H, W) ``height_width``: ``dtype``, or for
+        None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses up
+        to ~4e-4 of the kernel where two rows are nearly parallel, as features far from 0 often
+        are: README, Exactness) and float32 on larger images."""
+        if self.dtype is None:
+            return "float64" if tuple(height_width) == (1, 1) else "float32"
+        return self.dtype
+
     def _tabular(self) -> bool:
         return isinstance(self.image_shape, str) and self.image_shape == "features"
 
@@ -212,6 +235,7 @@ class _CNTKBase(BaseEstimator):
         from .spelling import images_as
         if b is None:
             self._network_ = dict(self._network(), kernel=self.kernel)
+            self._dtype_ = self._compute_dtype(a.shape[2:])
         # an estimator pickled before the network was recorded: its parameters, as then
         network = getattr(self, "_network_", None) or dict(self._network(), kernel=self.kernel)
 
@@ -222,7 +246,8 @@ class _CNTKBase(BaseEstimator):
         names = ({"x1": training} if b is None else
                  {"x1": "X[{}]".format, "x2": lambda i: f"{training(i)} of the training set"})
         with images_as(names):
-            return gram(a, b, **network, backend=self.backend, dtype=self.dtype,
+            return gram(a, b, **network, backend=self.backend,
+                        dtype=getattr(self, "_dtype_", None) or self._compute_dtype(a.shape[2:]),
                         data_format="NCHW")
 
     @contextmanager
@@ -330,8 +355,22 @@ class _CNTKBase(BaseEstimator):
                              "tell the training images apart (all-zero images, images constant in "
                              "each channel under preprocess='standardize', or W_std=0), so the "
                              "regression would predict the same for every image")
-        sol, sel = solver.fit_relative_ridge(K, Y, self.ridge, labels=labels, groups=groups,
-                                             overwrite_k=True)
+        n, scale = len(K), float(np.mean(np.diagonal(K)))
+        try:
+            sol, sel = solver.fit_relative_ridge(K, Y, self.ridge, labels=labels, groups=groups,
+                                                 overwrite_k=True)
+        except solver.NotPositiveDefinite as e:
+            raise solver.NotPositiveDefinite(
+                f"{e}.  The training Gram was computed in {self._dtype_}: "
+                + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS)) from None
+        floor = n * FLOAT32_EPS * scale
+        if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge + sol.jitter < floor:
+            log.warning("the training Gram is singular to working precision (jitter %.3g was "
+                        "added to factorise it) and was computed in float32, whose rounding "
+                        "(about 1e-7 of its entries) is above that: the fit is set by the "
+                        "rounding (with one image under two labels, its predictions are "
+                        "arbitrary): " + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS),
+                        sol.jitter)
         self.ridge_ = float(self.ridge) if sel is None else sel.relative
         self.loo_ = None if sel is None else sel.scores   # not the scores of an earlier fit
         self.ridge_absolute_ = sol.ridge
@@ -404,7 +443,10 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
     W_std, b_std, filter_size, backend, dtype : passed to :func:`cntk_engine.gram`
         (``kernel="nngp"`` gives the NNGP posterior mean).  ``depth=None``: 11 for
         ``architecture="cnn"``; a Myrtle preset ("myrtle5", "myrtle7", "myrtle10") or a stack
-        fixes its own depth.  ``flip=True``: the flip-symmetrised kernel.
+        fixes its own depth.  ``flip=True``: the flip-symmetrised kernel.  ``dtype=None`` (the
+        default): "float32" on images, "float64" on 1 x 1 images (``image_shape="features"``:
+        they cost little, and float32 loses up to ~4e-4 of the kernel where two rows are nearly
+        parallel, as features far from 0 often are; images of pixels lose ~1e-7).
     preprocess : None (the images as given), "standardize": each channel's mean and std over the
         training images (:func:`cntk_engine.preprocess.fit_standardize`; attribute
         ``standardization_``; ``cntk-engine evaluate``'s default), or "zca": regularised ZCA
@@ -417,10 +459,13 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         to its own Gram's mean diagonal), at about twice the kernel cost and 8 times the solve.  ``ridge="auto"`` then
         leaves each image out together with its flipped copy (leave-one-group-out).
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
-        diagonal of the training Gram; 0 = the paper's interpolating solution (with the default
-        float32 Gram, whose rounding can leave it slightly indefinite on near-duplicate images,
-        the solve adds the jitter needed, up to 1e-3 x the mean diagonal (``jitter_``), and
-        refuses the Gram as not positive definite beyond that: use ``dtype="float64"``).
+        diagonal of the training Gram; 0 = the paper's interpolating solution.  Where the Gram
+        is not positive definite to working precision (an image twice, near-duplicates; a
+        float32 Gram's rounding) the solve adds the jitter needed, up to 1e-3 x the mean
+        diagonal (``jitter_``; a warning says so, and where the Gram is float32 that the jitter
+        is below its rounding, so the fit is set by that rounding), and refuses the Gram
+        beyond that; ``ridge="auto"``, a ridge of at least n x 1.2e-7, or ``dtype="float64"``
+        avoid it.
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
     image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
         (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the
@@ -442,7 +487,7 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
                  fix=False, kernel="ntk", convention="arora", W_std=None, b_std=None,
                  filter_size=3, ridge="auto", preprocess=None, zca_reg=ZCA_REG,
                  augment_flips=False, targets="paper", image_shape=None, backend="auto",
-                 dtype="float32", data_format=None):
+                 dtype=None, data_format=None):
         super().__init__(depth=depth, architecture=architecture, pooling=pooling,
                          lap_window=lap_window, flip=flip, fix=fix, kernel=kernel,
                          convention=convention, W_std=W_std, b_std=b_std,

@@ -334,7 +334,7 @@ def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
         with pytest.raises(ValueError, match=r"fix=True needs depth >= 3.*identically 0"):
             est.fit(X, y)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        CNTKRegressor(depth=3, dtype=None).fit(X, y)
+        CNTKRegressor(depth=3, dtype="float16").fit(X, y)
 
 
 def test_errors_name_the_images_as_the_caller_passed_them(monkeypatch):
@@ -469,7 +469,8 @@ def test_predict_uses_the_network_of_the_fit(cls, monkeypatch):
         est.set_params(depth=6).fit(X * 2, y)
     monkeypatch.setattr(cntk_engine.api, "gram", real)
     np.testing.assert_array_equal(est.predict(Xt), want)
-    est.set_params(kernel="nngp", pooling="flatten", convention="neural_tangents", W_std=1.3)
+    est.set_params(kernel="nngp", pooling="flatten", convention="neural_tangents", W_std=1.3,
+                   dtype="float64")
     got = est.decision_function(Xt) if cls is CNTKClassifier else est.predict(Xt)
     np.testing.assert_array_equal(got, F)
     assert est.fit(X, y)._network_["kernel"] == "nngp"                     # a refit takes them
@@ -540,3 +541,63 @@ def test_a_gram_that_tells_no_training_image_apart_is_refused():
         est.fit(X, y)           # two values per channel: standardised, they differ
     with pytest.raises(ValueError, match="every entry of the training Gram is 0"):
         CNTKClassifier(depth=3, ridge=0.1, backend="numba").fit(np.zeros((4, 1, 5, 5)), np.arange(4) % 2)
+
+
+@pytest.mark.parametrize("cls", [CNTKClassifier, CNTKRegressor])
+def test_dtype_none_is_float64_on_features_and_float32_on_images(cls, monkeypatch):
+    """The default dtype=None computes 1 x 1 images (tabular features, cheap) in float64, where
+    float32 loses up to ~4e-4 of the kernel on nearly parallel rows, and larger images in
+    float32; a dtype given is used as given, and predict computes in the fit's."""
+    import cntk_engine.api
+    rng = np.random.default_rng(5)
+    F, y = rng.normal(loc=100, size=(12, 2)), np.arange(12) % 2
+    seen = []
+    real = cntk_engine.api.gram
+
+    def spy(*a, **k):
+        seen.append(k["dtype"])
+        return real(*a, **k)
+    monkeypatch.setattr(cntk_engine.api, "gram", spy)
+    est = cls(depth=3, backend="numba", ridge=0.01, image_shape="features").fit(F, y)
+    assert est.get_params()["dtype"] is None and est._dtype_ == "float64"
+    K = gram(F[:, :, None, None], depth=3, backend="numba", dtype="float64")
+    want = K @ solver.fit_ridge(K, (solver.paper_targets(y)[0] if cls is CNTKClassifier
+                                    else y.astype(float)), 0.01 * np.mean(np.diag(K))).alpha
+    want = want[:, 1] - want[:, 0] if cls is CNTKClassifier else want[:, 0]
+    got = est.decision_function(F) if cls is CNTKClassifier else est.predict(F)
+    # (float64 itself loses ~3e-10 of such a kernel: K(a, b) and K(b, a) differ by that much)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    cls(depth=3, backend="numba", ridge=0.01).fit(rng.standard_normal((6, 1, 4, 4)), y[:6])
+    cls(depth=3, backend="numba", ridge=0.01, image_shape="features", dtype="float32").fit(F, y)
+    assert seen[-2:] == ["float32", "float32"] and set(seen[:2]) == {"float64"}
+
+
+def test_a_ridge_0_fit_on_a_float32_gram_that_needed_jitter_says_the_rounding_sets_it(caplog):
+    """One image twice under two labels: the Gram is singular, and in float32 K(a, b) and
+    K(b, a) differ in their last bits, so the jitter that factorises it is below the Gram's
+    rounding and the fit is set by that rounding: a warning says so and what to use instead;
+    in float64 (exactly singular: the same jitter, no rounding above it) it does not."""
+    rng = np.random.default_rng(3)
+    X = rng.random((6, 1, 6, 6))
+    X = np.concatenate([X, X[:1]])
+    y = np.array([0, 1, 0, 1, 0, 1, 1])
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        est = CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float32").fit(X, y)
+    assert est.jitter_ > 0
+    assert "the fit is set by the rounding" in caplog.text and "dtype='float64'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float64").fit(X, y)
+    assert "set by the rounding" not in caplog.text
+
+
+def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(monkeypatch):
+    rng = np.random.default_rng(3)
+    X, y = rng.random((6, 1, 6, 6)), np.arange(6) % 2
+
+    def refuse(*a, **k):
+        raise solver.NotPositiveDefinite("K + 0 I (6 x 6) is not positive definite even with jitter")
+    monkeypatch.setattr(solver, "fit_relative_ridge", refuse)
+    with pytest.raises(solver.NotPositiveDefinite,
+                       match=r"computed in float32: ridge='auto' .* dtype='float64'"):
+        CNTKClassifier(depth=3, backend="numba", ridge=0).fit(X, y)
