@@ -166,3 +166,19 @@ def test_the_arbiter_sees_a_plain_pool_sum():
 
     err = control_error("pool4", plain_pool4, constant_images(), architecture=WHOLE_IMAGE_POOL)
     assert err > 100 * TOL, err
+
+
+@pytest.mark.parametrize("seed, n", [(5, 12), (0, 20)])
+def test_nearly_parallel_inputs_lose_what_readme_says(seed, n):
+    """1 x 1 "images" of 2 features around 100 (tabular features far from 0): pairs whose c is
+    within ~1e-5 of 1 without being 1, where sqrt(1 - c^2) turns c's rounding into about
+    eps / sqrt(1 - c) in every backend (README, Exactness, "Nearly parallel inputs": measured
+    float32 3.3e-4 and 4.3e-4, float64 2.9e-10 and 3.4e-12 (numba), 2.2e-10 and 4.2e-12
+    (reference) of the largest entry for these two sets)."""
+    x = np.random.default_rng(seed).normal(loc=100, size=(n, 2, 1, 1))
+    exact = mp_oracle.gram(x, depth=3)[0]
+    scale = np.abs(exact).max()
+    for be, bound in ((dict(backend="reference"), 1e-9), (dict(backend="numba", dtype="float64"), 1e-9),
+                      (dict(backend="numba", dtype="float32"), 1e-3)):
+        err = float(np.abs(ce.gram(x, depth=3, **be) - exact).max() / scale)
+        assert err <= bound, (be, err)
