@@ -11,6 +11,7 @@ readout sums accumulated in float64.  float64 mode: float64 throughout with libm
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -645,6 +647,49 @@ def _in_cache(args) -> bool:
         return False
 
 
+#: How long a process waits for another that compiles a kernel into the cache (the child's own
+#: limit) before it compiles for itself.
+COMPILE_WAIT = 1800.0
+
+
+@contextlib.contextmanager
+def _compiling_lock(dtype_name: str):
+    """Hold the cache folder's lock for compiling the ``dtype_name`` kernel, across processes
+    (``fcntl.flock``): processes that start together on a cold cache (joblib's workers, a
+    SLURM array, Dask workers on one node) then compile it once, the others waiting and loading
+    it, instead of each compiling the same kernel at once (a minute of every core each).  Where
+    no lock can be had (no fcntl, a folder that cannot be written), no lock is held."""
+    try:
+        import fcntl
+        folder = pair_kernel._cache._cache_path          # numba internals: any failure, no lock
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, f".cntk_engine_compile_{dtype_name}.lock"),
+                     os.O_RDWR | os.O_CREAT, 0o666)
+    except Exception:  # noqa: BLE001
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("numba: another process is compiling the %s kernel into numba's cache; "
+                     "waiting for it, to load it from there", dtype_name)
+            deadline = time.monotonic() + COMPILE_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break                          # compile without it (slower, correct)
+                    time.sleep(0.2)
+        except OSError:
+            pass                                       # a file system without locks
+        yield
+    finally:
+        os.close(fd)                                   # (releases the lock)
+
+
 def _load_from_cache(dtype: np.dtype, args) -> None:
     """Make this process run the kernel for ``dtype`` from numba's on-disk cache.
 
@@ -671,9 +716,9 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
                     "results of different processes can differ in the last bits (~1e-9)")
     if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
         return
-    with _load_lock:
-        if name in _loaded or _in_cache(args):
-            _loaded.add(name)
+    with _load_lock, _compiling_lock(name):
+        if name in _loaded or _in_cache(args):        # (again under the lock: another process
+            _loaded.add(name)                           # may have compiled it meanwhile)
             return
         this_file = os.path.abspath(__file__)          # as imported: numba's cache key
         root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
