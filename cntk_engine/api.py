@@ -107,6 +107,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     return_info, progress = bool(return_info), bool(progress)
     image_shape = tuple(int(v) for v in a.shape[1:])
     arch.check_image_shape(*image_shape)
+    if arch.flip and image_shape[2] == 1:
+        log.warning("flip=True on images 1 pixel wide: a horizontal flip leaves each as it is, "
+                    "so the kernel is the plain one at twice its cost; leave flip out")
 
     devices = check_devices(devices)
     if client is not None:      # the workers' GPUs and CUDA extension decide, not this process's

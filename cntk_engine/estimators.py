@@ -400,7 +400,7 @@ class _CNTKBase(BaseEstimator):
                 imgs = self.zca_.transform(imgs, name="X")
         if self.augment_flips:
             from .preprocess import with_flips
-            return with_flips(imgs, y, data_format="NCHW")
+            return with_flips(imgs, y, data_format="NCHW", name="X")
         return imgs, y, None
 
     def _scores(self, X):

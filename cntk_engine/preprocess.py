@@ -306,16 +306,22 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
                  for v, x in ((a, x_train), (b, x_test)))
 
 
-def with_flips(x, y, *, data_format: str | None = None):
+def with_flips(x, y, *, data_format: str | None = None, name: str = "x"):
     """The training images followed by their horizontal flips (:func:`cntk_engine.arch.hflip`),
     as NCHW float64 (2N, C, H, W), the labels ``y`` (one per image; None: no labels, None
     returned) repeated for the flipped copies, and the leave-one-out groups (2N,) that keep each
     image with its flip (``groups`` of :func:`cntk_engine.solver.loo`: the mirror of a scored
     image must not stay in the training set).  ``data_format`` as for :func:`standardize` (the
     default refuses shapes that look channels-last, whose "flip" would reverse the colour
-    channels)."""
+    channels); ``name``: what the caller calls ``x``.  Images 1 pixel wide are refused (each
+    is its own flip)."""
     from .arch import hflip
-    x = _images(x, "x", data_format)
+    x = _images(x, name, data_format)
+    if x.shape[3] == 1:
+        raise ValueError(f"{name} holds images 1 pixel wide (shape {tuple(x.shape)}, NCHW): a "
+                         "horizontal flip leaves each as it is, so with their flips the training "
+                         "set would hold every image twice (a singular Gram, at 4 times the cost); "
+                         "leave the flips out")
     if y is not None:
         y = np.asarray(y)
         if y.ndim < 1 or len(y) != len(x):

@@ -601,3 +601,18 @@ def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(
     with pytest.raises(solver.NotPositiveDefinite,
                        match=r"computed in float32: ridge='auto' .* dtype='float64'"):
         CNTKClassifier(depth=3, backend="numba", ridge=0).fit(X, y)
+
+
+def test_flips_of_images_1_pixel_wide_are_refused_or_said(caplog):
+    """Tabular features are 1 x 1 images, each its own flip: augment_flips would hold every row
+    twice (a singular Gram at 4 times the cost) and is refused; flip=True computes the plain
+    kernel at twice its cost, which a warning says (helper-98)."""
+    X, y = np.random.default_rng(0).random((8, 3)), np.arange(8) % 2
+    with pytest.raises(ValueError, match=r"X holds images 1 pixel wide .* every image twice"):
+        CNTKClassifier(depth=3, backend="numba", image_shape="features", augment_flips=True).fit(X, y)
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        flipped = CNTKClassifier(depth=3, backend="numba", ridge=0.1, image_shape="features",
+                                 flip=True).fit(X, y)
+    assert "flip=True on images 1 pixel wide" in caplog.text
+    plain = CNTKClassifier(depth=3, backend="numba", ridge=0.1, image_shape="features").fit(X, y)
+    np.testing.assert_allclose(flipped.decision_function(X), plain.decision_function(X), rtol=1e-12)
