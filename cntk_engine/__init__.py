@@ -9,8 +9,9 @@ from . import solver
 from .api import gram
 from .arch import Architecture, AvgPool, ConvRelu, serial
 from .backends import available_backends
+from .memo import clear_memos
 from .version import __version__
-__all__ = ["gram", "Architecture", "ConvRelu", "AvgPool", "serial", "available_backends", "solver", "CNTKClassifier",
+__all__ = ["gram", "Architecture", "ConvRelu", "AvgPool", "serial", "available_backends", "solver", "clear_memos", "CNTKClassifier",
            "CNTKRegressor", "__version__"]
 
 

@@ -79,9 +79,8 @@ def _fresh_diagonals():
     """Each test computes its diagonals and their extremes afresh: the kept ones
     (``diag.MEMO_BYTES``, ``inputs.EXTREMES_CACHE_BYTES``) of another test's images would hide
     what a test measures."""
-    from cntk_engine import diag, inputs
-    diag.clear_memo()
-    inputs._extremes_cache.clear()
+    from cntk_engine import clear_memos
+    clear_memos()
 
 
 

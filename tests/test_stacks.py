@@ -221,6 +221,12 @@ def test_stack_diagonals_are_kept_for_a_repeat(rng, monkeypatch):
     assert sum(calls) == 6                    # the magnitude check's (not kept), the backend's
     clf.predict(y[:1]), clf.predict(y[1:2])
     assert calls[fitted:] == [1, 1, 1, 1]     # the new image's, twice: the training set's kept
+    from cntk_engine import inputs
+    assert len(diag._memo) and len(inputs._extremes_cache)
+    ce.clear_memos()                          # both forgotten: the next predict computes them
+    assert not len(diag._memo) and not len(inputs._extremes_cache)
+    clf.predict(y[:1])
+    assert calls[fitted + 4:] == [1, 3, 1, 3]  # the training set's again, as the new image's
 
 
 CHUNKED_ARCHS = [dict(depth=4), dict(depth=3, flip=True),
