@@ -1199,6 +1199,11 @@ def test_prebuilt_smoke_runs_with_the_installed_extension(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-P", "-c", prebuilt.SMOKE], capture_output=True, text=True,
                        cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0 and "kernel variant" in r.stdout.lower(), r.stdout + r.stderr
+    # the Gram on the GPU in a process of its own: its failure keeps the wheel (a build would
+    # compile the same code), where a failure to load it builds from source
+    r = subprocess.run([sys.executable, "-P", "-c", prebuilt.SMOKE_GPU], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert ("cuda matches the reference" in r.stdout) != ("the cuda backend cannot run here" in r.stdout)
     # the strings in a process of their own (a crash there keeps the wheel: said, not acted on)

@@ -654,16 +654,18 @@ COMPILE_WAIT = 1800.0
 
 @contextlib.contextmanager
 def _compiling_lock(dtype_name: str):
-    """Hold the cache folder's lock for compiling the ``dtype_name`` kernel, across processes
-    (``fcntl.flock``): processes that start together on a cold cache (joblib's workers, a
-    SLURM array, Dask workers on one node) then compile it once, the others waiting and loading
-    it, instead of each compiling the same kernel at once (a minute of every core each).  Where
-    no lock can be had (no fcntl, a folder that cannot be written), no lock is held."""
+    """Hold the cache folder's lock for compiling the kernel (for ``dtype_name``), across
+    processes (``fcntl.flock``): processes that start together on a cold cache (joblib's
+    workers, a SLURM array, Dask workers on one node) then compile it once, the others waiting
+    and loading it, instead of each compiling the same kernel at once (a minute of every core
+    each).  One lock for every dtype: two compiles of different dtypes save one cache index,
+    and saved at once it can lose an entry.  Where no lock can be had (no fcntl, a folder that
+    cannot be written), no lock is held."""
     try:
         import fcntl
         folder = pair_kernel._cache._cache_path          # numba internals: any failure, no lock
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, f".cntk_engine_compile_{dtype_name}.lock"),
+        fd = os.open(os.path.join(folder, ".cntk_engine_compile.lock"),
                      os.O_RDWR | os.O_CREAT, 0o666)
     except Exception:  # noqa: BLE001
         yield
