@@ -313,6 +313,8 @@ phase_tests() {
       "$PY" -P -c "$NUMBA_WARMUP"
       echo "numba's kernel in its cache after $(( SECONDS - t ))s"
     fi
+    # (-p no:zarr: zarr's pytest plugin, which the tests do not use, imports CuPy and counts the
+    # GPUs in every pytest process, each xdist worker too.)
     # A CUDA error is sticky: it fails every later test of its worker, which is not restarted.
     # So the stack kernel's tests (Myrtle, pooled stacks: the kernel that has not run on a GPU)
     # run in a pytest of their own, first: the CNN kernels' tests of v3 and v5 passed on the
@@ -327,12 +329,12 @@ phase_tests() {
       fi
     done
     echo "--- the stack kernel's tests"
-    "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider "${xdist[@]}" \
+    "$PY" -P -X faulthandler -m pytest -v -rfEs --durations 10 -p no:cacheprovider -p no:zarr "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" -k "stack or myrtle" 2>&1 || rc=1
     echo "--- the CNN kernels' tests"
     # -rP: the output of the tests that passed, where they print a measurement (the solver's
     # GPU workspace, test_gpu_solve_workspace_holds); xdist relays it, not a plain print
-    "$PY" -P -X faulthandler -m pytest -v -rfEsP --durations 20 -p no:cacheprovider "${xdist[@]}" \
+    "$PY" -P -X faulthandler -m pytest -v -rfEsP --durations 20 -p no:cacheprovider -p no:zarr "${xdist[@]}" \
       "${ptimeout[@]}" tests/test_cuda.py "${sass[@]}" "${elsewhere[@]}" \
       -k "not (stack or myrtle)" 2>&1 || rc=1
   fi
@@ -385,7 +387,7 @@ phase_sass() {
   [ -f "$WORK/prebuilt_installed" ] && skip "the extension that ran is the prebuilt wheel's: read its SASS \
 on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so SO --kernel $KERNELS)"
   # one process for every variant (only the counted kernels are disassembled: about a second
-  # each); one file for all variants in $OUT (the device tool brings back 8 files) (the device tool brings back 8 files)
+  # each); one file for all variants in $OUT (the device tool brings back 8 files)
   mkdir -p "$WORK/sass"
   "$PY" -P tools/sass_mix.py --kernel "$KERNELS" --name "{kernel}_sm90" --out-dir "$WORK/sass" 2>&1 \
     | grep -v '^  *"by_opcode\|^   *"[A-Z0-9]*": [0-9.]*,\?$' | tail -90
@@ -393,6 +395,8 @@ on the CPU side (unzip its cntk_engine/_cuda*.so; python tools/sass_mix.py --so 
   "$PY" -c "
 import json, pathlib, sys
 mixes = [json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob('sass_*.json'))]
+if not mixes:      # no empty file in \$OUT: the device tool brings back 8
+    sys.exit('sass_mix.py counted no variant')
 json.dump({m['variant']: m for m in mixes}, open(sys.argv[2], 'w'), indent=1)
 print('wrote', sys.argv[2], 'with', ', '.join(m['variant'] for m in mixes))" "$WORK/sass" "$OUT/sass_sm90.json" || rc=1
   return "$rc"
@@ -560,13 +564,13 @@ run_phase() {   # NAME MIN_SECONDS MAX_SECONDS
 }
 
 step "gpu_session.sh tag=$TAG phases=$PHASES deadline=${DEADLINE}s dry_run=$DRY kernels=$KERNELS state=${STATE:-none} host=$(hostname) commit=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo 'unknown (archive)')"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
 "$PY" --version
 echo "paper code: ${PAPER:-none}; wheels: ${WHEELS:-none}; prebuilt: ${PREBUILT:-none}; neural-tangents python: $NT_PY; data: $CNTK_ENGINE_DATA"
 
 run_phase install 60 300
 step "what will run"
-"$PY" -P -c "
+timeout 60 "$PY" -P -c "
 import cntk_engine as ce
 print('cntk_engine from', ce.__file__)
 print('backends', ce.available_backends())
