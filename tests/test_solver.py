@@ -972,11 +972,27 @@ def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
     assert S.fit_ridge(K, np.array([1.0, -1.0]), 0.0).jitter == 0.0
 
 
+def test_a_row_of_tiny_norm_is_not_singular_to_the_cholesky(rng):
+    """D K D with K well conditioned and D scaling one row by 1e-7 (an image of tiny pixels
+    under a homogeneous kernel): each pivot is held against its own diagonal entry, not the
+    largest, so the fit needs no jitter and interpolates that row too (against n eps max(diag)
+    it was jittered, and that row's residual was 0.8; helper-99)."""
+    n = 60
+    X = rng.normal(size=(n, 5))
+    d = np.ones(n)
+    d[0] = 1e-7
+    K = (X @ X.T / 5 + np.eye(n)) * np.outer(d, d)
+    y = rng.normal(size=n)
+    sol = S.fit_ridge(K, y, 0.0)
+    assert sol.jitter == 0.0
+    assert np.abs(K @ sol.alpha[:, 0] - y).max() < 1e-8
+
+
 def test_cholesky_and_eigh_in_place(rng):
     K, _ = psd(rng, 40)
     A = np.ascontiguousarray(S.check_gram(K))
     from cntk_engine.solver import linalg
-    L = linalg._cholesky_inplace(np, A, 0.0)
+    L = linalg._cholesky_inplace(np, A, np.diagonal(A).copy(), 0.0)
     assert np.shares_memory(L, A)
     np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-8, atol=1e-10)
     assert np.all(np.triu(L, 1) == 0)

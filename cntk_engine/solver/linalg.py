@@ -270,11 +270,13 @@ def constant_entries(K) -> float | None:
     return c
 
 
-def _cholesky_inplace(xp, A, floor: float):
+def _cholesky_inplace(xp, A, diag, rel_floor: float):
     """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
-    definite, or numerically singular: a pivot L_kk^2 at or below ``floor`` (each pivot is at
-    least A's smallest eigenvalue, so A then has one there too: a factor that exists only by
-    the rounding of A, whose solve would be that rounding times 1 / floor).  NumPy: factorised
+    definite, or numerically singular: a pivot L_kk^2 at or below ``rel_floor`` times its own
+    diagonal entry A_kk (``diag``, A's diagonal before the factorisation), the share of row k
+    that the rows before it leave unexplained: a factor that exists there only by the rounding
+    of A, whose solve would be that rounding divided by the share.  Relative to A_kk, the test
+    is the same for D A D with D diagonal (a row of tiny norm is not singular for that).  NumPy: factorised
     in place (LAPACK potrf on ``A.T``, the same symmetric matrix in Fortran order, so no copy);
     the factor L is a view of A's memory.  Only A's lower triangle and diagonal are written,
     even when the factorisation fails: the strict upper triangle keeps the matrix (see
@@ -287,7 +289,7 @@ def _cholesky_inplace(xp, A, floor: float):
             return None
         if info < 0:
             raise ValueError(f"LAPACK potrf: illegal argument {-info}")
-        if float(np.min(np.diagonal(U))) ** 2 <= floor:
+        if _singular(np, np.diagonal(U), diag, rel_floor):
             return None            # (before the zeros below: A's upper triangle still holds A)
         L = U.T                    # C-contiguous; above its diagonal: the matrix, not zeros
         n, step = L.shape[0], block_rows(L.shape[0])
@@ -306,7 +308,12 @@ def _cholesky_inplace(xp, A, floor: float):
         return None
     if not math.isfinite(scalar(xp.sum(L))):                    # no n x n bool temporary
         return None
-    return L if scalar(xp.min(xp.diagonal(L))) ** 2 > floor else None
+    return None if _singular(xp, xp.diagonal(L), diag, rel_floor) else L
+
+
+def _singular(xp, pivots, diag, rel_floor: float) -> bool:
+    """Whether a pivot's square is at or below ``rel_floor`` times its diagonal entry."""
+    return bool(xp.any(pivots * pivots <= rel_floor * diag))
 
 
 def _restore_from_upper(xp, A, diag):
@@ -333,7 +340,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  A factorisation
     fails where K + ridge I is not positive definite or is numerically singular (a pivot at or
-    below n eps max(diag): :func:`_cholesky_inplace`).  With ``jitter`` and a failing
+    below n eps of its diagonal entry: :func:`_cholesky_inplace`).  With ``jitter`` and a failing
     factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
     mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
@@ -353,10 +360,10 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     eps_n = n * float(np.finfo(np.float64).eps)
 
     def attempt(v):
-        A[idx, idx] = diag + v
-        # n eps max(diag): the rounding of K + v I's spectrum, as fit_ridge_eigh's rule
-        # (spectrum_tol) has it, with the largest diagonal entry for the largest eigenvalue
-        L = _cholesky_inplace(xp, A, eps_n * max(scalar(xp.max(diag)) + v, 0.0))
+        d = diag + v
+        A[idx, idx] = d
+        # a pivot at or below n eps of its diagonal entry: singular to float64's rounding
+        L = _cholesky_inplace(xp, A, d, eps_n)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
         return L
@@ -374,7 +381,8 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
         return L, 0.0
     if not jitter:
         raise NotPositiveDefinite(
-            f"K + {ridge:g} I ({n} x {n}) is not positive definite and jitter=False; use a "
+            f"K + {ridge:g} I ({n} x {n}) is not numerically positive definite (indefinite, or "
+            f"singular to float64's rounding) and jitter=False; use a "
             f"{ridge_name} > 0 or allow jitter")
     scale = ridge_scale(A)
     mean_diag = scalar(xp.mean(diag))

@@ -72,8 +72,8 @@ def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
     I is near singular (ridge 0 on a condition number of 1e8 to 1e13) about ten to twenty times
     the Cholesky's (docs/solver.md).  Raises :class:`NotPositiveDefinite` where K + ridge I has an
     eigenvalue at or below :func:`spectrum_tol` (the rule by which :func:`loo` skips a ridge;
-    stricter than a Cholesky's, whose pivots, each at least the smallest eigenvalue, are held
-    to a like bound, n eps max(diag), and so may pass such a matrix without jitter)."""
+    stricter than a Cholesky's, which fails only where a pivot is at or below n eps of its
+    diagonal entry, and so may pass such a matrix without jitter)."""
     ridge = check_ridge(ridge)
     xp, tol = E.xp, spectrum_tol(E)
     Y, one_d = check_targets(Y, E.n, xp=xp)
