@@ -412,6 +412,22 @@ def test_a_dead_writers_marker_is_broken_only_while_it_is_the_dead_ones(tmp_path
     assert second._mark(0, 1, "C", second_tmp) is False           # live: not broken
 
 
+def test_a_lock_left_by_a_writer_that_died_breaking_a_marker_is_removed(tmp_path):
+    """A writer killed between taking the lock that breaks a dead marker and removing it: its
+    lock (its record) is judged as a marker is, so the next writer removes it and takes the tile
+    over, instead of every writer finding the marker "being broken" until a sweep (helper-99)."""
+    f = _claims_dir(tmp_path)
+    dead = {"host": store_mod.HOST, "pidns": store_mod.PID_NAMESPACE, "boot": store_mod.BOOT_ID,
+            "pid": 2 ** 22 + 7}
+    f.write_text(json.dumps(dict(dead, claim="C")))
+    (tmp_path / "claims" / ".0.1.over.C").write_text(json.dumps(dict(dead, claim="M")))
+    (tmp_path / "claims" / ".0.1.over.C.break.M").write_text(json.dumps(dict(dead, claim="B")))
+    writer = store_mod.Claims(tmp_path, 600.0, {"run": 1})
+    assert writer.acquire(0, 1) and writer.holds(0, 1)
+    writer.release_all()
+    assert [p.name for p in (tmp_path / "claims").iterdir()] == []
+
+
 def test_an_observers_markers_say_which_process_holds_them(tmp_path):
     """A store opened to clear stale claims (an observer, no run of its own) records its
     process in the markers it takes, so a marker left by its death is judged by that process,

@@ -744,8 +744,17 @@ class Claims:
         try:
             os.link(tmp, lock)
         except FileExistsError:
-            return False                          # another writer breaks it (or died doing so:
-        try:                                      # the sweep removes that lock)
+            # another writer breaks it, or died doing so: its lock (its record) is judged as a
+            # marker is, and one left by a dead writer is removed (else the tile waited for the
+            # sweep, silently)
+            try:
+                if self.staleness(*self._read(lock)) is None:
+                    return False
+                os.unlink(lock)
+            except FileNotFoundError:
+                pass
+            return None
+        try:
             try:
                 if self._key(*self._read(over)) == dead:
                     os.unlink(over)
