@@ -108,3 +108,19 @@ def test_a_cache_that_is_off_is_said_once(monkeypatch, caplog):
             cntk_engine.gram(x, depth=2, backend="numba")
     said = [r.getMessage() for r in caplog.records if "on-disk cache is off" in r.getMessage()]
     assert len(said) == 1 and "every process compiles the kernels itself" in said[0]
+
+
+@pytest.mark.skipif(not numba_cpu._CACHING, reason="numba found no writable place for its cache here")
+def test_a_kernel_in_the_cache_is_loaded_without_the_compile_lock(monkeypatch):
+    """The cross-process compile lock is taken only where the cache lacks the kernel: a process
+    whose kernel is cached does not wait for another's compile (of the other dtype, or a hung
+    one: it waited up to 30 min, helper-99)."""
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
+    cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")      # in the cache now
+
+    def locked(name):
+        raise AssertionError("the compile lock was taken for a cached kernel")
+    monkeypatch.setattr(numba_cpu, "_compiling_lock", locked)
+    monkeypatch.setattr(numba_cpu, "_loaded", set())
+    cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")
+    assert "float32" in numba_cpu._loaded

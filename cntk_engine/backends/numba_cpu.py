@@ -718,9 +718,19 @@ def _load_from_cache(dtype: np.dtype, args) -> None:
                     "results of different processes can differ in the last bits (~1e-9)")
     if name in _loaded or not _CACHING or os.environ.get(_CHILD) or not hasattr(pair_kernel, "stats"):
         return
-    with _load_lock, _compiling_lock(name):
-        if name in _loaded or _in_cache(args):        # (again under the lock: another process
-            _loaded.add(name)                           # may have compiled it meanwhile)
+    with _load_lock:
+        if name in _loaded or _in_cache(args):
+            _loaded.add(name)
+            return
+        _compile_into_cache(name, args)
+
+
+def _compile_into_cache(name: str, args) -> None:
+    """:func:`_load_from_cache`'s compile, under the cross-process lock (the cache checked again
+    under it: another process may have compiled the kernel meanwhile)."""
+    with _compiling_lock(name):
+        if _in_cache(args):
+            _loaded.add(name)
             return
         this_file = os.path.abspath(__file__)          # as imported: numba's cache key
         root = os.path.dirname(os.path.dirname(os.path.dirname(this_file)))
