@@ -304,11 +304,18 @@ phase_tests() {
     # xdist workers then load it.  It compiles in the background from the end of the install on
     # (while the bench runs on the GPU; a minute of one core here, as the cache is always cold):
     # wait for it, or compile it now where it was not started
-    local t=$SECONDS
+    local t=$SECONDS wait_s
     if [ -f "$WORK/numba_warmup.log" ]; then
-      while [ ! -f "$WORK/numba_warmup.rc" ] && [ $(( SECONDS - t )) -lt 120 ]; do sleep 1; done
+      # at most until 30 s before the phase's end: the workers would then wait for the compile
+      # themselves (the package's compile lock), and the phase still names what ran
+      wait_s=$(( PHASE_END - $(date +%s) - 30 ))
+      while [ ! -f "$WORK/numba_warmup.rc" ] && [ $(( SECONDS - t )) -lt "$wait_s" ]; do sleep 1; done
       cat "$WORK/numba_warmup.log"
-      echo "numba's kernel in its cache: compiled in the background (exit status $(cat "$WORK/numba_warmup.rc" 2>/dev/null || echo 'none yet')), waited $(( SECONDS - t ))s for it"
+      if [ -f "$WORK/numba_warmup.rc" ]; then
+        echo "numba's kernel compiled in the background (exit status $(cat "$WORK/numba_warmup.rc")); waited $(( SECONDS - t ))s for it"
+      else
+        echo "numba's kernel still compiling in the background after $(( SECONDS - t ))s: the tests start, their workers wait for it"
+      fi
     else
       "$PY" -P -c "$NUMBA_WARMUP"
       echo "numba's kernel in its cache after $(( SECONDS - t ))s"
@@ -578,8 +585,13 @@ from cntk_engine.backends.cuda import describe_kernel_variants
 print(describe_kernel_variants())" || echo "cntk_engine does not import"
 # numba's kernel into its on-disk cache while the bench runs (the tests phase waits for it):
 # both dtypes one after the other in one process
+WARMUP_PID=""
 if [ "$DRY" != 1 ] && has tests; then
-  ( "$PY" -P -c "$NUMBA_WARMUP" > "$WORK/numba_warmup.log" 2>&1; echo $? > "$WORK/numba_warmup.rc" ) &
+  # (its own output to a file, not to the log's pipe, which it would hold open; stopped before
+  # $WORK goes, at the end)
+  ( timeout 300 "$PY" -P -c "$NUMBA_WARMUP" > "$WORK/numba_warmup.log" 2>&1
+    echo $? > "$WORK/numba_warmup.rc" ) > /dev/null 2>&1 &
+  WARMUP_PID=$!
   echo "numba's kernel compiling into its cache in the background, for the tests phase"
 fi
 run_phase bench 30 190
@@ -617,6 +629,9 @@ ls -la "$OUT"
 nfiles=$(find "$OUT" -type f | wc -l)
 [ "$nfiles" -gt 8 ] && echo "WARNING: $nfiles files in $OUT; the device tool brings back at most 8"
 FAILED=$(awk -F'\t' '$2 == "failed" || $2 == "timed_out" {printf " %s", $1}' "$PHASE_TSV")
+if [ -n "$WARMUP_PID" ]; then    # the subshell and its timeout (which stops the compile)
+  kill $(pgrep -P "$WARMUP_PID" 2>/dev/null) "$WARMUP_PID" 2>/dev/null || true
+fi
 rm -rf "$WORK"
 if [ -n "$FAILED" ]; then
   echo "FAILED PHASES:$FAILED"; rc=1
