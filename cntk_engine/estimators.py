@@ -105,10 +105,11 @@ log = logging.getLogger("cntk_engine")
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 #: What the estimators say where the training Gram is (numerically) singular.
 _GRAM_PRECISION = ("ridge='auto' chooses a ridge that leaves it positive definite, a relative "
-                   "ridge of at least {floor:.1g} (n x float32's epsilon) is above a float32 "
+                   "ridge of at least {floor:.2g} (n x float32's epsilon) is above a float32 "
                    "Gram's rounding, and dtype='float64' computes the Gram to float64's (float32 "
-                   "loses up to ~4e-4 of the kernel where two inputs are nearly parallel, as "
+                   "loses 1e-4 to 1e-3 of the kernel where two inputs are nearly parallel, as "
                    "tabular features far from 0 often are)")
+_GRAM_SINGULAR = "ridge='auto' chooses a ridge that leaves it positive definite, or give a larger ridge"
 
 
 class _CNTKBase(BaseEstimator):
@@ -199,8 +200,8 @@ class _CNTKBase(BaseEstimator):
 
     def _compute_dtype(self, height_width) -> str:
         """The Gram's compute dtype for images of (H, W) ``height_width``: ``dtype``, or for
-        None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses up
-        to ~4e-4 of the kernel where two rows are nearly parallel, as features far from 0 often
+        None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses 1e-4
+        to 1e-3 of the kernel where two rows are nearly parallel, as features far from 0 often
         are: README, Exactness) and float32 on larger images."""
         if self.dtype is None:
             return "float64" if tuple(height_width) == (1, 1) else "float32"
@@ -362,7 +363,8 @@ class _CNTKBase(BaseEstimator):
         except solver.NotPositiveDefinite as e:
             raise solver.NotPositiveDefinite(
                 f"{e}.  The training Gram was computed in {self._dtype_}: "
-                + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS)) from None
+                + (_GRAM_PRECISION.format(floor=n * FLOAT32_EPS) if self._dtype_ == "float32"
+                   else _GRAM_SINGULAR)) from None
         floor = n * FLOAT32_EPS * scale
         if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge + sol.jitter < floor:
             log.warning("the training Gram is singular to working precision (jitter %.3g was "
@@ -445,8 +447,9 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         ``architecture="cnn"``; a Myrtle preset ("myrtle5", "myrtle7", "myrtle10") or a stack
         fixes its own depth.  ``flip=True``: the flip-symmetrised kernel.  ``dtype=None`` (the
         default): "float32" on images, "float64" on 1 x 1 images (``image_shape="features"``:
-        they cost little, and float32 loses up to ~4e-4 of the kernel where two rows are nearly
-        parallel, as features far from 0 often are; images of pixels lose ~1e-7).
+        they cost little, and float32 loses 1e-4 to 1e-3 of the kernel where two rows are nearly
+        parallel, as features far from 0 often are, more with depth; images of pixels far less:
+        README, Exactness).
     preprocess : None (the images as given), "standardize": each channel's mean and std over the
         training images (:func:`cntk_engine.preprocess.fit_standardize`; attribute
         ``standardization_``; ``cntk-engine evaluate``'s default), or "zca": regularised ZCA

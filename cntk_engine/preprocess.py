@@ -321,7 +321,7 @@ def with_flips(x, y, *, data_format: str | None = None, name: str = "x"):
         raise ValueError(f"{name} holds images 1 pixel wide (shape {tuple(x.shape)}, NCHW): a "
                          "horizontal flip leaves each as it is, so with their flips the training "
                          "set would hold every image twice (a singular Gram, at 4 times the cost); "
-                         "leave the flips out")
+                         "leave the flips out (augment_flips, --augment-flips)")
     if y is not None:
         y = np.asarray(y)
         if y.ndim < 1 or len(y) != len(x):

@@ -601,6 +601,9 @@ def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(
     with pytest.raises(solver.NotPositiveDefinite,
                        match=r"computed in float32: ridge='auto' .* dtype='float64'"):
         CNTKClassifier(depth=3, backend="numba", ridge=0).fit(X, y)
+    with pytest.raises(solver.NotPositiveDefinite,
+                       match=r"computed in float64: ridge='auto' .* or give a larger ridge$"):
+        CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float64").fit(X, y)
 
 
 def test_flips_of_images_1_pixel_wide_are_refused_or_said(caplog):
