@@ -1214,6 +1214,36 @@ def test_prebuilt_smoke_runs_with_the_installed_extension(tmp_path):
     assert "the binding refuses C = 0: cntk_engine pair_sums: C (channels) must be >= 1" in r.stdout, r.stdout
 
 
+def test_prebuilt_install_exits_3_where_the_wheel_loads_but_a_smoke_check_fails(tmp_path,
+                                                                                monkeypatch):
+    """A smoke check after the import (the tiny GPU Gram, the binding's messages) that fails or
+    hangs keeps the wheel (a build would compile the same code): install exits with
+    SMOKE_FAILED, which gpu_session.sh records as installed, with a note; a wheel that does
+    not load exits 1 (the build follows)."""
+    import subprocess
+    from conftest import load_tool
+    prebuilt = load_tool("gpu/prebuilt")
+    wheel = tmp_path / "w.whl"
+    monkeypatch.setattr(prebuilt, "check", lambda folder, repo: wheel)
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd[-1])
+        if "pip" in cmd:
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        if cmd[-1] == prebuilt.SMOKE_GPU:
+            raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+        return subprocess.CompletedProcess(cmd, 0, "loads", "")
+    monkeypatch.setattr(prebuilt.subprocess, "run", run)
+    assert prebuilt.main(["install", str(tmp_path)]) == prebuilt.SMOKE_FAILED
+    assert calls[1:] == [prebuilt.SMOKE, prebuilt.SMOKE_GPU, prebuilt.SMOKE_STRINGS]
+    monkeypatch.setattr(prebuilt.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0 if "pip" in cmd else 1, "", "ImportError"))
+    assert prebuilt.main(["install", str(tmp_path)]) == 1
+    script = (ROOT / "tools" / "gpu" / "gpu_session.sh").read_text()
+    assert "3) echo \"the prebuilt wheel, no build; its smoke check failed" in script
+
+
 def test_sanitizer_runs_dry_run(capsys):
     """tools/gpu/sanitizer_runs.py, which the GPU visit runs under compute-sanitizer, makes the
     same calls on the CPU (--backend numba): what only a GPU runs is its CuPy allocator switch and

@@ -235,9 +235,14 @@ phase_install() {
   # the wheel built on the CPU side saves the build's device time; any mismatch or failure to
   # run here (another image's system libraries) falls back to the build
   if [ -n "$PREBUILT" ]; then
-    if "$PY" -P tools/gpu/prebuilt.py install "$PREBUILT" --repo "$REPO"; then
-      echo "the prebuilt wheel, no build" > "$WORK/phase_note"; touch "$WORK/prebuilt_installed"; return 0
-    fi
+    "$PY" -P tools/gpu/prebuilt.py install "$PREBUILT" --repo "$REPO"
+    case $? in
+      0) echo "the prebuilt wheel, no build" > "$WORK/phase_note"; touch "$WORK/prebuilt_installed"; return 0 ;;
+      # installed and loads, a check after failed: kept (a build would compile the same code),
+      # and said in the phase's record
+      3) echo "the prebuilt wheel, no build; its smoke check failed on this machine (the log says which)" \
+           > "$WORK/phase_note"; touch "$WORK/prebuilt_installed"; return 0 ;;
+    esac
     echo "the prebuilt wheel is not used (above); building from source"
     echo "built from source: the prebuilt wheel was not used (the log says why)" > "$WORK/phase_note"
   fi

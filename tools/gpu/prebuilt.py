@@ -96,6 +96,22 @@ class PrebuiltError(Exception):
     """The prebuilt wheel cannot be built or used; the message names why and what to do."""
 
 
+class SmokeFailed(Exception):
+    """The wheel is installed and loads, but a later smoke check failed (kept: a build would
+    compile the same code); ``install`` exits with :data:`SMOKE_FAILED` for it."""
+
+    def __init__(self, wheel: Path, what: list[str]):
+        super().__init__(f"installed {wheel.name}; failed here: {', '.join(what)}")
+        self.wheel = wheel
+
+
+#: ``install``'s exit status where the wheel is installed but a smoke check after the import
+#: failed (gpu_session.sh keeps it and says so in the install phase's record).
+SMOKE_FAILED = 3
+#: Seconds each smoke check after the import may take (a hung launch must not use up the phase).
+SMOKE_TIMEOUT = 120
+
+
 def source_files(root: Path) -> dict[str, str]:
     """{path relative to ``root``: SHA-256} of every build input under ``root``."""
     files = {}
@@ -252,14 +268,22 @@ def install(folder: Path, repo: Path = REPO) -> Path:
     print(smoke.stdout.strip())
     if smoke.returncode != 0:
         raise PrebuiltError(f"{wheel.name} installed but does not load here: {smoke.stderr.strip()[-800:]}")
+    failed = []
     for code, what in ((SMOKE_GPU, "its tiny Gram on the GPU"), (SMOKE_STRINGS, "the binding's messages")):
-        run = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
-                             cwd=tempfile.gettempdir())
-        print(run.stdout.strip())
-        if run.returncode != 0:
-            print(f"WARNING: {what} failed here (exit status {run.returncode}: "
-                  f"{run.stderr.strip()[-400:]}); the wheel is kept, a build here would compile "
-                  "the same code", flush=True)
+        try:
+            run = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True,
+                                 text=True, cwd=tempfile.gettempdir(), timeout=SMOKE_TIMEOUT)
+            out, err, rc = run.stdout, run.stderr, run.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, rc = e.stdout or "", f"no answer in {SMOKE_TIMEOUT} s (a hung launch?)", "timeout"
+            out = out.decode() if isinstance(out, bytes) else out
+        print(out.strip())
+        if rc != 0:
+            failed.append(what)
+            print(f"WARNING: {what} failed here (exit status {rc}: {err.strip()[-400:]}); the "
+                  "wheel is kept, a build here would compile the same code", flush=True)
+    if failed:
+        raise SmokeFailed(wheel, failed)
     return wheel
 
 
@@ -288,6 +312,9 @@ def main(argv=None) -> int:
     except PrebuiltError as e:
         print(f"prebuilt: {e}", file=sys.stderr)
         return 1
+    except SmokeFailed as e:
+        print(f"prebuilt: {e}", file=sys.stderr)
+        return SMOKE_FAILED
     return 0
 
 
