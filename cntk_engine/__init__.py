@@ -6,10 +6,9 @@ regression on them; ``CNTKClassifier`` / ``CNTKRegressor`` are scikit-learn esti
 (imported on first use: scikit-learn is an optional dependency, ``pip install ".[sklearn]"``).
 """
 from . import solver
-from .api import gram
+from .api import clear_memos, gram
 from .arch import Architecture, AvgPool, ConvRelu, serial
 from .backends import available_backends
-from .memo import clear_memos
 from .version import __version__
 __all__ = ["gram", "Architecture", "ConvRelu", "AvgPool", "serial", "available_backends", "solver", "clear_memos", "CNTKClassifier",
            "CNTKRegressor", "__version__"]

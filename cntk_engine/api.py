@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from . import backends
+from . import backends, diag, inputs
 from .arch import KERNELS, make_architecture
 from .arrays import current_device, is_cupy, to_host
 from .inputs import as_images, check_dtype, check_pair, check_tile, prepare_magnitudes
@@ -187,3 +187,11 @@ def _check_working_memory(cls, arch, image_shape, dtype, *, here: bool = True) -
             f"this job on {h} x {w} images ({'; '.join(parts)}), more than the "
             f"{format_bytes(free)} of RAM available {'now' if here else 'on this client'}: use "
             + (f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]))
+
+
+def clear_memos() -> None:
+    """Forget every set's kept per-image results (``diag.MEMO_BYTES`` of diagonals,
+    ``inputs.EXTREMES_CACHE_BYTES`` of their extremes): they outlive the estimator or call that
+    made them, for as long as the process lives."""
+    diag.clear_memo()
+    inputs.clear_memo()

@@ -222,6 +222,11 @@ EXTREMES_CACHE_BYTES = 64 << 20
 _extremes_cache = Memo()
 
 
+def clear_memo() -> None:
+    """Forget the kept diagonal extremes (:data:`EXTREMES_CACHE_BYTES`)."""
+    _extremes_cache.clear()
+
+
 def known_diagonal_extremes(x, arch, params):
     """:func:`diagonal_extremes` of ``x``, from the cache when the same images (by SHA-256 of
     their bytes, so an array changed in place is computed again), architecture and layer

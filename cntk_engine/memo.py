@@ -75,12 +75,3 @@ class Memo:
 
     def __len__(self) -> int:
         return len(self._kept)
-
-
-def clear_memos() -> None:
-    """Forget every set's kept per-image results (``diag.MEMO_BYTES`` of diagonals,
-    ``inputs.EXTREMES_CACHE_BYTES`` of their extremes): they outlive the estimator or call that
-    made them, for as long as the process lives."""
-    from . import diag, inputs
-    diag.clear_memo()
-    inputs._extremes_cache.clear()

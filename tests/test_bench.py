@@ -1317,9 +1317,10 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
         prebuilt.check(tmp_path, repo)
     assert prebuilt.main(["check", str(tmp_path), "--repo", str(repo)]) == 1
 
-    # install: pip, then the smoke check in a fresh process; either failing is an error (the
-    # install phase then builds from source); then the binding's strings in another, whose
-    # failure is said and keeps the wheel (a build would compile the same code)
+    # install: pip, then the import in a fresh process; either failing is an error (the
+    # install phase then builds from source); then the tiny GPU Gram and the binding's strings,
+    # each in another, whose failure is said and keeps the wheel (a build would compile the same
+    # code): SmokeFailed, install's exit status 3
     (repo / "csrc" / "k.cu").write_text("// kernel\n")
     (repo / "csrc" / "new.cuh").unlink()
     calls = []
@@ -1330,20 +1331,23 @@ def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, mo
             rc, err = outcomes.pop(0)
             return subprocess.CompletedProcess(cmd, rc, stdout="", stderr=err)
         return run
-    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, ""), (0, "")]))
+    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, ""), (0, ""), (0, "")]))
     prebuilt.install(good, repo)
     assert calls[0][1:4] == ["-m", "pip", "install"] and calls[0][-1].endswith("standin.whl")
-    assert calls[1][1:3] == ["-P", "-c"] and "backend=\"reference\"" in calls[1][3]
-    assert calls[2][1:3] == ["-P", "-c"] and "PairSumsParams" in calls[2][3]
-    monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (0, ""), (-11, "Segmentation fault")]))
-    assert prebuilt.install(good, repo).name.endswith("standin.whl")
+    assert calls[1][1:3] == ["-P", "-c"] and "import cntk_engine._cuda" in calls[1][3]
+    assert calls[2][1:3] == ["-P", "-c"] and "backend=\"reference\"" in calls[2][3]
+    assert calls[3][1:3] == ["-P", "-c"] and "PairSumsParams" in calls[3][3]
+    monkeypatch.setattr(prebuilt.subprocess, "run",
+                        fake_run([(0, ""), (0, ""), (0, ""), (-11, "Segmentation fault")]))
+    with pytest.raises(prebuilt.SmokeFailed, match="standin.whl; failed here: the binding's messages"):
+        prebuilt.install(good, repo)
     assert "WARNING: the binding's messages failed here (exit status -11: Segmentation fault)" in \
         capsys.readouterr().out
     monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(1, "no matching distribution")]))
     with pytest.raises(prebuilt.PrebuiltError, match="pip install .* failed: no matching distribution"):
         prebuilt.install(good, repo)
     monkeypatch.setattr(prebuilt.subprocess, "run", fake_run([(0, ""), (1, "ImportError: GLIBCXX_3.4.32")]))
-    with pytest.raises(prebuilt.PrebuiltError, match="does not run here: ImportError: GLIBCXX_3.4.32"):
+    with pytest.raises(prebuilt.PrebuiltError, match="does not load here: ImportError: GLIBCXX_3.4.32"):
         prebuilt.install(good, repo)
     monkeypatch.undo()
 
