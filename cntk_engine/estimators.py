@@ -107,8 +107,8 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 _GRAM_PRECISION = ("ridge='auto' chooses a ridge that leaves it positive definite, a relative "
                    "ridge of at least {floor:.2g} (n x float32's epsilon) is above a float32 "
                    "Gram's rounding, and dtype='float64' computes the Gram to float64's (float32 "
-                   "loses 1e-4 to 1e-3 of the kernel where two inputs are nearly parallel, as "
-                   "tabular features far from 0 often are)")
+                   "loses about 4e-4 of the kernel at depth 3 and 2e-3 at depth 11 where two "
+                   "inputs are nearly parallel, as tabular features far from 0 often are)")
 _GRAM_SINGULAR = "ridge='auto' chooses a ridge that leaves it positive definite, or give a larger ridge"
 
 
@@ -200,9 +200,9 @@ class _CNTKBase(BaseEstimator):
 
     def _compute_dtype(self, height_width) -> str:
         """The Gram's compute dtype for images of (H, W) ``height_width``: ``dtype``, or for
-        None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses 1e-4
-        to 1e-3 of the kernel where two rows are nearly parallel, as features far from 0 often
-        are: README, Exactness) and float32 on larger images."""
+        None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses about
+        4e-4 of the kernel at depth 3 and 2e-3 at depth 11 where two rows are nearly parallel,
+        as features far from 0 often are: README, Exactness) and float32 on larger images."""
         if self.dtype is None:
             return "float64" if tuple(height_width) == (1, 1) else "float32"
         return self.dtype
@@ -358,21 +358,20 @@ class _CNTKBase(BaseEstimator):
                              "regression would predict the same for every image")
         n, scale = len(K), float(np.mean(np.diagonal(K)))
         try:
-            sol, sel = solver.fit_relative_ridge(K, Y, self.ridge, labels=labels, groups=groups,
-                                                 overwrite_k=True)
+            sol, sel = solver.fit_relative_ridge(
+                K, Y, self.ridge, labels=labels, groups=groups, overwrite_k=True,
+                rounding=float(np.finfo(self._dtype_).eps))
         except solver.NotPositiveDefinite as e:
             raise solver.NotPositiveDefinite(
                 f"{e}.  The training Gram was computed in {self._dtype_}: "
                 + (_GRAM_PRECISION.format(floor=n * FLOAT32_EPS) if self._dtype_ == "float32"
                    else _GRAM_SINGULAR)) from None
-        floor = n * FLOAT32_EPS * scale
-        if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge + sol.jitter < floor:
-            log.warning("the training Gram is singular to working precision (jitter %.3g was "
-                        "added to factorise it) and was computed in float32, whose rounding "
-                        "(about 1e-7 of its entries) is above that: the fit is set by the "
-                        "rounding (with one image under two labels, its predictions are "
-                        "arbitrary): " + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS),
-                        sol.jitter)
+        if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge < n * FLOAT32_EPS * scale:
+            log.warning("the training Gram, computed in float32, is singular to its rounding "
+                        "(about 1e-7 of its entries; jitter %.3g was added to factorise it): the "
+                        "fit is set by that rounding and the jitter (with one image under two "
+                        "labels, its predictions are arbitrary): "
+                        + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS), sol.jitter)
         self.ridge_ = float(self.ridge) if sel is None else sel.relative
         self.loo_ = None if sel is None else sel.scores   # not the scores of an earlier fit
         self.ridge_absolute_ = sol.ridge
@@ -447,9 +446,9 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         ``architecture="cnn"``; a Myrtle preset ("myrtle5", "myrtle7", "myrtle10") or a stack
         fixes its own depth.  ``flip=True``: the flip-symmetrised kernel.  ``dtype=None`` (the
         default): "float32" on images, "float64" on 1 x 1 images (``image_shape="features"``:
-        they cost little, and float32 loses 1e-4 to 1e-3 of the kernel where two rows are nearly
-        parallel, as features far from 0 often are, more with depth; images of pixels far less:
-        README, Exactness).
+        they cost little, and float32 loses about 4e-4 of the kernel at depth 3 and 2e-3 at
+        depth 11 where two rows are nearly parallel, as features far from 0 often are; images
+        of pixels far less: README, Exactness).
     preprocess : None (the images as given), "standardize": each channel's mean and std over the
         training images (:func:`cntk_engine.preprocess.fit_standardize`; attribute
         ``standardization_``; ``cntk-engine evaluate``'s default), or "zca": regularised ZCA
@@ -463,12 +462,11 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         leaves each image out together with its flipped copy (leave-one-group-out).
     ridge : "auto" (leave-one-out accuracy over a grid) or a number >= 0, relative to the mean
         diagonal of the training Gram; 0 = the paper's interpolating solution.  Where the Gram
-        is not positive definite to working precision (an image twice, near-duplicates; a
-        float32 Gram's rounding) the solve adds the jitter needed, up to 1e-3 x the mean
-        diagonal (``jitter_``; a warning says so, and where the Gram is float32 that the jitter
-        is below its rounding, so the fit is set by that rounding), and refuses the Gram
-        beyond that; ``ridge="auto"``, a ridge of at least n x 1.2e-7, or ``dtype="float64"``
-        avoid it.
+        is singular to the rounding of its dtype (an image twice, or an image and a multiple of
+        it; a pivot within 8 roundings of its entry) the solve adds the jitter needed, up to
+        1e-3 x the mean diagonal (``jitter_``; a warning says so, and for a float32 Gram that
+        the fit is set by that rounding), and refuses the Gram beyond that; ``ridge="auto"``, a
+        ridge of at least n x 1.2e-7, or ``dtype="float64"`` avoid it.
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
     image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
         (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the

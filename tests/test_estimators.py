@@ -584,11 +584,28 @@ def test_a_ridge_0_fit_on_a_float32_gram_that_needed_jitter_says_the_rounding_se
     with caplog.at_level("WARNING", logger="cntk_engine"):
         est = CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float32").fit(X, y)
     assert est.jitter_ > 0
-    assert "the fit is set by the rounding" in caplog.text and "dtype='float64'" in caplog.text
+    assert "the fit is set by that rounding" in caplog.text and "dtype='float64'" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="cntk_engine"):
         CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float64").fit(X, y)
-    assert "set by the rounding" not in caplog.text
+    assert "set by that rounding" not in caplog.text
+
+
+def test_an_image_and_a_tiny_multiple_of_it_under_two_labels_get_jitter_in_float32(caplog):
+    """An image and 1e-4 times it: parallel under the homogeneous kernel, so the Gram is
+    singular, but in float32 its last pivot lands at ~1e-8 of its diagonal entry, float32's
+    rounding.  The estimator tells the solver the Gram is float32, so that pivot is rounding:
+    jitter, the warning, and predictions near float64's (helper-100: 2.7e4 against 0.5)."""
+    rng = np.random.default_rng(3)
+    X = rng.random((6, 1, 5, 5))
+    X = np.concatenate([X, 1e-4 * X[:1]])
+    y = np.array([0, 1, 0, 1, 0, 1, 1])
+    Xt = rng.random((4, 1, 5, 5))
+    with caplog.at_level("WARNING", logger="cntk_engine"):
+        f32 = CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float32").fit(X, y)
+    f64 = CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float64").fit(X, y)
+    assert f32.jitter_ > 0 and "the fit is set by that rounding" in caplog.text
+    assert np.abs(f32.decision_function(Xt)).max() < 10 * np.abs(f64.decision_function(Xt)).max()
 
 
 def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(monkeypatch):

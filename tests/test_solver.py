@@ -961,8 +961,10 @@ def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
     """K = [[1, 1 - 2^-53], [1 - 2^-53, 1]]: singular but for the rounding of one entry, as a
     Gram holding one image twice is (computed in float32, K(a, b) and K(b, a) differ in the last
     bits).  potrf factorises it (a pivot of 2^-52), and the interpolating fit of two different
-    targets was 9e15; a pivot at or below n eps max(diag) now counts as a failed factorisation,
-    as fit_ridge_eigh's spectrum rule has it, so jitter is added (and said)."""
+    targets was 9e15; a pivot at or below max(n, 8) eps of its diagonal entry now counts as a
+    failed factorisation, so jitter is added (and said).  A Gram computed in float32 says so
+    (``rounding``): its pivots must stand 8 float32 roundings above its entries' (an image and
+    1e-4 times it under two labels left 1e-8, and a fit of 1e16)."""
     d = 2.0 ** -53
     K = np.array([[1.0, 1.0 - d], [1.0 - d, 1.0]])
     sol = S.fit_ridge(K, np.array([1.0, -1.0]), 0.0)
@@ -970,12 +972,25 @@ def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
     # above the floor the factorisation is taken as it is
     K = np.array([[1.0, 1.0 - 1e-14], [1.0 - 1e-14, 1.0]])
     assert S.fit_ridge(K, np.array([1.0, -1.0]), 0.0).jitter == 0.0
+    # 8 eps at n = 2: a pivot of 3 eps is rounding
+    K = np.array([[1.0, 1.0 - 1.5 * 2.0 ** -52], [1.0 - 1.5 * 2.0 ** -52, 1.0]])
+    assert S.fit_ridge(K, np.array([1.0, -1.0]), 0.0).jitter > 0
+    # a pivot of 1e-8 of its entry: above float64's rounding, below float32's
+    K = np.array([[1.0, 1.0 - 5e-9], [1.0 - 5e-9, 1.0]])
+    assert S.fit_ridge(K, np.array([1.0, -1.0]), 0.0).jitter == 0.0
+    eps32 = float(np.finfo(np.float32).eps)
+    sol = S.fit_ridge(K, np.array([1.0, -1.0]), 0.0, rounding=eps32)
+    assert 0 < sol.jitter <= 1e-5
+    fit = S.fit_classifier(K, np.array([0, 1]), ridge=0, rounding=eps32)
+    assert fit.info["jitter"] == sol.jitter
+    with pytest.raises(ValueError, match="rounding must be the relative rounding of K's entries"):
+        S.fit_ridge(K, np.array([1.0, -1.0]), 0.0, rounding=0.0)
 
 
 def test_a_row_of_tiny_norm_is_not_singular_to_the_cholesky(rng):
     """D K D with K well conditioned and D scaling one row by 1e-7 (an image of tiny pixels
     under a homogeneous kernel): each pivot is held against its own diagonal entry, not the
-    largest, so the fit needs no jitter and interpolates that row too (against n eps max(diag)
+    largest, so the fit needs no jitter and interpolates that row too (against n eps max(diag),
     it was jittered, and that row's residual was 0.8; helper-99)."""
     n = 60
     X = rng.normal(size=(n, 5))

@@ -372,12 +372,13 @@ def run(args) -> int:
     if store is not None:
         print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
     results = []
+    rounding = float(np.finfo(info_tr["dtype"]).eps)    # of the dtype the Grams were computed in
     for d in depths:
         for name in kernel_names(kernel):
             # one (train Gram, test kernel) in memory at a time: read from --store here
             K, Kt = ktr[d][name](), kte[d][name]()
             r = solver.evaluate_classifier(K, Kt, ytr, yte, ridge=ridge, targets=args.targets,
-                                           groups=groups, warn_unseen=False)
+                                           groups=groups, warn_unseen=False, rounding=rounding)
             del K, Kt
             r.update(depth=d, kernel=name)
             results.append(r)

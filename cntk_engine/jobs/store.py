@@ -2359,6 +2359,7 @@ class TrainTestKernels:
     keys: tuple[str, str]
     transposed: bool = False
     architecture: dict | None = None
+    dtype: str | None = None          # the training Gram's compute dtype, as its store records it
 
     def __iter__(self):
         return iter((self.K, self.K_test))
@@ -2527,7 +2528,8 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
         log.info("the test store at %s holds gram(x_train, x_test): its transpose is the test "
                  "kernel", w_test)
         K_test = K_test.T
-    return TrainTestKernels(K, K_test, (train_key, test_key), transposed, a.get("architecture"))
+    return TrainTestKernels(K, K_test, (train_key, test_key), transposed, a.get("architecture"),
+                            a.get("dtype"))
 
 
 def _group_path(group) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 from contextlib import contextmanager
@@ -334,13 +335,34 @@ def check_max_jitter(max_jitter) -> float:
     return check_nonnegative(max_jitter, "max_jitter", "the largest jitter, times mean(diag K)")
 
 
+def check_rounding(rounding) -> float:
+    """``rounding``, the relative rounding of K's entries (the machine epsilon of the dtype K
+    was computed in: float32's for a float32 Gram), checked; None: float64's."""
+    if rounding is None:
+        return EPS64
+    if isinstance(rounding, bool) or not isinstance(rounding, numbers.Real) or not (
+            EPS64 <= rounding < 1):
+        raise ValueError(f"rounding must be the relative rounding of K's entries, a number in "
+                         f"[{EPS64:.3g}, 1) (np.finfo(np.float32).eps for a float32 Gram), or "
+                         f"None (float64's); got {rounding!r}")
+    return float(rounding)
+
+
+EPS64 = float(np.finfo(np.float64).eps)
+#: A pivot L_kk^2 at or below this many roundings of K (times A_kk) is taken as rounding: K + v I
+#: is singular to the precision it was computed in (at least n float64 epsilons).
+PIVOT_ROUNDINGS = 8
+
+
 def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
-             device=None, overwrite_k: bool = False, ridge_name: str = "ridge"):
+             device=None, overwrite_k: bool = False, ridge_name: str = "ridge", rounding=None):
     """Lower Cholesky factor of ``K + (ridge + j) I`` and the jitter ``j`` that was needed.
 
     ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  A factorisation
     fails where K + ridge I is not positive definite or is numerically singular (a pivot at or
-    below n eps of its diagonal entry: :func:`_cholesky_inplace`).  With ``jitter`` and a failing
+    below max(n eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
+    ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
+    in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
     factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
     mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
@@ -357,13 +379,13 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     diag = xp.diagonal(A).copy()
     idx = xp.arange(n)
 
-    eps_n = n * float(np.finfo(np.float64).eps)
+    # a pivot at or below this share of its diagonal entry: singular to K's rounding
+    rel_floor = max(max(n, PIVOT_ROUNDINGS) * EPS64, PIVOT_ROUNDINGS * check_rounding(rounding))
 
     def attempt(v):
         d = diag + v
         A[idx, idx] = d
-        # a pivot at or below n eps of its diagonal entry: singular to float64's rounding
-        L = _cholesky_inplace(xp, A, d, eps_n)
+        L = _cholesky_inplace(xp, A, d, rel_floor)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
         return L

@@ -10,7 +10,7 @@ import numpy as np
 from ..arrays import cupy_module
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, brief_repr,
                      check_finite, check_gram, check_max_jitter, check_ridge, check_targets,
-                     check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
+                     check_rounding, check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
                      spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 
@@ -33,24 +33,26 @@ class RidgeSolution:
 
 
 def fit_ridge(K, Y, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 1e-3,
-              device=None, overwrite_k: bool = False) -> RidgeSolution:
+              device=None, overwrite_k: bool = False, rounding=None) -> RidgeSolution:
     """Kernel ridge regression: ``alpha = (K + ridge I)^-1 Y`` by Cholesky in float64.
 
     All columns of ``Y`` (n, k) share one factorisation.  ``ridge`` is absolute (multiply by
     :func:`ridge_scale` for a relative one); 0 is the interpolating solution.  See
-    :func:`cholesky` for the jitter.  ``overwrite_k``: a C-contiguous, writeable float64 K is
+    :func:`cholesky` for the jitter and ``rounding`` (K's relative rounding: float32's epsilon
+    for a Gram computed in float32).  ``overwrite_k``: a C-contiguous, writeable float64 K is
     checked and factorised in its own memory (no copy of it; K is given up, see
     :func:`check_gram`; a ``Y`` that is a view of K is copied first)."""
     return fit_ridge_cholesky(K, Y, ridge, jitter=jitter, max_jitter=max_jitter, device=device,
-                              overwrite_k=overwrite_k)
+                              overwrite_k=overwrite_k, rounding=rounding)
 
 
 def fit_ridge_cholesky(K, Y, ridge: float, *, relative: bool = False, jitter: bool = True,
                        max_jitter: float = 1e-3, device=None,
-                       overwrite_k: bool = False) -> RidgeSolution:
+                       overwrite_k: bool = False, rounding=None) -> RidgeSolution:
     """:func:`fit_ridge`; with ``relative``, ``ridge`` times mean(diag K) of the K checked
     (:func:`~.linalg.ridge_scale`; ``fit_relative_ridge``'s number, K read once)."""
     ridge, max_jitter = check_ridge(ridge), check_max_jitter(max_jitter)
+    check_rounding(rounding)
     xp = xp_for(device, K, Y)
     dev = "cuda" if xp is not np else "cpu"
     Y = apart_from(K, Y, overwrite_k)
@@ -59,7 +61,8 @@ def fit_ridge_cholesky(K, Y, ridge: float, *, relative: bool = False, jitter: bo
                                _workspace=loaded_workspace("cholesky", dev))
     if relative:
         ridge *= ridge_scale(K)
-    L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True, device=dev)
+    L, j = cholesky(K, ridge, jitter=jitter, max_jitter=max_jitter, overwrite_k=True, device=dev,
+                    rounding=rounding)
     alpha = cho_solve(xp, L, Y)
     return RidgeSolution(alpha=alpha, ridge=ridge, jitter=j, one_d=one_d, device=dev)
 

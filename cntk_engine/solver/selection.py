@@ -18,7 +18,7 @@ import numpy as np
 
 from ..arrays import to_host
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr,
-                     check_gram, check_ridge, check_targets, check_test_kernel, eigh,
+                     check_gram, check_ridge, check_rounding, check_targets, check_test_kernel, eigh,
                      loaded_workspace, ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
@@ -409,14 +409,16 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
                           eigh=E if method == "loo" else None)
 
 
-def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bool = False):
+def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bool = False,
+                       rounding=None):
     """``(solution, selection)``: kernel ridge regression at ``ridge`` relative to mean(diag K)
     (a number >= 0; ``selection`` None), or, for ``"auto"``, at the ridge that exact
     leave-one-out chose (:func:`select_ridge` with ``labels``, ``groups``) on
     :data:`RELATIVE_RIDGE_GRID`, fitted from the eigendecomposition that chose it
     (:func:`~.ridge.fit_ridge_eigh`: no second factorisation, no jitter).  Memory beyond K:
     :func:`solve_workspace` of "eigh" for "auto", of "cholesky" for a number;
-    ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less."""
+    ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less.
+    ``rounding``: K's relative rounding for the Cholesky of a given ridge (:func:`cholesky`)."""
     Y = apart_from(K, Y, overwrite_k)      # the fit reads Y after the eigendecomposition
     if isinstance(ridge, str):
         if ridge != "auto":
@@ -425,7 +427,8 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
         sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo",
                            overwrite_k=overwrite_k)
         return fit_ridge_eigh(sel.eigh, Y, sel.ridge), sel
-    return fit_ridge_cholesky(K, Y, ridge, relative=True, overwrite_k=overwrite_k), None
+    return fit_ridge_cholesky(K, Y, ridge, relative=True, overwrite_k=overwrite_k,
+                              rounding=rounding), None
 
 
 def _shape(a) -> tuple:
@@ -466,18 +469,20 @@ def _square_gram(K) -> int:
 
 
 def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=None,
-                   overwrite_k: bool = False) -> ClassifierFit:
+                   overwrite_k: bool = False, rounding=None) -> ClassifierFit:
     """Kernel regression on the training Gram ``K`` as a classifier of the labels ``y_train``
     (numbers, strings or bytes; at least 2 classes): targets "paper" (0.9 / -0.1,
     :func:`~.targets.paper_targets`) or "onehot"; ``ridge`` "auto" (chosen by exact
     leave-one-out accuracy over :data:`RELATIVE_RIDGE_GRID`, leaving ``groups`` out together)
     or a number >= 0 relative to mean(diag K) (:func:`fit_relative_ridge`).  ``overwrite_k``:
-    K is given up, checked and factorised in its own memory (one copy of it less).  Predict
-    with :meth:`ClassifierFit.predict`."""
+    K is given up, checked and factorised in its own memory (one copy of it less).
+    ``rounding``: K's relative rounding (float32's epsilon for a float32 Gram; :func:`cholesky`).
+    Predict with :meth:`ClassifierFit.predict`."""
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     y_train = check_labels(y_train, n_train, "y_train")
-    return _fit_classifier(K, y_train, ridge, targets, groups, overwrite_k)
+    check_rounding(rounding)
+    return _fit_classifier(K, y_train, ridge, targets, groups, overwrite_k, rounding)
 
 
 def _targets(y_train, targets: str):
@@ -507,12 +512,12 @@ def check_classifier_labels(y_train, y_test=None, *, targets: str = "paper"):
 
 
 def _fit_classifier(K, y_train, ridge, targets: str, groups,
-                    overwrite_k: bool = False) -> ClassifierFit:
+                    overwrite_k: bool = False, rounding=None) -> ClassifierFit:
     Y, classes = _targets(y_train, targets)
     groups = check_groups(groups, len(Y))        # checked with every ridge, used by "auto"
     labels = np.searchsorted(classes, y_train)
     sol, sel = fit_relative_ridge(K, Y, ridge, labels=labels, groups=groups,
-                                  overwrite_k=overwrite_k)
+                                  overwrite_k=overwrite_k, rounding=rounding)
     if sel is not None:
         i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
         info = dict(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
@@ -525,7 +530,7 @@ def _fit_classifier(K, y_train, ridge, targets: str, groups,
 
 
 def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: str = "paper",
-                        groups=None, warn_unseen: bool = True) -> dict:
+                        groups=None, warn_unseen: bool = True, rounding=None) -> dict:
     """Test accuracy of kernel regression as a classifier, with its ridge.
 
     ``K``: the train Gram, ``K_test``: test-vs-train, ``y_train`` / ``y_test``: labels of one
@@ -545,8 +550,9 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     that solve even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the
     reason in ridge0_error.  ``warn_unseen=False``: test labels of classes ``y_train`` lacks
     are not warned about (a caller that evaluates several kernels of the same labels warns
-    once, with :func:`check_classifier_labels`).  (:func:`fit_classifier` is the fit alone,
-    for predictions.)"""
+    once, with :func:`check_classifier_labels`).  ``rounding``: K's relative rounding
+    (float32's epsilon for a float32 Gram; :func:`cholesky`).  (:func:`fit_classifier` is the
+    fit alone, for predictions.)"""
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     shape_test = _shape(K_test)
@@ -557,9 +563,10 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
+    check_rounding(rounding)
     if warn_unseen:
         check_classifier_labels(y_train, y_test, targets=targets)
-    fit = _fit_classifier(K, y_train, ridge, targets, groups)
+    fit = _fit_classifier(K, y_train, ridge, targets, groups, rounding=rounding)
     out = {k: v for k, v in fit.info.items() if k not in ("ridge_absolute", "jitter")}
     out.update(accuracy=accuracy(fit.predict(K_test), y_test),
                ridge_absolute=fit.info["ridge_absolute"], jitter=fit.info["jitter"])
@@ -567,7 +574,7 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
         out.update(accuracy_ridge0=out["accuracy"], jitter_ridge0=0.0)
     elif ridge == "auto" or ridge != 0:
         try:
-            sol0 = fit_ridge(K, fit.Y, 0.0)
+            sol0 = fit_ridge(K, fit.Y, 0.0, rounding=rounding)
         except NotPositiveDefinite as e:       # the side figure only: the chosen ridge solved
             out.update(accuracy_ridge0=None, jitter_ridge0=None, ridge0_error=str(e))
         else:
