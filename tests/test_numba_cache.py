@@ -124,3 +124,29 @@ def test_a_kernel_in_the_cache_is_loaded_without_the_compile_lock(monkeypatch):
     monkeypatch.setattr(numba_cpu, "_loaded", set())
     cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")
     assert "float32" in numba_cpu._loaded
+
+
+@pytest.mark.skipif(not numba_cpu._CACHING, reason="numba found no writable place for its cache here")
+def test_an_index_entry_whose_data_file_is_not_written_yet_is_not_in_the_cache(monkeypatch):
+    """numba writes a new entry's index before its data file: a process that looked between the
+    two took the kernel for cached, skipped the compile lock and compiled for itself
+    (helper-100).  An entry counts only with its data file."""
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
+    cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")
+    cache_file = numba_cpu.pair_kernel._cache._cache_file
+    index = cache_file._load_index()
+    assert index
+    real_exists = os.path.exists
+    data = {cache_file._data_path(name) for name in index.values()}
+    seen = []
+
+    def in_cache(*a):
+        seen.append(a)
+        return real_in_cache(*a)
+    real_in_cache = numba_cpu._in_cache
+    monkeypatch.setattr(numba_cpu, "_in_cache", in_cache)
+    monkeypatch.setattr(numba_cpu, "_loaded", set())
+    monkeypatch.setattr(numba_cpu, "_compile_into_cache", lambda name, args: seen.append("compile"))
+    monkeypatch.setattr(numba_cpu.os.path, "exists", lambda p: p not in data and real_exists(p))
+    cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")
+    assert seen[-1] == "compile"        # not taken for cached: the compile path (under its lock)

@@ -642,7 +642,11 @@ def _in_cache(args) -> bool:
     try:
         cache = pair_kernel._cache
         key = cache._index_key(tuple(numba.typeof(a) for a in args), pair_kernel.targetctx.codegen())
-        return key in cache._cache_file._load_index()
+        cache_file = cache._cache_file
+        name = cache_file._load_index().get(key)
+        # numba saves the index before the data file (written whole, then renamed): a key whose
+        # data file is not there yet is being saved, not cached
+        return name is not None and os.path.exists(cache_file._data_path(name))
     except Exception:  # noqa: BLE001
         return False
 
