@@ -634,7 +634,9 @@ ls -la "$OUT"
 nfiles=$(find "$OUT" -type f | wc -l)
 [ "$nfiles" -gt 8 ] && echo "WARNING: $nfiles files in $OUT; the device tool brings back at most 8"
 FAILED=$(awk -F'\t' '$2 == "failed" || $2 == "timed_out" {printf " %s", $1}' "$PHASE_TSV")
-if [ -n "$WARMUP_PID" ]; then    # the subshell and its timeout (which stops the compile)
+if [ -n "$WARMUP_PID" ] && [ ! -f "$WORK/numba_warmup.rc" ]; then    # still running: the
+  # subshell and its timeout (which stops the compile); once it wrote its status, its pid may
+  # be another process's
   kill $(pgrep -P "$WARMUP_PID" 2>/dev/null) "$WARMUP_PID" 2>/dev/null || true
 fi
 rm -rf "$WORK"

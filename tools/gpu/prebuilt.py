@@ -275,7 +275,7 @@ def install(folder: Path, repo: Path = REPO) -> Path:
                                  text=True, cwd=tempfile.gettempdir(), timeout=SMOKE_TIMEOUT)
             out, err, rc = run.stdout, run.stderr, run.returncode
         except subprocess.TimeoutExpired as e:
-            out, err, rc = e.stdout or "", f"no answer in {SMOKE_TIMEOUT} s (a hung launch?)", "timeout"
+            out, err, rc = e.stdout or "", f"no answer in {SMOKE_TIMEOUT} s (a hung launch?)", "none"
             out = out.decode() if isinstance(out, bytes) else out
         print(out.strip())
         if rc != 0:
