@@ -103,10 +103,14 @@ log = logging.getLogger("cntk_engine")
 
 #: float32's machine epsilon: a float32 Gram's entries carry rounding of about this, relative.
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
+#: A relative ridge of this or more stands above a float32 Gram's rounding: a duplicated row's
+#: pivot is then about twice it, far beyond the solver's floor of 8 epsilons of its entry.
+FLOAT32_RIDGE = 1e-5
 #: What the estimators say where the training Gram is (numerically) singular.
 _GRAM_PRECISION = ("ridge='auto' chooses a ridge that leaves it positive definite, a relative "
-                   "ridge of at least {floor:.2g} (n x float32's epsilon) is above a float32 "
-                   "Gram's rounding, and dtype='float64' computes the Gram to float64's (float32 "
+                   "ridge of 1e-5 or more stands above a float32 Gram's rounding, and "
+                   "dtype='float64' computes the Gram to float64's, on which any jitter is "
+                   "float64's rounding (float32 "
                    "loses about 4e-4 of the kernel at depth 3 and 2e-3 at depth 11 where two "
                    "inputs are nearly parallel, as tabular features far from 0 often are)")
 _GRAM_SINGULAR = "ridge='auto' chooses a ridge that leaves it positive definite, or give a larger ridge"
@@ -203,6 +207,8 @@ class _CNTKBase(BaseEstimator):
         None float64 on 1 x 1 images (tabular features: they cost little, and float32 loses about
         4e-4 of the kernel at depth 3 and 2e-3 at depth 11 where two rows are nearly parallel,
         as features far from 0 often are: README, Exactness) and float32 on larger images."""
+        if isinstance(self.backend, str) and self.backend == "reference":
+            return "float64"                  # whatever dtype says (gram's reference backend)
         if self.dtype is None:
             return "float64" if tuple(height_width) == (1, 1) else "float32"
         return self.dtype
@@ -356,7 +362,7 @@ class _CNTKBase(BaseEstimator):
                              "tell the training images apart (all-zero images, images constant in "
                              "each channel under preprocess='standardize', or W_std=0), so the "
                              "regression would predict the same for every image")
-        n, scale = len(K), float(np.mean(np.diagonal(K)))
+        scale = float(np.mean(np.diagonal(K)))
         try:
             sol, sel = solver.fit_relative_ridge(
                 K, Y, self.ridge, labels=labels, groups=groups, overwrite_k=True,
@@ -364,14 +370,14 @@ class _CNTKBase(BaseEstimator):
         except solver.NotPositiveDefinite as e:
             raise solver.NotPositiveDefinite(
                 f"{e}.  The training Gram was computed in {self._dtype_}: "
-                + (_GRAM_PRECISION.format(floor=n * FLOAT32_EPS) if self._dtype_ == "float32"
+                + (_GRAM_PRECISION if self._dtype_ == "float32"
                    else _GRAM_SINGULAR)) from None
-        if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge < n * FLOAT32_EPS * scale:
+        if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge < FLOAT32_RIDGE * scale:
             log.warning("the training Gram, computed in float32, is singular to its rounding "
                         "(about 1e-7 of its entries; jitter %.3g was added to factorise it): the "
                         "fit is set by that rounding and the jitter (with one image under two "
                         "labels, its predictions are arbitrary): "
-                        + _GRAM_PRECISION.format(floor=n * FLOAT32_EPS), sol.jitter)
+                        + _GRAM_PRECISION, sol.jitter)
         self.ridge_ = float(self.ridge) if sel is None else sel.relative
         self.loo_ = None if sel is None else sel.scores   # not the scores of an earlier fit
         self.ridge_absolute_ = sol.ridge
@@ -465,8 +471,9 @@ class CNTKClassifier(ClassifierMixin, _CNTKBase):
         is singular to the rounding of its dtype (an image twice, or an image and a multiple of
         it; a pivot within 8 roundings of its entry) the solve adds the jitter needed, up to
         1e-3 x the mean diagonal (``jitter_``; a warning says so, and for a float32 Gram that
-        the fit is set by that rounding), and refuses the Gram beyond that; ``ridge="auto"``, a
-        ridge of at least n x 1.2e-7, or ``dtype="float64"`` avoid it.
+        the fit is set by that rounding), and refuses the Gram beyond that; ``ridge="auto"`` or
+        a ridge of 1e-5 or more avoid it, and ``dtype="float64"`` leaves it to float64's
+        rounding.
     targets : "paper" (0.9 for the class, -0.1 elsewhere, as the CNTK paper) or "onehot" (1/0).
     image_shape : (C, H, W) of flattened 2-D X ((H, W, C) for NHWC); "features": 2-D X is
         (N, F) tabular data, 1 x 1 images with F channels (the fully connected NTK); None (the

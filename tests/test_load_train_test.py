@@ -127,6 +127,12 @@ def test_what_computed_them_may_differ(digits, tmp_path):
     gram(x_train, x_train.copy(), depth=3, backend="numba", out=str(tmp_path / "twice.zarr"))
     K2, _ = solver.load_train_test(tmp_path / "twice.zarr", tmp_path / "b.zarr")
     np.testing.assert_allclose(K2, K, rtol=1e-5)
+    # the training Gram's compute dtype, for the solve's rounding (cntk-engine solve): the
+    # store's, and float64 for the reference backend whatever dtype was asked
+    assert solver.load_train_test(tmp_path / "twice.zarr", tmp_path / "b.zarr").dtype == "float32"
+    assert solver.load_train_test(tmp_path / "a.zarr", tmp_path / "b.zarr").dtype == "float64"
+    gram(x_train, depth=3, backend="reference", dtype="float32", out=str(tmp_path / "r.zarr"))
+    assert solver.load_train_test(tmp_path / "r.zarr", tmp_path / "b.zarr").dtype == "float64"
 
 
 @pytest.mark.parametrize("other", [dict(flip=True), dict(fix=True), dict(pooling="lap", lap_window=3),

@@ -785,7 +785,9 @@ def cache_status() -> str:
         return "off (numba found no writable place for it): every process compiles the kernel"
     try:
         cache = pair_kernel._cache
-        dtypes = sorted({str(key[0][0].dtype) for key in cache._cache_file._load_index()})
+        cache_file = cache._cache_file        # an entry counts with its data file (_in_cache)
+        dtypes = sorted({str(key[0][0].dtype) for key, name in cache_file._load_index().items()
+                         if os.path.exists(cache_file._data_path(name))})
         return f"{cache._cache_path} (holds {', '.join(dtypes) if dtypes else 'nothing yet'})"
     except Exception as e:  # noqa: BLE001 - numba internals
         return f"on (details unavailable: {e})"

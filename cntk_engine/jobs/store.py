@@ -2528,8 +2528,11 @@ def load_train_test(train, test, key: str | None = None, *, max_memory: int | No
         log.info("the test store at %s holds gram(x_train, x_test): its transpose is the test "
                  "kernel", w_test)
         K_test = K_test.T
+    # the dtype the training Gram was computed in: the reference backend computes in float64
+    # whatever its record says (records of 0.x said the dtype asked for)
+    dtype = "float64" if a.get("backend") == "reference" else a.get("dtype")
     return TrainTestKernels(K, K_test, (train_key, test_key), transposed, a.get("architecture"),
-                            a.get("dtype"))
+                            dtype)
 
 
 def _group_path(group) -> Path:

@@ -404,7 +404,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     if not jitter:
         raise NotPositiveDefinite(
             f"K + {ridge:g} I ({n} x {n}) is not numerically positive definite (indefinite, or "
-            f"singular to float64's rounding) and jitter=False; use a "
+            f"singular to the rounding of its entries) and jitter=False; use a "
             f"{ridge_name} > 0 or allow jitter")
     scale = ridge_scale(A)
     mean_diag = scalar(xp.mean(diag))

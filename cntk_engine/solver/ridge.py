@@ -110,15 +110,17 @@ class GPPosterior:
 
 
 def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: bool = True,
-                 device=None) -> GPPosterior:
+                 device=None, rounding=None) -> GPPosterior:
     """NNGP posterior: ``mean = K_test (K + noise I)^-1 Y``,
     ``cov = K_test_test - K_test (K + noise I)^-1 K_test^T``.
 
     ``noise``: the observation noise variance sigma^2 >= 0.  ``K_test_test``: the (m, m) NNGP
     kernel of the test points (full covariance), its (m,) diagonal (variances; clipped at 0
     against rounding; a scalar for one test point), or None (mean only).  Computed as ``L = chol(K + noise I)``,
-    ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``."""
+    ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``.  ``rounding``: the relative rounding
+    of K's entries, the epsilon of the dtype it was computed in (:func:`cholesky`)."""
     noise = check_ridge(noise, "noise")
+    check_rounding(rounding)
     xp = xp_for(device, K, Y, K_test)
     dev = "cpu" if xp is np else "cuda"
     K = check_gram(K, device=dev, _workspace=loaded_workspace("cholesky", dev))
@@ -126,7 +128,8 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     Y, one_d = check_targets(Y, n, xp=xp)
     Kt = check_test_kernel(K_test, n, xp=xp)
     m = Kt.shape[0]
-    L, j = cholesky(K, noise, jitter=jitter, device=dev, overwrite_k=True, ridge_name="noise")
+    L, j = cholesky(K, noise, jitter=jitter, device=dev, overwrite_k=True, ridge_name="noise",
+                    rounding=rounding)
     alpha = cho_solve(xp, L, Y)
     mean = Kt @ alpha
     mean = mean[:, 0] if one_d else mean
