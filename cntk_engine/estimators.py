@@ -366,7 +366,7 @@ class _CNTKBase(BaseEstimator):
         try:
             sol, sel = solver.fit_relative_ridge(
                 K, Y, self.ridge, labels=labels, groups=groups, overwrite_k=True,
-                rounding=float(np.finfo(self._dtype_).eps))
+                rounding=solver.rounding_of(self._dtype_))
         except solver.NotPositiveDefinite as e:
             raise solver.NotPositiveDefinite(
                 f"{e}.  The training Gram was computed in {self._dtype_}: "

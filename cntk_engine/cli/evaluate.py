@@ -372,7 +372,7 @@ def run(args) -> int:
     if store is not None:
         print(f"store: {store}: train Gram {_tiles(info_tr)}, test kernel {_tiles(info_te)}")
     results = []
-    rounding = float(np.finfo(info_tr["dtype"]).eps)    # of the dtype the Grams were computed in
+    rounding = solver.rounding_of(info_tr["dtype"])     # of the dtype the Grams were computed in
     for d in depths:
         for name in kernel_names(kernel):
             # one (train Gram, test kernel) in memory at a time: read from --store here

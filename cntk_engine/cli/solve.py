@@ -180,15 +180,6 @@ def _read_data(path: str, data_format: str, targets: str) -> dict:
     return out
 
 
-def _rounding(dtype) -> float | None:
-    """The relative rounding of a Gram computed in ``dtype`` (its store's record), None where the
-    record names none that NumPy knows (float64's then)."""
-    try:
-        return float(np.finfo(dtype).eps) if dtype is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
 def run(args) -> int:
     from .. import solver
     ridge = parse_ridge(args.ridge)
@@ -245,7 +236,7 @@ def run(args) -> int:
     n_train = len(K)              # K is factorised in its own memory: no longer the Gram after
     fit = solver.fit_classifier(K, d["y_train"], ridge=ridge, targets=args.targets,
                                 groups=d[GROUPS], overwrite_k=True,
-                                rounding=_rounding(loaded.dtype))
+                                rounding=solver.rounding_of(loaded.dtype))
     pred = fit.predict(K_test)
     t_solve = time.perf_counter() - t0 - t_load
     info = fit.info

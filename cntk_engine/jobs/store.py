@@ -862,10 +862,7 @@ class Claims:
             _unlink_quietly(tmp)
 
     def _hold(self, i, j, claim_id, f) -> bool:
-        with self.lock:
-            self.held[(i, j)] = claim_id
-        with _HELD_LOCK:
-            _HELD.add(claim_id)
+        """The claim made (``acquire`` recorded it before making it): renewed from now on."""
         _HEARTBEAT.add(str(f), max(0.05, self.timeout / 4))
         return True
 

@@ -67,7 +67,7 @@ from ..jobs.store import GramTooLarge, TrainTestKernels, load_gram, load_train_t
 from .flow import gradient_flow
 from .linalg import (KernelEigh, NotPositiveDefinite, check_gram, check_ridge, check_targets,
                      check_test_kernel, cholesky, constant_entries, eigh, ridge_scale,
-                     solve_workspace)
+                     rounding_of, solve_workspace)
 from .ridge import (GPPosterior, RidgeSolution, fit_ridge, fit_ridge_eigh, gp_posterior,
                     kernel_ridge)
 from .selection import (RELATIVE_RIDGE_GRID, ClassifierFit, CVResult, Groups, RidgeSelection,
@@ -84,5 +84,5 @@ __all__ = [
     "gradient_flow", "GPPosterior", "gp_posterior", "available_memory", "available_gpu_memory",
     "evaluate_classifier", "fit_classifier", "ClassifierFit", "check_classifier_labels", "Groups", "check_groups",
     "load_gram", "load_train_test", "TrainTestKernels", "solve_workspace", "fit_ridge_eigh",
-    "fit_relative_ridge", "constant_entries",
+    "fit_relative_ridge", "constant_entries", "rounding_of",
 ]

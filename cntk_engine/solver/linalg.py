@@ -348,6 +348,16 @@ def check_rounding(rounding) -> float:
     return float(rounding)
 
 
+def rounding_of(dtype) -> float | None:
+    """The ``rounding`` of a Gram computed in ``dtype`` (a name or NumPy dtype, as a store's or
+    a run's record gives it): its machine epsilon; None (float64's) for None or a name NumPy
+    does not know."""
+    try:
+        return None if dtype is None else float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        return None
+
+
 EPS64 = float(np.finfo(np.float64).eps)
 #: A pivot L_kk^2 at or below this many roundings of K (times A_kk) is taken as rounding: K + v I
 #: is singular to the precision it was computed in (at least n float64 epsilons).
@@ -360,7 +370,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     ``K`` must already be checked (float64, symmetric; :func:`check_gram`).  A factorisation
     fails where K + ridge I is not positive definite or is numerically singular (a pivot at or
-    below max(n eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
+    below max(max(n, 8) eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
     factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times

@@ -10,7 +10,7 @@ import numpy as np
 from ..arrays import cupy_module
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, brief_repr,
                      check_finite, check_gram, check_max_jitter, check_ridge, check_targets,
-                     check_rounding, check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
+                     check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
                      spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 
@@ -52,7 +52,6 @@ def fit_ridge_cholesky(K, Y, ridge: float, *, relative: bool = False, jitter: bo
     """:func:`fit_ridge`; with ``relative``, ``ridge`` times mean(diag K) of the K checked
     (:func:`~.linalg.ridge_scale`; ``fit_relative_ridge``'s number, K read once)."""
     ridge, max_jitter = check_ridge(ridge), check_max_jitter(max_jitter)
-    check_rounding(rounding)
     xp = xp_for(device, K, Y)
     dev = "cuda" if xp is not np else "cpu"
     Y = apart_from(K, Y, overwrite_k)
@@ -75,8 +74,8 @@ def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
     I is near singular (ridge 0 on a condition number of 1e8 to 1e13) about ten to twenty times
     the Cholesky's (docs/solver.md).  Raises :class:`NotPositiveDefinite` where K + ridge I has an
     eigenvalue at or below :func:`spectrum_tol` (the rule by which :func:`loo` skips a ridge;
-    stricter than a Cholesky's, which fails only where a pivot is at or below n eps of its
-    diagonal entry, and so may pass such a matrix without jitter)."""
+    stricter than a Cholesky's, which fails only where a pivot is within K's rounding of its
+    diagonal entry (:func:`cholesky`), and so may pass such a matrix without jitter)."""
     ridge = check_ridge(ridge)
     xp, tol = E.xp, spectrum_tol(E)
     Y, one_d = check_targets(Y, E.n, xp=xp)
@@ -120,7 +119,6 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``.  ``rounding``: the relative rounding
     of K's entries, the epsilon of the dtype it was computed in (:func:`cholesky`)."""
     noise = check_ridge(noise, "noise")
-    check_rounding(rounding)
     xp = xp_for(device, K, Y, K_test)
     dev = "cpu" if xp is np else "cuda"
     K = check_gram(K, device=dev, _workspace=loaded_workspace("cholesky", dev))
