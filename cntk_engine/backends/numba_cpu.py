@@ -752,7 +752,7 @@ def _compile_into_cache(name: str, args) -> None:
                  "processes load it)", name)
         try:
             child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
-                                   capture_output=True, text=True, timeout=1800)
+                                   capture_output=True, text=True, timeout=COMPILE_WAIT)
             if child.returncode != 0:
                 why = child.stderr.strip()[-500:] or (
                     f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}")
