@@ -598,7 +598,7 @@ def test_the_solver_is_told_the_rounding_of_the_gram_it_solves(kw, eps, monkeypa
     """The estimator passes the epsilon of the dtype its Gram was computed in (the reference
     backend computes in float64 whatever dtype says), so that a pivot within float32's rounding
     counts as singular: an image and 1e-4 times it under two labels left a float32 pivot of
-    ~1e-8 of its entry, a fit of 1e16 and no warning (helper-100; tests/test_solver.py builds
+    ~1e-8 of its entry, a fit of 1e16 and no warning (tests/test_solver.py builds
     such a pivot)."""
     seen = []
     real = solver.fit_relative_ridge
@@ -633,7 +633,7 @@ def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(
 def test_flips_of_images_1_pixel_wide_are_refused_or_said(caplog):
     """Tabular features are 1 x 1 images, each its own flip: augment_flips would hold every row
     twice (a singular Gram at 4 times the cost) and is refused; flip=True computes the plain
-    kernel at twice its cost, which a warning says (helper-98)."""
+    kernel at twice its cost, which a warning says."""
     X, y = np.random.default_rng(0).random((8, 3)), np.arange(8) % 2
     with pytest.raises(ValueError, match=r"X holds images 1 pixel wide .* every image twice"):
         CNTKClassifier(depth=3, backend="numba", image_shape="features", augment_flips=True).fit(X, y)

@@ -64,7 +64,7 @@ def test_first_and_later_processes_compute_bit_identical_grams(tmp_path):
     # folder, wrote the cache there, and the first process compiled for itself.  A second
     # process started with it (joblib's workers, a job array) waits for that compile and loads
     # it, rather than compile the same kernel at once (each compiled: 77 s for two workers where
-    # one took 29 s on 2 cores, helper-98)
+    # one took 29 s on 2 cores)
     together = [_start(os.path.relpath(cache, clone), clone), _start(cache, elsewhere)]
     first, second = (_run(cache, proc=p) for p in together)
     later = _run(cache, elsewhere)                            # the cache is there: loaded directly
@@ -114,7 +114,7 @@ def test_a_cache_that_is_off_is_said_once(monkeypatch, caplog):
 def test_a_kernel_in_the_cache_is_loaded_without_the_compile_lock(monkeypatch):
     """The cross-process compile lock is taken only where the cache lacks the kernel: a process
     whose kernel is cached does not wait for another's compile (of the other dtype, or a hung
-    one: it waited up to 30 min, helper-99)."""
+    one: it waited up to 30 min)."""
     x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
     cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")      # in the cache now
 
@@ -130,7 +130,7 @@ def test_a_kernel_in_the_cache_is_loaded_without_the_compile_lock(monkeypatch):
 def test_an_index_entry_whose_data_file_is_not_written_yet_is_not_in_the_cache(monkeypatch):
     """numba writes a new entry's index before its data file: a process that looked between the
     two took the kernel for cached, skipped the compile lock and compiled for itself
-    (helper-100).  An entry counts only with its data file."""
+    An entry counts only with its data file."""
     x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
     cntk_engine.gram(x, depth=2, backend="numba", dtype="float32")
     cache_file = numba_cpu.pair_kernel._cache._cache_file

@@ -991,7 +991,7 @@ def test_a_row_of_tiny_norm_is_not_singular_to_the_cholesky(rng):
     """D K D with K well conditioned and D scaling one row by 1e-7 (an image of tiny pixels
     under a homogeneous kernel): each pivot is held against its own diagonal entry, not the
     largest, so the fit needs no jitter and interpolates that row too (against n eps max(diag),
-    it was jittered, and that row's residual was 0.8; helper-99)."""
+    it was jittered, and that row's residual was 0.8)."""
     n = 60
     X = rng.normal(size=(n, 5))
     d = np.ones(n)

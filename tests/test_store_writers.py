@@ -415,7 +415,7 @@ def test_a_dead_writers_marker_is_broken_only_while_it_is_the_dead_ones(tmp_path
 def test_a_lock_left_by_a_writer_that_died_breaking_a_marker_is_removed(tmp_path):
     """A writer killed between taking the lock that breaks a dead marker and removing it: its
     lock (its record) is judged as a marker is, so the next writer removes it and takes the tile
-    over, instead of every writer finding the marker "being broken" until a sweep (helper-99)."""
+    over, instead of every writer finding the marker "being broken" until a sweep."""
     f = _claims_dir(tmp_path)
     dead = {"host": store_mod.HOST, "pidns": store_mod.PID_NAMESPACE, "boot": store_mod.BOOT_ID,
             "pid": 2 ** 22 + 7}
