@@ -445,7 +445,9 @@ def test_the_records_print_their_arrays_as_shapes(rng):
     assert len(text.splitlines()) == 1 and len(text) < 600, text
     assert "alpha=<NumPy array (300, 10) float64>" in text and "'ridge_relative': 0.1" in text
     assert "classes=array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])" in text       # small: whole
-    assert repr(S.eigh(K)) == "KernelEigh(s=<NumPy array (300,) float64>, U=<NumPy array (300, 300) float64>, device='cpu')"
+    assert repr(S.eigh(K)) == ("KernelEigh(s=<NumPy array (300,) float64>, U=<NumPy array (300, "
+                               f"300) float64>, device='cpu', rounding={2.0 ** -52!r}, "
+                               f"diag_max={float(K.diagonal().max())!r})")
     Y, _ = S.one_hot(np.arange(300) % 10)
     res = S.loo(K, Y, [0.1, 1.0], return_predictions=True)
     assert "predictions=[<NumPy array (300, 10) float64>, <NumPy array (300, 10) float64>]" in repr(res)
@@ -917,8 +919,10 @@ def test_the_chosen_ridge_is_fitted_from_the_eigendecomposition(rng, monkeypatch
     Es = S.eigh(Ks)
     with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0 I \(30 x 30\) is singular: its "
                                                     r"smallest eigenvalue, \S+, is not above the "
-                                                    r"rounding of K's spectrum, n eps max\|s\| = "
-                                                    r"\S+; use a larger ridge"):
+                                                    r"rounding of K's spectrum, \S+ "
+                                                    r"\(spectrum_tol: n eps64 max\|s\|, or 8 x "
+                                                    r"K's rounding \S+ x its largest diagonal "
+                                                    r"entry\); use a larger ridge"):
         S.fit_ridge_eigh(Es, np.ones(30), 0.0)
     with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0\.5 I \(30 x 30\) is indefinite: its "
                                                     r"smallest eigenvalue, -0\.5 \(K's -1\), is not"):
@@ -985,6 +989,107 @@ def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
     assert fit.info["jitter"] == sol.jitter
     with pytest.raises(ValueError, match="rounding must be the relative rounding of K's entries"):
         S.fit_ridge(K, np.array([1.0, -1.0]), 0.0, rounding=0.0)
+
+
+def spectrum(rng, s):
+    """U diag(s) U^T with U a random orthogonal matrix: a Gram of the given spectrum."""
+    U, _ = np.linalg.qr(rng.normal(size=(len(s), len(s))))
+    return (U * np.asarray(s)) @ U.T
+
+
+def test_ridge_selection_skips_ridges_within_the_rounding_of_the_gram(rng, monkeypatch):
+    """A Gram computed in float32 (``rounding`` its epsilon) is singular where K + ridge I has
+    an eigenvalue within 8 roundings of K's largest diagonal entry (the eigenvalue form of the
+    Cholesky's pivot floor): leave-one-out and k-fold skip those ridges (with float64's n eps64
+    max|s| they were scored, and chosen: a review saw 1e-8 chosen where the float64 Gram chose
+    1e-4).  The eigendecomposition carries the rounding it was made for, and a different one
+    given beside it is refused."""
+    n = 30
+    # 12 eigenvalues of 1e-8 of the largest (float32's rounding): so many that every k-fold
+    # training block of 20 has one as well (interlacing)
+    K = spectrum(rng, np.r_[np.full(12, 1e-8), np.geomspace(1e-4, 1.0, n - 12)])
+    Y = rng.normal(size=(n, 2))
+    eps32 = float(np.finfo(np.float32).eps)
+    ridges = [0.0, 1e-8, 1e-5, 1e-3]
+    tol32 = 8 * eps32 * K.diagonal().max()
+    assert 1e-8 + 1e-8 < tol32 < 1e-5
+    assert np.isfinite(S.loo(K, Y, ridges).mse).all()           # float64: all solvable
+    res = S.loo(K, Y, ridges, rounding=eps32)
+    assert np.isnan(res.mse[:2]).all() and np.isfinite(res.mse[2:]).all()
+    assert res.tol == pytest.approx(tol32)
+    E = S.eigh(K, rounding=eps32)
+    assert E.rounding == eps32
+    np.testing.assert_array_equal(S.loo(E, Y, ridges).mse, res.mse)
+    np.testing.assert_array_equal(S.loo(E, Y, ridges, rounding=eps32).mse, res.mse)
+    with pytest.raises(ValueError, match="not the rounding the eigendecomposition was made for"):
+        S.loo(E, Y, ridges, rounding=2.0 ** -52)
+    kf = S.kfold(K, Y, ridges, n_folds=3, rounding=eps32)
+    assert np.isnan(kf.mse[:2]).all() and np.isfinite(kf.mse[2:]).all()
+    assert np.isfinite(S.kfold(K, Y, ridges, n_folds=3).mse).all()
+    sel = S.select_ridge(K, Y, ridges, rounding=eps32)
+    assert sel.ridge >= 1e-5 and sel.eigh.rounding == eps32
+    with pytest.raises(S.NotPositiveDefinite, match=r"8 x K's rounding 1.19e-07 x its largest "
+                                                    r"diagonal entry"):
+        S.fit_ridge_eigh(E, Y, 1e-8)
+    # a decomposition made elsewhere: K's diagonal read from U and s
+    from cntk_engine.solver.linalg import spectrum_tol
+    assert spectrum_tol(S.KernelEigh(s=E.s, U=E.U, rounding=eps32)) == pytest.approx(tol32)
+    # "auto" (fit_relative_ridge, fit_classifier) hands its rounding to the selection
+    sol, sel = S.fit_relative_ridge(K, Y, "auto", rounding=eps32)
+    assert sel.eigh.rounding == eps32 and np.isnan(sel.scores.mse[:3]).all()
+    assert S.fit_relative_ridge(K, Y, "auto")[1].eigh.rounding == 2.0 ** -52
+    from cntk_engine.solver import selection
+    seen, real = [], selection.select_ridge
+    monkeypatch.setattr(selection, "select_ridge",
+                        lambda *a, **kw: seen.append(kw["rounding"]) or real(*a, **kw))
+    S.fit_classifier(K, np.arange(n) % 3, ridge="auto", rounding=eps32)
+    S.evaluate_classifier(K, K[:5], np.arange(n) % 3, np.arange(5) % 3, rounding=eps32)
+    assert seen == [eps32, eps32]
+
+
+def test_ridge_zero_of_a_gram_of_similar_images_is_not_taken_for_rounding(rng):
+    """A Gram of similar images (CNTK-GAP) has one eigenvalue near n x its diagonal: 8 float32
+    epsilons of THAT (the first version of the float32 rule) skipped ridge 0 of CNTK-GAP on 500
+    MNIST digits (s_min 2.6e-4, diagonal 0.6), which the Cholesky factorises without jitter and
+    which generalises.  Held against the largest diagonal entry, as the Cholesky's pivots are,
+    it is kept."""
+    n = 400
+    X = rng.normal(size=(n, 800)) / 20 + 1.0       # rows nearly parallel: s_max ~ n diag
+    K = X @ X.T / 800
+    s = np.linalg.eigvalsh(K)
+    eps32 = float(np.finfo(np.float32).eps)
+    assert s[-1] > 300 * K.diagonal().max() and s[0] < 8 * eps32 * s[-1]
+    assert s[0] > 100 * 8 * eps32 * K.diagonal().max()
+    Y = rng.normal(size=(n, 2))
+    assert np.isfinite(S.loo(K, Y, [0.0], rounding=eps32).mse[0])
+    assert S.fit_ridge(K, Y, 0.0, rounding=eps32).jitter == 0.0
+
+
+def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
+    """A jitter j raises every pivot L_kk^2 by at least j, so jitter far below the pivot floor
+    is a wasted factorisation: on a float32 Gram (floor 8 eps32 = 9.5e-7) the jitter starts at
+    1e-7, not 1e-10.  One image twice: the second pivot of K + j I is about 2 j, so 1e-7 fails,
+    1e-6 is the first that passes: three factorisations (ridge, 1e-7, 1e-6), not six.  A
+    ``max_jitter`` below the first jitter is tried once."""
+    from cntk_engine.solver import linalg
+    calls = []
+    real = linalg._cholesky_inplace
+
+    def counted(*a):
+        calls.append(a[3])
+        return real(*a)
+    monkeypatch.setattr(linalg, "_cholesky_inplace", counted)
+    K = np.ones((2, 2))
+    eps32 = float(np.finfo(np.float32).eps)
+    L, j = S.cholesky(K, rounding=eps32)
+    assert len(calls) == 3 and j == pytest.approx(1e-6)
+    calls.clear()
+    assert S.cholesky(K)[1] == pytest.approx(1e-10) and len(calls) == 2   # float64: from 1e-10
+    assert linalg.first_jitter(8 * eps32) == 1e-7 and linalg.first_jitter(1e-15) == 1e-10
+    calls.clear()
+    with pytest.raises(S.NotPositiveDefinite, match="jitter up to 1e-08"):
+        S.cholesky(K, max_jitter=1e-8, rounding=eps32)
+    assert len(calls) == 2                      # the ridge, then max_jitter once
 
 
 def test_a_row_of_tiny_norm_is_not_singular_to_the_cholesky(rng):

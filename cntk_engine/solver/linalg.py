@@ -373,8 +373,8 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     below max(max(n, 8) eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
-    factorisation, ``j`` grows 1e-10, 1e-9, ... up to ``max_jitter`` times
-    mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
+    factorisation, ``j`` grows tenfold from :func:`first_jitter` (1e-10; 1e-7 for a float32
+    Gram) up to ``max_jitter`` times mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
     is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
@@ -402,11 +402,22 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
         return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
-                                      ridge_name)
+                                      ridge_name, first_jitter(rel_floor))
 
 
-def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name):
-    """:func:`cholesky`'s attempts: ``ridge``, then growing jitter (A is K between them)."""
+def first_jitter(rel_floor: float) -> float:
+    """The first jitter tried, times mean(diag K): the power of ten at or below the pivot floor
+    ``rel_floor`` (:func:`cholesky`), and at least 1e-10.  A jitter j raises every pivot L_kk^2
+    by at least j (the Schur complements of K + j I are those of K plus at least j), so one a
+    tenth of the floor or less rarely lifts a failed pivot above it: a float32 Gram (floor
+    9.5e-7) starts at 1e-7, not 1e-10, three factorisations fewer."""
+    return max(1e-10, 10.0 ** math.floor(math.log10(rel_floor)))
+
+
+def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
+                           rel: float):
+    """:func:`cholesky`'s attempts: ``ridge``, then jitter from ``rel`` x the unit up, tenfold
+    (A is K between them)."""
     n = A.shape[0]
     L = attempt(ridge)
     if L is not None:
@@ -421,7 +432,8 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     unit = "mean diagonal" if scale == mean_diag else (
         f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
         + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
-    rel = 1e-10
+    if 0 < max_jitter < rel:
+        rel = max_jitter                   # the one jitter allowed
     while rel <= max_jitter * (1 + 1e-9):
         j = rel * scale
         L = attempt(ridge + j)
@@ -488,10 +500,15 @@ def brief_repr(self) -> str:
 
 @dataclass(repr=False)
 class KernelEigh:
-    """``K = U diag(s) U^T`` (s ascending), reused by :func:`loo`, :func:`gradient_flow`."""
+    """``K = U diag(s) U^T`` (s ascending), reused by :func:`loo`, :func:`gradient_flow`.
+    ``rounding``: the relative rounding of K's entries (:func:`check_rounding`) and
+    ``diag_max``: K's largest diagonal entry (None: read from U and s when needed), which set
+    the eigenvalues taken as rounding (:func:`spectrum_tol`)."""
     s: Any
     U: Any
     device: str = "cpu"
+    rounding: float = EPS64
+    diag_max: float | None = None
     __repr__ = brief_repr
 
     @property
@@ -503,20 +520,24 @@ class KernelEigh:
         return cupy_module() if self.device == "cuda" else np
 
 
-def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
+def eigh(K, *, device=None, rounding=None, _overwrite: bool = False) -> KernelEigh:
     """Symmetric eigendecomposition ``K = U diag(s) U^T`` in float64 (LAPACK syevd, syevr beyond
-    :data:`EVD_MAX_N` / cuSOLVER).
+    :data:`EVD_MAX_N` / cuSOLVER).  ``rounding``: the relative rounding of K's entries
+    (float32's epsilon for a Gram computed in float32; None: float64's), kept in the record
+    for :func:`spectrum_tol`.
 
     Memory (NumPy): the checked private copy of K (:func:`check_gram`) is decomposed in place
     (U is written over it), plus syevd's workspace of 2 n^2 floats: 3 x K in all beyond K
     (beyond :data:`EVD_MAX_N`: that copy, destroyed, and U, new: 2 x K).
     ``_overwrite`` (internal): K is already such a private, checked, C-contiguous float64
     copy and may be destroyed."""
+    rounding = check_rounding(rounding)
     xp = xp_for(device, K)
     if not _overwrite:
         dev = "cuda" if xp is not np else "cpu"
         K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev))
     n = K.shape[0]
+    diag_max = scalar(xp.max(xp.diagonal(K))) if n else 0.0     # before U is written over K
     if xp is np:
         import scipy.linalg   # K.T: the same symmetric matrix in Fortran order, so no copy
         driver = "evd" if n <= EVD_MAX_N else "evr"
@@ -539,7 +560,8 @@ def eigh(K, *, device=None, _overwrite: bool = False) -> KernelEigh:
                     "n of about 25,000 (NVIDIA/CUDALibrarySamples#246): solve on the CPU "
                     "(device='cpu', cntk-engine solve --device cpu), or give a ridge (a "
                     "Cholesky)") from e
-    return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda")
+    return KernelEigh(s=s, U=U, device="cpu" if xp is np else "cuda", rounding=rounding,
+                      diag_max=diag_max)
 
 
 #: The largest n that LAPACK syevd (divide and conquer, eigenvectors) decomposes with 32-bit
@@ -614,10 +636,33 @@ def loaded_workspace(factorisation: str, device: str, *, by_n: bool = True):
 
 
 def spectrum_tol(E: "KernelEigh") -> float:
-    """``n eps max|s|``: the eigenvalues of K + lambda I at or below it are rounding, so that
-    matrix is taken as singular (or, below ``-tol``, indefinite)."""
+    """``max(n eps64 max|s|, 8 rounding max_k K_kk)``: the eigenvalues of K + lambda I at or
+    below it are rounding, so that matrix is taken as singular (or, below ``-tol``, indefinite).
+
+    ``n eps64 max|s|``: the float64 eigendecomposition's own backward error.  ``8 rounding
+    max_k K_kk`` (:data:`PIVOT_ROUNDINGS`; ``rounding`` the relative rounding of K's entries,
+    float32's epsilon for a Gram computed in float32): the eigenvalue form of :func:`cholesky`'s
+    pivot floor.  Every pivot L_kk^2 of K + lambda I is at least its smallest eigenvalue, so a
+    matrix kept here passes the Cholesky's test (a pivot above 8 rounding of its diagonal
+    entry), and one skipped here is one whose solve may rest on the rounding of K.  Not a share
+    of max|s|: a Gram of similar images has max|s| near n max_k K_kk (CNTK-GAP on 500 MNIST
+    digits: 8 float32 epsilons of it skipped ridge 0, which the Cholesky factorises and which
+    generalises)."""
     smax = max(abs(scalar(E.s[-1])), abs(scalar(E.s[0])), 1e-300)
-    return E.n * np.finfo(np.float64).eps * smax
+    return max(E.n * EPS64 * smax, PIVOT_ROUNDINGS * E.rounding * _diag_max(E))
+
+
+def _diag_max(E: "KernelEigh") -> float:
+    """K's largest diagonal entry: recorded by :func:`eigh`, or read from ``sum_j U_ij^2 s_j``
+    (by blocks of rows: no n x n temporary) for a decomposition made elsewhere."""
+    if E.diag_max is not None:
+        return E.diag_max
+    xp, top = E.xp, 0.0
+    step = block_rows(E.n)
+    for i in range(0, E.n, step):
+        B = E.U[i:i + step]
+        top = max(top, scalar(xp.max((B * B) @ E.s)))
+    return top
 
 
 def as_eigh(K, device) -> KernelEigh:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr,
+from .linalg import (EPS64, KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr,
                      check_gram, check_ridge, check_rounding, check_targets, check_test_kernel, eigh,
                      loaded_workspace, ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
@@ -157,7 +157,7 @@ def _inverse_entries(xp, U, w, rows, cols):
 
 
 def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
-        return_predictions: bool = False) -> CVResult:
+        return_predictions: bool = False, rounding=None) -> CVResult:
     """Exact leave-one-out (or leave-one-group-out) errors for every ridge of ``ridges`` from
     ONE eigendecomposition.
 
@@ -165,8 +165,10 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     ``y_i - f_{-i}(x_i) = alpha_i / (A^-1)_ii`` (the model refitted without sample i).
     ``mse``: mean over samples of the squared LOO residual summed over outputs.  ``accuracy``
     (with ``labels``, the column index of each sample's class): argmax of the LOO predictions.
-    A ridge with ``s_min + lambda <= n eps s_max`` (A singular, or indefinite when below
-    ``-n eps s_max``) scores NaN.
+    A ridge with ``s_min + lambda <= tol``, :func:`~.linalg.spectrum_tol` (A singular to the
+    rounding of K, or indefinite when below ``-tol``) scores NaN.  ``rounding``: the relative
+    rounding of K's entries (float32's epsilon for a Gram computed in float32; None:
+    float64's); a :class:`KernelEigh` carries its own.
     ``labels`` must be integers 0 <= label < k = Y.shape[1] (``np.searchsorted(classes, y)``
     with the ``classes`` of :func:`paper_targets`); raw class labels are refused.
 
@@ -185,7 +187,9 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     ``accuracy`` still average over all n samples."""
     if isinstance(K, KernelEigh):
         E, n, xp = K, K.n, K.xp
+        _same_rounding(E, rounding)
     else:
+        rounding = check_rounding(rounding)
         xp = xp_for(device, K)
         dev = "cpu" if xp is np else "cuda"
         K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev))
@@ -198,7 +202,7 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     r = _ridges(ridges)
     grp = check_groups(groups, n)
     if E is None:      # inputs checked before the O(n^3) step
-        E = eigh(K, device="cpu" if xp is np else "cuda", _overwrite=True)
+        E = eigh(K, device="cpu" if xp is np else "cuda", rounding=rounding, _overwrite=True)
         del K
     s, U = E.s, E.U
     blocks = [] if grp is None else [xp.asarray(b) for b in grp.blocks]
@@ -241,13 +245,23 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
                     n_groups=None if grp is None else grp.n_groups)
 
 
+def _same_rounding(E: KernelEigh, rounding) -> None:
+    """A ``rounding`` given with an eigendecomposition must be the one it carries."""
+    if rounding is not None and check_rounding(rounding) != E.rounding:
+        raise ValueError(
+            f"rounding={rounding!r} is not the rounding the eigendecomposition was made for "
+            f"({E.rounding:.3g}): pass it to eigh(K, rounding=...) instead, or leave it out here")
+
+
 def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
-          device=None) -> CVResult:
+          device=None, rounding=None) -> CVResult:
     """k-fold cross-validation of ridge regression for every ridge (one eigendecomposition of
     the training block per fold).  Folds: a seeded permutation split into ``n_folds`` parts.
     ``mse`` and ``accuracy`` are averaged over all held-out samples.  ``labels``: as for
     :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``).  ``groups``: as for
-    :func:`loo`; the seeded permutation is of the groups, so a group is held out whole."""
+    :func:`loo`; the seeded permutation is of the groups, so a group is held out whole.
+    ``rounding``: as for :func:`loo` (a fold's ridge is skipped by the same rule)."""
+    rounding = check_rounding(rounding)
     xp = xp_for(device, K, Y)
     dev = "cpu" if xp is np else "cuda"
     K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev, by_n=False))
@@ -257,7 +271,7 @@ def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
     r = _ridges(ridges)
     grp = check_groups(groups, n)
     _check_folds(n_folds, n, grp)
-    return _kfold(xp, K, Y, lab, r, n_folds, seed, grp)
+    return _kfold(xp, K, Y, lab, r, n_folds, seed, grp, rounding)
 
 
 def _check_folds(n_folds, n, grp=None):
@@ -266,7 +280,7 @@ def _check_folds(n_folds, n, grp=None):
         raise ValueError(f"n_folds must be an integer between 2 and {what} = {top}; got {n_folds!r}")
 
 
-def _kfold(xp, K, Y, lab, r, n_folds, seed, grp=None) -> CVResult:
+def _kfold(xp, K, Y, lab, r, n_folds, seed, grp=None, rounding=EPS64) -> CVResult:
     """k-fold on checked inputs (``K``: the checked symmetrised Gram, only read)."""
     n = K.shape[0]
     dev = "cpu" if xp is np else "cuda"
@@ -280,13 +294,11 @@ def _kfold(xp, K, Y, lab, r, n_folds, seed, grp=None) -> CVResult:
         tr = np.setdiff1d(np.arange(n), val)
         vi, ti = xp.asarray(val), xp.asarray(tr)
         # K[ix_(ti, ti)] is a new C-contiguous block (no K[ti] intermediate): decomposed in place
-        E = eigh(K[xp.ix_(ti, ti)], device=dev, _overwrite=True)
+        E = eigh(K[xp.ix_(ti, ti)], device=dev, rounding=rounding, _overwrite=True)
         P = K[xp.ix_(vi, ti)] @ E.U
         UtY = E.U.T @ Y[ti]
-        s = E.s
+        s, tol = E.s, spectrum_tol(E)
         del E      # U freed before the next fold's block is decomposed
-        smax = max(abs(scalar(s[-1])), abs(scalar(s[0])), 1e-300)
-        tol = len(tr) * np.finfo(np.float64).eps * smax
         for i, lam in enumerate(r):
             d = s + lam
             if scalar(xp.min(d)) <= tol:
@@ -315,7 +327,7 @@ class RidgeSelection:
 
 def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
                  groups=None, n_folds: int = 5, seed=0, device=None,
-                 overwrite_k: bool = False) -> RidgeSelection:
+                 overwrite_k: bool = False, rounding=None) -> RidgeSelection:
     """Choose lambda on a grid by LOO (default; one eigendecomposition) or k-fold.
 
     ``ridges``: absolute values; default ``RELATIVE_RIDGE_GRID x mean(diag K)``.  ``score``:
@@ -329,7 +341,10 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     ``overwrite_k``: a C-contiguous, writeable float64 K is checked and decomposed in its own
     memory (on the CPU its eigenvectors are written over it; CuPy's eigh decomposes a copy of
     it: one copy of K less either way, :func:`solve_workspace`; K is given up, see
-    :func:`~.linalg.check_gram`; a ``Y`` that is a view of K is copied first)."""
+    :func:`~.linalg.check_gram`; a ``Y`` that is a view of K is copied first).
+    ``rounding``: the relative rounding of K's entries (float32's epsilon for a Gram computed
+    in float32; None: float64's): a ridge whose K + ridge I is singular to it is skipped
+    (:func:`loo`); a :class:`KernelEigh` carries its own."""
     if method not in ("loo", "kfold"):
         raise ValueError(f"method must be 'loo' or 'kfold'; got {method!r}")
     if score == "auto":
@@ -342,6 +357,10 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     E = K if isinstance(K, KernelEigh) else None
     if E is not None and method == "kfold":
         raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
+    if E is None:
+        rounding = check_rounding(rounding)
+    else:
+        _same_rounding(E, rounding)
     xp = xp_for(device, K, Y) if E is None else E.xp
     dev = "cpu" if xp is np else "cuda"
 
@@ -368,11 +387,11 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     from_gram = E is None              # (not from an eigendecomposition given)
     if method == "loo":
         if E is None:
-            E = eigh(K, device=dev, _overwrite=True)     # K's private copy becomes U
+            E = eigh(K, device=dev, rounding=rounding, _overwrite=True)  # K's copy becomes U
             del K
         res = loo(E, Y, r, labels=lab, groups=grp)
     else:
-        res = _kfold(xp, K, Y, lab, r, n_folds, seed, grp)
+        res = _kfold(xp, K, Y, lab, r, n_folds, seed, grp, rounding)
     mse = np.where(np.isnan(res.mse), np.inf, res.mse)
     if not np.isfinite(mse).any():
         # a retry, as the messages suggest, needs the Gram again: the decomposition wrote over it
@@ -418,14 +437,15 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
     (:func:`~.ridge.fit_ridge_eigh`: no second factorisation, no jitter).  Memory beyond K:
     :func:`solve_workspace` of "eigh" for "auto", of "cholesky" for a number;
     ``overwrite_k``: K is given up (checked and factorised in its own memory), one copy less.
-    ``rounding``: K's relative rounding for the Cholesky of a given ridge (:func:`cholesky`)."""
+    ``rounding``: K's relative rounding (float32's epsilon for a float32 Gram): for the
+    Cholesky of a given ridge (:func:`cholesky`), and the ridges "auto" skips (:func:`loo`)."""
     Y = apart_from(K, Y, overwrite_k)      # the fit reads Y after the eigendecomposition
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be 'auto' or a number >= 0 (relative to mean(diag K)); "
                              f"got {ridge!r}")
         sel = select_ridge(K, Y, labels=labels, groups=groups, method="loo",
-                           overwrite_k=overwrite_k)
+                           overwrite_k=overwrite_k, rounding=rounding)
         return fit_ridge_eigh(sel.eigh, Y, sel.ridge), sel
     return fit_ridge_cholesky(K, Y, ridge, relative=True, overwrite_k=overwrite_k,
                               rounding=rounding), None
