@@ -390,6 +390,27 @@ def test_gradient_flow(rng):
     np.testing.assert_allclose(out[2], Kt @ ridge0[:, 0], rtol=1e-7, atol=1e-9)
 
 
+def test_gradient_flow_drops_the_eigenvalues_of_the_grams_rounding(rng):
+    """On a Gram computed in float32 (``rounding``), eigenvalues within 8 roundings of K's
+    diagonal are rounding: t = inf does not invert them (it scaled that rounding by 1 / s),
+    as leave-one-out does not solve with them; with float64's rounding they are kept."""
+    n = 20
+    K = spectrum(rng, np.r_[1e-9, np.geomspace(1e-3, 1.0, n - 1)])
+    Y = rng.normal(size=(n, 1))
+    Kt = rng.normal(size=(3, n)) @ K
+    eps32 = float(np.finfo(np.float32).eps)
+    s, U = np.linalg.eigh(K)
+    kept = U[:, 1:] @ ((U[:, 1:].T @ Y) / s[1:, None])
+    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt, rounding=eps32),
+                               Kt @ kept, rtol=1e-8)
+    E = S.eigh(K, rounding=eps32)
+    np.testing.assert_allclose(S.gradient_flow(E, Y, np.inf, K_test=Kt), Kt @ kept, rtol=1e-8)
+    every = U @ ((U.T @ Y) / s[:, None])
+    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt), Kt @ every, rtol=1e-6)
+    with pytest.raises(ValueError, match="not the rounding the eigendecomposition was made for"):
+        S.gradient_flow(E, Y, 1.0, rounding=2.0 ** -52)
+
+
 def test_gradient_flow_singular_gram_min_norm(rng):
     """A rank-deficient K (p < n): the null directions are never trained; t = inf gives the
     minimum-norm least-squares fit in feature space, i.e. K_test K^+ Y."""

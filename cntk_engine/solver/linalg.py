@@ -649,7 +649,13 @@ def spectrum_tol(E: "KernelEigh") -> float:
     digits: 8 float32 epsilons of it skipped ridge 0, which the Cholesky factorises and which
     generalises)."""
     smax = max(abs(scalar(E.s[-1])), abs(scalar(E.s[0])), 1e-300)
-    return max(E.n * EPS64 * smax, PIVOT_ROUNDINGS * E.rounding * _diag_max(E))
+    return max(E.n * EPS64 * smax, rounding_floor(E))
+
+
+def rounding_floor(E: "KernelEigh") -> float:
+    """``8 rounding max_k K_kk``: an eigenvalue of K at or below it is the rounding of K's
+    entries (:func:`spectrum_tol`)."""
+    return PIVOT_ROUNDINGS * E.rounding * _diag_max(E)
 
 
 def _diag_max(E: "KernelEigh") -> float:
@@ -665,6 +671,14 @@ def _diag_max(E: "KernelEigh") -> float:
     return top
 
 
-def as_eigh(K, device) -> KernelEigh:
-    return K if isinstance(K, KernelEigh) else eigh(K, device=device)
+def as_eigh(K, device, rounding=None) -> KernelEigh:
+    """K's eigendecomposition made for ``rounding``, or K itself if it is one (a ``rounding``
+    given beside it must then be the one it carries)."""
+    if not isinstance(K, KernelEigh):
+        return eigh(K, device=device, rounding=rounding)
+    if rounding is not None and check_rounding(rounding) != K.rounding:
+        raise ValueError(
+            f"rounding={rounding!r} is not the rounding the eigendecomposition was made for "
+            f"({K.rounding:.3g}): pass it to eigh(K, rounding=...) instead, or leave it out here")
+    return K
 

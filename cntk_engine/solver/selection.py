@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arrays import to_host
-from .linalg import (EPS64, KernelEigh, NotPositiveDefinite, apart_from, block_rows, brief_repr,
+from .linalg import (EPS64, KernelEigh, NotPositiveDefinite, apart_from, as_eigh, block_rows,
+                     brief_repr,
                      check_gram, check_ridge, check_rounding, check_targets, check_test_kernel, eigh,
                      loaded_workspace, ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
@@ -186,8 +187,7 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     same eigendecomposition, ``(A^-1)_ij = sum_k U_ik U_jk / (s_k + lambda)``.  ``mse`` and
     ``accuracy`` still average over all n samples."""
     if isinstance(K, KernelEigh):
-        E, n, xp = K, K.n, K.xp
-        _same_rounding(E, rounding)
+        E, n, xp = as_eigh(K, None, rounding), K.n, K.xp
     else:
         rounding = check_rounding(rounding)
         xp = xp_for(device, K)
@@ -243,14 +243,6 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     return CVResult(ridges=r, mse=mse, accuracy=acc, method="loo", predictions=preds,
                     s_min=scalar(s[0]), s_max=scalar(s[-1]), tol=tol,
                     n_groups=None if grp is None else grp.n_groups)
-
-
-def _same_rounding(E: KernelEigh, rounding) -> None:
-    """A ``rounding`` given with an eigendecomposition must be the one it carries."""
-    if rounding is not None and check_rounding(rounding) != E.rounding:
-        raise ValueError(
-            f"rounding={rounding!r} is not the rounding the eigendecomposition was made for "
-            f"({E.rounding:.3g}): pass it to eigh(K, rounding=...) instead, or leave it out here")
 
 
 def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
@@ -360,7 +352,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     if E is None:
         rounding = check_rounding(rounding)
     else:
-        _same_rounding(E, rounding)
+        as_eigh(E, None, rounding)             # the rounding given is the one it carries
     xp = xp_for(device, K, Y) if E is None else E.xp
     dev = "cpu" if xp is np else "cuda"
 
