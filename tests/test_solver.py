@@ -941,9 +941,9 @@ def test_the_chosen_ridge_is_fitted_from_the_eigendecomposition(rng, monkeypatch
     with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0 I \(30 x 30\) is singular: its "
                                                     r"smallest eigenvalue, \S+, is not above the "
                                                     r"rounding of K's spectrum, \S+ "
-                                                    r"\(spectrum_tol: n eps64 max\|s\|, or 8 x "
-                                                    r"K's rounding \S+ x its largest diagonal "
-                                                    r"entry\); use a larger ridge"):
+                                                    r"\(spectrum_tol: the larger of n eps64 "
+                                                    r"max\|s\| and 8 x K's rounding \S+ x its "
+                                                    r"largest diagonal entry\); use a larger ridge"):
         S.fit_ridge_eigh(Es, np.ones(30), 0.0)
     with pytest.raises(S.NotPositiveDefinite, match=r"K \+ 0\.5 I \(30 x 30\) is indefinite: its "
                                                     r"smallest eigenvalue, -0\.5 \(K's -1\), is not"):
@@ -1010,6 +1010,14 @@ def test_a_gram_singular_to_rounding_gets_jitter_not_a_factor_of_its_rounding():
     assert fit.info["jitter"] == sol.jitter
     with pytest.raises(ValueError, match="rounding must be the relative rounding of K's entries"):
         S.fit_ridge(K, np.array([1.0, -1.0]), 0.0, rounding=0.0)
+    # at 1/8 even I would fail (its pivots are 8 roundings of their entries): bfloat16's is the most
+    assert S.fit_ridge(np.eye(2), np.array([1.0, -1.0]), 0.0, rounding=2.0 ** -7).jitter == 0.0
+    with pytest.raises(ValueError, match=r"a number in \[2.22e-16, 0.0078125\]"):
+        S.fit_ridge(np.eye(2), np.array([1.0, -1.0]), 0.0, rounding=0.125)
+    # a decomposition made by hand is checked as it is made
+    assert S.KernelEigh(s=np.ones(2), U=np.eye(2), rounding=None).rounding == 2.0 ** -52
+    with pytest.raises(ValueError, match="rounding must be"):
+        S.KernelEigh(s=np.ones(2), U=np.eye(2), rounding=0.5)
 
 
 def spectrum(rng, s):
@@ -1052,6 +1060,11 @@ def test_ridge_selection_skips_ridges_within_the_rounding_of_the_gram(rng, monke
     with pytest.raises(S.NotPositiveDefinite, match=r"8 x K's rounding 1.19e-07 x its largest "
                                                     r"diagonal entry"):
         S.fit_ridge_eigh(E, Y, 1e-8)
+    with pytest.raises(S.NotPositiveDefinite, match=r"every ridge of the grid \[0.0, 1e-08\] "
+                                                    r"leaves K \+ ridge I singular to the rounding "
+                                                    r"of K: .* at or below \S+ \(spectrum_tol, "
+                                                    r"for K's rounding 1.19e-07\)"):
+        S.select_ridge(K, Y, [0.0, 1e-8], rounding=eps32)
     # a decomposition made elsewhere: K's diagonal read from U and s
     from cntk_engine.solver.linalg import spectrum_tol
     assert spectrum_tol(S.KernelEigh(s=E.s, U=E.U, rounding=eps32)) == pytest.approx(tol32)
@@ -1106,7 +1119,14 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     assert len(calls) == 3 and j == pytest.approx(1e-6)
     calls.clear()
     assert S.cholesky(K)[1] == pytest.approx(1e-10) and len(calls) == 2   # float64: from 1e-10
-    assert linalg.first_jitter(8 * eps32) == 1e-7 and linalg.first_jitter(1e-15) == 1e-10
+    assert linalg.first_jitter(8 * eps32, 1.0) == 1e-7 and linalg.first_jitter(1e-15, 1.0) == 1e-10
+    # a row of tiny norm has a tiny floor: one such image twice needs jitter 1e-9, not 1e-7
+    c = 1e-4
+    Kt = np.array([[1.0, 0, 0], [0, c, c], [0, c, c]])
+    calls.clear()
+    assert S.cholesky(Kt, rounding=eps32)[1] == pytest.approx(1e-9 * np.trace(Kt) / 3)
+    assert len(calls) == 3                       # the ridge, 1e-10, 1e-9
+    assert linalg.first_jitter(8 * eps32, 0.0) == 1e-10      # an all-zero row
     calls.clear()
     with pytest.raises(S.NotPositiveDefinite, match="jitter up to 1e-08"):
         S.cholesky(K, max_jitter=1e-8, rounding=eps32)

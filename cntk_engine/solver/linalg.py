@@ -341,10 +341,10 @@ def check_rounding(rounding) -> float:
     if rounding is None:
         return EPS64
     if isinstance(rounding, bool) or not isinstance(rounding, numbers.Real) or not (
-            EPS64 <= rounding < 1):
+            EPS64 <= rounding <= MAX_ROUNDING):
         raise ValueError(f"rounding must be the relative rounding of K's entries, a number in "
-                         f"[{EPS64:.3g}, 1) (np.finfo(np.float32).eps for a float32 Gram), or "
-                         f"None (float64's); got {rounding!r}")
+                         f"[{EPS64:.3g}, {MAX_ROUNDING:g}] (np.finfo(np.float32).eps for a "
+                         f"float32 Gram), or None (float64's); got {rounding!r}")
     return float(rounding)
 
 
@@ -359,6 +359,9 @@ def rounding_of(dtype) -> float | None:
 
 
 EPS64 = float(np.finfo(np.float64).eps)
+#: The largest ``rounding`` taken (bfloat16's epsilon): 8 roundings of a diagonal entry must
+#: leave room for a pivot (at 1/8 every factorisation, even of I, fails).
+MAX_ROUNDING = 2.0 ** -7
 #: A pivot L_kk^2 at or below this many roundings of K (times A_kk) is taken as rounding: K + v I
 #: is singular to the precision it was computed in (at least n float64 epsilons).
 PIVOT_ROUNDINGS = 8
@@ -374,7 +377,7 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
     factorisation, ``j`` grows tenfold from :func:`first_jitter` (1e-10; 1e-7 for a float32
-    Gram) up to ``max_jitter`` times mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
+    Gram of rows of similar norms) up to ``max_jitter`` times mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
     is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
@@ -402,22 +405,27 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
         return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
-                                      ridge_name, first_jitter(rel_floor))
+                                      ridge_name, rel_floor)
 
 
-def first_jitter(rel_floor: float) -> float:
-    """The first jitter tried, times mean(diag K): the power of ten at or below the pivot floor
-    ``rel_floor`` (:func:`cholesky`), and at least 1e-10.  A jitter j raises every pivot L_kk^2
-    by at least j (the Schur complements of K + j I are those of K plus at least j), so one a
-    tenth of the floor or less rarely lifts a failed pivot above it: a float32 Gram (floor
-    9.5e-7) starts at 1e-7, not 1e-10, three factorisations fewer."""
-    return max(1e-10, 10.0 ** math.floor(math.log10(rel_floor)))
+def first_jitter(rel_floor: float, smallest_entry: float) -> float:
+    """The first jitter tried, in units of mean(diag K): the power of ten at or below
+    ``rel_floor`` (:func:`cholesky`'s pivot floor) times ``smallest_entry`` (K's smallest
+    diagonal entry + the ridge, in the same units), and at least 1e-10.  A jitter j raises
+    every pivot L_kk^2 by at least j (the Schur complements of K + j I are those of K plus at
+    least j), and row k fails only where its pivot is at or below ``rel_floor`` times its own
+    entry, at least that of the smallest: a jitter a tenth of that floor or less lifts only a
+    pivot within a tenth of it.  A float32 Gram of images of similar norms (floor 9.5e-7)
+    starts at 1e-7, not 1e-10, three factorisations fewer; a row of tiny norm (its floor
+    tiny too) keeps the small jitters it needs."""
+    floor = rel_floor * smallest_entry
+    return max(1e-10, 10.0 ** math.floor(math.log10(floor))) if floor > 0 else 1e-10
 
 
 def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
-                           rel: float):
-    """:func:`cholesky`'s attempts: ``ridge``, then jitter from ``rel`` x the unit up, tenfold
-    (A is K between them)."""
+                           rel_floor: float):
+    """:func:`cholesky`'s attempts: ``ridge``, then jitter from :func:`first_jitter` x the unit
+    up, tenfold (A is K between them)."""
     n = A.shape[0]
     L = attempt(ridge)
     if L is not None:
@@ -432,6 +440,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     unit = "mean diagonal" if scale == mean_diag else (
         f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
         + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
+    rel = first_jitter(rel_floor, (scalar(xp.min(diag)) + ridge) / scale)
     if 0 < max_jitter < rel:
         rel = max_jitter                   # the one jitter allowed
     while rel <= max_jitter * (1 + 1e-9):
@@ -509,6 +518,9 @@ class KernelEigh:
     device: str = "cpu"
     rounding: float = EPS64
     diag_max: float | None = None
+
+    def __post_init__(self):
+        self.rounding = check_rounding(self.rounding)      # None: float64's
     __repr__ = brief_repr
 
     @property
@@ -642,9 +654,14 @@ def spectrum_tol(E: "KernelEigh") -> float:
     ``n eps64 max|s|``: the float64 eigendecomposition's own backward error.  ``8 rounding
     max_k K_kk`` (:data:`PIVOT_ROUNDINGS`; ``rounding`` the relative rounding of K's entries,
     float32's epsilon for a Gram computed in float32): the eigenvalue form of :func:`cholesky`'s
-    pivot floor.  Every pivot L_kk^2 of K + lambda I is at least its smallest eigenvalue, so a
-    matrix kept here passes the Cholesky's test (a pivot above 8 rounding of its diagonal
-    entry), and one skipped here is one whose solve may rest on the rounding of K.  Not a share
+    pivot floor.  Every pivot L_kk^2 of K + lambda I is at least its smallest eigenvalue, so
+    for a positive semi-definite K a matrix kept here passes the Cholesky's test (a pivot above
+    8 rounding of its diagonal entry), and one skipped here is one whose solve may rest on the
+    rounding of K.  Sufficient, not necessary: held against the LARGEST diagonal entry (the
+    Cholesky holds each pivot to its own), one image of far larger norm than the rest raises
+    it for all.  Kept is not the same as accurate: where inputs are nearly parallel a float32
+    Gram's entries are off by far more than its epsilon (README, "Nearly parallel inputs"),
+    which leave-one-out then scores as it is.  Not a share
     of max|s|: a Gram of similar images has max|s| near n max_k K_kk (CNTK-GAP on 500 MNIST
     digits: 8 float32 epsilons of it skipped ridge 0, which the Cholesky factorises and which
     generalises)."""

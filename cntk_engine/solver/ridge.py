@@ -85,8 +85,8 @@ def fit_ridge_eigh(E: KernelEigh, Y, ridge: float) -> RidgeSolution:
             f"K + {ridge:g} I ({E.n} x {E.n}) is {spectrum_problem(s_min, ridge, tol)}: its "
             f"smallest eigenvalue, {s_min + ridge:.3g}"
             + (f" (K's {s_min:.3g})" if ridge else "") + ", is not above the rounding of K's "
-            f"spectrum, {tol:.3g} (spectrum_tol: n eps64 max|s|, or 8 x K's rounding "
-            f"{E.rounding:.3g} x its largest diagonal entry); use a larger ridge")
+            f"spectrum, {tol:.3g} (spectrum_tol: the larger of n eps64 max|s| and 8 x K's "
+            f"rounding {E.rounding:.3g} x its largest diagonal entry); use a larger ridge")
     alpha = E.U @ ((E.U.T @ Y) / (E.s + ridge)[:, None])
     return RidgeSolution(alpha=alpha, ridge=ridge, one_d=one_d, device=E.device)
 

@@ -401,7 +401,10 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
         what = "singular" if res.s_min is not None else "singular or indefinite"
         raise NotPositiveDefinite(f"every ridge of the grid {res.ridges.tolist()} leaves K + "
                                   f"ridge I {what}"
-                                  + (f" (K's smallest eigenvalue is {res.s_min:.3g})"
+                                  + (f" to the rounding of K: K's smallest eigenvalue is "
+                                     f"{res.s_min:.3g}, and an eigenvalue of K + ridge I at or "
+                                     f"below {res.tol:.3g} (spectrum_tol, for K's rounding "
+                                     f"{E.rounding:.3g}) is taken as rounding"
                                      if res.s_min is not None else "")
                                   + f"; use larger ridges{retry}")
     r = res.ridges
