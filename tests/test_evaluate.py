@@ -220,6 +220,12 @@ def test_real_cifar_small_flatten(capsys, tmp_path):
     # above chance (10 classes): leave-one-out over the 100 training images measured 27% / 24%,
     # the 50 test images 16% / 18% (8 x 8 images, flatten); a broken kernel or split gives ~10%
     assert all(r["loo_accuracy"] >= 0.2 and r["accuracy"] >= 0.12 for r in rec["results"]), rec["results"]
+    # the JSON holds every ridge's LOO score: the one chosen is the best of them
+    for r in rec["results"]:
+        g = r["loo_grid"]
+        i = g["ridge_relative"].index(r["ridge_relative"])
+        assert g["accuracy"][i] == r["loo_accuracy"] == max(a for a in g["accuracy"] if a is not None)
+        assert 0 < g["s_max"] and g["tol"] < g["s_max"]
 
 
 # ----------------------------------------------------------------------------- review fixes

@@ -340,6 +340,18 @@ def test_evaluate_classifier_passes_groups(rng):
     assert r["loo_groups"] == 7 and r["ridge_absolute"] == sel.ridge
     assert r["loo_accuracy"] == sel.scores.accuracy[list(sel.scores.ridges).index(sel.ridge)]
     assert S.evaluate_classifier(K, K[:4], y, y[:4])["loo_groups"] is None
+    # the whole grid's scores, in units of the mean diagonal, None where a ridge was skipped
+    g = r["loo_grid"]
+    scale = np.trace(K) / n
+    np.testing.assert_allclose(g["ridge_relative"], S.RELATIVE_RIDGE_GRID, rtol=1e-12)
+    np.testing.assert_allclose(np.array(g["accuracy"], dtype=float), sel.scores.accuracy)
+    np.testing.assert_allclose(g["s_min"] * scale, np.linalg.eigvalsh(K)[0], atol=1e-9 * scale)
+    assert g["tol"] * scale == pytest.approx(sel.scores.tol)
+    Ks, _ = psd(rng, n, p=4)                            # rank 4: ridge 0 skipped
+    gs = S.evaluate_classifier(Ks, Ks[:4], y, y[:4])["loo_grid"]
+    assert gs["mse"][0] is None and gs["accuracy"][0] is None and gs["mse"][-1] > 0
+    import json
+    assert json.loads(json.dumps(gs, allow_nan=False)) == gs     # plain JSON, no NaN
 
 
 def test_select_ridge(rng):

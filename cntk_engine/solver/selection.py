@@ -314,7 +314,24 @@ class RidgeSelection:
     scores: CVResult
     score: str                 # "accuracy" or "mse"
     eigh: KernelEigh | None = field(default=None, repr=False)   # reusable (method "loo")
+    unit: float = 1.0          # what ``relative`` is relative to: mean(diag K) (1 if not > 0)
     __repr__ = brief_repr
+
+    def grid(self) -> dict:
+        """The scores of the whole grid as plain numbers (a JSON record): ``ridge_relative``,
+        ``mse`` and ``accuracy`` per ridge (None where the ridge was skipped: K + ridge I
+        singular to K's rounding, or indefinite), and with leave-one-out K's extreme
+        eigenvalues ``s_min``, ``s_max`` and the tolerance ``tol`` below which an eigenvalue of
+        K + ridge I counts as rounding, all in units of ``unit``."""
+        sc, u = self.scores, self.unit
+
+        def numbers(a):
+            return None if a is None else [float(v) if np.isfinite(v) else None for v in a]
+        out = dict(ridge_relative=[float(r) / u for r in sc.ridges], mse=numbers(sc.mse),
+                   accuracy=numbers(sc.accuracy))
+        if sc.s_min is not None:
+            out.update(s_min=sc.s_min / u, s_max=sc.s_max / u, tol=sc.tol / u)
+        return out
 
 
 def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto", labels=None,
@@ -419,7 +436,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
              "" if res.n_groups is None else f" ({res.n_groups} groups left out whole)", lam,
              lam / scale,
              f"accuracy {res.accuracy[best]:.4f}" if score == "accuracy" else f"MSE {res.mse[best]:.4g}")
-    return RidgeSelection(ridge=lam, relative=lam / scale, scores=res, score=score,
+    return RidgeSelection(ridge=lam, relative=lam / scale, scores=res, score=score, unit=scale,
                           eigh=E if method == "loo" else None)
 
 
@@ -455,7 +472,8 @@ class ClassifierFit:
     """Kernel regression fitted as a classifier (:func:`fit_classifier`): the solution, the
     classes (the sorted training labels, one column of the targets each) and how the ridge was
     chosen (``info``: ridge_relative, ridge_absolute, jitter; with "auto" also loo_accuracy,
-    loo_mse, ridge_selected_by, loo_groups)."""
+    loo_mse, ridge_selected_by, loo_groups and loo_grid, the scores of every ridge of the grid:
+    :meth:`RidgeSelection.grid`)."""
     solution: object
     classes: np.ndarray
     info: dict
@@ -537,7 +555,7 @@ def _fit_classifier(K, y_train, ridge, targets: str, groups,
         i = int(np.nonzero(sel.scores.ridges == sel.ridge)[0][0])
         info = dict(ridge_relative=sel.relative, loo_accuracy=float(sel.scores.accuracy[i]),
                     loo_mse=float(sel.scores.mse[i]), ridge_selected_by="loo",
-                    loo_groups=sel.scores.n_groups)
+                    loo_groups=sel.scores.n_groups, loo_grid=sel.grid())
     else:
         info = dict(ridge_relative=ridge)
     info.update(ridge_absolute=sol.ridge, jitter=sol.jitter)
@@ -558,8 +576,8 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     with flipped copies must pass them, e.g. ``np.tile(np.arange(n), 2)`` for
     ``concatenate([x, hflip(x)])``, or LOO scores each image with its mirror still in the
     training set.  Returns a dict: accuracy, ridge_relative, ridge_absolute, jitter; with
-    "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without);
-    unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
+    "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without) and
+    loo_grid (every ridge's scores and K's spectrum: :meth:`RidgeSelection.grid`); unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
     interpolating solve beside it (where "auto" chose 0, the chosen fit's figures: it is that
     solve, from the eigendecomposition), or, where K is too far from positive definite for
     that solve even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the
