@@ -402,27 +402,6 @@ def test_gradient_flow(rng):
     np.testing.assert_allclose(out[2], Kt @ ridge0[:, 0], rtol=1e-7, atol=1e-9)
 
 
-def test_gradient_flow_drops_the_eigenvalues_of_the_grams_rounding(rng):
-    """On a Gram computed in float32 (``rounding``), eigenvalues within 8 roundings of K's
-    diagonal are rounding: t = inf does not invert them (it scaled that rounding by 1 / s),
-    as leave-one-out does not solve with them; with float64's rounding they are kept."""
-    n = 20
-    K = spectrum(rng, np.r_[1e-9, np.geomspace(1e-3, 1.0, n - 1)])
-    Y = rng.normal(size=(n, 1))
-    Kt = rng.normal(size=(3, n)) @ K
-    eps32 = float(np.finfo(np.float32).eps)
-    s, U = np.linalg.eigh(K)
-    kept = U[:, 1:] @ ((U[:, 1:].T @ Y) / s[1:, None])
-    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt, rounding=eps32),
-                               Kt @ kept, rtol=1e-8)
-    E = S.eigh(K, rounding=eps32)
-    np.testing.assert_allclose(S.gradient_flow(E, Y, np.inf, K_test=Kt), Kt @ kept, rtol=1e-8)
-    every = U @ ((U.T @ Y) / s[:, None])
-    np.testing.assert_allclose(S.gradient_flow(K, Y, np.inf, K_test=Kt), Kt @ every, rtol=1e-6)
-    with pytest.raises(ValueError, match="not the rounding the eigendecomposition was made for"):
-        S.gradient_flow(E, Y, 1.0, rounding=2.0 ** -52)
-
-
 def test_gradient_flow_singular_gram_min_norm(rng):
     """A rank-deficient K (p < n): the null directions are never trained; t = inf gives the
     minimum-norm least-squares fit in feature space, i.e. K_test K^+ Y."""
@@ -1139,6 +1118,19 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     assert S.cholesky(Kt, rounding=eps32)[1] == pytest.approx(1e-9 * np.trace(Kt) / 3)
     assert len(calls) == 3                       # the ridge, 1e-10, 1e-9
     assert linalg.first_jitter(8 * eps32, 0.0) == 1e-10      # an all-zero row
+    # an all-zero image before a duplicated one: the zero row fails first (any jitter lifts
+    # it), then the duplicate's row, whose floor the ladder jumps to: ridge, 1e-10, 1e-6
+    Kz = np.array([[0.0, 0, 0], [0, 1, 1], [0, 1, 1]])
+    calls.clear()
+    assert S.cholesky(Kz, rounding=eps32)[1] == pytest.approx(1e-6 * 2 / 3)
+    assert len(calls) == 3
+    # a max_jitter between two powers of ten is tried itself before giving up
+    calls.clear()
+    assert S.cholesky(K, max_jitter=5e-7, rounding=eps32)[1] == pytest.approx(5e-7)
+    assert len(calls) == 3
+    # an entry beyond the unit's range: the one jitter allowed, then the error (not OverflowError)
+    with pytest.raises(S.NotPositiveDefinite, match="even with jitter up to 0.001"):
+        S.fit_ridge(np.array([[1e-300, 1e10], [1e10, 1e-300]]), np.array([1.0, -1.0]), 1e9)
     calls.clear()
     with pytest.raises(S.NotPositiveDefinite, match="jitter up to 1e-08"):
         S.cholesky(K, max_jitter=1e-8, rounding=eps32)
@@ -1165,7 +1157,8 @@ def test_cholesky_and_eigh_in_place(rng):
     K, _ = psd(rng, 40)
     A = np.ascontiguousarray(S.check_gram(K))
     from cntk_engine.solver import linalg
-    L = linalg._cholesky_inplace(np, A, np.diagonal(A).copy(), 0.0)
+    L, failed = linalg._cholesky_inplace(np, A, np.diagonal(A).copy(), 0.0)
+    assert failed is None
     assert np.shares_memory(L, A)
     np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-8, atol=1e-10)
     assert np.all(np.triu(L, 1) == 0)

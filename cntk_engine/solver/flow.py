@@ -7,17 +7,14 @@ import numbers
 import numpy as np
 
 from ..inputs import check_nonnegative
-from .linalg import as_eigh, check_targets, check_test_kernel, rounding_floor, scalar
+from .linalg import as_eigh, check_targets, check_test_kernel, scalar
 
 def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-10,
-                  neg_tol: float = 1e-6, device=None, rounding=None):
+                  neg_tol: float = 1e-6, device=None):
     """Predictions of the linearised network trained by gradient flow for time ``t``.
 
-    With ``K = U diag(s) U^T`` and ``+`` the eigenpairs kept (``s > rcond * s_max`` and
-    ``s > 8 rounding max_k K_kk``; ``s_max`` the largest |eigenvalue|, ``rounding`` the relative
-    rounding of K's entries: float32's epsilon for a Gram computed in float32, None: float64's;
-    an eigenvalue within 8 roundings of K's diagonal is rounding, as for :func:`loo`), what is
-    computed is::
+    With ``K = U diag(s) U^T`` and ``+`` the eigenpairs kept (``s > rcond * s_max``;
+    ``s_max`` the largest |eigenvalue|), what is computed is::
 
         f_t(X_test) = K_test U_+ diag((1 - exp(-eta s_+ t)) / s_+) U_+^T Y   (K_test given)
         f_t(X)      = U_+ diag(1 - exp(-eta s_+ t)) U_+^T Y                  (training points)
@@ -26,15 +23,14 @@ def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-1
     ``K_r^+`` the pseudo-inverse of K's positive part truncated at ``rcond`` (which is
     ``np.linalg.pinv(K, rcond)`` except for eigenvalues between ``-neg_tol * s_max`` and
     ``-rcond * s_max``, a float32 Gram's rounding: pinv inverts them, here they are dropped),
-    and ``U_+ U_+^T Y`` on the training points.  Eigenvalues not kept are taken as exact zeros
-    (even with rcond 0, those within 8 roundings of K's diagonal): those directions are never
-    trained (for a true Gram ``Phi Phi^T`` their K_test component is 0 in exact arithmetic)
-    and contribute nothing; on a float32 Gram, inverting them at t = inf would scale its
-    rounding by 1 / s.  So t = inf equals
-    ``K_test K^-1 Y``, the ridge-0 :func:`kernel_ridge`, only when every eigenvalue is kept; for a (numerically) singular K it is the minimum-norm interpolant of
+    and ``U_+ U_+^T Y`` on the training points.  Eigenvalues ``s <= rcond * s_max`` are taken as
+    exact zeros: those directions are never trained (for a true Gram ``Phi Phi^T`` their
+    K_test component is 0 in exact arithmetic) and contribute nothing.  So t = inf equals
+    ``K_test K^-1 Y``, the ridge-0 :func:`kernel_ridge`, only when every eigenvalue is above
+    ``rcond * s_max``; for a (numerically) singular K it is the minimum-norm interpolant of
     the kept eigenspace, while ``kernel_ridge(..., ridge=0)`` solves ``K + j I`` with the
     Cholesky jitter ``j`` (different on the near-null directions).
-    ``K`` may be a :class:`KernelEigh` (one decomposition for many t; it carries its rounding).
+    ``K`` may be a :class:`KernelEigh` (one decomposition for many t).
     ``t``: a number (returns (m,) or (m, k)) or a sequence (returns (len(t), m[, k])).
     ``eta``: any real number > 0 (Python or NumPy scalar).  ``rcond``: 0 <= rcond < 1.
     Eigenvalues below ``-neg_tol * s_max`` (``neg_tol`` >= 0) mean K is not PSD: ValueError
@@ -48,7 +44,7 @@ def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-1
         raise ValueError(f"rcond must be below 1 (a fraction of the largest eigenvalue); got {rcond!r}")
     neg_tol = check_nonnegative(neg_tol, "neg_tol", "negative eigenvalues down to -neg_tol x "
                                 "the largest are rounding")
-    E = as_eigh(K, device, rounding)
+    E = as_eigh(K, device)
     xp = E.xp
     ts = np.atleast_1d(np.asarray(t, dtype=np.float64))
     if ts.ndim != 1 or ts.size == 0 or np.isnan(ts).any() or (ts < 0).any():
@@ -60,7 +56,7 @@ def gradient_flow(K, Y, t, *, K_test=None, eta: float = 1.0, rcond: float = 1e-1
     if scalar(s[0]) < -neg_tol * smax:
         raise ValueError(f"K has eigenvalue {scalar(s[0]):.3g} < 0 (largest {smax:.3g}): it is "
                          "not a positive semi-definite kernel, gradient flow would diverge")
-    keep = s > max(rcond * smax, rounding_floor(E))
+    keep = s > rcond * smax
     s_safe = xp.where(keep, s, 1.0)
     UtY = U.T @ Y
     left = U if K_test is None else check_test_kernel(K_test, E.n, xp=xp) @ U

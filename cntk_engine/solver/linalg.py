@@ -272,8 +272,9 @@ def constant_entries(K) -> float | None:
 
 
 def _cholesky_inplace(xp, A, diag, rel_floor: float):
-    """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
-    definite, or numerically singular: a pivot L_kk^2 at or below ``rel_floor`` times its own
+    """``(L, None)``: the lower Cholesky factor of the C-contiguous symmetric ``A``; or
+    ``(None, k)`` if A is not positive definite, or numerically singular, ``k`` the first row
+    found failing (None where cuSOLVER does not say which).  Numerically singular: a pivot L_kk^2 at or below ``rel_floor`` times its own
     diagonal entry A_kk (``diag``, A's diagonal before the factorisation), the share of row k
     that the rows before it leave unexplained: a factor that exists there only by the rounding
     of A, whose solve would be that rounding divided by the share.  Relative to A_kk, the test
@@ -287,18 +288,19 @@ def _cholesky_inplace(xp, A, diag, rel_floor: float):
         potrf, = lapack.get_lapack_funcs(("potrf",), (A,))
         U, info = potrf(A.T, lower=0, clean=0, overwrite_a=1)
         if info > 0:
-            return None
+            return None, info - 1  # the leading minor of order info is not positive
         if info < 0:
             raise ValueError(f"LAPACK potrf: illegal argument {-info}")
-        if _singular(np, np.diagonal(U), diag, rel_floor):
-            return None            # (before the zeros below: A's upper triangle still holds A)
+        k = _first_singular(np, np.diagonal(U), diag, rel_floor)
+        if k is not None:
+            return None, k         # (before the zeros below: A's upper triangle still holds A)
         L = U.T                    # C-contiguous; above its diagonal: the matrix, not zeros
         n, step = L.shape[0], block_rows(L.shape[0])
         for i in range(0, n, step):
             j = min(i + step, n)
             L[i:j, j:] = 0.0
             L[i:j, i:j] = np.tril(L[i:j, i:j])
-        return L
+        return L, None
     import cupyx
     try:
         # CuPy reads cuSOLVER's failure flag only under linalg="raise" (its default, "ignore",
@@ -306,15 +308,18 @@ def _cholesky_inplace(xp, A, diag, rel_floor: float):
         with cupyx.errstate(linalg="raise"):
             L = xp.linalg.cholesky(A)
     except Exception:  # noqa: BLE001 - LinAlgError when not positive definite
-        return None
+        return None, None
     if not math.isfinite(scalar(xp.sum(L))):                    # no n x n bool temporary
-        return None
-    return None if _singular(xp, xp.diagonal(L), diag, rel_floor) else L
+        return None, None
+    k = _first_singular(xp, xp.diagonal(L), diag, rel_floor)
+    return (L, None) if k is None else (None, k)
 
 
-def _singular(xp, pivots, diag, rel_floor: float) -> bool:
-    """Whether a pivot's square is at or below ``rel_floor`` times its diagonal entry."""
-    return bool(xp.any(pivots * pivots <= rel_floor * diag))
+def _first_singular(xp, pivots, diag, rel_floor: float) -> int | None:
+    """The first row whose pivot's square is at or below ``rel_floor`` times its diagonal
+    entry, or None."""
+    low = pivots * pivots <= rel_floor * diag
+    return int(xp.argmax(low)) if bool(xp.any(low)) else None
 
 
 def _restore_from_upper(xp, A, diag):
@@ -376,8 +381,10 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     below max(max(n, 8) eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
-    factorisation, ``j`` grows tenfold from :func:`first_jitter` (1e-10; 1e-7 for a float32
-    Gram of rows of similar norms) up to ``max_jitter`` times mean(diag K); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
+    factorisation, ``j`` grows tenfold from :func:`first_jitter` of the row that failed
+    (1e-10 at least; 1e-7 for a float32 Gram of rows of similar norms), or at once to the
+    first jitter of a row that fails next, up to ``max_jitter`` times mean(diag K) (tried
+    itself last); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
     is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
@@ -398,28 +405,32 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     def attempt(v):
         d = diag + v
         A[idx, idx] = d
-        L = _cholesky_inplace(xp, A, d, rel_floor)
+        L, row = _cholesky_inplace(xp, A, d, rel_floor)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
-        return L
+        return L, row
 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
         return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
                                       ridge_name, rel_floor)
 
 
-def first_jitter(rel_floor: float, smallest_entry: float) -> float:
+def first_jitter(rel_floor: float, entry: float) -> float:
     """The first jitter tried, in units of mean(diag K): the power of ten at or below
-    ``rel_floor`` (:func:`cholesky`'s pivot floor) times ``smallest_entry`` (K's smallest
-    diagonal entry + the ridge, in the same units), and at least 1e-10.  A jitter j raises
-    every pivot L_kk^2 by at least j (the Schur complements of K + j I are those of K plus at
-    least j), and row k fails only where its pivot is at or below ``rel_floor`` times its own
-    entry, at least that of the smallest: a jitter a tenth of that floor or less lifts only a
-    pivot within a tenth of it.  A float32 Gram of images of similar norms (floor 9.5e-7)
-    starts at 1e-7, not 1e-10, three factorisations fewer; a row of tiny norm (its floor
-    tiny too) keeps the small jitters it needs."""
-    floor = rel_floor * smallest_entry
-    return max(1e-10, 10.0 ** math.floor(math.log10(floor))) if floor > 0 else 1e-10
+    ``rel_floor`` (:func:`cholesky`'s pivot floor) times ``entry`` (the diagonal entry + the
+    ridge of the row that failed without jitter, in the same units), and at least 1e-10.  A
+    jitter j raises every pivot L_kk^2 by at least j (the Schur complements of K + j I are
+    those of K plus at least j), and that row passes only where its pivot stands above
+    ``rel_floor`` times its entry: a jitter a tenth of that or less lifts only a pivot within
+    a tenth of it.  A row of a float32 Gram of similar images (floor 9.5e-7 of the mean
+    diagonal) starts at 1e-7, not 1e-10, three factorisations fewer; a row of tiny norm (its
+    floor tiny too) or an all-zero one starts at the small jitters it needs."""
+    floor = rel_floor * entry
+    if not floor > 0:                        # an all-zero row: any jitter lifts it (or NaN)
+        return 1e-10
+    if math.isinf(floor):                    # an entry beyond the unit's range: the most allowed
+        return math.inf
+    return max(1e-10, 10.0 ** math.floor(math.log10(floor)))
 
 
 def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
@@ -427,7 +438,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     """:func:`cholesky`'s attempts: ``ridge``, then jitter from :func:`first_jitter` x the unit
     up, tenfold (A is K between them)."""
     n = A.shape[0]
-    L = attempt(ridge)
+    L, row = attempt(ridge)
     if L is not None:
         return L, 0.0
     if not jitter:
@@ -440,17 +451,26 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     unit = "mean diagonal" if scale == mean_diag else (
         f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
         + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
-    rel = first_jitter(rel_floor, (scalar(xp.min(diag)) + ridge) / scale)
+    def floor_of(k):      # the first jitter the row that failed needs (first_jitter)
+        return first_jitter(rel_floor, (scalar(diag[k]) + ridge) / scale)
+
+    # cuSOLVER does not say which row failed: that of the smallest entry (the least floor)
+    rel = floor_of(row) if row is not None else first_jitter(
+        rel_floor, (scalar(xp.min(diag)) + ridge) / scale)
+    top = max_jitter * (1 + 1e-9)
     if 0 < max_jitter < rel:
         rel = max_jitter                   # the one jitter allowed
-    while rel <= max_jitter * (1 + 1e-9):
+    while 0 < max_jitter and rel <= top:
         j = rel * scale
-        L = attempt(ridge + j)
+        L, row = attempt(ridge + j)
         if L is not None:
             log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
                         "%.3g (= %g x %s) to factorise it", ridge, n, n, j, rel, unit)
             return L, j
-        rel *= 10
+        # tenfold, or at once to the floor of a row that fails now (a zero row lifted, a
+        # duplicate of a full-norm image next), and max_jitter itself once before giving up
+        grown = max(rel * 10, floor_of(row)) if row is not None else rel * 10
+        rel = max_jitter if grown > top and rel * (1 + 1e-9) < max_jitter else grown
     smin = ""
     if n <= 5000:
         s = xp.linalg.eigvalsh(A)          # A is K again (each failed attempt restored it)
@@ -666,13 +686,7 @@ def spectrum_tol(E: "KernelEigh") -> float:
     digits: 8 float32 epsilons of it skipped ridge 0, which the Cholesky factorises and which
     generalises)."""
     smax = max(abs(scalar(E.s[-1])), abs(scalar(E.s[0])), 1e-300)
-    return max(E.n * EPS64 * smax, rounding_floor(E))
-
-
-def rounding_floor(E: "KernelEigh") -> float:
-    """``8 rounding max_k K_kk``: an eigenvalue of K at or below it is the rounding of K's
-    entries (:func:`spectrum_tol`)."""
-    return PIVOT_ROUNDINGS * E.rounding * _diag_max(E)
+    return max(E.n * EPS64 * smax, PIVOT_ROUNDINGS * E.rounding * _diag_max(E))
 
 
 def _diag_max(E: "KernelEigh") -> float:
