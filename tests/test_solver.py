@@ -1118,12 +1118,17 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     assert S.cholesky(Kt, rounding=eps32)[1] == pytest.approx(1e-9 * np.trace(Kt) / 3)
     assert len(calls) == 3                       # the ridge, 1e-10, 1e-9
     assert linalg.first_jitter(8 * eps32, 0.0) == 1e-10      # an all-zero row
-    # an all-zero image before a duplicated one: the zero row fails first (any jitter lifts
-    # it), then the duplicate's row, whose floor the ladder jumps to: ridge, 1e-10, 1e-6
+    # an all-zero image (any jitter lifts its row) does not set the floor: the duplicated
+    # image's does (entries 1.5 x the mean diagonal: floor 1.4e-6): the ridge, then 1e-6
     Kz = np.array([[0.0, 0, 0], [0, 1, 1], [0, 1, 1]])
     calls.clear()
     assert S.cholesky(Kz, rounding=eps32)[1] == pytest.approx(1e-6 * 2 / 3)
-    assert len(calls) == 3
+    assert len(calls) == 2
+    # a multiple s of an earlier image is lifted by about (1 + s^2) j: the floor is the
+    # smaller row's, not the failing row's (which asked for 1e-6 where 1e-9 passes, at s = 100)
+    for sc, want in ((10, 1e-7), (100, 1e-9)):
+        Ks = np.array([[1.0, sc, 0], [sc, sc * sc, 0], [0, 0, 1]])
+        assert S.cholesky(Ks, rounding=eps32)[1] == pytest.approx(want * np.trace(Ks) / 3)
     # a max_jitter between two powers of ten is tried itself before giving up
     calls.clear()
     assert S.cholesky(K, max_jitter=5e-7, rounding=eps32)[1] == pytest.approx(5e-7)

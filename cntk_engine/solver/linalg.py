@@ -272,9 +272,8 @@ def constant_entries(K) -> float | None:
 
 
 def _cholesky_inplace(xp, A, diag, rel_floor: float):
-    """``(L, None)``: the lower Cholesky factor of the C-contiguous symmetric ``A``; or
-    ``(None, k)`` if A is not positive definite, or numerically singular, ``k`` the first row
-    found failing (None where cuSOLVER does not say which).  Numerically singular: a pivot L_kk^2 at or below ``rel_floor`` times its own
+    """Lower Cholesky factor of the C-contiguous symmetric ``A``, or None if A is not positive
+    definite, or numerically singular: a pivot L_kk^2 at or below ``rel_floor`` times its own
     diagonal entry A_kk (``diag``, A's diagonal before the factorisation), the share of row k
     that the rows before it leave unexplained: a factor that exists there only by the rounding
     of A, whose solve would be that rounding divided by the share.  Relative to A_kk, the test
@@ -288,19 +287,18 @@ def _cholesky_inplace(xp, A, diag, rel_floor: float):
         potrf, = lapack.get_lapack_funcs(("potrf",), (A,))
         U, info = potrf(A.T, lower=0, clean=0, overwrite_a=1)
         if info > 0:
-            return None, info - 1  # the leading minor of order info is not positive
+            return None
         if info < 0:
             raise ValueError(f"LAPACK potrf: illegal argument {-info}")
-        k = _first_singular(np, np.diagonal(U), diag, rel_floor)
-        if k is not None:
-            return None, k         # (before the zeros below: A's upper triangle still holds A)
+        if _singular(np, np.diagonal(U), diag, rel_floor):
+            return None            # (before the zeros below: A's upper triangle still holds A)
         L = U.T                    # C-contiguous; above its diagonal: the matrix, not zeros
         n, step = L.shape[0], block_rows(L.shape[0])
         for i in range(0, n, step):
             j = min(i + step, n)
             L[i:j, j:] = 0.0
             L[i:j, i:j] = np.tril(L[i:j, i:j])
-        return L, None
+        return L
     import cupyx
     try:
         # CuPy reads cuSOLVER's failure flag only under linalg="raise" (its default, "ignore",
@@ -308,18 +306,15 @@ def _cholesky_inplace(xp, A, diag, rel_floor: float):
         with cupyx.errstate(linalg="raise"):
             L = xp.linalg.cholesky(A)
     except Exception:  # noqa: BLE001 - LinAlgError when not positive definite
-        return None, None
+        return None
     if not math.isfinite(scalar(xp.sum(L))):                    # no n x n bool temporary
-        return None, None
-    k = _first_singular(xp, xp.diagonal(L), diag, rel_floor)
-    return (L, None) if k is None else (None, k)
+        return None
+    return None if _singular(xp, xp.diagonal(L), diag, rel_floor) else L
 
 
-def _first_singular(xp, pivots, diag, rel_floor: float) -> int | None:
-    """The first row whose pivot's square is at or below ``rel_floor`` times its diagonal
-    entry, or None."""
-    low = pivots * pivots <= rel_floor * diag
-    return int(xp.argmax(low)) if bool(xp.any(low)) else None
+def _singular(xp, pivots, diag, rel_floor: float) -> bool:
+    """Whether a pivot's square is at or below ``rel_floor`` times its diagonal entry."""
+    return bool(xp.any(pivots * pivots <= rel_floor * diag))
 
 
 def _restore_from_upper(xp, A, diag):
@@ -381,9 +376,8 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     below max(max(n, 8) eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter`` and a failing
-    factorisation, ``j`` grows tenfold from :func:`first_jitter` of the row that failed
-    (1e-10 at least; 1e-7 for a float32 Gram of rows of similar norms), or at once to the
-    first jitter of a row that fails next, up to ``max_jitter`` times mean(diag K) (tried
+    factorisation, ``j`` grows tenfold from :func:`first_jitter` (1e-10 at least; 1e-7 for a
+    float32 Gram of rows of similar norms) up to ``max_jitter`` times mean(diag K) (tried
     itself last); the jitter used is logged (warning).  Raises :class:`NotPositiveDefinite`
     if none works.  ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised
     in place and the factor returned is a view of it, no n x n copy at all (a failed attempt
@@ -405,28 +399,30 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     def attempt(v):
         d = diag + v
         A[idx, idx] = d
-        L, row = _cholesky_inplace(xp, A, d, rel_floor)
+        L = _cholesky_inplace(xp, A, d, rel_floor)
         if L is None:
             _restore_from_upper(xp, A, diag)   # A = K again
-        return L, row
+        return L
 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
         return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
                                       ridge_name, rel_floor)
 
 
-def first_jitter(rel_floor: float, entry: float) -> float:
+def first_jitter(rel_floor: float, smallest_entry: float) -> float:
     """The first jitter tried, in units of mean(diag K): the power of ten at or below
-    ``rel_floor`` (:func:`cholesky`'s pivot floor) times ``entry`` (the diagonal entry + the
-    ridge of the row that failed without jitter, in the same units), and at least 1e-10.  A
-    jitter j raises every pivot L_kk^2 by at least j (the Schur complements of K + j I are
-    those of K plus at least j), and that row passes only where its pivot stands above
-    ``rel_floor`` times its entry: a jitter a tenth of that or less lifts only a pivot within
-    a tenth of it.  A row of a float32 Gram of similar images (floor 9.5e-7 of the mean
-    diagonal) starts at 1e-7, not 1e-10, three factorisations fewer; a row of tiny norm (its
-    floor tiny too) or an all-zero one starts at the small jitters it needs."""
-    floor = rel_floor * entry
-    if not floor > 0:                        # an all-zero row: any jitter lifts it (or NaN)
+    ``rel_floor`` (:func:`cholesky`'s pivot floor) times ``smallest_entry`` (K's smallest
+    positive diagonal entry + the ridge, in the same units), and at least 1e-10.  A jitter j
+    raises every pivot L_kk^2 by at least j (the Schur complements of K + j I are those of K
+    plus at least j), and a row fails only where its pivot is at or below ``rel_floor`` times
+    its own entry, at least that of the smallest (an all-zero row passes with any jitter): a
+    jitter a tenth of that least floor or less lifts only a pivot within a tenth of it.  Not
+    the floor of the row that failed: a row that is a multiple s of an earlier one is lifted
+    by about (1 + s^2) j, so its own floor, s^2 times the earlier row's, asked for up to s^2
+    times the jitter it needs (a review: 1e-4 where 1e-9 passed, at s = 1000).  A float32
+    Gram of rows of similar norms (floor 9.5e-7) starts at 1e-7, not 1e-10."""
+    floor = rel_floor * smallest_entry
+    if not floor > 0:                        # no positive entry (or NaN)
         return 1e-10
     if math.isinf(floor):                    # an entry beyond the unit's range: the most allowed
         return math.inf
@@ -436,9 +432,9 @@ def first_jitter(rel_floor: float, entry: float) -> float:
 def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
                            rel_floor: float):
     """:func:`cholesky`'s attempts: ``ridge``, then jitter from :func:`first_jitter` x the unit
-    up, tenfold (A is K between them)."""
+    up, tenfold, and ``max_jitter`` itself last (A is K between them)."""
     n = A.shape[0]
-    L, row = attempt(ridge)
+    L = attempt(ridge)
     if L is not None:
         return L, 0.0
     if not jitter:
@@ -451,25 +447,20 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
     unit = "mean diagonal" if scale == mean_diag else (
         f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
         + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
-    def floor_of(k):      # the first jitter the row that failed needs (first_jitter)
-        return first_jitter(rel_floor, (scalar(diag[k]) + ridge) / scale)
-
-    # cuSOLVER does not say which row failed: that of the smallest entry (the least floor)
-    rel = floor_of(row) if row is not None else first_jitter(
-        rel_floor, (scalar(xp.min(diag)) + ridge) / scale)
+    positive = diag[diag > 0]               # (an all-zero row passes with any jitter)
+    smallest = scalar(xp.min(positive)) if positive.size else 0.0
+    rel = first_jitter(rel_floor, (smallest + ridge) / scale)
     top = max_jitter * (1 + 1e-9)
     if 0 < max_jitter < rel:
         rel = max_jitter                   # the one jitter allowed
     while 0 < max_jitter and rel <= top:
         j = rel * scale
-        L, row = attempt(ridge + j)
+        L = attempt(ridge + j)
         if L is not None:
             log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
                         "%.3g (= %g x %s) to factorise it", ridge, n, n, j, rel, unit)
             return L, j
-        # tenfold, or at once to the floor of a row that fails now (a zero row lifted, a
-        # duplicate of a full-norm image next), and max_jitter itself once before giving up
-        grown = max(rel * 10, floor_of(row)) if row is not None else rel * 10
+        grown = rel * 10                    # and max_jitter itself once before giving up
         rel = max_jitter if grown > top and rel * (1 + 1e-9) < max_jitter else grown
     smin = ""
     if n <= 5000:
