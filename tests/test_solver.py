@@ -1133,6 +1133,15 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     calls.clear()
     assert S.cholesky(K, max_jitter=5e-7, rounding=eps32)[1] == pytest.approx(5e-7)
     assert len(calls) == 3
+    # the messages where the mean diagonal cannot be the unit, and where no jitter is allowed
+    with pytest.raises(S.NotPositiveDefinite, match=r"even with jitter up to 0.001 x 1 = 0.001 "
+                                                    r"\(the unit is 1: K's mean diagonal is -0.5, "
+                                                    r"not positive\); K's smallest eigenvalue"):
+        S.cholesky(np.diag([0.0, -1.0]))
+    with pytest.raises(S.NotPositiveDefinite, match=r"and max_jitter=0 allows no jitter \(the unit "
+                                                    r"is 1: K's mean diagonal is 0, not positive; "
+                                                    r"K is all zero"):
+        S.cholesky(np.zeros((2, 2)), max_jitter=0)
     # an entry beyond the unit's range: the one jitter allowed, then the error (not OverflowError)
     with pytest.raises(S.NotPositiveDefinite, match="even with jitter up to 0.001"):
         S.fit_ridge(np.array([[1e-300, 1e10], [1e10, 1e-300]]), np.array([1.0, -1.0]), 1e9)

@@ -444,9 +444,10 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
             f"{ridge_name} > 0 or allow jitter")
     scale = ridge_scale(A)
     mean_diag = scalar(xp.mean(diag))
-    unit = "mean diagonal" if scale == mean_diag else (
-        f"1: K's mean diagonal is {mean_diag:.3g}, not positive, so it cannot be the unit"
-        + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else ""))
+    unit = "mean diagonal" if scale == mean_diag else "1"
+    why = "" if scale == mean_diag else (
+        f" (the unit is 1: K's mean diagonal is {mean_diag:.3g}, not positive"
+        + ("; K is all zero, and predicts 0 everywhere" if not bool(xp.any(A)) else "") + ")")
     positive = diag[diag > 0]               # (an all-zero row passes with any jitter)
     smallest = scalar(xp.min(positive)) if positive.size else 0.0
     rel = first_jitter(rel_floor, (smallest + ridge) / scale)
@@ -458,7 +459,7 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
         L = attempt(ridge + j)
         if L is not None:
             log.warning("K + %g I (%d x %d) is not numerically positive definite: added jitter "
-                        "%.3g (= %g x %s) to factorise it", ridge, n, n, j, rel, unit)
+                        "%.3g (= %g x %s%s) to factorise it", ridge, n, n, j, rel, unit, why)
             return L, j
         grown = rel * 10                    # and max_jitter itself once before giving up
         rel = max_jitter if grown > top and rel * (1 + 1e-9) < max_jitter else grown
@@ -467,10 +468,11 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
         s = xp.linalg.eigvalsh(A)          # A is K again (each failed attempt restored it)
         smin = (f"; K's smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g}), "
                 f"so K + {ridge:g} I's is {scalar(s[0]) + ridge:.3g}")
+    tried = (f"even with jitter up to {max_jitter:g} x {unit} = {max_jitter * scale:.3g}"
+             if max_jitter > 0 else "and max_jitter=0 allows no jitter")
     raise NotPositiveDefinite(
-        f"K + {ridge:g} I ({n} x {n}) is not positive definite even with jitter up to "
-        f"{max_jitter:g} x {unit} = {max_jitter * scale:.3g}{smin}; check that K is a "
-        f"Gram matrix (symmetric PSD) or use a larger {ridge_name}")
+        f"K + {ridge:g} I ({n} x {n}) is not positive definite {tried}{why}{smin}; check that K "
+        f"is a Gram matrix (symmetric PSD) or use a larger {ridge_name}")
 
 
 def cho_solve(xp, L, B):
