@@ -23,8 +23,8 @@ The math
 infinitely wide net trained to convergence by gradient flow on squared loss).  It is solved by
 a Cholesky factorisation ``K + lambda I = L L^T``; when ``K`` is not numerically positive
 definite (a float32 Gram of near-duplicate images) a jitter ``j I`` is added in tenfold steps
-(from 1e-10 or more, times the mean diagonal: the pivot floor of the row that failed) and what
-was added is logged and returned.
+(from 1e-10 or more, times the mean diagonal: the pivot floor of K's smallest positive diagonal
+entry) and what was added is logged and returned.
 
 *Leave-one-out* (``loo``): with ``A = K + lambda I`` and ``alpha = A^-1 Y``, the residual of the
 model refitted without sample i, at sample i, is exactly::

@@ -674,10 +674,9 @@ def spectrum_tol(E: "KernelEigh") -> float:
     Cholesky holds each pivot to its own), one image of far larger norm than the rest raises
     it for all.  Kept is not the same as accurate: where inputs are nearly parallel a float32
     Gram's entries are off by far more than its epsilon (README, "Nearly parallel inputs"),
-    which leave-one-out then scores as it is.  Not a share
-    of max|s|: a Gram of similar images has max|s| near n max_k K_kk (CNTK-GAP on 500 MNIST
-    digits: 8 float32 epsilons of it skipped ridge 0, which the Cholesky factorises and which
-    generalises)."""
+    which leave-one-out then scores as it is.  Not a share of max|s|: a Gram of similar images
+    has max|s| near n max_k K_kk (CNTK-GAP on 500 MNIST digits: 8 float32 epsilons of it
+    skipped ridge 0, which the Cholesky factorises and which generalises)."""
     smax = max(abs(scalar(E.s[-1])), abs(scalar(E.s[0])), 1e-300)
     return max(E.n * EPS64 * smax, PIVOT_ROUNDINGS * E.rounding * _diag_max(E))
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from ..arrays import to_host
 from .linalg import (EPS64, KernelEigh, NotPositiveDefinite, apart_from, as_eigh, block_rows,
-                     brief_repr,
-                     check_gram, check_ridge, check_rounding, check_targets, check_test_kernel, eigh,
-                     loaded_workspace, ridge_scale, scalar, spectrum_problem, spectrum_tol, xp_for)
+                     brief_repr, check_gram, check_ridge, check_rounding, check_targets,
+                     check_test_kernel, eigh, loaded_workspace, ridge_scale, scalar,
+                     spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
@@ -577,7 +577,8 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     ``concatenate([x, hflip(x)])``, or LOO scores each image with its mirror still in the
     training set.  Returns a dict: accuracy, ridge_relative, ridge_absolute, jitter; with
     "auto" also loo_accuracy, loo_mse, loo_groups (the number of groups, None without) and
-    loo_grid (every ridge's scores and K's spectrum: :meth:`RidgeSelection.grid`); unless ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
+    loo_grid (every ridge's scores and K's spectrum: :meth:`RidgeSelection.grid`); unless
+    ``ridge`` is the number 0, accuracy_ridge0 and jitter_ridge0 of the paper's
     interpolating solve beside it (where "auto" chose 0, the chosen fit's figures: it is that
     solve, from the eigendecomposition), or, where K is too far from positive definite for
     that solve even with jitter (the ridge chosen still solves), accuracy_ridge0 None and the
