@@ -101,8 +101,6 @@ def _is_fitted_attribute(name: str) -> bool:
 
 log = logging.getLogger("cntk_engine")
 
-#: float32's machine epsilon: a float32 Gram's entries carry rounding of about this, relative.
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 #: A relative ridge of this or more stands above a float32 Gram's rounding: a duplicated row's
 #: pivot is then about twice it, far beyond the solver's floor of 8 epsilons of its entry.
 FLOAT32_RIDGE = 1e-5
@@ -362,7 +360,7 @@ class _CNTKBase(BaseEstimator):
                              "tell the training images apart (all-zero images, images constant in "
                              "each channel under preprocess='standardize', or W_std=0), so the "
                              "regression would predict the same for every image")
-        scale = float(np.mean(np.diagonal(K)))
+        scale = solver.ridge_scale(K)          # (read before the fit gives K up)
         try:
             sol, sel = solver.fit_relative_ridge(
                 K, Y, self.ridge, labels=labels, groups=groups, overwrite_k=True,
