@@ -8,10 +8,12 @@
 * :func:`preprocess`: the above as ``cntk-engine evaluate --preprocess`` applies them.
 * :func:`with_flips`: a training set and its horizontal flips (``augment_flips``).
 
-Images are (N, C, H, W) (``zca_whiten`` takes ``data_format="NHWC"`` too); results are float64.
-The default layout, ``data_format=None``, reads NCHW and refuses shapes that look channels-last
-(CIFAR's (N, 32, 32, 3)), as :func:`cntk_engine.gram` does: pass ``data_format="NCHW"`` for
-images that really have that shape.
+Images are (N, C, H, W), or (N, H, W, C) with ``data_format="NHWC"``, and every function
+returns them in the layout it read them in (so the result goes to :func:`cntk_engine.gram` with
+the same ``data_format``); results are float64.  The default layout, ``data_format=None``, reads
+NCHW and refuses shapes that look channels-last (CIFAR's (N, 32, 32, 3)), as
+:func:`cntk_engine.gram` does: pass ``data_format="NCHW"`` for images that really have that
+shape.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def _images(x, name: str, data_format: str | None = None) -> np.ndarray:
     shapes), "NCHW" or "NHWC" (transposed).  A masked array with masked pixels is refused."""
     refuse_masked(x, name)
     return as_images(np.asarray(x), data_format, name)
+
+
+def _as_given(x: np.ndarray | None, data_format: str | None) -> np.ndarray | None:
+    """NCHW images ``x`` back in the layout they were read in (``data_format``)."""
+    return x if x is None or data_format != "NHWC" else np.moveaxis(x, 1, -1)
 
 
 def _channel_moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,7 +105,7 @@ class Standardization:
         """The standardised images ``x`` (in ``data_format``); ``name``: how errors name them."""
         out = _standardised(_images(x, name, self.data_format), self.exponent, self.mean, self.std,
                             name)
-        return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
+        return _as_given(out, self.data_format)
 
 
 def fit_standardize(x_train, *, data_format: str | None = None) -> Standardization:
@@ -112,12 +119,13 @@ def fit_standardize(x_train, *, data_format: str | None = None) -> Standardizati
 def standardize(x_train, x_test=None, *, data_format: str | None = None):
     """``(x - mean) / std`` per channel, mean and std over the training images
     (:func:`fit_standardize`).  Returns ``(x_train, x_test)`` (``x_test`` None if not given),
-    NCHW."""
+    float64, in ``data_format`` (None: NCHW, refusing shapes that look channels-last; "NCHW";
+    "NHWC")."""
     a = _images(x_train, "x_train", data_format)
     e, mean, std = _channel_moments(a)      # fit_standardize's, without checking a again
     b = None if x_test is None else _standardised(_images(x_test, "x_test", data_format),
                                                   e, mean, std, "x_test")
-    return _standardised(a, e, mean, std, "x_train"), b
+    return _as_given(_standardised(a, e, mean, std, "x_train"), data_format), _as_given(b, data_format)
 
 
 def scale(x):
@@ -129,9 +137,14 @@ def scale(x):
 
 
 def downsample(x, factor: int, *, data_format: str | None = None, name: str = "x"):
-    """F x F average pooling (stride F) over H and W of NCHW images; rows and columns beyond the
-    last full window are dropped.  ``name``: how errors name the images."""
-    x = _images(x, name, data_format)
+    """F x F average pooling (stride F) over H and W; rows and columns beyond the last full
+    window are dropped.  Returns float64 images in ``data_format`` (as :func:`standardize`);
+    ``name``: how errors name the images."""
+    return _as_given(_downsampled(_images(x, name, data_format), factor), data_format)
+
+
+def _downsampled(x: np.ndarray, factor) -> np.ndarray:
+    """:func:`downsample` of checked NCHW float64 images ``x``."""
     f = as_integer(factor)
     if not is_int(f) or f < 1:
         raise ValueError(f"the downsampling factor ({arg('factor')}) must be an integer >= 1; got "
@@ -169,7 +182,7 @@ class ZCAWhitening:
                              f"and reads images as it was fitted, {self.data_format}")
         f = _standardised_rows(x, self.exponent, self.mean, self.std, self.layer_norm, name)
         out = (f @ self.matrix).reshape(x.shape)
-        return out if self.data_format == "NCHW" else np.moveaxis(out, 1, -1)
+        return _as_given(out, self.data_format)
 
 
 def fit_zca(x_train, *, reg: float = ZCA_REG, reg_absolute: bool = False, layer_norm: bool = True,
@@ -276,8 +289,8 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
                zca_reg: float = ZCA_REG, data_format: str | None = None):
     """Downsample by ``factor`` (1: none), then ``how``: "standardize" (:func:`standardize`),
     "scale" (integer images / 255), "zca" (:func:`zca_whiten` with ``zca_reg``) or "none", each
-    fitted on ``x_train``.  Returns float64 ``(x_train, x_test)``, NCHW (``x_test`` None when
-    not given: the training images alone)."""
+    fitted on ``x_train``.  Returns float64 ``(x_train, x_test)`` in ``data_format`` (as
+    :func:`standardize`; ``x_test`` None when not given: the training images alone)."""
     if how not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {how!r}")
     sets = {"x_train": x_train} if x_test is None else {"x_train": x_train, "x_test": x_test}
@@ -293,22 +306,23 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
         raise ValueError(f"{arg('how', how)} {what}; x_train is {np.asarray(x_train).dtype} and x_test "
                          f"{np.asarray(x_test).dtype}: give both as integers (0..255) or both as "
                          "floats, in the same units")
-    a = downsample(x_train, factor, data_format=data_format, name="x_train")
-    b = None if x_test is None else downsample(x_test, factor, data_format=data_format, name="x_test")
+    a = _downsampled(_images(x_train, "x_train", data_format), factor)
+    b = None if x_test is None else _downsampled(_images(x_test, "x_test", data_format), factor)
     if how == "scale" and kinds["x_train"] in "iu":
-        return a / 255.0, None if b is None else b / 255.0
-    if how == "standardize":
-        return standardize(a, b, data_format="NCHW")
-    if how == "zca":
-        return zca_whiten(a, b, reg=zca_reg, data_format="NCHW")
-    # new arrays, as from the other ways: float64 NCHW input with factor 1 came through as is
-    return tuple(None if v is None else np.array(v) if np.may_share_memory(v, np.asarray(x)) else v
-                 for v, x in ((a, x_train), (b, x_test)))
+        a, b = a / 255.0, None if b is None else b / 255.0
+    elif how == "standardize":
+        a, b = standardize(a, b, data_format="NCHW")
+    elif how == "zca":
+        a, b = zca_whiten(a, b, reg=zca_reg, data_format="NCHW")
+    else:   # new arrays, as from the other ways: float64 input with factor 1 came through as is
+        a, b = (None if v is None else np.array(v) if np.may_share_memory(v, np.asarray(x)) else v
+                for v, x in ((a, x_train), (b, x_test)))
+    return _as_given(a, data_format), _as_given(b, data_format)
 
 
 def with_flips(x, y, *, data_format: str | None = None, name: str = "x"):
     """The training images followed by their horizontal flips (:func:`cntk_engine.arch.hflip`),
-    as NCHW float64 (2N, C, H, W), the labels ``y`` (one per image; None: no labels, None
+    as float64 (2N, C, H, W) (or (2N, H, W, C): in ``data_format``, as :func:`standardize`), the labels ``y`` (one per image; None: no labels, None
     returned) repeated for the flipped copies, and the leave-one-out groups (2N,) that keep each
     image with its flip (``groups`` of :func:`cntk_engine.solver.loo`: the mirror of a scored
     image must not stay in the training set).  ``data_format`` as for :func:`standardize` (the
@@ -328,7 +342,7 @@ def with_flips(x, y, *, data_format: str | None = None, name: str = "x"):
             raise ValueError(f"y must hold one label (or target row) per image: {len(x)} images; "
                              f"got y of shape {y.shape}")
         y = np.concatenate([y, y])
-    return np.concatenate([x, hflip(x)]), y, np.tile(np.arange(len(x)), 2)
+    return _as_given(np.concatenate([x, hflip(x)]), data_format), y, np.tile(np.arange(len(x)), 2)
 
 
 __all__ = ["PREPROCESSING", "ZCA_REG", "ZCAWhitening", "Standardization", "ConstantImages",

@@ -61,8 +61,8 @@ def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     assert sorted(z.files) == ["preprocessing", "x_test", "x_train", "y_test", "y_train"]
     # the library's whitening of the same images, bit for bit; labels unchanged
     a, b = preprocess(cifar["x_train"], cifar["x_test"], "zca", 4, zca_reg=0.2, data_format="NHWC")
-    np.testing.assert_array_equal(z["x_train"], a)
-    np.testing.assert_array_equal(z["x_test"], b)
+    np.testing.assert_array_equal(z["x_train"], np.moveaxis(a, -1, 1))     # read NHWC, written NCHW
+    np.testing.assert_array_equal(z["x_test"], np.moveaxis(b, -1, 1))
     np.testing.assert_array_equal(z["y_test"], cifar["y_test"])
     rec = json.loads(str(z["preprocessing"]))
     assert rec["preprocess"] == "zca" and rec["zca_reg"] == 0.2 and rec["downsample"] == 4
@@ -75,7 +75,8 @@ def test_zca_for_gram_jobs_end_to_end(tmp_path, cifar, capsys, caplog):
     K, K_test = solver.load_train_test(tmp_path / "train.zarr", tmp_path / "test.zarr")
     assert K.shape == (24, 24) and K_test.shape == (6, 24)
     # a test kernel against training images not whitened so (another fit: here, none) is refused
-    np.save(tmp_path / "raw.npy", preprocess(cifar["x_train"], None, "none", 4, data_format="NHWC")[0])
+    raw = preprocess(cifar["x_train"], None, "none", 4, data_format="NHWC")[0]
+    np.save(tmp_path / "raw.npy", np.moveaxis(raw, -1, 1))
     assert run(capsys, "gram", f"{out}:x_test", "--x2", tmp_path / "raw.npy", "--out",
                tmp_path / "raw.zarr", *kw)[0] == 0
     with pytest.raises(ValueError, match="was not computed against the training images"):
@@ -165,7 +166,7 @@ def test_one_set_and_the_other_methods(tmp_path, cifar, capsys):
     assert "fitted on x; copied note" in o and "next: cntk-engine gram" in o and ":x " in o
     z = np.load(tmp_path / "s.npz")
     a, _ = preprocess(cifar["x_train"], None, "standardize", data_format="NHWC")
-    np.testing.assert_array_equal(z["x"], a)
+    np.testing.assert_array_equal(z["x"], np.moveaxis(a, -1, 1))
     np.testing.assert_array_equal(z["note"], np.arange(3))
     # (N, H, W) single-channel images; scale
     np.savez(tmp_path / "m.npz", x_train=np.full((3, 5, 5), 255, np.uint8), x_test=np.zeros((2, 5, 5), np.uint8))
@@ -326,8 +327,8 @@ def test_subsets_are_evaluates_and_so_are_the_figures(tmp_path, cifar, capsys):
     np.testing.assert_array_equal(z["y_test"], cifar["y_test"][j])
     # fitted on the training subset, as evaluate fits it
     a, b = preprocess(cifar["x_train"][i], cifar["x_test"][j], "zca", 4, data_format="NHWC")
-    np.testing.assert_array_equal(z["x_train"], a)
-    np.testing.assert_array_equal(z["x_test"], b)
+    np.testing.assert_array_equal(z["x_train"], np.moveaxis(a, -1, 1))
+    np.testing.assert_array_equal(z["x_test"], np.moveaxis(b, -1, 1))
     rec = json.loads(str(z["preprocessing"]))
     assert rec["subset"] == {"n_train": 10, "n_test": 5, "seed": 3, "drawn_from": "x_train/x_test",
                              "as": "evaluate --n-train 10 --n-test 5 --seed 3"}
@@ -419,6 +420,7 @@ def test_augment_flips_is_evaluates_and_so_are_the_figures(tmp_path, cifar, caps
     i = np.sort(np.random.default_rng(3).choice(24, 10, replace=False))
     a, b = preprocess(cifar["x_train"][i], cifar["x_test"][z["index_test"]], "zca", 4,
                       data_format="NHWC")
+    a, b = np.moveaxis(a, -1, 1), np.moveaxis(b, -1, 1)       # read NHWC, written NCHW
     np.testing.assert_array_equal(z["x_train"], np.concatenate([a, hflip(a)]))
     np.testing.assert_array_equal(z["x_test"], b)
     np.testing.assert_array_equal(z["y_train"], np.tile(cifar["y_train"][i], 2))

@@ -234,7 +234,7 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
         with pytest.raises(ValueError, match=r"has shape \(20, 8, 8, 3\).*data_format='NHWC'"):
             f()
     assert zca_whiten(cl, tl, data_format="NCHW")[0].shape == (20, 8, 8, 3)
-    assert standardize(cl, data_format="NHWC")[0].shape == (20, 3, 8, 8)
+    assert standardize(cl, data_format="NHWC")[0].shape == (20, 8, 8, 3)      # returned as read
     # a test image outside the training span keeps that part (f = 1 there)
     few = fit_zca(x[:3], reg=0.1)
     out = few.transform(t)
@@ -242,6 +242,31 @@ def test_zca_fits_on_train_only_and_keeps_layouts(rng):
     # absolute vs relative regulariser
     za, zr = fit_zca(x, reg=1e-3, reg_absolute=True), fit_zca(x, reg=1e-3)
     assert za.reg_amount == 1e-3 and zr.reg_amount == pytest.approx(1e-3 / 48, rel=1e-9)
+
+
+def test_every_preprocessing_returns_the_layout_it_read(rng):
+    """standardize, downsample, preprocess and with_flips read NHWC with data_format="NHWC"
+    and return NHWC, as fit_standardize and zca_whiten do (they returned NCHW, which gram with
+    the same data_format read as H channels of C x W images: a kernel 154 % off, no error)."""
+    import cntk_engine.preprocess as P
+    x, t = rng.standard_normal((6, 3, 8, 8)), rng.standard_normal((2, 3, 8, 8))
+    cl = lambda v: None if v is None else v.transpose(0, 2, 3, 1)
+    calls = {"standardize": lambda d, a, b: P.standardize(a, b, data_format=d),
+             "downsample": lambda d, a, b: (P.downsample(a, 2, data_format=d), None),
+             "with_flips": lambda d, a, b: (P.with_flips(a, None, data_format=d)[0], None),
+             "zca_whiten": lambda d, a, b: P.zca_whiten(a, b, data_format=d)}
+    calls.update({f"preprocess {how}": (lambda how: lambda d, a, b: P.preprocess(a, b, how, 2, data_format=d))(how)
+                  for how in P.PREPROCESSING})
+    for name, f in calls.items():
+        want, got = f("NCHW", x, t), f("NHWC", cl(x), cl(t))
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None), name
+            if w is not None:
+                assert g.shape == cl(w).shape and np.array_equal(g, cl(w)), name
+    a, b = P.standardize(cl(x), cl(t), data_format="NHWC")
+    kw = dict(depth=2, backend="numba", dtype="float64")
+    np.testing.assert_allclose(ce.gram(b, a, data_format="NHWC", **kw),
+                               ce.gram(*P.standardize(x, t)[::-1], **kw), rtol=1e-12)
 
 
 @pytest.mark.parametrize("args, kw, msg", [
@@ -283,7 +308,8 @@ def test_with_flips_and_scale_check_what_they_are_given(rng):
     with pytest.raises(ValueError, match="looks like the channels of channels-last data"):
         P.with_flips(nhwc, [0, 1])
     flipped = P.with_flips(nhwc, [0, 1], data_format="NHWC")[0]
-    assert flipped[2:].tobytes() == hflip(nhwc.transpose(0, 3, 1, 2)).tobytes()      # mirrored, NCHW
+    assert flipped.shape == (4, 8, 8, 3)                                              # returned as read
+    assert np.array_equal(flipped[2:], hflip(nhwc.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1))   # mirrored
     u8, f32 = np.full((2, 1, 2, 2), 255, np.uint8), np.ones((2, 1, 2, 2), np.float32)
     for a, b in ((u8, f32), (f32, u8)):
         with pytest.raises(ValueError, match="give both as integers .* or both as floats"):
