@@ -304,34 +304,31 @@ def check_small(qmax, qpos, arch, dtype, *, normalised: bool, names=("x1",)) -> 
 
 
 def check_results(exps, qmax, names=("x1",)) -> None:
-    """Refuse images whose kernel values fall outside the float64 range the results are
-    returned in (``RESULT_RANGE``).  Entry (i, j) is s_i s_j times the scaled images' (s_i =
-    2^e_i, ``exps`` from :func:`image_exponents`), of magnitude sqrt(v_i v_j) with v_i = s_i^2
-    q_i(l) (Cauchy-Schwarz); so a symmetric job (one set) is held by each image's own v_i, and a
-    cross job (two sets) by the pairs it returns, never by either set's own kernel."""
+    """Refuse images whose own kernel values, v_i = s_i^2 q_i (s_i = 2^e_i, ``exps`` from
+    :func:`image_exponents`, q_i the scaled image's), fall outside the float64 range results are
+    returned in (``RESULT_RANGE``).  A cross job holds each set to it too, though its entries
+    are sqrt(v_i v_j) at most: its sets' own Grams come with it in every use (a test kernel and
+    its training Gram), and so a cross job is refused before its work where either Gram would
+    be (evaluate computes the test kernel first, and relies on it)."""
     lo, hi = RESULT_RANGE
-    logs = []                                   # per set: live image indices, log2 v_i(l)
-    for e, qm in zip(exps, qmax):
-        live = np.nonzero(qm[:, 0] > 0)[0]
-        if not live.size:
-            return                              # every entry is 0 (all-zero images)
+    for e, qm, name in zip(exps, qmax, names):
+        live = qm[:, 0] > 0
+        if not live.any():
+            continue
         with np.errstate(divide="ignore"):
-            logs.append((live, 2.0 * e[live, None] + np.log2(qm[live])))
-    for side, bound, pick in (("below", math.log2(lo), np.argmin), ("above", math.log2(hi), np.argmax)):
-        ends = [(live, pick(l2, axis=0), l2) for live, l2 in logs]      # per set and layer
-        vals = [l2[idx, np.arange(l2.shape[1])] for _, idx, l2 in ends]
-        worst = (vals[0] + vals[-1]) / 2                                 # log2 sqrt(v_i v_j), per layer
-        layer = int(pick(worst))
-        if (worst[layer] < bound) if side == "below" else (worst[layer] > bound):
-            who = [(name, int(live[idx[layer]]), e) for (live, idx, _), name, e in zip(ends, names, exps)]
-            said = " and ".join(f"{image(name, i)} (max |pixel| about 2^{int(e[i])})" for name, i, e in who)
-            pair = "would have kernel values" if len(who) == 1 else "would have cross-kernel values"
-            raise ValueError(
-                f"{said} {pair} of about 2^{worst[layer]:.0f}, {side} the range of float64 results "
-                f"cntk_engine accepts ({lo:.2g} to {hi:.2g}: 2^52 above the smallest normal number, so "
-                "that entries far smaller than their diagonal keep full precision, and 2^40 below "
-                "overflow); rescale the images (without biases, scaling every image by a scales the "
-                "kernel by a^2)")
+            l2 = 2.0 * e[live, None] + np.log2(qm[live])      # log2 of s_i^2 q_i(l)
+        for worst, bad, side in ((l2.min(axis=1), lambda v: v < math.log2(lo), "below"),
+                                 (l2.max(axis=1), lambda v: v > math.log2(hi), "above")):
+            if bad(worst).any():
+                j = int(np.argmin(worst) if side == "below" else np.argmax(worst))
+                i = int(np.nonzero(live)[0][j])
+                raise ValueError(
+                    f"{image(name, i)} (max |pixel| about 2^{int(e[i])}) would have kernel values "
+                    f"(K(x, x), its own) of about 2^{worst[j]:.0f}, {side} the range of float64 "
+                    f"results cntk_engine accepts ({lo:.2g} to {hi:.2g}: 2^52 above the smallest "
+                    "normal number, so that entries far smaller than the diagonal keep full "
+                    "precision, and 2^40 below overflow); rescale the images (without biases, "
+                    "scaling every image by a scales the kernel by a^2)")
 
 
 def prepare_magnitudes(x1, x2, arch, params, dtype):

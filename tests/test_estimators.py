@@ -347,11 +347,8 @@ def test_errors_name_the_images_as_the_caller_passed_them(monkeypatch):
         CNTKClassifier(depth=3).fit(tiny, y)
     clf = CNTKClassifier(depth=3, augment_flips=True).fit(X, y)
     huge = X[:3].copy()
-    huge[1] *= 1e150        # its entries against the training images are about 1e150: kept
-    assert np.isfinite(clf.decision_function(huge)).all()
     huge[1] *= 1e150
-    with pytest.raises(ValueError, match=r"^X\[1\] \(max \|pixel\| about 2\^997\) and X\[0\] of the "
-                                         r"training set \(max \|pixel\| about 2\^0\)"):
+    with pytest.raises(ValueError, match=r"^X\[1\] \(max \|pixel\| about 2\^499\)"):
         clf.predict(huge)
     # one training sample: leave-one-out has nothing to fit (it chose the largest ridge); refused
     # before the Gram, with flips too (it spoke of groups, which the caller never gave)
