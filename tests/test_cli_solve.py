@@ -2,6 +2,7 @@
 the images (fingerprints), on real CIFAR-10 images; the same figures as the solver in memory."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -177,10 +178,17 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["images.npy", "nan.npz", "nox.npz", "one.npz",
                                             "order.npz", "ragged.npz", "scaled.npz", "xy.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), d["x_test"])
-    # earlier predictions are overwritten
-    np.save(tmp_path / "old.npy", np.zeros(3))
-    assert run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")[0] == 0
-    assert np.load(tmp_path / "old.npy").shape == (16,)
+    # earlier predictions (one entry per test image) are overwritten, and it is said; a 1-D
+    # file of another length (labels given by mistake) is not: it was replaced silently
+    np.save(tmp_path / "labels.npy", np.arange(1000.0))
+    rc, o, e = run(capsys, "solve", data, *stores, "--predictions", tmp_path / "labels.npy")
+    assert rc == 2 and re.search(r"--predictions '.*labels.npy' exists and holds 1000 entries, not one "
+                                 r"per test image of DATA \(16\): .*refusing to overwrite it", e), e
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), np.arange(1000.0))
+    np.save(tmp_path / "old.npy", np.zeros(16))
+    rc, o, e = run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")
+    assert rc == 0 and "old.npy (replacing the earlier ones)" in o, (o, e)
+    assert np.load(tmp_path / "old.npy").shape == (16,) and np.load(tmp_path / "old.npy").any()
 
 
 def test_a_kernel_that_does_not_tell_the_images_apart_is_refused(kept, tmp_path, capsys):
@@ -217,12 +225,12 @@ def test_predictions_are_not_left_without_their_results(kept, tmp_path, capsys, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return write
     monkeypatch.setattr(solve_cli, "json_writer", full)
-    np.save(tmp_path / "p.npy", np.zeros(3))              # an earlier run's predictions
+    np.save(tmp_path / "p.npy", np.full(16, 7))          # an earlier run's predictions
     rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
                    folder / "test.zarr", "--predictions", tmp_path / "p.npy", "--json",
                    tmp_path / "r.json")
     assert rc == 2 and "--json" in e and "No space left on device" in e and "written" not in o, (o, e)
-    assert os.listdir(tmp_path) == ["p.npy"] and np.load(tmp_path / "p.npy").shape == (3,)
+    assert os.listdir(tmp_path) == ["p.npy"] and np.array_equal(np.load(tmp_path / "p.npy"), np.full(16, 7))
 
 
 def test_constant_entries_tells_a_constant_kernel_from_a_varying_one():

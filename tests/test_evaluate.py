@@ -368,7 +368,9 @@ def test_corrupt_and_object_npz_name_file_and_key(tmp_path, capsys):
     # "folder": refused, not overwritten (write_json replaces what is there)
     (("--depth", 3, "--json", "xy.npz"), "--json 'xy.npz' is DATA; give another path"),
     (("--depth", 3, "--store", "k", "--json", "k/r.json"), "--json 'k/r.json' is in --store"),
-    (("--depth", 3, "--json", "notes.txt"), "exists and is not a JSON file; refusing to overwrite"),
+    (("--depth", 3, "--json", "notes.txt"), "exists and is not a result of cntk-engine (a JSON object "
+     "with 'written_by'); refusing to overwrite it"),
+    (("--depth", 3, "--json", "config.json"), "--json 'config.json' exists and is not a result of cntk-engine"),
     (("--depth", 3, "--json", "/dev/null"), "exists and is not a regular file"),
     (("--depth", 3, "--json", ""), "--json '' is empty"),
     (("--depth", 3, "--json", "-"), "--json '-': the JSON is written to a file, not to standard output"),
@@ -390,9 +392,11 @@ def test_option_errors_before_any_work(tmp_path, capsys, monkeypatch, xy_npz, ar
     monkeypatch.chdir(tmp_path)
     p, _, _ = xy_npz
     (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "config.json").write_text('{"my": "config"}')      # another tool's JSON
     rc, out, err = main(capsys, "xy.npz", *args, "--n-train", 4, "--n-test", 2, *REF)
     assert rc == 2 and msg in err and err.count("\n") == 1 and err.startswith("cntk-engine: error:"), err
     assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "k").exists()
+    assert (tmp_path / "config.json").read_text() == '{"my": "config"}'
 
 
 def test_an_unusable_backend_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch,
@@ -413,7 +417,7 @@ def test_an_unusable_backend_is_refused_before_the_data_is_read(tmp_path, capsys
 def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz, monkeypatch):
     p, _, _ = xy_npz
     js = tmp_path / "r.json"
-    js.write_text("{\"old\": 1}")                  # an earlier result: overwritten
+    js.write_text('{"written_by": "cntk-engine 0.1.0", "old": 1}')     # an earlier result: overwritten
     argv = [str(p), "--depth", "3", "--n-train", "6", "--n-test", "4", "--kernel", "nngp",
             "--filter-size", "1", "--convention", "neural_tangents", "--W-std", "1.5", "--b-std",
             "0.1", "--tile", "4", "--data-format", "NCHW", "--json", str(js), *REF]
@@ -425,6 +429,8 @@ def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz
         dict(kernel="nngp", filter_size=1, W_std=1.5, b_std=0.1, data_format="NCHW", tile=4,
              convention="neural_tangents", fix=False, depths=[3])
     assert rec["command"] == "cntk-engine evaluate " + " ".join(argv)     # called from Python
+    assert next(iter(rec)) == "written_by" and rec["written_by"] == f"cntk-engine {cli.__version__}"
+    assert "old" not in rec
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]    # no temp file left
     # a failing write leaves the previous file whole and no temporary file behind
     monkeypatch.setattr(common.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))

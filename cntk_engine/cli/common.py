@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 PROG = "cntk-engine"
+#: Every JSON result of the command line begins with this key ("cntk-engine <version>"): an
+#: existing --json file is replaced only where it is such a result (check_json_path)
+WRITTEN_BY = "written_by"
+JSON_HELP = "(an earlier result of cntk-engine there is replaced; any other file is refused)"
 log = logging.getLogger("cntk_engine")
 
 
@@ -468,8 +472,9 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
     """Refuse, before any work, a result path that cannot or must not be written: empty, a
     folder, in a missing or read-only folder, not a regular file (a FIFO, a device: write_json
     would replace it), one of the command's ``inputs`` ({what: path}: its DATA file, or a file
-    in its store), or an existing file that is not JSON (a data file given by mistake).  An
-    earlier result (a JSON file) is overwritten, as the option says."""
+    in its store), or an existing file that is not a result of this command line (a data file
+    or another tool's JSON given by mistake; :func:`is_result`).  An earlier result is
+    overwritten, as the option says."""
     if not str(path):
         raise CliError(f"{option} '' is empty; give the path of the JSON file to write")
     if str(path) == "-":       # not standard output, which holds the report
@@ -494,9 +499,10 @@ def check_json_path(path, option: str = "--json", inputs: dict | None = None) ->
         if not p.is_file():
             raise CliError(f"{option} {str(path)!r} exists and is not a regular file (a FIFO, a "
                            "device or a broken link); give the path of a file to write")
-        if p.stat().st_size and not _is_json(p):
-            raise CliError(f"{option} {str(path)!r} exists and is not a JSON file; refusing to "
-                           "overwrite it: remove it or give another path")
+        if p.stat().st_size and not is_result(p):
+            raise CliError(f"{option} {str(path)!r} exists and is not a result of {PROG} (a JSON "
+                           f"object with {WRITTEN_BY!r}); refusing to overwrite it: remove it or "
+                           "give another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CliError(f"{option} {str(path)!r}: the folder {str(folder)!r} is not writable")
     return p
@@ -528,13 +534,18 @@ def check_parent_folder(p: Path, option: str) -> None:
                    "first or give a path in an existing folder")
 
 
-def _is_json(p: Path) -> bool:
+def is_result(p: Path) -> bool:
+    """Whether the file ``p`` holds a JSON result of this command line: an object whose
+    :data:`WRITTEN_BY` names it, or (written before that key) whose ``command`` does."""
     try:
         with open(p, "rb") as f:
-            json.loads(f.read(64 << 20))
-        return True
+            rec = json.loads(f.read(64 << 20))
     except (OSError, ValueError):
         return False
+    if not isinstance(rec, dict):
+        return False
+    mark = rec.get(WRITTEN_BY, rec.get("command"))
+    return isinstance(mark, str) and mark.startswith(f"{PROG} ")
 
 
 def command_of(args) -> str | None:
@@ -551,7 +562,8 @@ def write_json(path, rec: dict, what: str | None = None) -> None:
 
 def json_writer(rec: dict):
     """What writes ``rec`` as JSON into a binary file, for :func:`write_file` / :func:`write_files`."""
-    text = json.dumps(rec, indent=1, default=_json_default)
+    from ..version import __version__
+    text = json.dumps({WRITTEN_BY: f"{PROG} {__version__}", **rec}, indent=1, default=_json_default)
     return lambda f: f.write(text.encode())
 
 

@@ -61,7 +61,7 @@ from ..arch import kernel_names
 from ..datasets import is_cifar10
 from ..preprocess import ConstantImages, preprocess, with_flips
 from ..spelling import images_as, renamed
-from .common import (GROUPS_TRAIN, PROG, CliError, add_architecture_options,
+from .common import (GROUPS_TRAIN, JSON_HELP, PROG, CliError, add_architecture_options,
                      add_preprocessing_options, add_run_options, add_solve_options, check_json_path,
                      check_parent_folder, check_path_name, dropped_by_downsampling, gram_options,
                      log, log_zca_fit, machine, nonnegative_int, parse_ridge, plural,
@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "symmetrises the kernel instead)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="subset / split seed (default 0)")
     add_run_options(p, data_formats=("auto", "NCHW", "NHWC"), default_format="auto")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help=f"write the results as JSON to OUT {JSON_HELP}")
     p.add_argument("--store", metavar="DIR", default=None,
                    help="keep the kernels in DIR as resumable Zarr stores (train.zarr, test.zarr), "
                    "tile by tile; a run that stopped continues with --resume")

@@ -19,7 +19,8 @@ kernel ridge regression on the paper's targets (0.9 / -0.1; ``--targets onehot``
 leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`);
 :func:`cntk_engine.solver.fit_classifier`.  Prints the ridge and, with ``y_test``, the test
 accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image (replacing
-an earlier predictions file, a 1-D ``.npy``; refusing any other file there),
+an earlier predictions file, a 1-D ``.npy`` of one entry per test image; refusing any other file
+there),
 ``--json OUT`` every figure, the command and the machine.  Where DATA holds ``groups_train``
 (one group label per training image; ``preprocess --augment-flips`` writes it, pairing each
 image with its flip), ``--ridge auto``'s leave-one-out leaves each group out together
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (GROUPS_TRAIN as GROUPS, PROG, CliError, add_solve_options, check_json_path,
+from .common import (GROUPS_TRAIN as GROUPS, JSON_HELP, PROG, CliError, add_solve_options, check_json_path,
                      check_parent_folder, check_path_name, command_of, holds_flips, json_writer,
                      label_vector, machine, open_numpy, parse_ridge, read_member, to_nchw,
                      write_files)
@@ -79,15 +80,18 @@ def add_parser(sub) -> None:
                    "the solve's workspace)")
     p.add_argument("--predictions", metavar="OUT.npy", default=None,
                    help="write the predicted label of each test image to OUT.npy (an earlier "
-                   "predictions file there is replaced; any other file is refused)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON to OUT")
+                   "predictions file there, a 1-D array of one entry per test image, is "
+                   "replaced; any other file is refused)")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help=f"write the results as JSON to OUT {JSON_HELP}")
     p.set_defaults(func=run)
 
 
 def _check_npy_path(path: str, inputs: dict) -> Path:
     """--predictions: a .npy path in an existing, writable folder, not one of the inputs nor
-    in them; an existing file only where it holds earlier predictions (a 1-D array: a .npy of
-    images given by mistake is not overwritten)."""
+    in them; an existing file only where it holds a 1-D array (a .npy of images given by
+    mistake is not overwritten; :func:`_check_predictions_length` checks its length once the
+    test images are known)."""
     if not path:
         raise CliError("--predictions '' is empty; give the path of the .npy file to write")
     p = Path(path)
@@ -109,7 +113,7 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
         if not p.is_file():
             raise CliError(f"--predictions {path!r} exists and is not a regular file (a FIFO, a "
                            "device or a broken link); give the path of a file to write")
-        if not _holds_predictions(p):
+        if _predictions_length(p) is None:
             raise CliError(f"--predictions {path!r} exists and does not hold predictions (a 1-D "
                            ".npy array); refusing to overwrite it: remove it or give another path")
     if not os.access(p.parent, os.W_OK | os.X_OK):
@@ -117,16 +121,32 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
     return p
 
 
-def _holds_predictions(p: Path) -> bool:
+def _predictions_length(p: Path) -> int | None:
+    """The length of the 1-D array the .npy file ``p`` holds (from its header); None where it
+    holds another shape or is not a .npy file."""
     try:
         with open(p, "rb") as f:
             version = np.lib.format.read_magic(f)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
                     np.lib.format.read_array_header_2_0)
             shape, _, _ = read(f)
-        return len(shape) == 1
+        return int(shape[0]) if len(shape) == 1 else None
     except (OSError, ValueError):
+        return None
+
+
+def _check_predictions_length(p: Path, path: str, n_test: int) -> bool:
+    """Whether --predictions replaces a file: an existing one must hold one entry per test
+    image (an earlier run's predictions for this DATA), else it is refused (a 1-D file of
+    another length, such as a labels file given by mistake, is not overwritten)."""
+    if not p.exists():
         return False
+    n = _predictions_length(p)
+    if n != n_test:
+        raise CliError(f"--predictions {path!r} exists and holds {n} entries, not one per test "
+                       f"image of DATA ({n_test}): not earlier predictions for this DATA; "
+                       "refusing to overwrite it: remove it or give another path")
+    return True
 
 
 def _read_data(path: str, data_format: str, targets: str) -> dict:
@@ -194,6 +214,8 @@ def run(args) -> int:
             raise CliError(f"--device cuda: {why}; --device cpu solves without a GPU")
     t0 = time.perf_counter()
     d = _read_data(args.data, args.data_format, args.targets)
+    replaces = predictions is not None and _check_predictions_length(predictions, args.predictions,
+                                                                     len(d["x_test"]))
     if ridge == "auto" and d["holds_flips"] and d[GROUPS] is None:
         raise CliError(f"DATA {args.data!r}: its x_train holds its images' flips (preprocess "
                        f"--augment-flips) but not their {GROUPS}: --ridge auto's leave-one-out "
@@ -273,7 +295,7 @@ def run(args) -> int:
             f"--json {args.json!r}"))
     write_files(files)
     if predictions is not None:
-        print(f"predictions written to {predictions}")
+        print(f"predictions written to {predictions}" + (" (replacing the earlier ones)" if replaces else ""))
     if args.json is not None:
         print(f"results written to {args.json}")
     return 0
