@@ -303,6 +303,17 @@ def test_demo_zero_is_refused_not_a_default(capsys, argv, msg):
     assert e.startswith("cntk-engine: error:") and e.count("\n") == 1 and o == ""
 
 
+def test_gram_w_std_0_is_refused_before_the_data_is_read(tmp_path, capsys):
+    """A Gram of --W-std 0 is the same number for every pair (solve refuses it, evaluate
+    refused its options): gram computed it, hours at scale, without a word."""
+    out = tmp_path / "w0.zarr"
+    rc, o, e = run(capsys, "gram", tmp_path / "missing.npy", "--depth", "3", "--convention",
+                   "neural_tangents", "--W-std", "0", "--b-std", "1", "--out", out, "--no-progress")
+    assert rc == 2 and e.startswith("cntk-engine: error: --W-std 0 makes the kernel the same for "
+                                    "every pair of images") and e.count("\n") == 1, e
+    assert not out.exists()
+
+
 def test_gram_fix_at_depth_2_is_a_one_line_error(tmp_path, data, capsys):
     out = tmp_path / "f.zarr"
     for d in (["--depth", "2"], ["--depths", "2,3"]):

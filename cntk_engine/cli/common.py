@@ -449,6 +449,12 @@ def gram_options(args) -> tuple[dict, "Architecture"]:
     from ..inputs import check_dtype
     if args.tile is not None and args.tile < 1:
         raise CliError(f"--tile must be a positive integer; got {args.tile}")
+    if args.convention == "neural_tangents" and args.W_std == 0:
+        # every layer's covariance is then b_std^2 whatever the images: the kernel is a constant
+        raise CliError("--W-std 0 makes the kernel the same for every pair of images (0 without "
+                       "--b-std, a constant with it): it tells no images apart, and a regression "
+                       "on it predicts one class for every image (solve refuses such a Gram); use "
+                       "--W-std > 0")
     depths = depths_of(args)
     if args.architecture == "cnn" and depths is None:
         raise CliError("--architecture cnn needs --depth D or --depths D1,D2,... (conv layers + 1)")

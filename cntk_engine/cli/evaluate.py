@@ -66,7 +66,7 @@ from .common import (GROUPS_TRAIN, JSON_HELP, PROG, CliError, add_architecture_o
                      check_parent_folder, check_path_name, dropped_by_downsampling, gram_options,
                      log, log_zca_fit, machine, nonnegative_int, parse_ridge, plural,
                      preprocessing_options, preprocessing_record, to_nchw, write_json)
-from .subsets import Drawn, draw
+from .subsets import EVALUATE_N, Drawn, draw
 
 
 # ----------------------------------------------------------------------------- parser
@@ -82,8 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y; "
                    "or CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_architecture_options(p)
-    p.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
-    p.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
+    p.add_argument("--n-train", type=int, default=EVALUATE_N, help=f"training images (default {EVALUATE_N})")
+    p.add_argument("--n-test", type=int, default=EVALUATE_N, help=f"test images (default {EVALUATE_N})")
     add_solve_options(p)
     add_preprocessing_options(p, default="standardize")
     p.add_argument("--augment-flips", action="store_true",
@@ -274,11 +274,6 @@ def run(args) -> int:
         from ..estimators import FLIPS_TWICE
         raise CliError(FLIPS_TWICE.format(augment="--augment-flips", flip="--flip"))
     zca_reg = preprocessing_options(args)
-    if args.convention == "neural_tangents" and args.W_std == 0:
-        # every layer's covariance is then b_std^2 whatever the images: the kernel is a constant
-        raise CliError("--W-std 0 makes the kernel the same for every pair of images (0 without "
-                       "--b-std, a constant with it), so the regression predicts one class for "
-                       "every image; use --W-std > 0")
     opts, arch = gram_options(args)
     if args.backend != "auto":          # evaluate computes here: an unusable backend, said now
         from ..backends import unavailable_reason

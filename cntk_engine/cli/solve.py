@@ -70,7 +70,8 @@ def add_parser(sub) -> None:
                    help="store of the test kernel (cntk-engine gram DATA:x_test --x2 DATA:x_train ...)")
     p.add_argument("--key", default=None,
                    help="the kernel, as the train store names it (ntk, nngp, depth_11/ntk); "
-                   "default: the one both stores hold")
+                   "needed where the stores hold several (gram --kernel both, --depths); "
+                   "default: the one kernel they hold")
     add_solve_options(p)
     p.add_argument("--data-format", choices=("auto", "NCHW", "NHWC"), default="auto",
                    help="layout of DATA's images, as given to gram (auto: as gram decides it)")

@@ -13,6 +13,7 @@ from ..solver.targets import check_labels
 from .common import GROUPS_TRAIN, CliError, holds_flips, label_vector, open_data, read_member
 
 PAIR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+EVALUATE_N = 1000           # evaluate's --n-train and --n-test when not given
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ def check_sizes(n_train: int | None, n_test: int | None) -> None:
         raise CliError(f"--n-test must be at least 1; got {n_test}")
 
 
+def _default(needs: str, *sizes: int) -> str:
+    """Where evaluate's sizes may be its defaults, not typed: said in a refusal of them."""
+    if needs != "evaluate needs" or EVALUATE_N not in sizes:
+        return ""
+    return " (evaluate's default where not given)" if len(sizes) == 1 else \
+        f" ({EVALUATE_N}: evaluate's default where not given)"
+
+
 def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, *,
               needs: str = "evaluate needs") -> Drawn:
     """:func:`draw` from DATA already open as ``z`` (an NpzFile, or :func:`.common.open_data`'s
@@ -101,7 +110,8 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         n_test = len(xte) if n_test is None else n_test
         for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
             if n > avail:
-                raise CliError(f"{what} {n} is more than the {avail} images in DATA {path!r}")
+                raise CliError(f"{what} {n}{_default(needs, n)} is more than the {avail} images in "
+                               f"DATA {path!r}: give {what} {avail} or fewer")
         groups = _groups(z, path, len(xtr)) if GROUPS_TRAIN in names else None
         i = np.sort(rng.choice(len(xtr), n_train, replace=False))
         j = np.sort(rng.choice(len(xte), n_test, replace=False))
@@ -128,8 +138,8 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         x, y = _pair(z, "x", "y", path)
         _check_labels(path, y, "y")
         if n_train + n_test > len(x):
-            raise CliError(f"--n-train {n_train} + --n-test {n_test} is more than the {len(x)} "
-                           f"images in DATA {path!r}")
+            raise CliError(f"--n-train {n_train} + --n-test {n_test}{_default(needs, n_train, n_test)} "
+                           f"is more than the {len(x)} images in DATA {path!r}: give smaller ones")
         perm = rng.permutation(len(x))
         i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
         left = len(x) - n_train - n_test

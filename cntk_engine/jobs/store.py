@@ -2412,8 +2412,9 @@ def _train_test_pair(a: dict, b: dict, wheres: tuple[str, str]) -> bool:
     raise ValueError(
         f"the test store at {s_where} was not computed against the training images of the train "
         f"store at {t_where}: neither of its image sets ({b['n1']} and {b['n2']} images) is the "
-        f"train store's {a['n1']} images (sha256 {fp[:12]}...; another subset or order, or other "
-        "pixel values, e.g. uint8 against the same images divided by 255, give another)")
+        f"train store's {a['n1']} images (sha256 {fp[:12]}...): the images differ in their subset, "
+        "order or pixel values (e.g. uint8 against the same images divided by 255); compute the "
+        "test kernel against the training store's images")
 
 
 def _store_record(source, role: str) -> tuple[object, str, dict]:
