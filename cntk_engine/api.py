@@ -86,7 +86,9 @@ def gram(x1, x2=None, *, depth=None, depths=None, architecture="cnn", pooling="g
     """
     t0 = time.perf_counter()
     if not isinstance(kernel, str) or kernel not in KERNELS:     # a 0-d array compares equal too
-        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+        hint = (f" (did you mean {kernel.lower()!r}?)" if isinstance(kernel, str)
+                and kernel.lower() in KERNELS else "")
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}{hint}")
     kernel = str(kernel)
     cdtype = check_dtype(dtype)
     arch = make_architecture(depth=depth, depths=depths, architecture=architecture,

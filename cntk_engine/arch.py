@@ -149,6 +149,7 @@ neural_tangents = (2 / C) * arora for gap and (2 / (C H_r W_r)) * arora for flat
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import operator
@@ -358,7 +359,7 @@ class Architecture:
             object.__setattr__(self, "layers", layers)
             d = sum(isinstance(layer, ConvRelu) for layer in layers) + 1
             if self.depths != (d,):
-                raise ValueError(f"a stack's depth is fixed by its layers ({d} = {d - 1} conv layers "
+                raise ValueError(f"a stack's depth is fixed by its layers ({d} = {d - 1} conv layer{'s' if d != 2 else ''} "
                                  f"+ the dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
             if self.layers is not None:        # the caller gave layers, not a depth
@@ -521,9 +522,11 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
         elif architecture in PRESETS:
             name, layers = architecture, myrtle(PRESETS[architecture])
         else:
-            # "Myrtle5", "myrtle-5", "CNN": the name meant, where its letters and digits say it
+            # "Myrtle5", "myrtle-5", "CNN": the name meant, where its letters and digits say it;
+            # "myrtl5": the nearest name (one letter off)
             meant = "".join(ch for ch in architecture.lower() if ch.isalnum())
-            hint = (f" (did you mean {meant!r}?)" if meant in ("cnn", *PRESETS) else "")
+            near = difflib.get_close_matches(meant, ("cnn", *PRESETS), n=1, cutoff=0.8)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(f"{arg('architecture')} must be 'cnn', one of {sorted(PRESETS)} or a "
                              f"stack from cntk_engine.serial(...); got {architecture!r}{hint}")
     elif isinstance(architecture, (tuple, list)):

@@ -81,6 +81,8 @@ def test_numpy_scalars_are_accepted_as_python_numbers(x):
     (dict(depth=None, architecture="Myrtle-5"), r"architecture must be 'cnn', one of \['myrtle10', "
      r"'myrtle5', 'myrtle7'\] or a stack from cntk_engine.serial\(...\); got 'Myrtle-5' \(did you mean 'myrtle5'\?\)$"),
     (dict(architecture="ResNet"), r"got 'ResNet'$"),
+    (dict(depth=None, architecture="myrtl5"), r"got 'myrtl5' \(did you mean 'myrtle5'\?\)$"),     # one letter off
+    (dict(kernel="NTK"), r"got 'NTK' \(did you mean 'ntk'\?\)$"),
     (dict(tile=np.True_), "tile must be a positive integer"),
     (dict(tile=np.int64(0)), "tile must be a positive integer"),
     (dict(tile=2.0), "tile must be a positive integer"),
