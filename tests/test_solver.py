@@ -73,6 +73,24 @@ def test_known_feature_map_interpolant(rng):
 
 
 # ----------------------------------------------------------------------------- jitter
+def test_a_float32_gram_is_held_to_float32_rounding_whatever_rounding_says():
+    """K given as float32 holds float32's rounding: rounding=None (float64's) or a smaller one
+    is raised to it (it was solved as float64: one image twice got 1e-10 of jitter, predictions
+    194 away from float64's); a KernelEigh keeps its own; a float64 K keeps what was given."""
+    from cntk_engine.solver import linalg
+    eps32 = float(np.finfo(np.float32).eps)
+    K32 = np.ones((2, 2), np.float32)
+    assert linalg.rounding_for(K32, None) == eps32 and linalg.rounding_for(K32, 1e-10) == eps32
+    assert linalg.rounding_for(K32, 1e-3) == 1e-3 and linalg.rounding_for(K32.astype(np.float64), None) is None
+    assert linalg.rounding_for(np.ones((2, 2), np.float16), None) == float(np.finfo(np.float16).eps)
+    assert linalg.rounding_for([[1.0]], None) is None
+    assert S.fit_ridge(K32, np.array([1.0, -1.0]), 0.0).jitter == pytest.approx(1e-6)
+    assert S.fit_ridge(K32.astype(np.float64), np.array([1.0, -1.0]), 0.0).jitter == pytest.approx(1e-10)
+    assert S.eigh(K32).rounding == eps32 and S.eigh(K32.astype(np.float64)).rounding == linalg.EPS64
+    E = S.eigh(K32.astype(np.float64))
+    assert S.loo(E, np.array([1.0, -1.0]), [1e-3]).mse.shape == (1,)    # carries its own
+
+
 def test_jitter_path_rank_deficient(rng, caplog):
     K, _ = psd(rng, 20, p=5)             # rank 5 < 20: singular
     Y = rng.normal(size=(20, 3))
@@ -86,7 +104,7 @@ def test_jitter_path_rank_deficient(rng, caplog):
     assert resid <= 1e-10 * np.linalg.norm(A, 2) * np.linalg.norm(sol.alpha)
     assert np.linalg.norm((K + 1.1 * sol.jitter * np.eye(20)) @ sol.alpha - Y) > 100 * resid
     rel = sol.jitter / S.ridge_scale(K)
-    assert 1e-10 * 0.99 <= rel <= 1e-3 * 1.01
+    assert 1e-11 * K.diagonal().min() / S.ridge_scale(K) <= rel <= 1e-3 * 1.01    # from 1e-10 of it
     with pytest.raises(S.NotPositiveDefinite, match="jitter=False"):
         S.fit_ridge(K, Y, 0.0, jitter=False)
 
@@ -1118,6 +1136,13 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     assert S.cholesky(Kt, rounding=eps32)[1] == pytest.approx(1e-9 * np.trace(Kt) / 3)
     assert len(calls) == 3                       # the ridge, 1e-10, 1e-9
     assert linalg.first_jitter(8 * eps32, 0.0) == 1e-10      # an all-zero row
+    # one image of far larger norm raises the mean, not the start: a float64 Gram of an image
+    # twice (diagonal 1) beside one of diagonal 1e8 starts at 1e-10 of the pair's entry (3e-8
+    # of the mean: 1e-18), not 1e-10 of the mean (3.3e-3, a third of a percent of its diagonal)
+    Ko = np.array([[1.0, 1, 0], [1, 1, 0], [0, 0, 1e8]])
+    calls.clear()
+    assert S.cholesky(Ko)[1] == pytest.approx(1e-18 * np.trace(Ko) / 3) and len(calls) == 2
+    assert linalg.first_jitter(1e-15, 3e-8) == 1e-18
     # an all-zero image (any jitter lifts its row) does not set the floor: the duplicated
     # image's does (entries 1.5 x the mean diagonal: floor 1.4e-6): the ridge, then 1e-6
     Kz = np.array([[0.0, 0, 0], [0, 1, 1], [0, 1, 1]])

@@ -11,7 +11,7 @@ from ..arrays import cupy_module
 from .linalg import (KernelEigh, NotPositiveDefinite, apart_from, as_float64, brief_repr,
                      check_finite, check_gram, check_max_jitter, check_ridge, check_targets,
                      check_test_kernel, cho_solve, cholesky, loaded_workspace, ridge_scale, scalar,
-                     spectrum_problem, spectrum_tol, tri_solve, xp_for)
+                     rounding_for, spectrum_problem, spectrum_tol, tri_solve, xp_for)
 
 
 @dataclass(repr=False)
@@ -52,6 +52,7 @@ def fit_ridge_cholesky(K, Y, ridge: float, *, relative: bool = False, jitter: bo
     """:func:`fit_ridge`; with ``relative``, ``ridge`` times mean(diag K) of the K checked
     (:func:`~.linalg.ridge_scale`; ``fit_relative_ridge``'s number, K read once)."""
     ridge, max_jitter = check_ridge(ridge), check_max_jitter(max_jitter)
+    rounding = rounding_for(K, rounding)
     xp = xp_for(device, K, Y)
     dev = "cuda" if xp is not np else "cpu"
     Y = apart_from(K, Y, overwrite_k)
@@ -120,6 +121,7 @@ def gp_posterior(K, Y, K_test, K_test_test=None, *, noise: float = 0.0, jitter: 
     ``V = L^-1 K_test^T``, ``cov = K_test_test - V^T V``.  ``rounding``: the relative rounding
     of K's entries, the epsilon of the dtype it was computed in (:func:`cholesky`)."""
     noise = check_ridge(noise, "noise")
+    rounding = rounding_for(K, rounding)
     xp = xp_for(device, K, Y, K_test)
     dev = "cpu" if xp is np else "cuda"
     K = check_gram(K, device=dev, _workspace=loaded_workspace("cholesky", dev))

@@ -20,7 +20,7 @@ from ..arrays import to_host
 from .linalg import (EPS64, KernelEigh, NotPositiveDefinite, apart_from, as_eigh, block_rows,
                      brief_repr, check_gram, check_ridge, check_rounding, check_targets,
                      check_test_kernel, eigh, loaded_workspace, ridge_scale, scalar,
-                     spectrum_problem, spectrum_tol, xp_for)
+                     rounding_for, spectrum_problem, spectrum_tol, xp_for)
 from .ridge import fit_ridge, fit_ridge_cholesky, fit_ridge_eigh
 from .targets import (accuracy, check_labels, class_indices, one_hot, paper_targets,
                       predict_classes)
@@ -189,7 +189,7 @@ def loo(K, Y, ridges, *, labels=None, groups=None, device=None,
     if isinstance(K, KernelEigh):
         E, n, xp = as_eigh(K, None, rounding), K.n, K.xp
     else:
-        rounding = check_rounding(rounding)
+        rounding = check_rounding(rounding_for(K, rounding))
         xp = xp_for(device, K)
         dev = "cpu" if xp is np else "cuda"
         K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev))
@@ -253,7 +253,7 @@ def kfold(K, Y, ridges, n_folds: int = 5, *, labels=None, groups=None, seed=0,
     :func:`loo` (column indices of Y: ``np.searchsorted(classes, y)``).  ``groups``: as for
     :func:`loo`; the seeded permutation is of the groups, so a group is held out whole.
     ``rounding``: as for :func:`loo` (a fold's ridge is skipped by the same rule)."""
-    rounding = check_rounding(rounding)
+    rounding = check_rounding(rounding_for(K, rounding))
     xp = xp_for(device, K, Y)
     dev = "cpu" if xp is np else "cuda"
     K = check_gram(K, device=dev, _workspace=loaded_workspace("eigh", dev, by_n=False))
@@ -367,7 +367,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
     if E is not None and method == "kfold":
         raise ValueError("method='kfold' needs the Gram K, not its eigendecomposition")
     if E is None:
-        rounding = check_rounding(rounding)
+        rounding = check_rounding(rounding_for(K, rounding))
     else:
         as_eigh(E, None, rounding)             # the rounding given is the one it carries
     xp = xp_for(device, K, Y) if E is None else E.xp
@@ -452,6 +452,7 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
     ``rounding``: K's relative rounding (float32's epsilon for a float32 Gram): for the
     Cholesky of a given ridge (:func:`cholesky`), and the ridges "auto" skips (:func:`loo`)."""
     Y = apart_from(K, Y, overwrite_k)      # the fit reads Y after the eigendecomposition
+    rounding = rounding_for(K, rounding)
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be 'auto' or a number >= 0 (relative to mean(diag K)); "
@@ -514,7 +515,7 @@ def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=N
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     y_train = check_labels(y_train, n_train, "y_train")
-    check_rounding(rounding)
+    rounding = check_rounding(rounding_for(K, rounding))
     return _fit_classifier(K, y_train, ridge, targets, groups, overwrite_k, rounding)
 
 
@@ -597,7 +598,7 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    check_rounding(rounding)
+    rounding = check_rounding(rounding_for(K, rounding))
     if warn_unseen:
         check_classifier_labels(y_train, y_test, targets=targets)
     fit = _fit_classifier(K, y_train, ridge, targets, groups, rounding=rounding)
