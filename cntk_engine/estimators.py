@@ -209,7 +209,7 @@ class _CNTKBase(BaseEstimator):
             return "float64"                  # whatever dtype says (gram's reference backend)
         if self.dtype is None:
             return "float64" if tuple(height_width) == (1, 1) else "float32"
-        return self.dtype
+        return np.dtype(self.dtype).name      # np.float32 as "float32", as the checks compare it
 
     def _tabular(self) -> bool:
         return isinstance(self.image_shape, str) and self.image_shape == "features"

@@ -334,6 +334,8 @@ def test_fix_at_depth_2_refused_before_any_kernel(monkeypatch):
             est.fit(X, y)
     with pytest.raises(ValueError, match="dtype must be one of"):
         CNTKRegressor(depth=3, dtype="float16").fit(X, y)
+    # a NumPy type is its name to the checks (dtype=np.float32 lost the float32 jitter warning)
+    assert CNTKRegressor(depth=3, dtype=np.float32)._compute_dtype((4, 4)) == "float32"
 
 
 def test_errors_name_the_images_as_the_caller_passed_them(monkeypatch):

@@ -91,6 +91,18 @@ def test_a_float32_gram_is_held_to_float32_rounding_whatever_rounding_says():
     assert S.loo(E, np.array([1.0, -1.0]), [1e-3]).mse.shape == (1,)    # carries its own
 
 
+def test_entries_near_float64s_largest_are_symmetrised_without_overflow():
+    """(a + b) / 2 overflowed to inf inside an accepted, finite K (then 'Eigenvalues did not
+    converge'); halves first, and the finiteness check's overflowing sum says nothing."""
+    import warnings
+    from cntk_engine.solver import linalg
+    K = np.array([[1.5e308, 1e308, 0], [1e308, 1.5e308, 0], [0, 0, 1.7e308]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C = linalg.check_gram(K)
+    assert np.array_equal(C, K)
+
+
 def test_jitter_path_rank_deficient(rng, caplog):
     K, _ = psd(rng, 20, p=5)             # rank 5 < 20: singular
     Y = rng.normal(size=(20, 3))
