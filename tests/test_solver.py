@@ -1179,6 +1179,15 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
                                                     r"is 1: K's mean diagonal is 0, not positive; "
                                                     r"K is all zero"):
         S.cholesky(np.zeros((2, 2)), max_jitter=0)
+    # refused by the rounding floor alone (K + the last jitter is positive definite): said so,
+    # not "check that K is a Gram matrix (symmetric PSD)"
+    for Kr, kw in ((K, dict(max_jitter=1e-7, rounding=eps32)),
+                   (np.array([[1, 0.99], [0.99, 1]]), dict(rounding=2.0 ** -7))):
+        with pytest.raises(S.NotPositiveDefinite, match=r"is singular to the rounding of its entries "
+                                                        r"even with jitter up to .*: each factorisation "
+                                                        r"left a pivot within [0-9.e-]+ of its diagonal") as e:
+            S.cholesky(Kr, **kw)
+        assert "symmetric PSD" not in str(e.value)
     # an entry beyond the unit's range: the one jitter allowed, then the error (not OverflowError)
     with pytest.raises(S.NotPositiveDefinite, match="even with jitter up to 0.001"):
         S.fit_ridge(np.array([[1e-300, 1e10], [1e10, 1e-300]]), np.array([1.0, -1.0]), 1e9)

@@ -489,13 +489,21 @@ def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridg
             return L, j
         grown = rel * 10                    # and max_jitter itself once before giving up
         rel = max_jitter if grown > top and rel * (1 + 1e-9) < max_jitter else grown
-    smin = ""
+    smin, positive = "", None
     if n <= 5000:
         s = xp.linalg.eigvalsh(A)          # A is K again (each failed attempt restored it)
+        positive = scalar(s[0]) + ridge + max_jitter * scale > 0
         smin = (f"; K's smallest eigenvalue is {scalar(s[0]):.3g} (largest {scalar(s[-1]):.3g}), "
                 f"so K + {ridge:g} I's is {scalar(s[0]) + ridge:.3g}")
     tried = (f"even with jitter up to {max_jitter:g} x {unit} = {max_jitter * scale:.3g}"
              if max_jitter > 0 else "and max_jitter=0 allows no jitter")
+    if positive:        # positive definite with the last jitter: the rounding floor refused it
+        raise NotPositiveDefinite(
+            f"K + {ridge:g} I ({n} x {n}) is singular to the rounding of its entries {tried}{why}"
+            f"{smin}: each factorisation left a pivot within {rel_floor:.3g} of its diagonal "
+            f"entry (the pivot floor: 8 roundings of K's entries, at least max(n, 8) float64 "
+            f"epsilons); use a larger {ridge_name} or max_jitter (or a Gram computed in float64, "
+            f"where it was computed in float32)")
     raise NotPositiveDefinite(
         f"K + {ridge:g} I ({n} x {n}) is not positive definite {tried}{why}{smin}; check that K "
         f"is a Gram matrix (symmetric PSD) or use a larger {ridge_name}")
