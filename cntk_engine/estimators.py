@@ -105,13 +105,13 @@ log = logging.getLogger("cntk_engine")
 #: pivot is then about twice it, far beyond the solver's floor of 8 epsilons of its entry.
 FLOAT32_RIDGE = 1e-5
 #: What the estimators say where the training Gram is (numerically) singular.
-_GRAM_PRECISION = ("ridge='auto' chooses a ridge that leaves it positive definite, a relative "
-                   "ridge of 1e-5 or more stands above a float32 Gram's rounding, and "
+_AUTO_ADVICE = "ridge='auto' chooses a ridge that leaves it positive definite, "
+_GRAM_PRECISION = ("a relative ridge of 1e-5 or more stands above a float32 Gram's rounding, and "
                    "dtype='float64' computes the Gram to float64's, on which any jitter is "
                    "float64's rounding (float32 "
                    "loses about 4e-4 of the kernel at depth 3 and 2e-3 at depth 11 where two "
                    "inputs are nearly parallel, as tabular features far from 0 often are)")
-_GRAM_SINGULAR = "ridge='auto' chooses a ridge that leaves it positive definite, or give a larger ridge"
+_GRAM_SINGULAR = "give a larger ridge"
 
 
 class _CNTKBase(BaseEstimator):
@@ -366,16 +366,19 @@ class _CNTKBase(BaseEstimator):
                 K, Y, self.ridge, labels=labels, groups=groups, overwrite_k=True,
                 rounding=solver.rounding_of(self._dtype_))
         except solver.NotPositiveDefinite as e:
+            # e.bare: the Gram is the estimator's own, not the caller's to retry with; "auto"
+            # is not advised where it is what failed
+            auto = isinstance(self.ridge, str)
             raise solver.NotPositiveDefinite(
-                f"{e}.  The training Gram was computed in {self._dtype_}: "
-                + (_GRAM_PRECISION if self._dtype_ == "float32"
-                   else _GRAM_SINGULAR)) from None
+                f"{e.bare}.  The training Gram was computed in {self._dtype_}: "
+                + ("" if auto else _AUTO_ADVICE + ("" if self._dtype_ == "float32" else "or "))
+                + (_GRAM_PRECISION if self._dtype_ == "float32" else _GRAM_SINGULAR)) from None
         if self._dtype_ == "float32" and 0 < sol.jitter and sol.ridge < FLOAT32_RIDGE * scale:
             log.warning("the training Gram, computed in float32, is singular to its rounding "
                         "(about 1e-7 of its entries; jitter %.3g was added to factorise it): the "
                         "fit is set by that rounding and the jitter (with one image under two "
                         "labels, its predictions are arbitrary): "
-                        + _GRAM_PRECISION, sol.jitter)
+                        + _AUTO_ADVICE + _GRAM_PRECISION, sol.jitter)
         self.ridge_ = float(self.ridge) if sel is None else sel.relative
         self.loo_ = None if sel is None else sel.scores   # not the scores of an earlier fit
         self.ridge_absolute_ = sol.ridge

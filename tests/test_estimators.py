@@ -630,6 +630,18 @@ def test_a_gram_refused_as_not_positive_definite_says_what_the_estimator_can_do(
                        match=r"computed in float64: ridge='auto' .* or give a larger ridge$"):
         CNTKClassifier(depth=3, backend="numba", ridge=0, dtype="float64").fit(X, y)
 
+    # ridge='auto' failing: neither 'auto' advised nor the solver's retry with a K the caller
+    # gave up (the Gram is the estimator's own)
+    def all_skipped(*a, **k):
+        raise solver.NotPositiveDefinite("every ridge of the grid leaves K + ridge I singular",
+                                         " (K was given up, overwrite_k: retry with the Gram)")
+    monkeypatch.setattr(solver, "fit_relative_ridge", all_skipped)
+    with pytest.raises(solver.NotPositiveDefinite) as e:
+        CNTKClassifier(depth=3, backend="numba").fit(X, y)
+    assert "overwrite_k" not in str(e.value) and "ridge='auto' chooses" not in str(e.value)
+    assert str(e.value).startswith("every ridge of the grid leaves K + ridge I singular.  The "
+                                   "training Gram was computed in float32: a relative ridge of 1e-5")
+
 
 def test_flips_of_images_1_pixel_wide_are_refused_or_said(caplog):
     """Tabular features are 1 x 1 images, each its own flip: augment_flips would hold every row

@@ -1086,6 +1086,9 @@ def test_ridge_selection_skips_ridges_within_the_rounding_of_the_gram(rng, monke
                                                     r"of K: .* at or below \S+ \(spectrum_tol, "
                                                     r"for K's rounding 1.19e-07\)"):
         S.select_ridge(K, Y, [0.0, 1e-8], rounding=eps32)
+    # -I: indefinite at the smaller ridges, singular at the largest: not "singular" alone
+    with pytest.raises(S.NotPositiveDefinite, match=r"leaves K \+ ridge I indefinite or singular"):
+        S.select_ridge(-np.eye(4), np.arange(4.0), [0.0, 0.5, 1.0])
     # a decomposition made elsewhere: K's diagonal read from U and s
     from cntk_engine.solver.linalg import spectrum_tol
     assert spectrum_tol(S.KernelEigh(s=E.s, U=E.U, rounding=eps32)) == pytest.approx(tol32)

@@ -28,7 +28,13 @@ SYM_RTOL = 1e-5
 
 
 class NotPositiveDefinite(np.linalg.LinAlgError):
-    """K + lambda I stayed non positive definite after the largest jitter allowed."""
+    """K + lambda I stayed non positive definite after the largest jitter allowed.  ``retry``:
+    the part of the message that says how to retry with the caller's own K (given up with
+    ``overwrite_k``), which a caller whose K is private leaves out (``bare``: the rest)."""
+
+    def __init__(self, message: str = "", retry: str = ""):
+        super().__init__(message + retry)
+        self.bare, self.retry = message, retry
 
 
 def is_zarr(a) -> bool:

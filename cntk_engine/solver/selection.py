@@ -414,8 +414,9 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
                 f"so K + ridge I is indefinite for every ridge of the grid "
                 f"[{', '.join(f'{v:.3g}' for v in res.ridges)}]; check that K is the "
                 f"train-vs-train Gram matrix (a "
-                f"kernel), or use ridges above {-res.s_min:.3g}{retry}")
-        what = "singular" if res.s_min is not None else "singular or indefinite"
+                f"kernel), or use ridges above {-res.s_min:.3g}", retry)
+        what = ("singular or indefinite" if res.s_min is None else "indefinite or singular"
+                if res.s_min + min(res.ridges) < -res.tol else "singular")
         raise NotPositiveDefinite(f"every ridge of the grid {res.ridges.tolist()} leaves K + "
                                   f"ridge I {what}"
                                   + (f" to the rounding of K: K's smallest eigenvalue is "
@@ -423,7 +424,7 @@ def select_ridge(K, Y, ridges=None, *, method: str = "loo", score: str = "auto",
                                      f"below {res.tol:.3g} (spectrum_tol, for K's rounding "
                                      f"{E.rounding:.3g}) is taken as rounding"
                                      if res.s_min is not None else "")
-                                  + f"; use larger ridges{retry}")
+                                  + "; use larger ridges", retry)
     r = res.ridges
     if score == "accuracy":
         acc = np.where(np.isnan(res.accuracy), -np.inf, res.accuracy)
