@@ -173,6 +173,12 @@ def test_runs_record_what_computed_them_and_a_mix_is_told(tmp_path, rng, caplog,
     assert "(run 4)" not in said and "not recorded" not in said       # run 4 computed no tile
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["computed_with"] == [{"compute": rec, "runs": [1, 2]}, {"compute": other, "runs": [3]}]
+    # numba's generic CPU records no features: said as none (it printed "cpu_features ," and
+    # "(fewer items) here"), and a list within the other's as "no others"
+    assert store_mod.record_diff(dict(rec, cpu_features=""), rec).startswith(
+        f"cpu_features none there, {','.join(sorted(feats)[:6])}")
+    assert store_mod.record_diff(other, dict(other, cpu_features=other["cpu_features"] + ",zz")) == \
+        "cpu_features no others there, zz here"
     assert v["mixed_compute"] is True and v["compute_not_recorded"] == []
 
 

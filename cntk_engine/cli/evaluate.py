@@ -279,7 +279,7 @@ def run(args) -> int:
         from ..backends import unavailable_reason
         why = unavailable_reason(args.backend)
         if why is not None:
-            raise CliError(f"--backend {args.backend} is unavailable: {why}")
+            raise CliError(f"--backend {args.backend!r} is unavailable: {why}")
     depths = list(arch.depths)
     if arch.layers is None:
         opts.update(depth=None, depths=depths)      # {depth: result} even for one depth

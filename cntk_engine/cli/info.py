@@ -20,7 +20,10 @@ def _version(mod: str) -> str:
 
 
 def add_parser(sub) -> None:
-    sub.add_parser("info", help="backends, GPUs and versions").set_defaults(func=run)
+    sub.add_parser("info", help="backends, GPUs and versions",
+                   description="Say which backends can run here and why not, the GPUs, the CUDA "
+                   "extension's build, numba's kernel cache, and the versions of the package and "
+                   "its dependencies.").set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -135,7 +135,8 @@ def _words(rec: dict) -> str:
     """A compute record in one line; a long list (a CPU's features) by its SHA-256 prefix, other
     values (the reason a record is "unknown") as they are."""
     return ", ".join(f"{k} " + (f"sha256:{hashlib.sha256(v.encode()).hexdigest()[:12]}"
-                                if isinstance(v, str) and len(v) > 60 and v.count(",") > 4 else str(v))
+                                if isinstance(v, str) and len(v) > 60 and v.count(",") > 4 else
+                                "none" if v == "" else str(v))      # numba's generic CPU: no features
                      for k, v in rec.items())
 
 

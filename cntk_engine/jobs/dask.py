@@ -136,13 +136,13 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
         if name == "cuda":
             if not gpu_workers:
                 able = [a for a in reports if _why_not(reports[a], "cuda") is None]
-                raise RuntimeError("backend 'cuda' on Dask needs workers with a GPU resource: "
+                raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU resource: "
                                    + _GPU_RESOURCE_HELP
                                    + (f"; workers that could run cuda: {', '.join(sorted(able))}"
                                       if able else ""))
             if bad:
                 shape_only = all(_input_only(reports[a], "cuda") for a in bad)
-                msg = (f"backend 'cuda' cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
+                msg = (f"{arg('backend', 'cuda')} cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
                        f"workers with a GPU resource: {_name_workers(bad)}")
                 if shape_only:
                     raise ValueError(msg + f". Use {arg('backend', 'numba')}.")
@@ -195,7 +195,7 @@ def resolve_backend(client, name: str, arch, image_shape, dtype) -> type:
     if cls.traits().device != "gpu":      # CPU backends: the client prepares the images too
         why = unavailable_reason(chosen)
         if why is not None:
-            raise RuntimeError(f"backend {chosen!r} is unavailable on this client: {why}")
+            raise RuntimeError(f"{arg('backend', chosen)} is unavailable on this client: {why}")
     return cls                            # a GPU backend needs neither a GPU nor its extension here
 
 
@@ -209,7 +209,7 @@ def check_client(client, *, gpu: bool) -> int:
     if gpu:
         slots = sum(_gpu_slots(w) for w in workers.values())
         if slots == 0:
-            raise RuntimeError("backend 'cuda' on Dask needs workers with a GPU resource: "
+            raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU resource: "
                                + _GPU_RESOURCE_HELP)
         return slots
     return int(sum(int(w.get("nthreads", 1)) for w in workers.values()))

@@ -1815,11 +1815,19 @@ def record_diff(theirs: dict, mine: dict, sides=("there", "here")) -> str:
         if a == b:
             continue
         if k.endswith("features") and isinstance(a, str) and isinstance(b, str):
-            ia, ib = set(a.split(",")), set(b.split(","))
-            a = ",".join(sorted(ia - ib)[:6]) or "(fewer items)"
-            b = ",".join(sorted(ib - ia)[:6]) or "(fewer items)"
+            ia, ib = {f for f in a.split(",") if f}, {f for f in b.split(",") if f}
+            a, b = _features_apart(ia, ib), _features_apart(ib, ia)
         words.append(f"{k} {a} {sides[0]}, {b} {sides[1]}")
     return ", ".join(words)
+
+
+def _features_apart(mine: set, other: set) -> str:
+    """The features of one side the other lacks, up to 6 and a count of the rest; "none" for an
+    empty list (numba's generic CPU), "no others" where it is within the other's."""
+    extra = sorted(mine - other)
+    if not extra:
+        return "no others" if mine else "none"
+    return ",".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
 
 
 def run_computes(run: dict) -> list[dict]:
