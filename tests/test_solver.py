@@ -1153,11 +1153,18 @@ def test_jitter_starts_at_the_decade_of_the_pivot_floor(monkeypatch):
     assert linalg.first_jitter(8 * eps32, 0.0) == 1e-10      # an all-zero row
     # one image of far larger norm raises the mean, not the start: a float64 Gram of an image
     # twice (diagonal 1) beside one of diagonal 1e8 starts at 1e-10 of the pair's entry (3e-8
-    # of the mean: 1e-18), not 1e-10 of the mean (3.3e-3, a third of a percent of its diagonal)
+    # of the mean: 3e-18, so the least, 1e-16), not 1e-10 of the mean (3.3e-3, a third of a
+    # percent of its diagonal)
     Ko = np.array([[1.0, 1, 0], [1, 1, 0], [0, 0, 1e8]])
     calls.clear()
-    assert S.cholesky(Ko)[1] == pytest.approx(1e-18 * np.trace(Ko) / 3) and len(calls) == 2
-    assert linalg.first_jitter(1e-15, 3e-8) == 1e-18
+    assert S.cholesky(Ko)[1] == pytest.approx(1e-16 * np.trace(Ko) / 3) and len(calls) == 2
+    assert linalg.first_jitter(1e-15, 3e-5) == 1e-15
+    # ... and at least 1e-16 of the mean: an image of tiny norm beside a duplicated pair would
+    # have the ladder climb a decade a step from 1e-310 (300 factorisations); 14 at most now
+    assert linalg.first_jitter(1e-15, 3e-8) == 1e-16 and linalg.first_jitter(8e-7, 1e-300) == 1e-16
+    Kt = np.array([[1e-300, 0, 0], [0, 1, 1], [0, 1, 1]])
+    calls.clear()
+    assert 0 < S.cholesky(Kt)[1] <= 1e-9 and len(calls) <= 8
     # an all-zero image (any jitter lifts its row) does not set the floor: the duplicated
     # image's does (entries 1.5 x the mean diagonal: floor 1.4e-6): the ridge, then 1e-6
     Kz = np.array([[0.0, 0, 0], [0, 1, 1], [0, 1, 1]])

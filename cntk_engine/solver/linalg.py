@@ -441,10 +441,13 @@ def first_jitter(rel_floor: float, smallest_entry: float) -> float:
     """The first jitter tried, in units of mean(diag K): the power of ten at or below
     max(``rel_floor``, 1e-10) (:func:`cholesky`'s pivot floor, and a margin where it is less)
     times ``smallest_entry`` (K's smallest positive diagonal entry + the ridge, in the same
-    units); 1e-10 where no entry is positive.  Both relative to that entry, not to the mean:
-    one image of far larger norm raises the mean, and a floor of 1e-10 x the mean then gave a
-    duplicated pair of ordinary images 1.3 % of their diagonal (a review: 0.0065 where 1e-12
-    passed, test accuracy 0.600 against 0.700).  A jitter j
+    units), and at least :data:`LEAST_JITTER` (1e-16, float64's rounding of an entry of the
+    mean's size: the ladder then takes at most 14 steps to 1e-3, where an image of tiny norm,
+    1e-300 of the others, would have had it climb 300 decades); 1e-10 where no entry is
+    positive.  Relative to that entry, not to the mean: one image of far larger norm raises the
+    mean, and a floor of 1e-10 x the mean then gave a duplicated pair of ordinary images 1.3 %
+    of their diagonal (a review: 0.0065 where 1e-12 passed, test accuracy 0.600 against
+    0.700).  A jitter j
     raises every pivot L_kk^2 by at least j (the Schur complements of K + j I are those of K
     plus at least j), and a row fails only where its pivot is at or below ``rel_floor`` times
     its own entry, at least that of the smallest (an all-zero row passes with any jitter): a
@@ -458,7 +461,11 @@ def first_jitter(rel_floor: float, smallest_entry: float) -> float:
         return 1e-10
     if math.isinf(floor):                    # an entry beyond the unit's range: the most allowed
         return math.inf
-    return 10.0 ** math.floor(math.log10(floor))
+    return 10.0 ** math.floor(math.log10(max(floor, LEAST_JITTER)))
+
+
+#: The least first jitter, in units of mean(diag K) (:func:`first_jitter`).
+LEAST_JITTER = 1e-16
 
 
 def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
