@@ -525,8 +525,11 @@ def make_architecture(depth=None, depths: Sequence[int] | None = None, architect
             # "Myrtle5", "myrtle-5", "CNN": the name meant, where its letters and digits say it;
             # "myrtl5": the nearest name (one letter off)
             meant = "".join(ch for ch in architecture.lower() if ch.isalnum())
-            near = difflib.get_close_matches(meant, ("cnn", *PRESETS), n=1, cutoff=0.8)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            near = difflib.get_close_matches(meant, ("cnn", *PRESETS), n=3, cutoff=0.8)
+            if meant in ("cnn", *PRESETS):
+                near = [meant]
+            hint = (f" (did you mean {near[0]!r}?)" if len(near) == 1 else
+                    f" (did you mean one of {', '.join(map(repr, sorted(near)))}?)" if near else "")
             raise ValueError(f"{arg('architecture')} must be 'cnn', one of {sorted(PRESETS)} or a "
                              f"stack from cntk_engine.serial(...); got {architecture!r}{hint}")
     elif isinstance(architecture, (tuple, list)):

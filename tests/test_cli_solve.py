@@ -185,9 +185,12 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     assert rc == 2 and re.search(r"--predictions '.*labels.npy' exists and holds 1000 entries, not one "
                                  r"per test image of DATA \(16\): .*refusing to overwrite it", e), e
     assert np.array_equal(np.load(tmp_path / "labels.npy"), np.arange(1000.0))
-    np.save(tmp_path / "old.npy", np.zeros(16))
+    np.save(tmp_path / "scores.npy", np.zeros(16))          # the right length, not labels
+    rc, o, e = run(capsys, "solve", data, *stores, "--predictions", tmp_path / "scores.npy")
+    assert rc == 2 and "exists and holds float64 values, not labels of DATA's dtype (uint8)" in e, e
+    np.save(tmp_path / "old.npy", np.zeros(16, np.uint8))
     rc, o, e = run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")
-    assert rc == 0 and "old.npy (replacing the earlier ones)" in o, (o, e)
+    assert rc == 0 and "old.npy (replacing the file there: one label per test image" in o, (o, e)
     assert np.load(tmp_path / "old.npy").shape == (16,) and np.load(tmp_path / "old.npy").any()
 
 
@@ -225,12 +228,12 @@ def test_predictions_are_not_left_without_their_results(kept, tmp_path, capsys, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return write
     monkeypatch.setattr(solve_cli, "json_writer", full)
-    np.save(tmp_path / "p.npy", np.full(16, 7))          # an earlier run's predictions
+    np.save(tmp_path / "p.npy", np.full(16, 7, np.uint8))   # an earlier run's predictions
     rc, o, e = run(capsys, "solve", data, "--train", folder / "train.zarr", "--test",
                    folder / "test.zarr", "--predictions", tmp_path / "p.npy", "--json",
                    tmp_path / "r.json")
     assert rc == 2 and "--json" in e and "No space left on device" in e and "written" not in o, (o, e)
-    assert os.listdir(tmp_path) == ["p.npy"] and np.array_equal(np.load(tmp_path / "p.npy"), np.full(16, 7))
+    assert os.listdir(tmp_path) == ["p.npy"] and np.array_equal(np.load(tmp_path / "p.npy"), np.full(16, 7, np.uint8))
 
 
 def test_constant_entries_tells_a_constant_kernel_from_a_varying_one():

@@ -424,7 +424,7 @@ def test_an_unusable_backend_is_refused_before_the_data_is_read(tmp_path, capsys
     p, _, _ = xy_npz
     rc, out, err = main(capsys, p, "--depth", 3, "--n-train", 4, "--n-test", 2,
                         "--backend", "numba", "--no-progress")
-    assert rc == 2 and err.strip() == ("cntk-engine: error: --backend numba is unavailable: numba "
+    assert rc == 2 and err.strip() == ("cntk-engine: error: --backend 'numba' is unavailable: numba "
                                        "is switched off (test)"), err
 
 
@@ -452,6 +452,15 @@ def test_json_record_is_complete_and_written_atomically(tmp_path, capsys, xy_npz
         common.write_json(js, {"a": 1})
     assert json.loads(js.read_text()) == rec
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "xy.npz"]
+    # results from before written_by: evaluate's and solve's by their command (None from
+    # Python), verify's by its keys; another tool's JSON is not one
+    for text, ok in (('{"command": "cntk-engine solve d.npz", "version": "0.1.0"}', True),
+                     ('{"command": null, "version": "0.1.0"}', True),
+                     ('{"store": "g.zarr", "ok": false, "damaged": "x"}', True),
+                     ('{"command": "make all", "version": "1"}', False), ('[1, 2]', False),
+                     ('{"written_by": "another-tool 1.0"}', False)):
+        js.write_text(text)
+        assert common.is_result(js) is ok, text
 
 
 def test_command_of_a_direct_run_call_is_equivalent():

@@ -542,7 +542,9 @@ def check_parent_folder(p: Path, option: str) -> None:
 
 def is_result(p: Path) -> bool:
     """Whether the file ``p`` holds a JSON result of this command line: an object whose
-    :data:`WRITTEN_BY` names it, or (written before that key) whose ``command`` does."""
+    :data:`WRITTEN_BY` names it, or one written before that key: evaluate's or solve's record
+    (a ``command`` that names it, or None where the command ran from Python) or verify's report
+    (``store`` and ``ok``)."""
     try:
         with open(p, "rb") as f:
             rec = json.loads(f.read(64 << 20))
@@ -550,8 +552,11 @@ def is_result(p: Path) -> bool:
         return False
     if not isinstance(rec, dict):
         return False
-    mark = rec.get(WRITTEN_BY, rec.get("command"))
-    return isinstance(mark, str) and mark.startswith(f"{PROG} ")
+    if WRITTEN_BY in rec:
+        return isinstance(rec[WRITTEN_BY], str) and rec[WRITTEN_BY].startswith(f"{PROG} ")
+    if "command" in rec and "version" in rec:
+        return rec["command"] is None or str(rec["command"]).startswith(f"{PROG} ")
+    return {"store", "ok"} <= rec.keys()
 
 
 def command_of(args) -> str | None:

@@ -19,8 +19,8 @@ kernel ridge regression on the paper's targets (0.9 / -0.1; ``--targets onehot``
 leave-one-out accuracy over :data:`cntk_engine.solver.RELATIVE_RIDGE_GRID`);
 :func:`cntk_engine.solver.fit_classifier`.  Prints the ridge and, with ``y_test``, the test
 accuracy; ``--predictions OUT.npy`` writes the predicted label of each test image (replacing
-an earlier predictions file, a 1-D ``.npy`` of one entry per test image; refusing any other file
-there),
+an earlier predictions file, a 1-D ``.npy`` of one label per test image in the labels' dtype;
+refusing any other file there),
 ``--json OUT`` every figure, the command and the machine.  Where DATA holds ``groups_train``
 (one group label per training image; ``preprocess --augment-flips`` writes it, pairing each
 image with its flip), ``--ridge auto``'s leave-one-out leaves each group out together
@@ -81,8 +81,8 @@ def add_parser(sub) -> None:
                    "the solve's workspace)")
     p.add_argument("--predictions", metavar="OUT.npy", default=None,
                    help="write the predicted label of each test image to OUT.npy (an earlier "
-                   "predictions file there, a 1-D array of one entry per test image, is "
-                   "replaced; any other file is refused)")
+                   "predictions file there, a 1-D array of one label per test image in the "
+                   "labels' dtype, is replaced; any other file is refused)")
     p.add_argument("--json", metavar="OUT", default=None,
                    help=f"write the results as JSON to OUT {JSON_HELP}")
     p.set_defaults(func=run)
@@ -114,7 +114,7 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
         if not p.is_file():
             raise CliError(f"--predictions {path!r} exists and is not a regular file (a FIFO, a "
                            "device or a broken link); give the path of a file to write")
-        if _predictions_length(p) is None:
+        if _predictions_header(p) is None:
             raise CliError(f"--predictions {path!r} exists and does not hold predictions (a 1-D "
                            ".npy array); refusing to overwrite it: remove it or give another path")
     if not os.access(p.parent, os.W_OK | os.X_OK):
@@ -122,31 +122,33 @@ def _check_npy_path(path: str, inputs: dict) -> Path:
     return p
 
 
-def _predictions_length(p: Path) -> int | None:
-    """The length of the 1-D array the .npy file ``p`` holds (from its header); None where it
-    holds another shape or is not a .npy file."""
+def _predictions_header(p: Path) -> tuple[int, np.dtype] | None:
+    """(length, dtype) of the 1-D array the .npy file ``p`` holds (from its header); None where
+    it holds another shape or is not a .npy file."""
     try:
         with open(p, "rb") as f:
             version = np.lib.format.read_magic(f)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
                     np.lib.format.read_array_header_2_0)
-            shape, _, _ = read(f)
-        return int(shape[0]) if len(shape) == 1 else None
-    except (OSError, ValueError):
+            shape, _, dtype = read(f)
+        return (int(shape[0]), np.dtype(dtype)) if len(shape) == 1 else None
+    except (OSError, ValueError, TypeError):
         return None
 
 
-def _check_predictions_length(p: Path, path: str, n_test: int) -> bool:
-    """Whether --predictions replaces a file: an existing one must hold one entry per test
-    image (an earlier run's predictions for this DATA), else it is refused (a 1-D file of
-    another length, such as a labels file given by mistake, is not overwritten)."""
+def _check_predictions_file(p: Path, path: str, n_test: int, labels: np.dtype) -> bool:
+    """Whether --predictions replaces a file: an existing one must look like this run's
+    predictions, one label per test image of DATA in its labels' dtype (an earlier run's), else
+    it is refused (a 1-D file of another length or dtype, such as scores, is not overwritten;
+    a file of DATA's test labels would pass: they look the same)."""
     if not p.exists():
         return False
-    n = _predictions_length(p)
-    if n != n_test:
-        raise CliError(f"--predictions {path!r} exists and holds {n} entries, not one per test "
-                       f"image of DATA ({n_test}): not earlier predictions for this DATA; "
-                       "refusing to overwrite it: remove it or give another path")
+    n, dtype = _predictions_header(p)
+    if n != n_test or dtype != labels:
+        got = (f"{n} entries, not one per test image of DATA ({n_test})" if n != n_test else
+               f"{dtype} values, not labels of DATA's dtype ({labels})")
+        raise CliError(f"--predictions {path!r} exists and holds {got}: not earlier predictions "
+                       "for this DATA; refusing to overwrite it: remove it or give another path")
     return True
 
 
@@ -215,8 +217,8 @@ def run(args) -> int:
             raise CliError(f"--device cuda: {why}; --device cpu solves without a GPU")
     t0 = time.perf_counter()
     d = _read_data(args.data, args.data_format, args.targets)
-    replaces = predictions is not None and _check_predictions_length(predictions, args.predictions,
-                                                                     len(d["x_test"]))
+    replaces = predictions is not None and _check_predictions_file(
+        predictions, args.predictions, len(d["x_test"]), np.asarray(d["y_train"]).dtype)
     if ridge == "auto" and d["holds_flips"] and d[GROUPS] is None:
         raise CliError(f"DATA {args.data!r}: its x_train holds its images' flips (preprocess "
                        f"--augment-flips) but not their {GROUPS}: --ridge auto's leave-one-out "
@@ -296,7 +298,9 @@ def run(args) -> int:
             f"--json {args.json!r}"))
     write_files(files)
     if predictions is not None:
-        print(f"predictions written to {predictions}" + (" (replacing the earlier ones)" if replaces else ""))
+        print(f"predictions written to {predictions}"
+              + (" (replacing the file there: one label per test image, earlier predictions)"
+                 if replaces else ""))
     if args.json is not None:
         print(f"results written to {args.json}")
     return 0

@@ -32,8 +32,8 @@ class NotPositiveDefinite(np.linalg.LinAlgError):
     the part of the message that says how to retry with the caller's own K (given up with
     ``overwrite_k``), which a caller whose K is private leaves out (``bare``: the rest)."""
 
-    def __init__(self, message: str = "", retry: str = ""):
-        super().__init__(message + retry)
+    def __init__(self, message="", retry: str = ""):
+        super().__init__(f"{message}{retry}" if retry else message)
         self.bare, self.retry = message, retry
 
 
@@ -403,8 +403,9 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     below max(max(n, 8) eps64, 8 ``rounding``) of its diagonal entry: :func:`_cholesky_inplace`;
     ``rounding``: the relative rounding of K's entries, float32's epsilon for a Gram computed
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter``
-    and a failing factorisation, ``j`` grows tenfold from :func:`first_jitter` (at least 1e-10
-    of K's smallest positive diagonal entry; 1e-7 for a float32 Gram of rows of similar norms)
+    and a failing factorisation, ``j`` grows tenfold from :func:`first_jitter` (the power of ten
+    at or below 1e-10 of K's smallest positive diagonal entry at least; 1e-7 for a float32 Gram
+    of rows of similar norms)
     up to ``max_jitter`` times mean(diag K) (tried itself last); the jitter used is logged
     (warning).  Raises :class:`NotPositiveDefinite` if none works.  ``overwrite_k``: K
     (C-contiguous NumPy) may be destroyed: it is factorised in place and the factor returned
