@@ -66,14 +66,15 @@ def run(args) -> int:
     # a small check that the kernel means something: kernel regression (the paper's targets, a
     # ridge of 1e-6 mean(diag K)) trained on 2/3 of each class's digits, tested on the others
     # (the split within each class: a class with no training digit is never predicted)
-    from ..solver import accuracy, kernel_ridge, paper_targets
+    from ..solver import accuracy, kernel_ridge, paper_targets, rounding_of
     rank = np.array([np.count_nonzero(ys[:i] == ys[i]) for i in range(n)])
     te = rank % 3 == 1
     tr = ~te
     Y, classes = paper_targets(ys[tr], classes=np.arange(10))
     for name, k in (("ntk", ntk), ("nngp", nngp)):
         ktr = k[np.ix_(tr, tr)]
-        scores = kernel_ridge(ktr, Y, k[np.ix_(te, tr)], ridge=1e-6 * np.trace(ktr) / len(ktr))
+        scores = kernel_ridge(ktr, Y, k[np.ix_(te, tr)], ridge=1e-6 * np.trace(ktr) / len(ktr),
+                              rounding=rounding_of(info["dtype"]))    # gram returns float64 arrays
         acc = accuracy(scores, ys[te])
         print(f"  {name}: diag mean {np.diag(k).mean():.4g}, off-diag mean "
               f"{(k.sum() - np.trace(k)) / (n * n - n):.4g}; kernel regression on {tr.sum()} digits "
