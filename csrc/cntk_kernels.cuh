@@ -11,7 +11,7 @@ enum class Dtype : int { float32 = 0, float64 = 1 };
 // A kernel variant compiled into the extension (the table is in cntk_kernels.cu; what each
 // computes differently is in relu_step.cuh, Entry<V, T>).
 struct KernelVariant {
-  const char* name;         // "v3", "v5", "v6": the value of CNTK_ENGINE_CUDA_KERNEL
+  const char* name;         // "v3", "v5", "v6", "v7", "v8": the value of CNTK_ENGINE_CUDA_KERNEL
   const char* description;  // one line
   const char* diag;         // layout of the per-image diagonals it reads: "q", "factors" or "sqrt"
   int diag_width;           // values per image, layer and position in that layout (1 or 2)
@@ -19,7 +19,8 @@ struct KernelVariant {
   bool default_float32;     // the default for float32 / float64: the fastest variant measured
   bool default_float64;     // on a GPU for that dtype (one per dtype, gpu_measured)
   const char* base;         // the variant whose kernels it launches where it compiled none of its
-                            // own (kBaseVariant in pair_sums_kernel.cuh): itself, or v6 for v7
+                            // own (kBaseVariant in pair_sums_kernel.cuh): itself, v6 for v7, v3
+                            // for v8
 };
 
 // The compiled variants.

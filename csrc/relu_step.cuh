@@ -202,7 +202,7 @@ template <typename T> struct Entry<6, T> {
 };
 
 // v7 (not measured on a GPU yet): v6's step and diagonals; what differs is in the 32 x 32 pair
-// kernel, not here (pair_sums_kernel.cuh, LayerSync).
+// kernel, not here (pair_sums_kernel.cuh, kLayerSync).
 template <typename T> struct Entry<7, T> : Entry<6, T> {};
 
 // v8 (not measured on a GPU yet): v3's step and diagonals; what differs is the row-seam test of

@@ -21,7 +21,9 @@
 // stage's grids are taken in rounds, grids (dy, dx) with dy = a mod P_y, dx = r mod P_x (the
 // period P = 2 w where the coarse size is even, else the whole axis), whose coarse targets are
 // disjoint, with a block barrier between rounds; so every coarse entry receives its <= 9 * w^4
-// contributions one per round, in the order of the rounds, whatever the warps' timing.
+// contributions in the order of the rounds, whatever the warps' timing (one per round, except
+// where a coarse axis has size 1: one lane then adds twice to an entry within a round, in its
+// program order, so still deterministic).
 // The next stage's grids read their input from there (coalesced rows, through L2: __ldcg, the
 // data was written in this launch) and start with the conv's box sum.  The last stage reads out
 // the listed grids (those with a nonzero readout weight): per lane row sums in T times the one

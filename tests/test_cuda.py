@@ -237,8 +237,9 @@ def test_relu_step_host_build_matches_numpy(relu_step_exe):
         rs3_32 = np.where(f32(qx) * f32(qz) > 0, f32(1) / np.sqrt(f32(qx) * f32(qz)), f32(0))
         rs3_64 = np.where(zero, 0.0, 1.0 / np.sqrt(qx * qz))
         p6_32, p6_64 = f32(ux) * f32(uz), ux * uz
-        rs6_32 = np.where(p6_32 > 0, f32(1) / p6_32, f32(0))
-        rs6_64 = np.where(p6_64 > 0, 1.0 / p6_64, 0.0)
+        # as the kernel's test (relu_step.cuh, Entry<6>): a product below the smallest normal is 0
+        rs6_32 = np.where(p6_32 >= np.finfo(np.float32).tiny, f32(1) / p6_32, f32(0))
+        rs6_64 = np.where(p6_64 >= np.finfo(np.float64).tiny, 1.0 / p6_64, 0.0)
     # float: the oracle takes the float32-rounded inputs and the kernel's float32 c (theta(c) has
     # an infinite slope at |c| = 1, so the rounding of c itself is not what is checked here: the
     # arccos polynomial, the square roots and the formula are)
