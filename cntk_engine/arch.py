@@ -359,8 +359,9 @@ class Architecture:
             object.__setattr__(self, "layers", layers)
             d = sum(isinstance(layer, ConvRelu) for layer in layers) + 1
             if self.depths != (d,):
-                raise ValueError(f"a stack's depth is fixed by its layers ({d} = {d - 1} conv layer{'s' if d != 2 else ''} "
-                                 f"+ the dense readout); got depths {list(self.depths)}")
+                convs = f"{d - 1} conv layer{'s' if d != 2 else ''}"
+                raise ValueError(f"a stack's depth is fixed by its layers ({d} = {convs} + the "
+                                 f"dense readout); got depths {list(self.depths)}")
         if self.fix and min(self.depths) < 3:
             if self.layers is not None:        # the caller gave layers, not a depth
                 got = (f"{'the stack ' + arg('architecture', self.name) if self.name else 'a stack'} "

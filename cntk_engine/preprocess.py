@@ -322,7 +322,8 @@ def preprocess(x_train, x_test=None, how: str = "standardize", factor: int = 1, 
 
 def with_flips(x, y, *, data_format: str | None = None, name: str = "x"):
     """The training images followed by their horizontal flips (:func:`cntk_engine.arch.hflip`),
-    as float64 (2N, C, H, W) (or (2N, H, W, C): in ``data_format``, as :func:`standardize`), the labels ``y`` (one per image; None: no labels, None
+    as float64 (2N, C, H, W) (or (2N, H, W, C): in ``data_format``, as :func:`standardize`),
+    the labels ``y`` (one per image; None: no labels, None
     returned) repeated for the flipped copies, and the leave-one-out groups (2N,) that keep each
     image with its flip (``groups`` of :func:`cntk_engine.solver.loo`: the mirror of a scored
     image must not stay in the training set).  ``data_format`` as for :func:`standardize` (the

@@ -190,7 +190,7 @@ def test_labels_of_other_images_and_bad_options_are_refused(kept, tmp_path, caps
     assert rc == 2 and "exists and holds float64 values, not labels of DATA's dtype (uint8)" in e, e
     np.save(tmp_path / "old.npy", np.zeros(16, np.uint8))
     rc, o, e = run(capsys, "solve", data, *stores, "--predictions", tmp_path / "old.npy")
-    assert rc == 0 and "old.npy (replacing the file there: one label per test image" in o, (o, e)
+    assert rc == 0 and "old.npy (replacing the earlier predictions there)" in o, (o, e)
     assert np.load(tmp_path / "old.npy").shape == (16,) and np.load(tmp_path / "old.npy").any()
 
 

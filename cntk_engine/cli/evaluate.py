@@ -82,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help=".npz with x_train, y_train, x_test, y_test, or x, y; "
                    "or CIFAR-10's cifar-10-python.tar.gz (or its folder cifar-10-batches-py)")
     add_architecture_options(p)
-    p.add_argument("--n-train", type=int, default=EVALUATE_N, help=f"training images (default {EVALUATE_N})")
+    p.add_argument("--n-train", type=int, default=EVALUATE_N,
+                   help=f"training images (default {EVALUATE_N})")
     p.add_argument("--n-test", type=int, default=EVALUATE_N, help=f"test images (default {EVALUATE_N})")
     add_solve_options(p)
     add_preprocessing_options(p, default="standardize")

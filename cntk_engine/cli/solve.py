@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (GROUPS_TRAIN as GROUPS, JSON_HELP, PROG, CliError, add_solve_options, check_json_path,
-                     check_parent_folder, check_path_name, command_of, holds_flips, json_writer,
-                     label_vector, machine, open_numpy, parse_ridge, read_member, to_nchw,
-                     write_files)
+from .common import (GROUPS_TRAIN as GROUPS, JSON_HELP, PROG, CliError, add_solve_options,
+                     check_json_path, check_parent_folder, check_path_name, command_of,
+                     holds_flips, json_writer, label_vector, machine, open_numpy, parse_ridge,
+                     read_member, to_nchw, write_files)
 
 KEYS = ("x_train", "y_train", "x_test")
 
@@ -91,8 +91,8 @@ def add_parser(sub) -> None:
 def _check_npy_path(path: str, inputs: dict) -> Path:
     """--predictions: a .npy path in an existing, writable folder, not one of the inputs nor
     in them; an existing file only where it holds a 1-D array (a .npy of images given by
-    mistake is not overwritten; :func:`_check_predictions_length` checks its length once the
-    test images are known)."""
+    mistake is not overwritten; :func:`_check_predictions_file` checks its length and dtype
+    once DATA is read)."""
     if not path:
         raise CliError("--predictions '' is empty; give the path of the .npy file to write")
     p = Path(path)
@@ -299,8 +299,7 @@ def run(args) -> int:
     write_files(files)
     if predictions is not None:
         print(f"predictions written to {predictions}"
-              + (" (replacing the file there: one label per test image, earlier predictions)"
-                 if replaces else ""))
+              + (" (replacing the earlier predictions there)" if replaces else ""))
     if args.json is not None:
         print(f"results written to {args.json}")
     return 0

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    help="exit status 1 also when tiles are not computed yet (is the job done?)")
     p.add_argument("--workers", type=int, default=None,
                    help="reading threads (default: up to 8, one per core)")
-    p.add_argument("--json", metavar="OUT", default=None, help=f"also write the report as JSON {JSON_HELP}")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help=f"also write the report as JSON {JSON_HELP}")
     p.set_defaults(func=run)
 
 

@@ -136,14 +136,14 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
         if name == "cuda":
             if not gpu_workers:
                 able = [a for a in reports if _why_not(reports[a], "cuda") is None]
-                raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU resource: "
-                                   + _GPU_RESOURCE_HELP
+                raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU "
+                                   "resource: " + _GPU_RESOURCE_HELP
                                    + (f"; workers that could run cuda: {', '.join(sorted(able))}"
                                       if able else ""))
             if bad:
                 shape_only = all(_input_only(reports[a], "cuda") for a in bad)
-                msg = (f"{arg('backend', 'cuda')} cannot run on {len(bad)} of the {len(gpu_workers)} Dask "
-                       f"workers with a GPU resource: {_name_workers(bad)}")
+                msg = (f"{arg('backend', 'cuda')} cannot run on {len(bad)} of the "
+                       f"{len(gpu_workers)} Dask workers with a GPU resource: {_name_workers(bad)}")
                 if shape_only:
                     raise ValueError(msg + f". Use {arg('backend', 'numba')}.")
                 raise RuntimeError(msg + f". Fix those workers (or stop them), or use "
@@ -170,8 +170,8 @@ def choose_backend(name: str, reports: dict, workers: dict) -> tuple[str, str]:
         auto_why = None
     bad = {a: w for a in reports if (w := _why_not(reports[a], name)) is not None}
     if bad:
-        raise RuntimeError(f"backend {name!r} cannot run on {len(bad)} of the {len(reports)} Dask "
-                           f"workers: {_name_workers(bad)}")
+        raise RuntimeError(f"{arg('backend', name)} cannot run on {len(bad)} of the {len(reports)} "
+                           f"Dask workers: {_name_workers(bad)}")
     return name, auto_why or f"usable on all {len(reports)} workers"
 
 
@@ -209,8 +209,8 @@ def check_client(client, *, gpu: bool) -> int:
     if gpu:
         slots = sum(_gpu_slots(w) for w in workers.values())
         if slots == 0:
-            raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU resource: "
-                               + _GPU_RESOURCE_HELP)
+            raise RuntimeError(f"{arg('backend', 'cuda')} on Dask needs workers with a GPU "
+                               "resource: " + _GPU_RESOURCE_HELP)
         return slots
     return int(sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
