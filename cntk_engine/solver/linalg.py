@@ -405,14 +405,12 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     in float32, whose rounding a pivot must stand above; None: float64's).  With ``jitter``
     and a failing factorisation, ``j`` grows tenfold from :func:`first_jitter` (the power of ten
     at or below 1e-10 of K's smallest positive diagonal entry at least; 1e-7 for a float32 Gram
-    of rows of similar norms)
-    up to ``max_jitter`` times mean(diag K) (tried itself last); the jitter used is logged
-    (warning).  Raises :class:`NotPositiveDefinite` if none works.  ``overwrite_k``: K
-    (C-contiguous NumPy) may be destroyed: it is factorised in place and the factor returned
-    is a view of it, no n x n copy at all (a failed attempt
-    is undone from K's untouched upper triangle before the next jitter).  Otherwise one copy
-    of K is made and K is left as it is.  ``ridge_name``: what the caller calls ``ridge`` (in
-    the messages)."""
+    of rows of similar norms) up to ``max_jitter`` times mean(diag K) (tried itself last); the
+    jitter used is logged (warning).  Raises :class:`NotPositiveDefinite` if none works.
+    ``overwrite_k``: K (C-contiguous NumPy) may be destroyed: it is factorised in place and the
+    factor returned is a view of it, no n x n copy at all (a failed attempt is undone from K's
+    untouched upper triangle before the next jitter).  Otherwise one copy of K is made and K is
+    left as it is.  ``ridge_name``: what the caller calls ``ridge`` (in the messages)."""
     max_jitter = check_max_jitter(max_jitter)
     xp = xp_for(device, K)
     n = K.shape[0]
@@ -436,6 +434,10 @@ def cholesky(K, ridge: float = 0.0, *, jitter: bool = True, max_jitter: float = 
     with announced("Cholesky factorisation", n, xp):      # once, whatever jitter it needs
         return _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter,
                                       ridge_name, rel_floor)
+
+
+#: The least first jitter, in units of mean(diag K) (:func:`first_jitter`).
+LEAST_JITTER = 1e-16
 
 
 def first_jitter(rel_floor: float, smallest_entry: float) -> float:
@@ -463,10 +465,6 @@ def first_jitter(rel_floor: float, smallest_entry: float) -> float:
     if math.isinf(floor):                    # an entry beyond the unit's range: the most allowed
         return math.inf
     return 10.0 ** math.floor(math.log10(max(floor, LEAST_JITTER)))
-
-
-#: The least first jitter, in units of mean(diag K) (:func:`first_jitter`).
-LEAST_JITTER = 1e-16
 
 
 def _factorise_with_jitter(xp, A, diag, attempt, ridge, jitter, max_jitter, ridge_name,
