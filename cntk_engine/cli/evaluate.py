@@ -109,7 +109,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def load_data(path: str, n_train: int, n_test: int, seed: int, data_format: str = "auto") -> Drawn:
     """The subsets (or split) of a .npz (or of CIFAR-10's python version) that evaluate uses, as
     documented, with the method of an archive that ``cntk-engine preprocess`` wrote."""
-    drawn = draw(path, n_train, n_test, seed, data_format=data_format)
+    drawn = draw(path, n_train, n_test, seed, data_format=data_format, default_n=EVALUATE_N)
     if is_cifar10(path):
         return drawn
     with np.load(path, allow_pickle=False) as z:

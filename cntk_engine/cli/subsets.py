@@ -49,7 +49,8 @@ class Drawn:
 
 
 def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
-         data_format: str = "auto", needs: str = "evaluate needs") -> Drawn:
+         data_format: str = "auto", needs: str = "evaluate needs",
+         default_n: int | None = None) -> Drawn:
     """The subsets of DATA as ``evaluate`` documents them: ``n_train`` / ``n_test`` images of
     ``x_train`` / ``x_test`` drawn without replacement by ``np.random.default_rng(seed)`` (each
     kept in DATA's order), or of ``x, y`` shuffled and split; the labels checked, the images
@@ -59,7 +60,8 @@ def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
     one command's figures can be checked against the other's).  ``n_train`` or ``n_test`` None:
     all of ``x_train`` / ``x_test`` (the
     draw of ``n = len``: every image, in DATA's order, and the generator's state as for that
-    number); a split of ``x, y`` needs both."""
+    number); a split of ``x, y`` needs both.  ``default_n``: the size the command takes where
+    none is typed (evaluate's), said where a size it cannot take may be it."""
     p = Path(path)
     if not p.exists():
         raise CliError(f"DATA {path!r} does not exist")
@@ -71,7 +73,7 @@ def draw(path: str, n_train: int | None, n_test: int | None, seed: int, *,
         raise CliError(f"DATA {path!r} is a .npy array; {needs} a .npz archive with keys "
                        "x_train, y_train, x_test, y_test or x, y, or CIFAR-10's python version")
     with z:
-        return draw_from(z, path, n_train, n_test, seed, needs=needs)
+        return draw_from(z, path, n_train, n_test, seed, needs=needs, default_n=default_n)
 
 
 def check_sizes(n_train: int | None, n_test: int | None) -> None:
@@ -82,16 +84,17 @@ def check_sizes(n_train: int | None, n_test: int | None) -> None:
         raise CliError(f"--n-test must be at least 1; got {n_test}")
 
 
-def _default(needs: str, *sizes: int) -> str:
-    """Where evaluate's sizes may be its defaults, not typed: said in a refusal of them."""
-    if needs != "evaluate needs" or EVALUATE_N not in sizes:
+def _default(default_n: int | None, *sizes: int) -> str:
+    """Where the sizes may be evaluate's default ``default_n``, not typed: said in a refusal
+    of them."""
+    if default_n is None or default_n not in sizes:
         return ""
     return " (evaluate's default where not given)" if len(sizes) == 1 else \
-        f" ({EVALUATE_N}: evaluate's default where not given)"
+        f" ({default_n}: evaluate's default where not given)"
 
 
 def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, *,
-              needs: str = "evaluate needs") -> Drawn:
+              needs: str = "evaluate needs", default_n: int | None = None) -> Drawn:
     """:func:`draw` from DATA already open as ``z`` (an NpzFile, or :func:`.common.open_data`'s
     arrays); sizes checked by :func:`check_sizes`."""
     rng = np.random.default_rng(seed)
@@ -110,7 +113,7 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         n_test = len(xte) if n_test is None else n_test
         for n, avail, what in ((n_train, len(xtr), "--n-train"), (n_test, len(xte), "--n-test")):
             if n > avail:
-                raise CliError(f"{what} {n}{_default(needs, n)} is more than the {avail} images in "
+                raise CliError(f"{what} {n}{_default(default_n, n)} is more than the {avail} images in "
                                f"DATA {path!r}: give {what} {avail} or fewer")
         groups = _groups(z, path, len(xtr)) if GROUPS_TRAIN in names else None
         i = np.sort(rng.choice(len(xtr), n_train, replace=False))
@@ -138,7 +141,7 @@ def draw_from(z, path: str, n_train: int | None, n_test: int | None, seed: int, 
         x, y = _pair(z, "x", "y", path)
         _check_labels(path, y, "y")
         if n_train + n_test > len(x):
-            raise CliError(f"--n-train {n_train} + --n-test {n_test}{_default(needs, n_train, n_test)} "
+            raise CliError(f"--n-train {n_train} + --n-test {n_test}{_default(default_n, n_train, n_test)} "
                            f"is more than the {len(x)} images in DATA {path!r}: give smaller ones")
         perm = rng.permutation(len(x))
         i, j = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])

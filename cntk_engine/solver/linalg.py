@@ -359,8 +359,8 @@ def check_rounding(rounding) -> float:
 def rounding_for(K, rounding):
     """``rounding`` as given for ``K``, raised to the epsilon of K's own dtype where that is
     coarser than float64's: a float32 K holds at least float32's rounding whatever the caller
-    said (with None, a float32 Gram was solved as if its entries were float64's: a duplicated
-    image's fit got 1e-10 of jitter and predictions 194 away from float64's).  ``K``: as the
+    said (taken as float64's, a duplicated image's pivot would pass on rounding and its fit be
+    set by it).  Applied by each entry point that converts K to float64.  ``K``: as the
     caller gave it (a NumPy, CuPy or Zarr array; anything else, such as a
     :class:`KernelEigh`, which carries its own, keeps ``rounding`` as it is); ``rounding``
     checked (:func:`check_rounding`) where it is raised."""
@@ -448,16 +448,15 @@ def first_jitter(rel_floor: float, smallest_entry: float) -> float:
     mean's size: the ladder then takes at most 14 steps to 1e-3, where an image of tiny norm,
     1e-300 of the others, would have had it climb 300 decades); 1e-10 where no entry is
     positive.  Relative to that entry, not to the mean: one image of far larger norm raises the
-    mean, and a floor of 1e-10 x the mean then gave a duplicated pair of ordinary images 1.3 %
-    of their diagonal (a review: 0.0065 where 1e-12 passed, test accuracy 0.600 against
-    0.700).  A jitter j
+    mean, and a start of 1e-10 x the mean would give a duplicated pair of ordinary images a
+    jitter that is a large share of their diagonal.  A jitter j
     raises every pivot L_kk^2 by at least j (the Schur complements of K + j I are those of K
     plus at least j), and a row fails only where its pivot is at or below ``rel_floor`` times
     its own entry, at least that of the smallest (an all-zero row passes with any jitter): a
     jitter a tenth of that least floor or less lifts only a pivot within a tenth of it.  Not
     the floor of the row that failed: a row that is a multiple s of an earlier one is lifted
     by about (1 + s^2) j, so its own floor, s^2 times the earlier row's, asked for up to s^2
-    times the jitter it needs (a review: 1e-4 where 1e-9 passed, at s = 1000).  A float32
+    times the jitter it needs.  A float32
     Gram of rows of similar norms (floor 9.5e-7) starts at 1e-7, not 1e-10."""
     floor = max(rel_floor, 1e-10) * smallest_entry
     if not floor > 0:                        # no positive entry (or NaN)

@@ -453,7 +453,6 @@ def fit_relative_ridge(K, Y, ridge, *, labels=None, groups=None, overwrite_k: bo
     ``rounding``: K's relative rounding (float32's epsilon for a float32 Gram): for the
     Cholesky of a given ridge (:func:`cholesky`), and the ridges "auto" skips (:func:`loo`)."""
     Y = apart_from(K, Y, overwrite_k)      # the fit reads Y after the eigendecomposition
-    rounding = rounding_for(K, rounding)
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be 'auto' or a number >= 0 (relative to mean(diag K)); "
@@ -516,7 +515,7 @@ def fit_classifier(K, y_train, *, ridge="auto", targets: str = "paper", groups=N
     ridge = _check_classifier_options(ridge, targets)
     n_train = _square_gram(K)
     y_train = check_labels(y_train, n_train, "y_train")
-    rounding = check_rounding(rounding_for(K, rounding))
+    check_rounding(rounding)
     return _fit_classifier(K, y_train, ridge, targets, groups, overwrite_k, rounding)
 
 
@@ -599,7 +598,7 @@ def evaluate_classifier(K, K_test, y_train, y_test, *, ridge="auto", targets: st
     y_test = check_labels(y_test, shape_test[0], "y_test", like=y_train)
     xp = xp_for(None, K, K_test)
     K_test = check_test_kernel(K_test, n_train, xp=xp)      # before the O(n^3) work
-    rounding = check_rounding(rounding_for(K, rounding))
+    check_rounding(rounding)
     if warn_unseen:
         check_classifier_labels(y_train, y_test, targets=targets)
     fit = _fit_classifier(K, y_train, ridge, targets, groups, rounding=rounding)

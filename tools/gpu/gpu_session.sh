@@ -423,9 +423,8 @@ phase_bench() {
   # the figures of the issue's targets.  Then the candidates (the other variants) in ONE process
   # for their CNN kernels, at depths 11 and 21 only (the target's depth and one below), and one
   # for the stack kernels of their own (v7 and v8 run v6's and v3's: the extension's `base`).
-  # A process per variant, as before, cost about 25 s each outside its timed calls (the H200
-  # visit of 2026-12-04), and five variants' did not fit the phase (a review, 2026-12-08: v6 and
-  # v7, the figures the default's choice needs, would not have started).  The price: a candidate
+  # A process per variant spends about 25 s outside its timed calls, so five variants' would not
+  # fit the phase and the candidates last in --kernels would not start.  The price: a candidate
   # that breaks the CUDA context (an illegal address is sticky) or hangs costs the candidates
   # after it in that process, never the default's figures.  Each process runs under its own
   # limit; one that cannot start for the time left is a note, not a failure.
